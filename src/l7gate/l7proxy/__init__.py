@@ -1,0 +1,1 @@
+"""l7gate.l7proxy"""

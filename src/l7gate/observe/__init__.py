@@ -1,0 +1,1 @@
+"""l7gate.observe"""

@@ -1,0 +1,1 @@
+"""l7gate.redirect_bpf"""
