@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Idempotent installer for a fresh Debian bookworm machine, run as root from a clone.
+#
+# Each step checks first and changes only what is missing, printing one line per change;
+# a run that changes nothing prints "install: nothing to do".
+# Later features add their Debian packages to APT_PACKAGES and their host set-up as a step.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+# Debian packages the project needs. Add to this list; keep one package per line.
+APT_PACKAGES=(
+    python3
+    python3-venv
+    python3-pip
+    python3-dev
+    gcc
+    make
+    git
+)
+
+VENV="$ROOT/.venv"
+STAMP="$VENV/.l7gate-install-stamp"
+CHANGED=0
+
+say() {
+    echo "install: $*"
+    CHANGED=1
+}
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install: $1 needs root (run as root, or install them yourself): ${*:2}" >&2
+        exit 1
+    fi
+}
+
+install_apt_packages() {
+    local missing=() pkg status
+    for pkg in "${APT_PACKAGES[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+        [ "$status" = "installed" ] || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    need_root "installing Debian packages" "${missing[@]}"
+    export DEBIAN_FRONTEND=noninteractive
+    say "apt-get update (missing: ${missing[*]})"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    say "installed Debian packages: ${missing[*]}"
+}
+
+# The system interpreter, not whatever python3 is first on PATH (a dev box may have pyenv).
+pick_python() {
+    local cand
+    for cand in /usr/bin/python3 python3; do
+        if command -v "$cand" >/dev/null 2>&1 &&
+            "$cand" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            command -v "$cand"
+            return 0
+        fi
+    done
+    echo "install: no Python 3.11+ with venv found" >&2
+    exit 1
+}
+
+make_venv() {
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        return 0
+    fi
+    local py
+    py=$(pick_python)
+    if [ -e "$VENV" ]; then
+        say "removing unusable virtualenv $VENV"
+        rm -rf "$VENV"
+    fi
+    "$py" -m venv "$VENV"
+    say "created virtualenv .venv with $py ($("$py" -V 2>&1))"
+}
+
+# pip runs again only when pyproject.toml changed since the last successful install
+# (or the project is no longer importable from the venv).
+install_project() {
+    local want have=""
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    [ -f "$STAMP" ] && have=$(cat "$STAMP")
+    if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import l7gate' 2>/dev/null; then
+        return 0
+    fi
+    local log="$VENV/pip-install.log"
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[dev]' >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "install: pip install -e '.[dev]' failed (log above, also in $log)" >&2
+        exit 1
+    fi
+    echo "$want" >"$STAMP"
+    say "pip install -e '.[dev]' into .venv (pyproject.toml ${have:+changed}${have:-first install})"
+}
+
+install_apt_packages
+make_venv
+install_project
+
+if [ "$CHANGED" -eq 0 ]; then
+    echo "install: nothing to do"
+fi
