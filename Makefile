@@ -1,0 +1,43 @@
+# l7gate developer entry points. Every target that needs the toolchain runs `install` first,
+# which is idempotent and cheap when nothing changed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: help install demo test lint bench clean distclean
+
+help: ## show this help
+	@echo "l7gate make targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## install Debian packages, .venv and the project (idempotent)
+	@bash scripts/install.sh
+
+demo: install ## run the seed scenario (validate + trace the seed policies)
+	@bash scripts/demo.sh
+
+# Every check runs even when an earlier one failed, so one run shows all problems.
+test: install ## import contracts, mypy --strict, then the test suite
+	@rc=0; \
+	echo "== lint-imports"; $(BIN)/lint-imports || rc=1; \
+	echo "== mypy"; $(BIN)/mypy || rc=1; \
+	echo "== pytest"; $(BIN)/pytest -q tests || rc=1; \
+	if [ $$rc -ne 0 ]; then echo "make test: FAILED (see above)"; fi; \
+	exit $$rc
+
+lint: install ## import contracts and mypy only
+	@rc=0; \
+	echo "== lint-imports"; $(BIN)/lint-imports || rc=1; \
+	echo "== mypy"; $(BIN)/mypy || rc=1; \
+	exit $$rc
+
+bench: install ## run benchmarks, write bench/RESULTS.md
+	$(BIN)/python bench/run.py
+
+clean: ## remove caches and build artefacts (keeps .venv)
+	rm -rf .pytest_cache .mypy_cache .hypothesis .import_linter_cache build dist src/*.egg-info bench/*.tmp
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)
