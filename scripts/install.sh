@@ -95,7 +95,7 @@ install_project() {
         exit 1
     fi
     echo "$want" >"$STAMP"
-    say "pip install -e '.[dev]' into .venv (pyproject.toml ${have:+changed}${have:-first install})"
+    say "pip install -e '.[dev]' into .venv ($([ -n "$have" ] && echo "pyproject.toml changed" || echo "first install"))"
 }
 
 install_apt_packages
