@@ -1,0 +1,128 @@
+"""The kvstore interface: a small, etcd-shaped key/value store.
+
+Every backend offers the same contract, modelled on etcd v3 so that the embedded SQLite backend
+and a future etcd backend are interchangeable:
+
+- Keys are non-empty `str`, values are `bytes`.
+- Every mutation (put, delete, lease expiry or revoke deleting a key) bumps one store-wide,
+  monotonic *revision* and produces one `Event` carrying that revision.
+- `create` is an atomic put-if-absent (etcd: a txn comparing `create_revision == 0`); it is what
+  lets several allocators share a store without handing one number to two owners.
+- A key may be attached to a lease. When the lease is revoked or expires, its keys are deleted,
+  and watchers see DELETE events for them, as with etcd.
+- `watch_prefix` returns a `Watch`, a thread-safe queue of events. A watch started with
+  `start_revision` first replays every event with `revision >= start_revision` still in the
+  store's history, then continues live; without it, it sees only events after the call. Use
+  `list_prefix_with_revision` then `watch_prefix(prefix, start_revision=rev + 1)` to get a
+  consistent snapshot followed by every later change, with no gap and no duplicate.
+
+All operations raise `KVStoreError` (and nothing else) on failure.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+
+class KVStoreError(Exception):
+    """Any failure of a kvstore operation: I/O, a closed store, an unknown lease, a compacted
+    watch revision, an invalid key."""
+
+
+class EventType(enum.Enum):
+    PUT = "PUT"
+    DELETE = "DELETE"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change to one key. For DELETE, `value` is b"" (etcd without `prev_kv`)."""
+
+    type: EventType
+    key: str
+    value: bytes
+    revision: int
+
+
+@runtime_checkable
+class Watch(Protocol):
+    """A stream of events for one key prefix, in revision order.
+
+    Thread-safe: any thread may call `get` or `close`. The caller that created the watch owns it
+    and must `close` it (or use it as a context manager)."""
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event; None if `timeout` seconds pass first, or once the watch is closed.
+        `timeout=0` polls; `timeout=None` waits until an event arrives or the watch is closed.
+        Raises KVStoreError if the events it still had to deliver were compacted away."""
+        ...
+
+    def close(self) -> None:
+        """Stop the watch; a `get` blocked in another thread returns None. Idempotent."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def __enter__(self) -> Watch: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+@runtime_checkable
+class KVStore(Protocol):
+    """The store. Implementations are thread-safe."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes, lease: int | None = None) -> int:
+        """Set `key`; returns the revision of the change. Attaching a lease replaces the key's
+        previous lease (as in etcd); `lease=None` detaches it."""
+        ...
+
+    def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
+        """Atomically set `key` only if it does not exist. True if this call created it."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Delete `key`. True if it existed."""
+        ...
+
+    def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every (key, value) whose key starts with `prefix`, sorted by key."""
+        ...
+
+    def list_prefix_with_revision(self, prefix: str) -> tuple[list[tuple[str, bytes]], int]:
+        """`list_prefix` plus the store revision the listing reflects."""
+        ...
+
+    @property
+    def revision(self) -> int:
+        """The revision of the latest change (0 for a new, empty store)."""
+        ...
+
+    def watch_prefix(self, prefix: str, start_revision: int | None = None) -> Watch: ...
+
+    def grant_lease(self, ttl_seconds: float) -> int:
+        """A new lease id; keys attached to it are deleted `ttl_seconds` after the last
+        keepalive."""
+        ...
+
+    def keepalive(self, lease: int) -> float:
+        """Restart the lease's TTL; returns the TTL. KVStoreError if it expired or never
+        existed."""
+        ...
+
+    def revoke(self, lease: int) -> None:
+        """End the lease now and delete its keys. KVStoreError if it does not exist."""
+        ...
+
+    def close(self) -> None: ...

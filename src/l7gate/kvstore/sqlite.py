@@ -1,0 +1,503 @@
+"""The embedded kvstore: one SQLite file, the single-node default.
+
+Theory of operation
+-------------------
+Four tables live in the file:
+
+- `kv(key, value, create_revision, mod_revision, lease)`: the current state.
+- `events(revision, type, key, value)`: the change history, one row per mutation. It is the single
+  source of truth for watches, which lets a watch see writes made by *another* `SQLiteKVStore`
+  (another thread's instance or another process) on the same file.
+- `leases(id, ttl, expires_at)`: live leases; `expires_at` is in the injected clock's time base.
+- `meta(name, value)`: `revision` (latest change) and `compacted` (highest revision dropped from
+  the history).
+
+Every write runs in one `BEGIN IMMEDIATE` transaction that first expires due leases, then bumps
+`revision`, changes `kv` and appends to `events`. Because SQLite serialises writers on the file,
+`create` (put-if-absent) is atomic across threads, instances and processes.
+
+Lease expiry is enforced lazily but strictly: every operation, and every watch poll, first deletes
+the keys of leases whose `expires_at <= clock()`, so an expired key is never returned, and its
+DELETE event carries a revision after the expiry. Nothing needs a background thread; a test
+advances its fake clock and the next operation reaps. Like etcd after a restart, opening a file
+gives every lease a full TTL again, because a monotonic clock means nothing across processes'
+lifetimes or reboots.
+
+A watch remembers the next revision it wants and reads matching rows from `events`. Writers of this
+instance wake waiting watches at once; writes from other instances are found by polling every
+`poll_interval` seconds. The history is trimmed to the last `history` events; a watch that falls
+behind the trimmed point fails with KVStoreError (etcd's "compacted" error), and so does a watch
+asked to start there.
+
+Thread safety: one SQLite connection per instance, guarded by a lock; every method may be called
+from any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+
+from l7gate.kvstore.api import Event, EventType, KVStoreError
+
+Clock = Callable[[], float]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0), ('compacted', 0);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    create_revision INTEGER NOT NULL,
+    mod_revision INTEGER NOT NULL,
+    lease INTEGER
+);
+CREATE INDEX IF NOT EXISTS kv_by_lease ON kv (lease) WHERE lease IS NOT NULL;
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ttl REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expires_at);
+CREATE TABLE IF NOT EXISTS events (
+    revision INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL
+);
+"""
+
+# Trim the history only every so many revisions, so that a write costs one extra DELETE rarely.
+_TRIM_EVERY = 256
+# Upper bound of events a watch reads from the file in one go.
+_WATCH_BATCH = 1024
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise KVStoreError(f"key must be a non-empty string, got {key!r}")
+    if "\x00" in key:
+        raise KVStoreError(f"key must not contain NUL: {key!r}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise KVStoreError(f"key is not valid Unicode: {key!r}") from e
+    return key
+
+
+def _check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise KVStoreError(f"prefix must be a string, got {prefix!r}")
+    return _check_key(prefix) if prefix else prefix
+
+
+def _check_value(value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise KVStoreError(f"value must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with `prefix` (etcd's range_end),
+    or None when there is none. SQLite compares TEXT as UTF-8 bytes, which orders like code
+    points, so this bound works in SQL."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored; valid keys never hold one
+            code = 0xE000
+        if code <= 0x10FFFF:
+            chars[-1] = chr(code)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+def _range_clause(prefix: str) -> tuple[str, tuple[str, ...]]:
+    if not prefix:
+        return "1", ()
+    end = prefix_end(prefix)
+    if end is None:
+        return "key >= ?", (prefix,)
+    return "key >= ? AND key < ?", (prefix, end)
+
+
+class SQLiteKVStore:
+    """A `KVStore` in a SQLite file (or ':memory:'). Thread-safe; the caller owns it and must
+    `close` it. Several instances, in one process or several, may share one file; all of them
+    must use clocks with the same time base."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Clock = time.monotonic,
+        history: int = 10_000,
+        poll_interval: float = 0.05,
+        durable: bool = True,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        if history < 1:
+            raise KVStoreError("history must be at least 1")
+        self._path = path
+        self._clock = clock
+        self._history = history
+        self._poll_interval = poll_interval
+        self._lock = threading.RLock()
+        # Wakes watches when this instance commits; `_generation` lets a watch tell whether it
+        # missed a wake-up between reading the file and going to sleep.
+        self._changed = threading.Condition(threading.Lock())
+        self._generation = 0
+        self._closed = False
+        try:
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            if path != ":memory:" and not path.startswith("file::memory:"):
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise KVStoreError(f"{path}: cannot enable WAL journal (got {mode})")
+            # FULL: an allocated identity must survive a power cut, or a number already written
+            # into pinned BPF maps could later be handed to other labels.
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            # Schema and the lease refresh in one transaction, before anything can reap: an
+            # expiry time written under another process's clock must not be compared with ours.
+            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
+            self._db.execute("UPDATE leases SET expires_at = ? + ttl", (self._clock(),))
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if hasattr(self, "_db"):
+                self._db.close()
+            raise KVStoreError(f"{path}: cannot open kvstore: {e}") from e
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KVStoreError(f"{self._path}: kvstore is closed")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; due leases are reaped first, inside it."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._reap_locked()
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise KVStoreError(f"{self._path}: {e}") from e
+        self._notify()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction (a consistent snapshot), after reaping due leases."""
+        self._reap_if_due()
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    yield self._db
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise KVStoreError(f"{self._path}: {e}") from e
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def _bump(self, db: sqlite3.Connection) -> int:
+        rev = int(
+            db.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
+            ).fetchone()[0]
+        )
+        if rev % _TRIM_EVERY == 0 and rev > self._history:
+            floor = rev - self._history
+            db.execute("DELETE FROM events WHERE revision <= ?", (floor,))
+            db.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'", (floor,)
+            )
+        return rev
+
+    def _record(self, db: sqlite3.Connection, kind: EventType, key: str, value: bytes) -> int:
+        rev = self._bump(db)
+        db.execute(
+            "INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
+            (rev, kind.value, key, value),
+        )
+        return rev
+
+    def _delete_locked(self, db: sqlite3.Connection, key: str) -> bool:
+        if db.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount == 0:
+            return False
+        self._record(db, EventType.DELETE, key, b"")
+        return True
+
+    def _revoke_locked(self, db: sqlite3.Connection, lease: int) -> None:
+        keys = [
+            row[0]
+            for row in db.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease,))
+        ]
+        for key in keys:
+            self._delete_locked(db, key)
+        db.execute("DELETE FROM leases WHERE id = ?", (lease,))
+
+    def _reap_locked(self) -> None:
+        due = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT id FROM leases WHERE expires_at <= ? ORDER BY id", (self._clock(),)
+            )
+        ]
+        for lease in due:
+            self._revoke_locked(self._db, lease)
+
+    def _reap_if_due(self) -> None:
+        # A cheap read first, so that plain reads stay read-only unless a lease really expired.
+        with self._lock:
+            self._check_open()
+            try:
+                due = self._db.execute(
+                    "SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (self._clock(),)
+                ).fetchone()
+            except sqlite3.Error as e:
+                raise KVStoreError(f"{self._path}: {e}") from e
+        if due is not None:
+            with self._write():
+                pass
+
+    def _check_lease(self, db: sqlite3.Connection, lease: int | None) -> None:
+        if lease is None:
+            return
+        if db.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
+            raise KVStoreError(f"lease {lease} not found (expired or revoked)")
+
+    # -- KVStore --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        key = _check_key(key)
+        with self._read() as db:
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, key: str, value: bytes, lease: int | None = None) -> int:
+        key, value = _check_key(key), _check_value(value)
+        with self._write() as db:
+            self._check_lease(db, lease)
+            rev = self._record(db, EventType.PUT, key, value)
+            db.execute(
+                "INSERT INTO kv (key, value, create_revision, mod_revision, lease)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " value = excluded.value, mod_revision = excluded.mod_revision,"
+                " lease = excluded.lease",
+                (key, value, rev, rev, lease),
+            )
+        return rev
+
+    def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
+        key, value = _check_key(key), _check_value(value)
+        with self._write() as db:
+            self._check_lease(db, lease)
+            if db.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None:
+                return False
+            rev = self._record(db, EventType.PUT, key, value)
+            db.execute(
+                "INSERT INTO kv (key, value, create_revision, mod_revision, lease)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key, value, rev, rev, lease),
+            )
+        return True
+
+    def delete(self, key: str) -> bool:
+        key = _check_key(key)
+        with self._write() as db:
+            return self._delete_locked(db, key)
+
+    def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        return self.list_prefix_with_revision(prefix)[0]
+
+    def list_prefix_with_revision(self, prefix: str) -> tuple[list[tuple[str, bytes]], int]:
+        prefix = _check_prefix(prefix)
+        where, args = _range_clause(prefix)
+        with self._read() as db:
+            rev = int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
+            rows = db.execute(f"SELECT key, value FROM kv WHERE {where} ORDER BY key", args)
+            items = [(str(k), bytes(v)) for k, v in rows]
+        return items, rev
+
+    @property
+    def revision(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
+
+    def watch_prefix(self, prefix: str, start_revision: int | None = None) -> SQLiteWatch:
+        prefix = _check_prefix(prefix)
+        with self._read() as db:
+            rev, compacted = self._revisions(db)
+        if start_revision is None:
+            start_revision = rev + 1
+        elif start_revision <= compacted:
+            raise KVStoreError(
+                f"watch from revision {start_revision}: history compacted up to {compacted}"
+            )
+        return SQLiteWatch(self, prefix, max(start_revision, 1))
+
+    def grant_lease(self, ttl_seconds: float) -> int:
+        if not ttl_seconds > 0:
+            raise KVStoreError(f"lease TTL must be positive, got {ttl_seconds!r}")
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO leases (ttl, expires_at) VALUES (?, ?)",
+                (float(ttl_seconds), self._clock() + ttl_seconds),
+            )
+            assert cur.lastrowid is not None
+            return int(cur.lastrowid)
+
+    def keepalive(self, lease: int) -> float:
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE leases SET expires_at = ? + ttl WHERE id = ? RETURNING ttl",
+                (self._clock(), lease),
+            ).fetchone()
+            if row is None:
+                raise KVStoreError(f"lease {lease} not found (expired or revoked)")
+            return float(row[0])
+
+    def revoke(self, lease: int) -> None:
+        with self._write() as db:
+            self._check_lease(db, lease)
+            self._revoke_locked(db, lease)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._db.close()
+        self._notify()
+
+    def __enter__(self) -> SQLiteKVStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- backend-specific -----------------------------------------------------------------------
+
+    def reap_expired_leases(self) -> None:
+        """Delete the keys of every expired lease now (any other call does it too)."""
+        self._reap_if_due()
+
+    def compact(self, revision: int) -> None:
+        """Drop history up to and including `revision`."""
+        with self._write() as db:
+            rev, _ = self._revisions(db)
+            floor = min(revision, rev)
+            db.execute("DELETE FROM events WHERE revision <= ?", (floor,))
+            db.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'", (floor,)
+            )
+
+    @staticmethod
+    def _revisions(db: sqlite3.Connection) -> tuple[int, int]:
+        rows = dict(db.execute("SELECT name, value FROM meta"))
+        return int(rows["revision"]), int(rows["compacted"])
+
+    def _events_from(self, prefix: str, start: int) -> tuple[list[Event], int]:
+        """Events for `prefix` with revision >= start, and the next revision to ask for."""
+        where, args = _range_clause(prefix)
+        with self._read() as db:
+            rev, compacted = self._revisions(db)
+            if start <= compacted:
+                raise KVStoreError(
+                    f"watch {prefix!r} fell behind: needs revision {start},"
+                    f" history compacted up to {compacted}"
+                )
+            rows = db.execute(
+                f"SELECT revision, type, key, value FROM events WHERE revision >= ? AND {where}"
+                " ORDER BY revision LIMIT ?",
+                (start, *args, _WATCH_BATCH),
+            ).fetchall()
+        events = [Event(EventType(t), str(k), bytes(v), int(r)) for r, t, k, v in rows]
+        if len(events) == _WATCH_BATCH:
+            return events, events[-1].revision + 1
+        return events, max(start, rev + 1)
+
+
+class SQLiteWatch:
+    """A `Watch` over a `SQLiteKVStore`. Thread-safe."""
+
+    def __init__(self, store: SQLiteKVStore, prefix: str, start_revision: int) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._next = start_revision
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._store._closed
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        store = self._store
+        while True:
+            with store._changed:
+                generation = store._generation
+            with self._lock:
+                if self.closed:
+                    return None
+                if not self._buffer:
+                    try:
+                        events, self._next = store._events_from(self._prefix, self._next)
+                    except KVStoreError:
+                        if self.closed:
+                            return None
+                        raise
+                    self._buffer.extend(events)
+                if self._buffer:
+                    return self._buffer.popleft()
+            wait = store._poll_interval
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                wait = min(wait, remaining)
+            with store._changed:
+                if store._generation == generation and not self.closed:
+                    store._changed.wait(wait)
+
+    def close(self) -> None:
+        self._closed = True
+        self._store._notify()
+
+    def __enter__(self) -> SQLiteWatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
