@@ -1,0 +1,228 @@
+"""The reference evaluator: the slow, obvious reading of the policy rules.
+
+`evaluate(rules, flow)` walks every rule for every flow; nothing is cached or precomputed. It is
+the specification the fast paths (resolved maps, Envoy config, BPF maps, the h11 engine) are
+tested against, so it is written to be read next to Cilium's documentation:
+
+  egress of the source (if it is an endpoint under policy), then ingress of the destination:
+  1. A rule applies when its subject selector selects the endpoint.
+  2. No rule applies in this direction → allowed (the endpoint is not in default-deny).
+  3. A peer rule matches when a peer selector selects the peer (no peer selector: every peer;
+     an empty rule `{}` matches nothing) and one of its ports covers the flow's port/protocol.
+  4. Deny wins over allow: any matching deny rule drops the flow at L3/L4.
+  5. No matching allow rule → dropped if the direction is default-deny, allowed otherwise.
+  6. Allows are a union. If any matching allow requires authentication (the strongest mode
+     wins), the flow needs a valid auth entry, and `test-always-fail` never has one.
+  7. If any matching allow has no L7 rules, L7 is not restricted (an L4 allow makes L7 rules on
+     that port moot). Otherwise the request must match one HTTP rule of one matching allow, on
+     the normalized path; otherwise it is denied at L7 (Envoy answers 403).
+  An identity the caller does not know is `world`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .labels import Labels, reserved
+from .pathnorm import normalize_path
+from .types import AuthMode, Direction, HTTPRequest, HTTPRule, PeerRule, PortRule, Protocol, Rule
+
+WORLD_ID = 2
+WORLD_LABELS = Labels.of({reserved("world"): ""})
+
+
+class Layer(str, Enum):
+    L3L4 = "l3l4"
+    L7 = "l7"
+    AUTH = "auth"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One side of a flow. `managed` is true for an endpoint whose policy l7gate enforces."""
+
+    identity: int
+    labels: Labels
+    managed: bool = True
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    source: Peer
+    destination: Peer
+    port: int
+    protocol: Protocol = Protocol.TCP
+    http: HTTPRequest | None = None
+    authenticated: bool = False  # a valid auth entry exists for (source, destination)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    layer: Layer | None  # where it was decided, when denied; None when allowed
+    reasons: tuple[str, ...] = ()
+    policies: tuple[str, ...] = ()  # policies that allowed or denied it
+    redirected: bool = False  # went through the L7 proxy
+    auth_required: bool = False
+
+    @property
+    def verdict(self) -> str:
+        return "allowed" if self.allowed else "denied"
+
+
+def peer_for(identities: Mapping[int, Labels], ident: int, *, managed: bool = False) -> Peer:
+    """A flow party from an identity number; unknown numbers are `world`."""
+    labels = identities.get(ident)
+    if labels is None:
+        return Peer(WORLD_ID, WORLD_LABELS, managed=False)
+    return Peer(ident, labels, managed=managed)
+
+
+@dataclass(slots=True)
+class _Side:
+    allowed: bool = True
+    layer: Layer | None = None
+    reasons: list[str] = field(default_factory=list)
+    policies: set[str] = field(default_factory=set)
+    redirected: bool = False
+    auth_required: bool = False
+
+
+def _covers(pr: PortRule, port: int, protocol: Protocol) -> bool:
+    return any(pp.covers(port, protocol) for pp in pr.ports)
+
+
+def _describe(peer: Peer) -> str:
+    return peer.name or f"identity {peer.identity}"
+
+
+def _evaluate_direction(
+    rules: Iterable[Rule], direction: Direction, subject: Peer, peer: Peer, flow: Flow
+) -> _Side:
+    side = _Side()
+    d = direction.value
+    selecting = [r for r in rules if r.selects(subject.labels)]
+    if not selecting:
+        side.reasons.append(f"{d}: no policy selects {_describe(subject)}; not in default-deny")
+        return side
+    names = sorted({r.origin.policy for r in selecting})
+    side.reasons.append(f"{d}: {_describe(subject)} is selected by {', '.join(names)}")
+    default_deny = any(r.default_deny(direction) for r in selecting)
+
+    matched: list[tuple[PeerRule, PortRule]] = []
+    for rule in selecting:
+        for pr in rule.rules:
+            if pr.direction is not direction:
+                continue
+            if pr.peers is not None and not any(s.matches(peer.labels) for s in pr.peers):
+                continue
+            for port_rule in pr.effective_port_rules:
+                if _covers(port_rule, flow.port, flow.protocol):
+                    matched.append((pr, port_rule))
+
+    where = f"{flow.port}/{flow.protocol.value}"
+    denies = [pr for pr, _ in matched if pr.deny]
+    if denies:
+        side.allowed, side.layer = False, Layer.L3L4
+        side.policies = {pr.origin.policy for pr in denies}
+        side.reasons.append(
+            f"{d}: denied by deny rule {', '.join(sorted(str(pr.origin) for pr in denies))} "
+            f"(deny wins over allow)"
+        )
+        return side
+    allows = [(pr, port) for pr, port in matched if not pr.deny]
+    if not allows:
+        if default_deny:
+            side.allowed, side.layer = False, Layer.L3L4
+            side.policies = set(names)
+            side.reasons.append(
+                f"{d}: no rule allows {_describe(peer)} on {where}; "
+                f"{_describe(subject)} is in default-deny"
+            )
+        else:
+            side.reasons.append(f"{d}: no rule matches and {d} is not default-deny: allowed")
+        return side
+
+    origins = sorted({str(pr.origin) for pr, _ in allows})
+    side.policies = {pr.origin.policy for pr, _ in allows}
+    modes = [pr.auth for pr, _ in allows if pr.auth is not None]
+    mode = max(modes, key=lambda m: m.strength) if modes else None
+    if mode is AuthMode.ALWAYS_FAIL:
+        side.allowed, side.layer, side.auth_required = False, Layer.AUTH, True
+        side.reasons.append(f"{d}: authentication mode test-always-fail ({', '.join(origins)})")
+        return side
+    if mode is AuthMode.REQUIRED:
+        side.auth_required = True
+        if not flow.authenticated:
+            side.allowed, side.layer = False, Layer.AUTH
+            side.reasons.append(
+                f"{d}: Authentication required by {', '.join(origins)}; no valid auth entry "
+                f"for this identity pair"
+            )
+            return side
+        side.reasons.append(f"{d}: mutual authentication required and present")
+
+    l7_rules: list[tuple[PeerRule, HTTPRule]] = []
+    l4_only = [pr for pr, port in allows if port.l7 is None]
+    for pr, port in allows:
+        if port.l7 is not None:
+            side.redirected = True
+            l7_rules.extend((pr, h) for h in port.l7.http)
+    if l4_only:
+        side.reasons.append(
+            f"{d}: allowed at L3/L4 on {where} by {', '.join(sorted(str(p.origin) for p in l4_only))}"
+            + ("; L7 rules on this port are moot" if l7_rules else "")
+        )
+        return side
+    side.reasons.append(f"{d}: L3/L4 allows {where} by {', '.join(origins)}; HTTP rules apply")
+    if flow.http is None:
+        side.reasons.append(f"{d}: no HTTP request given; each request is checked by the proxy")
+        return side
+    req = flow.http
+    norm = normalize_path(req.path)
+    if norm.rejected is not None:
+        side.allowed, side.layer = False, Layer.L7
+        side.reasons.append(f"{d}: request refused before policy: {norm.rejected}")
+        return side
+    hits = [(pr, h) for pr, h in l7_rules if h.matches(req, norm.path)]
+    if hits:
+        side.policies = {pr.origin.policy for pr, _ in hits}
+        pr, h = hits[0]
+        side.reasons.append(f"{d}: {req.method} {norm.path} matches HTTP rule {h} of {pr.origin}")
+        return side
+    side.allowed, side.layer = False, Layer.L7
+    side.reasons.append(
+        f"{d}: Policy denied (L7): {req.method} {norm.path}"
+        + (f" host {req.host}" if req.host else "")
+        + f" matches none of the {len(l7_rules)} HTTP rule(s): "
+        + ", ".join(str(h) for _, h in l7_rules)
+    )
+    return side
+
+
+def evaluate(rules: Iterable[Rule], flow: Flow) -> Verdict:
+    """The verdict for `flow` under `rules`: egress of the source, then ingress of the target."""
+    rule_list = list(rules)
+    sides: list[_Side] = []
+    if flow.source.managed:
+        sides.append(
+            _evaluate_direction(rule_list, Direction.EGRESS, flow.source, flow.destination, flow)
+        )
+    if flow.destination.managed and (not sides or sides[0].allowed):
+        sides.append(
+            _evaluate_direction(rule_list, Direction.INGRESS, flow.destination, flow.source, flow)
+        )
+    reasons = [r for s in sides for r in s.reasons]
+    denied = next((s for s in sides if not s.allowed), None)
+    redirected = any(s.redirected for s in sides)
+    auth_required = any(s.auth_required for s in sides)
+    if denied is not None:
+        return Verdict(
+            False, denied.layer, tuple(reasons), tuple(sorted(denied.policies)), redirected,
+            auth_required,
+        )
+    policies = sorted({p for s in sides for p in s.policies})
+    return Verdict(True, None, tuple(reasons), tuple(policies), redirected, auth_required)

@@ -1,0 +1,853 @@
+"""CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy documents → `Policy` values.
+
+Theory of operation: the parser walks the document once, carrying the YAML path of the value it
+is looking at. Every problem is appended to a list instead of raised, so a user sees all of them
+at once; if the list is non-empty at the end, the whole resource is rejected with a
+`PolicyValidationError` (other resources in the same file are parsed independently). Lint
+warnings — policies that are valid but do not do what they look like — ride along on the
+returned `Policy`.
+
+Scoping is applied here, once, so that downstream code only ever sees ready-to-match selectors:
+a CiliumNetworkPolicy's endpoint selector and peer selectors are confined to its namespace
+(unless a peer selector names the namespace label or a reserved label); a clusterwide policy's
+empty peer selector selects every pod (any namespace) but no reserved identity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from .errors import Finding, PolicyValidationError
+from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reserved
+from .regex import RegexError, compile_regex
+from .selector import (
+    CIDRSelector,
+    Entity,
+    EntitySelector,
+    IPNetwork,
+    LabelSelector,
+    Operator,
+    PeerSelector,
+    Requirement,
+)
+from .types import (
+    ALL_PORTS,
+    ANY_PORT,
+    AuthMode,
+    Direction,
+    HeaderMatch,
+    HTTPRule,
+    L7Rules,
+    MismatchAction,
+    Origin,
+    PeerRule,
+    Policy,
+    PortProtocol,
+    PortRange,
+    PortRule,
+    Protocol,
+    Rule,
+)
+
+API_VERSION = "cilium.io/v2"
+KIND_CNP = "CiliumNetworkPolicy"
+KIND_CCNP = "CiliumClusterwideNetworkPolicy"
+POLICY_KINDS = (KIND_CNP, KIND_CCNP)
+
+T = TypeVar("T")
+
+_SPEC_FIELDS = {
+    "endpointSelector",
+    "nodeSelector",
+    "ingress",
+    "ingressDeny",
+    "egress",
+    "egressDeny",
+    "enableDefaultDeny",
+    "description",
+    "labels",
+}
+# Fields Cilium has that l7gate does not enforce: refused by name instead of "unknown field".
+_UNSUPPORTED_PEER_FIELDS = {
+    "fromRequires": "requirement selectors",
+    "toRequires": "requirement selectors",
+    "fromGroups": "cloud provider groups",
+    "toGroups": "cloud provider groups",
+    "fromNodes": "node selectors in peers",
+    "toNodes": "node selectors in peers",
+    "toServices": "service selectors",
+    "toFQDNs": "DNS-name rules",
+    "icmps": "ICMP rules",
+}
+_UNSUPPORTED_PORT_RULE_FIELDS = {
+    "terminatingTLS": "TLS interception",
+    "originatingTLS": "TLS interception",
+    "serverNames": "SNI matching",
+    "listener": "custom Envoy listeners",
+}
+_UNSUPPORTED_L7_FIELDS = {
+    "kafka": "Kafka rules",
+    "dns": "DNS rules",
+    "l7proto": "generic L7 parsers",
+    "l7": "generic L7 parsers",
+}
+_ENTITIES = {e.value: e for e in Entity}
+_PROTOCOLS = {p.value: p for p in Protocol}
+_AUTH_MODES = {m.value: m for m in AuthMode}
+_TOKEN_CHARS = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+    }.get(type(value), type(value).__name__)
+
+
+class _Walker:
+    """Collects findings while walking one document."""
+
+    def __init__(self) -> None:
+        self.errors: list[Finding] = []
+        self.warnings: list[Finding] = []
+
+    def error(self, path: str, message: str, code: str = "invalid") -> None:
+        self.errors.append(Finding(path, message, code))
+
+    def warn(self, path: str, message: str, code: str) -> None:
+        self.warnings.append(Finding(path, message, code))
+
+    def mapping(
+        self,
+        value: object,
+        path: str,
+        allowed: set[str],
+        unsupported: Mapping[str, str] | None = None,
+    ) -> Mapping[str, Any] | None:
+        if not isinstance(value, Mapping):
+            self.error(path, f"must be a mapping, got {_type_name(value)}", "type")
+            return None
+        for key in value:
+            if not isinstance(key, str):
+                self.error(path, f"field names must be strings, got {key!r}", "type")
+            elif unsupported and key in unsupported:
+                self.error(
+                    _join(path, key),
+                    f"{unsupported[key]} are not supported by l7gate; remove this field",
+                    "unsupported",
+                )
+            elif key not in allowed:
+                self.error(
+                    _join(path, key),
+                    f"unknown field (expected one of: {', '.join(sorted(allowed))})",
+                    "unknown-field",
+                )
+        return value
+
+    def list_of(self, value: object, path: str) -> list[Any] | None:
+        if not isinstance(value, list):
+            self.error(path, f"must be a list, got {_type_name(value)}", "type")
+            return None
+        return value
+
+    def string(self, value: object, path: str, *, allow_empty: bool = True) -> str | None:
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, got {_type_name(value)}", "type")
+            return None
+        if not allow_empty and not value:
+            self.error(path, "must not be empty", "empty")
+            return None
+        return value
+
+    def boolean(self, value: object, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, got {_type_name(value)}", "type")
+            return None
+        return value
+
+    def each(self, items: list[Any], path: str, fn: Callable[[Any, str], T | None]) -> list[T]:
+        out: list[T] = []
+        for i, item in enumerate(items):
+            parsed = fn(item, f"{path}[{i}]")
+            if parsed is not None:
+                out.append(parsed)
+        return out
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_policy(
+    doc: object,
+    *,
+    default_namespace: str = "default",
+    cluster_name: str = "default",
+) -> Policy:
+    """Parse one CNP/CCNP document (a dict as loaded from YAML or JSON).
+
+    Raises PolicyValidationError with every error found. `cluster_name` is the local cluster,
+    which the `cluster` entity refers to.
+    """
+    w = _Walker()
+    resource = "<policy>"
+    if not isinstance(doc, Mapping):
+        raise PolicyValidationError(
+            resource, (Finding("", f"a policy must be a mapping, got {_type_name(doc)}", "type"),)
+        )
+    kind = doc.get("kind")
+    name = ""
+    namespace = ""
+    meta = doc.get("metadata")
+    if isinstance(meta, Mapping):
+        n = meta.get("name")
+        name = n if isinstance(n, str) else ""
+        ns = meta.get("namespace")
+        namespace = ns if isinstance(ns, str) else ""
+    if kind in POLICY_KINDS:
+        resource = f"{kind}/{namespace + '/' if namespace and kind == KIND_CNP else ''}{name}"
+
+    w.mapping(
+        doc,
+        "",
+        {"apiVersion", "kind", "metadata", "spec", "specs", "status"},
+    )
+    api = doc.get("apiVersion")
+    if api != API_VERSION:
+        w.error("apiVersion", f"must be {API_VERSION!r}, got {api!r}", "api-version")
+    if kind not in POLICY_KINDS:
+        w.error("kind", f"must be one of {', '.join(POLICY_KINDS)}, got {kind!r}", "kind")
+        raise PolicyValidationError(resource, tuple(w.errors))
+
+    meta_map = w.mapping(
+        meta,
+        "metadata",
+        {
+            "name",
+            "namespace",
+            "labels",
+            "annotations",
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "managedFields",
+            "finalizers",
+            "ownerReferences",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generateName",
+            "selfLink",
+        },
+    ) if meta is not None else None
+    if meta is None:
+        w.error("metadata", "is required (with a name)", "required")
+    if meta_map is not None:
+        if "name" not in meta_map:
+            w.error("metadata.name", "is required", "required")
+        else:
+            w.string(meta_map["name"], "metadata.name", allow_empty=False)
+        if "namespace" in meta_map:
+            w.string(meta_map["namespace"], "metadata.namespace", allow_empty=False)
+    if kind == KIND_CNP:
+        namespace = namespace or default_namespace
+    elif namespace:
+        w.warn(
+            "metadata.namespace",
+            "a CiliumClusterwideNetworkPolicy is cluster-scoped; the namespace is ignored",
+            "ignored-namespace",
+        )
+        namespace = ""
+    resource = f"{kind}/{namespace + '/' if namespace else ''}{name}"
+
+    specs: list[tuple[object, str]] = []
+    if "spec" in doc:
+        specs.append((doc["spec"], "spec"))
+    if "specs" in doc:
+        items = w.list_of(doc["specs"], "specs")
+        if items is not None:
+            if not items:
+                w.error("specs", "must not be empty", "empty")
+            specs.extend((s, f"specs[{i}]") for i, s in enumerate(items))
+    if "spec" not in doc and "specs" not in doc:
+        w.error("spec", "a policy needs `spec` or `specs`", "required")
+
+    parser = _SpecParser(w, kind, namespace, name, cluster_name)
+    rules = [r for r in (parser.spec(s, p) for s, p in specs) if r is not None]
+    if w.errors:
+        raise PolicyValidationError(resource, tuple(w.errors))
+    return Policy(kind, namespace, name, tuple(rules), tuple(w.warnings))
+
+
+class _SpecParser:
+    def __init__(self, w: _Walker, kind: str, namespace: str, name: str, cluster: str) -> None:
+        self.w = w
+        self.kind = kind
+        self.namespace = namespace
+        self.name = name
+        self.cluster = cluster
+        self.namespaced = kind == KIND_CNP
+
+    def origin(self, path: str) -> Origin:
+        return Origin(self.kind, self.namespace, self.name, path)
+
+    # -- spec -------------------------------------------------------------------------------
+
+    def spec(self, value: object, path: str) -> Rule | None:
+        w = self.w
+        spec = w.mapping(value, path, _SPEC_FIELDS)
+        if spec is None:
+            return None
+        n_errors = len(w.errors)
+        has_ep = "endpointSelector" in spec
+        has_node = "nodeSelector" in spec
+        subject: LabelSelector | None = None
+        if has_ep and has_node:
+            w.error(
+                path,
+                "set exactly one of endpointSelector and nodeSelector, not both",
+                "selector-choice",
+            )
+        elif not has_ep and not has_node:
+            w.error(
+                path, "one of endpointSelector or nodeSelector is required", "selector-choice"
+            )
+        elif has_ep:
+            sel = self.label_selector(spec["endpointSelector"], _join(path, "endpointSelector"))
+            if sel is not None:
+                if self.namespaced:
+                    sel = sel.with_requirement(
+                        Requirement(NAMESPACE_KEY, Operator.IN, (self.namespace,))
+                    )
+                subject = sel
+        else:
+            if self.namespaced:
+                w.error(
+                    _join(path, "nodeSelector"),
+                    "nodeSelector is only allowed in a CiliumClusterwideNetworkPolicy",
+                    "node-selector-namespaced",
+                )
+            sel = self.label_selector(spec["nodeSelector"], _join(path, "nodeSelector"))
+            if sel is not None:
+                subject = sel.with_requirement(Requirement(reserved("host"), Operator.EXISTS))
+
+        description = ""
+        if "description" in spec:
+            description = w.string(spec["description"], _join(path, "description")) or ""
+        labels = Labels()
+        if "labels" in spec:
+            labels = self.spec_labels(spec["labels"], _join(path, "labels"))
+
+        explicit: dict[Direction, bool | None] = {Direction.INGRESS: None, Direction.EGRESS: None}
+        if "enableDefaultDeny" in spec:
+            edd = w.mapping(
+                spec["enableDefaultDeny"], _join(path, "enableDefaultDeny"), {"ingress", "egress"}
+            )
+            if edd is not None:
+                for d in Direction:
+                    if d.value in edd:
+                        explicit[d] = w.boolean(
+                            edd[d.value], _join(path, f"enableDefaultDeny.{d.value}")
+                        )
+
+        peer_rules: list[PeerRule] = []
+        present: dict[Direction, bool] = {Direction.INGRESS: False, Direction.EGRESS: False}
+        for field, direction, deny in (
+            ("ingress", Direction.INGRESS, False),
+            ("ingressDeny", Direction.INGRESS, True),
+            ("egress", Direction.EGRESS, False),
+            ("egressDeny", Direction.EGRESS, True),
+        ):
+            if field not in spec:
+                continue
+            fpath = _join(path, field)
+            items = w.list_of(spec[field], fpath)
+            if items is None:
+                continue
+            if items:
+                present[direction] = True
+            peer_rules.extend(
+                w.each(items, fpath, lambda v, p, d=direction, dn=deny: self.peer_rule(v, p, d, dn))
+            )
+
+        for direction, field in ((Direction.INGRESS, "ingress"), (Direction.EGRESS, "egress")):
+            deny_field = field + "Deny"
+            empty = [
+                f for f in (field, deny_field) if isinstance(spec.get(f), list) and not spec[f]
+            ]
+            if empty and not present[direction] and explicit[direction] is None:
+                w.warn(
+                    _join(path, empty[0]),
+                    f"`{empty[0]}: []` has no effect: an empty list does not put the endpoint "
+                    f"in default-deny. Write `{field}: [{{}}]` to deny all {field} traffic, or "
+                    f"`enableDefaultDeny: {{{field}: true}}`",
+                    "empty-direction",
+                )
+
+        if len(w.errors) > n_errors or subject is None:
+            return None
+
+        def default_deny(d: Direction) -> bool:
+            e = explicit[d]
+            return present[d] if e is None else e
+
+        return Rule(
+            subject=subject,
+            node_selector=has_node,
+            rules=tuple(peer_rules),
+            default_deny_ingress=default_deny(Direction.INGRESS),
+            default_deny_egress=default_deny(Direction.EGRESS),
+            origin=self.origin(path),
+            description=description,
+            labels=labels,
+        )
+
+    def spec_labels(self, value: object, path: str) -> Labels:
+        items = self.w.list_of(value, path)
+        out: dict[str, str] = {}
+        for i, item in enumerate(items or []):
+            p = f"{path}[{i}]"
+            m = self.w.mapping(item, p, {"key", "value", "source"})
+            if m is None:
+                continue
+            key = self.w.string(m.get("key"), _join(p, "key"), allow_empty=False)
+            val = self.w.string(m.get("value", ""), _join(p, "value"))
+            if "source" in m:
+                self.w.string(m["source"], _join(p, "source"))
+            if key is not None and val is not None:
+                out[key] = val
+        return Labels.of(out)
+
+    # -- selectors ----------------------------------------------------------------------------
+
+    def label_selector(self, value: object, path: str) -> LabelSelector | None:
+        w = self.w
+        if value is None:
+            w.error(path, "must be a mapping, got null (write {} to select everything)", "type")
+            return None
+        m = w.mapping(value, path, {"matchLabels", "matchExpressions"})
+        if m is None:
+            return None
+        n_errors = len(w.errors)
+        reqs: list[Requirement] = []
+        if "matchLabels" in m:
+            mp = _join(path, "matchLabels")
+            ml = m["matchLabels"]
+            if ml is None:
+                ml = {}
+            if not isinstance(ml, Mapping):
+                w.error(mp, f"must be a mapping, got {_type_name(ml)}", "type")
+            else:
+                for k, v in ml.items():
+                    kp = f"{mp}.{k}"
+                    if not isinstance(k, str) or not k:
+                        w.error(mp, f"label keys must be non-empty strings, got {k!r}", "type")
+                        continue
+                    val = w.string(v, kp)
+                    if val is not None:
+                        reqs.append(Requirement(normalize_key(k), Operator.IN, (val,)))
+        if "matchExpressions" in m:
+            ep = _join(path, "matchExpressions")
+            exprs = w.list_of(m["matchExpressions"], ep)
+            for i, e in enumerate(exprs or []):
+                req = self.requirement(e, f"{ep}[{i}]")
+                if req is not None:
+                    reqs.append(req)
+        if len(w.errors) > n_errors:
+            return None
+        return LabelSelector.build(reqs)
+
+    def requirement(self, value: object, path: str) -> Requirement | None:
+        w = self.w
+        m = w.mapping(value, path, {"key", "operator", "values"})
+        if m is None:
+            return None
+        key = w.string(m.get("key"), _join(path, "key"), allow_empty=False)
+        op_raw = m.get("operator")
+        op: Operator | None = None
+        if not isinstance(op_raw, str) or op_raw not in {o.value for o in Operator}:
+            w.error(
+                _join(path, "operator"),
+                f"must be one of In, NotIn, Exists, DoesNotExist, got {op_raw!r}",
+                "operator",
+            )
+        else:
+            op = Operator(op_raw)
+        values: list[str] = []
+        if "values" in m and m["values"] is not None:
+            items = w.list_of(m["values"], _join(path, "values"))
+            for i, v in enumerate(items or []):
+                s = w.string(v, f"{path}.values[{i}]")
+                if s is not None:
+                    values.append(s)
+        if op in (Operator.IN, Operator.NOT_IN) and not values:
+            w.error(_join(path, "values"), f"operator {op.value} needs at least one value", "values")
+        if op in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
+            w.error(_join(path, "values"), f"operator {op.value} takes no values", "values")
+        if key is None or op is None:
+            return None
+        return Requirement(normalize_key(key), op, tuple(sorted(set(values))))
+
+    def scoped_peer(self, sel: LabelSelector) -> LabelSelector:
+        """Apply Cilium's implicit scoping to a peer endpoint selector."""
+        names_reserved = any(r.key.startswith(RESERVED_SOURCE + ":") for r in sel.requirements)
+        if names_reserved:
+            return sel
+        if self.namespaced:
+            if sel.names_key(NAMESPACE_KEY):
+                return sel
+            return sel.with_requirement(Requirement(NAMESPACE_KEY, Operator.IN, (self.namespace,)))
+        if not sel.requirements:
+            # A clusterwide `{}` means "every pod", not "every identity": it must not let in
+            # world, host or other reserved identities.
+            return sel.with_requirement(Requirement(NAMESPACE_KEY, Operator.EXISTS))
+        return sel
+
+    # -- peer rules -----------------------------------------------------------------------------
+
+    def peer_rule(self, value: object, path: str, direction: Direction, deny: bool) -> PeerRule | None:
+        w = self.w
+        pre = "from" if direction is Direction.INGRESS else "to"
+        allowed = {
+            f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet", "toPorts",
+            "authentication",
+        }
+        unsupported = {k: v for k, v in _UNSUPPORTED_PEER_FIELDS.items() if k.startswith(pre) or k == "icmps"}
+        m = w.mapping(value, path, allowed, unsupported)
+        if m is None:
+            return None
+        n_errors = len(w.errors)
+        if deny and "authentication" in m:
+            w.error(_join(path, "authentication"), "authentication is not allowed in deny rules", "deny-auth")
+        peers: list[PeerSelector] = []
+        named_peer_field = False
+        for field in (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet"):
+            if field not in m:
+                continue
+            fpath = _join(path, field)
+            items = w.list_of(m[field], fpath)
+            if items is None:
+                continue
+            if not items:
+                w.warn(
+                    fpath,
+                    "an empty list is the same as leaving the field out"
+                    + (": with toPorts, this rule applies to every peer" if "toPorts" in m else ""),
+                    "empty-peer-list",
+                )
+                continue
+            named_peer_field = True
+            if field.endswith("Endpoints"):
+                for i, item in enumerate(items):
+                    sel = self.label_selector(item, f"{fpath}[{i}]")
+                    if sel is not None:
+                        peers.append(self.scoped_peer(sel))
+            elif field.endswith("Entities"):
+                for i, item in enumerate(items):
+                    ent = w.string(item, f"{fpath}[{i}]")
+                    if ent is None:
+                        continue
+                    if ent not in _ENTITIES:
+                        w.error(
+                            f"{fpath}[{i}]",
+                            f"unknown entity {ent!r} (expected one of: {', '.join(sorted(_ENTITIES))})",
+                            "entity",
+                        )
+                        continue
+                    peers.append(EntitySelector(_ENTITIES[ent], self.cluster))
+            elif field.endswith("CIDRSet"):
+                for i, item in enumerate(items):
+                    sel_c = self.cidr_set(item, f"{fpath}[{i}]")
+                    if sel_c is not None:
+                        peers.append(sel_c)
+            else:
+                for i, item in enumerate(items):
+                    net = self.cidr(item, f"{fpath}[{i}]")
+                    if net is not None:
+                        peers.append(CIDRSelector(net))
+
+        port_rules: list[PortRule] = []
+        if "toPorts" in m:
+            tp = _join(path, "toPorts")
+            items = w.list_of(m["toPorts"], tp)
+            if items is not None:
+                if not items:
+                    w.warn(tp, "an empty list is the same as leaving the field out: all ports", "empty-ports")
+                port_rules = w.each(items, tp, lambda v, p: self.port_rule(v, p, deny))
+
+        auth: AuthMode | None = None
+        if "authentication" in m and not deny:
+            ap = _join(path, "authentication")
+            am = w.mapping(m["authentication"], ap, {"mode"})
+            if am is not None:
+                mode = am.get("mode")
+                if mode not in _AUTH_MODES:
+                    w.error(
+                        _join(ap, "mode"),
+                        f"must be one of {', '.join(_AUTH_MODES)}, got {mode!r}",
+                        "auth-mode",
+                    )
+                else:
+                    auth = _AUTH_MODES[mode]
+
+        if len(w.errors) > n_errors:
+            return None
+        if named_peer_field:
+            peer_tuple: tuple[PeerSelector, ...] | None = tuple(sorted(peers, key=lambda s: s.key))
+        elif "toPorts" in m and m.get("toPorts"):
+            peer_tuple = None  # L4-only rule: every peer
+        else:
+            peer_tuple = ()  # `- {}`: selects nothing
+        return PeerRule(direction, deny, peer_tuple, tuple(port_rules), auth, self.origin(path))
+
+    def cidr(self, value: object, path: str) -> IPNetwork | None:
+        s = self.w.string(value, path, allow_empty=False)
+        if s is None:
+            return None
+        try:
+            if "/" not in s:
+                raise ValueError("a CIDR needs a prefix length, e.g. 10.0.0.0/8 or 10.1.2.3/32")
+            return ipaddress.ip_network(s, strict=False)
+        except ValueError as exc:
+            self.w.error(path, f"invalid CIDR {s!r}: {exc}", "cidr")
+            return None
+
+    def cidr_set(self, value: object, path: str) -> CIDRSelector | None:
+        w = self.w
+        m = w.mapping(value, path, {"cidr", "except"}, {"cidrGroupRef": "CIDR group references", "cidrGroupSelector": "CIDR group selectors"})
+        if m is None:
+            return None
+        if "cidr" not in m:
+            w.error(_join(path, "cidr"), "is required", "required")
+            return None
+        net = self.cidr(m["cidr"], _join(path, "cidr"))
+        excepts: list[IPNetwork] = []
+        if "except" in m:
+            ep = _join(path, "except")
+            for i, e in enumerate(w.list_of(m["except"], ep) or []):
+                en = self.cidr(e, f"{ep}[{i}]")
+                if en is None:
+                    continue
+                if net is not None and (en.version != net.version or not en.subnet_of(net)):  # type: ignore[arg-type]
+                    w.error(f"{ep}[{i}]", f"{en} is not inside {net}", "cidr-except")
+                    continue
+                excepts.append(en)
+        if net is None:
+            return None
+        return CIDRSelector(net, tuple(sorted(set(excepts), key=lambda n: (n.version, n.network_address.packed, n.prefixlen))))
+
+    # -- ports and L7 ---------------------------------------------------------------------------
+
+    def port_rule(self, value: object, path: str, deny: bool) -> PortRule | None:
+        w = self.w
+        m = w.mapping(value, path, {"ports", "rules"}, _UNSUPPORTED_PORT_RULE_FIELDS)
+        if m is None:
+            return None
+        n_errors = len(w.errors)
+        ports: list[PortProtocol] = []
+        if "ports" in m:
+            pp = _join(path, "ports")
+            items = w.list_of(m["ports"], pp)
+            if items is not None:
+                ports = w.each(items, pp, self.port_protocol)
+        l7: L7Rules | None = None
+        if "rules" in m:
+            rp = _join(path, "rules")
+            if deny:
+                w.error(rp, "L7 rules are not allowed in deny rules (ingressDeny/egressDeny)", "deny-l7")
+            else:
+                l7 = self.l7_rules(m["rules"], rp)
+        if len(w.errors) > n_errors:
+            return None
+        if not ports:
+            if l7 is not None:
+                w.error(_join(path, "ports"), "L7 rules need at least one port", "l7-port")
+                return None
+            ports = [ANY_PORT]
+        if l7 is not None:
+            fixed: list[PortProtocol] = []
+            for i, pp_ in enumerate(ports):
+                if pp_.protocol in (Protocol.UDP, Protocol.SCTP):
+                    w.error(
+                        f"{path}.ports[{i}].protocol",
+                        f"HTTP rules apply to TCP only, not {pp_.protocol.value}",
+                        "l7-protocol",
+                    )
+                elif pp_.ports.lo != pp_.ports.hi:
+                    w.error(
+                        f"{path}.ports[{i}]",
+                        "HTTP rules need a single port, not a range or all ports",
+                        "l7-port-range",
+                    )
+                else:
+                    # ANY with HTTP rules: the rules can only apply to TCP, and UDP/SCTP on
+                    # the same port are not let through unfiltered (fail closed).
+                    fixed.append(PortProtocol(pp_.ports, Protocol.TCP))
+            if len(w.errors) > n_errors:
+                return None
+            ports = fixed
+        return PortRule(tuple(sorted(set(ports))), l7)
+
+    def port_protocol(self, value: object, path: str) -> PortProtocol | None:
+        w = self.w
+        m = w.mapping(value, path, {"port", "endPort", "protocol"})
+        if m is None:
+            return None
+        n_errors = len(w.errors)
+        port: int | None = None
+        raw = m.get("port")
+        pp = _join(path, "port")
+        if raw is None:
+            w.error(pp, "is required", "required")
+        elif isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            w.error(pp, f"must be a port number, got {_type_name(raw)}", "type")
+        elif isinstance(raw, str) and not raw.isdigit():
+            w.error(
+                pp,
+                f"named port {raw!r} is not supported: use the port number",
+                "named-port",
+            )
+        else:
+            port = int(raw)
+            if not 0 <= port <= 65535:
+                w.error(pp, f"port {port} is out of range 0-65535", "port-range")
+                port = None
+        end: int | None = None
+        if "endPort" in m:
+            ep = _join(path, "endPort")
+            raw_end = m["endPort"]
+            if isinstance(raw_end, bool) or not isinstance(raw_end, int):
+                w.error(ep, f"must be an integer, got {_type_name(raw_end)}", "type")
+            elif not 0 <= raw_end <= 65535:
+                w.error(ep, f"endPort {raw_end} is out of range 0-65535", "port-range")
+            elif port is not None and port == 0 and raw_end != 0:
+                w.error(ep, "endPort needs a non-zero port", "end-port")
+            elif port is not None and raw_end < port and raw_end != 0:
+                w.error(ep, f"endPort {raw_end} is smaller than port {port}", "end-port")
+            else:
+                end = raw_end
+        proto = Protocol.ANY
+        if "protocol" in m:
+            praw = m["protocol"]
+            if praw not in _PROTOCOLS:
+                w.error(
+                    _join(path, "protocol"),
+                    f"must be one of {', '.join(_PROTOCOLS)}, got {praw!r}",
+                    "protocol",
+                )
+            else:
+                proto = _PROTOCOLS[praw]
+        if len(w.errors) > n_errors or port is None:
+            return None
+        if port == 0:
+            return PortProtocol(ALL_PORTS, proto)
+        return PortProtocol(PortRange(port, end if end else port), proto)
+
+    def l7_rules(self, value: object, path: str) -> L7Rules | None:
+        w = self.w
+        m = w.mapping(value, path, {"http"}, _UNSUPPORTED_L7_FIELDS)
+        if m is None or "http" not in m:
+            return None
+        hp = _join(path, "http")
+        items = w.list_of(m["http"], hp)
+        if items is None:
+            return None
+        if not items:
+            w.warn(hp, "an empty list has no effect: write `http: [{}]` to allow every request through the proxy", "empty-http")
+            return None
+        rules = w.each(items, hp, self.http_rule)
+        return L7Rules(tuple(sorted(set(rules))))
+
+    def regex_field(self, m: Mapping[str, Any], key: str, path: str) -> str | None:
+        if key not in m:
+            return None
+        s = self.w.string(m[key], _join(path, key))
+        if s is None:
+            return None
+        try:
+            compile_regex(s)
+        except RegexError as exc:
+            self.w.error(_join(path, key), str(exc), "regex")
+            return None
+        return s
+
+    def http_rule(self, value: object, path: str) -> HTTPRule | None:
+        w = self.w
+        if value is None:
+            value = {}
+        m = w.mapping(value, path, {"method", "path", "host", "headers", "headerMatches"})
+        if m is None:
+            return None
+        n_errors = len(w.errors)
+        method = self.regex_field(m, "method", path)
+        path_re = self.regex_field(m, "path", path)
+        host = self.regex_field(m, "host", path)
+        headers: list[HeaderMatch] = []
+        if "headers" in m:
+            hp = _join(path, "headers")
+            for i, h in enumerate(w.list_of(m["headers"], hp) or []):
+                hm = self.header_string(h, f"{hp}[{i}]")
+                if hm is not None:
+                    headers.append(hm)
+        if "headerMatches" in m:
+            hp = _join(path, "headerMatches")
+            for i, h in enumerate(w.list_of(m["headerMatches"], hp) or []):
+                hm = self.header_match(h, f"{hp}[{i}]")
+                if hm is not None:
+                    headers.append(hm)
+        if len(w.errors) > n_errors:
+            return None
+        return HTTPRule(method, path_re, host, tuple(sorted(set(headers), key=str)))
+
+    def header_name(self, name: str, path: str) -> str | None:
+        if not name or any(c not in _TOKEN_CHARS for c in name):
+            self.w.error(path, f"invalid HTTP header name {name!r}", "header-name")
+            return None
+        return name.lower()
+
+    def header_string(self, value: object, path: str) -> HeaderMatch | None:
+        s = self.w.string(value, path, allow_empty=False)
+        if s is None:
+            return None
+        if ":" in s:
+            name, _, val = s.partition(":")
+            hv: str | None = val.strip()
+        else:
+            parts = s.split(None, 1)
+            name = parts[0]
+            hv = parts[1].strip() if len(parts) > 1 else None
+        n = self.header_name(name.strip(), path)
+        return None if n is None else HeaderMatch(n, hv)
+
+    def header_match(self, value: object, path: str) -> HeaderMatch | None:
+        w = self.w
+        m = w.mapping(value, path, {"name", "value", "mismatch"}, {"secret": "header values from Kubernetes secrets"})
+        if m is None:
+            return None
+        raw_name = w.string(m.get("name"), _join(path, "name"), allow_empty=False)
+        name = self.header_name(raw_name, _join(path, "name")) if raw_name is not None else None
+        val = None
+        if "value" in m:
+            val = w.string(m["value"], _join(path, "value"))
+        mismatch: MismatchAction | None = None
+        if "mismatch" in m:
+            mm = m["mismatch"]
+            if mm not in {a.value for a in MismatchAction}:
+                w.error(
+                    _join(path, "mismatch"),
+                    f"must be one of LOG, ADD, DELETE, REPLACE, got {mm!r}",
+                    "mismatch",
+                )
+            else:
+                mismatch = MismatchAction(mm)
+        if name is None:
+            return None
+        return HeaderMatch(name, val, mismatch)
