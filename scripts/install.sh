@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
-# Debian packages the project needs. Add to this list; keep one package per line.
+# Debian packages the project needs. Add to this list, one per line. Use real package names,
+# not virtual ones: dpkg-query never reports a virtual package as installed.
 APT_PACKAGES=(
     python3
     python3-venv
@@ -44,7 +45,7 @@ install_apt_packages() {
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     need_root "installing Debian packages" "${missing[@]}"
-    export DEBIAN_FRONTEND=noninteractive
+    export DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes
     say "apt-get update (missing: ${missing[*]})"
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
