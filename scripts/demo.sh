@@ -18,7 +18,10 @@ trace() {
     shift
     echo
     echo "== trace $from -> $BILLING $*"
-    "$L7GATE" policy trace -f "$SEED" --from "$from" --to "$BILLING" "$@"
+    # A denied verdict may exit 1; only a usage or internal error (>= 2) stops the demo.
+    local rc=0
+    "$L7GATE" policy trace -f "$SEED" --from "$from" --to "$BILLING" "$@" || rc=$?
+    [ "$rc" -le 1 ] || exit "$rc"
 }
 trace "$FRONTEND" --port 8080 --method POST --path /v1/charge       # expected: allowed
 trace "$FRONTEND" --port 8080 --method GET --path /v1/transactions  # expected: denied at L7
