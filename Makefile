@@ -21,7 +21,7 @@ demo: install ## run the seed scenario (validate + trace the seed policies)
 test: install ## import contracts, mypy --strict, then the test suite
 	@rc=0; \
 	echo "== lint-imports"; $(BIN)/lint-imports || rc=1; \
-	echo "== mypy"; $(BIN)/mypy || rc=1; \
+	echo "== mypy"; $(BIN)/mypy || rc=1; $(BIN)/mypy --strict bench/run.py || rc=1; \
 	echo "== pytest"; $(BIN)/pytest -q tests || rc=1; \
 	if [ $$rc -ne 0 ]; then echo "make test: FAILED (see above)"; fi; \
 	exit $$rc
@@ -29,7 +29,7 @@ test: install ## import contracts, mypy --strict, then the test suite
 lint: install ## import contracts and mypy only
 	@rc=0; \
 	echo "== lint-imports"; $(BIN)/lint-imports || rc=1; \
-	echo "== mypy"; $(BIN)/mypy || rc=1; \
+	echo "== mypy"; $(BIN)/mypy || rc=1; $(BIN)/mypy --strict bench/run.py || rc=1; \
 	exit $$rc
 
 bench: install ## run benchmarks, write bench/RESULTS.md
