@@ -764,7 +764,7 @@ class _SpecParser:
             w.warn(hp, "an empty list has no effect: write `http: [{}]` to allow every request through the proxy", "empty-http")
             return None
         rules = w.each(items, hp, self.http_rule)
-        return L7Rules(tuple(sorted(set(rules))))
+        return L7Rules.of(rules)
 
     def regex_field(self, m: Mapping[str, Any], key: str, path: str) -> str | None:
         if key not in m:

@@ -106,7 +106,7 @@ def merge(contribs: Iterable[Contribution]) -> MapEntry:
         for c in cs:
             assert c.l7 is not None
             rules.update(c.l7.http)
-        l7 = L7Rules(tuple(sorted(rules)))
+        l7 = L7Rules.of(rules)
     modes = [c.auth for c in cs if c.auth is not None]
     auth = max(modes, key=lambda m: m.strength) if modes else None
     return MapEntry(False, l7, redirect, auth, tuple(sorted({str(c.origin) for c in cs})))

@@ -6,7 +6,7 @@ these values; nothing downstream ever sees a raw dict.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -86,7 +86,7 @@ class MismatchAction(str, Enum):
     REPLACE = "REPLACE"
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class HeaderMatch:
     """A header that must be present (value None) or equal `value` exactly.
 
@@ -122,7 +122,7 @@ class HTTPRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class HTTPRule:
     """All given fields must match. A rule with no fields allows every request."""
 
@@ -130,6 +130,15 @@ class HTTPRule:
     path: str | None = None
     host: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
+
+    @property
+    def sort_key(self) -> tuple[str, str, str, tuple[str, ...]]:
+        return (
+            self.method or "",
+            self.path or "",
+            self.host or "",
+            tuple(str(h) for h in self.headers),
+        )
 
     def matches(self, req: HTTPRequest, normalized_path: str) -> bool:
         if self.method is not None and not full_match(self.method, req.method):
@@ -152,11 +161,16 @@ class HTTPRule:
         return "{" + " ".join(parts) + "}" if parts else "{any request}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class L7Rules:
     """HTTP rules on one port: a request is allowed when any rule matches it."""
 
     http: tuple[HTTPRule, ...]
+
+    @classmethod
+    def of(cls, rules: Iterable[HTTPRule]) -> L7Rules:
+        """Deduplicated and sorted, so equal rule sets compare and hash equal."""
+        return cls(tuple(sorted(set(rules), key=lambda r: r.sort_key)))
 
     @property
     def allows_all(self) -> bool:
