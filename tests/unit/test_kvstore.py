@@ -78,6 +78,16 @@ def test_create_is_put_if_absent(store: SQLiteKVStore) -> None:
     assert store.create("k", b"third") is True
 
 
+def test_compare_and_delete(store: SQLiteKVStore) -> None:
+    store.put("k", b"mine")
+    rev = store.revision
+    assert store.delete("k", prev_value=b"theirs") is False
+    assert store.get("k") == b"mine" and store.revision == rev
+    assert store.delete("k", prev_value=b"mine") is True
+    assert store.get("k") is None
+    assert store.delete("k", prev_value=b"mine") is False
+
+
 def test_list_prefix_sorted_and_bounded(store: SQLiteKVStore) -> None:
     for key in ["b/2", "b/10", "a", "b/1", "b0", "b", "c/\U0010ffff", "b/\U0010ffff/x"]:
         store.put(key, key.encode())

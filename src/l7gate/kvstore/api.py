@@ -7,7 +7,9 @@ and a future etcd backend are interchangeable:
 - Every mutation (put, delete, lease expiry or revoke deleting a key) bumps one store-wide,
   monotonic *revision* and produces one `Event` carrying that revision.
 - `create` is an atomic put-if-absent (etcd: a txn comparing `create_revision == 0`); it is what
-  lets several allocators share a store without handing one number to two owners.
+  lets several allocators share a store without handing one number to two owners. `delete` with
+  `prev_value` is the matching compare-and-delete, for undoing or cleaning up such a claim
+  without removing someone else's.
 - A key may be attached to a lease. When the lease is revoked or expires, its keys are deleted,
   and watchers see DELETE events for them, as with etcd.
 - `watch_prefix` returns a `Watch`, a thread-safe queue of events. A watch started with
@@ -92,8 +94,9 @@ class KVStore(Protocol):
         """Atomically set `key` only if it does not exist. True if this call created it."""
         ...
 
-    def delete(self, key: str) -> bool:
-        """Delete `key`. True if it existed."""
+    def delete(self, key: str, *, prev_value: bytes | None = None) -> bool:
+        """Delete `key`. True if it existed (and, when `prev_value` is given, held exactly that
+        value: a compare-and-delete, etcd's txn on `value`)."""
         ...
 
     def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:

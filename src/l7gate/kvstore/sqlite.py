@@ -241,8 +241,14 @@ class SQLiteKVStore:
         )
         return rev
 
-    def _delete_locked(self, db: sqlite3.Connection, key: str) -> bool:
-        if db.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount == 0:
+    def _delete_locked(
+        self, db: sqlite3.Connection, key: str, prev_value: bytes | None = None
+    ) -> bool:
+        if prev_value is None:
+            cur = db.execute("DELETE FROM kv WHERE key = ?", (key,))
+        else:
+            cur = db.execute("DELETE FROM kv WHERE key = ? AND value = ?", (key, prev_value))
+        if cur.rowcount == 0:
             return False
         self._record(db, EventType.DELETE, key, b"")
         return True
@@ -322,10 +328,12 @@ class SQLiteKVStore:
             )
         return True
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, *, prev_value: bytes | None = None) -> bool:
         key = _check_key(key)
+        if prev_value is not None:
+            prev_value = _check_value(prev_value)
         with self._write() as db:
-            return self._delete_locked(db, key)
+            return self._delete_locked(db, key, prev_value)
 
     def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
         return self.list_prefix_with_revision(prefix)[0]
