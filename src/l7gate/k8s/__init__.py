@@ -1,1 +1,21 @@
-"""l7gate.k8s"""
+"""l7gate.k8s: Kubernetes objects as l7gate's typed values (`objects`) and manifest loading."""
+
+from l7gate.k8s.objects import (
+    CLUSTER_ANNOTATION,
+    K8sObjectError,
+    Namespace,
+    Pod,
+    parse_namespace,
+    parse_object,
+    parse_pod,
+)
+
+__all__ = [
+    "CLUSTER_ANNOTATION",
+    "K8sObjectError",
+    "Namespace",
+    "Pod",
+    "parse_namespace",
+    "parse_object",
+    "parse_pod",
+]

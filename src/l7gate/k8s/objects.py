@@ -1,0 +1,332 @@
+"""Kubernetes Pod and Namespace objects (plain dicts from YAML or the API) -> typed values.
+
+The one place these objects are parsed (CONVENTIONS 3). Parsing checks what the API server would
+have enforced, since hand-written inventories for `l7gate policy trace` never went through one:
+label keys and values must be valid Kubernetes labels (YAML `version: 1` is an int, not the string
+Kubernetes needs), names must be DNS names, IPs must parse. Every error is collected with its
+field path (`metadata.labels.app: must be a string`) and raised together in one
+`K8sObjectError`. Fields l7gate does not use are ignored.
+
+A pod's cluster is its `l7gate.io/cluster` annotation, else the `default_cluster` the caller
+passes (the agent's `--cluster-name`). The same goes for namespaces, so that one inventory can
+describe several clusters.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from l7gate.policy.errors import Finding
+
+CLUSTER_ANNOTATION = "l7gate.io/cluster"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_SERVICE_ACCOUNT = "default"
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class K8sObjectError(Exception):
+    """An object that cannot be used. `errors` holds every problem found, each with its path."""
+
+    def __init__(self, resource: str, errors: tuple[Finding, ...]) -> None:
+        self.resource = resource
+        self.errors = errors
+        super().__init__(f"{resource}: " + "; ".join(str(e) for e in errors))
+
+
+def _frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(sorted(mapping.items()))) if mapping else _EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """A pod as l7gate sees it. Immutable; `labels` and `annotations` are read-only mappings."""
+
+    cluster: str
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    ip: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    ips: tuple[str, ...] = ()  # every pod IP (dual stack), `ip` first
+    node_name: str | None = None
+    host_network: bool = False
+
+    def __post_init__(self) -> None:
+        # Callers may pass plain dicts; keep read-only copies so the value stays immutable.
+        object.__setattr__(self, "labels", _frozen(self.labels))
+        object.__setattr__(self, "annotations", _frozen(self.annotations))
+
+    def __hash__(self) -> int:
+        # The mappings are read-only views, so hashing their items is stable.
+        labels, annotations = tuple(self.labels.items()), tuple(self.annotations.items())
+        return hash((self.cluster, self.namespace, self.name, labels, self.ips, annotations))
+
+    @property
+    def ref(self) -> str:
+        """`cluster/namespace/name`, the form `l7gate policy trace --from` accepts."""
+        return f"{self.cluster}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """A namespace as l7gate sees it. Immutable."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    cluster: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen(self.labels))
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.labels.items()), self.cluster))
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.found: list[Finding] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.found.append(Finding(path, message))
+
+
+def _label_key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash:
+        if not prefix:
+            return "prefix before '/' must not be empty"
+        if len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix):
+            return "prefix must be a DNS subdomain (lowercase letters, digits, '-', '.')"
+    if not name:
+        return "name must not be empty"
+    if len(name) > 63:
+        return "name must be at most 63 characters"
+    if not _LABEL_NAME.fullmatch(name):
+        return (
+            "name must consist of letters, digits, '-', '_' or '.',"
+            " and start and end with a letter or digit"
+        )
+    return None
+
+
+def _string_map(
+    obj: Mapping[str, Any], field_name: str, path: str, errors: _Errors, *, labels: bool
+) -> dict[str, str]:
+    raw = obj.get(field_name)
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        errors.add(path, "must be a mapping")
+        return {}
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            errors.add(f"{path}.{key}", "key must be a string")
+            continue
+        where = f"{path}.{key}"
+        problem = _label_key_problem(key)
+        if problem is not None:
+            errors.add(where, f"invalid key: {problem}")
+            continue
+        if not isinstance(value, str):
+            errors.add(where, "must be a string")
+            continue
+        if labels and value:
+            if len(value) > 63:
+                errors.add(where, "label value must be at most 63 characters")
+                continue
+            if not _LABEL_NAME.fullmatch(value):
+                errors.add(
+                    where,
+                    "label value must consist of letters, digits, '-', '_' or '.',"
+                    " and start and end with a letter or digit",
+                )
+                continue
+        out[key] = value
+    return out
+
+
+def _mapping(obj: Mapping[str, Any], key: str, path: str, errors: _Errors) -> Mapping[str, Any]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.add(path, "must be a mapping")
+        return {}
+    return value
+
+
+def _optional_string(
+    obj: Mapping[str, Any], key: str, path: str, errors: _Errors
+) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        errors.add(path, "must be a string")
+        return None
+    return value
+
+
+def _dns_name(
+    value: str | None, path: str, errors: _Errors, *, subdomain: bool, required: bool
+) -> str | None:
+    if value is None or value == "":
+        if required:
+            errors.add(path, "is required")
+        return None
+    limit, pattern = (253, _DNS_SUBDOMAIN) if subdomain else (63, _DNS_LABEL)
+    if len(value) > limit or not pattern.fullmatch(value):
+        kind = "a DNS subdomain" if subdomain else "a DNS label"
+        errors.add(path, f"must be {kind} (lowercase letters, digits, '-'), got {value!r}")
+        return None
+    return value
+
+
+def _header(
+    obj: object, kind: str, errors: _Errors
+) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    if not isinstance(obj, Mapping):
+        errors.add("", f"a {kind} must be a mapping")
+        return {}, {}
+    if obj.get("apiVersion") != "v1":
+        errors.add("apiVersion", f'must be "v1", got {obj.get("apiVersion")!r}')
+    if obj.get("kind") != kind:
+        errors.add("kind", f"must be {kind!r}, got {obj.get('kind')!r}")
+    if "metadata" not in obj:
+        errors.add("metadata", "is required")
+    return obj, _mapping(obj, "metadata", "metadata", errors)
+
+
+def _cluster(
+    annotations: Mapping[str, str], default_cluster: str, errors: _Errors
+) -> str:
+    value = annotations.get(CLUSTER_ANNOTATION)
+    path = f"metadata.annotations.{CLUSTER_ANNOTATION}"
+    if value is None:
+        if not default_cluster:
+            errors.add(path, "is required when no default cluster name is given")
+        return default_cluster
+    return _dns_name(value, path, errors, subdomain=False, required=True) or default_cluster
+
+
+def _ip(value: object, path: str, errors: _Errors) -> str | None:
+    if not isinstance(value, str):
+        errors.add(path, "must be a string")
+        return None
+    try:
+        return ipaddress.ip_address(value).compressed
+    except ValueError:
+        errors.add(path, f"not an IP address: {value!r}")
+        return None
+
+
+def _raise_if(errors: _Errors, kind: str, namespace: str | None, name: str | None) -> None:
+    if errors.found:
+        what = f"{namespace}/{name}" if namespace and name else (name or "<unnamed>")
+        raise K8sObjectError(f"{kind} {what}", tuple(errors.found))
+
+
+def parse_pod(obj: object, *, default_cluster: str) -> Pod:
+    """A `Pod` from a Kubernetes Pod object. Raises K8sObjectError listing every problem."""
+    errors = _Errors()
+    top, meta = _header(obj, "Pod", errors)
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=True, required=True,
+    )  # fmt: skip
+    namespace = _dns_name(
+        _optional_string(meta, "namespace", "metadata.namespace", errors),
+        "metadata.namespace", errors, subdomain=False, required=False,
+    ) or DEFAULT_NAMESPACE  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    cluster = _cluster(annotations, default_cluster, errors)
+
+    spec = _mapping(top, "spec", "spec", errors)
+    service_account = DEFAULT_SERVICE_ACCOUNT
+    # serviceAccount is the deprecated alias; the API server fills in both
+    for key in ("serviceAccountName", "serviceAccount"):
+        account = _dns_name(
+            _optional_string(spec, key, f"spec.{key}", errors),
+            f"spec.{key}", errors, subdomain=True, required=False,
+        )  # fmt: skip
+        if account:
+            service_account = account
+            break
+    node_name = _optional_string(spec, "nodeName", "spec.nodeName", errors) or None
+    host_network = spec.get("hostNetwork", False)
+    if not isinstance(host_network, bool):
+        errors.add("spec.hostNetwork", "must be a boolean")
+        host_network = False
+
+    status = _mapping(top, "status", "status", errors)
+    ips: list[str] = []
+    if status.get("podIP") not in (None, ""):
+        ip = _ip(status["podIP"], "status.podIP", errors)
+        if ip is not None:
+            ips.append(ip)
+    pod_ips = status.get("podIPs")
+    if pod_ips is not None:
+        if not isinstance(pod_ips, list):
+            errors.add("status.podIPs", "must be a list")
+        else:
+            for i, item in enumerate(pod_ips):
+                if not isinstance(item, Mapping) or "ip" not in item:
+                    errors.add(f"status.podIPs[{i}]", "must be a mapping with an ip")
+                    continue
+                ip = _ip(item["ip"], f"status.podIPs[{i}].ip", errors)
+                if ip is not None and ip not in ips:
+                    ips.append(ip)
+
+    _raise_if(errors, "Pod", namespace, name)
+    assert name is not None
+    return Pod(
+        cluster=cluster,
+        namespace=namespace,
+        name=name,
+        labels=_frozen(labels),
+        service_account=service_account,
+        ip=ips[0] if ips else None,
+        annotations=_frozen(annotations),
+        ips=tuple(ips),
+        node_name=node_name,
+        host_network=host_network,
+    )
+
+
+def parse_namespace(obj: object, *, default_cluster: str) -> Namespace:
+    """A `Namespace` from a Kubernetes Namespace object. Raises K8sObjectError."""
+    errors = _Errors()
+    _, meta = _header(obj, "Namespace", errors)
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=False, required=True,
+    )  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    cluster = _cluster(annotations, default_cluster, errors)
+    _raise_if(errors, "Namespace", None, name)
+    assert name is not None
+    return Namespace(name=name, labels=_frozen(labels), cluster=cluster)
+
+
+def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace:
+    """A Pod or a Namespace, by the object's `kind`."""
+    kind = obj.get("kind") if isinstance(obj, Mapping) else None
+    if kind == "Pod":
+        return parse_pod(obj, default_cluster=default_cluster)
+    if kind == "Namespace":
+        return parse_namespace(obj, default_cluster=default_cluster)
+    raise K8sObjectError("object", (Finding("kind", f"must be 'Pod' or 'Namespace', got {kind!r}"),))

@@ -1,0 +1,214 @@
+"""Pod and Namespace objects -> typed values, with every error named by its field path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from l7gate.k8s import K8sObjectError, Namespace, Pod, parse_namespace, parse_object, parse_pod
+
+BILLING = """
+apiVersion: v1
+kind: Pod
+metadata:
+  name: billing-service-7d9f-abcde
+  namespace: payments
+  labels:
+    app: billing-service
+    pod-template-hash: 7d9f
+  annotations:
+    l7gate.io/cluster: cluster-a
+spec:
+  serviceAccountName: billing
+  nodeName: node-1
+status:
+  podIP: 10.0.1.5
+  podIPs:
+  - ip: 10.0.1.5
+  - ip: fd00::0005
+"""
+
+
+def errors_of(obj: Any, **kw: Any) -> list[str]:
+    with pytest.raises(K8sObjectError) as info:
+        parse_object(obj, default_cluster=kw.get("default_cluster", "local"))
+    return [str(e) for e in info.value.errors]
+
+
+def test_parses_a_pod() -> None:
+    pod = parse_pod(yaml.safe_load(BILLING), default_cluster="cluster-b")
+    assert pod == Pod(
+        cluster="cluster-a",
+        namespace="payments",
+        name="billing-service-7d9f-abcde",
+        labels={"app": "billing-service", "pod-template-hash": "7d9f"},
+        service_account="billing",
+        ip="10.0.1.5",
+        annotations={"l7gate.io/cluster": "cluster-a"},
+        ips=("10.0.1.5", "fd00::5"),
+        node_name="node-1",
+    )
+    assert pod.ref == "cluster-a/payments/billing-service-7d9f-abcde"
+    assert hash(pod) == hash(parse_pod(yaml.safe_load(BILLING), default_cluster="x"))
+    with pytest.raises(TypeError):
+        pod.labels["app"] = "changed"  # type: ignore[index]
+
+
+def test_defaults() -> None:
+    pod = parse_pod(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1"}},
+        default_cluster="cluster-b",
+    )
+    assert (pod.cluster, pod.namespace, pod.service_account) == ("cluster-b", "default", "default")
+    assert (pod.ip, pod.ips, dict(pod.labels), pod.host_network) == (None, (), {}, False)
+
+
+def test_pod_ips_alone_give_the_ip() -> None:
+    obj = yaml.safe_load(BILLING)
+    del obj["status"]["podIP"]
+    assert parse_pod(obj, default_cluster="c").ip == "10.0.1.5"
+
+
+def test_parses_a_namespace() -> None:
+    ns = parse_namespace(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "payments", "labels": {"kubernetes.io/metadata.name": "payments"}},
+        },
+        default_cluster="cluster-a",
+    )
+    assert ns == Namespace("payments", {"kubernetes.io/metadata.name": "payments"}, "cluster-a")
+    assert isinstance(parse_object(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}},
+        default_cluster="c",
+    ), Namespace)  # fmt: skip
+
+
+def test_every_error_is_reported_with_its_path() -> None:
+    bad = {
+        "apiVersion": "v2",
+        "kind": "Pod",
+        "metadata": {
+            "name": "Billing_Service",
+            "namespace": "pay ments",
+            "labels": {"app": 7, "ok": "fine", "bad key!": "x", "tier": "-nope-", "v": True},
+            "annotations": {"l7gate.io/cluster": "Cluster A", "note": 3},
+        },
+        "spec": {"serviceAccountName": 5, "hostNetwork": "yes"},
+        "status": {"podIP": "10.0.0.300", "podIPs": [{"ip": "fd00::1"}, "x"]},
+    }
+    errors = errors_of(bad)
+    for expected in [
+        'apiVersion: must be "v1"',
+        "metadata.name: must be a DNS subdomain",
+        "metadata.namespace: must be a DNS label",
+        "metadata.labels.app: must be a string",
+        "metadata.labels.bad key!: invalid key",
+        "metadata.labels.tier: label value must",
+        "metadata.labels.v: must be a string",
+        "metadata.annotations.l7gate.io/cluster: must be a DNS label",
+        "metadata.annotations.note: must be a string",
+        "spec.serviceAccountName: must be a string",
+        "spec.hostNetwork: must be a boolean",
+        "status.podIP: not an IP address",
+        "status.podIPs[1]: must be a mapping with an ip",
+    ]:
+        assert any(e.startswith(expected) for e in errors), (expected, errors)
+    assert len(errors) == 13
+
+
+def test_error_message_names_the_resource() -> None:
+    obj = yaml.safe_load(BILLING)
+    obj["metadata"]["labels"]["version"] = 1
+    with pytest.raises(K8sObjectError, match=r"^Pod payments/billing-service-7d9f-abcde: "
+                       r"metadata\.labels\.version: must be a string$"):
+        parse_pod(obj, default_cluster="c")
+
+
+@pytest.mark.parametrize(
+    "obj, expected",
+    [
+        ([], "a Pod must be a mapping"),
+        ({"apiVersion": "v1", "kind": "Pod"}, "metadata: is required"),
+        ({"apiVersion": "v1", "kind": "Pod", "metadata": {}}, "metadata.name: is required"),
+        ({"apiVersion": "v1", "kind": "Pod", "metadata": []}, "metadata: must be a mapping"),
+        ({"apiVersion": "v1", "kind": "Service"}, "kind: must be 'Pod' or 'Namespace'"),
+        (
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": ["a"]}},
+            "metadata.labels: must be a mapping",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": {"a/": "b"}}},
+            "metadata.labels.a/: invalid key: name must not be empty",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": {"k": "v" * 64}}},
+            "metadata.labels.k: label value must be at most 63 characters",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "status": {"podIPs": {}}},
+            "status.podIPs: must be a list",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a.b"}},
+            "metadata.name: must be a DNS label",
+        ),
+    ],
+)
+def test_bad_objects(obj: Any, expected: str) -> None:
+    if isinstance(obj, list):
+        with pytest.raises(K8sObjectError) as info:
+            parse_pod(obj, default_cluster="c")
+        errors = [str(e) for e in info.value.errors]
+    else:
+        errors = errors_of(obj)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_no_cluster_at_all_is_an_error() -> None:
+    errors = errors_of(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}}, default_cluster=""
+    )
+    assert errors == [
+        "metadata.annotations.l7gate.io/cluster: is required when no default cluster name is given"
+    ]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"apiVersion": st.sampled_from(["v1", 1]), "kind": st.sampled_from(["Pod", "Namespace"])},
+        optional={
+            "metadata": st.fixed_dictionaries(
+                {},
+                optional={
+                    "name": json_values | st.sampled_from(["a", "b-1"]),
+                    "namespace": json_values,
+                    "labels": json_values | st.dictionaries(st.text(max_size=6), json_values),
+                    "annotations": json_values,
+                },
+            ) | json_values,
+            "spec": json_values,
+            "status": json_values | st.fixed_dictionaries({}, optional={
+                "podIP": json_values, "podIPs": json_values}),
+        },
+    )
+)
+def test_parser_either_parses_or_raises_its_error(obj: dict[str, Any]) -> None:
+    try:
+        parsed = parse_object(obj, default_cluster="c")
+    except K8sObjectError as e:
+        assert e.errors and all(str(f) for f in e.errors)
+    else:
+        assert parsed.name
