@@ -137,7 +137,7 @@ def _evaluate_direction(
     if not allows:
         if default_deny:
             side.allowed, side.layer = False, Layer.L3L4
-            side.policies = set(names)
+            side.policies = {r.origin.policy for r in selecting if r.default_deny(direction)}
             side.reasons.append(
                 f"{d}: no rule allows {_describe(peer)} on {where}; "
                 f"{_describe(subject)} is in default-deny"

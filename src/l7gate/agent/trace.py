@@ -1,0 +1,306 @@
+"""`l7gate policy trace`: the verdict for one connection/request, explained step by step.
+
+Builds a throw-away world from manifest files — policies, Pods, Namespaces — the way an agent
+would: identity labels from the pods, numeric identities from each cluster's range (clusters
+numbered 1, 2, ... in name order), then asks the reference evaluator. Egress is judged with the
+source cluster's view and ingress with the destination cluster's, as the two agents would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..identity.allocator import IdentityAllocator
+from ..identity.filter import identity_labels
+from ..identity.numeric import IdentityError, reserved_identity
+from ..k8s.manifests import load
+from ..k8s.objects import K8sObjectError, Namespace, Pod, parse_namespace, parse_pod
+from ..kvstore.sqlite import SQLiteKVStore
+from ..policy.errors import PolicyValidationError
+from ..policy.evaluate import Flow, Layer, Peer, Verdict, evaluate
+from ..policy.parse import POLICY_KINDS, parse_policy
+from ..policy.types import HTTPRequest, Protocol, Rule
+
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+class TraceError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    paths: tuple[str, ...]
+    source: str
+    destination: str
+    port: int
+    protocol: str = "TCP"
+    method: str | None = None
+    path: str | None = None
+    host: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    authenticated: bool = False
+    cluster_name: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Party:
+    ref: str  # cluster/namespace/pod, or "world"
+    cluster: str
+    ip: str | None
+    identity: int
+    peer: Peer
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.ref,
+            "cluster": self.cluster,
+            "ip": self.ip,
+            "identity": self.identity,
+            "labels": dict(self.peer.labels),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    request: TraceRequest
+    source: Party
+    destination: Party
+    http: HTTPRequest
+    http_defaulted: bool
+    verdict: Verdict
+    egress_reasons: tuple[str, ...]
+    ingress_reasons: tuple[str, ...]
+    clusters: Mapping[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.verdict
+        return {
+            "verdict": v.verdict,
+            "layer": v.layer.value if v.layer else None,
+            "reasons": list(v.reasons),
+            "policies": list(v.policies),
+            "from_identity": self.source.identity,
+            "to_identity": self.destination.identity,
+            "from": self.source.to_json(),
+            "to": self.destination.to_json(),
+            "port": self.request.port,
+            "protocol": self.request.protocol,
+            "http": {
+                "method": self.http.method,
+                "path": self.http.path,
+                "host": self.http.host,
+                "headers": dict(self.http.headers),
+                "defaulted": self.http_defaulted,
+            },
+            "redirected_to_proxy": v.redirected,
+            "auth_required": v.auth_required,
+            "clusters": dict(self.clusters),
+        }
+
+
+def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], list[Namespace]]:
+    manifests, errors = load(req.paths)
+    missing = [e for e in errors if e.missing]
+    if missing:
+        raise TraceError("; ".join(str(e) for e in missing), EXIT_USAGE)
+    if errors:
+        raise TraceError("; ".join(str(e) for e in errors), EXIT_INVALID)
+    policies: list[dict[str, Any]] = []
+    pods: list[Pod] = []
+    namespaces: list[Namespace] = []
+    problems: list[str] = []
+    for m in manifests:
+        kind = m.kind
+        try:
+            if kind in POLICY_KINDS:
+                policies.append(m.obj)
+            elif kind == "Pod":
+                pods.append(parse_pod(m.obj, default_cluster=req.cluster_name))
+            elif kind == "Namespace":
+                namespaces.append(parse_namespace(m.obj, default_cluster=req.cluster_name))
+        except K8sObjectError as exc:
+            problems.append(f"{m.where}: {exc}")
+    if problems:
+        raise TraceError("invalid objects:\n  " + "\n  ".join(problems), EXIT_INVALID)
+    return policies, pods, namespaces
+
+
+def _rules_for_cluster(docs: list[dict[str, Any]], cluster: str) -> list[Rule]:
+    rules: list[Rule] = []
+    problems: list[str] = []
+    for doc in docs:
+        try:
+            rules.extend(parse_policy(doc, cluster_name=cluster).rules)
+        except PolicyValidationError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise TraceError(
+            "invalid policies (run `l7gate policy validate`):\n  " + "\n  ".join(problems),
+            EXIT_INVALID,
+        )
+    return rules
+
+
+def _find_pod(ref: str, pods: list[Pod]) -> Pod:
+    parts = ref.split("/")
+    if len(parts) == 3:
+        cluster, ns, name = parts
+        found = [p for p in pods if (p.cluster, p.namespace, p.name) == (cluster, ns, name)]
+    elif len(parts) == 2:
+        ns, name = parts
+        found = [p for p in pods if (p.namespace, p.name) == (ns, name)]
+    else:
+        raise TraceError(f"{ref!r}: expected [CLUSTER/]NAMESPACE/POD or `world`", EXIT_USAGE)
+    if not found:
+        known = ", ".join(sorted(f"{p.cluster}/{p.namespace}/{p.name}" for p in pods)) or "none"
+        raise TraceError(f"no pod {ref!r} in the given files (pods: {known})", EXIT_USAGE)
+    if len(found) > 1:
+        names = ", ".join(f"{p.cluster}/{p.namespace}/{p.name}" for p in found)
+        raise TraceError(f"{ref!r} is ambiguous ({names}): name the cluster", EXIT_USAGE)
+    return found[0]
+
+
+def run_trace(req: TraceRequest) -> TraceResult:
+    docs, pods, namespaces = _load(req)
+    clusters = sorted({p.cluster for p in pods} | {req.cluster_name})
+    if len(clusters) > 255:
+        raise TraceError("more than 255 clusters", EXIT_INVALID)
+    cluster_ids = {c: i + 1 for i, c in enumerate(clusters)}
+
+    store = SQLiteKVStore(":memory:")
+    try:
+        allocators = {
+            c: IdentityAllocator(store, cluster_id=cid, owner=c) for c, cid in cluster_ids.items()
+        }
+
+        def party(ref: str) -> Party:
+            if ref == "world":
+                w = reserved_identity("world")
+                return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
+            pod = _find_pod(ref, pods)
+            # A Namespace object without a cluster annotation describes that namespace in
+            # every cluster; one that names the pod's cluster wins.
+            same = [n for n in namespaces if n.name == pod.namespace]
+            ns = next((n for n in same if n.cluster == pod.cluster), same[0] if same else None)
+            try:
+                labels = identity_labels(
+                    pod.labels,
+                    namespace=pod.namespace,
+                    cluster=pod.cluster,
+                    service_account=pod.service_account,
+                    namespace_labels=ns.labels if ns else None,
+                )
+                ident = allocators[pod.cluster].allocate(labels)
+            except IdentityError as exc:
+                raise TraceError(f"{ref}: {exc}", EXIT_INVALID) from None
+            name = f"{pod.cluster}/{pod.namespace}/{pod.name}"
+            return Party(name, pod.cluster, pod.ip, ident.id, Peer(ident.id, labels, True, name))
+
+        # Allocate every pod first so identity numbers do not depend on the --from/--to order.
+        for p in sorted(pods, key=lambda p: (p.cluster, p.namespace, p.name)):
+            party(f"{p.cluster}/{p.namespace}/{p.name}")
+        src = party(req.source)
+        dst = party(req.destination)
+    finally:
+        store.close()
+
+    defaulted = req.method is None and req.path is None
+    http = HTTPRequest(
+        method=req.method or "GET",
+        path=req.path or "/",
+        host=req.host or "",
+        headers={k.lower(): v for k, v in req.headers.items()},
+    )
+    flow = Flow(src.peer, dst.peer, req.port, Protocol(req.protocol), http, req.authenticated)
+
+    egress = Verdict(True, None)
+    if src.peer.managed:
+        egress_rules = _rules_for_cluster(docs, src.cluster)
+        egress = evaluate(egress_rules, _one_side(flow, source_managed=True))
+    ingress = Verdict(True, None)
+    if dst.peer.managed and egress.allowed:
+        ingress_rules = _rules_for_cluster(docs, dst.cluster)
+        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False))
+    decided = egress if not egress.allowed else ingress
+    if decided.allowed:
+        policies = tuple(sorted(set(egress.policies) | set(ingress.policies)))
+    else:
+        policies = decided.policies
+    verdict = Verdict(
+        decided.allowed,
+        decided.layer,
+        egress.reasons + ingress.reasons,
+        policies,
+        egress.redirected or ingress.redirected,
+        egress.auth_required or ingress.auth_required,
+    )
+    return TraceResult(
+        req, src, dst, http, defaulted, verdict, egress.reasons, ingress.reasons, cluster_ids
+    )
+
+
+def _one_side(flow: Flow, *, source_managed: bool) -> Flow:
+    s, d = flow.source, flow.destination
+    return Flow(
+        Peer(s.identity, s.labels, source_managed, s.name),
+        Peer(d.identity, d.labels, not source_managed, d.name),
+        flow.port,
+        flow.protocol,
+        flow.http,
+        flow.authenticated,
+    )
+
+
+_LAYER_TEXT = {
+    Layer.L3L4: "at L3/L4: the connection is dropped in the kernel",
+    Layer.L7: "at L7: the proxy answers 403 (Policy denied (L7))",
+    Layer.AUTH: "by mutual authentication: dropped (Authentication required)",
+}
+
+
+def format_trace_text(r: TraceResult) -> str:
+    v = r.verdict
+    lines: list[str] = []
+    req = r.request
+    what = f"{req.protocol}/{req.port}"
+    lines.append(f"Trace {r.source.ref} -> {r.destination.ref} on {what}")
+    if v.redirected or not r.http_defaulted:
+        lines.append(
+            f"  HTTP {r.http.method} {r.http.path}"
+            + (f" host {r.http.host}" if r.http.host else "")
+            + (" (no --method/--path given: tracing GET /)" if r.http_defaulted else "")
+        )
+    lines.append("")
+    lines.append("1. Identities")
+    for role, p in (("from", r.source), ("to", r.destination)):
+        ip = f" ({p.ip})" if p.ip else ""
+        lines.append(f"   {role:<4} {p.ref}{ip}: identity {p.identity}")
+        lines.append(f"        labels: {', '.join(f'{k}={val}' if val else k for k, val in p.peer.labels.items())}")
+    step = 2
+    for title, reasons in (
+        (f"Egress policy of {r.source.ref}", r.egress_reasons),
+        (f"Ingress policy of {r.destination.ref}", r.ingress_reasons),
+    ):
+        if not reasons:
+            continue
+        lines.append(f"{step}. {title}")
+        for reason in reasons:
+            text = reason.split(": ", 1)[1] if ": " in reason else reason
+            lines.append(f"   - {text}")
+        step += 1
+    lines.append("")
+    if v.allowed:
+        how = " through the L7 proxy" if v.redirected else ""
+        lines.append(f"Verdict: ALLOWED{how}")
+    else:
+        assert v.layer is not None
+        lines.append(f"Verdict: DENIED {_LAYER_TEXT[v.layer]}")
+    if v.policies:
+        lines.append(f"Policies: {', '.join(v.policies)}")
+    return "\n".join(lines)

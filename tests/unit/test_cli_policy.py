@@ -1,0 +1,187 @@
+"""`l7gate policy validate` and `l7gate policy trace`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l7gate.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = ROOT / "examples" / "seed"
+FRONTEND = "cluster-b/web/frontend-service-abc"
+BILLING = "cluster-a/payments/billing-service-xyz"
+OTHER = "cluster-b/web/reporting-job-q7x"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:  # argparse exits for --help and usage errors
+        rc = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def trace_json(capsys: pytest.CaptureFixture[str], *extra: str, src: str = FRONTEND) -> dict[str, Any]:
+    rc, out, err = run(capsys, "policy", "trace", "-f", str(SEED), "--from", src, "--to", BILLING, *extra, "-o", "json")
+    assert rc == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+
+def test_validate_seed_passes_with_default_deny_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "policy", "validate", str(SEED))
+    assert rc == 0
+    lines = out.splitlines()
+    assert any(
+        line.startswith(f"{SEED}/default-deny-all.yaml: CiliumClusterwideNetworkPolicy/default-deny-all-pods: spec.ingress: warning:")
+        and "ingress: [{}]" in line
+        for line in lines
+    ), out
+    assert "2 policies checked: 0 invalid, 2 warnings" in err
+
+
+def test_validate_invalid_exits_1_and_names_file_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = (SEED / "allow-frontend-to-billing.yaml").read_text()
+    bad = good.replace('port: "8080"', 'port: "80800"').replace('method: "POST"', 'method: "(POST"')
+    f = tmp_path / "bad.yaml"
+    f.write_text(good + "---\n" + bad.replace("allow-frontend-to-billing-charge-api", "broken"))
+    rc, out, _ = run(capsys, "policy", "validate", str(f))
+    assert rc == 1
+    assert f"{f}: CiliumClusterwideNetworkPolicy/broken: spec.ingress[0].toPorts[0].ports[0].port: error: port 80800 is out of range" in out
+    assert "spec.ingress[0].toPorts[0].rules.http[0].method: error: invalid RE2 regex '(POST'" in out
+    assert "allow-frontend-to-billing-charge-api" not in out  # the good policy has no finding
+
+
+def test_validate_yaml_syntax_error_names_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "broken.yaml"
+    f.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x\n")
+    rc, out, _ = run(capsys, "policy", "validate", str(f))
+    assert rc == 1
+    assert f"{f}: error: line " in out
+
+
+def test_validate_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "policy", "validate", "/nonexistent/l7g.yaml")[0] == 2
+    assert run(capsys, "policy", "validate")[0] == 2
+    assert run(capsys, "policy", "validate", "--bogus", str(SEED))[0] == 2
+
+
+def test_validate_json_output(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "policy", "validate", str(SEED), "-o", "json")
+    data = json.loads(out)
+    assert rc == 0 and data["valid"] is True and data["checked"] == 2
+    assert {w["code"] for w in data["warnings"]} == {"empty-direction"}
+
+
+def test_validate_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO((SEED / "default-deny-all.yaml").read_text()))
+    rc, out, _ = run(capsys, "policy", "validate", "-")
+    assert rc == 0 and "<stdin>: CiliumClusterwideNetworkPolicy/default-deny-all-pods: spec.ingress: warning" in out
+
+
+# -- trace ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, src, verdict, layer",
+    [
+        (("--port", "8080", "--method", "POST", "--path", "/v1/charge"), FRONTEND, "allowed", None),
+        (("--port", "8080", "--method", "GET", "--path", "/v1/transactions"), FRONTEND, "denied", "l7"),
+        (("--port", "8080", "--method", "POST", "--path", "/v1/refund"), FRONTEND, "denied", "l7"),
+        (("--port", "9090"), FRONTEND, "denied", "l3l4"),
+        (("--port", "8080", "--method", "POST", "--path", "/v1/charge"), OTHER, "denied", "l3l4"),
+    ],
+)
+def test_trace_seed_table(capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], src: str, verdict: str, layer: str | None) -> None:
+    d = trace_json(capsys, *extra, src=src)
+    assert (d["verdict"], d["layer"]) == (verdict, layer), d["reasons"]
+    assert d["reasons"]
+    assert d["from_identity"] >> 16 == 2  # cluster-b is cluster 2 (clusters numbered by name)
+    assert d["to_identity"] >> 16 == 1
+    if verdict == "allowed":
+        assert d["policies"] == ["CiliumClusterwideNetworkPolicy/allow-frontend-to-billing-charge-api"]
+
+
+def test_trace_identities_are_stable_and_replicas_share_one(capsys: pytest.CaptureFixture[str]) -> None:
+    a = trace_json(capsys, "--port", "8080")
+    rc, out, _ = run(capsys, "policy", "trace", "-f", str(SEED), "--from", FRONTEND, "--to",
+                     "cluster-a/payments/billing-service-k2m4p", "--port", "8080", "-o", "json")
+    b = json.loads(out)
+    assert rc == 0 and a["to_identity"] == b["to_identity"]  # pod-template-hash is not identity-relevant
+    assert a == trace_json(capsys, "--port", "8080")
+
+
+def test_trace_text_explains_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "policy", "trace", "-f", str(SEED), "--from", FRONTEND, "--to", BILLING,
+                     "--port", "8080", "--method", "GET", "--path", "/v1/transactions")
+    assert rc == 0
+    assert "1. Identities" in out and "identity 131072" in out
+    assert "Ingress policy of cluster-a/payments/billing-service-xyz" in out
+    assert "Policy denied (L7): GET /v1/transactions matches none" in out
+    assert "Verdict: DENIED at L7" in out
+
+
+def test_trace_from_world_and_headers(capsys: pytest.CaptureFixture[str]) -> None:
+    d = trace_json(capsys, "--port", "8080", "--method", "POST", "--path", "/v1/charge", "--header", "X-A: 1", src="world")
+    assert (d["verdict"], d["layer"], d["from_identity"]) == ("denied", "l3l4", 2)
+    assert d["http"]["headers"] == {"x-a": "1"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--from", "web/nope", "--to", BILLING, "--port", "80"), "no pod 'web/nope'"),
+        (("--from", "a/b/c/d", "--to", BILLING, "--port", "80"), "expected [CLUSTER/]NAMESPACE/POD"),
+        (("--from", FRONTEND, "--to", BILLING, "--port", "0"), "out of range"),
+        (("--from", FRONTEND, "--to", BILLING, "--port", "x"), "not a port number"),
+        (("--from", FRONTEND, "--to", BILLING, "--port", "80", "--header", "novalue"), "expected NAME:VALUE"),
+        (("--from", FRONTEND, "--to", BILLING), "--port"),
+    ],
+)
+def test_trace_usage_errors(capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str) -> None:
+    rc, _, err = run(capsys, "policy", "trace", "-f", str(SEED), *argv)
+    assert rc == 2
+    assert message in err
+
+
+def test_trace_refuses_invalid_policies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for f in SEED.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    p = tmp_path / "allow-frontend-to-billing.yaml"
+    p.write_text(p.read_text().replace('path: "/v1/charge"', 'path: "/v1/(charge"'))
+    rc, _, err = run(capsys, "policy", "trace", "-f", str(tmp_path), "--from", FRONTEND, "--to", BILLING, "--port", "8080")
+    assert rc == 1
+    assert "invalid policies" in err and "rules.http[0].path" in err
+
+
+def test_trace_ambiguous_pod_needs_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = (SEED / "inventory.yaml").read_text()
+    (tmp_path / "inv.yaml").write_text(inv + "---\n" + inv.split("---\n")[2].replace("cluster-a", "cluster-c"))
+    rc, _, err = run(capsys, "policy", "trace", "-f", str(tmp_path), "--from", FRONTEND, "--to",
+                     "payments/billing-service-xyz", "--port", "8080")
+    assert rc == 2 and "ambiguous" in err
+
+
+@pytest.mark.parametrize("argv", [(), ("policy",), ("policy", "validate"), ("policy", "trace")])
+def test_every_subcommand_has_help(argv: tuple[str, ...]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "l7gate.cli", *argv, "--help"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "l7gate"
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("l7gate ")
