@@ -50,7 +50,7 @@ def expand_paths(paths: Iterable[str]) -> tuple[list[str], list[LoadError]]:
         if p == "-":
             files.append(p)
         elif os.path.isdir(p):
-            found = []
+            found: list[str] = []
             for root, dirs, names in os.walk(p):
                 dirs.sort()
                 found.extend(

@@ -374,9 +374,10 @@ class _SpecParser:
                 continue
             if items:
                 present[direction] = True
-            peer_rules.extend(
-                w.each(items, fpath, lambda v, p, d=direction, dn=deny: self.peer_rule(v, p, d, dn))
-            )
+            for i, item in enumerate(items):
+                parsed = self.peer_rule(item, f"{fpath}[{i}]", direction, deny)
+                if parsed is not None:
+                    peer_rules.append(parsed)
 
         for direction, field in ((Direction.INGRESS, "ingress"), (Direction.EGRESS, "egress")):
             deny_field = field + "Deny"
