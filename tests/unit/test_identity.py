@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from l7gate.identity import (
 )
 from l7gate.kvstore import SQLiteKVStore
 from l7gate.policy.labels import Labels
+from l7gate.policy.selector import CIDRSelector, Entity, EntitySelector
 
 
 class FakeClock:
@@ -69,10 +71,26 @@ def test_reserved_numbers_follow_cilium() -> None:
         reserved_identity("nope")
 
 
-def test_world_entity_selects_2_9_10_by_label() -> None:
-    with_world = sorted(n for n, i in RESERVED.items() if "reserved:world" in i.labels)
-    assert with_world == [2, 9, 10]
-    assert "reserved:world" in cidr_labels("10.0.0.0/8")
+def test_policy_world_entity_selects_2_9_10_and_cidrs() -> None:
+    world = EntitySelector(Entity.WORLD)
+    assert sorted(n for n, i in RESERVED.items() if world.matches(i.labels)) == [2, 9, 10]
+    assert world.matches(cidr_labels("10.0.0.0/8"))
+    assert world.matches(cidr_labels("2001:db8::/32"))
+    assert not world.matches(app("x"))
+    # 0.0.0.0/0 is IPv4 world: not the IPv6 one
+    v4_all = CIDRSelector(ipaddress.ip_network("0.0.0.0/0"))
+    assert sorted(n for n, i in RESERVED.items() if v4_all.matches(i.labels)) == [2, 9]
+
+
+def test_policy_cidr_selectors_select_allocated_cidr_identities(store: SQLiteKVStore) -> None:
+    alloc = IdentityAllocator(store)
+    inner = alloc.allocate_cidr("10.1.0.0/16")
+    outer = alloc.allocate_cidr("10.0.0.0/8")
+    v6 = alloc.allocate_cidr("2001:db8:1::/48")
+    sel = CIDRSelector(ipaddress.ip_network("10.0.0.0/8"), (ipaddress.ip_network("10.2.0.0/16"),))
+    assert sel.matches(inner.labels) and sel.matches(outer.labels) and not sel.matches(v6.labels)
+    assert CIDRSelector(ipaddress.ip_network("2001:db8::/32")).matches(v6.labels)
+    assert not CIDRSelector(ipaddress.ip_network("10.1.0.0/16")).matches(outer.labels)
 
 
 def test_reserved_for_labels_is_exact() -> None:

@@ -62,6 +62,7 @@ from l7gate.identity.numeric import (
 )
 from l7gate.kvstore.api import KVStore
 from l7gate.policy.labels import CIDR_SOURCE, Labels, reserved
+from l7gate.policy.selector import cidr_label
 
 PREFIX = "l7gate/identities/v1/"
 _CIDR_KEY_PREFIX = CIDR_SOURCE + ":"
@@ -125,8 +126,8 @@ def cidr_labels(prefix: str | IPNetwork) -> Labels:
     Only the prefix itself is a label (Cilium once added a label for every enclosing prefix);
     a `fromCIDR`/`toCIDR` selector selects a CIDR identity when its prefix lies within the
     selector's, which is the policy engine's job."""
-    net = parse_prefix(prefix)
-    return Labels.of({f"{_CIDR_KEY_PREFIX}{net.compressed}": "", reserved("world"): ""})
+    # the policy engine's spelling of the label, so that its CIDR selectors read it back
+    return Labels.of({cidr_label(parse_prefix(prefix)): "", reserved("world"): ""})
 
 
 def _is_cidr_labels(labels: Labels) -> bool:

@@ -6,7 +6,8 @@ Entries map a prefix (a pod's /32 or /128, a node address, a `fromCIDR` peer's p
 identity number. A lookup returns the identity of the longest prefix holding the address; an
 address no prefix holds is `world` (2), as DESIGN decision 6 demands ("unknown source -> world").
 Cilium answers world-ipv4 (9) or world-ipv6 (10) in dual-stack mode; l7gate answers 2 for both
-families, and since 9 and 10 also carry `reserved:world`, policy treats all three alike.
+families. Policy loses nothing: the `world` entity and the catch-all CIDRs `0.0.0.0/0` and `::/0`
+all select 2.
 
 IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, what a dual-stack socket reports for an IPv4 peer)
 are looked up as the IPv4 address they carry.

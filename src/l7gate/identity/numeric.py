@@ -9,11 +9,11 @@ The number space follows Cilium, so that numbers mean the same thing in flows, B
     N<<16 .. N<<16|0xFFFF  cluster ID N, 1 <= N <= 255: the number says which cluster made it
     1<<24 | 1 .. 0x1FFFFFF local identities (CIDR peers), meaningful on one node only
 
-Labels of reserved identities are `reserved:<name>`. Decision: world-ipv4 (9) and world-ipv6 (10)
-also carry `reserved:world`. Cilium gives them only `reserved:world-ipv4`/`-ipv6` and maps the
-`world` entity to three selectors in dual-stack mode; here a plain selector on `reserved:world`
-(what `toEntities: [world]` becomes) selects 2, 9 and 10, and every CIDR identity, through labels
-alone, with no special case in the policy engine.
+Labels of reserved identities are exactly `reserved:<name>`, as in Cilium: world-ipv4 (9) and
+world-ipv6 (10) do *not* also carry `reserved:world`. The `world` entity selects all three because
+the policy engine's entity selector looks for any of the three keys (Cilium's dual-stack mapping);
+keeping them apart lets a `0.0.0.0/0` rule select 2 and 9 but not the IPv6 world 10. CIDR
+identities carry `reserved:world` (see `allocator.cidr_labels`), so `world` selects them too.
 """
 
 from __future__ import annotations
@@ -91,15 +91,8 @@ class Identity:
         return f"{self.id} ({self.labels})"
 
 
-def _reserved_labels(number: int) -> Labels:
-    name = RESERVED_NAMES[number]
-    if number in (WORLD_IPV4, WORLD_IPV6):
-        return Labels.of({reserved(name): "", reserved("world"): ""})
-    return Labels.of({reserved(name): ""})
-
-
 RESERVED: Mapping[int, Identity] = MappingProxyType(
-    {n: Identity(n, _reserved_labels(n)) for n in sorted(RESERVED_NAMES)}
+    {n: Identity(n, Labels.of({reserved(RESERVED_NAMES[n]): ""})) for n in sorted(RESERVED_NAMES)}
 )
 _RESERVED_BY_LABELS: Mapping[Labels, Identity] = MappingProxyType(
     {i.labels: i for i in RESERVED.values()}
