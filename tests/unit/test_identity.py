@@ -177,10 +177,11 @@ def test_same_labels_keep_their_number_across_restart(db_path: str) -> None:
         assert alloc.allocate(app("d")).id == max(before.values()) + 1
 
 
-def test_racing_allocators_on_one_file_never_share_a_number(db_path: str) -> None:
+@pytest.mark.parametrize("round_", range(4))
+def test_racing_allocators_on_one_file_never_share_a_number(db_path: str, round_: int) -> None:
     stores = [SQLiteKVStore(db_path) for _ in range(3)]
     allocators = [IdentityAllocator(s, cluster_id=7, owner=f"node{i}") for i, s in enumerate(stores)]
-    label_sets = [app(f"svc{i}") for i in range(30)]
+    label_sets = [app(f"svc{i}") for i in range(40)]
     results: list[tuple[Labels, int]] = []
     lock = threading.Lock()
     barrier = threading.Barrier(6)
