@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 
 from .evaluate import Layer, Verdict
@@ -506,6 +507,85 @@ class Resolver:
 # -- the fast lookup, over a resolved map ------------------------------------------------------
 
 
+class Action(str, Enum):
+    ALLOW = "allow"  # everything on this port, no L7 restriction
+    HTTP = "http"  # only requests matching `http`
+    DENY = "deny"  # dropped at L3/L4
+    AUTH_FAIL = "auth-fail"  # `test-always-fail`: never authenticated
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one endpoint's policy says about one peer on one port, before any request is seen.
+
+    This is the unit every enforcement backend compiles: a BPF map value, an Envoy matcher leaf.
+    `auth` is the mutual-authentication mode the peer must satisfy for ALLOW/HTTP.
+    """
+
+    action: Action
+    http: tuple[HTTPRule, ...] = ()
+    auth: AuthMode | None = None
+    redirect: bool = False
+    origins: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth is AuthMode.REQUIRED
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return _pols(self.origins)
+
+
+def decide(
+    policy: EndpointPolicy | None, direction: Direction, peer: int, port: int, protocol: Protocol
+) -> Decision:
+    """The decision one direction of one endpoint's resolved map gives for (peer, port).
+
+    `policy is None` means no policy has been computed for the endpoint yet: deny (fail closed).
+    A computed policy that no rule contributes to allows everything.
+    """
+    d = direction.value
+    if policy is None:
+        return Decision(Action.DENY, reason=f"{d}: no policy computed for the endpoint yet")
+    if not policy.policies:
+        return Decision(Action.ALLOW, reason=f"{d}: no policy selects the endpoint")
+    hits = [e for k, e in policy.entries(direction).items() if k.covers(peer, port, protocol)]
+    denies = [e for e in hits if e.deny]
+    if denies:
+        origins = tuple(sorted({o for e in denies for o in e.derived_from}))
+        return Decision(Action.DENY, origins=origins, reason=f"{d}: denied by {', '.join(origins)}")
+    if not hits:
+        if policy.default_deny(direction):
+            return Decision(
+                Action.DENY, origins=policy.policies, reason=f"{d}: no map entry; default-deny"
+            )
+        return Decision(Action.ALLOW, reason=f"{d}: no map entry; not default-deny")
+    origins = tuple(sorted({o for e in hits for o in e.derived_from}))
+    modes = [e.auth for e in hits if e.auth is not None]
+    mode = max(modes, key=lambda m: m.strength) if modes else None
+    redirect = any(e.redirect for e in hits)
+    if mode is AuthMode.ALWAYS_FAIL:
+        return Decision(
+            Action.AUTH_FAIL, auth=mode, redirect=redirect, origins=origins,
+            reason=f"{d}: authentication test-always-fail",
+        )
+    if any(e.l7 is None for e in hits):
+        return Decision(
+            Action.ALLOW, auth=mode, redirect=redirect, origins=origins,
+            reason=f"{d}: allowed by {', '.join(origins)}",
+        )
+    rules: set[HTTPRule] = set()
+    for e in hits:
+        assert e.l7 is not None
+        rules.update(e.l7.http)
+    return Decision(
+        Action.HTTP, L7Rules.of(rules).http, mode, True, origins,
+        f"{d}: HTTP rules of {', '.join(origins)}",
+    )
+
+
 def lookup(
     policy: EndpointPolicy | None,
     direction: Direction,
@@ -517,42 +597,23 @@ def lookup(
 ) -> Verdict:
     """The verdict one direction of one endpoint gives, read from its resolved map only.
 
-    `policy is None` means no policy has been computed for the endpoint yet: denied (fail
-    closed). A computed policy that no rule contributes to allows everything. Tested against
-    `evaluate`.
+    Tested against `evaluate`, the reference evaluator.
     """
+    dec = decide(policy, direction, peer, port, protocol)
     d = direction.value
-    if policy is None:
-        return Verdict(False, Layer.L3L4, (f"{d}: no policy computed for the endpoint yet",))
-    if not policy.policies:
-        return Verdict(True, None, (f"{d}: no policy selects the endpoint",))
-    hits = [(k, e) for k, e in policy.entries(direction).items() if k.covers(peer, port, protocol)]
-    denies = [e for _, e in hits if e.deny]
-    if denies:
-        origins = sorted({o for e in denies for o in e.derived_from})
-        return Verdict(False, Layer.L3L4, (f"{d}: denied by {', '.join(origins)}",), _pols(origins))
-    if not hits:
-        if policy.default_deny(direction):
-            return Verdict(False, Layer.L3L4, (f"{d}: no map entry; default-deny",), policy.policies)
-        return Verdict(True, None, (f"{d}: no map entry; not default-deny",))
-    entries = [e for _, e in hits]
-    origins = sorted({o for e in entries for o in e.derived_from})
-    modes = [e.auth for e in entries if e.auth is not None]
-    mode = max(modes, key=lambda m: m.strength) if modes else None
-    redirect = any(e.redirect for e in entries)
-    if mode is AuthMode.ALWAYS_FAIL or (mode is AuthMode.REQUIRED and not authenticated):
-        return Verdict(False, Layer.AUTH, (f"{d}: authentication {mode.value}",), _pols(origins), redirect, True)
-    auth_required = mode is not None and mode is not AuthMode.DISABLED
-    if any(e.l7 is None for e in entries) or request is None:
-        return Verdict(True, None, (f"{d}: allowed by {', '.join(origins)}",), _pols(origins), redirect, auth_required)
+    pols = dec.policies
+    if dec.action is Action.DENY:
+        return Verdict(False, Layer.L3L4, (dec.reason,), pols)
+    if dec.action is Action.AUTH_FAIL or (dec.auth_required and not authenticated):
+        return Verdict(False, Layer.AUTH, (f"{d}: Authentication required",), pols, dec.redirect, True)
+    if dec.action is Action.ALLOW or request is None:
+        return Verdict(True, None, (dec.reason,), pols, dec.redirect, dec.auth_required)
     norm = normalize_path(request.path)
     if norm.rejected is not None:
-        return Verdict(False, Layer.L7, (f"{d}: {norm.rejected}",), _pols(origins), True, auth_required)
-    for e in entries:
-        assert e.l7 is not None
-        if any(h.matches(request, norm.path) for h in e.l7.http):
-            return Verdict(True, None, (f"{d}: HTTP rule matches",), _pols(origins), True, auth_required)
-    return Verdict(False, Layer.L7, (f"{d}: Policy denied (L7)",), _pols(origins), True, auth_required)
+        return Verdict(False, Layer.L7, (f"{d}: {norm.rejected}",), pols, True, dec.auth_required)
+    if any(h.matches(request, norm.path) for h in dec.http):
+        return Verdict(True, None, (f"{d}: HTTP rule matches",), pols, True, dec.auth_required)
+    return Verdict(False, Layer.L7, (f"{d}: Policy denied (L7)",), pols, True, dec.auth_required)
 
 
 def _pols(origins: Iterable[str]) -> tuple[str, ...]:
