@@ -212,3 +212,23 @@ def test_parser_either_parses_or_raises_its_error(obj: dict[str, Any]) -> None:
         assert e.errors and all(str(f) for f in e.errors)
     else:
         assert parsed.name
+
+
+def test_container_ports_are_collected_and_checked() -> None:
+    from l7gate.k8s.objects import K8sObjectError, parse_pod
+
+    obj = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+        "spec": {"containers": [
+            {"name": "a", "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]},
+            {"name": "b", "ports": [{"containerPort": 8080, "protocol": "TCP"}]},
+        ]},
+    }
+    assert parse_pod(obj, default_cluster="c").ports == ((53, "UDP"), (8080, "TCP"))
+    obj["spec"]["containers"][0]["ports"][0]["containerPort"] = 70000  # type: ignore[index]
+    try:
+        parse_pod(obj, default_cluster="c")
+    except K8sObjectError as exc:
+        assert "spec.containers[0].ports[0].containerPort" in str(exc)
+    else:
+        raise AssertionError("out-of-range containerPort accepted")

@@ -61,6 +61,7 @@ class Pod:
     ips: tuple[str, ...] = ()  # every pod IP (dual stack), `ip` first
     node_name: str | None = None
     host_network: bool = False
+    ports: tuple[tuple[int, str], ...] = ()  # (containerPort, protocol) from spec.containers[]
 
     def __post_init__(self) -> None:
         # Callers may pass plain dicts; keep read-only copies so the value stays immutable.
@@ -271,6 +272,37 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         errors.add("spec.hostNetwork", "must be a boolean")
         host_network = False
 
+    ports: set[tuple[int, str]] = set()
+    containers = spec.get("containers")
+    if containers is not None and not isinstance(containers, list):
+        errors.add("spec.containers", "must be a list")
+        containers = []
+    for ci, container in enumerate(containers or []):
+        cpath = f"spec.containers[{ci}]"
+        if not isinstance(container, Mapping):
+            errors.add(cpath, "must be a mapping")
+            continue
+        cports = container.get("ports")
+        if cports is None:
+            continue
+        if not isinstance(cports, list):
+            errors.add(f"{cpath}.ports", "must be a list")
+            continue
+        for pi, cp in enumerate(cports):
+            ppath = f"{cpath}.ports[{pi}]"
+            if not isinstance(cp, Mapping):
+                errors.add(ppath, "must be a mapping")
+                continue
+            number = cp.get("containerPort")
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+                errors.add(f"{ppath}.containerPort", f"must be a port number 1-65535, got {number!r}")
+                continue
+            proto = cp.get("protocol", "TCP")
+            if proto not in ("TCP", "UDP", "SCTP"):
+                errors.add(f"{ppath}.protocol", f"must be TCP, UDP or SCTP, got {proto!r}")
+                continue
+            ports.add((number, proto))
+
     status = _mapping(top, "status", "status", errors)
     ips: list[str] = []
     if status.get("podIP") not in (None, ""):
@@ -303,6 +335,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         ips=tuple(ips),
         node_name=node_name,
         host_network=host_network,
+        ports=tuple(sorted(ports)),
     )
 
 
