@@ -99,6 +99,7 @@ class PortDecisions:
 
     world: Decision
     peers: Mapping[int, Decision]  # only identities whose decision differs from world's
+    everyone: bool = False  # peers no rule names differ from world: every identity is listed
 
     def for_identity(self, identity: int) -> Decision:
         return self.peers.get(identity, self.world)
@@ -126,7 +127,7 @@ def port_decisions(
         for ident in known_identities:
             if ident not in named and ident != WORLD_ID:
                 peers[ident] = unnamed
-    return PortDecisions(world, dict(sorted(peers.items())))
+    return PortDecisions(world, dict(sorted(peers.items())), unnamed != world)
 
 
 # -- RBAC matcher ----------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def http_connection_manager(stat_prefix: str, rds_name: str, access_logs: Sequen
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
         use_remote_address=wrappers_pb2.BoolValue(value=True),
-        access_log=list(access_logs),  # type: ignore[arg-type]
+        access_log=list(access_logs),
     )
 
 
