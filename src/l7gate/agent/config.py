@@ -1,0 +1,215 @@
+"""The agent's configuration file (YAML or JSON), validated with field paths like a policy.
+
+Every port, socket and directory is configurable so that several agents — one per simulated
+node or cluster — run side by side on one machine. Defaults suit a single node:
+
+    node: node-1
+    cluster: {name: default, id: 1}
+    clusters: {}                   # other clusters' IDs, for pods of other clusters
+    stateDir: /var/lib/l7gate
+    admin: {listen: 127.0.0.1:9876, token: null}   # or unix:/run/l7gate/admin.sock
+    xds: {listen: 127.0.0.1:0, apiType: DELTA_GRPC}
+    envoy: {enabled: true, adminPort: 0, concurrency: 1, logLevel: warning, baseId: null}
+    datapath: {mode: loopback, upstreamPortOffset: 10000}
+
+The admin endpoint refuses to listen on a non-loopback TCP address without a token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..policy.errors import Finding
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, errors: tuple[Finding, ...]) -> None:
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(str(e) for e in errors))
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoySettings:
+    enabled: bool = True
+    admin_port: int = 0
+    concurrency: int = 1
+    log_level: str = "warning"
+    base_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    node: str = "node-1"
+    cluster_name: str = "default"
+    cluster_id: int = 1
+    clusters: Mapping[str, int] = field(default_factory=dict)
+    state_dir: str = "/var/lib/l7gate"
+    admin_listen: str = "127.0.0.1:9876"
+    admin_token: str | None = None
+    xds_listen: str = "127.0.0.1:0"
+    xds_api_type: str = "DELTA_GRPC"
+    envoy: EnvoySettings = EnvoySettings()
+    datapath_mode: str = "loopback"
+    upstream_port_offset: int = 10000
+
+    def cluster_id_of(self, cluster: str) -> int | None:
+        if cluster == self.cluster_name:
+            return self.cluster_id
+        return self.clusters.get(cluster)
+
+    @property
+    def node_id(self) -> str:
+        """The Envoy node id this agent serves."""
+        return f"l7gate~{self.cluster_name}~{self.node}"
+
+
+def _listen_is_loopback(listen: str) -> bool:
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(value: object, path: str, errors: list[Finding]) -> str | None:
+    if not isinstance(value, str) or not value:
+        errors.append(Finding(path, "must be HOST:PORT or unix:/path"))
+        return None
+    if value.startswith("unix:"):
+        if len(value) <= 5:
+            errors.append(Finding(path, "unix: needs a socket path"))
+            return None
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        errors.append(Finding(path, f"must be HOST:PORT or unix:/path, got {value!r}"))
+        return None
+    return value
+
+
+def parse_config(data: object, source: str = "<config>") -> AgentConfig:
+    errors: list[Finding] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
+    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath"}
+    for k in data:
+        if k not in known:
+            errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
+
+    def section(name: str, keys: set[str]) -> Mapping[str, Any]:
+        v = data.get(name, {})
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            errors.append(Finding(name, "must be a mapping"))
+            return {}
+        for k in v:
+            if k not in keys:
+                errors.append(Finding(f"{name}.{k}", f"unknown field (expected one of: {', '.join(sorted(keys))})"))
+        return v
+
+    def string(v: object, path: str) -> str | None:
+        if not isinstance(v, str) or not v:
+            errors.append(Finding(path, "must be a non-empty string"))
+            return None
+        return v
+
+    def integer(v: object, path: str, lo: int, hi: int) -> int | None:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            errors.append(Finding(path, f"must be an integer {lo}-{hi}, got {v!r}"))
+            return None
+        return v
+
+    d = AgentConfig()
+    node = string(data.get("node", d.node), "node") or d.node
+    if "/" in node or "~" in node:
+        errors.append(Finding("node", "must not contain '/' or '~'"))
+    cl = section("cluster", {"name", "id"})
+    cluster_name = string(cl.get("name", d.cluster_name), "cluster.name") or d.cluster_name
+    cluster_id = integer(cl.get("id", d.cluster_id), "cluster.id", 0, 255)
+    clusters: dict[str, int] = {}
+    raw_clusters = data.get("clusters", {}) or {}
+    if not isinstance(raw_clusters, Mapping):
+        errors.append(Finding("clusters", "must be a mapping of cluster name to cluster id"))
+    else:
+        for name, cid in raw_clusters.items():
+            n = integer(cid, f"clusters.{name}", 1, 255)
+            if n is not None:
+                clusters[str(name)] = n
+        ids = [cluster_id, *clusters.values()]
+        dup = {i for i in ids if ids.count(i) > 1 and i is not None}
+        if dup and not (len(dup) == 1 and clusters.get(cluster_name) == cluster_id):
+            errors.append(Finding("clusters", f"cluster ids must be unique, {sorted(dup)} repeated"))
+    state_dir = string(data.get("stateDir", d.state_dir), "stateDir") or d.state_dir
+    adm = section("admin", {"listen", "token"})
+    admin_listen = _check_listen(adm.get("listen", d.admin_listen), "admin.listen", errors) or d.admin_listen
+    token = adm.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        errors.append(Finding("admin.token", "must be a string of at least 16 characters"))
+        token = None
+    if not _listen_is_loopback(admin_listen) and token is None:
+        errors.append(
+            Finding("admin.listen", f"{admin_listen} is not a loopback address: set admin.token to expose the admin API")
+        )
+    xd = section("xds", {"listen", "apiType"})
+    xds_listen = _check_listen(xd.get("listen", d.xds_listen), "xds.listen", errors) or d.xds_listen
+    api_type = xd.get("apiType", d.xds_api_type)
+    if api_type not in ("GRPC", "DELTA_GRPC"):
+        errors.append(Finding("xds.apiType", f"must be GRPC or DELTA_GRPC, got {api_type!r}"))
+        api_type = d.xds_api_type
+    ev = section("envoy", {"enabled", "adminPort", "concurrency", "logLevel", "baseId"})
+    enabled = ev.get("enabled", True)
+    if not isinstance(enabled, bool):
+        errors.append(Finding("envoy.enabled", "must be true or false"))
+        enabled = True
+    envoy = EnvoySettings(
+        enabled=enabled,
+        admin_port=integer(ev.get("adminPort", 0), "envoy.adminPort", 0, 65535) or 0,
+        concurrency=integer(ev.get("concurrency", 1), "envoy.concurrency", 1, 64) or 1,
+        log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
+        base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
+    )
+    dp = section("datapath", {"mode", "upstreamPortOffset"})
+    mode = dp.get("mode", "loopback")
+    if mode != "loopback":
+        errors.append(Finding("datapath.mode", f"must be 'loopback' (the kernel datapath is not built yet), got {mode!r}"))
+    offset = integer(dp.get("upstreamPortOffset", d.upstream_port_offset), "datapath.upstreamPortOffset", 1, 60000)
+    if errors:
+        raise ConfigError(source, tuple(errors))
+    assert cluster_id is not None and offset is not None
+    return AgentConfig(
+        node=node,
+        cluster_name=cluster_name,
+        cluster_id=cluster_id,
+        clusters=clusters,
+        state_dir=state_dir,
+        admin_listen=admin_listen,
+        admin_token=token,
+        xds_listen=xds_listen,
+        xds_api_type=str(api_type),
+        envoy=envoy,
+        datapath_mode=str(mode),
+        upstream_port_offset=offset,
+    )
+
+
+def load_config(path: str) -> AgentConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(path, (Finding("", f"cannot read: {exc}"),)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, (Finding("", f"invalid YAML: {exc}"),)) from None
+    return parse_config(data, path)
