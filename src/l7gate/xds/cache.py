@@ -1,0 +1,479 @@
+"""Versioned, consistent xDS snapshots per node id (CONVENTIONS.md 5 and 7).
+
+Theory of operation
+-------------------
+The agent computes Envoy resources (listeners, routes, clusters, endpoints, secrets, extension
+configs) and hands them to a `SnapshotCache`; the ADS server (`xds/server.py`) reads from it and
+never from anywhere else. The cache holds, per node id, one immutable `Snapshot`:
+``type_url -> name -> CachedResource``.
+
+Versions are content hashes, never counters:
+
+- a resource's version is a short hash of its deterministic serialization;
+- a type's version is a hash of the sorted ``(name, resource version)`` pairs of that type.
+
+So identical content always gets the same version (across agent restarts too, which lets a
+reconnecting Envoy say "I have version V" and receive nothing), and only resources whose bytes
+changed are ever re-sent. The serialized bytes are computed once, on insertion, and shared by
+every stream that sends the resource (packed as a `google.protobuf.Any`).
+
+A snapshot is *consistent* or it is refused: every route configuration a listener names over
+RDS, every cluster a route or a TCP proxy names, every ClusterLoadAssignment an EDS cluster
+needs, every secret fetched over SDS and every filter config fetched over ECDS must be in the
+same snapshot. `set_snapshot` (full replacement) and `update` (an incremental change of one
+type: "one pod changed one resource") both check the snapshot they would produce and raise
+`InconsistentSnapshot`, naming every missing reference, instead of publishing it. Each resource's
+outgoing references are extracted once when it enters the cache, so checking a snapshot costs a
+set lookup per reference, not a walk of every protobuf.
+
+A snapshot stored under `WILDCARD_NODE` ("*") serves every node id that has none of its own.
+A node with no snapshot at all (and no wildcard) gets nothing: the server waits rather than
+push an empty configuration that would tear down whatever the Envoy is enforcing.
+
+Watchers (`watch`) are called after every change with the set of node ids whose snapshot
+changed ({"*"} for the wildcard, meaning "possibly every node"). The ADS server registers one
+watcher and wakes the affected streams itself.
+
+Thread-safety: every method may be called from any thread. Snapshots are immutable once built
+and are replaced, never edited, under one lock; watchers run in the calling thread after that
+lock is released, so a watcher may read the cache but must not block. The cache takes ownership
+of the protobuf messages passed in: callers must not mutate them afterwards (what is sent is the
+bytes serialized at insertion, but consistency checks and config dumps read the messages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+_PREFIX = "type.googleapis.com/"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+EXTENSION_CONFIG = _PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
+
+# Make-before-break order (Envoy's xDS docs, "eventual consistency considerations"): clusters
+# and their endpoints and secrets exist before the listeners and routes that point at them.
+TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE, EXTENSION_CONFIG)
+TYPE_URLS: frozenset[str] = frozenset(TYPE_ORDER)
+SHORT_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        LISTENER: "LDS",
+        ROUTE: "RDS",
+        CLUSTER: "CDS",
+        ENDPOINT: "EDS",
+        SECRET: "SDS",
+        EXTENSION_CONFIG: "ECDS",
+    }
+)
+# Types an Envoy subscribes to as a whole (SotW: resource_names ignored); the others are
+# requested by name.
+WILDCARD_TYPES: frozenset[str] = frozenset({LISTENER, CLUSTER})
+
+WILDCARD_NODE = "*"
+
+# The field holding each type's resource name (ClusterLoadAssignment is named by its cluster).
+_NAME_FIELD: Mapping[str, str] = MappingProxyType(
+    {
+        LISTENER: "name",
+        ROUTE: "name",
+        CLUSTER: "name",
+        ENDPOINT: "cluster_name",
+        SECRET: "name",
+        EXTENSION_CONFIG: "name",
+    }
+)
+
+_HCM_TYPE = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+_UPSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+class InconsistentSnapshot(ValueError):
+    """A snapshot names a resource it does not contain; nothing was published.
+
+    `missing` lists ``(referrer, type_url, name)``: e.g.
+    ``("listener 'ingress_8080' filter_chains[0]", ROUTE, "rules_8080")``.
+    """
+
+    def __init__(self, node_id: str, missing: Iterable[tuple[str, str, str]]) -> None:
+        self.node_id = node_id
+        self.missing: tuple[tuple[str, str, str], ...] = tuple(sorted(set(missing)))
+        lines = [
+            f"{referrer} references {SHORT_NAMES.get(type_url, type_url)} {name!r}, "
+            "which is not in the snapshot"
+            for referrer, type_url, name in self.missing
+        ]
+        super().__init__(f"inconsistent snapshot for node {node_id!r}: " + "; ".join(lines))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def version_of(pairs: Iterable[tuple[str, str]]) -> str:
+    """The version of a set of resources: a hash of their sorted (name, version) pairs.
+
+    Used for a type's version, and by the server for the subset of a type one Envoy asked for.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name, version in sorted(pairs):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(version.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """One outgoing reference of a resource: `where` (for error messages) needs `type_url` `name`."""
+
+    where: str
+    type_url: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResource:
+    """One resource as served: its message, version, packed bytes and outgoing references.
+
+    `message` and `packed` are shared by every reader and must never be mutated.
+    """
+
+    type_url: str
+    name: str
+    version: str
+    message: Message
+    packed: any_pb2.Any
+    refs: tuple[Ref, ...]
+
+    @classmethod
+    def build(cls, type_url: str, name: str, message: Message) -> CachedResource:
+        if type_url not in TYPE_URLS:
+            raise ValueError(f"unknown type URL {type_url!r}")
+        full_name = message.DESCRIPTOR.full_name
+        if _PREFIX + full_name != type_url:
+            raise TypeError(f"{SHORT_NAMES[type_url]} resource {name!r} is a {full_name}")
+        own_name = getattr(message, _NAME_FIELD[type_url])
+        if own_name != name:
+            # Envoy keys SotW resources by the name inside the message, delta ones by the
+            # Resource.name beside it: the two must agree or the two protocols diverge.
+            raise ValueError(
+                f"{SHORT_NAMES[type_url]} resource filed as {name!r} is named {own_name!r}"
+            )
+        data = message.SerializeToString(deterministic=True)
+        return cls(
+            type_url=type_url,
+            name=name,
+            version=_digest(data),
+            message=message,
+            packed=any_pb2.Any(type_url=type_url, value=data),
+            refs=tuple(_references(type_url, name, message)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable, consistent set of resources for one node, with versions.
+
+    `resources[type_url][name]` and `versions[type_url]` exist for every type in `TYPE_URLS`
+    (an empty type has the version of the empty set).
+    """
+
+    resources: Mapping[str, Mapping[str, CachedResource]]
+    versions: Mapping[str, str]
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls._of({t: {} for t in TYPE_URLS})
+
+    @classmethod
+    def _of(cls, by_type: Mapping[str, Mapping[str, CachedResource]]) -> Snapshot:
+        resources = {t: MappingProxyType(dict(by_type.get(t, {}))) for t in TYPE_URLS}
+        versions = {
+            t: version_of((n, r.version) for n, r in resources[t].items()) for t in TYPE_URLS
+        }
+        return cls(MappingProxyType(resources), MappingProxyType(versions))
+
+    def replacing(self, type_url: str, by_name: Mapping[str, CachedResource]) -> Snapshot:
+        """A copy with one type replaced; the other types' mappings and versions are reused."""
+        resources = dict(self.resources)
+        resources[type_url] = MappingProxyType(dict(by_name))
+        versions = dict(self.versions)
+        versions[type_url] = version_of((n, r.version) for n, r in by_name.items())
+        return Snapshot(MappingProxyType(resources), MappingProxyType(versions))
+
+    def version(self, type_url: str) -> str:
+        return self.versions[type_url]
+
+    def messages(self, type_url: str) -> dict[str, Message]:
+        """The messages of one type by name (shared: do not mutate)."""
+        return {name: r.message for name, r in self.resources[type_url].items()}
+
+    def missing_references(self) -> list[tuple[str, str, str]]:
+        return [
+            (ref.where, ref.type_url, ref.name)
+            for by_name in self.resources.values()
+            for res in by_name.values()
+            for ref in res.refs
+            if ref.name not in self.resources[ref.type_url]
+        ]
+
+
+Watcher = Callable[[frozenset[str]], None]
+
+
+class SnapshotCache:
+    """Consistent, versioned snapshots per node id. Thread-safe (see the module docstring).
+
+    Returned `Snapshot`s are immutable and may be kept and read from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, Snapshot] = {}
+        self._watchers: list[Watcher] = []
+
+    # -- writing -------------------------------------------------------------------------
+
+    def set_snapshot(
+        self, node_id: str, resources: Mapping[str, Mapping[str, Message]]
+    ) -> Snapshot:
+        """Replace node `node_id`'s snapshot with `resources` (type_url -> name -> message).
+
+        Types left out are empty. Raises `InconsistentSnapshot` (and keeps the old snapshot)
+        if anything referenced is missing; `ValueError`/`TypeError` for an unknown type URL,
+        a message of the wrong type or a name that differs from the message's own.
+        """
+        unknown = set(resources) - TYPE_URLS
+        if unknown:
+            raise ValueError(f"unknown type URLs: {sorted(unknown)}")
+        built = {
+            t: {name: CachedResource.build(t, name, msg) for name, msg in by_name.items()}
+            for t, by_name in resources.items()
+        }
+        snap = Snapshot._of(built)
+        self._check(node_id, snap)
+        with self._lock:
+            self._snapshots[node_id] = snap
+        self._notify(node_id)
+        return snap
+
+    def update(
+        self,
+        node_id: str,
+        type_url: str,
+        upserted: Mapping[str, Message] | None = None,
+        removed: Iterable[str] = (),
+    ) -> str:
+        """Change one type of `node_id`'s snapshot: add or replace `upserted`, drop `removed`.
+
+        Starts from an empty snapshot if the node has none. Names in `removed` that are absent
+        are ignored. Returns the type's new version (unchanged if the content is). Raises
+        `InconsistentSnapshot` if the result would be inconsistent; nothing changes then.
+        """
+        if type_url not in TYPE_URLS:
+            raise ValueError(f"unknown type URL {type_url!r}")
+        fresh = {
+            name: CachedResource.build(type_url, name, msg)
+            for name, msg in (upserted or {}).items()
+        }
+        drop = set(removed)
+        # Serialization and reference extraction happen outside the lock; the lock is held
+        # only to swap, and a concurrent writer of the same node is detected by identity.
+        while True:
+            with self._lock:
+                base = self._snapshots.get(node_id)
+            current = base or Snapshot.empty()
+            by_name = dict(current.resources[type_url])
+            for name in drop:
+                by_name.pop(name, None)
+            by_name.update(fresh)
+            snap = current.replacing(type_url, by_name)
+            self._check(node_id, snap)
+            with self._lock:
+                if self._snapshots.get(node_id) is not base:
+                    continue
+                self._snapshots[node_id] = snap
+            break
+        if snap.versions[type_url] != current.versions[type_url] or base is None:
+            self._notify(node_id)
+        return snap.versions[type_url]
+
+    def clear_snapshot(self, node_id: str) -> None:
+        """Forget `node_id`'s snapshot. Its Envoy keeps what it has (nothing is sent)."""
+        with self._lock:
+            existed = self._snapshots.pop(node_id, None) is not None
+        if existed:
+            self._notify(node_id)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get_snapshot(self, node_id: str) -> Snapshot | None:
+        """The snapshot stored under exactly `node_id` (no wildcard fallback)."""
+        with self._lock:
+            return self._snapshots.get(node_id)
+
+    def snapshot_for(self, node_id: str) -> Snapshot | None:
+        """The snapshot that serves `node_id`: its own, else the wildcard one, else None."""
+        with self._lock:
+            snap = self._snapshots.get(node_id)
+            return snap if snap is not None else self._snapshots.get(WILDCARD_NODE)
+
+    def node_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._snapshots)
+
+    # -- watching ------------------------------------------------------------------------
+
+    def watch(self, callback: Watcher) -> Callable[[], None]:
+        """Call `callback(changed_node_ids)` after every change; returns an unsubscribe function.
+
+        `callback` runs in the writer's thread, outside the cache lock; it must not block.
+        """
+        with self._lock:
+            self._watchers.append(callback)
+
+        def cancel() -> None:
+            with self._lock:
+                if callback in self._watchers:
+                    self._watchers.remove(callback)
+
+        return cancel
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _check(self, node_id: str, snap: Snapshot) -> None:
+        missing = snap.missing_references()
+        if missing:
+            raise InconsistentSnapshot(node_id, missing)
+
+    def _notify(self, node_id: str) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+        changed = frozenset({node_id})
+        for w in watchers:
+            w(changed)
+
+
+# -- reference extraction ----------------------------------------------------------------
+
+
+def _references(type_url: str, name: str, message: Message) -> Iterator[Ref]:
+    msg: Any = message  # generated protobuf classes are untyped here
+    if type_url == LISTENER:
+        yield from _listener_refs(name, msg)
+    elif type_url == ROUTE:
+        yield from _route_config_refs(f"route configuration {name!r}", msg)
+    elif type_url == CLUSTER:
+        yield from _cluster_refs(name, msg)
+
+
+def _listener_refs(name: str, listener: Any) -> Iterator[Ref]:
+    chains = [(f"filter_chains[{i}]", fc) for i, fc in enumerate(listener.filter_chains)]
+    if listener.HasField("default_filter_chain"):
+        chains.append(("default_filter_chain", listener.default_filter_chain))
+    for label, chain in chains:
+        where = f"listener {name!r} {label}"
+        if chain.HasField("transport_socket"):
+            yield from _tls_refs(where, chain.transport_socket.typed_config)
+        for filt in chain.filters:
+            if filt.HasField("config_discovery"):
+                yield Ref(where, EXTENSION_CONFIG, filt.name)
+            typed = filt.typed_config
+            if typed.type_url == _HCM_TYPE:
+                hcm = hcm_pb2.HttpConnectionManager()
+                typed.Unpack(hcm)
+                yield from _hcm_refs(where, hcm)
+            elif typed.type_url == _TCP_PROXY_TYPE:
+                tcp = tcp_proxy_pb2.TcpProxy()
+                typed.Unpack(tcp)
+                if tcp.cluster:
+                    yield Ref(f"{where} tcp_proxy", CLUSTER, tcp.cluster)
+                for wc in tcp.weighted_clusters.clusters:
+                    yield Ref(f"{where} tcp_proxy", CLUSTER, wc.name)
+
+
+def _hcm_refs(where: str, hcm: Any) -> Iterator[Ref]:
+    if hcm.HasField("rds"):
+        yield Ref(where, ROUTE, hcm.rds.route_config_name)
+    elif hcm.HasField("route_config"):
+        yield from _route_config_refs(f"{where} inline route_config", hcm.route_config)
+    for hf in hcm.http_filters:
+        if hf.HasField("config_discovery"):
+            # ECDS resources are named by the filter that fetches them.
+            yield Ref(f"{where} http filter", EXTENSION_CONFIG, hf.name)
+
+
+def _route_config_refs(where: str, rc: Any) -> Iterator[Ref]:
+    for vh in rc.virtual_hosts:
+        for route in vh.routes:
+            if not route.HasField("route"):
+                continue  # direct_response, redirect, filter_action: no cluster
+            action = route.route
+            here = f"{where} virtual host {vh.name!r} route {_route_label(route)}"
+            if action.cluster:
+                yield Ref(here, CLUSTER, action.cluster)
+            for wc in action.weighted_clusters.clusters:
+                yield Ref(here, CLUSTER, wc.name)
+            for mirror in action.request_mirror_policies:
+                if mirror.cluster:
+                    yield Ref(here, CLUSTER, mirror.cluster)
+
+
+def _cluster_refs(name: str, cluster: Any) -> Iterator[Ref]:
+    where = f"cluster {name!r}"
+    if cluster.HasField("type") and cluster.type == cluster_pb2.Cluster.EDS:
+        service = cluster.eds_cluster_config.service_name or name
+        yield Ref(where, ENDPOINT, service)
+    if cluster.HasField("transport_socket"):
+        yield from _tls_refs(where, cluster.transport_socket.typed_config)
+
+
+def _tls_refs(where: str, typed: Any) -> Iterator[Ref]:
+    if typed.type_url == _DOWNSTREAM_TLS_TYPE:
+        ctx: Any = tls_pb2.DownstreamTlsContext()
+    elif typed.type_url == _UPSTREAM_TLS_TYPE:
+        ctx = tls_pb2.UpstreamTlsContext()
+    else:
+        return
+    typed.Unpack(ctx)
+    common = ctx.common_tls_context
+    configs = list(common.tls_certificate_sds_secret_configs)
+    if common.HasField("validation_context_sds_secret_config"):
+        configs.append(common.validation_context_sds_secret_config)
+    if common.HasField("combined_validation_context"):
+        configs.append(common.combined_validation_context.validation_context_sds_secret_config)
+    for sds in configs:
+        # A secret config without sds_config names a static secret from the bootstrap.
+        if sds.HasField("sds_config"):
+            yield Ref(f"{where} tls", SECRET, sds.name)
+
+
+def _route_label(route: Any) -> str:
+    if route.name:
+        return repr(route.name)
+    match = route.match
+    for field in ("prefix", "path", "path_separated_prefix"):
+        if match.HasField(field):
+            return f"{field} {getattr(match, field)!r}"
+    if match.HasField("safe_regex"):
+        return f"safe_regex {match.safe_regex.regex!r}"
+    return "(unnamed)"
