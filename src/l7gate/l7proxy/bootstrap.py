@@ -1,0 +1,258 @@
+"""The Envoy bootstrap: a pure function from `BootstrapConfig` to a JSON-ready dict.
+
+Theory of operation
+-------------------
+The bootstrap holds only what Envoy needs before it can talk to the agent; everything that
+enforces policy (listeners, routes, clusters for workloads, secrets) arrives later over xDS.
+
+- `node`: `id` and `cluster` name this Envoy to the agent's snapshot cache (one snapshot per
+  node id), so several Envoys can share one xDS server.
+- `dynamic_resources`: one ADS stream (`api_type` DELTA_GRPC by default, GRPC for
+  state-of-the-world) carries LDS and CDS, and everything they reference (RDS, EDS, SDS,
+  ECDS) through `{"ads": {}}` config sources in the resources themselves. The node is sent on the
+  first message only. The stream's retry back-off is 0.1 s to 1 s: Envoy's default took 2-14 s
+  to reconnect after the server came back (FIELD-NOTES.md), and while it is away Envoy keeps
+  enforcing its last config.
+- `initial_fetch_timeout` on LDS and CDS bounds how long Envoy waits for the first answer. Envoy
+  reports `/ready` LIVE only after both initial fetches ended (CDS first, then LDS), so with the
+  default of 15 s an Envoy started while the agent is down stays un-ready for 30 s, and with 0 it
+  never becomes ready. A short timeout is safe here: an Envoy that has received no listener
+  accepts no traffic, so "LIVE without config" fails closed. "LIVE" therefore means "the process
+  works", not "the policy arrived"; the latter is the xDS server's ACK tracking.
+- `static_resources.clusters`: two STATIC HTTP/2 clusters pointing at the agent's gRPC server
+  (TCP or unix socket): `XDS_CLUSTER` for ADS and `ALS_CLUSTER` for access-log streaming
+  (`envoy.access_loggers.http_grpc`, referenced by listeners the agent sends). They are separate
+  so that a burst of access logs never shares HTTP/2 flow control with config delivery.
+- `admin` listens on 127.0.0.1 only: the admin API can change Envoy's state (drain, quit,
+  runtime changes), so it must never be reachable from the network. Port 0 asks the kernel for a
+  free port, which the supervisor reads back from `--admin-address-path`.
+- `layered_runtime`: an empty static layer plus an admin layer, so runtime values can be
+  inspected and changed through `/runtime_modify` when debugging; defaults stay Envoy's.
+
+The dict follows the protobuf JSON mapping of `envoy.config.bootstrap.v3.Bootstrap`; the unit
+tests parse it with `json_format.ParseDict` to prove every field name. Building it needs no
+protobuf import, so this module stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Name of the static cluster that carries the ADS stream.
+XDS_CLUSTER = "l7gate_xds"
+#: Name of the static cluster for gRPC access-log streaming to the agent (same server as xDS).
+ALS_CLUSTER = "l7gate_als"
+#: The only address the admin API binds to.
+ADMIN_HOST = "127.0.0.1"
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+_MAX_UNIX_PATH = 107
+
+
+class ApiType(enum.Enum):
+    """How the ADS stream is spoken: delta (incremental) or state-of-the-world."""
+
+    DELTA_GRPC = "DELTA_GRPC"
+    GRPC = "GRPC"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpAddress:
+    """The agent's gRPC server on an IP address. A STATIC cluster needs an IP literal, not a
+    name, so that Envoy never depends on DNS to reach its control plane."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"xDS host must be an IP address, got {self.host!r}") from None
+        if not 0 < self.port < 65536:
+            raise ValueError(f"xDS port must be in 1..65535, got {self.port}")
+
+    def __str__(self) -> str:
+        """The grpc target form, also accepted by `parse_xds_address`."""
+        if ipaddress.ip_address(self.host).version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixSocket:
+    """The agent's gRPC server on a unix socket path (a leading '@' means the abstract
+    namespace, as in Envoy's `pipe.path`)."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("unix socket path must not be empty")
+        if len(os.fsencode(self.path)) > _MAX_UNIX_PATH:
+            raise ValueError(
+                f"unix socket path longer than {_MAX_UNIX_PATH} bytes: {self.path!r}"
+            )
+
+    def __str__(self) -> str:
+        """The grpc target form (`unix:PATH`), also accepted by `parse_xds_address`."""
+        if self.path.startswith("@"):
+            return f"unix-abstract:{self.path[1:]}"
+        return f"unix:{self.path}"
+
+
+XdsAddress = TcpAddress | UnixSocket
+
+
+def parse_xds_address(text: str) -> XdsAddress:
+    """Parse `HOST:PORT`, `[V6]:PORT`, `unix:PATH`, `unix-abstract:NAME` or a bare absolute
+    path. Raises ValueError with the offending text."""
+    if text.startswith("unix-abstract:"):
+        return UnixSocket("@" + text.removeprefix("unix-abstract:"))
+    if text.startswith("unix:"):
+        return UnixSocket(text.removeprefix("unix:"))
+    if text.startswith("/"):
+        return UnixSocket(text)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"xDS address must be HOST:PORT or unix:PATH, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return TcpAddress(host, int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapConfig:
+    """Everything the bootstrap depends on. Durations are in seconds."""
+
+    node_id: str
+    xds: XdsAddress
+    cluster: str = "l7gate"
+    api_type: ApiType = ApiType.DELTA_GRPC
+    admin_port: int = 0
+    initial_fetch_timeout: float = 2.0
+    retry_base_interval: float = 0.1
+    retry_max_interval: float = 1.0
+    connect_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("node_id must not be empty")
+        if not self.cluster:
+            raise ValueError("cluster must not be empty")
+        if not 0 <= self.admin_port < 65536:
+            raise ValueError(f"admin_port must be in 0..65535, got {self.admin_port}")
+        if self.initial_fetch_timeout <= 0:
+            # 0 means "wait forever" to Envoy: an Envoy started while the agent is down would
+            # never report ready, and the supervisor could not tell it from a hung one.
+            raise ValueError("initial_fetch_timeout must be > 0")
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be > 0")
+        if not 0 < self.retry_base_interval <= self.retry_max_interval:
+            raise ValueError("need 0 < retry_base_interval <= retry_max_interval")
+
+
+def duration(seconds: float) -> str:
+    """A protobuf JSON Duration ("0.1s", "2s"), to the nanosecond."""
+    if seconds < 0:
+        raise ValueError(f"negative duration: {seconds}")
+    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+def _address(addr: XdsAddress) -> dict[str, Any]:
+    if isinstance(addr, UnixSocket):
+        return {"pipe": {"path": addr.path}}
+    return {"socket_address": {"address": addr.host, "port_value": addr.port}}
+
+
+def _grpc_cluster(name: str, cfg: BootstrapConfig) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": duration(cfg.connect_timeout),
+        # gRPC needs HTTP/2 to the upstream; Envoy's default upstream protocol is HTTP/1.1.
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(cfg.xds)}}]}],
+        },
+    }
+
+
+def _ads_source(cfg: BootstrapConfig) -> dict[str, Any]:
+    return {
+        "ads": {},
+        "resource_api_version": "V3",
+        "initial_fetch_timeout": duration(cfg.initial_fetch_timeout),
+    }
+
+
+def build_bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
+    """The bootstrap for `cfg`, as the protobuf JSON mapping of
+    `envoy.config.bootstrap.v3.Bootstrap`. Pure and deterministic; the caller owns the dict."""
+    return {
+        "node": {"id": cfg.node_id, "cluster": cfg.cluster},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": cfg.api_type.value,
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            "retry_policy": {
+                                "retry_back_off": {
+                                    "base_interval": duration(cfg.retry_base_interval),
+                                    "max_interval": duration(cfg.retry_max_interval),
+                                }
+                            },
+                        }
+                    }
+                ],
+            },
+            "lds_config": _ads_source(cfg),
+            "cds_config": _ads_source(cfg),
+        },
+        "static_resources": {
+            "clusters": [_grpc_cluster(XDS_CLUSTER, cfg), _grpc_cluster(ALS_CLUSTER, cfg)],
+        },
+        "admin": {
+            "address": {"socket_address": {"address": ADMIN_HOST, "port_value": cfg.admin_port}}
+        },
+        "layered_runtime": {
+            "layers": [
+                {"name": "static", "static_layer": {}},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+    }
+
+
+def write_bootstrap(path: Path, cfg: BootstrapConfig) -> Path:
+    """Write the bootstrap for `cfg` to `path` as JSON, atomically (a crash never leaves a
+    half-written file for the next Envoy start). Returns `path`."""
+    text = json.dumps(build_bootstrap(cfg), indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
