@@ -167,6 +167,12 @@ class _Walker:
             return None
         return value
 
+    def required_string(self, m: Mapping[str, Any], key: str, path: str) -> str | None:
+        if key not in m:
+            self.error(_join(path, key), "is required", "required")
+            return None
+        return self.string(m[key], _join(path, key), allow_empty=False)
+
     def boolean(self, value: object, path: str) -> bool | None:
         if not isinstance(value, bool):
             self.error(path, f"must be true or false, got {_type_name(value)}", "type")
@@ -419,7 +425,7 @@ class _SpecParser:
             m = self.w.mapping(item, p, {"key", "value", "source"})
             if m is None:
                 continue
-            key = self.w.string(m.get("key"), _join(p, "key"), allow_empty=False)
+            key = self.w.required_string(m, "key", p)
             val = self.w.string(m.get("value", ""), _join(p, "value"))
             if "source" in m:
                 self.w.string(m["source"], _join(p, "source"))
@@ -471,10 +477,12 @@ class _SpecParser:
         m = w.mapping(value, path, {"key", "operator", "values"})
         if m is None:
             return None
-        key = w.string(m.get("key"), _join(path, "key"), allow_empty=False)
+        key = w.required_string(m, "key", path)
         op_raw = m.get("operator")
         op: Operator | None = None
-        if not isinstance(op_raw, str) or op_raw not in {o.value for o in Operator}:
+        if "operator" not in m:
+            w.error(_join(path, "operator"), "is required (In, NotIn, Exists or DoesNotExist)", "required")
+        elif not isinstance(op_raw, str) or op_raw not in {o.value for o in Operator}:
             w.error(
                 _join(path, "operator"),
                 f"must be one of In, NotIn, Exists, DoesNotExist, got {op_raw!r}",
@@ -590,7 +598,7 @@ class _SpecParser:
             am = w.mapping(m["authentication"], ap, {"mode"})
             if am is not None:
                 mode = am.get("mode")
-                if mode not in _AUTH_MODES:
+                if not isinstance(mode, str) or mode not in _AUTH_MODES:
                     w.error(
                         _join(ap, "mode"),
                         f"must be one of {', '.join(_AUTH_MODES)}, got {mode!r}",
@@ -738,7 +746,7 @@ class _SpecParser:
         proto = Protocol.ANY
         if "protocol" in m:
             praw = m["protocol"]
-            if praw not in _PROTOCOLS:
+            if not isinstance(praw, str) or praw not in _PROTOCOLS:
                 w.error(
                     _join(path, "protocol"),
                     f"must be one of {', '.join(_PROTOCOLS)}, got {praw!r}",
@@ -833,7 +841,7 @@ class _SpecParser:
         m = w.mapping(value, path, {"name", "value", "mismatch"}, {"secret": "header values from Kubernetes secrets"})
         if m is None:
             return None
-        raw_name = w.string(m.get("name"), _join(path, "name"), allow_empty=False)
+        raw_name = w.required_string(m, "name", path)
         name = self.header_name(raw_name, _join(path, "name")) if raw_name is not None else None
         val = None
         if "value" in m:
@@ -841,7 +849,7 @@ class _SpecParser:
         mismatch: MismatchAction | None = None
         if "mismatch" in m:
             mm = m["mismatch"]
-            if mm not in {a.value for a in MismatchAction}:
+            if not isinstance(mm, str) or mm not in {a.value for a in MismatchAction}:
                 w.error(
                     _join(path, "mismatch"),
                     f"must be one of LOG, ADD, DELETE, REPLACE, got {mm!r}",

@@ -165,12 +165,19 @@ class DirectionDelta:
 
 @dataclass(slots=True)
 class PolicyDelta:
-    """What changed, per endpoint identity and direction. `full` endpoints were (re)computed
-    from scratch or removed; appliers may resync them instead of patching."""
+    """What one resolver call changed, exactly: applying `removed_endpoints` (drop the whole
+    map) and then `changes` (per endpoint and direction: upsert these keys, delete those) to
+    the maps as they were before the call gives the maps after it. A new endpoint appears in
+    `changes` for both directions, even when its maps are empty."""
 
     revision: int
     changes: dict[int, dict[Direction, DirectionDelta]] = field(default_factory=dict)
     removed_endpoints: set[int] = field(default_factory=set)
+    # Per touched (endpoint, direction), each touched key's entry before the call (None: absent).
+    _baseline: dict[tuple[int, Direction], dict[MapKey, MapEntry | None]] = field(
+        default_factory=dict, repr=False
+    )
+    _new: set[int] = field(default_factory=set, repr=False)
 
     @property
     def empty(self) -> bool:
@@ -286,7 +293,7 @@ class Resolver:
         for ident in deleted:
             if ident in self._endpoints:
                 self._drop_endpoint(ident, delta)
-        return delta
+        return self._finish(delta)
 
     def add_endpoint(self, identity: int) -> PolicyDelta:
         """Start resolving policy for a local endpoint identity (its labels must be known)."""
@@ -296,13 +303,13 @@ class Resolver:
         if identity not in self.cache.identities:
             raise KeyError(f"identity {identity} is not known; add its labels first")
         self._recompute_endpoint(identity, delta)
-        return delta
+        return self._finish(delta)
 
     def remove_endpoint(self, identity: int) -> PolicyDelta:
         delta = PolicyDelta(self.revision)
         if identity in self._endpoints:
             self._drop_endpoint(identity, delta)
-        return delta
+        return self._finish(delta)
 
     # -- policies ----------------------------------------------------------------------------
 
@@ -429,18 +436,18 @@ class Resolver:
             eps = self._template_endpoints.get(oldrids)
             if eps is not None:
                 eps.discard(identity)
+            for d in Direction:
+                base = delta._baseline.setdefault((identity, d), {})
+                for k, e in old.entries[d].items():
+                    base.setdefault(k, e)
+        else:
+            delta._new.add(identity)
+        for d in Direction:
+            base = delta._baseline.setdefault((identity, d), {})
+            for k in st.entries[d]:
+                base.setdefault(k, None)
         self._template_endpoints.setdefault(rids, set()).add(identity)
         self._endpoints[identity] = st
-        per: dict[Direction, DirectionDelta] = {}
-        for d in Direction:
-            before = old.entries[d] if old is not None else {}
-            after = st.entries[d]
-            up = {k: v for k, v in after.items() if before.get(k) != v}
-            gone = frozenset(k for k in before if k not in after)
-            if up or gone or old is None:
-                per[d] = DirectionDelta(up, gone)
-        if per:
-            delta.changes.setdefault(identity, {}).update(per)
 
     def _drop_endpoint(self, identity: int, delta: PolicyDelta) -> None:
         st = self._endpoints.pop(identity)
@@ -448,15 +455,42 @@ class Resolver:
         eps = self._template_endpoints.get(rids)
         if eps is not None:
             eps.discard(identity)
-        delta.changes.pop(identity, None)
+        for d in Direction:
+            delta._baseline.pop((identity, d), None)
+        delta._new.discard(identity)
         delta.removed_endpoints.add(identity)
+
+    def _touch(self, delta: PolicyDelta, st: _EndpointState, d: Direction, key: MapKey) -> None:
+        base = delta._baseline.setdefault((st.identity, d), {})
+        if key not in base:
+            base[key] = st.entries[d].get(key)
+
+    def _finish(self, delta: PolicyDelta) -> PolicyDelta:
+        """Turn the recorded baselines into exact per-key changes."""
+        for (ident, d), base in sorted(delta._baseline.items()):
+            st = self._endpoints.get(ident)
+            if st is None:
+                continue
+            cur = st.entries[d]
+            up = {k: cur[k] for k in sorted(base) if k in cur and cur[k] != base[k]}
+            gone = frozenset(k for k in base if k not in cur and base[k] is not None)
+            if up or gone or ident in delta._new:
+                delta.changes.setdefault(ident, {})[d] = DirectionDelta(up, gone)
+        for ident in delta._new:
+            if ident in self._endpoints:
+                per = delta.changes.setdefault(ident, {})
+                for d in Direction:
+                    per.setdefault(d, DirectionDelta({}, frozenset()))
+        delta._baseline.clear()
+        delta._new.clear()
+        return delta
 
     def _recompute(self, affected: set[int], force: bool = False) -> PolicyDelta:
         delta = PolicyDelta(self.revision)
         for ident in sorted(affected):
             if ident in self._endpoints:
                 self._recompute_endpoint(ident, delta, force=force)
-        return delta
+        return self._finish(delta)
 
     def _apply_selection_change(self, key: str, change: SelectionChange, delta: PolicyDelta) -> None:
         for rids, idxs in list(self._users.get(key, {}).items()):
@@ -476,32 +510,15 @@ class Resolver:
                         per_dir.setdefault(k, {})[idx] = item.contribution
                         touched.setdefault(item.direction, set()).add(k)
                 for d, keys in touched.items():
-                    up: dict[MapKey, MapEntry] = {}
-                    gone: set[MapKey] = set()
                     entries = st.entries[d]
                     for k in keys:
+                        self._touch(delta, st, d, k)
                         cs = st.contribs[d].get(k)
                         if not cs:
                             st.contribs[d].pop(k, None)
-                            if entries.pop(k, None) is not None:
-                                gone.add(k)
-                            continue
-                        e = merge(cs.values())
-                        if entries.get(k) != e:
-                            entries[k] = e
-                            up[k] = e
-                    if up or gone:
-                        per = delta.changes.setdefault(ident, {})
-                        prev = per.get(d)
-                        if prev is not None:
-                            merged_up = {**prev.upserted, **up}
-                            for k in gone:
-                                merged_up.pop(k, None)
-                            per[d] = DirectionDelta(
-                                merged_up, (prev.deleted - frozenset(up)) | frozenset(gone)
-                            )
+                            entries.pop(k, None)
                         else:
-                            per[d] = DirectionDelta(up, frozenset(gone))
+                            entries[k] = merge(cs.values())
 
 
 # -- the fast lookup, over a resolved map ------------------------------------------------------
