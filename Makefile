@@ -14,8 +14,10 @@ help: ## show this help
 install: ## install Debian packages, .venv and the project (idempotent)
 	@bash scripts/install.sh
 
-demo: install ## run the seed scenario (validate + trace the seed policies)
+demo: install ## run the seed scenario: validate + trace, then a real agent and Envoy (loopback mode)
 	@bash scripts/demo.sh
+	@echo
+	@bash scripts/demo-loopback.sh
 
 # Every check runs even when an earlier one failed, so one run shows all problems.
 test: install ## import contracts, mypy --strict, then the test suite

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
+from .agent.client import AdminClient, AdminError
 from .agent.trace import TraceError, TraceRequest, format_trace_text, run_trace
 from .agent.validate import validate_paths
+from .k8s.manifests import load
+from .policy.parse import POLICY_KINDS
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -92,6 +97,67 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--cluster-name", default="default", help="cluster of pods without the annotation")
     t.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    admin_flags = _Parser(add_help=False)
+    admin_flags.add_argument(
+        "--admin", default=os.environ.get("L7GATE_ADMIN", "127.0.0.1:9876"), metavar="ADDRESS",
+        help="agent admin endpoint, HOST:PORT or unix:/path (env L7GATE_ADMIN; default 127.0.0.1:9876)",
+    )
+    admin_flags.add_argument(
+        "--token", default=os.environ.get("L7GATE_ADMIN_TOKEN"),
+        help="bearer token for the admin endpoint (env L7GATE_ADMIN_TOKEN)",
+    )
+
+    a = psub.add_parser(
+        "apply", parents=[admin_flags], help="apply CNP/CCNP files to a running agent",
+        description="Send every CNP/CCNP in PATH to the agent. All or nothing: if any policy is "
+        "invalid, nothing changes and every error is printed. Other objects are skipped.",
+    )
+    a.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
+    g = psub.add_parser("get", parents=[admin_flags], help="list the policies in force",
+                        description="List the policies the agent enforces.")
+    g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    d = psub.add_parser(
+        "delete", parents=[admin_flags], help="delete policies by name or file",
+        description="Delete policies: by KIND/[NAMESPACE/]NAME (e.g. "
+        "CiliumNetworkPolicy/payments/allow-web) or every policy in -f PATH.",
+    )
+    d.add_argument("names", nargs="*", metavar="KIND/[NS/]NAME")
+    d.add_argument("-f", "--file", dest="paths", action="append", default=[], metavar="PATH")
+
+    ep = sub.add_parser("endpoint", help="add, list and remove pods (endpoints) at a running agent",
+                        description="Pods and Namespaces the agent knows (until the Kubernetes watch feeds them).")
+    esub = ep.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    esub.required = True
+    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod and Namespace manifests",
+                         description="Send every Pod and Namespace in PATH to the agent (all or nothing).")
+    ea.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
+    el = esub.add_parser("list", parents=[admin_flags], help="list pods with their identities",
+                         description="List the pods the agent knows, with identity and addresses.")
+    el.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    ed = esub.add_parser("delete", parents=[admin_flags], help="remove pods",
+                         description="Remove pods by [CLUSTER/]NAMESPACE/NAME.")
+    ed.add_argument("refs", nargs="+", metavar="[CLUSTER/]NS/NAME")
+
+    x = sub.add_parser("xds", help="inspect what the agent serves to Envoy",
+                       description="The xDS state of every connected Envoy.")
+    xsub = x.add_subparsers(dest="xds_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    xsub.required = True
+    xs = xsub.add_parser("status", parents=[admin_flags], help="per Envoy and type: sent, acked, NACKs",
+                         description="Like `istioctl proxy-status`: SYNCED, STALE, NACKED or NOT SENT per type.")
+    xs.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    xd = xsub.add_parser("dump", parents=[admin_flags], help="the resources served, as JSON",
+                         description="Dump the xDS resources the agent serves.")
+    xd.add_argument("--node", help="node id (default: every node)")
+    xd.add_argument("--type", help="resource type: lds, rds, cds, eds, sds or a full type URL")
+
+    st = sub.add_parser("status", parents=[admin_flags], help="the agent's status and datapath",
+                        description="Node, cluster, datapath in use, Envoy and xDS state.")
+    st.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    ag = sub.add_parser("agent", help="run the node agent",
+                        description="Run the agent: kvstore, policy, identities, xDS server, Envoy, admin endpoint.")
+    ag.add_argument("--config", required=True, metavar="FILE", help="agent configuration (YAML)")
     return p
 
 
@@ -155,6 +221,216 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(args.admin, args.token)
+
+
+def _load_kinds(paths: list[str], kinds: tuple[str, ...]) -> tuple[list[Any], int]:
+    stdin_text = sys.stdin.read() if "-" in paths else None
+    manifests, errors = load(paths, stdin_text)
+    missing = [e for e in errors if e.missing]
+    if missing:
+        raise _Usage("; ".join(str(e) for e in missing))
+    if errors:
+        raise _Invalid("\n".join(str(e) for e in errors))
+    objs = [m.obj for m in manifests if m.kind in kinds]
+    skipped = len(manifests) - len(objs)
+    if not objs:
+        raise _Invalid(f"no {' or '.join(kinds)} object in {' '.join(paths)}")
+    return objs, skipped
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _print_apply(result: dict[str, list[str]], skipped: int) -> None:
+    for verb in ("created", "configured", "unchanged", "deleted"):
+        for name in result.get(verb, []):
+            print(f"{name} {verb}")
+    if skipped:
+        print(f"({skipped} other object{'s' if skipped != 1 else ''} skipped)", file=sys.stderr)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _cmd_policy_apply(args: argparse.Namespace) -> int:
+    objs, skipped = _load_kinds(args.paths, POLICY_KINDS)
+    _print_apply(_client(args).apply_policies(objs), skipped)
+    return EXIT_OK
+
+
+def _cmd_policy_get(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/policy")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif args.output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump_all([p["object"] for p in data["policies"]], sort_keys=False), end="")
+    else:
+        rows = []
+        for p in data["policies"]:
+            spec = p["object"].get("spec") or {}
+            rows.append([p["key"], str(spec.get("description", ""))[:60]])
+        print(_table(rows, ["POLICY", "DESCRIPTION"]))
+        print(f"(revision {data['revision']}, {len(data['endpoints'])} endpoint(s) under policy)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _policy_key(obj: Any) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace") or "default"
+    if obj.get("kind") == POLICY_KINDS[1]:
+        return f"{obj['kind']}/{meta.get('name')}"
+    return f"{obj['kind']}/{ns}/{meta.get('name')}"
+
+
+def _cmd_policy_delete(args: argparse.Namespace) -> int:
+    keys = list(args.names)
+    if args.paths:
+        objs, _ = _load_kinds(args.paths, POLICY_KINDS)
+        keys.extend(_policy_key(o) for o in objs)
+    if not keys:
+        raise _Usage("name a policy (KIND/[NS/]NAME) or give -f PATH")
+    client = _client(args)
+    rc = EXIT_OK
+    for key in keys:
+        try:
+            client.delete_policy(key)
+            print(f"{key} deleted")
+        except AdminError as exc:
+            if exc.status != 404:
+                raise
+            print(f"l7gate: {exc}", file=sys.stderr)
+            rc = EXIT_INVALID
+    return rc
+
+
+def _cmd_endpoint_apply(args: argparse.Namespace) -> int:
+    objs, skipped = _load_kinds(args.paths, ("Namespace", "Pod"))
+    objs.sort(key=lambda o: 0 if o.get("kind") == "Namespace" else 1)
+    _print_apply(_client(args).apply_endpoints(objs), skipped)
+    return EXIT_OK
+
+
+def _cmd_endpoint_list(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/endpoints")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [
+        [e["ref"], str(e["identity"]), ",".join(e["ips"]), "local" if e["local"] else "remote", ",".join(e["ports"])]
+        for e in data["endpoints"]
+    ]
+    print(_table(rows, ["POD", "IDENTITY", "IPS", "WHERE", "PORTS"]))
+    return EXIT_OK
+
+
+def _cmd_endpoint_delete(args: argparse.Namespace) -> int:
+    client = _client(args)
+    rc = EXIT_OK
+    for ref in args.refs:
+        try:
+            client.delete_endpoint(ref)
+            print(f"pod/{ref} deleted")
+        except AdminError as exc:
+            if exc.status != 404:
+                raise
+            print(f"l7gate: {exc}", file=sys.stderr)
+            rc = EXIT_INVALID
+    return rc
+
+
+def _cmd_xds_status(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/xds/status")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = []
+    for r in [t for n in data.get("nodes", []) for t in n["types"].values()]:
+        nack = r.get("last_nack") or {}
+        rows.append([
+            r["node_id"], r["type"], "yes" if r["connected"] else "no", r["state"],
+            r.get("cache_version") or "-", r.get("sent_version") or "-", r.get("acked_version") or "-",
+            str(r.get("resources", 0)), (nack.get("error") or "")[:80],
+        ])
+    print(_table(rows, ["NODE", "TYPE", "CONNECTED", "STATE", "SERVING", "SENT", "ACKED", "RESOURCES", "LAST NACK"]))
+    return EXIT_OK
+
+
+_TYPE_ALIASES = {
+    "lds": "type.googleapis.com/envoy.config.listener.v3.Listener",
+    "rds": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+    "cds": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+    "eds": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+    "sds": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+    "ecds": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+}
+
+
+def _cmd_xds_dump(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    q: dict[str, str] = {}
+    if args.node:
+        q["node"] = args.node
+    if args.type:
+        t = _TYPE_ALIASES.get(args.type.lower(), args.type)
+        if "/" not in t:
+            raise _Usage(f"--type {args.type!r}: expected one of {', '.join(_TYPE_ALIASES)} or a type URL")
+        q["type"] = t
+    path = "/v1/xds/config" + ("?" + urlencode(q) if q else "")
+    print(json.dumps(_client(args).get(path), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/status")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    for k in sorted(data):
+        v = data[k]
+        print(f"{k + ':':<14} {json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}")
+    return EXIT_OK
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from .agent.config import ConfigError, load_config
+    from .agent.daemon import run_agent
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"{args.config}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    return run_agent(config)
+
+
+_COMMANDS = {
+    ("policy", "apply"): _cmd_policy_apply,
+    ("policy", "get"): _cmd_policy_get,
+    ("policy", "delete"): _cmd_policy_delete,
+    ("endpoint", "apply"): _cmd_endpoint_apply,
+    ("endpoint", "list"): _cmd_endpoint_list,
+    ("endpoint", "delete"): _cmd_endpoint_delete,
+    ("xds", "status"): _cmd_xds_status,
+    ("xds", "dump"): _cmd_xds_dump,
+    ("status", None): _cmd_status,
+    ("agent", None): _cmd_agent,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -163,6 +439,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "policy" and args.policy_command == "trace":
             return _cmd_trace(args)
+        sub = getattr(args, f"{args.command}_command", None)
+        fn = _COMMANDS.get((args.command, sub))
+        if fn is not None:
+            return fn(args)
+    except _Usage as exc:
+        print(f"l7gate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _Invalid as exc:
+        print(f"l7gate: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except AdminError as exc:
+        print(f"l7gate: the agent refused the request ({exc.status}):\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except (ConnectionRefusedError, FileNotFoundError) as exc:
+        print(f"l7gate: error: cannot reach the agent at {args.admin}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     clusters: {}                   # other clusters' IDs, for pods of other clusters
     stateDir: /var/lib/l7gate
     admin: {listen: 127.0.0.1:9876, token: null}   # or unix:/run/l7gate/admin.sock
-    xds: {listen: 127.0.0.1:0, apiType: DELTA_GRPC}
+    xds: {listen: unix:<stateDir>/xds.sock, apiType: DELTA_GRPC}
     envoy: {enabled: true, adminPort: 0, concurrency: 1, logLevel: warning, baseId: null}
     datapath: {mode: loopback, upstreamPortOffset: 10000}
 
@@ -163,7 +163,10 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
             Finding("admin.listen", f"{admin_listen} is not a loopback address: set admin.token to expose the admin API")
         )
     xd = section("xds", {"listen", "apiType"})
-    xds_listen = _check_listen(xd.get("listen", d.xds_listen), "xds.listen", errors) or d.xds_listen
+    # A unix socket in the state directory by default: the address stays the same across agent
+    # restarts, so the Envoy left running reconnects to the next agent by itself.
+    default_xds = f"unix:{state_dir.rstrip('/')}/xds.sock"
+    xds_listen = _check_listen(xd.get("listen", default_xds), "xds.listen", errors) or default_xds
     api_type = xd.get("apiType", d.xds_api_type)
     if api_type not in ("GRPC", "DELTA_GRPC"):
         errors.append(Finding("xds.apiType", f"must be GRPC or DELTA_GRPC, got {api_type!r}"))

@@ -28,7 +28,7 @@ from ..identity.allocator import IdentityAllocator
 from ..identity.filter import identity_labels
 from ..identity.ipcache import IPCache
 from ..identity.numeric import IdentityError
-from ..k8s.objects import K8sObjectError, Namespace, Pod, parse_namespace, parse_pod
+from ..k8s.objects import CLUSTER_ANNOTATION, K8sObjectError, Namespace, Pod, parse_namespace, parse_pod
 from ..kvstore.api import KVStore
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
@@ -43,6 +43,7 @@ PREFIX = "l7gate/v1/"
 POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
+ANY_CLUSTER = "*"
 
 
 class ApplyError(Exception):
@@ -142,7 +143,13 @@ class AgentCore:
                     else:
                         pods.append((pod, doc))
                 elif kind == "Namespace":
-                    namespaces.append((parse_namespace(doc, default_cluster=self.config.cluster_name), doc))
+                    # A Namespace without the cluster annotation describes that namespace in
+                    # every cluster (as `l7gate policy trace` reads it): stored under "*".
+                    annotated = CLUSTER_ANNOTATION in ((doc.get("metadata") or {}).get("annotations") or {})
+                    ns = parse_namespace(doc, default_cluster=self.config.cluster_name)
+                    if not annotated:
+                        ns = Namespace(ns.name, ns.labels, ANY_CLUSTER)
+                    namespaces.append((ns, doc))
                 else:
                     errors.append(
                         f"object {i + 1}: kind {kind!r} is not one of "
@@ -177,7 +184,7 @@ class AgentCore:
             self._record(result, f"namespace/{key}", old is None, old == ns)
             if old is not None and old != ns:
                 for ref, rec in list(self._pods.items()):
-                    if rec.pod.namespace == ns.name and rec.pod.cluster == ns.cluster:
+                    if rec.pod.namespace == ns.name and ns.cluster in (rec.pod.cluster, ANY_CLUSTER):
                         self._remove_pod(ref)
                         self._add_pod(rec.pod)
         for pod, doc in pods:
@@ -246,7 +253,9 @@ class AgentCore:
         return pod.cluster == self.config.cluster_name and pod.node_name in (None, self.config.node)
 
     def _add_pod(self, pod: Pod) -> None:
-        ns = self._namespaces.get((pod.cluster, pod.namespace))
+        ns = self._namespaces.get((pod.cluster, pod.namespace)) or self._namespaces.get(
+            (ANY_CLUSTER, pod.namespace)
+        )
         labels = identity_labels(
             pod.labels,
             namespace=pod.namespace,

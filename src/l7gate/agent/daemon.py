@@ -1,0 +1,177 @@
+"""`l7gate agent`: wiring of one node's agent, and its clean shutdown.
+
+Start order: kvstore → snapshot cache and xDS server → core (restores policies and pods from
+the kvstore and fills the cache) → Envoy supervisor → admin endpoint. Envoy starts after the
+cache holds the restored state, so its first configuration is already the enforcing one.
+SIGTERM or SIGINT stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from ..kvstore.sqlite import SQLiteKVStore
+from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
+from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
+from ..xds.cache import SnapshotCache
+from ..xds.server import XdsServer
+from .admin import AdminApp, AdminHooks, AdminServer
+from .config import AgentConfig
+from .core import AgentCore
+from .metrics import AgentMetrics
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} l7gate agent: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    store: SQLiteKVStore
+    cache: SnapshotCache
+    xds: XdsServer
+    core: AgentCore
+    envoy: EnvoySupervisor | None
+    admin: AdminServer
+    metrics: AgentMetrics
+    started: float
+
+    def status(self) -> dict[str, Any]:
+        env = self.envoy.status() if self.envoy else None
+        return {
+            "node": self.config.node,
+            "cluster": {"name": self.config.cluster_name, "id": self.config.cluster_id},
+            "node_id": self.config.node_id,
+            "datapath": {
+                "mode": self.config.datapath_mode,
+                "description": "loopback: Envoy fronts each local pod's ports on the pod's own "
+                "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath)",
+            },
+            "admin": self.admin.address,
+            "xds": self.xds.address,
+            "envoy": None if env is None else {
+                "state": env.state.value,
+                "pid": env.pid,
+                "restarts": env.restarts,
+                "admin": env.admin_address,
+                "uptime": env.uptime,
+                "last_exit": env.last_exit.describe() if env.last_exit else None,
+                "error": env.error,
+            },
+            "policies": len(self.core.resolver.repository),
+            "policy_revision": self.core.resolver.revision,
+            "identities": len(self.core.resolver.identities),
+            "endpoints": len(self.core.resolver.endpoints()),
+            "proxied_ports": [f"{p.ip}:{p.port}" for p in self.core.publisher.ports],
+            "uptime": round(time.monotonic() - self.started, 3),
+        }
+
+    def xds_config(self, node: str | None, type_url: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for node_id in self.cache.node_ids():
+            if node is not None and node_id != node:
+                continue
+            snap = self.cache.get_snapshot(node_id)
+            if snap is None:
+                continue
+            types: dict[str, Any] = {}
+            for t in sorted(snap.resources):
+                if type_url is not None and t != type_url:
+                    continue
+                types[t] = {
+                    "version": snap.version(t),
+                    "resources": {
+                        name: json_format.MessageToDict(msg, preserving_proto_field_name=True)
+                        for name, msg in sorted(snap.messages(t).items())
+                    },
+                }
+            out[node_id] = types
+        return {"nodes": out}
+
+    def stop(self) -> None:
+        log("stopping")
+        self.admin.stop()
+        if self.envoy is not None:
+            self.envoy.stop()
+        self.xds.stop()
+        self.store.close()
+        log("stopped")
+
+
+def start_agent(config: AgentConfig) -> Agent:
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)
+    store = SQLiteKVStore(str(state / "kv.db"))
+    metrics = AgentMetrics()
+    cache = SnapshotCache()
+    xds = XdsServer(cache, config.xds_listen, on_ack=metrics.on_ack, on_nack=metrics.on_nack)
+    xds_address = xds.start()
+    core = AgentCore(config, store, cache)
+    metrics.attach(core)
+    envoy: EnvoySupervisor | None = None
+    if config.envoy.enabled:
+        envoy = EnvoySupervisor(
+            EnvoyOptions(
+                state_dir=state / "envoy",
+                bootstrap=BootstrapConfig(
+                    node_id=config.node_id,
+                    xds=parse_xds_address(xds_address),
+                    cluster=config.cluster_name,
+                    api_type=ApiType[config.xds_api_type],
+                    admin_port=config.envoy.admin_port,
+                ),
+                concurrency=config.envoy.concurrency,
+                log_level=config.envoy.log_level,
+                hot_restart_base_id=config.envoy.base_id,
+            )
+        )
+        envoy.start()
+    agent: Agent
+    hooks = AdminHooks(
+        status=lambda: agent.status(),
+        xds_status=xds.status_json,
+        xds_config=lambda n, t: agent.xds_config(n, t),
+        metrics=metrics.render,
+    )
+    admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
+    admin.start()
+    agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, time.monotonic())
+    return agent
+
+
+def run_agent(config: AgentConfig) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent = start_agent(config)
+    except Exception as exc:
+        log(f"failed to start: {type(exc).__name__}: {exc}")
+        return 1
+    log(
+        f"ready: node {config.node_id}, admin {agent.admin.address}, xds {agent.xds.address}, "
+        f"datapath {config.datapath_mode}"
+    )
+    if agent.envoy is not None:
+        try:
+            st = agent.envoy.wait_ready(30)
+            log(f"envoy live: pid {st.pid}, admin {st.admin_address}")
+        except Exception as exc:
+            log(f"envoy not ready yet: {exc}")
+    stop.wait()
+    agent.stop()
+    return 0

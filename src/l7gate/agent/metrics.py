@@ -1,0 +1,60 @@
+"""Prometheus metrics of the agent, read from live state at scrape time where possible.
+
+Counters that must count events (xDS pushes, ACKs, NACKs, push→ACK latency) are updated by
+hooks; gauges (identities, ipcache entries, endpoints, policies) are collected when scraped.
+Each agent has its own registry, so several agents in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .core import AgentCore
+
+
+class _StateCollector(Collector):
+    def __init__(self, core: AgentCore) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        core = self.core
+        yield GaugeMetricFamily("l7gate_identities", "Identities known to the agent", value=len(core.resolver.identities))
+        yield GaugeMetricFamily("l7gate_ipcache_entries", "Prefixes in the ipcache", value=len(core.ipcache))
+        yield GaugeMetricFamily("l7gate_endpoints", "Local endpoint identities under policy", value=len(core.resolver.endpoints()))
+        yield GaugeMetricFamily("l7gate_policies", "Policies in force", value=len(core.resolver.repository))
+        yield GaugeMetricFamily("l7gate_policy_revision", "Policy repository revision", value=core.resolver.revision)
+        yield GaugeMetricFamily("l7gate_policy_map_entries", "Resolved policy map entries", value=core.resolver.map_size())
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.xds_acks = Counter("l7gate_xds_acks", "xDS responses acknowledged", ["type"], registry=self.registry)
+        self.xds_nacks = Counter("l7gate_xds_nacks", "xDS responses rejected by Envoy", ["type"], registry=self.registry)
+        self.xds_push_latency = Histogram(
+            "l7gate_xds_push_to_ack_seconds", "Time from sending an xDS response to its ACK", ["type"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+
+    def attach(self, core: AgentCore) -> None:
+        self.registry.register(_StateCollector(core))
+
+    def on_ack(self, node_id: str, type_url: str, version: str, latency: float) -> None:
+        t = type_url.rsplit(".", 1)[-1]
+        self.xds_acks.labels(t).inc()
+        self.xds_push_latency.labels(t).observe(latency)
+
+    def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
+        self.xds_nacks.labels(type_url.rsplit(".", 1)[-1]).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+MetricsRender = Callable[[], tuple[bytes, str]]
