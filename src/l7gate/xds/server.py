@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-`XdsServer` runs a grpc.aio server on its own thread and event loop, so that a thousand Envoy
-streams cost a thousand coroutines, not a thousand threads. Everything protocol-related runs on
+`XdsServer` runs a grpc.aio server on an event loop in a background thread, so that a thousand
+Envoy streams cost a thousand coroutines, not a thousand threads. Everything protocol-related runs on
 that loop; the rest of the agent talks to it through the thread-safe `SnapshotCache` (writes)
 and `status()` / `wait()` (reads).
 
@@ -46,12 +46,14 @@ nonce, the last NACK, times, and whether the node has a live stream; classified 
 `on_nack(node_id, type_url, version, error)` hooks run on the server's loop: they must not block.
 
 Thread-safety: `start`, `stop`, `status`, `status_json` and `wait` may be called from any
-thread. A server can be started once; make a new one (with the same cache) to restart.
+thread, except the server's own loop. A server can be started once; make a new one (with the
+same cache) to restart. All servers of a process share one event loop thread (`_grpc_loop`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -116,6 +118,27 @@ class _Track:
     last_nack: Nack | None = None
 
 
+_shared_loop: asyncio.AbstractEventLoop | None = None
+_shared_loop_lock = threading.Lock()
+
+
+def _grpc_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every XdsServer of this process runs on, in one daemon thread.
+
+    grpc.aio binds each event loop that ever used it to one process-wide completion queue and
+    keeps dispatching to it; a loop closed when a server stops then makes later completions fail
+    with "Event loop is closed" (grpc/grpc#23377, #36096). One loop that lives as long as the
+    process avoids that, and a restarted server (or a second agent in a test) reuses it.
+    """
+    global _shared_loop
+    with _shared_loop_lock:
+        if _shared_loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="xds-server", daemon=True).start()
+            _shared_loop = loop
+        return _shared_loop
+
+
 class XdsServer:
     """An ADS server over `cache`, listening on `address` ("host:port", port 0 picks one, or
     "unix:/path"). Thread-safe; see the module docstring. Use as a context manager or call
@@ -147,7 +170,7 @@ class XdsServer:
         ]
         self._address: str | None = None
         self._port: int | None = None
-        self._thread: threading.Thread | None = None
+        self._done: concurrent.futures.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._grace: float | None = 1.0
@@ -176,31 +199,24 @@ class XdsServer:
 
     def start(self, timeout: float = 10.0) -> str:
         """Bind and start serving; returns the bound address. Raises if binding fails."""
-        if self._thread is not None:
+        if self._done is not None:
             raise RuntimeError("an XdsServer starts once; create a new one to restart")
         ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="xds-server", daemon=True
-        )
-        self._thread.start()
+        self._done = asyncio.run_coroutine_threadsafe(self._run(ready), _grpc_loop())
         if not ready.wait(timeout):
             raise TimeoutError(f"xDS server did not start within {timeout} s")
         if self._start_error is not None:
-            self._thread.join()
             raise self._start_error
         return self.address
 
     def stop(self, grace: float | None = 1.0) -> None:
         """End every stream, stop listening, and wait (up to `grace` s for in-flight RPCs)."""
-        loop, event, thread = self._loop, self._stop_event, self._thread
-        if loop is None or event is None or thread is None:
+        loop, event, done = self._loop, self._stop_event, self._done
+        if loop is None or event is None or done is None:
             return
         self._grace = grace
-        try:
-            loop.call_soon_threadsafe(event.set)
-        except RuntimeError:  # the loop is already closed
-            pass
-        thread.join()
+        loop.call_soon_threadsafe(event.set)
+        done.result()
 
     def __enter__(self) -> XdsServer:
         self.start()
@@ -209,15 +225,15 @@ class XdsServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _run(self, ready: threading.Event) -> None:
+    async def _run(self, ready: threading.Event) -> None:
         try:
-            asyncio.run(self._main(ready))
+            await self._main(ready)
         except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
             if not ready.is_set():
                 self._start_error = exc
                 ready.set()
             else:
-                log.exception("xDS server loop failed")
+                log.exception("xDS server failed")
 
     async def _main(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
