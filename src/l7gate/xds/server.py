@@ -556,7 +556,9 @@ class _SotwStream(_Stream):
                     node, t, version, request.response_nonce, request.error_detail.message
                 )
             else:
-                server._track_ack(node, t, version, server._clock() - st.sent_at)
+                # The Envoy's own word for what it now holds; it is the version just sent.
+                acked = request.version_info or version
+                server._track_ack(node, t, acked, server._clock() - st.sent_at)
         else:
             reported = request.version_info or None
             st = self.types[t] = _SotwType(names=names, reported=reported)
