@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 `XdsServer` runs a grpc.aio server on an event loop in a background thread, so that a thousand
-Envoy streams cost a thousand coroutines, not a thousand threads. Everything protocol-related runs on
-that loop; the rest of the agent talks to it through the thread-safe `SnapshotCache` (writes)
-and `status()` / `wait()` (reads).
+Envoy streams cost a thousand coroutines, not a thousand threads. Everything protocol-related
+runs on that loop; the rest of the agent talks to it through the thread-safe `SnapshotCache`
+(writes) and `status()` / `wait()` (reads).
 
 Each ADS stream is one `_Stream` coroutine. It wakes when a request arrives or when the cache
 reports a change for its node (one cache watcher per server; the loop fans the wake-up out), and
