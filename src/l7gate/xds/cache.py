@@ -99,7 +99,9 @@ _NAME_FIELD: Mapping[str, str] = MappingProxyType(
     }
 )
 
-_HCM_TYPE = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_HCM_TYPE = (
+    _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
 _TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 _UPSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -143,7 +145,7 @@ def version_of(pairs: Iterable[tuple[str, str]]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Ref:
-    """One outgoing reference of a resource: `where` (for error messages) needs `type_url` `name`."""
+    """One outgoing reference: the resource at `where` (for messages) needs `type_url` `name`."""
 
     where: str
     type_url: str
