@@ -1,0 +1,292 @@
+"""The seed's rules enforced by a real Envoy that the agent configures (loopback mode)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from l7gate.agent.client import AdminClient, AdminError
+from l7gate.agent.core import ApplyError
+from l7gate.xds.publisher import ROUTE_TYPE
+from l7gate.xds.server import XdsServer
+
+from .loopback import World, loopback_world, request, seed_policies, HttpConn
+
+pytestmark = pytest.mark.integration
+
+S = 61  # this module's 127.61.x.x addresses
+BILLING = f"127.{S}.1.10"
+BILLING2 = f"127.{S}.1.11"
+FRONTEND = f"127.{S}.2.55"
+OTHER = f"127.{S}.2.60"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, require_envoy: None) -> Iterator[World]:
+    with loopback_world(tmp_path_factory.mktemp("l7g-loop"), S) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def require_envoy() -> None:
+    from l7gate.l7proxy.supervisor import EnvoyNotFound, find_envoy
+
+    try:
+        find_envoy()
+    except EnvoyNotFound as exc:  # pragma: no cover - depends on the machine
+        from tests.conftest import unavailable
+
+        unavailable(str(exc))
+
+
+@pytest.mark.parametrize(
+    "src, method, path, status",
+    [
+        (FRONTEND, "POST", "/v1/charge", 200),
+        (FRONTEND, "GET", "/v1/transactions", 403),
+        (FRONTEND, "POST", "/v1/refund", 403),
+        (OTHER, "POST", "/v1/charge", 403),
+        # spellings that must not bypass the rule
+        (FRONTEND, "POST", "/v1//refund", 403),
+        (FRONTEND, "POST", "/v1/%72efund", 403),
+        (FRONTEND, "POST", "/v1/x/../refund", 403),
+        (FRONTEND, "POST", "/v1%2Frefund", 400),
+        (FRONTEND, "POST", "/V1/charge", 403),
+        (FRONTEND, "POST", "/v1/charge#frag", 400),
+        # and spellings of the allowed call still reach the upstream, normalized
+        (FRONTEND, "POST", "/v1//charge", 200),
+        (FRONTEND, "POST", "/v1/x/../charge", 200),
+    ],
+)
+def test_seed_table_through_envoy(world: World, src: str, method: str, path: str, status: int) -> None:
+    for dst in (BILLING, BILLING2):
+        r = request(src, dst, 8080, method, path)
+        assert r.status == status, (dst, r)
+        if status == 200:
+            assert json.loads(r.body)["path"] == "/v1/charge"  # the upstream saw the normalized path
+
+
+def test_other_port_is_refused(world: World) -> None:
+    assert request(FRONTEND, BILLING, 9090, "POST", "/v1/charge").status == 0
+
+
+def test_unknown_source_is_world_and_denied(world: World) -> None:
+    assert request(f"127.{S}.9.9", BILLING, 8080, "POST", "/v1/charge").status == 403
+
+
+def test_policy_change_reaches_open_keepalive_connection(world: World) -> None:
+    conn = HttpConn(FRONTEND, BILLING, 8080)
+    try:
+        assert conn.request("GET", "/v1/transactions").status == 403
+        changed = copy.deepcopy(seed_policies()[1])
+        changed["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"].append(
+            {"method": "GET", "path": "/v1/transactions"}
+        )
+        world.core.apply([changed])
+        world.synced()
+        # same TCP connection, next request: the new rule is in force (RDS, not LDS)
+        assert conn.request("GET", "/v1/transactions").status == 200
+        world.core.apply(seed_policies())
+        world.synced()
+        assert conn.request("GET", "/v1/transactions").status == 403
+        assert conn.request("POST", "/v1/charge").status == 200
+    finally:
+        conn.close()
+
+
+def test_invalid_apply_changes_nothing(world: World) -> None:
+    client = AdminClient(world.agent.admin.address)
+    before_policies = client.get("/v1/policy")
+    before_versions = {k: v for k, v in world.agent.cache.get_snapshot(world.agent.config.node_id).versions.items()}  # type: ignore[union-attr]
+    good = copy.deepcopy(seed_policies()[1])
+    good["metadata"]["name"] = "would-allow-everything"
+    good["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"] = [{}]
+    bad = copy.deepcopy(seed_policies()[1])
+    bad["metadata"]["name"] = "broken"
+    bad["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"][0]["path"] = "/v1/(charge"
+    with pytest.raises(AdminError) as ei:
+        client.apply_policies([good, bad])
+    assert ei.value.status == 422
+    assert "CiliumClusterwideNetworkPolicy/broken: spec.ingress[0].toPorts[0].rules.http[0].path: invalid RE2 regex" in str(ei.value)
+    assert client.get("/v1/policy") == before_policies
+    after = world.agent.cache.get_snapshot(world.agent.config.node_id)
+    assert after is not None and dict(after.versions) == before_versions
+    assert request(FRONTEND, BILLING, 8080, "GET", "/v1/transactions").status == 403
+
+
+def test_nack_is_shown_and_last_good_config_stays(world: World) -> None:
+    from l7gate.xds import translate as t
+
+    node = world.agent.config.node_id
+    name = t.route_name(BILLING, 8080)
+    good = world.agent.cache.get_snapshot(node).messages(ROUTE_TYPE)[name]  # type: ignore[union-attr]
+    bad = copy.deepcopy(good)
+    # an RE2 regex Envoy refuses: RDS is NACKed
+    pr = bad.virtual_hosts[0].routes[0]
+    pr.match.ClearField("prefix")
+    pr.match.safe_regex.regex = "(?<=x)"
+    pr.match.safe_regex.google_re2.SetInParent()
+    world.agent.cache.update(node, ROUTE_TYPE, {name: bad})
+    try:
+        deadline = time.monotonic() + 10
+        row = None
+        while time.monotonic() < deadline:
+            rows = [r for r in world.agent.xds.status() if r.node_id == node and r.type == "RDS"]
+            row = rows[0] if rows else None
+            if row is not None and row.state.value == "NACKED":
+                break
+            time.sleep(0.05)
+        assert row is not None and row.state.value == "NACKED", row
+        assert row.last_nack is not None and "invalid perl operator" in row.last_nack.error
+        # the CLI shows it too
+        status = AdminClient(world.agent.admin.address).get("/v1/xds/status")
+        assert "NACKED" in json.dumps(status)
+        # Envoy still enforces the last good config
+        assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+        assert request(FRONTEND, BILLING, 8080, "POST", "/v1/refund").status == 403
+    finally:
+        world.agent.cache.update(node, ROUTE_TYPE, {name: good})
+        world.synced()
+
+
+def _probe_loop(stop: threading.Event, results: list[tuple[str, int]]) -> None:
+    while not stop.is_set():
+        results.append(("allow", request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status))
+        results.append(("deny", request(FRONTEND, BILLING, 8080, "POST", "/v1/refund").status))
+        results.append(("other", request(OTHER, BILLING, 8080, "POST", "/v1/charge").status))
+
+
+def test_xds_server_killed_and_restarted_verdicts_hold(world: World) -> None:
+    agent = world.agent
+    stop = threading.Event()
+    results: list[tuple[str, int]] = []
+    prober = threading.Thread(target=_probe_loop, args=(stop, results))
+    prober.start()
+    try:
+        time.sleep(0.3)
+        address = agent.xds.address
+        agent.xds.stop(grace=0)
+        during = len(results)
+        time.sleep(1.5)  # Envoy runs on its own with the last config
+        assert len(results) > during + 10, "the probe loop must run while the xDS server is down"
+        new = XdsServer(agent.cache, address, on_ack=agent.metrics.on_ack, on_nack=agent.metrics.on_nack)
+        new.start()
+        agent.xds = new
+        assert new.wait_synced(agent.config.node_id, 10), new.status_json()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        prober.join()
+    allow = [s for k, s in results if k == "allow"]
+    deny = [s for k, s in results if k in ("deny", "other")]
+    assert allow and deny
+    assert set(allow) == {200}, allow
+    assert set(deny) == {403}, deny
+
+
+def test_envoy_crash_is_restarted_and_resynced(world: World) -> None:
+    import os
+    import signal
+
+    sup = world.agent.envoy
+    assert sup is not None
+    before = sup.status()
+    assert before.pid is not None
+    os.kill(before.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        st = sup.status()
+        if st.pid not in (None, before.pid) and st.state.value == "LIVE":
+            break
+        time.sleep(0.1)
+    assert sup.status().restarts == before.restarts + 1
+    world.synced()
+    world.wait_listening(BILLING, 8080)
+    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+    assert request(FRONTEND, BILLING, 8080, "GET", "/v1/transactions").status == 403
+
+
+def test_admin_api_views(world: World) -> None:
+    c = AdminClient(world.agent.admin.address)
+    assert c.get("/healthz") == {"status": "ok"}
+    pol = c.get("/v1/policy")
+    (ep,) = pol["endpoints"]
+    assert ep["identity"] == 65536 and ep["ingress"]["default_deny"] is True
+    (entry,) = ep["ingress"]["entries"]
+    assert entry == {
+        "peer": 131072, "protocol": "TCP", "ports": "8080", "action": "proxy", "auth": None,
+        "http": ["{method=POST path=/v1/charge}"],
+        "derived_from": ["CiliumClusterwideNetworkPolicy/allow-frontend-to-billing-charge-api spec.ingress[0]"],
+    }
+    ids = {i["identity"]: i for i in c.get("/v1/identities")["identities"]}
+    assert set(ids) == {65536, 131072, 131073}
+    ipc = {e["prefix"]: e["identity"] for e in c.get("/v1/ipcache")["entries"]}
+    assert ipc[f"{FRONTEND}/32"] == 131072
+    dump = c.get("/v1/xds/config?type=type.googleapis.com/envoy.config.route.v3.RouteConfiguration")
+    (node,) = dump["nodes"].values()
+    assert len(node["type.googleapis.com/envoy.config.route.v3.RouteConfiguration"]["resources"]) == 2
+    metrics = c.get("/metrics")
+    assert "l7gate_identities 3.0" in metrics and "l7gate_xds_acks_total" in metrics
+    status = c.get("/v1/status")
+    assert status["datapath"]["mode"] == "loopback" and status["envoy"]["state"] == "LIVE"
+
+
+def test_pod_removed_and_readded(world: World) -> None:
+    from .loopback import pod
+
+    c = AdminClient(world.agent.admin.address)
+    c.delete_endpoint("cluster-b/web/frontend-service-abc")
+    world.synced()
+    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 403  # now unknown: world
+    c.apply_endpoints([pod("frontend-service-abc", "web", FRONTEND,
+                           {"app": "frontend-service", "team": "web", "env": "prod"}, "cluster-b")])
+    world.synced()
+    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+
+
+def test_agent_restart_restores_state(tmp_path: Path, require_envoy: None) -> None:
+    """Policies and pods survive an agent restart (kvstore), with the same identities."""
+    with loopback_world(tmp_path, 62) as w:
+        ids = sorted(i["identity"] for i in w.core.identities())
+    # a second agent on the same state dir comes back with everything
+    from l7gate.agent.daemon import start_agent
+
+    agent = start_agent(w.agent.config)
+    try:
+        assert sorted(i["identity"] for i in agent.core.identities()) == ids
+        assert len(agent.core.policies()) == 2
+        assert agent.envoy is not None
+        agent.envoy.wait_ready(30)
+        assert agent.xds.wait_synced(agent.config.node_id, 10)
+        w2 = World(agent, tmp_path)
+        w2.serve("127.62.1.10", 8080, "billing")
+        w2.wait_listening("127.62.1.10", 8080)
+        assert request("127.62.2.55", "127.62.1.10", 8080, "POST", "/v1/charge").status == 200
+        assert request("127.62.2.55", "127.62.1.10", 8080, "POST", "/v1/refund").status == 403
+        for srv in w2.servers:
+            srv.shutdown()
+            srv.server_close()
+    finally:
+        agent.stop()
+
+
+def test_apply_error_lists_every_problem(world: World) -> None:
+    from .loopback import pod
+
+    with pytest.raises(ApplyError) as ei:
+        world.core.apply([
+            pod("x", "web", "not-an-ip", {}, "cluster-b"),
+            pod("y", "web", "127.61.3.3", {}, "cluster-z"),
+            pod("z", "web", FRONTEND, {}, "cluster-b"),
+        ])
+    text = "\n".join(ei.value.errors)
+    assert "status.podIP" in text and "cluster-z" in text and f"IP {FRONTEND} is already used" in text
+
+
+
