@@ -1,0 +1,106 @@
+"""`l7gate agent` as a process: two side by side, and a clean SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from l7gate.agent.client import AdminClient
+
+from .loopback import request, seed_policies, pod
+
+pytestmark = pytest.mark.integration
+
+L7GATE = str(Path(sys.executable).parent / "l7gate")
+
+
+def _start(tmp: Path, cluster: str, cid: int, other: str, oid: int) -> tuple[subprocess.Popen[bytes], AdminClient]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = tmp / "agent.yaml"
+    cfg.write_text(
+        f"node: n1\ncluster: {{name: {cluster}, id: {cid}}}\nclusters: {{{other}: {oid}}}\n"
+        f"stateDir: {tmp}/state\nadmin: {{listen: 'unix:{tmp}/admin.sock'}}\n"
+        "envoy: {logLevel: warning}\n"
+    )
+    proc = subprocess.Popen([L7GATE, "agent", "--config", str(cfg)], stderr=open(tmp / "agent.log", "wb"))
+    client = AdminClient(f"unix:{tmp}/admin.sock")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/v1/status")["envoy"]["state"] == "LIVE":
+                return proc, client
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError((tmp / "agent.log").read_text())
+
+
+def _envoy_pid(client: AdminClient) -> int:
+    pid = client.get("/v1/status")["envoy"]["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_agents_side_by_side_then_sigterm(tmp_path: Path) -> None:
+    from http.server import ThreadingHTTPServer
+    import threading
+
+    from .loopback import _Upstream
+
+    pa, ca = _start(tmp_path / "a", "cluster-a", 1, "cluster-b", 2)
+    pb, cb = _start(tmp_path / "b", "cluster-b", 2, "cluster-a", 1)
+    servers = []
+    try:
+        fe = {"app": "frontend-service", "team": "web", "env": "prod"}
+        bill = {"app": "billing-service", "team": "payments", "env": "prod"}
+        # cluster-a hosts billing on 127.65.1.10; cluster-b hosts a frontend-side service on
+        # 127.66.1.10 that, under the same seed policy, nobody may call.
+        for ip in ("127.65.1.10", "127.66.1.10"):
+            srv = ThreadingHTTPServer((ip, 18080), _Upstream)
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            servers.append(srv)
+        ca.apply_endpoints([pod("billing", "payments", "127.65.1.10", bill, "cluster-a", (8080,)),
+                            pod("frontend", "web", "127.65.2.55", fe, "cluster-b")])
+        cb.apply_endpoints([pod("cart", "web", "127.66.1.10", {"app": "cart"}, "cluster-b", (8080,)),
+                            pod("frontend", "web", "127.66.2.55", fe, "cluster-b")])
+        ca.apply_policies(seed_policies())
+        cb.apply_policies([seed_policies()[1]])
+        time.sleep(1.0)
+        assert request("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/charge").status == 200
+        assert request("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/refund").status == 403
+        # cluster-b's agent: no policy selects `cart`, so everything is allowed there
+        assert request("127.66.2.55", "127.66.1.10", 8080, "POST", "/v1/refund").status == 200
+        envoys = [_envoy_pid(ca), _envoy_pid(cb)]
+        assert envoys[0] != envoys[1]
+        for proc in (pa, pb):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (pa, pb):
+            assert proc.wait(timeout=20) == 0
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in envoys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in envoys), "Envoy must stop with its agent"
+        assert not (tmp_path / "a" / "admin.sock").exists()
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+        for proc in (pa, pb):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
