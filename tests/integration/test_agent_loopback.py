@@ -175,7 +175,8 @@ def test_xds_server_killed_and_restarted_verdicts_hold(world: World) -> None:
         during = len(results)
         time.sleep(1.5)  # Envoy runs on its own with the last config
         assert len(results) > during + 10, "the probe loop must run while the xDS server is down"
-        new = XdsServer(agent.cache, address, on_ack=agent.metrics.on_ack, on_nack=agent.metrics.on_nack)
+        new = XdsServer(agent.cache, address, on_ack=agent.metrics.on_ack, on_nack=agent.metrics.on_nack,
+                        extra_handlers=[agent.als.handler()])
         new.start()
         agent.xds = new
         assert new.wait_synced(agent.config.node_id, 10), new.status_json()
@@ -290,3 +291,18 @@ def test_apply_error_lists_every_problem(world: World) -> None:
 
 
 
+
+
+def test_access_logs_stream_to_the_agent(world: World) -> None:
+    seen: list[tuple[int, str, str]] = []
+    world.agent.als.set_sink(
+        lambda e: seen.append((e.response.response_code.value, e.request.path, e.response.response_code_details))
+    )
+    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+    assert request(FRONTEND, BILLING, 8080, "GET", "/v1/transactions").status == 403
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (200, "/v1/charge") in [(c, p) for c, p, _ in seen]
+    denied = [d for c, p, d in seen if c == 403 and p == "/v1/transactions"]
+    assert denied and denied[0].startswith("rbac_access_denied_matched_policy[deny-l7|")

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from google.protobuf.message import Message
 
 from ..identity.allocator import IdentityAllocator
 from ..identity.filter import identity_labels
@@ -83,7 +85,9 @@ def _canonical(obj: Any) -> bytes:
 
 
 class AgentCore:
-    def __init__(self, config: AgentConfig, store: KVStore, sink: ResourceSink) -> None:
+    def __init__(
+        self, config: AgentConfig, store: KVStore, sink: ResourceSink, access_logs: Sequence[Message] = ()
+    ) -> None:
         self.config = config
         self.store = store
         self._lock = threading.RLock()
@@ -97,7 +101,7 @@ class AgentCore:
         self._pod_docs: dict[str, Any] = {}
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._identity_pods: dict[int, set[str]] = {}
-        self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy)
+        self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs)
         self.ipcache.subscribe(self.publisher.on_ipcache_change)
         self.revision = 0
         self._restore()

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from ..kvstore.sqlite import SQLiteKVStore
+from ..observe.als import AccessLogReceiver, http_grpc_access_log
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import SnapshotCache
@@ -43,6 +44,7 @@ class Agent:
     envoy: EnvoySupervisor | None
     admin: AdminServer
     metrics: AgentMetrics
+    als: AccessLogReceiver
     started: float
 
     def status(self) -> dict[str, Any]:
@@ -72,6 +74,7 @@ class Agent:
             "identities": len(self.core.resolver.identities),
             "endpoints": len(self.core.resolver.endpoints()),
             "proxied_ports": [f"{p.ip}:{p.port}" for p in self.core.publisher.ports],
+            "access_logs": {"entries": self.als.entries, "errors": self.als.errors, "streams": self.als.streams},
             "uptime": round(time.monotonic() - self.started, 3),
         }
 
@@ -114,9 +117,13 @@ def start_agent(config: AgentConfig) -> Agent:
     store = SQLiteKVStore(str(state / "kv.db"))
     metrics = AgentMetrics()
     cache = SnapshotCache()
-    xds = XdsServer(cache, config.xds_listen, on_ack=metrics.on_ack, on_nack=metrics.on_nack)
+    als = AccessLogReceiver()
+    xds = XdsServer(
+        cache, config.xds_listen, on_ack=metrics.on_ack, on_nack=metrics.on_nack,
+        extra_handlers=[als.handler()],
+    )
     xds_address = xds.start()
-    core = AgentCore(config, store, cache)
+    core = AgentCore(config, store, cache, access_logs=[http_grpc_access_log()])
     metrics.attach(core)
     envoy: EnvoySupervisor | None = None
     if config.envoy.enabled:
@@ -145,7 +152,7 @@ def start_agent(config: AgentConfig) -> Agent:
     )
     admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
     admin.start()
-    agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, time.monotonic())
+    agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic())
     return agent
 
 

@@ -155,8 +155,11 @@ class XdsServer:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         grpc_options: Sequence[tuple[str, Any]] = (),
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> None:
         self.cache = cache
+        # Other gRPC services on the same listener (the access log service for Envoy's ALS).
+        self._extra_handlers = tuple(extra_handlers)
         self._requested_address = address
         self._on_ack = on_ack
         self._on_nack = on_nack
@@ -239,7 +242,7 @@ class XdsServer:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         server = grpc.aio.server(options=self._options)
-        server.add_generic_rpc_handlers((self._handler(),))
+        server.add_generic_rpc_handlers((self._handler(), *self._extra_handlers))
         try:
             port = server.add_insecure_port(self._requested_address)
         except RuntimeError as exc:

@@ -1,0 +1,102 @@
+"""Envoy access logs over gRPC (ALS): the receiving end.
+
+Envoy streams `StreamAccessLogsMessage`s to the agent's gRPC server (the same one that serves
+ADS, through the bootstrap's `l7gate_als` cluster). Every HTTP entry is handed, as Envoy's own
+`HTTPAccessLogEntry`, to a sink; flow records are built from it by the observability layer.
+A message that cannot be handled is counted and skipped: ingestion never stops on bad input.
+
+`AccessLogReceiver` is thread-safe; its counters are read by the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import grpc_service_pb2
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import duration_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.accesslog.v3.AccessLogService"
+ALS_CLUSTER = "l7gate_als"
+HTTP_GRPC_LOGGER = "envoy.access_loggers.http_grpc"
+
+Sink = Callable[[Any], None]  # called with each envoy.data.accesslog.v3.HTTPAccessLogEntry
+
+
+def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50) -> Any:
+    """The HCM `access_log` entry that streams every request to the agent."""
+    from envoy.config.accesslog.v3 import accesslog_pb2
+    from google.protobuf import any_pb2
+
+    cfg = als_config_pb2.HttpGrpcAccessLogConfig(
+        common_config=als_config_pb2.CommonGrpcAccessLogConfig(
+            log_name=log_name,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
+            ),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=duration_pb2.Duration(nanos=flush_interval_ms * 1_000_000),
+        )
+    )
+    packed = any_pb2.Any()
+    packed.Pack(cfg)
+    return accesslog_pb2.AccessLog(name=HTTP_GRPC_LOGGER, typed_config=packed)
+
+
+class AccessLogReceiver:
+    def __init__(self, sink: Sink | None = None) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self.messages = 0
+        self.entries = 0
+        self.errors = 0
+        self.streams = 0
+
+    def set_sink(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
+                    self._serve,
+                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def _serve(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        with self._lock:
+            self.streams += 1
+        try:
+            async for msg in requests:
+                self.handle(msg)
+        finally:
+            with self._lock:
+                self.streams -= 1
+        return als_pb2.StreamAccessLogsResponse()
+
+    def handle(self, msg: Any) -> None:
+        with self._lock:
+            self.messages += 1
+        sink = self._sink
+        for entry in msg.http_logs.log_entry:
+            try:
+                with self._lock:
+                    self.entries += 1
+                if sink is not None:
+                    sink(entry)
+            except Exception:  # noqa: BLE001 - one bad entry must not stop ingestion
+                with self._lock:
+                    self.errors += 1
+                log.exception("access log entry skipped")
