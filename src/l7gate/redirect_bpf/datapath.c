@@ -1,0 +1,320 @@
+/* l7gate kernel datapath: L3/L4 verdicts and redirect of L7-policied connections to Envoy.
+ *
+ * Programs (tc, direct action):
+ *   l7g_from_pod   ingress of a pod's host-side veth: packets a local pod sends
+ *   l7g_from_link  ingress of an inter-node link: packets from pods on other nodes
+ *   l7g_to_pod     egress of a pod's host-side veth: records host-originated flows in conntrack
+ *
+ * For a new flow (no conntrack entry either way) the verdict is:
+ *   egress policy of the source endpoint (if local), then ingress policy of the destination
+ *   endpoint (if local): deny wins; "redirect" marks the packet so that policy routing
+ *   delivers it locally, to Envoy's transparent listener on <pod ip>:<port>.
+ * The policy map is an LPM trie keyed by (endpoint, direction, protocol, peer, port prefix);
+ * the agent writes one entry per port block with the merged decision, for each named peer and
+ * for ANY (peer 0), so one or two lookups decide. No entry at all means the endpoint's policy
+ * is not computed yet: drop (fail closed). Unknown addresses are `world` (identity 2).
+ * Every drop is reported through the perf buffer `events`.
+ *
+ * Map layouts are mirrored in maps.py (one encode/decode pair per map).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#define PIN(name) L7G_PIN_DIR "/" #name
+
+#define WORLD_ID 2
+#define DIR_INGRESS 0
+#define DIR_EGRESS 1
+
+#define ACT_ALLOW 1
+#define ACT_DENY 2
+#define ACT_REDIRECT 3
+#define FLAG_AUTH 1
+#define FLAG_AUTH_FAIL 2
+
+#define REASON_POLICY 1
+#define REASON_NO_POLICY 2
+#define REASON_AUTH 3
+#define REASON_UNKNOWN_ENDPOINT 4
+
+#define REDIRECT_MARK 0x200
+#define MARK_MASK 0xf00
+
+struct ipcache_key {
+    u32 prefixlen;
+    u32 addr;
+};
+struct ipcache_value {
+    u32 identity;
+};
+
+struct endpoint_value {
+    u32 identity;
+    u32 flags;
+};
+
+struct policy_key {
+    u32 prefixlen;
+    u32 endpoint;
+    u8 direction;
+    u8 proto;
+    u32 peer;
+    u16 port;  /* network byte order: prefixes cover the high bits first */
+} __attribute__((packed));
+struct policy_value {
+    u8 action;
+    u8 flags;
+    u16 pad;
+};
+
+struct auth_key {
+    u32 local_id;
+    u32 remote_id;
+    u32 remote_node;  /* 0: any node */
+    u8 auth_type;
+    u8 pad[3];
+};
+struct auth_value {
+    u64 expires_ns;  /* bpf_ktime_get_boot_ns() clock */
+};
+
+struct ct_key {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u8 proto;
+    u8 pad[3];
+};
+struct ct_value {
+    u8 redirect;
+    u8 host;
+    u16 pad;
+    u32 src_id;
+};
+
+struct meta_value {
+    u64 magic;
+    u32 layout;
+    u32 pad;
+};
+
+struct drop_event {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u8 proto;
+    u8 reason;
+    u8 direction;
+    u8 pad;
+    u32 src_id;
+    u32 dst_id;
+    u32 endpoint;
+    u32 ifindex;
+};
+
+BPF_TABLE_PINNED("array", u32, struct meta_value, l7g_meta, 1, PIN(meta));
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, l7g_ipcache, 65536, PIN(ipcache), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u32, struct endpoint_value, l7g_endpoints, 4096, PIN(endpoints));
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, l7g_policy, 262144, PIN(policy), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct auth_key, struct auth_value, l7g_auth, 65536, PIN(auth));
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, l7g_ct, 262144, PIN(ct));
+BPF_PERF_OUTPUT(l7g_events);
+
+static __always_inline u32 identity_of(u32 addr)
+{
+    struct ipcache_key k = {.prefixlen = 32, .addr = addr};
+    struct ipcache_value *v = l7g_ipcache.lookup(&k);
+    return v ? v->identity : WORLD_ID;
+}
+
+/* The decision of one endpoint's policy, one direction, for (peer, proto, port). */
+static __always_inline struct policy_value *policy_lookup(u32 endpoint, u8 dir, u8 proto, u32 peer, u16 port)
+{
+    struct policy_key k = {};
+    k.prefixlen = 96;
+    k.endpoint = endpoint;
+    k.direction = dir;
+    k.proto = proto;
+    k.peer = peer;
+    k.port = port;
+    struct policy_value *v = l7g_policy.lookup(&k);
+    if (v)
+        return v;
+    k.peer = 0;
+    return l7g_policy.lookup(&k);
+}
+
+static __always_inline int authenticated(u32 local_id, u32 remote_id)
+{
+    struct auth_key k = {};
+    k.local_id = local_id;
+    k.remote_id = remote_id;
+    k.auth_type = 1;
+    struct auth_value *v = l7g_auth.lookup(&k);
+    if (!v)
+        return 0;
+    return v->expires_ns > bpf_ktime_get_boot_ns();
+}
+
+struct flow {
+    u32 saddr, daddr;
+    u16 sport, dport;
+    u8 proto;
+    u8 syn;
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return 0;
+    if (eth->h_proto != htons(ETH_P_IP))
+        return 0;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end)
+        return 0;
+    f->saddr = ip->saddr;
+    f->daddr = ip->daddr;
+    f->proto = ip->protocol;
+    f->sport = 0;
+    f->dport = 0;
+    f->syn = 0;
+    u32 ihl = ip->ihl * 4;
+    if (ihl < sizeof(*ip))
+        return 0;
+    void *l4 = (void *)ip + ihl;
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *tcp = l4;
+        if ((void *)(tcp + 1) > end)
+            return 0;
+        f->sport = tcp->source;
+        f->dport = tcp->dest;
+        f->syn = tcp->syn && !tcp->ack;
+    } else if (ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
+        struct udphdr *udp = l4;  /* SCTP's common header starts with the same two ports */
+        if ((void *)(udp + 1) > end)
+            return 0;
+        f->sport = udp->source;
+        f->dport = udp->dest;
+    }
+    return 1;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 reason, u8 dir, u32 src_id, u32 dst_id, u32 ep)
+{
+    struct drop_event e = {};
+    e.saddr = f->saddr;
+    e.daddr = f->daddr;
+    e.sport = f->sport;
+    e.dport = f->dport;
+    e.proto = f->proto;
+    e.reason = reason;
+    e.direction = dir;
+    e.src_id = src_id;
+    e.dst_id = dst_id;
+    e.endpoint = ep;
+    e.ifindex = skb->ifindex;
+    l7g_events.perf_submit(skb, &e, sizeof(e));
+    return TC_ACT_SHOT;
+}
+
+/* Verdict for a new flow. `local_src` is set when the source is a local endpoint. */
+static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int check_egress)
+{
+    u32 src_id = identity_of(f->saddr);
+    u32 dst_id = identity_of(f->daddr);
+    u8 redirect = 0;
+
+    if (check_egress) {
+        struct endpoint_value *src_ep = l7g_endpoints.lookup(&f->saddr);
+        if (!src_ep)
+            return drop(skb, f, REASON_UNKNOWN_ENDPOINT, DIR_EGRESS, src_id, dst_id, 0);
+        src_id = src_ep->identity;
+        struct policy_value *v = policy_lookup(src_id, DIR_EGRESS, f->proto, dst_id, f->dport);
+        if (!v)
+            return drop(skb, f, REASON_NO_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
+        if (v->action == ACT_DENY)
+            return drop(skb, f, (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
+        if ((v->flags & FLAG_AUTH) && !authenticated(src_id, dst_id))
+            return drop(skb, f, REASON_AUTH, DIR_EGRESS, src_id, dst_id, src_id);
+        /* Egress HTTP rules would need the proxy on the source side; not built yet. */
+        if (v->action == ACT_REDIRECT)
+            return drop(skb, f, REASON_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
+    }
+    struct endpoint_value *dst_ep = l7g_endpoints.lookup(&f->daddr);
+    if (dst_ep) {
+        dst_id = dst_ep->identity;
+        struct policy_value *v = policy_lookup(dst_id, DIR_INGRESS, f->proto, src_id, f->dport);
+        if (!v)
+            return drop(skb, f, REASON_NO_POLICY, DIR_INGRESS, src_id, dst_id, dst_id);
+        if (v->action == ACT_DENY)
+            return drop(skb, f, (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY, DIR_INGRESS, src_id, dst_id, dst_id);
+        if ((v->flags & FLAG_AUTH) && !authenticated(dst_id, src_id))
+            return drop(skb, f, REASON_AUTH, DIR_INGRESS, src_id, dst_id, dst_id);
+        if (v->action == ACT_REDIRECT)
+            redirect = 1;
+    }
+    struct ct_key ck = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport, .proto = f->proto};
+    struct ct_value cv = {.redirect = redirect, .src_id = src_id};
+    l7g_ct.update(&ck, &cv);
+    if (redirect)
+        skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
+    return TC_ACT_OK;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, int check_egress)
+{
+    struct flow f = {};
+    if (!parse(skb, &f))
+        return TC_ACT_OK;  /* not IPv4: ARP and the like pass; IPv6 is not enforced yet */
+    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
+    if (!f.syn) {
+        struct ct_value *fwd = l7g_ct.lookup(&ck);
+        if (fwd) {
+            if (fwd->redirect)
+                skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
+            return TC_ACT_OK;
+        }
+        struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport, .proto = f.proto};
+        if (l7g_ct.lookup(&rk))
+            return TC_ACT_OK;  /* a reply */
+    }
+    return new_flow(skb, &f, check_egress);
+}
+
+int l7g_from_pod(struct __sk_buff *skb)
+{
+    return handle(skb, 1);
+}
+
+int l7g_from_link(struct __sk_buff *skb)
+{
+    return handle(skb, 0);
+}
+
+/* Host-originated flows (Envoy's upstream connections, the node itself) are not filtered, but
+ * recorded so that the pod's replies are recognised as replies. */
+int l7g_to_pod(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    if (!parse(skb, &f) || !f.syn)
+        return TC_ACT_OK;
+    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
+    if (l7g_ct.lookup(&ck))
+        return TC_ACT_OK;
+    struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport, .proto = f.proto};
+    if (l7g_ct.lookup(&rk))
+        return TC_ACT_OK;
+    struct ct_value cv = {.host = 1, .src_id = 1};
+    l7g_ct.update(&ck, &cv);
+    return TC_ACT_OK;
+}

@@ -1,0 +1,90 @@
+"""The kernel policy-map compiler agrees with `decide` on every port, peer and protocol."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from l7gate.policy.labels import Labels
+from l7gate.policy.parse import parse_policy
+from l7gate.policy.resolve import Resolver, decide
+from l7gate.policy.types import Direction, Protocol
+from l7gate.redirect_bpf.compile import (
+    DIR_NUMBERS, PROTO_NUMBERS, PROTOCOLS, KAction, compile_endpoint, kernel_value, lookup, prefix_blocks,
+)
+
+A, B, C, W = 70001, 65601, 70002, 2
+IDS = {
+    A: Labels.of({"app": "a", "io.kubernetes.pod.namespace": "ns"}),
+    B: Labels.of({"app": "b", "io.kubernetes.pod.namespace": "ns"}),
+    C: Labels.of({"app": "c", "io.kubernetes.pod.namespace": "ns"}),
+    W: Labels.of({"reserved:world": ""}),
+}
+
+
+def ccnp(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy", "metadata": {"name": name}, "spec": spec}
+
+
+POLICIES = [
+    ccnp("l7", {"endpointSelector": {"matchLabels": {"app": "b"}}, "ingress": [
+        {"fromEndpoints": [{"matchLabels": {"app": "a"}}], "toPorts": [
+            {"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}}]},
+        {"fromEndpoints": [{"matchLabels": {"app": "c"}}], "toPorts": [{"ports": [{"port": "8000", "endPort": 8100}]}],
+         "authentication": {"mode": "required"}},
+        {"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]},
+    ], "ingressDeny": [{"fromEntities": ["world"], "toPorts": [{"ports": [{"port": "0", "protocol": "ANY"}]}]},
+                       {"fromEndpoints": [{"matchLabels": {"app": "c"}}], "toPorts": [{"ports": [{"port": "8050"}]}]}],
+     "egress": [{"toEntities": ["world"], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}],
+                 "authentication": {"mode": "test-always-fail"}}]}),
+]
+
+
+def test_prefix_blocks_cover_exactly() -> None:
+    rnd = random.Random(7)
+    for _ in range(200):
+        lo = rnd.randrange(0, 65536)
+        hi = rnd.randrange(lo, 65536)
+        covered = []
+        for start, plen in prefix_blocks(lo, hi):
+            size = 1 << (16 - plen)
+            assert start % size == 0
+            covered.append((start, start + size - 1))
+        assert covered[0][0] == lo and covered[-1][1] == hi
+        assert all(a[1] + 1 == b[0] for a, b in zip(covered, covered[1:]))
+        assert len(covered) <= 30
+
+
+def test_kernel_entries_agree_with_decide() -> None:
+    r = Resolver()
+    r.update_identities(IDS)
+    for d in POLICIES:
+        r.upsert_policy(parse_policy(d))
+    r.add_endpoint(B)
+    pol = r.endpoint_policy(B)
+    assert pol is not None
+    entries = compile_endpoint(pol)
+    ports = {0, 1, 52, 53, 54, 442, 443, 444, 7999, 8000, 8049, 8050, 8051, 8079, 8080, 8081, 8100, 8101, 65535}
+    ports |= {random.Random(1).randrange(65536) for _ in range(50)}
+    for direction in Direction:
+        for proto in PROTOCOLS:
+            for peer in (A, B, C, W, 999_999):
+                for port in ports:
+                    want = kernel_value(decide(pol, direction, peer, port, proto))
+                    got = lookup(entries, B, DIR_NUMBERS[direction], PROTO_NUMBERS[proto], peer, port)
+                    assert got == want, (direction, proto, peer, port)
+    # spot checks of the meaning
+    assert lookup(entries, B, 0, 6, A, 8080).action is KAction.REDIRECT  # type: ignore[union-attr]
+    assert lookup(entries, B, 0, 6, C, 8050).action is KAction.DENY  # type: ignore[union-attr]
+    assert lookup(entries, B, 0, 6, W, 53).action is KAction.DENY  # type: ignore[union-attr]
+    assert lookup(entries, B, 0, 17, A, 53).action is KAction.ALLOW  # type: ignore[union-attr]
+
+
+def test_compression_writes_named_peers_only_where_they_differ() -> None:
+    r = Resolver()
+    r.update_identities(IDS)
+    r.upsert_policy(parse_policy(POLICIES[0]))
+    r.add_endpoint(B)
+    entries = compile_endpoint(r.endpoint_policy(B))  # type: ignore[arg-type]
+    a_entries = [k for k in entries if k.peer == A]
+    assert [(k.proto, k.port, k.port_prefix) for k in a_entries] == [(6, 8080, 16)]
