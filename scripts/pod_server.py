@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
 
 
 def main() -> int:
@@ -46,7 +47,14 @@ def main() -> int:
         def log_message(self, format: str, *a: object) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, int(port)), Handler)
+    class Server(ThreadingHTTPServer):
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind looks up the host's FQDN (a DNS query); a pod in a test
+            # namespace must send nothing but the test's own traffic.
+            TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, int(port)
+
+    server = Server((host, int(port)), Handler)
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"pod {name} serving on {host}:{port}", flush=True)

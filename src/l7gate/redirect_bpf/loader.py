@@ -1,0 +1,376 @@
+"""Loading, pinning, attaching and writing the kernel datapath (bcc).
+
+Theory of operation. All maps live pinned under one directory (`/sys/fs/bpf/l7g/<node>/`),
+so they outlive the agent: programs stay attached (tc holds them) and keep enforcing while the
+agent is away. Opening the datapath:
+
+1. checks the pinned maps already there: the `meta` map must hold our magic and layout
+   version, and every map must have the expected type, key size and value size. Anything else
+   is foreign or corrupt: it is logged, unpinned and created afresh — never trusted;
+2. compiles `datapath.c` with bcc, which reuses the pinned maps (or creates and pins them);
+3. pins the programs next to the maps, so `tc` attaches them by path (`object-pinned`) and an
+   attachment is replaced atomically by the next agent.
+
+Writers reconcile: they read what the kernel has, and write only the difference (no flush, so
+a restarting agent never opens a window where traffic is wrongly allowed or dropped).
+
+Not thread-safe except `poll_events`, which runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .compile import PolicyKey, PolicyValue
+
+log = logging.getLogger(__name__)
+
+BPFFS = Path("/sys/fs/bpf")
+SOURCE = Path(__file__).with_name("datapath.c")
+MAGIC = 0x6C376761746531  # "l7gate1"
+LAYOUT = 1
+BCC_PATH = "/usr/lib/python3/dist-packages"
+
+# name -> (BPF map type, key size, value size); mirrors datapath.c
+MAPS: dict[str, tuple[str, int, int]] = {
+    "meta": ("array", 4, 16),
+    "ipcache": ("lpm_trie", 8, 4),
+    "endpoints": ("hash", 4, 8),
+    "policy": ("lpm_trie", 16, 4),
+    "auth": ("hash", 16, 8),
+    "ct": ("lru_hash", 16, 8),
+}
+PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod")
+DROP_REASONS = {1: "Policy denied", 2: "No policy", 3: "Authentication required", 4: "Unknown endpoint"}
+
+
+class DatapathError(Exception):
+    pass
+
+
+def import_bcc() -> Any:
+    """bcc's Python module comes from Debian (python3-bpfcc); make it importable in a venv."""
+    if BCC_PATH not in sys.path:
+        sys.path.append(BCC_PATH)
+    try:
+        import bcc  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise DatapathError(f"bcc is not installed (apt install python3-bpfcc): {exc}") from None
+    return bcc
+
+
+def _addr_u32(ip: str | ipaddress.IPv4Address) -> int:
+    """An IPv4 address as the u32 the program reads from the packet (network byte order)."""
+    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+
+
+def _u32_addr(v: int) -> str:
+    return str(ipaddress.IPv4Address(v.to_bytes(4, "little")))
+
+
+@dataclass(frozen=True, slots=True)
+class DropEvent:
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    proto: int
+    reason: str
+    direction: str
+    src_identity: int
+    dst_identity: int
+    endpoint: int
+    ifindex: int
+
+
+def _bpftool_map(path: Path) -> dict[str, Any] | None:
+    try:
+        out = subprocess.run(
+            ["bpftool", "-j", "map", "show", "pinned", str(path)],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except FileNotFoundError:
+        raise DatapathError("bpftool is not installed (apt install bpftool)") from None
+    if out.returncode != 0:
+        return None
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def check_pins(pin_dir: Path) -> list[str]:
+    """Problems with the maps already pinned in `pin_dir` (empty: fine, or nothing there)."""
+    problems: list[str] = []
+    if not pin_dir.exists():
+        return problems
+    for name, (mtype, ksize, vsize) in MAPS.items():
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        info = _bpftool_map(path)
+        if info is None:
+            problems.append(f"{path}: not a BPF map")
+            continue
+        if info.get("type") != mtype or info.get("bytes_key") != ksize or info.get("bytes_value") != vsize:
+            problems.append(
+                f"{path}: is a {info.get('type')} map with {info.get('bytes_key')}-byte keys and "
+                f"{info.get('bytes_value')}-byte values, expected {mtype} {ksize}/{vsize}"
+            )
+    meta = pin_dir / "meta"
+    if meta.exists() and not problems:
+        raw = subprocess.run(
+            ["bpftool", "-j", "map", "lookup", "pinned", str(meta), "key", "0", "0", "0", "0"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+        ok = False
+        if raw.returncode == 0:
+            value = json.loads(raw.stdout).get("value")
+            if isinstance(value, list):
+                b = bytes(int(x, 16) for x in value)
+                magic, layout = struct.unpack("<QI", b[:12])
+                ok = magic == MAGIC and layout == LAYOUT
+                if not ok and magic != 0:
+                    problems.append(f"{meta}: magic/layout {magic:#x}/{layout}, expected {MAGIC:#x}/{LAYOUT}")
+                elif not ok:
+                    problems.append(f"{meta}: no l7gate magic: not ours")
+        else:
+            problems.append(f"{meta}: unreadable")
+    elif not meta.exists() and any((pin_dir / n).exists() for n in MAPS):
+        problems.append(f"{pin_dir}: maps pinned without l7gate's meta map: not ours")
+    return problems
+
+
+class KernelDatapath:
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self.bpf: Any = None
+        self._fns: dict[str, Any] = {}
+        self._policy_written: dict[PolicyKey, PolicyValue] = {}
+        self._attached: dict[str, str] = {}
+        self._stop = threading.Event()
+        self.replaced: list[str] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if not os.path.ismount(BPFFS):
+            raise DatapathError(f"bpffs is not mounted at {BPFFS} (mount -t bpf bpf {BPFFS})")
+        bcc = import_bcc()
+        problems = check_pins(self.pin_dir)
+        if problems:
+            for p in problems:
+                log.warning("pinned map refused: %s; replacing it with a fresh one", p)
+            self.replaced = problems
+            self._unpin_maps()
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.bpf = bcc.BPF(
+                src_file=str(SOURCE).encode(),
+                cflags=[f'-DL7G_PIN_DIR="{self.pin_dir}"', "-w"],
+            )
+            for name in PROGRAMS:
+                self._fns[name] = self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
+        except Exception as exc:
+            raise DatapathError(f"cannot compile or load the BPF programs: {exc}") from None
+        meta = self.bpf[b"l7g_meta"]
+        v = meta.Leaf()
+        v.magic = MAGIC
+        v.layout = LAYOUT
+        meta[meta.Key(0)] = v
+        for name, fn in self._fns.items():
+            path = self.pin_dir / f"prog_{name}"
+            if path.exists():
+                path.unlink()
+            rc = self.bpf_obj_pin(fn.fd, str(path))
+            if rc != 0:
+                raise DatapathError(f"cannot pin {name} at {path}")
+        self._policy_written = self._read_policy()
+
+    def bpf_obj_pin(self, fd: int, path: str) -> int:
+        lib = import_bcc().libbcc.lib
+        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        return int(lib.bpf_obj_pin(fd, path.encode()))
+
+    def _unpin_maps(self) -> None:
+        for name in MAPS:
+            p = self.pin_dir / name
+            if p.exists() or p.is_symlink():
+                p.unlink()
+
+    def uninstall(self) -> None:
+        """Detach everything this datapath attached and remove every pin (tests, teardown)."""
+        for ifname in list(self._attached):
+            self.detach(ifname)
+        if self.pin_dir.exists():
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+    # -- attachment -----------------------------------------------------------------------------
+
+    def attach(self, ifname: str, kind: str) -> None:
+        """`kind` "pod": a pod's host-side veth; "link": an inter-node interface."""
+        _tc("qdisc", "replace", "dev", ifname, "clsact")
+        if kind == "pod":
+            _tc("filter", "replace", "dev", ifname, "ingress", "pref", "1", "handle", "1", "bpf", "da",
+                "object-pinned", str(self.pin_dir / "prog_l7g_from_pod"))
+            _tc("filter", "replace", "dev", ifname, "egress", "pref", "1", "handle", "1", "bpf", "da",
+                "object-pinned", str(self.pin_dir / "prog_l7g_to_pod"))
+        elif kind == "link":
+            _tc("filter", "replace", "dev", ifname, "ingress", "pref", "1", "handle", "1", "bpf", "da",
+                "object-pinned", str(self.pin_dir / "prog_l7g_from_link"))
+        else:
+            raise ValueError(kind)
+        self._attached[ifname] = kind
+
+    def detach(self, ifname: str) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", ifname, "clsact"], capture_output=True, check=False)
+        self._attached.pop(ifname, None)
+
+    # -- maps -----------------------------------------------------------------------------------
+
+    def set_ipcache(self, desired: Mapping[ipaddress.IPv4Network, int]) -> int:
+        """Make the ipcache map equal `desired` (IPv4 only). Returns entries written/removed."""
+        t = self.bpf[b"l7g_ipcache"]
+        have: dict[tuple[int, int], int] = {(k.prefixlen, k.addr): v.identity for k, v in t.items()}
+        want = {(n.prefixlen, _addr_u32(n.network_address)): ident for n, ident in desired.items() if n.version == 4}
+        changes = 0
+        for key, ident in want.items():
+            if have.get(key) != ident:
+                k = t.Key(key[0], key[1])
+                v = t.Leaf(ident)
+                t[k] = v
+                changes += 1
+        for key in have.keys() - want.keys():
+            del t[t.Key(key[0], key[1])]
+            changes += 1
+        return changes
+
+    def set_endpoints(self, desired: Mapping[str, int]) -> int:
+        """Local endpoints: pod IPv4 address → identity."""
+        t = self.bpf[b"l7g_endpoints"]
+        have = {k.value: v.identity for k, v in t.items()}
+        want = {_addr_u32(ip): ident for ip, ident in desired.items()}
+        changes = 0
+        for addr, ident in want.items():
+            if have.get(addr) != ident:
+                t[t.Key(addr)] = t.Leaf(ident, 0)
+                changes += 1
+        for addr in have.keys() - want.keys():
+            del t[t.Key(addr)]
+            changes += 1
+        return changes
+
+    def _policy_key(self, t: Any, k: PolicyKey) -> Any:
+        key = t.Key()
+        key.prefixlen = 80 + k.port_prefix
+        key.endpoint = k.endpoint
+        key.direction = k.direction
+        key.proto = k.proto
+        key.peer = k.peer
+        key.port = socket.htons(k.port)
+        return key
+
+    def _read_policy(self) -> dict[PolicyKey, PolicyValue]:
+        from .compile import KAction
+
+        t = self.bpf[b"l7g_policy"]
+        out: dict[PolicyKey, PolicyValue] = {}
+        for k, v in t.items():
+            pk = PolicyKey(k.endpoint, k.direction, k.proto, k.peer, socket.ntohs(k.port), k.prefixlen - 80)
+            try:
+                out[pk] = PolicyValue(KAction(v.action), v.flags)
+            except ValueError:
+                out[pk] = PolicyValue(KAction.DENY, 0xFF)  # unknown value: rewrite it
+        return out
+
+    def set_policy(self, desired: Mapping[PolicyKey, PolicyValue], endpoints: Iterable[int] | None = None) -> int:
+        """Make the policy map equal `desired`, for `endpoints` only (None: every endpoint).
+        Writes the new entries before deleting stale ones, so no lookup falls through."""
+        t = self.bpf[b"l7g_policy"]
+        scope = None if endpoints is None else set(endpoints)
+        have = {k: v for k, v in self._policy_written.items() if scope is None or k.endpoint in scope}
+        changes = 0
+        for k, v in desired.items():
+            if have.get(k) != v:
+                leaf = t.Leaf()
+                leaf.action = int(v.action)
+                leaf.flags = int(v.flags)
+                t[self._policy_key(t, k)] = leaf
+                self._policy_written[k] = v
+                changes += 1
+        for k in have.keys() - desired.keys():
+            try:
+                del t[self._policy_key(t, k)]
+            except KeyError:
+                pass
+            self._policy_written.pop(k, None)
+            changes += 1
+        return changes
+
+    def set_auth(self, local_id: int, remote_id: int, expires_ns: int, remote_node: int = 0) -> None:
+        t = self.bpf[b"l7g_auth"]
+        k = t.Key()
+        k.local_id, k.remote_id, k.remote_node, k.auth_type = local_id, remote_id, remote_node, 1
+        t[k] = t.Leaf(expires_ns)
+
+    def delete_auth(self, local_id: int, remote_id: int, remote_node: int = 0) -> None:
+        t = self.bpf[b"l7g_auth"]
+        k = t.Key()
+        k.local_id, k.remote_id, k.remote_node, k.auth_type = local_id, remote_id, remote_node, 1
+        try:
+            del t[k]
+        except KeyError:
+            pass
+
+    def policy_entries(self) -> int:
+        return len(self._policy_written)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def poll_events(self, callback: Callable[[DropEvent], None]) -> threading.Thread:
+        """Read drop events on a background thread until `close()`."""
+
+        def on_event(cpu: int, data: Any, size: int) -> None:
+            e = self.bpf[b"l7g_events"].event(data)
+            try:
+                callback(
+                    DropEvent(
+                        _u32_addr(e.saddr), _u32_addr(e.daddr), socket.ntohs(e.sport), socket.ntohs(e.dport),
+                        e.proto, DROP_REASONS.get(e.reason, f"reason {e.reason}"),
+                        "ingress" if e.direction == 0 else "egress", e.src_id, e.dst_id, e.endpoint, e.ifindex,
+                    )
+                )
+            except Exception:  # noqa: BLE001 - a bad consumer must not stop the reader
+                log.exception("drop event handler failed")
+
+        self.bpf[b"l7g_events"].open_perf_buffer(on_event, page_cnt=64)
+
+        def run() -> None:
+            while not self._stop.is_set():
+                self.bpf.perf_buffer_poll(timeout=200)
+
+        th = threading.Thread(target=run, name="l7gate-bpf-events", daemon=True)
+        th.start()
+        return th
+
+    def close(self) -> None:
+        """Stop reading events. Programs stay attached and maps stay pinned (on purpose)."""
+        self._stop.set()
+
+
+def _tc(*args: str) -> None:
+    out = subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise DatapathError(f"tc {' '.join(args)}: {out.stderr.strip()}")
