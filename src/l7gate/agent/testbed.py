@@ -1,0 +1,690 @@
+"""The single-machine testbed: nodes and pods as network namespaces joined by veth pairs.
+
+Theory of operation
+-------------------
+A `Testbed` is one run, named by a short random run id (4 hex digits). Everything it creates
+carries that id, so parallel and stale runs never collide:
+
+- a node is a netns ``l7g-<run>-<node>``; a pod is a netns ``l7g-<run>-<pod>``;
+- a pod's veth is ``eth0`` in the pod and ``l7g<run>p<n>`` in its node (Cilium's ``lxc*``);
+- a link between two nodes is a veth pair ``l7g<run>n<peer index>`` in each node, named after
+  the node it leads to.
+
+Interface names are at most 10 characters (IFNAMSIZ allows 15). Every veth is created directly
+inside its namespaces (``ip -n NODE link add ... peer ... netns POD``): nothing is ever created,
+addressed or routed in the root network namespace, and no route leads out of the testbed.
+
+Addressing and routing (IPv4 only; IPv6 is disabled in every testbed namespace, so no
+router solicitations or DAD show up as unexpected packets at the BPF hooks):
+
+- A node owns ``node_cidr`` (e.g. ``10.0.1.0/24``). Its node IP is the first host of that CIDR
+  (``10.0.1.1``), a /32 on the node's ``lo`` — the role of Cilium's ``cilium_host`` router IP.
+  Pods get /32 addresses from the same CIDR, from ``.10`` upwards unless one is given.
+- In a pod: ``<ip>/32 dev eth0``, ``<node_ip> dev eth0 scope link``, ``default via <node_ip>``.
+- In the node: ``<pod_ip>/32 dev l7g<run>p<n>``. The host-side veth has no address at all: the
+  node answers the pod's ARP for the node IP because the IP is local to the node and
+  ``arp_ignore=0`` (weak host model), which the testbed sets explicitly since a new netns inherits
+  ``conf/all`` and ``conf/default`` from the root namespace. Neither a per-veth copy of the node IP
+  nor proxy_arp is needed.
+- A link between nodes A and B: in A, ``<B node_ip>/32 dev <link> scope link`` and
+  ``<B node_cidr> via <B node_ip> dev <link>``, and the mirror image in B, so pod-to-pod
+  traffic is forwarded by both nodes and really crosses the link.
+- Node sysctls: ``ip_forward=1``, ``rp_filter=0`` (all, default), ``ip_early_demux=0`` (a TIME_WAIT
+  socket plus early demux blackholes forwarded SYNs after a redirect→allow flip, FIELD-NOTES),
+  ``arp_ignore=0`` and ``arp_filter=0`` (all, default).
+
+Clean-up
+--------
+Teardown (``__exit__``, also when the body raised) terminates every process the testbed spawned,
+by PID, then any process still inside one of its namespaces (``ip netns pids``, e.g. an Envoy
+whose agent was ``kill -9``-ed), then deletes the namespaces; their veths go with them. A live
+run holds an exclusive ``flock`` on ``/run/l7g-testbed/<run>.lock``; a run whose lock is free
+has crashed. `cleanup_all` removes what crashed runs left behind, and `Testbed` calls it at start
+for testbed-named namespaces.
+
+A `Testbed` and its `Node`/`Pod` handles are not thread-safe: one thread builds and tears down.
+Commands may run from any thread. `Netns.entered()` switches only the calling thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "l7g"
+IFNAMSIZ = 15  # usable characters; the kernel's IFNAMSIZ of 16 includes the NUL
+LOCK_DIR = Path("/run/l7g-testbed")
+NETNS_DIR = Path("/run/netns")
+POD_SERVER = Path(__file__).resolve().parents[3] / "scripts" / "pod_server.py"
+CLUSTER_ANNOTATION = "l7gate.io/cluster"  # as in l7gate.k8s.objects
+FIRST_POD_OFFSET = 10  # pods get <cidr>.10, .11, ... unless an address is given
+
+_TESTBED_NETNS = re.compile(r"l7g-([0-9a-f]{4})-.+")
+_CLONE_NEWNET = 0x40000000
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_NODE_SYSCTLS = (
+    ("net/ipv4/ip_forward", "1"),
+    ("net/ipv4/conf/all/rp_filter", "0"),
+    ("net/ipv4/conf/default/rp_filter", "0"),
+    ("net/ipv4/conf/lo/rp_filter", "0"),
+    ("net/ipv4/ip_early_demux", "0"),
+    ("net/ipv4/conf/all/arp_ignore", "0"),
+    ("net/ipv4/conf/default/arp_ignore", "0"),
+    ("net/ipv4/conf/all/arp_filter", "0"),
+    ("net/ipv4/conf/default/arp_filter", "0"),
+    ("net/ipv6/conf/all/disable_ipv6", "1"),
+    ("net/ipv6/conf/default/disable_ipv6", "1"),
+)
+_POD_SYSCTLS = (
+    ("net/ipv6/conf/all/disable_ipv6", "1"),
+    ("net/ipv6/conf/default/disable_ipv6", "1"),
+)
+
+
+class TestbedError(RuntimeError):
+    """A testbed operation failed; the message includes the command's output."""
+
+    __test__ = False  # not a pytest test class
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _ip(*args: str, netns: str | None = None, stdin: str | None = None) -> str:
+    argv = ["ip", *(("-n", netns) if netns else ()), *args]
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        detail = f" (batch: {stdin.strip()!r})" if stdin else ""
+        raise TestbedError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}{detail}")
+    return proc.stdout
+
+
+def _ip_batch(netns: str, commands: Sequence[str]) -> None:
+    _ip("-batch", "-", netns=netns, stdin="\n".join(commands) + "\n")
+
+
+def _ifname(*parts: str) -> str:
+    name = PREFIX + "".join(parts)
+    if len(name) > IFNAMSIZ:
+        raise TestbedError(f"interface name {name!r} is longer than {IFNAMSIZ} characters")
+    return name
+
+
+def _ifindex(netns: str, ifname: str) -> int:
+    return int(json.loads(_ip("-j", "link", "show", "dev", ifname, netns=netns))[0]["ifindex"])
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def netns_entered(netns: str) -> Iterator[None]:
+    """Run the body with the calling thread in `netns` (sockets created there stay there)."""
+    with open(NETNS_DIR / netns) as target, open("/proc/thread-self/ns/net") as home:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
+def _write_sysctls(netns: str, values: Sequence[tuple[str, str]]) -> None:
+    # /proc/sys/net resolves against the calling thread's netns.
+    with netns_entered(netns):
+        for key, value in values:
+            Path("/proc/sys", key).write_text(value)
+
+
+def _clean_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    base = dict(os.environ if env is None else env)
+    for var in _PROXY_VARS:
+        base.pop(var, None)
+        base.pop(var.upper(), None)
+    return base
+
+
+def list_netns() -> list[str]:
+    """Names of all named network namespaces (``ip netns list``)."""
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _netns_pids(netns: str) -> list[int]:
+    proc = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30)
+    return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
+
+
+def _root_l7g_links() -> list[str]:
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, timeout=30).stdout
+    return sorted(link["ifname"] for link in json.loads(out or "[]") if link["ifname"].startswith(PREFIX))
+
+
+def _end_processes(pids: Sequence[int], grace: float = 3.0) -> None:
+    """SIGTERM the given PIDs, then SIGKILL whatever still runs after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+            alive = [p for p in alive if _running(p)]
+        if not alive:
+            return
+        pids = alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _delete_netns(netns: str) -> None:
+    pids = _netns_pids(netns)
+    if pids:
+        log.warning("netns %s: ending leftover processes %s", netns, pids)
+        _end_processes(pids)
+    subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+
+
+def _run_is_live(run: str) -> bool:
+    """True if a testbed run with this id holds its lock (the run is in progress)."""
+    try:
+        fd = os.open(LOCK_DIR / f"{run}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def select_leftovers(netns_names: Sequence[str], root_links: Sequence[str],
+                     is_live: Callable[[str], bool], *, testbed_names_only: bool
+                     ) -> tuple[list[str], list[str]]:
+    """Which namespaces and root-namespace interfaces `cleanup_all` removes (see there)."""
+    namespaces = []
+    for netns in netns_names:
+        if not netns.startswith(PREFIX):
+            continue
+        match = _TESTBED_NETNS.fullmatch(netns)
+        if match is None and testbed_names_only:
+            continue
+        if match is not None and is_live(match.group(1)):
+            continue
+        namespaces.append(netns)
+    links = [] if testbed_names_only else [name for name in root_links if name.startswith(PREFIX)]
+    return namespaces, links
+
+
+def cleanup_all(*, testbed_names_only: bool = False) -> list[str]:
+    """Remove every ``l7g*`` network namespace and root-namespace interface that no live testbed
+    run owns, ending the processes still inside those namespaces (by PID). Returns what it removed.
+
+    With `testbed_names_only`, touch only namespaces named like a testbed run's
+    (``l7g-<4 hex>-...``) whose run is dead: what `Testbed` does at start, so that it never
+    removes another tool's namespaces while that tool runs. Runs in progress are never touched.
+    """
+    namespaces, links = select_leftovers(list_netns(), _root_l7g_links(), _run_is_live,
+                                         testbed_names_only=testbed_names_only)
+    for netns in namespaces:
+        _delete_netns(netns)
+    # The testbed never creates interfaces in the root namespace; these are someone else's.
+    for ifname in links:
+        subprocess.run(["ip", "link", "delete", ifname], capture_output=True, timeout=30)
+    if LOCK_DIR.is_dir():
+        for lock in LOCK_DIR.glob("*.lock"):
+            if not _run_is_live(lock.stem):
+                lock.unlink(missing_ok=True)
+    removed = [f"netns {n}" for n in namespaces] + [f"link {n}" for n in links]
+    if removed:
+        log.warning("removed leftovers of crashed runs: %s", ", ".join(removed))
+    return removed
+
+
+# --- handles ---------------------------------------------------------------------------------
+
+
+class Netns:
+    """A network namespace created by a `Testbed` (a node or a pod)."""
+
+    def __init__(self, testbed: Testbed, name: str, netns: str) -> None:
+        self.testbed = testbed
+        self.name = name
+        self.netns = netns
+
+    @property
+    def path(self) -> str:
+        """The netns file (``/run/netns/...``), for setns() or a BPF netns link."""
+        return str(NETNS_DIR / self.netns)
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """`subprocess.run(argv)` inside this namespace. Defaults: capture_output, text,
+        timeout=60, check=False (as subprocess.run); proxy variables are removed from env."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 60)
+        kwargs["env"] = _clean_env(kwargs.get("env"))
+        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], **kwargs)
+
+    def spawn(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a long-running process inside this namespace. The testbed ends it (by PID) at
+        teardown. stdout and stderr go to `Testbed.log_path(proc)` unless given."""
+        return self.testbed._spawn(self, argv, **kwargs)
+
+    @contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the body with the calling thread inside this namespace."""
+        with netns_entered(self.netns):
+            yield
+
+    def tcp_connect(self, ip: str, port: int, timeout: float = 2.0) -> bool:
+        """True if a TCP connection from this namespace to ip:port is accepted within timeout."""
+        with self.entered():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((ip, port))
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+    def ping(self, ip: str, count: int = 1, timeout: float = 2.0) -> bool:
+        """True if `ip` answers ICMP echo from this namespace."""
+        wait = str(max(1, round(timeout)))
+        return self.run(["ping", "-n", "-q", "-c", str(count), "-W", wait, ip]).returncode == 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} netns={self.netns}>"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEnd:
+    """One end of a node-to-node link, in `node`, leading to `peer`."""
+
+    node: str
+    ifname: str
+    ifindex: int
+    peer: str
+
+
+class Node(Netns):
+    """A node: a netns that forwards between its pods and its links."""
+
+    def __init__(self, testbed: Testbed, name: str, netns: str, index: int, cluster: str,
+                 cidr: ipaddress.IPv4Network) -> None:
+        super().__init__(testbed, name, netns)
+        self.index = index
+        self.cluster = cluster
+        self.cidr = cidr
+        self.ip = str(cidr.network_address + 1)
+        self.pods: list[Pod] = []
+        self.links: dict[str, LinkEnd] = {}  # peer node name -> this node's end
+
+    @property
+    def link_ifnames(self) -> list[str]:
+        return [end.ifname for end in self.links.values()]
+
+    def _allocate(self, ip: str | None) -> str:
+        used = {self.ip, *(p.ip for p in self.pods)}
+        if ip is not None:
+            addr = ipaddress.IPv4Address(ip)
+            if addr not in self.cidr or addr in (self.cidr.network_address, self.cidr.broadcast_address):
+                raise ValueError(f"pod IP {ip} is not a host address of node {self.name}'s {self.cidr}")
+            if str(addr) in used:
+                raise ValueError(f"IP {ip} is already used on node {self.name}")
+            return str(addr)
+        for offset in range(FIRST_POD_OFFSET, self.cidr.num_addresses - 1):
+            candidate = str(self.cidr.network_address + offset)
+            if candidate not in used:
+                return candidate
+        raise ValueError(f"node {self.name}: no free address left in {self.cidr}")
+
+
+class Pod(Netns):
+    """A pod: a netns with one ``eth0`` whose peer (`host_ifname`) is in its node."""
+
+    def __init__(self, testbed: Testbed, name: str, netns: str, *, node: Node, namespace: str,
+                 ip: str, labels: Mapping[str, str], ports: tuple[int, ...],
+                 service_account: str, host_ifname: str) -> None:
+        super().__init__(testbed, name, netns)
+        self.node = node
+        self.namespace = namespace
+        self.ip = ip
+        self.labels = dict(labels)
+        self.ports = ports
+        self.service_account = service_account
+        self.host_ifname = host_ifname
+        self.host_ifindex = 0  # set once the veth exists
+
+    @property
+    def cluster(self) -> str:
+        return self.node.cluster
+
+    @property
+    def ref(self) -> str:
+        """``cluster/namespace/name``, as `l7gate policy trace --from` takes it."""
+        return f"{self.cluster}/{self.namespace}/{self.name}"
+
+    def serve_http(self, port: int, timeout: float = 10.0) -> subprocess.Popen[Any]:
+        """Start scripts/pod_server.py on ip:port in this pod and return once it listens."""
+        proc = self.spawn([sys.executable, str(POD_SERVER), "--listen", f"{self.ip}:{port}",
+                           "--name", f"{self.namespace}/{self.name}"])
+        logfile = self.testbed.log_path(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "serving on" in logfile.read_text(errors="replace"):
+                return proc
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        raise TestbedError(f"pod {self.name}: HTTP server on {self.ip}:{port} did not start: "
+                           f"{logfile.read_text(errors='replace')[-2000:]}")
+
+    def curl(self, url: str, method: str = "GET", data: str | bytes | None = None,
+             timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
+        """Run ``curl`` in this pod. Returns (HTTP status, body); status 0 when no HTTP response
+        came back (refused, reset, timed out), and then the body is curl's error message."""
+        argv = ["curl", "-sS", "--noproxy", "*", "--max-time", str(timeout),
+                "-o", "-", "-w", "\n%{http_code}"]
+        argv += ["--head"] if method == "HEAD" else ["-X", method]
+        for key, value in (headers or {}).items():
+            argv += ["-H", f"{key}: {value}"]
+        if data is not None:
+            argv += ["--data-binary", "@-"]
+        payload = data.encode() if isinstance(data, str) else data
+        proc = self.run([*argv, url], input=payload, text=False, timeout=timeout + 10)
+        out = proc.stdout.decode(errors="replace")
+        body, _, code = out.rpartition("\n")
+        status = int(code) if code.isdigit() else 0
+        if status == 0:
+            return 0, proc.stderr.decode(errors="replace").strip()
+        return status, body
+
+    def manifest(self) -> dict[str, Any]:
+        """This pod as a Kubernetes Pod object, for `l7gate endpoint apply`."""
+        container: dict[str, Any] = {"name": "app", "image": "l7gate/testbed-pod"}
+        if self.ports:
+            container["ports"] = [{"containerPort": p, "protocol": "TCP"} for p in self.ports]
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": self.name, "namespace": self.namespace, "labels": dict(self.labels),
+                         "annotations": {CLUSTER_ANNOTATION: self.cluster}},
+            "spec": {"nodeName": self.node.name, "serviceAccountName": self.service_account,
+                     "containers": [container]},
+            "status": {"phase": "Running", "hostIP": self.node.ip, "podIP": self.ip,
+                       "podIPs": [{"ip": self.ip}]},
+        }
+
+
+# --- the testbed -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Spawned:
+    proc: subprocess.Popen[Any]
+    where: str
+    log: Path | None
+    files: list[IO[bytes]] = field(default_factory=list)
+
+
+class Testbed:
+    """A set of nodes and pods in network namespaces; a context manager that removes everything
+    it created on exit, also when the body raised. Owns its namespaces and spawned processes."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, *, keep_logs: bool = False) -> None:
+        self.run_id = ""
+        self.nodes: dict[str, Node] = {}
+        self.pods: dict[str, Pod] = {}
+        self.keep_logs = keep_logs
+        self.workdir = Path()
+        self._netns: list[str] = []  # creation order
+        self._spawned: list[_Spawned] = []
+        self._lock_fd: int | None = None
+        self._pod_count = 0
+
+    # lifecycle
+
+    def __enter__(self) -> Testbed:
+        if os.geteuid() != 0:
+            raise TestbedError("the testbed needs root (network namespaces)")
+        cleanup_all(testbed_names_only=True)
+        self._claim_run_id()
+        try:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"l7g-testbed-{self.run_id}-"))
+        except BaseException:
+            self.close(raise_on_leftovers=False)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(raise_on_leftovers=exc is None)
+
+    def _claim_run_id(self) -> None:
+        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        existing = list_netns()
+        for _ in range(100):
+            run = secrets.token_hex(2)
+            if any(n.startswith(f"{PREFIX}-{run}-") for n in existing):
+                continue
+            try:
+                fd = os.open(LOCK_DIR / f"{run}.lock", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.run_id, self._lock_fd = run, fd
+            return
+        raise TestbedError("no free testbed run id")
+
+    def close(self, *, raise_on_leftovers: bool = True) -> None:
+        """Tear everything down: spawned processes, leftover processes, namespaces."""
+        errors: list[str] = []
+        for spawned in reversed(self._spawned):
+            try:
+                self._stop(spawned)
+            except Exception as exc:  # keep tearing down
+                errors.append(f"stopping {spawned.proc.args!r}: {exc}")
+        self._spawned.clear()
+        for netns in reversed(self._netns):
+            try:
+                _delete_netns(netns)
+            except Exception as exc:
+                errors.append(f"deleting netns {netns}: {exc}")
+        left = [n for n in list_netns() if n in self._netns]
+        self._netns.clear()
+        if self._lock_fd is not None:
+            (LOCK_DIR / f"{self.run_id}.lock").unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self.workdir != Path() and not self.keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if left:
+            errors.append(f"namespaces still present: {left}")
+        if errors:
+            log.error("testbed %s teardown: %s", self.run_id, "; ".join(errors))
+            if raise_on_leftovers:
+                raise TestbedError(f"testbed {self.run_id} teardown: " + "; ".join(errors))
+
+    def _stop(self, spawned: _Spawned) -> None:
+        proc = spawned.proc
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for f in spawned.files:
+            f.close()
+
+    # building
+
+    def _netns_name(self, name: str) -> str:
+        netns = f"{PREFIX}-{self.run_id}-{name}"
+        if netns in self._netns:
+            raise ValueError(f"a node or pod named {name!r} already exists in this testbed")
+        return netns
+
+    def _add_netns(self, netns: str, sysctls: Sequence[tuple[str, str]]) -> None:
+        if not self.run_id:
+            raise TestbedError("use the Testbed as a context manager (`with Testbed() as tb:`)")
+        _ip("netns", "add", netns)
+        self._netns.append(netns)
+        _write_sysctls(netns, sysctls)
+
+    def add_node(self, name: str, cluster: str = "default", node_cidr: str | None = None) -> Node:
+        """A node namespace forwarding for pods in `node_cidr` (default: the first free
+        10.N.0.0/24 with N ≥ 1). Its node IP is the CIDR's first host, on its ``lo``."""
+        if node_cidr is None:
+            taken = [n.cidr for n in self.nodes.values()]
+            free = (ipaddress.IPv4Network(f"10.{n}.0.0/24") for n in range(1, 256))
+            cidr = next(c for c in free if not any(c.overlaps(t) for t in taken))
+        else:
+            cidr = ipaddress.IPv4Network(node_cidr)
+        for other in self.nodes.values():
+            if cidr.overlaps(other.cidr):
+                raise ValueError(f"node {name}'s {cidr} overlaps node {other.name}'s {other.cidr}")
+        if cidr.num_addresses < 16:
+            raise ValueError(f"node CIDR {cidr} is too small (at least /28)")
+        netns = self._netns_name(name)
+        self._add_netns(netns, _NODE_SYSCTLS)
+        node = Node(self, name, netns, len(self.nodes) + 1, cluster, cidr)
+        self.nodes[name] = node
+        _ip_batch(netns, ["link set lo up", f"addr add {node.ip}/32 dev lo"])
+        return node
+
+    def add_pod(self, node: Node, namespace: str, name: str, ip: str | None = None,
+                labels: Mapping[str, str] | None = None, ports: Sequence[int] = (),
+                service_account: str = "default") -> Pod:
+        """A pod namespace on `node` with ``eth0`` = `ip`/32 (allocated from the node's CIDR if
+        None) and a default route via the node IP."""
+        if node.testbed is not self:
+            raise ValueError(f"node {node.name} belongs to another testbed")
+        pod_ip = node._allocate(ip)
+        netns = self._netns_name(name)
+        self._pod_count += 1
+        host_if = _ifname(self.run_id, "p", str(self._pod_count))
+        self._add_netns(netns, _POD_SYSCTLS)
+        pod = Pod(self, name, netns, node=node, namespace=namespace, ip=pod_ip,
+                  labels=labels or {}, ports=tuple(ports), service_account=service_account,
+                  host_ifname=host_if)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            netns=node.netns)
+        _ip_batch(netns, [
+            "link set lo up",
+            f"addr add {pod_ip}/32 dev eth0",
+            "link set eth0 up",
+            f"route add {node.ip}/32 dev eth0 scope link",
+            f"route add default via {node.ip} dev eth0",
+        ])
+        _ip_batch(node.netns, [f"link set {host_if} up", f"route add {pod_ip}/32 dev {host_if}"])
+        pod.host_ifindex = _ifindex(node.netns, host_if)
+        node.pods.append(pod)
+        self.pods[name] = pod
+        return pod
+
+    def link(self, node_a: Node, node_b: Node) -> tuple[LinkEnd, LinkEnd]:
+        """Join two nodes with a veth pair and route each one's pod CIDR to the other over it."""
+        if node_a is node_b or node_b.name in node_a.links:
+            raise ValueError(f"cannot link {node_a.name} and {node_b.name} (same node or already linked)")
+        if_a = _ifname(self.run_id, "n", str(node_b.index))  # in A, named after B
+        if_b = _ifname(self.run_id, "n", str(node_a.index))
+        _ip("link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", node_b.netns,
+            netns=node_a.netns)
+        for here, ifname, peer in ((node_a, if_a, node_b), (node_b, if_b, node_a)):
+            _ip_batch(here.netns, [
+                f"link set {ifname} up",
+                f"route add {peer.ip}/32 dev {ifname} scope link",
+                f"route add {peer.cidr} via {peer.ip} dev {ifname}",
+            ])
+        end_a = LinkEnd(node_a.name, if_a, _ifindex(node_a.netns, if_a), node_b.name)
+        end_b = LinkEnd(node_b.name, if_b, _ifindex(node_b.netns, if_b), node_a.name)
+        node_a.links[node_b.name] = end_a
+        node_b.links[node_a.name] = end_b
+        return end_a, end_b
+
+    # processes
+
+    def _spawn(self, where: Netns, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        files: list[IO[bytes]] = []
+        logfile: Path | None = None
+        if "stdout" not in kwargs or "stderr" not in kwargs:
+            logfile = self.workdir / f"{where.name}-{len(self._spawned) + 1}.log"
+            out = open(logfile, "wb")
+            files.append(out)
+            kwargs.setdefault("stdout", out)
+            kwargs.setdefault("stderr", subprocess.STDOUT)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs["env"] = _clean_env(kwargs.get("env"))
+        proc = subprocess.Popen(["ip", "netns", "exec", where.netns, *argv], **kwargs)
+        self._spawned.append(_Spawned(proc, where.netns, logfile, files))
+        return proc
+
+    def log_path(self, proc: subprocess.Popen[Any]) -> Path:
+        """The file a spawned process's output goes to."""
+        for spawned in self._spawned:
+            if spawned.proc is proc and spawned.log is not None:
+                return spawned.log
+        raise KeyError(f"no log file for {proc.args!r}")
+
+    # Kubernetes objects
+
+    def to_manifests(self, cluster: str | None = None) -> list[dict[str, Any]]:
+        """Namespace and Pod objects for every pod (of `cluster`, if given), namespaces first,
+        for ``l7gate endpoint apply``."""
+        pods = [p for p in self.pods.values() if cluster is None or p.cluster == cluster]
+        namespaces = sorted({(p.cluster, p.namespace) for p in pods})
+        out: list[dict[str, Any]] = [
+            {"apiVersion": "v1", "kind": "Namespace",
+             "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns},
+                          "annotations": {CLUSTER_ANNOTATION: cl}}}
+            for cl, ns in namespaces
+        ]
+        out.extend(p.manifest() for p in pods)
+        return out
