@@ -11,6 +11,7 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     xds: {listen: unix:<stateDir>/xds.sock, apiType: DELTA_GRPC}
     envoy: {enabled: true, adminPort: 0, concurrency: 1, logLevel: warning, baseId: null}
     datapath: {mode: loopback, upstreamPortOffset: 10000}
+    # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables}
 
 The admin endpoint refuses to listen on a non-loopback TCP address without a token.
 """
@@ -56,6 +57,9 @@ class AgentConfig:
     envoy: EnvoySettings = EnvoySettings()
     datapath_mode: str = "loopback"
     upstream_port_offset: int = 10000
+    pin_dir: str = ""  # kernel mode: where maps and programs are pinned (default /sys/fs/bpf/l7g/<node>)
+    links: tuple[str, ...] = ()  # kernel mode: inter-node interfaces (traffic from other nodes)
+    fallback: str = "iptables"  # kernel mode without bcc: "iptables" or "none" (refuse to start)
 
     def cluster_id_of(self, cluster: str) -> int | None:
         if cluster == self.cluster_name:
@@ -183,11 +187,24 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
     )
-    dp = section("datapath", {"mode", "upstreamPortOffset"})
+    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback"})
     mode = dp.get("mode", "loopback")
-    if mode != "loopback":
-        errors.append(Finding("datapath.mode", f"must be 'loopback' (the kernel datapath is not built yet), got {mode!r}"))
+    if mode not in ("loopback", "kernel"):
+        errors.append(Finding("datapath.mode", f"must be 'loopback' or 'kernel', got {mode!r}"))
     offset = integer(dp.get("upstreamPortOffset", d.upstream_port_offset), "datapath.upstreamPortOffset", 1, 60000)
+    pin_dir = dp.get("pinDir", f"/sys/fs/bpf/l7g/{node}")
+    if not isinstance(pin_dir, str) or not pin_dir.startswith("/sys/fs/bpf/l7g/"):
+        errors.append(Finding("datapath.pinDir", f"must be a directory under /sys/fs/bpf/l7g/, got {pin_dir!r}"))
+        pin_dir = f"/sys/fs/bpf/l7g/{node}"
+    links_raw = dp.get("links", [])
+    links: list[str] = []
+    if not isinstance(links_raw, list) or not all(isinstance(x, str) and x for x in links_raw):
+        errors.append(Finding("datapath.links", "must be a list of interface names"))
+    else:
+        links = list(links_raw)
+    fallback = dp.get("fallback", "iptables")
+    if fallback not in ("iptables", "none"):
+        errors.append(Finding("datapath.fallback", f"must be 'iptables' or 'none', got {fallback!r}"))
     if errors:
         raise ConfigError(source, tuple(errors))
     assert cluster_id is not None and offset is not None
@@ -204,6 +221,9 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         envoy=envoy,
         datapath_mode=str(mode),
         upstream_port_offset=offset,
+        pin_dir=str(pin_dir),
+        links=tuple(links),
+        fallback=str(fallback),
     )
 
 

@@ -37,6 +37,7 @@ from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.resolve import PolicyDelta, Resolver
 from ..policy.types import Policy
+from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.translate import ProxiedPort
 from .config import AgentConfig
@@ -86,7 +87,13 @@ def _canonical(obj: Any) -> bytes:
 
 class AgentCore:
     def __init__(
-        self, config: AgentConfig, store: KVStore, sink: ResourceSink, access_logs: Sequence[Message] = ()
+        self,
+        config: AgentConfig,
+        store: KVStore,
+        sink: ResourceSink,
+        access_logs: Sequence[Message] = (),
+        kernel: KernelApplier | None = None,
+        fallback: IptablesRedirect | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -103,8 +110,21 @@ class AgentCore:
         self._identity_pods: dict[int, set[str]] = {}
         self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs)
         self.ipcache.subscribe(self.publisher.on_ipcache_change)
+        self.kernel = kernel
+        self.fallback = fallback
+        if kernel is not None:
+            kernel.policy_of = self.resolver.endpoint_policy
+            self.ipcache.subscribe(kernel.on_ipcache_change)
         self.revision = 0
         self._restore()
+        if kernel is not None:
+            with self._lock:
+                # Reconcile, never flush: whatever the pinned maps hold is corrected in place.
+                kernel.resync(
+                    self.resolver.endpoints(),
+                    {e.prefix: e.identity for e in self.ipcache.snapshot()},
+                    self._local_pod_ips(),
+                )
 
     # -- restore ----------------------------------------------------------------------------
 
@@ -206,15 +226,26 @@ class AgentCore:
             old = self._policy_docs.get(policy.key)
             same = old is not None and _canonical(old) == _canonical(doc)
             if not same:
-                self.publisher.on_policy_delta(self.resolver.upsert_policy(policy))
+                self._feed(self.resolver.upsert_policy(policy))
                 self._policy_docs[policy.key] = doc
                 if persist:
                     self.store.put(POLICY_PREFIX + policy.key, _canonical(doc))
             self._record(result, policy.key, old is None, same)
         self._sync_ports()
-        self.publisher.flush()
+        self._flush()
         self.revision += 1
         return result
+
+    def _flush(self) -> None:
+        self.publisher.flush()
+        if self.kernel is not None:
+            self.kernel.flush()
+            self.kernel.set_local_pods(self._local_pod_ips())
+        if self.fallback is not None:
+            self.fallback.set_local_pods(self._local_pod_ips())
+
+    def _local_pod_ips(self) -> dict[str, int]:
+        return {ip: rec.identity for rec in self._pods.values() if rec.local for ip in rec.pod.ips}
 
     @staticmethod
     def _record(result: ApplyResult, name: str, created: bool, unchanged: bool) -> None:
@@ -229,10 +260,10 @@ class AgentCore:
         with self._lock:
             if key not in self._policy_docs:
                 return False
-            self.publisher.on_policy_delta(self.resolver.delete_policy(key))
+            self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
             self.store.delete(POLICY_PREFIX + key)
-            self.publisher.flush()
+            self._flush()
             self.revision += 1
             return True
 
@@ -247,7 +278,7 @@ class AgentCore:
             self._pod_docs.pop(ref, None)
             self.store.delete(POD_PREFIX + ref)
             self._sync_ports()
-            self.publisher.flush()
+            self._flush()
             self.revision += 1
             return True
 
@@ -308,16 +339,21 @@ class AgentCore:
 
     def _feed(self, delta: PolicyDelta) -> None:
         self.publisher.on_policy_delta(delta)
+        if self.kernel is not None:
+            self.kernel.on_policy_delta(delta)
 
     def _sync_ports(self) -> None:
         ports: list[ProxiedPort] = []
-        offset = self.config.upstream_port_offset
+        kernel_mode = self.config.datapath_mode == "kernel"
+        offset = 0 if kernel_mode else self.config.upstream_port_offset
         for rec in self._pods.values():
             if not rec.local or rec.pod.ip is None:
                 continue
             for port, proto in rec.pod.ports:
                 if proto == "TCP" and port + offset <= 65535:
-                    ports.append(ProxiedPort(rec.identity, rec.pod.ip, port, rec.pod.ip, port + offset))
+                    ports.append(
+                        ProxiedPort(rec.identity, rec.pod.ip, port, rec.pod.ip, port + offset, kernel_mode)
+                    )
         self.publisher.set_ports(ports)
 
     # -- queries -------------------------------------------------------------------------------

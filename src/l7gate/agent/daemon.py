@@ -9,6 +9,7 @@ SIGTERM or SIGINT stops everything in reverse order.
 from __future__ import annotations
 
 import signal
+from collections import deque
 import sys
 import threading
 import time
@@ -19,6 +20,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from ..kvstore.sqlite import SQLiteKVStore
+from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
+from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
 from ..observe.als import AccessLogReceiver, http_grpc_access_log
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
@@ -46,6 +49,8 @@ class Agent:
     metrics: AgentMetrics
     als: AccessLogReceiver
     started: float
+    datapath_info: dict[str, Any]
+    drops: deque[DropEvent]
 
     def status(self) -> dict[str, Any]:
         env = self.envoy.status() if self.envoy else None
@@ -53,11 +58,7 @@ class Agent:
             "node": self.config.node,
             "cluster": {"name": self.config.cluster_name, "id": self.config.cluster_id},
             "node_id": self.config.node_id,
-            "datapath": {
-                "mode": self.config.datapath_mode,
-                "description": "loopback: Envoy fronts each local pod's ports on the pod's own "
-                "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath)",
-            },
+            "datapath": self._datapath_status(),
             "admin": self.admin.address,
             "xds": self.xds.address,
             "envoy": None if env is None else {
@@ -77,6 +78,23 @@ class Agent:
             "access_logs": {"entries": self.als.entries, "errors": self.als.errors, "streams": self.als.streams},
             "uptime": round(time.monotonic() - self.started, 3),
         }
+
+    def _datapath_status(self) -> dict[str, Any]:
+        info = dict(self.datapath_info)
+        mode = info["mode"]
+        if mode == "loopback":
+            info["description"] = ("loopback: Envoy fronts each local pod's ports on the pod's own "
+                                   "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath)")
+        elif mode == "kernel":
+            info["description"] = ("kernel: BPF programs on the pods' veths make L3/L4 verdicts; "
+                                   "connections to ports with HTTP rules are redirected to Envoy")
+            if self.core.kernel is not None:
+                info["policy_entries"] = self.core.kernel.dp.policy_entries()
+            info["drops"] = len(self.drops)
+        else:
+            info["description"] = ("iptables fallback: every TCP connection to a local pod is "
+                                   "redirected to Envoy, which makes the L3/L4 and L7 verdicts")
+        return info
 
     def xds_config(self, node: str | None, type_url: str | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -102,6 +120,8 @@ class Agent:
 
     def stop(self) -> None:
         log("stopping")
+        if self.core.kernel is not None:
+            self.core.kernel.dp.close()  # programs stay attached and maps pinned (decision 7)
         self.admin.stop()
         if self.envoy is not None:
             self.envoy.stop()
@@ -123,7 +143,14 @@ def start_agent(config: AgentConfig) -> Agent:
         extra_handlers=[als.handler()],
     )
     xds_address = xds.start()
-    core = AgentCore(config, store, cache, access_logs=[http_grpc_access_log()])
+    kernel, fallback, datapath_info = _open_datapath(config)
+    core = AgentCore(
+        config, store, cache, access_logs=[http_grpc_access_log()], kernel=kernel, fallback=fallback
+    )
+    drops: deque[DropEvent] = deque(maxlen=1024)
+    if kernel is not None:
+        kernel.attach_links(config.links)
+        kernel.dp.poll_events(drops.append)
     metrics.attach(core)
     envoy: EnvoySupervisor | None = None
     if config.envoy.enabled:
@@ -152,8 +179,34 @@ def start_agent(config: AgentConfig) -> Agent:
     )
     admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
     admin.start()
-    agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic())
+    agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
+                  datapath_info, drops)
     return agent
+
+
+def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesRedirect | None, dict[str, Any]]:
+    """Kernel mode: the BPF datapath, or — when bcc cannot compile — the iptables fallback,
+    saying why. Loopback mode: neither."""
+    if config.datapath_mode != "kernel":
+        return None, None, {"mode": "loopback"}
+    changed = ensure_policy_routing()
+    if changed:
+        log(f"policy routing for the proxy: {'; '.join(changed)}")
+    dp = KernelDatapath(Path(config.pin_dir))
+    try:
+        dp.open()
+    except DatapathError as exc:
+        if config.fallback == "none":
+            raise
+        log(f"kernel datapath unavailable: {exc}")
+        log("FALLING BACK to iptables redirect: every TCP connection to a local pod goes through "
+            "Envoy, which makes the L3/L4 verdicts; UDP/SCTP are not filtered")
+        return None, IptablesRedirect(), {"mode": "iptables-fallback", "reason": str(exc)}
+    for problem in dp.replaced:
+        log(f"replaced a pinned map that was not ours or was corrupt: {problem}")
+    # The applier learns the resolver's policy lookup when the core takes it.
+    applier = KernelApplier(dp, lambda ident: None)
+    return applier, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced}
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -257,6 +257,21 @@ class KernelDatapath:
             changes += 1
         return changes
 
+    def upsert_ipcache(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network, identity: int) -> None:
+        if net.version != 4:
+            return
+        t = self.bpf[b"l7g_ipcache"]
+        t[t.Key(net.prefixlen, _addr_u32(net.network_address))] = t.Leaf(identity)
+
+    def delete_ipcache(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        if net.version != 4:
+            return
+        t = self.bpf[b"l7g_ipcache"]
+        try:
+            del t[t.Key(net.prefixlen, _addr_u32(net.network_address))]
+        except KeyError:
+            pass
+
     def set_endpoints(self, desired: Mapping[str, int]) -> int:
         """Local endpoints: pod IPv4 address → identity."""
         t = self.bpf[b"l7g_endpoints"]

@@ -151,7 +151,7 @@ class Publisher:
             )
             clusters[cname] = t.static_cluster(cname, p.upstream_ip, p.upstream_port)
             routes[rname] = t.route_configuration(rname, cname, matcher)
-            listeners[lname] = t.listener(lname, p.ip, p.port, rname, self.access_logs)
+            listeners[lname] = t.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent)
             stats.ports_translated += 1
         removed = sorted(self._removed)
         self._dirty.clear()

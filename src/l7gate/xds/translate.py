@@ -320,7 +320,9 @@ def http_connection_manager(stat_prefix: str, rds_name: str, access_logs: Sequen
     )
 
 
-def listener(name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = ()) -> listener_pb2.Listener:
+def listener(
+    name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False
+) -> listener_pb2.Listener:
     hcm = http_connection_manager(name, rds_name, access_logs)
     chain = listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_any(hcm))]
@@ -331,6 +333,9 @@ def listener(name: str, ip: str, port: int, rds_name: str, access_logs: Sequence
             socket_address=address_pb2.SocketAddress(address=ip, port_value=port)
         ),
         filter_chains=[chain],
+        # Kernel mode: the pod's address is not local to the node; IP_TRANSPARENT lets Envoy
+        # listen on it and answer from it, for the connections the datapath marks for it.
+        transparent=wrappers_pb2.BoolValue(value=True) if transparent else None,
     )
 
 
@@ -362,6 +367,7 @@ class ProxiedPort:
     port: int
     upstream_ip: str
     upstream_port: int
+    transparent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +385,7 @@ def port_resources(
 ) -> PortResources:
     decisions = port_decisions(policy, pp.port, prefixes.keys())
     return PortResources(
-        listener(listener_name(pp.ip, pp.port), pp.ip, pp.port, route_name(pp.ip, pp.port), access_logs),
+        listener(listener_name(pp.ip, pp.port), pp.ip, pp.port, route_name(pp.ip, pp.port), access_logs, pp.transparent),
         route_configuration(
             route_name(pp.ip, pp.port), cluster_name(pp.ip, pp.port), rbac_matcher(decisions, prefixes)
         ),

@@ -1,0 +1,164 @@
+"""Keeps the kernel datapath in step with the agent: policy deltas, ipcache, local endpoints.
+
+The thin I/O side of the kernel backend: `compile.py` decides what the maps must hold,
+`loader.KernelDatapath` writes them, and this class decides *when* — only the endpoints a
+policy delta names are recompiled, one ipcache change writes one prefix, and `flush()` writes
+the difference. `resync()` reconciles everything against what the kernel holds (agent start):
+nothing is flushed, so enforcement never lapses across a restart.
+
+Also the iptables fallback (`IptablesRedirect`), used when bcc cannot compile: every TCP packet
+to a local pod is marked for the proxy, and Envoy makes the L3/L4 verdicts.
+
+Not thread-safe: the agent's reconcile loop owns it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+
+from ..identity.ipcache import IPCacheChange
+from ..policy.resolve import EndpointPolicy, PolicyDelta
+from .compile import compile_endpoint
+from .loader import DatapathError, KernelDatapath
+
+log = logging.getLogger(__name__)
+
+REDIRECT_MARK = "0x200/0xf00"
+ROUTE_TABLE = "2004"
+CHAIN = "L7G-PREROUTING"
+
+
+def ensure_policy_routing() -> list[str]:
+    """Marked packets are delivered locally (to Envoy's transparent listeners). Idempotent;
+    returns what it changed."""
+    changed: list[str] = []
+    rules = subprocess.run(["ip", "-j", "rule", "show"], capture_output=True, text=True, check=True)
+    have = any(
+        r.get("table") == ROUTE_TABLE and r.get("fwmark") == "0x200" for r in json.loads(rules.stdout or "[]")
+    )
+    if not have:
+        _run(["ip", "rule", "add", "fwmark", REDIRECT_MARK, "lookup", ROUTE_TABLE, "pref", "100"])
+        changed.append(f"ip rule fwmark {REDIRECT_MARK} lookup {ROUTE_TABLE}")
+    routes = subprocess.run(
+        ["ip", "-j", "route", "show", "table", ROUTE_TABLE], capture_output=True, text=True, check=False
+    )
+    if "local" not in routes.stdout:
+        _run(["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE])
+        changed.append(f"ip route local 0.0.0.0/0 dev lo table {ROUTE_TABLE}")
+    return changed
+
+
+def host_interface(pod_ip: str) -> str:
+    """The node-side interface a pod is reached through (its veth), from the routing table."""
+    out = subprocess.run(["ip", "-j", "route", "get", pod_ip], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise DatapathError(f"no route to pod {pod_ip}: {out.stderr.strip()}")
+    routes = json.loads(out.stdout)
+    if not routes or "dev" not in routes[0]:
+        raise DatapathError(f"no interface for pod {pod_ip}")
+    return str(routes[0]["dev"])
+
+
+def _run(argv: list[str]) -> None:
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise DatapathError(f"{' '.join(argv)}: {out.stderr.strip()}")
+
+
+class KernelApplier:
+    def __init__(self, datapath: KernelDatapath, policy_of: Callable[[int], EndpointPolicy | None]) -> None:
+        self.dp = datapath
+        self.policy_of = policy_of
+        self._dirty: set[int] = set()
+        self._endpoints: set[int] = set()
+        self._attached: dict[str, str] = {}  # pod ip -> interface
+
+    def resync(self, endpoints: Iterable[int], ipcache: Mapping[ipaddress.IPv4Network | ipaddress.IPv6Network, int],
+               local_pods: Mapping[str, int]) -> int:
+        self._endpoints = set(endpoints)
+        changes = self.dp.set_ipcache({n: i for n, i in ipcache.items() if n.version == 4})
+        changes += self.set_local_pods(local_pods)
+        desired = {}
+        for ep in sorted(self._endpoints):
+            pol = self.policy_of(ep)
+            if pol is not None:
+                desired.update(compile_endpoint(pol))
+        changes += self.dp.set_policy(desired)
+        self._dirty.clear()
+        return changes
+
+    def set_local_pods(self, pods: Mapping[str, int]) -> int:
+        v4 = {ip: ident for ip, ident in pods.items() if ipaddress.ip_address(ip).version == 4}
+        changes = self.dp.set_endpoints(v4)
+        for ip in v4:
+            if ip not in self._attached:
+                ifname = host_interface(ip)
+                self.dp.attach(ifname, "pod")
+                self._attached[ip] = ifname
+                log.info("datapath attached to %s (pod %s)", ifname, ip)
+        for ip in list(self._attached):
+            if ip not in v4:
+                self._attached.pop(ip)  # the veth goes away with the pod; nothing to detach
+        return changes
+
+    def attach_links(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.dp.attach(name, "link")
+
+    def on_policy_delta(self, delta: PolicyDelta) -> None:
+        self._dirty |= set(delta.changes)
+        for ep in delta.removed_endpoints:
+            self._endpoints.discard(ep)
+            self._dirty.add(ep)
+        for ep in delta.changes:
+            self._endpoints.add(ep)
+
+    def on_ipcache_change(self, change: IPCacheChange) -> None:
+        if change.prefix.version != 4:
+            return
+        if change.new is not None:
+            self.dp.upsert_ipcache(change.prefix, change.new)
+        else:
+            self.dp.delete_ipcache(change.prefix)
+
+    def flush(self) -> int:
+        changes = 0
+        for ep in sorted(self._dirty):
+            pol = self.policy_of(ep) if ep in self._endpoints else None
+            changes += self.dp.set_policy(compile_endpoint(pol) if pol is not None else {}, endpoints=[ep])
+        self._dirty.clear()
+        return changes
+
+
+class IptablesRedirect:
+    """Fallback redirect without BPF: mark every TCP packet to a local pod for the proxy."""
+
+    def __init__(self) -> None:
+        self._pods: tuple[str, ...] = ()
+
+    def set_local_pods(self, pod_ips: Iterable[str]) -> None:
+        pods = tuple(sorted(ip for ip in pod_ips if ipaddress.ip_address(ip).version == 4))
+        if pods == self._pods:
+            return
+        lines = ["*mangle", f":{CHAIN} - [0:0]"]
+        lines += [f"-A {CHAIN} -p tcp -d {ip}/32 -j MARK --set-xmark {REDIRECT_MARK}" for ip in pods]
+        lines.append("COMMIT")
+        # One atomic commit: declaring the chain flushes it and its new rules land together, so
+        # no packet ever sees an empty chain (which would bypass the proxy).
+        out = subprocess.run(["iptables-restore", "--noflush"], input="\n".join(lines) + "\n",
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise DatapathError(f"iptables-restore: {out.stderr.strip()}")
+        jump = subprocess.run(["iptables", "-t", "mangle", "-C", "PREROUTING", "-j", CHAIN], capture_output=True, check=False)
+        if jump.returncode != 0:
+            _run(["iptables", "-t", "mangle", "-I", "PREROUTING", "1", "-j", CHAIN])
+        self._pods = pods
+
+    def remove(self) -> None:
+        subprocess.run(["iptables", "-t", "mangle", "-D", "PREROUTING", "-j", CHAIN], capture_output=True, check=False)
+        subprocess.run(["iptables", "-t", "mangle", "-F", CHAIN], capture_output=True, check=False)
+        subprocess.run(["iptables", "-t", "mangle", "-X", CHAIN], capture_output=True, check=False)
