@@ -19,6 +19,16 @@ APT_PACKAGES=(
     gcc
     make
     git
+    iproute2      # the testbed (src/l7gate/agent/testbed.py): ip netns, veths
+    iputils-ping  # the testbed's reachability probes
+    curl          # pods run curl in the testbed, as the seed's frontend does
+    # the kernel datapath (src/l7gate/redirect_bpf): bcc compiles the tc programs at run time
+    python3-bpfcc
+    bpfcc-tools
+    bpftool
+    clang
+    iptables      # the fallback redirect when bcc cannot compile
+    linux-headers-amd64
 )
 
 VENV="$ROOT/.venv"
@@ -99,9 +109,40 @@ install_project() {
     say "pip install -e '.[dev]' into .venv ($([ -n "$have" ] && echo "pyproject.toml changed" || echo "first install"))"
 }
 
+# bcc needs the running kernel's headers at /lib/modules/$(uname -r)/build. This kernel ships
+# none; Debian's linux-headers-amd64 works when linked there (FIELD-NOTES). Also bpffs at
+# /sys/fs/bpf, where the datapath pins its maps. Root only; skipped (with a note) otherwise.
+setup_datapath_host() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install: not root: skipping kernel headers link and bpffs mount (kernel datapath needs root)"
+        return 0
+    fi
+    local kver mods hdr common
+    kver=$(uname -r)
+    mods="/lib/modules/$kver"
+    if [ ! -e "$mods/build/include" ]; then
+        hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+        common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+        if [ -n "$hdr" ] && [ -n "$common" ]; then
+            mkdir -p "$mods"
+            ln -sfn "$hdr" "$mods/build"
+            ln -sfn "$common" "$mods/source"
+            say "linked kernel headers for $kver: $mods/build -> $hdr, $mods/source -> $common"
+        else
+            echo "install: no kernel headers under /usr/src: the kernel datapath will fall back to iptables" >&2
+        fi
+    fi
+    if ! mountpoint -q /sys/fs/bpf; then
+        mkdir -p /sys/fs/bpf
+        mount -t bpf bpf /sys/fs/bpf
+        say "mounted bpffs at /sys/fs/bpf"
+    fi
+}
+
 install_apt_packages
 make_venv
 install_project
+setup_datapath_host
 
 if [ "$CHANGED" -eq 0 ]; then
     echo "install: nothing to do"
