@@ -333,7 +333,8 @@ class Netns:
     def ping(self, ip: str, count: int = 1, timeout: float = 2.0) -> bool:
         """True if `ip` answers ICMP echo from this namespace."""
         wait = str(max(1, round(timeout)))
-        return self.run(["ping", "-n", "-q", "-c", str(count), "-W", wait, ip]).returncode == 0
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", wait, ip]
+        return self.run(argv).returncode == 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} netns={self.netns}>"
@@ -662,7 +663,13 @@ class Testbed:
             kwargs.setdefault("stderr", subprocess.STDOUT)
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs["env"] = _clean_env(kwargs.get("env"))
-        proc = subprocess.Popen(["ip", "netns", "exec", where.netns, *argv], **kwargs)
+        # `ip netns exec` also gives the process a private /sys, which hides the host's bpffs
+        # (/sys/fs/bpf): an agent that pins BPF maps must enter the network namespace only.
+        if kwargs.pop("net_only", False):
+            prefix = ["nsenter", f"--net={where.path}"]
+        else:
+            prefix = ["ip", "netns", "exec", where.netns]
+        proc = subprocess.Popen([*prefix, *argv], **kwargs)
         self._spawned.append(_Spawned(proc, where.netns, logfile, files))
         return proc
 
