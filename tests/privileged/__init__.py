@@ -1,0 +1,1 @@
+"""Tests that need root: network namespaces, veths, BPF."""
