@@ -10,7 +10,7 @@ carries that id, so parallel and stale runs never collide:
 - a link between two nodes is a veth pair ``l7g<run>n<peer index>`` in each node, named after
   the node it leads to.
 
-Interface names are at most 10 characters (IFNAMSIZ allows 15). Every veth is created directly
+Interface names are checked to fit IFNAMSIZ (15 characters). Every veth is created directly
 inside its namespaces (``ip -n NODE link add ... peer ... netns POD``): nothing is ever created,
 addressed or routed in the root network namespace, and no route leads out of the testbed.
 
