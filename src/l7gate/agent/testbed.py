@@ -70,6 +70,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from l7gate.k8s.objects import CLUSTER_ANNOTATION
+
 log = logging.getLogger(__name__)
 
 PREFIX = "l7g"
@@ -77,7 +79,6 @@ IFNAMSIZ = 15  # usable characters; the kernel's IFNAMSIZ of 16 includes the NUL
 LOCK_DIR = Path("/run/l7g-testbed")
 NETNS_DIR = Path("/run/netns")
 POD_SERVER = Path(__file__).resolve().parents[3] / "scripts" / "pod_server.py"
-CLUSTER_ANNOTATION = "l7gate.io/cluster"  # as in l7gate.k8s.objects
 FIRST_POD_OFFSET = 10  # pods get <cidr>.10, .11, ... unless an address is given
 
 _TESTBED_NETNS = re.compile(r"l7g-([0-9a-f]{4})-.+")
