@@ -12,6 +12,7 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     envoy: {enabled: true, adminPort: 0, concurrency: 1, logLevel: warning, baseId: null}
     datapath: {mode: loopback, upstreamPortOffset: 10000}
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables}
+    observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
 
 The admin endpoint refuses to listen on a non-loopback TCP address without a token.
 """
@@ -44,6 +45,12 @@ class EnvoySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ObserveSettings:
+    ring_size: int = 4096  # flows the agent keeps for `l7gate observe`
+    follow_buffer: int = 16384  # flows queued per `observe --follow` before it loses the oldest
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str = "node-1"
     cluster_name: str = "default"
@@ -60,6 +67,7 @@ class AgentConfig:
     pin_dir: str = ""  # kernel mode: where maps and programs are pinned (default /sys/fs/bpf/l7g/<node>)
     links: tuple[str, ...] = ()  # kernel mode: inter-node interfaces (traffic from other nodes)
     fallback: str = "iptables"  # kernel mode without bcc: "iptables" or "none" (refuse to start)
+    observe: ObserveSettings = ObserveSettings()
 
     def cluster_id_of(self, cluster: str) -> int | None:
         if cluster == self.cluster_name:
@@ -106,7 +114,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
-    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath"}
+    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe"}
     for k in data:
         if k not in known:
             errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
@@ -205,6 +213,11 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
     fallback = dp.get("fallback", "iptables")
     if fallback not in ("iptables", "none"):
         errors.append(Finding("datapath.fallback", f"must be 'iptables' or 'none', got {fallback!r}"))
+    ob = section("observe", {"ringSize", "followBuffer"})
+    observe = ObserveSettings(
+        ring_size=integer(ob.get("ringSize", 4096), "observe.ringSize", 1, 1 << 20) or 4096,
+        follow_buffer=integer(ob.get("followBuffer", 16384), "observe.followBuffer", 1, 1 << 20) or 16384,
+    )
     if errors:
         raise ConfigError(source, tuple(errors))
     assert cluster_id is not None and offset is not None
@@ -224,6 +237,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         pin_dir=str(pin_dir),
         links=tuple(links),
         fallback=str(fallback),
+        observe=observe,
     )
 
 
