@@ -17,7 +17,13 @@ install: ## install Debian packages, .venv and the project (idempotent)
 demo: install ## run the seed scenario: validate + trace, then a real agent and Envoy (loopback mode)
 	@bash scripts/demo.sh
 	@echo
-	@bash scripts/demo-loopback.sh
+	@if [ "$$(id -u)" = 0 ]; then \
+		echo "== the seed scenario through the kernel datapath (network namespaces, BPF, Envoy)"; \
+		.venv/bin/python scripts/demo_kernel.py; \
+	else \
+		echo "== not root: no network namespaces or BPF; running the seed scenario in loopback mode"; \
+		bash scripts/demo-loopback.sh; \
+	fi
 
 # Every check runs even when an earlier one failed, so one run shows all problems.
 test: install ## import contracts, mypy --strict, then the test suite

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""The seed scenario through the real sidecarless path (root only).
+
+Two nodes in network namespaces, one per cluster, each with its own l7gate agent, Envoy and
+BPF datapath: billing-service x2 on node a1 (cluster-a), frontend-service and a pod with other
+labels on node b1 (cluster-b). The frontend runs `curl` as in the article. Everything is
+created under l7g-prefixed names and removed at the end, even on failure.
+Exits non-zero if any request gets a result other than the article's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from l7gate.agent.client import AdminClient
+from l7gate.agent.testbed import Testbed
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = ROOT / "examples" / "seed"
+L7GATE = str(Path(sys.executable).parent / "l7gate")
+
+
+def seed_policies() -> list[Any]:
+    docs: list[Any] = []
+    for name in ("default-deny-all.yaml", "allow-frontend-to-billing.yaml"):
+        docs.extend(yaml.safe_load_all((SEED / name).read_text()))
+    return docs
+
+
+def main() -> int:
+    failed = 0
+    with Testbed() as tb:
+        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.71.1.0/24")
+        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.71.2.0/24")
+        tb.link(na, nb)
+        billing = [
+            tb.add_pod(na, "payments", name, labels={"app": "billing-service", "team": "payments", "env": "prod"},
+                       ports=[8080])
+            for name in ("billing-service-xyz", "billing-service-k2m4p")
+        ]
+        fe = tb.add_pod(nb, "web", "frontend-service-abc", labels={"app": "frontend-service", "team": "web", "env": "prod"})
+        other = tb.add_pod(nb, "web", "reporting-job-q7x", labels={"app": "reporting-job", "team": "web", "env": "prod"})
+        for b in billing:
+            b.serve_http(8080)
+        agents = []
+        try:
+            for node, cluster, cid, peer, pid in ((na, "cluster-a", 1, "cluster-b", 2), (nb, "cluster-b", 2, "cluster-a", 1)):
+                work = tb.workdir / f"agent-{node.name}"
+                work.mkdir()
+                cfg = work / "agent.yaml"
+                cfg.write_text(yaml.safe_dump({
+                    "node": node.name, "cluster": {"name": cluster, "id": cid}, "clusters": {peer: pid},
+                    "stateDir": str(work / "state"), "admin": {"listen": f"unix:{work}/admin.sock"},
+                    "envoy": {"logLevel": "warning"},
+                    "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames},
+                }))
+                print(f"== node {node.name} ({cluster}): l7gate agent --config {cfg}")
+                proc = node.spawn([L7GATE, "agent", "--config", str(cfg)], net_only=True)
+                client = AdminClient(f"unix:{work}/admin.sock")
+                agents.append((node, proc, client, work))
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        if (client.get("/v1/status")["envoy"] or {}).get("state") == "LIVE":
+                            break
+                    except OSError:
+                        pass
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        print(tb.log_path(proc).read_text()[-3000:])
+                        return 1
+                    time.sleep(0.1)
+                client.apply_endpoints(tb.to_manifests())
+                client.apply_policies(seed_policies())
+                st = client.get("/v1/status")
+                print(f"   datapath: {st['datapath']['mode']} — {st['datapath']['description']}")
+            time.sleep(1.0)
+            print("\n== from the frontend-service pod (cluster-b), as in the article")
+            target = billing[0]
+            for who, pod, method, path, port, want in (
+                ("frontend-service", fe, "POST", "/v1/charge", 8080, 200),
+                ("frontend-service", fe, "GET", "/v1/transactions", 8080, 403),
+                ("frontend-service", fe, "POST", "/v1/refund", 8080, 403),
+                ("frontend-service", fe, "POST", "/v1/charge", 9090, 0),
+                ("reporting-job (other labels)", other, "POST", "/v1/charge", 8080, 0),
+            ):
+                status, body = pod.curl(f"http://{target.ip}:{port}{path}", method, data='{"amount": 100}', timeout=2,
+                                        headers={"Host": "billing-service.payments"})
+                shown = status if status else "no answer (dropped in the kernel)"
+                print(f"   {who}: curl -X {method} http://billing-service.payments:{port}{path} -> {shown}"
+                      f" {body.strip()[:60] if status else ''}")
+                if status != want:
+                    print(f"   ^ MISMATCH: expected {want or 'a drop'}")
+                    failed = 1
+            _, _, client_a, work_a = agents[0]
+            print("\n== node a1: l7gate status (datapath)")
+            print(json.dumps(client_a.get("/v1/status")["datapath"], indent=2))
+            print("\n== node a1: l7gate xds status")
+            subprocess.run([L7GATE, "xds", "status", "--admin", f"unix:{work_a}/admin.sock"], check=False)
+            has_observe = subprocess.run([L7GATE, "observe", "--help"], capture_output=True).returncode == 0
+            if has_observe:
+                print("\n== node a1: l7gate observe --last 20")
+                subprocess.run([L7GATE, "observe", "--last", "20", "--admin", f"unix:{work_a}/admin.sock"], check=False)
+        finally:
+            for node, proc, _, _ in agents:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=20)
+                subprocess.run(["rm", "-rf", f"/sys/fs/bpf/l7g/{node.netns}"], check=False)
+            try:
+                Path("/sys/fs/bpf/l7g").rmdir()
+            except OSError:
+                pass
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The seed scenario through the kernel datapath: pods in network namespaces, BPF programs on
+their veths, the node's Envoy behind a transparent redirect. Two nodes, one per cluster, each
+with its own agent: billing-service on node a1 (cluster-a), frontend-service and a pod with
+other labels on node b1 (cluster-b); cross-node traffic is checked where it arrives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from l7gate.agent.client import AdminClient
+from l7gate.agent.testbed import Node, Pod, Testbed
+
+pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = ROOT / "examples" / "seed"
+L7GATE = str(Path(sys.executable).parent / "l7gate")
+BILLING_LABELS = {"app": "billing-service", "team": "payments", "env": "prod"}
+FRONTEND_LABELS = {"app": "frontend-service", "team": "web", "env": "prod"}
+
+
+def seed_policies() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for name in ("default-deny-all.yaml", "allow-frontend-to-billing.yaml"):
+        docs.extend(yaml.safe_load_all((SEED / name).read_text()))
+    return docs
+
+
+@dataclass
+class AgentProc:
+    node: Node
+    workdir: Path
+    config: Path
+    client: AdminClient
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def pin_dir(self) -> Path:
+        return Path(f"/sys/fs/bpf/l7g/{self.node.netns}")
+
+    def start(self, tb: Testbed) -> None:
+        self.proc = self.node.spawn([L7GATE, "agent", "--config", str(self.config)], net_only=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                st = self.client.get("/v1/status")
+                if st["envoy"] and st["envoy"]["state"] == "LIVE":
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"agent on {self.node.name} did not start: {tb.log_path(self.proc).read_text()[-3000:]}")
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = self.client.get("/v1/status")
+        return st
+
+    def synced(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.client.get("/v1/xds/status")
+            types = [t for n in data["nodes"] for t in n["types"].values() if t["type"] in ("LDS", "RDS", "CDS")]
+            if len(types) == 3 and all(t["state"] == "SYNCED" for t in types):
+                return
+            time.sleep(0.05)
+        raise AssertionError(json.dumps(data, indent=1))
+
+
+def make_agent(tb: Testbed, node: Node, cluster: str, cid: int, other: str, oid: int, links: list[str]) -> AgentProc:
+    work = tb.workdir / f"agent-{node.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "agent.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "node": node.name,
+        "cluster": {"name": cluster, "id": cid},
+        "clusters": {other: oid},
+        "stateDir": str(work / "state"),
+        "admin": {"listen": f"unix:{work}/admin.sock"},
+        "envoy": {"logLevel": "warning"},
+        "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": links},
+    }))
+    return AgentProc(node, work, cfg, AdminClient(f"unix:{work}/admin.sock"))
+
+
+@dataclass
+class World:
+    tb: Testbed
+    a: AgentProc
+    b: AgentProc
+    billing: Pod
+    frontend: Pod
+    other: Pod
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with Testbed() as tb:
+        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.61.1.0/24")
+        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.61.2.0/24")
+        tb.link(na, nb)
+        billing = tb.add_pod(na, "payments", "billing-service-xyz", labels=BILLING_LABELS, ports=[8080])
+        frontend = tb.add_pod(nb, "web", "frontend-service-abc", labels=FRONTEND_LABELS)
+        other = tb.add_pod(nb, "web", "reporting-job-q7x", labels={"app": "reporting-job", "team": "web"})
+        billing.serve_http(8080)
+        billing.serve_http(9090)
+        a = make_agent(tb, na, "cluster-a", 1, "cluster-b", 2, na.link_ifnames)
+        b = make_agent(tb, nb, "cluster-b", 2, "cluster-a", 1, nb.link_ifnames)
+        try:
+            for agent in (a, b):
+                agent.start(tb)
+                agent.client.apply_endpoints(tb.to_manifests())
+                agent.client.apply_policies(seed_policies())
+                agent.synced()
+            yield World(tb, a, b, billing, frontend, other)
+        finally:
+            for agent in (a, b):
+                if agent.proc is not None and agent.proc.poll() is None:
+                    agent.proc.terminate()
+                    agent.proc.wait(timeout=20)
+            for agent in (a, b):
+                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+            try:
+                Path("/sys/fs/bpf/l7g").rmdir()
+            except OSError:
+                pass  # another run still has pins there
+
+
+def url(pod: Pod, port: int, path: str) -> str:
+    return f"http://{pod.ip}:{port}{path}"
+
+
+def test_seed_table_through_the_kernel_path(world: World) -> None:
+    fe, bill = world.frontend, world.billing
+    status, body = fe.curl(url(bill, 8080, "/v1/charge"), "POST", data='{"amount": 100}')
+    assert status == 200 and json.loads(body)["path"] == "/v1/charge"
+    assert fe.curl(url(bill, 8080, "/v1/transactions"), "GET")[0] == 403
+    assert fe.curl(url(bill, 8080, "/v1/refund"), "POST")[0] == 403
+    drops_before = world.a.status()["datapath"]["drops"]
+    assert fe.curl(url(bill, 9090, "/v1/charge"), "POST", timeout=2)[0] == 0  # dropped in the kernel
+    assert world.other.curl(url(bill, 8080, "/v1/charge"), "POST", timeout=2)[0] == 0
+    deadline = time.monotonic() + 5
+    while world.a.status()["datapath"]["drops"] < drops_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert world.a.status()["datapath"]["drops"] >= drops_before + 2
+
+
+def test_status_shows_the_kernel_datapath(world: World) -> None:
+    dp = world.a.status()["datapath"]
+    assert dp["mode"] == "kernel" and dp["policy_entries"] > 0
+    assert (world.a.pin_dir / "policy").exists() and (world.a.pin_dir / "prog_l7g_from_pod").exists()
+
+
+def _prog_ids(node: Node, ifname: str) -> str:
+    return node.run(["tc", "filter", "show", "dev", ifname, "ingress"]).stdout
+
+
+def test_policy_change_flips_new_connections_without_reloading(world: World) -> None:
+    bill, other = world.billing, world.other
+    before = _prog_ids(world.a.node, bill.host_ifname)
+    allow_other = {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "allow-reporting", "namespace": "payments"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "billing-service"}},
+                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "reporting-job", "k8s:io.kubernetes.pod.namespace": "web"}}],
+                              "toPorts": [{"ports": [{"port": "9090", "protocol": "TCP"}]}]}]},
+    }
+    assert other.curl(url(bill, 9090, "/x"), timeout=2)[0] == 0
+    world.a.client.apply_policies([allow_other])
+    world.a.synced()
+    assert other.curl(url(bill, 9090, "/x"))[0] == 200
+    world.a.client.delete_policy("CiliumNetworkPolicy/payments/allow-reporting")
+    assert other.curl(url(bill, 9090, "/x"), timeout=2)[0] == 0
+    assert _prog_ids(world.a.node, bill.host_ifname) == before  # same programs, new map entries
+
+
+CONNECT_LOOP = r"""
+import socket, sys, time
+dst, port, n, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+fails = 0
+for i in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(3)
+    try:
+        s.bind(("0.0.0.0", base + i % 64))  # 64 source ports: every 4-tuple is reused
+        s.connect((dst, port))
+        s.sendall(b"POST /v1/charge HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            c = s.recv(4096)
+            if not c:
+                break
+            data += c
+        if not data.startswith(b"HTTP/1.1 200"):
+            fails += 1
+    except OSError as e:
+        fails += 1
+    finally:
+        s.close()
+print(fails)
+"""
+
+
+def test_ten_thousand_sequential_connections_with_port_reuse(world: World) -> None:
+    n = int(os.environ.get("L7G_CONNECTIONS", "10000"))
+    r = world.frontend.run([sys.executable, "-c", CONNECT_LOOP, world.billing.ip, "8080", str(n), "40000"],
+                           timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) == 0, f"{r.stdout.strip()} of {n} connections failed"
+
+
+def test_kill_9_agent_keeps_verdicts_and_restart_reconciles(world: World) -> None:
+    a = world.a
+    assert a.proc is not None
+    entries_before = a.status()["datapath"]["policy_entries"]
+    stop = threading.Event()
+    results: list[tuple[str, int]] = []
+
+    def probe() -> None:
+        while not stop.is_set():
+            results.append(("allow", world.frontend.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=2)[0]))
+            results.append(("l7deny", world.frontend.curl(url(world.billing, 8080, "/v1/refund"), "POST", timeout=2)[0]))
+            results.append(("l4deny", world.other.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=1)[0]))
+
+    th = threading.Thread(target=probe)
+    th.start()
+    try:
+        time.sleep(0.5)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        killed_at = len(results)
+        time.sleep(2.0)
+        assert len(results) > killed_at, "probes must run while the agent is down"
+        a.start(world.tb)
+        a.synced()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        th.join()
+    allow = [s for k, s in results if k == "allow"]
+    l7deny = [s for k, s in results if k == "l7deny"]
+    l4deny = [s for k, s in results if k == "l4deny"]
+    assert allow and set(allow) == {200}, allow
+    assert set(l7deny) == {403}, l7deny
+    assert set(l4deny) == {0}, l4deny
+    after = a.status()["datapath"]
+    assert after["policy_entries"] == entries_before and after["replaced_maps"] == []
