@@ -234,7 +234,7 @@ def test_crash_loop_gives_up_after_max_restarts(
 def test_orphan_left_by_a_dead_agent_is_replaced(
     supervisors: Callable[..., EnvoySupervisor], envoy: Path, tmp_path: Path
 ) -> None:
-    sup = supervisors("node-a", replace_orphan=False)
+    sup = supervisors("node-a", orphan="refuse")
     # An "agent" process that starts Envoy and dies without stopping it: Envoy, in its own
     # session, keeps running (DESIGN.md decision 7).
     script = textwrap.dedent(f"""
@@ -261,7 +261,7 @@ def test_orphan_left_by_a_dead_agent_is_replaced(
         with pytest.raises(EnvoyError, match=f"still running \\(pid {orphan}\\)"):
             sup.start()
 
-        replacing = EnvoySupervisor(dataclasses.replace(sup.options, replace_orphan=True))
+        replacing = EnvoySupervisor(dataclasses.replace(sup.options, orphan="replace"))
         status = replacing.start()
         try:
             assert status.pid != orphan

@@ -8,15 +8,15 @@ One `EnvoySupervisor` owns one Envoy process at a time and one state directory::
     STATE_DIR/bootstrap.json  written by start() (see bootstrap.py)
     STATE_DIR/envoy.log       Envoy's stdout+stderr, appended across restarts, one marker per start
     STATE_DIR/admin_address   written by Envoy (--admin-address-path) once admin is bound
-    STATE_DIR/envoy.pid       "PID STARTTIME" of the current Envoy, for orphan detection
+    STATE_DIR/envoy.pid       "PID STARTTIME LOGOFFSET" of the current Envoy, for orphans
 
 States::
 
-    STOPPED --start()--> STARTING --/ready says LIVE--> LIVE
+    STOPPED --start()--> STARTING --/ready says LIVE--> LIVE    (start() may adopt an orphan)
     STARTING, LIVE --unexpected exit--> RESTARTING --back-off--> STARTING  (restarts += 1)
     STARTING, LIVE --unexpected exit, max_restarts reached--> FAILED
     RESTARTING --spawn failed--> FAILED
-    any --stop()--> STOPPED
+    any --stop()--> STOPPED          any --abandon()--> STOPPED, Envoy left running
 
 LIVE means Envoy's own `/ready` said LIVE: the process works and its initial xDS fetches ended,
 answered or timed out (see bootstrap.py). Whether the policy arrived is the xDS server's ACK
@@ -42,10 +42,31 @@ scratch, and without hot restart Envoy creates no shared memory and no domain so
 of Envoys run side by side without coordinating base ids, and a `kill -9` leaves nothing stale in
 /dev/shm. Setting `hot_restart_base_id` passes `--base-id` instead, for a future hot-restart path.
 
-If the agent process dies, Envoy keeps running with its last config (DESIGN.md decision 7). The
-next supervisor on the same state directory finds it through `envoy.pid` (PID, kernel start time
-and a command line naming this directory's bootstrap must all match) and, with `replace_orphan`,
-terminates it through a pidfd before starting its own; otherwise start() refuses.
+Orphans and adoption
+--------------------
+If the agent process dies, Envoy keeps running with its last config (DESIGN.md decision 7): it is
+in its own session, and it holds neither the dir lock (opened O_CLOEXEC) nor any other descriptor
+of the agent but its log file. The kernel drops the dead agent's flock, so the next supervisor on
+the same state directory gets the directory and finds the Envoy through `envoy.pid` (PID, kernel
+start time and a command line naming this directory's bootstrap must all match; the PID is then
+pinned with a pidfd and checked again). `EnvoyOptions.orphan` says what to do with it:
+
+- "adopt" (the default): if the Envoy runs exactly what this supervisor would start (the
+  bootstrap.json it was started from equals the bootstrap this supervisor would write, and its
+  command line equals the one it would use), keep it running: the bootstrap is not rewritten, the
+  admin address comes from `admin_address`, and the state goes STARTING -> LIVE once `/ready`
+  answers, with `status().adopted` true. Proxied connections never notice the agent restart.
+  If anything differs, fall back to "replace" and log what differed.
+- "replace": terminate it (SIGTERM, then SIGKILL, through the pidfd) and start a new Envoy.
+- "refuse": start() raises EnvoyError.
+
+An adopted Envoy is not the supervisor's child, so it cannot be waited for: the monitor polls its
+pidfd instead (readable once the process has exited), and signals it only through that pidfd
+(`pidfd_send_signal`), never by PID, so a reused PID is never hit. Its exit status is unknowable
+(its parent is init or a subreaper): `EnvoyExit.returncode` is None and `describe()` says
+"adopted pid N exited". After that exit the supervisor starts its own child exactly as after a
+crash (back-off, `restarts` += 1). `abandon()` leaves Envoy running and walks away, which is what
+a kill -9 of the agent leaves behind.
 
 Thread safety: every public method may be called from any thread. `status()` returns an immutable
 snapshot; `wait_ready()` blocks the caller only.
@@ -58,9 +79,12 @@ import errno
 import fcntl
 import http.client
 import importlib.util
+import json
 import logging
+import math
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -72,9 +96,9 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Literal, get_args
 
-from l7gate.l7proxy.bootstrap import ADMIN_HOST, BootstrapConfig, write_bootstrap
+from l7gate.l7proxy.bootstrap import ADMIN_HOST, BootstrapConfig, build_bootstrap, write_bootstrap
 
 Clock = Callable[[], float]
 
@@ -89,6 +113,9 @@ _ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # What an admin request raises when Envoy dies or misbehaves mid-answer (URLError is an OSError;
 # a truncated response is an HTTPException, which is not).
 _ADMIN_FAILURES = (OSError, http.client.HTTPException)
+
+#: What start() does with a live Envoy a previous supervisor left in the state dir (module doc).
+OrphanPolicy = Literal["adopt", "replace", "refuse"]
 
 
 class EnvoyError(Exception):
@@ -194,16 +221,18 @@ class EnvoyState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class EnvoyExit:
-    """How one Envoy process ended. `returncode` is negative for a signal (-9 = SIGKILL)."""
+    """How one Envoy process ended. `returncode` is negative for a signal (-9 = SIGKILL), and
+    None for an adopted Envoy: it was not our child, so its exit status is unknowable."""
 
     pid: int
-    returncode: int
+    returncode: int | None
     runtime: float
     log_tail: tuple[str, ...]
+    adopted: bool = False
 
     @property
     def signal(self) -> str | None:
-        if self.returncode >= 0:
+        if self.returncode is None or self.returncode >= 0:
             return None
         try:
             return signal.Signals(-self.returncode).name
@@ -211,13 +240,19 @@ class EnvoyExit:
             return f"signal {-self.returncode}"
 
     def describe(self) -> str:
+        if self.returncode is None:
+            return (
+                f"adopted pid {self.pid} exited after {self.runtime:.1f}s "
+                "(exit status unknown: not our child)"
+            )
         how = f"killed by {self.signal}" if self.signal else f"exit code {self.returncode}"
         return f"pid {self.pid} {how} after {self.runtime:.1f}s"
 
 
 @dataclass(frozen=True, slots=True)
 class EnvoyStatus:
-    """A snapshot of the supervisor. `uptime` is that of the current process (None if none)."""
+    """A snapshot of the supervisor. `uptime` is that of the current process (None if none);
+    `adopted` says the current process was left running by a previous supervisor (module doc)."""
 
     state: EnvoyState
     pid: int | None
@@ -226,6 +261,7 @@ class EnvoyStatus:
     uptime: float | None
     last_exit: EnvoyExit | None
     error: str | None = None
+    adopted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +292,7 @@ class EnvoyOptions:
     restart_backoff_max: float = 5.0
     stable_after: float = 10.0
     max_restarts: int | None = None
-    replace_orphan: bool = True
+    orphan: OrphanPolicy = "adopt"
     validate: bool = True
     poll_interval: float = 0.05
     log_tail_lines: int = 20
@@ -271,17 +307,26 @@ class EnvoyOptions:
             raise ValueError("poll_interval must be > 0")
         if self.drain_time_s < 0 or self.parent_shutdown_time_s < 0:
             raise ValueError("drain times must be >= 0")
+        if self.orphan not in get_args(OrphanPolicy):
+            raise ValueError(f"orphan must be one of {get_args(OrphanPolicy)}, got {self.orphan!r}")
 
 
 @dataclass(slots=True)
 class _Run:
-    """One Envoy process (mutable, guarded by the supervisor's lock)."""
+    """One Envoy process (mutable, guarded by the supervisor's lock): either our child (`proc`)
+    or an adopted one (`pidfd`, open until the run is reaped)."""
 
-    proc: subprocess.Popen[bytes]
+    pid: int
     started_at: float
     log_offset: int
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
     reaped: bool = False
     admin_address: str | None = None
+
+    @property
+    def adopted(self) -> bool:
+        return self.proc is None
 
 
 class EnvoySupervisor:
@@ -312,14 +357,16 @@ class EnvoySupervisor:
         self._lock_fd: int | None = None
         self._log: IO[bytes] | None = None
         self._stop = threading.Event()
+        self._abandoned = False
         self._monitor: threading.Thread | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
     def start(self) -> EnvoyStatus:
-        """Write the bootstrap, start Envoy and the monitor thread; returns at once (STARTING).
+        """Adopt the Envoy a previous supervisor left running, or write the bootstrap and start
+        Envoy (see the module doc); start the monitor thread; returns at once (STARTING).
         Raises EnvoyError if already running, the state dir is in use, no binary is found, an
-        orphan is in the way, or Envoy rejects the bootstrap."""
+        orphan is in the way (policy "refuse"), or Envoy rejects the bootstrap."""
         with self._lock:
             if self._monitor is not None:
                 raise EnvoyError(f"supervisor for {self._dir} is already started")
@@ -327,16 +374,20 @@ class EnvoySupervisor:
             self._take_dir_lock()
             try:
                 self._binary = self.options.binary or find_envoy()
-                self._handle_orphan()
-                write_bootstrap(self.bootstrap_path, self.options.bootstrap)
-                if self.options.validate:
-                    validate_bootstrap(self._binary, self.bootstrap_path)
                 self._stop.clear()
+                self._abandoned = False
                 self._restarts = 0
                 self._last_exit = None
                 self._error = None
-                self._spawn()
+                self._run = None
+                if not self._handle_orphan():
+                    write_bootstrap(self.bootstrap_path, self.options.bootstrap)
+                    if self.options.validate:
+                        validate_bootstrap(self._binary, self.bootstrap_path)
+                    self._spawn()
             except BaseException:
+                self._close_pidfd(self._run)
+                self._run = None
                 self._release_dir_lock()
                 raise
             self._monitor = threading.Thread(
@@ -414,18 +465,36 @@ class EnvoySupervisor:
         with self._cond:
             self._monitor = None
             self._set_state(EnvoyState.STOPPED)
-            self._pid_file.unlink(missing_ok=True)
+            if self._lock_fd is not None:  # never touch a directory another supervisor owns
+                self._pid_file.unlink(missing_ok=True)
             self._release_dir_lock()
             return self._status()
 
+    def abandon(self) -> None:
+        """Stop supervising and release the state dir, leaving Envoy running: what a kill -9 of
+        the agent leaves behind, so that the next supervisor on the directory adopts it (module
+        doc). Afterwards stop() does nothing; start() adopts the Envoy again."""
+        self._stop.set()
+        with self._cond:
+            self._abandoned = True
+            monitor = self._monitor
+            self._cond.notify_all()
+        if monitor is not None:
+            monitor.join()
+        with self._cond:
+            self._close_pidfd(self._run)
+            # A child of ours is dropped unreaped: subprocess reaps it once it exits.
+            self._run = None
+            self._monitor = None
+            self._set_state(EnvoyState.STOPPED)
+            self._release_dir_lock()
+
     # -- process handling (callers hold self._lock) --------------------------------------------
 
-    def _spawn(self) -> None:
+    def _args(self) -> list[str]:
+        """Envoy's command line; an orphan is adopted only if it runs exactly this one."""
         assert self._binary is not None
         opts = self.options
-        self._admin_file.unlink(missing_ok=True)
-        log = self._open_log()
-        offset = log.tell()
         args = [
             str(self._binary),
             "-c", str(self.bootstrap_path),
@@ -440,37 +509,70 @@ class EnvoySupervisor:
         else:
             args += ["--base-id", str(opts.hot_restart_base_id)]
         args += opts.extra_args
+        return args
+
+    def _spawn(self) -> None:
+        self._admin_file.unlink(missing_ok=True)
+        log = self._open_log()
+        offset = log.tell()
+        args = self._args()
         log.write(f"--- l7gate: starting {' '.join(args)}\n".encode())
         log.flush()
+        # close_fds: Envoy outlives the agent, and must hold none of its descriptors (the dir
+        # lock above all: the next agent could never take the directory).
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             cwd=self._dir, start_new_session=True, close_fds=True,
         )
-        self._run = _Run(proc=proc, started_at=self._clock(), log_offset=offset)
-        self._write_pid_file(proc.pid)
+        self._run = _Run(pid=proc.pid, started_at=self._clock(), log_offset=offset, proc=proc)
+        self._write_pid_file(proc.pid, offset)
         self._set_state(EnvoyState.STARTING)
+
+    def _adopt(self, pid: int, pidfd: int, log_offset: int | None) -> None:
+        log_ = self._open_log(rotate=False)  # the orphan keeps writing to this very file
+        size = log_.tell()
+        offset = log_offset if log_offset is not None and log_offset <= size else size
+        log_.write(f"--- l7gate: adopted running Envoy pid {pid}\n".encode())
+        log_.flush()
+        age = _proc_age(pid)
+        self._run = _Run(pid=pid, started_at=self._clock() - age, log_offset=offset, pidfd=pidfd)
+        self._set_state(EnvoyState.STARTING)
+        log.info("adopted Envoy pid %d left running in %s (up %.1fs)", pid, self._dir, age)
 
     def _signal_current(self, sig: signal.Signals) -> None:
         run = self._run
         if run is None or run.reaped:
             return
-        # Not reaped yet: the PID (and so the group id) still belongs to our child, zombie or not.
         try:
-            os.killpg(run.proc.pid, sig)
+            if run.pidfd is not None:
+                # Adopted: only the pidfd names that very process, whatever its PID became.
+                signal.pidfd_send_signal(run.pidfd, sig)
+            else:
+                # Our child, not reaped yet: the PID (and so the group id) is still its own,
+                # zombie or not.
+                os.killpg(run.pid, sig)
         except ProcessLookupError:
             pass
 
     def _reap(self, run: _Run) -> EnvoyExit:
-        returncode = run.proc.wait()
+        returncode = run.proc.wait() if run.proc is not None else None
+        self._close_pidfd(run)
         run.reaped = True
         exit_ = EnvoyExit(
-            pid=run.proc.pid,
+            pid=run.pid,
             returncode=returncode,
             runtime=self._clock() - run.started_at,
             log_tail=self._log_tail(run),
+            adopted=run.adopted,
         )
         self._last_exit = exit_
         return exit_
+
+    @staticmethod
+    def _close_pidfd(run: _Run | None) -> None:
+        if run is not None and run.pidfd is not None:
+            os.close(run.pidfd)
+            run.pidfd = None
 
     # -- the monitor thread --------------------------------------------------------------------
 
@@ -491,10 +593,12 @@ class EnvoySupervisor:
             with self._lock:
                 run = self._run
             assert run is not None
-            if not _has_exited(run.proc.pid):
+            if not _run_exited(run, 0.0):
                 if self._stop.wait(self.options.poll_interval):
-                    # stop() signalled the group; keep polling until the child is gone.
-                    if _wait_exited(run.proc.pid, self.options.poll_interval):
+                    if self._abandoned:
+                        return
+                    # stop() signalled Envoy; keep polling until it is gone.
+                    if _run_exited(run, self.options.poll_interval):
                         with self._cond:
                             self._reap(run)
                             self._set_state(EnvoyState.STOPPED)
@@ -520,6 +624,8 @@ class EnvoySupervisor:
             delay = backoff
             backoff = min(backoff * 2, self.options.restart_backoff_max)
             if self._stop.wait(delay):
+                if self._abandoned:
+                    return
                 with self._cond:
                     self._set_state(EnvoyState.STOPPED)
                 return
@@ -551,7 +657,7 @@ class EnvoySupervisor:
             with self._cond:
                 if self._state is EnvoyState.STARTING and self._run is run:
                     self._set_state(EnvoyState.LIVE)
-                    log.info("Envoy pid %d is LIVE, admin at %s", run.proc.pid, address)
+                    log.info("Envoy pid %d is LIVE, admin at %s", run.pid, address)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -564,12 +670,13 @@ class EnvoySupervisor:
         running = run is not None and not run.reaped
         return EnvoyStatus(
             state=self._state,
-            pid=run.proc.pid if running and run else None,
+            pid=run.pid if running and run else None,
             restarts=self._restarts,
             admin_address=self._current_admin_address(),
             uptime=self._clock() - run.started_at if running and run else None,
             last_exit=self._last_exit,
             error=self._error,
+            adopted=bool(running and run and run.adopted),
         )
 
     def _current_admin_address(self) -> str | None:
@@ -598,14 +705,15 @@ class EnvoySupervisor:
             raise EnvoyAdminError(f"{method} {path} on {address}: HTTP {code}", code, body)
         return body
 
-    def _open_log(self) -> IO[bytes]:
+    def _open_log(self, rotate: bool = True) -> IO[bytes]:
         # Rotate only between processes: a running Envoy keeps writing to its open file.
         if self._log is not None:
-            if self._log.tell() < _LOG_ROTATE_BYTES:
+            if not rotate or self._log.tell() < _LOG_ROTATE_BYTES:
                 return self._log
             self._log.close()
             self._log = None
-        if self.log_path.exists() and self.log_path.stat().st_size >= _LOG_ROTATE_BYTES:
+        if (rotate and self.log_path.exists()
+                and self.log_path.stat().st_size >= _LOG_ROTATE_BYTES):
             os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the supervisor
         return self._log
@@ -640,25 +748,65 @@ class EnvoySupervisor:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
 
-    def _write_pid_file(self, pid: int) -> None:
+    def _write_pid_file(self, pid: int, log_offset: int) -> None:
+        """"PID STARTTIME LOGOFFSET": the process, and where its output starts in envoy.log."""
         start = _proc_starttime(pid)
         tmp = self._pid_file.with_suffix(".tmp")
-        tmp.write_text(f"{pid} {start}\n")
+        tmp.write_text(f"{pid} {start} {log_offset}\n")
         os.replace(tmp, self._pid_file)
 
-    def _handle_orphan(self) -> None:
-        """Deal with an Envoy that a previous supervisor on this state dir left running."""
-        pid = _orphan_pid(self._pid_file, self.bootstrap_path)
-        if pid is None:
+    def _handle_orphan(self) -> bool:
+        """Deal with an Envoy that a previous supervisor on this state dir left running, as
+        `options.orphan` says. True if it was adopted (then self._run is it)."""
+        found = _open_orphan(self._pid_file, self.bootstrap_path)
+        if found is None:
             self._pid_file.unlink(missing_ok=True)
-            return
-        if not self.options.replace_orphan:
-            raise EnvoyError(
-                f"an Envoy started from {self._dir} is still running (pid {pid}); "
-                "stop it or enable replace_orphan"
+            return False
+        pid, pidfd, log_offset = found
+        try:
+            policy = self.options.orphan
+            if policy == "refuse":
+                raise EnvoyError(
+                    f"an Envoy started from {self._dir} is still running (pid {pid}); "
+                    "stop it, or set orphan to 'adopt' or 'replace'"
+                )
+            if policy == "adopt":
+                reason = self._adoption_mismatch(pid)
+                if reason is None:
+                    self._adopt(pid, pidfd, log_offset)
+                    pidfd = -1  # owned by the run now
+                    return True
+                log.warning(
+                    "not adopting Envoy pid %d left running in %s: %s; replacing it",
+                    pid, self._dir, reason,
+                )
+            else:
+                log.info("replacing Envoy pid %d left running in %s", pid, self._dir)
+            _terminate_pidfd(pidfd, pid, grace=5.0)
+            self._pid_file.unlink(missing_ok=True)
+            return False
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def _adoption_mismatch(self, pid: int) -> str | None:
+        """Why the Envoy `pid` does not run what this supervisor would start, or None."""
+        want: Any = json.loads(json.dumps(build_bootstrap(self.options.bootstrap)))
+        try:
+            have: Any = json.loads(self.bootstrap_path.read_bytes())
+        except (OSError, ValueError) as e:
+            return f"cannot read the bootstrap it was started from: {e}"
+        difference = _json_difference(have, want)
+        if difference is not None:
+            return f"its bootstrap differs at {difference}"
+        running = _proc_cmdline(pid)
+        args = self._args()
+        if running != args:
+            return (
+                f"its command line differs: running {shlex.join(running or [])!r}, "
+                f"would run {shlex.join(args)!r}"
             )
-        _terminate_orphan(pid, grace=5.0)
-        self._pid_file.unlink(missing_ok=True)
+        return None
 
 
 # -- process-level helpers ---------------------------------------------------------------------
@@ -681,6 +829,23 @@ def _wait_exited(pid: int, timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(min(0.01, timeout))
+
+
+def _pidfd_exited(pidfd: int, timeout: float) -> bool:
+    """True once the process behind `pidfd` has exited (a pidfd becomes readable then), waiting
+    up to `timeout` seconds."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(math.ceil(timeout * 1000)))
+
+
+def _run_exited(run: _Run, timeout: float) -> bool:
+    """True once `run`'s process has exited (left unreaped), waiting up to `timeout` seconds."""
+    if run.pidfd is not None:
+        return _pidfd_exited(run.pidfd, timeout)
+    if timeout <= 0:
+        return _has_exited(run.pid)
+    return _wait_exited(run.pid, timeout)
 
 
 def _admin_request(address: str, method: str, path: str, timeout: float) -> tuple[int, bytes]:
@@ -707,43 +872,89 @@ def _proc_starttime(pid: int) -> int | None:
     return int(fields[19])  # field 22, starttime
 
 
-def _orphan_pid(pid_file: Path, bootstrap: Path) -> int | None:
-    """The PID recorded in `pid_file` if that very process (same start time) is still running
-    Envoy with `bootstrap`; else None."""
+def _proc_age(pid: int) -> float:
+    """Seconds since `pid` started (0 if unknown): starttime counts clock ticks since boot."""
+    start = _proc_starttime(pid)
+    if start is None:
+        return 0.0
+    since_boot = start / os.sysconf("SC_CLK_TCK")
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+
+
+def _proc_cmdline(pid: int) -> list[str] | None:
     try:
-        pid_text, start_text = pid_file.read_text().split()
-        pid, start = int(pid_text), int(start_text)
-    except (OSError, ValueError):
-        return None
-    if _proc_starttime(pid) != start:
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return pid if os.fsencode(str(bootstrap)) in cmdline else None
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
 
 
-def _terminate_orphan(pid: int, grace: float) -> None:
-    """SIGTERM, then SIGKILL after `grace`, through a pidfd so that a reused PID is never hit.
-    Only the process itself is signalled: Envoy starts no children."""
+def _is_our_envoy(pid: int, start: int, bootstrap: Path) -> bool:
+    """True if `pid` is the very process that started at `start` (not a later one that reused
+    the PID) and is running Envoy with `bootstrap` (a zombie has an empty command line)."""
+    if _proc_starttime(pid) != start:
+        return False
+    cmdline = _proc_cmdline(pid)
+    return cmdline is not None and str(bootstrap) in cmdline
+
+
+def _open_orphan(pid_file: Path, bootstrap: Path) -> tuple[int, int, int | None] | None:
+    """(pid, pidfd, log offset) of the live Envoy with `bootstrap` that `pid_file` records,
+    else None. The pidfd pins that very process; the caller closes it."""
+    try:
+        fields = pid_file.read_text().split()
+        pid, start = int(fields[0]), int(fields[1])
+        log_offset = int(fields[2]) if len(fields) > 2 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    if not _is_our_envoy(pid, start, bootstrap):
+        return None
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return None
+    # The process may have exited, and its PID been reused, between the check and pidfd_open:
+    # the same start time now proves the pidfd names the recorded process.
+    if not _is_our_envoy(pid, start, bootstrap) or _pidfd_exited(pidfd, 0.0):
+        os.close(pidfd)
+        return None
+    return pid, pidfd, log_offset
+
+
+def _terminate_pidfd(pidfd: int, pid: int, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace`, through a pidfd so that a reused PID is never hit.
+    Only the process itself is signalled: Envoy starts no children."""
     try:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
                 return
-            # A pidfd becomes readable when the process exits.
-            readable, _, _ = select.select([pidfd], [], [], wait)
-            if readable:
+            if _pidfd_exited(pidfd, grace):
                 return
         raise EnvoyError(f"orphan Envoy pid {pid} survived SIGKILL")
     except OSError as e:
         if e.errno != errno.ESRCH:
             raise
-    finally:
-        os.close(pidfd)
+
+
+def _json_difference(have: Any, want: Any, where: str = "") -> str | None:
+    """The first place where two JSON values differ, as "PATH: HAVE != WANT"; None if equal."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in sorted(have.keys() | want.keys()):
+            if key not in have or key not in want:
+                side = "running" if key in have else "wanted"
+                return f"{where}.{key} (only in the {side} one)".lstrip(".")
+            found = _json_difference(have[key], want[key], f"{where}.{key}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+        for i, (h, w) in enumerate(zip(have, want, strict=True)):
+            found = _json_difference(h, w, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if have == want:
+        return None
+    return f"{where.lstrip('.') or '(root)'}: {json.dumps(have)} != {json.dumps(want)}"
