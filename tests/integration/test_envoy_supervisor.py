@@ -8,7 +8,9 @@ signalled are Envoys these tests started (checked by PID and by a command line n
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -85,7 +87,7 @@ def is_our_envoy(pid: int, marker: Path) -> bool:
 @pytest.fixture
 def supervisors(envoy: Path, tmp_path: Path) -> Iterator[Callable[..., EnvoySupervisor]]:
     """Factory of supervisors with test-friendly defaults; every one is stopped at teardown,
-    and the test fails if an Envoy it started survives."""
+    and the test fails if an Envoy it started (one naming tmp_path) survives."""
     made: list[EnvoySupervisor] = []
     pids: set[int] = set()
 
@@ -114,6 +116,8 @@ def supervisors(envoy: Path, tmp_path: Path) -> Iterator[Callable[..., EnvoySupe
     track()
     for sup in made:
         sup.stop(grace=2.0)
+    # Also orphans no supervisor knows of any more (abandoned, or left by a dead "agent").
+    pids.update(int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit())
     leftovers = [pid for pid in pids if is_our_envoy(pid, tmp_path)]
     for pid in leftovers:  # only Envoys this test started: their command line names tmp_path
         os.kill(pid, signal.SIGKILL)
@@ -231,21 +235,119 @@ def test_crash_loop_gives_up_after_max_restarts(
     assert "gave up after 2 restarts" in str(caught.value)
 
 
-def test_orphan_left_by_a_dead_agent_is_replaced(
-    supervisors: Callable[..., EnvoySupervisor], envoy: Path, tmp_path: Path
+# -- orphans: adopt, replace, refuse --------------------------------------------------------
+
+# abandon() drops its Popen of a still-running Envoy, as a dead agent would.
+abandons = pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning")
+
+
+def open_files(pid: int) -> list[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    return [os.readlink(fd) for fd in fds.iterdir()]
+
+
+def admin_ready(address: str) -> bool:
+    """One probe of admin /ready, straight over a socket (no supervisor involved)."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=0.5)
+    try:
+        conn.request("GET", "/ready")
+        resp = conn.getresponse()
+        return resp.status == 200 and resp.read().strip() == b"LIVE"
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+class ProbeLoop:
+    """Probes an admin address in a thread until stopped; counts answers and failures."""
+
+    def __init__(self, address: str) -> None:
+        self.ok = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(address,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, address: str) -> None:
+        while not self._stop.is_set():
+            if admin_ready(address):
+                self.ok += 1
+            else:
+                self.failed += 1
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@abandons
+def test_agent_death_then_adoption_keeps_envoy_serving_then_restart_when_it_dies(
+    supervisors: Callable[..., EnvoySupervisor], tmp_path: Path,
 ) -> None:
-    sup = supervisors("node-a", orphan="refuse")
-    # An "agent" process that starts Envoy and dies without stopping it: Envoy, in its own
-    # session, keeps running (DESIGN.md decision 7).
+    a = supervisors("node-a")
+    a.start()
+    first = a.wait_ready(timeout=10)
+    assert first.pid is not None and first.admin_address is not None and not first.adopted
+    pid = first.pid
+    # State only this very process holds: it survives adoption, and dies with the process.
+    a.admin_post("/runtime_modify?l7gate.adoption_marker=1")
+    lock = os.path.abspath(a.options.state_dir / "lock")
+    assert lock not in open_files(pid), "Envoy must not inherit the agent's dir lock"
+
+    probes = ProbeLoop(first.admin_address)
+    wait_for(lambda: probes.ok > 0, timeout=2, what="the probe loop")
+    a.abandon()  # the agent dies without stopping Envoy
+    assert a.status().pid is None
+    assert is_our_envoy(pid, tmp_path)
+
+    b = supervisors("node-a", bootstrap=a.options.bootstrap)
+    started = b.start()
+    assert started.pid == pid and started.adopted
+    live = b.wait_ready(timeout=5)
+    probes.stop()
+    assert live.state is EnvoyState.LIVE
+    assert live.pid == pid and live.adopted and live.restarts == 0
+    assert live.admin_address == first.admin_address
+    assert live.uptime is not None and first.uptime is not None and live.uptime > first.uptime
+    runtime = json.loads(b.admin_get("/runtime"))["entries"]
+    assert "l7gate.adoption_marker" in runtime, "the adopted Envoy was never restarted"
+    assert probes.failed == 0, f"{probes.failed} of {probes.ok + probes.failed} probes failed"
+    assert f"adopted running Envoy pid {pid}" in b.log_path.read_text()
+    a.stop()  # an abandoned supervisor stops nothing and leaves the directory alone
+    assert is_our_envoy(pid, tmp_path) and b.options.state_dir.joinpath("envoy.pid").exists()
+
+    # The adopted Envoy dies: B starts its own child, as after any crash.
+    os.kill(pid, signal.SIGKILL)  # the Envoy this test's supervisor A started
+    wait_for(
+        lambda: (s := b.status()).state is EnvoyState.LIVE and s.pid not in (None, pid),
+        timeout=8, what="B's own Envoy to become LIVE",
+    )
+    after = b.status()
+    assert after.restarts == 1 and not after.adopted
+    assert after.last_exit is not None
+    assert after.last_exit.pid == pid and after.last_exit.adopted
+    assert after.last_exit.returncode is None and after.last_exit.signal is None
+    assert f"adopted pid {pid} exited" in after.last_exit.describe()
+    assert "l7gate.adoption_marker" not in json.loads(b.admin_get("/runtime"))["entries"]
+
+
+def run_dead_agent(state_dir: Path, boot: BootstrapConfig, envoy: Path) -> int:
+    """Run an "agent" process that starts Envoy and dies without stopping it; return the PID of
+    that Envoy, now an orphan (in its own session, it keeps running: DESIGN.md decision 7)."""
+    assert isinstance(boot.xds, TcpAddress)
     script = textwrap.dedent(f"""
         import os
         from pathlib import Path
         from l7gate.l7proxy.bootstrap import BootstrapConfig, TcpAddress
         from l7gate.l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
         sup = EnvoySupervisor(EnvoyOptions(
-            state_dir=Path({str(sup.options.state_dir)!r}),
-            bootstrap=BootstrapConfig("node-a", TcpAddress("127.0.0.1", {free_port()}),
-                                      initial_fetch_timeout={FAST_FETCH}),
+            state_dir=Path({str(state_dir)!r}),
+            bootstrap=BootstrapConfig({boot.node_id!r}, TcpAddress("127.0.0.1", {boot.xds.port}),
+                                      cluster={boot.cluster!r},
+                                      initial_fetch_timeout={boot.initial_fetch_timeout}),
             binary=Path({str(envoy)!r})))
         print(sup.start().pid, flush=True)
         sup.wait_ready(10)
@@ -255,23 +357,67 @@ def test_orphan_left_by_a_dead_agent_is_replaced(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode == 0, done.stderr
-    orphan = int(done.stdout.split()[0])
-    try:
-        assert is_our_envoy(orphan, tmp_path)
-        with pytest.raises(EnvoyError, match=f"still running \\(pid {orphan}\\)"):
-            sup.start()
+    return int(done.stdout.split()[0])
 
-        replacing = EnvoySupervisor(dataclasses.replace(sup.options, orphan="replace"))
-        status = replacing.start()
-        try:
-            assert status.pid != orphan
-            assert not is_our_envoy(orphan, tmp_path)
-            assert replacing.wait_ready(10).state is EnvoyState.LIVE
-        finally:
-            replacing.stop()
-    finally:
-        if is_our_envoy(orphan, tmp_path):
-            os.kill(orphan, signal.SIGKILL)
+
+def test_orphan_of_a_dead_agent_is_refused_or_adopted_and_stop_ends_it(
+    supervisors: Callable[..., EnvoySupervisor], envoy: Path, tmp_path: Path
+) -> None:
+    boot = BootstrapConfig(
+        "node-a", TcpAddress("127.0.0.1", free_port()), cluster="test",
+        initial_fetch_timeout=FAST_FETCH,
+    )
+    refusing = supervisors("node-a", bootstrap=boot, orphan="refuse")
+    orphan = run_dead_agent(refusing.options.state_dir, boot, envoy)
+    assert is_our_envoy(orphan, tmp_path)
+    assert os.path.abspath(refusing.options.state_dir / "lock") not in open_files(orphan)
+    with pytest.raises(EnvoyError, match=f"still running \\(pid {orphan}\\)"):
+        refusing.start()
+    assert is_our_envoy(orphan, tmp_path)
+
+    sup = supervisors("node-a", bootstrap=boot)  # orphan="adopt" is the default
+    assert sup.start().pid == orphan
+    live = sup.wait_ready(timeout=5)
+    assert live.pid == orphan and live.adopted and live.restarts == 0
+    assert sup.health().live
+
+    stopped = sup.stop(grace=2.0)
+    assert stopped.state is EnvoyState.STOPPED and stopped.pid is None
+    assert not is_our_envoy(orphan, tmp_path)
+    assert stopped.last_exit is not None and stopped.last_exit.pid == orphan
+    assert stopped.restarts == 0
+
+
+@abandons
+@pytest.mark.parametrize("what", ["bootstrap", "command line", "policy"])
+def test_orphan_running_something_else_is_replaced(
+    supervisors: Callable[..., EnvoySupervisor], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, what: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="l7gate.l7proxy.supervisor")
+    a = supervisors("node-a")
+    a.start()
+    orphan = a.wait_ready(timeout=10).pid
+    assert orphan is not None
+    a.abandon()
+
+    if what == "bootstrap":  # the next agent's xDS server listens elsewhere
+        boot = dataclasses.replace(a.options.bootstrap, xds=TcpAddress("127.0.0.1", free_port()))
+        b = supervisors("node-a", bootstrap=boot)
+        expected = "its bootstrap differs at static_resources.clusters[0]"
+    elif what == "command line":
+        b = supervisors("node-a", bootstrap=a.options.bootstrap, concurrency=2)
+        expected = "its command line differs"
+    else:
+        b = supervisors("node-a", bootstrap=a.options.bootstrap, orphan="replace")
+        expected = f"replacing Envoy pid {orphan}"
+    started = b.start()
+    assert started.pid not in (None, orphan) and not started.adopted
+    assert not is_our_envoy(orphan, tmp_path)
+    assert b.wait_ready(timeout=10).restarts == 0
+    assert any(expected in r.getMessage() for r in caplog.records), caplog.text
+    if what != "policy":
+        assert f"not adopting Envoy pid {orphan}" in caplog.text
 
 
 # -- ADS wiring, against a stub ADS server -------------------------------------------------
