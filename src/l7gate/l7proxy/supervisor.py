@@ -474,9 +474,9 @@ class EnvoySupervisor:
         """Stop supervising and release the state dir, leaving Envoy running: what a kill -9 of
         the agent leaves behind, so that the next supervisor on the directory adopts it (module
         doc). Afterwards stop() does nothing; start() adopts the Envoy again."""
-        self._stop.set()
         with self._cond:
-            self._abandoned = True
+            self._abandoned = True  # before _stop: the monitor must not take this for stop()
+            self._stop.set()
             monitor = self._monitor
             self._cond.notify_all()
         if monitor is not None:
