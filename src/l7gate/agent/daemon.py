@@ -8,6 +8,7 @@ SIGTERM or SIGINT stops everything in reverse order.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from collections import deque
 import sys
@@ -22,7 +23,12 @@ from google.protobuf import json_format
 from ..kvstore.sqlite import SQLiteKVStore
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
 from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
+from ..identity.numeric import RESERVED, IdentityError
 from ..observe.als import AccessLogReceiver, http_grpc_access_log
+from ..observe.api import FlowQuery, stream
+from ..observe.ingest import IngestContext, Ingestor, PeerInfo, hubble_labels
+from ..observe.metrics import FlowCollector
+from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import SnapshotCache
@@ -51,6 +57,8 @@ class Agent:
     started: float
     datapath_info: dict[str, Any]
     drops: deque[DropEvent]
+    flows: FlowRing
+    ingestor: Ingestor
 
     def status(self) -> dict[str, Any]:
         env = self.envoy.status() if self.envoy else None
@@ -65,6 +73,7 @@ class Agent:
                 "state": env.state.value,
                 "pid": env.pid,
                 "restarts": env.restarts,
+                "adopted": env.adopted,
                 "admin": env.admin_address,
                 "uptime": env.uptime,
                 "last_exit": env.last_exit.describe() if env.last_exit else None,
@@ -75,7 +84,9 @@ class Agent:
             "identities": len(self.core.resolver.identities),
             "endpoints": len(self.core.resolver.endpoints()),
             "proxied_ports": [f"{p.ip}:{p.port}" for p in self.core.publisher.ports],
-            "access_logs": {"entries": self.als.entries, "errors": self.als.errors, "streams": self.als.streams},
+            "access_logs": {"entries": self.als.entries, "errors": self.als.errors, "streams": self.als.streams,
+                            "malformed": self.als.malformed},
+            "flows": dataclasses.asdict(self.flows.stats()),
             "uptime": round(time.monotonic() - self.started, 3),
         }
 
@@ -122,10 +133,12 @@ class Agent:
         log("stopping")
         if self.core.kernel is not None:
             self.core.kernel.dp.close()  # programs stay attached and maps pinned (decision 7)
+        self.flows.close()  # ends `observe --follow` streams, so the admin server can stop
         self.admin.stop()
         if self.envoy is not None:
             self.envoy.stop()
         self.xds.stop()
+        self.ingestor.stop()
         self.store.close()
         log("stopped")
 
@@ -152,6 +165,12 @@ def start_agent(config: AgentConfig) -> Agent:
         kernel.attach_links(config.links)
         kernel.dp.poll_events(drops.append)
     metrics.attach(core)
+    metrics.attach_xds(xds.status)
+    flows = FlowRing(config.observe.ring_size, config.observe.follow_buffer)
+    ingestor = Ingestor(flows, IngestContext(_PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}"))
+    ingestor.start()
+    als.set_batch_sink(ingestor.http_access_logs)
+    metrics.registry.register(FlowCollector(ingestor, flows, lambda: als.malformed))
     envoy: EnvoySupervisor | None = None
     if config.envoy.enabled:
         envoy = EnvoySupervisor(
@@ -176,12 +195,50 @@ def start_agent(config: AgentConfig) -> Agent:
         xds_status=xds.status_json,
         xds_config=lambda n, t: agent.xds_config(n, t),
         metrics=metrics.render,
+        flows=lambda q: stream(flows, FlowQuery.from_query(q)),
     )
     admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
     admin.start()
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
-                  datapath_info, drops)
+                  datapath_info, drops, flows=flows, ingestor=ingestor)
     return agent
+
+
+class _PeerIndex:
+    """IP → PeerInfo for flows, from the core's pods and its ipcache; rebuilt when either
+    changes (their revisions), so a lookup is one dict probe. Called by the ingestion thread."""
+
+    _MAX_OTHER = 10_000  # addresses that are no pod (world, CIDRs), cached until a change
+
+    def __init__(self, core: AgentCore) -> None:
+        self.core = core
+        self._key: tuple[int, int] | None = None
+        self._pods: dict[str, PeerInfo] = {}
+        self._other: dict[str, PeerInfo] = {}
+
+    def __call__(self, ip: str) -> PeerInfo:
+        key = (self.core.revision, self.core.ipcache.revision)
+        if key != self._key:
+            pods: dict[str, PeerInfo] = {}
+            for p in self.core.pods():
+                cluster, ns, name = p["ref"].split("/", 2)
+                peer = PeerInfo(p["identity"], cluster, ns, name, hubble_labels(p["labels"]), p["local"])
+                for pod_ip in p["ips"]:
+                    pods[pod_ip] = peer
+            self._pods, self._other, self._key = pods, {}, key
+        info = self._pods.get(ip) or self._other.get(ip)
+        if info is None:
+            try:
+                ident = self.core.ipcache.lookup(ip)
+            except IdentityError as exc:  # not an address
+                raise ValueError(str(exc)) from None
+            labels = self.core.resolver.identities.get(ident)
+            if labels is None and ident in RESERVED:
+                labels = RESERVED[ident].labels
+            info = PeerInfo(ident, labels=hubble_labels(labels) if labels else ())
+            if len(self._other) < self._MAX_OTHER:
+                self._other[ip] = info
+        return info
 
 
 def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesRedirect | None, dict[str, Any]]:
