@@ -5,6 +5,12 @@ ADS, through the bootstrap's `l7gate_als` cluster). Every HTTP entry is handed, 
 `HTTPAccessLogEntry`, to a sink; flow records are built from it by the observability layer.
 A message that cannot be handled is counted and skipped: ingestion never stops on bad input.
 
+Two kinds of sink, both called when set: `set_sink(fn)` gets each entry, on the gRPC event
+loop; `set_batch_sink(fn)` gets each message's entries at once (the agent's: `ingest.Ingestor.http_access_logs`, which
+only queues them, so the loop that also serves xDS is never held up by flow conversion).
+Bytes that do not parse as a `StreamAccessLogsMessage` are counted in `malformed` and skipped;
+the stream stays open for the next message.
+
 `AccessLogReceiver` is thread-safe; its counters are read by the metrics endpoint.
 """
 
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -21,6 +27,7 @@ from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ ALS_CLUSTER = "l7gate_als"
 HTTP_GRPC_LOGGER = "envoy.access_loggers.http_grpc"
 
 Sink = Callable[[Any], None]  # called with each envoy.data.accesslog.v3.HTTPAccessLogEntry
+BatchSink = Callable[[Sequence[Any]], None]  # called with each message's entries
 
 
 def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50) -> Any:
@@ -54,14 +62,28 @@ def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50) 
 class AccessLogReceiver:
     def __init__(self, sink: Sink | None = None) -> None:
         self._sink = sink
+        self._batch_sink: BatchSink | None = None
         self._lock = threading.Lock()
         self.messages = 0
         self.entries = 0
         self.errors = 0
+        self.malformed = 0
         self.streams = 0
 
     def set_sink(self, sink: Sink) -> None:
         self._sink = sink
+
+    def set_batch_sink(self, sink: BatchSink | None) -> None:
+        self._batch_sink = sink
+
+    def _deserialize(self, data: bytes) -> Any:
+        try:
+            return als_pb2.StreamAccessLogsMessage.FromString(data)
+        except (DecodeError, ValueError, TypeError):
+            with self._lock:
+                self.malformed += 1
+            log.warning("malformed access log message skipped (%d bytes)", len(data))
+            return None
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -69,7 +91,7 @@ class AccessLogReceiver:
             {
                 "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
                     self._serve,
-                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    request_deserializer=self._deserialize,
                     response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
                 )
             },
@@ -80,22 +102,37 @@ class AccessLogReceiver:
             self.streams += 1
         try:
             async for msg in requests:
-                self.handle(msg)
+                if msg is not None:
+                    self.handle(msg)
         finally:
             with self._lock:
                 self.streams -= 1
         return als_pb2.StreamAccessLogsResponse()
 
     def handle(self, msg: Any) -> None:
+        try:
+            entries = msg.http_logs.log_entry
+        except AttributeError:
+            with self._lock:
+                self.malformed += 1
+            return
         with self._lock:
             self.messages += 1
-        sink = self._sink
-        for entry in msg.http_logs.log_entry:
+            self.entries += len(entries)
+        batch = self._batch_sink
+        if batch is not None:
             try:
+                batch(entries)
+            except Exception:  # noqa: BLE001 - a failing sink must not end Envoy's stream
                 with self._lock:
-                    self.entries += 1
-                if sink is not None:
-                    sink(entry)
+                    self.errors += len(entries)
+                log.exception("access log batch skipped")
+        sink = self._sink
+        if sink is None:
+            return
+        for entry in entries:
+            try:
+                sink(entry)
             except Exception:  # noqa: BLE001 - one bad entry must not stop ingestion
                 with self._lock:
                     self.errors += 1
