@@ -155,10 +155,135 @@ def _build_parser() -> argparse.ArgumentParser:
                         description="Node, cluster, datapath in use, Envoy and xDS state.")
     st.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
+    _add_observe_parser(sub, admin_flags)
+
     ag = sub.add_parser("agent", help="run the node agent",
                         description="Run the agent: kvstore, policy, identities, xDS server, Envoy, admin endpoint.")
     ag.add_argument("--config", required=True, metavar="FILE", help="agent configuration (YAML)")
     return p
+
+
+# -- observe (flows) -------------------------------------------------------------------------------
+
+_FILTER_FLAGS = (
+    ("--from-pod", "source_pod", "[CLUSTER/]NS/POD", "flows from this pod (POD is a prefix)"),
+    ("--to-pod", "destination_pod", "[CLUSTER/]NS/POD", "flows to this pod (POD is a prefix)"),
+    ("--pod", "pod", "[CLUSTER/]NS/POD", "flows from or to this pod"),
+    ("--namespace", "namespace", "NS", "flows from or to this namespace"),
+    ("--from-identity", "source_identity", "ID", "flows from this identity (number or reserved name)"),
+    ("--to-identity", "destination_identity", "ID", "flows to this identity"),
+    ("--verdict", "verdict", "VERDICT", "FORWARDED, DROPPED, ERROR, AUDIT or REDIRECTED"),
+    ("--type", "type", "TYPE", "l7, l3l4 or drop"),
+    ("--http-method", "http_method", "METHOD", "HTTP method"),
+    ("--http-path", "http_path", "REGEX", "HTTP path regex (RE2, searched)"),
+    ("--http-status", "http_status_code", "CODE", "HTTP status: 404, or a prefix: 4+, 40+"),
+)
+
+
+def _add_observe_parser(sub: Any, admin_flags: argparse.ArgumentParser) -> None:
+    from .observe.render import FORMATS
+
+    ob = sub.add_parser(
+        "observe", parents=[admin_flags], help="show flows: every verdict the agent saw (Hubble-style)",
+        description="Show the flows the agent recorded — allowed, denied and failed requests — "
+        "like `hubble observe`. Each filter flag may repeat (values OR); different flags AND. "
+        "--from-*/--to-* follow the connection: an http-response matches the pods of its "
+        "request. Without --last, --since or --follow: the last 20 flows.",
+    )
+    for flag, dest, metavar, text in _FILTER_FLAGS:
+        ob.add_argument(flag, dest=f"f_{dest}", action="append", metavar=metavar, help=text)
+    ob.add_argument("--since", metavar="DURATION|TIME", help="flows since 5m / 1h30m ago, or an RFC 3339 time")
+    ob.add_argument("--last", type=_count, metavar="N", help="the last N matching flows")
+    ob.add_argument("-f", "--follow", action="store_true", help="keep printing new flows (Ctrl-C ends)")
+    ob.add_argument("-o", "--output", choices=FORMATS, default="text")
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a count: {value!r}")
+    return int(value)
+
+
+class _FlowClient(AdminClient):
+    def open_stream(self, path: str) -> Any:
+        """GET `path` and return the response, its body still to read line by line."""
+        conn = self._conn()
+        headers = {"Accept": "application/x-ndjson"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        if resp.status >= 400:
+            raw = resp.read()
+            conn.close()
+            try:
+                body: Any = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+            raise AdminError(resp.status, body)
+        return resp
+
+
+def _cmd_observe(args: argparse.Namespace) -> int:
+    from .observe.api import Lost, decode_line, query_path
+    from .observe.filters import FilterError, FlowFilter, parse_since
+    from .observe.flow import Flow
+    from .observe.render import Renderer
+
+    try:
+        flt = FlowFilter.parse(**{dest: getattr(args, f"f_{dest}") for _, dest, _, _ in _FILTER_FLAGS})
+        if args.since:
+            try:
+                parse_since(args.since)
+            except ValueError as exc:
+                raise FilterError([f"--since {args.since!r}: {exc}"]) from None
+    except FilterError as exc:
+        for e in exc.errors:
+            print(f"l7gate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    last = args.last
+    if last is None and not args.since:
+        last = 20  # Hubble's default for a bare `observe`
+    path = query_path(flt, since=args.since, last=last, follow=args.follow)
+    client = _FlowClient(args.admin, args.token, timeout=30.0)
+    render = Renderer(args.output)
+    resp = client.open_stream(path)
+    pending: list[Flow] = []
+    try:
+        for raw in resp:
+            item = decode_line(raw)
+            if item is None:
+                continue
+            if isinstance(item, Lost):
+                print(f"l7gate: {item.count} flow(s) lost: this reader fell behind", file=sys.stderr, flush=True)
+                continue
+            if args.follow:
+                for line in render.lines([item]):
+                    print(line)
+                sys.stdout.flush()
+            else:
+                pending.append(item)
+        for line in render.lines(pending) if pending else []:
+            print(line)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        return EXIT_OK if args.follow else 130  # Ctrl-C is how a follow ends
+    except BrokenPipeError:
+        # The reader (`| head`) left: silence the interpreter's own flush at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (TimeoutError, ConnectionError) as exc:
+        print(f"l7gate: error: the flow stream from {args.admin} broke: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except ValueError as exc:
+        print(f"l7gate: error: unreadable flow stream from {args.admin}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    finally:
+        resp.close()
+    if args.follow:
+        print("l7gate: the agent ended the flow stream (stopping?)", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
 
 
 def _port(value: str) -> int:
@@ -427,6 +552,7 @@ _COMMANDS = {
     ("xds", "status"): _cmd_xds_status,
     ("xds", "dump"): _cmd_xds_dump,
     ("status", None): _cmd_status,
+    ("observe", None): _cmd_observe,
     ("agent", None): _cmd_agent,
 }
 

@@ -12,6 +12,8 @@
     GET    /v1/xds/status                per Envoy and type: sent/acked versions, NACKs, state
     GET    /v1/xds/config?node=ID&type=T the resources served, as JSON
     GET    /metrics                      Prometheus text format
+    GET    /v1/flows?filter=&since=&last=&follow=1
+                                         flows as NDJSON, chunked; follow streams (observe.api)
 
 With a token configured, every path but /healthz needs `Authorization: Bearer <token>`.
 Validation failures answer 422 with {"errors": [...]} and change nothing.
@@ -25,7 +27,7 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,6 +45,8 @@ class AdminHooks:
     xds_status: Callable[[], Any]
     xds_config: Callable[[str | None, str | None], Any]
     metrics: Callable[[], tuple[bytes, str]]
+    # GET /v1/flows: validates the query (ValueError → 400) and returns the NDJSON chunks.
+    flows: Callable[[dict[str, str]], Iterator[bytes]] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -57,12 +61,34 @@ class _Handler(BaseHTTPRequestHandler):
         return "unix" if isinstance(self.client_address, (str, bytes)) else str(self.client_address[0])
 
     def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
+        if isinstance(body, Iterator):
+            self._stream(code, body, content_type)
+            return
         data = body if isinstance(body, bytes) else (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _stream(self, code: int, chunks: Iterator[bytes], content_type: str) -> None:
+        """Chunked transfer, each chunk written as it is produced (GET /v1/flows?follow=1)."""
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True  # the client went away
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     def _authorized(self) -> bool:
         token = self.app.token
@@ -147,6 +173,8 @@ class AdminApp:
             if path == "/metrics":
                 data, ctype = self.hooks.metrics()
                 return 200, data, ctype
+            if path == "/v1/flows" and self.hooks.flows is not None:
+                return 200, self.hooks.flows(query), "application/x-ndjson"
         if method == "POST" and body is not None and path in ("/v1/policy", "/v1/endpoints"):
             payload = body()
             objects = payload.get("objects") if isinstance(payload, dict) else None

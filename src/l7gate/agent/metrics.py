@@ -1,19 +1,22 @@
 """Prometheus metrics of the agent, read from live state at scrape time where possible.
 
-Counters that must count events (xDS pushes, ACKs, NACKs, push→ACK latency) are updated by
-hooks; gauges (identities, ipcache entries, endpoints, policies) are collected when scraped.
+Counters that must count events (xDS ACKs, NACKs, push→ACK latency) are updated by hooks;
+gauges (identities, ipcache entries, endpoints, policies) are collected when scraped. xDS pushes
+are read from the server's status rows (`attach_xds`); flow metrics come from
+`observe.metrics.FlowCollector`, registered by the daemon.
 Each agent has its own registry, so several agents in one process (tests) do not collide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from ..xds.status import StatusRow
 from .core import AgentCore
 
 
@@ -31,6 +34,20 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("l7gate_policy_map_entries", "Resolved policy map entries", value=core.resolver.map_size())
 
 
+class _XdsPushCollector(Collector):
+    """xDS responses sent. Every response gets the next nonce of one server-wide counter, so
+    the highest nonce in the status rows is how many were sent. Per-type counts would need a
+    push hook in the xDS server (`on_push(node_id, type_url, version)` next to `on_ack`); the
+    rows keep only each type's latest nonce."""
+
+    def __init__(self, status: Callable[[], Sequence[StatusRow]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        sent = max((int(r.nonce) for r in self.status() if r.nonce and r.nonce.isdigit()), default=0)
+        yield CounterMetricFamily("l7gate_xds_pushes", "xDS responses sent to Envoys", value=sent)
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -44,6 +61,9 @@ class AgentMetrics:
 
     def attach(self, core: AgentCore) -> None:
         self.registry.register(_StateCollector(core))
+
+    def attach_xds(self, status: Callable[[], Sequence[StatusRow]]) -> None:
+        self.registry.register(_XdsPushCollector(status))
 
     def on_ack(self, node_id: str, type_url: str, version: str, latency: float) -> None:
         t = type_url.rsplit(".", 1)[-1]
