@@ -83,4 +83,20 @@ call 400 127.0.2.55 POST /v1%2Frefund     "frontend-service, escaped slash"
 echo
 echo "== l7gate xds status"
 "$L7GATE" xds status
+
+# -- flows (issue 5): the article's `hubble observe`, from the access logs Envoy streamed ------
+# Seven flows to billing-service-xyz: the allowed call's request and response, four denials,
+# one escaped slash refused before policy. Envoy flushes its access logs every 50 ms.
+for _ in $(seq 50); do
+    [ "$("$L7GATE" observe --to-pod payments/billing-service-xyz --last 100 -o compact | wc -l)" -ge 7 ] && break
+    sleep 0.1
+done
+echo
+echo "== l7gate observe --to-pod payments/billing-service-xyz"
+"$L7GATE" observe --to-pod payments/billing-service-xyz | tee "$work/flows"
+for want in "http-request FORWARDED POST http://billing-service.payments/v1/charge" \
+            "http-response FORWARDED 200" \
+            "l7 DROPPED Policy denied (L7)"; do
+    tr -s ' ' < "$work/flows" | grep -qF -- "$want" || { echo "     ^ MISSING flow: $want"; failed=1; }
+done
 exit "$failed"
