@@ -29,6 +29,7 @@ APT_PACKAGES=(
     clang
     iptables      # the fallback redirect when bcc cannot compile
     linux-headers-amd64
+    wrk           # bench/bench_envoy.py: load through the agent's Envoy
 )
 
 VENV="$ROOT/.venv"
