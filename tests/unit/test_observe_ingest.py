@@ -176,6 +176,12 @@ def _junk_entries() -> list[Any]:
     bad_ip = entry("allowed")
     bad_ip.common_properties.downstream_direct_remote_address.socket_address.address = "not-an-ip"
     out.append(bad_ip)
+    far = entry("allowed")  # found by the fuzz test below: year 10000 broke flow_to_json
+    far.common_properties.start_time.seconds = 253_402_300_800
+    out.append(far)
+    backwards = entry("allowed")
+    backwards.common_properties.time_to_first_upstream_rx_byte.seconds = -5
+    out.append(backwards)
     pipe = accesslog_pb2.HTTPAccessLogEntry()
     pipe.common_properties.downstream_remote_address.pipe.path = "/tmp/x.sock"
     out.append(pipe)

@@ -193,10 +193,17 @@ class FlowDecodeError(ValueError):
     """A JSON object that is not a flow this module wrote."""
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
 def format_time(ns: int) -> str:
     """RFC 3339 in UTC with nanoseconds, as Hubble's JSON prints `time`."""
+    global _last_second
     sec, frac = divmod(ns, 1_000_000_000)
-    base = _dt.datetime.fromtimestamp(sec, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    cached_sec, base = _last_second  # flows come in bursts within one second
+    if cached_sec != sec:
+        base = _dt.datetime.fromtimestamp(sec, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (sec, base)
     return f"{base}.{frac:09d}Z"
 
 

@@ -61,6 +61,7 @@ from typing import Any
 from .flow import (
     AUTH_REQUIRED,
     HTTP,
+    MAX_HEADER_VALUE,
     POLICY_DENIED,
     POLICY_DENIED_L7,
     Endpoint,
@@ -132,6 +133,7 @@ _VIA_UPSTREAM = "via_upstream"
 _METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 _PROTOCOLS = ("", "HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3")
 _DENY_REASONS = {"deny-l7": POLICY_DENIED_L7, "deny-l3l4": POLICY_DENIED, "deny-auth": AUTH_REQUIRED}
+_MAX_TIME_NS = 253_402_300_799 * 1_000_000_000  # 9999-12-31T23:59:59Z: RFC 3339 ends there
 
 
 def _ns(duration: Any) -> int:
@@ -186,6 +188,8 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
 
     st = cp.start_time
     t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
     req = entry.request
     resp = entry.response
     m = int(req.request_method)
@@ -223,6 +227,8 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
             latency = _ns(cp.time_to_first_downstream_tx_byte)
         else:
             latency = _ns(cp.duration)
+        if not 0 <= latency <= _MAX_TIME_NS - t0:
+            raise MalformedEvent(f"latency {latency} ns is not a duration")
         request = Flow(
             time=t0, verdict=Verdict.FORWARDED, type=FlowType.L7, source=src, destination=dst,
             l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
@@ -252,12 +258,16 @@ def _split(pols: str) -> tuple[str, ...]:
 
 
 def _request_headers(req: Any) -> tuple[tuple[str, str], ...]:
-    pairs: list[tuple[str, str]] = list(req.request_headers.items())
+    # The two headers Envoy always logs need no sensitivity check, and come out sorted.
+    known: list[tuple[str, str]] = []
     if req.user_agent:
-        pairs.append(("user-agent", req.user_agent))
+        known.append(("user-agent", req.user_agent[:MAX_HEADER_VALUE]))
     if req.request_id:
-        pairs.append(("x-request-id", req.request_id))
-    return safe_headers(pairs) if pairs else ()
+        known.append(("x-request-id", req.request_id[:MAX_HEADER_VALUE]))
+    extra = req.request_headers
+    if extra:
+        return safe_headers([*extra.items(), *known])
+    return tuple(known)
 
 
 def _response_headers(resp: Any) -> tuple[tuple[str, str], ...]:
