@@ -7,6 +7,7 @@ not be computed from it), 2 usage error (unknown flag, missing file, unknown pod
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -248,31 +249,39 @@ def _cmd_observe(args: argparse.Namespace) -> int:
     client = _FlowClient(args.admin, args.token, timeout=30.0)
     render = Renderer(args.output)
     resp = client.open_stream(path)
+    out = sys.stdout.buffer
     pending: list[Flow] = []
+    rest = b""
     try:
-        for raw in resp:
-            item = decode_line(raw)
-            if item is None:
-                continue
-            if isinstance(item, Lost):
-                print(f"l7gate: {item.count} flow(s) lost: this reader fell behind", file=sys.stderr, flush=True)
-                continue
+        # Read what the agent sent so far (one chunk per batch of flows), print, flush once.
+        while data := resp.read1(65536):
+            *lines, rest = (rest + data).split(b"\n")
+            flows: list[Flow] = []
+            for raw in lines:
+                if args.output == "jsonpb" and raw.startswith(b'{"flow":'):
+                    out.write(raw + b"\n")  # already Hubble's GetFlowsResponse: pass it through
+                    continue
+                item = decode_line(raw)
+                if isinstance(item, Lost):
+                    print(f"l7gate: {item.count} flow(s) lost: this reader fell behind", file=sys.stderr, flush=True)
+                elif item is not None:
+                    flows.append(item)
             if args.follow:
-                for line in render.lines([item]):
-                    print(line)
-                sys.stdout.flush()
+                if flows:
+                    out.writelines(line.encode() + b"\n" for line in render.lines(flows))
+                out.flush()
             else:
-                pending.append(item)
-        for line in render.lines(pending) if pending else []:
-            print(line)
-        sys.stdout.flush()
+                pending.extend(flows)
+        if pending:
+            out.writelines(line.encode() + b"\n" for line in render.lines(pending))
+        out.flush()
     except KeyboardInterrupt:
         return EXIT_OK if args.follow else 130  # Ctrl-C is how a follow ends
     except BrokenPipeError:
         # The reader (`| head`) left: silence the interpreter's own flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (TimeoutError, ConnectionError) as exc:
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         print(f"l7gate: error: the flow stream from {args.admin} broke: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except ValueError as exc:
