@@ -164,3 +164,15 @@ def test_follow_streams_new_flows_and_ends_when_the_agent_stops(
 def test_unreachable_agent(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc = cli.main(["observe", "--admin", f"unix:{tmp_path}/none.sock"])
     assert rc == 2 and "cannot reach the agent" in capsys.readouterr().err
+
+
+def test_config_observe_section() -> None:
+    from l7gate.agent.config import ConfigError, parse_config
+
+    cfg = parse_config({"observe": {"ringSize": 100, "followBuffer": 50}})
+    assert (cfg.observe.ring_size, cfg.observe.follow_buffer) == (100, 50)
+    assert parse_config({}).observe.ring_size == 4096
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"observe": {"ringSize": 0, "colour": 1}})
+    text = str(exc.value)
+    assert "observe.ringSize: must be an integer 1-1048576, got 0" in text and "observe.colour: unknown field" in text
