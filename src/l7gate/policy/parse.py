@@ -514,11 +514,11 @@ class _SpecParser:
             if sel.names_key(NAMESPACE_KEY):
                 return sel
             return sel.with_requirement(Requirement(NAMESPACE_KEY, Operator.IN, (self.namespace,)))
-        if not sel.requirements:
-            # A clusterwide `{}` means "every pod", not "every identity": it must not let in
-            # world, host or other reserved identities.
-            return sel.with_requirement(Requirement(NAMESPACE_KEY, Operator.EXISTS))
-        return sel
+        if sel.names_key(NAMESPACE_KEY):
+            return sel
+        # A clusterwide endpoint selector selects pods (which always have a namespace), never
+        # world, host or other reserved identities — not even through NotIn/DoesNotExist.
+        return sel.with_requirement(Requirement(NAMESPACE_KEY, Operator.EXISTS))
 
     # -- peer rules -----------------------------------------------------------------------------
 
@@ -571,7 +571,9 @@ class _SpecParser:
                             "entity",
                         )
                         continue
-                    peers.append(EntitySelector(_ENTITIES[ent], self.cluster))
+                    entity = _ENTITIES[ent]
+                    local = self.cluster if entity is Entity.CLUSTER else ""
+                    peers.append(EntitySelector(entity, local))
             elif field.endswith("CIDRSet"):
                 for i, item in enumerate(items):
                     sel_c = self.cidr_set(item, f"{fpath}[{i}]")
@@ -598,7 +600,9 @@ class _SpecParser:
             am = w.mapping(m["authentication"], ap, {"mode"})
             if am is not None:
                 mode = am.get("mode")
-                if not isinstance(mode, str) or mode not in _AUTH_MODES:
+                if "mode" not in am:
+                    w.error(_join(ap, "mode"), "is required (disabled, required or test-always-fail)", "required")
+                elif not isinstance(mode, str) or mode not in _AUTH_MODES:
                     w.error(
                         _join(ap, "mode"),
                         f"must be one of {', '.join(_AUTH_MODES)}, got {mode!r}",
@@ -718,12 +722,13 @@ class _SpecParser:
             w.error(pp, "is required", "required")
         elif isinstance(raw, bool) or not isinstance(raw, (int, str)):
             w.error(pp, f"must be a port number, got {_type_name(raw)}", "type")
-        elif isinstance(raw, str) and not raw.isdigit():
-            w.error(
-                pp,
-                f"named port {raw!r} is not supported: use the port number",
-                "named-port",
-            )
+        elif isinstance(raw, str) and not (raw.isascii() and raw.isdigit()):
+            if raw.isascii() and raw[:1].isalpha():
+                w.error(pp, f"named port {raw!r} is not supported: use the port number", "named-port")
+            else:
+                w.error(pp, f"must be a port number 0-65535, got {raw[:20]!r}", "port-range")
+        elif isinstance(raw, str) and len(raw) > 5:
+            w.error(pp, f"port {raw[:20]}… is out of range 0-65535", "port-range")
         else:
             port = int(raw)
             if not 0 <= port <= 65535:

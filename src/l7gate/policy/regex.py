@@ -27,6 +27,10 @@ class RegexError(ValueError):
 def compile_regex(pattern: str) -> Any:
     """Compile `pattern` with RE2 or raise RegexError saying why (RE2's own words)."""
     try:
+        pattern.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RegexError(f"regex {pattern!r} is not valid Unicode text: {exc.reason}") from None
+    try:
         compiled = re2.compile(pattern, options=_OPTIONS)
     except re2.error as exc:
         detail = exc.args[0] if exc.args else exc

@@ -141,7 +141,7 @@ def build_template(rules: tuple[Rule, ...]) -> Template:
                 selectors = (None,)
             else:
                 selectors = tuple(
-                    None if isinstance(s, EntitySelector) and s == WILDCARD else s
+                    None if isinstance(s, EntitySelector) and s.entity is WILDCARD.entity else s
                     for s in pr.peers
                 )
             for port_rule in pr.effective_port_rules:
