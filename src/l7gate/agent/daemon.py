@@ -198,9 +198,9 @@ def start_agent(config: AgentConfig) -> Agent:
         flows=lambda q: stream(flows, FlowQuery.from_query(q)),
     )
     admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
-    admin.start()
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
                   datapath_info, drops, flows=flows, ingestor=ingestor)
+    admin.start()  # only now: its handlers read `agent`
     return agent
 
 

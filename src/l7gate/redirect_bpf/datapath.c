@@ -41,6 +41,7 @@
 #define REASON_NO_POLICY 2
 #define REASON_AUTH 3
 #define REASON_UNKNOWN_ENDPOINT 4
+#define REASON_UNSUPPORTED 5
 
 #define REDIRECT_MARK 0x200
 #define MARK_MASK 0xf00
@@ -170,43 +171,63 @@ struct flow {
     u8 syn;
 };
 
+#define PARSE_PASS 0      /* not IPv4 or IPv6 (ARP and the like): not ours to judge */
+#define PARSE_OK 1
+#define PARSE_SHORT 2     /* headers not in the linear part: pull and parse again */
+#define PARSE_DROP 3      /* IPv6, a non-first fragment, a malformed header: fail closed */
+
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
-        return 0;
+        return PARSE_SHORT;
+    if (eth->h_proto == htons(ETH_P_IPV6))
+        return PARSE_DROP;  /* IPv6 is not enforced by this datapath: refuse it */
     if (eth->h_proto != htons(ETH_P_IP))
-        return 0;
+        return PARSE_PASS;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > end)
-        return 0;
+        return PARSE_SHORT;
     f->saddr = ip->saddr;
     f->daddr = ip->daddr;
     f->proto = ip->protocol;
     f->sport = 0;
     f->dport = 0;
     f->syn = 0;
+    if (ip->frag_off & htons(0x1fff))
+        return PARSE_DROP;  /* a later fragment carries no ports to judge */
     u32 ihl = ip->ihl * 4;
     if (ihl < sizeof(*ip))
-        return 0;
+        return PARSE_DROP;
     void *l4 = (void *)ip + ihl;
     if (ip->protocol == IPPROTO_TCP) {
         struct tcphdr *tcp = l4;
         if ((void *)(tcp + 1) > end)
-            return 0;
+            return PARSE_SHORT;
         f->sport = tcp->source;
         f->dport = tcp->dest;
         f->syn = tcp->syn && !tcp->ack;
     } else if (ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
         struct udphdr *udp = l4;  /* SCTP's common header starts with the same two ports */
         if ((void *)(udp + 1) > end)
-            return 0;
+            return PARSE_SHORT;
         f->sport = udp->source;
         f->dport = udp->dest;
     }
-    return 1;
+    return PARSE_OK;
+}
+
+static __always_inline int parse_pulled(struct __sk_buff *skb, struct flow *f)
+{
+    int r = parse(skb, f);
+    if (r != PARSE_SHORT)
+        return r;
+    if (bpf_skb_pull_data(skb, 0) < 0)
+        return PARSE_DROP;
+    r = parse(skb, f);
+    return r == PARSE_SHORT ? PARSE_DROP : r;
 }
 
 static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 reason, u8 dir, u32 src_id, u32 dst_id, u32 ep)
@@ -227,46 +248,70 @@ static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 reason
     return TC_ACT_SHOT;
 }
 
-/* Verdict for a new flow. `local_src` is set when the source is a local endpoint. */
-static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int check_egress)
+/* The verdict policy gives a flow, without side effects: 0 drop (with *reason, *dir, *ep),
+ * 1 pass, 2 redirect to the proxy. The source's egress is checked when it is a local endpoint;
+ * `src_must_be_local` makes an unknown source a drop (packets from a pod's own veth). */
+static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src_id, u32 *dst_id,
+                                 u8 *reason, u8 *dir, u32 *ep)
 {
-    u32 src_id = identity_of(f->saddr);
-    u32 dst_id = identity_of(f->daddr);
-    u8 redirect = 0;
-
-    if (check_egress) {
-        struct endpoint_value *src_ep = l7g_endpoints.lookup(&f->saddr);
-        if (!src_ep)
-            return drop(skb, f, REASON_UNKNOWN_ENDPOINT, DIR_EGRESS, src_id, dst_id, 0);
-        src_id = src_ep->identity;
-        struct policy_value *v = policy_lookup(src_id, DIR_EGRESS, f->proto, dst_id, f->dport);
-        if (!v)
-            return drop(skb, f, REASON_NO_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
-        if (v->action == ACT_DENY)
-            return drop(skb, f, (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
-        if ((v->flags & FLAG_AUTH) && !authenticated(src_id, dst_id))
-            return drop(skb, f, REASON_AUTH, DIR_EGRESS, src_id, dst_id, src_id);
-        /* Egress HTTP rules would need the proxy on the source side; not built yet. */
-        if (v->action == ACT_REDIRECT)
-            return drop(skb, f, REASON_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
+    *src_id = identity_of(f->saddr);
+    *dst_id = identity_of(f->daddr);
+    int redirect = 0;
+    struct endpoint_value *src_ep = l7g_endpoints.lookup(&f->saddr);
+    if (!src_ep && src_must_be_local) {
+        *reason = REASON_UNKNOWN_ENDPOINT; *dir = DIR_EGRESS; *ep = 0;
+        return 0;
+    }
+    if (src_ep) {
+        *src_id = src_ep->identity;
+        struct policy_value *v = policy_lookup(*src_id, DIR_EGRESS, f->proto, *dst_id, f->dport);
+        *dir = DIR_EGRESS; *ep = *src_id;
+        if (!v) { *reason = REASON_NO_POLICY; return 0; }
+        if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
+        if ((v->flags & FLAG_AUTH) && !authenticated(*src_id, *dst_id)) { *reason = REASON_AUTH; return 0; }
+        /* Egress HTTP rules would need the proxy on the source side; not built yet: refuse. */
+        if (v->action == ACT_REDIRECT) { *reason = REASON_POLICY; return 0; }
     }
     struct endpoint_value *dst_ep = l7g_endpoints.lookup(&f->daddr);
     if (dst_ep) {
-        dst_id = dst_ep->identity;
-        struct policy_value *v = policy_lookup(dst_id, DIR_INGRESS, f->proto, src_id, f->dport);
-        if (!v)
-            return drop(skb, f, REASON_NO_POLICY, DIR_INGRESS, src_id, dst_id, dst_id);
-        if (v->action == ACT_DENY)
-            return drop(skb, f, (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY, DIR_INGRESS, src_id, dst_id, dst_id);
-        if ((v->flags & FLAG_AUTH) && !authenticated(dst_id, src_id))
-            return drop(skb, f, REASON_AUTH, DIR_INGRESS, src_id, dst_id, dst_id);
+        *dst_id = dst_ep->identity;
+        struct policy_value *v = policy_lookup(*dst_id, DIR_INGRESS, f->proto, *src_id, f->dport);
+        *dir = DIR_INGRESS; *ep = *dst_id;
+        if (!v) { *reason = REASON_NO_POLICY; return 0; }
+        if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
+        if ((v->flags & FLAG_AUTH) && !authenticated(*dst_id, *src_id)) { *reason = REASON_AUTH; return 0; }
         if (v->action == ACT_REDIRECT)
             redirect = 1;
     }
+    return redirect ? 2 : 1;
+}
+
+/* A flow with no conntrack entry either way. */
+static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int check_egress)
+{
+    u32 src_id = 0, dst_id = 0, ep = 0;
+    u8 reason = 0, dir = 0;
+    int v = judge(f, check_egress, &src_id, &dst_id, &reason, &dir, &ep);
+    if (v == 0 && f->proto == IPPROTO_TCP && !f->syn) {
+        /* Mid-stream TCP without a conntrack entry (evicted, or older than the program): a
+         * reply of a connection the reverse direction's policy allows passes, and its entry
+         * is restored. Forged mid-stream segments reach no socket of their own. */
+        struct flow r = {.saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport, .proto = f->proto};
+        u32 r_src = 0, r_dst = 0, r_ep = 0;
+        u8 r_reason = 0, r_dir = 0;
+        if (judge(&r, 0, &r_src, &r_dst, &r_reason, &r_dir, &r_ep) == 1) {
+            struct ct_key rk = {.saddr = r.saddr, .daddr = r.daddr, .sport = r.sport, .dport = r.dport, .proto = r.proto};
+            struct ct_value rv = {.src_id = r_src};
+            l7g_ct.update(&rk, &rv);
+            return TC_ACT_OK;
+        }
+    }
+    if (v == 0)
+        return drop(skb, f, reason, dir, src_id, dst_id, ep);
     struct ct_key ck = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport, .proto = f->proto};
-    struct ct_value cv = {.redirect = redirect, .src_id = src_id};
+    struct ct_value cv = {.redirect = v == 2, .src_id = src_id};
     l7g_ct.update(&ck, &cv);
-    if (redirect)
+    if (v == 2)
         skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
     return TC_ACT_OK;
 }
@@ -274,8 +319,11 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int c
 static __always_inline int handle(struct __sk_buff *skb, int check_egress)
 {
     struct flow f = {};
-    if (!parse(skb, &f))
-        return TC_ACT_OK;  /* not IPv4: ARP and the like pass; IPv6 is not enforced yet */
+    int p = parse_pulled(skb, &f);
+    if (p == PARSE_PASS)
+        return TC_ACT_OK;
+    if (p == PARSE_DROP)
+        return drop(skb, &f, REASON_UNSUPPORTED, check_egress ? DIR_EGRESS : DIR_INGRESS, 0, 0, 0);
     struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
     if (!f.syn) {
         struct ct_value *fwd = l7g_ct.lookup(&ck);
@@ -306,7 +354,7 @@ int l7g_from_link(struct __sk_buff *skb)
 int l7g_to_pod(struct __sk_buff *skb)
 {
     struct flow f = {};
-    if (!parse(skb, &f) || !f.syn)
+    if (parse_pulled(skb, &f) != PARSE_OK || !f.syn)
         return TC_ACT_OK;
     struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
     if (l7g_ct.lookup(&ck))

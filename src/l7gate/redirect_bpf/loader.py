@@ -55,7 +55,13 @@ MAPS: dict[str, tuple[str, int, int]] = {
     "ct": ("lru_hash", 16, 8),
 }
 PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod")
-DROP_REASONS = {1: "Policy denied", 2: "No policy", 3: "Authentication required", 4: "Unknown endpoint"}
+DROP_REASONS = {
+    1: "Policy denied",
+    2: "No policy",
+    3: "Authentication required",
+    4: "Unknown endpoint",
+    5: "Unsupported packet (IPv6 or IP fragment)",
+}
 
 
 class DatapathError(Exception):
@@ -235,7 +241,10 @@ class KernelDatapath:
         self._attached[ifname] = kind
 
     def detach(self, ifname: str) -> None:
-        subprocess.run(["tc", "qdisc", "del", "dev", ifname, "clsact"], capture_output=True, check=False)
+        """Remove our filters only; other tc programs on the device stay."""
+        for hook in ("ingress", "egress"):
+            subprocess.run(["tc", "filter", "del", "dev", ifname, hook, "pref", "1", "handle", "1", "bpf"],
+                           capture_output=True, check=False)
         self._attached.pop(ifname, None)
 
     # -- maps -----------------------------------------------------------------------------------
