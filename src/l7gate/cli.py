@@ -189,7 +189,7 @@ def _add_observe_parser(sub: Any, admin_flags: argparse.ArgumentParser) -> None:
         description="Show the flows the agent recorded — allowed, denied and failed requests — "
         "like `hubble observe`. Each filter flag may repeat (values OR); different flags AND. "
         "--from-*/--to-* follow the connection: an http-response matches the pods of its "
-        "request. Without --last, --since or --follow: the last 20 flows.",
+        "request. Without --last or --since: the last 20 flows (with -f, then every new one).",
     )
     for flag, dest, metavar, text in _FILTER_FLAGS:
         ob.add_argument(flag, dest=f"f_{dest}", action="append", metavar=metavar, help=text)
