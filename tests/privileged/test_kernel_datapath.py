@@ -161,6 +161,16 @@ def test_seed_table_through_the_kernel_path(world: World) -> None:
     while world.a.status()["datapath"]["drops"] < drops_before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert world.a.status()["datapath"]["drops"] >= drops_before + 2
+    # ... and each drop is a flow, as `l7gate observe` shows it
+    out = subprocess.run(
+        [L7GATE, "observe", "--verdict", "DROPPED", "--type", "l3l4", "--last", "50", "-o", "json",
+         "--admin", f"unix:{world.a.workdir}/admin.sock"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    drops = [json.loads(line) for line in out.splitlines() if line.strip()]
+    flows = [d.get("flow", d) for d in drops]
+    assert any(f["drop_reason_desc"] == "Policy denied" and f["destination"].get("pod_name") == "billing-service-xyz"
+               and f["source"].get("pod_name") == "reporting-job-q7x" for f in flows), flows
 
 
 def test_status_shows_the_kernel_datapath(world: World) -> None:

@@ -26,7 +26,7 @@ from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
 from ..identity.numeric import RESERVED, IdentityError
 from ..observe.als import AccessLogReceiver, http_grpc_access_log
 from ..observe.api import FlowQuery, stream
-from ..observe.ingest import IngestContext, Ingestor, PeerInfo, hubble_labels
+from ..observe.ingest import SOURCE_KERNEL, IngestContext, Ingestor, KernelDrop, PeerInfo, hubble_labels
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
@@ -161,15 +161,23 @@ def start_agent(config: AgentConfig) -> Agent:
         config, store, cache, access_logs=[http_grpc_access_log()], kernel=kernel, fallback=fallback
     )
     drops: deque[DropEvent] = deque(maxlen=1024)
-    if kernel is not None:
-        kernel.attach_links(config.links)
-        kernel.dp.poll_events(drops.append)
     metrics.attach(core)
     metrics.attach_xds(xds.status)
     flows = FlowRing(config.observe.ring_size, config.observe.follow_buffer)
     ingestor = Ingestor(flows, IngestContext(_PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}"))
     ingestor.start()
     als.set_batch_sink(ingestor.http_access_logs)
+    if kernel is not None:
+        kernel.attach_links(config.links)
+
+        def on_drop(e: DropEvent) -> None:
+            drops.append(e)
+            ingestor.offer(SOURCE_KERNEL, [KernelDrop(
+                e.saddr, e.daddr, e.sport, e.dport, e.proto, e.reason, e.direction,
+                e.src_identity, e.dst_identity, time.time_ns(),
+            )])
+
+        kernel.dp.poll_events(on_drop)
     metrics.registry.register(FlowCollector(ingestor, flows, lambda: als.malformed))
     envoy: EnvoySupervisor | None = None
     if config.envoy.enabled:

@@ -174,6 +174,7 @@ class Flow:
     policy_match: tuple[str, ...] = ()
     summary: str = ""
     node_name: str = ""
+    protocol: str = "TCP"  # the l4 section's key: TCP, UDP, SCTP (ICMPv4 and others: "")
 
     @property
     def http(self) -> HTTP | None:
@@ -255,7 +256,8 @@ def flow_to_json(f: Flow) -> dict[str, Any]:
         out["drop_reason_desc"] = f.drop_reason_desc
     s, d = f.source, f.destination
     out["IP"] = {"source": s.ip, "destination": d.ip, "ipVersion": "IPv6" if ":" in s.ip else "IPv4"}
-    out["l4"] = {"TCP": {"source_port": s.port, "destination_port": d.port}}
+    if f.protocol:
+        out["l4"] = {f.protocol: {"source_port": s.port, "destination_port": d.port}}
     out["source"] = _endpoint_json(s)
     out["destination"] = _endpoint_json(d)
     out["Type"] = f.type.value
@@ -351,14 +353,16 @@ def flow_from_json(obj: object) -> Flow:
     except ValueError as exc:
         raise FlowDecodeError(f"flow.time: {exc}") from None
     ip = _map(d.get("IP"), "flow.IP")
-    tcp = _map(_map(d.get("l4"), "flow.l4").get("TCP"), "flow.l4.TCP")
+    l4 = _map(d.get("l4"), "flow.l4")
+    protocol = next((p for p in ("TCP", "UDP", "SCTP") if p in l4), "")
+    ports = _map(l4.get(protocol), f"flow.l4.{protocol}") if protocol else {}
     src = _endpoint_from(
         _map(d.get("source"), "flow.source"), _str(ip.get("source"), "flow.IP.source"),
-        _int(tcp.get("source_port"), "flow.l4.TCP.source_port"), "flow.source",
+        _int(ports.get("source_port", 0), f"flow.l4.{protocol}.source_port"), "flow.source",
     )
     dst = _endpoint_from(
         _map(d.get("destination"), "flow.destination"), _str(ip.get("destination"), "flow.IP.destination"),
-        _int(tcp.get("destination_port"), "flow.l4.TCP.destination_port"), "flow.destination",
+        _int(ports.get("destination_port", 0), f"flow.l4.{protocol}.destination_port"), "flow.destination",
     )
     l7: Layer7 | None = None
     if d.get("l7") is not None:
@@ -409,4 +413,5 @@ def flow_from_json(obj: object) -> Flow:
         policy_match=tuple(pm),
         summary=_str(d.get("Summary"), "flow.Summary"),
         node_name=_str(d.get("node_name"), "flow.node_name"),
+        protocol=protocol,
     )

@@ -60,6 +60,7 @@ from typing import Any
 
 from .flow import (
     AUTH_REQUIRED,
+    AuthType,
     HTTP,
     MAX_HEADER_VALUE,
     POLICY_DENIED,
@@ -121,6 +122,55 @@ class IngestContext:
 
 
 Converter = Callable[[Any, IngestContext], Sequence[Flow]]
+
+SOURCE_KERNEL = "bpf-drop"
+_L4 = {6: "TCP", 17: "UDP", 132: "SCTP"}
+
+
+@dataclass(frozen=True, slots=True)
+class KernelDrop:
+    """A packet the kernel datapath dropped (the agent decodes the perf-ring record into this).
+    `reason` is the datapath's words: "Policy denied", "Authentication required", ..."""
+
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    proto: int
+    reason: str
+    direction: str  # "ingress" | "egress": whose policy dropped it
+    src_identity: int
+    dst_identity: int
+    time_ns: int = 0
+
+
+def kernel_drop_flows(event: Any, ctx: IngestContext) -> tuple[Flow, ...]:
+    """One DROPPED L3_L4 flow per kernel drop."""
+    if not isinstance(event, KernelDrop):
+        raise MalformedEvent(f"expected a KernelDrop, got {type(event).__name__}")
+    src, dst = ctx.resolve(event.saddr), ctx.resolve(event.daddr)
+    # The kernel knows the identities it judged; they win over a later ipcache view.
+    src = PeerInfo(event.src_identity or src.identity, src.cluster_name, src.namespace, src.pod_name,
+                   src.labels, src.local)
+    dst = PeerInfo(event.dst_identity or dst.identity, dst.cluster_name, dst.namespace, dst.pod_name,
+                   dst.labels, dst.local)
+    direction = TrafficDirection.EGRESS if event.direction == "egress" else TrafficDirection.INGRESS
+    auth = AuthType.SPIRE if event.reason == AUTH_REQUIRED else AuthType.DISABLED
+    return (
+        Flow(
+            time=event.time_ns or ctx.now(),
+            verdict=Verdict.DROPPED,
+            type=FlowType.L3_L4,
+            source=_endpoint(event.saddr, event.sport, src),
+            destination=_endpoint(event.daddr, event.dport, dst),
+            drop_reason_desc=event.reason,
+            traffic_direction=direction,
+            auth_type=auth,
+            summary=event.reason,
+            node_name=ctx.node_name,
+            protocol=_L4.get(event.proto, ""),
+        ),
+    )
 
 
 # -- Envoy access logs ---------------------------------------------------------------------------
@@ -326,7 +376,9 @@ class Ingestor:
     ) -> None:
         self.ring = ring
         self.ctx = ctx
-        self.converters: dict[str, Converter] = dict(converters or {SOURCE_ALS: http_log_flows})
+        self.converters: dict[str, Converter] = dict(
+            converters or {SOURCE_ALS: http_log_flows, SOURCE_KERNEL: kernel_drop_flows}
+        )
         self.max_pending = max_pending
         self._stats = IngestStats()
         self._stats_lock = threading.Lock()
