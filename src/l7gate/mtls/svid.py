@@ -1,0 +1,230 @@
+"""X.509-SVIDs and the peer check every mutual-auth handshake ends with.
+
+`verify_peer` is the one place that decides whether a certificate chain proves a security
+identity. It does not trust that OpenSSL already looked at the chain: it checks the SPIFFE rules
+(exactly one URI SAN, a well-formed ``spiffe://TD/identity/N``, not a CA) and then verifies the
+path to the trust bundle itself with `cryptography` (each signature and each validity period),
+so the decision and its reason do not depend on how the TLS layer was configured.
+
+Times are wall-clock seconds since the epoch (`time.time()`), the clock the certificates use.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from .spiffe import SpiffeIDError, parse_spiffe_id
+
+Clock = Callable[[], float]
+"""Wall-clock seconds since the epoch; `time.time` unless a test injects another."""
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+MAX_PATH = 8  # certificates between a leaf and its trust anchor, anchor excluded
+
+
+class Reason(enum.Enum):
+    """Why a certificate does not prove an identity. The value is the text flows and logs show."""
+
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not yet valid"
+    UNTRUSTED = "untrusted"
+    WRONG_TRUST_DOMAIN = "wrong trust domain"
+    MULTIPLE_URI_SANS = "more than one URI SAN"
+    NO_SPIFFE_ID = "no SPIFFE ID"
+    MALFORMED_SPIFFE_ID = "malformed SPIFFE ID"
+    UNEXPECTED_IDENTITY = "unexpected identity"
+    IS_CA = "is a CA"
+
+
+class SVIDError(Exception):
+    """A certificate that is not a valid X.509-SVID of the trust domain (see `Reason`)."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value} ({detail})" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class SVID:
+    """One identity's X.509-SVID and its private key (PEM, PKCS#8, unencrypted).
+
+    `cert_pem` is the leaf alone; `chain_pem` is the leaf followed by any intermediates, i.e.
+    what the TLS layer sends to the peer (never the root). Immutable; whoever holds it may
+    share it between threads.
+    """
+
+    identity: int
+    spiffe_id: str
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    chain_pem: bytes = field(repr=False)
+    not_before: float
+    not_after: float
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    @property
+    def serial(self) -> int:
+        return self.certificate.serial_number
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The identity a verified peer certificate proves, and until when."""
+
+    identity: int
+    spiffe_id: str
+    not_after: float
+
+
+CertInput = bytes | x509.Certificate
+"""A certificate as DER bytes (what `SSLSocket.getpeercert(True)` returns) or parsed."""
+
+
+def verify_peer(
+    chain: CertInput | Sequence[CertInput],
+    bundle: Sequence[x509.Certificate],
+    trust_domain: str,
+    expected_identity: int | None = None,
+    *,
+    now: float,
+) -> Peer:
+    """Check that `chain` (leaf first, then intermediates) is a valid X.509-SVID of
+    `trust_domain` issued under `bundle`, naming `expected_identity` if that is given.
+
+    Raises `SVIDError` with the first failed check, in this order: the leaf is a CA; its URI
+    SANs (exactly one, a spiffe:// URI, well formed); its trust domain; the signatures up to a
+    bundle certificate and their validity periods ("untrusted"); the leaf's own validity
+    period; the identity.
+    """
+    certs = _parse_chain(chain)
+    leaf = certs[0]
+
+    # SPIFFE X.509-SVID 4.1/4.3: a leaf is not a CA and cannot sign certificates.
+    constraints = _extension(leaf, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise SVIDError(Reason.IS_CA, "basicConstraints CA:TRUE")
+    usage = _extension(leaf, x509.KeyUsage)
+    if usage is not None and (usage.key_cert_sign or usage.crl_sign):
+        raise SVIDError(Reason.IS_CA, "keyCertSign/cRLSign key usage")
+
+    # SPIFFE X.509-SVID 2: exactly one URI SAN, the SPIFFE ID.
+    san = _extension(leaf, x509.SubjectAlternativeName)
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
+    if len(uris) > 1:
+        raise SVIDError(Reason.MULTIPLE_URI_SANS, ", ".join(uris))
+    if not uris or not uris[0].lower().startswith("spiffe:"):
+        raise SVIDError(Reason.NO_SPIFFE_ID, uris[0] if uris else "no URI SAN")
+    try:
+        peer_domain, identity = parse_spiffe_id(uris[0])
+    except SpiffeIDError as exc:
+        raise SVIDError(Reason.MALFORMED_SPIFFE_ID, str(exc)) from None
+    if peer_domain != trust_domain:
+        raise SVIDError(Reason.WRONG_TRUST_DOMAIN, f"{peer_domain}, expected {trust_domain}")
+
+    _verify_path(leaf, certs[1:], bundle, now)
+
+    not_before = leaf.not_valid_before_utc.timestamp()
+    not_after = leaf.not_valid_after_utc.timestamp()
+    if now < not_before:
+        raise SVIDError(Reason.NOT_YET_VALID, f"valid from {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+    if now > not_after:
+        raise SVIDError(Reason.EXPIRED, f"expired at {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+
+    if expected_identity is not None and identity != expected_identity:
+        raise SVIDError(Reason.UNEXPECTED_IDENTITY, f"expected {expected_identity} got {identity}")
+    return Peer(identity=identity, spiffe_id=uris[0], not_after=not_after)
+
+
+def _parse_chain(chain: CertInput | Sequence[CertInput]) -> list[x509.Certificate]:
+    items: Sequence[CertInput] = (
+        [chain] if isinstance(chain, (bytes, x509.Certificate)) else chain
+    )
+    if not items:
+        raise SVIDError(Reason.UNTRUSTED, "no certificate")
+    certs = []
+    for item in items:
+        if isinstance(item, x509.Certificate):
+            certs.append(item)
+            continue
+        try:
+            certs.append(x509.load_der_x509_certificate(item))
+        except ValueError as exc:
+            raise SVIDError(Reason.UNTRUSTED, f"unparsable certificate: {exc}") from None
+    return certs
+
+
+def _verify_path(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    bundle: Sequence[x509.Certificate],
+    now: float,
+) -> None:
+    """Walk issuer links from `leaf` to a bundle certificate, checking each signature, each
+    issuer's validity period and its path length constraint."""
+    current = leaf
+    pool = list(intermediates)
+    below = 0  # intermediates between the issuer being looked for and the leaf
+    for _ in range(MAX_PATH + 1):
+        for anchor in bundle:
+            if _issued_by(current, anchor):
+                _check_issuer(anchor, now, below, "trust anchor")
+                return
+        for candidate in pool:
+            if _issued_by(current, candidate) and _is_signing_ca(candidate):
+                _check_issuer(candidate, now, below, "intermediate")
+                pool.remove(candidate)
+                current = candidate
+                below += 1
+                break
+        else:
+            raise SVIDError(
+                Reason.UNTRUSTED,
+                f"no certificate in the trust bundle issued {current.issuer.rfc4514_string()!r}",
+            )
+    raise SVIDError(Reason.UNTRUSTED, f"chain longer than {MAX_PATH} certificates")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)  # issuer name match + signature
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_signing_ca(cert: x509.Certificate) -> bool:
+    constraints = _extension(cert, x509.BasicConstraints)
+    usage = _extension(cert, x509.KeyUsage)
+    return bool(constraints and constraints.ca) and (usage is None or usage.key_cert_sign)
+
+
+def _check_issuer(cert: x509.Certificate, now: float, below: int, what: str) -> None:
+    name = cert.subject.rfc4514_string()
+    if not cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp():
+        raise SVIDError(Reason.UNTRUSTED, f"{what} {name!r} is outside its validity period")
+    constraints = _extension(cert, x509.BasicConstraints)
+    limit = constraints.path_length if constraints is not None else None
+    if limit is not None and below > limit:
+        raise SVIDError(
+            Reason.UNTRUSTED, f"{what} {name!r} allows {limit} intermediates below it, not {below}"
+        )
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:  # duplicate or undecodable extensions
+        raise SVIDError(Reason.UNTRUSTED, f"malformed extensions: {exc}") from None
