@@ -1,1 +1,65 @@
-"""l7gate.mtls"""
+"""Mutual authentication: SPIFFE identities, the built-in CA, SVIDs, handshakes, the auth cache.
+
+    ca = BuiltinCA.load_or_create("/var/lib/l7gate/ca", DEFAULT_TRUST_DOMAIN)
+    store = SVIDStore(ca, "/run/l7gate/svids")          # any SVIDSource will do
+    store.set_identities(local_identities)
+    store.start()                                       # rotation thread
+    server = MutualAuthServer(store, (node_ip, DEFAULT_PORT)).start()
+    auth = AuthManager(store, write=lambda l, r, t: dp.set_auth(l, r, boot_ns_for(t)),
+                       delete=dp.delete_auth)
+    auth.start()
+    auth.set_wanted({(local, remote): {(node_ip_of_remote, DEFAULT_PORT)}, ...})
+    auth.request(local, remote)                         # after an "Authentication required" drop
+    auth.status()                                       # rows for `l7gate auth status`
+
+Modules: `spiffe` (names), `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`,
+`testing` (helpers for tests only).
+"""
+
+from .auth import AuthManager, AuthStatus, Pair, boot_ns_for
+from .ca import BuiltinCA, CAError
+from ._files import InsecureFileError
+from .handshake import (
+    DEFAULT_PORT,
+    Address,
+    AuthError,
+    AuthResult,
+    Failure,
+    MutualAuthServer,
+    ServerEvent,
+    handshake,
+)
+from .spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIDError, parse_spiffe_id, server_name, spiffe_id
+from .store import SVIDFiles, SVIDSource, SVIDStore
+from .svid import SVID, Peer, Reason, SVIDError, verify_peer
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_TRUST_DOMAIN",
+    "Address",
+    "AuthError",
+    "AuthManager",
+    "AuthResult",
+    "AuthStatus",
+    "BuiltinCA",
+    "CAError",
+    "Failure",
+    "InsecureFileError",
+    "MutualAuthServer",
+    "Pair",
+    "Peer",
+    "Reason",
+    "SVID",
+    "SVIDError",
+    "SVIDFiles",
+    "SVIDSource",
+    "SVIDStore",
+    "ServerEvent",
+    "SpiffeIDError",
+    "boot_ns_for",
+    "handshake",
+    "parse_spiffe_id",
+    "server_name",
+    "spiffe_id",
+    "verify_peer",
+]
