@@ -1,0 +1,652 @@
+"""Hypothesis strategies for policy tests: small universes, CNP/CCNP documents, flows, junk.
+
+Everything a strategy draws is plain JSON (dicts, lists, strings, numbers), so that a failing
+example can be written to `tests/corpus/` as it is and replayed by a plain test. The helpers at
+the bottom turn those JSON values into the engine's types (`Labels`, `HTTPRequest`, `Flow`).
+
+Shapes (also the corpus formats):
+
+- universe: ``{"identities": {"<id>": {label: value}}, "endpoints": [<id>, ...]}``
+  Identity numbers follow Cilium: 1 host, 2 world, 3 unmanaged, 4 health, 5 init,
+  6 remote-node, 7 kube-apiserver, 8 ingress, 9/10 world-ipv4/-ipv6; pods from 1001; CIDR
+  identities (`cidr:<prefix>` + `reserved:world`) from 2**24.
+- policy document: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy as loaded from YAML.
+  Most parse; a few are invalid on purpose (both selectors, L7 in a deny rule, UDP with HTTP
+  rules, bad regex, unknown entity, ...), so callers must discard what the parser rejects.
+- flow: ``{"src": id, "dst": id, "port": n, "protocol": "TCP", "http": request | null,
+  "authenticated": bool}`` with request ``{"method", "path", "host", "headers"}``.
+
+The vocabularies are deliberately tiny (three apps, two teams, three namespaces, two clusters,
+a handful of ports and regexes) so that generated selectors and rules actually select the
+generated identities and match the generated flows.
+
+Reused by the Envoy and BPF differential tests: import as ``tests.unit.strategies``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from hypothesis import strategies as st
+
+from l7gate.policy.evaluate import Flow, Peer
+from l7gate.policy.labels import CLUSTER_KEY, NAMESPACE_KEY, Labels
+from l7gate.policy.types import HTTPRequest, Protocol
+
+T = TypeVar("T")
+
+LOCAL_CLUSTER = "cluster-a"
+CLUSTERS = ("cluster-a", "cluster-b")
+NAMESPACES = ("payments", "web", "kube-system")
+DEFAULT_NAMESPACE = NAMESPACES[0]
+
+CNP = "CiliumNetworkPolicy"
+CCNP = "CiliumClusterwideNetworkPolicy"
+POLICY_NAMES = ("p1", "p2", "p3")
+
+# Reserved identities as Cilium numbers them.
+HOST_ID, WORLD_ID = 1, 2
+RESERVED_IDENTITIES: dict[int, dict[str, str]] = {
+    1: {"reserved:host": ""},
+    2: {"reserved:world": ""},
+    3: {"reserved:unmanaged": ""},
+    4: {"reserved:health": ""},
+    5: {"reserved:init": ""},
+    6: {"reserved:remote-node": ""},
+    7: {"reserved:kube-apiserver": ""},
+    8: {"reserved:ingress": ""},
+    9: {"reserved:world-ipv4": ""},
+    10: {"reserved:world-ipv6": ""},
+}
+POD_IDS = tuple(range(1001, 1009))
+CIDR_ID_BASE = 1 << 24
+CIDR_PREFIXES = ("10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.1.0/24", "2001:db8::/32")
+CIDR_IDENTITIES: dict[int, dict[str, str]] = {
+    CIDR_ID_BASE + i: {f"cidr:{p}": "", "reserved:world": ""} for i, p in enumerate(CIDR_PREFIXES)
+}
+
+POD_LABEL_VALUES: dict[str, tuple[str, ...]] = {
+    "app": ("frontend", "billing", "db"),
+    "team": ("red", "blue"),
+    "env": ("prod", "dev"),
+}
+# Selector keys, some with a source prefix the parser must strip.
+SELECTOR_KEYS: dict[str, tuple[str, ...]] = {
+    "app": POD_LABEL_VALUES["app"],
+    "k8s:app": POD_LABEL_VALUES["app"],
+    "team": POD_LABEL_VALUES["team"],
+    "any:env": POD_LABEL_VALUES["env"],
+    "k8s:" + NAMESPACE_KEY: NAMESPACES,
+    CLUSTER_KEY: CLUSTERS,
+}
+
+ENTITIES = (
+    "all", "world", "cluster", "host", "remote-node", "kube-apiserver", "ingress", "health",
+    "init", "unmanaged", "world-ipv4", "world-ipv6",
+)
+CIDRS = (
+    "10.1.0.0/16", "10.0.0.0/8", "10.1.2.0/24", "10.1.2.3/32", "0.0.0.0/0", "192.168.0.0/16",
+    "2001:db8::/32", "::/0",
+)
+PORTS: tuple[str | int, ...] = ("80", "8080", "9090", "443", "53", "0", 80, 8080)
+END_PORTS = (0, 8081, 9100, 65535)
+PROTOCOLS = ("TCP", "UDP", "ANY", "SCTP")
+METHOD_RES = ("GET", "POST", "POST|PUT", "GET|HEAD", "DELETE", "GET", "POST", ".*")
+PATH_RES = ("/v1/charge", "/v1/.*", "/v1/refund", "/", "/v1/charge(\\?.*)?", "/v2/.*")
+HOST_RES = ("billing", "billing\\.payments\\.svc", ".*\\.svc", "api")
+BAD_RES = ("(", "a(?=b)", "[z-a]", "x{2000}")
+HEADER_STRINGS = ("X-User: alice", "x-debug", "X-User bob")
+HEADER_MATCHES: tuple[dict[str, str], ...] = (
+    {"name": "x-user", "value": "alice"},
+    {"name": "X-User", "value": "bob", "mismatch": "LOG"},
+    {"name": "x-debug"},
+)
+AUTH_MODES = ("disabled", "required", "test-always-fail")
+
+REQUEST_METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD")
+REQUEST_PATHS = (
+    "/v1/charge", "/v1/refund", "/v1//refund", "/v1/%72efund", "/v1/x/../refund",
+    "/v1%2Frefund", "/V1/charge", "/v1/charge?x=1", "/v1/charge#frag", "/", "/v2/items",
+    "/v1/charge/",
+)
+REQUEST_HOSTS = ("", "billing", "billing.payments.svc", "api")
+FLOW_PORTS = (80, 443, 8080, 8081, 9090, 9100, 53, 1, 65535)
+
+# Field names the parser knows, so that junk mappings sometimes reach deep into it.
+FIELD_NAMES = (
+    "apiVersion", "kind", "metadata", "name", "namespace", "spec", "specs", "endpointSelector",
+    "nodeSelector", "matchLabels", "matchExpressions", "key", "operator", "values", "ingress",
+    "ingressDeny", "egress", "egressDeny", "enableDefaultDeny", "description", "labels",
+    "fromEndpoints", "toEndpoints", "fromEntities", "toEntities", "fromCIDR", "toCIDR",
+    "fromCIDRSet", "toCIDRSet", "cidr", "except", "toPorts", "ports", "port", "endPort",
+    "protocol", "rules", "http", "method", "path", "host", "headers", "headerMatches", "value",
+    "mismatch", "authentication", "mode", "source",
+)
+# Strings that have broken parsers before: non-ASCII digits, a lone surrogate (valid in JSON as
+# "\ud800"), a number too long for int(), whitespace, signs.
+JUNK_STRINGS = (
+    "", " ", "80 ", "-1", "0x50", "+80", "²", "١٢", "\ud800", "9" * 5000, "TCP ", "In",
+    "cilium.io/v2", CNP, CCNP, "*", "\x00", "/", "10.0.0.0/33", "not-a-cidr",
+)
+
+
+def weighted(draw: st.DrawFn, choices: Sequence[tuple[int, T]]) -> T:
+    """Pick one of `choices` by weight. Shrinks towards the first choice, so list the plain,
+    valid case first."""
+    n = draw(_uniform_below(sum(w for w, _ in choices)))
+    for w, value in choices:
+        if n < w:
+            return value
+        n -= w
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=None)
+def _uniform_below(n: int) -> st.SearchStrategy[int]:
+    # sampled_from draws uniformly; st.integers() favours some values and would skew weights.
+    return st.sampled_from(range(n))
+
+
+# -- universes ----------------------------------------------------------------------------------
+
+
+def namespace(draw: st.DrawFn) -> str:
+    """Mostly the first namespace, so that namespaced policies select the pods they are with."""
+    return weighted(draw, [(3, NAMESPACES[0]), (1, NAMESPACES[1]), (1, NAMESPACES[2])])
+
+
+@st.composite
+def pod_labels(draw: st.DrawFn) -> dict[str, str]:
+    labels = {
+        NAMESPACE_KEY: namespace(draw),
+        CLUSTER_KEY: draw(st.sampled_from(CLUSTERS)),
+    }
+    for key, values in POD_LABEL_VALUES.items():
+        if draw(st.booleans()):
+            labels[key] = draw(st.sampled_from(values))
+    return labels
+
+
+def pod_labels_example() -> dict[str, str]:
+    """One fixed pod's labels, for hand-written cases."""
+    return {NAMESPACE_KEY: "payments", CLUSTER_KEY: LOCAL_CLUSTER}
+
+
+def host_labels() -> st.SearchStrategy[dict[str, str]]:
+    """The local host; node labels (env) let nodeSelector policies select it."""
+    return st.sampled_from(({}, {"env": "prod"}, {"env": "dev"})).map(
+        lambda extra: {"reserved:host": "", **extra}
+    )
+
+
+@st.composite
+def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5) -> dict[str, Any]:
+    """Identities (world always, other reserved and CIDR identities sometimes, a few pods) and
+    the endpoints under policy (some pods, sometimes the host)."""
+    identities: dict[str, dict[str, str]] = {str(WORLD_ID): RESERVED_IDENTITIES[WORLD_ID]}
+    for ident in draw(st.sets(st.sampled_from(sorted(RESERVED_IDENTITIES)), max_size=4)):
+        identities[str(ident)] = dict(RESERVED_IDENTITIES[ident])
+    if draw(st.booleans()):
+        identities[str(HOST_ID)] = draw(host_labels())
+    for ident in draw(st.sets(st.sampled_from(sorted(CIDR_IDENTITIES)), max_size=3)):
+        identities[str(ident)] = dict(CIDR_IDENTITIES[ident])
+    n = draw(st.integers(min_pods, max_pods))
+    pods = POD_IDS[:n]
+    for ident in pods:
+        identities[str(ident)] = draw(pod_labels())
+    candidates = list(pods) + ([HOST_ID] if str(HOST_ID) in identities else [])
+    endpoints = draw(st.sets(st.sampled_from(candidates), min_size=1))
+    return {"identities": identities, "endpoints": sorted(endpoints)}
+
+
+# -- selectors ----------------------------------------------------------------------------------
+
+
+@st.composite
+def match_expressions(draw: st.DrawFn) -> dict[str, Any]:
+    key = draw(st.sampled_from(sorted(SELECTOR_KEYS)))
+    op = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
+    expr: dict[str, Any] = {"key": key, "operator": op}
+    if op in ("In", "NotIn"):
+        expr["values"] = sorted(draw(st.sets(st.sampled_from(SELECTOR_KEYS[key]), min_size=1, max_size=2)))
+    elif draw(st.integers(0, 9)) == 0:
+        expr["values"] = []
+    return expr
+
+
+@st.composite
+def label_selectors(
+    draw: st.DrawFn, *, allow_reserved: bool = False, hints: Sequence[Mapping[str, str]] = ()
+) -> dict[str, Any]:
+    """A Kubernetes label selector. `{}` is common: it is the interesting edge case. With
+    `hints` (label sets of identities that exist), often one that selects one of them."""
+    kind = weighted(draw, [(3, "empty"), (6, "labels"), (1 if allow_reserved else 0, "reserved"),
+                           (6 if hints else 0, "hint")])
+    if kind == "empty":
+        return {}
+    if kind == "hint":
+        target = draw(st.sampled_from(list(hints)))
+        known = [k for k in sorted(target) if k in POD_LABEL_VALUES or k == NAMESPACE_KEY]
+        chosen = draw(st.sets(st.sampled_from(known), max_size=2)) if known else set()
+        return {"matchLabels": {k: target[k] for k in sorted(chosen)}} if chosen else {}
+    if kind == "reserved":
+        name = draw(st.sampled_from(("host", "world", "kube-apiserver", "remote-node")))
+        return {"matchLabels": {f"reserved:{name}": ""}}
+    sel: dict[str, Any] = {}
+    keys = draw(st.sets(st.sampled_from(sorted(SELECTOR_KEYS)), max_size=2))
+    if keys:
+        sel["matchLabels"] = {k: draw(st.sampled_from(SELECTOR_KEYS[k])) for k in sorted(keys)}
+    if draw(st.booleans()) or not keys:
+        sel["matchExpressions"] = draw(st.lists(match_expressions(), min_size=1, max_size=2))
+    return sel
+
+
+# -- rules ----------------------------------------------------------------------------------------
+
+
+@st.composite
+def port_protocols(draw: st.DrawFn) -> dict[str, Any]:
+    entry: dict[str, Any] = {"port": draw(st.sampled_from(PORTS))}
+    if weighted(draw, [(4, False), (1, True)]):
+        end = draw(st.sampled_from(END_PORTS))
+        if str(entry["port"]) == "0" and end and weighted(draw, [(9, True), (1, False)]):
+            end = 0  # port 0 with a non-zero endPort is invalid; keep it rare
+        entry["endPort"] = end
+    if draw(st.booleans()):
+        entry["protocol"] = weighted(draw, [(4, "TCP"), (2, "UDP"), (2, "ANY"), (1, "SCTP")])
+    return entry
+
+
+@st.composite
+def http_rules(draw: st.DrawFn) -> dict[str, Any] | None:
+    if weighted(draw, [(12, False), (1, True)]):
+        return None  # `- ` in YAML: the parser reads it as {}
+    rule: dict[str, Any] = {}
+
+    def regex(pool: Sequence[str]) -> str:
+        return weighted(draw, [(30, draw(st.sampled_from(pool))), (1, draw(st.sampled_from(BAD_RES)))])
+
+    if weighted(draw, [(1, False), (3, True)]):
+        rule["method"] = regex(METHOD_RES)
+    if weighted(draw, [(1, False), (3, True)]):
+        rule["path"] = regex(PATH_RES)
+    if weighted(draw, [(3, False), (1, True)]):
+        rule["host"] = regex(HOST_RES)
+    if weighted(draw, [(4, False), (1, True)]):
+        rule["headers"] = draw(st.lists(st.sampled_from(HEADER_STRINGS), min_size=1, max_size=2))
+    if weighted(draw, [(5, False), (1, True)]):
+        rule["headerMatches"] = [dict(h) for h in draw(st.lists(st.sampled_from(HEADER_MATCHES), min_size=1, max_size=2))]
+    return rule
+
+
+@st.composite
+def port_rules(draw: st.DrawFn, *, deny: bool) -> dict[str, Any]:
+    """One `toPorts` element: L4 ports, or a single TCP port with HTTP rules, or `{}`.
+
+    HTTP rules in a deny rule, on UDP or on a port range are invalid; they stay rare."""
+    kind = weighted(draw, [(30, "l4"), (1, "l7"), (3, "empty")] if deny
+                    else [(6, "l4"), (10, "l7"), (1, "empty")])
+    if kind == "empty":
+        return {}
+    if kind == "l4":
+        return {"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}
+    port: dict[str, Any] = {"port": weighted(draw, [(2, "8080"), (2, 8080), (1, "80")])}
+    proto = weighted(draw, [(20, None), (20, "TCP"), (10, "ANY"), (1, "UDP")])
+    if proto is not None:
+        port["protocol"] = proto
+    if weighted(draw, [(60, False), (1, True)]):
+        port["endPort"] = 9100  # a range: invalid with HTTP rules
+    http = draw(st.lists(http_rules(), min_size=1, max_size=2))
+    if weighted(draw, [(12, False), (1, True)]):
+        http = [{}]
+    return {"ports": [port], "rules": {"http": http}}
+
+
+@st.composite
+def peer_rules(
+    draw: st.DrawFn, *, ingress: bool, deny: bool, hints: Sequence[Mapping[str, str]] = ()
+) -> dict[str, Any]:
+    """One element of ingress / ingressDeny / egress / egressDeny."""
+    pre = "from" if ingress else "to"
+    rule: dict[str, Any] = {}
+    peer_kind = weighted(draw, [(5, "endpoints"), (2, "entities"), (1, "cidr"), (1, "cidrset"),
+                                (4, "none"), (1, "two")])
+    kinds = [peer_kind] if peer_kind != "two" else draw(
+        st.lists(st.sampled_from(("endpoints", "entities", "cidr", "cidrset")), min_size=2,
+                 max_size=2, unique=True))
+    for k in kinds:
+        if k == "endpoints":
+            rule[pre + "Endpoints"] = draw(st.lists(label_selectors(allow_reserved=True, hints=hints), max_size=2))
+        elif k == "entities":
+            ents = draw(st.lists(st.sampled_from(ENTITIES), max_size=2))
+            if weighted(draw, [(40, False), (1, True)]):
+                ents.append("galaxy")
+            rule[pre + "Entities"] = ents
+        elif k == "cidr":
+            cidrs = draw(st.lists(st.sampled_from(CIDRS), max_size=2))
+            if weighted(draw, [(40, False), (1, True)]):
+                cidrs.append("10.1.2.3")  # no prefix length: rejected
+            rule[pre + "CIDR"] = cidrs
+        elif k == "cidrset":
+            rule[pre + "CIDRSet"] = draw(st.lists(cidr_sets(), max_size=2))
+    if weighted(draw, [(1, False), (2, True)]) or peer_kind == "none" and draw(st.booleans()):
+        rule["toPorts"] = draw(st.lists(port_rules(deny=deny), min_size=weighted(draw, [(6, 1), (1, 0)]), max_size=2))
+    if not deny and weighted(draw, [(4, False), (1, True)]):
+        rule["authentication"] = {"mode": draw(st.sampled_from(AUTH_MODES))}
+    elif deny and weighted(draw, [(40, False), (1, True)]):
+        rule["authentication"] = {"mode": "required"}  # not allowed in deny rules
+    return rule
+
+
+@st.composite
+def cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
+    outer = draw(st.sampled_from(("10.0.0.0/8", "10.1.0.0/16", "0.0.0.0/0", "192.168.0.0/16")))
+    entry: dict[str, Any] = {"cidr": outer}
+    if draw(st.booleans()):
+        entry["except"] = draw(st.lists(st.sampled_from(("10.1.2.0/24", "10.1.0.0/16", "10.1.2.3/32")), max_size=2))
+    return entry
+
+
+@st.composite
+def direction_lists(
+    draw: st.DrawFn, *, ingress: bool, deny: bool, hints: Sequence[Mapping[str, str]] = ()
+) -> list[dict[str, Any]] | None:
+    """None (field absent), [], [{}] or a few peer rules."""
+    kind = weighted(draw, [(2, "absent"), (1, "empty"), (1, "braces"), (6, "rules")])
+    if kind == "absent":
+        return None
+    if kind == "empty":
+        return []
+    if kind == "braces":
+        return [{}]
+    return draw(st.lists(peer_rules(ingress=ingress, deny=deny, hints=hints), min_size=1, max_size=3))
+
+
+@st.composite
+def specs(draw: st.DrawFn, *, kind: str, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    choice = weighted(draw, [(30, "endpoint"), (3 if kind == CCNP else 0, "node"),
+                             (1, "both"), (1, "neither")])
+    if choice in ("endpoint", "both"):
+        spec["endpointSelector"] = draw(label_selectors(hints=hints))
+    if choice in ("node", "both"):
+        spec["nodeSelector"] = draw(st.sampled_from(({}, {"matchLabels": {"env": "prod"}})))
+    for field, ingress, deny in (
+        ("ingress", True, False), ("ingressDeny", True, True),
+        ("egress", False, False), ("egressDeny", False, True),
+    ):
+        weights = [(1, False), (3, True)] if not deny else [(3, False), (1, True)]
+        if weighted(draw, weights):
+            value = draw(direction_lists(ingress=ingress, deny=deny, hints=hints))
+            if value is not None:
+                spec[field] = value
+    if weighted(draw, [(4, False), (1, True)]):
+        edd = {}
+        for d in ("ingress", "egress"):
+            if draw(st.booleans()):
+                edd[d] = draw(st.booleans())
+        spec["enableDefaultDeny"] = edd
+    if weighted(draw, [(6, False), (1, True)]):
+        spec["description"] = "generated"
+    return spec
+
+
+@st.composite
+def policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A CNP or CCNP document. Names collide on purpose, so later documents replace earlier ones.
+    `hints`: pod label sets; selectors and namespaces are often taken from them."""
+    kind = weighted(draw, [(2, CNP), (1, CCNP)])
+    meta: dict[str, Any] = {"name": draw(st.sampled_from(POLICY_NAMES))}
+    if kind == CNP and weighted(draw, [(1, False), (4, True)]):
+        from_hint: bool = draw(st.booleans())
+        if hints and from_hint:
+            meta["namespace"] = draw(st.sampled_from(list(hints)))[NAMESPACE_KEY]
+        else:
+            meta["namespace"] = namespace(draw)
+    doc: dict[str, Any] = {"apiVersion": "cilium.io/v2", "kind": kind, "metadata": meta}
+    if weighted(draw, [(5, True), (1, False)]):
+        doc["spec"] = draw(specs(kind=kind, hints=hints))
+    else:
+        doc["specs"] = draw(st.lists(specs(kind=kind, hints=hints), min_size=1, max_size=2))
+    return doc
+
+
+def policy_key(doc: Mapping[str, Any], default_namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The repository key a (valid) document is stored under."""
+    meta = doc["metadata"]
+    if doc["kind"] == CNP:
+        return f"{CNP}/{meta.get('namespace', default_namespace)}/{meta['name']}"
+    return f"{CCNP}/{meta['name']}"
+
+
+def policy_keys() -> st.SearchStrategy[str]:
+    """Keys generated documents can have (and one that none has)."""
+    keys = [f"{CNP}/{ns}/{n}" for ns in NAMESPACES for n in POLICY_NAMES]
+    keys += [f"{CCNP}/{n}" for n in POLICY_NAMES] + [f"{CNP}/payments/never"]
+    return st.sampled_from(keys)
+
+
+# -- flows ----------------------------------------------------------------------------------------
+
+
+@st.composite
+def http_requests(draw: st.DrawFn) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    if draw(st.booleans()):
+        headers["x-user"] = draw(st.sampled_from(("alice", "bob")))
+    if weighted(draw, [(3, False), (1, True)]):
+        headers["x-debug"] = "1"
+    return {
+        "method": draw(st.sampled_from(REQUEST_METHODS)),
+        "path": draw(st.sampled_from(REQUEST_PATHS)),
+        "host": draw(st.sampled_from(REQUEST_HOSTS)),
+        "headers": headers,
+    }
+
+
+@st.composite
+def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
+    """A flow between identities of `universe`, biased towards endpoints on either side."""
+    all_ids = sorted(int(i) for i in universe["identities"])
+    eps = list(universe["endpoints"])
+
+    def party() -> int:
+        return draw(st.sampled_from(eps)) if draw(st.booleans()) else draw(st.sampled_from(all_ids))
+
+    protocol = weighted(draw, [(8, "TCP"), (1, "UDP"), (1, "SCTP")])
+    http = None
+    if protocol == "TCP" and weighted(draw, [(1, False), (3, True)]):
+        http = draw(http_requests())
+    # Mostly the ports HTTP rules are generated on.
+    port = weighted(draw, [(6, 8080), (2, 80), (2, draw(st.sampled_from(FLOW_PORTS)))])
+    return {
+        "src": party(),
+        "dst": party(),
+        "port": port,
+        "protocol": protocol,
+        "http": http,
+        "authenticated": draw(st.booleans()),
+    }
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, *, max_policies: int = 4, max_flows: int = 10) -> dict[str, Any]:
+    """A universe, policy documents and flows among its identities (the differential corpus
+    format)."""
+    universe = draw(universes())
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        **universe,
+        "policies": draw(st.lists(policy_docs(hints=hints), min_size=1, max_size=max_policies)),
+        "flows": draw(st.lists(flows(universe), min_size=2, max_size=max_flows)),
+    }
+
+
+# -- operation sequences (incremental resolution) ---------------------------------------------
+
+
+def _identity_labels(ident: int) -> st.SearchStrategy[dict[str, str]]:
+    if ident in RESERVED_IDENTITIES:
+        if ident == HOST_ID:
+            return host_labels()
+        return st.just(dict(RESERVED_IDENTITIES[ident]))
+    if ident in CIDR_IDENTITIES:
+        return st.just(dict(CIDR_IDENTITIES[ident]))
+    return pod_labels()
+
+
+IDENTITY_POOL = (HOST_ID, WORLD_ID, 7, *POD_IDS[:6], CIDR_ID_BASE, CIDR_ID_BASE + 2)
+
+
+@st.composite
+def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """One resolver operation, as JSON. Ids come from a small pool so operations collide."""
+    op = weighted(draw, [(4, "identities"), (3, "add_endpoint"), (1, "remove_endpoint"),
+                         (4, "upsert_policy"), (1, "delete_policy"), (1, "recompute_all")])
+    if op == "identities":
+        upserted: dict[str, dict[str, str]] = {}
+        for ident in draw(st.sets(st.sampled_from(IDENTITY_POOL), max_size=2)):
+            upserted[str(ident)] = draw(_identity_labels(ident))
+        deleted = draw(st.sets(st.sampled_from([i for i in IDENTITY_POOL if str(i) not in upserted]), max_size=1))
+        return {"op": op, "upserted": upserted, "deleted": sorted(deleted)}
+    if op in ("add_endpoint", "remove_endpoint"):
+        return {"op": op, "id": draw(st.sampled_from((HOST_ID, *POD_IDS[:6])))}
+    if op == "upsert_policy":
+        return {"op": op, "doc": draw(policy_docs(hints=hints))}
+    if op == "delete_policy":
+        return {"op": op, "key": draw(policy_keys())}
+    return {"op": op}
+
+
+@st.composite
+def op_sequences(draw: st.DrawFn) -> dict[str, Any]:
+    """`setup` builds an initial state (its maps are the appliers' starting point); `ops` are the
+    changes whose deltas are checked (the incremental corpus format)."""
+    universe = draw(universes(min_pods=2))
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    setup: list[dict[str, Any]] = [{
+        "op": "identities",
+        "upserted": universe["identities"],
+        "deleted": [],
+    }]
+    setup += [{"op": "upsert_policy", "doc": d} for d in draw(st.lists(policy_docs(hints=hints), max_size=3))]
+    setup += [{"op": "add_endpoint", "id": e} for e in universe["endpoints"]]
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        "setup": setup,
+        "ops": draw(st.lists(operations(hints=hints), min_size=1, max_size=15)),
+    }
+
+
+# -- junk, for the parser -------------------------------------------------------------------------
+
+
+def json_scalars() -> st.SearchStrategy[Any]:
+    return (
+        st.none() | st.booleans() | st.integers() | st.integers(-2, 70000)
+        | st.floats(allow_nan=False) | st.text(max_size=6) | st.sampled_from(JUNK_STRINGS)
+        | st.sampled_from(FIELD_NAMES)
+    )
+
+
+def json_values(max_leaves: int = 25) -> st.SearchStrategy[Any]:
+    """Any JSON-like value; mapping keys are often field names the parser knows."""
+    keys = st.sampled_from(FIELD_NAMES) | st.text(max_size=6)
+    return st.recursive(
+        json_scalars(),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
+        max_leaves=max_leaves,
+    )
+
+
+def subtree_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every path (tuple of keys and indexes) to a value inside `doc`, the root excluded."""
+    if isinstance(doc, dict):
+        items: Any = doc.items()
+    elif isinstance(doc, list):
+        items = enumerate(doc)
+    else:
+        return
+    for k, v in items:
+        yield (*prefix, k)
+        yield from subtree_paths(v, (*prefix, k))
+
+
+def _get(doc: Any, path: tuple[Any, ...]) -> Any:
+    for k in path:
+        doc = doc[k]
+    return doc
+
+
+def _parent(doc: Any, path: tuple[Any, ...]) -> Any:
+    return _get(doc, path[:-1])
+
+
+@st.composite
+def mutated_docs(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid-looking document with one to three subtrees replaced, deleted or renamed."""
+    doc = copy.deepcopy(draw(policy_docs()))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = list(subtree_paths(doc))
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = _parent(doc, path)
+        last = path[-1]
+        action = draw(st.sampled_from(("junk-leaf", "replace", "replace", "delete", "rename")))
+        if action == "junk-leaf":
+            leaves = [p for p in paths if not isinstance(_get(doc, p), (dict, list))] or paths
+            leaf = draw(st.sampled_from(leaves))
+            _parent(doc, leaf)[leaf[-1]] = draw(st.sampled_from(JUNK_STRINGS) | json_scalars())
+        elif action == "replace":
+            parent[last] = draw(json_values(max_leaves=8))
+        elif action == "delete":
+            del parent[last]
+        elif isinstance(parent, dict):
+            value = parent.pop(last)
+            parent[draw(st.sampled_from(FIELD_NAMES) | st.text(max_size=4))] = value
+        else:
+            parent.insert(last, draw(json_values(max_leaves=4)))
+    return doc
+
+
+# -- JSON → engine types ------------------------------------------------------------------------
+
+
+def identities_of(universe: Mapping[str, Any]) -> dict[int, Labels]:
+    return {int(i): Labels.of(lab) for i, lab in universe["identities"].items()}
+
+
+def request_of(http: Mapping[str, Any] | None) -> HTTPRequest | None:
+    if http is None:
+        return None
+    return HTTPRequest(
+        method=http["method"],
+        path=http["path"],
+        host=http.get("host", ""),
+        headers={k.lower(): v for k, v in http.get("headers", {}).items()},
+    )
+
+
+def flow_of(
+    flow: Mapping[str, Any],
+    identities: Mapping[int, Labels],
+    *,
+    source_managed: bool,
+    destination_managed: bool,
+) -> Flow:
+    src, dst = flow["src"], flow["dst"]
+    return Flow(
+        source=Peer(src, identities[src], managed=source_managed),
+        destination=Peer(dst, identities[dst], managed=destination_managed),
+        port=flow["port"],
+        protocol=Protocol(flow["protocol"]),
+        http=request_of(flow.get("http")),
+        authenticated=flow.get("authenticated", False),
+    )
