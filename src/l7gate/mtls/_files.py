@@ -35,7 +35,7 @@ def ensure_private_dir(directory: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise InsecureFileError(f"{directory} is not a directory")
     if st.st_uid != os.geteuid():
-        raise InsecureFileError(f"{directory} belongs to uid {st.st_uid}, not to us ({os.geteuid()})")
+        raise InsecureFileError(f"{directory} belongs to uid {st.st_uid}, not to {os.geteuid()}")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
         raise InsecureFileError(
@@ -51,7 +51,8 @@ def ensure_private_dir(directory: Path) -> Path:
 def write_private(path: Path, data: bytes) -> None:
     """Atomically replace `path` with `data`, mode 0600, durable when this returns."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # the umask can only remove bits; say exactly what we mean
         view = memoryview(data)

@@ -175,8 +175,8 @@ class AuthManager:
             now = self._clock()
             rows = self._rows.get((local, remote), {})
             for row in rows.values():
-                recent = row.last_attempt is not None and now - row.last_attempt < self.request_interval
-                if not row.running and not recent:
+                last = row.last_attempt
+                if not row.running and (last is None or now - last >= self.request_interval):
                     row.next_at = min(row.next_at, now)
         self._wake.set()
         return bool(rows)
@@ -317,7 +317,8 @@ class AuthManager:
         have = self._written.get(pair)
         if target == have:
             return
-        undecided = any(r.last_ok is None and r.last_error is None for r in self._rows.get(pair, {}).values())
+        rows = self._rows.get(pair, {}).values()
+        undecided = any(r.last_ok is None and r.last_error is None for r in rows)
         if target is None and undecided and have is not None and have > now:
             return  # an adopted entry stays until the first handshakes of its pair have answered
         try:

@@ -112,7 +112,7 @@ class BuiltinCA:
                     cert = _self_sign(key, trust_domain, clock(), ca_ttl, backdate)
                     write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
             elif cert_path.exists():
-                raise CAError(f"{cert_path} exists without {key_path}: cannot issue without the key")
+                raise CAError(f"{cert_path} exists without {key_path}: cannot sign without the key")
             else:
                 key = ec.generate_private_key(ec.SECP256R1())
                 write_private(key_path, _key_pem(key))
@@ -185,7 +185,9 @@ class BuiltinCA:
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
         )
         cert = self.sign(builder)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
@@ -235,7 +237,9 @@ def _self_sign(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_id(trust_domain))]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(trust_domain_id(trust_domain))]
+            ),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)

@@ -74,7 +74,8 @@ class AuthError(Exception):
         self.by_peer = by_peer
         text = reason.value
         if by_peer:
-            text = ("peer refused our certificate: " if isinstance(reason, Reason) else "peer: ") + text
+            prefix = "peer refused our certificate: " if isinstance(reason, Reason) else "peer: "
+            text = prefix + text
         super().__init__(f"{text} ({detail})" if detail else text)
 
     @property
@@ -158,8 +159,11 @@ class _Contexts:
                 return self._base[1]
         ctx = _base(True, self._store)
         ctx.sni_callback = self._select_identity
+        local = self._store.identities()
         with self._lock:
             self._base = (generation, ctx)
+            for key in [k for k in self._cache if k[1] not in local]:
+                del self._cache[key]  # identities that left the node
         return ctx
 
     def _select_identity(

@@ -11,7 +11,9 @@ Times are wall-clock seconds since the epoch (`time.time()`), the clock the cert
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -97,16 +99,18 @@ def verify_peer(
     trust_domain: str,
     expected_identity: int | None = None,
     *,
-    now: float,
+    now: float | None = None,
 ) -> Peer:
     """Check that `chain` (leaf first, then intermediates) is a valid X.509-SVID of
-    `trust_domain` issued under `bundle`, naming `expected_identity` if that is given.
+    `trust_domain` issued under `bundle`, naming `expected_identity` if that is given, at
+    wall-clock time `now` (default: the current time).
 
     Raises `SVIDError` with the first failed check, in this order: the leaf is a CA; its URI
     SANs (exactly one, a spiffe:// URI, well formed); its trust domain; the signatures up to a
     bundle certificate and their validity periods ("untrusted"); the leaf's own validity
     period; the identity.
     """
+    now = time.time() if now is None else now
     certs = _parse_chain(chain)
     leaf = certs[0]
 
@@ -137,13 +141,17 @@ def verify_peer(
     not_before = leaf.not_valid_before_utc.timestamp()
     not_after = leaf.not_valid_after_utc.timestamp()
     if now < not_before:
-        raise SVIDError(Reason.NOT_YET_VALID, f"valid from {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise SVIDError(Reason.NOT_YET_VALID, f"valid from {_iso(leaf.not_valid_before_utc)}")
     if now > not_after:
-        raise SVIDError(Reason.EXPIRED, f"expired at {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise SVIDError(Reason.EXPIRED, f"expired at {_iso(leaf.not_valid_after_utc)}")
 
     if expected_identity is not None and identity != expected_identity:
         raise SVIDError(Reason.UNEXPECTED_IDENTITY, f"expected {expected_identity} got {identity}")
     return Peer(identity=identity, spiffe_id=uris[0], not_after=not_after)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_chain(chain: CertInput | Sequence[CertInput]) -> list[x509.Certificate]:
