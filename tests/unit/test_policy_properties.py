@@ -139,9 +139,7 @@ class KnownBug:
 
 
 # Open bugs, each with its corpus case.
-KNOWN_BUGS: tuple[KnownBug, ...] = (
-    KnownBug("parser/header-whitespace-only", IndexError, r"list index out of range", "header_string"),
-)
+KNOWN_BUGS: tuple[KnownBug, ...] = ()
 
 
 def tolerating_known_bugs(check: Any, *args: Any) -> None:

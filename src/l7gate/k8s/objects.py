@@ -62,6 +62,7 @@ class Pod:
     node_name: str | None = None
     host_network: bool = False
     ports: tuple[tuple[int, str], ...] = ()  # (containerPort, protocol) from spec.containers[]
+    host_ip: str | None = None  # status.hostIP: the node's address (its agent's mutual-auth server)
 
     def __post_init__(self) -> None:
         # Callers may pass plain dicts; keep read-only copies so the value stays immutable.
@@ -309,6 +310,9 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         ip = _ip(status["podIP"], "status.podIP", errors)
         if ip is not None:
             ips.append(ip)
+    host_ip: str | None = None
+    if status.get("hostIP") not in (None, ""):
+        host_ip = _ip(status["hostIP"], "status.hostIP", errors)
     pod_ips = status.get("podIPs")
     if pod_ips is not None:
         if not isinstance(pod_ips, list):
@@ -336,6 +340,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         node_name=node_name,
         host_network=host_network,
         ports=tuple(sorted(ports)),
+        host_ip=host_ip,
     )
 
 

@@ -836,6 +836,9 @@ class _SpecParser:
             hv: str | None = val.strip()
         else:
             parts = s.split(None, 1)
+            if not parts:
+                self.w.error(path, "must name a header: 'Name' or 'Name: value'", "header-name")
+                return None
             name = parts[0]
             hv = parts[1].strip() if len(parts) > 1 else None
         n = self.header_name(name.strip(), path)
