@@ -563,12 +563,46 @@ def decide(
     `policy is None` means no policy has been computed for the endpoint yet: deny (fail closed).
     A computed policy that no rule contributes to allows everything.
     """
+    if policy is None or not policy.policies:
+        return decide_hits(policy, direction, [])
+    hits = [e for k, e in policy.entries(direction).items() if k.covers(peer, port, protocol)]
+    return decide_hits(policy, direction, hits)
+
+
+class PortView:
+    """One endpoint's map for one direction, port and protocol, indexed by peer: `decide(peer)`
+    costs O(entries of that peer), not O(map) — for backends that ask about every identity."""
+
+    def __init__(self, policy: EndpointPolicy | None, direction: Direction, port: int, protocol: Protocol) -> None:
+        self.policy = policy
+        self.direction = direction
+        self.any: list[MapEntry] = []
+        self.by_peer: dict[int, list[MapEntry]] = {}
+        if policy is None:
+            return
+        for k, e in policy.entries(direction).items():
+            if k.protocol.covers(protocol) and k.ports.contains(port):
+                if k.peer == ANY_PEER:
+                    self.any.append(e)
+                else:
+                    self.by_peer.setdefault(k.peer, []).append(e)
+
+    @property
+    def named(self) -> list[int]:
+        return sorted(self.by_peer)
+
+    def decide(self, peer: int) -> Decision:
+        if self.policy is None or not self.policy.policies:
+            return decide_hits(self.policy, self.direction, [])
+        return decide_hits(self.policy, self.direction, self.any + self.by_peer.get(peer, []))
+
+
+def decide_hits(policy: EndpointPolicy | None, direction: Direction, hits: list[MapEntry]) -> Decision:
     d = direction.value
     if policy is None:
         return Decision(Action.DENY, reason=f"{d}: no policy computed for the endpoint yet")
     if not policy.policies:
         return Decision(Action.ALLOW, reason=f"{d}: no policy selects the endpoint")
-    hits = [e for k, e in policy.entries(direction).items() if k.covers(peer, port, protocol)]
     denies = [e for e in hits if e.deny]
     if denies:
         origins = tuple(sorted({o for e in denies for o in e.derived_from}))

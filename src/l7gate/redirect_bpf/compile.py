@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..policy.resolve import ANY_PEER, Action, Decision, EndpointPolicy, decide
+from ..policy.resolve import ANY_PEER, Action, Decision, EndpointPolicy, MapEntry, decide_hits
+from ..policy.types import PortRange
 from ..policy.types import AuthMode, Direction, Protocol
 
 PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
@@ -95,10 +96,14 @@ def _boundaries(policy: EndpointPolicy, direction: Direction, proto: Protocol) -
     return sorted(c for c in cuts if 0 <= c <= 65536)
 
 
-def _runs(policy: EndpointPolicy, direction: Direction, proto: Protocol, peer: int, cuts: list[int]) -> list[tuple[int, int, PolicyValue]]:
+def _runs(policy: EndpointPolicy, direction: Direction, cuts: list[int],
+          keyed: list[tuple[PortRange, MapEntry]]) -> list[tuple[int, int, PolicyValue]]:
+    """Decisions along the port axis for one peer, given the (port range, entry) pairs that
+    apply to it (its own and the ANY ones, for one protocol)."""
     runs: list[tuple[int, int, PolicyValue]] = []
     for lo, nxt in zip(cuts, cuts[1:]):
-        v = kernel_value(decide(policy, direction, peer, lo, proto))
+        hits = [e for ports, e in keyed if ports.contains(lo)]
+        v = kernel_value(decide_hits(policy, direction, hits))
         if runs and runs[-1][2] == v and runs[-1][1] == lo - 1:
             runs[-1] = (runs[-1][0], nxt - 1, v)
         else:
@@ -111,17 +116,26 @@ def compile_endpoint(policy: EndpointPolicy) -> dict[PolicyKey, PolicyValue]:
     out: dict[PolicyKey, PolicyValue] = {}
     ep = policy.identity
     for direction in Direction:
-        named = sorted({k.peer for k in policy.entries(direction) if k.peer != ANY_PEER})
         for proto in PROTOCOLS:
             cuts = _boundaries(policy, direction, proto)
-            # decide() for a peer no key names: the ANY rules (and default-deny) alone.
-            any_runs = _runs(policy, direction, proto, -1, cuts)
+            any_keyed: list[tuple[PortRange, MapEntry]] = []
+            by_peer: dict[int, list[tuple[PortRange, MapEntry]]] = {}
+            for k, e in policy.entries(direction).items():
+                if not k.protocol.covers(proto):
+                    continue
+                if k.peer == ANY_PEER:
+                    any_keyed.append((k.ports, e))
+                else:
+                    by_peer.setdefault(k.peer, []).append((k.ports, e))
+            named = sorted(by_peer)
+            # A peer no key names gets the ANY rules (and default-deny) alone.
+            any_runs = _runs(policy, direction, cuts, any_keyed)
             for lo, hi, v in any_runs:
                 for start, plen in prefix_blocks(lo, hi):
                     out[PolicyKey(ep, DIR_NUMBERS[direction], PROTO_NUMBERS[proto], ANY_PEER, start, plen)] = v
             any_value_of = _value_lookup(any_runs)
             for peer in named:
-                for lo, hi, v in _runs(policy, direction, proto, peer, cuts):
+                for lo, hi, v in _runs(policy, direction, cuts, any_keyed + by_peer[peer]):
                     # Write only where the peer differs from ANY; split at ANY's own runs.
                     for seg_lo, seg_hi in _split(lo, hi, any_runs):
                         if any_value_of(seg_lo) == v:

@@ -54,7 +54,7 @@ from google.protobuf.message import Message
 from xds.core.v3 import cidr_pb2, extension_pb2
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 
-from ..policy.resolve import Action, Decision, EndpointPolicy, decide
+from ..policy.resolve import Action, Decision, EndpointPolicy, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -110,22 +110,21 @@ def port_decisions(
 ) -> PortDecisions:
     """Decisions for every identity the ipcache knows, compressed to those that differ from
     world's. Peers not named by any map key share the decision of the ANY entries."""
-    world = decide(policy, Direction.INGRESS, WORLD_ID, port, Protocol.TCP)
+    view = PortView(policy, Direction.INGRESS, port, Protocol.TCP)
+    world = view.decide(WORLD_ID)
     if policy is None:
         return PortDecisions(world, {})
-    named: set[int] = set()
-    for key in policy.ingress:
-        if key.peer != 0 and key.protocol.covers(Protocol.TCP) and key.ports.contains(port):
-            named.add(key.peer)
-    unnamed = decide(policy, Direction.INGRESS, -1, port, Protocol.TCP)
+    named = view.named
+    unnamed = view.decide(-1)
     peers: dict[int, Decision] = {}
     for ident in named:
-        d = decide(policy, Direction.INGRESS, ident, port, Protocol.TCP)
+        d = view.decide(ident)
         if d != world:
             peers[ident] = d
     if unnamed != world:
+        named_set = set(named)
         for ident in known_identities:
-            if ident not in named and ident != WORLD_ID:
+            if ident not in named_set and ident != WORLD_ID:
                 peers[ident] = unnamed
     return PortDecisions(world, dict(sorted(peers.items())), unnamed != world)
 
@@ -184,8 +183,16 @@ def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate
     )
 
 
+MAX_NAMED_POLICIES = 3
+
+
 def _policies(d: Decision) -> str:
-    return ",".join(d.policies)
+    """The policies behind a decision, for flows; at most a few (Envoy copies the action name
+    into every access log entry, and a default deny can involve every policy on the pod)."""
+    pols = d.policies
+    if len(pols) <= MAX_NAMED_POLICIES:
+        return ",".join(pols)
+    return ",".join(pols[:MAX_NAMED_POLICIES]) + f",+{len(pols) - MAX_NAMED_POLICIES} more"
 
 
 def decision_on_match(d: Decision, *, auth_verified: bool = False) -> matcher_pb2.Matcher.OnMatch:
