@@ -152,6 +152,15 @@ def _build_parser() -> argparse.ArgumentParser:
     xd.add_argument("--node", help="node id (default: every node)")
     xd.add_argument("--type", help="resource type: lds, rds, cds, eds, sds or a full type URL")
 
+    au = sub.add_parser("auth", help="mutual authentication between identities",
+                        description="Mutual-auth entries the agent holds in the kernel's auth map.")
+    ausub = au.add_subparsers(dest="auth_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    ausub.required = True
+    aus = ausub.add_parser("status", parents=[admin_flags], help="identity pairs, node, expiry, last error",
+                           description="List the mutual-auth entries: local and remote identity, the "
+                           "remote node, when the entry expires, and the last handshake error.")
+    aus.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
     st = sub.add_parser("status", parents=[admin_flags], help="the agent's status and datapath",
                         description="Node, cluster, datapath in use, Envoy and xDS state.")
     st.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -527,6 +536,28 @@ def _cmd_xds_dump(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_auth_status(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    data = _client(args).get("/v1/auth")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    if not data.get("enabled"):
+        print("mutual authentication is not enabled on this agent (mtls.enabled)", file=sys.stderr)
+    def when(t: Any) -> str:
+        if not t:
+            return "-"
+        return _dt.datetime.fromtimestamp(float(t), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = [
+        [str(e["local"]), str(e["remote"]), str(e.get("node") or "-"), when(e.get("expires_at")),
+         str(e.get("attempts", 0)), (e.get("last_error") or "")[:70]]
+        for e in data.get("entries", [])
+    ]
+    print(_table(rows, ["LOCAL", "REMOTE", "NODE", "EXPIRES", "HANDSHAKES", "LAST ERROR"]))
+    return EXIT_OK
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     data = _client(args).get("/v1/status")
     if args.output == "json":
@@ -561,6 +592,7 @@ _COMMANDS = {
     ("xds", "status"): _cmd_xds_status,
     ("xds", "dump"): _cmd_xds_dump,
     ("status", None): _cmd_status,
+    ("auth", "status"): _cmd_auth_status,
     ("observe", None): _cmd_observe,
     ("agent", None): _cmd_agent,
 }

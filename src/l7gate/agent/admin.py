@@ -9,6 +9,7 @@
     POST   /v1/endpoints                 {"objects": [...Pod/Namespace...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
     GET    /v1/identities, /v1/ipcache
+    GET    /v1/auth                      mutual-auth entries: pair, node, expiry, last error
     GET    /v1/xds/status                per Envoy and type: sent/acked versions, NACKs, state
     GET    /v1/xds/config?node=ID&type=T the resources served, as JSON
     GET    /metrics                      Prometheus text format
@@ -47,6 +48,8 @@ class AdminHooks:
     metrics: Callable[[], tuple[bytes, str]]
     # GET /v1/flows: validates the query (ValueError → 400) and returns the NDJSON chunks.
     flows: Callable[[dict[str, str]], Iterator[bytes]] | None = None
+    # GET /v1/auth: mutual-auth entries (None: mutual auth is not enabled on this agent).
+    auth: Callable[[], list[dict[str, Any]]] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -166,6 +169,10 @@ class AdminApp:
                 return 200, {"identities": core.identities()}, j
             if path == "/v1/ipcache":
                 return 200, {"entries": core.ipcache_entries()}, j
+            if path == "/v1/auth":
+                if self.hooks.auth is None:
+                    return 200, {"enabled": False, "entries": []}, j
+                return 200, {"enabled": True, "entries": self.hooks.auth()}, j
             if path == "/v1/xds/status":
                 return 200, self.hooks.xds_status(), j
             if path == "/v1/xds/config":

@@ -13,6 +13,8 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     datapath: {mode: loopback, upstreamPortOffset: 10000}
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables}
     observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
+    mtls: {enabled: false, trustDomain: l7gate.local, caDir: <stateDir>/ca, svidTTL: 3600,
+           listen: <node address>:4250}   # kernel mode: mutual auth for `authentication: required`
 
 The admin endpoint refuses to listen on a non-loopback TCP address without a token.
 """
@@ -51,6 +53,16 @@ class ObserveSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MTLSSettings:
+    enabled: bool = False
+    trust_domain: str = "l7gate.local"
+    ca_dir: str = ""  # default <stateDir>/ca; agents that must trust each other share one
+    svid_ttl: int = 3600  # seconds
+    listen: str = ""  # HOST:PORT of this node's mutual-auth server (the node's address, port 4250)
+    port: int = 4250  # where peers' servers listen
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str = "node-1"
     cluster_name: str = "default"
@@ -68,6 +80,7 @@ class AgentConfig:
     links: tuple[str, ...] = ()  # kernel mode: inter-node interfaces (traffic from other nodes)
     fallback: str = "iptables"  # kernel mode without bcc: "iptables" or "none" (refuse to start)
     observe: ObserveSettings = ObserveSettings()
+    mtls: MTLSSettings = MTLSSettings()
 
     def cluster_id_of(self, cluster: str) -> int | None:
         if cluster == self.cluster_name:
@@ -114,7 +127,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
-    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe"}
+    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe", "mtls"}
     for k in data:
         if k not in known:
             errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
@@ -213,6 +226,23 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
     fallback = dp.get("fallback", "iptables")
     if fallback not in ("iptables", "none"):
         errors.append(Finding("datapath.fallback", f"must be 'iptables' or 'none', got {fallback!r}"))
+    mt = section("mtls", {"enabled", "trustDomain", "caDir", "svidTTL", "listen", "port"})
+    mt_enabled = mt.get("enabled", False)
+    if not isinstance(mt_enabled, bool):
+        errors.append(Finding("mtls.enabled", "must be true or false"))
+        mt_enabled = False
+    td = string(mt.get("trustDomain", "l7gate.local"), "mtls.trustDomain") or "l7gate.local"
+    if not all(c.isalnum() or c in ".-_" for c in td) or td != td.lower():
+        errors.append(Finding("mtls.trustDomain", f"must be a lower-case trust domain name, got {td!r}"))
+    ca_dir = string(mt.get("caDir", f"{state_dir.rstrip('/')}/ca"), "mtls.caDir") or f"{state_dir}/ca"
+    svid_ttl = integer(mt.get("svidTTL", 3600), "mtls.svidTTL", 10, 30 * 86400) or 3600
+    mt_port = integer(mt.get("port", 4250), "mtls.port", 1, 65535) or 4250
+    mt_listen = ""
+    if "listen" in mt:
+        mt_listen = _check_listen(mt["listen"], "mtls.listen", errors) or ""
+    if mt_enabled and not mt_listen:
+        errors.append(Finding("mtls.listen", "is required with mtls.enabled: this node's address and port (e.g. 10.0.1.1:4250)"))
+    mtls = MTLSSettings(bool(mt_enabled), td, ca_dir, svid_ttl, mt_listen, mt_port)
     ob = section("observe", {"ringSize", "followBuffer"})
     observe = ObserveSettings(
         ring_size=integer(ob.get("ringSize", 4096), "observe.ringSize", 1, 1 << 20) or 4096,
@@ -238,6 +268,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         links=tuple(links),
         fallback=str(fallback),
         observe=observe,
+        mtls=mtls,
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.resolve import PolicyDelta, Resolver
+from ..policy.types import AuthMode, Direction
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..xds.publisher import Publisher, ResourceSink
@@ -112,6 +113,10 @@ class AgentCore:
         self.ipcache.subscribe(self.publisher.on_ipcache_change)
         self.kernel = kernel
         self.fallback = fallback
+        # Called (under the core's lock) after every change is flushed: mutual auth follows it.
+        self.on_change: Callable[[], None] | None = None
+        # The kernel checks mutual auth before it redirects a connection to Envoy.
+        self.publisher.auth_verified = config.datapath_mode == "kernel"
         if kernel is not None:
             kernel.policy_of = self.resolver.endpoint_policy
             self.ipcache.subscribe(kernel.on_ipcache_change)
@@ -238,9 +243,14 @@ class AgentCore:
 
     def _flush(self) -> None:
         self.publisher.flush()
+        if self.on_change is not None:
+            self.on_change()
         if self.kernel is not None:
             self.kernel.flush()
             self.kernel.set_local_pods(self._local_pod_ips())
+            self.kernel.set_pod_nodes(
+                {ip: rec.pod.host_ip for rec in self._pods.values() if rec.pod.host_ip for ip in rec.pod.ips}
+            )
         if self.fallback is not None:
             self.fallback.set_local_pods(self._local_pod_ips())
 
@@ -355,6 +365,37 @@ class AgentCore:
                         ProxiedPort(rec.identity, rec.pod.ip, port, rec.pod.ip, port + offset, kernel_mode)
                     )
         self.publisher.set_ports(ports)
+
+    # -- mutual authentication ---------------------------------------------------------------
+
+    def local_identities(self) -> set[int]:
+        with self._lock:
+            return {rec.identity for rec in self._pods.values() if rec.local}
+
+    def auth_wanted(self, port: int) -> dict[tuple[int, int], set[tuple[str, int]]]:
+        """(local identity, remote identity) pairs the resolved policy requires mutual auth
+        for, each with the mutual-auth servers of the nodes the remote identity's pods run on."""
+        with self._lock:
+            pods_of = self._identity_pods
+            workloads = [i for i in self.resolver.identities if i >= 256]
+            out: dict[tuple[int, int], set[tuple[str, int]]] = {}
+            for ep in self.resolver.endpoints():
+                pol = self.resolver.endpoint_policy(ep)
+                if pol is None:
+                    continue
+                for direction in Direction:
+                    for key, entry in pol.entries(direction).items():
+                        if entry.deny or entry.auth is not AuthMode.REQUIRED:
+                            continue
+                        for remote in ([key.peer] if key.peer != 0 else workloads):
+                            nodes = {
+                                (self._pods[r].pod.host_ip or "", port)
+                                for r in pods_of.get(remote, ())
+                                if self._pods[r].pod.host_ip
+                            }
+                            if nodes:
+                                out.setdefault((ep, remote), set()).update(nodes)
+            return out
 
     # -- queries -------------------------------------------------------------------------------
 

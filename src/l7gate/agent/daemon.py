@@ -21,6 +21,11 @@ from typing import Any
 from google.protobuf import json_format
 
 from ..kvstore.sqlite import SQLiteKVStore
+from ..mtls.auth import AuthManager, boot_ns_for
+from ..mtls.ca import BuiltinCA
+from ..mtls.handshake import MutualAuthServer
+from ..mtls.store import SVIDStore
+from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
 from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
 from ..identity.numeric import RESERVED, IdentityError
@@ -59,6 +64,7 @@ class Agent:
     drops: deque[DropEvent]
     flows: FlowRing
     ingestor: Ingestor
+    mtls: MutualAuth | None = None
 
     def status(self) -> dict[str, Any]:
         env = self.envoy.status() if self.envoy else None
@@ -131,6 +137,8 @@ class Agent:
 
     def stop(self) -> None:
         log("stopping")
+        if self.mtls is not None:
+            self.mtls.stop()  # auth map entries stay until they expire (decision 7)
         if self.core.kernel is not None:
             self.core.kernel.dp.close()  # programs stay attached and maps pinned (decision 7)
         self.flows.close()  # ends `observe --follow` streams, so the admin server can stop
@@ -172,12 +180,25 @@ def start_agent(config: AgentConfig) -> Agent:
 
         def on_drop(e: DropEvent) -> None:
             drops.append(e)
+            if e.reason == AUTH_REQUIRED and mtls is not None:
+                # On-demand fallback of the proactive handshakes.
+                local, remote = (e.dst_identity, e.src_identity) if e.direction == "ingress" else (
+                    e.src_identity, e.dst_identity)
+                mtls.manager.request(local, remote)
             ingestor.offer(SOURCE_KERNEL, [KernelDrop(
                 e.saddr, e.daddr, e.sport, e.dport, e.proto, e.reason, e.direction,
                 e.src_identity, e.dst_identity, time.time_ns(),
             )])
 
         kernel.dp.poll_events(on_drop)
+    mtls: MutualAuth | None = None
+    if config.mtls.enabled:
+        if kernel is None:
+            raise RuntimeError(
+                "mtls.enabled needs the kernel datapath (datapath.mode: kernel with bcc); "
+                "without it, traffic under `authentication: required` is refused"
+            )
+        mtls = MutualAuth.start(config, core, kernel.dp)
     metrics.registry.register(FlowCollector(ingestor, flows, lambda: als.malformed))
     envoy: EnvoySupervisor | None = None
     if config.envoy.enabled:
@@ -204,10 +225,11 @@ def start_agent(config: AgentConfig) -> Agent:
         xds_config=lambda n, t: agent.xds_config(n, t),
         metrics=metrics.render,
         flows=lambda q: stream(flows, FlowQuery.from_query(q)),
+        auth=mtls.status if mtls is not None else None,
     )
     admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
-                  datapath_info, drops, flows=flows, ingestor=ingestor)
+                  datapath_info, drops, flows=flows, ingestor=ingestor, mtls=mtls)
     admin.start()  # only now: its handlers read `agent`
     return agent
 
@@ -300,3 +322,61 @@ def run_agent(config: AgentConfig) -> int:
     stop.wait()
     agent.stop()
     return 0
+
+
+@dataclass
+class MutualAuth:
+    """SPIFFE mutual authentication between agents, feeding the kernel's auth map."""
+
+    ca: BuiltinCA
+    store: SVIDStore
+    server: MutualAuthServer
+    manager: AuthManager
+    port: int
+
+    @classmethod
+    def start(cls, config: AgentConfig, core: AgentCore, dp: KernelDatapath) -> MutualAuth:
+        m = config.mtls
+        ca = BuiltinCA.load_or_create(Path(m.ca_dir), m.trust_domain, svid_ttl=m.svid_ttl)
+        store = SVIDStore(ca, Path(config.state_dir) / "mtls")
+        store.set_identities(core.local_identities())
+        store.start()
+        host, _, port = m.listen.rpartition(":")
+        server = MutualAuthServer(store, listen=(host, int(port)))
+        server.start()
+        # The kernel's auth map is keyed per remote node: entries go through the per-node
+        # callbacks; the per-pair ones have nothing to do.
+        manager = AuthManager(
+            store,
+            write=lambda local, remote, expires: None,
+            delete=lambda local, remote: None,
+            node_write=lambda local, remote, node, expires: dp.set_auth(local, remote, boot_ns_for(expires), node[0]),
+            node_delete=lambda local, remote, node: dp.delete_auth(local, remote, node[0]),
+        )
+        manager.start()
+        self = cls(ca, store, server, manager, m.port)
+
+        def follow_policy() -> None:
+            store.set_identities(core.local_identities())
+            manager.set_wanted(core.auth_wanted(self.port))
+
+        core.on_change = follow_policy
+        follow_policy()
+        log(f"mutual auth: trust domain {m.trust_domain}, server {server.address}, CA {m.ca_dir}")
+        return self
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "local": s.local, "remote": s.remote, "node": f"{s.node[0]}:{s.node[1]}",
+                "expires_at": s.expires_at,
+                "last_ok": s.last_ok, "last_error": s.last_error, "attempts": s.attempts,
+                "failures": s.failures,
+            }
+            for s in self.manager.status()
+        ]
+
+    def stop(self) -> None:
+        self.manager.stop()
+        self.server.stop()
+        self.store.stop()

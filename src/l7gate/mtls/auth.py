@@ -110,6 +110,8 @@ class AuthManager:
         retry_max: float = 30.0,
         request_interval: float = 1.0,
         workers: int = 4,
+        node_write: Callable[[int, int, Address, float], None] | None = None,
+        node_delete: Callable[[int, int, Address], None] | None = None,
     ) -> None:
         if handshake_fn is None:
             if store is None:
@@ -134,6 +136,11 @@ class AuthManager:
         self._wanted: dict[Pair, frozenset[Address]] = {}
         self._rows: dict[Pair, dict[Address, _Row]] = {}
         self._written: dict[Pair, float] = {}
+        # Per-node entries: a datapath keyed by (pair, remote node) learns which node proved
+        # the pair, so a node that did not is not let in on another node's proof.
+        self._node_write = node_write
+        self._node_delete = node_delete
+        self._node_written: dict[tuple[Pair, Address], float] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="l7gate-auth")
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -306,8 +313,33 @@ class AuthManager:
             ]
             return min(times, default=None)
 
+    def _sync_nodes(self, pair: Pair, now: float) -> None:
+        """Per-node entries: each node's valid result, written or deleted (lock held)."""
+        if self._node_write is None or self._node_delete is None:
+            return
+        rows = self._rows.get(pair, {})
+        keys = {k for k in self._node_written if k[0] == pair} | {(pair, n) for n in rows}
+        for key in sorted(keys):
+            row = rows.get(key[1])
+            target = None
+            if row is not None and pair in self._wanted and row.expires_at is not None and row.expires_at > now:
+                target = row.expires_at
+            have = self._node_written.get(key)
+            if target == have:
+                continue
+            try:
+                if target is None:
+                    self._node_delete(pair[0], pair[1], key[1])
+                    del self._node_written[key]
+                else:
+                    self._node_write(pair[0], pair[1], key[1], target)
+                    self._node_written[key] = target
+            except Exception:
+                log.exception("auth entry for %d->%d at %s failed", pair[0], pair[1], key[1])
+
     def _sync(self, pair: Pair, now: float) -> None:
         """Bring the pair's reported entry in line with its rows (lock held)."""
+        self._sync_nodes(pair, now)
         valid = [
             row.expires_at
             for row in self._rows.get(pair, {}).values()

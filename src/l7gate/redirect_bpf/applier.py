@@ -105,6 +105,9 @@ class KernelApplier:
                 self._attached.pop(ip)  # the veth goes away with the pod; nothing to detach
         return changes
 
+    def set_pod_nodes(self, pod_nodes: Mapping[str, str]) -> int:
+        return self.dp.set_nodes(pod_nodes)
+
     def attach_links(self, names: Iterable[str]) -> None:
         for name in names:
             self.dp.attach(name, "link")

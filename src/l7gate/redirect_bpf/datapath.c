@@ -76,7 +76,7 @@ struct policy_value {
 struct auth_key {
     u32 local_id;
     u32 remote_id;
-    u32 remote_node;  /* 0: any node */
+    u32 remote_node;  /* the remote pod's node address (l7g_nodes), as the packet reads it */
     u8 auth_type;
     u8 pad[3];
 };
@@ -123,6 +123,7 @@ struct drop_event {
 BPF_TABLE_PINNED("array", u32, struct meta_value, l7g_meta, 1, PIN(meta));
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, l7g_ipcache, 65536, PIN(ipcache), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", u32, struct endpoint_value, l7g_endpoints, 4096, PIN(endpoints));
+BPF_TABLE_PINNED("hash", u32, u32, l7g_nodes, 65536, PIN(nodes));  /* pod address -> its node's address */
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, l7g_policy, 262144, PIN(policy), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct auth_key, struct auth_value, l7g_auth, 65536, PIN(auth));
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, l7g_ct, 262144, PIN(ct));
@@ -152,11 +153,17 @@ static __always_inline struct policy_value *policy_lookup(u32 endpoint, u8 dir, 
     return l7g_policy.lookup(&k);
 }
 
-static __always_inline int authenticated(u32 local_id, u32 remote_id)
+/* Mutual auth is proven per (local identity, remote identity, remote node): a node that did
+ * not prove the remote identity is not let in on another node's proof. */
+static __always_inline int authenticated(u32 local_id, u32 remote_id, u32 remote_addr)
 {
     struct auth_key k = {};
     k.local_id = local_id;
     k.remote_id = remote_id;
+    u32 *node = l7g_nodes.lookup(&remote_addr);
+    if (!node)
+        return 0;
+    k.remote_node = *node;
     k.auth_type = 1;
     struct auth_value *v = l7g_auth.lookup(&k);
     if (!v)
@@ -268,7 +275,7 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
         *dir = DIR_EGRESS; *ep = *src_id;
         if (!v) { *reason = REASON_NO_POLICY; return 0; }
         if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
-        if ((v->flags & FLAG_AUTH) && !authenticated(*src_id, *dst_id)) { *reason = REASON_AUTH; return 0; }
+        if ((v->flags & FLAG_AUTH) && !authenticated(*src_id, *dst_id, f->daddr)) { *reason = REASON_AUTH; return 0; }
         /* Egress HTTP rules would need the proxy on the source side; not built yet: refuse. */
         if (v->action == ACT_REDIRECT) { *reason = REASON_POLICY; return 0; }
     }
@@ -279,7 +286,7 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
         *dir = DIR_INGRESS; *ep = *dst_id;
         if (!v) { *reason = REASON_NO_POLICY; return 0; }
         if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
-        if ((v->flags & FLAG_AUTH) && !authenticated(*dst_id, *src_id)) { *reason = REASON_AUTH; return 0; }
+        if ((v->flags & FLAG_AUTH) && !authenticated(*dst_id, *src_id, f->saddr)) { *reason = REASON_AUTH; return 0; }
         if (v->action == ACT_REDIRECT)
             redirect = 1;
     }

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 BPFFS = Path("/sys/fs/bpf")
 SOURCE = Path(__file__).with_name("datapath.c")
 MAGIC = 0x6C376761746531  # "l7gate1"
-LAYOUT = 1
+LAYOUT = 2  # 2: auth entries per remote node, nodes map
 BCC_PATH = "/usr/lib/python3/dist-packages"
 
 # name -> (BPF map type, key size, value size); mirrors datapath.c
@@ -53,6 +53,7 @@ MAPS: dict[str, tuple[str, int, int]] = {
     "policy": ("lpm_trie", 16, 4),
     "auth": ("hash", 16, 8),
     "ct": ("lru_hash", 16, 8),
+    "nodes": ("hash", 4, 4),
 }
 PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod")
 DROP_REASONS = {
@@ -343,16 +344,34 @@ class KernelDatapath:
             changes += 1
         return changes
 
-    def set_auth(self, local_id: int, remote_id: int, expires_ns: int, remote_node: int = 0) -> None:
+    def set_nodes(self, desired: Mapping[str, str]) -> int:
+        """Pod IPv4 address → the IPv4 address of the node it runs on (for per-node auth)."""
+        t = self.bpf[b"l7g_nodes"]
+        have = {k.value: v.value for k, v in t.items()}
+        want = {
+            _addr_u32(pod): _addr_u32(node) for pod, node in desired.items()
+            if ipaddress.ip_address(pod).version == 4 and ipaddress.ip_address(node).version == 4
+        }
+        changes = 0
+        for pod, node in want.items():
+            if have.get(pod) != node:
+                t[t.Key(pod)] = t.Leaf(node)
+                changes += 1
+        for pod in have.keys() - want.keys():
+            del t[t.Key(pod)]
+            changes += 1
+        return changes
+
+    def set_auth(self, local_id: int, remote_id: int, expires_ns: int, remote_node: str) -> None:
         t = self.bpf[b"l7g_auth"]
         k = t.Key()
-        k.local_id, k.remote_id, k.remote_node, k.auth_type = local_id, remote_id, remote_node, 1
+        k.local_id, k.remote_id, k.remote_node, k.auth_type = local_id, remote_id, _addr_u32(remote_node), 1
         t[k] = t.Leaf(expires_ns)
 
-    def delete_auth(self, local_id: int, remote_id: int, remote_node: int = 0) -> None:
+    def delete_auth(self, local_id: int, remote_id: int, remote_node: str) -> None:
         t = self.bpf[b"l7g_auth"]
         k = t.Key()
-        k.local_id, k.remote_id, k.remote_node, k.auth_type = local_id, remote_id, remote_node, 1
+        k.local_id, k.remote_id, k.remote_node, k.auth_type = local_id, remote_id, _addr_u32(remote_node), 1
         try:
             del t[k]
         except KeyError:
