@@ -68,6 +68,7 @@ class Publisher:
     node_id: str
     policy_of: Callable[[int], EndpointPolicy | None]
     access_logs: Sequence[Message] = ()
+    auth_verified: bool = False  # mutual auth is checked before traffic reaches Envoy (kernel)
     _ports: dict[tuple[str, int], _PortState] = field(default_factory=dict)
     _prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
     _dirty: set[tuple[str, int]] = field(default_factory=set)
@@ -139,7 +140,7 @@ class Publisher:
             p = st.port
             policy = self.policy_of(p.identity)
             decisions = t.port_decisions(policy, p.port, self._prefixes.keys())
-            matcher = t.rbac_matcher(decisions, self._prefixes)
+            matcher = t.rbac_matcher(decisions, self._prefixes, auth_verified=self.auth_verified)
             listed = set(decisions.peers)
             st.lists_everyone = decisions.everyone
             st.has_broad_range = any(
