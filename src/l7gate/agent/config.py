@@ -79,6 +79,7 @@ class AgentConfig:
     pin_dir: str = ""  # kernel mode: where maps and programs are pinned (default /sys/fs/bpf/l7g/<node>)
     links: tuple[str, ...] = ()  # kernel mode: inter-node interfaces (traffic from other nodes)
     fallback: str = "iptables"  # kernel mode without bcc: "iptables" or "none" (refuse to start)
+    bpf: bool = True  # kernel mode: false uses the iptables redirect on purpose (no BPF at all)
     observe: ObserveSettings = ObserveSettings()
     mtls: MTLSSettings = MTLSSettings()
 
@@ -208,7 +209,11 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
     )
-    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback"})
+    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf"})
+    use_bpf = dp.get("bpf", True)
+    if not isinstance(use_bpf, bool):
+        errors.append(Finding("datapath.bpf", "must be true or false"))
+        use_bpf = True
     mode = dp.get("mode", "loopback")
     if mode not in ("loopback", "kernel"):
         errors.append(Finding("datapath.mode", f"must be 'loopback' or 'kernel', got {mode!r}"))
@@ -267,6 +272,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         pin_dir=str(pin_dir),
         links=tuple(links),
         fallback=str(fallback),
+        bpf=bool(use_bpf),
         observe=observe,
         mtls=mtls,
     )

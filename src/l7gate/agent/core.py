@@ -115,8 +115,9 @@ class AgentCore:
         self.fallback = fallback
         # Called (under the core's lock) after every change is flushed: mutual auth follows it.
         self.on_change: Callable[[], None] | None = None
-        # The kernel checks mutual auth before it redirects a connection to Envoy.
-        self.publisher.auth_verified = config.datapath_mode == "kernel"
+        # The kernel checks mutual auth before it redirects a connection to Envoy; without it
+        # (loopback, the iptables fallback) Envoy refuses auth-required peers itself.
+        self.publisher.auth_verified = kernel is not None
         if kernel is not None:
             kernel.policy_of = self.resolver.endpoint_policy
             self.ipcache.subscribe(kernel.on_ipcache_change)

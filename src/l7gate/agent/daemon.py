@@ -281,6 +281,8 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesR
         log(f"policy routing for the proxy: {'; '.join(changed)}")
     dp = KernelDatapath(Path(config.pin_dir))
     try:
+        if not config.bpf:
+            raise DatapathError("datapath.bpf is false in the configuration")
         dp.open()
     except DatapathError as exc:
         if config.fallback == "none":

@@ -1,0 +1,63 @@
+"""The fallback datapath: no BPF (bcc unavailable, or `datapath.bpf: false`). Every TCP
+connection to a local pod is marked by an iptables mangle chain and delivered to Envoy's
+transparent listener; Envoy makes the L3/L4 verdicts as well as the L7 ones."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from l7gate.agent.testbed import Testbed
+
+from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, seed_policies, url
+
+pytestmark = [pytest.mark.privileged("netns, iptables"), pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[dict[str, Any]]:
+    with Testbed() as tb:
+        node = tb.add_node("f1", cluster="cluster-a", node_cidr="10.64.1.0/24")
+        billing = tb.add_pod(node, "payments", "billing-service-xyz", labels=BILLING_LABELS, ports=[8080])
+        fe = tb.add_pod(node, "web", "frontend-service-abc", labels=FRONTEND_LABELS)
+        other = tb.add_pod(node, "web", "reporting-job-q7x", labels={"app": "reporting-job"})
+        billing.serve_http(8080)
+        billing.serve_http(9090)
+        agent = make_agent(tb, node, "cluster-a", 1, "cluster-b", 2, [])
+        cfg = yaml.safe_load(agent.config.read_text())
+        cfg["datapath"]["bpf"] = False
+        agent.config.write_text(yaml.safe_dump(cfg))
+        try:
+            agent.start(tb)
+            agent.client.apply_endpoints(tb.to_manifests())
+            agent.client.apply_policies(seed_policies())
+            agent.synced()
+            yield {"agent": agent, "node": node, "billing": billing, "fe": fe, "other": other}
+        finally:
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.proc.terminate()
+                agent.proc.wait(timeout=20)
+            subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+
+
+def test_status_says_fallback_and_why(world: dict[str, Any]) -> None:
+    dp = world["agent"].status()["datapath"]
+    assert dp["mode"] == "iptables-fallback" and "datapath.bpf is false" in dp["reason"]
+    rules = world["node"].run(["iptables-save", "-t", "mangle"]).stdout
+    assert "L7G-PREROUTING" in rules and world["billing"].ip in rules
+    assert not Path(world["agent"].pin_dir).exists()  # no BPF was loaded
+
+
+def test_seed_table_with_envoy_making_l3l4_verdicts(world: dict[str, Any]) -> None:
+    fe, billing, other = world["fe"], world["billing"], world["other"]
+    assert fe.curl(url(billing, 8080, "/v1/charge"), "POST")[0] == 200
+    assert fe.curl(url(billing, 8080, "/v1/transactions"))[0] == 403
+    assert fe.curl(url(billing, 8080, "/v1/refund"), "POST")[0] == 403
+    assert other.curl(url(billing, 8080, "/v1/charge"), "POST")[0] == 403  # L3/L4 verdict, by Envoy
+    # a port without a proxy listener is not reachable at all (fail closed)
+    assert fe.curl(url(billing, 9090, "/"), timeout=2)[0] == 0
