@@ -444,12 +444,16 @@ def _cmd_policy_delete(args: argparse.Namespace) -> int:
         keys.extend(_policy_key(o) for o in objs)
     if not keys:
         raise _Usage("name a policy (KIND/[NS/]NAME) or give -f PATH")
-    client = _client(args)
+    return _delete_each(keys, _client(args).delete_policy, "{}")
+
+
+def _delete_each(names: list[str], delete: Any, shown: str) -> int:
+    """Delete every name; a missing one is reported and makes the exit code 1, others go on."""
     rc = EXIT_OK
-    for key in keys:
+    for name in names:
         try:
-            client.delete_policy(key)
-            print(f"{key} deleted")
+            delete(name)
+            print(f"{shown.format(name)} deleted")
         except AdminError as exc:
             if exc.status != 404:
                 raise
@@ -479,18 +483,7 @@ def _cmd_endpoint_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_endpoint_delete(args: argparse.Namespace) -> int:
-    client = _client(args)
-    rc = EXIT_OK
-    for ref in args.refs:
-        try:
-            client.delete_endpoint(ref)
-            print(f"pod/{ref} deleted")
-        except AdminError as exc:
-            if exc.status != 404:
-                raise
-            print(f"l7gate: {exc}", file=sys.stderr)
-            rc = EXIT_INVALID
-    return rc
+    return _delete_each(list(args.refs), _client(args).delete_endpoint, "pod/{}")
 
 
 def _cmd_xds_status(args: argparse.Namespace) -> int:
