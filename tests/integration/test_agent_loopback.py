@@ -306,3 +306,39 @@ def test_access_logs_stream_to_the_agent(world: World) -> None:
     assert (200, "/v1/charge") in [(c, p) for c, p, _ in seen]
     denied = [d for c, p, d in seen if c == 403 and p == "/v1/transactions"]
     assert denied and denied[0].startswith("rbac_access_denied_matched_policy[deny-l7|")
+
+
+def test_cli_against_the_agent(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from l7gate.cli import main
+
+    admin = ["--admin", world.agent.admin.address]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main([*argv[:2], *admin, *argv[2:]] if argv[0] in ("policy", "endpoint", "xds", "auth") else [argv[0], *admin, *argv[1:]])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, out, _ = run("policy", "get")
+    assert rc == 0 and "CiliumClusterwideNetworkPolicy/allow-frontend-to-billing-charge-api" in out
+    rc, out, _ = run("policy", "get", "-o", "yaml")
+    assert rc == 0 and "kind: CiliumClusterwideNetworkPolicy" in out
+    rc, _, err = run("policy", "delete", "CiliumNetworkPolicy/nope/missing")
+    assert rc == 1 and "no policy" in err
+    rc, out, _ = run("endpoint", "list")
+    assert rc == 0 and "cluster-a/payments/billing-service-xyz" in out and "65536" in out
+    rc, out, _ = run("xds", "status")
+    assert rc == 0 and "SYNCED" in out and "RDS" in out
+    rc, out, _ = run("xds", "dump", "--type", "rds")
+    assert rc == 0 and "RouteConfiguration" in out
+    rc, _, err = run("xds", "dump", "--type", "bogus")
+    assert rc == 2 and "--type" in err
+    rc, out, _ = run("status")
+    assert rc == 0 and "loopback" in out
+    rc, out, err = run("auth", "status")
+    assert rc == 0 and "not enabled" in err
+    # an invalid apply through the CLI: exit 1, every error printed, nothing changed
+    bad = world.tmp / "bad.yaml"
+    bad.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: b, namespace: x}\n"
+                   "spec: {endpointSelector: {}, ingress: [{toPorts: [{ports: [{port: '99999'}]}]}]}\n")
+    rc, _, err = run("policy", "apply", "-f", str(bad))
+    assert rc == 1 and "spec.ingress[0].toPorts[0].ports[0].port" in err
