@@ -198,6 +198,7 @@ class SpireSource:
             return
         with self._lock:
             self._snapshot = snapshot
+            self._error = None  # a stream that failed for good sends nothing more
             self._updates += 1
             listeners = list(self._listeners)
         self._first.set()
