@@ -14,7 +14,8 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables}
     observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
     mtls: {enabled: false, trustDomain: l7gate.local, caDir: <stateDir>/ca, svidTTL: 3600,
-           listen: <node address>:4250}   # kernel mode: mutual auth for `authentication: required`
+           listen: <node address>:4250,   # kernel mode: mutual auth for `authentication: required`
+           spireSocket: /run/spire/agent.sock}   # optional: SVIDs from SPIRE's Workload API
 
 The admin endpoint refuses to listen on a non-loopback TCP address without a token.
 """
@@ -60,6 +61,7 @@ class MTLSSettings:
     svid_ttl: int = 3600  # seconds
     listen: str = ""  # HOST:PORT of this node's mutual-auth server (the node's address, port 4250)
     port: int = 4250  # where peers' servers listen
+    spire_socket: str = ""  # the SPIFFE Workload API socket: SVIDs from SPIRE instead of the built-in CA
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +233,12 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
     fallback = dp.get("fallback", "iptables")
     if fallback not in ("iptables", "none"):
         errors.append(Finding("datapath.fallback", f"must be 'iptables' or 'none', got {fallback!r}"))
-    mt = section("mtls", {"enabled", "trustDomain", "caDir", "svidTTL", "listen", "port"})
+    mt = section("mtls", {"enabled", "trustDomain", "caDir", "svidTTL", "listen", "port", "spireSocket"})
+    spire_socket = ""
+    if "spireSocket" in mt:
+        spire_socket = string(mt["spireSocket"], "mtls.spireSocket") or ""
+        if spire_socket and not spire_socket.startswith("/"):
+            errors.append(Finding("mtls.spireSocket", f"must be an absolute path, got {spire_socket!r}"))
     mt_enabled = mt.get("enabled", False)
     if not isinstance(mt_enabled, bool):
         errors.append(Finding("mtls.enabled", "must be true or false"))
@@ -247,7 +254,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         mt_listen = _check_listen(mt["listen"], "mtls.listen", errors) or ""
     if mt_enabled and not mt_listen:
         errors.append(Finding("mtls.listen", "is required with mtls.enabled: this node's address and port (e.g. 10.0.1.1:4250)"))
-    mtls = MTLSSettings(bool(mt_enabled), td, ca_dir, svid_ttl, mt_listen, mt_port)
+    mtls = MTLSSettings(bool(mt_enabled), td, ca_dir, svid_ttl, mt_listen, mt_port, spire_socket)
     ob = section("observe", {"ringSize", "followBuffer"})
     observe = ObserveSettings(
         ring_size=integer(ob.get("ringSize", 4096), "observe.ringSize", 1, 1 << 20) or 4096,

@@ -24,7 +24,8 @@ from ..kvstore.sqlite import SQLiteKVStore
 from ..mtls.auth import AuthManager, boot_ns_for
 from ..mtls.ca import BuiltinCA
 from ..mtls.handshake import MutualAuthServer
-from ..mtls.store import SVIDStore
+from ..mtls.spire import SpireSource
+from ..mtls.store import SVIDSource, SVIDStore
 from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
 from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
@@ -330,7 +331,7 @@ def run_agent(config: AgentConfig) -> int:
 class MutualAuth:
     """SPIFFE mutual authentication between agents, feeding the kernel's auth map."""
 
-    ca: BuiltinCA
+    source: SVIDSource  # the built-in CA, or SPIRE
     store: SVIDStore
     server: MutualAuthServer
     manager: AuthManager
@@ -339,8 +340,12 @@ class MutualAuth:
     @classmethod
     def start(cls, config: AgentConfig, core: AgentCore, dp: KernelDatapath) -> MutualAuth:
         m = config.mtls
-        ca = BuiltinCA.load_or_create(Path(m.ca_dir), m.trust_domain, svid_ttl=m.svid_ttl)
-        store = SVIDStore(ca, Path(config.state_dir) / "mtls")
+        source: SVIDSource
+        if m.spire_socket:
+            source = SpireSource(m.spire_socket, m.trust_domain)
+        else:
+            source = BuiltinCA.load_or_create(Path(m.ca_dir), m.trust_domain, svid_ttl=m.svid_ttl)
+        store = SVIDStore(source, Path(config.state_dir) / "mtls")
         store.set_identities(core.local_identities())
         store.start()
         host, _, port = m.listen.rpartition(":")
@@ -356,7 +361,7 @@ class MutualAuth:
             node_delete=lambda local, remote, node: dp.delete_auth(local, remote, node[0]),
         )
         manager.start()
-        self = cls(ca, store, server, manager, m.port)
+        self = cls(source, store, server, manager, m.port)
 
         def follow_policy() -> None:
             store.set_identities(core.local_identities())
@@ -364,7 +369,8 @@ class MutualAuth:
 
         core.on_change = follow_policy
         follow_policy()
-        log(f"mutual auth: trust domain {m.trust_domain}, server {server.address}, CA {m.ca_dir}")
+        origin = f"SPIRE at {m.spire_socket}" if m.spire_socket else f"built-in CA {m.ca_dir}"
+        log(f"mutual auth: trust domain {m.trust_domain}, server {server.address}, SVIDs from {origin}")
         return self
 
     def status(self) -> list[dict[str, Any]]:
