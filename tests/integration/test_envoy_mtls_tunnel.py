@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -420,8 +421,10 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         )
         world = Decision(Action.DENY, origins=("default-deny",))
         decisions = PortDecisions(world, {SRC: allowed})
+        # SO_MARK on the last hop: accepted by Envoy (root here), as the kernel design needs.
         ingress = m.tunnel_ingress(
-            node_b_ip, TD, {(dst_pod.ip, dst_pod.port): decisions}, [DST], tunnel_port
+            node_b_ip, TD, {(dst_pod.ip, dst_pod.port): decisions}, [DST], tunnel_port,
+            socket_mark=0xA00,
         )
         cache_b = SnapshotCache()
         resources_b: dict[str, dict[str, Message]] = {
@@ -499,6 +502,12 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             assert (got.method, got.path, got.body) == ("POST", "/v1/charge", CARD)
             assert got.headers[m.ORIGINAL_DST_HEADER] == dst_hostport
             assert f"URI={spiffe_id(TD, SRC)}" in got.headers["x-forwarded-client-cert"]
+
+            # Node B's pooled connection to the pod carries the delivery mark.
+            if shutil.which("ss"):
+                ss = subprocess.run(["ss", "-tne", "dst", dst_hostport], capture_output=True,
+                                    text=True, check=True).stdout
+                assert "fwmark:0xa00" in ss, ss
 
             # Another path under the same identity: denied by node B's HTTP rules.
             n = len(dst_pod.seen)

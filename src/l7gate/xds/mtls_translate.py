@@ -58,6 +58,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
+from envoy.config.core.v3 import socket_option_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
@@ -461,10 +462,20 @@ def tunnel_listener(
     )
 
 
-def original_dst_cluster(*, connect_timeout: float = 1.0) -> cluster_pb2.Cluster:
+SOL_SOCKET = 1
+SO_MARK = 36
+
+
+def original_dst_cluster(
+    *, connect_timeout: float = 1.0, socket_mark: int | None = None
+) -> cluster_pb2.Cluster:
     """Forwards to the address in x-envoy-original-dst-host (a local pod). Only requests the
-    tunnel route's RBAC let through get here, so the header names a local endpoint port."""
-    return cluster_pb2.Cluster(
+    tunnel route's RBAC let through get here, so the header names a local endpoint port.
+
+    `socket_mark` sets SO_MARK on the connections to the pods (Envoy needs CAP_NET_ADMIN): the
+    mark by which the destination's kernel tells "delivered by the local tunnel" from plaintext
+    that arrived from another node (docs/in-transit-mtls.md, "The kernel's part")."""
+    cluster = cluster_pb2.Cluster(
         name=ORIGINAL_DST_CLUSTER,
         type=cluster_pb2.Cluster.ORIGINAL_DST,
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
@@ -475,6 +486,17 @@ def original_dst_cluster(*, connect_timeout: float = 1.0) -> cluster_pb2.Cluster
             use_http_header=True, http_header_name=ORIGINAL_DST_HEADER
         ),
     )
+    if socket_mark is not None:
+        cluster.upstream_bind_config.socket_options.append(
+            socket_option_pb2.SocketOption(
+                description="l7gate tunnel delivery mark",
+                level=SOL_SOCKET,
+                name=SO_MARK,
+                int_value=socket_mark,
+                state=socket_option_pb2.SocketOption.STATE_PREBIND,
+            )
+        )
+    return cluster
 
 
 def _deny(name: str) -> matcher_pb2.Matcher.OnMatch:
@@ -552,6 +574,7 @@ def tunnel_ingress(
     port: int = DEFAULT_TUNNEL_PORT,
     *,
     access_logs: Sequence[Message] = (),
+    socket_mark: int | None = None,
 ) -> TunnelIngress:
     """Everything the destination node's Envoy needs except the secrets: add `svid_secret` for
     each of `local_identities` and `bundle_secret` to the same snapshot (SDS names:
@@ -559,7 +582,7 @@ def tunnel_ingress(
     return TunnelIngress(
         tunnel_listener(node_ip, trust_domain, local_identities, port, access_logs=access_logs),
         tunnel_route(tunnel_matcher(trust_domain, by_destination)),
-        original_dst_cluster(),
+        original_dst_cluster(socket_mark=socket_mark),
     )
 
 
