@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 
 from l7gate.mtls import SVID, BuiltinCA, server_name, spiffe_id
+from l7gate.mtls.testing import forge_svid
 from l7gate.policy.resolve import Action, Decision
 from l7gate.policy.types import AuthMode, HTTPRule
 from l7gate.xds import mtls_translate as m
@@ -277,7 +278,7 @@ def write_svid(svid: SVID, directory: Path) -> tuple[str, str]:
 
 def tls_request(
     ip: str, port: int, *, bundle_pem: bytes, sni: str | None, client: tuple[str, str] | None,
-    dst_header: str | None, method: str = "POST", path: str = "/v1/charge",
+    dst_header: str | list[str] | None, method: str = "POST", path: str = "/v1/charge",
 ) -> int | str:
     """One HTTP/1.1 request over TLS straight to the tunnel port, as a rogue peer would send it.
     Returns the status, or ``"refused: <why>"`` when TLS does not let a request through."""
@@ -295,8 +296,9 @@ def tls_request(
         return f"refused: {exc}"
     try:
         head = f"{method} {path} HTTP/1.1\r\nHost: billing\r\nContent-Length: {len(CARD)}\r\n"
-        if dst_header is not None:
-            head += f"{m.ORIGINAL_DST_HEADER}: {dst_header}\r\n"
+        values = [dst_header] if isinstance(dst_header, str) else dst_header or []
+        for v in values:
+            head += f"{m.ORIGINAL_DST_HEADER}: {v}\r\n"
         s.sendall(head.encode() + b"Connection: close\r\n\r\n" + CARD)
         data = b""
         while b"\r\n" not in data:
@@ -577,6 +579,22 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         assert not elsewhere.seen
         # Another identity of the same trust domain: authenticated, but denied by policy.
         assert direct(client=write_svid(svids[OTHER], certs)) == 403
+        # Two header lines: never forwarded anywhere but a checked local endpoint.
+        assert direct(dst_header=[dst_hostport, m.host_port(elsewhere.ip, elsewhere.port)]) == 403
+        assert not elsewhere.seen
+        # The issue's refusals: two URI SANs (SRC's and OTHER's), another trust domain under
+        # our CA, an expired SVID.
+        forged = tmp_path / "forged"
+        two_sans = forge_svid(ca, SRC, uris=[spiffe_id(TD, SRC), spiffe_id(TD, OTHER)])
+        assert direct(client=write_svid(two_sans, forged / "two")) == 403
+        other_td = forge_svid(ca, SRC, uris=[spiffe_id("other.example", SRC)])
+        assert str(direct(client=write_svid(other_td, forged / "td"))).startswith("refused")
+        now = time.time()
+        expired = forge_svid(ca, SRC, not_before=now - 7200, not_after=now - 60)
+        expired_files = write_svid(expired, forged / "expired")
+        assert str(direct(client=expired_files)).startswith("refused")
+        assert len(dst_pod.seen) == reached
+
         # No client certificate, or one from another CA: no request gets through TLS, and the
         # server says why in its alert.
         assert str(direct(client=None)).startswith("refused")
@@ -588,10 +606,14 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
 
         assert "CERTIFICATE_REQUIRED" in alert(None).upper()
         assert "UNKNOWN_CA" in alert(rogue_files).upper()
+        assert "CERTIFICATE_EXPIRED" in alert(expired_files).upper()
+        other_td_alert = alert(write_svid(other_td, forged / "td")).upper()
+        assert "CERTIFICATE_UNKNOWN" in other_td_alert or "BAD_CERTIFICATE" in other_td_alert, other_td_alert
         stats = admin_stats(admin_b)
         prefix = f"listener.{node_b_ip}_{tunnel_port}.ssl."
         assert stats[prefix + "fail_verify_no_cert"] >= 2, {k: v for k, v in stats.items() if k.startswith(prefix)}
-        assert stats[prefix + "fail_verify_error"] >= 2
+        assert stats[prefix + "fail_verify_error"] >= 4
+        assert stats[prefix + "fail_verify_san"] >= 2
         # An SNI naming no local identity (or none): no filter chain, no handshake.
         assert str(direct(sni=server_name(TD, OTHER))).startswith("refused")
         assert str(direct(sni=None)).startswith("refused")
