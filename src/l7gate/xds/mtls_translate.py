@@ -84,6 +84,7 @@ from xds.type.matcher.v3 import matcher_pb2
 from . import translate as t
 
 DEFAULT_TUNNEL_PORT = 15443
+DEFAULT_MAX_CONNECTION_DURATION = 300.0  # seconds a tunnel connection lives, then drains
 ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
 SOURCE_HEADER = "x-l7gate-source"  # set by the source Envoy itself, read by its egress route
 TUNNEL_LISTENER = "l7g_tunnel_in"
@@ -112,6 +113,11 @@ def _ads() -> config_source_pb2.ConfigSource:
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.ApiVersion.V3,
     )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
 
 
 def _socket(ip: str, port: int) -> address_pb2.Address:
@@ -243,6 +249,7 @@ def tunnel_cluster(
     tunnel_port: int = DEFAULT_TUNNEL_PORT,
     *,
     connect_timeout: float = 1.0,
+    max_connection_duration: float = DEFAULT_MAX_CONNECTION_DURATION,
 ) -> cluster_pb2.Cluster:
     """The source side of a tunnel: the destination node's tunnel port, over TLS 1.3 presenting
     `src_identity`'s SVID, asking for (SNI) and accepting only `dst_identity`'s SVID under the
@@ -260,7 +267,12 @@ def tunnel_cluster(
     h2 = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
+        ),
+        # TLS checks certificates at the handshake only: bound how long a pooled connection
+        # outlives the SVIDs it was opened with (it drains, then a new handshake is made).
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            max_connection_duration=_duration(max_connection_duration)
+        ),
     )
     lb = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=_socket(node_ip, tunnel_port))
@@ -268,9 +280,7 @@ def tunnel_cluster(
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(
-            seconds=int(connect_timeout), nanos=int((connect_timeout % 1) * 1e9)
-        ),
+        connect_timeout=_duration(connect_timeout),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[lb])],
@@ -438,6 +448,10 @@ def tunnel_listener(
         tls = tls_pb2.DownstreamTlsContext(
             require_client_certificate=wrappers_pb2.BoolValue(value=True),
             require_sni=wrappers_pb2.BoolValue(value=True),
+            # Every connection verifies a certificate in full: a resumed session would carry a
+            # certificate checked hours ago, perhaps expired or of a since-rotated key.
+            disable_stateless_session_resumption=True,
+            disable_stateful_session_resumption=True,
             common_tls_context=_common_tls(trust_domain, ident, td_prefix, ["h2", "http/1.1"]),
         )
         chains.append(
@@ -479,9 +493,7 @@ def original_dst_cluster(
         name=ORIGINAL_DST_CLUSTER,
         type=cluster_pb2.Cluster.ORIGINAL_DST,
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
-        connect_timeout=duration_pb2.Duration(
-            seconds=int(connect_timeout), nanos=int((connect_timeout % 1) * 1e9)
-        ),
+        connect_timeout=_duration(connect_timeout),
         original_dst_lb_config=cluster_pb2.Cluster.OriginalDstLbConfig(
             use_http_header=True, http_header_name=ORIGINAL_DST_HEADER
         ),
