@@ -504,6 +504,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             assert (got.method, got.path, got.body) == ("POST", "/v1/charge", CARD)
             assert got.headers[m.ORIGINAL_DST_HEADER] == dst_hostport
             assert f"URI={spiffe_id(TD, SRC)}" in got.headers["x-forwarded-client-cert"]
+            assert got.headers["x-forwarded-for"].split(",")[0].strip() == src_pod_ip
 
             # Node B's pooled connection to the pod carries the delivery mark.
             if shutil.which("ss"):
@@ -617,6 +618,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         # An SNI naming no local identity (or none): no filter chain, no handshake.
         assert str(direct(sni=server_name(TD, OTHER))).startswith("refused")
         assert str(direct(sni=None)).startswith("refused")
+        assert admin_stats(admin_b)[f"listener.{node_b_ip}_{tunnel_port}.no_filter_chain_match"] >= 2
         assert len(dst_pod.seen) == reached  # no rogue request reached the pod
 
         # -- the source side checks the server: a wrong workload's SVID gets nothing --
