@@ -82,6 +82,7 @@ class AgentConfig:
     links: tuple[str, ...] = ()  # kernel mode: inter-node interfaces (traffic from other nodes)
     fallback: str = "iptables"  # kernel mode without bcc: "iptables" or "none" (refuse to start)
     bpf: bool = True  # kernel mode: false uses the iptables redirect on purpose (no BPF at all)
+    cgroup: str = ""  # kernel mode: cgroup v2 of the pods and Envoy, for socket acceleration ("" = off)
     observe: ObserveSettings = ObserveSettings()
     mtls: MTLSSettings = MTLSSettings()
 
@@ -211,7 +212,12 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
     )
-    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf"})
+    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf", "cgroup"})
+    cgroup = ""
+    if "cgroup" in dp:
+        cgroup = string(dp["cgroup"], "datapath.cgroup") or ""
+        if cgroup and not cgroup.startswith("/sys/fs/cgroup"):
+            errors.append(Finding("datapath.cgroup", f"must be a cgroup v2 directory under /sys/fs/cgroup, got {cgroup!r}"))
     use_bpf = dp.get("bpf", True)
     if not isinstance(use_bpf, bool):
         errors.append(Finding("datapath.bpf", "must be true or false"))
@@ -280,6 +286,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         links=tuple(links),
         fallback=str(fallback),
         bpf=bool(use_bpf),
+        cgroup=cgroup,
         observe=observe,
         mtls=mtls,
     )

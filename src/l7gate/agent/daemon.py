@@ -294,9 +294,18 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesR
         return None, IptablesRedirect(), {"mode": "iptables-fallback", "reason": str(exc)}
     for problem in dp.replaced:
         log(f"replaced a pinned map that was not ours or was corrupt: {problem}")
+    acceleration = "off (no datapath.cgroup)"
+    if config.cgroup:
+        try:
+            dp.accelerate(Path(config.cgroup))
+            acceleration = f"on: sockops + sk_msg for the sockets of cgroup {config.cgroup}"
+        except DatapathError as exc:
+            acceleration = f"off: {exc}"
+        log(f"socket acceleration {acceleration}")
     # The applier learns the resolver's policy lookup when the core takes it.
     applier = KernelApplier(dp, lambda ident: None)
-    return applier, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced}
+    return applier, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced,
+                           "socket_acceleration": acceleration}
 
 
 def run_agent(config: AgentConfig) -> int:

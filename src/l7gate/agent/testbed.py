@@ -171,6 +171,14 @@ def _clean_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return base
 
 
+def _in_cgroup(cgroup: str | Path | None, argv: Sequence[str]) -> list[str]:
+    """`argv`, started inside cgroup v2 directory `cgroup` (when given) — e.g. so that the
+    kernel datapath's sockops program sees its sockets."""
+    if cgroup is None:
+        return list(argv)
+    return ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *argv]
+
+
 def list_netns() -> list[str]:
     """Names of all named network namespaces (``ip netns list``)."""
     try:
@@ -305,7 +313,8 @@ class Netns:
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", 60)
         kwargs["env"] = _clean_env(kwargs.get("env"))
-        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], **kwargs)
+        full = _in_cgroup(kwargs.pop("cgroup", None), ["ip", "netns", "exec", self.netns, *argv])
+        return subprocess.run(full, **kwargs)
 
     def spawn(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start a long-running process inside this namespace. The testbed ends it (by PID) at
@@ -409,10 +418,10 @@ class Pod(Netns):
         """``cluster/namespace/name``, as `l7gate policy trace --from` takes it."""
         return f"{self.cluster}/{self.namespace}/{self.name}"
 
-    def serve_http(self, port: int, timeout: float = 10.0) -> subprocess.Popen[Any]:
+    def serve_http(self, port: int, timeout: float = 10.0, cgroup: str | Path | None = None) -> subprocess.Popen[Any]:
         """Start scripts/pod_server.py on ip:port in this pod and return once it listens."""
         proc = self.spawn([sys.executable, str(POD_SERVER), "--listen", f"{self.ip}:{port}",
-                           "--name", f"{self.namespace}/{self.name}"])
+                           "--name", f"{self.namespace}/{self.name}"], cgroup=cgroup)
         logfile = self.testbed.log_path(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -670,7 +679,7 @@ class Testbed:
             prefix = ["nsenter", f"--net={where.path}"]
         else:
             prefix = ["ip", "netns", "exec", where.netns]
-        proc = subprocess.Popen([*prefix, *argv], **kwargs)
+        proc = subprocess.Popen(_in_cgroup(kwargs.pop("cgroup", None), [*prefix, *argv]), **kwargs)
         self._spawned.append(_Spawned(proc, where.netns, logfile, files))
         return proc
 
