@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import subprocess
+from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 
 from ..identity.ipcache import IPCacheChange
@@ -43,6 +44,12 @@ def ensure_policy_routing() -> list[str]:
     if not have:
         _run(["ip", "rule", "add", "fwmark", REDIRECT_MARK, "lookup", ROUTE_TABLE, "pref", "100"])
         changed.append(f"ip rule fwmark {REDIRECT_MARK} lookup {ROUTE_TABLE}")
+    # FIELD-NOTES: after a verdict flips from redirect to allow, a node TIME_WAIT socket plus
+    # early demux blackholes the forwarded SYN. Per network namespace, so set it here.
+    demux = Path("/proc/sys/net/ipv4/ip_early_demux")
+    if demux.exists() and demux.read_text().strip() != "0":
+        demux.write_text("0\n")
+        changed.append("sysctl net.ipv4.ip_early_demux=0")
     routes = subprocess.run(
         ["ip", "-j", "route", "show", "table", ROUTE_TABLE], capture_output=True, text=True, check=False
     )
