@@ -88,3 +88,4 @@ def test_compression_writes_named_peers_only_where_they_differ() -> None:
     entries = compile_endpoint(r.endpoint_policy(B))  # type: ignore[arg-type]
     a_entries = [k for k in entries if k.peer == A]
     assert [(k.proto, k.port, k.port_prefix) for k in a_entries] == [(6, 8080, 16)]
+

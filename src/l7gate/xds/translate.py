@@ -258,6 +258,17 @@ def rbac_matcher(
                         groups[d].append(net)
                         listed[net] = d
                         break
+    if not broad:
+        # Only host prefixes (pods): merge runs of addresses with one decision into the exact
+        # CIDR blocks they fill (pod IPs come from node CIDRs, so runs are common). The blocks
+        # cover exactly the same addresses, so no unknown address changes decision.
+        for d, nets in groups.items():
+            merged: list[IPNetwork] = []
+            for version in (4, 6):
+                same = sorted({n for n in nets if n.version == version}, key=_net_key)
+                if same:
+                    merged.extend(ipaddress.collapse_addresses(same))  # type: ignore[type-var]
+            groups[d] = merged
     range_matchers = []
     for d, nets in sorted(groups.items(), key=lambda kv: min(_net_key(n) for n in kv[1])):
         range_matchers.append(
