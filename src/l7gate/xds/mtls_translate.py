@@ -76,12 +76,12 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
 from envoy.type.matcher.v3 import string_pb2 as envoy_string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
-from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from . import translate as t
+from .translate import _any, _ext
 
 DEFAULT_TUNNEL_PORT = 15443
 DEFAULT_MAX_CONNECTION_DURATION = 300.0  # seconds a tunnel connection lives, then drains
@@ -96,16 +96,6 @@ HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Never a valid ip:port nor a SPIFFE ID: keeps an exact_match_map non-empty (Envoy requires one
 # entry) without matching anything.
 _NEVER = "-"
-
-
-def _any(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
-
-
-def _ext(name: str, msg: Message) -> extension_pb2.TypedExtensionConfig:
-    return extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(msg))
 
 
 def _ads() -> config_source_pb2.ConfigSource:
