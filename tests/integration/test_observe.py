@@ -157,7 +157,8 @@ def test_metrics_count_flows_drops_and_requests(world: World) -> None:
     assert samples['l7gate_http_requests_total{code="200",method="POST",verdict="FORWARDED"}'] >= 1
     assert samples['l7gate_http_requests_total{code="403",method="GET",verdict="DROPPED"}'] >= 1
     assert samples["l7gate_flow_ring_capacity"] == 4096
-    assert samples["l7gate_xds_pushes_total"] >= 3
+    pushes = {t: samples.get(f'l7gate_xds_pushes_total{{type="{t}"}}', 0) for t in ("CDS", "LDS", "RDS")}
+    assert all(n >= 1 for n in pushes.values()), pushes
     for name in ("l7gate_identities", "l7gate_ipcache_entries", "l7gate_flow_ring_overflow_total",
                  "l7gate_access_log_messages_malformed_total"):
         assert name in samples

@@ -35,17 +35,19 @@ class _StateCollector(Collector):
 
 
 class _XdsPushCollector(Collector):
-    """xDS responses sent. Every response gets the next nonce of one server-wide counter, so
-    the highest nonce in the status rows is how many were sent. Per-type counts would need a
-    push hook in the xDS server (`on_push(node_id, type_url, version)` next to `on_ack`); the
-    rows keep only each type's latest nonce."""
+    """xDS responses sent, per resource type (summed over the connected Envoys)."""
 
     def __init__(self, status: Callable[[], Sequence[StatusRow]]) -> None:
         self.status = status
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        sent = max((int(r.nonce) for r in self.status() if r.nonce and r.nonce.isdigit()), default=0)
-        yield CounterMetricFamily("l7gate_xds_pushes", "xDS responses sent to Envoys", value=sent)
+        family = CounterMetricFamily("l7gate_xds_pushes", "xDS responses sent to Envoys", labels=["type"])
+        per_type: dict[str, int] = {}
+        for r in self.status():
+            per_type[r.type] = per_type.get(r.type, 0) + r.pushes
+        for t, n in sorted(per_type.items()):
+            family.add_metric([t], n)
+        yield family
 
 
 class AgentMetrics:

@@ -116,6 +116,7 @@ class _Track:
     last_ack: float | None = None
     ack_latency: float | None = None
     last_nack: Nack | None = None
+    pushes: int = 0  # responses sent for this (node, type)
 
 
 _shared_loop: asyncio.AbstractEventLoop | None = None
@@ -350,6 +351,7 @@ class XdsServer:
         with self._changed:
             track = self._tracks[(node_id, type_url)]
             track.sent_version, track.nonce, track.last_sent = version, nonce, self._wall()
+            track.pushes += 1
             self._changed.notify_all()
 
     def _track_ack(self, node_id: str, type_url: str, version: str, latency: float) -> None:
@@ -417,6 +419,7 @@ class XdsServer:
                     last_ack=tr.last_ack,
                     ack_latency=tr.ack_latency,
                     last_nack=tr.last_nack,
+                    pushes=tr.pushes,
                 )
             )
         return rows

@@ -66,6 +66,7 @@ class StatusRow:
     last_ack: float | None
     ack_latency: float | None
     last_nack: Nack | None
+    pushes: int = 0  # responses sent for this (node, type) since the server started
 
     def to_json(self) -> dict[str, Any]:
         return {
