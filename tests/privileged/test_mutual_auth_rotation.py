@@ -1,0 +1,77 @@
+"""SVID rotation under a steady probe loop: with 10-second SVIDs (rotated at half their life)
+the agents re-handshake and refresh the kernel's auth entries before they expire, and not one
+request under `authentication: required` is dropped."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from l7gate.agent.testbed import Testbed
+
+from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, url
+from .test_mutual_auth import auth_policies
+
+pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
+
+TTL = 10
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[dict[str, Any]]:
+    with Testbed() as tb:
+        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.66.1.0/24")
+        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.66.2.0/24")
+        tb.link(na, nb)
+        billing = tb.add_pod(na, "payments", "billing-service-xyz", labels=BILLING_LABELS, ports=[8080])
+        fe = tb.add_pod(nb, "web", "frontend-service-abc", labels=FRONTEND_LABELS)
+        billing.serve_http(8080)
+        ca = tb.workdir / "ca"
+        agents = []
+        try:
+            for node, cluster, cid, other, oid in ((na, "cluster-a", 1, "cluster-b", 2), (nb, "cluster-b", 2, "cluster-a", 1)):
+                agent = make_agent(tb, node, cluster, cid, other, oid, node.link_ifnames)
+                cfg = yaml.safe_load(agent.config.read_text())
+                cfg["mtls"] = {"enabled": True, "caDir": str(ca), "svidTTL": TTL, "listen": f"{node.ip}:4250"}
+                agent.config.write_text(yaml.safe_dump(cfg))
+                agents.append(agent)
+            for agent in agents:
+                agent.start(tb)
+                agent.client.apply_endpoints(tb.to_manifests())
+                agent.client.apply_policies(auth_policies())
+            yield {"a": agents[0], "fe": fe, "billing": billing}
+        finally:
+            for agent in agents:
+                if agent.proc is not None and agent.proc.poll() is None:
+                    agent.proc.terminate()
+                    agent.proc.wait(timeout=20)
+                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+            try:
+                Path("/sys/fs/bpf/l7g").rmdir()
+            except OSError:
+                pass
+
+
+def test_rotation_under_a_probe_loop_loses_no_request(world: dict[str, Any]) -> None:
+    fe, billing = world["fe"], world["billing"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and fe.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0] != 200:
+        time.sleep(0.2)
+    expiries: set[float] = set()
+    statuses: list[int] = []
+    end = time.monotonic() + 2.5 * TTL
+    while time.monotonic() < end:
+        statuses.append(fe.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0])
+        for e in world["a"].client.get("/v1/auth")["entries"]:
+            if e["expires_at"]:
+                expiries.add(round(e["expires_at"], 1))
+        time.sleep(0.1)
+    assert len(statuses) > 50
+    assert set(statuses) == {200}, f"{statuses.count(200)} of {len(statuses)} succeeded"
+    assert len(expiries) >= 3, f"the auth entry was refreshed {len(expiries) - 1} times: {sorted(expiries)}"
