@@ -352,3 +352,26 @@ def test_memory_store_works(clock: FakeClock) -> None:
     with SQLiteKVStore(":memory:", clock=clock) as s:
         s.put("m", b"1")
         assert s.get("m") == b"1"
+
+
+def test_batch_commits_once_and_rolls_back_whole(tmp_path: Path) -> None:
+    from l7gate.kvstore.sqlite import SQLiteKVStore
+
+    store = SQLiteKVStore(str(tmp_path / "kv.db"))
+    watch = store.watch_prefix("b/")
+    with store.batch():
+        store.put("b/1", b"one")
+        assert store.create("b/2", b"two")
+        assert store.get("b/1") == b"one"  # reads see the batch's own writes
+        assert not store.create("b/1", b"again")
+    assert store.list_prefix("b/") == [("b/1", b"one"), ("b/2", b"two")]
+    assert watch.get(timeout=2) is not None  # watchers still see the writes
+    try:
+        with store.batch():
+            store.put("b/3", b"three")
+            store.delete("b/1")
+            raise RuntimeError("refused")
+    except RuntimeError:
+        pass
+    assert store.list_prefix("b/") == [("b/1", b"one"), ("b/2", b"two")]  # nothing of it stayed
+    store.close()

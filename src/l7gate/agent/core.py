@@ -148,7 +148,7 @@ class AgentCore:
     # -- apply / delete ----------------------------------------------------------------------
 
     def apply(self, docs: Iterable[Any]) -> ApplyResult:
-        with self._lock:
+        with self._lock, self.store.batch():  # one commit (one fsync) per request
             return self._apply_locked(list(docs), persist=True)
 
     def _check(self, docs: list[Any]) -> tuple[list[tuple[Policy, Any]], list[tuple[Namespace, Any]], list[tuple[Pod, Any]]]:

@@ -23,6 +23,8 @@ All operations raise `KVStoreError` (and nothing else) on failure.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import enum
 from dataclasses import dataclass
 from types import TracebackType
@@ -84,6 +86,10 @@ class KVStore(Protocol):
     """The store. Implementations are thread-safe."""
 
     def get(self, key: str) -> bytes | None: ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Group writes into one atomic commit (etcd: one transaction)."""
+        ...
 
     def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         """Set `key`; returns the revision of the change. Attaching a lease replaces the key's

@@ -149,6 +149,7 @@ class SQLiteKVStore:
         self._history = history
         self._poll_interval = poll_interval
         self._lock = threading.RLock()
+        self._batch_depth = 0
         # Wakes watches when this instance commits; `_generation` lets a watch tell whether it
         # missed a wake-up between reading the file and going to sleep.
         self._changed = threading.Condition(threading.Lock())
@@ -182,10 +183,43 @@ class SQLiteKVStore:
             raise KVStoreError(f"{self._path}: kvstore is closed")
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group writes into one transaction (one fsync): inside, `put`/`create`/`delete` join
+        it instead of committing one by one. All or nothing: an exception rolls every write in
+        the batch back. Other threads wait for the batch to end (the store's lock is held)."""
+        with self._lock:
+            if self._batch_depth:
+                self._batch_depth += 1
+                try:
+                    yield
+                finally:
+                    self._batch_depth -= 1
+                return
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._batch_depth = 1
+                try:
+                    self._reap_locked()
+                    yield
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                finally:
+                    self._batch_depth = 0
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise KVStoreError(f"{self._path}: {e}") from e
+        self._notify()
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; due leases are reaped first, inside it."""
         with self._lock:
             self._check_open()
+            if self._batch_depth:
+                yield self._db  # part of the caller's batch: it commits (or rolls back) once
+                return
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -205,6 +239,9 @@ class SQLiteKVStore:
         self._reap_if_due()
         with self._lock:
             self._check_open()
+            if self._batch_depth:
+                yield self._db  # inside the caller's batch: read its own writes
+                return
             try:
                 self._db.execute("BEGIN")
                 try:
