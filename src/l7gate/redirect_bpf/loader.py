@@ -20,6 +20,7 @@ Not thread-safe except `poll_events`, which runs on its own thread.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -71,14 +72,25 @@ class DatapathError(Exception):
 
 
 def import_bcc() -> Any:
-    """bcc's Python module comes from Debian (python3-bpfcc); make it importable in a venv."""
-    if BCC_PATH not in sys.path:
-        sys.path.append(BCC_PATH)
+    """bcc's Python package comes from Debian (python3-bpfcc). Load that one package from
+    Debian's directory without putting the directory on sys.path: it also holds Debian's own
+    (older) pyOpenSSL, cryptography and the like, which must not shadow the venv's."""
+    if "bcc" in sys.modules:
+        return sys.modules["bcc"]
+    pkg = Path(BCC_PATH) / "bcc"
+    spec = importlib.util.spec_from_file_location(
+        "bcc", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
+    if spec is None or spec.loader is None or not (pkg / "__init__.py").exists():
+        raise DatapathError("bcc is not installed (apt install python3-bpfcc)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bcc"] = module
     try:
-        import bcc  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise DatapathError(f"bcc is not installed (apt install python3-bpfcc): {exc}") from None
-    return bcc
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules["bcc"]
+        raise DatapathError(f"bcc cannot be loaded: {exc}") from None
+    return module
 
 
 def _addr_u32(ip: str | ipaddress.IPv4Address) -> int:
