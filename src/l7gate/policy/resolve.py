@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from enum import Enum
 from types import MappingProxyType
 
@@ -96,7 +97,21 @@ class MapEntry:
 
 
 def merge(contribs: Iterable[Contribution]) -> MapEntry:
-    cs = list(contribs)
+    """The entry a key gets from every rule that contributes to it (deny wins; allows are a
+    union; no L7 restriction if any allow has none; the strongest auth mode)."""
+    cs = frozenset(contribs)
+    if len(cs) == 1:
+        (c,) = cs
+        # The common case, kept cheap: one rule's entry (its L7 rules are already canonical).
+        if c.deny:
+            return MapEntry(True, None, False, None, (str(c.origin),))
+        return MapEntry(False, c.l7, c.l7 is not None, c.auth, (str(c.origin),))
+    return _merge_many(cs)
+
+
+@lru_cache(maxsize=16384)
+def _merge_many(cs: frozenset[Contribution]) -> MapEntry:
+    # Many keys (every peer a selector selects) share one set of contributions: merge it once.
     denies = [c for c in cs if c.deny]
     if denies:
         return MapEntry(True, None, False, None, tuple(sorted({str(c.origin) for c in denies})))
