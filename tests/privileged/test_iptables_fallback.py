@@ -4,7 +4,6 @@ transparent listener; Envoy makes the L3/L4 verdicts as well as the L7 ones."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import yaml
 
 from l7gate.agent.testbed import Testbed
 
-from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, seed_policies, url
+from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, seed_policies, stop_agents, url
 
 pytestmark = [pytest.mark.privileged("netns, iptables"), pytest.mark.integration]
 
@@ -39,10 +38,7 @@ def world() -> Iterator[dict[str, Any]]:
             agent.synced()
             yield {"agent": agent, "node": node, "billing": billing, "fe": fe, "other": other}
         finally:
-            if agent.proc is not None and agent.proc.poll() is None:
-                agent.proc.terminate()
-                agent.proc.wait(timeout=20)
-            subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+            stop_agents(agent)
 
 
 def test_status_says_fallback_and_why(world: dict[str, Any]) -> None:

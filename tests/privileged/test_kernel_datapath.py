@@ -85,6 +85,22 @@ class AgentProc:
         raise AssertionError(json.dumps(data, indent=1))
 
 
+def stop_agents(*agents: AgentProc | None) -> None:
+    """Stop each agent (by PID) and remove its pinned maps and programs — the datapath
+    outlives an agent on purpose, so a test must clean it up itself."""
+    for agent in agents:
+        if agent is not None and agent.proc is not None and agent.proc.poll() is None:
+            agent.proc.terminate()
+            agent.proc.wait(timeout=20)
+    for agent in agents:
+        if agent is not None:
+            subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+    try:
+        Path("/sys/fs/bpf/l7g").rmdir()
+    except OSError:
+        pass  # another run still has pins there
+
+
 def make_agent(tb: Testbed, node: Node, cluster: str, cid: int, other: str, oid: int, links: list[str]) -> AgentProc:
     work = tb.workdir / f"agent-{node.name}"
     work.mkdir(parents=True, exist_ok=True)
@@ -132,16 +148,7 @@ def world() -> Iterator[World]:
                 agent.synced()
             yield World(tb, a, b, billing, frontend, other)
         finally:
-            for agent in (a, b):
-                if agent.proc is not None and agent.proc.poll() is None:
-                    agent.proc.terminate()
-                    agent.proc.wait(timeout=20)
-            for agent in (a, b):
-                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
-            try:
-                Path("/sys/fs/bpf/l7g").rmdir()
-            except OSError:
-                pass  # another run still has pins there
+            stop_agents(a, b)
 
 
 def url(pod: Pod, port: int, path: str) -> str:

@@ -21,7 +21,7 @@ import yaml
 from l7gate.agent.testbed import Node, Testbed
 
 from .test_kernel_datapath import (
-    BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, url,
+    BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, stop_agents, url,
 )
 
 pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
@@ -72,15 +72,7 @@ def world() -> Iterator[dict[str, Any]]:
             yield {"tb": tb, "a": agents[0], "b": agents[1], "c": agents[2], "billing": billing,
                    "fe": fe, "rogue": fe_rogue, "ca": shared_ca}
         finally:
-            for agent in agents:
-                if agent.proc is not None and agent.proc.poll() is None:
-                    agent.proc.terminate()
-                    agent.proc.wait(timeout=20)
-                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
-            try:
-                Path("/sys/fs/bpf/l7g").rmdir()
-            except OSError:
-                pass
+            stop_agents(*agents)
 
 
 def test_first_request_succeeds_proactive_handshake(world: dict[str, Any]) -> None:

@@ -4,10 +4,8 @@ request under `authentication: required` is dropped."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +13,7 @@ import yaml
 
 from l7gate.agent.testbed import Testbed
 
-from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, url
+from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, stop_agents, url
 from .test_mutual_auth import auth_policies
 
 pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
@@ -47,15 +45,7 @@ def world() -> Iterator[dict[str, Any]]:
                 agent.client.apply_policies(auth_policies())
             yield {"a": agents[0], "fe": fe, "billing": billing}
         finally:
-            for agent in agents:
-                if agent.proc is not None and agent.proc.poll() is None:
-                    agent.proc.terminate()
-                    agent.proc.wait(timeout=20)
-                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
-            try:
-                Path("/sys/fs/bpf/l7g").rmdir()
-            except OSError:
-                pass
+            stop_agents(*agents)
 
 
 def test_rotation_under_a_probe_loop_loses_no_request(world: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ established, its bytes go socket to socket and no longer cross the pod's veth; t
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from l7gate.agent.testbed import Node, Testbed
 from l7gate.redirect_bpf.loader import _detach_cgroup_sockops
 
-from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, L7GATE, make_agent, seed_policies, url
+from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, L7GATE, make_agent, seed_policies, stop_agents, url
 
 pytestmark = [pytest.mark.privileged("netns, bcc sockops, cgroup v2"), pytest.mark.integration]
 
@@ -63,19 +62,11 @@ def world() -> Iterator[dict[str, Any]]:
             agent.synced()
             yield {"tb": tb, "node": node, "agent": agent, "billing": billing, "client": client, "cg": cg}
         finally:
-            if agent is not None and agent.proc is not None and agent.proc.poll() is None:
-                agent.proc.terminate()
-                agent.proc.wait(timeout=20)
             _detach_cgroup_sockops(cg)
-            if agent is not None:
-                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+            stop_agents(agent)
             tb.close()
             try:
                 cg.rmdir()
-            except OSError:
-                pass
-            try:
-                Path("/sys/fs/bpf/l7g").rmdir()
             except OSError:
                 pass
 
