@@ -77,9 +77,11 @@ def _run(argv: list[str]) -> None:
 
 
 class KernelApplier:
-    def __init__(self, datapath: KernelDatapath, policy_of: Callable[[int], EndpointPolicy | None]) -> None:
+    def __init__(self, datapath: KernelDatapath, policy_of: Callable[[int], EndpointPolicy | None],
+                 tunnel: bool = False) -> None:
         self.dp = datapath
         self.policy_of = policy_of
+        self.tunnel = tunnel  # in-transit encryption on: flag ingress entries that need the tunnel
         self._dirty: set[int] = set()
         self._endpoints: set[int] = set()
         self._attached: dict[str, str] = {}  # pod ip -> interface
@@ -93,7 +95,7 @@ class KernelApplier:
         for ep in sorted(self._endpoints):
             pol = self.policy_of(ep)
             if pol is not None:
-                desired.update(compile_endpoint(pol))
+                desired.update(compile_endpoint(pol, self.tunnel))
         changes += self.dp.set_policy(desired)
         self._dirty.clear()
         return changes
@@ -139,7 +141,7 @@ class KernelApplier:
         changes = 0
         for ep in sorted(self._dirty):
             pol = self.policy_of(ep) if ep in self._endpoints else None
-            changes += self.dp.set_policy(compile_endpoint(pol) if pol is not None else {}, endpoints=[ep])
+            changes += self.dp.set_policy(compile_endpoint(pol, self.tunnel) if pol is not None else {}, endpoints=[ep])
         self._dirty.clear()
         return changes
 

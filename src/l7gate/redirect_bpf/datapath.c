@@ -36,12 +36,14 @@
 #define ACT_REDIRECT 3
 #define FLAG_AUTH 1
 #define FLAG_AUTH_FAIL 2
+#define FLAG_TUNNEL 4  /* auth-required HTTP from another node must arrive through the mTLS tunnel */
 
 #define REASON_POLICY 1
 #define REASON_NO_POLICY 2
 #define REASON_AUTH 3
 #define REASON_UNKNOWN_ENDPOINT 4
 #define REASON_UNSUPPORTED 5
+#define REASON_PLAINTEXT 6
 
 #define REDIRECT_MARK 0x200
 #define MARK_MASK 0xf00
@@ -82,6 +84,17 @@ struct auth_key {
 };
 struct auth_value {
     u64 expires_ns;  /* bpf_ktime_get_boot_ns() clock */
+};
+
+/* Source side of the Envoy-to-Envoy mTLS tunnel: a local pod of identity src_id opening a TCP
+ * connection to a remote endpoint of identity dst_id on port goes to this node's Envoy (its
+ * egress listener on the remote ip:port), which carries it to the destination node over mTLS. */
+struct tunnel_key {
+    u32 src_id;
+    u32 dst_id;
+    u16 port;  /* network byte order */
+    u8 proto;
+    u8 pad;
 };
 
 struct ct_key {
@@ -126,6 +139,7 @@ BPF_TABLE_PINNED("hash", u32, struct endpoint_value, l7g_endpoints, 4096, PIN(en
 BPF_TABLE_PINNED("hash", u32, u32, l7g_nodes, 65536, PIN(nodes));  /* pod address -> its node's address */
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, l7g_policy, 262144, PIN(policy), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct auth_key, struct auth_value, l7g_auth, 65536, PIN(auth));
+BPF_TABLE_PINNED("hash", struct tunnel_key, u32, l7g_tunnel, 65536, PIN(tunnel));
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, l7g_ct, 262144, PIN(ct));
 BPF_PERF_OUTPUT(l7g_events);
 
@@ -169,6 +183,16 @@ static __always_inline int authenticated(u32 local_id, u32 remote_id, u32 remote
     if (!v)
         return 0;
     return v->expires_ns > bpf_ktime_get_boot_ns();
+}
+
+static __always_inline int tunnelled(u32 src_id, u32 dst_id, u8 proto, u16 port)
+{
+    struct tunnel_key k = {};
+    k.src_id = src_id;
+    k.dst_id = dst_id;
+    k.port = port;
+    k.proto = proto;
+    return l7g_tunnel.lookup(&k) != 0;
 }
 
 struct flow {
@@ -269,23 +293,32 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
         *reason = REASON_UNKNOWN_ENDPOINT; *dir = DIR_EGRESS; *ep = 0;
         return 0;
     }
+    struct endpoint_value *dst_ep = l7g_endpoints.lookup(&f->daddr);
+    int tunnel = 0;
     if (src_ep) {
         *src_id = src_ep->identity;
+        /* To another node under an auth-required HTTP rule: through this node's Envoy, over
+         * mTLS to the destination node's Envoy, which authenticates the pair by certificate. */
+        tunnel = !dst_ep && tunnelled(*src_id, *dst_id, f->proto, f->dport);
         struct policy_value *v = policy_lookup(*src_id, DIR_EGRESS, f->proto, *dst_id, f->dport);
         *dir = DIR_EGRESS; *ep = *src_id;
         if (!v) { *reason = REASON_NO_POLICY; return 0; }
         if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
-        if ((v->flags & FLAG_AUTH) && !authenticated(*src_id, *dst_id, f->daddr)) { *reason = REASON_AUTH; return 0; }
+        if ((v->flags & FLAG_AUTH) && !tunnel && !authenticated(*src_id, *dst_id, f->daddr)) { *reason = REASON_AUTH; return 0; }
         /* Egress HTTP rules would need the proxy on the source side; not built yet: refuse. */
         if (v->action == ACT_REDIRECT) { *reason = REASON_POLICY; return 0; }
+        if (tunnel)
+            redirect = 1;
     }
-    struct endpoint_value *dst_ep = l7g_endpoints.lookup(&f->daddr);
     if (dst_ep) {
         *dst_id = dst_ep->identity;
         struct policy_value *v = policy_lookup(*dst_id, DIR_INGRESS, f->proto, *src_id, f->dport);
         *dir = DIR_INGRESS; *ep = *dst_id;
         if (!v) { *reason = REASON_NO_POLICY; return 0; }
         if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
+        /* From another node, this must have come through the tunnel (as the destination
+         * node's Envoy, host-originated): plaintext is refused even with a valid auth entry. */
+        if ((v->flags & FLAG_TUNNEL) && !src_ep) { *reason = REASON_PLAINTEXT; return 0; }
         if ((v->flags & FLAG_AUTH) && !authenticated(*dst_id, *src_id, f->saddr)) { *reason = REASON_AUTH; return 0; }
         if (v->action == ACT_REDIRECT)
             redirect = 1;

@@ -55,6 +55,7 @@ MAPS: dict[str, tuple[str, int, int]] = {
     "policy": ("lpm_trie", 16, 4),
     "auth": ("hash", 16, 8),
     "ct": ("lru_hash", 16, 8),
+    "tunnel": ("hash", 12, 4),
     "nodes": ("hash", 4, 4),
 }
 PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod")
@@ -64,6 +65,7 @@ DROP_REASONS = {
     3: "Authentication required",
     4: "Unknown endpoint",
     5: "Unsupported packet (IPv6 or IP fragment)",
+    6: "Plaintext refused",
 }
 
 
@@ -405,6 +407,32 @@ class KernelDatapath:
             del t[t.Key(pod)]
             changes += 1
         return changes
+
+    def set_tunnels(self, desired: Iterable[tuple[int, int, int, int]]) -> int:
+        """Make the tunnel map hold exactly `desired`: (source identity, destination identity,
+        IP protocol, port) whose connections from local pods go to this node's Envoy, to be
+        carried over mTLS to the destination node. New entries are written first."""
+        t = self.bpf[b"l7g_tunnel"]
+
+        def key(src: int, dst: int, proto: int, port: int) -> Any:
+            k = t.Key()
+            k.src_id, k.dst_id, k.proto, k.port = src, dst, proto, socket.htons(port)
+            return k
+
+        have = {(k.src_id, k.dst_id, k.proto, socket.ntohs(k.port)) for k in t.keys()}
+        want = set(desired)
+        for item in sorted(want - have):
+            t[key(*item)] = t.Leaf(1)
+        for item in sorted(have - want):
+            try:
+                del t[key(*item)]
+            except KeyError:
+                pass
+        return len(want ^ have)
+
+    def tunnels(self) -> set[tuple[int, int, int, int]]:
+        t = self.bpf[b"l7g_tunnel"]
+        return {(k.src_id, k.dst_id, k.proto, socket.ntohs(k.port)) for k in t.keys()}
 
     def set_auth(self, local_id: int, remote_id: int, expires_ns: int, remote_node: str) -> None:
         t = self.bpf[b"l7g_auth"]
