@@ -39,12 +39,15 @@ Sink = Callable[[Any], None]  # called with each envoy.data.accesslog.v3.HTTPAcc
 BatchSink = Callable[[Sequence[Any]], None]  # called with each message's entries
 
 
-def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50) -> Any:
-    """The HCM `access_log` entry that streams every request to the agent."""
+def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50,
+                         request_headers: Sequence[str] = ()) -> Any:
+    """The HCM `access_log` entry that streams every request to the agent (with the values
+    of `request_headers`, beyond the ones Envoy always logs)."""
     from envoy.config.accesslog.v3 import accesslog_pb2
     from google.protobuf import any_pb2
 
     cfg = als_config_pb2.HttpGrpcAccessLogConfig(
+        additional_request_headers_to_log=list(request_headers),
         common_config=als_config_pb2.CommonGrpcAccessLogConfig(
             log_name=log_name,
             grpc_service=grpc_service_pb2.GrpcService(
@@ -59,10 +62,35 @@ def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50) 
     return accesslog_pb2.AccessLog(name=HTTP_GRPC_LOGGER, typed_config=packed)
 
 
+TCP_GRPC_LOGGER = "envoy.access_loggers.tcp_grpc"
+
+
+def tcp_grpc_access_log(log_name: str = "l7gate-tcp", flush_interval_ms: int = 50) -> Any:
+    """A listener-level `access_log` entry: one TCPAccessLogEntry per connection, when it
+    closes, including connections whose TLS handshake failed (with the reason)."""
+    from envoy.config.accesslog.v3 import accesslog_pb2
+    from google.protobuf import any_pb2
+
+    cfg = als_config_pb2.TcpGrpcAccessLogConfig(
+        common_config=als_config_pb2.CommonGrpcAccessLogConfig(
+            log_name=log_name,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
+            ),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=duration_pb2.Duration(nanos=flush_interval_ms * 1_000_000),
+        )
+    )
+    packed = any_pb2.Any()
+    packed.Pack(cfg)
+    return accesslog_pb2.AccessLog(name=TCP_GRPC_LOGGER, typed_config=packed)
+
+
 class AccessLogReceiver:
     def __init__(self, sink: Sink | None = None) -> None:
         self._sink = sink
         self._batch_sink: BatchSink | None = None
+        self._tcp_batch_sink: BatchSink | None = None
         self._lock = threading.Lock()
         self.messages = 0
         self.entries = 0
@@ -75,6 +103,10 @@ class AccessLogReceiver:
 
     def set_batch_sink(self, sink: BatchSink | None) -> None:
         self._batch_sink = sink
+
+    def set_tcp_batch_sink(self, sink: BatchSink | None) -> None:
+        """Gets each message's TCP (listener-level) entries at once."""
+        self._tcp_batch_sink = sink
 
     def _deserialize(self, data: bytes) -> Any:
         try:
@@ -111,8 +143,11 @@ class AccessLogReceiver:
 
     def handle(self, msg: Any) -> None:
         try:
+            if msg.WhichOneof("log_entries") == "tcp_logs":
+                self._handle_tcp(msg.tcp_logs.log_entry)
+                return
             entries = msg.http_logs.log_entry
-        except AttributeError:
+        except (AttributeError, ValueError):
             with self._lock:
                 self.malformed += 1
             return
@@ -137,3 +172,17 @@ class AccessLogReceiver:
                 with self._lock:
                     self.errors += 1
                 log.exception("access log entry skipped")
+
+    def _handle_tcp(self, entries: Sequence[Any]) -> None:
+        with self._lock:
+            self.messages += 1
+            self.entries += len(entries)
+        batch = self._tcp_batch_sink
+        if batch is None:
+            return
+        try:
+            batch(entries)
+        except Exception:  # noqa: BLE001 - a failing sink must not end Envoy's stream
+            with self._lock:
+                self.errors += len(entries)
+            log.exception("TCP access log batch skipped")

@@ -67,6 +67,8 @@ class AuthType(enum.StrEnum):
 POLICY_DENIED = "Policy denied"
 POLICY_DENIED_L7 = "Policy denied (L7)"
 AUTH_REQUIRED = "Authentication required"
+AUTH_FAILED = "Authentication failed"  # an mTLS tunnel handshake refused a certificate
+PLAINTEXT_REFUSED = "Plaintext refused"  # auth-required traffic that did not use the tunnel
 
 # Hubble's event types: the `event_type.type` number of each kind of flow.
 EVENT_DROP = 1

@@ -51,6 +51,7 @@ Thread-safety: `offer`, `ingest`, `stats` may be called from any thread.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -59,6 +60,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .flow import (
+    AUTH_FAILED,
+    PLAINTEXT_REFUSED,
     AUTH_REQUIRED,
     AuthType,
     HTTP,
@@ -155,7 +158,7 @@ def kernel_drop_flows(event: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     dst = PeerInfo(event.dst_identity or dst.identity, dst.cluster_name, dst.namespace, dst.pod_name,
                    dst.labels, dst.local)
     direction = TrafficDirection.EGRESS if event.direction == "egress" else TrafficDirection.INGRESS
-    auth = AuthType.SPIRE if event.reason == AUTH_REQUIRED else AuthType.DISABLED
+    auth = AuthType.SPIRE if event.reason in (AUTH_REQUIRED, PLAINTEXT_REFUSED) else AuthType.DISABLED
     return (
         Flow(
             time=event.time_ns or ctx.now(),
@@ -203,6 +206,73 @@ def _rbac_action(cp: Any) -> str:
     return v.string_value if v is not None else ""
 
 
+ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"  # xds.mtls_translate: where the tunnel delivers
+_SPIFFE_IDENTITY = re.compile(r"spiffe://[a-z0-9._-]+/identity/([0-9]{1,10})")
+_TLS_WORDS = (
+    # (fragment of BoringSSL's error text, what it means), most specific first
+    ("CERTIFICATE_EXPIRED", "certificate expired"),
+    ("certificate has expired", "certificate expired"),
+    ("UNKNOWN_CA", "certificate from an unknown CA (another trust domain or CA)"),
+    ("unable to get local issuer", "certificate from an unknown CA (another trust domain or CA)"),
+    ("CERTIFICATE_REQUIRED", "no client certificate"),
+    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "no client certificate"),
+    ("verify cert failed: SAN", "certificate SPIFFE ID not accepted"),
+    ("SAN matcher", "certificate SPIFFE ID not accepted"),
+    ("CERTIFICATE_UNKNOWN", "certificate SPIFFE ID not accepted"),
+    ("CERTIFICATE_VERIFY_FAILED", "certificate verification failed"),
+    ("BAD_CERTIFICATE", "certificate refused"),
+    ("HANDSHAKE_FAILURE", "handshake failure"),
+    ("Connection reset by peer", "the destination closed the handshake (it serves no such identity "
+                                 "in this trust domain, or refused the certificate)"),
+)
+
+
+def tls_reason(text: str) -> str:
+    """Envoy's TLS failure text (BoringSSL's error stack) in words."""
+    for frag, words in _TLS_WORDS:
+        if frag in text:
+            return words
+    return "TLS handshake failed"
+
+
+def _is_tls_error(text: str) -> bool:
+    return "TLS" in text or "SSL" in text or "CERTIFICATE" in text.upper()
+
+
+def _tunnel_peer(cp: Any) -> int | None:
+    """The l7gate identity of a client certificate (exactly one URI SAN, an identity's SPIFFE
+    ID), or None: not a tunnel entry, or a certificate no identity can be read from."""
+    if not cp.HasField("tls_properties"):
+        return None
+    uris = [s.uri for s in cp.tls_properties.peer_certificate_properties.subject_alt_name if s.uri]
+    if len(uris) != 1:
+        return None
+    m = _SPIFFE_IDENTITY.fullmatch(uris[0])
+    return int(m.group(1)) if m else None
+
+
+def _has_client_certificate(cp: Any) -> bool:
+    """Only the mTLS tunnel listener asks for client certificates."""
+    return cp.HasField("tls_properties") and any(
+        s.uri for s in cp.tls_properties.peer_certificate_properties.subject_alt_name)
+
+
+def _tunnel_source(xff: str, direct: str) -> str:
+    """The source pod's address in a tunnelled request's X-Forwarded-For: the entry the source
+    node's Envoy appended, i.e. the last one before the one this node appended (`direct`)."""
+    hops = [h.strip() for h in xff.split(",") if h.strip()]
+    if hops and hops[-1] == direct:
+        hops.pop()
+    return hops[-1] if hops else direct
+
+
+def _tunnel_destination(value: str | None, addr: str, port: int) -> tuple[str, int]:
+    if not value:
+        return addr, port
+    host, _, p = value.rpartition(":")
+    return (host, int(p)) if host and p.isdigit() else (addr, port)
+
+
 def _endpoint(ip: str, port: int, info: PeerInfo) -> Endpoint:
     return Endpoint(ip, port, info.identity, info.cluster_name, info.namespace, info.pod_name, info.labels)
 
@@ -222,13 +292,28 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     dst_sa = cp.downstream_local_address.socket_address
     if not src_sa.address or not dst_sa.address:
         raise MalformedEvent("entry without downstream IP addresses")
+    src_addr, src_port = src_sa.address, int(src_sa.port_value)
+    dst_addr, dst_port = dst_sa.address, int(dst_sa.port_value)
+    req = entry.request
+    tunnel_identity = _tunnel_peer(cp)
+    tunnelled = _has_client_certificate(cp)
+    auth = AuthType.SPIRE if tunnelled else AuthType.DISABLED
+    if tunnelled:
+        # Through the mTLS tunnel: the connection comes from the source node's Envoy. The
+        # caller is the client certificate's identity; its address is what that Envoy
+        # appended to X-Forwarded-For; the pod it reached is the original-destination header.
+        src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
+        dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr, dst_port)
     try:
-        src_info = ctx.resolve(src_sa.address)
-        dst_info = ctx.resolve(dst_sa.address)
+        src_info = ctx.resolve(src_addr)
+        dst_info = ctx.resolve(dst_addr)
     except ValueError as exc:
         raise MalformedEvent(f"unusable address: {exc}") from None
-    src = _endpoint(src_sa.address, int(src_sa.port_value), src_info)
-    dst = _endpoint(dst_sa.address, int(dst_sa.port_value), dst_info)
+    if _has_client_certificate(cp) and src_info.identity != tunnel_identity:
+        # The certificate wins over the claimed address; no usable identity in it: unknown.
+        src_info = PeerInfo(tunnel_identity or 0)
+    src = _endpoint(src_addr, src_port, src_info)
+    dst = _endpoint(dst_addr, dst_port, dst_info)
     if dst_info.local:
         direction = TrafficDirection.INGRESS
     elif src_info.local:
@@ -240,7 +325,6 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
     if not 0 < t0 <= _MAX_TIME_NS:
         raise MalformedEvent(f"start_time {st.seconds}s is not a time")
-    req = entry.request
     resp = entry.response
     m = int(req.request_method)
     method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
@@ -261,7 +345,24 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
                 drop_reason_desc=reason,
                 l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
                 traffic_direction=direction, policy_match=_split(pols), summary=reason,
-                node_name=node,
+                node_name=node, auth_type=auth,
+            ),
+        )
+
+    tls_failure = cp.upstream_transport_failure_reason
+    if tls_failure and _is_tls_error(tls_failure):
+        # The source side of the tunnel: the destination node's Envoy refused our certificate,
+        # or we refused its certificate. Nothing was sent.
+        words = tls_reason(tls_failure)
+        return (
+            Flow(
+                time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
+                drop_reason_desc=AUTH_FAILED,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                traffic_direction=direction,
+                summary=f"mTLS tunnel to {cp.upstream_remote_address.socket_address.address or 'peer'} "
+                        f"refused: {words} ({tls_failure[:200]})",
+                node_name=node, auth_type=AuthType.SPIRE,
             ),
         )
 
@@ -283,14 +384,14 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
             time=t0, verdict=Verdict.FORWARDED, type=FlowType.L7, source=src, destination=dst,
             l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
             traffic_direction=direction, policy_match=policies,
-            summary=f"{method} {url}" if method else url, node_name=node,
+            summary=f"{method} {url}" if method else url, node_name=node, auth_type=auth,
         )
         verdict = Verdict.FORWARDED if answered else Verdict.ERROR
         response = Flow(
             time=t0 + latency, verdict=verdict, type=FlowType.L7, source=dst, destination=src,
             l7=Layer7(L7Type.RESPONSE, latency, HTTP(code, method, url, proto, _response_headers(resp))),
             traffic_direction=direction, is_reply=True, policy_match=policies,
-            summary=str(code) if answered else f"{code} {details}".strip(), node_name=node,
+            summary=str(code) if answered else f"{code} {details}".strip(), node_name=node, auth_type=auth,
         )
         return (request, response)
 
@@ -298,13 +399,67 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
         Flow(
             time=t0, verdict=Verdict.ERROR, type=FlowType.L7, source=src, destination=dst,
             l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
-            traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node,
+            traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node, auth_type=auth,
         ),
     )
 
 
 def _split(pols: str) -> tuple[str, ...]:
     return tuple(p for p in pols.split(",") if p) if pols else ()
+
+
+SOURCE_ALS_TCP = "als-tcp"
+_TCP_ENTRY_TYPE = "envoy.data.accesslog.v3.TCPAccessLogEntry"
+
+
+def tcp_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
+    """Listener-level entries of the mTLS tunnel listener: one per connection. A connection
+    whose TLS handshake failed becomes a DROPPED flow naming the reason; the others are covered
+    by their HTTP entries and give no flow."""
+    try:
+        name = entry.DESCRIPTOR.full_name
+    except AttributeError:
+        raise MalformedEvent(f"not a protobuf message: {type(entry).__name__}") from None
+    if name != _TCP_ENTRY_TYPE:
+        raise MalformedEvent(f"expected {_TCP_ENTRY_TYPE}, got {name}")
+    cp = entry.common_properties
+    failure = cp.downstream_transport_failure_reason
+    sni = cp.tls_properties.tls_sni_hostname if cp.HasField("tls_properties") else ""
+    if failure:
+        words = f"{tls_reason(failure)} ({failure[:200]})"
+    elif cp.response_flags.no_route_found or cp.response_flags.no_filter_config_found:
+        # The tunnel listener has one filter chain per local identity, chosen by SNI: none
+        # for this name (another trust domain, or no such workload on this node), or no SNI.
+        words = (f"server name {sni!r} names no local identity of this trust domain" if sni
+                 else "no server name (SNI) sent")
+    else:
+        return ()
+    src_sa = cp.downstream_direct_remote_address.socket_address
+    if not src_sa.address:
+        src_sa = cp.downstream_remote_address.socket_address
+    dst_sa = cp.downstream_local_address.socket_address
+    # Envoy 1.40 logs a connection refused in the TLS handshake without its addresses: the
+    # flow then says only what was refused and why.
+    try:
+        src_info = ctx.resolve(src_sa.address) if src_sa.address else PeerInfo(0)
+        dst_info = ctx.resolve(dst_sa.address) if dst_sa.address else PeerInfo(0)
+    except ValueError as exc:
+        raise MalformedEvent(f"unusable address: {exc}") from None
+    st = cp.start_time
+    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    return (
+        Flow(
+            time=t0, verdict=Verdict.DROPPED, type=FlowType.L3_L4,
+            source=_endpoint(src_sa.address, int(src_sa.port_value), src_info),
+            destination=_endpoint(dst_sa.address, int(dst_sa.port_value), dst_info),
+            drop_reason_desc=AUTH_FAILED, auth_type=AuthType.SPIRE,
+            traffic_direction=TrafficDirection.INGRESS,
+            summary=f"mTLS tunnel refused the client: {words}",
+            node_name=ctx.node_name, protocol="TCP",
+        ),
+    )
 
 
 def _request_headers(req: Any) -> tuple[tuple[str, str], ...]:
@@ -377,7 +532,8 @@ class Ingestor:
         self.ring = ring
         self.ctx = ctx
         self.converters: dict[str, Converter] = dict(
-            converters or {SOURCE_ALS: http_log_flows, SOURCE_KERNEL: kernel_drop_flows}
+            converters or {SOURCE_ALS: http_log_flows, SOURCE_KERNEL: kernel_drop_flows,
+                           SOURCE_ALS_TCP: tcp_log_flows}
         )
         self.max_pending = max_pending
         self._stats = IngestStats()
@@ -410,6 +566,10 @@ class Ingestor:
     def http_access_logs(self, entries: Sequence[Any]) -> None:
         """The `AccessLogReceiver` batch sink."""
         self.offer(SOURCE_ALS, entries)
+
+    def tcp_access_logs(self, entries: Sequence[Any]) -> None:
+        """The `AccessLogReceiver` TCP batch sink."""
+        self.offer(SOURCE_ALS_TCP, entries)
 
     # -- conversion ----------------------------------------------------------------------------
 
