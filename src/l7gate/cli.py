@@ -548,6 +548,23 @@ def _cmd_auth_status(args: argparse.Namespace) -> int:
         for e in data.get("entries", [])
     ]
     print(_table(rows, ["LOCAL", "REMOTE", "NODE", "EXPIRES", "HANDSHAKES", "LAST ERROR"]))
+    tunnel = data.get("tunnel")
+    if data.get("enabled"):
+        print()
+        if not tunnel:
+            print("encryption in transit: off (mtls.encryption: none)")
+            return EXIT_OK
+        print(f"encryption in transit: mTLS tunnel on {tunnel['listen']} "
+              f"(trust domain {tunnel['trust_domain']})"
+              + (f"; ERROR: {tunnel['error']}" if tunnel.get("error") else ""))
+        ing = ", ".join(e["endpoint"] for e in tunnel.get("ingress", [])) or "-"
+        print(f"accepting tunnelled requests only, for: {ing}")
+        trows = [
+            [e["destination"], str(e["identity"]), e["node"], ",".join(str(x) for x in e["sources"]),
+             "yes" if e["ready"] else "no"]
+            for e in tunnel.get("egress", [])
+        ]
+        print(_table(trows, ["TUNNELLED DESTINATION", "IDENTITY", "VIA", "SOURCES", "READY"]))
     return EXIT_OK
 
 

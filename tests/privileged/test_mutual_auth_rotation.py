@@ -1,6 +1,8 @@
 """SVID rotation under a steady probe loop: with 10-second SVIDs (rotated at half their life)
 the agents re-handshake and refresh the kernel's auth entries before they expire, and not one
-request under `authentication: required` is dropped."""
+request under `authentication: required` is dropped. Run twice: on the handshake path alone
+(`encryption: none`) and through the mTLS tunnel, where each rotation also replaces the SDS
+secret the Envoys present."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integr
 TTL = 10
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=["none", "tunnel"])
+def world(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     with Testbed() as tb:
         na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.66.1.0/24")
         nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.66.2.0/24")
@@ -36,14 +38,15 @@ def world() -> Iterator[dict[str, Any]]:
             for node, cluster, cid, other, oid in ((na, "cluster-a", 1, "cluster-b", 2), (nb, "cluster-b", 2, "cluster-a", 1)):
                 agent = make_agent(tb, node, cluster, cid, other, oid, node.link_ifnames)
                 cfg = yaml.safe_load(agent.config.read_text())
-                cfg["mtls"] = {"enabled": True, "caDir": str(ca), "svidTTL": TTL, "listen": f"{node.ip}:4250"}
+                cfg["mtls"] = {"enabled": True, "caDir": str(ca), "svidTTL": TTL, "listen": f"{node.ip}:4250",
+                               "encryption": request.param}
                 agent.config.write_text(yaml.safe_dump(cfg))
                 agents.append(agent)
             for agent in agents:
                 agent.start(tb)
                 agent.client.apply_endpoints(tb.to_manifests())
                 agent.client.apply_policies(auth_policies())
-            yield {"a": agents[0], "fe": fe, "billing": billing}
+            yield {"a": agents[0], "b": agents[1], "fe": fe, "billing": billing, "encryption": request.param}
         finally:
             stop_agents(*agents)
 
@@ -65,3 +68,6 @@ def test_rotation_under_a_probe_loop_loses_no_request(world: dict[str, Any]) -> 
     assert len(statuses) > 50
     assert set(statuses) == {200}, f"{statuses.count(200)} of {len(statuses)} succeeded"
     assert len(expiries) >= 3, f"the auth entry was refreshed {len(expiries) - 1} times: {sorted(expiries)}"
+    if world["encryption"] == "tunnel":
+        egress = world["b"].client.get("/v1/auth")["tunnel"]["egress"]
+        assert egress and all(e["ready"] for e in egress), egress

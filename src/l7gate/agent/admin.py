@@ -9,7 +9,8 @@
     POST   /v1/endpoints                 {"objects": [...Pod/Namespace...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
     GET    /v1/identities, /v1/ipcache
-    GET    /v1/auth                      mutual-auth entries: pair, node, expiry, last error
+    GET    /v1/auth                      mutual-auth entries: pair, node, expiry, last error;
+                                         the mTLS tunnel (encryption in transit)
     GET    /v1/xds/status                per Envoy and type: sent/acked versions, NACKs, state
     GET    /v1/xds/config?node=ID&type=T the resources served, as JSON
     GET    /metrics                      Prometheus text format
@@ -50,6 +51,8 @@ class AdminHooks:
     flows: Callable[[dict[str, str]], Iterator[bytes]] | None = None
     # GET /v1/auth: mutual-auth entries (None: mutual auth is not enabled on this agent).
     auth: Callable[[], list[dict[str, Any]]] | None = None
+    # Part of GET /v1/auth: encryption in transit (None: off).
+    tunnel: Callable[[], dict[str, Any]] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -171,8 +174,9 @@ class AdminApp:
                 return 200, {"entries": core.ipcache_entries()}, j
             if path == "/v1/auth":
                 if self.hooks.auth is None:
-                    return 200, {"enabled": False, "entries": []}, j
-                return 200, {"enabled": True, "entries": self.hooks.auth()}, j
+                    return 200, {"enabled": False, "entries": [], "tunnel": None}, j
+                tunnel = self.hooks.tunnel() if self.hooks.tunnel is not None else None
+                return 200, {"enabled": True, "entries": self.hooks.auth(), "tunnel": tunnel}, j
             if path == "/v1/xds/status":
                 return 200, self.hooks.xds_status(), j
             if path == "/v1/xds/config":

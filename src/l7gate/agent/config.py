@@ -15,6 +15,8 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
     mtls: {enabled: false, trustDomain: l7gate.local, caDir: <stateDir>/ca, svidTTL: 3600,
            listen: <node address>:4250,   # kernel mode: mutual auth for `authentication: required`
+           encryption: tunnel,   # or none: auth-required HTTP between nodes goes Envoy to Envoy over mTLS
+           tunnelPort: 15443,    # this node's tunnel listener (on the mtls.listen host); peers' too
            spireSocket: /run/spire/agent.sock}   # optional: SVIDs from SPIRE's Workload API
 
 The admin endpoint refuses to listen on a non-loopback TCP address without a token.
@@ -62,6 +64,12 @@ class MTLSSettings:
     listen: str = ""  # HOST:PORT of this node's mutual-auth server (the node's address, port 4250)
     port: int = 4250  # where peers' servers listen
     spire_socket: str = ""  # the SPIFFE Workload API socket: SVIDs from SPIRE instead of the built-in CA
+    encryption: str = "tunnel"  # "tunnel": auth-required HTTP between nodes over Envoy mTLS; "none"
+    tunnel_port: int = 15443
+
+    @property
+    def tunnel(self) -> bool:
+        return self.enabled and self.encryption == "tunnel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +247,8 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
     fallback = dp.get("fallback", "iptables")
     if fallback not in ("iptables", "none"):
         errors.append(Finding("datapath.fallback", f"must be 'iptables' or 'none', got {fallback!r}"))
-    mt = section("mtls", {"enabled", "trustDomain", "caDir", "svidTTL", "listen", "port", "spireSocket"})
+    mt = section("mtls", {"enabled", "trustDomain", "caDir", "svidTTL", "listen", "port", "spireSocket",
+                          "encryption", "tunnelPort"})
     spire_socket = ""
     if "spireSocket" in mt:
         spire_socket = string(mt["spireSocket"], "mtls.spireSocket") or ""
@@ -260,7 +269,14 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         mt_listen = _check_listen(mt["listen"], "mtls.listen", errors) or ""
     if mt_enabled and not mt_listen:
         errors.append(Finding("mtls.listen", "is required with mtls.enabled: this node's address and port (e.g. 10.0.1.1:4250)"))
-    mtls = MTLSSettings(bool(mt_enabled), td, ca_dir, svid_ttl, mt_listen, mt_port, spire_socket)
+    encryption = string(mt.get("encryption", "tunnel"), "mtls.encryption") or "tunnel"
+    if encryption not in ("tunnel", "none"):
+        errors.append(Finding("mtls.encryption", f"must be 'tunnel' or 'none', got {encryption!r}"))
+    tunnel_port = integer(mt.get("tunnelPort", 15443), "mtls.tunnelPort", 1, 65535) or 15443
+    if mt_enabled and tunnel_port == mt_port:
+        errors.append(Finding("mtls.tunnelPort", f"must differ from mtls.port ({mt_port})"))
+    mtls = MTLSSettings(bool(mt_enabled), td, ca_dir, svid_ttl, mt_listen, mt_port, spire_socket,
+                        encryption, tunnel_port)
     ob = section("observe", {"ringSize", "followBuffer"})
     observe = ObserveSettings(
         ring_size=integer(ob.get("ringSize", 4096), "observe.ringSize", 1, 1 << 20) or 4096,

@@ -30,9 +30,9 @@ from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
 from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
 from ..identity.numeric import RESERVED, IdentityError
-from ..observe.als import AccessLogReceiver, http_grpc_access_log
+from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
 from ..observe.api import FlowQuery, stream
-from ..observe.ingest import SOURCE_KERNEL, IngestContext, Ingestor, KernelDrop, PeerInfo, hubble_labels
+from ..observe.ingest import ORIGINAL_DST_HEADER, SOURCE_KERNEL, IngestContext, Ingestor, KernelDrop, PeerInfo, hubble_labels
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
@@ -42,6 +42,7 @@ from ..xds.server import XdsServer
 from .admin import AdminApp, AdminHooks, AdminServer
 from .config import AgentConfig
 from .core import AgentCore
+from .tunnel import Tunnels, inputs_from_core, plan as tunnel_plan
 from .metrics import AgentMetrics
 
 
@@ -176,6 +177,7 @@ def start_agent(config: AgentConfig) -> Agent:
     ingestor = Ingestor(flows, IngestContext(_PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}"))
     ingestor.start()
     als.set_batch_sink(ingestor.http_access_logs)
+    als.set_tcp_batch_sink(ingestor.tcp_access_logs)
     if kernel is not None:
         kernel.attach_links(config.links)
 
@@ -199,7 +201,7 @@ def start_agent(config: AgentConfig) -> Agent:
                 "mtls.enabled needs the kernel datapath (datapath.mode: kernel with bcc); "
                 "without it, traffic under `authentication: required` is refused"
             )
-        mtls = MutualAuth.start(config, core, kernel.dp)
+        mtls = MutualAuth.start(config, core, kernel.dp, xds, cache)
     metrics.registry.register(FlowCollector(ingestor, flows, lambda: als.malformed))
     envoy: EnvoySupervisor | None = None
     if config.envoy.enabled:
@@ -227,6 +229,7 @@ def start_agent(config: AgentConfig) -> Agent:
         metrics=metrics.render,
         flows=lambda q: stream(flows, FlowQuery.from_query(q)),
         auth=mtls.status if mtls is not None else None,
+        tunnel=mtls.tunnels.status if mtls is not None and mtls.tunnels is not None else None,
     )
     admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
@@ -303,7 +306,7 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesR
             acceleration = f"off: {exc}"
         log(f"socket acceleration {acceleration}")
     # The applier learns the resolver's policy lookup when the core takes it.
-    applier = KernelApplier(dp, lambda ident: None)
+    applier = KernelApplier(dp, lambda ident: None, tunnel=config.mtls.tunnel)
     return applier, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced,
                            "socket_acceleration": acceleration}
 
@@ -345,9 +348,11 @@ class MutualAuth:
     server: MutualAuthServer
     manager: AuthManager
     port: int
+    tunnels: Tunnels | None = None
 
     @classmethod
-    def start(cls, config: AgentConfig, core: AgentCore, dp: KernelDatapath) -> MutualAuth:
+    def start(cls, config: AgentConfig, core: AgentCore, dp: KernelDatapath, xds: XdsServer,
+              cache: SnapshotCache) -> MutualAuth:
         m = config.mtls
         source: SVIDSource
         if m.spire_socket:
@@ -370,16 +375,36 @@ class MutualAuth:
             node_delete=lambda local, remote, node: dp.delete_auth(local, remote, node[0]),
         )
         manager.start()
-        self = cls(source, store, server, manager, m.port)
+        tunnels: Tunnels | None = None
+        if m.tunnel:
+            node_id = config.node_id
+
+            def listeners_acked(version: str, timeout: float) -> bool:
+                return xds.wait(lambda rows: any(
+                    r.node_id == node_id and r.type_url.endswith(".Listener") and r.acked_version == version
+                    for r in rows), timeout)
+
+            tunnels = Tunnels(
+                cache, node_id, store, host, m.tunnel_port,
+                set_kernel=dp.set_tunnels, listeners_acked=listeners_acked,
+                access_logs=core.publisher.access_logs,
+                ingress_access_logs=[http_grpc_access_log(request_headers=[ORIGINAL_DST_HEADER])],
+                listener_access_logs=[tcp_grpc_access_log()],
+            )
+        self = cls(source, store, server, manager, m.port, tunnels)
 
         def follow_policy() -> None:
             store.set_identities(core.local_identities())
             manager.set_wanted(core.auth_wanted(self.port))
+            if tunnels is not None:
+                tunnels.apply(tunnel_plan(inputs_from_core(core)))
 
         core.on_change = follow_policy
         follow_policy()
         origin = f"SPIRE at {m.spire_socket}" if m.spire_socket else f"built-in CA {m.ca_dir}"
         log(f"mutual auth: trust domain {m.trust_domain}, server {server.address}, SVIDs from {origin}")
+        if tunnels is not None:
+            log(f"encryption in transit: auth-required HTTP between nodes through the mTLS tunnel on {host}:{m.tunnel_port}")
         return self
 
     def status(self) -> list[dict[str, Any]]:
@@ -394,6 +419,8 @@ class MutualAuth:
         ]
 
     def stop(self) -> None:
+        if self.tunnels is not None:
+            self.tunnels.stop()
         self.manager.stop()
         self.server.stop()
         self.store.stop()

@@ -418,6 +418,7 @@ def tunnel_listener(
     port: int = DEFAULT_TUNNEL_PORT,
     *,
     access_logs: Sequence[Message] = (),
+    listener_access_logs: Sequence[Message] = (),
 ) -> listener_pb2.Listener:
     """The destination node's mTLS listener: one filter chain per local identity, selected by
     SNI ``<identity>.<trust-domain>``, presenting that identity's SVID and requiring a client
@@ -463,6 +464,9 @@ def tunnel_listener(
             )
         ],
         filter_chains=chains,
+        # One entry per connection when it closes, with the TLS failure reason if the
+        # handshake failed: refused certificates never reach HTTP, so only this records them.
+        access_log=list(listener_access_logs),
     )
 
 
@@ -576,13 +580,15 @@ def tunnel_ingress(
     port: int = DEFAULT_TUNNEL_PORT,
     *,
     access_logs: Sequence[Message] = (),
+    listener_access_logs: Sequence[Message] = (),
     socket_mark: int | None = None,
 ) -> TunnelIngress:
     """Everything the destination node's Envoy needs except the secrets: add `svid_secret` for
     each of `local_identities` and `bundle_secret` to the same snapshot (SDS names:
     `svid_secret_name`, `bundle_secret_name`)."""
     return TunnelIngress(
-        tunnel_listener(node_ip, trust_domain, local_identities, port, access_logs=access_logs),
+        tunnel_listener(node_ip, trust_domain, local_identities, port, access_logs=access_logs,
+                        listener_access_logs=listener_access_logs),
         tunnel_route(tunnel_matcher(trust_domain, by_destination)),
         original_dst_cluster(socket_mark=socket_mark),
     )
