@@ -2,20 +2,28 @@
 
 Theory of operation (after Cilium's repository → selector policy → map state pipeline):
 
-1. Every rule's subject selector and peer selectors live in the `SelectorCache`.
-2. An endpoint identity's *template* is computed from the set of rules that select it: per
-   direction, default-deny, and a list of items `(peer selector | ANY, port/protocol,
-   contribution)`. Templates do not mention peer identities, so endpoints selected by the same
-   rules share one template.
+1. Every rule's subject selector and peer selectors live in the `SelectorCache`. A registered
+   rule is compiled once into its template items `(peer selector | ANY, port/protocol,
+   contribution)`; item i of a rule has the contribution id `base + i`, fixed for as long as
+   that rule is registered (`CompiledRule`).
+2. An endpoint identity's *template* is the set of rules that select it: per direction,
+   default-deny, and the rules' items. Templates do not mention peer identities, so endpoints
+   selected by the same rules share one template.
 3. An endpoint's *map* expands each template item over the identities its selector selects:
    `MapKey(peer, protocol, ports) → MapEntry(allow | deny | proxy with L7 rules, auth)`.
-   Each key remembers which items contributed to it, and its entry is the merge of them:
-   deny wins; allows are a union; no L7 rules in any allow means no L7 restriction; the
-   strongest auth mode wins.
+   Each key remembers which contribution ids put something on it, and its entry is the merge
+   of them: deny wins; allows are a union; no L7 rules in any allow means no L7 restriction;
+   the strongest auth mode wins.
 4. A new identity updates the selector cache, which reports the selectors that gained it; only
-   the template items using those selectors are expanded for it (O(change)). If it is itself an
-   endpoint, only its own map is computed. A policy change recomputes the templates and maps of
-   the endpoints the old or the new rules select, and diffs them.
+   the items of the rules using those selectors are expanded for it, in the endpoints whose
+   templates hold those rules (O(change)). If it is itself an endpoint, only its own map is
+   computed.
+5. A policy change swaps the changed rules. Each endpoint the old or the new rules select gets
+   the template of its new rule set, and its map changes by the difference only: the items of
+   the rules that left are taken off their keys, those of the rules that joined are added, and
+   only the keys they touch are merged again. The old rules' selectors are released after
+   that, so those diffs read the selections the items were expanded over, and a selector the
+   new rules use again is never rebuilt.
 
 Every change returns a `PolicyDelta` (per endpoint and direction: keys upserted, keys deleted),
 which is what incremental appliers (BPF maps, xDS) consume.
@@ -26,11 +34,11 @@ out are immutable snapshots.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from bisect import bisect_left, insort
+from collections.abc import ItemsView, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from enum import Enum
-from types import MappingProxyType
 
 from .evaluate import Layer, Verdict
 from .labels import Labels
@@ -136,39 +144,84 @@ class TemplateItem:
     contribution: Contribution
 
 
-@dataclass(frozen=True, slots=True)
+def rule_items(rule: Rule) -> tuple[TemplateItem, ...]:
+    """The template items of one rule, in a fixed order (an item's index is part of its id)."""
+    items: list[TemplateItem] = []
+    for pr in rule.rules:
+        selectors: tuple[PeerSelector | None, ...]
+        if pr.peers is None:
+            selectors = (None,)
+        else:
+            selectors = tuple(
+                None if isinstance(s, EntitySelector) and s.entity is WILDCARD.entity else s
+                for s in pr.peers
+            )
+        for port_rule in pr.effective_port_rules:
+            contrib = Contribution(pr.deny, port_rule.l7, pr.auth, pr.origin)
+            for sel in selectors:
+                for pp in port_rule.ports:
+                    items.append(TemplateItem(pr.direction, sel, pp, contrib))
+    return tuple(items)
+
+
+RuleId = tuple[str, str]
+
+
+class CompiledRule:
+    """A registered rule with its template items. Item `i` is contribution id `base + i` in
+    every endpoint map, for as long as this rule is registered: ids do not depend on where the
+    rule sits in a template, and a replaced rule (even under the same name) gets fresh ones."""
+
+    __slots__ = ("rid", "rule", "base", "items", "by_selector")
+
+    def __init__(self, rid: RuleId, rule: Rule, base: int) -> None:
+        self.rid = rid
+        self.rule = rule
+        self.base = base
+        self.items = rule_items(rule)
+        by: dict[str, list[int]] = {}
+        for i, item in enumerate(self.items):
+            if item.selector is not None:
+                by.setdefault(item.selector.key, []).append(i)
+        # peer selector key → indexes of the items that use it
+        self.by_selector: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in by.items()}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Template:
-    rules: tuple[Rule, ...]
+    """What the set of rules selecting an endpoint makes of it, before peers are expanded.
+    Compared by identity: the resolver keeps one per rule set."""
+
+    rids: frozenset[RuleId]
+    compiled: tuple[CompiledRule, ...]  # sorted by rule id
+    bases: frozenset[int]  # the compiled rules' `base`, which names them
     default_deny_ingress: bool
     default_deny_egress: bool
-    items: tuple[TemplateItem, ...]
+    policies: tuple[str, ...]
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(c.rule for c in self.compiled)
 
     def default_deny(self, direction: Direction) -> bool:
         return self.default_deny_ingress if direction is Direction.INGRESS else self.default_deny_egress
 
+    def same_meta(self, other: Template) -> bool:
+        return (
+            self.policies == other.policies
+            and self.default_deny_ingress == other.default_deny_ingress
+            and self.default_deny_egress == other.default_deny_egress
+        )
 
-def build_template(rules: tuple[Rule, ...]) -> Template:
-    items: list[TemplateItem] = []
-    for rule in rules:
-        for pr in rule.rules:
-            selectors: tuple[PeerSelector | None, ...]
-            if pr.peers is None:
-                selectors = (None,)
-            else:
-                selectors = tuple(
-                    None if isinstance(s, EntitySelector) and s.entity is WILDCARD.entity else s
-                    for s in pr.peers
-                )
-            for port_rule in pr.effective_port_rules:
-                contrib = Contribution(pr.deny, port_rule.l7, pr.auth, pr.origin)
-                for sel in selectors:
-                    for pp in port_rule.ports:
-                        items.append(TemplateItem(pr.direction, sel, pp, contrib))
+
+def _template(rids: frozenset[RuleId], compiled: tuple[CompiledRule, ...]) -> Template:
     return Template(
-        rules,
-        any(r.default_deny_ingress for r in rules),
-        any(r.default_deny_egress for r in rules),
-        tuple(items),
+        rids,
+        compiled,
+        frozenset(c.base for c in compiled),
+        any(c.rule.default_deny_ingress for c in compiled),
+        any(c.rule.default_deny_egress for c in compiled),
+        tuple(sorted({c.rule.origin.policy for c in compiled})),
     )
 
 
@@ -183,7 +236,8 @@ class PolicyDelta:
     """What one resolver call changed, exactly: applying `removed_endpoints` (drop the whole
     map) and then `changes` (per endpoint and direction: upsert these keys, delete those) to
     the maps as they were before the call gives the maps after it. A new endpoint appears in
-    `changes` for both directions, even when its maps are empty."""
+    `changes` for both directions, even when its maps are empty; so does an endpoint whose
+    policies or default-deny changed when none of its keys did."""
 
     revision: int
     changes: dict[int, dict[Direction, DirectionDelta]] = field(default_factory=dict)
@@ -192,6 +246,7 @@ class PolicyDelta:
     _baseline: dict[tuple[int, Direction], dict[MapKey, MapEntry | None]] = field(
         default_factory=dict, repr=False
     )
+    # Endpoints that must appear in `changes` even without key changes (new, or new metadata).
     _new: set[int] = field(default_factory=set, repr=False)
 
     @property
@@ -223,12 +278,64 @@ class EndpointPolicy:
         return self.default_deny_ingress if direction is Direction.INGRESS else self.default_deny_egress
 
 
+def _key_order(k: MapKey) -> tuple[int, str, int, int]:
+    # MapKey's own ordering, without a generated __lt__ call per comparison.
+    return (k.peer, k.protocol.value, k.ports.lo, k.ports.hi)
+
+
+class _Items(ItemsView[MapKey, MapEntry]):
+    __slots__ = ("_keys", "_get")
+
+    def __init__(self, m: _SortedMap) -> None:
+        super().__init__(m)
+        self._keys = m._keys
+        self._get = m._d.__getitem__
+
+    def __iter__(self) -> Iterator[tuple[MapKey, MapEntry]]:
+        return zip(self._keys, map(self._get, self._keys))
+
+
+class _SortedMap(Mapping[MapKey, MapEntry]):
+    """A read-only copy of one direction of an endpoint's map that iterates in key order.
+
+    Built from the resolver's live dict and its sorted key list, which the resolver keeps in
+    order as keys come and go: a snapshot costs two C-level copies, not a sort."""
+
+    __slots__ = ("_d", "_keys")
+
+    def __init__(self, entries: dict[MapKey, MapEntry], order: list[MapKey]) -> None:
+        self._d = dict(entries)
+        self._keys = tuple(order)
+
+    def __getitem__(self, key: MapKey) -> MapEntry:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[MapKey]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def items(self) -> _Items:
+        return _Items(self)
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {v!r}' for k, v in self.items())}}}"
+
+
+_Touched = dict[Direction, set[MapKey]]
+
+
 class _EndpointState:
-    __slots__ = ("identity", "template", "contribs", "entries")
+    __slots__ = ("identity", "template", "contribs", "entries", "order", "snapshot")
 
     def __init__(self, identity: int, template: Template) -> None:
         self.identity = identity
         self.template = template
+        # key → {contribution id → contribution}: every item that puts something on the key
         self.contribs: dict[Direction, dict[MapKey, dict[int, Contribution]]] = {
             Direction.INGRESS: {},
             Direction.EGRESS: {},
@@ -237,10 +344,17 @@ class _EndpointState:
             Direction.INGRESS: {},
             Direction.EGRESS: {},
         }
+        # The keys of `entries`, kept sorted (`_key_order`) for snapshots.
+        self.order: dict[Direction, list[MapKey]] = {Direction.INGRESS: [], Direction.EGRESS: []}
+        self.snapshot: EndpointPolicy | None = None  # dropped whenever an entry changes
 
 
-def _rule_id(rule: Rule) -> tuple[str, str]:
+def _rule_id(rule: Rule) -> RuleId:
     return (rule.origin.policy, rule.origin.path)
+
+
+def _no_touch() -> _Touched:
+    return {Direction.INGRESS: set(), Direction.EGRESS: set()}
 
 
 class Resolver:
@@ -249,15 +363,18 @@ class Resolver:
     def __init__(self, repository: Repository | None = None) -> None:
         self.repository = repository or Repository()
         self.cache = SelectorCache()
-        self._rules: dict[tuple[str, str], Rule] = {}
-        self._subject_users: dict[str, set[tuple[str, str]]] = {}
+        self._rules: dict[RuleId, CompiledRule] = {}
+        self._next_item = 0
+        self._subject_users: dict[str, set[RuleId]] = {}
+        # peer selector key → the registered rules with items using it
+        self._peer_users: dict[str, set[RuleId]] = {}
         self._endpoints: dict[int, _EndpointState] = {}
-        self._templates: dict[frozenset[tuple[str, str]], Template] = {}
-        # selector key → template item indexes using it, per template (by rule set)
-        self._users: dict[str, dict[frozenset[tuple[str, str]], list[int]]] = {}
-        self._template_endpoints: dict[frozenset[tuple[str, str]], set[int]] = {}
+        # One template per rule set in use by some endpoint.
+        self._templates: dict[frozenset[RuleId], Template] = {}
+        self._rule_templates: dict[RuleId, set[frozenset[RuleId]]] = {}
+        self._template_endpoints: dict[frozenset[RuleId], set[int]] = {}
         for p in self.repository.policies():
-            self._add_rules(p.rules)
+            self._register(p.rules)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -272,20 +389,30 @@ class Resolver:
     def endpoints(self) -> list[int]:
         return sorted(self._endpoints)
 
+    def has_endpoint(self, identity: int) -> bool:
+        return identity in self._endpoints
+
     def endpoint_policy(self, identity: int) -> EndpointPolicy | None:
         st = self._endpoints.get(identity)
         if st is None:
             return None
-        t = st.template
-        return EndpointPolicy(
-            identity,
-            self.revision,
-            tuple(sorted({r.origin.policy for r in t.rules})),
-            t.default_deny_ingress,
-            t.default_deny_egress,
-            MappingProxyType(dict(sorted(st.entries[Direction.INGRESS].items()))),
-            MappingProxyType(dict(sorted(st.entries[Direction.EGRESS].items()))),
-        )
+        snap = st.snapshot
+        if snap is None:
+            t = st.template
+            snap = EndpointPolicy(
+                identity,
+                self.revision,
+                t.policies,
+                t.default_deny_ingress,
+                t.default_deny_egress,
+                _SortedMap(st.entries[Direction.INGRESS], st.order[Direction.INGRESS]),
+                _SortedMap(st.entries[Direction.EGRESS], st.order[Direction.EGRESS]),
+            )
+        elif snap.revision != self.revision:
+            # Same maps (immutable, shared), later repository revision.
+            snap = replace(snap, revision=self.revision)
+        st.snapshot = snap
+        return snap
 
     def map_size(self) -> int:
         return sum(len(e) for st in self._endpoints.values() for e in st.entries.values())
@@ -299,8 +426,11 @@ class Resolver:
         deleted = list(deleted)
         changes = self.cache.update_identities(upserted, deleted)
         delta = PolicyDelta(self.revision)
+        touched: dict[int, _Touched] = {}
         for key, change in changes.items():
-            self._apply_selection_change(key, change, delta)
+            self._apply_selection_change(key, change, touched)
+        for ident, t in touched.items():
+            self._remerge(self._endpoints[ident], t, delta)
         # Endpoints whose own labels changed may now be selected by other rules.
         for ident in list(upserted):
             if ident in self._endpoints:
@@ -332,54 +462,75 @@ class Resolver:
         old = self.repository.upsert(policy)
         affected = self._affected_by(old.rules if old else ())
         if old is not None:
-            self._remove_rules(old.rules)
-        self._add_rules(policy.rules)
+            self._unregister(old.rules)
+        self._register(policy.rules)
         affected |= self._affected_by(policy.rules)
-        return self._recompute(affected)
+        delta = self._recompute(affected)
+        if old is not None:
+            # Only now: the endpoints' diffs above read the old rules' peer selections, and
+            # a selector the new rules use again stays cached instead of being rebuilt.
+            self._release_selectors(old.rules)
+        return delta
 
     def delete_policy(self, key: str) -> PolicyDelta:
         old = self.repository.delete(key)
         if old is None:
             return PolicyDelta(self.revision)
         affected = self._affected_by(old.rules)
-        self._remove_rules(old.rules)
-        return self._recompute(affected)
+        self._unregister(old.rules)
+        delta = self._recompute(affected)
+        self._release_selectors(old.rules)
+        return delta
 
     def recompute_all(self) -> PolicyDelta:
         """Recompute every endpoint from scratch (startup, and the benchmark's baseline)."""
         self._templates.clear()
-        self._users.clear()
+        self._rule_templates.clear()
         self._template_endpoints.clear()
         return self._recompute(set(self._endpoints), force=True)
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- rules and templates -------------------------------------------------------------------
 
-    def _add_rules(self, rules: Iterable[Rule]) -> None:
+    def _register(self, rules: Iterable[Rule]) -> None:
         for rule in rules:
             rid = _rule_id(rule)
-            self._rules[rid] = rule
+            self._forget_templates_with(rid)
+            c = CompiledRule(rid, rule, self._next_item)
+            self._next_item += len(c.items) + 1
+            self._rules[rid] = c
             self.cache.add_selector(rule.subject)
             self._subject_users.setdefault(rule.subject.key, set()).add(rid)
             for pr in rule.rules:
                 for sel in pr.peers or ():
                     self.cache.add_selector(sel)
+            for key in c.by_selector:
+                self._peer_users.setdefault(key, set()).add(rid)
 
-    def _remove_rules(self, rules: Iterable[Rule]) -> None:
+    def _unregister(self, rules: Iterable[Rule]) -> None:
+        """Forget rules, but keep their selectors cached (see `_release_selectors`)."""
         for rule in rules:
             rid = _rule_id(rule)
-            self._rules.pop(rid, None)
+            c = self._rules.pop(rid, None)
             users = self._subject_users.get(rule.subject.key)
             if users is not None:
                 users.discard(rid)
                 if not users:
                     del self._subject_users[rule.subject.key]
+            if c is not None:
+                for key in c.by_selector:
+                    peer = self._peer_users.get(key)
+                    if peer is not None:
+                        peer.discard(rid)
+                        if not peer:
+                            del self._peer_users[key]
+            self._forget_templates_with(rid)
+
+    def _release_selectors(self, rules: Iterable[Rule]) -> None:
+        for rule in rules:
             self.cache.remove_selector(rule.subject)
             for pr in rule.rules:
                 for sel in pr.peers or ():
                     self.cache.remove_selector(sel)
-            stale = [k for k in self._templates if rid in k]
-            for k in stale:
-                self._forget_template(k)
 
     def _affected_by(self, rules: Iterable[Rule]) -> set[int]:
         out: set[int] = set()
@@ -387,56 +538,137 @@ class Resolver:
             out |= self.cache.selections_view(rule.subject.key) & self._endpoints.keys()
         return out
 
-    def _selecting_rules(self, identity: int) -> frozenset[tuple[str, str]]:
-        rids: set[tuple[str, str]] = set()
+    def _selecting_rules(self, identity: int) -> frozenset[RuleId]:
+        rids: set[RuleId] = set()
         for key, users in self._subject_users.items():
             if identity in self.cache.selections_view(key):
                 rids |= users
         return frozenset(rids)
 
-    def _template_for(self, rids: frozenset[tuple[str, str]]) -> Template:
+    def _template_for(self, rids: frozenset[RuleId]) -> Template:
         t = self._templates.get(rids)
         if t is None:
-            rules = tuple(self._rules[r] for r in sorted(rids))
-            t = build_template(rules)
+            t = _template(rids, tuple(self._rules[r] for r in sorted(rids)))
             self._templates[rids] = t
-            for idx, item in enumerate(t.items):
-                if item.selector is not None:
-                    self._users.setdefault(item.selector.key, {}).setdefault(rids, []).append(idx)
             self._template_endpoints[rids] = set()
+            for r in rids:
+                self._rule_templates.setdefault(r, set()).add(rids)
         return t
 
-    def _forget_template(self, rids: frozenset[tuple[str, str]]) -> None:
-        t = self._templates.pop(rids, None)
+    def _forget_template(self, rids: frozenset[RuleId]) -> None:
+        self._templates.pop(rids, None)
         self._template_endpoints.pop(rids, None)
-        if t is None:
-            return
-        for item in t.items:
-            if item.selector is not None:
-                per = self._users.get(item.selector.key)
-                if per is not None:
-                    per.pop(rids, None)
-                    if not per:
-                        del self._users[item.selector.key]
+        for r in rids:
+            ts = self._rule_templates.get(r)
+            if ts is not None:
+                ts.discard(rids)
+                if not ts:
+                    del self._rule_templates[r]
+
+    def _forget_templates_with(self, rid: RuleId) -> None:
+        for rids in list(self._rule_templates.get(rid, ())):
+            self._forget_template(rids)
+
+    def _leave_template(self, identity: int, template: Template) -> None:
+        eps = self._template_endpoints.get(template.rids)
+        if eps is None or self._templates.get(template.rids) is not template:
+            return  # already forgotten (its rules changed)
+        eps.discard(identity)
+        if not eps:
+            self._forget_template(template.rids)
+
+    # -- endpoint maps -------------------------------------------------------------------------
 
     def _expand(self, st: _EndpointState) -> None:
+        """Build an endpoint's maps from scratch."""
         for d in Direction:
             st.contribs[d].clear()
             st.entries[d].clear()
-        for idx, item in enumerate(st.template.items):
+        for c in st.template.compiled:
+            for i, item in enumerate(c.items):
+                peers: Iterable[int]
+                if item.selector is None:
+                    peers = (ANY_PEER,)
+                else:
+                    peers = self.cache.selections_view(item.selector.key)
+                per_dir = st.contribs[item.direction]
+                iid = c.base + i
+                proto, ports, contrib = item.port.protocol, item.port.ports, item.contribution
+                for peer in peers:
+                    key = MapKey(peer, proto, ports)
+                    cs = per_dir.get(key)
+                    if cs is None:
+                        per_dir[key] = {iid: contrib}
+                    else:
+                        cs[iid] = contrib
+        for d in Direction:
+            entries = st.entries[d]
+            for key, cs in st.contribs[d].items():
+                entries[key] = merge(cs.values())
+            st.order[d] = sorted(entries, key=_key_order)
+
+    def _add_rule(self, st: _EndpointState, c: CompiledRule, touched: _Touched) -> None:
+        for i, item in enumerate(c.items):
             peers: Iterable[int]
             if item.selector is None:
                 peers = (ANY_PEER,)
             else:
                 peers = self.cache.selections_view(item.selector.key)
             per_dir = st.contribs[item.direction]
+            t = touched[item.direction]
+            iid = c.base + i
+            proto, ports, contrib = item.port.protocol, item.port.ports, item.contribution
             for peer in peers:
-                key = MapKey(peer, item.port.protocol, item.port.ports)
-                per_dir.setdefault(key, {})[idx] = item.contribution
-        for d in Direction:
+                key = MapKey(peer, proto, ports)
+                cs = per_dir.get(key)
+                if cs is None:
+                    per_dir[key] = {iid: contrib}
+                else:
+                    cs[iid] = contrib
+                t.add(key)
+
+    def _remove_rule(self, st: _EndpointState, c: CompiledRule, touched: _Touched) -> None:
+        # The rule's peer selectors are still cached, with the selections its items were
+        # expanded over (selection changes reach every endpoint holding the rule).
+        for i, item in enumerate(c.items):
+            peers: Iterable[int]
+            if item.selector is None:
+                peers = (ANY_PEER,)
+            else:
+                peers = self.cache.selections_view(item.selector.key)
+            per_dir = st.contribs[item.direction]
+            t = touched[item.direction]
+            iid = c.base + i
+            proto, ports = item.port.protocol, item.port.ports
+            for peer in peers:
+                key = MapKey(peer, proto, ports)
+                cs = per_dir.get(key)
+                if cs is not None and cs.pop(iid, None) is not None:
+                    t.add(key)
+
+    def _remerge(self, st: _EndpointState, touched: _Touched, delta: PolicyDelta) -> None:
+        """Recompute the entries of the touched keys from their contributions."""
+        for d, keys in touched.items():
+            if not keys:
+                continue
             entries = st.entries[d]
-            for key, cs in st.contribs[d].items():
-                entries[key] = merge(cs.values())
+            contribs = st.contribs[d]
+            order = st.order[d]
+            base = delta._baseline.setdefault((st.identity, d), {})
+            for k in keys:
+                had = entries.get(k)
+                if k not in base:
+                    base[k] = had
+                cs = contribs.get(k)
+                if not cs:
+                    contribs.pop(k, None)
+                    if had is not None:
+                        del entries[k]
+                        del order[bisect_left(order, _key_order(k), key=_key_order)]
+                else:
+                    entries[k] = merge(cs.values())
+                    if had is None:
+                        insort(order, k, key=_key_order)
 
     def _recompute_endpoint(self, identity: int, delta: PolicyDelta, force: bool = False) -> None:
         rids = self._selecting_rules(identity)
@@ -444,13 +676,29 @@ class Resolver:
         old = self._endpoints.get(identity)
         if old is not None and old.template is template and not force:
             return
+        if old is not None and not force:
+            # Only the rules that left or joined the endpoint's set touch its map.
+            touched = _no_touch()
+            for c in old.template.compiled:
+                if c.base not in template.bases:
+                    self._remove_rule(old, c, touched)
+            for c in template.compiled:
+                if c.base not in old.template.bases:
+                    self._add_rule(old, c, touched)
+            if not template.same_meta(old.template):
+                delta._new.add(identity)
+            self._leave_template(identity, old.template)
+            old.template = template
+            old.snapshot = None
+            self._remerge(old, touched, delta)
+            self._template_endpoints[rids].add(identity)
+            return
         st = _EndpointState(identity, template)
         self._expand(st)
         if old is not None:
-            oldrids = frozenset(_rule_id(r) for r in old.template.rules)
-            eps = self._template_endpoints.get(oldrids)
-            if eps is not None:
-                eps.discard(identity)
+            self._leave_template(identity, old.template)
+            if not template.same_meta(old.template):
+                delta._new.add(identity)
             for d in Direction:
                 base = delta._baseline.setdefault((identity, d), {})
                 for k, e in old.entries[d].items():
@@ -461,24 +709,16 @@ class Resolver:
             base = delta._baseline.setdefault((identity, d), {})
             for k in st.entries[d]:
                 base.setdefault(k, None)
-        self._template_endpoints.setdefault(rids, set()).add(identity)
+        self._template_endpoints[rids].add(identity)
         self._endpoints[identity] = st
 
     def _drop_endpoint(self, identity: int, delta: PolicyDelta) -> None:
         st = self._endpoints.pop(identity)
-        rids = frozenset(_rule_id(r) for r in st.template.rules)
-        eps = self._template_endpoints.get(rids)
-        if eps is not None:
-            eps.discard(identity)
+        self._leave_template(identity, st.template)
         for d in Direction:
             delta._baseline.pop((identity, d), None)
         delta._new.discard(identity)
         delta.removed_endpoints.add(identity)
-
-    def _touch(self, delta: PolicyDelta, st: _EndpointState, d: Direction, key: MapKey) -> None:
-        base = delta._baseline.setdefault((st.identity, d), {})
-        if key not in base:
-            base[key] = st.entries[d].get(key)
 
     def _finish(self, delta: PolicyDelta) -> PolicyDelta:
         """Turn the recorded baselines into exact per-key changes."""
@@ -489,10 +729,14 @@ class Resolver:
             cur = st.entries[d]
             up = {k: cur[k] for k in sorted(base) if k in cur and cur[k] != base[k]}
             gone = frozenset(k for k in base if k not in cur and base[k] is not None)
+            if up or gone:
+                st.snapshot = None
             if up or gone or ident in delta._new:
                 delta.changes.setdefault(ident, {})[d] = DirectionDelta(up, gone)
         for ident in delta._new:
-            if ident in self._endpoints:
+            st = self._endpoints.get(ident)
+            if st is not None:
+                st.snapshot = None
                 per = delta.changes.setdefault(ident, {})
                 for d in Direction:
                     per.setdefault(d, DirectionDelta({}, frozenset()))
@@ -507,33 +751,37 @@ class Resolver:
                 self._recompute_endpoint(ident, delta, force=force)
         return self._finish(delta)
 
-    def _apply_selection_change(self, key: str, change: SelectionChange, delta: PolicyDelta) -> None:
-        for rids, idxs in list(self._users.get(key, {}).items()):
-            for ident in list(self._template_endpoints.get(rids, ())):
-                st = self._endpoints[ident]
-                touched: dict[Direction, set[MapKey]] = {}
-                for idx in idxs:
-                    item = st.template.items[idx]
-                    per_dir = st.contribs[item.direction]
-                    for peer in change.removed:
-                        k = MapKey(peer, item.port.protocol, item.port.ports)
-                        cs = per_dir.get(k)
-                        if cs is not None and cs.pop(idx, None) is not None:
-                            touched.setdefault(item.direction, set()).add(k)
-                    for peer in change.added:
-                        k = MapKey(peer, item.port.protocol, item.port.ports)
-                        per_dir.setdefault(k, {})[idx] = item.contribution
-                        touched.setdefault(item.direction, set()).add(k)
-                for d, keys in touched.items():
-                    entries = st.entries[d]
-                    for k in keys:
-                        self._touch(delta, st, d, k)
-                        cs = st.contribs[d].get(k)
-                        if not cs:
-                            st.contribs[d].pop(k, None)
-                            entries.pop(k, None)
-                        else:
-                            entries[k] = merge(cs.values())
+    def _apply_selection_change(
+        self, key: str, change: SelectionChange, touched: dict[int, _Touched]
+    ) -> None:
+        for rid in self._peer_users.get(key, ()):
+            c = self._rules[rid]
+            idxs = c.by_selector[key]
+            for rids in self._rule_templates.get(rid, ()):
+                for ident in self._template_endpoints.get(rids, ()):
+                    st = self._endpoints[ident]
+                    t = touched.get(ident)
+                    if t is None:
+                        t = touched[ident] = _no_touch()
+                    for i in idxs:
+                        item = c.items[i]
+                        iid = c.base + i
+                        per_dir = st.contribs[item.direction]
+                        td = t[item.direction]
+                        proto, ports = item.port.protocol, item.port.ports
+                        for peer in change.removed:
+                            k = MapKey(peer, proto, ports)
+                            cs = per_dir.get(k)
+                            if cs is not None and cs.pop(iid, None) is not None:
+                                td.add(k)
+                        for peer in change.added:
+                            k = MapKey(peer, proto, ports)
+                            cs = per_dir.get(k)
+                            if cs is None:
+                                per_dir[k] = {iid: item.contribution}
+                            else:
+                                cs[iid] = item.contribution
+                            td.add(k)
 
 
 # -- the fast lookup, over a resolved map ------------------------------------------------------
