@@ -106,6 +106,10 @@ class AgentCore:
         self._allocators = {cid: IdentityAllocator(store, cluster_id=cid, owner=owner) for cid in ids}
         self._policy_docs: dict[str, Any] = {}
         self._pods: dict[str, PodRecord] = {}
+        # Indexes over `_pods`, so that one change costs O(change), not O(pods).
+        self._local_pods: dict[str, PodRecord] = {}
+        self._ip_owner: dict[str, str] = {}  # pod IP → pod ref
+        self._pod_nodes: dict[str, str] | None = None  # pod IP → host IP, rebuilt after a change
         self._pod_docs: dict[str, Any] = {}
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._identity_pods: dict[int, set[str]] = {}
@@ -189,15 +193,13 @@ class AgentCore:
                 errors.extend(f"{exc.resource}: {e}" for e in exc.errors)
             except K8sObjectError as exc:
                 errors.extend(f"{exc.resource}: {e}" for e in exc.errors)
-        seen_ips: dict[str, str] = {
-            ip: ref for ref, rec in self._pods.items() for ip in rec.pod.ips
-        }
+        claimed: dict[str, str] = {}  # this request's IPs, over those of the pods in force
         for pod, _ in pods:
             for ip in pod.ips:
-                owner = seen_ips.get(ip)
+                owner = claimed.get(ip) or self._ip_owner.get(ip)
                 if owner is not None and owner != pod.ref:
                     errors.append(f"Pod {pod.ref}: IP {ip} is already used by {owner}")
-                seen_ips[ip] = pod.ref
+                claimed[ip] = pod.ref
         if errors:
             raise ApplyError(errors)
         return policies, namespaces, pods
@@ -249,14 +251,16 @@ class AgentCore:
         if self.kernel is not None:
             self.kernel.flush()
             self.kernel.set_local_pods(self._local_pod_ips())
-            self.kernel.set_pod_nodes(
-                {ip: rec.pod.host_ip for rec in self._pods.values() if rec.pod.host_ip for ip in rec.pod.ips}
-            )
+            if self._pod_nodes is None:
+                self._pod_nodes = {
+                    ip: rec.pod.host_ip for rec in self._pods.values() if rec.pod.host_ip for ip in rec.pod.ips
+                }
+            self.kernel.set_pod_nodes(dict(self._pod_nodes))
         if self.fallback is not None:
             self.fallback.set_local_pods(self._local_pod_ips())
 
     def _local_pod_ips(self) -> dict[str, int]:
-        return {ip: rec.identity for rec in self._pods.values() if rec.local for ip in rec.pod.ips}
+        return {ip: rec.identity for rec in self._local_pods.values() for ip in rec.pod.ips}
 
     @staticmethod
     def _record(result: ApplyResult, name: str, created: bool, unchanged: bool) -> None:
@@ -316,7 +320,13 @@ class AgentCore:
         except IdentityError as exc:
             raise ApplyError([f"Pod {pod.ref}: {exc}"]) from None
         local = self._is_local(pod)
-        self._pods[pod.ref] = PodRecord(pod, ident, labels, local)
+        rec = PodRecord(pod, ident, labels, local)
+        self._pods[pod.ref] = rec
+        if local:
+            self._local_pods[pod.ref] = rec
+        for ip in pod.ips:
+            self._ip_owner[ip] = pod.ref
+        self._pod_nodes = None
         users = self._identity_pods.setdefault(ident, set())
         first = not users
         users.add(pod.ref)
@@ -324,12 +334,17 @@ class AgentCore:
             self._feed(self.resolver.update_identities({ident: labels}))
         for ip in pod.ips:
             self.ipcache.upsert(ip, ident)
-        if local and ident not in self.resolver.endpoints():
+        if local and not self.resolver.has_endpoint(ident):
             self._feed(self.resolver.add_endpoint(ident))
             self.publisher.mark_identity(ident)
 
     def _remove_pod(self, ref: str) -> None:
         rec = self._pods.pop(ref)
+        self._local_pods.pop(ref, None)
+        for ip in rec.pod.ips:
+            if self._ip_owner.get(ip) == ref:
+                del self._ip_owner[ip]
+        self._pod_nodes = None
         for ip in rec.pod.ips:
             if self.ipcache.get(ip) == rec.identity:
                 self.ipcache.delete(ip)
@@ -357,8 +372,8 @@ class AgentCore:
         ports: list[ProxiedPort] = []
         kernel_mode = self.config.datapath_mode == "kernel"
         offset = 0 if kernel_mode else self.config.upstream_port_offset
-        for rec in self._pods.values():
-            if not rec.local or rec.pod.ip is None:
+        for rec in self._local_pods.values():
+            if rec.pod.ip is None:
                 continue
             for port, proto in rec.pod.ports:
                 if proto == "TCP" and port + offset <= 65535:
@@ -371,7 +386,7 @@ class AgentCore:
 
     def local_identities(self) -> set[int]:
         with self._lock:
-            return {rec.identity for rec in self._pods.values() if rec.local}
+            return {rec.identity for rec in self._local_pods.values()}
 
     def auth_wanted(self, port: int) -> dict[tuple[int, int], set[tuple[str, int]]]:
         """(local identity, remote identity) pairs the resolved policy requires mutual auth
@@ -427,7 +442,7 @@ class AgentCore:
                     "identity": ident,
                     "labels": dict(labels),
                     "pods": sorted(self._identity_pods.get(ident, ())),
-                    "endpoint": ident in self.resolver.endpoints(),
+                    "endpoint": self.resolver.has_endpoint(ident),
                 }
                 for ident, labels in sorted(self.resolver.identities.items())
             ]
