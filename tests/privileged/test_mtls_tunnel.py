@@ -269,3 +269,26 @@ def test_expired_or_two_uri_san_client_certificates_are_refused_and_flows_say_wh
                               and not f.get("source", {}).get("identity")])
     assert got, json.dumps([f for f in dropped() if f.get("drop_reason_desc") == "Policy denied"])
 
+
+
+def test_auth_removed_then_restored_moves_the_path_out_of_and_back_into_the_tunnel(world: World) -> None:
+    from .test_kernel_datapath import seed_policies
+
+    wait_ready(world)
+    try:
+        for agent in (world.a, world.b, world.c, world.d):
+            agent.client.apply_policies(seed_policies())  # the same rules, no authentication
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (tunnel_of(world.b)["kernel"] or tunnel_of(world.a)["ingress"]):
+            time.sleep(0.1)
+        assert not tunnel_of(world.b)["kernel"] and not tunnel_of(world.a)["ingress"]
+        world.a.synced()
+        # Plain text is fine now, from both kinds of node.
+        assert world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
+        assert world.plain.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
+    finally:
+        for agent in (world.a, world.b, world.c, world.d):
+            agent.client.apply_policies(auth_policies())
+    wait_ready(world)
+    assert world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
+    assert world.plain.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}", timeout=2)[0] == 0

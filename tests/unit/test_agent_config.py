@@ -28,6 +28,19 @@ def test_kernel_mode_with_mtls_and_spire() -> None:
     })
     assert c.datapath_mode == "kernel" and c.links == ("eth1",) and c.bpf is False
     assert c.mtls.enabled and c.mtls.spire_socket == "/run/spire/agent.sock" and c.cluster_id_of("cluster-b") == 2
+    # Encryption in transit is on with mutual auth unless turned off.
+    assert c.mtls.tunnel and c.mtls.tunnel_port == 15443
+
+
+def test_encryption_settings() -> None:
+    base = {"datapath": {"mode": "kernel"}}
+    c = parse_config({**base, "mtls": {"enabled": True, "listen": "10.0.1.1:4250", "encryption": "none"}})
+    assert c.mtls.enabled and not c.mtls.tunnel
+    assert not parse_config({**base, "mtls": {"enabled": False}}).mtls.tunnel
+    errs = errors({**base, "mtls": {"enabled": True, "listen": "10.0.1.1:4250", "encryption": "wireguard",
+                                    "tunnelPort": 4250}})
+    assert "'tunnel' or 'none'" in errs["mtls.encryption"]
+    assert "must differ from mtls.port" in errs["mtls.tunnelPort"]
 
 
 def test_every_error_names_its_field() -> None:
