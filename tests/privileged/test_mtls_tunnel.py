@@ -266,7 +266,8 @@ def test_expired_or_two_uri_san_client_certificates_are_refused_and_flows_say_wh
     # Two URI SANs name no identity: the port's default (world's) decision applies.
     got = eventually(lambda: [f for f in dropped() if f.get("drop_reason_desc") == "Policy denied"
                               and f.get("destination", {}).get("pod_name") == "billing-service-xyz"
-                              and not f.get("source", {}).get("identity")])
+                              and not f.get("source", {}).get("identity")
+                              and "2 URI SANs" in (f.get("Summary") or "")])
     assert got, json.dumps([f for f in dropped() if f.get("drop_reason_desc") == "Policy denied"])
 
 

@@ -55,6 +55,9 @@ def test_two_uri_sans_name_no_identity() -> None:
     (req, *_) = flows("allowed", **tunnelled(f"spiffe://l7gate.local/identity/{FRONTEND_ID}",
                                               f"spiffe://l7gate.local/identity/{BILLING_ID}"))
     assert req.source.identity == 0
+    (f,) = flows("denied_l3l4_world", **tunnelled(f"spiffe://l7gate.local/identity/{FRONTEND_ID}",
+                                            f"spiffe://l7gate.local/identity/{BILLING_ID}"))
+    assert f.verdict is Verdict.DROPPED and "2 URI SANs" in f.summary and f.source.identity == 0
 
 
 def test_upstream_tls_failure_is_authentication_failed_with_the_reason() -> None:

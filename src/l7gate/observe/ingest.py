@@ -339,12 +339,17 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     if details.startswith(_RBAC_DENIED):
         kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
         reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        summary = reason
+        if tunnelled and tunnel_identity is None:
+            n = sum(1 for x in cp.tls_properties.peer_certificate_properties.subject_alt_name if x.uri)
+            summary = (f"{reason}: the client certificate names no single identity ({n} URI SANs); "
+                       f"decided as an unknown peer")
         return (
             Flow(
                 time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
                 drop_reason_desc=reason,
                 l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
-                traffic_direction=direction, policy_match=_split(pols), summary=reason,
+                traffic_direction=direction, policy_match=_split(pols), summary=summary,
                 node_name=node, auth_type=auth,
             ),
         )
