@@ -19,9 +19,10 @@ every stream that sends the resource (packed as a `google.protobuf.Any`).
 
 A snapshot is *consistent* or it is refused: every route configuration a listener names over
 RDS, every cluster a route or a TCP proxy names, every ClusterLoadAssignment an EDS cluster
-needs, every secret fetched over SDS and every filter config fetched over ECDS must be in the
-same snapshot. `set_snapshot` (full replacement) and `update` (an incremental change of one
-type: "one pod changed one resource") both check the snapshot they would produce and raise
+needs, every secret fetched over SDS and every filter config fetched over ECDS (by a listener, or
+by a composite filter's action inside another ECDS resource) must be in the same snapshot.
+`set_snapshot` (full replacement) and `update` (an incremental change of one type: "one pod
+changed one resource") both check the snapshot they would produce and raise
 `InconsistentSnapshot`, naming every missing reference, instead of publishing it. Each resource's
 outgoing references are extracted once when it enters the cache, so checking a snapshot costs a
 set lookup per reference, not a walk of every protobuf.
@@ -51,6 +52,8 @@ from types import MappingProxyType
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.http.composite.v3 import composite_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -58,6 +61,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+from xds.type.matcher.v3 import ip_pb2
 
 _PREFIX = "type.googleapis.com/"
 LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
@@ -102,6 +106,9 @@ _NAME_FIELD: Mapping[str, str] = MappingProxyType(
 _HCM_TYPE = (
     _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
+_EXTENSION_WITH_MATCHER_TYPE = _PREFIX + "envoy.extensions.common.matching.v3.ExtensionWithMatcher"
+_EXECUTE_FILTER_TYPE = _PREFIX + "envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+_IP_MATCHER_TYPE = _PREFIX + "xds.type.matcher.v3.IPMatcher"
 _TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 _UPSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -386,6 +393,8 @@ def _references(type_url: str, name: str, message: Message) -> Iterator[Ref]:
         yield from _route_config_refs(f"route configuration {name!r}", msg)
     elif type_url == CLUSTER:
         yield from _cluster_refs(name, msg)
+    elif type_url == EXTENSION_CONFIG:
+        yield from _extension_refs(name, msg)
 
 
 def _listener_refs(name: str, listener: Any) -> Iterator[Ref]:
@@ -467,6 +476,51 @@ def _tls_refs(where: str, typed: Any) -> Iterator[Ref]:
         # A secret config without sds_config names a static secret from the bootstrap.
         if sds.HasField("sds_config"):
             yield Ref(f"{where} tls", SECRET, sds.name)
+
+
+def _extension_refs(name: str, ext: Any) -> Iterator[Ref]:
+    # A filter wrapped in a matcher may run filters fetched over ECDS themselves (a composite
+    # filter's `dynamic_config`): the configs it names must be served too.
+    if ext.typed_config.type_url != _EXTENSION_WITH_MATCHER_TYPE:
+        return
+    wrapper: Any = extension_matcher_pb2.ExtensionWithMatcher()
+    ext.typed_config.Unpack(wrapper)
+    seen: set[str] = set()
+    for ref in _matcher_refs(f"extension config {name!r} matcher", wrapper.xds_matcher):
+        if ref.name not in seen:
+            seen.add(ref.name)
+            yield ref
+
+
+def _matcher_refs(where: str, matcher: Any) -> Iterator[Ref]:
+    if matcher.HasField("on_no_match"):
+        yield from _on_match_refs(where, matcher.on_no_match)
+    if matcher.HasField("matcher_list"):
+        for fm in matcher.matcher_list.matchers:
+            yield from _on_match_refs(where, fm.on_match)
+    elif matcher.HasField("matcher_tree"):
+        tree = matcher.matcher_tree
+        if tree.HasField("exact_match_map"):
+            for om in tree.exact_match_map.map.values():
+                yield from _on_match_refs(where, om)
+        elif tree.HasField("prefix_match_map"):
+            for om in tree.prefix_match_map.map.values():
+                yield from _on_match_refs(where, om)
+        elif tree.HasField("custom_match") and tree.custom_match.typed_config.type_url == _IP_MATCHER_TYPE:
+            ipm: Any = ip_pb2.IPMatcher()
+            tree.custom_match.typed_config.Unpack(ipm)
+            for rm in ipm.range_matchers:
+                yield from _on_match_refs(where, rm.on_match)
+
+
+def _on_match_refs(where: str, on_match: Any) -> Iterator[Ref]:
+    if on_match.HasField("matcher"):
+        yield from _matcher_refs(where, on_match.matcher)
+    elif on_match.HasField("action") and on_match.action.typed_config.type_url == _EXECUTE_FILTER_TYPE:
+        action: Any = composite_pb2.ExecuteFilterAction()
+        on_match.action.typed_config.Unpack(action)
+        if action.HasField("dynamic_config"):
+            yield Ref(f"{where} composite action", EXTENSION_CONFIG, action.dynamic_config.name)
 
 
 def _route_label(route: Any) -> str:

@@ -1,20 +1,28 @@
 """Keeps one Envoy's resources in step with resolved policy, the ipcache and the proxied ports.
 
-Theory of operation: every (local endpoint, port) the node's Envoy fronts owns three resources
-(listener, route, cluster; see `translate`). The publisher remembers, per port, which
-identities its route lists and whether the route lists every identity (when peers no rule names
-are treated differently from `world`) or holds a broad range (a CIDR peer). A change then
-touches only the routes it can affect:
+Theory of operation: every (local endpoint, port) the node's Envoy fronts owns a listener, a
+route and a cluster, and over ECDS a classifier and `SOURCE_SLOTS` + 1 RBAC slots (see
+`translate`, "source-address slots"). Slot i decides the addresses of the ipcache blocks
+(/24, /120) with `slot_of(block) == i`; the rest slot decides addresses in no block, by the
+broad prefixes (shorter than a block). The publisher tracks what is dirty per (port, slot):
 
-- a policy delta: the routes of the endpoints it names;
-- an ipcache change for identity X: routes that list X, plus routes that list everyone or hold
-  a broad range;
-- ports appearing or disappearing: their own three resources.
+- a policy delta for an endpoint: per port, the decision of each peer identity whose map keys
+  changed is recomputed; if it changed, the slots holding that identity's prefixes are dirty.
+  A changed key for every peer (ANY), or a change of world's decision or of the decision of
+  peers no key names (the endpoint's default), makes every slot of the port dirty;
+- an ipcache change of a prefix in a block: that block's slot, on the ports where the address's
+  decision changed with it (decided as rendered); a block appearing or disappearing also changes
+  the classifier of every port. A broad prefix: the rest slot and the slots of the blocks it
+  holds, on every port;
+- ports appearing or disappearing, `mark_identity`, `load_ipcache`: all of a port.
 
-`flush()` translates the dirty ports and hands the changed resources to the snapshot cache in
-one `update` per type, clusters first, so that a route never names a missing cluster. Because
-the cache versions resources by content, re-translating a port that did not really change
+So one new pod re-translates one slot (~1/64 of the table) and sends one ECDS resource. Because
+the cache versions resources by content, re-translating something that did not really change
 sends nothing to Envoy.
+
+`flush()` translates what is dirty and hands the changed resources to the snapshot cache in
+one `update` per type, in an order that keeps every intermediate snapshot consistent: clusters,
+then ECDS (slots with the classifier naming them), routes, listeners; removals in reverse.
 
 Not thread-safe: the agent's reconcile loop owns it.
 """
@@ -29,7 +37,9 @@ from typing import Protocol
 from google.protobuf.message import Message
 
 from ..identity.ipcache import IPCacheChange
-from ..policy.resolve import EndpointPolicy, PolicyDelta
+from ..policy.resolve import ANY_PEER, Decision, EndpointPolicy, PolicyDelta, PortView
+from ..policy.types import Direction
+from ..policy.types import Protocol as L4Protocol
 from . import translate as t
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,6 +47,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+EXTENSION_CONFIG_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 
 class ResourceSink(Protocol):
@@ -50,15 +61,43 @@ class ResourceSink(Protocol):
 @dataclass(slots=True)
 class _PortState:
     port: t.ProxiedPort
-    listed: frozenset[int] = frozenset()
-    lists_everyone: bool = False
-    has_broad_range: bool = False
+    # The policy view the port's slots were last rendered with (None: never rendered).
+    view: PortView | None = None
+    world: Decision | None = None
+    unnamed: Decision | None = None
+    decided: dict[int, Decision] = field(default_factory=dict)  # memo of decide() under `view`
+    # What is dirty.
+    full: bool = True
+    policy_changed: bool = False
+    peers: set[int] = field(default_factory=set)  # identities whose map keys changed
+    slots: set[int] = field(default_factory=set)
+    classifier: bool = False
+
+    def decide(self, ident: int) -> Decision:
+        """The port's decision for `ident` as rendered (`translate.port_decisions`' rule)."""
+        d = self.decided.get(ident)
+        if d is None:
+            assert self.view is not None and self.world is not None and self.unnamed is not None
+            if ident == t.WORLD_ID:
+                d = self.world
+            elif ident in self.view.by_peer:
+                d = self.view.decide(ident)
+            else:
+                d = self.unnamed
+            self.decided[ident] = d
+        return d
+
+    @property
+    def dirty(self) -> bool:
+        return self.full or self.policy_changed or bool(self.slots) or self.classifier
 
 
 @dataclass(slots=True)
 class PublishStats:
     ports_translated: int = 0
-    resources_sent: int = 0
+    slots_translated: int = 0  # ECDS RBAC slots (incl. rest) translated
+    resources_sent: int = 0  # resources handed to the cache (all types)
+    bytes_sent: int = 0  # their serialized size
     removed: int = 0
 
 
@@ -71,7 +110,10 @@ class Publisher:
     auth_verified: bool = False  # mutual auth is checked before traffic reaches Envoy (kernel)
     _ports: dict[tuple[str, int], _PortState] = field(default_factory=dict)
     _prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
-    _dirty: set[tuple[str, int]] = field(default_factory=set)
+    # The ipcache by block (block -> prefix -> identity), its broad prefixes, blocks per slot.
+    _by_block: dict[IPNetwork, dict[IPNetwork, int]] = field(default_factory=dict)
+    _broad: dict[IPNetwork, int] = field(default_factory=dict)
+    _slot_blocks: dict[int, set[IPNetwork]] = field(default_factory=dict)
     _removed: set[tuple[str, int]] = field(default_factory=set)
     _initialized: bool = False
 
@@ -79,7 +121,12 @@ class Publisher:
 
     def load_ipcache(self, entries: Iterable[tuple[IPNetwork, int]]) -> None:
         self._prefixes = t.prefixes_by_identity(entries)
-        self._dirty |= set(self._ports)
+        self._by_block, self._broad = t.source_index(self._prefixes)
+        self._slot_blocks = {}
+        for b in self._by_block:
+            self._slot_blocks.setdefault(t.slot_of(b), set()).add(b)
+        for st in self._ports.values():
+            st.full = True
 
     def set_ports(self, ports: Iterable[t.ProxiedPort]) -> None:
         wanted = {(p.ip, p.port): p for p in ports}
@@ -87,89 +134,187 @@ class Publisher:
             if key not in wanted:
                 del self._ports[key]
                 self._removed.add(key)
-                self._dirty.discard(key)
         for key, p in wanted.items():
             st = self._ports.get(key)
             if st is None or st.port != p:
                 self._ports[key] = _PortState(p)
-                self._dirty.add(key)
                 self._removed.discard(key)
 
     def on_policy_delta(self, delta: PolicyDelta) -> None:
-        touched = set(delta.changes) | delta.removed_endpoints
-        for key, st in self._ports.items():
-            if st.port.identity in touched:
-                self._dirty.add(key)
+        for ep in delta.removed_endpoints:
+            self.mark_identity(ep)
+        for ep, per_dir in delta.changes.items():
+            ingress = per_dir.get(Direction.INGRESS)
+            keys = [*ingress.upserted, *ingress.deleted] if ingress is not None else []
+            for st in self._ports.values():
+                if st.port.identity != ep:
+                    continue
+                st.policy_changed = True
+                for k in keys:
+                    if k.protocol.covers(L4Protocol.TCP) and k.ports.contains(st.port.port):
+                        if k.peer == ANY_PEER:
+                            st.full = True
+                        st.peers.add(k.peer)
 
     def mark_identity(self, identity: int) -> None:
         """An endpoint's policy was recomputed outside a delta (e.g. new endpoint)."""
-        for key, st in self._ports.items():
+        for st in self._ports.values():
             if st.port.identity == identity:
-                self._dirty.add(key)
+                st.full = True
 
     def on_ipcache_change(self, change: IPCacheChange) -> None:
+        p = change.prefix
         for ident in (change.old, change.new):
             if ident is None:
                 continue
             nets = self._prefixes.setdefault(ident, [])
-            if ident == change.old and change.prefix in nets:
-                nets.remove(change.prefix)
-            if ident == change.new and change.prefix not in nets:
-                nets.append(change.prefix)
+            if ident == change.old and p in nets:
+                nets.remove(p)
+            if ident == change.new and p not in nets:
+                nets.append(p)
                 nets.sort(key=lambda n: (n.version, int(n.network_address), n.prefixlen))
             if not nets:
                 self._prefixes.pop(ident, None)
-        changed = {i for i in (change.old, change.new) if i is not None}
-        for key, st in self._ports.items():
-            if st.lists_everyone or st.has_broad_range or (st.listed & changed):
-                self._dirty.add(key)
-            elif change.prefix.prefixlen < change.prefix.max_prefixlen:
-                self._dirty.add(key)  # a new broad prefix may cover listed addresses
+        block = t.block_of(p)
+        if block is None:
+            self._broad_changed(p, change.new)
+            return
+        entries = self._by_block.setdefault(block, {})
+        appeared = not entries
+        if change.new is None:
+            entries.pop(p, None)
+        else:
+            entries[p] = change.new
+        slot = t.slot_of(block)
+        gone = not entries
+        if gone:
+            del self._by_block[block]
+            self._slot_blocks.get(slot, set()).discard(block)
+        elif appeared:
+            self._slot_blocks.setdefault(slot, set()).add(block)
+        for st in self._ports.values():
+            if st.full or st.view is None:
+                continue
+            if appeared or gone:
+                st.classifier = True
+                st.slots.add(slot)
+            elif self._effective(st, change.old, block) != self._effective(st, change.new, block):
+                st.slots.add(slot)
+
+    def _effective(self, st: _PortState, ident: int | None, block: IPNetwork) -> Decision:
+        """The decision, as rendered, of an address of `block` held by `ident` (None: by no
+        prefix of the block, so by the longest broad prefix holding the block, or world)."""
+        if ident is None:
+            cover = t.covering(block, self._broad)
+            if cover is None:
+                assert st.world is not None
+                return st.world
+            ident = cover[1]
+        return st.decide(ident)
+
+    def _broad_changed(self, prefix: IPNetwork, new: int | None) -> None:
+        if new is None:
+            self._broad.pop(prefix, None)
+        else:
+            self._broad[prefix] = new
+        inside = {
+            t.slot_of(b)
+            for b in self._by_block
+            if b.version == prefix.version and b.subnet_of(prefix)  # type: ignore[arg-type]
+        }
+        for st in self._ports.values():
+            st.slots.add(t.REST)
+            st.slots |= inside
 
     # -- output -------------------------------------------------------------------------------
+
+    def _refresh_policy(self, st: _PortState) -> None:
+        """Recompute the port's policy view; mark the slots whose decisions changed."""
+        policy = self.policy_of(st.port.identity)
+        view = PortView(policy, Direction.INGRESS, st.port.port, L4Protocol.TCP)
+        world = view.decide(t.WORLD_ID)
+        unnamed = view.decide(-1) if policy is not None else world
+        old = None if st.full or st.view is None else (st.view, st.decided, st.world, st.unnamed)
+        if old is not None and (world != st.world or unnamed != st.unnamed):
+            st.full = True
+        before = {i: st.decide(i) for i in st.peers} if old is not None and not st.full else {}
+        st.view, st.world, st.unnamed, st.decided = view, world, unnamed, {}
+        for ident, d in before.items():
+            if st.decide(ident) != d:
+                self._mark_identity_slots(st, ident)
+        st.peers.clear()
+        st.policy_changed = False
+
+    def _mark_identity_slots(self, st: _PortState, ident: int) -> None:
+        for net in self._prefixes.get(ident, ()):
+            block = t.block_of(net)
+            if block is not None:
+                st.slots.add(t.slot_of(block))
+            else:
+                st.slots.add(t.REST)
+                st.slots |= {
+                    t.slot_of(b)
+                    for b in self._by_block
+                    if b.version == net.version and b.subnet_of(net)  # type: ignore[arg-type]
+                }
 
     def flush(self) -> PublishStats:
         stats = PublishStats()
         listeners: dict[str, Message] = {}
         routes: dict[str, Message] = {}
         clusters: dict[str, Message] = {}
-        for key in sorted(self._dirty):
-            st = self._ports.get(key)
-            if st is None:
+        ecds: dict[str, Message] = {}
+        for key in sorted(self._ports):
+            st = self._ports[key]
+            if not st.dirty:
                 continue
             p = st.port
-            policy = self.policy_of(p.identity)
-            decisions = t.port_decisions(policy, p.port, self._prefixes.keys())
-            matcher = t.rbac_matcher(decisions, self._prefixes, auth_verified=self.auth_verified)
-            listed = set(decisions.peers)
-            st.lists_everyone = decisions.everyone
-            st.has_broad_range = any(
-                n.prefixlen < n.max_prefixlen for i in listed for n in self._prefixes.get(i, ())
-            )
-            st.listed = frozenset(listed)
-            rname, cname, lname = (
-                t.route_name(p.ip, p.port), t.cluster_name(p.ip, p.port), t.listener_name(p.ip, p.port)
-            )
-            clusters[cname] = t.static_cluster(cname, p.upstream_ip, p.upstream_port)
-            routes[rname] = t.route_configuration(rname, cname, matcher)
-            listeners[lname] = t.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent)
-            stats.ports_translated += 1
+            if st.full or st.policy_changed or st.view is None:
+                self._refresh_policy(st)
+            if st.full:
+                rname, cname, lname = (
+                    t.route_name(p.ip, p.port), t.cluster_name(p.ip, p.port), t.listener_name(p.ip, p.port)
+                )
+                clusters[cname] = t.static_cluster(cname, p.upstream_ip, p.upstream_port)
+                routes[rname] = t.upstream_route(rname, cname)
+                listeners[lname] = t.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent)
+                slots: Iterable[int] = (*range(t.SOURCE_SLOTS), t.REST)
+                st.classifier = True
+                stats.ports_translated += 1
+            else:
+                slots = sorted(st.slots)
+            assert st.world is not None
+            for i in slots:
+                cfg = t.source_slot_config(
+                    p.ip, p.port, i, st.decide, st.world, self._by_block, self._broad,
+                    self._slot_blocks.get(i, ()), auth_verified=self.auth_verified,
+                )
+                ecds[cfg.name] = cfg
+                stats.slots_translated += 1
+            if st.classifier:
+                cls = t.classifier_config(p.ip, p.port, self._by_block)
+                ecds[cls.name] = cls
+            st.full = st.classifier = False
+            st.slots.clear()
         removed = sorted(self._removed)
-        self._dirty.clear()
         self._removed.clear()
-        if not self._initialized or clusters or listeners or routes or removed:
+        if not self._initialized or clusters or listeners or routes or ecds or removed:
             gone_l = [t.listener_name(ip, port) for ip, port in removed]
             gone_r = [t.route_name(ip, port) for ip, port in removed]
             gone_c = [t.cluster_name(ip, port) for ip, port in removed]
-            # Order keeps every intermediate snapshot consistent: add clusters before the
-            # routes naming them, remove listeners before their routes and clusters.
+            gone_e = [n for ip, port in removed for n in t.slot_names(ip, port)]
+            # Order keeps every intermediate snapshot consistent: add clusters and filter
+            # configs before the routes and listeners naming them, remove listeners first.
             self.sink.update(self.node_id, CLUSTER_TYPE, clusters, ())
             self.sink.update(self.node_id, LISTENER_TYPE, {}, gone_l)
+            self.sink.update(self.node_id, EXTENSION_CONFIG_TYPE, ecds, gone_e)
             self.sink.update(self.node_id, ROUTE_TYPE, routes, gone_r)
             self.sink.update(self.node_id, LISTENER_TYPE, listeners, ())
             self.sink.update(self.node_id, CLUSTER_TYPE, {}, gone_c)
             self._initialized = True
-        stats.resources_sent = len(listeners) + len(routes) + len(clusters)
+        sent = (*listeners.values(), *routes.values(), *clusters.values(), *ecds.values())
+        stats.resources_sent = len(sent)
+        stats.bytes_sent = sum(m.ByteSize() for m in sent)
         stats.removed = len(removed)
         return stats
 

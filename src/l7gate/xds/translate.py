@@ -5,8 +5,8 @@ what the endpoint's ingress map says about each peer identity on that port (`pol
 ALLOW, DENY, AUTH_FAIL or HTTP(rules). The decision `world` gets is the default: unknown
 addresses are world. Only identities whose decision differs from world's are listed.
 
-That table becomes one RBAC `matcher` (the unified matcher API), sent per route as
-`RBACPerRoute` over RDS so a change reaches the next request on an open connection:
+That table becomes RBAC `matcher`s (the unified matcher API), delivered over ECDS so a change
+reaches the next request on an open connection (a listener change would not):
 
     DirectSourceIPInput ─ IPMatcher (longest prefix, every range exclusive)
        ├─ ranges of identities with decision A → action / nested HTTP matcher
@@ -14,6 +14,13 @@ That table becomes one RBAC `matcher` (the unified matcher API), sent per route 
        └─ on_no_match → world's decision
     HTTP matcher: matcher_list, one predicate per HTTP rule (AND of :method, :path, :authority
        and header predicates, RE2 full match) → ALLOW; on_no_match → DENY (403)
+
+At 10,000 identities one such matcher is ~0.7 MB, too much to re-send for one new pod, so a
+port's table is split by source address into slots (see "source-address slots" below): a
+classifier filter picks, by a trie lookup on the source address, the one RBAC filter (the slot
+of the address's /24 or /120 block, or the "rest" for addresses in no block) that decides the
+request. A change re-sends the slots it touches. The tunnel listener (mtls_translate) keeps the
+single matcher per route over RDS (`route_configuration`).
 
 The source is the peer's address as Envoy sees it on the socket (`direct_remote_ip`), never
 X-Forwarded-For. The IP matcher is a trie, so the lookup cost does not grow with the number of
@@ -31,17 +38,21 @@ route sends allowed requests there. All of this is pure: nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.http.composite.v3 import composite_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -230,6 +241,13 @@ def _net_key(n: IPNetwork) -> tuple[int, int, int]:
     return (n.version, int(n.network_address), n.prefixlen)
 
 
+@functools.lru_cache(maxsize=65536)
+def _leaf(d: Decision, auth_verified: bool) -> matcher_pb2.Matcher.OnMatch:
+    # Shared, never mutated: protobuf copies a message assigned to a field. A slot re-renders
+    # hundreds of decisions that did not change; building each leaf once saves most of that.
+    return decision_on_match(d, auth_verified=auth_verified)
+
+
 def rbac_matcher(
     decisions: PortDecisions,
     prefixes: Mapping[int, Sequence[IPNetwork]],
@@ -274,7 +292,7 @@ def rbac_matcher(
         range_matchers.append(
             ip_pb2.IPMatcher.IPRangeMatcher(
                 ranges=[_cidr(n) for n in sorted(set(nets), key=_net_key)],
-                on_match=decision_on_match(d, auth_verified=auth_verified),
+                on_match=_leaf(d, auth_verified),
                 exclusive=True,
             )
         )
@@ -283,7 +301,7 @@ def rbac_matcher(
         range_matchers.append(
             ip_pb2.IPMatcher.IPRangeMatcher(
                 ranges=[_cidr(ipaddress.ip_network("255.255.255.255/32"))],
-                on_match=decision_on_match(decisions.world, auth_verified=auth_verified),
+                on_match=_leaf(decisions.world, auth_verified),
                 exclusive=True,
             )
         )
@@ -293,20 +311,178 @@ def rbac_matcher(
     )
     return matcher_pb2.Matcher(
         matcher_tree=tree,
-        on_no_match=decision_on_match(decisions.world, auth_verified=auth_verified),
+        on_no_match=_leaf(decisions.world, auth_verified),
     )
+
+
+# -- source-address slots (ECDS) -----------------------------------------------------------------
+#
+# One port's source-address table is split so that a change re-sends a small piece: every prefix
+# at least as long as a block (/24, /120) lies in exactly one block, and a block lies in slot
+# `block number mod SOURCE_SLOTS`. Prefixes shorter than a block are "broad".
+#
+#   HCM http filter <classifier> (ECDS, no default: the listener warms until it arrives)
+#     ExtensionWithMatcher: DirectSourceIPInput ─ IPMatcher
+#        ├─ blocks of slot 0 → composite ExecuteFilterAction(dynamic_config <slot 0>)
+#        ├─ ...  (every slot is named, the empty ones by a discard-prefix range)
+#        └─ on_no_match     → ExecuteFilterAction(dynamic_config <rest>)
+#     <slot i>: RBAC(matcher = rbac_matcher over the prefixes in slot i's blocks, plus each block
+#               itself as the longest broad prefix covering it; on_no_match world's decision)
+#     <rest>:   RBAC(matcher = rbac_matcher over the broad prefixes; on_no_match world's decision)
+#
+# Exactly one RBAC filter decides each request. Longest-prefix semantics are kept: an address in a
+# block is decided by the prefixes in its block or, failing those, by the longest broad prefix
+# holding the block (whole blocks are inside or outside any broad prefix); an address in no block
+# is decided by the broad prefixes alone. A slot Envoy has not received yet uses its default
+# config, deny-all (fail closed).
+
+SOURCE_SLOTS = 64
+BLOCK_PREFIXLEN = {4: 24, 6: 120}
+REST = -1  # the slot of addresses in no block
+# RFC 6666 discard-only prefix: no TCP peer has one. Names an empty slot in the classifier.
+_DISCARD = ipaddress.IPv6Network("100::/64")
+COMPOSITE_FILTER = "envoy.filters.http.composite"
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+CLASSIFIER_TYPE = "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher"
+
+
+def block_of(net: IPNetwork) -> IPNetwork | None:
+    """The block holding `net`, or None if `net` is broader than a block."""
+    plen = BLOCK_PREFIXLEN[net.version]
+    if net.prefixlen < plen:
+        return None
+    return net.supernet(new_prefix=plen) if net.prefixlen > plen else net
+
+
+def slot_of(block: IPNetwork) -> int:
+    """Consecutive blocks (node pod CIDRs usually are) land in different slots."""
+    shift = block.max_prefixlen - block.prefixlen
+    return (int(block.network_address) >> shift) % SOURCE_SLOTS
+
+
+def classifier_name(ip: str, port: int) -> str:
+    return f"l7g_src_{ip}_{port}"
+
+
+def slot_name(ip: str, port: int, slot: int) -> str:
+    return f"l7g_src_{ip}_{port}_{'rest' if slot == REST else slot}"
+
+
+def slot_names(ip: str, port: int) -> list[str]:
+    """Every ECDS resource of one port: the classifier, the slots, the rest."""
+    return [classifier_name(ip, port), *(slot_name(ip, port, i) for i in (*range(SOURCE_SLOTS), REST))]
+
+
+def covering(block: IPNetwork, broad: Mapping[IPNetwork, int]) -> tuple[IPNetwork, int] | None:
+    """The longest broad prefix holding `block`, with its identity."""
+    best: tuple[IPNetwork, int] | None = None
+    for net, ident in broad.items():
+        if net.version == block.version and block.subnet_of(net):  # type: ignore[arg-type]
+            if best is None or net.prefixlen > best[0].prefixlen:
+                best = (net, ident)
+    return best
+
+
+def slot_prefixes(
+    blocks: Iterable[IPNetwork],
+    by_block: Mapping[IPNetwork, Mapping[IPNetwork, int]],
+    broad: Mapping[IPNetwork, int],
+) -> dict[int, list[IPNetwork]]:
+    """The ipcache as seen by the slot holding `blocks`: by identity, the prefixes inside those
+    blocks, and each block itself under the identity of the longest broad prefix holding it (what
+    an address of the block that no longer prefix holds belongs to)."""
+    out: dict[int, list[IPNetwork]] = defaultdict(list)
+    for b in blocks:
+        for net, ident in by_block.get(b, {}).items():
+            out[ident].append(net)
+        cover = covering(b, broad)
+        if cover is not None and b not in by_block.get(b, {}):
+            out[cover[1]].append(b)
+    return {k: sorted(v, key=_net_key) for k, v in sorted(out.items())}
+
+
+def rbac_filter_config(name: str, matcher: matcher_pb2.Matcher) -> core_extension_pb2.TypedExtensionConfig:
+    """An ECDS resource: one RBAC filter deciding by `matcher`."""
+    return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(rbac_pb2.RBAC(matcher=matcher)))
+
+
+def deny_all_rbac() -> rbac_pb2.RBAC:
+    # An ALLOW policy set with no policies denies everything (action name "none").
+    return rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.Action.ALLOW))
+
+
+def _ecds_source(type_url: str, default: Message | None = None) -> config_source_pb2.ExtensionConfigSource:
+    src = config_source_pb2.ExtensionConfigSource(config_source=_ads(), type_urls=[type_url])
+    if default is not None:
+        src.default_config.CopyFrom(_any(default))
+        src.apply_default_config_without_warming = True
+    return src
+
+
+def _run_slot(ip: str, port: int, slot: int) -> matcher_pb2.Matcher.OnMatch:
+    act = composite_pb2.ExecuteFilterAction(
+        dynamic_config=composite_pb2.DynamicConfig(
+            name=slot_name(ip, port, slot), config_discovery=_ecds_source(RBAC_TYPE, deny_all_rbac())
+        )
+    )
+    return matcher_pb2.Matcher.OnMatch(action=_ext("slot", act))
+
+
+def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork]) -> core_extension_pb2.TypedExtensionConfig:
+    """The ECDS resource that sends each request to the RBAC of its source address's slot.
+
+    Every slot is named (an empty one by a range no peer has), so Envoy subscribes to all of
+    them when the listener first loads it and a new block never waits for a new subscription."""
+    by_slot: dict[int, list[IPNetwork]] = defaultdict(list)
+    for b in blocks:
+        by_slot[slot_of(b)].append(b)
+    range_matchers = []
+    for i in range(SOURCE_SLOTS):
+        nets = sorted(by_slot.get(i, []), key=_net_key) or [
+            ipaddress.IPv6Network((int(_DISCARD.network_address) + i, 128))
+        ]
+        range_matchers.append(
+            ip_pb2.IPMatcher.IPRangeMatcher(
+                ranges=[_cidr(n) for n in nets], on_match=_run_slot(ip, port, i), exclusive=True
+            )
+        )
+    tree = matcher_pb2.Matcher.MatcherTree(
+        input=_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
+        custom_match=_ext("ip-matcher", ip_pb2.IPMatcher(range_matchers=range_matchers)),
+    )
+    wrapper = extension_matcher_pb2.ExtensionWithMatcher(
+        xds_matcher=matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_run_slot(ip, port, REST)),
+        extension_config=core_extension_pb2.TypedExtensionConfig(
+            name=COMPOSITE_FILTER, typed_config=_any(composite_pb2.Composite())
+        ),
+    )
+    name = classifier_name(ip, port)
+    return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(wrapper))
 
 
 # -- resources ---------------------------------------------------------------------------------
 
 
 def route_configuration(name: str, upstream_cluster: str, matcher: matcher_pb2.Matcher) -> route_pb2.RouteConfiguration:
+    """A route carrying its RBAC matcher per route (RDS): the tunnel listener's shape, paired
+    with `http_connection_manager`."""
     per_route = rbac_pb2.RBACPerRoute(rbac=rbac_pb2.RBAC(matcher=matcher))
     route = route_components_pb2.Route(
         name="l7gate",
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(cluster=upstream_cluster),
         typed_per_filter_config={RBAC_FILTER: _any(per_route)},
+    )
+    vhost = route_components_pb2.VirtualHost(name="l7gate", domains=["*"], routes=[route])
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
+
+
+def upstream_route(name: str, upstream_cluster: str) -> route_pb2.RouteConfiguration:
+    """A proxied port's route: everything to the pod. Policy is in the port's ECDS slots."""
+    route = route_components_pb2.Route(
+        name="l7gate",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(cluster=upstream_cluster),
     )
     vhost = route_components_pb2.VirtualHost(name="l7gate", domains=["*"], routes=[route])
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
@@ -319,15 +495,15 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def http_connection_manager(stat_prefix: str, rds_name: str, access_logs: Sequence[Message] = ()) -> hcm_pb2.HttpConnectionManager:
-    # Filter-level RBAC denies everything: a route without its per-route policy fails closed.
-    deny_all = rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.Action.ALLOW))
+def _hcm(
+    stat_prefix: str, rds_name: str, policy_filter: hcm_pb2.HttpFilter, access_logs: Sequence[Message]
+) -> hcm_pb2.HttpConnectionManager:
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=rds_name),
         http_filters=[
-            hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=_any(deny_all)),
+            policy_filter,
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_any(router_pb2.Router())),
         ],
         normalize_path=wrappers_pb2.BoolValue(value=True),
@@ -338,10 +514,27 @@ def http_connection_manager(stat_prefix: str, rds_name: str, access_logs: Sequen
     )
 
 
+def http_connection_manager(stat_prefix: str, rds_name: str, access_logs: Sequence[Message] = ()) -> hcm_pb2.HttpConnectionManager:
+    """HCM whose RBAC policy comes per route (`route_configuration`)."""
+    # Filter-level RBAC denies everything: a route without its per-route policy fails closed.
+    rbac = hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=_any(deny_all_rbac()))
+    return _hcm(stat_prefix, rds_name, rbac, access_logs)
+
+
+def source_http_connection_manager(
+    stat_prefix: str, rds_name: str, classifier: str, access_logs: Sequence[Message] = ()
+) -> hcm_pb2.HttpConnectionManager:
+    """HCM whose policy is the ECDS classifier `classifier` and its slots (`classifier_config`).
+    No default config: the listener stays warming, taking no connection, until it arrives."""
+    cls = hcm_pb2.HttpFilter(name=classifier, config_discovery=_ecds_source(CLASSIFIER_TYPE))
+    return _hcm(stat_prefix, rds_name, cls, access_logs)
+
+
 def listener(
     name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False
 ) -> listener_pb2.Listener:
-    hcm = http_connection_manager(name, rds_name, access_logs)
+    """A proxied port's listener; its policy filter is the port's classifier (ECDS)."""
+    hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port), access_logs)
     chain = listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_any(hcm))]
     )
@@ -393,6 +586,75 @@ class PortResources:
     listener: listener_pb2.Listener
     route: route_pb2.RouteConfiguration
     cluster: cluster_pb2.Cluster
+    extension_configs: Mapping[str, core_extension_pb2.TypedExtensionConfig]  # ECDS, by name
+
+
+def source_index(
+    prefixes: Mapping[int, Sequence[IPNetwork]],
+) -> tuple[dict[IPNetwork, dict[IPNetwork, int]], dict[IPNetwork, int]]:
+    """The ipcache split into blocks (block -> prefix -> identity) and broad prefixes."""
+    by_block: dict[IPNetwork, dict[IPNetwork, int]] = defaultdict(dict)
+    broad: dict[IPNetwork, int] = {}
+    for ident, nets in prefixes.items():
+        for net in nets:
+            b = block_of(net)
+            if b is None:
+                broad[net] = ident
+            else:
+                by_block[b][net] = ident
+    return dict(by_block), broad
+
+
+def source_slot_config(
+    ip: str,
+    port: int,
+    slot: int,
+    decide: Callable[[int], Decision],
+    world: Decision,
+    by_block: Mapping[IPNetwork, Mapping[IPNetwork, int]],
+    broad: Mapping[IPNetwork, int],
+    blocks: Iterable[IPNetwork] = (),
+    *,
+    auth_verified: bool = False,
+) -> core_extension_pb2.TypedExtensionConfig:
+    """One slot's RBAC (`blocks` are the slot's blocks), or the rest's (`slot == REST`: the
+    broad prefixes). `decide(identity)` is the port's decision for an identity."""
+    if slot == REST:
+        table: dict[int, list[IPNetwork]] = defaultdict(list)
+        for net, ident in sorted(broad.items(), key=lambda kv: _net_key(kv[0])):
+            table[ident].append(net)
+    else:
+        table = slot_prefixes(blocks, by_block, broad)
+    peers = {}
+    for ident in sorted(table):
+        d = world if ident == WORLD_ID else decide(ident)
+        if d != world:
+            peers[ident] = d
+    matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
+    return rbac_filter_config(slot_name(ip, port, slot), matcher)
+
+
+def source_configs(
+    ip: str,
+    port: int,
+    decisions: PortDecisions,
+    prefixes: Mapping[int, Sequence[IPNetwork]],
+    *,
+    auth_verified: bool = False,
+) -> dict[str, core_extension_pb2.TypedExtensionConfig]:
+    """Every ECDS resource of one port at once (the publisher renders them one by one)."""
+    by_block, broad = source_index(prefixes)
+    by_slot: dict[int, list[IPNetwork]] = defaultdict(list)
+    for b in by_block:
+        by_slot[slot_of(b)].append(b)
+    out = {classifier_name(ip, port): classifier_config(ip, port, by_block)}
+    for i in (*range(SOURCE_SLOTS), REST):
+        cfg = source_slot_config(
+            ip, port, i, decisions.for_identity, decisions.world, by_block, broad, by_slot.get(i, ()),
+            auth_verified=auth_verified,
+        )
+        out[cfg.name] = cfg
+    return out
 
 
 def port_resources(
@@ -404,10 +666,9 @@ def port_resources(
     decisions = port_decisions(policy, pp.port, prefixes.keys())
     return PortResources(
         listener(listener_name(pp.ip, pp.port), pp.ip, pp.port, route_name(pp.ip, pp.port), access_logs, pp.transparent),
-        route_configuration(
-            route_name(pp.ip, pp.port), cluster_name(pp.ip, pp.port), rbac_matcher(decisions, prefixes)
-        ),
+        upstream_route(route_name(pp.ip, pp.port), cluster_name(pp.ip, pp.port)),
         static_cluster(cluster_name(pp.ip, pp.port), pp.upstream_ip, pp.upstream_port),
+        source_configs(pp.ip, pp.port, decisions, prefixes),
     )
 
 
