@@ -82,14 +82,6 @@ class MapKey:
 
 
 @dataclass(frozen=True, slots=True)
-class Contribution:
-    deny: bool
-    l7: L7Rules | None
-    auth: AuthMode | None
-    origin: Origin
-
-
-@dataclass(frozen=True, slots=True)
 class MapEntry:
     deny: bool
     l7: L7Rules | None  # None: no L7 restriction (always None for deny)
@@ -104,17 +96,36 @@ class MapEntry:
         return "proxy" if self.redirect else "allow"
 
 
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    deny: bool
+    l7: L7Rules | None
+    auth: AuthMode | None
+    origin: Origin
+    # The entry of a key this contribution alone puts something on: one object, shared by
+    # every such key (so that consumers can tell equal entries by identity, see `PortView`).
+    alone: MapEntry = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.deny:
+            entry = MapEntry(True, None, False, None, (str(self.origin),))
+        else:
+            # One rule's L7 rules are already canonical.
+            entry = MapEntry(False, self.l7, self.l7 is not None, self.auth, (str(self.origin),))
+        object.__setattr__(self, "alone", entry)
+
+
 def merge(contribs: Iterable[Contribution]) -> MapEntry:
     """The entry a key gets from every rule that contributes to it (deny wins; allows are a
     union; no L7 restriction if any allow has none; the strongest auth mode)."""
-    cs = frozenset(contribs)
-    if len(cs) == 1:
-        (c,) = cs
-        # The common case, kept cheap: one rule's entry (its L7 rules are already canonical).
-        if c.deny:
-            return MapEntry(True, None, False, None, (str(c.origin),))
-        return MapEntry(False, c.l7, c.l7 is not None, c.auth, (str(c.origin),))
-    return _merge_many(cs)
+    cs = tuple(contribs)
+    first = cs[0]
+    if all(c is first for c in cs):
+        return first.alone  # the common case, kept cheap: nothing hashed
+    uniq = frozenset(cs)
+    if len(uniq) == 1:
+        return first.alone
+    return _merge_many(uniq)
 
 
 @lru_cache(maxsize=16384)
@@ -172,11 +183,12 @@ class CompiledRule:
     every endpoint map, for as long as this rule is registered: ids do not depend on where the
     rule sits in a template, and a replaced rule (even under the same name) gets fresh ones."""
 
-    __slots__ = ("rid", "rule", "base", "items", "by_selector")
+    __slots__ = ("rid", "rule", "policy", "base", "items", "by_selector")
 
     def __init__(self, rid: RuleId, rule: Rule, base: int) -> None:
         self.rid = rid
         self.rule = rule
+        self.policy = rule.origin.policy
         self.base = base
         self.items = rule_items(rule)
         by: dict[str, list[int]] = {}
@@ -221,7 +233,7 @@ def _template(rids: frozenset[RuleId], compiled: tuple[CompiledRule, ...]) -> Te
         frozenset(c.base for c in compiled),
         any(c.rule.default_deny_ingress for c in compiled),
         any(c.rule.default_deny_egress for c in compiled),
-        tuple(sorted({c.rule.origin.policy for c in compiled})),
+        tuple(sorted({c.policy for c in compiled})),
     )
 
 
@@ -548,7 +560,8 @@ class Resolver:
     def _template_for(self, rids: frozenset[RuleId]) -> Template:
         t = self._templates.get(rids)
         if t is None:
-            t = _template(rids, tuple(self._rules[r] for r in sorted(rids)))
+            rules = self._rules
+            t = _template(rids, tuple(map(rules.__getitem__, sorted(rids))))
             self._templates[rids] = t
             self._template_endpoints[rids] = set()
             for r in rids:
@@ -841,6 +854,9 @@ class PortView:
         self.direction = direction
         self.any: list[MapEntry] = []
         self.by_peer: dict[int, list[MapEntry]] = {}
+        # Peers with the same entries get the same decision. Keyed by the entries' ids: the
+        # view holds them, and the resolver shares one entry object among equal keys.
+        self._memo: dict[tuple[int, ...], Decision] = {}
         if policy is None:
             return
         for k, e in policy.entries(direction).items():
@@ -857,7 +873,12 @@ class PortView:
     def decide(self, peer: int) -> Decision:
         if self.policy is None or not self.policy.policies:
             return decide_hits(self.policy, self.direction, [])
-        return decide_hits(self.policy, self.direction, self.any + self.by_peer.get(peer, []))
+        own = self.by_peer.get(peer, [])
+        key = tuple(map(id, own))
+        dec = self._memo.get(key)
+        if dec is None:
+            dec = self._memo[key] = decide_hits(self.policy, self.direction, self.any + own)
+        return dec
 
 
 def decide_hits(policy: EndpointPolicy | None, direction: Direction, hits: list[MapEntry]) -> Decision:
