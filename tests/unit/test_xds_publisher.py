@@ -1,0 +1,320 @@
+"""The publisher's source-address slots: what a change re-sends, and that the slots, however
+they were reached incrementally, decide every address exactly as one longest-prefix table would.
+
+The decision an address gets from the ECDS configuration is read by walking it the way Envoy
+does (classifier trie → slot name → slot's trie → leaf); the expected one comes from a plain
+longest-prefix lookup in the ipcache and `translate.port_decisions`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pytest
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.http.composite.v3 import composite_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from google.protobuf.message import Message
+from xds.type.matcher.v3 import ip_pb2
+
+from l7gate.identity.ipcache import IPCacheChange
+from l7gate.policy.labels import Labels
+from l7gate.policy.parse import parse_policy
+from l7gate.policy.resolve import PolicyDelta, Resolver
+from l7gate.xds import translate as t
+from l7gate.xds.cache import EXTENSION_CONFIG, LISTENER, ROUTE, SnapshotCache
+from l7gate.xds.publisher import Publisher
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+NODE = "node-t"
+BILLING = 1001
+BILLING_IP = "10.9.1.10"
+PORT = 8080
+
+
+def ccnp(name: str, ingress: list[dict[str, Any]], deny: list[dict[str, Any]] | None = None) -> Any:
+    spec: dict[str, Any] = {"endpointSelector": {"matchLabels": {"app": "billing"}}, "ingress": ingress}
+    if deny:
+        spec["ingressDeny"] = deny
+    doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy", "metadata": {"name": name},
+           "spec": spec}
+    return parse_policy(doc, cluster_name="c")
+
+
+def to_port(http: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    tp: dict[str, Any] = {"ports": [{"port": str(PORT), "protocol": "TCP"}]}
+    if http is not None:
+        tp["rules"] = {"http": http}
+    return [tp]
+
+
+def group_policy(g: int) -> Any:
+    return ccnp(f"group-{g}", [{"fromEndpoints": [{"matchLabels": {"group": f"g{g}"}}],
+                                "toPorts": to_port([{"method": "GET", "path": f"/g{g}"}])}])
+
+
+class Recorder:
+    """A snapshot cache that remembers what each `update` handed it."""
+
+    def __init__(self) -> None:
+        self.cache = SnapshotCache()
+        self.calls: list[tuple[str, list[str], list[str], int]] = []
+
+    def update(self, node_id: str, type_url: str, upserted: Mapping[str, Message], removed: Iterable[str]) -> object:
+        removed = list(removed)
+        size = sum(m.ByteSize() for m in upserted.values())
+        self.calls.append((type_url, sorted(upserted), sorted(removed), size))
+        return self.cache.update(node_id, type_url, upserted, removed)
+
+    def sent(self, type_url: str) -> list[str]:
+        return [n for tu, names, _, _ in self.calls if tu == type_url for n in names]
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+
+class World:
+    """A resolver, an ipcache and a publisher fronting billing:8080, driven like the agent."""
+
+    def __init__(self) -> None:
+        self.r = Resolver()
+        self.ipcache: dict[IPNetwork, int] = {}
+        self.rev = 0
+        self.sink = Recorder()
+        self.pub = Publisher(self.sink, NODE, self.r.endpoint_policy)
+        self.r.update_identities({BILLING: Labels.of({"app": "billing"})})
+        self.pub.on_policy_delta(self.r.add_endpoint(BILLING))
+        self.set_ip(ipaddress.ip_network(f"{BILLING_IP}/32"), BILLING)
+        self.pub.set_ports([t.ProxiedPort(BILLING, BILLING_IP, PORT, BILLING_IP, PORT + 10000)])
+
+    def delta(self, d: PolicyDelta) -> None:
+        self.pub.on_policy_delta(d)
+
+    def set_ip(self, net: IPNetwork, ident: int | None) -> None:
+        old = self.ipcache.get(net)
+        if ident is None:
+            self.ipcache.pop(net, None)
+        else:
+            self.ipcache[net] = ident
+        self.rev += 1
+        self.pub.on_ipcache_change(IPCacheChange(net, old, ident, self.rev))
+
+    def add_identity(self, ident: int, labels: dict[str, str]) -> None:
+        self.delta(self.r.update_identities({ident: Labels.of(labels)}))
+
+    def add_pod(self, ident: int, ip: str, labels: dict[str, str]) -> None:
+        self.add_identity(ident, {"app": "peer", "io.kubernetes.pod.namespace": "web", **labels})
+        self.set_ip(ipaddress.ip_network(ip), ident)
+
+    def add_cidr(self, ident: int, prefix: str) -> None:
+        self.add_identity(ident, {f"cidr:{prefix}": ""})
+        self.set_ip(ipaddress.ip_network(prefix), ident)
+
+    def ecds(self) -> dict[str, Message]:
+        snap = self.sink.cache.get_snapshot(NODE)
+        assert snap is not None
+        return snap.messages(EXTENSION_CONFIG)
+
+    def lookup(self, addr: str) -> int:
+        a = ipaddress.ip_address(addr)
+        best: tuple[int, int] | None = None
+        for net, ident in self.ipcache.items():
+            if net.version == a.version and a in net and (best is None or net.prefixlen > best[0]):
+                best = (net.prefixlen, ident)
+        return best[1] if best else t.WORLD_ID
+
+    def expected(self, addr: str) -> bytes:
+        ids: dict[int, list[IPNetwork]] = {}
+        for net, ident in self.ipcache.items():
+            ids.setdefault(ident, []).append(net)
+        d = t.port_decisions(self.r.endpoint_policy(BILLING), PORT, ids).for_identity(self.lookup(addr))
+        return t.decision_on_match(d).SerializeToString(deterministic=True)
+
+
+def _longest(ipm: Any, addr: str) -> Any:
+    a = ipaddress.ip_address(addr)
+    best: tuple[int, Any] | None = None
+    for rm in ipm.range_matchers:
+        for r in rm.ranges:
+            net = ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}")
+            if net.version == a.version and a in net:
+                assert best is None or net.prefixlen != best[0], "two ranges of one length hold an address"
+                if best is None or net.prefixlen > best[0]:
+                    best = (net.prefixlen, rm.on_match)
+    return None if best is None else best[1]
+
+
+def envoy_leaf(ecds: Mapping[str, Message], addr: str) -> bytes:
+    """The matcher leaf Envoy reaches for a request from `addr`: the classifier picks a slot,
+    the slot's trie (or its on_no_match) picks the leaf."""
+    cls: Any = ecds[t.classifier_name(BILLING_IP, PORT)]
+    wrapper = extension_matcher_pb2.ExtensionWithMatcher()
+    cls.typed_config.Unpack(wrapper)
+    ipm = ip_pb2.IPMatcher()
+    wrapper.xds_matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    on = _longest(ipm, addr) or wrapper.xds_matcher.on_no_match
+    action = composite_pb2.ExecuteFilterAction()
+    on.action.typed_config.Unpack(action)
+    slot: Any = ecds[action.dynamic_config.name]
+    rbac = rbac_pb2.RBAC()
+    slot.typed_config.Unpack(rbac)
+    ipm = ip_pb2.IPMatcher()
+    rbac.matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    leaf = _longest(ipm, addr) or rbac.matcher.on_no_match
+    return bytes(leaf.SerializeToString(deterministic=True))
+
+
+def from_scratch(w: World) -> dict[str, bytes]:
+    """Every ECDS resource of a publisher that saw the final state only."""
+    rec = Recorder()
+    pub = Publisher(rec, NODE, w.r.endpoint_policy)
+    pub.load_ipcache(w.ipcache.items())
+    pub.set_ports(w.pub.ports)
+    pub.flush()
+    snap = rec.cache.get_snapshot(NODE)
+    assert snap is not None
+    return {n: m.SerializeToString(deterministic=True) for n, m in snap.messages(EXTENSION_CONFIG).items()}
+
+
+def big_world(blocks: int = 6, per_block: int = 40, groups: int = 7) -> World:
+    w = World()
+    for g in range(groups):
+        w.delta(w.r.upsert_policy(group_policy(g)))
+    n = 0
+    for b in range(blocks):
+        for i in range(per_block):
+            w.add_pod(20_000 + n, f"10.1.{b}.{i + 1}", {"peer": f"p{n}", "group": f"g{n % groups}"})
+            n += 1
+    w.pub.flush()
+    w.sink.clear()
+    return w
+
+
+def test_one_pod_added_sends_one_slot() -> None:
+    w = big_world()
+    total = sum(m.ByteSize() for m in w.ecds().values())
+    w.add_pod(30_000, "10.1.2.200", {"peer": "new", "group": "g1"})  # an existing block
+    stats = w.pub.flush()
+    block = ipaddress.ip_network("10.1.2.0/24")
+    assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
+    assert w.sink.sent(LISTENER) == [] and w.sink.sent(ROUTE) == []
+    assert stats.slots_translated == 1 and stats.resources_sent == 1
+    assert stats.bytes_sent < total / 5
+    assert envoy_leaf(w.ecds(), "10.1.2.200") == w.expected("10.1.2.200")
+    assert w.expected("10.1.2.200") != w.expected("10.1.2.201")  # the new pod is listed
+
+
+def test_pod_in_a_new_block_sends_its_slot_and_the_classifier() -> None:
+    w = big_world()
+    w.add_pod(30_001, "10.1.77.5", {"peer": "new", "group": "g2"})
+    w.pub.flush()
+    block = ipaddress.ip_network("10.1.77.0/24")
+    assert sorted(w.sink.sent(EXTENSION_CONFIG)) == sorted(
+        [t.classifier_name(BILLING_IP, PORT), t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
+    )
+    assert envoy_leaf(w.ecds(), "10.1.77.5") == w.expected("10.1.77.5")
+
+
+def test_pod_whose_decision_is_worlds_sends_nothing() -> None:
+    w = big_world()
+    w.add_pod(30_002, "10.1.3.99", {"peer": "unlisted"})  # no group: default deny, like world
+    stats = w.pub.flush()
+    assert w.sink.sent(EXTENSION_CONFIG) == [] and stats.slots_translated == 0
+
+
+def test_policy_change_for_one_peer_resends_only_its_slot() -> None:
+    w = big_world()
+    pol = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/x"}])}])
+    w.delta(w.r.upsert_policy(pol))
+    w.pub.flush()  # a new policy on billing: every default-deny leaf names it, all slots change
+    w.sink.clear()
+    pol2 = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/y"}])}])
+    w.delta(w.r.upsert_policy(pol2))
+    w.pub.flush()
+    p3_block = ipaddress.ip_network("10.1.0.0/24")
+    assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(p3_block))]
+
+
+def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:
+    w = big_world(blocks=4, per_block=10)
+    allow_cidr = ccnp("from-cidr", [{"fromCIDR": ["10.1.0.0/22"], "toPorts": to_port()}])
+    w.delta(w.r.upsert_policy(allow_cidr))
+    w.add_cidr(40_000, "10.1.0.0/22")  # spans the 4 blocks, so 4 slots, and the rest
+    w.pub.flush()
+    w.sink.clear()
+    slots = {t.slot_of(ipaddress.ip_network(f"10.1.{b}.0/24")) for b in range(4)}
+    assert len(slots) == 4
+    probes = ["10.1.0.1", "10.1.0.200", "10.1.3.250", "10.1.4.1", "10.1.1.5", "10.2.0.1"]
+    for a in probes:
+        assert envoy_leaf(w.ecds(), a) == w.expected(a), a
+    # inside the prefix, not a pod: the prefix's decision (allowed at L4); a pod keeps its own
+    assert w.expected("10.1.0.200") != w.expected("10.1.0.1")
+    w.set_ip(ipaddress.ip_network("10.1.0.0/22"), None)
+    w.pub.flush()
+    sent = set(w.sink.sent(EXTENSION_CONFIG))
+    assert {t.slot_name(BILLING_IP, PORT, s) for s in slots} | {t.slot_name(BILLING_IP, PORT, t.REST)} <= sent
+    for a in probes:
+        assert envoy_leaf(w.ecds(), a) == w.expected(a), a
+
+
+def test_removed_port_removes_its_ecds_resources() -> None:
+    w = big_world(blocks=1, per_block=3)
+    w.pub.set_ports([])
+    w.pub.flush()
+    assert w.ecds() == {}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed: int) -> None:
+    rnd = random.Random(seed)
+    w = World()
+    for g in range(3):
+        w.delta(w.r.upsert_policy(group_policy(g)))
+    pool = [f"10.1.{b}.{h}" for b in (0, 1, 2, 64) for h in (1, 2, 3, 4, 5, 128, 255)]
+    pool += ["10.3.0.1", "fd00::1", "fd00::2", "fd00::1:1"]
+    cidrs = ["10.1.0.0/16", "10.1.2.0/25", "10.0.0.0/8", "10.1.1.0/24", "10.1.2.0/30", "fd00::/64"]
+    cidr_ids = {c: 50_000 + i for i, c in enumerate(cidrs)}
+    pods: dict[str, int] = {}
+    next_id = 60_000
+    toggles = [
+        ccnp("tog", [{"fromCIDR": ["10.1.0.0/16"], "toPorts": to_port([{"method": "POST"}])}],
+             deny=[{"fromCIDR": ["10.1.2.0/25"]}]),
+        ccnp("tog", [{"fromEndpoints": [{"matchLabels": {"group": "g1"}}], "toPorts": to_port()}]),
+        ccnp("tog", [{"fromEntities": ["all"], "toPorts": to_port([{"path": "/any"}])}]),
+        ccnp("tog", [{"fromCIDR": ["10.0.0.0/8", "fd00::/64"], "toPorts": to_port()}],
+             deny=[{"fromEndpoints": [{"matchLabels": {"group": "g0"}}]}]),
+    ]
+    probes = pool + ["10.1.0.77", "10.1.2.100", "10.1.2.200", "10.1.1.200", "10.200.0.1", "10.1.64.77", "fd00::9",
+                     "fd01::1", "192.0.2.1"]
+    for step in range(60):
+        op = rnd.random()
+        if op < 0.45:
+            ip = rnd.choice(pool)
+            next_id += 1
+            if ip in pods and rnd.random() < 0.5:
+                w.set_ip(ipaddress.ip_network(ip), None)
+                del pods[ip]
+            else:
+                w.add_pod(next_id, ip, {"peer": f"p{next_id}", "group": f"g{rnd.randrange(4)}"})
+                pods[ip] = next_id
+        elif op < 0.7:
+            c = rnd.choice(cidrs)
+            net = ipaddress.ip_network(c)
+            if net in w.ipcache:
+                w.set_ip(net, None)
+            else:
+                w.add_cidr(cidr_ids[c], c)
+        elif op < 0.9:
+            w.delta(w.r.upsert_policy(rnd.choice(toggles)))
+        else:
+            w.delta(w.r.delete_policy("CiliumClusterwideNetworkPolicy/tog"))
+        if rnd.random() < 0.6:
+            w.pub.flush()
+            ecds = w.ecds()
+            for a in probes:
+                assert envoy_leaf(ecds, a) == w.expected(a), (step, a)
+            mine = {n: m.SerializeToString(deterministic=True) for n, m in ecds.items()}
+            assert mine == from_scratch(w), step
