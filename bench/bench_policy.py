@@ -11,8 +11,12 @@ Measured:
   compute every endpoint's template and map;
 - one pod added: a new remote identity (selected by one team selector) → update_identities,
   and a new local endpoint → update_identities + add_endpoint;
+- one policy replaced: policy 1 with its HTTP path alternating (upsert_policy of the same name),
+  and one policy added then deleted (upsert_policy + delete_policy of a new name selecting
+  app1): the endpoints it selects change by that policy's rules only;
 - peak memory of the full computation (tracemalloc).
-The goal (issue 2): one pod added is at least 100× cheaper than a full recompute.
+The goal (issue 2): one pod added is at least 100× cheaper than a full recompute; so is one
+policy changed (issue 3).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def identity_labels(i: int) -> Labels:
     )
 
 
-def policy_doc(j: int) -> dict[str, Any]:
+def policy_doc(j: int, variant: int = 0, name: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "endpointSelector": {"matchLabels": {"app": f"app{j % GROUPS}"}},
         "ingress": [
@@ -55,7 +59,7 @@ def policy_doc(j: int) -> dict[str, Any]:
                         "ports": [{"port": "8080", "protocol": "TCP"}],
                         "rules": {
                             "http": [
-                                {"method": "POST", "path": f"/v1/charge/{j}"},
+                                {"method": "POST", "path": f"/v1/charge/{j}" + "/v2" * variant},
                                 {"method": "GET", "path": "/v1/items/[0-9]+"},
                             ]
                         },
@@ -76,7 +80,7 @@ def policy_doc(j: int) -> dict[str, Any]:
     return {
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumClusterwideNetworkPolicy",
-        "metadata": {"name": f"p{j}"},
+        "metadata": {"name": name or f"p{j}"},
         "spec": spec,
     }
 
@@ -136,6 +140,30 @@ def run(ctx: Context) -> list[Result]:
             results.append(
                 Result(
                     name=f"one {label} added, {n_pol} policies x {n_id} identities",
+                    value=one,
+                    unit="s",
+                    baseline_name="full resolution",
+                    baseline_value=full.median,
+                    goal="incremental update >= 100x cheaper than a full recompute",
+                    goal_met=full.median / one >= 100,
+                )
+            )
+
+        variants = itertools.cycle([parse_policy(policy_doc(1, v)) for v in (1, 0)])
+        extra = parse_policy(policy_doc(1, name="extra"))
+
+        def replace_policy() -> None:
+            resolver.upsert_policy(next(variants))
+
+        def add_delete_policy() -> None:
+            resolver.upsert_policy(extra)
+            resolver.delete_policy(extra.key)
+
+        for label, fn in (("policy replaced", replace_policy), ("policy added and deleted", add_delete_policy)):
+            one = ctx.median(fn, runs=21)
+            results.append(
+                Result(
+                    name=f"one {label}, {n_pol} policies x {n_id} identities",
                     value=one,
                     unit="s",
                     baseline_name="full resolution",
