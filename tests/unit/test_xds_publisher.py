@@ -131,7 +131,7 @@ class World:
         for net, ident in self.ipcache.items():
             ids.setdefault(ident, []).append(net)
         d = t.port_decisions(self.r.endpoint_policy(BILLING), PORT, ids).for_identity(self.lookup(addr))
-        return t.decision_on_match(d).SerializeToString(deterministic=True)
+        return bytes(t.decision_on_match(d).SerializeToString(deterministic=True))
 
 
 def _longest(ipm: Any, addr: str) -> Any:

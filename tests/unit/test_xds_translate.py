@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 
 def test_envoy_matcher_merges_only_exact_runs_of_pod_addresses() -> None:
     import ipaddress
@@ -21,3 +23,44 @@ def test_envoy_matcher_merges_only_exact_runs_of_pod_addresses() -> None:
     m.matcher_tree.custom_match.typed_config.Unpack(ipm)
     ranges = [(r.address_prefix, r.prefix_len.value) for rm in ipm.range_matchers for r in rm.ranges]
     assert ranges == [("10.0.0.0", 30), ("10.0.0.5", 32)]
+
+
+def test_port_policy_is_one_classifier_filter_and_slots_fail_closed() -> None:
+    from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+    from envoy.extensions.filters.http.composite.v3 import composite_pb2
+    from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+    from xds.type.matcher.v3 import ip_pb2
+
+    from l7gate.xds import translate as t
+
+    lst = t.listener("l", "10.0.0.1", 8080, "r")
+    hcm = hcm_pb2.HttpConnectionManager()
+    lst.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    cls_filter, router = hcm.http_filters
+    assert router.name == t.ROUTER_FILTER
+    assert cls_filter.name == t.classifier_name("10.0.0.1", 8080)
+    # No default config: the listener warms (takes no connection) until the classifier arrives.
+    assert not cls_filter.config_discovery.HasField("default_config")
+    assert not t.upstream_route("r", "c").virtual_hosts[0].routes[0].typed_per_filter_config
+
+    cls = t.classifier_config("10.0.0.1", 8080, [ipaddress.ip_network("10.1.2.0/24")])
+    wrapper = extension_matcher_pb2.ExtensionWithMatcher()
+    cls.typed_config.Unpack(wrapper)
+    ipm = ip_pb2.IPMatcher()
+    wrapper.xds_matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    names = set()
+    for on in [*(rm.on_match for rm in ipm.range_matchers), wrapper.xds_matcher.on_no_match]:
+        act = composite_pb2.ExecuteFilterAction()
+        on.action.typed_config.Unpack(act)
+        names.add(act.dynamic_config.name)
+        # A slot Envoy has not received (or had removed) is the default: deny everything.
+        src = act.dynamic_config.config_discovery
+        assert src.apply_default_config_without_warming
+        deny = rbac_pb2.RBAC()
+        src.default_config.Unpack(deny)
+        assert deny == t.deny_all_rbac() and not deny.rules.policies
+    # Every slot is named whether or not it holds a block, so Envoy subscribes to all at once.
+    assert names == set(t.slot_names("10.0.0.1", 8080)[1:])
