@@ -290,7 +290,10 @@ def loopback_pod(name: str, ns: str, ip: str, labels: dict[str, str], ports: tup
 class AgentProcess:
     """`l7gate agent --config ...` in a testbed node namespace, started and stopped by PID."""
 
-    def __init__(self, node: Node, work: Path, kernel: bool, manifests: list[dict[str, Any]]) -> None:
+    def __init__(self, node: Node, work: Path, kernel: bool, manifests: list[dict[str, Any]],
+                 extra: dict[str, Any] | None = None) -> None:
+        """`extra`: top-level sections that replace or add to the generated config (e.g.
+        `cluster`, `clusters`, `mtls`)."""
         self.node = node
         self.work = work
         self.kernel = kernel
@@ -312,6 +315,7 @@ class AgentProcess:
             "admin": {"listen": f"unix:{work}/admin.sock"},
             "envoy": {"logLevel": "warning", "concurrency": 1},
             "datapath": datapath,
+            **(extra or {}),
         }))
 
     def spawn(self) -> None:

@@ -1,4 +1,7 @@
-"""Mutual-auth handshakes (issue 6): how many per second one core does, against plain TCP.
+"""Mutual auth (issue 6): handshakes per second against plain TCP, and requests/s through the
+Envoy-to-Envoy mTLS tunnel against the same path without auth.
+
+1. Handshakes.
 
 A `MutualAuthServer` (the agent's, thread per connection) runs in a child process on
 127.0.0.1, with a store on the same built-in CA directory as the client (the shared-CA setup
@@ -15,6 +18,34 @@ Baseline, in the same run and the same way: a plain TCP connect + close against 
 accepts and closes (the client resets the connection so no TIME_WAIT piles up). Rounds of the
 two alternate; values are medians over rounds. The ratio shows what TLS and the SPIFFE checks
 cost over the bare connection.
+
+2. Requests/s with auth required and in-transit mTLS (needs root, bcc, wrk, tcpdump, Envoy;
+skipped with the reason otherwise). A `Testbed` with two linked nodes: node A (cluster-a) runs
+billing-service on :8080, its server a static Envoy answering 200 (Python's http.server would
+be the limit and hide the difference); node B (cluster-b) runs frontend-service. One agent per
+node, kernel datapath, `mtls: {encryption: tunnel, tunnelPort: 15443}` on a shared CA, Envoys
+at concurrency 1. Two policy sets are applied alternately on the same agents and pods:
+   - plain: the seed (default deny; frontend may POST /v1/charge on billing:8080), no auth.
+     frontend → node B's kernel → the link → node A's kernel redirect → node A's Envoy (the
+     port's L7 rules) → billing;
+   - tunnel: the same with `authentication: {mode: required}` on the allow rule. frontend →
+     node B's kernel redirect → node B's Envoy egress listener → TLS 1.3 + HTTP/2 with the
+     workloads' SVIDs → node A's Envoy tunnel listener (RBAC on the client certificate) →
+     billing.
+After each switch the path must be in force before anything is measured: for the tunnel, node
+B's `/v1/auth` shows every tunnel egress ready (kernel entries written after Envoy's ACK),
+node A's shows the tunnel ingress, both Envoys are synced and a probe POST is answered 200 by
+Envoy while node A's `http.l7g_tunnel_in.downstream_rq_total` grows; for plain, no tunnel
+egress, ingress or kernel entry is left, both synced, the probe 200 through Envoy. Then a 1 s
+`wrk` warm-up, then `wrk -t1 -c32` POST /v1/charge from the frontend pod. Rounds alternate
+the order (plain, tunnel | tunnel, plain | ...), so a set is switched only between rounds'
+halves that differ. Checked every run: in tunnel runs node A's tunnel counter grows by at
+least the requests wrk counted, in plain runs it does not move. Checked once with tcpdump on
+the link, during the first warm-up of each set: the tunnel sends nothing to :8080 and
+something to :15443; the plain path sends to :8080. Value: median req/s; ratio: median of
+the per-round paired ratios (tunnel / plain). CPU per request of both agents' Envoys (and of
+the agents, which receive every request's access log, and the upstream) from /proc/<pid>/stat
+over the wrk runs. Goal: tunnel >= 0.8x plain.
 """
 
 from __future__ import annotations
@@ -25,11 +56,19 @@ import socket
 import statistics
 import struct
 import time
+import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from _datapath_world import WrkResult, wrk, wrk_script
+from _tunnel_world import (
+    PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, LinkCapture, TunnelWorld, cpu_seconds,
+    missing_prerequisites,
+)
 from run import Context, Result
 
+from l7gate.agent.testbed import Testbed
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import MutualAuthServer, handshake
 from l7gate.mtls.store import SVIDStore
@@ -86,6 +125,10 @@ def _round(fn: object, n: int, server_pid: int) -> tuple[float, float, float]:
 
 
 def run(ctx: Context) -> list[Result]:
+    return handshakes(ctx) + tunnel_requests(ctx)
+
+
+def handshakes(ctx: Context) -> list[Result]:
     n_tls = 200 if ctx.quick else 1500
     n_tcp = 500 if ctx.quick else 3000
     rounds = 2 if ctx.quick else 3
@@ -157,5 +200,180 @@ def run(ctx: Context) -> list[Result]:
             name="verify_peer (SPIFFE checks + cryptography signature/validity path check)",
             value=verify_s * 1e6, unit="us",
             notes="per call, on a built-in-CA SVID; part of every handshake, on both ends",
+        ),
+    ]
+
+
+# --- 2. requests/s through the mTLS tunnel --------------------------------------------------------
+
+MODES = ("plain", "tunnel")
+TUNNEL_NAME = ("requests/s, wrk -t1 -c32 POST /v1/charge node B → node A, auth required: "
+               "Envoy→Envoy mTLS tunnel")
+TUNNEL_GOAL = "tunnel >= 0.8x the same path without auth"
+CPU_NAME = "Envoy CPU per request, both nodes, auth required: mTLS tunnel"
+PROCS = ("envoy A", "envoy B", "agent A", "agent B", "upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRun:
+    wrk: WrkResult
+    cpu: dict[str, float]  # CPU seconds of each process over the run
+    tunnel_rq: int  # growth of node A's tunnel listener's request counter over the run
+    busy: float  # the machine's CPU busy fraction over the run (/proc/stat)
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of the whole machine."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def tunnel_requests(ctx: Context) -> list[Result]:
+    """Part 2; a missing prerequisite skips it and a failure is reported in the table, so that
+    the handshake results still show."""
+    why = missing_prerequisites()
+    if why is not None:
+        ctx.log(f"tunnel requests/s SKIPPED: {why}")
+        return [Result(name=TUNNEL_NAME, value=float("nan"), unit="req/s", goal=TUNNEL_GOAL,
+                       notes=f"SKIPPED: {why}")]
+    try:
+        return _tunnel_requests(ctx)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        ctx.log("tunnel requests/s FAILED:\n" + traceback.format_exc())
+        note = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        return [Result(name=TUNNEL_NAME, value=float("nan"), unit="req/s", goal=TUNNEL_GOAL,
+                       goal_met=False, notes=note)]
+
+
+def _tunnel_requests(ctx: Context) -> list[Result]:
+    rounds, seconds = (1, 3.0) if ctx.quick else (4, 5.0)
+    load_before = _load()
+    runs: dict[str, list[TunnelRun]] = {m: [] for m in MODES}
+    switches: dict[str, list[float]] = {m: [] for m in MODES}
+    link: dict[str, dict[int, int]] = {}
+    with Testbed() as tb:
+        ctx.log("two nodes, two kernel-mode agents with the mTLS tunnel, a static upstream")
+        w = TunnelWorld.build(tb)
+        try:
+            w.start()
+            script = wrk_script(tb.workdir / "post.lua")
+            current = None
+            ctx.log(f"{rounds} rounds x 2 policy sets x {seconds:g} s, order alternating")
+            for r in range(rounds):
+                for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                    if mode != current:
+                        switches[mode].append(w.apply(mode == "tunnel"))
+                        current = mode
+                        if mode in link:
+                            wrk(w.frontend, w.url, 1.0, script)
+                        else:  # the first warm-up of each mode: what crosses the link
+                            with LinkCapture(w, mode) as cap:
+                                wrk(w.frontend, w.url, 1.0, script)
+                            link[mode] = cap.count()
+                            _check_link(mode, link[mode])
+                    one = _measure(w, script, seconds, mode == "tunnel")
+                    ctx.log(f"round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
+                    runs[mode].append(one)
+            w.a.alive()
+            w.b.alive()
+            load = f"load average {load_before} before, {_load()} after"
+        finally:
+            w.close()
+    return _tunnel_results(runs, switches, link, rounds, seconds, load)
+
+
+def _measure(w: TunnelWorld, script: Path, seconds: float, tunnel: bool) -> TunnelRun:
+    pids = w.pids()
+    rq0 = w.a.envoy_counter(TUNNEL_RQ)
+    cpu0, idle0, total0 = {k: cpu_seconds(p) for k, p in pids.items()}, *_cpu_ticks()
+    out = wrk(w.frontend, w.url, seconds, script)
+    cpu, (idle1, total1) = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks()
+    grown = w.a.envoy_counter(TUNNEL_RQ) - rq0
+    # A bench that silently measured the plaintext path (or the tunnel in a plain round) would
+    # be worthless: node A's tunnel listener must have seen every request, or none.
+    if tunnel and grown < out.requests:
+        raise RuntimeError(f"tunnel round: node A's {TUNNEL_RQ} grew by {grown}, wrk completed "
+                           f"{out.requests} requests: they did not all cross the tunnel")
+    # (Switching to plain removes the tunnel listener: once drained, its counters are gone.)
+    if not tunnel and grown > 0:
+        raise RuntimeError(f"plain round: node A's {TUNNEL_RQ} grew by {grown}")
+    return TunnelRun(out, cpu, max(0, grown), 1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def _check_link(mode: str, counts: dict[int, int]) -> None:
+    plain, tunnel = counts[APP_PORT], counts[TUNNEL_PORT]
+    if mode == "tunnel" and (plain != 0 or tunnel == 0):
+        raise RuntimeError(f"tunnel warm-up on the link: {plain} packets on :{APP_PORT}, "
+                           f"{tunnel} on :{TUNNEL_PORT}")
+    if mode == "plain" and plain == 0:
+        raise RuntimeError(f"plain warm-up on the link: no packet on :{APP_PORT}")
+
+
+def _tunnel_results(runs: dict[str, list[TunnelRun]], switches: dict[str, list[float]],
+                    link: dict[str, dict[int, int]], rounds: int, seconds: float, load: str) -> list[Result]:
+    def rps(mode: str) -> float:
+        return statistics.median(x.wrk.rps for x in runs[mode])
+
+    def errors(mode: str) -> str:
+        xs = runs[mode]
+        return (f"{sum(x.wrk.requests for x in xs):,} requests, {sum(x.wrk.non_2xx for x in xs)} non-2xx, "
+                f"{sum(x.wrk.socket_errors for x in xs)} socket errors")
+
+    def us_per_request(mode: str, proc: str) -> float:
+        xs = runs[mode]
+        return sum(x.cpu[proc] for x in xs) / sum(x.wrk.requests for x in xs) * 1e6
+
+    def cpu_note(mode: str) -> str:
+        return ", ".join(f"{p} {us_per_request(mode, p):.0f}" for p in PROCS)
+
+    pairs = [(t.wrk.rps, p.wrk.rps) for t, p in zip(runs["tunnel"], runs["plain"])]
+    ratio = statistics.median(t / p for t, p in pairs)
+    per_round = "; ".join(f"r{i + 1} {t:.0f}/{p:.0f} = {t / p:.2f}" for i, (t, p) in enumerate(pairs))
+    errors_ok = all(x.wrk.non_2xx == 0 and x.wrk.socket_errors == 0 for xs in runs.values() for x in xs)
+    crossed = sum(x.tunnel_rq for x in runs["tunnel"])
+    switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
+    seen = "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
+                     for m, c in link.items())
+    envoys = {m: us_per_request(m, "envoy A") + us_per_request(m, "envoy B") for m in MODES}
+    node = {(m, n): us_per_request(m, f"envoy {n}") + us_per_request(m, f"agent {n}") for m in MODES for n in "AB"}
+    busiest = max("AB", key=lambda n: node["tunnel", n])
+    busy = "; ".join(f"{m} {statistics.median(x.busy for x in runs[m]):.0%}" for m in MODES)
+    return [
+        Result(
+            name=TUNNEL_NAME, value=rps("tunnel"), unit="req/s",
+            baseline_name="same path without auth (node A's Envoy, L7 rules)", baseline_value=rps("plain"),
+            ratio=ratio, goal=TUNNEL_GOAL, goal_met=ratio >= 0.8 and errors_ok,
+            notes=(f"median of {rounds} x {seconds:g} s per set, same agents and pods, the policy set "
+                   f"switched between runs, ratio paired per round (tunnel/plain: {per_round}); "
+                   f"tunnel: {errors('tunnel')}, node A's tunnel listener counted {crossed:,}; "
+                   f"plain: {errors('plain')}, tunnel counter unchanged; link capture: {seen}; "
+                   f"switch until in force: {switch}; machine CPU busy during the runs (median): "
+                   f"{busy} — all of wrk, both nodes and the upstream share {os.cpu_count()} vCPUs, so "
+                   f"the tunnel's second Envoy and second access-log stream come out of the same CPUs; {load}"),
+        ),
+        Result(
+            name=CPU_NAME, value=envoys["tunnel"], unit="µs",
+            baseline_name="same path without auth", baseline_value=envoys["plain"],
+            notes=(f"CPU µs per request over the wrk runs, tunnel: {cpu_note('tunnel')}; plain: "
+                   f"{cpu_note('plain')} (the agents receive every request's access log; wrk not counted)"),
+        ),
+        Result(
+            name=("per-node capacity, auth required: mTLS tunnel (Envoy + agent CPU per request on the "
+                  "busiest node)"),
+            value=node["tunnel", busiest], unit="µs",
+            baseline_name="same path without auth, node A", baseline_value=node["plain", "A"],
+            ratio=node["plain", "A"] / node["tunnel", busiest],
+            notes=(f"a projection, not a measurement of its own: with each node on CPUs of its own, "
+                   f"requests/s would be limited by the busiest node's Envoy and agent; ratio = plain "
+                   f"node A / tunnel node {busiest} CPU per request (requests/s tunnel / plain at that "
+                   f"limit). Tunnel: node A {node['tunnel', 'A']:.0f} µs, node B {node['tunnel', 'B']:.0f} "
+                   f"µs; plain: node A {node['plain', 'A']:.0f} µs, node B {node['plain', 'B']:.0f} µs; "
+                   f"upstream and wrk left out (the same work in both)"),
         ),
     ]
