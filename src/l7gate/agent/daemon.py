@@ -387,7 +387,9 @@ class MutualAuth:
             tunnels = Tunnels(
                 cache, node_id, store, host, m.tunnel_port,
                 set_kernel=dp.set_tunnels, listeners_acked=listeners_acked,
-                access_logs=core.publisher.access_logs,
+                # The source side logs only failures (a refused tunnel, a 403 or 5xx): the
+                # destination node has every request's flow, with the verdict.
+                access_logs=[http_grpc_access_log(min_status=400)],
                 ingress_access_logs=[http_grpc_access_log(request_headers=[ORIGINAL_DST_HEADER])],
                 listener_access_logs=[tcp_grpc_access_log()],
             )

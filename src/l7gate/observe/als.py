@@ -40,10 +40,12 @@ BatchSink = Callable[[Sequence[Any]], None]  # called with each message's entrie
 
 
 def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50,
-                         request_headers: Sequence[str] = ()) -> Any:
+                         request_headers: Sequence[str] = (), min_status: int = 0) -> Any:
     """The HCM `access_log` entry that streams every request to the agent (with the values
-    of `request_headers`, beyond the ones Envoy always logs)."""
+    of `request_headers`, beyond the ones Envoy always logs; with `min_status`, only requests
+    answered with at least that status)."""
     from envoy.config.accesslog.v3 import accesslog_pb2
+    from envoy.config.core.v3 import base_pb2
     from google.protobuf import any_pb2
 
     cfg = als_config_pb2.HttpGrpcAccessLogConfig(
@@ -59,7 +61,12 @@ def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50,
     )
     packed = any_pb2.Any()
     packed.Pack(cfg)
-    return accesslog_pb2.AccessLog(name=HTTP_GRPC_LOGGER, typed_config=packed)
+    out = accesslog_pb2.AccessLog(name=HTTP_GRPC_LOGGER, typed_config=packed)
+    if min_status:
+        out.filter.status_code_filter.comparison.op = accesslog_pb2.ComparisonFilter.GE
+        out.filter.status_code_filter.comparison.value.CopyFrom(
+            base_pb2.RuntimeUInt32(default_value=min_status, runtime_key="l7gate.access_log.min_status"))
+    return out
 
 
 TCP_GRPC_LOGGER = "envoy.access_loggers.tcp_grpc"
