@@ -11,8 +11,8 @@ shared templates, new and deleted peers, endpoints added and removed — this ch
 - the deltas, replayed from the maps before the sequence, give the maps after each step;
 - an endpoint whose policies or default-deny changed is in the delta (appliers recompile only
   the endpoints a delta names);
-- snapshots iterate in key order, and endpoints with the same selecting rules hold the same
-  template.
+- snapshots iterate in key order, the index of auth-required entries matches the maps, and
+  endpoints with the same selecting rules hold the same template.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.resolve import Resolver
-from l7gate.policy.types import Direction
+from l7gate.policy.types import AuthMode, Direction
 from tests.unit import strategies as gen
 from tests.unit.test_policy_properties import (
     Maps,
@@ -102,6 +102,8 @@ def check_invariants(r: Resolver) -> None:
         for d in Direction:
             keys = list(p.entries(d))
             assert keys == sorted(keys), f"endpoint {e} {d.value}: snapshot out of key order"
+            wanted = [(k, v) for k, v in p.entries(d).items() if not v.deny and v.auth is AuthMode.REQUIRED]
+            assert r.auth_required(e, d) == wanted, f"endpoint {e} {d.value}: auth index out of date"
         t = r._endpoints[e].template
         assert t.rids == r._selecting_rules(e), f"endpoint {e} holds a stale template"
         first = by_rules.setdefault(t.rids, e)

@@ -393,17 +393,16 @@ class AgentCore:
         for, each with the mutual-auth servers of the nodes the remote identity's pods run on."""
         with self._lock:
             pods_of = self._identity_pods
-            workloads = [i for i in self.resolver.identities if i >= 256]
+            workloads: list[int] | None = None
             out: dict[tuple[int, int], set[tuple[str, int]]] = {}
             for ep in self.resolver.endpoints():
-                pol = self.resolver.endpoint_policy(ep)
-                if pol is None:
-                    continue
                 for direction in Direction:
-                    for key, entry in pol.entries(direction).items():
-                        if entry.deny or entry.auth is not AuthMode.REQUIRED:
-                            continue
-                        for remote in ([key.peer] if key.peer != 0 else workloads):
+                    # Only the entries that require auth: not a pass over the whole map.
+                    for key, entry in self.resolver.auth_required(ep, direction):
+                        assert not entry.deny and entry.auth is AuthMode.REQUIRED
+                        if key.peer == 0 and workloads is None:
+                            workloads = [i for i in self.resolver.identities if i >= 256]
+                        for remote in ([key.peer] if key.peer != 0 else workloads or []):
                             nodes = {
                                 (self._pods[r].pod.host_ip or "", port)
                                 for r in pods_of.get(remote, ())

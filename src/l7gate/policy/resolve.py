@@ -342,7 +342,7 @@ _Touched = dict[Direction, set[MapKey]]
 
 
 class _EndpointState:
-    __slots__ = ("identity", "template", "contribs", "entries", "order", "snapshot")
+    __slots__ = ("identity", "template", "contribs", "entries", "order", "auth", "snapshot")
 
     def __init__(self, identity: int, template: Template) -> None:
         self.identity = identity
@@ -358,7 +358,13 @@ class _EndpointState:
         }
         # The keys of `entries`, kept sorted (`_key_order`) for snapshots.
         self.order: dict[Direction, list[MapKey]] = {Direction.INGRESS: [], Direction.EGRESS: []}
+        # The keys whose entry requires mutual authentication.
+        self.auth: dict[Direction, set[MapKey]] = {Direction.INGRESS: set(), Direction.EGRESS: set()}
         self.snapshot: EndpointPolicy | None = None  # dropped whenever an entry changes
+
+
+def _needs_auth(entry: MapEntry) -> bool:
+    return not entry.deny and entry.auth is AuthMode.REQUIRED
 
 
 def _rule_id(rule: Rule) -> RuleId:
@@ -425,6 +431,15 @@ class Resolver:
             snap = replace(snap, revision=self.revision)
         st.snapshot = snap
         return snap
+
+    def auth_required(self, identity: int, direction: Direction) -> list[tuple[MapKey, MapEntry]]:
+        """The entries of an endpoint's map that allow with mutual authentication required,
+        in key order; O(those entries), not O(map)."""
+        st = self._endpoints.get(identity)
+        if st is None:
+            return []
+        entries = st.entries[direction]
+        return [(k, entries[k]) for k in sorted(st.auth[direction], key=_key_order)]
 
     def map_size(self) -> int:
         return sum(len(e) for st in self._endpoints.values() for e in st.entries.values())
@@ -619,6 +634,7 @@ class Resolver:
             for key, cs in st.contribs[d].items():
                 entries[key] = merge(cs.values())
             st.order[d] = sorted(entries, key=_key_order)
+            st.auth[d] = {k for k, e in entries.items() if _needs_auth(e)}
 
     def _add_rule(self, st: _EndpointState, c: CompiledRule, touched: _Touched) -> None:
         for i, item in enumerate(c.items):
@@ -667,6 +683,7 @@ class Resolver:
             entries = st.entries[d]
             contribs = st.contribs[d]
             order = st.order[d]
+            auth = st.auth[d]
             base = delta._baseline.setdefault((st.identity, d), {})
             for k in keys:
                 had = entries.get(k)
@@ -678,10 +695,15 @@ class Resolver:
                     if had is not None:
                         del entries[k]
                         del order[bisect_left(order, _key_order(k), key=_key_order)]
+                        auth.discard(k)
                 else:
-                    entries[k] = merge(cs.values())
+                    entry = entries[k] = merge(cs.values())
                     if had is None:
                         insort(order, k, key=_key_order)
+                    if _needs_auth(entry):
+                        auth.add(k)
+                    else:
+                        auth.discard(k)
 
     def _recompute_endpoint(self, identity: int, delta: PolicyDelta, force: bool = False) -> None:
         rids = self._selecting_rules(identity)

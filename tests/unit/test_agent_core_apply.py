@@ -1,0 +1,128 @@
+"""AgentCore's apply path keeps per-change indexes (pod IPs, local pods, auth-required entries)
+instead of passing over every pod or every map entry per request: these tests check that what
+it answers from them is what a pass over everything gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l7gate.agent.config import AgentConfig, EnvoySettings
+from l7gate.agent.core import AgentCore, ApplyError
+from l7gate.kvstore.sqlite import SQLiteKVStore
+from l7gate.policy.types import AuthMode, Direction
+from l7gate.xds.cache import SnapshotCache
+
+
+def pod(name: str, ip: str, labels: dict[str, str], *, cluster: str = "cluster-a",
+        node: str | None = None, host_ip: str | None = None, ports: tuple[int, ...] = ()) -> dict[str, Any]:
+    status: dict[str, Any] = {"podIP": ip}
+    if host_ip:
+        status["hostIP"] = host_ip
+    spec: dict[str, Any] = {"containers": [{"name": "app", "ports": [{"containerPort": p} for p in ports]}]}
+    if node:
+        spec["nodeName"] = node
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "web", "labels": labels,
+                     "annotations": {"l7gate.io/cluster": cluster}},
+        "spec": spec, "status": status,
+    }
+
+
+def auth_policy(name: str, peers: list[dict[str, Any]] | None, port: str) -> dict[str, Any]:
+    rule: dict[str, Any] = {"toPorts": [{"ports": [{"port": port, "protocol": "TCP"}]}],
+                            "authentication": {"mode": "required"}}
+    if peers is not None:
+        rule["fromEndpoints"] = peers
+    return {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "billing"}}, "ingress": [rule]},
+    }
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Any:
+    cfg = AgentConfig(node="n1", cluster_name="cluster-a", cluster_id=1, clusters={"cluster-b": 2},
+                      state_dir=str(tmp_path), envoy=EnvoySettings(enabled=False))
+    store = SQLiteKVStore(str(tmp_path / "kv.db"))
+    c = AgentCore(cfg, store, SnapshotCache())
+    yield c
+    store.close()
+
+
+def auth_wanted_by_full_pass(core: AgentCore, port: int) -> dict[tuple[int, int], set[tuple[str, int]]]:
+    """What `auth_wanted` answered before it had an index: every entry of every map."""
+    workloads = [i for i in core.resolver.identities if i >= 256]
+    out: dict[tuple[int, int], set[tuple[str, int]]] = {}
+    for ep in core.resolver.endpoints():
+        pol = core.resolver.endpoint_policy(ep)
+        assert pol is not None
+        for d in Direction:
+            for key, entry in pol.entries(d).items():
+                if entry.deny or entry.auth is not AuthMode.REQUIRED:
+                    continue
+                for remote in ([key.peer] if key.peer != 0 else workloads):
+                    nodes = {(p["hostIP"], port) for p in _pods_of(core, remote) if p.get("hostIP")}
+                    if nodes:
+                        out.setdefault((ep, remote), set()).update(nodes)
+    return out
+
+
+def _pods_of(core: AgentCore, identity: int) -> list[dict[str, Any]]:
+    return [{"hostIP": r.pod.host_ip} for r in core._pods.values() if r.identity == identity]
+
+
+def test_auth_wanted_follows_policy_and_pod_changes(core: AgentCore) -> None:
+    core.apply([
+        pod("billing", "10.0.0.10", {"app": "billing"}, node="n1", host_ip="192.0.2.1", ports=(8080,)),
+        pod("front-1", "10.0.1.1", {"app": "front"}, cluster="cluster-b", host_ip="192.0.2.2"),
+        pod("front-2", "10.0.1.2", {"app": "front"}, cluster="cluster-b", host_ip="192.0.2.3"),
+        pod("db", "10.0.1.3", {"app": "db"}, cluster="cluster-b", host_ip="192.0.2.4"),
+    ])
+    assert core.auth_wanted(4250) == {}
+    core.apply([auth_policy("auth-front", [{"matchLabels": {"app": "front"}}], "8080")])
+    front = core.auth_wanted(4250)
+    assert front and front == auth_wanted_by_full_pass(core, 4250)
+    assert {nodes for v in front.values() for nodes in v} == {("192.0.2.2", 4250), ("192.0.2.3", 4250)}
+    core.apply([auth_policy("auth-any", None, "9090")])  # every peer: the ANY key
+    assert core.auth_wanted(4250) == auth_wanted_by_full_pass(core, 4250)
+    assert any(("192.0.2.4", 4250) in v for v in core.auth_wanted(4250).values())
+    core.apply([pod("front-3", "10.0.1.4", {"app": "front"}, cluster="cluster-b", host_ip="192.0.2.5")])
+    assert core.auth_wanted(4250) == auth_wanted_by_full_pass(core, 4250)
+    core.delete_policy("CiliumClusterwideNetworkPolicy/auth-any")
+    core.delete_pod("cluster-b/web/front-1")
+    assert core.auth_wanted(4250) == auth_wanted_by_full_pass(core, 4250)
+    assert all(("192.0.2.4", 4250) not in v for v in core.auth_wanted(4250).values())
+
+
+def test_pod_ip_conflicts_follow_the_pods_in_force(core: AgentCore) -> None:
+    core.apply([pod("a", "10.0.0.1", {"app": "a"})])
+    with pytest.raises(ApplyError, match="10.0.0.1 is already used by cluster-a/web/a"):
+        core.apply([pod("b", "10.0.0.1", {"app": "b"})])
+    with pytest.raises(ApplyError, match="already used by cluster-a/web/c"):
+        core.apply([pod("c", "10.0.0.2", {"app": "c"}), pod("d", "10.0.0.2", {"app": "d"})])
+    core.apply([pod("a", "10.0.0.3", {"app": "a"})])  # a moves: its old address is free
+    core.apply([pod("b", "10.0.0.1", {"app": "b"})])
+    with pytest.raises(ApplyError, match="already used by cluster-a/web/a"):
+        core.apply([pod("e", "10.0.0.3", {"app": "e"})])
+    core.delete_pod("web/a")
+    core.apply([pod("e", "10.0.0.3", {"app": "e"})])
+
+
+def test_local_pods_and_ports(core: AgentCore) -> None:
+    core.apply([
+        pod("billing", "10.0.0.10", {"app": "billing"}, node="n1", ports=(8080,)),
+        pod("other-node", "10.0.0.11", {"app": "billing"}, node="n2", ports=(8081,)),
+        pod("remote", "10.0.1.1", {"app": "front"}, cluster="cluster-b", ports=(8082,)),
+    ])
+    billing = core._pods["cluster-a/web/billing"].identity
+    assert core.local_identities() == {billing}
+    assert [(p.ip, p.port) for p in core.publisher.ports] == [("10.0.0.10", 8080)]
+    assert [i["endpoint"] for i in core.identities() if i["identity"] == billing] == [True]
+    core.delete_pod("web/billing")
+    assert core.local_identities() == set()
+    assert core.publisher.ports == []
