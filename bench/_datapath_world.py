@@ -503,8 +503,11 @@ def wrk_script(path: Path) -> Path:
     return path
 
 
-def wrk(where: Pod | Node, url: str, seconds: float, script: Path, connections: int = 32) -> WrkResult:
-    out = where.run([find_wrk(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url],
+def wrk(where: Pod | Node, url: str, seconds: float, script: Path, connections: int = 32,
+        cpus: str | None = None) -> WrkResult:
+    """`cpus`: run wrk on those CPUs only (taskset list, e.g. "1")."""
+    pin = ["taskset", "-c", cpus] if cpus else []
+    out = where.run([*pin, find_wrk(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url],
                     timeout=seconds + 30)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")

@@ -214,6 +214,17 @@ class TunnelWorld:
         except Exception as exc:  # noqa: BLE001 - a diagnostic only
             return f"(no tunnel status: {exc})"
 
+    def pin(self, node_cpus: dict[str, str] | None) -> None:
+        """Restrict each node's processes (agent, its Envoy; node A: the upstream too) to that
+        node's CPUs, as if each node were a machine of its own (`{"A": "0", "B": "1"}`); None:
+        every process may run on every CPU again. Threads started later inherit it."""
+        every = f"0-{(os.cpu_count() or 1) - 1}"
+        for name, pid in self.pids().items():
+            cpus = every if node_cpus is None else node_cpus[name[-1] if name != "upstream" else "A"]
+            out = subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"taskset {name} (pid {pid}) to CPUs {cpus}: {out.stderr.strip()}")
+
     def pids(self) -> dict[str, int]:
         assert self.a.proc is not None and self.b.proc is not None
         return {"envoy A": self.a.envoy_pid(), "envoy B": self.b.envoy_pid(),
