@@ -180,6 +180,8 @@ def start_agent(config: AgentConfig) -> Agent:
     als.set_tcp_batch_sink(ingestor.tcp_access_logs)
     if kernel is not None:
         kernel.attach_links(config.links)
+        if not config.mtls.tunnel and kernel.dp.set_tunnels(()):
+            log("encryption in transit is off: removed the tunnel redirects a previous run left in the kernel")
 
         def on_drop(e: DropEvent) -> None:
             drops.append(e)
