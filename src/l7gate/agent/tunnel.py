@@ -152,8 +152,8 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
     known = list(inputs.identities)
     for p in local:
         pol = inputs.policy_of(p.identity)
-        if pol is None:
-            continue
+        if pol is None or not any(e.auth is AuthMode.REQUIRED for e in pol.ingress.values()):
+            continue  # (cheap test first: most endpoints have no auth-required rule)
         for port in p.ports:
             dec = t.port_decisions(pol, port, known)
             if tunnel_needed(dec.world) or any(tunnel_needed(x) for x in dec.peers.values()):
