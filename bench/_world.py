@@ -21,7 +21,7 @@ from typing import Any
 
 from l7gate.agent.config import AgentConfig, EnvoySettings
 from l7gate.agent.daemon import Agent, start_agent
-from l7gate.xds.publisher import ROUTE_TYPE
+from l7gate.xds.publisher import EXTENSION_CONFIG_TYPE
 
 OFFSET = 10000  # loopback mode: the pod's server listens on port + OFFSET
 BILLING = {"app": "billing-service", "team": "payments", "env": "prod"}
@@ -108,11 +108,13 @@ def synced(agent: Agent, timeout: float = 120.0) -> None:
         )
 
 
-def route_row(agent: Agent) -> Any:
+def policy_row(agent: Agent) -> Any:
+    """The xDS status row of the agent's Envoy for ECDS, where the policy lives (the classifier
+    and the source-address slots of each proxied port)."""
     for row in agent.xds.status():
-        if row.node_id == agent.config.node_id and row.type_url == ROUTE_TYPE:
+        if row.node_id == agent.config.node_id and row.type_url == EXTENSION_CONFIG_TYPE:
             return row
-    raise RuntimeError("no RDS status row for the agent's Envoy")
+    raise RuntimeError("no ECDS status row for the agent's Envoy")
 
 
 def envoy_memory(agent: Agent) -> tuple[int, int]:
@@ -143,9 +145,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def route_shape(agent: Agent) -> str:
-    """Size of the agent's RDS resources and of the RBAC matcher's default action name (which
-    Envoy copies into every denied request's metadata and access-log entry)."""
+def policy_shape(agent: Agent) -> str:
+    """Size of the agent's ECDS policy resources (per port: a classifier and its RBAC slots) and
+    of the default action name (which Envoy copies into every denied request's metadata and
+    access-log entry)."""
     try:
         from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
         from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
@@ -153,22 +156,32 @@ def route_shape(agent: Agent) -> str:
 
         snap = agent.cache.get_snapshot(agent.config.node_id)
         assert snap is not None
-        parts = []
-        for rc in snap.messages(ROUTE_TYPE).values():
-            per = rbac_pb2.RBACPerRoute()
-            rc.virtual_hosts[0].routes[0].typed_per_filter_config["envoy.filters.http.rbac"].Unpack(per)
-            m = per.rbac.matcher
+        slots, sizes, ranges, decisions, name_len = 0, [], 0, 0, 0
+        classifier = 0
+        for msg in snap.messages(EXTENSION_CONFIG_TYPE).values():
+            size = msg.ByteSize()
+            if not msg.typed_config.type_url.endswith("rbac.v3.RBAC"):  # type: ignore[attr-defined]
+                classifier += size
+                continue
+            rbac = rbac_pb2.RBAC()
+            msg.typed_config.Unpack(rbac)  # type: ignore[attr-defined]
+            m = rbac.matcher
+            ipm = ip_pb2.IPMatcher.FromString(m.matcher_tree.custom_match.typed_config.value)
+            slots += 1
+            sizes.append(size)
+            decisions += len(ipm.range_matchers)
+            ranges += sum(len(r.ranges) for r in ipm.range_matchers)
             act = rbac_config_pb2.Action()
             m.on_no_match.action.typed_config.Unpack(act)
-            ipm = ip_pb2.IPMatcher.FromString(m.matcher_tree.custom_match.typed_config.value)
-            ranges = sum(len(r.ranges) for r in ipm.range_matchers)
-            parts.append(
-                f"route {rc.ByteSize() / 1e6:.2f} MB, {len(ipm.range_matchers)} range matchers "
-                f"holding {ranges} ranges, default action name {len(act.name)} chars"
-            )
-        return "; ".join(parts)
+            name_len = max(name_len, len(act.name))
+        sizes.sort()
+        return (
+            f"ECDS {sum(sizes) / 1e6:.2f} MB in {slots} RBAC slots (largest {sizes[-1] / 1e3:.0f} kB, "
+            f"median {sizes[len(sizes) // 2] / 1e3:.1f} kB) + classifiers {classifier / 1e3:.1f} kB; "
+            f"{decisions} range matchers holding {ranges} ranges; default action name {name_len} chars"
+        )
     except Exception as exc:  # noqa: BLE001 - a diagnostic, not a measurement
-        return f"(route shape unavailable: {type(exc).__name__})"
+        return f"(policy shape unavailable: {type(exc).__name__})"
 
 
 def wait_listening(ip: str, port: int, timeout: float = 20.0) -> None:

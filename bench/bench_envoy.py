@@ -42,8 +42,9 @@ machine's load cancel within a pair), the values the medians of each side.
    verdict, p50 and p99, BIG vs SMALL. The toggled policy alternates between allowing the
    client `GET /v1/probe` and `GET /v1/other`; the poll is `GET /v1/probe` (200 ↔ 403).
    Goal: p99 <= 100 ms at 1,000 policies x 10,000 identities.
-4. one peer pod added (new identity, in a group: RDS changes) → Envoy's ACK of the resulting
-   RDS version (the xDS server's status row: acked_version and last_ack), BIG vs SMALL.
+4. one peer pod added (new identity, in a group: one ECDS source-address slot changes, plus the
+   classifier when the pod is the first of its /24) → Envoy's ACK of the resulting ECDS version
+   (the xDS server's status row: acked_version and last_ack), BIG vs SMALL.
    Goal <= 20 ms.
    SMALL's samples for 3 and 4 are taken before BIG is built: both agents share this process,
    and with BIG's heap one full garbage collection takes long enough to show in SMALL's
@@ -84,8 +85,8 @@ from _world import (
     find_wrk,
     pod,
     quiesce,
-    route_row,
-    route_shape,
+    policy_row,
+    policy_shape,
     start,
     synced,
     wait_listening,
@@ -98,7 +99,7 @@ from run import Context, Result
 from l7gate.agent.config import EnvoySettings
 from l7gate.agent.daemon import Agent, start_agent
 from l7gate.l7proxy.supervisor import find_envoy
-from l7gate.xds.publisher import ROUTE_TYPE
+from l7gate.xds.publisher import EXTENSION_CONFIG_TYPE
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed"
@@ -380,12 +381,17 @@ def _pct(xs: list[float], q: float) -> float:
 
 @dataclass
 class AckSamples:
-    ack: list[float] = field(default_factory=list)  # apply start → ACK of the new RDS version
+    ack: list[float] = field(default_factory=list)  # apply start → ACK of the new ECDS version
     applied: list[float] = field(default_factory=list)
     envoy: list[float] = field(default_factory=list)  # response sent → ACK (server's view)
+    sent: list[float] = field(default_factory=list)  # apply start → response sent
 
 
 def pod_to_ack(ctx: Context, w: World, n_max: int, budget: float) -> AckSamples:
+    """Add a pod to group g1 (a new identity the group's policy selects), time from just before
+    `core.apply` to Envoy's ACK of the ECDS version that holds it. The xDS server's row for ECDS
+    says what Envoy acknowledged of what it subscribed to; every slot name is subscribed with
+    the listener, so the version the cache serves right after the apply is the one to wait for."""
     agent = w.agent
     out = AckSamples()
     quiesce(agent)
@@ -394,30 +400,31 @@ def pod_to_ack(ctx: Context, w: World, n_max: int, budget: float) -> AckSamples:
     while k < n_max:
         if k >= 2 and time.monotonic() - started > budget:
             break
-        before = route_row(agent).acked_version
+        before = policy_row(agent).acked_version
         labels = {"app": "peer", "peer": f"new{k}", "group": "g1"}
         doc = pod(f"new-{k}", "web", w.new_ip(k), labels, "cluster-b")
         t0w, t0 = time.time(), time.perf_counter()
         agent.core.apply([doc])
         t1 = time.perf_counter()
-        target = route_row(agent).cache_version
+        target = policy_row(agent).cache_version
         if target == before:
-            raise RuntimeError(f"{w.name}: adding a pod to a group did not change RDS")
+            raise RuntimeError(f"{w.name}: adding a pod to a group did not change ECDS")
 
         def acked(rows: list[Any]) -> bool:
             return any(
                 r.node_id == agent.config.node_id
-                and r.type_url == ROUTE_TYPE
+                and r.type_url == EXTENSION_CONFIG_TYPE
                 and r.acked_version == target
                 for r in rows
             )
 
         if not agent.xds.wait(acked, 120):
-            raise RuntimeError(f"{w.name}: no ACK of RDS {target} within 120 s")
-        row = route_row(agent)
+            raise RuntimeError(f"{w.name}: no ACK of ECDS {target} within 120 s")
+        row = policy_row(agent)
         out.ack.append(row.last_ack - t0w)
         out.applied.append(t1 - t0)
         out.envoy.append(row.ack_latency or 0.0)
+        out.sent.append(row.last_sent - t0w if row.last_sent else 0.0)
         synced(agent, 600)
         k += 1
     ctx.log(f"{w.name}: pod→ACK {[round(x, 4) for x in out.ack]}")
@@ -524,7 +531,7 @@ def run(ctx: Context) -> list[Result]:
 
         ctx.log("2. deny path")
         b, s, r, notes = deny_rps(ctx, small, big, rounds, deny_seconds, "POST", "/v1/charge", 403)
-        shape = route_shape(big.agent)
+        shape = policy_shape(big.agent)
         results.append(
             Result(
                 name=f"403s/s from a denied source (unlisted, L3/L4 deny), "
@@ -597,7 +604,7 @@ def run(ctx: Context) -> list[Result]:
         med_b = statistics.median(acb.ack)
         results.append(
             Result(
-                name=f"one pod added → Envoy ACK of the new RDS version, {size}",
+                name=f"one pod added → Envoy ACK of the new ECDS version, {size}",
                 value=med_b,
                 unit="s",
                 baseline_name=base,
@@ -606,7 +613,8 @@ def run(ctx: Context) -> list[Result]:
                 goal_met=med_b <= 0.02,
                 notes=f"median of {len(acb.ack)} (vs {len(acs.ack)}), max {max(acb.ack):.4g} s; "
                 f"apply() alone: median {statistics.median(acb.applied) * 1e3:.1f} ms (vs "
-                f"{statistics.median(acs.applied) * 1e3:.2f} ms); server send → ACK: median "
+                f"{statistics.median(acs.applied) * 1e3:.2f} ms); apply start → sent: median "
+                f"{statistics.median(acb.sent) * 1e3:.1f} ms; server send → ACK: median "
                 f"{statistics.median(acb.envoy) * 1e3:.1f} ms (vs "
                 f"{statistics.median(acs.envoy) * 1e3:.2f} ms); SMALL measured before BIG was "
                 f"built; BIG {shape}",

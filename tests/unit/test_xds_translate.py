@@ -64,3 +64,22 @@ def test_port_policy_is_one_classifier_filter_and_slots_fail_closed() -> None:
         assert deny == t.deny_all_rbac() and not deny.rules.policies
     # Every slot is named whether or not it holds a block, so Envoy subscribes to all at once.
     assert names == set(t.slot_names("10.0.0.1", 8080)[1:])
+
+
+def test_aligned_blocks_are_what_collapse_addresses_gives() -> None:
+    import random
+
+    from l7gate.xds.translate import _aligned_blocks
+
+    rnd = random.Random(1)
+    for _ in range(500):
+        bits = rnd.choice((32, 128))
+        base = rnd.choice((0, rnd.randrange(0, 2**bits - 5000)))
+        xs = sorted({base + rnd.randrange(0, rnd.choice((8, 64, 600))) for _ in range(rnd.randrange(1, 80))})
+        if bits == 32:
+            v4 = ipaddress.collapse_addresses([ipaddress.IPv4Network((x, 32)) for x in xs])
+            want = [(int(n.network_address), n.prefixlen) for n in v4]
+        else:
+            v6 = ipaddress.collapse_addresses([ipaddress.IPv6Network((x, 128)) for x in xs])
+            want = [(int(n.network_address), n.prefixlen) for n in v6]
+        assert _aligned_blocks(xs, bits) == want

@@ -37,7 +37,15 @@ from typing import Protocol
 from google.protobuf.message import Message
 
 from ..identity.ipcache import IPCacheChange
-from ..policy.resolve import ANY_PEER, Decision, EndpointPolicy, PolicyDelta, PortView
+from ..policy.resolve import (
+    ANY_PEER,
+    Decision,
+    EndpointPolicy,
+    MapEntry,
+    MapKey,
+    PolicyDelta,
+    decide_hits,
+)
 from ..policy.types import Direction
 from ..policy.types import Protocol as L4Protocol
 from . import translate as t
@@ -58,32 +66,88 @@ class ResourceSink(Protocol):
     ) -> object: ...
 
 
+def _covers(key: MapKey, port: int) -> bool:
+    return key.protocol.covers(L4Protocol.TCP) and key.ports.contains(port)
+
+
+class _PolicyIndex:
+    """One endpoint's ingress map for one TCP port, by peer (`policy.resolve.PortView`'s rule),
+    kept up to date from policy deltas instead of rebuilt from the whole map."""
+
+    __slots__ = ("policy", "port", "any", "by_peer", "_memo")
+
+    def __init__(self, policy: EndpointPolicy | None, port: int) -> None:
+        self.policy = policy
+        self.port = port
+        self.any: dict[MapKey, MapEntry] = {}
+        self.by_peer: dict[int, dict[MapKey, MapEntry]] = {}
+        # Peers with the same entries get the same decision (the resolver shares one entry
+        # object among equal keys); keyed by the entries' ids. Each value keeps its entries
+        # alive, so that an id in a key is never reused by another object.
+        self._memo: dict[tuple[int, ...], tuple[list[MapEntry], Decision]] = {}
+        if policy is not None:
+            for k, e in policy.entries(Direction.INGRESS).items():
+                if _covers(k, port):
+                    self.set(k, e)
+
+    def set(self, key: MapKey, entry: MapEntry | None) -> None:
+        if key.peer == ANY_PEER:
+            target = self.any
+            self._memo.clear()
+        else:
+            target = self.by_peer.setdefault(key.peer, {})
+        if entry is None:
+            target.pop(key, None)
+            if key.peer != ANY_PEER and not target:
+                del self.by_peer[key.peer]
+        else:
+            target[key] = entry
+
+    def decide(self, peer: int) -> Decision:
+        if self.policy is None or not self.policy.policies:
+            return decide_hits(self.policy, Direction.INGRESS, [])
+        own = self.by_peer.get(peer)
+        hits = [*self.any.values(), *own.values()] if own else list(self.any.values())
+        key = tuple(map(id, hits))
+        got = self._memo.get(key)
+        if got is not None:
+            return got[1]
+        if len(self._memo) > 2 * len(self.by_peer) + 1024:
+            self._memo.clear()  # entries replaced since: drop what they pinned
+        d = decide_hits(self.policy, Direction.INGRESS, hits)
+        self._memo[key] = (hits, d)
+        return d
+
+
+def _meta(policy: EndpointPolicy | None) -> object:
+    """What of a policy, besides its map, a decision depends on."""
+    return None if policy is None else (policy.policies, policy.default_deny(Direction.INGRESS))
+
+
 @dataclass(slots=True)
 class _PortState:
     port: t.ProxiedPort
-    # The policy view the port's slots were last rendered with (None: never rendered).
-    view: PortView | None = None
+    # The policy the port's slots were last rendered with (None: never rendered).
+    index: _PolicyIndex | None = None
     world: Decision | None = None
     unnamed: Decision | None = None
-    decided: dict[int, Decision] = field(default_factory=dict)  # memo of decide() under `view`
+    decided: dict[int, Decision] = field(default_factory=dict)  # memo of decide()
     # What is dirty.
     full: bool = True
     policy_changed: bool = False
-    peers: set[int] = field(default_factory=set)  # identities whose map keys changed
+    pending: dict[MapKey, MapEntry | None] = field(default_factory=dict)  # map changes, in order
     slots: set[int] = field(default_factory=set)
     classifier: bool = False
 
     def decide(self, ident: int) -> Decision:
         """The port's decision for `ident` as rendered (`translate.port_decisions`' rule)."""
+        if ident == t.WORLD_ID:
+            assert self.world is not None
+            return self.world
         d = self.decided.get(ident)
         if d is None:
-            assert self.view is not None and self.world is not None and self.unnamed is not None
-            if ident == t.WORLD_ID:
-                d = self.world
-            elif ident in self.view.by_peer:
-                d = self.view.decide(ident)
-            else:
-                d = self.unnamed
+            assert self.index is not None and self.unnamed is not None
+            d = self.index.decide(ident) if ident in self.index.by_peer else self.unnamed
             self.decided[ident] = d
         return d
 
@@ -145,16 +209,19 @@ class Publisher:
             self.mark_identity(ep)
         for ep, per_dir in delta.changes.items():
             ingress = per_dir.get(Direction.INGRESS)
-            keys = [*ingress.upserted, *ingress.deleted] if ingress is not None else []
             for st in self._ports.values():
                 if st.port.identity != ep:
                     continue
                 st.policy_changed = True
-                for k in keys:
-                    if k.protocol.covers(L4Protocol.TCP) and k.ports.contains(st.port.port):
-                        if k.peer == ANY_PEER:
-                            st.full = True
-                        st.peers.add(k.peer)
+                if ingress is None:
+                    continue
+                port = st.port.port
+                for k, e in ingress.upserted.items():
+                    if _covers(k, port):
+                        st.pending[k] = e
+                for k in ingress.deleted:
+                    if _covers(k, port):
+                        st.pending[k] = None
 
     def mark_identity(self, identity: int) -> None:
         """An endpoint's policy was recomputed outside a delta (e.g. new endpoint)."""
@@ -193,7 +260,7 @@ class Publisher:
         elif appeared:
             self._slot_blocks.setdefault(slot, set()).add(block)
         for st in self._ports.values():
-            if st.full or st.view is None:
+            if st.full or st.index is None:
                 continue
             if appeared or gone:
                 st.classifier = True
@@ -229,20 +296,38 @@ class Publisher:
     # -- output -------------------------------------------------------------------------------
 
     def _refresh_policy(self, st: _PortState) -> None:
-        """Recompute the port's policy view; mark the slots whose decisions changed."""
+        """Bring the port's policy index up to date; mark the slots whose decisions changed.
+
+        Only the peers whose map keys changed can change decision, unless what every peer
+        shares changed: the ANY entries, the policy's list of policies or default-deny (world's
+        and the unnamed peers' decision). Then every slot is dirty."""
         policy = self.policy_of(st.port.identity)
-        view = PortView(policy, Direction.INGRESS, st.port.port, L4Protocol.TCP)
-        world = view.decide(t.WORLD_ID)
-        unnamed = view.decide(-1) if policy is not None else world
-        old = None if st.full or st.view is None else (st.view, st.decided, st.world, st.unnamed)
-        if old is not None and (world != st.world or unnamed != st.unnamed):
+        idx = st.index
+        shared = idx is None or any(k.peer == ANY_PEER for k in st.pending) or _meta(policy) != _meta(
+            idx.policy
+        )
+        if st.full or shared or idx is None:
+            idx = st.index = _PolicyIndex(policy, st.port.port)
             st.full = True
-        before = {i: st.decide(i) for i in st.peers} if old is not None and not st.full else {}
-        st.view, st.world, st.unnamed, st.decided = view, world, unnamed, {}
-        for ident, d in before.items():
-            if st.decide(ident) != d:
-                self._mark_identity_slots(st, ident)
-        st.peers.clear()
+            st.decided = {}
+            touched: dict[int, Decision] = {}
+        else:
+            touched = {k.peer: st.decide(k.peer) for k in st.pending}
+            for k, e in st.pending.items():
+                idx.set(k, e)
+            idx.policy = policy
+            for ident in touched:
+                st.decided.pop(ident, None)
+        world = idx.decide(t.WORLD_ID)
+        if not st.full and world != st.world:
+            st.full = True
+            st.decided = {}
+        st.world, st.unnamed = world, idx.decide(-1)
+        if not st.full:
+            for ident, before in touched.items():
+                if st.decide(ident) != before:
+                    self._mark_identity_slots(st, ident)
+        st.pending.clear()
         st.policy_changed = False
 
     def _mark_identity_slots(self, st: _PortState, ident: int) -> None:
@@ -269,7 +354,7 @@ class Publisher:
             if not st.dirty:
                 continue
             p = st.port
-            if st.full or st.policy_changed or st.view is None:
+            if st.full or st.policy_changed or st.index is None:
                 self._refresh_policy(st)
             if st.full:
                 rname, cname, lname = (

@@ -237,6 +237,34 @@ def _cidr(net: IPNetwork) -> cidr_pb2.CidrRange:
     )
 
 
+def _cidr_int(version: int, addr: int, prefixlen: int) -> cidr_pb2.CidrRange:
+    if version == 4:
+        text = f"{addr >> 24}.{(addr >> 16) & 255}.{(addr >> 8) & 255}.{addr & 255}"
+    else:
+        text = str(ipaddress.IPv6Address(addr))
+    return cidr_pb2.CidrRange(address_prefix=text, prefix_len=wrappers_pb2.UInt32Value(value=prefixlen))
+
+
+def _aligned_blocks(addrs: Sequence[int], bits: int) -> list[tuple[int, int]]:
+    """Sorted distinct host addresses → the fewest aligned (start, prefix length) blocks that
+    hold exactly them (what `ipaddress.collapse_addresses` gives, on integers)."""
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(addrs)
+    while i < n:
+        j = i
+        while j + 1 < n and addrs[j + 1] == addrs[j] + 1:
+            j += 1
+        lo, hi = addrs[i], addrs[j]
+        while lo <= hi:
+            size = lo & -lo if lo else 1 << bits
+            while size > hi - lo + 1:
+                size >>= 1
+            out.append((lo, bits - size.bit_length() + 1))
+            lo += size
+        i = j + 1
+    return out
+
+
 def _net_key(n: IPNetwork) -> tuple[int, int, int]:
     return (n.version, int(n.network_address), n.prefixlen)
 
@@ -257,18 +285,21 @@ def rbac_matcher(
     """The source-address matcher for one (endpoint, port). `prefixes` is the ipcache, by
     identity. Deterministic: equal inputs give byte-identical output."""
     groups: dict[Decision, list[IPNetwork]] = defaultdict(list)
-    listed: dict[IPNetwork, Decision] = {}
+    any_broad = False
     for ident, d in decisions.peers.items():
-        for net in prefixes.get(ident, ()):
-            groups[d].append(net)
-            listed[net] = d
+        nets = prefixes.get(ident)
+        if nets:
+            groups[d].extend(nets)
+            any_broad = any_broad or any(n.prefixlen < n.max_prefixlen for n in nets)
     # Longest-prefix match must land on each address's own identity: list any prefix that sits
     # inside a broader listed range whose decision is not its own.
-    broad = [n for n in listed if n.prefixlen < n.max_prefixlen]
-    if broad:
-        for ident, nets in prefixes.items():
+    broad: list[IPNetwork] = []
+    if any_broad:
+        listed = {net: d for d, nets in groups.items() for net in nets}
+        broad = [n for n in listed if n.prefixlen < n.max_prefixlen]
+        for ident, all_nets in prefixes.items():
             d = decisions.for_identity(ident)
-            for net in nets:
+            for net in all_nets:
                 if net in listed:
                     continue
                 for b in broad:
@@ -276,26 +307,34 @@ def rbac_matcher(
                         groups[d].append(net)
                         listed[net] = d
                         break
+    range_matchers = []
     if not broad:
         # Only host prefixes (pods): merge runs of addresses with one decision into the exact
         # CIDR blocks they fill (pod IPs come from node CIDRs, so runs are common). The blocks
-        # cover exactly the same addresses, so no unknown address changes decision.
+        # cover exactly the same addresses, so no unknown address changes decision. Integer
+        # arithmetic: a slot is re-rendered for every change to it.
+        blocks: list[tuple[tuple[int, int, int], list[tuple[int, int, int]], Decision]] = []
         for d, nets in groups.items():
-            merged: list[IPNetwork] = []
-            for version in (4, 6):
-                same = sorted({n for n in nets if n.version == version}, key=_net_key)
-                if same:
-                    merged.extend(ipaddress.collapse_addresses(same))  # type: ignore[type-var]
-            groups[d] = merged
-    range_matchers = []
-    for d, nets in sorted(groups.items(), key=lambda kv: min(_net_key(n) for n in kv[1])):
-        range_matchers.append(
-            ip_pb2.IPMatcher.IPRangeMatcher(
-                ranges=[_cidr(n) for n in sorted(set(nets), key=_net_key)],
-                on_match=_leaf(d, auth_verified),
-                exclusive=True,
+            merged: list[tuple[int, int, int]] = []
+            for version, bits in ((4, 32), (6, 128)):
+                same = sorted({int(n.network_address) for n in nets if n.version == version})
+                merged.extend((version, lo, plen) for lo, plen in _aligned_blocks(same, bits))
+            blocks.append((merged[0], merged, d))
+        for _, merged, d in sorted(blocks, key=lambda b: b[0]):
+            range_matchers.append(
+                ip_pb2.IPMatcher.IPRangeMatcher(
+                    ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified), exclusive=True
+                )
             )
-        )
+    else:
+        for d, nets in sorted(groups.items(), key=lambda kv: min(_net_key(n) for n in kv[1])):
+            range_matchers.append(
+                ip_pb2.IPMatcher.IPRangeMatcher(
+                    ranges=[_cidr(n) for n in sorted(set(nets), key=_net_key)],
+                    on_match=_leaf(d, auth_verified),
+                    exclusive=True,
+                )
+            )
     if not range_matchers:
         # An IP matcher needs at least one range: 255.255.255.255/32 is never a TCP peer.
         range_matchers.append(
@@ -355,9 +394,14 @@ def block_of(net: IPNetwork) -> IPNetwork | None:
 
 
 def slot_of(block: IPNetwork) -> int:
-    """Consecutive blocks (node pod CIDRs usually are) land in different slots."""
-    shift = block.max_prefixlen - block.prefixlen
-    return (int(block.network_address) >> shift) % SOURCE_SLOTS
+    """The block number folded (XOR of its 6-bit pieces) into 0..63: consecutive blocks (node
+    pod CIDRs usually are) land in different slots, and so do blocks of different /16s."""
+    n = int(block.network_address) >> (block.max_prefixlen - block.prefixlen)
+    slot = 0
+    while n:
+        slot ^= n & (SOURCE_SLOTS - 1)
+        n >>= SOURCE_SLOTS.bit_length() - 1
+    return slot
 
 
 def classifier_name(ip: str, port: int) -> str:
