@@ -105,6 +105,8 @@ class Contribution:
     # The entry of a key this contribution alone puts something on: one object, shared by
     # every such key (so that consumers can tell equal entries by identity, see `PortView`).
     alone: MapEntry = field(init=False, compare=False, hash=False, repr=False)
+    # Hashed once: merges put contributions in frozensets, and L7 rules hash deep.
+    _hash: int = field(init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.deny:
@@ -113,6 +115,10 @@ class Contribution:
             # One rule's L7 rules are already canonical.
             entry = MapEntry(False, self.l7, self.l7 is not None, self.auth, (str(self.origin),))
         object.__setattr__(self, "alone", entry)
+        object.__setattr__(self, "_hash", hash((self.deny, self.l7, self.auth, self.origin)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 def merge(contribs: Iterable[Contribution]) -> MapEntry:
