@@ -23,32 +23,84 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import gc
 import io
 import pstats
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _world import BILLING, agent_config, allow_http, pod  # noqa: E402
-
-import l7gate.agent.core as core_module  # noqa: E402
-from l7gate.agent.config import EnvoySettings  # noqa: E402
-from l7gate.agent.core import AgentCore  # noqa: E402
-from l7gate.kvstore.sqlite import SQLiteKVStore  # noqa: E402
-from l7gate.xds.cache import SnapshotCache  # noqa: E402
+import l7gate.agent.core as core_module
+from l7gate.agent.config import AgentConfig, EnvoySettings
+from l7gate.agent.core import AgentCore
+from l7gate.kvstore.sqlite import SQLiteKVStore
+from l7gate.xds.cache import SnapshotCache
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 8080
 PROBE = {"app": "probe"}
+BILLING = {"app": "billing-service", "team": "payments", "env": "prod"}
+
+
+# The objects bench_envoy (_world.py) builds, repeated here so that this script runs against
+# older trees too (for before/after figures: PYTHONPATH=<old tree>/src).
+
+
+def pod(
+    name: str, ns: str, ip: str, labels: dict[str, str], cluster: str, ports: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": labels,
+            "annotations": {"l7gate.io/cluster": cluster},
+        },
+        "spec": {"containers": [{"name": "app", "ports": [{"containerPort": p} for p in ports]}]},
+        "status": {"podIP": ip},
+    }
+
+
+def allow_http(name: str, from_labels: dict[str, str], method: str, path: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumClusterwideNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "billing-service"}},
+            "ingress": [
+                {
+                    "fromEndpoints": [{"matchLabels": from_labels}],
+                    "toPorts": [
+                        {
+                            "ports": [{"port": str(PORT), "protocol": "TCP"}],
+                            "rules": {"http": [{"method": method, "path": path}]},
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def agent_config(state: Path, node: str) -> AgentConfig:
+    return AgentConfig(
+        node=node,
+        cluster_name="cluster-a",
+        cluster_id=1,
+        clusters={"cluster-b": 2},
+        state_dir=str(state / "state"),
+        admin_listen=f"unix:{state}/admin.sock",
+        xds_listen=f"unix:{state}/xds.sock",
+        envoy=EnvoySettings(enabled=False),
+        upstream_port_offset=10000,
+    )
 
 
 def seed_policies() -> list[dict[str, Any]]:
@@ -146,7 +198,7 @@ class Split:
 def build(state: Path, identities: int, policies: int, stub: bool) -> tuple[AgentCore, SQLiteKVStore, int]:
     if stub:
         setattr(core_module, "Publisher", StubPublisher)
-    cfg = dataclasses.replace(agent_config(state, "node-big"), envoy=EnvoySettings(enabled=False))
+    cfg = agent_config(state, "node-big")
     state.mkdir(parents=True, exist_ok=True)
     store = SQLiteKVStore(str(state / "kv.db"))
     core = AgentCore(cfg, store, SnapshotCache())

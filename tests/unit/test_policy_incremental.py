@@ -233,3 +233,70 @@ def test_replaced_policy_reuses_its_peer_selector() -> None:
     assert r.endpoint_policy(1001).ingress  # type: ignore[union-attr]
     r.delete_policy("CiliumClusterwideNetworkPolicy/toggle")
     assert key not in r.cache
+
+
+@st.composite
+def selector_cache_cases(draw: st.DrawFn) -> dict[str, Any]:
+    docs = draw(st.lists(gen.policy_docs(hints=list(SHARED_LABELS)), min_size=1, max_size=4))
+    pool = (*gen.POD_IDS, gen.WORLD_ID, gen.HOST_ID, gen.CIDR_ID_BASE)
+    steps = []
+    for _ in range(draw(st.integers(1, 12))):
+        ident = draw(st.sampled_from(pool))
+        if draw(st.integers(0, 3)) == 0:
+            steps.append({"deleted": [ident]})
+        else:
+            steps.append({"upserted": {str(ident): draw(_labels() if ident in gen.POD_IDS
+                                                      else gen._identity_labels(ident))}})
+    return {"docs": docs, "steps": steps, "drop": draw(st.integers(0, 3))}
+
+
+@examples(150)
+@given(selector_cache_cases())
+def test_selector_cache_reports_exactly_what_changed(case: dict[str, Any]) -> None:
+    """The cache matches a changed identity against candidate selectors only (indexed by the
+    label pairs their `In` requirements name): its selections and the changes it reports must
+    be those of matching every selector."""
+    note(as_json(case))
+    from l7gate.policy.selectorcache import SelectorCache
+
+    selectors: dict[str, Any] = {}
+    for doc in case["docs"]:
+        try:
+            p = parse_policy(doc, default_namespace=gen.DEFAULT_NAMESPACE, cluster_name=gen.LOCAL_CLUSTER)
+        except Exception:
+            continue
+        for rule in p.rules:
+            selectors[rule.subject.key] = rule.subject
+            for pr in rule.rules:
+                for sel in pr.peers or ():
+                    selectors[sel.key] = sel
+    cache = SelectorCache()
+    identities: dict[int, Labels] = {}
+    for i, sel in enumerate(selectors.values()):
+        cache.add_selector(sel)
+        if i < case["drop"]:
+            cache.add_selector(sel)
+            cache.remove_selector(sel)  # still referenced once: stays, indexed
+    dropped = list(selectors.values())[case["drop"]:case["drop"] + 1]
+    for sel in dropped:
+        cache.remove_selector(sel)
+        del selectors[sel.key]
+
+    def truth() -> dict[str, frozenset[int]]:
+        return {k: frozenset(i for i, lab in identities.items() if s.matches(lab)) for k, s in selectors.items()}
+
+    for step in case["steps"]:
+        before = truth()
+        upserted = {int(i): Labels.of(lab) for i, lab in step.get("upserted", {}).items()}
+        deleted = step.get("deleted", [])
+        for i in deleted:
+            identities.pop(i, None)
+        identities.update(upserted)
+        changes = cache.update_identities(upserted, deleted)
+        after = truth()
+        for k in selectors:
+            assert cache.selections(k) == after[k], f"selector {k}"
+            ch = changes.get(k)
+            assert (ch.added if ch else frozenset()) == after[k] - before[k], f"selector {k} added"
+            assert (ch.removed if ch else frozenset()) == before[k] - after[k], f"selector {k} removed"
+        assert set(changes) <= set(selectors)

@@ -2,9 +2,12 @@
 
 Theory of operation: the cache knows every identity (number → labels) and every selector some
 rule uses (by its canonical key, reference-counted). Adding a selector costs one pass over the
-identities; adding or removing an identity costs one match per cached selector. Each update
-returns which selectors gained or lost which identities, so the resolver can touch exactly the
-policy map entries that change: a new pod costs O(selectors), not O(policies × identities).
+identities. Adding, relabelling or removing an identity matches it against the candidate
+selectors only: a label selector with an `In` requirement can select only identities that carry
+one of its (key, value) pairs, so it is indexed under those pairs; the others (entities, CIDRs,
+selectors without `In`) are always candidates. Each update returns which selectors gained or
+lost which identities, so the resolver can touch exactly the policy map entries that change: a
+new pod costs O(selectors that could select it), not O(policies × identities).
 
 Not thread-safe: the resolver that owns it serializes all calls. The frozensets it returns are
 snapshots and stay valid after later updates.
@@ -16,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .labels import Labels
-from .selector import PeerSelector
+from .selector import LabelSelector, Operator, PeerSelector
 
 
 @dataclass(slots=True)
@@ -32,10 +35,32 @@ class SelectionChange:
     removed: frozenset[int]
 
 
+def _index_pairs(selector: PeerSelector) -> tuple[tuple[str, str], ...]:
+    """(key, value) pairs one of which any identity the selector selects carries; () if none
+    can be told from the selector alone."""
+    if isinstance(selector, LabelSelector):
+        for r in selector.requirements:
+            if r.operator is Operator.IN and r.values:
+                return tuple((r.key, v) for v in r.values)
+    return ()
+
+
 class SelectorCache:
     def __init__(self) -> None:
         self._identities: dict[int, Labels] = {}
         self._selectors: dict[str, _Cached] = {}
+        self._by_pair: dict[tuple[str, str], set[str]] = {}  # label pair → selector keys
+        self._unindexed: set[str] = set()  # selector keys that are candidates for any identity
+
+    def _candidates(self, *labels: Labels | None) -> list[tuple[str, _Cached]]:
+        keys = set(self._unindexed)
+        for lab in labels:
+            if lab is not None:
+                for pair in lab.items_:
+                    found = self._by_pair.get(pair)
+                    if found:
+                        keys |= found
+        return [(k, self._selectors[k]) for k in keys]
 
     # -- identities ---------------------------------------------------------------------------
 
@@ -50,9 +75,10 @@ class SelectorCache:
         added: dict[str, set[int]] = {}
         removed: dict[str, set[int]] = {}
         for ident in deleted:
-            if self._identities.pop(ident, None) is None:
+            gone = self._identities.pop(ident, None)
+            if gone is None:
                 continue
-            for key, c in self._selectors.items():
+            for key, c in self._candidates(gone):
                 if ident in c.selections:
                     c.selections.discard(ident)
                     removed.setdefault(key, set()).add(ident)
@@ -61,7 +87,8 @@ class SelectorCache:
             if old == labels:
                 continue
             self._identities[ident] = labels
-            for key, c in self._selectors.items():
+            # A selector that selected it matched `old`; one that selects it now matches `labels`.
+            for key, c in self._candidates(labels, old):
                 now = c.selector.matches(labels)
                 was = ident in c.selections
                 if now and not was:
@@ -83,6 +110,11 @@ class SelectorCache:
             c = _Cached(selector)
             c.selections = {i for i, lab in self._identities.items() if selector.matches(lab)}
             self._selectors[selector.key] = c
+            pairs = _index_pairs(selector)
+            for pair in pairs:
+                self._by_pair.setdefault(pair, set()).add(selector.key)
+            if not pairs:
+                self._unindexed.add(selector.key)
         c.refs += 1
 
     def remove_selector(self, selector: PeerSelector) -> None:
@@ -92,6 +124,13 @@ class SelectorCache:
         c.refs -= 1
         if c.refs <= 0:
             del self._selectors[selector.key]
+            self._unindexed.discard(selector.key)
+            for pair in _index_pairs(c.selector):
+                keys = self._by_pair.get(pair)
+                if keys is not None:
+                    keys.discard(selector.key)
+                    if not keys:
+                        del self._by_pair[pair]
 
     def selections(self, key: str) -> frozenset[int]:
         c = self._selectors.get(key)
