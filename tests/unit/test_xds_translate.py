@@ -83,3 +83,12 @@ def test_aligned_blocks_are_what_collapse_addresses_gives() -> None:
             v6 = ipaddress.collapse_addresses([ipaddress.IPv6Network((x, 128)) for x in xs])
             want = [(int(n.network_address), n.prefixlen) for n in v6]
         assert _aligned_blocks(xs, bits) == want
+
+
+def test_literal_patterns_become_exact_matches_and_others_stay_re2() -> None:
+    from l7gate.xds.translate import _regex
+
+    assert _regex("GET").exact == "GET" and _regex("/v1/charge").exact == "/v1/charge"
+    for pattern in ("GET|HEAD", "/v1/.*", "/v2/items/[0-9]+", "/v1/charge\\?.*", "P.*", "a{2}"):
+        m = _regex(pattern)
+        assert not m.exact and m.safe_regex.regex == pattern
