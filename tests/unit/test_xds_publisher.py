@@ -196,22 +196,23 @@ def big_world(blocks: int = 6, per_block: int = 40, groups: int = 7) -> World:
 def test_one_pod_added_sends_one_slot() -> None:
     w = big_world()
     total = sum(m.ByteSize() for m in w.ecds().values())
-    w.add_pod(30_000, "10.1.2.200", {"peer": "new", "group": "g1"})  # an existing block
+    w.add_pod(30_000, "10.1.2.50", {"peer": "new", "group": "g1"})  # an existing block
     stats = w.pub.flush()
-    block = ipaddress.ip_network("10.1.2.0/24")
-    assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
+    block = t.block_of(ipaddress.ip_network("10.1.2.50/32"))
+    assert block is not None and w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
     assert w.sink.sent(LISTENER) == [] and w.sink.sent(ROUTE) == []
     assert stats.slots_translated == 1 and stats.resources_sent == 1
     assert stats.bytes_sent < total / 5
-    assert envoy_leaf(w.ecds(), "10.1.2.200") == w.expected("10.1.2.200")
-    assert w.expected("10.1.2.200") != w.expected("10.1.2.201")  # the new pod is listed
+    assert envoy_leaf(w.ecds(), "10.1.2.50") == w.expected("10.1.2.50")
+    assert w.expected("10.1.2.50") != w.expected("10.1.2.51")  # the new pod is listed
 
 
 def test_pod_in_a_new_block_sends_its_slot_and_the_classifier() -> None:
     w = big_world()
     w.add_pod(30_001, "10.1.77.5", {"peer": "new", "group": "g2"})
     w.pub.flush()
-    block = ipaddress.ip_network("10.1.77.0/24")
+    block = t.block_of(ipaddress.ip_network("10.1.77.5/32"))
+    assert block is not None
     assert sorted(w.sink.sent(EXTENSION_CONFIG)) == sorted(
         [t.classifier_name(BILLING_IP, PORT), t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
     )
@@ -220,7 +221,7 @@ def test_pod_in_a_new_block_sends_its_slot_and_the_classifier() -> None:
 
 def test_pod_whose_decision_is_worlds_sends_nothing() -> None:
     w = big_world()
-    w.add_pod(30_002, "10.1.3.99", {"peer": "unlisted"})  # no group: default deny, like world
+    w.add_pod(30_002, "10.1.3.50", {"peer": "unlisted"})  # no group: default deny, like world
     stats = w.pub.flush()
     assert w.sink.sent(EXTENSION_CONFIG) == [] and stats.slots_translated == 0
 
@@ -234,7 +235,8 @@ def test_policy_change_for_one_peer_resends_only_its_slot() -> None:
     pol2 = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/y"}])}])
     w.delta(w.r.upsert_policy(pol2))
     w.pub.flush()
-    p3_block = ipaddress.ip_network("10.1.0.0/24")
+    p3_block = t.block_of(ipaddress.ip_network("10.1.0.4/32"))  # pod n=3
+    assert p3_block is not None
     assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(p3_block))]
 
 
@@ -245,8 +247,9 @@ def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:
     w.add_cidr(40_000, "10.1.0.0/22")  # spans the 4 blocks, so 4 slots, and the rest
     w.pub.flush()
     w.sink.clear()
-    slots = {t.slot_of(ipaddress.ip_network(f"10.1.{b}.0/24")) for b in range(4)}
-    assert len(slots) == 4
+    blocks = {t.block_of(ipaddress.ip_network(f"10.1.{b}.1/32")) for b in range(4)}
+    slots = {t.slot_of(b) for b in blocks if b is not None}
+    assert len(slots) == 4 and t.block_of(ipaddress.ip_network("10.1.0.0/22")) is None
     probes = ["10.1.0.1", "10.1.0.200", "10.1.3.250", "10.1.4.1", "10.1.1.5", "10.2.0.1"]
     for a in probes:
         assert envoy_leaf(w.ecds(), a) == w.expected(a), a
@@ -275,7 +278,7 @@ def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed:
         w.delta(w.r.upsert_policy(group_policy(g)))
     pool = [f"10.1.{b}.{h}" for b in (0, 1, 2, 64) for h in (1, 2, 3, 4, 5, 128, 255)]
     pool += ["10.3.0.1", "fd00::1", "fd00::2", "fd00::1:1"]
-    cidrs = ["10.1.0.0/16", "10.1.2.0/25", "10.0.0.0/8", "10.1.1.0/24", "10.1.2.0/30", "fd00::/64"]
+    cidrs = ["10.1.0.0/16", "10.1.2.0/25", "10.0.0.0/8", "10.1.1.0/24", "10.1.2.0/30", "10.1.64.0/26", "fd00::/64"]
     cidr_ids = {c: 50_000 + i for i, c in enumerate(cidrs)}
     pods: dict[str, int] = {}
     next_id = 60_000
@@ -287,7 +290,7 @@ def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed:
         ccnp("tog", [{"fromCIDR": ["10.0.0.0/8", "fd00::/64"], "toPorts": to_port()}],
              deny=[{"fromEndpoints": [{"matchLabels": {"group": "g0"}}]}]),
     ]
-    probes = pool + ["10.1.0.77", "10.1.2.100", "10.1.2.200", "10.1.1.200", "10.200.0.1", "10.1.64.77", "fd00::9",
+    probes = pool + ["10.1.0.77", "10.1.2.100", "10.1.2.50", "10.1.1.200", "10.200.0.1", "10.1.64.77", "fd00::9",
                      "fd01::1", "192.0.2.1"]
     for step in range(60):
         op = rnd.random()

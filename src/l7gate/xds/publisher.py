@@ -3,7 +3,7 @@
 Theory of operation: every (local endpoint, port) the node's Envoy fronts owns a listener, a
 route and a cluster, and over ECDS a classifier and `SOURCE_SLOTS` + 1 RBAC slots (see
 `translate`, "source-address slots"). Slot i decides the addresses of the ipcache blocks
-(/24, /120) with `slot_of(block) == i`; the rest slot decides addresses in no block, by the
+(/26, /122) with `slot_of(block) == i`; the rest slot decides addresses in no block, by the
 broad prefixes (shorter than a block). The publisher tracks what is dirty per (port, slot):
 
 - a policy delta for an endpoint: per port, the decision of each peer identity whose map keys
@@ -16,7 +16,7 @@ broad prefixes (shorter than a block). The publisher tracks what is dirty per (p
   holds, on every port;
 - ports appearing or disappearing, `mark_identity`, `load_ipcache`: all of a port.
 
-So one new pod re-translates one slot (~1/64 of the table) and sends one ECDS resource. Because
+So one new pod re-translates one slot (~1/128 of the table) and sends one ECDS resource. Because
 the cache versions resources by content, re-translating something that did not really change
 sends nothing to Envoy.
 
