@@ -10,10 +10,10 @@ broad prefixes (shorter than a block). The publisher tracks what is dirty per (p
   changed is recomputed; if it changed, the slots holding that identity's prefixes are dirty.
   A changed key for every peer (ANY), or a change of world's decision or of the decision of
   peers no key names (the endpoint's default), makes every slot of the port dirty;
-- an ipcache change of a prefix in a block: that block's slot, on the ports where the address's
-  decision changed with it (decided as rendered); a block appearing or disappearing also changes
-  the classifier of every port. A broad prefix: the rest slot and the slots of the blocks it
-  holds, on every port;
+- an ipcache change of a prefix in a block: that block's slot, on the ports where the old or new
+  identity, or the broad prefix holding the block, is listed (its leaf is not world's); a block
+  appearing or disappearing also changes the classifier of every port. A broad prefix: the
+  rest slot and the slots of the blocks it holds, on every port;
 - ports appearing or disappearing, `mark_identity`, `load_ipcache`: all of a port.
 
 So one new pod re-translates one slot (~1/128 of the table) and sends one ECDS resource. Because
@@ -29,6 +29,7 @@ Not thread-safe: the agent's reconcile loop owns it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,9 @@ class _PolicyIndex:
                 del self.by_peer[key.peer]
         else:
             target[key] = entry
+
+    def clear_memo(self) -> None:
+        self._memo.clear()
 
     def decide(self, peer: int) -> Decision:
         if self.policy is None or not self.policy.policies:
@@ -259,25 +263,34 @@ class Publisher:
             self._slot_blocks.get(slot, set()).discard(block)
         elif appeared:
             self._slot_blocks.setdefault(slot, set()).add(block)
+        # Prefixes holding p: inside one that is listed, p is listed whatever its own decision.
+        cover = t.covering(block, self._broad) if self._broad else None
+        holders = [cover[1]] if cover is not None else []
+        holders += [
+            ident for net, ident in entries.items()
+            if net.prefixlen < p.prefixlen and p.subnet_of(net)  # type: ignore[arg-type]
+        ]
         for st in self._ports.values():
             if st.full or st.index is None:
                 continue
             if appeared or gone:
                 st.classifier = True
                 st.slots.add(slot)
-            elif self._effective(st, change.old, block) != self._effective(st, change.new, block):
+            elif (
+                self._rendered(st, change.old)
+                or self._rendered(st, change.new)
+                or any(self._rendered(st, ident) for ident in holders)
+            ):
                 st.slots.add(slot)
 
-    def _effective(self, st: _PortState, ident: int | None, block: IPNetwork) -> Decision:
-        """The decision, as rendered, of an address of `block` held by `ident` (None: by no
-        prefix of the block, so by the longest broad prefix holding the block, or world)."""
+    def _rendered(self, st: _PortState, ident: int | None) -> bool:
+        """Whether prefixes of `ident` can appear in a slot (as rendered): a slot lists every
+        prefix whose leaf is not world's, and, inside a listed broad prefix, every other one.
+        A change among prefixes that none of this applies to leaves the slot as it is."""
         if ident is None:
-            cover = t.covering(block, self._broad)
-            if cover is None:
-                assert st.world is not None
-                return st.world
-            ident = cover[1]
-        return st.decide(ident)
+            return False
+        assert st.world is not None
+        return not t.renders_alike(st.decide(ident), st.world, auth_verified=self.auth_verified)
 
     def _broad_changed(self, prefix: IPNetwork, new: int | None) -> None:
         if new is None:
@@ -296,37 +309,41 @@ class Publisher:
     # -- output -------------------------------------------------------------------------------
 
     def _refresh_policy(self, st: _PortState) -> None:
-        """Bring the port's policy index up to date; mark the slots whose decisions changed.
+        """Bring the port's policy index up to date; mark the slots whose leaves changed.
 
         Only the peers whose map keys changed can change decision, unless what every peer
-        shares changed: the ANY entries, the policy's list of policies or default-deny (world's
-        and the unnamed peers' decision). Then every slot is dirty."""
+        shares changed: the ANY entries (every slot is dirty), or world's or the unnamed peers'
+        leaf. World's default deny names the endpoint's first policies: a policy added or
+        removed changes it only when it is among them."""
         policy = self.policy_of(st.port.identity)
         idx = st.index
-        shared = idx is None or any(k.peer == ANY_PEER for k in st.pending) or _meta(policy) != _meta(
-            idx.policy
-        )
-        if st.full or shared or idx is None:
-            idx = st.index = _PolicyIndex(policy, st.port.port)
-            st.full = True
+        alike = functools.partial(t.renders_alike, auth_verified=self.auth_verified)
+        if st.full or idx is None or any(k.peer == ANY_PEER for k in st.pending):
+            st.index = _PolicyIndex(policy, st.port.port)
             st.decided = {}
-            touched: dict[int, Decision] = {}
+            st.world, st.unnamed = st.index.decide(t.WORLD_ID), st.index.decide(-1)
+            st.full = True
         else:
-            touched = {k.peer: st.decide(k.peer) for k in st.pending}
+            before = {k.peer: st.decide(k.peer) for k in st.pending}
+            old_world, old_unnamed = st.world, st.unnamed
+            assert old_world is not None and old_unnamed is not None
             for k, e in st.pending.items():
                 idx.set(k, e)
+            if _meta(policy) != _meta(idx.policy):
+                idx.clear_memo()
+                st.decided = {}  # decisions of peers without entries of their own
+            else:
+                for ident in before:
+                    st.decided.pop(ident, None)
             idx.policy = policy
-            for ident in touched:
-                st.decided.pop(ident, None)
-        world = idx.decide(t.WORLD_ID)
-        if not st.full and world != st.world:
-            st.full = True
-            st.decided = {}
-        st.world, st.unnamed = world, idx.decide(-1)
-        if not st.full:
-            for ident, before in touched.items():
-                if st.decide(ident) != before:
-                    self._mark_identity_slots(st, ident)
+            st.world, st.unnamed = idx.decide(t.WORLD_ID), idx.decide(-1)
+            if not (alike(st.world, old_world) and alike(st.unnamed, old_unnamed)):
+                st.full = True
+                st.decided = {}
+            else:
+                for ident, d in before.items():
+                    if not alike(st.decide(ident), d):
+                        self._mark_identity_slots(st, ident)
         st.pending.clear()
         st.policy_changed = False
 

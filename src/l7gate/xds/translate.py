@@ -283,6 +283,17 @@ def _leaf(d: Decision, auth_verified: bool) -> matcher_pb2.Matcher.OnMatch:
     return decision_on_match(d, auth_verified=auth_verified)
 
 
+@functools.lru_cache(maxsize=65536)
+def _leaf_key(d: Decision, auth_verified: bool) -> bytes:
+    return bytes(_leaf(d, auth_verified).SerializeToString(deterministic=True))
+
+
+def renders_alike(a: Decision, b: Decision, *, auth_verified: bool = False) -> bool:
+    """Whether two decisions become the same matcher leaf (e.g. default denies whose policy
+    lists differ only past the names an action carries)."""
+    return a is b or _leaf_key(a, auth_verified) == _leaf_key(b, auth_verified)
+
+
 def rbac_matcher(
     decisions: PortDecisions,
     prefixes: Mapping[int, Sequence[IPNetwork]],
@@ -291,28 +302,38 @@ def rbac_matcher(
 ) -> matcher_pb2.Matcher:
     """The source-address matcher for one (endpoint, port). `prefixes` is the ipcache, by
     identity. Deterministic: equal inputs give byte-identical output."""
-    groups: dict[Decision, list[IPNetwork]] = defaultdict(list)
+    # Grouped by the leaf a decision becomes: decisions that render alike share one range
+    # matcher, and one that renders like world's needs none.
+    world_key = _leaf_key(decisions.world, auth_verified)
+    leaf_of: dict[bytes, Decision] = {world_key: decisions.world}
+    groups: dict[bytes, list[IPNetwork]] = defaultdict(list)
     any_broad = False
     for ident, d in decisions.peers.items():
         nets = prefixes.get(ident)
         if nets:
-            groups[d].extend(nets)
+            key = _leaf_key(d, auth_verified)
+            if key == world_key:
+                continue
+            leaf_of.setdefault(key, d)
+            groups[key].extend(nets)
             any_broad = any_broad or any(n.prefixlen < n.max_prefixlen for n in nets)
     # Longest-prefix match must land on each address's own identity: list any prefix that sits
     # inside a broader listed range whose decision is not its own.
     broad: list[IPNetwork] = []
     if any_broad:
-        listed = {net: d for d, nets in groups.items() for net in nets}
+        listed = {net: key for key, nets in groups.items() for net in nets}
         broad = [n for n in listed if n.prefixlen < n.max_prefixlen]
         for ident, all_nets in prefixes.items():
             d = decisions.for_identity(ident)
+            key = _leaf_key(d, auth_verified)
             for net in all_nets:
                 if net in listed:
                     continue
                 for b in broad:
-                    if b.version == net.version and net.subnet_of(b) and listed[b] != d:  # type: ignore[arg-type]
-                        groups[d].append(net)
-                        listed[net] = d
+                    if b.version == net.version and net.subnet_of(b) and listed[b] != key:  # type: ignore[arg-type]
+                        leaf_of.setdefault(key, d)
+                        groups[key].append(net)
+                        listed[net] = key
                         break
     range_matchers = []
     if not broad:
@@ -321,12 +342,12 @@ def rbac_matcher(
         # cover exactly the same addresses, so no unknown address changes decision. Integer
         # arithmetic: a slot is re-rendered for every change to it.
         blocks: list[tuple[tuple[int, int, int], list[tuple[int, int, int]], Decision]] = []
-        for d, nets in groups.items():
+        for key, nets in groups.items():
             merged: list[tuple[int, int, int]] = []
             for version, bits in ((4, 32), (6, 128)):
                 same = sorted({int(n.network_address) for n in nets if n.version == version})
                 merged.extend((version, lo, plen) for lo, plen in _aligned_blocks(same, bits))
-            blocks.append((merged[0], merged, d))
+            blocks.append((merged[0], merged, leaf_of[key]))
         for _, merged, d in sorted(blocks, key=lambda b: b[0]):
             range_matchers.append(
                 ip_pb2.IPMatcher.IPRangeMatcher(
@@ -334,11 +355,11 @@ def rbac_matcher(
                 )
             )
     else:
-        for d, nets in sorted(groups.items(), key=lambda kv: min(_net_key(n) for n in kv[1])):
+        for key, nets in sorted(groups.items(), key=lambda kv: min(_net_key(n) for n in kv[1])):
             range_matchers.append(
                 ip_pb2.IPMatcher.IPRangeMatcher(
                     ranges=[_cidr(n) for n in sorted(set(nets), key=_net_key)],
-                    on_match=_leaf(d, auth_verified),
+                    on_match=_leaf(leaf_of[key], auth_verified),
                     exclusive=True,
                 )
             )
