@@ -230,14 +230,25 @@ def test_policy_change_for_one_peer_resends_only_its_slot() -> None:
     w = big_world()
     pol = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/x"}])}])
     w.delta(w.r.upsert_policy(pol))
-    w.pub.flush()  # a new policy on billing: every default-deny leaf names it, all slots change
-    w.sink.clear()
-    pol2 = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/y"}])}])
-    w.delta(w.r.upsert_policy(pol2))
+    # A new policy on billing, named after its first three: world's default deny is named as
+    # before ("+more"), so only p3's slot changes.
     w.pub.flush()
     p3_block = t.block_of(ipaddress.ip_network("10.1.0.4/32"))  # pod n=3
     assert p3_block is not None
     assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(p3_block))]
+    w.sink.clear()
+    pol2 = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/y"}])}])
+    w.delta(w.r.upsert_policy(pol2))
+    w.pub.flush()
+    assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(p3_block))]
+
+
+def test_policy_among_the_first_names_resends_every_slot() -> None:
+    w = big_world()
+    pol = ccnp("a-first", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/x"}])}])
+    w.delta(w.r.upsert_policy(pol))
+    stats = w.pub.flush()  # world's default deny now names it: every slot's default changes
+    assert stats.slots_translated == t.SOURCE_SLOTS + 1
 
 
 def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:

@@ -206,11 +206,15 @@ MAX_NAMED_POLICIES = 3
 
 def _policies(d: Decision) -> str:
     """The policies behind a decision, for flows; at most a few (Envoy copies the action name
-    into every access log entry, and a default deny can involve every policy on the pod)."""
+    into every access log entry, and a default deny can involve every policy on the pod).
+
+    No count of the others: world's default deny names the endpoint's policies and sits in
+    every source-address slot, so a count would make any policy added to or removed from the
+    endpoint re-send every slot; without it, only a change among the first names does."""
     pols = d.policies
     if len(pols) <= MAX_NAMED_POLICIES:
         return ",".join(pols)
-    return ",".join(pols[:MAX_NAMED_POLICIES]) + f",+{len(pols) - MAX_NAMED_POLICIES} more"
+    return ",".join(pols[:MAX_NAMED_POLICIES]) + ",+more"
 
 
 def decision_on_match(d: Decision, *, auth_verified: bool = False) -> matcher_pb2.Matcher.OnMatch:
