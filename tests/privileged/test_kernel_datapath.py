@@ -281,3 +281,33 @@ def test_kill_9_agent_keeps_verdicts_and_restart_reconciles(world: World) -> Non
     assert set(l4deny) == {0}, l4deny
     after = a.status()["datapath"]
     assert after["policy_entries"] == entries_before and after["replaced_maps"] == []
+
+
+def test_repeated_agent_restarts_never_deny_an_allowed_request(world: World) -> None:
+    """The Envoy outlives each killed agent and reconnects to the next one: it must get the
+    whole restored configuration at once. (It once reconnected to a half-built snapshot, read
+    the missing source-slot filters as removed, and denied everything until the next restart.)"""
+    a = world.a
+    assert a.proc is not None
+    for _ in range(3):
+        stop = threading.Event()
+        codes: list[int] = []
+
+        def probe() -> None:
+            while not stop.is_set():
+                codes.append(world.frontend.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=2)[0])
+
+        th = threading.Thread(target=probe)
+        th.start()
+        try:
+            time.sleep(0.3)
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait()
+            time.sleep(0.5)
+            a.start(world.tb)
+            a.synced()
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            th.join()
+        assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}

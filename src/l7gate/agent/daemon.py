@@ -1,8 +1,9 @@
 """`l7gate agent`: wiring of one node's agent, and its clean shutdown.
 
-Start order: kvstore → snapshot cache and xDS server → core (restores policies and pods from
-the kvstore and fills the cache) → Envoy supervisor → admin endpoint. Envoy starts after the
-cache holds the restored state, so its first configuration is already the enforcing one.
+Start order: kvstore → snapshot cache → core (restores policies and pods from the kvstore and
+fills the cache) → xDS server → Envoy supervisor → admin endpoint. The xDS server starts after
+the cache holds the restored state, so the first configuration any Envoy gets — a new one, or
+one that outlived the previous agent and reconnects — is already the whole enforcing one.
 SIGTERM or SIGINT stops everything in reverse order.
 """
 
@@ -165,11 +166,14 @@ def start_agent(config: AgentConfig) -> Agent:
         cache, config.xds_listen, on_ack=metrics.on_ack, on_nack=metrics.on_nack,
         extra_handlers=[als.handler()],
     )
-    xds_address = xds.start()
     kernel, fallback, datapath_info = _open_datapath(config)
     core = AgentCore(
         config, store, cache, access_logs=[http_grpc_access_log()], kernel=kernel, fallback=fallback
     )
+    # Only now: an Envoy that outlived the previous agent reconnects as soon as the socket
+    # exists, and must find the whole restored configuration, never a half-built one (a
+    # resource missing from a partial snapshot is a removal for Envoy).
+    xds_address = xds.start()
     drops: deque[DropEvent] = deque(maxlen=1024)
     metrics.attach(core)
     metrics.attach_xds(xds.status)
