@@ -342,3 +342,24 @@ def test_cli_against_the_agent(world: World, capsys: pytest.CaptureFixture[str])
                    "spec: {endpointSelector: {}, ingress: [{toPorts: [{ports: [{port: '99999'}]}]}]}\n")
     rc, _, err = run("policy", "apply", "-f", str(bad))
     assert rc == 1 and "spec.ingress[0].toPorts[0].ports[0].port" in err
+
+
+def test_a_policy_that_only_turns_on_default_deny_is_enforced(world: World) -> None:
+    """`ingress: [{}]` changes no map key, only default-deny: Envoy must still follow it."""
+    from .loopback import pod
+
+    ledger = f"127.{S}.1.20"
+    world.serve(ledger, 8080, "ledger")
+    world.core.apply([pod("ledger-abc", "payments", ledger, {"app": "ledger"}, "cluster-a", (8080,))])
+    world.synced()
+    world.wait_listening(ledger, 8080)
+    assert request(OTHER, ledger, 8080, "GET", "/x").status == 200  # no policy selects it
+    deny_all = {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
+                "metadata": {"name": "ledger-default-deny"},
+                "spec": {"endpointSelector": {"matchLabels": {"app": "ledger"}}, "ingress": [{}]}}
+    world.core.apply([deny_all])
+    world.synced()
+    assert request(OTHER, ledger, 8080, "GET", "/x").status == 403
+    world.core.delete_policy("CiliumClusterwideNetworkPolicy/ledger-default-deny")
+    world.synced()
+    assert request(OTHER, ledger, 8080, "GET", "/x").status == 200
