@@ -68,6 +68,7 @@ class Agent:
     flows: FlowRing
     ingestor: Ingestor
     mtls: MutualAuth | None = None
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def status(self) -> dict[str, Any]:
         env = self.envoy.status() if self.envoy else None
@@ -140,6 +141,7 @@ class Agent:
 
     def stop(self) -> None:
         log("stopping")
+        self.stopping.set()
         if self.mtls is not None:
             self.mtls.stop()  # auth map entries stay until they expire (decision 7)
         if self.core.kernel is not None:
@@ -241,7 +243,19 @@ def start_agent(config: AgentConfig) -> Agent:
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
                   datapath_info, drops, flows=flows, ingestor=ingestor, mtls=mtls)
     admin.start()  # only now: its handlers read `agent`
+    threading.Thread(target=_compact_heap_now_and_then, args=(agent,), name="l7g-heap", daemon=True).start()
     return agent
+
+
+HEAP_COMPACTION_PERIOD = 600.0  # seconds
+
+
+def _compact_heap_now_and_then(agent: Agent) -> None:
+    """Cyclic garbage among the objects `settle_heap` froze is collected here, rarely."""
+    while not agent.stopping.wait(HEAP_COMPACTION_PERIOD):
+        took = agent.core.compact_heap()
+        if took > 0.05:
+            log(f"heap compaction took {took * 1000:.0f} ms")
 
 
 class _PeerIndex:
