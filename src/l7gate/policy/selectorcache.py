@@ -1,8 +1,9 @@
 """The selector cache: each distinct selector once, with the identities it selects right now.
 
 Theory of operation: the cache knows every identity (number → labels) and every selector some
-rule uses (by its canonical key, reference-counted). Adding a selector costs one pass over the
-identities. Adding, relabelling or removing an identity matches it against the candidate
+rule uses (by its canonical key, reference-counted). Adding a selector with an `In` requirement
+matches only the identities that carry one of its (key, value) pairs (identities are indexed by
+their label pairs); other selectors cost one pass over the identities. Adding, relabelling or removing an identity matches it against the candidate
 selectors only: a label selector with an `In` requirement can select only identities that carry
 one of its (key, value) pairs, so it is indexed under those pairs; the others (entities, CIDRs,
 selectors without `In`) are always candidates. Each update returns which selectors gained or
@@ -51,6 +52,7 @@ class SelectorCache:
         self._selectors: dict[str, _Cached] = {}
         self._by_pair: dict[tuple[str, str], set[str]] = {}  # label pair → selector keys
         self._unindexed: set[str] = set()  # selector keys that are candidates for any identity
+        self._ids_by_pair: dict[tuple[str, str], set[int]] = {}  # label pair → identities
 
     def _candidates(self, *labels: Labels | None) -> list[tuple[str, _Cached]]:
         keys = set(self._unindexed)
@@ -78,6 +80,7 @@ class SelectorCache:
             gone = self._identities.pop(ident, None)
             if gone is None:
                 continue
+            self._unindex_identity(ident, gone)
             for key, c in self._candidates(gone):
                 if ident in c.selections:
                     c.selections.discard(ident)
@@ -87,6 +90,10 @@ class SelectorCache:
             if old == labels:
                 continue
             self._identities[ident] = labels
+            if old is not None:
+                self._unindex_identity(ident, old)
+            for pair in labels.items_:
+                self._ids_by_pair.setdefault(pair, set()).add(ident)
             # A selector that selected it matched `old`; one that selects it now matches `labels`.
             for key, c in self._candidates(labels, old):
                 now = c.selector.matches(labels)
@@ -102,15 +109,30 @@ class SelectorCache:
             for key in sorted(set(added) | set(removed))
         }
 
+    def _unindex_identity(self, ident: int, labels: Labels) -> None:
+        for pair in labels.items_:
+            ids = self._ids_by_pair.get(pair)
+            if ids is not None:
+                ids.discard(ident)
+                if not ids:
+                    del self._ids_by_pair[pair]
+
     # -- selectors ----------------------------------------------------------------------------
 
     def add_selector(self, selector: PeerSelector) -> None:
         c = self._selectors.get(selector.key)
         if c is None:
             c = _Cached(selector)
-            c.selections = {i for i, lab in self._identities.items() if selector.matches(lab)}
-            self._selectors[selector.key] = c
             pairs = _index_pairs(selector)
+            if pairs:  # only identities carrying one of its pairs can match
+                idents = self._identities
+                cands: set[int] = set()
+                for pair in pairs:
+                    cands |= self._ids_by_pair.get(pair, set())
+                c.selections = {i for i in cands if selector.matches(idents[i])}
+            else:
+                c.selections = {i for i, lab in self._identities.items() if selector.matches(lab)}
+            self._selectors[selector.key] = c
             for pair in pairs:
                 self._by_pair.setdefault(pair, set()).add(selector.key)
             if not pairs:
