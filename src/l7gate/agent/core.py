@@ -61,13 +61,14 @@ class ApplyError(Exception):
 
 
 def settle_heap() -> None:
-    """After a change: collect the young generations (the garbage the change made), then move
+    """After a change: collect the youngest generation (the garbage the change made), then move
     every surviving object to the collector's permanent generation. With 10,000 identities the
     agent holds millions of long-lived objects, and one full collection of them took ~190 ms,
     stalling whatever thread triggered it (a policy apply, the xDS server). Frozen objects are
     still freed by reference counting; only cyclic garbage among them waits for
-    `AgentCore.compact_heap`, which the daemon runs every few minutes."""
-    gc.collect(1)
+    `AgentCore.compact_heap`, which the daemon runs every few minutes. (Collecting generation 1
+    too cost ~1 ms per pod added at that size; generation 0 alone costs nothing measurable.)"""
+    gc.collect(0)
     gc.freeze()
 
 
