@@ -42,7 +42,7 @@ from ..xds.cache import SnapshotCache
 from ..xds.server import XdsServer
 from .admin import AdminApp, AdminHooks, AdminServer
 from .config import AgentConfig
-from .core import AgentCore
+from .core import AgentCore, settle_heap
 from .tunnel import Tunnels, inputs_from_core, plan as tunnel_plan
 from .metrics import AgentMetrics
 
@@ -247,12 +247,20 @@ def start_agent(config: AgentConfig) -> Agent:
     return agent
 
 
-HEAP_COMPACTION_PERIOD = 600.0  # seconds
+HEAP_SETTLE_PERIOD = 1.0  # seconds
+HEAP_COMPACTION_PERIOD = 600.0
 
 
 def _compact_heap_now_and_then(agent: Agent) -> None:
-    """Cyclic garbage among the objects `settle_heap` froze is collected here, rarely."""
-    while not agent.stopping.wait(HEAP_COMPACTION_PERIOD):
+    """Every second, what survived (flows in the ring, access-log state) is frozen too, so the
+    collector never has a large unfrozen old generation to walk in the middle of a policy
+    apply; cyclic garbage among frozen objects is collected here, rarely."""
+    last = time.monotonic()
+    while not agent.stopping.wait(HEAP_SETTLE_PERIOD):
+        if time.monotonic() - last < HEAP_COMPACTION_PERIOD:
+            settle_heap()
+            continue
+        last = time.monotonic()
         took = agent.core.compact_heap()
         if took > 0.05:
             log(f"heap compaction took {took * 1000:.0f} ms")
