@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from _world import WrkResult, find_wrk, parse_wrk
 from l7gate.agent.client import AdminClient, AdminError
 from l7gate.agent.testbed import Node, Pod
 from l7gate.redirect_bpf.compile import KAction, PolicyKey, PolicyValue
@@ -482,21 +483,6 @@ def _upstream_bootstrap(ip: str, port: int) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class WrkResult:
-    rps: float
-    requests: int
-    non_2xx: int
-    socket_errors: int
-
-
-def find_wrk() -> str:
-    path = shutil.which("wrk")
-    if path is None:
-        raise RuntimeError("wrk is not installed: apt-get install -y wrk")
-    return path
-
-
 def wrk_script(path: Path) -> Path:
     path.write_text(f'wrk.method = "POST"\nwrk.body = "{{}}"\nwrk.headers["Host"] = "{HOST}"\n'
                     'wrk.headers["Content-Type"] = "application/json"\n')
@@ -511,13 +497,5 @@ def wrk(where: Pod | Node, url: str, seconds: float, script: Path, connections: 
                     timeout=seconds + 30)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
-    text = out.stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    total = re.search(r"(\d+) requests in", text)
-    if rps is None or total is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{text}")
-    non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    err = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return WrkResult(float(rps.group(1)), int(total.group(1)), int(non.group(1)) if non else 0,
-                     sum(int(g) for g in err.groups()) if err else 0)
+    return parse_wrk(out.stdout)
 

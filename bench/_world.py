@@ -160,11 +160,11 @@ def policy_shape(agent: Agent) -> str:
         classifier = 0
         for msg in snap.messages(EXTENSION_CONFIG_TYPE).values():
             size = msg.ByteSize()
-            if not msg.typed_config.type_url.endswith("rbac.v3.RBAC"):  # type: ignore[attr-defined]
+            if not msg.typed_config.type_url.endswith("rbac.v3.RBAC"):
                 classifier += size
                 continue
             rbac = rbac_pb2.RBAC()
-            msg.typed_config.Unpack(rbac)  # type: ignore[attr-defined]
+            msg.typed_config.Unpack(rbac)
             m = rbac.matcher
             ipm = ip_pb2.IPMatcher.FromString(m.matcher_tree.custom_match.typed_config.value)
             slots += 1
@@ -306,7 +306,7 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: int
-    p50_ms: float | None
+    p50_ms: float | None = None
 
 
 def find_wrk() -> str:
@@ -337,7 +337,11 @@ def wrk(
     )
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout}")
-    text = out.stdout
+    return parse_wrk(out.stdout)
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """wrk's report → WrkResult (p50 only when run with --latency)."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     total = re.search(r"(\d+) requests in", text)
     if rps is None or total is None:

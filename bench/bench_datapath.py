@@ -59,11 +59,12 @@ import traceback
 from collections.abc import Callable
 
 from _datapath_world import (
-    BILLING, FRONTEND, OFFSET, OTHER, AgentProcess, IptablesChain, PolicyDatapath, WrkResult,
-    connect_dropped, connect_samples, cpus_for_client_and_server, find_wrk, http_probe,
+    BILLING, FRONTEND, OFFSET, OTHER, AgentProcess, IptablesChain, PolicyDatapath,
+    connect_dropped, connect_samples, cpus_for_client_and_server, http_probe,
     loopback_pod, pinned_thread, remove_bpf_root_if_empty, start_accept_server,
     start_static_upstream, wrk, wrk_script,
 )
+from _world import WrkResult, find_wrk
 from l7gate.agent.testbed import Node, Pod, Testbed
 from run import Context, Result
 

@@ -61,7 +61,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from _datapath_world import WrkResult, wrk, wrk_script
+from _datapath_world import wrk, wrk_script
+from _world import WrkResult
 from _tunnel_world import (
     PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, LinkCapture, TunnelWorld, cpu_seconds,
     missing_prerequisites,

@@ -300,3 +300,11 @@ def test_selector_cache_reports_exactly_what_changed(case: dict[str, Any]) -> No
             assert (ch.added if ch else frozenset()) == after[k] - before[k], f"selector {k} added"
             assert (ch.removed if ch else frozenset()) == before[k] - after[k], f"selector {k} removed"
         assert set(changes) <= set(selectors)
+    # A selector added once the identities exist matches the candidates its `In` pairs index
+    # (identities are indexed by label pair): the same selections as matching every identity.
+    late = SelectorCache()
+    late.update_identities(identities)
+    final = truth()
+    for k, sel in selectors.items():
+        late.add_selector(sel)
+        assert late.selections(k) == final[k], f"selector {k} added late"

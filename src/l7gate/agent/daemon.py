@@ -38,7 +38,7 @@ from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
-from ..xds.cache import SnapshotCache
+from ..xds.cache import LISTENER, SnapshotCache
 from ..xds.server import XdsServer
 from .admin import AdminApp, AdminHooks, AdminServer
 from .config import AgentConfig
@@ -409,7 +409,7 @@ class MutualAuth:
 
             def listeners_acked(version: str, timeout: float) -> bool:
                 return xds.wait(lambda rows: any(
-                    r.node_id == node_id and r.type_url.endswith(".Listener") and r.acked_version == version
+                    r.node_id == node_id and r.type_url == LISTENER and r.acked_version == version
                     for r in rows), timeout)
 
             tunnels = Tunnels(

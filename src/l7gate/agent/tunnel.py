@@ -291,7 +291,6 @@ class Tunnels:
                 log.info("tunnel: no SVID for identity %d yet: %s", ident, exc)
         if secrets:
             secrets[mt.bundle_secret_name(self.td)] = mt.bundle_secret(self.td, self.store.bundle_pem())
-        have = {mt.svid_secret_name(self.td, i) for i in new.svid_identities}
         clusters: dict[str, Message] = {}
         routes: dict[str, Message] = {}
         listeners: dict[str, Message] = {}
@@ -303,11 +302,12 @@ class Tunnels:
             clusters[ing.cluster.name] = ing.cluster
             routes[ing.route.name] = ing.route
             listeners[ing.listener.name] = ing.listener
-        kernel = set(new.kernel)
+        # A source identity without its SVID yet gets no tunnel cluster, so the kernel must
+        # not send its connections to the egress listener either (they would be refused).
+        kernel = frozenset(k for k in new.kernel if mt.svid_secret_name(self.td, k[0]) in secrets)
         for (ip, port), eg in sorted(new.egress.items()):
             sources = {s: a for s, a in eg.sources.items() if mt.svid_secret_name(self.td, s) in secrets}
             if not sources:
-                kernel -= {k for k in kernel if k[1] == eg.remote.identity and k[3] == port}
                 continue
             remote = mt.RemotePort(eg.remote.ip, eg.remote.port, eg.remote.identity, eg.remote.node,
                                    eg.remote.node_ip, self.port)
@@ -316,7 +316,6 @@ class Tunnels:
                 clusters[c.name] = c
             routes[e.route.name] = e.route
             listeners[e.listener.name] = e.listener
-        secrets = {n: s for n, s in secrets.items() if n in have or n == mt.bundle_secret_name(self.td)}
         names = {SECRET: set(secrets), CLUSTER: set(clusters), ROUTE: set(routes), LISTENER: set(listeners)}
         with self._lock:
             gone = {k: self._names[k] - names[k] for k in names}
@@ -340,7 +339,7 @@ class Tunnels:
             self._status.plan = new
             self._status.listener_version = lds
             self._status.error = ""
-            self._wanted = (frozenset(kernel), lds)
+            self._wanted = (kernel, lds)
             self._wake.notify_all()
 
     # -- kernel -----------------------------------------------------------------------------------

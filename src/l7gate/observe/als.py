@@ -39,6 +39,26 @@ Sink = Callable[[Any], None]  # called with each envoy.data.accesslog.v3.HTTPAcc
 BatchSink = Callable[[Sequence[Any]], None]  # called with each message's entries
 
 
+def _common(log_name: str, flush_interval_ms: int) -> Any:
+    return als_config_pb2.CommonGrpcAccessLogConfig(
+        log_name=log_name,
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
+        ),
+        transport_api_version=ApiVersion.V3,
+        buffer_flush_interval=duration_pb2.Duration(nanos=flush_interval_ms * 1_000_000),
+    )
+
+
+def _access_log(logger: str, cfg: Any) -> Any:
+    from envoy.config.accesslog.v3 import accesslog_pb2
+    from google.protobuf import any_pb2
+
+    packed = any_pb2.Any()
+    packed.Pack(cfg)
+    return accesslog_pb2.AccessLog(name=logger, typed_config=packed)
+
+
 def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50,
                          request_headers: Sequence[str] = (), min_status: int = 0) -> Any:
     """The HCM `access_log` entry that streams every request to the agent (with the values
@@ -46,22 +66,11 @@ def http_grpc_access_log(log_name: str = "l7gate", flush_interval_ms: int = 50,
     answered with at least that status)."""
     from envoy.config.accesslog.v3 import accesslog_pb2
     from envoy.config.core.v3 import base_pb2
-    from google.protobuf import any_pb2
 
-    cfg = als_config_pb2.HttpGrpcAccessLogConfig(
+    out = _access_log(HTTP_GRPC_LOGGER, als_config_pb2.HttpGrpcAccessLogConfig(
         additional_request_headers_to_log=list(request_headers),
-        common_config=als_config_pb2.CommonGrpcAccessLogConfig(
-            log_name=log_name,
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
-            ),
-            transport_api_version=ApiVersion.V3,
-            buffer_flush_interval=duration_pb2.Duration(nanos=flush_interval_ms * 1_000_000),
-        )
-    )
-    packed = any_pb2.Any()
-    packed.Pack(cfg)
-    out = accesslog_pb2.AccessLog(name=HTTP_GRPC_LOGGER, typed_config=packed)
+        common_config=_common(log_name, flush_interval_ms),
+    ))
     if min_status:
         out.filter.status_code_filter.comparison.op = accesslog_pb2.ComparisonFilter.GE
         out.filter.status_code_filter.comparison.value.CopyFrom(
@@ -75,22 +84,8 @@ TCP_GRPC_LOGGER = "envoy.access_loggers.tcp_grpc"
 def tcp_grpc_access_log(log_name: str = "l7gate-tcp", flush_interval_ms: int = 50) -> Any:
     """A listener-level `access_log` entry: one TCPAccessLogEntry per connection, when it
     closes, including connections whose TLS handshake failed (with the reason)."""
-    from envoy.config.accesslog.v3 import accesslog_pb2
-    from google.protobuf import any_pb2
-
-    cfg = als_config_pb2.TcpGrpcAccessLogConfig(
-        common_config=als_config_pb2.CommonGrpcAccessLogConfig(
-            log_name=log_name,
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)
-            ),
-            transport_api_version=ApiVersion.V3,
-            buffer_flush_interval=duration_pb2.Duration(nanos=flush_interval_ms * 1_000_000),
-        )
-    )
-    packed = any_pb2.Any()
-    packed.Pack(cfg)
-    return accesslog_pb2.AccessLog(name=TCP_GRPC_LOGGER, typed_config=packed)
+    return _access_log(TCP_GRPC_LOGGER, als_config_pb2.TcpGrpcAccessLogConfig(
+        common_config=_common(log_name, flush_interval_ms)))
 
 
 class AccessLogReceiver:

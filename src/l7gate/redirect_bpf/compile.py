@@ -71,9 +71,9 @@ def kernel_value(d: Decision, tunnel: bool = False) -> PolicyValue:
     if d.action is Action.AUTH_FAIL:
         return PolicyValue(KAction.DENY, KFlag.AUTH_FAIL)
     flags = KFlag.AUTH if d.auth is AuthMode.REQUIRED else 0
+    if tunnel and tunnel_needed(d):
+        flags |= KFlag.TUNNEL
     if d.action is Action.HTTP:
-        if tunnel and flags:
-            flags |= KFlag.TUNNEL
         return PolicyValue(KAction.REDIRECT, flags)
     return PolicyValue(KAction.ALLOW, flags)
 
