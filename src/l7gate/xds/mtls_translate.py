@@ -63,11 +63,13 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_http_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early_header_mutation_pb2,
 )
@@ -80,8 +82,9 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import matcher_pb2
 
+from ..policy.resolve import Action, Decision
 from . import translate as t
-from .translate import _any, _ext
+from .translate import _any, _ext, _policies
 
 DEFAULT_TUNNEL_PORT = 15443
 DEFAULT_MAX_CONNECTION_DURATION = 300.0  # seconds a tunnel connection lives, then drains
@@ -92,6 +95,8 @@ TUNNEL_ROUTE = "l7g_tunnel_rc"
 ORIGINAL_DST_CLUSTER = "l7g_tunnel_origdst"
 TLS_TRANSPORT = "envoy.transport_sockets.tls"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
+FORWARDED_FOR_HEADER = "x-forwarded-for"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Never a valid ip:port nor a SPIFFE ID: keeps an exact_match_map non-empty (Envoy requires one
 # entry) without matching anything.
@@ -377,6 +382,57 @@ def _normalizing_hcm(
     )
 
 
+def tcp_tunnel_chain(
+    dst_ip: str,
+    dst_port: int,
+    cluster: str,
+    sources: Iterable[str],
+    *,
+    access_logs: Sequence[Message] = (),
+) -> listener_components_pb2.FilterChain:
+    """The TCP variant of the source side, for one local source identity: connections from
+    its pods (`sources`, chosen by source address) are carried as one HTTP/2 CONNECT stream
+    each over `cluster` (the identity's tunnel cluster: its SVID, the destination's SNI).
+
+    The CONNECT request names the destination in its authority and, like the HTTP variant, in
+    x-envoy-original-dst-host (node B routes and checks by the header); X-Forwarded-For
+    carries the pod's address for node B's flows. The pod sends only bytes: it can set
+    neither."""
+    dst = host_port(dst_ip, dst_port)
+    proxy = tcp_proxy_pb2.TcpProxy(
+        stat_prefix=f"{egress_listener_name(dst_ip, dst_port)}_tcp",
+        cluster=cluster,
+        tunneling_config=tcp_proxy_pb2.TcpProxy.TunnelingConfig(
+            hostname=dst,
+            headers_to_add=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=ORIGINAL_DST_HEADER, value=dst),
+                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                ),
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(
+                        key=FORWARDED_FOR_HEADER, value="%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"
+                    ),
+                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                ),
+            ],
+        ),
+        access_log=list(access_logs),
+    )
+    ranges = []
+    for a in sorted({str(ipaddress.ip_address(x)) for x in sources}):
+        addr = ipaddress.ip_address(a)
+        ranges.append(address_pb2.CidrRange(
+            address_prefix=a, prefix_len=wrappers_pb2.UInt32Value(value=addr.max_prefixlen)))
+    if not ranges:
+        raise ValueError(f"a TCP tunnel chain to {dst} needs at least one source address")
+    return listener_components_pb2.FilterChain(
+        name=f"tcp-{cluster}",
+        filter_chain_match=listener_components_pb2.FilterChainMatch(source_prefix_ranges=ranges),
+        filters=[listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_any(proxy))],
+    )
+
+
 def egress_listener(
     ip: str,
     port: int,
@@ -384,6 +440,7 @@ def egress_listener(
     transparent: bool = True,
     bind: tuple[str, int] | None = None,
     access_logs: Sequence[Message] = (),
+    tcp_chains: Sequence[listener_components_pb2.FilterChain] = (),
 ) -> listener_pb2.Listener:
     """The source node's listener for one remote (pod ip, port) under an auth-required rule.
 
@@ -391,6 +448,10 @@ def egress_listener(
     local pod's connection to it. `bind` overrides the address it listens on (tests: a plain
     127.x address with ``transparent=False``); names stay keyed by the remote ip:port.
     No RBAC here: the destination decides; this Envoy only encrypts and names the destination.
+
+    `tcp_chains` (`tcp_tunnel_chain`) carry the sources whose decision is an L3/L4 allow as
+    raw TCP; they match by source address, so they win over the HTTP chain, which has no
+    match and takes every other source (an unknown one gets its local 403).
     """
     name = egress_listener_name(ip, port)
     router = hcm_pb2.HttpFilter(name=t.ROUTER_FILTER, typed_config=_any(router_pb2.Router()))
@@ -403,7 +464,7 @@ def egress_listener(
     return listener_pb2.Listener(
         name=name,
         address=_socket(bind_ip, bind_port),
-        filter_chains=[chain],
+        filter_chains=[*tcp_chains, chain],
         transparent=wrappers_pb2.BoolValue(value=True) if transparent else None,
     )
 
@@ -436,6 +497,10 @@ def tunnel_listener(
         # The pod learns the caller's SPIFFE ID; whatever a client sent in XFCC is dropped.
         hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
         hcm.set_current_client_cert_details.uri = True
+        # The TCP variant arrives as HTTP/2 CONNECT; only the route's CONNECT entry accepts
+        # it, under its own RBAC (`tunnel_route`).
+        hcm.http2_protocol_options.allow_connect = True
+        hcm.upgrade_configs.append(hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT"))
         tls = tls_pb2.DownstreamTlsContext(
             require_client_certificate=wrappers_pb2.BoolValue(value=True),
             require_sni=wrappers_pb2.BoolValue(value=True),
@@ -510,18 +575,30 @@ def _deny(name: str) -> matcher_pb2.Matcher.OnMatch:
     return matcher_pb2.Matcher.OnMatch(action=_ext("rbac-action", act))
 
 
-def identity_matcher(trust_domain: str, decisions: t.PortDecisions) -> matcher_pb2.Matcher.OnMatch:
-    """One local endpoint port's decisions keyed by the peer certificate's URI SAN.
+def _connect_on_match(d: Decision) -> matcher_pb2.Matcher.OnMatch:
+    """A decision for a CONNECT (the TCP variant): raw bytes pass only where the peer may send
+    anything (an L3/L4 allow). HTTP rules cannot be checked inside a byte stream, so a port
+    the peer may reach only with certain requests refuses CONNECT ("deny-l7")."""
+    if d.action is Action.HTTP:
+        return _deny(f"deny-l7|{_policies(d)}")
+    return t.decision_on_match(d, auth_verified=True)
+
+
+def identity_matcher(
+    trust_domain: str, decisions: t.PortDecisions, *, connect: bool = False
+) -> matcher_pb2.Matcher.OnMatch:
+    """One local endpoint port's decisions keyed by the peer certificate's URI SAN (`connect`:
+    as they apply to a CONNECT stream, `_connect_on_match`).
 
     Identities whose decision equals world's are not listed: they fall to on_no_match, which
     is world's decision (as an unknown source address does in `translate.rbac_matcher`)."""
-    default = t.decision_on_match(decisions.world, auth_verified=True)
+    def leaf(d: Decision) -> matcher_pb2.Matcher.OnMatch:
+        return _connect_on_match(d) if connect else t.decision_on_match(d, auth_verified=True)
+
+    default = leaf(decisions.world)
     if not decisions.peers:
         return default
-    by_san = {
-        spiffe_id(trust_domain, ident): t.decision_on_match(d, auth_verified=True)
-        for ident, d in decisions.peers.items()
-    }
+    by_san = {spiffe_id(trust_domain, ident): leaf(d) for ident, d in decisions.peers.items()}
     tree = matcher_pb2.Matcher.MatcherTree(
         input=_ext("uri-san", ssl_inputs_pb2.UriSanInput()),
         exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=by_san),
@@ -532,14 +609,15 @@ def identity_matcher(trust_domain: str, decisions: t.PortDecisions) -> matcher_p
 
 
 def tunnel_matcher(
-    trust_domain: str, by_destination: Mapping[tuple[str, int], t.PortDecisions]
+    trust_domain: str, by_destination: Mapping[tuple[str, int], t.PortDecisions], *, connect: bool = False
 ) -> matcher_pb2.Matcher:
     """The tunnel route's RBAC matcher: the destination (x-envoy-original-dst-host) must be a
     local endpoint port, then the peer identity from the client certificate picks that port's
     decision. `by_destination` maps each local (pod ip, port) reachable through the tunnel to
-    `translate.port_decisions(...)` for it. Deterministic: equal inputs, identical bytes."""
+    `translate.port_decisions(...)` for it. `connect`: the CONNECT route's matcher (the TCP
+    variant). Deterministic: equal inputs, identical bytes."""
     by_dst = {
-        host_port(ip, port): identity_matcher(trust_domain, d)
+        host_port(ip, port): identity_matcher(trust_domain, d, connect=connect)
         for (ip, port), d in sorted(by_destination.items())
     }
     if not by_dst:
@@ -554,10 +632,41 @@ def tunnel_matcher(
     return matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_deny("deny-relay|"))
 
 
-def tunnel_route(matcher: matcher_pb2.Matcher) -> route_pb2.RouteConfiguration:
+def tunnel_route(
+    matcher: matcher_pb2.Matcher, connect_matcher: matcher_pb2.Matcher | None = None
+) -> route_pb2.RouteConfiguration:
     """The tunnel listener's route: everything to the ORIGINAL_DST cluster, under `matcher`
-    as RBACPerRoute (a policy change is an RDS update that reaches the next request)."""
-    return t.route_configuration(TUNNEL_ROUTE, ORIGINAL_DST_CLUSTER, matcher)
+    as RBACPerRoute (a policy change is an RDS update that reaches the next request).
+
+    CONNECT requests (the TCP variant) match only the first route, which terminates them and
+    relays the stream's bytes to the pod, under `connect_matcher` (`tunnel_matcher(...,
+    connect=True)`; none: every CONNECT is refused)."""
+    rc = t.route_configuration(TUNNEL_ROUTE, ORIGINAL_DST_CLUSTER, matcher)
+    per_route = rbac_http_pb2.RBACPerRoute(
+        rbac=rbac_http_pb2.RBAC(matcher=connect_matcher if connect_matcher is not None else _deny_all_connect())
+    )
+    connect = route_components_pb2.Route(
+        name="l7gate-connect",
+        match=route_components_pb2.RouteMatch(
+            connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()
+        ),
+        route=route_components_pb2.RouteAction(
+            cluster=ORIGINAL_DST_CLUSTER,
+            upgrade_configs=[
+                route_components_pb2.RouteAction.UpgradeConfig(
+                    upgrade_type="CONNECT",
+                    connect_config=route_components_pb2.RouteAction.UpgradeConfig.ConnectConfig(),
+                )
+            ],
+        ),
+        typed_per_filter_config={t.RBAC_FILTER: _any(per_route)},
+    )
+    rc.virtual_hosts[0].routes.insert(0, connect)
+    return rc
+
+
+def _deny_all_connect() -> matcher_pb2.Matcher:
+    return tunnel_matcher("", {}, connect=True)
 
 
 # -- bundles for the publisher -------------------------------------------------------------------
@@ -589,7 +698,10 @@ def tunnel_ingress(
     return TunnelIngress(
         tunnel_listener(node_ip, trust_domain, local_identities, port, access_logs=access_logs,
                         listener_access_logs=listener_access_logs),
-        tunnel_route(tunnel_matcher(trust_domain, by_destination)),
+        tunnel_route(
+            tunnel_matcher(trust_domain, by_destination),
+            tunnel_matcher(trust_domain, by_destination, connect=True),
+        ),
         original_dst_cluster(socket_mark=socket_mark),
     )
 
@@ -624,11 +736,16 @@ def tunnel_egress(
     transparent: bool = True,
     bind: tuple[str, int] | None = None,
     access_logs: Sequence[Message] = (),
+    tcp_sources: Collection[int] = (),
+    tcp_access_logs: Sequence[Message] = (),
 ) -> TunnelEgress:
     """The source node's resources for one remote port. `sources` maps each local identity
     that may send there (under an auth-required rule) to its local pod addresses; each gets its own
     tunnel cluster, presenting its own SVID. `bind` overrides where the listener binds
     (tests); the route and header always carry `remote`'s ip:port.
+
+    Identities in `tcp_sources` (their decision is an L3/L4 allow: any bytes, not only HTTP)
+    take the TCP variant: one CONNECT stream per connection, through the same cluster.
 
     Add `svid_secret` for each source identity and `bundle_secret` to the same snapshot."""
     clusters = {
@@ -638,9 +755,15 @@ def tunnel_egress(
         for ident in sorted(sources)
     }
     route = egress_route(
-        remote.ip, remote.port, {clusters[i].name: nets for i, nets in sources.items()}
+        remote.ip, remote.port,
+        {clusters[i].name: nets for i, nets in sources.items() if i not in tcp_sources},
     )
+    chains = [
+        tcp_tunnel_chain(remote.ip, remote.port, clusters[i].name, sources[i], access_logs=tcp_access_logs)
+        for i in sorted(sources) if i in tcp_sources and sources[i]
+    ]
     lst = egress_listener(
-        remote.ip, remote.port, transparent=transparent, bind=bind, access_logs=access_logs
+        remote.ip, remote.port, transparent=transparent, bind=bind, access_logs=access_logs,
+        tcp_chains=chains,
     )
     return TunnelEgress(lst, route, tuple(clusters.values()))
