@@ -12,7 +12,7 @@ from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.resolve import PortView, Resolver
 from l7gate.policy.types import Direction, Protocol
-from l7gate.redirect_bpf.compile import KFlag, compile_endpoint, tunnel_needed
+from l7gate.redirect_bpf.compile import KFlag, compile_endpoint, tunnel_needed, tunnel_tcp
 
 FE, BILL, OTHER = 131072, 65536, 131073
 
@@ -51,12 +51,16 @@ POLICIES = (
     # deny wins: no tunnel
     ccnp("denied", [rule("fe", "9090")], deny=[{"fromEndpoints": [{"matchLabels": {"app": "fe"}}],
                                                 "toPorts": [{"ports": [{"port": "9090"}]}]}]),
-    # auth on an L3/L4 allow: the tunnel is HTTP only, so not tunnelled
+    # auth on an L3/L4 allow: the TCP variant (CONNECT)
     ccnp("l4-auth", [rule("fe", "7070", http=False)]),
-    # a port range (L3/L4 only: HTTP rules need a single port), even with auth: no tunnel
+    # a port range (L3/L4 only: HTTP rules need a single port) with auth: the TCP variant, for
+    # the ports the destination pod declares in it
     ccnp("range", [rule("fe", "8100", end=8200, http=False)]),
-    # an L4 allow on the same port makes the HTTP rules moot: plain allow, no tunnel
+    # an L4 allow on the same port makes the HTTP rules moot: an L3/L4 allow, still with the
+    # auth the other rule asks for, so the TCP variant
     ccnp("moot", [rule("fe", "6060"), rule("fe", "6060", http=False, auth=False)]),
+    # an L4 allow without auth: no tunnel
+    ccnp("l4-plain", [rule("fe", "5050", http=False, auth=False)]),
     # no auth: no tunnel
     ccnp("no-auth", [rule("other", "8080", auth=False)]),
 )
@@ -89,12 +93,15 @@ def destination_policy(policies: tuple[Any, ...]) -> Any:
 
 
 def test_source_plan() -> None:
-    p = plan(source_view(POLICIES, (8080, 8150, 9090, 7070, 6060)))
-    assert p.kernel == {(FE, BILL, 6, 8080)}
-    assert set(p.egress) == {("10.0.1.10", 8080)}
+    p = plan(source_view(POLICIES, (8080, 8150, 9090, 7070, 6060, 5050)))
+    assert p.kernel == {(FE, BILL, 6, port) for port in (8080, 8150, 7070, 6060)}
+    assert set(p.egress) == {("10.0.1.10", port) for port in (8080, 8150, 7070, 6060)}
     eg = p.egress[("10.0.1.10", 8080)]
     assert eg.remote.identity == BILL and eg.remote.node_ip == "10.0.1.1"
     assert dict(eg.sources) == {FE: ("10.0.2.10",)}
+    assert eg.tcp_sources == set()  # HTTP rules: the HTTP variant
+    for port in (8150, 7070, 6060):  # L3/L4 allows: the TCP variant
+        assert p.egress[("10.0.1.10", port)].tcp_sources == {FE}
     assert not p.ingress  # nothing local needs it
 
 
@@ -105,24 +112,25 @@ def test_destination_plan_lists_the_ports_that_need_the_tunnel() -> None:
         r.upsert_policy(x)
     r.update_identities(IDS)
     r.add_endpoint(BILL)
-    pods = (PodView(BILL, IDS[BILL], "10.0.1.10", True, (8080, 9090, 7070)),
+    pods = (PodView(BILL, IDS[BILL], "10.0.1.10", True, (8080, 9090, 7070, 5050)),
             PodView(FE, IDS[FE], "10.0.2.10", False, (), "b1", "10.0.2.1"))
     p = plan(TunnelInputs(pods, POLICIES, IDS, r.endpoint_policy))
-    assert set(p.ingress) == {("10.0.1.10", 8080)}
+    assert set(p.ingress) == {("10.0.1.10", 8080), ("10.0.1.10", 7070)}
     assert p.ingress_identities == {BILL}
     assert p.ingress[("10.0.1.10", 8080)].for_identity(FE).auth_required
     assert pol is not None
 
 
-def test_kernel_flags_tunnel_only_on_ingress_http_with_auth() -> None:
+def test_kernel_flags_tunnel_only_on_ingress_allows_with_auth_it_can_carry() -> None:
     pol = destination_policy(POLICIES)
     on = compile_endpoint(pol, tunnel=True)
     off = compile_endpoint(pol, tunnel=False)
     assert not any(v.flags & KFlag.TUNNEL for v in off.values())
     flagged = {k for k, v in on.items() if v.flags & KFlag.TUNNEL}
-    assert flagged and all(k.direction == 0 and k.peer == FE for k in flagged)
+    assert flagged and all(k.direction == 0 and k.peer == FE and k.proto == 6 for k in flagged)
     covered = {port for k in flagged for port in range(k.port, k.last_port + 1)}
-    assert 8080 in covered and not covered & {8150, 9090, 7070, 6060}
+    assert {8080, 7070, 6060} | set(range(8100, 8201)) <= covered
+    assert not covered & {9090, 5050}
     # Apart from the flag, the entries are the same.
     assert {k: v.action for k, v in on.items()} == {k: v.action for k, v in off.items()}
 
@@ -157,3 +165,31 @@ def test_both_ends_agree_on_random_policies() -> None:
             if tunnel_needed(PortView(dest, Direction.INGRESS, port, Protocol.TCP).decide(src))
         }
         assert got == want, [p.name for p in policies]
+
+
+def test_udp_under_auth_stays_on_the_handshake_path() -> None:
+    """The tunnel carries TCP only: an auth-required L3/L4 allow over UDP (or any protocol's
+    UDP part) is not flagged, so UDP from another node is judged by the auth map as before."""
+    any_proto = ccnp("any", [{"fromEndpoints": [{"matchLabels": {"app": "fe"}}],
+                              "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}]}],
+                              "authentication": {"mode": "required"}}])
+    on = compile_endpoint(destination_policy((any_proto,)), tunnel=True)
+    by_proto = {k.proto for k, v in on.items() if v.flags & KFlag.TUNNEL}
+    assert by_proto == {6}
+    assert any(k.proto == 17 and v.flags & KFlag.AUTH and k.peer == FE for k, v in on.items())
+
+
+def test_both_ends_agree_on_the_variant() -> None:
+    """Each tunnelled (source, port) takes the variant the destination's decision calls for:
+    TCP exactly where the decision is an L3/L4 allow."""
+    rnd = random.Random(7)
+    for _ in range(40):
+        ingress = [rule(rnd.choice(["fe", "other"]), rnd.choice(["8080", "9090"]),
+                        http=rnd.random() < 0.5, auth=rnd.random() < 0.7) for _ in range(rnd.randint(1, 4))]
+        policies = (ccnp("p", ingress),)
+        p = plan(source_view(policies, (8080, 9090)))
+        dest = destination_policy(policies)
+        for (ip, port), eg in p.egress.items():
+            for src in eg.sources:
+                d = PortView(dest, Direction.INGRESS, port, Protocol.TCP).decide(src)
+                assert (src in eg.tcp_sources) == tunnel_tcp(d), (ingress, port, src)

@@ -420,6 +420,7 @@ class MutualAuth:
                 access_logs=[http_grpc_access_log(min_status=400)],
                 ingress_access_logs=[http_grpc_access_log(request_headers=[ORIGINAL_DST_HEADER])],
                 listener_access_logs=[tcp_grpc_access_log()],
+                tcp_access_logs=[tcp_grpc_access_log(failures_only=True)],
             )
         self = cls(source, store, server, manager, m.port, tunnels)
 

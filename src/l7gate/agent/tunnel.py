@@ -2,8 +2,10 @@
 node's Envoy and kernel in step with that (docs/in-transit-mtls.md).
 
 Theory of operation. A connection from local pod `s` to remote pod `d` (on another l7gate
-node) on TCP port `p` is *tunnelled* when `d`'s ingress decision for `s` on `p` has HTTP rules
-and requires mutual authentication (`compile.tunnel_needed`). The destination node computes the
+node) on TCP port `p` is *tunnelled* when `d`'s ingress decision for `s` on `p` requires mutual
+authentication and allows something (`compile.tunnel_needed`): with HTTP rules, the requests go
+through the tunnel (HTTP variant); with an L3/L4 allow, the connection's bytes, as an HTTP/2
+CONNECT stream (TCP variant, `compile.tunnel_tcp`). The destination node computes the
 same decision for its own endpoints and marks those kernel entries `TUNNEL`: plaintext from
 other nodes is refused there. Both sides use the resolver and `decide`, so they agree.
 
@@ -47,7 +49,7 @@ from ..policy.labels import Labels
 from ..policy.repository import Repository
 from ..policy.resolve import PortView, Resolver
 from ..policy.types import AuthMode, Direction, Policy, Protocol as L4Protocol
-from ..redirect_bpf.compile import tunnel_needed
+from ..redirect_bpf.compile import tunnel_needed, tunnel_tcp
 from ..xds import mtls_translate as mt
 from ..xds import translate as t
 from ..xds.cache import CLUSTER, LISTENER, ROUTE, SECRET
@@ -81,6 +83,7 @@ class TunnelInputs:
 class EgressPort:
     remote: mt.RemotePort
     sources: Mapping[int, tuple[str, ...]]  # local source identity → its local pod addresses
+    tcp_sources: frozenset[int] = frozenset()  # the sources whose decision is an L3/L4 allow
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,7 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
     # Source side: exact decisions of the remote destinations' ingress policy.
     candidates = _auth_ingress_candidates(inputs.policies, remote, local)
     kernel: set[TunnelKey] = set()
+    tcp: set[TunnelKey] = set()  # the TCP variant's share of `kernel`
     for d, per_source in sorted(candidates.items()):
         d_labels = inputs.identities.get(d)
         if d_labels is None:
@@ -178,9 +182,11 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
         d_policy = resolver.endpoint_policy(d)
         for s, ports in per_source.items():
             for port in ports:
-                view = PortView(d_policy, Direction.INGRESS, port, L4Protocol.TCP)
-                if tunnel_needed(view.decide(s)):
+                decision = PortView(d_policy, Direction.INGRESS, port, L4Protocol.TCP).decide(s)
+                if tunnel_needed(decision):
                     kernel.add((s, d, TCP, port))
+                    if tunnel_tcp(decision):
+                        tcp.add((s, d, TCP, port))
 
     sources_of: dict[int, list[str]] = {}
     for p in local:
@@ -194,6 +200,7 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
             egress[(p.ip, port)] = EgressPort(
                 mt.RemotePort(p.ip, port, p.identity, p.node or p.node_ip, p.node_ip, 0),
                 {s: tuple(sorted(sources_of.get(s, ()))) for s in sorted(srcs)},
+                frozenset(s for s in srcs if (s, p.identity, TCP, port) in tcp),
             )
     return TunnelPlan(ingress, frozenset(ingress_ids), egress, frozenset(kernel))
 
@@ -231,6 +238,7 @@ class Tunnels:
         access_logs: Sequence[Message] = (),
         ingress_access_logs: Sequence[Message] = (),
         listener_access_logs: Sequence[Message] = (),
+        tcp_access_logs: Sequence[Message] = (),
     ) -> None:
         self.sink = sink
         self.node_id = node_id
@@ -243,6 +251,7 @@ class Tunnels:
         self.access_logs = access_logs
         self.ingress_access_logs = ingress_access_logs or access_logs
         self.listener_access_logs = listener_access_logs
+        self.tcp_access_logs = tcp_access_logs  # source side, TCP variant (tcp_proxy)
         self._lock = threading.Lock()
         self._names: dict[str, set[str]] = {SECRET: set(), CLUSTER: set(), ROUTE: set(), LISTENER: set()}
         self._status = TunnelStatus()
@@ -311,7 +320,8 @@ class Tunnels:
                 continue
             remote = mt.RemotePort(eg.remote.ip, eg.remote.port, eg.remote.identity, eg.remote.node,
                                    eg.remote.node_ip, self.port)
-            e = mt.tunnel_egress(remote, self.td, sources, transparent=True, access_logs=self.access_logs)
+            e = mt.tunnel_egress(remote, self.td, sources, transparent=True, access_logs=self.access_logs,
+                                 tcp_sources=eg.tcp_sources, tcp_access_logs=self.tcp_access_logs)
             for c in e.clusters:
                 clusters[c.name] = c
             routes[e.route.name] = e.route
@@ -397,6 +407,7 @@ class Tunnels:
                         "identity": e.remote.identity,
                         "node": f"{e.remote.node_ip}:{self.port}",
                         "sources": sorted(e.sources),
+                        "tcp_sources": sorted(e.tcp_sources),
                         "ready": all((s, e.remote.identity, TCP, port) in st.kernel_written for s in e.sources),
                     }
                     for (ip, port), e in sorted(p.egress.items())

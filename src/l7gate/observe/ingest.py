@@ -336,6 +336,9 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     req_headers = _request_headers(req)
     node = ctx.node_name
 
+    if tunnelled and method == "CONNECT":
+        return (_tunnel_connect_flow(entry, t0, src, dst, direction, node),)
+
     if details.startswith(_RBAC_DENIED):
         kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
         reason = _DENY_REASONS.get(kind, POLICY_DENIED)
@@ -409,6 +412,39 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     )
 
 
+def _tunnel_connect_flow(
+    entry: Any, t0: int, src: Endpoint, dst: Endpoint, direction: TrafficDirection, node: str
+) -> Flow:
+    """The TCP variant of the tunnel, on the destination node: one HTTP/2 CONNECT stream is one
+    TCP connection of the source pod. Its flow is L3/L4 (the bytes are not HTTP): the RBAC
+    verdict, and for a stream that ran, the bytes each way."""
+    cp = entry.common_properties
+    details = entry.response.response_code_details
+    if details.startswith(_RBAC_DENIED):
+        kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        why = ("the port allows this peer only certain HTTP requests; a TCP stream cannot be checked "
+               "against them" if kind == "deny-l7" else reason)
+        return Flow(
+            time=t0, verdict=Verdict.DROPPED, type=FlowType.L3_L4, source=src, destination=dst,
+            drop_reason_desc=reason, traffic_direction=direction, policy_match=_split(pols),
+            summary=f"TCP through the mTLS tunnel refused: {why}" if kind != "deny-relay"
+            else "TCP through the mTLS tunnel refused: not an endpoint port of this node",
+            node_name=node, auth_type=AuthType.SPIRE,
+        )
+    _, pols = _policies(_rbac_action(cp))
+    upstream = bool(cp.upstream_remote_address.socket_address.address)
+    rx, tx = int(entry.request.request_body_bytes), int(entry.response.response_body_bytes)
+    ok = upstream and int(entry.response.response_code.value) in (0, 200)
+    return Flow(
+        time=t0, verdict=Verdict.FORWARDED if ok else Verdict.ERROR, type=FlowType.L3_L4,
+        source=src, destination=dst, traffic_direction=direction, policy_match=_split(pols),
+        summary=(f"TCP through the mTLS tunnel: {rx} bytes in, {tx} bytes out" if ok else
+                 f"TCP through the mTLS tunnel failed: {entry.response.response_code.value} {details}".strip()),
+        node_name=node, auth_type=AuthType.SPIRE,
+    )
+
+
 def _split(pols: str) -> tuple[str, ...]:
     return tuple(p for p in pols.split(",") if p) if pols else ()
 
@@ -428,6 +464,8 @@ def tcp_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     if name != _TCP_ENTRY_TYPE:
         raise MalformedEvent(f"expected {_TCP_ENTRY_TYPE}, got {name}")
     cp = entry.common_properties
+    if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
+        return _tunnel_tcp_source_flows(cp, ctx)
     failure = cp.downstream_transport_failure_reason
     sni = cp.tls_properties.tls_sni_hostname if cp.HasField("tls_properties") else ""
     if failure:
@@ -462,6 +500,55 @@ def tcp_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
             drop_reason_desc=AUTH_FAILED, auth_type=AuthType.SPIRE,
             traffic_direction=TrafficDirection.INGRESS,
             summary=f"mTLS tunnel refused the client: {words}",
+            node_name=ctx.node_name, protocol="TCP",
+        ),
+    )
+
+
+def _upstream_failed(flags: Any) -> bool:
+    return bool(flags.upstream_connection_failure or flags.no_healthy_upstream
+                or flags.upstream_overflow or flags.upstream_retry_limit_exceeded)
+
+
+def _tunnel_tcp_source_flows(cp: Any, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The source node's side of the TCP variant: its egress chains log only connections the
+    tunnel could not carry. Nothing of them left the node in plain text."""
+    src_sa = cp.downstream_direct_remote_address.socket_address
+    if not src_sa.address:
+        src_sa = cp.downstream_remote_address.socket_address
+    dst_sa = cp.downstream_local_address.socket_address
+    if not src_sa.address or not dst_sa.address:
+        raise MalformedEvent("entry without downstream IP addresses")
+    try:
+        src_info = ctx.resolve(src_sa.address)
+        dst_info = ctx.resolve(dst_sa.address)
+    except ValueError as exc:
+        raise MalformedEvent(f"unusable address: {exc}") from None
+    st = cp.start_time
+    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    peer = cp.upstream_remote_address.socket_address.address or "the destination node"
+    reason = cp.upstream_transport_failure_reason
+    verdict, drop = Verdict.DROPPED, AUTH_FAILED
+    if reason.startswith("tunnel_response:"):
+        code = reason.partition(":")[2]
+        drop = POLICY_DENIED if code == "403" else ""
+        verdict = Verdict.DROPPED if code == "403" else Verdict.ERROR
+        summary = (f"TCP through the mTLS tunnel to {peer}: the destination node refused the "
+                   f"connection (CONNECT answered {code})")
+    elif reason and _is_tls_error(reason):
+        summary = f"mTLS tunnel to {peer} refused: {tls_reason(reason)} ({reason[:200]})"
+    else:
+        verdict, drop = Verdict.ERROR, ""
+        summary = f"mTLS tunnel to {peer} failed: {reason or 'no connection'}"
+    return (
+        Flow(
+            time=t0, verdict=verdict, type=FlowType.L3_L4,
+            source=_endpoint(src_sa.address, int(src_sa.port_value), src_info),
+            destination=_endpoint(dst_sa.address, int(dst_sa.port_value), dst_info),
+            drop_reason_desc=drop, auth_type=AuthType.SPIRE,
+            traffic_direction=TrafficDirection.EGRESS, summary=summary,
             node_name=ctx.node_name, protocol="TCP",
         ),
     )

@@ -63,26 +63,36 @@ class PolicyValue:
     flags: int = 0
 
 
-def kernel_value(d: Decision, tunnel: bool = False) -> PolicyValue:
-    """`tunnel`: in-transit encryption is on, so auth-required HTTP from other nodes must come
-    through the Envoy-to-Envoy mTLS tunnel (`tunnel_needed` is the same test)."""
+def kernel_value(d: Decision, tunnel: bool = False, protocol: Protocol = Protocol.TCP) -> PolicyValue:
+    """`tunnel`: in-transit encryption is on, so auth-required traffic from other nodes that
+    the tunnel can carry must come through the Envoy-to-Envoy mTLS tunnel (`tunnel_needed`
+    is the same test)."""
     if d.action is Action.DENY:
         return PolicyValue(KAction.DENY)
     if d.action is Action.AUTH_FAIL:
         return PolicyValue(KAction.DENY, KFlag.AUTH_FAIL)
     flags = KFlag.AUTH if d.auth is AuthMode.REQUIRED else 0
-    if tunnel and tunnel_needed(d):
+    if tunnel and tunnel_needed(d, protocol):
         flags |= KFlag.TUNNEL
     if d.action is Action.HTTP:
         return PolicyValue(KAction.REDIRECT, flags)
     return PolicyValue(KAction.ALLOW, flags)
 
 
-def tunnel_needed(d: Decision) -> bool:
-    """Whether an ingress decision sends a remote peer through the mTLS tunnel: allowed with
-    HTTP rules and mutual auth required. The tunnel is HTTP on both ends, so an auth-required
-    L3/L4 allow (any protocol) stays on the mutual-auth handshake path, in plain text."""
-    return d.action is Action.HTTP and d.auth is AuthMode.REQUIRED
+def tunnel_needed(d: Decision, protocol: Protocol = Protocol.TCP) -> bool:
+    """Whether an ingress decision sends a remote peer through the mTLS tunnel: allowed, with
+    mutual auth required, and something the tunnel carries. HTTP rules: the requests (the
+    HTTP variant). An L3/L4 allow over TCP: the connection's bytes (the TCP variant, one
+    HTTP/2 CONNECT stream per connection). An L3/L4 allow over UDP, SCTP or ICMP stays on the
+    mutual-auth handshake path, in plain text."""
+    if d.auth is not AuthMode.REQUIRED:
+        return False
+    return d.action is Action.HTTP or (d.action is Action.ALLOW and protocol is Protocol.TCP)
+
+
+def tunnel_tcp(d: Decision) -> bool:
+    """A tunnelled decision that takes the TCP variant (any bytes, not only HTTP requests)."""
+    return tunnel_needed(d) and d.action is Action.ALLOW
 
 
 def prefix_blocks(lo: int, hi: int) -> Iterator[tuple[int, int]]:
@@ -109,13 +119,14 @@ def _boundaries(policy: EndpointPolicy, direction: Direction, proto: Protocol) -
 
 
 def _runs(policy: EndpointPolicy, direction: Direction, cuts: list[int],
-          keyed: list[tuple[PortRange, MapEntry]], tunnel: bool = False) -> list[tuple[int, int, PolicyValue]]:
+          keyed: list[tuple[PortRange, MapEntry]], tunnel: bool = False,
+          proto: Protocol = Protocol.TCP) -> list[tuple[int, int, PolicyValue]]:
     """Decisions along the port axis for one peer, given the (port range, entry) pairs that
     apply to it (its own and the ANY ones, for one protocol)."""
     runs: list[tuple[int, int, PolicyValue]] = []
     for lo, nxt in zip(cuts, cuts[1:]):
         hits = [e for ports, e in keyed if ports.contains(lo)]
-        v = kernel_value(decide_hits(policy, direction, hits), tunnel and direction is Direction.INGRESS)
+        v = kernel_value(decide_hits(policy, direction, hits), tunnel and direction is Direction.INGRESS, proto)
         if runs and runs[-1][2] == v and runs[-1][1] == lo - 1:
             runs[-1] = (runs[-1][0], nxt - 1, v)
         else:
@@ -142,13 +153,13 @@ def compile_endpoint(policy: EndpointPolicy, tunnel: bool = False) -> dict[Polic
                     by_peer.setdefault(k.peer, []).append((k.ports, e))
             named = sorted(by_peer)
             # A peer no key names gets the ANY rules (and default-deny) alone.
-            any_runs = _runs(policy, direction, cuts, any_keyed, tunnel)
+            any_runs = _runs(policy, direction, cuts, any_keyed, tunnel, proto)
             for lo, hi, v in any_runs:
                 for start, plen in prefix_blocks(lo, hi):
                     out[PolicyKey(ep, DIR_NUMBERS[direction], PROTO_NUMBERS[proto], ANY_PEER, start, plen)] = v
             any_value_of = _value_lookup(any_runs)
             for peer in named:
-                for lo, hi, v in _runs(policy, direction, cuts, any_keyed + by_peer[peer], tunnel):
+                for lo, hi, v in _runs(policy, direction, cuts, any_keyed + by_peer[peer], tunnel, proto):
                     # Write only where the peer differs from ANY; split at ANY's own runs.
                     for seg_lo, seg_hi in _split(lo, hi, any_runs):
                         if any_value_of(seg_lo) == v:
