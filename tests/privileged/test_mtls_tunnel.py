@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from l7gate.mtls.spiffe import spiffe_id
 from l7gate.mtls.testing import forge_svid
 
 from .test_kernel_datapath import (
-    BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, stop_agents, url,
+    BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, stop_agents, url,
 )
 from .test_mutual_auth import auth_policies
 
@@ -36,6 +37,76 @@ pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc, tcpdump"), pytest.ma
 TD = "l7gate.local"
 TUNNEL_PORT = 15443
 MARKER = "l7g-secret-body-7f3a9c"
+
+
+LEDGER_PORT = 9000  # a raw TCP service (not HTTP) on the billing pod
+# An echo server: answers each chunk with "echo:" + the chunk.
+ECHO_SERVER = """
+import socket, sys, threading
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("serving on", sys.argv[1], sys.argv[2], flush=True)
+def handle(c):
+    with c:
+        while data := c.recv(4096):
+            c.sendall(b"echo:" + data)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"""
+ECHO_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
+    data = sys.argv[3].encode()
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data) + 5:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    sys.stdout.write(got.decode())
+"""
+
+
+def serve_echo(pod: Pod, port: int) -> None:
+    proc = pod.spawn([sys.executable, "-c", ECHO_SERVER, pod.ip, str(port)])
+    log = pod.testbed.log_path(proc)
+    deadline = time.monotonic() + 10
+    while "serving on" not in log.read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.02)
+
+
+def echo(pod: Pod, ip: str, port: int, line: str) -> str:
+    """What `pod` gets back for `line` from the echo service ("" when the connection fails)."""
+    r = pod.run([sys.executable, "-c", ECHO_CLIENT, ip, str(port), line], timeout=15)
+    return str(r.stdout) if r.returncode == 0 else ""
+
+
+def dport(flow: dict[str, Any]) -> int:
+    return int(flow.get("l4", {}).get("TCP", {}).get("destination_port", 0))
+
+
+def tunnel_policies(auth: bool = True) -> list[dict[str, Any]]:
+    """The seed policy with auth, plus an auth-required L3/L4 allow on a non-HTTP port: the
+    frontend may open any TCP connection to the billing pod's ledger port (`auth=False`: the
+    same rules without authentication)."""
+    ledger = {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
+        "metadata": {"name": "allow-frontend-to-ledger"},
+        "spec": {
+            "endpointSelector": {"matchLabels": BILLING_LABELS},
+            "ingress": [{
+                "fromEndpoints": [{"matchLabels": FRONTEND_LABELS}],
+                "toPorts": [{"ports": [{"port": str(LEDGER_PORT), "protocol": "TCP"}]}],
+                "authentication": {"mode": "required"},
+            }],
+        },
+    }
+    if not auth:
+        del ledger["spec"]["ingress"][0]["authentication"]  # type: ignore[index]
+        return [*seed_policies(), ledger]
+    return [*auth_policies(), ledger]
 
 
 def with_mtls(agent: AgentProc, node: Node, ca_dir: Path, trust_domain: str = TD,
@@ -74,13 +145,15 @@ def world() -> Iterator[World]:
         nd = tb.add_node("d1", cluster="cluster-b", node_cidr="10.64.4.0/24")
         for n in (nb, nc, nd):
             tb.link(na, n)
-        billing = tb.add_pod(na, "payments", "billing-service-xyz", labels=BILLING_LABELS, ports=[8080])
+        billing = tb.add_pod(na, "payments", "billing-service-xyz", labels=BILLING_LABELS,
+                             ports=[8080, LEDGER_PORT])
         fe = tb.add_pod(nb, "web", "frontend-service-abc", labels=FRONTEND_LABELS)
         # the same workload on a node whose agent does not encrypt: it sends plain text
         plain = tb.add_pod(nc, "web", "frontend-service-pln", labels=FRONTEND_LABELS)
         # the same workload on a node whose SVIDs come from another CA and trust domain
         rogue = tb.add_pod(nd, "web", "frontend-service-zzz", labels=FRONTEND_LABELS)
         billing.serve_http(8080)
+        serve_echo(billing, LEDGER_PORT)
         shared = tb.workdir / "shared-ca"
         agents: list[AgentProc] = []
         try:
@@ -96,7 +169,7 @@ def world() -> Iterator[World]:
             for agent in agents:
                 agent.start(tb)
                 agent.client.apply_endpoints(tb.to_manifests())
-                agent.client.apply_policies(auth_policies())
+                agent.client.apply_policies(tunnel_policies())
             yield World(tb, *agents, na, nb, billing, fe, plain, rogue, shared)  # type: ignore[misc]
         finally:
             stop_agents(*agents)
@@ -273,12 +346,10 @@ def test_expired_or_two_uri_san_client_certificates_are_refused_and_flows_say_wh
 
 
 def test_auth_removed_then_restored_moves_the_path_out_of_and_back_into_the_tunnel(world: World) -> None:
-    from .test_kernel_datapath import seed_policies
-
     wait_ready(world)
     try:
         for agent in (world.a, world.b, world.c, world.d):
-            agent.client.apply_policies(seed_policies())  # the same rules, no authentication
+            agent.client.apply_policies(tunnel_policies(auth=False))  # the same rules, no auth
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and (tunnel_of(world.b)["kernel"] or tunnel_of(world.a)["ingress"]):
             time.sleep(0.1)
@@ -287,9 +358,63 @@ def test_auth_removed_then_restored_moves_the_path_out_of_and_back_into_the_tunn
         # Plain text is fine now, from both kinds of node.
         assert world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
         assert world.plain.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
+        assert echo(world.plain, world.billing.ip, LEDGER_PORT, "plain") == "echo:plain"
     finally:
         for agent in (world.a, world.b, world.c, world.d):
-            agent.client.apply_policies(auth_policies())
+            agent.client.apply_policies(tunnel_policies())
     wait_ready(world)
     assert world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
     assert world.plain.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}", timeout=2)[0] == 0
+    assert echo(world.fe, world.billing.ip, LEDGER_PORT, "tunnelled") == "echo:tunnelled"
+    assert echo(world.plain, world.billing.ip, LEDGER_PORT, "plain") == ""
+
+
+def test_tcp_through_the_tunnel_for_an_l4_allow_on_a_non_http_port(world: World) -> None:
+    """The TCP variant: an auth-required L3/L4 allow. The frontend's connection to the ledger
+    port is carried as a CONNECT stream over the same mTLS tunnel; the link shows TLS only;
+    plaintext from the node that does not encrypt is refused; both nodes' flows say so."""
+    wait_ready(world)
+    fe, billing, na, nb = world.fe, world.billing, world.na, world.nb
+    st = tunnel_of(world.b)
+    ledger = [e for e in st["egress"] if e["destination"] == f"{billing.ip}:{LEDGER_PORT}"]
+    assert ledger and ledger[0]["tcp_sources"] == ledger[0]["sources"] and ledger[0]["ready"], st
+    assert f"{billing.ip}:{LEDGER_PORT}" in [e["endpoint"] for e in tunnel_of(world.a)["ingress"]]
+
+    link = next(n for n in nb.link_ifnames)
+    pcap = world.tb.workdir / "ledger.pcap"
+    proc = nb.spawn(["tcpdump", "-i", link, "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap), "tcp"],
+                    stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert b"listening on" in line, line
+        for i in range(3):
+            msg = f"ledger {i} {MARKER}"
+            assert echo(fe, billing.ip, LEDGER_PORT, msg) == "echo:" + msg
+    finally:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    raw = pcap.read_bytes()
+    text = subprocess.run(["tcpdump", "-r", str(pcap), "-n", "-nn"], capture_output=True, text=True).stdout
+    assert f"{na.ip}.{TUNNEL_PORT}" in text, text[:2000]
+    assert f"{billing.ip}.{LEDGER_PORT}" not in text, "a connection went to the pod directly"
+    assert b"\x17\x03\x03" in raw and MARKER.encode() not in raw
+
+    # The same workload on the node that sends plain text: refused by node A's kernel.
+    assert echo(world.plain, billing.ip, LEDGER_PORT, "plain " + MARKER) == ""
+    got = eventually(lambda: [
+        f for f in flows(world.a, "--verdict", "DROPPED")
+        if f.get("drop_reason_desc") == "Plaintext refused"
+        and f["source"].get("pod_name") == "frontend-service-pln"
+        and dport(f) == LEDGER_PORT])
+    assert got, flows(world.a, "--verdict", "DROPPED")
+
+    # Node A's flow of the tunnelled connection: L3/L4, the frontend by its certificate.
+    got = eventually(lambda: [
+        f for f in flows(world.a, "--verdict", "FORWARDED")
+        if "TCP through the mTLS tunnel" in (f.get("Summary") or "")
+        and f["source"].get("pod_name") == "frontend-service-abc"
+        and dport(f) == LEDGER_PORT])
+    assert got, json.dumps(flows(world.a)[-10:])
+    assert got[-1].get("auth_type") == "SPIRE"

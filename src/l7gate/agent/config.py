@@ -15,7 +15,7 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
     mtls: {enabled: false, trustDomain: l7gate.local, caDir: <stateDir>/ca, svidTTL: 3600,
            listen: <node address>:4250,   # kernel mode: mutual auth for `authentication: required`
-           encryption: tunnel,   # or none: auth-required HTTP between nodes goes Envoy to Envoy over mTLS
+           encryption: tunnel,   # or none: auth-required TCP (HTTP or not) between nodes goes Envoy to Envoy over mTLS
            tunnelPort: 15443,    # this node's tunnel listener (on the mtls.listen host); peers' too
            spireSocket: /run/spire/agent.sock}   # optional: SVIDs from SPIRE's Workload API
 
@@ -64,7 +64,7 @@ class MTLSSettings:
     listen: str = ""  # HOST:PORT of this node's mutual-auth server (the node's address, port 4250)
     port: int = 4250  # where peers' servers listen
     spire_socket: str = ""  # the SPIFFE Workload API socket: SVIDs from SPIRE instead of the built-in CA
-    encryption: str = "tunnel"  # "tunnel": auth-required HTTP between nodes over Envoy mTLS; "none"
+    encryption: str = "tunnel"  # "tunnel": auth-required TCP between nodes over Envoy mTLS; "none"
     tunnel_port: int = 15443
 
     @property

@@ -435,7 +435,7 @@ class MutualAuth:
         origin = f"SPIRE at {m.spire_socket}" if m.spire_socket else f"built-in CA {m.ca_dir}"
         log(f"mutual auth: trust domain {m.trust_domain}, server {server.address}, SVIDs from {origin}")
         if tunnels is not None:
-            log(f"encryption in transit: auth-required HTTP between nodes through the mTLS tunnel on {host}:{m.tunnel_port}")
+            log(f"encryption in transit: auth-required TCP between nodes (HTTP requests, or CONNECT streams for L3/L4 allows) through the mTLS tunnel on {host}:{m.tunnel_port}")
         return self
 
     def status(self) -> list[dict[str, Any]]:
