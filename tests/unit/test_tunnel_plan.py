@@ -115,7 +115,8 @@ def test_destination_plan_lists_the_ports_that_need_the_tunnel() -> None:
     pods = (PodView(BILL, IDS[BILL], "10.0.1.10", True, (8080, 9090, 7070, 5050)),
             PodView(FE, IDS[FE], "10.0.2.10", False, (), "b1", "10.0.2.1"))
     p = plan(TunnelInputs(pods, POLICIES, IDS, r.endpoint_policy))
-    assert set(p.ingress) == {("10.0.1.10", 8080), ("10.0.1.10", 7070)}
+    # 6060 is not declared: a single port an auth rule names is accepted all the same.
+    assert set(p.ingress) == {("10.0.1.10", 8080), ("10.0.1.10", 7070), ("10.0.1.10", 6060)}
     assert p.ingress_identities == {BILL}
     assert p.ingress[("10.0.1.10", 8080)].for_identity(FE).auth_required
     assert pol is not None
@@ -193,3 +194,36 @@ def test_both_ends_agree_on_the_variant() -> None:
             for src in eg.sources:
                 d = PortView(dest, Direction.INGRESS, port, Protocol.TCP).decide(src)
                 assert (src in eg.tcp_sources) == tunnel_tcp(d), (ingress, port, src)
+
+
+def test_destination_accepts_every_port_the_source_tunnels_declared_or_not() -> None:
+    """The source tunnels a rule's single ports whatever the destination pod declares; the
+    destination's tunnel route must list them, or the tunnelled connection would be refused
+    as a relay to a port that is not its own."""
+    rnd = random.Random(8)
+    for _ in range(40):
+        ingress = [rule(rnd.choice(["fe", "other"]), rnd.choice(["8080", "9090", "7070"]),
+                        http=rnd.random() < 0.5, auth=rnd.random() < 0.7) for _ in range(rnd.randint(1, 4))]
+        policies = (ccnp("p", ingress),)
+        declared = tuple(x for x in (8080, 9090) if rnd.random() < 0.5)
+        src = plan(source_view(policies, declared))
+        r = Resolver()
+        for x in policies:
+            r.upsert_policy(x)
+        r.update_identities(IDS)
+        r.add_endpoint(BILL)
+        pods = (PodView(BILL, IDS[BILL], "10.0.1.10", True, declared),
+                PodView(FE, IDS[FE], "10.0.2.10", False, (), "b1", "10.0.2.1"),
+                PodView(OTHER, IDS[OTHER], "10.0.2.11", False, (), "b1", "10.0.2.1"))
+        dst = plan(TunnelInputs(pods, policies, IDS, r.endpoint_policy))
+        assert {("10.0.1.10", k[3]) for k in src.kernel} <= set(dst.ingress), (ingress, declared)
+
+
+def test_an_address_two_local_identities_share_gets_no_tunnel() -> None:
+    """Host-network pods share the node's address: the source address cannot say whose
+    certificate to present, so neither gets a tunnel source entry for it."""
+    view = source_view(POLICIES, (8080,))
+    shared = (PodView(OTHER, IDS[OTHER], "10.0.2.10", True, ()),)  # FE's address, another identity
+    p = plan(TunnelInputs(view.pods + shared, view.policies, view.identities, view.policy_of))
+    for eg in p.egress.values():
+        assert all("10.0.2.10" not in addrs for addrs in eg.sources.values())

@@ -157,7 +157,15 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
         pol = inputs.policy_of(p.identity)
         if pol is None or not any(e.auth is AuthMode.REQUIRED for e in pol.ingress.values()):
             continue  # (cheap test first: most endpoints have no auth-required rule)
-        for port in p.ports:
+        # The declared ports, and every single port an auth-required entry names, declared or
+        # not: the source tunnels a rule's single ports whatever the pod declares
+        # (`_auth_ingress_candidates`), so this end must accept them.
+        ports = set(p.ports) | {
+            k.ports.lo for k, e in pol.ingress.items()
+            if e.auth is AuthMode.REQUIRED and k.ports.lo == k.ports.hi and k.ports.lo
+            and k.protocol.covers(L4Protocol.TCP)
+        }
+        for port in sorted(ports):
             dec = t.port_decisions(pol, port, known)
             if tunnel_needed(dec.world) or any(tunnel_needed(x) for x in dec.peers.values()):
                 ingress[(p.ip, port)] = dec
@@ -188,9 +196,16 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
                     if tunnel_tcp(decision):
                         tcp.add((s, d, TCP, port))
 
+    # Source addresses pick the tunnel cluster (and so the certificate): an address two local
+    # identities share (host-network pods) could be either, so it gets no tunnel at all (its
+    # connections meet the egress listener's refusal, never another identity's certificate).
+    owners: dict[str, set[int]] = {}
+    for p in local:
+        owners.setdefault(p.ip, set()).add(p.identity)
     sources_of: dict[int, list[str]] = {}
     for p in local:
-        sources_of.setdefault(p.identity, []).append(p.ip)
+        if len(owners[p.ip]) == 1:
+            sources_of.setdefault(p.identity, []).append(p.ip)
     egress: dict[tuple[str, int], EgressPort] = {}
     pairs: dict[int, dict[int, set[int]]] = {}  # d → port → sources
     for s, d, _, port in kernel:

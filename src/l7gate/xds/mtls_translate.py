@@ -382,17 +382,20 @@ def _normalizing_hcm(
     )
 
 
-def tcp_tunnel_chain(
+def tcp_tunnel_chains(
     dst_ip: str,
     dst_port: int,
     cluster: str,
     sources: Iterable[str],
     *,
     access_logs: Sequence[Message] = (),
-) -> listener_components_pb2.FilterChain:
+) -> list[listener_components_pb2.FilterChain]:
     """The TCP variant of the source side, for one local source identity: connections from
     its pods (`sources`, chosen by source address) are carried as one HTTP/2 CONNECT stream
     each over `cluster` (the identity's tunnel cluster: its SVID, the destination's SNI).
+
+    One filter chain per source address: a pod appearing or leaving adds or removes its own
+    chain, and Envoy drains only that one (the other pods' open connections stay).
 
     The CONNECT request names the destination in its authority and, like the HTTP variant, in
     x-envoy-original-dst-host (node B routes and checks by the header); X-Forwarded-For
@@ -419,18 +422,15 @@ def tcp_tunnel_chain(
         ),
         access_log=list(access_logs),
     )
-    ranges = []
+    filters = [listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_any(proxy))]
+    chains = []
     for a in sorted({str(ipaddress.ip_address(x)) for x in sources}):
         addr = ipaddress.ip_address(a)
-        ranges.append(address_pb2.CidrRange(
-            address_prefix=a, prefix_len=wrappers_pb2.UInt32Value(value=addr.max_prefixlen)))
-    if not ranges:
-        raise ValueError(f"a TCP tunnel chain to {dst} needs at least one source address")
-    return listener_components_pb2.FilterChain(
-        name=f"tcp-{cluster}",
-        filter_chain_match=listener_components_pb2.FilterChainMatch(source_prefix_ranges=ranges),
-        filters=[listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_any(proxy))],
-    )
+        match = listener_components_pb2.FilterChainMatch(source_prefix_ranges=[address_pb2.CidrRange(
+            address_prefix=a, prefix_len=wrappers_pb2.UInt32Value(value=addr.max_prefixlen))])
+        chains.append(listener_components_pb2.FilterChain(
+            name=f"tcp-{a}", filter_chain_match=match, filters=filters))
+    return chains
 
 
 def egress_listener(
@@ -449,7 +449,7 @@ def egress_listener(
     127.x address with ``transparent=False``); names stay keyed by the remote ip:port.
     No RBAC here: the destination decides; this Envoy only encrypts and names the destination.
 
-    `tcp_chains` (`tcp_tunnel_chain`) carry the sources whose decision is an L3/L4 allow as
+    `tcp_chains` (`tcp_tunnel_chains`) carry the sources whose decision is an L3/L4 allow as
     raw TCP; they match by source address, so they win over the HTTP chain, which has no
     match and takes every other source (an unknown one gets its local 403).
     """
@@ -661,6 +661,12 @@ def tunnel_route(
         ),
         typed_per_filter_config={t.RBAC_FILTER: _any(per_route)},
     )
+    # The HTTP route never upgrades to CONNECT (a CONNECT cannot match a path route anyway).
+    rc.virtual_hosts[0].routes[0].route.upgrade_configs.append(
+        route_components_pb2.RouteAction.UpgradeConfig(
+            upgrade_type="CONNECT", enabled=wrappers_pb2.BoolValue(value=False)
+        )
+    )
     rc.virtual_hosts[0].routes.insert(0, connect)
     return rc
 
@@ -754,13 +760,21 @@ def tunnel_egress(
         )
         for ident in sorted(sources)
     }
+    owner: dict[str, int] = {}
+    for i in sorted(sources):
+        for a in sources[i]:
+            key = str(ipaddress.ip_address(a))
+            if owner.setdefault(key, i) != i:
+                raise ValueError(f"source address {key} is listed under identities {owner[key]} and {i}")
     route = egress_route(
         remote.ip, remote.port,
         {clusters[i].name: nets for i, nets in sources.items() if i not in tcp_sources},
     )
     chains = [
-        tcp_tunnel_chain(remote.ip, remote.port, clusters[i].name, sources[i], access_logs=tcp_access_logs)
-        for i in sorted(sources) if i in tcp_sources and sources[i]
+        chain
+        for i in sorted(sources) if i in tcp_sources
+        for chain in tcp_tunnel_chains(remote.ip, remote.port, clusters[i].name, sources[i],
+                                       access_logs=tcp_access_logs)
     ]
     lst = egress_listener(
         remote.ip, remote.port, transparent=transparent, bind=bind, access_logs=access_logs,
