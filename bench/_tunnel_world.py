@@ -1,6 +1,7 @@
 """Helpers for bench_mtls's tunnel bench: two kernel-mode agents with encryption in transit,
-the seed policies with and without `authentication: {mode: required}`, waiting for either path
-to be in force, Envoy admin counters and CPU, and a short capture on the inter-node link.
+four policy sets on the same port (the seed's L7 allow and an L3/L4 allow, each with and
+without `authentication: {mode: required}`), waiting for each path to be in force, Envoy admin
+counters and CPU, and a short capture on the inter-node link.
 
 Network hygiene: as in `_datapath_world`. Everything runs in the namespaces of one `Testbed`;
 agents, Envoys and tcpdump are started through it (ended by PID at teardown) or stopped here
@@ -30,8 +31,15 @@ from l7gate.agent.testbed import Node, Pod, Testbed
 PORT = 8080
 TUNNEL_PORT = 15443
 TD = "l7gate.local"
-# Node A's tunnel listener's HTTP connection manager (stat prefix = listener name l7g_tunnel_in).
+# Node A's tunnel listener's HTTP connection manager (stat prefix = listener name l7g_tunnel_in):
+# one per tunnelled HTTP request, one per CONNECT stream (the TCP variant: one per connection).
 TUNNEL_RQ = "http.l7g_tunnel_in.downstream_rq_total"
+# Bytes node A's tunnel listener relayed to the pod (its ORIGINAL_DST cluster): in the TCP
+# variant, every byte the client sent inside the CONNECT streams.
+TUNNEL_TX_BYTES = "cluster.l7g_tunnel_origdst.upstream_cx_tx_bytes_total"
+# The policy sets `TunnelWorld.apply` knows: the seed's L7 allow (HTTP rules on :8080) without
+# and with auth, and the same allow as an L3/L4 allow (no `rules`) without and with auth.
+MODES = ("plain", "tunnel", "tcp-plain", "tcp-tunnel")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -64,6 +72,32 @@ def auth_policies() -> list[dict[str, Any]]:
     allow = copy.deepcopy(docs[1])
     allow["spec"]["ingress"][0]["authentication"] = {"mode": "required"}
     return [docs[0], allow]
+
+
+def l4_policies(auth: bool) -> list[dict[str, Any]]:
+    """The seed with its allow rule an L3/L4 allow: the same port, without `rules: {http: ...}`,
+    so the frontend may open any TCP connection to billing:8080. `auth`: with mutual
+    authentication required, which makes it the tunnel's TCP variant (each connection an HTTP/2
+    CONNECT stream). Same policy names as the seed: applying one set replaces the other."""
+    docs = seed_policies()
+    allow = copy.deepcopy(docs[1])
+    rule = allow["spec"]["ingress"][0]
+    for to_ports in rule["toPorts"]:
+        to_ports.pop("rules", None)
+    if auth:
+        rule["authentication"] = {"mode": "required"}
+    return [docs[0], allow]
+
+
+def policies(mode: str) -> list[dict[str, Any]]:
+    """The policy set of one of `MODES`."""
+    if mode == "plain":
+        return seed_policies()
+    if mode == "tunnel":
+        return auth_policies()
+    if mode in ("tcp-plain", "tcp-tunnel"):
+        return l4_policies(auth=mode == "tcp-tunnel")
+    raise ValueError(f"no such policy set: {mode!r} (have {', '.join(MODES)})")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -178,14 +212,16 @@ class TunnelWorld:
     def url(self) -> str:
         return f"http://{self.billing.ip}:{PORT}/v1/charge"
 
-    def apply(self, tunnel: bool, timeout: float = 30.0) -> float:
-        """Apply one policy set on both agents and wait until its path is in force; seconds."""
+    def apply(self, mode: str, timeout: float = 30.0) -> float:
+        """Apply one policy set (`MODES`) on both agents and wait until its path is in force;
+        seconds."""
         t0 = time.monotonic()
-        docs = auth_policies() if tunnel else seed_policies()
+        docs = policies(mode)
         for agent in (self.a, self.b):
             agent.client.apply_policies(docs)
-        check = self._tunnel_in_force if tunnel else self._plain_in_force
-        wait_until(check, timeout, f"{'tunnel' if tunnel else 'plain'} path in force", self._describe)
+        check = {"plain": self._plain_in_force, "tunnel": self._tunnel_in_force,
+                 "tcp-plain": self._tcp_plain_in_force, "tcp-tunnel": self._tcp_tunnel_in_force}[mode]
+        wait_until(check, timeout, f"{mode} path in force", self._describe)
         return time.monotonic() - t0
 
     def _tunnel_in_force(self) -> bool:
@@ -206,6 +242,36 @@ class TunnelWorld:
             return False
         status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
         return status == 200 and proxied
+
+    def _tcp_tunnel_in_force(self) -> bool:
+        """Node B's egress to billing:8080 carries the frontend as TCP (CONNECT), ready in the
+        kernel; node A terminates it; the probe is answered 200 by the upstream itself (no
+        Envoy router in the HTTP path: its bytes are relayed raw) while node A's tunnel listener
+        counts a CONNECT stream."""
+        dst = f"{self.billing.ip}:{PORT}"
+        ta, tb_ = self.a.tunnel(), self.b.tunnel()
+        egress = [e for e in tb_["egress"] if e["destination"] == dst]
+        if not (egress and all(e["ready"] and e["tcp_sources"] and e["tcp_sources"] == e["sources"]
+                               for e in egress)):
+            return False
+        if dst not in [i["endpoint"] for i in ta["ingress"]]:
+            return False
+        if not (self.a.synced() and self.b.synced()):
+            return False
+        before = self.a.envoy_counter(TUNNEL_RQ)
+        status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
+        return status == 200 and not proxied and self.a.envoy_counter(TUNNEL_RQ) > before
+
+    def _tcp_plain_in_force(self) -> bool:
+        """No tunnel state left anywhere; the probe answered 200 by the upstream itself (kernel
+        allow, no Envoy on the path)."""
+        ta, tb_ = self.a.tunnel(), self.b.tunnel()
+        if ta["ingress"] or tb_["egress"] or tb_["kernel"]:
+            return False
+        if not (self.a.synced() and self.b.synced()):
+            return False
+        status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
+        return status == 200 and not proxied
 
     def _describe(self) -> str:
         try:

@@ -46,6 +46,28 @@ something to :15443; the plain path sends to :8080. Value: median req/s; ratio: 
 the per-round paired ratios (tunnel / plain). CPU per request of both agents' Envoys (and of
 the agents, which receive every request's access log, and the upstream) from /proc/<pid>/stat
 over the wrk runs. Goal: tunnel >= 0.8x plain.
+
+3. Requests/s through the tunnel's TCP variant (same prerequisites, same world and agents, right
+after part 2's rounds in each CPU layout). The allow rule for billing:8080 becomes an L3/L4 allow
+(the seed's rule without `rules: {http: ...}`); two more policy sets alternate the same way:
+   - tcp-plain: the L3/L4 allow, no auth. frontend → node B's kernel → the link → node A's
+     kernel (allowed, no redirect) → billing: no Envoy on the path;
+   - tcp-tunnel: the same with `authentication: {mode: required}`. frontend → node B's kernel
+     redirect → node B's Envoy egress listener (tcp_proxy, one HTTP/2 CONNECT stream per
+     connection over the same mTLS tunnel cluster) → node A's tunnel listener (RBAC on the
+     client certificate, CONNECT terminated) → billing. wrk's HTTP/1.1 bytes are relayed raw.
+In force: for tcp-tunnel, node B's egress to billing:8080 carries the frontend as TCP and is
+ready in the kernel, node A shows the tunnel ingress, both synced, and the probe POST is answered
+200 by the upstream itself (no router header: no Envoy parsed it) while node A's tunnel
+listener counts a CONNECT stream; for tcp-plain, no tunnel state, the probe 200 and not proxied.
+Same wrk, warm-up and alternating rounds as part 2. Checked every run: in tcp-tunnel runs node
+A's tunnel listener counts CONNECT streams (`http.l7g_tunnel_in.downstream_rq_total`, one per
+wrk connection) and its ORIGINAL_DST cluster relays to billing at least wrk's requests times
+the smallest request's bytes (`cluster.l7g_tunnel_origdst.upstream_cx_tx_bytes_total`); in
+tcp-plain runs neither moves. Link capture as in part 2. Value: median req/s; ratio: median of
+the paired ratios (tcp-tunnel / tcp-plain). No goal is stated for it; the baseline has no Envoy
+at all (part 2's has node A's), so the ratio is the whole cost of two Envoys, TLS and HTTP/2
+framing on a kernel-only path.
 """
 
 from __future__ import annotations
@@ -61,10 +83,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from _datapath_world import wrk, wrk_script
+from _datapath_world import HOST, wrk, wrk_script
 from _world import WrkResult
 from _tunnel_world import (
-    PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, LinkCapture, TunnelWorld, cpu_seconds,
+    PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, TUNNEL_TX_BYTES, LinkCapture, TunnelWorld, cpu_seconds,
     missing_prerequisites,
 )
 from run import Context, Result
@@ -208,9 +230,18 @@ def handshakes(ctx: Context) -> list[Result]:
 # --- 2. requests/s through the mTLS tunnel --------------------------------------------------------
 
 MODES = ("plain", "tunnel")
+TCP_MODES = ("tcp-plain", "tcp-tunnel")
+TUNNELLED = ("tunnel", "tcp-tunnel")
 TUNNEL_NAME = ("requests/s, wrk -t1 -c32 POST /v1/charge node B → node A, auth required: "
                "Envoy→Envoy mTLS tunnel")
 TUNNEL_GOAL = "tunnel >= 0.8x the same path without auth"
+TCP_NAME = ("requests/s, wrk -t1 -c32 POST /v1/charge node B → node A, auth required on an L3/L4 "
+            "allow: the tunnel's TCP variant (HTTP/2 CONNECT over the Envoy→Envoy mTLS tunnel)")
+TCP_GOAL_NOTE = "goal: none stated (TCP variant); the HTTP row's 0.8x for reference"
+# The fewest bytes one of wrk's requests can have (its request line, the script's Host, a
+# Content-Length and the body; wrk adds Content-Type too): node A must relay at least this much
+# per request in a tcp-tunnel run.
+MIN_REQUEST_BYTES = len(f"POST /v1/charge HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\n{{}}")
 CPU_NAME = "Envoy CPU per request, both nodes, auth required: mTLS tunnel"
 PROCS = ("envoy A", "envoy B", "agent A", "agent B", "upstream")
 
@@ -220,6 +251,7 @@ class TunnelRun:
     wrk: WrkResult
     cpu: dict[str, float]  # CPU seconds of each process over the run
     tunnel_rq: int  # growth of node A's tunnel listener's request counter over the run
+    tunnel_tx: int  # growth of the bytes node A's tunnel listener relayed to the pod
     busy: float  # the machine's CPU busy fraction over the run (/proc/stat)
 
 
@@ -242,7 +274,8 @@ def tunnel_requests(ctx: Context) -> list[Result]:
     if why is not None:
         ctx.log(f"tunnel requests/s SKIPPED: {why}")
         return [Result(name=TUNNEL_NAME, value=float("nan"), unit="req/s", goal=TUNNEL_GOAL,
-                       notes=f"SKIPPED: {why}")]
+                       notes=f"SKIPPED: {why}"),
+                Result(name=TCP_NAME, value=float("nan"), unit="req/s", notes=f"SKIPPED: {why}")]
     try:
         return _tunnel_requests(ctx)
     except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -261,26 +294,32 @@ VARIANTS: dict[str, dict[str, str] | None] = {"shared": None, "per-node": {"A": 
 
 def _tunnel_requests(ctx: Context) -> list[Result]:
     rounds, seconds = (1, 3.0) if ctx.quick else (4, 5.0)
+    tcp_seconds = 3.0  # the TCP variant's runs: shorter, to keep the bench's wall time modest
     load_before = _load()
     variants = {k: v for k, v in VARIANTS.items() if v is None or (os.cpu_count() or 1) >= 2}
-    runs: dict[str, dict[str, list[TunnelRun]]] = {v: {m: [] for m in MODES} for v in variants}
-    switches: dict[str, list[float]] = {m: [] for m in MODES}
+    runs: dict[str, dict[str, list[TunnelRun]]] = {v: {m: [] for m in MODES + TCP_MODES} for v in variants}
+    switches: dict[str, list[float]] = {m: [] for m in MODES + TCP_MODES}
     link: dict[str, dict[int, int]] = {}
+    tcp_failed: str | None = None  # why the TCP variant stopped (part 2's rows still stand)
     with Testbed() as tb:
         ctx.log("two nodes, two kernel-mode agents with the mTLS tunnel, a static upstream")
         w = TunnelWorld.build(tb)
         try:
             w.start()
             script = wrk_script(tb.workdir / "post.lua")
-            current = None
-            for variant, cpus in variants.items():
-                w.pin(cpus)
+            current: str | None = None
+
+            def block(variant: str, cpus: dict[str, str] | None, modes: tuple[str, str], secs: float) -> None:
+                """`rounds` rounds of the two policy sets, the order alternating, so that a set
+                is switched only between rounds' halves that differ."""
+                nonlocal current
                 wrk_cpus = cpus["B"] if cpus else None
-                ctx.log(f"{variant} CPUs: {rounds} rounds x 2 policy sets x {seconds:g} s, order alternating")
+                ctx.log(f"{variant} CPUs: {rounds} rounds x {' / '.join(modes)} x {secs:g} s, order alternating")
                 for r in range(rounds):
-                    for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                    for mode in modes if r % 2 == 0 else modes[::-1]:
                         if mode != current:
-                            switches[mode].append(w.apply(mode == "tunnel"))
+                            current = None  # unknown until the switch is in force
+                            switches[mode].append(w.apply(mode))
                             current = mode
                             if mode in link:
                                 wrk(w.frontend, w.url, 1.0, script, cpus=wrk_cpus)
@@ -289,9 +328,20 @@ def _tunnel_requests(ctx: Context) -> list[Result]:
                                     wrk(w.frontend, w.url, 1.0, script, cpus=wrk_cpus)
                                 link[mode] = cap.count()
                                 _check_link(mode, link[mode])
-                        one = _measure(w, script, seconds, mode == "tunnel", wrk_cpus)
+                        one = _measure(w, script, secs, mode, wrk_cpus)
                         ctx.log(f"{variant} round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
                         runs[variant][mode].append(one)
+
+            for variant, cpus in variants.items():
+                w.pin(cpus)
+                block(variant, cpus, MODES, seconds)
+                if tcp_failed is None:
+                    try:
+                        block(variant, cpus, TCP_MODES, tcp_seconds)
+                    except Exception as exc:  # noqa: BLE001 - reported in the TCP rows
+                        ctx.log("TCP variant requests/s FAILED:\n" + traceback.format_exc())
+                        tcp_failed = (f"FAILED: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''}")[:300]
             w.pin(None)
             w.a.alive()
             w.b.alive()
@@ -300,35 +350,62 @@ def _tunnel_requests(ctx: Context) -> list[Result]:
             w.close()
     out: list[Result] = []
     for variant in variants:
-        out += _tunnel_results(variant, runs[variant], switches, link, rounds, seconds, load)
+        http = {m: runs[variant][m] for m in MODES}
+        out += _tunnel_results(variant, http, {m: switches[m] for m in MODES},
+                               {m: c for m, c in link.items() if m in MODES}, rounds, seconds, load)
+    for variant in variants:
+        if tcp_failed is not None:
+            out.append(Result(name=f"{TCP_NAME} [{variant} CPUs]", value=float("nan"), unit="req/s",
+                              notes=f"{TCP_GOAL_NOTE}; {tcp_failed}"))
+            continue
+        tcp = {m: runs[variant][m] for m in TCP_MODES}
+        out.append(_tcp_results(variant, tcp, {m: switches[m] for m in TCP_MODES},
+                                {m: c for m, c in link.items() if m in TCP_MODES}, rounds, tcp_seconds, load,
+                                http_ratio=_paired(runs[variant]["tunnel"], runs[variant]["plain"])[0]))
     return out
 
 
-def _measure(w: TunnelWorld, script: Path, seconds: float, tunnel: bool, cpus: str | None = None) -> TunnelRun:
+def _measure(w: TunnelWorld, script: Path, seconds: float, mode: str, cpus: str | None = None) -> TunnelRun:
+    tunnel = mode in TUNNELLED
     pids = w.pids()
-    rq0 = w.a.envoy_counter(TUNNEL_RQ)
+    rq0, tx0 = w.a.envoy_counter(TUNNEL_RQ), w.a.envoy_counter(TUNNEL_TX_BYTES)
     cpu0, idle0, total0 = {k: cpu_seconds(p) for k, p in pids.items()}, *_cpu_ticks()
     out = wrk(w.frontend, w.url, seconds, script, cpus=cpus)
     cpu, (idle1, total1) = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks()
     grown = w.a.envoy_counter(TUNNEL_RQ) - rq0
+    tx = w.a.envoy_counter(TUNNEL_TX_BYTES) - tx0
     # A bench that silently measured the plaintext path (or the tunnel in a plain round) would
     # be worthless: node A's tunnel listener must have seen every request, or none.
-    if tunnel and grown < out.requests:
+    if mode == "tunnel" and grown < out.requests:
         raise RuntimeError(f"tunnel round: node A's {TUNNEL_RQ} grew by {grown}, wrk completed "
                            f"{out.requests} requests: they did not all cross the tunnel")
+    # The TCP variant: one CONNECT stream per wrk connection, and every request's bytes
+    # relayed by node A's tunnel listener to the pod.
+    if mode == "tcp-tunnel" and (grown < 1 or tx < out.requests * MIN_REQUEST_BYTES):
+        raise RuntimeError(f"tcp-tunnel round: node A's {TUNNEL_RQ} grew by {grown} (CONNECT streams), "
+                           f"{TUNNEL_TX_BYTES} by {tx} bytes; wrk completed {out.requests} requests of at "
+                           f"least {MIN_REQUEST_BYTES} bytes: they did not all cross the tunnel")
     # (Switching to plain removes the tunnel listener: once drained, its counters are gone.)
-    if not tunnel and grown > 0:
-        raise RuntimeError(f"plain round: node A's {TUNNEL_RQ} grew by {grown}")
-    return TunnelRun(out, cpu, max(0, grown), 1 - (idle1 - idle0) / max(1, total1 - total0))
+    if not tunnel and (grown > 0 or tx > 0):
+        raise RuntimeError(f"{mode} round: node A's {TUNNEL_RQ} grew by {grown}, {TUNNEL_TX_BYTES} by {tx}")
+    return TunnelRun(out, cpu, max(0, grown), max(0, tx), 1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def _paired(tunnel: list[TunnelRun], plain: list[TunnelRun]) -> tuple[float, str]:
+    """(median of the per-round ratios tunnel/plain, the rounds spelled out)."""
+    pairs = [(t.wrk.rps, p.wrk.rps) for t, p in zip(tunnel, plain)]
+    ratio = statistics.median(t / p for t, p in pairs)
+    per_round = "; ".join(f"r{i + 1} {t:.0f}/{p:.0f} = {t / p:.2f}" for i, (t, p) in enumerate(pairs))
+    return ratio, per_round
 
 
 def _check_link(mode: str, counts: dict[int, int]) -> None:
     plain, tunnel = counts[APP_PORT], counts[TUNNEL_PORT]
-    if mode == "tunnel" and (plain != 0 or tunnel == 0):
-        raise RuntimeError(f"tunnel warm-up on the link: {plain} packets on :{APP_PORT}, "
+    if mode in TUNNELLED and (plain != 0 or tunnel == 0):
+        raise RuntimeError(f"{mode} warm-up on the link: {plain} packets on :{APP_PORT}, "
                            f"{tunnel} on :{TUNNEL_PORT}")
-    if mode == "plain" and plain == 0:
-        raise RuntimeError(f"plain warm-up on the link: no packet on :{APP_PORT}")
+    if mode not in TUNNELLED and plain == 0:
+        raise RuntimeError(f"{mode} warm-up on the link: no packet on :{APP_PORT}")
 
 
 def _tunnel_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[str, list[float]],
@@ -348,9 +425,7 @@ def _tunnel_results(variant: str, runs: dict[str, list[TunnelRun]], switches: di
     def cpu_note(mode: str) -> str:
         return ", ".join(f"{p} {us_per_request(mode, p):.0f}" for p in PROCS)
 
-    pairs = [(t.wrk.rps, p.wrk.rps) for t, p in zip(runs["tunnel"], runs["plain"])]
-    ratio = statistics.median(t / p for t, p in pairs)
-    per_round = "; ".join(f"r{i + 1} {t:.0f}/{p:.0f} = {t / p:.2f}" for i, (t, p) in enumerate(pairs))
+    ratio, per_round = _paired(runs["tunnel"], runs["plain"])
     errors_ok = all(x.wrk.non_2xx == 0 and x.wrk.socket_errors == 0 for xs in runs.values() for x in xs)
     crossed = sum(x.tunnel_rq for x in runs["tunnel"])
     switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
@@ -387,3 +462,45 @@ def _tunnel_results(variant: str, runs: dict[str, list[TunnelRun]], switches: di
                    f"{node['tunnel', 'A']:.0f}, B {node['tunnel', 'B']:.0f}; plain A {node['plain', 'A']:.0f}"),
         ),
     ]
+
+def _tcp_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[str, list[float]],
+                 link: dict[str, dict[int, int]], rounds: int, seconds: float, load: str,
+                 http_ratio: float) -> Result:
+    """Part 3's row: tcp-tunnel against tcp-plain, paired per round; no goal."""
+    def rps(mode: str) -> float:
+        return statistics.median(x.wrk.rps for x in runs[mode])
+
+    def errors(mode: str) -> str:
+        xs = runs[mode]
+        return (f"{sum(x.wrk.requests for x in xs):,} requests, {sum(x.wrk.non_2xx for x in xs)} non-2xx, "
+                f"{sum(x.wrk.socket_errors for x in xs)} socket errors")
+
+    def cpu_note(mode: str) -> str:
+        xs = runs[mode]
+        n = sum(x.wrk.requests for x in xs)
+        return ", ".join(f"{p} {sum(x.cpu[p] for x in xs) / n * 1e6:.0f}" for p in PROCS)
+
+    ratio, per_round = _paired(runs["tcp-tunnel"], runs["tcp-plain"])
+    xs = runs["tcp-tunnel"]
+    streams, relayed = sum(x.tunnel_rq for x in xs), sum(x.tunnel_tx for x in xs)
+    per_request = relayed / max(1, sum(x.wrk.requests for x in xs))
+    switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
+    seen = "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
+                     for m, c in link.items())
+    busy = "; ".join(f"{m} {statistics.median(x.busy for x in runs[m]):.0%}" for m in TCP_MODES)
+    where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1"
+             if variant == "per-node" else f"shared: every process on any of the {os.cpu_count()} vCPUs")
+    return Result(
+        name=f"{TCP_NAME} [{variant} CPUs]", value=rps("tcp-tunnel"), unit="req/s",
+        baseline_name="same L3/L4 allow without auth (kernel only, no Envoy)", baseline_value=rps("tcp-plain"),
+        ratio=ratio,
+        notes=(f"{TCP_GOAL_NOTE}: the HTTP tunnel row of this layout measured {http_ratio:.2f}x against a "
+               f"baseline through node A's Envoy, this one's baseline has no Envoy; {where}; median of "
+               f"{rounds} x {seconds:g} s per set, right after the HTTP rounds, same agents and pods, ratio "
+               f"paired per round (tcp-tunnel/tcp-plain: {per_round}); tcp-tunnel: {errors('tcp-tunnel')}, "
+               f"node A's tunnel listener counted {streams:,} CONNECT streams and relayed {relayed:,} bytes "
+               f"to billing ({per_request:.0f} per request); tcp-plain: {errors('tcp-plain')}, tunnel "
+               f"counters unchanged; link capture: {seen}; CPU µs per request, tcp-tunnel: "
+               f"{cpu_note('tcp-tunnel')}; tcp-plain: {cpu_note('tcp-plain')}; switch until in force: "
+               f"{switch}; machine CPU busy during the runs (median): {busy}; {load}"),
+    )
