@@ -48,6 +48,18 @@ def _envoy_pid(client: AdminClient) -> int:
     return pid
 
 
+def _await_status(src: str, dst: str, port: int, method: str, path: str, expected: int,
+                  timeout: float = 15.0) -> int:
+    """Repeat the request (status 0 while nothing listens yet) until it answers `expected` or
+    `timeout` passes; return the last status seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = request(src, dst, port, method, path).status
+        if status == expected or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.1)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -80,11 +92,11 @@ def test_two_agents_side_by_side_then_sigterm(tmp_path: Path) -> None:
                             pod("frontend", "web", "127.66.2.55", fe, "cluster-b")])
         ca.apply_policies(seed_policies())
         cb.apply_policies([seed_policies()[1]])
-        time.sleep(1.0)
-        assert request("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/charge").status == 200
-        assert request("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/refund").status == 403
+        # Each Envoy gets its listeners and policy over xDS a moment later: retry until it answers.
+        assert _await_status("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/charge", 200) == 200
+        assert _await_status("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/refund", 403) == 403
         # cluster-b's agent: no policy selects `cart`, so everything is allowed there
-        assert request("127.66.2.55", "127.66.1.10", 8080, "POST", "/v1/refund").status == 200
+        assert _await_status("127.66.2.55", "127.66.1.10", 8080, "POST", "/v1/refund", 200) == 200
         envoys = [_envoy_pid(ca), _envoy_pid(cb)]
         assert envoys[0] != envoys[1]
         for proc in (pa, pb):
