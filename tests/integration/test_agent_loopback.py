@@ -27,6 +27,29 @@ FRONTEND = f"127.{S}.2.55"
 OTHER = f"127.{S}.2.60"
 
 
+def wait_conn(conn: HttpConn, method: str, path: str, want: int, timeout: float = 5.0) -> int:
+    """The status once it is `want` on this same connection, or the last one after `timeout`.
+
+    Envoy ACKs a config once its main thread has it; the worker threads take it a moment later.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = conn.request(method, path).status
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
+def wait_request(src: str, dst: str, method: str, path: str, want: int, timeout: float = 5.0) -> int:
+    """Like wait_conn, one fresh connection per attempt."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = request(src, dst, 8080, method, path).status
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, require_envoy: None) -> Iterator[World]:
     with loopback_world(tmp_path_factory.mktemp("l7g-loop"), S) as w:
@@ -90,12 +113,12 @@ def test_policy_change_reaches_open_keepalive_connection(world: World) -> None:
         )
         world.core.apply([changed])
         world.synced()
-        # same TCP connection, next request: the new rule is in force (RDS, not LDS)
-        assert conn.request("GET", "/v1/transactions").status == 200
+        # same TCP connection (HttpConn never reconnects): the new rule is in force (RDS, not LDS)
+        assert wait_conn(conn, "GET", "/v1/transactions", 200) == 200
         world.core.apply(seed_policies())
         world.synced()
-        assert conn.request("GET", "/v1/transactions").status == 403
-        assert conn.request("POST", "/v1/charge").status == 200
+        assert wait_conn(conn, "GET", "/v1/transactions", 403) == 403
+        assert conn.request("POST", "/v1/charge").status == 200  # allowed throughout: no retry
     finally:
         conn.close()
 
@@ -174,6 +197,9 @@ def test_xds_server_killed_and_restarted_verdicts_hold(world: World) -> None:
         agent.xds.stop(grace=0)
         during = len(results)
         time.sleep(1.5)  # Envoy runs on its own with the last config
+        deadline = time.monotonic() + 10
+        while len(results) <= during + 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(results) > during + 10, "the probe loop must run while the xDS server is down"
         new = XdsServer(agent.cache, address, on_ack=agent.metrics.on_ack, on_nack=agent.metrics.on_nack,
                         extra_handlers=[agent.als.handler()])
@@ -244,11 +270,11 @@ def test_pod_removed_and_readded(world: World) -> None:
     c = AdminClient(world.agent.admin.address)
     c.delete_endpoint("cluster-b/web/frontend-service-abc")
     world.synced()
-    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 403  # now unknown: world
+    assert wait_request(FRONTEND, BILLING, "POST", "/v1/charge", 403) == 403  # now unknown: world
     c.apply_endpoints([pod("frontend-service-abc", "web", FRONTEND,
                            {"app": "frontend-service", "team": "web", "env": "prod"}, "cluster-b")])
     world.synced()
-    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+    assert wait_request(FRONTEND, BILLING, "POST", "/v1/charge", 200) == 200
 
 
 def test_agent_restart_restores_state(tmp_path: Path, require_envoy: None) -> None:
@@ -359,7 +385,7 @@ def test_a_policy_that_only_turns_on_default_deny_is_enforced(world: World) -> N
                 "spec": {"endpointSelector": {"matchLabels": {"app": "ledger"}}, "ingress": [{}]}}
     world.core.apply([deny_all])
     world.synced()
-    assert request(OTHER, ledger, 8080, "GET", "/x").status == 403
+    assert wait_request(OTHER, ledger, "GET", "/x", 403) == 403
     world.core.delete_policy("CiliumClusterwideNetworkPolicy/ledger-default-deny")
     world.synced()
-    assert request(OTHER, ledger, 8080, "GET", "/x").status == 200
+    assert wait_request(OTHER, ledger, "GET", "/x", 200) == 200

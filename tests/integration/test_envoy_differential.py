@@ -118,10 +118,9 @@ def check(world: World, specs: list[dict[str, Any]], reqs: list[tuple[str, str, 
         want = expected_status(world, docs, src, method, path)
         got = request(SOURCES[src], BILLING, 8080, method, path).status
         # Envoy ACKs a route once its main thread has it; the worker thread gets it a moment
-        # later. A divergence must persist to count.
-        for _ in range(20):
-            if got == want:
-                break
+        # later. A divergence must persist (5 s) to count.
+        deadline = time.monotonic() + 5.0
+        while got != want and time.monotonic() < deadline:
             time.sleep(0.025)
             got = request(SOURCES[src], BILLING, 8080, method, path).status
         if got != want:

@@ -660,7 +660,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             prober.join(10)
         assert statuses and set(statuses) == {200}, statuses
         expiry = f"listener.{node_b_ip}_{tunnel_port}.ssl.certificate.{spiffe_id(TD, DST)}.expiration_unix_time_seconds"
-        eventually(lambda: admin_stats(admin_b)[expiry] == int(rotated[DST].not_after), 3,
+        eventually(lambda: admin_stats(admin_b)[expiry] == int(rotated[DST].not_after), 10,
                    "node B to serve the rotated SVID")
         assert admin_stats(admin_b)["listener_manager.listener_modified"] == lst_b
         # A fresh tunnel connection handshakes with the rotated certificates on both ends.
@@ -673,7 +673,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         denied = PortDecisions(world, {})
         cache_b.update("node-b", ROUTE, {m.TUNNEL_ROUTE: m.tunnel_route(
             m.tunnel_matcher(TD, {(dst_pod.ip, dst_pod.port): denied}))})
-        eventually(lambda: charge(source=src_pod_ip) == 403, 3, "the new policy on node B")
+        eventually(lambda: charge(source=src_pod_ip) == 403, 10, "the new policy on node B")
         assert admin_stats(admin_a)[tc + "upstream_cx_total"] == cx_before
         for proc in procs:
             assert proc.poll() is None

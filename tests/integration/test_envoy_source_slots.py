@@ -175,13 +175,13 @@ def test_pod_in_a_new_block_is_decided_at_once(world: World) -> None:
         }
         # Every slot name was subscribed with the listener: no new subscription to wait for,
         # only the moment Envoy's worker takes the config the main thread ACKed.
-        assert wait_fresh(new_ip, "POST", "/v1/charge", 200, timeout=1.0) == 200
+        assert wait_fresh(new_ip, "POST", "/v1/charge", 200, timeout=5.0) == 200
         assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
         assert request(new_ip, BILLING, 8080, "POST", "/v1/refund").status == 403
     finally:
         core.delete_pod("cluster-b/web/frontend-new-block")
         world.synced()
-    assert wait_fresh(new_ip, "POST", "/v1/charge", 403, timeout=1.0) == 403  # unknown: world
+    assert wait_fresh(new_ip, "POST", "/v1/charge", 403, timeout=5.0) == 403  # unknown: world
     assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
 
 
