@@ -168,16 +168,24 @@ def test_seed_table_through_the_kernel_path(world: World) -> None:
     while world.a.status()["datapath"]["drops"] < drops_before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert world.a.status()["datapath"]["drops"] >= drops_before + 2
-    # ... and each drop is a flow, as `l7gate observe` shows it
-    out = subprocess.run(
-        [L7GATE, "observe", "--verdict", "DROPPED", "--type", "l3l4", "--last", "50", "-o", "json",
-         "--admin", f"unix:{world.a.workdir}/admin.sock"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    drops = [json.loads(line) for line in out.splitlines() if line.strip()]
-    flows = [d.get("flow", d) for d in drops]
-    assert any(f["drop_reason_desc"] == "Policy denied" and f["destination"].get("pod_name") == "billing-service-xyz"
-               and f["source"].get("pod_name") == "reporting-job-q7x" for f in flows), flows
+    # ... and each drop is a flow, as `l7gate observe` shows it (published after the counter
+    # is bumped: poll for it)
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(
+            [L7GATE, "observe", "--verdict", "DROPPED", "--type", "l3l4", "--last", "50", "-o", "json",
+             "--admin", f"unix:{world.a.workdir}/admin.sock"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        drops = [json.loads(line) for line in out.splitlines() if line.strip()]
+        flows = [d.get("flow", d) for d in drops]
+        found = any(f["drop_reason_desc"] == "Policy denied"
+                    and f["destination"].get("pod_name") == "billing-service-xyz"
+                    and f["source"].get("pod_name") == "reporting-job-q7x" for f in flows)
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found, flows
 
 
 def test_status_shows_the_kernel_datapath(world: World) -> None:
@@ -254,8 +262,8 @@ def test_kill_9_agent_keeps_verdicts_and_restart_reconciles(world: World) -> Non
 
     def probe() -> None:
         while not stop.is_set():
-            results.append(("allow", world.frontend.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=2)[0]))
-            results.append(("l7deny", world.frontend.curl(url(world.billing, 8080, "/v1/refund"), "POST", timeout=2)[0]))
+            results.append(("allow", world.frontend.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=10)[0]))
+            results.append(("l7deny", world.frontend.curl(url(world.billing, 8080, "/v1/refund"), "POST", timeout=10)[0]))
             results.append(("l4deny", world.other.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=1)[0]))
 
     th = threading.Thread(target=probe)
@@ -295,7 +303,7 @@ def test_repeated_agent_restarts_never_deny_an_allowed_request(world: World) -> 
 
         def probe() -> None:
             while not stop.is_set():
-                codes.append(world.frontend.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=2)[0])
+                codes.append(world.frontend.curl(url(world.billing, 8080, "/v1/charge"), "POST", timeout=10)[0])
 
         th = threading.Thread(target=probe)
         th.start()

@@ -103,13 +103,20 @@ def test_peer_from_another_trust_domain_is_refused_and_the_flow_says_why(world: 
     entries = world["a"].client.get("/v1/auth")["entries"]
     rogue_rows = [e for e in entries if e["node"].startswith("10.63.3.")]
     assert rogue_rows and all(e["last_error"] for e in rogue_rows), entries
-    out = subprocess.run(
-        [L7GATE, "observe", "--verdict", "DROPPED", "--last", "50", "-o", "json",
-         "--admin", f"unix:{world['a'].workdir}/admin.sock"], capture_output=True, text=True, check=True).stdout
-    flows = [json.loads(line) for line in out.splitlines() if line.strip()]
-    flows = [f.get("flow", f) for f in flows]
-    assert any(f["drop_reason_desc"] == "Authentication required"
-               and f["source"].get("pod_name") == "frontend-service-zzz" for f in flows), flows
+    # the drop's flow is published shortly after the drop: poll for it
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(
+            [L7GATE, "observe", "--verdict", "DROPPED", "--last", "50", "-o", "json",
+             "--admin", f"unix:{world['a'].workdir}/admin.sock"], capture_output=True, text=True, check=True).stdout
+        flows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        flows = [f.get("flow", f) for f in flows]
+        found = any(f["drop_reason_desc"] == "Authentication required"
+                    and f["source"].get("pod_name") == "frontend-service-zzz" for f in flows)
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found, flows
 
 
 def test_keys_are_never_group_or_world_readable(world: dict[str, Any]) -> None:

@@ -60,12 +60,12 @@ def test_rotation_under_a_probe_loop_loses_no_request(world: dict[str, Any]) -> 
     statuses: list[int] = []
     end = time.monotonic() + 2.5 * TTL
     while time.monotonic() < end:
-        statuses.append(fe.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0])
+        statuses.append(fe.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=10)[0])
         for e in world["a"].client.get("/v1/auth")["entries"]:
             if e["expires_at"]:
                 expiries.add(round(e["expires_at"], 1))
         time.sleep(0.1)
-    assert len(statuses) > 50
+    assert len(statuses) > 20
     assert set(statuses) == {200}, f"{statuses.count(200)} of {len(statuses)} succeeded"
     assert len(expiries) >= 3, f"the auth entry was refreshed {len(expiries) - 1} times: {sorted(expiries)}"
     if world["encryption"] == "tunnel":
