@@ -100,8 +100,14 @@ def test_auth_status_lists_the_pair(world: dict[str, Any]) -> None:
 def test_peer_from_another_trust_domain_is_refused_and_the_flow_says_why(world: dict[str, Any]) -> None:
     rogue, billing = world["rogue"], world["billing"]
     assert rogue.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0] == 0  # dropped in the kernel
-    entries = world["a"].client.get("/v1/auth")["entries"]
-    rogue_rows = [e for e in entries if e["node"].startswith("10.63.3.")]
+    # the failed handshake is recorded by the auth manager's thread: poll for it
+    deadline = time.monotonic() + 10
+    while True:
+        entries = world["a"].client.get("/v1/auth")["entries"]
+        rogue_rows = [e for e in entries if e["node"].startswith("10.63.3.")]
+        if (rogue_rows and all(e["last_error"] for e in rogue_rows)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert rogue_rows and all(e["last_error"] for e in rogue_rows), entries
     # the drop's flow is published shortly after the drop: poll for it
     deadline = time.monotonic() + 10
