@@ -463,6 +463,9 @@ def run(ctx: Context) -> list[Result]:
     big_sizes = Sizes(identities=500, policies=50) if quick else Sizes(10_000, 1_000)
     # wrk takes whole seconds only
     rounds, seconds, deny_seconds = (2, 1, 1) if quick else (5, 3, 2)
+    # The deny rows compare two ~2 s wrk runs on a noisy 2-vCPU machine (single runs range
+    # ±20%): more pairs for a steadier median of the per-round ratios.
+    deny_rounds = 2 if quick else 9
     budget = 10.0 if quick else 30.0
     n_toggle, n_pods = (6, 4) if quick else (20, 11)
     binary = str(find_envoy())
@@ -530,7 +533,7 @@ def run(ctx: Context) -> list[Result]:
         )
 
         ctx.log("2. deny path")
-        b, s, r, notes = deny_rps(ctx, small, big, rounds, deny_seconds, "POST", "/v1/charge", 403)
+        b, s, r, notes = deny_rps(ctx, small, big, deny_rounds, deny_seconds, "POST", "/v1/charge", 403)
         shape = policy_shape(big.agent)
         results.append(
             Result(
@@ -583,7 +586,7 @@ def run(ctx: Context) -> list[Result]:
         small.agent.core.apply([toggle(False)])  # BIG's toggle ended there too
         synced(small.agent)
         b7, s7, r7, notes7 = deny_rps(
-            ctx, small, big, rounds, deny_seconds, "GET", "/v1/probe", 403
+            ctx, small, big, deny_rounds, deny_seconds, "GET", "/v1/probe", 403
         )
         results.append(
             Result(
