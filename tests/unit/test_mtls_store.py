@@ -185,3 +185,20 @@ def test_every_written_file_is_private(tmp_path: Path, open_umask: None, clock: 
     key_files = [tmp_path / "ca" / "ca.key", *(tmp_path / "node" / "svids").glob("svid-*.pem")]
     for path in key_files:
         assert b"PRIVATE KEY" in path.read_bytes()
+
+
+def test_bundle_listeners_hear_a_new_bundle_once(tmp_path: Path, ca: BuiltinCA) -> None:
+    """A CA rotation (a new bundle) is announced on the next refresh, once; an unchanged
+    bundle is not."""
+    other = BuiltinCA.ephemeral(TD)
+    source = StaticSource(TD, ca.bundle(), {300: ca.issue(300)})
+    store = SVIDStore(source, tmp_path)
+    heard: list[bytes] = []
+    store.subscribe_bundle(lambda: heard.append(store.bundle_pem()))
+    store.refresh()
+    assert heard == []
+    source._bundle = [*ca.bundle(), *other.bundle()]  # the new root next to the old one
+    store.refresh()
+    store.refresh()
+    assert len(heard) == 1 and heard[0] == store.bundle_pem() != b""
+    assert (tmp_path / BUNDLE_FILE).read_bytes() == heard[0]

@@ -276,6 +276,7 @@ class Tunnels:
         self._thread = threading.Thread(target=self._kernel_loop, name="l7g-tunnel", daemon=True)
         self._thread.start()
         store.subscribe(self._rotated)
+        store.subscribe_bundle(self._bundle_changed)
 
     # -- Envoy ------------------------------------------------------------------------------------
 
@@ -292,6 +293,19 @@ class Tunnels:
             self.sink.update(self.node_id, SECRET, {mt.bundle_secret_name(self.td): mt.bundle_secret(self.td, self.store.bundle_pem())}, ())
         except Exception as exc:  # noqa: BLE001 - rotation must not kill the store's thread
             log.warning("tunnel: rotated SVID of identity %d not published: %s", ident, exc)
+
+    def _bundle_changed(self) -> None:
+        """A new trust bundle (a CA rotation, or SPIRE's bundle update) reaches Envoy at once:
+        one SDS update; the next handshakes verify against it. Nothing to do while the tunnel
+        publishes no secret."""
+        with self._lock:
+            if mt.bundle_secret_name(self.td) not in self._names[SECRET]:
+                return
+        try:
+            self.sink.update(self.node_id, SECRET, {
+                mt.bundle_secret_name(self.td): mt.bundle_secret(self.td, self.store.bundle_pem())}, ())
+        except Exception as exc:  # noqa: BLE001 - must not kill the store's thread
+            log.warning("tunnel: new trust bundle not published: %s", exc)
 
     def apply(self, new: TunnelPlan) -> None:
         """Publish `new`; the kernel follows once Envoy has the listeners."""

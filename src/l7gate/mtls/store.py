@@ -103,6 +103,7 @@ class SVIDStore:
         self._bundle_pem = b""
         self._generation = 0
         self._listeners: list[Callable[[int], None]] = []
+        self._bundle_listeners: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,10 +170,22 @@ class SVIDStore:
         with self._lock:
             self._listeners.append(callback)
 
+    def subscribe_bundle(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after the trust bundle changed (re-read on every `refresh()`, at
+        least every MAX_SLEEP seconds on the rotation thread)."""
+        with self._lock:
+            self._bundle_listeners.append(callback)
+
     def refresh(self) -> list[int]:
         """Re-read the bundle and rotate every SVID that is due; return the rotated identities."""
         with self._lock:
-            self._refresh_bundle()
+            changed = self._refresh_bundle()
+            listeners = list(self._bundle_listeners) if changed else []
+        for callback in listeners:
+            try:
+                callback()
+            except Exception:
+                log.exception("trust bundle listener failed")
         return self._rotate_due(only=None)
 
     def next_rotation(self) -> float | None:
@@ -241,14 +254,15 @@ class SVIDStore:
         self._generation += 1
         return old is not None
 
-    def _refresh_bundle(self) -> None:
+    def _refresh_bundle(self) -> bool:
         bundle = tuple(self._source.bundle())
         if bundle == self._bundle:
-            return
+            return False
         self._bundle = bundle
         self._bundle_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle)
         write_private(self._dir / BUNDLE_FILE, self._bundle_pem)
         self._generation += 1
+        return True
 
     def _svid_path(self, identity: int) -> Path:
         return self._dir / f"svid-{identity}.pem"
