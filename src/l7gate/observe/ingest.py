@@ -277,19 +277,44 @@ def _endpoint(ip: str, port: int, info: PeerInfo) -> Endpoint:
     return Endpoint(ip, port, info.identity, info.cluster_name, info.namespace, info.pod_name, info.labels)
 
 
-def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
-    """The flows of one Envoy HTTP access log entry (see the module docstring)."""
+def _check_type(entry: Any, expected: str) -> None:
     try:
         name = entry.DESCRIPTOR.full_name
     except AttributeError:
         raise MalformedEvent(f"not a protobuf message: {type(entry).__name__}") from None
-    if name != _ENTRY_TYPE:
-        raise MalformedEvent(f"expected {_ENTRY_TYPE}, got {name}")
-    cp = entry.common_properties
+    if name != expected:
+        raise MalformedEvent(f"expected {expected}, got {name}")
+
+
+def _downstream(cp: Any) -> tuple[Any, Any]:
+    """(source, destination) socket addresses of an entry: the direct peer if Envoy logged
+    it, else the remote address."""
     src_sa = cp.downstream_direct_remote_address.socket_address
     if not src_sa.address:
         src_sa = cp.downstream_remote_address.socket_address
-    dst_sa = cp.downstream_local_address.socket_address
+    return src_sa, cp.downstream_local_address.socket_address
+
+
+def _resolve(ctx: IngestContext, addr: str) -> PeerInfo:
+    try:
+        return ctx.resolve(addr)
+    except ValueError as exc:
+        raise MalformedEvent(f"unusable address: {exc}") from None
+
+
+def _start_ns(cp: Any, ctx: IngestContext) -> int:
+    st = cp.start_time
+    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    return t0
+
+
+def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The flows of one Envoy HTTP access log entry (see the module docstring)."""
+    _check_type(entry, _ENTRY_TYPE)
+    cp = entry.common_properties
+    src_sa, dst_sa = _downstream(cp)
     if not src_sa.address or not dst_sa.address:
         raise MalformedEvent("entry without downstream IP addresses")
     src_addr, src_port = src_sa.address, int(src_sa.port_value)
@@ -304,11 +329,7 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
         # appended to X-Forwarded-For; the pod it reached is the original-destination header.
         src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
         dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr, dst_port)
-    try:
-        src_info = ctx.resolve(src_addr)
-        dst_info = ctx.resolve(dst_addr)
-    except ValueError as exc:
-        raise MalformedEvent(f"unusable address: {exc}") from None
+    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
     if _has_client_certificate(cp) and src_info.identity != tunnel_identity:
         # The certificate wins over the claimed address; no usable identity in it: unknown.
         src_info = PeerInfo(tunnel_identity or 0)
@@ -321,10 +342,7 @@ def http_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     else:
         direction = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
 
-    st = cp.start_time
-    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
-    if not 0 < t0 <= _MAX_TIME_NS:
-        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    t0 = _start_ns(cp, ctx)
     resp = entry.response
     m = int(req.request_method)
     method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
@@ -457,12 +475,7 @@ def tcp_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     """Listener-level entries of the mTLS tunnel listener: one per connection. A connection
     whose TLS handshake failed becomes a DROPPED flow naming the reason; the others are covered
     by their HTTP entries and give no flow."""
-    try:
-        name = entry.DESCRIPTOR.full_name
-    except AttributeError:
-        raise MalformedEvent(f"not a protobuf message: {type(entry).__name__}") from None
-    if name != _TCP_ENTRY_TYPE:
-        raise MalformedEvent(f"expected {_TCP_ENTRY_TYPE}, got {name}")
+    _check_type(entry, _TCP_ENTRY_TYPE)
     cp = entry.common_properties
     if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
         return _tunnel_tcp_source_flows(cp, ctx)
@@ -477,21 +490,12 @@ def tcp_log_flows(entry: Any, ctx: IngestContext) -> tuple[Flow, ...]:
                  else "no server name (SNI) sent")
     else:
         return ()
-    src_sa = cp.downstream_direct_remote_address.socket_address
-    if not src_sa.address:
-        src_sa = cp.downstream_remote_address.socket_address
-    dst_sa = cp.downstream_local_address.socket_address
+    src_sa, dst_sa = _downstream(cp)
     # Envoy 1.40 logs a connection refused in the TLS handshake without its addresses: the
     # flow then says only what was refused and why.
-    try:
-        src_info = ctx.resolve(src_sa.address) if src_sa.address else PeerInfo(0)
-        dst_info = ctx.resolve(dst_sa.address) if dst_sa.address else PeerInfo(0)
-    except ValueError as exc:
-        raise MalformedEvent(f"unusable address: {exc}") from None
-    st = cp.start_time
-    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
-    if not 0 < t0 <= _MAX_TIME_NS:
-        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    src_info = _resolve(ctx, src_sa.address) if src_sa.address else PeerInfo(0)
+    dst_info = _resolve(ctx, dst_sa.address) if dst_sa.address else PeerInfo(0)
+    t0 = _start_ns(cp, ctx)
     return (
         Flow(
             time=t0, verdict=Verdict.DROPPED, type=FlowType.L3_L4,
@@ -513,21 +517,11 @@ def _upstream_failed(flags: Any) -> bool:
 def _tunnel_tcp_source_flows(cp: Any, ctx: IngestContext) -> tuple[Flow, ...]:
     """The source node's side of the TCP variant: its egress chains log only connections the
     tunnel could not carry. Nothing of them left the node in plain text."""
-    src_sa = cp.downstream_direct_remote_address.socket_address
-    if not src_sa.address:
-        src_sa = cp.downstream_remote_address.socket_address
-    dst_sa = cp.downstream_local_address.socket_address
+    src_sa, dst_sa = _downstream(cp)
     if not src_sa.address or not dst_sa.address:
         raise MalformedEvent("entry without downstream IP addresses")
-    try:
-        src_info = ctx.resolve(src_sa.address)
-        dst_info = ctx.resolve(dst_sa.address)
-    except ValueError as exc:
-        raise MalformedEvent(f"unusable address: {exc}") from None
-    st = cp.start_time
-    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
-    if not 0 < t0 <= _MAX_TIME_NS:
-        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    src_info, dst_info = _resolve(ctx, src_sa.address), _resolve(ctx, dst_sa.address)
+    t0 = _start_ns(cp, ctx)
     peer = cp.upstream_remote_address.socket_address.address or "the destination node"
     reason = cp.upstream_transport_failure_reason
     verdict, drop = Verdict.DROPPED, AUTH_FAILED
