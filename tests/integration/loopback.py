@@ -138,6 +138,30 @@ def request(src: str, dst: str, port: int, method: str, path: str) -> Response:
         c.close()
 
 
+def wait_conn(conn: HttpConn, method: str, path: str, want: int, timeout: float = 5.0) -> int:
+    """The status once it is `want` on this same connection, or the last one after `timeout`.
+
+    Envoy ACKs a config once its main thread has it; the worker threads take it a moment later.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = conn.request(method, path).status
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
+def wait_request(src: str, dst: str, method: str, path: str, want: int, timeout: float = 5.0,
+                 port: int = 8080) -> int:
+    """Like wait_conn, one fresh connection per attempt."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = request(src, dst, port, method, path).status
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
 @dataclass
 class World:
     agent: Agent

@@ -16,7 +16,7 @@ from l7gate.agent.core import ApplyError
 from l7gate.xds.publisher import ROUTE_TYPE
 from l7gate.xds.server import XdsServer
 
-from .loopback import World, loopback_world, request, seed_policies, HttpConn
+from .loopback import HttpConn, World, loopback_world, request, seed_policies, wait_conn, wait_request
 
 pytestmark = pytest.mark.integration
 
@@ -25,29 +25,6 @@ BILLING = f"127.{S}.1.10"
 BILLING2 = f"127.{S}.1.11"
 FRONTEND = f"127.{S}.2.55"
 OTHER = f"127.{S}.2.60"
-
-
-def wait_conn(conn: HttpConn, method: str, path: str, want: int, timeout: float = 5.0) -> int:
-    """The status once it is `want` on this same connection, or the last one after `timeout`.
-
-    Envoy ACKs a config once its main thread has it; the worker threads take it a moment later.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        got = conn.request(method, path).status
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
-
-
-def wait_request(src: str, dst: str, method: str, path: str, want: int, timeout: float = 5.0) -> int:
-    """Like wait_conn, one fresh connection per attempt."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = request(src, dst, 8080, method, path).status
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -346,6 +346,30 @@ def admin_stats(admin_port: int) -> dict[str, int]:
     return {s["name"]: s["value"] for s in doc["stats"] if "value" in s}
 
 
+def start_two_nodes(
+    envoy_bin: str, caches: tuple[SnapshotCache, SnapshotCache], tmp_path: Path,
+    servers: list[XdsServer], procs: list[subprocess.Popen[bytes]],
+) -> tuple[int, int]:
+    """An XdsServer and an Envoy per node ("node-a", "node-b"), appended to `servers` and
+    `procs` for the caller to stop; returns the two Envoys' admin ports."""
+    admin_ports = []
+    for node, cache in zip(("node-a", "node-b"), caches, strict=True):
+        srv = XdsServer(cache)
+        srv.start()
+        servers.append(srv)
+        assert srv.port is not None
+        proc, admin_port, _ = start_envoy(envoy_bin, node, srv.port, tmp_path / node)
+        procs.append(proc)
+        admin_ports.append(admin_port)
+    return admin_ports[0], admin_ports[1]
+
+
+def assert_synced(servers: list[XdsServer]) -> None:
+    for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
+        assert srv.wait_synced(node, 5, types=(CLUSTER, LISTENER, ROUTE, SECRET)), srv.status()
+        assert not [r for r in srv.status() if r.last_nack is not None]
+
+
 def eventually(fn: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not fn():
@@ -477,17 +501,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
                 LISTENER: {egress.listener.name: egress.listener, fake.listener.name: fake.listener},
             },
         )
-        for cache in (cache_a, cache_b):
-            srv = XdsServer(cache)
-            srv.start()
-            servers.append(srv)
-        admin_ports = []
-        for node, srv in zip(("node-a", "node-b"), servers, strict=True):
-            assert srv.port is not None
-            proc, admin_port, _ = start_envoy(envoy_bin, node, srv.port, tmp_path / node)
-            procs.append(proc)
-            admin_ports.append(admin_port)
-        admin_a, admin_b = admin_ports
+        admin_a, admin_b = start_two_nodes(envoy_bin, (cache_a, cache_b), tmp_path, servers, procs)
 
         def charge(**kw: Any) -> int:
             return plain_request(node_a_ip, egress_port, "POST", "/v1/charge", body=CARD, **kw)
@@ -497,9 +511,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         ) as hop_pcap:
             eventually(lambda: try_status(lambda: charge(source=src_pod_ip)) == 200, 20,
                        "the allowed call through both Envoys")
-            for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
-                assert srv.wait_synced(node, 5, types=(CLUSTER, LISTENER, ROUTE, SECRET)), srv.status()
-                assert not [r for r in srv.status() if r.last_nack is not None]
+            assert_synced(servers)
 
             # The allowed call arrived with its body, the destination the source node set,
             # and the caller's SPIFFE ID in XFCC (set by node B from the client certificate).
@@ -818,17 +830,7 @@ def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp
             ROUTE: {egress.route.name: egress.route},
             LISTENER: {egress.listener.name: egress.listener},
         })
-        for cache in (cache_a, cache_b):
-            srv = XdsServer(cache)
-            srv.start()
-            servers.append(srv)
-        admin_ports = []
-        for node, srv in zip(("node-a", "node-b"), servers, strict=True):
-            assert srv.port is not None
-            proc, admin_port, _ = start_envoy(envoy_bin, node, srv.port, tmp_path / node)
-            procs.append(proc)
-            admin_ports.append(admin_port)
-        admin_a, admin_b = admin_ports
+        admin_a, admin_b = start_two_nodes(envoy_bin, (cache_a, cache_b), tmp_path, servers, procs)
 
         def send(source: str, data: bytes = SECRET_LINE) -> bytes:
             return tcp_exchange(node_a_ip, egress_port, source=source, data=data)
@@ -836,9 +838,7 @@ def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp
         with capture(tcpdump, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap:
             eventually(lambda: send(src_pod_ip) == b"echo:" + SECRET_LINE, 20,
                        "the allowed connection through both Envoys")
-            for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
-                assert srv.wait_synced(node, 5, types=(CLUSTER, LISTENER, ROUTE, SECRET)), srv.status()
-                assert not [r for r in srv.status() if r.last_nack is not None]
+            assert_synced(servers)
             # A longer exchange on one connection: bytes both ways, in order.
             with socket.create_connection((node_a_ip, egress_port), timeout=3,
                                           source_address=(src_pod_ip, 0)) as s:

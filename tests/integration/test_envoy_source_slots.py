@@ -26,7 +26,7 @@ from l7gate.xds import translate as t
 from l7gate.xds.cache import EXTENSION_CONFIG, LISTENER, ROUTE
 from l7gate.xds.publisher import Publisher
 
-from .loopback import HttpConn, World, loopback_world, request
+from .loopback import HttpConn, World, loopback_world, request, wait_conn, wait_request
 
 pytestmark = pytest.mark.integration
 
@@ -49,22 +49,8 @@ def versions(world: World, type_url: str) -> dict[str, str]:
     return {n: r.version for n, r in snap.resources[type_url].items()}
 
 
-def wait_status(conn: HttpConn, method: str, path: str, want: int, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = conn.request(method, path).status
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
-
-
 def wait_fresh(src: str, method: str, path: str, want: int, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = request(src, BILLING, 8080, method, path).status
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
+    return wait_request(src, BILLING, method, path, want, timeout)
 
 
 def reporting_policy(path: str) -> dict[str, Any]:
@@ -99,10 +85,10 @@ def test_slot_change_reaches_open_connection_and_sends_one_resource(world: World
         # one slot per billing pod (both are proxied here)
         assert sorted(changed) == sorted(t.slot_name(ip, 8080, t.slot_of(block)) for ip in (BILLING, BILLING_2))
         # the same connection, next requests: the new verdict
-        assert wait_status(conn, "POST", "/v1/charge", 200) == 200
+        assert wait_conn(conn, "POST", "/v1/charge", 200) == 200
         assert conn.request("POST", "/v1/refund").status == 403
         core.apply([reporting_policy("/v1/none")])
-        assert wait_status(conn, "POST", "/v1/charge", 403) == 403
+        assert wait_conn(conn, "POST", "/v1/charge", 403) == 403
     finally:
         conn.close()
         core.delete_policy("CiliumClusterwideNetworkPolicy/slots-reporting")

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,28 @@ def world() -> Iterator[World]:
             stop_agents(*agents)
 
 
+@contextmanager
+def link_capture(w: World, name: str) -> Iterator[Path]:
+    """tcpdump (TCP) on node B's link to node A while the block runs; yields the pcap path."""
+    pcap = w.tb.workdir / name
+    link = next(n for n in w.nb.link_ifnames)
+    proc = w.nb.spawn(["tcpdump", "-i", link, "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap), "tcp"],
+                      stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert b"listening on" in line, line
+        yield pcap
+    finally:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+
+
+def pcap_text(pcap: Path) -> str:
+    return subprocess.run(["tcpdump", "-r", str(pcap), "-n", "-nn"], capture_output=True, text=True).stdout
+
+
 def tunnel_of(agent: AgentProc) -> dict[str, Any]:
     t: dict[str, Any] = agent.client.get("/v1/auth")["tunnel"]
     return t
@@ -228,26 +251,15 @@ def test_first_request_through_the_tunnel_succeeds_and_l7_rules_apply(world: Wor
 
 def test_capture_on_the_link_shows_tls_and_no_plaintext(world: World) -> None:
     wait_ready(world)
-    na, nb = world.na, world.nb
-    link = next(n for n in nb.link_ifnames)
-    pcap = world.tb.workdir / "link.pcap"
-    proc = nb.spawn(["tcpdump", "-i", link, "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap), "tcp"],
-                    stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert b"listening on" in line, line
+    na = world.na
+    with link_capture(world, "link.pcap") as pcap:
         for _ in range(3):
             status, body = world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST",
                                          data=f'{{"note": "{MARKER}"}}')
             assert status == 200, body
-    finally:
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
     raw = pcap.read_bytes()
     assert len(raw) > 1000, "nothing captured"
-    text = subprocess.run(["tcpdump", "-r", str(pcap), "-n", "-nn"], capture_output=True, text=True).stdout
+    text = pcap_text(pcap)
     assert f"{na.ip}.{TUNNEL_PORT}" in text, text[:2000]  # the tunnel crossed the link
     assert f"{world.billing.ip}.8080" not in text, "a connection went to the pod directly"
     # TLS 1.3 records (application data: 0x17 0x03 0x03), and nothing readable in them. The
@@ -374,29 +386,18 @@ def test_tcp_through_the_tunnel_for_an_l4_allow_on_a_non_http_port(world: World)
     port is carried as a CONNECT stream over the same mTLS tunnel; the link shows TLS only;
     plaintext from the node that does not encrypt is refused; both nodes' flows say so."""
     wait_ready(world)
-    fe, billing, na, nb = world.fe, world.billing, world.na, world.nb
+    fe, billing, na = world.fe, world.billing, world.na
     st = tunnel_of(world.b)
     ledger = [e for e in st["egress"] if e["destination"] == f"{billing.ip}:{LEDGER_PORT}"]
     assert ledger and ledger[0]["tcp_sources"] == ledger[0]["sources"] and ledger[0]["ready"], st
     assert f"{billing.ip}:{LEDGER_PORT}" in [e["endpoint"] for e in tunnel_of(world.a)["ingress"]]
 
-    link = next(n for n in nb.link_ifnames)
-    pcap = world.tb.workdir / "ledger.pcap"
-    proc = nb.spawn(["tcpdump", "-i", link, "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap), "tcp"],
-                    stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert b"listening on" in line, line
+    with link_capture(world, "ledger.pcap") as pcap:
         for i in range(3):
             msg = f"ledger {i} {MARKER}"
             assert echo(fe, billing.ip, LEDGER_PORT, msg) == "echo:" + msg
-    finally:
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
     raw = pcap.read_bytes()
-    text = subprocess.run(["tcpdump", "-r", str(pcap), "-n", "-nn"], capture_output=True, text=True).stdout
+    text = pcap_text(pcap)
     assert f"{na.ip}.{TUNNEL_PORT}" in text, text[:2000]
     assert f"{billing.ip}.{LEDGER_PORT}" not in text, "a connection went to the pod directly"
     assert b"\x17\x03\x03" in raw and MARKER.encode() not in raw
