@@ -220,7 +220,7 @@ class TunnelWorld:
         for agent in (self.a, self.b):
             agent.client.apply_policies(docs)
         check = {"plain": self._plain_in_force, "tunnel": self._tunnel_in_force,
-                 "tcp-plain": self._tcp_plain_in_force, "tcp-tunnel": self._tcp_tunnel_in_force}[mode]
+                 "tcp-plain": lambda: self._plain_in_force(proxied_wanted=False), "tcp-tunnel": self._tcp_tunnel_in_force}[mode]
         wait_until(check, timeout, f"{mode} path in force", self._describe)
         return time.monotonic() - t0
 
@@ -234,14 +234,17 @@ class TunnelWorld:
         status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
         return status == 200 and proxied and self.a.envoy_counter(TUNNEL_RQ) > before
 
-    def _plain_in_force(self) -> bool:
+    def _plain_in_force(self, proxied_wanted: bool = True) -> bool:
+        """No tunnel state left anywhere; the probe answered 200, through node A's Envoy (the
+        seed's HTTP rules) or, `proxied_wanted=False`, by the upstream itself (an L3/L4 allow:
+        kernel only, no Envoy on the path)."""
         ta, tb_ = self.a.tunnel(), self.b.tunnel()
         if ta["ingress"] or tb_["egress"] or tb_["kernel"]:
             return False
         if not (self.a.synced() and self.b.synced()):
             return False
         status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
-        return status == 200 and proxied
+        return status == 200 and proxied == proxied_wanted
 
     def _tcp_tunnel_in_force(self) -> bool:
         """Node B's egress to billing:8080 carries the frontend as TCP (CONNECT), ready in the
@@ -261,17 +264,6 @@ class TunnelWorld:
         before = self.a.envoy_counter(TUNNEL_RQ)
         status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
         return status == 200 and not proxied and self.a.envoy_counter(TUNNEL_RQ) > before
-
-    def _tcp_plain_in_force(self) -> bool:
-        """No tunnel state left anywhere; the probe answered 200 by the upstream itself (kernel
-        allow, no Envoy on the path)."""
-        ta, tb_ = self.a.tunnel(), self.b.tunnel()
-        if ta["ingress"] or tb_["egress"] or tb_["kernel"]:
-            return False
-        if not (self.a.synced() and self.b.synced()):
-            return False
-        status, proxied = http_probe(self.frontend, self.billing.ip, PORT, "POST", "/v1/charge")
-        return status == 200 and not proxied
 
     def _describe(self) -> str:
         try:

@@ -408,29 +408,48 @@ def _check_link(mode: str, counts: dict[int, int]) -> None:
         raise RuntimeError(f"{mode} warm-up on the link: no packet on :{APP_PORT}")
 
 
+def _rps(xs: list[TunnelRun]) -> float:
+    return statistics.median(x.wrk.rps for x in xs)
+
+
+def _errors(xs: list[TunnelRun]) -> str:
+    return (f"{sum(x.wrk.requests for x in xs):,} requests, {sum(x.wrk.non_2xx for x in xs)} non-2xx, "
+            f"{sum(x.wrk.socket_errors for x in xs)} socket errors")
+
+
+def _us_per_request(xs: list[TunnelRun], proc: str) -> float:
+    return sum(x.cpu[proc] for x in xs) / sum(x.wrk.requests for x in xs) * 1e6
+
+
+def _cpu_note(xs: list[TunnelRun]) -> str:
+    return ", ".join(f"{p} {_us_per_request(xs, p):.0f}" for p in PROCS)
+
+
+def _switch_and_link(switches: dict[str, list[float]], link: dict[str, dict[int, int]]) -> tuple[str, str]:
+    switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
+    seen = "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
+                     for m, c in link.items())
+    return switch, seen
+
+
 def _tunnel_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[str, list[float]],
                     link: dict[str, dict[int, int]], rounds: int, seconds: float, load: str) -> list[Result]:
     def rps(mode: str) -> float:
-        return statistics.median(x.wrk.rps for x in runs[mode])
+        return _rps(runs[mode])
 
     def errors(mode: str) -> str:
-        xs = runs[mode]
-        return (f"{sum(x.wrk.requests for x in xs):,} requests, {sum(x.wrk.non_2xx for x in xs)} non-2xx, "
-                f"{sum(x.wrk.socket_errors for x in xs)} socket errors")
+        return _errors(runs[mode])
 
     def us_per_request(mode: str, proc: str) -> float:
-        xs = runs[mode]
-        return sum(x.cpu[proc] for x in xs) / sum(x.wrk.requests for x in xs) * 1e6
+        return _us_per_request(runs[mode], proc)
 
     def cpu_note(mode: str) -> str:
-        return ", ".join(f"{p} {us_per_request(mode, p):.0f}" for p in PROCS)
+        return _cpu_note(runs[mode])
 
     ratio, per_round = _paired(runs["tunnel"], runs["plain"])
     errors_ok = all(x.wrk.non_2xx == 0 and x.wrk.socket_errors == 0 for xs in runs.values() for x in xs)
     crossed = sum(x.tunnel_rq for x in runs["tunnel"])
-    switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
-    seen = "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
-                     for m, c in link.items())
+    switch, seen = _switch_and_link(switches, link)
     envoys = {m: us_per_request(m, "envoy A") + us_per_request(m, "envoy B") for m in MODES}
     node = {(m, n): us_per_request(m, f"envoy {n}") + us_per_request(m, f"agent {n}") for m in MODES for n in "AB"}
     busy = "; ".join(f"{m} {statistics.median(x.busy for x in runs[m]):.0%}" for m in MODES)
@@ -468,25 +487,19 @@ def _tcp_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[
                  http_ratio: float) -> Result:
     """Part 3's row: tcp-tunnel against tcp-plain, paired per round; no goal."""
     def rps(mode: str) -> float:
-        return statistics.median(x.wrk.rps for x in runs[mode])
+        return _rps(runs[mode])
 
     def errors(mode: str) -> str:
-        xs = runs[mode]
-        return (f"{sum(x.wrk.requests for x in xs):,} requests, {sum(x.wrk.non_2xx for x in xs)} non-2xx, "
-                f"{sum(x.wrk.socket_errors for x in xs)} socket errors")
+        return _errors(runs[mode])
 
     def cpu_note(mode: str) -> str:
-        xs = runs[mode]
-        n = sum(x.wrk.requests for x in xs)
-        return ", ".join(f"{p} {sum(x.cpu[p] for x in xs) / n * 1e6:.0f}" for p in PROCS)
+        return _cpu_note(runs[mode])
 
     ratio, per_round = _paired(runs["tcp-tunnel"], runs["tcp-plain"])
     xs = runs["tcp-tunnel"]
     streams, relayed = sum(x.tunnel_rq for x in xs), sum(x.tunnel_tx for x in xs)
     per_request = relayed / max(1, sum(x.wrk.requests for x in xs))
-    switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
-    seen = "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
-                     for m, c in link.items())
+    switch, seen = _switch_and_link(switches, link)
     busy = "; ".join(f"{m} {statistics.median(x.busy for x in runs[m]):.0%}" for m in TCP_MODES)
     where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1"
              if variant == "per-node" else f"shared: every process on any of the {os.cpu_count()} vCPUs")
