@@ -613,6 +613,12 @@ class Resolver:
 
     # -- endpoint maps -------------------------------------------------------------------------
 
+    def _peers(self, item: TemplateItem) -> Iterable[int]:
+        """The identities a compiled rule item is expanded over (ANY_PEER without a selector)."""
+        if item.selector is None:
+            return (ANY_PEER,)
+        return self.cache.selections_view(item.selector.key)
+
     def _expand(self, st: _EndpointState) -> None:
         """Build an endpoint's maps from scratch."""
         for d in Direction:
@@ -620,11 +626,7 @@ class Resolver:
             st.entries[d].clear()
         for c in st.template.compiled:
             for i, item in enumerate(c.items):
-                peers: Iterable[int]
-                if item.selector is None:
-                    peers = (ANY_PEER,)
-                else:
-                    peers = self.cache.selections_view(item.selector.key)
+                peers = self._peers(item)
                 per_dir = st.contribs[item.direction]
                 iid = c.base + i
                 proto, ports, contrib = item.port.protocol, item.port.ports, item.contribution
@@ -644,11 +646,7 @@ class Resolver:
 
     def _add_rule(self, st: _EndpointState, c: CompiledRule, touched: _Touched) -> None:
         for i, item in enumerate(c.items):
-            peers: Iterable[int]
-            if item.selector is None:
-                peers = (ANY_PEER,)
-            else:
-                peers = self.cache.selections_view(item.selector.key)
+            peers = self._peers(item)
             per_dir = st.contribs[item.direction]
             t = touched[item.direction]
             iid = c.base + i
@@ -666,11 +664,7 @@ class Resolver:
         # The rule's peer selectors are still cached, with the selections its items were
         # expanded over (selection changes reach every endpoint holding the rule).
         for i, item in enumerate(c.items):
-            peers: Iterable[int]
-            if item.selector is None:
-                peers = (ANY_PEER,)
-            else:
-                peers = self.cache.selections_view(item.selector.key)
+            peers = self._peers(item)
             per_dir = st.contribs[item.direction]
             t = touched[item.direction]
             iid = c.base + i
