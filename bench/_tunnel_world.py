@@ -11,7 +11,6 @@ by PID; the agents' pins are removed by `TunnelWorld.close`.
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from _datapath_world import (
     start_static_upstream, wait_until,
 )
 from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.l7proxy.supervisor import admin_request
 
 PORT = 8080
 TUNNEL_PORT = 15443
@@ -150,16 +150,8 @@ class TunnelAgent(AgentProcess):
 
     def envoy_counter(self, name: str) -> int:
         """A counter from this node's Envoy admin API (0 while it does not exist)."""
-        admin = self.client.get("/v1/status")["envoy"]["admin"]
-        host, port = admin.rsplit(":", 1)
-        conn = http.client.HTTPConnection(host, int(port), timeout=5)
-        with self.node.entered():  # the socket belongs to the node's netns
-            conn.connect()
-        try:
-            conn.request("GET", f"/stats?format=json&filter=^{name.replace('.', '[.]')}$")
-            body = conn.getresponse().read()
-        finally:
-            conn.close()
+        admin = self.client.get("/v1/status")["envoy"]["admin"]  # a unix socket: no netns to enter
+        _, body = admin_request(admin, "GET", f"/stats?format=json&filter=^{name.replace('.', '[.]')}$")
         for stat in json.loads(body).get("stats", []):
             if stat.get("name") == name:
                 return int(stat["value"])

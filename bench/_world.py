@@ -307,6 +307,7 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     p50_ms: float | None = None
+    p99_ms: float | None = None
 
 
 def find_wrk() -> str:
@@ -341,23 +342,25 @@ def wrk(
 
 
 def parse_wrk(text: str) -> WrkResult:
-    """wrk's report → WrkResult (p50 only when run with --latency)."""
+    """wrk's report → WrkResult (p50 and p99 only when run with --latency)."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     total = re.search(r"(\d+) requests in", text)
     if rps is None or total is None:
         raise RuntimeError(f"cannot read wrk's output:\n{text}")
     non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     err = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-    p50_ms = None
-    if p50 is not None:
-        p50_ms = float(p50.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[p50.group(2)]
+
+    def percentile(p: str) -> float | None:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        return None if m is None else float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
     return WrkResult(
         rps=float(rps.group(1)),
         requests=int(total.group(1)),
         non_2xx=int(non.group(1)) if non else 0,
         socket_errors=sum(int(g) for g in err.groups()) if err else 0,
-        p50_ms=p50_ms,
+        p50_ms=percentile("50"),
+        p99_ms=percentile("99"),
     )
 
 

@@ -23,7 +23,6 @@ end-to-end rate is what this box does under full load, not what Envoy does alone
 from __future__ import annotations
 
 import gc
-import http.client
 import json
 import re
 import shutil
@@ -36,6 +35,7 @@ from typing import Any
 
 import yaml
 from run import Context, Result
+from l7gate.l7proxy.supervisor import admin_request
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 81  # 127.81.x.x
@@ -90,11 +90,10 @@ def _rss() -> int:
 
 
 def _envoy_stats(admin: str) -> dict[str, int]:
-    host, _, port = admin.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", "/stats?format=json")
-    data = json.loads(conn.getresponse().read())
-    conn.close()
+    code, body = admin_request(admin, "GET", "/stats?format=json", timeout=10)
+    if code != 200:
+        raise RuntimeError(f"Envoy admin /stats: HTTP {code}")
+    data = json.loads(body)
     out: dict[str, int] = {}
     for s in data.get("stats", []):
         if "name" in s and isinstance(s.get("value"), int):

@@ -30,6 +30,7 @@ APT_PACKAGES=(
     iptables      # the fallback redirect when bcc cannot compile
     linux-headers-amd64
     wrk           # bench/bench_envoy.py: load through the agent's Envoy
+    tcpdump       # link captures that prove encryption in transit (tests, make demo)
 )
 
 VENV="$ROOT/.venv"

@@ -92,3 +92,14 @@ def require_module() -> Callable[..., ModuleType]:
         return importlib.import_module(name)
 
     return require
+
+
+@pytest.fixture(scope="module")
+def require_envoy() -> None:
+    """Module-scoped: the Envoy binary the agent would start (skip/fail as above)."""
+    from l7gate.l7proxy.supervisor import EnvoyNotFound, find_envoy
+
+    try:
+        find_envoy()
+    except EnvoyNotFound as exc:  # pragma: no cover - depends on the machine
+        unavailable(str(exc))

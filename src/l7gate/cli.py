@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .agent.client import AdminClient, AdminError
+from .agent.client import AdminClient, AdminError, read_token_file
+from .agent.config import DEFAULT_ADMIN
 from .agent.trace import TraceError, TraceRequest, format_trace_text, run_trace
 from .agent.validate import validate_paths
 from .k8s.manifests import load
@@ -101,12 +102,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     admin_flags = _Parser(add_help=False)
     admin_flags.add_argument(
-        "--admin", default=os.environ.get("L7GATE_ADMIN", "127.0.0.1:9876"), metavar="ADDRESS",
-        help="agent admin endpoint, HOST:PORT or unix:/path (env L7GATE_ADMIN; default 127.0.0.1:9876)",
+        "--admin", default=os.environ.get("L7GATE_ADMIN", DEFAULT_ADMIN), metavar="ADDRESS",
+        help=f"agent admin endpoint, unix:/path or HOST:PORT (env L7GATE_ADMIN; default {DEFAULT_ADMIN})",
     )
     admin_flags.add_argument(
         "--token", default=os.environ.get("L7GATE_ADMIN_TOKEN"),
-        help="bearer token for the admin endpoint (env L7GATE_ADMIN_TOKEN)",
+        help="bearer token for an admin endpoint on TCP (env L7GATE_ADMIN_TOKEN)",
+    )
+    admin_flags.add_argument(
+        "--token-file", default=os.environ.get("L7GATE_ADMIN_TOKEN_FILE"), metavar="PATH",
+        help="read the bearer token from PATH, the agent's admin.tokenFile (env L7GATE_ADMIN_TOKEN_FILE)",
     )
 
     a = psub.add_parser(
@@ -214,26 +219,6 @@ def _count(value: str) -> int:
     return int(value)
 
 
-class _FlowClient(AdminClient):
-    def open_stream(self, path: str) -> Any:
-        """GET `path` and return the response, its body still to read line by line."""
-        conn = self._conn()
-        headers = {"Accept": "application/x-ndjson"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        if resp.status >= 400:
-            raw = resp.read()
-            conn.close()
-            try:
-                body: Any = json.loads(raw)
-            except ValueError:
-                body = raw.decode("utf-8", "replace")
-            raise AdminError(resp.status, body)
-        return resp
-
-
 def _cmd_observe(args: argparse.Namespace) -> int:
     from .observe.api import Lost, decode_line, query_path
     from .observe.filters import FilterError, FlowFilter, parse_since
@@ -255,7 +240,7 @@ def _cmd_observe(args: argparse.Namespace) -> int:
     if last is None and not args.since:
         last = 20  # Hubble's default for a bare `observe`
     path = query_path(flt, since=args.since, last=last, follow=args.follow)
-    client = _FlowClient(args.admin, args.token, timeout=30.0)
+    client = _client(args)
     render = Renderer(args.output)
     resp = client.open_stream(path)
     out = sys.stdout.buffer
@@ -365,7 +350,16 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(args.admin, args.token)
+    token = args.token
+    if token is None and args.token_file:
+        try:
+            token = read_token_file(args.token_file)
+        except OSError as exc:
+            raise _Usage(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    try:
+        return AdminClient(args.admin, token)
+    except ValueError as exc:
+        raise _Usage(f"--admin: {exc}") from None
 
 
 def _load_kinds(paths: list[str], kinds: tuple[str, ...]) -> tuple[list[Any], int]:
@@ -569,14 +563,23 @@ def _cmd_auth_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the agent is healthy, 1 when what is enforced is not what it wants."""
     data = _client(args).get("/v1/status")
+    health = data.get("health") or {"healthy": True, "problems": []}
+    rc = EXIT_OK if health.get("healthy", True) else EXIT_INVALID
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
-        return EXIT_OK
+        return rc
+    if rc != EXIT_OK:
+        print("UNHEALTHY: " + "; ".join(health.get("problems", [])))
+    else:
+        print("healthy")
     for k in sorted(data):
+        if k == "health":
+            continue
         v = data[k]
         print(f"{k + ':':<14} {json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}")
-    return EXIT_OK
+    return rc
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -627,13 +630,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"l7gate: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except AdminError as exc:
-        print(f"l7gate: the agent refused the request ({exc.status}):\n{exc}", file=sys.stderr)
+        hint = ""
+        if exc.status == 401:
+            hint = "\n(give the token with --token-file PATH, the agent's admin.tokenFile, or $L7GATE_ADMIN_TOKEN_FILE)"
+        print(f"l7gate: the agent refused the request ({exc.status}):\n{exc}{hint}", file=sys.stderr)
         return EXIT_INVALID
-    except (ConnectionRefusedError, FileNotFoundError) as exc:
-        print(f"l7gate: error: cannot reach the agent at {args.admin}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
+    except PermissionError:
+        print(f"l7gate: error: permission denied on the agent's admin socket {args.admin}: it is open to root "
+              "(and to the group in the agent's admin.group) only; run as root, e.g. with sudo", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConnectionRefusedError, FileNotFoundError) as exc:
+        print(f"l7gate: error: cannot reach the agent at {args.admin}: {exc.strerror or exc} "
+              "(is `l7gate agent` running? --admin or $L7GATE_ADMIN says where its admin API is)", file=sys.stderr)
+        return EXIT_USAGE
+    except TimeoutError:
+        print(f"l7gate: error: the agent at {args.admin} did not answer in time; it may be busy (see its log) "
+              "— try again", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"l7gate: error: talking to the agent at {args.admin} failed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")

@@ -7,6 +7,7 @@ Every address is inside 127.0.0.0/8; every process started is stopped at the end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -196,9 +197,9 @@ class World:
 
 
 @contextmanager
-def loopback_world(tmp: Path, subnet: int) -> Iterator[World]:
+def loopback_world(tmp: Path, subnet: int, **config: Any) -> Iterator[World]:
     """An agent for cluster-a with billing (2 pods) on 127.<subnet>.1.10/11 and frontend /
-    reporting-job (cluster-b) on 127.<subnet>.2.55 / .60."""
+    reporting-job (cluster-b) on 127.<subnet>.2.55 / .60. `config` overrides AgentConfig fields."""
     cfg = AgentConfig(
         node="node-a1",
         cluster_name="cluster-a",
@@ -210,7 +211,7 @@ def loopback_world(tmp: Path, subnet: int) -> Iterator[World]:
         envoy=EnvoySettings(log_level="warning"),
         upstream_port_offset=OFFSET,
     )
-    agent = start_agent(cfg)
+    agent = start_agent(dataclasses.replace(cfg, **config))
     world = World(agent, tmp)
     try:
         assert agent.envoy is not None

@@ -33,18 +33,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, require_envoy: None) -> Iter
         yield w
 
 
-@pytest.fixture(scope="module")
-def require_envoy() -> None:
-    from l7gate.l7proxy.supervisor import EnvoyNotFound, find_envoy
-
-    try:
-        find_envoy()
-    except EnvoyNotFound as exc:  # pragma: no cover - depends on the machine
-        from tests.conftest import unavailable
-
-        unavailable(str(exc))
-
-
 @pytest.mark.parametrize(
     "src, method, path, status",
     [
@@ -330,7 +318,7 @@ def test_cli_against_the_agent(world: World, capsys: pytest.CaptureFixture[str])
     rc, out, _ = run("endpoint", "list")
     assert rc == 0 and "cluster-a/payments/billing-service-xyz" in out and "65536" in out
     rc, out, _ = run("xds", "status")
-    assert rc == 0 and "SYNCED" in out and "RDS" in out
+    assert rc == 0 and "SYNCED" in out and "RDS" in out, out
     rc, out, _ = run("xds", "dump", "--type", "rds")
     assert rc == 0 and "RouteConfiguration" in out
     rc, _, err = run("xds", "dump", "--type", "bogus")

@@ -116,3 +116,23 @@ def test_two_agents_side_by_side_then_sigterm(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_an_agent_refuses_an_emptied_store(tmp_path: Path) -> None:
+    """docs/security.md, a lost store: kv.db truncated to 0 bytes is an error, never a fresh start
+    with no policies (the agent said "ready" with 0 policies before)."""
+    proc, client = _start(tmp_path, "cluster-a", 1, "cluster-b", 2)
+    client.apply_policies(seed_policies())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    first_log = (tmp_path / "agent.log").read_text()
+    assert "first start: created a new store" in first_log
+    db = tmp_path / "state" / "kv.db"
+    for extra in ("-wal", "-shm"):
+        Path(f"{db}{extra}").unlink(missing_ok=True)
+    db.write_bytes(b"")
+    again = subprocess.run([L7GATE, "agent", "--config", str(tmp_path / "agent.yaml")],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1
+    assert "kv.db exists but is empty (0 bytes)" in again.stderr and "ready" not in again.stderr
+    assert db.stat().st_size == 0

@@ -41,6 +41,7 @@ from l7gate.l7proxy.supervisor import (
     EnvoyOptions,
     EnvoyState,
     EnvoySupervisor,
+    admin_request,
     find_envoy,
     validate_bootstrap,
 )
@@ -99,7 +100,7 @@ def supervisors(envoy: Path, tmp_path: Path) -> Iterator[Callable[..., EnvoySupe
             initial_fetch_timeout=FAST_FETCH,
         )
         opts = EnvoyOptions(
-            state_dir=tmp_path / name, bootstrap=boot, binary=envoy, log_level="info",
+            state_dir=tmp_path / name, bootstrap=boot, binary=overrides.pop("binary", envoy), log_level="info",
             **overrides,
         )
         sup = EnvoySupervisor(opts)
@@ -161,7 +162,9 @@ def test_live_without_xds_server_restart_after_kill_and_clean_stop(
     # Without ADS, LIVE comes after the CDS then the LDS initial fetch timed out.
     assert time.monotonic() - started >= 2 * FAST_FETCH
     assert first.state is EnvoyState.LIVE and first.pid is not None
-    assert first.admin_address is not None and first.admin_address.startswith("127.0.0.1:")
+    # Envoy's admin is a unix socket in the supervisor's state dir, for the agent's user only.
+    assert first.admin_address == f"unix:{tmp_path / 'node-a' / 'admin.sock'}"
+    assert os.stat(tmp_path / "node-a" / "admin.sock").st_mode & 0o777 == 0o600
     assert sup.health().live
 
     info = json.loads(sup.admin_get("/server_info"))
@@ -195,11 +198,11 @@ def test_live_without_xds_server_restart_after_kill_and_clean_stop(
     assert sup.stop().state is EnvoyState.STOPPED  # idempotent
 
 
-def test_two_supervisors_side_by_side(supervisors: Callable[..., EnvoySupervisor]) -> None:
+def test_two_supervisors_side_by_side(supervisors: Callable[..., EnvoySupervisor], tmp_path: Path) -> None:
     port = free_port()
-    a = supervisors("node-a")  # admin port 0: the kernel picks, Envoy reports it
+    a = supervisors("node-a")  # admin socket relative: in its own state dir
     b = supervisors("node-b", bootstrap=BootstrapConfig(
-        "node-b", TcpAddress("127.0.0.1", port), admin_port=free_port(),
+        "node-b", TcpAddress("127.0.0.1", port), admin_socket=str(tmp_path / "b-admin.sock"),
         initial_fetch_timeout=FAST_FETCH,
     ))
     a.start()
@@ -207,7 +210,7 @@ def test_two_supervisors_side_by_side(supervisors: Callable[..., EnvoySupervisor
     sa, sb = a.wait_ready(10), b.wait_ready(10)
     assert sa.pid != sb.pid
     assert sa.admin_address != sb.admin_address
-    assert sb.admin_address == f"127.0.0.1:{b.options.bootstrap.admin_port}"
+    assert sb.admin_address == f"unix:{tmp_path / 'b-admin.sock'}"
     assert json.loads(a.admin_get("/server_info"))["node"]["id"] == "node-a"
     assert json.loads(b.admin_get("/server_info"))["node"]["id"] == "node-b"
 
@@ -219,20 +222,59 @@ def test_two_supervisors_side_by_side(supervisors: Callable[..., EnvoySupervisor
     assert a.health().live
 
 
-def test_crash_loop_gives_up_after_max_restarts(
-    supervisors: Callable[..., EnvoySupervisor],
+def _flaky_envoy(tmp_path: Path, envoy: Path) -> tuple[Path, Path]:
+    """A wrapper that refuses to start while `flag` exists, and is Envoy otherwise."""
+    flag = tmp_path / "refuse"
+    wrapper = tmp_path / "flaky-envoy"
+    wrapper.write_text(f'#!/bin/sh\nif [ -e {flag} ]; then echo "l7g-test: refusing to start" >&2; exit 1; fi\n'
+                       f'exec {envoy} "$@"\n')
+    wrapper.chmod(0o755)
+    flag.touch()
+    return wrapper, flag
+
+
+def test_crash_loop_never_gives_up_and_recovers(
+    supervisors: Callable[..., EnvoySupervisor], envoy: Path, tmp_path: Path,
 ) -> None:
-    # Envoy refuses an unknown flag and exits at once; validation does not see extra_args.
-    sup = supervisors("crashy", extra_args=("--no-such-flag",), max_restarts=2)
+    """A node without its Envoy enforces nothing at L7: the supervisor retries, with a bounded
+    back-off, for as long as it runs, says why, and is LIVE once the cause is gone."""
+    wrapper, flag = _flaky_envoy(tmp_path, envoy)
+    sup = supervisors("crashy", binary=wrapper, validate=False, restart_backoff_max=0.4)
     sup.start()
-    with pytest.raises(EnvoyNotReady) as caught:
-        sup.wait_ready(timeout=10)
-    status = caught.value.status
-    assert status.state is EnvoyState.FAILED
-    assert status.restarts == 2
-    assert status.last_exit is not None and status.last_exit.returncode != 0
-    assert any("no-such-flag" in line for line in status.last_exit.log_tail)
-    assert "gave up after 2 restarts" in str(caught.value)
+    wait_for(lambda: sup.status().restarts >= 6, timeout=10, what="six restarts of a crashing Envoy")
+    status = sup.status()
+    assert status.state in (EnvoyState.RESTARTING, EnvoyState.STARTING)
+    assert status.last_exit is not None and status.last_exit.returncode == 1
+    assert any("refusing to start" in line for line in status.last_exit.log_tail)
+    with pytest.raises(EnvoyNotReady):
+        sup.wait_ready(timeout=0.5)
+    flag.unlink()  # the cause goes away
+    took = wait_for(lambda: sup.status().state is EnvoyState.LIVE, timeout=10, what="LIVE after the cause is gone")
+    assert took < 5, f"recovery took {took:.1f}s with a 0.4 s back-off cap"
+    assert sup.status().error is None
+
+
+def test_spawn_failures_are_retried_not_fatal(
+    supervisors: Callable[..., EnvoySupervisor], envoy: Path, tmp_path: Path,
+) -> None:
+    """Envoy cannot even be executed (out of descriptors, a binary being replaced): the
+    supervisor stays RESTARTING with the error, and starts Envoy when it can."""
+    wrapper, flag = _flaky_envoy(tmp_path, envoy)
+    flag.unlink()
+    sup = supervisors("unspawnable", binary=wrapper, validate=False, restart_backoff_max=0.3)
+    sup.start()
+    first = sup.wait_ready(timeout=10)
+    assert first.pid is not None
+    wrapper.chmod(0o000)  # exec now fails with EACCES (as root too: no execute bit at all)
+    os.kill(first.pid, signal.SIGKILL)  # the Envoy this test's supervisor started
+    wait_for(lambda: "cannot start Envoy" in (sup.status().error or ""), timeout=10,
+             what="the spawn failure in status().error")
+    time.sleep(1.0)  # several more attempts fail
+    st = sup.status()
+    assert st.state is EnvoyState.RESTARTING and st.pid is None and "Permission denied" in (st.error or "")
+    wrapper.chmod(0o755)
+    wait_for(lambda: sup.status().state is EnvoyState.LIVE, timeout=10, what="LIVE once Envoy can be executed")
+    assert sup.status().error is None
 
 
 # -- orphans: adopt, replace, refuse --------------------------------------------------------
@@ -247,19 +289,14 @@ def open_files(pid: int) -> list[str]:
 
 
 def admin_ready(address: str) -> bool:
-    """One probe of admin /ready, straight over a socket (no supervisor involved)."""
-    host, port = address.rsplit(":", 1)
+    """One probe of admin /ready, straight over its socket (no supervisor involved)."""
     # A generous timeout: a slow answer on a loaded machine is not downtime; a refused
     # connection (Envoy gone) still fails at once.
-    conn = http.client.HTTPConnection(host, int(port), timeout=4.0)
     try:
-        conn.request("GET", "/ready")
-        resp = conn.getresponse()
-        return resp.status == 200 and resp.read().strip() == b"LIVE"
+        code, body = admin_request(address, "GET", "/ready", timeout=4.0)
     except (OSError, http.client.HTTPException):
         return False
-    finally:
-        conn.close()
+    return code == 200 and body.strip() == b"LIVE"
 
 
 class ProbeLoop:

@@ -81,3 +81,25 @@ def test_maps_without_our_magic_are_not_trusted(pin_dir: Path) -> None:
     again.open()
     assert again.replaced and check_pins(pin_dir) == []
     again.close()
+
+
+def test_pinned_maps_are_roots_alone(pin_dir: Path) -> None:
+    """docs/security.md, pinned maps: the policy, ipcache and auth maps a local user could
+    rewrite to let traffic through are root's alone."""
+    import os
+    import stat as st
+
+    dp = KernelDatapath(pin_dir)
+    dp.open()
+    try:
+        pins = [p for p in pin_dir.iterdir() if p.is_file()]
+        assert {"policy", "ipcache", "auth"} <= {p.name for p in pins}
+        for p in pins:
+            s = p.stat()
+            assert s.st_uid == 0 and st.S_IMODE(s.st_mode) & 0o077 == 0, (p, oct(s.st_mode))
+        assert not os.stat(pin_dir).st_mode & 0o022  # nobody else may replace a pin
+        r = subprocess.run(["cat", str(pin_dir / "policy")], user=65534, group=65534, extra_groups=[],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+    finally:
+        dp.close()

@@ -78,11 +78,13 @@ def test_initial_fetch_timeout_bounds_startup() -> None:
         assert source.initial_fetch_timeout.ToMilliseconds() == 250
 
 
-@pytest.mark.parametrize("port", [0, 19000])
-def test_admin_binds_loopback_only(port: int) -> None:
-    boot = parse(BootstrapConfig("n", TcpAddress("10.0.0.7", 18000), admin_port=port))
-    sock = boot.admin.address.socket_address
-    assert (sock.address, sock.port_value) == ("127.0.0.1", port)
+@pytest.mark.parametrize("path", ["admin.sock", "/var/lib/l7gate/envoy/admin.sock"])
+def test_admin_is_a_unix_socket_for_the_agent_only(path: str) -> None:
+    """Envoy's admin can drain every listener: no TCP port (open to every local user), only a
+    socket with mode 0600 (docs/security.md)."""
+    boot = parse(BootstrapConfig("n", TcpAddress("10.0.0.7", 18000), admin_socket=path))
+    assert boot.admin.address.WhichOneof("address") == "pipe"
+    assert (boot.admin.address.pipe.path, boot.admin.address.pipe.mode) == (path, 0o600)
 
 
 def test_control_plane_clusters_are_static_http2_to_the_agent() -> None:
@@ -178,7 +180,9 @@ def test_unix_path_length_is_checked() -> None:
         {"node_id": ""},
         {"initial_fetch_timeout": 0},
         {"retry_base_interval": 2.0, "retry_max_interval": 1.0},
-        {"admin_port": 65536},
+        {"admin_socket": "@abstract"},  # abstract sockets have no permissions
+        {"admin_socket": ""},
+        {"admin_socket": "/" + "x" * 107},
         {"connect_timeout": 0},
     ],
 )

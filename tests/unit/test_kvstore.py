@@ -375,3 +375,70 @@ def test_batch_commits_once_and_rolls_back_whole(tmp_path: Path) -> None:
         pass
     assert store.list_prefix("b/") == [("b/1", b"one"), ("b/2", b"two")]  # nothing of it stayed
     store.close()
+
+
+# -- a store that existed is never silently replaced by an empty one ---------------------------
+
+
+def test_first_start_is_recognised_and_marked(tmp_path: Path) -> None:
+    path = str(tmp_path / "kv.db")
+    s = SQLiteKVStore(path)
+    assert s.created
+    s.put("a", b"1")
+    s.close()
+    assert (tmp_path / "kv.db.id").read_text().strip()
+    again = SQLiteKVStore(path)
+    assert not again.created and again.get("a") is not None
+    again.close()
+
+
+def test_an_emptied_store_is_refused(tmp_path: Path) -> None:
+    """Truncated to 0 bytes: SQLite would open it as a new database, and the agent would start
+    with no policies and no identities, saying it was ready."""
+    path = tmp_path / "kv.db"
+    s = SQLiteKVStore(str(path))
+    s.put("l7gate/v1/policies/x", b"{}")
+    s.close()
+    for extra in ("-wal", "-shm"):
+        (tmp_path / f"kv.db{extra}").unlink(missing_ok=True)
+    path.write_bytes(b"")
+    with pytest.raises(KVStoreError, match="empty \\(0 bytes\\)"):
+        SQLiteKVStore(str(path))
+    assert path.stat().st_size == 0  # refused, not recreated
+
+
+def test_a_deleted_or_swapped_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kv.db"
+    SQLiteKVStore(str(path)).close()
+    other = tmp_path / "other.db"
+    SQLiteKVStore(str(other)).close()
+    for f in tmp_path.glob("kv.db-*"):
+        f.unlink()
+    path.unlink()
+    with pytest.raises(KVStoreError, match="is missing, but .*kv.db.id says a store was here"):
+        SQLiteKVStore(str(path))
+    other.rename(path)  # another store put in its place
+    with pytest.raises(KVStoreError, match="another store was put in its place"):
+        SQLiteKVStore(str(path))
+
+
+def test_a_store_from_before_ids_gets_one(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "kv.db"
+    SQLiteKVStore(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE meta_text")
+    db.commit()
+    db.close()
+    (tmp_path / "kv.db.id").unlink()
+    s = SQLiteKVStore(str(path))
+    assert not s.created and (tmp_path / "kv.db.id").exists()
+    s.close()
+
+
+def test_garbage_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kv.db"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(KVStoreError, match="cannot open kvstore"):
+        SQLiteKVStore(str(path))

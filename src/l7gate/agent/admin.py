@@ -1,7 +1,9 @@
-"""The admin endpoint: the agent's state, in JSON, over HTTP on loopback or a unix socket.
+"""The admin endpoint: the agent's state, in JSON, over HTTP on a unix socket (or TCP).
 
-    GET    /healthz                      liveness (no token needed)
-    GET    /v1/status                    node, cluster, datapath, Envoy and xDS summary
+    GET    /healthz                      health: 200 when what is enforced is what the agent
+                                         wants (Envoy live, connected, synced, listeners up),
+                                         503 with the problems otherwise (no token needed)
+    GET    /v1/status                    node, cluster, datapath, Envoy and xDS summary, health
     GET    /v1/policy                    policies in force + per endpoint the resolved map
     POST   /v1/policy                    {"objects": [...CNP/CCNP...]}: all or nothing
     DELETE /v1/policy/<Kind>/[<ns>/]<name>
@@ -17,28 +19,116 @@
     GET    /v1/flows?filter=&since=&last=&follow=1
                                          flows as NDJSON, chunked; follow streams (observe.api)
 
-With a token configured, every path but /healthz needs `Authorization: Bearer <token>`.
-Validation failures answer 422 with {"errors": [...]} and change nothing.
+Who may call it (docs/security.md). The default listener is a unix socket that only the agent's
+user (root) may open, as Cilium's agent API is; `admin.group` lets one group in. Over TCP, which
+must be configured, every path but /healthz needs `Authorization: Bearer <token>`, the token
+being at least 32 random bytes read from a file only the agent's user can read
+(`load_token_file`). On every listener, requests that a web page could make are refused: any
+`Origin` (or `Sec-Fetch-*`) header, a write whose Content-Type is not application/json, and, on
+TCP, a Host that is not an IP literal or localhost with the listener's port (DNS rebinding).
+Validation failures answer 422 with {"errors": [...]} and change nothing. The transport is
+`httpd.BoundedHTTPServer`: a bounded number of connections, timeouts, no thread per client.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import math
 import os
-import socket
-import socketserver
-import threading
+import secrets
+import stat
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..policy.parse import POLICY_KINDS
 from .core import AgentCore, ApplyError
+from .httpd import BoundedHTTPServer, Limits, Request, Response
 
-MAX_BODY = 16 * 1024 * 1024
+MIN_TOKEN_CHARS = 32
+MIN_TOKEN_BITS = 128  # estimated from the token's own characters (`token_weakness`)
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class TokenError(Exception):
+    """The admin token file cannot be used; the message says why and what to do."""
+
+
+def token_weakness(token: str) -> str | None:
+    """Why `token` is too weak to guard the admin API, or None. The estimate is the length of
+    the token's repeating unit (the whole token, unless it repeats) times the Shannon entropy of
+    that unit's characters: a random token of 32 bytes, hex or base64, estimates at 200-256
+    bits; a repeated or short one far below the bar."""
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"it has {len(token)} characters; at least {MIN_TOKEN_CHARS} are needed"
+    if any(c.isspace() or not c.isprintable() for c in token):
+        return "it contains whitespace or unprintable characters"
+    # A repeated pattern carries only its first period's information.
+    period = next(p for p in range(1, len(token) + 1) if token == (token[:p] * (len(token) // p + 1))[:len(token)])
+    unit = token[:period]
+    counts = Counter(unit)
+    bits = -sum(n * math.log2(n / len(unit)) for n in counts.values())
+    if bits < MIN_TOKEN_BITS:
+        return f"it is too predictable (about {bits:.0f} bits of entropy, at least {MIN_TOKEN_BITS} are needed)"
+    return None
+
+
+def load_token_file(path: Path, *, create: bool) -> str:
+    """The admin token in `path`. With `create`, a missing file is made with 32 random bytes
+    (URL-safe base64), mode 0600. Refused (TokenError): a file other users can read or that
+    another user owns, a symlink, and a weak token."""
+    if create:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise TokenError(f"admin token file {path} does not exist") from None
+    except OSError as exc:
+        raise TokenError(f"admin token file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise TokenError(f"admin token file {path} is not a regular file")
+    with os.fdopen(fd) as fh:
+        if st.st_uid != os.geteuid():
+            raise TokenError(f"admin token file {path} is owned by uid {st.st_uid}, not by the agent's user ({os.geteuid()})")
+        if st.st_mode & 0o077:
+            raise TokenError(
+                f"admin token file {path} has mode {stat.S_IMODE(st.st_mode):04o}: other users can read it "
+                f"(chmod 600 {path})")
+        token = fh.read(4096).strip()
+    weak = token_weakness(token)
+    if weak is not None:
+        raise TokenError(
+            f"admin token in {path} is refused: {weak}. Remove the file to let the agent generate one, "
+            "or write 32 random bytes (e.g. `openssl rand -hex 32`)")
+    return token
+
+
+def _host_ok(host: str, port: int) -> bool:
+    """A Host header a browser at a DNS name cannot send: an IP literal or localhost, with the
+    listener's port."""
+    name, sep, p = host.rpartition(":")
+    if not sep or p != str(port):
+        return False
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,105 +143,69 @@ class AdminHooks:
     auth: Callable[[], list[dict[str, Any]]] | None = None
     # Part of GET /v1/auth: encryption in transit (None: off).
     tunnel: Callable[[], dict[str, Any]] | None = None
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "l7gate-admin"
-    protocol_version = "HTTP/1.1"
-    app: AdminApp  # set on the subclass the server creates
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the agent logs what matters; per-request lines would drown it
-
-    def address_string(self) -> str:
-        return "unix" if isinstance(self.client_address, (str, bytes)) else str(self.client_address[0])
-
-    def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
-        if isinstance(body, Iterator):
-            self._stream(code, body, content_type)
-            return
-        data = body if isinstance(body, bytes) else (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _stream(self, code: int, chunks: Iterator[bytes], content_type: str) -> None:
-        """Chunked transfer, each chunk written as it is produced (GET /v1/flows?follow=1)."""
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        try:
-            for chunk in chunks:
-                if chunk:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            self.close_connection = True  # the client went away
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-
-    def _authorized(self) -> bool:
-        token = self.app.token
-        if token is None:
-            return True
-        got = self.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
-
-    def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise ValueError(f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw or b"{}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON at byte {exc.pos}: {exc.msg}") from None
-
-    def _dispatch(self, method: str) -> None:
-        url = urlsplit(self.path)
-        path = unquote(url.path).rstrip("/") or "/"
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if path != "/healthz" and not self._authorized():
-            self._send(401, {"error": "missing or wrong bearer token"})
-            return
-        try:
-            code, body, ctype = self.app.route(method, path, query, self._body if method == "POST" else None)
-        except ValueError as exc:
-            self._send(400, {"error": str(exc)})
-            return
-        except ApplyError as exc:
-            self._send(422, {"errors": exc.errors})
-            return
-        except Exception as exc:  # the admin API must answer, whatever broke
-            self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
-            return
-        self._send(code, body, ctype)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    # GET /healthz: what is wrong with enforcement now, in words (empty: healthy).
+    health: Callable[[], list[str]] | None = None
 
 
 class AdminApp:
+    """The admin API's routes and who may call them (module doc). Thread-safe: called from the
+    server's worker threads."""
+
     def __init__(self, core: AgentCore, hooks: AdminHooks, token: str | None = None) -> None:
         self.core = core
         self.hooks = hooks
         self.token = token
+
+    def handle(self, req: Request) -> Response:
+        refused = self._refusal(req)
+        if refused is not None:
+            return refused
+        url = urlsplit(req.target)
+        path = unquote(url.path).rstrip("/") or "/"
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+
+        def body() -> Any:
+            try:
+                return json.loads(req.body or b"{}")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON at byte {exc.pos}: {exc.msg}") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+
+        try:
+            code, result, ctype = self.route(req.method, path, query, body if req.method == "POST" else None)
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
+        except ApplyError as exc:
+            return _json(422, {"errors": exc.errors})
+        except Exception as exc:  # noqa: BLE001 - the admin API must answer, whatever broke
+            return _json(500, {"error": f"{type(exc).__name__}: {exc}"})
+        if isinstance(result, Iterator):
+            return Response(code, result, ctype)
+        if isinstance(result, bytes):
+            return Response(code, result, ctype)
+        return _json(code, result, ctype)
+
+    def _refusal(self, req: Request) -> Response | None:
+        h = req.headers
+        if "origin" in h or any(k.startswith("sec-fetch-") for k in h):
+            return _json(403, {"error": "requests from web pages are refused (the request has an Origin or "
+                                        "Sec-Fetch header); use the l7gate CLI or curl"})
+        port = req.listener_port
+        if port is not None and not _host_ok(h.get("host", ""), port):
+            return _json(403, {"error": f"Host {h.get('host', '')!r} is not this listener: use an IP address "
+                                        f"or localhost with port {port}"})
+        path = urlsplit(req.target).path
+        if self.token is not None and path.rstrip("/") != "/healthz":
+            got = h.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+                return Response(401, _dump({"error": "missing or wrong bearer token"}),
+                                headers=(("WWW-Authenticate", "Bearer"),))
+        if req.method in _WRITE_METHODS and (req.body or req.method != "DELETE"):
+            ctype = h.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return _json(415, {"error": f"Content-Type must be application/json, got {ctype or 'none'!r}"})
+        return None
 
     def route(
         self, method: str, path: str, query: dict[str, str], body: Callable[[], Any] | None
@@ -160,6 +214,9 @@ class AdminApp:
         j = "application/json"
         if method == "GET":
             if path == "/healthz":
+                problems = self.hooks.health() if self.hooks.health is not None else []
+                if problems:
+                    return 503, {"status": "unhealthy", "problems": problems}, j
                 return 200, {"status": "ok"}, j
             if path == "/v1/status":
                 return 200, self.hooks.status(), j
@@ -214,45 +271,35 @@ class AdminApp:
         return 404, {"error": f"no such endpoint: {method} {path}"}, j
 
 
-class AdminServer:
-    """Serves an AdminApp on `listen` (HOST:PORT or unix:/path) from a background thread."""
+def _dump(body: Any) -> bytes:
+    return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
 
-    def __init__(self, app: AdminApp, listen: str) -> None:
-        handler = type("Handler", (_Handler,), {"app": app})
+
+def _json(code: int, body: Any, ctype: str = "application/json") -> Response:
+    return Response(code, _dump(body), ctype)
+
+
+class AdminServer:
+    """Serves an AdminApp on `listen` (unix:/path or HOST:PORT) from a background thread, with
+    the bounds of `httpd` (module doc there). `group`: a unix socket's group (mode 0660), else
+    the socket is 0600."""
+
+    def __init__(self, app: AdminApp, listen: str, *, group: str | None = None,
+                 limits: Limits = Limits()) -> None:
         self.listen = listen
-        self._server: socketserver.BaseServer
-        if listen.startswith("unix:"):
-            path = listen[5:]
-            if os.path.exists(path):
-                # A stale socket from a previous run; refuse if something still answers on it.
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    probe.connect(path)
-                    probe.close()
-                    raise OSError(f"admin socket {path} is in use by another process")
-                except ConnectionRefusedError:
-                    os.unlink(path)
-                finally:
-                    probe.close()
-            self._server = _UnixServer(path, handler)
-            os.chmod(path, 0o600)
-            self.address = listen
-        else:
-            host, _, port = listen.rpartition(":")
-            srv = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
-            srv.daemon_threads = True
-            self._server = srv
-            self.address = f"{host}:{srv.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="l7gate-admin", daemon=True)
+        self.app = app
+        self._server = BoundedHTTPServer(listen, app.handle, limits,
+                                         unix_mode=0o660 if group else 0o600, unix_group=group)
+        self.address = self._server.address
 
     def start(self) -> None:
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self.listen.startswith("unix:"):
-            try:
-                os.unlink(self.listen[5:])
-            except FileNotFoundError:
-                pass
+        self._server.stop()
+
+    def stats(self) -> dict[str, int]:
+        st = self._server.stats()
+        return {"connections": st.connections, "max_connections": st.max_connections,
+                "evicted": st.evicted, "refused": st.refused, "timed_out": st.timed_out,
+                "streams": st.streams}

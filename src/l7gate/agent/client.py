@@ -34,8 +34,30 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
+def check_address(address: str) -> str | None:
+    """Why `address` is not an admin endpoint address (unix:/path or HOST:PORT), or None."""
+    if address.startswith("unix:"):
+        return None if len(address) > 5 else "unix: needs a socket path, e.g. unix:/run/l7gate/admin.sock"
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{address!r} is not unix:/path or HOST:PORT (e.g. unix:/run/l7gate/admin.sock, 127.0.0.1:9876)"
+    return None
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (the agent's admin.tokenFile); OSError names the file."""
+    with open(path, encoding="utf-8") as fh:
+        return fh.read(4096).strip()
+
+
 class AdminClient:
+    """One admin API client (the CLI's, the tests'). Raises ValueError at construction for an
+    address that is neither unix:/path nor HOST:PORT."""
+
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0) -> None:
+        problem = check_address(address)
+        if problem is not None:
+            raise ValueError(problem)
         self.address = address
         self.token = token
         self.timeout = timeout
@@ -45,6 +67,24 @@ class AdminClient:
             return _UnixConnection(self.address[5:], self.timeout)
         host, _, port = self.address.rpartition(":")
         return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+
+    def open_stream(self, path: str) -> Any:
+        """GET `path` and return the response, its body still to read line by line."""
+        conn = self._conn()
+        headers = {"Accept": "application/x-ndjson"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        if resp.status >= 400:
+            raw = resp.read()
+            conn.close()
+            try:
+                body: Any = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+            raise AdminError(resp.status, body)
+        return resp
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         conn = self._conn()

@@ -7,9 +7,13 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     cluster: {name: default, id: 1}
     clusters: {}                   # other clusters' IDs, for pods of other clusters
     stateDir: /var/lib/l7gate
-    admin: {listen: 127.0.0.1:9876, token: null}   # or unix:/run/l7gate/admin.sock
+    admin: {listen: unix:/run/l7gate/admin.sock,   # mode 0600: the agent's user only
+            group: null,                          # or a group let in (socket mode 0660)
+            tokenFile: <stateDir>/admin.token,    # TCP only: generated if absent, mode 0600
+            maxConnections: 1024}
     xds: {listen: unix:<stateDir>/xds.sock, apiType: DELTA_GRPC}
-    envoy: {enabled: true, adminPort: 0, concurrency: 1, logLevel: warning, baseId: null}
+    envoy: {enabled: true, concurrency: 1, logLevel: warning, baseId: null}
+    # Envoy's own admin API is a unix socket, <stateDir>/envoy/admin.sock, mode 0600
     datapath: {mode: loopback, upstreamPortOffset: 10000}
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables}
     observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
@@ -19,12 +23,12 @@ node or cluster — run side by side on one machine. Defaults suit a single node
            tunnelPort: 15443,    # this node's tunnel listener (on the mtls.listen host); peers' too
            spireSocket: /run/spire/agent.sock}   # optional: SVIDs from SPIRE's Workload API
 
-The admin endpoint refuses to listen on a non-loopback TCP address without a token.
+The admin endpoint listens on TCP only when `admin.listen` says so, and then always with a
+bearer token read from `admin.tokenFile` (docs/security.md).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +36,10 @@ from typing import Any
 import yaml
 
 from ..policy.errors import Finding
+
+
+#: Where the agent's admin API listens unless configured otherwise, and where the CLI looks.
+DEFAULT_ADMIN = "unix:/run/l7gate/admin.sock"
 
 
 class ConfigError(Exception):
@@ -43,7 +51,6 @@ class ConfigError(Exception):
 @dataclass(frozen=True, slots=True)
 class EnvoySettings:
     enabled: bool = True
-    admin_port: int = 0
     concurrency: int = 1
     log_level: str = "warning"
     base_id: int | None = None
@@ -79,8 +86,10 @@ class AgentConfig:
     cluster_id: int = 1
     clusters: Mapping[str, int] = field(default_factory=dict)
     state_dir: str = "/var/lib/l7gate"
-    admin_listen: str = "127.0.0.1:9876"
-    admin_token: str | None = None
+    admin_listen: str = DEFAULT_ADMIN
+    admin_group: str | None = None
+    admin_token_file: str = ""  # TCP only; default <stateDir>/admin.token
+    admin_max_connections: int = 1024
     xds_listen: str = "127.0.0.1:0"
     xds_api_type: str = "DELTA_GRPC"
     envoy: EnvoySettings = EnvoySettings()
@@ -103,18 +112,6 @@ class AgentConfig:
     def node_id(self) -> str:
         """The Envoy node id this agent serves."""
         return f"l7gate~{self.cluster_name}~{self.node}"
-
-
-def _listen_is_loopback(listen: str) -> bool:
-    if listen.startswith("unix:"):
-        return True
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_listen(value: object, path: str, errors: list[Finding]) -> str | None:
@@ -189,16 +186,25 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         if dup and not (len(dup) == 1 and clusters.get(cluster_name) == cluster_id):
             errors.append(Finding("clusters", f"cluster ids must be unique, {sorted(dup)} repeated"))
     state_dir = string(data.get("stateDir", d.state_dir), "stateDir") or d.state_dir
-    adm = section("admin", {"listen", "token"})
+    adm = section("admin", {"listen", "token", "tokenFile", "group", "maxConnections"})
     admin_listen = _check_listen(adm.get("listen", d.admin_listen), "admin.listen", errors) or d.admin_listen
-    token = adm.get("token")
-    if token is not None and (not isinstance(token, str) or len(token) < 16):
-        errors.append(Finding("admin.token", "must be a string of at least 16 characters"))
-        token = None
-    if not _listen_is_loopback(admin_listen) and token is None:
-        errors.append(
-            Finding("admin.listen", f"{admin_listen} is not a loopback address: set admin.token to expose the admin API")
-        )
+    if "token" in adm:
+        errors.append(Finding("admin.token", "a token in the configuration file is not accepted (the file is often "
+                                             "readable by others): put it in a file only the agent's user can read "
+                                             "(mode 0600) and name it in admin.tokenFile, or leave admin.tokenFile "
+                                             "unset and the agent generates one"))
+    token_file = f"{state_dir.rstrip('/')}/admin.token"
+    if "tokenFile" in adm:
+        token_file = string(adm["tokenFile"], "admin.tokenFile") or token_file
+        if not token_file.startswith("/"):
+            errors.append(Finding("admin.tokenFile", f"must be an absolute path, got {token_file!r}"))
+    admin_group = None
+    if adm.get("group") is not None:
+        admin_group = string(adm["group"], "admin.group")
+        if not admin_listen.startswith("unix:"):
+            errors.append(Finding("admin.group", "applies to a unix socket only (admin.listen is TCP)"))
+    max_conns = integer(adm.get("maxConnections", d.admin_max_connections), "admin.maxConnections", 16, 65536) \
+        or d.admin_max_connections
     xd = section("xds", {"listen", "apiType"})
     # A unix socket in the state directory by default: the address stays the same across agent
     # restarts, so the Envoy left running reconnects to the next agent by itself.
@@ -209,13 +215,16 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         errors.append(Finding("xds.apiType", f"must be GRPC or DELTA_GRPC, got {api_type!r}"))
         api_type = d.xds_api_type
     ev = section("envoy", {"enabled", "adminPort", "concurrency", "logLevel", "baseId"})
+    if "adminPort" in ev:
+        errors.append(Finding("envoy.adminPort", "is no longer supported: Envoy's admin API listens only on the unix "
+                                                 "socket <stateDir>/envoy/admin.sock (mode 0600), which no other "
+                                                 "user can open (docs/security.md)"))
     enabled = ev.get("enabled", True)
     if not isinstance(enabled, bool):
         errors.append(Finding("envoy.enabled", "must be true or false"))
         enabled = True
     envoy = EnvoySettings(
         enabled=enabled,
-        admin_port=integer(ev.get("adminPort", 0), "envoy.adminPort", 0, 65535) or 0,
         concurrency=integer(ev.get("concurrency", 1), "envoy.concurrency", 1, 64) or 1,
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
@@ -292,7 +301,9 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         clusters=clusters,
         state_dir=state_dir,
         admin_listen=admin_listen,
-        admin_token=token,
+        admin_group=admin_group,
+        admin_token_file=token_file,
+        admin_max_connections=max_conns,
         xds_listen=xds_listen,
         xds_api_type=str(api_type),
         envoy=envoy,

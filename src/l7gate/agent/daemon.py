@@ -40,8 +40,10 @@ from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import LISTENER, SnapshotCache
 from ..xds.server import XdsServer
-from .admin import AdminApp, AdminHooks, AdminServer
+from .admin import AdminApp, AdminHooks, AdminServer, TokenError, load_token_file
 from .config import AgentConfig
+from .health import EnforcementWatch
+from .httpd import Limits, descriptor_budget
 from .core import AgentCore, settle_heap
 from .tunnel import Tunnels, inputs_from_core, plan as tunnel_plan
 from .metrics import AgentMetrics
@@ -67,17 +69,20 @@ class Agent:
     drops: deque[DropEvent]
     flows: FlowRing
     ingestor: Ingestor
+    watch: EnforcementWatch
     mtls: MutualAuth | None = None
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def status(self) -> dict[str, Any]:
         env = self.envoy.status() if self.envoy else None
+        problems = self.watch.problems()
         return {
+            "health": {"healthy": not problems, "problems": problems},
             "node": self.config.node,
             "cluster": {"name": self.config.cluster_name, "id": self.config.cluster_id},
             "node_id": self.config.node_id,
             "datapath": self._datapath_status(),
-            "admin": self.admin.address,
+            "admin": {"address": self.admin.address, **self.admin.stats()},
             "xds": self.xds.address,
             "envoy": None if env is None else {
                 "state": env.state.value,
@@ -147,6 +152,7 @@ class Agent:
         if self.core.kernel is not None:
             self.core.kernel.dp.close()  # programs stay attached and maps pinned (decision 7)
         self.flows.close()  # ends `observe --follow` streams, so the admin server can stop
+        self.watch.stop()
         self.admin.stop()
         if self.envoy is not None:
             self.envoy.stop()
@@ -160,7 +166,20 @@ def start_agent(config: AgentConfig) -> Agent:
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
+    # The admin API may hold only so many descriptors that Envoy can always be restarted.
+    max_conns, nofile = descriptor_budget(config.admin_max_connections)
+    if max_conns < config.admin_max_connections:
+        log(f"admin.maxConnections {config.admin_max_connections} lowered to {max_conns}: the descriptor "
+            f"limit is {nofile}")
+    token = None
+    if not config.admin_listen.startswith("unix:"):
+        try:
+            token = load_token_file(Path(config.admin_token_file or state / "admin.token"), create=True)
+        except TokenError as exc:
+            raise RuntimeError(str(exc)) from None
     store = SQLiteKVStore(str(state / "kv.db"))
+    if store.created:
+        log(f"first start: created a new store at {state / 'kv.db'}")
     metrics = AgentMetrics()
     cache = SnapshotCache()
     als = AccessLogReceiver()
@@ -221,7 +240,7 @@ def start_agent(config: AgentConfig) -> Agent:
                     xds=parse_xds_address(xds_address),
                     cluster=config.cluster_name,
                     api_type=ApiType[config.xds_api_type],
-                    admin_port=config.envoy.admin_port,
+                    admin_socket=str(state / "envoy" / "admin.sock"),
                 ),
                 concurrency=config.envoy.concurrency,
                 log_level=config.envoy.log_level,
@@ -229,19 +248,30 @@ def start_agent(config: AgentConfig) -> Agent:
             )
         )
         envoy.start()
+    node_id = config.node_id
+
+    def served_listeners() -> frozenset[str]:
+        snap = cache.get_snapshot(node_id)
+        return frozenset(snap.messages(LISTENER)) if snap is not None else frozenset()
+
     agent: Agent
+    # Through `agent`: the xDS server it holds may be replaced (a restarted server).
+    watch = EnforcementWatch(envoy, lambda: agent.xds.status(), served_listeners, node_id)
     hooks = AdminHooks(
         status=lambda: agent.status(),
-        xds_status=xds.status_json,
+        xds_status=lambda: agent.xds.status_json(),
         xds_config=lambda n, t: agent.xds_config(n, t),
         metrics=metrics.render,
         flows=lambda q: stream(flows, FlowQuery.from_query(q)),
         auth=mtls.status if mtls is not None else None,
         tunnel=mtls.tunnels.status if mtls is not None and mtls.tunnels is not None else None,
+        health=watch.problems,
     )
-    admin = AdminServer(AdminApp(core, hooks, config.admin_token), config.admin_listen)
+    admin = AdminServer(AdminApp(core, hooks, token), config.admin_listen, group=config.admin_group,
+                        limits=Limits(max_connections=max_conns))
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
-                  datapath_info, drops, flows=flows, ingestor=ingestor, mtls=mtls)
+                  datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls)
+    watch.start()
     admin.start()  # only now: its handlers read `agent`
     threading.Thread(target=_compact_heap_now_and_then, args=(agent,), name="l7g-heap", daemon=True).start()
     return agent

@@ -29,6 +29,12 @@ instance wake waiting watches at once; writes from other instances are found by 
 behind the trimmed point fails with KVStoreError (etcd's "compacted" error), and so does a watch
 asked to start there.
 
+A store that existed is never silently replaced by an empty one: a file store has a random
+`store_id` in `meta`, also written beside it in `<path>.id`. Opening refuses (KVStoreError) a file
+that exists with 0 bytes (truncated), a missing file whose `.id` remains (deleted), and a file
+whose id differs from the `.id` (another store put in its place). Only a path with neither file
+is a first start (`created` is then True). A garbage or cut-short file is refused by SQLite.
+
 Thread safety: one SQLite connection per instance, guarded by a lock; every method may be called
 from any thread.
 """
@@ -36,6 +42,8 @@ from any thread.
 from __future__ import annotations
 
 import collections
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -76,6 +84,22 @@ CREATE TABLE IF NOT EXISTS events (
 _TRIM_EVERY = 256
 # Upper bound of events a watch reads from the file in one go.
 _WATCH_BATCH = 1024
+
+
+def _refuse_lost_store(path: str, marker: str) -> None:
+    """KVStoreError when `path` is a store that existed and whose state is gone (module doc)."""
+    try:
+        size: int | None = os.path.getsize(path)
+    except FileNotFoundError:
+        size = None
+    fix = (f"restore it from a backup, or remove {path} and {marker} to start afresh with no policies, "
+           "pods or identities")
+    if size == 0:
+        raise KVStoreError(f"{path} exists but is empty (0 bytes): the store's state was lost (the file was "
+                           f"truncated?); refusing to start with nothing in force: {fix}")
+    if size is None and os.path.exists(marker):
+        raise KVStoreError(f"{path} is missing, but {marker} says a store was here: refusing to start with "
+                           f"nothing in force: {fix}")
 
 
 def _check_key(key: object) -> str:
@@ -155,6 +179,11 @@ class SQLiteKVStore:
         self._changed = threading.Condition(threading.Lock())
         self._generation = 0
         self._closed = False
+        in_memory = path == ":memory:" or path.startswith("file::memory:")
+        self.created = in_memory or not os.path.exists(path)
+        marker = path + ".id"
+        if not in_memory:
+            _refuse_lost_store(path, marker)
         try:
             self._db = sqlite3.connect(
                 path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -171,10 +200,48 @@ class SQLiteKVStore:
             self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
             self._db.execute("UPDATE leases SET expires_at = ? + ttl", (self._clock(),))
             self._db.execute("COMMIT")
+            if not in_memory:
+                self._check_identity(path, marker)
         except sqlite3.Error as e:
             if hasattr(self, "_db"):
                 self._db.close()
             raise KVStoreError(f"{path}: cannot open kvstore: {e}") from e
+        except KVStoreError:
+            self._db.close()
+            raise
+
+    def _check_identity(self, path: str, marker: str) -> None:
+        """The store's id in `meta` against `<path>.id` (module doc); a store without either gets
+        one now (a first start, or a store made before ids existed)."""
+        row = self._db.execute("SELECT value FROM meta_text WHERE name = 'store_id'").fetchone() \
+            if self._has_table("meta_text") else None
+        try:
+            with open(marker, encoding="ascii") as fh:
+                recorded: str | None = fh.read().strip()
+        except FileNotFoundError:
+            recorded = None
+        if row is not None and recorded is not None and row[0] != recorded:
+            raise KVStoreError(
+                f"{path} is store {row[0]}, but {marker} says this directory held store {recorded}: "
+                "another store was put in its place; restore the right file, or remove both to start afresh")
+        if row is None:
+            store_id = recorded or secrets.token_hex(16)
+            self._db.executescript(
+                "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS meta_text (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                f"INSERT OR REPLACE INTO meta_text (name, value) VALUES ('store_id', '{store_id}'); COMMIT;")
+        else:
+            store_id = str(row[0])
+        if recorded is None:
+            tmp = marker + ".tmp"
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(store_id + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, marker)
+
+    def _has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                (name,)).fetchone() is not None
 
     # -- plumbing -------------------------------------------------------------------------------
 

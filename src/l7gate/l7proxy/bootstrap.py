@@ -23,9 +23,12 @@ enforces policy (listeners, routes, clusters for workloads, secrets) arrives lat
   (TCP or unix socket): `XDS_CLUSTER` for ADS and `ALS_CLUSTER` for access-log streaming
   (`envoy.access_loggers.http_grpc`, referenced by listeners the agent sends). They are separate
   so that a burst of access logs never shares HTTP/2 flow control with config delivery.
-- `admin` listens on 127.0.0.1 only: the admin API can change Envoy's state (drain, quit,
-  runtime changes), so it must never be reachable from the network. Port 0 asks the kernel for a
-  free port, which the supervisor reads back from `--admin-address-path`.
+- `admin` listens on a unix socket only, created with mode 0600 (`admin_socket`; a relative
+  path is in Envoy's working directory, the supervisor's state directory, itself 0700). The
+  admin API can change Envoy's state (drain every listener, quit, runtime changes) and shows
+  all of its configuration, so only the agent's user may open it: a TCP port on 127.0.0.1 is
+  open to every local user (docs/security.md). Abstract sockets are refused for the same
+  reason: they have no permissions.
 - `layered_runtime`: an empty static layer plus an admin layer, so runtime values can be
   inspected and changed through `/runtime_modify` when debugging; defaults stay Envoy's.
 
@@ -49,8 +52,10 @@ from typing import Any
 XDS_CLUSTER = "l7gate_xds"
 #: Name of the static cluster for gRPC access-log streaming to the agent (same server as xDS).
 ALS_CLUSTER = "l7gate_als"
-#: The only address the admin API binds to.
-ADMIN_HOST = "127.0.0.1"
+#: Envoy's admin socket unless configured otherwise: relative to Envoy's working directory.
+ADMIN_SOCKET = "admin.sock"
+#: The admin socket's mode: the agent's user only.
+ADMIN_SOCKET_MODE = 0o600
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -137,7 +142,7 @@ class BootstrapConfig:
     xds: XdsAddress
     cluster: str = "l7gate"
     api_type: ApiType = ApiType.DELTA_GRPC
-    admin_port: int = 0
+    admin_socket: str = ADMIN_SOCKET
     initial_fetch_timeout: float = 2.0
     retry_base_interval: float = 0.1
     retry_max_interval: float = 1.0
@@ -148,8 +153,11 @@ class BootstrapConfig:
             raise ValueError("node_id must not be empty")
         if not self.cluster:
             raise ValueError("cluster must not be empty")
-        if not 0 <= self.admin_port < 65536:
-            raise ValueError(f"admin_port must be in 0..65535, got {self.admin_port}")
+        if not self.admin_socket or self.admin_socket.startswith("@"):
+            raise ValueError(
+                f"admin_socket must be a filesystem path (abstract sockets have no permissions), got {self.admin_socket!r}")
+        if len(os.fsencode(self.admin_socket)) > _MAX_UNIX_PATH:
+            raise ValueError(f"admin_socket longer than {_MAX_UNIX_PATH} bytes: {self.admin_socket!r}")
         if self.initial_fetch_timeout <= 0:
             # 0 means "wait forever" to Envoy: an Envoy started while the agent is down would
             # never report ready, and the supervisor could not tell it from a hung one.
@@ -232,7 +240,7 @@ def build_bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
             "clusters": [_grpc_cluster(XDS_CLUSTER, cfg), _grpc_cluster(ALS_CLUSTER, cfg)],
         },
         "admin": {
-            "address": {"socket_address": {"address": ADMIN_HOST, "port_value": cfg.admin_port}}
+            "address": {"pipe": {"path": cfg.admin_socket, "mode": ADMIN_SOCKET_MODE}}
         },
         "layered_runtime": {
             "layers": [

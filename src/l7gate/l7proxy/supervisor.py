@@ -13,10 +13,14 @@ One `EnvoySupervisor` owns one Envoy process at a time and one state directory::
 States::
 
     STOPPED --start()--> STARTING --/ready says LIVE--> LIVE    (start() may adopt an orphan)
-    STARTING, LIVE --unexpected exit--> RESTARTING --back-off--> STARTING  (restarts += 1)
-    STARTING, LIVE --unexpected exit, max_restarts reached--> FAILED
-    RESTARTING --spawn failed--> FAILED
+    STARTING, LIVE --unexpected exit, or restart()--> RESTARTING --back-off--> STARTING  (restarts += 1)
+    RESTARTING --spawn failed (e.g. out of descriptors)--> RESTARTING (longer back-off, `error` says why)
     any --stop()--> STOPPED          any --abandon()--> STOPPED, Envoy left running
+
+The supervisor never gives up: there is no FAILED state to be stuck in while the agent runs.
+A node whose Envoy cannot start
+enforces nothing at L7, so the supervisor keeps trying, at most `restart_backoff_max` apart,
+and says why in `status().error` until Envoy is LIVE again.
 
 LIVE means Envoy's own `/ready` said LIVE: the process works and its initial xDS fetches ended,
 answered or timed out (see bootstrap.py). Whether the policy arrived is the xDS server's ACK
@@ -35,7 +39,9 @@ that merely reused the number. Envoy handles SIGTERM by shutting down at once, w
 a caller that wants a graceful drain POSTs `/drain_listeners?graceful` first (`admin_post`) and
 waits `drain_time_s`. After an unexpected exit the monitor waits a back-off (0.1 s,
 doubling to 5 s; reset once a run has lasted `stable_after` seconds) and starts Envoy again from
-the same bootstrap; Envoy then re-fetches all its config from the agent over ADS.
+the same bootstrap; Envoy then re-fetches all its config from the agent over ADS. `restart()`
+ends the current Envoy on purpose (the agent does when Envoy stopped its listeners) and the
+same path brings up a new one.
 
 Hot restart is disabled by default (`--disable-hot-restart`): the supervisor restarts Envoy from
 scratch, and without hot restart Envoy creates no shared memory and no domain socket, so any number
@@ -87,18 +93,17 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, get_args
 
-from l7gate.l7proxy.bootstrap import ADMIN_HOST, BootstrapConfig, build_bootstrap, write_bootstrap
+from l7gate.l7proxy.bootstrap import BootstrapConfig, build_bootstrap, write_bootstrap
 
 Clock = Callable[[], float]
 
@@ -108,8 +113,6 @@ ENV_BINARY = "L7GATE_ENVOY"
 
 _LOG_ROTATE_BYTES = 8 << 20
 _PROBE_TIMEOUT = 0.5
-# The admin API must never be reached through an HTTP proxy from the environment.
-_ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # What an admin request raises when Envoy dies or misbehaves mid-answer (URLError is an OSError;
 # a truncated response is an HTTPException, which is not).
 _ADMIN_FAILURES = (OSError, http.client.HTTPException)
@@ -216,7 +219,6 @@ class EnvoyState(enum.Enum):
     LIVE = "LIVE"
     RESTARTING = "RESTARTING"
     STOPPED = "STOPPED"
-    FAILED = "FAILED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +293,6 @@ class EnvoyOptions:
     restart_backoff_initial: float = 0.1
     restart_backoff_max: float = 5.0
     stable_after: float = 10.0
-    max_restarts: int | None = None
     orphan: OrphanPolicy = "adopt"
     validate: bool = True
     poll_interval: float = 0.05
@@ -401,7 +402,7 @@ class EnvoySupervisor:
         or if the supervisor fails or stops first."""
         with self._cond:
             self._cond.wait_for(
-                lambda: self._state in (EnvoyState.LIVE, EnvoyState.FAILED, EnvoyState.STOPPED),
+                lambda: self._state in (EnvoyState.LIVE, EnvoyState.STOPPED),
                 timeout=timeout,
             )
             status = self._status()
@@ -427,7 +428,7 @@ class EnvoySupervisor:
         if address is None:
             return EnvoyHealth(False, "NOT_RUNNING", self.status().state.value)
         try:
-            code, body = _admin_request(address, "GET", "/ready", _PROBE_TIMEOUT)
+            code, body = admin_request(address, "GET", "/ready", _PROBE_TIMEOUT)
         except _ADMIN_FAILURES as e:
             return EnvoyHealth(False, "UNREACHABLE", str(e))
         text = body.decode(errors="replace").strip()
@@ -435,7 +436,7 @@ class EnvoySupervisor:
 
     @property
     def admin_address(self) -> str | None:
-        """`127.0.0.1:PORT` of the current Envoy's admin API, once it is bound."""
+        """`unix:/path` of the current Envoy's admin socket, once it is bound."""
         with self._lock:
             return self._current_admin_address()
 
@@ -447,6 +448,29 @@ class EnvoySupervisor:
     def admin_post(self, path: str, timeout: float = 5.0) -> bytes:
         """POST `path` (e.g. "/drain_listeners?graceful") to the admin API."""
         return self._admin("POST", path, timeout)
+
+    def admin_stat(self, name: str, timeout: float = 2.0) -> int | None:
+        """The value of one counter or gauge (e.g. "listener_manager.listener_stopped"), or None
+        when Envoy's admin does not answer."""
+        try:
+            body = self._admin("GET", f"/stats?filter=^{name.replace('.', '[.]')}$", timeout)
+        except EnvoyAdminError:
+            return None
+        for line in body.decode(errors="replace").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name and value.strip().isdigit():
+                return int(value)
+        return None
+
+    def restart(self, reason: str) -> None:
+        """End the current Envoy so that the monitor starts a new one (module doc); `reason` is
+        logged and shown in `status().error` until the new one is LIVE."""
+        with self._cond:
+            if self._run is None or self._run.reaped or self._stop.is_set():
+                return
+            self._error = f"restarting Envoy: {reason}"
+            log.warning("restarting Envoy pid %d: %s", self._run.pid, reason)
+            self._signal_current(signal.SIGTERM)
 
     def stop(self, grace: float = 5.0) -> EnvoyStatus:
         """SIGTERM Envoy's process group, SIGKILL it after `grace` seconds, wait for the monitor
@@ -577,50 +601,51 @@ class EnvoySupervisor:
     # -- the monitor thread --------------------------------------------------------------------
 
     def _monitor_loop(self) -> None:
-        try:
-            self._supervise()
-        except BaseException as e:
-            # A bug here must not leave Envoy silently unsupervised: make it visible.
-            log.exception("Envoy supervisor for %s crashed", self._dir)
-            with self._cond:
-                self._error = f"supervisor crashed: {e!r}"
-                self._set_state(EnvoyState.FAILED)
-            raise
+        while True:
+            try:
+                self._supervise()
+                return
+            except BaseException as e:  # noqa: BLE001
+                # A bug here must not leave Envoy unsupervised: make it visible, then go on.
+                log.exception("Envoy supervisor for %s crashed; resuming in 1s", self._dir)
+                with self._cond:
+                    self._error = f"supervisor crashed (resumed): {e!r}"
+                if self._stop.wait(1.0):
+                    with self._cond:
+                        if not self._abandoned:
+                            self._set_state(EnvoyState.STOPPED)
+                    return
 
     def _supervise(self) -> None:
         backoff = self.options.restart_backoff_initial
         while True:
             with self._lock:
                 run = self._run
-            assert run is not None
-            if not _run_exited(run, 0.0):
-                if self._stop.wait(self.options.poll_interval):
-                    if self._abandoned:
-                        return
-                    # stop() signalled Envoy; keep polling until it is gone.
-                    if _run_exited(run, self.options.poll_interval):
-                        with self._cond:
-                            self._reap(run)
-                            self._set_state(EnvoyState.STOPPED)
-                        return
+            if run is not None and not run.reaped:
+                if not _run_exited(run, 0.0):
+                    if self._stop.wait(self.options.poll_interval):
+                        if self._abandoned:
+                            return
+                        # stop() signalled Envoy; keep polling until it is gone.
+                        if _run_exited(run, self.options.poll_interval):
+                            with self._cond:
+                                self._reap(run)
+                                self._set_state(EnvoyState.STOPPED)
+                            return
+                        continue
+                    self._probe_ready(run)
                     continue
-                self._probe_ready(run)
-                continue
-
-            with self._cond:
-                exit_ = self._reap(run)
-                if self._stop.is_set():
-                    self._set_state(EnvoyState.STOPPED)
-                    return
-                log.warning("Envoy %s; log tail:\n%s", exit_.describe(), "\n".join(exit_.log_tail))
-                if exit_.runtime >= self.options.stable_after:
-                    backoff = self.options.restart_backoff_initial
-                limit = self.options.max_restarts
-                if limit is not None and self._restarts >= limit:
-                    self._error = f"gave up after {self._restarts} restarts"
-                    self._set_state(EnvoyState.FAILED)
-                    return
-                self._set_state(EnvoyState.RESTARTING)
+                with self._cond:
+                    exit_ = self._reap(run)
+                    if self._stop.is_set():
+                        self._set_state(EnvoyState.STOPPED)
+                        return
+                    log.warning("Envoy %s; log tail:\n%s", exit_.describe(), "\n".join(exit_.log_tail))
+                    if exit_.runtime >= self.options.stable_after:
+                        backoff = self.options.restart_backoff_initial
+                    self._set_state(EnvoyState.RESTARTING)
+            # No Envoy runs: start one after the back-off, and again after every failure, for
+            # as long as the supervisor runs (a node without its proxy enforces nothing at L7).
             delay = backoff
             backoff = min(backoff * 2, self.options.restart_backoff_max)
             if self._stop.wait(delay):
@@ -636,9 +661,10 @@ class EnvoySupervisor:
                 try:
                     self._spawn()
                 except OSError as e:
-                    self._error = f"cannot restart Envoy: {e}"
-                    self._set_state(EnvoyState.FAILED)
-                    return
+                    self._error = f"cannot start Envoy (retrying, back-off up to {self.options.restart_backoff_max:g}s): {e}"
+                    self._set_state(EnvoyState.RESTARTING)
+                    log.warning("%s", self._error)
+                    continue
                 self._restarts += 1
                 log.info("Envoy restart %d after %.1fs back-off", self._restarts, delay)
 
@@ -650,12 +676,13 @@ class EnvoySupervisor:
         if address is None:
             return
         try:
-            code, body = _admin_request(address, "GET", "/ready", _PROBE_TIMEOUT)
+            code, body = admin_request(address, "GET", "/ready", _PROBE_TIMEOUT)
         except _ADMIN_FAILURES:
             return
         if code == 200 and body.strip() == b"LIVE":
             with self._cond:
                 if self._state is EnvoyState.STARTING and self._run is run:
+                    self._error = None
                     self._set_state(EnvoyState.LIVE)
                     log.info("Envoy pid %d is LIVE, admin at %s", run.pid, address)
 
@@ -688,9 +715,10 @@ class EnvoySupervisor:
                 text = self._admin_file.read_text().strip()
             except FileNotFoundError:
                 return None
-            # Envoy writes the file once admin is bound; refuse anything but loopback.
-            if text.startswith(ADMIN_HOST + ":"):
-                run.admin_address = text
+            # Envoy writes the file once admin is bound: its socket path (bootstrap.py), relative
+            # to Envoy's working directory (this state dir) unless absolute. Nothing else is ours.
+            if text and ":" not in text:
+                run.admin_address = "unix:" + os.path.join(self._dir, text)
         return run.admin_address
 
     def _admin(self, method: str, path: str, timeout: float) -> bytes:
@@ -698,7 +726,7 @@ class EnvoySupervisor:
         if address is None:
             raise EnvoyAdminError(f"Envoy admin is not up ({self.status().state.value})")
         try:
-            code, body = _admin_request(address, method, path, timeout)
+            code, body = admin_request(address, method, path, timeout)
         except _ADMIN_FAILURES as e:
             raise EnvoyAdminError(f"{method} {path} on {address}: {e}") from e
         if code != 200:
@@ -848,16 +876,41 @@ def _run_exited(run: _Run, timeout: float) -> bool:
     return _wait_exited(run.pid, timeout)
 
 
-def _admin_request(address: str, method: str, path: str, timeout: float) -> tuple[int, bytes]:
-    """(status, body) of one admin request; one of _ADMIN_FAILURES when there is no answer."""
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def admin_request(address: str, method: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body) of one request to an Envoy admin API at `unix:/path` (or HOST:PORT, for
+    Envoys that tests start themselves); raises one of _ADMIN_FAILURES when there is no answer."""
     if not path.startswith("/"):
         path = "/" + path
-    req = urllib.request.Request(f"http://{address}{path}", method=method)
+    conn: http.client.HTTPConnection
+    if address.startswith("unix:"):
+        conn = _UnixHTTPConnection(address[5:], timeout)
+    else:
+        host, _, port = address.rpartition(":")
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
     try:
-        with _ADMIN_OPENER.open(req, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return int(resp.status), resp.read()
+    finally:
+        conn.close()
+
+
 
 
 def _proc_starttime(pid: int) -> int | None:

@@ -57,6 +57,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -211,6 +212,10 @@ class XdsServer:
             raise TimeoutError(f"xDS server did not start within {timeout} s")
         if self._start_error is not None:
             raise self._start_error
+        if self.address.startswith("unix:"):
+            # The stream serves the whole policy and takes access logs (flows): only the
+            # agent's user (its Envoy) may connect, wherever the socket is (docs/security.md).
+            os.chmod(self.address[len("unix:"):], 0o600)
         return self.address
 
     def stop(self, grace: float | None = 1.0) -> None:
@@ -409,7 +414,8 @@ class XdsServer:
                     type=SHORT_NAMES.get(t, t),
                     protocol=tr.protocol,
                     connected=live.get(node, 0) > 0,
-                    state=classify(current, tr.sent_version, tr.acked_version, tr.last_nack),
+                    state=classify(current, tr.sent_version, tr.acked_version, tr.last_nack,
+                                   connected=live.get(node, 0) > 0),
                     cache_version=current,
                     sent_version=tr.sent_version,
                     acked_version=tr.acked_version,

@@ -7,7 +7,9 @@ the Envoy last acknowledged and the last rejection (NACK) with Envoy's own error
 against the version the cache would serve that node now, these give one state, as
 `istioctl proxy-status` does:
 
-- ``SYNCED``   the Envoy acknowledged exactly what the cache serves now;
+- ``DISCONNECTED`` the Envoy has no open stream to this server: whatever it acknowledged
+               before, nothing says it still enforces it (it may have restarted empty);
+- ``SYNCED``   the Envoy is connected and acknowledged exactly what the cache serves now;
 - ``NACKED``   the Envoy rejected what the cache serves now; it keeps enforcing its last good
                configuration, and nothing is re-sent until the cache changes;
 - ``STALE``    the cache is ahead of what the Envoy acknowledged (a push is in flight, or the
@@ -25,6 +27,7 @@ from typing import Any
 
 
 class SyncState(enum.StrEnum):
+    DISCONNECTED = "DISCONNECTED"
     SYNCED = "SYNCED"
     STALE = "STALE"
     NACKED = "NACKED"
@@ -100,8 +103,13 @@ def classify(
     sent_version: str | None,
     acked_version: str | None,
     last_nack: Nack | None,
+    connected: bool = True,
 ) -> SyncState:
     """The state of one row (see the module docstring)."""
+    if not connected and (sent_version is not None or acked_version is not None):
+        return SyncState.DISCONNECTED
+    if last_nack is not None and last_nack.version == cache_version and acked_version != cache_version:
+        return SyncState.NACKED
     if acked_version is not None and acked_version == cache_version:
         return SyncState.SYNCED
     if last_nack is not None and last_nack.version == cache_version:
