@@ -28,6 +28,7 @@ APT_PACKAGES=(
     bpftool
     clang
     iptables      # the fallback redirect when bcc cannot compile
+    nftables      # bench/_datapath_world.py reads the nft tables its iptables chains land in
     linux-headers-amd64
     wrk           # bench/bench_envoy.py: load through the agent's Envoy
     tcpdump       # link captures that prove encryption in transit (tests, make demo)

@@ -110,6 +110,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="bearer token for an admin endpoint on TCP (env L7GATE_ADMIN_TOKEN)",
     )
     admin_flags.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS",
+        help="how long to wait for the agent's answer (default 30)",
+    )
+    admin_flags.add_argument(
         "--token-file", default=os.environ.get("L7GATE_ADMIN_TOKEN_FILE"), metavar="PATH",
         help="read the bearer token from PATH, the agent's admin.tokenFile (env L7GATE_ADMIN_TOKEN_FILE)",
     )
@@ -357,7 +361,7 @@ def _client(args: argparse.Namespace) -> AdminClient:
         except OSError as exc:
             raise _Usage(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
     try:
-        return AdminClient(args.admin, token)
+        return AdminClient(args.admin, token, timeout=args.timeout)
     except ValueError as exc:
         raise _Usage(f"--admin: {exc}") from None
 
@@ -574,6 +578,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("UNHEALTHY: " + "; ".join(health.get("problems", [])))
     else:
         print("healthy")
+    datapath = data.get("datapath") or {}
+    if datapath.get("secure") is False:
+        print(f"WARNING: datapath {datapath.get('mode')} is not a secure mode: {datapath.get('description', '')}")
     for k in sorted(data):
         if k == "health":
             continue

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import unavailable
 import yaml
 
 from l7gate.agent.testbed import Node, Pod, Testbed
@@ -138,7 +140,7 @@ class World:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     if shutil.which("tcpdump") is None:
-        pytest.skip("tcpdump is not installed (scripts/install.sh installs it)")
+        unavailable("tcpdump is not installed (scripts/install.sh installs it)")
     with Testbed() as tb:
         na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.64.1.0/24")
         nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.64.2.0/24")

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import unavailable
 import yaml
 
 from l7gate.agent.testbed import Node, Testbed
@@ -31,7 +33,7 @@ def rx_bytes(node: Node, ifname: str) -> int:
 @pytest.fixture(scope="module")
 def world() -> Iterator[dict[str, Any]]:
     if not (CGROUP_ROOT / "cgroup.procs").exists():
-        pytest.skip("no cgroup v2 at /sys/fs/cgroup/unified")
+        unavailable("no cgroup v2 at /sys/fs/cgroup/unified")
     with Testbed() as tb:
         cg = CGROUP_ROOT / f"l7g-{tb.run_id}"
         cg.mkdir()

@@ -448,6 +448,12 @@ class AgentCore:
                 {"key": k, "object": self._policy_docs[k]} for k in sorted(self._policy_docs)
             ]
 
+    def pod_counts(self) -> dict[str, int]:
+        """What `l7gate status` counts: every pod the agent knows (what `endpoint list` shows),
+        and the local ones, whose ingress this node enforces."""
+        with self._lock:
+            return {"known": len(self._pods), "local": len(self._local_pods)}
+
     def pods(self) -> list[dict[str, Any]]:
         with self._lock:
             return [

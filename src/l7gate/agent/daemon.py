@@ -97,7 +97,9 @@ class Agent:
             "policies": len(self.core.resolver.repository),
             "policy_revision": self.core.resolver.revision,
             "identities": len(self.core.resolver.identities),
-            "endpoints": len(self.core.resolver.endpoints()),
+            # known: every pod `endpoint list` shows (all clusters); local: those on this node,
+            # whose ingress this agent enforces.
+            "pods": self.core.pod_counts(),
             "proxied_ports": [f"{p.ip}:{p.port}" for p in self.core.publisher.ports],
             "access_logs": {"entries": self.als.entries, "errors": self.als.errors, "streams": self.als.streams,
                             "malformed": self.als.malformed},
@@ -110,7 +112,10 @@ class Agent:
         mode = info["mode"]
         if mode == "loopback":
             info["description"] = ("loopback: Envoy fronts each local pod's ports on the pod's own "
-                                   "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath)")
+                                   "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath). "
+                                   "NOT A SECURE MODE: each pod's server is reachable directly on its "
+                                   f"port + {self.config.upstream_port_offset} by any local process")
+            info["secure"] = False
         elif mode == "kernel":
             info["description"] = ("kernel: BPF programs on the pods' veths make L3/L4 verdicts; "
                                    "connections to ports with HTTP rules are redirected to Envoy")
