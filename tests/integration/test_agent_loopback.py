@@ -8,11 +8,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from l7gate.agent.client import AdminClient, AdminError
 from l7gate.agent.core import ApplyError
+from l7gate.xds.cache import LISTENER as LISTENER_TYPE
 from l7gate.xds.publisher import ROUTE_TYPE
 from l7gate.xds.server import XdsServer
 
@@ -138,8 +140,40 @@ def test_nack_is_shown_and_last_good_config_stays(world: World) -> None:
         # Envoy still enforces the last good config
         assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
         assert request(FRONTEND, BILLING, 8080, "POST", "/v1/refund").status == 403
+        # ...which is not what the agent wants: not healthy, and `l7gate status` says why.
+        with pytest.raises(AdminError) as caught:
+            AdminClient(world.agent.admin.address).get("/healthz")
+        assert caught.value.status == 503
+        assert any("rejected RDS" in p for p in caught.value.body["problems"])
     finally:
         world.agent.cache.update(node, ROUTE_TYPE, {name: good})
+        world.synced()
+
+
+def test_a_listener_envoy_cannot_bind_is_nacked_never_synced(world: World) -> None:
+    """A listener on an address that is not the node's: Envoy refuses the LDS version; status
+    says NACKED (with Envoy's reason) and the agent is unhealthy until it is fixed."""
+    node = world.agent.config.node_id
+    good = dict(world.agent.cache.get_snapshot(node).messages(LISTENER_TYPE))  # type: ignore[union-attr]
+    name, lst = sorted(good.items())[0]
+    bad = copy.deepcopy(lst)
+    bad.name = "l7g-unbindable"
+    bad.address.socket_address.address = "192.0.2.1"  # TEST-NET-1: never an address of this machine
+    world.agent.cache.update(node, LISTENER_TYPE, {**good, bad.name: bad})
+    try:
+        def lds() -> Any:
+            return next(r for r in world.agent.xds.status() if r.node_id == node and r.type == "LDS")
+
+        deadline = time.monotonic() + 10
+        while lds().state.value != "NACKED" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row = lds()
+        assert row.state.value == "NACKED" and row.last_nack is not None
+        assert "cannot bind '192.0.2.1:8080'" in row.last_nack.error
+        problems = AdminClient(world.agent.admin.address).get("/v1/status")["health"]["problems"]
+        assert any("rejected LDS" in p and "cannot bind" in p for p in problems), problems
+    finally:
+        world.agent.cache.update(node, LISTENER_TYPE, removed=[bad.name])
         world.synced()
 
 
