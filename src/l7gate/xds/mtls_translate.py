@@ -93,6 +93,13 @@ SOURCE_HEADER = "x-l7gate-source"  # set by the source Envoy itself, read by its
 TUNNEL_LISTENER = "l7g_tunnel_in"
 TUNNEL_ROUTE = "l7g_tunnel_rc"
 ORIGINAL_DST_CLUSTER = "l7g_tunnel_origdst"
+#: The same, speaking HTTP/2 (h2c) to the pod: for requests that came to node A as HTTP/2.
+ORIGINAL_DST_H2_CLUSTER = "l7g_tunnel_origdst_h2"
+#: The protocol the request arrived in at node A (Envoy's %PROTOCOL%: HTTP/1.1, HTTP/2): the
+#: tunnel between the Envoys is always HTTP/2, so node B cannot tell on its own whether the pod
+#: expects HTTP/1.1 or h2c (gRPC). Node A sets it, overwriting what the pod sent; node B routes
+#: on it and removes it.
+PROTOCOL_HEADER = "x-l7gate-downstream-protocol"
 TLS_TRANSPORT = "envoy.transport_sockets.tls"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
@@ -296,7 +303,11 @@ def _route_action(name: str, cluster: str, dst: str) -> route_components_pb2.Rou
             base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key=ORIGINAL_DST_HEADER, value=dst),
                 append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
+            ),
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=PROTOCOL_HEADER, value="%PROTOCOL%"),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            ),
         ],
         request_headers_to_remove=[SOURCE_HEADER],
     )
@@ -540,16 +551,17 @@ SO_MARK = 36
 
 
 def original_dst_cluster(
-    *, connect_timeout: float = 1.0, socket_mark: int | None = None
+    *, connect_timeout: float = 1.0, socket_mark: int | None = None, http2: bool = False
 ) -> cluster_pb2.Cluster:
     """Forwards to the address in x-envoy-original-dst-host (a local pod). Only requests the
     tunnel route's RBAC let through get here, so the header names a local endpoint port.
+    `http2`: the ORIGINAL_DST_H2_CLUSTER, which speaks h2c to the pod (PROTOCOL_HEADER).
 
     `socket_mark` sets SO_MARK on the connections to the pods (Envoy needs CAP_NET_ADMIN): the
     mark by which the destination's kernel tells "delivered by the local tunnel" from plaintext
     that arrived from another node (docs/in-transit-mtls.md, "The kernel's part")."""
     cluster = cluster_pb2.Cluster(
-        name=ORIGINAL_DST_CLUSTER,
+        name=ORIGINAL_DST_H2_CLUSTER if http2 else ORIGINAL_DST_CLUSTER,
         type=cluster_pb2.Cluster.ORIGINAL_DST,
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
         connect_timeout=_duration(connect_timeout),
@@ -557,6 +569,13 @@ def original_dst_cluster(
             use_http_header=True, http_header_name=ORIGINAL_DST_HEADER
         ),
     )
+    if http2:
+        h2 = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(h2))
     if socket_mark is not None:
         cluster.upstream_bind_config.socket_options.append(
             socket_option_pb2.SocketOption(
@@ -642,6 +661,20 @@ def tunnel_route(
     relays the stream's bytes to the pod, under `connect_matcher` (`tunnel_matcher(...,
     connect=True)`; none: every CONNECT is refused)."""
     rc = t.route_configuration(TUNNEL_ROUTE, ORIGINAL_DST_CLUSTER, matcher)
+    vhost = rc.virtual_hosts[0]
+    http1 = vhost.routes[0]
+    # The HTTP routes share one RBAC config at the virtual host (the CONNECT route overrides it
+    # with its own): the h2 route adds no second copy of the decisions to the RDS resource.
+    vhost.typed_per_filter_config[t.RBAC_FILTER].CopyFrom(http1.typed_per_filter_config[t.RBAC_FILTER])
+    del http1.typed_per_filter_config[t.RBAC_FILTER]
+    http1.request_headers_to_remove.append(PROTOCOL_HEADER)
+    h2 = route_components_pb2.Route()
+    h2.CopyFrom(http1)
+    h2.name = "l7gate-h2"
+    h2.route.cluster = ORIGINAL_DST_H2_CLUSTER
+    h2.match.headers.append(route_components_pb2.HeaderMatcher(
+        name=PROTOCOL_HEADER, string_match=envoy_string_pb2.StringMatcher(exact="HTTP/2")))
+    vhost.routes.insert(0, h2)
     per_route = rbac_http_pb2.RBACPerRoute(
         rbac=rbac_http_pb2.RBAC(matcher=connect_matcher if connect_matcher is not None else _deny_all_connect())
     )
@@ -661,13 +694,14 @@ def tunnel_route(
         ),
         typed_per_filter_config={t.RBAC_FILTER: _any(per_route)},
     )
-    # The HTTP route never upgrades to CONNECT (a CONNECT cannot match a path route anyway).
-    rc.virtual_hosts[0].routes[0].route.upgrade_configs.append(
-        route_components_pb2.RouteAction.UpgradeConfig(
-            upgrade_type="CONNECT", enabled=wrappers_pb2.BoolValue(value=False)
+    # The HTTP routes never upgrade to CONNECT (a CONNECT cannot match a path route anyway).
+    for r in vhost.routes:
+        r.route.upgrade_configs.append(
+            route_components_pb2.RouteAction.UpgradeConfig(
+                upgrade_type="CONNECT", enabled=wrappers_pb2.BoolValue(value=False)
+            )
         )
-    )
-    rc.virtual_hosts[0].routes.insert(0, connect)
+    vhost.routes.insert(0, connect)
     return rc
 
 
@@ -680,11 +714,11 @@ def _deny_all_connect() -> matcher_pb2.Matcher:
 
 @dataclass(frozen=True, slots=True)
 class TunnelIngress:
-    """The destination node's side: one listener, one route, one cluster (fixed names)."""
+    """The destination node's side: one listener, one route, two clusters (fixed names)."""
 
     listener: listener_pb2.Listener
     route: route_pb2.RouteConfiguration
-    cluster: cluster_pb2.Cluster
+    clusters: tuple[cluster_pb2.Cluster, ...]  # to the pods: HTTP/1.1 and h2c (PROTOCOL_HEADER)
 
 
 def tunnel_ingress(
@@ -708,7 +742,7 @@ def tunnel_ingress(
             tunnel_matcher(trust_domain, by_destination),
             tunnel_matcher(trust_domain, by_destination, connect=True),
         ),
-        original_dst_cluster(socket_mark=socket_mark),
+        (original_dst_cluster(socket_mark=socket_mark), original_dst_cluster(socket_mark=socket_mark, http2=True)),
     )
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
 from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -59,6 +59,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
@@ -593,6 +594,10 @@ def _hcm(
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         access_log=list(access_logs),
+        # WebSocket upgrades pass where the rules allow the request that asks for them (the
+        # policy filter judges it like any request); other upgrades (h2c, CONNECT) are refused
+        # or ignored by Envoy. As Cilium's proxy does.
+        upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
     )
 
 
@@ -632,6 +637,21 @@ def listener(
     )
 
 
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def downstream_protocol_options() -> any_pb2.Any:
+    """The upstream protocol follows the downstream one: HTTP/1.1 stays HTTP/1.1, h2c stays h2c
+    (gRPC). Envoy's default is HTTP/1.1 upstream whatever came in, which breaks every gRPC call
+    to a server that speaks only HTTP/2. Cilium's proxy configures its clusters the same way."""
+    return _any(http_protocol_options_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
+        )
+    ))
+
+
 def static_cluster(name: str, ip: str, port: int) -> cluster_pb2.Cluster:
     lb = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
@@ -648,6 +668,7 @@ def static_cluster(name: str, ip: str, port: int) -> cluster_pb2.Cluster:
             cluster_name=name,
             endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[lb])],
         ),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: downstream_protocol_options()},
     )
 
 
