@@ -239,3 +239,39 @@ def test_upgrades_do_not_bypass_the_rules(world: tuple[World, Ledger]) -> None:
     connect = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_connect}", "--max-time", "5", "-p",
                               "-x", url, "http://192.0.2.1:80/"], capture_output=True, text=True, timeout=30).stdout
     assert connect == "403", connect
+
+
+def test_a_stream_open_when_policy_denies_its_method_runs_to_its_end(world: tuple[World, Ledger]) -> None:
+    """What happens, documented in docs/deviations.md (gRPC): Envoy judges a stream when it
+    starts, so a server-streaming call open when a change denies its method goes on until it
+    ends; the next call of that method is PERMISSION_DENIED. Cilium's proxy behaves the same."""
+    w, _ = world
+    without_watch = {**POLICY, "spec": {**POLICY["spec"], "ingress": [{
+        **POLICY["spec"]["ingress"][0],
+        "toPorts": [{"ports": [{"port": str(PORT), "protocol": "TCP"}], "rules": {"http": [
+            {"method": "POST", "path": "/billing.Billing/Charge"}]}}],
+    }]}}
+    with channel() as ch:
+        watch = ch.unary_stream("/billing.Billing/Watch", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+        stream = watch(b"", timeout=20)
+        assert next(stream) == b"tick 1"
+        w.agent.core.apply([without_watch])
+        w.synced()
+        deadline = time.monotonic() + 5
+        while True:  # a new Watch is refused once Envoy's workers have the change
+            probe = watch(b"", timeout=5)
+            try:
+                next(probe)
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+                    break
+            finally:
+                probe.cancel()
+            assert time.monotonic() < deadline, "a new Watch was never refused"
+            time.sleep(0.05)
+        later = [next(stream) for _ in range(3)]  # the open stream still delivers
+        assert int(later[-1].split()[1]) > 1
+        stream.cancel()
+    w.agent.core.apply([POLICY])
+    w.synced()
