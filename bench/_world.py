@@ -210,7 +210,7 @@ class StaticUpstream:
         self.ip, self.port = ip, port
         workdir.mkdir(parents=True, exist_ok=True)
         boot = workdir / "upstream.json"
-        boot.write_text(json.dumps(_upstream_bootstrap(ip, port)))
+        boot.write_text(json.dumps(self.bootstrap(ip, port)))
         self.log = workdir / "upstream.log"
         self.proc = subprocess.Popen(
             [binary, "-c", str(boot), "--disable-hot-restart", "--concurrency", "1",
@@ -226,6 +226,11 @@ class StaticUpstream:
         except BaseException:
             self.stop()
             raise
+
+    @staticmethod
+    def bootstrap(ip: str, port: int) -> dict[str, Any]:
+        """The upstream Envoy's bootstrap (a subclass may change what it answers)."""
+        return _upstream_bootstrap(ip, port)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

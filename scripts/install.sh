@@ -32,6 +32,7 @@ APT_PACKAGES=(
     linux-headers-amd64
     wrk           # bench/bench_envoy.py: load through the agent's Envoy
     tcpdump       # link captures that prove encryption in transit (tests, make demo)
+    nghttp2-client  # h2load: gRPC-shaped HTTP/2 load in bench/bench_grpc.py
 )
 
 VENV="$ROOT/.venv"
