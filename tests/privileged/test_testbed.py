@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from l7gate.agent import testbed as tbmod
-from l7gate.agent.testbed import IFNAMSIZ, Pod, Testbed, cleanup_all, list_netns, select_leftovers
+from l7gate.agent.testbed import (IFNAMSIZ, Pod, Testbed, TestbedError, cleanup_all, list_netns,
+                                  select_leftovers)
 from l7gate.k8s.objects import parse_namespace, parse_pod
 
 privileged = pytest.mark.privileged("network namespaces and veths")
@@ -262,3 +263,21 @@ def test_names_and_addresses_are_checked() -> None:
 
 def test_pod_server_script_exists() -> None:
     assert Path(tbmod.POD_SERVER).is_file()
+
+
+@privileged
+def test_netlink_failures_name_the_namespace_and_the_operation() -> None:
+    with Testbed() as tb:
+        n1 = tb.add_node("n1", node_cidr="10.1.0.0/24")
+        pod = tb.add_pod(n1, "default", "p1")
+        with tbmod._Netlink(n1.netns) as nl:
+            with pytest.raises(TestbedError, match=rf"^{n1.netns}: adding route {pod.ip}/32 dev "
+                                                   rf"{pod.host_ifname} scope link: File exists$"):
+                nl.add_route(f"{pod.ip}/32", pod.host_ifindex, pod.host_ifname)
+            with pytest.raises(TestbedError, match=rf"^{n1.netns}: interface eth0: No such device$"):
+                nl.index("eth0")  # eth0 is the pod's end
+        with pytest.raises(TestbedError, match=r"^netlink socket in l7g-nosuch-netns: .*No such file"):
+            tbmod._Netlink("l7g-nosuch-netns")
+        with pytest.raises(TestbedError, match=rf"^creating netns {pod.netns}: .*File exists"):
+            tbmod._create_netns(pod.netns)
+    assert _ours(tb.run_id) == []

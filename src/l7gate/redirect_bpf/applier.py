@@ -14,9 +14,10 @@ Not thread-safe: the agent's reconcile loop owns it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
-import json
 import logging
+import socket
 import subprocess
 from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
@@ -24,50 +25,55 @@ from collections.abc import Callable, Iterable, Mapping
 from ..identity.ipcache import IPCacheChange
 from ..policy.resolve import EndpointPolicy, PolicyDelta
 from .compile import compile_endpoint
-from .loader import DatapathError, KernelDatapath
+from .loader import DatapathError, KernelDatapath, Rtnl, rtnl
 
 log = logging.getLogger(__name__)
 
-REDIRECT_MARK = "0x200/0xf00"
-ROUTE_TABLE = "2004"
+MARK, MARK_MASK = 0x200, 0xF00
+REDIRECT_MARK = f"{MARK:#x}/{MARK_MASK:#x}"
+ROUTE_TABLE = 2004
+RULE_PREF = 100
 CHAIN = "L7G-PREROUTING"
+_RTN_LOCAL = 2
+_RT_SCOPE_HOST = 254
+_RTPROT_BOOT = 3  # what `ip route add` sets: the route looks the same as one added by hand
 
 
 def ensure_policy_routing() -> list[str]:
-    """Marked packets are delivered locally (to Envoy's transparent listeners). Idempotent;
-    returns what it changed."""
+    """Marked packets are delivered locally (to Envoy's transparent listeners): the rule
+    `fwmark 0x200/0xf00 lookup 2004` and the route `local 0.0.0.0/0 dev lo table 2004`, in the
+    calling thread's network namespace. Idempotent; returns what it changed."""
     changed: list[str] = []
-    rules = subprocess.run(["ip", "-j", "rule", "show"], capture_output=True, text=True, check=True)
-    have = any(
-        r.get("table") == ROUTE_TABLE and r.get("fwmark") == "0x200" for r in json.loads(rules.stdout or "[]")
-    )
-    if not have:
-        _run(["ip", "rule", "add", "fwmark", REDIRECT_MARK, "lookup", ROUTE_TABLE, "pref", "100"])
-        changed.append(f"ip rule fwmark {REDIRECT_MARK} lookup {ROUTE_TABLE}")
-    # FIELD-NOTES: after a verdict flips from redirect to allow, a node TIME_WAIT socket plus
-    # early demux blackholes the forwarded SYN. Per network namespace, so set it here.
-    demux = Path("/proc/sys/net/ipv4/ip_early_demux")
-    if demux.exists() and demux.read_text().strip() != "0":
-        demux.write_text("0\n")
-        changed.append("sysctl net.ipv4.ip_early_demux=0")
-    routes = subprocess.run(
-        ["ip", "-j", "route", "show", "table", ROUTE_TABLE], capture_output=True, text=True, check=False
-    )
-    if "local" not in routes.stdout:
-        _run(["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", ROUTE_TABLE])
-        changed.append(f"ip route local 0.0.0.0/0 dev lo table {ROUTE_TABLE}")
+    with Rtnl() as nl:
+        rules = nl.call("listing the IPv4 rules", "get_rules", family=socket.AF_INET)
+        if not any(r.get("FRA_TABLE") == ROUTE_TABLE and r.get("FRA_FWMARK") == MARK
+                   and r.get("FRA_FWMASK", 0xFFFFFFFF) == MARK_MASK for r in rules):
+            added = nl.call(f"adding the rule fwmark {REDIRECT_MARK} lookup {ROUTE_TABLE}", "rule", "add",
+                            family=socket.AF_INET, table=ROUTE_TABLE, priority=RULE_PREF, fwmark=MARK,
+                            fwmask=MARK_MASK, ok=(errno.EEXIST,))  # EEXIST: added since the listing
+            if added is not None:
+                changed.append(f"ip rule fwmark {REDIRECT_MARK} lookup {ROUTE_TABLE}")
+        # FIELD-NOTES: after a verdict flips from redirect to allow, a node TIME_WAIT socket plus
+        # early demux blackholes the forwarded SYN. Per network namespace, so set it here.
+        demux = Path("/proc/sys/net/ipv4/ip_early_demux")
+        if demux.exists() and demux.read_text().strip() != "0":
+            demux.write_text("0\n")
+            changed.append("sysctl net.ipv4.ip_early_demux=0")
+        routes = nl.call(f"listing routing table {ROUTE_TABLE}", "route", "dump", family=socket.AF_INET,
+                         table=ROUTE_TABLE)
+        if not any(r["type"] == _RTN_LOCAL and r["dst_len"] == 0 for r in routes):
+            nl.call(f"adding the route local 0.0.0.0/0 dev lo table {ROUTE_TABLE}", "route", "replace",
+                    family=socket.AF_INET, dst="0.0.0.0/0", type=_RTN_LOCAL, oif=nl.link_index("lo"),
+                    table=ROUTE_TABLE, scope=_RT_SCOPE_HOST, proto=_RTPROT_BOOT)
+            changed.append(f"ip route local 0.0.0.0/0 dev lo table {ROUTE_TABLE}")
     return changed
 
 
-def host_interface(pod_ip: str) -> str:
-    """The node-side interface a pod is reached through (its veth), from the routing table."""
-    out = subprocess.run(["ip", "-j", "route", "get", pod_ip], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise DatapathError(f"no route to pod {pod_ip}: {out.stderr.strip()}")
-    routes = json.loads(out.stdout)
-    if not routes or "dev" not in routes[0]:
-        raise DatapathError(f"no interface for pod {pod_ip}")
-    return str(routes[0]["dev"])
+def host_interface(pod_ip: str, nl: Rtnl | None = None) -> str:
+    """The node-side interface a pod is reached through (its veth), from the routing table.
+    `nl`: a socket to reuse (one is opened otherwise)."""
+    with rtnl(nl) as rt:
+        return rt.route_interface(pod_ip, f"pod {pod_ip}")
 
 
 def _run(argv: list[str]) -> None:
@@ -103,12 +109,14 @@ class KernelApplier:
     def set_local_pods(self, pods: Mapping[str, int]) -> int:
         v4 = {ip: ident for ip, ident in pods.items() if ipaddress.ip_address(ip).version == 4}
         changes = self.dp.set_endpoints(v4)
-        for ip in v4:
-            if ip not in self._attached:
-                ifname = host_interface(ip)
-                self.dp.attach(ifname, "pod")
-                self._attached[ip] = ifname
-                log.info("datapath attached to %s (pod %s)", ifname, ip)
+        new = [ip for ip in v4 if ip not in self._attached]
+        if new:
+            with Rtnl() as nl:  # one netlink socket for every pod that appeared
+                for ip in new:
+                    ifname = host_interface(ip, nl)
+                    self.dp.attach(ifname, "pod", nl)
+                    self._attached[ip] = ifname
+                    log.info("datapath attached to %s (pod %s)", ifname, ip)
         for ip in list(self._attached):
             if ip not in v4:
                 self._attached.pop(ip)  # the veth goes away with the pod; nothing to detach
@@ -118,8 +126,11 @@ class KernelApplier:
         return self.dp.set_nodes(pod_nodes)
 
     def attach_links(self, names: Iterable[str]) -> None:
-        for name in names:
-            self.dp.attach(name, "link")
+        names = list(names)
+        if names:
+            with Rtnl() as nl:
+                for name in names:
+                    self.dp.attach(name, "link", nl)
 
     def on_policy_delta(self, delta: PolicyDelta) -> None:
         self._dirty |= set(delta.changes)

@@ -8,18 +8,24 @@ agent is away. Opening the datapath:
    version, and every map must have the expected type, key size and value size. Anything else
    is foreign or corrupt: it is logged, unpinned and created afresh — never trusted;
 2. compiles `datapath.c` with bcc, which reuses the pinned maps (or creates and pins them);
-3. pins the programs next to the maps, so `tc` attaches them by path (`object-pinned`) and an
-   attachment is replaced atomically by the next agent.
+3. pins the programs next to the maps. `attach` opens a pinned program by its path and hands
+   its fd to tc over netlink (pyroute2), as one filter per hook at a fixed pref and handle, so
+   the next agent replaces an attachment atomically in place and never adds a second one.
 
 Writers reconcile: they read what the kernel has, and write only the difference (no flush, so
 a restarting agent never opens a window where traffic is wrongly allowed or dropped).
+
+Netlink (tc, routes, links) goes through `Rtnl`, a short-lived pyroute2 socket in the calling
+thread's network namespace whose errors are `DatapathError`s naming the interface or address.
 
 Not thread-safe except `poll_events`, which runs on its own thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import errno
 import importlib.util
 import ipaddress
 import json
@@ -31,9 +37,11 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from .compile import PolicyKey, PolicyValue
@@ -69,8 +77,24 @@ DROP_REASONS = {
 }
 
 
+# The clsact qdisc's hooks, as tc parents: TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / _EGRESS).
+TC_INGRESS = 0xFFFFFFF2
+TC_EGRESS = 0xFFFFFFF3
+FILTER_PREF = 1  # our one filter per hook, at this pref and handle: replaced in place, never added twice
+FILTER_HANDLE = 1
+# kind of interface -> (hook, tc parent, program) for each filter it gets
+HOOKS: dict[str, tuple[tuple[str, int, str], ...]] = {
+    "pod": (("ingress", TC_INGRESS, "l7g_from_pod"), ("egress", TC_EGRESS, "l7g_to_pod")),
+    "link": (("ingress", TC_INGRESS, "l7g_from_link"),),
+}
+
+
 class DatapathError(Exception):
     pass
+
+
+class NoSuchInterface(DatapathError):
+    """The interface does not exist (any more) in this network namespace."""
 
 
 def import_bcc() -> Any:
@@ -272,27 +296,49 @@ class KernelDatapath:
 
     # -- attachment -----------------------------------------------------------------------------
 
-    def attach(self, ifname: str, kind: str) -> None:
-        """`kind` "pod": a pod's host-side veth; "link": an inter-node interface."""
-        _tc("qdisc", "replace", "dev", ifname, "clsact")
-        if kind == "pod":
-            _tc("filter", "replace", "dev", ifname, "ingress", "pref", "1", "handle", "1", "bpf", "da",
-                "object-pinned", str(self.pin_dir / "prog_l7g_from_pod"))
-            _tc("filter", "replace", "dev", ifname, "egress", "pref", "1", "handle", "1", "bpf", "da",
-                "object-pinned", str(self.pin_dir / "prog_l7g_to_pod"))
-        elif kind == "link":
-            _tc("filter", "replace", "dev", ifname, "ingress", "pref", "1", "handle", "1", "bpf", "da",
-                "object-pinned", str(self.pin_dir / "prog_l7g_from_link"))
-        else:
+    def attach(self, ifname: str, kind: str, nl: Rtnl | None = None) -> None:
+        """`kind` "pod": a pod's host-side veth; "link": an inter-node interface. Idempotent, for
+        the reconcile after a restart (decision 7): an existing clsact qdisc is kept, and our
+        filter on each hook is replaced in place by the pinned program, so traffic goes from
+        the old program to the new one with no gap and the hook never holds two of ours.
+        `nl`: a socket to reuse (one is opened otherwise)."""
+        hooks = HOOKS.get(kind)
+        if hooks is None:
             raise ValueError(kind)
+        with rtnl(nl) as rt:
+            index = rt.link_index(ifname)
+            rt.ensure_clsact(index, ifname)
+            for hook, parent, prog in hooks:
+                fd = self._pinned_program(prog)
+                try:
+                    rt.replace_bpf_filter(index, ifname, hook, parent, fd, f"prog_{prog}")
+                finally:
+                    os.close(fd)
         self._attached[ifname] = kind
 
-    def detach(self, ifname: str) -> None:
-        """Remove our filters only; other tc programs on the device stay."""
-        for hook in ("ingress", "egress"):
-            subprocess.run(["tc", "filter", "del", "dev", ifname, hook, "pref", "1", "handle", "1", "bpf"],
-                           capture_output=True, check=False)
+    def detach(self, ifname: str, nl: Rtnl | None = None) -> None:
+        """Remove our filters only; other tc programs on the device, and its clsact qdisc, stay.
+        An interface that is gone (a deleted pod's veth) or holds no filter of ours is fine."""
+        with rtnl(nl) as rt:
+            try:
+                index = rt.link_index(ifname)
+                for hook, parent in (("ingress", TC_INGRESS), ("egress", TC_EGRESS)):
+                    rt.delete_bpf_filter(index, ifname, hook, parent)
+            except NoSuchInterface:
+                pass
         self._attached.pop(ifname, None)
+
+    def _pinned_program(self, name: str) -> int:
+        """A new fd for the program pinned as prog_<name> (the caller closes it)."""
+        path = self.pin_dir / f"prog_{name}"
+        lib = import_bcc().libbcc.lib
+        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+        fd = int(lib.bpf_obj_get(str(path).encode()))
+        if fd < 0:
+            # libbpf returns -errno (1.0 mode) or -1 and sets errno
+            code = -fd if fd != -1 else (ctypes.get_errno() or errno.EPERM)
+            raise DatapathError(f"cannot open the pinned program {path}: {os.strerror(code)}")
+        return fd
 
     # -- maps -----------------------------------------------------------------------------------
 
@@ -496,7 +542,110 @@ def _detach_cgroup_sockops(cgroup: Path) -> None:
                            capture_output=True, check=False)
 
 
-def _tc(*args: str) -> None:
-    out = subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise DatapathError(f"tc {' '.join(args)}: {out.stderr.strip()}")
+class Rtnl:
+    """Route netlink requests (links, routes, rules, tc) through one pyroute2 socket opened in
+    the calling thread's network namespace; a `NetlinkError` becomes a `DatapathError` that
+    says what was asked and of which interface or address (`NoSuchInterface` for ENODEV).
+
+    Short-lived on purpose: `with Rtnl() as nl:` around one batch of requests. pyroute2 keeps
+    a socket and an event loop per thread, and the agent calls in from several threads (admin
+    workers, the reconcile loop), so each batch opens its own socket (~0.2 ms) in the thread
+    that uses it and closes it. pyroute2's synchronous API runs its own event loop, so a thread
+    that runs an asyncio loop cannot use it (refused here with a clear error). Not thread-safe;
+    owned by the caller.
+    """
+
+    def __init__(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # the normal case: a plain thread
+        else:
+            raise DatapathError("netlink requests cannot be made on a thread running an asyncio event "
+                                "loop (pyroute2 runs its own): call from a worker thread")
+        pyroute2 = _pyroute2()
+        self._netlink_error: type[Exception] = pyroute2.NetlinkError
+        try:
+            # groups=0: requests only, no multicast subscription whose events would queue up
+            self.ipr: Any = pyroute2.IPRoute(groups=0)
+        except OSError as exc:
+            raise DatapathError(f"cannot open a netlink socket: {exc}") from None
+        # name -> index learnt from a route lookup in this batch, so that attaching to the
+        # interface just looked up costs no second request
+        self._index: dict[str, int] = {}
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def call(self, what: str, method: str, *args: Any, ok: Collection[int] = (), **kwargs: Any) -> Any:
+        """`IPRoute.<method>(*args, **kwargs)`; a netlink error whose errno is in `ok` gives
+        None, any other raises a DatapathError starting with `what`."""
+        try:
+            return getattr(self.ipr, method)(*args, **kwargs)
+        except self._netlink_error as exc:
+            code = int(getattr(exc, "code", 0))
+            if code in ok:
+                return None
+            cls = NoSuchInterface if code == errno.ENODEV else DatapathError
+            raise cls(f"{what}: {os.strerror(code) if code > 0 else exc}") from None
+
+    # links and routes
+
+    def link_index(self, ifname: str) -> int:
+        if ifname in self._index:
+            return self._index[ifname]
+        links = self.call(f"interface {ifname}", "link", "get", ifname=ifname)
+        return int(links[0]["index"])
+
+    def link_name(self, index: int) -> str:
+        links = self.call(f"interface #{index}", "link", "get", index=index)
+        name = str(links[0].get("IFLA_IFNAME"))
+        self._index[name] = index
+        return name
+
+    def route_interface(self, dst: str, what: str = "") -> str:
+        """The interface the kernel routes `dst` through (`ip route get`); `what` names `dst`
+        in errors."""
+        what = what or dst
+        routes = self.call(f"no route to {what}", "route", "get", dst=dst)
+        oif = routes[0].get("RTA_OIF") if routes else None
+        if oif is None:
+            raise DatapathError(f"no interface for {what}: its route has no output device")
+        return self.link_name(int(oif))
+
+    # tc
+
+    def ensure_clsact(self, index: int, ifname: str) -> None:
+        # NLM_F_REPLACE of an existing clsact changes nothing: its filters stay.
+        self.call(f"clsact qdisc on {ifname}", "tc", "replace", "clsact", index)
+
+    def replace_bpf_filter(self, index: int, ifname: str, hook: str, parent: int, fd: int, name: str) -> None:
+        """Our direct-action bpf filter on `hook`, created or replaced in place."""
+        self.call(f"bpf filter {name} on {ifname} {hook}", "tc", "replace-filter", "bpf", index,
+                  handle=FILTER_HANDLE, prio=FILTER_PREF, parent=parent, fd=fd, name=name,
+                  direct_action=True)
+
+    def delete_bpf_filter(self, index: int, ifname: str, hook: str, parent: int) -> None:
+        """Our filter on `hook`, if there: ENOENT is no such filter, EINVAL no clsact qdisc."""
+        self.call(f"deleting the bpf filter on {ifname} {hook}", "tc", "del-filter", "bpf", index,
+                  handle=FILTER_HANDLE, prio=FILTER_PREF, parent=parent,
+                  ok=(errno.ENOENT, errno.EINVAL))
+
+
+def rtnl(nl: Rtnl | None = None) -> AbstractContextManager[Rtnl]:
+    """`with rtnl(nl) as rt:` — `nl` itself (left open), or a new socket closed at the end."""
+    return nullcontext(nl) if nl is not None else Rtnl()
+
+
+def _pyroute2() -> Any:
+    """pyroute2, imported on first use: it takes 0.1-0.3 s, which only kernel mode pays."""
+    import pyroute2  # type: ignore[import-untyped]
+
+    return pyroute2
