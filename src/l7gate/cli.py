@@ -11,7 +11,9 @@ import http.client
 import json
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -19,7 +21,8 @@ from .agent.client import AdminClient, AdminError, read_token_file
 from .agent.config import DEFAULT_ADMIN
 from .agent.trace import TraceError, TraceRequest, format_trace_text, run_trace
 from .agent.validate import validate_paths
-from .k8s.manifests import load
+from .k8s.manifests import Manifest, kind_problem, load, object_name
+from .policy.names import label_problem
 from .policy.parse import POLICY_KINDS
 
 EXIT_OK = 0
@@ -62,7 +65,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("paths", nargs="+", metavar="PATH", help="YAML/JSON file or folder; - for stdin")
     v.add_argument(
-        "--namespace", default="default", help="namespace for CNPs without one (default: default)"
+        "--namespace", default="default", type=_namespace_name,
+        help="namespace for CNPs without one (default: default)",
     )
     v.add_argument(
         "--cluster-name", default="default", help="local cluster name (default: default)"
@@ -110,8 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="bearer token for an admin endpoint on TCP (env L7GATE_ADMIN_TOKEN)",
     )
     admin_flags.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS",
-        help="how long to wait for the agent's answer (default 30)",
+        "--timeout", type=float, default=None, metavar="SECONDS",
+        help="how long to wait for the agent's answer (default 30; for an apply, 60 plus 20 ms "
+        "per object)",
     )
     admin_flags.add_argument(
         "--token-file", default=os.environ.get("L7GATE_ADMIN_TOKEN_FILE"), metavar="PATH",
@@ -293,6 +298,13 @@ def _cmd_observe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _namespace_name(value: str) -> str:
+    problem = label_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a namespace name (a DNS-1123 label): {problem}")
+    return value
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -314,10 +326,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     else:
         for line in report.lines(include_warnings=not args.quiet):
             print(line)
+        if report.skipped_line():
+            print(report.skipped_line(), file=sys.stderr)
         print(report.summary(), file=sys.stderr)
     if report.usage_errors:
         return EXIT_USAGE
-    return EXIT_INVALID if report.invalid else EXIT_OK
+    return EXIT_INVALID if report.invalid or report.errors else EXIT_OK
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
@@ -353,7 +367,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _client(args: argparse.Namespace) -> AdminClient:
+def _client(args: argparse.Namespace, default_timeout: float = 30.0) -> AdminClient:
     token = args.token
     if token is None and args.token_file:
         try:
@@ -361,12 +375,15 @@ def _client(args: argparse.Namespace) -> AdminClient:
         except OSError as exc:
             raise _Usage(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
     try:
-        return AdminClient(args.admin, token, timeout=args.timeout)
+        return AdminClient(args.admin, token, timeout=args.timeout or default_timeout)
     except ValueError as exc:
         raise _Usage(f"--admin: {exc}") from None
 
 
-def _load_kinds(paths: list[str], kinds: tuple[str, ...]) -> tuple[list[Any], int]:
+def _load_kinds(paths: list[str], kinds: tuple[str, ...], *, unique: bool = False) -> tuple[list[Any], int]:
+    """The objects of `kinds` in `paths`, and how many others were skipped. An unknown kind or a
+    policy l7gate would not enforce is refused (`kind_problem`); with `unique`, so is the same
+    policy twice (the agent would keep one of them)."""
     stdin_text = sys.stdin.read() if "-" in paths else None
     manifests, errors = load(paths, stdin_text)
     missing = [e for e in errors if e.missing]
@@ -374,11 +391,36 @@ def _load_kinds(paths: list[str], kinds: tuple[str, ...]) -> tuple[list[Any], in
         raise _Usage("; ".join(str(e) for e in missing))
     if errors:
         raise _Invalid("\n".join(str(e) for e in errors))
+    refused = [
+        f"{m.where}: {object_name(m.obj)}: kind: {problem}"
+        for m in manifests
+        if (problem := kind_problem(m.obj, kinds)) is not None
+    ]
+    if unique:
+        refused.extend(_defined_twice([m for m in manifests if m.kind in POLICY_KINDS]))
+    if refused:
+        raise _Invalid("\n".join(refused))
     objs = [m.obj for m in manifests if m.kind in kinds]
     skipped = len(manifests) - len(objs)
     if not objs:
         raise _Invalid(f"no {' or '.join(kinds)} object in {' '.join(paths)}")
     return objs, skipped
+
+
+def _defined_twice(manifests: list[Manifest]) -> list[str]:
+    first: dict[str, str] = {}
+    out: list[str] = []
+    for m in manifests:
+        meta = m.obj.get("metadata")
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+            continue  # the agent names what is wrong with it
+        key = _policy_key(m.obj)
+        if key in first:
+            out.append(f"{key} is defined twice, at {first[key]} and at {m.where}: one would replace "
+                       "the other; remove one, or rename it")
+        else:
+            first[key] = m.where
+    return out
 
 
 class _Usage(Exception):
@@ -389,12 +431,18 @@ class _Invalid(Exception):
     pass
 
 
+class _NoAnswer(Exception):
+    """A request was sent, and the agent did not answer in time: its outcome is unknown."""
+
+
 def _print_apply(result: dict[str, list[str]], skipped: int) -> None:
     for verb in ("created", "configured", "unchanged", "deleted"):
         for name in result.get(verb, []):
             print(f"{name} {verb}")
     if skipped:
         print(f"({skipped} other object{'s' if skipped != 1 else ''} skipped)", file=sys.stderr)
+    for warning in result.get("warnings", []):  # applied, but not doing what it looks like
+        print(f"l7gate: warning: {warning}", file=sys.stderr)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -403,9 +451,58 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+# An apply of this many objects says what it sends, that it is still waiting, and how long it took.
+REPORT_FROM = 100
+PROGRESS_EVERY = 10.0  # seconds
+
+
+def apply_timeout(objects: int) -> float:
+    """How long an apply waits for the agent unless --timeout says: generous, so that an apply
+    that succeeds is never reported as a failure (the agent takes ~0.5 ms per policy)."""
+    return 60.0 + 0.02 * objects
+
+
+def _send_apply(
+    args: argparse.Namespace, objs: list[Any], what: str, send: Callable[[AdminClient, list[Any]], Any],
+    check: str,
+) -> Any:
+    """`send(client, objs)`, telling the user about a long apply: before, while waiting, after.
+    `check` is the command that shows whether an apply the CLI gave up on completed."""
+    client = _client(args, default_timeout=apply_timeout(len(objs)))
+    n = f"{len(objs):,} {what}"
+    long = len(objs) >= REPORT_FROM
+    done = threading.Event()
+    start = time.monotonic()
+    if long:
+        print(f"applying {n} to the agent at {args.admin}…", file=sys.stderr, flush=True)
+
+        def progress() -> None:
+            while not done.wait(PROGRESS_EVERY):
+                print(f"still applying {n}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+
+        threading.Thread(target=progress, name="l7gate-progress", daemon=True).start()
+    try:
+        result = send(client, objs)
+    except TimeoutError:
+        # The agent may be working on it still: an apply is all or nothing, but once sent, it
+        # completes (or fails) whether or not anyone waits for the answer.
+        raise _NoAnswer(
+            f"no answer from the agent at {args.admin} within {client.timeout:g} s: the apply of {n} "
+            f"may still complete. Check with `{check}` before applying again; --timeout SECONDS waits longer"
+        ) from None
+    finally:
+        done.set()
+    if long:
+        took = (result.get("timing") or {}) if isinstance(result, dict) else {}
+        steps = ", ".join(f"{k} {took[k]:.1f} s" for k in ("check", "persist", "resolve", "publish") if k in took)
+        print(f"applied {n} in {time.monotonic() - start:.1f} s" + (f" (agent: {steps})" if steps else ""),
+              file=sys.stderr)
+    return result
+
+
 def _cmd_policy_apply(args: argparse.Namespace) -> int:
-    objs, skipped = _load_kinds(args.paths, POLICY_KINDS)
-    _print_apply(_client(args).apply_policies(objs), skipped)
+    objs, skipped = _load_kinds(args.paths, POLICY_KINDS, unique=True)
+    _print_apply(_send_apply(args, objs, "policies", AdminClient.apply_policies, "l7gate policy get"), skipped)
     return EXIT_OK
 
 
@@ -463,7 +560,7 @@ def _delete_each(names: list[str], delete: Any, shown: str) -> int:
 def _cmd_endpoint_apply(args: argparse.Namespace) -> int:
     objs, skipped = _load_kinds(args.paths, ("Namespace", "Pod"))
     objs.sort(key=lambda o: 0 if o.get("kind") == "Namespace" else 1)
-    _print_apply(_client(args).apply_endpoints(objs), skipped)
+    _print_apply(_send_apply(args, objs, "objects", AdminClient.apply_endpoints, "l7gate endpoint list"), skipped)
     return EXIT_OK
 
 
@@ -636,6 +733,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Invalid as exc:
         print(f"l7gate: error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except _NoAnswer as exc:
+        print(f"l7gate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE  # as for any agent that does not answer in time
     except AdminError as exc:
         hint = ""
         if exc.status == 401:

@@ -4,12 +4,13 @@ it answers from them is what a pass over everything gives."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from l7gate.agent.config import AgentConfig, EnvoySettings
+from l7gate.agent.config import AgentConfig, EnvoySettings, MTLSSettings
 from l7gate.agent.core import AgentCore, ApplyError
 from l7gate.kvstore.sqlite import SQLiteKVStore
 from l7gate.policy.types import AuthMode, Direction
@@ -46,8 +47,9 @@ def auth_policy(name: str, peers: list[dict[str, Any]] | None, port: str) -> dic
 
 @pytest.fixture
 def core(tmp_path: Path) -> Any:
+    # kernel mode: pods on 10.x addresses, as on a real pod network (loopback mode wants 127.x)
     cfg = AgentConfig(node="n1", cluster_name="cluster-a", cluster_id=1, clusters={"cluster-b": 2},
-                      state_dir=str(tmp_path), envoy=EnvoySettings(enabled=False))
+                      state_dir=str(tmp_path), envoy=EnvoySettings(enabled=False), datapath_mode="kernel")
     store = SQLiteKVStore(str(tmp_path / "kv.db"))
     c = AgentCore(cfg, store, SnapshotCache())
     yield c
@@ -126,3 +128,101 @@ def test_local_pods_and_ports(core: AgentCore) -> None:
     core.delete_pod("web/billing")
     assert core.local_identities() == set()
     assert core.publisher.ports == []
+
+
+# -- bad input (issue 11) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_core(tmp_path: Path) -> Any:
+    """AgentCores with AgentConfig fields overridden (the datapath mode, mutual auth)."""
+    stores: list[SQLiteKVStore] = []
+
+    def make(**overrides: Any) -> AgentCore:
+        d = tmp_path / str(len(stores))
+        d.mkdir()
+        cfg = AgentConfig(node="n1", cluster_name="cluster-a", cluster_id=1, clusters={"cluster-b": 2},
+                          state_dir=str(d), envoy=EnvoySettings(enabled=False))
+        stores.append(SQLiteKVStore(str(d / "kv.db")))
+        return AgentCore(dataclasses.replace(cfg, **overrides), stores[-1], SnapshotCache())
+
+    yield make
+    for s in stores:
+        s.close()
+
+
+def cnp(name: str, namespace: str | None, app: str) -> dict[str, Any]:
+    meta = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+    return {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": meta,
+        "spec": {"endpointSelector": {"matchLabels": {"app": app}}, "ingress": [{}]},
+    }
+
+
+def test_the_same_policy_twice_in_one_request_is_refused(core: AgentCore) -> None:
+    core.apply([cnp("p", "web", "a")])
+    before = core.policies()
+    # "default" spelled out and left to the default name the same policy
+    with pytest.raises(ApplyError) as ei:
+        core.apply([cnp("q", None, "a"), pod("x", "10.0.0.1", {"app": "x"}), cnp("q", "default", "b")])
+    assert ei.value.errors == [
+        "object 3: CiliumNetworkPolicy/default/q is also object 1 of this request: a request may hold "
+        "each policy once (same kind, namespace and name); remove or rename one"
+    ]
+    with pytest.raises(ApplyError, match="object 2: CiliumNetworkPolicy/web/p is also object 1"):
+        core.apply([cnp("p", "web", "b"), cnp("p", "web", "a")])
+    with pytest.raises(ApplyError, match="object 2: pod/cluster-a/web/x is also object 1"):
+        core.apply([pod("x", "10.0.0.1", {"app": "x"}), pod("x", "10.0.0.2", {"app": "x"})])
+    assert core.policies() == before and core.pods() == []
+
+
+def test_pod_addresses_the_loopback_datapath_cannot_serve_are_refused(make_core: Any) -> None:
+    core = make_core(datapath_mode="loopback")
+    with pytest.raises(ApplyError) as ei:
+        core.apply([pod("billing", "10.0.0.10", {"app": "billing"}, node="n1", ports=(8080,))])
+    [err] = ei.value.errors
+    assert err.startswith("Pod cluster-a/web/billing: status.podIP: 10.0.0.10 is outside 127.0.0.0/8")
+    assert "datapath.mode: loopback" in err
+    with pytest.raises(ApplyError, match=r"status\.podIPs\[1\]\.ip: fd00::1 is an IPv6 address: .*not supported by l7gate"):
+        doc = pod("dual", "127.0.0.20", {"app": "dual"})
+        doc["status"]["podIPs"] = [{"ip": "127.0.0.20"}, {"ip": "fd00::1"}]
+        core.apply([doc])
+    with pytest.raises(ApplyError, match=r"status\.podIP: 0\.0\.0\.0 is the unspecified address"):
+        core.apply([pod("any", "0.0.0.0", {"app": "any"}, node="n1", ports=(8080,))])
+    assert core.pods() == [] and core.publisher.ports == []
+    # pods this node does not serve may have any (IPv4 unicast) address; local ones 127.x
+    core.apply([
+        pod("billing", "127.0.0.10", {"app": "billing"}, node="n1", ports=(8080,)),
+        pod("elsewhere", "10.0.0.11", {"app": "billing"}, node="n2", ports=(8080,)),
+        pod("remote", "10.0.1.1", {"app": "front"}, cluster="cluster-b"),
+    ])
+    assert [(p.ip, p.port) for p in core.publisher.ports] == [("127.0.0.10", 8080)]
+
+
+def test_loopback_pod_addresses_are_refused_in_kernel_mode(make_core: Any) -> None:
+    core = make_core(datapath_mode="kernel")
+    for doc in (pod("local", "127.0.0.10", {"app": "a"}, node="n1"),
+                pod("remote", "127.0.1.1", {"app": "b"}, cluster="cluster-b")):
+        with pytest.raises(ApplyError, match=r"status\.podIP: 127\.0\.\d\.\d+ is a loopback address"):
+            core.apply([doc])
+    with pytest.raises(ApplyError, match=r"status\.podIP: fd00::5 is an IPv6 address"):
+        core.apply([pod("v6", "fd00::5", {"app": "c"}, cluster="cluster-b")])
+    core.apply([pod("local", "10.0.0.10", {"app": "a"}, node="n1")])
+    assert [p["ips"] for p in core.pods()] == [["10.0.0.10"]]
+
+
+def test_auth_required_without_mutual_auth_is_applied_with_a_warning(make_core: Any) -> None:
+    core = make_core()
+    doc = auth_policy("auth-front", [{"matchLabels": {"app": "front"}}], "8080")
+    doc["spec"]["ingress"].insert(0, {"fromEndpoints": [{"matchLabels": {"app": "x"}}]})
+    result = core.apply([doc, cnp("plain", "web", "a")])
+    assert result.created == ["CiliumClusterwideNetworkPolicy/auth-front", "CiliumNetworkPolicy/web/plain"]
+    [warning] = result.warnings
+    assert warning.startswith("CiliumClusterwideNetworkPolicy/auth-front: spec.ingress[1].authentication: ")
+    assert "mtls.enabled" in warning and "dropped" in warning
+    data = result.to_json()
+    assert {"created", "configured", "unchanged", "deleted", "warnings"} <= set(data)  # keys kept, one added
+    assert data["warnings"] == [warning]
+    assert core.apply([doc]).warnings == [warning]  # unchanged, and still not in force as written
+    enabled = make_core(mtls=MTLSSettings(enabled=True, listen="127.0.0.1:4250"))
+    assert enabled.apply([doc]).warnings == []

@@ -92,6 +92,158 @@ def test_validate_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
     assert rc == 0 and "<stdin>: CiliumClusterwideNetworkPolicy/default-deny-all-pods: spec.ingress: warning" in out
 
 
+# -- validate and apply: bad input (issue 11) -------------------------------------------------
+
+CNP_YAML = """\
+apiVersion: cilium.io/v2
+kind: {kind}
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  endpointSelector: {{matchLabels: {{app: billing}}}}
+  ingress: [{{fromEndpoints: [{{matchLabels: {{app: web}}}}]}}]
+"""
+
+
+def cnp_yaml(name: str = "allow-web", namespace: str = "payments", kind: str = "CiliumNetworkPolicy") -> str:
+    return CNP_YAML.format(kind=kind, name=name, namespace=namespace)
+
+
+NETWORK_POLICY_YAML = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: payments}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+"""
+
+# Nothing listens here: a test that reaches the agent fails with exit 2 "cannot reach".
+NO_AGENT = "unix:/nonexistent/l7gate-admin.sock"
+
+
+def test_validate_misspelled_kind_is_an_error_with_a_suggestion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "typo.yaml"
+    f.write_text(cnp_yaml(kind="CiliumNetworkPolicyy"))
+    rc, out, err = run(capsys, "policy", "validate", str(f))
+    assert rc == 1, (out, err)
+    assert f"{f}: CiliumNetworkPolicyy/payments/allow-web: kind: error: " in out
+    assert "did you mean 'CiliumNetworkPolicy'?" in out
+    assert "Traceback" not in out + err
+
+
+def test_validate_unknown_kind_without_a_near_one_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "odd.yaml"
+    f.write_text(cnp_yaml() + "---\napiVersion: v1\nkind: Zebra\nmetadata: {name: z}\n")
+    rc, out, _ = run(capsys, "policy", "validate", str(f))
+    assert rc == 1
+    assert f"{f}: Zebra/z: kind: error: unknown kind 'Zebra'" in out
+    assert "did you mean" not in out
+
+
+def test_validate_empty_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    rc, out, err = run(capsys, "policy", "validate", str(f))
+    assert rc == 1, (out, err)
+    assert f"{f}: error: the file is empty" in out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("---\n"))
+    rc, out, _ = run(capsys, "policy", "validate", "-")
+    assert rc == 1 and "<stdin>: error: the input is empty" in out
+
+
+def test_validate_input_without_any_policy_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "policy", "validate", str(SEED / "billing-service.yaml"))
+    assert rc == 1, (out, err)
+    assert "error: no CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy" in out
+    assert "skipped: Service/payments/billing-service, Deployment/payments/billing-service" in err
+
+
+def test_validate_kubernetes_network_policy_is_not_supported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "np.yaml"
+    f.write_text(cnp_yaml() + "---\n" + NETWORK_POLICY_YAML)
+    rc, out, _ = run(capsys, "policy", "validate", str(f))
+    assert rc == 1
+    assert f"{f}: NetworkPolicy/payments/deny-all: kind: error: " in out
+    assert "is not supported by l7gate" in out and "CiliumNetworkPolicy" in out
+
+
+def test_validate_lists_skipped_objects_by_kind_and_name(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "policy", "validate", str(SEED))
+    assert rc == 0, (out, err)
+    assert ("skipped: Service/payments/billing-service, Deployment/payments/billing-service, "
+            "Namespace/payments, Namespace/web, Pod/payments/billing-service-xyz") in err
+    rc, out, _ = run(capsys, "policy", "validate", str(SEED), "-o", "json")
+    data = json.loads(out)
+    assert rc == 0 and data["skipped"] == 8
+    assert data["skipped_objects"][:2] == ["Service/payments/billing-service", "Deployment/payments/billing-service"]
+
+
+def test_validate_duplicate_policy_is_an_error_naming_both_places(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(cnp_yaml())
+    b.write_text("# again\n" + cnp_yaml().replace("app: web", "app: other"))
+    rc, out, _ = run(capsys, "policy", "validate", str(a), str(b))
+    assert rc == 1, out
+    assert f"{b}: CiliumNetworkPolicy/payments/allow-web: metadata.name: error: " in out
+    assert f"{a}:1" in out and f"{b}:2" in out
+
+
+@pytest.mark.parametrize(
+    "name, namespace, path, message",
+    [
+        ("c", "a/b", "metadata.namespace", "'/' at position 2"),
+        ("b/c", "a", "metadata.name", "'/' at position 2"),
+        ("../../etc/Bad Name", "payments", "metadata.name", "'.' at position 1"),
+    ],
+)
+def test_validate_refuses_names_kubernetes_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, namespace: str, path: str, message: str
+) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text(cnp_yaml(name=f'"{name}"', namespace=f'"{namespace}"'))
+    rc, out, _ = run(capsys, "policy", "validate", str(f))
+    assert rc == 1, out
+    assert f": {path}: error: " in out and message in out, out
+
+
+def test_validate_namespace_flag_must_be_a_namespace_name(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys, "policy", "validate", "--namespace", "a/b", str(SEED))
+    assert rc == 2 and "--namespace" in err and "'/' at position 2" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (cnp_yaml(kind="CiliumNetworkPolicyy"), "did you mean 'CiliumNetworkPolicy'?"),
+        (NETWORK_POLICY_YAML, "is not supported by l7gate"),
+    ],
+)
+def test_apply_refuses_unknown_and_unsupported_kinds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, message: str
+) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text(cnp_yaml(name="good") + "---\n" + extra)
+    rc, _, err = run(capsys, "policy", "apply", "--admin", NO_AGENT, "-f", str(f))
+    assert rc == 1, err  # refused before the agent is contacted
+    assert f"{f}:" in err and message in err and "Traceback" not in err
+
+
+def test_apply_still_skips_ordinary_kubernetes_objects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys, "policy", "apply", "--admin", NO_AGENT, "-f", str(SEED))
+    assert rc == 2 and "cannot reach the agent" in err  # got as far as the agent
+
+
+def test_apply_refuses_the_same_policy_twice_naming_both_places(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(cnp_yaml())
+    b.write_text(cnp_yaml(name="other") + "---\n" + cnp_yaml())
+    rc, _, err = run(capsys, "policy", "apply", "--admin", NO_AGENT, "-f", str(a), "-f", str(b))
+    assert rc == 1, err
+    assert "CiliumNetworkPolicy/payments/allow-web" in err and f"{a}:1" in err and f"{b}:10" in err
+
+
 # -- trace ------------------------------------------------------------------------------------
 
 

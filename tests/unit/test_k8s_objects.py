@@ -169,6 +169,44 @@ def test_bad_objects(obj: Any, expected: str) -> None:
         errors = errors_of(obj)
     assert any(e.startswith(expected) for e in errors), errors
 
+def test_name_errors_name_the_character_at_fault() -> None:
+    """The same rules, and messages, as a policy's metadata (DNS-1123, as Kubernetes checks)."""
+    pod_errors = errors_of({"apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": "b/c", "namespace": "Pay"}})
+    assert any(e.startswith("metadata.name: must be a DNS subdomain") and "'/' at position 2" in e
+               for e in pod_errors), pod_errors
+    assert any(e.startswith("metadata.namespace: must be a DNS label") and "'P' at position 1" in e
+               for e in pod_errors), pod_errors
+    ns_errors = errors_of({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n" * 64}})
+    assert any("64 characters long: at most 63" in e for e in ns_errors), ns_errors
+
+
+@pytest.mark.parametrize(
+    "status, path, message",
+    [
+        ({"podIP": "0.0.0.0"}, "status.podIP", "unspecified address"),
+        ({"podIP": "::"}, "status.podIP", "unspecified address"),
+        ({"podIP": "224.0.0.1"}, "status.podIP", "multicast address"),
+        ({"podIP": "ff02::1"}, "status.podIP", "multicast address"),
+        ({"podIP": "255.255.255.255"}, "status.podIP", "broadcast address"),
+        ({"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "0.0.0.0"}]}, "status.podIPs[1].ip",
+         "unspecified address"),
+        ({"podIP": "10.0.0.1", "hostIP": "0.0.0.0"}, "status.hostIP", "unspecified address"),
+    ],
+)
+def test_addresses_no_pod_can_have_are_refused(status: dict[str, Any], path: str, message: str) -> None:
+    errors = errors_of({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "status": status})
+    assert [e for e in errors if e.startswith(f"{path}: ") and message in e], errors
+
+
+def test_pod_remembers_which_field_each_address_came_from() -> None:
+    pod = parse_pod(yaml.safe_load(BILLING), default_cluster="c")
+    assert pod.ip_fields == ("status.podIP", "status.podIPs[1].ip")
+    alone = parse_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                       "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}]}}, default_cluster="c")
+    assert alone.ips == ("10.0.0.1", "10.0.0.2")
+    assert alone.ip_fields == ("status.podIPs[0].ip", "status.podIPs[1].ip")
+
 
 def test_no_cluster_at_all_is_an_error() -> None:
     errors = errors_of(

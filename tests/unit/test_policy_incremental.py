@@ -4,7 +4,8 @@ A policy upsert, replace or delete changes an endpoint's map by the rules that l
 its rule set only (`Resolver._recompute_endpoint`), and endpoints selected by the same rules
 share one template. After every operation of a generated sequence — mostly policy upserts
 (same names, so most are replacements) and deletes, with relabels that move endpoints between
-shared templates, new and deleted peers, endpoints added and removed — this checks:
+shared templates, new and deleted peers, endpoints added and removed, and batches of policies
+upserted as one change (`Resolver.upsert_policies`, what an apply of a file does) — this checks:
 
 - every endpoint's maps, default-deny and policies equal those of a resolver built from
   scratch on the same state;
@@ -66,11 +67,14 @@ def shared_template_sequences(draw: st.DrawFn) -> dict[str, Any]:
     setup += [{"op": "add_endpoint", "id": e} for e in endpoints]
     ops: list[dict[str, Any]] = []
     for _ in range(draw(st.integers(1, 12))):
-        kind = gen.weighted(draw, [(8, "upsert_policy"), (3, "delete_policy"), (2, "relabel"),
-                                   (1, "peer"), (1, "add_endpoint"), (1, "remove_endpoint"),
-                                   (1, "recompute_all")])
+        kind = gen.weighted(draw, [(8, "upsert_policy"), (3, "upsert_policies"), (3, "delete_policy"),
+                                   (2, "relabel"), (1, "peer"), (1, "add_endpoint"),
+                                   (1, "remove_endpoint"), (1, "recompute_all")])
         if kind == "upsert_policy":
             ops.append({"op": kind, "doc": draw(gen.policy_docs(hints=hints))})
+        elif kind == "upsert_policies":
+            # Several at once (an apply of a file): replacements, new names and the same name twice.
+            ops.append({"op": kind, "docs": draw(st.lists(gen.policy_docs(hints=hints), min_size=2, max_size=5))})
         elif kind == "delete_policy":
             ops.append({"op": kind, "key": draw(gen.policy_keys())})
         elif kind == "relabel":

@@ -540,6 +540,39 @@ def test_document_level_errors() -> None:
     with pytest.raises(PolicyValidationError):
         parse_policy(["not", "a", "mapping"])
 
+@pytest.mark.parametrize(
+    "meta, path, message",
+    [
+        # the two that collided on one key, CiliumNetworkPolicy/a/b/c
+        ({"name": "c", "namespace": "a/b"}, "metadata.namespace", "'/' at position 2 is not allowed"),
+        ({"name": "b/c", "namespace": "a"}, "metadata.name", "'/' at position 2 is not allowed"),
+        ({"name": "../../etc/Bad Name", "namespace": "a"}, "metadata.name",
+         "'.' at position 1: must start with a lowercase letter or digit"),
+        ({"name": "Allow-Web", "namespace": "a"}, "metadata.name", "'A' at position 1 is not allowed (uppercase"),
+        ({"name": "allow-web-", "namespace": "a"}, "metadata.name", "'-' at position 10: must end with"),
+        ({"name": "a..b", "namespace": "a"}, "metadata.name", "'.' at position 3"),
+        ({"name": "p", "namespace": "pay.ments"}, "metadata.namespace", "'.' at position 4 is not allowed"),
+        ({"name": "x" * 254, "namespace": "a"}, "metadata.name", "254 characters long: at most 253"),
+        ({"name": "p", "namespace": "n" * 64}, "metadata.namespace", "64 characters long: at most 63"),
+        ({"name": "p\u00e9", "namespace": "a"}, "metadata.name", "'\u00e9' at position 2 is not allowed"),
+        ({"name": "p\n", "namespace": "a"}, "metadata.name", "'\\n' at position 2 is not allowed"),
+    ],
+)
+def test_names_are_kubernetes_names(meta: dict[str, Any], path: str, message: str) -> None:
+    errs = errors_of(cnp({"endpointSelector": {}}, metadata=meta))
+    assert list(errs) == [path], errs
+    assert message in errs[path], errs[path]
+    assert "DNS-1123" in errs[path]
+
+
+def test_longest_kubernetes_names_are_accepted() -> None:
+    name = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters, dotted
+    p = parse_policy(cnp({"endpointSelector": {}}, metadata={"name": name, "namespace": "n" * 63}))
+    assert p.name == name and p.namespace == "n" * 63
+    assert parse_policy(ccnp({"endpointSelector": {}}) | {"metadata": {"name": "a.b-1.c"}}).name == "a.b-1.c"
+    with pytest.raises(PolicyValidationError, match="metadata.name"):
+        parse_policy(ccnp({"endpointSelector": {}}) | {"metadata": {"name": "a_b"}})
+
 
 def test_nodeselector_refused_in_namespaced_policy() -> None:
     errs = errors_of(cnp({"nodeSelector": {}}))

@@ -277,6 +277,19 @@ def apply_op(
             return None
         model.policies[p.key] = p
         return r.upsert_policy(p)
+    if kind == "upsert_policies":
+        # One change for several documents: the resolver ends where upserting them one by one,
+        # in order, would (a key given twice: the later one).
+        batch = []
+        for doc in op["docs"]:
+            try:
+                p = parse_policy(doc, default_namespace=default_namespace, cluster_name=cluster_name)
+            except PolicyValidationError:
+                event("document rejected")
+                continue
+            model.policies[p.key] = p
+            batch.append(p)
+        return r.upsert_policies(batch)
     if kind == "delete_policy":
         model.policies.pop(op["key"], None)
         return r.delete_policy(op["key"])

@@ -221,8 +221,9 @@ class AdminApp:
             if path == "/v1/status":
                 return 200, self.hooks.status(), j
             if path == "/v1/policy":
-                return 200, {"revision": core.resolver.revision, "policies": core.policies(),
-                             "endpoints": core.endpoint_policies()}, j
+                view = core.view()  # one state for all three, and no wait for an apply under way
+                return 200, {"revision": view.policy_revision, "policies": core.policies(view),
+                             "endpoints": core.endpoint_policies(view)}, j
             if path == "/v1/endpoints":
                 return 200, {"endpoints": core.pods()}, j
             if path == "/v1/identities":

@@ -3,27 +3,35 @@
 Theory of operation. Inputs arrive as Kubernetes objects (CNP/CCNP, Pod, Namespace) through
 `apply` and `delete` (the admin API today; the Kubernetes watch later feeds the same path).
 Each call is all-or-nothing: every object is parsed and checked first; one invalid object
-refuses the whole request and nothing in force changes. A valid request then, in order:
+(or the same object twice, or a pod address this datapath cannot serve) refuses the whole
+request and nothing in force changes. A valid request then, in order:
 
-1. persists the objects in the kvstore (so a restarted agent comes back with them);
-2. for pods: allocates identities (the pod's cluster decides the numeric range), updates the
-   resolver's identities and the ipcache, registers local pods as endpoints and their ports
-   as proxied ports;
-3. for policies: upserts them into the resolver's repository;
-4. feeds every resulting `PolicyDelta` and ipcache change to the xDS publisher and flushes it,
+1. in one kvstore transaction, persists the objects (so a restarted agent comes back with
+   them) and, for pods, allocates identities (the pod's cluster decides the numeric range),
+   updates the resolver's identities and the ipcache, registers local pods as endpoints and
+   their ports as proxied ports;
+2. for policies, once that transaction is committed: upserts them into the resolver's
+   repository, all of them as one change (`Resolver.upsert_policies`), so 10,000 policies
+   cost one recompute of each endpoint they select, not 10,000;
+3. feeds every resulting `PolicyDelta` and ipcache change to the xDS publisher and flushes it,
    so the change is in Envoy's snapshot before the call returns.
 
-All public methods take one lock: the admin server's threads are serialized here.
+Every change takes one lock: the admin server's threads are serialized here. Readers do not
+take it for long: they answer from a `StateView`, the state as of the last completed change,
+which a long apply keeps from before it starts (`view`).
 """
 
 from __future__ import annotations
 
 import gc
+import ipaddress
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from google.protobuf.message import Message
@@ -37,7 +45,7 @@ from ..kvstore.api import KVStore
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
-from ..policy.resolve import PolicyDelta, Resolver
+from ..policy.resolve import EndpointPolicy, PolicyDelta, Resolver
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
@@ -72,6 +80,21 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside: for a large change (a long apply, the restore),
+    whose millions of new objects are long-lived. The collector kept walking them as they grew,
+    ~0.7 s of a 4 s restore of 10,000 policies; `settle_heap` after the change walks them once.
+    Reference counting still frees everything but cycles meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass(frozen=True, slots=True)
 class PodRecord:
     pod: Pod
@@ -86,18 +109,56 @@ class ApplyResult:
     configured: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    # applied, but not in force as written (e.g. auth required without mutual auth)
+    warnings: list[str] = field(default_factory=list)
+    # Seconds the agent spent, per step (check, persist, resolve, publish) and in total: what
+    # a long apply is told about where its time went.
+    timing: dict[str, float] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, list[str]]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "created": self.created,
             "configured": self.configured,
             "unchanged": self.unchanged,
             "deleted": self.deleted,
+            "warnings": self.warnings,
+            "timing": {k: round(v, 4) for k, v in self.timing.items()},
         }
 
 
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+# A request with this many objects takes a view for readers before it changes anything
+# (`AgentCore.view`); a smaller one holds the lock for milliseconds, and readers wait for it.
+LONG_APPLY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StateView:
+    """What the agent holds as of one completed change: immutable values and read-only copies
+    of the core's indexes. Readers (the admin API, metrics) answer from it without the core's
+    lock, so a long apply never makes them wait: until it completes they see the state before
+    it. Owned by no one; safe to share between threads."""
+
+    revision: int  # the core's change counter
+    policy_revision: int  # the resolver's repository revision
+    policy_docs: Mapping[str, Any]  # policy key → the object as applied
+    pods: Mapping[str, PodRecord]  # pod ref → record
+    identities: Mapping[int, Labels]
+    endpoints: Mapping[int, EndpointPolicy]  # local endpoint identity → its resolved policy
+
+    def pods_of(self) -> dict[int, list[str]]:
+        """Identity → the refs of its pods, sorted."""
+        out: dict[int, list[str]] = {}
+        for ref in sorted(self.pods):
+            out.setdefault(self.pods[ref].identity, []).append(ref)
+        return out
+
+    @property
+    def map_entries(self) -> int:
+        return sum(len(p.ingress) + len(p.egress) for p in self.endpoints.values())
 
 
 class AgentCore:
@@ -127,6 +188,9 @@ class AgentCore:
         self._pod_docs: dict[str, Any] = {}
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._identity_pods: dict[int, set[str]] = {}
+        # The state as of the last completed change, for readers; None until one asks for it
+        # again (or a long apply keeps it) after a change.
+        self._view: StateView | None = None
         self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs)
         self.ipcache.subscribe(self.publisher.on_ipcache_change)
         self.kernel = kernel
@@ -159,15 +223,23 @@ class AgentCore:
                 for _, value in self.store.list_prefix(prefix):
                     docs.append(json.loads(value))
             if docs:
-                self._apply_locked(docs, persist=False)
+                with collector_paused():
+                    self._apply_locked(docs, persist=False)
+                settle_heap()
             else:
                 self.publisher.flush()
 
     # -- apply / delete ----------------------------------------------------------------------
 
     def apply(self, docs: Iterable[Any]) -> ApplyResult:
-        with self._lock, self.store.batch():  # one commit (one fsync) per request
-            result = self._apply_locked(list(docs), persist=True)
+        docs = list(docs)
+        with self._lock:
+            long = len(docs) >= LONG_APPLY
+            if long:
+                # Readers answer from the state in force until this request is, not after it.
+                self._keep_view()
+            with collector_paused() if long else nullcontext():
+                result = self._apply_locked(docs, persist=True)
         settle_heap()
         return result
 
@@ -176,11 +248,26 @@ class AgentCore:
         policies: list[tuple[Policy, Any]] = []
         namespaces: list[tuple[Namespace, Any]] = []
         pods: list[tuple[Pod, Any]] = []
+        # One request, one object per key: applying both would keep the later one silently.
+        first: dict[str, int] = {}
+
+        def once(key: str, i: int, what: str) -> bool:
+            if key in first:
+                errors.append(
+                    f"object {i + 1}: {key} is also object {first[key]} of this request: a request may "
+                    f"hold each {what}; remove or rename one"
+                )
+                return False
+            first[key] = i + 1
+            return True
+
         for i, doc in enumerate(docs):
             kind = doc.get("kind") if isinstance(doc, dict) else None
             try:
                 if kind in POLICY_KINDS:
-                    policies.append((parse_policy(doc, cluster_name=self.config.cluster_name), doc))
+                    policy = parse_policy(doc, cluster_name=self.config.cluster_name)
+                    if once(policy.key, i, "policy once (same kind, namespace and name)"):
+                        policies.append((policy, doc))
                 elif kind == "Pod":
                     pod = parse_pod(doc, default_cluster=self.config.cluster_name)
                     if self.config.cluster_id_of(pod.cluster) is None:
@@ -190,7 +277,9 @@ class AgentCore:
                         )
                     elif pod.ip is None:
                         errors.append(f"Pod {pod.ref}: status.podIP is required")
-                    else:
+                    elif problems := self._address_errors(pod):
+                        errors.extend(problems)
+                    elif once(f"pod/{pod.ref}", i, "pod once (same cluster, namespace and name)"):
                         pods.append((pod, doc))
                 elif kind == "Namespace":
                     # A Namespace without the cluster annotation describes that namespace in
@@ -199,7 +288,8 @@ class AgentCore:
                     ns = parse_namespace(doc, default_cluster=self.config.cluster_name)
                     if not annotated:
                         ns = Namespace(ns.name, ns.labels, ANY_CLUSTER)
-                    namespaces.append((ns, doc))
+                    if once(f"namespace/{ns.cluster}/{ns.name}", i, "namespace once"):
+                        namespaces.append((ns, doc))
                 else:
                     errors.append(
                         f"object {i + 1}: kind {kind!r} is not one of "
@@ -221,7 +311,43 @@ class AgentCore:
         return policies, namespaces, pods
 
     def _apply_locked(self, docs: list[Any], *, persist: bool) -> ApplyResult:
+        t0 = time.perf_counter()
         policies, namespaces, pods = self._check(docs)
+        t1 = time.perf_counter()
+        try:
+            # One transaction (one fsync) per request, committed before any policy of the
+            # request comes into force: if the store refuses it, the policies in force stay.
+            with self.store.batch():
+                result, changed = self._stage(policies, namespaces, pods, persist=persist)
+            t2 = time.perf_counter()
+            # One resolver change for the whole request: each endpoint is recomputed once.
+            self._feed(self.resolver.upsert_policies(p for p, _ in changed))
+            self._policy_docs.update((p.key, doc) for p, doc in changed)
+            t3 = time.perf_counter()
+            if not self.config.mtls.enabled:
+                result.warnings.extend(w for policy, _ in policies for w in _auth_without_mtls(policy))
+            self._sync_ports()
+            self._flush()
+        finally:
+            self._view = None  # readers see this change now (or whatever a failure left)
+        # After the view is dropped: whoever sees the new revision reads the new state.
+        self.revision += 1
+        t4 = time.perf_counter()
+        result.timing = {"check": t1 - t0, "persist": t2 - t1, "resolve": t3 - t2, "publish": t4 - t3,
+                         "total": t4 - t0}
+        return result
+
+    def _stage(
+        self,
+        policies: list[tuple[Policy, Any]],
+        namespaces: list[tuple[Namespace, Any]],
+        pods: list[tuple[Pod, Any]],
+        *,
+        persist: bool,
+    ) -> tuple[ApplyResult, list[tuple[Policy, Any]]]:
+        """Inside the request's store transaction: namespaces and pods into force (their
+        identities are allocated in the store), every changed object into the store. Returns
+        the policies that change, for the caller to bring into force once the store has them."""
         result = ApplyResult()
         for ns, doc in namespaces:
             key = f"{ns.cluster}/{ns.name}"
@@ -246,19 +372,51 @@ class AgentCore:
                 if persist:
                     self.store.put(POD_PREFIX + pod.ref, _canonical(doc))
             self._record(result, f"pod/{pod.ref}", old_doc is None, same)
+        changed: list[tuple[Policy, Any]] = []
         for policy, doc in policies:
             old = self._policy_docs.get(policy.key)
-            same = old is not None and _canonical(old) == _canonical(doc)
+            canonical = _canonical(doc) if persist or old is not None else None
+            same = old is not None and _canonical(old) == canonical
             if not same:
-                self._feed(self.resolver.upsert_policy(policy))
-                self._policy_docs[policy.key] = doc
-                if persist:
-                    self.store.put(POLICY_PREFIX + policy.key, _canonical(doc))
+                changed.append((policy, doc))
+                if canonical is not None and persist:
+                    self.store.put(POLICY_PREFIX + policy.key, canonical)
             self._record(result, policy.key, old is None, same)
-        self._sync_ports()
-        self._flush()
-        self.revision += 1
-        return result
+        return result, changed
+
+    def _address_errors(self, pod: Pod) -> list[str]:
+        """What this agent's datapath cannot do with the pod's addresses. (Addresses no pod can
+        have, such as 0.0.0.0, are refused by `parse_pod` in every mode.)"""
+        loopback = self.config.datapath_mode == "loopback"
+        local = self._is_local(pod)
+        out: list[str] = []
+        for n, ip in enumerate(pod.ips):
+            where = pod.ip_fields[n] if n < len(pod.ip_fields) else "status.podIPs"
+            addr = ipaddress.ip_address(ip)
+            if addr.version == 6:
+                problem = (
+                    f"{ip} is an IPv6 address: IPv6 pod addresses are not supported by l7gate (its "
+                    "datapath is IPv4, so traffic to this address would not be policed); give the "
+                    "pod's IPv4 address only"
+                )
+            elif loopback and local and not addr.is_loopback:
+                # Envoy would be told to listen on an address this host does not have.
+                problem = (
+                    f"{ip} is outside 127.0.0.0/8: with datapath.mode: loopback the node's Envoy "
+                    "listens on each local pod's own address, on the loopback interface. Give the pod "
+                    "a 127.x address, run the agent with datapath.mode: kernel, or set spec.nodeName "
+                    "if the pod runs on another node"
+                )
+            elif not loopback and addr.is_loopback:
+                problem = (
+                    f"{ip} is a loopback address: with datapath.mode: {self.config.datapath_mode} a "
+                    "pod's address is its own on the pod network (127.0.0.0/8 is for datapath.mode: "
+                    "loopback)"
+                )
+            else:
+                continue
+            out.append(f"Pod {pod.ref}: {where}: {problem}")
+        return out
 
     def _flush(self) -> None:
         self.publisher.flush()
@@ -291,6 +449,7 @@ class AgentCore:
         with self._lock:
             if key not in self._policy_docs:
                 return False
+            self._view = None
             self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
             self.store.delete(POLICY_PREFIX + key)
@@ -306,6 +465,7 @@ class AgentCore:
                 ref = f"{self.config.cluster_name}/{ref}"
             if ref not in self._pods:
                 return False
+            self._view = None
             self._remove_pod(ref)
             self._pod_docs.pop(ref, None)
             self.store.delete(POD_PREFIX + ref)
@@ -442,43 +602,76 @@ class AgentCore:
 
     # -- queries -------------------------------------------------------------------------------
 
-    def policies(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [
-                {"key": k, "object": self._policy_docs[k]} for k in sorted(self._policy_docs)
-            ]
+    def view(self) -> StateView:
+        """The state as of the last completed change. Waits for a short change in progress (it
+        holds the lock for milliseconds), never for a long apply: that one kept the view of
+        the state before it (`_keep_view`), which is what readers get until it completes."""
+        while True:
+            v = self._view
+            if v is not None:
+                return v
+            # In slices: a long apply may start keeping a view while this thread waits.
+            if self._lock.acquire(timeout=0.05):
+                try:
+                    if self._view is None:
+                        self._view = self._take_view()
+                    return self._view
+                finally:
+                    self._lock.release()
+
+    def _keep_view(self) -> None:
+        """Under the lock, before a long change: readers answer from the state before it."""
+        if self._view is None:
+            self._view = self._take_view()
+
+    def _take_view(self) -> StateView:
+        r = self.resolver
+        endpoints = {i: p for i in r.endpoints() if (p := r.endpoint_policy(i)) is not None}
+        return StateView(
+            self.revision,
+            r.revision,
+            MappingProxyType(dict(self._policy_docs)),
+            MappingProxyType(dict(self._pods)),
+            MappingProxyType(dict(r.identities)),
+            MappingProxyType(endpoints),
+        )
+
+    def policies(self, view: StateView | None = None) -> list[dict[str, Any]]:
+        v = view or self.view()
+        return [{"key": k, "object": v.policy_docs[k]} for k in sorted(v.policy_docs)]
 
     def pod_counts(self) -> dict[str, int]:
         """What `l7gate status` counts: every pod the agent knows (what `endpoint list` shows),
         and the local ones, whose ingress this node enforces."""
-        with self._lock:
-            return {"known": len(self._pods), "local": len(self._local_pods)}
+        v = self.view()
+        return {"known": len(v.pods), "local": sum(1 for rec in v.pods.values() if rec.local)}
 
     def pods(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [
-                {
-                    "ref": ref,
-                    "identity": rec.identity,
-                    "ips": list(rec.pod.ips),
-                    "local": rec.local,
-                    "ports": [f"{p}/{proto}" for p, proto in rec.pod.ports],
-                    "labels": dict(rec.labels),
-                }
-                for ref, rec in sorted(self._pods.items())
-            ]
+        v = self.view()
+        return [
+            {
+                "ref": ref,
+                "identity": rec.identity,
+                "ips": list(rec.pod.ips),
+                "local": rec.local,
+                "ports": [f"{p}/{proto}" for p, proto in rec.pod.ports],
+                "labels": dict(rec.labels),
+            }
+            for ref, rec in sorted(v.pods.items())
+        ]
 
     def identities(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [
-                {
-                    "identity": ident,
-                    "labels": dict(labels),
-                    "pods": sorted(self._identity_pods.get(ident, ())),
-                    "endpoint": self.resolver.has_endpoint(ident),
-                }
-                for ident, labels in sorted(self.resolver.identities.items())
-            ]
+        v = self.view()
+        pods_of = v.pods_of()
+        return [
+            {
+                "identity": ident,
+                "labels": dict(labels),
+                "pods": pods_of.get(ident, []),
+                "endpoint": ident in v.endpoints,
+            }
+            for ident, labels in sorted(v.identities.items())
+        ]
 
     def ipcache_entries(self) -> list[dict[str, Any]]:
         return [
@@ -486,30 +679,38 @@ class AgentCore:
             for e in self.ipcache.snapshot()
         ]
 
-    def endpoint_policies(self) -> list[dict[str, Any]]:
-        with self._lock:
-            out = []
-            for ident in self.resolver.endpoints():
-                pol = self.resolver.endpoint_policy(ident)
-                if pol is None:
-                    continue
-                out.append(
-                    {
-                        "identity": ident,
-                        "pods": sorted(r for r in self._identity_pods.get(ident, ()) if self._pods[r].local),
-                        "revision": pol.revision,
-                        "policies": list(pol.policies),
-                        "ingress": {
-                            "default_deny": pol.default_deny_ingress,
-                            "entries": [_entry_json(k, e) for k, e in pol.ingress.items()],
-                        },
-                        "egress": {
-                            "default_deny": pol.default_deny_egress,
-                            "entries": [_entry_json(k, e) for k, e in pol.egress.items()],
-                        },
-                    }
-                )
-            return out
+    def endpoint_policies(self, view: StateView | None = None) -> list[dict[str, Any]]:
+        v = view or self.view()
+        pods_of = v.pods_of()
+        return [
+            {
+                "identity": ident,
+                "pods": [r for r in pods_of.get(ident, ()) if v.pods[r].local],
+                "revision": pol.revision,
+                "policies": list(pol.policies),
+                "ingress": {
+                    "default_deny": pol.default_deny_ingress,
+                    "entries": [_entry_json(k, e) for k, e in pol.ingress.items()],
+                },
+                "egress": {
+                    "default_deny": pol.default_deny_egress,
+                    "entries": [_entry_json(k, e) for k, e in pol.egress.items()],
+                },
+            }
+            for ident, pol in sorted(v.endpoints.items())
+        ]
+
+
+def _auth_without_mtls(policy: Policy) -> list[str]:
+    """The rules of `policy` that require mutual auth, on an agent without it: fail closed."""
+    return [
+        f"{policy.key}: {pr.origin.path}.authentication: mode required, but mutual authentication is "
+        "not enabled on this agent (mtls.enabled is false): traffic under this rule is dropped until "
+        "mtls.enabled is set in the agent's configuration"
+        for rule in policy.rules
+        for pr in rule.rules
+        if pr.auth is AuthMode.REQUIRED
+    ]
 
 
 def _entry_json(key: Any, entry: Any) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         env = self.envoy.status() if self.envoy else None
         problems = self.watch.problems()
+        view = self.core.view()
         return {
             "health": {"healthy": not problems, "problems": problems},
             "node": self.config.node,
@@ -94,9 +95,10 @@ class Agent:
                 "last_exit": env.last_exit.describe() if env.last_exit else None,
                 "error": env.error,
             },
-            "policies": len(self.core.resolver.repository),
-            "policy_revision": self.core.resolver.revision,
-            "identities": len(self.core.resolver.identities),
+            # As of the last completed change: an apply under way shows when it is done.
+            "policies": len(view.policy_docs),
+            "policy_revision": view.policy_revision,
+            "identities": len(view.identities),
             # known: every pod `endpoint list` shows (all clusters); local: those on this node,
             # whose ingress this agent enforces.
             "pods": self.core.pod_counts(),

@@ -25,13 +25,15 @@ class _StateCollector(Collector):
         self.core = core
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        core = self.core
-        yield GaugeMetricFamily("l7gate_identities", "Identities known to the agent", value=len(core.resolver.identities))
-        yield GaugeMetricFamily("l7gate_ipcache_entries", "Prefixes in the ipcache", value=len(core.ipcache))
-        yield GaugeMetricFamily("l7gate_endpoints", "Local endpoint identities under policy", value=len(core.resolver.endpoints()))
-        yield GaugeMetricFamily("l7gate_policies", "Policies in force", value=len(core.resolver.repository))
-        yield GaugeMetricFamily("l7gate_policy_revision", "Policy repository revision", value=core.resolver.revision)
-        yield GaugeMetricFamily("l7gate_policy_map_entries", "Resolved policy map entries", value=core.resolver.map_size())
+        # The state as of the last completed change: a scrape never waits for an apply, nor
+        # reads the resolver while one changes it.
+        view = self.core.view()
+        yield GaugeMetricFamily("l7gate_identities", "Identities known to the agent", value=len(view.identities))
+        yield GaugeMetricFamily("l7gate_ipcache_entries", "Prefixes in the ipcache", value=len(self.core.ipcache))
+        yield GaugeMetricFamily("l7gate_endpoints", "Local endpoint identities under policy", value=len(view.endpoints))
+        yield GaugeMetricFamily("l7gate_policies", "Policies in force", value=len(view.policy_docs))
+        yield GaugeMetricFamily("l7gate_policy_revision", "Policy repository revision", value=view.policy_revision)
+        yield GaugeMetricFamily("l7gate_policy_map_entries", "Resolved policy map entries", value=view.map_entries)
 
 
 class _XdsPushCollector(Collector):

@@ -1,16 +1,20 @@
 """`l7gate policy validate`: every error and warning in a set of manifest files.
 
-Non-policy objects (Pods, Services, Deployments, ...) are skipped: a folder of application
-manifests with policies among them validates as the policies alone.
+Ordinary Kubernetes objects (Pods, Services, Deployments, ...) are skipped and listed: a folder
+of application manifests with policies among them validates as the policies alone. A kind nobody
+knows (a misspelled `CiliumNetworkPolicyy`), a policy l7gate would not enforce (a Kubernetes
+NetworkPolicy), the same policy twice, an empty file and an input without any policy are errors:
+each of them would otherwise leave traffic unpoliced while the check says all is well.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..k8s.manifests import Manifest, load
+from ..k8s.manifests import Manifest, kind_problem, load, object_name
 from ..policy.errors import PolicyValidationError
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.types import Policy
@@ -53,6 +57,7 @@ class ValidationReport:
     checked: int = 0
     invalid: int = 0
     skipped: int = 0
+    skipped_objects: list[str] = field(default_factory=list)  # KIND/[NAMESPACE/]NAME, in input order
     usage_errors: list[str] = field(default_factory=list)
 
     @property
@@ -78,12 +83,17 @@ class ValidationReport:
             s += f"; {self.skipped} other object{'s' if self.skipped != 1 else ''} skipped"
         return s
 
+    def skipped_line(self) -> str:
+        """`skipped: Deployment/payments/billing-service, Service/...`, or "" when none was."""
+        return "skipped: " + ", ".join(self.skipped_objects) if self.skipped_objects else ""
+
     def to_json(self) -> dict[str, Any]:
         return {
             "valid": not self.invalid and not self.usage_errors and not self.errors,
             "checked": self.checked,
             "invalid": self.invalid,
             "skipped": self.skipped,
+            "skipped_objects": self.skipped_objects,
             "errors": [i.to_json() for i in self.errors],
             "warnings": [i.to_json() for i in self.warnings],
             "usage_errors": self.usage_errors,
@@ -91,14 +101,7 @@ class ValidationReport:
 
 
 def _resource_name(obj: object) -> str:
-    if not isinstance(obj, dict):
-        return ""
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    assert isinstance(meta, dict)
-    ns = meta.get("namespace")
-    name = meta.get("name", "?")
-    kind = obj.get("kind", "?")
-    return f"{kind}/{ns + '/' if isinstance(ns, str) and kind != POLICY_KINDS[1] else ''}{name}"
+    return object_name(obj)
 
 
 def check_manifests(
@@ -119,7 +122,15 @@ def check_manifests(
             report.invalid += 1
             continue
         if obj["kind"] not in POLICY_KINDS:
-            report.skipped += 1
+            problem = kind_problem(obj, POLICY_KINDS)
+            if problem is None:
+                report.skipped += 1
+                report.skipped_objects.append(_resource_name(obj))
+            else:
+                report.invalid += 1
+                report.items.append(
+                    Item(m.source, m.line, _resource_name(obj), "error", "kind", problem, "kind")
+                )
             continue
         report.checked += 1
         resource = _resource_name(obj)
@@ -137,11 +148,15 @@ def check_manifests(
                 Item(m.source, m.line, policy.key, "warning", f.path, f.message, f.code)
             )
         if policy.key in seen:
+            # Kubernetes holds one object per kind, namespace and name: one of the two would
+            # silently replace the other.
+            report.invalid += 1
             report.items.append(
-                Item(m.source, m.line, policy.key, "warning", "metadata.name",
-                     f"defined again (first in {seen[policy.key]}); the later definition wins",
-                     "duplicate")
+                Item(m.source, m.line, policy.key, "error", "metadata.name",
+                     f"{policy.key} is defined twice, at {seen[policy.key]} and at {m.where}: one "
+                     f"would replace the other; remove one, or rename it", "duplicate")
             )
+            continue
         seen[policy.key] = m.where
         report.policies.append((m, policy))
 
@@ -154,6 +169,7 @@ def validate_paths(
     stdin_text: str | None = None,
 ) -> ValidationReport:
     report = ValidationReport()
+    paths = list(paths)
     manifests, load_errors = load(paths, stdin_text)
     for e in load_errors:
         if e.missing:
@@ -161,5 +177,23 @@ def validate_paths(
         else:
             report.items.append(Item(e.source, 0, "", "error", "", e.message, "yaml"))
             report.invalid += 1
+    for p in paths:
+        source = "<stdin>" if p == "-" else p
+        if (p == "-" or os.path.isfile(p)) and not any(m.source == source for m in manifests) and not any(
+            e.source == source for e in load_errors
+        ):
+            what = "the input is empty" if p == "-" else "the file is empty"
+            report.items.append(
+                Item(source, 0, "", "error", "", f"{what}: it holds no Kubernetes object; give the file "
+                     "that holds your policies", "empty")
+            )
     check_manifests(manifests, report, default_namespace=default_namespace, cluster_name=cluster_name)
+    if not report.checked and not report.errors and not report.usage_errors:
+        where = " ".join("<stdin>" if p == "-" else p for p in paths)
+        report.items.append(
+            Item(where, 0, "", "error", "",
+                 f"no CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy in it, so nothing was checked "
+                 f"({report.skipped} other object{'s' if report.skipped != 1 else ''} skipped); give the "
+                 "files or folders that hold your policies", "no-policy")
+        )
     return report

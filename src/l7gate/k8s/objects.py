@@ -22,16 +22,17 @@ from types import MappingProxyType
 from typing import Any
 
 from l7gate.policy.errors import Finding
+from l7gate.policy.names import name_error
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SERVICE_ACCOUNT = "default"
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 class K8sObjectError(Exception):
@@ -63,6 +64,8 @@ class Pod:
     host_network: bool = False
     ports: tuple[tuple[int, str], ...] = ()  # (containerPort, protocol) from spec.containers[]
     host_ip: str | None = None  # status.hostIP: the node's address (its agent's mutual-auth server)
+    # the field each of `ips` came from (`status.podIP`, `status.podIPs[1].ip`), for error messages
+    ip_fields: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         # Callers may pass plain dicts; keep read-only copies so the value stays immutable.
@@ -188,10 +191,9 @@ def _dns_name(
         if required:
             errors.add(path, "is required")
         return None
-    limit, pattern = (253, _DNS_SUBDOMAIN) if subdomain else (63, _DNS_LABEL)
-    if len(value) > limit or not pattern.fullmatch(value):
-        kind = "a DNS subdomain" if subdomain else "a DNS label"
-        errors.add(path, f"must be {kind} (lowercase letters, digits, '-'), got {value!r}")
+    message = name_error(value, subdomain=subdomain)
+    if message is not None:
+        errors.add(path, message)
         return None
     return value
 
@@ -224,14 +226,28 @@ def _cluster(
 
 
 def _ip(value: object, path: str, errors: _Errors) -> str | None:
+    """A pod's or node's own address. Addresses no pod or node can have are refused here, in any
+    datapath mode: the agent would listen on them (0.0.0.0 is every interface of the node)."""
     if not isinstance(value, str):
         errors.add(path, "must be a string")
         return None
     try:
-        return ipaddress.ip_address(value).compressed
+        addr = ipaddress.ip_address(value)
     except ValueError:
         errors.add(path, f"not an IP address: {value!r}")
         return None
+    what = None
+    if addr.is_unspecified:
+        what = "the unspecified address (it means every interface of the node)"
+    elif addr.is_multicast:
+        what = "a multicast address"
+    elif addr == _LIMITED_BROADCAST:
+        what = "the limited broadcast address"
+    if what is not None:
+        errors.add(path, f"{addr.compressed} is {what}, not an address of one pod or node: give its own "
+                         "unicast address")
+        return None
+    return addr.compressed
 
 
 def _raise_if(errors: _Errors, kind: str, namespace: str | None, name: str | None) -> None:
@@ -306,10 +322,12 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
 
     status = _mapping(top, "status", "status", errors)
     ips: list[str] = []
+    ip_fields: list[str] = []
     if status.get("podIP") not in (None, ""):
         ip = _ip(status["podIP"], "status.podIP", errors)
         if ip is not None:
             ips.append(ip)
+            ip_fields.append("status.podIP")
     host_ip: str | None = None
     if status.get("hostIP") not in (None, ""):
         host_ip = _ip(status["hostIP"], "status.hostIP", errors)
@@ -325,6 +343,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
                 ip = _ip(item["ip"], f"status.podIPs[{i}].ip", errors)
                 if ip is not None and ip not in ips:
                     ips.append(ip)
+                    ip_fields.append(f"status.podIPs[{i}].ip")
 
     _raise_if(errors, "Pod", namespace, name)
     assert name is not None
@@ -341,6 +360,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         host_network=host_network,
         ports=tuple(sorted(ports)),
         host_ip=host_ip,
+        ip_fields=tuple(ip_fields),
     )
 
 

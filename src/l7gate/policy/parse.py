@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from .errors import Finding, PolicyValidationError
 from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reserved
+from .names import name_error
 from .regex import RegexError, compile_regex
 from .selector import (
     CIDRSelector,
@@ -167,6 +168,18 @@ class _Walker:
             return None
         return value
 
+    def k8s_name(self, value: object, path: str, *, subdomain: bool) -> str | None:
+        """An object or namespace name, as the API server checks it: `/` in either would make
+        two policies one key."""
+        s = self.string(value, path, allow_empty=False)
+        if s is None:
+            return None
+        message = name_error(s, subdomain=subdomain)
+        if message is not None:
+            self.error(path, message, "name")
+            return None
+        return s
+
     def required_string(self, m: Mapping[str, Any], key: str, path: str) -> str | None:
         if key not in m:
             self.error(_join(path, key), "is required", "required")
@@ -260,9 +273,12 @@ def parse_policy(
         if "name" not in meta_map:
             w.error("metadata.name", "is required", "required")
         else:
-            w.string(meta_map["name"], "metadata.name", allow_empty=False)
+            w.k8s_name(meta_map["name"], "metadata.name", subdomain=True)
         if "namespace" in meta_map:
-            w.string(meta_map["namespace"], "metadata.namespace", allow_empty=False)
+            if kind == KIND_CNP:
+                w.k8s_name(meta_map["namespace"], "metadata.namespace", subdomain=False)
+            else:  # ignored, with a warning below
+                w.string(meta_map["namespace"], "metadata.namespace", allow_empty=False)
     if kind == KIND_CNP:
         namespace = namespace or default_namespace
     elif namespace:

@@ -340,7 +340,10 @@ def rbac_matcher(
                         groups[key].append(net)
                         listed[net] = key
                         break
-    range_matchers = []
+    # Ranges are added in place: a leaf is copied once into the matcher (building each
+    # IPRangeMatcher apart copied it twice, which was most of a slot's cost when leaves hold
+    # hundreds of HTTP rules).
+    ip_matcher = ip_pb2.IPMatcher()
     if not broad:
         # Only host prefixes (pods): merge runs of addresses with one decision into the exact
         # CIDR blocks they fill (pod IPs come from node CIDRs, so runs are common). The blocks
@@ -354,32 +357,26 @@ def rbac_matcher(
                 merged.extend((version, lo, plen) for lo, plen in _aligned_blocks(same, bits))
             blocks.append((merged[0], merged, leaf_of[key]))
         for _, merged, d in sorted(blocks, key=lambda b: b[0]):
-            range_matchers.append(
-                ip_pb2.IPMatcher.IPRangeMatcher(
-                    ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified), exclusive=True
-                )
+            ip_matcher.range_matchers.add(
+                ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified), exclusive=True
             )
     else:
         for key, nets in sorted(groups.items(), key=lambda kv: min(_net_key(n) for n in kv[1])):
-            range_matchers.append(
-                ip_pb2.IPMatcher.IPRangeMatcher(
-                    ranges=[_cidr(n) for n in sorted(set(nets), key=_net_key)],
-                    on_match=_leaf(leaf_of[key], auth_verified),
-                    exclusive=True,
-                )
-            )
-    if not range_matchers:
-        # An IP matcher needs at least one range: 255.255.255.255/32 is never a TCP peer.
-        range_matchers.append(
-            ip_pb2.IPMatcher.IPRangeMatcher(
-                ranges=[_cidr(ipaddress.ip_network("255.255.255.255/32"))],
-                on_match=_leaf(decisions.world, auth_verified),
+            ip_matcher.range_matchers.add(
+                ranges=[_cidr(n) for n in sorted(set(nets), key=_net_key)],
+                on_match=_leaf(leaf_of[key], auth_verified),
                 exclusive=True,
             )
+    if not ip_matcher.range_matchers:
+        # An IP matcher needs at least one range: 255.255.255.255/32 is never a TCP peer.
+        ip_matcher.range_matchers.add(
+            ranges=[_cidr(ipaddress.ip_network("255.255.255.255/32"))],
+            on_match=_leaf(decisions.world, auth_verified),
+            exclusive=True,
         )
     tree = matcher_pb2.Matcher.MatcherTree(
         input=_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
-        custom_match=_ext("ip-matcher", ip_pb2.IPMatcher(range_matchers=range_matchers)),
+        custom_match=_ext("ip-matcher", ip_matcher),
     )
     return matcher_pb2.Matcher(
         matcher_tree=tree,
@@ -728,6 +725,10 @@ def source_slot_config(
             table[ident].append(net)
     else:
         table = slot_prefixes(blocks, by_block, broad)
+    if not table:
+        return core_extension_pb2.TypedExtensionConfig(
+            name=slot_name(ip, port, slot), typed_config=_world_only(world, auth_verified)
+        )
     peers = {}
     for ident in sorted(table):
         d = world if ident == WORLD_ID else decide(ident)
@@ -735,6 +736,15 @@ def source_slot_config(
             peers[ident] = d
     matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
     return rbac_filter_config(slot_name(ip, port, slot), matcher)
+
+
+@functools.lru_cache(maxsize=4096)
+def _world_only(world: Decision, auth_verified: bool) -> any_pb2.Any:
+    # The RBAC of a slot that holds no prefix, which is most slots of a port: world's decision
+    # for every address. A port's slots are all rendered whenever what every peer shares
+    # changes (a bulk apply does so for every port); built and packed once per decision, they
+    # cost a copy each. Shared, never mutated: protobuf copies a message assigned to a field.
+    return _any(rbac_pb2.RBAC(matcher=rbac_matcher(PortDecisions(world, {}), {}, auth_verified=auth_verified)))
 
 
 def source_configs(
