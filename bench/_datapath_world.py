@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from _world import WrkResult, find_wrk, parse_wrk
-from l7gate.agent.client import AdminClient, AdminError
-from l7gate.agent.testbed import Node, Pod
+from l7gate.client import AdminClient, AdminError
+from l7gate.testing.testbed import Node, Pod
 from l7gate.redirect_bpf.compile import KAction, PolicyKey, PolicyValue
 from l7gate.redirect_bpf.loader import KernelDatapath
 

@@ -25,7 +25,7 @@ from _datapath_world import (
     BILLING, FRONTEND, AgentProcess, http_probe, remove_bpf_root_if_empty, seed_policies,
     start_static_upstream, wait_until,
 )
-from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.testing.testbed import Node, Pod, Testbed
 from l7gate.l7proxy.supervisor import admin_request
 
 PORT = 8080

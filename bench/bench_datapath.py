@@ -65,7 +65,7 @@ from _datapath_world import (
     start_static_upstream, wrk, wrk_script,
 )
 from _world import WrkResult, find_wrk
-from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.testing.testbed import Node, Pod, Testbed
 from run import Context, Result
 
 PORT = 8080

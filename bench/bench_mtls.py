@@ -91,7 +91,7 @@ from _tunnel_world import (
 )
 from run import Context, Result
 
-from l7gate.agent.testbed import Testbed
+from l7gate.testing.testbed import Testbed
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import MutualAuthServer, handshake
 from l7gate.mtls.store import SVIDStore

@@ -46,8 +46,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetlinkError
 
 from _datapath_world import BPF_ROOT, remove_bpf_root_if_empty
-from l7gate.agent import testbed as tbmod
-from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.testing import testbed as tbmod
+from l7gate.testing.testbed import Node, Pod, Testbed
 from l7gate.redirect_bpf import applier
 from l7gate.redirect_bpf.applier import KernelApplier
 from l7gate.redirect_bpf.loader import KernelDatapath

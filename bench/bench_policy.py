@@ -48,7 +48,7 @@ import yaml
 
 from run import Context, Result
 
-from l7gate.agent.client import AdminClient
+from l7gate.client import AdminClient
 
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy

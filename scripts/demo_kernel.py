@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from l7gate.agent.client import AdminClient
-from l7gate.agent.testbed import Testbed
+from l7gate.client import AdminClient
+from l7gate.testing.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "examples" / "seed"

@@ -19,7 +19,7 @@ APT_PACKAGES=(
     gcc
     make
     git
-    iproute2      # the testbed (src/l7gate/agent/testbed.py): ip netns, veths
+    iproute2      # the testbed (src/l7gate/testing/testbed.py): ip netns, veths
     iputils-ping  # the testbed's reachability probes
     curl          # pods run curl in the testbed, as the seed's frontend does
     # the kernel datapath (src/l7gate/redirect_bpf): bcc compiles the tc programs at run time

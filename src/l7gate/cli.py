@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .agent.client import AdminClient, AdminError, read_token_file
+from .client import AdminClient, AdminError, read_token_file
 from .agent.config import DEFAULT_ADMIN
-from .agent.trace import TraceError, TraceRequest, format_trace_text, run_trace
-from .agent.validate import validate_paths
+from .offline.trace import TraceError, TraceRequest, format_trace_text, run_trace
+from .offline.validate import validate_paths
 from .k8s.manifests import Manifest, kind_problem, load, object_name
 from .policy.names import label_problem
 from .policy.parse import POLICY_KINDS

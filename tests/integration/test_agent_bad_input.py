@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from l7gate.agent.client import AdminClient, AdminError
+from l7gate.client import AdminClient, AdminError
 from l7gate.cli import main
 
 from .loopback import World, loopback_world, pod

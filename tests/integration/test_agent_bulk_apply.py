@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from l7gate.agent.client import AdminClient
+from l7gate.client import AdminClient
 from l7gate.agent.daemon import start_agent
 
 from .loopback import World, loopback_world, pod, wait_request

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from l7gate.agent.client import AdminClient, AdminError
+from l7gate.client import AdminClient, AdminError
 from l7gate.agent.core import ApplyError
 from l7gate.xds.cache import LISTENER as LISTENER_TYPE
 from l7gate.xds.publisher import ROUTE_TYPE

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from l7gate.agent.client import AdminClient
+from l7gate.client import AdminClient
 
 from .loopback import request, seed_policies, pod
 

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 
 from l7gate.mtls import SVID, BuiltinCA, server_name, spiffe_id
-from l7gate.mtls.testing import forge_svid
+from l7gate.testing.mtls import forge_svid
 from l7gate.policy.resolve import Action, Decision
 from l7gate.policy.types import AuthMode, HTTPRule
 from l7gate.xds import mtls_translate as m

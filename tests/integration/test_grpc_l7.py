@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from l7gate.agent.client import AdminClient
+from l7gate.client import AdminClient
 
 from .loopback import OFFSET, World, loopback_world, pod, request
 

@@ -25,7 +25,7 @@ from l7gate.mtls.handshake import (
 from l7gate.mtls.spiffe import spiffe_id
 from l7gate.mtls.store import SVIDSource, SVIDStore
 from l7gate.mtls.svid import Reason
-from l7gate.mtls.testing import ManualClock, StaticSource, forge_svid
+from l7gate.testing.mtls import ManualClock, StaticSource, forge_svid
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ from l7gate.mtls.spire import MissingSVIDError, SpireError, SpireSource
 from l7gate.mtls.spiffe import spiffe_id
 from l7gate.mtls.store import SVIDSource, SVIDStore
 from l7gate.mtls.svid import Reason, verify_peer
-from l7gate.mtls.testing import ManualClock, forge_svid
-from l7gate.mtls.workload_api_double import WorkloadAPITestDouble
+from l7gate.testing.mtls import ManualClock, forge_svid
+from l7gate.testing.workload_api_double import WorkloadAPITestDouble
 
 pytestmark = pytest.mark.integration
 

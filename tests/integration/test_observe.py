@@ -16,7 +16,7 @@ import grpc
 import pytest
 from envoy.service.accesslog.v3 import als_pb2
 
-from l7gate.agent.client import AdminClient
+from l7gate.client import AdminClient
 from l7gate.observe.flow import Verdict
 
 from .loopback import World, loopback_world, request

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.testing.testbed import Node, Pod, Testbed
 from l7gate.redirect_bpf.applier import KernelApplier, ensure_policy_routing, host_interface
 from l7gate.redirect_bpf.loader import DatapathError, KernelDatapath, NoSuchInterface, Rtnl
 

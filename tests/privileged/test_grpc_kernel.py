@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from l7gate.agent.testbed import Pod, Testbed
+from l7gate.testing.testbed import Pod, Testbed
 
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, AgentProc, make_agent, stop_agents
 from .test_mtls_tunnel import TD, flows, with_mtls

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from l7gate.agent.client import AdminClient
-from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.client import AdminClient
+from l7gate.testing.testbed import Node, Pod, Testbed
 
 pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
 

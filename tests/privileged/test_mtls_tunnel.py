@@ -25,10 +25,10 @@ import pytest
 from tests.conftest import unavailable
 import yaml
 
-from l7gate.agent.testbed import Node, Pod, Testbed
+from l7gate.testing.testbed import Node, Pod, Testbed
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.spiffe import spiffe_id
-from l7gate.mtls.testing import forge_svid
+from l7gate.testing.mtls import forge_svid
 
 from .test_kernel_datapath import (
     BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, stop_agents, url,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from l7gate.agent.testbed import Node, Testbed
+from l7gate.testing.testbed import Node, Testbed
 
 from .test_kernel_datapath import (
     BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, stop_agents, url,

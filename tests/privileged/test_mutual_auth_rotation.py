@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from l7gate.agent.testbed import Testbed
+from l7gate.testing.testbed import Testbed
 
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, stop_agents, url
 from .test_mutual_auth import auth_policies

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from l7gate.agent.admin import AdminApp, AdminHooks, AdminServer
-from l7gate.agent.client import AdminClient, AdminError
+from l7gate.client import AdminClient, AdminError
 from l7gate.l7proxy.supervisor import EnvoyState, admin_request
 
 from ..integration.loopback import World, loopback_world, request, wait_request

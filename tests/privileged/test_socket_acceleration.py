@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import unavailable
 import yaml
 
-from l7gate.agent.testbed import Node, Testbed
+from l7gate.testing.testbed import Node, Testbed
 from l7gate.redirect_bpf.loader import _detach_cgroup_sockops
 
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, L7GATE, make_agent, seed_policies, stop_agents, url

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from l7gate.agent import testbed as tbmod
-from l7gate.agent.testbed import (IFNAMSIZ, Pod, Testbed, TestbedError, cleanup_all, list_netns,
+from l7gate.testing import testbed as tbmod
+from l7gate.testing.testbed import (IFNAMSIZ, Pod, Testbed, TestbedError, cleanup_all, list_netns,
                                   select_leftovers)
 from l7gate.k8s.objects import parse_namespace, parse_pod
 

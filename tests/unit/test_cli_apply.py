@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from l7gate import cli
-from l7gate.agent.client import AdminClient
+from l7gate.client import AdminClient
 
 
 def policies_file(tmp_path: Path, n: int) -> Path:

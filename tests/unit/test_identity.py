@@ -29,14 +29,8 @@ from l7gate.identity import (
 from l7gate.kvstore import SQLiteKVStore
 from l7gate.policy.labels import Labels
 from l7gate.policy.selector import CIDRSelector, Entity, EntitySelector
+from l7gate.testing.clock import ManualClock
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -296,7 +290,7 @@ def test_release_counts_references_and_gc_collects(store: SQLiteKVStore) -> None
 
 
 def test_refs_on_a_lease_vanish_with_the_node(db_path: str) -> None:
-    clock = FakeClock()
+    clock = ManualClock(start=0.0)
     with SQLiteKVStore(db_path, clock=clock) as s:
         lease = s.grant_lease(30)
         node = IdentityAllocator(s, owner="n1", lease=lease)

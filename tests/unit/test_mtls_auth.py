@@ -20,7 +20,7 @@ from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import Address, AuthError, AuthResult, Failure
 from l7gate.mtls.store import SVIDStore
 from l7gate.mtls.svid import Peer, Reason
-from l7gate.mtls.testing import ManualClock
+from l7gate.testing.mtls import ManualClock
 
 A: Address = ("127.0.0.2", 4250)
 B: Address = ("127.0.0.3", 4250)

@@ -14,7 +14,7 @@ import pytest
 
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.store import BUNDLE_FILE, SVIDStore
-from l7gate.mtls.testing import ManualClock, StaticSource
+from l7gate.testing.mtls import ManualClock, StaticSource
 
 TD = "l7gate.local"
 

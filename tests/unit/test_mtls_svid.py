@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.svid import Reason, SVIDError, verify_peer
-from l7gate.mtls.testing import ManualClock, forge_svid
+from l7gate.testing.mtls import ManualClock, forge_svid
 
 TD = "l7gate.local"
 

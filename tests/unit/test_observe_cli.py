@@ -13,7 +13,7 @@ import pytest
 
 from l7gate import cli
 from l7gate.agent.admin import AdminApp, AdminHooks, AdminServer
-from l7gate.agent.client import AdminClient, AdminError
+from l7gate.client import AdminClient, AdminError
 from l7gate.observe.api import FlowQuery, stream
 from l7gate.observe.flow import flow_from_json
 from l7gate.observe.ring import FlowRing

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from l7gate.agent.tunnel import TunnelPlan, Tunnels
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.store import SVIDStore
-from l7gate.mtls.testing import StaticSource
+from l7gate.testing.mtls import StaticSource
 from l7gate.policy.resolve import Action, Decision
 from l7gate.policy.types import AuthMode
 from l7gate.xds import mtls_translate as mt

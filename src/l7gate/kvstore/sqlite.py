@@ -51,9 +51,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
+from l7gate.clock import Clock
 from l7gate.kvstore.api import Event, EventType, KVStoreError
 
-Clock = Callable[[], float]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);

@@ -103,9 +103,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, get_args
 
+from l7gate.clock import Clock
 from l7gate.l7proxy.bootstrap import BootstrapConfig, build_bootstrap, write_bootstrap
 
-Clock = Callable[[], float]
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,7 @@
     auth.request(local, remote)                         # after an "Authentication required" drop
     auth.status()                                       # rows for `l7gate auth status`
 
-Modules: `spiffe` (names), `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`,
-`testing` (helpers for tests only).
+Modules: `spiffe` (names), `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`.
 """
 
 from .auth import AuthManager, AuthStatus, Pair, boot_ns_for

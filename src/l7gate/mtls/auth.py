@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .handshake import DEFAULT_TIMEOUT, Address, AuthError, AuthResult, handshake
 from .store import SVIDStore
-from .svid import Clock
+from ..clock import Clock
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ from .spiffe import (
     spiffe_id,
     trust_domain_id,
 )
-from .svid import SVID, Clock
+from ..clock import Clock
+from .svid import SVID
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from typing import Any
 
 from .spiffe import SpiffeIDError, parse_server_name, server_name
 from .store import SVIDStore
-from .svid import SVID, Clock, Peer, Reason, SVIDError, verify_peer
+from ..clock import Clock
+from .svid import SVID, Peer, Reason, SVIDError, verify_peer
 
 log = logging.getLogger(__name__)
 

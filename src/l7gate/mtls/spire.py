@@ -41,7 +41,8 @@ from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context
 
 from .spiffe import SpiffeIDError, check_trust_domain, parse_spiffe_id, spiffe_id
-from .svid import SVID, Clock
+from ..clock import Clock
+from .svid import SVID
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ._files import ensure_private_dir, write_private
-from .svid import SVID, Clock
+from ..clock import Clock
+from .svid import SVID
 
 log = logging.getLogger(__name__)
 

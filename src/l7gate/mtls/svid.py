@@ -21,9 +21,9 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from ..clock import Clock
 from .spiffe import SpiffeIDError, parse_spiffe_id
 
-Clock = Callable[[], float]
 """Wall-clock seconds since the epoch; `time.time` unless a test injects another."""
 
 _E = TypeVar("_E", bound=x509.ExtensionType)

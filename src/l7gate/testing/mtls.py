@@ -16,30 +16,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .ca import BuiltinCA, _key_pem, _key_usage, _utc
-from .spiffe import spiffe_id
-from .svid import SVID
+from ..mtls.ca import BuiltinCA, _key_pem, _key_usage, _utc
+from ..mtls.spiffe import spiffe_id
+from ..mtls.svid import SVID
+from .clock import ManualClock
 
-
-class ManualClock:
-    """A wall clock that moves only when told to (thread-safe). Starts at the real time, so
-    certificates it dates are also valid for OpenSSL, which reads the real clock."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self._now = time.time() if start is None else start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
-
-    def set(self, now: float) -> None:
-        with self._lock:
-            self._now = now
+__all__ = ["ManualClock", "StaticSource", "forge_svid"]
 
 
 class StaticSource:

@@ -35,8 +35,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe._proto import workload_pb2
 
-from .ca import BuiltinCA
-from .svid import SVID
+from ..mtls.ca import BuiltinCA
+from ..mtls.svid import SVID
 
 SERVICE = "SpiffeWorkloadAPI"
 HEADER = ("workload.spiffe.io", "true")
