@@ -270,3 +270,30 @@ def test_container_ports_are_collected_and_checked() -> None:
         assert "spec.containers[0].ports[0].containerPort" in str(exc)
     else:
         raise AssertionError("out-of-range containerPort accepted")
+
+
+def test_one_definition_of_a_pods_identity_labels() -> None:
+    """The agent and `policy trace` both take a pod's identity labels from `pod_identity_labels`
+    with `namespace_of`: a Namespace annotated for the pod's cluster wins over one for every
+    cluster, and a Namespace of another cluster never applies (trace used to take it)."""
+    from l7gate.k8s.objects import ANY_CLUSTER, namespace_of, pod_identity_labels, scoped_namespace
+
+    def ns(name: str, labels: dict[str, str], cluster: str | None) -> Namespace:
+        meta: dict[str, object] = {"name": name, "labels": labels}
+        if cluster is not None:
+            meta["annotations"] = {"l7gate.io/cluster": cluster}
+        return scoped_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": meta}, default_cluster="a")
+
+    pod = parse_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "web",
+                     "labels": {"app": "x"}, "annotations": {"l7gate.io/cluster": "a"}}}, default_cluster="a")
+    everywhere, other, own = ns("web", {"tier": "any"}, None), ns("web", {"tier": "b"}, "b"), ns("web", {"tier": "a"}, "a")
+    assert everywhere.cluster == ANY_CLUSTER and other.cluster == "b"
+    key = "io.cilium.k8s.namespace.labels.tier"
+
+    def labels(*namespaces: Namespace) -> dict[str, str]:
+        return dict(pod_identity_labels(pod, namespace_of(pod, {(n.cluster, n.name): n for n in namespaces})))
+
+    assert key not in labels(other)  # another cluster's namespace never applies
+    assert labels(other, everywhere)[key] == "any"
+    assert labels(other, everywhere, own)[key] == "a"
+    assert labels()["io.kubernetes.pod.namespace"] == "web" and labels()["io.cilium.k8s.policy.cluster"] == "a"

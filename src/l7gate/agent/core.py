@@ -37,10 +37,12 @@ from typing import Any
 from google.protobuf.message import Message
 
 from ..identity.allocator import IdentityAllocator
-from ..identity.filter import identity_labels
 from ..identity.ipcache import IPCache
 from ..identity.numeric import IdentityError
-from ..k8s.objects import CLUSTER_ANNOTATION, K8sObjectError, Namespace, Pod, parse_namespace, parse_pod
+from ..k8s.objects import (
+    ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels,
+    scoped_namespace,
+)
 from ..kvstore.api import KVStore
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
@@ -57,7 +59,6 @@ PREFIX = "l7gate/v1/"
 POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
-ANY_CLUSTER = "*"
 
 
 class ApplyError(Exception):
@@ -284,10 +285,7 @@ class AgentCore:
                 elif kind == "Namespace":
                     # A Namespace without the cluster annotation describes that namespace in
                     # every cluster (as `l7gate policy trace` reads it): stored under "*".
-                    annotated = CLUSTER_ANNOTATION in ((doc.get("metadata") or {}).get("annotations") or {})
-                    ns = parse_namespace(doc, default_cluster=self.config.cluster_name)
-                    if not annotated:
-                        ns = Namespace(ns.name, ns.labels, ANY_CLUSTER)
+                    ns = scoped_namespace(doc, default_cluster=self.config.cluster_name)
                     if once(f"namespace/{ns.cluster}/{ns.name}", i, "namespace once"):
                         namespaces.append((ns, doc))
                 else:
@@ -491,16 +489,7 @@ class AgentCore:
         return pod.cluster == self.config.cluster_name and pod.node_name in (None, self.config.node)
 
     def _add_pod(self, pod: Pod) -> None:
-        ns = self._namespaces.get((pod.cluster, pod.namespace)) or self._namespaces.get(
-            (ANY_CLUSTER, pod.namespace)
-        )
-        labels = identity_labels(
-            pod.labels,
-            namespace=pod.namespace,
-            cluster=pod.cluster,
-            service_account=pod.service_account,
-            namespace_labels=ns.labels if ns else None,
-        )
+        labels = pod_identity_labels(pod, namespace_of(pod, self._namespaces))
         cid = self.config.cluster_id_of(pod.cluster)
         assert cid is not None
         try:

@@ -29,11 +29,12 @@ from ..mtls.spire import SpireSource
 from ..mtls.store import SVIDSource, SVIDStore
 from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
-from ..redirect_bpf.loader import DatapathError, DropEvent, KernelDatapath
+from ..redirect_bpf.loader import DatapathError, KernelDatapath
+from ..records import KernelDrop
 from ..identity.numeric import RESERVED, IdentityError
 from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
 from ..observe.api import FlowQuery, stream
-from ..observe.ingest import ORIGINAL_DST_HEADER, SOURCE_KERNEL, IngestContext, Ingestor, KernelDrop, PeerInfo, hubble_labels
+from ..observe.ingest import ORIGINAL_DST_HEADER, SOURCE_KERNEL, IngestContext, Ingestor, PeerInfo, hubble_labels
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
@@ -66,7 +67,7 @@ class Agent:
     als: AccessLogReceiver
     started: float
     datapath_info: dict[str, Any]
-    drops: deque[DropEvent]
+    drops: deque[KernelDrop]
     flows: FlowRing
     ingestor: Ingestor
     watch: EnforcementWatch
@@ -202,7 +203,7 @@ def start_agent(config: AgentConfig) -> Agent:
     # exists, and must find the whole restored configuration, never a half-built one (a
     # resource missing from a partial snapshot is a removal for Envoy).
     xds_address = xds.start()
-    drops: deque[DropEvent] = deque(maxlen=1024)
+    drops: deque[KernelDrop] = deque(maxlen=1024)
     metrics.attach(core)
     metrics.attach_xds(xds.status)
     flows = FlowRing(config.observe.ring_size, config.observe.follow_buffer)
@@ -215,17 +216,14 @@ def start_agent(config: AgentConfig) -> Agent:
         if not config.mtls.tunnel and kernel.dp.set_tunnels(()):
             log("encryption in transit is off: removed the tunnel redirects a previous run left in the kernel")
 
-        def on_drop(e: DropEvent) -> None:
+        def on_drop(e: KernelDrop) -> None:
             drops.append(e)
             if e.reason == AUTH_REQUIRED and mtls is not None:
                 # On-demand fallback of the proactive handshakes.
                 local, remote = (e.dst_identity, e.src_identity) if e.direction == "ingress" else (
                     e.src_identity, e.dst_identity)
                 mtls.manager.request(local, remote)
-            ingestor.offer(SOURCE_KERNEL, [KernelDrop(
-                e.saddr, e.daddr, e.sport, e.dport, e.proto, e.reason, e.direction,
-                e.src_identity, e.dst_identity, time.time_ns(),
-            )])
+            ingestor.offer(SOURCE_KERNEL, [e])
 
         kernel.dp.poll_events(on_drop)
     mtls: MutualAuth | None = None

@@ -21,10 +21,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from l7gate.identity.filter import identity_labels
 from l7gate.policy.errors import Finding
+from l7gate.policy.labels import Labels
 from l7gate.policy.names import name_error
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
+#: The cluster of a Namespace object without the cluster annotation: it describes that
+#: namespace in every cluster (`scoped_namespace`).
+ANY_CLUSTER = "*"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SERVICE_ACCOUNT = "default"
 
@@ -378,6 +383,37 @@ def parse_namespace(obj: object, *, default_cluster: str) -> Namespace:
     _raise_if(errors, "Namespace", None, name)
     assert name is not None
     return Namespace(name=name, labels=_frozen(labels), cluster=cluster)
+
+
+def scoped_namespace(obj: object, *, default_cluster: str) -> Namespace:
+    """`parse_namespace`, but a Namespace object without the cluster annotation describes that
+    namespace in every cluster: its cluster is ANY_CLUSTER. Raises K8sObjectError."""
+    ns = parse_namespace(obj, default_cluster=default_cluster)
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    if isinstance(annotations, Mapping) and CLUSTER_ANNOTATION in annotations:
+        return ns
+    return Namespace(ns.name, ns.labels, ANY_CLUSTER)
+
+
+def namespace_of(pod: Pod, namespaces: Mapping[tuple[str, str], Namespace]) -> Namespace | None:
+    """The Namespace that describes `pod`'s namespace, from `namespaces` keyed by (cluster, name)
+    as `scoped_namespace` gives them: the one naming the pod's cluster wins over one for every
+    cluster; a namespace of another cluster never applies."""
+    return namespaces.get((pod.cluster, pod.namespace)) or namespaces.get((ANY_CLUSTER, pod.namespace))
+
+
+def pod_identity_labels(pod: Pod, namespace: Namespace | None) -> Labels:
+    """The labels of `pod`'s identity (`identity.filter.identity_labels`), with its namespace's
+    labels (`namespace_of`): the one definition the agent and `policy trace` share. Raises
+    IdentityError for a pod without namespace or cluster."""
+    return identity_labels(
+        pod.labels,
+        namespace=pod.namespace,
+        cluster=pod.cluster,
+        service_account=pod.service_account,
+        namespace_labels=namespace.labels if namespace is not None else None,
+    )
 
 
 def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace:

@@ -10,7 +10,7 @@ input it cannot read. Today there is one source:
   received over gRPC by `als.AccessLogReceiver`), converted by `http_log_flows`.
 
 The kernel datapath and mutual authentication plug in the same way, without touching the ring,
-the filters, the renderers or the metrics: a ``bpf-drop`` source with a `DropEvent` value (the
+the filters, the renderers or the metrics: a ``bpf-drop`` source with a `KernelDrop` value (l7gate.records) (the
 perf-ring record decoded in `redirect_bpf`: addresses, ports, drop reason code, identities)
 and a converter giving one DROPPED L3_L4 flow ("Policy denied", "Authentication required", ...),
 and an ``auth`` source with an `AuthEvent` (identity pair, handshake result) giving a flow whose
@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..records import KernelDrop
 from .flow import (
     AUTH_FAILED,
     PLAINTEXT_REFUSED,
@@ -128,23 +129,6 @@ Converter = Callable[[Any, IngestContext], Sequence[Flow]]
 
 SOURCE_KERNEL = "bpf-drop"
 _L4 = {6: "TCP", 17: "UDP", 132: "SCTP"}
-
-
-@dataclass(frozen=True, slots=True)
-class KernelDrop:
-    """A packet the kernel datapath dropped (the agent decodes the perf-ring record into this).
-    `reason` is the datapath's words: "Policy denied", "Authentication required", ..."""
-
-    saddr: str
-    daddr: str
-    sport: int
-    dport: int
-    proto: int
-    reason: str
-    direction: str  # "ingress" | "egress": whose policy dropped it
-    src_identity: int
-    dst_identity: int
-    time_ns: int = 0
 
 
 def kernel_drop_flows(event: Any, ctx: IngestContext) -> tuple[Flow, ...]:

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..identity.allocator import IdentityAllocator
-from ..identity.filter import identity_labels
 from ..identity.numeric import IdentityError, reserved_identity
 from ..k8s.manifests import load
-from ..k8s.objects import K8sObjectError, Namespace, Pod, parse_namespace, parse_pod
+from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.errors import PolicyValidationError
 from ..policy.evaluate import Flow, Layer, Peer, Verdict, evaluate
@@ -104,7 +103,7 @@ class TraceResult:
         }
 
 
-def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], list[Namespace]]:
+def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace]]:
     manifests, errors = load(req.paths)
     missing = [e for e in errors if e.missing]
     if missing:
@@ -113,7 +112,7 @@ def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], list[Name
         raise TraceError("; ".join(str(e) for e in errors), EXIT_INVALID)
     policies: list[dict[str, Any]] = []
     pods: list[Pod] = []
-    namespaces: list[Namespace] = []
+    namespaces: dict[tuple[str, str], Namespace] = {}
     problems: list[str] = []
     for m in manifests:
         kind = m.kind
@@ -123,7 +122,8 @@ def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], list[Name
             elif kind == "Pod":
                 pods.append(parse_pod(m.obj, default_cluster=req.cluster_name))
             elif kind == "Namespace":
-                namespaces.append(parse_namespace(m.obj, default_cluster=req.cluster_name))
+                ns = scoped_namespace(m.obj, default_cluster=req.cluster_name)
+                namespaces[(ns.cluster, ns.name)] = ns
         except K8sObjectError as exc:
             problems.append(f"{m.where}: {exc}")
     if problems:
@@ -184,18 +184,8 @@ def run_trace(req: TraceRequest) -> TraceResult:
                 w = reserved_identity("world")
                 return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
             pod = _find_pod(ref, pods)
-            # A Namespace object without a cluster annotation describes that namespace in
-            # every cluster; one that names the pod's cluster wins.
-            same = [n for n in namespaces if n.name == pod.namespace]
-            ns = next((n for n in same if n.cluster == pod.cluster), same[0] if same else None)
             try:
-                labels = identity_labels(
-                    pod.labels,
-                    namespace=pod.namespace,
-                    cluster=pod.cluster,
-                    service_account=pod.service_account,
-                    namespace_labels=ns.labels if ns else None,
-                )
+                labels = pod_identity_labels(pod, namespace_of(pod, namespaces))
                 ident = allocators[pod.cluster].allocate(labels)
             except IdentityError as exc:
                 raise TraceError(f"{ref}: {exc}", EXIT_INVALID) from None

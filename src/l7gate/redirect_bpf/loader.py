@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..records import KernelDrop
 from .compile import PolicyKey, PolicyValue
 
 log = logging.getLogger(__name__)
@@ -126,21 +128,6 @@ def _addr_u32(ip: str | ipaddress.IPv4Address) -> int:
 
 def _u32_addr(v: int) -> str:
     return str(ipaddress.IPv4Address(v.to_bytes(4, "little")))
-
-
-@dataclass(frozen=True, slots=True)
-class DropEvent:
-    saddr: str
-    daddr: str
-    sport: int
-    dport: int
-    proto: int
-    reason: str
-    direction: str
-    src_identity: int
-    dst_identity: int
-    endpoint: int
-    ifindex: int
 
 
 def _bpftool_map(path: Path) -> dict[str, Any] | None:
@@ -500,17 +487,18 @@ class KernelDatapath:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def poll_events(self, callback: Callable[[DropEvent], None]) -> threading.Thread:
+    def poll_events(self, callback: Callable[[KernelDrop], None]) -> threading.Thread:
         """Read drop events on a background thread until `close()`."""
 
         def on_event(cpu: int, data: Any, size: int) -> None:
             e = self.bpf[b"l7g_events"].event(data)
             try:
                 callback(
-                    DropEvent(
+                    KernelDrop(
                         _u32_addr(e.saddr), _u32_addr(e.daddr), socket.ntohs(e.sport), socket.ntohs(e.dport),
                         e.proto, DROP_REASONS.get(e.reason, f"reason {e.reason}"),
-                        "ingress" if e.direction == 0 else "egress", e.src_id, e.dst_id, e.endpoint, e.ifindex,
+                        "ingress" if e.direction == 0 else "egress", e.src_id, e.dst_id, time.time_ns(),
+                        e.endpoint, e.ifindex,
                     )
                 )
             except Exception:  # noqa: BLE001 - a bad consumer must not stop the reader
