@@ -33,6 +33,8 @@ APT_PACKAGES=(
     wrk           # bench/bench_envoy.py: load through the agent's Envoy
     tcpdump       # link captures that prove encryption in transit (tests, make demo)
     nghttp2-client  # h2load: gRPC-shaped HTTP/2 load in bench/bench_grpc.py
+    etcd-server   # the kvstore's etcd backend: tests and bench/bench_etcd.py start their own
+    etcd-client   # etcdctl, for inspecting a cluster mesh etcd by hand
 )
 
 VENV="$ROOT/.venv"

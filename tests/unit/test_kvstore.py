@@ -1,33 +1,24 @@
-"""The SQLite kvstore: etcd-shaped semantics on a real SQLite file."""
+"""The SQLite kvstore's own behaviour, on a real SQLite file: durability, several instances on one
+file, history trimming, exact lease expiry on a fake clock, file identity.
+
+The contract both backends share (SQLite and etcd) is tests/integration/test_kvstore_contract.py."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from l7gate.kvstore import Event, EventType, KVStore, KVStoreError, SQLiteKVStore, Watch
+from l7gate.kvstore import Event, EventType, KVStoreError, SQLiteKVStore, Watch
 from l7gate.kvstore.sqlite import prefix_end
+from l7gate.testing.clock import ManualClock
 
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(start=1000.0)
 
 
 @pytest.fixture
@@ -36,7 +27,7 @@ def db_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(db_path: str, clock: FakeClock) -> Iterator[SQLiteKVStore]:
+def store(db_path: str, clock: ManualClock) -> Iterator[SQLiteKVStore]:
     with SQLiteKVStore(db_path, clock=clock, poll_interval=0.01) as s:
         yield s
 
@@ -48,58 +39,6 @@ def drain(watch: Watch) -> list[Event]:
     return events
 
 
-def test_implements_the_protocols(store: SQLiteKVStore) -> None:
-    assert isinstance(store, KVStore)
-    with store.watch_prefix("a") as w:
-        assert isinstance(w, Watch)
-
-
-def test_put_get_delete_and_revisions(store: SQLiteKVStore) -> None:
-    assert store.revision == 0
-    assert store.get("a") is None
-    r1 = store.put("a", b"1")
-    r2 = store.put("a", b"2")
-    assert 0 < r1 < r2 == store.revision
-    assert store.get("a") == b"2"
-    assert store.delete("a") is True
-    assert store.revision == r2 + 1
-    assert store.get("a") is None
-    assert store.delete("a") is False
-    assert store.revision == r2 + 1  # a no-op does not bump the revision
-
-
-def test_create_is_put_if_absent(store: SQLiteKVStore) -> None:
-    assert store.create("k", b"first") is True
-    rev = store.revision
-    assert store.create("k", b"second") is False
-    assert store.get("k") == b"first"
-    assert store.revision == rev
-    store.delete("k")
-    assert store.create("k", b"third") is True
-
-
-def test_compare_and_delete(store: SQLiteKVStore) -> None:
-    store.put("k", b"mine")
-    rev = store.revision
-    assert store.delete("k", prev_value=b"theirs") is False
-    assert store.get("k") == b"mine" and store.revision == rev
-    assert store.delete("k", prev_value=b"mine") is True
-    assert store.get("k") is None
-    assert store.delete("k", prev_value=b"mine") is False
-
-
-def test_list_prefix_sorted_and_bounded(store: SQLiteKVStore) -> None:
-    for key in ["b/2", "b/10", "a", "b/1", "b0", "b", "c/\U0010ffff", "b/\U0010ffff/x"]:
-        store.put(key, key.encode())
-    assert [k for k, _ in store.list_prefix("b/")] == ["b/1", "b/10", "b/2", "b/\U0010ffff/x"]
-    assert [k for k, _ in store.list_prefix("")] == sorted(
-        ["b/2", "b/10", "a", "b/1", "b0", "b", "c/\U0010ffff", "b/\U0010ffff/x"]
-    )
-    assert store.list_prefix("c/\U0010ffff") == [("c/\U0010ffff", "c/\U0010ffff".encode())]
-    items, rev = store.list_prefix_with_revision("b")
-    assert rev == store.revision and len(items) == 6
-
-
 def test_prefix_end() -> None:
     assert prefix_end("a/") == "a0"
     assert prefix_end("a\U0010ffff") == "b"
@@ -107,34 +46,7 @@ def test_prefix_end() -> None:
     assert prefix_end("\ud7ff") == "\ue000"
 
 
-keys = st.text(
-    alphabet=st.sampled_from(["a", "b", "/", "\x7f", "\u00e9", "\U0010ffff", "z"]),
-    min_size=1,
-    max_size=5,
-)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), keys), max_size=30), keys)
-def test_list_prefix_matches_a_dict_model(ops: list[tuple[bool, str]], prefix: str) -> None:
-    model: dict[str, bytes] = {}
-    revision = 0
-    with SQLiteKVStore(":memory:") as s:
-        for i, (is_put, key) in enumerate(ops):
-            if is_put:
-                s.put(key, str(i).encode())
-                model[key] = str(i).encode()
-                revision += 1
-            else:
-                existed = model.pop(key, None) is not None
-                assert s.delete(key) == existed
-                revision += existed
-        expected = sorted((k, v) for k, v in model.items() if k.startswith(prefix))
-        assert s.list_prefix(prefix) == expected
-        assert s.revision == revision
-
-
-def test_durable_across_reopen(db_path: str, clock: FakeClock) -> None:
+def test_durable_across_reopen(db_path: str, clock: ManualClock) -> None:
     with SQLiteKVStore(db_path, clock=clock) as s:
         s.put("x/1", b"one")
         s.put("x/2", b"two")
@@ -154,85 +66,8 @@ def test_durable_across_reopen(db_path: str, clock: FakeClock) -> None:
             ]
 
 
-def test_create_races_have_one_winner_across_instances(db_path: str) -> None:
-    stores = [SQLiteKVStore(db_path) for _ in range(2)]
-    wins: list[tuple[int, int]] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(8)
-
-    def contend(worker: int) -> None:
-        s = stores[worker % 2]
-        barrier.wait()
-        for i in range(40):
-            if s.create(f"slot/{i}", str(worker).encode()):
-                with lock:
-                    wins.append((i, worker))
-
-    threads = [threading.Thread(target=contend, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(i for i, _ in wins) == list(range(40))
-    stored = dict(stores[0].list_prefix("slot/"))
-    assert all(stored[f"slot/{i}"] == str(w).encode() for i, w in wins)
-    for s in stores:
-        s.close()
-
-
-def test_watch_sees_changes_in_order(store: SQLiteKVStore) -> None:
-    store.put("app/old", b"before the watch")
-    with store.watch_prefix("app/") as w:
-        assert w.get(timeout=0) is None
-        store.put("app/a", b"1")
-        store.put("other", b"x")
-        store.put("app/b", b"2")
-        store.delete("app/a")
-        events = drain(w)
-    assert [(e.type, e.key, e.value) for e in events] == [
-        (EventType.PUT, "app/a", b"1"),
-        (EventType.PUT, "app/b", b"2"),
-        (EventType.DELETE, "app/a", b""),
-    ]
-    assert [e.revision for e in events] == sorted(e.revision for e in events)
-    assert events[-1].revision == store.revision
-
-
-def test_list_then_watch_has_no_gap_and_no_duplicate(store: SQLiteKVStore) -> None:
-    store.put("p/1", b"a")
-    items, rev = store.list_prefix_with_revision("p/")
-    store.put("p/2", b"b")  # a change between the list and the watch
-    with store.watch_prefix("p/", start_revision=rev + 1) as w:
-        store.put("p/3", b"c")
-        assert [e.key for e in drain(w)] == ["p/2", "p/3"]
-    assert items == [("p/1", b"a")]
-
-
-def test_watch_sees_writes_of_another_instance(db_path: str, store: SQLiteKVStore) -> None:
-    with SQLiteKVStore(db_path) as other, store.watch_prefix("k/") as w:
-        other.put("k/remote", b"v")
-        event = w.get(timeout=5)
-    assert event is not None and (event.key, event.value) == ("k/remote", b"v")
-
-
-def test_blocked_get_wakes_on_put_and_on_close(store: SQLiteKVStore) -> None:
-    w = store.watch_prefix("q/")
-    got: list[Event | None] = []
-    t = threading.Thread(target=lambda: got.append(w.get(timeout=10)))
-    t.start()
-    store.put("q/x", b"1")
-    t.join(5)
-    assert got and got[0] is not None and got[0].key == "q/x"
-
-    t = threading.Thread(target=lambda: got.append(w.get(timeout=10)))
-    t.start()
-    w.close()
-    t.join(5)
-    assert not t.is_alive() and got[1] is None
-    assert w.closed
-
-
-def test_watch_from_compacted_revision_fails(db_path: str) -> None:
+def test_compaction_drops_its_own_revision(db_path: str) -> None:
+    """SQLite's compact(r) drops r too (etcd's keeps r: the shared suite tests the common part)."""
     with SQLiteKVStore(db_path, history=1) as s:
         for i in range(5):
             s.put("c/k", str(i).encode())
@@ -262,7 +97,8 @@ def test_history_is_trimmed_automatically(db_path: str) -> None:
             assert [e.value for e in drain(w)] == [str(i).encode() for i in range(594, 600)]
 
 
-def test_lease_expiry_deletes_keys_and_emits_delete(store: SQLiteKVStore, clock: FakeClock) -> None:
+def test_lease_expiry_is_exact(store: SQLiteKVStore, clock: ManualClock) -> None:
+    """Not a moment early or late: every read reaps first (etcd's leader reaps within ~0.5 s)."""
     lease = store.grant_lease(10)
     store.put("node/a", b"1", lease=lease)
     store.create("node/b", b"2", lease=lease)
@@ -285,45 +121,12 @@ def test_lease_expiry_deletes_keys_and_emits_delete(store: SQLiteKVStore, clock:
         store.put("node/c", b"x", lease=lease)
 
 
-def test_expiry_is_noticed_by_a_waiting_watch(store: SQLiteKVStore, clock: FakeClock) -> None:
-    lease = store.grant_lease(5)
-    store.put("w/a", b"1", lease=lease)
-    with store.watch_prefix("w/") as w:
-        clock.advance(5)
-        event = w.get(timeout=5)
-    assert event is not None and (event.type, event.key) == (EventType.DELETE, "w/a")
-
-
-def test_keepalive_extends_the_lease(store: SQLiteKVStore, clock: FakeClock) -> None:
-    lease = store.grant_lease(10)
-    store.put("k", b"v", lease=lease)
-    for _ in range(5):
-        clock.advance(8)
-        assert store.keepalive(lease) == 10
-    assert store.get("k") == b"v"
-    clock.advance(10)
-    assert store.get("k") is None
-
-
-def test_revoke_deletes_only_its_keys(store: SQLiteKVStore) -> None:
-    l1, l2 = store.grant_lease(60), store.grant_lease(60)
-    assert l1 != l2
-    store.put("a", b"1", lease=l1)
-    store.put("b", b"2", lease=l2)
-    store.put("c", b"3", lease=l1)
-    store.put("c", b"3")  # re-put without a lease detaches it from l1
-    store.revoke(l1)
-    assert store.list_prefix("") == [("b", b"2"), ("c", b"3")]
-    with pytest.raises(KVStoreError):
-        store.revoke(l1)
-
-
 def test_leases_survive_reopen_with_a_full_ttl(db_path: str) -> None:
-    with SQLiteKVStore(db_path, clock=FakeClock(1_000_000.0)) as s:
+    with SQLiteKVStore(db_path, clock=ManualClock(1_000_000.0)) as s:
         lease = s.grant_lease(30)
         s.put("l", b"v", lease=lease)
     # a new process: its monotonic clock has another origin
-    clock = FakeClock(5.0)
+    clock = ManualClock(5.0)
     with SQLiteKVStore(db_path, clock=clock) as s:
         assert s.get("l") == b"v"
         clock.advance(29)
@@ -332,49 +135,15 @@ def test_leases_survive_reopen_with_a_full_ttl(db_path: str) -> None:
         assert s.get("l") is None
 
 
-def test_errors_are_kvstore_errors(store: SQLiteKVStore, tmp_path: Path) -> None:
-    with pytest.raises(KVStoreError):
-        store.put("", b"x")
-    with pytest.raises(KVStoreError):
-        store.put("bad\ud800", b"x")
-    with pytest.raises(KVStoreError):
-        store.put("k", "not bytes")  # type: ignore[arg-type]
-    with pytest.raises(KVStoreError):
-        store.grant_lease(0)
-    with pytest.raises(KVStoreError):
+def test_an_unopenable_file_is_a_kvstore_error(tmp_path: Path) -> None:
+    with pytest.raises(KVStoreError, match="cannot open kvstore"):
         SQLiteKVStore(str(tmp_path / "missing-dir" / "x.db"))
-    store.close()
-    with pytest.raises(KVStoreError, match="closed"):
-        store.get("k")
 
 
-def test_memory_store_works(clock: FakeClock) -> None:
+def test_memory_store_works(clock: ManualClock) -> None:
     with SQLiteKVStore(":memory:", clock=clock) as s:
         s.put("m", b"1")
         assert s.get("m") == b"1"
-
-
-def test_batch_commits_once_and_rolls_back_whole(tmp_path: Path) -> None:
-    from l7gate.kvstore.sqlite import SQLiteKVStore
-
-    store = SQLiteKVStore(str(tmp_path / "kv.db"))
-    watch = store.watch_prefix("b/")
-    with store.batch():
-        store.put("b/1", b"one")
-        assert store.create("b/2", b"two")
-        assert store.get("b/1") == b"one"  # reads see the batch's own writes
-        assert not store.create("b/1", b"again")
-    assert store.list_prefix("b/") == [("b/1", b"one"), ("b/2", b"two")]
-    assert watch.get(timeout=2) is not None  # watchers still see the writes
-    try:
-        with store.batch():
-            store.put("b/3", b"three")
-            store.delete("b/1")
-            raise RuntimeError("refused")
-    except RuntimeError:
-        pass
-    assert store.list_prefix("b/") == [("b/1", b"one"), ("b/2", b"two")]  # nothing of it stayed
-    store.close()
 
 
 # -- a store that existed is never silently replaced by an empty one ---------------------------

@@ -1,11 +1,14 @@
 """The kvstore interface: a small, etcd-shaped key/value store.
 
 Every backend offers the same contract, modelled on etcd v3 so that the embedded SQLite backend
-and a future etcd backend are interchangeable:
+and the etcd backend are interchangeable (tests/integration/test_kvstore_contract.py runs one
+suite against both):
 
 - Keys are non-empty `str`, values are `bytes`.
 - Every mutation (put, delete, lease expiry or revoke deleting a key) bumps one store-wide,
-  monotonic *revision* and produces one `Event` carrying that revision.
+  monotonic *revision* and produces one `Event` carrying that revision. A batch is one
+  revision in etcd (one transaction) and one revision per write in SQLite. Revisions are the
+  backend's own: a new SQLite store is at 0, a new etcd at 1 (its first write is 2).
 - `create` is an atomic put-if-absent (etcd: a txn comparing `create_revision == 0`); it is what
   lets several allocators share a store without handing one number to two owners. `delete` with
   `prev_value` is the matching compare-and-delete, for undoing or cleaning up such a claim
@@ -61,7 +64,9 @@ class Watch(Protocol):
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event; None if `timeout` seconds pass first, or once the watch is closed.
         `timeout=0` polls; `timeout=None` waits until an event arrives or the watch is closed.
-        Raises KVStoreError if the events it still had to deliver were compacted away."""
+        Raises KVStoreError if the events it still had to deliver were compacted away, or (etcd)
+        once its stream to the server is lost, after every event already received: the watch
+        does not reconnect by itself; the caller watches again (or re-lists)."""
         ...
 
     def close(self) -> None:
@@ -88,12 +93,14 @@ class KVStore(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
     def batch(self) -> AbstractContextManager[None]:
-        """Group writes into one atomic commit (etcd: one transaction)."""
+        """Group writes into one atomic commit (etcd: one transaction, so at most etcd's
+        --max-txn-ops writes: a larger batch is refused whole, never split)."""
         ...
 
     def put(self, key: str, value: bytes, lease: int | None = None) -> int:
-        """Set `key`; returns the revision of the change. Attaching a lease replaces the key's
-        previous lease (as in etcd); `lease=None` detaches it."""
+        """Set `key`; returns the revision of the change (etcd, inside a batch: 0, as the
+        revision is known only at the commit). Attaching a lease replaces the key's previous
+        lease (as in etcd); `lease=None` detaches it."""
         ...
 
     def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
@@ -115,14 +122,15 @@ class KVStore(Protocol):
 
     @property
     def revision(self) -> int:
-        """The revision of the latest change (0 for a new, empty store)."""
+        """The revision of the latest change (0 for a new, empty SQLite store; 1 for a new
+        etcd, whose revisions are reported unchanged so that they agree with etcdctl)."""
         ...
 
     def watch_prefix(self, prefix: str, start_revision: int | None = None) -> Watch: ...
 
     def grant_lease(self, ttl_seconds: float) -> int:
         """A new lease id; keys attached to it are deleted `ttl_seconds` after the last
-        keepalive."""
+        keepalive (etcd: whole seconds, rounded up, at least its minimum of 2 s)."""
         ...
 
     def keepalive(self, lease: int) -> float:

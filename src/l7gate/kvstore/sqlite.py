@@ -114,6 +114,13 @@ def _check_key(key: object) -> str:
     return key
 
 
+def _check_lease_id(lease: object) -> int:
+    # SQLite INTEGER is int64: a larger id would escape as OverflowError, not KVStoreError.
+    if isinstance(lease, bool) or not isinstance(lease, int) or not -2**63 <= lease < 2**63:
+        raise KVStoreError(f"lease must be an int64 lease id, got {lease!r}")
+    return lease
+
+
 def _check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise KVStoreError(f"prefix must be a string, got {prefix!r}")
@@ -393,6 +400,7 @@ class SQLiteKVStore:
     def _check_lease(self, db: sqlite3.Connection, lease: int | None) -> None:
         if lease is None:
             return
+        _check_lease_id(lease)
         if db.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
             raise KVStoreError(f"lease {lease} not found (expired or revoked)")
 
@@ -462,6 +470,9 @@ class SQLiteKVStore:
             rev, compacted = self._revisions(db)
         if start_revision is None:
             start_revision = rev + 1
+        elif isinstance(start_revision, bool) or not isinstance(start_revision, int) \
+                or not -2**63 <= start_revision < 2**63:  # SQLite INTEGER is int64
+            raise KVStoreError(f"start_revision must be an int64, got {start_revision!r}")
         elif start_revision <= compacted:
             raise KVStoreError(
                 f"watch from revision {start_revision}: history compacted up to {compacted}"
@@ -480,6 +491,7 @@ class SQLiteKVStore:
             return int(cur.lastrowid)
 
     def keepalive(self, lease: int) -> float:
+        _check_lease_id(lease)
         with self._write() as db:
             row = db.execute(
                 "UPDATE leases SET expires_at = ? + ttl WHERE id = ? RETURNING ttl",
