@@ -29,20 +29,11 @@ from hypothesis import strategies as st
 
 from l7gate.kvstore import Event, EventType, KVStore, KVStoreError, SQLiteKVStore, Watch
 from l7gate.kvstore.etcd import EtcdKVStore
+from l7gate.testing.clock import ManualClock
 from tests.integration.etcd import EtcdServer, TLSFiles, make_tls
 
 ETCD_HINT = "Debian etcd-server: bash scripts/install.sh"
 
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -75,7 +66,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         return store
 
     if request.param == "sqlite":
-        clock = FakeClock()
+        clock = ManualClock(start=1000.0)
         path = str(tmp_path / "state.db")
         yield Backend("sqlite", track(SQLiteKVStore(path, clock=clock, poll_interval=0.01)), 0, clock.advance,
                       lambda: track(SQLiteKVStore(path, clock=clock, poll_interval=0.01)))
