@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from l7gate.agent import views
 from l7gate.client import AdminClient, AdminError
 from l7gate.agent.core import ApplyError
 from l7gate.xds.cache import LISTENER as LISTENER_TYPE
@@ -279,14 +280,14 @@ def test_pod_removed_and_readded(world: World) -> None:
 def test_agent_restart_restores_state(tmp_path: Path, require_envoy: None) -> None:
     """Policies and pods survive an agent restart (kvstore), with the same identities."""
     with loopback_world(tmp_path, 62) as w:
-        ids = sorted(i["identity"] for i in w.core.identities())
+        ids = sorted(i["identity"] for i in views.identities(w.core.view()))
     # a second agent on the same state dir comes back with everything
     from l7gate.agent.daemon import start_agent
 
     agent = start_agent(w.agent.config)
     try:
-        assert sorted(i["identity"] for i in agent.core.identities()) == ids
-        assert len(agent.core.policies()) == 2
+        assert sorted(i["identity"] for i in views.identities(agent.core.view())) == ids
+        assert len(views.policies(agent.core.view())) == 2
         assert agent.envoy is not None
         agent.envoy.wait_ready(30)
         assert agent.xds.wait_synced(agent.config.node_id, 10)

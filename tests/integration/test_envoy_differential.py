@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from l7gate.agent import views
 from l7gate.policy.evaluate import Flow, Layer, Peer, evaluate, peer_for
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.pathnorm import normalize_path
@@ -130,7 +131,7 @@ def expected_status(world: World, docs: list[dict[str, Any]], src: str, method: 
 def check(world: World, specs: list[dict[str, Any]], reqs: list[tuple[str, ...]]) -> None:
     core = world.core
     docs = docs_of(specs)
-    for p in core.policies():
+    for p in views.policies(core.view()):
         core.delete_policy(p["key"])
     if docs:
         core.apply(docs)

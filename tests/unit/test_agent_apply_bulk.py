@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from l7gate.agent import views
 from l7gate.agent.config import AgentConfig, EnvoySettings
 from l7gate.agent.core import POLICY_PREFIX, AgentCore, ApplyError
 from l7gate.kvstore.api import KVStoreError
@@ -90,7 +91,7 @@ def state(core: AgentCore, store: SQLiteKVStore, cache: SnapshotCache) -> Any:
     """Everything an apply may change: what is in force, what is enforced, what is stored."""
     snap = cache.get_snapshot(core.config.node_id)
     return (
-        core.policies(), core.endpoint_policies(), core.resolver.revision, core.revision,
+        views.policies(core.view()), views.endpoint_policies(core.view()), core.resolver.revision, core.revision,
         store.list_prefix(POLICY_PREFIX), dict(snap.versions) if snap is not None else None,
     )
 
@@ -117,12 +118,12 @@ def test_a_bad_object_at_the_end_of_a_large_batch_changes_nothing(tmp_path: Path
     took = time.monotonic() - t0
     assert (len(result.created), len(result.unchanged)) == (N - 10, 10)
     assert took <= 3.0, f"{N} policies took {took:.1f} s ({getattr(result, 'timing', '')})"
-    assert len(core.policies()) == N and len(store.list_prefix(POLICY_PREFIX)) == N
+    assert len(views.policies(core.view())) == N and len(store.list_prefix(POLICY_PREFIX)) == N
     # What is enforced is what one policy at a time gave: client 3 may GET /api/<j>/items/<n>
     # on api1 for every j = 3 (mod 20), and nothing else.
-    api1 = next(p for p in core.pods() if p["ref"] == "cluster-a/shop/api1")["identity"]
-    client3 = next(p for p in core.pods() if p["ref"] == "cluster-b/shop/client3")["identity"]
-    (ep,) = [e for e in core.endpoint_policies() if e["identity"] == api1]
+    api1 = next(p for p in views.pods(core.view()) if p["ref"] == "cluster-a/shop/api1")["identity"]
+    client3 = next(p for p in views.pods(core.view()) if p["ref"] == "cluster-b/shop/client3")["identity"]
+    (ep,) = [e for e in views.endpoint_policies(core.view()) if e["identity"] == api1]
     (entry,) = [e for e in ep["ingress"]["entries"] if e["peer"] == client3]
     assert entry["action"] == "proxy"
     assert sorted(entry["http"]) == sorted(f"{{method=GET path=/api/{j}/items/[0-9]+}}" for j in range(3, N, PEERS))
@@ -152,7 +153,7 @@ def test_readers_answer_from_the_state_before_a_long_apply(tmp_path: Path, store
     core.apply(pods())
     docs = [policy(j) for j in range(N)]
     core.apply(docs[:5])
-    before = (core.policies(), core.endpoint_policies(), core.pods(), core.identities())
+    before = (views.policies(core.view()), views.endpoint_policies(core.view()), views.pods(core.view()), views.identities(core.view()))
     publishing = threading.Event()
     release = threading.Event()
     flush = core._flush
@@ -170,8 +171,8 @@ def test_readers_answer_from_the_state_before_a_long_apply(tmp_path: Path, store
         assert publishing.wait(60)
         timer.start()
         t0 = time.monotonic()
-        during = (core.policies(), core.endpoint_policies(), core.pods(), core.identities())
-        counts = core.pod_counts()
+        during = (views.policies(core.view()), views.endpoint_policies(core.view()), views.pods(core.view()), views.identities(core.view()))
+        counts = views.pod_counts(core.view())
         took = time.monotonic() - t0
         still_applying = applier.is_alive() and not release.is_set()
     finally:
@@ -181,4 +182,4 @@ def test_readers_answer_from_the_state_before_a_long_apply(tmp_path: Path, store
     assert took < 1.0 and still_applying, f"the reads waited {took:.1f} s for the apply"
     assert during == before
     assert counts == {"known": APPS + PEERS, "local": APPS}
-    assert len(core.policies()) == N  # and the apply's result once it completed
+    assert len(views.policies(core.view())) == N  # and the apply's result once it completed

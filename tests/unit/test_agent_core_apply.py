@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from l7gate.agent import views
 from l7gate.agent.config import AgentConfig, EnvoySettings, MTLSSettings
 from l7gate.agent.core import AgentCore, ApplyError
 from l7gate.kvstore.sqlite import SQLiteKVStore
@@ -124,7 +125,7 @@ def test_local_pods_and_ports(core: AgentCore) -> None:
     billing = core._pods["cluster-a/web/billing"].identity
     assert core.local_identities() == {billing}
     assert [(p.ip, p.port) for p in core.publisher.ports] == [("10.0.0.10", 8080)]
-    assert [i["endpoint"] for i in core.identities() if i["identity"] == billing] == [True]
+    assert [i["endpoint"] for i in views.identities(core.view()) if i["identity"] == billing] == [True]
     core.delete_pod("web/billing")
     assert core.local_identities() == set()
     assert core.publisher.ports == []
@@ -161,7 +162,7 @@ def cnp(name: str, namespace: str | None, app: str) -> dict[str, Any]:
 
 def test_the_same_policy_twice_in_one_request_is_refused(core: AgentCore) -> None:
     core.apply([cnp("p", "web", "a")])
-    before = core.policies()
+    before = views.policies(core.view())
     # "default" spelled out and left to the default name the same policy
     with pytest.raises(ApplyError) as ei:
         core.apply([cnp("q", None, "a"), pod("x", "10.0.0.1", {"app": "x"}), cnp("q", "default", "b")])
@@ -173,7 +174,7 @@ def test_the_same_policy_twice_in_one_request_is_refused(core: AgentCore) -> Non
         core.apply([cnp("p", "web", "b"), cnp("p", "web", "a")])
     with pytest.raises(ApplyError, match="object 2: pod/cluster-a/web/x is also object 1"):
         core.apply([pod("x", "10.0.0.1", {"app": "x"}), pod("x", "10.0.0.2", {"app": "x"})])
-    assert core.policies() == before and core.pods() == []
+    assert views.policies(core.view()) == before and views.pods(core.view()) == []
 
 
 def test_pod_addresses_the_loopback_datapath_cannot_serve_are_refused(make_core: Any) -> None:
@@ -189,7 +190,7 @@ def test_pod_addresses_the_loopback_datapath_cannot_serve_are_refused(make_core:
         core.apply([doc])
     with pytest.raises(ApplyError, match=r"status\.podIP: 0\.0\.0\.0 is the unspecified address"):
         core.apply([pod("any", "0.0.0.0", {"app": "any"}, node="n1", ports=(8080,))])
-    assert core.pods() == [] and core.publisher.ports == []
+    assert views.pods(core.view()) == [] and core.publisher.ports == []
     # pods this node does not serve may have any (IPv4 unicast) address; local ones 127.x
     core.apply([
         pod("billing", "127.0.0.10", {"app": "billing"}, node="n1", ports=(8080,)),
@@ -208,7 +209,7 @@ def test_loopback_pod_addresses_are_refused_in_kernel_mode(make_core: Any) -> No
     with pytest.raises(ApplyError, match=r"status\.podIP: fd00::5 is an IPv6 address"):
         core.apply([pod("v6", "fd00::5", {"app": "c"}, cluster="cluster-b")])
     core.apply([pod("local", "10.0.0.10", {"app": "a"}, node="n1")])
-    assert [p["ips"] for p in core.pods()] == [["10.0.0.10"]]
+    assert [p["ips"] for p in views.pods(core.view())] == [["10.0.0.10"]]
 
 
 def test_auth_required_without_mutual_auth_is_applied_with_a_warning(make_core: Any) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..policy.parse import POLICY_KINDS
+from . import views
 from .core import AgentCore, ApplyError
 from .httpd import BoundedHTTPServer, Limits, Request, Response
 
@@ -222,14 +223,14 @@ class AdminApp:
                 return 200, self.hooks.status(), j
             if path == "/v1/policy":
                 view = core.view()  # one state for all three, and no wait for an apply under way
-                return 200, {"revision": view.policy_revision, "policies": core.policies(view),
-                             "endpoints": core.endpoint_policies(view)}, j
+                return 200, {"revision": view.policy_revision, "policies": views.policies(view),
+                             "endpoints": views.endpoint_policies(view)}, j
             if path == "/v1/endpoints":
-                return 200, {"endpoints": core.pods()}, j
+                return 200, {"endpoints": views.pods(core.view())}, j
             if path == "/v1/identities":
-                return 200, {"identities": core.identities()}, j
+                return 200, {"identities": views.identities(core.view())}, j
             if path == "/v1/ipcache":
-                return 200, {"entries": core.ipcache_entries()}, j
+                return 200, {"entries": views.ipcache_entries(core.ipcache)}, j
             if path == "/v1/auth":
                 if self.hooks.auth is None:
                     return 200, {"enabled": False, "entries": [], "tunnel": None}, j

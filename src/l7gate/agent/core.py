@@ -23,16 +23,15 @@ which a long apply keeps from before it starts (`view`).
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -54,11 +53,15 @@ from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.translate import ProxiedPort
 from .config import AgentConfig
+from .heap import collector_paused, settle_heap
 
 PREFIX = "l7gate/v1/"
 POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
+
+
+T = TypeVar("T")
 
 
 class ApplyError(Exception):
@@ -67,33 +70,6 @@ class ApplyError(Exception):
     def __init__(self, errors: list[str]) -> None:
         self.errors = errors
         super().__init__("; ".join(errors))
-
-
-def settle_heap() -> None:
-    """After a change: collect the youngest generation (the garbage the change made), then move
-    every surviving object to the collector's permanent generation. With 10,000 identities the
-    agent holds millions of long-lived objects, and one full collection of them took ~190 ms,
-    stalling whatever thread triggered it (a policy apply, the xDS server). Frozen objects are
-    still freed by reference counting; only cyclic garbage among them waits for
-    `AgentCore.compact_heap`, which the daemon runs every few minutes. (Collecting generation 1
-    too cost ~1 ms per pod added at that size; generation 0 alone costs nothing measurable.)"""
-    gc.collect(0)
-    gc.freeze()
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """No automatic garbage collection inside: for a large change (a long apply, the restore),
-    whose millions of new objects are long-lived. The collector kept walking them as they grew,
-    ~0.7 s of a 4 s restore of 10,000 policies; `settle_heap` after the change walks them once.
-    Reference counting still frees everything but cycles meanwhile."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,15 +449,10 @@ class AgentCore:
         settle_heap()
         return True
 
-    def compact_heap(self) -> float:
-        """A full garbage collection of everything, frozen state included, then freeze again;
-        seconds it took. The agent runs it rarely (see `settle_heap`)."""
+    def exclusive(self, fn: Callable[[], T]) -> T:
+        """`fn()` between changes (under the core's lock): what must never land inside one."""
         with self._lock:
-            t0 = time.monotonic()
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-            return time.monotonic() - t0
+            return fn()
 
     # -- pods ---------------------------------------------------------------------------------
 
@@ -625,70 +596,6 @@ class AgentCore:
             MappingProxyType(endpoints),
         )
 
-    def policies(self, view: StateView | None = None) -> list[dict[str, Any]]:
-        v = view or self.view()
-        return [{"key": k, "object": v.policy_docs[k]} for k in sorted(v.policy_docs)]
-
-    def pod_counts(self) -> dict[str, int]:
-        """What `l7gate status` counts: every pod the agent knows (what `endpoint list` shows),
-        and the local ones, whose ingress this node enforces."""
-        v = self.view()
-        return {"known": len(v.pods), "local": sum(1 for rec in v.pods.values() if rec.local)}
-
-    def pods(self) -> list[dict[str, Any]]:
-        v = self.view()
-        return [
-            {
-                "ref": ref,
-                "identity": rec.identity,
-                "ips": list(rec.pod.ips),
-                "local": rec.local,
-                "ports": [f"{p}/{proto}" for p, proto in rec.pod.ports],
-                "labels": dict(rec.labels),
-            }
-            for ref, rec in sorted(v.pods.items())
-        ]
-
-    def identities(self) -> list[dict[str, Any]]:
-        v = self.view()
-        pods_of = v.pods_of()
-        return [
-            {
-                "identity": ident,
-                "labels": dict(labels),
-                "pods": pods_of.get(ident, []),
-                "endpoint": ident in v.endpoints,
-            }
-            for ident, labels in sorted(v.identities.items())
-        ]
-
-    def ipcache_entries(self) -> list[dict[str, Any]]:
-        return [
-            {"prefix": e.prefix.with_prefixlen, "identity": e.identity}
-            for e in self.ipcache.snapshot()
-        ]
-
-    def endpoint_policies(self, view: StateView | None = None) -> list[dict[str, Any]]:
-        v = view or self.view()
-        pods_of = v.pods_of()
-        return [
-            {
-                "identity": ident,
-                "pods": [r for r in pods_of.get(ident, ()) if v.pods[r].local],
-                "revision": pol.revision,
-                "policies": list(pol.policies),
-                "ingress": {
-                    "default_deny": pol.default_deny_ingress,
-                    "entries": [_entry_json(k, e) for k, e in pol.ingress.items()],
-                },
-                "egress": {
-                    "default_deny": pol.default_deny_egress,
-                    "entries": [_entry_json(k, e) for k, e in pol.egress.items()],
-                },
-            }
-            for ident, pol in sorted(v.endpoints.items())
-        ]
-
 
 def _auth_without_mtls(policy: Policy) -> list[str]:
     """The rules of `policy` that require mutual auth, on an agent without it: fail closed."""
@@ -700,15 +607,3 @@ def _auth_without_mtls(policy: Policy) -> list[str]:
         for pr in rule.rules
         if pr.auth is AuthMode.REQUIRED
     ]
-
-
-def _entry_json(key: Any, entry: Any) -> dict[str, Any]:
-    return {
-        "peer": "any" if key.peer == 0 else key.peer,
-        "protocol": key.protocol.value,
-        "ports": str(key.ports),
-        "action": entry.action,
-        "auth": entry.auth.value if entry.auth else None,
-        "http": [str(h) for h in entry.l7.http] if entry.l7 is not None else None,
-        "derived_from": list(entry.derived_from),
-    }

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
 
 from ..kvstore.sqlite import SQLiteKVStore
 from ..mtls.auth import AuthManager, boot_ns_for
@@ -31,10 +30,9 @@ from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
 from ..redirect_bpf.loader import DatapathError, KernelDatapath
 from ..records import KernelDrop
-from ..identity.numeric import RESERVED, IdentityError
 from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
 from ..observe.api import FlowQuery, stream
-from ..observe.ingest import ORIGINAL_DST_HEADER, SOURCE_KERNEL, IngestContext, Ingestor, PeerInfo, hubble_labels
+from ..observe.ingest import ORIGINAL_DST_HEADER, SOURCE_KERNEL, IngestContext, Ingestor
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
@@ -45,7 +43,8 @@ from .admin import AdminApp, AdminHooks, AdminServer, TokenError, load_token_fil
 from .config import AgentConfig
 from .health import EnforcementWatch
 from .httpd import Limits, descriptor_budget
-from .core import AgentCore, settle_heap
+from . import heap, views
+from .core import AgentCore
 from .tunnel import Tunnels, inputs_from_core, plan as tunnel_plan
 from .metrics import AgentMetrics
 
@@ -73,84 +72,6 @@ class Agent:
     watch: EnforcementWatch
     mtls: MutualAuth | None = None
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def status(self) -> dict[str, Any]:
-        env = self.envoy.status() if self.envoy else None
-        problems = self.watch.problems()
-        view = self.core.view()
-        return {
-            "health": {"healthy": not problems, "problems": problems},
-            "node": self.config.node,
-            "cluster": {"name": self.config.cluster_name, "id": self.config.cluster_id},
-            "node_id": self.config.node_id,
-            "datapath": self._datapath_status(),
-            "admin": {"address": self.admin.address, **self.admin.stats()},
-            "xds": self.xds.address,
-            "envoy": None if env is None else {
-                "state": env.state.value,
-                "pid": env.pid,
-                "restarts": env.restarts,
-                "adopted": env.adopted,
-                "admin": env.admin_address,
-                "uptime": env.uptime,
-                "last_exit": env.last_exit.describe() if env.last_exit else None,
-                "error": env.error,
-            },
-            # As of the last completed change: an apply under way shows when it is done.
-            "policies": len(view.policy_docs),
-            "policy_revision": view.policy_revision,
-            "identities": len(view.identities),
-            # known: every pod `endpoint list` shows (all clusters); local: those on this node,
-            # whose ingress this agent enforces.
-            "pods": self.core.pod_counts(),
-            "proxied_ports": [f"{p.ip}:{p.port}" for p in self.core.publisher.ports],
-            "access_logs": {"entries": self.als.entries, "errors": self.als.errors, "streams": self.als.streams,
-                            "malformed": self.als.malformed},
-            "flows": dataclasses.asdict(self.flows.stats()),
-            "uptime": round(time.monotonic() - self.started, 3),
-        }
-
-    def _datapath_status(self) -> dict[str, Any]:
-        info = dict(self.datapath_info)
-        mode = info["mode"]
-        if mode == "loopback":
-            info["description"] = ("loopback: Envoy fronts each local pod's ports on the pod's own "
-                                   "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath). "
-                                   "NOT A SECURE MODE: each pod's server is reachable directly on its "
-                                   f"port + {self.config.upstream_port_offset} by any local process")
-            info["secure"] = False
-        elif mode == "kernel":
-            info["description"] = ("kernel: BPF programs on the pods' veths make L3/L4 verdicts; "
-                                   "connections to ports with HTTP rules are redirected to Envoy")
-            if self.core.kernel is not None:
-                info["policy_entries"] = self.core.kernel.dp.policy_entries()
-            info["drops"] = len(self.drops)
-        else:
-            info["description"] = ("iptables fallback: every TCP connection to a local pod is "
-                                   "redirected to Envoy, which makes the L3/L4 and L7 verdicts")
-        return info
-
-    def xds_config(self, node: str | None, type_url: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for node_id in self.cache.node_ids():
-            if node is not None and node_id != node:
-                continue
-            snap = self.cache.get_snapshot(node_id)
-            if snap is None:
-                continue
-            types: dict[str, Any] = {}
-            for t in sorted(snap.resources):
-                if type_url is not None and t != type_url:
-                    continue
-                types[t] = {
-                    "version": snap.version(t),
-                    "resources": {
-                        name: json_format.MessageToDict(msg, preserving_proto_field_name=True)
-                        for name, msg in sorted(snap.messages(t).items())
-                    },
-                }
-            out[node_id] = types
-        return {"nodes": out}
 
     def stop(self) -> None:
         log("stopping")
@@ -207,7 +128,7 @@ def start_agent(config: AgentConfig) -> Agent:
     metrics.attach(core)
     metrics.attach_xds(xds.status)
     flows = FlowRing(config.observe.ring_size, config.observe.follow_buffer)
-    ingestor = Ingestor(flows, IngestContext(_PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}"))
+    ingestor = Ingestor(flows, IngestContext(views.PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}"))
     ingestor.start()
     als.set_batch_sink(ingestor.http_access_logs)
     als.set_tcp_batch_sink(ingestor.tcp_access_logs)
@@ -263,9 +184,9 @@ def start_agent(config: AgentConfig) -> Agent:
     # Through `agent`: the xDS server it holds may be replaced (a restarted server).
     watch = EnforcementWatch(envoy, lambda: agent.xds.status(), served_listeners, node_id)
     hooks = AdminHooks(
-        status=lambda: agent.status(),
+        status=lambda: views.status(agent),
         xds_status=lambda: agent.xds.status_json(),
-        xds_config=lambda n, t: agent.xds_config(n, t),
+        xds_config=lambda n, t: views.xds_config(cache, n, t),
         metrics=metrics.render,
         flows=lambda q: stream(flows, FlowQuery.from_query(q)),
         auth=mtls.status if mtls is not None else None,
@@ -278,64 +199,9 @@ def start_agent(config: AgentConfig) -> Agent:
                   datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls)
     watch.start()
     admin.start()  # only now: its handlers read `agent`
-    threading.Thread(target=_compact_heap_now_and_then, args=(agent,), name="l7g-heap", daemon=True).start()
+    threading.Thread(target=heap.settle_periodically, args=(agent.stopping, core.exclusive, log), name="l7g-heap",
+                     daemon=True).start()
     return agent
-
-
-HEAP_SETTLE_PERIOD = 1.0  # seconds
-HEAP_COMPACTION_PERIOD = 600.0
-
-
-def _compact_heap_now_and_then(agent: Agent) -> None:
-    """Every second, what survived (flows in the ring, access-log state) is frozen too, so the
-    collector never has a large unfrozen old generation to walk in the middle of a policy
-    apply; cyclic garbage among frozen objects is collected here, rarely."""
-    last = time.monotonic()
-    while not agent.stopping.wait(HEAP_SETTLE_PERIOD):
-        if time.monotonic() - last < HEAP_COMPACTION_PERIOD:
-            settle_heap()
-            continue
-        last = time.monotonic()
-        took = agent.core.compact_heap()
-        if took > 0.05:
-            log(f"heap compaction took {took * 1000:.0f} ms")
-
-
-class _PeerIndex:
-    """IP → PeerInfo for flows, from the core's pods and its ipcache; rebuilt when either
-    changes (their revisions), so a lookup is one dict probe. Called by the ingestion thread."""
-
-    _MAX_OTHER = 10_000  # addresses that are no pod (world, CIDRs), cached until a change
-
-    def __init__(self, core: AgentCore) -> None:
-        self.core = core
-        self._key: tuple[int, int] | None = None
-        self._pods: dict[str, PeerInfo] = {}
-        self._other: dict[str, PeerInfo] = {}
-
-    def __call__(self, ip: str) -> PeerInfo:
-        key = (self.core.revision, self.core.ipcache.revision)
-        if key != self._key:
-            pods: dict[str, PeerInfo] = {}
-            for p in self.core.pods():
-                cluster, ns, name = p["ref"].split("/", 2)
-                peer = PeerInfo(p["identity"], cluster, ns, name, hubble_labels(p["labels"]), p["local"])
-                for pod_ip in p["ips"]:
-                    pods[pod_ip] = peer
-            self._pods, self._other, self._key = pods, {}, key
-        info = self._pods.get(ip) or self._other.get(ip)
-        if info is None:
-            try:
-                ident = self.core.ipcache.lookup(ip)
-            except IdentityError as exc:  # not an address
-                raise ValueError(str(exc)) from None
-            labels = self.core.resolver.identities.get(ident)
-            if labels is None and ident in RESERVED:
-                labels = RESERVED[ident].labels
-            info = PeerInfo(ident, labels=hubble_labels(labels) if labels else ())
-            if len(self._other) < self._MAX_OTHER:
-                self._other[ip] = info
-        return info
 
 
 def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesRedirect | None, dict[str, Any]]:

@@ -1,0 +1,218 @@
+"""What the admin API shows: the agent's state as JSON-ready values, and the flows' peer lookup.
+
+Every view reads a `StateView` (the state as of the last completed change: `AgentCore.view()`)
+or another value it is handed; none takes the core's lock or changes anything. The agent's own
+status (`status`) gathers the daemon's parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
+
+from ..identity.ipcache import IPCache
+from ..identity.numeric import RESERVED, IdentityError
+from ..observe.ingest import PeerInfo, hubble_labels
+from ..policy.resolve import MapEntry, MapKey
+from ..xds.cache import SnapshotCache
+from .core import AgentCore, StateView
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+
+def policies(v: StateView) -> list[dict[str, Any]]:
+    return [{"key": k, "object": v.policy_docs[k]} for k in sorted(v.policy_docs)]
+
+
+def pod_counts(v: StateView) -> dict[str, int]:
+    """What `l7gate status` counts: every pod the agent knows (what `endpoint list` shows),
+    and the local ones, whose ingress this node enforces."""
+    return {"known": len(v.pods), "local": sum(1 for rec in v.pods.values() if rec.local)}
+
+
+def pods(v: StateView) -> list[dict[str, Any]]:
+    return [
+        {
+            "ref": ref,
+            "identity": rec.identity,
+            "ips": list(rec.pod.ips),
+            "local": rec.local,
+            "ports": [f"{p}/{proto}" for p, proto in rec.pod.ports],
+            "labels": dict(rec.labels),
+        }
+        for ref, rec in sorted(v.pods.items())
+    ]
+
+
+def identities(v: StateView) -> list[dict[str, Any]]:
+    pods_of = v.pods_of()
+    return [
+        {
+            "identity": ident,
+            "labels": dict(labels),
+            "pods": pods_of.get(ident, []),
+            "endpoint": ident in v.endpoints,
+        }
+        for ident, labels in sorted(v.identities.items())
+    ]
+
+
+def ipcache_entries(ipcache: IPCache) -> list[dict[str, Any]]:
+    return [{"prefix": e.prefix.with_prefixlen, "identity": e.identity} for e in ipcache.snapshot()]
+
+
+def endpoint_policies(v: StateView) -> list[dict[str, Any]]:
+    pods_of = v.pods_of()
+    return [
+        {
+            "identity": ident,
+            "pods": [r for r in pods_of.get(ident, ()) if v.pods[r].local],
+            "revision": pol.revision,
+            "policies": list(pol.policies),
+            "ingress": {
+                "default_deny": pol.default_deny_ingress,
+                "entries": [_entry_json(k, e) for k, e in pol.ingress.items()],
+            },
+            "egress": {
+                "default_deny": pol.default_deny_egress,
+                "entries": [_entry_json(k, e) for k, e in pol.egress.items()],
+            },
+        }
+        for ident, pol in sorted(v.endpoints.items())
+    ]
+
+
+def _entry_json(key: MapKey, entry: MapEntry) -> dict[str, Any]:
+    return {
+        "peer": "any" if key.peer == 0 else key.peer,
+        "protocol": key.protocol.value,
+        "ports": str(key.ports),
+        "action": entry.action,
+        "auth": entry.auth.value if entry.auth else None,
+        "http": [str(h) for h in entry.l7.http] if entry.l7 is not None else None,
+        "derived_from": list(entry.derived_from),
+    }
+
+
+def xds_config(cache: SnapshotCache, node: str | None, type_url: str | None) -> dict[str, Any]:
+    """The resources served, per node and type (`l7gate xds dump`)."""
+    out: dict[str, Any] = {}
+    for node_id in cache.node_ids():
+        if node is not None and node_id != node:
+            continue
+        snap = cache.get_snapshot(node_id)
+        if snap is None:
+            continue
+        types: dict[str, Any] = {}
+        for t in sorted(snap.resources):
+            if type_url is not None and t != type_url:
+                continue
+            types[t] = {
+                "version": snap.version(t),
+                "resources": {
+                    name: json_format.MessageToDict(msg, preserving_proto_field_name=True)
+                    for name, msg in sorted(snap.messages(t).items())
+                },
+            }
+        out[node_id] = types
+    return {"nodes": out}
+
+
+def status(agent: Agent) -> dict[str, Any]:
+    """`GET /v1/status`: the node, its datapath, Envoy, counts and health."""
+    env = agent.envoy.status() if agent.envoy else None
+    problems = agent.watch.problems()
+    view = agent.core.view()
+    return {
+        "health": {"healthy": not problems, "problems": problems},
+        "node": agent.config.node,
+        "cluster": {"name": agent.config.cluster_name, "id": agent.config.cluster_id},
+        "node_id": agent.config.node_id,
+        "datapath": datapath_status(agent),
+        "admin": {"address": agent.admin.address, **agent.admin.stats()},
+        "xds": agent.xds.address,
+        "envoy": None if env is None else {
+            "state": env.state.value,
+            "pid": env.pid,
+            "restarts": env.restarts,
+            "adopted": env.adopted,
+            "admin": env.admin_address,
+            "uptime": env.uptime,
+            "last_exit": env.last_exit.describe() if env.last_exit else None,
+            "error": env.error,
+        },
+        # As of the last completed change: an apply under way shows when it is done.
+        "policies": len(view.policy_docs),
+        "policy_revision": view.policy_revision,
+        "identities": len(view.identities),
+        # known: every pod `endpoint list` shows (all clusters); local: those on this node,
+        # whose ingress this agent enforces.
+        "pods": pod_counts(view),
+        "proxied_ports": [f"{p.ip}:{p.port}" for p in agent.core.publisher.ports],
+        "access_logs": {"entries": agent.als.entries, "errors": agent.als.errors, "streams": agent.als.streams,
+                        "malformed": agent.als.malformed},
+        "flows": dataclasses.asdict(agent.flows.stats()),
+        "uptime": round(time.monotonic() - agent.started, 3),
+    }
+
+
+def datapath_status(agent: Agent) -> dict[str, Any]:
+    info = dict(agent.datapath_info)
+    mode = info["mode"]
+    if mode == "loopback":
+        info["description"] = ("loopback: Envoy fronts each local pod's ports on the pod's own "
+                               "address; L3/L4 and L7 verdicts are made in Envoy (no kernel datapath). "
+                               "NOT A SECURE MODE: each pod's server is reachable directly on its "
+                               f"port + {agent.config.upstream_port_offset} by any local process")
+        info["secure"] = False
+    elif mode == "kernel":
+        info["description"] = ("kernel: BPF programs on the pods' veths make L3/L4 verdicts; "
+                               "connections to ports with HTTP rules are redirected to Envoy")
+        if agent.core.kernel is not None:
+            info["policy_entries"] = agent.core.kernel.dp.policy_entries()
+        info["drops"] = len(agent.drops)
+    else:
+        info["description"] = ("iptables fallback: every TCP connection to a local pod is "
+                               "redirected to Envoy, which makes the L3/L4 and L7 verdicts")
+    return info
+
+
+class PeerIndex:
+    """IP → PeerInfo for flows, from the core's pods and its ipcache; rebuilt when either
+    changes (their revisions), so a lookup is one dict probe. Called by the ingestion thread."""
+
+    _MAX_OTHER = 10_000  # addresses that are no pod (world, CIDRs), cached until a change
+
+    def __init__(self, core: AgentCore) -> None:
+        self.core = core
+        self._key: tuple[int, int] | None = None
+        self._pods: dict[str, PeerInfo] = {}
+        self._other: dict[str, PeerInfo] = {}
+
+    def __call__(self, ip: str) -> PeerInfo:
+        key = (self.core.revision, self.core.ipcache.revision)
+        if key != self._key:
+            by_ip: dict[str, PeerInfo] = {}
+            for ref, rec in self.core.view().pods.items():
+                cluster, ns, name = ref.split("/", 2)
+                peer = PeerInfo(rec.identity, cluster, ns, name, hubble_labels(dict(rec.labels)), rec.local)
+                for pod_ip in rec.pod.ips:
+                    by_ip[pod_ip] = peer
+            self._pods, self._other, self._key = by_ip, {}, key
+        info = self._pods.get(ip) or self._other.get(ip)
+        if info is None:
+            try:
+                ident = self.core.ipcache.lookup(ip)
+            except IdentityError as exc:  # not an address
+                raise ValueError(str(exc)) from None
+            labels = self.core.resolver.identities.get(ident)
+            if labels is None and ident in RESERVED:
+                labels = RESERVED[ident].labels
+            info = PeerInfo(ident, labels=hubble_labels(labels) if labels else ())
+            if len(self._other) < self._MAX_OTHER:
+                self._other[ip] = info
+        return info
