@@ -99,7 +99,7 @@ from run import Context, Result
 from l7gate.agent.config import EnvoySettings
 from l7gate.agent.daemon import Agent, start_agent
 from l7gate.l7proxy.supervisor import find_envoy
-from l7gate.xds.publisher import EXTENSION_CONFIG_TYPE
+from l7gate.xds.cache import EXTENSION_CONFIG as EXTENSION_CONFIG_TYPE
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed"

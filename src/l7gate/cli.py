@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, envoy_names
 from .client import AdminClient, AdminError, read_token_file
 from .agent.config import DEFAULT_ADMIN
 from .offline.trace import TraceError, TraceRequest, format_trace_text, run_trace
@@ -599,12 +599,12 @@ def _cmd_xds_status(args: argparse.Namespace) -> int:
 
 
 _TYPE_ALIASES = {
-    "lds": "type.googleapis.com/envoy.config.listener.v3.Listener",
-    "rds": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-    "cds": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-    "eds": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-    "sds": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-    "ecds": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+    "lds": envoy_names.LISTENER,
+    "rds": envoy_names.ROUTE,
+    "cds": envoy_names.CLUSTER,
+    "eds": envoy_names.ENDPOINT,
+    "sds": envoy_names.SECRET,
+    "ecds": envoy_names.EXTENSION_CONFIG,
 }
 
 

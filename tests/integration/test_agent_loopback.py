@@ -16,7 +16,8 @@ from l7gate.agent import views
 from l7gate.client import AdminClient, AdminError
 from l7gate.agent.core import ApplyError
 from l7gate.xds.cache import LISTENER as LISTENER_TYPE
-from l7gate.xds.publisher import ROUTE_TYPE
+from l7gate.xds.cache import ROUTE as ROUTE_TYPE
+from l7gate.testing.wait import eventually
 from l7gate.xds.server import XdsServer
 
 from .loopback import HttpConn, World, loopback_world, request, seed_policies, wait_conn, wait_request

@@ -388,10 +388,10 @@ def try_status(fn: Callable[[], int]) -> int:
 # -- the test ------------------------------------------------------------------------------------
 
 
-def test_builders_mirror_the_mtls_names() -> None:
-    """xds may not import mtls: its copies of the SPIFFE ID and SNI formats must agree."""
-    assert m.spiffe_id(TD, 7) == spiffe_id(TD, 7) == m.svid_secret_name(TD, 7)
-    assert m.server_name(TD, 7) == server_name(TD, 7)
+def test_builders_use_the_one_spiffe_vocabulary() -> None:
+    """xds names certificates and SNIs with l7gate.identity.spiffe, as mtls does: one definition."""
+    assert m.spiffe_id is spiffe_id and m.server_name is server_name
+    assert m.svid_secret_name(TD, 7) == spiffe_id(TD, 7)
     assert m.host_port("10.0.0.1", 80) == "10.0.0.1:80"
     assert m.host_port("fd00::0001", 80) == "[fd00::1]:80"
 

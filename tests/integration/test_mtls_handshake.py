@@ -22,7 +22,7 @@ from l7gate.mtls.handshake import (
     ServerEvent,
     handshake,
 )
-from l7gate.mtls.spiffe import spiffe_id
+from l7gate.identity.spiffe import spiffe_id
 from l7gate.mtls.store import SVIDSource, SVIDStore
 from l7gate.mtls.svid import Reason
 from l7gate.testing.mtls import ManualClock, StaticSource, forge_svid

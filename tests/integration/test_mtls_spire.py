@@ -23,7 +23,7 @@ from spiffe._proto import workload_pb2
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import AuthError, Failure, MutualAuthServer, ServerEvent, handshake
 from l7gate.mtls.spire import MissingSVIDError, SpireError, SpireSource
-from l7gate.mtls.spiffe import spiffe_id
+from l7gate.identity.spiffe import spiffe_id
 from l7gate.mtls.store import SVIDSource, SVIDStore
 from l7gate.mtls.svid import Reason, verify_peer
 from l7gate.testing.mtls import ManualClock, forge_svid

@@ -27,7 +27,7 @@ import yaml
 
 from l7gate.testing.testbed import Node, Pod, Testbed
 from l7gate.mtls.ca import BuiltinCA
-from l7gate.mtls.spiffe import spiffe_id
+from l7gate.identity.spiffe import spiffe_id
 from l7gate.testing.mtls import forge_svid
 
 from .test_kernel_datapath import (

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from l7gate.mtls.ca import CERT_FILE, KEY_FILE, BuiltinCA, CAError
 from l7gate.mtls._files import InsecureFileError
-from l7gate.mtls.spiffe import (
+from l7gate.identity.spiffe import (
     DEFAULT_TRUST_DOMAIN,
     SpiffeIDError,
     parse_server_name,

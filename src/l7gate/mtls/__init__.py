@@ -12,7 +12,8 @@
     auth.request(local, remote)                         # after an "Authentication required" drop
     auth.status()                                       # rows for `l7gate auth status`
 
-Modules: `spiffe` (names), `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`.
+Modules: `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`; the SPIFFE names are
+`l7gate.identity.spiffe` (below xds, which names certificates with them too).
 """
 
 from .auth import AuthManager, AuthStatus, Pair, boot_ns_for
@@ -28,7 +29,7 @@ from .handshake import (
     ServerEvent,
     handshake,
 )
-from .spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIDError, parse_spiffe_id, server_name, spiffe_id
+from ..identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeIDError, parse_spiffe_id, server_name, spiffe_id
 from .store import SVIDFiles, SVIDSource, SVIDStore
 from .svid import SVID, Peer, Reason, SVIDError, verify_peer
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._files import ensure_private_dir, read_private, write_private
-from .spiffe import (
+from ..identity.spiffe import (
     DEFAULT_TRUST_DOMAIN,
     check_identity,
     check_trust_domain,

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .spiffe import SpiffeIDError, parse_server_name, server_name
+from ..identity.spiffe import SpiffeIDError, parse_server_name, server_name
 from .store import SVIDStore
 from ..clock import Clock
 from .svid import SVID, Peer, Reason, SVIDError, verify_peer

@@ -40,7 +40,7 @@ from spiffe import WorkloadApiClient
 from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context
 
-from .spiffe import SpiffeIDError, check_trust_domain, parse_spiffe_id, spiffe_id
+from ..identity.spiffe import SpiffeIDError, check_trust_domain, parse_spiffe_id, spiffe_id
 from ..clock import Clock
 from .svid import SVID
 

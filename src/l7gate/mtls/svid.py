@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from ..clock import Clock
-from .spiffe import SpiffeIDError, parse_spiffe_id
+from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 
 """Wall-clock seconds since the epoch; `time.time` unless a test injects another."""
 

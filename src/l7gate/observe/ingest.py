@@ -59,6 +59,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..envoy_names import ORIGINAL_DST_HEADER as ORIGINAL_DST_HEADER
+from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 from ..records import KernelDrop
 from .flow import (
     AUTH_FAILED,
@@ -190,8 +192,6 @@ def _rbac_action(cp: Any) -> str:
     return v.string_value if v is not None else ""
 
 
-ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"  # xds.mtls_translate: where the tunnel delivers
-_SPIFFE_IDENTITY = re.compile(r"spiffe://[a-z0-9._-]+/identity/([0-9]{1,10})")
 _TLS_WORDS = (
     # (fragment of BoringSSL's error text, what it means), most specific first
     ("CERTIFICATE_EXPIRED", "certificate expired"),
@@ -231,8 +231,10 @@ def _tunnel_peer(cp: Any) -> int | None:
     uris = [s.uri for s in cp.tls_properties.peer_certificate_properties.subject_alt_name if s.uri]
     if len(uris) != 1:
         return None
-    m = _SPIFFE_IDENTITY.fullmatch(uris[0])
-    return int(m.group(1)) if m else None
+    try:
+        return parse_spiffe_id(uris[0])[1]
+    except SpiffeIDError:
+        return None
 
 
 def _has_client_certificate(cp: Any) -> bool:

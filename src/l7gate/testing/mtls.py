@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..mtls.ca import BuiltinCA, _key_pem, _key_usage, _utc
-from ..mtls.spiffe import spiffe_id
+from ..identity.spiffe import spiffe_id
 from ..mtls.svid import SVID
 from .clock import ManualClock
 

@@ -63,13 +63,14 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import ip_pb2
 
-_PREFIX = "type.googleapis.com/"
-LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
-ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
-CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
-ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
-EXTENSION_CONFIG = _PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
+# The type URLs are defined once, in l7gate.envoy_names; the cache re-exports them.
+from ..envoy_names import CLUSTER as CLUSTER
+from ..envoy_names import TYPE_PREFIX
+from ..envoy_names import ENDPOINT as ENDPOINT
+from ..envoy_names import EXTENSION_CONFIG as EXTENSION_CONFIG
+from ..envoy_names import LISTENER as LISTENER
+from ..envoy_names import ROUTE as ROUTE
+from ..envoy_names import SECRET as SECRET
 
 # Make-before-break order (Envoy's xDS docs, "eventual consistency considerations"): clusters
 # and their endpoints and secrets exist before the listeners and routes that point at them.
@@ -104,14 +105,14 @@ _NAME_FIELD: Mapping[str, str] = MappingProxyType(
 )
 
 _HCM_TYPE = (
-    _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
-_EXTENSION_WITH_MATCHER_TYPE = _PREFIX + "envoy.extensions.common.matching.v3.ExtensionWithMatcher"
-_EXECUTE_FILTER_TYPE = _PREFIX + "envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
-_IP_MATCHER_TYPE = _PREFIX + "xds.type.matcher.v3.IPMatcher"
-_TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
-_UPSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_EXTENSION_WITH_MATCHER_TYPE = TYPE_PREFIX + "envoy.extensions.common.matching.v3.ExtensionWithMatcher"
+_EXECUTE_FILTER_TYPE = TYPE_PREFIX + "envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+_IP_MATCHER_TYPE = TYPE_PREFIX + "xds.type.matcher.v3.IPMatcher"
+_TCP_PROXY_TYPE = TYPE_PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_DOWNSTREAM_TLS_TYPE = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+_UPSTREAM_TLS_TYPE = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
 class InconsistentSnapshot(ValueError):
@@ -178,7 +179,7 @@ class CachedResource:
         if type_url not in TYPE_URLS:
             raise ValueError(f"unknown type URL {type_url!r}")
         full_name = message.DESCRIPTOR.full_name
-        if _PREFIX + full_name != type_url:
+        if TYPE_PREFIX + full_name != type_url:
             raise TypeError(f"{SHORT_NAMES[type_url]} resource {name!r} is a {full_name}")
         own_name = getattr(message, _NAME_FIELD[type_url])
         if own_name != name:

@@ -82,28 +82,27 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import matcher_pb2
 
+# The headers between the Envoys (PROTOCOL_HEADER: node A sets it from %PROTOCOL%, overwriting
+# what the pod sent; node B routes on it and removes it) are defined in l7gate.envoy_names.
+from ..envoy_names import FORWARDED_FOR_HEADER as FORWARDED_FOR_HEADER
+from ..envoy_names import ORIGINAL_DST_HEADER as ORIGINAL_DST_HEADER
+from ..envoy_names import PROTOCOL_HEADER as PROTOCOL_HEADER
+from ..envoy_names import SOURCE_HEADER as SOURCE_HEADER
+from ..identity.spiffe import server_name, spiffe_id, trust_domain_id
 from ..policy.resolve import Action, Decision
 from . import translate as t
 from .translate import _any, _ext, _policies
 
 DEFAULT_TUNNEL_PORT = 15443
 DEFAULT_MAX_CONNECTION_DURATION = 300.0  # seconds a tunnel connection lives, then drains
-ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
-SOURCE_HEADER = "x-l7gate-source"  # set by the source Envoy itself, read by its egress route
 TUNNEL_LISTENER = "l7g_tunnel_in"
 TUNNEL_ROUTE = "l7g_tunnel_rc"
 ORIGINAL_DST_CLUSTER = "l7g_tunnel_origdst"
 #: The same, speaking HTTP/2 (h2c) to the pod: for requests that came to node A as HTTP/2.
 ORIGINAL_DST_H2_CLUSTER = "l7g_tunnel_origdst_h2"
-#: The protocol the request arrived in at node A (Envoy's %PROTOCOL%: HTTP/1.1, HTTP/2): the
-#: tunnel between the Envoys is always HTTP/2, so node B cannot tell on its own whether the pod
-#: expects HTTP/1.1 or h2c (gRPC). Node A sets it, overwriting what the pod sent; node B routes
-#: on it and removes it.
-PROTOCOL_HEADER = "x-l7gate-downstream-protocol"
 TLS_TRANSPORT = "envoy.transport_sockets.tls"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
-FORWARDED_FOR_HEADER = "x-forwarded-for"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Never a valid ip:port nor a SPIFFE ID: keeps an exact_match_map non-empty (Envoy requires one
 # entry) without matching anything.
@@ -131,17 +130,6 @@ def _socket(ip: str, port: int) -> address_pb2.Address:
 # -- names ---------------------------------------------------------------------------------------
 
 
-def spiffe_id(trust_domain: str, identity: int) -> str:
-    """``spiffe://TD/identity/N``: the same string as `l7gate.mtls.spiffe_id` (which xds may not
-    import), without its validation; callers pass identities and trust domains the agent has
-    already checked."""
-    return f"spiffe://{trust_domain}/identity/{identity}"
-
-
-def trust_domain_id(trust_domain: str) -> str:
-    return f"spiffe://{trust_domain}"
-
-
 def svid_secret_name(trust_domain: str, identity: int) -> str:
     """The SDS name of an identity's certificate and key: its SPIFFE ID."""
     return spiffe_id(trust_domain, identity)
@@ -150,11 +138,6 @@ def svid_secret_name(trust_domain: str, identity: int) -> str:
 def bundle_secret_name(trust_domain: str) -> str:
     """The SDS name of the trust bundle (a validation context): the trust domain's SPIFFE ID."""
     return trust_domain_id(trust_domain)
-
-
-def server_name(trust_domain: str, identity: int) -> str:
-    """The SNI that asks the tunnel for `identity`'s certificate (as `l7gate.mtls.server_name`)."""
-    return f"{identity}.{trust_domain}"
 
 
 def host_port(ip: str, port: int) -> str:

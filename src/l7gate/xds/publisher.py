@@ -37,6 +37,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from ..envoy_names import CLUSTER, EXTENSION_CONFIG, LISTENER, ROUTE
 from ..identity.ipcache import IPCacheChange
 from ..policy.resolve import (
     ANY_PEER,
@@ -53,10 +54,6 @@ from . import translate as t
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-EXTENSION_CONFIG_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 
 class ResourceSink(Protocol):
@@ -407,12 +404,12 @@ class Publisher:
             gone_e = [n for ip, port in removed for n in t.slot_names(ip, port)]
             # Order keeps every intermediate snapshot consistent: add clusters and filter
             # configs before the routes and listeners naming them, remove listeners first.
-            self.sink.update(self.node_id, CLUSTER_TYPE, clusters, ())
-            self.sink.update(self.node_id, LISTENER_TYPE, {}, gone_l)
-            self.sink.update(self.node_id, EXTENSION_CONFIG_TYPE, ecds, gone_e)
-            self.sink.update(self.node_id, ROUTE_TYPE, routes, gone_r)
-            self.sink.update(self.node_id, LISTENER_TYPE, listeners, ())
-            self.sink.update(self.node_id, CLUSTER_TYPE, {}, gone_c)
+            self.sink.update(self.node_id, CLUSTER, clusters, ())
+            self.sink.update(self.node_id, LISTENER, {}, gone_l)
+            self.sink.update(self.node_id, EXTENSION_CONFIG, ecds, gone_e)
+            self.sink.update(self.node_id, ROUTE, routes, gone_r)
+            self.sink.update(self.node_id, LISTENER, listeners, ())
+            self.sink.update(self.node_id, CLUSTER, {}, gone_c)
             self._initialized = True
         sent = (*listeners.values(), *routes.values(), *clusters.values(), *ecds.values())
         stats.resources_sent = len(sent)

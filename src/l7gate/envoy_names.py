@@ -1,0 +1,24 @@
+"""Names l7gate and its Envoys agree on, defined once: the xDS resource type URLs, and the
+request headers the tunnel sets between Envoys (which the flows read back). Below every package
+that speaks to Envoy (`xds` builds with them, `observe` reads access logs with them, the CLI
+names types with them)."""
+
+from __future__ import annotations
+
+TYPE_PREFIX = "type.googleapis.com/"
+LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+EXTENSION_CONFIG = TYPE_PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
+
+#: Where the tunnel's destination Envoy delivers a request (a local pod's ip:port): set by the
+#: source node's Envoy, read by the destination's ORIGINAL_DST cluster, its RBAC and the flows.
+ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
+#: The source pod's address, set by the source Envoy itself for its egress route's lookup.
+SOURCE_HEADER = "x-l7gate-source"
+#: The protocol a request arrived in at the source node (Envoy's %PROTOCOL%), for the
+#: destination to speak the same to the pod: the tunnel itself is always HTTP/2.
+PROTOCOL_HEADER = "x-l7gate-downstream-protocol"
+FORWARDED_FOR_HEADER = "x-forwarded-for"
