@@ -9,12 +9,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from l7gate.agent import views
 from l7gate.client import AdminClient, AdminError
 from l7gate.agent.core import ApplyError
+from l7gate.observe.flow import POLICY_DENIED_L7, Verdict
 from l7gate.xds.cache import LISTENER as LISTENER_TYPE
 from l7gate.xds.cache import ROUTE as ROUTE_TYPE
 from l7gate.testing.wait import eventually
@@ -126,15 +128,12 @@ def test_nack_is_shown_and_last_good_config_stays(world: World) -> None:
     pr.match.safe_regex.google_re2.SetInParent()
     world.agent.cache.update(node, ROUTE_TYPE, {name: bad})
     try:
-        deadline = time.monotonic() + 10
-        row = None
-        while time.monotonic() < deadline:
-            rows = [r for r in world.agent.xds.status() if r.node_id == node and r.type == "RDS"]
-            row = rows[0] if rows else None
-            if row is not None and row.state.value == "NACKED":
-                break
-            time.sleep(0.05)
-        assert row is not None and row.state.value == "NACKED", row
+        def rds_nacked() -> Any:
+            row = next((r for r in world.agent.xds.status() if r.node_id == node and r.type == "RDS"), None)
+            assert row is not None and row.state.value == "NACKED", row
+            return row
+
+        row = eventually(rds_nacked, 10, "Envoy to NACK the RDS update")
         assert row.last_nack is not None and "invalid perl operator" in row.last_nack.error
         # the CLI shows it too
         status = AdminClient(world.agent.admin.address).get("/v1/xds/status")
@@ -166,11 +165,13 @@ def test_a_listener_envoy_cannot_bind_is_nacked_never_synced(world: World) -> No
         def lds() -> Any:
             return next(r for r in world.agent.xds.status() if r.node_id == node and r.type == "LDS")
 
-        deadline = time.monotonic() + 10
-        while lds().state.value != "NACKED" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        row = lds()
-        assert row.state.value == "NACKED" and row.last_nack is not None
+        def lds_nacked() -> Any:
+            row = lds()
+            assert row.state.value == "NACKED", row
+            return row
+
+        row = eventually(lds_nacked, 10, "Envoy to NACK the LDS update")
+        assert row.last_nack is not None
         assert "cannot bind '192.0.2.1:8080'" in row.last_nack.error
         problems = AdminClient(world.agent.admin.address).get("/v1/status")["health"]["problems"]
         assert any("rejected LDS" in p and "cannot bind" in p for p in problems), problems
@@ -193,21 +194,22 @@ def test_xds_server_killed_and_restarted_verdicts_hold(world: World) -> None:
     prober = threading.Thread(target=_probe_loop, args=(stop, results))
     prober.start()
     try:
-        time.sleep(0.3)
+        eventually(lambda: len(results) >= 9, 10, "three probe rounds before the xDS server stops")
         address = agent.xds.address
         agent.xds.stop(grace=0)
         during = len(results)
-        time.sleep(1.5)  # Envoy runs on its own with the last config
-        deadline = time.monotonic() + 10
-        while len(results) <= during + 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(results) > during + 10, "the probe loop must run while the xDS server is down"
+        # Envoy's own time: it notices the stream is gone and keeps retrying on its back-off
+        # (up to 1 s), serving the last config all along. No clock of ours runs it.
+        time.sleep(1.5)
+        eventually(lambda: len(results) > during + 10, 10,
+                   "the probe loop to run while the xDS server is down")
         new = XdsServer(agent.cache, address, on_ack=agent.metrics.on_ack, on_nack=agent.metrics.on_nack,
                         extra_handlers=[agent.als.handler()])
         new.start()
         agent.xds = new
         assert new.wait_synced(agent.config.node_id, 10), new.status_json()
-        time.sleep(0.3)
+        resynced = len(results)
+        eventually(lambda: len(results) >= resynced + 9, 10, "three probe rounds after the resync")
     finally:
         stop.set()
         prober.join()
@@ -227,12 +229,12 @@ def test_envoy_crash_is_restarted_and_resynced(world: World) -> None:
     before = sup.status()
     assert before.pid is not None
     os.kill(before.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def restarted() -> bool:
         st = sup.status()
-        if st.pid not in (None, before.pid) and st.state.value == "LIVE":
-            break
-        time.sleep(0.1)
+        assert st.pid not in (None, before.pid) and st.state.value == "LIVE", st
+        return True
+
+    eventually(restarted, 20, "a new Envoy to be LIVE after the kill")
     assert sup.status().restarts == before.restarts + 1
     world.synced()
     world.wait_listening(BILLING, 8080)
@@ -321,18 +323,21 @@ def test_apply_error_lists_every_problem(world: World) -> None:
 
 
 def test_access_logs_stream_to_the_agent(world: World) -> None:
-    seen: list[tuple[int, str, str]] = []
-    world.agent.als.set_sink(
-        lambda e: seen.append((e.response.response_code.value, e.request.path, e.response.response_code_details))
-    )
+    """Envoy's access logs reach the agent over gRPC and, through the sinks the agent wires (the
+    ingestor's batch sinks), become its flows: the allowed call answered 200, the other one
+    denied by the L7 rule, as Envoy's RBAC filter reported it."""
+    since = time.time_ns()
     assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
     assert request(FRONTEND, BILLING, 8080, "GET", "/v1/transactions").status == 403
-    deadline = time.monotonic() + 5
-    while len(seen) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (200, "/v1/charge") in [(c, p) for c, p, _ in seen]
-    denied = [d for c, p, d in seen if c == 403 and p == "/v1/transactions"]
-    assert denied and denied[0].startswith("rbac_access_denied_matched_policy[deny-l7|")
+
+    def seen() -> list[tuple[int, str, Verdict, str]]:
+        out = [(f.l7.http.code, urlsplit(f.l7.http.url).path, f.verdict, f.drop_reason_desc)
+               for f in world.agent.flows.snapshot(since=since) if f.l7 is not None and f.l7.http is not None]
+        assert (200, "/v1/charge", Verdict.FORWARDED, "") in out, out
+        assert (403, "/v1/transactions", Verdict.DROPPED, POLICY_DENIED_L7) in out, out
+        return out
+
+    eventually(seen, 5, "the flows of both requests")
 
 
 def test_cli_against_the_agent(world: World, capsys: pytest.CaptureFixture[str]) -> None:

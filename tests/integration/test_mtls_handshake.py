@@ -1,6 +1,6 @@
 """Mutual-auth handshakes over real TLS 1.3 on 127.0.0.0/8: MutualAuthServer + handshake(),
 every refusal seen from both ends, and AuthManager keeping kernel-map entries fresh with
-short-lived SVIDs and the real clock."""
+short-lived SVIDs on a manual clock (OpenSSL still checks validity against the real one)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from l7gate.mtls.auth import AuthManager
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import (
+    Address,
     AuthError,
     Failure,
     MutualAuthServer,
@@ -45,6 +46,7 @@ class Node:
                  clock: Callable[[], float] = time.time) -> None:
         self.store = SVIDStore(source, directory, clock=clock)
         self.store.set_identities(identities)
+        self.clock = clock
         self.events: list[ServerEvent] = []
         self._seen = threading.Condition()
         self.server: MutualAuthServer | None = None
@@ -55,7 +57,8 @@ class Node:
                 self.events.append(event)
                 self._seen.notify_all()
 
-        self.server = MutualAuthServer(self.store, (host, 0), on_handshake=record, timeout=5.0)
+        self.server = MutualAuthServer(self.store, (host, 0), on_handshake=record, timeout=5.0,
+                                       clock=self.clock)
         return self.server.start().address
 
     def event(self, n: int = 1, timeout: float = 5.0) -> ServerEvent:
@@ -83,13 +86,14 @@ def nodes() -> Iterator[list[Node]]:
         node.stop()
 
 
-MakeNode = Callable[[SVIDSource, list[int]], Node]
+MakeNode = Callable[..., Node]
+"""`make_node(source, identities, clock=time.time)`"""
 
 
 @pytest.fixture
 def make_node(tmp_path: Path, nodes: list[Node]) -> MakeNode:
-    def make(source: SVIDSource, identities: list[int]) -> Node:
-        node = Node(source, tmp_path / f"node{len(nodes)}", identities)
+    def make(source: SVIDSource, identities: list[int], clock: Callable[[], float] = time.time) -> Node:
+        node = Node(source, tmp_path / f"node{len(nodes)}", identities, clock=clock)
         nodes.append(node)
         return node
 
@@ -289,53 +293,59 @@ def test_local_identity_without_svid(ca: BuiltinCA, make_node: MakeNode) -> None
 
 
 def test_auth_manager_writes_at_once_refreshes_before_expiry_and_deletes(make_node: MakeNode) -> None:
-    ca = BuiltinCA.ephemeral(TD, svid_ttl=8.0)  # 8 s SVIDs, rotated every ~4 s
-    client = make_node(ca, [CLIENT])
-    server_b = make_node(ca, [SERVER, SERVER2])
+    """Twelve seconds of 8-second SVIDs on a manual clock: the CA, both ends' stores and
+    verifiers, and the manager read it; the manager's worker is `tick()`, called as time moves.
+    The handshakes are real TLS, and OpenSSL checks validity against the real clock, which the
+    manual one (started at the real time, 60 s of backdating) never leaves far behind."""
+    clock = ManualClock()
+    ca = BuiltinCA.ephemeral(TD, svid_ttl=8.0, clock=clock)  # 8 s SVIDs, rotated every ~4 s
+    client = make_node(ca, [CLIENT], clock=clock)
+    server_b = make_node(ca, [SERVER, SERVER2], clock=clock)
     b = server_b.serve("127.0.0.1")
-    server_c = make_node(ca, [300])
+    server_c = make_node(ca, [300], clock=clock)
     c = server_c.serve("127.0.0.2")
     with socket.socket() as closed:
         closed.bind(("127.0.0.3", 0))
         dead = closed.getsockname()
 
     lock = threading.Lock()
-    writes: list[tuple[float, int, int, float]] = []
-    deletes: list[tuple[int, int]] = []
+    writes: list[tuple[float, int, int, Address, float]] = []
+    deletes: list[tuple[int, int, Address]] = []
 
-    def write(local: int, remote: int, expires_at: float) -> None:
+    def write(local: int, remote: int, node: Address, expires_at: float) -> None:
         with lock:
-            writes.append((time.time(), local, remote, expires_at))
+            writes.append((clock(), local, remote, node, expires_at))
 
-    def delete(local: int, remote: int) -> None:
+    def delete(local: int, remote: int, node: Address) -> None:
         with lock:
-            deletes.append((local, remote))
+            deletes.append((local, remote, node))
 
-    manager = AuthManager(client.store, write, delete, timeout=2.0, retry_base=0.2, retry_max=0.5)
-    client.store.start()
-    manager.start()
+    manager = AuthManager(client.store, write, delete, clock=clock, timeout=2.0, retry_base=0.2,
+                          retry_max=0.5)
     try:
-        t0 = time.time()
+        t0 = clock()
         manager.set_wanted({(CLIENT, SERVER): {b}, (CLIENT, SERVER2): {b}, (CLIENT, 300): {c, dead}})
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            with lock:
-                if {(w[1], w[2]) for w in writes} == {(CLIENT, SERVER), (CLIENT, SERVER2), (CLIENT, 300)}:
-                    break
-            time.sleep(0.01)
+        manager.tick()  # the worker's first pass: every new row is due at once
         with lock:
-            first = {(w[1], w[2]): w[0] - t0 for w in writes}
-        assert set(first) == {(CLIENT, SERVER), (CLIENT, SERVER2), (CLIENT, 300)}
-        assert max(first.values()) < 3.0, first  # proactive: well before any packet would wait
+            first = {(w[1], w[2], w[3]): w[0] - t0 for w in writes}
+        # one entry per node that proved the pair: none for the dead node
+        assert set(first) == {(CLIENT, SERVER, b), (CLIENT, SERVER2, b), (CLIENT, 300, c)}
+        assert max(first.values()) == 0.0, first  # proactive: before any time passed
 
-        time.sleep(12.0)  # longer than one SVID lifetime: entries must have been refreshed
+        # Longer than one SVID lifetime, in steps far shorter than any refresh interval: each
+        # step is a pass of the stores' rotation threads and of the manager's worker.
+        while clock() < t0 + 12.0:
+            clock.advance(0.1)
+            for node in (client, server_b, server_c):
+                node.store.refresh()
+            manager.tick()
         with lock:
-            timeline = [w for w in writes if (w[1], w[2]) == (CLIENT, SERVER)]
+            timeline = [w for w in writes if (w[1], w[2], w[3]) == (CLIENT, SERVER, b)]
         assert len(timeline) >= 3
-        for (_, _, _, old_expiry), (written_at, _, _, new_expiry) in zip(timeline, timeline[1:]):
+        for (*_, old_expiry), (written_at, *_, new_expiry) in zip(timeline, timeline[1:]):
             assert written_at < old_expiry, "an entry lapsed before it was refreshed"
             assert new_expiry >= old_expiry
-        assert timeline[-1][3] > time.time()
+        assert timeline[-1][4] > clock()
 
         rows = {(r.remote, r.node): r for r in manager.status()}
         assert rows[(SERVER, b)].last_error is None and rows[(SERVER, b)].attempts >= 3
@@ -346,8 +356,7 @@ def test_auth_manager_writes_at_once_refreshes_before_expiry_and_deletes(make_no
 
         manager.set_wanted({(CLIENT, SERVER): {b}})
         with lock:
-            assert sorted(deletes) == [(CLIENT, SERVER2), (CLIENT, 300)]
+            assert sorted(deletes) == [(CLIENT, SERVER2, b), (CLIENT, 300, c)]
         assert [(r.remote, r.node) for r in manager.status()] == [(SERVER, b)]
     finally:
         manager.stop()
-        client.store.stop()

@@ -76,7 +76,7 @@ def auth_wanted_by_full_pass(core: AgentCore, port: int) -> dict[tuple[int, int]
 
 
 def _pods_of(core: AgentCore, identity: int) -> list[dict[str, Any]]:
-    return [{"hostIP": r.pod.host_ip} for r in core._pods.values() if r.identity == identity]
+    return [{"hostIP": r.pod.host_ip} for r in core.view().pods.values() if r.identity == identity]
 
 
 def test_auth_wanted_follows_policy_and_pod_changes(core: AgentCore) -> None:
@@ -122,7 +122,7 @@ def test_local_pods_and_ports(core: AgentCore) -> None:
         pod("other-node", "10.0.0.11", {"app": "billing"}, node="n2", ports=(8081,)),
         pod("remote", "10.0.1.1", {"app": "front"}, cluster="cluster-b", ports=(8082,)),
     ])
-    billing = core._pods["cluster-a/web/billing"].identity
+    billing = core.view().pods["cluster-a/web/billing"].identity
     assert core.local_identities() == {billing}
     assert [(p.ip, p.port) for p in core.publisher.ports] == [("10.0.0.10", 8080)]
     assert [i["endpoint"] for i in views.identities(core.view()) if i["identity"] == billing] == [True]

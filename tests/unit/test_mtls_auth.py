@@ -1,6 +1,8 @@
 """AuthManager scheduling with an injected clock: proactive handshakes, refresh at 2/3 of the
 remaining lifetime, re-handshake on SVID rotation, backoff, expiry, deletes, on-demand
-requests; and the CLOCK_BOOTTIME conversion for the kernel map.
+requests, one kernel entry per (pair, remote node) as the agent writes them, what a restarted
+agent does with the entries the previous one left; and the CLOCK_BOOTTIME conversion for the
+kernel map.
 
 The handshake itself is replaced by a table of outcomes here (what is under test is *when*
 the manager handshakes and what it writes); tests/integration/test_mtls_handshake.py runs the
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +24,13 @@ from l7gate.mtls.handshake import Address, AuthError, AuthResult, Failure
 from l7gate.mtls.store import SVIDStore
 from l7gate.mtls.svid import Peer, Reason
 from l7gate.testing.mtls import ManualClock
+from l7gate.testing.wait import eventually
 
 A: Address = ("127.0.0.2", 4250)
 B: Address = ("127.0.0.3", 4250)
+
+Key = tuple[int, int, Address]
+"""(local identity, remote identity, remote node): the kernel auth map's key."""
 
 
 class Peers:
@@ -31,8 +38,8 @@ class Peers:
 
     def __init__(self, clock: ManualClock) -> None:
         self.clock = clock
-        self.outcomes: dict[tuple[int, int, Address], float | AuthError] = {}
-        self.calls: list[tuple[int, int, Address]] = []
+        self.outcomes: dict[Key, float | AuthError] = {}
+        self.calls: list[Key] = []
 
     def __call__(self, local: int, remote: int, node: Address) -> AuthResult:
         self.calls.append((local, remote, node))
@@ -43,18 +50,21 @@ class Peers:
         return AuthResult(local, remote, node, expires, Peer(remote, f"spiffe://x/identity/{remote}", expires))
 
 
-class Kernel:
+class AuthMapRecorder:
+    """Stands in for the kernel auth map: the entries the manager's `write`/`delete` left, keyed
+    per remote node as the agent's datapath keys them, and the calls in order."""
+
     def __init__(self) -> None:
-        self.entries: dict[tuple[int, int], float] = {}
-        self.log: list[tuple[str, int, int]] = []
+        self.entries: dict[Key, float] = {}
+        self.log: list[tuple[str, int, int, Address]] = []
 
-    def write(self, local: int, remote: int, expires_at: float) -> None:
-        self.entries[(local, remote)] = expires_at
-        self.log.append(("write", local, remote))
+    def write(self, local: int, remote: int, node: Address, expires_at: float) -> None:
+        self.entries[(local, remote, node)] = expires_at
+        self.log.append(("write", local, remote, node))
 
-    def delete(self, local: int, remote: int) -> None:
-        self.entries.pop((local, remote), None)
-        self.log.append(("delete", local, remote))
+    def delete(self, local: int, remote: int, node: Address) -> None:
+        self.entries.pop((local, remote, node), None)
+        self.log.append(("delete", local, remote, node))
 
 
 @pytest.fixture
@@ -68,13 +78,13 @@ def peers(clock: ManualClock) -> Peers:
 
 
 @pytest.fixture
-def kernel() -> Kernel:
-    return Kernel()
+def auth_map() -> AuthMapRecorder:
+    return AuthMapRecorder()
 
 
 @pytest.fixture
-def manager(peers: Peers, kernel: Kernel, clock: ManualClock) -> AuthManager:
-    m = AuthManager(None, kernel.write, kernel.delete, handshake_fn=peers, clock=clock,
+def manager(peers: Peers, auth_map: AuthMapRecorder, clock: ManualClock) -> Iterator[AuthManager]:
+    m = AuthManager(None, auth_map.write, auth_map.delete, handshake_fn=peers, clock=clock,
                     retry_base=1.0, retry_max=8.0)
     yield m
     m.stop()
@@ -94,19 +104,21 @@ def test_boot_ns_for_shifts_wall_clock_expiry_onto_the_boot_clock() -> None:
 
 
 def test_new_pairs_are_authenticated_at_once(manager: AuthManager, peers: Peers,
-                                             kernel: Kernel, clock: ManualClock) -> None:
+                                             auth_map: AuthMapRecorder, clock: ManualClock) -> None:
     manager.set_wanted({(300, 400): {A}, (300, 401): {A, B}})
-    assert kernel.entries == {}  # nothing is written before a handshake proved it
+    assert auth_map.entries == {}  # nothing is written before a handshake proved it
     manager.tick()
     assert sorted(peers.calls) == [(300, 400, A), (300, 401, A), (300, 401, B)]
-    assert kernel.entries == {(300, 400): clock() + 90, (300, 401): clock() + 90}
+    assert auth_map.entries == {
+        (300, 400, A): clock() + 90, (300, 401, A): clock() + 90, (300, 401, B): clock() + 90,
+    }
     rows = manager.status()
     assert [(r.local, r.remote, r.node) for r in rows] == [(300, 400, A), (300, 401, A), (300, 401, B)]
     assert all(r.last_ok == clock() and r.last_error is None and r.attempts == 1 for r in rows)
 
 
 def test_refresh_at_two_thirds_of_the_remaining_lifetime(manager: AuthManager, peers: Peers,
-                                                         kernel: Kernel, clock: ManualClock) -> None:
+                                                         auth_map: AuthMapRecorder, clock: ManualClock) -> None:
     manager.set_wanted({(300, 400): {A}})
     assert manager.tick() == clock() + 60  # 2/3 of 90 s
     clock.advance(59.0)
@@ -115,30 +127,30 @@ def test_refresh_at_two_thirds_of_the_remaining_lifetime(manager: AuthManager, p
     clock.advance(1.0)
     manager.tick()
     assert len(peers.calls) == 2
-    assert kernel.entries[(300, 400)] == clock() + 90  # refreshed before the old one expired
+    assert auth_map.entries[(300, 400, A)] == clock() + 90  # refreshed before the old one expired
 
 
 def test_failure_backs_off_and_keeps_a_still_valid_entry_until_it_expires(
-    manager: AuthManager, peers: Peers, kernel: Kernel, clock: ManualClock
+    manager: AuthManager, peers: Peers, auth_map: AuthMapRecorder, clock: ManualClock
 ) -> None:
     manager.set_wanted({(300, 400): {A}})
     manager.tick()
-    first_expiry = kernel.entries[(300, 400)]
+    first_expiry = auth_map.entries[(300, 400, A)]
     peers.outcomes[(300, 400, A)] = AuthError(Reason.EXPIRED, "peer cert", by_peer=False)
     clock.advance(60.0)
     manager.tick()
     (row,) = manager.status()
     assert row.last_error == "expired (peer cert)" and row.failures == 1 and row.attempts == 2
-    assert kernel.entries[(300, 400)] == first_expiry  # the earlier proof still holds
+    assert auth_map.entries[(300, 400, A)] == first_expiry  # the earlier proof still holds
     assert row.next_attempt == clock() + 1.0
 
     clock.set(first_expiry - 0.5)
     manager.tick()
-    assert kernel.entries[(300, 400)] == first_expiry
+    assert auth_map.entries[(300, 400, A)] == first_expiry
     clock.set(first_expiry + 0.5)
     manager.tick()
-    assert kernel.entries == {}
-    assert kernel.log[-1] == ("delete", 300, 400)
+    assert auth_map.entries == {}
+    assert auth_map.log[-1] == ("delete", 300, 400, A)
     (row,) = manager.status()
     assert row.expires_at is None and row.failures >= 2
 
@@ -156,32 +168,99 @@ def test_backoff_is_exponential_and_capped(manager: AuthManager, peers: Peers,
     assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
 
 
-def test_entry_is_the_earliest_valid_expiry_of_its_nodes(manager: AuthManager, peers: Peers,
-                                                         kernel: Kernel, clock: ManualClock) -> None:
+# -- one entry per remote node ------------------------------------------------------------------
+
+
+def test_a_node_that_did_not_prove_the_pair_gets_no_entry(manager: AuthManager, peers: Peers,
+                                                          auth_map: AuthMapRecorder, clock: ManualClock) -> None:
+    """The remote identity runs on A and B; only A proves it. B's pods must not get in on A's
+    proof: the kernel finds no entry for B."""
+    peers.outcomes[(300, 400, B)] = AuthError(Reason.UNTRUSTED, "another CA", by_peer=False)
+    manager.set_wanted({(300, 400): {A, B}})
+    manager.tick()
+    assert auth_map.entries == {(300, 400, A): clock() + 90}
+    assert ("write", 300, 400, B) not in auth_map.log
+    rows = {r.node: r for r in manager.status()}
+    assert rows[A].expires_at == clock() + 90 and rows[B].expires_at is None
+    assert rows[B].last_error is not None and rows[B].failures == 1
+
+
+def test_each_node_entry_expires_on_its_own(manager: AuthManager, peers: Peers,
+                                            auth_map: AuthMapRecorder, clock: ManualClock) -> None:
+    """A's proof is shorter than B's; A stops answering. A's entry goes at A's expiry, B's stays
+    with B's own expiry (neither is cut to the other's)."""
     peers.outcomes[(300, 400, A)] = 30.0
     peers.outcomes[(300, 400, B)] = 90.0
     manager.set_wanted({(300, 400): {A, B}})
     manager.tick()
-    assert kernel.entries[(300, 400)] == clock() + 30
-    # node A leaves: the entry is B's
+    t0 = clock()
+    assert auth_map.entries == {(300, 400, A): t0 + 30, (300, 400, B): t0 + 90}
+    peers.outcomes[(300, 400, A)] = AuthError(Failure.CONNECT, "refused")
+    clock.set(t0 + 30.5)  # A's refresh was due at 20 s: it fails, and A's proof expires
+    manager.tick()
+    assert auth_map.entries == {(300, 400, B): t0 + 90}
+    assert auth_map.log[-1] == ("delete", 300, 400, A)
+
+
+def test_a_node_no_longer_wanted_loses_its_entry(manager: AuthManager, peers: Peers,
+                                                 auth_map: AuthMapRecorder, clock: ManualClock) -> None:
+    manager.set_wanted({(300, 400): {A, B}})
+    manager.tick()
+    writes = len(auth_map.log)
+    # the remote identity's pods left node A
     manager.set_wanted({(300, 400): {B}})
-    assert kernel.entries[(300, 400)] == clock() + 90
+    assert auth_map.entries == {(300, 400, B): clock() + 90}
+    assert auth_map.log[writes:] == [("delete", 300, 400, A)]  # B's entry is left as it is
+    assert [r.node for r in manager.status()] == [B]
+    # and a handshake with A is not tried any more
+    clock.advance(61.0)
+    manager.tick()
+    assert peers.calls.count((300, 400, A)) == 1
 
 
-def test_unwanted_pairs_are_deleted(manager: AuthManager, kernel: Kernel) -> None:
-    manager.set_wanted({(300, 400): {A}, (300, 401): {A}})
+def test_unwanted_pairs_are_deleted(manager: AuthManager, auth_map: AuthMapRecorder) -> None:
+    manager.set_wanted({(300, 400): {A, B}, (300, 401): {A}})
     manager.tick()
     manager.set_wanted({(300, 401): {A}})
-    assert set(kernel.entries) == {(300, 401)}
-    assert ("delete", 300, 400) in kernel.log
+    assert set(auth_map.entries) == {(300, 401, A)}
+    assert {e for e in auth_map.log if e[0] == "delete"} == {("delete", 300, 400, A), ("delete", 300, 400, B)}
     assert [(r.local, r.remote) for r in manager.status()] == [(300, 401)]
     manager.set_wanted({})
-    assert kernel.entries == {} and manager.status() == []
+    assert auth_map.entries == {} and manager.status() == []
 
 
-def test_result_of_a_handshake_for_a_pair_dropped_meanwhile_is_not_written(
-    peers: Peers, kernel: Kernel, clock: ManualClock
+@pytest.mark.parametrize("still_wanted", [{}, {(300, 400): {B}}], ids=["pair-dropped", "node-dropped"])
+def test_result_of_a_handshake_for_a_row_dropped_meanwhile_is_not_written(
+    peers: Peers, auth_map: AuthMapRecorder, clock: ManualClock,
+    still_wanted: dict[tuple[int, int], set[Address]],
 ) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(local: int, remote: int, node: Address) -> AuthResult:
+        if node == A:
+            started.set()
+            release.wait(5)
+        return peers(local, remote, node)
+
+    m = AuthManager(None, auth_map.write, auth_map.delete, handshake_fn=slow, clock=clock)
+    try:
+        m.set_wanted({(300, 400): {A}})
+        m.tick(wait=False)
+        assert started.wait(5)
+        m.set_wanted(still_wanted)
+        release.set()
+        m.stop()  # waits for the running handshake
+        assert peers.calls == [(300, 400, A)]
+        assert auth_map.entries == {} and ("write", 300, 400, A) not in auth_map.log
+    finally:
+        release.set()
+        m.stop()
+
+
+def test_a_running_handshake_is_not_started_again(peers: Peers, auth_map: AuthMapRecorder,
+                                                  clock: ManualClock) -> None:
+    """A slow peer: neither the worker's next passes nor a burst of drops start a second
+    handshake with the same node while the first one runs."""
     started, release = threading.Event(), threading.Event()
 
     def slow(local: int, remote: int, node: Address) -> AuthResult:
@@ -189,15 +268,19 @@ def test_result_of_a_handshake_for_a_pair_dropped_meanwhile_is_not_written(
         release.wait(5)
         return peers(local, remote, node)
 
-    m = AuthManager(None, kernel.write, kernel.delete, handshake_fn=slow, clock=clock)
+    m = AuthManager(None, auth_map.write, auth_map.delete, handshake_fn=slow, clock=clock)
     try:
         m.set_wanted({(300, 400): {A}})
         m.tick(wait=False)
         assert started.wait(5)
-        m.set_wanted({})
+        clock.advance(5.0)  # past request_interval
+        for _ in range(3):
+            assert m.request(300, 400)
+            m.tick(wait=False)
         release.set()
         m.stop()
-        assert kernel.entries == {} and ("write", 300, 400) not in kernel.log
+        assert peers.calls == [(300, 400, A)]
+        assert auth_map.entries == {(300, 400, A): clock() + 90}
     finally:
         release.set()
         m.stop()
@@ -205,20 +288,21 @@ def test_result_of_a_handshake_for_a_pair_dropped_meanwhile_is_not_written(
 
 def test_request_handshakes_now_but_not_for_every_drop(manager: AuthManager, peers: Peers,
                                                        clock: ManualClock) -> None:
-    manager.set_wanted({(300, 400): {A}})
+    manager.set_wanted({(300, 400): {A, B}})
     manager.tick()
+    assert len(peers.calls) == 2
     assert manager.request(300, 400)
     manager.tick()
-    assert len(peers.calls) == 1  # within request_interval of the last attempt
+    assert len(peers.calls) == 2  # within request_interval of the last attempt
     clock.advance(1.5)
     for _ in range(20):
         manager.request(300, 400)
     manager.tick()
-    assert len(peers.calls) == 2
+    assert sorted(peers.calls[2:]) == [(300, 400, A), (300, 400, B)]  # each node once
     assert not manager.request(300, 999)
 
 
-def test_local_svid_rotation_triggers_a_new_handshake(tmp_path: Path, kernel: Kernel,
+def test_local_svid_rotation_triggers_a_new_handshake(tmp_path: Path, auth_map: AuthMapRecorder,
                                                       clock: ManualClock) -> None:
     ca = BuiltinCA.ephemeral("l7gate.local", clock=clock, svid_ttl=600.0)
     store = SVIDStore(ca, tmp_path, clock=clock)
@@ -230,44 +314,98 @@ def test_local_svid_rotation_triggers_a_new_handshake(tmp_path: Path, kernel: Ke
         calls.append(own.serial)
         return AuthResult(local, remote, node, own.not_after, Peer(remote, "", own.not_after + 60))
 
-    m = AuthManager(store, kernel.write, kernel.delete, handshake_fn=fn, clock=clock)
+    m = AuthManager(store, auth_map.write, auth_map.delete, handshake_fn=fn, clock=clock)
     try:
         m.set_wanted({(300, 400): {A}})
         m.tick()
-        first = kernel.entries[(300, 400)]
+        first = auth_map.entries[(300, 400, A)]
         clock.advance(301.0)  # past 50 %: the store rotates; 2/3 of 600 s is not reached yet
         store.refresh()
         m.tick()
         assert len(calls) == 2 and calls[0] != calls[1]
-        assert kernel.entries[(300, 400)] == pytest.approx(first + 301, abs=1)
+        assert auth_map.entries[(300, 400, A)] == pytest.approx(first + 301, abs=1)
     finally:
         m.stop()
 
 
-def test_adopted_entries(manager: AuthManager, peers: Peers, kernel: Kernel,
-                         clock: ManualClock) -> None:
-    kernel.entries = {(300, 400): clock() + 50, (300, 401): clock() + 50}
-    manager.adopt(dict(kernel.entries))
+def test_a_rotation_during_a_handshake_runs_another_after_it(tmp_path: Path, auth_map: AuthMapRecorder,
+                                                             clock: ManualClock) -> None:
+    """The running handshake presented the old SVID: its result would expire with it, so the
+    row handshakes again at once when it answers."""
+    ca = BuiltinCA.ephemeral("l7gate.local", clock=clock, svid_ttl=600.0)
+    store = SVIDStore(ca, tmp_path, clock=clock)
+    store.set_identities([300])
+    calls = []
+    started, release = threading.Event(), threading.Event()
+
+    def fn(local: int, remote: int, node: Address) -> AuthResult:
+        own = store.svid(local)
+        calls.append(own.serial)
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+        return AuthResult(local, remote, node, own.not_after, Peer(remote, "", own.not_after + 600))
+
+    m = AuthManager(store, auth_map.write, auth_map.delete, handshake_fn=fn, clock=clock)
+    try:
+        m.set_wanted({(300, 400): {A}})
+        m.tick(wait=False)
+        assert started.wait(5)
+        clock.advance(301.0)
+        store.refresh()  # rotates while the handshake runs
+        release.set()
+        eventually(lambda: m.status()[0].last_ok, 5, "the first handshake to answer")
+        m.tick()
+        assert len(calls) == 2 and calls[0] != calls[1]
+        assert auth_map.entries[(300, 400, A)] == store.svid(300).not_after
+    finally:
+        release.set()
+        m.stop()
+
+
+# -- agent restart ------------------------------------------------------------------------------
+
+
+def test_entries_left_by_the_previous_agent_stay_until_overwritten_or_expired(
+    manager: AuthManager, peers: Peers, auth_map: AuthMapRecorder, clock: ManualClock
+) -> None:
+    """The kernel map outlives the agent (DESIGN decision 7): a restarted agent's manager finds
+    entries it did not write. It must not drop the traffic they let in while its first
+    handshakes run, nor on a failed one; it deletes only what it wrote itself."""
+    left = clock() + 50
+    auth_map.entries = {(300, 400, A): left, (300, 400, B): left, (300, 401, A): left}
     peers.outcomes[(300, 400, A)] = AuthError(Failure.TIMEOUT, "")
-    manager.set_wanted({(300, 400): {A}})
-    assert (300, 401) not in kernel.entries  # no longer wanted
-    assert (300, 400) in kernel.entries  # kept until its first handshake answers
+    manager.set_wanted({(300, 400): {A, B}})  # (300, 401) is no longer wanted
+    assert auth_map.log == []
     manager.tick()
-    assert (300, 400) not in kernel.entries  # which failed
+    assert auth_map.entries == {(300, 400, A): left, (300, 400, B): clock() + 90, (300, 401, A): left}
+    assert auth_map.log == [("write", 300, 400, B)]
+    # B's entry is now the manager's own: deleted when B is no longer wanted; the others are not
+    manager.set_wanted({})
+    assert auth_map.entries == {(300, 400, A): left, (300, 401, A): left}
+    assert auth_map.log[1:] == [("delete", 300, 400, B)]
+
+
+# -- callbacks ----------------------------------------------------------------------------------
 
 
 def test_a_failing_write_callback_does_not_stop_the_manager(peers: Peers, clock: ManualClock) -> None:
-    written: list[tuple[int, int]] = []
+    written: list[Key] = []
+    full = True
 
-    def write(local: int, remote: int, expires_at: float) -> None:
-        if remote == 400:
+    def write(local: int, remote: int, node: Address, expires_at: float) -> None:
+        if full and (remote, node) == (400, A):
             raise OSError("map full")
-        written.append((local, remote))
+        written.append((local, remote, node))
 
-    m = AuthManager(None, write, lambda l, r: None, handshake_fn=peers, clock=clock)
+    m = AuthManager(None, write, lambda local, remote, node: None, handshake_fn=peers, clock=clock)
     try:
-        m.set_wanted({(300, 400): {A}, (300, 401): {A}})
+        m.set_wanted({(300, 400): {A, B}, (300, 401): {A}})
         m.tick()
-        assert written == [(300, 401)]
+        assert sorted(written) == [(300, 400, B), (300, 401, A)]
+        # the failed write was not taken for done: the pair's next update writes it
+        full = False
+        m.set_wanted({(300, 400): {A, B}, (300, 401): {A}})
+        assert sorted(written) == [(300, 400, A), (300, 400, B), (300, 401, A)]
     finally:
         m.stop()

@@ -50,6 +50,7 @@ from ..policy.resolve import EndpointPolicy, PolicyDelta, Resolver
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
+from ..redirect_bpf.loader import KernelDatapath
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.translate import ProxiedPort
 from .config import AgentConfig
@@ -145,9 +146,12 @@ class AgentCore:
         store: KVStore,
         sink: ResourceSink,
         access_logs: Sequence[Message] = (),
-        kernel: KernelApplier | None = None,
+        datapath: KernelDatapath | None = None,
         fallback: IptablesRedirect | None = None,
     ) -> None:
+        """`datapath`: the kernel datapath (kernel mode with bcc), whose maps this core keeps in
+        line with its resolved policy through a `KernelApplier` it owns; `fallback`: the
+        iptables redirect instead. Neither: loopback mode."""
         self.config = config
         self.store = store
         self._lock = threading.RLock()
@@ -168,17 +172,18 @@ class AgentCore:
         # The state as of the last completed change, for readers; None until one asks for it
         # again (or a long apply keeps it) after a change.
         self._view: StateView | None = None
-        self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs)
-        self.ipcache.subscribe(self.publisher.on_ipcache_change)
-        self.kernel = kernel
-        self.fallback = fallback
-        # Called (under the core's lock) after every change is flushed: mutual auth follows it.
-        self.on_change: Callable[[], None] | None = None
         # The kernel checks mutual auth before it redirects a connection to Envoy; without it
         # (loopback, the iptables fallback) Envoy refuses auth-required peers itself.
-        self.publisher.auth_verified = kernel is not None
+        self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs,
+                                   auth_verified=datapath is not None)
+        self.ipcache.subscribe(self.publisher.on_ipcache_change)
+        self.kernel = (KernelApplier(datapath, self.resolver.endpoint_policy, tunnel=config.mtls.tunnel)
+                       if datapath is not None else None)
+        kernel = self.kernel
+        self.fallback = fallback
+        # Called (under the core's lock) after every change is flushed: mutual auth follows it.
+        self._change_listeners: list[Callable[[], None]] = []
         if kernel is not None:
-            kernel.policy_of = self.resolver.endpoint_policy
             self.ipcache.subscribe(kernel.on_ipcache_change)
         self.revision = 0
         self._restore()
@@ -394,8 +399,8 @@ class AgentCore:
 
     def _flush(self) -> None:
         self.publisher.flush()
-        if self.on_change is not None:
-            self.on_change()
+        for listener in self._change_listeners:
+            listener()
         if self.kernel is not None:
             self.kernel.flush()
             self.kernel.set_local_pods(self._local_pod_ips())
@@ -448,6 +453,21 @@ class AgentCore:
             self.revision += 1
         settle_heap()
         return True
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change is flushed, under the core's lock (mutual auth
+        and the tunnel follow policy this way). It must not call back into the core's changes."""
+        with self._lock:
+            self._change_listeners.append(listener)
+
+    def tunnel_state(self) -> tuple[tuple[PodRecord, ...], tuple[Policy, ...], dict[int, Labels],
+                                    Callable[[int], EndpointPolicy | None]]:
+        """What the tunnel planner reads (agent/tunnel.py), consistent under the core's lock:
+        every pod record, the policies in the repository, the identities, and the resolver's
+        live lookup of an endpoint's policy."""
+        with self._lock:
+            return (tuple(self._pods.values()), tuple(self.resolver.repository.policies()),
+                    dict(self.resolver.identities), self.resolver.endpoint_policy)
 
     def exclusive(self, fn: Callable[[], T]) -> T:
         """`fn()` between changes (under the core's lock): what must never land inside one."""

@@ -27,7 +27,7 @@ from ..mtls.handshake import MutualAuthServer
 from ..mtls.spire import SpireSource
 from ..mtls.store import SVIDSource, SVIDStore
 from ..observe.flow import AUTH_REQUIRED
-from ..redirect_bpf.applier import IptablesRedirect, KernelApplier, ensure_policy_routing
+from ..redirect_bpf.applier import IptablesRedirect, ensure_policy_routing
 from ..redirect_bpf.loader import DatapathError, KernelDatapath
 from ..records import KernelDrop
 from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
@@ -116,10 +116,11 @@ def start_agent(config: AgentConfig) -> Agent:
         cache, config.xds_listen, on_ack=metrics.on_ack, on_nack=metrics.on_nack,
         extra_handlers=[als.handler()],
     )
-    kernel, fallback, datapath_info = _open_datapath(config)
+    datapath, fallback, datapath_info = _open_datapath(config)
     core = AgentCore(
-        config, store, cache, access_logs=[http_grpc_access_log()], kernel=kernel, fallback=fallback
+        config, store, cache, access_logs=[http_grpc_access_log()], datapath=datapath, fallback=fallback
     )
+    kernel = core.kernel
     # Only now: an Envoy that outlived the previous agent reconnects as soon as the socket
     # exists, and must find the whole restored configuration, never a half-built one (a
     # resource missing from a partial snapshot is a removal for Envoy).
@@ -204,7 +205,7 @@ def start_agent(config: AgentConfig) -> Agent:
     return agent
 
 
-def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesRedirect | None, dict[str, Any]]:
+def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, IptablesRedirect | None, dict[str, Any]]:
     """Kernel mode: the BPF datapath, or — when bcc cannot compile — the iptables fallback,
     saying why. Loopback mode: neither."""
     if config.datapath_mode != "kernel":
@@ -235,8 +236,7 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelApplier | None, IptablesR
             acceleration = f"off: {exc}"
         log(f"socket acceleration {acceleration}")
     # The applier learns the resolver's policy lookup when the core takes it.
-    applier = KernelApplier(dp, lambda ident: None, tunnel=config.mtls.tunnel)
-    return applier, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced,
+    return dp, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced,
                            "socket_acceleration": acceleration}
 
 
@@ -294,14 +294,11 @@ class MutualAuth:
         host, _, port = m.listen.rpartition(":")
         server = MutualAuthServer(store, listen=(host, int(port)))
         server.start()
-        # The kernel's auth map is keyed per remote node: entries go through the per-node
-        # callbacks; the per-pair ones have nothing to do.
+        # The kernel keys an entry by the remote node's address; the port is its auth server's.
         manager = AuthManager(
             store,
-            write=lambda local, remote, expires: None,
-            delete=lambda local, remote: None,
-            node_write=lambda local, remote, node, expires: dp.set_auth(local, remote, boot_ns_for(expires), node[0]),
-            node_delete=lambda local, remote, node: dp.delete_auth(local, remote, node[0]),
+            write=lambda local, remote, node, expires: dp.set_auth(local, remote, boot_ns_for(expires), node[0]),
+            delete=lambda local, remote, node: dp.delete_auth(local, remote, node[0]),
         )
         manager.start()
         tunnels: Tunnels | None = None
@@ -331,7 +328,7 @@ class MutualAuth:
             if tunnels is not None:
                 tunnels.apply(tunnel_plan(inputs_from_core(core)))
 
-        core.on_change = follow_policy
+        core.on_change(follow_policy)
         follow_policy()
         origin = f"SPIRE at {m.spire_socket}" if m.spire_socket else f"built-in CA {m.ca_dir}"
         log(f"mutual auth: trust domain {m.trust_domain}, server {server.address}, SVIDs from {origin}")

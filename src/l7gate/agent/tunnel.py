@@ -53,6 +53,7 @@ from ..redirect_bpf.compile import tunnel_needed, tunnel_tcp
 from ..xds import mtls_translate as mt
 from ..xds import translate as t
 from ..xds.cache import CLUSTER, LISTENER, ROUTE, SECRET
+from .core import AgentCore, PodRecord
 
 log = logging.getLogger(__name__)
 
@@ -450,18 +451,13 @@ class Tunnels:
             }
 
 
-def inputs_from_core(core: Any) -> TunnelInputs:
-    """The planner's inputs from an `AgentCore`, read under its lock."""
-    with core._lock:
-        return TunnelInputs(
-            pod_views(core._pods.values()),
-            tuple(core.resolver.repository.policies()),
-            dict(core.resolver.identities),
-            core.resolver.endpoint_policy,
-        )
+def inputs_from_core(core: AgentCore) -> TunnelInputs:
+    """The planner's inputs from an `AgentCore` (`AgentCore.tunnel_state`)."""
+    pods, policies, identities, policy_of = core.tunnel_state()
+    return TunnelInputs(pod_views(pods), policies, identities, policy_of)
 
 
-def pod_views(records: Iterable[Any]) -> tuple[PodView, ...]:
+def pod_views(records: Iterable[PodRecord]) -> tuple[PodView, ...]:
     """PodViews from the core's pod records (`agent.core.PodRecord`)."""
     out: list[PodView] = []
     for rec in records:

@@ -11,11 +11,20 @@ authentication and on which nodes the remote identity lives (`set_wanted`). For 
 - after a failure it is retried with exponential backoff (`retry_base` doubling up to
   `retry_max`); a previous success stays valid until it expires.
 
-A pair's kernel entry expires at the earliest still-valid expiry among its nodes' rows. The
-manager reports every change through `write(local, remote, expires_at)` (wall clock; see
-`boot_ns_for` for the kernel's clock) and `delete(local, remote)` when no row of the pair is
-valid any more, or the pair is no longer wanted. It never flushes: `stop()` leaves entries in
-place (the datapath outlives the agent), and they expire on their own.
+Each row has its own kernel entry, keyed by (local, remote, node): a node is let in on its
+own proof only, never on another node's. The manager reports every change through
+`write(local, remote, node, expires_at)` (wall clock; see `boot_ns_for` for the kernel's clock)
+while the row holds a valid result, and `delete(local, remote, node)` once it does not (the
+result expired, or the node or the pair is no longer wanted).
+
+It never flushes, and it deletes only entries it wrote itself: `stop()` leaves entries in
+place (the datapath outlives the agent, DESIGN decision 7) and they expire on their own. A new
+manager, the restarted agent's, does not read the map back and starts knowing of no entry, so
+an entry the previous agent left stays until a success of its (pair, node) overwrites it (from
+then on the manager owns it) or it expires. Traffic authenticated before the restart is thus
+not dropped while the first handshakes run; a failed first handshake leaves the entry, as a
+failure leaves a previous success of the manager's own; and an entry for a pair or node no
+longer wanted expires instead of being deleted.
 
 Handshakes run on a small thread pool; the worker thread (`start`) dispatches due rows and
 sleeps until the next one, woken early by `set_wanted`, `request` and SVID rotations. Tests
@@ -45,6 +54,10 @@ Pair = tuple[int, int]
 """(local identity, remote identity)."""
 HandshakeFn = Callable[[int, int, Address], AuthResult]
 """`(local, remote, node) -> AuthResult`, raising `AuthError`."""
+WriteFn = Callable[[int, int, Address, float], None]
+"""`(local, remote, node, expires_at)`: the node proved the pair until `expires_at` (wall clock)."""
+DeleteFn = Callable[[int, int, Address], None]
+"""`(local, remote, node)`: the node's entry for the pair is no longer valid."""
 
 MAX_SLEEP = 5.0  # the worker re-checks at least this often (wall-clock jumps)
 
@@ -98,8 +111,8 @@ class AuthManager:
     def __init__(
         self,
         store: SVIDStore | None,
-        write: Callable[[int, int, float], None],
-        delete: Callable[[int, int], None],
+        write: WriteFn,
+        delete: DeleteFn,
         *,
         handshake_fn: HandshakeFn | None = None,
         clock: Clock = time.time,
@@ -110,8 +123,6 @@ class AuthManager:
         retry_max: float = 30.0,
         request_interval: float = 1.0,
         workers: int = 4,
-        node_write: Callable[[int, int, Address, float], None] | None = None,
-        node_delete: Callable[[int, int, Address], None] | None = None,
     ) -> None:
         if handshake_fn is None:
             if store is None:
@@ -133,14 +144,8 @@ class AuthManager:
         self.retry_max = retry_max
         self.request_interval = request_interval
         self._lock = threading.Lock()
-        self._wanted: dict[Pair, frozenset[Address]] = {}
         self._rows: dict[Pair, dict[Address, _Row]] = {}
-        self._written: dict[Pair, float] = {}
-        # Per-node entries: a datapath keyed by (pair, remote node) learns which node proved
-        # the pair, so a node that did not is not let in on another node's proof.
-        self._node_write = node_write
-        self._node_delete = node_delete
-        self._node_written: dict[tuple[Pair, Address], float] = {}
+        self._written: dict[Pair, dict[Address, float]] = {}  # what this manager wrote, per node
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="l7gate-auth")
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -149,13 +154,6 @@ class AuthManager:
             store.subscribe(self._on_rotation)
 
     # -- input ----------------------------------------------------------------------------------
-
-    def adopt(self, entries: Mapping[Pair, float]) -> None:
-        """Entries already in the kernel map (wall-clock expiry), e.g. left by the previous agent:
-        they are deleted if not wanted, and not rewritten while they still match."""
-        with self._lock:
-            for pair, expires_at in entries.items():
-                self._written.setdefault(pair, expires_at)
 
     def set_wanted(self, pairs: Mapping[Pair, Set[Address]]) -> None:
         """The pairs that need authentication now, each with the nodes of its remote identity."""
@@ -170,7 +168,6 @@ class AuthManager:
                     del rows[node]
                 for node in nodes - rows.keys():
                     rows[node] = _Row(next_at=now)
-            self._wanted = wanted
             for pair in sorted(self._written.keys() | wanted.keys()):
                 self._sync(pair, now)
         self._wake.set()
@@ -211,11 +208,6 @@ class AuthManager:
                 for pair, rows in sorted(self._rows.items())
                 for node, row in sorted(rows.items())
             ]
-
-    def written(self) -> dict[Pair, float]:
-        """What the manager last wrote per pair (the kernel map as it should be)."""
-        with self._lock:
-            return dict(self._written)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -313,52 +305,27 @@ class AuthManager:
             ]
             return min(times, default=None)
 
-    def _sync_nodes(self, pair: Pair, now: float) -> None:
-        """Per-node entries: each node's valid result, written or deleted (lock held)."""
-        if self._node_write is None or self._node_delete is None:
-            return
+    def _sync(self, pair: Pair, now: float) -> None:
+        """Bring the pair's entries in line with its rows: each node's valid result written, the
+        entries of nodes without one deleted (lock held)."""
         rows = self._rows.get(pair, {})
-        keys = {k for k in self._node_written if k[0] == pair} | {(pair, n) for n in rows}
-        for key in sorted(keys):
-            row = rows.get(key[1])
+        written = self._written.setdefault(pair, {})
+        for node in sorted(written.keys() | rows.keys()):
+            row = rows.get(node)
             target = None
-            if row is not None and pair in self._wanted and row.expires_at is not None and row.expires_at > now:
+            if row is not None and row.expires_at is not None and row.expires_at > now:
                 target = row.expires_at
-            have = self._node_written.get(key)
+            have = written.get(node)
             if target == have:
                 continue
             try:
                 if target is None:
-                    self._node_delete(pair[0], pair[1], key[1])
-                    del self._node_written[key]
+                    self._delete(pair[0], pair[1], node)
+                    del written[node]
                 else:
-                    self._node_write(pair[0], pair[1], key[1], target)
-                    self._node_written[key] = target
+                    self._write(pair[0], pair[1], node, target)
+                    written[node] = target
             except Exception:
-                log.exception("auth entry for %d->%d at %s failed", pair[0], pair[1], key[1])
-
-    def _sync(self, pair: Pair, now: float) -> None:
-        """Bring the pair's reported entry in line with its rows (lock held)."""
-        self._sync_nodes(pair, now)
-        valid = [
-            row.expires_at
-            for row in self._rows.get(pair, {}).values()
-            if row.expires_at is not None and row.expires_at > now
-        ]
-        target = min(valid) if valid and pair in self._wanted else None
-        have = self._written.get(pair)
-        if target == have:
-            return
-        rows = self._rows.get(pair, {}).values()
-        undecided = any(r.last_ok is None and r.last_error is None for r in rows)
-        if target is None and undecided and have is not None and have > now:
-            return  # an adopted entry stays until the first handshakes of its pair have answered
-        try:
-            if target is None:
-                self._delete(*pair)
-                del self._written[pair]
-            else:
-                self._write(pair[0], pair[1], target)
-                self._written[pair] = target
-        except Exception:
-            log.exception("auth entry %s -> %s for %d->%d failed", have, target, *pair)
+                log.exception("auth entry %s -> %s for %d->%d at %s failed", have, target, *pair, node)
+        if not written:
+            del self._written[pair]

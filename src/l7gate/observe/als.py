@@ -1,15 +1,17 @@
 """Envoy access logs over gRPC (ALS): the receiving end.
 
 Envoy streams `StreamAccessLogsMessage`s to the agent's gRPC server (the same one that serves
-ADS, through the bootstrap's `l7gate_als` cluster). Every HTTP entry is handed, as Envoy's own
-`HTTPAccessLogEntry`, to a sink; flow records are built from it by the observability layer.
-A message that cannot be handled is counted and skipped: ingestion never stops on bad input.
+ADS, through the bootstrap's `l7gate_als` cluster). The entries of each message are handed at
+once, as Envoy's own `HTTPAccessLogEntry`s or `TCPAccessLogEntry`s, to the batch sink of their
+kind (`set_batch_sink`, `set_tcp_batch_sink`), on the gRPC event loop; flow records are built
+from them by the observability layer. The agent's sinks are `ingest.Ingestor.http_access_logs`
+and `tcp_access_logs`, which only queue them, so the loop that also serves xDS is never held up
+by flow conversion.
 
-Two kinds of sink, both called when set: `set_sink(fn)` gets each entry, on the gRPC event
-loop; `set_batch_sink(fn)` gets each message's entries at once (the agent's: `ingest.Ingestor.http_access_logs`, which
-only queues them, so the loop that also serves xDS is never held up by flow conversion).
+A message that cannot be handled is counted and skipped: ingestion never stops on bad input.
 Bytes that do not parse as a `StreamAccessLogsMessage` are counted in `malformed` and skipped;
-the stream stays open for the next message.
+the stream stays open for the next message; a sink that raises costs its batch (counted in
+`errors`), not the stream.
 
 `AccessLogReceiver` is thread-safe; its counters are read by the metrics endpoint.
 """
@@ -35,7 +37,6 @@ SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 ALS_CLUSTER = "l7gate_als"
 HTTP_GRPC_LOGGER = "envoy.access_loggers.http_grpc"
 
-Sink = Callable[[Any], None]  # called with each envoy.data.accesslog.v3.HTTPAccessLogEntry
 BatchSink = Callable[[Sequence[Any]], None]  # called with each message's entries
 
 
@@ -95,8 +96,7 @@ def tcp_grpc_access_log(log_name: str = "l7gate-tcp", flush_interval_ms: int = 5
 
 
 class AccessLogReceiver:
-    def __init__(self, sink: Sink | None = None) -> None:
-        self._sink = sink
+    def __init__(self) -> None:
         self._batch_sink: BatchSink | None = None
         self._tcp_batch_sink: BatchSink | None = None
         self._lock = threading.Lock()
@@ -106,10 +106,8 @@ class AccessLogReceiver:
         self.malformed = 0
         self.streams = 0
 
-    def set_sink(self, sink: Sink) -> None:
-        self._sink = sink
-
     def set_batch_sink(self, sink: BatchSink | None) -> None:
+        """Gets each message's HTTP entries at once."""
         self._batch_sink = sink
 
     def set_tcp_batch_sink(self, sink: BatchSink | None) -> None:
@@ -163,23 +161,14 @@ class AccessLogReceiver:
             self.messages += 1
             self.entries += len(entries)
         batch = self._batch_sink
-        if batch is not None:
-            try:
-                batch(entries)
-            except Exception:  # noqa: BLE001 - a failing sink must not end Envoy's stream
-                with self._lock:
-                    self.errors += len(entries)
-                log.exception("access log batch skipped")
-        sink = self._sink
-        if sink is None:
+        if batch is None:
             return
-        for entry in entries:
-            try:
-                sink(entry)
-            except Exception:  # noqa: BLE001 - one bad entry must not stop ingestion
-                with self._lock:
-                    self.errors += 1
-                log.exception("access log entry skipped")
+        try:
+            batch(entries)
+        except Exception:  # noqa: BLE001 - a failing sink must not end Envoy's stream
+            with self._lock:
+                self.errors += len(entries)
+            log.exception("access log batch skipped")
 
     def _handle_tcp(self, entries: Sequence[Any]) -> None:
         with self._lock:
