@@ -5,8 +5,9 @@
     store.set_identities(local_identities)
     store.start()                                       # rotation thread
     server = MutualAuthServer(store, (node_ip, DEFAULT_PORT)).start()
-    auth = AuthManager(store, write=lambda l, r, t: dp.set_auth(l, r, boot_ns_for(t)),
-                       delete=dp.delete_auth)
+    auth = AuthManager(store,
+                       write=lambda l, r, node, t: dp.set_auth(l, r, boot_ns_for(t), node[0]),
+                       delete=lambda l, r, node: dp.delete_auth(l, r, node[0]))
     auth.start()
     auth.set_wanted({(local, remote): {(node_ip_of_remote, DEFAULT_PORT)}, ...})
     auth.request(local, remote)                         # after an "Authentication required" drop
