@@ -175,6 +175,19 @@ def _build_parser() -> argparse.ArgumentParser:
                            "remote node, when the entry expires, and the last handshake error.")
     aus.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
+    cm = sub.add_parser("clustermesh", help="the cluster mesh: remote clusters this agent merges",
+                        description="Cluster Mesh state, as `cilium clustermesh status` shows it.")
+    cmsub = cm.add_subparsers(dest="clustermesh_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    cmsub.required = True
+    cms = cmsub.add_parser("status", parents=[admin_flags], help="per remote cluster: ready, connected, counts",
+                           description="Per remote cluster: ready, configured, connected, its cluster ID, "
+                           "nodes, endpoints and identities merged, the last sync, reconnections and the "
+                           "last error. Exit 0 when every remote is ready, 1 otherwise.")
+    cms.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    cms.add_argument("--wait", action="store_true", help="wait until every remote cluster is ready")
+    cms.add_argument("--wait-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="how long --wait waits (default 120)")
+
     st = sub.add_parser("status", parents=[admin_flags], help="the agent's status and datapath",
                         description="Node, cluster, datapath in use, Envoy and xDS state.")
     st.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -663,6 +676,45 @@ def _cmd_auth_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_clustermesh_status(args: argparse.Namespace) -> int:
+    import time as _time
+
+    client = _client(args)
+    deadline = _time.monotonic() + args.wait_timeout
+    data = client.get("/v1/clustermesh")
+    while args.wait and data.get("enabled") and not data.get("ready") and _time.monotonic() < deadline:
+        _time.sleep(0.5)
+        data = client.get("/v1/clustermesh")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK if data.get("ready", not data.get("enabled")) else EXIT_INVALID
+    if not data.get("enabled"):
+        print("cluster mesh: not enabled on this agent (clustermesh.etcd in its configuration)")
+        return EXIT_OK
+    remotes = data.get("remotes", [])
+    ready = sum(1 for r in remotes if r["ready"])
+    cl = data["cluster"]
+    mark = "✅" if data.get("ready") else "❌"
+    print(f"{mark} cluster {cl['name']} (id {cl['id']}): {ready}/{len(remotes)} remote clusters ready")
+    pub = data.get("publishing") or {}
+    if pub:
+        print(f"   this node publishes {pub['endpoints']} endpoint(s) to its cluster's etcd "
+              f"({pub['pending']} pending; synced: {', '.join(pub['synced']) or 'not yet'})")
+    for err in data.get("config_errors", []):
+        print(f"   configuration: {err}")
+    now = _time.time()
+    rows = [
+        [r["name"], "yes" if r["ready"] else "no", "yes" if r["configured"] else "no",
+         "yes" if r["connected"] else "no", str(r["cluster_id"] or "-"), str(r["nodes"]), str(r["endpoints"]),
+         str(r["identities"]), f"{now - r['last_sync']:.0f}s ago" if r.get("last_sync") else "never",
+         str(r["reconnections"]), (r.get("last_error") or "")[:70]]
+        for r in remotes
+    ]
+    print(_table(rows, ["REMOTE", "READY", "CONFIGURED", "CONNECTED", "ID", "NODES", "ENDPOINTS", "IDENTITIES",
+                        "LAST SYNC", "RECONNECTS", "LAST ERROR"]))
+    return EXIT_OK if data.get("ready") else EXIT_INVALID
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 when the agent is healthy, 1 when what is enforced is not what it wants."""
     data = _client(args).get("/v1/status")
@@ -710,6 +762,7 @@ _COMMANDS = {
     ("xds", "dump"): _cmd_xds_dump,
     ("status", None): _cmd_status,
     ("auth", "status"): _cmd_auth_status,
+    ("clustermesh", "status"): _cmd_clustermesh_status,
     ("observe", None): _cmd_observe,
     ("agent", None): _cmd_agent,
 }

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import unavailable
+
 from l7gate.clustermesh import (
     IP_PATH,
     ClusterMesh,
@@ -198,7 +200,7 @@ def test_operators_read_the_mesh_with_etcdctl(c2: Cluster) -> None:
     """DESIGN decision 9: the keys are Cilium's, readable with `etcdctl get --prefix cilium/`."""
     etcdctl = subprocess.run(["which", "etcdctl"], capture_output=True, text=True).stdout.strip()
     if not etcdctl:
-        pytest.skip("no etcdctl on PATH")
+        unavailable("no etcdctl on PATH (scripts/install.sh installs etcd-client)")
     c2.pod("10.2.0.1", "web")
     c2.synced()
     out = subprocess.run([etcdctl, "--endpoints", c2.server.endpoint, "get", "--prefix", "cilium/", "--keys-only"],

@@ -13,6 +13,7 @@
     GET    /v1/identities, /v1/ipcache
     GET    /v1/auth                      mutual-auth entries: pair, node, expiry, last error;
                                          the mTLS tunnel (encryption in transit)
+    GET    /v1/clustermesh               the remote clusters: ready, connected, counts, errors
     GET    /v1/xds/status                per Envoy and type: sent/acked versions, NACKs, state
     GET    /v1/xds/config?node=ID&type=T the resources served, as JSON
     GET    /metrics                      Prometheus text format
@@ -146,6 +147,8 @@ class AdminHooks:
     tunnel: Callable[[], dict[str, Any]] | None = None
     # GET /healthz: what is wrong with enforcement now, in words (empty: healthy).
     health: Callable[[], list[str]] | None = None
+    # GET /v1/clustermesh: the remote clusters (None: not in a cluster mesh).
+    clustermesh: Callable[[], dict[str, Any]] | None = None
 
 
 class AdminApp:
@@ -236,6 +239,10 @@ class AdminApp:
                     return 200, {"enabled": False, "entries": [], "tunnel": None}, j
                 tunnel = self.hooks.tunnel() if self.hooks.tunnel is not None else None
                 return 200, {"enabled": True, "entries": self.hooks.auth(), "tunnel": tunnel}, j
+            if path == "/v1/clustermesh":
+                if self.hooks.clustermesh is None:
+                    return 200, {"enabled": False, "remotes": []}, j
+                return 200, self.hooks.clustermesh(), j
             if path == "/v1/xds/status":
                 return 200, self.hooks.xds_status(), j
             if path == "/v1/xds/config":

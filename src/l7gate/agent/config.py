@@ -22,6 +22,9 @@ node or cluster — run side by side on one machine. Defaults suit a single node
            encryption: tunnel,   # or none: auth-required TCP (HTTP or not) between nodes goes Envoy to Envoy over mTLS
            tunnelPort: 15443,    # this node's tunnel listener (on the mtls.listen host); peers' too
            spireSocket: /run/spire/agent.sock}   # optional: SVIDs from SPIRE's Workload API
+    clustermesh: {etcd: {endpoints: [https://10.0.1.100:2379], caFile, certFile, keyFile},
+                  configDir: /var/lib/l7gate/clustermesh,   # a file per remote cluster (Cilium's)
+                  nodeAddress: 10.0.1.1, leaseTTL: 15}       # docs/clustermesh.md
 
 The admin endpoint listens on TCP only when `admin.listen` says so, and then always with a
 bearer token read from `admin.tokenFile` (docs/security.md).
@@ -80,6 +83,33 @@ class MTLSSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class EtcdSettings:
+    """A cluster's etcd, as a client reaches it (TLS with a client certificate: Cilium's way)."""
+
+    endpoints: tuple[str, ...]
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMeshSettings:
+    """Cluster Mesh (docs/clustermesh.md). `etcd`: this cluster's etcd, where its agents share
+    identity numbers and publish their endpoints and nodes; `config_dir`: one file per remote
+    cluster (Cilium's layout, re-read when it changes); `node_address`: this node's address as
+    published (InternalIP)."""
+
+    etcd: EtcdSettings | None = None
+    config_dir: str = ""
+    node_address: str = ""
+    lease_ttl: int = 15
+
+    @property
+    def enabled(self) -> bool:
+        return self.etcd is not None
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str = "node-1"
     cluster_name: str = "default"
@@ -102,6 +132,7 @@ class AgentConfig:
     cgroup: str = ""  # kernel mode: cgroup v2 of the pods and Envoy, for socket acceleration ("" = off)
     observe: ObserveSettings = ObserveSettings()
     mtls: MTLSSettings = MTLSSettings()
+    clustermesh: ClusterMeshSettings = ClusterMeshSettings()
 
     def cluster_id_of(self, cluster: str) -> int | None:
         if cluster == self.cluster_name:
@@ -136,7 +167,8 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
-    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe", "mtls"}
+    known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe", "mtls",
+             "clustermesh"}
     for k in data:
         if k not in known:
             errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
@@ -291,6 +323,46 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         ring_size=integer(ob.get("ringSize", 4096), "observe.ringSize", 1, 1 << 20) or 4096,
         follow_buffer=integer(ob.get("followBuffer", 16384), "observe.followBuffer", 1, 1 << 20) or 16384,
     )
+    cm = section("clustermesh", {"etcd", "configDir", "nodeAddress", "leaseTTL"})
+    etcd = None
+    if cm.get("etcd") is not None:
+        raw = cm["etcd"]
+        if not isinstance(raw, Mapping):
+            errors.append(Finding("clustermesh.etcd", "must be a mapping: {endpoints: [...], caFile, certFile, keyFile}"))
+        else:
+            for k in raw:
+                if k not in ("endpoints", "caFile", "certFile", "keyFile"):
+                    errors.append(Finding(f"clustermesh.etcd.{k}", "unknown field (expected one of: caFile, certFile, "
+                                                                   "endpoints, keyFile)"))
+            eps = raw.get("endpoints")
+            if isinstance(eps, str):
+                eps = [eps]
+            if not isinstance(eps, list) or not eps or not all(
+                    isinstance(e, str) and e.startswith(("http://", "https://")) for e in eps):
+                errors.append(Finding("clustermesh.etcd.endpoints",
+                                      "must be a non-empty list of URLs (http://host:2379 or https://host:2379)"))
+                eps = []
+            files = {k: raw.get(k) for k in ("caFile", "certFile", "keyFile")}
+            for k, v in files.items():
+                if v is not None and (not isinstance(v, str) or not v.startswith("/")):
+                    errors.append(Finding(f"clustermesh.etcd.{k}", f"must be an absolute path, got {v!r}"))
+            if (files["certFile"] is None) != (files["keyFile"] is None):
+                errors.append(Finding("clustermesh.etcd.certFile", "certFile and keyFile go together"))
+            etcd = EtcdSettings(tuple(eps), files["caFile"], files["certFile"], files["keyFile"])
+    config_dir = ""
+    if "configDir" in cm:
+        config_dir = string(cm["configDir"], "clustermesh.configDir") or ""
+        if config_dir and not config_dir.startswith("/"):
+            errors.append(Finding("clustermesh.configDir", f"must be an absolute path, got {config_dir!r}"))
+        if config_dir and etcd is None:
+            errors.append(Finding("clustermesh.configDir", "needs clustermesh.etcd: this cluster's own etcd"))
+    node_address = ""
+    if "nodeAddress" in cm:
+        node_address = string(cm["nodeAddress"], "clustermesh.nodeAddress") or ""
+    lease_ttl = integer(cm.get("leaseTTL", 15), "clustermesh.leaseTTL", 2, 3600) or 15
+    if etcd is not None and not 1 <= (cluster_id or 0) <= 255:
+        errors.append(Finding("cluster.id", "must be 1-255 in a cluster mesh"))
+    clustermesh = ClusterMeshSettings(etcd, config_dir, node_address, lease_ttl)
     if errors:
         raise ConfigError(source, tuple(errors))
     assert cluster_id is not None and offset is not None
@@ -316,6 +388,7 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         cgroup=cgroup,
         observe=observe,
         mtls=mtls,
+        clustermesh=clustermesh,
     )
 
 

@@ -31,18 +31,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
+from ..clustermesh.publisher import MeshPublisher
+from ..clustermesh.types import MeshDelta, RemoteEndpoint, RemoteIdentity
 from ..identity.allocator import IdentityAllocator
 from ..identity.ipcache import IPCache
-from ..identity.numeric import IdentityError
+from ..identity.numeric import Identity, IdentityError
 from ..k8s.objects import (
     ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels,
     scoped_namespace,
 )
-from ..kvstore.api import KVStore
+from ..kvstore.api import KVStore, KVStoreError
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
@@ -60,6 +62,7 @@ PREFIX = "l7gate/v1/"
 POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
+MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints/<key>
 
 
 T = TypeVar("T")
@@ -148,10 +151,18 @@ class AgentCore:
         access_logs: Sequence[Message] = (),
         datapath: KernelDatapath | None = None,
         fallback: IptablesRedirect | None = None,
+        *,
+        mesh_allocator: Allocator | None = None,
+        mesh_publisher: MeshPublisher | None = None,
     ) -> None:
         """`datapath`: the kernel datapath (kernel mode with bcc), whose maps this core keeps in
         line with its resolved policy through a `KernelApplier` it owns; `fallback`: the
-        iptables redirect instead. Neither: loopback mode."""
+        iptables redirect instead. Neither: loopback mode.
+
+        In a cluster mesh (docs/clustermesh.md): `mesh_allocator` allocates this cluster's
+        identities in its etcd, shared with the cluster's other agents; `mesh_publisher` is
+        told this node's endpoints; remote clusters' identities and endpoints arrive through
+        `apply_mesh`, and pods of other clusters are not applied by hand."""
         self.config = config
         self.store = store
         self._lock = threading.RLock()
@@ -159,7 +170,17 @@ class AgentCore:
         self.ipcache = IPCache()
         owner = f"{config.cluster_name}.{config.node}"
         ids = {config.cluster_id, *config.clusters.values()}
-        self._allocators = {cid: IdentityAllocator(store, cluster_id=cid, owner=owner) for cid in ids}
+        self._allocators: dict[int, Allocator] = {
+            cid: IdentityAllocator(store, cluster_id=cid, owner=owner) for cid in ids}
+        if mesh_allocator is not None:
+            self._allocators[config.cluster_id] = mesh_allocator
+        self._mesh_publisher = mesh_publisher
+        # Remote clusters' state (apply_mesh): identity → (cluster, labels); (cluster, prefix) →
+        # the pod ref its record is under; and, after a restart, the entries restored from the
+        # store that their cluster's first listing has not confirmed yet.
+        self._mesh_identities: dict[int, tuple[str, Labels]] = {}
+        self._mesh_endpoints: dict[tuple[str, str], str] = {}
+        self._mesh_unconfirmed: dict[str, set[tuple[str, str]]] = {}
         self._policy_docs: dict[str, Any] = {}
         self._pods: dict[str, PodRecord] = {}
         # Indexes over `_pods`, so that one change costs O(change), not O(pods).
@@ -200,6 +221,7 @@ class AgentCore:
 
     def _restore(self) -> None:
         with self._lock:
+            self._restore_mesh()
             docs: list[Any] = []
             for prefix in (NAMESPACE_PREFIX, POD_PREFIX, POLICY_PREFIX):
                 for _, value in self.store.list_prefix(prefix):
@@ -256,6 +278,11 @@ class AgentCore:
                         errors.append(
                             f"Pod {pod.ref}: cluster {pod.cluster!r} has no id: add it to the "
                             f"agent's `clusters` map"
+                        )
+                    elif self.config.clustermesh.enabled and pod.cluster != self.config.cluster_name:
+                        errors.append(
+                            f"Pod {pod.ref}: pods of cluster {pod.cluster} come from the cluster mesh (their "
+                            f"cluster's agents publish them); this agent takes pods of {self.config.cluster_name} only"
                         )
                     elif pod.ip is None:
                         errors.append(f"Pod {pod.ref}: status.podIP is required")
@@ -469,6 +496,136 @@ class AgentCore:
             return (tuple(self._pods.values()), tuple(self.resolver.repository.policies()),
                     dict(self.resolver.identities), self.resolver.endpoint_policy)
 
+    # -- the cluster mesh ----------------------------------------------------------------------
+
+    def apply_mesh(self, delta: MeshDelta) -> None:
+        """One remote cluster's changes (`clustermesh.ClusterMesh`'s callback): its identities
+        into the resolver, its endpoints into the ipcache (the kernel and Envoy follow), each
+        endpoint named for flows; persisted, so that a restarted agent enforces them before the
+        mesh has resynced (cilium#26462). The `resync` delta ending a listing removes what was
+        restored from the store and the listing did not confirm. Called from the mesh's thread."""
+        cluster = delta.cluster
+        with self._lock:
+            with self.store.batch():
+                for ident in delta.identities_added:
+                    self.store.put(f"{MESH_PREFIX}{cluster}/identities/{ident.id}",
+                                   _canonical(dict(ident.labels)))
+                for ident in delta.identities_removed:
+                    self.store.delete(f"{MESH_PREFIX}{cluster}/identities/{ident.id}")
+                for ep in delta.endpoints_added:
+                    self.store.put(f"{MESH_PREFIX}{cluster}/endpoints/{ep.prefix.with_prefixlen}",
+                                   _canonical(_endpoint_json(ep)))
+                for ep in delta.endpoints_removed:
+                    self.store.delete(f"{MESH_PREFIX}{cluster}/endpoints/{ep.prefix.with_prefixlen}")
+            self._apply_mesh_locked(delta)
+            if delta.resync:
+                stale = self._mesh_unconfirmed.pop(cluster, set())
+                if stale:
+                    self._drop_mesh_entries(cluster, stale)
+            self._sync_ports()
+            self._flush()
+        settle_heap()
+
+    def _apply_mesh_locked(self, delta: MeshDelta) -> None:
+        cluster = delta.cluster
+        unconfirmed = self._mesh_unconfirmed.get(cluster)
+        added = {i.id: i.labels for i in delta.identities_added}
+        removed = [i.id for i in delta.identities_removed if i.id in self._mesh_identities]
+        for ident, labels in added.items():
+            self._mesh_identities[ident] = (cluster, labels)
+            if unconfirmed is not None:
+                unconfirmed.discard(("identity", str(ident)))
+            for ref in self._identity_pods.get(ident, ()):
+                rec = self._pods[ref]
+                if rec.labels != labels and (cluster, rec.pod.ips[0] + "/32") in self._mesh_endpoints:
+                    self._pods[ref] = PodRecord(rec.pod, rec.identity, labels, rec.local)
+        for ident in removed:
+            self._mesh_identities.pop(ident, None)
+        if added:
+            self._feed(self.resolver.update_identities(added))
+        for ep in delta.endpoints_removed:
+            self._remove_mesh_endpoint(cluster, ep.prefix.with_prefixlen)
+        for ep in delta.endpoints_added:
+            self._remove_mesh_endpoint(cluster, ep.prefix.with_prefixlen)
+            self._add_mesh_endpoint(ep)
+            if unconfirmed is not None:
+                unconfirmed.discard(("endpoint", ep.prefix.with_prefixlen))
+        if removed:
+            self._feed(self.resolver.update_identities({}, deleted=removed))
+        self.revision += 1
+        self._view = None
+
+    def _add_mesh_endpoint(self, ep: RemoteEndpoint) -> None:
+        prefix = ep.prefix.with_prefixlen
+        ip = str(ep.prefix.network_address)
+        name = ep.pod_name or ip
+        namespace = ep.namespace or "-"
+        ref = f"{ep.cluster}/{namespace}/{name}"
+        known = self._mesh_identities.get(ep.identity)
+        labels = known[1] if known is not None else Labels.of({})
+        pod = Pod(cluster=ep.cluster, namespace=namespace, name=name, ip=ip, ips=(ip,), host_ip=ep.host_ip)
+        self._pods[ref] = PodRecord(pod, ep.identity, labels, False)
+        self._mesh_endpoints[(ep.cluster, prefix)] = ref
+        self._ip_owner[ip] = ref
+        self._identity_pods.setdefault(ep.identity, set()).add(ref)
+        self._pod_nodes = None
+        self.ipcache.upsert(prefix, ep.identity)
+
+    def _remove_mesh_endpoint(self, cluster: str, prefix: str) -> None:
+        ref = self._mesh_endpoints.pop((cluster, prefix), None)
+        if ref is None:
+            return
+        rec = self._pods.pop(ref, None)
+        if rec is None:
+            return
+        for ip in rec.pod.ips:
+            if self._ip_owner.get(ip) == ref:
+                del self._ip_owner[ip]
+        users = self._identity_pods.get(rec.identity)
+        if users is not None:
+            users.discard(ref)
+            if not users:
+                del self._identity_pods[rec.identity]
+        self._pod_nodes = None
+        if self.ipcache.get(prefix) == rec.identity:
+            self.ipcache.delete(prefix)
+
+    def _drop_mesh_entries(self, cluster: str, keys: set[tuple[str, str]]) -> None:
+        """Restored entries of `cluster` that its fresh listing did not confirm: gone remotely."""
+        with self.store.batch():
+            gone_ids = []
+            for kind, key in sorted(keys):
+                if kind == "endpoint":
+                    self._remove_mesh_endpoint(cluster, key)
+                    self.store.delete(f"{MESH_PREFIX}{cluster}/endpoints/{key}")
+                else:
+                    ident = int(key)
+                    if self._mesh_identities.pop(ident, None) is not None:
+                        gone_ids.append(ident)
+                    self.store.delete(f"{MESH_PREFIX}{cluster}/identities/{key}")
+        if gone_ids:
+            self._feed(self.resolver.update_identities({}, deleted=gone_ids))
+        self.revision += 1
+        self._view = None
+
+    def _restore_mesh(self) -> None:
+        """The remote clusters' entries as last seen, into force until each cluster's first
+        listing confirms or drops them (`apply_mesh`)."""
+        by_cluster: dict[str, tuple[list[RemoteIdentity], list[RemoteEndpoint]]] = {}
+        for key, value in self.store.list_prefix(MESH_PREFIX):
+            cluster, kind, name = key[len(MESH_PREFIX):].split("/", 2)
+            ids, eps = by_cluster.setdefault(cluster, ([], []))
+            data = json.loads(value)
+            if kind == "identities":
+                ids.append(RemoteIdentity(cluster, int(name), Labels.of(data)))
+            elif kind == "endpoints":
+                eps.append(RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
+                                          data.get("host_ip"), data.get("namespace"), data.get("pod_name")))
+        for cluster, (ids, eps) in by_cluster.items():
+            self._apply_mesh_locked(MeshDelta(cluster, 0, identities_added=tuple(ids), endpoints_added=tuple(eps)))
+            self._mesh_unconfirmed[cluster] = (
+                {("identity", str(i.id)) for i in ids} | {("endpoint", e.prefix.with_prefixlen) for e in eps})
+
     def exclusive(self, fn: Callable[[], T]) -> T:
         """`fn()` between changes (under the core's lock): what must never land inside one."""
         with self._lock:
@@ -487,6 +644,8 @@ class AgentCore:
             ident = self._allocators[cid].allocate(labels).id
         except IdentityError as exc:
             raise ApplyError([f"Pod {pod.ref}: {exc}"]) from None
+        except KVStoreError as exc:
+            raise ApplyError([f"Pod {pod.ref}: cannot allocate its identity in this cluster's store: {exc}"]) from None
         local = self._is_local(pod)
         rec = PodRecord(pod, ident, labels, local)
         self._pods[pod.ref] = rec
@@ -505,10 +664,17 @@ class AgentCore:
         if local and not self.resolver.has_endpoint(ident):
             self._feed(self.resolver.add_endpoint(ident))
             self.publisher.mark_identity(ident)
+        if local and self._mesh_publisher is not None:
+            for ip in pod.ips:
+                self._mesh_publisher.upsert_endpoint(ip, ident, host_ip=pod.host_ip or self.config.clustermesh.node_address
+                                                     or None, namespace=pod.namespace, pod_name=pod.name)
 
     def _remove_pod(self, ref: str) -> None:
         rec = self._pods.pop(ref)
         self._local_pods.pop(ref, None)
+        if rec.local and self._mesh_publisher is not None:
+            for ip in rec.pod.ips:
+                self._mesh_publisher.delete_endpoint(ip)
         for ip in rec.pod.ips:
             if self._ip_owner.get(ip) == ref:
                 del self._ip_owner[ip]
@@ -528,8 +694,11 @@ class AgentCore:
         if cid is not None:
             try:
                 self._allocators[cid].release(rec.identity)
-            except IdentityError:
-                pass  # not held by this run (restored state); GC reclaims it
+            except (IdentityError, KVStoreError):
+                # Not held by this run (restored state), or the cluster's etcd is unreachable:
+                # the pod is gone all the same; the reference expires with this node's lease
+                # (mesh) or GC reclaims the number.
+                pass
 
     def _feed(self, delta: PolicyDelta) -> None:
         self.publisher.on_policy_delta(delta)
@@ -615,6 +784,18 @@ class AgentCore:
             MappingProxyType(dict(r.identities)),
             MappingProxyType(endpoints),
         )
+
+
+class Allocator(Protocol):
+    """What the core asks of an identity allocator (`IdentityAllocator`, or the mesh's)."""
+
+    def allocate(self, labels: Labels) -> Identity: ...
+
+    def release(self, identity: int) -> bool: ...
+
+
+def _endpoint_json(ep: RemoteEndpoint) -> dict[str, Any]:
+    return {"identity": ep.identity, "host_ip": ep.host_ip, "namespace": ep.namespace, "pod_name": ep.pod_name}
 
 
 def _auth_without_mtls(policy: Policy) -> list[str]:

@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import Any
 
 
+from ..clustermesh.allocator import MeshIdentityAllocator
+from ..clustermesh.config import RemotesWatch, describe, load_remotes
+from ..clustermesh.lease import MeshLease
+from ..clustermesh.mesh import ClusterMesh
+from ..clustermesh.publisher import MeshPublisher
+from ..clustermesh.types import MeshError
+from ..clustermesh.wire import NodeAddress, NodeRecord
+from ..identity.allocator import IdentityAllocator
+from ..kvstore.etcd import EtcdKVStore
 from ..kvstore.sqlite import SQLiteKVStore
 from ..mtls.auth import AuthManager, boot_ns_for
 from ..mtls.ca import BuiltinCA
@@ -71,11 +80,18 @@ class Agent:
     ingestor: Ingestor
     watch: EnforcementWatch
     mtls: MutualAuth | None = None
+    local_mesh: LocalMesh | None = None  # this cluster's etcd: shared identities, this node published
+    mesh: ClusterMesh | None = None  # the remote clusters
+    mesh_config_errors: tuple[str, ...] = ()
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
         log("stopping")
         self.stopping.set()
+        if self.mesh is not None:
+            self.mesh.stop()  # entries merged stay in force (and in the store) for the next run
+        if self.local_mesh is not None:
+            self.local_mesh.close()
         if self.mtls is not None:
             self.mtls.stop()  # auth map entries stay until they expire (decision 7)
         if self.core.kernel is not None:
@@ -117,10 +133,18 @@ def start_agent(config: AgentConfig) -> Agent:
         extra_handlers=[als.handler()],
     )
     datapath, fallback, datapath_info = _open_datapath(config)
+    local_mesh = LocalMesh.open(config, store) if config.clustermesh.enabled else None
     core = AgentCore(
-        config, store, cache, access_logs=[http_grpc_access_log()], datapath=datapath, fallback=fallback
+        config, store, cache, access_logs=[http_grpc_access_log()], datapath=datapath, fallback=fallback,
+        mesh_allocator=local_mesh.allocator if local_mesh else None,
+        mesh_publisher=local_mesh.publisher if local_mesh else None,
     )
     kernel = core.kernel
+    mesh: ClusterMesh | None = None
+    if local_mesh is not None:
+        # This node's endpoints are queued by the restore above: the canaries follow them.
+        local_mesh.publisher.synced()
+        mesh = ClusterMesh(config.cluster_name, config.cluster_id, (), on_change=core.apply_mesh)
     # Only now: an Envoy that outlived the previous agent reconnects as soon as the socket
     # exists, and must find the whole restored configuration, never a half-built one (a
     # resource missing from a partial snapshot is a removal for Envoy).
@@ -193,11 +217,18 @@ def start_agent(config: AgentConfig) -> Agent:
         auth=mtls.status if mtls is not None else None,
         tunnel=mtls.tunnels.status if mtls is not None and mtls.tunnels is not None else None,
         health=watch.problems,
+        clustermesh=lambda: views.clustermesh(agent),
     )
     admin = AdminServer(AdminApp(core, hooks, token), config.admin_listen, group=config.admin_group,
                         limits=Limits(max_connections=max_conns))
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
-                  datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls)
+                  datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls,
+                  local_mesh=local_mesh, mesh=mesh)
+    if mesh is not None:
+        mesh.start()
+        if config.clustermesh.config_dir:
+            threading.Thread(target=_follow_remotes, args=(agent, mesh), name="l7g-mesh-config",
+                             daemon=True).start()
     watch.start()
     admin.start()  # only now: its handlers read `agent`
     threading.Thread(target=heap.settle_periodically, args=(agent.stopping, core.exclusive, log), name="l7g-heap",
@@ -353,3 +384,65 @@ class MutualAuth:
         self.manager.stop()
         self.server.stop()
         self.store.stop()
+
+
+MESH_CONFIG_POLL = 2.0  # seconds between two looks at clustermesh.configDir
+
+
+@dataclass
+class LocalMesh:
+    """This cluster's etcd: the lease this node's keys live on, the identity allocator the
+    cluster's agents share, and the publisher of this node and its endpoints."""
+
+    store: EtcdKVStore
+    lease: MeshLease
+    allocator: MeshIdentityAllocator
+    publisher: MeshPublisher
+
+    @classmethod
+    def open(cls, config: AgentConfig, local_store: SQLiteKVStore) -> LocalMesh:
+        cm = config.clustermesh
+        assert cm.etcd is not None
+        store = EtcdKVStore(cm.etcd.endpoints[0], ca_file=cm.etcd.ca_file, cert_file=cm.etcd.cert_file,
+                            key_file=cm.etcd.key_file)
+        lease = MeshLease(store, ttl=cm.lease_ttl, name=f"{config.cluster_name}/{config.node}")
+        owner = f"{config.cluster_name}.{config.node}"
+        allocator = MeshIdentityAllocator(
+            store, cluster=config.cluster_name, cluster_id=config.cluster_id, node=config.node, lease=lease,
+            # CIDR identities mean something on this node only: they stay in the node's store.
+            local=IdentityAllocator(local_store, cluster_id=config.cluster_id, owner=owner))
+        publisher = MeshPublisher(store, cluster=config.cluster_name, cluster_id=config.cluster_id,
+                                  node=config.node, lease=lease)
+        publisher.start()
+        addresses = (NodeAddress("InternalIP", cm.node_address),) if cm.node_address else ()
+        publisher.set_node(NodeRecord(config.node, config.cluster_name, config.cluster_id, addresses))
+        log(f"cluster mesh: this cluster's etcd {', '.join(cm.etcd.endpoints)} (cluster {config.cluster_name}, "
+            f"id {config.cluster_id})")
+        return cls(store, lease, allocator, publisher)
+
+    def close(self) -> None:
+        # The node's keys go with its lease: a stopped agent's endpoints leave the mesh at once
+        # (its pinned datapath keeps enforcing what it had; decision 7).
+        self.publisher.close(revoke=False)
+        self.lease.close(revoke=True)
+        self.store.close()
+
+
+def _follow_remotes(agent: Agent, mesh: ClusterMesh) -> None:
+    """Re-read clustermesh.configDir whenever it changes, and reconfigure the mesh: a remote
+    cluster added or removed applies without a restart."""
+    directory = agent.config.clustermesh.config_dir
+    watch = RemotesWatch(directory)
+    while not agent.stopping.is_set():
+        if watch.changed():
+            found = load_remotes(directory, local_cluster=agent.config.cluster_name)
+            agent.mesh_config_errors = found.errors
+            for err in found.errors:
+                log(f"cluster mesh: {err}")
+            try:
+                mesh.reconfigure(found.remotes)
+                log(f"cluster mesh: remote clusters {describe(found.remotes)}")
+            except MeshError as exc:
+                agent.mesh_config_errors = (*found.errors, str(exc))
+                log(f"cluster mesh: {exc}")
+        agent.stopping.wait(MESH_CONFIG_POLL)

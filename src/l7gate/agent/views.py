@@ -216,3 +216,23 @@ class PeerIndex:
             if len(self._other) < self._MAX_OTHER:
                 self._other[ip] = info
         return info
+
+
+def clustermesh(agent: Agent) -> dict[str, Any]:
+    """`GET /v1/clustermesh`: this cluster and every remote one, as `cilium clustermesh status`
+    shows them."""
+    if agent.mesh is None:
+        return {"enabled": False, "remotes": []}
+    st = agent.mesh.status()
+    local = agent.local_mesh
+    return {
+        "enabled": True,
+        "cluster": {"name": st.cluster, "id": st.cluster_id},
+        "ready": st.ready,
+        "publishing": None if local is None else {
+            "synced": list(local.publisher.synced_paths()), "pending": local.publisher.pending,
+            "endpoints": len(local.publisher.endpoints()),
+        },
+        "config_errors": list(agent.mesh_config_errors),
+        "remotes": [dataclasses.asdict(r) for r in st.remotes],
+    }
