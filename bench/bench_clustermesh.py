@@ -2,7 +2,7 @@
 endpoints in its own etcd, merged by a `ClusterMesh` in this process.
 
 One etcd (Debian etcd-server 3.4) plays the remote cluster "c2" (ID 2), started by
-`tests/integration/etcd.py` on free loopback ports with its data dir in the scratch folder and
+`l7gate.testing.etcd` on free loopback ports with its data dir in the scratch folder and
 stopped by PID at the end (never port 2379). Setup, not timed: 10,000 identities written in
 Cilium's allocator layout (an id key and one node's value key each, in bulk, as the cluster's
 allocators would have left them), 50,000 endpoints through the real writer (`MeshPublisher`),
@@ -26,11 +26,9 @@ etcd, the network or the mesh); for 3, this process idle for as long with the me
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import shutil
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,14 +45,10 @@ CLUSTER, CLUSTER_ID, NODE = "c2", 2, "n1"
 
 
 def _etcd_helper() -> Any:
-    """tests/integration/etcd.py, loaded by path (bench/ does not import the tests package)."""
-    path = ROOT / "tests" / "integration" / "etcd.py"
-    spec = importlib.util.spec_from_file_location("_l7gate_test_etcd", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The test infrastructure's etcd launcher (l7gate.testing.etcd)."""
+    from l7gate.testing import etcd
+
+    return etcd
 
 
 def _identities(n: int) -> list[tuple[int, str]]:

@@ -1,7 +1,7 @@
 """The kvstore's etcd backend (issue 13) against the embedded SQLite store, same run, same
 workload, both through the `KVStore` interface.
 
-One etcd (Debian etcd-server 3.4) is started for the run by `tests/integration/etcd.py`: free
+One etcd (Debian etcd-server 3.4) is started for the run by `l7gate.testing.etcd`: free
 loopback ports, a data dir in the scratch folder, stopped by PID at the end even on failure (it
 never touches port 2379 or a system service). SQLite is a file in the scratch folder with the
 agent's settings (durable: one fsync per commit) and a history long enough to replay 50k events.
@@ -22,10 +22,8 @@ Goals: the figures measured by the prototype (FIELD-NOTES: 1.1â€“1.3 s and 0.16â
 from __future__ import annotations
 
 import gc
-import importlib.util
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,14 +34,10 @@ from run import ROOT, Context, Result, fmt
 
 
 def _etcd_helper() -> Any:
-    """tests/integration/etcd.py, loaded by path (bench/ does not import the tests package)."""
-    path = ROOT / "tests" / "integration" / "etcd.py"
-    spec = importlib.util.spec_from_file_location("_l7gate_test_etcd", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The test infrastructure's etcd launcher (l7gate.testing.etcd)."""
+    from l7gate.testing import etcd
+
+    return etcd
 
 
 def _items(prefix: str, n: int) -> list[tuple[str, bytes]]:

@@ -32,7 +32,7 @@ import yaml
 from l7gate.client import AdminClient
 from l7gate.testing.wait import eventually
 
-from .etcd import EtcdServer
+from l7gate.testing.etcd import EtcdServer
 from .loopback import _Upstream, pod, request, seed_policies
 
 pytestmark = pytest.mark.integration

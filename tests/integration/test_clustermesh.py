@@ -1,5 +1,5 @@
 """The cluster mesh against real etcd (Debian etcd-server 3.4): one etcd per cluster, each
-started by tests/integration/etcd.py on free loopback ports and a temp data dir, stopped by PID.
+started by l7gate.testing.etcd on free loopback ports and a temp data dir, stopped by PID.
 
 Cluster "c2" (ID 2) is written by an agent's writer side (lease, allocator, publisher); cluster
 "c1" (ID 1) reads it with a `ClusterMesh`, whose deltas are applied to a `View` exactly as the
@@ -40,7 +40,7 @@ from l7gate.clustermesh import wire
 from l7gate.identity import Identity, identity_labels
 from l7gate.kvstore.etcd import EtcdKVStore
 from l7gate.testing.wait import eventually
-from tests.integration.etcd import EtcdServer, TLSFiles, free_port, make_tls
+from l7gate.testing.etcd import EtcdServer, TLSFiles, free_port, make_tls
 
 pytestmark = pytest.mark.integration
 

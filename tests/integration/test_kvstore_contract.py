@@ -1,6 +1,6 @@
 """The kvstore contract (kvstore/api.py), one suite run against both backends: the embedded
 SQLite store and a real etcd (Debian etcd-server 3.4) started per test on its own loopback ports
-and data dir (tests/integration/etcd.py), stopped by PID at the end even on failure.
+and data dir (l7gate.testing.etcd), stopped by PID at the end even on failure.
 
 Then the etcd backend's own pitfalls, each against a real etcd: revisions from 1, the
 --max-txn-ops limit, optimistic batch conflicts, listings and replays past gRPC's 4 MiB receive
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from l7gate.kvstore import Event, EventType, KVStore, KVStoreError, SQLiteKVStore, Watch
 from l7gate.kvstore.etcd import EtcdKVStore
 from l7gate.testing.clock import ManualClock
-from tests.integration.etcd import EtcdServer, TLSFiles, make_tls
+from l7gate.testing.etcd import EtcdServer, TLSFiles, make_tls
 
 ETCD_HINT = "Debian etcd-server: bash scripts/install.sh"
 

@@ -261,3 +261,82 @@ class EtcdServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+NODE_CLIENT_PORT = 32379  # inside a testbed node's own network namespace: no clash with a host etcd
+
+
+class NodeEtcd:
+    """An etcd inside a testbed node's network namespace, listening on the node's address
+    (`endpoint`), so that the node's agent and the agents of linked nodes (other clusters)
+    reach it as they would a cluster's etcd. Started with `node.spawn`: the testbed ends it at
+    teardown in any case; `stop` ends it earlier, by PID. Not thread-safe."""
+
+    def __init__(self, node: object, binary: str, data_dir: Path) -> None:
+        self.node = node
+        self.binary = binary
+        self.data_dir = data_dir
+        self.ip: str = getattr(node, "ip")
+        self.token = secrets.token_hex(8)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.ip}:{NODE_CLIENT_PORT}"
+
+    def start(self) -> NodeEtcd:
+        client, peer = self.endpoint, f"http://{self.ip}:{NODE_CLIENT_PORT + 1}"
+        argv = [
+            self.binary, "--name", "l7gate-node", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"l7gate-node={peer}", "--initial-cluster-token", self.token,
+            "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr",
+        ]
+        spawn = getattr(self.node, "spawn")
+        self.proc = spawn(argv, net_only=True)
+        tb = getattr(self.node, "testbed")
+        log = tb.log_path(self.proc)
+        deadline = time.monotonic() + READY_TIMEOUT
+        # etcd 3.4 says so when its client port is up ("serving client traffic" with zap logs)
+        while not any(m in log.read_text(errors="replace") for m in ("serving client traffic",
+                                                                     "ready to serve client requests")):
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"etcd in {getattr(self.node, 'netns')} did not start: "
+                                   f"{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "etcd is not running"
+        return self.proc.pid
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Start again on the same address and data (after `kill`): the same etcd cluster."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
