@@ -3,8 +3,11 @@
 
 Two nodes in network namespaces, one per cluster, each with its own l7gate agent, Envoy and
 BPF datapath: billing-service x2 on node a1 (cluster-a), frontend-service and a pod with other
-labels on node b1 (cluster-b). The frontend runs `curl` as in the article. Everything is
-created under l7g-prefixed names and removed at the end, even on failure.
+labels on node b1 (cluster-b). The two clusters are joined by Cluster Mesh, as in the article:
+one etcd per cluster (inside its node's namespace); each agent is told about its own cluster's
+pods only and merges the other cluster's from that cluster's etcd. The frontend runs `curl` as
+in the article. Everything is created under l7g-prefixed names and removed at the end, even on
+failure.
 Then the article's `authentication: {mode: required}` on the allow rule: the frontend's calls
 go Envoy to Envoy over mTLS (a capture on the inter-node link shows no plaintext).
 Exits non-zero if any request gets a result other than the article's.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +28,7 @@ from typing import Any
 import yaml
 
 from l7gate.client import AdminClient
+from l7gate.testing.etcd import NodeEtcd
 from l7gate.testing.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,18 +58,31 @@ def main() -> int:
         other = tb.add_pod(nb, "web", "reporting-job-q7x", labels={"app": "reporting-job", "team": "web", "env": "prod"})
         for b in billing:
             b.serve_http(8080)
+        etcd_binary = shutil.which("etcd")
+        if etcd_binary is None:
+            print("etcd is not installed: run `make install` (scripts/install.sh installs etcd-server)")
+            return 1
+        etcds = {"cluster-a": NodeEtcd(na, etcd_binary, tb.workdir / "etcd-a").start(),
+                 "cluster-b": NodeEtcd(nb, etcd_binary, tb.workdir / "etcd-b").start()}
+        print(f"== cluster mesh: cluster-a's etcd at {etcds['cluster-a'].endpoint}, "
+              f"cluster-b's at {etcds['cluster-b'].endpoint}")
         agents = []
         try:
-            for node, cluster, cid, peer, pid in ((na, "cluster-a", 1, "cluster-b", 2), (nb, "cluster-b", 2, "cluster-a", 1)):
+            for node, cluster, cid, peer in ((na, "cluster-a", 1, "cluster-b"), (nb, "cluster-b", 2, "cluster-a")):
                 work = tb.workdir / f"agent-{node.name}"
                 work.mkdir()
+                (work / "mesh").mkdir()
+                # One file per remote cluster, as Cilium's clustermesh configuration.
+                (work / "mesh" / peer).write_text(yaml.safe_dump({"endpoints": [etcds[peer].endpoint]}))
                 cfg = work / "agent.yaml"
                 cfg.write_text(yaml.safe_dump({
-                    "node": node.name, "cluster": {"name": cluster, "id": cid}, "clusters": {peer: pid},
+                    "node": node.name, "cluster": {"name": cluster, "id": cid},
                     "stateDir": str(work / "state"), "admin": {"listen": f"unix:{work}/admin.sock"},
                     "envoy": {"logLevel": "warning"},
                     "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames},
                     "mtls": {"enabled": True, "caDir": str(tb.workdir / "shared-ca"), "listen": f"{node.ip}:4250"},
+                    "clustermesh": {"etcd": {"endpoints": [etcds[cluster].endpoint]}, "configDir": str(work / "mesh"),
+                                    "nodeAddress": node.ip},
                 }))
                 print(f"== node {node.name} ({cluster}): l7gate agent --config {cfg}")
                 proc = node.spawn([L7GATE, "agent", "--config", str(cfg)], net_only=True)
@@ -81,10 +99,15 @@ def main() -> int:
                         print(tb.log_path(proc).read_text()[-3000:])
                         return 1
                     time.sleep(0.1)
-                client.apply_endpoints(tb.to_manifests())
+                client.apply_endpoints(tb.to_manifests(cluster))  # this cluster's pods only
                 client.apply_policies(seed_policies())
                 st = client.get("/v1/status")
                 print(f"   datapath: {st['datapath']['mode']} — {st['datapath']['description']}")
+            for node, _, _, work in agents:
+                print(f"\n== node {node.name}: l7gate clustermesh status --wait (as `cilium clustermesh status`)")
+                r = subprocess.run([L7GATE, "clustermesh", "status", "--wait", "--wait-timeout", "60",
+                                    "--admin", f"unix:{work}/admin.sock"], check=False)
+                failed |= r.returncode
             time.sleep(1.0)
             print("\n== from the frontend-service pod (cluster-b), as in the article")
             target = billing[0]
@@ -118,6 +141,8 @@ def main() -> int:
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(timeout=20)
+            for etcd in etcds.values():
+                etcd.stop()
                 subprocess.run(["rm", "-rf", f"/sys/fs/bpf/l7g/{node.netns}"], check=False)
             try:
                 Path("/sys/fs/bpf/l7g").rmdir()

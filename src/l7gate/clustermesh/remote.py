@@ -229,6 +229,7 @@ class RemoteCluster:
         self._last_sync_seconds: float | None = None
         self._last_error: str | None = None
         self._last_error_time: float | None = None
+        self._last_error_refusal = False  # the last error is an entry refused (outside the range...)
         self._synced_paths: tuple[str, ...] = ()
 
     # -- control ----------------------------------------------------------------------------------
@@ -542,6 +543,10 @@ class RemoteCluster:
                 self._ready = True
                 self._last_sync = now
                 self._last_sync_seconds = now - session.started
+                # What went wrong on the way (a lost connection, a cluster-config not there yet)
+                # is over; an entry this remote may not publish stays shown.
+                if not self._last_error_refusal:
+                    self._last_error, self._last_error_time = None, None
                 counts = len(self._identities), len(self._endpoints), len(self._nodes)
             changes.resync = True
             log.info("remote %s: synced (%d identities, %d endpoints, %d nodes)", self.name, *counts)
@@ -600,7 +605,7 @@ class RemoteCluster:
         except _Invalid as e:
             with self._lock:
                 self._refused += 1
-            self._error(f"remote {self.name!r}: {kind} at {key} refused: {e}", level=logging.WARNING)
+            self._error(f"remote {self.name!r}: {kind} at {key} refused: {e}", level=logging.WARNING, refusal=True)
             self._remove(kind, self._key_of(kind, key), changes)
             return
         table_key = self._key_of(kind, key)
@@ -664,11 +669,12 @@ class RemoteCluster:
         if len(changes) or changes.resync:
             self._emit(self, changes)
 
-    def _error(self, message: str, *, level: int = logging.WARNING) -> None:
+    def _error(self, message: str, *, level: int = logging.WARNING, refusal: bool = False) -> None:
         log.log(level, "cluster mesh: %s", message)
         with self._lock:
             self._last_error = message
             self._last_error_time = self._clock()
+            self._last_error_refusal = refusal
 
 
 class _Invalid(Exception):
