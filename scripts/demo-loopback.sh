@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The seed scenario end to end in loopback mode, without privileges: a real agent and a real
-# Envoy enforce the article's policies; each pod is a process on its own 127.x address.
+# The seed scenario end to end in loopback mode, without privileges: real agents and Envoys
+# enforce the article's policies across two clusters joined by Cluster Mesh (an etcd each);
+# each pod is a process on its own 127.x address.
 #   billing-service (cluster-a) x2 : servers on 127.0.1.10 / 127.0.1.11, port 18080
 #   Envoy                          : listens for them on 127.0.1.10:8080 / 127.0.1.11:8080
 #   frontend-service (cluster-b)   : curl from 127.0.2.55
@@ -20,35 +21,81 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$work/agent.yaml" <<CFG
-node: node-a1
-cluster: {name: cluster-a, id: 1}
-clusters: {cluster-b: 2}
-stateDir: $work/state
-admin: {listen: "unix:$work/admin.sock"}
-envoy: {logLevel: warning}
-CFG
-export L7GATE_ADMIN="unix:$work/admin.sock"
+# The article's two clusters, joined by Cluster Mesh: one etcd and one agent per cluster. Each
+# agent is told about its own cluster's pods only and merges the other cluster's from its etcd.
+read -r ca_client ca_peer cb_client cb_peer < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+start_etcd() {  # name client-port peer-port
+    etcd --name "$1" --data-dir "$work/etcd-$1" --logger zap --log-outputs stderr \
+        --listen-client-urls "http://127.0.0.1:$2" --advertise-client-urls "http://127.0.0.1:$2" \
+        --listen-peer-urls "http://127.0.0.1:$3" --initial-advertise-peer-urls "http://127.0.0.1:$3" \
+        --initial-cluster "$1=http://127.0.0.1:$3" --initial-cluster-token "l7g-demo-$1-$$" \
+        2> "$work/etcd-$1.log" &
+    pids+=($!)
+    for _ in $(seq 100); do
+        curl -s --max-time 1 "http://127.0.0.1:$2/health" | grep -q '"health":"true"' && return 0
+        sleep 0.1
+    done
+    cat "$work/etcd-$1.log"; exit 1
+}
+start_etcd cluster-a "$ca_client" "$ca_peer"
+start_etcd cluster-b "$cb_client" "$cb_peer"
+echo "== cluster mesh: cluster-a's etcd on 127.0.0.1:$ca_client, cluster-b's on 127.0.0.1:$cb_client"
 
-echo "== starting the agent (loopback mode): l7gate agent --config agent.yaml"
-"$L7GATE" agent --config "$work/agent.yaml" 2> "$work/agent.log" &
-pids+=($!)
-for _ in $(seq 100); do
-    "$L7GATE" status >/dev/null 2>&1 && break
-    sleep 0.1
+agent_config() {  # cluster id own-etcd-port remote remote-etcd-port
+    mkdir -p "$work/$1/mesh"
+    printf 'endpoints: ["http://127.0.0.1:%s"]\n' "$5" > "$work/$1/mesh/$4"
+    cat > "$work/$1/agent.yaml" <<CFG
+node: $1-node1
+cluster: {name: $1, id: $2}
+stateDir: $work/$1/state
+admin: {listen: "unix:$work/$1/admin.sock"}
+envoy: {logLevel: warning}
+clustermesh: {etcd: {endpoints: ["http://127.0.0.1:$3"]}, configDir: "$work/$1/mesh"}
+CFG
+}
+agent_config cluster-a 1 "$ca_client" cluster-b "$cb_client"
+agent_config cluster-b 2 "$cb_client" cluster-a "$ca_client"
+A="unix:$work/cluster-a/admin.sock"
+B="unix:$work/cluster-b/admin.sock"
+export L7GATE_ADMIN="$A"
+
+for c in cluster-a cluster-b; do
+    echo "== starting the $c agent (loopback mode): l7gate agent --config $c/agent.yaml"
+    "$L7GATE" agent --config "$work/$c/agent.yaml" 2> "$work/$c/agent.log" &
+    pids+=($!)
+    for _ in $(seq 100); do
+        "$L7GATE" status --admin "unix:$work/$c/admin.sock" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    "$L7GATE" status --admin "unix:$work/$c/admin.sock" >/dev/null || { cat "$work/$c/agent.log"; exit 1; }
 done
-"$L7GATE" status >/dev/null || { cat "$work/agent.log"; exit 1; }
 
 for ip in 127.0.1.10 127.0.1.11; do
     "$PY" scripts/pod_server.py --listen "$ip:18080" --name "payments/billing-service@$ip" > /dev/null &
     pids+=($!)
 done
 
-echo "== l7gate endpoint apply -f examples/loopback/inventory.yaml"
-"$L7GATE" endpoint apply -f examples/loopback/inventory.yaml
-echo "== l7gate policy apply -f examples/seed"
-"$L7GATE" policy apply -f examples/seed 2>/dev/null
-echo "== l7gate endpoint list"
+# Each cluster's pods, from the one inventory (by their l7gate.io/cluster annotation).
+"$PY" - "$work" <<'SPLIT'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open("examples/loopback/inventory.yaml")) if d]
+for cluster in ("cluster-a", "cluster-b"):
+    mine = [d for d in docs if d["kind"] == "Namespace"
+            or d["metadata"].get("annotations", {}).get("l7gate.io/cluster") == cluster]
+    yaml.safe_dump_all(mine, open(f"{sys.argv[1]}/{cluster}/pods.yaml", "w"))
+SPLIT
+for c in cluster-a cluster-b; do
+    echo "== $c: l7gate endpoint apply -f (its own pods, from examples/loopback/inventory.yaml)"
+    "$L7GATE" endpoint apply -f "$work/$c/pods.yaml" --admin "unix:$work/$c/admin.sock"
+    "$L7GATE" policy apply -f examples/seed --admin "unix:$work/$c/admin.sock" >/dev/null 2>&1
+done
+echo "== cluster-a: l7gate clustermesh status --wait"
+"$L7GATE" clustermesh status --wait --wait-timeout 60
+echo "== cluster-a: l7gate endpoint list (cluster-b's pods came from cluster-b's etcd)"
 "$L7GATE" endpoint list
 
 # Wait until Envoy has acknowledged the configuration.
