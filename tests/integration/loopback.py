@@ -11,8 +11,7 @@ import dataclasses
 import json
 import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +22,7 @@ import yaml
 
 from l7gate.agent.config import AgentConfig, EnvoySettings
 from l7gate.agent.daemon import Agent, start_agent
+from l7gate.testing.wait import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "examples" / "seed"
@@ -139,28 +139,36 @@ def request(src: str, dst: str, port: int, method: str, path: str) -> Response:
         c.close()
 
 
+def _answered(send: Callable[[], Response], want: int) -> Callable[[], bool]:
+    """A predicate for `eventually`: True once a request answers `want`; otherwise it raises,
+    so that a timeout reports the last status seen."""
+
+    def answered() -> bool:
+        got = send().status
+        if got != want:
+            raise AssertionError(f"status {got}")
+        return True
+
+    return answered
+
+
 def wait_conn(conn: HttpConn, method: str, path: str, want: int, timeout: float = 5.0) -> int:
-    """The status once it is `want` on this same connection, or the last one after `timeout`.
+    """`want`, once the request answers it on this same connection; fails after `timeout` with
+    the last status.
 
     Envoy ACKs a config once its main thread has it; the worker threads take it a moment later.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        got = conn.request(method, path).status
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
+    eventually(_answered(lambda: conn.request(method, path), want), timeout,
+               f"{method} {path} to answer {want} on one connection")
+    return want
 
 
 def wait_request(src: str, dst: str, method: str, path: str, want: int, timeout: float = 5.0,
                  port: int = 8080) -> int:
     """Like wait_conn, one fresh connection per attempt."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = request(src, dst, port, method, path).status
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.01)
+    eventually(_answered(lambda: request(src, dst, port, method, path), want), timeout,
+               f"{method} {path} from {src} to {dst}:{port} to answer {want}")
+    return want
 
 
 @dataclass
@@ -186,14 +194,11 @@ class World:
         assert ok, json.dumps(self.agent.xds.status_json(), indent=1)
 
     def wait_listening(self, ip: str, port: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((ip, port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"nothing listens on {ip}:{port}")
+        def connects() -> bool:
+            socket.create_connection((ip, port), timeout=0.5).close()
+            return True
+
+        eventually(connects, timeout, f"something to listen on {ip}:{port}")
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import pytest
 
 from l7gate.client import AdminClient
 from l7gate.agent.daemon import start_agent
+from l7gate.testing.wait import eventually
 
 from .loopback import World, loopback_world, pod, wait_request
 
@@ -113,11 +114,12 @@ def test_thousands_of_policies_applied_enforced_and_restored(tmp_path: Path, req
         reader = Reader(AdminClient(world.agent.admin.address, timeout=300))
         reader.start()
         try:
-            time.sleep(0.2)
+            eventually(lambda: len(reader.reads) >= 3, 30, "a round of reads before the apply")
             t0 = time.monotonic()
             result = client.apply_policies(docs)
             took = time.monotonic() - t0
-            time.sleep(0.2)
+            applied_at = len(reader.reads)
+            eventually(lambda: len(reader.reads) >= applied_at + 3, 60, "a round of reads after the apply")
         finally:
             reader.stop.set()
             reader.join(60)

@@ -6,14 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from l7gate.client import AdminClient
+from l7gate.testing.wait import eventually
 
-from .loopback import request, seed_policies, pod
+from .loopback import pod, seed_policies, wait_request
 
 pytestmark = pytest.mark.integration
 
@@ -30,34 +30,20 @@ def _start(tmp: Path, cluster: str, cid: int, other: str, oid: int) -> tuple[sub
     )
     proc = subprocess.Popen([L7GATE, "agent", "--config", str(cfg)], stderr=open(tmp / "agent.log", "wb"))
     client = AdminClient(f"unix:{tmp}/admin.sock")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/v1/status")["envoy"]["state"] == "LIVE":
-                return proc, client
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError((tmp / "agent.log").read_text())
+    try:
+        eventually(lambda: client.get("/v1/status")["envoy"]["state"] == "LIVE", 20,
+                   f"the agent in {tmp} to report its Envoy LIVE")
+    except AssertionError as exc:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{exc}\n{(tmp / 'agent.log').read_text()}") from exc
+    return proc, client
 
 
 def _envoy_pid(client: AdminClient) -> int:
     pid = client.get("/v1/status")["envoy"]["pid"]
     assert isinstance(pid, int)
     return pid
-
-
-def _await_status(src: str, dst: str, port: int, method: str, path: str, expected: int,
-                  timeout: float = 15.0) -> int:
-    """Repeat the request (status 0 while nothing listens yet) until it answers `expected` or
-    `timeout` passes; return the last status seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = request(src, dst, port, method, path).status
-        if status == expected or time.monotonic() >= deadline:
-            return status
-        time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:
@@ -93,20 +79,17 @@ def test_two_agents_side_by_side_then_sigterm(tmp_path: Path) -> None:
         ca.apply_policies(seed_policies())
         cb.apply_policies([seed_policies()[1]])
         # Each Envoy gets its listeners and policy over xDS a moment later: retry until it answers.
-        assert _await_status("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/charge", 200) == 200
-        assert _await_status("127.65.2.55", "127.65.1.10", 8080, "POST", "/v1/refund", 403) == 403
+        assert wait_request("127.65.2.55", "127.65.1.10", "POST", "/v1/charge", 200, timeout=15) == 200
+        assert wait_request("127.65.2.55", "127.65.1.10", "POST", "/v1/refund", 403, timeout=15) == 403
         # cluster-b's agent: no policy selects `cart`, so everything is allowed there
-        assert _await_status("127.66.2.55", "127.66.1.10", 8080, "POST", "/v1/refund", 200) == 200
+        assert wait_request("127.66.2.55", "127.66.1.10", "POST", "/v1/refund", 200, timeout=15) == 200
         envoys = [_envoy_pid(ca), _envoy_pid(cb)]
         assert envoys[0] != envoys[1]
         for proc in (pa, pb):
             proc.send_signal(signal.SIGTERM)
         for proc in (pa, pb):
             assert proc.wait(timeout=20) == 0
-        deadline = time.monotonic() + 5
-        while any(_alive(p) for p in envoys) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(_alive(p) for p in envoys), "Envoy must stop with its agent"
+        eventually(lambda: not any(_alive(p) for p in envoys), 5, "Envoy to stop with its agent")
         assert not (tmp_path / "a" / "admin.sock").exists()
     finally:
         for srv in servers:

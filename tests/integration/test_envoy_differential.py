@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from l7gate.policy.evaluate import Flow, Layer, Peer, evaluate, peer_for
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.pathnorm import normalize_path
 from l7gate.policy.types import HTTPRequest, Protocol
+from l7gate.testing.wait import eventually
 
 from .loopback import World, loopback_world, request
 
@@ -140,21 +140,27 @@ def check(world: World, specs: list[dict[str, Any]], reqs: list[tuple[str, ...]]
         src, method, path = req[:3]
         proto = req[3] if len(req) > 3 else "h1"  # corpus files from before HTTP/2 are HTTP/1.1
         want = expected_status(world, docs, src, method, path)
-        got = send(src, method, path, proto)
+        answers: list[int] = []
+
+        def agrees() -> bool:
+            answers.append(send(src, method, path, proto))
+            return answers[-1] == want
+
         # Envoy ACKs a route once its main thread has it; the worker thread gets it a moment
         # later. A divergence must persist (5 s) to count.
-        deadline = time.monotonic() + 5.0
-        while got != want and time.monotonic() < deadline:
-            time.sleep(0.025)
-            got = send(src, method, path, proto)
-        if got != want:
+        try:
+            eventually(agrees, 5.0, f"Envoy to answer {src} {method} {path} ({proto}) with {want}")
+        except AssertionError:
+            if not answers:
+                raise  # every try raised: that is the error
+            got = answers[-1]
             # Hypothesis shrinks by failing again and again; the last file written is the
             # smallest case. Rename it (and keep it) once the bug is understood.
             CORPUS.mkdir(parents=True, exist_ok=True)
             case = {"specs": specs, "requests": [[src, method, path, proto]]}
             (CORPUS / "new-failure.json").write_text(json.dumps(case, indent=2, sort_keys=True) + "\n")
             raise AssertionError(f"{src} {method} {path} ({proto}): Envoy {got}, evaluator {want}\n"
-                                 f"{json.dumps(docs, indent=1)}")
+                                 f"{json.dumps(docs, indent=1)}") from None
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

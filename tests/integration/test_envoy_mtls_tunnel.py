@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 
 from l7gate.mtls import SVID, BuiltinCA, server_name, spiffe_id
 from l7gate.testing.mtls import forge_svid
+from l7gate.testing.wait import eventually
 from l7gate.policy.resolve import Action, Decision
 from l7gate.policy.types import AuthMode, HTTPRule
 from l7gate.xds import mtls_translate as m
@@ -370,14 +371,6 @@ def assert_synced(servers: list[XdsServer]) -> None:
         assert not [r for r in srv.status() if r.last_nack is not None]
 
 
-def eventually(fn: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not fn():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def try_status(fn: Callable[[], int]) -> int:
     try:
         return fn()
@@ -659,14 +652,15 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         prober = threading.Thread(target=probe)
         prober.start()
         try:
-            time.sleep(0.2)
+            eventually(lambda: len(statuses) >= 10, 10, "ten calls before the rotation")
             cache_b.update("node-b", SECRET, {m.svid_secret_name(TD, DST): m.svid_secret(
                 TD, DST, rotated[DST].chain_pem, rotated[DST].key_pem)})
             cache_a.update("node-a", SECRET, {m.svid_secret_name(TD, SRC): m.svid_secret(
                 TD, SRC, rotated[SRC].chain_pem, rotated[SRC].key_pem)})
             for srv, node in zip(servers, ("node-a", "node-b"), strict=True):
                 assert srv.wait_synced(node, 5, types=(SECRET,))
-            time.sleep(0.3)
+            rotated_at = len(statuses)
+            eventually(lambda: len(statuses) >= rotated_at + 10, 10, "ten calls after the rotation")
         finally:
             stop.set()
             prober.join(10)
@@ -969,15 +963,7 @@ def test_two_envoys_tunnel_grpc_and_http11_each_in_its_own_protocol(
         grpc_listen = egresses[grpc_ip][0]
         with grpc.insecure_channel(f"{node_a_ip}:{grpc_listen}", options=[("grpc.enable_http_proxy", 0)]) as ch:
             call = ch.unary_unary("/billing.Billing/Charge", request_serializer=ident, response_deserializer=ident)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    assert call(b"100", timeout=5) == b"charged 100"
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            assert eventually(lambda: call(b"100", timeout=5), 20, "Charge through the tunnel") == b"charged 100"
             refund = ch.unary_unary("/billing.Billing/Refund", request_serializer=ident, response_deserializer=ident)
             with pytest.raises(grpc.RpcError) as denied:
                 refund(b"100", timeout=5)

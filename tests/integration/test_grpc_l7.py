@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from l7gate.client import AdminClient
+from l7gate.testing.wait import eventually
 
 from .loopback import OFFSET, World, loopback_world, pod, request
 
@@ -169,15 +170,8 @@ def test_server_streaming_and_a_policy_change_on_the_open_connection(world: tupl
         }]}}
         w.agent.core.apply([changed])
         w.synced()
-        deadline = time.monotonic() + 5
-        while True:  # Envoy's workers take the acknowledged config a moment later
-            try:
-                assert call(ch, "Refund") == b"ok:Refund:100"
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        # Envoy's workers take the acknowledged config a moment later
+        assert eventually(lambda: call(ch, "Refund"), 5, "Refund to be allowed") == b"ok:Refund:100"
         more = [next(stream) for _ in range(3)]
         assert int(more[-1].split()[1]) > 3
         stream.cancel()
@@ -189,16 +183,16 @@ def test_flows_name_the_grpc_method(world: tuple[World, Ledger]) -> None:
     w, _ = world
     with channel() as ch:
         call(ch, "Charge")
-    deadline = time.monotonic() + 5
-    lines: list[str] = []
-    while time.monotonic() < deadline:
+
+    def charge_flows() -> list[str]:
         out = subprocess.run([str(Path(__import__("sys").executable).parent / "l7gate"), "observe",
                               "--admin", w.agent.admin.address, "--last", "200", "-o", "compact"],
                              capture_output=True, text=True, timeout=30).stdout
         lines = [ln for ln in out.splitlines() if "/billing.Billing/Charge" in ln]
-        if any("http-request" in ln and "FORWARDED" in ln for ln in lines):
-            break
-        time.sleep(0.1)
+        assert any("http-request" in ln and "FORWARDED" in ln for ln in lines), lines
+        return lines
+
+    lines = eventually(charge_flows, 5, "the Charge call's forwarded request in `l7gate observe`")
     assert any("http-request FORWARDED (POST http://" in ln and "/billing.Billing/Charge)" in ln
                for ln in lines), lines
     _ = AdminClient
@@ -258,18 +252,19 @@ def test_a_stream_open_when_policy_denies_its_method_runs_to_its_end(world: tupl
         assert next(stream) == b"tick 1"
         w.agent.core.apply([without_watch])
         w.synced()
-        deadline = time.monotonic() + 5
-        while True:  # a new Watch is refused once Envoy's workers have the change
+
+        def a_new_watch_is_refused() -> bool:
             probe = watch(b"", timeout=5)
             try:
                 next(probe)
             except grpc.RpcError as exc:
-                if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
-                    break
+                return exc.code() is grpc.StatusCode.PERMISSION_DENIED
             finally:
                 probe.cancel()
-            assert time.monotonic() < deadline, "a new Watch was never refused"
-            time.sleep(0.05)
+            return False
+
+        # once Envoy's workers have the change
+        eventually(a_new_watch_is_refused, 5, "a new Watch to be PERMISSION_DENIED")
         later = [next(stream) for _ in range(3)]  # the open stream still delivers
         assert int(later[-1].split()[1]) > 1
         stream.cancel()

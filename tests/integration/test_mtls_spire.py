@@ -27,6 +27,7 @@ from l7gate.identity.spiffe import spiffe_id
 from l7gate.mtls.store import SVIDSource, SVIDStore
 from l7gate.mtls.svid import Reason, verify_peer
 from l7gate.testing.mtls import ManualClock, forge_svid
+from l7gate.testing.wait import eventually
 from l7gate.testing.workload_api_double import WorkloadAPITestDouble
 
 pytestmark = pytest.mark.integration
@@ -100,15 +101,6 @@ def h(sockdir: Path, tmp_path: Path) -> Iterator[Harness]:
     harness.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 # -- the source ---------------------------------------------------------------------------------
 
 
@@ -157,7 +149,7 @@ def test_missing_identity_is_a_clear_error(ca: BuiltinCA, h: Harness) -> None:
 
     # registered in SPIRE later: pushed on the stream, then found
     double.set_identities([CLIENT, OTHER])
-    assert wait_until(lambda: OTHER in src.identities())
+    eventually(lambda: OTHER in src.identities(), 5, f"SPIRE's SVID for {OTHER} at the source")
     assert src.svid_for(OTHER).spiffe_id == spiffe_id(TD, OTHER)
     assert h.store(src, [CLIENT, OTHER]).identities() == {CLIENT, OTHER}
 
@@ -202,7 +194,8 @@ def test_agent_restart_keeps_the_last_svids_and_reconnects(ca: BuiltinCA, h: Har
     assert src.svid_for(CLIENT) == before  # still valid, still served
     double.rotate()  # the restarted agent has new SVIDs
     double.start()
-    assert wait_until(lambda: src.svid_for(CLIENT).serial != before.serial, timeout=8.0)
+    eventually(lambda: src.svid_for(CLIENT).serial != before.serial, 8.0,
+               "the restarted agent's new SVID at the source")
     assert src.svid_for(CLIENT).cert_pem == double.svids()[CLIENT].cert_pem
 
 
@@ -255,7 +248,7 @@ def test_handshake_between_builtin_ca_and_spire_nodes(ca: BuiltinCA, h: Harness)
     result = handshake(spire_store, CLIENT, SERVER, builtin_addr, timeout=5.0)
     assert result.peer.identity == SERVER
     assert result.peer.not_after == builtin_store.svid(SERVER).not_after
-    assert wait_until(lambda: len(builtin_events) == 1)
+    eventually(lambda: len(builtin_events) == 1, 5, "the built-in CA server's handshake event")
     assert builtin_events[0].peer is not None
     assert builtin_events[0].peer.spiffe_id == spire_store.svid(CLIENT).spiffe_id
 
@@ -263,7 +256,7 @@ def test_handshake_between_builtin_ca_and_spire_nodes(ca: BuiltinCA, h: Harness)
     result = handshake(builtin_store, CLIENT, SERVER, spire_addr, timeout=5.0)
     assert result.peer.identity == SERVER
     assert result.peer.not_after == spire_store.svid(SERVER).not_after
-    assert wait_until(lambda: len(spire_events) == 1)
+    eventually(lambda: len(spire_events) == 1, 5, "the SPIRE-fed server's handshake event")
     assert spire_events[0].error is None
 
 
@@ -319,6 +312,6 @@ def test_rotation_pushed_by_spire_is_picked_up(ca: BuiltinCA, h: Harness) -> Non
     events: list[ServerEvent] = []
     address = h.serve(server_store, events)
     assert handshake(store, CLIENT, SERVER, address, timeout=5.0).expires_at == new.not_after
-    assert wait_until(lambda: len(events) == 1)
+    eventually(lambda: len(events) == 1, 5, "the server's handshake event")
     assert events[0].peer is not None and events[0].peer.not_after == new.not_after
     assert new.not_after < old.not_after

@@ -8,7 +8,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from l7gate.client import AdminClient
 from l7gate.observe.flow import Verdict
+from l7gate.testing.wait import eventually
 
 from .loopback import World, loopback_world, request
 
@@ -69,10 +69,13 @@ def observe(world: World, *args: str) -> subprocess.CompletedProcess[str]:
 
 def wait_flows(world: World, n: int, timeout: float = 5.0) -> None:
     """Wait until the agent has published `n` flows in all."""
-    deadline = time.monotonic() + timeout
-    while world.agent.flows.stats().published < n and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert world.agent.flows.stats().published >= n, world.agent.flows.stats()
+
+    def published() -> bool:
+        stats = world.agent.flows.stats()
+        assert stats.published >= n, stats
+        return True
+
+    eventually(published, timeout, f"{n} flows published")
 
 
 def calls(world: World) -> int:
@@ -118,16 +121,20 @@ def test_follow_streams_and_ctrl_c_is_quiet(world: World) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 10
-        while world.agent.flows.stats().followers == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        eventually(lambda: world.agent.flows.stats().followers > 0, 10, "`l7gate observe -f` to follow")
         calls(world)
         assert proc.stdout is not None
-        lines: list[str] = []
-        while len(lines) < 4 and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-            if ready:
-                lines.append(proc.stdout.readline())
+        out = proc.stdout.fileno()
+        received = bytearray()
+
+        def four_lines() -> list[str]:
+            # Straight from the pipe: lines already in a reader's buffer would not wake select.
+            if select.select([out], [], [], 0.2)[0]:
+                received.extend(os.read(out, 65536))
+            lines = received.decode().splitlines()
+            return lines if len(lines) >= 4 else []
+
+        lines = eventually(four_lines, 10, "a header and the three flows from `l7gate observe -f`")
         assert squash(lines[0]) == "TIMESTAMP SOURCE DESTINATION TYPE VERDICT SUMMARY"
         for got, want in zip(lines[1:], ARTICLE):
             assert squash(got).endswith(want)
@@ -139,10 +146,7 @@ def test_follow_streams_and_ctrl_c_is_quiet(world: World) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 5
-    while world.agent.flows.stats().followers and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert world.agent.flows.stats().followers == 0  # the agent noticed the client left
+    eventually(lambda: world.agent.flows.stats().followers == 0, 5, "the agent to notice the client left")
 
 
 def test_metrics_count_flows_drops_and_requests(world: World) -> None:

@@ -39,6 +39,7 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from l7gate.xds.cache import CLUSTER, LISTENER, ROUTE, WILDCARD_NODE, SnapshotCache, version_of
 from l7gate.xds.server import XdsServer
+from l7gate.testing.wait import eventually
 from l7gate.xds.status import StatusRow, SyncState
 
 pytestmark = pytest.mark.integration
@@ -714,14 +715,6 @@ def status_code(conn: http.client.HTTPConnection) -> int:
     resp = conn.getresponse()
     resp.read()
     return resp.status
-
-
-def eventually(fn: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not fn():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def first_status(port: int) -> int:

@@ -12,7 +12,6 @@ own network namespace, each node with its agent, BPF programs and Envoy.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from l7gate.testing.testbed import Pod, Testbed
+from l7gate.testing.wait import eventually
 
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, AgentProc, make_agent, stop_agents
 from .test_mtls_tunnel import TD, flows, with_mtls
@@ -112,10 +112,10 @@ def world() -> Iterator[World]:
         plain = tb.add_pod(nc, "web", "frontend-service-pln", labels=FRONTEND_LABELS)
         other = tb.add_pod(nc, "web", "reporting-job-q7x", labels=OTHER_LABELS)
         server = billing.spawn([sys.executable, "-c", SERVER, billing.ip, str(TUNNELLED), str(PLAIN)])
-        deadline = time.monotonic() + 15
-        while "serving" not in tb.log_path(server).read_text(errors="replace"):
-            assert server.poll() is None and time.monotonic() < deadline, tb.log_path(server).read_text()
-            time.sleep(0.05)
+        log = tb.log_path(server)
+        eventually(lambda: "serving" in log.read_text(errors="replace") or server.poll() is not None, 15,
+                   "the gRPC server in the billing pod to serve")
+        assert server.poll() is None, log.read_text(errors="replace")
         shared = tb.workdir / "shared-ca"
         agents: list[AgentProc] = []
         try:
@@ -143,13 +143,14 @@ def call(pod: Pod, target: Pod, port: int, method: str) -> str:
 
 def until(pod: Pod, target: Pod, port: int, method: str, want: str, timeout: float = 30.0) -> str:
     """The answer once it starts with `want` (the agents configure Envoy and the tunnel a moment
-    after the policy arrives), or the last one."""
-    deadline = time.monotonic() + timeout
-    while True:
+    after the policy arrives); fails with the last answer after `timeout`."""
+
+    def answered() -> str:
         got = call(pod, target, port, method)
-        if got.startswith(want) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.2)
+        assert got.startswith(want), got
+        return got
+
+    return eventually(answered, timeout, f"{method} from {pod.name} to {target.name}:{port} to answer {want}")
 
 
 def test_grpc_through_the_kernel_redirect(world: World) -> None:
@@ -175,12 +176,11 @@ def test_grpc_across_nodes_through_the_mtls_tunnel(world: World) -> None:
     assert refused.split()[0:2] in (["ERR", "UNAVAILABLE"], ["ERR", "DEADLINE_EXCEEDED"]), refused
     # Node a1's flows name the gRPC method and the caller from its certificate.
     def charged() -> list[dict[str, Any]]:
-        return [f for f in flows(world.a) if "/billing.Billing/Charge" in str(f.get("l7", {}))
-                and f.get("verdict") == "FORWARDED"]
-    deadline = time.monotonic() + 10
-    seen = charged()
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.2)
-        seen = charged()
-    assert seen, flows(world.a)[-5:]
+        all_flows = flows(world.a)
+        got = [f for f in all_flows if "/billing.Billing/Charge" in str(f.get("l7", {}))
+               and f.get("verdict") == "FORWARDED"]
+        assert got, all_flows[-5:]
+        return got
+
+    seen = eventually(charged, 10, "node a1's flow of the Charge call")
     assert any(f.get("source", {}).get("pod_name") == "frontend-service-abc" for f in seen), seen[-1]

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from l7gate.client import AdminClient
 from l7gate.testing.testbed import Node, Pod, Testbed
+from l7gate.testing.wait import eventually
 
 pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
 
@@ -52,37 +52,38 @@ class AgentProc:
         return Path(f"/sys/fs/bpf/l7g/{self.node.netns}")
 
     def start(self, tb: Testbed) -> None:
-        self.proc = self.node.spawn([L7GATE, "agent", "--config", str(self.config)], net_only=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                st = self.client.get("/v1/status")
-                if st["envoy"] and st["envoy"]["state"] == "LIVE":
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"agent on {self.node.name} did not start: {tb.log_path(self.proc).read_text()[-3000:]}")
+        self.proc = proc = self.node.spawn([L7GATE, "agent", "--config", str(self.config)], net_only=True)
+
+        def live_or_exited() -> bool:
+            if proc.poll() is not None:
+                return True
+            st = self.client.get("/v1/status")
+            return bool(st["envoy"]) and st["envoy"]["state"] == "LIVE"
+
+        try:
+            eventually(live_or_exited, 30, f"the agent on {self.node.name} to report its Envoy LIVE")
+            assert proc.poll() is None, f"it exited with {proc.returncode}"
+        except AssertionError as exc:
+            raise AssertionError(
+                f"agent on {self.node.name} did not start ({exc}): {tb.log_path(proc).read_text()[-3000:]}"
+            ) from None
 
     def status(self) -> dict[str, Any]:
         st: dict[str, Any] = self.client.get("/v1/status")
         return st
 
     def synced(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def all_synced() -> bool:
             data = self.client.get("/v1/xds/status")
             types = {t["type"]: t for n in data["nodes"] for t in n["types"].values()}
             # RDS is never sent to a node without proxied ports (nothing asks for a route).
-            if {"LDS", "CDS"} <= types.keys() and all(
+            assert {"LDS", "CDS"} <= types.keys() and all(
                 t["state"] == "SYNCED" or (t["state"] == "NOT SENT" and t["resources"] == 0)
                 for t in types.values()
-            ):
-                return
-            time.sleep(0.05)
-        raise AssertionError(json.dumps(data, indent=1))
+            ), json.dumps(data, indent=1)
+            return True
+
+        eventually(all_synced, timeout, f"the agent on {self.node.name} to have its Envoy in sync")
 
 
 def stop_agents(*agents: AgentProc | None) -> None:
@@ -164,14 +165,12 @@ def test_seed_table_through_the_kernel_path(world: World) -> None:
     drops_before = world.a.status()["datapath"]["drops"]
     assert fe.curl(url(bill, 9090, "/v1/charge"), "POST", timeout=2)[0] == 0  # dropped in the kernel
     assert world.other.curl(url(bill, 8080, "/v1/charge"), "POST", timeout=2)[0] == 0
-    deadline = time.monotonic() + 5
-    while world.a.status()["datapath"]["drops"] < drops_before + 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert world.a.status()["datapath"]["drops"] >= drops_before + 2
+    eventually(lambda: world.a.status()["datapath"]["drops"] >= drops_before + 2, 5,
+               "node a1 to count both drops")
     # ... and each drop is a flow, as `l7gate observe` shows it (published after the counter
     # is bumped: poll for it)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def the_drop_is_a_flow() -> bool:
         out = subprocess.run(
             [L7GATE, "observe", "--verdict", "DROPPED", "--type", "l3l4", "--last", "50", "-o", "json",
              "--admin", f"unix:{world.a.workdir}/admin.sock"],
@@ -179,13 +178,12 @@ def test_seed_table_through_the_kernel_path(world: World) -> None:
         ).stdout
         drops = [json.loads(line) for line in out.splitlines() if line.strip()]
         flows = [d.get("flow", d) for d in drops]
-        found = any(f["drop_reason_desc"] == "Policy denied"
-                    and f["destination"].get("pod_name") == "billing-service-xyz"
-                    and f["source"].get("pod_name") == "reporting-job-q7x" for f in flows)
-        if found or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert found, flows
+        assert any(f["drop_reason_desc"] == "Policy denied"
+                   and f["destination"].get("pod_name") == "billing-service-xyz"
+                   and f["source"].get("pod_name") == "reporting-job-q7x" for f in flows), flows
+        return True
+
+    eventually(the_drop_is_a_flow, 10, "the reporting job's drop in `l7gate observe`")
 
 
 def test_status_shows_the_kernel_datapath(world: World) -> None:
@@ -269,17 +267,16 @@ def test_kill_9_agent_keeps_verdicts_and_restart_reconciles(world: World) -> Non
     th = threading.Thread(target=probe)
     th.start()
     try:
-        time.sleep(0.5)
+        # A round is three curls of up to 10, 10 and 1 s.
+        eventually(lambda: len(results) >= 3, 25, "a probe round before the kill")
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait()
         killed_at = len(results)
-        deadline = time.monotonic() + 25  # a round is three curls of up to 10, 10 and 1 s
-        while len(results) <= killed_at + 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(results) > killed_at + 3, "probes must run while the agent is down"
+        eventually(lambda: len(results) > killed_at + 3, 25, "probes to run while the agent is down")
         a.start(world.tb)
         a.synced()
-        time.sleep(0.5)
+        restarted_at = len(results)
+        eventually(lambda: len(results) >= restarted_at + 3, 25, "a probe round after the restart")
     finally:
         stop.set()
         th.join()
@@ -310,13 +307,15 @@ def test_repeated_agent_restarts_never_deny_an_allowed_request(world: World) -> 
         th = threading.Thread(target=probe)
         th.start()
         try:
-            time.sleep(0.3)
+            eventually(lambda: len(codes) >= 5, 20, "five calls before the kill")
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait()
-            time.sleep(0.5)
+            killed_at = len(codes)
+            eventually(lambda: len(codes) >= killed_at + 5, 20, "five calls while the agent is down")
             a.start(world.tb)
-            a.synced()
-            time.sleep(1.0)
+            a.synced()  # the Envoy reconnected to the new agent and took its configuration
+            synced_at = len(codes)
+            eventually(lambda: len(codes) >= synced_at + 20, 20, "twenty calls after the restart")
         finally:
             stop.set()
             th.join()

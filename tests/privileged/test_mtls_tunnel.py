@@ -14,7 +14,7 @@ import subprocess
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from l7gate.testing.testbed import Node, Pod, Testbed
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.identity.spiffe import spiffe_id
 from l7gate.testing.mtls import forge_svid
+from l7gate.testing.wait import eventually
 
 from .test_kernel_datapath import (
     BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, stop_agents, url,
@@ -74,10 +75,9 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
 def serve_echo(pod: Pod, port: int) -> None:
     proc = pod.spawn([sys.executable, "-c", ECHO_SERVER, pod.ip, str(port)])
     log = pod.testbed.log_path(proc)
-    deadline = time.monotonic() + 10
-    while "serving on" not in log.read_text(errors="replace"):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-        time.sleep(0.02)
+    eventually(lambda: "serving on" in log.read_text(errors="replace") or proc.poll() is not None, 10,
+               f"the echo server in {pod.name} to listen")
+    assert proc.poll() is None, log.read_text(errors="replace")
 
 
 def echo(pod: Pod, ip: str, port: int, line: str) -> str:
@@ -207,16 +207,16 @@ def tunnel_of(agent: AgentProc) -> dict[str, Any]:
 
 def wait_ready(w: World, timeout: float = 20.0) -> None:
     """Both ends of the tunnel are configured (the proactive part: no request sent yet)."""
-    deadline = time.monotonic() + timeout
-    ta = tb_ = None
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         ta, tb_ = tunnel_of(w.a), tunnel_of(w.b)
-        if ta["ingress"] and tb_["egress"] and all(e["ready"] for e in tb_["egress"]):
-            w.a.synced()
-            w.b.synced()
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"tunnel not ready: a={json.dumps(ta)} b={json.dumps(tb_)}")
+        assert ta["ingress"] and tb_["egress"] and all(e["ready"] for e in tb_["egress"]), (
+            f"a={json.dumps(ta)} b={json.dumps(tb_)}")
+        return True
+
+    eventually(ready, timeout, "both ends of the tunnel to be configured")
+    w.a.synced()
+    w.b.synced()
 
 
 def flows(agent: AgentProc, *args: str) -> list[dict[str, Any]]:
@@ -226,13 +226,18 @@ def flows(agent: AgentProc, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line).get("flow", json.loads(line)) for line in out.splitlines() if line.strip()]
 
 
-def eventually(fn: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
+def flows_where(agent: AgentProc, match: Callable[[dict[str, Any]], bool], what: str, *args: str,
+                timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The flows of `agent` (`l7gate observe` with `args`) that `match`, once there are any;
+    fails naming `what` and showing the flows seen last."""
+
+    def matching() -> list[dict[str, Any]]:
+        seen = flows(agent, *args)
+        got = [f for f in seen if match(f)]
+        assert got, json.dumps(seen)
+        return got
+
+    return eventually(matching, timeout, what)
 
 
 def test_first_request_through_the_tunnel_succeeds_and_l7_rules_apply(world: World) -> None:
@@ -274,11 +279,9 @@ def test_plaintext_from_a_node_that_does_not_encrypt_is_refused(world: World) ->
     wait_ready(world)
     status, _ = world.plain.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}", timeout=2)
     assert status == 0  # dropped in node A's kernel
-    got = eventually(lambda: [
-        f for f in flows(world.a, "--verdict", "DROPPED")
-        if f.get("drop_reason_desc") == "Plaintext refused"
-        and f["source"].get("pod_name") == "frontend-service-pln"])
-    assert got, flows(world.a, "--verdict", "DROPPED")
+    flows_where(world.a, lambda f: f.get("drop_reason_desc") == "Plaintext refused"
+                and f["source"].get("pod_name") == "frontend-service-pln",
+                "node A's flow of the refused plaintext", "--verdict", "DROPPED")
 
 
 def test_peer_from_another_trust_domain_is_refused_and_flows_name_the_reason(world: World) -> None:
@@ -286,16 +289,14 @@ def test_peer_from_another_trust_domain_is_refused_and_flows_name_the_reason(wor
     status, body = world.rogue.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}", timeout=10)
     assert status == 503, (status, body)  # refused by TLS between the Envoys: nothing was sent
     # The rogue node's Envoy could not verify node A's certificate (another CA): its flow says so.
-    got = eventually(lambda: [f for f in flows(world.d, "--verdict", "DROPPED")
-                              if f.get("drop_reason_desc") == "Authentication failed"
-                              and "mTLS tunnel" in (f.get("Summary") or "")
-                              and f["source"].get("pod_name") == "frontend-service-zzz"])
-    assert got, json.dumps(flows(world.d))
+    flows_where(world.d, lambda f: f.get("drop_reason_desc") == "Authentication failed"
+                and "mTLS tunnel" in (f.get("Summary") or "")
+                and f["source"].get("pod_name") == "frontend-service-zzz",
+                "the rogue node's flow of the failed authentication", "--verdict", "DROPPED")
     # Node A names it too: the rogue asked for billing under its own trust domain's name.
-    got = eventually(lambda: [f for f in flows(world.a, "--verdict", "DROPPED")
-                              if f.get("drop_reason_desc") == "Authentication failed"
-                              and "rogue.example" in (f.get("Summary") or "")])
-    assert got, json.dumps(flows(world.a, "--verdict", "DROPPED"))
+    flows_where(world.a, lambda f: f.get("drop_reason_desc") == "Authentication failed"
+                and "rogue.example" in (f.get("Summary") or ""),
+                "node A's flow naming the rogue trust domain", "--verdict", "DROPPED")
     assert not [f for f in flows(world.a) if f["source"].get("pod_name") == "frontend-service-zzz"
                 and f.get("verdict") == "FORWARDED"]
 
@@ -346,16 +347,15 @@ def test_expired_or_two_uri_san_client_certificates_are_refused_and_flows_say_wh
     assert _tls_client(nb, a_ip, billing_id, dst, ok, wd, "ok").endswith("200 OK")
     assert _tls_client(nb, a_ip, billing_id, dst, expired, wd, "expired").startswith("refused")
     assert " 403 " in _tls_client(nb, a_ip, billing_id, dst, two, wd, "two") + " "
-    dropped = lambda: flows(world.a, "--verdict", "DROPPED")  # noqa: E731
-    got = eventually(lambda: [f for f in dropped() if f.get("drop_reason_desc") == "Authentication failed"
-                              and "certificate expired" in (f.get("Summary") or "")])
-    assert got, json.dumps([f for f in dropped() if f.get("drop_reason_desc") == "Authentication failed"])
+    flows_where(world.a, lambda f: f.get("drop_reason_desc") == "Authentication failed"
+                and "certificate expired" in (f.get("Summary") or ""),
+                "node A's flow of the expired certificate", "--verdict", "DROPPED")
     # Two URI SANs name no identity: the port's default (world's) decision applies.
-    got = eventually(lambda: [f for f in dropped() if f.get("drop_reason_desc") == "Policy denied"
-                              and f.get("destination", {}).get("pod_name") == "billing-service-xyz"
-                              and not f.get("source", {}).get("identity")
-                              and "2 URI SANs" in (f.get("Summary") or "")])
-    assert got, json.dumps([f for f in dropped() if f.get("drop_reason_desc") == "Policy denied"])
+    flows_where(world.a, lambda f: f.get("drop_reason_desc") == "Policy denied"
+                and f.get("destination", {}).get("pod_name") == "billing-service-xyz"
+                and not f.get("source", {}).get("identity")
+                and "2 URI SANs" in (f.get("Summary") or ""),
+                "node A's flow of the two-URI-SAN certificate", "--verdict", "DROPPED")
 
 
 
@@ -364,10 +364,8 @@ def test_auth_removed_then_restored_moves_the_path_out_of_and_back_into_the_tunn
     try:
         for agent in (world.a, world.b, world.c, world.d):
             agent.client.apply_policies(tunnel_policies(auth=False))  # the same rules, no auth
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and (tunnel_of(world.b)["kernel"] or tunnel_of(world.a)["ingress"]):
-            time.sleep(0.1)
-        assert not tunnel_of(world.b)["kernel"] and not tunnel_of(world.a)["ingress"]
+        eventually(lambda: not tunnel_of(world.b)["kernel"] and not tunnel_of(world.a)["ingress"], 15,
+                   "the tunnel to be taken down on both ends")
         world.a.synced()
         # Plain text is fine now, from both kinds of node.
         assert world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")[0] == 200
@@ -406,18 +404,14 @@ def test_tcp_through_the_tunnel_for_an_l4_allow_on_a_non_http_port(world: World)
 
     # The same workload on the node that sends plain text: refused by node A's kernel.
     assert echo(world.plain, billing.ip, LEDGER_PORT, "plain " + MARKER) == ""
-    got = eventually(lambda: [
-        f for f in flows(world.a, "--verdict", "DROPPED")
-        if f.get("drop_reason_desc") == "Plaintext refused"
-        and f["source"].get("pod_name") == "frontend-service-pln"
-        and dport(f) == LEDGER_PORT])
-    assert got, flows(world.a, "--verdict", "DROPPED")
+    flows_where(world.a, lambda f: f.get("drop_reason_desc") == "Plaintext refused"
+                and f["source"].get("pod_name") == "frontend-service-pln"
+                and dport(f) == LEDGER_PORT,
+                "node A's flow of the refused plaintext to the ledger port", "--verdict", "DROPPED")
 
     # Node A's flow of the tunnelled connection: L3/L4, the frontend by its certificate.
-    got = eventually(lambda: [
-        f for f in flows(world.a, "--verdict", "FORWARDED")
-        if "TCP through the mTLS tunnel" in (f.get("Summary") or "")
-        and f["source"].get("pod_name") == "frontend-service-abc"
-        and dport(f) == LEDGER_PORT])
-    assert got, json.dumps(flows(world.a)[-10:])
+    got = flows_where(world.a, lambda f: "TCP through the mTLS tunnel" in (f.get("Summary") or "")
+                      and f["source"].get("pod_name") == "frontend-service-abc"
+                      and dport(f) == LEDGER_PORT,
+                      "node A's flow of the tunnelled ledger connection", "--verdict", "FORWARDED")
     assert got[-1].get("auth_type") == "SPIRE"

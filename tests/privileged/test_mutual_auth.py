@@ -10,7 +10,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from l7gate.testing.testbed import Node, Testbed
+from l7gate.testing.wait import eventually
 
 from .test_kernel_datapath import (
     BILLING_LABELS, FRONTEND_LABELS, L7GATE, AgentProc, make_agent, seed_policies, stop_agents, url,
@@ -80,12 +80,9 @@ def world() -> Iterator[dict[str, Any]]:
 def test_first_request_succeeds_proactive_handshake(world: dict[str, Any]) -> None:
     fe, billing = world["fe"], world["billing"]
     # No request has been sent yet: the handshake must already be done (no dropped first request).
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        entries = world["a"].client.get("/v1/auth")["entries"]
-        if any(e["expires_at"] and e["node"].startswith("10.63.2.") for e in entries):
-            break
-        time.sleep(0.1)
+    eventually(lambda: any(e["expires_at"] and e["node"].startswith("10.63.2.")
+                           for e in world["a"].client.get("/v1/auth")["entries"]), 10,
+               "node a's proactive handshake with the frontend's node")
     status, body = fe.curl(url(billing, 8080, "/v1/charge"), "POST", data="{}")
     assert status == 200, body
     assert fe.curl(url(billing, 8080, "/v1/refund"), "POST")[0] == 403  # L7 rules still apply
@@ -101,28 +98,26 @@ def test_peer_from_another_trust_domain_is_refused_and_the_flow_says_why(world: 
     rogue, billing = world["rogue"], world["billing"]
     assert rogue.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0] == 0  # dropped in the kernel
     # the failed handshake is recorded by the auth manager's thread: poll for it
-    deadline = time.monotonic() + 10
-    while True:
+    def rogue_rows_failed() -> bool:
         entries = world["a"].client.get("/v1/auth")["entries"]
         rogue_rows = [e for e in entries if e["node"].startswith("10.63.3.")]
-        if (rogue_rows and all(e["last_error"] for e in rogue_rows)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert rogue_rows and all(e["last_error"] for e in rogue_rows), entries
+        assert rogue_rows and all(e["last_error"] for e in rogue_rows), entries
+        return True
+
+    eventually(rogue_rows_failed, 10, "node a's failed handshakes with the rogue node")
+
     # the drop's flow is published shortly after the drop: poll for it
-    deadline = time.monotonic() + 10
-    while True:
+    def the_drop_is_a_flow() -> bool:
         out = subprocess.run(
             [L7GATE, "observe", "--verdict", "DROPPED", "--last", "50", "-o", "json",
              "--admin", f"unix:{world['a'].workdir}/admin.sock"], capture_output=True, text=True, check=True).stdout
         flows = [json.loads(line) for line in out.splitlines() if line.strip()]
         flows = [f.get("flow", f) for f in flows]
-        found = any(f["drop_reason_desc"] == "Authentication required"
-                    and f["source"].get("pod_name") == "frontend-service-zzz" for f in flows)
-        if found or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert found, flows
+        assert any(f["drop_reason_desc"] == "Authentication required"
+                   and f["source"].get("pod_name") == "frontend-service-zzz" for f in flows), flows
+        return True
+
+    eventually(the_drop_is_a_flow, 10, "the rogue's drop in `l7gate observe`")
 
 
 def test_keys_are_never_group_or_world_readable(world: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from l7gate.testing.testbed import Testbed
+from l7gate.testing.wait import eventually
 
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, make_agent, stop_agents, url
 from .test_mutual_auth import auth_policies
@@ -53,9 +54,8 @@ def world(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
 
 def test_rotation_under_a_probe_loop_loses_no_request(world: dict[str, Any]) -> None:
     fe, billing = world["fe"], world["billing"]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and fe.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0] != 200:
-        time.sleep(0.2)
+    eventually(lambda: fe.curl(url(billing, 8080, "/v1/charge"), "POST", timeout=2)[0] == 200, 10,
+               "the first call to be allowed")
     expiries: set[float] = set()
     statuses: list[int] = []
     end = time.monotonic() + 2.5 * TTL

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,10 @@ import pytest
 from l7gate.agent.admin import AdminApp, AdminHooks, AdminServer
 from l7gate.client import AdminClient, AdminError
 from l7gate.l7proxy.supervisor import EnvoyState, admin_request
+from l7gate.testing.wait import eventually
 
 from ..integration.loopback import World, loopback_world, request, wait_request
+from ..privileged.test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS
 
 pytestmark = [pytest.mark.privileged("drops privileges to the user nobody for the attacks"),
               pytest.mark.integration]
@@ -275,35 +279,24 @@ def test_drained_listeners_are_detected_and_repaired(unix_world: World) -> None:
     code, _ = admin_request(before.admin_address, "POST", "/drain_listeners")
     assert code == 200
     client = AdminClient(agent.admin.address)
-    seen: list[str] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not seen:
+
+    def refused() -> AdminError | None:
         try:
             client.get("/healthz")
         except AdminError as exc:
-            assert exc.status == 503
-            seen = exc.body["problems"]
-        time.sleep(0.02)
-    assert seen, "/healthz never said the listeners were gone"
+            return exc if exc.status != 503 or exc.body["problems"] else None
+        return None
+
+    caught = eventually(refused, 10, "/healthz to say the listeners were gone")
+    assert caught.status == 503
+    seen = caught.body["problems"]
     assert any("stopped its listeners" in p or "Envoy is" in p for p in seen), seen
     assert wait_request(f"127.{s}.2.55", f"127.{s}.1.10", "POST", "/v1/charge", 200, timeout=20) == 200
     after = envoy.status()
     assert after.pid != before.pid and after.restarts == before.restarts + 1
     assert agent.watch.repairs >= 1
-    assert wait_until(lambda: client.get("/v1/status")["health"]["healthy"], 15)
+    eventually(lambda: client.get("/v1/status")["health"]["healthy"], 15, "the agent to be healthy again")
     denied_refund_stays_denied(s)
-
-
-def wait_until(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return True
-        except (AdminError, OSError):
-            pass
-        time.sleep(0.05)
-    return False
 
 
 # -- 3. descriptor exhaustion --------------------------------------------------------------------
@@ -328,46 +321,112 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_descriptor_exhaustion_leaves_enforcement_and_the_agent_intact(tcp_world: World) -> None:
+def _proc_count(pid: int, what: str) -> int:
+    if what == "fds":
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+@pytest.fixture
+def agent_process(shared: Path, require_envoy: None) -> Iterator[tuple[subprocess.Popen[bytes], AdminClient, Path]]:
+    """An `l7gate agent` process of its own (the issue's attack is on the agent process: its
+    descriptors and threads are counted by /proc), admin API on TCP with its generated token, in
+    loopback mode with the seed's billing pod and policies."""
+    from ..integration.loopback import _Upstream, pod, seed_policies
+
+    d = shared / f"proc-{time.monotonic_ns()}"
+    d.mkdir()
+    d.chmod(0o755)
+    s = SUBNET + 2
+    cfg = d / "agent.yaml"
+    cfg.write_text(json.dumps({
+        "node": "node-a1", "cluster": {"name": "cluster-a", "id": 1}, "clusters": {"cluster-b": 2},
+        "stateDir": str(d / "state"), "admin": {"listen": "127.0.0.1:0"}, "envoy": {"logLevel": "warning"},
+        "xds": {"listen": f"unix:{d}/state/xds.sock"},
+    }))
+    # Port 0 is the kernel's pick: the agent logs the address it bound.
+    proc = subprocess.Popen([L7GATE, "agent", "--config", str(cfg)], stderr=open(d / "agent.log", "wb"))
+    upstream = ThreadingHTTPServer((f"127.{s}.1.10", 18080), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        def admin_address() -> str | None:
+            for line in (d / "agent.log").read_text().splitlines():
+                if "ready: node" in line and ", admin " in line:
+                    return line.split(", admin ")[1].split(",")[0]
+            assert proc.poll() is None, (d / "agent.log").read_text()
+            return None
+
+        address = eventually(admin_address, 30, "the agent process to be ready")
+        token = (d / "state" / "admin.token").read_text().strip()
+        client = AdminClient(address, token, timeout=5)
+        eventually(lambda: client.get("/v1/status")["envoy"]["state"] == "LIVE", 30, "its Envoy to be LIVE")
+        client.apply_endpoints([
+            pod("billing-service-xyz", "payments", f"127.{s}.1.10", BILLING_LABELS, "cluster-a", (8080,)),
+            pod("frontend-service-abc", "web", f"127.{s}.2.55", FRONTEND_LABELS, "cluster-b"),
+        ])
+        client.apply_policies(seed_policies())
+        assert wait_request(f"127.{s}.2.55", f"127.{s}.1.10", "POST", "/v1/charge", 200, timeout=20) == 200
+        yield proc, client, d
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_descriptor_exhaustion_leaves_enforcement_and_the_agent_intact(
+    agent_process: tuple[subprocess.Popen[bytes], AdminClient, Path],
+) -> None:
     """security.md, admin API, bounds: 5,000 idle connections from nobody hold at most
-    admin.maxConnections descriptors and no thread each; the agent answers, Envoy restarts,
-    verdicts hold, and the agent is responsive at once when the attack stops."""
-    agent = tcp_world.agent
-    host, _, port = agent.admin.address.rpartition(":")
-    client = AdminClient(agent.admin.address, token_of(tcp_world), timeout=5)
-    assert client.get("/healthz") == {"status": "ok"}
-    threads0, fds0 = threading.active_count(), _fds()
-    limit = agent.admin.stats()["max_connections"]
+    admin.maxConnections descriptors and no thread each in the agent process; the agent answers,
+    Envoy restarts, verdicts hold, and the agent is responsive at once when the attack stops."""
+    proc, client, _ = agent_process
+    s = SUBNET + 2
+    host, _, port = client.address.rpartition(":")
+    threads0, fds0 = _proc_count(proc.pid, "threads"), _proc_count(proc.pid, "fds")
+    limit = client.get("/v1/status")["admin"]["max_connections"]
     attack = subprocess.Popen([sys.executable, "-I", "-c", HOLD, host, port, "5000"], user=NOBODY, group=NOBODY,
                               extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         assert attack.stdout is not None and attack.stdout.readline().startswith("holding 5000")
-        assert wait_until(lambda: agent.admin.stats()["evicted"] > 0, 20), agent.admin.stats()
+
+        def evicting() -> bool:
+            admin = client.get("/v1/status")["admin"]
+            assert admin["evicted"] > 0, admin
+            return True
+
+        eventually(evicting, 30, "the admin server to evict idle connections")
         # The agent answers an authorized request while the attack holds its connections.
         t0 = time.monotonic()
         status = client.get("/v1/status")
         assert time.monotonic() - t0 < 3
         assert status["admin"]["connections"] <= limit
-        assert threading.active_count() <= threads0 + 12, threading.active_count()
-        assert _fds() <= fds0 + limit + 64, (_fds(), fds0, limit)
+        assert _proc_count(proc.pid, "threads") <= threads0 + 12, (threads0, _proc_count(proc.pid, "threads"))
+        assert _proc_count(proc.pid, "fds") <= fds0 + limit + 64, (fds0, _proc_count(proc.pid, "fds"), limit)
         # Envoy can still be restarted: kill it, and the supervisor brings a new one.
-        envoy = agent.envoy
-        assert envoy is not None
-        old = envoy.status().pid
-        assert old is not None
+        old = status["envoy"]["pid"]
         os.kill(old, 9)  # the Envoy this test's agent started
-        assert wait_until(lambda: (s := envoy.status()).state is EnvoyState.LIVE and s.pid != old, 20)
-        assert wait_request(FRONTEND, BILLING, "POST", "/v1/charge", 200, timeout=15) == 200
-        denied_refund_stays_denied()
+        eventually(lambda: (e := client.get("/v1/status")["envoy"])["state"] == "LIVE" and e["pid"] != old, 30,
+                   "a new Envoy to be LIVE")
+        assert wait_request(f"127.{s}.2.55", f"127.{s}.1.10", "POST", "/v1/charge", 200, timeout=20) == 200
+        assert request(f"127.{s}.2.55", f"127.{s}.1.10", 8080, "POST", "/v1/refund").status == 403
     finally:
         if attack.stdin is not None:
             attack.stdin.close()
         attack.wait(30)
     t0 = time.monotonic()
-    assert client.get("/v1/status")["health"]["healthy"] or wait_until(
-        lambda: client.get("/v1/status")["health"]["healthy"], 15)
+    eventually(lambda: client.get("/v1/status")["health"]["healthy"], 15, "the agent to be healthy once the attack stops")
     assert time.monotonic() - t0 < 15
-    assert wait_until(lambda: agent.admin.stats()["connections"] <= 2, 10)
+    eventually(lambda: client.get("/v1/status")["admin"]["connections"] <= 2, 15,
+               "the attack's connections to be gone")
 
 
 # -- 4. health that tells the truth --------------------------------------------------------------
@@ -383,7 +442,7 @@ def test_health_reflects_what_is_enforced(unix_world: World) -> None:
     agent = unix_world.agent
     address = agent.admin.address
     client = AdminClient(address)
-    assert wait_until(lambda: client.get("/healthz") == {"status": "ok"}, 15)
+    eventually(lambda: client.get("/healthz") == {"status": "ok"}, 15, "/healthz to say ok")
     assert _cli_status(address).returncode == 0
     agent.xds.stop(grace=0)  # Envoy loses its control plane
     with pytest.raises(AdminError) as caught:

@@ -5,7 +5,6 @@ established, its bytes go socket to socket and no longer cross the pod's veth; t
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from tests.conftest import unavailable
 import yaml
 
 from l7gate.testing.testbed import Node, Testbed
+from l7gate.testing.wait import eventually
 from l7gate.redirect_bpf.loader import _detach_cgroup_sockops
 
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, L7GATE, make_agent, seed_policies, stop_agents, url
@@ -49,14 +49,8 @@ def world() -> Iterator[dict[str, Any]]:
             agent.config.write_text(yaml.safe_dump(cfg))
             # the agent (and so its Envoy) runs in the pods' cgroup, as the sockops program needs
             agent.proc = node.spawn([L7GATE, "agent", "--config", str(agent.config)], net_only=True, cgroup=cg)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if (agent.client.get("/v1/status")["envoy"] or {}).get("state") == "LIVE":
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
+            eventually(lambda: (agent.client.get("/v1/status")["envoy"] or {}).get("state") == "LIVE", 30,
+                       "the agent in the pods' cgroup to report its Envoy LIVE")
             # the seed policy, with the client in the billing pod's own namespace allowed
             docs = seed_policies()
             agent.client.apply_endpoints(tb.to_manifests())

@@ -15,6 +15,7 @@ import pytest
 
 from l7gate.agent.admin import AdminApp, AdminHooks, token_weakness
 from l7gate.agent.httpd import BoundedHTTPServer, Limits, Request, Response
+from l7gate.testing.wait import eventually
 
 
 def ok(req: Request) -> Response:
@@ -130,7 +131,7 @@ def test_bad_requests_get_a_clear_status_and_a_closed_connection(server: Any, ra
 def test_a_new_client_evicts_the_oldest_idle_connection(server: Any) -> None:
     s = server(max_connections=4)
     idle = [s.conn() for _ in range(4)]
-    time.sleep(0.2)
+    eventually(lambda: s.srv.stats().connections == 4, 5, "the four idle connections to be admitted")
     fresh = s.conn()
     fresh.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(fresh)[0] == 200
@@ -140,8 +141,10 @@ def test_a_new_client_evicts_the_oldest_idle_connection(server: Any) -> None:
 
 def test_when_every_connection_is_inside_a_request_the_newcomer_is_refused(server: Any) -> None:
     release = threading.Event()
+    inside: list[Request] = []
 
     def slow(req: Request) -> Response:
+        inside.append(req)
         release.wait(10)
         return ok(req)
 
@@ -149,7 +152,7 @@ def test_when_every_connection_is_inside_a_request_the_newcomer_is_refused(serve
     busy = [s.conn() for _ in range(2)]
     for c in busy:
         c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    time.sleep(0.3)
+    eventually(lambda: len(inside) == 2, 5, "both requests to be inside the handler")
     newcomer = s.conn()
     assert closed(newcomer, 2)
     release.set()
@@ -164,8 +167,7 @@ def test_idle_connections_cost_no_thread(server: Any) -> None:
     read_response(c)
     before = threading.active_count()
     idle = [s.conn() for _ in range(500)]
-    time.sleep(0.5)
-    assert s.srv.stats().connections >= 500
+    eventually(lambda: s.srv.stats().connections >= 500, 5, "500 idle connections to be admitted")
     assert threading.active_count() == before
     for i in idle:
         i.close()

@@ -40,8 +40,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-class _SlowAgent(BaseHTTPRequestHandler):
-    """Answers an apply like the agent does, after `delay` seconds."""
+class _SlowApplyEndpoint(BaseHTTPRequestHandler):
+    """The admin API's apply endpoint alone: answers every POST as the agent answers an apply,
+    after `delay` seconds."""
 
     delay = 0.0
 
@@ -67,8 +68,8 @@ class _SlowAgent(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def slow_agent(tmp_path: Path) -> Iterator[tuple[str, type[_SlowAgent]]]:
-    handler = type("Handler", (_SlowAgent,), {})
+def slow_apply(tmp_path: Path) -> Iterator[tuple[str, type[_SlowApplyEndpoint]]]:
+    handler = type("Handler", (_SlowApplyEndpoint,), {})
     path = str(tmp_path / "agent.sock")
     server = socketserver.ThreadingUnixStreamServer(path, handler)
     server.daemon_threads = True
@@ -81,10 +82,10 @@ def slow_agent(tmp_path: Path) -> Iterator[tuple[str, type[_SlowAgent]]]:
 
 
 def test_a_long_apply_says_what_it_sends_that_it_waits_and_what_the_agent_took(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, slow_agent: tuple[str, type[_SlowAgent]],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, slow_apply: tuple[str, type[_SlowApplyEndpoint]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    address, handler = slow_agent
+    address, handler = slow_apply
     handler.delay = 0.5
     monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.1, raising=False)
     rc, out, err = run(capsys, "policy", "apply", "-f", str(policies_file(tmp_path, 150)), "--admin", address)
@@ -98,9 +99,9 @@ def test_a_long_apply_says_what_it_sends_that_it_waits_and_what_the_agent_took(
 
 
 def test_a_short_apply_prints_only_its_result(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, slow_agent: tuple[str, type[_SlowAgent]],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, slow_apply: tuple[str, type[_SlowApplyEndpoint]],
 ) -> None:
-    address, _ = slow_agent
+    address, _ = slow_apply
     rc, out, err = run(capsys, "policy", "apply", "-f", str(policies_file(tmp_path, 3)), "--admin", address)
     assert (rc, out.splitlines(), err) == (0, [f"CiliumNetworkPolicy/web/p{j} created" for j in range(3)], "")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,15 @@ from l7gate.client import AdminClient, AdminError
 from l7gate.observe.api import FlowQuery, stream
 from l7gate.observe.flow import flow_from_json
 from l7gate.observe.ring import FlowRing
+from l7gate.testing.wait import eventually
 
 from .test_observe_data import recorded_flows
 
 
-class Agent:
+class FlowAdmin:
+    """The agent's real admin server with only its flow hooks wired (status, xDS and metrics
+    answer empty), streaming from a ring of recorded flows: what `l7gate observe` talks to."""
+
     def __init__(self, tmp: Path) -> None:
         self.ring = FlowRing(100)
         self.ring.publish(recorded_flows())
@@ -36,15 +39,15 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    a = Agent(tmp_path)
+def admin(tmp_path: Path) -> Iterator[FlowAdmin]:
+    a = FlowAdmin(tmp_path)
     yield a
     a.ring.close()
     a.server.stop()
 
 
-def run(agent: Agent, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str], str]:
-    rc = cli.main(["observe", "--admin", agent.address, *args])
+def run(admin: FlowAdmin, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str], str]:
+    rc = cli.main(["observe", "--admin", admin.address, *args])
     out, err = capsys.readouterr()
     return rc, out.splitlines(), err
 
@@ -53,8 +56,8 @@ def squash(line: str) -> str:
     return " ".join(line.split())
 
 
-def test_text_table_with_the_articles_lines(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, lines, err = run(agent, capsys, "--to-pod", "payments/billing-service-xyz")
+def test_text_table_with_the_articles_lines(admin: FlowAdmin, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, lines, err = run(admin, capsys, "--to-pod", "payments/billing-service-xyz")
     assert rc == 0 and err == ""
     assert squash(lines[0]) == "TIMESTAMP SOURCE DESTINATION TYPE VERDICT SUMMARY"
     body = [squash(x) for x in lines[1:]]
@@ -71,27 +74,27 @@ def test_text_table_with_the_articles_lines(agent: Agent, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonpb"])
-def test_json_formats(agent: Agent, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
-    rc, lines, _ = run(agent, capsys, "-o", fmt, "--verdict", "dropped")
+def test_json_formats(admin: FlowAdmin, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    rc, lines, _ = run(admin, capsys, "-o", fmt, "--verdict", "dropped")
     assert rc == 0
     objs = [json.loads(x) for x in lines]
     flows = [flow_from_json(o["flow"] if fmt == "jsonpb" else o) for o in objs]
     assert flows == [f for f in recorded_flows() if f.verdict.value == "DROPPED"]
 
 
-def test_compact_and_last(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, lines, _ = run(agent, capsys, "-o", "compact", "--last", "2")
+def test_compact_and_last(admin: FlowAdmin, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, lines, _ = run(admin, capsys, "-o", "compact", "--last", "2")
     assert rc == 0 and len(lines) == 2
     assert lines[0].endswith("http-request FORWARDED (POST http://billing-service.payments/v1/charge)")
     assert "http-response ERROR (503 " in lines[1]
 
 
-def test_filters_travel_to_the_agent(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, lines, _ = run(agent, capsys, "-o", "compact", "--from-identity", "world", "--http-method", "POST")
+def test_filters_travel_to_the_agent(admin: FlowAdmin, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, lines, _ = run(admin, capsys, "-o", "compact", "--from-identity", "world", "--http-method", "POST")
     assert rc == 0 and len(lines) == 1 and "(world)" in lines[0]
-    rc, lines, _ = run(agent, capsys, "--http-status", "5+", "--since", "1000d")
+    rc, lines, _ = run(admin, capsys, "--http-status", "5+", "--since", "1000d")
     assert rc == 0 and len(lines) == 2 and "503" in lines[1]
-    rc, lines, _ = run(agent, capsys, "--since", "1m")  # recorded long ago
+    rc, lines, _ = run(admin, capsys, "--since", "1m")  # recorded long ago
     assert rc == 0 and lines == []
 
 
@@ -130,29 +133,26 @@ def test_unknown_flags_exit_2(capsys: pytest.CaptureFixture[str], args: list[str
     assert message in err and "--help`" in err
 
 
-def test_the_agent_refuses_a_bad_query_with_400(agent: Agent) -> None:
-    client = AdminClient(agent.address)
+def test_the_agent_refuses_a_bad_query_with_400(admin: FlowAdmin) -> None:
+    client = AdminClient(admin.address)
     with pytest.raises(AdminError) as exc:
         client.get("/v1/flows?filter=%7B%22verdict%22%3A%5B%22MAYBE%22%5D%7D")
     assert exc.value.status == 400 and "--verdict 'MAYBE'" in str(exc.value)
 
 
 def test_follow_streams_new_flows_and_ends_when_the_agent_stops(
-    agent: Agent, capsys: pytest.CaptureFixture[str]
+    admin: FlowAdmin, capsys: pytest.CaptureFixture[str]
 ) -> None:
     result: dict[str, Any] = {}
 
     def follow() -> None:
-        result["rc"] = cli.main(["observe", "--admin", agent.address, "-f", "-o", "compact", "--last", "1"])
+        result["rc"] = cli.main(["observe", "--admin", admin.address, "-f", "-o", "compact", "--last", "1"])
 
     t = threading.Thread(target=follow)
     t.start()
-    deadline = time.monotonic() + 5
-    while agent.ring.stats().followers == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    agent.ring.publish(recorded_flows()[2:3])
-    time.sleep(0.2)
-    agent.ring.close()
+    eventually(lambda: admin.ring.stats().followers == 1, 5, "`l7gate observe -f` to follow")
+    admin.ring.publish(recorded_flows()[2:3])
+    admin.ring.close()  # what was published before is still sent, then the stream ends
     t.join(5)
     out, err = capsys.readouterr()
     lines = out.splitlines()

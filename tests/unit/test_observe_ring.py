@@ -12,6 +12,7 @@ from l7gate.observe.api import FlowQuery, Lost, decode_line, stream
 from l7gate.observe.filters import FlowFilter
 from l7gate.observe.flow import Flow, Verdict
 from l7gate.observe.ring import FlowRing
+from l7gate.testing.wait import eventually
 
 from .test_observe_data import recorded_flows
 
@@ -57,13 +58,18 @@ def test_subscription_gets_backlog_then_every_new_flow_once() -> None:
     t = threading.Thread(target=publisher)
     t.start()
     seen: list[int] = []
-    deadline = time.monotonic() + 10
-    while len(seen) < batches * 7 and time.monotonic() < deadline:
-        flows, lost = sub.take(0.5)
-        assert lost == 0
+    lost: list[int] = []
+
+    def all_taken() -> bool:
+        flows, n = sub.take(0.5)
+        lost.append(n)
         seen.extend(f.time for f in flows)
+        return len(seen) >= batches * 7
+
+    eventually(all_taken, 10, f"{batches * 7} flows at the follower")
     t.join()
     sub.close()
+    assert sum(lost) == 0
     assert seen == list(range(10, 10 + batches * 7))  # no gap, no duplicate
     assert ring.stats().followers == 0
 

@@ -1,5 +1,6 @@
 """Test infrastructure, named for what it is: the netns testbed (`testbed`), forged SVIDs and a
-fake clock for the mTLS tests (`mtls`), a SPIFFE Workload API double (`workload_api_double`).
+fake clock for the mTLS tests (`mtls`), a SPIFFE Workload API double (`workload_api_double`),
+the manual clock (`clock`) and the one poll loop of the tests (`wait.eventually`).
 
 Tests, benches and the demo scripts import it; no product package does (an import contract in
 pyproject.toml, checked by tests/unit/test_layers.py).
