@@ -21,7 +21,7 @@ from typing import Any
 
 from l7gate.agent.config import AgentConfig, EnvoySettings
 from l7gate.agent.daemon import Agent, start_agent
-from l7gate.xds.publisher import EXTENSION_CONFIG_TYPE
+from l7gate.xds.cache import EXTENSION_CONFIG as EXTENSION_CONFIG_TYPE
 
 OFFSET = 10000  # loopback mode: the pod's server listens on port + OFFSET
 BILLING = {"app": "billing-service", "team": "payments", "env": "prod"}
