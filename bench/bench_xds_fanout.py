@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import http.client
 import json
 import socket
 import subprocess
@@ -42,6 +41,7 @@ from google.protobuf import any_pb2
 from run import Context, Result
 
 from l7gate.l7proxy.bootstrap import ApiType, BootstrapConfig, TcpAddress, write_bootstrap
+from l7gate.l7proxy.supervisor import admin_request
 from l7gate.xds.cache import (
     CLUSTER,
     LISTENER,
@@ -304,7 +304,7 @@ def envoy_push_to_ack(ctx: Context, runs: int) -> tuple[float, str] | None:
                 acked.notify_all()
 
     cache = SnapshotCache()
-    listen, admin = _free_port(), _free_port()
+    listen = _free_port()
     cache.set_snapshot("bench-envoy", _snapshot(listen))
     server = XdsServer(cache, on_ack=on_ack)
     server.start()
@@ -317,7 +317,7 @@ def envoy_push_to_ack(ctx: Context, runs: int) -> tuple[float, str] | None:
             node_id="bench-envoy",
             xds=TcpAddress("127.0.0.1", server.port),
             api_type=ApiType.DELTA_GRPC,
-            admin_port=admin,
+            admin_socket=str(work / "admin.sock"),
         ),
     )
     proc = subprocess.Popen(
@@ -340,7 +340,7 @@ def envoy_push_to_ack(ctx: Context, runs: int) -> tuple[float, str] | None:
                 end = acks[cache_version]
             if revision > 1:  # the first is a warm-up
                 samples.append(end - start)
-        _check_served(admin)
+        _check_served(f"unix:{work / 'admin.sock'}")
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -357,14 +357,10 @@ def envoy_push_to_ack(ctx: Context, runs: int) -> tuple[float, str] | None:
     )
 
 
-def _check_served(admin_port: int) -> None:
+def _check_served(admin: str) -> None:
     # A sanity check that the ACKed routes are really in Envoy, not just acknowledged.
-    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
-    try:
-        conn.request("GET", "/config_dump?resource=dynamic_route_configs")
-        doc = json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    code, body = admin_request(admin, "GET", "/config_dump?resource=dynamic_route_configs")
+    doc = json.loads(body) if code == 200 else {}
     if not doc.get("configs"):
         raise RuntimeError("Envoy's config dump has no dynamic route configs")
 

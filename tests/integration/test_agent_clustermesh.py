@@ -215,3 +215,21 @@ def test_a_restarted_agent_enforces_remote_entries_before_the_mesh_resyncs(world
     r = mesh_status(world.a, "--wait", "--wait-timeout", "45")
     assert r.returncode == 0, r.stdout
     assert status(world, FRONTEND, "POST", "/v1/charge") == 200
+
+
+def test_a_remote_removed_from_the_config_dir_leaves_without_a_restart(world: World) -> None:
+    """clustermesh.configDir is re-read when it changes: cluster-b's file removed → its pods
+    leave cluster-a (the frontend is refused); put back → merged again. No agent restart."""
+    eventually(lambda: status(world, FRONTEND, "POST", "/v1/charge") == 200, 45, "allowed with cluster-b configured")
+    pid = world.a.proc.pid if world.a.proc else None
+    remote_file = world.a.dir / "mesh" / "cluster-b"
+    saved = remote_file.read_text()
+    remote_file.unlink()
+    try:
+        eventually(lambda: status(world, FRONTEND, "POST", "/v1/charge") == 403, 30,
+                   "cluster-b's frontend unknown (world) once cluster-b is no longer a remote")
+        assert json.loads(mesh_status(world.a, "-o", "json").stdout)["remotes"] == []
+    finally:
+        remote_file.write_text(saved)
+    eventually(lambda: status(world, FRONTEND, "POST", "/v1/charge") == 200, 45, "merged again")
+    assert world.a.proc is not None and world.a.proc.pid == pid and world.a.proc.poll() is None
