@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # (A strict xfail still runs and fails when it passes: it hides nothing.)
 SKIPS = re.compile(r"pytest\.skip\(|pytest\.importorskip\(|mark\.skip\b|mark\.skipif\b|unittest\.skip|pytest\.xfail\(")
 
-# Programs started from Python: subprocess.run(["prog", ...]), Popen, check_output, node.run([...]),
-# the testbed's pod.run(["prog"...]) and friends: the first literal of an argv list.
+# Programs started from Python: subprocess.run with a literal argv, Popen, check_output, node.run,
+# the testbed's pod.run and friends: the first string literal of an argv list names the program.
 PY_STARTS = re.compile(
     r"""(?:subprocess\.(?:run|Popen|check_output|check_call|call)|\.run|\.popen|\.spawn|_run|_sh|run_in|exec_in)\(\s*\[\s*["']([A-Za-z0-9_.+-]+)["']""")
 # Programs run by name in the shell scripts: the first word of a command.

@@ -134,7 +134,59 @@ def make_tls(directory: Path) -> TLSFiles:
     return TLSFiles(ca_path, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key)
 
 
-class EtcdServer:
+def single_member_argv(binary: str, name: str, data_dir: Path, client_url: str, peer_url: str,
+                       token: str) -> list[str]:
+    """The command line of a one-member etcd cluster serving `client_url`."""
+    return [
+        binary, "--name", name, "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"{name}={peer_url}",
+        "--initial-cluster-token", token, "--initial-cluster-state", "new",
+        "--logger", "zap", "--log-outputs", "stderr",
+    ]
+
+
+class _EtcdProcess:
+    """What both kinds of test etcd do with their running process: ended only by its PID."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "etcd is not running"
+        return self.proc.pid
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no goodbye on its connections."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        """Stop it by its PID (SIGCONT, SIGTERM, then SIGKILL after 5 s). Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.kill(proc.pid, signal.SIGCONT)  # a frozen process would not act on SIGTERM
+            proc.terminate()
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+
+class EtcdServer(_EtcdProcess):
     """One etcd process (module doc). `endpoint` is what `EtcdKVStore` takes."""
 
     def __init__(self, binary: str, data_dir: Path, *, tls: TLSFiles | None = None,
@@ -154,11 +206,6 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "etcd is not running"
-        return self.proc.pid
-
     def start(self) -> EtcdServer:
         """Start and wait until healthy (a few tries if a picked port was taken meanwhile)."""
         last = ""
@@ -176,15 +223,9 @@ class EtcdServer:
         scheme = "https" if self.tls else "http"
         client_url = f"{scheme}://127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{peer}"
-        argv = [
-            self.binary, "--name", "l7gate-test", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"l7gate-test={peer_url}",
-            "--initial-cluster-token", self.token, "--initial-cluster-state", "new",
-            "--listen-metrics-urls", f"http://127.0.0.1:{metrics}",
-            "--logger", "zap", "--log-outputs", "stderr",
-        ]
+        argv = single_member_argv(self.binary, "l7gate-test", self.data_dir, client_url, peer_url,
+                                  self.token)
+        argv += ["--listen-metrics-urls", f"http://127.0.0.1:{metrics}"]
         if self.tls:
             argv += ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
                      "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
@@ -215,34 +256,6 @@ class EtcdServer:
         except OSError:
             return "(no log)"
 
-    def freeze(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would: no goodbye on its connections."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        """Stop it by its PID (SIGCONT, SIGTERM, then SIGKILL after 5 s). Idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.kill(proc.pid, signal.SIGCONT)  # a frozen process would not act on SIGTERM
-            proc.terminate()
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        except ProcessLookupError:
-            pass
-
     def restart(self) -> None:
         """Start again on the same ports and data (after `kill` or `stop`): the same cluster."""
         self.stop()
@@ -266,7 +279,7 @@ class EtcdServer:
 NODE_CLIENT_PORT = 32379  # inside a testbed node's own network namespace: no clash with a host etcd
 
 
-class NodeEtcd:
+class NodeEtcd(_EtcdProcess):
     """An etcd inside a testbed node's network namespace, listening on the node's address
     (`endpoint`), so that the node's agent and the agents of linked nodes (other clusters)
     reach it as they would a cluster's etcd. Started with `node.spawn`: the testbed ends it at
@@ -286,13 +299,7 @@ class NodeEtcd:
 
     def start(self) -> NodeEtcd:
         client, peer = self.endpoint, f"http://{self.ip}:{NODE_CLIENT_PORT + 1}"
-        argv = [
-            self.binary, "--name", "l7gate-node", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"l7gate-node={peer}", "--initial-cluster-token", self.token,
-            "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr",
-        ]
+        argv = single_member_argv(self.binary, "l7gate-node", self.data_dir, client, peer, self.token)
         spawn = getattr(self.node, "spawn")
         self.proc = spawn(argv, net_only=True)
         tb = getattr(self.node, "testbed")
@@ -307,36 +314,7 @@ class NodeEtcd:
             time.sleep(0.05)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "etcd is not running"
-        return self.proc.pid
-
-    def freeze(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
     def restart(self) -> None:
         """Start again on the same address and data (after `kill`): the same etcd cluster."""
         self.kill()
         self.start()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
