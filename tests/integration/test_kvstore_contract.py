@@ -127,6 +127,15 @@ def test_put_get_delete_and_revisions(backend: Backend) -> None:
     assert store.revision == r2 + 1  # a no-op does not bump the revision
 
 
+def test_put_many_writes_every_key_on_the_lease(store: Any) -> None:
+    lease = store.grant_lease(30)
+    last = store.put_many(((f"many/{i:03}", str(i).encode()) for i in range(300)), lease=lease)
+    assert last == store.revision
+    assert store.list_prefix("many/") == [(f"many/{i:03}", str(i).encode()) for i in range(300)]
+    store.revoke(lease)
+    assert store.list_prefix("many/") == []
+
+
 def test_create_is_put_if_absent(store: Any) -> None:
     assert store.create("k", b"first") is True
     rev = store.revision

@@ -173,6 +173,11 @@ class Flaky:
             raise KVStoreError("etcd unreachable (test)")
         return self.inner.batch()
 
+    def put_many(self, items: Any, lease: int | None = None) -> int:
+        if self.down.is_set():
+            raise KVStoreError("etcd unreachable (test)")
+        return self.inner.put_many(items, lease=lease)
+
 
 def test_canary_only_after_every_initial_upsert_succeeded(store: SQLiteKVStore) -> None:
     flaky = Flaky(store)

@@ -144,6 +144,16 @@ class AgentConfig:
         """The Envoy node id this agent serves."""
         return f"l7gate~{self.cluster_name}~{self.node}"
 
+    @property
+    def allocator_owner(self) -> str:
+        """This node's name in the identity allocator's keys."""
+        return f"{self.cluster_name}.{self.node}"
+
+    @property
+    def admin_token_path(self) -> str:
+        """The admin token file for a TCP admin listener: `admin.tokenFile`, or its default."""
+        return self.admin_token_file or f"{self.state_dir.rstrip('/')}/admin.token"
+
 
 def _check_listen(value: object, path: str, errors: list[Finding]) -> str | None:
     if not isinstance(value, str) or not value:

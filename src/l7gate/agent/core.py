@@ -168,10 +168,9 @@ class AgentCore:
         self._lock = threading.RLock()
         self.resolver = Resolver()
         self.ipcache = IPCache()
-        owner = f"{config.cluster_name}.{config.node}"
         ids = {config.cluster_id, *config.clusters.values()}
         self._allocators: dict[int, Allocator] = {
-            cid: IdentityAllocator(store, cluster_id=cid, owner=owner) for cid in ids}
+            cid: IdentityAllocator(store, cluster_id=cid, owner=config.allocator_owner) for cid in ids}
         if mesh_allocator is not None:
             self._allocators[config.cluster_id] = mesh_allocator
         self._mesh_publisher = mesh_publisher
@@ -507,16 +506,13 @@ class AgentCore:
         cluster = delta.cluster
         with self._lock:
             with self.store.batch():
-                for ident in delta.identities_added:
-                    self.store.put(f"{MESH_PREFIX}{cluster}/identities/{ident.id}",
-                                   _canonical(dict(ident.labels)))
-                for ident in delta.identities_removed:
-                    self.store.delete(f"{MESH_PREFIX}{cluster}/identities/{ident.id}")
-                for ep in delta.endpoints_added:
-                    self.store.put(f"{MESH_PREFIX}{cluster}/endpoints/{ep.prefix.with_prefixlen}",
-                                   _canonical(_endpoint_json(ep)))
-                for ep in delta.endpoints_removed:
-                    self.store.delete(f"{MESH_PREFIX}{cluster}/endpoints/{ep.prefix.with_prefixlen}")
+                added: list[RemoteIdentity | RemoteEndpoint] = [*delta.identities_added, *delta.endpoints_added]
+                removed: list[RemoteIdentity | RemoteEndpoint] = [*delta.identities_removed,
+                                                                  *delta.endpoints_removed]
+                for entry in added:
+                    self.store.put(*_encode_mesh_entry(cluster, entry))
+                for entry in removed:
+                    self.store.delete(_encode_mesh_entry(cluster, entry)[0])
             self._apply_mesh_locked(delta)
             if delta.resync:
                 stale = self._mesh_unconfirmed.pop(cluster, set())
@@ -534,10 +530,11 @@ class AgentCore:
         for ident, labels in added.items():
             self._mesh_identities[ident] = (cluster, labels)
             if unconfirmed is not None:
-                unconfirmed.discard(("identity", str(ident)))
+                unconfirmed.discard((_IDENTITY, str(ident)))
             for ref in self._identity_pods.get(ident, ()):
                 rec = self._pods[ref]
-                if rec.labels != labels and (cluster, rec.pod.ips[0] + "/32") in self._mesh_endpoints:
+                host = ipaddress.ip_network(rec.pod.ips[0]).with_prefixlen
+                if rec.labels != labels and (cluster, host) in self._mesh_endpoints:
                     self._pods[ref] = PodRecord(rec.pod, rec.identity, labels, rec.local)
         for ident in removed:
             self._mesh_identities.pop(ident, None)
@@ -549,7 +546,7 @@ class AgentCore:
             self._remove_mesh_endpoint(cluster, ep.prefix.with_prefixlen)
             self._add_mesh_endpoint(ep)
             if unconfirmed is not None:
-                unconfirmed.discard(("endpoint", ep.prefix.with_prefixlen))
+                unconfirmed.discard((_ENDPOINT, ep.prefix.with_prefixlen))
         if removed:
             self._feed(self.resolver.update_identities({}, deleted=removed))
         self.revision += 1
@@ -595,14 +592,13 @@ class AgentCore:
         with self.store.batch():
             gone_ids = []
             for kind, key in sorted(keys):
-                if kind == "endpoint":
+                if kind == _ENDPOINT:
                     self._remove_mesh_endpoint(cluster, key)
-                    self.store.delete(f"{MESH_PREFIX}{cluster}/endpoints/{key}")
                 else:
                     ident = int(key)
                     if self._mesh_identities.pop(ident, None) is not None:
                         gone_ids.append(ident)
-                    self.store.delete(f"{MESH_PREFIX}{cluster}/identities/{key}")
+                self.store.delete(_mesh_key(cluster, kind, key))
         if gone_ids:
             self._feed(self.resolver.update_identities({}, deleted=gone_ids))
         self.revision += 1
@@ -613,18 +609,18 @@ class AgentCore:
         listing confirms or drops them (`apply_mesh`)."""
         by_cluster: dict[str, tuple[list[RemoteIdentity], list[RemoteEndpoint]]] = {}
         for key, value in self.store.list_prefix(MESH_PREFIX):
-            cluster, kind, name = key[len(MESH_PREFIX):].split("/", 2)
-            ids, eps = by_cluster.setdefault(cluster, ([], []))
-            data = json.loads(value)
-            if kind == "identities":
-                ids.append(RemoteIdentity(cluster, int(name), Labels.of(data)))
-            elif kind == "endpoints":
-                eps.append(RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
-                                          data.get("host_ip"), data.get("namespace"), data.get("pod_name")))
+            entry = _decode_mesh_entry(key, value)
+            if entry is None:
+                continue
+            ids, eps = by_cluster.setdefault(entry.cluster, ([], []))
+            if isinstance(entry, RemoteIdentity):
+                ids.append(entry)
+            else:
+                eps.append(entry)
         for cluster, (ids, eps) in by_cluster.items():
             self._apply_mesh_locked(MeshDelta(cluster, 0, identities_added=tuple(ids), endpoints_added=tuple(eps)))
             self._mesh_unconfirmed[cluster] = (
-                {("identity", str(i.id)) for i in ids} | {("endpoint", e.prefix.with_prefixlen) for e in eps})
+                {(_IDENTITY, str(i.id)) for i in ids} | {(_ENDPOINT, e.prefix.with_prefixlen) for e in eps})
 
     def exclusive(self, fn: Callable[[], T]) -> T:
         """`fn()` between changes (under the core's lock): what must never land inside one."""
@@ -794,8 +790,35 @@ class Allocator(Protocol):
     def release(self, identity: int) -> bool: ...
 
 
-def _endpoint_json(ep: RemoteEndpoint) -> dict[str, Any]:
-    return {"identity": ep.identity, "host_ip": ep.host_ip, "namespace": ep.namespace, "pod_name": ep.pod_name}
+# -- the one encode/decode pair for remote clusters' entries in the store (MESH_PREFIX) -------
+
+_IDENTITY, _ENDPOINT = "identity", "endpoint"
+_MESH_PATHS = {_IDENTITY: "identities", _ENDPOINT: "endpoints"}
+_MESH_KINDS = {path: kind for kind, path in _MESH_PATHS.items()}
+
+
+def _mesh_key(cluster: str, kind: str, name: str) -> str:
+    return f"{MESH_PREFIX}{cluster}/{_MESH_PATHS[kind]}/{name}"
+
+
+def _encode_mesh_entry(cluster: str, entry: RemoteIdentity | RemoteEndpoint) -> tuple[str, bytes]:
+    if isinstance(entry, RemoteIdentity):
+        return _mesh_key(cluster, _IDENTITY, str(entry.id)), _canonical(dict(entry.labels))
+    return (_mesh_key(cluster, _ENDPOINT, entry.prefix.with_prefixlen),
+            _canonical({"identity": entry.identity, "host_ip": entry.host_ip,
+                        "namespace": entry.namespace, "pod_name": entry.pod_name}))
+
+
+def _decode_mesh_entry(key: str, value: bytes) -> RemoteIdentity | RemoteEndpoint | None:
+    cluster, path, name = key[len(MESH_PREFIX):].split("/", 2)
+    data = json.loads(value)
+    kind = _MESH_KINDS.get(path)
+    if kind == _IDENTITY:
+        return RemoteIdentity(cluster, int(name), Labels.of(data))
+    if kind == _ENDPOINT:
+        return RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
+                              data.get("host_ip"), data.get("namespace"), data.get("pod_name"))
+    return None
 
 
 def _auth_without_mtls(policy: Policy) -> list[str]:

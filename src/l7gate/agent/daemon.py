@@ -119,7 +119,7 @@ def start_agent(config: AgentConfig) -> Agent:
     token = None
     if not config.admin_listen.startswith("unix:"):
         try:
-            token = load_token_file(Path(config.admin_token_file or state / "admin.token"), create=True)
+            token = load_token_file(Path(config.admin_token_path), create=True)
         except TokenError as exc:
             raise RuntimeError(str(exc)) from None
     store = SQLiteKVStore(str(state / "kv.db"))
@@ -406,11 +406,10 @@ class LocalMesh:
         store = EtcdKVStore(cm.etcd.endpoints[0], ca_file=cm.etcd.ca_file, cert_file=cm.etcd.cert_file,
                             key_file=cm.etcd.key_file)
         lease = MeshLease(store, ttl=cm.lease_ttl, name=f"{config.cluster_name}/{config.node}")
-        owner = f"{config.cluster_name}.{config.node}"
         allocator = MeshIdentityAllocator(
             store, cluster=config.cluster_name, cluster_id=config.cluster_id, node=config.node, lease=lease,
             # CIDR identities mean something on this node only: they stay in the node's store.
-            local=IdentityAllocator(local_store, cluster_id=config.cluster_id, owner=owner))
+            local=IdentityAllocator(local_store, cluster_id=config.cluster_id, owner=config.allocator_owner))
         publisher = MeshPublisher(store, cluster=config.cluster_name, cluster_id=config.cluster_id,
                                   node=config.node, lease=lease)
         publisher.start()

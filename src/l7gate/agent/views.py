@@ -231,7 +231,7 @@ def clustermesh(agent: Agent) -> dict[str, Any]:
         "ready": st.ready,
         "publishing": None if local is None else {
             "synced": list(local.publisher.synced_paths()), "pending": local.publisher.pending,
-            "endpoints": len(local.publisher.endpoints()),
+            "endpoints": local.publisher.endpoint_count(),
         },
         "config_errors": list(agent.mesh_config_errors),
         "remotes": [dataclasses.asdict(r) for r in st.remotes],

@@ -58,6 +58,8 @@ from l7gate.clustermesh.wire import (
     IDENTITY_VALUE_PREFIX,
     WireError,
     check_cluster_name,
+    check_mesh_cluster_id,
+    check_node_name,
     decode_identity_number,
     decode_label_string,
     encode_identity_number,
@@ -69,24 +71,23 @@ from l7gate.clustermesh.wire import (
     parse_identity_id_key,
     parse_identity_value_key,
 )
-from l7gate.identity.allocator import IdentityAllocator, cidr_labels
+from l7gate.identity.allocator import (MAX_MISSES, IdentityAllocator, NumberCursor, as_labels, cidr_labels,
+                                       is_cidr_labels)
 from l7gate.identity.numeric import (
     RESERVED,
     Identity,
     IdentityError,
     allocation_range,
-    check_cluster_id,
     is_local,
     is_reserved,
     reserved_for_labels,
 )
 from l7gate.kvstore.api import KVStore
-from l7gate.policy.labels import CIDR_SOURCE, CLUSTER_KEY, Labels
+from l7gate.policy.labels import CLUSTER_KEY, Labels
 
 log = logging.getLogger(__name__)
 
 _MAX_ATTEMPTS = 100
-_MAX_MISSES = 8
 
 
 class MeshIdentityAllocator:
@@ -110,12 +111,11 @@ class MeshIdentityAllocator:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.cluster = check_cluster_name(cluster)
-        self.cluster_id = check_cluster_id(cluster_id)
-        if cluster_id == 0:
-            raise IdentityError("a mesh cluster needs a cluster ID 1..255")
-        if not node or "/" in node:
-            raise IdentityError(f"node must be a non-empty name without '/', got {node!r}")
-        self.node = node
+        try:
+            self.cluster_id = check_mesh_cluster_id(cluster_id)
+            self.node = check_node_name(node)
+        except WireError as e:
+            raise IdentityError(str(e)) from None
         self._store = store
         self._lease = lease
         self._local = local
@@ -129,8 +129,7 @@ class MeshIdentityAllocator:
         self._held: dict[int, int] = {}  # number -> references on this node
         self._text: dict[int, str] = {}  # number -> label string
         self._by_text: dict[str, int] = {}
-        self._cursor: int | None = None
-        self._misses = 0
+        self._candidates = NumberCursor(self._range)
         if lease is not None:
             lease.subscribe(self.rewrite)
 
@@ -141,13 +140,13 @@ class MeshIdentityAllocator:
         and one more reference to it from this node. Synchronous: KVStoreError if the store
         cannot be reached (the identity is not held then: call again); IdentityError for
         labels that cannot have a cluster identity."""
-        labels = labels if isinstance(labels, Labels) else Labels.of(labels)
+        labels = as_labels(labels)
         if not labels:
             raise IdentityError("cannot allocate an identity for an empty label set")
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        if any(k.startswith(CIDR_SOURCE + ":") for k in labels):
+        if is_cidr_labels(labels):
             if self._local is None:
                 raise IdentityError(f"CIDR labels {labels} need a node-local allocator")
             return self._local.allocate(labels)
@@ -245,35 +244,13 @@ class MeshIdentityAllocator:
 
     def _claim(self, text: str) -> int:
         data = text.encode()
-        for _ in range(self._range.stop - self._range.start + _MAX_MISSES):
-            number = self._next_candidate()
-            if self._store.create(identity_id_key(number), data):
-                self._misses = 0
+        for _ in range(self._range.stop - self._range.start + MAX_MISSES):
+            number = self._candidates.next(self._numbers)
+            claimed = self._store.create(identity_id_key(number), data)
+            self._candidates.claimed(claimed)
+            if claimed:
                 return number
-            self._misses += 1
         raise IdentityError(f"identity range {self._range.start}..{self._range.stop - 1} is exhausted")
-
-    def _next_candidate(self) -> int:
-        numbers = self._range
-        cursor = self._cursor
-        if cursor is None or cursor >= numbers.stop or self._misses >= _MAX_MISSES:
-            # One listing finds the next free number where probing would fail again and again.
-            self._misses = 0
-            taken = set(self._numbers())
-            if cursor is None:
-                start = max(taken) + 1 if taken else numbers.start  # freed numbers rest a while
-            elif cursor >= numbers.stop:
-                start = numbers.start
-            else:
-                start = cursor
-            free = next((n for n in range(start, numbers.stop) if n not in taken), None)
-            if free is None:
-                free = next((n for n in range(numbers.start, start) if n not in taken), None)
-            if free is None:
-                raise IdentityError(f"identity range {numbers.start}..{numbers.stop - 1} is exhausted")
-            cursor = free
-        self._cursor = cursor + 1
-        return cursor
 
     def _numbers(self) -> list[int]:
         out = []
@@ -395,11 +372,11 @@ class MeshIdentityAllocator:
 
     def lookup_by_labels(self, labels: Labels | Mapping[str, str]) -> Identity | None:
         """The identity some node of the cluster uses for `labels`, without referencing it."""
-        labels = labels if isinstance(labels, Labels) else Labels.of(labels)
+        labels = as_labels(labels)
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        if any(k.startswith(CIDR_SOURCE + ":") for k in labels):
+        if is_cidr_labels(labels):
             return self._local.lookup_by_labels(labels) if self._local is not None else None
         try:
             text = encode_label_string(labels)

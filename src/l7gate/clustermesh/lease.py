@@ -42,7 +42,6 @@ class MeshLease:
         self._subscribers: list[Callable[[int], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.renewals = 0
         self.regrants = 0
 
     @property
@@ -80,7 +79,6 @@ class MeshLease:
                 continue
             try:
                 self._store.keepalive(lease)
-                self.renewals += 1
                 wait = interval
             except KVStoreError as e:
                 if "not found" not in str(e):

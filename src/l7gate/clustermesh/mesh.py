@@ -44,8 +44,8 @@ from l7gate.clustermesh.types import (
     RemoteEndpoint,
     RemoteIdentity,
 )
-from l7gate.clustermesh.wire import NodeRecord, WireError, check_cluster_name
-from l7gate.identity.numeric import CLUSTER_ID_MAX
+from l7gate.clustermesh.wire import NodeRecord, WireError, check_cluster_name, check_mesh_cluster_id
+from l7gate.identity.ipcache import prefix_sort_key
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,9 @@ class ClusterMesh:
     ) -> None:
         try:
             self.cluster = check_cluster_name(cluster)
+            self.cluster_id = check_mesh_cluster_id(cluster_id)
         except WireError as e:
             raise MeshError(f"local cluster: {e}") from None
-        if isinstance(cluster_id, bool) or not isinstance(cluster_id, int) or not 1 <= cluster_id <= CLUSTER_ID_MAX:
-            raise MeshError(f"local cluster ID must be 1..{CLUSTER_ID_MAX}, got {cluster_id!r}")
-        self.cluster_id = cluster_id
         self._on_change = on_change
         self._tuning = tuning or MeshTuning()
         self._factory = store_factory
@@ -225,4 +223,4 @@ def _sorted_identities(items: list[RemoteIdentity]) -> list[RemoteIdentity]:
 
 
 def _sorted_endpoints(items: list[RemoteEndpoint]) -> list[RemoteEndpoint]:
-    return sorted(items, key=lambda e: (e.prefix.version, int(e.prefix.network_address), e.prefix.prefixlen))
+    return sorted(items, key=lambda e: prefix_sort_key(e.prefix))

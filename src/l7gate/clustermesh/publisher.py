@@ -52,6 +52,8 @@ from l7gate.clustermesh.wire import (
     NodeRecord,
     WireError,
     check_cluster_name,
+    check_mesh_cluster_id,
+    check_node_name,
     cluster_config_key,
     decode_cluster_config,
     encode_cluster_config,
@@ -62,8 +64,8 @@ from l7gate.clustermesh.wire import (
     node_key,
     synced_key,
 )
-from l7gate.identity.ipcache import IPNetwork, parse_prefix
-from l7gate.identity.numeric import IdentityError, allocation_range, check_cluster_id, is_reserved
+from l7gate.identity.ipcache import IPNetwork, parse_prefix, prefix_sort_key
+from l7gate.identity.numeric import IdentityError, allocation_range, is_reserved
 from l7gate.kvstore.api import KVStore, KVStoreError
 
 log = logging.getLogger(__name__)
@@ -89,14 +91,10 @@ class MeshPublisher:
     ) -> None:
         try:
             self.cluster = check_cluster_name(cluster)
-            self.cluster_id = check_cluster_id(cluster_id)
-        except (WireError, IdentityError) as e:
+            self.cluster_id = check_mesh_cluster_id(cluster_id)
+            self.node = check_node_name(node)
+        except WireError as e:
             raise MeshError(f"publisher: {e}") from None
-        if cluster_id == 0:
-            raise MeshError("publisher: a mesh cluster needs a cluster ID 1..255")
-        if not node or "/" in node:
-            raise MeshError(f"publisher: node must be a non-empty name without '/', got {node!r}")
-        self.node = node
         self._store = store
         self._own_lease = lease is None
         self.lease = lease if lease is not None else MeshLease(store, lease_ttl, name=f"{cluster}/{node}")
@@ -211,12 +209,17 @@ class MeshPublisher:
             raise MeshError(str(e)) from None
         self._unset(ip_key(net))
 
+    def endpoint_count(self) -> int:
+        """How many prefixes this publisher publishes now."""
+        with self._cond:
+            return sum(1 for k in self._desired if k.startswith(IP_PREFIX))
+
     def endpoints(self) -> tuple[IPNetwork, ...]:
         """The prefixes this publisher publishes now, sorted."""
         with self._cond:
             keys = [k[len(IP_PREFIX):] for k in self._desired if k.startswith(IP_PREFIX)]
         nets = [parse_prefix(k) for k in keys]
-        return tuple(sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+        return tuple(sorted(nets, key=prefix_sort_key))
 
     def synced(self, *paths: str) -> None:
         """Write each path's sync canary (IDENTITIES_PATH, NODES_PATH, IP_PATH; all three if
@@ -326,14 +329,7 @@ class MeshPublisher:
     def _write(self, work: list[tuple[str, bytes | None]]) -> None:
         puts: list[tuple[str, bytes]] = [(k, v) for k, v in work if v is not None]
         if puts:
-            lease = self.lease.id
-            put_many = getattr(self._store, "put_many", None)
-            if put_many is not None:
-                put_many(puts, lease=lease)
-            else:
-                with self._store.batch():
-                    for key, data in puts:
-                        self._store.put(key, data, lease=lease)
+            self._store.put_many(puts, lease=self.lease.id)
         for key, value in work:
             if value is None:
                 self._store.delete(key)
@@ -362,7 +358,5 @@ def _path_of(key: str) -> str | None:
         return IP_PATH
     if key.startswith(NODES_PATH + "/"):
         return NODES_PATH
-    if key.startswith(IDENTITIES_PATH + "/"):
-        return IDENTITIES_PATH
-    return None
+    return None  # the publisher writes no identity keys (the allocator does)
 

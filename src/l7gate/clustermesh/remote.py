@@ -155,10 +155,10 @@ class Changes:
         return len(self.touched)
 
     def split(self) -> dict[str, tuple[list[Any], list[Any]]]:
-        """Per kind: (added or changed, removed), sorted; keys whose value did not change are
-        left out."""
+        """Per kind: (added or changed, removed), unordered (the mesh sorts what it emits); keys
+        whose value did not change are left out."""
         out: dict[str, tuple[list[Any], list[Any]]] = {k: ([], []) for k in (_IDENTITY, _ENDPOINT, _NODE)}
-        for (kind, key), (old, new) in sorted(self.touched.items(), key=lambda i: (i[0][0], str(i[0][1]))):
+        for (kind, key), (old, new) in self.touched.items():
             if new is not None and new != old:
                 out[kind][0].append(new)
             elif new is None and old is not None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from l7gate.identity.ipcache import IPNetwork
+from l7gate.identity.numeric import CLUSTER_ID_MAX
 from l7gate.policy.labels import Labels
 
 BASE = "cilium/"
@@ -75,6 +76,20 @@ def check_cluster_name(name: object) -> str:
             f"cluster name {name!r}: lower-case alphanumerics and '-', starting and ending with "
             "an alphanumeric")
     return name
+
+
+def check_mesh_cluster_id(cluster_id: object) -> int:
+    """A cluster ID that can take part in a mesh: 1..255 (0 means no mesh)."""
+    if isinstance(cluster_id, bool) or not isinstance(cluster_id, int) or not 1 <= cluster_id <= CLUSTER_ID_MAX:
+        raise WireError(f"a mesh cluster needs a cluster ID 1..{CLUSTER_ID_MAX}, got {cluster_id!r}")
+    return cluster_id
+
+
+def check_node_name(node: object) -> str:
+    """A node's name as it appears in keys: non-empty, without '/'."""
+    if not isinstance(node, str) or not node or "/" in node:
+        raise WireError(f"node must be a non-empty name without '/', got {node!r}")
+    return node
 
 
 def _check_segment(value: object, what: str) -> str:

@@ -44,7 +44,7 @@ Thread safety: one allocator may be used from many threads.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from l7gate.identity.ipcache import IPNetwork, parse_prefix
@@ -69,7 +69,7 @@ _CIDR_KEY_PREFIX = CIDR_SOURCE + ":"
 # An allocation that keeps losing races this often is a bug or a pathological store.
 _MAX_ATTEMPTS = 1000
 # Failed claims in a row after which the allocator lists the range instead of probing on.
-_MAX_MISSES = 8
+MAX_MISSES = 8
 
 # -- the one encode/decode pair for labels in the store --------------------------------------
 
@@ -130,11 +130,57 @@ def cidr_labels(prefix: str | IPNetwork) -> Labels:
     return Labels.of({cidr_label(parse_prefix(prefix)): "", reserved("world"): ""})
 
 
-def _is_cidr_labels(labels: Labels) -> bool:
+def is_cidr_labels(labels: Labels) -> bool:
     return any(k.startswith(_CIDR_KEY_PREFIX) for k in labels)
 
 
 # -- the allocator ----------------------------------------------------------------------------
+
+
+class NumberCursor:
+    """Where an allocator tries its next number in `numbers`, shared by every allocator that
+    claims numbers with `create` in a store (this one and the cluster mesh's).
+
+    Probing number by number is cheap while the numbers ahead are free; once they are not
+    (another allocator is ahead of us, or we wrapped into a dense range), one listing of the
+    numbers taken finds the next free one instead of thousands of failed creates. Not
+    thread-safe: the allocator's lock guards it."""
+
+    __slots__ = ("numbers", "cursor", "misses")
+
+    def __init__(self, numbers: range) -> None:
+        self.numbers = numbers
+        self.cursor: int | None = None
+        self.misses = 0  # failed claims in a row
+
+    def next(self, taken: Callable[[], Iterable[int]]) -> int:
+        """The next number to try; `taken` lists the numbers in use, when a listing is due."""
+        numbers = self.numbers
+        if self.cursor is None or self.cursor >= numbers.stop or self.misses >= MAX_MISSES:
+            self.misses = 0
+            used = set(taken())
+            if self.cursor is None:
+                # after the highest in use: freed numbers rest a while
+                start = max(used) + 1 if used else numbers.start
+            elif self.cursor >= numbers.stop:
+                start = numbers.start
+            else:
+                start = self.cursor
+            free = next((n for n in range(start, numbers.stop) if n not in used), None)
+            if free is None:
+                free = next((n for n in range(numbers.start, start) if n not in used), None)
+            if free is None:
+                raise IdentityError(
+                    f"identity range {numbers.start}..{numbers.stop - 1} is exhausted"
+                )
+            self.cursor = free
+        number = self.cursor
+        self.cursor += 1
+        return number
+
+    def claimed(self, ok: bool) -> None:
+        """Report whether the number `next` gave was claimed (a miss counts toward a listing)."""
+        self.misses = 0 if ok else self.misses + 1
 
 
 @dataclass(slots=True)
@@ -144,9 +190,11 @@ class _Space:
     id_prefix: str
     value_prefix: str
     numbers: range
-    cursor: int | None = None
-    misses: int = 0  # failed claims in a row
+    candidates: NumberCursor = field(init=False)
     held: dict[int, int] = field(default_factory=dict)  # number -> reference count
+
+    def __post_init__(self) -> None:
+        self.candidates = NumberCursor(self.numbers)
 
     def id_key(self, number: int) -> str:
         return f"{self.id_prefix}{number}"
@@ -189,13 +237,13 @@ class IdentityAllocator:
         """The identity for `labels`, allocating a number if they have none, and one more
         reference to it. Reserved label sets give their reserved identity (not counted);
         CIDR label sets give a local identity."""
-        labels = _as_labels(labels)
+        labels = as_labels(labels)
         if not labels:
             raise IdentityError("cannot allocate an identity for an empty label set")
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        if _is_cidr_labels(labels):
+        if is_cidr_labels(labels):
             if labels != cidr_labels(_cidr_prefix_of(labels)):
                 raise IdentityError(f"CIDR identity labels must be exactly {_cidr_hint(labels)}")
             space = self._local
@@ -282,43 +330,16 @@ class IdentityAllocator:
             # The index points at a number now owned by other labels: drop the stale entry.
             store.delete(value_key, prev_value=stored)
             return None
-        number = self._next_candidate(space)
-        if not store.create(space.id_key(number), data):
-            space.misses += 1
+        number = space.candidates.next(lambda: self._numbers_in(space))
+        claimed = store.create(space.id_key(number), data)
+        space.candidates.claimed(claimed)
+        if not claimed:
             return None
-        space.misses = 0
         if store.create(value_key, str(number).encode()):
             return number
         # Another allocator published a number for these labels first: give ours back.
         store.delete(space.id_key(number), prev_value=data)
         return None
-
-    def _next_candidate(self, space: _Space) -> int:
-        numbers = space.numbers
-        if space.cursor is None or space.cursor >= numbers.stop or space.misses >= _MAX_MISSES:
-            # Probing number by number is cheap while the numbers ahead are free; once they are
-            # not (another allocator is ahead of us, or we wrapped into a dense range), one
-            # listing finds the next free number instead of thousands of failed creates.
-            space.misses = 0
-            taken = set(self._numbers_in(space))
-            if space.cursor is None:
-                # after the highest in use: freed numbers rest a while
-                start = max(taken) + 1 if taken else numbers.start
-            elif space.cursor >= numbers.stop:
-                start = numbers.start
-            else:
-                start = space.cursor
-            free = next((n for n in range(start, numbers.stop) if n not in taken), None)
-            if free is None:
-                free = next((n for n in range(numbers.start, start) if n not in taken), None)
-            if free is None:
-                raise IdentityError(
-                    f"identity range {numbers.start}..{numbers.stop - 1} is exhausted"
-                )
-            space.cursor = free
-        number = space.cursor
-        space.cursor += 1
-        return number
 
     def _numbers_in(self, space: _Space) -> Iterator[int]:
         for key, _ in self._store.list_prefix(space.id_prefix):
@@ -385,11 +406,11 @@ class IdentityAllocator:
 
     def lookup_by_labels(self, labels: Labels | Mapping[str, str]) -> Identity | None:
         """The identity already allocated for `labels`, without allocating or referencing."""
-        labels = _as_labels(labels)
+        labels = as_labels(labels)
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        space = self._local if _is_cidr_labels(labels) else self._global
+        space = self._local if is_cidr_labels(labels) else self._global
         canonical = encode_labels(labels)
         stored = self._store.get(space.value_key(canonical))
         if stored is None:
@@ -411,7 +432,7 @@ class IdentityAllocator:
         return sorted(result, key=lambda i: i.id)
 
 
-def _as_labels(labels: Labels | Mapping[str, str]) -> Labels:
+def as_labels(labels: Labels | Mapping[str, str]) -> Labels:
     return labels if isinstance(labels, Labels) else Labels.of(labels)
 
 

@@ -208,13 +208,13 @@ class IPCache:
     def prefixes_of(self, identity: int) -> tuple[IPNetwork, ...]:
         """The prefixes mapped to `identity`, sorted (IPv4 first, then by address, length)."""
         with self._lock:
-            return tuple(sorted(self._by_identity.get(identity, ()), key=_sort_key))
+            return tuple(sorted(self._by_identity.get(identity, ()), key=prefix_sort_key))
 
     def snapshot(self) -> tuple[IPCacheEntry, ...]:
         """Every entry, sorted (IPv4 first, then by address, then by length)."""
         with self._lock:
             items = list(self._entries.items())
-        return tuple(IPCacheEntry(n, i) for n, i in sorted(items, key=lambda e: _sort_key(e[0])))
+        return tuple(IPCacheEntry(n, i) for n, i in sorted(items, key=lambda e: prefix_sort_key(e[0])))
 
     def snapshot_with_revision(self) -> tuple[tuple[IPCacheEntry, ...], int]:
         with self._lock:
@@ -241,5 +241,6 @@ class IPCache:
         return unsubscribe
 
 
-def _sort_key(net: IPNetwork) -> tuple[int, int, int]:
+def prefix_sort_key(net: IPNetwork) -> tuple[int, int, int]:
+    """Prefixes in address order: IPv4 first, then by address, then by length."""
     return net.version, int(net.network_address), net.prefixlen

@@ -26,6 +26,7 @@ All operations raise `KVStoreError` (and nothing else) on failure.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 
 import enum
@@ -37,6 +38,41 @@ from typing import Protocol, runtime_checkable
 class KVStoreError(Exception):
     """Any failure of a kvstore operation: I/O, a closed store, an unknown lease, a compacted
     watch revision, an invalid key."""
+
+
+def check_key(key: object) -> str:
+    """`key` if it is a valid key (a non-empty `str` with no NUL, encodable as UTF-8)."""
+    if not isinstance(key, str) or not key:
+        raise KVStoreError(f"key must be a non-empty string, got {key!r}")
+    if "\x00" in key:
+        raise KVStoreError(f"key must not contain NUL: {key!r}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise KVStoreError(f"key is not valid Unicode: {key!r}") from e
+    return key
+
+
+def check_prefix(prefix: object) -> str:
+    """`prefix` if it is "" (every key) or a valid key."""
+    if not isinstance(prefix, str):
+        raise KVStoreError(f"prefix must be a string, got {prefix!r}")
+    return check_key(prefix) if prefix else prefix
+
+
+def check_value(value: object) -> bytes:
+    """`value` as `bytes`, if it is bytes-like."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise KVStoreError(f"value must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def check_int64(value: object, what: str) -> int:
+    """A lease id or revision: both backends store them as int64 (SQLite INTEGER, etcd int64),
+    so a larger int must fail here as KVStoreError rather than later as OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
+        raise KVStoreError(f"{what} must be an int64, got {value!r}")
+    return value
 
 
 class EventType(enum.Enum):
@@ -101,6 +137,12 @@ class KVStore(Protocol):
         """Set `key`; returns the revision of the change (etcd, inside a batch: 0, as the
         revision is known only at the commit). Attaching a lease replaces the key's previous
         lease (as in etcd); `lease=None` detaches it."""
+        ...
+
+    def put_many(self, items: Iterable[tuple[str, bytes]], lease: int | None = None) -> int:
+        """Put many keys, all on `lease`, in order; returns the revision of the last. Not
+        necessarily atomic (etcd: one transaction per --max-txn-ops keys, and never inside a
+        batch): for bulk writes whose completeness is signalled otherwise."""
         ...
 
     def create(self, key: str, value: bytes, lease: int | None = None) -> bool:

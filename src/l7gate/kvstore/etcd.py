@@ -89,8 +89,8 @@ from typing import Any
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
-from l7gate.kvstore.api import Event, EventType, KVStoreError
-from l7gate.kvstore.sqlite import _check_key, _check_prefix, _check_value
+from l7gate.kvstore.api import (Event, EventType, KVStoreError, check_int64, check_key, check_prefix,
+                                check_value)
 
 # etcd's own default --max-txn-ops.
 DEFAULT_MAX_TXN_OPS = 128
@@ -113,13 +113,11 @@ def _int64(value: object, what: str, *, optional: bool = False) -> int:
     """A lease id or revision as etcd's int64 (None → 0 when `optional`); KVStoreError otherwise."""
     if value is None and optional:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
-        raise KVStoreError(f"{what} must be an int64, got {value!r}")
-    return value
+    return check_int64(value, what)
 
 
 def _key_bytes(key: str) -> bytes:
-    return _check_key(key).encode("utf-8")
+    return check_key(key).encode("utf-8")
 
 
 def _key_str(raw: bytes) -> str:
@@ -250,10 +248,6 @@ class EtcdKVStore:
         """etcd's cluster ID as first seen by this store (None before any answer)."""
         return self._cluster_id
 
-    @property
-    def max_txn_ops(self) -> int:
-        return self._max_txn_ops
-
     def _check_open(self) -> None:
         if self._closed:
             raise KVStoreError(f"etcd {self.endpoint}: kvstore is closed")
@@ -376,7 +370,7 @@ class EtcdKVStore:
         return self.list_prefix_with_revision(prefix)[0]
 
     def list_prefix_with_revision(self, prefix: str) -> tuple[list[tuple[str, bytes]], int]:
-        start, end = _range_of(_check_prefix(prefix))
+        start, end = _range_of(check_prefix(prefix))
         batch = self._batch()
         if batch is None:
             return self._range_all(start, end)
@@ -417,7 +411,7 @@ class EtcdKVStore:
 
     def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         """Set `key`; its revision (0 inside a batch: known only when the batch commits)."""
-        raw, data, lease_id = _key_bytes(key), _check_value(value), _int64(lease, "lease", optional=True)
+        raw, data, lease_id = _key_bytes(key), check_value(value), _int64(lease, "lease", optional=True)
         batch = self._batch()
         if batch is not None:
             self._batch_write(batch, raw, (data, lease_id))
@@ -427,7 +421,7 @@ class EtcdKVStore:
         return int(resp.header.revision)
 
     def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
-        raw, data, lease_id = _key_bytes(key), _check_value(value), _int64(lease, "lease", optional=True)
+        raw, data, lease_id = _key_bytes(key), check_value(value), _int64(lease, "lease", optional=True)
         batch = self._batch()
         if batch is not None:
             if self._batch_read(batch, raw) is not None:
@@ -443,7 +437,7 @@ class EtcdKVStore:
 
     def delete(self, key: str, *, prev_value: bytes | None = None) -> bool:
         raw = _key_bytes(key)
-        expected = None if prev_value is None else _check_value(prev_value)
+        expected = None if prev_value is None else check_value(prev_value)
         batch = self._batch()
         if batch is not None:
             current = self._batch_read(batch, raw)
@@ -542,7 +536,7 @@ class EtcdKVStore:
 
         seen: set[bytes] = set()
         for key, value in items:
-            raw, data = _key_bytes(key), _check_value(value)
+            raw, data = _key_bytes(key), check_value(value)
             if raw in seen:  # etcd refuses a txn that writes one key twice
                 flush()
                 seen.clear()
@@ -600,7 +594,7 @@ class EtcdKVStore:
         """Events under `prefix`; from `start_revision` (replayed, then live) or from now.
         Returns once etcd has created the watch. KVStoreError if it cannot, or if
         `start_revision` is compacted (naming etcd's compact revision)."""
-        start, end = _range_of(_check_prefix(prefix))
+        start, end = _range_of(check_prefix(prefix))
         self._check_open()
         if start_revision is not None:
             start_revision = max(_int64(start_revision, "start_revision"), 1)  # etcd's 0 means "now"

@@ -10,7 +10,7 @@ Four tables live in the file:
   (another thread's instance or another process) on the same file.
 - `leases(id, ttl, expires_at)`: live leases; `expires_at` is in the injected clock's time base.
 - `meta(name, value)`: `revision` (latest change) and `compacted` (highest revision dropped from
-  the history).
+  the history); `meta_text(name, value)`: the file store's `store_id`.
 
 Every write runs in one `BEGIN IMMEDIATE` transaction that first expires due leases, then bumps
 `revision`, changes `kv` and appends to `events`. Because SQLite serialises writers on the file,
@@ -30,7 +30,7 @@ behind the trimmed point fails with KVStoreError (etcd's "compacted" error), and
 asked to start there.
 
 A store that existed is never silently replaced by an empty one: a file store has a random
-`store_id` in `meta`, also written beside it in `<path>.id`. Opening refuses (KVStoreError) a file
+`store_id` in `meta_text`, also written beside it in `<path>.id`. Opening refuses (KVStoreError) a file
 that exists with 0 bytes (truncated), a missing file whose `.id` remains (deleted), and a file
 whose id differs from the `.id` (another store put in its place). Only a path with neither file
 is a first start (`created` is then True). A garbage or cut-short file is refused by SQLite.
@@ -47,17 +47,18 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
 from l7gate.clock import Clock
-from l7gate.kvstore.api import Event, EventType, KVStoreError
+from l7gate.kvstore.api import Event, EventType, KVStoreError, check_int64, check_key, check_prefix, check_value
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0), ('compacted', 0);
+CREATE TABLE IF NOT EXISTS meta_text (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,
@@ -100,37 +101,6 @@ def _refuse_lost_store(path: str, marker: str) -> None:
     if size is None and os.path.exists(marker):
         raise KVStoreError(f"{path} is missing, but {marker} says a store was here: refusing to start with "
                            f"nothing in force: {fix}")
-
-
-def _check_key(key: object) -> str:
-    if not isinstance(key, str) or not key:
-        raise KVStoreError(f"key must be a non-empty string, got {key!r}")
-    if "\x00" in key:
-        raise KVStoreError(f"key must not contain NUL: {key!r}")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise KVStoreError(f"key is not valid Unicode: {key!r}") from e
-    return key
-
-
-def _check_lease_id(lease: object) -> int:
-    # SQLite INTEGER is int64: a larger id would escape as OverflowError, not KVStoreError.
-    if isinstance(lease, bool) or not isinstance(lease, int) or not -2**63 <= lease < 2**63:
-        raise KVStoreError(f"lease must be an int64 lease id, got {lease!r}")
-    return lease
-
-
-def _check_prefix(prefix: object) -> str:
-    if not isinstance(prefix, str):
-        raise KVStoreError(f"prefix must be a string, got {prefix!r}")
-    return _check_key(prefix) if prefix else prefix
-
-
-def _check_value(value: object) -> bytes:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise KVStoreError(f"value must be bytes, got {type(value).__name__}")
-    return bytes(value)
 
 
 def prefix_end(prefix: str) -> str | None:
@@ -218,10 +188,9 @@ class SQLiteKVStore:
             raise
 
     def _check_identity(self, path: str, marker: str) -> None:
-        """The store's id in `meta` against `<path>.id` (module doc); a store without either gets
+        """The store's id in `meta_text` against `<path>.id` (module doc); a store without either gets
         one now (a first start, or a store made before ids existed)."""
-        row = self._db.execute("SELECT value FROM meta_text WHERE name = 'store_id'").fetchone() \
-            if self._has_table("meta_text") else None
+        row = self._db.execute("SELECT value FROM meta_text WHERE name = 'store_id'").fetchone()
         try:
             with open(marker, encoding="ascii") as fh:
                 recorded: str | None = fh.read().strip()
@@ -233,9 +202,8 @@ class SQLiteKVStore:
                 "another store was put in its place; restore the right file, or remove both to start afresh")
         if row is None:
             store_id = recorded or secrets.token_hex(16)
-            self._db.executescript(
-                "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS meta_text (name TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                f"INSERT OR REPLACE INTO meta_text (name, value) VALUES ('store_id', '{store_id}'); COMMIT;")
+            self._db.execute("INSERT OR REPLACE INTO meta_text (name, value) VALUES ('store_id', ?)",
+                             (store_id,))
         else:
             store_id = str(row[0])
         if recorded is None:
@@ -245,10 +213,6 @@ class SQLiteKVStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, marker)
-
-    def _has_table(self, name: str) -> bool:
-        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                (name,)).fetchone() is not None
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -400,20 +364,20 @@ class SQLiteKVStore:
     def _check_lease(self, db: sqlite3.Connection, lease: int | None) -> None:
         if lease is None:
             return
-        _check_lease_id(lease)
+        check_int64(lease, "lease")
         if db.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
             raise KVStoreError(f"lease {lease} not found (expired or revoked)")
 
     # -- KVStore --------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        key = _check_key(key)
+        key = check_key(key)
         with self._read() as db:
             row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def put(self, key: str, value: bytes, lease: int | None = None) -> int:
-        key, value = _check_key(key), _check_value(value)
+        key, value = check_key(key), check_value(value)
         with self._write() as db:
             self._check_lease(db, lease)
             rev = self._record(db, EventType.PUT, key, value)
@@ -426,8 +390,17 @@ class SQLiteKVStore:
             )
         return rev
 
+    def put_many(self, items: Iterable[tuple[str, bytes]], lease: int | None = None) -> int:
+        """Put many keys in one transaction (SQLite has no size limit on one, so this is
+        atomic here; etcd's is not). Returns the revision of the last."""
+        rev = 0
+        with self.batch():
+            for key, value in items:
+                rev = self.put(key, value, lease=lease)
+        return rev
+
     def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
-        key, value = _check_key(key), _check_value(value)
+        key, value = check_key(key), check_value(value)
         with self._write() as db:
             self._check_lease(db, lease)
             if db.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None:
@@ -441,9 +414,9 @@ class SQLiteKVStore:
         return True
 
     def delete(self, key: str, *, prev_value: bytes | None = None) -> bool:
-        key = _check_key(key)
+        key = check_key(key)
         if prev_value is not None:
-            prev_value = _check_value(prev_value)
+            prev_value = check_value(prev_value)
         with self._write() as db:
             return self._delete_locked(db, key, prev_value)
 
@@ -451,7 +424,7 @@ class SQLiteKVStore:
         return self.list_prefix_with_revision(prefix)[0]
 
     def list_prefix_with_revision(self, prefix: str) -> tuple[list[tuple[str, bytes]], int]:
-        prefix = _check_prefix(prefix)
+        prefix = check_prefix(prefix)
         where, args = _range_clause(prefix)
         with self._read() as db:
             rev = int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
@@ -465,15 +438,12 @@ class SQLiteKVStore:
             return int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
 
     def watch_prefix(self, prefix: str, start_revision: int | None = None) -> SQLiteWatch:
-        prefix = _check_prefix(prefix)
+        prefix = check_prefix(prefix)
         with self._read() as db:
             rev, compacted = self._revisions(db)
         if start_revision is None:
             start_revision = rev + 1
-        elif isinstance(start_revision, bool) or not isinstance(start_revision, int) \
-                or not -2**63 <= start_revision < 2**63:  # SQLite INTEGER is int64
-            raise KVStoreError(f"start_revision must be an int64, got {start_revision!r}")
-        elif start_revision <= compacted:
+        elif check_int64(start_revision, "start_revision") <= compacted:
             raise KVStoreError(
                 f"watch from revision {start_revision}: history compacted up to {compacted}"
             )
@@ -491,7 +461,7 @@ class SQLiteKVStore:
             return int(cur.lastrowid)
 
     def keepalive(self, lease: int) -> float:
-        _check_lease_id(lease)
+        check_int64(lease, "lease")
         with self._write() as db:
             row = db.execute(
                 "UPDATE leases SET expires_at = ? + ttl WHERE id = ? RETURNING ttl",
