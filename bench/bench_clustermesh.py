@@ -39,7 +39,7 @@ from l7gate.clustermesh import wire
 from l7gate.clustermesh.wire import NodeAddress, NodeRecord
 from l7gate.identity import identity_labels
 from l7gate.kvstore import EtcdKVStore, SQLiteKVStore
-from run import ROOT, Context, Result, fmt
+from run import Context, Result, fmt
 
 CLUSTER, CLUSTER_ID, NODE = "c2", 2, "n1"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from l7gate.kvstore import EtcdKVStore, KVStore, SQLiteKVStore
-from run import ROOT, Context, Result, fmt
+from run import Context, Result, fmt
 
 
 def _etcd_helper() -> Any:

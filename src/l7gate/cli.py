@@ -611,14 +611,7 @@ def _cmd_xds_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_TYPE_ALIASES = {
-    "lds": envoy_names.LISTENER,
-    "rds": envoy_names.ROUTE,
-    "cds": envoy_names.CLUSTER,
-    "eds": envoy_names.ENDPOINT,
-    "sds": envoy_names.SECRET,
-    "ecds": envoy_names.EXTENSION_CONFIG,
-}
+_TYPE_ALIASES = {short.lower(): url for url, short in envoy_names.SHORT_NAMES.items()}
 
 
 def _cmd_xds_dump(args: argparse.Namespace) -> int:
@@ -677,13 +670,12 @@ def _cmd_auth_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_clustermesh_status(args: argparse.Namespace) -> int:
-    import time as _time
 
     client = _client(args)
-    deadline = _time.monotonic() + args.wait_timeout
+    deadline = time.monotonic() + args.wait_timeout
     data = client.get("/v1/clustermesh")
-    while args.wait and data.get("enabled") and not data.get("ready") and _time.monotonic() < deadline:
-        _time.sleep(0.5)
+    while args.wait and data.get("enabled") and not data.get("ready") and time.monotonic() < deadline:
+        time.sleep(0.5)
         data = client.get("/v1/clustermesh")
     if args.output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
@@ -702,7 +694,7 @@ def _cmd_clustermesh_status(args: argparse.Namespace) -> int:
               f"({pub['pending']} pending; synced: {', '.join(pub['synced']) or 'not yet'})")
     for err in data.get("config_errors", []):
         print(f"   configuration: {err}")
-    now = _time.time()
+    now = time.time()
     rows = [
         [r["name"], "yes" if r["ready"] else "no", "yes" if r["configured"] else "no",
          "yes" if r["connected"] else "no", str(r["cluster_id"] or "-"), str(r["nodes"]), str(r["endpoints"]),

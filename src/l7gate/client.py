@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from typing import Any
 from urllib.parse import quote
+
+from l7gate.localhttp import http_connection
 
 
 class AdminError(Exception):
@@ -20,18 +21,6 @@ class AdminError(Exception):
         else:
             text = str(body)
         super().__init__(text)
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
 
 
 def check_address(address: str) -> str | None:
@@ -63,10 +52,7 @@ class AdminClient:
         self.timeout = timeout
 
     def _conn(self) -> http.client.HTTPConnection:
-        if self.address.startswith("unix:"):
-            return _UnixConnection(self.address[5:], self.timeout)
-        host, _, port = self.address.rpartition(":")
-        return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+        return http_connection(self.address, self.timeout)
 
     def open_stream(self, path: str) -> Any:
         """GET `path` and return the response, its body still to read line by line."""

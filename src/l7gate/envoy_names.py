@@ -1,9 +1,12 @@
-"""Names l7gate and its Envoys agree on, defined once: the xDS resource type URLs, and the
+"""Names l7gate and its Envoys agree on, defined once: the xDS resource type URLs and names, and the
 request headers the tunnel sets between Envoys (which the flows read back). Below every package
 that speaks to Envoy (`xds` builds with them, `observe` reads access logs with them, the CLI
 names types with them)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 TYPE_PREFIX = "type.googleapis.com/"
 LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
@@ -12,6 +15,19 @@ CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 EXTENSION_CONFIG = TYPE_PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
+#: The xDS service names Envoy's docs and logs use for each type (the CLI takes them too).
+SHORT_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        LISTENER: "LDS",
+        ROUTE: "RDS",
+        CLUSTER: "CDS",
+        ENDPOINT: "EDS",
+        SECRET: "SDS",
+        EXTENSION_CONFIG: "ECDS",
+    }
+)
+#: The name under which a cluster's upstream HTTP options go (typed_extension_protocol_options).
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 #: Where the tunnel's destination Envoy delivers a request (a local pod's ip:port): set by the
 #: source node's Envoy, read by the destination's ORIGINAL_DST cluster, its RBAC and the flows.

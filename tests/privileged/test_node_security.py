@@ -29,7 +29,7 @@ import pytest
 
 from l7gate.agent.admin import AdminApp, AdminHooks, AdminServer
 from l7gate.client import AdminClient, AdminError
-from l7gate.l7proxy.supervisor import EnvoyState, admin_request
+from l7gate.l7proxy.supervisor import admin_request
 from l7gate.testing.wait import eventually
 
 from ..integration.loopback import World, loopback_world, request, wait_request

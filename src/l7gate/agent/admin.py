@@ -42,6 +42,7 @@ import secrets
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,7 @@ class AdminApp:
             return _json(422, {"errors": exc.errors})
         except Exception as exc:  # noqa: BLE001 - the admin API must answer, whatever broke
             return _json(500, {"error": f"{type(exc).__name__}: {exc}"})
-        if isinstance(result, Iterator):
-            return Response(code, result, ctype)
-        if isinstance(result, bytes):
+        if isinstance(result, (Iterator, bytes)):
             return Response(code, result, ctype)
         return _json(code, result, ctype)
 
@@ -308,7 +307,4 @@ class AdminServer:
         self._server.stop()
 
     def stats(self) -> dict[str, int]:
-        st = self._server.stats()
-        return {"connections": st.connections, "max_connections": st.max_connections,
-                "evicted": st.evicted, "refused": st.refused, "timed_out": st.timed_out,
-                "streams": st.streams}
+        return dataclasses.asdict(self._server.stats())

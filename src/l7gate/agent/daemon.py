@@ -266,7 +266,6 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, Iptables
         except DatapathError as exc:
             acceleration = f"off: {exc}"
         log(f"socket acceleration {acceleration}")
-    # The applier learns the resolver's policy lookup when the core takes it.
     return dp, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced,
                            "socket_acceleration": acceleration}
 

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..clock import Clock
 from ..l7proxy.supervisor import EnvoyAdminError, EnvoyState, EnvoySupervisor
 from ..xds.cache import LISTENER
 from ..xds.server import StatusRow, SyncState
@@ -43,7 +44,7 @@ class EnforcementWatch:
     def __init__(self, envoy: EnvoySupervisor | None, xds_rows: Callable[[], list[StatusRow]],
                  served_listeners: Callable[[], frozenset[str]], node_id: str, *,
                  period: float = 1.0, stale_after: float = 10.0, repair_every: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock = time.monotonic) -> None:
         self._envoy = envoy
         self._rows = xds_rows
         self._served = served_listeners

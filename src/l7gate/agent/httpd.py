@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from l7gate.localhttp import host_port
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -209,13 +211,12 @@ class BoundedHTTPServer:
 
     def _bind(self) -> socket.socket:
         if not self.listen.startswith("unix:"):
-            host, _, port = self.listen.rpartition(":")
-            host = host.strip("[]")
+            host, port = host_port(self.listen)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host, int(port)))
+                sock.bind((host, port))
                 sock.listen(self.limits.backlog)
             except OSError:
                 sock.close()

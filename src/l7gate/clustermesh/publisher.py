@@ -42,7 +42,6 @@ from l7gate.clock import Clock
 from l7gate.clustermesh.lease import MeshLease
 from l7gate.clustermesh.types import MeshError
 from l7gate.clustermesh.wire import (
-    IDENTITIES_PATH,
     IP_PATH,
     IP_PREFIX,
     NODES_PATH,

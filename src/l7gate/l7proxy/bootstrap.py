@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from l7gate.envoy_names import HTTP_PROTOCOL_OPTIONS, TYPE_PREFIX
+
 #: Name of the static cluster that carries the ADS stream.
 XDS_CLUSTER = "l7gate_xds"
 #: Name of the static cluster for gRPC access-log streaming to the agent (same server as xDS).
@@ -57,7 +59,6 @@ ADMIN_SOCKET = "admin.sock"
 #: The admin socket's mode: the agent's user only.
 ADMIN_SOCKET_MODE = 0o600
 
-_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_UNIX_PATH = 107
 
@@ -189,8 +190,8 @@ def _grpc_cluster(name: str, cfg: BootstrapConfig) -> dict[str, Any]:
         "connect_timeout": duration(cfg.connect_timeout),
         # gRPC needs HTTP/2 to the upstream; Envoy's default upstream protocol is HTTP/1.1.
         "typed_extension_protocol_options": {
-            _HTTP_PROTOCOL_OPTIONS: {
-                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+            HTTP_PROTOCOL_OPTIONS: {
+                "@type": TYPE_PREFIX + HTTP_PROTOCOL_OPTIONS,
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },

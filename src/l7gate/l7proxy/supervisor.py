@@ -93,17 +93,17 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, get_args
 
 from l7gate.clock import Clock
+from l7gate.localhttp import http_connection
 from l7gate.l7proxy.bootstrap import BootstrapConfig, build_bootstrap, write_bootstrap
 
 
@@ -881,33 +881,12 @@ def _run_exited(run: _Run, timeout: float) -> bool:
     return _wait_exited(run.pid, timeout)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def admin_request(address: str, method: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """(status, body) of one request to an Envoy admin API at `unix:/path` (or HOST:PORT, for
     Envoys that tests start themselves); raises one of _ADMIN_FAILURES when there is no answer."""
     if not path.startswith("/"):
         path = "/" + path
-    conn: http.client.HTTPConnection
-    if address.startswith("unix:"):
-        conn = _UnixHTTPConnection(address[5:], timeout)
-    else:
-        host, _, port = address.rpartition(":")
-        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    conn = http_connection(address, timeout)
     try:
         conn.request(method, path)
         resp = conn.getresponse()

@@ -14,17 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from ..clock import Clock
 from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
-
-"""Wall-clock seconds since the epoch; `time.time` unless a test injects another."""
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 

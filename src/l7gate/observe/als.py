@@ -150,9 +150,9 @@ class AccessLogReceiver:
     def handle(self, msg: Any) -> None:
         try:
             if msg.WhichOneof("log_entries") == "tcp_logs":
-                self._handle_tcp(msg.tcp_logs.log_entry)
-                return
-            entries = msg.http_logs.log_entry
+                entries, sink, kind = msg.tcp_logs.log_entry, self._tcp_batch_sink, "TCP access log"
+            else:
+                entries, sink, kind = msg.http_logs.log_entry, self._batch_sink, "access log"
         except (AttributeError, ValueError):
             with self._lock:
                 self.malformed += 1
@@ -160,26 +160,11 @@ class AccessLogReceiver:
         with self._lock:
             self.messages += 1
             self.entries += len(entries)
-        batch = self._batch_sink
-        if batch is None:
+        if sink is None:
             return
         try:
-            batch(entries)
+            sink(entries)
         except Exception:  # noqa: BLE001 - a failing sink must not end Envoy's stream
             with self._lock:
                 self.errors += len(entries)
-            log.exception("access log batch skipped")
-
-    def _handle_tcp(self, entries: Sequence[Any]) -> None:
-        with self._lock:
-            self.messages += 1
-            self.entries += len(entries)
-        batch = self._tcp_batch_sink
-        if batch is None:
-            return
-        try:
-            batch(entries)
-        except Exception:  # noqa: BLE001 - a failing sink must not end Envoy's stream
-            with self._lock:
-                self.errors += len(entries)
-            log.exception("TCP access log batch skipped")
+            log.exception("%s batch skipped", kind)

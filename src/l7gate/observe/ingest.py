@@ -51,7 +51,6 @@ Thread-safety: `offer`, `ingest`, `stats` may be called from any thread.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import deque

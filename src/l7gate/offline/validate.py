@@ -56,9 +56,12 @@ class ValidationReport:
     policies: list[tuple[Manifest, Policy]] = field(default_factory=list)
     checked: int = 0
     invalid: int = 0
-    skipped: int = 0
     skipped_objects: list[str] = field(default_factory=list)  # KIND/[NAMESPACE/]NAME, in input order
     usage_errors: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_objects)
 
     @property
     def errors(self) -> list[Item]:
@@ -100,10 +103,6 @@ class ValidationReport:
         }
 
 
-def _resource_name(obj: object) -> str:
-    return object_name(obj)
-
-
 def check_manifests(
     manifests: Iterable[Manifest],
     report: ValidationReport,
@@ -124,16 +123,15 @@ def check_manifests(
         if obj["kind"] not in POLICY_KINDS:
             problem = kind_problem(obj, POLICY_KINDS)
             if problem is None:
-                report.skipped += 1
-                report.skipped_objects.append(_resource_name(obj))
+                report.skipped_objects.append(object_name(obj))
             else:
                 report.invalid += 1
                 report.items.append(
-                    Item(m.source, m.line, _resource_name(obj), "error", "kind", problem, "kind")
+                    Item(m.source, m.line, object_name(obj), "error", "kind", problem, "kind")
                 )
             continue
         report.checked += 1
-        resource = _resource_name(obj)
+        resource = object_name(obj)
         try:
             policy = parse_policy(obj, default_namespace=default_namespace, cluster_name=cluster_name)
         except PolicyValidationError as exc:

@@ -7,7 +7,6 @@ in `svid.verify_peer` and in the handshake refuse them.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
 

@@ -71,21 +71,12 @@ from ..envoy_names import EXTENSION_CONFIG as EXTENSION_CONFIG
 from ..envoy_names import LISTENER as LISTENER
 from ..envoy_names import ROUTE as ROUTE
 from ..envoy_names import SECRET as SECRET
+from ..envoy_names import SHORT_NAMES as SHORT_NAMES
 
 # Make-before-break order (Envoy's xDS docs, "eventual consistency considerations"): clusters
 # and their endpoints and secrets exist before the listeners and routes that point at them.
 TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE, EXTENSION_CONFIG)
 TYPE_URLS: frozenset[str] = frozenset(TYPE_ORDER)
-SHORT_NAMES: Mapping[str, str] = MappingProxyType(
-    {
-        LISTENER: "LDS",
-        ROUTE: "RDS",
-        CLUSTER: "CDS",
-        ENDPOINT: "EDS",
-        SECRET: "SDS",
-        EXTENSION_CONFIG: "ECDS",
-    }
-)
 # Types an Envoy subscribes to as a whole (SotW: resource_names ignored); the others are
 # requested by name.
 WILDCARD_TYPES: frozenset[str] = frozenset({LISTENER, CLUSTER})

@@ -85,6 +85,7 @@ from xds.type.matcher.v3 import matcher_pb2
 # The headers between the Envoys (PROTOCOL_HEADER: node A sets it from %PROTOCOL%, overwriting
 # what the pod sent; node B routes on it and removes it) are defined in l7gate.envoy_names.
 from ..envoy_names import FORWARDED_FOR_HEADER as FORWARDED_FOR_HEADER
+from ..envoy_names import HTTP_PROTOCOL_OPTIONS
 from ..envoy_names import ORIGINAL_DST_HEADER as ORIGINAL_DST_HEADER
 from ..envoy_names import PROTOCOL_HEADER as PROTOCOL_HEADER
 from ..envoy_names import SOURCE_HEADER as SOURCE_HEADER
@@ -103,7 +104,6 @@ ORIGINAL_DST_H2_CLUSTER = "l7g_tunnel_origdst_h2"
 TLS_TRANSPORT = "envoy.transport_sockets.tls"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
-HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Never a valid ip:port nor a SPIFFE ID: keeps an exact_match_map non-empty (Envoy requires one
 # entry) without matching anything.
 _NEVER = "-"

@@ -112,8 +112,6 @@ def classify(
         return SyncState.NACKED
     if acked_version is not None and acked_version == cache_version:
         return SyncState.SYNCED
-    if last_nack is not None and last_nack.version == cache_version:
-        return SyncState.NACKED
     if sent_version is None and acked_version is None:
         return SyncState.NOT_SENT
     return SyncState.STALE

@@ -66,6 +66,7 @@ from google.protobuf.message import Message
 from xds.core.v3 import cidr_pb2, extension_pb2
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 
+from ..envoy_names import HTTP_PROTOCOL_OPTIONS
 from ..policy.resolve import Action, Decision, EndpointPolicy, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
 
@@ -634,7 +635,6 @@ def listener(
     )
 
 
-HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def downstream_protocol_options() -> any_pb2.Any:
