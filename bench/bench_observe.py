@@ -316,7 +316,9 @@ def _synthetic_entries(n: int) -> list[Any]:
 
 
 def ingestion(ctx: Context) -> list[Result]:
-    from l7gate.observe.ingest import SOURCE_ALS, IngestContext, Ingestor, PeerInfo
+    from l7gate.observe.envoy_flows import SOURCE_ALS
+    from l7gate.observe.ingest import Ingestor
+    from l7gate.observe.ingest_context import IngestContext, PeerInfo
     from l7gate.observe.ring import FlowRing
 
     total = 200_000 if ctx.quick else 1_000_000

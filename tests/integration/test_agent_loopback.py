@@ -115,10 +115,10 @@ def test_invalid_apply_changes_nothing(world: World) -> None:
 
 
 def test_nack_is_shown_and_last_good_config_stays(world: World) -> None:
-    from l7gate.xds import translate as t
+    from l7gate.xds import resources
 
     node = world.agent.config.node_id
-    name = t.route_name(BILLING, 8080)
+    name = resources.route_name(BILLING, 8080)
     good = world.agent.cache.get_snapshot(node).messages(ROUTE_TYPE)[name]  # type: ignore[union-attr]
     bad = copy.deepcopy(good)
     # an RE2 regex Envoy refuses: RDS is NACKed

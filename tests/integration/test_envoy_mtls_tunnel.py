@@ -42,12 +42,12 @@ from google.protobuf.message import Message
 from l7gate.mtls import SVID, BuiltinCA, server_name, spiffe_id
 from l7gate.testing.mtls import forge_svid
 from l7gate.testing.wait import eventually
-from l7gate.policy.resolve import Action, Decision
+from l7gate.policy.mapstate import Action, Decision
 from l7gate.policy.types import AuthMode, HTTPRule
 from l7gate.xds import mtls_translate as m
 from l7gate.xds.cache import CLUSTER, LISTENER, ROUTE, SECRET, InconsistentSnapshot, SnapshotCache
 from l7gate.xds.server import XdsServer
-from l7gate.xds.translate import PortDecisions
+from l7gate.xds.rbac import PortDecisions
 
 pytestmark = pytest.mark.integration
 
@@ -439,9 +439,9 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
             Action.HTTP,
             http=(HTTPRule(method="POST", path="/v1/charge"),),
             auth=AuthMode.REQUIRED,
-            origins=("CiliumNetworkPolicy/prod/allow-frontend-to-billing spec.ingress[0]",),
+            policies=("CiliumNetworkPolicy/prod/allow-frontend-to-billing",),
         )
-        world = Decision(Action.DENY, origins=("default-deny",))
+        world = Decision(Action.DENY, policies=("default-deny",))
         decisions = PortDecisions(world, {SRC: allowed})
         # SO_MARK on the last hop: accepted by Envoy (root here), as the kernel design needs.
         ingress = m.tunnel_ingress(
@@ -789,10 +789,10 @@ def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp
         # Node B: SRC may open any TCP connection to the echo port, with auth; HTTP_SRC may
         # only send POST /v1/charge there (a CONNECT would carry bytes the rules cannot see).
         l4 = Decision(Action.ALLOW, auth=AuthMode.REQUIRED,
-                      origins=("CiliumNetworkPolicy/prod/ledger-l4 spec.ingress[0]",))
+                      policies=("CiliumNetworkPolicy/prod/ledger-l4",))
         http_only = Decision(Action.HTTP, http=(HTTPRule(method="POST", path="/v1/charge"),),
-                             auth=AuthMode.REQUIRED, origins=("CiliumNetworkPolicy/prod/ledger-http spec.ingress[0]",))
-        world = Decision(Action.DENY, origins=("default-deny",))
+                             auth=AuthMode.REQUIRED, policies=("CiliumNetworkPolicy/prod/ledger-http",))
+        world = Decision(Action.DENY, policies=("default-deny",))
         decisions = PortDecisions(world, {SRC: l4, HTTP_SRC: http_only})
         ingress = m.tunnel_ingress(node_b_ip, TD, {(echo.ip, echo.port): decisions}, [DST], tunnel_port)
         cache_b = SnapshotCache()
@@ -933,8 +933,8 @@ def test_two_envoys_tunnel_grpc_and_http11_each_in_its_own_protocol(
     try:
         rules = Decision(Action.HTTP, http=(HTTPRule(method="POST", path="/billing.Billing/Charge"),
                                             HTTPRule(method="POST", path="/v1/charge")),
-                         auth=AuthMode.REQUIRED, origins=("test spec.ingress[0]",))
-        decisions = PortDecisions(Decision(Action.DENY, origins=("default-deny",)), {SRC: rules})
+                         auth=AuthMode.REQUIRED, policies=("test",))
+        decisions = PortDecisions(Decision(Action.DENY, policies=("default-deny",)), {SRC: rules})
         tunnel_port = free_port(node_b_ip)
         ingress = m.tunnel_ingress(node_b_ip, TD, {(grpc_ip, grpc_port): decisions,
                                                    (http_pod.ip, http_pod.port): decisions}, [DST], tunnel_port)

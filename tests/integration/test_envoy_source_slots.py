@@ -21,7 +21,7 @@ from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.resolve import Resolver
 from l7gate.xds import cache as cache_mod
-from l7gate.xds import translate as t
+from l7gate.xds import resources, source_slots
 from l7gate.xds.cache import EXTENSION_CONFIG, LISTENER, ROUTE
 from l7gate.xds.publisher import Publisher
 
@@ -79,10 +79,10 @@ def test_slot_change_reaches_open_connection_and_sends_one_resource(world: World
         after = {t: versions(world, t) for t in (EXTENSION_CONFIG, LISTENER, ROUTE)}
         assert after[LISTENER] == before[LISTENER] and after[ROUTE] == before[ROUTE]
         changed = [n for n, v in after[EXTENSION_CONFIG].items() if before[EXTENSION_CONFIG].get(n) != v]
-        block = t.block_of(ipaddress.ip_network(OTHER))
+        block = source_slots.block_of(ipaddress.ip_network(OTHER))
         assert block is not None
         # one slot per billing pod (both are proxied here)
-        assert sorted(changed) == sorted(t.slot_name(ip, 8080, t.slot_of(block)) for ip in (BILLING, BILLING_2))
+        assert sorted(changed) == sorted(source_slots.slot_name(ip, 8080, source_slots.slot_of(block)) for ip in (BILLING, BILLING_2))
         # the same connection, next requests: the new verdict
         assert wait_conn(conn, "POST", "/v1/charge", 200) == 200
         assert conn.request("POST", "/v1/refund").status == 403
@@ -97,10 +97,10 @@ def test_slot_change_reaches_open_connection_and_sends_one_resource(world: World
 def test_slot_envoy_does_not_have_fails_closed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     node = world.agent.config.node_id
     c = world.agent.cache
-    block = t.block_of(ipaddress.ip_network(FRONTEND))
+    block = source_slots.block_of(ipaddress.ip_network(FRONTEND))
     assert block is not None
-    slot = t.slot_name(BILLING, 8080, t.slot_of(block))
-    cls_name = t.classifier_name(BILLING, 8080)
+    slot = source_slots.slot_name(BILLING, 8080, source_slots.slot_of(block))
+    cls_name = source_slots.classifier_name(BILLING, 8080)
     snap = c.get_snapshot(node)
     assert snap is not None
     good_slot, good_cls = snap.messages(EXTENSION_CONFIG)[slot], snap.messages(EXTENSION_CONFIG)[cls_name]
@@ -152,11 +152,11 @@ def test_pod_in_a_new_block_is_decided_at_once(world: World) -> None:
         world.synced()
         after = versions(world, EXTENSION_CONFIG)
         changed = {n for n, v in after.items() if before.get(n) != v}
-        block = t.block_of(ipaddress.ip_network(new_ip))
+        block = source_slots.block_of(ipaddress.ip_network(new_ip))
         assert block is not None
         assert changed == {
             n for ip in (BILLING, BILLING_2)
-            for n in (t.classifier_name(ip, 8080), t.slot_name(ip, 8080, t.slot_of(block)))
+            for n in (source_slots.classifier_name(ip, 8080), source_slots.slot_name(ip, 8080, source_slots.slot_of(block)))
         }
         # Every slot name was subscribed with the listener: no new subscription to wait for,
         # only the moment Envoy's worker takes the config the main thread ACKed.
@@ -205,14 +205,14 @@ def test_cidr_prefix_spanning_slots_on_envoy(world: World) -> None:
     for prefix, ident in ((f"{BILLING}/32", bill), (f"127.{S}.5.1/32", pod_in), (f"127.{S}.9.1/32", pod_out),
                           (f"127.{S}.4.0/22", cidr)):
         ipc(prefix, None, ident)
-    pub.set_ports([t.ProxiedPort(bill, BILLING, port, BILLING, port + 10000)])
+    pub.set_ports([resources.ProxiedPort(bill, BILLING, port, BILLING, port + 10000)])
     try:
         pub.flush()
         world.synced()
         world.wait_listening(BILLING, port)
         # The prefix is broader than a block: its pod's block has a slot, the rest of it is
         # decided by the rest slot, and no slot holds it whole.
-        assert t.block_of(ipaddress.ip_network(f"127.{S}.4.0/22")) is None
+        assert source_slots.block_of(ipaddress.ip_network(f"127.{S}.4.0/22")) is None
 
         def status(src: str, method: str, path: str) -> int:
             return request(src, BILLING, port, method, path).status

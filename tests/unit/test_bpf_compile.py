@@ -7,7 +7,8 @@ from typing import Any
 
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
-from l7gate.policy.resolve import Resolver, decide
+from l7gate.policy.mapstate import decide
+from l7gate.policy.resolve import Resolver
 from l7gate.policy.types import Direction
 from l7gate.redirect_bpf.compile import (
     DIR_NUMBERS, PROTO_NUMBERS, PROTOCOLS, KAction, compile_endpoint, kernel_value, lookup, prefix_blocks,

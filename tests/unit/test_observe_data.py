@@ -15,7 +15,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import json_format
 
 from l7gate.observe.flow import Flow
-from l7gate.observe.ingest import IngestContext, PeerInfo, http_log_flows
+from l7gate.observe.envoy_flows import http_log_flows
+from l7gate.observe.ingest_context import IngestContext, PeerInfo
 
 FRONTEND_IP = "127.77.2.55"
 BILLING_IP = "127.77.1.10"

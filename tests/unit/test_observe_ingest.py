@@ -24,15 +24,9 @@ from l7gate.observe.flow import (
     flow_to_json,
     parse_time,
 )
-from l7gate.observe.ingest import (
-    SOURCE_ALS,
-    IngestContext,
-    Ingestor,
-    MalformedEvent,
-    PeerInfo,
-    hubble_labels,
-    http_log_flows,
-)
+from l7gate.observe.envoy_flows import SOURCE_ALS, http_log_flows
+from l7gate.observe.ingest import Ingestor
+from l7gate.observe.ingest_context import IngestContext, MalformedEvent, PeerInfo, hubble_labels
 from l7gate.observe.ring import FlowRing
 
 from .test_observe_data import BILLING_IP, CTX, FRONTEND_IP, RECORDED, entry, flows, recorded_flows

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from l7gate.observe.flow import FlowType, TrafficDirection, Verdict, flow_from_json, flow_to_json
-from l7gate.observe.ingest import IngestContext, MalformedEvent, PeerInfo, kernel_drop_flows
+from l7gate.observe.ingest_context import IngestContext, MalformedEvent, PeerInfo
+from l7gate.observe.kernel_flows import kernel_drop_flows
 from l7gate.records import KernelDrop
 
 

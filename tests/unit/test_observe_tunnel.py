@@ -7,7 +7,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import json_format
 
 from l7gate.observe.flow import AUTH_FAILED, POLICY_DENIED, POLICY_DENIED_L7, AuthType, FlowType, TrafficDirection, Verdict
-from l7gate.observe.ingest import tcp_log_flows, tls_reason
+from l7gate.observe.envoy_flows import tcp_log_flows, tls_reason
 
 from .test_observe_data import BILLING_ID, BILLING_IP, CTX, FRONTEND_ID, FRONTEND_IP, flows
 

@@ -40,7 +40,8 @@ from l7gate.policy.errors import Finding, PolicyValidationError
 from l7gate.policy.evaluate import Verdict, evaluate
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
-from l7gate.policy.resolve import EndpointPolicy, MapEntry, MapKey, PolicyDelta, Resolver, lookup
+from l7gate.policy.mapstate import EndpointPolicy, MapEntry, MapKey, PolicyDelta, lookup
+from l7gate.policy.resolve import Resolver
 from l7gate.policy.types import Direction, Policy, Protocol, Rule
 from tests.unit import strategies as gen
 

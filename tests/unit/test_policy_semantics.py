@@ -11,7 +11,8 @@ import yaml
 from l7gate.policy.evaluate import Flow, Layer, Peer, Verdict, evaluate, peer_for
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
-from l7gate.policy.resolve import ANY_PEER, MapKey, Resolver, lookup
+from l7gate.policy.mapstate import ANY_PEER, MapKey, lookup
+from l7gate.policy.resolve import Resolver
 from l7gate.policy.types import Direction, HTTPRequest, PortRange, Protocol, Rule
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed"

@@ -3,32 +3,35 @@ does not wait for the next SVID rotation)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 
-from l7gate.agent.tunnel import TunnelPlan, Tunnels
+from l7gate.xds.tunnel import Tunnels
+from l7gate.xds.tunnel_plan import TunnelPlan
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.store import SVIDStore
 from l7gate.testing.mtls import StaticSource
-from l7gate.policy.resolve import Action, Decision
+from l7gate.policy.mapstate import Action, Decision
 from l7gate.policy.types import AuthMode
 from l7gate.xds import mtls_translate as mt
-from l7gate.xds.cache import SECRET
-from l7gate.xds.translate import PortDecisions
+from l7gate.xds.cache import SECRET, Snapshot, SnapshotCache, SnapshotDelta
+from l7gate.xds.rbac import PortDecisions
 
 TD = "l7gate.local"
 
 
 class Sink:
+    """A snapshot cache that remembers, per type, what each `apply` upserted."""
+
     def __init__(self) -> None:
+        self.cache = SnapshotCache()
         self.updates: list[tuple[str, dict[str, Message]]] = []
 
-    def update(self, node_id: str, type_url: str, upserted: Mapping[str, Message], removed: Iterable[str]) -> str:
-        self.updates.append((type_url, dict(upserted)))
-        return str(len(self.updates))
+    def apply(self, node_id: str, delta: SnapshotDelta) -> Snapshot:
+        self.updates += [(t, dict(delta.upserted.get(t, {}))) for t in sorted(delta.types)]
+        return self.cache.apply(node_id, delta)
 
 
 def test_a_new_bundle_is_published_over_sds_at_once(tmp_path: Path) -> None:
@@ -47,7 +50,7 @@ def test_a_new_bundle_is_published_over_sds_at_once(tmp_path: Path) -> None:
         source._bundle = ca.bundle()
         store.refresh()
 
-        allow = Decision(Action.ALLOW, auth=AuthMode.REQUIRED, origins=("p",))
+        allow = Decision(Action.ALLOW, auth=AuthMode.REQUIRED, policies=("p",))
         plan = TunnelPlan({("10.0.1.10", 9000): PortDecisions(Decision(Action.DENY), {1001: allow})},
                           frozenset({2002}), {}, frozenset())
         tunnels.apply(plan)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from l7gate.agent.tunnel import PodView, TunnelInputs, plan
+from l7gate.xds.tunnel_plan import PodView, TunnelInputs, plan
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
-from l7gate.policy.resolve import PortView, Resolver
+from l7gate.policy.mapstate import PortView, tunnel_needed, tunnel_tcp
+from l7gate.policy.resolve import Resolver
 from l7gate.policy.types import Direction, Protocol
-from l7gate.redirect_bpf.compile import KFlag, compile_endpoint, tunnel_needed, tunnel_tcp
+from l7gate.redirect_bpf.compile import KFlag, compile_endpoint
 
 FE, BILL, OTHER = 131072, 65536, 131073
 

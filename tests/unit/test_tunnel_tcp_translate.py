@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from l7gate.policy.resolve import Action, Decision
+from l7gate.policy.mapstate import Action, Decision
 from l7gate.policy.types import AuthMode, HTTPRule
 from l7gate.xds import mtls_translate as m
-from l7gate.xds.translate import PortDecisions
+from l7gate.xds.rbac import PortDecisions
 
 TD = "l7gate.local"
 REMOTE = m.RemotePort("10.0.1.10", 9000, 2002, "b1", "10.0.1.1")
@@ -33,9 +33,9 @@ def test_an_address_under_two_identities_is_refused() -> None:
 
 
 def test_connect_is_refused_where_the_peer_has_http_rules() -> None:
-    http = Decision(Action.HTTP, http=(HTTPRule(method="GET"),), auth=AuthMode.REQUIRED, origins=("p",))
-    l4 = Decision(Action.ALLOW, auth=AuthMode.REQUIRED, origins=("q",))
-    world = Decision(Action.DENY, origins=("d",))
+    http = Decision(Action.HTTP, http=(HTTPRule(method="GET"),), auth=AuthMode.REQUIRED, policies=("p",))
+    l4 = Decision(Action.ALLOW, auth=AuthMode.REQUIRED, policies=("q",))
+    world = Decision(Action.DENY, policies=("d",))
     dec = PortDecisions(world, {1001: l4, 1002: http})
     ing = m.tunnel_ingress("10.0.1.1", TD, {("10.0.1.10", 9000): dec}, [2002])
     routes = ing.route.virtual_hosts[0].routes

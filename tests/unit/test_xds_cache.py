@@ -29,6 +29,7 @@ from l7gate.xds.cache import (
     WILDCARD_NODE,
     InconsistentSnapshot,
     SnapshotCache,
+    SnapshotDelta,
 )
 
 
@@ -288,6 +289,41 @@ def test_update_is_checked_and_refused_atomically() -> None:
     cache.update("n1", CLUSTER, {}, removed=["c", "not-there"])
     snap = cache.get_snapshot("n1")
     assert snap is not None and set(snap.resources[CLUSTER]) == {"c2"}
+
+
+def test_a_delta_of_every_type_lands_as_one_snapshot() -> None:
+    """A producer's flush (new listener, route and cluster; the old ones gone) is one change:
+    no order of types to keep, one consistency check, one notification."""
+    cache = SnapshotCache()
+    cache.set_snapshot("n1", good())
+    heard: list[frozenset[str]] = []
+    cache.watch(heard.append)
+    delta = SnapshotDelta()
+    delta.put(LISTENER, {"l2": http_listener("l2", "r2", 10001)})
+    delta.put(ROUTE, {"r2": route("r2", "c2")})
+    delta.put(CLUSTER, {"c2": static_cluster("c2", 9090)})
+    delta.remove(LISTENER, ["l"])
+    delta.remove(ROUTE, ["r"])
+    delta.remove(CLUSTER, ["c", "not-there"])
+    snap = cache.apply("n1", delta)
+    assert cache.get_snapshot("n1") is snap and heard == [frozenset({"n1"})]
+    assert {t: set(snap.resources[t]) for t in (LISTENER, ROUTE, CLUSTER)} == {
+        LISTENER: {"l2"}, ROUTE: {"r2"}, CLUSTER: {"c2"}}
+    # The same change again changes nothing and wakes nobody.
+    assert cache.apply("n1", delta).versions == snap.versions and heard == [frozenset({"n1"})]
+
+
+def test_an_inconsistent_delta_changes_no_type() -> None:
+    cache = SnapshotCache()
+    before = cache.set_snapshot("n1", good())
+    delta = SnapshotDelta()
+    delta.put(CLUSTER, {"c2": static_cluster("c2", 9090)})
+    delta.put(LISTENER, {"l2": http_listener("l2", "r2", 10001)})  # r2 is nowhere
+    with pytest.raises(InconsistentSnapshot, match="RDS 'r2'"):
+        cache.apply("n1", delta)
+    assert cache.get_snapshot("n1") is before
+    with pytest.raises(ValueError, match="unknown type URLs"):
+        cache.apply("n1", SnapshotDelta({"type.googleapis.com/nope": {}}))
 
 
 def test_update_of_unknown_node_starts_empty() -> None:

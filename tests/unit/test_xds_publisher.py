@@ -3,14 +3,14 @@ they were reached incrementally, decide every address exactly as one longest-pre
 
 The decision an address gets from the ECDS configuration is read by walking it the way Envoy
 does (classifier trie → slot name → slot's trie → leaf); the expected one comes from a plain
-longest-prefix lookup in the ipcache and `translate.port_decisions`.
+longest-prefix lookup in the ipcache and `rbac.port_decisions`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -23,9 +23,10 @@ from xds.type.matcher.v3 import ip_pb2
 from l7gate.identity.ipcache import IPCacheChange
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
-from l7gate.policy.resolve import PolicyDelta, Resolver
-from l7gate.xds import translate as t
-from l7gate.xds.cache import EXTENSION_CONFIG, LISTENER, ROUTE, SnapshotCache
+from l7gate.policy.mapstate import PolicyDelta
+from l7gate.policy.resolve import Resolver
+from l7gate.xds import rbac, resources, source_slots
+from l7gate.xds.cache import EXTENSION_CONFIG, LISTENER, ROUTE, SnapshotCache, SnapshotDelta
 from l7gate.xds.publisher import Publisher
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -57,17 +58,20 @@ def group_policy(g: int) -> Any:
 
 
 class Recorder:
-    """A snapshot cache that remembers what each `update` handed it."""
+    """A snapshot cache that remembers what each `apply` handed it, per type."""
 
     def __init__(self) -> None:
         self.cache = SnapshotCache()
         self.calls: list[tuple[str, list[str], list[str], int]] = []
+        self.applies = 0
 
-    def update(self, node_id: str, type_url: str, upserted: Mapping[str, Message], removed: Iterable[str]) -> object:
-        removed = list(removed)
-        size = sum(m.ByteSize() for m in upserted.values())
-        self.calls.append((type_url, sorted(upserted), sorted(removed), size))
-        return self.cache.update(node_id, type_url, upserted, removed)
+    def apply(self, node_id: str, delta: SnapshotDelta) -> object:
+        self.applies += 1
+        for type_url in sorted(delta.types):
+            upserted = delta.upserted.get(type_url, {})
+            size = sum(m.ByteSize() for m in upserted.values())
+            self.calls.append((type_url, sorted(upserted), sorted(delta.removed.get(type_url, ())), size))
+        return self.cache.apply(node_id, delta)
 
     def sent(self, type_url: str) -> list[str]:
         return [n for tu, names, _, _ in self.calls if tu == type_url for n in names]
@@ -88,7 +92,7 @@ class World:
         self.r.update_identities({BILLING: Labels.of({"app": "billing"})})
         self.pub.on_policy_delta(self.r.add_endpoint(BILLING))
         self.set_ip(ipaddress.ip_network(f"{BILLING_IP}/32"), BILLING)
-        self.pub.set_ports([t.ProxiedPort(BILLING, BILLING_IP, PORT, BILLING_IP, PORT + 10000)])
+        self.pub.set_ports([resources.ProxiedPort(BILLING, BILLING_IP, PORT, BILLING_IP, PORT + 10000)])
 
     def delta(self, d: PolicyDelta) -> None:
         self.pub.on_policy_delta(d)
@@ -124,14 +128,14 @@ class World:
         for net, ident in self.ipcache.items():
             if net.version == a.version and a in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, ident)
-        return best[1] if best else t.WORLD_ID
+        return best[1] if best else rbac.WORLD_ID
 
     def expected(self, addr: str) -> bytes:
         ids: dict[int, list[IPNetwork]] = {}
         for net, ident in self.ipcache.items():
             ids.setdefault(ident, []).append(net)
-        d = t.port_decisions(self.r.endpoint_policy(BILLING), PORT, ids).for_identity(self.lookup(addr))
-        return bytes(t.decision_on_match(d).SerializeToString(deterministic=True))
+        d = rbac.port_decisions(self.r.endpoint_policy(BILLING), PORT, ids).for_identity(self.lookup(addr))
+        return bytes(rbac.decision_on_match(d).SerializeToString(deterministic=True))
 
 
 def _longest(ipm: Any, addr: str) -> Any:
@@ -150,7 +154,7 @@ def _longest(ipm: Any, addr: str) -> Any:
 def envoy_leaf(ecds: Mapping[str, Message], addr: str) -> bytes:
     """The matcher leaf Envoy reaches for a request from `addr`: the classifier picks a slot,
     the slot's trie (or its on_no_match) picks the leaf."""
-    cls: Any = ecds[t.classifier_name(BILLING_IP, PORT)]
+    cls: Any = ecds[source_slots.classifier_name(BILLING_IP, PORT)]
     wrapper = extension_matcher_pb2.ExtensionWithMatcher()
     cls.typed_config.Unpack(wrapper)
     ipm = ip_pb2.IPMatcher()
@@ -193,13 +197,28 @@ def big_world(blocks: int = 6, per_block: int = 40, groups: int = 7) -> World:
     return w
 
 
+def test_a_flush_changes_the_snapshot_once() -> None:
+    """Every type a flush changes (here: a new port's listener, route, cluster and ECDS; then a
+    port removed) reaches the cache in one `apply`; a flush with nothing dirty, in none."""
+    w = World()
+    w.pub.flush()
+    assert w.sink.applies == 1 and {c[0] for c in w.sink.calls} >= {LISTENER, ROUTE, EXTENSION_CONFIG}
+    w.pub.flush()
+    assert w.sink.applies == 1
+    w.pub.set_ports([])
+    w.pub.flush()
+    assert w.sink.applies == 2
+    snap = w.sink.cache.get_snapshot(NODE)
+    assert snap is not None and not snap.resources[LISTENER] and not snap.resources[EXTENSION_CONFIG]
+
+
 def test_one_pod_added_sends_one_slot() -> None:
     w = big_world()
     total = sum(m.ByteSize() for m in w.ecds().values())
     w.add_pod(30_000, "10.1.2.50", {"peer": "new", "group": "g1"})  # an existing block
     stats = w.pub.flush()
-    block = t.block_of(ipaddress.ip_network("10.1.2.50/32"))
-    assert block is not None and w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
+    block = source_slots.block_of(ipaddress.ip_network("10.1.2.50/32"))
+    assert block is not None and w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(block))]
     assert w.sink.sent(LISTENER) == [] and w.sink.sent(ROUTE) == []
     assert stats.slots_translated == 1 and stats.resources_sent == 1
     assert stats.bytes_sent < total / 5
@@ -211,10 +230,10 @@ def test_pod_in_a_new_block_sends_its_slot_and_the_classifier() -> None:
     w = big_world()
     w.add_pod(30_001, "10.1.77.5", {"peer": "new", "group": "g2"})
     w.pub.flush()
-    block = t.block_of(ipaddress.ip_network("10.1.77.5/32"))
+    block = source_slots.block_of(ipaddress.ip_network("10.1.77.5/32"))
     assert block is not None
     assert sorted(w.sink.sent(EXTENSION_CONFIG)) == sorted(
-        [t.classifier_name(BILLING_IP, PORT), t.slot_name(BILLING_IP, PORT, t.slot_of(block))]
+        [source_slots.classifier_name(BILLING_IP, PORT), source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(block))]
     )
     assert envoy_leaf(w.ecds(), "10.1.77.5") == w.expected("10.1.77.5")
 
@@ -233,14 +252,14 @@ def test_policy_change_for_one_peer_resends_only_its_slot() -> None:
     # A new policy on billing, named after its first three: world's default deny is named as
     # before ("+more"), so only p3's slot changes.
     w.pub.flush()
-    p3_block = t.block_of(ipaddress.ip_network("10.1.0.4/32"))  # pod n=3
+    p3_block = source_slots.block_of(ipaddress.ip_network("10.1.0.4/32"))  # pod n=3
     assert p3_block is not None
-    assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(p3_block))]
+    assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(p3_block))]
     w.sink.clear()
     pol2 = ccnp("just-p3", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/y"}])}])
     w.delta(w.r.upsert_policy(pol2))
     w.pub.flush()
-    assert w.sink.sent(EXTENSION_CONFIG) == [t.slot_name(BILLING_IP, PORT, t.slot_of(p3_block))]
+    assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(p3_block))]
 
 
 def test_policy_among_the_first_names_resends_every_slot() -> None:
@@ -248,7 +267,7 @@ def test_policy_among_the_first_names_resends_every_slot() -> None:
     pol = ccnp("a-first", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/x"}])}])
     w.delta(w.r.upsert_policy(pol))
     stats = w.pub.flush()  # world's default deny now names it: every slot's default changes
-    assert stats.slots_translated == t.SOURCE_SLOTS + 1
+    assert stats.slots_translated == source_slots.SOURCE_SLOTS + 1
 
 
 def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:
@@ -258,9 +277,9 @@ def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:
     w.add_cidr(40_000, "10.1.0.0/22")  # spans the 4 blocks, so 4 slots, and the rest
     w.pub.flush()
     w.sink.clear()
-    blocks = {t.block_of(ipaddress.ip_network(f"10.1.{b}.1/32")) for b in range(4)}
-    slots = {t.slot_of(b) for b in blocks if b is not None}
-    assert len(slots) == 4 and t.block_of(ipaddress.ip_network("10.1.0.0/22")) is None
+    blocks = {source_slots.block_of(ipaddress.ip_network(f"10.1.{b}.1/32")) for b in range(4)}
+    slots = {source_slots.slot_of(b) for b in blocks if b is not None}
+    assert len(slots) == 4 and source_slots.block_of(ipaddress.ip_network("10.1.0.0/22")) is None
     probes = ["10.1.0.1", "10.1.0.200", "10.1.3.250", "10.1.4.1", "10.1.1.5", "10.2.0.1"]
     for a in probes:
         assert envoy_leaf(w.ecds(), a) == w.expected(a), a
@@ -269,7 +288,7 @@ def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:
     w.set_ip(ipaddress.ip_network("10.1.0.0/22"), None)
     w.pub.flush()
     sent = set(w.sink.sent(EXTENSION_CONFIG))
-    assert {t.slot_name(BILLING_IP, PORT, s) for s in slots} | {t.slot_name(BILLING_IP, PORT, t.REST)} <= sent
+    assert {source_slots.slot_name(BILLING_IP, PORT, s) for s in slots} | {source_slots.slot_name(BILLING_IP, PORT, source_slots.REST)} <= sent
     for a in probes:
         assert envoy_leaf(w.ecds(), a) == w.expected(a), a
 

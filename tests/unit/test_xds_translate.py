@@ -8,11 +8,11 @@ import ipaddress
 def test_envoy_matcher_merges_only_exact_runs_of_pod_addresses() -> None:
     import ipaddress
 
-    from l7gate.policy.resolve import Action, Decision
-    from l7gate.xds.translate import PortDecisions, rbac_matcher
+    from l7gate.policy.mapstate import Action, Decision
+    from l7gate.xds.rbac import PortDecisions, rbac_matcher
 
-    allow = Decision(Action.ALLOW, origins=("P spec.ingress[0]",))
-    deny = Decision(Action.DENY, origins=("P",))
+    allow = Decision(Action.ALLOW, policies=("P",))
+    deny = Decision(Action.DENY, policies=("P",))
     peers = {i: allow for i in range(1000, 1004)} | {2000: allow}
     prefixes = {i: [ipaddress.ip_network(f"10.0.0.{i - 1000}/32")] for i in range(1000, 1004)}
     prefixes[2000] = [ipaddress.ip_network("10.0.0.5/32")]  # .4 is unknown: .5 must stay alone
@@ -34,19 +34,19 @@ def test_port_policy_is_one_classifier_filter_and_slots_fail_closed() -> None:
     )
     from xds.type.matcher.v3 import ip_pb2
 
-    from l7gate.xds import translate as t
+    from l7gate.xds import rbac, resources, source_slots
 
-    lst = t.listener("l", "10.0.0.1", 8080, "r")
+    lst = resources.listener("l", "10.0.0.1", 8080, "r")
     hcm = hcm_pb2.HttpConnectionManager()
     lst.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     cls_filter, router = hcm.http_filters
-    assert router.name == t.ROUTER_FILTER
-    assert cls_filter.name == t.classifier_name("10.0.0.1", 8080)
+    assert router.name == resources.ROUTER_FILTER
+    assert cls_filter.name == source_slots.classifier_name("10.0.0.1", 8080)
     # No default config: the listener warms (takes no connection) until the classifier arrives.
     assert not cls_filter.config_discovery.HasField("default_config")
-    assert not t.upstream_route("r", "c").virtual_hosts[0].routes[0].typed_per_filter_config
+    assert not resources.upstream_route("r", "c").virtual_hosts[0].routes[0].typed_per_filter_config
 
-    cls = t.classifier_config("10.0.0.1", 8080, [ipaddress.ip_network("10.1.2.0/24")])
+    cls = source_slots.classifier_config("10.0.0.1", 8080, [ipaddress.ip_network("10.1.2.0/24")])
     wrapper = extension_matcher_pb2.ExtensionWithMatcher()
     cls.typed_config.Unpack(wrapper)
     ipm = ip_pb2.IPMatcher()
@@ -61,15 +61,15 @@ def test_port_policy_is_one_classifier_filter_and_slots_fail_closed() -> None:
         assert src.apply_default_config_without_warming
         deny = rbac_pb2.RBAC()
         src.default_config.Unpack(deny)
-        assert deny == t.deny_all_rbac() and not deny.rules.policies
+        assert deny == rbac.deny_all_rbac() and not deny.rules.policies
     # Every slot is named whether or not it holds a block, so Envoy subscribes to all at once.
-    assert names == set(t.slot_names("10.0.0.1", 8080)[1:])
+    assert names == set(source_slots.slot_names("10.0.0.1", 8080)[1:])
 
 
 def test_aligned_blocks_are_what_collapse_addresses_gives() -> None:
     import random
 
-    from l7gate.xds.translate import _aligned_blocks
+    from l7gate.xds.rbac import _aligned_blocks
 
     rnd = random.Random(1)
     for _ in range(500):
@@ -86,7 +86,7 @@ def test_aligned_blocks_are_what_collapse_addresses_gives() -> None:
 
 
 def test_literal_patterns_become_exact_matches_and_others_stay_re2() -> None:
-    from l7gate.xds.translate import _regex
+    from l7gate.xds.rbac import _regex
 
     assert _regex("GET").exact == "GET" and _regex("/v1/charge").exact == "/v1/charge"
     for pattern in ("GET|HEAD", "/v1/.*", "/v2/items/[0-9]+", "/v1/charge\\?.*", "P.*", "a{2}"):

@@ -48,13 +48,15 @@ from ..kvstore.api import KVStore, KVStoreError
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
-from ..policy.resolve import EndpointPolicy, PolicyDelta, Resolver
+from ..policy.mapstate import EndpointPolicy, PolicyDelta
+from ..policy.resolve import Resolver
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
 from ..xds.publisher import Publisher, ResourceSink
-from ..xds.translate import ProxiedPort
+from ..xds.resources import ProxiedPort
+from ..xds.tunnel_plan import PodView, TunnelInputs
 from .config import AgentConfig
 from .heap import collector_paused, settle_heap
 
@@ -486,14 +488,13 @@ class AgentCore:
         with self._lock:
             self._change_listeners.append(listener)
 
-    def tunnel_state(self) -> tuple[tuple[PodRecord, ...], tuple[Policy, ...], dict[int, Labels],
-                                    Callable[[int], EndpointPolicy | None]]:
-        """What the tunnel planner reads (agent/tunnel.py), consistent under the core's lock:
-        every pod record, the policies in the repository, the identities, and the resolver's
-        live lookup of an endpoint's policy."""
+    def tunnel_inputs(self) -> TunnelInputs:
+        """What the tunnel planner reads (`xds.tunnel_plan`), consistent under the core's lock:
+        every pod with an IPv4 address, the policies in the repository, the identities, and the
+        resolver's live lookup of an endpoint's policy."""
         with self._lock:
-            return (tuple(self._pods.values()), tuple(self.resolver.repository.policies()),
-                    dict(self.resolver.identities), self.resolver.endpoint_policy)
+            return TunnelInputs(_pod_views(self._pods.values()), tuple(self.resolver.repository.policies()),
+                                dict(self.resolver.identities), self.resolver.endpoint_policy)
 
     # -- the cluster mesh ----------------------------------------------------------------------
 
@@ -831,3 +832,16 @@ def _auth_without_mtls(policy: Policy) -> list[str]:
         for pr in rule.rules
         if pr.auth is AuthMode.REQUIRED
     ]
+
+
+def _pod_views(records: Iterable[PodRecord]) -> tuple[PodView, ...]:
+    """The tunnel planner's view of the pod records (IPv4 pods only; the tunnel is IPv4)."""
+    out: list[PodView] = []
+    for rec in records:
+        pod = rec.pod
+        if pod.ip is None or ipaddress.ip_address(pod.ip).version != 4:
+            continue
+        ports = tuple(sorted({port for port, proto in pod.ports if proto == "TCP"}))
+        out.append(PodView(rec.identity, rec.labels, pod.ip, rec.local, ports,
+                           pod.node_name or (pod.host_ip or ""), pod.host_ip or ""))
+    return tuple(out)

@@ -41,7 +41,10 @@ from ..redirect_bpf.loader import DatapathError, KernelDatapath
 from ..records import KernelDrop
 from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
 from ..observe.api import FlowQuery, stream
-from ..observe.ingest import ORIGINAL_DST_HEADER, SOURCE_KERNEL, IngestContext, Ingestor
+from ..envoy_names import ORIGINAL_DST_HEADER
+from ..observe.ingest import Ingestor
+from ..observe.ingest_context import IngestContext
+from ..observe.kernel_flows import SOURCE_KERNEL
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
@@ -54,7 +57,8 @@ from .health import EnforcementWatch
 from .httpd import Limits, descriptor_budget
 from . import heap, views
 from .core import AgentCore
-from .tunnel import Tunnels, inputs_from_core, plan as tunnel_plan
+from ..xds.tunnel import Tunnels
+from ..xds.tunnel_plan import plan as tunnel_plan
 from .metrics import AgentMetrics
 
 
@@ -356,7 +360,7 @@ class MutualAuth:
             store.set_identities(core.local_identities())
             manager.set_wanted(core.auth_wanted(self.port))
             if tunnels is not None:
-                tunnels.apply(tunnel_plan(inputs_from_core(core)))
+                tunnels.apply(tunnel_plan(core.tunnel_inputs()))
 
         core.on_change(follow_policy)
         follow_policy()

@@ -15,8 +15,8 @@ from google.protobuf import json_format
 
 from ..identity.ipcache import IPCache
 from ..identity.numeric import RESERVED, IdentityError
-from ..observe.ingest import PeerInfo, hubble_labels
-from ..policy.resolve import MapEntry, MapKey
+from ..observe.ingest_context import PeerInfo, hubble_labels
+from ..policy.mapstate import MapEntry, MapKey
 from ..xds.cache import SnapshotCache
 from .core import AgentCore, StateView
 
@@ -94,7 +94,7 @@ def _entry_json(key: MapKey, entry: MapEntry) -> dict[str, Any]:
         "action": entry.action,
         "auth": entry.auth.value if entry.auth else None,
         "http": [str(h) for h in entry.l7.http] if entry.l7 is not None else None,
-        "derived_from": list(entry.derived_from),
+        "derived_from": [str(o) for o in entry.derived_from],
     }
 
 

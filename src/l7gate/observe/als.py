@@ -29,7 +29,7 @@ from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import duration_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 ALS_CLUSTER = "l7gate_als"
 HTTP_GRPC_LOGGER = "envoy.access_loggers.http_grpc"
 
-BatchSink = Callable[[Sequence[Any]], None]  # called with each message's entries
+BatchSink = Callable[[Sequence[Message]], None]  # called with each message's entries
 
 
-def _common(log_name: str, flush_interval_ms: int) -> Any:
+def _common(log_name: str, flush_interval_ms: int) -> Message:
     return als_config_pb2.CommonGrpcAccessLogConfig(
         log_name=log_name,
         grpc_service=grpc_service_pb2.GrpcService(
@@ -51,7 +51,7 @@ def _common(log_name: str, flush_interval_ms: int) -> Any:
     )
 
 
-def _access_log(logger: str, cfg: Any) -> Any:
+def _access_log(logger: str, cfg: Message) -> Message:
     from envoy.config.accesslog.v3 import accesslog_pb2
     from google.protobuf import any_pb2
 

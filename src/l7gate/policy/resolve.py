@@ -26,7 +26,8 @@ Theory of operation (after Cilium's repository → selector policy → map state
    new rules use again is never rebuilt.
 
 Every change returns a `PolicyDelta` (per endpoint and direction: keys upserted, keys deleted),
-which is what incremental appliers (BPF maps, xDS) consume.
+which is what incremental appliers (BPF maps, xDS) consume. The map state's types and the
+decision read from a map are in `mapstate`.
 
 `Resolver` is not thread-safe: its owner serializes calls. The `EndpointPolicy` values it hands
 out are immutable snapshots.
@@ -35,122 +36,26 @@ out are immutable snapshots.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import ItemsView, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from enum import Enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
-from .evaluate import Layer, Verdict
 from .labels import Labels
-from .pathnorm import normalize_path
+from .mapstate import (
+    ANY_PEER,
+    Contribution,
+    DirectionDelta,
+    EndpointPolicy,
+    MapEntry,
+    MapKey,
+    PolicyDelta,
+    SortedMap,
+    key_order,
+    merge,
+)
 from .repository import Repository
 from .selector import WILDCARD, EntitySelector, PeerSelector
 from .selectorcache import SelectionChange, SelectorCache
-from .types import (
-    AuthMode,
-    Direction,
-    HTTPRequest,
-    HTTPRule,
-    L7Rules,
-    Origin,
-    Policy,
-    PortProtocol,
-    PortRange,
-    Protocol,
-    Rule,
-)
-
-ANY_PEER = 0
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class MapKey:
-    peer: int  # identity, or ANY_PEER
-    protocol: Protocol
-    ports: PortRange
-
-    def covers(self, peer: int, port: int, protocol: Protocol) -> bool:
-        return (
-            (self.peer == ANY_PEER or self.peer == peer)
-            and self.protocol.covers(protocol)
-            and self.ports.contains(port)
-        )
-
-    def __str__(self) -> str:
-        who = "*" if self.peer == ANY_PEER else str(self.peer)
-        return f"{who} {self.ports}/{self.protocol.value}"
-
-
-@dataclass(frozen=True, slots=True)
-class MapEntry:
-    deny: bool
-    l7: L7Rules | None  # None: no L7 restriction (always None for deny)
-    redirect: bool  # send through the L7 proxy
-    auth: AuthMode | None
-    derived_from: tuple[str, ...]  # the rules behind it, "Kind/ns/name spec.ingress[0]"
-
-    @property
-    def action(self) -> str:
-        if self.deny:
-            return "deny"
-        return "proxy" if self.redirect else "allow"
-
-
-@dataclass(frozen=True, slots=True)
-class Contribution:
-    deny: bool
-    l7: L7Rules | None
-    auth: AuthMode | None
-    origin: Origin
-    # The entry of a key this contribution alone puts something on: one object, shared by
-    # every such key (so that consumers can tell equal entries by identity, see `PortView`).
-    alone: MapEntry = field(init=False, compare=False, hash=False, repr=False)
-    # Hashed once: merges put contributions in frozensets, and L7 rules hash deep.
-    _hash: int = field(init=False, compare=False, hash=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.deny:
-            entry = MapEntry(True, None, False, None, (str(self.origin),))
-        else:
-            # One rule's L7 rules are already canonical.
-            entry = MapEntry(False, self.l7, self.l7 is not None, self.auth, (str(self.origin),))
-        object.__setattr__(self, "alone", entry)
-        object.__setattr__(self, "_hash", hash((self.deny, self.l7, self.auth, self.origin)))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-
-def merge(contribs: Iterable[Contribution]) -> MapEntry:
-    """The entry a key gets from every rule that contributes to it (deny wins; allows are a
-    union; no L7 restriction if any allow has none; the strongest auth mode)."""
-    cs = tuple(contribs)
-    first = cs[0]
-    if all(c is first for c in cs):
-        return first.alone  # the common case, kept cheap: nothing hashed
-    uniq = frozenset(cs)
-    if len(uniq) == 1:
-        return first.alone
-    return _merge_many(uniq)
-
-
-@lru_cache(maxsize=16384)
-def _merge_many(cs: frozenset[Contribution]) -> MapEntry:
-    # Many keys (every peer a selector selects) share one set of contributions: merge it once.
-    denies = [c for c in cs if c.deny]
-    if denies:
-        return MapEntry(True, None, False, None, tuple(sorted({str(c.origin) for c in denies})))
-    redirect = any(c.l7 is not None for c in cs)
-    l7: L7Rules | None = None
-    if cs and all(c.l7 is not None for c in cs):
-        rules: set[HTTPRule] = set()
-        for c in cs:
-            assert c.l7 is not None
-            rules.update(c.l7.http)
-        l7 = L7Rules.of(rules)
-    modes = [c.auth for c in cs if c.auth is not None]
-    auth = max(modes, key=lambda m: m.strength) if modes else None
-    return MapEntry(False, l7, redirect, auth, tuple(sorted({str(c.origin) for c in cs})))
+from .types import AuthMode, Direction, Policy, PortProtocol, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,106 +148,6 @@ def _template(rids: frozenset[RuleId], compiled: tuple[CompiledRule, ...]) -> Te
     )
 
 
-@dataclass(frozen=True, slots=True)
-class DirectionDelta:
-    upserted: Mapping[MapKey, MapEntry]
-    deleted: frozenset[MapKey]
-
-
-@dataclass(slots=True)
-class PolicyDelta:
-    """What one resolver call changed, exactly: applying `removed_endpoints` (drop the whole
-    map) and then `changes` (per endpoint and direction: upsert these keys, delete those) to
-    the maps as they were before the call gives the maps after it. A new endpoint appears in
-    `changes` for both directions, even when its maps are empty; so does an endpoint whose
-    policies or default-deny changed when none of its keys did."""
-
-    revision: int
-    changes: dict[int, dict[Direction, DirectionDelta]] = field(default_factory=dict)
-    removed_endpoints: set[int] = field(default_factory=set)
-    # Per touched (endpoint, direction), each touched key's entry before the call (None: absent).
-    _baseline: dict[tuple[int, Direction], dict[MapKey, MapEntry | None]] = field(
-        default_factory=dict, repr=False
-    )
-    # Endpoints that must appear in `changes` even without key changes (new, or new metadata).
-    _new: set[int] = field(default_factory=set, repr=False)
-
-    @property
-    def empty(self) -> bool:
-        return not self.changes and not self.removed_endpoints
-
-    def entries_changed(self) -> int:
-        return sum(
-            len(d.upserted) + len(d.deleted) for per in self.changes.values() for d in per.values()
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointPolicy:
-    """An immutable snapshot of one endpoint identity's resolved policy."""
-
-    identity: int
-    revision: int
-    policies: tuple[str, ...]
-    default_deny_ingress: bool
-    default_deny_egress: bool
-    ingress: Mapping[MapKey, MapEntry]
-    egress: Mapping[MapKey, MapEntry]
-
-    def entries(self, direction: Direction) -> Mapping[MapKey, MapEntry]:
-        return self.ingress if direction is Direction.INGRESS else self.egress
-
-    def default_deny(self, direction: Direction) -> bool:
-        return self.default_deny_ingress if direction is Direction.INGRESS else self.default_deny_egress
-
-
-def _key_order(k: MapKey) -> tuple[int, str, int, int]:
-    # MapKey's own ordering, without a generated __lt__ call per comparison.
-    return (k.peer, k.protocol.value, k.ports.lo, k.ports.hi)
-
-
-class _Items(ItemsView[MapKey, MapEntry]):
-    __slots__ = ("_keys", "_get")
-
-    def __init__(self, m: _SortedMap) -> None:
-        super().__init__(m)
-        self._keys = m._keys
-        self._get = m._d.__getitem__
-
-    def __iter__(self) -> Iterator[tuple[MapKey, MapEntry]]:
-        return zip(self._keys, map(self._get, self._keys))
-
-
-class _SortedMap(Mapping[MapKey, MapEntry]):
-    """A read-only copy of one direction of an endpoint's map that iterates in key order.
-
-    Built from the resolver's live dict and its sorted key list, which the resolver keeps in
-    order as keys come and go: a snapshot costs two C-level copies, not a sort."""
-
-    __slots__ = ("_d", "_keys")
-
-    def __init__(self, entries: dict[MapKey, MapEntry], order: list[MapKey]) -> None:
-        self._d = dict(entries)
-        self._keys = tuple(order)
-
-    def __getitem__(self, key: MapKey) -> MapEntry:
-        return self._d[key]
-
-    def __iter__(self) -> Iterator[MapKey]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._d
-
-    def items(self) -> _Items:
-        return _Items(self)
-
-    def __repr__(self) -> str:
-        return f"{{{', '.join(f'{k!r}: {v!r}' for k, v in self.items())}}}"
-
 
 _Touched = dict[Direction, set[MapKey]]
 
@@ -362,7 +167,7 @@ class _EndpointState:
             Direction.INGRESS: {},
             Direction.EGRESS: {},
         }
-        # The keys of `entries`, kept sorted (`_key_order`) for snapshots.
+        # The keys of `entries`, kept sorted (`key_order`) for snapshots.
         self.order: dict[Direction, list[MapKey]] = {Direction.INGRESS: [], Direction.EGRESS: []}
         # The keys whose entry requires mutual authentication.
         self.auth: dict[Direction, set[MapKey]] = {Direction.INGRESS: set(), Direction.EGRESS: set()}
@@ -429,8 +234,8 @@ class Resolver:
                 t.policies,
                 t.default_deny_ingress,
                 t.default_deny_egress,
-                _SortedMap(st.entries[Direction.INGRESS], st.order[Direction.INGRESS]),
-                _SortedMap(st.entries[Direction.EGRESS], st.order[Direction.EGRESS]),
+                SortedMap(st.entries[Direction.INGRESS], st.order[Direction.INGRESS]),
+                SortedMap(st.entries[Direction.EGRESS], st.order[Direction.EGRESS]),
             )
         elif snap.revision != self.revision:
             # Same maps (immutable, shared), later repository revision.
@@ -445,7 +250,7 @@ class Resolver:
         if st is None:
             return []
         entries = st.entries[direction]
-        return [(k, entries[k]) for k in sorted(st.auth[direction], key=_key_order)]
+        return [(k, entries[k]) for k in sorted(st.auth[direction], key=key_order)]
 
     def map_size(self) -> int:
         return sum(len(e) for st in self._endpoints.values() for e in st.entries.values())
@@ -653,7 +458,7 @@ class Resolver:
             entries = st.entries[d]
             for key, cs in st.contribs[d].items():
                 entries[key] = merge(cs.values())
-            st.order[d] = sorted(entries, key=_key_order)
+            st.order[d] = sorted(entries, key=key_order)
             st.auth[d] = {k for k, e in entries.items() if _needs_auth(e)}
 
     def _add_rule(self, st: _EndpointState, c: CompiledRule, touched: _Touched) -> None:
@@ -706,12 +511,12 @@ class Resolver:
                     contribs.pop(k, None)
                     if had is not None:
                         del entries[k]
-                        del order[bisect_left(order, _key_order(k), key=_key_order)]
+                        del order[bisect_left(order, key_order(k), key=key_order)]
                         auth.discard(k)
                 else:
                     entry = entries[k] = merge(cs.values())
                     if had is None:
-                        insort(order, k, key=_key_order)
+                        insort(order, k, key=key_order)
                     if _needs_auth(entry):
                         auth.add(k)
                     else:
@@ -831,159 +636,15 @@ class Resolver:
                             td.add(k)
 
 
-# -- the fast lookup, over a resolved map ------------------------------------------------------
-
-
-class Action(str, Enum):
-    ALLOW = "allow"  # everything on this port, no L7 restriction
-    HTTP = "http"  # only requests matching `http`
-    DENY = "deny"  # dropped at L3/L4
-    AUTH_FAIL = "auth-fail"  # `test-always-fail`: never authenticated
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What one endpoint's policy says about one peer on one port, before any request is seen.
-
-    This is the unit every enforcement backend compiles: a BPF map value, an Envoy matcher leaf.
-    `auth` is the mutual-authentication mode the peer must satisfy for ALLOW/HTTP.
-    """
-
-    action: Action
-    http: tuple[HTTPRule, ...] = ()
-    auth: AuthMode | None = None
-    redirect: bool = False
-    origins: tuple[str, ...] = ()
-    reason: str = ""
-
-    @property
-    def auth_required(self) -> bool:
-        return self.auth is AuthMode.REQUIRED
-
-    @property
-    def policies(self) -> tuple[str, ...]:
-        return _pols(self.origins)
-
-
-def decide(
-    policy: EndpointPolicy | None, direction: Direction, peer: int, port: int, protocol: Protocol
-) -> Decision:
-    """The decision one direction of one endpoint's resolved map gives for (peer, port).
-
-    `policy is None` means no policy has been computed for the endpoint yet: deny (fail closed).
-    A computed policy that no rule contributes to allows everything.
-    """
-    if policy is None or not policy.policies:
-        return decide_hits(policy, direction, [])
-    hits = [e for k, e in policy.entries(direction).items() if k.covers(peer, port, protocol)]
-    return decide_hits(policy, direction, hits)
-
-
-class PortView:
-    """One endpoint's map for one direction, port and protocol, indexed by peer: `decide(peer)`
-    costs O(entries of that peer), not O(map) — for backends that ask about every identity."""
-
-    def __init__(self, policy: EndpointPolicy | None, direction: Direction, port: int, protocol: Protocol) -> None:
-        self.policy = policy
-        self.direction = direction
-        self.any: list[MapEntry] = []
-        self.by_peer: dict[int, list[MapEntry]] = {}
-        # Peers with the same entries get the same decision. Keyed by the entries' ids: the
-        # view holds them, and the resolver shares one entry object among equal keys.
-        self._memo: dict[tuple[int, ...], Decision] = {}
-        if policy is None:
-            return
-        for k, e in policy.entries(direction).items():
-            if k.protocol.covers(protocol) and k.ports.contains(port):
-                if k.peer == ANY_PEER:
-                    self.any.append(e)
-                else:
-                    self.by_peer.setdefault(k.peer, []).append(e)
-
-    @property
-    def named(self) -> list[int]:
-        return sorted(self.by_peer)
-
-    def decide(self, peer: int) -> Decision:
-        if self.policy is None or not self.policy.policies:
-            return decide_hits(self.policy, self.direction, [])
-        own = self.by_peer.get(peer, [])
-        key = tuple(map(id, own))
-        dec = self._memo.get(key)
-        if dec is None:
-            dec = self._memo[key] = decide_hits(self.policy, self.direction, self.any + own)
-        return dec
-
-
-def decide_hits(policy: EndpointPolicy | None, direction: Direction, hits: list[MapEntry]) -> Decision:
-    d = direction.value
-    if policy is None:
-        return Decision(Action.DENY, reason=f"{d}: no policy computed for the endpoint yet")
-    if not policy.policies:
-        return Decision(Action.ALLOW, reason=f"{d}: no policy selects the endpoint")
-    denies = [e for e in hits if e.deny]
-    if denies:
-        origins = tuple(sorted({o for e in denies for o in e.derived_from}))
-        return Decision(Action.DENY, origins=origins, reason=f"{d}: denied by {', '.join(origins)}")
-    if not hits:
-        if policy.default_deny(direction):
-            return Decision(
-                Action.DENY, origins=policy.policies, reason=f"{d}: no map entry; default-deny"
-            )
-        return Decision(Action.ALLOW, reason=f"{d}: no map entry; not default-deny")
-    origins = tuple(sorted({o for e in hits for o in e.derived_from}))
-    modes = [e.auth for e in hits if e.auth is not None]
-    mode = max(modes, key=lambda m: m.strength) if modes else None
-    redirect = any(e.redirect for e in hits)
-    if mode is AuthMode.ALWAYS_FAIL:
-        return Decision(
-            Action.AUTH_FAIL, auth=mode, redirect=redirect, origins=origins,
-            reason=f"{d}: authentication test-always-fail",
-        )
-    if any(e.l7 is None for e in hits):
-        return Decision(
-            Action.ALLOW, auth=mode, redirect=redirect, origins=origins,
-            reason=f"{d}: allowed by {', '.join(origins)}",
-        )
-    rules: set[HTTPRule] = set()
-    for e in hits:
-        assert e.l7 is not None
-        rules.update(e.l7.http)
-    return Decision(
-        Action.HTTP, L7Rules.of(rules).http, mode, True, origins,
-        f"{d}: HTTP rules of {', '.join(origins)}",
-    )
-
-
-def lookup(
-    policy: EndpointPolicy | None,
-    direction: Direction,
-    peer: int,
-    port: int,
-    protocol: Protocol,
-    request: HTTPRequest | None = None,
-    authenticated: bool = False,
-) -> Verdict:
-    """The verdict one direction of one endpoint gives, read from its resolved map only.
-
-    Tested against `evaluate`, the reference evaluator.
-    """
-    dec = decide(policy, direction, peer, port, protocol)
-    d = direction.value
-    pols = dec.policies
-    if dec.action is Action.DENY:
-        return Verdict(False, Layer.L3L4, (dec.reason,), pols)
-    if dec.action is Action.AUTH_FAIL or (dec.auth_required and not authenticated):
-        return Verdict(False, Layer.AUTH, (f"{d}: Authentication required",), pols, dec.redirect, True)
-    if dec.action is Action.ALLOW or request is None:
-        return Verdict(True, None, (dec.reason,), pols, dec.redirect, dec.auth_required)
-    norm = normalize_path(request.path)
-    if norm.rejected is not None:
-        return Verdict(False, Layer.L7, (f"{d}: {norm.rejected}",), pols, True, dec.auth_required)
-    if any(h.matches(request, norm.path) for h in dec.http):
-        return Verdict(True, None, (f"{d}: HTTP rule matches",), pols, True, dec.auth_required)
-    return Verdict(False, Layer.L7, (f"{d}: Policy denied (L7)",), pols, True, dec.auth_required)
-
-
-def _pols(origins: Iterable[str]) -> tuple[str, ...]:
-    return tuple(sorted({o.split(" ", 1)[0] for o in origins}))
+def resolve_endpoint(
+    identity: int, identities: Mapping[int, Labels], policies: Iterable[Policy]
+) -> EndpointPolicy | None:
+    """One endpoint's resolved policy, computed apart (for an endpoint this node does not keep a
+    map for, such as another node's pod): the rules of `policies` that select it, expanded over
+    `identities` (which must hold `identity`), exactly as a `Resolver` holding them would."""
+    labels = identities[identity]
+    resolver = Resolver(Repository())
+    resolver.upsert_policies(p for p in policies if any(r.selects(labels) for r in p.rules))
+    resolver.update_identities(identities)
+    resolver.add_endpoint(identity)
+    return resolver.endpoint_policy(identity)

@@ -23,7 +23,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 
 from ..identity.ipcache import IPCacheChange
-from ..policy.resolve import EndpointPolicy, PolicyDelta
+from ..policy.mapstate import EndpointPolicy, PolicyDelta
 from .compile import compile_endpoint
 from .loader import DatapathError, KernelDatapath, Rtnl, rtnl
 

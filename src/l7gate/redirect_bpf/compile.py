@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..policy.resolve import ANY_PEER, Action, Decision, EndpointPolicy, MapEntry, decide_hits
+from ..policy.mapstate import ANY_PEER, Action, Decision, EndpointPolicy, MapEntry, decide_hits, tunnel_needed
 from ..policy.types import PortRange
 from ..policy.types import AuthMode, Direction, Protocol
 
@@ -77,22 +77,6 @@ def kernel_value(d: Decision, tunnel: bool = False, protocol: Protocol = Protoco
     if d.action is Action.HTTP:
         return PolicyValue(KAction.REDIRECT, flags)
     return PolicyValue(KAction.ALLOW, flags)
-
-
-def tunnel_needed(d: Decision, protocol: Protocol = Protocol.TCP) -> bool:
-    """Whether an ingress decision sends a remote peer through the mTLS tunnel: allowed, with
-    mutual auth required, and something the tunnel carries. HTTP rules: the requests (the
-    HTTP variant). An L3/L4 allow over TCP: the connection's bytes (the TCP variant, one
-    HTTP/2 CONNECT stream per connection). An L3/L4 allow over UDP, SCTP or ICMP stays on the
-    mutual-auth handshake path, in plain text."""
-    if d.auth is not AuthMode.REQUIRED:
-        return False
-    return d.action is Action.HTTP or (d.action is Action.ALLOW and protocol is Protocol.TCP)
-
-
-def tunnel_tcp(d: Decision) -> bool:
-    """A tunnelled decision that takes the TCP variant (any bytes, not only HTTP requests)."""
-    return tunnel_needed(d) and d.action is Action.ALLOW
 
 
 def prefix_blocks(lo: int, hi: int) -> Iterator[tuple[int, int]]:

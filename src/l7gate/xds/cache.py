@@ -21,9 +21,12 @@ A snapshot is *consistent* or it is refused: every route configuration a listene
 RDS, every cluster a route or a TCP proxy names, every ClusterLoadAssignment an EDS cluster
 needs, every secret fetched over SDS and every filter config fetched over ECDS (by a listener, or
 by a composite filter's action inside another ECDS resource) must be in the same snapshot.
-`set_snapshot` (full replacement) and `update` (an incremental change of one type: "one pod
-changed one resource") both check the snapshot they would produce and raise
-`InconsistentSnapshot`, naming every missing reference, instead of publishing it. Each resource's
+`set_snapshot` (full replacement), `apply` (a producer's whole flush: every type it changed, as
+one `SnapshotDelta`, in one new snapshot) and `update` (one type: "one pod changed one
+resource") all check the snapshot they would produce, in one place, and raise
+`InconsistentSnapshot`, naming every missing reference, instead of publishing it. Because a
+flush lands as one snapshot, a producer never orders its per-type writes to keep intermediate
+snapshots consistent: there are none. Each resource's
 outgoing references are extracted once when it enters the cache, so checking a snapshot costs a
 set lookup per reference, not a walk of every protobuf.
 
@@ -47,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -241,6 +244,33 @@ class Snapshot:
 Watcher = Callable[[frozenset[str]], None]
 
 
+@dataclass(slots=True)
+class SnapshotDelta:
+    """What one producer changes in one node's snapshot in one flush: per type, resources to
+    add or replace and names to remove (a name both removed and upserted ends up upserted).
+    Gathered with `put` and `remove`, applied at once by `SnapshotCache.apply`."""
+
+    upserted: dict[str, dict[str, Message]] = field(default_factory=dict)
+    removed: dict[str, set[str]] = field(default_factory=dict)
+
+    def put(self, type_url: str, resources: Mapping[str, Message]) -> None:
+        if resources:
+            self.upserted.setdefault(type_url, {}).update(resources)
+
+    def remove(self, type_url: str, names: Iterable[str]) -> None:
+        names = set(names)
+        if names:
+            self.removed.setdefault(type_url, set()).update(names)
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self.upserted) | frozenset(self.removed)
+
+    def messages(self) -> list[Message]:
+        """Every upserted message (for size accounting)."""
+        return [m for by_name in self.upserted.values() for m in by_name.values()]
+
+
 class SnapshotCache:
     """Consistent, versioned snapshots per node id. Thread-safe (see the module docstring).
 
@@ -277,6 +307,44 @@ class SnapshotCache:
         self._notify(node_id)
         return snap
 
+    def apply(self, node_id: str, delta: SnapshotDelta) -> Snapshot:
+        """Change `node_id`'s snapshot by every type of `delta` at once, as one new snapshot.
+
+        Starts from an empty snapshot if the node has none. Names in `delta.removed` that are
+        absent are ignored. Returns the new snapshot (the old one if nothing changed). Raises
+        `InconsistentSnapshot` if the result would be inconsistent; nothing changes then.
+        """
+        types = delta.types
+        unknown = types - TYPE_URLS
+        if unknown:
+            raise ValueError(f"unknown type URLs: {sorted(unknown)}")
+        fresh = {
+            t: {name: CachedResource.build(t, name, msg) for name, msg in by_name.items()}
+            for t, by_name in delta.upserted.items()
+        }
+        # Serialization and reference extraction happen outside the lock; the lock is held
+        # only to swap, and a concurrent writer of the same node is detected by identity.
+        while True:
+            with self._lock:
+                base = self._snapshots.get(node_id)
+            current = base or Snapshot.empty()
+            snap = current
+            for t in sorted(types):
+                by_name = dict(current.resources[t])
+                for name in delta.removed.get(t, ()):
+                    by_name.pop(name, None)
+                by_name.update(fresh.get(t, {}))
+                snap = snap.replacing(t, by_name)
+            self._check(node_id, snap)
+            with self._lock:
+                if self._snapshots.get(node_id) is not base:
+                    continue
+                self._snapshots[node_id] = snap
+            break
+        if base is None or any(snap.versions[t] != current.versions[t] for t in types):
+            self._notify(node_id)
+        return snap
+
     def update(
         self,
         node_id: str,
@@ -284,39 +352,12 @@ class SnapshotCache:
         upserted: Mapping[str, Message] | None = None,
         removed: Iterable[str] = (),
     ) -> str:
-        """Change one type of `node_id`'s snapshot: add or replace `upserted`, drop `removed`.
-
-        Starts from an empty snapshot if the node has none. Names in `removed` that are absent
-        are ignored. Returns the type's new version (unchanged if the content is). Raises
-        `InconsistentSnapshot` if the result would be inconsistent; nothing changes then.
-        """
+        """Change one type of `node_id`'s snapshot (`apply` with one type). Returns the type's
+        new version (unchanged if the content is)."""
         if type_url not in TYPE_URLS:
             raise ValueError(f"unknown type URL {type_url!r}")
-        fresh = {
-            name: CachedResource.build(type_url, name, msg)
-            for name, msg in (upserted or {}).items()
-        }
-        drop = set(removed)
-        # Serialization and reference extraction happen outside the lock; the lock is held
-        # only to swap, and a concurrent writer of the same node is detected by identity.
-        while True:
-            with self._lock:
-                base = self._snapshots.get(node_id)
-            current = base or Snapshot.empty()
-            by_name = dict(current.resources[type_url])
-            for name in drop:
-                by_name.pop(name, None)
-            by_name.update(fresh)
-            snap = current.replacing(type_url, by_name)
-            self._check(node_id, snap)
-            with self._lock:
-                if self._snapshots.get(node_id) is not base:
-                    continue
-                self._snapshots[node_id] = snap
-            break
-        if snap.versions[type_url] != current.versions[type_url] or base is None:
-            self._notify(node_id)
-        return snap.versions[type_url]
+        delta = SnapshotDelta({type_url: dict(upserted or {})}, {type_url: set(removed)})
+        return self.apply(node_id, delta).versions[type_url]
 
     def clear_snapshot(self, node_id: str) -> None:
         """Forget `node_id`'s snapshot. Its Envoy keeps what it has (nothing is sent)."""
@@ -519,9 +560,9 @@ def _route_label(route: Any) -> str:
     if route.name:
         return repr(route.name)
     match = route.match
-    for field in ("prefix", "path", "path_separated_prefix"):
-        if match.HasField(field):
-            return f"{field} {getattr(match, field)!r}"
+    for kind in ("prefix", "path", "path_separated_prefix"):
+        if match.HasField(kind):
+            return f"{kind} {getattr(match, kind)!r}"
     if match.HasField("safe_regex"):
         return f"safe_regex {match.safe_regex.regex!r}"
     return "(unnamed)"

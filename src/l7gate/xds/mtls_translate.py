@@ -38,7 +38,7 @@ Constant-time lookups. The tunnel route's RBAC is one unified matcher, sent per 
        ├─ "10.0.1.5:9090" → ...
        └─ on_no_match → DENY "deny-relay" (not a local endpoint port: refuse to forward)
 
-Leaves are `translate.decision_on_match` with ``auth_verified=True``: the certificate proved
+Leaves are `rbac.decision_on_match` with ``auth_verified=True``: the certificate proved
 the identity, so auth-required decisions are satisfied here (``test-always-fail`` still fails).
 A header with two values, or a certificate with two URI SANs, is read as the values joined by a
 comma, which is no key of either map: the request falls to the refusing / default branch.
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
 from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
 from envoy.config.core.v3 import socket_option_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -90,9 +90,10 @@ from ..envoy_names import ORIGINAL_DST_HEADER as ORIGINAL_DST_HEADER
 from ..envoy_names import PROTOCOL_HEADER as PROTOCOL_HEADER
 from ..envoy_names import SOURCE_HEADER as SOURCE_HEADER
 from ..identity.spiffe import server_name, spiffe_id, trust_domain_id
-from ..policy.resolve import Action, Decision
-from . import translate as t
-from .translate import _any, _ext, _policies
+from ..policy.mapstate import Action, Decision
+from . import rbac, resources
+from .pb import ads, pack, typed_ext
+from .rbac import named_policies
 
 DEFAULT_TUNNEL_PORT = 15443
 DEFAULT_MAX_CONNECTION_DURATION = 300.0  # seconds a tunnel connection lives, then drains
@@ -107,13 +108,6 @@ TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 # Never a valid ip:port nor a SPIFFE ID: keeps an exact_match_map non-empty (Envoy requires one
 # entry) without matching anything.
 _NEVER = "-"
-
-
-def _ads() -> config_source_pb2.ConfigSource:
-    return config_source_pb2.ConfigSource(
-        ads=config_source_pb2.AggregatedConfigSource(),
-        resource_api_version=config_source_pb2.ApiVersion.V3,
-    )
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -191,7 +185,7 @@ def bundle_secret(trust_domain: str, bundle_pem: bytes | str) -> secret_pb2.Secr
 
 
 def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    return secret_pb2.SdsSecretConfig(name=name, sds_config=_ads())
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=ads())
 
 
 def _uri_san(matcher: envoy_string_pb2.StringMatcher) -> common_pb2.SubjectAltNameMatcher:
@@ -270,8 +264,8 @@ def tunnel_cluster(
             cluster_name=name,
             endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[lb])],
         ),
-        transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT, typed_config=_any(tls)),
-        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _any(h2)},
+        transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT, typed_config=pack(tls)),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: pack(h2)},
     )
 
 
@@ -325,13 +319,13 @@ def egress_route(
             if key in by_addr:
                 raise ValueError(f"source address {key} is listed under two tunnel clusters")
             by_addr[key] = matcher_pb2.Matcher.OnMatch(
-                action=_ext("route", _route_action(cluster, cluster, dst))
+                action=typed_ext("route", _route_action(cluster, cluster, dst))
             )
-    refuse = matcher_pb2.Matcher.OnMatch(action=_ext("route", _refuse("no-tunnel")))
+    refuse = matcher_pb2.Matcher.OnMatch(action=typed_ext("route", _refuse("no-tunnel")))
     if not by_addr:
         by_addr[_NEVER] = refuse
     tree = matcher_pb2.Matcher.MatcherTree(
-        input=_ext("source", http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=SOURCE_HEADER)),
+        input=typed_ext("source", http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=SOURCE_HEADER)),
         exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(
             map=dict(sorted(by_addr.items()))
         ),
@@ -356,7 +350,7 @@ def _source_header_mutation() -> core_extension_pb2.TypedExtensionConfig:
     )
     return core_extension_pb2.TypedExtensionConfig(
         name="envoy.http.early_header_mutation.header_mutation",
-        typed_config=_any(early_header_mutation_pb2.HeaderMutation(mutations=[set_source])),
+        typed_config=pack(early_header_mutation_pb2.HeaderMutation(mutations=[set_source])),
     )
 
 
@@ -366,7 +360,7 @@ def _normalizing_hcm(
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=rds_name),
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=rds_name),
         http_filters=list(filters),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -416,7 +410,7 @@ def tcp_tunnel_chains(
         ),
         access_log=list(access_logs),
     )
-    filters = [listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_any(proxy))]
+    filters = [listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=pack(proxy))]
     chains = []
     for a in sorted({str(ipaddress.ip_address(x)) for x in sources}):
         addr = ipaddress.ip_address(a)
@@ -448,11 +442,11 @@ def egress_listener(
     match and takes every other source (an unknown one gets its local 403).
     """
     name = egress_listener_name(ip, port)
-    router = hcm_pb2.HttpFilter(name=t.ROUTER_FILTER, typed_config=_any(router_pb2.Router()))
+    router = hcm_pb2.HttpFilter(name=resources.ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
     hcm = _normalizing_hcm(name, egress_route_name(ip, port), [router], access_logs)
     hcm.early_header_mutation_extensions.append(_source_header_mutation())
     chain = listener_components_pb2.FilterChain(
-        filters=[listener_components_pb2.Filter(name=t.HCM_FILTER, typed_config=_any(hcm))]
+        filters=[listener_components_pb2.Filter(name=resources.HCM_FILTER, typed_config=pack(hcm))]
     )
     bind_ip, bind_port = bind if bind is not None else (ip, port)
     return listener_pb2.Listener(
@@ -487,7 +481,7 @@ def tunnel_listener(
     td_prefix = envoy_string_pb2.StringMatcher(prefix=f"{trust_domain_id(trust_domain)}/identity/")
     chains = []
     for ident in sorted(set(local_identities)):
-        hcm = t.http_connection_manager(TUNNEL_LISTENER, TUNNEL_ROUTE, access_logs)
+        hcm = resources.http_connection_manager(TUNNEL_LISTENER, TUNNEL_ROUTE, access_logs)
         # The pod learns the caller's SPIFFE ID; whatever a client sent in XFCC is dropped.
         hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
         hcm.set_current_client_cert_details.uri = True
@@ -510,8 +504,8 @@ def tunnel_listener(
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     server_names=[server_name(trust_domain, ident)], transport_protocol="tls"
                 ),
-                filters=[listener_components_pb2.Filter(name=t.HCM_FILTER, typed_config=_any(hcm))],
-                transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT, typed_config=_any(tls)),
+                filters=[listener_components_pb2.Filter(name=resources.HCM_FILTER, typed_config=pack(hcm))],
+                transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT, typed_config=pack(tls)),
             )
         )
     return listener_pb2.Listener(
@@ -519,7 +513,7 @@ def tunnel_listener(
         address=_socket(ip, port),
         listener_filters=[
             listener_components_pb2.ListenerFilter(
-                name=TLS_INSPECTOR, typed_config=_any(tls_inspector_pb2.TlsInspector())
+                name=TLS_INSPECTOR, typed_config=pack(tls_inspector_pb2.TlsInspector())
             )
         ],
         filter_chains=chains,
@@ -558,7 +552,7 @@ def original_dst_cluster(
                 http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
             )
         )
-        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(h2))
+        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(h2))
     if socket_mark is not None:
         cluster.upstream_bind_config.socket_options.append(
             socket_option_pb2.SocketOption(
@@ -574,7 +568,7 @@ def original_dst_cluster(
 
 def _deny(name: str) -> matcher_pb2.Matcher.OnMatch:
     act = rbac_config_pb2.Action(name=name, action=rbac_config_pb2.RBAC.Action.DENY)
-    return matcher_pb2.Matcher.OnMatch(action=_ext("rbac-action", act))
+    return matcher_pb2.Matcher.OnMatch(action=typed_ext("rbac-action", act))
 
 
 def _connect_on_match(d: Decision) -> matcher_pb2.Matcher.OnMatch:
@@ -582,27 +576,27 @@ def _connect_on_match(d: Decision) -> matcher_pb2.Matcher.OnMatch:
     anything (an L3/L4 allow). HTTP rules cannot be checked inside a byte stream, so a port
     the peer may reach only with certain requests refuses CONNECT ("deny-l7")."""
     if d.action is Action.HTTP:
-        return _deny(f"deny-l7|{_policies(d)}")
-    return t.decision_on_match(d, auth_verified=True)
+        return _deny(f"deny-l7|{named_policies(d)}")
+    return rbac.decision_on_match(d, auth_verified=True)
 
 
 def identity_matcher(
-    trust_domain: str, decisions: t.PortDecisions, *, connect: bool = False
+    trust_domain: str, decisions: rbac.PortDecisions, *, connect: bool = False
 ) -> matcher_pb2.Matcher.OnMatch:
     """One local endpoint port's decisions keyed by the peer certificate's URI SAN (`connect`:
     as they apply to a CONNECT stream, `_connect_on_match`).
 
     Identities whose decision equals world's are not listed: they fall to on_no_match, which
-    is world's decision (as an unknown source address does in `translate.rbac_matcher`)."""
+    is world's decision (as an unknown source address does in `rbac.rbac_matcher`)."""
     def leaf(d: Decision) -> matcher_pb2.Matcher.OnMatch:
-        return _connect_on_match(d) if connect else t.decision_on_match(d, auth_verified=True)
+        return _connect_on_match(d) if connect else rbac.decision_on_match(d, auth_verified=True)
 
     default = leaf(decisions.world)
     if not decisions.peers:
         return default
     by_san = {spiffe_id(trust_domain, ident): leaf(d) for ident, d in decisions.peers.items()}
     tree = matcher_pb2.Matcher.MatcherTree(
-        input=_ext("uri-san", ssl_inputs_pb2.UriSanInput()),
+        input=typed_ext("uri-san", ssl_inputs_pb2.UriSanInput()),
         exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=by_san),
     )
     return matcher_pb2.Matcher.OnMatch(
@@ -611,12 +605,12 @@ def identity_matcher(
 
 
 def tunnel_matcher(
-    trust_domain: str, by_destination: Mapping[tuple[str, int], t.PortDecisions], *, connect: bool = False
+    trust_domain: str, by_destination: Mapping[tuple[str, int], rbac.PortDecisions], *, connect: bool = False
 ) -> matcher_pb2.Matcher:
     """The tunnel route's RBAC matcher: the destination (x-envoy-original-dst-host) must be a
     local endpoint port, then the peer identity from the client certificate picks that port's
     decision. `by_destination` maps each local (pod ip, port) reachable through the tunnel to
-    `translate.port_decisions(...)` for it. `connect`: the CONNECT route's matcher (the TCP
+    `rbac.port_decisions(...)` for it. `connect`: the CONNECT route's matcher (the TCP
     variant). Deterministic: equal inputs, identical bytes."""
     by_dst = {
         host_port(ip, port): identity_matcher(trust_domain, d, connect=connect)
@@ -625,7 +619,7 @@ def tunnel_matcher(
     if not by_dst:
         by_dst[_NEVER] = _deny("deny-relay|")
     tree = matcher_pb2.Matcher.MatcherTree(
-        input=_ext(
+        input=typed_ext(
             "original-dst",
             http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=ORIGINAL_DST_HEADER),
         ),
@@ -643,13 +637,13 @@ def tunnel_route(
     CONNECT requests (the TCP variant) match only the first route, which terminates them and
     relays the stream's bytes to the pod, under `connect_matcher` (`tunnel_matcher(...,
     connect=True)`; none: every CONNECT is refused)."""
-    rc = t.route_configuration(TUNNEL_ROUTE, ORIGINAL_DST_CLUSTER, matcher)
+    rc = resources.route_configuration(TUNNEL_ROUTE, ORIGINAL_DST_CLUSTER, matcher)
     vhost = rc.virtual_hosts[0]
     http1 = vhost.routes[0]
     # The HTTP routes share one RBAC config at the virtual host (the CONNECT route overrides it
     # with its own): the h2 route adds no second copy of the decisions to the RDS resource.
-    vhost.typed_per_filter_config[t.RBAC_FILTER].CopyFrom(http1.typed_per_filter_config[t.RBAC_FILTER])
-    del http1.typed_per_filter_config[t.RBAC_FILTER]
+    vhost.typed_per_filter_config[resources.RBAC_FILTER].CopyFrom(http1.typed_per_filter_config[resources.RBAC_FILTER])
+    del http1.typed_per_filter_config[resources.RBAC_FILTER]
     http1.request_headers_to_remove.append(PROTOCOL_HEADER)
     h2 = route_components_pb2.Route()
     h2.CopyFrom(http1)
@@ -675,7 +669,7 @@ def tunnel_route(
                 )
             ],
         ),
-        typed_per_filter_config={t.RBAC_FILTER: _any(per_route)},
+        typed_per_filter_config={resources.RBAC_FILTER: pack(per_route)},
     )
     # The HTTP routes never upgrade to CONNECT (a CONNECT cannot match a path route anyway).
     for r in vhost.routes:
@@ -707,7 +701,7 @@ class TunnelIngress:
 def tunnel_ingress(
     node_ip: str,
     trust_domain: str,
-    by_destination: Mapping[tuple[str, int], t.PortDecisions],
+    by_destination: Mapping[tuple[str, int], rbac.PortDecisions],
     local_identities: Collection[int],
     port: int = DEFAULT_TUNNEL_PORT,
     *,

@@ -2,7 +2,7 @@
 
 Theory of operation: every (local endpoint, port) the node's Envoy fronts owns a listener, a
 route and a cluster, and over ECDS a classifier and `SOURCE_SLOTS` + 1 RBAC slots (see
-`translate`, "source-address slots"). Slot i decides the addresses of the ipcache blocks
+`source_slots`). Slot i decides the addresses of the ipcache blocks
 (/26, /122) with `slot_of(block) == i`; the rest slot decides addresses in no block, by the
 broad prefixes (shorter than a block). The publisher tracks what is dirty per (port, slot):
 
@@ -20,9 +20,9 @@ So one new pod re-translates one slot (~1/128 of the table) and sends one ECDS r
 the cache versions resources by content, re-translating something that did not really change
 sends nothing to Envoy.
 
-`flush()` translates what is dirty and hands the changed resources to the snapshot cache in
-one `update` per type, in an order that keeps every intermediate snapshot consistent: clusters,
-then ECDS (slots with the classifier naming them), routes, listeners; removals in reverse.
+`flush()` translates what is dirty and hands every changed and removed resource to the snapshot
+cache as one `SnapshotDelta`: the node's snapshot changes once per flush, and the cache checks
+that it is consistent (every resource a listener, route or classifier names is in it).
 
 Not thread-safe: the agent's reconcile loop owns it.
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,97 +39,27 @@ from google.protobuf.message import Message
 
 from ..envoy_names import CLUSTER, EXTENSION_CONFIG, LISTENER, ROUTE
 from ..identity.ipcache import IPCacheChange
-from ..policy.resolve import (
-    ANY_PEER,
-    Decision,
-    EndpointPolicy,
-    MapEntry,
-    MapKey,
-    PolicyDelta,
-    decide_hits,
-)
+from ..policy.mapstate import ANY_PEER, Decision, EndpointPolicy, MapEntry, MapKey, PolicyDelta, PortView
 from ..policy.types import Direction
 from ..policy.types import Protocol as L4Protocol
-from . import translate as t
+from . import rbac, resources, source_slots
+from .cache import SnapshotDelta
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 
 class ResourceSink(Protocol):
-    """What the publisher needs from the snapshot cache (xds/cache.py provides it)."""
+    """What the publisher needs from the snapshot cache (`cache.SnapshotCache` provides it)."""
 
-    def update(
-        self, node_id: str, type_url: str, upserted: Mapping[str, Message], removed: Iterable[str]
-    ) -> object: ...
-
-
-def _covers(key: MapKey, port: int) -> bool:
-    return key.protocol.covers(L4Protocol.TCP) and key.ports.contains(port)
-
-
-class _PolicyIndex:
-    """One endpoint's ingress map for one TCP port, by peer (`policy.resolve.PortView`'s rule),
-    kept up to date from policy deltas instead of rebuilt from the whole map."""
-
-    __slots__ = ("policy", "port", "any", "by_peer", "_memo")
-
-    def __init__(self, policy: EndpointPolicy | None, port: int) -> None:
-        self.policy = policy
-        self.port = port
-        self.any: dict[MapKey, MapEntry] = {}
-        self.by_peer: dict[int, dict[MapKey, MapEntry]] = {}
-        # Peers with the same entries get the same decision (the resolver shares one entry
-        # object among equal keys); keyed by the entries' ids. Each value keeps its entries
-        # alive, so that an id in a key is never reused by another object.
-        self._memo: dict[tuple[int, ...], tuple[list[MapEntry], Decision]] = {}
-        if policy is not None:
-            for k, e in policy.entries(Direction.INGRESS).items():
-                if _covers(k, port):
-                    self.set(k, e)
-
-    def set(self, key: MapKey, entry: MapEntry | None) -> None:
-        if key.peer == ANY_PEER:
-            target = self.any
-            self._memo.clear()
-        else:
-            target = self.by_peer.setdefault(key.peer, {})
-        if entry is None:
-            target.pop(key, None)
-            if key.peer != ANY_PEER and not target:
-                del self.by_peer[key.peer]
-        else:
-            target[key] = entry
-
-    def clear_memo(self) -> None:
-        self._memo.clear()
-
-    def decide(self, peer: int) -> Decision:
-        if self.policy is None or not self.policy.policies:
-            return decide_hits(self.policy, Direction.INGRESS, [])
-        own = self.by_peer.get(peer)
-        hits = [*self.any.values(), *own.values()] if own else list(self.any.values())
-        key = tuple(map(id, hits))
-        got = self._memo.get(key)
-        if got is not None:
-            return got[1]
-        if len(self._memo) > 2 * len(self.by_peer) + 1024:
-            self._memo.clear()  # entries replaced since: drop what they pinned
-        d = decide_hits(self.policy, Direction.INGRESS, hits)
-        self._memo[key] = (hits, d)
-        return d
-
-
-def _meta(policy: EndpointPolicy | None) -> object:
-    """What of a policy, besides its map, a decision depends on."""
-    return None if policy is None else (policy.policies, policy.default_deny(Direction.INGRESS))
+    def apply(self, node_id: str, delta: SnapshotDelta) -> object: ...
 
 
 @dataclass(slots=True)
 class _PortState:
-    port: t.ProxiedPort
+    port: resources.ProxiedPort
     # The policy the port's slots were last rendered with (None: never rendered).
-    index: _PolicyIndex | None = None
+    index: PortView | None = None
     world: Decision | None = None
     unnamed: Decision | None = None
     decided: dict[int, Decision] = field(default_factory=dict)  # memo of decide()
@@ -141,8 +71,8 @@ class _PortState:
     classifier: bool = False
 
     def decide(self, ident: int) -> Decision:
-        """The port's decision for `ident` as rendered (`translate.port_decisions`' rule)."""
-        if ident == t.WORLD_ID:
+        """The port's decision for `ident` as rendered (`rbac.port_decisions`' rule)."""
+        if ident == rbac.WORLD_ID:
             assert self.world is not None
             return self.world
         d = self.decided.get(ident)
@@ -185,15 +115,15 @@ class Publisher:
     # -- inputs -------------------------------------------------------------------------------
 
     def load_ipcache(self, entries: Iterable[tuple[IPNetwork, int]]) -> None:
-        self._prefixes = t.prefixes_by_identity(entries)
-        self._by_block, self._broad = t.source_index(self._prefixes)
+        self._prefixes = source_slots.prefixes_by_identity(entries)
+        self._by_block, self._broad = source_slots.source_index(self._prefixes)
         self._slot_blocks = {}
         for b in self._by_block:
-            self._slot_blocks.setdefault(t.slot_of(b), set()).add(b)
+            self._slot_blocks.setdefault(source_slots.slot_of(b), set()).add(b)
         for st in self._ports.values():
             st.full = True
 
-    def set_ports(self, ports: Iterable[t.ProxiedPort]) -> None:
+    def set_ports(self, ports: Iterable[resources.ProxiedPort]) -> None:
         wanted = {(p.ip, p.port): p for p in ports}
         for key in list(self._ports):
             if key not in wanted:
@@ -218,10 +148,10 @@ class Publisher:
                     continue
                 port = st.port.port
                 for k, e in ingress.upserted.items():
-                    if _covers(k, port):
+                    if k.protocol.covers(L4Protocol.TCP) and k.ports.contains(port):
                         st.pending[k] = e
                 for k in ingress.deleted:
-                    if _covers(k, port):
+                    if k.protocol.covers(L4Protocol.TCP) and k.ports.contains(port):
                         st.pending[k] = None
 
     def mark_identity(self, identity: int) -> None:
@@ -243,7 +173,7 @@ class Publisher:
                 nets.sort(key=lambda n: (n.version, int(n.network_address), n.prefixlen))
             if not nets:
                 self._prefixes.pop(ident, None)
-        block = t.block_of(p)
+        block = source_slots.block_of(p)
         if block is None:
             self._broad_changed(p, change.new)
             return
@@ -253,7 +183,7 @@ class Publisher:
             entries.pop(p, None)
         else:
             entries[p] = change.new
-        slot = t.slot_of(block)
+        slot = source_slots.slot_of(block)
         gone = not entries
         if gone:
             del self._by_block[block]
@@ -261,7 +191,7 @@ class Publisher:
         elif appeared:
             self._slot_blocks.setdefault(slot, set()).add(block)
         # Prefixes holding p: inside one that is listed, p is listed whatever its own decision.
-        cover = t.covering(block, self._broad) if self._broad else None
+        cover = source_slots.covering(block, self._broad) if self._broad else None
         holders = [cover[1]] if cover is not None else []
         holders += [
             ident for net, ident in entries.items()
@@ -287,7 +217,7 @@ class Publisher:
         if ident is None:
             return False
         assert st.world is not None
-        return not t.renders_alike(st.decide(ident), st.world, auth_verified=self.auth_verified)
+        return not rbac.renders_alike(st.decide(ident), st.world, auth_verified=self.auth_verified)
 
     def _broad_changed(self, prefix: IPNetwork, new: int | None) -> None:
         if new is None:
@@ -295,12 +225,12 @@ class Publisher:
         else:
             self._broad[prefix] = new
         inside = {
-            t.slot_of(b)
+            source_slots.slot_of(b)
             for b in self._by_block
             if b.version == prefix.version and b.subnet_of(prefix)  # type: ignore[arg-type]
         }
         for st in self._ports.values():
-            st.slots.add(t.REST)
+            st.slots.add(source_slots.REST)
             st.slots |= inside
 
     # -- output -------------------------------------------------------------------------------
@@ -314,11 +244,11 @@ class Publisher:
         removed changes it only when it is among them."""
         policy = self.policy_of(st.port.identity)
         idx = st.index
-        alike = functools.partial(t.renders_alike, auth_verified=self.auth_verified)
+        alike = functools.partial(rbac.renders_alike, auth_verified=self.auth_verified)
         if st.full or idx is None or any(k.peer == ANY_PEER for k in st.pending):
-            st.index = _PolicyIndex(policy, st.port.port)
+            st.index = PortView(policy, Direction.INGRESS, st.port.port, L4Protocol.TCP)
             st.decided = {}
-            st.world, st.unnamed = st.index.decide(t.WORLD_ID), st.index.decide(-1)
+            st.world, st.unnamed = st.index.decide(rbac.WORLD_ID), st.index.decide(-1)
             st.full = True
         else:
             before = {k.peer: st.decide(k.peer) for k in st.pending}
@@ -326,14 +256,12 @@ class Publisher:
             assert old_world is not None and old_unnamed is not None
             for k, e in st.pending.items():
                 idx.set(k, e)
-            if _meta(policy) != _meta(idx.policy):
-                idx.clear_memo()
+            if idx.set_policy(policy):
                 st.decided = {}  # decisions of peers without entries of their own
             else:
                 for ident in before:
                     st.decided.pop(ident, None)
-            idx.policy = policy
-            st.world, st.unnamed = idx.decide(t.WORLD_ID), idx.decide(-1)
+            st.world, st.unnamed = idx.decide(rbac.WORLD_ID), idx.decide(-1)
             if not (alike(st.world, old_world) and alike(st.unnamed, old_unnamed)):
                 st.full = True
                 st.decided = {}
@@ -346,13 +274,13 @@ class Publisher:
 
     def _mark_identity_slots(self, st: _PortState, ident: int) -> None:
         for net in self._prefixes.get(ident, ()):
-            block = t.block_of(net)
+            block = source_slots.block_of(net)
             if block is not None:
-                st.slots.add(t.slot_of(block))
+                st.slots.add(source_slots.slot_of(block))
             else:
-                st.slots.add(t.REST)
+                st.slots.add(source_slots.REST)
                 st.slots |= {
-                    t.slot_of(b)
+                    source_slots.slot_of(b)
                     for b in self._by_block
                     if b.version == net.version and b.subnet_of(net)  # type: ignore[arg-type]
                 }
@@ -372,44 +300,46 @@ class Publisher:
                 self._refresh_policy(st)
             if st.full:
                 rname, cname, lname = (
-                    t.route_name(p.ip, p.port), t.cluster_name(p.ip, p.port), t.listener_name(p.ip, p.port)
+                    resources.route_name(p.ip, p.port), resources.cluster_name(p.ip, p.port), resources.listener_name(p.ip, p.port)
                 )
-                clusters[cname] = t.static_cluster(cname, p.upstream_ip, p.upstream_port)
-                routes[rname] = t.upstream_route(rname, cname)
-                listeners[lname] = t.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent)
-                slots: Iterable[int] = (*range(t.SOURCE_SLOTS), t.REST)
+                clusters[cname] = resources.static_cluster(cname, p.upstream_ip, p.upstream_port)
+                routes[rname] = resources.upstream_route(rname, cname)
+                listeners[lname] = resources.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent)
+                slots: Iterable[int] = (*range(source_slots.SOURCE_SLOTS), source_slots.REST)
                 st.classifier = True
                 stats.ports_translated += 1
             else:
                 slots = sorted(st.slots)
             assert st.world is not None
             for i in slots:
-                cfg = t.source_slot_config(
+                cfg = source_slots.source_slot_config(
                     p.ip, p.port, i, st.decide, st.world, self._by_block, self._broad,
                     self._slot_blocks.get(i, ()), auth_verified=self.auth_verified,
                 )
                 ecds[cfg.name] = cfg
                 stats.slots_translated += 1
             if st.classifier:
-                cls = t.classifier_config(p.ip, p.port, self._by_block)
+                cls = source_slots.classifier_config(p.ip, p.port, self._by_block)
                 ecds[cls.name] = cls
             st.full = st.classifier = False
             st.slots.clear()
         removed = sorted(self._removed)
         self._removed.clear()
         if not self._initialized or clusters or listeners or routes or ecds or removed:
-            gone_l = [t.listener_name(ip, port) for ip, port in removed]
-            gone_r = [t.route_name(ip, port) for ip, port in removed]
-            gone_c = [t.cluster_name(ip, port) for ip, port in removed]
-            gone_e = [n for ip, port in removed for n in t.slot_names(ip, port)]
-            # Order keeps every intermediate snapshot consistent: add clusters and filter
-            # configs before the routes and listeners naming them, remove listeners first.
-            self.sink.update(self.node_id, CLUSTER, clusters, ())
-            self.sink.update(self.node_id, LISTENER, {}, gone_l)
-            self.sink.update(self.node_id, EXTENSION_CONFIG, ecds, gone_e)
-            self.sink.update(self.node_id, ROUTE, routes, gone_r)
-            self.sink.update(self.node_id, LISTENER, listeners, ())
-            self.sink.update(self.node_id, CLUSTER, {}, gone_c)
+            gone_l = [resources.listener_name(ip, port) for ip, port in removed]
+            gone_r = [resources.route_name(ip, port) for ip, port in removed]
+            gone_c = [resources.cluster_name(ip, port) for ip, port in removed]
+            gone_e = [n for ip, port in removed for n in source_slots.slot_names(ip, port)]
+            delta = SnapshotDelta()
+            delta.put(CLUSTER, clusters)
+            delta.put(EXTENSION_CONFIG, ecds)
+            delta.put(ROUTE, routes)
+            delta.put(LISTENER, listeners)
+            delta.remove(LISTENER, gone_l)
+            delta.remove(EXTENSION_CONFIG, gone_e)
+            delta.remove(ROUTE, gone_r)
+            delta.remove(CLUSTER, gone_c)
+            self.sink.apply(self.node_id, delta)
             self._initialized = True
         sent = (*listeners.values(), *routes.values(), *clusters.values(), *ecds.values())
         stats.resources_sent = len(sent)
@@ -418,5 +348,5 @@ class Publisher:
         return stats
 
     @property
-    def ports(self) -> list[t.ProxiedPort]:
+    def ports(self) -> list[resources.ProxiedPort]:
         return [st.port for _, st in sorted(self._ports.items())]

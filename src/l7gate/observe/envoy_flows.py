@@ -1,0 +1,453 @@
+"""Envoy access logs → flows: the ``als`` source (`http_log_flows`, one
+`envoy.data.accesslog.v3.HTTPAccessLogEntry` per request) and the ``als-tcp`` source
+(`tcp_log_flows`, one `TCPAccessLogEntry` per connection of the mTLS tunnel listener), both
+received over gRPC by `als.AccessLogReceiver`.
+
+Envoy HTTP access log entry → flows (`http_log_flows`):
+
+- RBAC denial (`response_code_details` is `rbac_access_denied_matched_policy[<action>]`): one
+  DROPPED L7 flow. The action name says why: `deny-l7|…` "Policy denied (L7)", `deny-l3l4|…`
+  "Policy denied" (an L3/L4 verdict, made in Envoy in loopback mode), `deny-auth|…`
+  "Authentication required", anything else (the filter-level deny-all of a route with no
+  policy yet) "Policy denied". `policy_match` is the action's policy list.
+- A request that passed policy gives a REQUEST flow (FORWARDED, summary `METHOD URL`) and a
+  RESPONSE flow (`is_reply`, latency = time to the first upstream response byte). The
+  response is FORWARDED when the upstream answered (`via_upstream`), ERROR when Envoy answered
+  itself after letting the request through (upstream reset, no healthy upstream, client gone:
+  summary `<code> <details>`). `policy_match` comes from the RBAC filter's metadata
+  (`allow|…`).
+- A request refused before policy was evaluated — the 400 of path normalization (an escaped
+  slash, DESIGN decision 4), or any other local reply of Envoy's with no RBAC decision — is one
+  ERROR L7 flow, summary `400 path_normalization_failed`. It is not DROPPED: no policy denied
+  it, the proxy refused input it will not interpret. `--verdict ERROR` finds these.
+
+Envoy TCP access log entry → flows (`tcp_log_flows`): a connection the mTLS tunnel refused in
+its TLS handshake, or could not carry, is one DROPPED (or ERROR) L3_L4 flow naming the reason;
+the connections that ran are covered by their HTTP entries and give no flow.
+
+The protobuf messages have no type stubs: mypy sees them as Any, the annotations are for readers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3.address_pb2 import SocketAddress
+from envoy.data.accesslog.v3.accesslog_pb2 import (
+    AccessLogCommon,
+    HTTPAccessLogEntry,
+    HTTPRequestProperties,
+    HTTPResponseProperties,
+    ResponseFlags,
+    TCPAccessLogEntry,
+)
+from google.protobuf.duration_pb2 import Duration
+
+from ..envoy_names import ORIGINAL_DST_HEADER
+from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
+from .flow import (
+    AUTH_FAILED,
+    AUTH_REQUIRED,
+    HTTP,
+    MAX_HEADER_VALUE,
+    POLICY_DENIED,
+    POLICY_DENIED_L7,
+    AuthType,
+    Endpoint,
+    Flow,
+    FlowType,
+    L7Type,
+    Layer7,
+    TrafficDirection,
+    Verdict,
+    clip_url,
+    safe_headers,
+)
+from .ingest_context import IngestContext, MalformedEvent, PeerInfo, endpoint
+
+SOURCE_ALS = "als"
+SOURCE_ALS_TCP = "als-tcp"
+_ENTRY_TYPE = "envoy.data.accesslog.v3.HTTPAccessLogEntry"
+_TCP_ENTRY_TYPE = "envoy.data.accesslog.v3.TCPAccessLogEntry"
+_RBAC_DENIED = "rbac_access_denied_matched_policy["
+_RBAC_FILTER = "envoy.filters.http.rbac"
+_VIA_UPSTREAM = "via_upstream"
+# envoy.config.core.v3.RequestMethod and HTTPAccessLogEntry.HTTPVersion, by number.
+_METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+_PROTOCOLS = ("", "HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3")
+# Every method an entry can name: the bound of `ingest.method_label`.
+KNOWN_METHODS = frozenset(_METHODS[1:])
+_DENY_REASONS = {"deny-l7": POLICY_DENIED_L7, "deny-l3l4": POLICY_DENIED, "deny-auth": AUTH_REQUIRED}
+_MAX_TIME_NS = 253_402_300_799 * 1_000_000_000  # 9999-12-31T23:59:59Z: RFC 3339 ends there
+
+
+def _ns(duration: Duration) -> int:
+    return int(duration.seconds) * 1_000_000_000 + int(duration.nanos)
+
+
+def _policies(action: str) -> tuple[str, str]:
+    kind, _, pols = action.partition("|")
+    return kind, pols
+
+
+def _rbac_action(cp: AccessLogCommon) -> str:
+    md = cp.metadata.filter_metadata
+    if _RBAC_FILTER not in md:
+        return ""
+    v = md[_RBAC_FILTER].fields.get("enforced_effective_policy_id")
+    return v.string_value if v is not None else ""
+
+
+_TLS_WORDS = (
+    # (fragment of BoringSSL's error text, what it means), most specific first
+    ("CERTIFICATE_EXPIRED", "certificate expired"),
+    ("certificate has expired", "certificate expired"),
+    ("UNKNOWN_CA", "certificate from an unknown CA (another trust domain or CA)"),
+    ("unable to get local issuer", "certificate from an unknown CA (another trust domain or CA)"),
+    ("CERTIFICATE_REQUIRED", "no client certificate"),
+    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "no client certificate"),
+    ("verify cert failed: SAN", "certificate SPIFFE ID not accepted"),
+    ("SAN matcher", "certificate SPIFFE ID not accepted"),
+    ("CERTIFICATE_UNKNOWN", "certificate SPIFFE ID not accepted"),
+    ("CERTIFICATE_VERIFY_FAILED", "certificate verification failed"),
+    ("BAD_CERTIFICATE", "certificate refused"),
+    ("HANDSHAKE_FAILURE", "handshake failure"),
+    ("Connection reset by peer", "the destination closed the handshake (it serves no such identity "
+                                 "in this trust domain, or refused the certificate)"),
+)
+
+
+def tls_reason(text: str) -> str:
+    """Envoy's TLS failure text (BoringSSL's error stack) in words."""
+    for frag, words in _TLS_WORDS:
+        if frag in text:
+            return words
+    return "TLS handshake failed"
+
+
+def _is_tls_error(text: str) -> bool:
+    return "TLS" in text or "SSL" in text or "CERTIFICATE" in text.upper()
+
+
+def _tunnel_peer(cp: AccessLogCommon) -> int | None:
+    """The l7gate identity of a client certificate (exactly one URI SAN, an identity's SPIFFE
+    ID), or None: not a tunnel entry, or a certificate no identity can be read from."""
+    if not cp.HasField("tls_properties"):
+        return None
+    uris = [s.uri for s in cp.tls_properties.peer_certificate_properties.subject_alt_name if s.uri]
+    if len(uris) != 1:
+        return None
+    try:
+        return parse_spiffe_id(uris[0])[1]
+    except SpiffeIDError:
+        return None
+
+
+def _has_client_certificate(cp: AccessLogCommon) -> bool:
+    """Only the mTLS tunnel listener asks for client certificates."""
+    return cp.HasField("tls_properties") and any(
+        s.uri for s in cp.tls_properties.peer_certificate_properties.subject_alt_name)
+
+
+def _tunnel_source(xff: str, direct: str) -> str:
+    """The source pod's address in a tunnelled request's X-Forwarded-For: the entry the source
+    node's Envoy appended, i.e. the last one before the one this node appended (`direct`)."""
+    hops = [h.strip() for h in xff.split(",") if h.strip()]
+    if hops and hops[-1] == direct:
+        hops.pop()
+    return hops[-1] if hops else direct
+
+
+def _tunnel_destination(value: str | None, addr: str, port: int) -> tuple[str, int]:
+    if not value:
+        return addr, port
+    host, _, p = value.rpartition(":")
+    return (host, int(p)) if host and p.isdigit() else (addr, port)
+
+
+def _check_type(entry: Any, expected: str) -> None:
+    # Any: whatever the producer offered; this is where its type is found out.
+    try:
+        name = entry.DESCRIPTOR.full_name
+    except AttributeError:
+        raise MalformedEvent(f"not a protobuf message: {type(entry).__name__}") from None
+    if name != expected:
+        raise MalformedEvent(f"expected {expected}, got {name}")
+
+
+def _downstream(cp: AccessLogCommon) -> tuple[SocketAddress, SocketAddress]:
+    """(source, destination) socket addresses of an entry: the direct peer if Envoy logged
+    it, else the remote address."""
+    src_sa = cp.downstream_direct_remote_address.socket_address
+    if not src_sa.address:
+        src_sa = cp.downstream_remote_address.socket_address
+    return src_sa, cp.downstream_local_address.socket_address
+
+
+def _resolve(ctx: IngestContext, addr: str) -> PeerInfo:
+    try:
+        return ctx.resolve(addr)
+    except ValueError as exc:
+        raise MalformedEvent(f"unusable address: {exc}") from None
+
+
+def _start_ns(cp: AccessLogCommon, ctx: IngestContext) -> int:
+    st = cp.start_time
+    t0 = int(st.seconds) * 1_000_000_000 + int(st.nanos) or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    return t0
+
+
+def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The flows of one Envoy HTTP access log entry (see the module docstring)."""
+    _check_type(entry, _ENTRY_TYPE)
+    cp = entry.common_properties
+    src_sa, dst_sa = _downstream(cp)
+    if not src_sa.address or not dst_sa.address:
+        raise MalformedEvent("entry without downstream IP addresses")
+    src_addr, src_port = src_sa.address, int(src_sa.port_value)
+    dst_addr, dst_port = dst_sa.address, int(dst_sa.port_value)
+    req = entry.request
+    tunnel_identity = _tunnel_peer(cp)
+    tunnelled = _has_client_certificate(cp)
+    auth = AuthType.SPIRE if tunnelled else AuthType.DISABLED
+    if tunnelled:
+        # Through the mTLS tunnel: the connection comes from the source node's Envoy. The
+        # caller is the client certificate's identity; its address is what that Envoy
+        # appended to X-Forwarded-For; the pod it reached is the original-destination header.
+        src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
+        dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr, dst_port)
+    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
+    if _has_client_certificate(cp) and src_info.identity != tunnel_identity:
+        # The certificate wins over the claimed address; no usable identity in it: unknown.
+        src_info = PeerInfo(tunnel_identity or 0)
+    src = endpoint(src_addr, src_port, src_info)
+    dst = endpoint(dst_addr, dst_port, dst_info)
+    if dst_info.local:
+        direction = TrafficDirection.INGRESS
+    elif src_info.local:
+        direction = TrafficDirection.EGRESS
+    else:
+        direction = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
+
+    t0 = _start_ns(cp, ctx)
+    resp = entry.response
+    m = int(req.request_method)
+    method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
+    p = int(entry.protocol_version)
+    proto = _PROTOCOLS[p] if 0 <= p < len(_PROTOCOLS) else ""
+    url = clip_url(f"{req.scheme or 'http'}://{req.authority}{req.path}")
+    code = int(resp.response_code.value)
+    details = resp.response_code_details
+    req_headers = _request_headers(req)
+    node = ctx.node_name
+
+    if tunnelled and method == "CONNECT":
+        return (_tunnel_connect_flow(entry, t0, src, dst, direction, node),)
+
+    if details.startswith(_RBAC_DENIED):
+        kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        summary = reason
+        if tunnelled and tunnel_identity is None:
+            n = sum(1 for x in cp.tls_properties.peer_certificate_properties.subject_alt_name if x.uri)
+            summary = (f"{reason}: the client certificate names no single identity ({n} URI SANs); "
+                       f"decided as an unknown peer")
+        return (
+            Flow(
+                time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
+                drop_reason_desc=reason,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                traffic_direction=direction, policy_match=_split(pols), summary=summary,
+                node_name=node, auth_type=auth,
+            ),
+        )
+
+    tls_failure = cp.upstream_transport_failure_reason
+    if tls_failure and _is_tls_error(tls_failure):
+        # The source side of the tunnel: the destination node's Envoy refused our certificate,
+        # or we refused its certificate. Nothing was sent.
+        words = tls_reason(tls_failure)
+        return (
+            Flow(
+                time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
+                drop_reason_desc=AUTH_FAILED,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                traffic_direction=direction,
+                summary=f"mTLS tunnel to {cp.upstream_remote_address.socket_address.address or 'peer'} "
+                        f"refused: {words} ({tls_failure[:200]})",
+                node_name=node, auth_type=AuthType.SPIRE,
+            ),
+        )
+
+    action = _rbac_action(cp)
+    kind, pols = _policies(action)
+    upstream = bool(cp.upstream_remote_address.socket_address.address)
+    answered = details == _VIA_UPSTREAM or (not details and upstream and code > 0)
+    if kind == "allow" or answered or upstream:
+        policies = _split(pols)
+        if cp.HasField("time_to_first_upstream_rx_byte"):
+            latency = _ns(cp.time_to_first_upstream_rx_byte)
+        elif cp.HasField("time_to_first_downstream_tx_byte"):
+            latency = _ns(cp.time_to_first_downstream_tx_byte)
+        else:
+            latency = _ns(cp.duration)
+        if not 0 <= latency <= _MAX_TIME_NS - t0:
+            raise MalformedEvent(f"latency {latency} ns is not a duration")
+        request = Flow(
+            time=t0, verdict=Verdict.FORWARDED, type=FlowType.L7, source=src, destination=dst,
+            l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
+            traffic_direction=direction, policy_match=policies,
+            summary=f"{method} {url}" if method else url, node_name=node, auth_type=auth,
+        )
+        verdict = Verdict.FORWARDED if answered else Verdict.ERROR
+        response = Flow(
+            time=t0 + latency, verdict=verdict, type=FlowType.L7, source=dst, destination=src,
+            l7=Layer7(L7Type.RESPONSE, latency, HTTP(code, method, url, proto, _response_headers(resp))),
+            traffic_direction=direction, is_reply=True, policy_match=policies,
+            summary=str(code) if answered else f"{code} {details}".strip(), node_name=node, auth_type=auth,
+        )
+        return (request, response)
+
+    return (
+        Flow(
+            time=t0, verdict=Verdict.ERROR, type=FlowType.L7, source=src, destination=dst,
+            l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+            traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node, auth_type=auth,
+        ),
+    )
+
+
+def _tunnel_connect_flow(
+    entry: HTTPAccessLogEntry, t0: int, src: Endpoint, dst: Endpoint, direction: TrafficDirection, node: str
+) -> Flow:
+    """The TCP variant of the tunnel, on the destination node: one HTTP/2 CONNECT stream is one
+    TCP connection of the source pod. Its flow is L3/L4 (the bytes are not HTTP): the RBAC
+    verdict, and for a stream that ran, the bytes each way."""
+    cp = entry.common_properties
+    details = entry.response.response_code_details
+    if details.startswith(_RBAC_DENIED):
+        kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        why = ("the port allows this peer only certain HTTP requests; a TCP stream cannot be checked "
+               "against them" if kind == "deny-l7" else reason)
+        return Flow(
+            time=t0, verdict=Verdict.DROPPED, type=FlowType.L3_L4, source=src, destination=dst,
+            drop_reason_desc=reason, traffic_direction=direction, policy_match=_split(pols),
+            summary=f"TCP through the mTLS tunnel refused: {why}" if kind != "deny-relay"
+            else "TCP through the mTLS tunnel refused: not an endpoint port of this node",
+            node_name=node, auth_type=AuthType.SPIRE,
+        )
+    _, pols = _policies(_rbac_action(cp))
+    upstream = bool(cp.upstream_remote_address.socket_address.address)
+    rx, tx = int(entry.request.request_body_bytes), int(entry.response.response_body_bytes)
+    ok = upstream and int(entry.response.response_code.value) in (0, 200)
+    return Flow(
+        time=t0, verdict=Verdict.FORWARDED if ok else Verdict.ERROR, type=FlowType.L3_L4,
+        source=src, destination=dst, traffic_direction=direction, policy_match=_split(pols),
+        summary=(f"TCP through the mTLS tunnel: {rx} bytes in, {tx} bytes out" if ok else
+                 f"TCP through the mTLS tunnel failed: {entry.response.response_code.value} {details}".strip()),
+        node_name=node, auth_type=AuthType.SPIRE,
+    )
+
+
+def _split(pols: str) -> tuple[str, ...]:
+    return tuple(p for p in pols.split(",") if p) if pols else ()
+
+
+def tcp_log_flows(entry: TCPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, ...]:
+    """Listener-level entries of the mTLS tunnel listener: one per connection. A connection
+    whose TLS handshake failed becomes a DROPPED flow naming the reason; the others are covered
+    by their HTTP entries and give no flow."""
+    _check_type(entry, _TCP_ENTRY_TYPE)
+    cp = entry.common_properties
+    if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
+        return _tunnel_tcp_source_flows(cp, ctx)
+    failure = cp.downstream_transport_failure_reason
+    sni = cp.tls_properties.tls_sni_hostname if cp.HasField("tls_properties") else ""
+    if failure:
+        words = f"{tls_reason(failure)} ({failure[:200]})"
+    elif cp.response_flags.no_route_found or cp.response_flags.no_filter_config_found:
+        # The tunnel listener has one filter chain per local identity, chosen by SNI: none
+        # for this name (another trust domain, or no such workload on this node), or no SNI.
+        words = (f"server name {sni!r} names no local identity of this trust domain" if sni
+                 else "no server name (SNI) sent")
+    else:
+        return ()
+    src_sa, dst_sa = _downstream(cp)
+    # Envoy 1.40 logs a connection refused in the TLS handshake without its addresses: the
+    # flow then says only what was refused and why.
+    src_info = _resolve(ctx, src_sa.address) if src_sa.address else PeerInfo(0)
+    dst_info = _resolve(ctx, dst_sa.address) if dst_sa.address else PeerInfo(0)
+    t0 = _start_ns(cp, ctx)
+    return (
+        Flow(
+            time=t0, verdict=Verdict.DROPPED, type=FlowType.L3_L4,
+            source=endpoint(src_sa.address, int(src_sa.port_value), src_info),
+            destination=endpoint(dst_sa.address, int(dst_sa.port_value), dst_info),
+            drop_reason_desc=AUTH_FAILED, auth_type=AuthType.SPIRE,
+            traffic_direction=TrafficDirection.INGRESS,
+            summary=f"mTLS tunnel refused the client: {words}",
+            node_name=ctx.node_name, protocol="TCP",
+        ),
+    )
+
+
+def _upstream_failed(flags: ResponseFlags) -> bool:
+    return bool(flags.upstream_connection_failure or flags.no_healthy_upstream
+                or flags.upstream_overflow or flags.upstream_retry_limit_exceeded)
+
+
+def _tunnel_tcp_source_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The source node's side of the TCP variant: its egress chains log only connections the
+    tunnel could not carry. Nothing of them left the node in plain text."""
+    src_sa, dst_sa = _downstream(cp)
+    if not src_sa.address or not dst_sa.address:
+        raise MalformedEvent("entry without downstream IP addresses")
+    src_info, dst_info = _resolve(ctx, src_sa.address), _resolve(ctx, dst_sa.address)
+    t0 = _start_ns(cp, ctx)
+    peer = cp.upstream_remote_address.socket_address.address or "the destination node"
+    reason = cp.upstream_transport_failure_reason
+    verdict, drop = Verdict.DROPPED, AUTH_FAILED
+    if reason.startswith("tunnel_response:"):
+        code = reason.partition(":")[2]
+        drop = POLICY_DENIED if code == "403" else ""
+        verdict = Verdict.DROPPED if code == "403" else Verdict.ERROR
+        summary = (f"TCP through the mTLS tunnel to {peer}: the destination node refused the "
+                   f"connection (CONNECT answered {code})")
+    elif reason and _is_tls_error(reason):
+        summary = f"mTLS tunnel to {peer} refused: {tls_reason(reason)} ({reason[:200]})"
+    else:
+        verdict, drop = Verdict.ERROR, ""
+        summary = f"mTLS tunnel to {peer} failed: {reason or 'no connection'}"
+    return (
+        Flow(
+            time=t0, verdict=verdict, type=FlowType.L3_L4,
+            source=endpoint(src_sa.address, int(src_sa.port_value), src_info),
+            destination=endpoint(dst_sa.address, int(dst_sa.port_value), dst_info),
+            drop_reason_desc=drop, auth_type=AuthType.SPIRE,
+            traffic_direction=TrafficDirection.EGRESS, summary=summary,
+            node_name=ctx.node_name, protocol="TCP",
+        ),
+    )
+
+
+def _request_headers(req: HTTPRequestProperties) -> tuple[tuple[str, str], ...]:
+    # The two headers Envoy always logs need no sensitivity check, and come out sorted.
+    known: list[tuple[str, str]] = []
+    if req.user_agent:
+        known.append(("user-agent", req.user_agent[:MAX_HEADER_VALUE]))
+    if req.request_id:
+        known.append(("x-request-id", req.request_id[:MAX_HEADER_VALUE]))
+    extra = req.request_headers
+    if extra:
+        return safe_headers([*extra.items(), *known])
+    return tuple(known)
+
+
+def _response_headers(resp: HTTPResponseProperties) -> tuple[tuple[str, str], ...]:
+    if not resp.response_headers:
+        return ()
+    return safe_headers(resp.response_headers.items())
+

@@ -1,0 +1,332 @@
+"""Resolved policy → RBAC matchers: what an endpoint's ingress map decides per peer identity
+on one port, and that table as an Envoy RBAC `matcher` (the unified matcher API).
+
+Theory of operation. For every (local endpoint, proxied port) the agent asks `port_decisions`
+what the endpoint's ingress map says about each peer identity on that port (`policy.decide`):
+ALLOW, DENY, AUTH_FAIL or HTTP(rules). The decision `world` gets is the default: unknown
+addresses are world. Only identities whose decision differs from world's are listed.
+
+That table becomes an RBAC `matcher` (`rbac_matcher`), delivered over ECDS so a change
+reaches the next request on an open connection (a listener change would not):
+
+    DirectSourceIPInput ─ IPMatcher (longest prefix, every range exclusive)
+       ├─ ranges of identities with decision A → action / nested HTTP matcher
+       ├─ ranges of identities with decision B → ...
+       └─ on_no_match → world's decision
+    HTTP matcher: matcher_list, one predicate per HTTP rule (AND of :method, :path, :authority
+       and header predicates, RE2 full match) → ALLOW; on_no_match → DENY (403)
+
+A proxied port's table is split by source address into slots, one such matcher each
+(`source_slots`); the tunnel listener (`mtls_translate`) keys its leaves (`decision_on_match`)
+by the peer certificate instead.
+
+The source is the peer's address as Envoy sees it on the socket (`direct_remote_ip`), never
+X-Forwarded-For. The IP matcher is a trie, so the lookup cost does not grow with the number of
+identities. Identities whose ranges sit inside a broader listed range with another decision
+(a pod inside a `fromCIDR` prefix) are listed too, so longest-prefix match gives each address
+its own identity's decision.
+
+RBAC action names carry the verdict for flows: `allow|<policies>`, `deny-l3l4|<policies>`,
+`deny-l7|<policies>`, `deny-auth|<policies>`. All of this is pure: nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from envoy.config.rbac.v3 import rbac_pb2 as rbac_config_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2
+from google.protobuf import wrappers_pb2
+from xds.core.v3 import cidr_pb2
+from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
+
+from ..identity.ipcache import IPNetwork, prefix_sort_key
+from ..identity.numeric import WORLD
+from ..policy.mapstate import Action, Decision, EndpointPolicy, PortView
+from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
+from .pb import cidr, typed_ext
+
+WORLD_ID = WORLD  # the reserved identity of every address outside the cluster
+
+
+# -- decisions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortDecisions:
+    """Per peer identity, what the endpoint's ingress policy decides on one port."""
+
+    world: Decision
+    peers: Mapping[int, Decision]  # only identities whose decision differs from world's
+    everyone: bool = False  # peers no rule names differ from world: every identity is listed
+
+    def for_identity(self, identity: int) -> Decision:
+        return self.peers.get(identity, self.world)
+
+
+def port_decisions(
+    policy: EndpointPolicy | None, port: int, known_identities: Iterable[int]
+) -> PortDecisions:
+    """Decisions for every identity the ipcache knows, compressed to those that differ from
+    world's. Peers not named by any map key share the decision of the ANY entries."""
+    view = PortView(policy, Direction.INGRESS, port, Protocol.TCP)
+    world = view.decide(WORLD_ID)
+    if policy is None:
+        return PortDecisions(world, {})
+    named = view.named
+    unnamed = view.decide(-1)
+    peers: dict[int, Decision] = {}
+    for ident in named:
+        d = view.decide(ident)
+        if d != world:
+            peers[ident] = d
+    if unnamed != world:
+        named_set = set(named)
+        for ident in known_identities:
+            if ident not in named_set and ident != WORLD_ID:
+                peers[ident] = unnamed
+    return PortDecisions(world, dict(sorted(peers.items())), unnamed != world)
+
+
+# -- RBAC matcher ----------------------------------------------------------------------------------
+
+
+def _action(name: str, allow: bool) -> matcher_pb2.Matcher.OnMatch:
+    act = rbac_config_pb2.Action(
+        name=name,
+        action=rbac_config_pb2.RBAC.Action.ALLOW if allow else rbac_config_pb2.RBAC.Action.DENY,
+    )
+    return matcher_pb2.Matcher.OnMatch(action=typed_ext("rbac-action", act))
+
+
+def _header_predicate(header: str, value: string_pb2.StringMatcher) -> matcher_pb2.Matcher.MatcherList.Predicate:
+    single = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+        input=typed_ext("request-header", http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=header)),
+        value_match=value,
+    )
+    return matcher_pb2.Matcher.MatcherList.Predicate(single_predicate=single)
+
+
+_RE2_SPECIAL = frozenset("\\.^$|?*+()[]{}")
+
+
+def _regex(pattern: str) -> string_pb2.StringMatcher:
+    """An RE2 full match. A pattern without any special character matches only itself, so it
+    becomes an exact match: Envoy compiles a regex for every leaf of every slot it loads."""
+    if not _RE2_SPECIAL.intersection(pattern):
+        return string_pb2.StringMatcher(exact=pattern)
+    return string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern)
+    )
+
+
+def _header_match_predicate(h: HeaderMatch) -> matcher_pb2.Matcher.MatcherList.Predicate | None:
+    if h.mismatch is not None:
+        return None  # a mismatch action never denies (logged/rewritten instead)
+    if h.value is None:
+        return _header_predicate(h.name, _regex("(?s).*"))
+    return _header_predicate(h.name, string_pb2.StringMatcher(exact=h.value))
+
+
+def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate | None:
+    preds: list[matcher_pb2.Matcher.MatcherList.Predicate] = []
+    if rule.method is not None:
+        preds.append(_header_predicate(":method", _regex(rule.method)))
+    if rule.path is not None:
+        preds.append(_header_predicate(":path", _regex(rule.path)))
+    if rule.host is not None:
+        preds.append(_header_predicate(":authority", _regex(rule.host)))
+    for h in rule.headers:
+        p = _header_match_predicate(h)
+        if p is not None:
+            preds.append(p)
+    if not preds:
+        return None  # matches every request
+    if len(preds) == 1:
+        return preds[0]
+    return matcher_pb2.Matcher.MatcherList.Predicate(
+        and_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(predicate=preds)
+    )
+
+
+MAX_NAMED_POLICIES = 3
+
+
+def named_policies(d: Decision) -> str:
+    """The policies behind a decision, for flows; at most a few (Envoy copies the action name
+    into every access log entry, and a default deny can involve every policy on the pod).
+
+    No count of the others: world's default deny names the endpoint's policies and sits in
+    every source-address slot, so a count would make any policy added to or removed from the
+    endpoint re-send every slot; without it, only a change among the first names does."""
+    pols = d.policies
+    if len(pols) <= MAX_NAMED_POLICIES:
+        return ",".join(pols)
+    return ",".join(pols[:MAX_NAMED_POLICIES]) + ",+more"
+
+
+def decision_on_match(d: Decision, *, auth_verified: bool = False) -> matcher_pb2.Matcher.OnMatch:
+    """One decision as a matcher leaf (or a nested HTTP matcher)."""
+    pols = named_policies(d)
+    if d.action is Action.DENY:
+        return _action(f"deny-l3l4|{pols}", False)
+    if d.action is Action.AUTH_FAIL or (d.auth_required and not auth_verified):
+        # Loopback mode cannot verify a peer's identity cryptographically: fail closed.
+        return _action(f"deny-auth|{pols}", False)
+    if d.action is Action.ALLOW:
+        return _action(f"allow|{pols}", True)
+    preds = [_rule_predicate(r) for r in d.http]
+    if any(p is None for p in preds):
+        return _action(f"allow|{pols}", True)
+    field_matchers = [
+        matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=p, on_match=_action(f"allow|{pols}", True))
+        for p in preds
+        if p is not None
+    ]
+    nested = matcher_pb2.Matcher(
+        matcher_list=matcher_pb2.Matcher.MatcherList(matchers=field_matchers),
+        on_no_match=_action(f"deny-l7|{pols}", False),
+    )
+    return matcher_pb2.Matcher.OnMatch(matcher=nested)
+
+
+def _cidr_int(version: int, addr: int, prefixlen: int) -> cidr_pb2.CidrRange:
+    if version == 4:
+        text = f"{addr >> 24}.{(addr >> 16) & 255}.{(addr >> 8) & 255}.{addr & 255}"
+    else:
+        text = str(ipaddress.IPv6Address(addr))
+    return cidr_pb2.CidrRange(address_prefix=text, prefix_len=wrappers_pb2.UInt32Value(value=prefixlen))
+
+
+def _aligned_blocks(addrs: Sequence[int], bits: int) -> list[tuple[int, int]]:
+    """Sorted distinct host addresses → the fewest aligned (start, prefix length) blocks that
+    hold exactly them (what `ipaddress.collapse_addresses` gives, on integers)."""
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(addrs)
+    while i < n:
+        j = i
+        while j + 1 < n and addrs[j + 1] == addrs[j] + 1:
+            j += 1
+        lo, hi = addrs[i], addrs[j]
+        while lo <= hi:
+            size = lo & -lo if lo else 1 << bits
+            while size > hi - lo + 1:
+                size >>= 1
+            out.append((lo, bits - size.bit_length() + 1))
+            lo += size
+        i = j + 1
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _leaf(d: Decision, auth_verified: bool) -> matcher_pb2.Matcher.OnMatch:
+    # Shared, never mutated: protobuf copies a message assigned to a field. A slot re-renders
+    # hundreds of decisions that did not change; building each leaf once saves most of that.
+    return decision_on_match(d, auth_verified=auth_verified)
+
+
+@functools.lru_cache(maxsize=65536)
+def _leaf_key(d: Decision, auth_verified: bool) -> bytes:
+    return bytes(_leaf(d, auth_verified).SerializeToString(deterministic=True))
+
+
+def renders_alike(a: Decision, b: Decision, *, auth_verified: bool = False) -> bool:
+    """Whether two decisions become the same matcher leaf (e.g. default denies whose policy
+    lists differ only past the names an action carries)."""
+    return a is b or _leaf_key(a, auth_verified) == _leaf_key(b, auth_verified)
+
+
+def rbac_matcher(
+    decisions: PortDecisions,
+    prefixes: Mapping[int, Sequence[IPNetwork]],
+    *,
+    auth_verified: bool = False,
+) -> matcher_pb2.Matcher:
+    """The source-address matcher for one (endpoint, port). `prefixes` is the ipcache, by
+    identity. Deterministic: equal inputs give byte-identical output."""
+    # Grouped by the leaf a decision becomes: decisions that render alike share one range
+    # matcher, and one that renders like world's needs none.
+    world_key = _leaf_key(decisions.world, auth_verified)
+    leaf_of: dict[bytes, Decision] = {world_key: decisions.world}
+    groups: dict[bytes, list[IPNetwork]] = defaultdict(list)
+    any_broad = False
+    for ident, d in decisions.peers.items():
+        nets = prefixes.get(ident)
+        if nets:
+            key = _leaf_key(d, auth_verified)
+            if key == world_key:
+                continue
+            leaf_of.setdefault(key, d)
+            groups[key].extend(nets)
+            any_broad = any_broad or any(n.prefixlen < n.max_prefixlen for n in nets)
+    # Longest-prefix match must land on each address's own identity: list any prefix that sits
+    # inside a broader listed range whose decision is not its own.
+    broad: list[IPNetwork] = []
+    if any_broad:
+        listed = {net: key for key, nets in groups.items() for net in nets}
+        broad = [n for n in listed if n.prefixlen < n.max_prefixlen]
+        for ident, all_nets in prefixes.items():
+            d = decisions.for_identity(ident)
+            key = _leaf_key(d, auth_verified)
+            for net in all_nets:
+                if net in listed:
+                    continue
+                for b in broad:
+                    if b.version == net.version and net.subnet_of(b) and listed[b] != key:  # type: ignore[arg-type]
+                        leaf_of.setdefault(key, d)
+                        groups[key].append(net)
+                        listed[net] = key
+                        break
+    # Ranges are added in place: a leaf is copied once into the matcher (building each
+    # IPRangeMatcher apart copied it twice, which was most of a slot's cost when leaves hold
+    # hundreds of HTTP rules).
+    ip_matcher = ip_pb2.IPMatcher()
+    if not broad:
+        # Only host prefixes (pods): merge runs of addresses with one decision into the exact
+        # CIDR blocks they fill (pod IPs come from node CIDRs, so runs are common). The blocks
+        # cover exactly the same addresses, so no unknown address changes decision. Integer
+        # arithmetic: a slot is re-rendered for every change to it.
+        blocks: list[tuple[tuple[int, int, int], list[tuple[int, int, int]], Decision]] = []
+        for key, nets in groups.items():
+            merged: list[tuple[int, int, int]] = []
+            for version, bits in ((4, 32), (6, 128)):
+                same = sorted({int(n.network_address) for n in nets if n.version == version})
+                merged.extend((version, lo, plen) for lo, plen in _aligned_blocks(same, bits))
+            blocks.append((merged[0], merged, leaf_of[key]))
+        for _, merged, d in sorted(blocks, key=lambda b: b[0]):
+            ip_matcher.range_matchers.add(
+                ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified), exclusive=True
+            )
+    else:
+        for key, nets in sorted(groups.items(), key=lambda kv: min(prefix_sort_key(n) for n in kv[1])):
+            ip_matcher.range_matchers.add(
+                ranges=[cidr(n) for n in sorted(set(nets), key=prefix_sort_key)],
+                on_match=_leaf(leaf_of[key], auth_verified),
+                exclusive=True,
+            )
+    if not ip_matcher.range_matchers:
+        # An IP matcher needs at least one range: 255.255.255.255/32 is never a TCP peer.
+        ip_matcher.range_matchers.add(
+            ranges=[cidr(ipaddress.ip_network("255.255.255.255/32"))],
+            on_match=_leaf(decisions.world, auth_verified),
+            exclusive=True,
+        )
+    tree = matcher_pb2.Matcher.MatcherTree(
+        input=typed_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
+        custom_match=typed_ext("ip-matcher", ip_matcher),
+    )
+    return matcher_pb2.Matcher(
+        matcher_tree=tree,
+        on_no_match=_leaf(decisions.world, auth_verified),
+    )
+
+
+def deny_all_rbac() -> rbac_pb2.RBAC:
+    # An ALLOW policy set with no policies denies everything (action name "none").
+    return rbac_pb2.RBAC(rules=rbac_config_pb2.RBAC(action=rbac_config_pb2.RBAC.Action.ALLOW))

@@ -1,0 +1,187 @@
+"""Envoy resources of a proxied port: names, the listener and its HTTP connection manager,
+routes and the upstream cluster, built as protobuf messages (no JSON round trip).
+
+Theory of operation. Listener and cluster are per (endpoint, port) in loopback mode: the
+listener takes the pod's address and port, the pod's server listens on the same address at
+`port + offset`, and the route sends allowed requests there. The listener's policy filter is
+the port's classifier, which hands each request to the RBAC slot of its source address over
+ECDS (`source_slots`, `rbac`); the route only forwards. The tunnel listener (`mtls_translate`)
+uses `http_connection_manager` and `route_configuration` instead: its RBAC matcher travels
+per route over RDS. Names are stable so the publisher can diff by name. All of this is pure:
+nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+from xds.type.matcher.v3 import matcher_pb2
+
+from ..envoy_names import HTTP_PROTOCOL_OPTIONS
+from .pb import ads, ecds_source, pack
+from .rbac import deny_all_rbac
+from .source_slots import CLASSIFIER_TYPE, classifier_name
+
+RBAC_FILTER = "envoy.filters.http.rbac"
+ROUTER_FILTER = "envoy.filters.http.router"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def listener_name(ip: str, port: int) -> str:
+    return f"l7g_ep_{ip}_{port}"
+
+
+def route_name(ip: str, port: int) -> str:
+    return f"l7g_rc_{ip}_{port}"
+
+
+def cluster_name(ip: str, port: int) -> str:
+    return f"l7g_up_{ip}_{port}"
+
+
+# -- routes, listeners, clusters ---------------------------------------------------------------
+
+
+def route_configuration(name: str, upstream_cluster: str, matcher: matcher_pb2.Matcher) -> route_pb2.RouteConfiguration:
+    """A route carrying its RBAC matcher per route (RDS): the tunnel listener's shape, paired
+    with `http_connection_manager`."""
+    per_route = rbac_pb2.RBACPerRoute(rbac=rbac_pb2.RBAC(matcher=matcher))
+    route = route_components_pb2.Route(
+        name="l7gate",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(cluster=upstream_cluster),
+        typed_per_filter_config={RBAC_FILTER: pack(per_route)},
+    )
+    vhost = route_components_pb2.VirtualHost(name="l7gate", domains=["*"], routes=[route])
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
+
+
+def upstream_route(name: str, upstream_cluster: str) -> route_pb2.RouteConfiguration:
+    """A proxied port's route: everything to the pod. Policy is in the port's ECDS slots."""
+    route = route_components_pb2.Route(
+        name="l7gate",
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(cluster=upstream_cluster),
+    )
+    vhost = route_components_pb2.VirtualHost(name="l7gate", domains=["*"], routes=[route])
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vhost])
+
+
+def _hcm(
+    stat_prefix: str, rds_name: str, policy_filter: hcm_pb2.HttpFilter, access_logs: Sequence[Message]
+) -> hcm_pb2.HttpConnectionManager:
+    return hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=rds_name),
+        http_filters=[
+            policy_filter,
+            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
+        ],
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
+        access_log=list(access_logs),
+        # WebSocket upgrades pass where the rules allow the request that asks for them (the
+        # policy filter judges it like any request); other upgrades (h2c, CONNECT) are refused
+        # or ignored by Envoy. As Cilium's proxy does.
+        upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+    )
+
+
+def http_connection_manager(stat_prefix: str, rds_name: str, access_logs: Sequence[Message] = ()) -> hcm_pb2.HttpConnectionManager:
+    """HCM whose RBAC policy comes per route (`route_configuration`)."""
+    # Filter-level RBAC denies everything: a route without its per-route policy fails closed.
+    rbac = hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(deny_all_rbac()))
+    return _hcm(stat_prefix, rds_name, rbac, access_logs)
+
+
+def source_http_connection_manager(
+    stat_prefix: str, rds_name: str, classifier: str, access_logs: Sequence[Message] = ()
+) -> hcm_pb2.HttpConnectionManager:
+    """HCM whose policy is the ECDS classifier `classifier` and its slots (`classifier_config`).
+    No default config: the listener stays warming, taking no connection, until it arrives."""
+    cls = hcm_pb2.HttpFilter(name=classifier, config_discovery=ecds_source(CLASSIFIER_TYPE))
+    return _hcm(stat_prefix, rds_name, cls, access_logs)
+
+
+def listener(
+    name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False
+) -> listener_pb2.Listener:
+    """A proxied port's listener; its policy filter is the port's classifier (ECDS)."""
+    hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port), access_logs)
+    chain = listener_components_pb2.FilterChain(
+        filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))]
+    )
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=ip, port_value=port)
+        ),
+        filter_chains=[chain],
+        # Kernel mode: the pod's address is not local to the node; IP_TRANSPARENT lets Envoy
+        # listen on it and answer from it, for the connections the datapath marks for it.
+        transparent=wrappers_pb2.BoolValue(value=True) if transparent else None,
+    )
+
+
+def downstream_protocol_options() -> any_pb2.Any:
+    """The upstream protocol follows the downstream one: HTTP/1.1 stays HTTP/1.1, h2c stays h2c
+    (gRPC). Envoy's default is HTTP/1.1 upstream whatever came in, which breaks every gRPC call
+    to a server that speaks only HTTP/2. Cilium's proxy configures its clusters the same way."""
+    return pack(http_protocol_options_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
+        )
+    ))
+
+
+def static_cluster(name: str, ip: str, port: int) -> cluster_pb2.Cluster:
+    lb = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=address_pb2.Address(
+                socket_address=address_pb2.SocketAddress(address=ip, port_value=port)
+            )
+        )
+    )
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[lb])],
+        ),
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: downstream_protocol_options()},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProxiedPort:
+    """One (local endpoint, port) the node's Envoy fronts in loopback mode."""
+
+    identity: int
+    ip: str
+    port: int
+    upstream_ip: str
+    upstream_port: int
+    transparent: bool = False

@@ -1,0 +1,236 @@
+"""Source-address slots: one proxied port's RBAC table split by source address into ECDS
+resources, so that a change re-sends a small piece of it.
+
+Theory of operation. At 10,000 identities one port's RBAC matcher (`rbac.rbac_matcher`) is
+~0.7 MB, too much to re-send for one new pod. So a classifier filter picks, by a trie lookup on
+the source address, the one RBAC filter (the slot of the address's /26 or /122 block, or the
+"rest" for addresses in no block) that decides the request, and a change re-sends the slots it
+touches. The tunnel listener (`mtls_translate`) keeps the single matcher per route over RDS
+(`resources.route_configuration`).
+
+Every prefix at least as long as a block (/26, /122) lies in exactly one block, and a block lies
+in slot `slot_of(block)` (its number folded into 0..SOURCE_SLOTS-1). Prefixes shorter than a
+block are "broad".
+
+  HCM http filter <classifier> (ECDS, no default: the listener warms until it arrives)
+    ExtensionWithMatcher: DirectSourceIPInput ─ IPMatcher
+       ├─ blocks of slot 0 → composite ExecuteFilterAction(dynamic_config <slot 0>)
+       ├─ ...  (every slot is named, the empty ones by a discard-prefix range)
+       └─ on_no_match     → ExecuteFilterAction(dynamic_config <rest>)
+    <slot i>: RBAC(matcher = rbac_matcher over the prefixes in slot i's blocks, plus each block
+              itself as the longest broad prefix covering it; on_no_match world's decision)
+    <rest>:   RBAC(matcher = rbac_matcher over the broad prefixes; on_no_match world's decision)
+
+Exactly one RBAC filter decides each request. Longest-prefix semantics are kept: an address in a
+block is decided by the prefixes in its block or, failing those, by the longest broad prefix
+holding the block (whole blocks are inside or outside any broad prefix); an address in no block
+is decided by the broad prefixes alone. A slot Envoy has not received yet uses its default
+config, deny-all (fail closed). The publisher renders slots one by one as they change
+(`source_slot_config`); all of this is pure.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.http.composite.v3 import composite_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from google.protobuf import any_pb2
+from xds.type.matcher.v3 import ip_pb2, matcher_pb2
+
+from ..identity.ipcache import IPNetwork, prefix_sort_key
+from ..policy.mapstate import Decision
+from .pb import cidr, ecds_source, pack, typed_ext
+from .rbac import WORLD_ID, PortDecisions, deny_all_rbac, rbac_matcher
+
+
+# Sizes, measured at 1,000 policies x 10,000 identities (bench_envoy's BIG world, one distinct
+# decision per pod in a block): Envoy's cost to take a slot grows with its leaves (~40 µs each);
+# with /26 blocks over 128 slots a slot holds ~64-128 pods and one new pod is ACKed ~4-6 ms
+# after it is sent (/24 over 64: ~12 ms). Every slot is a resource per port, even when empty
+# (~0.6 kB).
+SOURCE_SLOTS = 128  # a power of two
+BLOCK_PREFIXLEN = {4: 26, 6: 122}
+REST = -1  # the slot of addresses in no block
+# RFC 6666 discard-only prefix: no TCP peer has one. Names an empty slot in the classifier.
+_DISCARD = ipaddress.IPv6Network("100::/64")
+COMPOSITE_FILTER = "envoy.filters.http.composite"
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+CLASSIFIER_TYPE = "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher"
+
+
+def block_of(net: IPNetwork) -> IPNetwork | None:
+    """The block holding `net`, or None if `net` is broader than a block."""
+    plen = BLOCK_PREFIXLEN[net.version]
+    if net.prefixlen < plen:
+        return None
+    return net.supernet(new_prefix=plen) if net.prefixlen > plen else net
+
+
+def slot_of(block: IPNetwork) -> int:
+    """The block number folded (XOR of its 7-bit pieces) into 0..127: consecutive blocks (node
+    pod CIDRs usually are) land in different slots, and so do blocks of different /16s."""
+    n = int(block.network_address) >> (block.max_prefixlen - block.prefixlen)
+    slot = 0
+    while n:
+        slot ^= n & (SOURCE_SLOTS - 1)
+        n >>= SOURCE_SLOTS.bit_length() - 1
+    return slot
+
+
+def classifier_name(ip: str, port: int) -> str:
+    return f"l7g_src_{ip}_{port}"
+
+
+def slot_name(ip: str, port: int, slot: int) -> str:
+    return f"l7g_src_{ip}_{port}_{'rest' if slot == REST else slot}"
+
+
+def slot_names(ip: str, port: int) -> list[str]:
+    """Every ECDS resource of one port: the classifier, the slots, the rest."""
+    return [classifier_name(ip, port), *(slot_name(ip, port, i) for i in (*range(SOURCE_SLOTS), REST))]
+
+
+def covering(block: IPNetwork, broad: Mapping[IPNetwork, int]) -> tuple[IPNetwork, int] | None:
+    """The longest broad prefix holding `block`, with its identity."""
+    best: tuple[IPNetwork, int] | None = None
+    for net, ident in broad.items():
+        if net.version == block.version and block.subnet_of(net):  # type: ignore[arg-type]
+            if best is None or net.prefixlen > best[0].prefixlen:
+                best = (net, ident)
+    return best
+
+
+def slot_prefixes(
+    blocks: Iterable[IPNetwork],
+    by_block: Mapping[IPNetwork, Mapping[IPNetwork, int]],
+    broad: Mapping[IPNetwork, int],
+) -> dict[int, list[IPNetwork]]:
+    """The ipcache as seen by the slot holding `blocks`: by identity, the prefixes inside those
+    blocks, and each block itself under the identity of the longest broad prefix holding it (what
+    an address of the block that no longer prefix holds belongs to)."""
+    out: dict[int, list[IPNetwork]] = defaultdict(list)
+    for b in blocks:
+        for net, ident in by_block.get(b, {}).items():
+            out[ident].append(net)
+        cover = covering(b, broad)
+        if cover is not None and b not in by_block.get(b, {}):
+            out[cover[1]].append(b)
+    return {k: sorted(v, key=prefix_sort_key) for k, v in sorted(out.items())}
+
+
+def rbac_filter_config(name: str, matcher: matcher_pb2.Matcher) -> core_extension_pb2.TypedExtensionConfig:
+    """An ECDS resource: one RBAC filter deciding by `matcher`."""
+    return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(rbac_pb2.RBAC(matcher=matcher)))
+
+
+def _run_slot(ip: str, port: int, slot: int) -> matcher_pb2.Matcher.OnMatch:
+    act = composite_pb2.ExecuteFilterAction(
+        dynamic_config=composite_pb2.DynamicConfig(
+            name=slot_name(ip, port, slot), config_discovery=ecds_source(RBAC_TYPE, deny_all_rbac())
+        )
+    )
+    return matcher_pb2.Matcher.OnMatch(action=typed_ext("slot", act))
+
+
+def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork]) -> core_extension_pb2.TypedExtensionConfig:
+    """The ECDS resource that sends each request to the RBAC of its source address's slot.
+
+    Every slot is named (an empty one by a range no peer has), so Envoy subscribes to all of
+    them when the listener first loads it and a new block never waits for a new subscription."""
+    by_slot: dict[int, list[IPNetwork]] = defaultdict(list)
+    for b in blocks:
+        by_slot[slot_of(b)].append(b)
+    range_matchers = []
+    for i in range(SOURCE_SLOTS):
+        nets = sorted(by_slot.get(i, []), key=prefix_sort_key) or [
+            ipaddress.IPv6Network((int(_DISCARD.network_address) + i, 128))
+        ]
+        range_matchers.append(
+            ip_pb2.IPMatcher.IPRangeMatcher(
+                ranges=[cidr(n) for n in nets], on_match=_run_slot(ip, port, i), exclusive=True
+            )
+        )
+    tree = matcher_pb2.Matcher.MatcherTree(
+        input=typed_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
+        custom_match=typed_ext("ip-matcher", ip_pb2.IPMatcher(range_matchers=range_matchers)),
+    )
+    wrapper = extension_matcher_pb2.ExtensionWithMatcher(
+        xds_matcher=matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_run_slot(ip, port, REST)),
+        extension_config=core_extension_pb2.TypedExtensionConfig(
+            name=COMPOSITE_FILTER, typed_config=pack(composite_pb2.Composite())
+        ),
+    )
+    name = classifier_name(ip, port)
+    return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(wrapper))
+
+
+def source_index(
+    prefixes: Mapping[int, Sequence[IPNetwork]],
+) -> tuple[dict[IPNetwork, dict[IPNetwork, int]], dict[IPNetwork, int]]:
+    """The ipcache split into blocks (block -> prefix -> identity) and broad prefixes."""
+    by_block: dict[IPNetwork, dict[IPNetwork, int]] = defaultdict(dict)
+    broad: dict[IPNetwork, int] = {}
+    for ident, nets in prefixes.items():
+        for net in nets:
+            b = block_of(net)
+            if b is None:
+                broad[net] = ident
+            else:
+                by_block[b][net] = ident
+    return dict(by_block), broad
+
+
+def source_slot_config(
+    ip: str,
+    port: int,
+    slot: int,
+    decide: Callable[[int], Decision],
+    world: Decision,
+    by_block: Mapping[IPNetwork, Mapping[IPNetwork, int]],
+    broad: Mapping[IPNetwork, int],
+    blocks: Iterable[IPNetwork] = (),
+    *,
+    auth_verified: bool = False,
+) -> core_extension_pb2.TypedExtensionConfig:
+    """One slot's RBAC (`blocks` are the slot's blocks), or the rest's (`slot == REST`: the
+    broad prefixes). `decide(identity)` is the port's decision for an identity."""
+    if slot == REST:
+        table: dict[int, list[IPNetwork]] = defaultdict(list)
+        for net, ident in sorted(broad.items(), key=lambda kv: prefix_sort_key(kv[0])):
+            table[ident].append(net)
+    else:
+        table = slot_prefixes(blocks, by_block, broad)
+    if not table:
+        return core_extension_pb2.TypedExtensionConfig(
+            name=slot_name(ip, port, slot), typed_config=_world_only(world, auth_verified)
+        )
+    peers = {}
+    for ident in sorted(table):
+        d = world if ident == WORLD_ID else decide(ident)
+        if d != world:
+            peers[ident] = d
+    matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
+    return rbac_filter_config(slot_name(ip, port, slot), matcher)
+
+
+@functools.lru_cache(maxsize=4096)
+def _world_only(world: Decision, auth_verified: bool) -> any_pb2.Any:
+    # The RBAC of a slot that holds no prefix, which is most slots of a port: world's decision
+    # for every address. A port's slots are all rendered whenever what every peer shares
+    # changes (a bulk apply does so for every port); built and packed once per decision, they
+    # cost a copy each. Shared, never mutated: protobuf copies a message assigned to a field.
+    return pack(rbac_pb2.RBAC(matcher=rbac_matcher(PortDecisions(world, {}), {}, auth_verified=auth_verified)))
+
+
+def prefixes_by_identity(entries: Iterable[tuple[IPNetwork, int]]) -> dict[int, list[IPNetwork]]:
+    out: dict[int, list[IPNetwork]] = defaultdict(list)
+    for net, ident in entries:
+        out[ident].append(net)
+    return {k: sorted(v, key=prefix_sort_key) for k, v in sorted(out.items())}
