@@ -116,13 +116,22 @@ def test_frontend_in_cluster_b_reaches_both_billing_replicas_in_cluster_a(world:
                    f"cluster-b's frontend allowed to {billing.name} through the mesh")
         assert charge(world.fe, billing, "GET", "/v1/transactions") == 403
         assert charge(world.other, billing) == 0  # dropped in the kernel
-    # The two billing pods on two nodes of cluster-a share one identity, through cluster-a's etcd.
-    ids = {ag.client.get("/v1/endpoints")["endpoints"][0]["identity"] for ag in (world.a1, world.a2)
-           if ag.client.get("/v1/endpoints")["endpoints"]}
-    by_ref = {p["ref"]: p["identity"] for ag in (world.a1, world.a2) for p in ag.client.get("/v1/endpoints")["endpoints"]
-              if p["ref"].startswith("cluster-a/payments/billing")}
-    assert len(set(by_ref.values())) == 1, by_ref
-    _ = ids
+    # The two billing pods on two nodes of cluster-a share one identity, through cluster-a's etcd:
+    # a1 and a2 give each billing pod the same number,
+    refs = sorted(b.ref for b in world.billing)
+    seen = {ag.client.get("/v1/status")["node"]: {p["ref"]: p["identity"]
+                                                 for p in ag.client.get("/v1/endpoints")["endpoints"] if p["ref"] in refs}
+            for ag in (world.a1, world.a2)}
+    assert sorted(seen) == ["a1", "a2"] and all(sorted(by_ref) == refs for by_ref in seen.values()), seen
+    assert seen["a1"] == seen["a2"] and len(set(seen["a1"].values())) == 1, seen
+    # and both nodes hold it in cluster-a's etcd (`value/<labels>/<node>` -> number, Cilium's layout).
+    (ident,) = set(seen["a1"].values())
+    node_a1 = world.billing[0].node  # where cluster-a's etcd listens
+    got = node_a1.run(["etcdctl", "--endpoints", world.etcd_a.endpoint, "get", "--prefix",
+                       "cilium/state/identities/v1/value/"], env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"})
+    kv = got.stdout.splitlines()
+    holders = {key.rpartition("/")[2] for key, value in zip(kv[::2], kv[1::2]) if value == str(ident)}
+    assert {"a1", "a2"} <= holders, (ident, got.stdout, got.stderr)
     # a1's flows name the caller as the article's `hubble observe` does.
     flows = world.a1.client.get("/v1/status")  # the agent answers
     assert flows["node"] == "a1"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -184,9 +185,12 @@ def test_weak_or_exposed_token_files_are_refused(shared: Path) -> None:
     os.chown(good, NOBODY, NOBODY)
     with pytest.raises(TokenError, match="owned by uid 65534"):
         load_token_file(good, create=False)
+    # A symlink to a file that is otherwise accepted: refused for being a symlink alone.
+    os.chown(good, os.geteuid(), os.getegid())
+    assert load_token_file(good, create=False) == token
     link = d / "link"
     link.symlink_to(good)
-    with pytest.raises(TokenError):
+    with pytest.raises(TokenError, match=f"admin token file {re.escape(str(link))}: .*symbolic link"):
         load_token_file(link, create=False)
 
 
@@ -229,7 +233,7 @@ def test_the_agents_default_socket_refuses_nobody(unix_world: World) -> None:
 
 
 def _tcp_listeners_of(pid: int) -> set[str]:
-    """ip:port of every listening TCP socket the process holds."""
+    """ip:port ([ip]:port for IPv6) of every listening TCP socket the process holds."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -239,12 +243,19 @@ def _tcp_listeners_of(pid: int) -> set[str]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[3] == "0A" and f[9] in inodes:  # LISTEN
-            hexip, hexport = f[1].split(":")
-            ip = socket.inet_ntoa(bytes.fromhex(hexip)[::-1])
-            found.add(f"{ip}:{int(hexport, 16)}")
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        proc_net = Path(f"/proc/{pid}/net/{table}")  # the process's own network namespace
+        if not proc_net.exists():  # no IPv6 in this kernel
+            continue
+        for line in proc_net.read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                hexip, hexport = f[1].split(":")
+                # the address is printed as 32-bit words, each in host byte order
+                words = [bytes.fromhex(hexip[i:i + 8]) for i in range(0, len(hexip), 8)]
+                raw = b"".join(w[::-1] if sys.byteorder == "little" else w for w in words)
+                ip = socket.inet_ntop(family, raw)
+                found.add(f"{ip}:{int(hexport, 16)}" if family == socket.AF_INET else f"[{ip}]:{int(hexport, 16)}")
     return found
 
 

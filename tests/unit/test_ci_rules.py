@@ -77,64 +77,98 @@ def _programs() -> dict[str, str]:
     for p in sorted((ROOT / "scripts").glob("*.sh")):
         if p.name == "install.sh":
             continue  # the installer itself runs before anything is installed
-        text = _strip_heredocs(_strip_quotes(p.read_text()))
-        functions = set(re.findall(r"^\s*([a-z_][a-z0-9_]*)\(\)\s*\{", text, re.M))
-        for n, line in enumerate(text.splitlines(), 1):
-            code = line
-            for w in SH_WORD.finditer(code):
-                word = w.group(1)
-                rest = code[w.end(1):]
-                if word in SHELL_WORDS or word in functions or rest.startswith("=") or not word.islower():
-                    continue
-                found.setdefault(word, f"{p.relative_to(ROOT)}:{n}")
+        for word, n in _shell_commands(p.read_text()):
+            found.setdefault(word, f"{p.relative_to(ROOT)}:{n}")
     found.pop("python3", None)  # the interpreter the installer starts from
     return found
 
 
-def _strip_heredocs(text: str) -> str:
-    out, end = [], None
-    for line in text.splitlines():
-        if end is not None:
-            out.append("")
-            end = None if line.strip() == end else end
-            continue
-        m = re.search(r"<<-?\s*([A-Z]+)", line)
-        end = m.group(1) if m else None
-        out.append(line)
-    return "\n".join(out)
+def _shell_commands(script: str) -> list[tuple[str, int]]:
+    """(program, line number) of each command word in a shell script, shell builtins, the
+    script's own functions and assignments left out."""
+    text = _shell_code(script)
+    functions = set(re.findall(r"^\s*([a-z_][a-z0-9_]*)\(\)\s*\{", text, re.M))
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for w in SH_WORD.finditer(line):
+            word = w.group(1)
+            rest = line[w.end(1):]
+            if word in SHELL_WORDS or word in functions or rest.startswith("=") or not word.islower():
+                continue
+            out.append((word, n))
+    return out
 
 
-def _strip_quotes(text: str) -> str:
-    """`text` without comments, each quoted string replaced by Q (newlines kept): code in strings
-    is no command, and a quoted command ("$L7GATE") still fills its place."""
+# A here-document's delimiter after `<<` or `<<-`: a word, possibly quoted ('EOF', "EOF", \EOF).
+HEREDOC = re.compile(r"""<<(-?)[ \t]*((?:'[^'\n]*'|"[^"\n]*"|\\.|[^\s;&|<>()'"\\])+)""")
+# What an unquoted here-document runs while it is expanded: $(...) and `...`.
+SUBSTITUTION = re.compile(r"\$\(([^()]*)\)|`([^`]*)`")
+
+
+def _shell_code(text: str) -> str:
+    """`text` as the shell reads its commands, one output line per input line: comments removed;
+    each quoted string replaced by Q, since code in strings is no command and a quoted command
+    ("$L7GATE") still fills its place; a here-document's body blanked, since it is the data a
+    command reads (of an unquoted one only the command substitutions, which the shell runs, are
+    kept), and the lines after its delimiter read as code again."""
     out: list[str] = []
     quote, escaped, comment, prev = "", False, False, "\n"
-    for ch in text:
-        if comment:
-            if ch == "\n":
-                comment = False
+    pending: list[tuple[str, bool, bool]] = []  # here-documents opened on this line: (end, -, quoted)
+    lines = text.split("\n")
+    row = 0
+    while row < len(lines):
+        line = lines[row]
+        row += 1
+        i = 0
+        while i < len(line):
+            ch = line[i]
+            if comment:
+                pass
+            elif quote:
+                if escaped:
+                    escaped = False
+                elif ch == "\\" and quote == '"':
+                    escaped = True
+                elif ch == quote:
+                    quote = ""
+            elif ch == "#" and prev in " \t\n;":
+                comment = True
+            elif ch in "'\"":
+                quote = ch
+                out.append("Q")
+            elif ch == "\\":
+                out.append(line[i : i + 2])
+                prev = line[i + 1 : i + 2] or ch
+                i += 2
+                continue
+            # `<<<` is a here-string; a delimiter that is no name is arithmetic's shift: $((1 << 3))
+            elif (line.startswith("<<", i) and not line.startswith("<<<", i) and (m := HEREDOC.match(line, i))
+                  and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", end := re.sub(r"""['"\\]""", "", m.group(2)))):
+                pending.append((end, m.group(1) == "-", end != m.group(2)))
+                out.append("<<" + end)
+                prev = line[m.end() - 1]
+                i = m.end()
+                continue
+            else:
                 out.append(ch)
             prev = ch
-            continue
+            i += 1
+        if row < len(lines):
+            out.append("\n")
+        comment, prev = False, "\n"
         if quote:
-            if ch == "\n":
-                out.append(ch)
-            if escaped:
-                escaped = False
-            elif ch == "\\" and quote == '"':
-                escaped = True
-            elif ch == quote:
-                quote = ""
-            prev = ch
-            continue
-        if ch == "#" and prev in " \t\n;":
-            comment = True
-        elif ch in "'\"":
-            quote = ch
-            out.append("Q")
-        else:
-            out.append(ch)
-        prev = ch
+            continue  # a quoted string goes on; a here-document starts after the command's last line
+        for end, dash, quoted in pending:
+            while row < len(lines):
+                body = lines[row]
+                row += 1
+                if (body.lstrip("\t") if dash else body) == end:
+                    out.append("\n" if row < len(lines) else "")
+                    break
+                if not quoted:
+                    out.append(" ; ".join("(" + _shell_code(a or b) + ")" for a, b in SUBSTITUTION.findall(body)))
+                out.append("\n" if row < len(lines) else "")
+        pending = []
     return "".join(out)
 
 
@@ -175,7 +209,31 @@ def test_every_program_started_is_installed_by_the_project() -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("prog", ["tcpdump", "curl", "bpftool", "iptables", "ip", "nft", "ss"])
+# tee and tr: started only after scripts/demo-loopback.sh's here-document (<<'SPLIT').
+@pytest.mark.parametrize("prog", ["tcpdump", "curl", "bpftool", "iptables", "ip", "nft", "ss", "tee", "tr"])
 def test_the_scan_sees_the_programs_the_tests_start(prog: str) -> None:
     """The scan above would miss nothing it must see: these are started by tests, demos or benches."""
     assert prog in _programs()
+
+
+def test_the_scan_reads_past_here_documents() -> None:
+    """A here-document's body is data, not commands; the lines after its delimiter are commands
+    again, however the delimiter is quoted. Of an unquoted body, the shell runs the substitutions."""
+    script = "\n".join([
+        "cat > f <<CFG",  # 1
+        "name: $(hostname -f)",  # 2
+        "import os",  # 3
+        "CFG",  # 4
+        "\"$PY\" - <<'PYEOF'",  # 5
+        "import sys",  # 6
+        "print('it's')",  # 7: an apostrophe in a body opens no quote
+        "PYEOF",  # 8
+        "tee out < f",  # 9
+        "\tcat <<-\"END\"",  # 10
+        "\tjq . $(not run)",  # 11
+        "\tEND",  # 12
+        "tr -d x < f | wc -l",  # 13
+        "echo $((1 << 3)); sort f",  # 14
+    ])
+    assert _shell_commands(script) == [("cat", 1), ("hostname", 2), ("tee", 9), ("cat", 10), ("tr", 13), ("wc", 13),
+                                       ("sort", 14)]
