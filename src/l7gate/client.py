@@ -9,9 +9,13 @@ from urllib.parse import quote
 
 from l7gate.localhttp import http_connection
 
+# A decoded JSON document of the admin API (agent/views.py builds each route's). Kept
+# as Any: callers index it as documented, and a wrong key fails loudly at run time.
+JSON = Any
+
 
 class AdminError(Exception):
-    def __init__(self, status: int, body: Any) -> None:
+    def __init__(self, status: int, body: JSON) -> None:
         self.status = status
         self.body = body
         if isinstance(body, dict) and "errors" in body:
@@ -54,7 +58,7 @@ class AdminClient:
     def _conn(self) -> http.client.HTTPConnection:
         return http_connection(self.address, self.timeout)
 
-    def open_stream(self, path: str) -> Any:
+    def open_stream(self, path: str) -> http.client.HTTPResponse:
         """GET `path` and return the response, its body still to read line by line."""
         conn = self._conn()
         headers = {"Accept": "application/x-ndjson"}
@@ -66,13 +70,13 @@ class AdminClient:
             raw = resp.read()
             conn.close()
             try:
-                body: Any = json.loads(raw)
+                body: JSON = json.loads(raw)
             except ValueError:
                 body = raw.decode("utf-8", "replace")
             raise AdminError(resp.status, body)
         return resp
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: JSON = None) -> JSON:
         conn = self._conn()
         headers = {"Accept": "application/json"}
         data = None
@@ -88,22 +92,22 @@ class AdminClient:
         finally:
             conn.close()
         ctype = resp.getheader("Content-Type", "")
-        parsed: Any = json.loads(raw) if "json" in ctype and raw else raw.decode("utf-8", "replace")
+        parsed: JSON = json.loads(raw) if "json" in ctype and raw else raw.decode("utf-8", "replace")
         if resp.status >= 400:
             raise AdminError(resp.status, parsed)
         return parsed
 
-    def get(self, path: str) -> Any:
+    def get(self, path: str) -> JSON:
         return self.request("GET", path)
 
-    def apply_policies(self, objects: list[Any]) -> Any:
+    def apply_policies(self, objects: list[JSON]) -> JSON:
         return self.request("POST", "/v1/policy", {"objects": objects})
 
-    def delete_policy(self, key: str) -> Any:
+    def delete_policy(self, key: str) -> JSON:
         return self.request("DELETE", "/v1/policy/" + quote(key))
 
-    def apply_endpoints(self, objects: list[Any]) -> Any:
+    def apply_endpoints(self, objects: list[JSON]) -> JSON:
         return self.request("POST", "/v1/endpoints", {"objects": objects})
 
-    def delete_endpoint(self, ref: str) -> Any:
+    def delete_endpoint(self, ref: str) -> JSON:
         return self.request("DELETE", "/v1/endpoints/" + quote(ref))
