@@ -144,8 +144,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         description="Pods and Namespaces the agent knows (until the Kubernetes watch feeds them).")
     esub = ep.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", parser_class=_Parser)
     esub.required = True
-    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod and Namespace manifests",
-                         description="Send every Pod and Namespace in PATH to the agent (all or nothing).")
+    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod, Namespace and Service manifests",
+                         description="Send every Pod, Namespace and Service in PATH to the agent (all or nothing).")
     ea.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
     el = esub.add_parser("list", parents=[admin_flags], help="list pods with their identities",
                          description="List the pods the agent knows, with identity and addresses.")
@@ -153,6 +153,18 @@ def _build_parser() -> argparse.ArgumentParser:
     ed = esub.add_parser("delete", parents=[admin_flags], help="remove pods",
                          description="Remove pods by [CLUSTER/]NAMESPACE/NAME.")
     ed.add_argument("refs", nargs="+", metavar="[CLUSTER/]NS/NAME")
+
+    sv = sub.add_parser("service", help="list and remove Services at a running agent",
+                        description="Services (applied with `l7gate endpoint apply`), as `cilium service list` "
+                                    "shows them: each frontend and its backends.")
+    svsub = sv.add_subparsers(dest="service_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    svsub.required = True
+    svl = svsub.add_parser("list", parents=[admin_flags], help="list Services with frontends and backends",
+                           description="List the Services the agent knows, each frontend with its backends.")
+    svl.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    svd = svsub.add_parser("delete", parents=[admin_flags], help="remove Services",
+                           description="Remove Services by [CLUSTER/]NAMESPACE/NAME.")
+    svd.add_argument("refs", nargs="+", metavar="[CLUSTER/]NS/NAME")
 
     x = sub.add_parser("xds", help="inspect what the agent serves to Envoy",
                        description="The xDS state of every connected Envoy.")
@@ -571,7 +583,7 @@ def _delete_each(names: list[str], delete: Any, shown: str) -> int:
 
 
 def _cmd_endpoint_apply(args: argparse.Namespace) -> int:
-    objs, skipped = _load_kinds(args.paths, ("Namespace", "Pod"))
+    objs, skipped = _load_kinds(args.paths, ("Namespace", "Pod", "Service"))
     objs.sort(key=lambda o: 0 if o.get("kind") == "Namespace" else 1)
     _print_apply(_send_apply(args, objs, "objects", AdminClient.apply_endpoints, "l7gate endpoint list"), skipped)
     return EXIT_OK
@@ -592,6 +604,33 @@ def _cmd_endpoint_list(args: argparse.Namespace) -> int:
 
 def _cmd_endpoint_delete(args: argparse.Namespace) -> int:
     return _delete_each(list(args.refs), _client(args).delete_endpoint, "pod/{}")
+
+
+def _cmd_service_list(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/services")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows: list[list[str]] = []
+    for svc in data["services"]:
+        kind = "global" if svc["global"] else "local"
+        if svc["global"]:
+            kind += f" (shared: {str(svc['shared']).lower()}, affinity: {svc['affinity']})"
+        if not svc["frontends"]:
+            why = "headless" if svc["cluster_ip"] is None else "no ports"
+            rows.append([svc["service"], f"- ({why})", "-", kind])
+        for fe in svc["frontends"]:
+            backends = ", ".join(f"{b['address']} ({b['pod']})" for b in fe["backends"]) or "none (refused)"
+            rows.append([svc["service"], fe["frontend"], backends, kind])
+    print(_table(rows, ["SERVICE", "FRONTEND", "BACKENDS", "TYPE"]))
+    print(f"ClusterIPs on this node: {data['datapath']}", file=sys.stderr)
+    if data.get("error"):
+        print(f"l7gate: the socket load balancer refused the last change: {data['error']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_service_delete(args: argparse.Namespace) -> int:
+    return _delete_each(list(args.refs), _client(args).delete_service, "service/{}")
 
 
 def _cmd_xds_status(args: argparse.Namespace) -> int:
@@ -750,6 +789,8 @@ _COMMANDS = {
     ("endpoint", "apply"): _cmd_endpoint_apply,
     ("endpoint", "list"): _cmd_endpoint_list,
     ("endpoint", "delete"): _cmd_endpoint_delete,
+    ("service", "list"): _cmd_service_list,
+    ("service", "delete"): _cmd_service_delete,
     ("xds", "status"): _cmd_xds_status,
     ("xds", "dump"): _cmd_xds_dump,
     ("status", None): _cmd_status,

@@ -109,5 +109,8 @@ class AdminClient:
     def apply_endpoints(self, objects: list[JSON]) -> JSON:
         return self.request("POST", "/v1/endpoints", {"objects": objects})
 
+    def delete_service(self, ref: str) -> JSON:
+        return self.request("DELETE", "/v1/services/" + quote(ref))
+
     def delete_endpoint(self, ref: str) -> JSON:
         return self.request("DELETE", "/v1/endpoints/" + quote(ref))

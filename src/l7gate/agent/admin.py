@@ -8,8 +8,10 @@
     POST   /v1/policy                    {"objects": [...CNP/CCNP...]}: all or nothing
     DELETE /v1/policy/<Kind>/[<ns>/]<name>
     GET    /v1/endpoints                 pods known to the agent, with identities
-    POST   /v1/endpoints                 {"objects": [...Pod/Namespace...]}
+    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
+    GET    /v1/services                  Services: frontends, backends, whether the datapath serves them
+    DELETE /v1/services/[<cluster>/]<ns>/<name>
     GET    /v1/identities, /v1/ipcache
     GET    /v1/auth                      mutual-auth entries: pair, node, expiry, last error;
                                          the mTLS tunnel (encryption in transit)
@@ -229,6 +231,8 @@ class AdminApp:
                              "endpoints": views.endpoint_policies(view)}, j
             if path == "/v1/endpoints":
                 return 200, {"endpoints": views.pods(core.view())}, j
+            if path == "/v1/services":
+                return 200, views.services(core.view(), core), j
             if path == "/v1/identities":
                 return 200, {"identities": views.identities(core.view())}, j
             if path == "/v1/ipcache":
@@ -256,7 +260,7 @@ class AdminApp:
             objects = payload.get("objects") if isinstance(payload, dict) else None
             if not isinstance(objects, list) or not objects:
                 raise ValueError('expected {"objects": [...]} with at least one object')
-            allowed = POLICY_KINDS if path == "/v1/policy" else ("Pod", "Namespace")
+            allowed = POLICY_KINDS if path == "/v1/policy" else ("Pod", "Namespace", "Service")
             wrong = [
                 f"object {i + 1}: kind {o.get('kind') if isinstance(o, dict) else None!r} does not belong "
                 f"here (expected {', '.join(allowed)})"
@@ -271,6 +275,11 @@ class AdminApp:
             if core.delete_policy(key):
                 return 200, {"deleted": [key]}, j
             return 404, {"error": f"no policy {key!r}"}, j
+        if method == "DELETE" and path.startswith("/v1/services/"):
+            key = path[len("/v1/services/") :]
+            if core.delete_service(key):
+                return 200, {"deleted": [key]}, j
+            return 404, {"error": f"no Service {key!r}"}, j
         if method == "DELETE" and path.startswith("/v1/endpoints/"):
             ref = path[len("/v1/endpoints/") :]
             if core.delete_pod(ref):

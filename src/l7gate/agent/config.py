@@ -15,7 +15,10 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     envoy: {enabled: true, concurrency: 1, logLevel: warning, baseId: null}
     # Envoy's own admin API is a unix socket, <stateDir>/envoy/admin.sock, mode 0600
     datapath: {mode: loopback, upstreamPortOffset: 10000}
-    # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables}
+    # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables,
+    #     cgroup: /sys/fs/cgroup/<pods>,   # the pods' cgroup v2: socket acceleration and the
+    #     socketLB: true,                  # socket load balancer for Services attach there
+    #     socketAcceleration: true}
     observe: {ringSize: 4096, followBuffer: 16384}   # flows kept; per-follower queue
     mtls: {enabled: false, trustDomain: l7gate.local, caDir: <stateDir>/ca, svidTTL: 3600,
            listen: <node address>:4250,   # kernel mode: mutual auth for `authentication: required`
@@ -129,7 +132,9 @@ class AgentConfig:
     links: tuple[str, ...] = ()  # kernel mode: inter-node interfaces (traffic from other nodes)
     fallback: str = "iptables"  # kernel mode without bcc: "iptables" or "none" (refuse to start)
     bpf: bool = True  # kernel mode: false uses the iptables redirect on purpose (no BPF at all)
-    cgroup: str = ""  # kernel mode: cgroup v2 of the pods and Envoy, for socket acceleration ("" = off)
+    cgroup: str = ""  # kernel mode: cgroup v2 of the pods (and Envoy): the socket programs' ("" = none)
+    socket_lb: bool = True  # kernel mode with a cgroup: Services' ClusterIPs balanced at connect()
+    socket_acceleration: bool = True  # kernel mode with a cgroup: sockops + sk_msg
     observe: ObserveSettings = ObserveSettings()
     mtls: MTLSSettings = MTLSSettings()
     clustermesh: ClusterMeshSettings = ClusterMeshSettings()
@@ -271,12 +276,20 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
     )
-    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf", "cgroup"})
+    dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf", "cgroup",
+                              "socketLB", "socketAcceleration"})
     cgroup = ""
     if "cgroup" in dp:
         cgroup = string(dp["cgroup"], "datapath.cgroup") or ""
         if cgroup and not cgroup.startswith("/sys/fs/cgroup"):
             errors.append(Finding("datapath.cgroup", f"must be a cgroup v2 directory under /sys/fs/cgroup, got {cgroup!r}"))
+    socket_flags: dict[str, bool] = {}
+    for key in ("socketLB", "socketAcceleration"):
+        flag = dp.get(key, True)
+        if not isinstance(flag, bool):
+            errors.append(Finding(f"datapath.{key}", "must be true or false"))
+            flag = True
+        socket_flags[key] = flag
     use_bpf = dp.get("bpf", True)
     if not isinstance(use_bpf, bool):
         errors.append(Finding("datapath.bpf", "must be true or false"))
@@ -396,6 +409,8 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         fallback=str(fallback),
         bpf=bool(use_bpf),
         cgroup=cgroup,
+        socket_lb=socket_flags["socketLB"],
+        socket_acceleration=socket_flags["socketAcceleration"],
         observe=observe,
         mtls=mtls,
         clustermesh=clustermesh,

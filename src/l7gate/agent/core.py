@@ -41,7 +41,7 @@ from ..identity.allocator import IdentityAllocator
 from ..identity.ipcache import IPCache
 from ..identity.numeric import Identity, IdentityError
 from ..k8s.objects import (
-    ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels,
+    ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, parse_service, pod_backend, pod_identity_labels,
     scoped_namespace,
 )
 from ..kvstore.api import KVStore, KVStoreError
@@ -54,6 +54,7 @@ from ..policy.types import AuthMode, Direction
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
+from ..services import Frontend, FrontendEntry, Service, ServiceTable
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.resources import ProxiedPort
 from ..xds.tunnel_plan import PodView, TunnelInputs
@@ -64,6 +65,7 @@ PREFIX = "l7gate/v1/"
 POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
+SERVICE_PREFIX = PREFIX + "services/"  # <cluster>/<namespace>/<name>
 MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints/<key>
 
 
@@ -131,6 +133,10 @@ class StateView:
     pods: Mapping[str, PodRecord]  # pod ref → record
     identities: Mapping[int, Labels]
     endpoints: Mapping[int, EndpointPolicy]  # local endpoint identity → its resolved policy
+    services: tuple[Service, ...] = ()
+    frontends: Mapping[Frontend, FrontendEntry] = field(default_factory=dict)
+    # (backend address, port) → the Services ("namespace/name") it is a backend of, for flows
+    backends: Mapping[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
 
     def pods_of(self) -> dict[int, list[str]]:
         """Identity → the refs of its pods, sorted."""
@@ -156,6 +162,7 @@ class AgentCore:
         *,
         mesh_allocator: Allocator | None = None,
         mesh_publisher: MeshPublisher | None = None,
+        socket_lb: ServiceDatapath | None = None,
     ) -> None:
         """`datapath`: the kernel datapath (kernel mode with bcc), whose maps this core keeps in
         line with its resolved policy through a `KernelApplier` it owns; `fallback`: the
@@ -164,7 +171,12 @@ class AgentCore:
         In a cluster mesh (docs/clustermesh.md): `mesh_allocator` allocates this cluster's
         identities in its etcd, shared with the cluster's other agents; `mesh_publisher` is
         told this node's endpoints; remote clusters' identities and endpoints arrive through
-        `apply_mesh`, and pods of other clusters are not applied by hand."""
+        `apply_mesh`, and pods of other clusters are not applied by hand.
+
+        Services (docs/services.md): the core keeps the service table; `socket_lb`, the kernel's
+        socket load balancer, is told every frontend and its backends after each change. Without
+        it (loopback mode, the iptables fallback, kernel mode without a cgroup) ClusterIPs are
+        not served, and the status says so."""
         self.config = config
         self.store = store
         self._lock = threading.RLock()
@@ -191,6 +203,11 @@ class AgentCore:
         self._pod_docs: dict[str, Any] = {}
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._identity_pods: dict[int, set[str]] = {}
+        self.services = ServiceTable()
+        self._service_docs: dict[str, Any] = {}  # <cluster>/<namespace>/<name> → the object as applied
+        self.socket_lb = socket_lb
+        self._services_dirty = socket_lb is not None  # the kernel's maps are reconciled at start
+        self.services_error = ""  # the socket LB's last refusal, for the status
         # The state as of the last completed change, for readers; None until one asks for it
         # again (or a long apply keeps it) after a change.
         self._view: StateView | None = None
@@ -224,7 +241,7 @@ class AgentCore:
         with self._lock:
             self._restore_mesh()
             docs: list[Any] = []
-            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, POLICY_PREFIX):
+            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, SERVICE_PREFIX, POLICY_PREFIX):
                 for _, value in self.store.list_prefix(prefix):
                     docs.append(json.loads(value))
             if docs:
@@ -233,6 +250,7 @@ class AgentCore:
                 settle_heap()
             else:
                 self.publisher.flush()
+                self._flush_services()
 
     # -- apply / delete ----------------------------------------------------------------------
 
@@ -248,11 +266,12 @@ class AgentCore:
         settle_heap()
         return result
 
-    def _check(self, docs: list[Any]) -> tuple[list[tuple[Policy, Any]], list[tuple[Namespace, Any]], list[tuple[Pod, Any]]]:
+    def _check(self, docs: list[Any]) -> _Checked:
         errors: list[str] = []
         policies: list[tuple[Policy, Any]] = []
         namespaces: list[tuple[Namespace, Any]] = []
         pods: list[tuple[Pod, Any]] = []
+        services: list[tuple[Service, Any]] = []
         # One request, one object per key: applying both would keep the later one silently.
         first: dict[str, int] = {}
 
@@ -291,6 +310,16 @@ class AgentCore:
                         errors.extend(problems)
                     elif once(f"pod/{pod.ref}", i, "pod once (same cluster, namespace and name)"):
                         pods.append((pod, doc))
+                elif kind == "Service":
+                    svc = parse_service(doc, default_cluster=self.config.cluster_name)
+                    if svc.cluster != self.config.cluster_name:
+                        errors.append(
+                            f"Service {svc.cluster}/{svc.ref}: this agent takes Services of its own cluster "
+                            f"({self.config.cluster_name}); other clusters' global Services come from the "
+                            f"cluster mesh"
+                        )
+                    elif once(f"service/{svc.cluster}/{svc.ref}", i, "Service once (same namespace and name)"):
+                        services.append((svc, doc))
                 elif kind == "Namespace":
                     # A Namespace without the cluster annotation describes that namespace in
                     # every cluster (as `l7gate policy trace` reads it): stored under "*".
@@ -300,7 +329,7 @@ class AgentCore:
                 else:
                     errors.append(
                         f"object {i + 1}: kind {kind!r} is not one of "
-                        f"{', '.join((*POLICY_KINDS, 'Pod', 'Namespace'))}"
+                        f"{', '.join((*POLICY_KINDS, 'Pod', 'Namespace', 'Service'))}"
                     )
             except PolicyValidationError as exc:
                 errors.extend(f"{exc.resource}: {e}" for e in exc.errors)
@@ -315,17 +344,18 @@ class AgentCore:
                 claimed[ip] = pod.ref
         if errors:
             raise ApplyError(errors)
-        return policies, namespaces, pods
+        return _Checked(policies, namespaces, pods, services)
 
     def _apply_locked(self, docs: list[Any], *, persist: bool) -> ApplyResult:
         t0 = time.perf_counter()
-        policies, namespaces, pods = self._check(docs)
+        checked = self._check(docs)
+        policies = checked.policies
         t1 = time.perf_counter()
         try:
             # One transaction (one fsync) per request, committed before any policy of the
             # request comes into force: if the store refuses it, the policies in force stay.
             with self.store.batch():
-                result, changed = self._stage(policies, namespaces, pods, persist=persist)
+                result, changed = self._stage(checked, persist=persist)
             t2 = time.perf_counter()
             # One resolver change for the whole request: each endpoint is recomputed once.
             self._feed(self.resolver.upsert_policies(p for p, _ in changed))
@@ -344,17 +374,12 @@ class AgentCore:
                          "total": t4 - t0}
         return result
 
-    def _stage(
-        self,
-        policies: list[tuple[Policy, Any]],
-        namespaces: list[tuple[Namespace, Any]],
-        pods: list[tuple[Pod, Any]],
-        *,
-        persist: bool,
-    ) -> tuple[ApplyResult, list[tuple[Policy, Any]]]:
-        """Inside the request's store transaction: namespaces and pods into force (their
-        identities are allocated in the store), every changed object into the store. Returns
-        the policies that change, for the caller to bring into force once the store has them."""
+    def _stage(self, checked: _Checked, *, persist: bool) -> tuple[ApplyResult, list[tuple[Policy, Any]]]:
+        """Inside the request's store transaction: namespaces, pods and Services into force
+        (pods' identities are allocated in the store), every changed object into the store.
+        Returns the policies that change, for the caller to bring into force once the store has
+        them."""
+        policies, namespaces, pods = checked.policies, checked.namespaces, checked.pods
         result = ApplyResult()
         for ns, doc in namespaces:
             key = f"{ns.cluster}/{ns.name}"
@@ -379,6 +404,17 @@ class AgentCore:
                 if persist:
                     self.store.put(POD_PREFIX + pod.ref, _canonical(doc))
             self._record(result, f"pod/{pod.ref}", old_doc is None, same)
+        for svc, doc in checked.services:
+            key = f"{svc.cluster}/{svc.ref}"
+            old_doc = self._service_docs.get(key)
+            same = old_doc is not None and _canonical(old_doc) == _canonical(doc)
+            if not same:
+                self.services.upsert_service(svc)
+                self._services_dirty = True
+                self._service_docs[key] = doc
+                if persist:
+                    self.store.put(SERVICE_PREFIX + key, _canonical(doc))
+            self._record(result, f"service/{key}", old_doc is None, same)
         changed: list[tuple[Policy, Any]] = []
         for policy, doc in policies:
             old = self._policy_docs.get(policy.key)
@@ -427,6 +463,7 @@ class AgentCore:
 
     def _flush(self) -> None:
         self.publisher.flush()
+        self._flush_services()
         for listener in self._change_listeners:
             listener()
         if self.kernel is not None:
@@ -439,6 +476,23 @@ class AgentCore:
             self.kernel.set_pod_nodes(dict(self._pod_nodes))
         if self.fallback is not None:
             self.fallback.set_local_pods(self._local_pod_ips())
+
+    def _flush_services(self) -> None:
+        """The kernel's socket LB, after a change of Services or of their pods. A refusal is kept
+        for the status and retried with the next change; the maps keep what they had."""
+        if self.socket_lb is None or not self._services_dirty:
+            return
+        desired = {
+            (f.ip, f.port, f.protocol): [(b.ip, b.port) for b in e.backends]
+            for f, e in self.services.frontends().items()
+        }
+        try:
+            self.socket_lb.set_services(desired)
+        except Exception as exc:  # noqa: BLE001 - a datapath error must not fail the apply
+            self.services_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.services_error = ""
+        self._services_dirty = False
 
     def _local_pod_ips(self) -> dict[str, int]:
         return {ip: rec.identity for rec in self._local_pods.values() for ip in rec.pod.ips}
@@ -464,6 +518,24 @@ class AgentCore:
             self.revision += 1
         settle_heap()
         return True
+
+    def delete_service(self, key: str) -> bool:
+        """Remove the Service `<cluster>/<namespace>/<name>` (or `<namespace>/<name>` of this
+        cluster); False if there is none."""
+        if key.count("/") == 1:
+            key = f"{self.config.cluster_name}/{key}"
+        with self._lock:
+            if key not in self._service_docs:
+                return False
+            self._view = None
+            _, namespace, name = key.split("/", 2)
+            self.services.delete_service(namespace, name)
+            self._services_dirty = True
+            del self._service_docs[key]
+            self.store.delete(SERVICE_PREFIX + key)
+            self._flush_services()
+            self.revision += 1
+            return True
 
     def delete_pod(self, ref: str) -> bool:
         """`ref` is cluster/namespace/name, or namespace/name in the agent's cluster."""
@@ -661,6 +733,11 @@ class AgentCore:
         if local and not self.resolver.has_endpoint(ident):
             self._feed(self.resolver.add_endpoint(ident))
             self.publisher.mark_identity(ident)
+        if pod.cluster == self.config.cluster_name and pod.ip is not None:
+            backend = pod_backend(pod)
+            if backend is not None:
+                self.services.upsert_pod(backend)
+                self._services_dirty = True
         if local and self._mesh_publisher is not None:
             for ip in pod.ips:
                 self._mesh_publisher.upsert_endpoint(ip, ident, host_ip=pod.host_ip or self.config.clustermesh.node_address
@@ -669,6 +746,9 @@ class AgentCore:
     def _remove_pod(self, ref: str) -> None:
         rec = self._pods.pop(ref)
         self._local_pods.pop(ref, None)
+        if rec.pod.cluster == self.config.cluster_name:
+            self.services.delete_pod(ref)
+            self._services_dirty = True
         if rec.local and self._mesh_publisher is not None:
             for ip in rec.pod.ips:
                 self._mesh_publisher.delete_endpoint(ip)
@@ -773,6 +853,11 @@ class AgentCore:
     def _take_view(self) -> StateView:
         r = self.resolver
         endpoints = {i: p for i in r.endpoints() if (p := r.endpoint_policy(i)) is not None}
+        frontends = self.services.frontends()
+        backends: dict[tuple[str, int], set[str]] = {}
+        for entry in frontends.values():
+            for b in entry.backends:
+                backends.setdefault((b.ip, b.port), set()).add(entry.service)
         return StateView(
             self.revision,
             r.revision,
@@ -780,7 +865,28 @@ class AgentCore:
             MappingProxyType(dict(self._pods)),
             MappingProxyType(dict(r.identities)),
             MappingProxyType(endpoints),
+            tuple(self.services.services()),
+            MappingProxyType(frontends),
+            MappingProxyType({k: tuple(sorted(v)) for k, v in backends.items()}),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """One request's objects, checked (`AgentCore._check`), each with the document applied."""
+
+    policies: list[tuple[Policy, Any]]
+    namespaces: list[tuple[Namespace, Any]]
+    pods: list[tuple[Pod, Any]]
+    services: list[tuple[Service, Any]]
+
+
+class ServiceDatapath(Protocol):
+    """What the core asks of the kernel's socket load balancer (`redirect_bpf`'s)."""
+
+    def set_services(self, desired: Mapping[tuple[str, int, str], Sequence[tuple[str, int]]]) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Allocator(Protocol):

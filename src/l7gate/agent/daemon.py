@@ -37,6 +37,7 @@ from ..mtls.spire import SpireSource
 from ..mtls.store import SVIDSource, SVIDStore
 from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, ensure_policy_routing
+from ..redirect_bpf.lb import SocketLB
 from ..redirect_bpf.loader import DatapathError, KernelDatapath
 from ..records import KernelDrop
 from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
@@ -100,6 +101,8 @@ class Agent:
             self.mtls.stop()  # auth map entries stay until they expire (decision 7)
         if self.core.kernel is not None:
             self.core.kernel.dp.close()  # programs stay attached and maps pinned (decision 7)
+        if self.core.socket_lb is not None:
+            self.core.socket_lb.close()  # the same for the socket load balancer
         self.flows.close()  # ends `observe --follow` streams, so the admin server can stop
         self.watch.stop()
         self.admin.stop()
@@ -137,11 +140,13 @@ def start_agent(config: AgentConfig) -> Agent:
         extra_handlers=[als.handler()],
     )
     datapath, fallback, datapath_info = _open_datapath(config)
+    socket_lb = _open_socket_lb(config, datapath is not None)
     local_mesh = LocalMesh.open(config, store) if config.clustermesh.enabled else None
     core = AgentCore(
         config, store, cache, access_logs=[http_grpc_access_log()], datapath=datapath, fallback=fallback,
         mesh_allocator=local_mesh.allocator if local_mesh else None,
         mesh_publisher=local_mesh.publisher if local_mesh else None,
+        socket_lb=socket_lb,
     )
     kernel = core.kernel
     mesh: ClusterMesh | None = None
@@ -157,7 +162,8 @@ def start_agent(config: AgentConfig) -> Agent:
     metrics.attach(core)
     metrics.attach_xds(xds.status)
     flows = FlowRing(config.observe.ring_size, config.observe.follow_buffer)
-    ingestor = Ingestor(flows, IngestContext(views.PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}"))
+    ingestor = Ingestor(flows, IngestContext(views.PeerIndex(core), node_name=f"{config.cluster_name}/{config.node}",
+                                             service_of=views.service_of(core)))
     ingestor.start()
     als.set_batch_sink(ingestor.http_access_logs)
     als.set_tcp_batch_sink(ingestor.tcp_access_logs)
@@ -263,7 +269,9 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, Iptables
     for problem in dp.replaced:
         log(f"replaced a pinned map that was not ours or was corrupt: {problem}")
     acceleration = "off (no datapath.cgroup)"
-    if config.cgroup:
+    if config.cgroup and not config.socket_acceleration:
+        acceleration = "off (datapath.socketAcceleration: false)"
+    elif config.cgroup:
         try:
             dp.accelerate(Path(config.cgroup))
             acceleration = f"on: sockops + sk_msg for the sockets of cgroup {config.cgroup}"
@@ -272,6 +280,26 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, Iptables
         log(f"socket acceleration {acceleration}")
     return dp, None, {"mode": "kernel", "pin_dir": config.pin_dir, "replaced_maps": dp.replaced,
                            "socket_acceleration": acceleration}
+
+
+def _open_socket_lb(config: AgentConfig, kernel: bool) -> SocketLB | None:
+    """The socket load balancer for Services, when the kernel datapath loaded and the pods'
+    cgroup is configured; else None (the status says why ClusterIPs are not served). A failure
+    to load it is logged and leaves the rest of the datapath enforcing."""
+    if not kernel or not config.cgroup or not config.socket_lb:
+        return None
+    lb = SocketLB(Path(config.pin_dir))
+    try:
+        lb.open()
+        lb.attach(Path(config.cgroup))
+    except DatapathError as exc:
+        log(f"socket load balancer unavailable, ClusterIPs are not served: {exc}")
+        lb.close()
+        return None
+    for problem in lb.replaced:
+        log(f"replaced a pinned map that was not ours or was corrupt: {problem}")
+    log(f"socket load balancer on: ClusterIPs balanced at connect() for cgroup {config.cgroup}")
+    return lb
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
 from ..identity.ipcache import IPCache
 from ..identity.numeric import RESERVED, IdentityError
+from ..observe.flow import Service as FlowService
 from ..observe.ingest_context import PeerInfo, hubble_labels
 from ..policy.mapstate import MapEntry, MapKey
 from ..xds.cache import SnapshotCache
@@ -46,6 +48,51 @@ def pods(v: StateView) -> list[dict[str, Any]]:
         }
         for ref, rec in sorted(v.pods.items())
     ]
+
+
+def services_datapath(core: AgentCore) -> str:
+    """Whether this node serves ClusterIPs, and if not why, in words."""
+    c = core.config
+    if core.socket_lb is not None:
+        return f"served: the kernel's socket load balancer on cgroup {c.cgroup}"
+    if c.datapath_mode == "loopback":
+        return ("not served: loopback mode has no kernel load balancer; a ClusterIP is not an address "
+                "of this host (call a backend pod's address, or run with datapath.mode: kernel)")
+    if core.fallback is not None:
+        return "not served: the iptables fallback balances nothing (the kernel datapath did not load)"
+    if not c.cgroup:
+        return "not served: no datapath.cgroup (the socket load balancer attaches to the pods' cgroup)"
+    if not c.socket_lb:
+        return "not served: datapath.socketLB is false"
+    return "not served: the socket load balancer did not load (see the agent's log)"
+
+
+def services(v: StateView, core: AgentCore) -> dict[str, Any]:
+    """`GET /v1/services`: every Service with its frontends and backends, as `cilium service
+    list` shows them, and whether this node's datapath serves them."""
+    by_service: dict[str, list[dict[str, Any]]] = {}
+    for f, e in sorted(v.frontends.items()):
+        by_service.setdefault(e.service, []).append({
+            "frontend": f"{f.ip}:{f.port}/{f.protocol}",
+            "port_name": e.port_name,
+            "backends": [{"address": f"{b.ip}:{b.port}", "pod": b.pod, "cluster": b.cluster}
+                         for b in e.backends],
+        })
+    out = []
+    for svc in sorted(v.services, key=lambda s: (s.namespace, s.name)):
+        out.append({
+            "service": svc.ref,
+            "cluster": svc.cluster,
+            "cluster_ip": svc.cluster_ip,
+            "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol, "target_port": p.target}
+                      for p in svc.ports],
+            "selector": dict(svc.selector) if svc.selector is not None else None,
+            "global": svc.global_,
+            "shared": svc.shared,
+            "affinity": svc.affinity,
+            "frontends": by_service.get(svc.ref, []),
+        })
+    return {"datapath": services_datapath(core), "error": core.services_error, "services": out}
 
 
 def identities(v: StateView) -> list[dict[str, Any]]:
@@ -152,6 +199,8 @@ def status(agent: Agent) -> dict[str, Any]:
         # known: every pod `endpoint list` shows (all clusters); local: those on this node,
         # whose ingress this agent enforces.
         "pods": pod_counts(view),
+        "services": {"count": len(view.services), "frontends": len(view.frontends),
+                     "datapath": services_datapath(agent.core), "error": agent.core.services_error},
         "proxied_ports": [f"{p.ip}:{p.port}" for p in agent.core.publisher.ports],
         "access_logs": {"entries": agent.als.entries, "errors": agent.als.errors, "streams": agent.als.streams,
                         "malformed": agent.als.malformed},
@@ -179,6 +228,20 @@ def datapath_status(agent: Agent) -> dict[str, Any]:
         info["description"] = ("iptables fallback: every TCP connection to a local pod is "
                                "redirected to Envoy, which makes the L3/L4 and L7 verdicts")
     return info
+
+
+def service_of(core: AgentCore) -> Callable[[str, int], FlowService | None]:
+    """(address, port) → the Service it is a backend of (the first by name when several), for
+    flows' `destination_service`. Reads the core's current view; called by the ingestion thread."""
+
+    def lookup(ip: str, port: int) -> FlowService | None:
+        refs = core.view().backends.get((ip, port))
+        if not refs:
+            return None
+        namespace, name = refs[0].split("/", 1)
+        return FlowService(name, namespace)
+
+    return lookup
 
 
 class PeerIndex:

@@ -8,6 +8,8 @@ from l7gate.k8s.objects import (
     parse_namespace,
     parse_object,
     parse_pod,
+    parse_service,
+    pod_backend,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "parse_namespace",
     "parse_object",
     "parse_pod",
+    "parse_service",
+    "pod_backend",
 ]

@@ -1,4 +1,4 @@
-"""Kubernetes Pod and Namespace objects (plain dicts from YAML or the API) -> typed values.
+"""Kubernetes Pod, Namespace and Service objects (plain dicts from YAML or the API) -> typed values.
 
 The one place these objects are parsed (CONVENTIONS 3). Parsing checks what the API server would
 have enforced, since hand-written inventories for `l7gate policy trace` never went through one:
@@ -8,8 +8,11 @@ field path (`metadata.labels.app: must be a string`) and raised together in one
 `K8sObjectError`. Fields l7gate does not use are ignored.
 
 A pod's cluster is its `l7gate.io/cluster` annotation, else the `default_cluster` the caller
-passes (the agent's `--cluster-name`). The same goes for namespaces, so that one inventory can
-describe several clusters.
+passes (the agent's `--cluster-name`). The same goes for namespaces and Services, so that one
+inventory can describe several clusters.
+
+A Service becomes an `l7gate.services.Service`, the value the service table takes; `pod_backend`
+gives the table's view of a pod.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 from l7gate.identity.filter import identity_labels
 from l7gate.policy.errors import Finding
 from l7gate.policy.labels import Labels
-from l7gate.policy.names import name_error
+from l7gate.policy.names import label_problem, name_error
+from l7gate.services.types import BackendPod, Service, ServicePort
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
 #: The cluster of a Namespace object without the cluster annotation: it describes that
@@ -35,6 +39,15 @@ DEFAULT_SERVICE_ACCOUNT = "default"
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_PORT_NAME_CHARS = re.compile(r"[-a-z0-9]+")
+_POD_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Unknown")
+_CONDITION_STATUSES = ("True", "False", "Unknown")
+_PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+#: Cilium's global-service annotations; in each tuple the first key present wins, as in Cilium.
+GLOBAL_ANNOTATIONS = ("service.cilium.io/global", "io.cilium/global-service")
+SHARED_ANNOTATIONS = ("service.cilium.io/shared", "io.cilium/shared-service")
+AFFINITY_ANNOTATIONS = ("service.cilium.io/affinity", "io.cilium/service-affinity")
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -55,7 +68,14 @@ def _frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Pod:
-    """A pod as l7gate sees it. Immutable; `labels` and `annotations` are read-only mappings."""
+    """A pod as l7gate sees it. Immutable; `labels` and `annotations` are read-only mappings.
+
+    `named_ports` holds the named container ports, (name, containerPort, protocol) in the order
+    of the pod spec, for Services whose `targetPort` is a name. `ready` says whether the pod may
+    be a Service backend, as Kubernetes decides: not when its phase is `Failed` or `Succeeded`,
+    its `Ready` condition is `False` or `Unknown`, or it is being deleted
+    (`metadata.deletionTimestamp`). A pod whose status says nothing about readiness counts as
+    ready: hand-written manifests have no status written by a kubelet."""
 
     cluster: str
     namespace: str
@@ -69,6 +89,8 @@ class Pod:
     host_network: bool = False
     ports: tuple[tuple[int, str], ...] = ()  # (containerPort, protocol) from spec.containers[]
     host_ip: str | None = None  # status.hostIP: the node's address (its agent's mutual-auth server)
+    named_ports: tuple[tuple[str, int, str], ...] = ()  # (name, containerPort, protocol), spec order
+    ready: bool = True
     # the field each of `ips` came from (`status.podIP`, `status.podIPs[1].ip`), for error messages
     ip_fields: tuple[str, ...] = field(default=(), compare=False)
 
@@ -261,6 +283,83 @@ def _raise_if(errors: _Errors, kind: str, namespace: str | None, name: str | Non
         raise K8sObjectError(f"{kind} {what}", tuple(errors.found))
 
 
+def port_name_problem(value: str) -> str | None:
+    """Why `value` is not an IANA service name (a container port's name, a Service's named
+    `targetPort`), as Kubernetes checks it; or None."""
+    if len(value) > 15:
+        return f"is {len(value)} characters long: at most 15 are allowed"
+    if not _PORT_NAME_CHARS.fullmatch(value):
+        bad = next(c for c in value if not _PORT_NAME_CHARS.fullmatch(c))
+        return f"{bad!r} is not allowed (lowercase letters, digits and '-' only)"
+    if not any("a" <= c <= "z" for c in value):
+        return "must contain at least one letter"
+    if value.startswith("-") or value.endswith("-"):
+        return "must not start or end with '-'"
+    if "--" in value:
+        return "must not contain '--'"
+    return None
+
+
+_PORT_NAME_RULE = (
+    "must be an IANA service name, as Kubernetes requires (at most 15 lowercase letters, digits "
+    "and '-', at least one letter, no '-' first, last or twice in a row)"
+)
+
+
+def _port_name(value: object, path: str, errors: _Errors) -> str | None:
+    """A container port's name; None when absent (or empty, which Kubernetes treats alike) or bad."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        errors.add(path, "must be a string")
+        return None
+    problem = port_name_problem(value)
+    if problem is not None:
+        errors.add(path, f"{_PORT_NAME_RULE}: {problem}; got {value!r}")
+        return None
+    return value
+
+
+def _pod_ready(meta: Mapping[str, Any], status: Mapping[str, Any], errors: _Errors) -> bool:
+    """Whether the pod may be a Service backend (see `Pod`): Kubernetes' `IsPodReady` (the Ready
+    condition must be True), minus the pods its endpoint controllers leave out (finished or
+    being deleted); a status without a Ready condition counts as ready."""
+    ready = True
+    if meta.get("deletionTimestamp") not in (None, ""):
+        ready = False
+    phase = status.get("phase")
+    if phase is not None:
+        if phase not in _POD_PHASES:
+            errors.add("status.phase", f"must be one of {', '.join(_POD_PHASES)}, got {phase!r}")
+        elif phase in ("Failed", "Succeeded"):
+            ready = False
+    conditions = status.get("conditions")
+    if conditions is None:
+        return ready
+    if not isinstance(conditions, list):
+        errors.add("status.conditions", "must be a list")
+        return ready
+    seen_ready = False
+    for i, cond in enumerate(conditions):
+        path = f"status.conditions[{i}]"
+        if not isinstance(cond, Mapping):
+            errors.add(path, "must be a mapping")
+            continue
+        if not isinstance(cond.get("type"), str):
+            errors.add(f"{path}.type", "must be a string")
+            continue
+        if cond["type"] != "Ready" or seen_ready:  # the first Ready condition counts, as in Kubernetes
+            continue
+        seen_ready = True
+        value = cond.get("status")
+        if value not in _CONDITION_STATUSES:
+            hint = " (a string: quote it in YAML)" if isinstance(value, bool) else ""
+            errors.add(f"{path}.status", f'must be "True", "False" or "Unknown"{hint}, got {value!r}')
+        elif value != "True":
+            ready = False
+    return ready
+
+
 def parse_pod(obj: object, *, default_cluster: str) -> Pod:
     """A `Pod` from a Kubernetes Pod object. Raises K8sObjectError listing every problem."""
     errors = _Errors()
@@ -295,6 +394,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         host_network = False
 
     ports: set[tuple[int, str]] = set()
+    named_ports: list[tuple[str, int, str]] = []
     containers = spec.get("containers")
     if containers is not None and not isinstance(containers, list):
         errors.add("spec.containers", "must be a list")
@@ -310,11 +410,22 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         if not isinstance(cports, list):
             errors.add(f"{cpath}.ports", "must be a list")
             continue
+        names: dict[str, int] = {}
         for pi, cp in enumerate(cports):
             ppath = f"{cpath}.ports[{pi}]"
             if not isinstance(cp, Mapping):
                 errors.add(ppath, "must be a mapping")
                 continue
+            port_name = _port_name(cp.get("name"), f"{ppath}.name", errors)
+            if port_name is not None:
+                if port_name in names:
+                    # Kubernetes refuses a name twice in one container; across containers the
+                    # first wins when a Service looks it up
+                    errors.add(f"{ppath}.name", f"duplicate port name {port_name!r} in this container "
+                                                f"(also {cpath}.ports[{names[port_name]}])")
+                    port_name = None
+                else:
+                    names[port_name] = pi
             number = cp.get("containerPort")
             if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
                 errors.add(f"{ppath}.containerPort", f"must be a port number 1-65535, got {number!r}")
@@ -324,6 +435,8 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
                 errors.add(f"{ppath}.protocol", f"must be TCP, UDP or SCTP, got {proto!r}")
                 continue
             ports.add((number, proto))
+            if port_name is not None:
+                named_ports.append((port_name, number, proto))
 
     status = _mapping(top, "status", "status", errors)
     ips: list[str] = []
@@ -350,6 +463,8 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
                     ips.append(ip)
                     ip_fields.append(f"status.podIPs[{i}].ip")
 
+    ready = _pod_ready(meta, status, errors)
+
     _raise_if(errors, "Pod", namespace, name)
     assert name is not None
     return Pod(
@@ -366,6 +481,8 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
         ports=tuple(sorted(ports)),
         host_ip=host_ip,
         ip_fields=tuple(ip_fields),
+        named_ports=tuple(named_ports),
+        ready=ready,
     )
 
 
@@ -416,11 +533,232 @@ def pod_identity_labels(pod: Pod, namespace: Namespace | None) -> Labels:
     )
 
 
-def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace:
-    """A Pod or a Namespace, by the object's `kind`."""
+def pod_backend(pod: Pod) -> BackendPod | None:
+    """What the service table needs of `pod`, at its first IPv4 address (ClusterIPs are IPv4);
+    None for a pod without one, which can be no backend."""
+    ip = next((a for a in pod.ips if ipaddress.ip_address(a).version == 4), None)
+    if ip is None:
+        return None
+    return BackendPod(
+        ref=pod.ref, cluster=pod.cluster, namespace=pod.namespace, ip=ip, labels=pod.labels,
+        ready=pod.ready, named_ports=pod.named_ports,
+    )
+
+
+_SERVICE_NAME_RULE = (
+    "must be a DNS-1035 label, as Kubernetes requires of a Service name (lowercase letters, digits "
+    "and '-', starting with a letter and ending with a letter or digit, at most 63 characters)"
+)
+
+
+def _service_name(meta: Mapping[str, Any], errors: _Errors) -> str | None:
+    value = meta.get("name")
+    if value is None or value == "":
+        errors.add("metadata.name", "is required")
+        return None
+    if not isinstance(value, str):
+        errors.add("metadata.name", "must be a string")
+        return None
+    problem = label_problem(value)
+    if problem is None and not "a" <= value[0] <= "z":
+        problem = f"{value[0]!r} at position 1: must start with a lowercase letter"
+    if problem is not None:
+        errors.add("metadata.name", f"{_SERVICE_NAME_RULE}: {problem}; got {value!r}")
+        return None
+    return value
+
+
+def _annotation(
+    annotations: Mapping[str, str], keys: tuple[str, ...], allowed: tuple[str, ...], errors: _Errors
+) -> str | None:
+    """The lowercased value of the first of `keys` present (Cilium compares annotation values
+    in lower case), or None; a value outside `allowed` is an error naming its annotation."""
+    found: str | None = None
+    for key in keys:
+        value = annotations.get(key)
+        if value is None:
+            continue
+        if value.lower() not in allowed:
+            wanted = ", ".join(f'"{a}"' for a in allowed if a)
+            errors.add(f"metadata.annotations.{key}", f"must be {wanted}, got {value!r}")
+        elif found is None:
+            found = value.lower()
+    return found
+
+
+def _port_number(value: object, path: str, errors: _Errors) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        errors.add(path, f"must be a port number 1-65535, got {value!r}")
+        return None
+    return value
+
+
+def _cluster_ip(spec: Mapping[str, Any], errors: _Errors) -> tuple[str | None, bool]:
+    """(address, headless). An address the socket load balancer must never take over is
+    refused: a ClusterIP of 127.0.0.1 would capture every pod's connections to itself."""
+    value = spec.get("clusterIP")
+    if value is None or value == "":
+        return None, False
+    if value == "None":
+        return None, True
+    if not isinstance(value, str):
+        errors.add("spec.clusterIP", "must be a string")
+        return None, False
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        errors.add("spec.clusterIP", f'must be an IPv4 address or "None" (headless), got {value!r}')
+        return None, False
+    if addr.version != 4:
+        errors.add("spec.clusterIP", f"l7gate supports IPv4 ClusterIPs only, got {value!r}")
+        return None, False
+    what = None
+    if addr.is_unspecified:
+        what = "the unspecified address"
+    elif addr.is_loopback:
+        what = "a loopback address"
+    elif addr.is_multicast:
+        what = "a multicast address"
+    elif addr == _LIMITED_BROADCAST:
+        what = "the limited broadcast address"
+    elif addr.is_link_local:
+        what = "a link-local address"
+    if what is not None:
+        errors.add("spec.clusterIP", f"{addr} is {what}, which cannot be a Service's address")
+        return None, False
+    return addr.compressed, False
+
+
+def _service_ports(spec: Mapping[str, Any], headless: bool, errors: _Errors) -> tuple[ServicePort, ...]:
+    raw = spec.get("ports")
+    if raw is None:
+        raw = []
+    elif not isinstance(raw, list):
+        errors.add("spec.ports", "must be a list")
+        return ()
+    if not raw and not headless:
+        errors.add("spec.ports", "at least one port is required (only a headless Service, clusterIP: None, "
+                                 "may have none)")
+    out: list[ServicePort] = []
+    names: dict[str, int] = {}
+    numbers: dict[tuple[int, str], int] = {}
+    for i, item in enumerate(raw):
+        path = f"spec.ports[{i}]"
+        if not isinstance(item, Mapping):
+            errors.add(path, "must be a mapping")
+            continue
+        ok = True
+        port = _port_number(item.get("port"), f"{path}.port", errors)
+        protocol = item.get("protocol")
+        if protocol is None:
+            protocol = "TCP"
+        elif protocol not in _PROTOCOLS:
+            errors.add(f"{path}.protocol", f"must be TCP, UDP or SCTP, got {protocol!r}")
+            ok = False
+        name = item.get("name")
+        if name is None or name == "":
+            name = ""
+            if len(raw) > 1:
+                errors.add(f"{path}.name", "is required when a Service has more than one port")
+                ok = False
+        elif not isinstance(name, str):
+            errors.add(f"{path}.name", "must be a string")
+            ok = False
+        elif (message := name_error(name, subdomain=False)) is not None:
+            errors.add(f"{path}.name", message)
+            ok = False
+        elif name in names:
+            errors.add(f"{path}.name", f"duplicate port name {name!r} (also spec.ports[{names[name]}])")
+            ok = False
+        else:
+            names[name] = i
+        target: int | str | None = port
+        raw_target = item.get("targetPort")
+        if raw_target is not None:
+            target = None
+            if isinstance(raw_target, str):
+                problem = port_name_problem(raw_target)
+                if problem is None:
+                    target = raw_target
+                else:
+                    hint = " (a number: write it without quotes)" if raw_target.isdigit() else ""
+                    errors.add(f"{path}.targetPort", f"must be a port number 1-65535 or a container port's "
+                                                     f"name; {_PORT_NAME_RULE}{hint}: {problem}; got {raw_target!r}")
+            else:
+                target = _port_number(raw_target, f"{path}.targetPort", errors)
+        if port is None or target is None or not ok:
+            continue
+        if (port, protocol) in numbers:
+            errors.add(path, f"duplicate port {port}/{protocol} (also spec.ports[{numbers[port, protocol]}])")
+            continue
+        numbers[port, protocol] = i
+        out.append(ServicePort(name=name, port=port, protocol=protocol, target=target))
+    return tuple(out)
+
+
+def parse_service(obj: object, *, default_cluster: str) -> Service:
+    """An `l7gate.services.Service` from a Kubernetes Service object. Raises K8sObjectError
+    listing every problem.
+
+    - `spec.type` ClusterIP (the default); NodePort and LoadBalancer are accepted, and only their
+      ClusterIP part is used (l7gate balances connections made inside the cluster, to the
+      ClusterIP); ExternalName is refused.
+    - `spec.clusterIP`: an IPv4 address; "None" makes a headless Service; absent (a Service the
+      API server has not allocated an address for, as in a hand-written file): no frontend
+      either, since l7gate allocates no ClusterIPs. `spec.clusterIPs` is not read.
+    - `spec.ports[]`: `port`, `protocol` (TCP), `name` (required with more than one port), and
+      `targetPort` (the port's number by default) as a number or a container port's name.
+    - `spec.selector`: absent or empty (the API server cannot tell the two apart): Kubernetes
+      does not manage the Service's endpoints, and the table gives it no backends.
+    - Cilium's annotations: `service.cilium.io/global` (or `io.cilium/global-service`) "true"
+      makes it global; `service.cilium.io/shared` (or `io.cilium/shared-service`) "false" keeps
+      this cluster's backends from other clusters (default "true"; meaningful only when
+      global); `service.cilium.io/affinity` (or `io.cilium/service-affinity`) local, remote or
+      none (the default). Values are compared in lower case, as Cilium does; any other value is
+      an error naming its annotation.
+    """
+    errors = _Errors()
+    top, meta = _header(obj, "Service", errors)
+    name = _service_name(meta, errors)
+    namespace = _dns_name(
+        _optional_string(meta, "namespace", "metadata.namespace", errors),
+        "metadata.namespace", errors, subdomain=False, required=False,
+    ) or DEFAULT_NAMESPACE  # fmt: skip
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    cluster = _cluster(annotations, default_cluster, errors)
+    global_ = _annotation(annotations, GLOBAL_ANNOTATIONS, ("true", "false"), errors) == "true"
+    shared = _annotation(annotations, SHARED_ANNOTATIONS, ("true", "false"), errors) != "false"
+    affinity = _annotation(annotations, AFFINITY_ANNOTATIONS, ("local", "remote", "none", ""), errors) or "none"
+
+    spec = _mapping(top, "spec", "spec", errors)
+    kind = spec.get("type")
+    if kind is None:
+        kind = "ClusterIP"
+    if kind == "ExternalName":
+        errors.add("spec.type", "ExternalName Services are not supported by l7gate")
+    elif kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        errors.add("spec.type", f"must be ClusterIP, NodePort, LoadBalancer or ExternalName, got {kind!r}")
+    cluster_ip, headless = _cluster_ip(spec, errors)
+    ports = _service_ports(spec, headless, errors)
+    selector = _string_map(spec, "selector", "spec.selector", errors, labels=True)
+
+    _raise_if(errors, "Service", namespace, name)
+    assert name is not None
+    return Service(
+        cluster=cluster, namespace=namespace, name=name, cluster_ip=cluster_ip, ports=ports,
+        selector=selector or None, global_=global_, shared=shared, affinity=affinity,
+    )
+
+
+def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service:
+    """A Pod, a Namespace or a Service, by the object's `kind`."""
     kind = obj.get("kind") if isinstance(obj, Mapping) else None
     if kind == "Pod":
         return parse_pod(obj, default_cluster=default_cluster)
     if kind == "Namespace":
         return parse_namespace(obj, default_cluster=default_cluster)
-    raise K8sObjectError("object", (Finding("kind", f"must be 'Pod' or 'Namespace', got {kind!r}"),))
+    if kind == "Service":
+        return parse_service(obj, default_cluster=default_cluster)
+    raise K8sObjectError(
+        "object", (Finding("kind", f"must be 'Pod', 'Namespace' or 'Service', got {kind!r}"),)
+    )

@@ -133,6 +133,15 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Service:
+    """The Kubernetes Service a flow's side was reached as (Hubble's `source_service` /
+    `destination_service`): the Service one of whose backends that address and port is."""
+
+    name: str
+    namespace: str
+
+
+@dataclass(frozen=True, slots=True)
 class HTTP:
     code: int = 0
     method: str = ""
@@ -177,6 +186,8 @@ class Flow:
     summary: str = ""
     node_name: str = ""
     protocol: str = "TCP"  # the l4 section's key: TCP, UDP, SCTP (ICMPv4 and others: "")
+    source_service: Service | None = None
+    destination_service: Service | None = None
 
     @property
     def http(self) -> HTTP | None:
@@ -262,6 +273,11 @@ def flow_to_json(f: Flow) -> dict[str, Any]:
         out["l4"] = {f.protocol: {"source_port": s.port, "destination_port": d.port}}
     out["source"] = _endpoint_json(s)
     out["destination"] = _endpoint_json(d)
+    if f.source_service is not None:
+        out["source_service"] = {"name": f.source_service.name, "namespace": f.source_service.namespace}
+    if f.destination_service is not None:
+        out["destination_service"] = {"name": f.destination_service.name,
+                                      "namespace": f.destination_service.namespace}
     out["Type"] = f.type.value
     if f.node_name:
         out["node_name"] = f.node_name
@@ -345,6 +361,13 @@ def _endpoint_from(d: Mapping[str, Any], ip: str, port: int, path: str) -> Endpo
     )
 
 
+def _service_from(value: object, path: str) -> Service | None:
+    if value is None:
+        return None
+    d = _map(value, path)
+    return Service(_str(d.get("name"), f"{path}.name"), _str(d.get("namespace"), f"{path}.namespace"))
+
+
 def flow_from_json(obj: object) -> Flow:
     """The inverse of `flow_to_json`; raises FlowDecodeError naming the field at fault."""
     d = _map(obj, "flow")
@@ -416,4 +439,6 @@ def flow_from_json(obj: object) -> Flow:
         summary=_str(d.get("Summary"), "flow.Summary"),
         node_name=_str(d.get("node_name"), "flow.node_name"),
         protocol=protocol,
+        source_service=_service_from(d.get("source_service"), "flow.source_service"),
+        destination_service=_service_from(d.get("destination_service"), "flow.destination_service"),
     )

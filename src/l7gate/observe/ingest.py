@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry, TCPAccessLogEntry
@@ -157,6 +157,8 @@ class Ingestor:
                 bad += 1
                 if bad == 1:
                     log.debug("%s event skipped: %s: %s", source, type(exc).__name__, exc)
+        if flows:
+            flows = [_with_services(f, ctx) for f in flows]
         self._count(source, n, bad, flows)
         self.ring.publish(flows)
         return flows
@@ -234,3 +236,13 @@ class Ingestor:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _with_services(f: Flow, ctx: IngestContext) -> Flow:
+    """`f` with the Services its sides are backends of (as Hubble names `destination_service`
+    after the load balancer chose the backend: the socket LB hands the backend's address on)."""
+    src = ctx.service_of(f.source.ip, f.source.port) if f.source.port else None
+    dst = ctx.service_of(f.destination.ip, f.destination.port) if f.destination.port else None
+    if src is None and dst is None:
+        return f
+    return replace(f, source_service=src, destination_service=dst)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .flow import Endpoint
+from .flow import Endpoint, Service
 
 
 class MalformedEvent(ValueError):
@@ -51,6 +51,8 @@ class IngestContext:
     resolve: Resolve
     node_name: str = ""
     now: Callable[[], int] = time.time_ns
+    # The Service an address and port is a backend of, if any (`Flow.destination_service`).
+    service_of: Callable[[str, int], Service | None] = lambda ip, port: None
 
 
 def endpoint(ip: str, port: int, info: PeerInfo) -> Endpoint:

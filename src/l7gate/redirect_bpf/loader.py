@@ -66,6 +66,10 @@ MAPS: dict[str, tuple[str, int, int]] = {
     "ct": ("lru_hash", 16, 8),
     "tunnel": ("hash", 12, 4),
     "nodes": ("hash", 4, 4),
+    # the socket load balancer (lb.c, lb.py)
+    "lb_services": ("hash", 8, 8),
+    "lb_backends": ("hash", 8, 8),
+    "lb_reverse": ("lru_hash", 16, 8),
 }
 PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod")
 DROP_REASONS = {
@@ -143,12 +147,16 @@ def _bpftool_map(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def check_pins(pin_dir: Path) -> list[str]:
-    """Problems with the maps already pinned in `pin_dir` (empty: fine, or nothing there)."""
+def check_pins(pin_dir: Path, names: Iterable[str] | None = None) -> list[str]:
+    """Problems with the maps already pinned in `pin_dir` (empty: fine, or nothing there).
+    `names`: check only these maps of `MAPS` (and `meta`); None: all of them."""
     problems: list[str] = []
     if not pin_dir.exists():
         return problems
+    wanted = None if names is None else {*names, "meta"}
     for name, (mtype, ksize, vsize) in MAPS.items():
+        if wanted is not None and name not in wanted:
+            continue
         path = pin_dir / name
         if not path.exists():
             continue
@@ -180,7 +188,7 @@ def check_pins(pin_dir: Path) -> list[str]:
                     problems.append(f"{meta}: no l7gate magic: not ours")
         else:
             problems.append(f"{meta}: unreadable")
-    elif not meta.exists() and any((pin_dir / n).exists() for n in MAPS):
+    elif not meta.exists() and any((pin_dir / n).exists() for n in MAPS if wanted is None or n in wanted):
         problems.append(f"{pin_dir}: maps pinned without l7gate's meta map: not ours")
     return problems
 
@@ -524,7 +532,8 @@ def _detach_cgroup_sockops(cgroup: Path) -> None:
     if out.returncode != 0 or not out.stdout.strip():
         return
     for prog in json.loads(out.stdout):
-        if prog.get("attach_type") == "sock_ops" and prog.get("name", "").startswith("l7g_"):
+        # bpftool 7.1 says "cgroup_sock_ops", older ones "sock_ops"
+        if prog.get("attach_type") in ("sock_ops", "cgroup_sock_ops") and prog.get("name", "").startswith("l7g_"):
             subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), "sock_ops", "id", str(prog["id"])],
                            capture_output=True, check=False)
 

@@ -87,6 +87,9 @@ PREFIX = "l7g"
 IFNAMSIZ = 15  # usable characters; the kernel's IFNAMSIZ of 16 includes the NUL
 LOCK_DIR = Path("/run/l7g-testbed")
 NETNS_DIR = Path("/run/netns")
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` bind-mounts /etc/netns/NAME/* over /etc/*
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")  # cgroup v2 on this machine (FIELD-NOTES)
+CLUSTER_DOMAIN = "cluster.local"
 POD_SERVER = Path(__file__).resolve().parents[3] / "scripts" / "pod_server.py"
 FIRST_POD_OFFSET = 10  # pods get <cidr>.10, .11, ... unless an address is given
 
@@ -364,6 +367,7 @@ def cleanup_all(*, testbed_names_only: bool = False) -> list[str]:
     namespaces, links = select_leftovers(list_netns(), _root_l7g_links(), _run_is_live,
                                          testbed_names_only=testbed_names_only)
     failed: list[str] = []
+    removed_paths: list[str] = []
     for netns in namespaces:
         try:
             _delete_netns(netns)
@@ -379,15 +383,65 @@ def cleanup_all(*, testbed_names_only: bool = False) -> list[str]:
                 except TestbedError as exc:
                     log.warning("%s", exc)
                     failed.append(f"link {ifname}")
+    for leftover in _dead_run_paths(_run_is_live):
+        _remove_path(leftover)
+        removed_paths.append(str(leftover))
     if LOCK_DIR.is_dir():
         for lock in LOCK_DIR.glob("*.lock"):
             if not _run_is_live(lock.stem):
                 lock.unlink(missing_ok=True)
     removed = [item for item in [f"netns {n}" for n in namespaces] + [f"link {n}" for n in links]
-               if item not in failed]
+               if item not in failed] + removed_paths
     if removed:
         log.warning("removed leftovers of crashed runs: %s", ", ".join(removed))
     return removed
+
+
+def _dead_run_paths(is_live: Callable[[str], bool]) -> list[Path]:
+    """A crashed run's hosts directories (/etc/netns/l7g-<run>-*) and node cgroups
+    (<cgroup root>/l7g-<run>-*)."""
+    out: list[Path] = []
+    for parent in (NETNS_ETC, CGROUP_ROOT):
+        try:
+            children = sorted(parent.iterdir())
+        except OSError:
+            continue
+        for child in children:
+            match = _TESTBED_NETNS.fullmatch(child.name)
+            if match is not None and child.is_dir() and not is_live(match.group(1)):
+                out.append(child)
+    return out
+
+
+def _remove_path(path: Path, timeout: float = 5.0) -> None:
+    """Remove a hosts directory, or a cgroup once its processes are gone (rmdir; a cgroup with a
+    live process is busy: its processes are ended by PID first, as the netns clean-up does)."""
+    if path.is_relative_to(CGROUP_ROOT):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
+            except OSError:
+                pids = []
+            if pids:
+                _end_processes(pids)
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"removing cgroup {path}: {exc}") from None
+                time.sleep(0.05)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def hosts_file(entries: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """The text of a pod's /etc/hosts: localhost, then `address name...` lines."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{addr}\t{' '.join(names)}" for addr, names in entries]
+    return "\n".join(lines) + "\n"
 
 
 # --- handles ---------------------------------------------------------------------------------
@@ -472,6 +526,10 @@ class Node(Netns):
         self.ip = str(cidr.network_address + 1)
         self.pods: list[Pod] = []
         self.links: dict[str, LinkEnd] = {}  # peer node name -> this node's end
+        # cgroup v2 directory of this node's pods (`add_node(cgroup=True)`): where the kernel
+        # datapath's socket programs attach (Cilium attaches at the cgroup root; a node here
+        # is not a machine of its own, so its pods get a cgroup of their own)
+        self.cgroup: Path | None = None
 
     @property
     def link_ifnames(self) -> list[str]:
@@ -517,6 +575,18 @@ class Pod(Netns):
     def ref(self) -> str:
         """``cluster/namespace/name``, as `l7gate policy trace --from` takes it."""
         return f"{self.cluster}/{self.namespace}/{self.name}"
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """As `Netns.run`, inside the node's pod cgroup unless `cgroup` says otherwise."""
+        if kwargs.get("cgroup") is None:
+            kwargs["cgroup"] = self.node.cgroup
+        return super().run(argv, **kwargs)
+
+    def spawn(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """As `Netns.spawn`, inside the node's pod cgroup unless `cgroup` says otherwise."""
+        if kwargs.get("cgroup") is None:
+            kwargs["cgroup"] = self.node.cgroup
+        return super().spawn(argv, **kwargs)
 
     def serve_http(self, port: int, timeout: float = 10.0, cgroup: str | Path | None = None) -> subprocess.Popen[Any]:
         """Start scripts/pod_server.py on ip:port in this pod and return once it listens."""
@@ -597,6 +667,8 @@ class Testbed:
         self._spawned: list[_Spawned] = []
         self._lock_fd: int | None = None
         self._pod_count = 0
+        self.services: list[dict[str, Any]] = []  # Service objects (`add_service`)
+        self._paths: list[Path] = []  # hosts directories and cgroups, removed at close
 
     # lifecycle
 
@@ -649,6 +721,12 @@ class Testbed:
                 errors.append(f"deleting netns {netns}: {exc}")
         left = [n for n in list_netns() if n in self._netns]
         self._netns.clear()
+        for path in reversed(self._paths):
+            try:
+                _remove_path(path)
+            except Exception as exc:
+                errors.append(str(exc))
+        self._paths.clear()
         if self._lock_fd is not None:
             (LOCK_DIR / f"{self.run_id}.lock").unlink(missing_ok=True)
             os.close(self._lock_fd)
@@ -689,9 +767,12 @@ class Testbed:
         self._netns.append(netns)
         _write_sysctls(netns, sysctls)
 
-    def add_node(self, name: str, cluster: str = "default", node_cidr: str | None = None) -> Node:
+    def add_node(self, name: str, cluster: str = "default", node_cidr: str | None = None,
+                 cgroup: bool = False) -> Node:
         """A node namespace forwarding for pods in `node_cidr` (default: the first free
-        10.N.0.0/24 with N ≥ 1). Its node IP is the CIDR's first host, on its ``lo``."""
+        10.N.0.0/24 with N ≥ 1). Its node IP is the CIDR's first host, on its ``lo``. With
+        `cgroup`, the node's pods run in a cgroup v2 directory of its own (`Node.cgroup`,
+        ``<cgroup root>/l7g-<run>-<node>``)."""
         if node_cidr is None:
             taken = [n.cidr for n in self.nodes.values()]
             free = (ipaddress.IPv4Network(f"10.{n}.0.0/24") for n in range(1, 256))
@@ -709,6 +790,13 @@ class Testbed:
         self.nodes[name] = node
         with _Netlink(netns) as nl:
             nl.add_address(nl.up("lo"), "lo", node.ip)
+        if cgroup:
+            if not (CGROUP_ROOT / "cgroup.procs").exists():
+                raise TestbedError(f"no cgroup v2 at {CGROUP_ROOT}")
+            path = CGROUP_ROOT / netns
+            path.mkdir()
+            self._paths.append(path)
+            node.cgroup = path
         return node
 
     def add_pod(self, node: Node, namespace: str, name: str, ip: str | None = None,
@@ -737,7 +825,52 @@ class Testbed:
             in_node.add_route(f"{pod_ip}/32", pod.host_ifindex, host_if)
         node.pods.append(pod)
         self.pods[name] = pod
+        self._write_hosts(pod)
         return pod
+
+    # Services and names
+
+    def add_service(self, namespace: str, name: str, cluster_ip: str,
+                    ports: Sequence[Mapping[str, Any]], selector: Mapping[str, str] | None = None,
+                    cluster: str = "default", annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """A Service object (for `to_manifests`), and its names in the hosts file of every pod of
+        `cluster`: ``<name>.<namespace>.svc.cluster.local`` and ``<name>.<namespace>``, plus
+        ``<name>`` for pods of the same namespace (the search path a pod's resolv.conf has).
+        A hosts file per pod namespace stands in for cluster DNS. `ports`: Service ports
+        (``{"name", "port", "protocol", "targetPort"}``)."""
+        obj: dict[str, Any] = {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace,
+                         "annotations": {CLUSTER_ANNOTATION: cluster, **(annotations or {})}},
+            "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "ports": [dict(p) for p in ports]},
+        }
+        if selector is not None:
+            obj["spec"]["selector"] = dict(selector)
+        self.services = [s for s in self.services if not (
+            s["metadata"]["name"] == name and s["metadata"]["namespace"] == namespace
+            and s["metadata"]["annotations"][CLUSTER_ANNOTATION] == cluster)]
+        self.services.append(obj)
+        for pod in self.pods.values():
+            if pod.cluster == cluster:
+                self._write_hosts(pod)
+        return obj
+
+    def _write_hosts(self, pod: Pod) -> None:
+        entries: list[tuple[str, Sequence[str]]] = []
+        for svc in self.services:
+            meta = svc["metadata"]
+            if meta["annotations"][CLUSTER_ANNOTATION] != pod.cluster:
+                continue
+            name, ns = meta["name"], meta["namespace"]
+            names = [f"{name}.{ns}.svc.{CLUSTER_DOMAIN}", f"{name}.{ns}"]
+            if ns == pod.namespace:
+                names.append(name)
+            entries.append((svc["spec"]["clusterIP"], names))
+        directory = NETNS_ETC / pod.netns
+        if directory not in self._paths:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._paths.append(directory)
+        (directory / "hosts").write_text(hosts_file(entries))
 
     def link(self, node_a: Node, node_b: Node) -> tuple[LinkEnd, LinkEnd]:
         """Join two nodes with a veth pair and route each one's pod CIDR to the other over it."""
@@ -802,4 +935,6 @@ class Testbed:
             for cl, ns in namespaces
         ]
         out.extend(p.manifest() for p in pods)
+        out.extend(s for s in self.services
+                   if cluster is None or s["metadata"]["annotations"][CLUSTER_ANNOTATION] == cluster)
         return out
