@@ -14,7 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from l7gate.agent import views
+from l7gate.cli import main as cli_main
 from l7gate.client import AdminClient, AdminError
+from l7gate.k8s.objects import CLUSTER_ANNOTATION
 from l7gate.agent.core import ApplyError
 from l7gate.observe.flow import POLICY_DENIED_L7, Verdict
 from l7gate.xds.cache import LISTENER as LISTENER_TYPE
@@ -407,3 +409,43 @@ def test_envoy_log_stays_readable(world: World) -> None:
     log = (Path(world.agent.config.state_dir) / "envoy" / "envoy.log").read_text()
     assert "work-in-progress" not in log
     assert len(log.splitlines()) < 50, log[-3000:]
+
+
+def test_a_service_is_listed_with_its_backends_and_not_served_in_loopback_mode(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Loopback mode has no load balancer: a Service's frontends and backends are computed and
+    shown, and the agent says plainly that its ClusterIP is not served here."""
+    c = AdminClient(world.agent.admin.address)
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "billing-service", "namespace": "payments",
+                        "annotations": {"io.cilium/global-service": "true"}},
+           "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "billing-service"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+    result = c.apply_endpoints([svc])
+    assert result["created"] == ["service/cluster-a/payments/billing-service"], result
+    try:
+        data = c.get("/v1/services")
+        assert data["datapath"].startswith("not served: loopback mode"), data
+        (s,) = data["services"]
+        assert s["global"] is True and s["cluster_ip"] == "10.96.0.10"
+        (fe,) = s["frontends"]
+        assert fe["frontend"] == "10.96.0.10:80/TCP" and fe["port_name"] == "http"
+        assert [b["address"] for b in fe["backends"]] == [f"{BILLING}:8080", f"{BILLING2}:8080"]
+        assert c.get("/v1/status")["services"]["count"] == 1
+        assert cli_main(["service", "list", "--admin", world.agent.admin.address]) == 0
+        out = capsys.readouterr()
+        assert "payments/billing-service" in out.out and f"{BILLING}:8080" in out.out
+        assert "not served: loopback mode" in out.err
+        # A Service of another cluster is refused with the reason; nothing changes.
+        other = copy.deepcopy(svc)
+        other["metadata"]["annotations"][CLUSTER_ANNOTATION] = "cluster-b"
+        with pytest.raises(AdminError) as ei:
+            c.apply_endpoints([other])
+        assert ei.value.status == 422 and "cluster mesh" in str(ei.value)
+    finally:
+        assert c.delete_service("payments/billing-service") == {"deleted": ["payments/billing-service"]}
+    assert c.get("/v1/services")["services"] == []
+    with pytest.raises(AdminError) as ei:
+        c.delete_service("payments/billing-service")
+    assert ei.value.status == 404

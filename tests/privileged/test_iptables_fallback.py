@@ -57,3 +57,23 @@ def test_seed_table_with_envoy_making_l3l4_verdicts(world: dict[str, Any]) -> No
     assert other.curl(url(billing, 8080, "/v1/charge"), "POST")[0] == 403  # L3/L4 verdict, by Envoy
     # a port without a proxy listener is not reachable at all (fail closed)
     assert fe.curl(url(billing, 9090, "/"), timeout=2)[0] == 0
+
+
+def test_a_service_is_listed_but_its_clusterip_is_not_served(world: dict[str, Any]) -> None:
+    """The fallback has no load balancer: it says so, and a ClusterIP leads nowhere (a connect
+    to it fails; it never reaches a pod unjudged)."""
+    agent, fe, billing = world["agent"], world["fe"], world["billing"]
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "billing-service", "namespace": "payments"},
+           "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 8080}], "selector": {"app": "billing-service"}}}
+    agent.client.apply_endpoints([svc])
+    try:
+        data = agent.client.get("/v1/services")
+        assert data["datapath"].startswith("not served: the iptables fallback"), data["datapath"]
+        (fe_entry,) = data["services"][0]["frontends"]
+        assert [b["pod"] for b in fe_entry["backends"]] == [billing.ref]
+        assert agent.status()["services"]["datapath"] == data["datapath"]
+        assert fe.curl("http://10.96.0.10:8080/v1/charge", "POST", timeout=2)[0] == 0
+    finally:
+        agent.client.delete_service("payments/billing-service")
+    assert agent.client.get("/v1/services")["services"] == []
