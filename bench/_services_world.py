@@ -16,7 +16,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from l7gate.redirect_bpf.lb import SocketLB, detach_all
-from l7gate.testing.testbed import Node, Pod
+from l7gate.testing.testbed import Node, Pod, remove_cgroup
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 BPFFS = Path("/sys/fs/bpf")
@@ -76,38 +75,6 @@ for line in sys.stdin:
     gc.enable()
     print(json.dumps({"samples": samples, "errors": errors}), flush=True)
 """
-
-
-ACCEPT_SERVER = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(4096)
-print("listening", flush=True)
-while True:
-    c, _ = s.accept()
-    c.close()
-"""
-
-
-def start_accept_server(pod: Pod, port: int, cpu: int | None) -> None:
-    """A server in `pod` that accepts and closes every connection (pinned to `cpu` if given)."""
-    argv = [sys.executable, "-c", ACCEPT_SERVER, pod.ip, str(port)]
-    if cpu is not None:
-        argv = ["taskset", "-c", str(cpu), *argv]
-    proc = pod.spawn(argv)
-    log = pod.testbed.log_path(proc)
-    deadline = time.monotonic() + 10
-    while "listening" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"accept server in {pod.name} did not start: {log.read_text()}")
-        time.sleep(0.01)
-
-
-def cpus_for_client_and_server() -> tuple[int | None, int | None]:
-    cpus = sorted(os.sched_getaffinity(0))
-    return (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
 
 
 class ConnectError(RuntimeError):
@@ -168,25 +135,6 @@ def make_cgroup(name: str) -> Path:
     path = CGROUP_ROOT / name
     path.mkdir()
     return path
-
-
-def remove_cgroup(path: Path, timeout: float = 10.0) -> None:
-    """Remove a cgroup of ours, ending (by PID) what still runs in it: processes we started."""
-    deadline = time.monotonic() + timeout
-    while path.exists():
-        try:
-            for pid in (path / "cgroup.procs").read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            path.rmdir()
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def services(n: int, measured: int, backend: tuple[str, int]) -> dict[tuple[str, int, str], list[tuple[str, int]]]:

@@ -53,9 +53,10 @@ import statistics
 import traceback
 from collections.abc import Callable
 
+from _datapath_world import cpus_for_client_and_server, start_accept_server
 from _services_world import (
-    SVC_PORT, ConnectError, Connector, KubeProxyChains, LoadedLB, bpf_run_time_stats, cluster_ip,
-    cpus_for_client_and_server, prog_run_stats, services, start_accept_server,
+    SVC_PORT, ConnectError, Connector, KubeProxyChains, LoadedLB, bpf_run_time_stats, cluster_ip, prog_run_stats,
+    services,
 )
 from l7gate.testing.testbed import Testbed
 from run import Context, Result

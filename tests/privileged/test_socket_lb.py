@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from tests.conftest import unavailable
 
 from l7gate.redirect_bpf.lb import SocketLB, attachments, detach_all
 from l7gate.redirect_bpf.loader import DatapathError, check_pins
-from l7gate.testing.testbed import Pod, Testbed
+from l7gate.testing.testbed import Pod, Testbed, remove_cgroup
 
 pytestmark = [pytest.mark.privileged("netns, bcc cgroup sock_addr programs, cgroup v2"), pytest.mark.integration]
 
@@ -227,25 +226,6 @@ def _start_server(pod: Pod, name: str, tport: int, uport: int) -> None:
         time.sleep(0.01)
 
 
-def _end_cgroup(cg: Path) -> None:
-    """End what still runs in our cgroup (processes this test started), by PID, then remove it."""
-    deadline = time.monotonic() + 10
-    while cg.exists():
-        try:
-            for pid in (cg / "cgroup.procs").read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            cg.rmdir()
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     if not (CGROUP_ROOT / "cgroup.procs").exists():
@@ -279,7 +259,7 @@ def world() -> Iterator[World]:
                 for lb in w.lbs if w is not None else []:
                     lb.close()
                 shutil.rmtree(pins, ignore_errors=True)
-                _end_cgroup(cg)
+                remove_cgroup(cg)
 
 
 def test_tcp_to_the_clusterip_reaches_both_backends(world: World) -> None:

@@ -413,28 +413,34 @@ def _dead_run_paths(is_live: Callable[[str], bool]) -> list[Path]:
     return out
 
 
-def _remove_path(path: Path, timeout: float = 5.0) -> None:
-    """Remove a hosts directory, or a cgroup once its processes are gone (rmdir; a cgroup with a
-    live process is busy: its processes are ended by PID first, as the netns clean-up does)."""
+def remove_cgroup(path: Path, timeout: float = 10.0) -> None:
+    """Remove a cgroup of ours (rmdir), ending by PID what still runs in it first: processes
+    that were started there. Gone already is fine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
+        except OSError:
+            pids = []
+        if pids:
+            _end_processes(pids)
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise TestbedError(f"removing cgroup {path}: {exc}") from None
+            time.sleep(0.05)
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a hosts directory or a node cgroup of a run."""
     if path.is_relative_to(CGROUP_ROOT):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                pids = [int(x) for x in (path / "cgroup.procs").read_text().split()]
-            except OSError:
-                pids = []
-            if pids:
-                _end_processes(pids)
-            try:
-                path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    raise TestbedError(f"removing cgroup {path}: {exc}") from None
-                time.sleep(0.05)
-    shutil.rmtree(path, ignore_errors=True)
+        remove_cgroup(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def hosts_file(entries: Sequence[tuple[str, Sequence[str]]]) -> str:
