@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The seed scenario (examples/seed, the article's files unchanged): validate the policies, then
+# The seed scenario (examples/seed: the article's policy files unchanged; its Service given a ClusterIP and a
+# copy for cluster-b, examples/seed/cluster-b): validate the policies, then
 # trace the article's requests from frontend-service (cluster-b) to billing-service (cluster-a).
 # Exits non-zero if any verdict differs from the article's.
 set -euo pipefail

@@ -6,7 +6,9 @@ BPF datapath: billing-service x2 on node a1 (cluster-a), frontend-service and a 
 labels on node b1 (cluster-b). The two clusters are joined by Cluster Mesh, as in the article:
 one etcd per cluster (inside its node's namespace); each agent is told about its own cluster's
 pods only and merges the other cluster's from that cluster's etcd. The frontend runs `curl` as
-in the article. Everything is created under l7g-prefixed names and removed at the end, even on
+in the article, by the Service's name: billing-service is a global Service, and cluster-b's
+socket load balancer sends each connection straight to one of cluster-a's billing pods (the
+names resolve through a hosts file per pod namespace, the testbed's stand-in for cluster DNS). Everything is created under l7g-prefixed names and removed at the end, even on
 failure.
 Then the article's `authentication: {mode: required}` on the allow rule: the frontend's calls
 go Envoy to Envoy over mTLS (a capture on the inter-node link shows no plaintext).
@@ -43,11 +45,18 @@ def seed_policies() -> list[Any]:
     return docs
 
 
+def seed_service(path: Path) -> dict[str, Any]:
+    """The Service object of a seed file (the file may hold other kinds too)."""
+    return next(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "Service")
+
+
 def main() -> int:
     failed = 0
     with Testbed() as tb:
-        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.71.1.0/24")
-        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.71.2.0/24")
+        # Each node's pods run in a cgroup of their own, where its agent attaches the socket
+        # load balancer (datapath.cgroup).
+        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.71.1.0/24", cgroup=True)
+        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.71.2.0/24", cgroup=True)
         tb.link(na, nb)
         billing = [
             tb.add_pod(na, "payments", name, labels={"app": "billing-service", "team": "payments", "env": "prod"},
@@ -58,6 +67,13 @@ def main() -> int:
         other = tb.add_pod(nb, "web", "reporting-job-q7x", labels={"app": "reporting-job", "team": "web", "env": "prod"})
         for b in billing:
             b.serve_http(8080)
+        # The seed's billing-service in each cluster (cluster-b's: examples/seed/cluster-b/).
+        for cluster, path in (("cluster-a", SEED / "billing-service.yaml"),
+                              ("cluster-b", SEED / "cluster-b" / "billing-service.yaml")):
+            svc = seed_service(path)
+            meta, spec = svc["metadata"], svc["spec"]
+            tb.add_service(meta["namespace"], meta["name"], spec["clusterIP"], spec["ports"], spec.get("selector"),
+                           cluster=cluster, annotations=meta.get("annotations"))
         etcd_binary = shutil.which("etcd")
         if etcd_binary is None:
             print("etcd is not installed: run `make install` (scripts/install.sh installs etcd-server)")
@@ -79,7 +95,8 @@ def main() -> int:
                     "node": node.name, "cluster": {"name": cluster, "id": cid},
                     "stateDir": str(work / "state"), "admin": {"listen": f"unix:{work}/admin.sock"},
                     "envoy": {"logLevel": "warning"},
-                    "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames},
+                    "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames,
+                                 "cgroup": str(node.cgroup)},
                     "mtls": {"enabled": True, "caDir": str(tb.workdir / "shared-ca"), "listen": f"{node.ip}:4250"},
                     "clustermesh": {"etcd": {"endpoints": [etcds[cluster].endpoint]}, "configDir": str(work / "mesh"),
                                     "nodeAddress": node.ip},
@@ -99,7 +116,7 @@ def main() -> int:
                         print(tb.log_path(proc).read_text()[-3000:])
                         return 1
                     time.sleep(0.1)
-                client.apply_endpoints(tb.to_manifests(cluster))  # this cluster's pods only
+                client.apply_endpoints(tb.to_manifests(cluster))  # this cluster's pods and Service only
                 client.apply_policies(seed_policies())
                 st = client.get("/v1/status")
                 print(f"   datapath: {st['datapath']['mode']} — {st['datapath']['description']}")
@@ -108,24 +125,44 @@ def main() -> int:
                 r = subprocess.run([L7GATE, "clustermesh", "status", "--wait", "--wait-timeout", "60",
                                     "--admin", f"unix:{work}/admin.sock"], check=False)
                 failed |= r.returncode
-            time.sleep(1.0)
-            print("\n== from the frontend-service pod (cluster-b), as in the article")
+            _, _, client_b, work_b = agents[1]
+            print("\n== node b1: l7gate service list (billing-service balances over cluster-a's pods)")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # cluster-a's backends arrive over the mesh
+                fes = client_b.get("/v1/services")["services"][0]["frontends"]
+                if fes and len(fes[0]["backends"]) == len(billing):
+                    break
+                time.sleep(0.2)
+            subprocess.run([L7GATE, "service", "list", "--admin", f"unix:{work_b}/admin.sock"], check=False)
+            print("\n== from the frontend-service pod (cluster-b), as in the article: by the Service's name")
             target = billing[0]
-            for who, pod, method, path, port, want in (
-                ("frontend-service", fe, "POST", "/v1/charge", 8080, 200),
-                ("frontend-service", fe, "GET", "/v1/transactions", 8080, 403),
-                ("frontend-service", fe, "POST", "/v1/refund", 8080, 403),
-                ("frontend-service", fe, "POST", "/v1/charge", 9090, 0),
-                ("reporting-job (other labels)", other, "POST", "/v1/charge", 8080, 0),
+            name = "billing-service.payments"
+            for who, pod, method, url, want in (
+                ("frontend-service", fe, "POST", f"http://{name}:8080/v1/charge", 200),
+                ("frontend-service", fe, "GET", f"http://{name}:8080/v1/transactions", 403),
+                ("frontend-service", fe, "POST", f"http://{name}:8080/v1/refund", 403),
+                # port 9090 is no port of the Service: the pod itself, which no rule opens
+                ("frontend-service", fe, "POST", f"http://{target.ip}:9090/v1/charge", 0),
+                ("reporting-job (other labels)", other, "POST", f"http://{name}:8080/v1/charge", 0),
             ):
-                status, body = pod.curl(f"http://{target.ip}:{port}{path}", method, data='{"amount": 100}', timeout=2,
-                                        headers={"Host": "billing-service.payments"})
+                status, body = pod.curl(url, method, data='{"amount": 100}', timeout=2)
                 shown = status if status else "no answer (dropped in the kernel)"
-                print(f"   {who}: curl -X {method} http://billing-service.payments:{port}{path} -> {shown}"
-                      f" {body.strip()[:60] if status else ''}")
+                answered = ""
+                if status == 200:
+                    answered = f"(answered by {json.loads(body)['pod']})"
+                print(f"   {who}: curl -X {method} {url} -> {shown} {answered}")
                 if status != want:
                     print(f"   ^ MISMATCH: expected {want or 'a drop'}")
                     failed = 1
+            by_pod: dict[str, int] = {}
+            for _ in range(20):
+                status, body = fe.curl(f"http://{name}:8080/v1/charge", "POST", data='{"amount": 100}', timeout=2)
+                who = json.loads(body)["pod"] if status == 200 else f"status {status}"
+                by_pod[who] = by_pod.get(who, 0) + 1
+            print(f"   20 more POSTs to {name}: answered by {by_pod}")
+            if len(by_pod) != len(billing) or any(k.startswith("status") for k in by_pod):
+                print("   ^ MISMATCH: expected both billing pods, every request answered")
+                failed = 1
             failed |= authenticated_and_encrypted(tb, agents, fe, target)
             _, _, client_a, work_a = agents[0]
             print("\n== node a1: l7gate status (datapath)")
@@ -143,7 +180,8 @@ def main() -> int:
                     proc.wait(timeout=20)
             for etcd in etcds.values():
                 etcd.stop()
-                subprocess.run(["rm", "-rf", f"/sys/fs/bpf/l7g/{node.netns}"], check=False)
+            for n in (na, nb):
+                subprocess.run(["rm", "-rf", f"/sys/fs/bpf/l7g/{n.netns}"], check=False)
             try:
                 Path("/sys/fs/bpf/l7g").rmdir()
             except OSError:
@@ -170,8 +208,7 @@ def authenticated_and_encrypted(tb: Testbed, agents: list[Any], fe: Any, target:
     cap = nb.spawn(["tcpdump", "-i", link, "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(pcap), "tcp"], stderr=subprocess.PIPE)
     assert cap.stderr is not None
     cap.stderr.readline()  # "listening on ..."
-    status, body = fe.curl(f"http://{target.ip}:8080/v1/charge", "POST", data='{"amount": 100}', timeout=3,
-                           headers={"Host": "billing-service.payments"})
+    status, body = fe.curl("http://billing-service.payments:8080/v1/charge", "POST", data='{"amount": 100}', timeout=3)
     time.sleep(0.3)
     cap.send_signal(signal.SIGINT)
     cap.wait(10)

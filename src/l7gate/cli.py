@@ -729,8 +729,11 @@ def _cmd_clustermesh_status(args: argparse.Namespace) -> int:
     print(f"{mark} cluster {cl['name']} (id {cl['id']}): {ready}/{len(remotes)} remote clusters ready")
     pub = data.get("publishing") or {}
     if pub:
-        print(f"   this node publishes {pub['endpoints']} endpoint(s) to its cluster's etcd "
-              f"({pub['pending']} pending; synced: {', '.join(pub['synced']) or 'not yet'})")
+        print(f"   this node publishes {pub['endpoints']} endpoint(s) and {len(pub.get('services', []))} global "
+              f"service(s) to its cluster's etcd ({pub['pending']} pending; synced: "
+              f"{', '.join(pub['synced']) or 'not yet'})")
+        if pub.get("services_error"):
+            print(f"   global services not published: {pub['services_error']}")
     for err in data.get("config_errors", []):
         print(f"   configuration: {err}")
     now = time.time()
@@ -743,6 +746,13 @@ def _cmd_clustermesh_status(args: argparse.Namespace) -> int:
     ]
     print(_table(rows, ["REMOTE", "READY", "CONFIGURED", "CONNECTED", "ID", "NODES", "ENDPOINTS", "IDENTITIES",
                         "LAST SYNC", "RECONNECTS", "LAST ERROR"]))
+    services = [[r["name"], s["service"], ", ".join(s["frontends"]) or "-", str(s["backends"]), s["here"]]
+                for r in remotes for s in r.get("global_services", [])]
+    if services:
+        print()
+        print(_table(services, ["REMOTE", "GLOBAL SERVICE", "FRONTENDS THERE", "BACKENDS", "HERE"]))
+    for problem in data.get("service_problems", []):
+        print(f"⚠️  {problem}")
     return EXIT_OK if data.get("ready") else EXIT_INVALID
 
 

@@ -216,6 +216,7 @@ def test_operators_read_the_mesh_with_etcdctl(c2: Cluster) -> None:
         "cilium/synced/c2/cilium/state/identities/v1",
         "cilium/synced/c2/cilium/state/ip/v1",
         "cilium/synced/c2/cilium/state/nodes/v1",
+        "cilium/synced/c2/cilium/state/services/v1",
     ]
 
 
@@ -403,7 +404,8 @@ def test_remote_etcd_replaced_behind_the_same_address(c2: Cluster, servers: Call
             fresh.pod("10.2.0.9", "db")
             fresh.synced()
             eventually(lambda: view.ips() == {"10.2.0.9": 2 << 16}, 20, "the new etcd's entries only")
-            s = status(mesh)
+            # every path's canary, not only the ipcache's: ready on the new etcd
+            s = eventually(lambda: st if (st := status(mesh)).ready else None, 10, "ready on the new etcd")
             assert s.etcd_replaced == 1 and s.ready and [n for _, n in view.nodes] == ["n7"]
             # and then the new cluster-config names another ID: everything under ID 2 goes
             n = view.count()

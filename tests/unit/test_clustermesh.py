@@ -17,6 +17,7 @@ from l7gate.clustermesh import (
     IDENTITIES_PATH,
     IP_PATH,
     NODES_PATH,
+    SERVICES_PATH,
     ClusterMesh,
     MeshDelta,
     MeshError,
@@ -194,7 +195,7 @@ def test_canary_only_after_every_initial_upsert_succeeded(store: SQLiteKVStore) 
     flaky.down.clear()
     assert pub.flush(5)
     assert [k for k, _ in store.list_prefix(canaries)] == [
-        wire.synced_key("c2", p) for p in sorted((IDENTITIES_PATH, IP_PATH, NODES_PATH))]
+        wire.synced_key("c2", p) for p in sorted((IDENTITIES_PATH, IP_PATH, NODES_PATH, SERVICES_PATH))]
     assert store.get(wire.ip_key(ipaddress.ip_network("10.2.0.1/32"))) is not None
     pub.close()
 
@@ -308,6 +309,7 @@ def test_publisher_writes_everything_again_on_a_new_lease(tmp_path: Path) -> Non
     web = alloc.allocate(labels("web"))
     pub.upsert_endpoint("10.2.0.1", web.id)
     pub.set_node(NodeRecord("n1", "c2", 2))
+    pub.upsert_service(wire.ClusterService.of("c2", "default", "web", backends={"10.2.0.1": {"": wire.L4Addr("TCP", 80)}}))
     pub.synced()
     assert pub.flush(5)
     first = lease.current
@@ -319,7 +321,8 @@ def test_publisher_writes_everything_again_on_a_new_lease(tmp_path: Path) -> Non
     assert [k for k, _ in store.list_prefix(wire.IP_PREFIX)] == ["cilium/state/ip/v1/default/10.2.0.1"]
     assert store.get(wire.node_key("c2", "n1")) is not None
     assert len(store.list_prefix(wire.IDENTITY_VALUE_PREFIX)) == 1
-    assert len(store.list_prefix(wire.synced_prefix("c2"))) == 3
+    assert store.get(wire.service_key("c2", "default", "web")) is not None
+    assert len(store.list_prefix(wire.synced_prefix("c2"))) == 4
     pub.close()
     lease.close()
     store.close()

@@ -28,6 +28,12 @@ node or cluster — run side by side on one machine. Defaults suit a single node
     clustermesh: {etcd: {endpoints: [https://10.0.1.100:2379], caFile, certFile, keyFile},
                   configDir: /var/lib/l7gate/clustermesh,   # a file per remote cluster (Cilium's)
                   nodeAddress: 10.0.1.1, leaseTTL: 15}       # docs/clustermesh.md
+    kubernetes: {enabled: false,        # list+watch the API (docs/kubernetes.md, "Watching the API")
+                 kubeconfig: /path,     # absent: in-cluster (service-account token and CA,
+                                        #   KUBERNETES_SERVICE_HOST/PORT)
+                 nodeNameEnv: NODE_NAME,  # the variable naming this node (the DaemonSet sets it
+                                          #   from spec.nodeName); when set it is `node`
+                 watchTimeout: 300}     # seconds a watch lasts before it is renewed (x1-2, jittered)
 
 The admin endpoint listens on TCP only when `admin.listen` says so, and then always with a
 bearer token read from `admin.tokenFile` (docs/security.md).
@@ -35,7 +41,8 @@ bearer token read from `admin.tokenFile` (docs/security.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +120,19 @@ class ClusterMeshSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesSettings:
+    """The Kubernetes API as a source of policies, pods, namespaces and Services
+    (docs/kubernetes.md). `kubeconfig`: a kubeconfig file; empty: in-cluster configuration.
+    `node_name_env`: the environment variable that names this node (read by `parse_config`
+    into `AgentConfig.node`)."""
+
+    enabled: bool = False
+    kubeconfig: str = ""
+    node_name_env: str = "NODE_NAME"
+    watch_timeout: int = 300
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str = "node-1"
     cluster_name: str = "default"
@@ -138,6 +158,7 @@ class AgentConfig:
     observe: ObserveSettings = ObserveSettings()
     mtls: MTLSSettings = MTLSSettings()
     clustermesh: ClusterMeshSettings = ClusterMeshSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
     def cluster_id_of(self, cluster: str) -> int | None:
         if cluster == self.cluster_name:
@@ -176,14 +197,16 @@ def _check_listen(value: object, path: str, errors: list[Finding]) -> str | None
     return value
 
 
-def parse_config(data: object, source: str = "<config>") -> AgentConfig:
+def parse_config(data: object, source: str = "<config>", environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """`environ` (default: the process's) is read for `kubernetes.nodeNameEnv` only."""
     errors: list[Finding] = []
+    env = os.environ if environ is None else environ
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
     known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe", "mtls",
-             "clustermesh"}
+             "clustermesh", "kubernetes"}
     for k in data:
         if k not in known:
             errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
@@ -214,6 +237,21 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
 
     d = AgentConfig()
     node = string(data.get("node", d.node), "node") or d.node
+    kubernetes = _kubernetes(section("kubernetes", {"enabled", "kubeconfig", "nodeNameEnv", "watchTimeout"}),
+                             errors, string, integer)
+    if kubernetes.enabled:
+        # One ConfigMap for every node of a DaemonSet: the node's name comes from its pod.
+        from_env = env.get(kubernetes.node_name_env, "")
+        if from_env and "node" in data and data["node"] != from_env:
+            errors.append(Finding("node", f"is {data['node']!r} but ${kubernetes.node_name_env} says {from_env!r}: "
+                                          "remove `node` (the environment names the node) or make them agree"))
+        elif from_env:
+            node = from_env
+        elif "node" not in data:
+            errors.append(Finding("kubernetes.nodeNameEnv",
+                                  f"${kubernetes.node_name_env} is not set and `node` is not given: the agent must "
+                                  "know its node to tell its own pods (a DaemonSet sets it from spec.nodeName "
+                                  "through the downward API)"))
     if "/" in node or "~" in node:
         errors.append(Finding("node", "must not contain '/' or '~'"))
     cl = section("cluster", {"name", "id"})
@@ -414,7 +452,27 @@ def parse_config(data: object, source: str = "<config>") -> AgentConfig:
         observe=observe,
         mtls=mtls,
         clustermesh=clustermesh,
+        kubernetes=kubernetes,
     )
+
+
+def _kubernetes(ku: Mapping[str, Any], errors: list[Finding], string: Callable[[object, str], str | None],
+                integer: Callable[[object, str, int, int], int | None]) -> KubernetesSettings:
+    d = KubernetesSettings()
+    enabled = ku.get("enabled", d.enabled)
+    if not isinstance(enabled, bool):
+        errors.append(Finding("kubernetes.enabled", "must be true or false"))
+        enabled = False
+    kubeconfig = ""
+    if ku.get("kubeconfig") is not None:
+        kubeconfig = string(ku["kubeconfig"], "kubernetes.kubeconfig") or ""
+        if kubeconfig and not kubeconfig.startswith("/"):
+            errors.append(Finding("kubernetes.kubeconfig", f"must be an absolute path, got {kubeconfig!r}"))
+    env_name = string(ku.get("nodeNameEnv", d.node_name_env), "kubernetes.nodeNameEnv") or d.node_name_env
+    if not env_name.replace("_", "a").isalnum() or env_name[0].isdigit():
+        errors.append(Finding("kubernetes.nodeNameEnv", f"must be an environment variable's name, got {env_name!r}"))
+    timeout = integer(ku.get("watchTimeout", d.watch_timeout), "kubernetes.watchTimeout", 10, 3600) or d.watch_timeout
+    return KubernetesSettings(enabled, kubeconfig, env_name, timeout)
 
 
 def load_config(path: str) -> AgentConfig:

@@ -1,7 +1,7 @@
 """The agent's state and its reconcile steps: policies, pods, identities, ipcache, xDS.
 
 Theory of operation. Inputs arrive as Kubernetes objects (CNP/CCNP, Pod, Namespace) through
-`apply` and `delete` (the admin API today; the Kubernetes watch later feeds the same path).
+`apply` and `delete` (the admin API, and the Kubernetes watch through `agent/kube.py`: the same path).
 Each call is all-or-nothing: every object is parsed and checked first; one invalid object
 (or the same object twice, or a pod address this datapath cannot serve) refuses the whole
 request and nothing in force changes. A valid request then, in order:
@@ -36,7 +36,8 @@ from typing import Any, Protocol, TypeVar
 from google.protobuf.message import Message
 
 from ..clustermesh.publisher import MeshPublisher
-from ..clustermesh.types import MeshDelta, RemoteEndpoint, RemoteIdentity
+from ..clustermesh.types import MeshDelta, MeshError, RemoteEndpoint, RemoteIdentity
+from ..clustermesh.wire import ClusterService, L4Addr, WireError, decode_cluster_service, encode_cluster_service
 from ..identity.allocator import IdentityAllocator
 from ..identity.ipcache import IPCache
 from ..identity.numeric import Identity, IdentityError
@@ -54,7 +55,7 @@ from ..policy.types import AuthMode, Direction
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
-from ..services import Frontend, FrontendEntry, Service, ServiceTable
+from ..services import Backend, Frontend, FrontendEntry, Service, ServiceTable
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.resources import ProxiedPort
 from ..xds.tunnel_plan import PodView, TunnelInputs
@@ -66,7 +67,7 @@ POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
 SERVICE_PREFIX = PREFIX + "services/"  # <cluster>/<namespace>/<name>
-MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints/<key>
+MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints|services/<key>
 
 
 T = TypeVar("T")
@@ -137,6 +138,10 @@ class StateView:
     frontends: Mapping[Frontend, FrontendEntry] = field(default_factory=dict)
     # (backend address, port) → the Services ("namespace/name") it is a backend of, for flows
     backends: Mapping[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+    # remote cluster → the global services it publishes (cluster mesh), by namespace/name
+    remote_services: Mapping[str, tuple[ClusterService, ...]] = field(default_factory=dict)
+    # namespace/name of the global Services this agent publishes to its cluster's etcd
+    published_services: tuple[str, ...] = ()
 
     def pods_of(self) -> dict[int, list[str]]:
         """Identity → the refs of its pods, sorted."""
@@ -194,6 +199,16 @@ class AgentCore:
         self._mesh_identities: dict[int, tuple[str, Labels]] = {}
         self._mesh_endpoints: dict[tuple[str, str], str] = {}
         self._mesh_unconfirmed: dict[str, set[tuple[str, str]]] = {}
+        # Global services (docs/clustermesh.md, "Global services"): what each remote cluster
+        # publishes, by namespace/name, and the backend addresses that turned into (to name their
+        # pods once the remote's endpoints arrive); the Services this agent publishes, and
+        # whether a change of Services or pods may have changed them.
+        self._mesh_services: dict[str, dict[str, ClusterService]] = {}
+        self._mesh_service_ips: dict[str, set[str]] = {}
+        self._published_services: set[str] = set()
+        self._publish_dirty = True
+        self._local_services_changed = False
+        self.mesh_services_error = ""  # the last global service the publisher refused
         self._policy_docs: dict[str, Any] = {}
         self._pods: dict[str, PodRecord] = {}
         # Indexes over `_pods`, so that one change costs O(change), not O(pods).
@@ -202,6 +217,7 @@ class AgentCore:
         self._pod_nodes: dict[str, str] | None = None  # pod IP → host IP, rebuilt after a change
         self._pod_docs: dict[str, Any] = {}
         self._namespaces: dict[tuple[str, str], Namespace] = {}
+        self._namespace_docs: dict[str, Any] = {}  # <cluster or *>/<name> → the object as applied
         self._identity_pods: dict[int, set[str]] = {}
         self.services = ServiceTable()
         self._service_docs: dict[str, Any] = {}  # <cluster>/<namespace>/<name> → the object as applied
@@ -385,6 +401,7 @@ class AgentCore:
             key = f"{ns.cluster}/{ns.name}"
             old = self._namespaces.get((ns.cluster, ns.name))
             self._namespaces[(ns.cluster, ns.name)] = ns
+            self._namespace_docs[key] = doc
             if persist:
                 self.store.put(NAMESPACE_PREFIX + key, _canonical(doc))
             self._record(result, f"namespace/{key}", old is None, old == ns)
@@ -410,7 +427,7 @@ class AgentCore:
             same = old_doc is not None and _canonical(old_doc) == _canonical(doc)
             if not same:
                 self.services.upsert_service(svc)
-                self._services_dirty = True
+                self._services_changed(local_service=True)
                 self._service_docs[key] = doc
                 if persist:
                     self.store.put(SERVICE_PREFIX + key, _canonical(doc))
@@ -477,9 +494,19 @@ class AgentCore:
         if self.fallback is not None:
             self.fallback.set_local_pods(self._local_pod_ips())
 
+    def _services_changed(self, *, local_service: bool = False) -> None:
+        """A Service or a pod of this cluster changed: the kernel's LB and what this agent
+        publishes to the mesh follow at the next flush; a Service's ports also decide which of
+        a remote's backend ports are its (`_sync_remote_services`)."""
+        self._services_dirty = True
+        self._publish_dirty = True
+        if local_service:
+            self._local_services_changed = True
+
     def _flush_services(self) -> None:
         """The kernel's socket LB, after a change of Services or of their pods. A refusal is kept
         for the status and retried with the next change; the maps keep what they had."""
+        self._mesh_services_step()
         if self.socket_lb is None or not self._services_dirty:
             return
         desired = {
@@ -530,12 +557,54 @@ class AgentCore:
             self._view = None
             _, namespace, name = key.split("/", 2)
             self.services.delete_service(namespace, name)
-            self._services_dirty = True
+            self._services_changed(local_service=True)
             del self._service_docs[key]
             self.store.delete(SERVICE_PREFIX + key)
             self._flush_services()
             self.revision += 1
             return True
+
+    def delete_namespace(self, key: str) -> bool:
+        """Remove the Namespace `<cluster>/<name>` (`*/<name>`: the one for every cluster); its
+        pods keep running under the labels they have without it. False if there is none."""
+        with self._lock:
+            if key not in self._namespace_docs:
+                return False
+            self._view = None
+            cluster, name = key.split("/", 1)
+            del self._namespace_docs[key]
+            self._namespaces.pop((cluster, name), None)
+            self.store.delete(NAMESPACE_PREFIX + key)
+            for ref, rec in list(self._pods.items()):
+                if rec.pod.namespace == name and cluster in (rec.pod.cluster, ANY_CLUSTER) and ref in self._pod_docs:
+                    self._remove_pod(ref)
+                    self._add_pod(rec.pod)
+            self._sync_ports()
+            self._flush()
+            self.revision += 1
+        settle_heap()
+        return True
+
+    def documents(self, kind: str) -> dict[str, Any]:
+        """The objects of `kind` (a policy kind, Pod, Service or Namespace) in force: the key
+        its `delete_*` takes → the document as applied. A copy, taken under the lock."""
+        with self._lock:
+            if kind in POLICY_KINDS:
+                return {k: d for k, d in self._policy_docs.items() if k.startswith(kind + "/")}
+            return dict(self._docs_of(kind))
+
+    def document(self, kind: str, key: str) -> Any | None:
+        """The document in force as `key` of `kind` (see `documents`), or None."""
+        with self._lock:
+            if kind in POLICY_KINDS:
+                return self._policy_docs.get(key) if key.startswith(kind + "/") else None
+            return self._docs_of(kind).get(key)
+
+    def _docs_of(self, kind: str) -> Mapping[str, Any]:
+        docs = {"Pod": self._pod_docs, "Service": self._service_docs, "Namespace": self._namespace_docs}.get(kind)
+        if docs is None:
+            raise ValueError(f"no documents of kind {kind!r}")
+        return docs
 
     def delete_pod(self, ref: str) -> bool:
         """`ref` is cluster/namespace/name, or namespace/name in the agent's cluster."""
@@ -573,15 +642,16 @@ class AgentCore:
     def apply_mesh(self, delta: MeshDelta) -> None:
         """One remote cluster's changes (`clustermesh.ClusterMesh`'s callback): its identities
         into the resolver, its endpoints into the ipcache (the kernel and Envoy follow), each
-        endpoint named for flows; persisted, so that a restarted agent enforces them before the
+        endpoint named for flows, its global services' backends into the service table (the
+        kernel's socket LB follows); persisted, so that a restarted agent enforces them before the
         mesh has resynced (cilium#26462). The `resync` delta ending a listing removes what was
         restored from the store and the listing did not confirm. Called from the mesh's thread."""
         cluster = delta.cluster
         with self._lock:
             with self.store.batch():
-                added: list[RemoteIdentity | RemoteEndpoint] = [*delta.identities_added, *delta.endpoints_added]
-                removed: list[RemoteIdentity | RemoteEndpoint] = [*delta.identities_removed,
-                                                                  *delta.endpoints_removed]
+                added: list[_MeshEntry] = [*delta.identities_added, *delta.endpoints_added, *delta.services_added]
+                removed: list[_MeshEntry] = [*delta.identities_removed, *delta.endpoints_removed,
+                                             *delta.services_removed]
                 for entry in added:
                     self.store.put(*_encode_mesh_entry(cluster, entry))
                 for entry in removed:
@@ -622,8 +692,100 @@ class AgentCore:
                 unconfirmed.discard((_ENDPOINT, ep.prefix.with_prefixlen))
         if removed:
             self._feed(self.resolver.update_identities({}, deleted=removed))
+        services = self._mesh_services.setdefault(cluster, {})
+        for svc in delta.services_removed:
+            services.pop(svc.ref, None)
+        for svc in delta.services_added:
+            services[svc.ref] = svc
+            if unconfirmed is not None:
+                unconfirmed.discard((_SERVICE, svc.ref))
+        # A remote backend is named after its pod once the remote's endpoint is known.
+        touched = {str(ep.prefix.network_address) for ep in (*delta.endpoints_added, *delta.endpoints_removed)}
+        if delta.services_added or delta.services_removed or not touched.isdisjoint(
+                self._mesh_service_ips.get(cluster, ())):
+            self._sync_remote_services(cluster)
         self.revision += 1
         self._view = None
+
+    # -- global services over the mesh -----------------------------------------------------------
+
+    def _mesh_services_step(self) -> None:
+        """Before the socket LB is told: remote backends re-read against changed local Services
+        (their ports name which remote ports are theirs), and this cluster's global Services
+        published again if a Service or a pod changed."""
+        if self._local_services_changed:
+            self._local_services_changed = False
+            for cluster in sorted(self._mesh_services):
+                self._sync_remote_services(cluster)
+        if self._mesh_publisher is not None and self._publish_dirty:
+            self._publish_dirty = False
+            self._publish_services(self._mesh_publisher)
+
+    def _sync_remote_services(self, cluster: str) -> None:
+        """What `cluster` publishes → the service table's remote backends of that cluster, as
+        Cilium's agent merges a remote ClusterService: only a shared one offers backends; a
+        backend serves the local Service's port whose name and protocol its port has (Cilium
+        matches ports by name, so the clusters' port numbers may differ). A remote service
+        without a local Service of the same namespace/name is still handed over, without ports,
+        so that the table names it (`missing_locally`)."""
+        published = self._mesh_services.get(cluster, {})
+        table: dict[str, dict[tuple[int, str], tuple[Backend, ...]]] = {}
+        ips: set[str] = set()
+        for ref, remote in published.items():
+            if not remote.shared:
+                continue
+            ports: dict[tuple[int, str], tuple[Backend, ...]] = {}
+            local = self.services.service(ref)
+            for sp in local.ports if local is not None else ():
+                found = remote.backend_ports(sp.name, sp.protocol)
+                if found:
+                    ports[(sp.port, sp.protocol)] = tuple(
+                        Backend(ip, port, self._remote_pod_ref(cluster, ip), cluster) for ip, port in found)
+                    ips.update(ip for ip, _ in found)
+            table[ref] = ports
+        self.services.set_remote_backends(cluster, table)
+        self._mesh_service_ips[cluster] = ips
+        self._services_dirty = True
+
+    def _remote_pod_ref(self, cluster: str, ip: str) -> str:
+        ref = self._ip_owner.get(ip)
+        return ref if ref is not None and ref.startswith(cluster + "/") else f"{cluster}/-/{ip}"
+
+    def _publish_services(self, publisher: MeshPublisher) -> None:
+        """This cluster's global, shared Services into its etcd with their ready backends, as
+        Cilium's clustermesh-apiserver does; one that is deleted, or no longer global or shared,
+        is withdrawn. Every agent of the cluster does this (docs/clustermesh.md, "Global
+        services")."""
+        wanted = {svc.ref: svc for svc in self.services.services() if svc.global_ and svc.shared}
+        errors: list[str] = []
+        for ref in sorted(self._published_services - wanted.keys()):
+            namespace, name = ref.split("/", 1)
+            publisher.delete_service(namespace, name)
+        for ref, svc in sorted(wanted.items()):
+            try:
+                publisher.upsert_service(self._cluster_service(svc))
+            except MeshError as exc:
+                errors.append(str(exc))
+        self._published_services = set(wanted)
+        self.mesh_services_error = "; ".join(errors)
+
+    def _cluster_service(self, svc: Service) -> ClusterService:
+        """Cilium's ClusterService of a local Service: its ClusterIP's ports by name, and each
+        ready backend's address with its target port under the same names."""
+        frontends: dict[str, dict[str, L4Addr]] = {}
+        if svc.cluster_ip is not None:
+            frontends[svc.cluster_ip] = {sp.name: L4Addr(sp.protocol, sp.port) for sp in svc.ports}
+        backends: dict[str, dict[str, L4Addr]] = {}
+        for sp, found in self.services.own_backends(svc.namespace, svc.name):
+            for b in found:
+                backends.setdefault(b.ip, {})[sp.name] = L4Addr(sp.protocol, b.port)
+        doc = self._service_docs.get(f"{svc.cluster}/{svc.ref}") or {}
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        raw = meta.get("labels") if isinstance(meta, dict) else None
+        labels = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(raw, dict) else {}
+        return ClusterService.of(self.config.cluster_name, svc.namespace, svc.name, frontends=frontends,
+                                 backends=backends, labels=labels, selector=dict(svc.selector or {}),
+                                 cluster_id=self.config.cluster_id)
 
     def _add_mesh_endpoint(self, ep: RemoteEndpoint) -> None:
         prefix = ep.prefix.with_prefixlen
@@ -664,9 +826,12 @@ class AgentCore:
         """Restored entries of `cluster` that its fresh listing did not confirm: gone remotely."""
         with self.store.batch():
             gone_ids = []
+            gone_services = False
             for kind, key in sorted(keys):
                 if kind == _ENDPOINT:
                     self._remove_mesh_endpoint(cluster, key)
+                elif kind == _SERVICE:
+                    gone_services |= self._mesh_services.get(cluster, {}).pop(key, None) is not None
                 else:
                     ident = int(key)
                     if self._mesh_identities.pop(ident, None) is not None:
@@ -674,26 +839,32 @@ class AgentCore:
                 self.store.delete(_mesh_key(cluster, kind, key))
         if gone_ids:
             self._feed(self.resolver.update_identities({}, deleted=gone_ids))
+        if gone_services:
+            self._sync_remote_services(cluster)
         self.revision += 1
         self._view = None
 
     def _restore_mesh(self) -> None:
         """The remote clusters' entries as last seen, into force until each cluster's first
         listing confirms or drops them (`apply_mesh`)."""
-        by_cluster: dict[str, tuple[list[RemoteIdentity], list[RemoteEndpoint]]] = {}
+        by_cluster: dict[str, tuple[list[RemoteIdentity], list[RemoteEndpoint], list[ClusterService]]] = {}
         for key, value in self.store.list_prefix(MESH_PREFIX):
             entry = _decode_mesh_entry(key, value)
             if entry is None:
                 continue
-            ids, eps = by_cluster.setdefault(entry.cluster, ([], []))
+            ids, eps, svcs = by_cluster.setdefault(entry.cluster, ([], [], []))
             if isinstance(entry, RemoteIdentity):
                 ids.append(entry)
+            elif isinstance(entry, ClusterService):
+                svcs.append(entry)
             else:
                 eps.append(entry)
-        for cluster, (ids, eps) in by_cluster.items():
-            self._apply_mesh_locked(MeshDelta(cluster, 0, identities_added=tuple(ids), endpoints_added=tuple(eps)))
+        for cluster, (ids, eps, svcs) in by_cluster.items():
+            self._apply_mesh_locked(MeshDelta(cluster, 0, identities_added=tuple(ids), endpoints_added=tuple(eps),
+                                              services_added=tuple(svcs)))
             self._mesh_unconfirmed[cluster] = (
-                {(_IDENTITY, str(i.id)) for i in ids} | {(_ENDPOINT, e.prefix.with_prefixlen) for e in eps})
+                {(_IDENTITY, str(i.id)) for i in ids} | {(_ENDPOINT, e.prefix.with_prefixlen) for e in eps}
+                | {(_SERVICE, s.ref) for s in svcs})
 
     def exclusive(self, fn: Callable[[], T]) -> T:
         """`fn()` between changes (under the core's lock): what must never land inside one."""
@@ -737,7 +908,7 @@ class AgentCore:
             backend = pod_backend(pod)
             if backend is not None:
                 self.services.upsert_pod(backend)
-                self._services_dirty = True
+                self._services_changed()
         if local and self._mesh_publisher is not None:
             for ip in pod.ips:
                 self._mesh_publisher.upsert_endpoint(ip, ident, host_ip=pod.host_ip or self.config.clustermesh.node_address
@@ -748,7 +919,7 @@ class AgentCore:
         self._local_pods.pop(ref, None)
         if rec.pod.cluster == self.config.cluster_name:
             self.services.delete_pod(ref)
-            self._services_dirty = True
+            self._services_changed()
         if rec.local and self._mesh_publisher is not None:
             for ip in rec.pod.ips:
                 self._mesh_publisher.delete_endpoint(ip)
@@ -868,6 +1039,9 @@ class AgentCore:
             tuple(self.services.services()),
             MappingProxyType(frontends),
             MappingProxyType({k: tuple(sorted(v)) for k, v in backends.items()}),
+            MappingProxyType({c: tuple(svcs[r] for r in sorted(svcs)) for c, svcs in sorted(self._mesh_services.items())
+                              if svcs}),
+            tuple(sorted(self._published_services)),
         )
 
 
@@ -899,27 +1073,35 @@ class Allocator(Protocol):
 
 # -- the one encode/decode pair for remote clusters' entries in the store (MESH_PREFIX) -------
 
-_IDENTITY, _ENDPOINT = "identity", "endpoint"
-_MESH_PATHS = {_IDENTITY: "identities", _ENDPOINT: "endpoints"}
+_IDENTITY, _ENDPOINT, _SERVICE = "identity", "endpoint", "service"
+_MESH_PATHS = {_IDENTITY: "identities", _ENDPOINT: "endpoints", _SERVICE: "services"}
 _MESH_KINDS = {path: kind for kind, path in _MESH_PATHS.items()}
+_MeshEntry = RemoteIdentity | RemoteEndpoint | ClusterService
 
 
 def _mesh_key(cluster: str, kind: str, name: str) -> str:
     return f"{MESH_PREFIX}{cluster}/{_MESH_PATHS[kind]}/{name}"
 
 
-def _encode_mesh_entry(cluster: str, entry: RemoteIdentity | RemoteEndpoint) -> tuple[str, bytes]:
+def _encode_mesh_entry(cluster: str, entry: _MeshEntry) -> tuple[str, bytes]:
     if isinstance(entry, RemoteIdentity):
         return _mesh_key(cluster, _IDENTITY, str(entry.id)), _canonical(dict(entry.labels))
+    if isinstance(entry, ClusterService):  # as the remote wrote it: Cilium's JSON
+        return _mesh_key(cluster, _SERVICE, entry.ref), encode_cluster_service(entry)
     return (_mesh_key(cluster, _ENDPOINT, entry.prefix.with_prefixlen),
             _canonical({"identity": entry.identity, "host_ip": entry.host_ip,
                         "namespace": entry.namespace, "pod_name": entry.pod_name}))
 
 
-def _decode_mesh_entry(key: str, value: bytes) -> RemoteIdentity | RemoteEndpoint | None:
+def _decode_mesh_entry(key: str, value: bytes) -> _MeshEntry | None:
     cluster, path, name = key[len(MESH_PREFIX):].split("/", 2)
-    data = json.loads(value)
     kind = _MESH_KINDS.get(path)
+    if kind == _SERVICE:
+        try:
+            return decode_cluster_service(value)
+        except WireError:
+            return None  # written by this agent from a value it decoded: only a damaged store
+    data = json.loads(value)
     if kind == _IDENTITY:
         return RemoteIdentity(cluster, int(name), Labels.of(data))
     if kind == _ENDPOINT:

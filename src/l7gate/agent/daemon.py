@@ -1,7 +1,9 @@
 """`l7gate agent`: wiring of one node's agent, and its clean shutdown.
 
 Start order: kvstore → snapshot cache → core (restores policies and pods from the kvstore and
-fills the cache) → xDS server → Envoy supervisor → admin endpoint. The xDS server starts after
+fills the cache) → xDS server → Envoy supervisor → admin endpoint → the Kubernetes watch (when
+configured: it feeds the core the objects of the API; until its initial lists are applied the
+agent enforces what it restored, and /healthz says it is not ready). The xDS server starts after
 the cache holds the restored state, so the first configuration any Envoy gets — a new one, or
 one that outlived the previous agent and reconnects — is already the whole enforcing one.
 SIGTERM or SIGINT stops everything in reverse order.
@@ -28,6 +30,7 @@ from ..clustermesh.publisher import MeshPublisher
 from ..clustermesh.types import MeshError
 from ..clustermesh.wire import NodeAddress, NodeRecord
 from ..identity.allocator import IdentityAllocator
+from ..k8s.watch import KubeConfigError, Watcher
 from ..kvstore.etcd import EtcdKVStore
 from ..kvstore.sqlite import SQLiteKVStore
 from ..mtls.auth import AuthManager, boot_ns_for
@@ -58,6 +61,7 @@ from .health import EnforcementWatch
 from .httpd import Limits, descriptor_budget
 from . import heap, views
 from .core import AgentCore
+from .kube import open_watcher
 from ..xds.tunnel import Tunnels
 from ..xds.tunnel_plan import plan as tunnel_plan
 from .metrics import AgentMetrics
@@ -88,11 +92,14 @@ class Agent:
     local_mesh: LocalMesh | None = None  # this cluster's etcd: shared identities, this node published
     mesh: ClusterMesh | None = None  # the remote clusters
     mesh_config_errors: tuple[str, ...] = ()
+    kube: Watcher | None = None  # the Kubernetes API as a source (kubernetes.enabled)
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
         log("stopping")
         self.stopping.set()
+        if self.kube is not None:
+            self.kube.stop()  # first: nothing from the API lands in a core that is stopping
         if self.mesh is not None:
             self.mesh.stop()  # entries merged stay in force (and in the store) for the next run
         if self.local_mesh is not None:
@@ -149,6 +156,12 @@ def start_agent(config: AgentConfig) -> Agent:
         socket_lb=socket_lb,
     )
     kernel = core.kernel
+    kube: Watcher | None = None
+    if config.kubernetes.enabled:
+        try:  # before anything starts: a configuration that cannot work stops the agent here
+            kube = open_watcher(config, core, log)
+        except KubeConfigError as exc:
+            raise RuntimeError(f"kubernetes: {exc}") from None
     mesh: ClusterMesh | None = None
     if local_mesh is not None:
         # This node's endpoints are queued by the restore above: the canaries follow them.
@@ -218,6 +231,8 @@ def start_agent(config: AgentConfig) -> Agent:
     agent: Agent
     # Through `agent`: the xDS server it holds may be replaced (a restarted server).
     watch = EnforcementWatch(envoy, lambda: agent.xds.status(), served_listeners, node_id)
+    if kube is not None:
+        watch.add_check(kube.problems)
     hooks = AdminHooks(
         status=lambda: views.status(agent),
         xds_status=lambda: agent.xds.status_json(),
@@ -233,7 +248,7 @@ def start_agent(config: AgentConfig) -> Agent:
                         limits=Limits(max_connections=max_conns))
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
                   datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls,
-                  local_mesh=local_mesh, mesh=mesh)
+                  local_mesh=local_mesh, mesh=mesh, kube=kube)
     if mesh is not None:
         mesh.start()
         if config.clustermesh.config_dir:
@@ -241,6 +256,9 @@ def start_agent(config: AgentConfig) -> Agent:
                              daemon=True).start()
     watch.start()
     admin.start()  # only now: its handlers read `agent`
+    if kube is not None:
+        log(f"kubernetes: watching {kube.api.host} as node {config.node}")
+        kube.start()
     threading.Thread(target=heap.settle_periodically, args=(agent.stopping, core.exclusive, log), name="l7g-heap",
                      daemon=True).start()
     return agent

@@ -14,6 +14,9 @@ three sources, each read when asked:
   listeners stay in Envoy's configuration and `/ready` still says LIVE, yet nothing is accepted
   any more, for good).
 
+Other sources of readiness add their own checks (`add_check`): the Kubernetes watch is not
+ready until its initial lists are applied.
+
 It also repairs what only a new Envoy can repair: stopped listeners, or listeners missing while
 LDS is acknowledged, restart Envoy (at most once per `repair_every` seconds); Envoy then fetches
 everything again over ADS. Problems are what `/healthz` answers 503 with, and what makes
@@ -60,6 +63,12 @@ class EnforcementWatch:
         self.repairs = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._checks: list[Callable[[], list[str]]] = []
+
+    def add_check(self, check: Callable[[], list[str]]) -> None:
+        """Another source of problems, asked by every `problems()` (the Kubernetes watch: not
+        ready until its initial lists are applied). Call before `start`."""
+        self._checks.append(check)
 
     def start(self) -> None:
         if self._envoy is None:
@@ -80,7 +89,7 @@ class EnforcementWatch:
                 log.exception("enforcement check failed")
 
     def problems(self) -> list[str]:
-        out: list[str] = []
+        out: list[str] = [p for check in self._checks for p in check()]
         envoy = self._envoy
         if envoy is None:
             return out

@@ -205,6 +205,8 @@ def status(agent: Agent) -> dict[str, Any]:
         "access_logs": {"entries": agent.als.entries, "errors": agent.als.errors, "streams": agent.als.streams,
                         "malformed": agent.als.malformed},
         "flows": dataclasses.asdict(agent.flows.stats()),
+        # the API connection, the last sync and counts per resource, refusals (docs/kubernetes.md)
+        "kubernetes": agent.kube.status() if agent.kube is not None else {"enabled": False},
         "uptime": round(time.monotonic() - agent.started, 3),
     }
 
@@ -288,14 +290,65 @@ def clustermesh(agent: Agent) -> dict[str, Any]:
         return {"enabled": False, "remotes": []}
     st = agent.mesh.status()
     local = agent.local_mesh
+    view = agent.core.view()
+    services, problems = global_services(view)
+    remotes = []
+    for r in st.remotes:
+        remote = dataclasses.asdict(r)
+        remote["global_services"] = services.get(r.name, [])
+        remotes.append(remote)
     return {
         "enabled": True,
         "cluster": {"name": st.cluster, "id": st.cluster_id},
         "ready": st.ready,
         "publishing": None if local is None else {
             "synced": list(local.publisher.synced_paths()), "pending": local.publisher.pending,
-            "endpoints": local.publisher.endpoint_count(),
+            "endpoints": local.publisher.endpoint_count(), "services": list(view.published_services),
+            "services_error": agent.core.mesh_services_error,
         },
         "config_errors": list(agent.mesh_config_errors),
-        "remotes": [dataclasses.asdict(r) for r in st.remotes],
+        "remotes": remotes,
+        "service_problems": problems,
     }
+
+
+GLOBAL_ANNOTATION = 'service.cilium.io/global: "true"'
+
+
+def global_services(v: StateView) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Per remote cluster, the global services it publishes and what this cluster does with
+    each (`here`): "global" (its backends are balanced over here), "missing" (no Service of that
+    namespace/name here), "not global" (the Service here is not global), "not shared" (the remote
+    offers no backends). And, by name, every one that needs the user: as in Cilium, a global
+    service is balanced over only from clusters that have the Service too, global."""
+    local = {svc.ref: svc for svc in v.services}
+    out: dict[str, list[dict[str, Any]]] = {}
+    problems: list[str] = []
+    for cluster, published in sorted(v.remote_services.items()):
+        rows = []
+        for cs in published:
+            svc = local.get(cs.ref)
+            if not cs.shared:
+                here = "not shared"
+            elif svc is None:
+                here = "missing"
+                problems.append(
+                    f"global service {cs.ref} exists in {cluster} but not here: create it in this cluster too, "
+                    f"as Cilium requires (a Service {cs.name} in namespace {cs.namespace}, annotated "
+                    f"{GLOBAL_ANNOTATION}); until then nothing here is balanced over {cluster}'s backends")
+            elif not svc.global_:
+                here = "not global"
+                problems.append(
+                    f"global service {cs.ref} of {cluster} is not global here: annotate this cluster's "
+                    f"Service {cs.ref} with {GLOBAL_ANNOTATION} to balance over {cluster}'s backends too")
+            else:
+                here = "global"
+            rows.append({
+                "service": cs.ref,
+                "frontends": [f"{ip}:{l4.port}/{l4.protocol}" for ip, ports in cs.frontends for _, l4 in ports],
+                "backends": len(cs.backends),
+                "shared": cs.shared,
+                "here": here,
+            })
+        out[cluster] = rows
+    return out, problems

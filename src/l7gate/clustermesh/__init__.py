@@ -16,6 +16,7 @@ Writing its own cluster (one of each per agent, on the local cluster's `EtcdKVSt
     publisher.set_node(NodeRecord(node, cluster, cid, (NodeAddress("InternalIP", ip),)))
     ident = allocator.allocate(pod_labels)          # shared with the cluster's other agents
     publisher.upsert_endpoint(pod_ip, ident.id, host_ip=node_ip, namespace=ns, pod_name=name)
+    publisher.upsert_service(ClusterService.of(cluster, ns, svc_name, frontends=..., backends=...))
     publisher.synced()                     # canaries, once the initial state is queued
     ...
     publisher.delete_endpoint(pod_ip); allocator.release(ident)
@@ -38,7 +39,9 @@ Reading the remote clusters::
 `on_change(MeshDelta)` is called from the mesh's threads, one delta at a time, in `sequence`
 order. A delta names its remote cluster and carries `identities_added/removed`
 (`RemoteIdentity`: cluster, id, labels), `endpoints_added/removed` (`RemoteEndpoint`: cluster,
-prefix, identity, host_ip, namespace, pod_name) and `nodes_added/removed` (`NodeRecord`).
+prefix, identity, host_ip, namespace, pod_name), `nodes_added/removed` (`NodeRecord`) and
+`services_added/removed` (`ClusterService`: a global service, its frontends and ready backends
+with their ports by name).
 "Added" means new or changed (replace what you had for that key); a key is in at most one list
 of a delta. Apply identities before endpoints. An outage removes nothing: entries stay until the
 remote's next listing says they are gone. The callback must be quick, must not raise, and must
@@ -68,8 +71,11 @@ from l7gate.clustermesh.wire import (
     IDENTITIES_PATH,
     IP_PATH,
     NODES_PATH,
+    SERVICES_PATH,
     ClusterConfig,
+    ClusterService,
     IPIdentityPair,
+    L4Addr,
     NodeAddress,
     NodeRecord,
     WireError,
@@ -79,10 +85,13 @@ __all__ = [
     "IDENTITIES_PATH",
     "IP_PATH",
     "NODES_PATH",
+    "SERVICES_PATH",
     "ClusterConfig",
     "ClusterIDRegistry",
+    "ClusterService",
     "ClusterMesh",
     "IPIdentityPair",
+    "L4Addr",
     "MeshDelta",
     "MeshError",
     "MeshIdentityAllocator",

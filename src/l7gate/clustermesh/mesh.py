@@ -44,7 +44,13 @@ from l7gate.clustermesh.types import (
     RemoteEndpoint,
     RemoteIdentity,
 )
-from l7gate.clustermesh.wire import NodeRecord, WireError, check_cluster_name, check_mesh_cluster_id
+from l7gate.clustermesh.wire import (
+    ClusterService,
+    NodeRecord,
+    WireError,
+    check_cluster_name,
+    check_mesh_cluster_id,
+)
 from l7gate.identity.ipcache import prefix_sort_key
 
 log = logging.getLogger(__name__)
@@ -164,6 +170,7 @@ class ClusterMesh:
         with self._emit_lock:
             self._sequence += 1
             identities, endpoints, nodes = parts["identity"], parts["endpoint"], parts["node"]
+            services = parts["service"]
             delta = MeshDelta(
                 cluster=remote.name,
                 sequence=self._sequence,
@@ -174,6 +181,8 @@ class ClusterMesh:
                 nodes_added=tuple(sorted(nodes[0], key=lambda n: n.name)),
                 nodes_removed=tuple(sorted(nodes[1], key=lambda n: n.name)),
                 resync=changes.resync,
+                services_added=tuple(_sorted_services(services[0])),
+                services_removed=tuple(_sorted_services(services[1])),
             )
             if not delta.empty or delta.resync:
                 try:
@@ -198,12 +207,14 @@ class ClusterMesh:
         identities: list[RemoteIdentity] = []
         endpoints: list[RemoteEndpoint] = []
         nodes: list[NodeRecord] = []
+        services: list[ClusterService] = []
         for remote in remotes:
-            i, e, n = remote.snapshot()
+            i, e, n, s = remote.snapshot()
             identities += _sorted_identities(i)
             endpoints += _sorted_endpoints(e)
             nodes += sorted(n, key=lambda x: x.name)
-        return MeshSnapshot(tuple(identities), tuple(endpoints), tuple(nodes))
+            services += _sorted_services(s)
+        return MeshSnapshot(tuple(identities), tuple(endpoints), tuple(nodes), tuple(services))
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every configured remote is ready; False if `timeout` seconds pass first."""
@@ -224,3 +235,7 @@ def _sorted_identities(items: list[RemoteIdentity]) -> list[RemoteIdentity]:
 
 def _sorted_endpoints(items: list[RemoteEndpoint]) -> list[RemoteEndpoint]:
     return sorted(items, key=lambda e: prefix_sort_key(e.prefix))
+
+
+def _sorted_services(items: list[ClusterService]) -> list[ClusterService]:
+    return sorted(items, key=lambda s: (s.namespace, s.name))

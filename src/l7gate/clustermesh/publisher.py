@@ -10,13 +10,15 @@ Each agent has one `MeshPublisher`. It writes, under Cilium's keys (`wire`):
 - `cilium/state/nodes/v1/<cluster>/<node>`: this node (`set_node`).
 - `cilium/state/ip/v1/default/<ip>`: this node's endpoints (`upsert_endpoint`,
   `delete_endpoint`), each an IPIdentityPair with identity, node IP, namespace and pod name.
+- `cilium/state/services/v1/<cluster>/<ns>/<name>`: the cluster's global, shared Services
+  (`upsert_service`, `delete_service`), each a ClusterService with the cluster's ready backends.
 - `cilium/synced/<cluster>/<path>`: a path's sync canary (`synced`), written only once every
   upsert of that path queued before the call has succeeded.
 Identities are written by the allocator (`allocator.MeshIdentityAllocator`), synchronously:
 call `synced(IDENTITIES_PATH)` once the node's initial identities are allocated.
 
-Node and endpoint keys are on the node's lease (`lease.MeshLease`), so a dead agent's entries
-expire. cluster-config and the canaries describe the cluster, not the node, and every agent of
+Node, endpoint and service keys are on the node's lease (`lease.MeshLease`), so a dead agent's
+entries expire. cluster-config and the canaries describe the cluster, not the node, and every agent of
 the cluster writes the same ones: they carry no lease, so that one agent's death does not take
 them from the others (Cilium's single clustermesh-apiserver puts them on its own lease).
 
@@ -27,6 +29,19 @@ blocks or fails the caller, and a key changed many times while etcd is away is w
 When the lease had to be granted again (its keys expired), every desired key is queued again
 and the canaries are written again after them.
 
+Shared keys. A node's endpoints are its own, but a global service belongs to the cluster: every
+agent of the cluster is told the same Services and pods, computes the same ClusterService (the
+same bytes: `wire.encode_cluster_service` is deterministic) and publishes it. A put attaches
+the key to the writer's lease, so the key lives on the lease of the agent that wrote it last,
+and would vanish with that agent. So once it publishes a service, the publisher also watches
+its cluster's service keys (`_guard`): a key it still wants that is deleted (the owning agent
+died or stopped, or deleted it first) is written again on its own lease, at once; a listing
+after each reconnect does the same for keys that went missing meanwhile. A value another agent
+wrote is never overwritten just because it differs (two agents that disagree would fight over
+the key); each agent writes when its own view changes, and the last change written wins. Cilium
+has one writer per cluster instead (the clustermesh-apiserver, formerly the leader-elected
+cilium-operator): docs/clustermesh.md, "Deviations".
+
 Thread safety: every method may be called from any thread. The caller owns the publisher and
 must `close` it; the store and a lease passed in are not owned.
 """
@@ -36,7 +51,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from l7gate.clock import Clock
 from l7gate.clustermesh.lease import MeshLease
@@ -45,8 +60,10 @@ from l7gate.clustermesh.wire import (
     IP_PATH,
     IP_PREFIX,
     NODES_PATH,
+    SERVICES_PATH,
     SYNCED_PATHS,
     ClusterConfig,
+    ClusterService,
     IPIdentityPair,
     NodeRecord,
     WireError,
@@ -56,16 +73,19 @@ from l7gate.clustermesh.wire import (
     cluster_config_key,
     decode_cluster_config,
     encode_cluster_config,
+    encode_cluster_service,
     encode_ip_identity,
     encode_node,
     encode_synced,
     ip_key,
     node_key,
+    service_key,
+    services_prefix,
     synced_key,
 )
 from l7gate.identity.ipcache import IPNetwork, parse_prefix, prefix_sort_key
 from l7gate.identity.numeric import IdentityError, allocation_range, is_reserved
-from l7gate.kvstore.api import KVStore, KVStoreError
+from l7gate.kvstore.api import EventType, KVStore, KVStoreError, Watch
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +124,16 @@ class MeshPublisher:
         self._cond = threading.Condition()
         self._desired: dict[str, bytes] = {}  # leased keys and the values they must hold
         self._dirty: dict[str, None] = {}  # keys to write (or delete, if not desired), in order
+        self._writing: set[str] = set()  # keys the writer took off `_dirty` and is writing now
         self._initial: dict[str, set[str]] = {p: set() for p in SYNCED_PATHS}
         self._canaries: set[str] = set()  # paths whose canary is due
         self._synced: set[str] = set()  # paths whose canary was written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._guard_thread: threading.Thread | None = None
+        self._guard_watch: Watch | None = None
+        self._services_prefix = services_prefix(self.cluster)
+        self.rewritten = 0  # service keys written again after another agent's lease took them
         self.writes = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -153,9 +178,12 @@ class MeshPublisher:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(10)
+            thread, guard, watch = self._thread, self._guard_thread, self._guard_watch
+        if watch is not None:
+            watch.close()
+        for t in (thread, guard):
+            if t is not None and t is not threading.current_thread():
+                t.join(10)
         if self._own_lease:
             self.lease.close(revoke=revoke)
 
@@ -208,6 +236,33 @@ class MeshPublisher:
             raise MeshError(str(e)) from None
         self._unset(ip_key(net))
 
+    def upsert_service(self, service: ClusterService) -> None:
+        """Publish a global, shared Service of this cluster (its cluster and ID are set here).
+        Every agent of the cluster may publish the same Service: see "Shared keys" above."""
+        svc = ClusterService(self.cluster, service.namespace, service.name, service.frontends, service.backends,
+                             service.labels, service.selector, service.include_external, service.shared,
+                             self.cluster_id)
+        try:
+            data = encode_cluster_service(svc)
+        except WireError as e:
+            raise MeshError(f"global service {svc.ref}: {e}") from None
+        self._set(service_key(self.cluster, svc.namespace, svc.name), data)
+        self._start_guard()
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        """Stop publishing a Service (deleted, no longer global, or no longer shared)."""
+        try:
+            key = service_key(self.cluster, namespace, name)
+        except WireError as e:
+            raise MeshError(str(e)) from None
+        self._unset(key)
+
+    def services(self) -> tuple[str, ...]:
+        """`namespace/name` of every Service this publisher publishes now, sorted."""
+        prefix = self._services_prefix
+        with self._cond:
+            return tuple(sorted(k[len(prefix):] for k in self._desired if k.startswith(prefix)))
+
     def endpoint_count(self) -> int:
         """How many prefixes this publisher publishes now."""
         with self._cond:
@@ -221,8 +276,8 @@ class MeshPublisher:
         return tuple(sorted(nets, key=prefix_sort_key))
 
     def synced(self, *paths: str) -> None:
-        """Write each path's sync canary (IDENTITIES_PATH, NODES_PATH, IP_PATH; all three if
-        none is named) once every upsert of it queued so far has succeeded. Readers act on a
+        """Write each path's sync canary (IDENTITIES_PATH, NODES_PATH, IP_PATH, SERVICES_PATH; all
+        four if none is named) once every upsert of it queued so far has succeeded. Readers act on a
         path's listing only after its canary is there. Call it when the agent has published its
         initial state; later calls for the same path do nothing."""
         for path in paths or SYNCED_PATHS:
@@ -237,12 +292,13 @@ class MeshPublisher:
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued write and due canary is done; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._dirty and not self._canaries, timeout)
+            return self._cond.wait_for(lambda: not self._dirty and not self._writing and not self._canaries, timeout)
 
     @property
     def pending(self) -> int:
+        """Keys queued or being written."""
         with self._cond:
-            return len(self._dirty)
+            return len(self._dirty) + len(self._writing)
 
     def synced_paths(self) -> tuple[str, ...]:
         with self._cond:
@@ -297,6 +353,7 @@ class MeshPublisher:
                 for key in keys:
                     del self._dirty[key]
                 work = [(k, self._desired.get(k)) for k in keys]
+                self._writing = set(keys)  # taken off the queue, not written yet: `flush` waits
             try:
                 self._write(work)
             except KVStoreError as e:
@@ -304,6 +361,7 @@ class MeshPublisher:
                     for key, _ in reversed(work):  # back in front, unless queued again meanwhile
                         if key not in self._dirty:
                             self._dirty = {key: None, **self._dirty}
+                    self._writing = set()
                 self._fail(str(e))
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._retry[1])
@@ -314,6 +372,7 @@ class MeshPublisher:
                     path = _path_of(key)
                     if path is not None and key not in self._dirty:
                         self._initial[path].discard(key)
+                self._writing = set()
                 self._cond.notify_all()
             try:
                 self._write_canaries()
@@ -345,6 +404,59 @@ class MeshPublisher:
                 self._cond.notify_all()
             log.info("cluster %s: %s synced (canary written by node %s)", self.cluster, path, self.node)
 
+    # -- the guard of shared service keys ----------------------------------------------------
+
+    def _start_guard(self) -> None:
+        with self._cond:
+            if self._guard_thread is None and not self._stop.is_set():
+                self._guard_thread = threading.Thread(target=self._guard, name=f"mesh-services {self.cluster}",
+                                                      daemon=True)
+                self._guard_thread.start()
+
+    def _guard(self) -> None:
+        """Write a wanted service key again when it goes (module doc, "Shared keys"): a listing,
+        then a watch from just after it; again after every failure."""
+        prefix = self._services_prefix
+        delay = self._retry[0]
+        while not self._stop.is_set():
+            watch: Watch | None = None
+            try:
+                items, revision = self._store.list_prefix_with_revision(prefix)
+                present = {k for k, _ in items}
+                self._rewrite(lambda k: k not in present)
+                watch = self._store.watch_prefix(prefix, start_revision=revision + 1)
+                with self._cond:
+                    self._guard_watch = watch
+                if self._stop.is_set():
+                    return
+                delay = self._retry[0]
+                while True:
+                    event = watch.get(timeout=None)
+                    if event is None:  # closed: the publisher is closing
+                        return
+                    if event.type is EventType.DELETE:
+                        gone = event.key
+                        self._rewrite(lambda k: k == gone)
+            except KVStoreError as e:
+                self._fail(f"watching this cluster's global services: {e}")
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._retry[1])
+            finally:
+                if watch is not None:
+                    watch.close()
+
+    def _rewrite(self, missing: Callable[[str], bool]) -> None:
+        prefix = self._services_prefix
+        with self._cond:
+            keys = [k for k in self._desired
+                    if k.startswith(prefix) and k not in self._dirty and k not in self._writing and missing(k)]
+            if keys:
+                self.rewritten += len(keys)
+                self._queue(keys)
+        if keys:
+            log.info("cluster %s: %d global service key(s) gone from etcd while still wanted (another agent's "
+                     "lease ended, or it deleted them first): writing them again", self.cluster, len(keys))
+
     def _fail(self, message: str) -> None:
         self.failures += 1
         if message != self.last_error:
@@ -357,5 +469,7 @@ def _path_of(key: str) -> str | None:
         return IP_PATH
     if key.startswith(NODES_PATH + "/"):
         return NODES_PATH
+    if key.startswith(SERVICES_PATH + "/"):
+        return SERVICES_PATH
     return None  # the publisher writes no identity keys (the allocator does)
 

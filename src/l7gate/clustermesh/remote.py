@@ -16,7 +16,8 @@ after another, until it is stopped. A session:
    every `refused_retry` seconds. A remote whose ID changed since the last session (another
    cluster behind the same name, cilium#32005) has every entry removed before it is checked.
    Without a cluster-config yet, the session waits for one on the watch.
-3. Lists each of the three paths (identities, nodes, ipcache) once its sync canary is there
+3. Lists each of the four paths (identities, nodes, ipcache, global services) once its sync
+   canary is there
    (at once if the remote's config says it writes no canaries), never before: a listing before
    the canary may be partial, and acting on it would remove entries the remote still has. The
    listing is the fresh view: every entry known for that path from before (from an earlier
@@ -32,7 +33,10 @@ after another, until it is stopped. A session:
 Values are decoded by `wire` and checked against the remote: an identity must lie in the
 remote's range [N<<16, (N+1)<<16 - 1] and carry its cluster label; an ipcache entry's identity
 must lie in that range or be reserved (< 256; a remote's `host` becomes `remote-node`); a node
-must name the remote's cluster and ID. A value that cannot be decoded is counted (`malformed`)
+must name the remote's cluster and ID; a global service (`ClusterService`) must name the
+remote's cluster and ID, and the namespace and name of its key (Cilium's ClusterNameValidator,
+ClusterIDValidator and NamespacedNameValidator). Only `cilium/state/services/v1/<remote>/` is
+read: a remote's etcd speaks for its own cluster. A value that cannot be decoded is counted (`malformed`)
 and a value that fails a check is counted (`refused`); either way the key is treated as absent
 (a previously known value for it is removed), logged, and the watcher goes on.
 
@@ -63,12 +67,15 @@ from l7gate.clustermesh.wire import (
     IP_PREFIX,
     MAX_CONNECTED_CLUSTERS,
     NODES_PATH,
+    SERVICES_PATH,
     SYNCED_PATHS,
     ClusterConfig,
+    ClusterService,
     NodeRecord,
     WireError,
     cluster_config_key,
     decode_cluster_config,
+    decode_cluster_service,
     decode_ip_identity,
     decode_label_string,
     decode_node,
@@ -77,7 +84,9 @@ from l7gate.clustermesh.wire import (
     parse_identity_id_key,
     parse_ip_key,
     parse_node_key,
+    parse_service_key,
     parse_synced_key,
+    services_prefix,
     synced_prefix,
 )
 from l7gate.identity.numeric import (
@@ -95,7 +104,7 @@ log = logging.getLogger(__name__)
 StoreFactory = Callable[[RemoteConfig, str, MeshTuning], KVStore]
 """Opens a store on one endpoint of a remote (the default: `EtcdKVStore` with its TLS files)."""
 
-_IDENTITY, _ENDPOINT, _NODE = "identity", "endpoint", "node"
+_IDENTITY, _ENDPOINT, _NODE, _SERVICE = "identity", "endpoint", "node", "service"
 
 
 def etcd_store_factory(config: RemoteConfig, endpoint: str, tuning: MeshTuning) -> KVStore:
@@ -157,7 +166,7 @@ class Changes:
     def split(self) -> dict[str, tuple[list[Any], list[Any]]]:
         """Per kind: (added or changed, removed), unordered (the mesh sorts what it emits); keys
         whose value did not change are left out."""
-        out: dict[str, tuple[list[Any], list[Any]]] = {k: ([], []) for k in (_IDENTITY, _ENDPOINT, _NODE)}
+        out: dict[str, tuple[list[Any], list[Any]]] = {k: ([], []) for k in (_IDENTITY, _ENDPOINT, _NODE, _SERVICE)}
         for (kind, key), (old, new) in self.touched.items():
             if new is not None and new != old:
                 out[kind][0].append(new)
@@ -208,6 +217,7 @@ class RemoteCluster:
         self._identities: dict[int, RemoteIdentity] = {}
         self._endpoints: dict[str, RemoteEndpoint] = {}
         self._nodes: dict[str, NodeRecord] = {}
+        self._services: dict[str, ClusterService] = {}  # by namespace/name
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._restart = False
@@ -279,9 +289,12 @@ class RemoteCluster:
                 changes.record(_ENDPOINT, key, ep, None)
             for name, node in self._nodes.items():
                 changes.record(_NODE, name, node, None)
+            for ref, svc in self._services.items():
+                changes.record(_SERVICE, ref, svc, None)
             self._identities.clear()
             self._endpoints.clear()
             self._nodes.clear()
+            self._services.clear()
         return changes
 
     # -- reading ----------------------------------------------------------------------------------
@@ -296,11 +309,13 @@ class RemoteCluster:
                 reconnections=max(self._sessions - 1, 0), etcd_replaced=self._etcd_replaced,
                 malformed=self._malformed, refused=self._refused, last_error=self._last_error,
                 last_error_time=self._last_error_time, synced_prefixes=self._synced_paths,
+                services=len(self._services),
             )
 
-    def snapshot(self) -> tuple[list[RemoteIdentity], list[RemoteEndpoint], list[NodeRecord]]:
+    def snapshot(self) -> tuple[list[RemoteIdentity], list[RemoteEndpoint], list[NodeRecord], list[ClusterService]]:
         with self._lock:
-            return list(self._identities.values()), list(self._endpoints.values()), list(self._nodes.values())
+            return (list(self._identities.values()), list(self._endpoints.values()), list(self._nodes.values()),
+                    list(self._services.values()))
 
     # -- the thread -------------------------------------------------------------------------------
 
@@ -547,9 +562,10 @@ class RemoteCluster:
                 # is over; an entry this remote may not publish stays shown.
                 if not self._last_error_refusal:
                     self._last_error, self._last_error_time = None, None
-                counts = len(self._identities), len(self._endpoints), len(self._nodes)
+                counts = len(self._identities), len(self._endpoints), len(self._nodes), len(self._services)
             changes.resync = True
-            log.info("remote %s: synced (%d identities, %d endpoints, %d nodes)", self.name, *counts)
+            log.info("remote %s: synced (%d identities, %d endpoints, %d nodes, %d global services)",
+                     self.name, *counts)
 
     def _list(self, session: _Session, path: str, changes: Changes) -> None:
         prefix = _prefix_of(path, self.name)
@@ -573,11 +589,12 @@ class RemoteCluster:
 
     def _table(self, kind: str) -> dict[Any, Any]:
         tables: dict[str, dict[Any, Any]] = {_IDENTITY: self._identities, _ENDPOINT: self._endpoints,
-                                             _NODE: self._nodes}
+                                             _NODE: self._nodes, _SERVICE: self._services}
         return tables[kind]
 
     def _key_of(self, kind: str, key: str) -> Any:
-        """The table key of an etcd key (identities by number; else the etcd key's last part)."""
+        """The table key of an etcd key (identities by number, services by namespace/name; else
+        the etcd key's last part)."""
         if kind == _IDENTITY:
             try:
                 return parse_identity_id_key(key)
@@ -585,6 +602,11 @@ class RemoteCluster:
                 return key
         if kind == _ENDPOINT:
             return key[len(IP_PREFIX):]
+        if kind == _SERVICE:
+            try:
+                return "/".join(parse_service_key(self.name, key))
+            except WireError:
+                return key
         return key.rpartition("/")[2]
 
     def _apply(self, path: str, key: str, value: bytes | None, changes: Changes) -> None:
@@ -653,6 +675,16 @@ class RemoteCluster:
                 identity = REMOTE_NODE  # another cluster's host is a remote node here, as in Cilium
             return RemoteEndpoint(self.name, prefix, identity, pair.host_ip, pair.namespace,
                                   pair.pod_name, pair.encryption_key)
+        if kind == _SERVICE:
+            namespace, name = parse_service_key(self.name, key)
+            svc = decode_cluster_service(value)
+            if (svc.namespace, svc.name) != (namespace, name):
+                raise WireError(f"value is for {svc.namespace}/{svc.name}, key for {namespace}/{name}")
+            if svc.cluster != self.name:
+                raise _Invalid(f"global service {namespace}/{name} names cluster {svc.cluster!r}, not {self.name!r}")
+            if svc.cluster_id != cluster_id:
+                raise _Invalid(f"global service {namespace}/{name} has cluster ID {svc.cluster_id}, not {cluster_id}")
+            return svc
         cluster, name = parse_node_key(key)
         node = decode_node(value)
         if node.name != name:
@@ -688,12 +720,15 @@ def _path_of(key: str, cluster: str) -> str | None:
         return IDENTITIES_PATH
     if key.startswith(nodes_prefix(cluster)):
         return NODES_PATH
+    if key.startswith(services_prefix(cluster)):
+        return SERVICES_PATH
     return None
 
 
 def _prefix_of(path: str, cluster: str) -> str:
-    return {IDENTITIES_PATH: IDENTITY_ID_PREFIX, NODES_PATH: nodes_prefix(cluster), IP_PATH: IP_PREFIX}[path]
+    return {IDENTITIES_PATH: IDENTITY_ID_PREFIX, NODES_PATH: nodes_prefix(cluster), IP_PATH: IP_PREFIX,
+            SERVICES_PATH: services_prefix(cluster)}[path]
 
 
 def _kind_of(path: str) -> str:
-    return {IDENTITIES_PATH: _IDENTITY, NODES_PATH: _NODE, IP_PATH: _ENDPOINT}[path]
+    return {IDENTITIES_PATH: _IDENTITY, NODES_PATH: _NODE, IP_PATH: _ENDPOINT, SERVICES_PATH: _SERVICE}[path]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from l7gate.clustermesh.wire import NodeRecord, WireError, check_cluster_name
+from l7gate.clustermesh.wire import ClusterService, NodeRecord, WireError, check_cluster_name
 from l7gate.identity.ipcache import IPNetwork
 from l7gate.policy.labels import Labels
 
@@ -115,10 +115,14 @@ class MeshDelta:
     nodes_added: tuple[NodeRecord, ...] = ()
     nodes_removed: tuple[NodeRecord, ...] = ()
     resync: bool = False
+    # the remote's global services (`ClusterService`, keyed by namespace/name)
+    services_added: tuple[ClusterService, ...] = ()
+    services_removed: tuple[ClusterService, ...] = ()
 
     def __len__(self) -> int:
         return (len(self.identities_added) + len(self.identities_removed) + len(self.endpoints_added)
-                + len(self.endpoints_removed) + len(self.nodes_added) + len(self.nodes_removed))
+                + len(self.endpoints_removed) + len(self.nodes_added) + len(self.nodes_removed)
+                + len(self.services_added) + len(self.services_removed))
 
     @property
     def empty(self) -> bool:
@@ -132,6 +136,7 @@ class MeshSnapshot:
     identities: tuple[RemoteIdentity, ...]
     endpoints: tuple[RemoteEndpoint, ...]
     nodes: tuple[NodeRecord, ...]
+    services: tuple[ClusterService, ...] = ()
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -146,7 +151,8 @@ class RemoteStatus:
     - `connected`: a session with its etcd is up now.
     - `ready`: connected, its cluster-config accepted, and every prefix listed after its sync
       canary: what the remote holds is merged.
-    - `nodes`, `endpoints`, `identities`: entries merged now (kept through an outage).
+    - `nodes`, `endpoints`, `identities`, `services`: entries merged now (kept through an
+      outage); `services` counts the remote's global services.
     - `last_sync`: when the last (re)connection's listing completed (wall clock), and
       `last_sync_seconds` how long it took from connecting.
     - `reconnections`: sessions after the first; `etcd_replaced`: times its etcd answered as
@@ -175,6 +181,7 @@ class RemoteStatus:
     last_error: str | None
     last_error_time: float | None
     synced_prefixes: tuple[str, ...] = ()
+    services: int = 0
 
 
 @dataclass(frozen=True, slots=True)

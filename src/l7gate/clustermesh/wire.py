@@ -15,6 +15,7 @@ Keys (one etcd per cluster; `<cluster>` is a cluster name, `<node>` a node name)
     cilium/state/identities/v1/locks/<labels>              allocation lock (l7gate: owner@time)
     cilium/state/nodes/v1/<cluster>/<node>                 NodeRecord JSON (Cilium's types.Node)
     cilium/state/ip/v1/default/<ip or prefix>              IPIdentityPair JSON
+    cilium/state/services/v1/<cluster>/<ns>/<name>         ClusterService JSON (a global service)
 
 The ipcache keys carry Cilium's address space, which every Cilium writer sets to `default`
 (pkg/ipcache `AddressSpace = DefaultAddressSpace`), not the cluster name that Cilium's
@@ -47,9 +48,15 @@ NODES_PATH = "cilium/state/nodes/v1"
 IP_PATH = "cilium/state/ip/v1"
 IP_ADDRESS_SPACE = "default"
 IP_PREFIX = f"{IP_PATH}/{IP_ADDRESS_SPACE}/"
+SERVICES_PATH = "cilium/state/services/v1"
 
-# The prefixes a reader gates on a sync canary each (Cilium's WSSWithSyncedKeyOverride names).
-SYNCED_PATHS = (IDENTITIES_PATH, NODES_PATH, IP_PATH)
+# The prefixes a reader gates on a sync canary each (Cilium's WSSWithSyncedKeyOverride names;
+# the services canary is `cilium/synced/<cluster>/cilium/state/services/v1`, as the
+# clustermesh-apiserver writes it).
+SYNCED_PATHS = (IDENTITIES_PATH, NODES_PATH, IP_PATH, SERVICES_PATH)
+
+# Cilium's loadbalancer.L4Type values, as a ClusterService's ports carry them.
+L4_PROTOCOLS = ("NONE", "ANY", "TCP", "UDP", "SCTP", "ICMP", "ICMPv6")
 
 # The only mesh size whose identity layout (cluster ID in bits 16..23) l7gate speaks.
 MAX_CONNECTED_CLUSTERS = 255
@@ -170,6 +177,26 @@ def parse_node_key(key: str) -> tuple[str, str]:
     if not slash or not cluster or not node or "/" in node:
         raise WireError(f"{key!r} is not a node key ({NODES_PATH}/<cluster>/<node>)")
     return cluster, node
+
+
+def services_prefix(cluster: str) -> str:
+    """Every global service `cluster` publishes is under this prefix (then `<ns>/<name>`)."""
+    return f"{SERVICES_PATH}/{check_cluster_name(cluster)}/"
+
+
+def service_key(cluster: str, namespace: str, name: str) -> str:
+    """Cilium's ClusterService.GetKeyName under ServiceStorePrefix: `<cluster>/<ns>/<name>`."""
+    return (services_prefix(cluster) + _check_segment(namespace, "service namespace") + "/"
+            + _check_segment(name, "service name"))
+
+
+def parse_service_key(cluster: str, key: str) -> tuple[str, str]:
+    """(namespace, name) of a service key of `cluster`."""
+    prefix = services_prefix(cluster)
+    namespace, slash, name = key[len(prefix):].partition("/") if key.startswith(prefix) else ("", "", "")
+    if not slash or not namespace or not name or "/" in name:
+        raise WireError(f"{key!r} is not a service key ({prefix}<namespace>/<name>)")
+    return namespace, name
 
 
 def ip_key(prefix: IPNetwork) -> str:
@@ -520,6 +547,179 @@ def _network_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, mask: bytes) 
         return ipaddress.ip_network(f"{ip}/{length}", strict=True)
     except ValueError as e:
         raise WireError(str(e)) from None
+
+
+# -- global services: Cilium's pkg/clustermesh/store.ClusterService -------------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class L4Addr:
+    """One port of a frontend or a backend: Cilium's loadbalancer.L4Addr, which has no JSON tags
+    (`{"Protocol":"TCP","Port":8080}`). `protocol` is one of `L4_PROTOCOLS`."""
+
+    protocol: str
+    port: int
+
+
+PortConfiguration = tuple[tuple[str, L4Addr], ...]
+"""Cilium's PortConfiguration (port name → L4Addr) as pairs sorted by name, so that it hashes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterService:
+    """`cilium/state/services/v1/<cluster>/<ns>/<name>`: a global Service as its cluster offers it
+    to the others. `frontends` maps each ClusterIP, and `backends` each ready backend's address,
+    to its ports by the Service port's name: a backend's port named "http" is the target of the
+    frontend port named "http" (Cilium matches them by name and protocol). Pairs are sorted by
+    address, then by port name. Cilium's writer publishes only global, shared Services
+    (`include_external` and `shared` true); its reader drops the backends of one that says
+    `shared: false`. `hostnames` and `zones` (topology hints) are neither written nor read.
+    Immutable; build one from mappings with `of`."""
+
+    cluster: str
+    namespace: str
+    name: str
+    frontends: tuple[tuple[str, PortConfiguration], ...] = ()
+    backends: tuple[tuple[str, PortConfiguration], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    selector: tuple[tuple[str, str], ...] = ()
+    include_external: bool = True
+    shared: bool = True
+    cluster_id: int = 0
+
+    @classmethod
+    def of(cls, cluster: str, namespace: str, name: str, *,
+           frontends: Mapping[str, Mapping[str, L4Addr]] | None = None,
+           backends: Mapping[str, Mapping[str, L4Addr]] | None = None,
+           labels: Mapping[str, str] | None = None, selector: Mapping[str, str] | None = None,
+           include_external: bool = True, shared: bool = True, cluster_id: int = 0) -> ClusterService:
+        return cls(cluster, namespace, name, _port_table(frontends or {}), _port_table(backends or {}),
+                   tuple(sorted((labels or {}).items())), tuple(sorted((selector or {}).items())),
+                   include_external, shared, cluster_id)
+
+    @property
+    def ref(self) -> str:
+        """`namespace/name`, as the service table names a Service."""
+        return f"{self.namespace}/{self.name}"
+
+    def backend_ports(self, port_name: str, protocol: str) -> tuple[tuple[str, int], ...]:
+        """(address, port) of every backend that has a port named `port_name` with `protocol`:
+        the backends of the frontend port of that name."""
+        out: list[tuple[str, int]] = []
+        for address, ports in self.backends:
+            for name, l4 in ports:
+                if name == port_name and l4.protocol == protocol:
+                    out.append((address, l4.port))
+        return tuple(out)
+
+
+def _port_table(table: Mapping[str, Mapping[str, L4Addr]]) -> tuple[tuple[str, PortConfiguration], ...]:
+    return tuple(sorted((address, tuple(sorted(ports.items()))) for address, ports in table.items()))
+
+
+def encode_cluster_service(svc: ClusterService) -> bytes:
+    """Cilium's JSON: the struct's fields in order, maps with sorted keys (Go's json.Marshal), so
+    every agent of a cluster that sees the same Service and pods writes the same bytes."""
+    check_cluster_name(svc.cluster)
+    _check_segment(svc.namespace, "service namespace")
+    _check_segment(svc.name, "service name")
+    doc: dict[str, Any] = {
+        "cluster": svc.cluster,
+        "namespace": svc.namespace,
+        "name": svc.name,
+        "frontends": _encode_port_table(svc.frontends, "frontends"),
+        "backends": _encode_port_table(svc.backends, "backends"),
+        "labels": dict(sorted(svc.labels)),
+        "selector": dict(sorted(svc.selector)),
+        "includeExternal": svc.include_external,
+        "shared": svc.shared,
+        "clusterID": _uint(svc.cluster_id, "cluster service: clusterID", 2**32 - 1),
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _encode_port_table(table: tuple[tuple[str, PortConfiguration], ...], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for address, ports in sorted(table):
+        ip = _service_address(address, f"cluster service: {what}")
+        config: dict[str, Any] = {}
+        for name, l4 in sorted(ports):
+            where = f"cluster service: {what}[{ip!r}][{name!r}]"
+            if l4.protocol not in L4_PROTOCOLS:
+                raise WireError(f"{where}.Protocol must be one of {', '.join(L4_PROTOCOLS)}, got {l4.protocol!r}")
+            config[name] = {"Protocol": l4.protocol, "Port": _uint(l4.port, f"{where}.Port", 65535)}
+        out[ip] = config
+    return out
+
+
+def decode_cluster_service(data: bytes) -> ClusterService:
+    """A ClusterService, checked as Cilium's `validate` does (cluster, namespace and name set;
+    addresses without a zone) and as strictly as the other values here (every field's type).
+    Unknown fields, `hostnames` and `zones` are ignored. Errors name the field."""
+    doc = _json_object(data, "cluster service")
+    names: list[str] = []
+    for field in ("cluster", "namespace", "name"):
+        value = doc.get(field)
+        if not isinstance(value, str) or not value:
+            raise WireError(f"cluster service: {field} must be a non-empty string, got {value!r}")
+        names.append(value)
+    cluster, namespace, name = names
+    for value, what in ((namespace, "namespace"), (name, "name")):
+        if "/" in value:
+            raise WireError(f"cluster service: {what} {value!r} holds '/'")
+    return ClusterService(
+        cluster, namespace, name,
+        frontends=_decode_port_table(doc.get("frontends"), "frontends"),
+        backends=_decode_port_table(doc.get("backends"), "backends"),
+        labels=_string_pairs(doc.get("labels"), "cluster service: labels"),
+        selector=_string_pairs(doc.get("selector"), "cluster service: selector"),
+        include_external=_bool(doc.get("includeExternal", False), "cluster service: includeExternal"),
+        shared=_bool(doc.get("shared", False), "cluster service: shared"),
+        cluster_id=_uint(doc.get("clusterID", 0), "cluster service: clusterID", 2**32 - 1),
+    )
+
+
+def _decode_port_table(value: object, what: str) -> tuple[tuple[str, PortConfiguration], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise WireError(f"cluster service: {what} must be an object or null")
+    out: dict[str, PortConfiguration] = {}
+    for address, ports in value.items():
+        ip = _service_address(address, f"cluster service: {what}")
+        where = f"cluster service: {what}[{address!r}]"
+        if ports is None:
+            ports = {}
+        if not isinstance(ports, dict):
+            raise WireError(f"{where} must be an object of ports by name")
+        config: list[tuple[str, L4Addr]] = []
+        for port_name, l4 in ports.items():
+            at = f"{where}[{port_name!r}]"
+            if not isinstance(l4, dict):
+                raise WireError(f"{at} must be an object {{Protocol, Port}}")
+            protocol = l4.get("Protocol")
+            if protocol not in L4_PROTOCOLS:
+                raise WireError(f"{at}.Protocol must be one of {', '.join(L4_PROTOCOLS)}, got {protocol!r}")
+            config.append((port_name, L4Addr(protocol, _uint(l4.get("Port"), f"{at}.Port", 65535))))
+        if ip in out:
+            raise WireError(f"{where}: address {ip} is in {what} twice")
+        out[ip] = tuple(sorted(config))
+    return tuple(sorted(out.items()))
+
+
+def _service_address(value: object, what: str) -> str:
+    # Cilium's validate: netip.ParseAddr, and no IPv6 zone (Python's ipaddress would accept one).
+    if isinstance(value, str) and "%" in value:
+        raise WireError(f"{what}: unsupported IPv6 zone in address {value!r}")
+    return _canonical_ip(value, f"{what}: key")
+
+
+def _string_pairs(value: object, what: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise WireError(f"{what} must map strings to strings")
+    return tuple(sorted(value.items()))
 
 
 # -- helpers ------------------------------------------------------------------------------------

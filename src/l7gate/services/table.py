@@ -220,10 +220,29 @@ class ServiceTable:
         """The local Services, by `namespace/name`."""
         return [self._services[k] for k in sorted(self._services)]
 
+    def service(self, key: str) -> Service | None:
+        """The local Service `namespace/name`, if the table holds it."""
+        return self._services.get(key)
+
     def services_of_backend(self, ip: str, port: int) -> tuple[str, ...]:
         """`namespace/name` of every Service that has `ip:port` among its backends, sorted."""
         self._flush()
         return tuple(sorted(self._by_backend.get((ip, port), ())))
+
+    def own_backends(self, namespace: str, name: str) -> list[tuple[ServicePort, tuple[Backend, ...]]]:
+        """Per service port, the ready backends the Service selects in its own cluster, before
+        remote backends and affinity: what this cluster offers the others for a global, shared
+        Service (the cluster mesh publishes them). Empty for a Service the table does not hold."""
+        svc = self._services.get(f"{namespace}/{name}")
+        if svc is None:
+            return []
+        pods = self._selected(svc)
+        out: list[tuple[ServicePort, tuple[Backend, ...]]] = []
+        for sp in svc.ports:
+            found = [Backend(p.ip, number, p.ref, p.cluster) for p in pods
+                     if (number := target_port(sp, p)) is not None]
+            out.append((sp, unique_backends(found, ())))
+        return out
 
     def missing_locally(self) -> list[str]:
         """Global Services remote clusters publish with no local Service of the same

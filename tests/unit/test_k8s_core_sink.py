@@ -1,0 +1,148 @@
+"""The watch's reconcile logic against the real core (`agent.kube.CoreSink`): the keys the
+watch computes are the core's, ownership survives a restart of the agent, an invalid policy is
+refused with its field path and changes nothing in force, and a namespace can be deleted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l7gate.agent.config import AgentConfig, EnvoySettings
+from l7gate.agent.core import AgentCore
+from l7gate.agent.kube import CoreSink
+from l7gate.k8s.reconcile import CNPS, NAMESPACES, PODS, RESOURCES, ObjectRef, Pending, Reconciler, Resource, project
+from l7gate.kvstore.sqlite import SQLiteKVStore
+from l7gate.xds.cache import SnapshotCache
+
+from .test_k8s_reconcile import api_cnp, api_pod
+
+CLUSTER = "cluster-a"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[ObjectRef, list[str]]] = []
+
+    def refused(self, ref: ObjectRef, errors: Sequence[str]) -> None:
+        self.seen.append((ref, list(errors)))
+
+
+def open_core(tmp: Path) -> tuple[AgentCore, SQLiteKVStore]:
+    cfg = AgentConfig(node="node-a1", cluster_name=CLUSTER, cluster_id=1, state_dir=str(tmp),
+                      envoy=EnvoySettings(enabled=False), datapath_mode="kernel")
+    store = SQLiteKVStore(str(tmp / "kv.db"))
+    return AgentCore(cfg, store, SnapshotCache()), store
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[AgentCore]:
+    c, store = open_core(tmp_path)
+    yield c
+    store.close()
+
+
+def listing(r: Resource, objs: list[dict[str, Any]]) -> Pending:
+    p = Pending()
+    p.listing(r, [project(r, o, CLUSTER) for o in objs])
+    return p
+
+
+def run(rec: Reconciler, p: Pending) -> None:
+    left, failures = rec.run(p)
+    assert not left and not failures, failures
+
+
+def sync(rec: Reconciler, objs: dict[Resource, list[dict[str, Any]]]) -> None:
+    p = Pending()
+    for r in RESOURCES:
+        p.listing(r, [project(r, o, CLUSTER) for o in objs.get(r, [])])
+    run(rec, p)
+
+
+def cli_policy(name: str) -> dict[str, Any]:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name, "namespace": "payments"},
+            "spec": {"endpointSelector": {"matchLabels": {"app": "billing"}}, "ingress": [{}]}}
+
+
+def port_of(core: AgentCore, key: str) -> str:
+    return str(core.view().policy_docs[key]["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"])
+
+
+def test_the_watch_keys_are_the_cores_and_a_relist_spares_what_the_cli_applied(core: AgentCore) -> None:
+    sink = CoreSink(core)
+    rec = Reconciler(sink, Recorder())
+    sync(rec, {
+        NAMESPACES: [{"metadata": {"name": "web", "labels": {"tier": "front"}}}],
+        PODS: [api_pod("a", "10.1.0.1"), api_pod("b", "10.1.0.2")],
+        CNPS: [api_cnp("one"), api_cnp("two")],
+    })
+    assert sink.owned("Pod") == {"cluster-a/web/a", "cluster-a/web/b"}
+    assert sink.owned("Namespace") == {"cluster-a/web"}
+    assert sink.owned("CiliumNetworkPolicy") == {"CiliumNetworkPolicy/payments/one", "CiliumNetworkPolicy/payments/two"}
+    # The namespace's labels are in the pod's identity: the API's namespace is this cluster's.
+    assert core.view().pods["cluster-a/web/a"].labels.get("io.cilium.k8s.namespace.labels.tier") == "front"
+    core.apply([cli_policy("by-hand")])
+    # The CLI re-applies an object the watch applied: it is the CLI's now (the last writer owns it).
+    core.apply([{**cli_policy("two")}])
+    assert sink.owned("CiliumNetworkPolicy") == {"CiliumNetworkPolicy/payments/one"}
+    run(rec, listing(CNPS, []))
+    assert set(core.view().policy_docs) == {"CiliumNetworkPolicy/payments/by-hand", "CiliumNetworkPolicy/payments/two"}
+    # A DELETED event of a key the CLI holds deletes nothing either.
+    p = Pending()
+    p.event(CNPS, project(CNPS, api_cnp("two"), CLUSTER, deleted=True))
+    run(rec, p)
+    assert "CiliumNetworkPolicy/payments/two" in core.view().policy_docs
+
+
+def test_ownership_survives_an_agent_restart(tmp_path: Path) -> None:
+    core, store = open_core(tmp_path)
+    sync(Reconciler(CoreSink(core), Recorder()), {
+        PODS: [api_pod("a", "10.1.0.1"), api_pod("b", "10.1.0.2")], CNPS: [api_cnp("one"), api_cnp("two")]})
+    core.apply([cli_policy("by-hand")])
+    store.close()
+    # The agent was down while pod b and policy two were deleted from the API.
+    core, store = open_core(tmp_path)
+    try:
+        assert set(core.view().policy_docs) == {f"CiliumNetworkPolicy/payments/{n}" for n in ("one", "two", "by-hand")}
+        sync(Reconciler(CoreSink(core), Recorder()), {PODS: [api_pod("a", "10.1.0.1")], CNPS: [api_cnp("one")]})
+        assert set(core.view().policy_docs) == {"CiliumNetworkPolicy/payments/one", "CiliumNetworkPolicy/payments/by-hand"}
+        assert set(core.view().pods) == {"cluster-a/web/a"}
+    finally:
+        store.close()
+
+
+def test_an_invalid_policy_is_refused_with_its_field_path_and_changes_nothing(core: AgentCore) -> None:
+    reports = Recorder()
+    rec = Reconciler(CoreSink(core), reports)
+    sync(rec, {CNPS: [api_cnp("p", port="80")]})
+    revision = core.view().policy_revision
+    p = Pending()
+    p.event(CNPS, project(CNPS, api_cnp("p", bad=True, rv="2"), CLUSTER))
+    p.event(CNPS, project(CNPS, api_cnp("q", port="81"), CLUSTER))
+    run(rec, p)
+    ref, errors = reports.seen[-1]
+    assert (ref.name, ref.resource_version) == ("p", "2")
+    assert any("spec.ingress[0].toPorts[0].rules.http[0].path" in e for e in errors), errors
+    # The old revision of p is in force, untouched; q, in the same batch, is applied.
+    assert port_of(core, "CiliumNetworkPolicy/payments/p") == "80"
+    assert port_of(core, "CiliumNetworkPolicy/payments/q") == "81"
+    assert core.view().policy_revision > revision
+
+
+def test_a_namespace_deleted_from_the_api_leaves_its_pods_identities(core: AgentCore) -> None:
+    sink = CoreSink(core)
+    rec = Reconciler(sink, Recorder())
+    sync(rec, {NAMESPACES: [{"metadata": {"name": "web", "labels": {"tier": "front"}}}],
+               PODS: [api_pod("a", "10.1.0.1")]})
+    labelled = core.view().pods["cluster-a/web/a"].identity
+    p = Pending()
+    p.event(NAMESPACES, project(NAMESPACES, {"metadata": {"name": "web"}}, CLUSTER, deleted=True))
+    run(rec, p)
+    rec_a = core.view().pods["cluster-a/web/a"]
+    assert "io.cilium.k8s.namespace.labels.tier" not in rec_a.labels and rec_a.identity != labelled
+    assert sink.owned("Namespace") == set() and core.documents("Namespace") == {}
+    assert core.delete_namespace("cluster-a/web") is False
