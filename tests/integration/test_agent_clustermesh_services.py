@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from l7gate.client import AdminClient
 from l7gate.testing.etcd import EtcdServer
 from l7gate.testing.wait import eventually
 
+from .test_agent_clustermesh import Agent as MeshAgent
+
 pytestmark = pytest.mark.integration
 
 L7GATE = str(Path(sys.executable).parent / "l7gate")
@@ -45,12 +46,9 @@ KEY = "cilium/state/services/v1/cluster-a/payments/billing-service"
 REFS = ["cluster-a/payments/billing-service-1", "cluster-a/payments/billing-service-2"]
 
 
-@dataclass
-class Agent:
-    dir: Path
-    config: Path
-    client: AdminClient
-    proc: subprocess.Popen[bytes] | None = None
+class Agent(MeshAgent):
+    """An agent of test_agent_clustermesh that counts as started once its admin API answers
+    (Envoy may still be starting), with helpers for Services."""
 
     def start(self) -> None:
         self.proc = subprocess.Popen([L7GATE, "agent", "--config", str(self.config)],
@@ -61,18 +59,6 @@ class Agent:
             return bool(self.client.get("/v1/status"))
 
         eventually(up, 30, f"agent {self.dir.name} answering")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self) -> str:
-        return (self.dir / "agent.log").read_text(errors="replace")
 
     def apply(self, *objs: dict[str, Any]) -> None:
         self.client.apply_endpoints(list(objs))

@@ -60,6 +60,28 @@ def with_mesh(agent: AgentProc, node: Node, own: NodeEtcd, remote: tuple[str, No
     agent.config.write_text(yaml.safe_dump(cfg))
 
 
+def start_mesh_agents(tb: Testbed, nodes: tuple[Node, Node, Node], etcd_a: NodeEtcd, etcd_b: NodeEtcd,
+                      agents: list[AgentProc]) -> None:
+    """The mesh world's agents: `nodes` are a1, a2 (cluster-a) and b1 (cluster-b), each agent with
+    its cluster's etcd and the other cluster's as its remote, and the node's pod cgroup (if it has
+    one) as datapath.cgroup. Started, each given its own cluster's objects only and the seed
+    policies. Appended to `agents` as they are made, so the caller can stop them whatever fails."""
+    for node, cid, own, remote in ((nodes[0], 1, etcd_a, ("cluster-b", etcd_b)),
+                                   (nodes[1], 1, etcd_a, ("cluster-b", etcd_b)),
+                                   (nodes[2], 2, etcd_b, ("cluster-a", etcd_a))):
+        agent = make_agent(tb, node, node.cluster, cid, "unused", 99, node.link_ifnames)
+        with_mesh(agent, node, own, remote)
+        if node.cgroup is not None:
+            cfg = yaml.safe_load(agent.config.read_text())
+            cfg["datapath"]["cgroup"] = str(node.cgroup)
+            agent.config.write_text(yaml.safe_dump(cfg))
+        agents.append(agent)
+    for agent in agents:
+        agent.start(tb)
+        agent.client.apply_endpoints(tb.to_manifests(agent.node.cluster))  # its own cluster's objects only
+        agent.client.apply_policies(seed_policies())
+
+
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     etcd = shutil.which("etcd")
@@ -84,19 +106,7 @@ def world() -> Iterator[World]:
         etcd_b = NodeEtcd(nb1, etcd, tb.workdir / "etcd-b").start()
         agents: list[AgentProc] = []
         try:
-            for node, cluster, cid, own, remote in (
-                (na1, "cluster-a", 1, etcd_a, ("cluster-b", etcd_b)),
-                (na2, "cluster-a", 1, etcd_a, ("cluster-b", etcd_b)),
-                (nb1, "cluster-b", 2, etcd_b, ("cluster-a", etcd_a)),
-            ):
-                agent = make_agent(tb, node, cluster, cid, "unused", 99, node.link_ifnames)
-                with_mesh(agent, node, own, remote)
-                agents.append(agent)
-            for agent in agents:
-                agent.start(tb)
-                cluster = "cluster-b" if agent is agents[2] else "cluster-a"
-                agent.client.apply_endpoints(tb.to_manifests(cluster))  # its own cluster's pods only
-                agent.client.apply_policies(seed_policies())
+            start_mesh_agents(tb, (na1, na2, nb1), etcd_a, etcd_b, agents)
             yield World(tb, agents[0], agents[1], agents[2], etcd_a, etcd_b, billing, fe, other, agents)
         finally:
             stop_agents(*agents)

@@ -28,15 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from l7gate.testing.etcd import NodeEtcd
 from l7gate.testing.testbed import CGROUP_ROOT, Pod, Testbed
 from l7gate.testing.wait import eventually
 from tests.conftest import unavailable
 
-from .test_clustermesh_kernel import with_mesh
-from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, AgentProc, make_agent, seed_policies, stop_agents
+from .test_clustermesh_kernel import start_mesh_agents
+from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, AgentProc, stop_agents
 from .test_mtls_tunnel import flows
 from .test_services_kernel import answered_by
 
@@ -108,22 +107,7 @@ def world() -> Iterator[World]:
         etcd_b = NodeEtcd(nb1, etcd, tb.workdir / "etcd-b").start()
         agents: list[AgentProc] = []
         try:
-            for node, cluster, cid, own, remote in (
-                (na1, "cluster-a", 1, etcd_a, ("cluster-b", etcd_b)),
-                (na2, "cluster-a", 1, etcd_a, ("cluster-b", etcd_b)),
-                (nb1, "cluster-b", 2, etcd_b, ("cluster-a", etcd_a)),
-            ):
-                agent = make_agent(tb, node, cluster, cid, "unused", 99, node.link_ifnames)
-                with_mesh(agent, node, own, remote)
-                if node.cgroup is not None:
-                    cfg = yaml.safe_load(agent.config.read_text())
-                    cfg["datapath"]["cgroup"] = str(node.cgroup)
-                    agent.config.write_text(yaml.safe_dump(cfg))
-                agents.append(agent)
-            for agent in agents:
-                agent.start(tb)
-                agent.client.apply_endpoints(tb.to_manifests(agent.node.cluster))  # its own cluster's only
-                agent.client.apply_policies(seed_policies())
+            start_mesh_agents(tb, (na1, na2, nb1), etcd_a, etcd_b, agents)
             w = World(tb, agents[0], agents[1], agents[2], billing, billing_b, fe, other, service_a, service_b)
             w.wait_backends([f"cluster-a/{A1}", f"cluster-a/{A2}"], "cluster-a's billing pods behind cluster-b's ClusterIP")
             yield w

@@ -1025,10 +1025,6 @@ class AgentCore:
         r = self.resolver
         endpoints = {i: p for i in r.endpoints() if (p := r.endpoint_policy(i)) is not None}
         frontends = self.services.frontends()
-        backends: dict[tuple[str, int], set[str]] = {}
-        for entry in frontends.values():
-            for b in entry.backends:
-                backends.setdefault((b.ip, b.port), set()).add(entry.service)
         return StateView(
             self.revision,
             r.revision,
@@ -1038,7 +1034,7 @@ class AgentCore:
             MappingProxyType(endpoints),
             tuple(self.services.services()),
             MappingProxyType(frontends),
-            MappingProxyType({k: tuple(sorted(v)) for k, v in backends.items()}),
+            MappingProxyType(self.services.backend_index()),
             MappingProxyType({c: tuple(svcs[r] for r in sorted(svcs)) for c, svcs in sorted(self._mesh_services.items())
                               if svcs}),
             tuple(sorted(self._published_services)),

@@ -229,6 +229,12 @@ class ServiceTable:
         self._flush()
         return tuple(sorted(self._by_backend.get((ip, port), ())))
 
+    def backend_index(self) -> dict[tuple[str, int], tuple[str, ...]]:
+        """Every backend (address, port) → `namespace/name` of its Services, sorted: a copy, for
+        readers on other threads (flows' `destination_service`)."""
+        self._flush()
+        return {k: tuple(sorted(v)) for k, v in self._by_backend.items() if v}
+
     def own_backends(self, namespace: str, name: str) -> list[tuple[ServicePort, tuple[Backend, ...]]]:
         """Per service port, the ready backends the Service selects in its own cluster, before
         remote backends and affinity: what this cluster offers the others for a global, shared
