@@ -63,10 +63,10 @@ def ok(result: Any) -> str:
 
 
 def apply_seed(api: ApiServerDouble) -> None:
-    # the seed's namespaces first: `inventory.yaml` sorts after the files whose objects live in
-    # them, and a real API server refuses an object in a namespace that does not exist yet
-    ok(api.kubectl("apply", "-f", str(SEED / "inventory.yaml")))
+    # one run on a fresh cluster: 00-namespaces.yaml sorts first (an API server refuses an
+    # object in a namespace that does not exist yet); the folder's sub-folders are not read
     ok(api.kubectl("apply", "-f", str(SEED)))
+    ok(api.kubectl("apply", "-f", str(SEED / "inventory")))  # the pods, as a test may want them
 
 
 def rule_path(policy: dict[str, Any]) -> str:
@@ -185,7 +185,7 @@ def test_reapply_of_a_changed_rule_is_a_merge_patch(api: ApiServerDouble, kubect
 def test_reapply_of_a_relabelled_pod_is_a_strategic_merge_patch(api: ApiServerDouble, kubectl_ok: str,
                                                                 tmp_path: Path) -> None:
     apply_seed(api)
-    docs = [d for d in iter_manifests([SEED / "inventory.yaml"]) if d["metadata"]["name"] == "reporting-job-q7x"]
+    docs = [d for d in iter_manifests([SEED / "inventory"]) if d["metadata"]["name"] == "reporting-job-q7x"]
     docs[0]["metadata"]["labels"]["app"] = "reporting-job-v2"
     (tmp_path / "pod.yaml").write_text(yaml.safe_dump(docs[0]))
     api.clear_requests()
@@ -571,11 +571,11 @@ def test_plain_discovery_for_clients_that_ask_for_it(tmp_path: Path) -> None:
 
 def test_direct_methods_follow_the_api_rules(api: ApiServerDouble, tmp_path: Path) -> None:
     # apply_manifests: the seed as the API holds it after a kubelet reported the pods' IPs
-    applied = api.apply_manifests(SEED, with_status=True)
-    assert len(applied) == len(iter_manifests([SEED]))
+    applied = api.apply_manifests(SEED, SEED / "inventory", with_status=True)
+    assert len(applied) == len(iter_manifests([SEED, SEED / "inventory"]))
     assert api.get("pod", "billing-service-xyz", namespace="payments")["status"]["podIP"] == "10.0.1.10"  # type: ignore[index]
     rev = api.revision
-    api.apply_manifests(SEED, with_status=True)  # the same again: no write at all
+    api.apply_manifests(SEED, SEED / "inventory", with_status=True)  # the same again: no write at all
     assert api.revision == rev
     # a pod's spec is fixed but for its images, as on a real server: scheduling is not an update
     api.create(pod("x"))

@@ -172,12 +172,13 @@ def test_validate_kubernetes_network_policy_is_not_supported(tmp_path: Path, cap
 def test_validate_lists_skipped_objects_by_kind_and_name(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(capsys, "policy", "validate", str(SEED))
     assert rc == 0, (out, err)
-    assert ("skipped: Service/payments/billing-service, Deployment/payments/billing-service, "
-            "Namespace/payments, Namespace/web, Pod/payments/billing-service-xyz") in err
+    assert ("skipped: Namespace/payments, Namespace/web, Service/payments/billing-service, "
+            "Deployment/payments/billing-service, Service/payments/billing-service, "
+            "Pod/payments/billing-service-xyz") in err
     rc, out, _ = run(capsys, "policy", "validate", str(SEED), "-o", "json")
     data = json.loads(out)
     assert rc == 0 and data["skipped"] == 9  # with cluster-b's billing-service (cluster-b/billing-service.yaml)
-    assert data["skipped_objects"][:2] == ["Service/payments/billing-service", "Deployment/payments/billing-service"]
+    assert data["skipped_objects"][:3] == ["Namespace/payments", "Namespace/web", "Service/payments/billing-service"]
 
 
 def test_validate_duplicate_policy_is_an_error_naming_both_places(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -319,7 +320,7 @@ def test_trace_refuses_invalid_policies(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_trace_ambiguous_pod_needs_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    inv = (SEED / "inventory.yaml").read_text()
+    inv = (SEED / "00-namespaces.yaml").read_text() + "---\n" + (SEED / "inventory" / "pods.yaml").read_text()
     (tmp_path / "inv.yaml").write_text(inv + "---\n" + inv.split("---\n")[2].replace("cluster-a", "cluster-c"))
     rc, _, err = run(capsys, "policy", "trace", "-f", str(tmp_path), "--from", FRONTEND, "--to",
                      "payments/billing-service-xyz", "--port", "8080")

