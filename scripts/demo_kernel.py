@@ -4,8 +4,12 @@
 Two nodes in network namespaces, one per cluster, each with its own l7gate agent, Envoy and
 BPF datapath: billing-service x2 on node a1 (cluster-a), frontend-service and a pod with other
 labels on node b1 (cluster-b). The two clusters are joined by Cluster Mesh, as in the article:
-one etcd per cluster (inside its node's namespace); each agent is told about its own cluster's
-pods only and merges the other cluster's from that cluster's etcd. The frontend runs `curl` as
+one etcd per cluster (inside its node's namespace). Each cluster has its own Kubernetes API (the
+API-server DOUBLE, l7gate.testing.apiserver_double: no kube-apiserver can run here), inside its
+node's namespace, and the seed's files are applied to it with the real `kubectl apply`, as the
+article's reader does; the agent watches its cluster's API and merges the other cluster's pods
+from that cluster's etcd. No controller runs: the demo creates the pods the Deployments ask for,
+scheduled, with the addresses the testbed gave them (as a kubelet reports them). The frontend runs `curl` as
 in the article, by the Service's name: billing-service is a global Service, and cluster-b's
 socket load balancer sends each connection straight to one of cluster-a's billing pods (the
 names resolve through a hosts file per pod namespace, the testbed's stand-in for cluster DNS). Everything is created under l7g-prefixed names and removed at the end, even on
@@ -30,6 +34,7 @@ from typing import Any
 import yaml
 
 from l7gate.client import AdminClient
+from l7gate.testing.apiserver_double import ApiServerDouble
 from l7gate.testing.etcd import NodeEtcd
 from l7gate.testing.testbed import Testbed
 
@@ -43,6 +48,33 @@ def seed_policies() -> list[Any]:
     for name in ("default-deny-all.yaml", "allow-frontend-to-billing.yaml"):
         docs.extend(yaml.safe_load_all((SEED / name).read_text()))
     return docs
+
+
+# What each cluster's reader applies: cluster-a the seed folder (the namespaces, the policies,
+# billing-service's Service and Deployment); cluster-b the namespaces, the policies, and its own
+# copy of the global Service.
+APPLY = {
+    "cluster-a": [SEED],
+    "cluster-b": [SEED / "00-namespaces.yaml", SEED / "default-deny-all.yaml",
+                  SEED / "allow-frontend-to-billing.yaml", SEED / "cluster-b"],
+}
+
+
+def kubectl(api: ApiServerDouble, *args: str) -> int:
+    """Run the real kubectl against a cluster's API, show what it printed, return its exit code."""
+    shown = " ".join(str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT)) else a for a in args)
+    print(f"   $ kubectl {shown}")
+    r = api.kubectl(*args)
+    for line in (r.stdout + r.stderr).splitlines():
+        print(f"     {line}")
+    return r.returncode
+
+
+def kubelet_reports(api: ApiServerDouble, pod: Any) -> None:
+    """Create `pod` in its cluster's API as scheduled to its node, with its testbed address."""
+    manifest = pod.manifest()
+    manifest["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    api.create(manifest, with_status=True)
 
 
 def seed_service(path: Path) -> dict[str, Any]:
@@ -83,10 +115,21 @@ def main() -> int:
         print(f"== cluster mesh: cluster-a's etcd at {etcds['cluster-a'].endpoint}, "
               f"cluster-b's at {etcds['cluster-b'].endpoint}")
         agents = []
+        apis: dict[str, ApiServerDouble] = {}
         try:
             for node, cluster, cid, peer in ((na, "cluster-a", 1, "cluster-b"), (nb, "cluster-b", 2, "cluster-a")):
                 work = tb.workdir / f"agent-{node.name}"
                 work.mkdir()
+                api = apis[cluster] = ApiServerDouble(netns=node.netns).start()
+                print(f"\n== {cluster}: the Kubernetes API (the API-server double) at {api.url} in node "
+                      f"{node.name}'s namespace; kubectl apply, as in the article")
+                for path in APPLY[cluster]:
+                    failed |= kubectl(api, "apply", "-f", str(path))
+                pods = [p for p in tb.pods.values() if p.cluster == cluster]
+                print(f"   (the demo creates the pods the Deployments ask for, as scheduled: "
+                      f"{', '.join(p.ref for p in pods)})")
+                for pod in pods:
+                    kubelet_reports(api, pod)
                 (work / "mesh").mkdir()
                 # One file per remote cluster, as Cilium's clustermesh configuration.
                 (work / "mesh" / peer).write_text(yaml.safe_dump({"endpoints": [etcds[peer].endpoint]}))
@@ -100,6 +143,7 @@ def main() -> int:
                     "mtls": {"enabled": True, "caDir": str(tb.workdir / "shared-ca"), "listen": f"{node.ip}:4250"},
                     "clustermesh": {"etcd": {"endpoints": [etcds[cluster].endpoint]}, "configDir": str(work / "mesh"),
                                     "nodeAddress": node.ip},
+                    "kubernetes": {"enabled": True, "kubeconfig": str(api.kubeconfig(work / "kubeconfig"))},
                 }))
                 print(f"== node {node.name} ({cluster}): l7gate agent --config {cfg}")
                 proc = node.spawn([L7GATE, "agent", "--config", str(cfg)], net_only=True)
@@ -116,9 +160,14 @@ def main() -> int:
                         print(tb.log_path(proc).read_text()[-3000:])
                         return 1
                     time.sleep(0.1)
-                client.apply_endpoints(tb.to_manifests(cluster))  # this cluster's pods and Service only
-                client.apply_policies(seed_policies())
+                while not client.get("/v1/status")["kubernetes"]["synced"]:
+                    if time.monotonic() > deadline + 30 or proc.poll() is not None:
+                        print(f"   the agent did not sync with its API: {client.get('/v1/status')['kubernetes']}")
+                        return 1
+                    time.sleep(0.1)
                 st = client.get("/v1/status")
+                counts = {k: v["in_force"] for k, v in st["kubernetes"]["resources"].items()}
+                print(f"   synced with the API in {st['kubernetes']['sync_seconds']} s: {counts}")
                 print(f"   datapath: {st['datapath']['mode']} — {st['datapath']['description']}")
             for node, _, _, work in agents:
                 print(f"\n== node {node.name}: l7gate clustermesh status --wait (as `cilium clustermesh status`)")
@@ -163,7 +212,7 @@ def main() -> int:
             if len(by_pod) != len(billing) or any(k.startswith("status") for k in by_pod):
                 print("   ^ MISMATCH: expected both billing pods, every request answered")
                 failed = 1
-            failed |= authenticated_and_encrypted(tb, agents, fe, target)
+            failed |= authenticated_and_encrypted(tb, agents, apis, fe, target)
             _, _, client_a, work_a = agents[0]
             print("\n== node a1: l7gate status (datapath)")
             print(json.dumps(client_a.get("/v1/status")["datapath"], indent=2))
@@ -180,6 +229,8 @@ def main() -> int:
                     proc.wait(timeout=20)
             for etcd in etcds.values():
                 etcd.stop()
+            for api in apis.values():
+                api.close()
             for n in (na, nb):
                 subprocess.run(["rm", "-rf", f"/sys/fs/bpf/l7g/{n.netns}"], check=False)
             try:
@@ -189,13 +240,17 @@ def main() -> int:
     return failed
 
 
-def authenticated_and_encrypted(tb: Testbed, agents: list[Any], fe: Any, target: Any) -> int:
+def authenticated_and_encrypted(tb: Testbed, agents: list[Any], apis: dict[str, ApiServerDouble], fe: Any,
+                                target: Any) -> int:
     docs = seed_policies()
     allow = copy.deepcopy(docs[-1])
     allow["spec"]["ingress"][0]["authentication"] = {"mode": "required"}
+    changed = tb.workdir / "allow-frontend-to-billing.yaml"
+    changed.write_text(yaml.safe_dump(allow, sort_keys=False))
     print("\n== the article's `authentication: {mode: required}` on the allow rule (both clusters)")
-    for _, _, client, _ in agents:
-        client.apply_policies([*docs[:-1], allow])
+    for api in apis.values():
+        if kubectl(api, "apply", "-f", str(changed)):
+            return 1
     (na, _, client_a, _), (nb, _, client_b, work_b) = agents
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

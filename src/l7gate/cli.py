@@ -620,7 +620,7 @@ def _cmd_service_list(args: argparse.Namespace) -> int:
             why = "headless" if svc["cluster_ip"] is None else "no ports"
             rows.append([svc["service"], f"- ({why})", "-", kind])
         for fe in svc["frontends"]:
-            backends = ", ".join(f"{b['address']} ({b['pod']})" for b in fe["backends"]) or "none (refused)"
+            backends = ", ".join(f"{b['address']} ({b['pod']})" for b in fe["backends"]) or "none (connections refused)"
             rows.append([svc["service"], fe["frontend"], backends, kind])
     print(_table(rows, ["SERVICE", "FRONTEND", "BACKENDS", "TYPE"]))
     print(f"ClusterIPs on this node: {data['datapath']}", file=sys.stderr)
