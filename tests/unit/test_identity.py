@@ -390,6 +390,8 @@ def test_allocate_release_sequences_keep_numbers_unique(names: list[str]) -> Non
         seen: dict[str, int] = {}
         for i, name in enumerate(names):
             ident = alloc.allocate(app(name))
+            stored = alloc.lookup_by_id(ident.id)  # the store agrees, fast path or not
+            assert stored is not None and stored.labels == app(name)
             if name in seen:
                 assert ident.id == seen[name]
             seen[name] = ident.id

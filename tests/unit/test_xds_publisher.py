@@ -351,3 +351,33 @@ def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed:
                 assert envoy_leaf(ecds, a) == w.expected(a), (step, a)
             mine = {n: m.SerializeToString(deterministic=True) for n, m in ecds.items()}
             assert mine == from_scratch(w), step
+
+
+
+def test_ports_with_the_same_leaves_share_one_rendering_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush renders a slot once for every port whose leaves there are the same (replicas of
+    one workload, ports no rule names) and names it per port; the bytes are what rendering each
+    port's slot on its own gives."""
+    w = big_world(blocks=4, per_block=30)
+    w.add_cidr(50_001, "10.0.0.0/8")
+    w.delta(w.r.upsert_policy(ccnp("other-port", [{"fromEndpoints": [{"matchLabels": {"group": "g1"}}],
+                                                   "toPorts": [{"ports": [{"port": "9090"}],
+                                                                "rules": {"http": [{"path": "/x"}]}}]}])))
+    ports = [resources.ProxiedPort(BILLING, BILLING_IP, p, BILLING_IP, p + 10000) for p in (PORT, 9090, 9091, 9092)]
+    w.pub.set_ports(ports)
+    rendered: list[int] = []
+    real_matcher = source_slots.rbac_matcher
+    monkeypatch.setattr(source_slots, "rbac_matcher", lambda *a, **k: rendered.append(1) or real_matcher(*a, **k))
+    shared = from_scratch(w)
+    with_memo = len(rendered)
+    rendered.clear()
+    real = source_slots.source_slot_config
+    monkeypatch.setattr(source_slots, "source_slot_config", lambda *a, **k: real(*a, **{**k, "memo": None}))
+    alone = from_scratch(w)
+    assert shared == alone and len(shared) == len(ports) * (source_slots.SOURCE_SLOTS + 2)
+    # 9091 and 9092 (no rule names them) render alike, and 9090 like them where no g1 peer is
+    assert with_memo <= len(rendered) * 3 // 4 - 3, (with_memo, len(rendered))  # 9092's all reused, some of 9090's
+    for slot in (*range(source_slots.SOURCE_SLOTS), source_slots.REST):
+        a = shared[source_slots.slot_name(BILLING_IP, 9091, slot)]
+        b = shared[source_slots.slot_name(BILLING_IP, 9092, slot)]
+        assert a.replace(b"9091", b"9092") == b

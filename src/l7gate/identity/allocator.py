@@ -192,6 +192,11 @@ class _Space:
     numbers: range
     candidates: NumberCursor = field(init=False)
     held: dict[int, int] = field(default_factory=dict)  # number -> reference count
+    # The labels of each number held (set when it is first held; a number is only trusted for
+    # labels while it is held for those very labels): another reference to labels already held
+    # costs no store read.
+    held_labels: dict[int, Labels] = field(default_factory=dict)
+    number_of: dict[Labels, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.candidates = NumberCursor(self.numbers)
@@ -274,6 +279,9 @@ class IdentityAllocator:
                 space.held[number] = count - 1
                 return False
             del space.held[number]
+            gone = space.held_labels.pop(number, None)
+            if gone is not None and space.number_of.get(gone) == number:
+                del space.number_of[gone]
             if space is self._global:
                 self._store.delete(self._ref_key(number))
             else:
@@ -284,6 +292,10 @@ class IdentityAllocator:
         return f"{self._prefix}ref/{number}/{self.owner}"
 
     def _acquire(self, space: _Space, labels: Labels) -> int:
+        number = space.number_of.get(labels)
+        if number is not None and space.held.get(number, 0) > 0 and space.held_labels.get(number) == labels:
+            space.held[number] += 1
+            return number
         canonical = encode_labels(labels)
         for _ in range(_MAX_ATTEMPTS):
             number = self._find_or_claim(space, labels, canonical)
@@ -299,6 +311,8 @@ class IdentityAllocator:
                     self._store.delete(self._ref_key(number))
                     continue
             space.held[number] = 1
+            space.held_labels[number] = labels
+            space.number_of[labels] = number
             return number
         raise IdentityError(f"could not allocate an identity for {labels}: too much contention")
 

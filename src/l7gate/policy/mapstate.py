@@ -248,6 +248,17 @@ class Decision:
     origins: tuple[Origin, ...] = ()
     reason: str = ""
     policies: tuple[str, ...] = ()
+    # The hash, computed once: decisions key the matcher caches of every backend, and hashing
+    # one anew walks all its HTTP rules and origins (most of a bulk apply's xDS cost was that).
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if not h:
+            h = hash((self.action, self.http, self.auth, self.redirect, self.origins, self.reason,
+                      self.policies)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def auth_required(self) -> bool:

@@ -29,6 +29,7 @@ Not thread-safe: the agent's reconcile loop owns it.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,10 @@ from . import rbac, resources, source_slots
 from .cache import SnapshotDelta
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _net_order(n: IPNetwork) -> tuple[int, int, int]:
+    return (n.version, int(n.network_address), n.prefixlen)
 
 
 
@@ -162,15 +167,19 @@ class Publisher:
 
     def on_ipcache_change(self, change: IPCacheChange) -> None:
         p = change.prefix
+        at = (p.version, int(p.network_address), p.prefixlen)
         for ident in (change.old, change.new):
             if ident is None:
                 continue
+            # kept sorted (by _net_order): an identity can hold thousands of pods' addresses
             nets = self._prefixes.setdefault(ident, [])
-            if ident == change.old and p in nets:
-                nets.remove(p)
-            if ident == change.new and p not in nets:
-                nets.append(p)
-                nets.sort(key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+            i = bisect.bisect_left(nets, at, key=_net_order)
+            present = i < len(nets) and nets[i] == p
+            if ident == change.old and present:
+                del nets[i]
+                present = False
+            if ident == change.new and not present:
+                nets.insert(i, p)
             if not nets:
                 self._prefixes.pop(ident, None)
         block = source_slots.block_of(p)
@@ -291,6 +300,8 @@ class Publisher:
         routes: dict[str, Message] = {}
         clusters: dict[str, Message] = {}
         ecds: dict[str, Message] = {}
+        tables: dict[int, dict[int, list[IPNetwork]]] = {}  # a slot's table is every port's
+        memo: source_slots.SlotMemo = {}
         for key in sorted(self._ports):
             st = self._ports[key]
             if not st.dirty:
@@ -312,9 +323,13 @@ class Publisher:
                 slots = sorted(st.slots)
             assert st.world is not None
             for i in slots:
+                table = tables.get(i)
+                if table is None:
+                    table = tables[i] = source_slots.slot_table(i, self._by_block, self._broad,
+                                                                self._slot_blocks.get(i, ()))
                 cfg = source_slots.source_slot_config(
                     p.ip, p.port, i, st.decide, st.world, self._by_block, self._broad,
-                    self._slot_blocks.get(i, ()), auth_verified=self.auth_verified,
+                    auth_verified=self.auth_verified, table=table, memo=memo,
                 )
                 ecds[cfg.name] = cfg
                 stats.slots_translated += 1

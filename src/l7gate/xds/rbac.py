@@ -236,6 +236,11 @@ def _leaf_key(d: Decision, auth_verified: bool) -> bytes:
     return bytes(_leaf(d, auth_verified).SerializeToString(deterministic=True))
 
 
+def leaf_key(d: Decision, auth_verified: bool = False) -> bytes:
+    """The bytes of the matcher leaf a decision becomes: equal keys, equal leaves."""
+    return _leaf_key(d, auth_verified)
+
+
 def renders_alike(a: Decision, b: Decision, *, auth_verified: bool = False) -> bool:
     """Whether two decisions become the same matcher leaf (e.g. default denies whose policy
     lists differ only past the names an action carries)."""
