@@ -167,7 +167,7 @@ class Publisher:
 
     def on_ipcache_change(self, change: IPCacheChange) -> None:
         p = change.prefix
-        at = (p.version, int(p.network_address), p.prefixlen)
+        at = _net_order(p)
         for ident in (change.old, change.new):
             if ident is None:
                 continue
