@@ -231,11 +231,12 @@ def test_initial_sync_is_one_apply_per_resource_in_order() -> None:
         CCNPS: [{"metadata": {"name": "c"}, "spec": {"endpointSelector": {}}}],
     }))
     applies = [keys for what, keys in sink.calls if what == "apply"]
-    # 1,000 pods are one request, not 1,000; namespaces first, policies last.
-    assert [len(a) for a in applies] == [1, 1000, 1, 2, 1]
-    assert [a[0].split("/")[0] for a in applies] == ["cluster-a", "cluster-a", "cluster-a", "CiliumNetworkPolicy",
-                                                     "CiliumClusterwideNetworkPolicy"]
-    assert applies[0] == ["cluster-a/web"] and applies[2] == ["cluster-a/web/s"]
+    # 1,000 pods are one request, not 1,000; namespaces first, then the policies, pods last
+    # (a pod is never enforced before the policies that select it)
+    assert [len(a) for a in applies] == [1, 2, 1, 1, 1000]
+    assert [a[0].split("/")[0] for a in applies] == ["cluster-a", "CiliumNetworkPolicy",
+                                                     "CiliumClusterwideNetworkPolicy", "cluster-a", "cluster-a"]
+    assert applies[0] == ["cluster-a/web"] and applies[3] == ["cluster-a/web/s"]
     assert "cluster-a/web/pending" not in sink.keys("Pod")
     assert rec.stats["Pod"].in_force == 1000 and rec.stats["Pod"].synced_at is not None
     assert not reports.seen

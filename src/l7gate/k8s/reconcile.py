@@ -12,7 +12,7 @@ Listings and watch events queue up and are merged (`Pending`): per resource, eit
 listing with the events that came after it folded in, or only events, the last per key winning.
 `Reconciler.run` then brings the agent to that state through an `ObjectSink` (the agent's own
 apply and delete, the path the admin API takes), resource by resource in `RESOURCES` order
-(namespaces, pods, Services, then policies):
+(namespaces, policies, Services, then pods):
 
 - events: the objects now absent are deleted; the others go to the sink as ONE apply;
 - a listing (the initial one, or a relist after "410 Gone"): the objects the agent holds *from
@@ -76,8 +76,12 @@ SERVICES = Resource("Service", "v1", "/api/v1/services", True)
 CNPS = Resource("CiliumNetworkPolicy", "cilium.io/v2", "/apis/cilium.io/v2/ciliumnetworkpolicies", True)
 CCNPS = Resource("CiliumClusterwideNetworkPolicy", "cilium.io/v2",
                  "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", False)
-#: In the order a sync applies them: a pod's namespace before the pod, policies last.
-RESOURCES = (NAMESPACES, PODS, SERVICES, CNPS, CCNPS)
+#: In the order a sync applies them: a namespace before what lives in it, and the policies
+#: before the pods they select, so that a new pod is enforced with its policies from the
+#: moment it is applied, never "no policy selects it, allow all" first (it is also cheaper:
+#: the pods' ports are rendered once, with their policies). Services before pods too: a
+#: Service's backends are the pods applied after it.
+RESOURCES = (NAMESPACES, CNPS, CCNPS, SERVICES, PODS)
 POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind})
 
 

@@ -27,7 +27,7 @@ listings and events; ONE applier thread drains the queue, merges what it drained
 (`reconcile.Pending`: the last state per object wins) and hands it to `reconcile.Reconciler`,
 which applies it through the agent's `ObjectSink`. A burst of events is one apply, not one per
 event; the initial sync waits for the first listing of every resource and applies them as one
-request per resource, in order (namespaces, pods, Services, policies). Only then is the
+request per resource, in order (namespaces, policies, Services, pods). Only then is the
 watcher `ready` (`problems()` is empty): the agent's /healthz waits for it. A failure of the
 sink itself (not a refusal) keeps what was drained and retries it after a back-off.
 
