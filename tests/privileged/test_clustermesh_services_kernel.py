@@ -243,8 +243,14 @@ def test_a_billing_pod_deleted_in_cluster_a_is_not_chosen_again(world: World) ->
     finally:
         for agent in world.cluster_a:
             agent.client.apply_endpoints([gone.manifest()])
-    # Re-applied, it is published and merged again. (Last in this module, and no traffic to it
-    # after: a pod deleted and re-applied soon after on a node of a mesh can be refused by its
-    # Envoy (RBAC 403) for good — a datapath issue of the re-created listener's source slots,
-    # reproduced without global services; reported separately.)
+    # Re-applied, it is published and merged again, and answers again: its node's Envoy takes
+    # the re-created listener with new names for its classifier and source slots (reusing the
+    # draining listener's names left every slot unsubscribed: 403 for every request).
     world.wait_backends([f"cluster-a/{A1}", f"cluster-a/{A2}"], "billing-service-2 back in cluster-b's rotation")
+
+    def both_answer() -> bool:
+        got = answered_by(world.frontend, 40)
+        assert set(got) == {A1, A2}, got
+        return True
+
+    eventually(both_answer, 20, "both billing pods to answer again")

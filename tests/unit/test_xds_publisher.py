@@ -381,3 +381,27 @@ def test_ports_with_the_same_leaves_share_one_rendering_byte_for_byte(monkeypatc
         a = shared[source_slots.slot_name(BILLING_IP, 9091, slot)]
         b = shared[source_slots.slot_name(BILLING_IP, 9092, slot)]
         assert a.replace(b"9091", b"9092") == b
+
+
+def test_a_port_proxied_again_takes_new_ecds_names_and_drops_the_old() -> None:
+    """Envoy builds an ECDS resource's filters once, under the listener that first subscribed:
+    a listener built anew under the old names kept no slot subscriptions (403 for good). So each
+    incarnation of a port's listener has names of its own, and the old ones are removed."""
+    w = big_world(blocks=2, per_block=5)
+    port = w.pub.ports[0]
+    first = set(w.ecds())
+    assert source_slots.classifier_name(BILLING_IP, PORT) in first
+    w.pub.set_ports([])
+    w.pub.flush()
+    assert w.ecds() == {}
+    w.pub.set_ports([port])
+    w.pub.flush()
+    again = set(w.ecds())
+    assert again == set(source_slots.slot_names(BILLING_IP, PORT, 1)) and not again & first
+    lst = w.sink.cache.get_snapshot(NODE).messages(LISTENER)  # type: ignore[union-attr]
+    assert source_slots.classifier_name(BILLING_IP, PORT, 1).encode() in lst[resources.listener_name(BILLING_IP, PORT)].SerializeToString()
+    # removed and proxied again within one flush: the listener changes, the old names go
+    w.pub.set_ports([])
+    w.pub.set_ports([port])
+    w.pub.flush()
+    assert set(w.ecds()) == set(source_slots.slot_names(BILLING_IP, PORT, 2))

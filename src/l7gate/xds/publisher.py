@@ -63,6 +63,7 @@ class ResourceSink(Protocol):
 @dataclass(slots=True)
 class _PortState:
     port: resources.ProxiedPort
+    gen: int = 0  # the listener's incarnation: its classifier's and slots' names
     # The policy the port's slots were last rendered with (None: never rendered).
     index: PortView | None = None
     world: Decision | None = None
@@ -115,6 +116,9 @@ class Publisher:
     _broad: dict[IPNetwork, int] = field(default_factory=dict)
     _slot_blocks: dict[int, set[IPNetwork]] = field(default_factory=dict)
     _removed: set[tuple[str, int]] = field(default_factory=set)
+    # Incarnations of each port's listener so far, and the ECDS names of replaced ones.
+    _gens: dict[tuple[str, int], int] = field(default_factory=dict)
+    _gone_ecds: set[str] = field(default_factory=set)
     _initialized: bool = False
 
     # -- inputs -------------------------------------------------------------------------------
@@ -132,12 +136,16 @@ class Publisher:
         wanted = {(p.ip, p.port): p for p in ports}
         for key in list(self._ports):
             if key not in wanted:
-                del self._ports[key]
+                old = self._ports.pop(key)
                 self._removed.add(key)
+                self._gone_ecds.update(source_slots.slot_names(*key, old.gen))
         for key, p in wanted.items():
             st = self._ports.get(key)
             if st is None or st.port != p:
-                self._ports[key] = _PortState(p)
+                if st is not None:
+                    self._gone_ecds.update(source_slots.slot_names(*key, st.gen))
+                gen = self._gens[key] = self._gens.get(key, -1) + 1
+                self._ports[key] = _PortState(p, gen)
                 self._removed.discard(key)
 
     def on_policy_delta(self, delta: PolicyDelta) -> None:
@@ -315,7 +323,8 @@ class Publisher:
                 )
                 clusters[cname] = resources.static_cluster(cname, p.upstream_ip, p.upstream_port)
                 routes[rname] = resources.upstream_route(rname, cname)
-                listeners[lname] = resources.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent)
+                listeners[lname] = resources.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent,
+                                                      st.gen)
                 slots: Iterable[int] = (*range(source_slots.SOURCE_SLOTS), source_slots.REST)
                 st.classifier = True
                 stats.ports_translated += 1
@@ -329,22 +338,23 @@ class Publisher:
                                                                 self._slot_blocks.get(i, ()))
                 cfg = source_slots.source_slot_config(
                     p.ip, p.port, i, st.decide, st.world, self._by_block, self._broad,
-                    auth_verified=self.auth_verified, table=table, memo=memo,
+                    auth_verified=self.auth_verified, table=table, memo=memo, gen=st.gen,
                 )
                 ecds[cfg.name] = cfg
                 stats.slots_translated += 1
             if st.classifier:
-                cls = source_slots.classifier_config(p.ip, p.port, self._by_block)
+                cls = source_slots.classifier_config(p.ip, p.port, self._by_block, st.gen)
                 ecds[cls.name] = cls
             st.full = st.classifier = False
             st.slots.clear()
         removed = sorted(self._removed)
         self._removed.clear()
-        if not self._initialized or clusters or listeners or routes or ecds or removed:
+        if not self._initialized or clusters or listeners or routes or ecds or removed or self._gone_ecds:
             gone_l = [resources.listener_name(ip, port) for ip, port in removed]
             gone_r = [resources.route_name(ip, port) for ip, port in removed]
             gone_c = [resources.cluster_name(ip, port) for ip, port in removed]
-            gone_e = [n for ip, port in removed for n in source_slots.slot_names(ip, port)]
+            gone_e = sorted(self._gone_ecds - ecds.keys())
+            self._gone_ecds.clear()
             delta = SnapshotDelta()
             delta.put(CLUSTER, clusters)
             delta.put(EXTENSION_CONFIG, ecds)

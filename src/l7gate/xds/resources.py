@@ -124,10 +124,12 @@ def source_http_connection_manager(
 
 
 def listener(
-    name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False
+    name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False,
+    gen: int = 0,
 ) -> listener_pb2.Listener:
-    """A proxied port's listener; its policy filter is the port's classifier (ECDS)."""
-    hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port), access_logs)
+    """A proxied port's listener; its policy filter is the port's classifier (ECDS) of
+    incarnation `gen` (`source_slots.classifier_name`)."""
+    hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port, gen), access_logs)
     chain = listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))]
     )

@@ -88,17 +88,22 @@ def slot_of(block: IPNetwork) -> int:
     return slot
 
 
-def classifier_name(ip: str, port: int) -> str:
-    return f"l7g_src_{ip}_{port}"
+def classifier_name(ip: str, port: int, gen: int = 0) -> str:
+    """The classifier of one incarnation `gen` of a port's listener. A listener built anew (the
+    port removed and proxied again, or its listener changed) takes new names for its
+    classifier and slots: Envoy builds the filters of an ECDS resource once, under the listener
+    that first subscribed to it, and a new listener that reused the names of a draining one
+    kept none of the slots' subscriptions (every request 403 until the agent restarted)."""
+    return f"l7g_src_{ip}_{port}" + (f"_g{gen}" if gen else "")
 
 
-def slot_name(ip: str, port: int, slot: int) -> str:
-    return f"l7g_src_{ip}_{port}_{'rest' if slot == REST else slot}"
+def slot_name(ip: str, port: int, slot: int, gen: int = 0) -> str:
+    return f"{classifier_name(ip, port, gen)}_{'rest' if slot == REST else slot}"
 
 
-def slot_names(ip: str, port: int) -> list[str]:
+def slot_names(ip: str, port: int, gen: int = 0) -> list[str]:
     """Every ECDS resource of one port: the classifier, the slots, the rest."""
-    return [classifier_name(ip, port), *(slot_name(ip, port, i) for i in (*range(SOURCE_SLOTS), REST))]
+    return [classifier_name(ip, port, gen), *(slot_name(ip, port, i, gen) for i in (*range(SOURCE_SLOTS), REST))]
 
 
 def covering(block: IPNetwork, broad: Mapping[IPNetwork, int]) -> tuple[IPNetwork, int] | None:
@@ -134,16 +139,17 @@ def rbac_filter_config(name: str, matcher: matcher_pb2.Matcher) -> core_extensio
     return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(rbac_pb2.RBAC(matcher=matcher)))
 
 
-def _run_slot(ip: str, port: int, slot: int) -> matcher_pb2.Matcher.OnMatch:
+def _run_slot(ip: str, port: int, slot: int, gen: int = 0) -> matcher_pb2.Matcher.OnMatch:
     act = composite_pb2.ExecuteFilterAction(
         dynamic_config=composite_pb2.DynamicConfig(
-            name=slot_name(ip, port, slot), config_discovery=ecds_source(RBAC_TYPE, deny_all_rbac())
+            name=slot_name(ip, port, slot, gen), config_discovery=ecds_source(RBAC_TYPE, deny_all_rbac())
         )
     )
     return matcher_pb2.Matcher.OnMatch(action=typed_ext("slot", act))
 
 
-def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork]) -> core_extension_pb2.TypedExtensionConfig:
+def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork],
+                      gen: int = 0) -> core_extension_pb2.TypedExtensionConfig:
     """The ECDS resource that sends each request to the RBAC of its source address's slot.
 
     Every slot is named (an empty one by a range no peer has), so Envoy subscribes to all of
@@ -158,7 +164,7 @@ def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork]) -> core_e
         ]
         range_matchers.append(
             ip_pb2.IPMatcher.IPRangeMatcher(
-                ranges=[cidr(n) for n in nets], on_match=_run_slot(ip, port, i), exclusive=True
+                ranges=[cidr(n) for n in nets], on_match=_run_slot(ip, port, i, gen), exclusive=True
             )
         )
     tree = matcher_pb2.Matcher.MatcherTree(
@@ -166,12 +172,12 @@ def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork]) -> core_e
         custom_match=typed_ext("ip-matcher", ip_pb2.IPMatcher(range_matchers=range_matchers)),
     )
     wrapper = extension_matcher_pb2.ExtensionWithMatcher(
-        xds_matcher=matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_run_slot(ip, port, REST)),
+        xds_matcher=matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_run_slot(ip, port, REST, gen)),
         extension_config=core_extension_pb2.TypedExtensionConfig(
             name=COMPOSITE_FILTER, typed_config=pack(composite_pb2.Composite())
         ),
     )
-    name = classifier_name(ip, port)
+    name = classifier_name(ip, port, gen)
     return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(wrapper))
 
 
@@ -220,6 +226,7 @@ def source_slot_config(
     auth_verified: bool = False,
     table: Mapping[int, Sequence[IPNetwork]] | None = None,
     memo: SlotMemo | None = None,
+    gen: int = 0,
 ) -> core_extension_pb2.TypedExtensionConfig:
     """One slot's RBAC (`blocks` are the slot's blocks), or the rest's (`slot == REST`: the
     broad prefixes). `decide(identity)` is the port's decision for an identity. `table`: the
@@ -231,7 +238,7 @@ def source_slot_config(
         table = slot_table(slot, by_block, broad, blocks)
     if not table:
         return core_extension_pb2.TypedExtensionConfig(
-            name=slot_name(ip, port, slot), typed_config=_world_only(world, auth_verified)
+            name=slot_name(ip, port, slot, gen), typed_config=_world_only(world, auth_verified)
         )
     peers = {}
     for ident in sorted(table):
@@ -240,7 +247,7 @@ def source_slot_config(
             peers[ident] = d
     if memo is None:
         matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
-        return rbac_filter_config(slot_name(ip, port, slot), matcher)
+        return rbac_filter_config(slot_name(ip, port, slot, gen), matcher)
     world_key = leaf_key(world, auth_verified)
     key = (slot, auth_verified, world_key,
            tuple((i, k) for i, d in peers.items() if (k := leaf_key(d, auth_verified)) != world_key))
@@ -248,7 +255,7 @@ def source_slot_config(
     if packed is None:
         matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
         packed = memo[key] = pack(rbac_pb2.RBAC(matcher=matcher))
-    return core_extension_pb2.TypedExtensionConfig(name=slot_name(ip, port, slot), typed_config=packed)
+    return core_extension_pb2.TypedExtensionConfig(name=slot_name(ip, port, slot, gen), typed_config=packed)
 
 
 @functools.lru_cache(maxsize=4096)
