@@ -131,18 +131,30 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def entry_hash(name: str, version: str) -> int:
+    """One resource's share of the version of a set of resources (`version_of`)."""
+    return int.from_bytes(hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=8).digest(), "big")
+
+
+def version_from_total(total: int) -> str:
+    """`version_of` from the sum of the resources' `entry_hash`es."""
+    return f"{total & _MASK64:016x}"
+
+
 def version_of(pairs: Iterable[tuple[str, str]]) -> str:
-    """The version of a set of resources: a hash of their sorted (name, version) pairs.
+    """The version of a set of resources: the sum (mod 2^64) of their (name, version) pairs'
+    hashes.
 
     Used for a type's version, and by the server for the subset of a type one Envoy asked for.
+    Order-independent, so that a stream keeps the version of its subscription up to date one
+    name at a time: Envoy subscribes to a node's 13,000 ECDS slots a few at a time, and
+    recomputing the version over all of them for each request made a node's sync quadratic
+    (110 s of agent CPU for 100 proxied ports).
     """
-    h = hashlib.blake2b(digest_size=8)
-    for name, version in sorted(pairs):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(version.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    return version_from_total(sum(entry_hash(n, v) for n, v in pairs))
 
 
 @dataclass(frozen=True, slots=True)

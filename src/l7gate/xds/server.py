@@ -62,6 +62,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,8 @@ from l7gate.xds.cache import (
     CachedResource,
     Snapshot,
     SnapshotCache,
+    entry_hash,
+    version_from_total,
     version_of,
 )
 from l7gate.xds.status import Nack, StatusRow, SyncState, classify, rows_to_json
@@ -94,7 +97,7 @@ _ABSENT = ""
 
 
 def served(
-    snap: Snapshot, type_url: str, names: frozenset[str] | None
+    snap: Snapshot, type_url: str, names: AbstractSet[str] | None
 ) -> tuple[str, list[CachedResource]]:
     """The version and resources of `type_url` for a subscription (`names` None = wildcard)."""
     by_name = snap.resources[type_url]
@@ -109,7 +112,7 @@ class _Track:
     """Mutable tracking record of one (node, type); guarded by `XdsServer._lock`."""
 
     protocol: str
-    names: frozenset[str] | None
+    names: frozenset[str] | set[str] | None  # a delta stream's live set of names (read under the lock)
     sent_version: str | None = None
     nonce: str | None = None
     last_sent: float | None = None
@@ -330,7 +333,7 @@ class XdsServer:
             self._changed.notify_all()
 
     def _track_start(
-        self, node_id: str, type_url: str, protocol: str, names: frozenset[str] | None,
+        self, node_id: str, type_url: str, protocol: str, names: frozenset[str] | set[str] | None,
         reported: str | None,
     ) -> None:
         with self._changed:
@@ -346,7 +349,7 @@ class XdsServer:
             )
             self._changed.notify_all()
 
-    def _track_names(self, node_id: str, type_url: str, names: frozenset[str] | None) -> None:
+    def _track_names(self, node_id: str, type_url: str, names: frozenset[str] | set[str] | None) -> None:
         with self._changed:
             track = self._tracks.get((node_id, type_url))
             if track is not None:
@@ -393,8 +396,8 @@ class XdsServer:
     def status(self) -> list[StatusRow]:
         """One row per (node id, type) ever seen by this server, sorted by node then type."""
         with self._lock:
-            tracks = [
-                (node, t, dataclasses.replace(tr))
+            tracks = [  # a delta stream's names are its live set: copied here, under the lock
+                (node, t, dataclasses.replace(tr, names=None if tr.names is None else frozenset(tr.names)))
                 for (node, t), tr in self._tracks.items()
             ]
             live = dict(self._live)
@@ -606,7 +609,12 @@ class _SotwStream(_Stream):
 @dataclass(slots=True)
 class _DeltaType:
     wildcard: bool
-    names: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)  # changed under the server's lock (status reads it)
+    # The subscription's version, kept up to date name by name (`cache.version_of`): the
+    # entry hashes of the subscribed names present in the snapshot of type version `hashed_at`.
+    hashes: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    hashed_at: str | None = None
     known: dict[str, str] = field(default_factory=dict)  # what the Envoy holds, by our count
     seen_type_version: str | None = None  # cache type version at the last diff
     owes_first: bool = True  # the first response is due even if it is empty
@@ -632,8 +640,11 @@ class _DeltaStream(_Stream):
             # An empty first subscription to LDS/CDS is the legacy wildcard; "*" is explicit.
             wildcard = "*" in subscribe or (t in WILDCARD_TYPES and not subscribe)
             st = self.types[t] = _DeltaType(wildcard=wildcard, known=dict(initial))
-            reported = version_of(initial.items()) if initial else None
-            server._track_start(node, t, self.protocol, None, reported)
+            reported = None
+            if initial:  # the version of what the Envoy holds, as `served` computes one
+                reported = version_of(initial.items())
+            # the live set (changed under the lock): the status view copies it under the lock
+            server._track_start(node, t, self.protocol, None if wildcard else st.names, reported)
         if request.response_nonce:
             sent = st.outstanding.get(request.response_nonce)
             if sent is None:
@@ -651,30 +662,35 @@ class _DeltaStream(_Stream):
                     )
                 else:
                     server._track_ack(node, t, version, server._clock() - sent_at)
-        before = (st.wildcard, len(st.names))
-        for name in subscribe:
-            if name == "*":
-                st.wildcard = True
-                continue
-            st.names.add(name)
-            if name not in initial and not st.wildcard:
-                # An explicit (re)subscription asks for the resource even if we sent it before.
-                st.known.pop(name, None)
-        for name in request.resource_names_unsubscribe:
-            if name == "*":
-                st.wildcard = False
-                continue
-            st.names.discard(name)
-            if not st.wildcard:
-                st.known.pop(name, None)
-        if subscribe or request.resource_names_unsubscribe or before != (
-            st.wildcard, len(st.names)
-        ):
-            st.seen_type_version = None
-            server._track_names(node, t, st.subscription())
-        return self.push(t)
+        was_wildcard = st.wildcard
+        unsubscribe = list(request.resource_names_unsubscribe)
+        with server._lock:  # status copies the names meanwhile
+            for name in subscribe:
+                if name == "*":
+                    st.wildcard = True
+                    continue
+                st.names.add(name)
+                if name not in initial and not st.wildcard:
+                    # An explicit (re)subscription asks for the resource even if we sent it before.
+                    st.known.pop(name, None)
+            for name in unsubscribe:
+                if name == "*":
+                    st.wildcard = False
+                    continue
+                st.names.discard(name)
+                if not st.wildcard:
+                    st.known.pop(name, None)
+        if st.wildcard != was_wildcard:
+            st.seen_type_version = st.hashed_at = None  # everything is looked at again
+            server._track_names(node, t, None if st.wildcard else st.names)
+        changed = {n for n in (*subscribe, *unsubscribe) if n != "*"}
+        return self.push(t, changed)
 
-    def push(self, type_url: str) -> list[Any]:
+    def push(self, type_url: str, changed: set[str] | None = None) -> list[Any]:
+        """What the Envoy is owed of `type_url`: everything, when the snapshot's type changed
+        since the last look (or the subscription turned wildcard or back), else only the
+        `changed` names it (un)subscribed — one request costs what it names, not the whole
+        subscription."""
         st = self.types.get(type_url)
         if st is None:
             return []
@@ -682,7 +698,8 @@ class _DeltaStream(_Stream):
         if snap is None:
             return []
         type_version = snap.versions[type_url]
-        if type_version == st.seen_type_version and not st.owes_first:
+        whole = type_version != st.seen_type_version
+        if not whole and not changed and not st.owes_first:
             return []
         st.seen_type_version = type_version
         present = snap.resources[type_url]
@@ -700,7 +717,7 @@ class _DeltaStream(_Stream):
                     removed.append(name)
                     del known[name]
         else:
-            for name in sorted(st.names):
+            for name in sorted(st.names if whole or changed is None else changed & st.names):
                 entry = present.get(name)
                 if entry is not None:
                     if known.get(name) != entry.version:
@@ -714,7 +731,7 @@ class _DeltaStream(_Stream):
         st.owes_first = False
         for entry in upserts:
             known[entry.name] = entry.version
-        version, _ = served(snap, type_url, st.subscription())
+        version = self._version(st, snap, type_url, None if whole else changed)
         nonce = self.server.next_nonce()
         response = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version, type_url=type_url, nonce=nonce
@@ -725,3 +742,25 @@ class _DeltaStream(_Stream):
         st.outstanding[nonce] = (version, self.server._clock())
         self.server._track_sent(self.node_id or "", type_url, version, nonce)
         return [response]
+
+    @staticmethod
+    def _version(st: _DeltaType, snap: Snapshot, type_url: str, changed: set[str] | None) -> str:
+        """`served(snap, type_url, subscription)`'s version, kept up to date name by name."""
+        if st.wildcard:
+            return snap.versions[type_url]
+        present = snap.resources[type_url]
+        type_version = snap.versions[type_url]
+        if changed is None or st.hashed_at != type_version:
+            st.hashes = {n: entry_hash(n, present[n].version) for n in st.names if n in present}
+            st.total = sum(st.hashes.values())
+            st.hashed_at = type_version
+        else:
+            for n in changed:
+                old = st.hashes.pop(n, None)
+                if old is not None:
+                    st.total -= old
+                entry = present.get(n)
+                if entry is not None and n in st.names:
+                    h = st.hashes[n] = entry_hash(n, entry.version)
+                    st.total += h
+        return version_from_total(st.total)
