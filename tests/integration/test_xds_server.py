@@ -497,6 +497,46 @@ def test_delta_named_subscription_and_absent_names(
     c.expect_nothing(0.3)
 
 
+def test_delta_subscriptions_a_few_names_at_a_time_keep_the_version_exact(
+    cache: SnapshotCache, server: XdsServer, clients: Callable[..., Client]
+) -> None:
+    """As Envoy subscribes to a port's source slots: many requests of a few names each, while the
+    snapshot changes. Each request is answered with exactly what it names, and every response's
+    version is the version of the whole subscription (kept up to date name by name)."""
+    names = [f"r{i}" for i in range(300)]
+    cache.update(NODE, ROUTE, {n: route(n, status=200 + i % 50) for i, n in enumerate(names[:250])})
+    c = clients(delta=True)
+    got: set[str] = set()
+    for k in range(0, 300, 7):
+        batch = names[k:k + 7]
+        c.subscribe(ROUTE, batch)
+        resp = c.recv()
+        assert sorted(names_of(resp)) == sorted(n for n in batch if n in names[:250])
+        assert sorted(resp.removed_resources) == sorted(n for n in batch if n not in names[:250])
+        got.update(names_of(resp))
+        c.ack(resp)
+        if k == 140:  # a change to resources already subscribed, and to one not yet
+            cache.update(NODE, ROUTE, {"r3": route("r3", status=499), "r200": route("r200", status=498)})
+            upd = c.recv()
+            assert names_of(upd) == ["r3"]  # r200 is not asked for yet
+            c.ack(upd)
+    assert got == set(names[:250])
+    snap = cache.snapshot_for(NODE)
+    assert snap is not None
+    want = version_of((n, snap.resources[ROUTE][n].version) for n in names[:250])
+    eventually(lambda: row(server, ROUTE).cache_version == want and row(server, ROUTE).state is SyncState.SYNCED,
+               5, "the subscription's version, SYNCED")
+    assert row(server, ROUTE).sent_version == want
+    c.send(type_url=ROUTE, resource_names_unsubscribe=names[:100])
+    c.expect_nothing(0.3)
+    cache.update(NODE, ROUTE, {"r150": route("r150", status=401), "r5": route("r5", status=401)})
+    resp = c.recv()
+    assert names_of(resp) == ["r150"]
+    snap = cache.snapshot_for(NODE)
+    assert snap is not None
+    assert resp.system_version_info == version_of((n, snap.resources[ROUTE][n].version) for n in names[100:250])
+
+
 def test_delta_nack_is_recorded_and_not_resent(
     cache: SnapshotCache, server: XdsServer, clients: Callable[..., Client]
 ) -> None:
