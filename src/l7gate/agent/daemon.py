@@ -230,7 +230,8 @@ def start_agent(config: AgentConfig) -> Agent:
 
     agent: Agent
     # Through `agent`: the xDS server it holds may be replaced (a restarted server).
-    watch = EnforcementWatch(envoy, lambda: agent.xds.status(), served_listeners, node_id)
+    watch = EnforcementWatch(envoy, lambda: agent.xds.status(), served_listeners, node_id,
+                             lds_rows=lambda: agent.xds.status(LISTENER))
     if kube is not None:
         watch.add_check(kube.problems)
     hooks = AdminHooks(

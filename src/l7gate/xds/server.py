@@ -393,12 +393,15 @@ class XdsServer:
 
     # -- status --------------------------------------------------------------------------
 
-    def status(self) -> list[StatusRow]:
-        """One row per (node id, type) ever seen by this server, sorted by node then type."""
+    def status(self, type_url: str | None = None) -> list[StatusRow]:
+        """One row per (node id, type) ever seen by this server, sorted by node then type; of
+        `type_url` only, if given (a row costs a pass over its subscription: the ECDS row of a
+        node with 100 proxied ports is 13,000 names)."""
         with self._lock:
             tracks = [  # a delta stream's names are its live set: copied here, under the lock
                 (node, t, dataclasses.replace(tr, names=None if tr.names is None else frozenset(tr.names)))
                 for (node, t), tr in self._tracks.items()
+                if type_url is None or t == type_url
             ]
             live = dict(self._live)
         rows = []
