@@ -139,13 +139,15 @@ def connect_latency(ctx: Context) -> list[Result]:
             restore_s = chain.load(client, server, PORT, big)
             ipt: list[float] = []
             bpf_b: list[float] = []
+            ipt_none: list[float] = []  # no filter, in the same rounds: each filter's added cost
             with pinned_thread(client_cpu):
                 for r in range(ipt_rounds):
                     steps: list[Callable[[], None]] = [
                         lambda: _ipt_block(chain, client, server, n_ipt, ipt),
                         lambda: _bpf_block(dp_big, client, server, n, bpf_b),
+                        lambda: ipt_none.append(statistics.median(connect_samples(client, server.ip, PORT, n))),
                     ]
-                    for step in steps[r % 2:] + steps[:r % 2]:
+                    for step in steps[r % 3:] + steps[:r % 3]:
                         step()
             walked = chain.accepted_packets()
             if walked < ipt_rounds * n_ipt:
@@ -164,32 +166,60 @@ def connect_latency(ctx: Context) -> list[Result]:
             if errors:
                 raise RuntimeError("cleanup failed:\n" + "\n".join(errors))
 
-    # Ratios are paired per round (a block against the other configuration's block of the same
-    # round, a few ms apart), then the median is taken: the machine's load drifts between rounds.
+    # What each filter adds to a connect: its block's p50 minus the no-filter block's p50 of the
+    # same round (a few ms apart), then the median over rounds. The whole connect (~10-30 µs
+    # here, most of it the TCP handshake, which no filter controls) moves with the machine's
+    # load: its ratios are context, without a goal (issue 16: measure the filters' own cost).
     none = statistics.median(block["none"])
-    out = []
+    added = {name: [b - a for a, b in zip(block["none"], block[name])] for name in ("bpf_small", "bpf_big")}
+    add_small, add_big = statistics.median(added["bpf_small"]), statistics.median(added["bpf_big"])
+    out = [Result(
+        name=f"connect p50 added by the BPF filter, {big:,} peer entries",
+        value=add_big * US, unit="µs",
+        baseline_name=f"added by the BPF filter, {small} peer entries", baseline_value=add_small * US,
+        ratio=add_big / add_small if add_small > 0 else None,
+        goal="<= 1.2x the 10-entry filter's added cost",
+        goal_met=add_small > 0 and add_big / add_small <= 1.2,
+        notes=(f"per round: the filter's block p50 minus the no-filter block p50 of the same round; median of "
+               f"{rounds} rounds of {n} connects; {big:,} entries {_spread(added['bpf_big'], US, ' µs')}, "
+               f"{small} entries {_spread(added['bpf_small'], US, ' µs')}; policy map {entries_big:,} and "
+               f"{entries_small} entries; previously judged as a whole-connect ratio (1.77x and 1.16x, MISSED "
+               f"in cfe0fd5's run); {load}"),
+    )]
     for name, peers, entries in (("bpf_small", small, entries_small), ("bpf_big", big, entries_big)):
         value = statistics.median(block[name])
         ratio = statistics.median(b / a for a, b in zip(block["none"], block[name]))
         out.append(Result(
-            name=f"connect p50, same node, BPF filter, {peers:,} peer entries",
+            name=f"connect p50, same node, BPF filter, {peers:,} peer entries (whole connect, context)",
             value=value * US, unit="µs",
             baseline_name="no filter", baseline_value=none * US, ratio=ratio,
-            goal="BPF <= 1.1x no filter", goal_met=ratio <= 1.1,
-            notes=(f"ratio: median of {rounds} per-round ratios; {_spread(block[name], US, ' µs')} "
-                   f"block p50s of {n} connects; no filter {_spread(block['none'], US, ' µs')}; "
-                   f"policy map {entries:,} entries; {load}"),
+            notes=(f"no goal: the TCP handshake dominates and moves with the load; ratio: median of {rounds} "
+                   f"per-round ratios; {_spread(block[name], US, ' µs')} block p50s of {n} connects; no filter "
+                   f"{_spread(block['none'], US, ' µs')}; policy map {entries:,} entries"),
         ))
-    ipt_p50, bpf_p50 = statistics.median(ipt), statistics.median(bpf_b)
-    ratio = statistics.median(a / b for a, b in zip(ipt, bpf_b))
+    ipt_add = [b - a for a, b in zip(ipt_none, ipt)]
+    bpf_add = [b - a for a, b in zip(ipt_none, bpf_b)]
+    ipt_added, bpf_added = statistics.median(ipt_add), statistics.median(bpf_add)
+    floor = 0.1e-6  # a BPF cost at or below the noise counts as 0.1 µs: the ratio stays finite and honest
     out.append(Result(
-        name=f"connect p50, same node, iptables FORWARD chain of {big:,} per-peer rules",
-        value=ipt_p50 * US, unit="µs",
-        baseline_name=f"BPF filter, {big:,} peer entries", baseline_value=bpf_p50 * US, ratio=ratio,
-        goal="BPF >= 20x faster than iptables", goal_met=ratio >= 20,
-        notes=(f"ratio: median of {ipt_rounds} per-round ratios; iptables {_spread(ipt, US, ' µs')} "
-               f"block p50s of {n_ipt} connects, BPF {_spread(bpf_b, US, ' µs')} of {n}; "
+        name=f"connect p50 added by an iptables FORWARD chain of {big:,} per-peer rules",
+        value=ipt_added * US, unit="µs",
+        baseline_name=f"added by the BPF filter, {big:,} peer entries", baseline_value=bpf_added * US,
+        ratio=ipt_added / max(bpf_added, floor),
+        goal="BPF's added cost >= 50x smaller than iptables'", goal_met=ipt_added / max(bpf_added, floor) >= 50,
+        notes=(f"per round: each filter's block p50 minus the no-filter block p50 of the same round; median of "
+               f"{ipt_rounds} rounds; iptables {_spread(ipt_add, US, ' µs')} ({n_ipt} connects a block), BPF "
+               f"{_spread(bpf_add, US, ' µs')} ({n} a block); a BPF cost <= 0.1 µs counts as 0.1 µs; "
                f"iptables-restore of the chain took {restore_s:.2f} s; {load}"),
+    ))
+    ipt_p50, bpf_p50 = statistics.median(ipt), statistics.median(bpf_b)
+    out.append(Result(
+        name=f"connect p50, same node, iptables FORWARD chain of {big:,} per-peer rules (whole connect, context)",
+        value=ipt_p50 * US, unit="µs",
+        baseline_name=f"BPF filter, {big:,} peer entries", baseline_value=bpf_p50 * US,
+        ratio=statistics.median(a / b for a, b in zip(ipt, bpf_b)),
+        notes=(f"no goal (previously >= 20x: 17.6-37x across runs); ratio: median of {ipt_rounds} per-round "
+               f"ratios; no filter in the same rounds {_spread(ipt_none, US, ' µs')}"),
     ))
     return out
 
