@@ -95,7 +95,7 @@ from l7gate.testing.testbed import Testbed
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import MutualAuthServer, handshake
 from l7gate.mtls.store import SVIDStore
-from l7gate.mtls.svid import verify_peer
+from l7gate.mtls.svid import clear_verified, verify_peer
 
 CLIENT, SERVER = 100, 200
 TICK = os.sysconf("SC_CLK_TCK")
@@ -200,8 +200,16 @@ def handshakes(ctx: Context) -> list[Result]:
 
     svid = store.svid(CLIENT)
     cert, bundle, td = svid.certificate, list(store.bundle()), store.trust_domain
-    verify_s = ctx.median(lambda: [verify_peer(cert, bundle, td, CLIENT, now=time.time())
-                                   for _ in range(200)], runs=5) / 200
+
+    def verify_full() -> None:
+        for _ in range(200):
+            clear_verified()
+            verify_peer(cert, bundle, td, CLIENT, now=time.time())
+
+    verify_s = ctx.median(verify_full, runs=5) / 200
+    verify_peer(cert, bundle, td, CLIENT, now=time.time())
+    verify_again_s = ctx.median(lambda: [verify_peer(cert, bundle, td, CLIENT, now=time.time())
+                                         for _ in range(200)], runs=5) / 200
 
     spread = ", ".join(f"{r[1]:.0f}" for r in tls_rounds)
     return [
@@ -220,9 +228,14 @@ def handshakes(ctx: Context) -> list[Result]:
             notes=f"client and server share 2 vCPUs; {1000 / tls_wall:.2f} ms per handshake",
         ),
         Result(
-            name="verify_peer (SPIFFE checks + cryptography signature/validity path check)",
-            value=verify_s * 1e6, unit="us",
-            notes="per call, on a built-in-CA SVID; part of every handshake, on both ends",
+            name="verify_peer, a chain verified once before (the cache of verified chains)",
+            value=verify_again_s * 1e6, unit="us",
+            baseline_name="verify_peer's full check (SPIFFE checks + cryptography signature/validity path check)",
+            baseline_value=verify_s * 1e6,
+            goal="<= 50 us for a certificate already verified once", goal_met=verify_again_s <= 50e-6,
+            notes="per call, on a built-in-CA SVID as parsed certificates (DER from the TLS layer is cheaper "
+                  "to key); median of 5 x 200; the full check empties the cache before each call; part of "
+                  "every handshake, on both ends (previously 111.6-150 us on every call)",
         ),
     ]
 

@@ -225,3 +225,45 @@ def test_intermediate_below_a_root_that_forbids_one(ca: BuiltinCA) -> None:
     leaf = inter.issue(300).certificate
     with pytest.raises(SVIDError, match="allows 0 intermediates"):
         verify_peer([leaf, inter.certificate], [root], TD, 300, now=time.time())
+
+
+# -- the cache of verified chains ------------------------------------------------------------
+
+
+def test_a_chain_verified_once_is_not_checked_again_while_its_path_is_valid(
+        ca: BuiltinCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    from l7gate.mtls import svid as svid_module
+
+    svid_module.clear_verified()
+    cert = ca.issue(300, ttl=600).certificate
+    verify_peer(cert, ca.bundle(), TD, 300, now=time.time())
+
+    def no_path(*_: object) -> None:
+        raise AssertionError("the path was verified again")
+
+    monkeypatch.setattr(svid_module, "_verify_path", no_path)
+    assert verify_peer(cert, ca.bundle(), TD, 300, now=time.time()).identity == 300
+    # the identity is still checked on a hit
+    with pytest.raises(SVIDError, match=r"expected 301 got 300") as info:
+        verify_peer(cert, ca.bundle(), TD, 301, now=time.time())
+    assert info.value.reason is Reason.UNEXPECTED_IDENTITY
+
+
+def test_a_cached_chain_is_checked_anew_outside_its_validity_and_under_another_bundle_or_domain(
+        ca: BuiltinCA) -> None:
+    svid = forge_svid(ca, 300, not_before=time.time() - 10, not_after=time.time() + 60)
+    assert verify_peer(svid.certificate, ca.bundle(), TD, 300, now=time.time()).identity == 300
+    assert reason_of(svid.certificate, ca.bundle(), 300, now=time.time() + 120) is Reason.EXPIRED
+    assert reason_of(svid.certificate, ca.bundle(), 300, now=time.time() - 20) is Reason.NOT_YET_VALID
+    other = BuiltinCA.ephemeral(TD)  # a CA rotation: the old chain is not trusted by the new bundle
+    assert reason_of(svid.certificate, other.bundle(), 300) is Reason.UNTRUSTED
+    assert reason_of(svid.certificate, ca.bundle(), 300, trust_domain="other.td") is Reason.WRONG_TRUST_DOMAIN
+
+
+def test_a_cached_chain_under_a_root_that_expires_first_is_untrusted_then() -> None:
+    clock = ManualClock()
+    ca = BuiltinCA.ephemeral(TD, clock=clock, ca_ttl=600, backdate=0)
+    now = clock()
+    leaf = forge_svid(ca, 300, not_before=now - 10, not_after=now + 3600)  # outlives its root
+    assert verify_peer(leaf.certificate, ca.bundle(), TD, 300, now=now).identity == 300
+    assert reason_of(leaf.certificate, ca.bundle(), 300, now=now + 1200) is Reason.UNTRUSTED

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 
@@ -108,6 +111,17 @@ def verify_peer(
     period; the identity.
     """
     now = time.time() if now is None else now
+    key = _cache_key(chain, bundle, trust_domain)
+    with _verified_lock:
+        hit = _verified.get(key)
+        if hit is not None:
+            _verified.move_to_end(key)
+    if hit is not None and hit.valid_from <= now <= hit.valid_until:
+        # The same chain, bundle and trust domain passed every check before, and every time
+        # check passes at `now` too: the result is the one a full check would give.
+        if expected_identity is not None and hit.peer.identity != expected_identity:
+            raise SVIDError(Reason.UNEXPECTED_IDENTITY, f"expected {expected_identity} got {hit.peer.identity}")
+        return hit.peer
     certs = _parse_chain(chain)
     leaf = certs[0]
 
@@ -133,7 +147,7 @@ def verify_peer(
     if peer_domain != trust_domain:
         raise SVIDError(Reason.WRONG_TRUST_DOMAIN, f"{peer_domain}, expected {trust_domain}")
 
-    _verify_path(leaf, certs[1:], bundle, now)
+    path = _verify_path(leaf, certs[1:], bundle, now)
 
     not_before = leaf.not_valid_before_utc.timestamp()
     not_after = leaf.not_valid_after_utc.timestamp()
@@ -142,9 +156,52 @@ def verify_peer(
     if now > not_after:
         raise SVIDError(Reason.EXPIRED, f"expired at {_iso(leaf.not_valid_after_utc)}")
 
+    peer = Peer(identity=identity, spiffe_id=uris[0], not_after=not_after)
+    valid_from = max([not_before, *(c.not_valid_before_utc.timestamp() for c in path)])
+    valid_until = min([not_after, *(c.not_valid_after_utc.timestamp() for c in path)])
+    with _verified_lock:
+        _verified[key] = _Verified(peer, valid_from, valid_until)
+        while len(_verified) > VERIFIED_CACHE_SIZE:
+            _verified.popitem(last=False)
     if expected_identity is not None and identity != expected_identity:
         raise SVIDError(Reason.UNEXPECTED_IDENTITY, f"expected {expected_identity} got {identity}")
-    return Peer(identity=identity, spiffe_id=uris[0], not_after=not_after)
+    return peer
+
+
+# Chains that passed every check, by (trust domain, chain, bundle) as DER: a peer seen again
+# (every handshake of a node pair, each pair of identities on it) costs a lookup, not a path
+# verification (~110 µs). An entry is used only while `now` is inside the validity period of
+# every certificate on its verified path, the leaf's included; outside it the full check runs
+# (and names the reason). A new bundle (a CA rotation) is another key. Failures are not kept.
+VERIFIED_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    peer: Peer
+    valid_from: float
+    valid_until: float
+
+
+_verified: OrderedDict[tuple[bytes, ...], _Verified] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def _der(cert: CertInput) -> bytes:
+    return cert if isinstance(cert, bytes) else cert.public_bytes(Encoding.DER)
+
+
+def _cache_key(chain: CertInput | Sequence[CertInput], bundle: Sequence[x509.Certificate],
+               trust_domain: str) -> tuple[bytes, ...]:
+    items: Sequence[CertInput] = [chain] if isinstance(chain, (bytes, x509.Certificate)) else chain
+    # the chain's length first: no chain and bundle split the same bytes two ways
+    return (trust_domain.encode(), len(items).to_bytes(2, "big"), *map(_der, items), *map(_der, bundle))
+
+
+def clear_verified() -> None:
+    """Forget every verified chain (tests; an operator's `auth` reset)."""
+    with _verified_lock:
+        _verified.clear()
 
 
 def _iso(t: dt.datetime) -> str:
@@ -174,21 +231,24 @@ def _verify_path(
     intermediates: Sequence[x509.Certificate],
     bundle: Sequence[x509.Certificate],
     now: float,
-) -> None:
+) -> list[x509.Certificate]:
     """Walk issuer links from `leaf` to a bundle certificate, checking each signature, each
-    issuer's validity period and its path length constraint."""
+    issuer's validity period and its path length constraint; the issuers walked, the anchor
+    last."""
     current = leaf
     pool = list(intermediates)
+    path: list[x509.Certificate] = []
     below = 0  # intermediates between the issuer being looked for and the leaf
     for _ in range(MAX_PATH + 1):
         for anchor in bundle:
             if _issued_by(current, anchor):
                 _check_issuer(anchor, now, below, "trust anchor")
-                return
+                return [*path, anchor]
         for candidate in pool:
             if _issued_by(current, candidate) and _is_signing_ca(candidate):
                 _check_issuer(candidate, now, below, "intermediate")
                 pool.remove(candidate)
+                path.append(candidate)
                 current = candidate
                 below += 1
                 break
