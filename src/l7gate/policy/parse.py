@@ -11,6 +11,14 @@ Scoping is applied here, once, so that downstream code only ever sees ready-to-m
 a CiliumNetworkPolicy's endpoint selector and peer selectors are confined to its namespace
 (unless a peer selector names the namespace label or a reserved label); a clusterwide policy's
 empty peer selector selects every pod (any namespace) but no reserved identity.
+
+The document is read as the API server stores it, then checked as Cilium's rule sanitizer
+checks it, so that a policy l7gate accepts is one a Cilium cluster accepts too (docs/deviations.md
+lists the exceptions). An optional field set to null is dropped, as the API server drops it,
+with a warning saying what the rule then means. A rule Cilium refuses is an error whose message
+says so and why; where only Cilium's CRD schema refuses a value (the API server, at apply time),
+it is a warning. A peer field given as `[]` selects no peer, as in Cilium: unlike a missing field,
+it does not widen a rule with `toPorts` to every peer.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any, TypeVar
 
 from .errors import Finding, PolicyValidationError
 from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reserved
+from .labelsyntax import label_key_problem, label_value_problem
 from .names import name_error
 from .regex import RegexError, compile_regex
 from .selector import (
@@ -95,7 +104,16 @@ _UNSUPPORTED_L7_FIELDS = {
     "l7": "generic L7 parsers",
 }
 _ENTITIES = {e.value: e for e in Entity}
+# Entities Cilium's sanitizer knows that l7gate does not implement.
+_UNSUPPORTED_ENTITIES = {"none": "it selects no peer"}
+# Entities Cilium's agent knows but its CRD's enum leaves out: the API server refuses them.
+_ENTITIES_NOT_IN_CRD = {"world-ipv4", "world-ipv6"}
 _PROTOCOLS = {p.value: p for p in Protocol}
+# Protocols without ports that Cilium accepts (behind --enable-extended-ip-protocols).
+_UNSUPPORTED_PROTOCOLS = {"VRRP", "IGMP", "GRE", "IPIP", "IPV6", "ESP", "AH"}
+_DIRECTIONS = ("ingress", "ingressDeny", "egress", "egressDeny")
+# Cilium's limit on the ports of one toPorts entry (its sanitizer and its CRD's maxItems).
+MAX_PORTS = 40
 _AUTH_MODES = {m.value: m for m in AuthMode}
 _TOKEN_CHARS = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -132,11 +150,28 @@ class _Walker:
         path: str,
         allowed: set[str],
         unsupported: Mapping[str, str] | None = None,
+        nullable: Mapping[str, str] | None = None,
     ) -> Mapping[str, Any] | None:
+        """`value` checked against its field names. A `nullable` (or unsupported) field set to
+        null is left out of the result, as the API server leaves it out of the stored object,
+        with a warning that ends with what that field's absence means (`nullable[key]`)."""
         if not isinstance(value, Mapping):
             self.error(path, f"must be a mapping, got {_type_name(value)}", "type")
             return None
-        for key in value:
+        kept: dict[Any, Any] = {}
+        for key, item in value.items():
+            if item is None and isinstance(key, str) and (
+                (nullable is not None and key in nullable) or (unsupported and key in unsupported)
+            ):
+                meaning = nullable.get(key, "") if nullable is not None else ""
+                self.warn(
+                    _join(path, key),
+                    f"null is the same as leaving `{key}` out (the API server drops it)"
+                    + (f": {meaning}" if meaning else ""),
+                    "null-field",
+                )
+                continue
+            kept[key] = item
             if not isinstance(key, str):
                 self.error(path, f"field names must be strings, got {key!r}", "type")
             elif unsupported and key in unsupported:
@@ -151,7 +186,7 @@ class _Walker:
                     f"unknown field (expected one of: {', '.join(sorted(allowed))})",
                     "unknown-field",
                 )
-        return value
+        return kept
 
     def list_of(self, value: object, path: str) -> list[Any] | None:
         if not isinstance(value, list):
@@ -234,11 +269,12 @@ def parse_policy(
     if kind in POLICY_KINDS:
         resource = f"{kind}/{namespace + '/' if namespace and kind == KIND_CNP else ''}{name}"
 
-    w.mapping(
+    top = w.mapping(
         doc,
         "",
         {"apiVersion", "kind", "metadata", "spec", "specs", "status"},
-    )
+        nullable={"spec": "", "specs": "", "status": ""},
+    ) or {}
     api = doc.get("apiVersion")
     if api != API_VERSION:
         w.error("apiVersion", f"must be {API_VERSION!r}, got {api!r}", "api-version")
@@ -291,15 +327,15 @@ def parse_policy(
     resource = f"{kind}/{namespace + '/' if namespace else ''}{name}"
 
     specs: list[tuple[object, str]] = []
-    if "spec" in doc:
-        specs.append((doc["spec"], "spec"))
-    if "specs" in doc:
-        items = w.list_of(doc["specs"], "specs")
+    if "spec" in top:
+        specs.append((top["spec"], "spec"))
+    if "specs" in top:
+        items = w.list_of(top["specs"], "specs")
         if items is not None:
             if not items:
                 w.error("specs", "must not be empty", "empty")
             specs.extend((s, f"specs[{i}]") for i, s in enumerate(items))
-    if "spec" not in doc and "specs" not in doc:
+    if "spec" not in top and "specs" not in top:
         w.error("spec", "a policy needs `spec` or `specs`", "required")
 
     parser = _SpecParser(w, kind, namespace, name, cluster_name)
@@ -317,6 +353,8 @@ class _SpecParser:
         self.name = name
         self.cluster = cluster
         self.namespaced = kind == KIND_CNP
+        # Set per spec: a host policy (nodeSelector) may not carry HTTP rules.
+        self.host_policy = False
 
     def origin(self, path: str) -> Origin:
         return Origin(self.kind, self.namespace, self.name, path)
@@ -325,7 +363,17 @@ class _SpecParser:
 
     def spec(self, value: object, path: str) -> Rule | None:
         w = self.w
-        spec = w.mapping(value, path, _SPEC_FIELDS)
+        spec = w.mapping(
+            value,
+            path,
+            _SPEC_FIELDS,
+            nullable={
+                **{d: "" for d in _DIRECTIONS},
+                "enableDefaultDeny": "default-deny then follows the rule lists",
+                "description": "",
+                "labels": "",
+            },
+        )
         if spec is None:
             return None
         n_errors = len(w.errors)
@@ -371,7 +419,13 @@ class _SpecParser:
         explicit: dict[Direction, bool | None] = {Direction.INGRESS: None, Direction.EGRESS: None}
         if "enableDefaultDeny" in spec:
             edd = w.mapping(
-                spec["enableDefaultDeny"], _join(path, "enableDefaultDeny"), {"ingress", "egress"}
+                spec["enableDefaultDeny"],
+                _join(path, "enableDefaultDeny"),
+                {"ingress", "egress"},
+                nullable={
+                    d: "that direction's default-deny then follows whether it has rules"
+                    for d in ("ingress", "egress")
+                },
             )
             if edd is not None:
                 for d in Direction:
@@ -380,6 +434,7 @@ class _SpecParser:
                             edd[d.value], _join(path, f"enableDefaultDeny.{d.value}")
                         )
 
+        self.host_policy = has_node and not has_ep
         peer_rules: list[PeerRule] = []
         present: dict[Direction, bool] = {Direction.INGRESS: False, Direction.EGRESS: False}
         for field, direction, deny in (
@@ -401,6 +456,18 @@ class _SpecParser:
                 if parsed is not None:
                     peer_rules.append(parsed)
 
+        # Cilium 1.17+ refuses a spec without a single rule (older releases accept it, and so
+        # does l7gate: the seed's default-deny-all.yaml is such a spec). A warning, not an error,
+        # while l7gate's own fixtures still hold such specs.
+        has_rules = present[Direction.INGRESS] or present[Direction.EGRESS]
+        given = [d for d in _DIRECTIONS if d in spec]
+        refused = ""
+        if not has_rules and all(isinstance(spec[d], list) for d in given):
+            refused = (
+                "Cilium 1.17 and later refuse a spec without any ingress, ingressDeny, egress or "
+                "egressDeny rule (the policy is marked Valid=False and enforces nothing)"
+            )
+        warned = False
         for direction, field in ((Direction.INGRESS, "ingress"), (Direction.EGRESS, "egress")):
             deny_field = field + "Deny"
             empty = [
@@ -410,10 +477,20 @@ class _SpecParser:
                 w.warn(
                     _join(path, empty[0]),
                     f"`{empty[0]}: []` has no effect: an empty list does not put the endpoint "
-                    f"in default-deny. Write `{field}: [{{}}]` to deny all {field} traffic, or "
-                    f"`enableDefaultDeny: {{{field}: true}}`",
+                    f"in default-deny. Write `{field}: [{{}}]` to deny all {field} traffic"
+                    + (f", or `enableDefaultDeny: {{{field}: true}}`" if has_rules else "")
+                    + (f". {refused}" if refused and not warned else ""),
                     "empty-direction",
                 )
+                warned = True
+        if refused and not warned:
+            w.warn(
+                path,
+                refused
+                + ("" if given else "; its CRD requires one of those fields, even with enableDefaultDeny")
+                + ". Write `ingress: [{}]` (or `egress: [{}]`) to put the endpoints in default-deny",
+                "no-rules",
+            )
 
         if len(w.errors) > n_errors or subject is None:
             return None
@@ -456,7 +533,10 @@ class _SpecParser:
         if value is None:
             w.error(path, "must be a mapping, got null (write {} to select everything)", "type")
             return None
-        m = w.mapping(value, path, {"matchLabels", "matchExpressions"})
+        m = w.mapping(
+            value, path, {"matchLabels", "matchExpressions"},
+            nullable={"matchLabels": "", "matchExpressions": ""},
+        )
         if m is None:
             return None
         n_errors = len(w.errors)
@@ -464,8 +544,6 @@ class _SpecParser:
         if "matchLabels" in m:
             mp = _join(path, "matchLabels")
             ml = m["matchLabels"]
-            if ml is None:
-                ml = {}
             if not isinstance(ml, Mapping):
                 w.error(mp, f"must be a mapping, got {_type_name(ml)}", "type")
             else:
@@ -474,9 +552,10 @@ class _SpecParser:
                     if not isinstance(k, str) or not k:
                         w.error(mp, f"label keys must be non-empty strings, got {k!r}", "type")
                         continue
-                    val = w.string(v, kp)
-                    if val is not None:
-                        reqs.append(Requirement(normalize_key(k), Operator.IN, (val,)))
+                    if self.label_key(k, kp):
+                        val = self.label_value(v, kp)
+                        if val is not None:
+                            reqs.append(Requirement(normalize_key(k), Operator.IN, (val,)))
         if "matchExpressions" in m:
             ep = _join(path, "matchExpressions")
             exprs = w.list_of(m["matchExpressions"], ep)
@@ -488,12 +567,30 @@ class _SpecParser:
             return None
         return LabelSelector.build(reqs)
 
+    def label_key(self, key: str, path: str) -> bool:
+        problem = label_key_problem(key)
+        if problem is not None:
+            self.w.error(path, f"Cilium refuses the label key {key!r}: {problem}", "label-key")
+        return problem is None
+
+    def label_value(self, value: object, path: str) -> str | None:
+        s = self.w.string(value, path)
+        if s is None:
+            return None
+        problem = label_value_problem(s)
+        if problem is not None:
+            self.w.error(path, f"Cilium refuses the label value {s!r}: {problem}", "label-value")
+            return None
+        return s
+
     def requirement(self, value: object, path: str) -> Requirement | None:
         w = self.w
-        m = w.mapping(value, path, {"key", "operator", "values"})
+        m = w.mapping(value, path, {"key", "operator", "values"}, nullable={"values": ""})
         if m is None:
             return None
         key = w.required_string(m, "key", path)
+        if key is not None and not self.label_key(key, _join(path, "key")):
+            key = None
         op_raw = m.get("operator")
         op: Operator | None = None
         if "operator" not in m:
@@ -507,15 +604,16 @@ class _SpecParser:
         else:
             op = Operator(op_raw)
         values: list[str] = []
-        if "values" in m and m["values"] is not None:
-            items = w.list_of(m["values"], _join(path, "values"))
-            for i, v in enumerate(items or []):
-                s = w.string(v, f"{path}.values[{i}]")
+        items: list[Any] = []
+        if "values" in m:
+            items = w.list_of(m["values"], _join(path, "values")) or []
+            for i, v in enumerate(items):
+                s = self.label_value(v, f"{path}.values[{i}]")
                 if s is not None:
                     values.append(s)
-        if op in (Operator.IN, Operator.NOT_IN) and not values:
+        if op in (Operator.IN, Operator.NOT_IN) and not items:
             w.error(_join(path, "values"), f"operator {op.value} needs at least one value", "values")
-        if op in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
+        if op in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and items:
             w.error(_join(path, "values"), f"operator {op.value} takes no values", "values")
         if key is None or op is None:
             return None
@@ -541,12 +639,27 @@ class _SpecParser:
     def peer_rule(self, value: object, path: str, direction: Direction, deny: bool) -> PeerRule | None:
         w = self.w
         pre = "from" if direction is Direction.INGRESS else "to"
-        allowed = {
-            f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet", "toPorts",
-            "authentication",
-        }
+        peer_fields = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet")
+        allowed = {*peer_fields, "toPorts", "authentication"}
         unsupported = {k: v for k, v in _UNSUPPORTED_PEER_FIELDS.items() if k.startswith(pre) or k == "icmps"}
-        m = w.mapping(value, path, allowed, unsupported)
+        raw: Mapping[Any, Any] = value if isinstance(value, Mapping) else {}
+        act, verb = ("deny", "denies") if deny else ("allow", "allows")
+        every = f"its ports {pre} every peer"
+        has_ports = isinstance(raw.get("toPorts"), list) and bool(raw["toPorts"])
+        nullable = {
+            "toPorts": "the rule then covers every port",
+            "authentication": "no authentication is then required",
+        }
+        for field in peer_fields:
+            if any(raw.get(f) is not None for f in peer_fields if f != field):
+                nullable[field] = ""
+            elif has_ports:
+                nullable[field] = f"with no peer field left, this rule {verb} {every}"
+            else:
+                nullable[field] = "with no peer field and no ports, this rule selects no peer"
+        if not any(raw.get(f) is not None for f in peer_fields):
+            nullable["toPorts"] = "with no peer field and no ports, this rule selects no peer"
+        m = w.mapping(value, path, allowed, unsupported, nullable)
         if m is None:
             return None
         n_errors = len(w.errors)
@@ -554,21 +667,37 @@ class _SpecParser:
             w.error(_join(path, "authentication"), "authentication is not allowed in deny rules", "deny-auth")
         peers: list[PeerSelector] = []
         named_peer_field = False
-        for field in (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet"):
-            if field not in m:
+        # Cilium reads a peer field given as [] as "select no peer", unlike a missing field.
+        empty_peer_field = False
+        first_kind = ""
+        for field in m:
+            if field not in peer_fields:
                 continue
             fpath = _join(path, field)
             items = w.list_of(m[field], fpath)
             if items is None:
                 continue
             if not items:
+                empty_peer_field = True
                 w.warn(
                     fpath,
-                    "an empty list is the same as leaving the field out"
-                    + (": with toPorts, this rule applies to every peer" if "toPorts" in m else ""),
+                    f"an empty list selects no peer (Cilium reads `{field}: []` unlike a missing "
+                    f"field): this rule {verb} nothing"
+                    + (f"; leave `{field}` out to {act} {every}"
+                       if has_ports and not any(m.get(f) for f in peer_fields) else ""),
                     "empty-peer-list",
                 )
                 continue
+            if first_kind:
+                w.error(
+                    fpath,
+                    f"Cilium refuses a rule that combines `{first_kind}` and `{field}`: one rule "
+                    f"takes one kind of peer ({', '.join(peer_fields)}). Split it into a rule "
+                    "per kind",
+                    "peer-kinds",
+                )
+                continue
+            first_kind = field
             named_peer_field = True
             if field.endswith("Endpoints"):
                 for i, item in enumerate(items):
@@ -580,6 +709,22 @@ class _SpecParser:
                     ent = w.string(item, f"{fpath}[{i}]")
                     if ent is None:
                         continue
+                    if ent in _UNSUPPORTED_ENTITIES:
+                        w.error(
+                            f"{fpath}[{i}]",
+                            f"entity {ent!r} is not supported by l7gate (to Cilium "
+                            f"{_UNSUPPORTED_ENTITIES[ent]}); remove it",
+                            "unsupported",
+                        )
+                        continue
+                    if ent in _ENTITIES_NOT_IN_CRD:
+                        w.warn(
+                            f"{fpath}[{i}]",
+                            f"entity {ent!r} is missing from the entity list in Cilium's CRD: "
+                            "with Cilium's CRDs installed, the API server refuses this policy. "
+                            "Use `world`, or a CIDR rule",
+                            "crd-entity",
+                        )
                     if ent not in _ENTITIES:
                         w.error(
                             f"{fpath}[{i}]",
@@ -629,8 +774,10 @@ class _SpecParser:
 
         if len(w.errors) > n_errors:
             return None
-        if named_peer_field:
-            peer_tuple: tuple[PeerSelector, ...] | None = tuple(sorted(peers, key=lambda s: s.key))
+        if empty_peer_field:
+            peer_tuple: tuple[PeerSelector, ...] | None = ()
+        elif named_peer_field:
+            peer_tuple = tuple(sorted(peers, key=lambda s: s.key))
         elif "toPorts" in m and m.get("toPorts"):
             peer_tuple = None  # L4-only rule: every peer
         else:
@@ -651,7 +798,11 @@ class _SpecParser:
 
     def cidr_set(self, value: object, path: str) -> CIDRSelector | None:
         w = self.w
-        m = w.mapping(value, path, {"cidr", "except"}, {"cidrGroupRef": "CIDR group references", "cidrGroupSelector": "CIDR group selectors"})
+        m = w.mapping(
+            value, path, {"cidr", "except"},
+            {"cidrGroupRef": "CIDR group references", "cidrGroupSelector": "CIDR group selectors"},
+            nullable={"except": "no address is left out of the CIDR"},
+        )
         if m is None:
             return None
         if "cidr" not in m:
@@ -677,16 +828,35 @@ class _SpecParser:
 
     def port_rule(self, value: object, path: str, deny: bool) -> PortRule | None:
         w = self.w
-        m = w.mapping(value, path, {"ports", "rules"}, _UNSUPPORTED_PORT_RULE_FIELDS)
+        m = w.mapping(
+            value, path, {"ports", "rules"}, _UNSUPPORTED_PORT_RULE_FIELDS,
+            nullable={
+                "ports": "the entry then covers every port",
+                "rules": "" if deny else "the ports are then allowed without HTTP filtering",
+            },
+        )
         if m is None:
             return None
         n_errors = len(w.errors)
         ports: list[PortProtocol] = []
+        # (index in `ports:`, its parsed value, whether `protocol` was written)
+        parsed: list[tuple[int, PortProtocol, bool]] = []
         if "ports" in m:
             pp = _join(path, "ports")
             items = w.list_of(m["ports"], pp)
-            if items is not None:
-                ports = w.each(items, pp, self.port_protocol)
+            if items is not None and len(items) > MAX_PORTS:
+                w.error(
+                    pp,
+                    f"Cilium refuses more than {MAX_PORTS} ports in one toPorts entry (this one "
+                    f"has {len(items)}): spread them over several entries",
+                    "too-many-ports",
+                )
+            for i, item in enumerate(items or []):
+                parsed_port = self.port_protocol(item, f"{pp}[{i}]")
+                if parsed_port is not None:
+                    written = isinstance(item, Mapping) and item.get("protocol") is not None
+                    parsed.append((i, parsed_port, written))
+            ports = [p for _, p, _ in parsed]
         l7: L7Rules | None = None
         if "rules" in m:
             rp = _join(path, "rules")
@@ -694,6 +864,13 @@ class _SpecParser:
                 w.error(rp, "L7 rules are not allowed in deny rules (ingressDeny/egressDeny)", "deny-l7")
             else:
                 l7 = self.l7_rules(m["rules"], rp)
+                if l7 is not None and self.host_policy:
+                    w.error(
+                        rp,
+                        "Cilium refuses HTTP rules in a host policy (a spec with nodeSelector): "
+                        "it has no L7 proxy for the node's own traffic",
+                        "host-l7",
+                    )
         if len(w.errors) > n_errors:
             return None
         if not ports:
@@ -703,22 +880,42 @@ class _SpecParser:
             ports = [ANY_PORT]
         if l7 is not None:
             fixed: list[PortProtocol] = []
-            for i, pp_ in enumerate(ports):
+            for i, pp_, written in parsed:
+                here = f"{path}.ports[{i}]"
                 if pp_.protocol in (Protocol.UDP, Protocol.SCTP):
                     w.error(
-                        f"{path}.ports[{i}].protocol",
-                        f"HTTP rules apply to TCP only, not {pp_.protocol.value}",
+                        f"{here}.protocol",
+                        "HTTP rules apply to TCP only: Cilium refuses them unless the port says "
+                        f"`protocol: TCP` (this one is {pp_.protocol.value})",
                         "l7-protocol",
+                    )
+                elif pp_.ports == ALL_PORTS:
+                    w.error(
+                        here,
+                        "HTTP rules need a single port: Cilium refuses them on port 0 (all ports)",
+                        "l7-port-range",
                     )
                 elif pp_.ports.lo != pp_.ports.hi:
                     w.error(
-                        f"{path}.ports[{i}]",
-                        "HTTP rules need a single port, not a range or all ports",
+                        here,
+                        "HTTP rules need a single port: l7gate does not support them on a port "
+                        "range (one proxy listener per port)",
                         "l7-port-range",
                     )
                 else:
-                    # ANY with HTTP rules: the rules can only apply to TCP, and UDP/SCTP on
-                    # the same port are not let through unfiltered (fail closed).
+                    if pp_.protocol is Protocol.ANY:
+                        # A warning, not an error, while l7gate's own fixtures still hold HTTP
+                        # rules on ANY.
+                        w.warn(
+                            f"{here}.protocol" if written else here,
+                            "Cilium refuses HTTP rules unless the port says `protocol: TCP` "
+                            "(this one is ANY"
+                            + ("" if written else ", the default when protocol is left out")
+                            + "): Cilium would reject the whole policy. l7gate applies the HTTP "
+                            "rules to TCP here and lets no UDP or SCTP through this port. Write "
+                            "`protocol: TCP`",
+                            "l7-protocol-any",
+                        )
                     fixed.append(PortProtocol(pp_.ports, Protocol.TCP))
             if len(w.errors) > n_errors:
                 return None
@@ -727,7 +924,13 @@ class _SpecParser:
 
     def port_protocol(self, value: object, path: str) -> PortProtocol | None:
         w = self.w
-        m = w.mapping(value, path, {"port", "endPort", "protocol"})
+        m = w.mapping(
+            value, path, {"port", "endPort", "protocol"},
+            nullable={
+                "endPort": "the entry is then a single port",
+                "protocol": "the port then matches TCP, UDP and SCTP (ANY)",
+            },
+        )
         if m is None:
             return None
         n_errors = len(w.errors)
@@ -743,6 +946,19 @@ class _SpecParser:
                 w.error(pp, f"named port {raw!r} is not supported: use the port number", "named-port")
             else:
                 w.error(pp, f"must be a port number 0-65535, got {raw[:20]!r}", "port-range")
+        elif isinstance(raw, str) and raw.startswith("0") and 1 < len(raw) <= 6:
+            # Cilium parses the port like a Go literal: a leading 0 makes it octal.
+            octal = (
+                f"Cilium reads {raw!r} as port {int(raw, 8)}"
+                if set(raw) <= set("01234567")
+                else f"{raw!r} is not an octal number, so Cilium refuses it"
+            )
+            w.error(
+                pp,
+                f"a port with a leading 0 is octal to Cilium ({octal}): write it without the "
+                "leading zeros",
+                "port-octal",
+            )
         elif isinstance(raw, str) and len(raw) > 5:
             w.error(pp, f"port {raw[:20]}… is out of range 0-65535", "port-range")
         else:
@@ -750,6 +966,13 @@ class _SpecParser:
             if not 0 <= port <= 65535:
                 w.error(pp, f"port {port} is out of range 0-65535", "port-range")
                 port = None
+            elif isinstance(raw, int):
+                w.warn(
+                    pp,
+                    f"Cilium's CRD declares port as a string: with Cilium's CRDs installed, the "
+                    f"API server refuses the number {raw}. Quote it: port: \"{raw}\"",
+                    "crd-port-type",
+                )
         end: int | None = None
         if "endPort" in m:
             ep = _join(path, "endPort")
@@ -767,7 +990,14 @@ class _SpecParser:
         proto = Protocol.ANY
         if "protocol" in m:
             praw = m["protocol"]
-            if not isinstance(praw, str) or praw not in _PROTOCOLS:
+            if isinstance(praw, str) and praw in _UNSUPPORTED_PROTOCOLS:
+                w.error(
+                    _join(path, "protocol"),
+                    f"protocol {praw} is not supported by l7gate (TCP, UDP, SCTP or ANY); "
+                    "remove this port",
+                    "unsupported",
+                )
+            elif not isinstance(praw, str) or praw not in _PROTOCOLS:
                 w.error(
                     _join(path, "protocol"),
                     f"must be one of {', '.join(_PROTOCOLS)}, got {praw!r}",
@@ -783,8 +1013,18 @@ class _SpecParser:
 
     def l7_rules(self, value: object, path: str) -> L7Rules | None:
         w = self.w
-        m = w.mapping(value, path, {"http"}, _UNSUPPORTED_L7_FIELDS)
-        if m is None or "http" not in m:
+        m = w.mapping(value, path, {"http"}, _UNSUPPORTED_L7_FIELDS, nullable={"http": ""})
+        if m is None:
+            return None
+        if "http" not in m:
+            if not any(k in m for k in _UNSUPPORTED_L7_FIELDS):
+                w.warn(
+                    path,
+                    "`rules` without `http` means no L7 rules here, but Cilium's CRD requires "
+                    "exactly one of http or dns in it: with Cilium's CRDs installed, the API "
+                    "server refuses this policy. Leave `rules` out",
+                    "crd-empty-rules",
+                )
             return None
         hp = _join(path, "http")
         items = w.list_of(m["http"], hp)
@@ -813,7 +1053,13 @@ class _SpecParser:
         w = self.w
         if value is None:
             value = {}
-        m = w.mapping(value, path, {"method", "path", "host", "headers", "headerMatches"})
+        m = w.mapping(
+            value, path, {"method", "path", "host", "headers", "headerMatches"},
+            nullable={
+                "method": "any method matches", "path": "any path matches",
+                "host": "any host matches", "headers": "", "headerMatches": "",
+            },
+        )
         if m is None:
             return None
         n_errors = len(w.errors)
@@ -862,7 +1108,14 @@ class _SpecParser:
 
     def header_match(self, value: object, path: str) -> HeaderMatch | None:
         w = self.w
-        m = w.mapping(value, path, {"name", "value", "mismatch"}, {"secret": "header values from Kubernetes secrets"})
+        m = w.mapping(
+            value, path, {"name", "value", "mismatch"},
+            {"secret": "header values from Kubernetes secrets"},
+            nullable={
+                "value": "only the header's presence is checked",
+                "mismatch": "a request that does not match is refused",
+            },
+        )
         if m is None:
             return None
         raw_name = w.required_string(m, "name", path)
