@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import time
@@ -57,7 +56,7 @@ from typing import Any
 
 from run import Context, Result
 
-from bench_policy import L7GATE, bulk_policy
+from bench_policy import L7GATE, bulk_policy, stop_agent_process
 from l7gate.client import AdminClient
 from l7gate.k8s.reconcile import MARKER, RESOURCES, project
 from l7gate.testing.apiserver_double import ApiServerDouble
@@ -281,13 +280,7 @@ class Agent:
         return None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_agent_process(self.proc)
         self.proc = None
 
 

@@ -317,14 +317,20 @@ class AgentProcess:
         raise RuntimeError("Envoy not synced: " + json.dumps(nodes)[:2000])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_agent_process(self.proc)
         self.proc = None
+
+
+def stop_agent_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """End an agent process this bench started, by its PID: SIGTERM (it stops its Envoy), then
+    SIGKILL after 60 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Reads(threading.Thread):
