@@ -8,6 +8,7 @@ longest-prefix lookup in the ipcache and `rbac.port_decisions`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from collections.abc import Mapping
@@ -400,8 +401,22 @@ def test_a_port_proxied_again_takes_new_ecds_names_and_drops_the_old() -> None:
     assert again == set(source_slots.slot_names(BILLING_IP, PORT, 1)) and not again & first
     lst = w.sink.cache.get_snapshot(NODE).messages(LISTENER)  # type: ignore[union-attr]
     assert source_slots.classifier_name(BILLING_IP, PORT, 1).encode() in lst[resources.listener_name(BILLING_IP, PORT)].SerializeToString()
-    # removed and proxied again within one flush: the listener changes, the old names go
+    # removed and proxied again before a flush (a pod re-applied), or with another identity (a
+    # pod relabelled): Envoy's listener does not change, and neither do its names (new names
+    # would make Envoy build it anew, and new slots answer 500 until they arrive)
+    listener = lst[resources.listener_name(BILLING_IP, PORT)].SerializeToString()
+    w.sink.clear()
     w.pub.set_ports([])
     w.pub.set_ports([port])
+    w.pub.flush()
+    w.pub.set_ports([dataclasses.replace(port, identity=BILLING + 1)])
+    w.pub.flush()
+    assert set(w.ecds()) == again
+    assert not [removed for tu, _, removed, _ in w.sink.calls if removed]
+    snap = w.sink.cache.get_snapshot(NODE)
+    assert snap is not None
+    assert snap.messages(LISTENER)[resources.listener_name(BILLING_IP, PORT)].SerializeToString() == listener
+    # a listener that changes (here: no longer transparent) is a new incarnation
+    w.pub.set_ports([dataclasses.replace(port, transparent=not port.transparent)])
     w.pub.flush()
     assert set(w.ecds()) == set(source_slots.slot_names(BILLING_IP, PORT, 2))

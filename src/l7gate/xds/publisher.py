@@ -49,6 +49,12 @@ from .cache import SnapshotDelta
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _same_listener(a: resources.ProxiedPort, b: resources.ProxiedPort) -> bool:
+    """Whether two ports have the same Envoy listener (`resources.listener`): the identity and
+    the upstream are not in it."""
+    return (a.ip, a.port, a.transparent) == (b.ip, b.port, b.transparent)
+
+
 def _net_order(n: IPNetwork) -> tuple[int, int, int]:
     return (n.version, int(n.network_address), n.prefixlen)
 
@@ -119,6 +125,7 @@ class Publisher:
     # Incarnations of each port's listener so far, and the ECDS names of replaced ones.
     _gens: dict[tuple[str, int], int] = field(default_factory=dict)
     _gone_ecds: set[str] = field(default_factory=set)
+    _removed_states: dict[tuple[str, int], _PortState] = field(default_factory=dict)  # until the flush
     _initialized: bool = False
 
     # -- inputs -------------------------------------------------------------------------------
@@ -138,15 +145,29 @@ class Publisher:
             if key not in wanted:
                 old = self._ports.pop(key)
                 self._removed.add(key)
+                self._removed_states[key] = old
                 self._gone_ecds.update(source_slots.slot_names(*key, old.gen))
         for key, p in wanted.items():
             st = self._ports.get(key)
-            if st is None or st.port != p:
+            if st is not None and st.port == p:
+                continue
+            # The listener's incarnation (`source_slots.classifier_name`): a new one only when
+            # Envoy builds the listener anew, i.e. when it was removed from Envoy or changes.
+            # A port removed and proxied again before a flush, or whose identity alone changed
+            # (a pod relabelled, re-applied), keeps its listener as it is and its names: new
+            # names would make Envoy build it anew, and a request can meet a new slot before it
+            # arrived (a CI run saw a 500, Envoy's answer for a composite action whose dynamic
+            # config is missing).
+            prev = st if st is not None else self._removed_states.pop(key, None)
+            if prev is not None and _same_listener(prev.port, p):
+                gen = prev.gen
+                self._gone_ecds.difference_update(source_slots.slot_names(*key, gen))
+            else:
                 if st is not None:
                     self._gone_ecds.update(source_slots.slot_names(*key, st.gen))
                 gen = self._gens[key] = self._gens.get(key, -1) + 1
-                self._ports[key] = _PortState(p, gen)
-                self._removed.discard(key)
+            self._ports[key] = _PortState(p, gen)
+            self._removed.discard(key)
 
     def on_policy_delta(self, delta: PolicyDelta) -> None:
         for ep in delta.removed_endpoints:
@@ -355,6 +376,7 @@ class Publisher:
             gone_c = [resources.cluster_name(ip, port) for ip, port in removed]
             gone_e = sorted(self._gone_ecds - ecds.keys())
             self._gone_ecds.clear()
+            self._removed_states.clear()
             delta = SnapshotDelta()
             delta.put(CLUSTER, clusters)
             delta.put(EXTENSION_CONFIG, ecds)
