@@ -630,3 +630,18 @@ def test_an_unreachable_endpoint_is_skipped_for_the_next(c2: Cluster) -> None:
     with ClusterMesh("c1", 1, [RemoteConfig("c2", (dead, c2.server.endpoint))], view, tuning=FAST) as mesh:
         assert mesh.wait_ready(20)
         assert status(mesh).endpoint == c2.server.endpoint and view.ips() == {"10.2.0.1": 2 << 16}
+
+
+def test_an_allocation_that_finds_the_lease_gone_grants_a_new_one_at_once(c2: Cluster) -> None:
+    """A pod applied just after the cluster's etcd came back, before the keepalive noticed that
+    the node's lease expired meanwhile: the allocation grants a new lease and succeeds, and the
+    node's keys are written again on it (the keepalive runs every ttl/3 = 10 s here: too late)."""
+    held = c2.pod("10.2.0.10", "first")
+    old = c2.lease.id
+    c2.store.revoke(old)  # as an expiry during an outage: the lease and its keys are gone
+    ident = c2.alloc.allocate(identity_labels({"app": "second"}, namespace="default", cluster="c2"))
+    assert c2.lease.id != old and c2.lease.regrants == 1
+    # both identities' value keys are back, on the new lease
+    for i in (held, ident):
+        values = c2.store.list_prefix(wire.IDENTITY_VALUE_PREFIX)
+        assert any(v == wire.encode_identity_number(i.id) and k.endswith("/n1") for k, v in values), values

@@ -82,7 +82,7 @@ from l7gate.identity.numeric import (
     is_reserved,
     reserved_for_labels,
 )
-from l7gate.kvstore.api import KVStore
+from l7gate.kvstore.api import KVStore, KVStoreError
 from l7gate.policy.labels import CLUSTER_KEY, Labels
 
 log = logging.getLogger(__name__)
@@ -159,14 +159,24 @@ class MeshIdentityAllocator:
             text = encode_label_string(labels)
         except WireError as e:
             raise IdentityError(f"labels {labels} cannot be stored: {e}") from None
-        with self._mutex:
-            number = self._by_text.get(text)
-            if number is None:
-                number = self._acquire(text)
-                self._by_text[text] = number
-                self._text[number] = text
-            self._held[number] = self._held.get(number, 0) + 1
-        return Identity(number, labels)
+        for attempt in (1, 2):
+            stale = self._lease.current if self._lease is not None else None
+            try:
+                with self._mutex:
+                    number = self._by_text.get(text)
+                    if number is None:
+                        number = self._acquire(text)
+                        self._by_text[text] = number
+                        self._text[number] = text
+                    self._held[number] = self._held.get(number, 0) + 1
+                return Identity(number, labels)
+            except KVStoreError as e:
+                # The node's lease is gone (etcd was down longer than its TTL, or replaced) and
+                # the keepalive has not noticed yet: grant a new one now and try once more.
+                if attempt == 2 or self._lease is None or stale is None or "lease not found" not in str(e):
+                    raise
+                self._lease.replace(stale)
+        raise AssertionError("unreachable")
 
     def release(self, identity: Identity | int) -> bool:
         """Drop one reference; True when it was this node's last (its value key is deleted: the

@@ -8,7 +8,9 @@ later, as in Cilium. `MeshLease` grants the lease on first use and renews it eve
 seconds from a daemon thread. A failed renewal is retried every second; if the lease has expired
 meanwhile (etcd unreachable for longer than the TTL, or etcd replaced), its keys are gone, so
 the next renewal grants a new lease and calls every subscriber with the new id: they write their
-keys again (the publisher re-publishes, the allocator re-writes its value keys).
+keys again (the publisher re-publishes, the allocator re-writes its value keys). A writer that
+finds the lease gone first (a pod applied just after etcd came back, before the keepalive
+noticed) calls `replace`, which does the same at once.
 
 Thread safety: every method may be called from any thread. Subscribers are called from the
 keepalive thread, one at a time, and must not call `close`.
@@ -42,6 +44,9 @@ class MeshLease:
         self._subscribers: list[Callable[[int], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One regrant at a time, by the keepalive or a writer (`replace`); reentrant, since a
+        # subscriber's own write may find the old lease gone too.
+        self._regrant_lock = threading.RLock()
         self.regrants = 0
 
     @property
@@ -87,15 +92,32 @@ class MeshLease:
                     continue
                 wait = self._regrant(lease, e)
 
+    def replace(self, stale: int) -> None:
+        """A write on lease `stale` found it gone (expired or revoked): grant a new one now,
+        unless the keepalive or another writer already did, and call the subscribers (from this
+        thread) as a keepalive's regrant does. KVStoreError if etcd cannot grant one."""
+        with self._regrant_lock:
+            if self._stop.is_set() or self._id != stale:
+                return
+            self._install(stale, self._store.grant_lease(self.ttl))
+
     def _regrant(self, old: int, why: KVStoreError) -> float:
-        try:
-            new = self._store.grant_lease(self.ttl)
-        except KVStoreError as e:
-            log.warning("lease %s expired (%s); granting a new one failed (retrying): %s", self.name, why, e)
-            return _RETRY
+        with self._regrant_lock:
+            if self._id != old:
+                return max(self.ttl / 3, 0.5)  # a writer replaced it already
+            try:
+                new = self._store.grant_lease(self.ttl)
+            except KVStoreError as e:
+                log.warning("lease %s expired (%s); granting a new one failed (retrying): %s", self.name, why, e)
+                return _RETRY
+            if not self._install(old, new):
+                return 0
+        return max(self.ttl / 3, 0.5)
+
+    def _install(self, old: int, new: int) -> bool:
         with self._lock:
             if self._stop.is_set():
-                return 0
+                return False
             self._id = new
             self.regrants += 1
             subscribers = list(self._subscribers)
@@ -106,7 +128,7 @@ class MeshLease:
                 callback(new)
             except Exception:  # a subscriber's failure must not end the keepalive
                 log.exception("lease %s: a subscriber failed on the new lease", self.name)
-        return max(self.ttl / 3, 0.5)
+        return True
 
     def close(self, *, revoke: bool = True) -> None:
         """Stop renewing; with `revoke`, end the lease now so that its keys go at once (a clean
