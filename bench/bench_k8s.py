@@ -49,7 +49,8 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,9 +315,22 @@ def measure_cpu(agent: Agent, seconds: float) -> tuple[float, float | None, floa
     return 100 * (c1 - c0) / wall, (100 * (e1 - e0) / wall if envoy is not None else None), wall
 
 
-def baseline_run(home: Path, endpoints: list[Any], policies: list[Any], cpu_window: float | None) -> Run:
-    agent = Agent(home, None)
+@contextmanager
+def running(agent: Agent, home: Path) -> Iterator[Agent]:
+    """`agent`, whose log tail is printed if the run fails; stopped by its PID and its folder
+    removed after."""
     try:
+        yield agent
+    except BaseException:
+        print(agent.log_tail(), flush=True)
+        raise
+    finally:
+        agent.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def baseline_run(home: Path, endpoints: list[Any], policies: list[Any], cpu_window: float | None) -> Run:
+    with running(Agent(home, None), home) as agent:
         agent.start()
         admin = agent.wait_admin()
         agent.client.apply_endpoints(endpoints)
@@ -330,18 +344,11 @@ def baseline_run(home: Path, endpoints: list[Any], policies: list[Any], cpu_wind
             time.sleep(SETTLE)
             run.idle_cpu, run.envoy_cpu, run.window = measure_cpu(agent, cpu_window)
         return run
-    except BaseException:
-        print(agent.log_tail(), flush=True)
-        raise
-    finally:
-        agent.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def watch_run(home: Path, api: ApiServerDouble, kubeconfig: Path, want: Mapping[str, int],
               cpu_window: float | None) -> Run:
-    agent = Agent(home, kubeconfig)
-    try:
+    with running(Agent(home, kubeconfig), home) as agent:
         agent.start()
         admin = agent.wait_admin()
         synced, st = agent.wait_kube_synced()
@@ -361,12 +368,6 @@ def watch_run(home: Path, api: ApiServerDouble, kubeconfig: Path, want: Mapping[
             if after.get("connection") != "connected":
                 raise RuntimeError(f"the watches are not all open after the CPU window: {json.dumps(after)[:2000]}")
         return run
-    except BaseException:
-        print(agent.log_tail(), flush=True)
-        raise
-    finally:
-        agent.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 # -- the module -------------------------------------------------------------------------------

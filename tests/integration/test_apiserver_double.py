@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -355,13 +354,19 @@ def test_watch_from_the_list_sees_every_change_then_bookmarks(api: ApiServerDoub
     w.stop()
 
 
-def test_a_cut_watch_resumes_from_its_last_revision_and_misses_nothing(api: ApiServerDouble, tmp_path: Path) -> None:
+def watching_p0(api: ApiServerDouble, tmp_path: Path) -> tuple[kclient.CoreV1Api, Collector]:
+    """Pod p0 created, listed, and a watch of the default namespace's pods open from the list."""
     v1 = kclient.CoreV1Api(python_client(api, tmp_path))
     api.create(pod("p0"))
     listed = v1.list_namespaced_pod("default")
     w = Collector(v1.list_namespaced_pod, "default", resource_version=listed.metadata.resource_version,
                   timeout_seconds=30)
     eventually(lambda: api.open_watches("pods"), 5, "the watch to open")
+    return v1, w
+
+
+def test_a_cut_watch_resumes_from_its_last_revision_and_misses_nothing(api: ApiServerDouble, tmp_path: Path) -> None:
+    v1, w = watching_p0(api, tmp_path)
     api.create(pod("p1"))
     eventually(lambda: w.events, 5, "the first event")
     assert api.cut_watches() == 1
@@ -441,12 +446,7 @@ def test_selectors_turn_relabels_into_added_and_deleted(api: ApiServerDouble, tm
 
 
 def test_api_server_down_then_back_with_the_same_objects(api: ApiServerDouble, tmp_path: Path) -> None:
-    v1 = kclient.CoreV1Api(python_client(api, tmp_path))
-    api.create(pod("p0"))
-    listed = v1.list_namespaced_pod("default")
-    w = Collector(v1.list_namespaced_pod, "default", resource_version=listed.metadata.resource_version,
-                  timeout_seconds=30)
-    eventually(lambda: api.open_watches("pods"), 5, "the watch to open")
+    v1, w = watching_p0(api, tmp_path)
     back = api.outage(1.5)
     assert w.done.wait(5) and w.error is not None  # the open watch broke
     with pytest.raises(Exception) as down:

@@ -11,7 +11,6 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest

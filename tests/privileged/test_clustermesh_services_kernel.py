@@ -36,8 +36,7 @@ from tests.conftest import unavailable
 
 from .test_clustermesh_kernel import start_mesh_agents
 from .test_kernel_datapath import BILLING_LABELS, FRONTEND_LABELS, AgentProc, stop_agents
-from .test_mtls_tunnel import flows
-from .test_services_kernel import answered_by
+from .test_services_kernel import answered_by, kernel_drop
 
 pytestmark = [pytest.mark.privileged("netns, bcc, cgroup v2 socket programs, etcd in a namespace"),
               pytest.mark.integration]
@@ -151,18 +150,10 @@ def test_a_pod_the_policy_does_not_allow_is_dropped_through_the_service(world: W
     assert status == 0, (status, err)
     # Dropped in the kernel of the billing pod's node in cluster-a, which judged the backend the
     # load balancer in cluster-b chose (not the ClusterIP) and names the Service.
-    backends = {p.ip for p in world.billing}
-
-    def dropped() -> list[dict[str, Any]]:
-        got = [f for agent in world.cluster_a
-               for f in flows(agent, "--from-pod", world.other.ref, "--type", "drop")
-               if f["IP"]["destination"] in backends]
-        assert got, "no drop flow yet"
-        return got
-
-    got = eventually(dropped, 15, "a kernel drop in cluster-a from cluster-b's reporting-job to a billing pod")
-    assert got[0]["drop_reason_desc"] == "Policy denied", got[0]
-    assert got[0]["destination_service"] == {"name": "billing-service", "namespace": "payments"}, got[0]
+    drop = kernel_drop(world.cluster_a, world.other, world.billing,
+                       "a kernel drop in cluster-a from cluster-b's reporting-job to a billing pod")
+    assert drop["drop_reason_desc"] == "Policy denied", drop
+    assert drop["destination_service"] == {"name": "billing-service", "namespace": "payments"}, drop
 
 
 def test_affinity_local_prefers_local_backends_and_falls_back_to_remote_ones(world: World) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,23 +150,30 @@ def test_http_rules_apply_to_the_backend_behind_the_service(world: World) -> Non
     assert got == Counter({"status 403": 20}), got
 
 
+def kernel_drop(agents: Sequence[AgentProc], source: Pod, backends: Sequence[Pod], what: str) -> dict[str, Any]:
+    """The first kernel drop flow, at any of `agents`, from `source` to one of `backends` (waited
+    for: a flow is published after the drop)."""
+    ips = {p.ip for p in backends}
+
+    def dropped() -> list[dict[str, Any]]:
+        got = [f for agent in agents
+               for f in flows(agent, "--from-pod", source.ref, "--type", "drop")
+               if f["IP"]["destination"] in ips]
+        assert got, "no drop flow yet"
+        return got
+
+    first: dict[str, Any] = eventually(dropped, 15, what)[0]
+    return first
+
+
 def test_a_pod_the_policy_does_not_allow_is_dropped_through_the_service(world: World) -> None:
     status, err = world.other.curl(f"http://{NAME}:8080/v1/charge", "POST", data="{}", timeout=2)
     assert status == 0, (status, err)
     # The kernel judged the backend pod, not the ClusterIP: a policy drop towards a billing pod,
     # at the node of whichever backend the load balancer chose.
-    backends = {p.ip for p in world.billing}
-
-    def dropped() -> list[dict[str, Any]]:
-        got = [f for agent in world.agents
-               for f in flows(agent, "--from-pod", world.other.ref, "--type", "drop")
-               if f["IP"]["destination"] in backends]
-        assert got, "no drop flow yet"
-        return got
-
-    got = eventually(dropped, 15, "a kernel drop from reporting-job to a billing pod")
-    assert got[0]["drop_reason_desc"] == "Policy denied", got[0]
-    assert got[0]["destination_service"] == {"name": "billing-service", "namespace": "payments"}, got[0]
+    drop = kernel_drop(world.agents, world.other, world.billing, "a kernel drop from reporting-job to a billing pod")
+    assert drop["drop_reason_desc"] == "Policy denied", drop
+    assert drop["destination_service"] == {"name": "billing-service", "namespace": "payments"}, drop
 
 
 def test_the_application_sees_the_clusterip_and_udp_works(world: World) -> None:

@@ -17,7 +17,7 @@ from l7gate.k8s.reconcile import CNPS, NAMESPACES, PODS, RESOURCES, ObjectRef, P
 from l7gate.kvstore.sqlite import SQLiteKVStore
 from l7gate.xds.cache import SnapshotCache
 
-from .test_k8s_reconcile import api_cnp, api_pod
+from .test_k8s_reconcile import api_cnp, api_pod, listing, run
 
 CLUSTER = "cluster-a"
 
@@ -42,17 +42,6 @@ def core(tmp_path: Path) -> Iterator[AgentCore]:
     c, store = open_core(tmp_path)
     yield c
     store.close()
-
-
-def listing(r: Resource, objs: list[dict[str, Any]]) -> Pending:
-    p = Pending()
-    p.listing(r, [project(r, o, CLUSTER) for o in objs])
-    return p
-
-
-def run(rec: Reconciler, p: Pending) -> None:
-    left, failures = rec.run(p)
-    assert not left and not failures, failures
 
 
 def sync(rec: Reconciler, objs: dict[Resource, list[dict[str, Any]]]) -> None:

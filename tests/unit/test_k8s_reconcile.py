@@ -206,7 +206,7 @@ def listing(r: Resource, objs: list[dict[str, Any]]) -> Pending:
 
 def run(rec: Reconciler, p: Pending) -> None:
     left, failures = rec.run(p)
-    assert not left and not failures
+    assert not left and not failures, failures
 
 
 def initial(objs: dict[Resource, list[dict[str, Any]]]) -> Pending:

@@ -19,25 +19,9 @@ from l7gate.policy.labels import Labels
 from l7gate.policy.parse import MAX_PORTS, parse_policy
 from l7gate.policy.types import PortProtocol, PortRange, Protocol
 
+from .test_policy_parse import ccnp, cnp
+
 HTTP = {"http": [{"method": "GET"}]}
-
-
-def cnp(spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "cilium.io/v2",
-        "kind": "CiliumNetworkPolicy",
-        "metadata": {"name": "p", "namespace": "payments"},
-        "spec": spec,
-    }
-
-
-def ccnp(spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "cilium.io/v2",
-        "kind": "CiliumClusterwideNetworkPolicy",
-        "metadata": {"name": "c"},
-        "spec": spec,
-    }
 
 
 def ingress(*rules: dict[str, Any]) -> dict[str, Any]:

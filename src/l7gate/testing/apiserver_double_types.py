@@ -210,33 +210,29 @@ def _regex_error(msg: str, fmt: str, *examples: str) -> str:
     return msg + f"regex used for validation is '{fmt}')"
 
 
+# Per rule: the longest name, the pattern, and the API server's words and examples for it.
+_NAME_RULES: dict[str, tuple[int, str, str, tuple[str, ...]]] = {
+    "label": (63, _DNS1123_LABEL,
+              "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+              "and must start and end with an alphanumeric character", ("my-name", "123-abc")),
+    "dns1035": (63, _DNS1035_LABEL,
+                "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with "
+                "an alphabetic character, and end with an alphanumeric character", ("my-name", "abc-123")),
+    "subdomain": (253, _DNS1123_SUBDOMAIN,
+                  "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' "
+                  "or '.', and must start and end with an alphanumeric character", ("example.com",)),
+}
+
+
 def name_errors(rule: str, name: str) -> list[str]:
     """The API server's name checks: `subdomain` (most kinds, CRs), `label` (namespaces),
     `dns1035` (services)."""
+    limit, pattern, words, examples = _NAME_RULES.get(rule, _NAME_RULES["subdomain"])
     errs: list[str] = []
-    if rule == "label":
-        if len(name) > 63:
-            errs.append("must be no more than 63 characters")
-        if not re.fullmatch(_DNS1123_LABEL, name):
-            errs.append(_regex_error(
-                "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
-                "and must start and end with an alphanumeric character", _DNS1123_LABEL, "my-name", "123-abc"))
-    elif rule == "dns1035":
-        if len(name) > 63:
-            errs.append("must be no more than 63 characters")
-        if not re.fullmatch(_DNS1035_LABEL, name):
-            errs.append(_regex_error(
-                "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with "
-                "an alphabetic character, and end with an alphanumeric character", _DNS1035_LABEL,
-                "my-name", "abc-123"))
-    else:
-        if len(name) > 253:
-            errs.append("must be no more than 253 characters")
-        if not re.fullmatch(_DNS1123_SUBDOMAIN, name):
-            errs.append(_regex_error(
-                "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' "
-                "or '.', and must start and end with an alphanumeric character", _DNS1123_SUBDOMAIN,
-                "example.com"))
+    if len(name) > limit:
+        errs.append(f"must be no more than {limit} characters")
+    if not re.fullmatch(pattern, name):
+        errs.append(_regex_error(words, pattern, *examples))
     return errs
 
 
