@@ -133,16 +133,17 @@ elif cmd == "udp-connected":
     data, addr = s.recvfrom(4096)
     print(json.dumps({"from": list(addr), "reply": data.decode(), "peer": list(s.getpeername())}))
 elif cmd == "hammer":
-    # connect until the stop file exists; one line per connect: start time (CLOCK_MONOTONIC, ns,
-    # taken before connect()) and the answer
+    # connect until the stop file exists; one line per connect: its start and end times
+    # (CLOCK_MONOTONIC, ns, taken before connect() and after the answer) and the answer
     stop, threads = sys.argv[4], int(sys.argv[5])
     lock = threading.Lock()
     def loop():
         while not os.path.exists(stop):
             t0 = time.monotonic_ns()
             name, _ = one_tcp()
+            t1 = time.monotonic_ns()
             with lock:
-                print(f"{t0} {name}", flush=True)
+                print(f"{t0} {t1} {name}", flush=True)
     ts = [threading.Thread(target=loop) for _ in range(threads)]
     for t in ts:
         t.start()
@@ -188,7 +189,8 @@ class World:
 
 class Hammer:
     """Connects to the ClusterIP in a loop from the client pod, inside the cgroup, until
-    stopped; every connect is logged with the CLOCK_MONOTONIC time at which it started."""
+    stopped; every connect is logged with the CLOCK_MONOTONIC times at which it started and
+    ended (its backend was chosen in between)."""
 
     def __init__(self, w: World, threads: int = 2) -> None:
         self.stop_file = w.tb.workdir / f"stop-{secrets.token_hex(3)}"
@@ -196,13 +198,18 @@ class Hammer:
                                     str(self.stop_file), str(threads)], cgroup=w.cgroup)
         self.log = w.tb.log_path(self.proc)
 
-    def lines(self) -> list[tuple[int, str]]:
+    def spans(self) -> list[tuple[int, int, str]]:
+        """(start, end, answer) of every connect so far."""
         out = []
         for line in self.log.read_text().splitlines():
-            t, _, name = line.partition(" ")
-            if t.isdigit() and name:
-                out.append((int(t), name))
+            t0, t1, name = (line.split(" ", 2) + ["", ""])[:3]
+            if t0.isdigit() and t1.isdigit() and name:
+                out.append((int(t0), int(t1), name))
         return out
+
+    def lines(self) -> list[tuple[int, str]]:
+        """(start, answer) of every connect so far."""
+        return [(t0, name) for t0, _, name in self.spans()]
 
     def wait_for(self, n: int, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
@@ -212,9 +219,12 @@ class Hammer:
             time.sleep(0.02)
 
     def finish(self) -> list[tuple[int, str]]:
+        self.stop()
+        return self.lines()
+
+    def stop(self) -> None:
         self.stop_file.touch()
         self.proc.wait(timeout=20)
-        return self.lines()
 
 
 def _start_server(pod: Pod, name: str, tport: int, uport: int) -> None:
@@ -326,12 +336,15 @@ def test_a_removed_backend_is_never_chosen_after_the_update_returns(world: World
             time.sleep(0.25)
             windows.append((returned, time.monotonic_ns(), removed.name))
     finally:
-        log = hammer.finish()
+        hammer.stop()
+    log = hammer.spans()
     lb.set_services(world.both())
-    answers = Counter(name for _, name in log)
+    answers = Counter(name for _, _, name in log)
     assert set(answers) == {"backend-a", "backend-b"}, f"errors or untranslated connects: {answers}"
     for start, end, gone in windows:
-        inside = [name for t, name in log if start <= t < end]
+        # connects that began after the update returned and ended before the next update began
+        # (one that ends after it may have been balanced by it: the removed backend is back then)
+        inside = [name for t0, t1, name in log if start <= t0 and t1 < end]
         assert len(inside) >= 20, f"only {len(inside)} connects in a window: the hammer stalled"
         assert gone not in inside, (f"{inside.count(gone)} of {len(inside)} connects started after "
                                     f"the update returned still reached {gone}")
