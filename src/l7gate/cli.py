@@ -647,6 +647,9 @@ def _cmd_xds_status(args: argparse.Namespace) -> int:
             str(r.get("resources", 0)), (nack.get("error") or "")[:80],
         ])
     print(_table(rows, ["NODE", "TYPE", "CONNECTED", "STATE", "SERVING", "SENT", "ACKED", "RESOURCES", "LAST NACK"]))
+    if not rows:
+        print("no Envoy has subscribed to this agent (with proxy.engine h11 there is none: `l7gate status` shows "
+              "the engine)", file=sys.stderr)
     return EXIT_OK
 
 

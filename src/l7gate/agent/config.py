@@ -13,6 +13,7 @@ node or cluster — run side by side on one machine. Defaults suit a single node
             maxConnections: 1024}
     xds: {listen: unix:<stateDir>/xds.sock, apiType: DELTA_GRPC}
     envoy: {enabled: true, concurrency: 1, logLevel: warning, baseId: null}
+    proxy: {engine: envoy}         # or h11: the pure-Python L7 proxy instead of Envoy (docs/h11-engine.md)
     # Envoy's own admin API is a unix socket, <stateDir>/envoy/admin.sock, mode 0600
     datapath: {mode: loopback, upstreamPortOffset: 10000}
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables,
@@ -146,6 +147,7 @@ class AgentConfig:
     xds_listen: str = "127.0.0.1:0"
     xds_api_type: str = "DELTA_GRPC"
     envoy: EnvoySettings = EnvoySettings()
+    proxy_engine: str = "envoy"  # the L7 enforcer: "envoy" or "h11" (l7proxy/h11engine.py)
     datapath_mode: str = "loopback"
     upstream_port_offset: int = 10000
     pin_dir: str = ""  # kernel mode: where maps and programs are pinned (default /sys/fs/bpf/l7g/<node>)
@@ -206,7 +208,7 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
     if not isinstance(data, Mapping):
         raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
     known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe", "mtls",
-             "clustermesh", "kubernetes"}
+             "clustermesh", "kubernetes", "proxy"}
     for k in data:
         if k not in known:
             errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
@@ -314,6 +316,11 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
     )
+    px = section("proxy", {"engine"})
+    engine = string(px.get("engine", "envoy"), "proxy.engine") or "envoy"
+    if engine not in ("envoy", "h11"):
+        errors.append(Finding("proxy.engine", f"must be 'envoy' or 'h11', got {engine!r}"))
+        engine = "envoy"
     dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf", "cgroup",
                               "socketLB", "socketAcceleration"})
     cgroup = ""
@@ -379,6 +386,9 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         errors.append(Finding("mtls.tunnelPort", f"must differ from mtls.port ({mt_port})"))
     mtls = MTLSSettings(bool(mt_enabled), td, ca_dir, svid_ttl, mt_listen, mt_port, spire_socket,
                         encryption, tunnel_port)
+    if engine == "h11" and mt_enabled and encryption == "tunnel":
+        errors.append(Finding("proxy.engine", "h11 cannot carry the mTLS tunnel between nodes, which runs in Envoy: "
+                                              "use mtls.encryption: none with it, or proxy.engine: envoy"))
     ob = section("observe", {"ringSize", "followBuffer"})
     observe = ObserveSettings(
         ring_size=integer(ob.get("ringSize", 4096), "observe.ringSize", 1, 1 << 20) or 4096,
@@ -440,6 +450,7 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         xds_listen=xds_listen,
         xds_api_type=str(api_type),
         envoy=envoy,
+        proxy_engine=engine,
         datapath_mode=str(mode),
         upstream_port_offset=offset,
         pin_dir=str(pin_dir),

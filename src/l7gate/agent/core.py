@@ -49,9 +49,10 @@ from ..kvstore.api import KVStore, KVStoreError
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
-from ..policy.mapstate import EndpointPolicy, PolicyDelta
+from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.resolve import Resolver
 from ..policy.types import AuthMode, Direction
+from ..policy.types import Protocol as L4Protocol
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
@@ -628,6 +629,27 @@ class AgentCore:
         and the tunnel follow policy this way). It must not call back into the core's changes."""
         with self._lock:
             self._change_listeners.append(listener)
+
+    def l7_revision(self) -> tuple[int, int]:
+        """Changes whenever `l7_decision` may answer otherwise (the core's and the ipcache's
+        change counters)."""
+        return (self.revision, self.ipcache.revision)
+
+    def l7_decision(self, local_ip: str, port: int, source_ip: str) -> Decision:
+        """What the ingress policy of the local pod at `local_ip` says about a TCP connection
+        from `source_ip` to its `port`: the decision Envoy's matcher leaf for that source
+        address is built from (`xds.rbac`), for the h11 engine. A source address the ipcache
+        does not hold is `world`; an address that is no local pod is denied (fail closed)."""
+        with self._lock:
+            ref = self._ip_owner.get(local_ip)
+            rec = self._local_pods.get(ref) if ref is not None else None
+            if rec is None:
+                return Decision(Action.DENY, reason=f"{local_ip} is no local pod")
+            try:
+                peer = self.ipcache.lookup(source_ip)
+            except IdentityError:
+                return Decision(Action.DENY, reason=f"{source_ip!r} is not an address")
+            return decide(self.resolver.endpoint_policy(rec.identity), Direction.INGRESS, peer, port, L4Protocol.TCP)
 
     def tunnel_inputs(self) -> TunnelInputs:
         """What the tunnel planner reads (`xds.tunnel_plan`), consistent under the core's lock:

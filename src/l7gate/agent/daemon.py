@@ -52,6 +52,7 @@ from ..observe.kernel_flows import SOURCE_KERNEL
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
+from ..l7proxy.h11engine import EnginePort, H11Engine
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import LISTENER, SnapshotCache
 from ..xds.server import XdsServer
@@ -93,6 +94,7 @@ class Agent:
     mesh: ClusterMesh | None = None  # the remote clusters
     mesh_config_errors: tuple[str, ...] = ()
     kube: Watcher | None = None  # the Kubernetes API as a source (kubernetes.enabled)
+    engine: H11Engine | None = None  # proxy.engine: h11, instead of Envoy
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
@@ -115,6 +117,8 @@ class Agent:
         self.admin.stop()
         if self.envoy is not None:
             self.envoy.stop()
+        if self.engine is not None:
+            self.engine.stop()
         self.xds.stop()
         self.ingestor.stop()
         self.store.close()
@@ -205,7 +209,10 @@ def start_agent(config: AgentConfig) -> Agent:
         mtls = MutualAuth.start(config, core, kernel.dp, xds, cache)
     metrics.registry.register(FlowCollector(ingestor, flows, lambda: als.malformed))
     envoy: EnvoySupervisor | None = None
-    if config.envoy.enabled:
+    engine: H11Engine | None = None
+    if config.proxy_engine == "h11":
+        engine = _start_h11_engine(config, core, ingestor)
+    elif config.envoy.enabled:
         envoy = EnvoySupervisor(
             EnvoyOptions(
                 state_dir=state / "envoy",
@@ -234,6 +241,8 @@ def start_agent(config: AgentConfig) -> Agent:
                              lds_rows=lambda: agent.xds.status(LISTENER))
     if kube is not None:
         watch.add_check(kube.problems)
+    if engine is not None:
+        watch.add_check(engine.problems)
     hooks = AdminHooks(
         status=lambda: views.status(agent),
         xds_status=lambda: agent.xds.status_json(),
@@ -249,7 +258,7 @@ def start_agent(config: AgentConfig) -> Agent:
                         limits=Limits(max_connections=max_conns))
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
                   datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls,
-                  local_mesh=local_mesh, mesh=mesh, kube=kube)
+                  local_mesh=local_mesh, mesh=mesh, kube=kube, engine=engine)
     if mesh is not None:
         mesh.start()
         if config.clustermesh.config_dir:
@@ -263,6 +272,34 @@ def start_agent(config: AgentConfig) -> Agent:
     threading.Thread(target=heap.settle_periodically, args=(agent.stopping, core.exclusive, log), name="l7g-heap",
                      daemon=True).start()
     return agent
+
+
+class _CorePolicy:
+    """The h11 engine's view of the core (`l7proxy.h11engine.PolicySource`)."""
+
+    def __init__(self, core: AgentCore) -> None:
+        self.revision = core.l7_revision
+        self.decision = core.l7_decision
+
+
+def _start_h11_engine(config: AgentConfig, core: AgentCore, ingestor: Ingestor) -> H11Engine:
+    """`proxy.engine: h11`: the engine instead of Envoy, on the ports Envoy would proxy, its
+    requests' access logs through the same flow ingestion as Envoy's."""
+    if config.mtls.tunnel:
+        raise RuntimeError("proxy.engine h11 cannot carry the mTLS tunnel (mtls.encryption: tunnel), which runs in "
+                           "Envoy")
+    engine = H11Engine(_CorePolicy(core), auth_verified=core.kernel is not None,
+                       on_access_logs=ingestor.http_access_logs, log=log)
+    engine.start()
+
+    def follow_ports() -> None:
+        engine.set_ports(EnginePort(p.ip, p.port, p.upstream_ip, p.upstream_port, p.transparent)
+                         for p in core.publisher.ports)
+
+    core.on_change(follow_ports)
+    core.exclusive(follow_ports)
+    log(f"L7 proxy: the h11 engine ({engine.status()['loop']}), not Envoy")
+    return engine
 
 
 def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, IptablesRedirect | None, dict[str, Any]]:

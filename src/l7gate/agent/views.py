@@ -192,6 +192,9 @@ def status(agent: Agent) -> dict[str, Any]:
             "last_exit": env.last_exit.describe() if env.last_exit else None,
             "error": env.error,
         },
+        # The L7 enforcer: Envoy (above) or the h11 engine, with its listeners and counters.
+        "proxy": agent.engine.status() if agent.engine is not None else {
+            "engine": "envoy" if agent.envoy is not None else "none"},
         # As of the last completed change: an apply under way shows when it is done.
         "policies": len(view.policy_docs),
         "policy_revision": view.policy_revision,

@@ -93,7 +93,7 @@ from ..identity.spiffe import server_name, spiffe_id, trust_domain_id
 from ..policy.mapstate import Action, Decision
 from . import rbac, resources
 from .pb import ads, pack, typed_ext
-from .rbac import named_policies
+from ..policy.httpverdict import named_policies
 
 DEFAULT_TUNNEL_PORT = 15443
 DEFAULT_MAX_CONNECTION_DURATION = 300.0  # seconds a tunnel connection lives, then drains

@@ -48,6 +48,7 @@ from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 
 from ..identity.ipcache import IPNetwork, prefix_sort_key
 from ..identity.numeric import WORLD
+from ..policy.httpverdict import named_policies
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
 from .pb import cidr, typed_ext
@@ -155,24 +156,9 @@ def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate
     )
 
 
-MAX_NAMED_POLICIES = 3
-
-
-def named_policies(d: Decision) -> str:
-    """The policies behind a decision, for flows; at most a few (Envoy copies the action name
-    into every access log entry, and a default deny can involve every policy on the pod).
-
-    No count of the others: world's default deny names the endpoint's policies and sits in
-    every source-address slot, so a count would make any policy added to or removed from the
-    endpoint re-send every slot; without it, only a change among the first names does."""
-    pols = d.policies
-    if len(pols) <= MAX_NAMED_POLICIES:
-        return ",".join(pols)
-    return ",".join(pols[:MAX_NAMED_POLICIES]) + ",+more"
-
-
 def decision_on_match(d: Decision, *, auth_verified: bool = False) -> matcher_pb2.Matcher.OnMatch:
-    """One decision as a matcher leaf (or a nested HTTP matcher)."""
+    """One decision as a matcher leaf (or a nested HTTP matcher): `policy.httpverdict.request_verdict`
+    as Envoy's matcher, with the same action names."""
     pols = named_policies(d)
     if d.action is Action.DENY:
         return _action(f"deny-l3l4|{pols}", False)

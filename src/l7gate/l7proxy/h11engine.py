@@ -1,0 +1,820 @@
+"""The h11 engine: a transparent HTTP/1.1 proxy in Python enforcing the same L7 policy as Envoy.
+
+Theory of operation
+-------------------
+`proxy.engine: h11` runs this engine in the agent process instead of Envoy. It takes the same
+connections Envoy would: one listener per proxied port (`EnginePort`, from the agent's proxied
+ports), on the pod's address — loopback mode: the pod's own 127.x address, the pod's server on
+`port + offset`; kernel mode: a transparent socket (IP_TRANSPARENT) on the pod's address, which
+the datapath's redirect delivers to, the pod's server on the same port.
+
+Per connection, HTTP/1.1 framing on both sides is h11's (`h11.Connection`, SERVER towards the
+client, CLIENT towards the pod), and each request is judged on its own (pipelined ones too):
+
+1. Framing checks, as Envoy makes them (`_head_problem`, measured on Envoy's codec here, see
+   docs/h11-engine.md): HTTP/1.0 and other versions → 426; Content-Length with
+   Transfer-Encoding, a repeated or malformed Content-Length → 400; a Transfer-Encoding other
+   than `chunked` → 501; more than `max_headers` headers, or a head over `max_header_bytes`
+   → 431; a method with lower-case letters, bytes outside ASCII in the target, NUL/CR/LF where
+   they do not belong → 400 (h11's grammar and ours). These answers close the connection.
+2. Path normalization, `policy.pathnorm.normalize_path`: the one definition Envoy's settings
+   are tested against (`#`, escaped slashes → 400).
+3. The decision: the agent's `PolicySource.decision(pod ip, port, source ip)` — the same
+   `Decision` Envoy's matcher leaf is built from — then `policy.httpverdict.request_verdict`:
+   denied → 403 `RBAC: access denied`, the connection kept; allowed → forwarded to the pod with
+   the normalized path. Decisions are cached per (pod ip, port, source ip) until the source's
+   revision changes, so a policy change applies to the next request on an open connection, as
+   Envoy's RBAC per request does.
+
+Every request gives one Envoy-format access log entry (`HTTPAccessLogEntry`, with the RBAC
+action name where Envoy puts it) to `on_access_logs`: the agent feeds them to the same flow
+ingestion as Envoy's, so flows, their reasons and the flow metrics are the same.
+
+Bounded per connection: the head (h11's `max_incomplete_event_size`), bodies are streamed with
+back-pressure, never buffered; timeouts for an idle connection, an incomplete head, a stalled
+body and the upstream's connect and response. WebSocket upgrades pass where the request that
+asks for them is allowed (then bytes are relayed); other upgrades (h2c) are stripped, as Envoy
+does.
+
+Threads: the engine runs its own event loop (uvloop where it installs) in one thread; `set_ports`
+and `status` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import h11
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2
+
+from ..policy.httpverdict import RequestVerdict, request_verdict
+from ..policy.mapstate import Decision
+from ..policy.pathnorm import normalize_path
+from ..policy.types import HTTPRequest
+
+IP_TRANSPARENT = 19  # <linux/in.h>
+RBAC_FILTER = "envoy.filters.http.rbac"
+RBAC_DENIED = "rbac_access_denied_matched_policy[{}]"
+VIA_UPSTREAM = "via_upstream"
+DENIED_BODY = b"RBAC: access denied"
+# Envoy's texts for its local replies, so that clients and flows see the same.
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 426: b"Upgrade Required",
+            431: b"Request Header Fields Too Large", 501: b"Not Implemented", 503: b"Service Unavailable",
+            504: b"Gateway Timeout", 408: b"Request Timeout"}
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+                         b"http2-settings", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
+_METHODS = {m: v for m, v in base_pb2.RequestMethod.items() if v}
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePort:
+    """One proxied (pod address, port): where to listen and where the pod's server is."""
+
+    ip: str
+    port: int
+    upstream_ip: str
+    upstream_port: int
+    transparent: bool = False
+
+
+class PolicySource(Protocol):
+    """What the engine asks the agent. `revision()` changes whenever any decision may have."""
+
+    def revision(self) -> Hashable: ...
+
+    def decision(self, local_ip: str, port: int, source_ip: str) -> Decision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    max_header_bytes: int = 60 * 1024  # Envoy's max_request_headers_kb default
+    max_headers: int = 100  # Envoy's max_headers_count default
+    idle_timeout: float = 300.0  # no request on an open connection
+    header_timeout: float = 30.0  # a request head begun but not complete
+    body_timeout: float = 300.0  # no byte of a body, either way (Envoy's stream_idle_timeout)
+    connect_timeout: float = 1.0  # the pod's server (the clusters' connect_timeout)
+    max_connections: int = 10_000  # open client connections; more wait in the kernel's backlog
+    read_size: int = 64 * 1024
+
+
+@dataclass(slots=True)
+class EngineStats:
+    connections_total: int = 0
+    connections_active: int = 0
+    requests: int = 0
+    allowed: int = 0
+    denied: int = 0
+    rejected: int = 0  # refused before policy (framing, normalization)
+    upstream_errors: int = 0
+    decision_lookups: int = 0  # decisions asked of the agent (cache misses)
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, details: str, close: bool = True, body: bytes | None = None) -> None:
+        super().__init__(details)
+        self.status, self.details, self.close, self.body = status, details, close, body
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Upstream:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h11.Connection
+    address: tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Log:
+    """What one request's access log entry says."""
+
+    start: float
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    method: str = ""
+    authority: str = ""
+    path: str = ""
+    user_agent: str = ""
+    request_id: str = ""
+    code: int = 0
+    details: str = ""
+    action: str = ""
+    upstream: tuple[str, int] | None = None
+    first_upstream_byte: float | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+
+def _head_problem(method: bytes, target: bytes, version: bytes, raw_head: bytes, limits: EngineLimits) -> _Reject | None:
+    """What Envoy's HTTP/1 codec refuses that h11 lets through (or answers otherwise)."""
+    if version != b"1.1":
+        return _Reject(426, "http1.protocol_not_supported" if version != b"1.0" else "low_version")
+    if not method or any(c not in _METHOD_CHARS for c in method):
+        return _Reject(400, "http1.codec_error")
+    if any(c >= 0x80 for c in target):
+        return _Reject(400, "http1.codec_error")
+    lines = raw_head.replace(b"\r\n", b"\n").split(b"\n")[1:]
+    names = [ln.split(b":", 1)[0].strip().lower() for ln in lines if ln and ln[:1] not in (b" ", b"\t")]
+    if len(names) > limits.max_headers:
+        return _Reject(431, "http1.too_many_headers")
+    n_cl = names.count(b"content-length")
+    n_te = names.count(b"transfer-encoding")
+    if n_cl and n_te:
+        return _Reject(400, "http1.content_length_and_chunked_not_allowed")
+    if n_cl > 1 or (n_cl and any(b"," in ln for ln in lines if ln.lower().startswith(b"content-length"))):
+        return _Reject(400, "http1.content_length_not_allowed")
+    if n_te > 1:
+        return _Reject(501, "http1.invalid_transfer_encoding")
+    return None
+
+
+def _skip_empty_body(conn: h11.Connection) -> None:
+    """Read the end of a request that has no body (or whose body is all buffered): the
+    connection can then carry the next request after a local reply."""
+    try:
+        while conn.their_state is h11.SEND_BODY:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                return
+    except h11.RemoteProtocolError:
+        return
+
+
+def _split_head(buf: bytes) -> bytes:
+    """The head at the start of `buf` (up to the first empty line)."""
+    ends = [i for i in (buf.find(b"\r\n\r\n"), buf.find(b"\n\n")) if i >= 0]
+    return buf[: min(ends)] if ends else buf
+
+
+def _local_reply(status: int, body: bytes, close: bool, extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    reason = _REASONS.get(status, b"")
+    head = [b"HTTP/1.1 %d %s" % (status, reason)]
+    if body:
+        head.append(b"content-length: %d" % len(body))
+        head.append(b"content-type: text/plain")
+    else:
+        head.append(b"content-length: 0")
+    head.extend(k + b": " + v for k, v in extra)
+    head.append(b"date: " + _http_date())
+    head.append(b"server: l7gate-h11")
+    if close:
+        head.append(b"connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode())
+    return _date_cache[1]
+
+
+def _address(ip: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
+
+
+def access_log_entry(log: _Log) -> accesslog_pb2.HTTPAccessLogEntry:
+    """The Envoy access log entry Envoy would have written for this request (the fields the
+    flows read: observe.envoy_flows)."""
+    e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
+    cp = e.common_properties
+    cp.downstream_remote_address.CopyFrom(_address(*log.src))
+    cp.downstream_direct_remote_address.CopyFrom(_address(*log.src))
+    cp.downstream_local_address.CopyFrom(_address(*log.dst))
+    cp.start_time.FromNanoseconds(int(log.start * 1e9))
+    if log.upstream is not None:
+        cp.upstream_remote_address.CopyFrom(_address(*log.upstream))
+    if log.first_upstream_byte is not None:
+        cp.time_to_first_upstream_rx_byte.FromNanoseconds(max(0, int((log.first_upstream_byte - log.start) * 1e9)))
+    if log.action and not log.details.startswith("rbac_access_denied"):
+        md = struct_pb2.Struct()
+        md.fields["enforced_effective_policy_id"].string_value = log.action
+        cp.metadata.filter_metadata[RBAC_FILTER].CopyFrom(md)
+    req = e.request
+    req.request_method = _METHODS.get(log.method, 0)
+    req.scheme = "http"
+    req.authority = log.authority
+    req.path = log.path
+    if log.user_agent:
+        req.user_agent = log.user_agent
+    if log.request_id:
+        req.request_id = log.request_id
+    resp = e.response
+    if log.code:
+        resp.response_code.value = log.code
+    resp.response_code_details = log.details
+    return e
+
+
+class H11Engine:
+    def __init__(
+        self,
+        source: PolicySource,
+        *,
+        auth_verified: bool = False,
+        on_access_logs: Callable[[Sequence[accesslog_pb2.HTTPAccessLogEntry]], None] | None = None,
+        limits: EngineLimits = EngineLimits(),
+        log: Callable[[str], None] = lambda _msg: None,
+    ) -> None:
+        self.source = source
+        self.auth_verified = auth_verified
+        self.on_access_logs = on_access_logs
+        self.limits = limits
+        self._log = log
+        self.stats = EngineStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._ports: dict[tuple[str, int], EnginePort] = {}
+        self._servers: dict[tuple[str, int], asyncio.Server] = {}
+        self._bind_errors: dict[tuple[str, int], str] = {}
+        self._decisions: dict[tuple[str, int, str], Decision] = {}
+        self._decisions_at: Hashable = None
+        self._pending_logs: list[accesslog_pb2.HTTPAccessLogEntry] = []
+        self._conn_slots: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = 0.0
+        self._loop_kind = "asyncio"
+
+    # -- lifecycle (any thread) ----------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="l7g-h11", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the h11 engine's event loop did not start")
+        self._started = time.time()
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            self._loop_kind = "uvloop"
+        except ImportError:  # pragma: no cover - uvloop is a dependency where it installs
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._conn_slots = asyncio.Semaphore(self.limits.max_connections)
+        loop.call_soon(self._ready.set)
+        loop.call_later(1.0, self._retry_binds)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+
+        async def shutdown() -> None:
+            for srv in self._servers.values():
+                srv.close()
+            self._servers.clear()
+            for t in list(self._tasks):
+                t.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=timeout)
+            self._flush_logs()
+            loop.stop()
+
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        if self._thread is not None:
+            self._thread.join(timeout + 1.0)
+        self._loop = None
+
+    def set_ports(self, ports: Iterable[EnginePort]) -> None:
+        """The proxied ports now: listeners are opened and closed to match (open connections of
+        a removed port finish their requests)."""
+        wanted = {(p.ip, p.port): p for p in ports}
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the h11 engine is not started")
+        loop.call_soon_threadsafe(self._reconcile, wanted)
+
+    def status(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "engine": "h11",
+            "state": "LIVE" if self._loop is not None else "STOPPED",
+            "loop": self._loop_kind,
+            "listeners": len(self._servers),
+            "ports": len(self._ports),
+            "bind_errors": dict(sorted((f"{ip}:{port}", why) for (ip, port), why in self._bind_errors.items())),
+            "connections": {"active": s.connections_active, "total": s.connections_total},
+            "requests": {"total": s.requests, "allowed": s.allowed, "denied": s.denied,
+                         "rejected": s.rejected, "upstream_errors": s.upstream_errors},
+            "decision_lookups": s.decision_lookups,
+        }
+
+    def problems(self) -> list[str]:
+        """For the agent's health: ports the engine could not listen on."""
+        return [f"h11 engine cannot listen on {ip}:{port}: {why}"
+                for (ip, port), why in sorted(self._bind_errors.items())]
+
+    def wait_listening(self, ports: Iterable[tuple[str, int]], timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        want = set(ports)
+        while time.monotonic() < deadline:
+            if want <= set(self._servers):
+                return True
+            time.sleep(0.02)
+        return False
+
+    # -- listeners (loop thread) --------------------------------------------------------------
+
+    def _reconcile(self, wanted: dict[tuple[str, int], EnginePort]) -> None:
+        for key in list(self._servers):
+            p = wanted.get(key)
+            old = self._ports.get(key)
+            if p is None or (old is not None and old.transparent != p.transparent):
+                self._servers.pop(key).close()
+        self._ports = wanted
+        for key in list(self._bind_errors):
+            if key not in wanted:
+                del self._bind_errors[key]
+        for key, p in wanted.items():
+            if key not in self._servers:
+                self._listen(p)
+
+    def _retry_binds(self) -> None:
+        assert self._loop is not None
+        for key in list(self._bind_errors):
+            p = self._ports.get(key)
+            if p is not None and key not in self._servers:
+                self._listen(p)
+        self._loop.call_later(1.0, self._retry_binds)
+
+    def _listen(self, p: EnginePort) -> None:
+        key = (p.ip, p.port)
+        family = socket.AF_INET6 if ipaddress.ip_address(p.ip).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if p.transparent:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((p.ip, p.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            why = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+            if self._bind_errors.get(key) != why:
+                self._log(f"h11 engine: cannot listen on {p.ip}:{p.port}: {why} (retrying every second)")
+            self._bind_errors[key] = why
+            return
+        self._bind_errors.pop(key, None)
+        assert self._loop is not None
+        task = self._loop.create_task(self._start_server(key, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_server(self, key: tuple[str, int], sock: socket.socket) -> None:
+        def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            t = asyncio.get_running_loop().create_task(self._connection(reader, writer, key))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+        srv = await asyncio.start_server(on_conn, sock=sock, limit=self.limits.read_size)
+        if self._ports.get(key) is None or key in self._servers:  # removed (or replaced) meanwhile
+            srv.close()
+            return
+        self._servers[key] = srv
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def _decision(self, local_ip: str, port: int, source_ip: str) -> Decision:
+        rev = self.source.revision()
+        if rev != self._decisions_at:
+            self._decisions.clear()
+            self._decisions_at = rev
+        key = (local_ip, port, source_ip)
+        d = self._decisions.get(key)
+        if d is None:
+            self.stats.decision_lookups += 1
+            d = self.source.decision(local_ip, port, source_ip)
+            if len(self._decisions) < 100_000:
+                self._decisions[key] = d
+        return d
+
+    # -- one connection -----------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          key: tuple[str, int]) -> None:
+        assert self._conn_slots is not None
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        up: _Upstream | None = None
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = writer.get_extra_info("peername")
+            local = writer.get_extra_info("sockname")
+            src, dst = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
+            async with self._conn_slots:
+                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+                while True:
+                    port = self._ports.get(key)
+                    if port is None:
+                        break  # the port is no longer proxied: close between requests
+                    up, keep = await self._exchange(conn, reader, writer, port, src, dst, up)
+                    if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                        break
+                    conn.start_next_cycle()
+        except (_ClientGone, ConnectionError, asyncio.CancelledError, TimeoutError, OSError):
+            pass
+        finally:
+            self.stats.connections_active -= 1
+            if up is not None:
+                up.writer.close()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_head(self, conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[h11.Request | None, bytes]:
+        raw = bytearray(conn.trailing_data[0])
+        cap = self.limits.max_header_bytes + self.limits.read_size
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                raise _Reject(431 if status == 431 else 400 if status < 500 else status,
+                              "http1.codec_error" if status != 501 else "http1.invalid_transfer_encoding",
+                              ) from None
+            if ev is h11.NEED_DATA:
+                timeout = self.limits.header_timeout if raw else self.limits.idle_timeout
+                try:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(self.limits.read_size)
+                except TimeoutError:
+                    if raw:
+                        raise _Reject(408, "request_header_timeout") from None
+                    return None, b""
+                conn.receive_data(data)
+                if len(raw) < cap:
+                    raw += data
+                continue
+            if isinstance(ev, h11.Request):
+                return ev, _split_head(bytes(raw))
+            return None, b""  # ConnectionClosed, or nothing more to read
+
+    async def _exchange(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        port: EnginePort, src: tuple[str, int], dst: tuple[str, int], up: _Upstream | None,
+    ) -> tuple[_Upstream | None, bool]:
+        """One request: (the upstream connection to keep, whether the client connection goes on)."""
+        log = _Log(time.time(), src, dst)
+        try:
+            req, raw_head = await self._read_head(conn, reader)
+        except _Reject as rej:
+            self.stats.requests += 1
+            self.stats.rejected += 1
+            log.code, log.details = rej.status, rej.details
+            await self._reply(writer, rej.status, _REASONS.get(rej.status, b""), True)
+            self._emit(log)
+            return up, False
+        if req is None:
+            return up, False
+        self.stats.requests += 1
+        method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
+        log.method = method
+        headers: dict[str, str] = {}
+        for name, value in req.headers:
+            n, v = name.decode("latin-1"), value.decode("latin-1")
+            headers[n] = f"{headers[n]},{v}" if n in headers else v
+        log.authority = headers.get("host", "")
+        log.user_agent = headers.get("user-agent", "")
+        log.request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        log.path = target
+        problem = _head_problem(req.method, req.target, req.http_version, raw_head, self.limits)
+        if problem is None and target == "*":
+            problem = _Reject(404, "route_not_found", close=False, body=b"")
+        if problem is None and method == "CONNECT":
+            problem = self._connect_verdict(log, port, src, headers)
+        norm_path = ""
+        if problem is None:
+            norm = normalize_path(target)
+            if norm.rejected is not None:
+                problem = _Reject(400, "path_normalization_failed", body=b"")
+            norm_path = norm.path
+        if problem is not None:
+            self.stats.rejected += 1
+            log.code, log.details = problem.status, problem.details
+            if not problem.close:
+                _skip_empty_body(conn)
+            close = problem.close or conn.their_state is not h11.DONE
+            body = _REASONS.get(problem.status, b"") if problem.body is None else problem.body
+            await self._reply(writer, problem.status, body, close, conn)
+            self._emit(log)
+            return up, not close
+        log.path = norm_path
+        decision = self._decision(dst[0], port.port, src[0])
+        verdict: RequestVerdict = request_verdict(
+            decision, HTTPRequest(method, target, log.authority, headers), norm_path, auth_verified=self.auth_verified)
+        log.action = verdict.action
+        if not verdict.allowed:
+            self.stats.denied += 1
+            log.code, log.details = 403, RBAC_DENIED.format(verdict.action)
+            _skip_empty_body(conn)
+            # A body not yet read: answer and close, as Envoy does for a local reply mid-request.
+            close = conn.their_state is not h11.DONE or conn.our_state is h11.MUST_CLOSE
+            await self._reply(writer, 403, DENIED_BODY, close, conn)
+            self._emit(log)
+            return up, not close
+        self.stats.allowed += 1
+        try:
+            return await self._forward(conn, reader, writer, req, norm_path, port, src, log, up)
+        finally:
+            self._emit(log)
+
+    def _connect_verdict(self, log: _Log, port: EnginePort, src: tuple[str, int], headers: dict[str, str]) -> _Reject:
+        """CONNECT: judged by policy like any request (no path); an allowed one has no route."""
+        decision = self._decision(log.dst[0], port.port, src[0])
+        v = request_verdict(decision, HTTPRequest("CONNECT", "", log.authority, headers), "", auth_verified=self.auth_verified)
+        log.action = v.action
+        if not v.allowed:
+            return _Reject(403, RBAC_DENIED.format(v.action), body=DENIED_BODY)
+        return _Reject(404, "route_not_found", body=b"")
+
+    async def _reply(self, writer: asyncio.StreamWriter, status: int, body: bytes, close: bool,
+                     conn: h11.Connection | None = None) -> None:
+        """A local reply. On a connection that goes on, through `conn` (h11 then knows the
+        response was sent); otherwise as raw bytes, whatever state h11 is in."""
+        if not close and conn is not None and conn.our_state is h11.SEND_RESPONSE:
+            headers = [(b"content-length", b"%d" % len(body)), (b"date", _http_date()), (b"server", b"l7gate-h11")]
+            if body:
+                headers.insert(1, (b"content-type", b"text/plain"))
+            out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))) or b""
+            if body:
+                out += conn.send(h11.Data(data=body)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+            writer.write(out)
+        else:
+            writer.write(_local_reply(status, body, close))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    async def _open_upstream(self, port: EnginePort) -> _Upstream:
+        async with asyncio.timeout(self.limits.connect_timeout):
+            r, w = await asyncio.open_connection(port.upstream_ip, port.upstream_port, limit=self.limits.read_size)
+        sock = w.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Upstream(r, w, h11.Connection(h11.CLIENT), (port.upstream_ip, port.upstream_port))
+
+    async def _forward(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: h11.Request,
+        path: str, port: EnginePort, src: tuple[str, int], log: _Log, up: _Upstream | None,
+    ) -> tuple[_Upstream | None, bool]:
+        websocket = False
+        out_headers: list[tuple[bytes, bytes]] = []
+        conn_tokens = {t.strip().lower() for n, v in req.headers if n == b"connection" for t in v.split(b",")}
+        upgrade = [v for n, v in req.headers if n == b"upgrade"]
+        if upgrade and b"upgrade" in conn_tokens and upgrade[0].strip().lower() == b"websocket":
+            websocket = True
+        for name, value in req.headers:
+            if name in _HOP_BY_HOP or name in conn_tokens:
+                continue
+            out_headers.append((name, value))
+        if websocket:
+            out_headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+        xff = [v for n, v in req.headers if n == b"x-forwarded-for"]
+        out_headers.append((b"x-forwarded-for", b",".join([*xff, src[0].encode()])))
+        out_headers.append((b"x-forwarded-proto", b"http"))
+        if not any(n == b"x-request-id" for n, _ in out_headers):
+            out_headers.append((b"x-request-id", log.request_id.encode()))
+        if up is not None and (up.conn.our_state is not h11.IDLE or up.reader.at_eof()):
+            up.writer.close()
+            up = None
+        if up is None:
+            try:
+                up = await self._open_upstream(port)
+            except (OSError, TimeoutError):
+                self.stats.upstream_errors += 1
+                log.code = 503
+                log.details = "upstream_reset_before_response_started{remote_connection_failure}"
+                await self._reply(writer, 503, b"upstream connect error or disconnect/reset before headers. "
+                                               b"reset reason: remote connection failure", conn.their_state is not h11.DONE)
+                return None, conn.their_state is h11.DONE
+        log.upstream = up.address
+        try:
+            up.writer.write(up.conn.send(h11.Request(method=req.method, target=path.encode("latin-1"),
+                                                     headers=out_headers)) or b"")
+            if conn.they_are_waiting_for_100_continue:
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b"")
+            await self._relay_request_body(conn, reader, up)
+            return await self._relay_response(conn, reader, writer, up, log, websocket)
+        except _ClientGone:
+            up.writer.close()
+            raise
+        except _Reject as rej:  # the request's body was malformed, or stalled
+            up.writer.close()
+            log.code, log.details = rej.status, rej.details
+            if conn.our_state is h11.SEND_RESPONSE:
+                await self._reply(writer, rej.status, _REASONS.get(rej.status, b""), True)
+            return None, False
+        except (ConnectionError, OSError, TimeoutError, h11.ProtocolError) as exc:
+            up.writer.close()
+            if conn.our_state is h11.SEND_RESPONSE:
+                self.stats.upstream_errors += 1
+                log.code = 503 if not isinstance(exc, TimeoutError) else 504
+                log.details = ("upstream_reset_before_response_started{connection_termination}"
+                               if log.code == 503 else "upstream_response_timeout")
+                body = (b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+                        if log.code == 503 else b"upstream request timeout")
+                await self._reply(writer, log.code, body, True)
+                return None, False
+            raise _ClientGone() from None
+
+    async def _relay_request_body(self, conn: h11.Connection, reader: asyncio.StreamReader, up: _Upstream) -> None:
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError:
+                raise _Reject(400, "http1.codec_error") from None
+            if ev is h11.NEED_DATA:
+                try:
+                    async with asyncio.timeout(self.limits.body_timeout):
+                        data = await reader.read(self.limits.read_size)
+                except TimeoutError:
+                    raise _Reject(408, "stream_idle_timeout") from None
+                conn.receive_data(data)
+                if not data:
+                    raise _ClientGone()
+                continue
+            if isinstance(ev, h11.Data):
+                up.writer.write(up.conn.send(h11.Data(data=ev.data)) or b"")
+                await up.writer.drain()
+                continue
+            if isinstance(ev, h11.EndOfMessage):
+                up.writer.write(up.conn.send(h11.EndOfMessage()) or b"")
+                await up.writer.drain()
+                return
+            raise _ClientGone()  # ConnectionClosed mid-body
+
+    async def _relay_response(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: _Upstream,
+        log: _Log, websocket: bool,
+    ) -> tuple[_Upstream | None, bool]:
+        uc = up.conn
+        while True:
+            ev = uc.next_event()
+            if ev is h11.NEED_DATA:
+                async with asyncio.timeout(self.limits.body_timeout):
+                    data = await up.reader.read(self.limits.read_size)
+                uc.receive_data(data)
+                if log.first_upstream_byte is None and data:
+                    log.first_upstream_byte = time.time()
+                continue
+            if isinstance(ev, h11.InformationalResponse):
+                if ev.status_code == 101 and websocket:
+                    hdrs = [(n, v) for n, v in ev.headers]
+                    writer.write(conn.send(h11.InformationalResponse(status_code=101, headers=hdrs, reason=ev.reason)) or b"")
+                    await writer.drain()
+                    log.code, log.details = 101, VIA_UPSTREAM
+                    await self._splice(conn, reader, writer, up)
+                    return None, False
+                continue  # 100 Continue from the pod: the client had its own
+            if isinstance(ev, h11.Response):
+                log.code, log.details = ev.status_code, VIA_UPSTREAM
+                hdrs = [(n, v) for n, v in ev.headers if n not in _HOP_BY_HOP or n == b"x-forwarded-for"]
+                hdrs = [(n, v) for n, v in hdrs if n != b"transfer-encoding"]
+                try:
+                    writer.write(conn.send(h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason)) or b"")
+                except h11.LocalProtocolError:
+                    raise _ClientGone() from None
+                continue
+            if isinstance(ev, h11.Data):
+                try:
+                    writer.write(conn.send(h11.Data(data=ev.data)) or b"")
+                except h11.LocalProtocolError:
+                    raise _ClientGone() from None
+                await self._drain(writer)
+                continue
+            if isinstance(ev, h11.EndOfMessage):
+                writer.write(conn.send(h11.EndOfMessage()) or b"")
+                await self._drain(writer)
+                if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
+                    uc.start_next_cycle()
+                    keep_up: _Upstream | None = up
+                else:
+                    up.writer.close()
+                    keep_up = None
+                return keep_up, conn.our_state is h11.DONE and conn.their_state is h11.DONE
+            raise ConnectionResetError("upstream closed mid-response")
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                await writer.drain()
+        except (ConnectionError, TimeoutError):
+            raise _ClientGone() from None
+
+    async def _splice(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      up: _Upstream) -> None:
+        """After a 101: bytes both ways until either side closes."""
+        early_down, _ = conn.trailing_data
+        early_up, _ = up.conn.trailing_data
+        if early_down:
+            up.writer.write(early_down)
+        if early_up:
+            writer.write(early_up)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    async with asyncio.timeout(self.limits.idle_timeout):
+                        data = await r.read(self.limits.read_size)
+                    if not data:
+                        break
+                    w.write(data)
+                    await w.drain()
+            finally:
+                with contextlib.suppress(OSError):
+                    if w.can_write_eof():
+                        w.write_eof()
+
+        await asyncio.gather(pump(reader, up.writer), pump(up.reader, writer), return_exceptions=True)
+        up.writer.close()
+
+    # -- access logs --------------------------------------------------------------------------
+
+    def _emit(self, log: _Log) -> None:
+        if self.on_access_logs is None:
+            return
+        if not self._pending_logs and self._loop is not None:
+            self._loop.call_later(0.02, self._flush_logs)
+        self._pending_logs.append(access_log_entry(log))
+
+    def _flush_logs(self) -> None:
+        batch, self._pending_logs = self._pending_logs, []
+        if batch and self.on_access_logs is not None:
+            try:
+                self.on_access_logs(batch)
+            except Exception as exc:  # noqa: BLE001 - flows must never stop the proxy
+                self._log(f"h11 engine: access logs dropped: {exc}")
