@@ -107,12 +107,15 @@ def docs_of(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def expected_status(world: World, docs: list[dict[str, Any]], src: str, method: str, path: str) -> int:
+def expected_status(world: World, docs: list[dict[str, Any]], src: str, method: str, path: str,
+                    subnet: int = S) -> int:
+    """The evaluator's verdict as a status; `subnet`: the world's 127.<subnet> (the h11
+    differential test has its own)."""
     core = world.core
     rules = [r for d in docs for r in parse_policy(d, cluster_name="cluster-a").rules]
     ids = core.resolver.identities
-    src_id = core.ipcache.lookup(SOURCES[src])
-    dst_id = core.ipcache.lookup(BILLING)
+    src_id = core.ipcache.lookup(SOURCES[src].replace(f"127.{S}.", f"127.{subnet}.", 1))
+    dst_id = core.ipcache.lookup(BILLING.replace(f"127.{S}.", f"127.{subnet}.", 1))
     flow = Flow(peer_for(ids, src_id), Peer(dst_id, ids[dst_id], True), 8080, Protocol.TCP,
                 HTTPRequest(method, path, "billing-service.payments"))
     # Loopback mode: every request goes through Envoy's HTTP connection manager, which refuses
