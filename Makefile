@@ -14,15 +14,16 @@ help: ## show this help
 install: ## install Debian packages, .venv and the project (idempotent)
 	@bash scripts/install.sh
 
-demo: install ## run the seed scenario: validate + trace, then a real agent and Envoy (loopback mode)
+ENGINE ?= envoy
+demo: install ## run the seed scenario: validate + trace, then real agents (kernel mode as root); ENGINE=h11: the h11 engine instead of Envoy
 	@bash scripts/demo.sh
 	@echo
 	@if [ "$$(id -u)" = 0 ]; then \
-		echo "== the seed scenario through the kernel datapath (network namespaces, BPF, Envoy)"; \
-		.venv/bin/python scripts/demo_kernel.py; \
+		echo "== the seed scenario through the kernel datapath (network namespaces, BPF, L7 proxy: $(ENGINE))"; \
+		L7G_ENGINE=$(ENGINE) .venv/bin/python scripts/demo_kernel.py; \
 	else \
 		echo "== not root: no network namespaces or BPF; running the seed scenario in loopback mode"; \
-		bash scripts/demo-loopback.sh; \
+		L7G_ENGINE=$(ENGINE) bash scripts/demo-loopback.sh; \
 	fi
 
 # Every check runs even when an earlier one failed, so one run shows all problems.

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 L7GATE=$PWD/.venv/bin/l7gate
+ENGINE=${L7G_ENGINE:-envoy}  # the L7 proxy: envoy, or h11 (`make demo ENGINE=h11`)
 PY=$PWD/.venv/bin/python
 work=$(mktemp -d /tmp/l7g-demo.XXXXXX)
 pids=()
@@ -54,6 +55,7 @@ cluster: {name: $1, id: $2}
 stateDir: $work/$1/state
 admin: {listen: "unix:$work/$1/admin.sock"}
 envoy: {logLevel: warning}
+proxy: {engine: $ENGINE}
 clustermesh: {etcd: {endpoints: ["http://127.0.0.1:$3"]}, configDir: "$work/$1/mesh"}
 CFG
 }
@@ -98,8 +100,13 @@ echo "== cluster-a: l7gate clustermesh status --wait"
 echo "== cluster-a: l7gate endpoint list (cluster-b's pods came from cluster-b's etcd)"
 "$L7GATE" endpoint list
 
-# Wait until Envoy has acknowledged the configuration.
+# Wait until the L7 proxy enforces the configuration: Envoy has acknowledged it, or the h11
+# engine listens on every proxied port.
 for _ in $(seq 100); do
+    [ "$ENGINE" = h11 ] && "$L7GATE" status -o json | "$PY" -c '
+import json, sys
+p = json.load(sys.stdin)["proxy"]
+sys.exit(0 if p["ports"] and p["listeners"] == p["ports"] else 1)' && break
     "$L7GATE" xds status -o json | "$PY" -c '
 import json, sys
 d = json.load(sys.stdin)
@@ -119,7 +126,7 @@ call() {
     [ "$code" = "$expect" ] || { echo "     ^ MISMATCH: expected $expect"; failed=1; }
 }
 echo
-echo "== requests through Envoy (curl from each pod's own address)"
+echo "== requests through the L7 proxy ($ENGINE; curl from each pod's own address)"
 call 200 127.0.2.55 POST /v1/charge       "frontend-service"
 call 403 127.0.2.55 GET  /v1/transactions "frontend-service"
 call 403 127.0.2.55 POST /v1/refund       "frontend-service"

@@ -1,7 +1,8 @@
 """The seed scenario through the kernel datapath: pods in network namespaces, BPF programs on
-their veths, the node's Envoy behind a transparent redirect. Two nodes, one per cluster, each
+their veths, the node's L7 proxy behind a transparent redirect. Two nodes, one per cluster, each
 with its own agent: billing-service on node a1 (cluster-a), frontend-service and a pod with
-other labels on node b1 (cluster-b); cross-node traffic is checked where it arrives."""
+other labels on node b1 (cluster-b); cross-node traffic is checked where it arrives. Every test
+runs twice: with Envoy, and with the h11 engine (`proxy.engine: h11`)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class AgentProc:
     config: Path
     client: AdminClient
     proc: subprocess.Popen[Any] | None = None
+    engine: str = "envoy"
 
     @property
     def pin_dir(self) -> Path:
@@ -58,10 +60,12 @@ class AgentProc:
             if proc.poll() is not None:
                 return True
             st = self.client.get("/v1/status")
+            if self.engine == "h11":
+                return bool(st["proxy"]["state"] == "LIVE")
             return bool(st["envoy"]) and st["envoy"]["state"] == "LIVE"
 
         try:
-            eventually(live_or_exited, 30, f"the agent on {self.node.name} to report its Envoy LIVE")
+            eventually(live_or_exited, 30, f"the agent on {self.node.name} to report its L7 proxy LIVE")
             assert proc.poll() is None, f"it exited with {proc.returncode}"
         except AssertionError as exc:
             raise AssertionError(
@@ -73,6 +77,15 @@ class AgentProc:
         return st
 
     def synced(self, timeout: float = 15.0) -> None:
+        if self.engine == "h11":
+            def listening() -> bool:
+                proxy = self.status()["proxy"]
+                assert proxy["listeners"] == proxy["ports"] and not proxy["bind_errors"], proxy
+                return True
+
+            eventually(listening, timeout, f"the h11 engine on {self.node.name} to listen on every proxied port")
+            return
+
         def all_synced() -> bool:
             data = self.client.get("/v1/xds/status")
             types = {t["type"]: t for n in data["nodes"] for t in n["types"].values()}
@@ -102,7 +115,8 @@ def stop_agents(*agents: AgentProc | None) -> None:
         pass  # another run still has pins there
 
 
-def make_agent(tb: Testbed, node: Node, cluster: str, cid: int, other: str, oid: int, links: list[str]) -> AgentProc:
+def make_agent(tb: Testbed, node: Node, cluster: str, cid: int, other: str, oid: int, links: list[str],
+               engine: str = "envoy") -> AgentProc:
     work = tb.workdir / f"agent-{node.name}"
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "agent.yaml"
@@ -114,8 +128,9 @@ def make_agent(tb: Testbed, node: Node, cluster: str, cid: int, other: str, oid:
         "admin": {"listen": f"unix:{work}/admin.sock"},
         "envoy": {"logLevel": "warning"},
         "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": links},
+        "proxy": {"engine": engine},
     }))
-    return AgentProc(node, work, cfg, AdminClient(f"unix:{work}/admin.sock"))
+    return AgentProc(node, work, cfg, AdminClient(f"unix:{work}/admin.sock"), engine=engine)
 
 
 @dataclass
@@ -128,8 +143,9 @@ class World:
     other: Pod
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+@pytest.fixture(scope="module", params=["envoy", "h11"])
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    engine = request.param
     with Testbed() as tb:
         na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.61.1.0/24")
         nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.61.2.0/24")
@@ -139,8 +155,8 @@ def world() -> Iterator[World]:
         other = tb.add_pod(nb, "web", "reporting-job-q7x", labels={"app": "reporting-job", "team": "web"})
         billing.serve_http(8080)
         billing.serve_http(9090)
-        a = make_agent(tb, na, "cluster-a", 1, "cluster-b", 2, na.link_ifnames)
-        b = make_agent(tb, nb, "cluster-b", 2, "cluster-a", 1, nb.link_ifnames)
+        a = make_agent(tb, na, "cluster-a", 1, "cluster-b", 2, na.link_ifnames, engine)
+        b = make_agent(tb, nb, "cluster-b", 2, "cluster-a", 1, nb.link_ifnames, engine)
         try:
             for agent in (a, b):
                 agent.start(tb)
@@ -244,7 +260,9 @@ print(fails)
 
 
 def test_ten_thousand_sequential_connections_with_port_reuse(world: World) -> None:
-    n = int(os.environ.get("L7G_CONNECTIONS", "10000"))
+    # The h11 engine opens an upstream connection per client connection in Python: 2,000 keep
+    # the module's time in check and still reuse every 4-tuple 30 times.
+    n = int(os.environ.get("L7G_CONNECTIONS", "10000" if world.a.engine == "envoy" else "2000"))
     r = world.frontend.run([sys.executable, "-c", CONNECT_LOOP, world.billing.ip, "8080", str(n), "40000"],
                            timeout=600)
     assert r.returncode == 0, r.stderr
@@ -283,9 +301,15 @@ def test_kill_9_agent_keeps_verdicts_and_restart_reconciles(world: World) -> Non
     allow = [s for k, s in results if k == "allow"]
     l7deny = [s for k, s in results if k == "l7deny"]
     l4deny = [s for k, s in results if k == "l4deny"]
-    assert allow and set(allow) == {200}, allow
-    assert set(l7deny) == {403}, l7deny
     assert set(l4deny) == {0}, l4deny
+    if a.engine == "h11":
+        # The engine runs in the agent's process: while the agent is down, the redirected
+        # connections find no listener and are refused (fail closed); nothing is let through.
+        assert set(allow) <= {200, 0} and allow[:1] == [200] and allow[-1:] == [200], allow
+        assert set(l7deny) <= {403, 0}, l7deny
+    else:
+        assert allow and set(allow) == {200}, allow
+        assert set(l7deny) == {403}, l7deny
     after = a.status()["datapath"]
     assert after["policy_entries"] == entries_before and after["replaced_maps"] == []
 
@@ -296,6 +320,9 @@ def test_repeated_agent_restarts_never_deny_an_allowed_request(world: World) -> 
     the missing source-slot filters as removed, and denied everything until the next restart.)"""
     a = world.a
     assert a.proc is not None
+    if a.engine == "h11":
+        pytest.skip("about the Envoy that outlives a killed agent; the h11 engine runs in the agent's process "
+                    "(test_kill_9_agent_keeps_verdicts_and_restart_reconciles checks that it fails closed)")
     for _ in range(3):
         stop = threading.Event()
         codes: list[int] = []
