@@ -13,7 +13,8 @@ node or cluster — run side by side on one machine. Defaults suit a single node
             maxConnections: 1024}
     xds: {listen: unix:<stateDir>/xds.sock, apiType: DELTA_GRPC}
     envoy: {enabled: true, concurrency: 1, logLevel: warning, baseId: null}
-    proxy: {engine: envoy}         # or h11: the pure-Python L7 proxy instead of Envoy (docs/h11-engine.md)
+    proxy: {engine: envoy}         # or h11: the pure-Python L7 proxy instead of Envoy (docs/h11-engine.md), with
+                                   # idleTimeout: 300, headerTimeout: 30, maxConnections: 10000 (h11 only)
     # Envoy's own admin API is a unix socket, <stateDir>/envoy/admin.sock, mode 0600
     datapath: {mode: loopback, upstreamPortOffset: 10000}
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables,
@@ -148,6 +149,11 @@ class AgentConfig:
     xds_api_type: str = "DELTA_GRPC"
     envoy: EnvoySettings = EnvoySettings()
     proxy_engine: str = "envoy"  # the L7 enforcer: "envoy" or "h11" (l7proxy/h11engine.py)
+    # The h11 engine's limits: seconds a connection may sit idle between requests and a request
+    # head may take to arrive; open client connections it serves at once.
+    proxy_idle_timeout: float = 300.0
+    proxy_header_timeout: float = 30.0
+    proxy_max_connections: int = 10_000
     datapath_mode: str = "loopback"
     upstream_port_offset: int = 10000
     pin_dir: str = ""  # kernel mode: where maps and programs are pinned (default /sys/fs/bpf/l7g/<node>)
@@ -316,11 +322,17 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
     )
-    px = section("proxy", {"engine"})
+    px = section("proxy", {"engine", "idleTimeout", "headerTimeout", "maxConnections"})
     engine = string(px.get("engine", "envoy"), "proxy.engine") or "envoy"
     if engine not in ("envoy", "h11"):
         errors.append(Finding("proxy.engine", f"must be 'envoy' or 'h11', got {engine!r}"))
         engine = "envoy"
+    for k in ("idleTimeout", "headerTimeout", "maxConnections"):
+        if k in px and engine != "h11":
+            errors.append(Finding(f"proxy.{k}", "applies to proxy.engine h11 only (Envoy's limits are its own)"))
+    idle_timeout = integer(px.get("idleTimeout", 300), "proxy.idleTimeout", 1, 86400) or 300
+    header_timeout = integer(px.get("headerTimeout", 30), "proxy.headerTimeout", 1, 3600) or 30
+    proxy_max_conns = integer(px.get("maxConnections", 10_000), "proxy.maxConnections", 1, 1_000_000) or 10_000
     dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf", "cgroup",
                               "socketLB", "socketAcceleration"})
     cgroup = ""
@@ -451,6 +463,9 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         xds_api_type=str(api_type),
         envoy=envoy,
         proxy_engine=engine,
+        proxy_idle_timeout=float(idle_timeout),
+        proxy_header_timeout=float(header_timeout),
+        proxy_max_connections=proxy_max_conns,
         datapath_mode=str(mode),
         upstream_port_offset=offset,
         pin_dir=str(pin_dir),

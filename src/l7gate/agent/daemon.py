@@ -52,7 +52,7 @@ from ..observe.kernel_flows import SOURCE_KERNEL
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
-from ..l7proxy.h11engine import EnginePort, H11Engine
+from ..l7proxy.h11engine import EngineLimits, EnginePort, H11Engine
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import LISTENER, SnapshotCache
 from ..xds.server import XdsServer
@@ -288,8 +288,10 @@ def _start_h11_engine(config: AgentConfig, core: AgentCore, ingestor: Ingestor) 
     if config.mtls.tunnel:
         raise RuntimeError("proxy.engine h11 cannot carry the mTLS tunnel (mtls.encryption: tunnel), which runs in "
                            "Envoy")
+    limits = EngineLimits(idle_timeout=config.proxy_idle_timeout, header_timeout=config.proxy_header_timeout,
+                          max_connections=config.proxy_max_connections)
     engine = H11Engine(_CorePolicy(core), auth_verified=core.kernel is not None,
-                       on_access_logs=ingestor.http_access_logs, log=log)
+                       on_access_logs=ingestor.http_access_logs, limits=limits, log=log)
     engine.start()
 
     def follow_ports() -> None:

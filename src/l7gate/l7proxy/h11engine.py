@@ -106,7 +106,7 @@ class EngineLimits:
     header_timeout: float = 30.0  # a request head begun but not complete
     body_timeout: float = 300.0  # no byte of a body, either way (Envoy's stream_idle_timeout)
     connect_timeout: float = 1.0  # the pod's server (the clusters' connect_timeout)
-    max_connections: int = 10_000  # open client connections; more wait in the kernel's backlog
+    max_connections: int = 10_000  # open client connections; one more is closed at once (counted)
     read_size: int = 64 * 1024
 
 
@@ -120,6 +120,7 @@ class EngineStats:
     rejected: int = 0  # refused before policy (framing, normalization)
     upstream_errors: int = 0
     decision_lookups: int = 0  # decisions asked of the agent (cache misses)
+    connections_refused: int = 0  # over max_connections: closed at once
 
 
 class _Reject(Exception):
@@ -334,7 +335,6 @@ class H11Engine:
         self._decisions: dict[tuple[str, int, str], Decision] = {}
         self._decisions_at: Hashable = None
         self._pending_logs: list[accesslog_pb2.HTTPAccessLogEntry] = []
-        self._conn_slots: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = 0.0
         self._loop_kind = "asyncio"
@@ -358,7 +358,6 @@ class H11Engine:
             loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
-        self._conn_slots = asyncio.Semaphore(self.limits.max_connections)
         loop.call_soon(self._ready.set)
         loop.call_later(1.0, self._retry_binds)
         try:
@@ -406,7 +405,8 @@ class H11Engine:
             "listeners": len(self._servers),
             "ports": len(self._ports),
             "bind_errors": dict(sorted((f"{ip}:{port}", why) for (ip, port), why in self._bind_errors.items())),
-            "connections": {"active": s.connections_active, "total": s.connections_total},
+            "connections": {"active": s.connections_active, "total": s.connections_total,
+                            "refused": s.connections_refused, "max": self.limits.max_connections},
             "requests": {"total": s.requests, "allowed": s.allowed, "denied": s.denied,
                          "rejected": s.rejected, "upstream_errors": s.upstream_errors},
             "decision_lookups": s.decision_lookups,
@@ -480,7 +480,9 @@ class H11Engine:
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
-        srv = await asyncio.start_server(on_conn, sock=sock, limit=self.limits.read_size)
+        # asyncio listens again with its own backlog (100 by default): a burst of new
+        # connections then waits a second for a SYN retransmit. Envoy's default is 1024.
+        srv = await asyncio.start_server(on_conn, sock=sock, limit=self.limits.read_size, backlog=1024)
         if self._ports.get(key) is None or key in self._servers:  # removed (or replaced) meanwhile
             srv.close()
             return
@@ -506,7 +508,10 @@ class H11Engine:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                           key: tuple[str, int]) -> None:
-        assert self._conn_slots is not None
+        if self.stats.connections_active >= self.limits.max_connections:
+            self.stats.connections_refused += 1
+            writer.close()
+            return
         self.stats.connections_total += 1
         self.stats.connections_active += 1
         up: _Upstream | None = None
@@ -517,16 +522,15 @@ class H11Engine:
             peer = writer.get_extra_info("peername")
             local = writer.get_extra_info("sockname")
             src, dst = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
-            async with self._conn_slots:
-                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-                while True:
-                    port = self._ports.get(key)
-                    if port is None:
-                        break  # the port is no longer proxied: close between requests
-                    up, keep = await self._exchange(conn, reader, writer, port, src, dst, up)
-                    if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        break
-                    conn.start_next_cycle()
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            while True:
+                port = self._ports.get(key)
+                if port is None:
+                    break  # the port is no longer proxied: close between requests
+                up, keep = await self._exchange(conn, reader, writer, port, src, dst, up)
+                if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
         except (_ClientGone, ConnectionError, asyncio.CancelledError, TimeoutError, OSError):
             pass
         finally:
