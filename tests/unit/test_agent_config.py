@@ -81,3 +81,20 @@ def test_admin_on_tcp_takes_its_token_from_a_file() -> None:
 
 def test_duplicate_cluster_ids_refused() -> None:
     assert "unique" in errors({"cluster": {"name": "a", "id": 1}, "clusters": {"b": 1}})["clusters"]
+
+
+def test_proxy_engine_settings() -> None:
+    assert parse_config({}).proxy_engine == "envoy"
+    c = parse_config({"proxy": {"engine": "h11", "idleTimeout": 60, "headerTimeout": 5, "maxConnections": 100}})
+    assert (c.proxy_engine, c.proxy_idle_timeout, c.proxy_header_timeout, c.proxy_max_connections) == ("h11", 60, 5, 100)
+    errs = errors({"proxy": {"engine": "nginx"}})
+    assert "'envoy' or 'h11'" in errs["proxy.engine"]
+    errs = errors({"proxy": {"idleTimeout": 10}})  # Envoy's limits are its own
+    assert "h11 only" in errs["proxy.idleTimeout"]
+    errs = errors({"proxy": {"engine": "h11", "headerTimeout": 0, "maxConnections": "many"}})
+    assert "1-3600" in errs["proxy.headerTimeout"] and "1-1000000" in errs["proxy.maxConnections"]
+    # The tunnel runs in Envoy: h11 takes mutual auth only without it.
+    kernel = {"datapath": {"mode": "kernel"}, "proxy": {"engine": "h11"}}
+    errs = errors({**kernel, "mtls": {"enabled": True, "listen": "10.0.1.1:4250"}})
+    assert "cannot carry the mTLS tunnel" in errs["proxy.engine"]
+    assert parse_config({**kernel, "mtls": {"enabled": True, "listen": "10.0.1.1:4250", "encryption": "none"}}).mtls.enabled
