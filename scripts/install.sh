@@ -35,6 +35,7 @@ APT_PACKAGES=(
     nghttp2-client  # h2load: gRPC-shaped HTTP/2 load in bench/bench_grpc.py
     etcd-server   # the kvstore's etcd backend: tests and bench/bench_etcd.py start their own
     etcd-client   # etcdctl, for inspecting a cluster mesh etcd by hand
+    dnsmasq-base  # the testbed's DNS server (cluster resolver and "the internet") for toFQDNs; no system service
     dpkg          # dpkg-query: this script's own check for what is already installed
     debianutils   # which, run-parts: the maintainer scripts of the packages above call them
 )

@@ -472,3 +472,28 @@ def test_a_service_is_listed_with_its_backends_and_not_served_in_loopback_mode(
     with pytest.raises(AdminError) as ei:
         c.delete_service("payments/billing-service")
     assert ei.value.status == 404
+
+
+def test_cidr_peers_get_cidr_identities(world: World) -> None:
+    """A `fromCIDR`/`fromCIDRSet` prefix gets its CIDR identity in the ipcache (an `except` one of
+    its own), so an address inside it is selected; a pod inside keeps its own identity; deleting
+    the policy removes them. (Before, no CIDR identity existed and such a rule selected nothing.)"""
+    doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy", "metadata": {"name": "from-cidr"},
+           "spec": {"endpointSelector": {"matchLabels": {"app": "billing-service"}},
+                    "ingress": [{"fromCIDRSet": [{"cidr": f"127.{S}.8.0/22", "except": [f"127.{S}.9.0/24"]}],
+                                 "toPorts": [{"ports": [{"port": "8080"}]}]}]}}
+    world.core.apply([doc])
+    try:
+        world.synced()
+        ipc = {e["prefix"]: e["identity"] for e in AdminClient(world.agent.admin.address).get("/v1/ipcache")["entries"]}
+        assert ipc[f"127.{S}.8.0/22"] >= 1 << 24 and ipc[f"127.{S}.9.0/24"] >= 1 << 24
+        assert wait_request(f"127.{S}.8.9", BILLING, "GET", "/anything", 200) == 200
+        assert request(f"127.{S}.10.9", BILLING, 8080, "GET", "/anything").status == 200
+        assert request(f"127.{S}.9.9", BILLING, 8080, "GET", "/anything").status == 403  # the except
+        assert request(f"127.{S}.12.9", BILLING, 8080, "GET", "/anything").status == 403  # outside
+    finally:
+        world.core.delete_policy("CiliumClusterwideNetworkPolicy/from-cidr")
+    world.synced()
+    ipc = {e["prefix"] for e in AdminClient(world.agent.admin.address).get("/v1/ipcache")["entries"]}
+    assert f"127.{S}.8.0/22" not in ipc and f"127.{S}.9.0/24" not in ipc
+    assert wait_request(f"127.{S}.8.9", BILLING, "GET", "/anything", 403) == 403

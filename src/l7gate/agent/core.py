@@ -39,7 +39,7 @@ from ..clustermesh.publisher import MeshPublisher
 from ..clustermesh.types import MeshDelta, MeshError, RemoteEndpoint, RemoteIdentity
 from ..clustermesh.wire import ClusterService, L4Addr, WireError, decode_cluster_service, encode_cluster_service
 from ..identity.allocator import IdentityAllocator
-from ..identity.ipcache import IPCache
+from ..identity.ipcache import IPCache, IPNetwork
 from ..identity.numeric import Identity, IdentityError
 from ..k8s.objects import (
     ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, parse_service, pod_backend, pod_identity_labels,
@@ -51,6 +51,7 @@ from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.resolve import Resolver
+from ..policy.selector import CIDRSelector
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Protocol as L4Protocol
 from ..policy.types import Policy
@@ -220,6 +221,11 @@ class AgentCore:
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._namespace_docs: dict[str, Any] = {}  # <cluster or *>/<name> → the object as applied
         self._identity_pods: dict[int, set[str]] = {}
+        # CIDR identities (Cilium's): each prefix a policy's CIDR selector names (its `except`s
+        # too) has a local identity labelled `cidr:<prefix>` in the ipcache, so that an address
+        # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
+        # selects it. Prefix → identity number.
+        self._cidr_identities: dict[IPNetwork, int] = {}
         self.services = ServiceTable()
         self._service_docs: dict[str, Any] = {}  # <cluster>/<namespace>/<name> → the object as applied
         self.socket_lb = socket_lb
@@ -377,6 +383,8 @@ class AgentCore:
             # One resolver change for the whole request: each endpoint is recomputed once.
             self._feed(self.resolver.upsert_policies(p for p, _ in changed))
             self._policy_docs.update((p.key, doc) for p, doc in changed)
+            if changed:
+                self._sync_cidr_identities()
             t3 = time.perf_counter()
             if not self.config.mtls.enabled:
                 result.warnings.extend(w for policy, _ in policies for w in _auth_without_mtls(policy))
@@ -534,6 +542,43 @@ class AgentCore:
         else:
             result.configured.append(name)
 
+    def _sync_cidr_identities(self) -> None:
+        """Every prefix the policies' CIDR selectors name gets its CIDR identity (allocated in the
+        store, so the number stays across restarts), in the resolver and the ipcache; a prefix no
+        policy names any more loses it. `0.0.0.0/0` and `::/0` are `world` already."""
+        wanted: set[IPNetwork] = set()
+        for policy in self.resolver.repository.policies():
+            for rule in policy.rules:
+                for pr in rule.rules:
+                    for sel in pr.peers or ():
+                        if isinstance(sel, CIDRSelector):
+                            wanted.update(n for n in (sel.cidr, *sel.excepts) if n.prefixlen)
+        have = self._cidr_identities
+        if wanted == have.keys():
+            return
+        allocator = self._allocators[self.config.cluster_id]
+        added: dict[int, Labels] = {}
+        for net in sorted(wanted - have.keys(), key=lambda n: (n.version, int(n.network_address), n.prefixlen)):
+            ident = allocator.allocate_cidr(net)
+            have[net] = ident.id
+            added[ident.id] = ident.labels
+        gone = {net: have.pop(net) for net in list(have) if net not in wanted}
+        if added:
+            self._feed(self.resolver.update_identities(added))
+            for net, ident_id in have.items():
+                if ident_id in added and self.ipcache.get(net) is None:
+                    self.ipcache.upsert(net, ident_id)
+        for net, ident_id in gone.items():
+            if self.ipcache.get(net) == ident_id:
+                self.ipcache.delete(net)
+        if gone:
+            self._feed(self.resolver.update_identities({}, deleted=list(gone.values())))
+            for ident_id in gone.values():
+                try:
+                    allocator.release(ident_id)
+                except (IdentityError, KVStoreError):
+                    pass  # not held by this run (restored): the number is reclaimed by GC
+
     def delete_policy(self, key: str) -> bool:
         with self._lock:
             if key not in self._policy_docs:
@@ -541,6 +586,7 @@ class AgentCore:
             self._view = None
             self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
+            self._sync_cidr_identities()
             self.store.delete(POLICY_PREFIX + key)
             self._flush()
             self.revision += 1
