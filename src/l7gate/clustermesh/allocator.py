@@ -82,6 +82,7 @@ from l7gate.identity.numeric import (
     is_reserved,
     reserved_for_labels,
 )
+from l7gate.identity.ipcache import IPNetwork
 from l7gate.kvstore.api import KVStore, KVStoreError
 from l7gate.policy.labels import CLUSTER_KEY, Labels
 
@@ -395,6 +396,6 @@ class MeshIdentityAllocator:
         number = self._find(text, heal=False)
         return Identity(number, labels) if number is not None else None
 
-    def allocate_cidr(self, prefix: str) -> Identity:
+    def allocate_cidr(self, prefix: str | IPNetwork) -> Identity:
         return self.allocate(cidr_labels(prefix))
 
