@@ -198,3 +198,10 @@ def test_corpus(case: dict[str, Any]) -> None:
     else:
         assert got.rejected is None, got
         assert got.path == case["normalized"]
+
+
+@given(paths | rooted)
+def test_the_shortcut_for_plain_paths_changes_nothing(raw: str) -> None:
+    from l7gate.policy.pathnorm import normalize_path_steps
+
+    assert normalize_path(raw) == normalize_path_steps(raw)

@@ -74,7 +74,20 @@ def _merge_slashes(path: str) -> str:
     return path
 
 
+def _plain(path: str) -> bool:
+    """A path normalization leaves as it is: no escape, backslash, dot segment or repeated
+    slash (most requests); the full steps below give the same answer for it."""
+    return not ("%" in path or "\\" in path or "//" in path or "/." in path)
+
+
 def normalize_path(raw: str) -> NormalizedPath:
+    if "#" not in raw and raw.startswith("/") and _plain(raw.partition("?")[0]):
+        return NormalizedPath(raw)
+    return normalize_path_steps(raw)
+
+
+def normalize_path_steps(raw: str) -> NormalizedPath:
+    """`normalize_path` without its shortcut for plain paths: every step, always."""
     if "#" in raw:
         return NormalizedPath("", "fragment (#) in the request target")
     path, sep, query = raw.partition("?")
