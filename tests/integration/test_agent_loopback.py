@@ -44,9 +44,8 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield w
 
 
-def envoy_only(world: World) -> None:
-    if world.agent.engine is not None:
-        pytest.skip("about Envoy's own machinery (xDS, its process); the h11 engine has none")
+# Tests of Envoy's own machinery (xDS, NACKs, its process): the h11 engine has none.
+envoy_only = pytest.mark.parametrize("world", ["envoy"], indirect=True)
 
 
 @pytest.mark.parametrize(
@@ -124,8 +123,8 @@ def test_invalid_apply_changes_nothing(world: World) -> None:
     assert request(FRONTEND, BILLING, 8080, "GET", "/v1/transactions").status == 403
 
 
+@envoy_only
 def test_nack_is_shown_and_last_good_config_stays(world: World) -> None:
-    envoy_only(world)
     from l7gate.xds import resources
 
     node = world.agent.config.node_id
@@ -162,10 +161,10 @@ def test_nack_is_shown_and_last_good_config_stays(world: World) -> None:
         world.synced()
 
 
+@envoy_only
 def test_a_listener_envoy_cannot_bind_is_nacked_never_synced(world: World) -> None:
     """A listener on an address that is not the node's: Envoy refuses the LDS version; status
     says NACKED (with Envoy's reason) and the agent is unhealthy until it is fixed."""
-    envoy_only(world)
     node = world.agent.config.node_id
     good = dict(world.agent.cache.get_snapshot(node).messages(LISTENER_TYPE))  # type: ignore[union-attr]
     name, lst = sorted(good.items())[0]
@@ -199,8 +198,8 @@ def _probe_loop(stop: threading.Event, results: list[tuple[str, int]]) -> None:
         results.append(("other", request(OTHER, BILLING, 8080, "POST", "/v1/charge").status))
 
 
+@envoy_only
 def test_xds_server_killed_and_restarted_verdicts_hold(world: World) -> None:
-    envoy_only(world)
     agent = world.agent
     stop = threading.Event()
     results: list[tuple[str, int]] = []
@@ -233,8 +232,8 @@ def test_xds_server_killed_and_restarted_verdicts_hold(world: World) -> None:
     assert set(deny) == {403}, deny
 
 
+@envoy_only
 def test_envoy_crash_is_restarted_and_resynced(world: World) -> None:
-    envoy_only(world)
     import os
     import signal
 
@@ -425,10 +424,10 @@ def test_a_policy_that_only_turns_on_default_deny_is_enforced(world: World) -> N
     assert wait_request(OTHER, ledger, "GET", "/x", 200) == 200
 
 
+@envoy_only
 def test_envoy_log_stays_readable(world: World) -> None:
     """The IP matcher's work-in-progress warnings (~1,500 lines per push before) do not drown
     Envoy's log (docs/deviations.md); the log says which Envoy started and little else."""
-    envoy_only(world)
     log = (Path(world.agent.config.state_dir) / "envoy" / "envoy.log").read_text()
     assert "work-in-progress" not in log
     assert len(log.splitlines()) < 50, log[-3000:]

@@ -314,15 +314,15 @@ def test_kill_9_agent_keeps_verdicts_and_restart_reconciles(world: World) -> Non
     assert after["policy_entries"] == entries_before and after["replaced_maps"] == []
 
 
+# About the Envoy that outlives a killed agent; the h11 engine runs in the agent's process
+# (test_kill_9_agent_keeps_verdicts_and_restart_reconciles checks that it fails closed).
+@pytest.mark.parametrize("world", ["envoy"], indirect=True)
 def test_repeated_agent_restarts_never_deny_an_allowed_request(world: World) -> None:
     """The Envoy outlives each killed agent and reconnects to the next one: it must get the
     whole restored configuration at once. (It once reconnected to a half-built snapshot, read
     the missing source-slot filters as removed, and denied everything until the next restart.)"""
     a = world.a
     assert a.proc is not None
-    if a.engine == "h11":
-        pytest.skip("about the Envoy that outlives a killed agent; the h11 engine runs in the agent's process "
-                    "(test_kill_9_agent_keeps_verdicts_and_restart_reconciles checks that it fails closed)")
     for _ in range(3):
         stop = threading.Event()
         codes: list[int] = []
