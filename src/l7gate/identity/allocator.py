@@ -134,6 +134,25 @@ def is_cidr_labels(labels: Labels) -> bool:
     return any(k.startswith(_CIDR_KEY_PREFIX) for k in labels)
 
 
+FQDN_KEY_PREFIX = "fqdn:"  # policy.fqdn.FQDN_LABEL_PREFIX: the selectors an address was learned for
+
+
+def fqdn_cidr_labels(prefix: str | IPNetwork, selector_keys: Iterable[str]) -> Labels:
+    """The labels of the local identity of an address learned from DNS answers (`toFQDNs`):
+    its CIDR labels and one `fqdn:<selector>` label per selector matching a name it answered
+    for (Cilium's FQDN identities)."""
+    labels = dict(cidr_labels(prefix).items())
+    for key in selector_keys:
+        if not key.startswith(FQDN_KEY_PREFIX):
+            raise IdentityError(f"FQDN selector label {key!r} must start with {FQDN_KEY_PREFIX!r}")
+        labels[key] = ""
+    return Labels.of(labels)
+
+
+def _plain_cidr_labels(labels: Labels) -> Labels:
+    return Labels.of({k: v for k, v in labels.items() if not k.startswith(FQDN_KEY_PREFIX)})
+
+
 # -- the allocator ----------------------------------------------------------------------------
 
 
@@ -249,8 +268,10 @@ class IdentityAllocator:
         if found is not None:
             return found
         if is_cidr_labels(labels):
-            if labels != cidr_labels(_cidr_prefix_of(labels)):
-                raise IdentityError(f"CIDR identity labels must be exactly {_cidr_hint(labels)}")
+            if _plain_cidr_labels(labels) != cidr_labels(_cidr_prefix_of(labels)) or any(
+                    v for k, v in labels.items() if k.startswith(FQDN_KEY_PREFIX)):
+                raise IdentityError(f"CIDR identity labels must be exactly {_cidr_hint(labels)}, with fqdn: "
+                                    f"selector labels (empty values) at most")
             space = self._local
         elif labels.is_reserved():
             raise IdentityError(f"labels {labels} hold a reserved label but are not reserved")

@@ -20,6 +20,7 @@ from enum import Enum
 from functools import lru_cache
 
 from .evaluate import Layer, Verdict
+from .fqdn import NameMatch
 from .pathnorm import normalize_path
 from .types import AuthMode, Direction, HTTPRequest, HTTPRule, L7Rules, Origin, PortRange, Protocol
 
@@ -107,10 +108,12 @@ def _merge_many(cs: frozenset[Contribution]) -> MapEntry:
     l7: L7Rules | None = None
     if cs and all(c.l7 is not None for c in cs):
         rules: set[HTTPRule] = set()
+        names: set[NameMatch] = set()
         for c in cs:
             assert c.l7 is not None
             rules.update(c.l7.http)
-        l7 = L7Rules.of(rules)
+            names.update(c.l7.dns)
+        l7 = L7Rules.of(rules, names)
     modes = [c.auth for c in cs if c.auth is not None]
     auth = max(modes, key=lambda m: m.strength) if modes else None
     return MapEntry(False, l7, redirect, auth, tuple(sorted({c.origin for c in cs}, key=str)))
@@ -248,6 +251,9 @@ class Decision:
     origins: tuple[Origin, ...] = ()
     reason: str = ""
     policies: tuple[str, ...] = ()
+    # DNS rules (`rules.dns`, egress to port 53): the names a query may ask for, through the
+    # node's DNS proxy. With HTTP: the union of both kinds of L7 rules on the port.
+    dns: tuple[NameMatch, ...] = ()
     # The hash, computed once: decisions key the matcher caches of every backend, and hashing
     # one anew walks all its HTTP rules and origins (most of a bulk apply's xDS cost was that).
     _hash: int = field(default=0, init=False, repr=False, compare=False)
@@ -256,7 +262,7 @@ class Decision:
         h = self._hash
         if not h:
             h = hash((self.action, self.http, self.auth, self.redirect, self.origins, self.reason,
-                      self.policies)) or 1
+                      self.policies, self.dns)) or 1
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -420,12 +426,15 @@ def decide_hits(policy: EndpointPolicy | None, direction: Direction, hits: list[
             reason=f"{d}: allowed by {_text(origins)}", policies=pols,
         )
     rules: set[HTTPRule] = set()
+    names: set[NameMatch] = set()
     for e in hits:
         assert e.l7 is not None
         rules.update(e.l7.http)
+        names.update(e.l7.dns)
+    l7 = L7Rules.of(rules, names)
     return Decision(
-        Action.HTTP, L7Rules.of(rules).http, mode, True, origins,
-        f"{d}: HTTP rules of {_text(origins)}", pols,
+        Action.HTTP, l7.http, mode, True, origins,
+        f"{d}: {'DNS' if l7.dns and not l7.http else 'HTTP'} rules of {_text(origins)}", pols, dns=l7.dns,
     )
 
 

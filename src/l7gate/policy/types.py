@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import Finding
+from .fqdn import NameMatch
 from .labels import Labels
 from .regex import full_match
 from .selector import LabelSelector, PeerSelector
@@ -163,14 +164,20 @@ class HTTPRule:
 
 @dataclass(frozen=True, slots=True)
 class L7Rules:
-    """HTTP rules on one port: a request is allowed when any rule matches it."""
+    """L7 rules on one port: HTTP rules (a request is allowed when any rule matches it), or DNS
+    rules (`rules.dns`: a query is allowed when any name match selects its name)."""
 
     http: tuple[HTTPRule, ...]
+    dns: tuple[NameMatch, ...] = ()
 
     @classmethod
-    def of(cls, rules: Iterable[HTTPRule]) -> L7Rules:
+    def of(cls, rules: Iterable[HTTPRule], dns: Iterable[NameMatch] = ()) -> L7Rules:
         """Deduplicated and sorted, so equal rule sets compare and hash equal."""
-        return cls(tuple(sorted(set(rules), key=lambda r: r.sort_key)))
+        return cls(tuple(sorted(set(rules), key=lambda r: r.sort_key)), tuple(sorted(set(dns), key=lambda m: m.key)))
+
+    def allows_query(self, name: str) -> bool:
+        """Whether a DNS query for the (canonical, `fqdn.fqdn`) `name` is allowed."""
+        return any(m.matches(name) for m in self.dns)
 
     @property
     def allows_all(self) -> bool:

@@ -12,8 +12,9 @@ ANY, and writes the result as the fewest prefix blocks:
   endpoint (a miss means "not computed yet": the kernel drops).
 - A named peer is written only where its decision differs from ANY's.
 
-Actions: ALLOW, DENY, REDIRECT (to the node's Envoy); flags: AUTH (a valid auth entry is
-needed), AUTH_FAIL (`test-always-fail`: always dropped as "Authentication required").
+Actions: ALLOW, DENY, REDIRECT (to the node's Envoy; with DNS, egress DNS rules: to the node's
+DNS proxy); flags: AUTH (a valid auth entry is needed), AUTH_FAIL (`test-always-fail`: always
+dropped as "Authentication required"), TUNNEL, DNS.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class KFlag(IntEnum):
     AUTH = 1
     AUTH_FAIL = 2
     TUNNEL = 4  # from another node: only through the mTLS tunnel (plaintext refused)
+    DNS = 8  # egress DNS rules: redirected to the node's DNS proxy (the query keeps its destination)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -75,6 +77,8 @@ def kernel_value(d: Decision, tunnel: bool = False, protocol: Protocol = Protoco
     if tunnel and tunnel_needed(d, protocol):
         flags |= KFlag.TUNNEL
     if d.action is Action.HTTP:
+        if d.dns and not d.http:
+            flags |= KFlag.DNS
         return PolicyValue(KAction.REDIRECT, flags)
     return PolicyValue(KAction.ALLOW, flags)
 

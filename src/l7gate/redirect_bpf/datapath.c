@@ -37,6 +37,7 @@
 #define FLAG_AUTH 1
 #define FLAG_AUTH_FAIL 2
 #define FLAG_TUNNEL 4  /* auth-required HTTP from another node must arrive through the mTLS tunnel */
+#define FLAG_DNS 8     /* egress DNS rules: to the node's DNS proxy, the query's destination kept */
 
 #define REASON_POLICY 1
 #define REASON_NO_POLICY 2
@@ -305,8 +306,13 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
         if (!v) { *reason = REASON_NO_POLICY; return 0; }
         if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
         if ((v->flags & FLAG_AUTH) && !tunnel && !authenticated(*src_id, *dst_id, f->daddr)) { *reason = REASON_AUTH; return 0; }
-        /* Egress HTTP rules would need the proxy on the source side; not built yet: refuse. */
-        if (v->action == ACT_REDIRECT) { *reason = REASON_POLICY; return 0; }
+        /* Egress DNS rules: the query goes to the node's DNS proxy (marked like any redirect,
+         * delivered locally with its destination kept). Egress HTTP rules would need the proxy
+         * on the source side; not built yet: refuse. */
+        if (v->action == ACT_REDIRECT) {
+            if (!(v->flags & FLAG_DNS)) { *reason = REASON_POLICY; return 0; }
+            redirect = 1;
+        }
         if (tunnel)
             redirect = 1;
     }

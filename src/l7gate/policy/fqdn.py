@@ -1,0 +1,121 @@
+"""DNS names in policy: Cilium's `matchName` / `matchPattern`, for `toFQDNs` peers and
+`rules.dns` rules. Pure: no I/O.
+
+Names are compared as Cilium does: lower-case and fully qualified (one trailing dot), so
+`API.example.test` and `api.example.test.` are one name. A `matchName` is one name. A
+`matchPattern` is a name whose `*` stands for any run of the characters a label may hold
+(`[-a-zA-Z0-9_]`, never a dot): `*.example.test` matches `api.example.test` but neither
+`example.test` nor `a.b.example.test`; `*` alone matches every name. Both are refused, naming
+their field, when they hold anything else (Cilium's CRD patterns:
+`^([-a-zA-Z0-9_]+[.]?)+$` and `^([-a-zA-Z0-9_*]+[.]?)+$`).
+
+`FQDNSelector` is a peer selector (`toFQDNs`): it selects the identities of addresses learned
+from DNS answers for names it matches. Such an identity carries, for every selector that
+matched the name it was looked up by, the label `fqdn:<selector>` (the selector's key), beside
+its `cidr:<ip>/32` and `reserved:world` labels — Cilium's FQDN identities.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .labels import Labels
+
+FQDN_LABEL_PREFIX = "fqdn:"
+_NAME_RE = re.compile(r"^([-a-zA-Z0-9_]+[.]?)+$")
+_PATTERN_RE = re.compile(r"^([-a-zA-Z0-9_*]+[.]?)+$")
+_LABEL_CHARS = "[-a-z0-9_]"
+MAX_NAME = 255  # RFC 1035: a name on the wire is at most 255 octets
+
+
+class FQDNError(ValueError):
+    pass
+
+
+def fqdn(name: str) -> str:
+    """`name` as Cilium compares names: lower-case, one trailing dot."""
+    name = name.strip().lower()
+    return name if name.endswith(".") else name + "."
+
+
+def check_match_name(value: str) -> str:
+    """The canonical `matchName`, or FQDNError saying why it is refused."""
+    if not _NAME_RE.match(value) or len(value) > MAX_NAME:
+        raise FQDNError(f"{value!r} is not a DNS name: only letters, digits, '-', '_' and '.' between labels")
+    return fqdn(value)
+
+
+def check_match_pattern(value: str) -> str:
+    """The canonical `matchPattern`, or FQDNError saying why it is refused."""
+    if value.strip() == "*":
+        return "*"
+    if not _PATTERN_RE.match(value) or len(value) > MAX_NAME:
+        raise FQDNError(f"{value!r} is not a DNS name pattern: only letters, digits, '-', '_', '*' and '.' "
+                        f"between labels")
+    return fqdn(value)
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """The regex of a canonical pattern (`check_match_pattern`), anchored."""
+    if pattern == "*":
+        return re.compile(rf"^({_LABEL_CHARS}+[.])+$|^[.]$")
+    parts = [re.escape(part) for part in pattern.split("*")]
+    return re.compile("^" + f"{_LABEL_CHARS}*".join(parts) + "$")
+
+
+@dataclass(frozen=True, slots=True)
+class NameMatch:
+    """One `matchName` or `matchPattern` (canonical), as `toFQDNs` and `rules.dns` hold them."""
+
+    match_name: str | None = None
+    match_pattern: str | None = None
+    _re: re.Pattern[str] | None = field(default=None, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def name(cls, value: str) -> NameMatch:
+        return cls(match_name=check_match_name(value))
+
+    @classmethod
+    def pattern(cls, value: str) -> NameMatch:
+        p = check_match_pattern(value)
+        return cls(match_pattern=p, _re=pattern_regex(p))
+
+    def matches(self, name: str) -> bool:
+        """Whether the (canonical, `fqdn`) `name` is selected."""
+        if self.match_name is not None:
+            return name == self.match_name
+        assert self._re is not None
+        return self._re.match(name) is not None
+
+    @property
+    def key(self) -> str:
+        if self.match_name is not None:
+            return f"matchName={self.match_name}"
+        return f"matchPattern={self.match_pattern}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True, slots=True)
+class FQDNSelector:
+    """A `toFQDNs` entry as a peer selector (`selector.PeerSelector`)."""
+
+    match: NameMatch
+
+    @property
+    def key(self) -> str:
+        return FQDN_LABEL_PREFIX + self.match.key
+
+    def matches(self, labels: Labels) -> bool:
+        return self.key in labels
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def fqdn_labels(selectors: list[FQDNSelector] | tuple[FQDNSelector, ...], name: str) -> dict[str, str]:
+    """The `fqdn:` labels an address learned for `name` carries: one per selector matching it."""
+    n = fqdn(name)
+    return {s.key: "" for s in selectors if s.match.matches(n)}
