@@ -26,3 +26,29 @@ class KernelDrop:
     time_ns: int = 0
     endpoint: int = 0
     ifindex: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DNSRecord:
+    """A DNS query the node's DNS proxy judged, or the answer it released (`dnsproxy`'s
+    `DNSEvent`, as the agent hands it on). `kind` is "request" or "response"; `source` the
+    pod, `server` the resolver it asked; `qname` without its trailing dot; `rcode` a name
+    ("NOERROR", "REFUSED", ...; empty when no answer was sent); `time` wall-clock seconds,
+    `latency` seconds from the query to the released answer."""
+
+    kind: str
+    source: tuple[str, int]
+    server: tuple[str, int]
+    qname: str
+    qtype: str
+    protocol: str  # "udp" or "tcp"
+    time: float
+    allowed: bool = True
+    reason: str = ""
+    policies: tuple[str, ...] = ()
+    rcode: str = ""
+    ips: tuple[str, ...] = ()
+    ttl: int = 0
+    cnames: tuple[str, ...] = ()
+    latency: float = 0.0
+    error: str = ""

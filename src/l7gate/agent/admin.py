@@ -13,6 +13,8 @@
     GET    /v1/services                  Services: frontends, backends, whether the datapath serves them
     DELETE /v1/services/[<cluster>/]<ns>/<name>
     GET    /v1/identities, /v1/ipcache
+    GET    /v1/fqdn/cache                what the DNS proxy learned: name, address, TTL left,
+                                         who looked it up, the address's identity (toFQDNs)
     GET    /v1/auth                      mutual-auth entries: pair, node, expiry, last error;
                                          the mTLS tunnel (encryption in transit)
     GET    /v1/clustermesh               the remote clusters: ready, connected, counts, errors
@@ -152,6 +154,8 @@ class AdminHooks:
     health: Callable[[], list[str]] | None = None
     # GET /v1/clustermesh: the remote clusters (None: not in a cluster mesh).
     clustermesh: Callable[[], dict[str, Any]] | None = None
+    # Part of GET /v1/fqdn/cache: the DNS proxy's counters (None: no DNS proxy on this node).
+    dns: Callable[[], dict[str, Any]] | None = None
 
 
 class AdminApp:
@@ -237,6 +241,8 @@ class AdminApp:
                 return 200, {"identities": views.identities(core.view())}, j
             if path == "/v1/ipcache":
                 return 200, {"entries": views.ipcache_entries(core.ipcache)}, j
+            if path == "/v1/fqdn/cache":
+                return 200, {"entries": core.fqdn_rows(), "dns_proxy": self.hooks.dns() if self.hooks.dns else None}, j
             if path == "/v1/auth":
                 if self.hooks.auth is None:
                     return 200, {"enabled": False, "entries": [], "tunnel": None}, j

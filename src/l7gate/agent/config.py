@@ -13,6 +13,8 @@ node or cluster — run side by side on one machine. Defaults suit a single node
             maxConnections: 1024}
     xds: {listen: unix:<stateDir>/xds.sock, apiType: DELTA_GRPC}
     envoy: {enabled: true, concurrency: 1, logLevel: warning, baseId: null}
+    dns: {proxy: true, minTTL: 0, maxIPsPerName: 50, rejectResponseCode: refused}
+                                   # kernel mode: the DNS proxy for toFQDNs and rules.dns (docs/fqdn.md)
     proxy: {engine: envoy}         # or h11: the pure-Python L7 proxy instead of Envoy (docs/h11-engine.md), with
                                    # idleTimeout: 300, headerTimeout: 30, maxConnections: 10000 (h11 only)
     # Envoy's own admin API is a unix socket, <stateDir>/envoy/admin.sock, mode 0600
@@ -122,6 +124,17 @@ class ClusterMeshSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DNSSettings:
+    """The node's DNS proxy (kernel mode): `toFQDNs` and `rules.dns`. Cilium's flags:
+    tofqdns-min-ttl, tofqdns-endpoint-max-ip-per-hostname, tofqdns-dns-reject-response-code."""
+
+    proxy: bool = True
+    min_ttl: int = 0
+    max_ips_per_name: int = 50
+    reject_response_code: str = "refused"  # or nameError
+
+
+@dataclass(frozen=True, slots=True)
 class KubernetesSettings:
     """The Kubernetes API as a source of policies, pods, namespaces and Services
     (docs/kubernetes.md). `kubeconfig`: a kubeconfig file; empty: in-cluster configuration.
@@ -167,6 +180,7 @@ class AgentConfig:
     mtls: MTLSSettings = MTLSSettings()
     clustermesh: ClusterMeshSettings = ClusterMeshSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    dns: DNSSettings = DNSSettings()
 
     def cluster_id_of(self, cluster: str) -> int | None:
         if cluster == self.cluster_name:
@@ -214,7 +228,7 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
     if not isinstance(data, Mapping):
         raise ConfigError(source, (Finding("", "the configuration must be a mapping"),))
     known = {"node", "cluster", "clusters", "stateDir", "admin", "xds", "envoy", "datapath", "observe", "mtls",
-             "clustermesh", "kubernetes", "proxy"}
+             "clustermesh", "kubernetes", "proxy", "dns"}
     for k in data:
         if k not in known:
             errors.append(Finding(str(k), f"unknown field (expected one of: {', '.join(sorted(known))})"))
@@ -321,6 +335,21 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         concurrency=integer(ev.get("concurrency", 1), "envoy.concurrency", 1, 64) or 1,
         log_level=string(ev.get("logLevel", "warning"), "envoy.logLevel") or "warning",
         base_id=integer(ev["baseId"], "envoy.baseId", 0, 1 << 30) if ev.get("baseId") is not None else None,
+    )
+    dn = section("dns", {"proxy", "minTTL", "maxIPsPerName", "rejectResponseCode"})
+    dns_proxy = dn.get("proxy", True)
+    if not isinstance(dns_proxy, bool):
+        errors.append(Finding("dns.proxy", "must be true or false"))
+        dns_proxy = True
+    reject = string(dn.get("rejectResponseCode", "refused"), "dns.rejectResponseCode") or "refused"
+    if reject not in ("refused", "nameError"):
+        errors.append(Finding("dns.rejectResponseCode", f"must be 'refused' or 'nameError', got {reject!r}"))
+        reject = "refused"
+    dns = DNSSettings(
+        proxy=dns_proxy,
+        min_ttl=integer(dn.get("minTTL", 0), "dns.minTTL", 0, 7 * 86400) or 0,
+        max_ips_per_name=integer(dn.get("maxIPsPerName", 50), "dns.maxIPsPerName", 1, 100_000) or 50,
+        reject_response_code=reject,
     )
     px = section("proxy", {"engine", "idleTimeout", "headerTimeout", "maxConnections"})
     engine = string(px.get("engine", "envoy"), "proxy.engine") or "envoy"
@@ -479,6 +508,7 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         mtls=mtls,
         clustermesh=clustermesh,
         kubernetes=kubernetes,
+        dns=dns,
     )
 
 

@@ -38,7 +38,8 @@ from google.protobuf.message import Message
 from ..clustermesh.publisher import MeshPublisher
 from ..clustermesh.types import MeshDelta, MeshError, RemoteEndpoint, RemoteIdentity
 from ..clustermesh.wire import ClusterService, L4Addr, WireError, decode_cluster_service, encode_cluster_service
-from ..identity.allocator import IdentityAllocator
+from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
+from ..identity.fqdncache import FQDNCache
 from ..identity.ipcache import IPCache, IPNetwork
 from ..identity.numeric import Identity, IdentityError
 from ..k8s.objects import (
@@ -51,6 +52,7 @@ from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.resolve import Resolver
+from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.selector import CIDRSelector
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Protocol as L4Protocol
@@ -69,6 +71,7 @@ POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
 SERVICE_PREFIX = PREFIX + "services/"  # <cluster>/<namespace>/<name>
+FQDN_PREFIX = PREFIX + "fqdn/"  # <name>: what the DNS proxy learned for it (identity.fqdncache)
 MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints|services/<key>
 
 
@@ -226,6 +229,11 @@ class AgentCore:
         # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
         # selects it. Prefix → identity number.
         self._cidr_identities: dict[IPNetwork, int] = {}
+        # toFQDNs (docs/fqdn.md): what the DNS proxy learned, the policies' FQDN selectors, and
+        # the local identity of each learned address some selector matches (ip → number, labels).
+        self.fqdn = FQDNCache(config.dns.min_ttl, config.dns.max_ips_per_name)
+        self._fqdn_selectors: tuple[FQDNSelector, ...] = ()
+        self._fqdn_identities: dict[str, tuple[int, Labels]] = {}
         self.services = ServiceTable()
         self._service_docs: dict[str, Any] = {}  # <cluster>/<namespace>/<name> → the object as applied
         self.socket_lb = socket_lb
@@ -274,6 +282,11 @@ class AgentCore:
             else:
                 self.publisher.flush()
                 self._flush_services()
+            # What DNS taught before the restart: learned addresses stay allowed while pods
+            # look them up again (issue: toFQDNs survives an agent restart).
+            self._restore_fqdn()
+            if self.fqdn.ips():
+                self._flush()
 
     # -- apply / delete ----------------------------------------------------------------------
 
@@ -385,6 +398,7 @@ class AgentCore:
             self._policy_docs.update((p.key, doc) for p, doc in changed)
             if changed:
                 self._sync_cidr_identities()
+                self._sync_fqdn_selectors()
             t3 = time.perf_counter()
             if not self.config.mtls.enabled:
                 result.warnings.extend(w for policy, _ in policies for w in _auth_without_mtls(policy))
@@ -579,6 +593,149 @@ class AgentCore:
                 except (IdentityError, KVStoreError):
                     pass  # not held by this run (restored): the number is reclaimed by GC
 
+    # -- toFQDNs ---------------------------------------------------------------------------------
+
+    def _sync_fqdn_selectors(self) -> None:
+        """The policies' `toFQDNs` selectors; when they change, every learned address's labels."""
+        sels: set[FQDNSelector] = set()
+        for policy in self.resolver.repository.policies():
+            for rule in policy.rules:
+                for pr in rule.rules:
+                    sels.update(p for p in pr.peers or () if isinstance(p, FQDNSelector))
+        ordered = tuple(sorted(sels, key=lambda s: s.key))
+        if ordered != self._fqdn_selectors:
+            self._fqdn_selectors = ordered
+            self._sync_fqdn_identities(self.fqdn.ips() | set(self._fqdn_identities))
+
+    def _sync_fqdn_identities(self, ips: Iterable[str]) -> None:
+        """Each address in `ips` gets the local identity labelled with the FQDN selectors that
+        match one of its live names (`cidr:<ip>/32`, `fqdn:<selector>`...), or none when no
+        selector does. A pod's own address keeps the pod's identity."""
+        allocator = self._allocators[self.config.cluster_id]
+        upserted: dict[int, Labels] = {}
+        deleted: list[int] = []
+        released: list[int] = []
+        for ip in sorted(ips):
+            names = self.fqdn.names_of(ip)
+            keys = sorted({sel.key for sel in self._fqdn_selectors for n in names if sel.match.matches(n)})
+            old = self._fqdn_identities.get(ip)
+            net = ipaddress.ip_network(ip)
+            if not keys:
+                if old is not None:
+                    del self._fqdn_identities[ip]
+                    if self.ipcache.get(net) == old[0]:
+                        self.ipcache.delete(net)
+                    deleted.append(old[0])
+                    released.append(old[0])
+                continue
+            labels = fqdn_cidr_labels(net, keys)
+            if old is not None and old[1] == labels:
+                continue
+            ident = allocator.allocate(labels)
+            self._fqdn_identities[ip] = (ident.id, labels)
+            upserted[ident.id] = labels
+            if ip not in self._ip_owner:
+                self.ipcache.upsert(net, ident.id)
+            if old is not None and old[0] != ident.id:
+                deleted.append(old[0])
+                released.append(old[0])
+        if upserted or deleted:
+            still = {i for i, _ in self._fqdn_identities.values()}
+            self._feed(self.resolver.update_identities(upserted, deleted=[d for d in deleted if d not in still]))
+        for ident_id in released:
+            try:
+                allocator.release(ident_id)
+            except (IdentityError, KVStoreError):
+                pass
+
+    def dns_verdict(self, source_ip: str, server_ip: str, qname: str) -> tuple[bool, str, tuple[str, ...]]:
+        """What the egress policy of the local pod at `source_ip` says about a DNS query for
+        `qname` to `server_ip` port 53: (allowed, why, policies). Not a local pod: denied."""
+        with self._lock:
+            ref = self._ip_owner.get(source_ip)
+            rec = self._local_pods.get(ref) if ref is not None else None
+            if rec is None:
+                return False, f"{source_ip} is no local pod", ()
+            try:
+                server = self.ipcache.lookup(server_ip)
+            except IdentityError:
+                return False, f"{server_ip!r} is not an address", ()
+            d = decide(self.resolver.endpoint_policy(rec.identity), Direction.EGRESS, server, 53, L4Protocol.UDP)
+        if d.action is Action.ALLOW and d.auth is None:
+            return True, d.reason, d.policies
+        if d.action is Action.HTTP and d.dns:
+            name = fqdn(qname)
+            if any(m.matches(name) for m in d.dns):
+                return True, f"{qname} matches the DNS rules of {', '.join(d.policies)}", d.policies
+            return False, (f"{qname} matches none of the DNS rules " + ", ".join(str(m) for m in d.dns)), d.policies
+        return False, d.reason or "denied", d.policies
+
+    def dns_learned(self, source_ip: str, answers: Iterable[tuple[str, tuple[str, ...], int]]) -> None:
+        """The DNS proxy's allowed answer for the pod at `source_ip`: (name, addresses, TTL) per
+        name. Returns once the addresses are in the ipcache, the kernel and Envoy (the proxy
+        releases the answer then), and in the store."""
+        with self._lock:
+            now = time.time()
+            who = self._ip_owner.get(source_ip, source_ip)
+            changed: set[str] = set()
+            names: set[str] = set()
+            for name, ips, ttl in answers:
+                changed |= self.fqdn.learn(name, ips, ttl, now, who)
+                names.add(fqdn(name))
+            self._persist_fqdn(names)
+            if changed:
+                self._view = None
+                self._sync_fqdn_identities(changed)
+                self._flush()
+                self.revision += 1
+
+    def expire_fqdn(self, now: float | None = None) -> int:
+        """Drop learned addresses whose TTL ran out (open connections are kept: the kernel's
+        conntrack); how many addresses changed."""
+        with self._lock:
+            before = {r.name for r in self.fqdn.rows()}
+            changed = self.fqdn.expire(time.time() if now is None else now)
+            if not changed:
+                return 0
+            after = {r.name for r in self.fqdn.rows()}
+            self._persist_fqdn(before - after)
+            self._view = None
+            self._sync_fqdn_identities(changed)
+            self._flush()
+            self.revision += 1
+            return len(changed)
+
+    def _persist_fqdn(self, names: Iterable[str]) -> None:
+        for name in names:
+            data = self.fqdn.name_json(name)
+            try:
+                if data is None:
+                    self.store.delete(FQDN_PREFIX + name)
+                else:
+                    self.store.put(FQDN_PREFIX + name, json.dumps(data, sort_keys=True).encode())
+            except KVStoreError:
+                pass  # kept in memory; the next answer or expiry writes it again
+
+    def _restore_fqdn(self) -> None:
+        now = time.time()
+        changed: set[str] = set()
+        for key, value in self.store.list_prefix(FQDN_PREFIX):
+            try:
+                changed |= self.fqdn.load_name(key[len(FQDN_PREFIX):], json.loads(value), now)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a corrupt record teaches nothing
+        if changed:
+            self._sync_fqdn_identities(changed)
+
+    def fqdn_rows(self) -> list[dict[str, Any]]:
+        """`l7gate fqdn cache list`: every learned (name, address), its TTL left, who asked,
+        and the identity the address has (None: no toFQDNs selector matches its names)."""
+        with self._lock:
+            now = time.time()
+            return [{"name": r.name, "ip": r.ip, "ttl": r.ttl, "expires_in": round(max(0.0, r.expires - now), 1),
+                     "sources": list(r.sources),
+                     "identity": (self._fqdn_identities.get(r.ip) or (None,))[0]} for r in self.fqdn.rows()]
+
     def delete_policy(self, key: str) -> bool:
         with self._lock:
             if key not in self._policy_docs:
@@ -587,6 +744,7 @@ class AgentCore:
             self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
             self._sync_cidr_identities()
+            self._sync_fqdn_selectors()
             self.store.delete(POLICY_PREFIX + key)
             self._flush()
             self.revision += 1

@@ -52,7 +52,10 @@ from ..observe.kernel_flows import SOURCE_KERNEL
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
+from ..dnsproxy import DNSAnswer, DNSEvent, DNSProxy, DNSVerdict
 from ..l7proxy.h11engine import EngineLimits, EnginePort, H11Engine
+from ..observe.dns_flows import SOURCE_DNS
+from ..records import DNSRecord
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import LISTENER, SnapshotCache
 from ..xds.server import XdsServer
@@ -95,6 +98,7 @@ class Agent:
     mesh_config_errors: tuple[str, ...] = ()
     kube: Watcher | None = None  # the Kubernetes API as a source (kubernetes.enabled)
     engine: H11Engine | None = None  # proxy.engine: h11, instead of Envoy
+    dns: DNSProxy | None = None  # kernel mode: the DNS proxy of toFQDNs and rules.dns
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
@@ -119,6 +123,8 @@ class Agent:
             self.envoy.stop()
         if self.engine is not None:
             self.engine.stop()
+        if self.dns is not None:
+            self.dns.stop()
         self.xds.stop()
         self.ingestor.stop()
         self.store.close()
@@ -243,6 +249,9 @@ def start_agent(config: AgentConfig) -> Agent:
         watch.add_check(kube.problems)
     if engine is not None:
         watch.add_check(engine.problems)
+    dns = _start_dns_proxy(config, core, ingestor) if kernel is not None and config.dns.proxy else None
+    if dns is not None:
+        watch.add_check(dns.problems)
     hooks = AdminHooks(
         status=lambda: views.status(agent),
         xds_status=lambda: agent.xds.status_json(),
@@ -253,12 +262,13 @@ def start_agent(config: AgentConfig) -> Agent:
         tunnel=mtls.tunnels.status if mtls is not None and mtls.tunnels is not None else None,
         health=watch.problems,
         clustermesh=lambda: views.clustermesh(agent),
+        dns=dns.status if dns is not None else None,
     )
     admin = AdminServer(AdminApp(core, hooks, token), config.admin_listen, group=config.admin_group,
                         limits=Limits(max_connections=max_conns))
     agent = Agent(config, store, cache, xds, core, envoy, admin, metrics, als, time.monotonic(),
                   datapath_info, drops, flows=flows, ingestor=ingestor, watch=watch, mtls=mtls,
-                  local_mesh=local_mesh, mesh=mesh, kube=kube, engine=engine)
+                  local_mesh=local_mesh, mesh=mesh, kube=kube, engine=engine, dns=dns)
     if mesh is not None:
         mesh.start()
         if config.clustermesh.config_dir:
@@ -302,6 +312,44 @@ def _start_h11_engine(config: AgentConfig, core: AgentCore, ingestor: Ingestor) 
     core.exclusive(follow_ports)
     log(f"L7 proxy: the h11 engine ({engine.status()['loop']}), not Envoy")
     return engine
+
+
+def _start_dns_proxy(config: AgentConfig, core: AgentCore, ingestor: Ingestor) -> DNSProxy:
+    """Kernel mode: the node's transparent DNS proxy on port 53 (docs/fqdn.md). The datapath
+    sends it the queries of pods whose egress policy has DNS rules; it asks the core's policy,
+    and hands the core each allowed answer's addresses before the pod gets it. Its events are
+    flows; a thread expires learned addresses."""
+
+    def judge(src: str, server: str, qname: str, qtype: str) -> DNSVerdict:
+        allowed, why, policies = core.dns_verdict(src, server, qname)
+        return DNSVerdict(allowed, why, policies)
+
+    def on_answer(src: str, answers: list[DNSAnswer]) -> None:
+        core.dns_learned(src, [(a.name, a.ips, a.ttl) for a in answers])
+
+    def on_event(ev: DNSEvent) -> None:
+        v = ev.verdict
+        ingestor.offer(SOURCE_DNS, [DNSRecord(
+            ev.kind, ev.source, ev.server, ev.qname, ev.qtype, ev.protocol, ev.time,
+            allowed=v.allowed if v is not None else True, reason=v.reason if v is not None else "",
+            policies=v.policies if v is not None else (), rcode=ev.rcode, ips=ev.ips, ttl=ev.ttl,
+            cnames=ev.cnames, latency=ev.latency, error=ev.error)])
+
+    proxy = DNSProxy(judge, on_answer, on_event, listen=("0.0.0.0", 53), transparent=True,
+                     refused_rcode=config.dns.reject_response_code, log=log)
+    proxy.start()
+
+    def expire() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                core.expire_fqdn()
+            except Exception as exc:  # noqa: BLE001 - expiry must go on
+                log(f"fqdn: expiry failed: {exc}")
+
+    threading.Thread(target=expire, name="l7g-fqdn-expiry", daemon=True).start()
+    log("DNS proxy on :53 (udp, tcp) for toFQDNs and rules.dns")
+    return proxy
 
 
 def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, IptablesRedirect | None, dict[str, Any]]:

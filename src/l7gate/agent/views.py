@@ -192,6 +192,8 @@ def status(agent: Agent) -> dict[str, Any]:
             "last_exit": env.last_exit.describe() if env.last_exit else None,
             "error": env.error,
         },
+        # The DNS proxy of toFQDNs/rules.dns (kernel mode), and what it taught.
+        "dns_proxy": None if agent.dns is None else {**agent.dns.status(), "learned": len(agent.core.fqdn)},
         # The L7 enforcer: Envoy (above) or the h11 engine, with its listeners and counters.
         "proxy": agent.engine.status() if agent.engine is not None else {
             "engine": "envoy" if agent.envoy is not None else "none"},

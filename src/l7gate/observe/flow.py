@@ -161,10 +161,25 @@ class HTTP:
 
 
 @dataclass(frozen=True, slots=True)
+class DNS:
+    """A DNS query or answer, as Hubble shows it (`l7.dns`): the name with its trailing dot,
+    the answer's addresses and TTL, its CNAMEs, its rcode (0 NOERROR, 3 NXDOMAIN, 5 REFUSED)."""
+
+    query: str = ""
+    ips: tuple[str, ...] = ()
+    ttl: int = 0
+    cnames: tuple[str, ...] = ()
+    rcode: int = 0
+    qtypes: tuple[str, ...] = ()
+    observation_source: str = "proxy"
+
+
+@dataclass(frozen=True, slots=True)
 class Layer7:
     type: L7Type = L7Type.UNKNOWN_L7_TYPE
     latency_ns: int = 0
     http: HTTP | None = None
+    dns: DNS | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +312,21 @@ def flow_to_json(f: Flow) -> dict[str, Any]:
             if h.headers:
                 http["headers"] = [{"key": k, "value": v} for k, v in h.headers]
             l7["http"] = http
+        dn = f.l7.dns
+        if dn is not None:
+            dns: dict[str, Any] = {"query": dn.query}
+            if dn.ips:
+                dns["ips"] = list(dn.ips)
+            if dn.ttl:
+                dns["ttl"] = dn.ttl
+            if dn.cnames:
+                dns["cnames"] = list(dn.cnames)
+            if dn.rcode:
+                dns["rcode"] = dn.rcode
+            if dn.qtypes:
+                dns["qtypes"] = list(dn.qtypes)
+            dns["observation_source"] = dn.observation_source
+            l7["dns"] = dns
         out["l7"] = l7
     out["event_type"] = {"type": f.event_type}
     out["traffic_direction"] = f.traffic_direction.value
@@ -410,10 +440,25 @@ def flow_from_json(obj: object) -> Flow:
                 protocol=_str(hd.get("protocol"), "flow.l7.http.protocol"),
                 headers=safe_headers(pairs),
             )
+        dns: DNS | None = None
+        if l7d.get("dns") is not None:
+            dd = _map(l7d["dns"], "flow.l7.dns")
+            lists = {}
+            for k in ("ips", "cnames", "qtypes"):
+                v = dd.get(k) or []
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise FlowDecodeError(f"flow.l7.dns.{k}: expected a list of strings")
+                lists[k] = tuple(v)
+            dns = DNS(query=_str(dd.get("query"), "flow.l7.dns.query"), ips=lists["ips"],
+                      ttl=_int(dd.get("ttl"), "flow.l7.dns.ttl"), cnames=lists["cnames"],
+                      rcode=_int(dd.get("rcode"), "flow.l7.dns.rcode"), qtypes=lists["qtypes"],
+                      observation_source=_str(dd.get("observation_source"), "flow.l7.dns.observation_source")
+                      or "proxy")
         l7 = Layer7(
             type=_enum(L7Type, l7d.get("type"), "flow.l7.type", L7Type.UNKNOWN_L7_TYPE),
             latency_ns=_int(l7d.get("latency_ns"), "flow.l7.latency_ns"),
             http=http,
+            dns=dns,
         )
     pm = d.get("policy_match") or []
     if not isinstance(pm, list) or not all(isinstance(x, str) for x in pm):

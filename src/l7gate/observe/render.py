@@ -53,6 +53,8 @@ def peer(e: Endpoint, local: str) -> str:
 
 def type_label(f: Flow) -> str:
     if f.type is FlowType.L7:
+        if f.l7 is not None and f.l7.dns is not None:
+            return "dns-response" if f.l7.type is L7Type.RESPONSE else "dns-request"
         if f.l7 is not None and f.l7.http is not None:
             if f.l7.type is L7Type.RESPONSE:
                 return "http-response"

@@ -8,17 +8,20 @@ source cluster's view and ingress with the destination cluster's, as the two age
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..identity.allocator import IdentityAllocator
+from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
 from ..identity.numeric import IdentityError, reserved_identity
 from ..k8s.manifests import load
 from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.errors import PolicyValidationError
-from ..policy.evaluate import Flow, Layer, Peer, Verdict, evaluate
+from ..policy.evaluate import WORLD_ID, Flow, Layer, Peer, Verdict, evaluate
+from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.types import HTTPRequest, Protocol, Rule
 
@@ -45,6 +48,11 @@ class TraceRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     authenticated: bool = False
     cluster_name: str = "default"
+    # A DNS query (to port 53): judged by the `rules.dns` of the source's egress.
+    dns_query: str | None = None
+    # A snapshot of what the DNS proxy learned (name → addresses, `l7gate fqdn cache list`): an
+    # address destination is then labelled with the toFQDNs selectors of its names.
+    fqdn_cache: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +191,9 @@ def run_trace(req: TraceRequest) -> TraceResult:
             if ref == "world":
                 w = reserved_identity("world")
                 return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
+            address = _address(ref)
+            if address is not None and not any(p.ip == address for p in pods):
+                return _address_party(address, docs, req)
             pod = _find_pod(ref, pods)
             try:
                 labels = pod_identity_labels(pod, namespace_of(pod, namespaces))
@@ -207,7 +218,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
         host=req.host or "",
         headers={k.lower(): v for k, v in req.headers.items()},
     )
-    flow = Flow(src.peer, dst.peer, req.port, Protocol(req.protocol), http, req.authenticated)
+    flow = Flow(src.peer, dst.peer, req.port, Protocol(req.protocol), http, req.authenticated, req.dns_query)
 
     egress = Verdict(True, None)
     if src.peer.managed:
@@ -235,6 +246,50 @@ def run_trace(req: TraceRequest) -> TraceResult:
     )
 
 
+def _address(ref: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(ref))
+    except ValueError:
+        return None
+
+
+def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest) -> Party:
+    """An address outside the inventory: its CIDR identity's labels, plus the `fqdn:` labels
+    of the policies' toFQDNs selectors that match a name the cache snapshot gives it (as the
+    agent labels an address its DNS proxy learned)."""
+    names = [fqdn(n) for n, ips in req.fqdn_cache.items() if ip in ips]
+    selectors: set[FQDNSelector] = set()
+    for doc in docs:
+        try:
+            policy = parse_policy(doc, cluster_name=req.cluster_name)
+        except PolicyValidationError:
+            continue  # reported where the rules are read
+        for rule in policy.rules:
+            for pr in rule.rules:
+                selectors.update(p for p in pr.peers or () if isinstance(p, FQDNSelector))
+    keys = sorted({s.key for s in selectors for n in names if s.match.matches(n)})
+    labels = fqdn_cidr_labels(ipaddress.ip_network(ip), keys)
+    shown = f"{ip} ({', '.join(n.rstrip('.') for n in names)})" if names else ip
+    return Party(shown, "", ip, WORLD_ID, Peer(WORLD_ID, labels, managed=False, name=shown))
+
+
+def load_fqdn_cache(text: str) -> dict[str, tuple[str, ...]]:
+    """A cache snapshot: `{name: [ip, ...]}`, or what `l7gate fqdn cache list -o json` prints."""
+    data = json.loads(text)
+    out: dict[str, set[str]] = {}
+    if isinstance(data, dict) and isinstance(data.get("entries"), list):
+        for e in data["entries"]:
+            out.setdefault(str(e["name"]), set()).add(str(ipaddress.ip_address(e["ip"])))
+    elif isinstance(data, dict):
+        for name, ips in data.items():
+            if not isinstance(ips, list):
+                raise ValueError(f"{name}: expected a list of addresses")
+            out.setdefault(str(name), set()).update(str(ipaddress.ip_address(ip)) for ip in ips)
+    else:
+        raise ValueError("expected {name: [addresses]} or the output of `l7gate fqdn cache list -o json`")
+    return {n: tuple(sorted(v)) for n, v in out.items()}
+
+
 def _one_side(flow: Flow, *, source_managed: bool) -> Flow:
     s, d = flow.source, flow.destination
     return Flow(
@@ -244,6 +299,7 @@ def _one_side(flow: Flow, *, source_managed: bool) -> Flow:
         flow.protocol,
         flow.http,
         flow.authenticated,
+        flow.dns,
     )
 
 
@@ -260,7 +316,9 @@ def format_trace_text(r: TraceResult) -> str:
     req = r.request
     what = f"{req.protocol}/{req.port}"
     lines.append(f"Trace {r.source.ref} -> {r.destination.ref} on {what}")
-    if v.redirected or not r.http_defaulted:
+    if req.dns_query is not None:
+        lines.append(f"  DNS query {fqdn(req.dns_query)}")
+    elif v.redirected or not r.http_defaulted:
         lines.append(
             f"  HTTP {r.http.method} {r.http.path}"
             + (f" host {r.http.host}" if r.http.host else "")
@@ -290,7 +348,10 @@ def format_trace_text(r: TraceResult) -> str:
         lines.append(f"Verdict: ALLOWED{how}")
     else:
         assert v.layer is not None
-        lines.append(f"Verdict: DENIED {_LAYER_TEXT[v.layer]}")
+        if v.layer is Layer.L7 and req.dns_query is not None:
+            lines.append("Verdict: DENIED at L7: the DNS proxy answers REFUSED (Policy denied (L7))")
+        else:
+            lines.append(f"Verdict: DENIED {_LAYER_TEXT[v.layer]}")
     if v.policies:
         lines.append(f"Policies: {', '.join(v.policies)}")
     return "\n".join(lines)

@@ -15,7 +15,11 @@ tested against, so it is written to be read next to Cilium's documentation:
      wins), the flow needs a valid auth entry, and `test-always-fail` never has one.
   7. If any matching allow has no L7 rules, L7 is not restricted (an L4 allow makes L7 rules on
      that port moot). Otherwise the request must match one HTTP rule of one matching allow, on
-     the normalized path; otherwise it is denied at L7 (Envoy answers 403).
+     the normalized path; otherwise it is denied at L7 (Envoy answers 403). A DNS query (egress
+     to port 53 under `rules.dns`) must match one name rule (`matchName`/`matchPattern`);
+     otherwise the DNS proxy refuses it.
+  `toFQDNs` peers select the addresses learned from DNS answers: a peer's labels carry
+  `fqdn:<selector>` for each selector matching a name it was learned for (`policy.fqdn`).
   An identity the caller does not know is `world`.
 """
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .labels import Labels, reserved
+from .fqdn import NameMatch, fqdn
 from .pathnorm import normalize_path
 from .types import AuthMode, Direction, HTTPRequest, HTTPRule, PeerRule, PortRule, Protocol, Rule
 
@@ -57,6 +62,7 @@ class Flow:
     protocol: Protocol = Protocol.TCP
     http: HTTPRequest | None = None
     authenticated: bool = False  # a valid auth entry exists for (source, destination)
+    dns: str | None = None  # a DNS query for this name (to port 53), judged by `rules.dns`
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,16 +172,33 @@ def _evaluate_direction(
         side.reasons.append(f"{d}: mutual authentication required and present")
 
     l7_rules: list[tuple[PeerRule, HTTPRule]] = []
+    dns_rules: list[tuple[PeerRule, NameMatch]] = []
     l4_only = [pr for pr, port in allows if port.l7 is None]
     for pr, port in allows:
         if port.l7 is not None:
             side.redirected = True
             l7_rules.extend((pr, h) for h in port.l7.http)
+            dns_rules.extend((pr, m) for m in port.l7.dns)
     if l4_only:
         side.reasons.append(
             f"{d}: allowed at L3/L4 on {where} by {', '.join(sorted(str(p.origin) for p in l4_only))}"
             + ("; L7 rules on this port are moot" if l7_rules else "")
         )
+        return side
+    if dns_rules and not l7_rules:
+        side.reasons.append(f"{d}: L3/L4 allows {where} by {', '.join(origins)}; DNS rules apply (the DNS proxy)")
+        if flow.dns is None:
+            side.reasons.append(f"{d}: no DNS query given; each query is checked by the DNS proxy")
+            return side
+        name = fqdn(flow.dns)
+        dhits = [(pr, m) for pr, m in dns_rules if m.matches(name)]
+        if dhits:
+            side.policies = {pr.origin.policy for pr, _ in dhits}
+            side.reasons.append(f"{d}: DNS query {name} matches {dhits[0][1]} of {dhits[0][0].origin}")
+            return side
+        side.allowed, side.layer = False, Layer.L7
+        side.reasons.append(f"{d}: Policy denied (L7): DNS query {name} matches none of the DNS rules "
+                            + ", ".join(str(m) for _, m in dns_rules) + "; the DNS proxy answers REFUSED")
         return side
     side.reasons.append(f"{d}: L3/L4 allows {where} by {', '.join(origins)}; HTTP rules apply")
     if flow.http is None:
