@@ -90,3 +90,15 @@ def test_compression_writes_named_peers_only_where_they_differ() -> None:
     a_entries = [k for k in entries if k.peer == A]
     assert [(k.proto, k.port, k.port_prefix) for k in a_entries] == [(6, 8080, 16)]
 
+
+
+def test_dns_rules_redirect_to_the_dns_proxy_and_http_rules_do_not_carry_the_flag() -> None:
+    from l7gate.policy.fqdn import NameMatch
+    from l7gate.policy.mapstate import Action, Decision
+    from l7gate.policy.types import HTTPRule
+    from l7gate.redirect_bpf.compile import KAction, KFlag, kernel_value
+
+    dns = kernel_value(Decision(Action.HTTP, dns=(NameMatch.pattern("*.example.test"),)))
+    assert dns.action is KAction.REDIRECT and dns.flags & KFlag.DNS
+    http = kernel_value(Decision(Action.HTTP, http=(HTTPRule(method="GET"),)))
+    assert http.action is KAction.REDIRECT and not http.flags & KFlag.DNS
