@@ -24,7 +24,7 @@ Measured, per round and engine, after a 1 s warm-up:
    connection kept (no body: Envoy closes a connection whose denied request has a body unread).
 3. CPU per request: utime + stime of every thread (/proc/<pid>/stat) from just before wrk
    starts until the agent has ingested the run's access logs (`l7gate_flow_events_total{source=
-   "als"}` in /metrics has grown by at least the requests wrk completed, plus any counted lost,
+   "als"}` (the h11 engine: source="h11") in /metrics has grown by at least the requests wrk completed, plus any counted lost,
    and stopped moving), divided by the requests wrk completed. h11: the agent process (the
    engine is a thread of it, its access logs go straight to the ingestion). Envoy: the Envoy
    process plus the agent process (which receives Envoy's access logs over gRPC and turns them
@@ -83,7 +83,8 @@ ALLOWED = ("POST", "/v1/charge", '{"amount": 1}')
 DENIED = ("GET", "/v1/transactions", "")
 ENGINES = ("envoy", "h11")
 TICK = os.sysconf("SC_CLK_TCK")
-EVENTS = re.compile(r'^l7gate_flow_events(_lost)?_total\{source="als"\} ([0-9.e+]+)$', re.M)
+# Envoy's access log entries arrive as source "als"; the h11 engine's requests as "h11".
+EVENTS = re.compile(r'^l7gate_flow_events(_lost)?_total\{source="(?:als|h11)"\} ([0-9.e+]+)$', re.M)
 
 
 def seed_policies() -> list[dict[str, Any]]:

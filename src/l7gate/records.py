@@ -52,3 +52,25 @@ class DNSRecord:
     cnames: tuple[str, ...] = ()
     latency: float = 0.0
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRecord:
+    """One request the h11 engine judged: what an Envoy HTTP access log entry says of it (the
+    fields `observe.envoy_flows.http_log_flows` reads), without the protobuf round trip.
+    `start` and `first_upstream_byte` are wall-clock seconds; `details` is Envoy's
+    response_code_details; `action` the RBAC action name (`allow|…`, `deny-l7|…`)."""
+
+    start: float
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    method: str = ""
+    authority: str = ""
+    path: str = ""
+    user_agent: str = ""
+    request_id: str = ""
+    code: int = 0
+    details: str = ""
+    action: str = ""
+    upstream: tuple[str, int] | None = None
+    first_upstream_byte: float | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 from collections import deque
+from collections.abc import Sequence
 import sys
 import threading
 import time
@@ -55,7 +56,8 @@ from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
 from ..dnsproxy import DNSAnswer, DNSEvent, DNSProxy, DNSVerdict
 from ..l7proxy.h11engine import EngineLimits, EnginePort, H11Engine
 from ..observe.dns_flows import SOURCE_DNS
-from ..records import DNSRecord
+from ..observe.envoy_flows import SOURCE_H11
+from ..records import DNSRecord, HTTPRecord
 from ..l7proxy.supervisor import EnvoyOptions, EnvoySupervisor
 from ..xds.cache import LISTENER, SnapshotCache
 from ..xds.server import XdsServer
@@ -300,8 +302,11 @@ def _start_h11_engine(config: AgentConfig, core: AgentCore, ingestor: Ingestor) 
                            "Envoy")
     limits = EngineLimits(idle_timeout=config.proxy_idle_timeout, header_timeout=config.proxy_header_timeout,
                           max_connections=config.proxy_max_connections)
-    engine = H11Engine(_CorePolicy(core), auth_verified=core.kernel is not None,
-                       on_access_logs=ingestor.http_access_logs, limits=limits, log=log)
+    def on_records(recs: Sequence[HTTPRecord]) -> None:
+        ingestor.offer(SOURCE_H11, recs)
+
+    engine = H11Engine(_CorePolicy(core), auth_verified=core.kernel is not None, on_records=on_records,
+                       limits=limits, log=log)
     engine.start()
 
     def follow_ports() -> None:

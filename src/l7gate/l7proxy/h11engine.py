@@ -26,9 +26,11 @@ client, CLIENT towards the pod), and each request is judged on its own (pipeline
    revision changes, so a policy change applies to the next request on an open connection, as
    Envoy's RBAC per request does.
 
-Every request gives one Envoy-format access log entry (`HTTPAccessLogEntry`, with the RBAC
-action name where Envoy puts it) to `on_access_logs`: the agent feeds them to the same flow
-ingestion as Envoy's, so flows, their reasons and the flow metrics are the same.
+Every request gives one `records.HTTPRecord` — what Envoy's access log entry says of it, the
+RBAC action name included — to `on_records`; the agent's flow ingestion turns it into the flows
+`observe.envoy_flows.http_log_flows` gives for Envoy's entry of the same request (held equal by
+tests/unit/test_h11_flows.py, through `access_log_entry`), so flows, their reasons and the
+flow metrics are the same.
 
 Bounded per connection: the head (h11's `max_incomplete_event_size`), bodies are streamed with
 back-pressure, never buffered; timeouts for an idle connection, an incomplete head, a stalled
@@ -52,13 +54,14 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import Any, Protocol
 
 import h11
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from ..policy.httpverdict import RequestVerdict, request_verdict
+from ..records import HTTPRecord
 from ..policy.mapstate import Decision
 from ..policy.pathnorm import normalize_path
 from ..policy.types import HTTPRequest
@@ -306,7 +309,7 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
-def access_log_entry(log: _Log) -> accesslog_pb2.HTTPAccessLogEntry:
+def access_log_entry(log: HTTPRecord) -> accesslog_pb2.HTTPAccessLogEntry:
     """The Envoy access log entry Envoy would have written for this request (the fields the
     flows read: observe.envoy_flows). Fields are set in place: no message is built twice."""
     e = accesslog_pb2.HTTPAccessLogEntry(protocol_version=accesslog_pb2.HTTPAccessLogEntry.HTTP11)
@@ -341,40 +344,19 @@ def access_log_entry(log: _Log) -> accesslog_pb2.HTTPAccessLogEntry:
     return e
 
 
-class _LazyEntries(Sequence[accesslog_pb2.HTTPAccessLogEntry]):
-    """A batch of requests' access log entries, each built when it is first read."""
-
-    def __init__(self, logs: list[_Log]) -> None:
-        self._logs = logs
-
-    def __len__(self) -> int:
-        return len(self._logs)
-
-    @overload
-    def __getitem__(self, i: int) -> accesslog_pb2.HTTPAccessLogEntry: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[accesslog_pb2.HTTPAccessLogEntry]: ...
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [access_log_entry(log) for log in self._logs[i]]
-        return access_log_entry(self._logs[i])
-
-
 class H11Engine:
     def __init__(
         self,
         source: PolicySource,
         *,
         auth_verified: bool = False,
-        on_access_logs: Callable[[Sequence[accesslog_pb2.HTTPAccessLogEntry]], None] | None = None,
+        on_records: Callable[[Sequence[HTTPRecord]], None] | None = None,
         limits: EngineLimits = EngineLimits(),
         log: Callable[[str], None] = lambda _msg: None,
     ) -> None:
         self.source = source
         self.auth_verified = auth_verified
-        self.on_access_logs = on_access_logs
+        self.on_records = on_records
         self.limits = limits
         self._log = log
         self.stats = EngineStats()
@@ -389,7 +371,7 @@ class H11Engine:
         # Verdicts of decisions whose rules read no header, by (decision, method, path, host):
         # RE2 matching was a tenth of a request's CPU. Cleared with the decisions.
         self._verdicts: dict[tuple[Decision, str, str, str], RequestVerdict] = {}
-        self._pending_logs: list[_Log] = []
+        self._pending_logs: list[HTTPRecord] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[_Timer] = set()
         self._started = 0.0
@@ -974,17 +956,18 @@ class H11Engine:
     # -- access logs --------------------------------------------------------------------------
 
     def _emit(self, log: _Log) -> None:
-        if self.on_access_logs is None:
+        if self.on_records is None:
             return
         if not self._pending_logs and self._loop is not None:
             self._loop.call_later(0.02, self._flush_logs)
-        self._pending_logs.append(log)
+        self._pending_logs.append(HTTPRecord(log.start, log.src, log.dst, log.method, log.authority, log.path,
+                                             log.user_agent, log.request_id, log.code, log.details, log.action,
+                                             log.upstream, log.first_upstream_byte))
 
     def _flush_logs(self) -> None:
         batch, self._pending_logs = self._pending_logs, []
-        if batch and self.on_access_logs is not None:
+        if batch and self.on_records is not None:
             try:
-                # Built where they are read (the flow ingestion thread), not on this loop.
-                self.on_access_logs(_LazyEntries(batch))
+                self.on_records(batch)
             except Exception as exc:  # noqa: BLE001 - flows must never stop the proxy
                 self._log(f"h11 engine: access logs dropped: {exc}")

@@ -63,9 +63,11 @@ from .flow import (
     clip_url,
     safe_headers,
 )
+from ..records import HTTPRecord
 from .ingest_context import IngestContext, MalformedEvent, PeerInfo, endpoint
 
 SOURCE_ALS = "als"
+SOURCE_H11 = "h11"  # the h11 engine's requests (`records.HTTPRecord`): `http_record_flows`
 SOURCE_ALS_TCP = "als-tcp"
 _ENTRY_TYPE = "envoy.data.accesslog.v3.HTTPAccessLogEntry"
 _TCP_ENTRY_TYPE = "envoy.data.accesslog.v3.TCPAccessLogEntry"
@@ -451,3 +453,63 @@ def _response_headers(resp: HTTPResponseProperties) -> tuple[tuple[str, str], ..
         return ()
     return safe_headers(resp.response_headers.items())
 
+
+
+def http_record_flows(rec: HTTPRecord, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The flows of one request the h11 engine judged: exactly what `http_log_flows` gives for
+    the Envoy access log entry of the same request (tests/unit/test_h11_flows.py holds them
+    equal), read from the record directly (no protobuf built and read back: the engine shares
+    its process with this thread)."""
+    if not isinstance(rec, HTTPRecord):
+        raise MalformedEvent(f"expected an HTTPRecord, got {type(rec).__name__}")
+    src_addr, src_port = rec.src
+    dst_addr, dst_port = rec.dst
+    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
+    src, dst = endpoint(src_addr, src_port, src_info), endpoint(dst_addr, dst_port, dst_info)
+    if dst_info.local:
+        direction = TrafficDirection.INGRESS
+    elif src_info.local:
+        direction = TrafficDirection.EGRESS
+    else:
+        direction = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
+    t0 = int(rec.start * 1e9) or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start {rec.start} is not a time")
+    method = rec.method if rec.method in KNOWN_METHODS else ""
+    url = clip_url(f"http://{rec.authority}{rec.path}")
+    code, details, node = rec.code, rec.details, ctx.node_name
+    known: list[tuple[str, str]] = []
+    if rec.user_agent:
+        known.append(("user-agent", rec.user_agent[:MAX_HEADER_VALUE]))
+    if rec.request_id:
+        known.append(("x-request-id", rec.request_id[:MAX_HEADER_VALUE]))
+    req_headers = tuple(known)
+    proto = "HTTP/1.1"
+    if details.startswith(_RBAC_DENIED):
+        kind, pols = _policies(details[len(_RBAC_DENIED):].rstrip("]"))
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        return (Flow(time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
+                     drop_reason_desc=reason, l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                     traffic_direction=direction, policy_match=_split(pols), summary=reason, node_name=node),)
+    kind, pols = _policies(rec.action)
+    upstream = rec.upstream is not None
+    answered = details == _VIA_UPSTREAM or (not details and upstream and code > 0)
+    if kind == "allow" or answered or upstream:
+        policies = _split(pols)
+        latency = int((rec.first_upstream_byte - rec.start) * 1e9) if rec.first_upstream_byte is not None else 0
+        latency = max(0, latency)
+        if not 0 <= latency <= _MAX_TIME_NS - t0:
+            raise MalformedEvent(f"latency {latency} ns is not a duration")
+        request = Flow(time=t0, verdict=Verdict.FORWARDED, type=FlowType.L7, source=src, destination=dst,
+                       l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
+                       traffic_direction=direction, policy_match=policies,
+                       summary=f"{method} {url}" if method else url, node_name=node)
+        response = Flow(time=t0 + latency, verdict=Verdict.FORWARDED if answered else Verdict.ERROR, type=FlowType.L7,
+                        source=dst, destination=src,
+                        l7=Layer7(L7Type.RESPONSE, latency, HTTP(code, method, url, proto, ())),
+                        traffic_direction=direction, is_reply=True, policy_match=policies,
+                        summary=str(code) if answered else f"{code} {details}".strip(), node_name=node)
+        return (request, response)
+    return (Flow(time=t0, verdict=Verdict.ERROR, type=FlowType.L7, source=src, destination=dst,
+                 l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                 traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node),)

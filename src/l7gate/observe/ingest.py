@@ -10,7 +10,8 @@ input it cannot read (`ingest_context` holds what converters share). The sources
   received over gRPC by `als.AccessLogReceiver`), converted by `envoy_flows.http_log_flows`;
 - ``als-tcp``: the mTLS tunnel listener's TCP access log entries, `envoy_flows.tcp_log_flows`;
 - ``bpf-drop``: the kernel datapath's drops (`records.KernelDrop`), `kernel_flows.kernel_drop_flows`;
-- ``dns``: the node's DNS proxy's queries and answers (`records.DNSRecord`), `dns_flows.dns_flows`.
+- ``dns``: the node's DNS proxy's queries and answers (`records.DNSRecord`), `dns_flows.dns_flows`;
+- ``h11``: the h11 engine's requests (`records.HTTPRecord`), `envoy_flows.http_record_flows`.
 
 Mutual authentication would plug in the same way, without touching the ring, the filters, the
 renderers or the metrics: an ``auth`` source with an `AuthEvent` (identity pair, handshake
@@ -40,7 +41,8 @@ from typing import Any
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry, TCPAccessLogEntry
 
 from .dns_flows import SOURCE_DNS, dns_flows
-from .envoy_flows import KNOWN_METHODS, SOURCE_ALS, SOURCE_ALS_TCP, http_log_flows, tcp_log_flows
+from .envoy_flows import (KNOWN_METHODS, SOURCE_ALS, SOURCE_ALS_TCP, SOURCE_H11, http_log_flows, http_record_flows,
+                          tcp_log_flows)
 from .flow import Flow, Verdict
 from .ingest_context import IngestContext
 from .kernel_flows import SOURCE_KERNEL, kernel_drop_flows
@@ -101,7 +103,7 @@ class Ingestor:
         self.ctx = ctx
         self.converters: dict[str, Converter] = dict(
             converters or {SOURCE_ALS: http_log_flows, SOURCE_KERNEL: kernel_drop_flows,
-                           SOURCE_ALS_TCP: tcp_log_flows, SOURCE_DNS: dns_flows}
+                           SOURCE_ALS_TCP: tcp_log_flows, SOURCE_DNS: dns_flows, SOURCE_H11: http_record_flows}
         )
         self.max_pending = max_pending
         self._stats = IngestStats()
