@@ -234,6 +234,12 @@ class AgentCore:
         self.fqdn = FQDNCache(config.dns.min_ttl, config.dns.max_ips_per_name)
         self._fqdn_selectors: tuple[FQDNSelector, ...] = ()
         self._fqdn_identities: dict[str, tuple[int, Labels]] = {}
+        # The expiry last written per name (a refresh that extends it little is not written
+        # again: one store commit per answer was most of a lookup's cost), the earliest expiry
+        # in the cache, and the DNS decision per (pod address, resolver address) as of a revision.
+        self._fqdn_persisted: dict[str, float] = {}
+        self._fqdn_next_expiry = float("inf")
+        self._dns_decisions: dict[tuple[str, str], tuple[tuple[int, int], Decision | None, tuple[str, ...]]] = {}
         self.services = ServiceTable()
         self._service_docs: dict[str, Any] = {}  # <cluster>/<namespace>/<name> → the object as applied
         self.socket_lb = socket_lb
@@ -650,17 +656,31 @@ class AgentCore:
 
     def dns_verdict(self, source_ip: str, server_ip: str, qname: str) -> tuple[bool, str, tuple[str, ...]]:
         """What the egress policy of the local pod at `source_ip` says about a DNS query for
-        `qname` to `server_ip` port 53: (allowed, why, policies). Not a local pod: denied."""
-        with self._lock:
-            ref = self._ip_owner.get(source_ip)
-            rec = self._local_pods.get(ref) if ref is not None else None
-            if rec is None:
-                return False, f"{source_ip} is no local pod", ()
-            try:
-                server = self.ipcache.lookup(server_ip)
-            except IdentityError:
-                return False, f"{server_ip!r} is not an address", ()
-            d = decide(self.resolver.endpoint_policy(rec.identity), Direction.EGRESS, server, 53, L4Protocol.UDP)
+        `qname` to `server_ip` port 53: (allowed, why, policies). Not a local pod: denied.
+        The decision is kept per (pod, resolver) until the core or the ipcache changes, so a
+        query takes the core's lock only after a change."""
+        rev = self.l7_revision()
+        cached = self._dns_decisions.get((source_ip, server_ip))
+        if cached is None or cached[0] != rev:
+            with self._lock:
+                rev = self.l7_revision()
+                ref = self._ip_owner.get(source_ip)
+                rec = self._local_pods.get(ref) if ref is not None else None
+                d: Decision | None = None
+                why: tuple[str, ...] = (f"{source_ip} is no local pod",)
+                if rec is not None:
+                    try:
+                        server = self.ipcache.lookup(server_ip)
+                        d = decide(self.resolver.endpoint_policy(rec.identity), Direction.EGRESS, server, 53,
+                                   L4Protocol.UDP)
+                    except IdentityError:
+                        why = (f"{server_ip!r} is not an address",)
+            if len(self._dns_decisions) > 10_000:
+                self._dns_decisions.clear()
+            cached = self._dns_decisions[(source_ip, server_ip)] = (rev, d, why)
+        _, d, why = cached
+        if d is None:
+            return False, why[0], ()
         if d.action is Action.ALLOW and d.auth is None:
             return True, d.reason, d.policies
         if d.action is Action.HTTP and d.dns:
@@ -680,8 +700,16 @@ class AgentCore:
             changed: set[str] = set()
             names: set[str] = set()
             for name, ips, ttl in answers:
-                changed |= self.fqdn.learn(name, ips, ttl, now, who)
-                names.add(fqdn(name))
+                new = self.fqdn.learn(name, ips, ttl, now, who)
+                changed |= new
+                n = fqdn(name)
+                saved = self._fqdn_persisted.get(n, 0.0)
+                expires = now + max(ttl, self.fqdn.min_ttl)
+                self._fqdn_next_expiry = min(self._fqdn_next_expiry, expires)
+                # Written when it taught something, or when what the store says would expire
+                # much earlier than what is now known (restart safety within a margin).
+                if new or expires - saved > max(30.0, (expires - now) / 2):
+                    names.add(n)
             self._persist_fqdn(names)
             if changed:
                 self._view = None
@@ -692,9 +720,13 @@ class AgentCore:
     def expire_fqdn(self, now: float | None = None) -> int:
         """Drop learned addresses whose TTL ran out (open connections are kept: the kernel's
         conntrack); how many addresses changed."""
+        now = time.time() if now is None else now
+        if now < self._fqdn_next_expiry:
+            return 0
         with self._lock:
             before = {r.name for r in self.fqdn.rows()}
-            changed = self.fqdn.expire(time.time() if now is None else now)
+            changed = self.fqdn.expire(now)
+            self._fqdn_next_expiry = self.fqdn.next_expiry() or float("inf")
             if not changed:
                 return 0
             after = {r.name for r in self.fqdn.rows()}
@@ -711,8 +743,10 @@ class AgentCore:
             try:
                 if data is None:
                     self.store.delete(FQDN_PREFIX + name)
+                    self._fqdn_persisted.pop(name, None)
                 else:
                     self.store.put(FQDN_PREFIX + name, json.dumps(data, sort_keys=True).encode())
+                    self._fqdn_persisted[name] = min(e["expires"] for e in data.values())
             except KVStoreError:
                 pass  # kept in memory; the next answer or expiry writes it again
 
@@ -726,6 +760,7 @@ class AgentCore:
                 continue  # a corrupt record teaches nothing
         if changed:
             self._sync_fqdn_identities(changed)
+        self._fqdn_next_expiry = self.fqdn.next_expiry() or float("inf")
 
     def fqdn_rows(self) -> list[dict[str, Any]]:
         """`l7gate fqdn cache list`: every learned (name, address), its TTL left, who asked,
