@@ -7,6 +7,7 @@ not be computed from it), 2 usage error (unknown flag, missing file, unknown pod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Any
 from . import __version__, envoy_names
 from .client import AdminClient, AdminError, read_token_file
 from .agent.config import DEFAULT_ADMIN
-from .offline.trace import TraceError, TraceRequest, format_trace_text, run_trace
+from .offline.trace import TraceError, TraceRequest, format_trace_text, load_fqdn_cache, run_trace
 from .offline.validate import validate_paths
 from .k8s.manifests import Manifest, kind_problem, load, object_name
 from .policy.names import label_problem
@@ -42,7 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="l7gate",
         description="Sidecarless, identity-based L7 policy enforcement for Kubernetes "
-        "(CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy, cilium.io/v2).",
+        "(CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy, cilium.io/v2; NetworkPolicy, "
+        "networking.k8s.io/v1).",
     )
     p.add_argument("--version", action="version", version=f"l7gate {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -50,8 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser(
         "policy",
-        help="validate and trace CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files",
-        description="Work with cilium.io/v2 policy files.",
+        help="validate and trace CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy / NetworkPolicy files",
+        description="Work with cilium.io/v2 and networking.k8s.io/v1 policy files.",
     )
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", parser_class=_Parser)
     psub.required = True
@@ -59,14 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
     v = psub.add_parser(
         "validate",
         help="check policy files; print errors and warnings as `file: path: message`",
-        description="Check CNP/CCNP documents in files or folders (multi-document YAML). "
+        description="Check CNP/CCNP/NetworkPolicy documents in files or folders (multi-document YAML). "
         "Prints every error and lint warning as `file: resource: path: message`. "
         "Exit 0 when valid (warnings allowed), 1 when any policy is invalid, 2 on usage error.",
     )
     v.add_argument("paths", nargs="+", metavar="PATH", help="YAML/JSON file or folder; - for stdin")
     v.add_argument(
         "--namespace", default="default", type=_namespace_name,
-        help="namespace for CNPs without one (default: default)",
+        help="namespace for CNPs and NetworkPolicies without one (default: default)",
     )
     v.add_argument(
         "--cluster-name", default="default", help="local cluster name (default: default)"
@@ -78,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "trace",
         help="explain the verdict for one request between two pods",
         description="Compute the verdict the policies give a connection (and HTTP request) from "
-        "one pod to another, and explain it step by step. PATH holds CNP, CCNP, Pod and "
+        "one pod to another, and explain it step by step. PATH holds CNP, CCNP, NetworkPolicy, Pod and "
         "Namespace objects; a Pod's cluster is its `l7gate.io/cluster` annotation "
         "(default: --cluster-name). Pods are named [CLUSTER/]NAMESPACE/POD; `world` stands "
         "for an address outside the cluster.",
@@ -88,7 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="policy/inventory file or folder (repeatable)",
     )
     t.add_argument("--from", dest="src", required=True, metavar="[CLUSTER/]NS/POD")
-    t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD")
+    t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
+                   help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
+                        "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")
     t.add_argument("--port", type=_port, required=True, metavar="N")
     t.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP", "SCTP"), default="TCP")
     t.add_argument("--method", help="HTTP method (default GET when the port has HTTP rules)")
@@ -101,6 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--authenticated", action="store_true",
         help="assume a valid mutual-auth entry exists for the identity pair",
     )
+    t.add_argument("--dns-query", metavar="NAME", help="a DNS query for NAME (to port 53): judged by rules.dns")
+    t.add_argument("--fqdn-cache", metavar="FILE",
+                   help="what the DNS proxy learned: {name: [addresses]} or `l7gate fqdn cache list -o json`")
     t.add_argument("--cluster-name", default="default", help="cluster of pods without the annotation")
     t.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
@@ -124,8 +131,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     a = psub.add_parser(
-        "apply", parents=[admin_flags], help="apply CNP/CCNP files to a running agent",
-        description="Send every CNP/CCNP in PATH to the agent. All or nothing: if any policy is "
+        "apply", parents=[admin_flags], help="apply CNP/CCNP/NetworkPolicy files to a running agent",
+        description="Send every CNP/CCNP/NetworkPolicy in PATH to the agent. All or nothing: if any policy is "
         "invalid, nothing changes and every error is printed. Other objects are skipped.",
     )
     a.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
@@ -165,6 +172,18 @@ def _build_parser() -> argparse.ArgumentParser:
     svd = svsub.add_parser("delete", parents=[admin_flags], help="remove Services",
                            description="Remove Services by [CLUSTER/]NAMESPACE/NAME.")
     svd.add_argument("refs", nargs="+", metavar="[CLUSTER/]NS/NAME")
+
+    fq = sub.add_parser("fqdn", help="what the DNS proxy learned for toFQDNs",
+                        description="DNS names and the addresses their answers gave (Cilium's `cilium fqdn cache`).")
+    fqsub = fq.add_subparsers(dest="fqdn_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    fqsub.required = True
+    fqc = fqsub.add_parser("cache", help="the learned names", description="The DNS proxy's cache.")
+    fqcsub = fqc.add_subparsers(dest="fqdn_cache_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    fqcsub.required = True
+    fql = fqcsub.add_parser("list", parents=[admin_flags], help="name, address, TTL left, who looked it up",
+                            description="Every learned (name, address): its TTL, the seconds left, the pods that "
+                                        "looked it up, and the identity the address has.")
+    fql.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
     x = sub.add_parser("xds", help="inspect what the agent serves to Envoy",
                        description="The xDS state of every connected Envoy.")
@@ -379,7 +398,16 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         headers=headers,
         authenticated=args.authenticated,
         cluster_name=args.cluster_name,
+        dns_query=args.dns_query,
     )
+    if args.fqdn_cache:
+        try:
+            with open(args.fqdn_cache, encoding="utf-8") as fh:
+                cache = load_fqdn_cache(fh.read())
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"l7gate: error: --fqdn-cache {args.fqdn_cache}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        req = dataclasses.replace(req, fqdn_cache=cache)
     try:
         result = run_trace(req)
     except TraceError as exc:
@@ -629,6 +657,19 @@ def _cmd_service_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_fqdn_cache_list(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/fqdn/cache")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [[e["name"], e["ip"], str(e["ttl"]), f"{e['expires_in']:.0f}s", ", ".join(e["sources"]) or "-",
+             str(e["identity"]) if e["identity"] is not None else "- (no toFQDNs selector)"] for e in data["entries"]]
+    print(_table(rows, ["NAME", "IP", "TTL", "EXPIRES IN", "LOOKED UP BY", "IDENTITY"]))
+    if data.get("dns_proxy") is None:
+        print("no DNS proxy on this node (kernel mode with dns.proxy: true runs one)", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_service_delete(args: argparse.Namespace) -> int:
     return _delete_each(list(args.refs), _client(args).delete_service, "service/{}")
 
@@ -803,6 +844,7 @@ _COMMANDS = {
     ("endpoint", "list"): _cmd_endpoint_list,
     ("endpoint", "delete"): _cmd_endpoint_delete,
     ("service", "list"): _cmd_service_list,
+    ("fqdn", "cache"): _cmd_fqdn_cache_list,
     ("service", "delete"): _cmd_service_delete,
     ("xds", "status"): _cmd_xds_status,
     ("xds", "dump"): _cmd_xds_dump,

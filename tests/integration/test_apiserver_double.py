@@ -121,6 +121,32 @@ def cnp(name: str, ns: str = "default", **spec: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_kubectl_apply_get_and_delete_a_network_policy(api: ApiServerDouble, kubectl_ok: str, tmp_path: Path) -> None:
+    """networking.k8s.io/v1 NetworkPolicies, which the agent watches beside the Cilium kinds."""
+    f = tmp_path / "np.yaml"
+    doc: dict[str, Any] = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "deny-all", "namespace": "default"},
+           "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    f.write_text(yaml.safe_dump(doc))
+    assert "networkpolicy.networking.k8s.io/deny-all created" in ok(api.kubectl("apply", "-f", str(f)))
+    stored = api.get("networkpolicies", "deny-all", namespace="default")
+    assert stored is not None and stored["spec"] == doc["spec"] and stored["metadata"]["generation"] == 1
+    doc["spec"]["ingress"] = [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]
+    f.write_text(yaml.safe_dump(doc))
+    assert "networkpolicy.networking.k8s.io/deny-all configured" in ok(api.kubectl("apply", "-f", str(f)))
+    stored = api.get("netpol", "deny-all", namespace="default")
+    assert stored is not None and stored["spec"]["ingress"] == doc["spec"]["ingress"]
+    assert stored["metadata"]["generation"] == 2
+    # a built-in kind: kubectl's apply is a strategic merge patch
+    assert any(r.method == "PATCH" and r.path.endswith("/networkpolicies/deny-all")
+               and r.content_type == "application/strategic-merge-patch+json" for r in api.requests)
+    assert "deny-all" in ok(api.kubectl("get", "netpol", "-A"))
+    listed = api.objects("networkpolicies")
+    assert [o["metadata"]["name"] for o in listed] == ["deny-all"]
+    ok(api.kubectl("delete", "-f", str(f)))
+    assert api.get("networkpolicies", "deny-all", namespace="default") is None
+
+
 def test_kubectl_apply_seed_with_validation_on(api: ApiServerDouble, kubectl_ok: str) -> None:
     apply_seed(api)
     for doc in iter_manifests([SEED]):
@@ -560,7 +586,7 @@ def test_plain_discovery_for_clients_that_ask_for_it(tmp_path: Path) -> None:
             "Accept": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"})
         with urllib.request.urlopen(req) as r:
             assert r.headers["Content-Type"] == "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
-            assert {i["metadata"]["name"] for i in json.load(r)["items"]} == {"apps", "cilium.io"}
+            assert {i["metadata"]["name"] for i in json.load(r)["items"]} == {"apps", "cilium.io", "networking.k8s.io"}
         # the dynamic client discovers through the plain /api, /apis and group documents
         dyn = DynamicClient(python_client(api, tmp_path))
         policies = dyn.resources.get(api_version="cilium.io/v2", kind="CiliumNetworkPolicy")

@@ -212,3 +212,47 @@ def test_relabelling_a_pod_through_the_api_changes_its_identity_and_verdicts(wor
     eventually(lambda: "reporting-job-q7x" in json.dumps(world.a2.client.get("/v1/endpoints")), 20,
                "the re-created pod's endpoint")
     world.wait_verdicts((200, 403, 0), "the seed's verdicts with the pod back")
+
+
+def test_kubectl_apply_of_network_policies_is_enforced_in_the_kernel(world: World, tmp_path: Path) -> None:
+    """Kubernetes NetworkPolicies beside the seed's CCNPs, L3/L4 in the kernel: an ingress allow
+    on billing's port 9090 (not proxied) for the reporting job, then an egress default-deny on
+    the reporting job's own node."""
+    other, billing, frontend = world.other, world.billing, world.frontend
+
+    def to_9090(src: Pod) -> int:
+        return src.curl(url(billing, 9090, "/reports"), "GET", timeout=2)[0]
+
+    assert to_9090(other) == 0 and to_9090(frontend) == 0  # billing is in default deny (the CCNP)
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "billing-reports", "namespace": "payments"},
+        "spec": {"podSelector": {"matchLabels": {"app": "billing-service"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "web"}},
+                                        "podSelector": {"matchLabels": {"app": "reporting-job"}}}],
+                              "ports": [{"port": 9090}]}]},
+    }
+    egress_deny = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "reports-no-egress", "namespace": "web"},
+        "spec": {"podSelector": {"matchLabels": {"app": "reporting-job"}}, "policyTypes": ["Egress"]},
+    }
+    f_in, f_out = tmp_path / "ingress.yaml", tmp_path / "egress.yaml"
+    f_in.write_text(yaml.safe_dump(ingress))
+    f_out.write_text(yaml.safe_dump(egress_deny))
+    try:
+        assert "networkpolicy.networking.k8s.io/billing-reports created" in world.kubectl("apply", "-f", str(f_in))
+        eventually(lambda: to_9090(other) == 200, 20, "the reporting job let in on 9090 (kernel, no proxy)")
+        assert to_9090(frontend) == 0  # not a peer of the NetworkPolicy
+        world.wait_verdicts((200, 403, 0), "the seed's verdicts unchanged beside it")
+        assert "networkpolicy.networking.k8s.io/reports-no-egress created" in world.kubectl("apply", "-f", str(f_out))
+        eventually(lambda: to_9090(other) == 0, 20, "the reporting job's egress dropped on its own node")
+        for agent in (world.a1, world.a2):
+            st = agent.status()["kubernetes"]
+            assert st["resources"]["networkpolicies"]["in_force"] == 2 and not st["refused"], st
+    finally:
+        world.kubectl("delete", "-f", str(f_out), "--ignore-not-found")
+        world.kubectl("delete", "-f", str(f_in), "--ignore-not-found")
+    eventually(lambda: to_9090(other) == 0 and not any(
+        k.startswith("NetworkPolicy/") for k in world.policies_in_force(world.a1)), 20, "both lifted")
+    world.wait_verdicts((200, 403, 0), "the seed's verdicts again")

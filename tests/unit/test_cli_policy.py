@@ -116,6 +116,12 @@ kind: NetworkPolicy
 metadata: {name: deny-all, namespace: payments}
 spec: {podSelector: {}, policyTypes: [Ingress]}
 """
+ADMIN_NETWORK_POLICY_YAML = """\
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: cluster-wide}
+spec: {priority: 10, subject: {namespaces: {}}}
+"""
 
 # Nothing listens here: a test that reaches the agent fails with exit 2 "cannot reach".
 NO_AGENT = "unix:/nonexistent/l7gate-admin.sock"
@@ -156,17 +162,30 @@ def test_validate_empty_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureF
 def test_validate_input_without_any_policy_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(capsys, "policy", "validate", str(SEED / "billing-service.yaml"))
     assert rc == 1, (out, err)
-    assert "error: no CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy" in out
+    assert "error: no CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy" in out
     assert "skipped: Service/payments/billing-service, Deployment/payments/billing-service" in err
 
 
-def test_validate_kubernetes_network_policy_is_not_supported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_checks_a_kubernetes_network_policy_beside_cilium_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "np.yaml"
     f.write_text(cnp_yaml() + "---\n" + NETWORK_POLICY_YAML)
+    rc, out, err = run(capsys, "policy", "validate", str(f))
+    assert rc == 0, (out, err)
+    assert "2 policies checked: 0 invalid" in out + err
+    f.write_text(NETWORK_POLICY_YAML.replace("podSelector: {}", "podSelector: {matchLabels: {'k8s:app': x}}"))
     rc, out, _ = run(capsys, "policy", "validate", str(f))
     assert rc == 1
-    assert f"{f}: NetworkPolicy/payments/deny-all: kind: error: " in out
-    assert "is not supported by l7gate" in out and "CiliumNetworkPolicy" in out
+    assert f"{f}: NetworkPolicy/payments/deny-all: spec.podSelector.matchLabels.k8s:app: error: " in out
+
+
+def test_validate_admin_network_policy_is_not_supported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "anp.yaml"
+    f.write_text(cnp_yaml() + "---\n" + ADMIN_NETWORK_POLICY_YAML)
+    rc, out, _ = run(capsys, "policy", "validate", str(f))
+    assert rc == 1
+    assert f"{f}: AdminNetworkPolicy/cluster-wide: kind: error: " in out
+    assert "is not supported by l7gate" in out and "NetworkPolicy (networking.k8s.io/v1)" in out
 
 
 def test_validate_lists_skipped_objects_by_kind_and_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -218,7 +237,7 @@ def test_validate_namespace_flag_must_be_a_namespace_name(capsys: pytest.Capture
     "extra, message",
     [
         (cnp_yaml(kind="CiliumNetworkPolicyy"), "did you mean 'CiliumNetworkPolicy'?"),
-        (NETWORK_POLICY_YAML, "is not supported by l7gate"),
+        (ADMIN_NETWORK_POLICY_YAML, "is not supported by l7gate"),
     ],
 )
 def test_apply_refuses_unknown_and_unsupported_kinds(

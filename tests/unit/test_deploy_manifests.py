@@ -54,6 +54,7 @@ RBAC_EXPECTED = {
       for v in ("list", "watch")},
     ("cilium.io", "ciliumnetworkpolicies/status", "update"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies/status", "update"),
+    *{("networking.k8s.io", "networkpolicies", v) for v in ("list", "watch")},
     *{("", r, v) for r in ("pods", "namespaces", "services") for v in ("list", "watch")},
     ("", "events", "create"),
     ("", "events", "patch"),
@@ -311,6 +312,17 @@ def test_rbac_grants_exactly_what_the_agent_uses(target: str) -> None:
     rbac = [d for d in docs if d["apiVersion"].startswith("rbac.authorization.k8s.io/")]
     assert sorted(d["kind"] for d in rbac) == ["ClusterRole", "ClusterRoleBinding"], "one role, one binding"
     assert grants(the(docs, "ClusterRole")) == RBAC_EXPECTED
+
+
+def test_the_role_lets_the_agent_list_and_watch_every_resource_it_watches() -> None:
+    """A resource added to the watch without its grant leaves the agent unready for ever
+    (403 on the list) in a real cluster, where no test double stands in for RBAC."""
+    from l7gate.k8s.reconcile import RESOURCES
+
+    granted = grants(the(plain_manifests(), "ClusterRole"))
+    for r in RESOURCES:
+        group = r.api_version.rpartition("/")[0]
+        assert {(group, r.name, "list"), (group, r.name, "watch")} <= granted, r
 
 
 def test_rbac_check_fails_on_a_widened_role() -> None:

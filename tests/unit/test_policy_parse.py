@@ -483,12 +483,12 @@ def test_unsupported_fields_are_named() -> None:
         cnp(
             {
                 "endpointSelector": {},
-                "egress": [{"toFQDNs": [{"matchName": "x.com"}]}],
+                "egress": [{"toServices": [{"k8sService": {"serviceName": "x"}}]}],
                 "ingress": [{"fromRequires": [{}], "toPorts": [{"ports": [{"port": "9092"}], "rules": {"kafka": []}}]}],
             }
         )
     )
-    assert "not supported" in errs["spec.egress[0].toFQDNs"]
+    assert "not supported" in errs["spec.egress[0].toServices"]
     assert "not supported" in errs["spec.ingress[0].fromRequires"]
     assert "not supported" in errs["spec.ingress[0].toPorts[0].rules.kafka"]
 
@@ -533,7 +533,9 @@ def test_all_errors_collected_not_just_the_first() -> None:
 
 
 def test_document_level_errors() -> None:
-    assert "kind" in errors_of({"apiVersion": "cilium.io/v2", "kind": "NetworkPolicy", "metadata": {"name": "x"}, "spec": {}})
+    assert "kind" in errors_of({"apiVersion": "cilium.io/v2", "kind": "AdminNetworkPolicy", "metadata": {"name": "x"}, "spec": {}})
+    # a NetworkPolicy is read with its own apiVersion (l7gate.policy.netpol)
+    assert "apiVersion" in errors_of({"apiVersion": "cilium.io/v2", "kind": "NetworkPolicy", "metadata": {"name": "x"}, "spec": {}})
     errs = errors_of({"apiVersion": "cilium.io/v1", "kind": "CiliumNetworkPolicy", "metadata": {}, "spec": {"endpointSelector": {}}})
     assert "apiVersion" in errs and "metadata.name" in errs
     assert "spec" in errors_of({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "x"}})

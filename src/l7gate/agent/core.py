@@ -434,8 +434,14 @@ class AgentCore:
             if persist:
                 self.store.put(NAMESPACE_PREFIX + key, _canonical(doc))
             self._record(result, f"namespace/{key}", old is None, old == ns)
-            if old is not None and old != ns:
+            # A namespace seen for the first time relabels its pods too: pods applied before it
+            # have no namespace labels yet, and a NetworkPolicy's namespaceSelector reads them.
+            # Only pods applied here: a remote cluster's pods (cluster mesh) carry the identity
+            # their own cluster gave them, labels included.
+            if old != ns:
                 for ref, rec in list(self._pods.items()):
+                    if ref not in self._pod_docs:
+                        continue
                     if rec.pod.namespace == ns.name and ns.cluster in (rec.pod.cluster, ANY_CLUSTER):
                         self._remove_pod(ref)
                         self._add_pod(rec.pod)

@@ -7,8 +7,9 @@ flattened. A syntax error names the file, line and column; it stops that file on
 Which kinds a command reads, skips or refuses is decided here too (`kind_problem`): ordinary
 Kubernetes objects are skipped, so that a folder of application manifests with policies among
 them works; a kind nobody knows (`CiliumNetworkPolicyy`) and a policy l7gate would not enforce
-(a Kubernetes NetworkPolicy) are refused, since skipping them would leave traffic unpoliced
-without a word.
+(an AdminNetworkPolicy) are refused, since skipping them would leave traffic unpoliced without a
+word. The policies read are CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and Kubernetes'
+NetworkPolicy (`policy.parse.POLICY_KINDS`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ SKIPPED_KINDS = frozenset({
 })
 # Network policies of other APIs: whoever wrote one expects it enforced, and l7gate would not.
 OTHER_POLICY_KINDS = {
-    "NetworkPolicy": "a Kubernetes NetworkPolicy (networking.k8s.io)",
     "AdminNetworkPolicy": "an AdminNetworkPolicy (policy.networking.k8s.io)",
     "BaselineAdminNetworkPolicy": "a BaselineAdminNetworkPolicy (policy.networking.k8s.io)",
 }
@@ -224,13 +224,15 @@ def kind_problem(obj: Any, wanted: Collection[str]) -> str | None:
             return None
         what = OTHER_POLICY_KINDS.get(kind) or f"a {kind} (cilium.io)"
         advice = (
-            "write it as a CiliumNetworkPolicy (cilium.io/v2), or remove it from the files given to l7gate"
+            "write it as a CiliumNetworkPolicy (cilium.io/v2) or a NetworkPolicy (networking.k8s.io/v1), "
+            "or remove it from the files given to l7gate"
             if kind in OTHER_POLICY_KINDS
             else "remove it from the files given to l7gate"
         )
         return (
-            f"{what} is not supported by l7gate: l7gate enforces CiliumNetworkPolicy and "
-            f"CiliumClusterwideNetworkPolicy only, so this object would not be enforced; {advice}"
+            f"{what} is not supported by l7gate: l7gate enforces CiliumNetworkPolicy, "
+            f"CiliumClusterwideNetworkPolicy and NetworkPolicy only, so this object would not be "
+            f"enforced; {advice}"
         )
     nearest = _nearest(kind)
     group = _group(api)

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The watch (`k8s.watch`) lists and watches five resources (`RESOURCES`). Each object it gets is
+The watch (`k8s.watch`) lists and watches six resources (`RESOURCES`). Each object it gets is
 projected here, once, onto what the agent reads of it (`project`): a `Desired` holding the
 object's key (the one the agent's `delete_*` takes), the document to apply — or None when the
 object is absent for l7gate (a pod without an address yet, a host-network pod, a finished
@@ -12,7 +12,7 @@ Listings and watch events queue up and are merged (`Pending`): per resource, eit
 listing with the events that came after it folded in, or only events, the last per key winning.
 `Reconciler.run` then brings the agent to that state through an `ObjectSink` (the agent's own
 apply and delete, the path the admin API takes), resource by resource in `RESOURCES` order
-(namespaces, policies, Services, then pods):
+(namespaces, policies of the three kinds, Services, then pods):
 
 - events: the objects now absent are deleted; the others go to the sink as ONE apply;
 - a listing (the initial one, or a relist after "410 Gone"): the objects the agent holds *from
@@ -76,13 +76,14 @@ SERVICES = Resource("Service", "v1", "/api/v1/services", True)
 CNPS = Resource("CiliumNetworkPolicy", "cilium.io/v2", "/apis/cilium.io/v2/ciliumnetworkpolicies", True)
 CCNPS = Resource("CiliumClusterwideNetworkPolicy", "cilium.io/v2",
                  "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", False)
+NETPOLS = Resource("NetworkPolicy", "networking.k8s.io/v1", "/apis/networking.k8s.io/v1/networkpolicies", True)
 #: In the order a sync applies them: a namespace before what lives in it, and the policies
 #: before the pods they select, so that a new pod is enforced with its policies from the
 #: moment it is applied, never "no policy selects it, allow all" first (it is also cheaper:
 #: the pods' ports are rendered once, with their policies). Services before pods too: a
 #: Service's backends are the pods applied after it.
-RESOURCES = (NAMESPACES, CNPS, CCNPS, SERVICES, PODS)
-POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind})
+RESOURCES = (NAMESPACES, CNPS, CCNPS, NETPOLS, SERVICES, PODS)
+POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind, NETPOLS.kind})
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +198,7 @@ def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted
         doc = {**head, "metadata": _metadata(meta, cluster, ()), "spec": obj.get("spec", {})}
     else:
         # A policy: its spec(s) whole, for the agent to validate; not its status (Cilium's
-        # agents write theirs there).
+        # agents write theirs there; a NetworkPolicy's is unused).
         doc = {**head, "metadata": _metadata(meta, None, ())}
         doc.update({k: obj[k] for k in ("spec", "specs") if k in obj})
     return Desired(key, doc, ref)

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 `Watcher` runs one thread per resource of `reconcile.RESOURCES` (Namespaces, Pods, Services,
-CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies, across all namespaces) doing what
-client-go's reflector does:
+CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies, NetworkPolicies, across all namespaces)
+doing what client-go's reflector does:
 
 1. LIST, in pages of `page_size` (`limit`/`continue`; an expired continue token restarts the
    list), remembering the list's `resourceVersion`;
@@ -121,7 +121,7 @@ class ApiConnection:
 
     def __init__(self, configuration: Configuration) -> None:
         configuration.retries = 0  # the watch retries, with its own back-off
-        configuration.connection_pool_maxsize = 16  # five watches, lists and Events at once
+        configuration.connection_pool_maxsize = 16  # six watches, lists and Events at once
         self.configuration = configuration
         self._rest = RESTClientObject(configuration)
         self.host = str(configuration.host)

@@ -2,8 +2,8 @@
 
 Ordinary Kubernetes objects (Pods, Services, Deployments, ...) are skipped and listed: a folder
 of application manifests with policies among them validates as the policies alone. A kind nobody
-knows (a misspelled `CiliumNetworkPolicyy`), a policy l7gate would not enforce (a Kubernetes
-NetworkPolicy), the same policy twice, an empty file and an input without any policy are errors:
+knows (a misspelled `CiliumNetworkPolicyy`), a policy l7gate would not enforce (an
+AdminNetworkPolicy), the same policy twice, an empty file and an input without any policy are errors:
 each of them would otherwise leave traffic unpoliced while the check says all is well.
 """
 
@@ -190,7 +190,7 @@ def validate_paths(
         where = " ".join("<stdin>" if p == "-" else p for p in paths)
         report.items.append(
             Item(where, 0, "", "error", "",
-                 f"no CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy in it, so nothing was checked "
+                 f"no CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy in it, so nothing was checked "
                  f"({report.skipped} other object{'s' if report.skipped != 1 else ''} skipped); give the "
                  "files or folders that hold your policies", "no-policy")
         )

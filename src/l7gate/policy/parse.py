@@ -31,6 +31,7 @@ from .errors import Finding, PolicyValidationError
 from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reserved
 from .labelsyntax import label_key_problem, label_value_problem
 from .names import name_error
+from .fqdn import FQDNError, FQDNSelector, NameMatch
 from .regex import RegexError, compile_regex
 from .selector import (
     CIDRSelector,
@@ -64,9 +65,19 @@ from .types import (
 API_VERSION = "cilium.io/v2"
 KIND_CNP = "CiliumNetworkPolicy"
 KIND_CCNP = "CiliumClusterwideNetworkPolicy"
-POLICY_KINDS = (KIND_CNP, KIND_CCNP)
+# Kubernetes' own NetworkPolicy (networking.k8s.io/v1), translated into the same rules (`netpol`).
+KIND_KNP = "NetworkPolicy"
+#: Every kind `parse_policy` reads. The order is relied on: [0] namespaced, [1] clusterwide.
+POLICY_KINDS = (KIND_CNP, KIND_CCNP, KIND_KNP)
 
 T = TypeVar("T")
+
+# What `metadata` may hold: the fields of ObjectMeta a stored or written object has.
+META_FIELDS = frozenset({
+    "name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
+    "creationTimestamp", "managedFields", "finalizers", "ownerReferences", "deletionTimestamp",
+    "deletionGracePeriodSeconds", "generateName", "selfLink",
+})
 
 _SPEC_FIELDS = {
     "endpointSelector",
@@ -88,7 +99,6 @@ _UNSUPPORTED_PEER_FIELDS = {
     "fromNodes": "node selectors in peers",
     "toNodes": "node selectors in peers",
     "toServices": "service selectors",
-    "toFQDNs": "DNS-name rules",
     "icmps": "ICMP rules",
 }
 _UNSUPPORTED_PORT_RULE_FIELDS = {
@@ -99,7 +109,6 @@ _UNSUPPORTED_PORT_RULE_FIELDS = {
 }
 _UNSUPPORTED_L7_FIELDS = {
     "kafka": "Kafka rules",
-    "dns": "DNS rules",
     "l7proto": "generic L7 parsers",
     "l7": "generic L7 parsers",
 }
@@ -249,7 +258,8 @@ def parse_policy(
     """Parse one CNP/CCNP document (a dict as loaded from YAML or JSON).
 
     Raises PolicyValidationError with every error found. `cluster_name` is the local cluster,
-    which the `cluster` entity refers to.
+    which the `cluster` entity refers to. A Kubernetes NetworkPolicy is translated into the same
+    rules a CiliumNetworkPolicy gives (`netpol.parse_network_policy`).
     """
     w = _Walker()
     resource = "<policy>"
@@ -258,6 +268,11 @@ def parse_policy(
             resource, (Finding("", f"a policy must be a mapping, got {_type_name(doc)}", "type"),)
         )
     kind = doc.get("kind")
+    if kind == KIND_KNP:
+        # Imported here: `netpol` builds on this module's walker and selector parsing.
+        from .netpol import parse_network_policy
+
+        return parse_network_policy(doc, default_namespace=default_namespace, cluster_name=cluster_name)
     name = ""
     namespace = ""
     meta = doc.get("metadata")
@@ -282,27 +297,7 @@ def parse_policy(
         w.error("kind", f"must be one of {', '.join(POLICY_KINDS)}, got {kind!r}", "kind")
         raise PolicyValidationError(resource, tuple(w.errors))
 
-    meta_map = w.mapping(
-        meta,
-        "metadata",
-        {
-            "name",
-            "namespace",
-            "labels",
-            "annotations",
-            "uid",
-            "resourceVersion",
-            "generation",
-            "creationTimestamp",
-            "managedFields",
-            "finalizers",
-            "ownerReferences",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "generateName",
-            "selfLink",
-        },
-    ) if meta is not None else None
+    meta_map = w.mapping(meta, "metadata", set(META_FIELDS)) if meta is not None else None
     if meta is None:
         w.error("metadata", "is required (with a name)", "required")
     if meta_map is not None:
@@ -639,7 +634,9 @@ class _SpecParser:
     def peer_rule(self, value: object, path: str, direction: Direction, deny: bool) -> PeerRule | None:
         w = self.w
         pre = "from" if direction is Direction.INGRESS else "to"
-        peer_fields = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet")
+        peer_fields: tuple[str, ...] = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet")
+        if direction is Direction.EGRESS:
+            peer_fields += ("toFQDNs",)
         allowed = {*peer_fields, "toPorts", "authentication"}
         unsupported = {k: v for k, v in _UNSUPPORTED_PEER_FIELDS.items() if k.startswith(pre) or k == "icmps"}
         raw: Mapping[Any, Any] = value if isinstance(value, Mapping) else {}
@@ -735,6 +732,15 @@ class _SpecParser:
                     entity = _ENTITIES[ent]
                     local = self.cluster if entity is Entity.CLUSTER else ""
                     peers.append(EntitySelector(entity, local))
+            elif field == "toFQDNs":
+                if deny:
+                    w.error(fpath, "Cilium refuses toFQDNs in deny rules (egressDeny): a name's addresses "
+                                   "change under the rule; deny by CIDR instead", "fqdn-deny")
+                    continue
+                for i, item in enumerate(items):
+                    sel_f = self.fqdn_selector(item, f"{fpath}[{i}]")
+                    if sel_f is not None:
+                        peers.append(sel_f)
             elif field.endswith("CIDRSet"):
                 for i, item in enumerate(items):
                     sel_c = self.cidr_set(item, f"{fpath}[{i}]")
@@ -754,6 +760,8 @@ class _SpecParser:
                 if not items:
                     w.warn(tp, "an empty list is the same as leaving the field out: all ports", "empty-ports")
                 port_rules = w.each(items, tp, lambda v, p: self.port_rule(v, p, deny))
+                if direction is Direction.INGRESS and any(r.l7 is not None and r.l7.dns for r in port_rules):
+                    w.error(tp, "DNS rules apply to egress only (the queries a pod sends), as in Cilium", "dns-ingress")
 
         auth: AuthMode | None = None
         if "authentication" in m and not deny:
@@ -783,6 +791,29 @@ class _SpecParser:
         else:
             peer_tuple = ()  # `- {}`: selects nothing
         return PeerRule(direction, deny, peer_tuple, tuple(port_rules), auth, self.origin(path))
+
+    def name_match(self, value: object, path: str) -> NameMatch | None:
+        """One `{matchName: ...}` or `{matchPattern: ...}` (toFQDNs, rules.dns)."""
+        w = self.w
+        m = w.mapping(value, path, {"matchName", "matchPattern"})
+        if m is None:
+            return None
+        if ("matchName" in m) == ("matchPattern" in m):
+            w.error(path, "needs exactly one of matchName and matchPattern", "fqdn-match")
+            return None
+        key = "matchName" if "matchName" in m else "matchPattern"
+        raw = w.string(m[key], _join(path, key), allow_empty=False)
+        if raw is None:
+            return None
+        try:
+            return NameMatch.name(raw) if key == "matchName" else NameMatch.pattern(raw)
+        except FQDNError as exc:
+            w.error(_join(path, key), str(exc), "fqdn")
+            return None
+
+    def fqdn_selector(self, value: object, path: str) -> FQDNSelector | None:
+        match = self.name_match(value, path)
+        return FQDNSelector(match) if match is not None else None
 
     def cidr(self, value: object, path: str) -> IPNetwork | None:
         s = self.w.string(value, path, allow_empty=False)
@@ -878,6 +909,17 @@ class _SpecParser:
                 w.error(_join(path, "ports"), "L7 rules need at least one port", "l7-port")
                 return None
             ports = [ANY_PORT]
+        if l7 is not None and l7.dns:
+            # DNS rules (Cilium): a query on UDP or TCP; every protocol of the port is kept.
+            for i, pp_, _ in parsed:
+                if pp_.protocol is Protocol.SCTP:
+                    w.error(f"{path}.ports[{i}].protocol", "DNS rules apply to UDP and TCP, not SCTP", "dns-protocol")
+                elif pp_.ports != PortRange(53, 53):
+                    w.error(f"{path}.ports[{i}]", "DNS rules need port 53: the node's DNS proxy takes the "
+                                                  "queries pods send there", "dns-port")
+            if len(w.errors) > n_errors:
+                return None
+            return PortRule(tuple(sorted(set(ports))), l7)
         if l7 is not None:
             fixed: list[PortProtocol] = []
             for i, pp_, written in parsed:
@@ -1013,9 +1055,23 @@ class _SpecParser:
 
     def l7_rules(self, value: object, path: str) -> L7Rules | None:
         w = self.w
-        m = w.mapping(value, path, {"http"}, _UNSUPPORTED_L7_FIELDS, nullable={"http": ""})
+        m = w.mapping(value, path, {"http", "dns"}, _UNSUPPORTED_L7_FIELDS, nullable={"http": "", "dns": ""})
         if m is None:
             return None
+        if "http" in m and "dns" in m:
+            w.error(path, "Cilium takes one kind of L7 rules per port: http or dns, not both", "l7-kinds")
+            return None
+        if "dns" in m:
+            dp = _join(path, "dns")
+            items = w.list_of(m["dns"], dp)
+            if items is None:
+                return None
+            if not items:
+                w.warn(dp, "an empty list has no effect: write `dns: [{matchPattern: \"*\"}]` to allow every "
+                           "query through the DNS proxy", "empty-dns")
+                return None
+            names = w.each(items, dp, self.name_match)
+            return L7Rules.of((), names)
         if "http" not in m:
             if not any(k in m for k in _UNSUPPORTED_L7_FIELDS):
                 w.warn(

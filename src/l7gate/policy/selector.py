@@ -171,8 +171,11 @@ class CIDRSelector:
         prefix = identity_prefix(labels)
         if prefix is None:
             # A catch-all prefix is the world entity (Cilium: 0.0.0.0/0 selects `world`);
-            # pods and other cluster identities are never selected by CIDR rules.
-            if self.cidr.prefixlen == 0 and not self.excepts:
+            # pods and other cluster identities are never selected by CIDR rules. Its `except`
+            # ranges do not keep world out: each of them has a CIDR identity of its own (the
+            # agent allocates one for every prefix a policy names), so the longest-prefix
+            # lookup never gives an address inside one the `world` identity.
+            if self.cidr.prefixlen == 0:
                 family = "world-ipv4" if self.cidr.version == 4 else "world-ipv6"
                 return reserved("world") in labels or reserved(family) in labels
             return False

@@ -15,7 +15,7 @@ code under test is the real one:
   (`kubectl get cnp` works); `/openapi/v3` and its per-group-version documents (what kubectl's
   `fieldValidation` check and `kubectl apply` read); `/version`, `/healthz`, `/livez`, `/readyz`.
 - Resources: core v1 namespaces, pods, services, events, nodes; apps/v1 deployments (stored
-  only: no controller makes pods from them); every CRD in `deploy/crds/` (cilium.io/v2
+  only: no controller makes pods from them); networking.k8s.io/v1 networkpolicies; every CRD in `deploy/crds/` (cilium.io/v2
   CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy) with its status subresource. A new
   double holds what every cluster holds: the namespaces default, kube-system, kube-public,
   kube-node-lease and the Service default/kubernetes (10.96.0.1:443).

@@ -5,7 +5,8 @@ Part of `l7gate.testing.apiserver_double` (see its docstring: this is a test dou
 kube-apiserver). Everything here is pure: no sockets, no threads, no clock.
 
 Resource types are the built-ins the agent and `kubectl apply -f examples/seed/` touch (core v1
-namespaces, pods, services, events, nodes; apps/v1 deployments) plus every CRD read from
+namespaces, pods, services, events, nodes; apps/v1 deployments; networking.k8s.io/v1
+networkpolicies) plus every CRD read from
 `deploy/crds/` (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy). A CRD's objects are checked
 against its `openAPIV3Schema` the way the apiextensions API server does it (structural pruning of
 unknown fields, then type/enum/required checks with kube-openapi's messages); built-in objects get
@@ -349,6 +350,11 @@ def builtin_types() -> list[ResourceType]:
                      generation=True,
                      patch_keys={**_OWNER_KEYS, **_pod_spec_keys(("spec", "template", "spec")),
                                  ("status", "conditions"): "type"}),
+        # No status subresource: NetworkPolicyStatus was removed in 1.28. Its lists (ingress,
+        # egress, from, to, ports, policyTypes) carry no patch merge key: a strategic patch
+        # replaces them whole.
+        ResourceType("networking.k8s.io", "v1", "networkpolicies", "networkpolicy", "NetworkPolicy", True,
+                     ("netpol",), status_subresource=False, generation=True, patch_keys=dict(_OWNER_KEYS)),
     ]
 
 
