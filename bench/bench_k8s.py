@@ -29,7 +29,7 @@ so every local pod is selected by C/L policies with HTTP rules.
    Goal: <= 5 s from agent start to enforced.
 2. Steady state. After the sync (and a 2 s settle), the agent process's CPU (utime + stime of
    all its threads, /proc/<pid>/stat) over W s of wall time (20 s; quick: 5 s), as % of one
-   core, with its five watches open (checked before and after), the double sending a BOOKMARK on
+   core, with its watches open (one per watched resource, checked before and after), the double sending a BOOKMARK on
    each every 5 s (`bookmark_interval=5.0`; a real API server: about a minute) and nothing
    changing; `watchTimeout` is the default 300 s, so no watch is renewed in the window. Envoy's
    CPU (a child process, not counted) is in the notes. Baseline: the non-Kubernetes agent, idle
@@ -464,7 +464,7 @@ def run(ctx: Context) -> list[Result]:
                    f"in force: {k_cpu.status}; xDS status polled every {XDS_POLL:g} s; {runs_note}"),
         ),
         Result(
-            name=f"steady-state agent CPU, 5 watches open, no changes, {s.describe()}",
+            name=f"steady-state agent CPU, {len(RESOURCES)} watches open, no changes, {s.describe()}",
             value=k_cpu.idle_cpu, unit="% of a core",
             baseline_name="same agent without kubernetes, idle, same objects",
             baseline_value=b_cpu.idle_cpu,
