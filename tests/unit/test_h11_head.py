@@ -76,3 +76,35 @@ def test_request_verdicts(d: Decision, r: HTTPRequest, auth_verified: bool, allo
 
 def test_action_names_list_at_most_three_policies() -> None:
     assert named_policies(Decision(Action.DENY, policies=("a", "b", "c", "d"))) == "a,b,c,+more"
+
+
+def _parsed(data: bytes) -> tuple[object, bytearray] | None:
+    import h11
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    try:
+        ev = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    return (ev, bytearray(data)) if isinstance(ev, h11.Request) else None
+
+
+def test_the_shortcut_never_passes_what_the_full_check_refuses() -> None:
+    from hypothesis import given, settings
+
+    from l7gate.l7proxy.h11engine import _plainly_fine, _split_head
+
+    from ..integration.test_h11_differential import raw_request
+
+    @settings(max_examples=3000, deadline=None)
+    @given(raw_request())
+    def check(data: bytes) -> None:
+        got = _parsed(data)
+        if got is None:
+            return
+        req, raw = got
+        if _plainly_fine(req, raw, EngineLimits()):  # type: ignore[arg-type]
+            assert _head_problem(_split_head(bytes(raw)), EngineLimits()) is None, data
+
+    check()
