@@ -276,6 +276,16 @@ def _pairs(headers: Any) -> list[tuple[bytes, bytes]]:
     return [(n, v) for _, n, v in headers._full_items]
 
 
+def _header_dict(pairs: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Headers as the rules match them: by lower-case name, a repeated one's values joined with
+    "," (Envoy's header match input)."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        n, v = name.decode("latin-1"), value.decode("latin-1")
+        headers[n] = f"{headers[n]},{v}" if n in headers else v
+    return headers
+
+
 def _plainly_fine(req: h11.Request, raw: bytearray, limits: EngineLimits) -> bool:
     """Whether `_head_problem` would find nothing, told cheaply for the usual request (what h11
     parsed: a method Envoy knows, HTTP/1.1, an origin-form ASCII target, few headers, no
@@ -419,7 +429,7 @@ class H11Engine:
         # A request allocates a few hundred short-lived objects: with the default threshold
         # (700) the youngest generation was collected every few requests.
         gen0, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(max(gen0, 20_000), gen1, gen2)
+        gc.set_threshold(max(gen0, 100_000), gen1, gen2)
         self._thread = threading.Thread(target=self._run, name="l7g-h11", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -718,19 +728,24 @@ class H11Engine:
         self.stats.requests += 1
         method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
         log.method = method
-        headers: dict[str, str] = {}
-        for name, value in _pairs(req.headers):
-            n, v = name.decode("latin-1"), value.decode("latin-1")
-            headers[n] = f"{headers[n]},{v}" if n in headers else v
-        log.authority = headers.get("host", "")
-        log.user_agent = headers.get("user-agent", "")
-        log.request_id = headers.get("x-request-id") or os.urandom(16).hex()
+        pairs = _pairs(req.headers)
+        host = ua = rid = b""
+        for n, v in pairs:
+            if n == b"host" and not host:
+                host = v
+            elif n == b"user-agent" and not ua:
+                ua = v
+            elif n == b"x-request-id" and not rid:
+                rid = v
+        log.authority = host.decode("latin-1")
+        log.user_agent = ua.decode("latin-1")
+        log.request_id = rid.decode("latin-1") if rid else os.urandom(16).hex()
         log.path = target
         problem: _Reject | None = None
         if target == "*":
             problem = _Reject(404, "route_not_found", close=False, body=b"")
         if problem is None and method == "CONNECT":
-            problem = self._connect_verdict(log, port, src, headers)
+            problem = self._connect_verdict(log, port, src, _header_dict(pairs))
         norm_path = ""
         if problem is None:
             norm = normalize_path(target)
@@ -749,7 +764,7 @@ class H11Engine:
             return up, not close
         log.path = norm_path
         decision = self._decision(dst[0], port.port, src[0])
-        verdict = self._verdict(decision, method, target, norm_path, log.authority, headers)
+        verdict = self._verdict(decision, method, target, norm_path, log.authority, pairs)
         log.action = verdict.action
         if not verdict.allowed:
             self.stats.denied += 1
@@ -762,14 +777,15 @@ class H11Engine:
             return up, not close
         self.stats.allowed += 1
         try:
-            return await self._forward(timer, conn, reader, writer, req, norm_path, port, src, log, up)
+            return await self._forward(timer, conn, reader, writer, req, pairs, norm_path, port, src, log, up)
         finally:
             self._emit(log)
 
     def _verdict(self, d: Decision, method: str, target: str, path: str, host: str,
-                 headers: dict[str, str]) -> RequestVerdict:
+                 pairs: list[tuple[bytes, bytes]]) -> RequestVerdict:
         if any(r.headers for r in d.http):
-            return request_verdict(d, HTTPRequest(method, target, host, headers), path, auth_verified=self.auth_verified)
+            return request_verdict(d, HTTPRequest(method, target, host, _header_dict(pairs)), path,
+                                   auth_verified=self.auth_verified)
         key = (d, method, path, host)  # a decision hashes once (its hash is kept)
         v = self._verdicts.get(key)
         if v is None:
@@ -818,12 +834,11 @@ class H11Engine:
 
     async def _forward(
         self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        req: h11.Request,
+        req: h11.Request, pairs: list[tuple[bytes, bytes]],
         path: str, port: EnginePort, src: tuple[str, int], log: _Log, up: _Upstream | None,
     ) -> tuple[_Upstream | None, bool]:
         websocket = False
         out_headers: list[tuple[bytes, bytes]] = []
-        pairs = _pairs(req.headers)
         conn_tokens = {t.strip().lower() for n, v in pairs if n == b"connection" for t in v.split(b",")}
         upgrade = [v for n, v in pairs if n == b"upgrade"]
         if upgrade and b"upgrade" in conn_tokens and upgrade[0].strip().lower() == b"websocket":
