@@ -50,6 +50,11 @@ def missing_prerequisites() -> str | None:
     for tool in ("wrk", "tcpdump"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (scripts/install.sh installs it)"
+    return kernel_agent_missing()
+
+
+def kernel_agent_missing() -> str | None:
+    """Why a kernel-mode agent cannot run here (bcc, an Envoy binary), or None."""
     from l7gate.redirect_bpf.loader import DatapathError, import_bcc
 
     try:

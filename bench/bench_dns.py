@@ -79,6 +79,8 @@ from pathlib import Path
 from typing import Any
 
 from _datapath_world import AgentProcess, remove_bpf_root_if_empty
+from _tunnel_world import kernel_agent_missing
+from _world import cpu_seconds
 from run import Context, Result
 
 from l7gate.dnsproxy import DNSAnswer, DNSProxy, DNSVerdict
@@ -181,32 +183,13 @@ print(json.dumps({"ok": ok, "warm_ok": warm_ok, "bad": bad, "lost": lost, "error
                   "p50": pct(0.5), "p99": pct(0.99)}))
 """
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime, all threads
-
 
 def missing_prerequisites() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, bcc, tc, policy routing)"
     if not os.access(DNSMASQ, os.X_OK):
         return f"needs {DNSMASQ} (Debian package dnsmasq-base; scripts/install.sh installs it)"
-    from l7gate.redirect_bpf.loader import DatapathError, import_bcc
-
-    try:
-        import_bcc()
-    except DatapathError as exc:
-        return str(exc)
-    from l7gate.l7proxy.supervisor import find_envoy
-
-    try:
-        find_envoy()
-    except Exception as exc:  # noqa: BLE001 - whatever it raises, the reason is printed
-        return f"no Envoy binary: {exc}"
-    return None
+    return kernel_agent_missing()
 
 
 # --- DNS on the wire ------------------------------------------------------------------------------

@@ -54,12 +54,14 @@ class DNSRecord:
     error: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HTTPRecord:
     """One request the h11 engine judged: what an Envoy HTTP access log entry says of it (the
     fields `observe.envoy_flows.http_log_flows` reads), without the protobuf round trip.
     `start` and `first_upstream_byte` are wall-clock seconds; `details` is Envoy's
-    response_code_details; `action` the RBAC action name (`allow|…`, `deny-l7|…`)."""
+    response_code_details; `action` the RBAC action name (`allow|…`, `deny-l7|…`).
+    The engine fills one in as its request goes, then hands it over and never touches it
+    again: the only record here that is not frozen (one object per request, not two)."""
 
     start: float
     src: tuple[str, int]

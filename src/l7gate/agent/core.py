@@ -27,7 +27,7 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -53,7 +53,7 @@ from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.resolve import Resolver
 from ..policy.fqdn import FQDNSelector, fqdn
-from ..policy.selector import CIDRSelector
+from ..policy.selector import CIDRSelector, PeerSelector
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Protocol as L4Protocol
 from ..policy.types import Policy
@@ -568,17 +568,21 @@ class AgentCore:
         else:
             result.configured.append(name)
 
+    def _policy_peers(self) -> Iterator[PeerSelector]:
+        """Every peer selector of every rule of the policies in force."""
+        for policy in self.resolver.repository.policies():
+            for rule in policy.rules:
+                for pr in rule.rules:
+                    yield from pr.peers or ()
+
     def _sync_cidr_identities(self) -> None:
         """Every prefix the policies' CIDR selectors name gets its CIDR identity (allocated in the
         store, so the number stays across restarts), in the resolver and the ipcache; a prefix no
         policy names any more loses it. `0.0.0.0/0` and `::/0` are `world` already."""
         wanted: set[IPNetwork] = set()
-        for policy in self.resolver.repository.policies():
-            for rule in policy.rules:
-                for pr in rule.rules:
-                    for sel in pr.peers or ():
-                        if isinstance(sel, CIDRSelector):
-                            wanted.update(n for n in (sel.cidr, *sel.excepts) if n.prefixlen)
+        for sel in self._policy_peers():
+            if isinstance(sel, CIDRSelector):
+                wanted.update(n for n in (sel.cidr, *sel.excepts) if n.prefixlen)
         have = self._cidr_identities
         if wanted == have.keys():
             return
@@ -609,11 +613,7 @@ class AgentCore:
 
     def _sync_fqdn_selectors(self) -> None:
         """The policies' `toFQDNs` selectors; when they change, every learned address's labels."""
-        sels: set[FQDNSelector] = set()
-        for policy in self.resolver.repository.policies():
-            for rule in policy.rules:
-                for pr in rule.rules:
-                    sels.update(p for p in pr.peers or () if isinstance(p, FQDNSelector))
+        sels = {p for p in self._policy_peers() if isinstance(p, FQDNSelector)}
         ordered = tuple(sorted(sels, key=lambda s: s.key))
         if ordered != self._fqdn_selectors:
             self._fqdn_selectors = ordered

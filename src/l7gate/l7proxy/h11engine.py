@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import h11
@@ -177,26 +177,6 @@ class _Upstream:
     writer: asyncio.StreamWriter
     conn: h11.Connection
     address: tuple[str, int]
-
-
-@dataclass(slots=True)
-class _Log:
-    """What one request's access log entry says."""
-
-    start: float
-    src: tuple[str, int]
-    dst: tuple[str, int]
-    method: str = ""
-    authority: str = ""
-    path: str = ""
-    user_agent: str = ""
-    request_id: str = ""
-    code: int = 0
-    details: str = ""
-    action: str = ""
-    upstream: tuple[str, int] | None = None
-    first_upstream_byte: float | None = None
-    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 # The methods Envoy's HTTP/1 codec takes (measured: others, e.g. M-SEARCH or QUERY, are a 400).
@@ -671,7 +651,7 @@ class H11Engine:
                 await writer.wait_closed()
 
     async def _read_head(self, timer: _Timer, conn: h11.Connection,
-                         reader: asyncio.StreamReader) -> tuple[h11.Request | None, bytes]:
+                         reader: asyncio.StreamReader) -> h11.Request | None:
         raw = bytearray(conn.trailing_data[0])
         cap = self.limits.max_header_bytes + self.limits.read_size
         while True:
@@ -695,7 +675,7 @@ class H11Engine:
                 except _Expired as exp:
                     if exp.kind == "header":
                         raise _Reject(408, "request_header_timeout") from None
-                    return None, b""
+                    return None
                 conn.receive_data(data)
                 if len(raw) < cap:
                     raw += data
@@ -705,17 +685,17 @@ class H11Engine:
                     problem = _head_problem(_split_head(bytes(raw)), self.limits)
                     if problem is not None:
                         raise problem
-                return ev, b""
-            return None, b""  # ConnectionClosed, or nothing more to read
+                return ev
+            return None  # ConnectionClosed, or nothing more to read
 
     async def _exchange(
         self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         port: EnginePort, src: tuple[str, int], dst: tuple[str, int], up: _Upstream | None,
     ) -> tuple[_Upstream | None, bool]:
         """One request: (the upstream connection to keep, whether the client connection goes on)."""
-        log = _Log(time.time(), src, dst)
+        log = HTTPRecord(time.time(), src, dst)
         try:
-            req, _ = await self._read_head(timer, conn, reader)
+            req = await self._read_head(timer, conn, reader)
         except _Reject as rej:
             self.stats.requests += 1
             self.stats.rejected += 1
@@ -794,7 +774,7 @@ class H11Engine:
                 self._verdicts[key] = v
         return v
 
-    def _connect_verdict(self, log: _Log, port: EnginePort, src: tuple[str, int], headers: dict[str, str]) -> _Reject:
+    def _connect_verdict(self, log: HTTPRecord, port: EnginePort, src: tuple[str, int], headers: dict[str, str]) -> _Reject:
         """CONNECT: judged by policy like any request (no path); an allowed one has no route."""
         decision = self._decision(log.dst[0], port.port, src[0])
         v = request_verdict(decision, HTTPRequest("CONNECT", "", log.authority, headers), "", auth_verified=self.auth_verified)
@@ -835,7 +815,7 @@ class H11Engine:
     async def _forward(
         self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         req: h11.Request, pairs: list[tuple[bytes, bytes]],
-        path: str, port: EnginePort, src: tuple[str, int], log: _Log, up: _Upstream | None,
+        path: str, port: EnginePort, src: tuple[str, int], log: HTTPRecord, up: _Upstream | None,
     ) -> tuple[_Upstream | None, bool]:
         websocket = False
         out_headers: list[tuple[bytes, bytes]] = []
@@ -932,7 +912,7 @@ class H11Engine:
 
     async def _relay_response(
         self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        up: _Upstream, log: _Log, websocket: bool,
+        up: _Upstream, log: HTTPRecord, websocket: bool,
     ) -> tuple[_Upstream | None, bool]:
         uc = up.conn
         out = bytearray()  # for the client: written when the pod must be waited for, or at the end
@@ -1012,14 +992,12 @@ class H11Engine:
 
     # -- access logs --------------------------------------------------------------------------
 
-    def _emit(self, log: _Log) -> None:
+    def _emit(self, log: HTTPRecord) -> None:
         if self.on_records is None:
             return
         if not self._pending_logs and self._loop is not None:
             self._loop.call_later(0.02, self._flush_logs)
-        self._pending_logs.append(HTTPRecord(log.start, log.src, log.dst, log.method, log.authority, log.path,
-                                             log.user_agent, log.request_id, log.code, log.details, log.action,
-                                             log.upstream, log.first_upstream_byte))
+        self._pending_logs.append(log)  # filled in as the request went; not touched again
 
     def _flush_logs(self) -> None:
         batch, self._pending_logs = self._pending_logs, []
