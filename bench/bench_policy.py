@@ -258,7 +258,7 @@ def bulk_policy(j: int) -> dict[str, Any]:
         ingress.append({
             "fromEndpoints": [{"matchExpressions": [
                 {"key": "team", "operator": "In", "values": [f"team{j % 10}", f"team{(j + 1) % 10}"]}]}],
-            "toPorts": [{"ports": [{"port": "8080"}], "rules": {"http": [{"method": "GET", "path": f"/health/{j}"}]}}],
+            "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"http": [{"method": "GET", "path": f"/health/{j}"}]}}],
         })
     # Every fifth one is namespace-wide (`endpointSelector: {}`), as defaults per namespace are:
     # each local pod is selected by ~280 of 10,000 policies.

@@ -197,7 +197,7 @@ def test_cidr_prefix_spanning_slots_on_envoy(world: World) -> None:
         "apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy", "metadata": {"name": "b8081"},
         "spec": {"endpointSelector": {"matchLabels": {"app": "b8081"}}, "ingress": [
             {"fromEndpoints": [{"matchLabels": {"app": "g0"}}],
-             "toPorts": [{"ports": [{"port": str(port)}], "rules": {"http": [{"method": "GET", "path": "/g0"}]}}]},
+             "toPorts": [{"ports": [{"port": str(port), "protocol": "TCP"}], "rules": {"http": [{"method": "GET", "path": "/g0"}]}}]},
             {"fromCIDR": [f"127.{S}.4.0/22"], "toPorts": [{"ports": [{"port": str(port)}]}]},
         ]},
     }

