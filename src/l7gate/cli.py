@@ -89,7 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-f", "--file", dest="paths", action="append", required=True, metavar="PATH",
         help="policy/inventory file or folder (repeatable)",
     )
-    t.add_argument("--from", dest="src", required=True, metavar="[CLUSTER/]NS/POD")
+    t.add_argument("--from", dest="src", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
+                   help="a pod, `world`, or an address: a node's (a pod's hostIP) is `host` seen from "
+                        "a pod on that node, `remote-node` otherwise")
     t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
                    help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
                         "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")

@@ -41,7 +41,7 @@ from ..clustermesh.wire import ClusterService, L4Addr, WireError, decode_cluster
 from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
 from ..identity.fqdncache import FQDNCache
 from ..identity.ipcache import IPCache, IPNetwork
-from ..identity.numeric import Identity, IdentityError
+from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError
 from ..k8s.objects import (
     ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, parse_service, pod_backend, pod_identity_labels,
     scoped_namespace,
@@ -191,6 +191,11 @@ class AgentCore:
         self.store = store
         self._lock = threading.RLock()
         self.resolver = Resolver()
+        # The reserved identities an address can have besides `world` (which is the default of
+        # every lookup): entities select them (`host`, `remote-node`, ... ; node addresses are
+        # in the ipcache as such, and a mesh may publish others).
+        self.resolver.update_identities(
+            {i.id: i.labels for n, i in RESERVED.items() if n not in (WORLD, WORLD_IPV4, WORLD_IPV6)})
         self.ipcache = IPCache()
         ids = {config.cluster_id, *config.clusters.values()}
         self._allocators: dict[int, Allocator] = {
@@ -229,6 +234,11 @@ class AgentCore:
         # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
         # selects it. Prefix → identity number.
         self._cidr_identities: dict[IPNetwork, int] = {}
+        # Node addresses (Cilium's `host` and `remote-node` entities): this node's address and
+        # the pods' `status.hostIP` are in the ipcache as `host` (1) for this node, `remote-node`
+        # (6) for every other node; /32 → identity, as written (`_sync_node_identities`).
+        self._node_identities: dict[IPNetwork, int] = {}
+        self._nodes_dirty = True
         # toFQDNs (docs/fqdn.md): what the DNS proxy learned, the policies' FQDN selectors, and
         # the local identity of each learned address some selector matches (ip → number, labels).
         self.fqdn = FQDNCache(config.dns.min_ttl, config.dns.max_ips_per_name)
@@ -514,6 +524,8 @@ class AgentCore:
         return out
 
     def _flush(self) -> None:
+        if self._nodes_dirty:
+            self._sync_node_identities()
         self.publisher.flush()
         self._flush_services()
         for listener in self._change_listeners:
@@ -608,6 +620,45 @@ class AgentCore:
                     allocator.release(ident_id)
                 except (IdentityError, KVStoreError):
                     pass  # not held by this run (restored): the number is reclaimed by GC
+
+    def _sync_node_identities(self) -> None:
+        """Node addresses in the ipcache, as Cilium has them: this node's (`clustermesh.
+        nodeAddress`, and the `status.hostIP` of its own pods) as `host`, every other node's
+        (the hostIP of other nodes' pods, local or from the mesh) as `remote-node`. So
+        `toEntities: [host]` reaches the node a pod runs on, `fromEntities: [remote-node]`
+        admits other nodes, and `world` and CIDR rules select neither (Cilium's default).
+
+        An address that is a pod's own (hostNetwork pods are not endpoints) or that another
+        entry already holds is left as it is; loopback addresses are never node addresses
+        (loopback mode: pods are 127.x addresses on the one machine)."""
+        self._nodes_dirty = False
+        local: set[str] = set()
+        remote: set[str] = set()
+        if self.config.clustermesh.node_address:
+            local.add(self.config.clustermesh.node_address)
+        for rec in self._pods.values():
+            host = rec.pod.host_ip
+            if host:
+                (local if rec.local else remote).add(host)
+        wanted: dict[IPNetwork, int] = {}
+        for ip, ident in [*((ip, REMOTE_NODE) for ip in remote - local), *((ip, HOST) for ip in local)]:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                continue
+            if addr.is_loopback or addr.is_unspecified or ip in self._ip_owner:
+                continue
+            wanted[ipaddress.ip_network(addr)] = ident
+        have = self._node_identities
+        for net, ident in list(have.items()):
+            if wanted.get(net) != ident:
+                del have[net]
+                if self.ipcache.get(net) == ident:
+                    self.ipcache.delete(net)
+        for net, ident in wanted.items():
+            if net not in have and self.ipcache.get(net) is None:
+                self.ipcache.upsert(net, ident)
+                have[net] = ident
 
     # -- toFQDNs ---------------------------------------------------------------------------------
 
@@ -1068,6 +1119,7 @@ class AgentCore:
         self._ip_owner[ip] = ref
         self._identity_pods.setdefault(ep.identity, set()).add(ref)
         self._pod_nodes = None
+        self._nodes_dirty = True
         self.ipcache.upsert(prefix, ep.identity)
 
     def _remove_mesh_endpoint(self, cluster: str, prefix: str) -> None:
@@ -1086,6 +1138,7 @@ class AgentCore:
             if not users:
                 del self._identity_pods[rec.identity]
         self._pod_nodes = None
+        self._nodes_dirty = True
         if self.ipcache.get(prefix) == rec.identity:
             self.ipcache.delete(prefix)
 
@@ -1161,6 +1214,7 @@ class AgentCore:
         for ip in pod.ips:
             self._ip_owner[ip] = pod.ref
         self._pod_nodes = None
+        self._nodes_dirty = True
         users = self._identity_pods.setdefault(ident, set())
         first = not users
         users.add(pod.ref)
@@ -1194,6 +1248,7 @@ class AgentCore:
             if self._ip_owner.get(ip) == ref:
                 del self._ip_owner[ip]
         self._pod_nodes = None
+        self._nodes_dirty = True
         for ip in rec.pod.ips:
             if self.ipcache.get(ip) == rec.identity:
                 self.ipcache.delete(ip)

@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from ..xds.status import StatusRow
+from . import views
 from .core import AgentCore
 
 
@@ -28,7 +29,8 @@ class _StateCollector(Collector):
         # The state as of the last completed change: a scrape never waits for an apply, nor
         # reads the resolver while one changes it.
         view = self.core.view()
-        yield GaugeMetricFamily("l7gate_identities", "Identities known to the agent", value=len(view.identities))
+        yield GaugeMetricFamily("l7gate_identities", "Identities allocated (the reserved ones not counted)",
+                                value=views.allocated_identities(view))
         yield GaugeMetricFamily("l7gate_ipcache_entries", "Prefixes in the ipcache", value=len(self.core.ipcache))
         yield GaugeMetricFamily("l7gate_endpoints", "Local endpoint identities under policy", value=len(view.endpoints))
         yield GaugeMetricFamily("l7gate_policies", "Policies in force", value=len(view.policy_docs))

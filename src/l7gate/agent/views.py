@@ -95,6 +95,11 @@ def services(v: StateView, core: AgentCore) -> dict[str, Any]:
     return {"datapath": services_datapath(core), "error": core.services_error, "services": out}
 
 
+def allocated_identities(v: StateView) -> int:
+    """Identities allocated for pods, CIDRs and names; the reserved ones are not counted."""
+    return sum(1 for ident in v.identities if ident not in RESERVED)
+
+
 def identities(v: StateView) -> list[dict[str, Any]]:
     pods_of = v.pods_of()
     return [
@@ -200,7 +205,7 @@ def status(agent: Agent) -> dict[str, Any]:
         # As of the last completed change: an apply under way shows when it is done.
         "policies": len(view.policy_docs),
         "policy_revision": view.policy_revision,
-        "identities": len(view.identities),
+        "identities": allocated_identities(view),
         # known: every pod `endpoint list` shows (all clusters); local: those on this node,
         # whose ingress this agent enforces.
         "pods": pod_counts(view),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
-from ..identity.numeric import IdentityError, reserved_identity
+from ..identity.numeric import HOST, IdentityError, reserved_identity
 from ..k8s.manifests import load
 from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..kvstore.sqlite import SQLiteKVStore
@@ -187,13 +187,14 @@ def run_trace(req: TraceRequest) -> TraceResult:
             c: IdentityAllocator(store, cluster_id=cid, owner=c) for c, cid in cluster_ids.items()
         }
 
-        def party(ref: str) -> Party:
+        def party(ref: str, other: str = "") -> Party:
             if ref == "world":
                 w = reserved_identity("world")
                 return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
             address = _address(ref)
             if address is not None and not any(p.ip == address for p in pods):
-                return _address_party(address, docs, req)
+                node = _node_party(address, pods, other)
+                return node if node is not None else _address_party(address, docs, req)
             pod = _find_pod(ref, pods)
             try:
                 labels = pod_identity_labels(pod, namespace_of(pod, namespaces))
@@ -206,8 +207,8 @@ def run_trace(req: TraceRequest) -> TraceResult:
         # Allocate every pod first so identity numbers do not depend on the --from/--to order.
         for p in sorted(pods, key=lambda p: (p.cluster, p.namespace, p.name)):
             party(f"{p.cluster}/{p.namespace}/{p.name}")
-        src = party(req.source)
-        dst = party(req.destination)
+        src = party(req.source, req.destination)
+        dst = party(req.destination, req.source)
     finally:
         store.close()
 
@@ -225,7 +226,11 @@ def run_trace(req: TraceRequest) -> TraceResult:
         egress_rules = _rules_for_cluster(docs, src.cluster)
         egress = evaluate(egress_rules, _one_side(flow, source_managed=True))
     ingress = Verdict(True, None)
-    if dst.peer.managed and egress.allowed:
+    if dst.peer.managed and egress.allowed and src.identity == HOST:
+        # The node's own traffic to its pods is not judged (Cilium's default allow-localhost)
+        ingress = Verdict(True, None, ("from this node (host): a node's own connections to its pods are "
+                                       "always allowed, as in Cilium (allow-localhost)",))
+    elif dst.peer.managed and egress.allowed:
         ingress_rules = _rules_for_cluster(docs, dst.cluster)
         ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False))
     decided = egress if not egress.allowed else ingress
@@ -251,6 +256,23 @@ def _address(ref: str) -> str | None:
         return str(ipaddress.ip_address(ref))
     except ValueError:
         return None
+
+
+def _node_party(ip: str, pods: list[Pod], other: str) -> Party | None:
+    """A node's address (some pod's `status.hostIP`), as the agent has it in its ipcache: `host`
+    seen from a pod on that node (the other party), `remote-node` from anywhere else."""
+    if not any(p.host_ip == ip for p in pods):
+        return None
+    peer_pod: Pod | None = None
+    if other and other != "world" and _address(other) is None:
+        try:
+            peer_pod = _find_pod(other, pods)
+        except TraceError:
+            peer_pod = None  # reported when that party is read
+    name = "host" if peer_pod is not None and peer_pod.host_ip == ip else "remote-node"
+    ident = reserved_identity(name)
+    shown = f"{ip} ({name})"
+    return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
 
 
 def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest) -> Party:
