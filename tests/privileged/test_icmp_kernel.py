@@ -1,5 +1,7 @@
-"""ICMP through the kernel datapath: real `ping` between pods in network namespaces, one node
-and its kernel-mode agent (h11 engine: no Envoy is needed for ICMP).
+"""ICMP through the kernel datapath: real `ping` between pods in network namespaces. Node n1
+(cluster c1) holds server, client and other; node n2 (cluster c2) holds remote, whose packets
+reach n1 over the link between the nodes. Each node runs its kernel-mode agent (h11 engine: no
+Envoy is needed for ICMP).
 
 For each policy set the kernel's verdict on an echo request (does the reply come back?), the
 reference evaluator's and `l7gate policy trace --icmp-type 8`'s must be the same; a dropped
@@ -51,18 +53,25 @@ def icmps(*types: int | str) -> list[dict[str, Any]]:
 @dataclass
 class World:
     tb: Testbed
-    agent: AgentProc
+    agent: AgentProc  # n1's, where the server is
+    agent2: AgentProc
     pods: dict[str, Pod]
     files: Path
 
+    def ref(self, name: str) -> str:
+        return f"{self.pods[name].cluster}/ns/{name}"
+
     def apply(self, docs: list[dict[str, Any]]) -> None:
-        if docs:
-            self.agent.client.apply_policies(docs)
-        self.agent.synced()
+        for agent in (self.agent, self.agent2):
+            if docs:
+                agent.client.apply_policies(docs)
+            agent.synced()
 
     def delete(self, docs: list[dict[str, Any]]) -> None:
-        for d in docs:
-            self.agent.client.delete_policy(f"CiliumNetworkPolicy/ns/{d['metadata']['name']}")
+        for agent in (self.agent, self.agent2):
+            for d in docs:
+                agent.client.delete_policy(f"CiliumNetworkPolicy/ns/{d['metadata']['name']}")
+            agent.synced()
 
     def reference(self, docs: list[dict[str, Any]], src: str, dst: str) -> bool:
         """The reference evaluator on the agent's own identities."""
@@ -71,7 +80,7 @@ class World:
         rules = [r for d in docs for r in parse_policy(d, cluster_name=CLUSTER).rules]
 
         def peer(name: str) -> Peer:
-            ident, labels, managed = by_pod[f"{CLUSTER}/ns/{name}"]
+            ident, labels, managed = by_pod[self.ref(name)]
             return Peer(ident, labels, managed=managed, name=name)
 
         return evaluate(rules, Flow(peer(src), peer(dst), ECHO_REQUEST, Protocol.ICMP)).allowed
@@ -80,7 +89,7 @@ class World:
         """`l7gate policy trace --icmp-type 8` on the same policies and pods, as files."""
         path = self.files / "trace.yaml"
         path.write_text(yaml.safe_dump_all([*self.tb.to_manifests(), *docs]))
-        req = TraceRequest(paths=(str(path),), source=f"{CLUSTER}/ns/{src}", destination=f"{CLUSTER}/ns/{dst}",
+        req = TraceRequest(paths=(str(path),), source=self.ref(src), destination=self.ref(dst),
                            port=ECHO_REQUEST, protocol="ICMP", cluster_name=CLUSTER)
         return run_trace(req).verdict.allowed
 
@@ -103,18 +112,24 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with Testbed() as tb:
         node = tb.add_node("n1", cluster=CLUSTER, node_cidr="10.63.1.0/24")
+        node2 = tb.add_node("n2", cluster="c2", node_cidr="10.63.2.0/24")
+        tb.link(node, node2)
         pods = {name: tb.add_pod(node, "ns", name, labels={"app": name}) for name in ("server", "client", "other")}
-        agent = make_agent(tb, node, CLUSTER, 1, "c2", 2, [], "h11")
+        pods["remote"] = tb.add_pod(node2, "ns", "remote", labels={"app": "remote"})
+        agent = make_agent(tb, node, CLUSTER, 1, "c2", 2, node.link_ifnames, "h11")
+        agent2 = make_agent(tb, node2, "c2", 2, CLUSTER, 1, node2.link_ifnames, "h11")
         try:
-            agent.start(tb)
-            agent.client.apply_endpoints(tb.to_manifests())
-            agent.synced()
-            yield World(tb, agent, pods, tmp_path_factory.mktemp("icmp"))
+            for a in (agent, agent2):
+                a.start(tb)
+                a.client.apply_endpoints(tb.to_manifests())
+                a.synced()
+            yield World(tb, agent, agent2, pods, tmp_path_factory.mktemp("icmp"))
         finally:
-            stop_agents(agent)
+            stop_agents(agent, agent2)
 
 
 L3_ALLOW = cnp("l3", SERVER, ingress=[{"fromEndpoints": [CLIENT]}])
+L3_ALLOW_REMOTE = cnp("l3-remote", SERVER, ingress=[{"fromEndpoints": [{"matchLabels": {"app": "remote"}}]}])
 ECHO_ALLOW = cnp("echo", SERVER, ingress=[{"fromEndpoints": [CLIENT], "icmps": icmps("EchoRequest")}])
 TIMESTAMP_ONLY = cnp("timestamp", SERVER, ingress=[{"fromEndpoints": [CLIENT], "icmps": icmps(13)}])
 DEFAULT_DENY = cnp("deny-all", SERVER, ingress=[{}])
@@ -139,6 +154,9 @@ CLIENT_EGRESS_ONLY = cnp("client", CLIENT, egress=[{"toEndpoints": [SERVER], "ic
         pytest.param(DENY_WINS, "client", False, id="deny-wins"),
         pytest.param([ANY_PORTS], "client", False, id="toPorts-ANY-is-not-ICMP"),
         pytest.param([CLIENT_EGRESS_ONLY], "client", True, id="reply-through-conntrack"),
+        pytest.param([], "remote", True, id="other-node-no-policy"),
+        pytest.param([L3_ALLOW_REMOTE], "remote", True, id="other-node-l3-only-allow"),
+        pytest.param([ECHO_ALLOW], "remote", False, id="other-node-icmps-for-another-peer"),
     ],
 )
 def test_kernel_reference_and_trace_agree_on_ping(world: World, docs: list[dict[str, Any]], src: str,
@@ -163,7 +181,6 @@ def test_kernel_reference_and_trace_agree_on_ping(world: World, docs: list[dict[
             eventually(dropped_as_icmp, 10, "the dropped echo request as a DROPPED ICMPv4 flow")
     finally:
         world.delete(docs)
-        world.agent.synced()
 
 
 def test_reply_passes_only_as_a_reply(world: World) -> None:
@@ -178,4 +195,3 @@ def test_reply_passes_only_as_a_reply(world: World) -> None:
         assert not world.ping("server", "client", ident=4242)
     finally:
         world.delete(docs)
-        world.agent.synced()

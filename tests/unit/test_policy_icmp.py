@@ -336,3 +336,16 @@ def test_trace_icmp_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
                                  words: str) -> None:
     rc, _, err = trace(capsys, inventory(tmp_path), *extra)
     assert rc == 2 and words in err, err
+
+
+def test_a_network_policy_rule_without_ports_allows_icmp_and_one_with_ports_does_not() -> None:
+    def knp(rule: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "np", "namespace": "ns"},
+                "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [rule]}}
+
+    from_client = {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}
+    all_ports = parse_policy(knp(from_client))
+    tcp_only = parse_policy(knp({**from_client, "ports": [{"port": 80}]}))
+    assert evaluate(all_ports.rules, icmp_flow(CLIENT, SERVER, 8)).allowed
+    assert not evaluate(tcp_only.rules, icmp_flow(CLIENT, SERVER, 8)).allowed
+    assert not evaluate(all_ports.rules, icmp_flow(OTHER, SERVER, 8)).allowed
