@@ -23,6 +23,7 @@ from .agent.config import DEFAULT_ADMIN
 from .offline.trace import TraceError, TraceRequest, format_trace_text, load_fqdn_cache, run_trace
 from .offline.validate import validate_paths
 from .k8s.manifests import Manifest, kind_problem, load, object_name
+from .policy.icmp import ICMPTypeError, parse_icmp_type
 from .policy.names import label_problem
 from .policy.parse import POLICY_KINDS
 
@@ -79,7 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t = psub.add_parser(
         "trace",
         help="explain the verdict for one request between two pods",
-        description="Compute the verdict the policies give a connection (and HTTP request) from "
+        description="Compute the verdict the policies give a connection (and HTTP request), or an "
+        "ICMP message (--icmp-type), from "
         "one pod to another, and explain it step by step. PATH holds CNP, CCNP, NetworkPolicy, Pod and "
         "Namespace objects; a Pod's cluster is its `l7gate.io/cluster` annotation "
         "(default: --cluster-name). Pods are named [CLUSTER/]NAMESPACE/POD; `world` stands "
@@ -95,8 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
                    help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
                         "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")
-    t.add_argument("--port", type=_port, required=True, metavar="N")
-    t.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP", "SCTP"), default="TCP")
+    what = t.add_mutually_exclusive_group(required=True)
+    what.add_argument("--port", type=_port, metavar="N", help="destination port (TCP, UDP, SCTP)")
+    what.add_argument("--icmp-type", type=_icmp_type, metavar="TYPE",
+                      help="an ICMP message of this type, a number 0-255 or Cilium's name (8 or EchoRequest); "
+                           "the protocol is then ICMP")
+    t.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP", "SCTP", "ICMP"), default=None,
+                   help="default TCP with --port, ICMP with --icmp-type")
     t.add_argument("--method", help="HTTP method (default GET when the port has HTTP rules)")
     t.add_argument("--path", help="HTTP :path, query included (default /)")
     t.add_argument("--host", help="HTTP :authority")
@@ -361,6 +368,13 @@ def _port(value: str) -> int:
     return port
 
 
+def _icmp_type(value: str) -> int:
+    try:
+        return parse_icmp_type(value)
+    except ICMPTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     stdin_text = sys.stdin.read() if "-" in args.paths else None
     report = validate_paths(
@@ -388,12 +402,27 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             print(f"l7gate: error: --header {h!r}: expected NAME:VALUE", file=sys.stderr)
             return EXIT_USAGE
         headers[name.strip().lower()] = value.strip()
+    icmp = args.icmp_type is not None
+    protocol = args.protocol or ("ICMP" if icmp else "TCP")
+    problem = ""
+    if icmp and protocol != "ICMP":
+        problem = f"--icmp-type is about ICMP, not --protocol {protocol}"
+    elif not icmp and protocol == "ICMP":
+        problem = "--protocol ICMP takes --icmp-type TYPE (8 or EchoRequest), not --port"
+    elif icmp:
+        given = [f for f, v in (("--method", args.method), ("--path", args.path), ("--host", args.host),
+                                ("--header", args.header), ("--dns-query", args.dns_query)) if v]
+        if given:
+            problem = f"{', '.join(given)}: an ICMP message has no HTTP request or DNS query"
+    if problem:
+        print(f"l7gate: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     req = TraceRequest(
         paths=tuple(args.paths),
         source=args.src,
         destination=args.dst,
-        port=args.port,
-        protocol=args.protocol,
+        port=args.icmp_type if icmp else args.port,
+        protocol=protocol,
         method=args.method,
         path=args.path,
         host=args.host,

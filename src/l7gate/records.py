@@ -12,7 +12,8 @@ class KernelDrop:
     `redirect_bpf.loader`. `reason` is the datapath's words ("Policy denied", "Authentication
     required", ...); `direction` says whose policy dropped it ("ingress": the destination's,
     "egress": the source's); `endpoint` and `ifindex` say where (the local endpoint's identity,
-    the interface); `time_ns` is when the agent read it (wall clock)."""
+    the interface); `time_ns` is when the agent read it (wall clock). An ICMP packet (`proto`
+    1) has no ports (`sport`, `dport` 0): its `icmp_type` and `icmp_code` say what it was."""
 
     saddr: str
     daddr: str
@@ -26,6 +27,8 @@ class KernelDrop:
     time_ns: int = 0
     endpoint: int = 0
     ifindex: int = 0
+    icmp_type: int = 0
+    icmp_code: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ Shapes (also the corpus formats):
   Most parse; a few are invalid on purpose (both selectors, L7 in a deny rule, UDP with HTTP
   rules, bad regex, unknown entity, ...), so callers must discard what the parser rejects.
 - flow: ``{"src": id, "dst": id, "port": n, "protocol": "TCP", "http": request | null,
-  "authenticated": bool}`` with request ``{"method", "path", "host", "headers"}``.
+  "authenticated": bool}`` with request ``{"method", "path", "host", "headers"}``. An ICMP
+  flow has ``"protocol": "ICMP"`` and its ICMP type as ``"port"``.
 
 The vocabularies are deliberately tiny (three apps, two teams, three namespaces, two clusters,
 a handful of ports and regexes) so that generated selectors and rules actually select the
@@ -105,6 +106,9 @@ HEADER_MATCHES: tuple[dict[str, str], ...] = (
     {"name": "x-debug"},
 )
 AUTH_MODES = ("disabled", "required", "test-always-fail")
+# `icmps` types: numbers and Cilium's names (8 three ways), a few the flows never use.
+ICMP_TYPES: tuple[int | str, ...] = (8, "EchoRequest", 0, "EchoReply", 13, "8", "Echo", "DestinationUnreachable", 255)
+BAD_ICMP_TYPES: tuple[Any, ...] = (256, "Ping", "echoRequest", "08", True)
 
 REQUEST_METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD")
 REQUEST_PATHS = (
@@ -114,6 +118,7 @@ REQUEST_PATHS = (
 )
 REQUEST_HOSTS = ("", "billing", "billing.payments.svc", "api")
 FLOW_PORTS = (80, 443, 8080, 8081, 9090, 9100, 53, 1, 65535)
+FLOW_ICMP_TYPES = (8, 0, 13, 3, 255, 14)
 
 # Field names the parser knows, so that junk mappings sometimes reach deep into it.
 FIELD_NAMES = (
@@ -123,7 +128,7 @@ FIELD_NAMES = (
     "fromEndpoints", "toEndpoints", "fromEntities", "toEntities", "fromCIDR", "toCIDR",
     "fromCIDRSet", "toCIDRSet", "cidr", "except", "toPorts", "ports", "port", "endPort",
     "protocol", "rules", "http", "method", "path", "host", "headers", "headerMatches", "value",
-    "mismatch", "authentication", "mode", "source",
+    "mismatch", "authentication", "mode", "source", "icmps", "fields", "type", "family",
 )
 # Strings that have broken parsers before: non-ASCII digits, a lone surrogate (valid in JSON as
 # "\ud800"), a number too long for int(), whitespace, signs.
@@ -308,6 +313,22 @@ def port_rules(draw: st.DrawFn, *, deny: bool) -> dict[str, Any]:
 
 
 @st.composite
+def icmp_rules(draw: st.DrawFn) -> dict[str, Any]:
+    """One `icmps` element: a few types, rarely none, an IPv6 family or a bad type (invalid)."""
+    if weighted(draw, [(20, False), (1, True)]):
+        return {} if draw(st.booleans()) else {"fields": []}  # no type: the rule matches nothing
+    fields: list[dict[str, Any]] = []
+    for t in draw(st.lists(st.sampled_from(ICMP_TYPES), min_size=1, max_size=3)):
+        field: dict[str, Any] = {"type": t}
+        if weighted(draw, [(4, False), (1, True)]):
+            field["family"] = weighted(draw, [(30, "IPv4"), (1, "IPv6")])
+        fields.append(field)
+    if weighted(draw, [(40, False), (1, True)]):
+        fields.append({"type": draw(st.sampled_from(BAD_ICMP_TYPES))})
+    return {"fields": fields}
+
+
+@st.composite
 def peer_rules(
     draw: st.DrawFn, *, ingress: bool, deny: bool, hints: Sequence[Mapping[str, str]] = ()
 ) -> dict[str, Any]:
@@ -334,8 +355,15 @@ def peer_rules(
             rule[pre + "CIDR"] = cidrs
         elif k == "cidrset":
             rule[pre + "CIDRSet"] = draw(st.lists(cidr_sets(), max_size=2))
-    if weighted(draw, [(1, False), (2, True)]) or peer_kind == "none" and draw(st.booleans()):
+    l4 = weighted(draw, [(3, "toPorts"), (2, "none"), (1, "icmps")])
+    if l4 == "none" and peer_kind == "none" and draw(st.booleans()):
+        l4 = "toPorts"
+    if weighted(draw, [(60, False), (1, True)]):
+        l4 = "both"  # Cilium refuses icmps beside toPorts
+    if l4 in ("toPorts", "both"):
         rule["toPorts"] = draw(st.lists(port_rules(deny=deny), min_size=weighted(draw, [(6, 1), (1, 0)]), max_size=2))
+    if l4 in ("icmps", "both"):
+        rule["icmps"] = draw(st.lists(icmp_rules(), min_size=weighted(draw, [(8, 1), (1, 0)]), max_size=2))
     if not deny and weighted(draw, [(4, False), (1, True)]):
         rule["authentication"] = {"mode": draw(st.sampled_from(AUTH_MODES))}
     elif deny and weighted(draw, [(40, False), (1, True)]):
@@ -458,12 +486,15 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
     def party() -> int:
         return draw(st.sampled_from(eps)) if draw(st.booleans()) else draw(st.sampled_from(all_ids))
 
-    protocol = weighted(draw, [(8, "TCP"), (1, "UDP"), (1, "SCTP")])
+    protocol = weighted(draw, [(8, "TCP"), (1, "UDP"), (1, "SCTP"), (2, "ICMP")])
     http = None
     if protocol == "TCP" and weighted(draw, [(1, False), (3, True)]):
         http = draw(http_requests())
-    # Mostly the ports HTTP rules are generated on.
-    port = weighted(draw, [(6, 8080), (2, 80), (2, draw(st.sampled_from(FLOW_PORTS)))])
+    if protocol == "ICMP":
+        port = draw(st.sampled_from(FLOW_ICMP_TYPES))  # the ICMP type
+    else:
+        # Mostly the ports HTTP rules are generated on.
+        port = weighted(draw, [(6, 8080), (2, 80), (2, draw(st.sampled_from(FLOW_PORTS)))])
     return {
         "src": party(),
         "dst": party(),

@@ -16,7 +16,7 @@ import pytest
 from l7gate.policy.errors import Finding, PolicyValidationError
 from l7gate.policy.evaluate import Flow, Peer, evaluate
 from l7gate.policy.labels import Labels
-from l7gate.policy.parse import MAX_PORTS, parse_policy
+from l7gate.policy.parse import MAX_ICMP_FIELDS, MAX_PORTS, parse_policy
 from l7gate.policy.types import PortProtocol, PortRange, Protocol
 
 from .test_policy_parse import ccnp, cnp
@@ -90,6 +90,51 @@ def test_more_than_40_ports_in_one_entry_are_refused(field: str) -> None:
     only_error(doc, f"spec.{field}[0].toPorts[0].ports", "too-many-ports", "Cilium refuses more than 40 ports", "has 41")
     doc["spec"][field][0]["toPorts"][0]["ports"] = ports[:MAX_PORTS]
     assert len(parse_policy(doc).rules[0].rules[0].port_rules[0].ports) == MAX_PORTS
+
+
+# -- ICMP ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["ingress", "ingressDeny", "egress", "egressDeny"])
+def test_icmps_beside_to_ports_are_refused(field: str) -> None:
+    peer = {"fromEntities": ["world"]} if field.startswith("ingress") else {"toEntities": ["world"]}
+    doc = cnp({"endpointSelector": {}, field: [{**peer, "icmps": [{"fields": [{"type": 8}]}], "toPorts": [TCP80]}]})
+    only_error(doc, f"spec.{field}[0].icmps", "icmps-with-ports", "Cilium refuses a rule with both `icmps` and `toPorts`",
+               "the ICMPs block may only be present without ToPorts", "a rule of their own")
+    split = cnp({"endpointSelector": {}, field: [{**peer, "icmps": [{"fields": [{"type": 8}]}]}, {**peer, "toPorts": [TCP80]}]})
+    assert len(parse_policy(split).rules[0].rules) == 2
+    # an empty toPorts is no toPorts, for Cilium too
+    parse_policy(cnp({"endpointSelector": {}, field: [{**peer, "icmps": [{"fields": [{"type": 8}]}], "toPorts": []}]}))
+
+
+@pytest.mark.parametrize("field", ["ingress", "egressDeny"])
+def test_more_than_40_icmp_types_in_one_entry_are_refused(field: str) -> None:
+    fields = [{"type": i} for i in range(MAX_ICMP_FIELDS + 1)]
+    doc = cnp({"endpointSelector": {}, field: [{"icmps": [{"fields": fields}]}]})
+    only_error(doc, f"spec.{field}[0].icmps[0].fields", "too-many-icmp-fields",
+               "Cilium refuses more than 40 ICMP types", "too many types", "has 41")
+    doc["spec"][field][0]["icmps"][0]["fields"] = fields[:MAX_ICMP_FIELDS]
+    assert len(parse_policy(doc).rules[0].rules[0].port_rules[0].ports) == MAX_ICMP_FIELDS
+
+
+@pytest.mark.parametrize("family", ["ipv4", "IPv5", " IPv4", 4])
+def test_an_icmp_family_cilium_does_not_know_is_refused(family: Any) -> None:
+    only_error(ingress({"icmps": [{"fields": [{"type": 8, "family": family}]}]}),
+               "spec.ingress[0].icmps[0].fields[0].family", "icmp-family", "must be IPv4 or IPv6", "wrong family")
+
+
+def test_ipv6_icmp_is_named_as_unsupported() -> None:
+    only_error(ingress({"icmps": [{"fields": [{"type": "EchoRequest", "family": "IPv6"}]}]}),
+               "spec.ingress[0].icmps[0].fields[0].family", "unsupported",
+               "ICMPv6 rules are not supported by l7gate (IPv6 is not enforced")
+
+
+def test_icmp_values_only_ciliums_crd_refuses_warn() -> None:
+    w = warnings_of(ingress({"icmps": [{"fields": [{"type": "ExtendedEchoReply"}, {"type": 8, "family": ""}]}]}))
+    f = w["spec.ingress[0].icmps[0].fields[0].type"]
+    assert f.code == "crd-icmp-type" and "the API server refuses this policy" in f.message
+    f = w["spec.ingress[0].icmps[0].fields[1].family"]
+    assert f.code == "crd-icmp-family" and "IPv4 to Cilium's agent" in f.message
 
 
 @pytest.mark.parametrize(
@@ -285,6 +330,14 @@ TCP80 = {"ports": [{"port": "80", "protocol": "TCP"}]}
          ["ingress", 0, "toPorts", 0, "rules", "http", 0, "headerMatches", 0, "value"], "only the header's presence is checked"),
         ({"endpointSelector": {}, "egress": [{"toFQDNs": None, "toEntities": ["world"]}]}, ["egress", 0, "toFQDNs"], ""),
         ({"endpointSelector": {}, "ingress": [{}], "description": None}, ["description"], ""),
+        ({"endpointSelector": {}, "ingress": [{"fromEndpoints": None, "icmps": [{"fields": [{"type": 8}]}]}]},
+         ["ingress", 0, "fromEndpoints"], "with no peer field left, this rule allows its ICMP types from every peer"),
+        ({"endpointSelector": {}, "ingress": [{"fromEntities": ["world"], "icmps": None}]},
+         ["ingress", 0, "icmps"], "the rule then covers every ICMP type"),
+        ({"endpointSelector": {}, "ingress": [{"icmps": [{"fields": None}]}]},
+         ["ingress", 0, "icmps", 0, "fields"], "the entry then matches no ICMP type"),
+        ({"endpointSelector": {}, "ingress": [{"icmps": [{"fields": [{"type": 8, "family": None}]}]}]},
+         ["ingress", 0, "icmps", 0, "fields", 0, "family"], "the family is then IPv4"),
     ],
 )
 def test_null_is_read_as_absent_with_a_warning(spec: dict[str, Any], where: list[Any], meaning: str) -> None:

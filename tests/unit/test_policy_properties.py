@@ -215,7 +215,8 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
                                any(s.auth_required for s in sides))
         checks.append(("whole flow", ref, composed))
         for what, r, q in checks:
-            event(f"{what}: {r.verdict}" + (f" at {r.layer.value}" if r.layer else "")
+            event(f"{what}: {f['protocol'] if f['protocol'] == 'ICMP' else ''} {r.verdict}"
+                  + (f" at {r.layer.value}" if r.layer else "")
                   + (" via proxy" if r.redirected else "") + (" with auth" if r.auth_required else ""))
             assert same_verdict(r, q), (
                 f"flow[{i}] {as_json(f)}\n{what}:\n  evaluate: {_show(r)}\n  lookup:   {_show(q)}"

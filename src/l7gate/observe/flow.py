@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
+ICMPV4 = "ICMPv4"  # the l4 section's key of an ICMP flow, as Hubble writes it
+
+
 class Verdict(enum.StrEnum):
     VERDICT_UNKNOWN = "VERDICT_UNKNOWN"
     FORWARDED = "FORWARDED"
@@ -175,6 +178,14 @@ class DNS:
 
 
 @dataclass(frozen=True, slots=True)
+class ICMP:
+    """Hubble's `l4.ICMPv4`: the message's type and code (an ICMP flow has no ports)."""
+
+    type: int = 0
+    code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Layer7:
     type: L7Type = L7Type.UNKNOWN_L7_TYPE
     latency_ns: int = 0
@@ -200,9 +211,10 @@ class Flow:
     policy_match: tuple[str, ...] = ()
     summary: str = ""
     node_name: str = ""
-    protocol: str = "TCP"  # the l4 section's key: TCP, UDP, SCTP (ICMPv4 and others: "")
+    protocol: str = "TCP"  # the l4 section's key: TCP, UDP, SCTP, ICMPv4 (others: "")
     source_service: Service | None = None
     destination_service: Service | None = None
+    icmp: ICMP | None = None  # protocol ICMPv4: its type and code
 
     @property
     def http(self) -> HTTP | None:
@@ -284,7 +296,10 @@ def flow_to_json(f: Flow) -> dict[str, Any]:
         out["drop_reason_desc"] = f.drop_reason_desc
     s, d = f.source, f.destination
     out["IP"] = {"source": s.ip, "destination": d.ip, "ipVersion": "IPv6" if ":" in s.ip else "IPv4"}
-    if f.protocol:
+    if f.protocol == ICMPV4:
+        icmp = f.icmp or ICMP()
+        out["l4"] = {ICMPV4: {"type": icmp.type, "code": icmp.code}}
+    elif f.protocol:
         out["l4"] = {f.protocol: {"source_port": s.port, "destination_port": d.port}}
     out["source"] = _endpoint_json(s)
     out["destination"] = _endpoint_json(d)
@@ -409,8 +424,12 @@ def flow_from_json(obj: object) -> Flow:
         raise FlowDecodeError(f"flow.time: {exc}") from None
     ip = _map(d.get("IP"), "flow.IP")
     l4 = _map(d.get("l4"), "flow.l4")
-    protocol = next((p for p in ("TCP", "UDP", "SCTP") if p in l4), "")
+    protocol = next((p for p in ("TCP", "UDP", "SCTP", ICMPV4) if p in l4), "")
     ports = _map(l4.get(protocol), f"flow.l4.{protocol}") if protocol else {}
+    icmp: ICMP | None = None
+    if protocol == ICMPV4:
+        icmp = ICMP(_int(ports.get("type"), "flow.l4.ICMPv4.type"), _int(ports.get("code"), "flow.l4.ICMPv4.code"))
+        ports = {}
     src = _endpoint_from(
         _map(d.get("source"), "flow.source"), _str(ip.get("source"), "flow.IP.source"),
         _int(ports.get("source_port", 0), f"flow.l4.{protocol}.source_port"), "flow.source",
@@ -486,4 +505,5 @@ def flow_from_json(obj: object) -> Flow:
         protocol=protocol,
         source_service=_service_from(d.get("source_service"), "flow.source_service"),
         destination_service=_service_from(d.get("destination_service"), "flow.destination_service"),
+        icmp=icmp,
     )

@@ -6,7 +6,8 @@
   `ip (world)` / `ip (ID:n)` for an address that is no pod. TYPE is `http-request`,
   `http-response`, or `l7` for an L7 flow that ends the request without a response (a denial,
   an error); L3/L4 flows read `l3-l4`, or `drop` when dropped.
-- ``compact``: Hubble's one-liner, `TIME: SRC:PORT (ID:n) -> DST:PORT (ID:n) TYPE VERDICT (SUMMARY)`.
+- ``compact``: Hubble's one-liner, `TIME: SRC:PORT (ID:n) -> DST:PORT (ID:n) TYPE VERDICT (SUMMARY)`
+  (no `:PORT` for ICMP).
 - ``json``: one flow object per line (`flow.flow_to_json`).
 - ``jsonpb``: one `{"flow": ..., "node_name": ..., "time": ...}` per line, as Hubble's
   GetFlowsResponse.
@@ -21,7 +22,7 @@ import json
 from collections.abc import Iterable, Sequence
 
 from ..identity.numeric import RESERVED_NAMES
-from .flow import Endpoint, Flow, FlowType, L7Type, Verdict, flow_to_json
+from .flow import ICMPV4, Endpoint, Flow, FlowType, L7Type, Verdict, flow_to_json
 
 FORMATS = ("text", "json", "jsonpb", "compact")
 HEADER = ("TIMESTAMP", "SOURCE", "", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
@@ -101,7 +102,7 @@ class TextTable:
         return out
 
 
-def _compact_peer(e: Endpoint, local: str) -> str:
+def _compact_peer(e: Endpoint, local: str, ports: bool = True) -> str:
     if e.pod_name:
         name = f"{e.namespace}/{e.pod_name}"
         if e.cluster_name and e.cluster_name != local:
@@ -110,14 +111,15 @@ def _compact_peer(e: Endpoint, local: str) -> str:
         name = e.ip
     reserved = RESERVED_NAMES.get(e.identity)
     who = reserved if reserved else f"ID:{e.identity}"
-    return f"{name}:{e.port} ({who})"
+    return f"{name}{f':{e.port}' if ports else ''} ({who})"
 
 
 def compact_line(f: Flow, tz: _dt.tzinfo | None = None) -> str:
     local = local_cluster(f)
+    ports = f.protocol != ICMPV4  # an ICMP message has none
     return (
-        f"{timestamp(f.time, tz)}: {_compact_peer(f.source, local)} -> "
-        f"{_compact_peer(f.destination, local)} {type_label(f)} {f.verdict.value} ({summary(f)})"
+        f"{timestamp(f.time, tz)}: {_compact_peer(f.source, local, ports)} -> "
+        f"{_compact_peer(f.destination, local, ports)} {type_label(f)} {f.verdict.value} ({summary(f)})"
     )
 
 

@@ -1,4 +1,5 @@
-"""`l7gate policy trace`: the verdict for one connection/request, explained step by step.
+"""`l7gate policy trace`: the verdict for one connection/request (or ICMP message), explained
+step by step.
 
 Builds a throw-away world from manifest files — policies, Pods, Namespaces — the way an agent
 would: identity labels from the pods, numeric identities from each cluster's range (clusters
@@ -20,8 +21,9 @@ from ..k8s.manifests import load
 from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.errors import PolicyValidationError
-from ..policy.evaluate import WORLD_ID, Flow, Layer, Peer, Verdict, evaluate
+from ..policy.evaluate import WORLD_ID, Flow, Layer, Peer, Verdict, evaluate, where
 from ..policy.fqdn import FQDNSelector, fqdn
+from ..policy.icmp import icmp_type_name
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.types import HTTPRequest, Protocol, Rule
 
@@ -40,7 +42,7 @@ class TraceRequest:
     paths: tuple[str, ...]
     source: str
     destination: str
-    port: int
+    port: int  # for protocol ICMP, the ICMP type
     protocol: str = "TCP"
     method: str | None = None
     path: str | None = None
@@ -85,9 +87,13 @@ class TraceResult:
     ingress_reasons: tuple[str, ...]
     clusters: Mapping[str, int]
 
+    @property
+    def icmp(self) -> bool:
+        return self.request.protocol == Protocol.ICMP.value
+
     def to_json(self) -> dict[str, Any]:
         v = self.verdict
-        return {
+        out: dict[str, Any] = {
             "verdict": v.verdict,
             "layer": v.layer.value if v.layer else None,
             "reasons": list(v.reasons),
@@ -96,7 +102,7 @@ class TraceResult:
             "to_identity": self.destination.identity,
             "from": self.source.to_json(),
             "to": self.destination.to_json(),
-            "port": self.request.port,
+            "port": None if self.icmp else self.request.port,
             "protocol": self.request.protocol,
             "http": {
                 "method": self.http.method,
@@ -109,6 +115,10 @@ class TraceResult:
             "auth_required": v.auth_required,
             "clusters": dict(self.clusters),
         }
+        if self.icmp:
+            out["http"] = None
+            out["icmp"] = {"type": self.request.port, "name": icmp_type_name(self.request.port)}
+        return out
 
 
 def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace]]:
@@ -219,7 +229,9 @@ def run_trace(req: TraceRequest) -> TraceResult:
         host=req.host or "",
         headers={k.lower(): v for k, v in req.headers.items()},
     )
-    flow = Flow(src.peer, dst.peer, req.port, Protocol(req.protocol), http, req.authenticated, req.dns_query)
+    protocol = Protocol(req.protocol)
+    flow = Flow(src.peer, dst.peer, req.port, protocol, None if protocol is Protocol.ICMP else http,
+                req.authenticated, req.dns_query)
 
     egress = Verdict(True, None)
     if src.peer.managed:
@@ -336,9 +348,11 @@ def format_trace_text(r: TraceResult) -> str:
     v = r.verdict
     lines: list[str] = []
     req = r.request
-    what = f"{req.protocol}/{req.port}"
+    what = where(req.port, Protocol(req.protocol))
     lines.append(f"Trace {r.source.ref} -> {r.destination.ref} on {what}")
-    if req.dns_query is not None:
+    if r.icmp:
+        pass
+    elif req.dns_query is not None:
         lines.append(f"  DNS query {fqdn(req.dns_query)}")
     elif v.redirected or not r.http_defaulted:
         lines.append(
@@ -372,6 +386,8 @@ def format_trace_text(r: TraceResult) -> str:
         assert v.layer is not None
         if v.layer is Layer.L7 and req.dns_query is not None:
             lines.append("Verdict: DENIED at L7: the DNS proxy answers REFUSED (Policy denied (L7))")
+        elif v.layer is Layer.L3L4 and r.icmp:
+            lines.append("Verdict: DENIED at L3/L4: the ICMP message is dropped in the kernel")
         else:
             lines.append(f"Verdict: DENIED {_LAYER_TEXT[v.layer]}")
     if v.policies:

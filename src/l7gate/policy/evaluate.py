@@ -9,6 +9,9 @@ tested against, so it is written to be read next to Cilium's documentation:
   2. No rule applies in this direction → allowed (the endpoint is not in default-deny).
   3. A peer rule matches when a peer selector selects the peer (no peer selector: every peer;
      an empty rule `{}` matches nothing) and one of its ports covers the flow's port/protocol.
+     A rule without `toPorts` and `icmps` covers every protocol and port, ICMP included;
+     `protocol: ANY` is TCP, UDP and SCTP; ICMP is covered by `icmps` types (the flow's
+     "port" is the ICMP type).
   4. Deny wins over allow: any matching deny rule drops the flow at L3/L4.
   5. No matching allow rule → dropped if the direction is default-deny, allowed otherwise.
   6. Allows are a union. If any matching allow requires authentication (the strongest mode
@@ -31,8 +34,9 @@ from enum import Enum
 
 from .labels import Labels, reserved
 from .fqdn import NameMatch, fqdn
+from .icmp import describe_icmp_type
 from .pathnorm import normalize_path
-from .types import AuthMode, Direction, HTTPRequest, HTTPRule, PeerRule, PortRule, Protocol, Rule
+from .types import ANY_PORT, AuthMode, Direction, HTTPRequest, HTTPRule, PeerRule, PortRule, Protocol, Rule
 
 WORLD_ID = 2
 WORLD_LABELS = Labels.of({reserved("world"): ""})
@@ -58,7 +62,7 @@ class Peer:
 class Flow:
     source: Peer
     destination: Peer
-    port: int
+    port: int  # the destination port; for ICMP, the ICMP type
     protocol: Protocol = Protocol.TCP
     http: HTTPRequest | None = None
     authenticated: bool = False  # a valid auth entry exists for (source, destination)
@@ -101,6 +105,17 @@ def _covers(pr: PortRule, port: int, protocol: Protocol) -> bool:
     return any(pp.covers(port, protocol) for pp in pr.ports)
 
 
+# What a rule without ports stands for in the list of matched rules: no L7 rules.
+_EVERYTHING = PortRule((ANY_PORT,))
+
+
+def where(port: int, protocol: Protocol) -> str:
+    """"8080/TCP", or "ICMP type 8 (EchoRequest)"."""
+    if protocol is Protocol.ICMP:
+        return f"ICMP type {describe_icmp_type(port)}"
+    return f"{port}/{protocol.value}"
+
+
 def _describe(peer: Peer) -> str:
     return peer.name or f"identity {peer.identity}"
 
@@ -125,11 +140,15 @@ def _evaluate_direction(
                 continue
             if pr.peers is not None and not any(s.matches(peer.labels) for s in pr.peers):
                 continue
-            for port_rule in pr.effective_port_rules:
+            if not pr.port_rules:
+                # No toPorts, no icmps: every protocol, every port, every ICMP type.
+                matched.append((pr, _EVERYTHING))
+                continue
+            for port_rule in pr.port_rules:
                 if _covers(port_rule, flow.port, flow.protocol):
                     matched.append((pr, port_rule))
 
-    where = f"{flow.port}/{flow.protocol.value}"
+    at = where(flow.port, flow.protocol)
     denies = [pr for pr, _ in matched if pr.deny]
     if denies:
         side.allowed, side.layer = False, Layer.L3L4
@@ -145,7 +164,7 @@ def _evaluate_direction(
             side.allowed, side.layer = False, Layer.L3L4
             side.policies = {r.origin.policy for r in selecting if r.default_deny(direction)}
             side.reasons.append(
-                f"{d}: no rule allows {_describe(peer)} on {where}; "
+                f"{d}: no rule allows {_describe(peer)} on {at}; "
                 f"{_describe(subject)} is in default-deny"
             )
         else:
@@ -181,12 +200,12 @@ def _evaluate_direction(
             dns_rules.extend((pr, m) for m in port.l7.dns)
     if l4_only:
         side.reasons.append(
-            f"{d}: allowed at L3/L4 on {where} by {', '.join(sorted(str(p.origin) for p in l4_only))}"
+            f"{d}: allowed at L3/L4 on {at} by {', '.join(sorted(str(p.origin) for p in l4_only))}"
             + ("; L7 rules on this port are moot" if l7_rules else "")
         )
         return side
     if dns_rules and not l7_rules:
-        side.reasons.append(f"{d}: L3/L4 allows {where} by {', '.join(origins)}; DNS rules apply (the DNS proxy)")
+        side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; DNS rules apply (the DNS proxy)")
         if flow.dns is None:
             side.reasons.append(f"{d}: no DNS query given; each query is checked by the DNS proxy")
             return side
@@ -200,7 +219,7 @@ def _evaluate_direction(
         side.reasons.append(f"{d}: Policy denied (L7): DNS query {name} matches none of the DNS rules "
                             + ", ".join(str(m) for _, m in dns_rules) + "; the DNS proxy answers REFUSED")
         return side
-    side.reasons.append(f"{d}: L3/L4 allows {where} by {', '.join(origins)}; HTTP rules apply")
+    side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; HTTP rules apply")
     if flow.http is None:
         side.reasons.append(f"{d}: no HTTP request given; each request is checked by the proxy")
         return side

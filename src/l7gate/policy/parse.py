@@ -32,6 +32,7 @@ from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reser
 from .labelsyntax import label_key_problem, label_value_problem
 from .names import name_error
 from .fqdn import FQDNError, FQDNSelector, NameMatch
+from .icmp import NAMES_NOT_IN_CRD, ICMPTypeError, parse_icmp_type
 from .regex import RegexError, compile_regex
 from .selector import (
     CIDRSelector,
@@ -99,7 +100,6 @@ _UNSUPPORTED_PEER_FIELDS = {
     "fromNodes": "node selectors in peers",
     "toNodes": "node selectors in peers",
     "toServices": "service selectors",
-    "icmps": "ICMP rules",
 }
 _UNSUPPORTED_PORT_RULE_FIELDS = {
     "terminatingTLS": "TLS interception",
@@ -117,12 +117,17 @@ _ENTITIES = {e.value: e for e in Entity}
 _UNSUPPORTED_ENTITIES = {"none": "it selects no peer"}
 # Entities Cilium's agent knows but its CRD's enum leaves out: the API server refuses them.
 _ENTITIES_NOT_IN_CRD = {"world-ipv4", "world-ipv6"}
-_PROTOCOLS = {p.value: p for p in Protocol}
+# What `protocol` in toPorts may say. ICMP is not a toPorts protocol in l7gate: `icmps` says it.
+_PROTOCOLS = {p.value: p for p in (Protocol.ANY, Protocol.TCP, Protocol.UDP, Protocol.SCTP)}
+_ICMP_PROTOCOLS = {"ICMP", "ICMPv6", "ICMPV6"}
 # Protocols without ports that Cilium accepts (behind --enable-extended-ip-protocols).
 _UNSUPPORTED_PROTOCOLS = {"VRRP", "IGMP", "GRE", "IPIP", "IPV6", "ESP", "AH"}
 _DIRECTIONS = ("ingress", "ingressDeny", "egress", "egressDeny")
 # Cilium's limit on the ports of one toPorts entry (its sanitizer and its CRD's maxItems).
 MAX_PORTS = 40
+# ... and on the fields (types) of one icmps entry.
+MAX_ICMP_FIELDS = 40
+_ICMP_FAMILIES = ("IPv4", "IPv6")
 _AUTH_MODES = {m.value: m for m in AuthMode}
 _TOKEN_CHARS = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -637,25 +642,28 @@ class _SpecParser:
         peer_fields: tuple[str, ...] = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet")
         if direction is Direction.EGRESS:
             peer_fields += ("toFQDNs",)
-        allowed = {*peer_fields, "toPorts", "authentication"}
-        unsupported = {k: v for k, v in _UNSUPPORTED_PEER_FIELDS.items() if k.startswith(pre) or k == "icmps"}
+        allowed = {*peer_fields, "toPorts", "icmps", "authentication"}
+        unsupported = {k: v for k, v in _UNSUPPORTED_PEER_FIELDS.items() if k.startswith(pre)}
         raw: Mapping[Any, Any] = value if isinstance(value, Mapping) else {}
         act, verb = ("deny", "denies") if deny else ("allow", "allows")
-        every = f"its ports {pre} every peer"
         has_ports = isinstance(raw.get("toPorts"), list) and bool(raw["toPorts"])
+        has_icmps = isinstance(raw.get("icmps"), list) and bool(raw["icmps"])
+        every = f"its {'ICMP types' if has_icmps and not has_ports else 'ports'} {pre} every peer"
         nullable = {
-            "toPorts": "the rule then covers every port",
+            "toPorts": "the rule then covers every port" + ("" if has_icmps else " and protocol"),
+            "icmps": "the rule then covers every ICMP type" if not has_ports else "",
             "authentication": "no authentication is then required",
         }
         for field in peer_fields:
             if any(raw.get(f) is not None for f in peer_fields if f != field):
                 nullable[field] = ""
-            elif has_ports:
+            elif has_ports or has_icmps:
                 nullable[field] = f"with no peer field left, this rule {verb} {every}"
             else:
                 nullable[field] = "with no peer field and no ports, this rule selects no peer"
         if not any(raw.get(f) is not None for f in peer_fields):
-            nullable["toPorts"] = "with no peer field and no ports, this rule selects no peer"
+            for f in ("toPorts", "icmps"):
+                nullable[f] = "with no peer field and no ports, this rule selects no peer"
         m = w.mapping(value, path, allowed, unsupported, nullable)
         if m is None:
             return None
@@ -681,7 +689,7 @@ class _SpecParser:
                     f"an empty list selects no peer (Cilium reads `{field}: []` unlike a missing "
                     f"field): this rule {verb} nothing"
                     + (f"; leave `{field}` out to {act} {every}"
-                       if has_ports and not any(m.get(f) for f in peer_fields) else ""),
+                       if (has_ports or has_icmps) and not any(m.get(f) for f in peer_fields) else ""),
                     "empty-peer-list",
                 )
                 continue
@@ -763,6 +771,26 @@ class _SpecParser:
                 if direction is Direction.INGRESS and any(r.l7 is not None and r.l7.dns for r in port_rules):
                     w.error(tp, "DNS rules apply to egress only (the queries a pod sends), as in Cilium", "dns-ingress")
 
+        # `icmps: [{fields: []}]` (or only such entries): no ICMP type, so the rule matches nothing.
+        icmps_match_nothing = False
+        if "icmps" in m:
+            ip = _join(path, "icmps")
+            items = w.list_of(m["icmps"], ip)
+            if items is not None:
+                if not items:
+                    w.warn(ip, "an empty list is the same as leaving the field out", "empty-icmps")
+                elif has_ports:
+                    w.error(
+                        ip,
+                        "Cilium refuses a rule with both `icmps` and `toPorts` (\"the ICMPs block may "
+                        "only be present without ToPorts\"): put the ICMP types in a rule of their own",
+                        "icmps-with-ports",
+                    )
+                else:
+                    types = w.each(items, ip, self.icmp_rule)
+                    port_rules = [PortRule(t) for t in types if t]
+                    icmps_match_nothing = len(types) == len(items) and not port_rules
+
         auth: AuthMode | None = None
         if "authentication" in m and not deny:
             ap = _join(path, "authentication")
@@ -782,15 +810,91 @@ class _SpecParser:
 
         if len(w.errors) > n_errors:
             return None
-        if empty_peer_field:
+        if empty_peer_field or icmps_match_nothing:
             peer_tuple: tuple[PeerSelector, ...] | None = ()
         elif named_peer_field:
             peer_tuple = tuple(sorted(peers, key=lambda s: s.key))
-        elif "toPorts" in m and m.get("toPorts"):
+        elif m.get("toPorts") or m.get("icmps"):
             peer_tuple = None  # L4-only rule: every peer
         else:
             peer_tuple = ()  # `- {}`: selects nothing
         return PeerRule(direction, deny, peer_tuple, tuple(port_rules), auth, self.origin(path))
+
+    def icmp_rule(self, value: object, path: str) -> tuple[PortProtocol, ...] | None:
+        """One `icmps` entry: its types as ICMP ports (empty: no field, so no type)."""
+        w = self.w
+        m = w.mapping(value, path, {"fields"}, nullable={"fields": "the entry then matches no ICMP type"})
+        if m is None:
+            return None
+        n_errors = len(w.errors)
+        out: set[PortProtocol] = set()
+        fp = _join(path, "fields")
+        items = w.list_of(m["fields"], fp) if "fields" in m else []
+        if items is None:
+            return None
+        if len(items) > MAX_ICMP_FIELDS:
+            w.error(
+                fp,
+                f"Cilium refuses more than {MAX_ICMP_FIELDS} ICMP types in one icmps entry (\"too many "
+                f"types\"; this one has {len(items)}): spread them over several entries",
+                "too-many-icmp-fields",
+            )
+        for i, item in enumerate(items):
+            t = self.icmp_field(item, f"{fp}[{i}]")
+            if t is not None:
+                out.add(PortProtocol(PortRange(t, t), Protocol.ICMP))
+        if len(w.errors) > n_errors:
+            return None
+        if not items:
+            w.warn(path, "an ICMP rule without fields matches no ICMP type: unless another entry "
+                         "names some, this rule matches nothing", "empty-icmp-fields")
+        return tuple(sorted(out))
+
+    def icmp_field(self, value: object, path: str) -> int | None:
+        """`{type: 8 | "EchoRequest", family: IPv4}` → the ICMP type."""
+        w = self.w
+        m = w.mapping(value, path, {"type", "family"},
+                      nullable={"family": "the family is then IPv4 (the default)"})
+        if m is None:
+            return None
+        family = "IPv4"
+        if "family" in m:
+            raw_family = m["family"]
+            fam_path = _join(path, "family")
+            if raw_family == "IPv6":
+                w.error(fam_path, "ICMPv6 rules are not supported by l7gate (IPv6 is not enforced: the "
+                                  "datapath drops all IPv6 traffic); remove this ICMPv6 type from `fields`",
+                        "unsupported")
+                return None
+            if raw_family == "":
+                w.warn(fam_path, "an empty family is IPv4 to Cilium's agent, but its CRD allows only IPv4 or "
+                                 "IPv6: with Cilium's CRDs installed, the API server refuses this policy. Write "
+                                 "IPv4, or leave family out", "crd-icmp-family")
+            elif raw_family not in _ICMP_FAMILIES:
+                w.error(fam_path, f"must be IPv4 or IPv6, got {raw_family!r} (Cilium refuses it: "
+                                  "\"wrong family\")", "icmp-family")
+                return None
+            else:
+                family = raw_family
+        tp = _join(path, "type")
+        if "type" not in m or m["type"] is None:
+            w.error(tp, f"is required: an ICMP type number 0-255 or name, such as 8 or EchoRequest ({family})",
+                    "required")
+            return None
+        raw = m["type"]
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            w.error(tp, f"must be an ICMP type number 0-255 or name, got {_type_name(raw)}", "type")
+            return None
+        try:
+            icmp_type = parse_icmp_type(raw)
+        except ICMPTypeError as exc:
+            w.error(tp, str(exc), "icmp-type")
+            return None
+        if isinstance(raw, str) and raw in NAMES_NOT_IN_CRD:
+            w.warn(tp, f"{raw!r} is missing from the ICMP type pattern of Cilium's CRD: with Cilium's "
+                       f"CRDs installed, the API server refuses this policy. Write its number, {icmp_type}",
+                   "crd-icmp-type")
+        return icmp_type
 
     def name_match(self, value: object, path: str) -> NameMatch | None:
         """One `{matchName: ...}` or `{matchPattern: ...}` (toFQDNs, rules.dns)."""
@@ -1030,7 +1134,14 @@ class _SpecParser:
         proto = Protocol.ANY
         if "protocol" in m:
             praw = m["protocol"]
-            if isinstance(praw, str) and praw in _UNSUPPORTED_PROTOCOLS:
+            if isinstance(praw, str) and praw in _ICMP_PROTOCOLS:
+                w.error(
+                    _join(path, "protocol"),
+                    f"protocol {praw} is not a toPorts protocol in l7gate: write ICMP rules as `icmps` "
+                    "(`icmps: [{fields: [{type: 8}]}]`) in a rule without toPorts",
+                    "protocol",
+                )
+            elif isinstance(praw, str) and praw in _UNSUPPORTED_PROTOCOLS:
                 w.error(
                     _join(path, "protocol"),
                     f"protocol {praw} is not supported by l7gate (TCP, UDP, SCTP or ANY); "

@@ -27,9 +27,12 @@ class Protocol(str, Enum):
     TCP = "TCP"
     UDP = "UDP"
     SCTP = "SCTP"
+    ICMP = "ICMP"  # ICMPv4, from `icmps` rules; its "port" is the ICMP type (0-255)
 
     def covers(self, other: Protocol) -> bool:
-        return self is Protocol.ANY or self is other
+        """ANY is what Cilium makes of `protocol: ANY` in toPorts: TCP, UDP and SCTP, never
+        ICMP. ICMP is covered by `icmps` rules, and by rules without ports (L3 only)."""
+        return self is other or (self is Protocol.ANY and other is not Protocol.ICMP)
 
 
 class AuthMode(str, Enum):
@@ -65,8 +68,14 @@ class PortRange:
 ALL_PORTS = PortRange(0, 65535)
 
 
+#: Every ICMP type: what a rule without ports (L3 only) allows or denies of ICMP.
+ALL_ICMP_TYPES = PortRange(0, 255)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class PortProtocol:
+    """Ports of a protocol; for ICMP, types (`PortRange(8, 8)`: echo request)."""
+
     ports: PortRange
     protocol: Protocol
 
@@ -74,10 +83,13 @@ class PortProtocol:
         return self.protocol.covers(protocol) and self.ports.contains(port)
 
     def __str__(self) -> str:
+        if self.protocol is Protocol.ICMP:
+            return "ICMP type " + ("*" if self.ports == ALL_ICMP_TYPES else str(self.ports))
         return f"{self.ports}/{self.protocol.value}"
 
 
 ANY_PORT = PortProtocol(ALL_PORTS, Protocol.ANY)
+ANY_ICMP = PortProtocol(ALL_ICMP_TYPES, Protocol.ICMP)
 
 
 class MismatchAction(str, Enum):
@@ -186,6 +198,8 @@ class L7Rules:
 
 @dataclass(frozen=True, slots=True)
 class PortRule:
+    """One `toPorts` entry, or one `icmps` entry (ICMP types as ports, never L7 rules)."""
+
     ports: tuple[PortProtocol, ...]  # never empty: "all ports" is ANY_PORT
     l7: L7Rules | None = None
 
@@ -212,8 +226,10 @@ class Origin:
 class PeerRule:
     """One element of ingress, ingressDeny, egress or egressDeny.
 
-    `peers is None` means the rule names no peer (only toPorts): it applies to every peer.
-    An empty tuple never matches (Cilium's `- {}`: selects nothing, still enables default deny).
+    `peers is None` means the rule names no peer (only toPorts or icmps): it applies to every
+    peer. An empty tuple never matches (Cilium's `- {}`: selects nothing, still enables default
+    deny). `port_rules` come from `toPorts` or from `icmps` (Cilium refuses both in one rule);
+    empty means neither: the rule is about every protocol, ICMP included.
     """
 
     direction: Direction
@@ -225,7 +241,12 @@ class PeerRule:
 
     @property
     def effective_port_rules(self) -> tuple[PortRule, ...]:
-        return self.port_rules or (PortRule((ANY_PORT,)),)
+        return self.port_rules or _L3_ONLY
+
+
+# A rule without ports covers every protocol: TCP, UDP and SCTP on every port (ANY), and every
+# ICMP type, as Cilium's L3-only rule (a wildcard protocol in its policy map) does.
+_L3_ONLY = (PortRule((ANY_PORT, ANY_ICMP)),)
 
 
 @dataclass(frozen=True, slots=True)

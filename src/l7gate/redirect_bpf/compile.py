@@ -8,9 +8,12 @@ block — deny winning, allows as a union, the ANY rules folded in — which is 
 decision can differ (the boundaries of the map's port ranges), for every named peer and for
 ANY, and writes the result as the fewest prefix blocks:
 
-- ANY covers all 65,536 ports of the three protocols, so a lookup never misses for a computed
+- ANY covers all 65,536 ports of the four protocols, so a lookup never misses for a computed
   endpoint (a miss means "not computed yet": the kernel drops).
 - A named peer is written only where its decision differs from ANY's.
+
+ICMP (protocol 1) is keyed as Cilium keys it: the ICMP type in the port field (0-255; the rest
+of the port axis gets the same decision as types no rule names).
 
 Actions: ALLOW, DENY, REDIRECT (to the node's Envoy; with DNS, egress DNS rules: to the node's
 DNS proxy); flags: AUTH (a valid auth entry is needed), AUTH_FAIL (`test-always-fail`: always
@@ -27,8 +30,8 @@ from ..policy.mapstate import ANY_PEER, Action, Decision, EndpointPolicy, MapEnt
 from ..policy.types import PortRange
 from ..policy.types import AuthMode, Direction, Protocol
 
-PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
-PROTO_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}
+PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP)
+PROTO_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132, Protocol.ICMP: 1}
 DIR_NUMBERS = {Direction.INGRESS: 0, Direction.EGRESS: 1}
 
 

@@ -15,6 +15,12 @@
  * is not computed yet: drop (fail closed). Unknown addresses are `world` (identity 2).
  * Every drop is reported through the perf buffer `events`.
  *
+ * ICMP is judged by its type, which sits in the port field of the policy key (as in Cilium).
+ * An echo request is judged every time and recorded in conntrack by its identifier; its echo
+ * reply passes as the reply of that entry. A request is never taken for a reply (an echo
+ * request with the identifier of one going the other way is judged on its own: the bypass of
+ * GHSA-c66w-hq56-4q97). Other ICMP messages are judged one by one and not recorded.
+ *
  * Map layouts are mirrored in maps.py (one encode/decode pair per map).
  */
 #include <uapi/linux/bpf.h>
@@ -24,6 +30,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
 
 #define PIN(name) L7G_PIN_DIR "/" #name
 
@@ -132,6 +139,9 @@ struct drop_event {
     u32 dst_id;
     u32 endpoint;
     u32 ifindex;
+    u8 icmp_type;  /* proto 1: the ICMP type and code (sport is 0, dport the type) */
+    u8 icmp_code;
+    u16 pad2;
 };
 
 BPF_TABLE_PINNED("array", u32, struct meta_value, l7g_meta, 1, PIN(meta));
@@ -198,9 +208,13 @@ static __always_inline int tunnelled(u32 src_id, u32 dst_id, u8 proto, u16 port)
 
 struct flow {
     u32 saddr, daddr;
-    u16 sport, dport;
+    u16 sport, dport;        /* network byte order; dport is what policy judges (ICMP: the type) */
+    u16 ct_sport, ct_dport;  /* conntrack's view: the ports; ICMP echo: the identifier, see parse */
     u8 proto;
-    u8 syn;
+    u8 opens;                /* opens a flow (TCP SYN, ICMP requests): judged again, never a reply */
+    u8 track;                /* an allowed new flow gets a conntrack entry */
+    u8 icmp_type;
+    u8 icmp_code;
 };
 
 #define PARSE_PASS 0      /* not IPv4 or IPv6 (ARP and the like): not ours to judge */
@@ -227,7 +241,12 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     f->proto = ip->protocol;
     f->sport = 0;
     f->dport = 0;
-    f->syn = 0;
+    f->ct_sport = 0;
+    f->ct_dport = 0;
+    f->opens = 0;
+    f->track = 1;
+    f->icmp_type = 0;
+    f->icmp_code = 0;
     if (ip->frag_off & htons(0x1fff))
         return PARSE_DROP;  /* a later fragment carries no ports to judge */
     u32 ihl = ip->ihl * 4;
@@ -240,14 +259,35 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
             return PARSE_SHORT;
         f->sport = tcp->source;
         f->dport = tcp->dest;
-        f->syn = tcp->syn && !tcp->ack;
+        f->opens = tcp->syn && !tcp->ack;
     } else if (ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
         struct udphdr *udp = l4;  /* SCTP's common header starts with the same two ports */
         if ((void *)(udp + 1) > end)
             return PARSE_SHORT;
         f->sport = udp->source;
         f->dport = udp->dest;
+    } else if (ip->protocol == IPPROTO_ICMP) {
+        struct icmphdr *icmp = l4;
+        if ((void *)(icmp + 1) > end)
+            return PARSE_SHORT;
+        f->icmp_type = icmp->type;
+        f->icmp_code = icmp->code;
+        f->dport = htons(icmp->type);
+        if (icmp->type == ICMP_ECHO) {
+            /* conntrack (saddr, daddr, id, 0); its reply's reverse key is the same */
+            f->ct_sport = icmp->un.echo.id;
+            f->opens = 1;
+        } else if (icmp->type == ICMP_ECHOREPLY) {
+            f->ct_dport = icmp->un.echo.id;
+            f->track = 0;
+        } else {
+            f->opens = 1;
+            f->track = 0;
+        }
+        return PARSE_OK;
     }
+    f->ct_sport = f->sport;
+    f->ct_dport = f->dport;
     return PARSE_OK;
 }
 
@@ -276,6 +316,8 @@ static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 reason
     e.dst_id = dst_id;
     e.endpoint = ep;
     e.ifindex = skb->ifindex;
+    e.icmp_type = f->icmp_type;
+    e.icmp_code = f->icmp_code;
     l7g_events.perf_submit(skb, &e, sizeof(e));
     return TC_ACT_SHOT;
 }
@@ -338,7 +380,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int c
     u32 src_id = 0, dst_id = 0, ep = 0;
     u8 reason = 0, dir = 0;
     int v = judge(f, check_egress, &src_id, &dst_id, &reason, &dir, &ep);
-    if (v == 0 && f->proto == IPPROTO_TCP && !f->syn) {
+    if (v == 0 && f->proto == IPPROTO_TCP && !f->opens) {
         /* Mid-stream TCP without a conntrack entry (evicted, or older than the program): a
          * reply of a connection the reverse direction's policy allows passes, and its entry
          * is restored. Forged mid-stream segments reach no socket of their own. */
@@ -354,9 +396,11 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int c
     }
     if (v == 0)
         return drop(skb, f, reason, dir, src_id, dst_id, ep);
-    struct ct_key ck = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport, .proto = f->proto};
-    struct ct_value cv = {.redirect = v == 2, .src_id = src_id};
-    l7g_ct.update(&ck, &cv);
+    if (f->track) {
+        struct ct_key ck = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->ct_sport, .dport = f->ct_dport, .proto = f->proto};
+        struct ct_value cv = {.redirect = v == 2, .src_id = src_id};
+        l7g_ct.update(&ck, &cv);
+    }
     if (v == 2)
         skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
     return TC_ACT_OK;
@@ -370,15 +414,15 @@ static __always_inline int handle(struct __sk_buff *skb, int check_egress)
         return TC_ACT_OK;
     if (p == PARSE_DROP)
         return drop(skb, &f, REASON_UNSUPPORTED, check_egress ? DIR_EGRESS : DIR_INGRESS, 0, 0, 0);
-    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
-    if (!f.syn) {
+    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.ct_sport, .dport = f.ct_dport, .proto = f.proto};
+    if (!f.opens) {
         struct ct_value *fwd = l7g_ct.lookup(&ck);
         if (fwd) {
             if (fwd->redirect)
                 skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
             return TC_ACT_OK;
         }
-        struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport, .proto = f.proto};
+        struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.ct_dport, .dport = f.ct_sport, .proto = f.proto};
         if (l7g_ct.lookup(&rk))
             return TC_ACT_OK;  /* a reply */
     }
@@ -400,12 +444,12 @@ int l7g_from_link(struct __sk_buff *skb)
 int l7g_to_pod(struct __sk_buff *skb)
 {
     struct flow f = {};
-    if (parse_pulled(skb, &f) != PARSE_OK || !f.syn)
+    if (parse_pulled(skb, &f) != PARSE_OK || !f.opens || !f.track)
         return TC_ACT_OK;
-    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
+    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.ct_sport, .dport = f.ct_dport, .proto = f.proto};
     if (l7g_ct.lookup(&ck))
         return TC_ACT_OK;
-    struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.dport, .dport = f.sport, .proto = f.proto};
+    struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.ct_dport, .dport = f.ct_sport, .proto = f.proto};
     if (l7g_ct.lookup(&rk))
         return TC_ACT_OK;
     struct ct_value cv = {.host = 1, .src_id = 1};

@@ -499,13 +499,15 @@ class KernelDatapath:
 
         def on_event(cpu: int, data: Any, size: int) -> None:
             e = self.bpf[b"l7g_events"].event(data)
+            icmp = e.proto == socket.IPPROTO_ICMP  # its "dport" is the type, kept apart
             try:
                 callback(
                     KernelDrop(
-                        _u32_addr(e.saddr), _u32_addr(e.daddr), socket.ntohs(e.sport), socket.ntohs(e.dport),
+                        _u32_addr(e.saddr), _u32_addr(e.daddr), 0 if icmp else socket.ntohs(e.sport),
+                        0 if icmp else socket.ntohs(e.dport),
                         e.proto, DROP_REASONS.get(e.reason, f"reason {e.reason}"),
                         "ingress" if e.direction == 0 else "egress", e.src_id, e.dst_id, time.time_ns(),
-                        e.endpoint, e.ifindex,
+                        e.endpoint, e.ifindex, e.icmp_type if icmp else 0, e.icmp_code if icmp else 0,
                     )
                 )
             except Exception:  # noqa: BLE001 - a bad consumer must not stop the reader
