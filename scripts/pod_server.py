@@ -37,7 +37,8 @@ def main() -> int:
             body = self.rfile.read(length) if length else b""
             data = json.dumps(
                 {"pod": name, "method": self.command, "path": self.path,
-                 "host": self.headers.get("Host"), "body_bytes": len(body)}
+                 "host": self.headers.get("Host"), "body_bytes": len(body),
+                 "peer": self.client_address[0]}
             ).encode() + b"\n"
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

@@ -38,3 +38,7 @@ SOURCE_HEADER = "x-l7gate-source"
 #: destination to speak the same to the pod: the tunnel itself is always HTTP/2.
 PROTOCOL_HEADER = "x-l7gate-downstream-protocol"
 FORWARDED_FOR_HEADER = "x-forwarded-for"
+#: The egress proxy's own RBAC verdicts (egress HTTP rules, at the source node) carry this before
+#: their action name (`egress-allow|…`, `egress-deny-l7|…`): the flows tell them from the
+#: destination's ingress verdicts by it.
+EGRESS_ACTION_PREFIX = "egress-"

@@ -268,9 +268,10 @@ def test_admin_api_views(world: World) -> None:
         "derived_from": ["CiliumClusterwideNetworkPolicy/allow-frontend-to-billing-charge-api spec.ingress[0]"],
     }
     ids = {i["identity"]: i for i in c.get("/v1/identities")["identities"]}
-    # the pods' identities, and the reserved ones an address can have besides world (entities
-    # select them: node addresses are `host` and `remote-node`), as `cilium identity list` shows
-    assert set(ids) == {65536, 131072, 131073, 1, 3, 4, 5, 6, 7, 8}
+    # the pods' identities, and the reserved ones an address can have (entities select them:
+    # unknown addresses are `world`, node addresses `host` and `remote-node`), as `cilium
+    # identity list` shows them
+    assert set(ids) == {65536, 131072, 131073, 1, 2, 3, 4, 5, 6, 7, 8}
     assert ids[1]["labels"] == {"reserved:host": ""} and ids[6]["labels"] == {"reserved:remote-node": ""}
     ipc = {e["prefix"]: e["identity"] for e in c.get("/v1/ipcache")["entries"]}
     assert ipc[f"{FRONTEND}/32"] == 131072

@@ -68,7 +68,8 @@ def test_pods_reach_each_other_on_the_same_node_and_across_nodes(world: tuple[Te
         status, body = client.curl(url, method="POST", data='{"amount": 1}')
         assert status == 200, body
         assert json.loads(body) == {"pod": "payments/billing-service-xyz", "method": "POST",
-                                    "path": "/v1/charge", "host": "10.0.1.10:8080", "body_bytes": 13}
+                                    "path": "/v1/charge", "host": "10.0.1.10:8080", "body_bytes": 13,
+                                    "peer": client.ip}
     assert frontend.tcp_connect(billing.ip, 8080)
     assert not frontend.tcp_connect(billing.ip, 9090, timeout=1)  # nothing listens: refused
     status, err = frontend.curl(f"http://{billing.ip}:9090/", timeout=2)

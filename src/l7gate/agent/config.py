@@ -17,6 +17,8 @@ node or cluster — run side by side on one machine. Defaults suit a single node
                                    # kernel mode: the DNS proxy for toFQDNs and rules.dns (docs/fqdn.md)
     proxy: {engine: envoy}         # or h11: the pure-Python L7 proxy instead of Envoy (docs/h11-engine.md), with
                                    # idleTimeout: 300, headerTimeout: 30, maxConnections: 10000 (h11 only)
+                                   # egressPort: 15001: kernel mode, Envoy: the egress proxy on 127.0.0.1
+                                   # for egress HTTP rules (0: none; their connections are dropped)
     # Envoy's own admin API is a unix socket, <stateDir>/envoy/admin.sock, mode 0600
     datapath: {mode: loopback, upstreamPortOffset: 10000}
     # or {mode: kernel, pinDir: /sys/fs/bpf/l7g/<node>, links: [eth1], fallback: iptables,
@@ -167,6 +169,9 @@ class AgentConfig:
     proxy_idle_timeout: float = 300.0
     proxy_header_timeout: float = 30.0
     proxy_max_connections: int = 10_000
+    # Kernel mode with Envoy: egress HTTP rules are enforced by Envoy's egress listener on
+    # 127.0.0.1:<this port> (docs/egress-http.md); 0 turns it off.
+    proxy_egress_port: int = 0
     datapath_mode: str = "loopback"
     upstream_port_offset: int = 10000
     pin_dir: str = ""  # kernel mode: where maps and programs are pinned (default /sys/fs/bpf/l7g/<node>)
@@ -351,7 +356,7 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         max_ips_per_name=integer(dn.get("maxIPsPerName", 50), "dns.maxIPsPerName", 1, 100_000) or 50,
         reject_response_code=reject,
     )
-    px = section("proxy", {"engine", "idleTimeout", "headerTimeout", "maxConnections"})
+    px = section("proxy", {"engine", "idleTimeout", "headerTimeout", "maxConnections", "egressPort"})
     engine = string(px.get("engine", "envoy"), "proxy.engine") or "envoy"
     if engine not in ("envoy", "h11"):
         errors.append(Finding("proxy.engine", f"must be 'envoy' or 'h11', got {engine!r}"))
@@ -362,6 +367,11 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
     idle_timeout = integer(px.get("idleTimeout", 300), "proxy.idleTimeout", 1, 86400) or 300
     header_timeout = integer(px.get("headerTimeout", 30), "proxy.headerTimeout", 1, 3600) or 30
     proxy_max_conns = integer(px.get("maxConnections", 10_000), "proxy.maxConnections", 1, 1_000_000) or 10_000
+    egress_port = integer(px.get("egressPort", 15001 if engine == "envoy" else 0), "proxy.egressPort", 0, 65535) or 0
+    if egress_port and engine != "envoy":
+        errors.append(Finding("proxy.egressPort", "egress HTTP rules are enforced by Envoy's egress listener: "
+                                                  "with proxy.engine h11 it must be 0 (their connections are dropped)"))
+        egress_port = 0
     dp = section("datapath", {"mode", "upstreamPortOffset", "pinDir", "links", "fallback", "bpf", "cgroup",
                               "socketLB", "socketAcceleration"})
     cgroup = ""
@@ -495,6 +505,7 @@ def parse_config(data: object, source: str = "<config>", environ: Mapping[str, s
         proxy_idle_timeout=float(idle_timeout),
         proxy_header_timeout=float(header_timeout),
         proxy_max_connections=proxy_max_conns,
+        proxy_egress_port=egress_port,
         datapath_mode=str(mode),
         upstream_port_offset=offset,
         pin_dir=str(pin_dir),

@@ -41,7 +41,7 @@ from ..clustermesh.wire import ClusterService, L4Addr, WireError, decode_cluster
 from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
 from ..identity.fqdncache import FQDNCache
 from ..identity.ipcache import IPCache, IPNetwork
-from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError
+from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError
 from ..k8s.objects import (
     ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, parse_service, pod_backend, pod_identity_labels,
     scoped_namespace,
@@ -60,6 +60,7 @@ from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
 from ..services import Backend, Frontend, FrontendEntry, Service, ServiceTable
+from ..xds.egress import EgressPublisher, LocalPod, egress_http_ports
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.resources import ProxiedPort
 from ..xds.tunnel_plan import PodView, TunnelInputs
@@ -191,11 +192,12 @@ class AgentCore:
         self.store = store
         self._lock = threading.RLock()
         self.resolver = Resolver()
-        # The reserved identities an address can have besides `world` (which is the default of
-        # every lookup): entities select them (`host`, `remote-node`, ... ; node addresses are
-        # in the ipcache as such, and a mesh may publish others).
+        # The reserved identities an address can have: entities select them (`world`, the
+        # identity of every address the ipcache does not know; `host`, `remote-node`: node
+        # addresses are in the ipcache as such; a mesh may publish others). world-ipv4/-ipv6
+        # are not used: an unknown IPv4 address is `world`.
         self.resolver.update_identities(
-            {i.id: i.labels for n, i in RESERVED.items() if n not in (WORLD, WORLD_IPV4, WORLD_IPV6)})
+            {i.id: i.labels for n, i in RESERVED.items() if n not in (WORLD_IPV4, WORLD_IPV6)})
         self.ipcache = IPCache()
         ids = {config.cluster_id, *config.clusters.values()}
         self._allocators: dict[int, Allocator] = {
@@ -262,6 +264,12 @@ class AgentCore:
         # (loopback, the iptables fallback) Envoy refuses auth-required peers itself.
         self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs,
                                    auth_verified=datapath is not None)
+        # Egress HTTP rules (kernel mode with Envoy): the egress listener the kernel hands such
+        # connections to (xds/egress.py); rendered when the policies, the ipcache or the local
+        # pods changed since the last flush.
+        self.egress = (EgressPublisher(sink, config.node_id, config.proxy_egress_port, access_logs)
+                       if datapath is not None and config.proxy_egress_port else None)
+        self._egress_seen: tuple[int, int, int, frozenset[tuple[str, int]]] | None = None
         self.ipcache.subscribe(self.publisher.on_ipcache_change)
         self.kernel = (KernelApplier(datapath, self.resolver.endpoint_policy, tunnel=config.mtls.tunnel)
                        if datapath is not None else None)
@@ -527,6 +535,8 @@ class AgentCore:
         if self._nodes_dirty:
             self._sync_node_identities()
         self.publisher.flush()
+        if self.egress is not None:
+            self._flush_egress(self.egress)
         self._flush_services()
         for listener in self._change_listeners:
             listener()
@@ -540,6 +550,19 @@ class AgentCore:
             self.kernel.set_pod_nodes(dict(self._pod_nodes))
         if self.fallback is not None:
             self.fallback.set_local_pods(self._local_pod_ips())
+
+    def _flush_egress(self, egress: EgressPublisher) -> None:
+        pods = frozenset((ip, rec.identity) for rec in self._local_pods.values() for ip in rec.pod.ips
+                         if ":" not in ip)
+        seen = (self.revision, self.resolver.revision, self.ipcache.revision, pods)
+        if seen == self._egress_seen:
+            return
+        self._egress_seen = seen
+        prefixes: dict[int, list[IPNetwork]] = {}
+        if any(egress_http_ports(self.resolver.endpoint_policy(ident)) for _, ident in pods):
+            for e in self.ipcache.snapshot():
+                prefixes.setdefault(e.identity, []).append(e.prefix)
+        egress.publish([LocalPod(ip, ident) for ip, ident in sorted(pods)], self.resolver.endpoint_policy, prefixes)
 
     def _services_changed(self, *, local_service: bool = False) -> None:
         """A Service or a pod of this cluster changed: the kernel's LB and what this agent

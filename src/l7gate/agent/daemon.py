@@ -365,7 +365,7 @@ def _open_datapath(config: AgentConfig) -> tuple[KernelDatapath | None, Iptables
     changed = ensure_policy_routing()
     if changed:
         log(f"policy routing for the proxy: {'; '.join(changed)}")
-    dp = KernelDatapath(Path(config.pin_dir))
+    dp = KernelDatapath(Path(config.pin_dir), egress_proxy_port=config.proxy_egress_port)
     try:
         if not config.bpf:
             raise DatapathError("datapath.bpf is false in the configuration")

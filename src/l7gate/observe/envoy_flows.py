@@ -43,7 +43,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
 )
 from google.protobuf.duration_pb2 import Duration
 
-from ..envoy_names import ORIGINAL_DST_HEADER
+from ..envoy_names import EGRESS_ACTION_PREFIX, ORIGINAL_DST_HEADER
 from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 from .flow import (
     AUTH_FAILED,
@@ -250,6 +250,9 @@ def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow,
 
     if details.startswith(_RBAC_DENIED):
         kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        if kind.startswith(EGRESS_ACTION_PREFIX):
+            # the source node's egress proxy: the pod's own egress HTTP rules refused it
+            kind, direction = kind[len(EGRESS_ACTION_PREFIX):], TrafficDirection.EGRESS
         reason = _DENY_REASONS.get(kind, POLICY_DENIED)
         summary = reason
         if tunnelled and tunnel_identity is None:
@@ -285,6 +288,8 @@ def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow,
 
     action = _rbac_action(cp)
     kind, pols = _policies(action)
+    if kind.startswith(EGRESS_ACTION_PREFIX):
+        kind, direction = kind[len(EGRESS_ACTION_PREFIX):], TrafficDirection.EGRESS
     upstream = bool(cp.upstream_remote_address.socket_address.address)
     answered = details == _VIA_UPSTREAM or (not details and upstream and code > 0)
     if kind == "allow" or answered or upstream:
@@ -331,6 +336,9 @@ def _tunnel_connect_flow(
     details = entry.response.response_code_details
     if details.startswith(_RBAC_DENIED):
         kind, pols = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        if kind.startswith(EGRESS_ACTION_PREFIX):
+            # the source node's egress proxy: the pod's own egress HTTP rules refused it
+            kind, direction = kind[len(EGRESS_ACTION_PREFIX):], TrafficDirection.EGRESS
         reason = _DENY_REASONS.get(kind, POLICY_DENIED)
         why = ("the port allows this peer only certain HTTP requests; a TCP stream cannot be checked "
                "against them" if kind == "deny-l7" else reason)

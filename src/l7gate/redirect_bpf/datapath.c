@@ -52,9 +52,19 @@
 #define REASON_UNKNOWN_ENDPOINT 4
 #define REASON_UNSUPPORTED 5
 #define REASON_PLAINTEXT 6
+#define REASON_NO_PROXY 7        /* egress HTTP rules: the node's egress proxy is not listening */
+#define REASON_EGRESS_TUNNEL 8   /* egress HTTP rules on a connection the mTLS tunnel carries */
 
 #define REDIRECT_MARK 0x200
+#define PROXY_UPSTREAM_MARK 0xa00  /* the egress proxy's upstream sockets (the pod's own address) */
 #define MARK_MASK 0xf00
+
+/* Egress HTTP rules: a local pod's connection goes to the node's egress proxy listening on
+ * 127.0.0.1:L7G_EGRESS_PROXY_PORT (assigned to its socket, the destination kept); 0: none. */
+#ifndef L7G_EGRESS_PROXY_PORT
+#define L7G_EGRESS_PROXY_PORT 0
+#endif
+#define LOOPBACK_ADDR 0x7f000001
 
 struct ipcache_key {
     u32 prefixlen;
@@ -114,9 +124,10 @@ struct ct_key {
     u8 pad[3];
 };
 struct ct_value {
-    u8 redirect;
+    u8 redirect;     /* 1: marked for local delivery (the node's proxies); 2: the egress proxy */
     u8 host;
-    u16 pad;
+    u8 proxy_reply;  /* an egress proxy upstream connection: its replies go to the proxy's socket */
+    u8 pad;
     u32 src_id;
 };
 
@@ -323,14 +334,15 @@ static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 reason
 }
 
 /* The verdict policy gives a flow, without side effects: 0 drop (with *reason, *dir, *ep),
- * 1 pass, 2 redirect to the proxy. The source's egress is checked when it is a local endpoint;
+ * 1 pass, 2 redirect to the proxy (local delivery), 3 to the egress proxy (egress HTTP rules).
+ * The source's egress is checked when it is a local endpoint;
  * `src_must_be_local` makes an unknown source a drop (packets from a pod's own veth). */
 static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src_id, u32 *dst_id,
                                  u8 *reason, u8 *dir, u32 *ep)
 {
     *src_id = identity_of(f->saddr);
     *dst_id = identity_of(f->daddr);
-    int redirect = 0;
+    int redirect = 0, egress_proxy = 0;
     struct endpoint_value *src_ep = l7g_endpoints.lookup(&f->saddr);
     if (!src_ep && src_must_be_local) {
         *reason = REASON_UNKNOWN_ENDPOINT; *dir = DIR_EGRESS; *ep = 0;
@@ -349,11 +361,15 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
         if (v->action == ACT_DENY) { *reason = (v->flags & FLAG_AUTH_FAIL) ? REASON_AUTH : REASON_POLICY; return 0; }
         if ((v->flags & FLAG_AUTH) && !tunnel && !authenticated(*src_id, *dst_id, f->daddr)) { *reason = REASON_AUTH; return 0; }
         /* Egress DNS rules: the query goes to the node's DNS proxy (marked like any redirect,
-         * delivered locally with its destination kept). Egress HTTP rules would need the proxy
-         * on the source side; not built yet: refuse. */
+         * delivered locally with its destination kept). Egress HTTP rules: the connection goes
+         * to the node's egress proxy, which applies them (and a local destination's ingress
+         * HTTP rules) and connects from the pod's own address. */
         if (v->action == ACT_REDIRECT) {
-            if (!(v->flags & FLAG_DNS)) { *reason = REASON_POLICY; return 0; }
-            redirect = 1;
+            if (v->flags & FLAG_DNS)
+                redirect = 1;
+            else if (tunnel) { *reason = REASON_EGRESS_TUNNEL; return 0; }
+            else
+                egress_proxy = 1;
         }
         if (tunnel)
             redirect = 1;
@@ -371,7 +387,36 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
         if (v->action == ACT_REDIRECT)
             redirect = 1;
     }
-    return redirect ? 2 : 1;
+    return egress_proxy ? 3 : redirect ? 2 : 1;
+}
+
+/* The first packet of a connection for the egress proxy: given to the proxy's listening
+ * socket (its own established socket for a retransmission), so that the proxy accepts it with
+ * the destination it was sent to. Negative when the proxy is not listening. */
+static __always_inline int assign_egress_proxy(struct __sk_buff *skb, struct flow *f)
+{
+    if (L7G_EGRESS_PROXY_PORT == 0)
+        return -1;
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = f->saddr;
+    t.ipv4.daddr = f->daddr;
+    t.ipv4.sport = f->sport;
+    t.ipv4.dport = f->dport;
+    struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk && sk->state == BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);  /* a listener on the destination itself (a local pod's ingress proxy) */
+        sk = 0;
+    }
+    if (!sk) {
+        t.ipv4.daddr = bpf_htonl(LOOPBACK_ADDR);
+        t.ipv4.dport = bpf_htons(L7G_EGRESS_PROXY_PORT);
+        sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+        if (!sk)
+            return -1;
+    }
+    long r = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    return r < 0 ? -1 : 0;
 }
 
 /* A flow with no conntrack entry either way. */
@@ -396,12 +441,18 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int c
     }
     if (v == 0)
         return drop(skb, f, reason, dir, src_id, dst_id, ep);
+    if (v == 3) {
+        if (f->proto != IPPROTO_TCP)
+            return drop(skb, f, REASON_POLICY, DIR_EGRESS, src_id, dst_id, src_id);
+        if (f->opens && assign_egress_proxy(skb, f) < 0)
+            return drop(skb, f, REASON_NO_PROXY, DIR_EGRESS, src_id, dst_id, src_id);
+    }
     if (f->track) {
         struct ct_key ck = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->ct_sport, .dport = f->ct_dport, .proto = f->proto};
-        struct ct_value cv = {.redirect = v == 2, .src_id = src_id};
+        struct ct_value cv = {.redirect = v == 3 ? 2 : v == 2, .src_id = src_id};
         l7g_ct.update(&ck, &cv);
     }
-    if (v == 2)
+    if (v >= 2)
         skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
     return TC_ACT_OK;
 }
@@ -423,8 +474,13 @@ static __always_inline int handle(struct __sk_buff *skb, int check_egress)
             return TC_ACT_OK;
         }
         struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.ct_dport, .dport = f.ct_sport, .proto = f.proto};
-        if (l7g_ct.lookup(&rk))
-            return TC_ACT_OK;  /* a reply */
+        struct ct_value *rev = l7g_ct.lookup(&rk);
+        if (rev) {
+            /* a reply; to the egress proxy's upstream socket (it has the pod's address) */
+            if (rev->proxy_reply)
+                skb->mark = (skb->mark & ~MARK_MASK) | REDIRECT_MARK;
+            return TC_ACT_OK;
+        }
     }
     return new_flow(skb, &f, check_egress);
 }
@@ -453,6 +509,26 @@ int l7g_to_pod(struct __sk_buff *skb)
     if (l7g_ct.lookup(&rk))
         return TC_ACT_OK;
     struct ct_value cv = {.host = 1, .src_id = 1};
+    if ((skb->mark & MARK_MASK) == PROXY_UPSTREAM_MARK) {
+        cv.proxy_reply = 1;  /* the egress proxy, from a local pod's address */
+        cv.src_id = identity_of(f.saddr);
+    }
+    l7g_ct.update(&ck, &cv);
+    return TC_ACT_OK;
+}
+
+/* The egress proxy's upstream connections leaving for another node carry a local pod's
+ * address: recorded so that their replies, arriving on the link, go to the proxy's socket and
+ * not to the pod. Nothing else leaving the node is looked at. */
+int l7g_to_link(struct __sk_buff *skb)
+{
+    if ((skb->mark & MARK_MASK) != PROXY_UPSTREAM_MARK)
+        return TC_ACT_OK;
+    struct flow f = {};
+    if (parse_pulled(skb, &f) != PARSE_OK || f.proto != IPPROTO_TCP || !f.opens)
+        return TC_ACT_OK;
+    struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.ct_sport, .dport = f.ct_dport, .proto = f.proto};
+    struct ct_value cv = {.host = 1, .proxy_reply = 1, .src_id = identity_of(f.saddr)};
     l7g_ct.update(&ck, &cv);
     return TC_ACT_OK;
 }

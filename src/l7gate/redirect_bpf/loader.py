@@ -71,7 +71,7 @@ MAPS: dict[str, tuple[str, int, int]] = {
     "lb_backends": ("hash", 8, 8),
     "lb_reverse": ("lru_hash", 16, 8),
 }
-PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod")
+PROGRAMS = ("l7g_from_pod", "l7g_from_link", "l7g_to_pod", "l7g_to_link")
 DROP_REASONS = {
     1: "Policy denied",
     2: "No policy",
@@ -79,6 +79,8 @@ DROP_REASONS = {
     4: "Unknown endpoint",
     5: "Unsupported packet (IPv6 or IP fragment)",
     6: "Plaintext refused",
+    7: "Egress proxy not listening",
+    8: "Egress HTTP rules through the mTLS tunnel (not supported)",
 }
 
 
@@ -90,7 +92,7 @@ FILTER_HANDLE = 1
 # kind of interface -> (hook, tc parent, program) for each filter it gets
 HOOKS: dict[str, tuple[tuple[str, int, str], ...]] = {
     "pod": (("ingress", TC_INGRESS, "l7g_from_pod"), ("egress", TC_EGRESS, "l7g_to_pod")),
-    "link": (("ingress", TC_INGRESS, "l7g_from_link"),),
+    "link": (("ingress", TC_INGRESS, "l7g_from_link"), ("egress", TC_EGRESS, "l7g_to_link")),
 }
 
 
@@ -194,8 +196,11 @@ def check_pins(pin_dir: Path, names: Iterable[str] | None = None) -> list[str]:
 
 
 class KernelDatapath:
-    def __init__(self, pin_dir: Path) -> None:
+    def __init__(self, pin_dir: Path, egress_proxy_port: int = 0) -> None:
         self.pin_dir = pin_dir
+        # Egress HTTP rules: the port of the node's egress proxy on 127.0.0.1 (0: none, such
+        # connections are dropped as "Egress proxy not listening"). Compiled into the program.
+        self.egress_proxy_port = egress_proxy_port
         self.bpf: Any = None
         self._fns: dict[str, Any] = {}
         self._policy_written: dict[PolicyKey, PolicyValue] = {}
@@ -221,7 +226,8 @@ class KernelDatapath:
         try:
             self.bpf = bcc.BPF(
                 src_file=str(SOURCE).encode(),
-                cflags=[f'-DL7G_PIN_DIR="{self.pin_dir}"', "-w"],
+                cflags=[f'-DL7G_PIN_DIR="{self.pin_dir}"', f"-DL7G_EGRESS_PROXY_PORT={int(self.egress_proxy_port)}",
+                        "-w"],
             )
             for name in PROGRAMS:
                 self._fns[name] = self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)

@@ -46,6 +46,7 @@ from google.protobuf import wrappers_pb2
 from xds.core.v3 import cidr_pb2
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 
+from ..envoy_names import EGRESS_ACTION_PREFIX as EGRESS_ACTION_PREFIX
 from ..identity.ipcache import IPNetwork, prefix_sort_key
 from ..identity.numeric import WORLD
 from ..policy.httpverdict import named_policies
@@ -72,11 +73,13 @@ class PortDecisions:
 
 
 def port_decisions(
-    policy: EndpointPolicy | None, port: int, known_identities: Iterable[int]
+    policy: EndpointPolicy | None, port: int, known_identities: Iterable[int],
+    direction: Direction = Direction.INGRESS,
 ) -> PortDecisions:
     """Decisions for every identity the ipcache knows, compressed to those that differ from
-    world's. Peers not named by any map key share the decision of the ANY entries."""
-    view = PortView(policy, Direction.INGRESS, port, Protocol.TCP)
+    world's. Peers not named by any map key share the decision of the ANY entries. Egress:
+    the peers are destinations."""
+    view = PortView(policy, direction, port, Protocol.TCP)
     world = view.decide(WORLD_ID)
     if policy is None:
         return PortDecisions(world, {})
@@ -156,28 +159,31 @@ def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate
     )
 
 
-def decision_on_match(d: Decision, *, auth_verified: bool = False) -> matcher_pb2.Matcher.OnMatch:
+
+
+def decision_on_match(d: Decision, *, auth_verified: bool = False, prefix: str = "") -> matcher_pb2.Matcher.OnMatch:
     """One decision as a matcher leaf (or a nested HTTP matcher): `policy.httpverdict.request_verdict`
-    as Envoy's matcher, with the same action names."""
+    as Envoy's matcher, with the same action names (after `prefix`: EGRESS_ACTION_PREFIX for
+    the egress proxy's verdicts)."""
     pols = named_policies(d)
     if d.action is Action.DENY:
-        return _action(f"deny-l3l4|{pols}", False)
+        return _action(f"{prefix}deny-l3l4|{pols}", False)
     if d.action is Action.AUTH_FAIL or (d.auth_required and not auth_verified):
         # Loopback mode cannot verify a peer's identity cryptographically: fail closed.
-        return _action(f"deny-auth|{pols}", False)
+        return _action(f"{prefix}deny-auth|{pols}", False)
     if d.action is Action.ALLOW:
-        return _action(f"allow|{pols}", True)
+        return _action(f"{prefix}allow|{pols}", True)
     preds = [_rule_predicate(r) for r in d.http]
     if any(p is None for p in preds):
-        return _action(f"allow|{pols}", True)
+        return _action(f"{prefix}allow|{pols}", True)
     field_matchers = [
-        matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=p, on_match=_action(f"allow|{pols}", True))
+        matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=p, on_match=_action(f"{prefix}allow|{pols}", True))
         for p in preds
         if p is not None
     ]
     nested = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(matchers=field_matchers),
-        on_no_match=_action(f"deny-l7|{pols}", False),
+        on_no_match=_action(f"{prefix}deny-l7|{pols}", False),
     )
     return matcher_pb2.Matcher.OnMatch(matcher=nested)
 
@@ -211,10 +217,10 @@ def _aligned_blocks(addrs: Sequence[int], bits: int) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=65536)
-def _leaf(d: Decision, auth_verified: bool) -> matcher_pb2.Matcher.OnMatch:
+def _leaf(d: Decision, auth_verified: bool, prefix: str = "") -> matcher_pb2.Matcher.OnMatch:
     # Shared, never mutated: protobuf copies a message assigned to a field. A slot re-renders
     # hundreds of decisions that did not change; building each leaf once saves most of that.
-    return decision_on_match(d, auth_verified=auth_verified)
+    return decision_on_match(d, auth_verified=auth_verified, prefix=prefix)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -238,9 +244,13 @@ def rbac_matcher(
     prefixes: Mapping[int, Sequence[IPNetwork]],
     *,
     auth_verified: bool = False,
+    destination: bool = False,
+    prefix: str = "",
 ) -> matcher_pb2.Matcher:
     """The source-address matcher for one (endpoint, port). `prefixes` is the ipcache, by
-    identity. Deterministic: equal inputs give byte-identical output."""
+    identity. Deterministic: equal inputs give byte-identical output. `destination`: matched
+    on the destination address instead (an egress policy's peers); `prefix`: of every action
+    name (`decision_on_match`)."""
     # Grouped by the leaf a decision becomes: decisions that render alike share one range
     # matcher, and one that renders like world's needs none.
     world_key = _leaf_key(decisions.world, auth_verified)
@@ -292,29 +302,30 @@ def rbac_matcher(
             blocks.append((merged[0], merged, leaf_of[key]))
         for _, merged, d in sorted(blocks, key=lambda b: b[0]):
             ip_matcher.range_matchers.add(
-                ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified), exclusive=True
+                ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified, prefix), exclusive=True
             )
     else:
         for key, nets in sorted(groups.items(), key=lambda kv: min(prefix_sort_key(n) for n in kv[1])):
             ip_matcher.range_matchers.add(
                 ranges=[cidr(n) for n in sorted(set(nets), key=prefix_sort_key)],
-                on_match=_leaf(leaf_of[key], auth_verified),
+                on_match=_leaf(leaf_of[key], auth_verified, prefix),
                 exclusive=True,
             )
     if not ip_matcher.range_matchers:
         # An IP matcher needs at least one range: 255.255.255.255/32 is never a TCP peer.
         ip_matcher.range_matchers.add(
             ranges=[cidr(ipaddress.ip_network("255.255.255.255/32"))],
-            on_match=_leaf(decisions.world, auth_verified),
+            on_match=_leaf(decisions.world, auth_verified, prefix),
             exclusive=True,
         )
     tree = matcher_pb2.Matcher.MatcherTree(
-        input=typed_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
+        input=(typed_ext("destination-ip", network_inputs_pb2.DestinationIPInput()) if destination
+               else typed_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput())),
         custom_match=typed_ext("ip-matcher", ip_matcher),
     )
     return matcher_pb2.Matcher(
         matcher_tree=tree,
-        on_no_match=_leaf(decisions.world, auth_verified),
+        on_no_match=_leaf(decisions.world, auth_verified, prefix),
     )
 
 

@@ -1,0 +1,184 @@
+"""Egress HTTP rules, enforced by the source node's Envoy (docs/egress-http.md).
+
+Node a1 (cluster-a) holds `web/client`, whose egress policy has HTTP rules, `web/free` (no
+policy), and `payments/local-api` (ingress HTTP rules of its own). Node b1 (cluster-b, its own
+agent) holds `payments/remote-api` (ingress HTTP rules). The node `inet` (a cluster no agent
+knows) holds `internet/site`: `world`. Every request from the client goes through a1's egress
+listener: the egress rules decide first (403 from a1's Envoy, an EGRESS flow), then the
+destination's ingress rules (a1's own Envoy for the local pod, b1's for the remote one). The
+servers see the client's own address: the destination's policy judges the client's identity.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+from l7gate.testing.testbed import Pod, Testbed
+from l7gate.testing.wait import eventually
+
+from .test_kernel_datapath import L7GATE, AgentProc, make_agent, stop_agents
+
+pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc"), pytest.mark.integration]
+
+NS = "k8s:io.kubernetes.pod.namespace"
+
+
+def cnp(name: str, namespace: str, app: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"endpointSelector": {"matchLabels": {"app": app}}, **spec}}
+
+
+def http_port(port: int, *rules: dict[str, str]) -> dict[str, Any]:
+    return {"ports": [{"port": str(port), "protocol": "TCP"}], "rules": {"http": list(rules)}}
+
+
+CLIENT_EGRESS = cnp("client-egress", "web", "client", egress=[
+    {"toEndpoints": [{"matchLabels": {NS: "payments"}}],
+     "toPorts": [http_port(8080, {"method": "GET", "path": "/allowed/.*"})]},
+    {"toEntities": ["world"], "toPorts": [http_port(80, {"method": "GET", "path": "/public.*"})]},
+])
+LOCAL_INGRESS = cnp("local-api-ingress", "payments", "local-api", ingress=[
+    {"fromEndpoints": [{"matchLabels": {NS: "web"}}],
+     "toPorts": [http_port(8080, {"path": "/allowed/a.*"})]},
+])
+REMOTE_INGRESS = cnp("remote-api-ingress", "payments", "remote-api", ingress=[
+    {"fromEndpoints": [{"matchLabels": {"app": "client", NS: "web"}}],
+     "toPorts": [http_port(8080, {"path": "/allowed/b.*"})]},
+])
+
+
+@dataclass
+class World:
+    tb: Testbed
+    a: AgentProc
+    b: AgentProc
+    client: Pod
+    free: Pod
+    local: Pod
+    remote: Pod
+    site: Pod
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with Testbed() as tb:
+        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.63.1.0/24")
+        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.63.2.0/24")
+        inet = tb.add_node("inet", cluster="internet", node_cidr="10.63.9.0/24")
+        tb.link(na, nb)
+        tb.link(na, inet)
+        client = tb.add_pod(na, "web", "client", labels={"app": "client"})
+        free = tb.add_pod(na, "web", "free", labels={"app": "free"})
+        local = tb.add_pod(na, "payments", "local-api", labels={"app": "local-api"}, ports=[8080])
+        remote = tb.add_pod(nb, "payments", "remote-api", labels={"app": "remote-api"}, ports=[8080])
+        site = tb.add_pod(inet, "internet", "site")
+        for pod, port in ((local, 8080), (remote, 8080), (site, 80)):
+            pod.serve_http(port)
+        a = make_agent(tb, na, "cluster-a", 1, "cluster-b", 2, na.link_ifnames)
+        b = make_agent(tb, nb, "cluster-b", 2, "cluster-a", 1, nb.link_ifnames)
+        try:
+            known = tb.to_manifests("cluster-a") + tb.to_manifests("cluster-b")
+            for agent in (a, b):
+                agent.start(tb)
+                agent.client.apply_endpoints(known)
+                agent.client.apply_policies([CLIENT_EGRESS, LOCAL_INGRESS, REMOTE_INGRESS])
+                agent.synced()
+            yield World(tb, a, b, client, free, local, remote, site)
+        finally:
+            stop_agents(a, b)
+
+
+def get(w: World, pod: Pod, dst: Pod, port: int, path: str) -> tuple[int, dict[str, Any] | str]:
+    status, body = pod.curl(f"http://{dst.ip}:{port}{path}", timeout=5)
+    if status == 200:
+        return status, json.loads(body)
+    return status, body
+
+
+def flows(w: World, agent: AgentProc, *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run([L7GATE, "observe", "--last", "200", "-o", "json", *args,
+                          "--admin", f"unix:{agent.workdir}/admin.sock"],
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line).get("flow", json.loads(line)) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("dst, port, path, want", [
+    ("local", 8080, "/allowed/a1", 200),    # egress allows, the local pod's ingress allows
+    ("local", 8080, "/allowed/z", 403),     # egress allows, the local pod's ingress refuses
+    ("local", 8080, "/denied", 403),        # egress refuses
+    ("remote", 8080, "/allowed/b1", 200),   # egress allows, b1's Envoy (ingress) allows
+    ("remote", 8080, "/allowed/z", 403),    # egress allows, b1's Envoy refuses
+    ("remote", 8080, "/denied", 403),       # egress refuses at a1
+    ("site", 80, "/public/x", 200),         # world, egress allows
+    ("site", 80, "/private", 403),          # world, egress refuses
+])
+def test_egress_http_rules_at_the_source(world: World, dst: str, port: int, path: str, want: int) -> None:
+    target = getattr(world, dst)
+    status, body = get(world, world.client, target, port, path)
+    assert status == want, body
+    if status == 200:
+        assert isinstance(body, dict) and body["path"] == path
+        # The egress proxy connects from the client's own address: the local pod and the site
+        # see it. The remote pod is reached through b1's own ingress proxy, which connects from
+        # b1 (and admitted the request only because it saw the client's identity).
+        peer = world.remote.node.ip if dst == "remote" else world.client.ip
+        assert body["peer"] == peer, body
+
+
+def test_an_egress_denial_is_an_egress_flow(world: World) -> None:
+    assert get(world, world.client, world.remote, 8080, "/denied/flow")[0] == 403
+
+    def seen() -> bool:
+        fs = [f for f in flows(world, world.a, "--verdict", "DROPPED", "--type", "l7")
+              if f.get("l7", {}).get("http", {}).get("url", "").endswith("/denied/flow")]
+        assert fs, "no flow yet"
+        f = fs[-1]
+        assert f["traffic_direction"] == "EGRESS", f
+        assert f["drop_reason_desc"] == "Policy denied (L7)", f
+        assert "CiliumNetworkPolicy/web/client-egress" in f["policy_match"] if isinstance(
+            f["policy_match"], list) else "client-egress" in json.dumps(f), f
+        assert f["source"]["pod_name"] == "client", f
+        return True
+
+    eventually(seen, 10, "the egress denial in `l7gate observe` on a1")
+
+
+def test_a_pod_without_egress_rules_is_not_proxied(world: World) -> None:
+    # `free` has no policy: it reaches the remote pod directly, and b1's ingress rules (which
+    # admit the client only) drop it in b1's kernel
+    assert world.free.curl(f"http://{world.remote.ip}:8080/allowed/b", timeout=2)[0] == 0
+    status, body = world.free.curl(f"http://{world.site.ip}:80/anything", timeout=5)
+    assert status == 200 and json.loads(body)["peer"] == world.free.ip
+
+
+def test_other_ports_stay_l3l4(world: World) -> None:
+    # the client's egress policy names only 8080 and 80: anything else is dropped in the kernel
+    assert world.client.curl(f"http://{world.site.ip}:8080/", timeout=2)[0] == 0
+
+
+def test_trace_agrees(world: World) -> None:
+    inv = world.tb.workdir / "egress-trace.yaml"
+    docs = world.tb.to_manifests("cluster-a") + world.tb.to_manifests("cluster-b")
+    inv.write_text(yaml.safe_dump_all([*docs, CLIENT_EGRESS, LOCAL_INGRESS, REMOTE_INGRESS]))
+
+    def trace(dst: str, path: str) -> str:
+        out = subprocess.run([L7GATE, "policy", "trace", "-f", str(inv), "--cluster-name", "cluster-a",
+                              "--from", "cluster-a/web/client", "--to", dst, "--port", "8080",
+                              "--method", "GET", "--path", path, "-o", "json"],
+                             capture_output=True, text=True)
+        assert out.returncode in (0, 1), out.stderr
+        return str(json.loads(out.stdout)["verdict"])
+
+    assert trace("cluster-a/payments/local-api", "/allowed/a1") == "allowed"
+    assert trace("cluster-a/payments/local-api", "/allowed/z") == "denied"
+    assert trace("cluster-a/payments/local-api", "/denied") == "denied"
+    assert trace("cluster-b/payments/remote-api", "/allowed/b1") == "allowed"
+    assert trace("cluster-b/payments/remote-api", "/denied") == "denied"
