@@ -23,7 +23,7 @@ from .agent.config import DEFAULT_ADMIN
 from .offline.trace import TraceError, TraceRequest, format_trace_text, load_fqdn_cache, run_trace
 from .offline.validate import validate_paths
 from .k8s.manifests import Manifest, kind_problem, load, object_name
-from .policy.names import label_problem
+from .policy.names import label_problem, port_name_problem
 from .policy.parse import POLICY_KINDS
 
 EXIT_OK = 0
@@ -93,7 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
                    help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
                         "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")
-    t.add_argument("--port", type=_port, required=True, metavar="N")
+    t.add_argument("--port", type=_port_or_name, required=True, metavar="N|NAME",
+                   help="destination port: a number, or the name of one of the destination pod's container ports")
     t.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP", "SCTP"), default="TCP")
     t.add_argument("--method", help="HTTP method (default GET when the port has HTTP rules)")
     t.add_argument("--path", help="HTTP :path, query included (default /)")
@@ -357,6 +358,15 @@ def _port(value: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is out of range 1-65535")
     return port
+
+
+def _port_or_name(value: str) -> int | str:
+    if value.isascii() and value.isdigit():
+        return _port(value)
+    problem = port_name_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"not a port number or a port name: {value!r} ({problem})")
+    return value
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

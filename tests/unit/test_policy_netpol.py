@@ -393,7 +393,8 @@ def _port(port: Any) -> dict[str, Any]:
         (_peer({"podSelector": {"matchLabels": {"app": "a b"}}}),
          "spec.ingress[0].from[1].podSelector.matchLabels.app", "label value"),
         (_peer({"serviceAccount": {}}), "spec.ingress[0].from[1].serviceAccount", "unknown field"),
-        (_port({"port": "http"}), "spec.ingress[0].ports[0].port", "named ports are not supported by l7gate yet"),
+        (_port({"port": "HTTP"}), "spec.ingress[0].ports[0].port", "'H' is not allowed (lowercase letters"),
+        (_port({"port": "http", "endPort": 90}), "spec.ingress[0].ports[0].endPort", "not the port name 'http'"),
         (_port({"port": "80"}), "spec.ingress[0].ports[0].port", "without quotes"),
         (_port({"port": "Not A Name"}), "spec.ingress[0].ports[0].port", "port name"),
         (_port({"port": 0}), "spec.ingress[0].ports[0].port", "out of range 1-65535"),
@@ -431,7 +432,7 @@ def test_bad_input_is_refused_with_its_field_path(doc: dict[str, Any], path: str
 
 
 def test_every_error_is_reported_at_once_and_the_resource_is_named() -> None:
-    doc = billing_ingress({"from": [{}], "ports": [{"port": "http"}, {"protocol": "ICMP"}]},
+    doc = billing_ingress({"from": [{}], "ports": [{"port": "http_"}, {"protocol": "ICMP"}]},
                           {"from": [{"ipBlock": {"cidr": "x"}}]})
     with pytest.raises(PolicyValidationError) as ei:
         parse(doc)

@@ -421,7 +421,8 @@ def test_regex_too_large_for_envoy() -> None:
     [
         ({"port": "70000"}, "out of range"),
         ({"port": -1}, "out of range"),
-        ({"port": "http"}, "named port 'http' is not supported"),
+        ({"port": "http_alt"}, "or a port name (an IANA service name"),
+        ({"port": "http", "endPort": 90}, "endPort needs a port number: port 'http' is a named port"),
         ({"port": "80", "endPort": 79}, "endPort 79 is smaller than port 80"),
         ({"port": "80", "endPort": 70000}, "out of range"),
         ({"port": "80", "protocol": "ICMP"}, "must be one of"),
@@ -524,7 +525,7 @@ def test_all_errors_collected_not_just_the_first() -> None:
         cnp(
             {
                 "endpointSelector": {},
-                "ingress": [{"toPorts": [{"ports": [{"port": "x"}]}]}, {"bogus": 1}],
+                "ingress": [{"toPorts": [{"ports": [{"port": "x_"}]}]}, {"bogus": 1}],
                 "egress": [{"toEntities": ["nowhere"]}],
             }
         )
@@ -596,7 +597,7 @@ def test_parser_does_not_mutate_input() -> None:
 
 def test_error_message_names_resource() -> None:
     with pytest.raises(PolicyValidationError) as ei:
-        parse_policy(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "x"}]}]}]}))
+        parse_policy(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "x_"}]}]}]}))
     assert ei.value.resource == "CiliumNetworkPolicy/payments/p"
     assert str(ei.value).startswith("CiliumNetworkPolicy/payments/p: spec.ingress[0]")
 

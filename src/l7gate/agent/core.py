@@ -27,6 +27,7 @@ import ipaddress
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
+from ..policy.namedports import NamedPorts
 from ..policy.resolve import Resolver
 from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.selector import CIDRSelector, PeerSelector
@@ -224,6 +226,9 @@ class AgentCore:
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._namespace_docs: dict[str, Any] = {}  # <cluster or *>/<name> → the object as applied
         self._identity_pods: dict[int, set[str]] = {}
+        # The named container ports the pods of each identity declare, counted per pod (policies'
+        # named ports resolve against them: `policy.namedports`).
+        self._named_declared: dict[int, Counter[tuple[str, int, str]]] = {}
         # CIDR identities (Cilium's): each prefix a policy's CIDR selector names (its `except`s
         # too) has a local identity labelled `cidr:<prefix>` in the ipcache, so that an address
         # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
@@ -902,7 +907,8 @@ class AgentCore:
         resolver's live lookup of an endpoint's policy."""
         with self._lock:
             return TunnelInputs(_pod_views(self._pods.values()), tuple(self.resolver.repository.policies()),
-                                dict(self.resolver.identities), self.resolver.endpoint_policy)
+                                dict(self.resolver.identities), self.resolver.endpoint_policy,
+                                dict(self.resolver.named_ports))
 
     # -- the cluster mesh ----------------------------------------------------------------------
 
@@ -1166,6 +1172,7 @@ class AgentCore:
         users.add(pod.ref)
         if first:
             self._feed(self.resolver.update_identities({ident: labels}))
+        self._count_named_ports(ident, pod, +1)
         for ip in pod.ips:
             self.ipcache.upsert(ip, ident)
         if local and not self.resolver.has_endpoint(ident):
@@ -1199,6 +1206,7 @@ class AgentCore:
                 self.ipcache.delete(ip)
         users = self._identity_pods.get(rec.identity, set())
         users.discard(ref)
+        self._count_named_ports(rec.identity, rec.pod, -1)
         still_local = any(self._pods[r].local for r in users)
         if rec.local and not still_local:
             self._feed(self.resolver.remove_endpoint(rec.identity))
@@ -1214,6 +1222,22 @@ class AgentCore:
                 # the pod is gone all the same; the reference expires with this node's lease
                 # (mesh) or GC reclaims the number.
                 pass
+
+    def _count_named_ports(self, ident: int, pod: Pod, sign: int) -> None:
+        """A pod of `ident` came (+1) or went (-1): when the set of named ports the identity's
+        pods declare changes, the resolver re-resolves the named ports that depend on it."""
+        if not pod.named_ports:
+            return
+        counts = self._named_declared.setdefault(ident, Counter())
+        before = set(counts)
+        for decl in pod.named_ports:
+            counts[decl] += sign
+            if counts[decl] <= 0:
+                del counts[decl]
+        if not counts:
+            del self._named_declared[ident]
+        if set(counts) != before:
+            self._feed(self.resolver.update_named_ports({ident: NamedPorts.of(counts)}))
 
     def _feed(self, delta: PolicyDelta) -> None:
         self.publisher.on_policy_delta(delta)

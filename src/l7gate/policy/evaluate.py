@@ -9,6 +9,10 @@ tested against, so it is written to be read next to Cilium's documentation:
   2. No rule applies in this direction → allowed (the endpoint is not in default-deny).
   3. A peer rule matches when a peer selector selects the peer (no peer selector: every peer;
      an empty rule `{}` matches nothing) and one of its ports covers the flow's port/protocol.
+     A named port (`port: http`) is a container port of the flow's destination (the endpoint
+     itself on ingress, the peer on egress): it covers the port its pods declare under that
+     name for the flow's protocol, and nothing when they declare none or disagree
+     (`namedports`).
   4. Deny wins over allow: any matching deny rule drops the flow at L3/L4.
   5. No matching allow rule → dropped if the direction is default-deny, allowed otherwise.
   6. Allows are a union. If any matching allow requires authentication (the strongest mode
@@ -31,8 +35,9 @@ from enum import Enum
 
 from .labels import Labels, reserved
 from .fqdn import NameMatch, fqdn
+from .namedports import NO_NAMED_PORTS, NamedPorts
 from .pathnorm import normalize_path
-from .types import AuthMode, Direction, HTTPRequest, HTTPRule, PeerRule, PortRule, Protocol, Rule
+from .types import AuthMode, Direction, HTTPRequest, HTTPRule, NamedPort, PeerRule, PortRule, Protocol, Rule
 
 WORLD_ID = 2
 WORLD_LABELS = Labels.of({reserved("world"): ""})
@@ -46,12 +51,15 @@ class Layer(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """One side of a flow. `managed` is true for an endpoint whose policy l7gate enforces."""
+    """One side of a flow. `managed` is true for an endpoint whose policy l7gate enforces;
+    `named_ports` are the named container ports of the pods of its identity (for the named
+    ports of rules, when it is the flow's destination)."""
 
     identity: int
     labels: Labels
     managed: bool = True
     name: str = ""
+    named_ports: NamedPorts = NO_NAMED_PORTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +87,17 @@ class Verdict:
         return "allowed" if self.allowed else "denied"
 
 
-def peer_for(identities: Mapping[int, Labels], ident: int, *, managed: bool = False) -> Peer:
-    """A flow party from an identity number; unknown numbers are `world`."""
+def peer_for(
+    identities: Mapping[int, Labels], ident: int, *, managed: bool = False,
+    named_ports: Mapping[int, NamedPorts] | None = None,
+) -> Peer:
+    """A flow party from an identity number; unknown numbers are `world`. `named_ports`: the
+    named container ports per identity."""
     labels = identities.get(ident)
     if labels is None:
         return Peer(WORLD_ID, WORLD_LABELS, managed=False)
-    return Peer(ident, labels, managed=managed)
+    return Peer(ident, labels, managed=managed,
+                named_ports=(named_ports or {}).get(ident, NO_NAMED_PORTS))
 
 
 @dataclass(slots=True)
@@ -97,8 +110,15 @@ class _Side:
     auth_required: bool = False
 
 
-def _covers(pr: PortRule, port: int, protocol: Protocol) -> bool:
-    return any(pp.covers(port, protocol) for pp in pr.ports)
+def _covers(pr: PortRule, port: int, protocol: Protocol, destination: NamedPorts) -> bool:
+    for pp in pr.ports:
+        if isinstance(pp, NamedPort):
+            # "a named port is the destination's container port of that name"
+            if pp.protocol.covers(protocol) and destination.number(pp.name, protocol) == port:
+                return True
+        elif pp.covers(port, protocol):
+            return True
+    return False
 
 
 def _describe(peer: Peer) -> str:
@@ -119,6 +139,7 @@ def _evaluate_direction(
     default_deny = any(r.default_deny(direction) for r in selecting)
 
     matched: list[tuple[PeerRule, PortRule]] = []
+    named: dict[str, list[str]] = {}  # what each named port of a rule that selects the peer is
     for rule in selecting:
         for pr in rule.rules:
             if pr.direction is not direction:
@@ -126,8 +147,14 @@ def _evaluate_direction(
             if pr.peers is not None and not any(s.matches(peer.labels) for s in pr.peers):
                 continue
             for port_rule in pr.effective_port_rules:
-                if _covers(port_rule, flow.port, flow.protocol):
+                for pp in port_rule.ports:
+                    if isinstance(pp, NamedPort) and pp.protocol.covers(flow.protocol):
+                        named.setdefault(flow.destination.named_ports.explain(pp, flow.protocol), []).append(
+                            str(pr.origin))
+                if _covers(port_rule, flow.port, flow.protocol, flow.destination.named_ports):
                     matched.append((pr, port_rule))
+    for text, origins in sorted(named.items()):
+        side.reasons.append(f"{d}: on {_describe(flow.destination)}, {text} ({', '.join(sorted(set(origins)))})")
 
     where = f"{flow.port}/{flow.protocol.value}"
     denies = [pr for pr, _ in matched if pr.deny]
