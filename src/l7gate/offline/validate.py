@@ -264,10 +264,10 @@ def _destinations(rule: Rule, pr: PeerRule, pods: list[tuple[Pod, Labels]]) -> t
     """The inventory pods a named port of `pr` is a container port of (ingress: the pods the
     rule applies to; egress: its peer pods), and how they were chosen, for messages."""
     if pr.direction is Direction.INGRESS:
-        return [(p, lab) for p, lab in pods if rule.selects(lab)], "the pods the policy selects"
+        return [(p, lab) for p, lab in pods if rule.selects(lab)], "the policy selects"
     if pr.peers is None:
-        return list(pods), "the inventory's pods (the rule names no peer)"
-    return [(p, lab) for p, lab in pods if any(s.matches(lab) for s in pr.peers)], "the rule's peer pods"
+        return list(pods), "of the inventory (the rule names no peer)"
+    return [(p, lab) for p, lab in pods if any(s.matches(lab) for s in pr.peers)], "the rule names as peers"
 
 
 def check_named_ports(manifests: Iterable[Manifest], report: ValidationReport, *, cluster_name: str) -> None:
@@ -303,13 +303,14 @@ def _named_port_findings(port: NamedPort, dests: list[tuple[Pod, Labels]], chose
     if not declaring:
         if dests:
             others = sorted({f"{name}/{proto}" for pod, _ in dests for name, _, proto in pod.named_ports})
-            have = f" (they declare: {', '.join(others)})" if others else " (they declare no named port)"
-            who = f"none of {len(dests)} pod{'s' if len(dests) != 1 else ''}, {chosen},{have}"
+            have = f"they declare: {', '.join(others)}" if others else "they declare no named port"
+            n = len(dests)
+            who = f"is declared by none of the {n} pod{'s' if n != 1 else ''} {chosen} ({have})"
         else:
-            who = f"no pod of the inventory is among {chosen}"
+            who = "is declared by no pod here: the inventory holds none of the pods it would be a port of"
         return [("named-port-undeclared",
-                 f"port name {port.name!r} ({port.protocol.value}) is declared by {who}: this port selects "
-                 f"nothing for them (a container port of that name must be declared, as Cilium resolves it)")]
+                 f"port name {port.name!r} ({port.protocol.value}) {who}: this port selects nothing there (a "
+                 f"named port is a container port the destination pod declares under that name)")]
     out: list[tuple[str, str]] = []
     by_identity: dict[tuple[Labels, str], dict[int, list[str]]] = {}
     for pod, lab, proto, n in declaring:
