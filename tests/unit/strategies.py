@@ -7,12 +7,12 @@ the bottom turn those JSON values into the engine's types (`Labels`, `HTTPReques
 Shapes (also the corpus formats):
 
 - universe: ``{"identities": {"<id>": {label: value}}, "endpoints": [<id>, ...],
-  "named_ports": {"<id>": [[name, containerPort, protocol], ...]}}``
+  "named_ports": {"<id>": [[[name, containerPort, protocol], ...], ...]}}``
   Identity numbers follow Cilium: 1 host, 2 world, 3 unmanaged, 4 health, 5 init,
   6 remote-node, 7 kube-apiserver, 8 ingress, 9/10 world-ipv4/-ipv6; pods from 1001; CIDR
   identities (`cidr:<prefix>` + `reserved:world`) from 2**24. `named_ports` (optional) are the
-  named container ports the pods of a pod identity declare, together: a name twice with two
-  numbers is two pods that disagree.
+  named container ports of each pod of a pod identity, pod by pod (pods of one identity may
+  disagree on a name's number, or not all declare it).
 - policy document: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy as loaded from YAML.
   Most parse; a few are invalid on purpose (both selectors, L7 in a deny rule, UDP with HTTP
   rules, bad regex, unknown entity, ...), so callers must discard what the parser rejects.
@@ -210,25 +210,31 @@ def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5) -> dict[
         identities[str(ident)] = draw(pod_labels())
     candidates = list(pods) + ([HOST_ID] if str(HOST_ID) in identities else [])
     endpoints = draw(st.sets(st.sampled_from(candidates), min_size=1))
-    named: dict[str, list[list[Any]]] = {}
+    named: dict[str, list[list[list[Any]]]] = {}
     for ident in pods:
         declared = draw(container_ports())
-        if declared:
+        if any(declared):
             named[str(ident)] = declared
     return {"identities": identities, "endpoints": sorted(endpoints), "named_ports": named}
 
 
 @st.composite
-def container_ports(draw: st.DrawFn) -> list[list[Any]]:
-    """The named container ports of one identity's pods: mostly one number per name; sometimes
-    none, sometimes two pods that disagree (http as 8080 and 80)."""
-    kind = weighted(draw, [(2, "none"), (6, "some"), (1, "conflict")])
+def container_ports(draw: st.DrawFn) -> list[list[list[Any]]]:
+    """The named container ports of one identity's pods, pod by pod: mostly one or two pods
+    declaring the same; sometimes none, two pods that disagree (http as 8080 and 80), or a
+    second pod without them."""
+    kind = weighted(draw, [(2, "none"), (4, "one"), (3, "same"), (1, "conflict"), (1, "partial")])
     if kind == "none":
         return []
-    chosen = draw(st.sets(st.sampled_from(CONTAINER_PORTS), min_size=1, max_size=3))
-    if kind == "conflict":
-        chosen |= {("http", 8080, "TCP"), ("http", 80, "TCP")}
-    return [list(c) for c in sorted(chosen)]
+    chosen = [list(c) for c in sorted(draw(st.sets(st.sampled_from(CONTAINER_PORTS), min_size=1, max_size=3)))]
+    if kind == "one":
+        return [chosen]
+    if kind == "same":
+        return [chosen, copy.deepcopy(chosen)]
+    if kind == "partial":
+        return [chosen, []]
+    other = [c for c in chosen if c[0] != "http"]
+    return [[*other, ["http", 8080, "TCP"]], [*other, ["http", 80, "TCP"]]]
 
 
 # -- selectors ----------------------------------------------------------------------------------
@@ -498,7 +504,7 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
         http = draw(http_requests())
     src, dst = party(), party()
     # Mostly the ports HTTP rules are generated on; often a named port the destination declares.
-    declared = universe.get("named_ports", {}).get(str(dst), [])
+    declared = [d for pod in universe.get("named_ports", {}).get(str(dst), []) for d in pod]
     port = weighted(draw, [(6, 8080), (2, 80), (2, draw(st.sampled_from(FLOW_PORTS))), (4 if declared else 0, -1)])
     if port == -1:
         _, port, proto = draw(st.sampled_from(declared))
@@ -676,8 +682,8 @@ def identities_of(universe: Mapping[str, Any]) -> dict[int, Labels]:
 
 def named_ports_of(universe: Mapping[str, Any]) -> dict[int, NamedPorts]:
     """The universe's named container ports per identity (none: `{}`)."""
-    return {int(i): NamedPorts.of((n, p, proto) for n, p, proto in declared)
-            for i, declared in universe.get("named_ports", {}).items()}
+    return {int(i): NamedPorts.of_pods([(n, p, proto) for n, p, proto in pod] for pod in pods)
+            for i, pods in universe.get("named_ports", {}).items()}
 
 
 def request_of(http: Mapping[str, Any] | None) -> HTTPRequest | None:

@@ -106,6 +106,12 @@ def test_ingress_named_port_follows_the_pods_container_ports(core: AgentCore) ->
     assert (ingress(core, 8080), ingress(core, 8081)) == (Action.DENY, Action.DENY)
     core.delete_pod("shop/api-2")
     assert (ingress(core, 8080), ingress(core, 8081)) == (Action.DENY, Action.HTTP)
+    # A replica that does not declare http at all: on ingress a name must be every pod's of the
+    # identity (Cilium would allow the pods that declare it only; l7gate has one map for both).
+    core.apply([pod("api-3", "10.0.0.12", {"app": "api"}, [("metrics", 9090)])])
+    assert ingress(core, 8081) is Action.DENY
+    core.delete_pod("shop/api-3")
+    assert ingress(core, 8081) is Action.HTTP
     # The port's name changes: nothing is named http any more.
     core.apply([pod("api-1", "10.0.0.10", {"app": "api"}, [("web", 8081)])])
     assert ingress(core, 8081) is Action.DENY
@@ -123,6 +129,9 @@ def test_egress_named_port_resolves_on_each_peer(core: AgentCore) -> None:
     assert egress(core, "pg-1", 5432) is Action.ALLOW and egress(core, "pg-1", 5433) is Action.DENY
     assert egress(core, "pg-old", 5433) is Action.ALLOW and egress(core, "pg-old", 5432) is Action.DENY
     assert egress(core, "cache-1", 6379) is Action.DENY  # declares the name, but is no peer of the rule
+    # A replica of pg without the name: on egress the pods that declare it decide (as Cilium).
+    core.apply([pod("pg-2", "10.0.0.33", {"app": "pg", "role": "db"}, node="n2")])
+    assert ident(core, "pg-2") == ident(core, "pg-1") and egress(core, "pg-1", 5432) is Action.ALLOW
     # Relabelled into the rule's peers: its own port comes with it; out again, it goes.
     core.apply([pod("cache-1", "10.0.0.40", {"app": "cache", "role": "db"}, [("postgres", 6379)], node="n2")])
     assert egress(core, "cache-1", 6379) is Action.ALLOW

@@ -436,6 +436,22 @@ def test_trace_a_named_port_the_pods_of_one_identity_disagree_on_selects_nothing
             "default/shop/shop-api-x2b4") in out, out
 
 
+def test_trace_a_named_port_only_some_pods_of_one_identity_declare_selects_nothing_on_ingress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(NAMED, tmp_path, dirs_exist_ok=True)
+    pods = tmp_path / "pods.yaml"
+    text = pods.read_text()
+    second = text.index("name: shop-api-x2b4")
+    pods.write_text(text[:second] + text[second:].replace("- name: http\n", "- name: web\n", 1))
+    d = named_trace(capsys, WEB, SHOP, "--port", "http", "--method", "GET", "--path", "/v1/items", folder=tmp_path)
+    assert (d["verdict"], d["layer"]) == ("denied", "l3l4"), d["reasons"]
+    assert any("declared for TCP by some pods of the identity only" in r for r in d["reasons"]), d["reasons"]
+    rc, out, _ = run(capsys, "policy", "validate", str(tmp_path))
+    assert rc == 0 and ("warning: port name 'http' (TCP) is declared by default/shop/shop-api-7f9c but not by "
+                        "default/shop/shop-api-x2b4") in out, out
+
+
 def test_validate_warns_about_named_ports_no_pod_of_the_inventory_declares(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

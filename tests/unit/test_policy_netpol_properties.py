@@ -483,7 +483,7 @@ def mixes(draw: st.DrawFn) -> dict[str, Any]:
     world = draw(worlds())
     identities = identities_json(world)
     pod_ids = sorted(int(i) for i in identities if 1000 < int(i) < CIDR_ID_BASE)
-    named = {str(p.identity): [list(d) for d in p.named] for p in parties_of(world) if p.named}
+    named = {str(p.identity): [[list(d) for d in p.named]] for p in parties_of(world) if p.named}
     universe = {"identities": identities, "endpoints": sorted(draw(st.sets(st.sampled_from(pod_ids), min_size=1))),
                 "named_ports": named}
     hints = [lab for lab in identities.values() if "io.kubernetes.pod.namespace" in lab]

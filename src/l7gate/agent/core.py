@@ -226,9 +226,12 @@ class AgentCore:
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._namespace_docs: dict[str, Any] = {}  # <cluster or *>/<name> → the object as applied
         self._identity_pods: dict[int, set[str]] = {}
-        # The named container ports the pods of each identity declare, counted per pod (policies'
-        # named ports resolve against them: `policy.namedports`).
+        # The named container ports the pods of each identity declare, counted per pod: each
+        # (name, port, protocol), and each (name, protocol) once per pod declaring it (policies'
+        # named ports resolve against them, `policy.namedports`; on ingress every pod must
+        # declare the name, so a pod without it counts too).
         self._named_declared: dict[int, Counter[tuple[str, int, str]]] = {}
+        self._named_pods: dict[int, Counter[tuple[str, str]]] = {}
         # CIDR identities (Cilium's): each prefix a policy's CIDR selector names (its `except`s
         # too) has a local identity labelled `cidr:<prefix>` in the ipcache, so that an address
         # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
@@ -1224,20 +1227,26 @@ class AgentCore:
                 pass
 
     def _count_named_ports(self, ident: int, pod: Pod, sign: int) -> None:
-        """A pod of `ident` came (+1) or went (-1): when the set of named ports the identity's
-        pods declare changes, the resolver re-resolves the named ports that depend on it."""
-        if not pod.named_ports:
+        """A pod of `ident` came (+1) or went (-1) (`_identity_pods` already says so): when what
+        the identity's pods declare changes, the resolver re-resolves the named ports that
+        depend on it. O(the pod's ports + the identity's distinct names)."""
+        if not pod.named_ports and ident not in self._named_declared:
             return
         counts = self._named_declared.setdefault(ident, Counter())
-        before = set(counts)
+        per_pod = self._named_pods.setdefault(ident, Counter())
         for decl in pod.named_ports:
             counts[decl] += sign
-            if counts[decl] <= 0:
-                del counts[decl]
+        for key in {(name, proto) for name, _, proto in pod.named_ports}:
+            per_pod[key] += sign
+        for c in (counts, per_pod):
+            for k in [k for k, n in c.items() if n <= 0]:
+                del c[k]
+        pods = len(self._identity_pods.get(ident, ()))
+        ports = NamedPorts.of(counts, [k for k, n in per_pod.items() if n < pods])
         if not counts:
             del self._named_declared[ident]
-        if set(counts) != before:
-            self._feed(self.resolver.update_named_ports({ident: NamedPorts.of(counts)}))
+            del self._named_pods[ident]
+        self._feed(self.resolver.update_named_ports({ident: ports}))  # nothing if unchanged
 
     def _feed(self, delta: PolicyDelta) -> None:
         self.publisher.on_policy_delta(delta)

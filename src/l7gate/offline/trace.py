@@ -217,8 +217,10 @@ def run_trace(req: TraceRequest) -> TraceResult:
         # Allocate every pod first so identity numbers do not depend on the --from/--to order;
         # the named ports of each identity are those all its pods declare, as the agent sees them.
         declared: dict[int, dict[str, dict[tuple[int, str], list[str]]]] = {}
+        pods_of: dict[int, list[Pod]] = {}
         for p in sorted(pods, key=lambda p: (p.cluster, p.namespace, p.name)):
             who = party(f"{p.cluster}/{p.namespace}/{p.name}")
+            pods_of.setdefault(who.identity, []).append(p)
             by_name = declared.setdefault(who.identity, {})
             for name, number, proto in p.named_ports:
                 by_name.setdefault(name, {}).setdefault((number, proto), []).append(who.ref)
@@ -227,7 +229,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
             if not who.peer.managed:
                 return who
             mine = declared.get(who.identity, {})
-            ports = NamedPorts.of((n, num, proto) for n, by in mine.items() for num, proto in by)
+            ports = NamedPorts.of_pods(p.named_ports for p in pods_of.get(who.identity, ()))
             return dataclasses.replace(
                 who, peer=dataclasses.replace(who.peer, named_ports=ports),
                 declared={n: {k: tuple(v) for k, v in by.items()} for n, by in mine.items()})

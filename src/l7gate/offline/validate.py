@@ -290,13 +290,15 @@ def check_named_ports(manifests: Iterable[Manifest], report: ValidationReport, *
                         if not isinstance(pp, NamedPort):
                             continue
                         path = _port_path(m.obj, pr.origin.path, pp)
-                        for code, message in _named_port_findings(pp, dests, chosen):
+                        for code, message in _named_port_findings(pp, dests, chosen,
+                                                                  pr.direction is Direction.INGRESS):
                             if (path, message) not in seen:
                                 seen.add((path, message))
                                 report.items.append(Item(m.source, m.line, policy.key, "warning", path, message, code))
 
 
-def _named_port_findings(port: NamedPort, dests: list[tuple[Pod, Labels]], chosen: str) -> list[tuple[str, str]]:
+def _named_port_findings(port: NamedPort, dests: list[tuple[Pod, Labels]], chosen: str,
+                         ingress: bool) -> list[tuple[str, str]]:
     protos = [p for p in CONCRETE if port.protocol.covers(p)]
     declaring = [(pod, lab, proto, n) for pod, lab in dests for name, n, proto in pod.named_ports
                  if name == port.name and proto in {p.value for p in protos}]
@@ -315,11 +317,20 @@ def _named_port_findings(port: NamedPort, dests: list[tuple[Pod, Labels]], chose
     by_identity: dict[tuple[Labels, str], dict[int, list[str]]] = {}
     for pod, lab, proto, n in declaring:
         by_identity.setdefault((lab, proto), {}).setdefault(n, []).append(pod.ref)
-    for (_, proto), numbers in sorted(by_identity.items(), key=lambda kv: sorted(kv[1].items())):
+    for (lab, proto), numbers in sorted(by_identity.items(), key=lambda kv: sorted(kv[1].items())):
         if len(numbers) > 1:
             detail = "; ".join(f"{n} by {', '.join(sorted(refs))}" for n, refs in sorted(numbers.items()))
             out.append(("named-port-conflict",
                         f"port name {port.name!r} ({proto}) is declared with different numbers by pods with the "
                         f"same labels (one identity): {detail}. l7gate keeps one policy per identity, so the name "
                         f"selects nothing for them: give the pods one number, or name the port by number"))
+            continue
+        without = sorted(pod.ref for pod, other in dests if other == lab and not any(
+            name == port.name and p == proto for name, _, p in pod.named_ports))
+        if ingress and without:
+            declaring_refs = sorted(r for refs in numbers.values() for r in refs)
+            out.append(("named-port-conflict",
+                        f"port name {port.name!r} ({proto}) is declared by {', '.join(declaring_refs)} but not by "
+                        f"{', '.join(without)}, pods with the same labels (one identity). l7gate keeps one policy per "
+                        f"identity, and on ingress a name must be every pod's: it selects nothing for them"))
     return out

@@ -11,8 +11,8 @@ tested against, so it is written to be read next to Cilium's documentation:
      an empty rule `{}` matches nothing) and one of its ports covers the flow's port/protocol.
      A named port (`port: http`) is a container port of the flow's destination (the endpoint
      itself on ingress, the peer on egress): it covers the port its pods declare under that
-     name for the flow's protocol, and nothing when they declare none or disagree
-     (`namedports`).
+     name for the flow's protocol, and nothing when they declare none or disagree, or, on
+     ingress, when some pods of the identity do not declare it (`namedports`).
   4. Deny wins over allow: any matching deny rule drops the flow at L3/L4.
   5. No matching allow rule → dropped if the direction is default-deny, allowed otherwise.
   6. Allows are a union. If any matching allow requires authentication (the strongest mode
@@ -110,11 +110,11 @@ class _Side:
     auth_required: bool = False
 
 
-def _covers(pr: PortRule, port: int, protocol: Protocol, destination: NamedPorts) -> bool:
+def _covers(pr: PortRule, port: int, protocol: Protocol, destination: NamedPorts, every_pod: bool) -> bool:
     for pp in pr.ports:
         if isinstance(pp, NamedPort):
             # "a named port is the destination's container port of that name"
-            if pp.protocol.covers(protocol) and destination.number(pp.name, protocol) == port:
+            if pp.protocol.covers(protocol) and destination.number(pp.name, protocol, every_pod=every_pod) == port:
                 return True
         elif pp.covers(port, protocol):
             return True
@@ -139,6 +139,7 @@ def _evaluate_direction(
     default_deny = any(r.default_deny(direction) for r in selecting)
 
     matched: list[tuple[PeerRule, PortRule]] = []
+    ingress = direction is Direction.INGRESS  # a named port must then be every pod's of the identity
     named: dict[str, list[str]] = {}  # what each named port of a rule that selects the peer is
     for rule in selecting:
         for pr in rule.rules:
@@ -149,9 +150,9 @@ def _evaluate_direction(
             for port_rule in pr.effective_port_rules:
                 for pp in port_rule.ports:
                     if isinstance(pp, NamedPort) and pp.protocol.covers(flow.protocol):
-                        named.setdefault(flow.destination.named_ports.explain(pp, flow.protocol), []).append(
-                            str(pr.origin))
-                if _covers(port_rule, flow.port, flow.protocol, flow.destination.named_ports):
+                        text = flow.destination.named_ports.explain(pp, flow.protocol, every_pod=ingress)
+                        named.setdefault(text, []).append(str(pr.origin))
+                if _covers(port_rule, flow.port, flow.protocol, flow.destination.named_ports, ingress):
                     matched.append((pr, port_rule))
     for text, origins in sorted(named.items()):
         side.reasons.append(f"{d}: on {_describe(flow.destination)}, {text} ({', '.join(sorted(set(origins)))})")

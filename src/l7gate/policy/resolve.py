@@ -30,7 +30,8 @@ Theory of operation (after Cilium's repository → selector policy → map state
    each peer's; an egress item without a peer selector is expanded over the identities whose
    pods declare the name. A change of an identity's named ports (`update_named_ports`) takes
    the keys of the named items that depend on it off with the old ports and puts them back
-   with the new ones, so every expansion is always made with the named ports in force.
+   with the new ones, so every expansion is always made with the named ports in force. On
+   ingress a name must be declared by every pod of the identity (`namedports`).
 
 Every change returns a `PolicyDelta` (per endpoint and direction: keys upserted, keys deleted),
 which is what incremental appliers (BPF maps, xDS) consume. The map state's types and the
@@ -538,7 +539,7 @@ class Resolver:
             found = self.named_ports.get(owner)
             if found is None:
                 return out
-            resolved = found.resolve(port)
+            resolved = found.resolve(port, every_pod=True)  # every pod of the endpoint's identity
             for peer in peers:
                 out.extend(MapKey(peer, proto, PortRange(n, n)) for proto, n in resolved)
             return out

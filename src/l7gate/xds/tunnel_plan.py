@@ -108,7 +108,8 @@ def _auth_ingress_candidates(
                             if not pp.protocol.covers(L4Protocol.TCP):
                                 continue
                             if isinstance(pp, NamedPort):  # the destination's port of that name
-                                n = named_ports.get(d.identity, NO_NAMED_PORTS).number(pp.name, L4Protocol.TCP)
+                                n = named_ports.get(d.identity, NO_NAMED_PORTS).number(
+                                    pp.name, L4Protocol.TCP, every_pod=True)  # d's ingress
                                 if n is not None:
                                     ports.add(n)
                             elif pp.ports.lo == pp.ports.hi:
