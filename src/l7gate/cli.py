@@ -24,7 +24,7 @@ from .offline.trace import TraceError, TraceRequest, format_trace_text, load_fqd
 from .offline.validate import validate_paths
 from .k8s.manifests import Manifest, kind_problem, load, object_name
 from .policy.icmp import ICMPTypeError, parse_icmp_type
-from .policy.names import label_problem
+from .policy.names import label_problem, port_name_problem
 from .policy.parse import POLICY_KINDS
 
 EXIT_OK = 0
@@ -98,7 +98,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
                         "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")
     what = t.add_mutually_exclusive_group(required=True)
-    what.add_argument("--port", type=_port, metavar="N", help="destination port (TCP, UDP, SCTP)")
+    what.add_argument("--port", type=_port_or_name, metavar="N|NAME",
+                      help="destination port (TCP, UDP, SCTP): a number, or the name of one of the "
+                           "destination pod's container ports")
     what.add_argument("--icmp-type", type=_icmp_type, metavar="TYPE",
                       help="an ICMP message of this type, a number 0-255 or Cilium's name (8 or EchoRequest); "
                            "the protocol is then ICMP")
@@ -373,6 +375,15 @@ def _icmp_type(value: str) -> int:
         return parse_icmp_type(value)
     except ICMPTypeError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port_or_name(value: str) -> int | str:
+    if value.isascii() and value.isdigit():
+        return _port(value)
+    problem = port_name_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"not a port number or a port name: {value!r} ({problem})")
+    return value
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -36,13 +36,16 @@ def seed_policies() -> list[dict[str, Any]]:
     return docs
 
 
-def pod(name: str, ns: str, ip: str, labels: dict[str, str], cluster: str, ports: tuple[int, ...] = ()) -> dict[str, Any]:
+def pod(name: str, ns: str, ip: str, labels: dict[str, str], cluster: str, ports: tuple[int, ...] = (),
+        names: dict[int, str] | None = None) -> dict[str, Any]:
+    """`names`: container port number → its name (named ports)."""
+    declared = [{"containerPort": p, **({"name": names[p]} if names and p in names else {})} for p in ports]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": labels,
                      "annotations": {"l7gate.io/cluster": cluster}},
-        "spec": {"containers": [{"name": "app", "ports": [{"containerPort": p} for p in ports]}]},
+        "spec": {"containers": [{"name": "app", "ports": declared}]},
         "status": {"podIP": ip},
     }
 
@@ -208,8 +211,9 @@ class World:
 
 @contextmanager
 def loopback_world(tmp: Path, subnet: int, **config: Any) -> Iterator[World]:
-    """An agent for cluster-a with billing (2 pods) on 127.<subnet>.1.10/11 and frontend /
-    reporting-job (cluster-b) on 127.<subnet>.2.55 / .60. `config` overrides AgentConfig fields."""
+    """An agent for cluster-a with billing (2 pods, port 8080 named `http`) on 127.<subnet>.1.10/11
+    and frontend / reporting-job (cluster-b) on 127.<subnet>.2.55 / .60. `config` overrides
+    AgentConfig fields."""
     cfg = AgentConfig(
         node="node-a1",
         cluster_name="cluster-a",
@@ -235,8 +239,8 @@ def loopback_world(tmp: Path, subnet: int, **config: Any) -> Iterator[World]:
             world.serve(ip, 8080, f"billing-{i}")
         agent.core.apply(
             [
-                pod("billing-service-xyz", "payments", f"127.{s}.1.10", billing, "cluster-a", (8080,)),
-                pod("billing-service-k2m4p", "payments", f"127.{s}.1.11", billing, "cluster-a", (8080,)),
+                pod("billing-service-xyz", "payments", f"127.{s}.1.10", billing, "cluster-a", (8080,), {8080: "http"}),
+                pod("billing-service-k2m4p", "payments", f"127.{s}.1.11", billing, "cluster-a", (8080,), {8080: "http"}),
                 pod("frontend-service-abc", "web", f"127.{s}.2.55", frontend, "cluster-b"),
                 pod("reporting-job-q7x", "web", f"127.{s}.2.60", other, "cluster-b"),
             ]

@@ -8,7 +8,9 @@ curl with prior knowledge: the generated method and path become :method and :pat
 upstream speaks HTTP/1.1 only, and Envoy forwards h2c as h2c, so an allowed HTTP/2 request
 reaches the upstream and fails there (502/503 "upstream … protocol error"): that answer is
 "allowed", an RBAC 403 or a normalizer 400 is Envoy's verdict as for HTTP/1.1.
-Failing examples are replayed from tests/corpus/envoy/ forever.
+Rules name billing's port 8080 by number or by its container port name (`http`), or name a
+port billing does not declare (`grpc`: no effect). Failing examples are replayed from
+tests/corpus/envoy/ forever.
 """
 
 from __future__ import annotations
@@ -58,11 +60,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 http_rule = st.fixed_dictionaries({}, optional={"method": st.sampled_from(METHOD_RES), "path": st.sampled_from(PATH_RES)})
+# billing's port 8080 by number or by name, and a name billing does not declare
+PORT_8080 = st.sampled_from(["8080", "8080", "http", "HTTP"])
 port_rule = st.one_of(
-    st.just({"ports": [{"port": "8080", "protocol": "TCP"}]}),  # L4 only
-    st.lists(http_rule, min_size=1, max_size=3).map(
-        lambda rules: {"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"http": rules}}),
+    PORT_8080.map(lambda p: {"ports": [{"port": p, "protocol": "TCP"}]}),  # L4 only
+    st.tuples(PORT_8080, st.lists(http_rule, min_size=1, max_size=3)).map(
+        lambda pr: {"ports": [{"port": pr[0], "protocol": "TCP"}], "rules": {"http": pr[1]}}),
     st.just({"ports": [{"port": "9999", "protocol": "TCP"}]}),  # another port: no effect on 8080
+    st.just({"ports": [{"port": "grpc", "protocol": "TCP"}]}),  # a name billing does not declare
 )
 ingress_rule = st.fixed_dictionaries(
     {"fromEndpoints": st.lists(st.sampled_from(sorted(PEERS)), min_size=1, max_size=2, unique=True)
@@ -72,7 +77,7 @@ ingress_rule = st.fixed_dictionaries(
 )
 deny_rule = st.fixed_dictionaries(
     {"fromEndpoints": st.sampled_from(sorted(PEERS)).map(lambda n: [PEERS[n]]),
-     "toPorts": st.just([{"ports": [{"port": "8080", "protocol": "TCP"}]}])})
+     "toPorts": PORT_8080.map(lambda p: [{"ports": [{"port": p, "protocol": "TCP"}]}])})
 spec = st.fixed_dictionaries(
     {"endpointSelector": st.just({"matchLabels": {"app": "billing-service"}})},
     optional={"ingress": st.lists(ingress_rule, min_size=0, max_size=3),
@@ -116,7 +121,9 @@ def expected_status(world: World, docs: list[dict[str, Any]], src: str, method: 
     ids = core.resolver.identities
     src_id = core.ipcache.lookup(SOURCES[src].replace(f"127.{S}.", f"127.{subnet}.", 1))
     dst_id = core.ipcache.lookup(BILLING.replace(f"127.{S}.", f"127.{subnet}.", 1))
-    flow = Flow(peer_for(ids, src_id), Peer(dst_id, ids[dst_id], True), 8080, Protocol.TCP,
+    named = core.resolver.named_ports.get(dst_id)
+    assert named is not None and named.number("http", Protocol.TCP) == 8080  # what the agent was told
+    flow = Flow(peer_for(ids, src_id), Peer(dst_id, ids[dst_id], True, named_ports=named), 8080, Protocol.TCP,
                 HTTPRequest(method, path, "billing-service.payments"))
     # Loopback mode: every request goes through Envoy's HTTP connection manager, which refuses
     # a path it will not normalize before any policy runs (in kernel mode only redirected ports

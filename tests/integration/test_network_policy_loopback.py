@@ -129,9 +129,9 @@ def test_an_invalid_network_policy_is_refused_naming_the_field(
         world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = json.loads(json.dumps(NETWORK_POLICY))
     bad["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "10.0.0.0/33"}})
-    bad["spec"]["ingress"][0]["ports"][0]["port"] = "http"
+    bad["spec"]["ingress"][0]["ports"][0]["port"] = "http_alt"
     rc, _, err = cli(world, capsys, "policy", "apply", "-f", write(tmp_path / "bad.yaml", bad))
     assert rc == 1
     assert "spec.ingress[0].from[1].ipBlock.cidr" in err and "invalid CIDR" in err
-    assert "spec.ingress[0].ports[0].port" in err and "named ports are not supported by l7gate yet" in err
+    assert "spec.ingress[0].ports[0].port" in err and "'_' is not allowed" in err
     assert KEY not in world.core.documents("NetworkPolicy")

@@ -6,10 +6,13 @@ the bottom turn those JSON values into the engine's types (`Labels`, `HTTPReques
 
 Shapes (also the corpus formats):
 
-- universe: ``{"identities": {"<id>": {label: value}}, "endpoints": [<id>, ...]}``
+- universe: ``{"identities": {"<id>": {label: value}}, "endpoints": [<id>, ...],
+  "named_ports": {"<id>": [[[name, containerPort, protocol], ...], ...]}}``
   Identity numbers follow Cilium: 1 host, 2 world, 3 unmanaged, 4 health, 5 init,
   6 remote-node, 7 kube-apiserver, 8 ingress, 9/10 world-ipv4/-ipv6; pods from 1001; CIDR
-  identities (`cidr:<prefix>` + `reserved:world`) from 2**24.
+  identities (`cidr:<prefix>` + `reserved:world`) from 2**24. `named_ports` (optional) are the
+  named container ports of each pod of a pod identity, pod by pod (pods of one identity may
+  disagree on a name's number, or not all declare it).
 - policy document: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy as loaded from YAML.
   Most parse; a few are invalid on purpose (both selectors, L7 in a deny rule, UDP with HTTP
   rules, bad regex, unknown entity, ...), so callers must discard what the parser rejects.
@@ -35,6 +38,7 @@ from hypothesis import strategies as st
 
 from l7gate.policy.evaluate import Flow, Peer
 from l7gate.policy.labels import CLUSTER_KEY, NAMESPACE_KEY, Labels
+from l7gate.policy.namedports import NO_NAMED_PORTS, NamedPorts
 from l7gate.policy.types import HTTPRequest, Protocol
 
 T = TypeVar("T")
@@ -93,6 +97,13 @@ CIDRS = (
     "2001:db8::/32", "::/0",
 )
 PORTS: tuple[str | int, ...] = ("80", "8080", "9090", "443", "53", "0", 80, 8080)
+# Container port names pods declare (with the numbers they declare them with), and the names
+# rules use: those, one in capitals (Cilium lowers it) and one no pod declares.
+CONTAINER_PORTS: tuple[tuple[str, int, str], ...] = (
+    ("http", 8080, "TCP"), ("http", 80, "TCP"), ("metrics", 9090, "TCP"), ("dns", 53, "UDP"),
+    ("dns", 53, "TCP"), ("admin", 9100, "TCP"), ("http", 8080, "UDP"),
+)
+PORT_NAMES = ("http", "http", "metrics", "dns", "admin", "HTTP", "nope")
 END_PORTS = (0, 8081, 9100, 65535)
 PROTOCOLS = ("TCP", "UDP", "ANY", "SCTP")
 METHOD_RES = ("GET", "POST", "POST|PUT", "GET|HEAD", "DELETE", "GET", "POST", ".*")
@@ -204,7 +215,31 @@ def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5) -> dict[
         identities[str(ident)] = draw(pod_labels())
     candidates = list(pods) + ([HOST_ID] if str(HOST_ID) in identities else [])
     endpoints = draw(st.sets(st.sampled_from(candidates), min_size=1))
-    return {"identities": identities, "endpoints": sorted(endpoints)}
+    named: dict[str, list[list[list[Any]]]] = {}
+    for ident in pods:
+        declared = draw(container_ports())
+        if any(declared):
+            named[str(ident)] = declared
+    return {"identities": identities, "endpoints": sorted(endpoints), "named_ports": named}
+
+
+@st.composite
+def container_ports(draw: st.DrawFn) -> list[list[list[Any]]]:
+    """The named container ports of one identity's pods, pod by pod: mostly one or two pods
+    declaring the same; sometimes none, two pods that disagree (http as 8080 and 80), or a
+    second pod without them."""
+    kind = weighted(draw, [(2, "none"), (4, "one"), (3, "same"), (1, "conflict"), (1, "partial")])
+    if kind == "none":
+        return []
+    chosen = [list(c) for c in sorted(draw(st.sets(st.sampled_from(CONTAINER_PORTS), min_size=1, max_size=3)))]
+    if kind == "one":
+        return [chosen]
+    if kind == "same":
+        return [chosen, copy.deepcopy(chosen)]
+    if kind == "partial":
+        return [chosen, []]
+    other = [c for c in chosen if c[0] != "http"]
+    return [[*other, ["http", 8080, "TCP"]], [*other, ["http", 80, "TCP"]]]
 
 
 # -- selectors ----------------------------------------------------------------------------------
@@ -254,6 +289,13 @@ def label_selectors(
 
 @st.composite
 def port_protocols(draw: st.DrawFn) -> dict[str, Any]:
+    if weighted(draw, [(3, False), (1, True)]):
+        named: dict[str, Any] = {"port": draw(st.sampled_from(PORT_NAMES))}
+        if weighted(draw, [(30, False), (1, True)]):
+            named["endPort"] = 9100  # invalid with a named port
+        if draw(st.booleans()):
+            named["protocol"] = weighted(draw, [(4, "TCP"), (2, "UDP"), (2, "ANY"), (1, "SCTP")])
+        return named
     entry: dict[str, Any] = {"port": draw(st.sampled_from(PORTS))}
     if weighted(draw, [(4, False), (1, True)]):
         end = draw(st.sampled_from(END_PORTS))
@@ -299,7 +341,7 @@ def port_rules(draw: st.DrawFn, *, deny: bool) -> dict[str, Any]:
         return {}
     if kind == "l4":
         return {"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}
-    port: dict[str, Any] = {"port": weighted(draw, [(2, "8080"), (2, 8080), (1, "80")])}
+    port: dict[str, Any] = {"port": weighted(draw, [(2, "8080"), (2, 8080), (1, "80"), (3, "http"), (1, "metrics")])}
     # Cilium refuses HTTP rules on anything but TCP (ANY, left out, UDP): those stay rare
     proto = weighted(draw, [(1, None), (40, "TCP"), (1, "ANY"), (1, "UDP")])
     if proto is not None:
@@ -490,14 +532,21 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
     http = None
     if protocol == "TCP" and weighted(draw, [(1, False), (3, True)]):
         http = draw(http_requests())
+    src, dst = party(), party()
     if protocol == "ICMP":
         port = draw(st.sampled_from(FLOW_ICMP_TYPES))  # the ICMP type
     else:
-        # Mostly the ports HTTP rules are generated on.
-        port = weighted(draw, [(6, 8080), (2, 80), (2, draw(st.sampled_from(FLOW_PORTS)))])
+        # Mostly the ports HTTP rules are generated on; often a named port the destination declares.
+        declared = [d for pod in universe.get("named_ports", {}).get(str(dst), []) for d in pod]
+        port = weighted(draw, [(6, 8080), (2, 80), (2, draw(st.sampled_from(FLOW_PORTS))), (4 if declared else 0, -1)])
+        if port == -1:
+            _, port, proto = draw(st.sampled_from(declared))
+            protocol = weighted(draw, [(4, proto), (1, "TCP")])
+            if protocol != "TCP":
+                http = None
     return {
-        "src": party(),
-        "dst": party(),
+        "src": src,
+        "dst": dst,
         "port": port,
         "protocol": protocol,
         "http": http,
@@ -540,7 +589,13 @@ IDENTITY_POOL = (HOST_ID, WORLD_ID, 7, *POD_IDS[:6], CIDR_ID_BASE, CIDR_ID_BASE 
 def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """One resolver operation, as JSON. Ids come from a small pool so operations collide."""
     op = weighted(draw, [(4, "identities"), (3, "add_endpoint"), (1, "remove_endpoint"),
-                         (4, "upsert_policy"), (1, "delete_policy"), (1, "recompute_all")])
+                         (4, "upsert_policy"), (1, "delete_policy"), (1, "recompute_all"),
+                         (3, "named_ports")])
+    if op == "named_ports":
+        # A pod of the identity came, went or changed its container ports: the ports all its pods
+        # declare now.
+        changed = draw(st.sets(st.sampled_from(POD_IDS[:6]), min_size=1, max_size=2))
+        return {"op": op, "named_ports": {str(i): draw(container_ports()) for i in sorted(changed)}}
     if op == "identities":
         upserted: dict[str, dict[str, str]] = {}
         for ident in draw(st.sets(st.sampled_from(IDENTITY_POOL), max_size=2)):
@@ -567,6 +622,8 @@ def op_sequences(draw: st.DrawFn) -> dict[str, Any]:
         "upserted": universe["identities"],
         "deleted": [],
     }]
+    if universe["named_ports"]:
+        setup.append({"op": "named_ports", "named_ports": universe["named_ports"]})
     setup += [{"op": "upsert_policy", "doc": d} for d in draw(st.lists(policy_docs(hints=hints), max_size=3))]
     setup += [{"op": "add_endpoint", "id": e} for e in universe["endpoints"]]
     return {
@@ -656,6 +713,12 @@ def identities_of(universe: Mapping[str, Any]) -> dict[int, Labels]:
     return {int(i): Labels.of(lab) for i, lab in universe["identities"].items()}
 
 
+def named_ports_of(universe: Mapping[str, Any]) -> dict[int, NamedPorts]:
+    """The universe's named container ports per identity (none: `{}`)."""
+    return {int(i): NamedPorts.of_pods([(n, p, proto) for n, p, proto in pod] for pod in pods)
+            for i, pods in universe.get("named_ports", {}).items()}
+
+
 def request_of(http: Mapping[str, Any] | None) -> HTTPRequest | None:
     if http is None:
         return None
@@ -673,11 +736,14 @@ def flow_of(
     *,
     source_managed: bool,
     destination_managed: bool,
+    named_ports: Mapping[int, NamedPorts] | None = None,
 ) -> Flow:
     src, dst = flow["src"], flow["dst"]
+    named = named_ports or {}
     return Flow(
-        source=Peer(src, identities[src], managed=source_managed),
-        destination=Peer(dst, identities[dst], managed=destination_managed),
+        source=Peer(src, identities[src], managed=source_managed, named_ports=named.get(src, NO_NAMED_PORTS)),
+        destination=Peer(dst, identities[dst], managed=destination_managed,
+                         named_ports=named.get(dst, NO_NAMED_PORTS)),
         port=flow["port"],
         protocol=Protocol(flow["protocol"]),
         http=request_of(flow.get("http")),

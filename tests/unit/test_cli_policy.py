@@ -318,7 +318,8 @@ def test_trace_from_world_and_headers(capsys: pytest.CaptureFixture[str]) -> Non
         (("--from", "web/nope", "--to", BILLING, "--port", "80"), "no pod 'web/nope'"),
         (("--from", "a/b/c/d", "--to", BILLING, "--port", "80"), "expected [CLUSTER/]NAMESPACE/POD"),
         (("--from", FRONTEND, "--to", BILLING, "--port", "0"), "out of range"),
-        (("--from", FRONTEND, "--to", BILLING, "--port", "x"), "not a port number"),
+        (("--from", FRONTEND, "--to", BILLING, "--port", "x_"), "not a port number or a port name"),
+        (("--from", FRONTEND, "--to", BILLING, "--port", "http"), "declares no container port named 'http' for TCP"),
         (("--from", FRONTEND, "--to", BILLING, "--port", "80", "--header", "novalue"), "expected NAME:VALUE"),
         (("--from", FRONTEND, "--to", BILLING), "--port"),
     ],
@@ -356,3 +357,115 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "l7gate"
     proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stdout.startswith("l7gate ")
+
+
+# -- named ports (examples/named-ports) ------------------------------------------------------------
+
+NAMED = ROOT / "examples" / "named-ports"
+WEB, MONITORING = "web/web-5d8", "web/monitoring-1"
+SHOP, DB, CACHE = "shop/shop-api-7f9c", "shop/db-0", "shop/cache-0"
+
+
+def named_trace(capsys: pytest.CaptureFixture[str], src: str, dst: str, *extra: str,
+                folder: Path = NAMED) -> dict[str, Any]:
+    rc, out, err = run(capsys, "policy", "trace", "-f", str(folder), "--from", src, "--to", dst, *extra, "-o", "json")
+    assert rc == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@pytest.mark.parametrize(
+    "src, dst, extra, verdict, layer, port",
+    [
+        # ingress: the port named http of shop-api (8080), HTTP rules on it
+        (WEB, SHOP, ("--port", "http", "--method", "GET", "--path", "/v1/items"), "allowed", None, 8080),
+        (WEB, SHOP, ("--port", "8080", "--method", "POST", "--path", "/v1/items"), "denied", "l7", 8080),
+        (WEB, SHOP, ("--port", "metrics"), "denied", "l3l4", 9090),  # metrics is for monitoring
+        (MONITORING, SHOP, ("--port", "9090"), "allowed", None, 9090),
+        (MONITORING, SHOP, ("--port", "8080"), "denied", "l3l4", 8080),
+        # egress: the port named postgres of the peer (db declares 5432; cache declares no such name)
+        (SHOP, DB, ("--port", "postgres"), "allowed", None, 5432),
+        (SHOP, DB, ("--port", "5433"), "denied", "l3l4", 5433),
+        (SHOP, CACHE, ("--port", "6379"), "denied", "l3l4", 6379),
+        (SHOP, DB, ("--port", "postgres", "--protocol", "UDP"), "usage", None, 0),  # declared for TCP only
+    ],
+)
+def test_trace_named_ports_table(capsys: pytest.CaptureFixture[str], src: str, dst: str, extra: tuple[str, ...],
+                                 verdict: str, layer: str | None, port: int) -> None:
+    if verdict == "usage":
+        rc, _, err = run(capsys, "policy", "trace", "-f", str(NAMED), "--from", src, "--to", dst, *extra)
+        assert rc == 2 and "declares no container port named 'postgres' for UDP" in err, err
+        return
+    d = named_trace(capsys, src, dst, *extra)
+    assert (d["verdict"], d["layer"], d["port"]) == (verdict, layer, port), d["reasons"]
+    named_rule_seen = [r for r in d["reasons"] if "port name" in r]
+    if verdict == "allowed":
+        assert named_rule_seen, d["reasons"]  # the verdict says what the name resolved to
+    if extra[1].isalpha():
+        assert d["port_name"] == extra[1]
+
+
+def test_trace_says_which_pods_declare_the_named_port(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "policy", "trace", "-f", str(NAMED), "--from", WEB, "--to", SHOP,
+                     "--port", "http", "--method", "GET", "--path", "/v1/items")
+    assert rc == 0
+    assert "on 8080/TCP (port 'http' of default/shop/shop-api-7f9c)" in out
+    assert "http=8080/TCP (default/shop/shop-api-7f9c, default/shop/shop-api-x2b4)" in out
+    assert "port name 'http' is 8080/TCP (CiliumNetworkPolicy/shop/shop-api-ingress spec.ingress[0])" in out
+    d = named_trace(capsys, WEB, SHOP, "--port", "http")
+    assert {"name": "http", "port": 8080, "protocol": "TCP",
+            "pods": ["default/shop/shop-api-7f9c", "default/shop/shop-api-x2b4"]} in d["to"]["named_ports"]
+
+
+def test_trace_a_named_port_the_pods_of_one_identity_disagree_on_selects_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(NAMED, tmp_path, dirs_exist_ok=True)
+    pods = tmp_path / "pods.yaml"
+    # The second replica moved http to 8081 (a rollout in progress): the same identity, two numbers.
+    text = pods.read_text()
+    second = text.index("name: shop-api-x2b4")
+    pods.write_text(text[:second] + text[second:].replace("containerPort: 8080", "containerPort: 8081", 1))
+    d = named_trace(capsys, WEB, SHOP, "--port", "http", "--method", "GET", "--path", "/v1/items", folder=tmp_path)
+    assert (d["verdict"], d["layer"], d["port"]) == ("denied", "l3l4", 8080), d["reasons"]
+    assert any("declared as 8080, 8081 for TCP by pods of one identity: it selects nothing" in r for r in d["reasons"])
+    rc, out, _ = run(capsys, "policy", "validate", str(tmp_path))
+    assert rc == 0
+    assert ("spec.ingress[0].toPorts[0].ports[0].port: warning: port name 'http' (TCP) is declared with different "
+            "numbers by pods with the same labels (one identity): 8080 by default/shop/shop-api-7f9c; 8081 by "
+            "default/shop/shop-api-x2b4") in out, out
+
+
+def test_trace_a_named_port_only_some_pods_of_one_identity_declare_selects_nothing_on_ingress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(NAMED, tmp_path, dirs_exist_ok=True)
+    pods = tmp_path / "pods.yaml"
+    text = pods.read_text()
+    second = text.index("name: shop-api-x2b4")
+    pods.write_text(text[:second] + text[second:].replace("- name: http\n", "- name: web\n", 1))
+    d = named_trace(capsys, WEB, SHOP, "--port", "http", "--method", "GET", "--path", "/v1/items", folder=tmp_path)
+    assert (d["verdict"], d["layer"]) == ("denied", "l3l4"), d["reasons"]
+    assert any("declared for TCP by some pods of the identity only" in r for r in d["reasons"]), d["reasons"]
+    rc, out, _ = run(capsys, "policy", "validate", str(tmp_path))
+    assert rc == 0 and ("warning: port name 'http' (TCP) is declared by default/shop/shop-api-7f9c but not by "
+                        "default/shop/shop-api-x2b4") in out, out
+
+
+def test_validate_warns_about_named_ports_no_pod_of_the_inventory_declares(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, err = run(capsys, "policy", "validate", str(NAMED))
+    assert rc == 0 and "0 warnings" in err, out + err
+    shutil.copytree(NAMED, tmp_path, dirs_exist_ok=True)
+    p = tmp_path / "policies.yaml"
+    p.write_text(p.read_text().replace("port: metrics", "port: metrcs").replace("port: postgres", "port: pg"))
+    rc, out, err = run(capsys, "policy", "validate", str(tmp_path))
+    assert rc == 0, out  # warnings: the policies are valid, they select nothing there
+    assert (f"{p}: CiliumNetworkPolicy/shop/shop-api-ingress: spec.ingress[1].toPorts[0].ports[0].port: warning: "
+            "port name 'metrcs' (TCP) is declared by none of the 2 pods the policy selects (they declare: "
+            "http/TCP, metrics/TCP)") in out, out
+    assert ("CiliumNetworkPolicy/shop/shop-api-egress: spec.egress[0].toPorts[0].ports[0].port: warning: port name "
+            "'pg' (TCP) is declared by none of the 1 pod the rule names as peers (they declare: postgres/TCP)") in out, out
+    rc, out, _ = run(capsys, "policy", "validate", str(p), "-o", "json")
+    assert rc == 0 and not json.loads(out)["warnings"]  # no pods given: no inventory, no check

@@ -7,6 +7,9 @@ share one template. After every operation of a generated sequence — mostly pol
 shared templates, new and deleted peers, endpoints added and removed, and batches of policies
 upserted as one change (`Resolver.upsert_policies`, what an apply of a file does) — this checks:
 
+Named container ports come and go too (a pod declares, drops or moves `http`), so that rules
+with named ports re-resolve on their endpoints (ingress) and peers (egress).
+
 - every endpoint's maps, default-deny and policies equal those of a resolver built from
   scratch on the same state;
 - the deltas, replayed from the maps before the sequence, give the maps after each step;
@@ -62,6 +65,7 @@ def shared_template_sequences(draw: st.DrawFn) -> dict[str, Any]:
     endpoints = sorted(draw(st.sets(st.sampled_from(PODS[:5]), min_size=3)))
     hints = list(SHARED_LABELS)
     setup: list[dict[str, Any]] = [{"op": "identities", "upserted": identities, "deleted": []}]
+    setup.append({"op": "named_ports", "named_ports": {str(i): draw(gen.container_ports()) for i in PODS}})
     setup += [{"op": "upsert_policy", "doc": d}
               for d in draw(st.lists(gen.policy_docs(hints=hints), min_size=1, max_size=3))]
     setup += [{"op": "add_endpoint", "id": e} for e in endpoints]
@@ -69,7 +73,7 @@ def shared_template_sequences(draw: st.DrawFn) -> dict[str, Any]:
     for _ in range(draw(st.integers(1, 12))):
         kind = gen.weighted(draw, [(8, "upsert_policy"), (3, "upsert_policies"), (3, "delete_policy"),
                                    (2, "relabel"), (1, "peer"), (1, "add_endpoint"),
-                                   (1, "remove_endpoint"), (1, "recompute_all")])
+                                   (1, "remove_endpoint"), (1, "recompute_all"), (2, "named_ports")])
         if kind == "upsert_policy":
             ops.append({"op": kind, "doc": draw(gen.policy_docs(hints=hints))})
         elif kind == "upsert_policies":
@@ -86,6 +90,9 @@ def shared_template_sequences(draw: st.DrawFn) -> dict[str, Any]:
                 ops.append({"op": "identities", "upserted": {str(ident): draw(_labels())}, "deleted": []})
             else:
                 ops.append({"op": "identities", "upserted": {}, "deleted": [ident]})
+        elif kind == "named_ports":
+            ident = draw(st.sampled_from(gen.POD_IDS[:8]))
+            ops.append({"op": kind, "named_ports": {str(ident): draw(gen.container_ports())}})
         elif kind in ("add_endpoint", "remove_endpoint"):
             ops.append({"op": kind, "id": draw(st.sampled_from(PODS))})
         else:
@@ -141,7 +148,8 @@ def check_sequence(case: dict[str, Any]) -> None:
                         f"but is not in the delta"
                     )
         assert applied == maps_of(r), f"op {i} ({op['op']}): delta replay differs from the maps"
-        fresh = snapshot(build_resolver(model.identities, model.endpoints, model.policies))
+        fresh = snapshot(build_resolver(model.identities, model.endpoints, model.policies,
+                                        named_ports=model.named_ports))
         assert after == fresh, f"op {i} ({op['op']}): incremental maps differ from a fresh resolver"
         check_invariants(r)
     assert r.recompute_all().empty

@@ -393,7 +393,8 @@ def _port(port: Any) -> dict[str, Any]:
         (_peer({"podSelector": {"matchLabels": {"app": "a b"}}}),
          "spec.ingress[0].from[1].podSelector.matchLabels.app", "label value"),
         (_peer({"serviceAccount": {}}), "spec.ingress[0].from[1].serviceAccount", "unknown field"),
-        (_port({"port": "http"}), "spec.ingress[0].ports[0].port", "named ports are not supported by l7gate yet"),
+        (_port({"port": "HTTP"}), "spec.ingress[0].ports[0].port", "'H' is not allowed (lowercase letters"),
+        (_port({"port": "http", "endPort": 90}), "spec.ingress[0].ports[0].endPort", "not the port name 'http'"),
         (_port({"port": "80"}), "spec.ingress[0].ports[0].port", "without quotes"),
         (_port({"port": "Not A Name"}), "spec.ingress[0].ports[0].port", "port name"),
         (_port({"port": 0}), "spec.ingress[0].ports[0].port", "out of range 1-65535"),
@@ -431,7 +432,7 @@ def test_bad_input_is_refused_with_its_field_path(doc: dict[str, Any], path: str
 
 
 def test_every_error_is_reported_at_once_and_the_resource_is_named() -> None:
-    doc = billing_ingress({"from": [{}], "ports": [{"port": "http"}, {"protocol": "ICMP"}]},
+    doc = billing_ingress({"from": [{}], "ports": [{"port": "http_"}, {"protocol": "ICMP"}]},
                           {"from": [{"ipBlock": {"cidr": "x"}}]})
     with pytest.raises(PolicyValidationError) as ei:
         parse(doc)
@@ -560,3 +561,40 @@ def test_policy_trace_of_an_egress_ip_block_to_addresses(files: Path, dst: str, 
     r = run_trace(TraceRequest((str(files),), "payments/billing-1", dst, port))
     assert r.verdict.verdict == verdict, r.verdict.reasons
     assert r.verdict.policies == ("NetworkPolicy/payments/billing-to-the-internet",)
+
+
+# -- named ports (upstream: the destination pod's container port of that name and protocol) --------
+
+
+def test_named_ports_resolve_on_the_destination_pods_as_upstream_says() -> None:
+    from l7gate.policy.namedports import NamedPorts
+    from l7gate.policy.types import NamedPort
+
+    ingress = billing_ingress({"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}, "namespaceSelector": {}}],
+                              "ports": [{"port": "http"}, {"port": "dns", "protocol": "UDP"}]})
+    assert set(parse(ingress).rules[0].rules[0].port_rules[0].ports) == {
+        NamedPort("http", Protocol.TCP), NamedPort("dns", Protocol.UDP)}  # TCP unless it says otherwise
+    billing_ports = NamedPorts.of([("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("admin", 9000, "TCP")])
+    rules = list(parse(ingress).rules)
+
+    def verdict(port: int, proto: str = "TCP", ports: NamedPorts = billing_ports) -> bool:
+        flow = Flow(Peer(1, FRONTEND, managed=False), Peer(2, BILLING, named_ports=ports), port, Protocol(proto))
+        return evaluate(rules, flow).allowed
+
+    assert verdict(8080) and verdict(5353, "UDP")
+    assert not verdict(80) and not verdict(9000) and not verdict(8080, "UDP") and not verdict(5353, "TCP")
+    assert not verdict(8080, ports=NamedPorts())  # a pod that does not declare it: nothing
+    # egress: the peer's port of that name; an ipBlock peer has no container ports
+    egress = knp({"podSelector": {"matchLabels": {"app": "frontend"}}, "policyTypes": ["Egress"],
+                  "egress": [{"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                              "ports": [{"port": "http"}]}]}, namespace="web")
+    erules = list(parse(egress).rules)
+    peer = pod("web", app="reports")
+
+    def out(port: int, ports: NamedPorts, labels: Labels = peer) -> bool:
+        flow = Flow(Peer(1, FRONTEND), Peer(2, labels, managed=False, named_ports=ports), port, Protocol.TCP)
+        return evaluate(erules, flow).allowed
+
+    assert out(8080, billing_ports) and not out(80, billing_ports)
+    assert out(8081, NamedPorts.of([("http", 8081, "TCP")]))  # each peer its own number
+    assert not out(8080, NamedPorts(), Labels.of({**cidr_labels("10.1.2.3/32")}))

@@ -1,10 +1,11 @@
 """Property tests for Kubernetes NetworkPolicy (CONVENTIONS.md 11, 12), in the style of
 `test_policy_properties.py`:
 
-1. Upstream model: on generated NetworkPolicies, pods (with their namespaces' labels), reserved
-   identities and addresses outside the cluster, the reference evaluator's verdict on the
-   translated rules equals that of a small, independent reading of the Kubernetes API docs
-   (`model_allows`), which works on the documents and on addresses, not on l7gate's types.
+1. Upstream model: on generated NetworkPolicies, pods (with their namespaces' labels and named
+   container ports), reserved identities and addresses outside the cluster, the reference
+   evaluator's verdict on the translated rules equals that of a small, independent reading of
+   the Kubernetes API docs (`model_allows`), which works on the documents and on addresses, not
+   on l7gate's types. Ports may be named (`port: http`: the destination pod's container port).
 2. Hand-written CNP: NetworkPolicies mixed with generated CiliumNetworkPolicies give the verdicts
    that the same CNPs with each NetworkPolicy written out by hand as a CiliumNetworkPolicy give
    (the union with CNPs, and CNP deny rules over NetworkPolicy allows, included).
@@ -32,6 +33,7 @@ from l7gate.identity.filter import identity_labels
 from l7gate.policy.errors import PolicyValidationError
 from l7gate.policy.evaluate import Flow, Peer, evaluate
 from l7gate.policy.labels import Labels
+from l7gate.policy.namedports import NamedPorts
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.types import Protocol, Rule
 from tests.unit import strategies as gen
@@ -57,6 +59,10 @@ RESERVED = {1: "host", 6: "remote-node", 7: "kube-apiserver"}
 FLOW_PORTS = (53, 80, 81, 443, 444, 8080, 8081, 9000, 9050, 9100, 32000, 32500, 32768, 32769, 65535)
 CIDR_ID_BASE = 1 << 24
 WORLD_ID = 2
+# A pod's named container ports, at most one number per (name, protocol) (one pod, as upstream
+# reads it); the names policies use, one of which no pod declares.
+CONTAINER_PORTS = tuple(sorted({(n, proto): (n, p, proto) for n, p, proto in gen.CONTAINER_PORTS}.values()))
+PORT_NAMES = ("http", "http", "http", "metrics", "dns", "admin", "nope")
 
 
 # -- generated NetworkPolicies -----------------------------------------------------------------------
@@ -122,7 +128,10 @@ def ports(draw: st.DrawFn) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     if draw(st.booleans()):
         entry["protocol"] = weighted(draw, [(4, "TCP"), (2, "UDP"), (1, "SCTP")])
-    kind = weighted(draw, [(3, "single"), (1, "every"), (3, "range")])
+    kind = weighted(draw, [(3, "single"), (1, "every"), (3, "range"), (3, "named")])
+    if kind == "named":
+        entry["port"] = draw(st.sampled_from(PORT_NAMES))
+        return entry
     if kind != "every":
         entry["port"] = draw(st.sampled_from((80, 443, 8080, 9000, 32000)))
     if kind == "range":
@@ -193,6 +202,11 @@ class Party:
     namespace: str | None = None
     pod_labels: Mapping[str, str] | None = None
     ip: str | None = None
+    named: tuple[tuple[str, int, str], ...] = ()  # a pod's named container ports
+
+    @property
+    def named_ports(self) -> NamedPorts:
+        return NamedPorts.of(self.named)
 
     @property
     def is_pod(self) -> bool:
@@ -213,8 +227,10 @@ def worlds(draw: st.DrawFn) -> dict[str, Any]:
     pods = []
     for _ in range(draw(st.integers(2, 6))):
         labels = {k: draw(st.sampled_from(v)) for k, v in POD_KEYS.items() if draw(st.booleans())}
+        declared = sorted(draw(st.sets(st.sampled_from(CONTAINER_PORTS), min_size=weighted(draw, [(1, 0), (3, 1)]),
+                                       max_size=3)))
         pods.append({"namespace": draw(st.sampled_from(NAMESPACES)), "cluster": draw(st.sampled_from(gen.CLUSTERS)),
-                     "labels": labels})
+                     "labels": labels, "ports": [list(d) for d in declared]})
     return {"namespaces": namespaces, "pods": pods}
 
 
@@ -229,7 +245,8 @@ def parties_of(world: Mapping[str, Any]) -> list[Party]:
     for i, p in enumerate(world["pods"]):
         labels = identity_labels(p["labels"], namespace=p["namespace"], cluster=p["cluster"],
                                  namespace_labels=world["namespaces"][p["namespace"]])
-        out.append(Party(1001 + i, labels, p["namespace"], p["labels"]))
+        named = tuple((n, port, proto) for n, port, proto in p.get("ports", []))
+        out.append(Party(1001 + i, labels, p["namespace"], p["labels"], named=named))
     for ident, name in RESERVED.items():
         out.append(Party(ident, Labels.of({f"reserved:{name}": ""})))
     for ip in ADDRESSES:
@@ -303,11 +320,18 @@ def peer_matches(peer: Mapping[str, Any], party: Party, policy_namespace: str,
     return "podSelector" not in peer or selector_matches(peer["podSelector"], party.pod_labels)
 
 
-def port_matches(entries: Sequence[Mapping[str, Any]] | None, port: int, protocol: str) -> bool:
+def port_matches(entries: Sequence[Mapping[str, Any]] | None, port: int, protocol: str, destination: Party) -> bool:
+    """A rule's ports cover (port, protocol) of a connection to `destination`: a named port is
+    the destination pod's container port of that name and protocol."""
     if not entries:
         return True
     for e in entries:
         if e.get("protocol", "TCP") != protocol:
+            continue
+        if isinstance(e.get("port"), str):
+            if any(n == e["port"] and proto == protocol and number == port for n, number, proto in destination.named):
+                event("a named port")
+                return True
             continue
         if "port" not in e or e["port"] <= port <= e.get("endPort", e["port"]):
             if "port" in e and port > e["port"]:
@@ -332,7 +356,7 @@ def model_direction(docs: Sequence[Mapping[str, Any]], direction: str, subject: 
             listed = rule.get(peer_field) or []
             if listed and not any(peer_matches(p, peer, d["metadata"]["namespace"], namespaces) for p in listed):
                 continue
-            if port_matches(rule.get("ports"), port, protocol):
+            if port_matches(rule.get("ports"), port, protocol, subject if direction == "Ingress" else peer):
                 return True
     return False
 
@@ -361,7 +385,7 @@ def test_network_policy_verdicts_follow_the_kubernetes_semantics(data: st.DataOb
     outside = [p for p in parties if p.ip is not None]
     # Ports the policies name (a range's ends and the port after it too) are the interesting ones.
     named = sorted({q for d in docs for field in ("ingress", "egress") for r in d["spec"].get(field) or []
-                    for e in r.get("ports") or [] if "port" in e
+                    for e in r.get("ports") or [] if isinstance(e.get("port"), int)
                     for q in (e["port"], e.get("endPort", e["port"]), e.get("endPort", e["port"]) + 1)})
     for _ in range(16):
         # Mostly a pod and another party, often an address outside the cluster (ipBlock peers).
@@ -369,13 +393,17 @@ def test_network_policy_verdicts_follow_the_kubernetes_semantics(data: st.DataOb
         pool = data.draw(st.sampled_from((outside, outside, outside, pods, pods, parties)))
         pod, other = data.draw(st.sampled_from(pods)), data.draw(st.sampled_from(pool))
         src, dst = (other, pod) if data.draw(st.booleans()) else (pod, other)
-        if named and data.draw(st.sampled_from((False, True, True))):
+        protocol = data.draw(st.sampled_from(("TCP",) * 6 + ("UDP",) * 2 + ("SCTP",)))
+        if dst.named and data.draw(st.booleans()):
+            # one of the destination's named container ports, on its protocol
+            _, port, protocol = data.draw(st.sampled_from(dst.named))
+        elif named and data.draw(st.sampled_from((False, True, True))):
             port = data.draw(st.sampled_from(named))
         else:
             port = data.draw(st.sampled_from(FLOW_PORTS))
-        protocol = data.draw(st.sampled_from(("TCP",) * 6 + ("UDP",) * 2 + ("SCTP",)))
         want = model_allows(docs, src, dst, port, protocol, world["namespaces"])
-        flow = Flow(Peer(src.identity, src.labels, managed=src.is_pod), Peer(dst.identity, dst.labels, managed=dst.is_pod),
+        flow = Flow(Peer(src.identity, src.labels, managed=src.is_pod),
+                    Peer(dst.identity, dst.labels, managed=dst.is_pod, named_ports=dst.named_ports),
                     port, Protocol(protocol))
         got = evaluate(rules, flow)
         event(f"{'allowed' if want else 'denied'}")
@@ -455,7 +483,9 @@ def mixes(draw: st.DrawFn) -> dict[str, Any]:
     world = draw(worlds())
     identities = identities_json(world)
     pod_ids = sorted(int(i) for i in identities if 1000 < int(i) < CIDR_ID_BASE)
-    universe = {"identities": identities, "endpoints": sorted(draw(st.sets(st.sampled_from(pod_ids), min_size=1)))}
+    named = {str(p.identity): [[list(d) for d in p.named]] for p in parties_of(world) if p.named}
+    universe = {"identities": identities, "endpoints": sorted(draw(st.sets(st.sampled_from(pod_ids), min_size=1))),
+                "named_ports": named}
     hints = [lab for lab in identities.values() if "io.kubernetes.pod.namespace" in lab]
     return {
         "cluster_name": gen.LOCAL_CLUSTER,
@@ -483,13 +513,15 @@ def valid(docs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 def test_network_policies_beside_cnps_equal_their_hand_written_cnps(scn: dict[str, Any]) -> None:
     note("scenario:\n" + as_json(scn))
     identities = gen.identities_of(scn)
+    named = gen.named_ports_of(scn)
     endpoints = set(scn["endpoints"])
     cnps = valid(scn["cnps"])
     knps = list({(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in scn["network_policies"]}.values())
     ours = translate([*knps, *cnps])
     hand = translate([*(hand_written_cnp(d) for d in knps), *cnps])
     for f in scn["flows"]:
-        flow = gen.flow_of(f, identities, source_managed=f["src"] in endpoints, destination_managed=f["dst"] in endpoints)
+        flow = gen.flow_of(f, identities, source_managed=f["src"] in endpoints, destination_managed=f["dst"] in endpoints,
+                           named_ports=named)
         a, b = evaluate(ours, flow), evaluate(hand, flow)
         event(a.verdict)
         assert same_verdict(a, b), (

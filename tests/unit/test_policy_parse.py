@@ -420,7 +420,8 @@ def test_regex_too_large_for_envoy() -> None:
     [
         ({"port": "70000"}, "out of range"),
         ({"port": -1}, "out of range"),
-        ({"port": "http"}, "named port 'http' is not supported"),
+        ({"port": "http_alt"}, "or a port name (an IANA service name"),
+        ({"port": "http", "endPort": 90}, "endPort needs a port number: port 'http' is a named port"),
         ({"port": "80", "endPort": 79}, "endPort 79 is smaller than port 80"),
         ({"port": "80", "endPort": 70000}, "out of range"),
         ({"port": "80", "protocol": "ICMP"}, "write ICMP rules as `icmps`"),
@@ -525,7 +526,7 @@ def test_all_errors_collected_not_just_the_first() -> None:
         cnp(
             {
                 "endpointSelector": {},
-                "ingress": [{"toPorts": [{"ports": [{"port": "x"}]}]}, {"bogus": 1}],
+                "ingress": [{"toPorts": [{"ports": [{"port": "x_"}]}]}, {"bogus": 1}],
                 "egress": [{"toEntities": ["nowhere"]}],
             }
         )
@@ -597,7 +598,7 @@ def test_parser_does_not_mutate_input() -> None:
 
 def test_error_message_names_resource() -> None:
     with pytest.raises(PolicyValidationError) as ei:
-        parse_policy(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "x"}]}]}]}))
+        parse_policy(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "x_"}]}]}]}))
     assert ei.value.resource == "CiliumNetworkPolicy/payments/p"
     assert str(ei.value).startswith("CiliumNetworkPolicy/payments/p: spec.ingress[0]")
 
@@ -608,3 +609,54 @@ def test_label_selector_key_is_canonical() -> None:
         ccnp({"endpointSelector": {"matchExpressions": [{"key": "k8s:env", "operator": "In", "values": ["p"]}], "matchLabels": {"app": "x"}}})
     ).rules[0].subject
     assert isinstance(a, LabelSelector) and a.key == b.key
+
+
+# -- named ports -------------------------------------------------------------------------------
+
+
+def _ports(doc: dict[str, Any]) -> tuple[Any, ...]:
+    return parse_policy(doc).rules[0].rules[0].port_rules[0].ports
+
+
+def test_named_ports_parse_as_names_lower_cased_with_their_protocol() -> None:
+    from l7gate.policy.types import NamedPort
+
+    doc = cnp({"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [
+        {"port": "http", "protocol": "TCP"}, {"port": "Metrics"}, {"port": "0x50"}, {"port": "8080"}]}]}]})
+    assert set(_ports(doc)) == {PortProtocol(PortRange(8080, 8080), Protocol.ANY), NamedPort("0x50", Protocol.ANY),
+                                NamedPort("http", Protocol.TCP), NamedPort("metrics", Protocol.ANY)}
+
+
+def test_http_rules_on_a_named_port_apply_to_tcp() -> None:
+    from l7gate.policy.types import NamedPort
+
+    tcp = cnp({"endpointSelector": {}, "ingress": [{"toPorts": [
+        {"ports": [{"port": "http", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}}]}]})
+    assert _ports(tcp) == (NamedPort("http", Protocol.TCP),)
+    # without protocol (ANY): refused, as Cilium refuses HTTP rules on anything but TCP
+    errs = errors_of(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [
+        {"ports": [{"port": "http"}], "rules": {"http": [{"method": "GET"}]}}]}]}))
+    assert "Write `protocol: TCP`" in errs["spec.ingress[0].toPorts[0].ports[0]"]
+    errs = errors_of(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [
+        {"ports": [{"port": "http", "protocol": "UDP"}], "rules": {"http": [{"method": "GET"}]}}]}]}))
+    assert "HTTP rules apply to TCP only" in errs["spec.ingress[0].toPorts[0].ports[0].protocol"]
+    errs = errors_of(cnp({"endpointSelector": {}, "egress": [{"toPorts": [
+        {"ports": [{"port": "dns", "protocol": "UDP"}], "rules": {"dns": [{"matchPattern": "*"}]}}]}]}))
+    assert "DNS rules need port 53, not a named port ('dns')" in errs["spec.egress[0].toPorts[0].ports[0].port"]
+
+
+@pytest.mark.parametrize(
+    "raw, problem",
+    [
+        ("http_alt", "'_' is not allowed"),
+        ("a-very-long-port-name", "at most 15 are allowed"),
+        ("-http", "must not start or end with '-'"),
+        ("ht--tp", "must not contain '--'"),
+        ("80-80", "must contain at least one letter"),
+        ("ħttp", "only ASCII letters"),
+    ],
+)
+def test_bad_port_names_say_what_a_port_name_is(raw: str, problem: str) -> None:
+    errs = errors_of(cnp({"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": raw}]}]}]}))
+    message = errs["spec.ingress[0].toPorts[0].ports[0].port"]
+    assert "a port number 0-65535 or a port name (an IANA service name" in message and problem in message, message

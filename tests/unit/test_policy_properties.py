@@ -2,7 +2,8 @@
 
 1. Differential: the resolved maps read by `resolve.lookup` give the verdict the reference
    evaluator gives — per direction (the other side unmanaged), and for the whole flow (egress of
-   the source composed with ingress of the destination).
+   the source composed with ingress of the destination). Generated pods declare named container
+   ports, and generated rules name them (`port: http`).
 2. Incremental == full: any sequence of identity, endpoint and policy changes leaves every
    endpoint's maps equal to those of a resolver built from scratch on the final state; the
    PolicyDeltas, applied in order to the initial maps, give the final maps; a full recompute
@@ -37,10 +38,11 @@ from hypothesis import event as _hypothesis_event
 from hypothesis import strategies as st
 
 from l7gate.policy.errors import Finding, PolicyValidationError
-from l7gate.policy.evaluate import Verdict, evaluate
+from l7gate.policy.evaluate import Flow, Verdict, evaluate
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.mapstate import EndpointPolicy, MapEntry, MapKey, PolicyDelta, lookup
+from l7gate.policy.namedports import NamedPorts
 from l7gate.policy.resolve import Resolver
 from l7gate.policy.types import Direction, Policy, Protocol, Rule
 from tests.unit import strategies as gen
@@ -97,9 +99,13 @@ def build_resolver(
     policies: Mapping[str, Policy],
     *,
     policies_first: bool = True,
+    named_ports: Mapping[int, NamedPorts] | None = None,
+    resolver_class: type[Resolver] = Resolver,
 ) -> Resolver:
-    r = Resolver()
+    r = resolver_class()
     r.update_identities(dict(identities))
+    if named_ports and policies_first:
+        r.update_named_ports(named_ports)
     if policies_first:
         for k in sorted(policies):
             r.upsert_policy(policies[k])
@@ -108,6 +114,8 @@ def build_resolver(
     if not policies_first:
         for k in sorted(policies, reverse=True):
             r.upsert_policy(policies[k])
+        if named_ports:
+            r.update_named_ports(named_ports)
     return r
 
 
@@ -170,11 +178,13 @@ def _show(v: Verdict) -> str:
     return f"{v.verdict} layer={layer}{extra}\n    " + "\n    ".join(v.reasons)
 
 
-def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = lookup) -> None:
+def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = lookup,
+                       resolver_class: type[Resolver] = Resolver) -> None:
     """Per flow: each managed side's `lookup` equals `evaluate` with only that side managed, and
     egress-then-ingress lookups equal `evaluate` on the whole flow. A flow's optional `expect`
     (`{"allowed": bool, "layer": str | null}`) pins the reference verdict itself."""
     identities = gen.identities_of(scn)
+    named = gen.named_ports_of(scn)
     endpoints = set(scn["endpoints"])
     policies = parse_all(
         scn["policies"],
@@ -182,7 +192,11 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
         cluster_name=scn.get("cluster_name", gen.LOCAL_CLUSTER),
     )
     rules = rules_of(policies)
-    resolver = build_resolver(identities, endpoints, policies)
+    resolver = build_resolver(identities, endpoints, policies, named_ports=named, resolver_class=resolver_class)
+
+    def flow(f: Mapping[str, Any], *, source_managed: bool, destination_managed: bool) -> Flow:
+        return gen.flow_of(f, identities, source_managed=source_managed,
+                           destination_managed=destination_managed, named_ports=named)
 
     def fast(direction: Direction, endpoint: int, peer: int, f: Mapping[str, Any]) -> Verdict:
         return lookup(
@@ -194,13 +208,12 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
         src, dst = f["src"], f["dst"]
         checks: list[tuple[str, Verdict, Verdict]] = []
         if src in endpoints:
-            ref = evaluate(rules, gen.flow_of(f, identities, source_managed=True, destination_managed=False))
+            ref = evaluate(rules, flow(f, source_managed=True, destination_managed=False))
             checks.append(("egress of the source", ref, fast(Direction.EGRESS, src, dst, f)))
         if dst in endpoints:
-            ref = evaluate(rules, gen.flow_of(f, identities, source_managed=False, destination_managed=True))
+            ref = evaluate(rules, flow(f, source_managed=False, destination_managed=True))
             checks.append(("ingress of the destination", ref, fast(Direction.INGRESS, dst, src, f)))
-        ref = evaluate(rules, gen.flow_of(f, identities, source_managed=src in endpoints,
-                                          destination_managed=dst in endpoints))
+        ref = evaluate(rules, flow(f, source_managed=src in endpoints, destination_managed=dst in endpoints))
         composed = Verdict(True, None)
         sides = []
         if src in endpoints:
@@ -214,6 +227,8 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
             composed = Verdict(True, None, (), (), any(s.redirected for s in sides),
                                any(s.auth_required for s in sides))
         checks.append(("whole flow", ref, composed))
+        if any("port name" in r and "selects nothing" not in r for r in ref.reasons):
+            event("a named port resolved")
         for what, r, q in checks:
             event(f"{what}: {f['protocol'] if f['protocol'] == 'ICMP' else ''} {r.verdict}"
                   + (f" at {r.layer.value}" if r.layer else "")
@@ -246,6 +261,7 @@ class Model:
     identities: dict[int, Labels] = field(default_factory=dict)
     endpoints: set[int] = field(default_factory=set)
     policies: dict[str, Policy] = field(default_factory=dict)
+    named_ports: dict[int, NamedPorts] = field(default_factory=dict)
 
 
 def apply_op(
@@ -297,6 +313,14 @@ def apply_op(
         return r.delete_policy(op["key"])
     if kind == "recompute_all":
         return r.recompute_all()
+    if kind == "named_ports":
+        changes = gen.named_ports_of(op)
+        for i, ports in changes.items():
+            if ports:
+                model.named_ports[i] = ports
+            else:
+                model.named_ports.pop(i, None)
+        return r.update_named_ports(changes)
     raise ValueError(f"unknown op {kind!r}")
 
 
@@ -360,7 +384,7 @@ def check_incremental(case: Mapping[str, Any], resolver_class: type[Resolver] = 
     final = snapshot(r)
     for policies_first in (True, False):
         fresh = snapshot(build_resolver(model.identities, model.endpoints, model.policies,
-                                        policies_first=policies_first))
+                                        policies_first=policies_first, named_ports=model.named_ports))
         assert final == fresh, "incremental maps differ from a fresh resolver:\n" + "\n".join(
             f"endpoint {e}:\n{_diff(dict(enumerate(final.get(e, ()))), dict(enumerate(fresh.get(e, ()))))}"
             for e in sorted(set(final) | set(fresh)) if final.get(e) != fresh.get(e)
@@ -568,6 +592,28 @@ def test_incremental_check_catches_lost_identity_deletions() -> None:
     check_incremental(case)
     with pytest.raises(AssertionError, match="differ from a fresh resolver"):
         check_incremental(case, ForgetsDeletions)
+
+
+class IgnoresNamedPorts(Resolver):
+    """Knows the named ports but never re-expands what depends on them."""
+
+    def update_named_ports(self, changes: Mapping[int, NamedPorts]) -> PolicyDelta:
+        self.named_ports.update({i: p for i, p in changes.items() if p})
+        return PolicyDelta(self.revision)
+
+
+def test_differential_check_catches_unresolved_named_ports() -> None:
+    scn = load_corpus("differential/named-ports-ingress-egress-conflict")
+    check_differential(scn)
+    with pytest.raises(AssertionError, match="evaluate: allowed"):
+        check_differential(scn, resolver_class=IgnoresNamedPorts)
+
+
+def test_incremental_check_catches_named_ports_that_do_not_follow_the_pods() -> None:
+    case = load_corpus("incremental/named-ports-follow-the-pods")
+    check_incremental(case)
+    with pytest.raises(AssertionError, match="differ from a fresh resolver"):
+        check_incremental(case, IgnoresNamedPorts)
 
 
 def test_incremental_check_catches_lost_deltas() -> None:

@@ -228,3 +228,26 @@ def test_an_address_two_local_identities_share_gets_no_tunnel() -> None:
     p = plan(TunnelInputs(view.pods + shared, view.policies, view.identities, view.policy_of))
     for eg in p.egress.values():
         assert all("10.0.2.10" not in addrs for addrs in eg.sources.values())
+
+
+def test_a_named_port_under_auth_is_tunnelled_on_the_number_the_destination_declares() -> None:
+    """The source node resolves the destination's named port from its pods (the agent's named
+    ports of that identity) and tunnels exactly the port the destination node flags."""
+    from l7gate.policy.namedports import NamedPorts
+
+    policies = (ccnp("named", [rule("fe", "http")]), ccnp("named-l4", [rule("fe", "admin", http=False)]))
+    named = {BILL: NamedPorts.of([("http", 8443, "TCP"), ("admin", 9443, "TCP")])}
+    src = source_view(policies, (8443, 9443))
+    p = plan(TunnelInputs(src.pods, src.policies, src.identities, src.policy_of, named))
+    assert p.kernel == {(FE, BILL, 6, 8443), (FE, BILL, 6, 9443)}
+    assert p.egress[("10.0.1.10", 9443)].tcp_sources == {FE} and not p.egress[("10.0.1.10", 8443)].tcp_sources
+    assert not plan(src).kernel  # without the destination's named ports: nothing resolves, nothing tunnelled
+    r = Resolver()
+    for x in policies:
+        r.upsert_policy(x)
+    r.update_identities(IDS)
+    r.update_named_ports(named)
+    r.add_endpoint(BILL)
+    flagged = {(k.port, k.last_port) for k, v in compile_endpoint(r.endpoint_policy(BILL), tunnel=True).items()  # type: ignore[arg-type]
+               if v.flags & KFlag.TUNNEL}
+    assert flagged == {(8443, 8443), (9443, 9443)}

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
+from ..policy.namedports import NamedPorts
 from ..policy.resolve import Resolver
 from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.selector import CIDRSelector, PeerSelector
@@ -231,6 +233,12 @@ class AgentCore:
         self._namespaces: dict[tuple[str, str], Namespace] = {}
         self._namespace_docs: dict[str, Any] = {}  # <cluster or *>/<name> → the object as applied
         self._identity_pods: dict[int, set[str]] = {}
+        # The named container ports the pods of each identity declare, counted per pod: each
+        # (name, port, protocol), and each (name, protocol) once per pod declaring it (policies'
+        # named ports resolve against them, `policy.namedports`; on ingress every pod must
+        # declare the name, so a pod without it counts too).
+        self._named_declared: dict[int, Counter[tuple[str, int, str]]] = {}
+        self._named_pods: dict[int, Counter[tuple[str, str]]] = {}
         # CIDR identities (Cilium's): each prefix a policy's CIDR selector names (its `except`s
         # too) has a local identity labelled `cidr:<prefix>` in the ipcache, so that an address
         # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
@@ -976,7 +984,8 @@ class AgentCore:
         resolver's live lookup of an endpoint's policy."""
         with self._lock:
             return TunnelInputs(_pod_views(self._pods.values()), tuple(self.resolver.repository.policies()),
-                                dict(self.resolver.identities), self.resolver.endpoint_policy)
+                                dict(self.resolver.identities), self.resolver.endpoint_policy,
+                                dict(self.resolver.named_ports))
 
     # -- the cluster mesh ----------------------------------------------------------------------
 
@@ -1243,6 +1252,7 @@ class AgentCore:
         users.add(pod.ref)
         if first:
             self._feed(self.resolver.update_identities({ident: labels}))
+        self._count_named_ports(ident, pod, +1)
         for ip in pod.ips:
             self.ipcache.upsert(ip, ident)
         if local and not self.resolver.has_endpoint(ident):
@@ -1277,6 +1287,7 @@ class AgentCore:
                 self.ipcache.delete(ip)
         users = self._identity_pods.get(rec.identity, set())
         users.discard(ref)
+        self._count_named_ports(rec.identity, rec.pod, -1)
         still_local = any(self._pods[r].local for r in users)
         if rec.local and not still_local:
             self._feed(self.resolver.remove_endpoint(rec.identity))
@@ -1292,6 +1303,28 @@ class AgentCore:
                 # the pod is gone all the same; the reference expires with this node's lease
                 # (mesh) or GC reclaims the number.
                 pass
+
+    def _count_named_ports(self, ident: int, pod: Pod, sign: int) -> None:
+        """A pod of `ident` came (+1) or went (-1) (`_identity_pods` already says so): when what
+        the identity's pods declare changes, the resolver re-resolves the named ports that
+        depend on it. O(the pod's ports + the identity's distinct names)."""
+        if not pod.named_ports and ident not in self._named_declared:
+            return
+        counts = self._named_declared.setdefault(ident, Counter())
+        per_pod = self._named_pods.setdefault(ident, Counter())
+        for decl in pod.named_ports:
+            counts[decl] += sign
+        for key in {(name, proto) for name, _, proto in pod.named_ports}:
+            per_pod[key] += sign
+        for c in (counts, per_pod):
+            for k in [k for k, n in c.items() if n <= 0]:
+                del c[k]
+        pods = len(self._identity_pods.get(ident, ()))
+        ports = NamedPorts.of(counts, [k for k, n in per_pod.items() if n < pods])
+        if not counts:
+            del self._named_declared[ident]
+            del self._named_pods[ident]
+        self._feed(self.resolver.update_named_ports({ident: ports}))  # nothing if unchanged
 
     def _feed(self, delta: PolicyDelta) -> None:
         self.publisher.on_policy_delta(delta)

@@ -27,7 +27,8 @@ from typing import Any
 from l7gate.identity.filter import identity_labels
 from l7gate.policy.errors import Finding
 from l7gate.policy.labels import Labels
-from l7gate.policy.names import label_problem, name_error
+from l7gate.policy.names import PORT_NAME_RULE as _PORT_NAME_RULE
+from l7gate.policy.names import label_problem, name_error, port_name_problem
 from l7gate.services.types import BackendPod, Service, ServicePort
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
@@ -39,7 +40,6 @@ DEFAULT_SERVICE_ACCOUNT = "default"
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_PORT_NAME_CHARS = re.compile(r"[-a-z0-9]+")
 _POD_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Unknown")
 _CONDITION_STATUSES = ("True", "False", "Unknown")
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -281,29 +281,6 @@ def _raise_if(errors: _Errors, kind: str, namespace: str | None, name: str | Non
     if errors.found:
         what = f"{namespace}/{name}" if namespace and name else (name or "<unnamed>")
         raise K8sObjectError(f"{kind} {what}", tuple(errors.found))
-
-
-def port_name_problem(value: str) -> str | None:
-    """Why `value` is not an IANA service name (a container port's name, a Service's named
-    `targetPort`), as Kubernetes checks it; or None."""
-    if len(value) > 15:
-        return f"is {len(value)} characters long: at most 15 are allowed"
-    if not _PORT_NAME_CHARS.fullmatch(value):
-        bad = next(c for c in value if not _PORT_NAME_CHARS.fullmatch(c))
-        return f"{bad!r} is not allowed (lowercase letters, digits and '-' only)"
-    if not any("a" <= c <= "z" for c in value):
-        return "must contain at least one letter"
-    if value.startswith("-") or value.endswith("-"):
-        return "must not start or end with '-'"
-    if "--" in value:
-        return "must not contain '--'"
-    return None
-
-
-_PORT_NAME_RULE = (
-    "must be an IANA service name, as Kubernetes requires (at most 15 lowercase letters, digits "
-    "and '-', at least one letter, no '-' first, last or twice in a row)"
-)
 
 
 def _port_name(value: object, path: str, errors: _Errors) -> str | None:

@@ -9,6 +9,7 @@ source cluster's view and ingress with the destination cluster's, as the two age
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from ..policy.errors import PolicyValidationError
 from ..policy.evaluate import WORLD_ID, Flow, Layer, Peer, Verdict, evaluate, where
 from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.icmp import icmp_type_name
+from ..policy.namedports import NamedPorts
 from ..policy.parse import POLICY_KINDS, parse_policy
 from ..policy.types import HTTPRequest, Protocol, Rule
 
@@ -42,7 +44,7 @@ class TraceRequest:
     paths: tuple[str, ...]
     source: str
     destination: str
-    port: int  # for protocol ICMP, the ICMP type
+    port: int | str  # a number, or the name of one of the destination pod's container ports; for protocol ICMP, the ICMP type
     protocol: str = "TCP"
     method: str | None = None
     path: str | None = None
@@ -64,6 +66,9 @@ class Party:
     ip: str | None
     identity: int
     peer: Peer
+    # The named container ports of the pods of its identity in the inventory (what the rules'
+    # named ports resolve against): name → (number, protocol) → the pods declaring it.
+    declared: Mapping[str, Mapping[tuple[int, str], tuple[str, ...]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +77,10 @@ class Party:
             "ip": self.ip,
             "identity": self.identity,
             "labels": dict(self.peer.labels),
+            "named_ports": [
+                {"name": name, "port": number, "protocol": proto, "pods": list(pods)}
+                for name, by in sorted(self.declared.items()) for (number, proto), pods in sorted(by.items())
+            ],
         }
 
 
@@ -86,6 +95,7 @@ class TraceResult:
     egress_reasons: tuple[str, ...]
     ingress_reasons: tuple[str, ...]
     clusters: Mapping[str, int]
+    port: int = 0  # the port traced (a named --port resolved on the destination pod)
 
     @property
     def icmp(self) -> bool:
@@ -102,7 +112,8 @@ class TraceResult:
             "to_identity": self.destination.identity,
             "from": self.source.to_json(),
             "to": self.destination.to_json(),
-            "port": None if self.icmp else self.request.port,
+            "port": None if self.icmp else self.port,
+            "port_name": self.request.port if isinstance(self.request.port, str) else None,
             "protocol": self.request.protocol,
             "http": {
                 "method": self.http.method,
@@ -117,7 +128,7 @@ class TraceResult:
         }
         if self.icmp:
             out["http"] = None
-            out["icmp"] = {"type": self.request.port, "name": icmp_type_name(self.request.port)}
+            out["icmp"] = {"type": self.port, "name": icmp_type_name(self.port)}
         return out
 
 
@@ -214,13 +225,31 @@ def run_trace(req: TraceRequest) -> TraceResult:
             name = f"{pod.cluster}/{pod.namespace}/{pod.name}"
             return Party(name, pod.cluster, pod.ip, ident.id, Peer(ident.id, labels, True, name))
 
-        # Allocate every pod first so identity numbers do not depend on the --from/--to order.
+        # Allocate every pod first so identity numbers do not depend on the --from/--to order;
+        # the named ports of each identity are those all its pods declare, as the agent sees them.
+        declared: dict[int, dict[str, dict[tuple[int, str], list[str]]]] = {}
+        pods_of: dict[int, list[Pod]] = {}
         for p in sorted(pods, key=lambda p: (p.cluster, p.namespace, p.name)):
-            party(f"{p.cluster}/{p.namespace}/{p.name}")
-        src = party(req.source, req.destination)
-        dst = party(req.destination, req.source)
+            who = party(f"{p.cluster}/{p.namespace}/{p.name}")
+            pods_of.setdefault(who.identity, []).append(p)
+            by_name = declared.setdefault(who.identity, {})
+            for name, number, proto in p.named_ports:
+                by_name.setdefault(name, {}).setdefault((number, proto), []).append(who.ref)
+
+        def with_ports(who: Party) -> Party:
+            if not who.peer.managed:
+                return who
+            mine = declared.get(who.identity, {})
+            ports = NamedPorts.of_pods(p.named_ports for p in pods_of.get(who.identity, ()))
+            return dataclasses.replace(
+                who, peer=dataclasses.replace(who.peer, named_ports=ports),
+                declared={n: {k: tuple(v) for k, v in by.items()} for n, by in mine.items()})
+
+        src = with_ports(party(req.source, req.destination))
+        dst = with_ports(party(req.destination, req.source))
     finally:
         store.close()
+    port = _traced_port(req, dst, pods)
 
     defaulted = req.method is None and req.path is None
     http = HTTPRequest(
@@ -230,7 +259,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
         headers={k.lower(): v for k, v in req.headers.items()},
     )
     protocol = Protocol(req.protocol)
-    flow = Flow(src.peer, dst.peer, req.port, protocol, None if protocol is Protocol.ICMP else http,
+    flow = Flow(src.peer, dst.peer, port, protocol, None if protocol is Protocol.ICMP else http,
                 req.authenticated, req.dns_query)
 
     egress = Verdict(True, None)
@@ -259,8 +288,28 @@ def run_trace(req: TraceRequest) -> TraceResult:
         egress.auth_required or ingress.auth_required,
     )
     return TraceResult(
-        req, src, dst, http, defaulted, verdict, egress.reasons, ingress.reasons, cluster_ids
+        req, src, dst, http, defaulted, verdict, egress.reasons, ingress.reasons, cluster_ids, port
     )
+
+
+def _traced_port(req: TraceRequest, dst: Party, pods: list[Pod]) -> int:
+    """`--port`: a number, or a name looked up in the destination pod's own container ports
+    (where the connection would go: the name as that pod declares it for --protocol)."""
+    if isinstance(req.port, int):
+        return req.port
+    pod = next((p for p in pods if p.ref == dst.ref), None)
+    if pod is None:
+        raise TraceError(f"--port {req.port!r} is a port name, but {dst.ref} is not a pod of the inventory: "
+                         "give the port number", EXIT_USAGE)
+    found = sorted({n for name, n, proto in pod.named_ports if name == req.port and proto == req.protocol})
+    if len(found) == 1:
+        return found[0]
+    have = ", ".join(f"{n}={num}/{proto}" for n, num, proto in pod.named_ports) or "none"
+    if found:
+        raise TraceError(f"{dst.ref} declares port name {req.port!r} for {req.protocol} more than once "
+                         f"({', '.join(map(str, found))}): give the port number", EXIT_USAGE)
+    raise TraceError(f"{dst.ref} declares no container port named {req.port!r} for {req.protocol} (its named "
+                     f"ports: {have})", EXIT_USAGE)
 
 
 def _address(ref: str) -> str | None:
@@ -327,8 +376,8 @@ def load_fqdn_cache(text: str) -> dict[str, tuple[str, ...]]:
 def _one_side(flow: Flow, *, source_managed: bool) -> Flow:
     s, d = flow.source, flow.destination
     return Flow(
-        Peer(s.identity, s.labels, source_managed, s.name),
-        Peer(d.identity, d.labels, not source_managed, d.name),
+        Peer(s.identity, s.labels, source_managed, s.name, s.named_ports),
+        Peer(d.identity, d.labels, not source_managed, d.name, d.named_ports),
         flow.port,
         flow.protocol,
         flow.http,
@@ -348,7 +397,9 @@ def format_trace_text(r: TraceResult) -> str:
     v = r.verdict
     lines: list[str] = []
     req = r.request
-    what = where(req.port, Protocol(req.protocol))
+    what = where(r.port, Protocol(req.protocol))
+    if isinstance(req.port, str):
+        what += f" (port {req.port!r} of {r.destination.ref})"
     lines.append(f"Trace {r.source.ref} -> {r.destination.ref} on {what}")
     if r.icmp:
         pass
@@ -366,6 +417,12 @@ def format_trace_text(r: TraceResult) -> str:
         ip = f" ({p.ip})" if p.ip else ""
         lines.append(f"   {role:<4} {p.ref}{ip}: identity {p.identity}")
         lines.append(f"        labels: {', '.join(f'{k}={val}' if val else k for k, val in p.peer.labels.items())}")
+        if p.declared:
+            named = "; ".join(
+                f"{name}={number}/{proto} ({', '.join(pods)})"
+                for name, by in sorted(p.declared.items()) for (number, proto), pods in sorted(by.items())
+            )
+            lines.append(f"        named ports of the pods of identity {p.identity}: {named}")
     step = 2
     for title, reasons in (
         (f"Egress policy of {r.source.ref}", r.egress_reasons),

@@ -5,19 +5,29 @@ of application manifests with policies among them validates as the policies alon
 knows (a misspelled `CiliumNetworkPolicyy`), a policy l7gate would not enforce (an
 AdminNetworkPolicy), the same policy twice, an empty file and an input without any policy are errors:
 each of them would otherwise leave traffic unpoliced while the check says all is well.
+
+Pods among the input are an inventory: a named port (`port: http`) that no pod a rule applies
+to declares, or that the pods of one identity declare with different numbers, selects nothing;
+each gets a warning (`named-port-undeclared`, `named-port-conflict`). Without pods in the
+input, named ports are not checked (the names are resolved by the agent, per pod).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..identity.numeric import IdentityError
 from ..k8s.manifests import Manifest, kind_problem, load, object_name
+from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..policy.errors import PolicyValidationError
+from ..policy.labels import Labels
+from ..policy.namedports import CONCRETE
 from ..policy.parse import POLICY_KINDS, parse_policy
-from ..policy.types import Policy
+from ..policy.types import Direction, NamedPort, PeerRule, Policy, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +196,7 @@ def validate_paths(
                      "that holds your policies", "empty")
             )
     check_manifests(manifests, report, default_namespace=default_namespace, cluster_name=cluster_name)
+    check_named_ports(manifests, report, cluster_name=cluster_name)
     if not report.checked and not report.errors and not report.usage_errors:
         where = " ".join("<stdin>" if p == "-" else p for p in paths)
         report.items.append(
@@ -195,3 +206,131 @@ def validate_paths(
                  "files or folders that hold your policies", "no-policy")
         )
     return report
+
+
+# -- named ports against the inventory -----------------------------------------------------------
+
+
+def _inventory(manifests: Iterable[Manifest], cluster_name: str) -> tuple[list[tuple[Pod, Labels]], list[Item]]:
+    """The input's pods with their identity labels; a pod that does not parse is reported."""
+    pods: list[tuple[Manifest, Pod]] = []
+    namespaces: dict[tuple[str, str], Namespace] = {}
+    problems: list[Item] = []
+    for m in manifests:
+        try:
+            if m.kind == "Pod":
+                pods.append((m, parse_pod(m.obj, default_cluster=cluster_name)))
+            elif m.kind == "Namespace":
+                ns = scoped_namespace(m.obj, default_cluster=cluster_name)
+                namespaces[(ns.cluster, ns.name)] = ns
+        except K8sObjectError as exc:
+            problems.append(Item(m.source, m.line, exc.resource, "warning", "", f"not used as inventory for named "
+                                 f"ports: {'; '.join(str(e) for e in exc.errors)}", "inventory"))
+    out: list[tuple[Pod, Labels]] = []
+    for m, pod in pods:
+        try:
+            out.append((pod, pod_identity_labels(pod, namespace_of(pod, namespaces))))
+        except IdentityError as exc:
+            problems.append(Item(m.source, m.line, f"Pod/{pod.namespace}/{pod.name}", "warning", "",
+                                 f"not used as inventory for named ports: {exc}", "inventory"))
+    return out, problems
+
+
+_STEP = re.compile(r"([A-Za-z]+)|\[(\d+)\]")
+
+
+def _port_path(doc: Any, rule_path: str, port: NamedPort) -> str:
+    """The field path of `port` in the document: the rule's path, then the port entry that
+    names it (a CNP's `toPorts[i].ports[j].port`, a NetworkPolicy's `ports[j].port`)."""
+    node = doc
+    for name, index in _STEP.findall(rule_path):
+        try:
+            node = node[name] if name else node[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return rule_path
+    if not isinstance(node, dict):
+        return rule_path
+    groups = [(f".toPorts[{i}]", tp.get("ports")) for i, tp in enumerate(node.get("toPorts") or []) if isinstance(tp, dict)]
+    if "ports" in node:
+        groups.append(("", node.get("ports")))
+    for prefix, ports in groups:
+        for j, entry in enumerate(ports or []):
+            if isinstance(entry, dict) and isinstance(entry.get("port"), str) and entry["port"].lower() == port.name:
+                return f"{rule_path}{prefix}.ports[{j}].port"
+    return rule_path
+
+
+def _destinations(rule: Rule, pr: PeerRule, pods: list[tuple[Pod, Labels]]) -> tuple[list[tuple[Pod, Labels]], str]:
+    """The inventory pods a named port of `pr` is a container port of (ingress: the pods the
+    rule applies to; egress: its peer pods), and how they were chosen, for messages."""
+    if pr.direction is Direction.INGRESS:
+        return [(p, lab) for p, lab in pods if rule.selects(lab)], "the policy selects"
+    if pr.peers is None:
+        return list(pods), "of the inventory (the rule names no peer)"
+    return [(p, lab) for p, lab in pods if any(s.matches(lab) for s in pr.peers)], "the rule names as peers"
+
+
+def check_named_ports(manifests: Iterable[Manifest], report: ValidationReport, *, cluster_name: str) -> None:
+    """Warn about named ports that select nothing for the input's pods (module docstring)."""
+    manifests = list(manifests)
+    named = [(m, policy) for m, policy in report.policies
+             if any(isinstance(pp, NamedPort) for r in policy.rules for pr in r.rules
+                    for port_rule in pr.port_rules for pp in port_rule.ports)]
+    if not named or not any(m.kind == "Pod" for m in manifests):
+        return
+    pods, problems = _inventory(manifests, cluster_name)
+    report.items.extend(problems)
+    for m, policy in named:
+        seen: set[tuple[str, str]] = set()
+        for rule in policy.rules:
+            for pr in rule.rules:
+                dests, chosen = _destinations(rule, pr, pods)
+                for port_rule in pr.port_rules:
+                    for pp in port_rule.ports:
+                        if not isinstance(pp, NamedPort):
+                            continue
+                        path = _port_path(m.obj, pr.origin.path, pp)
+                        for code, message in _named_port_findings(pp, dests, chosen,
+                                                                  pr.direction is Direction.INGRESS):
+                            if (path, message) not in seen:
+                                seen.add((path, message))
+                                report.items.append(Item(m.source, m.line, policy.key, "warning", path, message, code))
+
+
+def _named_port_findings(port: NamedPort, dests: list[tuple[Pod, Labels]], chosen: str,
+                         ingress: bool) -> list[tuple[str, str]]:
+    protos = [p for p in CONCRETE if port.protocol.covers(p)]
+    declaring = [(pod, lab, proto, n) for pod, lab in dests for name, n, proto in pod.named_ports
+                 if name == port.name and proto in {p.value for p in protos}]
+    if not declaring:
+        if dests:
+            others = sorted({f"{name}/{proto}" for pod, _ in dests for name, _, proto in pod.named_ports})
+            have = f"they declare: {', '.join(others)}" if others else "they declare no named port"
+            n = len(dests)
+            who = f"is declared by none of the {n} pod{'s' if n != 1 else ''} {chosen} ({have})"
+        else:
+            who = "is declared by no pod here: the inventory holds none of the pods it would be a port of"
+        return [("named-port-undeclared",
+                 f"port name {port.name!r} ({port.protocol.value}) {who}: this port selects nothing there (a "
+                 f"named port is a container port the destination pod declares under that name)")]
+    out: list[tuple[str, str]] = []
+    by_identity: dict[tuple[Labels, str], dict[int, list[str]]] = {}
+    for pod, lab, proto, n in declaring:
+        by_identity.setdefault((lab, proto), {}).setdefault(n, []).append(pod.ref)
+    for (lab, proto), numbers in sorted(by_identity.items(), key=lambda kv: sorted(kv[1].items())):
+        if len(numbers) > 1:
+            detail = "; ".join(f"{n} by {', '.join(sorted(refs))}" for n, refs in sorted(numbers.items()))
+            out.append(("named-port-conflict",
+                        f"port name {port.name!r} ({proto}) is declared with different numbers by pods with the "
+                        f"same labels (one identity): {detail}. l7gate keeps one policy per identity, so the name "
+                        f"selects nothing for them: give the pods one number, or name the port by number"))
+            continue
+        without = sorted(pod.ref for pod, other in dests if other == lab and not any(
+            name == port.name and p == proto for name, _, p in pod.named_ports))
+        if ingress and without:
+            declaring_refs = sorted(r for refs in numbers.values() for r in refs)
+            out.append(("named-port-conflict",
+                        f"port name {port.name!r} ({proto}) is declared by {', '.join(declaring_refs)} but not by "
+                        f"{', '.join(without)}, pods with the same labels (one identity). l7gate keeps one policy per "
+                        f"identity, and on ingress a name must be every pod's: it selects nothing for them"))
+    return out

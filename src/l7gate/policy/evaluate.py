@@ -12,6 +12,10 @@ tested against, so it is written to be read next to Cilium's documentation:
      A rule without `toPorts` and `icmps` covers every protocol and port, ICMP included;
      `protocol: ANY` is TCP, UDP and SCTP; ICMP is covered by `icmps` types (the flow's
      "port" is the ICMP type).
+     A named port (`port: http`) is a container port of the flow's destination (the endpoint
+     itself on ingress, the peer on egress): it covers the port its pods declare under that
+     name for the flow's protocol, and nothing when they declare none or disagree, or, on
+     ingress, when some pods of the identity do not declare it (`namedports`).
   4. Deny wins over allow: any matching deny rule drops the flow at L3/L4.
   5. No matching allow rule → dropped if the direction is default-deny, allowed otherwise.
   6. Allows are a union. If any matching allow requires authentication (the strongest mode
@@ -35,8 +39,9 @@ from enum import Enum
 from .labels import Labels, reserved
 from .fqdn import NameMatch, fqdn
 from .icmp import describe_icmp_type
+from .namedports import NO_NAMED_PORTS, NamedPorts
 from .pathnorm import normalize_path
-from .types import ANY_PORT, AuthMode, Direction, HTTPRequest, HTTPRule, PeerRule, PortRule, Protocol, Rule
+from .types import ANY_PORT, AuthMode, Direction, HTTPRequest, HTTPRule, NamedPort, PeerRule, PortRule, Protocol, Rule
 
 WORLD_ID = 2
 WORLD_LABELS = Labels.of({reserved("world"): ""})
@@ -50,12 +55,15 @@ class Layer(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """One side of a flow. `managed` is true for an endpoint whose policy l7gate enforces."""
+    """One side of a flow. `managed` is true for an endpoint whose policy l7gate enforces;
+    `named_ports` are the named container ports of the pods of its identity (for the named
+    ports of rules, when it is the flow's destination)."""
 
     identity: int
     labels: Labels
     managed: bool = True
     name: str = ""
+    named_ports: NamedPorts = NO_NAMED_PORTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +91,17 @@ class Verdict:
         return "allowed" if self.allowed else "denied"
 
 
-def peer_for(identities: Mapping[int, Labels], ident: int, *, managed: bool = False) -> Peer:
-    """A flow party from an identity number; unknown numbers are `world`."""
+def peer_for(
+    identities: Mapping[int, Labels], ident: int, *, managed: bool = False,
+    named_ports: Mapping[int, NamedPorts] | None = None,
+) -> Peer:
+    """A flow party from an identity number; unknown numbers are `world`. `named_ports`: the
+    named container ports per identity."""
     labels = identities.get(ident)
     if labels is None:
         return Peer(WORLD_ID, WORLD_LABELS, managed=False)
-    return Peer(ident, labels, managed=managed)
+    return Peer(ident, labels, managed=managed,
+                named_ports=(named_ports or {}).get(ident, NO_NAMED_PORTS))
 
 
 @dataclass(slots=True)
@@ -101,8 +114,15 @@ class _Side:
     auth_required: bool = False
 
 
-def _covers(pr: PortRule, port: int, protocol: Protocol) -> bool:
-    return any(pp.covers(port, protocol) for pp in pr.ports)
+def _covers(pr: PortRule, port: int, protocol: Protocol, destination: NamedPorts, every_pod: bool) -> bool:
+    for pp in pr.ports:
+        if isinstance(pp, NamedPort):
+            # "a named port is the destination's container port of that name"
+            if pp.protocol.covers(protocol) and destination.number(pp.name, protocol, every_pod=every_pod) == port:
+                return True
+        elif pp.covers(port, protocol):
+            return True
+    return False
 
 
 # What a rule without ports stands for in the list of matched rules: no L7 rules.
@@ -134,6 +154,8 @@ def _evaluate_direction(
     default_deny = any(r.default_deny(direction) for r in selecting)
 
     matched: list[tuple[PeerRule, PortRule]] = []
+    ingress = direction is Direction.INGRESS  # a named port must then be every pod's of the identity
+    named: dict[str, list[str]] = {}  # what each named port of a rule that selects the peer is
     for rule in selecting:
         for pr in rule.rules:
             if pr.direction is not direction:
@@ -145,8 +167,14 @@ def _evaluate_direction(
                 matched.append((pr, _EVERYTHING))
                 continue
             for port_rule in pr.port_rules:
-                if _covers(port_rule, flow.port, flow.protocol):
+                for pp in port_rule.ports:
+                    if isinstance(pp, NamedPort) and pp.protocol.covers(flow.protocol):
+                        text = flow.destination.named_ports.explain(pp, flow.protocol, every_pod=ingress)
+                        named.setdefault(text, []).append(str(pr.origin))
+                if _covers(port_rule, flow.port, flow.protocol, flow.destination.named_ports, ingress):
                     matched.append((pr, port_rule))
+    for text, origins in sorted(named.items()):
+        side.reasons.append(f"{d}: on {_describe(flow.destination)}, {text} ({', '.join(sorted(set(origins)))})")
 
     at = where(flow.port, flow.protocol)
     denies = [pr for pr, _ in matched if pr.deny]

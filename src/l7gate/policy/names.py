@@ -1,4 +1,5 @@
-"""Kubernetes object names, checked as the API server checks them (DNS-1123).
+"""Kubernetes object names, checked as the API server checks them (DNS-1123), and port names
+(IANA service names).
 
 A policy's `metadata.name` and a Pod's are DNS-1123 subdomains (at most 253 characters); a
 namespace name is a DNS-1123 label (at most 63, no dots). l7gate keys objects by
@@ -72,3 +73,28 @@ def name_error(value: str, *, subdomain: bool) -> str | None:
         return None
     rule = SUBDOMAIN_RULE if subdomain else LABEL_RULE
     return f"{rule}: {problem}; got {value!r}"
+
+
+PORT_NAME_RULE = (
+    "must be an IANA service name, as Kubernetes requires (at most 15 lowercase letters, digits "
+    "and '-', at least one letter, no '-' first, last or twice in a row)"
+)
+
+
+def port_name_problem(value: str) -> str | None:
+    """Why `value` is not an IANA service name (a container port's name, a Service's named
+    `targetPort`, a policy's named port), as Kubernetes checks it (`IsValidPortName`); or None."""
+    if not value:
+        return "must not be empty"
+    if len(value) > 15:
+        return f"is {len(value)} characters long: at most 15 are allowed"
+    bad = next((c for c in value if c not in _LABEL_CHARS), None)
+    if bad is not None:
+        return f"{bad!r} is not allowed (lowercase letters, digits and '-' only)"
+    if not any("a" <= c <= "z" for c in value):
+        return "must contain at least one letter"
+    if value.startswith("-") or value.endswith("-"):
+        return "must not start or end with '-'"
+    if "--" in value:
+        return "must not contain '--'"
+    return None

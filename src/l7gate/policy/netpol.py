@@ -19,7 +19,9 @@ CiliumNetworkPolicy still wins over them. The semantics are upstream Kubernetes'
   matching namespaces), or `ipBlock` (a CIDR minus its `except` ranges; as in Cilium it selects
   addresses outside the cluster, never a pod);
 - a port is TCP unless `protocol` says UDP or SCTP; `port` a number (no port: every port of
-  that protocol), `endPort` the end of a range.
+  that protocol), `endPort` the end of a range, or a name: the container port of that name and
+  protocol of the destination (the selected pod on ingress, the peer pod on egress), resolved
+  as a CiliumNetworkPolicy's named port (`namedports`); an `ipBlock` peer has no named ports.
 
 A namespace selector is read against the namespace labels every pod identity carries
 (`io.cilium.k8s.namespace.labels.<key>`), and always requires a pod, so that `NotIn` or
@@ -32,21 +34,24 @@ it).
 Bad input is reported as the CNP parser reports it (every error, with its field path), checked
 as the API server checks a NetworkPolicy: a selector key with a `:` source prefix, a quoted port
 number, port 0, an `ipBlock` beside a selector in one peer, an empty peer or an `except` equal to
-its CIDR are errors. Named ports are refused: l7gate does not resolve them yet (the CNP parser
-refuses them too).
+its CIDR are errors. A port name must be an IANA service name, lowercase, as the API server
+requires (a CiliumNetworkPolicy's may be upper-case: Cilium lowers it).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import PolicyValidationError
 from .labels import NAMESPACE_KEY, NAMESPACE_LABELS_PREFIX
+from .names import PORT_NAME_RULE, port_name_problem
 from .parse import KIND_KNP, META_FIELDS, _join, _SpecParser, _type_name, _Walker
 from .selector import CIDRSelector, IPNetwork, LabelSelector, Operator, PeerSelector, Requirement
-from .types import ALL_PORTS, Direction, Origin, PeerRule, Policy, PortProtocol, PortRange, PortRule, Protocol, Rule
+from .types import (
+    ALL_PORTS, Direction, NamedPort, Origin, PeerRule, Policy, Port, PortProtocol, PortRange, PortRule, Protocol, Rule,
+    port_sort_key,
+)
 
 API_VERSION_KNP = "networking.k8s.io/v1"
 #: The namespace label the API server sets to the namespace's own name (immutable).
@@ -54,9 +59,6 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 _POLICY_TYPES = {"Ingress": Direction.INGRESS, "Egress": Direction.EGRESS}
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
-# A port name as Kubernetes allows one (IANA_SVC_NAME): at most 15 lowercase letters, digits and
-# '-', at least one letter, no '--', not starting or ending with '-'.
-_PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?")
 
 
 def parse_network_policy(
@@ -237,13 +239,13 @@ class _Translator:
             if items:
                 found = w.each(items, pp, self.peer)
                 peers = tuple(sorted(found, key=lambda s: s.key))
-        ports: list[PortProtocol] = []
+        ports: list[Port] = []
         if "ports" in m:
             pp = _join(path, "ports")
             ports = w.each(w.list_of(m["ports"], pp) or [], pp, self.port)
         if len(w.errors) > n_errors:
             return None
-        port_rules = (PortRule(tuple(sorted(set(ports)))),) if ports else ()
+        port_rules = (PortRule(tuple(sorted(set(ports), key=port_sort_key))),) if ports else ()
         return PeerRule(direction, False, peers, port_rules, None, self.origin(path))
 
     def peer(self, value: object, path: str) -> PeerSelector | None:
@@ -349,7 +351,7 @@ class _Translator:
 
     # -- ports ------------------------------------------------------------------------------------
 
-    def port(self, value: object, path: str) -> PortProtocol | None:
+    def port(self, value: object, path: str) -> Port | None:
         w = self.w
         if value is None:
             w.warn(path, "null is read as {} (the API server stores it so): every TCP port", "null-field")
@@ -370,6 +372,7 @@ class _Translator:
             else:
                 proto = _PROTOCOLS[raw_proto]
         port: int | None = None
+        name: str | None = None
         pp = _join(path, "port")
         if "port" in m:
             raw = m["port"]
@@ -383,20 +386,12 @@ class _Translator:
                     "port-type",
                 )
             elif isinstance(raw, str):
-                if _PORT_NAME.fullmatch(raw) and "--" not in raw and any(c.isalpha() for c in raw):
-                    w.error(
-                        pp,
-                        f"named port {raw!r}: named ports are not supported by l7gate yet (they "
-                        "would be looked up in each selected pod's container ports); use the port number",
-                        "named-port",
-                    )
+                problem = port_name_problem(raw)
+                if problem is None:
+                    name = raw
                 else:
-                    w.error(
-                        pp,
-                        f"must be a port number 1-65535 or a port name (at most 15 lowercase letters, "
-                        f"digits and '-'), got {raw[:20]!r}",
-                        "port-range",
-                    )
+                    w.error(pp, f"a port number 1-65535, or a port name that {PORT_NAME_RULE}: {problem}; "
+                                f"got {raw[:20]!r}", "port-name")
             elif not 1 <= raw <= 65535:
                 w.error(pp, f"port {raw} is out of range 1-65535", "port-range")
             else:
@@ -409,12 +404,17 @@ class _Translator:
                 w.error(ep, f"must be an integer, got {_type_name(raw_end)}", "type")
             elif "port" not in m:
                 w.error(ep, "endPort needs a port number in `port` (the start of the range)", "end-port")
+            elif name is not None:
+                w.error(ep, f"endPort needs a port number in `port`, not the port name {name!r} (the API "
+                            "server refuses it)", "end-port")
             elif port is not None and not port <= raw_end <= 65535:
                 w.error(ep, f"endPort {raw_end} must be between port {port} and 65535", "end-port")
             else:
                 end = raw_end
         if len(w.errors) > n_errors:
             return None
+        if name is not None:
+            return NamedPort(name, proto)
         if port is None:
             return PortProtocol(ALL_PORTS, proto)
         return PortProtocol(PortRange(port, end if end is not None else port), proto)

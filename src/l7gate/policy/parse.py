@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from .errors import Finding, PolicyValidationError
 from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reserved
 from .labelsyntax import label_key_problem, label_value_problem
-from .names import name_error
+from .names import name_error, port_name_problem
 from .fqdn import FQDNError, FQDNSelector, NameMatch
 from .icmp import NAMES_NOT_IN_CRD, ICMPTypeError, parse_icmp_type
 from .regex import RegexError, compile_regex
@@ -56,11 +56,14 @@ from .types import (
     Origin,
     PeerRule,
     Policy,
+    NamedPort,
+    Port,
     PortProtocol,
     PortRange,
     PortRule,
     Protocol,
     Rule,
+    port_sort_key,
 )
 
 API_VERSION = "cilium.io/v2"
@@ -973,9 +976,9 @@ class _SpecParser:
         if m is None:
             return None
         n_errors = len(w.errors)
-        ports: list[PortProtocol] = []
+        ports: list[Port] = []
         # (index in `ports:`, its parsed value, whether `protocol` was written)
-        parsed: list[tuple[int, PortProtocol, bool]] = []
+        parsed: list[tuple[int, Port, bool]] = []
         if "ports" in m:
             pp = _join(path, "ports")
             items = w.list_of(m["ports"], pp)
@@ -1018,14 +1021,18 @@ class _SpecParser:
             for i, pp_, _ in parsed:
                 if pp_.protocol is Protocol.SCTP:
                     w.error(f"{path}.ports[{i}].protocol", "DNS rules apply to UDP and TCP, not SCTP", "dns-protocol")
+                elif isinstance(pp_, NamedPort):
+                    w.error(f"{path}.ports[{i}].port", f"DNS rules need port 53, not a named port ({pp_.name!r}): "
+                                                       "the node's DNS proxy takes the queries pods send to port 53",
+                            "dns-port")
                 elif pp_.ports != PortRange(53, 53):
                     w.error(f"{path}.ports[{i}]", "DNS rules need port 53: the node's DNS proxy takes the "
                                                   "queries pods send there", "dns-port")
             if len(w.errors) > n_errors:
                 return None
-            return PortRule(tuple(sorted(set(ports))), l7)
+            return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
         if l7 is not None:
-            fixed: list[PortProtocol] = []
+            fixed: list[Port] = []
             for i, pp_, written in parsed:
                 here = f"{path}.ports[{i}]"
                 if pp_.protocol in (Protocol.UDP, Protocol.SCTP):
@@ -1035,13 +1042,13 @@ class _SpecParser:
                         f"`protocol: TCP` (this one is {pp_.protocol.value})",
                         "l7-protocol",
                     )
-                elif pp_.ports == ALL_PORTS:
+                elif isinstance(pp_, PortProtocol) and pp_.ports == ALL_PORTS:
                     w.error(
                         here,
                         "HTTP rules need a single port: Cilium refuses them on port 0 (all ports)",
                         "l7-port-range",
                     )
-                elif pp_.ports.lo != pp_.ports.hi:
+                elif isinstance(pp_, PortProtocol) and pp_.ports.lo != pp_.ports.hi:
                     w.error(
                         here,
                         "HTTP rules need a single port: l7gate does not support them on a port "
@@ -1060,13 +1067,14 @@ class _SpecParser:
                             "l7-protocol-any",
                         )
                         continue
-                    fixed.append(PortProtocol(pp_.ports, Protocol.TCP))
+                    fixed.append(NamedPort(pp_.name, Protocol.TCP) if isinstance(pp_, NamedPort)
+                                 else PortProtocol(pp_.ports, Protocol.TCP))
             if len(w.errors) > n_errors:
                 return None
             ports = fixed
-        return PortRule(tuple(sorted(set(ports))), l7)
+        return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
 
-    def port_protocol(self, value: object, path: str) -> PortProtocol | None:
+    def port_protocol(self, value: object, path: str) -> Port | None:
         w = self.w
         m = w.mapping(
             value, path, {"port", "endPort", "protocol"},
@@ -1079,6 +1087,7 @@ class _SpecParser:
             return None
         n_errors = len(w.errors)
         port: int | None = None
+        name: str | None = None
         raw = m.get("port")
         pp = _join(path, "port")
         if raw is None:
@@ -1086,10 +1095,19 @@ class _SpecParser:
         elif isinstance(raw, bool) or not isinstance(raw, (int, str)):
             w.error(pp, f"must be a port number, got {_type_name(raw)}", "type")
         elif isinstance(raw, str) and not (raw.isascii() and raw.isdigit()):
-            if raw.isascii() and raw[:1].isalpha():
-                w.error(pp, f"named port {raw!r} is not supported: use the port number", "named-port")
+            # Not a number: a port name (an IANA service name, which Cilium compares without
+            # case: `HTTP` is the container port `http`).
+            problem = port_name_problem(raw.lower()) if raw.isascii() else "only ASCII letters, digits and '-'"
+            if problem is None:
+                name = raw.lower()
             else:
-                w.error(pp, f"must be a port number 0-65535, got {raw[:20]!r}", "port-range")
+                w.error(
+                    pp,
+                    f"must be a port number 0-65535 or a port name (an IANA service name: at most 15 "
+                    f"letters, digits and '-', at least one letter, no '-' first, last or twice in a "
+                    f"row): {problem}; got {raw[:20]!r}",
+                    "port-name",
+                )
         elif isinstance(raw, str) and raw.startswith("0") and 1 < len(raw) <= 6:
             # Cilium parses the port like a Go literal: a leading 0 makes it octal.
             octal = (
@@ -1123,6 +1141,10 @@ class _SpecParser:
             raw_end = m["endPort"]
             if isinstance(raw_end, bool) or not isinstance(raw_end, int):
                 w.error(ep, f"must be an integer, got {_type_name(raw_end)}", "type")
+            elif name is not None and raw_end != 0:
+                # Cilium ignores it without a word; a range the author wrote must not vanish.
+                w.error(ep, f"endPort needs a port number: port {name!r} is a named port, one port "
+                            "(Cilium ignores endPort here); remove endPort or give numbers", "end-port")
             elif not 0 <= raw_end <= 65535:
                 w.error(ep, f"endPort {raw_end} is out of range 0-65535", "port-range")
             elif port is not None and port == 0 and raw_end != 0:
@@ -1156,7 +1178,11 @@ class _SpecParser:
                 )
             else:
                 proto = _PROTOCOLS[praw]
-        if len(w.errors) > n_errors or port is None:
+        if len(w.errors) > n_errors:
+            return None
+        if name is not None:
+            return NamedPort(name, proto)
+        if port is None:
             return None
         if port == 0:
             return PortProtocol(ALL_PORTS, proto)

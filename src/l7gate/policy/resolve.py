@@ -25,6 +25,14 @@ Theory of operation (after Cilium's repository → selector policy → map state
    that, so those diffs read the selections the items were expanded over, and a selector the
    new rules use again is never rebuilt.
 
+6. Named ports (`port: http`, `namedports`) are resolved when an item is expanded: an ingress
+   item on the endpoint's own named ports (`MapKey(peer, protocol, number)`), an egress item on
+   each peer's; an egress item without a peer selector is expanded over the identities whose
+   pods declare the name. A change of an identity's named ports (`update_named_ports`) takes
+   the keys of the named items that depend on it off with the old ports and puts them back
+   with the new ones, so every expansion is always made with the named ports in force. On
+   ingress a name must be declared by every pod of the identity (`namedports`).
+
 Every change returns a `PolicyDelta` (per endpoint and direction: keys upserted, keys deleted),
 which is what incremental appliers (BPF maps, xDS) consume. The map state's types and the
 decision read from a map are in `mapstate`.
@@ -40,6 +48,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from .labels import Labels
+from .namedports import NO_NAMED_PORTS, NamedPorts
 from .mapstate import (
     ANY_PEER,
     Contribution,
@@ -55,14 +64,14 @@ from .mapstate import (
 from .repository import Repository
 from .selector import WILDCARD, EntitySelector, PeerSelector
 from .selectorcache import SelectionChange, SelectorCache
-from .types import AuthMode, Direction, Policy, PortProtocol, Rule
+from .types import AuthMode, Direction, NamedPort, Policy, Port, PortRange, Rule
 
 
 @dataclass(frozen=True, slots=True)
 class TemplateItem:
     direction: Direction
     selector: PeerSelector | None  # None: every peer (ANY_PEER)
-    port: PortProtocol
+    port: Port
     contribution: Contribution
 
 
@@ -94,7 +103,7 @@ class CompiledRule:
     every endpoint map, for as long as this rule is registered: ids do not depend on where the
     rule sits in a template, and a replaced rule (even under the same name) gets fresh ones."""
 
-    __slots__ = ("rid", "rule", "policy", "base", "items", "by_selector")
+    __slots__ = ("rid", "rule", "policy", "base", "items", "by_selector", "named")
 
     def __init__(self, rid: RuleId, rule: Rule, base: int) -> None:
         self.rid = rid
@@ -108,6 +117,8 @@ class CompiledRule:
                 by.setdefault(item.selector.key, []).append(i)
         # peer selector key → indexes of the items that use it
         self.by_selector: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in by.items()}
+        # indexes of the items with a named port
+        self.named = tuple(i for i, item in enumerate(self.items) if isinstance(item.port, NamedPort))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -202,6 +213,11 @@ class Resolver:
         self._templates: dict[frozenset[RuleId], Template] = {}
         self._rule_templates: dict[RuleId, set[frozenset[RuleId]]] = {}
         self._template_endpoints: dict[frozenset[RuleId], set[int]] = {}
+        # Named container ports per identity (only identities that have some), the identities
+        # declaring each name, and the registered rules with named ports.
+        self.named_ports: dict[int, NamedPorts] = {}
+        self._name_holders: dict[str, set[int]] = {}
+        self._named_rules: set[RuleId] = set()
         for p in self.repository.policies():
             self._register(p.rules)
 
@@ -294,6 +310,68 @@ class Resolver:
             self._drop_endpoint(identity, delta)
         return self._finish(delta)
 
+    def update_named_ports(self, changes: Mapping[int, NamedPorts]) -> PolicyDelta:
+        """The named container ports of identities changed (a pod of theirs came, went or
+        changed its ports): `changes` maps each to the ports of all its pods (empty: none).
+        Only the named-port items that depend on them are re-expanded: ingress items of those
+        identities' own maps, egress items of every map whose peers include them."""
+        delta = PolicyDelta(self.revision)
+        changed = {i: np for i, np in changes.items() if self.named_ports.get(i, NO_NAMED_PORTS) != np}
+        if not changed:
+            return delta
+        work: list[tuple[_EndpointState, CompiledRule, int, tuple[int, ...]]] = []
+        for rid in sorted(self._named_rules):
+            c = self._rules[rid]
+            for rids in self._rule_templates.get(rid, ()):
+                for ident in self._template_endpoints.get(rids, ()):
+                    st = self._endpoints[ident]
+                    for i in c.named:
+                        item = c.items[i]
+                        if item.direction is Direction.INGRESS:
+                            if ident in changed:
+                                work.append((st, c, i, tuple(self._peers(item))))
+                        else:
+                            sel = item.selector
+                            peers = tuple(p for p in changed if sel is None or p in self.cache.selections_view(sel.key))
+                            if peers:
+                                work.append((st, c, i, peers))
+        touched: dict[int, _Touched] = {}
+        for st, c, i, peers in work:
+            item = c.items[i]
+            per_dir = st.contribs[item.direction]
+            td = touched.setdefault(st.identity, _no_touch())[item.direction]
+            for k in self._named_keys(st.identity, item, peers):
+                cs = per_dir.get(k)
+                if cs is not None and cs.pop(c.base + i, None) is not None:
+                    td.add(k)
+        for ident, np in changed.items():
+            old = self.named_ports.pop(ident, NO_NAMED_PORTS)
+            for name in old.names:
+                holders = self._name_holders.get(name)
+                if holders is not None:
+                    holders.discard(ident)
+                    if not holders:
+                        del self._name_holders[name]
+            if np:
+                self.named_ports[ident] = np
+                for name in np.names:
+                    self._name_holders.setdefault(name, set()).add(ident)
+        for st, c, i, peers in work:
+            item = c.items[i]
+            per_dir = st.contribs[item.direction]
+            td = touched[st.identity][item.direction]
+            iid = c.base + i
+            for k in self._named_keys(st.identity, item, peers):
+                cs = per_dir.get(k)
+                if cs is None:
+                    per_dir[k] = {iid: item.contribution}
+                else:
+                    cs[iid] = item.contribution
+                td.add(k)
+        for ident, t in touched.items():
+            self._remerge(self._endpoints[ident], t, delta)
+        return self._finish(delta)
+
     # -- policies ----------------------------------------------------------------------------
 
     def upsert_policy(self, policy: Policy) -> PolicyDelta:
@@ -355,12 +433,15 @@ class Resolver:
                     self.cache.add_selector(sel)
             for key in c.by_selector:
                 self._peer_users.setdefault(key, set()).add(rid)
+            if c.named:
+                self._named_rules.add(rid)
 
     def _unregister(self, rules: Iterable[Rule]) -> None:
         """Forget rules, but keep their selectors cached (see `_release_selectors`)."""
         for rule in rules:
             rid = _rule_id(rule)
             c = self._rules.pop(rid, None)
+            self._named_rules.discard(rid)
             users = self._subject_users.get(rule.subject.key)
             if users is not None:
                 users.discard(rid)
@@ -431,10 +512,42 @@ class Resolver:
     # -- endpoint maps -------------------------------------------------------------------------
 
     def _peers(self, item: TemplateItem) -> Iterable[int]:
-        """The identities a compiled rule item is expanded over (ANY_PEER without a selector)."""
+        """The identities a compiled rule item is expanded over (ANY_PEER without a selector;
+        an egress named port without one: the identities whose pods declare the name)."""
         if item.selector is None:
+            if item.direction is Direction.EGRESS and isinstance(item.port, NamedPort):
+                return self._name_holders.get(item.port.name, ())
             return (ANY_PEER,)
         return self.cache.selections_view(item.selector.key)
+
+    def _keys(self, owner: int, item: TemplateItem, peers: Iterable[int]) -> list[MapKey]:
+        """The keys item `item` puts on endpoint `owner`'s map for `peers`."""
+        port = item.port
+        if isinstance(port, NamedPort):
+            return self._named_keys(owner, item, peers)
+        proto, ports = port.protocol, port.ports
+        return [MapKey(peer, proto, ports) for peer in peers]
+
+    def _named_keys(self, owner: int, item: TemplateItem, peers: Iterable[int]) -> list[MapKey]:
+        """The keys a named-port item puts on endpoint `owner`'s map for `peers`: the port
+        resolved on the destination (`owner` on ingress, each peer on egress), with the named
+        ports in force."""
+        port = item.port
+        assert isinstance(port, NamedPort)
+        out: list[MapKey] = []
+        if item.direction is Direction.INGRESS:
+            found = self.named_ports.get(owner)
+            if found is None:
+                return out
+            resolved = found.resolve(port, every_pod=True)  # every pod of the endpoint's identity
+            for peer in peers:
+                out.extend(MapKey(peer, proto, PortRange(n, n)) for proto, n in resolved)
+            return out
+        for peer in peers:
+            found = self.named_ports.get(peer)
+            if found is not None:
+                out.extend(MapKey(peer, proto, PortRange(n, n)) for proto, n in found.resolve(port))
+        return out
 
     def _expand(self, st: _EndpointState) -> None:
         """Build an endpoint's maps from scratch."""
@@ -443,12 +556,10 @@ class Resolver:
             st.entries[d].clear()
         for c in st.template.compiled:
             for i, item in enumerate(c.items):
-                peers = self._peers(item)
                 per_dir = st.contribs[item.direction]
                 iid = c.base + i
-                proto, ports, contrib = item.port.protocol, item.port.ports, item.contribution
-                for peer in peers:
-                    key = MapKey(peer, proto, ports)
+                contrib = item.contribution
+                for key in self._keys(st.identity, item, self._peers(item)):
                     cs = per_dir.get(key)
                     if cs is None:
                         per_dir[key] = {iid: contrib}
@@ -463,13 +574,11 @@ class Resolver:
 
     def _add_rule(self, st: _EndpointState, c: CompiledRule, touched: _Touched) -> None:
         for i, item in enumerate(c.items):
-            peers = self._peers(item)
             per_dir = st.contribs[item.direction]
             t = touched[item.direction]
             iid = c.base + i
-            proto, ports, contrib = item.port.protocol, item.port.ports, item.contribution
-            for peer in peers:
-                key = MapKey(peer, proto, ports)
+            contrib = item.contribution
+            for key in self._keys(st.identity, item, self._peers(item)):
                 cs = per_dir.get(key)
                 if cs is None:
                     per_dir[key] = {iid: contrib}
@@ -481,13 +590,10 @@ class Resolver:
         # The rule's peer selectors are still cached, with the selections its items were
         # expanded over (selection changes reach every endpoint holding the rule).
         for i, item in enumerate(c.items):
-            peers = self._peers(item)
             per_dir = st.contribs[item.direction]
             t = touched[item.direction]
             iid = c.base + i
-            proto, ports = item.port.protocol, item.port.ports
-            for peer in peers:
-                key = MapKey(peer, proto, ports)
+            for key in self._keys(st.identity, item, self._peers(item)):
                 cs = per_dir.get(key)
                 if cs is not None and cs.pop(iid, None) is not None:
                     t.add(key)
@@ -620,14 +726,11 @@ class Resolver:
                         iid = c.base + i
                         per_dir = st.contribs[item.direction]
                         td = t[item.direction]
-                        proto, ports = item.port.protocol, item.port.ports
-                        for peer in change.removed:
-                            k = MapKey(peer, proto, ports)
+                        for k in self._keys(ident, item, change.removed):
                             cs = per_dir.get(k)
                             if cs is not None and cs.pop(iid, None) is not None:
                                 td.add(k)
-                        for peer in change.added:
-                            k = MapKey(peer, proto, ports)
+                        for k in self._keys(ident, item, change.added):
                             cs = per_dir.get(k)
                             if cs is None:
                                 per_dir[k] = {iid: item.contribution}
@@ -637,14 +740,18 @@ class Resolver:
 
 
 def resolve_endpoint(
-    identity: int, identities: Mapping[int, Labels], policies: Iterable[Policy]
+    identity: int, identities: Mapping[int, Labels], policies: Iterable[Policy],
+    named_ports: Mapping[int, NamedPorts] | None = None,
 ) -> EndpointPolicy | None:
     """One endpoint's resolved policy, computed apart (for an endpoint this node does not keep a
     map for, such as another node's pod): the rules of `policies` that select it, expanded over
-    `identities` (which must hold `identity`), exactly as a `Resolver` holding them would."""
+    `identities` (which must hold `identity`) and `named_ports`, exactly as a `Resolver`
+    holding them would."""
     labels = identities[identity]
     resolver = Resolver(Repository())
     resolver.upsert_policies(p for p in policies if any(r.selects(labels) for r in p.rules))
     resolver.update_identities(identities)
+    if named_ports:
+        resolver.update_named_ports(named_ports)
     resolver.add_endpoint(identity)
     return resolver.endpoint_policy(identity)

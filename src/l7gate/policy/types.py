@@ -92,6 +92,31 @@ ANY_PORT = PortProtocol(ALL_PORTS, Protocol.ANY)
 ANY_ICMP = PortProtocol(ALL_ICMP_TYPES, Protocol.ICMP)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class NamedPort:
+    """`port: http`: a container port of the flow's destination, by its name. Which number it
+    is depends on the destination (the endpoint itself for ingress, the peer for egress) and
+    is resolved against the named container ports of its pods (`namedports.NamedPorts`), per
+    concrete protocol `protocol` covers; a name the destination does not declare selects
+    nothing. `name` is lower-case (Cilium compares port names case-insensitively)."""
+
+    name: str
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.protocol.value}"
+
+
+Port = PortProtocol | NamedPort
+
+
+def port_sort_key(p: Port) -> tuple[int, int, int, str, str]:
+    """One order for numbered and named ports (they do not compare with each other)."""
+    if isinstance(p, NamedPort):
+        return (1, 0, 0, p.protocol.value, p.name)
+    return (0, p.ports.lo, p.ports.hi, p.protocol.value, "")
+
+
 class MismatchAction(str, Enum):
     LOG = "LOG"
     ADD = "ADD"
@@ -200,8 +225,12 @@ class L7Rules:
 class PortRule:
     """One `toPorts` entry, or one `icmps` entry (ICMP types as ports, never L7 rules)."""
 
-    ports: tuple[PortProtocol, ...]  # never empty: "all ports" is ANY_PORT
+    ports: tuple[Port, ...]  # never empty: "all ports" is ANY_PORT; sorted by `port_sort_key`
     l7: L7Rules | None = None
+
+    @property
+    def named(self) -> bool:
+        return any(isinstance(p, NamedPort) for p in self.ports)
 
 
 @dataclass(frozen=True, slots=True)

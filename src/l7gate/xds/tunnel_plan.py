@@ -18,12 +18,13 @@ each candidate exactly from `d`'s map computed apart (`resolve.resolve_endpoint`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..policy.labels import Labels
 from ..policy.mapstate import EndpointPolicy, PortView, tunnel_needed, tunnel_tcp
+from ..policy.namedports import NO_NAMED_PORTS, NamedPorts
 from ..policy.resolve import resolve_endpoint
-from ..policy.types import AuthMode, Direction, Policy, Protocol as L4Protocol
+from ..policy.types import AuthMode, Direction, NamedPort, Policy, Protocol as L4Protocol
 from . import mtls_translate as mt
 from . import rbac
 
@@ -48,6 +49,8 @@ class TunnelInputs:
     policies: tuple[Policy, ...]
     identities: Mapping[int, Labels]
     policy_of: Callable[[int], EndpointPolicy | None]  # the resolver's endpoint_policy (local endpoints)
+    # the named container ports of each identity's pods (for the rules' named ports)
+    named_ports: Mapping[int, NamedPorts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,8 @@ class TunnelPlan:
 
 
 def _auth_ingress_candidates(
-    policies: Sequence[Policy], remote: Sequence[PodView], local: Sequence[PodView]
+    policies: Sequence[Policy], remote: Sequence[PodView], local: Sequence[PodView],
+    named_ports: Mapping[int, NamedPorts],
 ) -> dict[int, dict[int, set[int]]]:
     """remote identity → local identity → ports that some auth-required ingress allow rule on
     the remote identity could tunnel (a superset: `plan` decides each exactly)."""
@@ -103,7 +107,12 @@ def _auth_ingress_candidates(
                         for pp in port_rule.ports:
                             if not pp.protocol.covers(L4Protocol.TCP):
                                 continue
-                            if pp.ports.lo == pp.ports.hi:
+                            if isinstance(pp, NamedPort):  # the destination's port of that name
+                                n = named_ports.get(d.identity, NO_NAMED_PORTS).number(
+                                    pp.name, L4Protocol.TCP, every_pod=True)  # d's ingress
+                                if n is not None:
+                                    ports.add(n)
+                            elif pp.ports.lo == pp.ports.hi:
                                 ports.add(pp.ports.lo)
                             else:  # a range: the ports the destination pod declares in it
                                 ports.update(x for x in d.ports if pp.ports.contains(x))
@@ -143,7 +152,7 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
                 ingress_ids.add(p.identity)
 
     # Source side: exact decisions of the remote destinations' ingress policy.
-    candidates = _auth_ingress_candidates(inputs.policies, remote, local)
+    candidates = _auth_ingress_candidates(inputs.policies, remote, local, inputs.named_ports)
     kernel: set[TunnelKey] = set()
     tcp: set[TunnelKey] = set()  # the TCP variant's share of `kernel`
     for d, per_source in sorted(candidates.items()):
@@ -154,6 +163,7 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
             d,
             {d: d_labels} | {s: inputs.identities[s] for s in per_source if s in inputs.identities},
             inputs.policies,
+            {d: inputs.named_ports[d]} if d in inputs.named_ports else None,
         )
         for s, ports in per_source.items():
             for port in ports:
