@@ -1,8 +1,10 @@
 """`l7gate policy trace`: the verdict for one connection/request, explained step by step.
 
-Builds a throw-away world from manifest files — policies, Pods, Namespaces — the way an agent
-would: identity labels from the pods, numeric identities from each cluster's range (clusters
-numbered 1, 2, ... in name order), then asks the reference evaluator. Egress is judged with the
+Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces — the
+way an agent would: identity labels from the pods, numeric identities from each cluster's range
+(clusters numbered 1, 2, ... in name order), then asks the reference evaluator. A `cidrGroupRef`
+or `cidrGroupSelector` selects the CIDRs of the groups given in the files (a group not given
+does not exist, and selects nothing). Egress is judged with the
 source cluster's view and ingress with the destination cluster's, as the two agents would.
 """
 
@@ -19,10 +21,11 @@ from ..identity.numeric import IdentityError, reserved_identity
 from ..k8s.manifests import load
 from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..kvstore.sqlite import SQLiteKVStore
+from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.evaluate import WORLD_ID, Flow, Layer, Peer, Verdict, evaluate
 from ..policy.fqdn import FQDNSelector, fqdn
-from ..policy.parse import POLICY_KINDS, parse_policy
+from ..policy.parse import KIND_CIDR_GROUP, POLICY_KINDS, parse_policy
 from ..policy.types import HTTPRequest, Protocol, Rule
 
 EXIT_INVALID = 1
@@ -111,7 +114,9 @@ class TraceResult:
         }
 
 
-def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace]]:
+def _load(
+    req: TraceRequest,
+) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace], dict[str, CIDRGroup]]:
     manifests, errors = load(req.paths)
     missing = [e for e in errors if e.missing]
     if missing:
@@ -121,22 +126,28 @@ def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], dict[tupl
     policies: list[dict[str, Any]] = []
     pods: list[Pod] = []
     namespaces: dict[tuple[str, str], Namespace] = {}
+    groups: dict[str, CIDRGroup] = {}
     problems: list[str] = []
     for m in manifests:
         kind = m.kind
         try:
             if kind in POLICY_KINDS:
                 policies.append(m.obj)
+            elif kind == KIND_CIDR_GROUP:
+                group = parse_cidr_group(m.obj)
+                if group.name in groups:
+                    problems.append(f"{m.where}: {group.key} is given twice")
+                groups[group.name] = group
             elif kind == "Pod":
                 pods.append(parse_pod(m.obj, default_cluster=req.cluster_name))
             elif kind == "Namespace":
                 ns = scoped_namespace(m.obj, default_cluster=req.cluster_name)
                 namespaces[(ns.cluster, ns.name)] = ns
-        except K8sObjectError as exc:
+        except (K8sObjectError, PolicyValidationError) as exc:
             problems.append(f"{m.where}: {exc}")
     if problems:
         raise TraceError("invalid objects:\n  " + "\n  ".join(problems), EXIT_INVALID)
-    return policies, pods, namespaces
+    return policies, pods, namespaces, groups
 
 
 def _rules_for_cluster(docs: list[dict[str, Any]], cluster: str) -> list[Rule]:
@@ -175,7 +186,7 @@ def _find_pod(ref: str, pods: list[Pod]) -> Pod:
 
 
 def run_trace(req: TraceRequest) -> TraceResult:
-    docs, pods, namespaces = _load(req)
+    docs, pods, namespaces, groups = _load(req)
     clusters = sorted({p.cluster for p in pods} | {req.cluster_name})
     if len(clusters) > 255:
         raise TraceError("more than 255 clusters", EXIT_INVALID)
@@ -223,11 +234,11 @@ def run_trace(req: TraceRequest) -> TraceResult:
     egress = Verdict(True, None)
     if src.peer.managed:
         egress_rules = _rules_for_cluster(docs, src.cluster)
-        egress = evaluate(egress_rules, _one_side(flow, source_managed=True))
+        egress = evaluate(egress_rules, _one_side(flow, source_managed=True), groups)
     ingress = Verdict(True, None)
     if dst.peer.managed and egress.allowed:
         ingress_rules = _rules_for_cluster(docs, dst.cluster)
-        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False))
+        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False), groups)
     decided = egress if not egress.allowed else ingress
     if decided.allowed:
         policies = tuple(sorted(set(egress.policies) | set(ingress.policies)))
