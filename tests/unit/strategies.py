@@ -565,7 +565,8 @@ def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = (
     else:  # a plain one, selecting the pods of a namespace, so that the group rule decides verdicts
         doc = {"apiVersion": "cilium.io/v2", "kind": CNP, "metadata": {"name": draw(st.sampled_from(POLICY_NAMES))},
                "spec": {"endpointSelector": weighted(draw, [(3, {}), (1, draw(label_selectors(hints=hints)))])}}
-        if hints and draw(st.booleans()):
+        from_hint: bool = draw(st.booleans())
+        if hints and from_hint:
             doc["metadata"]["namespace"] = draw(st.sampled_from(list(hints)))[NAMESPACE_KEY]
     spec = doc["spec"] if "spec" in doc else doc["specs"][0]
     if not isinstance(spec, dict):

@@ -1,14 +1,17 @@
 """CiliumCIDRGroup and the CIDR rules that name groups (`cidrGroupRef`, `cidrGroupSelector`):
 parsing and its errors (each naming its field; Cilium's sanitizer reasons for the CIDR rule),
-and what a reference selects with the groups in force, read by the reference evaluator and by
-the expansion the agent resolves, which must agree."""
+what a reference selects with the groups in force, read by the reference evaluator and by the
+expansion the agent resolves, which must agree; and the group parser on junk."""
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from l7gate.policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
 from l7gate.policy.errors import Finding, PolicyValidationError
@@ -20,8 +23,10 @@ from l7gate.policy.resolve import Resolver
 from l7gate.policy.selector import CIDRGroupPeer, CIDRSelector
 from l7gate.policy.types import Direction, Protocol
 
+from . import strategies as gen
 from .test_policy_cilium_sanitizer import errors_of, only_error, warnings_of
 from .test_policy_parse import cnp
+from .test_policy_properties import check_finding, examples
 
 
 def ccg(name: str = "partners", cidrs: Any = ("192.0.2.0/24",), *, api: str = "cilium.io/v2alpha1",
@@ -269,3 +274,36 @@ def test_expansion_leaves_other_rules_alone() -> None:
     assert expanded.rules[0].rules[1].peers == ()  # selects no peer: never every peer
     plain = parse_policy(egress({"cidr": "10.0.0.0/8"}))
     assert expand_policy(plain, {"g": group("g", "192.0.2.0/24")}) is plain
+
+
+# -- the group parser on junk (CONVENTIONS.md 12) ------------------------------------------------------
+
+def check_group_parser(doc: Any) -> None:
+    """Parses or raises PolicyValidationError (never anything else), with findings that point into
+    the document, and leaves the document alone."""
+    before = copy.deepcopy(doc)
+    try:
+        g = parse_cidr_group(doc)
+    except PolicyValidationError as exc:
+        assert exc.errors
+        for f in exc.errors:
+            check_finding(doc, f, "error")
+    else:
+        assert isinstance(g, CIDRGroup) and g.name
+        for f in g.warnings:
+            check_finding(doc, f, "warning")
+    assert doc == before
+
+
+@examples(200)
+@given(st.one_of(gen.json_values(), st.fixed_dictionaries(
+    {"apiVersion": st.sampled_from(("cilium.io/v2alpha1", "cilium.io/v2")), "kind": st.just("CiliumCIDRGroup"),
+     "metadata": gen.json_values(max_leaves=4) | st.just({"name": "g"}), "spec": gen.json_values(max_leaves=8)})))
+def test_the_group_parser_on_arbitrary_json(doc: Any) -> None:
+    check_group_parser(doc)
+
+
+@examples(100)
+@given(gen.cidr_group_docs())
+def test_the_group_parser_on_generated_groups(doc: dict[str, Any]) -> None:
+    check_group_parser(doc)
