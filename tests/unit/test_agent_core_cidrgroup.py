@@ -190,3 +190,29 @@ def test_an_invalid_group_is_refused_with_its_field_and_changes_nothing(core: Ag
         core.apply(twice)
     assert core.view().policy_revision == revision
     assert may_connect(core, "192.0.2.10") and not may_connect(core, "198.51.100.7")
+
+
+def test_a_group_change_the_store_refuses_changes_nothing(tmp_path: Path) -> None:
+    """A group comes into force with the request's policies, once the store has committed them:
+    a failed commit leaves the group in force as it was."""
+    from l7gate.kvstore.api import KVStoreError
+
+    from .test_agent_apply_bulk import StoreFailingOn
+
+    store = SQLiteKVStore(str(tmp_path / "kv.db"))
+    failing = StoreFailingOn(store, "")
+    cfg = AgentConfig(node="n1", cluster_name="cluster-a", cluster_id=1, state_dir=str(tmp_path),
+                      envoy=EnvoySettings(enabled=False), datapath_mode="kernel")
+    core = AgentCore(cfg, failing, SnapshotCache())  # type: ignore[arg-type]
+    try:
+        core.apply([CLIENT_POD, egress_policy({"cidrGroupRef": "partners"}), group("partners", "192.0.2.0/24")])
+        failing.key = "l7gate/v1/policies/CiliumNetworkPolicy/payments/other"
+        with pytest.raises(KVStoreError):
+            core.apply([group("partners", "198.51.100.0/24"), egress_policy({"cidr": "10.0.0.0/8"}, name="other")])
+        assert core.document("CiliumCIDRGroup", GROUP_KEY) == group("partners", "192.0.2.0/24")
+        assert may_connect(core, "192.0.2.10") and not may_connect(core, "198.51.100.7")
+        failing.key = ""
+        core.apply([group("partners", "198.51.100.0/24")])  # and the next change starts from there
+        assert not may_connect(core, "192.0.2.10") and may_connect(core, "198.51.100.7")
+    finally:
+        store.close()

@@ -415,13 +415,17 @@ class AgentCore:
             # One transaction (one fsync) per request, committed before any policy of the
             # request comes into force: if the store refuses it, the policies in force stay.
             with self.store.batch():
-                result, changed, groups_changed = self._stage(checked, persist=persist)
+                result, changed, changed_groups = self._stage(checked, persist=persist)
             t2 = time.perf_counter()
+            # The groups come into force with the policies, once the store has them.
+            for group, doc in changed_groups:
+                self._cidr_groups[group.name] = group
+                self._cidr_group_docs[group.key] = doc
             # One resolver change for the whole request: each endpoint is recomputed once.
             self._feed(self.resolver.upsert_policies(
-                self._expanded([p for p, _ in changed], groups_changed=groups_changed)))
+                self._expanded([p for p, _ in changed], groups_changed=bool(changed_groups))))
             self._policy_docs.update((p.key, doc) for p, doc in changed)
-            if changed or groups_changed:
+            if changed or changed_groups:
                 self._sync_cidr_identities()
                 self._sync_fqdn_selectors()
             t3 = time.perf_counter()
@@ -438,12 +442,13 @@ class AgentCore:
                          "total": t4 - t0}
         return result
 
-    def _stage(self, checked: _Checked, *, persist: bool) -> tuple[ApplyResult, list[tuple[Policy, Any]], bool]:
-        """Inside the request's store transaction: namespaces, pods, Services and CIDR groups
-        into force (pods' identities are allocated in the store), every changed object into the
-        store. Returns the policies that change, for the caller to bring into force once the
-        store has them, and whether a CIDR group changed (the policies naming groups are then
-        expanded again)."""
+    def _stage(
+        self, checked: _Checked, *, persist: bool
+    ) -> tuple[ApplyResult, list[tuple[Policy, Any]], list[tuple[CIDRGroup, Any]]]:
+        """Inside the request's store transaction: namespaces, pods and Services into force
+        (pods' identities are allocated in the store), every changed object into the store.
+        Returns the policies and the CIDR groups that change, for the caller to bring into force
+        once the store has them (the policies naming groups are then expanded again)."""
         policies, namespaces, pods = checked.policies, checked.namespaces, checked.pods
         result = ApplyResult()
         for ns, doc in namespaces:
@@ -487,14 +492,12 @@ class AgentCore:
                 if persist:
                     self.store.put(SERVICE_PREFIX + key, _canonical(doc))
             self._record(result, f"service/{key}", old_doc is None, same)
-        groups_changed = False
+        changed_groups: list[tuple[CIDRGroup, Any]] = []
         for group, doc in checked.groups:
             old_doc = self._cidr_group_docs.get(group.key)
             same = old_doc is not None and _canonical(old_doc) == _canonical(doc)
             if not same:
-                self._cidr_groups[group.name] = group
-                self._cidr_group_docs[group.key] = doc
-                groups_changed = True
+                changed_groups.append((group, doc))
                 if persist:
                     self.store.put(CIDR_GROUP_PREFIX + group.name, _canonical(doc))
             self._record(result, group.key, old_doc is None, same)
@@ -508,7 +511,7 @@ class AgentCore:
                 if canonical is not None and persist:
                     self.store.put(POLICY_PREFIX + policy.key, canonical)
             self._record(result, policy.key, old is None, same)
-        return result, changed, groups_changed
+        return result, changed, changed_groups
 
     def _expanded(self, changed: Sequence[Policy], *, groups_changed: bool) -> list[Policy]:
         """What the resolver is to upsert: the `changed` policies expanded with the CIDR groups
