@@ -126,6 +126,14 @@ def test_trace_resolves_group_references_with_the_groups_given(
     assert result["verdict"] == verdict, result["reasons"]
 
 
+def test_trace_names_the_groups_holding_an_address(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "policy", "trace", "-f", str(files["policy"]), "-f", str(files["pods"]),
+                       "-f", str(files["group"]), "--from", "web/client", "--to", "203.0.113.200", "--port", "443")
+    assert rc == 0, err
+    assert "to   203.0.113.200 (in CiliumCIDRGroup partners)" in out, out  # held by it, though excepted
+    assert "Verdict: DENIED at L3/L4" in out
+
+
 def test_trace_refuses_an_invalid_group(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     files["group"].write_text(GROUP.replace("192.0.2.0/24", "192.0.2.0/99"))
     rc, _, err = run(capsys, "policy", "trace", "-f", str(files["policy"]), "-f", str(files["pods"]),

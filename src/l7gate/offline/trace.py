@@ -204,7 +204,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
                 return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
             address = _address(ref)
             if address is not None and not any(p.ip == address for p in pods):
-                return _address_party(address, docs, req)
+                return _address_party(address, docs, req, groups)
             pod = _find_pod(ref, pods)
             try:
                 labels = pod_identity_labels(pod, namespace_of(pod, namespaces))
@@ -264,10 +264,12 @@ def _address(ref: str) -> str | None:
         return None
 
 
-def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest) -> Party:
+def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest,
+                   groups: Mapping[str, CIDRGroup]) -> Party:
     """An address outside the inventory: its CIDR identity's labels, plus the `fqdn:` labels
     of the policies' toFQDNs selectors that match a name the cache snapshot gives it (as the
-    agent labels an address its DNS proxy learned)."""
+    agent labels an address its DNS proxy learned). Its name says which of the CiliumCIDRGroups
+    given hold it."""
     names = [fqdn(n) for n, ips in req.fqdn_cache.items() if ip in ips]
     selectors: set[FQDNSelector] = set()
     for doc in docs:
@@ -279,8 +281,13 @@ def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest) -> Pa
             for pr in rule.rules:
                 selectors.update(p for p in pr.peers or () if isinstance(p, FQDNSelector))
     keys = sorted({s.key for s in selectors for n in names if s.match.matches(n)})
-    labels = fqdn_cidr_labels(ipaddress.ip_network(ip), keys)
+    net = ipaddress.ip_network(ip)
+    labels = fqdn_cidr_labels(net, keys)
     shown = f"{ip} ({', '.join(n.rstrip('.') for n in names)})" if names else ip
+    holding = sorted(g.name for g in groups.values()
+                     if any(c.version == net.version and net.subnet_of(c) for c in g.cidrs))  # type: ignore[arg-type]
+    if holding:
+        shown += f" (in CiliumCIDRGroup {', '.join(holding)})"
     return Party(shown, "", ip, WORLD_ID, Peer(WORLD_ID, labels, managed=False, name=shown))
 
 
