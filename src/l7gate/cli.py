@@ -25,7 +25,7 @@ from .offline.validate import validate_paths
 from .k8s.manifests import Manifest, kind_problem, load, object_name
 from .policy.icmp import ICMPTypeError, parse_icmp_type
 from .policy.names import label_problem, port_name_problem
-from .policy.parse import POLICY_KINDS
+from .policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -62,7 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
     v = psub.add_parser(
         "validate",
         help="check policy files; print errors and warnings as `file: path: message`",
-        description="Check CNP/CCNP/NetworkPolicy documents in files or folders (multi-document YAML). "
+        description="Check CNP/CCNP/NetworkPolicy (and CiliumCIDRGroup) documents in files or folders "
+        "(multi-document YAML). "
         "Prints every error and lint warning as `file: resource: path: message`. "
         "Exit 0 when valid (warnings allowed), 1 when any policy is invalid, 2 on usage error.",
     )
@@ -82,8 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="explain the verdict for one request between two pods",
         description="Compute the verdict the policies give a connection (and HTTP request), or an "
         "ICMP message (--icmp-type), from "
-        "one pod to another, and explain it step by step. PATH holds CNP, CCNP, NetworkPolicy, Pod and "
-        "Namespace objects; a Pod's cluster is its `l7gate.io/cluster` annotation "
+        "one pod to another, and explain it step by step. PATH holds CNP, CCNP, NetworkPolicy, "
+        "CiliumCIDRGroup, Pod and Namespace objects; a Pod's cluster is its `l7gate.io/cluster` annotation "
         "(default: --cluster-name). Pods are named [CLUSTER/]NAMESPACE/POD; `world` stands "
         "for an address outside the cluster.",
     )
@@ -142,18 +143,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     a = psub.add_parser(
-        "apply", parents=[admin_flags], help="apply CNP/CCNP/NetworkPolicy files to a running agent",
-        description="Send every CNP/CCNP/NetworkPolicy in PATH to the agent. All or nothing: if any policy is "
-        "invalid, nothing changes and every error is printed. Other objects are skipped.",
+        "apply", parents=[admin_flags], help="apply CNP/CCNP/NetworkPolicy/CiliumCIDRGroup files to a running agent",
+        description="Send every CNP/CCNP/NetworkPolicy and CiliumCIDRGroup in PATH to the agent. All or nothing: "
+        "if any object is invalid, nothing changes and every error is printed. Other objects are skipped.",
     )
     a.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
-    g = psub.add_parser("get", parents=[admin_flags], help="list the policies in force",
-                        description="List the policies the agent enforces.")
+    g = psub.add_parser("get", parents=[admin_flags], help="list the policies (and CIDR groups) in force",
+                        description="List the policies the agent enforces, and the CiliumCIDRGroups they may name.")
     g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     d = psub.add_parser(
         "delete", parents=[admin_flags], help="delete policies by name or file",
         description="Delete policies: by KIND/[NAMESPACE/]NAME (e.g. "
-        "CiliumNetworkPolicy/payments/allow-web) or every policy in -f PATH.",
+        "CiliumNetworkPolicy/payments/allow-web, CiliumCIDRGroup/partners) or every policy and CIDR group "
+        "in -f PATH.",
     )
     d.add_argument("names", nargs="*", metavar="KIND/[NS/]NAME")
     d.add_argument("-f", "--file", dest="paths", action="append", default=[], metavar="PATH")
@@ -492,7 +494,7 @@ def _load_kinds(paths: list[str], kinds: tuple[str, ...], *, unique: bool = Fals
         if (problem := kind_problem(m.obj, kinds)) is not None
     ]
     if unique:
-        refused.extend(_defined_twice([m for m in manifests if m.kind in POLICY_KINDS]))
+        refused.extend(_defined_twice([m for m in manifests if m.kind in POLICY_INPUT_KINDS]))
     if refused:
         raise _Invalid("\n".join(refused))
     objs = [m.obj for m in manifests if m.kind in kinds]
@@ -596,7 +598,7 @@ def _send_apply(
 
 
 def _cmd_policy_apply(args: argparse.Namespace) -> int:
-    objs, skipped = _load_kinds(args.paths, POLICY_KINDS, unique=True)
+    objs, skipped = _load_kinds(args.paths, POLICY_INPUT_KINDS, unique=True)
     _print_apply(_send_apply(args, objs, "policies", AdminClient.apply_policies, "l7gate policy get"), skipped)
     return EXIT_OK
 
@@ -613,7 +615,11 @@ def _cmd_policy_get(args: argparse.Namespace) -> int:
         rows = []
         for p in data["policies"]:
             spec = p["object"].get("spec") or {}
-            rows.append([p["key"], str(spec.get("description", ""))[:60]])
+            if p["object"].get("kind") == KIND_CIDR_GROUP:  # its CIDRs are what it says
+                about = ", ".join(str(c) for c in spec.get("externalCIDRs") or ()) or "(no CIDR)"
+            else:
+                about = str(spec.get("description", ""))
+            rows.append([p["key"], about[:60]])
         print(_table(rows, ["POLICY", "DESCRIPTION"]))
         print(f"(revision {data['revision']}, {len(data['endpoints'])} endpoint(s) under policy)", file=sys.stderr)
     return EXIT_OK
@@ -622,7 +628,7 @@ def _cmd_policy_get(args: argparse.Namespace) -> int:
 def _policy_key(obj: Any) -> str:
     meta = obj.get("metadata") or {}
     ns = meta.get("namespace") or "default"
-    if obj.get("kind") == POLICY_KINDS[1]:
+    if obj.get("kind") in (POLICY_KINDS[1], KIND_CIDR_GROUP):
         return f"{obj['kind']}/{meta.get('name')}"
     return f"{obj['kind']}/{ns}/{meta.get('name')}"
 
@@ -630,7 +636,7 @@ def _policy_key(obj: Any) -> str:
 def _cmd_policy_delete(args: argparse.Namespace) -> int:
     keys = list(args.names)
     if args.paths:
-        objs, _ = _load_kinds(args.paths, POLICY_KINDS)
+        objs, _ = _load_kinds(args.paths, POLICY_INPUT_KINDS)
         keys.extend(_policy_key(o) for o in objs)
     if not keys:
         raise _Usage("name a policy (KIND/[NS/]NAME) or give -f PATH")

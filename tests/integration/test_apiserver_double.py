@@ -612,3 +612,23 @@ def test_direct_methods_follow_the_api_rules(api: ApiServerDouble, tmp_path: Pat
                      patch_type="strategic")["spec"]["containers"] == [{"name": "c", "image": "busybox:2"}]
     with pytest.raises(KeyError):
         api.resource("ingresses")
+
+
+def test_a_cidr_group_is_one_object_served_in_both_versions(kubectl_ok: str) -> None:
+    """CiliumCIDRGroup's CRD serves cilium.io/v2 and the deprecated v2alpha1, as Cilium 1.18 does:
+    written in one version, the object is read in either, and says the version it is read in."""
+    group = {"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumCIDRGroup", "metadata": {"name": "partners"},
+             "spec": {"externalCIDRs": ["192.0.2.0/24"]}}
+    with ApiServerDouble(tls=False) as api:
+        assert "ciliumcidrgroup.cilium.io/partners created" in ok(api.kubectl("apply", "-f", "-", input=json.dumps(group)))
+        for version in ("v2", "v2alpha1"):
+            with urllib.request.urlopen(f"{api.url}/apis/cilium.io/{version}/ciliumcidrgroups/partners") as r:
+                assert json.load(r)["apiVersion"] == f"cilium.io/{version}"
+            with urllib.request.urlopen(f"{api.url}/apis/cilium.io/{version}/ciliumcidrgroups") as r:
+                listed = json.load(r)
+            assert [(i["apiVersion"], i["metadata"]["name"]) for i in listed["items"]] == \
+                [(f"cilium.io/{version}", "partners")]
+        assert ok(api.kubectl("get", "ccg", "-o", "name")).split() == ["ciliumcidrgroup.cilium.io/partners"]
+        with urllib.request.urlopen(f"{api.url}/apis/cilium.io/v2/ciliumcidrgroups?watch=1&timeoutSeconds=1") as r:
+            (event,) = [json.loads(line) for line in r.read().splitlines() if line.strip()]
+        assert event["type"] == "ADDED" and event["object"]["apiVersion"] == "cilium.io/v2"

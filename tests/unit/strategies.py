@@ -16,6 +16,10 @@ Shapes (also the corpus formats):
 - policy document: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy as loaded from YAML.
   Most parse; a few are invalid on purpose (both selectors, L7 in a deny rule, UDP with HTTP
   rules, bad regex, unknown entity, ...), so callers must discard what the parser rejects.
+  `toCIDRSet` entries name CiliumCIDRGroups (`cidrGroupRef`, `cidrGroupSelector`) now and then.
+- CIDR group document: a CiliumCIDRGroup (names g1-g3, CIDRs around the universe's CIDR
+  identities, a `role` label); scenarios carry a few under ``"cidr_groups"``, and references
+  to a group that is not there (g4) stay possible.
 - flow: ``{"src": id, "dst": id, "port": n, "protocol": "TCP", "http": request | null,
   "authenticated": bool}`` with request ``{"method", "path", "host", "headers"}``. An ICMP
   flow has ``"protocol": "ICMP"`` and its ICMP type as ``"port"``.
@@ -120,6 +124,12 @@ AUTH_MODES = ("disabled", "required", "test-always-fail")
 # `icmps` types: numbers and Cilium's names (8 three ways), a few the flows never use.
 ICMP_TYPES: tuple[int | str, ...] = (8, "EchoRequest", 0, "EchoReply", 13, "8", "Echo", "DestinationUnreachable", 255)
 BAD_ICMP_TYPES: tuple[Any, ...] = (256, "Ping", "echoRequest", "08", True)
+CIDR_GROUP_NAMES = ("g1", "g2", "g3")
+CIDR_GROUP_ROLES = ("vpn", "office")
+# Around the universe's CIDR identities (CIDR_PREFIXES), whole families included.
+GROUP_CIDRS = ("10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.0.0/16", "10.0.0.0/8", "0.0.0.0/0",
+               "2001:db8::/32")
+GROUP_EXCEPTS = ("10.1.2.0/24", "10.1.2.3/32", "10.1.0.0/16", "192.168.1.0/24", "10.0.0.0/8")
 
 REQUEST_METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD")
 REQUEST_PATHS = (
@@ -139,7 +149,7 @@ FIELD_NAMES = (
     "fromEndpoints", "toEndpoints", "fromEntities", "toEntities", "fromCIDR", "toCIDR",
     "fromCIDRSet", "toCIDRSet", "cidr", "except", "toPorts", "ports", "port", "endPort",
     "protocol", "rules", "http", "method", "path", "host", "headers", "headerMatches", "value",
-    "mismatch", "authentication", "mode", "source", "icmps", "fields", "type", "family",
+    "mismatch", "authentication", "mode", "source", "icmps", "fields", "type", "family", "cidrGroupRef", "cidrGroupSelector",
 )
 # Strings that have broken parsers before: non-ASCII digits, a lone surrogate (valid in JSON as
 # "\ud800"), a number too long for int(), whitespace, signs.
@@ -199,7 +209,7 @@ def host_labels() -> st.SearchStrategy[dict[str, str]]:
 
 
 @st.composite
-def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5) -> dict[str, Any]:
+def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5, min_cidrs: int = 0) -> dict[str, Any]:
     """Identities (world always, other reserved and CIDR identities sometimes, a few pods) and
     the endpoints under policy (some pods, sometimes the host)."""
     identities: dict[str, dict[str, str]] = {str(WORLD_ID): RESERVED_IDENTITIES[WORLD_ID]}
@@ -207,7 +217,7 @@ def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5) -> dict[
         identities[str(ident)] = dict(RESERVED_IDENTITIES[ident])
     if draw(st.booleans()):
         identities[str(HOST_ID)] = draw(host_labels())
-    for ident in draw(st.sets(st.sampled_from(sorted(CIDR_IDENTITIES)), max_size=3)):
+    for ident in draw(st.sets(st.sampled_from(sorted(CIDR_IDENTITIES)), min_size=min_cidrs, max_size=max(3, min_cidrs))):
         identities[str(ident)] = dict(CIDR_IDENTITIES[ident])
     n = draw(st.integers(min_pods, max_pods))
     pods = POD_IDS[:n]
@@ -415,11 +425,54 @@ def peer_rules(
 
 @st.composite
 def cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
-    outer = draw(st.sampled_from(("10.0.0.0/8", "10.1.0.0/16", "0.0.0.0/0", "192.168.0.0/16")))
-    entry: dict[str, Any] = {"cidr": outer}
-    if draw(st.booleans()):
-        entry["except"] = draw(st.lists(st.sampled_from(("10.1.2.0/24", "10.1.0.0/16", "10.1.2.3/32")), max_size=2))
+    """A `toCIDRSet` entry: mostly a CIDR, sometimes CIDR groups by name (g4 never exists) or by
+    label; rarely two kinds at once (refused)."""
+    kind = weighted(draw, [(6, "cidr"), (3, "ref"), (2, "selector"), (1, "two")])
+    entry: dict[str, Any] = {}
+    if kind in ("cidr", "two"):
+        entry["cidr"] = draw(st.sampled_from(("10.0.0.0/8", "10.1.0.0/16", "0.0.0.0/0", "192.168.0.0/16")))
+        if draw(st.booleans()):
+            entry["except"] = draw(st.lists(st.sampled_from(("10.1.2.0/24", "10.1.0.0/16", "10.1.2.3/32")), max_size=2))
+    if kind in ("ref", "two"):
+        entry["cidrGroupRef"] = weighted(draw, [(6, draw(st.sampled_from(CIDR_GROUP_NAMES))), (1, "g4")])
+    if kind == "selector":
+        entry["cidrGroupSelector"] = draw(cidr_group_selectors())
+    if kind in ("ref", "selector") and draw(st.booleans()):
+        entry["except"] = draw(st.lists(st.sampled_from(GROUP_EXCEPTS), max_size=2))
     return entry
+
+
+@st.composite
+def cidr_group_selectors(draw: st.DrawFn) -> dict[str, Any]:
+    kind = weighted(draw, [(4, "role"), (2, "expr"), (1, "name"), (1, "empty")])
+    if kind == "role":
+        return {"matchLabels": {"role": draw(st.sampled_from(CIDR_GROUP_ROLES))}}
+    if kind == "expr":
+        op = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
+        expr: dict[str, Any] = {"key": "role", "operator": op}
+        if op in ("In", "NotIn"):
+            expr["values"] = [draw(st.sampled_from(CIDR_GROUP_ROLES))]
+        return {"matchExpressions": [expr]}
+    if kind == "name":
+        name = draw(st.sampled_from(CIDR_GROUP_NAMES))
+        return {"matchExpressions": [{"key": f"io.cilium.policy.cidrgroupname/{name}", "operator": "Exists"}]}
+    return {}
+
+
+@st.composite
+def cidr_group_docs(draw: st.DrawFn, *, name: str | None = None) -> dict[str, Any]:
+    """A CiliumCIDRGroup, in either version Cilium serves; rarely with a bare address (refused)."""
+    meta: dict[str, Any] = {"name": name or draw(st.sampled_from(CIDR_GROUP_NAMES))}
+    if draw(st.booleans()):
+        meta["labels"] = {"role": draw(st.sampled_from(CIDR_GROUP_ROLES))}
+    # mostly wide CIDRs, which hold several of the universe's CIDR identities
+    wide = ("10.0.0.0/8", "10.1.0.0/16")
+    cidrs = draw(st.lists(st.sampled_from(wide * 3 + GROUP_CIDRS), min_size=weighted(draw, [(1, 0), (8, 1)]),
+                          max_size=3))
+    if weighted(draw, [(30, False), (1, True)]):
+        cidrs.append("10.1.2.3")
+    return {"apiVersion": draw(st.sampled_from(("cilium.io/v2alpha1", "cilium.io/v2"))), "kind": "CiliumCIDRGroup",
+            "metadata": meta, "spec": {"externalCIDRs": cidrs}}
 
 
 @st.composite
@@ -565,7 +618,80 @@ def scenarios(draw: st.DrawFn, *, max_policies: int = 4, max_flows: int = 10) ->
         "default_namespace": DEFAULT_NAMESPACE,
         **universe,
         "policies": draw(st.lists(policy_docs(hints=hints), min_size=1, max_size=max_policies)),
+        "cidr_groups": draw(st.lists(cidr_group_docs(), max_size=3)),
         "flows": draw(st.lists(flows(universe), min_size=2, max_size=max_flows)),
+    }
+
+
+@st.composite
+def group_cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
+    """A `toCIDRSet` entry that names CIDR groups (by name, g4 never existing, or by label)."""
+    entry: dict[str, Any] = {}
+    if draw(st.booleans()):
+        entry["cidrGroupRef"] = weighted(draw, [(6, draw(st.sampled_from(CIDR_GROUP_NAMES))), (1, "g4")])
+    else:
+        entry["cidrGroupSelector"] = draw(cidr_group_selectors())
+    if weighted(draw, [(1, False), (2, True)]):
+        # mostly ranges inside the wide group CIDRs, around the universe's CIDR identities
+        entry["except"] = draw(st.lists(
+            st.sampled_from(GROUP_EXCEPTS[:2] * 3 + GROUP_EXCEPTS[2:]), min_size=1, max_size=2))
+    return entry
+
+
+@st.composite
+def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A policy document with one more rule, whose peers are CIDR groups (allow or deny, either
+    direction; CIDR entries beside them sometimes)."""
+    if weighted(draw, [(2, False), (1, True)]):
+        doc = copy.deepcopy(draw(policy_docs(hints=hints)))
+    else:  # a plain one, selecting the pods of a namespace, so that the group rule decides verdicts
+        doc = {"apiVersion": "cilium.io/v2", "kind": CNP, "metadata": {"name": draw(st.sampled_from(POLICY_NAMES))},
+               "spec": {"endpointSelector": weighted(draw, [(3, {}), (1, draw(label_selectors(hints=hints)))])}}
+        from_hint: bool = draw(st.booleans())
+        if hints and from_hint:
+            doc["metadata"]["namespace"] = draw(st.sampled_from(list(hints)))[NAMESPACE_KEY]
+    spec = doc["spec"] if "spec" in doc else doc["specs"][0]
+    if not isinstance(spec, dict):
+        return doc
+    field = weighted(draw, [(3, "ingress"), (3, "egress"), (1, "ingressDeny"), (1, "egressDeny")])
+    entries = draw(st.lists(group_cidr_sets(), min_size=1, max_size=2))
+    if weighted(draw, [(4, False), (1, True)]):
+        entries.append(draw(cidr_sets()))
+    rule: dict[str, Any] = {("fromCIDRSet" if field.startswith("ingress") else "toCIDRSet"): entries}
+    if weighted(draw, [(3, False), (1, True)]):
+        rule["toPorts"] = [{"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}]
+    existing = spec.get(field)
+    spec[field] = [*existing, rule] if isinstance(existing, list) else [rule]
+    return doc
+
+
+@st.composite
+def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
+    """A scenario (`scenarios`' format) where policies name CIDR groups, the universe has CIDR
+    identities for the groups' CIDRs to select, and flows go between them and endpoints."""
+    universe = draw(universes(min_cidrs=2))
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    cidr_ids = sorted(int(i) for i in universe["identities"] if int(i) in CIDR_IDENTITIES or int(i) == WORLD_ID)
+    eps = list(universe["endpoints"])
+
+    @st.composite
+    def flow(draw: st.DrawFn) -> dict[str, Any]:
+        f = draw(flows(universe))
+        if draw(st.booleans()):
+            f["src"], f["dst"] = draw(st.sampled_from(cidr_ids)), draw(st.sampled_from(eps))
+        else:
+            f["src"], f["dst"] = draw(st.sampled_from(eps)), draw(st.sampled_from(cidr_ids))
+        return f
+
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        **universe,
+        "policies": draw(st.lists(group_policy_docs(hints=hints), min_size=1, max_size=max_policies)),
+        # most names taken (a reference to one that is not is a case too), now and then twice
+        "cidr_groups": [g for name in CIDR_GROUP_NAMES if weighted(draw, [(1, False), (3, True)])
+                        for g in draw(st.lists(cidr_group_docs(name=name), min_size=1, max_size=2))],
+        "flows": draw(st.lists(flow(), min_size=4, max_size=max_flows)),
     }
 
 
@@ -590,7 +716,7 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
     """One resolver operation, as JSON. Ids come from a small pool so operations collide."""
     op = weighted(draw, [(4, "identities"), (3, "add_endpoint"), (1, "remove_endpoint"),
                          (4, "upsert_policy"), (1, "delete_policy"), (1, "recompute_all"),
-                         (3, "named_ports")])
+                         (3, "named_ports"), (2, "upsert_group"), (1, "delete_group")])
     if op == "named_ports":
         # A pod of the identity came, went or changed its container ports: the ports all its pods
         # declare now.
@@ -605,9 +731,14 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
     if op in ("add_endpoint", "remove_endpoint"):
         return {"op": op, "id": draw(st.sampled_from((HOST_ID, *POD_IDS[:6])))}
     if op == "upsert_policy":
-        return {"op": op, "doc": draw(policy_docs(hints=hints))}
+        docs = weighted(draw, [(2, policy_docs(hints=hints)), (1, group_policy_docs(hints=hints))])
+        return {"op": op, "doc": draw(docs)}
     if op == "delete_policy":
         return {"op": op, "key": draw(policy_keys())}
+    if op == "upsert_group":
+        return {"op": op, "doc": draw(cidr_group_docs())}
+    if op == "delete_group":
+        return {"op": op, "name": draw(st.sampled_from(CIDR_GROUP_NAMES))}
     return {"op": op}
 
 
@@ -624,7 +755,9 @@ def op_sequences(draw: st.DrawFn) -> dict[str, Any]:
     }]
     if universe["named_ports"]:
         setup.append({"op": "named_ports", "named_ports": universe["named_ports"]})
-    setup += [{"op": "upsert_policy", "doc": d} for d in draw(st.lists(policy_docs(hints=hints), max_size=3))]
+    setup += [{"op": "upsert_group", "doc": d} for d in draw(st.lists(cidr_group_docs(), max_size=2))]
+    docs = policy_docs(hints=hints) | group_policy_docs(hints=hints)
+    setup += [{"op": "upsert_policy", "doc": d} for d in draw(st.lists(docs, max_size=3))]
     setup += [{"op": "add_endpoint", "id": e} for e in universe["endpoints"]]
     return {
         "cluster_name": LOCAL_CLUSTER,

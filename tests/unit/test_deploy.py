@@ -1,8 +1,9 @@
 """Manifests under deploy/ are valid Kubernetes objects, and our CRDs accept Cilium policies.
 
 Every document is checked offline against the Kubernetes OpenAPI schemas bundled with
-`kubernetes-validate` (strict: unknown fields are errors). The two CRDs must also be what a
-Cilium user expects (names, scope, short names) and structural, and a policy written for Cilium
+`kubernetes-validate` (strict: unknown fields are errors). The CRDs (the two policies and
+CiliumCIDRGroup) must also be what a Cilium user expects (names, scope, short names) and structural,
+and a policy (or CIDR group) written for Cilium
 must reach l7gate unchanged: the API server prunes fields a structural schema does not keep,
 which would silently drop rules, so that pruning is simulated here.
 """
@@ -28,7 +29,9 @@ EXPECTED_CRDS = {
     # kind: (plural, scope, short name)
     "CiliumNetworkPolicy": ("ciliumnetworkpolicies", "Namespaced", "cnp"),
     "CiliumClusterwideNetworkPolicy": ("ciliumclusterwidenetworkpolicies", "Cluster", "ccnp"),
+    "CiliumCIDRGroup": ("ciliumcidrgroups", "Cluster", "ccg"),
 }
+POLICY_CRDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 
 
 def _manifest_files() -> list[Path]:
@@ -88,8 +91,16 @@ def test_manifest_is_a_valid_kubernetes_object(where: str, doc: Any) -> None:
         pytest.fail(f"{where}: {field}: {e.message}", pytrace=False)
 
 
-def test_deploy_has_both_crds() -> None:
+def test_deploy_has_the_crds() -> None:
     assert set(CRDS) == set(EXPECTED_CRDS)
+
+
+def test_the_cidr_group_crd_serves_both_versions_cilium_serves() -> None:
+    """v2alpha1 (every Cilium release with CIDR groups, deprecated from 1.18) and v2 (1.18 on),
+    with one schema, so that either apiVersion of a Cilium user's group applies."""
+    versions = {v["name"]: v for v in CRDS["CiliumCIDRGroup"]["spec"]["versions"]}
+    assert set(versions) == {"v2", "v2alpha1"} and all(v["served"] for v in versions.values())
+    assert versions["v2"]["schema"] == versions["v2alpha1"]["schema"]
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_CRDS))
@@ -139,7 +150,7 @@ def test_crd_schema_is_structural(kind: str) -> None:
     assert structural_errors(schema) == []
     metadata = schema["properties"]["metadata"]
     assert set(metadata.get("properties", {})) <= {"name", "generateName"}
-    for field in ("spec", "specs"):
+    for field in ("spec", "specs") if kind in POLICY_CRDS else ("spec",):
         assert field in schema["properties"], f"{kind} schema has no {field}"
 
 
@@ -218,6 +229,11 @@ GOOD = [
     {"kind": "CiliumNetworkPolicy", "spec": RULE},
     {"kind": "CiliumNetworkPolicy", "specs": [RULE, {"nodeSelector": {}, "ingress": []}]},
     {"kind": "CiliumClusterwideNetworkPolicy", "spec": {"endpointSelector": {}, "ingress": []}},
+    {"kind": "CiliumNetworkPolicy", "spec": {"endpointSelector": {}, "egress": [
+        {"toCIDRSet": [{"cidrGroupRef": "partners", "except": ["192.0.2.128/25"]},
+                       {"cidrGroupSelector": {"matchLabels": {"role": "vpn"}}}]}]}},
+    {"kind": "CiliumCIDRGroup", "spec": {"externalCIDRs": ["192.0.2.0/24", "2001:db8::/32"]}},
+    {"kind": "CiliumCIDRGroup", "spec": {"externalCIDRs": []}},
 ]
 BAD = [
     ("spec is a string", {"kind": "CiliumNetworkPolicy", "spec": "allow all"}),
@@ -225,6 +241,9 @@ BAD = [
     ("ingress is a mapping", {"kind": "CiliumNetworkPolicy", "spec": {"ingress": {}}}),
     ("ingress items are strings", {"kind": "CiliumClusterwideNetworkPolicy", "spec": {"ingress": ["x"]}}),
     ("default deny is a string", {"kind": "CiliumNetworkPolicy", "spec": {"enableDefaultDeny": {"ingress": "yes"}}}),
+    ("a group without externalCIDRs", {"kind": "CiliumCIDRGroup", "spec": {}}),
+    ("a group without spec", {"kind": "CiliumCIDRGroup"}),
+    ("externalCIDRs is a string", {"kind": "CiliumCIDRGroup", "spec": {"externalCIDRs": "10.0.0.0/8"}}),
 ]
 
 

@@ -50,7 +50,7 @@ Key = tuple[str, str, str]  # kind, namespace, name
 
 # The agent's whole grant: (API group, resource, verb). Anything else is a widening.
 RBAC_EXPECTED = {
-    *{("cilium.io", r, v) for r in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
+    *{("cilium.io", r, v) for r in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies", "ciliumcidrgroups")
       for v in ("list", "watch")},
     ("cilium.io", "ciliumnetworkpolicies/status", "update"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies/status", "update"),

@@ -15,7 +15,7 @@ import pytest
 
 from l7gate.k8s.objects import parse_namespace, parse_pod, parse_service
 from l7gate.k8s.reconcile import (
-    CCNPS, CNPS, MARKER, NAMESPACES, PODS, RESOURCES, SERVICES, Backoff, ObjectRef, Pending, Reconciler, Resource,
+    CCNPS, CIDRGROUPS, CNPS, MARKER, NAMESPACES, PODS, RESOURCES, SERVICES, Backoff, ObjectRef, Pending, Reconciler, Resource,
     from_api, project,
 )
 from l7gate.policy.parse import parse_policy
@@ -137,7 +137,7 @@ def key_of(doc: Mapping[str, Any]) -> tuple[str, str]:
     r = BY_KIND[doc["kind"]]
     if r is NAMESPACES:
         return r.kind, f"{CLUSTER}/{meta['name']}"
-    if r in (CNPS, CCNPS):
+    if r in (CNPS, CCNPS, CIDRGROUPS):
         return r.kind, f"{r.kind}/{meta['namespace']}/{meta['name']}" if r.namespaced else f"{r.kind}/{meta['name']}"
     return r.kind, f"{CLUSTER}/{meta['namespace']}/{meta['name']}"
 

@@ -15,7 +15,7 @@ import pytest
 import urllib3
 
 from l7gate.agent.health import EnforcementWatch
-from l7gate.k8s.reconcile import CNPS, NAMESPACES, Backoff, Resource
+from l7gate.k8s.reconcile import CIDRGROUPS, CNPS, NAMESPACES, Backoff, Resource
 from l7gate.k8s.watch import ApiError, KubeConfigError, ResourceWatch, Watcher, _Event, _Listed, load_configuration
 from l7gate.testing.wait import eventually
 
@@ -227,6 +227,48 @@ def test_a_listing_of_an_unserved_resource_says_what_to_install() -> None:
     assert got == []
 
 
+def api_ccg(name: str, rv: str, *cidrs: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": rv},
+            "spec": {"externalCIDRs": list(cidrs)}}
+
+
+def test_a_resource_not_served_in_its_first_version_is_read_in_the_next() -> None:
+    """CiliumCIDRGroup: cilium.io/v2 from Cilium 1.18, v2alpha1 before. Where v2 is not served,
+    the listing and every watch after it use v2alpha1, and the objects say so."""
+    v2alpha1 = "/apis/cilium.io/v2alpha1/ciliumcidrgroups"
+    assert CIDRGROUPS.path == "/apis/cilium.io/v2/ciliumcidrgroups"
+    api = ScriptedApi({
+        CIDRGROUPS.path: [ApiError(404, "Not Found", "the server could not find the requested resource")],
+        v2alpha1: [
+            {"metadata": {"resourceVersion": "5"}, "items": [api_ccg("partners", "4", "192.0.2.0/24")]},
+            Stream([{"type": "MODIFIED", "object": {"kind": "CiliumCIDRGroup", "apiVersion": "cilium.io/v2alpha1",
+                                                    **api_ccg("partners", "6", "198.51.100.0/24")}}]),
+        ],
+    })
+    got = run_watch(api, CIDRGROUPS, lambda got, w: len(api.watches(v2alpha1)) >= 2)
+    assert len(api.lists(CIDRGROUPS.path)) == 1 and not api.watches(CIDRGROUPS.path)
+    assert [q["resourceVersion"] for q in api.watches(v2alpha1)] == ["5", "6"]
+    listed = next(x for x in got if isinstance(x, _Listed))
+    (d,) = listed.items
+    assert d.key == "CiliumCIDRGroup/partners" and d.doc is not None
+    assert d.doc["apiVersion"] == "cilium.io/v2alpha1" and d.ref.api_version == "cilium.io/v2alpha1"
+    assert "l7gate.io/cluster" not in d.doc["metadata"]["annotations"]  # a group belongs to no cluster
+    event = next(x for x in got if isinstance(x, _Event))
+    assert event.desired.doc is not None and event.desired.doc["spec"] == {"externalCIDRs": ["198.51.100.0/24"]}
+
+
+def test_a_resource_served_in_no_version_it_names_is_retried() -> None:
+    v2alpha1 = "/apis/cilium.io/v2alpha1/ciliumcidrgroups"
+    gone = ApiError(404, "Not Found", "the server could not find the requested resource")
+    api = ScriptedApi({CIDRGROUPS.path: [gone, gone, gone], v2alpha1: [gone, gone, gone]})
+    got = run_watch(api, CIDRGROUPS, lambda got, w: len(api.lists(v2alpha1)) >= 2,
+                    backoff=Backoff(base=0.2, cap=0.2, rng=lambda: 1.0))
+    assert got == []
+    # each version once per listing, the first first; then a back-off, and a new listing
+    paths = [p for _, p, _ in api.requests]
+    assert paths[:4] == [CIDRGROUPS.path, v2alpha1, CIDRGROUPS.path, v2alpha1], paths
+
+
 # -- the watcher: readiness, one request per resource, Events ----------------------------------------
 
 
@@ -337,3 +379,21 @@ def test_kubeconfig_configuration(tmp_path: Any) -> None:
     with pytest.raises(KubeConfigError, match="kubeconfig /nonexistent"):
         load_configuration("/nonexistent")
 
+
+
+def test_a_refused_cidr_group_gets_an_event_in_the_default_namespace() -> None:
+    bad = api_ccg("partners", "4", "(unclosed")
+    api = ScriptedApi({CIDRGROUPS.path: [{"metadata": {"resourceVersion": "5"}, "items": [bad]}]})
+    sink = FakeSink()
+    w, logs = make_watcher(api, sink)
+    w.start()
+    try:
+        assert w.wait_ready(5)
+        eventually(lambda: w.events.posted == 1, 5, "an Event")
+    finally:
+        w.stop()
+    path, body = api.posted[0]
+    assert path == "/api/v1/namespaces/default/events"  # a cluster-scoped object's
+    assert body["reason"] == "CIDRGroupInvalid"
+    assert body["involvedObject"]["kind"] == "CiliumCIDRGroup" and body["involvedObject"]["name"] == "partners"
+    assert "refused this CIDR group" in body["message"]

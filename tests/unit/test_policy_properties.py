@@ -3,9 +3,13 @@
 1. Differential: the resolved maps read by `resolve.lookup` give the verdict the reference
    evaluator gives — per direction (the other side unmanaged), and for the whole flow (egress of
    the source composed with ingress of the destination). Generated pods declare named container
-   ports, and generated rules name them (`port: http`).
-2. Incremental == full: any sequence of identity, endpoint and policy changes leaves every
-   endpoint's maps equal to those of a resolver built from scratch on the final state; the
+   ports, and generated rules name them (`port: http`). Policies may name CiliumCIDRGroups
+   (the scenario's `cidr_groups`): the resolver gets them expanded with the groups, as the agent
+   does, and the reference evaluator reads the references itself.
+2. Incremental == full: any sequence of identity, endpoint, policy, named port and CIDR group
+   changes (a group change re-expands the policies naming groups, and upserts those that
+   changed, as the agent does) leaves every endpoint's maps equal to those of a resolver built
+   from scratch on the final state; the
    PolicyDeltas, applied in order to the initial maps, give the final maps; a full recompute
    afterwards finds nothing to change.
 3. The parser parses or raises PolicyValidationError, never anything else, on arbitrary JSON and
@@ -37,6 +41,7 @@ from hypothesis import HealthCheck, currently_in_test_context, given, note, sett
 from hypothesis import event as _hypothesis_event
 from hypothesis import strategies as st
 
+from l7gate.policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
 from l7gate.policy.errors import Finding, PolicyValidationError
 from l7gate.policy.evaluate import Flow, Verdict, evaluate
 from l7gate.policy.labels import Labels
@@ -93,6 +98,19 @@ def rules_of(policies: Mapping[str, Policy]) -> list[Rule]:
     return [r for k in sorted(policies) for r in policies[k].rules]
 
 
+def parse_groups(docs: Iterable[Any]) -> dict[str, CIDRGroup]:
+    """CiliumCIDRGroups by name, later ones replacing earlier ones; rejected ones dropped."""
+    out: dict[str, CIDRGroup] = {}
+    for doc in docs:
+        try:
+            g = parse_cidr_group(doc)
+        except PolicyValidationError:
+            event("group rejected")
+            continue
+        out[g.name] = g
+    return out
+
+
 def build_resolver(
     identities: Mapping[int, Labels],
     endpoints: Iterable[int],
@@ -101,19 +119,22 @@ def build_resolver(
     policies_first: bool = True,
     named_ports: Mapping[int, NamedPorts] | None = None,
     resolver_class: type[Resolver] = Resolver,
+    groups: Mapping[str, CIDRGroup] | None = None,
 ) -> Resolver:
+    """A resolver built from scratch; policies naming CIDR groups go in expanded with `groups`."""
     r = resolver_class()
     r.update_identities(dict(identities))
+    expanded = {k: expand_policy(p, groups or {}) for k, p in policies.items()}
     if named_ports and policies_first:
         r.update_named_ports(named_ports)
     if policies_first:
-        for k in sorted(policies):
-            r.upsert_policy(policies[k])
+        for k in sorted(expanded):
+            r.upsert_policy(expanded[k])
     for e in sorted(endpoints):
         r.add_endpoint(e)
     if not policies_first:
-        for k in sorted(policies, reverse=True):
-            r.upsert_policy(policies[k])
+        for k in sorted(expanded, reverse=True):
+            r.upsert_policy(expanded[k])
         if named_ports:
             r.update_named_ports(named_ports)
     return r
@@ -192,7 +213,11 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
         cluster_name=scn.get("cluster_name", gen.LOCAL_CLUSTER),
     )
     rules = rules_of(policies)
-    resolver = build_resolver(identities, endpoints, policies, named_ports=named, resolver_class=resolver_class)
+    groups = parse_groups(scn.get("cidr_groups", ()))
+    if any(references_groups(p) for p in policies.values()):
+        event("a policy names CIDR groups")
+    resolver = build_resolver(identities, endpoints, policies, named_ports=named, resolver_class=resolver_class,
+                              groups=groups)
 
     def flow(f: Mapping[str, Any], *, source_managed: bool, destination_managed: bool) -> Flow:
         return gen.flow_of(f, identities, source_managed=source_managed,
@@ -208,12 +233,12 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
         src, dst = f["src"], f["dst"]
         checks: list[tuple[str, Verdict, Verdict]] = []
         if src in endpoints:
-            ref = evaluate(rules, flow(f, source_managed=True, destination_managed=False))
+            ref = evaluate(rules, flow(f, source_managed=True, destination_managed=False), groups)
             checks.append(("egress of the source", ref, fast(Direction.EGRESS, src, dst, f)))
         if dst in endpoints:
-            ref = evaluate(rules, flow(f, source_managed=False, destination_managed=True))
+            ref = evaluate(rules, flow(f, source_managed=False, destination_managed=True), groups)
             checks.append(("ingress of the destination", ref, fast(Direction.INGRESS, dst, src, f)))
-        ref = evaluate(rules, flow(f, source_managed=src in endpoints, destination_managed=dst in endpoints))
+        ref = evaluate(rules, flow(f, source_managed=src in endpoints, destination_managed=dst in endpoints), groups)
         composed = Verdict(True, None)
         sides = []
         if src in endpoints:
@@ -249,6 +274,13 @@ def test_resolved_maps_agree_with_reference_evaluator(scn: dict[str, Any]) -> No
     check_differential(scn)
 
 
+@examples(150)
+@given(gen.group_scenarios())
+def test_cidr_group_references_agree_with_reference_evaluator(scn: dict[str, Any]) -> None:
+    note("corpus JSON (tests/corpus/differential/):\n" + as_json(scn))
+    check_differential(scn)
+
+
 # -- 2. incremental == full ------------------------------------------------------------------------
 
 Maps = dict[int, dict[Direction, dict[MapKey, MapEntry]]]
@@ -260,8 +292,9 @@ class Model:
 
     identities: dict[int, Labels] = field(default_factory=dict)
     endpoints: set[int] = field(default_factory=set)
-    policies: dict[str, Policy] = field(default_factory=dict)
+    policies: dict[str, Policy] = field(default_factory=dict)  # as parsed (groups not expanded)
     named_ports: dict[int, NamedPorts] = field(default_factory=dict)
+    groups: dict[str, CIDRGroup] = field(default_factory=dict)
 
 
 def apply_op(
@@ -294,7 +327,7 @@ def apply_op(
             event("document rejected")
             return None
         model.policies[p.key] = p
-        return r.upsert_policy(p)
+        return r.upsert_policy(expand_policy(p, model.groups))
     if kind == "upsert_policies":
         # One change for several documents: the resolver ends where upserting them one by one,
         # in order, would (a key given twice: the later one).
@@ -306,7 +339,7 @@ def apply_op(
                 event("document rejected")
                 continue
             model.policies[p.key] = p
-            batch.append(p)
+            batch.append(expand_policy(p, model.groups))
         return r.upsert_policies(batch)
     if kind == "delete_policy":
         model.policies.pop(op["key"], None)
@@ -321,6 +354,20 @@ def apply_op(
             else:
                 model.named_ports.pop(i, None)
         return r.update_named_ports(changes)
+    if kind in ("upsert_group", "delete_group"):
+        if kind == "delete_group":
+            model.groups.pop(op["name"], None)
+        else:
+            try:
+                g = parse_cidr_group(op["doc"])
+            except PolicyValidationError:
+                event("group rejected")
+                return None
+            model.groups[g.name] = g
+        changed = [e for p in model.policies.values()
+                   if references_groups(p) and (e := expand_policy(p, model.groups)) != r.repository.get(p.key)]
+        event(f"a group change re-expands {min(len(changed), 2)} policies")
+        return r.upsert_policies(changed)
     raise ValueError(f"unknown op {kind!r}")
 
 
@@ -384,7 +431,8 @@ def check_incremental(case: Mapping[str, Any], resolver_class: type[Resolver] = 
     final = snapshot(r)
     for policies_first in (True, False):
         fresh = snapshot(build_resolver(model.identities, model.endpoints, model.policies,
-                                        policies_first=policies_first, named_ports=model.named_ports))
+                                        policies_first=policies_first, named_ports=model.named_ports,
+                                        groups=model.groups))
         assert final == fresh, "incremental maps differ from a fresh resolver:\n" + "\n".join(
             f"endpoint {e}:\n{_diff(dict(enumerate(final.get(e, ()))), dict(enumerate(fresh.get(e, ()))))}"
             for e in sorted(set(final) | set(fresh)) if final.get(e) != fresh.get(e)
@@ -581,6 +629,20 @@ def test_differential_check_catches_a_lookup_that_ignores_http() -> None:
     check_differential(scn)
     with pytest.raises(AssertionError, match="evaluate: denied layer=l7"):
         check_differential(scn, l4_only_lookup)
+
+
+def test_differential_check_catches_an_expansion_that_drops_except_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from l7gate.policy import cidrgroup
+
+    real = cidrgroup.group_selectors
+    scn = load_corpus("differential/cidr-groups-except-missing-and-deny")
+    check_differential(scn)
+    monkeypatch.setattr(cidrgroup, "group_selectors",
+                        lambda peer, groups: real(dataclasses.replace(peer, excepts=()), groups))
+    with pytest.raises(AssertionError, match="evaluate: denied layer=l3l4"):
+        check_differential(scn)
 
 
 def test_incremental_check_catches_lost_identity_deletions() -> None:

@@ -4,9 +4,10 @@
                                          wants (Envoy live, connected, synced, listeners up),
                                          503 with the problems otherwise (no token needed)
     GET    /v1/status                    node, cluster, datapath, Envoy and xDS summary, health
-    GET    /v1/policy                    policies in force + per endpoint the resolved map
-    POST   /v1/policy                    {"objects": [...CNP/CCNP...]}: all or nothing
-    DELETE /v1/policy/<Kind>/[<ns>/]<name>
+    GET    /v1/policy                    policies (and CIDR groups) in force + per endpoint the resolved map
+    POST   /v1/policy                    {"objects": [...CNP/CCNP/NetworkPolicy/CiliumCIDRGroup...]}:
+                                         all or nothing
+    DELETE /v1/policy/<Kind>/[<ns>/]<name> (CiliumCIDRGroup/<name> too)
     GET    /v1/endpoints                 pods known to the agent, with identities
     POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..policy.parse import POLICY_KINDS
+from ..policy.parse import POLICY_INPUT_KINDS
 from . import views
 from .core import AgentCore, ApplyError
 from .httpd import BoundedHTTPServer, Limits, Request, Response
@@ -266,7 +267,7 @@ class AdminApp:
             objects = payload.get("objects") if isinstance(payload, dict) else None
             if not isinstance(objects, list) or not objects:
                 raise ValueError('expected {"objects": [...]} with at least one object')
-            allowed = POLICY_KINDS if path == "/v1/policy" else ("Pod", "Namespace", "Service")
+            allowed = POLICY_INPUT_KINDS if path == "/v1/policy" else ("Pod", "Namespace", "Service")
             wrong = [
                 f"object {i + 1}: kind {o.get('kind') if isinstance(o, dict) else None!r} does not belong "
                 f"here (expected {', '.join(allowed)})"

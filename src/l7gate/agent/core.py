@@ -1,6 +1,7 @@
 """The agent's state and its reconcile steps: policies, pods, identities, ipcache, xDS.
 
-Theory of operation. Inputs arrive as Kubernetes objects (CNP/CCNP, Pod, Namespace) through
+Theory of operation. Inputs arrive as Kubernetes objects (CNP/CCNP/NetworkPolicy, CiliumCIDRGroup,
+Pod, Namespace, Service) through
 `apply` and `delete` (the admin API, and the Kubernetes watch through `agent/kube.py`: the same path).
 Each call is all-or-nothing: every object is parsed and checked first; one invalid object
 (or the same object twice, or a pod address this datapath cannot serve) refuses the whole
@@ -12,7 +13,10 @@ request and nothing in force changes. A valid request then, in order:
    their ports as proxied ports;
 2. for policies, once that transaction is committed: upserts them into the resolver's
    repository, all of them as one change (`Resolver.upsert_policies`), so 10,000 policies
-   cost one recompute of each endpoint they select, not 10,000;
+   cost one recompute of each endpoint they select, not 10,000. A policy whose CIDR rules name
+   CiliumCIDRGroups goes in expanded with the groups in force (`cidrgroup.expand_policy`); the
+   core keeps it as parsed too, and when a group is created, changed or deleted, every such
+   policy is expanded again and those whose expansion changed are upserted in the same change;
 3. feeds every resulting `PolicyDelta` and ipcache change to the xDS publisher and flushes it,
    so the change is in Envoy's snapshot before the call returns.
 
@@ -48,9 +52,10 @@ from ..k8s.objects import (
     scoped_namespace,
 )
 from ..kvstore.api import KVStore, KVStoreError
+from ..policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
-from ..policy.parse import POLICY_KINDS, parse_policy
+from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.namedports import NamedPorts
 from ..policy.resolve import Resolver
@@ -74,6 +79,7 @@ POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
 SERVICE_PREFIX = PREFIX + "services/"  # <cluster>/<namespace>/<name>
+CIDR_GROUP_PREFIX = PREFIX + "cidrgroups/"  # <name>: a CiliumCIDRGroup as applied
 FQDN_PREFIX = PREFIX + "fqdn/"  # <name>: what the DNS proxy learned for it (identity.fqdncache)
 MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints|services/<key>
 
@@ -150,6 +156,8 @@ class StateView:
     remote_services: Mapping[str, tuple[ClusterService, ...]] = field(default_factory=dict)
     # namespace/name of the global Services this agent publishes to its cluster's etcd
     published_services: tuple[str, ...] = ()
+    # CiliumCIDRGroup/<name> → the object as applied
+    cidr_group_docs: Mapping[str, Any] = field(default_factory=dict)
 
     def pods_of(self) -> dict[int, list[str]]:
         """Identity → the refs of its pods, sorted."""
@@ -224,6 +232,11 @@ class AgentCore:
         self._local_services_changed = False
         self.mesh_services_error = ""  # the last global service the publisher refused
         self._policy_docs: dict[str, Any] = {}
+        # CiliumCIDRGroups by name (and their documents by key, CiliumCIDRGroup/<name>), and the
+        # policies that name groups, as parsed: the resolver holds them expanded with the groups.
+        self._cidr_groups: dict[str, CIDRGroup] = {}
+        self._cidr_group_docs: dict[str, Any] = {}
+        self._group_policies: dict[str, Policy] = {}
         self._pods: dict[str, PodRecord] = {}
         # Indexes over `_pods`, so that one change costs O(change), not O(pods).
         self._local_pods: dict[str, PodRecord] = {}
@@ -304,7 +317,7 @@ class AgentCore:
         with self._lock:
             self._restore_mesh()
             docs: list[Any] = []
-            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, SERVICE_PREFIX, POLICY_PREFIX):
+            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, SERVICE_PREFIX, CIDR_GROUP_PREFIX, POLICY_PREFIX):
                 for _, value in self.store.list_prefix(prefix):
                     docs.append(json.loads(value))
             if docs:
@@ -340,6 +353,7 @@ class AgentCore:
         namespaces: list[tuple[Namespace, Any]] = []
         pods: list[tuple[Pod, Any]] = []
         services: list[tuple[Service, Any]] = []
+        groups: list[tuple[CIDRGroup, Any]] = []
         # One request, one object per key: applying both would keep the later one silently.
         first: dict[str, int] = {}
 
@@ -360,6 +374,10 @@ class AgentCore:
                     policy = parse_policy(doc, cluster_name=self.config.cluster_name)
                     if once(policy.key, i, "policy once (same kind, namespace and name)"):
                         policies.append((policy, doc))
+                elif kind == KIND_CIDR_GROUP:
+                    group = parse_cidr_group(doc)
+                    if once(group.key, i, "CiliumCIDRGroup once (same name)"):
+                        groups.append((group, doc))
                 elif kind == "Pod":
                     pod = parse_pod(doc, default_cluster=self.config.cluster_name)
                     if self.config.cluster_id_of(pod.cluster) is None:
@@ -397,7 +415,7 @@ class AgentCore:
                 else:
                     errors.append(
                         f"object {i + 1}: kind {kind!r} is not one of "
-                        f"{', '.join((*POLICY_KINDS, 'Pod', 'Namespace', 'Service'))}"
+                        f"{', '.join((*POLICY_INPUT_KINDS, 'Pod', 'Namespace', 'Service'))}"
                     )
             except PolicyValidationError as exc:
                 errors.extend(f"{exc.resource}: {e}" for e in exc.errors)
@@ -412,7 +430,7 @@ class AgentCore:
                 claimed[ip] = pod.ref
         if errors:
             raise ApplyError(errors)
-        return _Checked(policies, namespaces, pods, services)
+        return _Checked(policies, namespaces, pods, services, groups)
 
     def _apply_locked(self, docs: list[Any], *, persist: bool) -> ApplyResult:
         t0 = time.perf_counter()
@@ -423,12 +441,17 @@ class AgentCore:
             # One transaction (one fsync) per request, committed before any policy of the
             # request comes into force: if the store refuses it, the policies in force stay.
             with self.store.batch():
-                result, changed = self._stage(checked, persist=persist)
+                result, changed, changed_groups = self._stage(checked, persist=persist)
             t2 = time.perf_counter()
+            # The groups come into force with the policies, once the store has them.
+            for group, doc in changed_groups:
+                self._cidr_groups[group.name] = group
+                self._cidr_group_docs[group.key] = doc
             # One resolver change for the whole request: each endpoint is recomputed once.
-            self._feed(self.resolver.upsert_policies(p for p, _ in changed))
+            self._feed(self.resolver.upsert_policies(
+                self._expanded([p for p, _ in changed], groups_changed=bool(changed_groups))))
             self._policy_docs.update((p.key, doc) for p, doc in changed)
-            if changed:
+            if changed or changed_groups:
                 self._sync_cidr_identities()
                 self._sync_fqdn_selectors()
             t3 = time.perf_counter()
@@ -445,11 +468,13 @@ class AgentCore:
                          "total": t4 - t0}
         return result
 
-    def _stage(self, checked: _Checked, *, persist: bool) -> tuple[ApplyResult, list[tuple[Policy, Any]]]:
+    def _stage(
+        self, checked: _Checked, *, persist: bool
+    ) -> tuple[ApplyResult, list[tuple[Policy, Any]], list[tuple[CIDRGroup, Any]]]:
         """Inside the request's store transaction: namespaces, pods and Services into force
         (pods' identities are allocated in the store), every changed object into the store.
-        Returns the policies that change, for the caller to bring into force once the store has
-        them."""
+        Returns the policies and the CIDR groups that change, for the caller to bring into force
+        once the store has them (the policies naming groups are then expanded again)."""
         policies, namespaces, pods = checked.policies, checked.namespaces, checked.pods
         result = ApplyResult()
         for ns, doc in namespaces:
@@ -493,6 +518,15 @@ class AgentCore:
                 if persist:
                     self.store.put(SERVICE_PREFIX + key, _canonical(doc))
             self._record(result, f"service/{key}", old_doc is None, same)
+        changed_groups: list[tuple[CIDRGroup, Any]] = []
+        for group, doc in checked.groups:
+            old_doc = self._cidr_group_docs.get(group.key)
+            same = old_doc is not None and _canonical(old_doc) == _canonical(doc)
+            if not same:
+                changed_groups.append((group, doc))
+                if persist:
+                    self.store.put(CIDR_GROUP_PREFIX + group.name, _canonical(doc))
+            self._record(result, group.key, old_doc is None, same)
         changed: list[tuple[Policy, Any]] = []
         for policy, doc in policies:
             old = self._policy_docs.get(policy.key)
@@ -503,7 +537,26 @@ class AgentCore:
                 if canonical is not None and persist:
                     self.store.put(POLICY_PREFIX + policy.key, canonical)
             self._record(result, policy.key, old is None, same)
-        return result, changed
+        return result, changed, changed_groups
+
+    def _expanded(self, changed: Sequence[Policy], *, groups_changed: bool) -> list[Policy]:
+        """What the resolver is to upsert: the `changed` policies expanded with the CIDR groups
+        in force, and, when a group changed, every other policy naming groups whose expansion
+        is no longer the one in force."""
+        out: list[Policy] = []
+        for p in changed:
+            if references_groups(p):
+                self._group_policies[p.key] = p
+            else:
+                self._group_policies.pop(p.key, None)
+            out.append(expand_policy(p, self._cidr_groups))
+        if groups_changed:
+            keys = {p.key for p in changed}
+            for key in sorted(self._group_policies.keys() - keys):
+                new = expand_policy(self._group_policies[key], self._cidr_groups)
+                if new != self.resolver.repository.get(key):
+                    out.append(new)
+        return out
 
     def _address_errors(self, pod: Pod) -> list[str]:
         """What this agent's datapath cannot do with the pod's addresses. (Addresses no pod can
@@ -860,15 +913,38 @@ class AgentCore:
                      "identity": (self._fqdn_identities.get(r.ip) or (None,))[0]} for r in self.fqdn.rows()]
 
     def delete_policy(self, key: str) -> bool:
+        """Remove the policy `key` (`CiliumNetworkPolicy/<ns>/<name>`, ...), or the CIDR group
+        `CiliumCIDRGroup/<name>`; False if there is none."""
+        if key.startswith(KIND_CIDR_GROUP + "/"):
+            return self.delete_cidr_group(key)
         with self._lock:
             if key not in self._policy_docs:
                 return False
             self._view = None
             self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
+            self._group_policies.pop(key, None)
             self._sync_cidr_identities()
             self._sync_fqdn_selectors()
             self.store.delete(POLICY_PREFIX + key)
+            self._flush()
+            self.revision += 1
+        settle_heap()
+        return True
+
+    def delete_cidr_group(self, key: str) -> bool:
+        """Remove the CiliumCIDRGroup `CiliumCIDRGroup/<name>`: the policies naming it select its
+        CIDRs no more (a missing group selects nothing). False if there is none."""
+        with self._lock:
+            if key not in self._cidr_group_docs:
+                return False
+            self._view = None
+            del self._cidr_group_docs[key]
+            name = key.split("/", 1)[1]
+            self._cidr_groups.pop(name, None)
+            self._feed(self.resolver.upsert_policies(self._expanded((), groups_changed=True)))
+            self._sync_cidr_identities()
+            self.store.delete(CIDR_GROUP_PREFIX + name)
             self._flush()
             self.revision += 1
         settle_heap()
@@ -914,7 +990,7 @@ class AgentCore:
         return True
 
     def documents(self, kind: str) -> dict[str, Any]:
-        """The objects of `kind` (a policy kind, Pod, Service or Namespace) in force: the key
+        """The objects of `kind` (a policy kind, CiliumCIDRGroup, Pod, Service or Namespace) in force: the key
         its `delete_*` takes → the document as applied. A copy, taken under the lock."""
         with self._lock:
             if kind in POLICY_KINDS:
@@ -929,7 +1005,8 @@ class AgentCore:
             return self._docs_of(kind).get(key)
 
     def _docs_of(self, kind: str) -> Mapping[str, Any]:
-        docs = {"Pod": self._pod_docs, "Service": self._service_docs, "Namespace": self._namespace_docs}.get(kind)
+        docs = {"Pod": self._pod_docs, "Service": self._service_docs, "Namespace": self._namespace_docs,
+                KIND_CIDR_GROUP: self._cidr_group_docs}.get(kind)
         if docs is None:
             raise ValueError(f"no documents of kind {kind!r}")
         return docs
@@ -1416,6 +1493,7 @@ class AgentCore:
             MappingProxyType({c: tuple(svcs[r] for r in sorted(svcs)) for c, svcs in sorted(self._mesh_services.items())
                               if svcs}),
             tuple(sorted(self._published_services)),
+            MappingProxyType(dict(self._cidr_group_docs)),
         )
 
 
@@ -1427,6 +1505,7 @@ class _Checked:
     namespaces: list[tuple[Namespace, Any]]
     pods: list[tuple[Pod, Any]]
     services: list[tuple[Service, Any]]
+    groups: list[tuple[CIDRGroup, Any]] = field(default_factory=list)
 
 
 class ServiceDatapath(Protocol):

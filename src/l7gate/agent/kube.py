@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..k8s.reconcile import POLICY_KINDS, from_api
+from ..k8s.reconcile import CIDRGROUPS, POLICY_KINDS, from_api
 from ..k8s.watch import ApiConnection, Watcher, load_configuration
 from .config import AgentConfig
 from .core import AgentCore, ApplyError
@@ -22,6 +22,7 @@ class CoreSink:
         self._deleters: dict[str, Callable[[str], bool]] = {
             "Pod": core.delete_pod, "Service": core.delete_service, "Namespace": core.delete_namespace,
             **{kind: core.delete_policy for kind in POLICY_KINDS},
+            CIDRGROUPS.kind: core.delete_cidr_group,
         }
 
     def apply(self, docs: Sequence[Mapping[str, Any]]) -> list[str]:

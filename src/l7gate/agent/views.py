@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 
 def policies(v: StateView) -> list[dict[str, Any]]:
-    return [{"key": k, "object": v.policy_docs[k]} for k in sorted(v.policy_docs)]
+    """The policies in force and the CiliumCIDRGroups their CIDR rules may name, by key."""
+    docs = {**v.policy_docs, **v.cidr_group_docs}
+    return [{"key": k, "object": docs[k]} for k in sorted(docs)]
 
 
 def pod_counts(v: StateView) -> dict[str, int]:
@@ -204,6 +206,7 @@ def status(agent: Agent) -> dict[str, Any]:
             "engine": "envoy" if agent.envoy is not None else "none"},
         # As of the last completed change: an apply under way shows when it is done.
         "policies": len(view.policy_docs),
+        "cidr_groups": len(view.cidr_group_docs),
         "policy_revision": view.policy_revision,
         "identities": allocated_identities(view),
         # known: every pod `endpoint list` shows (all clusters); local: those on this node,

@@ -9,7 +9,8 @@ Kubernetes objects are skipped, so that a folder of application manifests with p
 them works; a kind nobody knows (`CiliumNetworkPolicyy`) and a policy l7gate would not enforce
 (an AdminNetworkPolicy) are refused, since skipping them would leave traffic unpoliced without a
 word. The policies read are CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and Kubernetes'
-NetworkPolicy (`policy.parse.POLICY_KINDS`).
+NetworkPolicy (`policy.parse.POLICY_KINDS`), with the CiliumCIDRGroups their CIDR rules name
+(`policy.parse.POLICY_INPUT_KINDS`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..policy.parse import POLICY_KINDS
+from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -57,16 +58,17 @@ OTHER_POLICY_KINDS = {
     "AdminNetworkPolicy": "an AdminNetworkPolicy (policy.networking.k8s.io)",
     "BaselineAdminNetworkPolicy": "a BaselineAdminNetworkPolicy (policy.networking.k8s.io)",
 }
-# cilium.io kinds other than the two policies: configuration l7gate does not act on.
+# cilium.io kinds other than the two policies and CiliumCIDRGroup: configuration l7gate does not
+# act on.
 OTHER_CILIUM_KINDS = frozenset({
     "CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig", "CiliumLocalRedirectPolicy",
-    "CiliumEgressGatewayPolicy", "CiliumCIDRGroup", "CiliumLoadBalancerIPPool",
+    "CiliumEgressGatewayPolicy", "CiliumLoadBalancerIPPool",
     "CiliumL2AnnouncementPolicy", "CiliumBGPPeeringPolicy", "CiliumBGPClusterConfig",
     "CiliumBGPPeerConfig", "CiliumBGPAdvertisement", "CiliumBGPNodeConfig",
     "CiliumBGPNodeConfigOverride", "CiliumPodIPPool", "CiliumNodeConfig", "CiliumExternalWorkload",
     "CiliumEndpoint", "CiliumEndpointSlice", "CiliumIdentity", "CiliumNode",
 })
-_KNOWN = sorted({*POLICY_KINDS, *SKIPPED_KINDS, *OTHER_POLICY_KINDS, *OTHER_CILIUM_KINDS})
+_KNOWN = sorted({*POLICY_INPUT_KINDS, *SKIPPED_KINDS, *OTHER_POLICY_KINDS, *OTHER_CILIUM_KINDS})
 _KNOWN_LOWER = {k.lower(): k for k in _KNOWN}
 
 
@@ -181,14 +183,14 @@ def load(paths: Iterable[str], stdin_text: str | None = None) -> tuple[list[Mani
 
 def object_name(obj: Any) -> str:
     """`KIND/[NAMESPACE/]NAME` as given (no default namespace filled in); a clusterwide policy
-    has no namespace."""
+    and a CiliumCIDRGroup have no namespace."""
     if not isinstance(obj, dict):
         return ""
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
     ns = meta.get("namespace")
     kind = obj.get("kind", "?")
-    prefix = f"{ns}/" if isinstance(ns, str) and ns and kind != POLICY_KINDS[1] else ""
+    prefix = f"{ns}/" if isinstance(ns, str) and ns and kind not in (POLICY_KINDS[1], KIND_CIDR_GROUP) else ""
     return f"{kind}/{prefix}{meta.get('name', '?')}"
 
 
@@ -216,7 +218,7 @@ def kind_problem(obj: Any, wanted: Collection[str]) -> str | None:
     if not isinstance(kind, str) or kind in wanted:
         return None
     reads_policies = any(k in POLICY_KINDS for k in wanted)
-    if kind in SKIPPED_KINDS or (kind in POLICY_KINDS and not reads_policies):
+    if kind in SKIPPED_KINDS or (kind in POLICY_INPUT_KINDS and not reads_policies):
         return None
     api = obj.get("apiVersion")
     if kind in OTHER_POLICY_KINDS or kind in OTHER_CILIUM_KINDS:

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The watch (`k8s.watch`) lists and watches six resources (`RESOURCES`). Each object it gets is
+The watch (`k8s.watch`) lists and watches seven resources (`RESOURCES`). Each object it gets is
 projected here, once, onto what the agent reads of it (`project`): a `Desired` holding the
 object's key (the one the agent's `delete_*` takes), the document to apply — or None when the
 object is absent for l7gate (a pod without an address yet, a host-network pod, a finished
@@ -12,7 +12,7 @@ Listings and watch events queue up and are merged (`Pending`): per resource, eit
 listing with the events that came after it folded in, or only events, the last per key winning.
 `Reconciler.run` then brings the agent to that state through an `ObjectSink` (the agent's own
 apply and delete, the path the admin API takes), resource by resource in `RESOURCES` order
-(namespaces, policies of the three kinds, Services, then pods):
+(namespaces, CIDR groups, policies of the three kinds, Services, then pods):
 
 - events: the objects now absent are deleted; the others go to the sink as ONE apply;
 - a listing (the initial one, or a relist after "410 Gone"): the objects the agent holds *from
@@ -57,17 +57,30 @@ _DROPPED_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configurat
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    """One resource the watch lists and watches, across all namespaces."""
+    """One resource the watch lists and watches, across all namespaces. `older_versions`: API
+    versions of the same resource to read when the server does not serve `api_version` (404),
+    in order of preference (CiliumCIDRGroup: v2 from Cilium 1.18, v2alpha1 before)."""
 
     kind: str
     api_version: str
     path: str  # the collection, all namespaces: /api/v1/pods
     namespaced: bool
+    older_versions: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         """The plural name, as `kubectl get` takes it."""
         return self.path.rsplit("/", 1)[1]
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return (self.api_version, *self.older_versions)
+
+    def path_for(self, api_version: str) -> str:
+        """The collection's path in another version of its group."""
+        if api_version == self.api_version:
+            return self.path
+        return f"/apis/{api_version}/{self.name}"
 
 
 NAMESPACES = Resource("Namespace", "v1", "/api/v1/namespaces", False)
@@ -77,13 +90,18 @@ CNPS = Resource("CiliumNetworkPolicy", "cilium.io/v2", "/apis/cilium.io/v2/ciliu
 CCNPS = Resource("CiliumClusterwideNetworkPolicy", "cilium.io/v2",
                  "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", False)
 NETPOLS = Resource("NetworkPolicy", "networking.k8s.io/v1", "/apis/networking.k8s.io/v1/networkpolicies", True)
-#: In the order a sync applies them: a namespace before what lives in it, and the policies
-#: before the pods they select, so that a new pod is enforced with its policies from the
-#: moment it is applied, never "no policy selects it, allow all" first (it is also cheaper:
-#: the pods' ports are rendered once, with their policies). Services before pods too: a
-#: Service's backends are the pods applied after it.
-RESOURCES = (NAMESPACES, CNPS, CCNPS, NETPOLS, SERVICES, PODS)
+CIDRGROUPS = Resource("CiliumCIDRGroup", "cilium.io/v2", "/apis/cilium.io/v2/ciliumcidrgroups", False,
+                      older_versions=("cilium.io/v2alpha1",))
+#: In the order a sync applies them: a namespace before what lives in it, the CIDR groups
+#: before the policies naming them (a policy applied first would select nothing through them
+#: for a moment), and the policies before the pods they select, so that a new pod is enforced
+#: with its policies from the moment it is applied, never "no policy selects it, allow all"
+#: first (it is also cheaper: the pods' ports are rendered once, with their policies).
+#: Services before pods too: a Service's backends are the pods applied after it.
+RESOURCES = (NAMESPACES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, PODS)
 POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind, NETPOLS.kind})
+#: The kinds the agent files as KIND/[NAMESPACE/]NAME (its policy API's keys).
+POLICY_API_KINDS = POLICY_KINDS | {CIDRGROUPS.kind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +140,14 @@ def object_key(resource: Resource, namespace: str, name: str, cluster: str) -> s
     """The key the agent files an object of `resource` under (its `delete_*` argument)."""
     if resource is NAMESPACES:
         return f"{cluster}/{name}"
-    if resource.kind in POLICY_KINDS:
+    if resource.kind in POLICY_API_KINDS:
         return f"{resource.kind}/{namespace}/{name}" if resource.namespaced else f"{resource.kind}/{name}"
     return f"{cluster}/{namespace}/{name}"
 
 
-def ref_of(resource: Resource, obj: Mapping[str, Any]) -> ObjectRef:
+def ref_of(resource: Resource, obj: Mapping[str, Any], api_version: str = "") -> ObjectRef:
     meta = _map(obj, "metadata")
-    return ObjectRef(resource.kind, resource.api_version,
+    return ObjectRef(resource.kind, api_version or resource.api_version,
                      str(meta.get("namespace") or "") if resource.namespaced else "",
                      str(meta.get("name") or ""), str(meta.get("uid") or ""), str(meta.get("resourceVersion") or ""))
 
@@ -178,15 +196,17 @@ def _pod(obj: Mapping[str, Any], cluster: str) -> dict[str, Any]:
             "spec": out_spec, "status": out_status}
 
 
-def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted: bool = False) -> Desired:
+def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted: bool = False,
+            api_version: str = "") -> Desired:
     """The one projection of an object from the API onto what the agent applies (module doc).
-    List items lack `kind` and `apiVersion`; they are set from `resource`."""
+    List items lack `kind` and `apiVersion`; they are set from `resource`, and `api_version`,
+    the version it was read in when that is not the resource's first (`Resource.older_versions`)."""
     meta = _map(obj, "metadata")
-    ref = ref_of(resource, obj)
+    ref = ref_of(resource, obj, api_version)
     key = object_key(resource, ref.namespace, ref.name, cluster)
     if deleted:
         return Desired(key, None, ref)
-    head = {"apiVersion": resource.api_version, "kind": resource.kind}
+    head = {"apiVersion": ref.api_version, "kind": resource.kind}
     doc: dict[str, Any]
     if resource is PODS:
         if _pod_absent(obj):
@@ -197,8 +217,8 @@ def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted
     elif resource is SERVICES:
         doc = {**head, "metadata": _metadata(meta, cluster, ()), "spec": obj.get("spec", {})}
     else:
-        # A policy: its spec(s) whole, for the agent to validate; not its status (Cilium's
-        # agents write theirs there; a NetworkPolicy's is unused).
+        # A policy (or a CIDR group): its spec(s) whole, for the agent to validate; not its
+        # status (Cilium's agents write theirs there; a NetworkPolicy's is unused).
         doc = {**head, "metadata": _metadata(meta, None, ())}
         doc.update({k: obj[k] for k in ("spec", "specs") if k in obj})
     return Desired(key, doc, ref)

@@ -3,11 +3,13 @@
 Theory of operation
 -------------------
 `Watcher` runs one thread per resource of `reconcile.RESOURCES` (Namespaces, Pods, Services,
-CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies, NetworkPolicies, across all namespaces)
-doing what client-go's reflector does:
+CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies, NetworkPolicies, CiliumCIDRGroups, across
+all namespaces) doing what client-go's reflector does:
 
 1. LIST, in pages of `page_size` (`limit`/`continue`; an expired continue token restarts the
-   list), remembering the list's `resourceVersion`;
+   list), remembering the list's `resourceVersion`. A resource the server does not serve in its
+   first API version (404) is listed, and then watched, in the next one it names
+   (`Resource.older_versions`: CiliumCIDRGroup is v2 from Cilium 1.18, v2alpha1 before);
 2. WATCH from that version with `allowWatchBookmarks` (a bookmark only moves the version on)
    and `timeoutSeconds` drawn in [T, 2T) so that the agents of every node do not all reconnect
    at once; the socket's read timeout (T·2 + `read_grace`) notices a connection that died
@@ -34,7 +36,8 @@ sink itself (not a refusal) keeps what was drained and retries it after a back-o
 An object the agent refuses is logged and kept in `status()`; a refused policy also gets a
 Kubernetes Event (reason `PolicyInvalid`, the field paths in its message) from this node's
 agent (`EventRecorder`, on a thread of its own, posting each refusal of one resourceVersion
-once): docs/kubernetes.md says why an Event and not the policy's status.
+once): docs/kubernetes.md says why an Event and not the policy's status. A refused CiliumCIDRGroup
+gets one too (reason `CIDRGroupInvalid`).
 
 Thread safety: `start`, `stop` once each, from one thread; `ready`, `wait_ready`, `problems`
 and `status` from any thread.
@@ -64,13 +67,15 @@ from kubernetes.config.incluster_config import (
 )
 
 from .reconcile import (
-    POLICY_KINDS, RESOURCES, Backoff, Desired, ObjectRef, ObjectSink, Pending, Reconciler, Resource, project,
+    CIDRGROUPS, POLICY_KINDS, RESOURCES, Backoff, Desired, ObjectRef, ObjectSink, Pending, Reconciler, Resource,
+    project,
 )
 
 Log = Callable[[str], None]
 
 #: Event reasons, as `kubectl describe` shows them.
 POLICY_INVALID = "PolicyInvalid"
+CIDR_GROUP_INVALID = "CIDRGroupInvalid"
 #: Events of cluster-scoped objects go to this namespace, as Kubernetes' own do (Nodes').
 CLUSTER_EVENTS_NAMESPACE = "default"
 EVENT_MESSAGE_MAX = 1024  # events.k8s.io's limit on a note; core/v1 Events are held to it too
@@ -191,6 +196,10 @@ class ResourceWatch:
                  stopping: threading.Event, *, watch_timeout: float, read_grace: float, page_size: int,
                  backoff: Backoff, rng: Callable[[], float] = random.random) -> None:
         self.resource = resource
+        # The version read: the resource's first, or one of its older versions the server
+        # serves instead (`_list`).
+        self.api_version = resource.api_version
+        self._path = resource.path
         self._api = api
         self._cluster = cluster
         self._put = put
@@ -293,21 +302,30 @@ class ResourceWatch:
     def _list(self) -> str:
         items: list[Desired] = []
         token = ""
+        versions = list(self.resource.versions)  # each tried once per listing, first first
+        self.api_version = versions.pop(0)
+        self._path = self.resource.path_for(self.api_version)
         while True:
             query = {"limit": str(self._page_size)}
             if token:
                 query["continue"] = token
             try:
-                page = self._api.json("GET", self.resource.path, query)
+                page = self._api.json("GET", self._path, query)
             except Gone:
                 if not token:
                     raise
                 items, token = [], ""  # the continue token expired: the list again, whole
                 continue
+            except ApiError as exc:
+                if exc.status != 404 or token or not versions:
+                    raise
+                self.api_version = versions.pop(0)  # not served in this version: the next one
+                self._path = self.resource.path_for(self.api_version)
+                continue
             meta = page.get("metadata") or {}
             for obj in page.get("items") or ():
                 if isinstance(obj, Mapping):
-                    items.append(project(self.resource, obj, self._cluster))
+                    items.append(project(self.resource, obj, self._cluster, api_version=self.api_version))
             token = str(meta.get("continue") or "")
             if not token:
                 rv = str(meta.get("resourceVersion") or "")
@@ -321,7 +339,7 @@ class ResourceWatch:
         """Watch from `rv` until the stream ends, moving `resource_version` on as it goes."""
         timeout = int(self._watch_timeout * (1 + self._rng())) or 1
         query = {"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout)}
-        resp = self._api.send("GET", self.resource.path, query, timeout=(5.0, timeout + self._read_grace))
+        resp = self._api.send("GET", self._path, query, timeout=(5.0, timeout + self._read_grace))
         with self._lock:
             self._resp = resp
         self._opened, self._delivered = time.monotonic(), False
@@ -354,12 +372,14 @@ class ResourceWatch:
             return new_rv
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             raise ValueError(f"a watch event of unknown type {kind!r}")
-        self._put(_Event(self.resource, project(self.resource, obj, self._cluster, deleted=kind == "DELETED")))
+        self._put(_Event(self.resource, project(self.resource, obj, self._cluster, deleted=kind == "DELETED",
+                                                api_version=self.api_version)))
         return new_rv
 
     def status(self) -> dict[str, Any]:
         return {
-            "state": self.state, "resource_version": self.resource_version, "listed_at": self.listed_at,
+            "state": self.state, "api_version": self.api_version, "resource_version": self.resource_version,
+            "listed_at": self.listed_at,
             "listed_objects": self.listed_objects, "watching_since": self.watching_since,
             "relists": self.relists, "reconnects": self.reconnects,
             "last_error": self.last_error or None, "last_error_at": self.last_error_at,
@@ -391,7 +411,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiError):
         hint = ""
         if exc.status == 404:
-            hint = " (is the resource served? CiliumNetworkPolicy needs the CRDs of deploy/crds)"
+            hint = (" (is the resource served? CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and "
+                    "CiliumCIDRGroup need the CRDs of deploy/crds, or Cilium's)")
         elif exc.status in (401, 403):
             hint = " (the agent's credentials, or its ClusterRole, do not allow it)"
         return f"{exc}{hint}"
@@ -617,6 +638,10 @@ class Watcher:
             message = (f"l7gate agent on node {self.node} refused this policy: {'; '.join(reasons)}. Nothing in "
                        "force changed: a previous version of it, if any, is still enforced.")
             self.events.warn(ref, POLICY_INVALID, message)
+        elif ref.kind == CIDRGROUPS.kind:
+            message = (f"l7gate agent on node {self.node} refused this CIDR group: {'; '.join(reasons)}. Nothing "
+                       "in force changed: the policies naming it keep its previous version, if any.")
+            self.events.warn(ref, CIDR_GROUP_INVALID, message)
 
     # -- the status -------------------------------------------------------------------------------
 

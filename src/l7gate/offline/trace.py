@@ -1,9 +1,11 @@
 """`l7gate policy trace`: the verdict for one connection/request (or ICMP message), explained
 step by step.
 
-Builds a throw-away world from manifest files — policies, Pods, Namespaces — the way an agent
-would: identity labels from the pods, numeric identities from each cluster's range (clusters
-numbered 1, 2, ... in name order), then asks the reference evaluator. Egress is judged with the
+Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces — the
+way an agent would: identity labels from the pods, numeric identities from each cluster's range
+(clusters numbered 1, 2, ... in name order), then asks the reference evaluator. A `cidrGroupRef`
+or `cidrGroupSelector` selects the CIDRs of the groups given in the files (a group not given
+does not exist, and selects nothing). Egress is judged with the
 source cluster's view and ingress with the destination cluster's, as the two agents would.
 """
 
@@ -21,12 +23,13 @@ from ..identity.numeric import HOST, IdentityError, reserved_identity
 from ..k8s.manifests import load
 from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
 from ..kvstore.sqlite import SQLiteKVStore
+from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.evaluate import WORLD_ID, Flow, Layer, Peer, Verdict, evaluate, where
 from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.icmp import icmp_type_name
 from ..policy.namedports import NamedPorts
-from ..policy.parse import POLICY_KINDS, parse_policy
+from ..policy.parse import KIND_CIDR_GROUP, POLICY_KINDS, parse_policy
 from ..policy.types import HTTPRequest, Protocol, Rule
 
 EXIT_INVALID = 1
@@ -132,7 +135,9 @@ class TraceResult:
         return out
 
 
-def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace]]:
+def _load(
+    req: TraceRequest,
+) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace], dict[str, CIDRGroup]]:
     manifests, errors = load(req.paths)
     missing = [e for e in errors if e.missing]
     if missing:
@@ -142,22 +147,28 @@ def _load(req: TraceRequest) -> tuple[list[dict[str, Any]], list[Pod], dict[tupl
     policies: list[dict[str, Any]] = []
     pods: list[Pod] = []
     namespaces: dict[tuple[str, str], Namespace] = {}
+    groups: dict[str, CIDRGroup] = {}
     problems: list[str] = []
     for m in manifests:
         kind = m.kind
         try:
             if kind in POLICY_KINDS:
                 policies.append(m.obj)
+            elif kind == KIND_CIDR_GROUP:
+                group = parse_cidr_group(m.obj)
+                if group.name in groups:
+                    problems.append(f"{m.where}: {group.key} is given twice")
+                groups[group.name] = group
             elif kind == "Pod":
                 pods.append(parse_pod(m.obj, default_cluster=req.cluster_name))
             elif kind == "Namespace":
                 ns = scoped_namespace(m.obj, default_cluster=req.cluster_name)
                 namespaces[(ns.cluster, ns.name)] = ns
-        except K8sObjectError as exc:
+        except (K8sObjectError, PolicyValidationError) as exc:
             problems.append(f"{m.where}: {exc}")
     if problems:
         raise TraceError("invalid objects:\n  " + "\n  ".join(problems), EXIT_INVALID)
-    return policies, pods, namespaces
+    return policies, pods, namespaces, groups
 
 
 def _rules_for_cluster(docs: list[dict[str, Any]], cluster: str) -> list[Rule]:
@@ -196,7 +207,7 @@ def _find_pod(ref: str, pods: list[Pod]) -> Pod:
 
 
 def run_trace(req: TraceRequest) -> TraceResult:
-    docs, pods, namespaces = _load(req)
+    docs, pods, namespaces, groups = _load(req)
     clusters = sorted({p.cluster for p in pods} | {req.cluster_name})
     if len(clusters) > 255:
         raise TraceError("more than 255 clusters", EXIT_INVALID)
@@ -215,7 +226,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
             address = _address(ref)
             if address is not None and not any(p.ip == address for p in pods):
                 node = _node_party(address, pods, other)
-                return node if node is not None else _address_party(address, docs, req)
+                return node if node is not None else _address_party(address, docs, req, groups)
             pod = _find_pod(ref, pods)
             try:
                 labels = pod_identity_labels(pod, namespace_of(pod, namespaces))
@@ -265,7 +276,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
     egress = Verdict(True, None)
     if src.peer.managed:
         egress_rules = _rules_for_cluster(docs, src.cluster)
-        egress = evaluate(egress_rules, _one_side(flow, source_managed=True))
+        egress = evaluate(egress_rules, _one_side(flow, source_managed=True), groups)
     ingress = Verdict(True, None)
     if dst.peer.managed and egress.allowed and src.identity == HOST:
         # The node's own traffic to its pods is not judged (Cilium's default allow-localhost)
@@ -273,7 +284,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
                                        "always allowed, as in Cilium (allow-localhost)",))
     elif dst.peer.managed and egress.allowed:
         ingress_rules = _rules_for_cluster(docs, dst.cluster)
-        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False))
+        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False), groups)
     decided = egress if not egress.allowed else ingress
     if decided.allowed:
         policies = tuple(sorted(set(egress.policies) | set(ingress.policies)))
@@ -336,10 +347,12 @@ def _node_party(ip: str, pods: list[Pod], other: str) -> Party | None:
     return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
 
 
-def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest) -> Party:
+def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest,
+                   groups: Mapping[str, CIDRGroup]) -> Party:
     """An address outside the inventory: its CIDR identity's labels, plus the `fqdn:` labels
     of the policies' toFQDNs selectors that match a name the cache snapshot gives it (as the
-    agent labels an address its DNS proxy learned)."""
+    agent labels an address its DNS proxy learned). Its name says which of the CiliumCIDRGroups
+    given hold it."""
     names = [fqdn(n) for n, ips in req.fqdn_cache.items() if ip in ips]
     selectors: set[FQDNSelector] = set()
     for doc in docs:
@@ -351,8 +364,13 @@ def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest) -> Pa
             for pr in rule.rules:
                 selectors.update(p for p in pr.peers or () if isinstance(p, FQDNSelector))
     keys = sorted({s.key for s in selectors for n in names if s.match.matches(n)})
-    labels = fqdn_cidr_labels(ipaddress.ip_network(ip), keys)
+    net = ipaddress.ip_network(ip)
+    labels = fqdn_cidr_labels(net, keys)
     shown = f"{ip} ({', '.join(n.rstrip('.') for n in names)})" if names else ip
+    holding = sorted(g.name for g in groups.values()
+                     if any(c.version == net.version and net.subnet_of(c) for c in g.cidrs))  # type: ignore[arg-type]
+    if holding:
+        shown += f" (in CiliumCIDRGroup {', '.join(holding)})"
     return Party(shown, "", ip, WORLD_ID, Peer(WORLD_ID, labels, managed=False, name=shown))
 
 

@@ -10,6 +10,8 @@ Pods among the input are an inventory: a named port (`port: http`) that no pod a
 to declares, or that the pods of one identity declare with different numbers, selects nothing;
 each gets a warning (`named-port-undeclared`, `named-port-conflict`). Without pods in the
 input, named ports are not checked (the names are resolved by the agent, per pod).
+
+CiliumCIDRGroups are checked too (an input of groups alone is fine: they are applied on their own).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import Any
 from ..identity.numeric import IdentityError
 from ..k8s.manifests import Manifest, kind_problem, load, object_name
 from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
+from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.namedports import CONCRETE
-from ..policy.parse import POLICY_KINDS, parse_policy
+from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS, parse_policy
 from ..policy.types import Direction, NamedPort, PeerRule, Policy, Rule
 
 
@@ -64,7 +67,9 @@ class Item:
 class ValidationReport:
     items: list[Item] = field(default_factory=list)
     policies: list[tuple[Manifest, Policy]] = field(default_factory=list)
+    groups: list[tuple[Manifest, CIDRGroup]] = field(default_factory=list)
     checked: int = 0
+    checked_groups: int = 0  # CiliumCIDRGroups (not counted in `checked`)
     invalid: int = 0
     skipped_objects: list[str] = field(default_factory=list)  # KIND/[NAMESPACE/]NAME, in input order
     usage_errors: list[str] = field(default_factory=list)
@@ -88,8 +93,10 @@ class ValidationReport:
 
     def summary(self) -> str:
         w = len(self.warnings)
+        g = self.checked_groups
+        groups = f" and {g} CiliumCIDRGroup{'s' if g != 1 else ''}" if g else ""
         s = (
-            f"{self.checked} polic{'y' if self.checked == 1 else 'ies'} checked: "
+            f"{self.checked} polic{'y' if self.checked == 1 else 'ies'}{groups} checked: "
             f"{self.invalid} invalid, {w} warning{'s' if w != 1 else ''}"
         )
         if self.skipped:
@@ -104,6 +111,7 @@ class ValidationReport:
         return {
             "valid": not self.invalid and not self.usage_errors and not self.errors,
             "checked": self.checked,
+            "checked_cidr_groups": self.checked_groups,
             "invalid": self.invalid,
             "skipped": self.skipped,
             "skipped_objects": self.skipped_objects,
@@ -130,8 +138,11 @@ def check_manifests(
             )
             report.invalid += 1
             continue
+        if obj["kind"] == KIND_CIDR_GROUP:
+            _check_group(m, report, seen)
+            continue
         if obj["kind"] not in POLICY_KINDS:
-            problem = kind_problem(obj, POLICY_KINDS)
+            problem = kind_problem(obj, POLICY_INPUT_KINDS)
             if problem is None:
                 report.skipped_objects.append(object_name(obj))
             else:
@@ -169,6 +180,28 @@ def check_manifests(
         report.policies.append((m, policy))
 
 
+def _check_group(m: Manifest, report: ValidationReport, seen: dict[str, str]) -> None:
+    report.checked_groups += 1
+    try:
+        group = parse_cidr_group(m.obj)
+    except PolicyValidationError as exc:
+        report.invalid += 1
+        for f in exc.errors:
+            report.items.append(Item(m.source, m.line, exc.resource, "error", f.path, f.message, f.code))
+        return
+    for f in group.warnings:
+        report.items.append(Item(m.source, m.line, group.key, "warning", f.path, f.message, f.code))
+    if group.key in seen:
+        report.invalid += 1
+        report.items.append(
+            Item(m.source, m.line, group.key, "error", "metadata.name",
+                 f"{group.key} is defined twice, at {seen[group.key]} and at {m.where}: one would replace the "
+                 "other; remove one, or rename it", "duplicate"))
+        return
+    seen[group.key] = m.where
+    report.groups.append((m, group))
+
+
 def validate_paths(
     paths: Iterable[str],
     *,
@@ -197,7 +230,7 @@ def validate_paths(
             )
     check_manifests(manifests, report, default_namespace=default_namespace, cluster_name=cluster_name)
     check_named_ports(manifests, report, cluster_name=cluster_name)
-    if not report.checked and not report.errors and not report.usage_errors:
+    if not report.checked and not report.checked_groups and not report.errors and not report.usage_errors:
         where = " ".join("<stdin>" if p == "-" else p for p in paths)
         report.items.append(
             Item(where, 0, "", "error", "",

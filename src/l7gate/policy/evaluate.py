@@ -27,6 +27,10 @@ tested against, so it is written to be read next to Cilium's documentation:
      otherwise the DNS proxy refuses it.
   `toFQDNs` peers select the addresses learned from DNS answers: a peer's labels carry
   `fqdn:<selector>` for each selector matching a name it was learned for (`policy.fqdn`).
+  A `cidrGroupRef`/`cidrGroupSelector` entry selects an address when a group it names (given
+  in `groups`; a group not given does not exist, and selects nothing) holds a CIDR around the
+  address's prefix that no `except` range of the entry holds whole, and no `except` range holds
+  the address's prefix; a group CIDR covering a whole family also selects `world`.
   An identity the caller does not know is `world`.
 """
 
@@ -36,10 +40,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .cidrgroup import CIDRGroup
 from .labels import Labels, reserved
 from .fqdn import NameMatch, fqdn
 from .icmp import describe_icmp_type
 from .namedports import NO_NAMED_PORTS, NamedPorts
+from .selector import CIDRGroupPeer, PeerSelector, identity_prefix
 from .pathnorm import normalize_path
 from .types import ANY_PORT, AuthMode, Direction, HTTPRequest, HTTPRule, NamedPort, PeerRule, PortRule, Protocol, Rule
 
@@ -140,8 +146,37 @@ def _describe(peer: Peer) -> str:
     return peer.name or f"identity {peer.identity}"
 
 
+def _in_group_cidr(peer: CIDRGroupPeer, labels: Labels, groups: Mapping[str, CIDRGroup]) -> bool:
+    """The module doc's reading of a CIDR group entry, spelled out."""
+    prefix = identity_prefix(labels)
+    for name in sorted(groups):
+        group = groups[name]
+        if not peer.selects_group(group.name, group.labels):
+            continue
+        for net in group.cidrs:
+            if any(net.version == e.version and net.subnet_of(e) for e in peer.excepts):  # type: ignore[arg-type]
+                continue  # the whole CIDR is excepted
+            if prefix is None:
+                family = "world-ipv4" if net.version == 4 else "world-ipv6"
+                if net.prefixlen == 0 and (reserved("world") in labels or reserved(family) in labels):
+                    return True
+                continue
+            if prefix.version != net.version or not prefix.subnet_of(net):  # type: ignore[arg-type]
+                continue
+            if not any(prefix.version == e.version and prefix.subnet_of(e) for e in peer.excepts):  # type: ignore[arg-type]
+                return True
+    return False
+
+
+def _selects(sel: PeerSelector, labels: Labels, groups: Mapping[str, CIDRGroup]) -> bool:
+    if isinstance(sel, CIDRGroupPeer):
+        return _in_group_cidr(sel, labels, groups)
+    return sel.matches(labels)
+
+
 def _evaluate_direction(
-    rules: Iterable[Rule], direction: Direction, subject: Peer, peer: Peer, flow: Flow
+    rules: Iterable[Rule], direction: Direction, subject: Peer, peer: Peer, flow: Flow,
+    groups: Mapping[str, CIDRGroup],
 ) -> _Side:
     side = _Side()
     d = direction.value
@@ -160,7 +195,7 @@ def _evaluate_direction(
         for pr in rule.rules:
             if pr.direction is not direction:
                 continue
-            if pr.peers is not None and not any(s.matches(peer.labels) for s in pr.peers):
+            if pr.peers is not None and not any(_selects(s, peer.labels, groups) for s in pr.peers):
                 continue
             if not pr.port_rules:
                 # No toPorts, no icmps: every protocol, every port, every ICMP type.
@@ -273,17 +308,19 @@ def _evaluate_direction(
     return side
 
 
-def evaluate(rules: Iterable[Rule], flow: Flow) -> Verdict:
-    """The verdict for `flow` under `rules`: egress of the source, then ingress of the target."""
+def evaluate(rules: Iterable[Rule], flow: Flow, groups: Mapping[str, CIDRGroup] | None = None) -> Verdict:
+    """The verdict for `flow` under `rules`: egress of the source, then ingress of the target.
+    `groups`: the CiliumCIDRGroups in force, by name (none given: none exists)."""
     rule_list = list(rules)
+    groups = groups or {}
     sides: list[_Side] = []
     if flow.source.managed:
         sides.append(
-            _evaluate_direction(rule_list, Direction.EGRESS, flow.source, flow.destination, flow)
+            _evaluate_direction(rule_list, Direction.EGRESS, flow.source, flow.destination, flow, groups)
         )
     if flow.destination.managed and (not sides or sides[0].allowed):
         sides.append(
-            _evaluate_direction(rule_list, Direction.INGRESS, flow.destination, flow.source, flow)
+            _evaluate_direction(rule_list, Direction.INGRESS, flow.destination, flow.source, flow, groups)
         )
     reasons = [r for s in sides for r in s.reasons]
     denied = next((s for s in sides if not s.allowed), None)

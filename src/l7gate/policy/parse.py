@@ -35,6 +35,7 @@ from .fqdn import FQDNError, FQDNSelector, NameMatch
 from .icmp import NAMES_NOT_IN_CRD, ICMPTypeError, parse_icmp_type
 from .regex import RegexError, compile_regex
 from .selector import (
+    CIDRGroupPeer,
     CIDRSelector,
     Entity,
     EntitySelector,
@@ -73,6 +74,13 @@ KIND_CCNP = "CiliumClusterwideNetworkPolicy"
 KIND_KNP = "NetworkPolicy"
 #: Every kind `parse_policy` reads. The order is relied on: [0] namespaced, [1] clusterwide.
 POLICY_KINDS = (KIND_CNP, KIND_CCNP, KIND_KNP)
+# CiliumCIDRGroup (`cidrgroup.parse_cidr_group`): not a policy, but what `cidrGroupRef` and
+# `cidrGroupSelector` in the policies' CIDR rules name. Cilium serves it as v2alpha1 (1.13-1.17)
+# and as v2 with v2alpha1 deprecated (1.18 on); the two have one schema.
+KIND_CIDR_GROUP = "CiliumCIDRGroup"
+CIDR_GROUP_API_VERSIONS = ("cilium.io/v2", "cilium.io/v2alpha1")
+#: What `policy validate`, `trace` and `apply` (and the agent's policy API) read.
+POLICY_INPUT_KINDS = (*POLICY_KINDS, KIND_CIDR_GROUP)
 
 T = TypeVar("T")
 
@@ -934,19 +942,55 @@ class _SpecParser:
             self.w.error(path, f"invalid CIDR {s!r}: {exc}", "cidr")
             return None
 
-    def cidr_set(self, value: object, path: str) -> CIDRSelector | None:
+    def cidr_set(self, value: object, path: str) -> CIDRSelector | CIDRGroupPeer | None:
+        """One `fromCIDRSet`/`toCIDRSet` entry: a CIDR, or CiliumCIDRGroups by name
+        (`cidrGroupRef`) or by label (`cidrGroupSelector`); exactly one of the three, as Cilium's
+        sanitizer requires. `except` ranges must lie inside a `cidr`; beside a group Cilium checks
+        nothing (the group's CIDRs are not known when the rule is checked), and neither does
+        l7gate beyond their being CIDRs."""
         w = self.w
         m = w.mapping(
-            value, path, {"cidr", "except"},
-            {"cidrGroupRef": "CIDR group references", "cidrGroupSelector": "CIDR group selectors"},
+            value, path, {"cidr", "except", "cidrGroupRef", "cidrGroupSelector"},
             nullable={"except": "no address is left out of the CIDR"},
         )
         if m is None:
             return None
-        if "cidr" not in m:
-            w.error(_join(path, "cidr"), "is required", "required")
+        kinds = [k for k in ("cidr", "cidrGroupRef", "cidrGroupSelector") if k in m]
+        if not kinds:
+            w.error(
+                _join(path, "cidr"),
+                "is required: Cilium refuses a CIDR rule without one of cidr, cidrGroupRef or "
+                "cidrGroupSelector (one of cidr, cidrGroupRef, or cidrGroupSelector is required)",
+                "required",
+            )
             return None
-        net = self.cidr(m["cidr"], _join(path, "cidr"))
+        n_errors = len(w.errors)
+        for extra in kinds[1:]:
+            w.error(
+                _join(path, extra),
+                f"Cilium refuses a CIDR rule that sets both `{kinds[0]}` and `{extra}` (more than one "
+                "of cidr, cidrGroupRef, or cidrGroupSelector may not be set): write one entry for each",
+                "cidr-rule-kinds",
+            )
+        kind = kinds[0]
+        net: IPNetwork | None = None
+        ref: str | None = None
+        sel: LabelSelector | None = None
+        if kind == "cidr":
+            net = self.cidr(m["cidr"], _join(path, "cidr"))
+        elif kind == "cidrGroupRef":
+            ref = w.k8s_name(m["cidrGroupRef"], _join(path, "cidrGroupRef"), subdomain=True)
+        else:
+            gp = _join(path, "cidrGroupSelector")
+            sel = self.label_selector(m["cidrGroupSelector"], gp)
+            if sel is not None and not sel.requirements:
+                w.warn(
+                    gp,
+                    "an empty cidrGroupSelector selects every CiliumCIDRGroup: l7gate selects the CIDRs of "
+                    "every group; Cilium matches an empty selector against every identity, pods included. "
+                    "Name the groups' labels",
+                    "cidr-group-selector-empty",
+                )
         excepts: list[IPNetwork] = []
         if "except" in m:
             ep = _join(path, "except")
@@ -958,9 +1002,16 @@ class _SpecParser:
                     w.error(f"{ep}[{i}]", f"{en} is not inside {net}", "cidr-except")
                     continue
                 excepts.append(en)
-        if net is None:
+        if len(w.errors) > n_errors:
             return None
-        return CIDRSelector(net, tuple(sorted(set(excepts), key=lambda n: (n.version, n.network_address.packed, n.prefixlen))))
+        ordered = tuple(sorted(set(excepts), key=lambda n: (n.version, n.network_address.packed, n.prefixlen)))
+        if net is not None:
+            return CIDRSelector(net, ordered)
+        if ref is not None:
+            return CIDRGroupPeer(name=ref, excepts=ordered)
+        if sel is not None:
+            return CIDRGroupPeer(selector=sel, excepts=ordered)
+        return None
 
     # -- ports and L7 ---------------------------------------------------------------------------
 

@@ -8,6 +8,11 @@ Three kinds, one interface (`key`, `matches(labels)`):
 - `CIDRSelector`: a prefix with exceptions; selects CIDR identities (`cidr:<prefix>` labels)
   inside it, and `world` when it covers the whole address family.
 
+`CIDRGroupPeer` (a `cidrGroupRef` or `cidrGroupSelector` entry) is a fourth, unresolved kind: it
+names CiliumCIDRGroups, and selects through their CIDRs only once `cidrgroup.expand_policy` has
+replaced it with one `CIDRSelector` per CIDR of the groups it selects. Unexpanded, it matches
+nothing.
+
 `key` is a canonical string: two selectors with equal keys select the same identities, which is
 what lets the selector cache store each selector once.
 """
@@ -194,3 +199,46 @@ class CIDRSelector:
 # The one selector that selects every identity, including ones not known yet. Resolution maps it
 # to the ANY peer (identity 0) instead of enumerating identities.
 WILDCARD = EntitySelector(Entity.ALL)
+
+
+#: The label every CiliumCIDRGroup carries with its name (Cilium's), beside its own labels: a
+#: `cidrGroupSelector` can select a group by name through it.
+CIDR_GROUP_NAME_LABEL = "io.cilium.policy.cidrgroupname"
+
+
+def cidr_group_name_key(name: str) -> str:
+    return f"{CIDR_GROUP_NAME_LABEL}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class CIDRGroupPeer:
+    """A `fromCIDRSet`/`toCIDRSet` entry that names CiliumCIDRGroups instead of a CIDR: by name
+    (`cidrGroupRef`) or by the groups' labels (`cidrGroupSelector`), with the entry's `except`
+    ranges. Which addresses it selects depends on the groups in force, so it is expanded (by
+    `cidrgroup.expand_policy`) before a policy is resolved or enforced; `matches` itself selects
+    nothing, the fail-safe reading of a group that does not exist."""
+
+    name: str | None = None
+    selector: LabelSelector | None = None
+    excepts: tuple[IPNetwork, ...] = ()
+
+    @property
+    def key(self) -> str:
+        which = f"name={self.name}" if self.name is not None else (self.selector or LabelSelector()).key
+        ex = ",".join(e.with_prefixlen for e in self.excepts)
+        return f"cidrgroup:{which}" + (f"!{ex}" if ex else "")
+
+    def selects_group(self, name: str, labels: Labels) -> bool:
+        """Whether the group `name` with `labels` (its name label included) is one this entry
+        names."""
+        if self.name is not None:
+            return name == self.name
+        return self.selector is not None and self.selector.matches(labels)
+
+    def matches(self, labels: Labels) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        which = f"cidrGroupRef {self.name}" if self.name is not None else f"cidrGroupSelector {self.selector}"
+        ex = " except " + ",".join(e.with_prefixlen for e in self.excepts) if self.excepts else ""
+        return which + ex

@@ -16,7 +16,8 @@ code under test is the real one:
   `fieldValidation` check and `kubectl apply` read); `/version`, `/healthz`, `/livez`, `/readyz`.
 - Resources: core v1 namespaces, pods, services, events, nodes; apps/v1 deployments (stored
   only: no controller makes pods from them); networking.k8s.io/v1 networkpolicies; every CRD in `deploy/crds/` (cilium.io/v2
-  CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy) with its status subresource. A new
+  CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy with their status subresource;
+  CiliumCIDRGroup as cilium.io/v2 and v2alpha1, one object served in either version). A new
   double holds what every cluster holds: the namespaces default, kube-system, kube-public,
   kube-node-lease and the Service default/kubernetes (10.96.0.1:443).
 - CRUD with etcd-style revisions (see `apiserver_double_store`): resourceVersion, uid,
@@ -732,6 +733,10 @@ class ApiServerDouble:
                         body: bytes) -> None:
         rt, ns, name, sub = self._resolve(parts)
         method = h.command
+
+        def send(code: int, obj: Any, *, warnings: Sequence[str] = ()) -> None:
+            self._send(h, rec, code, _in_version(rt, obj), warnings=warnings)
+
         validation = _VALIDATION.get(q.get("fieldValidation", ""))
         if validation is None:
             raise bad_request(f'fieldValidation: Unsupported value: "{q["fieldValidation"]}": '
@@ -746,28 +751,28 @@ class ApiServerDouble:
                     self._serve_watch(h, rec, rt, ns, q, selector)
                     return
                 limit = int(q.get("limit") or 0)
-                self._send(h, rec, 200, self.store.list_objects(rt, ns, rv=q.get("resourceVersion", ""),
+                send(200, self.store.list_objects(rt, ns, rv=q.get("resourceVersion", ""),
                                                         rv_match=q.get("resourceVersionMatch", ""),
                                                         limit=limit, cont=q.get("continue", ""), selector=selector))
             elif method == "POST" and (ns or not rt.namespaced):
                 obj = self.store.create(rt, ns, self._decode_body(h, rt, body), validation=validation,
                                         dry_run=dry_run, warnings=warnings)
-                self._send(h, rec, 201, obj, warnings=warnings)
+                send(201, obj, warnings=warnings)
             elif method == "DELETE":
                 items = self.store.list_objects(rt, ns, selector=selector)["items"]
                 deleted = [self.store.delete(rt, ns, i["metadata"]["name"], dry_run=dry_run) for i in items]
-                self._send(h, rec, 200, {"kind": rt.list_kind, "apiVersion": rt.api_version,
+                send(200, {"kind": rt.list_kind, "apiVersion": rt.api_version,
                                          "metadata": {"resourceVersion": str(self.revision)}, "items": deleted})
             else:
                 raise method_not_allowed(rt.group, rt.plural, method)
             return
         if method == "GET":
-            self._send(h, rec, 200, self.store.get(rt, ns, name))
+            send(200, self.store.get(rt, ns, name))
         elif method == "PUT":
             before = self.store.find(rt, ns, name)
             obj = self.store.update(rt, ns, name, self._decode_body(h, rt, body), subresource=sub,
                                     validation=validation, dry_run=dry_run, warnings=warnings)
-            self._send(h, rec, 201 if before is None else 200, obj, warnings=warnings)
+            send(201 if before is None else 200, obj, warnings=warnings)
         elif method == "PATCH":
             ctype = h.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if ctype == PATCH_APPLY:
@@ -778,7 +783,7 @@ class ApiServerDouble:
                 raise bad_request(f"error decoding patch: {e}") from None
             obj = self.store.patch(rt, ns, name, ctype, patch, subresource=sub, validation=validation,
                                    dry_run=dry_run, warnings=warnings)
-            self._send(h, rec, 200, obj, warnings=warnings)
+            send(200, obj, warnings=warnings)
         elif method == "DELETE" and not sub:
             options: Obj = {}
             if body:
@@ -786,7 +791,7 @@ class ApiServerDouble:
                     options = json.loads(body)
                 except ValueError as e:
                     raise bad_request(f"error decoding DeleteOptions: {e}") from None
-            self._send(h, rec, 200, self.store.delete(rt, ns, name, options, dry_run=dry_run or
+            send(200, self.store.delete(rt, ns, name, options, dry_run=dry_run or
                                                        "All" in (options.get("dryRun") or [])))
         else:
             raise method_not_allowed(rt.group, rt.plural, method)
@@ -822,7 +827,7 @@ class ApiServerDouble:
         h.end_headers()
 
         def event(type_: str, obj: Obj) -> None:
-            line = json.dumps({"type": type_, "object": obj}, separators=(",", ":")).encode() + b"\n"
+            line = json.dumps({"type": type_, "object": _in_version(rt, obj)}, separators=(",", ":")).encode() + b"\n"
             h.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
 
         def bookmark(rev: int, *, initial_end: bool = False) -> None:
@@ -867,6 +872,20 @@ class ApiServerDouble:
             self.store.watch_close(cursor)
             with self.store.cond:
                 self._watch_conns.pop(cursor, None)
+
+
+def _in_version(rt: ResourceType, obj: Any) -> Any:
+    """`obj` as read through `rt`'s version. A CRD served in several versions stores each object
+    once, in the version it was written in, and the API server answers in the version asked
+    for; l7gate's CRDs give every version one schema (conversion strategy None), so only
+    `apiVersion` changes."""
+    if not isinstance(obj, dict):
+        return obj
+    if obj.get("kind") == rt.list_kind and isinstance(obj.get("items"), list):
+        return {**obj, "items": [_in_version(rt, i) for i in obj["items"]]}
+    if obj.get("kind") == rt.kind and obj.get("apiVersion") not in (None, rt.api_version):
+        return {**obj, "apiVersion": rt.api_version}
+    return obj
 
 
 def iter_manifests(paths: Iterable[Path]) -> list[Obj]:

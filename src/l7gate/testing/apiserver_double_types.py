@@ -6,8 +6,8 @@ kube-apiserver). Everything here is pure: no sockets, no threads, no clock.
 
 Resource types are the built-ins the agent and `kubectl apply -f examples/seed/` touch (core v1
 namespaces, pods, services, events, nodes; apps/v1 deployments; networking.k8s.io/v1
-networkpolicies) plus every CRD read from
-`deploy/crds/` (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy). A CRD's objects are checked
+networkpolicies) plus every CRD read from `deploy/crds/` (CiliumNetworkPolicy,
+CiliumClusterwideNetworkPolicy, CiliumCIDRGroup: one type per served version). A CRD's objects are checked
 against its `openAPIV3Schema` the way the apiextensions API server does it (structural pruning of
 unknown fields, then type/enum/required checks with kube-openapi's messages); built-in objects get
 only the checks listed in `ResourceType` (names, a few invariants in the store), not their full
