@@ -251,3 +251,28 @@ def test_learned_addresses_stay_allowed_across_an_agent_restart(world: World) ->
     assert rows and rows[0]["identity"] is not None, rows
     assert get(world, "api") == 200
     assert get(world, "other", timeout=1) == 0
+
+
+def test_to_fqdns_with_http_rules_goes_through_the_egress_proxy(world: World) -> None:
+    """toFQDNs and HTTP rules on one port: the learned address is a destination of the egress
+    listener's matcher (docs/egress-http.md); GET /x is let through, anything else gets 403 from
+    this node's Envoy."""
+    policy = {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "client-fqdn-http", "namespace": "web"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "client"}},
+                 "egress": [{"toFQDNs": [{"matchName": "other.example.test"}],
+                             "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}],
+                                          "rules": {"http": [{"method": "GET", "path": "/x"}]}}]}]},
+    }
+    world.agent.client.apply_policies([policy])
+    try:
+        world.agent.synced()
+        assert query(world, "other.example.test")[:2] == ("NOERROR", [world.inet["other"].ip])
+        url = f"http://{world.inet['other'].ip}:443"
+        status, body = world.client.curl(url + "/x")
+        assert status == 200 and json.loads(body)["peer"] == world.client.ip, body
+        assert world.client.curl(url + "/y")[0] == 403
+        assert world.client.curl(url + "/x", method="POST")[0] == 403
+    finally:
+        world.agent.client.delete_policy("CiliumNetworkPolicy/web/client-fqdn-http")
