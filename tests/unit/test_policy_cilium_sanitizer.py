@@ -391,3 +391,24 @@ def test_an_empty_peer_list_beside_a_full_one_still_selects_no_peer() -> None:
     p = parse_policy(ingress({"fromEntities": ["world"], "fromEndpoints": [], "toPorts": [TCP80]}))
     assert p.rules[0].rules[0].peers == ()
     assert not evaluate(list(p.rules), world_flow(80)).allowed
+
+
+@pytest.mark.parametrize("entry, path", [
+    ({}, "spec.ingress[0].toPorts[0]"),
+    ({"ports": []}, "spec.ingress[0].toPorts[0].ports"),
+])
+def test_a_to_ports_entry_without_ports_selects_no_port(entry: dict[str, Any], path: str) -> None:
+    """Cilium adds a policy key per listed port: none listed, none added. The rule still makes
+    ingress default-deny, so the endpoint is reachable on no port (it was every port once)."""
+    from l7gate.policy.evaluate import Flow, Peer, evaluate
+    from l7gate.policy.labels import Labels
+    from l7gate.policy.types import Direction
+
+    p = parse_policy(ingress({"fromEntities": ["world"], "toPorts": [entry]}))
+    (w,) = [w for w in p.warnings if w.code == "empty-ports"]
+    assert w.path == path and "selects no port" in w.message
+    assert p.rules[0].rules[0].port_rules[0].ports == ()
+    world = Peer(2, Labels.of({"reserved:world": ""}), managed=False)
+    me = Peer(65536, Labels.of({"k8s:io.kubernetes.pod.namespace": "payments"}), managed=True)
+    v = evaluate(p.rules, Flow(world, me, 80, Protocol.TCP, None))
+    assert not v.allowed and p.rules[0].rules[0].direction is Direction.INGRESS

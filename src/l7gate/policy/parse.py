@@ -1020,7 +1020,7 @@ class _SpecParser:
         m = w.mapping(
             value, path, {"ports", "rules"}, _UNSUPPORTED_PORT_RULE_FIELDS,
             nullable={
-                "ports": "the entry then covers every port",
+                "ports": "the entry then selects no port",
                 "rules": "" if deny else "the ports are then allowed without HTTP filtering",
             },
         )
@@ -1066,7 +1066,18 @@ class _SpecParser:
             if l7 is not None:
                 w.error(_join(path, "ports"), "L7 rules need at least one port", "l7-port")
                 return None
-            ports = [ANY_PORT]
+            if "ports" not in m or not parsed:
+                # Cilium's policy engine adds a key per listed port: an entry without any adds
+                # none, so the rule allows (or denies) nothing, though it still makes the
+                # direction default-deny. Leaving toPorts out is what covers every port.
+                w.warn(
+                    path if "ports" not in m else _join(path, "ports"),
+                    "a toPorts entry without ports selects no port, in Cilium as here: this rule "
+                    + ("denies" if deny else "allows")
+                    + " nothing. To cover every port, leave `toPorts` out or write `port: \"0\"`",
+                    "empty-ports",
+                )
+                return PortRule((), None)
         if l7 is not None and l7.dns:
             # DNS rules (Cilium): a query on UDP or TCP; every protocol of the port is kept.
             for i, pp_, _ in parsed:

@@ -225,7 +225,9 @@ class L7Rules:
 class PortRule:
     """One `toPorts` entry, or one `icmps` entry (ICMP types as ports, never L7 rules)."""
 
-    ports: tuple[Port, ...]  # never empty: "all ports" is ANY_PORT; sorted by `port_sort_key`
+    # "all ports" is ANY_PORT; empty for a `toPorts` entry without ports, which selects no port
+    # (as in Cilium); sorted by `port_sort_key`
+    ports: tuple[Port, ...]
     l7: L7Rules | None = None
 
     @property
