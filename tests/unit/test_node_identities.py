@@ -56,3 +56,4 @@ def test_trace_names_node_addresses(tmp_path: Path) -> None:
     assert verdict("192.0.2.1") == ("192.0.2.1 (host)", "allowed")
     assert verdict("192.0.2.2") == ("192.0.2.2 (remote-node)", "denied")
     assert verdict("192.0.2.3")[1] == "denied"  # not a node: world
+

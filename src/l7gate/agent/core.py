@@ -457,6 +457,8 @@ class AgentCore:
             t3 = time.perf_counter()
             if not self.config.mtls.enabled:
                 result.warnings.extend(w for policy, _ in policies for w in _auth_without_mtls(policy))
+            if self.egress is None:
+                result.warnings.extend(w for policy, _ in policies for w in self._egress_http_unenforced(policy))
             self._sync_ports()
             self._flush()
         finally:
@@ -611,6 +613,22 @@ class AgentCore:
             self.kernel.set_pod_nodes(dict(self._pod_nodes))
         if self.fallback is not None:
             self.fallback.set_local_pods(self._local_pod_ips())
+
+    def _egress_http_unenforced(self, policy: Policy) -> list[str]:
+        """Egress HTTP rules on an agent without the egress proxy: what happens to their traffic."""
+        if self.config.datapath_mode != "kernel":
+            what = ("not enforced in loopback mode (no kernel redirects a pod's own connections): "
+                    "the destination's ingress policy still applies")
+        elif self.kernel is None:
+            what = ("not enforced by the iptables fallback (it redirects connections to local pods only): "
+                    "the destination's ingress policy still applies")
+        elif self.config.proxy_engine != "envoy":
+            what = (f"not enforced with proxy.engine {self.config.proxy_engine} (only Envoy's egress listener "
+                    "applies them): connections under them are dropped (\"Egress proxy not listening\")")
+        else:
+            what = ("not enforced: proxy.egressPort is 0, so there is no egress listener; connections under "
+                    "them are dropped (\"Egress proxy not listening\")")
+        return [f"{policy.key}: {path}: egress HTTP rules are {what}" for path in _egress_http_rules(policy)]
 
     def _flush_egress(self, egress: EgressPublisher) -> None:
         pods = frozenset((ip, rec.identity) for rec in self._local_pods.values() for ip in rec.pod.ips
@@ -1563,6 +1581,17 @@ def _decode_mesh_entry(key: str, value: bytes) -> _MeshEntry | None:
         return RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
                               data.get("host_ip"), data.get("namespace"), data.get("pod_name"))
     return None
+
+
+def _egress_http_rules(policy: Policy) -> list[str]:
+    """The paths of `policy`'s egress rules with HTTP rules."""
+    return [
+        pr.origin.path
+        for rule in policy.rules
+        for pr in rule.rules
+        if pr.direction is Direction.EGRESS and not pr.deny
+        and any(port_rule.l7 is not None and port_rule.l7.http for port_rule in pr.port_rules)
+    ]
 
 
 def _auth_without_mtls(policy: Policy) -> list[str]:
