@@ -256,6 +256,43 @@ def test_first_request_through_the_tunnel_succeeds_and_l7_rules_apply(world: Wor
     assert "encryption in transit: mTLS tunnel" in out and f"{billing.ip}:8080" in out
 
 
+def test_egress_http_rules_of_the_source_apply_before_the_tunnel(world: World) -> None:
+    """The frontend's own egress HTTP rules on an auth-required destination: node B's tunnel
+    egress listener applies them before it encrypts (docs/egress-http.md); what they refuse is
+    node B's 403 and an EGRESS flow there, what they allow goes through the tunnel as before."""
+    egress = {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "frontend-egress", "namespace": "web"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "frontend-service"}},
+                 "egress": [{"toEndpoints": [{"matchLabels": {"app": "billing-service",
+                                                              "k8s:io.kubernetes.pod.namespace": "payments"}}],
+                             "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}],
+                                          "rules": {"http": [{"method": "POST", "path": "/v1/charge",
+                                                              "headers": ["X-Egress: yes"]}]}},
+                                         {"ports": [{"port": str(LEDGER_PORT), "protocol": "TCP"}]}]}]},
+    }
+    wait_ready(world)
+    world.b.client.apply_policies([egress])
+    try:
+        def egress_rules_in_force() -> bool:
+            status, _ = world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}")
+            assert status == 403, status
+            return True
+
+        eventually(egress_rules_in_force, 20, "node B's tunnel egress listener to apply the egress rules")
+        status, body = world.fe.curl(url(world.billing, 8080, "/v1/charge"), "POST", data="{}",
+                                     headers={"X-Egress": "yes"})
+        assert status == 200, body
+        assert tunnel_of(world.b)["egress"][0]["destination"] == f"{world.billing.ip}:8080"
+        flows_where(world.b, lambda f: f.get("traffic_direction") == "EGRESS"
+                    and f.get("drop_reason_desc") == "Policy denied (L7)"
+                    and "CiliumNetworkPolicy/web/frontend-egress" in json.dumps(f.get("policy_match")),
+                    "node B's egress denial as an EGRESS flow", "--verdict", "DROPPED")
+    finally:
+        world.b.client.delete_policy("CiliumNetworkPolicy/web/frontend-egress")
+        world.b.synced()
+
+
 def test_capture_on_the_link_shows_tls_and_no_plaintext(world: World) -> None:
     wait_ready(world)
     na = world.na

@@ -53,7 +53,6 @@
 #define REASON_UNSUPPORTED 5
 #define REASON_PLAINTEXT 6
 #define REASON_NO_PROXY 7        /* egress HTTP rules: the node's egress proxy is not listening */
-#define REASON_EGRESS_TUNNEL 8   /* egress HTTP rules on a connection the mTLS tunnel carries */
 
 #define REDIRECT_MARK 0x200
 #define PROXY_UPSTREAM_MARK 0xa00  /* the egress proxy's upstream sockets (the pod's own address) */
@@ -365,10 +364,11 @@ static __always_inline int judge(struct flow *f, int src_must_be_local, u32 *src
          * to the node's egress proxy, which applies them (and a local destination's ingress
          * HTTP rules) and connects from the pod's own address. */
         if (v->action == ACT_REDIRECT) {
+            /* Through the tunnel, its egress listener on this node applies the pod's egress
+             * HTTP rules before it encrypts (the redirect below). */
             if (v->flags & FLAG_DNS)
                 redirect = 1;
-            else if (tunnel) { *reason = REASON_EGRESS_TUNNEL; return 0; }
-            else
+            else if (!tunnel)
                 egress_proxy = 1;
         }
         if (tunnel)

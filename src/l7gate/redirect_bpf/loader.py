@@ -80,7 +80,6 @@ DROP_REASONS = {
     5: "Unsupported packet (IPv6 or IP fragment)",
     6: "Plaintext refused",
     7: "Egress proxy not listening",
-    8: "Egress HTTP rules through the mTLS tunnel (not supported)",
 }
 
 

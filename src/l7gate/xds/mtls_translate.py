@@ -78,7 +78,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
 from envoy.type.matcher.v3 import string_pb2 as envoy_string_pb2
-from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import matcher_pb2
 
@@ -269,7 +269,19 @@ def tunnel_cluster(
     )
 
 
-def _route_action(name: str, cluster: str, dst: str) -> route_components_pb2.Route:
+EGRESS_RBAC_FILTER = "l7g.egress"  # the source pods' own egress HTTP rules (docs/egress-http.md)
+
+
+# A source without egress HTTP rules of its own (an allow, no policy names).
+_ALLOW_ALL = matcher_pb2.Matcher(on_no_match=rbac.decision_on_match(Decision(Action.ALLOW),
+                                                                    prefix=rbac.EGRESS_ACTION_PREFIX))
+
+
+def _egress_rbac(matcher: matcher_pb2.Matcher) -> dict[str, any_pb2.Any]:
+    return {EGRESS_RBAC_FILTER: pack(rbac_http_pb2.RBACPerRoute(rbac=rbac_http_pb2.RBAC(matcher=matcher)))}
+
+
+def _route_action(name: str, cluster: str, dst: str, egress: matcher_pb2.Matcher | None = None) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name=name,
         match=route_components_pb2.RouteMatch(prefix="/"),
@@ -287,19 +299,22 @@ def _route_action(name: str, cluster: str, dst: str) -> route_components_pb2.Rou
             ),
         ],
         request_headers_to_remove=[SOURCE_HEADER],
+        typed_per_filter_config=_egress_rbac(egress) if egress is not None else None,
     )
 
 
-def _refuse(name: str) -> route_components_pb2.Route:
+def _refuse(name: str, egress: bool = False) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name=name,
         match=route_components_pb2.RouteMatch(prefix="/"),
         direct_response=route_components_pb2.DirectResponseAction(status=403),
+        typed_per_filter_config=_egress_rbac(_ALLOW_ALL) if egress else None,
     )
 
 
 def egress_route(
-    dst_ip: str, dst_port: int, clusters_by_source: Mapping[str, Iterable[str]]
+    dst_ip: str, dst_port: int, clusters_by_source: Mapping[str, Iterable[str]],
+    egress_rbac: Mapping[str, matcher_pb2.Matcher] | None = None,
 ) -> route_pb2.RouteConfiguration:
     """The route of the egress listener for one remote (pod ip, port).
 
@@ -310,7 +325,11 @@ def egress_route(
     sent) and the virtual host looks it up in a hash map: constant time, and all of it RDS, so
     a local pod appearing is an RDS update, never a listener drain. A source no entry covers
     gets a local 403: its traffic must not leave in plain text, and no certificate may be
-    presented on its behalf."""
+    presented on its behalf.
+
+    `egress_rbac` (by tunnel cluster name): the egress HTTP rules of that source identity, for
+    the listener's EGRESS_RBAC_FILTER; given, every route carries a matcher (allow-all for a
+    source without such rules), as the filter's own default denies."""
     dst = host_port(dst_ip, dst_port)
     by_addr: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     for cluster, addrs in sorted(clusters_by_source.items()):
@@ -318,10 +337,11 @@ def egress_route(
             key = str(ipaddress.ip_address(a))  # the spelling Envoy's formatter uses
             if key in by_addr:
                 raise ValueError(f"source address {key} is listed under two tunnel clusters")
+            egress = None if egress_rbac is None else egress_rbac.get(cluster, _ALLOW_ALL)
             by_addr[key] = matcher_pb2.Matcher.OnMatch(
-                action=typed_ext("route", _route_action(cluster, cluster, dst))
+                action=typed_ext("route", _route_action(cluster, cluster, dst, egress))
             )
-    refuse = matcher_pb2.Matcher.OnMatch(action=typed_ext("route", _refuse("no-tunnel")))
+    refuse = matcher_pb2.Matcher.OnMatch(action=typed_ext("route", _refuse("no-tunnel", egress_rbac is not None)))
     if not by_addr:
         by_addr[_NEVER] = refuse
     tree = matcher_pb2.Matcher.MatcherTree(
@@ -429,13 +449,16 @@ def egress_listener(
     bind: tuple[str, int] | None = None,
     access_logs: Sequence[Message] = (),
     tcp_chains: Sequence[listener_components_pb2.FilterChain] = (),
+    egress_rules: bool = False,
 ) -> listener_pb2.Listener:
     """The source node's listener for one remote (pod ip, port) under an auth-required rule.
 
     In production it is transparent on the remote pod's own address: the kernel redirects the
     local pod's connection to it. `bind` overrides the address it listens on (tests: a plain
     127.x address with ``transparent=False``); names stay keyed by the remote ip:port.
-    No RBAC here: the destination decides; this Envoy only encrypts and names the destination.
+    No RBAC here: the destination decides; this Envoy only encrypts and names the destination —
+    unless a source has egress HTTP rules towards it (`egress_rules`): then an RBAC filter whose
+    matcher comes per route (`egress_route`'s `egress_rbac`) applies them first.
 
     `tcp_chains` (`tcp_tunnel_chains`) carry the sources whose decision is an L3/L4 allow as
     raw TCP; they match by source address, so they win over the HTTP chain, which has no
@@ -443,7 +466,11 @@ def egress_listener(
     """
     name = egress_listener_name(ip, port)
     router = hcm_pb2.HttpFilter(name=resources.ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
-    hcm = _normalizing_hcm(name, egress_route_name(ip, port), [router], access_logs)
+    filters = [router]
+    if egress_rules:
+        # the filter's own default denies: a route without its matcher fails closed
+        filters.insert(0, hcm_pb2.HttpFilter(name=EGRESS_RBAC_FILTER, typed_config=pack(rbac.deny_all_rbac())))
+    hcm = _normalizing_hcm(name, egress_route_name(ip, port), filters, access_logs)
     hcm.early_header_mutation_extensions.append(_source_header_mutation())
     chain = listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=resources.HCM_FILTER, typed_config=pack(hcm))]
@@ -755,6 +782,7 @@ def tunnel_egress(
     access_logs: Sequence[Message] = (),
     tcp_sources: Collection[int] = (),
     tcp_access_logs: Sequence[Message] = (),
+    egress_http: Mapping[int, Decision] | None = None,
 ) -> TunnelEgress:
     """The source node's resources for one remote port. `sources` maps each local identity
     that may send there (under an auth-required rule) to its local pod addresses; each gets its own
@@ -777,9 +805,17 @@ def tunnel_egress(
             key = str(ipaddress.ip_address(a))
             if owner.setdefault(key, i) != i:
                 raise ValueError(f"source address {key} is listed under identities {owner[key]} and {i}")
+    rbac_by_cluster = None
+    if egress_http:
+        rbac_by_cluster = {
+            clusters[i].name: matcher_pb2.Matcher(on_no_match=rbac.decision_on_match(
+                d, auth_verified=True, prefix=rbac.EGRESS_ACTION_PREFIX))
+            for i, d in egress_http.items() if i in clusters
+        }
     route = egress_route(
         remote.ip, remote.port,
         {clusters[i].name: nets for i, nets in sources.items() if i not in tcp_sources},
+        rbac_by_cluster,
     )
     chains = [
         chain
@@ -789,6 +825,6 @@ def tunnel_egress(
     ]
     lst = egress_listener(
         remote.ip, remote.port, transparent=transparent, bind=bind, access_logs=access_logs,
-        tcp_chains=chains,
+        tcp_chains=chains, egress_rules=bool(egress_http),
     )
     return TunnelEgress(lst, route, tuple(clusters.values()))

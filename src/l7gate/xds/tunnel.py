@@ -194,7 +194,8 @@ class Tunnels:
             remote = mt.RemotePort(eg.remote.ip, eg.remote.port, eg.remote.identity, eg.remote.node,
                                    eg.remote.node_ip, self.port)
             e = mt.tunnel_egress(remote, self.td, sources, transparent=True, access_logs=self.access_logs,
-                                 tcp_sources=eg.tcp_sources, tcp_access_logs=self.tcp_access_logs)
+                                 tcp_sources=eg.tcp_sources, tcp_access_logs=self.tcp_access_logs,
+                                 egress_http={i: d for i, d in eg.egress_http.items() if i in sources})
             for c in e.clusters:
                 clusters[c.name] = c
             routes[e.route.name] = e.route

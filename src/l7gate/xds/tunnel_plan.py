@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..policy.labels import Labels
-from ..policy.mapstate import EndpointPolicy, PortView, tunnel_needed, tunnel_tcp
+from ..policy.mapstate import Action, Decision, EndpointPolicy, PortView, tunnel_needed, tunnel_tcp
 from ..policy.namedports import NO_NAMED_PORTS, NamedPorts
 from ..policy.resolve import resolve_endpoint
 from ..policy.types import AuthMode, Direction, NamedPort, Policy, Protocol as L4Protocol
@@ -58,6 +58,10 @@ class EgressPort:
     remote: mt.RemotePort
     sources: Mapping[int, tuple[str, ...]]  # local source identity → its local pod addresses
     tcp_sources: frozenset[int] = frozenset()  # the sources whose decision is an L3/L4 allow
+    # Sources with egress HTTP rules towards the remote on this port (their own egress policy's
+    # decision, Action.HTTP): the source node's tunnel egress listener applies them
+    # (docs/egress-http.md); such a source always takes the HTTP variant.
+    egress_http: Mapping[int, Decision] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +191,22 @@ def plan(inputs: TunnelInputs) -> TunnelPlan:
     pairs: dict[int, dict[int, set[int]]] = {}  # d → port → sources
     for s, d, _, port in kernel:
         pairs.setdefault(d, {}).setdefault(port, set()).add(s)
+    own: dict[tuple[int, int, int], Decision | None] = {}  # (s, d, port) → s's egress HTTP decision
     for p in remote:
         for port, srcs in pairs.get(p.identity, {}).items():
+            egress_http: dict[int, Decision] = {}
+            for s in sorted(srcs):
+                key = (s, p.identity, port)
+                if key not in own:
+                    mine = PortView(inputs.policy_of(s), Direction.EGRESS, port, L4Protocol.TCP).decide(p.identity)
+                    own[key] = mine if mine.action is Action.HTTP else None
+                found = own[key]
+                if found is not None:
+                    egress_http[s] = found
             egress[(p.ip, port)] = EgressPort(
                 mt.RemotePort(p.ip, port, p.identity, p.node or p.node_ip, p.node_ip, 0),
                 {s: tuple(sorted(sources_of.get(s, ()))) for s in sorted(srcs)},
-                frozenset(s for s in srcs if (s, p.identity, TCP, port) in tcp),
+                frozenset(s for s in srcs if (s, p.identity, TCP, port) in tcp and s not in egress_http),
+                egress_http,
             )
     return TunnelPlan(ingress, frozenset(ingress_ids), egress, frozenset(kernel))
