@@ -80,7 +80,8 @@ def world() -> Iterator[World]:
         local = tb.add_pod(na, "payments", "local-api", labels={"app": "local-api"}, ports=[8080])
         remote = tb.add_pod(nb, "payments", "remote-api", labels={"app": "remote-api"}, ports=[8080])
         site = tb.add_pod(inet, "internet", "site")
-        for pod, port in ((local, 8080), (remote, 8080), (site, 80)):
+        # 9001: a port remote-api serves without declaring it (containerPorts are optional)
+        for pod, port in ((local, 8080), (remote, 8080), (remote, 9001), (site, 80)):
             pod.serve_http(port)
         a = make_agent(tb, na, "cluster-a", 1, "cluster-b", 2, na.link_ifnames)
         b = make_agent(tb, nb, "cluster-b", 2, "cluster-a", 1, nb.link_ifnames)
@@ -182,3 +183,36 @@ def test_trace_agrees(world: World) -> None:
     assert trace("cluster-a/payments/local-api", "/denied") == "denied"
     assert trace("cluster-b/payments/remote-api", "/allowed/b1") == "allowed"
     assert trace("cluster-b/payments/remote-api", "/denied") == "denied"
+
+
+RANGE_PORTS = [{"port": "9000", "endPort": 9002, "protocol": "TCP"}]
+
+
+def test_http_rules_on_a_port_range_and_an_undeclared_port(world: World) -> None:
+    """HTTP rules on 9000-9002, on both sides: b1's Envoy listens on every port of the range
+    for remote-api (9001 is served but not declared as a containerPort), a1's egress listener
+    has a filter chain for each."""
+    ingress = cnp("remote-api-range", "payments", "remote-api", ingress=[
+        {"fromEndpoints": [{"matchLabels": {NS: "web"}}],
+         "toPorts": [{"ports": RANGE_PORTS, "rules": {"http": [{"path": "/r.*"}]}}]}])
+    egress = cnp("client-range", "web", "client", egress=[
+        {"toEndpoints": [{"matchLabels": {NS: "payments"}}],
+         "toPorts": [{"ports": RANGE_PORTS, "rules": {"http": [{"method": "GET", "path": "/r/ok.*"}]}}]}])
+    for agent in (world.a, world.b):
+        agent.client.apply_policies([ingress, egress])
+        agent.synced()
+    try:
+        remote = f"http://{world.remote.ip}:9001"
+        # free: no egress rules; b1's ingress rules on the undeclared port
+        assert world.free.curl(remote + "/r/any")[0] == 200
+        assert world.free.curl(remote + "/x")[0] == 403
+        # client: a1's egress rules first, then b1's
+        status, body = world.client.curl(remote + "/r/ok")
+        assert status == 200 and json.loads(body)["path"] == "/r/ok", body
+        assert world.client.curl(remote + "/r/no")[0] == 403   # egress refuses
+        assert world.client.curl(remote + "/x")[0] == 403      # egress refuses (and ingress would)
+        assert world.client.curl(f"http://{world.remote.ip}:9003/r/ok", timeout=2)[0] == 0  # outside the range
+    finally:
+        for agent in (world.a, world.b):
+            agent.client.delete_policy("CiliumNetworkPolicy/payments/remote-api-range")
+            agent.client.delete_policy("CiliumNetworkPolicy/web/client-range")

@@ -412,3 +412,11 @@ def test_a_to_ports_entry_without_ports_selects_no_port(entry: dict[str, Any], p
     me = Peer(65536, Labels.of({"k8s:io.kubernetes.pod.namespace": "payments"}), managed=True)
     v = evaluate(p.rules, Flow(world, me, 80, Protocol.TCP, None))
     assert not v.allowed and p.rules[0].rules[0].direction is Direction.INGRESS
+
+
+def test_http_rules_on_a_port_range_are_taken_up_to_128_ports() -> None:
+    ok = parse_policy(ingress({"toPorts": [{"ports": [{"port": "9000", "endPort": 9127, "protocol": "TCP"}],
+                                            "rules": HTTP}]}))
+    assert ok.rules[0].rules[0].port_rules[0].ports == (PortProtocol(PortRange(9000, 9127), Protocol.TCP),)
+    only_error(ingress({"toPorts": [{"ports": [{"port": "9000", "endPort": 9128, "protocol": "TCP"}], "rules": HTTP}]}),
+               "spec.ingress[0].toPorts[0].ports[0]", "l7-port-range", "range of 129 ports", "at most 128")

@@ -67,7 +67,7 @@ from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
 from ..services import Backend, Frontend, FrontendEntry, Service, ServiceTable
-from ..xds.egress import EgressPublisher, LocalPod, egress_http_ports
+from ..xds.egress import EgressPublisher, LocalPod, egress_http_ports, ingress_http_ports
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.resources import ProxiedPort
 from ..xds.tunnel_plan import PodView, TunnelInputs
@@ -291,6 +291,7 @@ class AgentCore:
         self.egress = (EgressPublisher(sink, config.node_id, config.proxy_egress_port, access_logs)
                        if datapath is not None and config.proxy_egress_port else None)
         self._egress_seen: tuple[int, int, int, frozenset[tuple[str, int]]] | None = None
+        self._port_memo: dict[int, tuple[object, frozenset[int]]] = {}  # identity → (ingress map, ports)
         self.ipcache.subscribe(self.publisher.on_ipcache_change)
         self.kernel = (KernelApplier(datapath, self.resolver.endpoint_policy, tunnel=config.mtls.tunnel)
                        if datapath is not None else None)
@@ -597,6 +598,8 @@ class AgentCore:
     def _flush(self) -> None:
         if self._nodes_dirty:
             self._sync_node_identities()
+        if self.config.datapath_mode == "kernel":
+            self._sync_ports()  # the ports the policies proxy may have changed with them
         self.publisher.flush()
         if self.egress is not None:
             self._flush_egress(self.egress)
@@ -1427,18 +1430,33 @@ class AgentCore:
             self.kernel.on_policy_delta(delta)
 
     def _sync_ports(self) -> None:
+        """The ports the node's L7 proxy fronts per local pod: its declared TCP container ports,
+        and in kernel mode every port its ingress policy sends through the proxy (HTTP rules,
+        a range's ports one by one), declared or not, as Cilium needs no declaration."""
         ports: list[ProxiedPort] = []
         kernel_mode = self.config.datapath_mode == "kernel"
         offset = 0 if kernel_mode else self.config.upstream_port_offset
         for rec in self._local_pods.values():
             if rec.pod.ip is None:
                 continue
-            for port, proto in rec.pod.ports:
-                if proto == "TCP" and port + offset <= 65535:
-                    ports.append(
-                        ProxiedPort(rec.identity, rec.pod.ip, port, rec.pod.ip, port + offset, kernel_mode)
-                    )
+            wanted = {port for port, proto in rec.pod.ports if proto == "TCP" and port + offset <= 65535}
+            if kernel_mode:
+                wanted |= self._policy_ports(rec.identity)
+            for port in sorted(wanted):
+                ports.append(ProxiedPort(rec.identity, rec.pod.ip, port, rec.pod.ip, port + offset, kernel_mode))
         self.publisher.set_ports(ports)
+
+    def _policy_ports(self, identity: int) -> frozenset[int]:
+        """The ports an endpoint's ingress policy proxies, recomputed when its map changed."""
+        policy = self.resolver.endpoint_policy(identity)
+        if policy is None:
+            return frozenset()
+        memo = self._port_memo.get(identity)
+        if memo is not None and memo[0] is policy.ingress:
+            return memo[1]
+        ports = frozenset(ingress_http_ports(policy))
+        self._port_memo[identity] = (policy.ingress, ports)
+        return ports
 
     # -- mutual authentication ---------------------------------------------------------------
 

@@ -126,6 +126,10 @@ _UNSUPPORTED_L7_FIELDS = {
 _ENTITIES = {e.value: e for e in Entity}
 # Entities Cilium's sanitizer knows that l7gate does not implement.
 _UNSUPPORTED_ENTITIES = {"none": "it selects no peer"}
+# HTTP rules on a port range: the proxy listens on every port of it (per local pod), and the
+# egress listener has a filter chain per port; a range is bounded so that one rule cannot ask
+# for thousands of listeners.
+MAX_L7_RANGE = 128
 # Entities Cilium's agent knows but its CRD's enum leaves out: the API server refuses them.
 _ENTITIES_NOT_IN_CRD = {"world-ipv4", "world-ipv6"}
 # What `protocol` in toPorts may say. ICMP is not a toPorts protocol in l7gate: `icmps` says it.
@@ -1110,11 +1114,12 @@ class _SpecParser:
                         "HTTP rules need a single port: Cilium refuses them on port 0 (all ports)",
                         "l7-port-range",
                     )
-                elif isinstance(pp_, PortProtocol) and pp_.ports.lo != pp_.ports.hi:
+                elif isinstance(pp_, PortProtocol) and pp_.ports.hi - pp_.ports.lo + 1 > MAX_L7_RANGE:
                     w.error(
                         here,
-                        "HTTP rules need a single port: l7gate does not support them on a port "
-                        "range (one proxy listener per port)",
+                        f"HTTP rules on a range of {pp_.ports.hi - pp_.ports.lo + 1} ports: l7gate's proxy "
+                        f"takes at most {MAX_L7_RANGE} ports per range (a listener per port and pod); "
+                        "split the rule or narrow the range",
                         "l7-port-range",
                     )
                 else:

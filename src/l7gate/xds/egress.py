@@ -53,7 +53,8 @@ from xds.type.matcher.v3 import ip_pb2, matcher_pb2
 
 from ..envoy_names import CLUSTER, HTTP_PROTOCOL_OPTIONS, LISTENER, ORIGINAL_DST_HEADER, ROUTE
 from ..identity.ipcache import IPNetwork
-from ..policy.mapstate import Action, Decision, EndpointPolicy
+from ..policy.mapstate import Action, Decision, EndpointPolicy, MapEntry, MapKey
+from ..policy.parse import MAX_L7_RANGE
 from ..policy.types import Direction, Protocol
 from . import rbac
 from .cache import SnapshotDelta
@@ -87,24 +88,29 @@ class LocalPod:
     identity: int
 
 
-def egress_http_ports(policy: EndpointPolicy | None) -> set[int]:
-    """The ports an endpoint's egress policy sends through the proxy for HTTP rules (not DNS:
-    the DNS proxy takes those)."""
-    if policy is None:
-        return set()
+def _http_ports(entries: Mapping[MapKey, MapEntry], *, dns: bool) -> set[int]:
+    """The TCP ports whose entries send through the proxy (HTTP rules; DNS rules too if `dns`),
+    a range's ports one by one (the parser bounds HTTP ranges to MAX_L7_RANGE ports)."""
     out: set[int] = set()
-    for k, e in policy.egress.items():
-        if (e.redirect and not e.deny and e.l7 is not None and not e.l7.dns
-                and k.protocol.covers(Protocol.TCP) and k.ports.lo == k.ports.hi):
-            out.add(k.ports.lo)
+    for k, e in entries.items():
+        if not e.redirect or e.deny or not k.protocol.covers(Protocol.TCP):
+            continue
+        if e.l7 is not None and e.l7.dns and not dns:
+            continue
+        if k.ports.hi - k.ports.lo < MAX_L7_RANGE:
+            out.update(range(k.ports.lo, k.ports.hi + 1))
     return out
 
 
+def egress_http_ports(policy: EndpointPolicy | None) -> set[int]:
+    """The ports an endpoint's egress policy sends through the proxy for HTTP rules (not DNS:
+    the DNS proxy takes those)."""
+    return set() if policy is None else _http_ports(policy.egress, dns=False)
+
+
 def ingress_http_ports(policy: EndpointPolicy | None) -> set[int]:
-    if policy is None:
-        return set()
-    return {k.ports.lo for k, e in policy.ingress.items()
-            if e.redirect and not e.deny and k.protocol.covers(Protocol.TCP) and k.ports.lo == k.ports.hi}
+    """The ports an endpoint's ingress policy sends through the proxy (its listeners)."""
+    return set() if policy is None else _http_ports(policy.ingress, dns=True)
 
 
 def _host(ip: str) -> IPNetwork:
