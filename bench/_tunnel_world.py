@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -393,8 +394,10 @@ class LinkCapture:
 # processes (agent, Envoy, upstream) on CPU 0, node B's (agent, Envoy, wrk) on CPU 1, as two
 # machines would be.
 VARIANTS: dict[str, dict[str, str] | None] = {"shared": None, "per-node": {"A": "0", "B": "1"}}
-# The processes whose CPU a `NodeRun` counts (`NodePairWorld.pids`); wrk is not one of them.
-PROCS = ("envoy A", "envoy B", "agent A", "agent B", "upstream")
+# The processes whose CPU a `NodeRun` counts (`NodePairWorld.pids`, and wrk), and the node each
+# belongs to: the ones that share its CPU in the per-node layout.
+NODE_PROCS = {"A": ("envoy A", "agent A", "upstream"), "B": ("envoy B", "agent B", "wrk")}
+PROCS = ("envoy A", "envoy B", "agent A", "agent B", "upstream", "wrk")
 
 
 def usable_variants() -> dict[str, dict[str, str] | None]:
@@ -439,7 +442,7 @@ class NodeRun:
     """One wrk run and what it cost."""
 
     wrk: WrkResult
-    cpu: dict[str, float]  # CPU seconds of each of `PROCS` over the run
+    cpu: dict[str, float]  # CPU seconds of each of `PROCS` over the run (all its threads)
     grown: dict[str, int]  # growth of each watched counter over the run (negative if it vanished)
     busy: float  # the machine's CPU busy fraction over the run (/proc/stat)
 
@@ -451,8 +454,10 @@ def measure_wrk(w: NodePairWorld[Any], script: Path, seconds: float, watch: Mapp
     pids = w.pids()
     counters0 = {k: read() for k, read in watch.items()}
     cpu0, (idle0, total0) = {k: cpu_seconds(p) for k, p in pids.items()}, _cpu_ticks()
+    children0 = _children_cpu()
     out = wrk(w.frontend, w.url, seconds, script, cpus=cpus)
     cpu, (idle1, total1) = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks()
+    cpu["wrk"] = _children_cpu() - children0  # wrk is the only child this process waits for meanwhile
     grown = {k: read() - counters0[k] for k, read in watch.items()}
     return NodeRun(out, cpu, grown, 1 - (idle1 - idle0) / max(1, total1 - total0))
 
@@ -460,6 +465,11 @@ def measure_wrk(w: NodePairWorld[Any], script: Path, seconds: float, watch: Mapp
 def load_average() -> str:
     with open("/proc/loadavg") as f:
         return f.read().split()[0]
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -517,8 +527,8 @@ def paired_rows(variant: str, runs: Mapping[str, Sequence[NodeRun]], measured: s
     ratio, per_round = paired(runs[measured], runs[baseline])
     ratios = [m.wrk.rps / b.wrk.rps for m, b in zip(runs[measured], runs[baseline])]
     envoys = {m: us_per_request(runs[m], "envoy A") + us_per_request(runs[m], "envoy B") for m in (measured, baseline)}
-    node = "; ".join(f"{m} A {us_per_request(runs[m], 'envoy A') + us_per_request(runs[m], 'agent A'):.0f}, "
-                     f"B {us_per_request(runs[m], 'envoy B') + us_per_request(runs[m], 'agent B'):.0f}"
+    node = "; ".join(f"{m} " + ", ".join(f"{n} {sum(us_per_request(runs[m], p) for p in procs):.0f}"
+                                         for n, procs in NODE_PROCS.items())
                      for m in (measured, baseline))
     judged = variant == "per-node"
     where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1, "
@@ -550,6 +560,7 @@ def paired_rows(variant: str, runs: Mapping[str, Sequence[NodeRun]], measured: s
             name=f"{cpu_name} [{variant} CPUs]", value=envoys[measured], unit="µs",
             baseline_name=cpu_baseline_name, baseline_value=envoys[baseline],
             notes=(f"CPU µs per request over the wrk runs, {measured}: {cpu_note(runs[measured])}; {baseline}: "
-                   f"{cpu_note(runs[baseline])} ({cpu_remark}; wrk not counted); per node (Envoy + agent): {node}"),
+                   f"{cpu_note(runs[baseline])} ({cpu_remark}); per node (A: Envoy, agent, upstream; B: Envoy, agent, "
+                   f"wrk; what shares each node's CPU in the per-node layout): {node}"),
         ),
     ]

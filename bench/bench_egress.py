@@ -28,8 +28,10 @@ address instead of the frontend's would be refused by node A). Both CPU layouts 
 shared (a stress figure: node B's Envoy takes CPU from node A's) and per-node (node A's agent,
 Envoy and upstream on CPU 0; node B's agent, Envoy and wrk on CPU 1), where the goal is judged.
 Value: median req/s; ratio: median of the per-round paired ratios (egress / ingress). CPU µs
-per request of each Envoy and agent (and the upstream) from /proc/<pid>/stat over the wrk runs.
-Goal: egress + ingress >= 0.8x ingress alone, per-node CPUs.
+per request of each Envoy and agent (and the upstream) from /proc/<pid>/stat over the wrk runs,
+wrk's from getrusage (its children); per node, all that shares the node's CPU in the per-node
+layout (A: Envoy, agent, upstream; B: Envoy, agent, wrk). Goal: egress + ingress >= 0.8x
+ingress alone, per-node CPUs.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ the link, during the first warm-up of each set: the tunnel sends nothing to :808
 something to :15443; the plain path sends to :8080. Value: median req/s; ratio: median of
 the per-round paired ratios (tunnel / plain). CPU per request of both agents' Envoys (and of
 the agents, which receive every request's access log, and the upstream) from /proc/<pid>/stat
-over the wrk runs. Goal: tunnel >= 0.8x plain.
+over the wrk runs, wrk's from getrusage (its children); per node, all that shares the node's CPU
+in the per-node layout. Goal: tunnel >= 0.8x plain.
 
 3. Requests/s through the tunnel's TCP variant (same prerequisites, same world and agents, right
 after part 2's rounds in each CPU layout). The allow rule for billing:8080 becomes an L3/L4 allow
