@@ -45,7 +45,8 @@ the link, during the first warm-up of each set: the tunnel sends nothing to :808
 something to :15443; the plain path sends to :8080. Value: median req/s; ratio: median of
 the per-round paired ratios (tunnel / plain). CPU per request of both agents' Envoys (and of
 the agents, which receive every request's access log, and the upstream) from /proc/<pid>/stat
-over the wrk runs. Goal: tunnel >= 0.8x plain.
+over the wrk runs, wrk's from getrusage (its children); per node, all that shares the node's CPU
+in the per-node layout. Goal: tunnel >= 0.8x plain.
 
 3. Requests/s through the tunnel's TCP variant (same prerequisites, same world and agents, right
 after part 2's rounds in each CPU layout). The allow rule for billing:8080 becomes an L3/L4 allow
@@ -79,19 +80,18 @@ import statistics
 import struct
 import time
 import traceback
-from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from _datapath_world import HOST, wrk, wrk_script
-from _world import WrkResult
 from _tunnel_world import (
-    PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, TUNNEL_TX_BYTES, LinkCapture, TunnelWorld, cpu_seconds,
-    missing_prerequisites,
+    PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, TUNNEL_TX_BYTES, LinkCapture, NodeRun, TunnelWorld, alternating,
+    busy_note, cpu_note, errors_note, load_average, measure_wrk, median_rps, missing_prerequisites, paired,
+    paired_rows, Switcher, usable_variants,
 )
 from run import Context, Result
 
-from l7gate.testing.testbed import Testbed
 from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import MutualAuthServer, handshake
 from l7gate.mtls.store import SVIDStore
@@ -256,30 +256,6 @@ TCP_GOAL_NOTE = "goal: none stated (TCP variant); the HTTP row's 0.8x for refere
 # per request in a tcp-tunnel run.
 MIN_REQUEST_BYTES = len(f"POST /v1/charge HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\n{{}}")
 CPU_NAME = "Envoy CPU per request, both nodes, auth required: mTLS tunnel"
-PROCS = ("envoy A", "envoy B", "agent A", "agent B", "upstream")
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelRun:
-    wrk: WrkResult
-    cpu: dict[str, float]  # CPU seconds of each process over the run
-    tunnel_rq: int  # growth of node A's tunnel listener's request counter over the run
-    tunnel_tx: int  # growth of the bytes node A's tunnel listener relayed to the pod
-    busy: float  # the machine's CPU busy fraction over the run (/proc/stat)
-
-
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return f.read().split()[0]
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """(idle + iowait, total) jiffies of the whole machine."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return ticks[3] + ticks[4], sum(ticks)
-
-
 def tunnel_requests(ctx: Context) -> list[Result]:
     """Part 2; a missing prerequisite skips it and a failure is reported in the table, so that
     the handshake results still show."""
@@ -298,73 +274,53 @@ def tunnel_requests(ctx: Context) -> list[Result]:
                        goal_met=False, notes=note)]
 
 
-# How the two "nodes" share this machine's CPUs. "shared": every process anywhere (the tunnel's
-# second Envoy and access-log stream come out of the same CPUs as everything else);
-# "per-node": node A's processes (agent, Envoy, upstream) on CPU 0, node B's (agent, Envoy, wrk)
-# on CPU 1, as two machines would be. Both are measured in the same run.
-VARIANTS: dict[str, dict[str, str] | None] = {"shared": None, "per-node": {"A": "0", "B": "1"}}
-
-
 def _tunnel_requests(ctx: Context) -> list[Result]:
     rounds, seconds = (1, 3.0) if ctx.quick else (4, 5.0)
     tcp_seconds = 3.0  # the TCP variant's runs: shorter, to keep the bench's wall time modest
-    load_before = _load()
-    variants = {k: v for k, v in VARIANTS.items() if v is None or (os.cpu_count() or 1) >= 2}
-    runs: dict[str, dict[str, list[TunnelRun]]] = {v: {m: [] for m in MODES + TCP_MODES} for v in variants}
-    switches: dict[str, list[float]] = {m: [] for m in MODES + TCP_MODES}
+    load_before = load_average()
+    variants = usable_variants()
+    runs: dict[str, dict[str, list[NodeRun]]] = {v: {m: [] for m in MODES + TCP_MODES} for v in variants}
     link: dict[str, dict[int, int]] = {}
     tcp_failed: str | None = None  # why the TCP variant stopped (part 2's rows still stand)
-    with Testbed() as tb:
-        ctx.log("two nodes, two kernel-mode agents with the mTLS tunnel, a static upstream")
-        w = TunnelWorld.build(tb)
-        try:
-            w.start()
-            script = wrk_script(tb.workdir / "post.lua")
-            current: str | None = None
+    ctx.log("two nodes, two kernel-mode agents with the mTLS tunnel, a static upstream")
+    with TunnelWorld.running() as w:
+        script = wrk_script(w.tb.workdir / "post.lua")
+        switcher = Switcher(w.apply)
 
-            def block(variant: str, cpus: dict[str, str] | None, modes: tuple[str, str], secs: float) -> None:
-                """`rounds` rounds of the two policy sets, the order alternating, so that a set
-                is switched only between rounds' halves that differ."""
-                nonlocal current
-                wrk_cpus = cpus["B"] if cpus else None
-                ctx.log(f"{variant} CPUs: {rounds} rounds x {' / '.join(modes)} x {secs:g} s, order alternating")
-                for r in range(rounds):
-                    for mode in modes if r % 2 == 0 else modes[::-1]:
-                        if mode != current:
-                            current = None  # unknown until the switch is in force
-                            switches[mode].append(w.apply(mode))
-                            current = mode
-                            if mode in link:
-                                wrk(w.frontend, w.url, 1.0, script, cpus=wrk_cpus)
-                            else:  # the first warm-up of each mode: what crosses the link
-                                with LinkCapture(w, mode) as cap:
-                                    wrk(w.frontend, w.url, 1.0, script, cpus=wrk_cpus)
-                                link[mode] = cap.count()
-                                _check_link(mode, link[mode])
-                        one = _measure(w, script, secs, mode, wrk_cpus)
-                        ctx.log(f"{variant} round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
-                        runs[variant][mode].append(one)
+        def block(variant: str, cpus: dict[str, str] | None, modes: tuple[str, str], secs: float) -> None:
+            """`rounds` rounds of the two policy sets, the order alternating, so that a set
+            is switched only between rounds' halves that differ."""
+            wrk_cpus = cpus["B"] if cpus else None
+            ctx.log(f"{variant} CPUs: {rounds} rounds x {' / '.join(modes)} x {secs:g} s, order alternating")
+            for r, mode in alternating(rounds, modes):
+                if switcher.to(mode):
+                    if mode in link:
+                        wrk(w.frontend, w.url, 1.0, script, cpus=wrk_cpus)
+                    else:  # the first warm-up of each mode: what crosses the link
+                        with LinkCapture(w, mode) as cap:
+                            wrk(w.frontend, w.url, 1.0, script, cpus=wrk_cpus)
+                        link[mode] = cap.count()
+                        _check_link(mode, link[mode])
+                one = _measure(w, script, secs, mode, wrk_cpus)
+                ctx.log(f"{variant} round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
+                runs[variant][mode].append(one)
 
-            for variant, cpus in variants.items():
-                w.pin(cpus)
-                block(variant, cpus, MODES, seconds)
-                if tcp_failed is None:
-                    try:
-                        block(variant, cpus, TCP_MODES, tcp_seconds)
-                    except Exception as exc:  # noqa: BLE001 - reported in the TCP rows
-                        ctx.log("TCP variant requests/s FAILED:\n" + traceback.format_exc())
-                        tcp_failed = (f"FAILED: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else ''}")[:300]
-            w.pin(None)
-            w.a.alive()
-            w.b.alive()
-            load = f"load average {load_before} before, {_load()} after"
-        finally:
-            w.close()
+        for variant, cpus in variants.items():
+            w.pin(cpus)
+            block(variant, cpus, MODES, seconds)
+            if tcp_failed is None:
+                try:
+                    block(variant, cpus, TCP_MODES, tcp_seconds)
+                except Exception as exc:  # noqa: BLE001 - reported in the TCP rows
+                    ctx.log("TCP variant requests/s FAILED:\n" + traceback.format_exc())
+                    tcp_failed = (f"FAILED: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}")[:300]
+        w.finish()
+        load = f"load average {load_before} before, {load_average()} after"
     out: list[Result] = []
     for variant in variants:
         http = {m: runs[variant][m] for m in MODES}
-        out += _tunnel_results(variant, http, {m: switches[m] for m in MODES},
+        out += _tunnel_results(variant, http, switcher.note(MODES),
                                {m: c for m, c in link.items() if m in MODES}, rounds, seconds, load)
     for variant in variants:
         if tcp_failed is not None:
@@ -372,21 +328,17 @@ def _tunnel_requests(ctx: Context) -> list[Result]:
                               notes=f"{TCP_GOAL_NOTE}; {tcp_failed}"))
             continue
         tcp = {m: runs[variant][m] for m in TCP_MODES}
-        out.append(_tcp_results(variant, tcp, {m: switches[m] for m in TCP_MODES},
+        out.append(_tcp_results(variant, tcp, switcher.note(TCP_MODES),
                                 {m: c for m, c in link.items() if m in TCP_MODES}, rounds, tcp_seconds, load,
-                                http_ratio=_paired(runs[variant]["tunnel"], runs[variant]["plain"])[0]))
+                                http_ratio=paired(runs[variant]["tunnel"], runs[variant]["plain"])[0]))
     return out
 
 
-def _measure(w: TunnelWorld, script: Path, seconds: float, mode: str, cpus: str | None = None) -> TunnelRun:
+def _measure(w: TunnelWorld, script: Path, seconds: float, mode: str, cpus: str | None = None) -> NodeRun:
     tunnel = mode in TUNNELLED
-    pids = w.pids()
-    rq0, tx0 = w.a.envoy_counter(TUNNEL_RQ), w.a.envoy_counter(TUNNEL_TX_BYTES)
-    cpu0, idle0, total0 = {k: cpu_seconds(p) for k, p in pids.items()}, *_cpu_ticks()
-    out = wrk(w.frontend, w.url, seconds, script, cpus=cpus)
-    cpu, (idle1, total1) = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks()
-    grown = w.a.envoy_counter(TUNNEL_RQ) - rq0
-    tx = w.a.envoy_counter(TUNNEL_TX_BYTES) - tx0
+    run = measure_wrk(w, script, seconds, {n: partial(w.a.envoy_counter, n) for n in (TUNNEL_RQ, TUNNEL_TX_BYTES)},
+                      cpus)
+    out, grown, tx = run.wrk, run.grown[TUNNEL_RQ], run.grown[TUNNEL_TX_BYTES]
     # A bench that silently measured the plaintext path (or the tunnel in a plain round) would
     # be worthless: node A's tunnel listener must have seen every request, or none.
     if mode == "tunnel" and grown < out.requests:
@@ -401,15 +353,7 @@ def _measure(w: TunnelWorld, script: Path, seconds: float, mode: str, cpus: str 
     # (Switching to plain removes the tunnel listener: once drained, its counters are gone.)
     if not tunnel and (grown > 0 or tx > 0):
         raise RuntimeError(f"{mode} round: node A's {TUNNEL_RQ} grew by {grown}, {TUNNEL_TX_BYTES} by {tx}")
-    return TunnelRun(out, cpu, max(0, grown), max(0, tx), 1 - (idle1 - idle0) / max(1, total1 - total0))
-
-
-def _paired(tunnel: list[TunnelRun], plain: list[TunnelRun]) -> tuple[float, str]:
-    """(median of the per-round ratios tunnel/plain, the rounds spelled out)."""
-    pairs = [(t.wrk.rps, p.wrk.rps) for t, p in zip(tunnel, plain)]
-    ratio = statistics.median(t / p for t, p in pairs)
-    per_round = "; ".join(f"r{i + 1} {t:.0f}/{p:.0f} = {t / p:.2f}" for i, (t, p) in enumerate(pairs))
-    return ratio, per_round
+    return run
 
 
 def _check_link(mode: str, counts: dict[int, int]) -> None:
@@ -421,99 +365,42 @@ def _check_link(mode: str, counts: dict[int, int]) -> None:
         raise RuntimeError(f"{mode} warm-up on the link: no packet on :{APP_PORT}")
 
 
-def _rps(xs: list[TunnelRun]) -> float:
-    return statistics.median(x.wrk.rps for x in xs)
-
-
-def _errors(xs: list[TunnelRun]) -> str:
-    return (f"{sum(x.wrk.requests for x in xs):,} requests, {sum(x.wrk.non_2xx for x in xs)} non-2xx, "
-            f"{sum(x.wrk.socket_errors for x in xs)} socket errors")
-
-
-def _us_per_request(xs: list[TunnelRun], proc: str) -> float:
-    return sum(x.cpu[proc] for x in xs) / sum(x.wrk.requests for x in xs) * 1e6
-
-
-def _cpu_note(xs: list[TunnelRun]) -> str:
-    return ", ".join(f"{p} {_us_per_request(xs, p):.0f}" for p in PROCS)
-
-
-def _switch_and_link(switches: dict[str, list[float]], link: dict[str, dict[int, int]]) -> tuple[str, str]:
-    switch = ", ".join(f"to {m} median {statistics.median(v):.2f} s" for m, v in switches.items() if v)
-    seen = "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
+def _link_note(link: dict[str, dict[int, int]]) -> str:
+    return "; ".join(f"{m} warm-up {c[APP_PORT]} pkts :{APP_PORT}, {c[TUNNEL_PORT]} :{TUNNEL_PORT}"
                      for m, c in link.items())
-    return switch, seen
 
 
-def _tunnel_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[str, list[float]],
-                    link: dict[str, dict[int, int]], rounds: int, seconds: float, load: str) -> list[Result]:
-    def rps(mode: str) -> float:
-        return _rps(runs[mode])
+def _tunnel_results(variant: str, runs: dict[str, list[NodeRun]], switch: str, link: dict[str, dict[int, int]],
+                    rounds: int, seconds: float, load: str) -> list[Result]:
+    crossed = sum(x.grown[TUNNEL_RQ] for x in runs["tunnel"])
+    return paired_rows(
+        variant, runs, "tunnel", "plain", name=TUNNEL_NAME,
+        baseline_name="same path without auth (node A's Envoy, L7 rules)", goal=TUNNEL_GOAL,
+        cpu_name=CPU_NAME, cpu_baseline_name="same path without auth",
+        second_envoy="the tunnel's second Envoy (node B's)", switched="the policy set switched",
+        seen={"tunnel": f"node A's tunnel listener counted {crossed:,}", "plain": "tunnel counter unchanged"},
+        cpu_remark="node A's agent receives every request's access log, node B's only failures",
+        context=f"link capture: {_link_note(link)}; switch until in force: {switch}; {load}", rounds=rounds, seconds=seconds)
 
-    def errors(mode: str) -> str:
-        return _errors(runs[mode])
 
-    def us_per_request(mode: str, proc: str) -> float:
-        return _us_per_request(runs[mode], proc)
-
-    def cpu_note(mode: str) -> str:
-        return _cpu_note(runs[mode])
-
-    ratio, per_round = _paired(runs["tunnel"], runs["plain"])
-    errors_ok = all(x.wrk.non_2xx == 0 and x.wrk.socket_errors == 0 for xs in runs.values() for x in xs)
-    crossed = sum(x.tunnel_rq for x in runs["tunnel"])
-    switch, seen = _switch_and_link(switches, link)
-    envoys = {m: us_per_request(m, "envoy A") + us_per_request(m, "envoy B") for m in MODES}
-    node = {(m, n): us_per_request(m, f"envoy {n}") + us_per_request(m, f"agent {n}") for m in MODES for n in "AB"}
-    busy = "; ".join(f"{m} {statistics.median(x.busy for x in runs[m]):.0%}" for m in MODES)
-    where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk "
-             "on CPU 1, as two machines would be"
-             if variant == "per-node" else
-             f"shared: every process on any of the {os.cpu_count()} vCPUs, so the tunnel's second Envoy "
-             f"(node B's) takes CPU from node A's Envoy and the upstream; a stress figure, the goal is "
-             f"judged per node")
-    judged = variant == "per-node"
-    return [
-        Result(
-            name=f"{TUNNEL_NAME} [{variant} CPUs]", value=rps("tunnel"), unit="req/s",
-            baseline_name="same path without auth (node A's Envoy, L7 rules)", baseline_value=rps("plain"),
-            ratio=ratio, goal=TUNNEL_GOAL if judged else None,
-            goal_met=(ratio >= 0.8 and errors_ok) if judged else None,
-            notes=(f"{where}; median of {rounds} x {seconds:g} s per set, same agents and pods, the policy "
-                   f"set switched between runs, ratio paired per round (tunnel/plain: {per_round}); "
-                   f"tunnel: {errors('tunnel')}, node A's tunnel listener counted {crossed:,}; "
-                   f"plain: {errors('plain')}, tunnel counter unchanged; link capture: {seen}; "
-                   f"switch until in force: {switch}; machine CPU busy during the runs (median): {busy}; {load}"),
-        ),
-        Result(
-            name=f"{CPU_NAME} [{variant} CPUs]", value=envoys["tunnel"], unit="µs",
-            baseline_name="same path without auth", baseline_value=envoys["plain"],
-            notes=(f"CPU µs per request over the wrk runs, tunnel: {cpu_note('tunnel')}; plain: "
-                   f"{cpu_note('plain')} (node A's agent receives every request's access log, node B's "
-                   f"only failures; wrk not counted); per node (Envoy + agent): tunnel A "
-                   f"{node['tunnel', 'A']:.0f}, B {node['tunnel', 'B']:.0f}; plain A {node['plain', 'A']:.0f}"),
-        ),
-    ]
-
-def _tcp_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[str, list[float]],
+def _tcp_results(variant: str, runs: dict[str, list[NodeRun]], switch: str,
                  link: dict[str, dict[int, int]], rounds: int, seconds: float, load: str,
                  http_ratio: float) -> Result:
     """Part 3's row: tcp-tunnel against tcp-plain, paired per round; no goal."""
     def rps(mode: str) -> float:
-        return _rps(runs[mode])
+        return median_rps(runs[mode])
 
     def errors(mode: str) -> str:
-        return _errors(runs[mode])
+        return errors_note(runs[mode])
 
-    def cpu_note(mode: str) -> str:
-        return _cpu_note(runs[mode])
+    def cpu(mode: str) -> str:
+        return cpu_note(runs[mode])
 
-    ratio, per_round = _paired(runs["tcp-tunnel"], runs["tcp-plain"])
+    ratio, per_round = paired(runs["tcp-tunnel"], runs["tcp-plain"])
     xs = runs["tcp-tunnel"]
-    streams, relayed = sum(x.tunnel_rq for x in xs), sum(x.tunnel_tx for x in xs)
+    streams, relayed = sum(x.grown[TUNNEL_RQ] for x in xs), sum(x.grown[TUNNEL_TX_BYTES] for x in xs)
     per_request = relayed / max(1, sum(x.wrk.requests for x in xs))
-    switch, seen = _switch_and_link(switches, link)
-    busy = "; ".join(f"{m} {statistics.median(x.busy for x in runs[m]):.0%}" for m in TCP_MODES)
+    busy = busy_note({m: runs[m] for m in TCP_MODES})
     where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1"
              if variant == "per-node" else f"shared: every process on any of the {os.cpu_count()} vCPUs")
     return Result(
@@ -526,7 +413,7 @@ def _tcp_results(variant: str, runs: dict[str, list[TunnelRun]], switches: dict[
                f"paired per round (tcp-tunnel/tcp-plain: {per_round}); tcp-tunnel: {errors('tcp-tunnel')}, "
                f"node A's tunnel listener counted {streams:,} CONNECT streams and relayed {relayed:,} bytes "
                f"to billing ({per_request:.0f} per request); tcp-plain: {errors('tcp-plain')}, tunnel "
-               f"counters unchanged; link capture: {seen}; CPU µs per request, tcp-tunnel: "
-               f"{cpu_note('tcp-tunnel')}; tcp-plain: {cpu_note('tcp-plain')}; switch until in force: "
+               f"counters unchanged; link capture: {_link_note(link)}; CPU µs per request, tcp-tunnel: "
+               f"{cpu('tcp-tunnel')}; tcp-plain: {cpu('tcp-plain')}; switch until in force: "
                f"{switch}; machine CPU busy during the runs (median): {busy}; {load}"),
     )
