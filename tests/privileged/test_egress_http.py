@@ -152,6 +152,11 @@ def test_an_egress_denial_is_an_egress_flow(world: World) -> None:
     eventually(seen, 10, "the egress denial in `l7gate observe` on a1")
 
 
+def test_status_shows_the_egress_proxy(world: World) -> None:
+    eg = world.a.status()["egress_proxy"]
+    assert eg == {"port": 15001, "ports": [80, 8080]}, eg
+
+
 def test_a_pod_without_egress_rules_is_not_proxied(world: World) -> None:
     # `free` has no policy: it reaches the remote pod directly, and b1's ingress rules (which
     # admit the client only) drop it in b1's kernel

@@ -215,6 +215,10 @@ def status(agent: Agent) -> dict[str, Any]:
         "services": {"count": len(view.services), "frontends": len(view.frontends),
                      "datapath": services_datapath(agent.core), "error": agent.core.services_error},
         "proxied_ports": [f"{p.ip}:{p.port}" for p in agent.core.publisher.ports],
+        # egress HTTP rules (docs/egress-http.md): Envoy's egress listener and the ports it has a
+        # filter chain for; port 0: none (their connections are dropped)
+        "egress_proxy": ({"port": agent.core.egress.proxy_port, "ports": list(agent.core.egress.ports)}
+                         if agent.core.egress is not None else {"port": 0, "ports": []}),
         "access_logs": {"entries": agent.als.entries, "errors": agent.als.errors, "streams": agent.als.streams,
                         "malformed": agent.als.malformed},
         "flows": dataclasses.asdict(agent.flows.stats()),
