@@ -420,3 +420,14 @@ def test_http_rules_on_a_port_range_are_taken_up_to_128_ports() -> None:
     assert ok.rules[0].rules[0].port_rules[0].ports == (PortProtocol(PortRange(9000, 9127), Protocol.TCP),)
     only_error(ingress({"toPorts": [{"ports": [{"port": "9000", "endPort": 9128, "protocol": "TCP"}], "rules": HTTP}]}),
                "spec.ingress[0].toPorts[0].ports[0]", "l7-port-range", "range of 129 ports", "at most 128")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("serverNames", ["a.example"], "SNI matching is not supported by l7gate"),
+    ("terminatingTLS", {"secret": {"name": "s"}}, "TLS interception is not supported by l7gate"),
+    ("listener", {"envoyConfig": {"kind": "CiliumEnvoyConfig", "name": "x"}, "name": "l"},
+     "custom Envoy listeners are not supported by l7gate"),
+])
+def test_refused_fields_say_so_in_good_grammar(field: str, value: Any, words: str) -> None:
+    doc = ingress({"toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}], field: value}]})
+    only_error(doc, f"spec.ingress[0].toPorts[0].{field}", "unsupported", words)

@@ -463,7 +463,7 @@ def test_deny_rule_with_l7_and_with_auth() -> None:
     assert "not allowed in deny rules" in errs["spec.ingressDeny[0].authentication"]
 
 
-def test_l7_rules_refused_on_udp_and_ranges() -> None:
+def test_l7_rules_refused_on_udp_and_wide_ranges() -> None:
     http = {"http": [{"method": "GET"}]}
     errs = errors_of(
         cnp(
@@ -471,13 +471,13 @@ def test_l7_rules_refused_on_udp_and_ranges() -> None:
                 "endpointSelector": {},
                 "ingress": [
                     {"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}], "rules": http}]},
-                    {"toPorts": [{"ports": [{"port": "80", "endPort": 90}], "rules": http}]},
+                    {"toPorts": [{"ports": [{"port": "80", "endPort": 1000, "protocol": "TCP"}], "rules": http}]},
                 ],
             }
         )
     )
     assert "TCP only" in errs["spec.ingress[0].toPorts[0].ports[0].protocol"]
-    assert "single port" in errs["spec.ingress[1].toPorts[0].ports[0]"]
+    assert "at most 128 ports per range" in errs["spec.ingress[1].toPorts[0].ports[0]"]
 
 
 def test_unsupported_fields_are_named() -> None:

@@ -124,6 +124,12 @@ _UNSUPPORTED_L7_FIELDS = {
     "l7": "generic L7 parsers",
 }
 _ENTITIES = {e.value: e for e in Entity}
+
+
+def _is_or_are(what: str) -> str:
+    """The verb for an unsupported feature's name: "SNI matching is", "Kafka rules are"."""
+    return "are" if what.split()[-1].endswith("s") else "is"
+
 # Entities Cilium's sanitizer knows that l7gate does not implement.
 _UNSUPPORTED_ENTITIES = {"none": "it selects no peer"}
 # HTTP rules on a port range: the proxy listens on every port of it (per local pod), and the
@@ -206,7 +212,7 @@ class _Walker:
             elif unsupported and key in unsupported:
                 self.error(
                     _join(path, key),
-                    f"{unsupported[key]} are not supported by l7gate; remove this field",
+                    f"{unsupported[key]} {_is_or_are(unsupported[key])} not supported by l7gate; remove this field",
                     "unsupported",
                 )
             elif key not in allowed:
