@@ -41,7 +41,8 @@ from hypothesis import HealthCheck, currently_in_test_context, given, note, sett
 from hypothesis import event as _hypothesis_event
 from hypothesis import strategies as st
 
-from l7gate.policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
+from l7gate.policy.cidrgroup import CIDRGroup, parse_cidr_group
+from l7gate.policy.references import expand_policy, references_groups
 from l7gate.policy.errors import Finding, PolicyValidationError
 from l7gate.policy.evaluate import Flow, Verdict, evaluate
 from l7gate.policy.labels import Labels

@@ -52,12 +52,13 @@ from ..k8s.objects import (
     scoped_namespace,
 )
 from ..kvstore.api import KVStore, KVStoreError
-from ..policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
+from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.namedports import NamedPorts
+from ..policy.references import expand_policy, references_groups
 from ..policy.resolve import Resolver
 from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.selector import CIDRSelector, PeerSelector
