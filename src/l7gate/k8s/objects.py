@@ -32,6 +32,7 @@ from l7gate.policy.labels import Labels
 from l7gate.policy.names import PORT_NAME_RULE as _PORT_NAME_RULE
 from l7gate.policy.names import name_error, port_name_problem, service_name_error
 from l7gate.policy.toservices import ServiceTarget
+from l7gate.services.table import ServiceTable
 from l7gate.services.types import BackendPod, EndpointSlice, Service, ServicePort, SliceEndpoint, SlicePort
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
@@ -901,6 +902,18 @@ def service_target(svc: Service, addresses: Iterable[str]) -> ServiceTarget:
     has_selector = svc.selector is not None
     return ServiceTarget.of(svc.namespace, svc.name, svc.labels, has_selector=has_selector,
                             addresses=() if has_selector else addresses)
+
+
+def service_targets_of(services: Iterable[Service], slices: Iterable[EndpointSlice]) -> dict[str, dict[str, ServiceTarget]]:
+    """Per cluster, what `toServices` reads of `services` given `slices` (namespace/name →
+    target), through a service table as the agent has it: for an inventory of files."""
+    tables: dict[str, ServiceTable] = {}
+    for svc in services:
+        tables.setdefault(svc.cluster, ServiceTable()).upsert_service(svc)
+    for es in slices:
+        tables.setdefault(es.cluster, ServiceTable()).upsert_slice(es)
+    return {cluster: {svc.ref: service_target(svc, t.endpoint_addresses(svc.namespace, svc.name))
+                      for svc in t.services()} for cluster, t in tables.items()}
 
 
 def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service | EndpointSlice:
