@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from l7gate.client import AdminClient
 from l7gate.offline.trace import TraceRequest, run_trace
-from l7gate.testing.testbed import CGROUP_ROOT, Node, Pod, Testbed
+from l7gate.testing.testbed import CGROUP_ROOT, Pod, Testbed
 from l7gate.testing.wait import eventually
 from tests.conftest import unavailable
 
+from .test_cidrgroup_kernel import make_agent
 from .test_kernel_datapath import AgentProc, stop_agents
 
 pytestmark = [pytest.mark.privileged("netns, veth, bcc, tc, cgroup v2 socket programs"), pytest.mark.integration]
@@ -104,20 +104,6 @@ class World:
         return {e["prefix"] for e in self.agent.client.get("/v1/ipcache")["entries"]}
 
 
-def make_agent(tb: Testbed, node: Node) -> AgentProc:
-    work = tb.workdir / f"agent-{node.name}"
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = work / "agent.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "node": node.name, "cluster": {"name": "cluster-a", "id": 1},
-        "stateDir": str(work / "state"), "admin": {"listen": f"unix:{work}/admin.sock"},
-        "envoy": {"logLevel": "warning"},
-        "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames,
-                     "cgroup": str(node.cgroup)},
-    }))
-    return AgentProc(node, work, cfg, AdminClient(f"unix:{work}/admin.sock"))
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     if not (CGROUP_ROOT / "cgroup.procs").exists():
@@ -131,7 +117,7 @@ def world() -> Iterator[World]:
         office = tb.add_pod(net, "internet", "office")
         for pod in (partner, office):
             pod.serve_http(443)
-        agent = make_agent(tb, a1)
+        agent = make_agent(tb, a1, cgroup=str(a1.cgroup))
         try:
             agent.start(tb)
             agent.client.apply_endpoints(tb.to_manifests("cluster-a"))

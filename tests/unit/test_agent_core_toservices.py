@@ -7,7 +7,6 @@ a bad slice is refused with its field path and changes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,9 @@ import pytest
 
 from l7gate.agent import views
 from l7gate.agent.core import AgentCore, ApplyError
-from l7gate.kvstore.sqlite import SQLiteKVStore
 from l7gate.services import Frontend
 
-from .test_agent_core_cidrgroup import CLIENT_POD, client_id, make_core, may_connect
+from .test_agent_core_cidrgroup import CLIENT_POD, client_id, core, make_core, may_connect  # noqa: F401 - core: the fixture
 
 POLICY_KEY = "CiliumNetworkPolicy/payments/to-ext"
 SLICE_KEY = "endpointslice/cluster-a/partners/ext-1"
@@ -64,14 +62,6 @@ def endpoint_slice(*addresses: str, name: str = "ext-1", service_name: str | Non
 def host_prefixes(core: AgentCore) -> set[str]:
     """The CIDR identities' prefixes in the ipcache (the client pod's own /32 left out)."""
     return {e.prefix.with_prefixlen for e in core.ipcache.snapshot() if e.identity >= 1 << 24}
-
-
-@pytest.fixture
-def core(tmp_path: Path) -> Iterator[AgentCore]:
-    c, store = make_core(tmp_path)
-    c.apply([CLIENT_POD])
-    yield c
-    store.close()
 
 
 def test_a_selector_less_service_and_its_slice_move_the_verdict(core: AgentCore) -> None:

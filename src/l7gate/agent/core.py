@@ -1048,41 +1048,40 @@ class AgentCore:
     def delete_service(self, key: str) -> bool:
         """Remove the Service `<cluster>/<namespace>/<name>` (or `<namespace>/<name>` of this
         cluster); False if there is none."""
-        if key.count("/") == 1:
-            key = f"{self.config.cluster_name}/{key}"
-        with self._lock:
-            if key not in self._service_docs:
-                return False
-            self._view = None
-            _, namespace, name = key.split("/", 2)
+        def drop(namespace: str, name: str) -> set[str]:
             self.services.delete_service(namespace, name)
-            self._services_changed(local_service=True)
-            del self._service_docs[key]
-            self.store.delete(SERVICE_PREFIX + key)
-            self._services_into_force([f"{namespace}/{name}"])
-            self._flush()
-            self.revision += 1
-        settle_heap()
-        return True
+            return {f"{namespace}/{name}"}
+
+        return self._delete_from_table(key, self._service_docs, SERVICE_PREFIX, drop)
 
     def delete_endpoint_slice(self, key: str) -> bool:
         """Remove the EndpointSlice `<cluster>/<namespace>/<name>` (or `<namespace>/<name>` of this
         cluster): its Service loses those backends, and the toServices rules naming the Service
         those addresses. False if there is none."""
+        def drop(namespace: str, name: str) -> set[str]:
+            old = self.services.slice(namespace, name)
+            self.services.delete_slice(namespace, name)
+            return {old.service_ref} if old is not None and old.service_ref is not None else set()
+
+        return self._delete_from_table(key, self._slice_docs, ENDPOINT_SLICE_PREFIX, drop)
+
+    def _delete_from_table(self, key: str, docs: dict[str, Any], prefix: str,
+                           drop: Callable[[str, str], set[str]]) -> bool:
+        """Remove the object `key` of the service table (`drop(namespace, name)` takes it out and
+        names the Services it touched), its document and its stored copy; the load balancer and
+        the policies naming those Services follow."""
         if key.count("/") == 1:
             key = f"{self.config.cluster_name}/{key}"
         with self._lock:
-            if key not in self._slice_docs:
+            if key not in docs:
                 return False
             self._view = None
             _, namespace, name = key.split("/", 2)
-            old = self.services.slice(namespace, name)
-            self.services.delete_slice(namespace, name)
+            touched = drop(namespace, name)
             self._services_changed(local_service=True)
-            del self._slice_docs[key]
-            self.store.delete(ENDPOINT_SLICE_PREFIX + key)
-            if old is not None and old.service_ref is not None:
-                self._services_into_force([old.service_ref])
+            del docs[key]
+            self.store.delete(prefix + key)
+            self._services_into_force(touched)
             self._flush()
             self.revision += 1
         settle_heap()

@@ -283,6 +283,24 @@ def _ip(value: object, path: str, errors: _Errors) -> str | None:
     return addr.compressed
 
 
+def _object_meta(
+    meta: Mapping[str, Any], default_cluster: str, errors: _Errors
+) -> tuple[str | None, str, dict[str, str], dict[str, str], str]:
+    """A namespaced object's (name, namespace, labels, annotations, cluster), checked: its name a
+    DNS subdomain, the namespace `default` when absent."""
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=True, required=True,
+    )  # fmt: skip
+    namespace = _dns_name(
+        _optional_string(meta, "namespace", "metadata.namespace", errors),
+        "metadata.namespace", errors, subdomain=False, required=False,
+    ) or DEFAULT_NAMESPACE  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    return name, namespace, labels, annotations, _cluster(annotations, default_cluster, errors)
+
+
 def _raise_if(errors: _Errors, kind: str, namespace: str | None, name: str | None) -> None:
     if errors.found:
         what = f"{namespace}/{name}" if namespace and name else (name or "<unnamed>")
@@ -347,17 +365,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
     """A `Pod` from a Kubernetes Pod object. Raises K8sObjectError listing every problem."""
     errors = _Errors()
     top, meta = _header(obj, "Pod", errors)
-    name = _dns_name(
-        _optional_string(meta, "name", "metadata.name", errors),
-        "metadata.name", errors, subdomain=True, required=True,
-    )  # fmt: skip
-    namespace = _dns_name(
-        _optional_string(meta, "namespace", "metadata.namespace", errors),
-        "metadata.namespace", errors, subdomain=False, required=False,
-    ) or DEFAULT_NAMESPACE  # fmt: skip
-    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
-    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
-    cluster = _cluster(annotations, default_cluster, errors)
+    name, namespace, labels, annotations, cluster = _object_meta(meta, default_cluster, errors)
 
     spec = _mapping(top, "spec", "spec", errors)
     service_account = DEFAULT_SERVICE_ACCOUNT
@@ -868,17 +876,7 @@ def parse_endpoint_slice(obj: object, *, default_cluster: str) -> EndpointSlice:
     Fields l7gate does not use (hostname, nodeName, zone, targetRef, hints) are ignored."""
     errors = _Errors()
     top, meta = _header(obj, "EndpointSlice", errors, ENDPOINT_SLICE_API_VERSION)
-    name = _dns_name(
-        _optional_string(meta, "name", "metadata.name", errors),
-        "metadata.name", errors, subdomain=True, required=True,
-    )  # fmt: skip
-    namespace = _dns_name(
-        _optional_string(meta, "namespace", "metadata.namespace", errors),
-        "metadata.namespace", errors, subdomain=False, required=False,
-    ) or DEFAULT_NAMESPACE  # fmt: skip
-    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
-    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
-    cluster = _cluster(annotations, default_cluster, errors)
+    name, namespace, labels, _, cluster = _object_meta(meta, default_cluster, errors)
     address_type = top.get("addressType")
     family: int | None = None
     if address_type not in _ADDRESS_TYPES:

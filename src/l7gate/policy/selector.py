@@ -210,6 +210,19 @@ def cidr_group_name_key(name: str) -> str:
     return f"{CIDR_GROUP_NAME_LABEL}/{name}"
 
 
+def _named_key(name: str | None, selector: LabelSelector | None) -> str:
+    """The key part of a reference that names objects by `name`, or else by `selector`."""
+    return f"name={name}" if name is not None else (selector or LabelSelector()).key
+
+
+def _names(name: str | None, selector: LabelSelector | None, object_name: str, labels: Labels) -> bool:
+    """Whether a reference by `name` (or else by `selector`) names the object `object_name`
+    with `labels`; one with neither names nothing."""
+    if name is not None:
+        return object_name == name
+    return selector is not None and selector.matches(labels)
+
+
 @dataclass(frozen=True, slots=True)
 class CIDRGroupPeer:
     """A `fromCIDRSet`/`toCIDRSet` entry that names CiliumCIDRGroups instead of a CIDR: by name
@@ -224,16 +237,13 @@ class CIDRGroupPeer:
 
     @property
     def key(self) -> str:
-        which = f"name={self.name}" if self.name is not None else (self.selector or LabelSelector()).key
         ex = ",".join(e.with_prefixlen for e in self.excepts)
-        return f"cidrgroup:{which}" + (f"!{ex}" if ex else "")
+        return f"cidrgroup:{_named_key(self.name, self.selector)}" + (f"!{ex}" if ex else "")
 
     def selects_group(self, name: str, labels: Labels) -> bool:
         """Whether the group `name` with `labels` (its name label included) is one this entry
         names."""
-        if self.name is not None:
-            return name == self.name
-        return self.selector is not None and self.selector.matches(labels)
+        return _names(self.name, self.selector, name, labels)
 
     def matches(self, labels: Labels) -> bool:
         return False
@@ -258,16 +268,13 @@ class ServicePeer:
 
     @property
     def key(self) -> str:
-        which = f"name={self.name}" if self.name is not None else (self.selector or LabelSelector()).key
-        return f"service:{self.namespace or '*'}/{which}"
+        return f"service:{self.namespace or '*'}/{_named_key(self.name, self.selector)}"
 
     def selects_service(self, namespace: str, name: str, labels: Labels) -> bool:
         """Whether the Service `namespace/name` with metadata `labels` is one this entry names."""
         if self.namespace and self.namespace != namespace:
             return False
-        if self.name is not None:
-            return name == self.name
-        return self.selector is not None and self.selector.matches(labels)
+        return _names(self.name, self.selector, name, labels)
 
     def matches(self, labels: Labels) -> bool:
         return False
