@@ -185,3 +185,12 @@ def test_only_the_policies_naming_services_are_expanded_again(core: AgentCore, m
     assert upserted == [[POLICY_KEY]]
     core.apply([endpoint_slice("192.0.2.10", name="ext-2", service_name="unrelated")])
     assert upserted[-1] == []  # a slice of a Service nobody names changes no expansion
+
+
+def test_an_ipv6_slice_is_selected_as_host_prefixes_but_balanced_over_by_no_clusterip(core: AgentCore) -> None:
+    v6 = endpoint_slice(name="ext-v6")
+    v6["addressType"] = "IPv6"
+    v6["endpoints"] = [{"addresses": ["2001:db8::10"]}]
+    core.apply([policy(EXT), service(), v6])
+    assert host_prefixes(core) == {"2001:db8::10/128"}
+    assert core.services.frontends()[Frontend("10.96.0.50", 443, "TCP")].backends == ()
