@@ -59,6 +59,7 @@ from run import Context, Result
 
 from bench_policy import L7GATE, bulk_policy, stop_agent_process
 from l7gate.client import AdminClient
+from l7gate.k8s.objects import ENDPOINT_KINDS
 from l7gate.k8s.reconcile import MARKER, RESOURCES, project
 from l7gate.testing.apiserver_double import ApiServerDouble
 
@@ -144,7 +145,7 @@ def populate(api: ApiServerDouble, s: Sizes) -> None:
 
 def admin_documents(api: ApiServerDouble) -> tuple[list[Any], list[Any]]:
     """What the watch applies (its projection of every object the double holds), without the
-    watch's mark: (namespaces + pods + Services, policies)."""
+    watch's mark: (namespaces + pods + Services + EndpointSlices, policies)."""
     endpoints: list[Any] = []
     policies: list[Any] = []
     for r in RESOURCES:
@@ -154,7 +155,7 @@ def admin_documents(api: ApiServerDouble) -> tuple[list[Any], list[Any]]:
                 continue
             doc = json.loads(json.dumps(doc))
             doc["metadata"]["annotations"].pop(MARKER, None)
-            (endpoints if r.kind in ("Namespace", "Pod", "Service") else policies).append(doc)
+            (endpoints if r.kind in ENDPOINT_KINDS else policies).append(doc)
     return endpoints, policies
 
 

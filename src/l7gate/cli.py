@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__, envoy_names
@@ -22,7 +22,8 @@ from .client import AdminClient, AdminError, read_token_file
 from .agent.config import DEFAULT_ADMIN
 from .offline.trace import TraceError, TraceRequest, format_trace_text, load_fqdn_cache, run_trace
 from .offline.validate import validate_paths
-from .k8s.manifests import Manifest, kind_problem, load, object_name
+from .k8s.manifests import ENDPOINTS_REFUSED, Manifest, kind_problem, load, object_name
+from .k8s.objects import ENDPOINT_KINDS
 from .policy.icmp import ICMPTypeError, parse_icmp_type
 from .policy.names import label_problem, port_name_problem
 from .policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS
@@ -164,15 +165,17 @@ def _build_parser() -> argparse.ArgumentParser:
                         description="Pods and Namespaces the agent knows (until the Kubernetes watch feeds them).")
     esub = ep.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", parser_class=_Parser)
     esub.required = True
-    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod, Namespace and Service manifests",
-                         description="Send every Pod, Namespace and Service in PATH to the agent (all or nothing).")
+    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod, Namespace, Service and EndpointSlice manifests",
+                         description="Send every Pod, Namespace, Service and EndpointSlice in PATH to the agent (all "
+                                     "or nothing).")
     ea.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
     el = esub.add_parser("list", parents=[admin_flags], help="list pods with their identities",
                          description="List the pods the agent knows, with identity and addresses.")
     el.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    ed = esub.add_parser("delete", parents=[admin_flags], help="remove pods",
-                         description="Remove pods by [CLUSTER/]NAMESPACE/NAME.")
-    ed.add_argument("refs", nargs="+", metavar="[CLUSTER/]NS/NAME")
+    ed = esub.add_parser("delete", parents=[admin_flags], help="remove pods (and EndpointSlices)",
+                         description="Remove pods by [CLUSTER/]NAMESPACE/NAME, EndpointSlices by "
+                                     "EndpointSlice/[CLUSTER/]NAMESPACE/NAME.")
+    ed.add_argument("refs", nargs="+", metavar="[EndpointSlice/][CLUSTER/]NS/NAME")
 
     sv = sub.add_parser("service", help="list and remove Services at a running agent",
                         description="Services (applied with `l7gate endpoint apply`), as `cilium service list` "
@@ -477,10 +480,12 @@ def _client(args: argparse.Namespace, default_timeout: float = 30.0) -> AdminCli
         raise _Usage(f"--admin: {exc}") from None
 
 
-def _load_kinds(paths: list[str], kinds: tuple[str, ...], *, unique: bool = False) -> tuple[list[Any], int]:
+def _load_kinds(paths: list[str], kinds: tuple[str, ...], *, unique: bool = False,
+                refuse: Mapping[str, str] | None = None) -> tuple[list[Any], int]:
     """The objects of `kinds` in `paths`, and how many others were skipped. An unknown kind or a
-    policy l7gate would not enforce is refused (`kind_problem`); with `unique`, so is the same
-    policy twice (the agent would keep one of them)."""
+    policy l7gate would not enforce is refused (`kind_problem`), and so is a kind in `refuse`
+    (kind → why); with `unique`, so is the same policy twice (the agent would keep one of
+    them)."""
     stdin_text = sys.stdin.read() if "-" in paths else None
     manifests, errors = load(paths, stdin_text)
     missing = [e for e in errors if e.missing]
@@ -493,6 +498,8 @@ def _load_kinds(paths: list[str], kinds: tuple[str, ...], *, unique: bool = Fals
         for m in manifests
         if (problem := kind_problem(m.obj, kinds)) is not None
     ]
+    refused.extend(f"{m.where}: {object_name(m.obj)}: kind: {(refuse or {})[m.kind]}" for m in manifests
+                   if m.kind in (refuse or {}))
     if unique:
         refused.extend(_defined_twice([m for m in manifests if m.kind in POLICY_INPUT_KINDS]))
     if refused:
@@ -659,7 +666,7 @@ def _delete_each(names: list[str], delete: Any, shown: str) -> int:
 
 
 def _cmd_endpoint_apply(args: argparse.Namespace) -> int:
-    objs, skipped = _load_kinds(args.paths, ("Namespace", "Pod", "Service"))
+    objs, skipped = _load_kinds(args.paths, ENDPOINT_KINDS, refuse=ENDPOINTS_REFUSED)
     objs.sort(key=lambda o: 0 if o.get("kind") == "Namespace" else 1)
     _print_apply(_send_apply(args, objs, "objects", AdminClient.apply_endpoints, "l7gate endpoint list"), skipped)
     return EXIT_OK
@@ -679,7 +686,16 @@ def _cmd_endpoint_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_endpoint_delete(args: argparse.Namespace) -> int:
-    return _delete_each(list(args.refs), _client(args).delete_endpoint, "pod/{}")
+    client = _client(args)
+    slices = [r[len(_SLICE_PREFIX):] for r in args.refs if r.startswith(_SLICE_PREFIX)]
+    pods = [r for r in args.refs if not r.startswith(_SLICE_PREFIX)]
+    rc = _delete_each(pods, client.delete_endpoint, "pod/{}") if pods else EXIT_OK
+    if slices:
+        rc = max(rc, _delete_each(slices, client.delete_endpoint_slice, "endpointslice/{}"))
+    return rc
+
+
+_SLICE_PREFIX = "EndpointSlice/"
 
 
 def _cmd_service_list(args: argparse.Namespace) -> int:

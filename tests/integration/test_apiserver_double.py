@@ -586,7 +586,8 @@ def test_plain_discovery_for_clients_that_ask_for_it(tmp_path: Path) -> None:
             "Accept": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"})
         with urllib.request.urlopen(req) as r:
             assert r.headers["Content-Type"] == "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
-            assert {i["metadata"]["name"] for i in json.load(r)["items"]} == {"apps", "cilium.io", "networking.k8s.io"}
+            assert {i["metadata"]["name"] for i in json.load(r)["items"]} == {"apps", "cilium.io", "discovery.k8s.io",
+                                                                          "networking.k8s.io"}
         # the dynamic client discovers through the plain /api, /apis and group documents
         dyn = DynamicClient(python_client(api, tmp_path))
         policies = dyn.resources.get(api_version="cilium.io/v2", kind="CiliumNetworkPolicy")

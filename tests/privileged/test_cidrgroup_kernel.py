@@ -68,7 +68,8 @@ class World:
         return {e["prefix"] for e in self.agent.client.get("/v1/ipcache")["entries"]}
 
 
-def make_agent(tb: Testbed, node: Node) -> AgentProc:
+def make_agent(tb: Testbed, node: Node, **datapath: Any) -> AgentProc:
+    """An agent of cluster-a on `node`, kernel mode; `datapath`: more of its `datapath` settings."""
     work = tb.workdir / f"agent-{node.name}"
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "agent.yaml"
@@ -76,7 +77,8 @@ def make_agent(tb: Testbed, node: Node) -> AgentProc:
         "node": node.name, "cluster": {"name": "cluster-a", "id": 1},
         "stateDir": str(work / "state"), "admin": {"listen": f"unix:{work}/admin.sock"},
         "envoy": {"logLevel": "warning"},
-        "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames},
+        "datapath": {"mode": "kernel", "pinDir": f"/sys/fs/bpf/l7g/{node.netns}", "links": node.link_ifnames,
+                     **datapath},
     }))
     return AgentProc(node, work, cfg, AdminClient(f"unix:{work}/admin.sock"))
 

@@ -20,6 +20,10 @@ Shapes (also the corpus formats):
 - CIDR group document: a CiliumCIDRGroup (names g1-g3, CIDRs around the universe's CIDR
   identities, a `role` label); scenarios carry a few under ``"cidr_groups"``, and references
   to a group that is not there (g4) stay possible.
+- Service and EndpointSlice documents: Services s1-s3 (some without a selector, labelled with a
+  `role`) in the universe's namespaces and their EndpointSlices, whose addresses are those of
+  the universe's host CIDR identities; scenarios carry a few under ``"services"``, and
+  `toServices` entries (egress) name them by name or label — s9 never exists.
 - flow: ``{"src": id, "dst": id, "port": n, "protocol": "TCP", "http": request | null,
   "authenticated": bool}`` with request ``{"method", "path", "host", "headers"}``. An ICMP
   flow has ``"protocol": "ICMP"`` and its ICMP type as ``"port"``.
@@ -72,7 +76,8 @@ RESERVED_IDENTITIES: dict[int, dict[str, str]] = {
 }
 POD_IDS = tuple(range(1001, 1009))
 CIDR_ID_BASE = 1 << 24
-CIDR_PREFIXES = ("10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.1.0/24", "2001:db8::/32")
+CIDR_PREFIXES = ("10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.1.0/24", "2001:db8::/32", "10.1.2.4/32",
+                 "192.168.1.7/32")
 CIDR_IDENTITIES: dict[int, dict[str, str]] = {
     CIDR_ID_BASE + i: {f"cidr:{p}": "", "reserved:world": ""} for i, p in enumerate(CIDR_PREFIXES)
 }
@@ -130,6 +135,10 @@ CIDR_GROUP_ROLES = ("vpn", "office")
 GROUP_CIDRS = ("10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.0.0/16", "10.0.0.0/8", "0.0.0.0/0",
                "2001:db8::/32")
 GROUP_EXCEPTS = ("10.1.2.0/24", "10.1.2.3/32", "10.1.0.0/16", "192.168.1.0/24", "10.0.0.0/8")
+SERVICE_NAMES = ("s1", "s2", "s3")
+SERVICE_ROLES = ("partner", "backup")
+# Endpoint addresses: the universe's host CIDR identities, and one no identity has.
+ENDPOINT_ADDRESSES = ("10.1.2.3", "10.1.2.4", "192.168.1.7", "10.9.9.9")
 
 REQUEST_METHODS = ("GET", "POST", "PUT", "DELETE", "HEAD")
 REQUEST_PATHS = (
@@ -150,6 +159,7 @@ FIELD_NAMES = (
     "fromCIDRSet", "toCIDRSet", "cidr", "except", "toPorts", "ports", "port", "endPort",
     "protocol", "rules", "http", "method", "path", "host", "headers", "headerMatches", "value",
     "mismatch", "authentication", "mode", "source", "icmps", "fields", "type", "family", "cidrGroupRef", "cidrGroupSelector",
+    "toServices", "k8sService", "k8sServiceSelector", "serviceName", "selector",
 )
 # Strings that have broken parsers before: non-ASCII digits, a lone surrogate (valid in JSON as
 # "\ud800"), a number too long for int(), whitespace, signs.
@@ -388,7 +398,7 @@ def peer_rules(
     pre = "from" if ingress else "to"
     rule: dict[str, Any] = {}
     peer_kind = weighted(draw, [(5, "endpoints"), (2, "entities"), (1, "cidr"), (1, "cidrset"),
-                                (4, "none"), (1, "two")])
+                                (0 if ingress else 1, "services"), (4, "none"), (1, "two")])
     kinds = [peer_kind] if peer_kind != "two" else draw(
         st.lists(st.sampled_from(("endpoints", "entities", "cidr", "cidrset")), min_size=2,
                  max_size=2, unique=True))
@@ -407,7 +417,11 @@ def peer_rules(
             rule[pre + "CIDR"] = cidrs
         elif k == "cidrset":
             rule[pre + "CIDRSet"] = draw(st.lists(cidr_sets(), max_size=2))
+        elif k == "services":
+            rule["toServices"] = draw(st.lists(service_entries(), max_size=2))
     l4 = weighted(draw, [(3, "toPorts"), (2, "none"), (1, "icmps")])
+    if peer_kind == "services" and weighted(draw, [(4, True), (1, False)]):
+        l4 = "none"  # Cilium refuses toServices beside toPorts: keep that rare
     if l4 == "none" and peer_kind == "none" and draw(st.booleans()):
         l4 = "toPorts"
     if weighted(draw, [(60, False), (1, True)]):
@@ -473,6 +487,63 @@ def cidr_group_docs(draw: st.DrawFn, *, name: str | None = None) -> dict[str, An
         cidrs.append("10.1.2.3")
     return {"apiVersion": draw(st.sampled_from(("cilium.io/v2alpha1", "cilium.io/v2"))), "kind": "CiliumCIDRGroup",
             "metadata": meta, "spec": {"externalCIDRs": cidrs}}
+
+
+@st.composite
+def service_entries(draw: st.DrawFn) -> dict[str, Any]:
+    """A `toServices` entry: a Service by name (s9 never exists), by its labels, rarely neither or
+    both (refused); the namespace mostly given, sometimes left out (every namespace)."""
+    kind = weighted(draw, [(5, "name"), (3, "labels"), (1, "bad")])
+    entry: dict[str, Any] = {}
+    namespace = weighted(draw, [(3, NAMESPACES[0]), (1, NAMESPACES[1]), (2, None)])
+    if kind == "name":
+        ref: dict[str, Any] = {"serviceName": weighted(draw, [(6, draw(st.sampled_from(SERVICE_NAMES))), (1, "s9")])}
+        if namespace is not None:
+            ref["namespace"] = namespace
+        entry["k8sService"] = ref
+    elif kind == "labels":
+        sel = weighted(draw, [(4, {"matchLabels": {"role": draw(st.sampled_from(SERVICE_ROLES))}}),
+                              (1, {"matchExpressions": [{"key": "role", "operator": "Exists"}]}), (1, {})])
+        by: dict[str, Any] = {"selector": sel}
+        if namespace is not None:
+            by["namespace"] = namespace
+        entry["k8sServiceSelector"] = by
+    elif draw(st.booleans()):
+        entry = {"k8sService": {"serviceName": "s1"}, "k8sServiceSelector": {"selector": {}}}
+    return entry
+
+
+@st.composite
+def service_docs(draw: st.DrawFn, *, name: str | None = None) -> list[dict[str, Any]]:
+    """A Service (mostly without a selector, now and then with one) and its EndpointSlices, in one
+    of the universe's namespaces; endpoints ready, not ready, or serving while terminating; rarely
+    a slice the API server refuses (a loopback address)."""
+    svc_name = name or draw(st.sampled_from(SERVICE_NAMES))
+    ns = namespace(draw)
+    meta: dict[str, Any] = {"name": svc_name, "namespace": ns}
+    if draw(st.booleans()):
+        meta["labels"] = {"role": draw(st.sampled_from(SERVICE_ROLES))}
+    spec: dict[str, Any] = {"ports": [{"name": "https", "port": 443}]}
+    if weighted(draw, [(4, False), (1, True)]):
+        spec["selector"] = {"app": "db"}
+    docs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}]
+    for i in range(draw(st.integers(0, 2))):
+        endpoints = []
+        for _ in range(draw(st.integers(0, 2))):
+            endpoint: dict[str, Any] = {"addresses": draw(st.lists(st.sampled_from(ENDPOINT_ADDRESSES), min_size=1,
+                                                                   max_size=2, unique=True))}
+            condition = weighted(draw, [(4, None), (1, {"ready": False}),
+                                        (1, {"ready": False, "serving": True, "terminating": True})])
+            if condition is not None:
+                endpoint["conditions"] = condition
+            endpoints.append(endpoint)
+        if weighted(draw, [(30, False), (1, True)]):
+            endpoints.append({"addresses": ["127.0.0.1"]})
+        docs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": f"{svc_name}-{i}", "namespace": ns,
+                                  "labels": {"kubernetes.io/service-name": svc_name}},
+                     "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "https", "port": 443}]})
+    return docs
 
 
 @st.composite
@@ -619,6 +690,7 @@ def scenarios(draw: st.DrawFn, *, max_policies: int = 4, max_flows: int = 10) ->
         **universe,
         "policies": draw(st.lists(policy_docs(hints=hints), min_size=1, max_size=max_policies)),
         "cidr_groups": draw(st.lists(cidr_group_docs(), max_size=3)),
+        "services": [d for docs in draw(st.lists(service_docs(), max_size=2)) for d in docs],
         "flows": draw(st.lists(flows(universe), min_size=2, max_size=max_flows)),
     }
 
@@ -695,6 +767,66 @@ def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 
     }
 
 
+@st.composite
+def service_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A policy document with one more egress (or, rarely, egressDeny) rule naming Services."""
+    if weighted(draw, [(2, False), (1, True)]):
+        doc = copy.deepcopy(draw(policy_docs(hints=hints)))
+    else:  # a plain one, selecting the pods of a namespace, so that the service rule decides verdicts
+        doc = {"apiVersion": "cilium.io/v2", "kind": draw(st.sampled_from((CNP, CNP, CCNP))),
+               "metadata": {"name": draw(st.sampled_from(POLICY_NAMES))},
+               "spec": {"endpointSelector": weighted(draw, [(3, {}), (1, draw(label_selectors(hints=hints)))])}}
+        from_hint: bool = draw(st.booleans())
+        if hints and from_hint and doc["kind"] == CNP:
+            doc["metadata"]["namespace"] = draw(st.sampled_from(list(hints)))[NAMESPACE_KEY]
+    spec = doc["spec"] if "spec" in doc else doc["specs"][0]
+    if not isinstance(spec, dict):
+        return doc
+    field = weighted(draw, [(4, "egress"), (1, "egressDeny")])
+    rule: dict[str, Any] = {"toServices": draw(st.lists(service_entries(), min_size=1, max_size=2))}
+    if weighted(draw, [(12, False), (1, True)]):
+        rule["toPorts"] = [{"ports": [{"port": "443", "protocol": "TCP"}]}]  # refused beside toServices
+    elif weighted(draw, [(6, False), (1, True)]):
+        rule["icmps"] = [{"fields": [{"type": 8}]}]
+    existing = spec.get(field)
+    spec[field] = [*existing, rule] if isinstance(existing, list) else [rule]
+    return doc
+
+
+@st.composite
+def service_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
+    """A scenario (`scenarios`' format) where policies name Services with toServices, the
+    universe has the host CIDR identities their EndpointSlices list, and flows go from endpoints
+    to them (and to other CIDR identities, world, pods)."""
+    universe = draw(universes(min_cidrs=3))
+    hosts = [str(i) for i, p in CIDR_IDENTITIES.items() if next(iter(p)).endswith("/32")]
+    for ident in draw(st.sets(st.sampled_from(hosts), min_size=1)):
+        universe["identities"][ident] = dict(CIDR_IDENTITIES[int(ident)])
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    eps = list(universe["endpoints"])
+    others = sorted(int(i) for i in universe["identities"])
+
+    @st.composite
+    def flow(draw: st.DrawFn) -> dict[str, Any]:
+        f = draw(flows(universe))
+        f["src"] = draw(st.sampled_from(eps))
+        f["dst"] = weighted(draw, [(3, int(draw(st.sampled_from(hosts)))), (1, draw(st.sampled_from(others)))])
+        if str(f["dst"]) not in universe["identities"]:
+            f["dst"] = draw(st.sampled_from(others))
+        return f
+
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        **universe,
+        "policies": draw(st.lists(service_policy_docs(hints=hints), min_size=1, max_size=max_policies)),
+        # most names taken (a name without a Service is a case too), now and then twice
+        "services": [d for name in SERVICE_NAMES if weighted(draw, [(1, False), (3, True)])
+                     for docs in draw(st.lists(service_docs(name=name), min_size=1, max_size=2)) for d in docs],
+        "flows": draw(st.lists(flow(), min_size=4, max_size=max_flows)),
+    }
+
+
 # -- operation sequences (incremental resolution) ---------------------------------------------
 
 
@@ -716,7 +848,8 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
     """One resolver operation, as JSON. Ids come from a small pool so operations collide."""
     op = weighted(draw, [(4, "identities"), (3, "add_endpoint"), (1, "remove_endpoint"),
                          (4, "upsert_policy"), (1, "delete_policy"), (1, "recompute_all"),
-                         (3, "named_ports"), (2, "upsert_group"), (1, "delete_group")])
+                         (3, "named_ports"), (2, "upsert_group"), (1, "delete_group"),
+                         (3, "upsert_services"), (1, "delete_service")])
     if op == "named_ports":
         # A pod of the identity came, went or changed its container ports: the ports all its pods
         # declare now.
@@ -731,7 +864,8 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
     if op in ("add_endpoint", "remove_endpoint"):
         return {"op": op, "id": draw(st.sampled_from((HOST_ID, *POD_IDS[:6])))}
     if op == "upsert_policy":
-        docs = weighted(draw, [(2, policy_docs(hints=hints)), (1, group_policy_docs(hints=hints))])
+        docs = weighted(draw, [(2, policy_docs(hints=hints)), (1, group_policy_docs(hints=hints)),
+                               (1, service_policy_docs(hints=hints))])
         return {"op": op, "doc": draw(docs)}
     if op == "delete_policy":
         return {"op": op, "key": draw(policy_keys())}
@@ -739,6 +873,12 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
         return {"op": op, "doc": draw(cidr_group_docs())}
     if op == "delete_group":
         return {"op": op, "name": draw(st.sampled_from(CIDR_GROUP_NAMES))}
+    if op == "upsert_services":
+        return {"op": op, "docs": draw(service_docs())}
+    if op == "delete_service":
+        return {"op": op, "kind": draw(st.sampled_from(("Service", "EndpointSlice"))),
+                "namespace": draw(st.sampled_from(NAMESPACES)), "name": draw(st.sampled_from(
+                    SERVICE_NAMES + tuple(f"{n}-0" for n in SERVICE_NAMES)))}
     return {"op": op}
 
 
@@ -756,14 +896,41 @@ def op_sequences(draw: st.DrawFn) -> dict[str, Any]:
     if universe["named_ports"]:
         setup.append({"op": "named_ports", "named_ports": universe["named_ports"]})
     setup += [{"op": "upsert_group", "doc": d} for d in draw(st.lists(cidr_group_docs(), max_size=2))]
-    docs = policy_docs(hints=hints) | group_policy_docs(hints=hints)
+    setup += [{"op": "upsert_services", "docs": d} for d in draw(st.lists(service_docs(), max_size=2))]
+    docs = policy_docs(hints=hints) | group_policy_docs(hints=hints) | service_policy_docs(hints=hints)
     setup += [{"op": "upsert_policy", "doc": d} for d in draw(st.lists(docs, max_size=3))]
+    if weighted(draw, [(2, False), (1, True)]):  # a policy naming Services, that later changes of them move
+        setup.append({"op": "upsert_policy", "doc": draw(service_policy_docs(hints=hints))})
     setup += [{"op": "add_endpoint", "id": e} for e in universe["endpoints"]]
     return {
         "cluster_name": LOCAL_CLUSTER,
         "default_namespace": DEFAULT_NAMESPACE,
         "setup": setup,
         "ops": draw(st.lists(operations(hints=hints), min_size=1, max_size=15)),
+    }
+
+
+@st.composite
+def service_op_sequences(draw: st.DrawFn) -> dict[str, Any]:
+    """`op_sequences`' format, where policies name Services and the changes are mostly of
+    Services and their EndpointSlices (each re-expands the policies naming Services)."""
+    universe = draw(universes(min_pods=2, min_cidrs=3))
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    setup: list[dict[str, Any]] = [{"op": "identities", "upserted": universe["identities"], "deleted": []}]
+    setup += [{"op": "upsert_policy", "doc": d}
+              for d in draw(st.lists(service_policy_docs(hints=hints), min_size=1, max_size=3))]
+    setup += [{"op": "add_endpoint", "id": e} for e in universe["endpoints"]]
+    change = st.sampled_from(SERVICE_NAMES).flatmap(lambda name: service_docs(name=name)).map(
+        lambda docs: {"op": "upsert_services", "docs": docs})
+    delete = st.builds(lambda kind, name, ns: {"op": "delete_service", "kind": kind, "namespace": ns, "name": name},
+                       st.sampled_from(("Service", "EndpointSlice")),
+                       st.sampled_from(SERVICE_NAMES + tuple(f"{n}-0" for n in SERVICE_NAMES)), st.just(NAMESPACES[0]))
+    policy = service_policy_docs(hints=hints).map(lambda d: {"op": "upsert_policy", "doc": d})
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        "setup": setup,
+        "ops": draw(st.lists(change | change | change | delete | policy, min_size=2, max_size=12)),
     }
 
 

@@ -135,3 +135,54 @@ def test_a_namespace_deleted_from_the_api_leaves_its_pods_identities(core: Agent
     assert "io.cilium.k8s.namespace.labels.tier" not in rec_a.labels and rec_a.identity != labelled
     assert sink.owned("Namespace") == set() and core.documents("Namespace") == {}
     assert core.delete_namespace("cluster-a/web") is False
+
+
+def api_slice(name: str, *addresses: str, service: str = "ext", managed_by: str = "", rv: str = "1") -> dict[str, Any]:
+    """An EndpointSlice as the API lists it (no kind, no apiVersion; node and zone fields)."""
+    labels = {"kubernetes.io/service-name": service}
+    if managed_by:
+        labels["endpointslice.kubernetes.io/managed-by"] = managed_by
+    return {"metadata": {"name": name, "namespace": "partners", "labels": labels, "resourceVersion": rv},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [a], "nodeName": "n1", "zone": "z", "conditions": {"ready": True}}
+                          for a in addresses],
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP"}]}
+
+
+def test_endpoint_slices_from_the_api_move_a_toservices_rule(core: AgentCore) -> None:
+    from l7gate.k8s.reconcile import ENDPOINTSLICES, SERVICES
+    from l7gate.policy.mapstate import lookup
+    from l7gate.policy.types import Direction, Protocol
+
+    sink = CoreSink(core)
+    rec = Reconciler(sink, Recorder())
+    client = {"metadata": {"name": "client", "namespace": "web", "labels": {"app": "client"}},
+              "spec": {"nodeName": "node-a1"}, "status": {"podIP": "10.1.0.9"}}
+    policy = {"metadata": {"name": "to-ext", "namespace": "web"},
+              "spec": {"endpointSelector": {"matchLabels": {"app": "client"}},
+                       "egress": [{"toServices": [{"k8sService": {"serviceName": "ext", "namespace": "partners"}}]}]}}
+    service = {"metadata": {"name": "ext", "namespace": "partners"}, "spec": {"ports": [{"name": "https", "port": 443}]}}
+
+    def may_connect(address: str) -> bool:
+        ident = core.view().pods["cluster-a/web/client"].identity
+        return lookup(core.resolver.endpoint_policy(ident), Direction.EGRESS, core.ipcache.lookup(address), 443,
+                      Protocol.TCP).allowed
+
+    sync(rec, {PODS: [client], CNPS: [policy], SERVICES: [service],
+               ENDPOINTSLICES: [api_slice("ext-1", "192.0.2.10"),
+                                # the endpoint slice controller's: a Service with a selector; never applied
+                                api_slice("web-x", "192.0.2.20", service="web",
+                                          managed_by="endpointslice-controller.k8s.io")]})
+    assert sink.owned("EndpointSlice") == {"cluster-a/partners/ext-1"}
+    doc = core.document("EndpointSlice", "cluster-a/partners/ext-1")
+    assert doc["endpoints"] == [{"addresses": ["192.0.2.10"], "conditions": {"ready": True}}]  # no node, no zone
+    assert may_connect("192.0.2.10") and not may_connect("192.0.2.11")
+
+    p = Pending()
+    p.event(ENDPOINTSLICES, project(ENDPOINTSLICES, api_slice("ext-1", "192.0.2.11", rv="2"), CLUSTER))
+    run(rec, p)
+    assert may_connect("192.0.2.11") and not may_connect("192.0.2.10")
+    p = Pending()
+    p.event(ENDPOINTSLICES, project(ENDPOINTSLICES, api_slice("ext-1"), CLUSTER, deleted=True))
+    run(rec, p)
+    assert not may_connect("192.0.2.11") and sink.owned("EndpointSlice") == set()

@@ -137,7 +137,7 @@ def test_error_message_names_the_resource() -> None:
         ({"apiVersion": "v1", "kind": "Pod"}, "metadata: is required"),
         ({"apiVersion": "v1", "kind": "Pod", "metadata": {}}, "metadata.name: is required"),
         ({"apiVersion": "v1", "kind": "Pod", "metadata": []}, "metadata: must be a mapping"),
-        ({"apiVersion": "v1", "kind": "ConfigMap"}, "kind: must be 'Pod', 'Namespace' or 'Service'"),
+        ({"apiVersion": "v1", "kind": "ConfigMap"}, "kind: must be 'Pod', 'Namespace', 'Service' or 'EndpointSlice'"),
         (
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": ["a"]}},
             "metadata.labels: must be a mapping",

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l7gate.policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
+from l7gate.policy.cidrgroup import CIDRGroup, parse_cidr_group
+from l7gate.policy.references import expand_policy, references_groups
 from l7gate.policy.errors import Finding, PolicyValidationError
 from l7gate.policy.evaluate import Flow, Peer, evaluate
 from l7gate.policy.labels import Labels

@@ -485,12 +485,12 @@ def test_unsupported_fields_are_named() -> None:
         cnp(
             {
                 "endpointSelector": {},
-                "egress": [{"toServices": [{"k8sService": {"serviceName": "x"}}]}],
+                "egress": [{"toRequires": [{}]}],
                 "ingress": [{"fromRequires": [{}], "toPorts": [{"ports": [{"port": "9092"}], "rules": {"kafka": []}}]}],
             }
         )
     )
-    assert "not supported" in errs["spec.egress[0].toServices"]
+    assert "not supported" in errs["spec.egress[0].toRequires"]
     assert "not supported" in errs["spec.ingress[0].fromRequires"]
     assert "not supported" in errs["spec.ingress[0].toPorts[0].rules.kafka"]
 

@@ -41,7 +41,10 @@ from hypothesis import HealthCheck, currently_in_test_context, given, note, sett
 from hypothesis import event as _hypothesis_event
 from hypothesis import strategies as st
 
-from l7gate.policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
+from l7gate.policy.cidrgroup import CIDRGroup, parse_cidr_group
+from l7gate.k8s.objects import K8sObjectError, parse_endpoint_slice, parse_service, service_targets_of
+from l7gate.policy.references import expand_policy, references_groups, references_services
+from l7gate.policy.toservices import ServiceTarget
 from l7gate.policy.errors import Finding, PolicyValidationError
 from l7gate.policy.evaluate import Flow, Verdict, evaluate
 from l7gate.policy.labels import Labels
@@ -111,6 +114,24 @@ def parse_groups(docs: Iterable[Any]) -> dict[str, CIDRGroup]:
     return out
 
 
+def parse_services(docs: Iterable[Any], cluster_name: str = gen.LOCAL_CLUSTER) -> dict[str, ServiceTarget]:
+    """What toServices reads of Service and EndpointSlice documents (later ones replacing earlier
+    ones of the same namespace/name; rejected ones dropped), as the agent builds it."""
+    services: dict[str, Any] = {}
+    slices: dict[str, Any] = {}
+    for doc in docs:
+        try:
+            if doc.get("kind") == "Service":
+                svc = parse_service(doc, default_cluster=cluster_name)
+                services[svc.ref] = svc
+            else:
+                es = parse_endpoint_slice(doc, default_cluster=cluster_name)
+                slices[es.ref] = es
+        except K8sObjectError:
+            event("service or slice rejected")
+    return service_targets_of(services.values(), slices.values()).get(cluster_name, {})
+
+
 def build_resolver(
     identities: Mapping[int, Labels],
     endpoints: Iterable[int],
@@ -120,11 +141,13 @@ def build_resolver(
     named_ports: Mapping[int, NamedPorts] | None = None,
     resolver_class: type[Resolver] = Resolver,
     groups: Mapping[str, CIDRGroup] | None = None,
+    services: Mapping[str, ServiceTarget] | None = None,
 ) -> Resolver:
-    """A resolver built from scratch; policies naming CIDR groups go in expanded with `groups`."""
+    """A resolver built from scratch; policies naming CIDR groups or Services go in expanded
+    with `groups` and `services`."""
     r = resolver_class()
     r.update_identities(dict(identities))
-    expanded = {k: expand_policy(p, groups or {}) for k, p in policies.items()}
+    expanded = {k: expand_policy(p, groups or {}, services or {}) for k, p in policies.items()}
     if named_ports and policies_first:
         r.update_named_ports(named_ports)
     if policies_first:
@@ -214,10 +237,13 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
     )
     rules = rules_of(policies)
     groups = parse_groups(scn.get("cidr_groups", ()))
+    services = parse_services(scn.get("services", ()), scn.get("cluster_name", gen.LOCAL_CLUSTER))
     if any(references_groups(p) for p in policies.values()):
         event("a policy names CIDR groups")
+    if any(references_services(p) for p in policies.values()):
+        event("a policy names Services")
     resolver = build_resolver(identities, endpoints, policies, named_ports=named, resolver_class=resolver_class,
-                              groups=groups)
+                              groups=groups, services=services)
 
     def flow(f: Mapping[str, Any], *, source_managed: bool, destination_managed: bool) -> Flow:
         return gen.flow_of(f, identities, source_managed=source_managed,
@@ -233,12 +259,13 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
         src, dst = f["src"], f["dst"]
         checks: list[tuple[str, Verdict, Verdict]] = []
         if src in endpoints:
-            ref = evaluate(rules, flow(f, source_managed=True, destination_managed=False), groups)
+            ref = evaluate(rules, flow(f, source_managed=True, destination_managed=False), groups, services)
             checks.append(("egress of the source", ref, fast(Direction.EGRESS, src, dst, f)))
         if dst in endpoints:
-            ref = evaluate(rules, flow(f, source_managed=False, destination_managed=True), groups)
+            ref = evaluate(rules, flow(f, source_managed=False, destination_managed=True), groups, services)
             checks.append(("ingress of the destination", ref, fast(Direction.INGRESS, dst, src, f)))
-        ref = evaluate(rules, flow(f, source_managed=src in endpoints, destination_managed=dst in endpoints), groups)
+        ref = evaluate(rules, flow(f, source_managed=src in endpoints, destination_managed=dst in endpoints), groups,
+                       services)
         composed = Verdict(True, None)
         sides = []
         if src in endpoints:
@@ -281,6 +308,13 @@ def test_cidr_group_references_agree_with_reference_evaluator(scn: dict[str, Any
     check_differential(scn)
 
 
+@examples(150)
+@given(gen.service_scenarios())
+def test_toservices_references_agree_with_reference_evaluator(scn: dict[str, Any]) -> None:
+    note("corpus JSON (tests/corpus/differential/):\n" + as_json(scn))
+    check_differential(scn)
+
+
 # -- 2. incremental == full ------------------------------------------------------------------------
 
 Maps = dict[int, dict[Direction, dict[MapKey, MapEntry]]]
@@ -295,6 +329,11 @@ class Model:
     policies: dict[str, Policy] = field(default_factory=dict)  # as parsed (groups not expanded)
     named_ports: dict[int, NamedPorts] = field(default_factory=dict)
     groups: dict[str, CIDRGroup] = field(default_factory=dict)
+    service_docs: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (kind, ns, name) → doc
+
+    @property
+    def services(self) -> dict[str, ServiceTarget]:
+        return parse_services(self.service_docs.values())
 
 
 def apply_op(
@@ -327,7 +366,7 @@ def apply_op(
             event("document rejected")
             return None
         model.policies[p.key] = p
-        return r.upsert_policy(expand_policy(p, model.groups))
+        return r.upsert_policy(expand_policy(p, model.groups, model.services))
     if kind == "upsert_policies":
         # One change for several documents: the resolver ends where upserting them one by one,
         # in order, would (a key given twice: the later one).
@@ -339,7 +378,7 @@ def apply_op(
                 event("document rejected")
                 continue
             model.policies[p.key] = p
-            batch.append(expand_policy(p, model.groups))
+            batch.append(expand_policy(p, model.groups, model.services))
         return r.upsert_policies(batch)
     if kind == "delete_policy":
         model.policies.pop(op["key"], None)
@@ -364,9 +403,22 @@ def apply_op(
                 event("group rejected")
                 return None
             model.groups[g.name] = g
-        changed = [e for p in model.policies.values()
-                   if references_groups(p) and (e := expand_policy(p, model.groups)) != r.repository.get(p.key)]
+        changed = [e for p in model.policies.values() if references_groups(p)
+                   and (e := expand_policy(p, model.groups, model.services)) != r.repository.get(p.key)]
         event(f"a group change re-expands {min(len(changed), 2)} policies")
+        return r.upsert_policies(changed)
+    if kind in ("upsert_services", "delete_service"):
+        # A Service or its EndpointSlices changed: the policies naming Services are expanded
+        # again, and those whose expansion changed upserted in one change, as the agent does.
+        if kind == "delete_service":
+            model.service_docs.pop((op["kind"], op["namespace"], op["name"]), None)
+        for doc in op.get("docs", ()):
+            meta = doc.get("metadata") or {}
+            model.service_docs[(doc["kind"], meta.get("namespace", "default"), meta.get("name", ""))] = doc
+        services = model.services
+        changed = [e for p in model.policies.values() if references_services(p)
+                   and (e := expand_policy(p, model.groups, services)) != r.repository.get(p.key)]
+        event(f"a Service change re-expands {min(len(changed), 2)} policies")
         return r.upsert_policies(changed)
     raise ValueError(f"unknown op {kind!r}")
 
@@ -430,7 +482,7 @@ def check_incremental(case: Mapping[str, Any], resolver_class: type[Resolver] = 
     assert r.endpoints() == sorted(model.endpoints)
     final = snapshot(r)
     for policies_first in (True, False):
-        fresh = snapshot(build_resolver(model.identities, model.endpoints, model.policies,
+        fresh = snapshot(build_resolver(model.identities, model.endpoints, model.policies, services=model.services,
                                         policies_first=policies_first, named_ports=model.named_ports,
                                         groups=model.groups))
         assert final == fresh, "incremental maps differ from a fresh resolver:\n" + "\n".join(
@@ -450,6 +502,13 @@ def check_incremental(case: Mapping[str, Any], resolver_class: type[Resolver] = 
 @examples(100)
 @given(gen.op_sequences())
 def test_incremental_resolution_equals_full_and_deltas_replay(case: dict[str, Any]) -> None:
+    note("corpus JSON (tests/corpus/incremental/):\n" + as_json(case))
+    check_incremental(case)
+
+
+@examples(100)
+@given(gen.service_op_sequences())
+def test_incremental_resolution_follows_service_and_slice_changes(case: dict[str, Any]) -> None:
     note("corpus JSON (tests/corpus/incremental/):\n" + as_json(case))
     check_incremental(case)
 
@@ -641,6 +700,21 @@ def test_differential_check_catches_an_expansion_that_drops_except_ranges(monkey
     check_differential(scn)
     monkeypatch.setattr(cidrgroup, "group_selectors",
                         lambda peer, groups: real(dataclasses.replace(peer, excepts=()), groups))
+    with pytest.raises(AssertionError, match="evaluate: denied layer=l3l4"):
+        check_differential(scn)
+
+
+def test_differential_check_catches_an_expansion_that_selects_services_with_a_selector(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from l7gate.k8s import objects
+    from l7gate.policy import toservices
+
+    scn = load_corpus("differential/toservices-selector-missing-not-ready-and-deny")
+    check_differential(scn)
+    # the Service with a selector keeps its slice's addresses, and the expansion takes them
+    monkeypatch.setattr(objects, "service_target", lambda svc, addresses: ServiceTarget.of(
+        svc.namespace, svc.name, svc.labels, has_selector=svc.selector is not None, addresses=addresses))
+    monkeypatch.setattr(toservices, "selected_services", toservices.named_services)
     with pytest.raises(AssertionError, match="evaluate: denied layer=l3l4"):
         check_differential(scn)
 

@@ -12,7 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l7gate.services import Backend, BackendPod, Frontend, FrontendEntry, Service, ServicePort, ServiceTable
+from l7gate.services import (
+    Backend, BackendPod, EndpointSlice, Frontend, FrontendEntry, Service, ServicePort, ServiceTable, SliceEndpoint,
+    SlicePort,
+)
 from tests.unit.test_layers import _plant, contract, package_copy_factory, run_lint_imports  # noqa: F401
 
 CIP = "10.96.0.10"
@@ -105,6 +108,46 @@ def test_no_selector_gives_no_backends_and_no_address_gives_no_frontend() -> Non
     t.upsert_service(service(ip=None))  # headless, or not allocated
     assert t.frontends() == {}
     assert [s.ref for s in t.services()] == ["shop/web"]
+
+
+def es(name: str = "ext-1", *addrs: str, service: str | None = "ext", ready: bool = True,
+       ports: tuple[SlicePort, ...] = (SlicePort("http", 8443, "TCP"),), **kw: Any) -> EndpointSlice:
+    return EndpointSlice(kw.pop("cluster", "a"), kw.pop("namespace", "shop"), name, service, kw.pop("type", "IPv4"),
+                         (SliceEndpoint(addrs, ready, kw.pop("serving", ready)),), ports)
+
+
+def test_a_service_without_a_selector_balances_over_its_endpoint_slices() -> None:
+    t = ServiceTable()
+    t.upsert_service(service("ext", selector={}))
+    t.upsert_slice(es("ext-1", "192.0.2.10"))
+    t.upsert_slice(es("ext-2", "192.0.2.11", "192.0.2.12"))
+    t.upsert_slice(es("ext-3", "192.0.2.13", ready=False, serving=True))  # terminating, still serving
+    t.upsert_slice(es("other", "192.0.2.14", service="web"))
+    t.upsert_slice(es("v6", "2001:db8::1", type="IPv6"))
+    t.upsert_slice(es("udp", "192.0.2.15", ports=(SlicePort("http", 8443, "UDP"),)))
+    assert backends(t) == [("192.0.2.10", 8443), ("192.0.2.11", 8443), ("192.0.2.12", 8443)]
+    assert t.frontends()[Frontend(CIP, 80, "TCP")].backends[0].pod == "EndpointSlice/shop/ext-1"
+    # what toServices reads: every ready or serving address, whatever its port or family
+    assert t.endpoint_addresses("shop", "ext") == (
+        "192.0.2.10", "192.0.2.11", "192.0.2.12", "192.0.2.13", "192.0.2.15", "2001:db8::1")
+    t.upsert_slice(es("ext-2", "192.0.2.11"))
+    t.delete_slice("shop", "ext-1")
+    assert backends(t) == [("192.0.2.11", 8443)]
+    # a slice that moves to another Service leaves this one
+    t.upsert_slice(es("ext-2", "192.0.2.11", service="web"))
+    assert backends(t) == []
+    assert "192.0.2.11" not in t.endpoint_addresses("shop", "ext")
+
+
+def test_a_service_with_a_selector_ignores_slices() -> None:
+    t = ServiceTable()
+    t.upsert_service(service())
+    t.upsert_pod(pod("w1", "10.0.0.9"))
+    t.upsert_slice(es("web-1", "192.0.2.10", service="web"))
+    assert backends(t) == [("10.0.0.9", 8080)]
+    # the same Service without its selector: the slices instead of the pods
+    t.upsert_service(service(selector={}))
+    assert backends(t) == [("192.0.2.10", 8443)]
 
 
 def test_deleting_a_service_or_a_pod() -> None:
@@ -296,6 +339,7 @@ PORT_NAMES = ("http", "grpc")
 def reference(
     services: Mapping[str, Service], pods: Mapping[str, BackendPod],
     remotes: Mapping[str, Mapping[str, Mapping[tuple[int, str], tuple[Backend, ...]]]],
+    slices: Mapping[str, EndpointSlice] | None = None,
 ) -> tuple[dict[Frontend, FrontendEntry], dict[tuple[str, int], set[str]]]:
     """The desired state from scratch, the obvious way: (frontends, services by backend)."""
 
@@ -325,6 +369,17 @@ def reference(
                                    if name == sp.target and proto == sp.protocol), None)
                 if number is not None:
                     local.append(Backend(p.ip, number, p.ref, p.cluster))
+            for es in (slices or {}).values():
+                # a Service without a selector: its slices' ready IPv4 endpoints, on the port of
+                # the service port's name and protocol
+                if s.selector or (es.cluster, es.namespace, es.service) != (s.cluster, s.namespace, s.name):
+                    continue
+                if es.address_type != "IPv4":
+                    continue
+                for port in es.ports:
+                    if (port.name, port.protocol) == (sp.name, sp.protocol):
+                        local.extend(Backend(a, port.port, f"EndpointSlice/{es.ref}", es.cluster)
+                                     for e in es.endpoints if e.ready for a in e.addresses)
             far = [b for published in remotes.values() if s.global_
                    for b in published.get(key, {}).get((sp.port, sp.protocol), ())]
             if s.global_ and s.affinity == "local" and local:
@@ -381,6 +436,24 @@ def remote_publication(draw: st.DrawFn) -> tuple[str, dict[str, dict[tuple[int, 
     return cluster, published
 
 
+slice_endpoints = st.builds(SliceEndpoint, st.lists(st.sampled_from(IPS), min_size=1, max_size=2).map(tuple),
+                            ready, st.booleans())
+endpoint_slices = st.builds(
+    EndpointSlice, st.sampled_from(LOCAL_CLUSTERS), st.sampled_from(NAMESPACES),
+    st.sampled_from(["e1", "e2", "e3"]), st.sampled_from(["s1", "s1", "s2", "s3", None]),
+    st.sampled_from(["IPv4", "IPv4", "IPv4", "IPv6", "FQDN"]), st.lists(slice_endpoints, min_size=1, max_size=3).map(tuple),
+    st.lists(st.builds(SlicePort, st.sampled_from(["", "p", "q"]), st.sampled_from([8080, 9090]),
+                       st.sampled_from(["TCP", "TCP", "UDP"])), min_size=1, max_size=2).map(tuple),
+)
+
+
+def reference_addresses(slices: Mapping[str, EndpointSlice], namespace: str, name: str) -> tuple[str, ...]:
+    """What `toServices` reads of a Service's slices, the obvious way."""
+    found = {a for es in slices.values() if (es.namespace, es.service) == (namespace, name)
+             and es.address_type != "FQDN" for e in es.endpoints if e.ready or e.serving for a in e.addresses}
+    return tuple(sorted(found, key=ipaddress.ip_address))
+
+
 upsert_pod = st.tuples(st.just("upsert_pod"), backend_pods)
 upsert_service = st.tuples(st.just("upsert_service"), services)
 operations = st.sampled_from([  # upserts more often than deletes, so that the table fills up
@@ -388,16 +461,43 @@ operations = st.sampled_from([  # upserts more often than deletes, so that the t
     st.tuples(st.just("delete_service"), st.sampled_from(NAMESPACES), st.sampled_from(["s1", "s2", "s3"])),
     st.tuples(st.just("delete_pod"), st.sampled_from(["p1", "p2", "p3", "p4", "p5"])),
     st.tuples(st.just("set_remote_backends"), remote_publication()),
+    st.tuples(st.just("upsert_slice"), endpoint_slices), st.tuples(st.just("upsert_slice"), endpoint_slices),
+    st.tuples(st.just("delete_slice"), st.sampled_from(NAMESPACES), st.sampled_from(["e1", "e2", "e3"])),
+]).flatmap(lambda op: op)
+
+
+# Services without a selector, fed by EndpointSlices only: the slices' own history.
+selector_less = st.builds(
+    Service, st.sampled_from(LOCAL_CLUSTERS), st.sampled_from(NAMESPACES), st.sampled_from(["s1", "s2"]),
+    st.sampled_from(CLUSTER_IPS[:2]), service_ports, st.none())
+slice_operations = st.sampled_from([
+    st.tuples(st.just("upsert_service"), selector_less),
+    st.tuples(st.just("upsert_slice"), endpoint_slices), st.tuples(st.just("upsert_slice"), endpoint_slices),
+    st.tuples(st.just("upsert_slice"), endpoint_slices),
+    st.tuples(st.just("delete_slice"), st.sampled_from(NAMESPACES), st.sampled_from(["e1", "e2", "e3"])),
+    st.tuples(st.just("delete_service"), st.sampled_from(NAMESPACES), st.sampled_from(["s1", "s2"])),
 ]).flatmap(lambda op: op)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(operations, min_size=8, max_size=60))
 def test_incremental_table_equals_a_recomputation_from_scratch(ops: list[tuple[Any, ...]]) -> None:
+    check_history(ops)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(slice_operations, min_size=4, max_size=30))
+def test_endpoint_slices_incrementally_equal_a_recomputation_from_scratch(ops: list[tuple[Any, ...]]) -> None:
+    check_history(ops)
+
+
+def check_history(ops: list[tuple[Any, ...]]) -> None:
+    """Apply `ops` to a table, checking every output against `reference` after each."""
     table = ServiceTable()
     svcs: dict[str, Service] = {}
     pods: dict[str, BackendPod] = {}
     remotes: dict[str, dict[str, dict[tuple[int, str], tuple[Backend, ...]]]] = {}
+    slices: dict[str, EndpointSlice] = {}
     for op, *args in ops:
         if op == "upsert_service":
             svcs[args[0].ref] = args[0]
@@ -411,12 +511,21 @@ def test_incremental_table_equals_a_recomputation_from_scratch(ops: list[tuple[A
         elif op == "delete_pod":
             pods.pop(args[0], None)
             table.delete_pod(args[0])
+        elif op == "upsert_slice":
+            slices[args[0].ref] = args[0]
+            table.upsert_slice(args[0])
+        elif op == "delete_slice":
+            slices.pop(f"{args[0]}/{args[1]}", None)
+            table.delete_slice(args[0], args[1])
         else:
             cluster, published = args[0]
             remotes[cluster] = published
             table.set_remote_backends(cluster, published)
-        expected, by_backend = reference(svcs, pods, remotes)
+        expected, by_backend = reference(svcs, pods, remotes, slices)
         assert table.frontends() == expected
+        for ns in NAMESPACES:
+            for name in ("s1", "s2", "s3"):
+                assert table.endpoint_addresses(ns, name) == reference_addresses(slices, ns, name)
         for ip in IPS:
             for port in (8080, 8443, 9090):
                 assert table.services_of_backend(ip, port) == tuple(sorted(by_backend.get((ip, port), ())))

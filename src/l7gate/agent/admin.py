@@ -9,10 +9,11 @@
                                          all or nothing
     DELETE /v1/policy/<Kind>/[<ns>/]<name> (CiliumCIDRGroup/<name> too)
     GET    /v1/endpoints                 pods known to the agent, with identities
-    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service...]}
+    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service/EndpointSlice...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
     GET    /v1/services                  Services: frontends, backends, whether the datapath serves them
     DELETE /v1/services/[<cluster>/]<ns>/<name>
+    DELETE /v1/endpointslices/[<cluster>/]<ns>/<name>
     GET    /v1/identities, /v1/ipcache
     GET    /v1/fqdn/cache                what the DNS proxy learned: name, address, TTL left,
                                          who looked it up, the address's identity (toFQDNs)
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..k8s.objects import ENDPOINT_KINDS
 from ..policy.parse import POLICY_INPUT_KINDS
 from . import views
 from .core import AgentCore, ApplyError
@@ -267,7 +269,7 @@ class AdminApp:
             objects = payload.get("objects") if isinstance(payload, dict) else None
             if not isinstance(objects, list) or not objects:
                 raise ValueError('expected {"objects": [...]} with at least one object')
-            allowed = POLICY_INPUT_KINDS if path == "/v1/policy" else ("Pod", "Namespace", "Service")
+            allowed = POLICY_INPUT_KINDS if path == "/v1/policy" else ENDPOINT_KINDS
             wrong = [
                 f"object {i + 1}: kind {o.get('kind') if isinstance(o, dict) else None!r} does not belong "
                 f"here (expected {', '.join(allowed)})"
@@ -287,6 +289,11 @@ class AdminApp:
             if core.delete_service(key):
                 return 200, {"deleted": [key]}, j
             return 404, {"error": f"no Service {key!r}"}, j
+        if method == "DELETE" and path.startswith("/v1/endpointslices/"):
+            key = path[len("/v1/endpointslices/") :]
+            if core.delete_endpoint_slice(key):
+                return 200, {"deleted": [key]}, j
+            return 404, {"error": f"no EndpointSlice {key!r}"}, j
         if method == "DELETE" and path.startswith("/v1/endpoints/"):
             ref = path[len("/v1/endpoints/") :]
             if core.delete_pod(ref):

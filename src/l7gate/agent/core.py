@@ -1,7 +1,7 @@
 """The agent's state and its reconcile steps: policies, pods, identities, ipcache, xDS.
 
 Theory of operation. Inputs arrive as Kubernetes objects (CNP/CCNP/NetworkPolicy, CiliumCIDRGroup,
-Pod, Namespace, Service) through
+Pod, Namespace, Service, EndpointSlice) through
 `apply` and `delete` (the admin API, and the Kubernetes watch through `agent/kube.py`: the same path).
 Each call is all-or-nothing: every object is parsed and checked first; one invalid object
 (or the same object twice, or a pod address this datapath cannot serve) refuses the whole
@@ -14,9 +14,11 @@ request and nothing in force changes. A valid request then, in order:
 2. for policies, once that transaction is committed: upserts them into the resolver's
    repository, all of them as one change (`Resolver.upsert_policies`), so 10,000 policies
    cost one recompute of each endpoint they select, not 10,000. A policy whose CIDR rules name
-   CiliumCIDRGroups goes in expanded with the groups in force (`cidrgroup.expand_policy`); the
-   core keeps it as parsed too, and when a group is created, changed or deleted, every such
-   policy is expanded again and those whose expansion changed are upserted in the same change;
+   CiliumCIDRGroups, or whose `toServices` rules name Services, goes in expanded with the groups
+   and the Services' endpoints in force (`references.expand_policy`); the core keeps it as
+   parsed too, and when a group, a Service or an EndpointSlice is created, changed or deleted,
+   every such policy is expanded again and those whose expansion changed are upserted in the
+   same change;
 3. feeds every resulting `PolicyDelta` and ipcache change to the xDS publisher and flushes it,
    so the change is in Envoy's snapshot before the call returns.
 
@@ -48,25 +50,27 @@ from ..identity.fqdncache import FQDNCache
 from ..identity.ipcache import IPCache, IPNetwork
 from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError
 from ..k8s.objects import (
-    ANY_CLUSTER, K8sObjectError, Namespace, Pod, namespace_of, parse_pod, parse_service, pod_backend, pod_identity_labels,
-    scoped_namespace,
+    ANY_CLUSTER, ENDPOINT_KINDS, K8sObjectError, Namespace, Pod, namespace_of, parse_endpoint_slice, parse_pod, parse_service,
+    pod_backend, pod_identity_labels, scoped_namespace, service_target,
 )
 from ..kvstore.api import KVStore, KVStoreError
-from ..policy.cidrgroup import CIDRGroup, expand_policy, parse_cidr_group, references_groups
+from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS, parse_policy
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PolicyDelta, decide
 from ..policy.namedports import NamedPorts
+from ..policy.references import expand_policy, references, references_groups, references_services
 from ..policy.resolve import Resolver
 from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.selector import CIDRSelector, PeerSelector
 from ..policy.types import AuthMode, Direction
 from ..policy.types import Protocol as L4Protocol
+from ..policy.toservices import ServiceTarget
 from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
-from ..services import Backend, Frontend, FrontendEntry, Service, ServiceTable
+from ..services import Backend, EndpointSlice, Frontend, FrontendEntry, Service, ServiceTable
 from ..xds.egress import EgressPublisher, LocalPod, egress_http_ports, ingress_http_ports
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.resources import ProxiedPort
@@ -79,6 +83,7 @@ POLICY_PREFIX = PREFIX + "policies/"
 POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
 SERVICE_PREFIX = PREFIX + "services/"  # <cluster>/<namespace>/<name>
+ENDPOINT_SLICE_PREFIX = PREFIX + "endpointslices/"  # <cluster>/<namespace>/<name>
 CIDR_GROUP_PREFIX = PREFIX + "cidrgroups/"  # <name>: a CiliumCIDRGroup as applied
 FQDN_PREFIX = PREFIX + "fqdn/"  # <name>: what the DNS proxy learned for it (identity.fqdncache)
 MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints|services/<key>
@@ -158,6 +163,8 @@ class StateView:
     published_services: tuple[str, ...] = ()
     # CiliumCIDRGroup/<name> → the object as applied
     cidr_group_docs: Mapping[str, Any] = field(default_factory=dict)
+    # namespace/name → what toServices reads of the Service (its endpoints' addresses)
+    service_targets: Mapping[str, ServiceTarget] = field(default_factory=dict)
 
     def pods_of(self) -> dict[int, list[str]]:
         """Identity → the refs of its pods, sorted."""
@@ -232,11 +239,14 @@ class AgentCore:
         self._local_services_changed = False
         self.mesh_services_error = ""  # the last global service the publisher refused
         self._policy_docs: dict[str, Any] = {}
-        # CiliumCIDRGroups by name (and their documents by key, CiliumCIDRGroup/<name>), and the
-        # policies that name groups, as parsed: the resolver holds them expanded with the groups.
+        # CiliumCIDRGroups by name (and their documents by key, CiliumCIDRGroup/<name>); the
+        # Services as toServices reads them (namespace/name → target: their EndpointSlices'
+        # addresses); and the policies that name groups or Services, as parsed: the resolver
+        # holds them expanded with the groups and Services in force.
         self._cidr_groups: dict[str, CIDRGroup] = {}
         self._cidr_group_docs: dict[str, Any] = {}
-        self._group_policies: dict[str, Policy] = {}
+        self._service_targets: dict[str, ServiceTarget] = {}
+        self._ref_policies: dict[str, Policy] = {}
         self._pods: dict[str, PodRecord] = {}
         # Indexes over `_pods`, so that one change costs O(change), not O(pods).
         self._local_pods: dict[str, PodRecord] = {}
@@ -275,6 +285,7 @@ class AgentCore:
         self._dns_decisions: dict[tuple[str, str], tuple[tuple[int, int], Decision | None, tuple[str, ...]]] = {}
         self.services = ServiceTable()
         self._service_docs: dict[str, Any] = {}  # <cluster>/<namespace>/<name> → the object as applied
+        self._slice_docs: dict[str, Any] = {}  # EndpointSlices: <cluster>/<namespace>/<name> → as applied
         self.socket_lb = socket_lb
         self._services_dirty = socket_lb is not None  # the kernel's maps are reconciled at start
         self.services_error = ""  # the socket LB's last refusal, for the status
@@ -318,7 +329,8 @@ class AgentCore:
         with self._lock:
             self._restore_mesh()
             docs: list[Any] = []
-            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, SERVICE_PREFIX, CIDR_GROUP_PREFIX, POLICY_PREFIX):
+            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, SERVICE_PREFIX, ENDPOINT_SLICE_PREFIX, CIDR_GROUP_PREFIX,
+                           POLICY_PREFIX):
                 for _, value in self.store.list_prefix(prefix):
                     docs.append(json.loads(value))
             if docs:
@@ -354,6 +366,7 @@ class AgentCore:
         namespaces: list[tuple[Namespace, Any]] = []
         pods: list[tuple[Pod, Any]] = []
         services: list[tuple[Service, Any]] = []
+        slices: list[tuple[EndpointSlice, Any]] = []
         groups: list[tuple[CIDRGroup, Any]] = []
         # One request, one object per key: applying both would keep the later one silently.
         first: dict[str, int] = {}
@@ -407,6 +420,15 @@ class AgentCore:
                         )
                     elif once(f"service/{svc.cluster}/{svc.ref}", i, "Service once (same namespace and name)"):
                         services.append((svc, doc))
+                elif kind == "EndpointSlice":
+                    es = parse_endpoint_slice(doc, default_cluster=self.config.cluster_name)
+                    if es.cluster != self.config.cluster_name:
+                        errors.append(
+                            f"EndpointSlice {es.cluster}/{es.ref}: this agent takes EndpointSlices of its own "
+                            f"cluster ({self.config.cluster_name})"
+                        )
+                    elif once(f"endpointslice/{es.cluster}/{es.ref}", i, "EndpointSlice once (same namespace and name)"):
+                        slices.append((es, doc))
                 elif kind == "Namespace":
                     # A Namespace without the cluster annotation describes that namespace in
                     # every cluster (as `l7gate policy trace` reads it): stored under "*".
@@ -416,7 +438,7 @@ class AgentCore:
                 else:
                     errors.append(
                         f"object {i + 1}: kind {kind!r} is not one of "
-                        f"{', '.join((*POLICY_INPUT_KINDS, 'Pod', 'Namespace', 'Service'))}"
+                        f"{', '.join((*POLICY_INPUT_KINDS, *ENDPOINT_KINDS))}"
                     )
             except PolicyValidationError as exc:
                 errors.extend(f"{exc.resource}: {e}" for e in exc.errors)
@@ -431,7 +453,7 @@ class AgentCore:
                 claimed[ip] = pod.ref
         if errors:
             raise ApplyError(errors)
-        return _Checked(policies, namespaces, pods, services, groups)
+        return _Checked(policies, namespaces, pods, services, groups, slices)
 
     def _apply_locked(self, docs: list[Any], *, persist: bool) -> ApplyResult:
         t0 = time.perf_counter()
@@ -442,19 +464,23 @@ class AgentCore:
             # One transaction (one fsync) per request, committed before any policy of the
             # request comes into force: if the store refuses it, the policies in force stay.
             with self.store.batch():
-                result, changed, changed_groups = self._stage(checked, persist=persist)
+                result, changed, changed_groups, touched = self._stage(checked, persist=persist)
             t2 = time.perf_counter()
-            # The groups come into force with the policies, once the store has them.
+            # The groups (and the Services' endpoints) come into force with the policies, once
+            # the store has them.
             for group, doc in changed_groups:
                 self._cidr_groups[group.name] = group
                 self._cidr_group_docs[group.key] = doc
+            services_changed = self._sync_service_targets(touched)
             # One resolver change for the whole request: each endpoint is recomputed once.
             self._feed(self.resolver.upsert_policies(
-                self._expanded([p for p, _ in changed], groups_changed=bool(changed_groups))))
+                self._expanded([p for p, _ in changed], groups_changed=bool(changed_groups),
+                               services_changed=services_changed)))
             self._policy_docs.update((p.key, doc) for p, doc in changed)
-            if changed or changed_groups:
+            if changed or changed_groups or services_changed:
                 self._sync_cidr_identities()
                 self._sync_fqdn_selectors()
+            result.warnings.extend(_slice_warnings(checked.slices))
             t3 = time.perf_counter()
             if not self.config.mtls.enabled:
                 result.warnings.extend(w for policy, _ in policies for w in _auth_without_mtls(policy))
@@ -473,13 +499,16 @@ class AgentCore:
 
     def _stage(
         self, checked: _Checked, *, persist: bool
-    ) -> tuple[ApplyResult, list[tuple[Policy, Any]], list[tuple[CIDRGroup, Any]]]:
-        """Inside the request's store transaction: namespaces, pods and Services into force
-        (pods' identities are allocated in the store), every changed object into the store.
-        Returns the policies and the CIDR groups that change, for the caller to bring into force
-        once the store has them (the policies naming groups are then expanded again)."""
+    ) -> tuple[ApplyResult, list[tuple[Policy, Any]], list[tuple[CIDRGroup, Any]], set[str]]:
+        """Inside the request's store transaction: namespaces, pods, Services and EndpointSlices
+        into force (pods' identities are allocated in the store), every changed object into the
+        store. Returns the policies and the CIDR groups that change, and the Services
+        (namespace/name) whose Service or EndpointSlices changed, for the caller to bring into
+        force once the store has them (the policies naming groups or Services are then expanded
+        again)."""
         policies, namespaces, pods = checked.policies, checked.namespaces, checked.pods
         result = ApplyResult()
+        touched: set[str] = set()
         for ns, doc in namespaces:
             key = f"{ns.cluster}/{ns.name}"
             old = self._namespaces.get((ns.cluster, ns.name))
@@ -521,6 +550,18 @@ class AgentCore:
                 if persist:
                     self.store.put(SERVICE_PREFIX + key, _canonical(doc))
             self._record(result, f"service/{key}", old_doc is None, same)
+            if not same:
+                touched.add(svc.ref)
+        for es, doc in checked.slices:
+            key = f"{es.cluster}/{es.ref}"
+            old_doc = self._slice_docs.get(key)
+            same = old_doc is not None and _canonical(old_doc) == _canonical(doc)
+            if not same:
+                touched.update(self._upsert_slice(es))
+                self._slice_docs[key] = doc
+                if persist:
+                    self.store.put(ENDPOINT_SLICE_PREFIX + key, _canonical(doc))
+            self._record(result, f"endpointslice/{key}", old_doc is None, same)
         changed_groups: list[tuple[CIDRGroup, Any]] = []
         for group, doc in checked.groups:
             old_doc = self._cidr_group_docs.get(group.key)
@@ -540,26 +581,62 @@ class AgentCore:
                 if canonical is not None and persist:
                     self.store.put(POLICY_PREFIX + policy.key, canonical)
             self._record(result, policy.key, old is None, same)
-        return result, changed, changed_groups
+        return result, changed, changed_groups, touched
 
-    def _expanded(self, changed: Sequence[Policy], *, groups_changed: bool) -> list[Policy]:
+    def _expanded(self, changed: Sequence[Policy], *, groups_changed: bool = False,
+                  services_changed: bool = False) -> list[Policy]:
         """What the resolver is to upsert: the `changed` policies expanded with the CIDR groups
-        in force, and, when a group changed, every other policy naming groups whose expansion
-        is no longer the one in force."""
+        and the Services in force, and, when a group (a Service) changed, every other policy
+        naming groups (Services) whose expansion is no longer the one in force."""
         out: list[Policy] = []
         for p in changed:
-            if references_groups(p):
-                self._group_policies[p.key] = p
+            if references(p):
+                self._ref_policies[p.key] = p
             else:
-                self._group_policies.pop(p.key, None)
-            out.append(expand_policy(p, self._cidr_groups))
-        if groups_changed:
+                self._ref_policies.pop(p.key, None)
+            out.append(expand_policy(p, self._cidr_groups, self._service_targets))
+        if groups_changed or services_changed:
             keys = {p.key for p in changed}
-            for key in sorted(self._group_policies.keys() - keys):
-                new = expand_policy(self._group_policies[key], self._cidr_groups)
+            for key in sorted(self._ref_policies.keys() - keys):
+                policy = self._ref_policies[key]
+                if not ((groups_changed and references_groups(policy))
+                        or (services_changed and references_services(policy))):
+                    continue
+                new = expand_policy(policy, self._cidr_groups, self._service_targets)
                 if new != self.resolver.repository.get(key):
                     out.append(new)
         return out
+
+    def _upsert_slice(self, es: EndpointSlice) -> set[str]:
+        """`es` into the service table; the Services (namespace/name) it named and names."""
+        old = self.services.slice(es.namespace, es.name)
+        self.services.upsert_slice(es)
+        self._services_changed(local_service=True)
+        return {ref for ref in (es.service_ref, old.service_ref if old is not None else None) if ref is not None}
+
+    def _sync_service_targets(self, keys: Iterable[str]) -> bool:
+        """What `toServices` reads of the Services `keys` (namespace/name), after a change of them
+        or of their EndpointSlices; whether it changed for any of them."""
+        changed = False
+        for key in sorted(keys):
+            svc = self.services.service(key)
+            new = None
+            if svc is not None:
+                new = service_target(svc, self.services.endpoint_addresses(svc.namespace, svc.name))
+            if self._service_targets.get(key) == new:
+                continue
+            changed = True
+            if new is None:
+                del self._service_targets[key]
+            else:
+                self._service_targets[key] = new
+        return changed
+
+    def _services_into_force(self, keys: Iterable[str]) -> None:
+        """After a Service or an EndpointSlice went: the policies naming Services follow."""
+        if self._sync_service_targets(keys):
+            self._feed(self.resolver.upsert_policies(self._expanded((), services_changed=True)))
+            self._sync_cidr_identities()
 
     def _address_errors(self, pod: Pod) -> list[str]:
         """What this agent's datapath cannot do with the pod's addresses. (Addresses no pod can
@@ -944,7 +1021,7 @@ class AgentCore:
             self._view = None
             self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
-            self._group_policies.pop(key, None)
+            self._ref_policies.pop(key, None)
             self._sync_cidr_identities()
             self._sync_fqdn_selectors()
             self.store.delete(POLICY_PREFIX + key)
@@ -974,20 +1051,44 @@ class AgentCore:
     def delete_service(self, key: str) -> bool:
         """Remove the Service `<cluster>/<namespace>/<name>` (or `<namespace>/<name>` of this
         cluster); False if there is none."""
+        def drop(namespace: str, name: str) -> set[str]:
+            self.services.delete_service(namespace, name)
+            return {f"{namespace}/{name}"}
+
+        return self._delete_from_table(key, self._service_docs, SERVICE_PREFIX, drop)
+
+    def delete_endpoint_slice(self, key: str) -> bool:
+        """Remove the EndpointSlice `<cluster>/<namespace>/<name>` (or `<namespace>/<name>` of this
+        cluster): its Service loses those backends, and the toServices rules naming the Service
+        those addresses. False if there is none."""
+        def drop(namespace: str, name: str) -> set[str]:
+            old = self.services.slice(namespace, name)
+            self.services.delete_slice(namespace, name)
+            return {old.service_ref} if old is not None and old.service_ref is not None else set()
+
+        return self._delete_from_table(key, self._slice_docs, ENDPOINT_SLICE_PREFIX, drop)
+
+    def _delete_from_table(self, key: str, docs: dict[str, Any], prefix: str,
+                           drop: Callable[[str, str], set[str]]) -> bool:
+        """Remove the object `key` of the service table (`drop(namespace, name)` takes it out and
+        names the Services it touched), its document and its stored copy; the load balancer and
+        the policies naming those Services follow."""
         if key.count("/") == 1:
             key = f"{self.config.cluster_name}/{key}"
         with self._lock:
-            if key not in self._service_docs:
+            if key not in docs:
                 return False
             self._view = None
             _, namespace, name = key.split("/", 2)
-            self.services.delete_service(namespace, name)
+            touched = drop(namespace, name)
             self._services_changed(local_service=True)
-            del self._service_docs[key]
-            self.store.delete(SERVICE_PREFIX + key)
-            self._flush_services()
+            del docs[key]
+            self.store.delete(prefix + key)
+            self._services_into_force(touched)
+            self._flush()
             self.revision += 1
-            return True
+        settle_heap()
+        return True
 
     def delete_namespace(self, key: str) -> bool:
         """Remove the Namespace `<cluster>/<name>` (`*/<name>`: the one for every cluster); its
@@ -1027,7 +1128,7 @@ class AgentCore:
 
     def _docs_of(self, kind: str) -> Mapping[str, Any]:
         docs = {"Pod": self._pod_docs, "Service": self._service_docs, "Namespace": self._namespace_docs,
-                KIND_CIDR_GROUP: self._cidr_group_docs}.get(kind)
+                "EndpointSlice": self._slice_docs, KIND_CIDR_GROUP: self._cidr_group_docs}.get(kind)
         if docs is None:
             raise ValueError(f"no documents of kind {kind!r}")
         return docs
@@ -1227,12 +1328,8 @@ class AgentCore:
         for sp, found in self.services.own_backends(svc.namespace, svc.name):
             for b in found:
                 backends.setdefault(b.ip, {})[sp.name] = L4Addr(sp.protocol, b.port)
-        doc = self._service_docs.get(f"{svc.cluster}/{svc.ref}") or {}
-        meta = doc.get("metadata") if isinstance(doc, dict) else None
-        raw = meta.get("labels") if isinstance(meta, dict) else None
-        labels = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(raw, dict) else {}
         return ClusterService.of(self.config.cluster_name, svc.namespace, svc.name, frontends=frontends,
-                                 backends=backends, labels=labels, selector=dict(svc.selector or {}),
+                                 backends=backends, labels=dict(svc.labels), selector=dict(svc.selector or {}),
                                  cluster_id=self.config.cluster_id)
 
     def _add_mesh_endpoint(self, ep: RemoteEndpoint) -> None:
@@ -1530,6 +1627,7 @@ class AgentCore:
                               if svcs}),
             tuple(sorted(self._published_services)),
             MappingProxyType(dict(self._cidr_group_docs)),
+            MappingProxyType(dict(self._service_targets)),
         )
 
 
@@ -1542,6 +1640,7 @@ class _Checked:
     pods: list[tuple[Pod, Any]]
     services: list[tuple[Service, Any]]
     groups: list[tuple[CIDRGroup, Any]] = field(default_factory=list)
+    slices: list[tuple[EndpointSlice, Any]] = field(default_factory=list)
 
 
 class ServiceDatapath(Protocol):
@@ -1599,6 +1698,13 @@ def _decode_mesh_entry(key: str, value: bytes) -> _MeshEntry | None:
         return RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
                               data.get("host_ip"), data.get("namespace"), data.get("pod_name"))
     return None
+
+
+def _slice_warnings(slices: Iterable[tuple[EndpointSlice, Any]]) -> list[str]:
+    """EndpointSlices applied that give no Service anything."""
+    return [f"EndpointSlice {es.cluster}/{es.ref}: no kubernetes.io/service-name label: it belongs to no Service, "
+            "so it gives no backends and no toServices rule selects its addresses" for es, _ in slices
+            if es.service is None]
 
 
 def _egress_http_rules(policy: Policy) -> list[str]:

@@ -19,6 +19,7 @@ from ..identity.numeric import RESERVED, IdentityError
 from ..observe.flow import Service as FlowService
 from ..observe.ingest_context import PeerInfo, hubble_labels
 from ..policy.mapstate import MapEntry, MapKey
+from ..policy.toservices import ServiceTarget
 from ..xds.cache import SnapshotCache
 from .core import AgentCore, StateView
 
@@ -93,8 +94,19 @@ def services(v: StateView, core: AgentCore) -> dict[str, Any]:
             "shared": svc.shared,
             "affinity": svc.affinity,
             "frontends": by_service.get(svc.ref, []),
+            "labels": dict(svc.labels),
+            "to_services": _to_services(v.service_targets.get(svc.ref)),
         })
     return {"datapath": services_datapath(core), "error": core.services_error, "services": out}
+
+
+def _to_services(target: ServiceTarget | None) -> dict[str, Any]:
+    """What a `toServices` rule naming the Service selects: the addresses of its EndpointSlices'
+    ready or serving endpoints, or nothing, and why."""
+    if target is None or target.has_selector:
+        return {"selectable": False, "addresses": [],
+                "why": "it has a selector: toServices selects Services without one (use toEndpoints)"}
+    return {"selectable": True, "addresses": [a.with_prefixlen for a in target.addresses]}
 
 
 def allocated_identities(v: StateView) -> int:

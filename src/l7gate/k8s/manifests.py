@@ -68,6 +68,14 @@ OTHER_CILIUM_KINDS = frozenset({
     "CiliumBGPNodeConfigOverride", "CiliumPodIPPool", "CiliumNodeConfig", "CiliumExternalWorkload",
     "CiliumEndpoint", "CiliumEndpointSlice", "CiliumIdentity", "CiliumNode",
 })
+#: What a command that reads EndpointSlices says of a v1 Endpoints object, instead of skipping it:
+#: its addresses would be dropped without a word.
+ENDPOINTS_REFUSED = {
+    "Endpoints": "v1 Endpoints are not read by l7gate: write the addresses as an EndpointSlice "
+                 "(discovery.k8s.io/v1) labelled kubernetes.io/service-name: <the Service's name>. In a cluster, "
+                 "Kubernetes mirrors the Endpoints of a Service without a selector into EndpointSlices, which the "
+                 "agent's Kubernetes watch reads",
+}
 _KNOWN = sorted({*POLICY_INPUT_KINDS, *SKIPPED_KINDS, *OTHER_POLICY_KINDS, *OTHER_CILIUM_KINDS})
 _KNOWN_LOWER = {k.lower(): k for k in _KNOWN}
 

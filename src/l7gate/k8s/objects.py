@@ -1,4 +1,5 @@
-"""Kubernetes Pod, Namespace and Service objects (plain dicts from YAML or the API) -> typed values.
+"""Kubernetes Pod, Namespace, Service and EndpointSlice objects (plain dicts from YAML or the API)
+-> typed values.
 
 The one place these objects are parsed (CONVENTIONS 3). Parsing checks what the API server would
 have enforced, since hand-written inventories for `l7gate policy trace` never went through one:
@@ -11,15 +12,16 @@ A pod's cluster is its `l7gate.io/cluster` annotation, else the `default_cluster
 passes (the agent's `--cluster-name`). The same goes for namespaces and Services, so that one
 inventory can describe several clusters.
 
-A Service becomes an `l7gate.services.Service`, the value the service table takes; `pod_backend`
-gives the table's view of a pod.
+A Service becomes an `l7gate.services.Service` and an EndpointSlice an
+`l7gate.services.EndpointSlice`, the values the service table takes; `pod_backend` gives the
+table's view of a pod, `service_target` what a `toServices` rule reads of a Service.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -28,10 +30,14 @@ from l7gate.identity.filter import identity_labels
 from l7gate.policy.errors import Finding
 from l7gate.policy.labels import Labels
 from l7gate.policy.names import PORT_NAME_RULE as _PORT_NAME_RULE
-from l7gate.policy.names import label_problem, name_error, port_name_problem
-from l7gate.services.types import BackendPod, Service, ServicePort
+from l7gate.policy.names import name_error, port_name_problem, service_name_error
+from l7gate.policy.toservices import ServiceTarget
+from l7gate.services.table import ServiceTable
+from l7gate.services.types import BackendPod, EndpointSlice, Service, ServicePort, SliceEndpoint, SlicePort
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
+#: The kinds `parse_object` reads: what `l7gate endpoint apply` (the agent's endpoint API) takes.
+ENDPOINT_KINDS = ("Pod", "Namespace", "Service", "EndpointSlice")
 #: The cluster of a Namespace object without the cluster annotation: it describes that
 #: namespace in every cluster (`scoped_namespace`).
 ANY_CLUSTER = "*"
@@ -226,13 +232,13 @@ def _dns_name(
 
 
 def _header(
-    obj: object, kind: str, errors: _Errors
+    obj: object, kind: str, errors: _Errors, api_version: str = "v1"
 ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     if not isinstance(obj, Mapping):
         errors.add("", f"a {kind} must be a mapping")
         return {}, {}
-    if obj.get("apiVersion") != "v1":
-        errors.add("apiVersion", f'must be "v1", got {obj.get("apiVersion")!r}')
+    if obj.get("apiVersion") != api_version:
+        errors.add("apiVersion", f'must be "{api_version}", got {obj.get("apiVersion")!r}')
     if obj.get("kind") != kind:
         errors.add("kind", f"must be {kind!r}, got {obj.get('kind')!r}")
     if "metadata" not in obj:
@@ -275,6 +281,24 @@ def _ip(value: object, path: str, errors: _Errors) -> str | None:
                          "unicast address")
         return None
     return addr.compressed
+
+
+def _object_meta(
+    meta: Mapping[str, Any], default_cluster: str, errors: _Errors
+) -> tuple[str | None, str, dict[str, str], dict[str, str], str]:
+    """A namespaced object's (name, namespace, labels, annotations, cluster), checked: its name a
+    DNS subdomain, the namespace `default` when absent."""
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=True, required=True,
+    )  # fmt: skip
+    namespace = _dns_name(
+        _optional_string(meta, "namespace", "metadata.namespace", errors),
+        "metadata.namespace", errors, subdomain=False, required=False,
+    ) or DEFAULT_NAMESPACE  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    return name, namespace, labels, annotations, _cluster(annotations, default_cluster, errors)
 
 
 def _raise_if(errors: _Errors, kind: str, namespace: str | None, name: str | None) -> None:
@@ -341,17 +365,7 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
     """A `Pod` from a Kubernetes Pod object. Raises K8sObjectError listing every problem."""
     errors = _Errors()
     top, meta = _header(obj, "Pod", errors)
-    name = _dns_name(
-        _optional_string(meta, "name", "metadata.name", errors),
-        "metadata.name", errors, subdomain=True, required=True,
-    )  # fmt: skip
-    namespace = _dns_name(
-        _optional_string(meta, "namespace", "metadata.namespace", errors),
-        "metadata.namespace", errors, subdomain=False, required=False,
-    ) or DEFAULT_NAMESPACE  # fmt: skip
-    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
-    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
-    cluster = _cluster(annotations, default_cluster, errors)
+    name, namespace, labels, annotations, cluster = _object_meta(meta, default_cluster, errors)
 
     spec = _mapping(top, "spec", "spec", errors)
     service_account = DEFAULT_SERVICE_ACCOUNT
@@ -522,12 +536,6 @@ def pod_backend(pod: Pod) -> BackendPod | None:
     )
 
 
-_SERVICE_NAME_RULE = (
-    "must be a DNS-1035 label, as Kubernetes requires of a Service name (lowercase letters, digits "
-    "and '-', starting with a letter and ending with a letter or digit, at most 63 characters)"
-)
-
-
 def _service_name(meta: Mapping[str, Any], errors: _Errors) -> str | None:
     value = meta.get("name")
     if value is None or value == "":
@@ -536,11 +544,9 @@ def _service_name(meta: Mapping[str, Any], errors: _Errors) -> str | None:
     if not isinstance(value, str):
         errors.add("metadata.name", "must be a string")
         return None
-    problem = label_problem(value)
-    if problem is None and not "a" <= value[0] <= "z":
-        problem = f"{value[0]!r} at position 1: must start with a lowercase letter"
-    if problem is not None:
-        errors.add("metadata.name", f"{_SERVICE_NAME_RULE}: {problem}; got {value!r}")
+    message = service_name_error(value)
+    if message is not None:
+        errors.add("metadata.name", message)
         return None
     return value
 
@@ -718,17 +724,198 @@ def parse_service(obj: object, *, default_cluster: str) -> Service:
     cluster_ip, headless = _cluster_ip(spec, errors)
     ports = _service_ports(spec, headless, errors)
     selector = _string_map(spec, "selector", "spec.selector", errors, labels=True)
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
 
     _raise_if(errors, "Service", namespace, name)
     assert name is not None
     return Service(
         cluster=cluster, namespace=namespace, name=name, cluster_ip=cluster_ip, ports=ports,
-        selector=selector or None, global_=global_, shared=shared, affinity=affinity,
+        selector=selector or None, global_=global_, shared=shared, affinity=affinity, labels=labels,
     )
 
 
-def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service:
-    """A Pod, a Namespace or a Service, by the object's `kind`."""
+# -- EndpointSlices ------------------------------------------------------------------------------
+
+ENDPOINT_SLICE_API_VERSION = "discovery.k8s.io/v1"
+#: The label that says which Service a slice holds the endpoints of (Kubernetes').
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+#: The label naming the controller that manages a slice, and the value of Kubernetes' own
+#: endpoint slice controller, which writes the slices of Services with a selector.
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+ENDPOINT_SLICE_CONTROLLER = "endpointslice-controller.k8s.io"
+_ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
+# The API server's limits (discovery/v1 validation).
+_MAX_ENDPOINTS, _MAX_ADDRESSES, _MAX_SLICE_PORTS = 1000, 100, 100
+_LINK_LOCAL_MULTICAST = (ipaddress.ip_network("224.0.0.0/24"), ipaddress.ip_network("ff02::/16"))
+
+
+def _endpoint_address(value: object, family: int | None, path: str, errors: _Errors) -> str | None:
+    """An endpoint's address as the API server checks it: of the slice's address family, and
+    not an address that cannot be another host's (unspecified, loopback, link-local)."""
+    if not isinstance(value, str) or not value:
+        errors.add(path, "must be a non-empty string")
+        return None
+    if family is None:  # FQDN: a name, unused by l7gate
+        return value
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        errors.add(path, f"must be an IPv{family} address (addressType IPv{family}), got {value!r}")
+        return None
+    if addr.version != family:
+        errors.add(path, f"must be an IPv{family} address (addressType IPv{family}), got {value!r}")
+        return None
+    what = ("the unspecified address" if addr.is_unspecified else "a loopback address" if addr.is_loopback
+            else "a link-local address" if addr.is_link_local or any(addr in n for n in _LINK_LOCAL_MULTICAST)
+            else None)
+    if what is not None:
+        errors.add(path, f"{addr.compressed} is {what}: the API server refuses it as an endpoint's address")
+        return None
+    return addr.compressed
+
+
+
+def _condition(conditions: Mapping[str, Any], key: str, path: str, errors: _Errors) -> bool | None:
+    value = conditions.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    hint = " (write true or false, without quotes)" if value in ("true", "false", "True", "False") else ""
+    errors.add(f"{path}.{key}", f"must be true, false or null{hint}, got {value!r}")
+    return None
+
+
+def _slice_endpoints(top: Mapping[str, Any], family: int | None, errors: _Errors) -> tuple[SliceEndpoint, ...]:
+    raw = top.get("endpoints")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        errors.add("endpoints", "must be a list")
+        return ()
+    if len(raw) > _MAX_ENDPOINTS:
+        errors.add("endpoints", f"must have at most {_MAX_ENDPOINTS} items, has {len(raw)}")
+    out: list[SliceEndpoint] = []
+    for i, item in enumerate(raw):
+        path = f"endpoints[{i}]"
+        if not isinstance(item, Mapping):
+            errors.add(path, "must be a mapping")
+            continue
+        addresses = item.get("addresses")
+        if not isinstance(addresses, list) or not addresses:
+            errors.add(f"{path}.addresses", "is required: a list of 1 to 100 addresses"
+                       if addresses in (None, []) else "must be a list")
+            continue
+        if len(addresses) > _MAX_ADDRESSES:
+            errors.add(f"{path}.addresses", f"must have at most {_MAX_ADDRESSES} items, has {len(addresses)}")
+        found = [a for j, value in enumerate(addresses)
+                 if (a := _endpoint_address(value, family, f"{path}.addresses[{j}]", errors)) is not None]
+        conditions = _mapping(item, "conditions", f"{path}.conditions", errors)
+        ready = _condition(conditions, "ready", f"{path}.conditions", errors)
+        serving = _condition(conditions, "serving", f"{path}.conditions", errors)
+        _condition(conditions, "terminating", f"{path}.conditions", errors)
+        # Kubernetes: an unknown `ready` is ready; an unknown `serving` is what `ready` says.
+        is_ready = ready is None or ready
+        out.append(SliceEndpoint(tuple(found), is_ready, is_ready if serving is None else serving))
+    return tuple(out)
+
+
+def _slice_ports(top: Mapping[str, Any], errors: _Errors) -> tuple[SlicePort, ...]:
+    raw = top.get("ports")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        errors.add("ports", "must be a list")
+        return ()
+    if len(raw) > _MAX_SLICE_PORTS:
+        errors.add("ports", f"must have at most {_MAX_SLICE_PORTS} items, has {len(raw)}")
+    out: list[SlicePort] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        path = f"ports[{i}]"
+        if not isinstance(item, Mapping):
+            errors.add(path, "must be a mapping")
+            continue
+        name = item.get("name")
+        if name is None:
+            name = ""
+        elif not isinstance(name, str):
+            errors.add(f"{path}.name", "must be a string")
+            continue
+        elif name and (message := name_error(name, subdomain=False)) is not None:
+            errors.add(f"{path}.name", message)
+            continue
+        if name in seen:
+            errors.add(f"{path}.name", f"duplicate port name {name!r} (also ports[{seen[name]}])")
+            continue
+        seen[name] = i
+        protocol = item.get("protocol")
+        if protocol is None:
+            protocol = "TCP"
+        elif protocol not in _PROTOCOLS:
+            errors.add(f"{path}.protocol", f"must be TCP, UDP or SCTP, got {protocol!r}")
+            continue
+        if item.get("port") is None:
+            continue  # "every port": a Service port of this name has no port number to balance to
+        number = _port_number(item.get("port"), f"{path}.port", errors)
+        if number is not None:
+            out.append(SlicePort(name, number, protocol))
+    return tuple(sorted(out))
+
+
+def parse_endpoint_slice(obj: object, *, default_cluster: str) -> EndpointSlice:
+    """An `l7gate.services.EndpointSlice` from a `discovery.k8s.io/v1` EndpointSlice. Raises
+    K8sObjectError listing every problem, each with its field path.
+
+    - `metadata.labels["kubernetes.io/service-name"]` names the Service it belongs to (in its
+      namespace); without it the slice belongs to none and changes nothing;
+    - `addressType` (required): IPv4, IPv6 or FQDN; each endpoint's `addresses` (1 to 100) must
+      be of that family, and not unspecified, loopback or link-local (the API server's checks);
+    - `endpoints[].conditions`: `ready` (unknown: ready), `serving` (unknown: as `ready`);
+      `terminating` is read only to be checked;
+    - `ports[]`: `name` (a DNS label, or empty), `port` (1-65535; absent: every port, which gives
+      no backend port), `protocol` (TCP, UDP or SCTP; TCP by default).
+    Fields l7gate does not use (hostname, nodeName, zone, targetRef, hints) are ignored."""
+    errors = _Errors()
+    top, meta = _header(obj, "EndpointSlice", errors, ENDPOINT_SLICE_API_VERSION)
+    name, namespace, labels, _, cluster = _object_meta(meta, default_cluster, errors)
+    address_type = top.get("addressType")
+    family: int | None = None
+    if address_type not in _ADDRESS_TYPES:
+        errors.add("addressType", f"is required: IPv4, IPv6 or FQDN, got {address_type!r}")
+        address_type = "FQDN"
+    elif address_type != "FQDN":
+        family = 4 if address_type == "IPv4" else 6
+    endpoints = _slice_endpoints(top, family, errors)
+    ports = _slice_ports(top, errors)
+    _raise_if(errors, "EndpointSlice", namespace, name)
+    assert name is not None and isinstance(address_type, str)
+    return EndpointSlice(cluster=cluster, namespace=namespace, name=name, service=labels.get(SERVICE_NAME_LABEL) or None,
+                         address_type=address_type, endpoints=endpoints, ports=ports)
+
+
+def service_target(svc: Service, addresses: Iterable[str]) -> ServiceTarget:
+    """What a `toServices` rule reads of `svc` whose EndpointSlices give `addresses`
+    (`ServiceTable.endpoint_addresses`): the one definition the agent and `policy trace` share.
+    A Service with a selector is not selectable, and keeps no addresses: a change of its
+    endpoints changes nothing `toServices` selects."""
+    has_selector = svc.selector is not None
+    return ServiceTarget.of(svc.namespace, svc.name, svc.labels, has_selector=has_selector,
+                            addresses=() if has_selector else addresses)
+
+
+def service_targets_of(services: Iterable[Service], slices: Iterable[EndpointSlice]) -> dict[str, dict[str, ServiceTarget]]:
+    """Per cluster, what `toServices` reads of `services` given `slices` (namespace/name →
+    target), through a service table as the agent has it: for an inventory of files."""
+    tables: dict[str, ServiceTable] = {}
+    for svc in services:
+        tables.setdefault(svc.cluster, ServiceTable()).upsert_service(svc)
+    for es in slices:
+        tables.setdefault(es.cluster, ServiceTable()).upsert_slice(es)
+    return {cluster: {svc.ref: service_target(svc, t.endpoint_addresses(svc.namespace, svc.name))
+                      for svc in t.services()} for cluster, t in tables.items()}
+
+
+def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service | EndpointSlice:
+    """A Pod, a Namespace, a Service or an EndpointSlice, by the object's `kind`."""
     kind = obj.get("kind") if isinstance(obj, Mapping) else None
     if kind == "Pod":
         return parse_pod(obj, default_cluster=default_cluster)
@@ -736,6 +923,8 @@ def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Serv
         return parse_namespace(obj, default_cluster=default_cluster)
     if kind == "Service":
         return parse_service(obj, default_cluster=default_cluster)
+    if kind == "EndpointSlice":
+        return parse_endpoint_slice(obj, default_cluster=default_cluster)
     raise K8sObjectError(
-        "object", (Finding("kind", f"must be 'Pod', 'Namespace' or 'Service', got {kind!r}"),)
+        "object", (Finding("kind", f"must be 'Pod', 'Namespace', 'Service' or 'EndpointSlice', got {kind!r}"),)
     )

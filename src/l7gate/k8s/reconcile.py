@@ -2,17 +2,19 @@
 
 Theory of operation
 -------------------
-The watch (`k8s.watch`) lists and watches seven resources (`RESOURCES`). Each object it gets is
+The watch (`k8s.watch`) lists and watches eight resources (`RESOURCES`). Each object it gets is
 projected here, once, onto what the agent reads of it (`project`): a `Desired` holding the
 object's key (the one the agent's `delete_*` takes), the document to apply — or None when the
 object is absent for l7gate (a pod without an address yet, a host-network pod, a finished
-pod) — and the `ObjectRef` that names the object to a user (for an Event, a log line).
+pod; an EndpointSlice Kubernetes' endpoint slice controller manages, which belongs to a Service
+with a selector: l7gate computes those backends from the pods, and toServices never selects such
+a Service) — and the `ObjectRef` that names the object to a user (for an Event, a log line).
 
 Listings and watch events queue up and are merged (`Pending`): per resource, either a full
 listing with the events that came after it folded in, or only events, the last per key winning.
 `Reconciler.run` then brings the agent to that state through an `ObjectSink` (the agent's own
 apply and delete, the path the admin API takes), resource by resource in `RESOURCES` order
-(namespaces, CIDR groups, policies of the three kinds, Services, then pods):
+(namespaces, CIDR groups, policies of the three kinds, Services, EndpointSlices, then pods):
 
 - events: the objects now absent are deleted; the others go to the sink as ONE apply;
 - a listing (the initial one, or a relist after "410 Gone"): the objects the agent holds *from
@@ -45,7 +47,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .objects import CLUSTER_ANNOTATION
+from .objects import CLUSTER_ANNOTATION, ENDPOINT_SLICE_CONTROLLER, MANAGED_BY_LABEL
 
 #: The annotation that marks a document the watch applied: the ownership rule (module doc).
 MARKER = "l7gate.io/source"
@@ -86,6 +88,7 @@ class Resource:
 NAMESPACES = Resource("Namespace", "v1", "/api/v1/namespaces", False)
 PODS = Resource("Pod", "v1", "/api/v1/pods", True)
 SERVICES = Resource("Service", "v1", "/api/v1/services", True)
+ENDPOINTSLICES = Resource("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices", True)
 CNPS = Resource("CiliumNetworkPolicy", "cilium.io/v2", "/apis/cilium.io/v2/ciliumnetworkpolicies", True)
 CCNPS = Resource("CiliumClusterwideNetworkPolicy", "cilium.io/v2",
                  "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", False)
@@ -97,8 +100,9 @@ CIDRGROUPS = Resource("CiliumCIDRGroup", "cilium.io/v2", "/apis/cilium.io/v2/cil
 #: for a moment), and the policies before the pods they select, so that a new pod is enforced
 #: with its policies from the moment it is applied, never "no policy selects it, allow all"
 #: first (it is also cheaper: the pods' ports are rendered once, with their policies).
-#: Services before pods too: a Service's backends are the pods applied after it.
-RESOURCES = (NAMESPACES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, PODS)
+#: Services before pods too: a Service's backends are the pods applied after it; a Service's
+#: EndpointSlices right after it (a policy naming it with toServices selects their addresses).
+RESOURCES = (NAMESPACES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, ENDPOINTSLICES, PODS)
 POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind, NETPOLS.kind})
 #: The kinds the agent files as KIND/[NAMESPACE/]NAME (its policy API's keys).
 POLICY_API_KINDS = POLICY_KINDS | {CIDRGROUPS.kind}
@@ -196,6 +200,22 @@ def _pod(obj: Mapping[str, Any], cluster: str) -> dict[str, Any]:
             "spec": out_spec, "status": out_status}
 
 
+def _endpoint_slice(obj: Mapping[str, Any], head: Mapping[str, Any], meta: Mapping[str, Any],
+                    cluster: str) -> dict[str, Any]:
+    """The fields `k8s.objects.parse_endpoint_slice` reads: each endpoint's addresses and
+    conditions, not its node, zone, hints or target (they change without changing anything
+    l7gate does)."""
+    endpoints = obj.get("endpoints")
+    if isinstance(endpoints, list):
+        endpoints = [{k: e[k] for k in ("addresses", "conditions") if k in e} if isinstance(e, Mapping) else e
+                     for e in endpoints]
+    doc = {**head, "metadata": _metadata(meta, cluster, ()), "addressType": obj.get("addressType"),
+           "endpoints": endpoints}
+    if "ports" in obj:
+        doc["ports"] = obj["ports"]
+    return doc
+
+
 def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted: bool = False,
             api_version: str = "") -> Desired:
     """The one projection of an object from the API onto what the agent applies (module doc).
@@ -216,6 +236,10 @@ def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted
         doc = {**head, "metadata": _metadata(meta, cluster, ())}
     elif resource is SERVICES:
         doc = {**head, "metadata": _metadata(meta, cluster, ()), "spec": obj.get("spec", {})}
+    elif resource is ENDPOINTSLICES:
+        if _map(meta, "labels").get(MANAGED_BY_LABEL) == ENDPOINT_SLICE_CONTROLLER:
+            return Desired(key, None, ref)
+        doc = _endpoint_slice(obj, head, meta, cluster)
     else:
         # A policy (or a CIDR group): its spec(s) whole, for the agent to validate; not its
         # status (Cilium's agents write theirs there; a NetworkPolicy's is unused).

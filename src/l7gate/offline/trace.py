@@ -1,12 +1,15 @@
 """`l7gate policy trace`: the verdict for one connection/request (or ICMP message), explained
 step by step.
 
-Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces — the
-way an agent would: identity labels from the pods, numeric identities from each cluster's range
-(clusters numbered 1, 2, ... in name order), then asks the reference evaluator. A `cidrGroupRef`
-or `cidrGroupSelector` selects the CIDRs of the groups given in the files (a group not given
-does not exist, and selects nothing). Egress is judged with the
-source cluster's view and ingress with the destination cluster's, as the two agents would.
+Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces,
+Services, EndpointSlices — the way an agent would: identity labels from the pods, numeric
+identities from each cluster's range (clusters numbered 1, 2, ... in name order), then asks the
+reference evaluator. A `cidrGroupRef` or `cidrGroupSelector` selects the CIDRs of the groups
+given in the files (a group not given does not exist, and selects nothing); a `toServices` entry
+selects the endpoint addresses the given EndpointSlices list for the given Services of the
+source's cluster that have no selector. v1 Endpoints are refused (write EndpointSlices). Egress
+is judged with the source cluster's view and ingress with the destination cluster's, as the two
+agents would.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from typing import Any
 from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
 from ..identity.numeric import HOST, IdentityError, reserved_identity
 from ..k8s.manifests import load
-from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
+from ..k8s.manifests import ENDPOINTS_REFUSED
+from ..k8s.objects import (
+    K8sObjectError, Namespace, Pod, namespace_of, parse_endpoint_slice, parse_pod, parse_service, pod_identity_labels,
+    scoped_namespace, service_targets_of,
+)
 from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
@@ -30,7 +37,9 @@ from ..policy.fqdn import FQDNSelector, fqdn
 from ..policy.icmp import icmp_type_name
 from ..policy.namedports import NamedPorts
 from ..policy.parse import KIND_CIDR_GROUP, POLICY_KINDS, parse_policy
+from ..policy.toservices import ServiceTarget
 from ..policy.types import HTTPRequest, Protocol, Rule
+from ..services import EndpointSlice, Service
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -135,9 +144,19 @@ class TraceResult:
         return out
 
 
-def _load(
-    req: TraceRequest,
-) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace], dict[str, CIDRGroup]]:
+@dataclass(frozen=True, slots=True)
+class _Inventory:
+    """What the files give: policy documents, pods, namespaces, CIDR groups, and per cluster
+    the Services as `toServices` reads them (namespace/name → target)."""
+
+    policies: list[dict[str, Any]]
+    pods: list[Pod]
+    namespaces: dict[tuple[str, str], Namespace]
+    groups: dict[str, CIDRGroup]
+    services: dict[str, dict[str, ServiceTarget]]
+
+
+def _load(req: TraceRequest) -> _Inventory:
     manifests, errors = load(req.paths)
     missing = [e for e in errors if e.missing]
     if missing:
@@ -148,11 +167,32 @@ def _load(
     pods: list[Pod] = []
     namespaces: dict[tuple[str, str], Namespace] = {}
     groups: dict[str, CIDRGroup] = {}
+    services: list[Service] = []
+    slices: list[EndpointSlice] = []
+    seen: dict[str, str] = {}
     problems: list[str] = []
+
+    def once(key: str, where: str) -> bool:
+        if key in seen:
+            problems.append(f"{where}: {key} is given twice (also at {seen[key]})")
+            return False
+        seen[key] = where
+        return True
+
     for m in manifests:
         kind = m.kind
         try:
-            if kind in POLICY_KINDS:
+            if kind in ENDPOINTS_REFUSED:
+                problems.append(f"{m.where}: {ENDPOINTS_REFUSED[kind]}")
+            elif kind == "Service":
+                svc = parse_service(m.obj, default_cluster=req.cluster_name)
+                if once(f"Service {svc.cluster}/{svc.ref}", m.where):
+                    services.append(svc)
+            elif kind == "EndpointSlice":
+                es = parse_endpoint_slice(m.obj, default_cluster=req.cluster_name)
+                if once(f"EndpointSlice {es.cluster}/{es.ref}", m.where):
+                    slices.append(es)
+            elif kind in POLICY_KINDS:
                 policies.append(m.obj)
             elif kind == KIND_CIDR_GROUP:
                 group = parse_cidr_group(m.obj)
@@ -168,7 +208,7 @@ def _load(
             problems.append(f"{m.where}: {exc}")
     if problems:
         raise TraceError("invalid objects:\n  " + "\n  ".join(problems), EXIT_INVALID)
-    return policies, pods, namespaces, groups
+    return _Inventory(policies, pods, namespaces, groups, service_targets_of(services, slices))
 
 
 def _rules_for_cluster(docs: list[dict[str, Any]], cluster: str) -> list[Rule]:
@@ -207,7 +247,8 @@ def _find_pod(ref: str, pods: list[Pod]) -> Pod:
 
 
 def run_trace(req: TraceRequest) -> TraceResult:
-    docs, pods, namespaces, groups = _load(req)
+    inv = _load(req)
+    docs, pods, namespaces, groups = inv.policies, inv.pods, inv.namespaces, inv.groups
     clusters = sorted({p.cluster for p in pods} | {req.cluster_name})
     if len(clusters) > 255:
         raise TraceError("more than 255 clusters", EXIT_INVALID)
@@ -226,7 +267,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
             address = _address(ref)
             if address is not None and not any(p.ip == address for p in pods):
                 node = _node_party(address, pods, other)
-                return node if node is not None else _address_party(address, docs, req, groups)
+                return node if node is not None else _address_party(address, docs, req, groups, inv.services)
             pod = _find_pod(ref, pods)
             try:
                 labels = pod_identity_labels(pod, namespace_of(pod, namespaces))
@@ -276,7 +317,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
     egress = Verdict(True, None)
     if src.peer.managed:
         egress_rules = _rules_for_cluster(docs, src.cluster)
-        egress = evaluate(egress_rules, _one_side(flow, source_managed=True), groups)
+        egress = evaluate(egress_rules, _one_side(flow, source_managed=True), groups, inv.services.get(src.cluster))
     ingress = Verdict(True, None)
     if dst.peer.managed and egress.allowed and src.identity == HOST:
         # The node's own traffic to its pods is not judged (Cilium's default allow-localhost)
@@ -284,7 +325,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
                                        "always allowed, as in Cilium (allow-localhost)",))
     elif dst.peer.managed and egress.allowed:
         ingress_rules = _rules_for_cluster(docs, dst.cluster)
-        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False), groups)
+        ingress = evaluate(ingress_rules, _one_side(flow, source_managed=False), groups, inv.services.get(dst.cluster))
     decided = egress if not egress.allowed else ingress
     if decided.allowed:
         policies = tuple(sorted(set(egress.policies) | set(ingress.policies)))
@@ -347,12 +388,12 @@ def _node_party(ip: str, pods: list[Pod], other: str) -> Party | None:
     return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
 
 
-def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest,
-                   groups: Mapping[str, CIDRGroup]) -> Party:
+def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest, groups: Mapping[str, CIDRGroup],
+                   services: Mapping[str, Mapping[str, ServiceTarget]]) -> Party:
     """An address outside the inventory: its CIDR identity's labels, plus the `fqdn:` labels
     of the policies' toFQDNs selectors that match a name the cache snapshot gives it (as the
     agent labels an address its DNS proxy learned). Its name says which of the CiliumCIDRGroups
-    given hold it."""
+    given hold it, and which Services list it as an endpoint."""
     names = [fqdn(n) for n, ips in req.fqdn_cache.items() if ip in ips]
     selectors: set[FQDNSelector] = set()
     for doc in docs:
@@ -371,6 +412,9 @@ def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest,
                      if any(c.version == net.version and net.subnet_of(c) for c in g.cidrs))  # type: ignore[arg-type]
     if holding:
         shown += f" (in CiliumCIDRGroup {', '.join(holding)})"
+    listing = sorted(t.key for targets in services.values() for t in targets.values() if net in t.addresses)
+    if listing:
+        shown += f" (endpoint of Service {', '.join(listing)})"
     return Party(shown, "", ip, WORLD_ID, Peer(WORLD_ID, labels, managed=False, name=shown))
 
 

@@ -12,6 +12,12 @@ each gets a warning (`named-port-undeclared`, `named-port-conflict`). Without po
 input, named ports are not checked (the names are resolved by the agent, per pod).
 
 CiliumCIDRGroups are checked too (an input of groups alone is fine: they are applied on their own).
+
+Services and EndpointSlices among the input are an inventory too (still skipped, not checked as
+objects): a `toServices` entry that names only Services of the input that have a selector
+selects nothing (`services-selector`: toServices selects Services without one), and one whose
+selector-less Services the input's EndpointSlices give no ready address selects nothing yet
+(`services-no-endpoints`). A Service or slice that does not parse is named (`inventory`).
 """
 
 from __future__ import annotations
@@ -24,12 +30,18 @@ from typing import Any
 
 from ..identity.numeric import IdentityError
 from ..k8s.manifests import Manifest, kind_problem, load, object_name
-from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
+from ..k8s.objects import (
+    K8sObjectError, Namespace, Pod, namespace_of, parse_endpoint_slice, parse_pod, parse_service, pod_identity_labels,
+    scoped_namespace, service_targets_of,
+)
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.namedports import CONCRETE
 from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS, parse_policy
+from ..policy.selector import ServicePeer
+from ..policy.toservices import named_services
+from ..services import EndpointSlice, Service
 from ..policy.types import Direction, NamedPort, PeerRule, Policy, Rule
 
 
@@ -230,6 +242,7 @@ def validate_paths(
             )
     check_manifests(manifests, report, default_namespace=default_namespace, cluster_name=cluster_name)
     check_named_ports(manifests, report, cluster_name=cluster_name)
+    check_services(manifests, report, cluster_name=cluster_name)
     if not report.checked and not report.checked_groups and not report.errors and not report.usage_errors:
         where = " ".join("<stdin>" if p == "-" else p for p in paths)
         report.items.append(
@@ -367,3 +380,54 @@ def _named_port_findings(port: NamedPort, dests: list[tuple[Pod, Labels]], chose
                         f"{', '.join(without)}, pods with the same labels (one identity). l7gate keeps one policy per "
                         f"identity, and on ingress a name must be every pod's: it selects nothing for them"))
     return out
+
+
+# -- toServices against the inventory -------------------------------------------------------------
+
+
+def check_services(manifests: Iterable[Manifest], report: ValidationReport, *, cluster_name: str) -> None:
+    """Warn about `toServices` entries that select nothing for the input's Services and
+    EndpointSlices (module docstring)."""
+    manifests = list(manifests)
+    naming = [(m, policy) for m, policy in report.policies
+              if any(isinstance(p, ServicePeer) for r in policy.rules for pr in r.rules for p in pr.peers or ())]
+    if not naming or not any(m.kind == "Service" for m in manifests):
+        return
+    services: list[Service] = []
+    slices: list[EndpointSlice] = []
+    for m in manifests:
+        try:
+            if m.kind == "Service":
+                services.append(parse_service(m.obj, default_cluster=cluster_name))
+            elif m.kind == "EndpointSlice":
+                slices.append(parse_endpoint_slice(m.obj, default_cluster=cluster_name))
+        except K8sObjectError as exc:
+            report.items.append(Item(m.source, m.line, exc.resource, "warning", "", "not used as inventory for "
+                                     f"toServices: {'; '.join(str(e) for e in exc.errors)}", "inventory"))
+    targets = service_targets_of(services, slices).get(cluster_name, {})
+    for m, policy in naming:
+        seen: set[tuple[str, str]] = set()
+        for rule in policy.rules:
+            for pr in rule.rules:
+                for peer in pr.peers or ():
+                    if not isinstance(peer, ServicePeer):
+                        continue
+                    named = named_services(peer, targets)
+                    selectable = [t for t in named if t.selectable]
+                    if named and not selectable:
+                        code, message = "services-selector", (
+                            f"{peer} names {', '.join('Service ' + t.key for t in named)} of the input, which "
+                            f"{'has' if len(named) == 1 else 'have'} a selector: toServices selects only Services "
+                            "without one (whose endpoints someone else manages), so this entry selects nothing. "
+                            "For the pods behind a Service, write toEndpoints with its selector")
+                    elif selectable and not any(t.addresses for t in selectable):
+                        code, message = "services-no-endpoints", (
+                            f"{peer} names {', '.join('Service ' + t.key for t in selectable)} of the input, but no "
+                            "EndpointSlice of the input gives it a ready endpoint: it selects nothing until one "
+                            "does")
+                    else:
+                        continue
+                    path = f"{pr.origin.path}.toServices"
+                    if (path, message) not in seen:
+                        seen.add((path, message))
+                        report.items.append(Item(m.source, m.line, policy.key, "warning", path, message, code))

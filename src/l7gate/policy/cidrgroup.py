@@ -6,13 +6,11 @@ named list of CIDRs, `spec.externalCIDRs`, with the usual metadata labels. A `fr
 `cidrGroupSelector: <label selector over the groups' labels>`, with optional `except` ranges.
 
 Theory of operation. Parsing leaves such an entry as a `CIDRGroupPeer` (`selector.py`), which
-selects nothing by itself. Before a policy is resolved, `expand_policy` replaces every such peer
-with one `CIDRSelector` per CIDR of every group it selects, carrying the entry's `except`
-ranges: from there on the policy is made of the selectors `fromCIDR`/`toCIDRSet` give, so the
-group's CIDRs become CIDR identities, ipcache entries, BPF map keys and Envoy source ranges
-exactly as written-out CIDRs do. The agent keeps each policy as parsed and expands it again
-whenever a group appears, changes or goes (`references_groups` says which need it). As in
-Cilium:
+selects nothing by itself. Before a policy is resolved, `references.expand_policy` replaces every
+such peer with `group_selectors`: one `CIDRSelector` per CIDR of every group it selects, carrying
+the entry's `except` ranges, so the group's CIDRs become CIDR identities, ipcache entries, BPF
+map keys and Envoy source ranges exactly as written-out CIDRs do. The agent keeps each policy as
+parsed and expands it again whenever a group appears, changes or goes. As in Cilium:
 
 - a reference to a group that does not exist selects nothing (the rule still counts for
   default-deny), until the group appears;
@@ -27,14 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import Finding, PolicyValidationError
 from .labels import Labels
 from .labelsyntax import label_key_problem, label_value_problem
 from .parse import CIDR_GROUP_API_VERSIONS, KIND_CIDR_GROUP, META_FIELDS, _type_name, _Walker
-from .selector import CIDRGroupPeer, CIDRSelector, IPNetwork, PeerSelector, cidr_group_name_key
-from .types import PeerRule, Policy, Rule
+from .selector import CIDRGroupPeer, CIDRSelector, IPNetwork, cidr_group_name_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,32 +179,3 @@ def group_selectors(peer: CIDRGroupPeer, groups: Mapping[str, CIDRGroup]) -> lis
             sel = CIDRSelector(net, tuple(e for e in peer.excepts if _inside(e, net)))
             out.setdefault(sel.key, sel)
     return [out[k] for k in sorted(out)]
-
-
-def references_groups(policy: Policy) -> bool:
-    """Whether `policy` has a `cidrGroupRef` or `cidrGroupSelector` entry."""
-    return any(isinstance(p, CIDRGroupPeer) for r in policy.rules for pr in r.rules for p in pr.peers or ())
-
-
-def expand_policy(policy: Policy, groups: Mapping[str, CIDRGroup]) -> Policy:
-    """`policy` with each CIDR group entry replaced by the CIDR selectors it stands for with
-    `groups` in force (name → group). A policy without such entries is returned as it is; a rule
-    whose entries select no CIDR then selects no peer (never every peer)."""
-    if not references_groups(policy):
-        return policy
-    return replace(policy, rules=tuple(_expand_rule(r, groups) for r in policy.rules))
-
-
-def _expand_rule(rule: Rule, groups: Mapping[str, CIDRGroup]) -> Rule:
-    return replace(rule, rules=tuple(_expand_peer_rule(pr, groups) for pr in rule.rules))
-
-
-def _expand_peer_rule(pr: PeerRule, groups: Mapping[str, CIDRGroup]) -> PeerRule:
-    if pr.peers is None or not any(isinstance(p, CIDRGroupPeer) for p in pr.peers):
-        return pr
-    peers: dict[str, PeerSelector] = {}
-    for p in pr.peers:
-        for sel in group_selectors(p, groups) if isinstance(p, CIDRGroupPeer) else [p]:
-            peers.setdefault(sel.key, sel)
-    return replace(pr, peers=tuple(peers[k] for k in sorted(peers)))
-

@@ -31,6 +31,10 @@ tested against, so it is written to be read next to Cilium's documentation:
   in `groups`; a group not given does not exist, and selects nothing) holds a CIDR around the
   address's prefix that no `except` range of the entry holds whole, and no `except` range holds
   the address's prefix; a group CIDR covering a whole family also selects `world`.
+  A `toServices` entry selects an address when a Service it names (given in `services`; one not
+  given does not exist, and selects nothing) has no selector and lists the address among its
+  ready or serving endpoints: the address's prefix is that endpoint's host prefix (`/32`). A
+  Service with a selector selects nothing through it.
   An identity the caller does not know is `world`.
 """
 
@@ -45,7 +49,8 @@ from .labels import Labels, reserved
 from .fqdn import NameMatch, fqdn
 from .icmp import describe_icmp_type
 from .namedports import NO_NAMED_PORTS, NamedPorts
-from .selector import CIDRGroupPeer, PeerSelector, identity_prefix
+from .selector import CIDRGroupPeer, PeerSelector, ServicePeer, identity_prefix
+from .toservices import ServiceTarget
 from .pathnorm import normalize_path
 from .types import ANY_PORT, AuthMode, Direction, HTTPRequest, HTTPRule, NamedPort, PeerRule, PortRule, Protocol, Rule
 
@@ -168,15 +173,55 @@ def _in_group_cidr(peer: CIDRGroupPeer, labels: Labels, groups: Mapping[str, CID
     return False
 
 
-def _selects(sel: PeerSelector, labels: Labels, groups: Mapping[str, CIDRGroup]) -> bool:
+def _at_service_endpoint(peer: ServicePeer, labels: Labels, services: Mapping[str, ServiceTarget]) -> bool:
+    """The module doc's reading of a `toServices` entry, spelled out."""
+    prefix = identity_prefix(labels)
+    if prefix is None:
+        return False  # pods and reserved identities are no Service's endpoint address
+    for key in sorted(services):
+        svc = services[key]
+        if svc.has_selector or not peer.selects_service(svc.namespace, svc.name, svc.labels):
+            continue
+        if prefix in svc.addresses:
+            return True
+    return False
+
+
+def _explain_services(peer: ServicePeer, services: Mapping[str, ServiceTarget]) -> str:
+    """What a `toServices` entry selects, in words."""
+    named = [services[k] for k in sorted(services) if peer.selects_service(services[k].namespace, services[k].name,
+                                                                           services[k].labels)]
+    if not named:
+        return f"toServices {peer}: no such Service is known, so it selects nothing"
+    parts = []
+    for t in named:
+        if t.has_selector:
+            parts.append(f"Service {t.key} has a selector, which toServices does not select (nothing)")
+        elif not t.addresses:
+            parts.append(f"Service {t.key} has no ready or serving endpoint (nothing)")
+        else:
+            parts.append(f"Service {t.key}, the addresses {', '.join(a.with_prefixlen for a in t.addresses)}")
+    return f"toServices {peer} selects " + "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Referenced:
+    """The objects references are read against: CIDR groups by name, Services by namespace/name."""
+
+    groups: Mapping[str, CIDRGroup]
+    services: Mapping[str, ServiceTarget]
+
+
+def _selects(sel: PeerSelector, labels: Labels, refs: _Referenced) -> bool:
     if isinstance(sel, CIDRGroupPeer):
-        return _in_group_cidr(sel, labels, groups)
+        return _in_group_cidr(sel, labels, refs.groups)
+    if isinstance(sel, ServicePeer):
+        return _at_service_endpoint(sel, labels, refs.services)
     return sel.matches(labels)
 
 
 def _evaluate_direction(
-    rules: Iterable[Rule], direction: Direction, subject: Peer, peer: Peer, flow: Flow,
-    groups: Mapping[str, CIDRGroup],
+    rules: Iterable[Rule], direction: Direction, subject: Peer, peer: Peer, flow: Flow, refs: _Referenced,
 ) -> _Side:
     side = _Side()
     d = direction.value
@@ -195,7 +240,7 @@ def _evaluate_direction(
         for pr in rule.rules:
             if pr.direction is not direction:
                 continue
-            if pr.peers is not None and not any(_selects(s, peer.labels, groups) for s in pr.peers):
+            if pr.peers is not None and not any(_selects(s, peer.labels, refs) for s in pr.peers):
                 continue
             if not pr.port_rules:
                 # No toPorts, no icmps: every protocol, every port, every ICMP type.
@@ -210,6 +255,15 @@ def _evaluate_direction(
                     matched.append((pr, port_rule))
     for text, origins in sorted(named.items()):
         side.reasons.append(f"{d}: on {_describe(flow.destination)}, {text} ({', '.join(sorted(set(origins)))})")
+    services: dict[str, list[str]] = {}  # what each toServices entry of this direction stands for
+    for rule in selecting:
+        for pr in rule.rules:
+            if pr.direction is direction:
+                for p in pr.peers or ():
+                    if isinstance(p, ServicePeer):
+                        services.setdefault(_explain_services(p, refs.services), []).append(str(pr.origin))
+    for text, origins in sorted(services.items()):
+        side.reasons.append(f"{d}: {text} ({', '.join(sorted(set(origins)))})")
 
     at = where(flow.port, flow.protocol)
     denies = [pr for pr, _ in matched if pr.deny]
@@ -308,19 +362,21 @@ def _evaluate_direction(
     return side
 
 
-def evaluate(rules: Iterable[Rule], flow: Flow, groups: Mapping[str, CIDRGroup] | None = None) -> Verdict:
+def evaluate(rules: Iterable[Rule], flow: Flow, groups: Mapping[str, CIDRGroup] | None = None,
+             services: Mapping[str, ServiceTarget] | None = None) -> Verdict:
     """The verdict for `flow` under `rules`: egress of the source, then ingress of the target.
-    `groups`: the CiliumCIDRGroups in force, by name (none given: none exists)."""
+    `groups`: the CiliumCIDRGroups in force, by name; `services`: the Services `toServices`
+    reads, by namespace/name (none given: none exists)."""
     rule_list = list(rules)
-    groups = groups or {}
+    refs = _Referenced(groups or {}, services or {})
     sides: list[_Side] = []
     if flow.source.managed:
         sides.append(
-            _evaluate_direction(rule_list, Direction.EGRESS, flow.source, flow.destination, flow, groups)
+            _evaluate_direction(rule_list, Direction.EGRESS, flow.source, flow.destination, flow, refs)
         )
     if flow.destination.managed and (not sides or sides[0].allowed):
         sides.append(
-            _evaluate_direction(rule_list, Direction.INGRESS, flow.destination, flow.source, flow, groups)
+            _evaluate_direction(rule_list, Direction.INGRESS, flow.destination, flow.source, flow, refs)
         )
     reasons = [r for s in sides for r in s.reasons]
     denied = next((s for s in sides if not s.allowed), None)

@@ -75,6 +75,22 @@ def name_error(value: str, *, subdomain: bool) -> str | None:
     return f"{rule}: {problem}; got {value!r}"
 
 
+SERVICE_NAME_RULE = (
+    "must be a DNS-1035 label, as Kubernetes requires of a Service name (lowercase letters, digits "
+    "and '-', starting with a letter and ending with a letter or digit, at most 63 characters)"
+)
+
+
+def service_name_error(value: str) -> str | None:
+    """The whole message for a name no Service can have (a DNS-1035 label), or None."""
+    problem = label_problem(value)
+    if problem is None and not "a" <= value[0] <= "z":
+        problem = f"{value[0]!r} at position 1: must start with a lowercase letter"
+    if problem is None:
+        return None
+    return f"{SERVICE_NAME_RULE}: {problem}; got {value!r}"
+
+
 PORT_NAME_RULE = (
     "must be an IANA service name, as Kubernetes requires (at most 15 lowercase letters, digits "
     "and '-', at least one letter, no '-' first, last or twice in a row)"

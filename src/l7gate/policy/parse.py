@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from .errors import Finding, PolicyValidationError
 from .labels import NAMESPACE_KEY, RESERVED_SOURCE, Labels, normalize_key, reserved
 from .labelsyntax import label_key_problem, label_value_problem
-from .names import name_error, port_name_problem
+from .names import name_error, port_name_problem, service_name_error
 from .fqdn import FQDNError, FQDNSelector, NameMatch
 from .icmp import NAMES_NOT_IN_CRD, ICMPTypeError, parse_icmp_type
 from .regex import RegexError, compile_regex
@@ -44,6 +44,7 @@ from .selector import (
     Operator,
     PeerSelector,
     Requirement,
+    ServicePeer,
 )
 from .types import (
     ALL_PORTS,
@@ -110,7 +111,6 @@ _UNSUPPORTED_PEER_FIELDS = {
     "toGroups": "cloud provider groups",
     "fromNodes": "node selectors in peers",
     "toNodes": "node selectors in peers",
-    "toServices": "service selectors",
 }
 _UNSUPPORTED_PORT_RULE_FIELDS = {
     "terminatingTLS": "TLS interception",
@@ -662,7 +662,7 @@ class _SpecParser:
         pre = "from" if direction is Direction.INGRESS else "to"
         peer_fields: tuple[str, ...] = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet")
         if direction is Direction.EGRESS:
-            peer_fields += ("toFQDNs",)
+            peer_fields += ("toFQDNs", "toServices")
         allowed = {*peer_fields, "toPorts", "icmps", "authentication"}
         unsupported = {k: v for k, v in _UNSUPPORTED_PEER_FIELDS.items() if k.startswith(pre)}
         raw: Mapping[Any, Any] = value if isinstance(value, Mapping) else {}
@@ -770,6 +770,23 @@ class _SpecParser:
                     sel_f = self.fqdn_selector(item, f"{fpath}[{i}]")
                     if sel_f is not None:
                         peers.append(sel_f)
+            elif field == "toServices":
+                if has_ports:
+                    w.error(
+                        fpath,
+                        "Cilium refuses toServices beside toPorts (\"Combining ToServices and ToPorts is not "
+                        "supported yet\"): a toServices rule covers every port of the Services' endpoints; leave "
+                        "toPorts out, or name the endpoints' addresses in toCIDRSet to limit the ports",
+                        "services-with-ports",
+                    )
+                if deny:
+                    w.warn(fpath, "Cilium's agent expands toServices in egress rules only, so in Cilium this deny rule "
+                                  "denies nothing; l7gate denies the addresses of the Services' endpoints, as "
+                                  "written", "services-deny")
+                for i, item in enumerate(items):
+                    sel_s = self.service_entry(item, f"{fpath}[{i}]")
+                    if sel_s is not None:
+                        peers.append(sel_s)
             elif field.endswith("CIDRSet"):
                 for i, item in enumerate(items):
                     sel_c = self.cidr_set(item, f"{fpath}[{i}]")
@@ -939,6 +956,80 @@ class _SpecParser:
     def fqdn_selector(self, value: object, path: str) -> FQDNSelector | None:
         match = self.name_match(value, path)
         return FQDNSelector(match) if match is not None else None
+
+    def service_entry(self, value: object, path: str) -> ServicePeer | None:
+        """One `toServices` entry: `k8sService: {serviceName, namespace}` or `k8sServiceSelector:
+        {selector, namespace}` (`toservices` says what it selects). Exactly one of the two: Cilium
+        reads the selector and ignores `k8sService` when both are set, which l7gate refuses."""
+        w = self.w
+        m = w.mapping(value, path, {"k8sService", "k8sServiceSelector"},
+                      nullable={"k8sService": "", "k8sServiceSelector": ""})
+        if m is None:
+            return None
+        kinds = [k for k in ("k8sService", "k8sServiceSelector") if k in m]
+        if not kinds:
+            w.error(path, "needs k8sService (a Service by name) or k8sServiceSelector (Services by their labels)",
+                    "required")
+            return None
+        if len(kinds) == 2:
+            w.error(_join(path, "k8sService"),
+                    "set one of k8sService and k8sServiceSelector: with both, Cilium reads the selector and "
+                    "ignores k8sService. Write one entry for each", "service-kinds")
+            return None
+        kind = kinds[0]
+        ep = _join(path, kind)
+        if kind == "k8sService":
+            ref = w.mapping(m[kind], ep, {"serviceName", "namespace"},
+                            nullable={"namespace": "the entry then names a Service of every namespace"})
+            if ref is None:
+                return None
+            name: str | None = None
+            if "serviceName" not in ref or ref["serviceName"] in (None, ""):
+                w.error(_join(ep, "serviceName"), "is required: the Service's name (Cilium matches it exactly, so "
+                                                  "an entry without one selects no Service)", "required")
+            else:
+                name = w.string(ref["serviceName"], _join(ep, "serviceName"))
+                message = service_name_error(name) if name is not None else None
+                if message is not None:
+                    w.error(_join(ep, "serviceName"), f"no Service can have this name: it {message}", "name")
+                    name = None
+            namespace = self.service_namespace(ref, ep)
+            if name is None or namespace is None:
+                return None
+            return ServicePeer(namespace=namespace, name=name)
+        sel_m = w.mapping(m[kind], ep, {"selector", "namespace"},
+                          nullable={"namespace": "the entry then selects Services of every namespace"})
+        if sel_m is None:
+            return None
+        sp = _join(ep, "selector")
+        sel: LabelSelector | None = None
+        if "selector" not in sel_m:
+            w.error(sp, "is required: a label selector over the Services' own labels", "required")
+        else:
+            sel = self.label_selector(sel_m["selector"], sp)
+        namespace = self.service_namespace(sel_m, ep)
+        if sel is None or namespace is None:
+            return None
+        if not sel.requirements:
+            where = f"namespace {namespace}" if namespace else "every namespace"
+            w.warn(sp, f"an empty selector selects every Service without a selector in {where} (as in Cilium): "
+                       "name the Services' labels", "services-selector-empty")
+        return ServicePeer(namespace=namespace, selector=sel)
+
+    def service_namespace(self, m: Mapping[str, Any], path: str) -> str | None:
+        """The `namespace` of a toServices entry: "" (every namespace) when absent or empty, with
+        a warning in a CiliumNetworkPolicy, whose own namespace it does not default to."""
+        np = _join(path, "namespace")
+        raw = m.get("namespace", "")
+        if raw == "":
+            if self.namespaced:
+                w_path = np if "namespace" in m else path
+                self.w.warn(w_path, f"without a namespace, this entry names Services of every namespace, not "
+                                    f"only {self.namespace}: Cilium does not scope toServices to the policy's "
+                                    f"namespace. Write `namespace: {self.namespace}` if that is what you mean",
+                            "services-any-namespace")
+            return ""
+        return self.w.k8s_name(raw, np, subdomain=False)
 
     def cidr(self, value: object, path: str) -> IPNetwork | None:
         s = self.w.string(value, path, allow_empty=False)

@@ -8,10 +8,10 @@ Three kinds, one interface (`key`, `matches(labels)`):
 - `CIDRSelector`: a prefix with exceptions; selects CIDR identities (`cidr:<prefix>` labels)
   inside it, and `world` when it covers the whole address family.
 
-`CIDRGroupPeer` (a `cidrGroupRef` or `cidrGroupSelector` entry) is a fourth, unresolved kind: it
-names CiliumCIDRGroups, and selects through their CIDRs only once `cidrgroup.expand_policy` has
-replaced it with one `CIDRSelector` per CIDR of the groups it selects. Unexpanded, it matches
-nothing.
+Two more kinds are references, unresolved until `references.expand_policy` replaces them with
+`CIDRSelector`s: `CIDRGroupPeer` (a `cidrGroupRef` or `cidrGroupSelector` entry) names
+CiliumCIDRGroups and stands for their CIDRs; `ServicePeer` (a `toServices` entry) names
+Kubernetes Services and stands for their endpoints' addresses. Unexpanded, they match nothing.
 
 `key` is a canonical string: two selectors with equal keys select the same identities, which is
 what lets the selector cache store each selector once.
@@ -210,12 +210,25 @@ def cidr_group_name_key(name: str) -> str:
     return f"{CIDR_GROUP_NAME_LABEL}/{name}"
 
 
+def _named_key(name: str | None, selector: LabelSelector | None) -> str:
+    """The key part of a reference that names objects by `name`, or else by `selector`."""
+    return f"name={name}" if name is not None else (selector or LabelSelector()).key
+
+
+def _names(name: str | None, selector: LabelSelector | None, object_name: str, labels: Labels) -> bool:
+    """Whether a reference by `name` (or else by `selector`) names the object `object_name`
+    with `labels`; one with neither names nothing."""
+    if name is not None:
+        return object_name == name
+    return selector is not None and selector.matches(labels)
+
+
 @dataclass(frozen=True, slots=True)
 class CIDRGroupPeer:
     """A `fromCIDRSet`/`toCIDRSet` entry that names CiliumCIDRGroups instead of a CIDR: by name
     (`cidrGroupRef`) or by the groups' labels (`cidrGroupSelector`), with the entry's `except`
     ranges. Which addresses it selects depends on the groups in force, so it is expanded (by
-    `cidrgroup.expand_policy`) before a policy is resolved or enforced; `matches` itself selects
+    `references.expand_policy`) before a policy is resolved or enforced; `matches` itself selects
     nothing, the fail-safe reading of a group that does not exist."""
 
     name: str | None = None
@@ -224,16 +237,13 @@ class CIDRGroupPeer:
 
     @property
     def key(self) -> str:
-        which = f"name={self.name}" if self.name is not None else (self.selector or LabelSelector()).key
         ex = ",".join(e.with_prefixlen for e in self.excepts)
-        return f"cidrgroup:{which}" + (f"!{ex}" if ex else "")
+        return f"cidrgroup:{_named_key(self.name, self.selector)}" + (f"!{ex}" if ex else "")
 
     def selects_group(self, name: str, labels: Labels) -> bool:
         """Whether the group `name` with `labels` (its name label included) is one this entry
         names."""
-        if self.name is not None:
-            return name == self.name
-        return self.selector is not None and self.selector.matches(labels)
+        return _names(self.name, self.selector, name, labels)
 
     def matches(self, labels: Labels) -> bool:
         return False
@@ -242,3 +252,35 @@ class CIDRGroupPeer:
         which = f"cidrGroupRef {self.name}" if self.name is not None else f"cidrGroupSelector {self.selector}"
         ex = " except " + ",".join(e.with_prefixlen for e in self.excepts) if self.excepts else ""
         return which + ex
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePeer:
+    """A `toServices` entry: Kubernetes Services by name (`k8sService`) or by their own labels
+    (`k8sServiceSelector`), in `namespace` ("" for every namespace: Cilium reads the entry as
+    written, even in a CiliumNetworkPolicy). It stands for the addresses of the endpoints of the
+    Services it selects (`toservices`), so, like `CIDRGroupPeer`, it is expanded before a policy
+    is resolved; `matches` itself selects nothing."""
+
+    namespace: str = ""
+    name: str | None = None
+    selector: LabelSelector | None = None
+
+    @property
+    def key(self) -> str:
+        return f"service:{self.namespace or '*'}/{_named_key(self.name, self.selector)}"
+
+    def selects_service(self, namespace: str, name: str, labels: Labels) -> bool:
+        """Whether the Service `namespace/name` with metadata `labels` is one this entry names."""
+        if self.namespace and self.namespace != namespace:
+            return False
+        return _names(self.name, self.selector, name, labels)
+
+    def matches(self, labels: Labels) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        where = f"namespace {self.namespace}" if self.namespace else "any namespace"
+        if self.name is not None:
+            return f"k8sService {self.name} ({where})"
+        return f"k8sServiceSelector {self.selector} ({where})"

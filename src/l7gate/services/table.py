@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-The table holds three inputs: local Services (keyed `namespace/name`), pods (`BackendPod`,
-keyed by ref) and, per remote cluster, the backends that cluster publishes for its global,
-shared Services (`set_remote_backends`). Its output, `frontends()`, is the desired state of the
+The table holds four inputs: local Services (keyed `namespace/name`), pods (`BackendPod`,
+keyed by ref), EndpointSlices (keyed `namespace/name`, indexed by the Service they name) and,
+per remote cluster, the backends that cluster publishes for its global, shared Services
+(`set_remote_backends`). Its output, `frontends()`, is the desired state of the
 load balancer: one `FrontendEntry` per ClusterIP, service port and protocol.
 
 The output is computed per Service and cached. A change marks only the Services it can affect:
@@ -14,6 +15,7 @@ The output is computed per Service and cached. A change marks only the Services 
   matches its old or its new labels, and only if it was or is ready (a pod that is not ready
   is no backend). Services are indexed by one (key, value) pair of their selector, so finding
   them costs the number of the pod's labels, not the number of Services;
+- an EndpointSlice upserted or deleted: the Service it names (before and after);
 - a remote cluster's backends: the Services whose published backends changed.
 
 `frontends()` recomputes the marked Services and patches the merged result, so calling it after
@@ -25,6 +27,13 @@ Semantics (Kubernetes' endpoints controller, Cilium's service load balancer and 
   pair of its selector. A Service without a selector (None) has no backends of its own: in
   Kubernetes its endpoints are managed by someone else, and the API server cannot tell an empty
   selector `{}` from an absent one (kubernetes/kubernetes#25836), so `{}` selects nothing too.
+- A Service without a selector takes its backends from its EndpointSlices (those in its
+  namespace whose `kubernetes.io/service-name` label is its name), as Kubernetes' proxies do:
+  each ready endpoint's IPv4 addresses, on the slice port with the service port's name and
+  protocol. A slice of a Service with a selector is ignored (the endpoint controllers write
+  what the pods give, which the table computes itself). `endpoint_addresses` gives the
+  addresses of every ready or serving endpoint of a Service's slices, whatever its ports: what
+  `toServices` selects (Cilium's reading).
 - A numeric target port is used as is. A named one is the first container port of the pod
   with that name and the service port's protocol (Kubernetes' `FindPort`); a pod without one is
   no backend of that service port.
@@ -56,7 +65,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
-from l7gate.services.types import Backend, BackendPod, Frontend, FrontendEntry, Service, ServicePort
+from l7gate.services.types import Backend, BackendPod, EndpointSlice, Frontend, FrontendEntry, Service, ServicePort
 
 #: (service port, protocol) → that port's backends, as a remote cluster publishes them
 PortBackends = Mapping[tuple[int, str], tuple[Backend, ...]]
@@ -84,6 +93,13 @@ def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bo
     if not selector:
         return False
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _addresses(es: EndpointSlice) -> list[str]:
+    """The addresses of a slice's ready or serving endpoints (none for an FQDN slice)."""
+    if es.address_type == "FQDN":
+        return []
+    return [a for e in es.endpoints if e.ready or e.serving for a in e.addresses]
 
 
 def target_port(port: ServicePort, pod: BackendPod) -> int | None:
@@ -127,6 +143,8 @@ class ServiceTable:
         self._pods_by_label: dict[_Scope, dict[_Pair, set[str]]] = {}
         # Services with a selector by (cluster, namespace) and their selector's first pair
         self._services_by_pair: dict[_Scope, dict[_Pair, set[str]]] = {}
+        self._slices: dict[str, EndpointSlice] = {}
+        self._slices_of: dict[str, set[str]] = {}  # Service namespace/name → its slices' refs
         self._remote: dict[str, dict[str, dict[tuple[int, str], tuple[Backend, ...]]]] = {}
         self._remote_by_service: dict[str, dict[str, dict[tuple[int, str], tuple[Backend, ...]]]] = {}
         self._results: dict[str, dict[Frontend, FrontendEntry]] = {}
@@ -176,6 +194,22 @@ class ServiceTable:
         if old is not None:
             self._mark_selecting(old)
             self._index_pod(old, add=False)
+
+    def upsert_slice(self, es: EndpointSlice) -> None:
+        """Add or replace the EndpointSlice `es.ref`."""
+        old = self._slices.get(es.ref)
+        if old == es:
+            return
+        if old is not None:
+            self._index_slice(old, add=False)
+        self._slices[es.ref] = es
+        self._index_slice(es, add=True)
+
+    def delete_slice(self, namespace: str, name: str) -> None:
+        """Remove an EndpointSlice; removing one the table does not hold does nothing."""
+        old = self._slices.pop(f"{namespace}/{name}", None)
+        if old is not None:
+            self._index_slice(old, add=False)
 
     def set_remote_backends(
         self, cluster: str, services: Mapping[str, Mapping[tuple[int, str], tuple[Backend, ...]]]
@@ -243,12 +277,22 @@ class ServiceTable:
         if svc is None:
             return []
         pods = self._selected(svc)
-        out: list[tuple[ServicePort, tuple[Backend, ...]]] = []
-        for sp in svc.ports:
-            found = [Backend(p.ip, number, p.ref, p.cluster) for p in pods
-                     if (number := target_port(sp, p)) is not None]
-            out.append((sp, unique_backends(found, ())))
-        return out
+        return [(sp, unique_backends(self._local_backends(svc, sp, pods), ())) for sp in svc.ports]
+
+    def endpoint_addresses(self, namespace: str, name: str) -> tuple[str, ...]:
+        """The addresses of every ready or serving endpoint of the EndpointSlices naming the
+        Service `namespace/name` (IPv4 and IPv6; sorted, unique), whether or not the table holds
+        the Service: what a `toServices` rule selecting it stands for."""
+        found = {a for ref in self._slices_of.get(f"{namespace}/{name}", ()) for a in _addresses(self._slices[ref])}
+        return tuple(sorted(found, key=_ip_key))
+
+    def slice(self, namespace: str, name: str) -> EndpointSlice | None:
+        """The EndpointSlice `namespace/name`, if the table holds it."""
+        return self._slices.get(f"{namespace}/{name}")
+
+    def slices(self) -> list[EndpointSlice]:
+        """The EndpointSlices, by `namespace/name`."""
+        return [self._slices[k] for k in sorted(self._slices)]
 
     def missing_locally(self) -> list[str]:
         """Global Services remote clusters publish with no local Service of the same
@@ -291,6 +335,19 @@ class ServiceTable:
             if not by_pair:
                 del self._services_by_pair[scope]
 
+    def _index_slice(self, es: EndpointSlice, *, add: bool) -> None:
+        svc = es.service_ref
+        if svc is None:
+            return
+        self._dirty.add(svc)
+        refs = self._slices_of.setdefault(svc, set())
+        if add:
+            refs.add(es.ref)
+        else:
+            refs.discard(es.ref)
+            if not refs:
+                del self._slices_of[svc]
+
     def _index_pod(self, pod: BackendPod, *, add: bool) -> None:
         scope = (pod.cluster, pod.namespace)
         by_label = self._pods_by_label.setdefault(scope, {})
@@ -325,6 +382,23 @@ class ServiceTable:
         pods = (self._pods[r] for r in sorted(refs))
         return [p for p in pods if p.ready and selects(svc.selector, p.labels)]
 
+    def _local_backends(self, svc: Service, sp: ServicePort, pods: list[BackendPod]) -> list[Backend]:
+        """The backends of `sp` in this cluster: the selected pods' target ports, or, for a
+        Service without a selector, its slices' ready endpoints on the port of that name."""
+        out = [Backend(p.ip, number, p.ref, p.cluster) for p in pods if (number := target_port(sp, p)) is not None]
+        if svc.selector:
+            return out
+        for ref in sorted(self._slices_of.get(svc.ref, ())):
+            es = self._slices[ref]
+            if es.address_type != "IPv4" or es.cluster != svc.cluster:
+                continue
+            for port in es.ports:
+                if port.name != sp.name or port.protocol != sp.protocol:
+                    continue
+                out.extend(Backend(a, port.port, f"EndpointSlice/{es.ref}", es.cluster)
+                           for e in es.endpoints if e.ready for a in e.addresses)
+        return out
+
     def _compute(self, key: str) -> dict[Frontend, FrontendEntry]:
         self._recomputed += 1
         svc = self._services.get(key)
@@ -338,11 +412,7 @@ class ServiceTable:
             fe = Frontend(svc.cluster_ip, sp.port, sp.protocol)
             if fe in out:
                 continue
-            local = []
-            for pod in pods:
-                number = target_port(sp, pod)
-                if number is not None:
-                    local.append(Backend(pod.ip, number, pod.ref, pod.cluster))
+            local = self._local_backends(svc, sp, pods)
             far = [b for c in sorted(remote) for b in remote[c].get((sp.port, sp.protocol), ())]
             local, far = apply_affinity(affinity, local, far)
             out[fe] = FrontendEntry(key, sp.name, unique_backends(local, far))

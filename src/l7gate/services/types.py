@@ -44,6 +44,10 @@ class Service:
     that Kubernetes does not manage its endpoints (no selector, or the empty one: the API server
     cannot tell `{}` from an absent selector): it has no backends of its own.
 
+    A Service without a selector takes its backends from the EndpointSlices labelled with its
+    name (`EndpointSlice`), which someone other than Kubernetes' endpoint controllers manages.
+    `labels` are its metadata labels (what a `toServices` selector reads, what the mesh publishes).
+
     `global_`, `shared` and `affinity` are Cilium's global-service annotations. `shared` and
     `affinity` mean something only for a global Service: the table ignores `affinity` otherwise,
     and `shared` is read by whoever publishes this cluster's backends to the mesh."""
@@ -57,22 +61,76 @@ class Service:
     global_: bool = False
     shared: bool = True
     affinity: str = "none"  # none, local or remote
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:
         if self.affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {', '.join(AFFINITIES)}, got {self.affinity!r}")
         # An empty selector selects nothing in Kubernetes; keep one spelling of "no selector".
         object.__setattr__(self, "selector", _frozen(self.selector) if self.selector else None)
+        object.__setattr__(self, "labels", _frozen(self.labels))
 
     def __hash__(self) -> int:
         selector = tuple(self.selector.items()) if self.selector is not None else None
         return hash((self.cluster, self.namespace, self.name, self.cluster_ip, self.ports, selector,
-                     self.global_, self.shared, self.affinity))
+                     self.global_, self.shared, self.affinity, tuple(self.labels.items())))
 
     @property
     def ref(self) -> str:
         """`namespace/name`: how the table, the mesh and flows name a Service."""
         return f"{self.namespace}/{self.name}"
+
+
+ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """One entry of an EndpointSlice's `endpoints`: its addresses and conditions, as
+    Kubernetes defines them (`ready` unknown counts as ready; `serving` unknown is `ready`)."""
+
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SlicePort:
+    """One entry of an EndpointSlice's `ports`: it serves the Service port of the same name and
+    protocol, on `port` at each endpoint."""
+
+    name: str  # "" for the single unnamed port
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """A `discovery.k8s.io/v1` EndpointSlice of one cluster: the endpoints of the Service
+    `service` (its `kubernetes.io/service-name` label; None: it belongs to no Service) in its
+    namespace. `address_type` IPv4, IPv6 or FQDN (FQDN endpoints are no address: unused)."""
+
+    cluster: str
+    namespace: str
+    name: str
+    service: str | None
+    address_type: str
+    endpoints: tuple[SliceEndpoint, ...] = ()
+    ports: tuple[SlicePort, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.address_type not in ADDRESS_TYPES:
+            raise ValueError(f"address type must be one of {', '.join(ADDRESS_TYPES)}, got {self.address_type!r}")
+
+    @property
+    def ref(self) -> str:
+        """`namespace/name`: how the table names a slice."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def service_ref(self) -> str | None:
+        """`namespace/name` of the Service it belongs to."""
+        return f"{self.namespace}/{self.service}" if self.service else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,9 @@ code under test is the real one:
   (`kubectl get cnp` works); `/openapi/v3` and its per-group-version documents (what kubectl's
   `fieldValidation` check and `kubectl apply` read); `/version`, `/healthz`, `/livez`, `/readyz`.
 - Resources: core v1 namespaces, pods, services, events, nodes; apps/v1 deployments (stored
-  only: no controller makes pods from them); networking.k8s.io/v1 networkpolicies; every CRD in `deploy/crds/` (cilium.io/v2
+  only: no controller makes pods from them); discovery.k8s.io/v1 endpointslices (stored only:
+  no endpoint slice controller writes them for Services with a selector, and none mirrors v1
+  Endpoints); networking.k8s.io/v1 networkpolicies; every CRD in `deploy/crds/` (cilium.io/v2
   CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy with their status subresource;
   CiliumCIDRGroup as cilium.io/v2 and v2alpha1, one object served in either version). A new
   double holds what every cluster holds: the namespaces default, kube-system, kube-public,

@@ -5,8 +5,9 @@ Part of `l7gate.testing.apiserver_double` (see its docstring: this is a test dou
 kube-apiserver). Everything here is pure: no sockets, no threads, no clock.
 
 Resource types are the built-ins the agent and `kubectl apply -f examples/seed/` touch (core v1
-namespaces, pods, services, events, nodes; apps/v1 deployments; networking.k8s.io/v1
-networkpolicies) plus every CRD read from `deploy/crds/` (CiliumNetworkPolicy,
+namespaces, pods, services, events, nodes; apps/v1 deployments; discovery.k8s.io/v1
+endpointslices; networking.k8s.io/v1 networkpolicies) plus every CRD read from `deploy/crds/`
+(CiliumNetworkPolicy,
 CiliumClusterwideNetworkPolicy, CiliumCIDRGroup: one type per served version). A CRD's objects are checked
 against its `openAPIV3Schema` the way the apiextensions API server does it (structural pruning of
 unknown fields, then type/enum/required checks with kube-openapi's messages); built-in objects get
@@ -350,6 +351,10 @@ def builtin_types() -> list[ResourceType]:
                      generation=True,
                      patch_keys={**_OWNER_KEYS, **_pod_spec_keys(("spec", "template", "spec")),
                                  ("status", "conditions"): "type"}),
+        # EndpointSlices: no status subresource; `endpoints` and `ports` carry no patch merge
+        # key (a strategic patch replaces them whole).
+        ResourceType("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", True,
+                     status_subresource=False, generation=True, patch_keys=dict(_OWNER_KEYS)),
         # No status subresource: NetworkPolicyStatus was removed in 1.28. Its lists (ingress,
         # egress, from, to, ports, policyTypes) carry no patch merge key: a strategic patch
         # replaces them whole.
