@@ -1,4 +1,4 @@
-"""Kubernetes Pod, Namespace and Service objects (plain dicts from YAML or the API) -> typed values.
+"""Kubernetes Pod, Namespace, Service and Node objects (plain dicts from YAML or the API) -> typed values.
 
 The one place these objects are parsed (CONVENTIONS 3). Parsing checks what the API server would
 have enforced, since hand-written inventories for `l7gate policy trace` never went through one:
@@ -8,8 +8,12 @@ field path (`metadata.labels.app: must be a string`) and raised together in one
 `K8sObjectError`. Fields l7gate does not use are ignored.
 
 A pod's cluster is its `l7gate.io/cluster` annotation, else the `default_cluster` the caller
-passes (the agent's `--cluster-name`). The same goes for namespaces and Services, so that one
-inventory can describe several clusters.
+passes (the agent's `--cluster-name`). The same goes for namespaces, Services and Nodes, so that
+one inventory can describe several clusters.
+
+A Node is its name, its labels (what `fromNodes`/`toNodes` select: `node_identity_labels`) and its
+addresses (`status.addresses` of type InternalIP and ExternalIP); `node_addresses` says which node
+each node address of an inventory is, with the pods' `status.hostIP` as the second source.
 
 A Service becomes an `l7gate.services.Service`, the value the service table takes; `pod_backend`
 gives the table's view of a pod.
@@ -19,12 +23,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from l7gate.identity.filter import identity_labels
+from l7gate.identity.filter import identity_labels, node_labels
 from l7gate.policy.errors import Finding
 from l7gate.policy.labels import Labels
 from l7gate.policy.names import PORT_NAME_RULE as _PORT_NAME_RULE
@@ -463,6 +467,111 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
     )
 
 
+_NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS")
+#: The address types that are the node's own IP addresses (as Cilium reads a Node).
+NODE_IP_TYPES = ("InternalIP", "ExternalIP")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A Kubernetes Node as l7gate sees it: its labels and its IP addresses (InternalIP and
+    ExternalIP, in the order of `status.addresses`, IPv6 ones included). Immutable."""
+
+    cluster: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    addresses: tuple[str, ...] = ()
+    # the field each of `addresses` came from (`status.addresses[1].address`), for error messages
+    address_fields: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen(self.labels))
+
+    def __hash__(self) -> int:
+        return hash((self.cluster, self.name, tuple(self.labels.items()), self.addresses))
+
+    @property
+    def ref(self) -> str:
+        """`cluster/name`: the key the agent files a Node under."""
+        return f"{self.cluster}/{self.name}"
+
+    @property
+    def ipv4_addresses(self) -> tuple[str, ...]:
+        """The addresses the datapath polices (it is IPv4 only)."""
+        return tuple(a for a in self.addresses if ipaddress.ip_address(a).version == 4)
+
+
+def parse_node(obj: object, *, default_cluster: str) -> Node:
+    """A `Node` from a Kubernetes Node object. Raises K8sObjectError listing every problem."""
+    errors = _Errors()
+    top, meta = _header(obj, "Node", errors)
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=True, required=True,
+    )  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    cluster = _cluster(annotations, default_cluster, errors)
+    status = _mapping(top, "status", "status", errors)
+    addresses: list[str] = []
+    fields: list[str] = []
+    raw = status.get("addresses")
+    if raw is not None and not isinstance(raw, list):
+        errors.add("status.addresses", "must be a list")
+        raw = []
+    for i, item in enumerate(raw or []):
+        path = f"status.addresses[{i}]"
+        if not isinstance(item, Mapping):
+            errors.add(path, "must be a mapping with a type and an address")
+            continue
+        kind = item.get("type")
+        if kind not in _NODE_ADDRESS_TYPES:
+            errors.add(f"{path}.type", f"must be one of {', '.join(_NODE_ADDRESS_TYPES)}, got {kind!r}")
+            continue
+        value = item.get("address")
+        if not isinstance(value, str) or not value:
+            errors.add(f"{path}.address", "must be a non-empty string")
+            continue
+        if kind in NODE_IP_TYPES:
+            ip = _ip(value, f"{path}.address", errors)
+            if ip is not None and ip not in addresses:
+                addresses.append(ip)
+                fields.append(f"{path}.address")
+    _raise_if(errors, "Node", None, name)
+    assert name is not None
+    return Node(cluster=cluster, name=name, labels=_frozen(labels), addresses=tuple(addresses),
+                address_fields=tuple(fields))
+
+
+def node_identity_labels(node: Node, *, local: bool) -> Labels:
+    """The labels of `node`'s identity (`identity.filter.node_labels`): `reserved:host` for
+    the agent's own node, `reserved:remote-node` for any other, with the Node's labels as
+    `node:<key>` and its cluster. The one definition the agent and `policy trace` share."""
+    return node_labels(node.labels, cluster=node.cluster, local=local)
+
+
+def node_addresses(nodes: Iterable[Node], pods: Iterable[Pod]) -> dict[str, tuple[str, str | None]]:
+    """Every node address the inventory knows → (its cluster, the name of its node, or None when
+    no Node object or pod names it). The IPv4 InternalIP/ExternalIP of the Nodes first; then
+    each pod's `status.hostIP` not already a Node's, as an address of the node its `spec.nodeName`
+    names (a pod without one: a node whose name is unknown). An address two Nodes give is the
+    first one's, in (cluster, name) order, as is a hostIP pods on two nodes give. Loopback and
+    IPv6 addresses are left out: they are never a node's address on the datapath."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for node in sorted(nodes, key=lambda n: (n.cluster, n.name)):
+        for ip in node.ipv4_addresses:
+            if not ipaddress.ip_address(ip).is_loopback:
+                out.setdefault(ip, (node.cluster, node.name))
+    for pod in sorted(pods, key=lambda p: (p.cluster, p.namespace, p.name)):
+        host = pod.host_ip
+        if host is None or host in out:
+            continue
+        addr = ipaddress.ip_address(host)
+        if addr.version == 4 and not addr.is_loopback:
+            out[host] = (pod.cluster, pod.node_name)
+    return out
+
+
 def parse_namespace(obj: object, *, default_cluster: str) -> Namespace:
     """A `Namespace` from a Kubernetes Namespace object. Raises K8sObjectError."""
     errors = _Errors()
@@ -727,15 +836,17 @@ def parse_service(obj: object, *, default_cluster: str) -> Service:
     )
 
 
-def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service:
-    """A Pod, a Namespace or a Service, by the object's `kind`."""
+def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service | Node:
+    """A Pod, a Namespace, a Service or a Node, by the object's `kind`."""
     kind = obj.get("kind") if isinstance(obj, Mapping) else None
     if kind == "Pod":
         return parse_pod(obj, default_cluster=default_cluster)
+    if kind == "Node":
+        return parse_node(obj, default_cluster=default_cluster)
     if kind == "Namespace":
         return parse_namespace(obj, default_cluster=default_cluster)
     if kind == "Service":
         return parse_service(obj, default_cluster=default_cluster)
     raise K8sObjectError(
-        "object", (Finding("kind", f"must be 'Pod', 'Namespace' or 'Service', got {kind!r}"),)
+        "object", (Finding("kind", f"must be 'Pod', 'Namespace', 'Service' or 'Node', got {kind!r}"),)
     )
