@@ -114,3 +114,6 @@ class AdminClient:
 
     def delete_endpoint(self, ref: str) -> JSON:
         return self.request("DELETE", "/v1/endpoints/" + quote(ref))
+
+    def delete_node(self, ref: str) -> JSON:
+        return self.request("DELETE", "/v1/nodes/" + quote(ref))

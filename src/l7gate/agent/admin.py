@@ -9,8 +9,10 @@
                                          all or nothing
     DELETE /v1/policy/<Kind>/[<ns>/]<name> (CiliumCIDRGroup/<name> too)
     GET    /v1/endpoints                 pods known to the agent, with identities
-    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service...]}
+    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service/Node...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
+    GET    /v1/nodes                     Nodes: labels, addresses, the identity of their addresses
+    DELETE /v1/nodes/[<cluster>/]<name>
     GET    /v1/services                  Services: frontends, backends, whether the datapath serves them
     DELETE /v1/services/[<cluster>/]<ns>/<name>
     GET    /v1/identities, /v1/ipcache
@@ -238,6 +240,8 @@ class AdminApp:
                 return 200, {"endpoints": views.pods(core.view())}, j
             if path == "/v1/services":
                 return 200, views.services(core.view(), core), j
+            if path == "/v1/nodes":
+                return 200, {"nodes": views.nodes(core.view())}, j
             if path == "/v1/identities":
                 return 200, {"identities": views.identities(core.view())}, j
             if path == "/v1/ipcache":
@@ -267,7 +271,7 @@ class AdminApp:
             objects = payload.get("objects") if isinstance(payload, dict) else None
             if not isinstance(objects, list) or not objects:
                 raise ValueError('expected {"objects": [...]} with at least one object')
-            allowed = POLICY_INPUT_KINDS if path == "/v1/policy" else ("Pod", "Namespace", "Service")
+            allowed = POLICY_INPUT_KINDS if path == "/v1/policy" else ("Pod", "Namespace", "Service", "Node")
             wrong = [
                 f"object {i + 1}: kind {o.get('kind') if isinstance(o, dict) else None!r} does not belong "
                 f"here (expected {', '.join(allowed)})"
@@ -287,6 +291,11 @@ class AdminApp:
             if core.delete_service(key):
                 return 200, {"deleted": [key]}, j
             return 404, {"error": f"no Service {key!r}"}, j
+        if method == "DELETE" and path.startswith("/v1/nodes/"):
+            key = path[len("/v1/nodes/") :]
+            if core.delete_node(key):
+                return 200, {"deleted": [key]}, j
+            return 404, {"error": f"no Node {key!r}"}, j
         if method == "DELETE" and path.startswith("/v1/endpoints/"):
             ref = path[len("/v1/endpoints/") :]
             if core.delete_pod(ref):

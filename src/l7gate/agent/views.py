@@ -97,6 +97,17 @@ def services(v: StateView, core: AgentCore) -> dict[str, Any]:
     return {"datapath": services_datapath(core), "error": core.services_error, "services": out}
 
 
+def nodes(v: StateView) -> list[dict[str, Any]]:
+    """The Nodes the agent knows: labels, addresses, and the identity their addresses have
+    (`host` for this node's, the identity of its labels for another's; None without an IPv4
+    address)."""
+    return [
+        {"node": ref, "cluster": r.node.cluster, "name": r.node.name, "labels": dict(r.node.labels),
+         "addresses": list(r.node.addresses), "identity": r.identity, "local": r.local}
+        for ref, r in sorted(v.nodes.items())
+    ]
+
+
 def allocated_identities(v: StateView) -> int:
     """Identities allocated for pods, CIDRs and names; the reserved ones are not counted."""
     return sum(1 for ident in v.identities if ident not in RESERVED)
