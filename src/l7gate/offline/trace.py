@@ -1,9 +1,11 @@
 """`l7gate policy trace`: the verdict for one connection/request (or ICMP message), explained
 step by step.
 
-Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces — the
-way an agent would: identity labels from the pods, numeric identities from each cluster's range
-(clusters numbered 1, 2, ... in name order), then asks the reference evaluator. A `cidrGroupRef`
+Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces, Nodes —
+the way an agent would: identity labels from the pods, numeric identities from each cluster's range
+(clusters numbered 1, 2, ... in name order), then asks the reference evaluator. A node's address
+(a Node's, or a pod's hostIP) is that node as the enforcing agent sees it: `host` from a pod on
+that node, the identity of its Node's labels (or `remote-node`, without a Node) from elsewhere. A `cidrGroupRef`
 or `cidrGroupSelector` selects the CIDRs of the groups given in the files (a group not given
 does not exist, and selects nothing). Egress is judged with the
 source cluster's view and ingress with the destination cluster's, as the two agents would.
@@ -21,7 +23,10 @@ from typing import Any
 from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
 from ..identity.numeric import HOST, IdentityError, reserved_identity
 from ..k8s.manifests import load
-from ..k8s.objects import K8sObjectError, Namespace, Pod, namespace_of, parse_pod, pod_identity_labels, scoped_namespace
+from ..k8s.objects import (
+    K8sObjectError, Namespace, Node, Pod, namespace_of, node_addresses, node_identity_labels, parse_node, parse_pod,
+    pod_identity_labels, scoped_namespace,
+)
 from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
@@ -137,7 +142,7 @@ class TraceResult:
 
 def _load(
     req: TraceRequest,
-) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace], dict[str, CIDRGroup]]:
+) -> tuple[list[dict[str, Any]], list[Pod], dict[tuple[str, str], Namespace], dict[str, CIDRGroup], list[Node]]:
     manifests, errors = load(req.paths)
     missing = [e for e in errors if e.missing]
     if missing:
@@ -148,6 +153,7 @@ def _load(
     pods: list[Pod] = []
     namespaces: dict[tuple[str, str], Namespace] = {}
     groups: dict[str, CIDRGroup] = {}
+    nodes: dict[str, Node] = {}
     problems: list[str] = []
     for m in manifests:
         kind = m.kind
@@ -164,11 +170,16 @@ def _load(
             elif kind == "Namespace":
                 ns = scoped_namespace(m.obj, default_cluster=req.cluster_name)
                 namespaces[(ns.cluster, ns.name)] = ns
+            elif kind == "Node":
+                node = parse_node(m.obj, default_cluster=req.cluster_name)
+                if node.ref in nodes:
+                    problems.append(f"{m.where}: Node {node.ref} is given twice")
+                nodes[node.ref] = node
         except (K8sObjectError, PolicyValidationError) as exc:
             problems.append(f"{m.where}: {exc}")
     if problems:
         raise TraceError("invalid objects:\n  " + "\n  ".join(problems), EXIT_INVALID)
-    return policies, pods, namespaces, groups
+    return policies, pods, namespaces, groups, list(nodes.values())
 
 
 def _rules_for_cluster(docs: list[dict[str, Any]], cluster: str) -> list[Rule]:
@@ -207,8 +218,8 @@ def _find_pod(ref: str, pods: list[Pod]) -> Pod:
 
 
 def run_trace(req: TraceRequest) -> TraceResult:
-    docs, pods, namespaces, groups = _load(req)
-    clusters = sorted({p.cluster for p in pods} | {req.cluster_name})
+    docs, pods, namespaces, groups, nodes = _load(req)
+    clusters = sorted({p.cluster for p in pods} | {n.cluster for n in nodes} | {req.cluster_name})
     if len(clusters) > 255:
         raise TraceError("more than 255 clusters", EXIT_INVALID)
     cluster_ids = {c: i + 1 for i, c in enumerate(clusters)}
@@ -225,7 +236,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
                 return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
             address = _address(ref)
             if address is not None and not any(p.ip == address for p in pods):
-                node = _node_party(address, pods, other)
+                node = _node_party(address, nodes, pods, other, node_identities)
                 return node if node is not None else _address_party(address, docs, req, groups)
             pod = _find_pod(ref, pods)
             try:
@@ -235,6 +246,13 @@ def run_trace(req: TraceRequest) -> TraceResult:
                 raise TraceError(f"{ref}: {exc}", EXIT_INVALID) from None
             name = f"{pod.cluster}/{pod.namespace}/{pod.name}"
             return Party(name, pod.cluster, pod.ip, ident.id, Peer(ident.id, labels, True, name))
+
+        # Every other node's identity from its Node's labels, in name order: numbers that do not
+        # depend on the --from/--to order (each agent numbers them for itself).
+        node_identities = {
+            n.ref: allocators[req.cluster_name].allocate(node_identity_labels(n, local=False)).id
+            for n in sorted(nodes, key=lambda n: (n.cluster, n.name))
+        }
 
         # Allocate every pod first so identity numbers do not depend on the --from/--to order;
         # the named ports of each identity are those all its pods declare, as the agent sees them.
@@ -330,21 +348,34 @@ def _address(ref: str) -> str | None:
         return None
 
 
-def _node_party(ip: str, pods: list[Pod], other: str) -> Party | None:
-    """A node's address (some pod's `status.hostIP`), as the agent has it in its ipcache: `host`
-    seen from a pod on that node (the other party), `remote-node` from anywhere else."""
-    if not any(p.host_ip == ip for p in pods):
+def _node_party(ip: str, nodes: list[Node], pods: list[Pod], other: str,
+                node_identities: Mapping[str, int]) -> Party | None:
+    """A node's address (a Node's, or some pod's `status.hostIP`), as the agent enforcing for the
+    other party has it in its ipcache: `host` seen from a pod on that node, with its Node's
+    labels; from anywhere else the identity of its Node's labels (`node_identities`), or
+    `remote-node` when no Node of that name is given."""
+    where = node_addresses(nodes, pods).get(ip)
+    if where is None:
         return None
+    cluster, name = where
     peer_pod: Pod | None = None
     if other and other != "world" and _address(other) is None:
         try:
             peer_pod = _find_pod(other, pods)
         except TraceError:
             peer_pod = None  # reported when that party is read
-    name = "host" if peer_pod is not None and peer_pod.host_ip == ip else "remote-node"
-    ident = reserved_identity(name)
-    shown = f"{ip} ({name})"
-    return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
+    host = peer_pod is not None and peer_pod.cluster == cluster and (
+        peer_pod.host_ip == ip or (name is not None and peer_pod.node_name == name))
+    entity = "host" if host else "remote-node"
+    node = next((n for n in nodes if (n.cluster, n.name) == where), None)
+    if node is None:
+        ident = reserved_identity(entity)
+        shown = f"{ip} ({entity})"
+        return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
+    number = HOST if host else node_identities[node.ref]
+    shown = f"{ip} ({entity}, node {node.ref})"
+    labels = node_identity_labels(node, local=host)
+    return Party(shown, cluster, ip, number, Peer(number, labels, managed=False, name=shown))
 
 
 def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest,
@@ -432,7 +463,7 @@ def format_trace_text(r: TraceResult) -> str:
     lines.append("")
     lines.append("1. Identities")
     for role, p in (("from", r.source), ("to", r.destination)):
-        ip = f" ({p.ip})" if p.ip else ""
+        ip = f" ({p.ip})" if p.ip and not p.ref.startswith(p.ip) else ""
         lines.append(f"   {role:<4} {p.ref}{ip}: identity {p.identity}")
         lines.append(f"        labels: {', '.join(f'{k}={val}' if val else k for k, val in p.peer.labels.items())}")
         if p.declared:
