@@ -21,6 +21,7 @@ class CoreSink:
         self.core = core
         self._deleters: dict[str, Callable[[str], bool]] = {
             "Pod": core.delete_pod, "Service": core.delete_service, "Namespace": core.delete_namespace,
+            "Node": core.delete_node,
             **{kind: core.delete_policy for kind in POLICY_KINDS},
             CIDRGROUPS.kind: core.delete_cidr_group,
         }

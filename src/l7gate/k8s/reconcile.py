@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The watch (`k8s.watch`) lists and watches seven resources (`RESOURCES`). Each object it gets is
+The watch (`k8s.watch`) lists and watches eight resources (`RESOURCES`). Each object it gets is
 projected here, once, onto what the agent reads of it (`project`): a `Desired` holding the
 object's key (the one the agent's `delete_*` takes), the document to apply — or None when the
 object is absent for l7gate (a pod without an address yet, a host-network pod, a finished
@@ -12,7 +12,7 @@ Listings and watch events queue up and are merged (`Pending`): per resource, eit
 listing with the events that came after it folded in, or only events, the last per key winning.
 `Reconciler.run` then brings the agent to that state through an `ObjectSink` (the agent's own
 apply and delete, the path the admin API takes), resource by resource in `RESOURCES` order
-(namespaces, CIDR groups, policies of the three kinds, Services, then pods):
+(namespaces, nodes, CIDR groups, policies of the three kinds, Services, then pods):
 
 - events: the objects now absent are deleted; the others go to the sink as ONE apply;
 - a listing (the initial one, or a relist after "410 Gone"): the objects the agent holds *from
@@ -84,6 +84,7 @@ class Resource:
 
 
 NAMESPACES = Resource("Namespace", "v1", "/api/v1/namespaces", False)
+NODES = Resource("Node", "v1", "/api/v1/nodes", False)
 PODS = Resource("Pod", "v1", "/api/v1/pods", True)
 SERVICES = Resource("Service", "v1", "/api/v1/services", True)
 CNPS = Resource("CiliumNetworkPolicy", "cilium.io/v2", "/apis/cilium.io/v2/ciliumnetworkpolicies", True)
@@ -92,13 +93,14 @@ CCNPS = Resource("CiliumClusterwideNetworkPolicy", "cilium.io/v2",
 NETPOLS = Resource("NetworkPolicy", "networking.k8s.io/v1", "/apis/networking.k8s.io/v1/networkpolicies", True)
 CIDRGROUPS = Resource("CiliumCIDRGroup", "cilium.io/v2", "/apis/cilium.io/v2/ciliumcidrgroups", False,
                       older_versions=("cilium.io/v2alpha1",))
-#: In the order a sync applies them: a namespace before what lives in it, the CIDR groups
-#: before the policies naming them (a policy applied first would select nothing through them
-#: for a moment), and the policies before the pods they select, so that a new pod is enforced
+#: In the order a sync applies them: a namespace before what lives in it, the nodes before the
+#: pods on them (a pod's hostIP is then its node's address, with its labels, from the start),
+#: the CIDR groups before the policies naming them (a policy applied first would select nothing
+#: through them for a moment), and the policies before the pods they select, so that a new pod is enforced
 #: with its policies from the moment it is applied, never "no policy selects it, allow all"
 #: first (it is also cheaper: the pods' ports are rendered once, with their policies).
 #: Services before pods too: a Service's backends are the pods applied after it.
-RESOURCES = (NAMESPACES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, PODS)
+RESOURCES = (NAMESPACES, NODES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, PODS)
 POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind, NETPOLS.kind})
 #: The kinds the agent files as KIND/[NAMESPACE/]NAME (its policy API's keys).
 POLICY_API_KINDS = POLICY_KINDS | {CIDRGROUPS.kind}
@@ -138,7 +140,7 @@ def from_api(doc: Any) -> bool:
 
 def object_key(resource: Resource, namespace: str, name: str, cluster: str) -> str:
     """The key the agent files an object of `resource` under (its `delete_*` argument)."""
-    if resource is NAMESPACES:
+    if resource is NAMESPACES or resource is NODES:
         return f"{cluster}/{name}"
     if resource.kind in POLICY_API_KINDS:
         return f"{resource.kind}/{namespace}/{name}" if resource.namespaced else f"{resource.kind}/{name}"
@@ -196,6 +198,17 @@ def _pod(obj: Mapping[str, Any], cluster: str) -> dict[str, Any]:
             "spec": out_spec, "status": out_status}
 
 
+def _node(obj: Mapping[str, Any], cluster: str) -> dict[str, Any]:
+    """The fields `k8s.objects.parse_node` reads, and no other: a Node's status is rewritten every
+    few seconds (heartbeats, conditions, images) and its annotations by many controllers, none of
+    which changes what l7gate enforces; its labels and addresses do."""
+    meta, status = _map(obj, "metadata"), _map(obj, "status")
+    out_meta = _metadata(meta, cluster, ())
+    out_meta["annotations"] = {k: v for k, v in out_meta["annotations"].items() if k in (MARKER, CLUSTER_ANNOTATION)}
+    out_status = {"addresses": status["addresses"]} if "addresses" in status else {}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": out_meta, "status": out_status}
+
+
 def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted: bool = False,
             api_version: str = "") -> Desired:
     """The one projection of an object from the API onto what the agent applies (module doc).
@@ -214,6 +227,8 @@ def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted
         doc = _pod(obj, cluster)
     elif resource is NAMESPACES:
         doc = {**head, "metadata": _metadata(meta, cluster, ())}
+    elif resource is NODES:
+        doc = _node(obj, cluster)
     elif resource is SERVICES:
         doc = {**head, "metadata": _metadata(meta, cluster, ()), "spec": obj.get("spec", {})}
     else:

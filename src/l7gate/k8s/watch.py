@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`Watcher` runs one thread per resource of `reconcile.RESOURCES` (Namespaces, Pods, Services,
+`Watcher` runs one thread per resource of `reconcile.RESOURCES` (Namespaces, Nodes, Pods, Services,
 CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies, NetworkPolicies, CiliumCIDRGroups, across
 all namespaces) doing what client-go's reflector does:
 
@@ -29,7 +29,7 @@ listings and events; ONE applier thread drains the queue, merges what it drained
 (`reconcile.Pending`: the last state per object wins) and hands it to `reconcile.Reconciler`,
 which applies it through the agent's `ObjectSink`. A burst of events is one apply, not one per
 event; the initial sync waits for the first listing of every resource and applies them as one
-request per resource, in order (namespaces, policies, Services, pods). Only then is the
+request per resource, in order (namespaces, nodes, policies, Services, pods). Only then is the
 watcher `ready` (`problems()` is empty): the agent's /healthz waits for it. A failure of the
 sink itself (not a refusal) keeps what was drained and retries it after a back-off.
 
@@ -126,7 +126,7 @@ class ApiConnection:
 
     def __init__(self, configuration: Configuration) -> None:
         configuration.retries = 0  # the watch retries, with its own back-off
-        configuration.connection_pool_maxsize = 16  # six watches, lists and Events at once
+        configuration.connection_pool_maxsize = 16  # eight watches, lists and Events at once
         self.configuration = configuration
         self._rest = RESTClientObject(configuration)
         self.host = str(configuration.host)
