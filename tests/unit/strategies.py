@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from hypothesis import strategies as st
@@ -697,67 +697,11 @@ def group_cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
-@st.composite
-def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
-    """A policy document with one more rule, whose peers are CIDR groups (allow or deny, either
-    direction; CIDR entries beside them sometimes)."""
-    if weighted(draw, [(2, False), (1, True)]):
-        doc = copy.deepcopy(draw(policy_docs(hints=hints)))
-    else:  # a plain one, selecting the pods of a namespace, so that the group rule decides verdicts
-        doc = {"apiVersion": "cilium.io/v2", "kind": CNP, "metadata": {"name": draw(st.sampled_from(POLICY_NAMES))},
-               "spec": {"endpointSelector": weighted(draw, [(3, {}), (1, draw(label_selectors(hints=hints)))])}}
-        from_hint: bool = draw(st.booleans())
-        if hints and from_hint:
-            doc["metadata"]["namespace"] = draw(st.sampled_from(list(hints)))[NAMESPACE_KEY]
-    spec = doc["spec"] if "spec" in doc else doc["specs"][0]
-    if not isinstance(spec, dict):
-        return doc
-    field = weighted(draw, [(3, "ingress"), (3, "egress"), (1, "ingressDeny"), (1, "egressDeny")])
-    entries = draw(st.lists(group_cidr_sets(), min_size=1, max_size=2))
-    if weighted(draw, [(4, False), (1, True)]):
-        entries.append(draw(cidr_sets()))
-    rule: dict[str, Any] = {("fromCIDRSet" if field.startswith("ingress") else "toCIDRSet"): entries}
-    if weighted(draw, [(3, False), (1, True)]):
-        rule["toPorts"] = [{"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}]
-    existing = spec.get(field)
-    spec[field] = [*existing, rule] if isinstance(existing, list) else [rule]
-    return doc
-
-
-@st.composite
-def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
-    """A scenario (`scenarios`' format) where policies name CIDR groups, the universe has CIDR
-    identities for the groups' CIDRs to select, and flows go between them and endpoints."""
-    universe = draw(universes(min_cidrs=2))
-    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
-    cidr_ids = sorted(int(i) for i in universe["identities"] if int(i) in CIDR_IDENTITIES or int(i) == WORLD_ID)
-    eps = list(universe["endpoints"])
-
-    @st.composite
-    def flow(draw: st.DrawFn) -> dict[str, Any]:
-        f = draw(flows(universe))
-        if draw(st.booleans()):
-            f["src"], f["dst"] = draw(st.sampled_from(cidr_ids)), draw(st.sampled_from(eps))
-        else:
-            f["src"], f["dst"] = draw(st.sampled_from(eps)), draw(st.sampled_from(cidr_ids))
-        return f
-
-    return {
-        "cluster_name": LOCAL_CLUSTER,
-        "default_namespace": DEFAULT_NAMESPACE,
-        **universe,
-        "policies": draw(st.lists(group_policy_docs(hints=hints), min_size=1, max_size=max_policies)),
-        # most names taken (a reference to one that is not is a case too), now and then twice
-        "cidr_groups": [g for name in CIDR_GROUP_NAMES if weighted(draw, [(1, False), (3, True)])
-                        for g in draw(st.lists(cidr_group_docs(name=name), min_size=1, max_size=2))],
-        "flows": draw(st.lists(flow(), min_size=4, max_size=max_flows)),
-    }
-
-
-@st.composite
-def node_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
-    """A policy document with one more rule, whose peers are nodes by label (allow or deny,
-    either direction), selecting the pods of a namespace, so that the node rule decides verdicts."""
+def _with_one_more_rule(draw: st.DrawFn, hints: Sequence[Mapping[str, str]],
+                        peers: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+    """A policy document with one more rule (allow or deny, either direction) whose peer field is
+    `peers(ingress)`, sometimes with ports: either a generated policy, or a plain one selecting the
+    pods of a namespace, so that the added rule decides verdicts."""
     if weighted(draw, [(2, False), (1, True)]):
         doc = copy.deepcopy(draw(policy_docs(hints=hints)))
     else:
@@ -770,13 +714,67 @@ def node_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()
     if not isinstance(spec, dict):
         return doc
     field = weighted(draw, [(3, "ingress"), (3, "egress"), (1, "ingressDeny"), (1, "egressDeny")])
-    rule: dict[str, Any] = {("fromNodes" if field.startswith("ingress") else "toNodes"):
-                            draw(st.lists(node_selectors(), min_size=1, max_size=2))}
+    rule = peers(field.startswith("ingress"))
     if weighted(draw, [(3, False), (1, True)]):
         rule["toPorts"] = [{"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}]
     existing = spec.get(field)
     spec[field] = [*existing, rule] if isinstance(existing, list) else [rule]
     return doc
+
+
+def _flows_between(draw: st.DrawFn, universe: Mapping[str, Any], peers: Sequence[int], max_flows: int) -> list[Any]:
+    """Flows between the universe's endpoints and `peers`, either way."""
+    eps = list(universe["endpoints"])
+
+    @st.composite
+    def flow(draw: st.DrawFn) -> dict[str, Any]:
+        f = draw(flows(universe))
+        if draw(st.booleans()):
+            f["src"], f["dst"] = draw(st.sampled_from(peers)), draw(st.sampled_from(eps))
+        else:
+            f["src"], f["dst"] = draw(st.sampled_from(eps)), draw(st.sampled_from(peers))
+        return f
+
+    return draw(st.lists(flow(), min_size=4, max_size=max_flows))
+
+
+@st.composite
+def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A policy document with one more rule, whose peers are CIDR groups (CIDR entries beside
+    them sometimes)."""
+    def peers(ingress: bool) -> dict[str, Any]:
+        entries = draw(st.lists(group_cidr_sets(), min_size=1, max_size=2))
+        if weighted(draw, [(4, False), (1, True)]):
+            entries.append(draw(cidr_sets()))
+        return {("fromCIDRSet" if ingress else "toCIDRSet"): entries}
+
+    return _with_one_more_rule(draw, hints, peers)
+
+
+@st.composite
+def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
+    """A scenario (`scenarios`' format) where policies name CIDR groups, the universe has CIDR
+    identities for the groups' CIDRs to select, and flows go between them and endpoints."""
+    universe = draw(universes(min_cidrs=2))
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    cidr_ids = sorted(int(i) for i in universe["identities"] if int(i) in CIDR_IDENTITIES or int(i) == WORLD_ID)
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        **universe,
+        "policies": draw(st.lists(group_policy_docs(hints=hints), min_size=1, max_size=max_policies)),
+        # most names taken (a reference to one that is not is a case too), now and then twice
+        "cidr_groups": [g for name in CIDR_GROUP_NAMES if weighted(draw, [(1, False), (3, True)])
+                        for g in draw(st.lists(cidr_group_docs(name=name), min_size=1, max_size=2))],
+        "flows": _flows_between(draw, universe, cidr_ids, max_flows),
+    }
+
+
+@st.composite
+def node_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A policy document with one more rule, whose peers are nodes by label."""
+    return _with_one_more_rule(draw, hints, lambda ingress: {
+        ("fromNodes" if ingress else "toNodes"): draw(st.lists(node_selectors(), min_size=1, max_size=2))})
 
 
 @st.composite
@@ -792,23 +790,12 @@ def node_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 1
     hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
     node_ids = sorted(int(i) for i, lab in universe["identities"].items()
                       if "reserved:remote-node" in lab or "reserved:host" in lab)
-    eps = list(universe["endpoints"])
-
-    @st.composite
-    def flow(draw: st.DrawFn) -> dict[str, Any]:
-        f = draw(flows(universe))
-        if draw(st.booleans()):
-            f["src"], f["dst"] = draw(st.sampled_from(node_ids)), draw(st.sampled_from(eps))
-        else:
-            f["src"], f["dst"] = draw(st.sampled_from(eps)), draw(st.sampled_from(node_ids))
-        return f
-
     return {
         "cluster_name": LOCAL_CLUSTER,
         "default_namespace": DEFAULT_NAMESPACE,
         **universe,
         "policies": draw(st.lists(node_policy_docs(hints=hints), min_size=1, max_size=max_policies)),
-        "flows": draw(st.lists(flow(), min_size=4, max_size=max_flows)),
+        "flows": _flows_between(draw, universe, node_ids, max_flows),
     }
 
 

@@ -256,6 +256,18 @@ def _cluster(
     return _dns_name(value, path, errors, subdomain=False, required=True) or default_cluster
 
 
+def _cluster_scoped_meta(meta: Mapping[str, Any], default_cluster: str, errors: _Errors, *,
+                         subdomain: bool) -> tuple[str | None, dict[str, str], str]:
+    """A cluster-scoped object's name (a DNS subdomain or label), labels and cluster."""
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=subdomain, required=True,
+    )  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    return name, labels, _cluster(annotations, default_cluster, errors)
+
+
 def _ip(value: object, path: str, errors: _Errors) -> str | None:
     """A pod's or node's own address. Addresses no pod or node can have are refused here, in any
     datapath mode: the agent would listen on them (0.0.0.0 is every interface of the node)."""
@@ -505,13 +517,7 @@ def parse_node(obj: object, *, default_cluster: str) -> Node:
     """A `Node` from a Kubernetes Node object. Raises K8sObjectError listing every problem."""
     errors = _Errors()
     top, meta = _header(obj, "Node", errors)
-    name = _dns_name(
-        _optional_string(meta, "name", "metadata.name", errors),
-        "metadata.name", errors, subdomain=True, required=True,
-    )  # fmt: skip
-    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
-    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
-    cluster = _cluster(annotations, default_cluster, errors)
+    name, labels, cluster = _cluster_scoped_meta(meta, default_cluster, errors, subdomain=True)
     status = _mapping(top, "status", "status", errors)
     addresses: list[str] = []
     fields: list[str] = []
@@ -576,13 +582,7 @@ def parse_namespace(obj: object, *, default_cluster: str) -> Namespace:
     """A `Namespace` from a Kubernetes Namespace object. Raises K8sObjectError."""
     errors = _Errors()
     _, meta = _header(obj, "Namespace", errors)
-    name = _dns_name(
-        _optional_string(meta, "name", "metadata.name", errors),
-        "metadata.name", errors, subdomain=False, required=True,
-    )  # fmt: skip
-    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
-    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
-    cluster = _cluster(annotations, default_cluster, errors)
+    name, labels, cluster = _cluster_scoped_meta(meta, default_cluster, errors, subdomain=False)
     _raise_if(errors, "Namespace", None, name)
     assert name is not None
     return Namespace(name=name, labels=_frozen(labels), cluster=cluster)
