@@ -94,11 +94,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="policy/inventory file or folder (repeatable)",
     )
     t.add_argument("--from", dest="src", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
-                   help="a pod, `world`, or an address: a node's (a pod's hostIP) is `host` seen from "
-                        "a pod on that node, `remote-node` otherwise")
+                   help="a pod, `world`, or an address: a node's (a Node's, or a pod's hostIP) is `host` "
+                        "seen from a pod on that node, otherwise the identity of its Node's labels "
+                        "(`remote-node` without a Node)")
     t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
-                   help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
-                        "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")
+                   help="a pod, `world`, a node's address (as for --from), or an address outside the "
+                        "inventory (its CIDR identity; with --fqdn-cache, the toFQDNs selectors of the "
+                        "names it was learned for)")
     what = t.add_mutually_exclusive_group(required=True)
     what.add_argument("--port", type=_port_or_name, metavar="N|NAME",
                       help="destination port (TCP, UDP, SCTP): a number, or the name of one of the "
