@@ -568,13 +568,20 @@ def node_addresses(nodes: Iterable[Node], pods: Iterable[Pod]) -> dict[str, tupl
         for ip in node.ipv4_addresses:
             if not ipaddress.ip_address(ip).is_loopback:
                 out.setdefault(ip, (node.cluster, node.name))
-    for pod in sorted(pods, key=lambda p: (p.cluster, p.namespace, p.name)):
+    # one pass, no sort: the agent calls this after every change of its pods
+    first: dict[str, tuple[tuple[str, str, str], str | None, str]] = {}
+    for pod in pods:
         host = pod.host_ip
         if host is None or host in out:
             continue
+        key = (pod.cluster, pod.namespace, pod.name)
+        seen = first.get(host)
+        if seen is None or key < seen[0]:
+            first[host] = (key, pod.node_name, pod.cluster)
+    for host, (_, name, cluster) in first.items():
         addr = ipaddress.ip_address(host)
         if addr.version == 4 and not addr.is_loopback:
-            out[host] = (pod.cluster, pod.node_name)
+            out[host] = (cluster, name)
     return out
 
 
