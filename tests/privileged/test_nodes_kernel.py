@@ -5,8 +5,9 @@ Three nodes of cluster-a on the netns testbed, n1 linked to n2 and to n3, with d
 its own address (a process in the node's namespace, as a kubelet or a node-local cache would).
 `web/client` on n1 reaches them under egress `toNodes` rules; `payments/server` on n1 is reached
 from the nodes' own namespaces under ingress `fromNodes` rules (n1 itself is never judged: the
-node's own traffic to its pods is allowed, Cilium's allow-localhost). Relabelling a node (its
-Node applied again) moves the verdicts.
+node's own traffic to its pods is allowed, Cilium's allow-localhost), at L3/L4 in the kernel and
+with HTTP rules through Envoy (which knows a node's identity by its addresses, as any peer's).
+Relabelling a node (its Node applied again) moves the verdicts.
 
 Every verdict is checked three ways, table by table: what the kernel does (a connection made or
 not), `l7gate policy trace` on the same inventory (pods and Nodes), and the reference evaluator on
@@ -80,11 +81,12 @@ def label(w: World, labels: dict[str, dict[str, str]]) -> None:
     w.agent.synced()
 
 
-def traced(w: World, policy: dict[str, Any], src: str, dst: str, port: int) -> bool:
+def traced(w: World, policy: dict[str, Any], src: str, dst: str, port: int, *http: str) -> bool:
     path = w.tb.workdir / f"trace-{policy['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump_all([policy, *w.tb.to_manifests(nodes=True)]))
+    request = ["--method", http[0], "--path", http[1]] if http else []
     out = subprocess.run([L7GATE, "policy", "trace", "-f", str(path), "--cluster-name", CLUSTER,
-                          "--from", src, "--to", dst, "--port", str(port), "-o", "json"],
+                          "--from", src, "--to", dst, "--port", str(port), *request, "-o", "json"],
                          capture_output=True, text=True)
     assert out.returncode in (0, 1), out.stderr
     return bool(json.loads(out.stdout)["verdict"] == "allowed")
@@ -181,4 +183,33 @@ def test_relabelling_a_node_moves_the_verdicts(world: World) -> None:
     # the agent's own node relabelled: host's labels follow
     label(world, {"n1": {"zone": "z1", "role": "ingress"}})
     agree(egress_table(world, to_ingress), {"n1": True, "n2": False, "n3": True})
+    label(world, LABELS)
+
+
+def node_curl(node: Node, url: str) -> int:
+    """An HTTP GET from the node's own namespace (its address as the source): the status, 0
+    when no response came back (the connection dropped)."""
+    out = node.run(["curl", "-sS", "--noproxy", "*", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}", url],
+                   capture_output=True, text=True, timeout=15)
+    return int(out.stdout) if out.stdout.strip().isdigit() else 0
+
+
+def test_from_nodes_with_http_rules_goes_through_envoy(world: World) -> None:
+    label(world, LABELS)
+    policy = cnp("server-from-nodes-http", "payments", "server",
+                 ingress=[{"fromNodes": [{"matchLabels": {"role": "ingress"}}],
+                           "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}],
+                                        "rules": {"http": [{"method": "GET", "path": "/ok"}]}}]}])
+    only(world.agent, policy)
+    got = {(name, path): node_curl(world.nodes[name], f"http://{world.server.ip}:8080{path}")
+           for name in ("n2", "n3") for path in ("/ok", "/nope")}
+    # n2 (role ingress) through Envoy: its rule's request allowed, another one 403; n3 dropped
+    assert got == {("n2", "/ok"): 200, ("n2", "/nope"): 403, ("n3", "/ok"): 0, ("n3", "/nope"): 0}, got
+    traced_ = {(name, path): traced(world, policy, world.nodes[name].ip, "payments/server", 8080, "GET", path)
+               for name in ("n2", "n3") for path in ("/ok", "/nope")}
+    assert traced_ == {k: v == 200 for k, v in got.items()}
+    # relabelled: n3 through Envoy now, n2 dropped
+    label(world, {"n2": {"zone": "z1", "role": "worker"}, "n3": {"zone": "z2", "role": "ingress"}})
+    assert node_curl(world.nodes["n3"], f"http://{world.server.ip}:8080/ok") == 200
+    assert node_curl(world.nodes["n2"], f"http://{world.server.ip}:8080/ok") == 0
     label(world, LABELS)
