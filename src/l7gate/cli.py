@@ -85,20 +85,23 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Compute the verdict the policies give a connection (and HTTP request), or an "
         "ICMP message (--icmp-type), from "
         "one pod to another, and explain it step by step. PATH holds CNP, CCNP, NetworkPolicy, "
-        "CiliumCIDRGroup, Pod and Namespace objects; a Pod's cluster is its `l7gate.io/cluster` annotation "
-        "(default: --cluster-name). Pods are named [CLUSTER/]NAMESPACE/POD; `world` stands "
-        "for an address outside the cluster.",
+        "CiliumCIDRGroup, Pod, Namespace and Node objects; a Pod's (or Node's) cluster is its `l7gate.io/cluster` "
+        "annotation (default: --cluster-name). Pods are named [CLUSTER/]NAMESPACE/POD; `world` stands "
+        "for an address outside the cluster; a node's address is that node (its Node's labels, which "
+        "fromNodes/toNodes select).",
     )
     t.add_argument(
         "-f", "--file", dest="paths", action="append", required=True, metavar="PATH",
         help="policy/inventory file or folder (repeatable)",
     )
     t.add_argument("--from", dest="src", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
-                   help="a pod, `world`, or an address: a node's (a pod's hostIP) is `host` seen from "
-                        "a pod on that node, `remote-node` otherwise")
+                   help="a pod, `world`, or an address: a node's (a Node's, or a pod's hostIP) is `host` "
+                        "seen from a pod on that node, otherwise the identity of its Node's labels "
+                        "(`remote-node` without a Node)")
     t.add_argument("--to", dest="dst", required=True, metavar="[CLUSTER/]NS/POD|world|ADDRESS",
-                   help="a pod, `world`, or an address outside the inventory (its CIDR identity; with "
-                        "--fqdn-cache, the toFQDNs selectors of the names it was learned for)")
+                   help="a pod, `world`, a node's address (as for --from), or an address outside the "
+                        "inventory (its CIDR identity; with --fqdn-cache, the toFQDNs selectors of the "
+                        "names it was learned for)")
     what = t.add_mutually_exclusive_group(required=True)
     what.add_argument("--port", type=_port_or_name, metavar="N|NAME",
                       help="destination port (TCP, UDP, SCTP): a number, or the name of one of the "
@@ -165,9 +168,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         description="Pods and Namespaces the agent knows (until the Kubernetes watch feeds them).")
     esub = ep.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", parser_class=_Parser)
     esub.required = True
-    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod, Namespace, Service and EndpointSlice manifests",
-                         description="Send every Pod, Namespace, Service and EndpointSlice in PATH to the agent (all "
-                                     "or nothing).")
+    ea = esub.add_parser("apply", parents=[admin_flags], help="apply Pod, Namespace, Service, EndpointSlice and Node manifests",
+                         description="Send every Pod, Namespace, Service, EndpointSlice and Node in PATH to the agent "
+                                     "(all or nothing).")
     ea.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH")
     el = esub.add_parser("list", parents=[admin_flags], help="list pods with their identities",
                          description="List the pods the agent knows, with identity and addresses.")
@@ -176,6 +179,19 @@ def _build_parser() -> argparse.ArgumentParser:
                          description="Remove pods by [CLUSTER/]NAMESPACE/NAME, EndpointSlices by "
                                      "EndpointSlice/[CLUSTER/]NAMESPACE/NAME.")
     ed.add_argument("refs", nargs="+", metavar="[EndpointSlice/][CLUSTER/]NS/NAME")
+
+    nd = sub.add_parser("node", help="list and remove Nodes at a running agent",
+                        description="Nodes (applied with `l7gate endpoint apply`): their labels, which "
+                                    "fromNodes/toNodes select, their addresses and the identity those have.")
+    ndsub = nd.add_subparsers(dest="node_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    ndsub.required = True
+    ndl = ndsub.add_parser("list", parents=[admin_flags], help="list Nodes with labels, addresses, identity",
+                           description="List the Nodes the agent knows: labels, addresses, and the identity of "
+                                       "their addresses (host: this node).")
+    ndl.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    ndd = ndsub.add_parser("delete", parents=[admin_flags], help="remove Nodes",
+                           description="Remove Nodes by [CLUSTER/]NAME.")
+    ndd.add_argument("refs", nargs="+", metavar="[CLUSTER/]NAME")
 
     sv = sub.add_parser("service", help="list and remove Services at a running agent",
                         description="Services (applied with `l7gate endpoint apply`), as `cilium service list` "
@@ -698,6 +714,25 @@ def _cmd_endpoint_delete(args: argparse.Namespace) -> int:
 _SLICE_PREFIX = "EndpointSlice/"
 
 
+def _cmd_node_list(args: argparse.Namespace) -> int:
+    data = _client(args).get("/v1/nodes")
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [
+        [n["node"], ",".join(n["addresses"]) or "-",
+         "-" if n["identity"] is None else str(n["identity"]) + (" (host)" if n["local"] else ""),
+         ",".join(f"{k}={v}" if v else k for k, v in sorted(n["labels"].items())) or "-"]
+        for n in data["nodes"]
+    ]
+    print(_table(rows, ["NODE", "ADDRESSES", "IDENTITY", "LABELS"]))
+    return EXIT_OK
+
+
+def _cmd_node_delete(args: argparse.Namespace) -> int:
+    return _delete_each(list(args.refs), _client(args).delete_node, "node/{}")
+
+
 def _cmd_service_list(args: argparse.Namespace) -> int:
     data = _client(args).get("/v1/services")
     if args.output == "json":
@@ -907,6 +942,8 @@ _COMMANDS = {
     ("endpoint", "apply"): _cmd_endpoint_apply,
     ("endpoint", "list"): _cmd_endpoint_list,
     ("endpoint", "delete"): _cmd_endpoint_delete,
+    ("node", "list"): _cmd_node_list,
+    ("node", "delete"): _cmd_node_delete,
     ("service", "list"): _cmd_service_list,
     ("fqdn", "cache"): _cmd_fqdn_cache_list,
     ("service", "delete"): _cmd_service_delete,

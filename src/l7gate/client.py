@@ -117,3 +117,6 @@ class AdminClient:
 
     def delete_endpoint_slice(self, ref: str) -> JSON:
         return self.request("DELETE", "/v1/endpointslices/" + quote(ref))
+
+    def delete_node(self, ref: str) -> JSON:
+        return self.request("DELETE", "/v1/nodes/" + quote(ref))

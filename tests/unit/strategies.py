@@ -10,13 +10,16 @@ Shapes (also the corpus formats):
   "named_ports": {"<id>": [[[name, containerPort, protocol], ...], ...]}}``
   Identity numbers follow Cilium: 1 host, 2 world, 3 unmanaged, 4 health, 5 init,
   6 remote-node, 7 kube-apiserver, 8 ingress, 9/10 world-ipv4/-ipv6; pods from 1001; CIDR
-  identities (`cidr:<prefix>` + `reserved:world`) from 2**24. `named_ports` (optional) are the
+  identities (`cidr:<prefix>` + `reserved:world`) from 2**24; other nodes' identities from their
+  Node's labels (`reserved:remote-node`, `node:<key>`, the cluster label) from 2**25, and the
+  host (1) sometimes with this node's labels. `named_ports` (optional) are the
   named container ports of each pod of a pod identity, pod by pod (pods of one identity may
   disagree on a name's number, or not all declare it).
 - policy document: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy as loaded from YAML.
   Most parse; a few are invalid on purpose (both selectors, L7 in a deny rule, UDP with HTTP
   rules, bad regex, unknown entity, ...), so callers must discard what the parser rejects.
-  `toCIDRSet` entries name CiliumCIDRGroups (`cidrGroupRef`, `cidrGroupSelector`) now and then.
+  `toCIDRSet` entries name CiliumCIDRGroups (`cidrGroupRef`, `cidrGroupSelector`) now and then;
+  `fromNodes`/`toNodes` select nodes by their labels.
 - CIDR group document: a CiliumCIDRGroup (names g1-g3, CIDRs around the universe's CIDR
   identities, a `role` label); scenarios carry a few under ``"cidr_groups"``, and references
   to a group that is not there (g4) stay possible.
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from hypothesis import strategies as st
@@ -80,6 +83,25 @@ CIDR_PREFIXES = ("10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.1.0/24", 
                  "192.168.1.7/32")
 CIDR_IDENTITIES: dict[int, dict[str, str]] = {
     CIDR_ID_BASE + i: {f"cidr:{p}": "", "reserved:world": ""} for i, p in enumerate(CIDR_PREFIXES)
+}
+
+# Other nodes, by the labels of their Node (as `identity.filter.node_labels` gives them).
+NODE_ID_BASE = 2 << 24
+NODE_LABEL_VALUES: dict[str, tuple[str, ...]] = {"role": ("ingress", "worker"), "zone": ("z1", "z2")}
+NODE_IDENTITIES: dict[int, dict[str, str]] = {
+    NODE_ID_BASE + 1: {"reserved:remote-node": "", "node:role": "ingress", "node:zone": "z1", CLUSTER_KEY: "cluster-a"},
+    NODE_ID_BASE + 2: {"reserved:remote-node": "", "node:role": "worker", "node:zone": "z2", CLUSTER_KEY: "cluster-a"},
+    NODE_ID_BASE + 3: {"reserved:remote-node": "", "node:role": "ingress", CLUSTER_KEY: "cluster-b"},
+}
+# fromNodes/toNodes keys: the nodes' own labels (plain, with a source Cilium strips, or as
+# `node:`), the cluster label, a reserved one.
+NODE_SELECTOR_KEYS: dict[str, tuple[str, ...]] = {
+    "role": NODE_LABEL_VALUES["role"],
+    "k8s:role": NODE_LABEL_VALUES["role"],
+    "zone": NODE_LABEL_VALUES["zone"],
+    "node:zone": NODE_LABEL_VALUES["zone"],
+    CLUSTER_KEY: CLUSTERS,
+    "reserved:remote-node": ("",),
 }
 
 POD_LABEL_VALUES: dict[str, tuple[str, ...]] = {
@@ -159,7 +181,7 @@ FIELD_NAMES = (
     "fromCIDRSet", "toCIDRSet", "cidr", "except", "toPorts", "ports", "port", "endPort",
     "protocol", "rules", "http", "method", "path", "host", "headers", "headerMatches", "value",
     "mismatch", "authentication", "mode", "source", "icmps", "fields", "type", "family", "cidrGroupRef", "cidrGroupSelector",
-    "toServices", "k8sService", "k8sServiceSelector", "serviceName", "selector",
+    "toServices", "k8sService", "k8sServiceSelector", "serviceName", "selector", "fromNodes", "toNodes",
 )
 # Strings that have broken parsers before: non-ASCII digits, a lone surrogate (valid in JSON as
 # "\ud800"), a number too long for int(), whitespace, signs.
@@ -212,16 +234,29 @@ def pod_labels_example() -> dict[str, str]:
 
 
 def host_labels() -> st.SearchStrategy[dict[str, str]]:
-    """The local host; node labels (env) let nodeSelector policies select it."""
-    return st.sampled_from(({}, {"env": "prod"}, {"env": "dev"})).map(
+    """The local host; node labels (env) let nodeSelector policies select it; with this node's
+    Node known, its labels as `node:<key>` (what fromNodes/toNodes read) and its cluster."""
+    mine = {CLUSTER_KEY: LOCAL_CLUSTER}
+    return st.sampled_from(({}, {"env": "prod"}, {"env": "dev"}, {"node:role": "worker", "node:zone": "z1", **mine},
+                            {"node:role": "ingress", **mine})).map(
         lambda extra: {"reserved:host": "", **extra}
     )
 
 
+def node_labels_of(draw: st.DrawFn) -> dict[str, str]:
+    """Another node's identity labels: its Node's labels (some), its cluster."""
+    labels = {"reserved:remote-node": "", CLUSTER_KEY: draw(st.sampled_from(CLUSTERS))}
+    for key, values in NODE_LABEL_VALUES.items():
+        if draw(st.booleans()):
+            labels[f"node:{key}"] = draw(st.sampled_from(values))
+    return labels
+
+
 @st.composite
-def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5, min_cidrs: int = 0) -> dict[str, Any]:
-    """Identities (world always, other reserved and CIDR identities sometimes, a few pods) and
-    the endpoints under policy (some pods, sometimes the host)."""
+def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5, min_cidrs: int = 0,
+              min_nodes: int = 0) -> dict[str, Any]:
+    """Identities (world always, other reserved, CIDR and node identities sometimes, a few pods)
+    and the endpoints under policy (some pods, sometimes the host)."""
     identities: dict[str, dict[str, str]] = {str(WORLD_ID): RESERVED_IDENTITIES[WORLD_ID]}
     for ident in draw(st.sets(st.sampled_from(sorted(RESERVED_IDENTITIES)), max_size=4)):
         identities[str(ident)] = dict(RESERVED_IDENTITIES[ident])
@@ -229,6 +264,8 @@ def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5, min_cidr
         identities[str(HOST_ID)] = draw(host_labels())
     for ident in draw(st.sets(st.sampled_from(sorted(CIDR_IDENTITIES)), min_size=min_cidrs, max_size=max(3, min_cidrs))):
         identities[str(ident)] = dict(CIDR_IDENTITIES[ident])
+    for ident in draw(st.sets(st.sampled_from(sorted(NODE_IDENTITIES)), min_size=min_nodes, max_size=3)):
+        identities[str(ident)] = dict(NODE_IDENTITIES[ident])
     n = draw(st.integers(min_pods, max_pods))
     pods = POD_IDS[:n]
     for ident in pods:
@@ -301,6 +338,25 @@ def label_selectors(
         sel["matchLabels"] = {k: draw(st.sampled_from(SELECTOR_KEYS[k])) for k in sorted(keys)}
     if draw(st.booleans()) or not keys:
         sel["matchExpressions"] = draw(st.lists(match_expressions(), min_size=1, max_size=2))
+    return sel
+
+
+@st.composite
+def node_selectors(draw: st.DrawFn) -> dict[str, Any]:
+    """A `fromNodes`/`toNodes` entry: `{}` now and then (every node), mostly a node label."""
+    if weighted(draw, [(6, False), (1, True)]):
+        return {}
+    sel: dict[str, Any] = {}
+    keys = draw(st.sets(st.sampled_from(sorted(NODE_SELECTOR_KEYS)), max_size=2))
+    if keys:
+        sel["matchLabels"] = {k: draw(st.sampled_from(NODE_SELECTOR_KEYS[k])) for k in sorted(keys)}
+    if weighted(draw, [(2, False), (1, True)]) or not keys:
+        key = draw(st.sampled_from(sorted(NODE_SELECTOR_KEYS)))
+        op = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
+        expr: dict[str, Any] = {"key": key, "operator": op}
+        if op in ("In", "NotIn"):
+            expr["values"] = sorted(draw(st.sets(st.sampled_from(NODE_SELECTOR_KEYS[key]), min_size=1, max_size=2)))
+        sel["matchExpressions"] = [expr]
     return sel
 
 
@@ -397,10 +453,10 @@ def peer_rules(
     """One element of ingress / ingressDeny / egress / egressDeny."""
     pre = "from" if ingress else "to"
     rule: dict[str, Any] = {}
-    peer_kind = weighted(draw, [(5, "endpoints"), (2, "entities"), (1, "cidr"), (1, "cidrset"),
+    peer_kind = weighted(draw, [(5, "endpoints"), (2, "entities"), (1, "cidr"), (1, "cidrset"), (2, "nodes"),
                                 (0 if ingress else 1, "services"), (4, "none"), (1, "two")])
     kinds = [peer_kind] if peer_kind != "two" else draw(
-        st.lists(st.sampled_from(("endpoints", "entities", "cidr", "cidrset")), min_size=2,
+        st.lists(st.sampled_from(("endpoints", "entities", "cidr", "cidrset", "nodes")), min_size=2,
                  max_size=2, unique=True))
     for k in kinds:
         if k == "endpoints":
@@ -419,6 +475,8 @@ def peer_rules(
             rule[pre + "CIDRSet"] = draw(st.lists(cidr_sets(), max_size=2))
         elif k == "services":
             rule["toServices"] = draw(st.lists(service_entries(), max_size=2))
+        elif k == "nodes":
+            rule[pre + "Nodes"] = draw(st.lists(node_selectors(), max_size=2))
     l4 = weighted(draw, [(3, "toPorts"), (2, "none"), (1, "icmps")])
     if peer_kind == "services" and weighted(draw, [(4, True), (1, False)]):
         l4 = "none"  # Cilium refuses toServices beside toPorts: keep that rare
@@ -710,13 +768,14 @@ def group_cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
-@st.composite
-def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
-    """A policy document with one more rule, whose peers are CIDR groups (allow or deny, either
-    direction; CIDR entries beside them sometimes)."""
+def _with_one_more_rule(draw: st.DrawFn, hints: Sequence[Mapping[str, str]],
+                        peers: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+    """A policy document with one more rule (allow or deny, either direction) whose peer field is
+    `peers(ingress)`, sometimes with ports: either a generated policy, or a plain one selecting the
+    pods of a namespace, so that the added rule decides verdicts."""
     if weighted(draw, [(2, False), (1, True)]):
         doc = copy.deepcopy(draw(policy_docs(hints=hints)))
-    else:  # a plain one, selecting the pods of a namespace, so that the group rule decides verdicts
+    else:
         doc = {"apiVersion": "cilium.io/v2", "kind": CNP, "metadata": {"name": draw(st.sampled_from(POLICY_NAMES))},
                "spec": {"endpointSelector": weighted(draw, [(3, {}), (1, draw(label_selectors(hints=hints)))])}}
         from_hint: bool = draw(st.booleans())
@@ -726,15 +785,41 @@ def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = (
     if not isinstance(spec, dict):
         return doc
     field = weighted(draw, [(3, "ingress"), (3, "egress"), (1, "ingressDeny"), (1, "egressDeny")])
-    entries = draw(st.lists(group_cidr_sets(), min_size=1, max_size=2))
-    if weighted(draw, [(4, False), (1, True)]):
-        entries.append(draw(cidr_sets()))
-    rule: dict[str, Any] = {("fromCIDRSet" if field.startswith("ingress") else "toCIDRSet"): entries}
+    rule = peers(field.startswith("ingress"))
     if weighted(draw, [(3, False), (1, True)]):
         rule["toPorts"] = [{"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}]
     existing = spec.get(field)
     spec[field] = [*existing, rule] if isinstance(existing, list) else [rule]
     return doc
+
+
+def _flows_between(draw: st.DrawFn, universe: Mapping[str, Any], peers: Sequence[int], max_flows: int) -> list[Any]:
+    """Flows between the universe's endpoints and `peers`, either way."""
+    eps = list(universe["endpoints"])
+
+    @st.composite
+    def flow(draw: st.DrawFn) -> dict[str, Any]:
+        f = draw(flows(universe))
+        if draw(st.booleans()):
+            f["src"], f["dst"] = draw(st.sampled_from(peers)), draw(st.sampled_from(eps))
+        else:
+            f["src"], f["dst"] = draw(st.sampled_from(eps)), draw(st.sampled_from(peers))
+        return f
+
+    return draw(st.lists(flow(), min_size=4, max_size=max_flows))
+
+
+@st.composite
+def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A policy document with one more rule, whose peers are CIDR groups (CIDR entries beside
+    them sometimes)."""
+    def peers(ingress: bool) -> dict[str, Any]:
+        entries = draw(st.lists(group_cidr_sets(), min_size=1, max_size=2))
+        if weighted(draw, [(4, False), (1, True)]):
+            entries.append(draw(cidr_sets()))
+        return {("fromCIDRSet" if ingress else "toCIDRSet"): entries}
+
+    return _with_one_more_rule(draw, hints, peers)
 
 
 @st.composite
@@ -744,17 +829,6 @@ def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 
     universe = draw(universes(min_cidrs=2))
     hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
     cidr_ids = sorted(int(i) for i in universe["identities"] if int(i) in CIDR_IDENTITIES or int(i) == WORLD_ID)
-    eps = list(universe["endpoints"])
-
-    @st.composite
-    def flow(draw: st.DrawFn) -> dict[str, Any]:
-        f = draw(flows(universe))
-        if draw(st.booleans()):
-            f["src"], f["dst"] = draw(st.sampled_from(cidr_ids)), draw(st.sampled_from(eps))
-        else:
-            f["src"], f["dst"] = draw(st.sampled_from(eps)), draw(st.sampled_from(cidr_ids))
-        return f
-
     return {
         "cluster_name": LOCAL_CLUSTER,
         "default_namespace": DEFAULT_NAMESPACE,
@@ -763,7 +837,36 @@ def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 
         # most names taken (a reference to one that is not is a case too), now and then twice
         "cidr_groups": [g for name in CIDR_GROUP_NAMES if weighted(draw, [(1, False), (3, True)])
                         for g in draw(st.lists(cidr_group_docs(name=name), min_size=1, max_size=2))],
-        "flows": draw(st.lists(flow(), min_size=4, max_size=max_flows)),
+        "flows": _flows_between(draw, universe, cidr_ids, max_flows),
+    }
+
+
+@st.composite
+def node_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A policy document with one more rule, whose peers are nodes by label."""
+    return _with_one_more_rule(draw, hints, lambda ingress: {
+        ("fromNodes" if ingress else "toNodes"): draw(st.lists(node_selectors(), min_size=1, max_size=2))})
+
+
+@st.composite
+def node_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
+    """A scenario (`scenarios`' format) where policies name nodes by label, the universe has
+    node identities (the host with or without this node's labels, `remote-node` 6 for a node
+    whose labels are unknown, labelled ones), and flows go between them and endpoints."""
+    universe = draw(universes(min_nodes=1))
+    if draw(st.booleans()):
+        universe["identities"][str(HOST_ID)] = draw(host_labels())
+    if draw(st.booleans()):
+        universe["identities"]["6"] = dict(RESERVED_IDENTITIES[6])
+    hints = [lab for lab in universe["identities"].values() if NAMESPACE_KEY in lab]
+    node_ids = sorted(int(i) for i, lab in universe["identities"].items()
+                      if "reserved:remote-node" in lab or "reserved:host" in lab)
+    return {
+        "cluster_name": LOCAL_CLUSTER,
+        "default_namespace": DEFAULT_NAMESPACE,
+        **universe,
+        "policies": draw(st.lists(node_policy_docs(hints=hints), min_size=1, max_size=max_policies)),
+        "flows": _flows_between(draw, universe, node_ids, max_flows),
     }
 
 
@@ -837,10 +940,12 @@ def _identity_labels(ident: int) -> st.SearchStrategy[dict[str, str]]:
         return st.just(dict(RESERVED_IDENTITIES[ident]))
     if ident in CIDR_IDENTITIES:
         return st.just(dict(CIDR_IDENTITIES[ident]))
+    if ident in NODE_IDENTITIES:
+        return st.composite(node_labels_of)()  # a node relabelled (its number is the agent's to keep)
     return pod_labels()
 
 
-IDENTITY_POOL = (HOST_ID, WORLD_ID, 7, *POD_IDS[:6], CIDR_ID_BASE, CIDR_ID_BASE + 2)
+IDENTITY_POOL = (HOST_ID, WORLD_ID, 7, *POD_IDS[:6], CIDR_ID_BASE, CIDR_ID_BASE + 2, NODE_ID_BASE + 1)
 
 
 @st.composite
@@ -865,7 +970,7 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
         return {"op": op, "id": draw(st.sampled_from((HOST_ID, *POD_IDS[:6])))}
     if op == "upsert_policy":
         docs = weighted(draw, [(2, policy_docs(hints=hints)), (1, group_policy_docs(hints=hints)),
-                               (1, service_policy_docs(hints=hints))])
+                               (1, service_policy_docs(hints=hints)), (1, node_policy_docs(hints=hints))])
         return {"op": op, "doc": draw(docs)}
     if op == "delete_policy":
         return {"op": op, "key": draw(policy_keys())}

@@ -55,7 +55,7 @@ RBAC_EXPECTED = {
     ("cilium.io", "ciliumnetworkpolicies/status", "update"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies/status", "update"),
     *{("networking.k8s.io", "networkpolicies", v) for v in ("list", "watch")},
-    *{("", r, v) for r in ("pods", "namespaces", "services") for v in ("list", "watch")},
+    *{("", r, v) for r in ("pods", "namespaces", "services", "nodes") for v in ("list", "watch")},
     *{("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")},
     ("", "events", "create"),
     ("", "events", "patch"),

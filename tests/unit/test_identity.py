@@ -26,6 +26,7 @@ from l7gate.identity import (
     reserved_for_labels,
     reserved_identity,
 )
+from l7gate.identity.filter import node_labels
 from l7gate.kvstore import SQLiteKVStore
 from l7gate.policy.labels import Labels
 from l7gate.policy.selector import CIDRSelector, Entity, EntitySelector
@@ -108,7 +109,8 @@ def test_cluster_of_boundaries() -> None:
     assert cluster_of(65536) == 1 and cluster_of(131071) == 1 and cluster_of(131072) == 2
     assert cluster_of((255 << 16) | 0xFFFF) == 255
     assert cluster_of(LOCAL_IDENTITY_FLAG | 1) is None
-    for bad in (0, -5, (1 << 25) + 7):
+    assert cluster_of((2 << 24) + 7) is None  # another node's identity: node-local as well
+    for bad in (0, -5, (3 << 24) + 7):
         with pytest.raises(IdentityError):
             cluster_of(bad)
 
@@ -243,6 +245,29 @@ def test_lookups_and_all(store: SQLiteKVStore) -> None:
     assert [i.id for i in everything] == list(range(1, 11)) + [a.id, c.id]
     # a lookup does not allocate
     assert alloc.lookup_by_labels(app("zzz")) is None
+
+
+def test_other_nodes_get_numbers_in_the_remote_node_scope(db_path: str) -> None:
+    """Another node's labels (Cilium's node selector labels) get a node-local number with the
+    2<<24 flag, kept across a restart; a node label set with anything else is refused."""
+    ingress = node_labels({"role": "ingress"}, cluster="c1", local=False)
+    with SQLiteKVStore(db_path) as s:
+        alloc = IdentityAllocator(s, cluster_id=1, owner="n1")
+        n = alloc.allocate(ingress)
+        assert n.id == (2 << 24) + 1 and n.local and cluster_of(n.id) is None
+        assert alloc.allocate(node_labels({"role": "worker"}, cluster="c1", local=False)).id == (2 << 24) + 2
+        assert alloc.lookup_by_id(n.id) == n and alloc.lookup_by_labels(ingress) == n
+        # the CIDR scope is its own
+        assert alloc.allocate_cidr("10.0.0.0/8").id == LOCAL_IDENTITY_FLAG + 1
+    with SQLiteKVStore(db_path) as s:
+        alloc = IdentityAllocator(s, cluster_id=1, owner="n1")
+        assert alloc.allocate(ingress).id == n.id
+        assert alloc.release(n.id) is True
+        assert alloc.lookup_by_id(n.id) is None  # node-local: its last release deletes it
+        with pytest.raises(IdentityError, match="reserved"):
+            alloc.allocate(Labels.of({**dict(ingress), "app": "evil"}))
+        with pytest.raises(IdentityError, match="reserved"):  # this node's labels are `host` (1) itself
+            alloc.allocate(node_labels({"role": "x"}, cluster="c1", local=True))
 
 
 def test_wraps_to_the_start_of_the_range(store: SQLiteKVStore) -> None:

@@ -13,11 +13,11 @@ import pytest
 from l7gate.agent.config import AgentConfig, EnvoySettings
 from l7gate.agent.core import AgentCore
 from l7gate.agent.kube import CoreSink
-from l7gate.k8s.reconcile import CNPS, NAMESPACES, PODS, RESOURCES, ObjectRef, Pending, Reconciler, Resource, project
+from l7gate.k8s.reconcile import CNPS, NAMESPACES, NODES, PODS, RESOURCES, ObjectRef, Pending, Reconciler, Resource, project
 from l7gate.kvstore.sqlite import SQLiteKVStore
 from l7gate.xds.cache import SnapshotCache
 
-from .test_k8s_reconcile import api_cnp, api_pod, listing, run
+from .test_k8s_reconcile import api_cnp, api_node, api_pod, listing, run
 
 CLUSTER = "cluster-a"
 
@@ -186,3 +186,25 @@ def test_endpoint_slices_from_the_api_move_a_toservices_rule(core: AgentCore) ->
     p.event(ENDPOINTSLICES, project(ENDPOINTSLICES, api_slice("ext-1"), CLUSTER, deleted=True))
     run(rec, p)
     assert not may_connect("192.0.2.11") and sink.owned("EndpointSlice") == set()
+
+
+def test_nodes_from_the_api_label_their_addresses_and_go_with_them(core: AgentCore) -> None:
+    sink = CoreSink(core)
+    rec = Reconciler(sink, Recorder())
+    sync(rec, {NODES: [api_node("node-a1", "192.0.2.1", {"role": "app"}), api_node("node-a2", "192.0.2.2", {"role": "x"})],
+               PODS: [api_pod("a", "10.1.0.1")]})
+    assert sink.owned("Node") == {"cluster-a/node-a1", "cluster-a/node-a2"}
+    nodes = {n.node.name: n for n in core.view().nodes.values()}
+    assert nodes["node-a1"].identity == 1 and nodes["node-a1"].local
+    assert core.resolver.identities[1]["node:role"] == "app"
+    other = nodes["node-a2"].identity
+    assert other is not None and core.resolver.identities[other]["node:role"] == "x"
+    # relabelled in the API: a new identity for its address
+    p = Pending()
+    p.event(NODES, project(NODES, api_node("node-a2", "192.0.2.2", {"role": "y"}, rv="2"), CLUSTER))
+    run(rec, p)
+    relabelled = core.view().nodes["cluster-a/node-a2"].identity
+    assert relabelled not in (None, other) and core.resolver.identities[relabelled]["node:role"] == "y"
+    # deleted from the API
+    run(rec, listing(NODES, [api_node("node-a1", "192.0.2.1", {"role": "app"})]))
+    assert set(core.view().nodes) == {"cluster-a/node-a1"}

@@ -1,4 +1,4 @@
-"""Pod and Namespace objects -> typed values, with every error named by its field path."""
+"""Pod, Namespace and Node objects -> typed values, with every error named by its field path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l7gate.k8s import K8sObjectError, Namespace, Pod, parse_namespace, parse_object, parse_pod
+from l7gate.k8s import K8sObjectError, Namespace, Node, Pod, parse_namespace, parse_node, parse_object, parse_pod
+from l7gate.k8s.objects import node_addresses, node_identity_labels
 
 BILLING = """
 apiVersion: v1
@@ -137,7 +138,7 @@ def test_error_message_names_the_resource() -> None:
         ({"apiVersion": "v1", "kind": "Pod"}, "metadata: is required"),
         ({"apiVersion": "v1", "kind": "Pod", "metadata": {}}, "metadata.name: is required"),
         ({"apiVersion": "v1", "kind": "Pod", "metadata": []}, "metadata: must be a mapping"),
-        ({"apiVersion": "v1", "kind": "ConfigMap"}, "kind: must be 'Pod', 'Namespace', 'Service' or 'EndpointSlice'"),
+        ({"apiVersion": "v1", "kind": "ConfigMap"}, "kind: must be 'Pod', 'Namespace', 'Service', 'EndpointSlice' or 'Node'"),
         (
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": ["a"]}},
             "metadata.labels: must be a mapping",
@@ -226,7 +227,7 @@ json_values = st.recursive(
 
 @given(
     st.fixed_dictionaries(
-        {"apiVersion": st.sampled_from(["v1", 1]), "kind": st.sampled_from(["Pod", "Namespace"])},
+        {"apiVersion": st.sampled_from(["v1", 1]), "kind": st.sampled_from(["Pod", "Namespace", "Node"])},
         optional={
             "metadata": st.fixed_dictionaries(
                 {},
@@ -239,7 +240,9 @@ json_values = st.recursive(
             ) | json_values,
             "spec": json_values,
             "status": json_values | st.fixed_dictionaries({}, optional={
-                "podIP": json_values, "podIPs": json_values}),
+                "podIP": json_values, "podIPs": json_values, "addresses": json_values | st.lists(
+                    st.fixed_dictionaries({}, optional={"type": st.sampled_from(["InternalIP", "Hostname", "x"])
+                                                        | json_values, "address": json_values}), max_size=2)}),
         },
     )
 )
@@ -297,3 +300,73 @@ def test_one_definition_of_a_pods_identity_labels() -> None:
     assert labels(other, everywhere)[key] == "any"
     assert labels(other, everywhere, own)[key] == "a"
     assert labels()["io.kubernetes.pod.namespace"] == "web" and labels()["io.cilium.k8s.policy.cluster"] == "a"
+
+
+NODE = """
+apiVersion: v1
+kind: Node
+metadata:
+  name: worker-2
+  labels:
+    role: ingress
+    kubernetes.io/hostname: worker-2
+  annotations:
+    l7gate.io/cluster: cluster-a
+spec:
+  podCIDR: 10.0.2.0/24
+status:
+  addresses:
+  - {type: InternalIP, address: 192.0.2.2}
+  - {type: Hostname, address: worker-2}
+  - {type: InternalIP, address: "fd00::2"}
+  - {type: ExternalIP, address: 198.51.100.2}
+  conditions:
+  - {type: Ready, status: "True"}
+"""
+
+
+def test_parses_a_node() -> None:
+    node = parse_node(yaml.safe_load(NODE), default_cluster="local")
+    assert node == Node(cluster="cluster-a", name="worker-2",
+                        labels={"role": "ingress", "kubernetes.io/hostname": "worker-2"},
+                        addresses=("192.0.2.2", "fd00::2", "198.51.100.2"))
+    assert node.ref == "cluster-a/worker-2" and node.ipv4_addresses == ("192.0.2.2", "198.51.100.2")
+    assert node.address_fields == ("status.addresses[0].address", "status.addresses[2].address",
+                                   "status.addresses[3].address")
+    # every label of the Node, as `node:<key>` (Cilium's default: no filter), and its cluster
+    assert dict(node_identity_labels(node, local=False)) == {
+        "reserved:remote-node": "", "node:role": "ingress", "node:kubernetes.io/hostname": "worker-2",
+        "io.cilium.k8s.policy.cluster": "cluster-a"}
+    assert "reserved:host" in node_identity_labels(node, local=True)
+
+
+@pytest.mark.parametrize("addresses, path, message", [
+    ([{"type": "InternalIP", "address": "10.0.0.256"}], "status.addresses[0].address", "not an IP address"),
+    ([{"type": "InternalIP", "address": "0.0.0.0"}], "status.addresses[0].address", "unspecified"),
+    ([{"type": "ExternalIP", "address": "224.0.0.1"}], "status.addresses[0].address", "multicast"),
+    ([{"type": "Internal", "address": "10.0.0.1"}], "status.addresses[0].type", "must be one of InternalIP"),
+    ([{"type": "Hostname"}], "status.addresses[0].address", "non-empty string"),
+    (["10.0.0.1"], "status.addresses[0]", "mapping"),
+    ("10.0.0.1", "status.addresses", "must be a list"),
+])
+def test_bad_node_addresses_are_errors_at_their_field(addresses: Any, path: str, message: str) -> None:
+    obj = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": addresses}}
+    (error,) = errors_of(obj)
+    assert error.startswith(f"{path}: ") and message in error, error
+
+
+def test_node_label_errors_name_the_label() -> None:
+    obj = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "N_1", "labels": {"role": "a b"}}}
+    errors = errors_of(obj)
+    assert any(e.startswith("metadata.name: ") for e in errors)
+    assert any(e.startswith("metadata.labels.role: ") for e in errors)
+
+
+def test_node_addresses_from_nodes_first_then_the_pods_host_ips() -> None:
+    nodes = [Node("c", "n2", {"role": "x"}, ("192.0.2.2", "fd00::2")), Node("c", "n1", {}, ("192.0.2.1", "127.0.0.2"))]
+    pods = [Pod("c", "web", "a", host_ip="192.0.2.9", node_name="n1"),  # a hostIP its Node does not list: n1's
+            Pod("c", "web", "b", host_ip="192.0.2.2", node_name="n7"),  # a Node's address stays that Node's
+            Pod("c", "web", "c", host_ip="192.0.2.3"),  # no node name: a node of unknown name
+            Pod("c", "web", "d", host_ip="127.0.0.1", node_name="n1")]  # loopback: never a node address
+    assert node_addresses(nodes, pods) == {"192.0.2.1": ("c", "n1"), "192.0.2.2": ("c", "n2"),
+                                           "192.0.2.9": ("c", "n1"), "192.0.2.3": ("c", None)}

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from l7gate.k8s.objects import parse_namespace, parse_pod, parse_service
+from l7gate.k8s.objects import parse_namespace, parse_node, parse_pod, parse_service
 from l7gate.k8s.reconcile import (
-    CCNPS, CIDRGROUPS, CNPS, MARKER, NAMESPACES, PODS, RESOURCES, SERVICES, Backoff, ObjectRef, Pending, Reconciler, Resource,
-    from_api, project,
+    CCNPS, CIDRGROUPS, CNPS, MARKER, NAMESPACES, NODES, PODS, RESOURCES, SERVICES, Backoff, ObjectRef, Pending, Reconciler,
+    Resource, from_api, project,
 )
 from l7gate.policy.parse import parse_policy
 
@@ -102,6 +102,40 @@ def test_pods_l7gate_has_no_endpoint_for_are_absent(change: dict[str, Any]) -> N
     raw["status"].update(change.get("status", {}))
     d = project(PODS, raw, CLUSTER)
     assert d.doc is None and d.key == "cluster-a/web/job-1"
+
+
+def api_node(name: str, ip: str, labels: dict[str, str], *, rv: str = "1") -> dict[str, Any]:
+    """A Node as the API server returns it: with the fields (and churn) l7gate ignores too."""
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": rv, "labels": labels,
+                     "annotations": {"node.alpha.kubernetes.io/ttl": "0",
+                                     "volumes.kubernetes.io/controller-managed-attach-detach": "true"}},
+        "spec": {"podCIDR": "10.244.1.0/24", "taints": [{"key": "k", "effect": "NoSchedule"}]},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+                   "conditions": [{"type": "Ready", "status": "True",
+                                   "lastHeartbeatTime": "2026-01-01T00:00:00Z"}],
+                   "images": [{"names": ["x:1"], "sizeBytes": 1}], "nodeInfo": {"kubeletVersion": "v1.33.0"}},
+    }
+
+
+def test_node_projection_keeps_labels_and_addresses_only() -> None:
+    raw = api_node("worker-2", "192.0.2.2", {"role": "ingress"})
+    d = project(NODES, raw, CLUSTER)
+    assert d.key == "cluster-a/worker-2" and d.doc is not None
+    assert d.ref == ObjectRef("Node", "v1", "", "worker-2", "uid-worker-2", "1")
+    node = parse_node(d.doc, default_cluster="x")
+    assert (node.cluster, node.name, dict(node.labels), node.addresses) == (
+        CLUSTER, "worker-2", {"role": "ingress"}, ("192.0.2.2",))
+    assert d.doc["metadata"]["annotations"] == {MARKER: "kubernetes", "l7gate.io/cluster": CLUSTER}
+    # a heartbeat, another controller's annotation: the same document
+    later = copy.deepcopy(raw)
+    later["metadata"]["resourceVersion"] = "2"
+    later["metadata"]["annotations"]["csi.volume.kubernetes.io/nodeid"] = "{}"
+    later["status"]["conditions"][0]["lastHeartbeatTime"] = "2026-01-01T00:00:10Z"
+    assert project(NODES, later, CLUSTER).doc == d.doc
+    # a label is a change
+    later["metadata"]["labels"]["role"] = "worker"
+    assert project(NODES, later, CLUSTER).doc != d.doc
 
 
 def test_namespace_service_and_policy_projections() -> None:

@@ -5,7 +5,9 @@
    the source composed with ingress of the destination). Generated pods declare named container
    ports, and generated rules name them (`port: http`). Policies may name CiliumCIDRGroups
    (the scenario's `cidr_groups`): the resolver gets them expanded with the groups, as the agent
-   does, and the reference evaluator reads the references itself.
+   does, and the reference evaluator reads the references itself. Rules may name nodes by their
+   labels (`fromNodes`/`toNodes`), and the universe holds node identities (the host with this
+   node's labels, other nodes' from theirs, `remote-node` for a node whose labels are unknown).
 2. Incremental == full: any sequence of identity, endpoint, policy, named port and CIDR group
    changes (a group change re-expands the policies naming groups, and upserts those that
    changed, as the agent does) leaves every endpoint's maps equal to those of a resolver built
@@ -311,6 +313,13 @@ def test_cidr_group_references_agree_with_reference_evaluator(scn: dict[str, Any
 @examples(150)
 @given(gen.service_scenarios())
 def test_toservices_references_agree_with_reference_evaluator(scn: dict[str, Any]) -> None:
+    note("corpus JSON (tests/corpus/differential/):\n" + as_json(scn))
+    check_differential(scn)
+
+
+@examples(150)
+@given(gen.node_scenarios())
+def test_node_selectors_agree_with_reference_evaluator(scn: dict[str, Any]) -> None:
     note("corpus JSON (tests/corpus/differential/):\n" + as_json(scn))
     check_differential(scn)
 

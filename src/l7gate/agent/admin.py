@@ -9,8 +9,10 @@
                                          all or nothing
     DELETE /v1/policy/<Kind>/[<ns>/]<name> (CiliumCIDRGroup/<name> too)
     GET    /v1/endpoints                 pods known to the agent, with identities
-    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service/EndpointSlice...]}
+    POST   /v1/endpoints                 {"objects": [...Pod/Namespace/Service/EndpointSlice/Node...]}
     DELETE /v1/endpoints/[<cluster>/]<ns>/<name>
+    GET    /v1/nodes                     Nodes: labels, addresses, the identity of their addresses
+    DELETE /v1/nodes/[<cluster>/]<name>
     GET    /v1/services                  Services: frontends, backends, whether the datapath serves them
     DELETE /v1/services/[<cluster>/]<ns>/<name>
     DELETE /v1/endpointslices/[<cluster>/]<ns>/<name>
@@ -240,6 +242,8 @@ class AdminApp:
                 return 200, {"endpoints": views.pods(core.view())}, j
             if path == "/v1/services":
                 return 200, views.services(core.view(), core), j
+            if path == "/v1/nodes":
+                return 200, {"nodes": views.nodes(core.view())}, j
             if path == "/v1/identities":
                 return 200, {"identities": views.identities(core.view())}, j
             if path == "/v1/ipcache":
@@ -294,6 +298,11 @@ class AdminApp:
             if core.delete_endpoint_slice(key):
                 return 200, {"deleted": [key]}, j
             return 404, {"error": f"no EndpointSlice {key!r}"}, j
+        if method == "DELETE" and path.startswith("/v1/nodes/"):
+            key = path[len("/v1/nodes/") :]
+            if core.delete_node(key):
+                return 200, {"deleted": [key]}, j
+            return 404, {"error": f"no Node {key!r}"}, j
         if method == "DELETE" and path.startswith("/v1/endpoints/"):
             ref = path[len("/v1/endpoints/") :]
             if core.delete_pod(ref):

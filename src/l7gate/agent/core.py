@@ -1,7 +1,7 @@
-"""The agent's state and its reconcile steps: policies, pods, identities, ipcache, xDS.
+"""The agent's state and its reconcile steps: policies, pods, nodes, identities, ipcache, xDS.
 
 Theory of operation. Inputs arrive as Kubernetes objects (CNP/CCNP/NetworkPolicy, CiliumCIDRGroup,
-Pod, Namespace, Service, EndpointSlice) through
+Pod, Namespace, Service, EndpointSlice, Node) through
 `apply` and `delete` (the admin API, and the Kubernetes watch through `agent/kube.py`: the same path).
 Each call is all-or-nothing: every object is parsed and checked first; one invalid object
 (or the same object twice, or a pod address this datapath cannot serve) refuses the whole
@@ -20,7 +20,9 @@ request and nothing in force changes. A valid request then, in order:
    every such policy is expanded again and those whose expansion changed are upserted in the
    same change;
 3. feeds every resulting `PolicyDelta` and ipcache change to the xDS publisher and flushes it,
-   so the change is in Envoy's snapshot before the call returns.
+   so the change is in Envoy's snapshot before the call returns. Node addresses (the Nodes', the
+   pods' hostIP) get their identities at the flush (`_sync_node_identities`): this node's is
+   `host`, another node's its own, from its Node's labels (`remote-node` while none is known).
 
 Every change takes one lock: the admin server's threads are serialized here. Readers do not
 take it for long: they answer from a `StateView`, the state as of the last completed change,
@@ -50,8 +52,9 @@ from ..identity.fqdncache import FQDNCache
 from ..identity.ipcache import IPCache, IPNetwork
 from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError
 from ..k8s.objects import (
-    ANY_CLUSTER, ENDPOINT_KINDS, K8sObjectError, Namespace, Pod, namespace_of, parse_endpoint_slice, parse_pod, parse_service,
-    pod_backend, pod_identity_labels, scoped_namespace, service_target,
+    ANY_CLUSTER, ENDPOINT_KINDS, K8sObjectError, Namespace, Node, Pod, namespace_of, node_addresses,
+    node_identity_labels, parse_endpoint_slice, parse_node, parse_pod, parse_service, pod_backend,
+    pod_identity_labels, scoped_namespace, service_target,
 )
 from ..kvstore.api import KVStore, KVStoreError
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
@@ -84,6 +87,7 @@ POD_PREFIX = PREFIX + "pods/"
 NAMESPACE_PREFIX = PREFIX + "namespaces/"
 SERVICE_PREFIX = PREFIX + "services/"  # <cluster>/<namespace>/<name>
 ENDPOINT_SLICE_PREFIX = PREFIX + "endpointslices/"  # <cluster>/<namespace>/<name>
+NODE_PREFIX = PREFIX + "nodes/"  # <cluster>/<name>
 CIDR_GROUP_PREFIX = PREFIX + "cidrgroups/"  # <name>: a CiliumCIDRGroup as applied
 FQDN_PREFIX = PREFIX + "fqdn/"  # <name>: what the DNS proxy learned for it (identity.fqdncache)
 MESH_PREFIX = PREFIX + "mesh/"  # remote clusters' entries as last seen: <cluster>/identities|endpoints|services/<key>
@@ -105,6 +109,16 @@ class PodRecord:
     pod: Pod
     identity: int
     labels: Labels
+    local: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A Node in force and what the agent made of it: the identity its addresses have (None:
+    it has no IPv4 address), whether it is this agent's node."""
+
+    node: Node
+    identity: int | None
     local: bool
 
 
@@ -165,6 +179,7 @@ class StateView:
     cidr_group_docs: Mapping[str, Any] = field(default_factory=dict)
     # namespace/name → what toServices reads of the Service (its endpoints' addresses)
     service_targets: Mapping[str, ServiceTarget] = field(default_factory=dict)
+    nodes: Mapping[str, NodeRecord] = field(default_factory=dict)  # <cluster>/<name> → record
 
     def pods_of(self) -> dict[int, list[str]]:
         """Identity → the refs of its pods, sorted."""
@@ -267,9 +282,15 @@ class AgentCore:
         # inside it is that identity (longest prefix: a pod's own /32 wins) and the selector
         # selects it. Prefix → identity number.
         self._cidr_identities: dict[IPNetwork, int] = {}
-        # Node addresses (Cilium's `host` and `remote-node` entities): this node's address and
-        # the pods' `status.hostIP` are in the ipcache as `host` (1) for this node, `remote-node`
-        # (6) for every other node; /32 → identity, as written (`_sync_node_identities`).
+        # Node addresses (Cilium's `host` and `remote-node` entities): this node's address, its
+        # Nodes' addresses and the pods' `status.hostIP` are in the ipcache as `host` (1) for
+        # this node, for every other node the identity of its Node's labels (remote-node scope),
+        # or `remote-node` (6) while no Node says what they are; /32 → identity, as written
+        # (`_sync_node_identities`). Nodes by <cluster>/<name>, with the object as applied.
+        self._nodes: dict[str, Node] = {}
+        self._node_docs: dict[str, Any] = {}
+        self._node_records: dict[str, NodeRecord] = {}
+        self._node_idents: dict[str, Identity] = {}  # another node's ref → its allocated identity
         self._node_identities: dict[IPNetwork, int] = {}
         self._nodes_dirty = True
         # toFQDNs (docs/fqdn.md): what the DNS proxy learned, the policies' FQDN selectors, and
@@ -329,7 +350,7 @@ class AgentCore:
         with self._lock:
             self._restore_mesh()
             docs: list[Any] = []
-            for prefix in (NAMESPACE_PREFIX, POD_PREFIX, SERVICE_PREFIX, ENDPOINT_SLICE_PREFIX, CIDR_GROUP_PREFIX,
+            for prefix in (NAMESPACE_PREFIX, NODE_PREFIX, POD_PREFIX, SERVICE_PREFIX, ENDPOINT_SLICE_PREFIX, CIDR_GROUP_PREFIX,
                            POLICY_PREFIX):
                 for _, value in self.store.list_prefix(prefix):
                     docs.append(json.loads(value))
@@ -368,6 +389,7 @@ class AgentCore:
         services: list[tuple[Service, Any]] = []
         slices: list[tuple[EndpointSlice, Any]] = []
         groups: list[tuple[CIDRGroup, Any]] = []
+        nodes: list[tuple[Node, Any]] = []
         # One request, one object per key: applying both would keep the later one silently.
         first: dict[str, int] = {}
 
@@ -435,6 +457,16 @@ class AgentCore:
                     ns = scoped_namespace(doc, default_cluster=self.config.cluster_name)
                     if once(f"namespace/{ns.cluster}/{ns.name}", i, "namespace once"):
                         namespaces.append((ns, doc))
+                elif kind == "Node":
+                    node = parse_node(doc, default_cluster=self.config.cluster_name)
+                    if self.config.cluster_id_of(node.cluster) is None:
+                        errors.append(f"Node {node.ref}: cluster {node.cluster!r} has no id: add it to the "
+                                      f"agent's `clusters` map")
+                    elif self.config.clustermesh.enabled and node.cluster != self.config.cluster_name:
+                        errors.append(f"Node {node.ref}: with the cluster mesh this agent takes Nodes of "
+                                      f"{self.config.cluster_name} only, as it takes its pods")
+                    elif once(f"node/{node.ref}", i, "Node once (same cluster and name)"):
+                        nodes.append((node, doc))
                 else:
                     errors.append(
                         f"object {i + 1}: kind {kind!r} is not one of "
@@ -451,9 +483,24 @@ class AgentCore:
                 if owner is not None and owner != pod.ref:
                     errors.append(f"Pod {pod.ref}: IP {ip} is already used by {owner}")
                 claimed[ip] = pod.ref
+        errors.extend(self._node_address_errors(nodes))
         if errors:
             raise ApplyError(errors)
-        return _Checked(policies, namespaces, pods, services, groups, slices)
+        return _Checked(policies, namespaces, pods, services, groups, slices, nodes)
+
+    def _node_address_errors(self, nodes: list[tuple[Node, Any]]) -> list[str]:
+        """One address, one node: a request's Nodes against each other and against the Nodes in
+        force that it does not replace."""
+        replaced = {node.ref for node, _ in nodes}
+        owner = {ip: ref for ref, n in self._nodes.items() if ref not in replaced for ip in n.addresses}
+        errors: list[str] = []
+        for node, _ in nodes:
+            for ip, where in zip(node.addresses, node.address_fields):
+                other = owner.get(ip)
+                if other is not None and other != node.ref:
+                    errors.append(f"Node {node.ref}: {where}: {ip} is already the address of Node {other}")
+                owner.setdefault(ip, node.ref)
+        return errors
 
     def _apply_locked(self, docs: list[Any], *, persist: bool) -> ApplyResult:
         t0 = time.perf_counter()
@@ -562,6 +609,16 @@ class AgentCore:
                 if persist:
                     self.store.put(ENDPOINT_SLICE_PREFIX + key, _canonical(doc))
             self._record(result, f"endpointslice/{key}", old_doc is None, same)
+        for node, doc in checked.nodes:
+            old_doc = self._node_docs.get(node.ref)
+            same = old_doc is not None and _canonical(old_doc) == _canonical(doc)
+            if not same:
+                self._nodes[node.ref] = node
+                self._node_docs[node.ref] = doc
+                self._nodes_dirty = True
+                if persist:
+                    self.store.put(NODE_PREFIX + node.ref, _canonical(doc))
+            self._record(result, f"node/{node.ref}", old_doc is None, same)
         changed_groups: list[tuple[CIDRGroup, Any]] = []
         for group, doc in checked.groups:
             old_doc = self._cidr_group_docs.get(group.key)
@@ -804,43 +861,97 @@ class AgentCore:
                     pass  # not held by this run (restored): the number is reclaimed by GC
 
     def _sync_node_identities(self) -> None:
-        """Node addresses in the ipcache, as Cilium has them: this node's (`clustermesh.
-        nodeAddress`, and the `status.hostIP` of its own pods) as `host`, every other node's
-        (the hostIP of other nodes' pods, local or from the mesh) as `remote-node`. So
-        `toEntities: [host]` reaches the node a pod runs on, `fromEntities: [remote-node]`
-        admits other nodes, and `world` and CIDR rules select neither (Cilium's default).
+        """Node addresses in the ipcache, as Cilium has them with node selector labels: this
+        node's (`clustermesh.nodeAddress`, its Node's addresses, the `status.hostIP` of its own
+        pods) as `host`, every other node's as that node's identity: the one its Node's labels
+        give (`node_identity_labels`, remote-node scope), or `remote-node` (6) while no Node of
+        that name is known (the hostIP of another node's pods, local or from the mesh). This
+        node's Node labels `host` (1) itself. So `toEntities: [host]` reaches the node a pod runs
+        on, `fromEntities: [remote-node]` admits other nodes, `fromNodes`/`toNodes` select them
+        by their labels, and `world` and CIDR rules select none (Cilium's default).
 
         An address that is a pod's own (hostNetwork pods are not endpoints) or that another
         entry already holds is left as it is; loopback addresses are never node addresses
         (loopback mode: pods are 127.x addresses on the one machine)."""
         self._nodes_dirty = False
-        local: set[str] = set()
-        remote: set[str] = set()
+        mine = (self.config.cluster_name, self.config.node)
+        where = node_addresses(self._nodes.values(), (rec.pod for rec in self._pods.values()))
         if self.config.clustermesh.node_address:
-            local.add(self.config.clustermesh.node_address)
-        for rec in self._pods.values():
-            host = rec.pod.host_ip
-            if host:
-                (local if rec.local else remote).add(host)
+            where[self.config.clustermesh.node_address] = mine
+
+        def local(cluster: str, name: str | None) -> bool:
+            return cluster == mine[0] and name in (None, mine[1])
+
+        # this node's labels on `host`
+        me = self._nodes.get(f"{mine[0]}/{mine[1]}")
+        host = node_identity_labels(me, local=True) if me is not None else RESERVED[HOST].labels
+        if self.resolver.identities.get(HOST) != host:
+            self._feed(self.resolver.update_identities({HOST: host}))
+        # other nodes' identities, allocated from their labels
+        allocator = self._allocators[self.config.cluster_id]
+        used = {f"{c}/{n}" for c, n in where.values() if n is not None and not local(c, n)}
+        old_idents = dict(self._node_idents)
+        for ref in sorted(used & self._nodes.keys()):
+            labels = node_identity_labels(self._nodes[ref], local=False)
+            held = self._node_idents.get(ref)
+            if held is None or held.labels != labels:
+                try:
+                    self._node_idents[ref] = allocator.allocate(labels)
+                except (IdentityError, KVStoreError):
+                    # no number now: `remote-node` until the next change tries again
+                    self._node_idents.pop(ref, None)
+                    self._nodes_dirty = True
+        for ref in list(self._node_idents):
+            if ref not in used or ref not in self._nodes:
+                del self._node_idents[ref]
+        numbers = {i.id: i.labels for i in self._node_idents.values()}
+        before = {i.id for i in old_idents.values()}
+        added = {n: lab for n, lab in numbers.items() if n not in before}
+        if added:
+            self._feed(self.resolver.update_identities(added))
         wanted: dict[IPNetwork, int] = {}
-        for ip, ident in [*((ip, REMOTE_NODE) for ip in remote - local), *((ip, HOST) for ip in local)]:
+        for ip, (cluster, name) in where.items():
             try:
                 addr = ipaddress.ip_address(ip)
             except ValueError:
                 continue
             if addr.is_loopback or addr.is_unspecified or ip in self._ip_owner:
                 continue
-            wanted[ipaddress.ip_network(addr)] = ident
+            held = self._node_idents.get(f"{cluster}/{name}")
+            wanted[ipaddress.ip_network(addr)] = (HOST if local(cluster, name)
+                                                  else held.id if held is not None else REMOTE_NODE)
         have = self._node_identities
         for net, ident in list(have.items()):
-            if wanted.get(net) != ident:
+            if net not in wanted:
                 del have[net]
                 if self.ipcache.get(net) == ident:
                     self.ipcache.delete(net)
         for net, ident in wanted.items():
-            if net not in have and self.ipcache.get(net) is None:
-                self.ipcache.upsert(net, ident)
+            old = have.get(net)
+            if old == ident:
+                continue
+            current = self.ipcache.get(net)
+            if current is None or current == old:
+                self.ipcache.upsert(net, ident)  # over the old number at once: never world between
                 have[net] = ident
+            elif old is not None:
+                del have[net]  # another entry took the address
+        gone = [n for n in before if n not in numbers]
+        if gone:
+            self._feed(self.resolver.update_identities({}, deleted=gone))
+        for ref, was in old_idents.items():
+            if self._node_idents.get(ref) != was:
+                try:
+                    allocator.release(was.id)
+                except (IdentityError, KVStoreError):
+                    pass  # not held by this run (restored): the number is reclaimed by GC
+        by_node: dict[str, int] = {}
+        for ip, (cluster, name) in where.items():
+            number = have.get(ipaddress.ip_network(ip)) if ":" not in ip else None
+            if name is not None and number is not None:
+                by_node.setdefault(f"{cluster}/{name}", number)
+        self._node_records = {ref: NodeRecord(n, by_node.get(ref), local(n.cluster, n.name))
+                              for ref, n in sorted(self._nodes.items())}
 
     # -- toFQDNs ---------------------------------------------------------------------------------
 
@@ -1048,6 +1159,25 @@ class AgentCore:
         settle_heap()
         return True
 
+    def delete_node(self, key: str) -> bool:
+        """Remove the Node `<cluster>/<name>` (or `<name>` of this cluster): its addresses lose
+        the identity of its labels (those still a pod's hostIP become `remote-node`, or `host`).
+        False if there is none."""
+        if "/" not in key:
+            key = f"{self.config.cluster_name}/{key}"
+        with self._lock:
+            if key not in self._node_docs:
+                return False
+            self._view = None
+            del self._node_docs[key]
+            self._nodes.pop(key, None)
+            self._nodes_dirty = True
+            self.store.delete(NODE_PREFIX + key)
+            self._flush()
+            self.revision += 1
+        settle_heap()
+        return True
+
     def delete_service(self, key: str) -> bool:
         """Remove the Service `<cluster>/<namespace>/<name>` (or `<namespace>/<name>` of this
         cluster); False if there is none."""
@@ -1112,7 +1242,7 @@ class AgentCore:
         return True
 
     def documents(self, kind: str) -> dict[str, Any]:
-        """The objects of `kind` (a policy kind, CiliumCIDRGroup, Pod, Service or Namespace) in force: the key
+        """The objects of `kind` (a policy kind, CiliumCIDRGroup, Pod, Service, Namespace or Node) in force: the key
         its `delete_*` takes → the document as applied. A copy, taken under the lock."""
         with self._lock:
             if kind in POLICY_KINDS:
@@ -1128,7 +1258,7 @@ class AgentCore:
 
     def _docs_of(self, kind: str) -> Mapping[str, Any]:
         docs = {"Pod": self._pod_docs, "Service": self._service_docs, "Namespace": self._namespace_docs,
-                "EndpointSlice": self._slice_docs, KIND_CIDR_GROUP: self._cidr_group_docs}.get(kind)
+                "EndpointSlice": self._slice_docs, "Node": self._node_docs, KIND_CIDR_GROUP: self._cidr_group_docs}.get(kind)
         if docs is None:
             raise ValueError(f"no documents of kind {kind!r}")
         return docs
@@ -1628,6 +1758,7 @@ class AgentCore:
             tuple(sorted(self._published_services)),
             MappingProxyType(dict(self._cidr_group_docs)),
             MappingProxyType(dict(self._service_targets)),
+            MappingProxyType(dict(self._node_records)),
         )
 
 
@@ -1641,6 +1772,7 @@ class _Checked:
     services: list[tuple[Service, Any]]
     groups: list[tuple[CIDRGroup, Any]] = field(default_factory=list)
     slices: list[tuple[EndpointSlice, Any]] = field(default_factory=list)
+    nodes: list[tuple[Node, Any]] = field(default_factory=list)
 
 
 class ServiceDatapath(Protocol):

@@ -22,6 +22,7 @@ class CoreSink:
         self._deleters: dict[str, Callable[[str], bool]] = {
             "Pod": core.delete_pod, "Service": core.delete_service, "Namespace": core.delete_namespace,
             "EndpointSlice": core.delete_endpoint_slice,
+            "Node": core.delete_node,
             **{kind: core.delete_policy for kind in POLICY_KINDS},
             CIDRGROUPS.kind: core.delete_cidr_group,
         }

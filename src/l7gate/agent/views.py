@@ -109,6 +109,17 @@ def _to_services(target: ServiceTarget | None) -> dict[str, Any]:
     return {"selectable": True, "addresses": [a.with_prefixlen for a in target.addresses]}
 
 
+def nodes(v: StateView) -> list[dict[str, Any]]:
+    """The Nodes the agent knows: labels, addresses, and the identity their addresses have
+    (`host` for this node's, the identity of its labels for another's; None without an IPv4
+    address)."""
+    return [
+        {"node": ref, "cluster": r.node.cluster, "name": r.node.name, "labels": dict(r.node.labels),
+         "addresses": list(r.node.addresses), "identity": r.identity, "local": r.local}
+        for ref, r in sorted(v.nodes.items())
+    ]
+
+
 def allocated_identities(v: StateView) -> int:
     """Identities allocated for pods, CIDRs and names; the reserved ones are not counted."""
     return sum(1 for ident in v.identities if ident not in RESERVED)

@@ -73,6 +73,7 @@ from l7gate.clustermesh.wire import (
 )
 from l7gate.identity.allocator import (MAX_MISSES, IdentityAllocator, NumberCursor, as_labels, cidr_labels,
                                        is_cidr_labels)
+from l7gate.identity.filter import is_node_labels
 from l7gate.identity.numeric import (
     RESERVED,
     Identity,
@@ -147,9 +148,9 @@ class MeshIdentityAllocator:
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        if is_cidr_labels(labels):
+        if is_cidr_labels(labels) or is_node_labels(labels):
             if self._local is None:
-                raise IdentityError(f"CIDR labels {labels} need a node-local allocator")
+                raise IdentityError(f"node-local labels {labels} (a CIDR's, another node's) need a node-local allocator")
             return self._local.allocate(labels)
         if labels.is_reserved():
             raise IdentityError(f"labels {labels} hold a reserved label but are not reserved")
@@ -387,7 +388,7 @@ class MeshIdentityAllocator:
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        if is_cidr_labels(labels):
+        if is_cidr_labels(labels) or is_node_labels(labels):
             return self._local.lookup_by_labels(labels) if self._local is not None else None
         try:
             text = encode_label_string(labels)

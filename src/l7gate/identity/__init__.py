@@ -1,7 +1,7 @@
 """l7gate.identity: security identities.
 
 - `numeric`: reserved identities, cluster-ID ranges, `cluster_of`, the `Identity` value.
-- `filter`: which of a pod's labels make up its identity.
+- `filter`: which of a pod's labels make up its identity; the labels of a node's identity.
 - `allocator`: numbers for label sets, stored in the kvstore; local identities for CIDRs.
 - `ipcache`: IP/CIDR -> identity with longest-prefix match.
 """

@@ -36,7 +36,10 @@ Local identities (CIDR peers, `cidr:<prefix>` + `reserved:world`, numbers with t
 follow Cilium: they mean something on one node only, so they are never shared or referenced by
 other nodes. They still live in the store, under `local/<owner>/id/<n>` and
 `local/<owner>/value/<labels>`, so that the numbers already written into pinned BPF maps stay the
-same after an agent restart (DESIGN decision 7). Their last release deletes them.
+same after an agent restart (DESIGN decision 7). Their last release deletes them. Other nodes'
+identities from their labels (`reserved:remote-node` + `node:<key>` labels + the cluster label,
+Cilium's remote-node scope, numbers with the 2<<24 flag) are local the same way, under
+`local/<owner>/node/id/<n>` and `local/<owner>/node/value/<labels>`.
 
 Thread safety: one allocator may be used from many threads.
 """
@@ -51,16 +54,20 @@ from l7gate.identity.ipcache import IPNetwork, parse_prefix
 from l7gate.identity.numeric import (
     LOCAL_MAX,
     LOCAL_MIN,
+    REMOTE_NODE_MAX,
+    REMOTE_NODE_MIN,
     RESERVED,
     Identity,
     IdentityError,
     allocation_range,
     check_cluster_id,
     is_local,
+    is_remote_node_scoped,
     is_reserved,
     reserved_for_labels,
 )
 from l7gate.kvstore.api import KVStore
+from l7gate.identity.filter import is_node_labels
 from l7gate.policy.labels import CIDR_SOURCE, Labels, reserved
 from l7gate.policy.selector import cidr_label
 
@@ -254,13 +261,25 @@ class IdentityAllocator:
         self._global = _Space(f"{prefix}id/", f"{prefix}value/", allocation_range(cluster_id))
         local = f"{prefix}local/{owner}/"
         self._local = _Space(f"{local}id/", f"{local}value/", range(LOCAL_MIN, LOCAL_MAX + 1))
+        self._nodes = _Space(f"{local}node/id/", f"{local}node/value/", range(REMOTE_NODE_MIN, REMOTE_NODE_MAX + 1))
+
+    def _space_of(self, number: int) -> _Space:
+        if is_remote_node_scoped(number):
+            return self._nodes
+        return self._local if is_local(number) else self._global
+
+    def _space_for(self, labels: Labels) -> _Space:
+        if is_cidr_labels(labels):
+            return self._local
+        return self._nodes if is_node_labels(labels) else self._global
 
     # -- allocation ---------------------------------------------------------------------------
 
     def allocate(self, labels: Labels | Mapping[str, str]) -> Identity:
         """The identity for `labels`, allocating a number if they have none, and one more
         reference to it. Reserved label sets give their reserved identity (not counted);
-        CIDR label sets give a local identity."""
+        CIDR label sets give a local identity, another node's labels (`node_labels`) one in the
+        remote-node scope."""
         labels = as_labels(labels)
         if not labels:
             raise IdentityError("cannot allocate an identity for an empty label set")
@@ -273,6 +292,8 @@ class IdentityAllocator:
                 raise IdentityError(f"CIDR identity labels must be exactly {_cidr_hint(labels)}, with fqdn: "
                                     f"selector labels (empty values) at most")
             space = self._local
+        elif is_node_labels(labels):
+            space = self._nodes
         elif labels.is_reserved():
             raise IdentityError(f"labels {labels} hold a reserved label but are not reserved")
         else:
@@ -291,7 +312,7 @@ class IdentityAllocator:
         number = identity.id if isinstance(identity, Identity) else identity
         if is_reserved(number):
             return False
-        space = self._local if is_local(number) else self._global
+        space = self._space_of(number)
         with self._lock:
             count = space.held.get(number, 0)
             if count == 0:
@@ -401,7 +422,7 @@ class IdentityAllocator:
                 digits = key[len(self._prefix) + len("ref/") :].split("/", 1)[0]
                 if digits.isdigit():
                     referenced.add(int(digits))
-            for space in (self._global, self._local):
+            for space in (self._global, self._local, self._nodes):
                 for number in sorted(self._numbers_in(space)):
                     if number not in referenced:
                         self._delete_identity(space, number)
@@ -425,7 +446,7 @@ class IdentityAllocator:
     def held(self) -> dict[int, int]:
         """Reference counts of the identities this allocator holds (a copy)."""
         with self._lock:
-            return {**self._global.held, **self._local.held}
+            return {**self._global.held, **self._local.held, **self._nodes.held}
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -433,7 +454,7 @@ class IdentityAllocator:
         """The identity with this number: reserved, global in the store, or this node's local."""
         if number in RESERVED:
             return RESERVED[number]
-        space = self._local if is_local(number) else self._global
+        space = self._space_of(number)
         data = self._store.get(space.id_key(number))
         if data is None:
             return None
@@ -445,7 +466,7 @@ class IdentityAllocator:
         found = reserved_for_labels(labels)
         if found is not None:
             return found
-        space = self._local if is_cidr_labels(labels) else self._global
+        space = self._space_for(labels)
         canonical = encode_labels(labels)
         stored = self._store.get(space.value_key(canonical))
         if stored is None:
@@ -459,7 +480,7 @@ class IdentityAllocator:
         """Every identity: reserved, global ones in the store, and this node's local ones,
         sorted by number."""
         result = list(RESERVED.values())
-        for space in (self._global, self._local):
+        for space in (self._global, self._local, self._nodes):
             for key, data in self._store.list_prefix(space.id_prefix):
                 suffix = key[len(space.id_prefix) :]
                 if suffix.isdigit():

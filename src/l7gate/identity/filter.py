@@ -37,8 +37,11 @@ from l7gate.policy.labels import (
     CLUSTER_KEY,
     NAMESPACE_KEY,
     NAMESPACE_LABELS_PREFIX,
+    NODE_SOURCE,
     SERVICE_ACCOUNT_KEY,
     Labels,
+    node_label,
+    reserved,
 )
 
 DROPPED_KEYS = frozenset(
@@ -95,3 +98,27 @@ def identity_labels(
     if service_account:
         result[SERVICE_ACCOUNT_KEY] = service_account
     return Labels.of(result)
+
+
+# -- node identities ----------------------------------------------------------------------------
+
+_NODE_KEY_PREFIX = NODE_SOURCE + ":"
+
+
+def node_labels(labels: Mapping[str, str], *, cluster: str, local: bool) -> Labels:
+    """The labels of a node's identity, as Cilium gives them with node selector labels: this
+    node's (`local`) is `reserved:host`, any other's `reserved:remote-node`, with every label of
+    its Node as `node:<key>` and its cluster as `io.cilium.k8s.policy.cluster`. Another node's
+    labels get a number in the remote-node scope (`IdentityAllocator.allocate`); this node's are
+    the labels of the reserved identity `host` (1)."""
+    out = {node_label(k): v for k, v in labels.items()}
+    out[CLUSTER_KEY] = cluster
+    out[reserved("host" if local else "remote-node")] = ""
+    return Labels.of(out)
+
+
+def is_node_labels(labels: Labels) -> bool:
+    """Labels `node_labels` gives another node: `reserved:remote-node` with the node's labels and
+    its cluster, nothing else."""
+    return (reserved("remote-node") in labels and CLUSTER_KEY in labels
+            and all(k.startswith(_NODE_KEY_PREFIX) or k in (CLUSTER_KEY, reserved("remote-node")) for k in labels))

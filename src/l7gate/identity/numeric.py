@@ -8,6 +8,8 @@ The number space follows Cilium, so that numbers mean the same thing in flows, B
     256 .. 0xFFFF          cluster ID 0: a single cluster without a mesh
     N<<16 .. N<<16|0xFFFF  cluster ID N, 1 <= N <= 255: the number says which cluster made it
     1<<24 | 1 .. 0x1FFFFFF local identities (CIDR peers), meaningful on one node only
+    2<<24 | 1 .. 0x2FFFFFF other nodes' identities from their labels (Cilium's remote-node
+                           scope), meaningful on one node only as well
 
 Labels of reserved identities are exactly `reserved:<name>`, as in Cilium: world-ipv4 (9) and
 world-ipv6 (10) do *not* also carry `reserved:world`. The `world` entity selects all three because
@@ -51,6 +53,11 @@ CLUSTER_ID_SHIFT = 16
 LOCAL_IDENTITY_FLAG = 1 << 24
 LOCAL_MIN = LOCAL_IDENTITY_FLAG | 1
 LOCAL_MAX = LOCAL_IDENTITY_FLAG | 0xFFFFFF
+# Cilium's remote-node scope: each other node's identity from its Node's labels (`reserved:
+# remote-node` and `node:<key>` labels), allocated by each agent for itself.
+REMOTE_NODE_IDENTITY_FLAG = 2 << 24
+REMOTE_NODE_MIN = REMOTE_NODE_IDENTITY_FLAG | 1
+REMOTE_NODE_MAX = REMOTE_NODE_IDENTITY_FLAG | 0xFFFFFF
 
 RESERVED_NAMES: Mapping[int, str] = MappingProxyType(
     {
@@ -120,7 +127,12 @@ def is_reserved(number: int) -> bool:
 
 
 def is_local(number: int) -> bool:
-    return LOCAL_MIN <= number <= LOCAL_MAX
+    """Whether `number` is node-local: a CIDR identity or another node's (remote-node scope)."""
+    return LOCAL_MIN <= number <= LOCAL_MAX or is_remote_node_scoped(number)
+
+
+def is_remote_node_scoped(number: int) -> bool:
+    return REMOTE_NODE_MIN <= number <= REMOTE_NODE_MAX
 
 
 def check_cluster_id(cluster_id: int) -> int:

@@ -1,4 +1,4 @@
-"""Kubernetes Pod, Namespace, Service and EndpointSlice objects (plain dicts from YAML or the API)
+"""Kubernetes Pod, Namespace, Service, EndpointSlice and Node objects (plain dicts from YAML or the API)
 -> typed values.
 
 The one place these objects are parsed (CONVENTIONS 3). Parsing checks what the API server would
@@ -9,8 +9,12 @@ field path (`metadata.labels.app: must be a string`) and raised together in one
 `K8sObjectError`. Fields l7gate does not use are ignored.
 
 A pod's cluster is its `l7gate.io/cluster` annotation, else the `default_cluster` the caller
-passes (the agent's `--cluster-name`). The same goes for namespaces and Services, so that one
-inventory can describe several clusters.
+passes (the agent's `--cluster-name`). The same goes for namespaces, Services and Nodes, so that
+one inventory can describe several clusters.
+
+A Node is its name, its labels (what `fromNodes`/`toNodes` select: `node_identity_labels`) and its
+addresses (`status.addresses` of type InternalIP and ExternalIP); `node_addresses` says which node
+each node address of an inventory is, with the pods' `status.hostIP` as the second source.
 
 A Service becomes an `l7gate.services.Service` and an EndpointSlice an
 `l7gate.services.EndpointSlice`, the values the service table takes; `pod_backend` gives the
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from l7gate.identity.filter import identity_labels
+from l7gate.identity.filter import identity_labels, node_labels
 from l7gate.policy.errors import Finding
 from l7gate.policy.labels import Labels
 from l7gate.policy.names import PORT_NAME_RULE as _PORT_NAME_RULE
@@ -37,7 +41,7 @@ from l7gate.services.types import BackendPod, EndpointSlice, Service, ServicePor
 
 CLUSTER_ANNOTATION = "l7gate.io/cluster"
 #: The kinds `parse_object` reads: what `l7gate endpoint apply` (the agent's endpoint API) takes.
-ENDPOINT_KINDS = ("Pod", "Namespace", "Service", "EndpointSlice")
+ENDPOINT_KINDS = ("Pod", "Namespace", "Service", "EndpointSlice", "Node")
 #: The cluster of a Namespace object without the cluster annotation: it describes that
 #: namespace in every cluster (`scoped_namespace`).
 ANY_CLUSTER = "*"
@@ -256,6 +260,18 @@ def _cluster(
             errors.add(path, "is required when no default cluster name is given")
         return default_cluster
     return _dns_name(value, path, errors, subdomain=False, required=True) or default_cluster
+
+
+def _cluster_scoped_meta(meta: Mapping[str, Any], default_cluster: str, errors: _Errors, *,
+                         subdomain: bool) -> tuple[str | None, dict[str, str], str]:
+    """A cluster-scoped object's name (a DNS subdomain or label), labels and cluster."""
+    name = _dns_name(
+        _optional_string(meta, "name", "metadata.name", errors),
+        "metadata.name", errors, subdomain=subdomain, required=True,
+    )  # fmt: skip
+    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
+    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
+    return name, labels, _cluster(annotations, default_cluster, errors)
 
 
 def _ip(value: object, path: str, errors: _Errors) -> str | None:
@@ -477,17 +493,117 @@ def parse_pod(obj: object, *, default_cluster: str) -> Pod:
     )
 
 
+_NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS")
+#: The address types that are the node's own IP addresses (as Cilium reads a Node).
+NODE_IP_TYPES = ("InternalIP", "ExternalIP")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A Kubernetes Node as l7gate sees it: its labels and its IP addresses (InternalIP and
+    ExternalIP, in the order of `status.addresses`, IPv6 ones included). Immutable."""
+
+    cluster: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    addresses: tuple[str, ...] = ()
+    # the field each of `addresses` came from (`status.addresses[1].address`), for error messages
+    address_fields: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen(self.labels))
+
+    def __hash__(self) -> int:
+        return hash((self.cluster, self.name, tuple(self.labels.items()), self.addresses))
+
+    @property
+    def ref(self) -> str:
+        """`cluster/name`: the key the agent files a Node under."""
+        return f"{self.cluster}/{self.name}"
+
+    @property
+    def ipv4_addresses(self) -> tuple[str, ...]:
+        """The addresses the datapath polices (it is IPv4 only)."""
+        return tuple(a for a in self.addresses if ipaddress.ip_address(a).version == 4)
+
+
+def parse_node(obj: object, *, default_cluster: str) -> Node:
+    """A `Node` from a Kubernetes Node object. Raises K8sObjectError listing every problem."""
+    errors = _Errors()
+    top, meta = _header(obj, "Node", errors)
+    name, labels, cluster = _cluster_scoped_meta(meta, default_cluster, errors, subdomain=True)
+    status = _mapping(top, "status", "status", errors)
+    addresses: list[str] = []
+    fields: list[str] = []
+    raw = status.get("addresses")
+    if raw is not None and not isinstance(raw, list):
+        errors.add("status.addresses", "must be a list")
+        raw = []
+    for i, item in enumerate(raw or []):
+        path = f"status.addresses[{i}]"
+        if not isinstance(item, Mapping):
+            errors.add(path, "must be a mapping with a type and an address")
+            continue
+        kind = item.get("type")
+        if kind not in _NODE_ADDRESS_TYPES:
+            errors.add(f"{path}.type", f"must be one of {', '.join(_NODE_ADDRESS_TYPES)}, got {kind!r}")
+            continue
+        value = item.get("address")
+        if not isinstance(value, str) or not value:
+            errors.add(f"{path}.address", "must be a non-empty string")
+            continue
+        if kind in NODE_IP_TYPES:
+            ip = _ip(value, f"{path}.address", errors)
+            if ip is not None and ip not in addresses:
+                addresses.append(ip)
+                fields.append(f"{path}.address")
+    _raise_if(errors, "Node", None, name)
+    assert name is not None
+    return Node(cluster=cluster, name=name, labels=_frozen(labels), addresses=tuple(addresses),
+                address_fields=tuple(fields))
+
+
+def node_identity_labels(node: Node, *, local: bool) -> Labels:
+    """The labels of `node`'s identity (`identity.filter.node_labels`): `reserved:host` for
+    the agent's own node, `reserved:remote-node` for any other, with the Node's labels as
+    `node:<key>` and its cluster. The one definition the agent and `policy trace` share."""
+    return node_labels(node.labels, cluster=node.cluster, local=local)
+
+
+def node_addresses(nodes: Iterable[Node], pods: Iterable[Pod]) -> dict[str, tuple[str, str | None]]:
+    """Every node address the inventory knows → (its cluster, the name of its node, or None when
+    no Node object or pod names it). The IPv4 InternalIP/ExternalIP of the Nodes first; then
+    each pod's `status.hostIP` not already a Node's, as an address of the node its `spec.nodeName`
+    names (a pod without one: a node whose name is unknown). An address two Nodes give is the
+    first one's, in (cluster, name) order, as is a hostIP pods on two nodes give. Loopback and
+    IPv6 addresses are left out: they are never a node's address on the datapath."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for node in sorted(nodes, key=lambda n: (n.cluster, n.name)):
+        for ip in node.ipv4_addresses:
+            if not ipaddress.ip_address(ip).is_loopback:
+                out.setdefault(ip, (node.cluster, node.name))
+    # one pass, no sort: the agent calls this after every change of its pods
+    first: dict[str, tuple[tuple[str, str, str], str | None, str]] = {}
+    for pod in pods:
+        host = pod.host_ip
+        if host is None or host in out:
+            continue
+        key = (pod.cluster, pod.namespace, pod.name)
+        seen = first.get(host)
+        if seen is None or key < seen[0]:
+            first[host] = (key, pod.node_name, pod.cluster)
+    for host, (_, name, cluster) in first.items():
+        addr = ipaddress.ip_address(host)
+        if addr.version == 4 and not addr.is_loopback:
+            out[host] = (cluster, name)
+    return out
+
+
 def parse_namespace(obj: object, *, default_cluster: str) -> Namespace:
     """A `Namespace` from a Kubernetes Namespace object. Raises K8sObjectError."""
     errors = _Errors()
     _, meta = _header(obj, "Namespace", errors)
-    name = _dns_name(
-        _optional_string(meta, "name", "metadata.name", errors),
-        "metadata.name", errors, subdomain=False, required=True,
-    )  # fmt: skip
-    labels = _string_map(meta, "labels", "metadata.labels", errors, labels=True)
-    annotations = _string_map(meta, "annotations", "metadata.annotations", errors, labels=False)
-    cluster = _cluster(annotations, default_cluster, errors)
+    name, labels, cluster = _cluster_scoped_meta(meta, default_cluster, errors, subdomain=False)
     _raise_if(errors, "Namespace", None, name)
     assert name is not None
     return Namespace(name=name, labels=_frozen(labels), cluster=cluster)
@@ -914,11 +1030,13 @@ def service_targets_of(services: Iterable[Service], slices: Iterable[EndpointSli
                       for svc in t.services()} for cluster, t in tables.items()}
 
 
-def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service | EndpointSlice:
-    """A Pod, a Namespace, a Service or an EndpointSlice, by the object's `kind`."""
+def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Service | EndpointSlice | Node:
+    """A Pod, a Namespace, a Service, an EndpointSlice or a Node, by the object's `kind`."""
     kind = obj.get("kind") if isinstance(obj, Mapping) else None
     if kind == "Pod":
         return parse_pod(obj, default_cluster=default_cluster)
+    if kind == "Node":
+        return parse_node(obj, default_cluster=default_cluster)
     if kind == "Namespace":
         return parse_namespace(obj, default_cluster=default_cluster)
     if kind == "Service":
@@ -926,5 +1044,5 @@ def parse_object(obj: object, *, default_cluster: str) -> Pod | Namespace | Serv
     if kind == "EndpointSlice":
         return parse_endpoint_slice(obj, default_cluster=default_cluster)
     raise K8sObjectError(
-        "object", (Finding("kind", f"must be 'Pod', 'Namespace', 'Service' or 'EndpointSlice', got {kind!r}"),)
+        "object", (Finding("kind", f"must be 'Pod', 'Namespace', 'Service', 'EndpointSlice' or 'Node', got {kind!r}"),)
     )

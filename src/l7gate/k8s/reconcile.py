@@ -14,7 +14,7 @@ Listings and watch events queue up and are merged (`Pending`): per resource, eit
 listing with the events that came after it folded in, or only events, the last per key winning.
 `Reconciler.run` then brings the agent to that state through an `ObjectSink` (the agent's own
 apply and delete, the path the admin API takes), resource by resource in `RESOURCES` order
-(namespaces, CIDR groups, policies of the three kinds, Services, EndpointSlices, then pods):
+(namespaces, nodes, CIDR groups, policies of the three kinds, Services, EndpointSlices, then pods):
 
 - events: the objects now absent are deleted; the others go to the sink as ONE apply;
 - a listing (the initial one, or a relist after "410 Gone"): the objects the agent holds *from
@@ -86,6 +86,7 @@ class Resource:
 
 
 NAMESPACES = Resource("Namespace", "v1", "/api/v1/namespaces", False)
+NODES = Resource("Node", "v1", "/api/v1/nodes", False)
 PODS = Resource("Pod", "v1", "/api/v1/pods", True)
 SERVICES = Resource("Service", "v1", "/api/v1/services", True)
 ENDPOINTSLICES = Resource("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices", True)
@@ -95,14 +96,15 @@ CCNPS = Resource("CiliumClusterwideNetworkPolicy", "cilium.io/v2",
 NETPOLS = Resource("NetworkPolicy", "networking.k8s.io/v1", "/apis/networking.k8s.io/v1/networkpolicies", True)
 CIDRGROUPS = Resource("CiliumCIDRGroup", "cilium.io/v2", "/apis/cilium.io/v2/ciliumcidrgroups", False,
                       older_versions=("cilium.io/v2alpha1",))
-#: In the order a sync applies them: a namespace before what lives in it, the CIDR groups
-#: before the policies naming them (a policy applied first would select nothing through them
-#: for a moment), and the policies before the pods they select, so that a new pod is enforced
+#: In the order a sync applies them: a namespace before what lives in it, the nodes before the
+#: pods on them (a pod's hostIP is then its node's address, with its labels, from the start),
+#: the CIDR groups before the policies naming them (a policy applied first would select nothing
+#: through them for a moment), and the policies before the pods they select, so that a new pod is enforced
 #: with its policies from the moment it is applied, never "no policy selects it, allow all"
 #: first (it is also cheaper: the pods' ports are rendered once, with their policies).
 #: Services before pods too: a Service's backends are the pods applied after it; a Service's
 #: EndpointSlices right after it (a policy naming it with toServices selects their addresses).
-RESOURCES = (NAMESPACES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, ENDPOINTSLICES, PODS)
+RESOURCES = (NAMESPACES, NODES, CIDRGROUPS, CNPS, CCNPS, NETPOLS, SERVICES, ENDPOINTSLICES, PODS)
 POLICY_KINDS = frozenset({CNPS.kind, CCNPS.kind, NETPOLS.kind})
 #: The kinds the agent files as KIND/[NAMESPACE/]NAME (its policy API's keys).
 POLICY_API_KINDS = POLICY_KINDS | {CIDRGROUPS.kind}
@@ -142,7 +144,7 @@ def from_api(doc: Any) -> bool:
 
 def object_key(resource: Resource, namespace: str, name: str, cluster: str) -> str:
     """The key the agent files an object of `resource` under (its `delete_*` argument)."""
-    if resource is NAMESPACES:
+    if resource is NAMESPACES or resource is NODES:
         return f"{cluster}/{name}"
     if resource.kind in POLICY_API_KINDS:
         return f"{resource.kind}/{namespace}/{name}" if resource.namespaced else f"{resource.kind}/{name}"
@@ -216,6 +218,17 @@ def _endpoint_slice(obj: Mapping[str, Any], head: Mapping[str, Any], meta: Mappi
     return doc
 
 
+def _node(obj: Mapping[str, Any], cluster: str) -> dict[str, Any]:
+    """The fields `k8s.objects.parse_node` reads, and no other: a Node's status is rewritten every
+    few seconds (heartbeats, conditions, images) and its annotations by many controllers, none of
+    which changes what l7gate enforces; its labels and addresses do."""
+    meta, status = _map(obj, "metadata"), _map(obj, "status")
+    out_meta = _metadata(meta, cluster, ())
+    out_meta["annotations"] = {k: v for k, v in out_meta["annotations"].items() if k in (MARKER, CLUSTER_ANNOTATION)}
+    out_status = {"addresses": status["addresses"]} if "addresses" in status else {}
+    return {"apiVersion": "v1", "kind": "Node", "metadata": out_meta, "status": out_status}
+
+
 def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted: bool = False,
             api_version: str = "") -> Desired:
     """The one projection of an object from the API onto what the agent applies (module doc).
@@ -234,6 +247,8 @@ def project(resource: Resource, obj: Mapping[str, Any], cluster: str, *, deleted
         doc = _pod(obj, cluster)
     elif resource is NAMESPACES:
         doc = {**head, "metadata": _metadata(meta, cluster, ())}
+    elif resource is NODES:
+        doc = _node(obj, cluster)
     elif resource is SERVICES:
         doc = {**head, "metadata": _metadata(meta, cluster, ()), "spec": obj.get("spec", {})}
     elif resource is ENDPOINTSLICES:

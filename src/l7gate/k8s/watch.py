@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-`Watcher` runs one thread per resource of `reconcile.RESOURCES` (Namespaces, Pods, Services,
-EndpointSlices, CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies, NetworkPolicies,
-CiliumCIDRGroups, across all namespaces) doing what client-go's reflector does:
+`Watcher` runs one thread per resource of `reconcile.RESOURCES` (Namespaces, Nodes, Pods,
+Services, EndpointSlices, CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies,
+NetworkPolicies, CiliumCIDRGroups, across all namespaces) doing what client-go's reflector does:
 
 1. LIST, in pages of `page_size` (`limit`/`continue`; an expired continue token restarts the
    list), remembering the list's `resourceVersion`. A resource the server does not serve in its
@@ -29,7 +29,7 @@ listings and events; ONE applier thread drains the queue, merges what it drained
 (`reconcile.Pending`: the last state per object wins) and hands it to `reconcile.Reconciler`,
 which applies it through the agent's `ObjectSink`. A burst of events is one apply, not one per
 event; the initial sync waits for the first listing of every resource and applies them as one
-request per resource, in order (namespaces, policies, Services, EndpointSlices, pods). Only then is the
+request per resource, in order (namespaces, nodes, policies, Services, EndpointSlices, pods). Only then is the
 watcher `ready` (`problems()` is empty): the agent's /healthz waits for it. A failure of the
 sink itself (not a refusal) keeps what was drained and retries it after a back-off.
 

@@ -2,14 +2,16 @@
 step by step.
 
 Builds a throw-away world from manifest files — policies, CiliumCIDRGroups, Pods, Namespaces,
-Services, EndpointSlices — the way an agent would: identity labels from the pods, numeric
+Services, EndpointSlices, Nodes — the way an agent would: identity labels from the pods, numeric
 identities from each cluster's range (clusters numbered 1, 2, ... in name order), then asks the
-reference evaluator. A `cidrGroupRef` or `cidrGroupSelector` selects the CIDRs of the groups
-given in the files (a group not given does not exist, and selects nothing); a `toServices` entry
-selects the endpoint addresses the given EndpointSlices list for the given Services of the
-source's cluster that have no selector. v1 Endpoints are refused (write EndpointSlices). Egress
-is judged with the source cluster's view and ingress with the destination cluster's, as the two
-agents would.
+reference evaluator. A node's address (a Node's, or a pod's hostIP) is that node as the
+enforcing agent sees it: `host` from a pod on that node, the identity of its Node's labels (or
+`remote-node`, without a Node) from elsewhere. A `cidrGroupRef` or `cidrGroupSelector` selects
+the CIDRs of the groups given in the files (a group not given does not exist, and selects
+nothing); a `toServices` entry selects the endpoint addresses the given EndpointSlices list for
+the given Services of the source's cluster that have no selector. v1 Endpoints are refused
+(write EndpointSlices). Egress is judged with the source cluster's view and ingress with the
+destination cluster's, as the two agents would.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from ..identity.numeric import HOST, IdentityError, reserved_identity
 from ..k8s.manifests import load
 from ..k8s.manifests import ENDPOINTS_REFUSED
 from ..k8s.objects import (
-    K8sObjectError, Namespace, Pod, namespace_of, parse_endpoint_slice, parse_pod, parse_service, pod_identity_labels,
-    scoped_namespace, service_targets_of,
+    K8sObjectError, Namespace, Node, Pod, namespace_of, node_addresses, node_identity_labels, parse_endpoint_slice,
+    parse_node, parse_pod, parse_service, pod_identity_labels, scoped_namespace, service_targets_of,
 )
 from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
@@ -146,14 +148,15 @@ class TraceResult:
 
 @dataclass(frozen=True, slots=True)
 class _Inventory:
-    """What the files give: policy documents, pods, namespaces, CIDR groups, and per cluster
-    the Services as `toServices` reads them (namespace/name → target)."""
+    """What the files give: policy documents, pods, namespaces, CIDR groups, per cluster the
+    Services as `toServices` reads them (namespace/name → target), and the Nodes."""
 
     policies: list[dict[str, Any]]
     pods: list[Pod]
     namespaces: dict[tuple[str, str], Namespace]
     groups: dict[str, CIDRGroup]
     services: dict[str, dict[str, ServiceTarget]]
+    nodes: list[Node]
 
 
 def _load(req: TraceRequest) -> _Inventory:
@@ -170,6 +173,7 @@ def _load(req: TraceRequest) -> _Inventory:
     services: list[Service] = []
     slices: list[EndpointSlice] = []
     seen: dict[str, str] = {}
+    nodes: dict[str, Node] = {}
     problems: list[str] = []
 
     def once(key: str, where: str) -> bool:
@@ -204,11 +208,16 @@ def _load(req: TraceRequest) -> _Inventory:
             elif kind == "Namespace":
                 ns = scoped_namespace(m.obj, default_cluster=req.cluster_name)
                 namespaces[(ns.cluster, ns.name)] = ns
+            elif kind == "Node":
+                node = parse_node(m.obj, default_cluster=req.cluster_name)
+                if node.ref in nodes:
+                    problems.append(f"{m.where}: Node {node.ref} is given twice")
+                nodes[node.ref] = node
         except (K8sObjectError, PolicyValidationError) as exc:
             problems.append(f"{m.where}: {exc}")
     if problems:
         raise TraceError("invalid objects:\n  " + "\n  ".join(problems), EXIT_INVALID)
-    return _Inventory(policies, pods, namespaces, groups, service_targets_of(services, slices))
+    return _Inventory(policies, pods, namespaces, groups, service_targets_of(services, slices), list(nodes.values()))
 
 
 def _rules_for_cluster(docs: list[dict[str, Any]], cluster: str) -> list[Rule]:
@@ -248,8 +257,8 @@ def _find_pod(ref: str, pods: list[Pod]) -> Pod:
 
 def run_trace(req: TraceRequest) -> TraceResult:
     inv = _load(req)
-    docs, pods, namespaces, groups = inv.policies, inv.pods, inv.namespaces, inv.groups
-    clusters = sorted({p.cluster for p in pods} | {req.cluster_name})
+    docs, pods, namespaces, groups, nodes = inv.policies, inv.pods, inv.namespaces, inv.groups, inv.nodes
+    clusters = sorted({p.cluster for p in pods} | {n.cluster for n in nodes} | {req.cluster_name})
     if len(clusters) > 255:
         raise TraceError("more than 255 clusters", EXIT_INVALID)
     cluster_ids = {c: i + 1 for i, c in enumerate(clusters)}
@@ -266,7 +275,7 @@ def run_trace(req: TraceRequest) -> TraceResult:
                 return Party("world", "", None, w.id, Peer(w.id, w.labels, managed=False, name="world"))
             address = _address(ref)
             if address is not None and not any(p.ip == address for p in pods):
-                node = _node_party(address, pods, other)
+                node = _node_party(address, nodes, pods, other, node_identities)
                 return node if node is not None else _address_party(address, docs, req, groups, inv.services)
             pod = _find_pod(ref, pods)
             try:
@@ -276,6 +285,13 @@ def run_trace(req: TraceRequest) -> TraceResult:
                 raise TraceError(f"{ref}: {exc}", EXIT_INVALID) from None
             name = f"{pod.cluster}/{pod.namespace}/{pod.name}"
             return Party(name, pod.cluster, pod.ip, ident.id, Peer(ident.id, labels, True, name))
+
+        # Every other node's identity from its Node's labels, in name order: numbers that do not
+        # depend on the --from/--to order (each agent numbers them for itself).
+        node_identities = {
+            n.ref: allocators[req.cluster_name].allocate(node_identity_labels(n, local=False)).id
+            for n in sorted(nodes, key=lambda n: (n.cluster, n.name))
+        }
 
         # Allocate every pod first so identity numbers do not depend on the --from/--to order;
         # the named ports of each identity are those all its pods declare, as the agent sees them.
@@ -371,21 +387,34 @@ def _address(ref: str) -> str | None:
         return None
 
 
-def _node_party(ip: str, pods: list[Pod], other: str) -> Party | None:
-    """A node's address (some pod's `status.hostIP`), as the agent has it in its ipcache: `host`
-    seen from a pod on that node (the other party), `remote-node` from anywhere else."""
-    if not any(p.host_ip == ip for p in pods):
+def _node_party(ip: str, nodes: list[Node], pods: list[Pod], other: str,
+                node_identities: Mapping[str, int]) -> Party | None:
+    """A node's address (a Node's, or some pod's `status.hostIP`), as the agent enforcing for the
+    other party has it in its ipcache: `host` seen from a pod on that node, with its Node's
+    labels; from anywhere else the identity of its Node's labels (`node_identities`), or
+    `remote-node` when no Node of that name is given."""
+    where = node_addresses(nodes, pods).get(ip)
+    if where is None:
         return None
+    cluster, name = where
     peer_pod: Pod | None = None
     if other and other != "world" and _address(other) is None:
         try:
             peer_pod = _find_pod(other, pods)
         except TraceError:
             peer_pod = None  # reported when that party is read
-    name = "host" if peer_pod is not None and peer_pod.host_ip == ip else "remote-node"
-    ident = reserved_identity(name)
-    shown = f"{ip} ({name})"
-    return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
+    host = peer_pod is not None and peer_pod.cluster == cluster and (
+        peer_pod.host_ip == ip or (name is not None and peer_pod.node_name == name))
+    entity = "host" if host else "remote-node"
+    node = next((n for n in nodes if (n.cluster, n.name) == where), None)
+    if node is None:
+        ident = reserved_identity(entity)
+        shown = f"{ip} ({entity})"
+        return Party(shown, "", ip, ident.id, Peer(ident.id, ident.labels, managed=False, name=shown))
+    number = HOST if host else node_identities[node.ref]
+    shown = f"{ip} ({entity}, node {node.ref})"
+    labels = node_identity_labels(node, local=host)
+    return Party(shown, cluster, ip, number, Peer(number, labels, managed=False, name=shown))
 
 
 def _address_party(ip: str, docs: list[dict[str, Any]], req: TraceRequest, groups: Mapping[str, CIDRGroup],
@@ -476,7 +505,7 @@ def format_trace_text(r: TraceResult) -> str:
     lines.append("")
     lines.append("1. Identities")
     for role, p in (("from", r.source), ("to", r.destination)):
-        ip = f" ({p.ip})" if p.ip else ""
+        ip = f" ({p.ip})" if p.ip and not p.ref.startswith(p.ip) else ""
         lines.append(f"   {role:<4} {p.ref}{ip}: identity {p.identity}")
         lines.append(f"        labels: {', '.join(f'{k}={val}' if val else k for k, val in p.peer.labels.items())}")
         if p.declared:

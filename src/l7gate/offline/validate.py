@@ -11,6 +11,10 @@ to declares, or that the pods of one identity declare with different numbers, se
 each gets a warning (`named-port-undeclared`, `named-port-conflict`). Without pods in the
 input, named ports are not checked (the names are resolved by the agent, per pod).
 
+Nodes among the input are an inventory too: a `fromNodes`/`toNodes` selector that selects none of
+the given Nodes gets a warning (`node-selector-unmatched`); without Nodes, node selectors are not
+checked (the agent reads the labels of the Nodes it knows).
+
 CiliumCIDRGroups are checked too (an input of groups alone is fine: they are applied on their own).
 
 Services and EndpointSlices among the input are an inventory too (still skipped, not checked as
@@ -31,15 +35,15 @@ from typing import Any
 from ..identity.numeric import IdentityError
 from ..k8s.manifests import Manifest, kind_problem, load, object_name
 from ..k8s.objects import (
-    K8sObjectError, Namespace, Pod, namespace_of, parse_endpoint_slice, parse_pod, parse_service, pod_identity_labels,
-    scoped_namespace, service_targets_of,
+    K8sObjectError, Namespace, Node, Pod, namespace_of, node_identity_labels, parse_endpoint_slice, parse_node,
+    parse_pod, parse_service, pod_identity_labels, scoped_namespace, service_targets_of,
 )
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
 from ..policy.namedports import CONCRETE
 from ..policy.parse import KIND_CIDR_GROUP, POLICY_INPUT_KINDS, POLICY_KINDS, parse_policy
-from ..policy.selector import ServicePeer
+from ..policy.selector import NodeSelector, ServicePeer
 from ..policy.toservices import named_services
 from ..services import EndpointSlice, Service
 from ..policy.types import Direction, NamedPort, PeerRule, Policy, Rule
@@ -243,6 +247,7 @@ def validate_paths(
     check_manifests(manifests, report, default_namespace=default_namespace, cluster_name=cluster_name)
     check_named_ports(manifests, report, cluster_name=cluster_name)
     check_services(manifests, report, cluster_name=cluster_name)
+    check_node_selectors(manifests, report, cluster_name=cluster_name)
     if not report.checked and not report.checked_groups and not report.errors and not report.usage_errors:
         where = " ".join("<stdin>" if p == "-" else p for p in paths)
         report.items.append(
@@ -252,6 +257,41 @@ def validate_paths(
                  "files or folders that hold your policies", "no-policy")
         )
     return report
+
+
+# -- node selectors against the inventory --------------------------------------------------------
+
+
+def check_node_selectors(manifests: Iterable[Manifest], report: ValidationReport, *, cluster_name: str) -> None:
+    """Warn about `fromNodes`/`toNodes` selectors that select none of the input's Nodes (module
+    docstring). A Node is selected as the agent of any node sees it: as `host` or as another
+    node, with its labels."""
+    manifests = list(manifests)
+    if not any(m.kind == "Node" for m in manifests):
+        return
+    nodes: list[Node] = []
+    for m in manifests:
+        if m.kind != "Node":
+            continue
+        try:
+            nodes.append(parse_node(m.obj, default_cluster=cluster_name))
+        except K8sObjectError as exc:
+            report.items.append(Item(m.source, m.line, exc.resource, "warning", "", "not used as inventory for node "
+                                     f"selectors: {'; '.join(str(e) for e in exc.errors)}", "inventory"))
+    seen = {n.ref: (node_identity_labels(n, local=False), node_identity_labels(n, local=True)) for n in nodes}
+    for m, policy in report.policies:
+        for rule in policy.rules:
+            for pr in rule.rules:
+                for sel in pr.peers or ():
+                    if not isinstance(sel, NodeSelector) or any(
+                            sel.matches(remote) or sel.matches(host) for remote, host in seen.values()):
+                        continue
+                    field = "fromNodes" if pr.direction is Direction.INGRESS else "toNodes"
+                    n = len(seen)
+                    report.items.append(Item(
+                        m.source, m.line, policy.key, "warning", f"{pr.origin.path}.{field}",
+                        f"the node selector {sel.selector} selects none of the {n} Node{'s' if n != 1 else ''} given "
+                        f"({', '.join(sorted(seen))}): it selects no node there", "node-selector-unmatched"))
 
 
 # -- named ports against the inventory -----------------------------------------------------------

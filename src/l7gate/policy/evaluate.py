@@ -25,6 +25,8 @@ tested against, so it is written to be read next to Cilium's documentation:
      the normalized path; otherwise it is denied at L7 (Envoy answers 403). A DNS query (egress
      to port 53 under `rules.dns`) must match one name rule (`matchName`/`matchPattern`);
      otherwise the DNS proxy refuses it.
+  `fromNodes`/`toNodes` peers select nodes only (`host`, `remote-node` identities), by the labels
+  of their Node, which a node identity carries as `node:<key>` (`selector.NodeSelector`).
   `toFQDNs` peers select the addresses learned from DNS answers: a peer's labels carry
   `fqdn:<selector>` for each selector matching a name it was learned for (`policy.fqdn`).
   A `cidrGroupRef`/`cidrGroupSelector` entry selects an address when a group it names (given

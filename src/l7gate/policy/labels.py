@@ -3,7 +3,7 @@
 A label key is stored without its Kubernetes source prefix (`app`, not `k8s:app`), because
 policy selectors match a key whatever its source. Reserved labels keep their source, since that
 is what makes them reserved: `reserved:world`, `reserved:host`. CIDR identities carry
-`cidr:<prefix>` keys. Values are strings; reserved and CIDR labels have the value "".
+`cidr:<prefix>` keys; node identities carry their Node's labels as `node:<key>`. Values are strings; reserved and CIDR labels have the value "".
 
 `Labels` is immutable and hashable; two equal label sets are interchangeable everywhere.
 """
@@ -21,6 +21,9 @@ NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 
 RESERVED_SOURCE = "reserved"
 CIDR_SOURCE = "cidr"
+# Cilium's source for a node's own labels on its identity (`node:role`): a node's labels never
+# mix with the keys the agent sets (a node labelled `io.kubernetes.pod.namespace` is no pod).
+NODE_SOURCE = "node"
 
 # Sources that are stripped: a selector on `k8s:app` or `any:app` selects label `app`.
 _STRIPPED_SOURCES = ("k8s:", "any:", "container:", "unspec:")
@@ -37,6 +40,11 @@ def normalize_key(key: str) -> str:
 def reserved(name: str) -> str:
     """The key of a reserved label: reserved("world") == "reserved:world"."""
     return f"{RESERVED_SOURCE}:{name}"
+
+
+def node_label(key: str) -> str:
+    """The key a node's label `key` has on the node's identity: node_label("role") == "node:role"."""
+    return f"{NODE_SOURCE}:{key}"
 
 
 @dataclass(frozen=True, slots=True)

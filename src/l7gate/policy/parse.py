@@ -41,6 +41,7 @@ from .selector import (
     EntitySelector,
     IPNetwork,
     LabelSelector,
+    NodeSelector,
     Operator,
     PeerSelector,
     Requirement,
@@ -109,8 +110,6 @@ _UNSUPPORTED_PEER_FIELDS = {
     "toRequires": "requirement selectors",
     "fromGroups": "cloud provider groups",
     "toGroups": "cloud provider groups",
-    "fromNodes": "node selectors in peers",
-    "toNodes": "node selectors in peers",
 }
 _UNSUPPORTED_PORT_RULE_FIELDS = {
     "terminatingTLS": "TLS interception",
@@ -660,7 +659,8 @@ class _SpecParser:
     def peer_rule(self, value: object, path: str, direction: Direction, deny: bool) -> PeerRule | None:
         w = self.w
         pre = "from" if direction is Direction.INGRESS else "to"
-        peer_fields: tuple[str, ...] = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet")
+        peer_fields: tuple[str, ...] = (f"{pre}Endpoints", f"{pre}Entities", f"{pre}CIDR", f"{pre}CIDRSet",
+                                        f"{pre}Nodes")
         if direction is Direction.EGRESS:
             peer_fields += ("toFQDNs", "toServices")
         allowed = {*peer_fields, "toPorts", "icmps", "authentication"}
@@ -730,6 +730,13 @@ class _SpecParser:
                     sel = self.label_selector(item, f"{fpath}[{i}]")
                     if sel is not None:
                         peers.append(self.scoped_peer(sel))
+            elif field.endswith("Nodes"):
+                # Nodes by their labels (Cilium's node selector labels): never scoped to the
+                # policy's namespace, and never a pod.
+                for i, item in enumerate(items):
+                    sel = self.label_selector(item, f"{fpath}[{i}]")
+                    if sel is not None:
+                        peers.append(NodeSelector.of(sel))
             elif field.endswith("Entities"):
                 for i, item in enumerate(items):
                     ent = w.string(item, f"{fpath}[{i}]")

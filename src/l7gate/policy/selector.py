@@ -8,6 +8,9 @@ Three kinds, one interface (`key`, `matches(labels)`):
 - `CIDRSelector`: a prefix with exceptions; selects CIDR identities (`cidr:<prefix>` labels)
   inside it, and `world` when it covers the whole address family.
 
+`NodeSelector` (a `fromNodes`/`toNodes` entry) selects node identities (`reserved:host` or
+`reserved:remote-node`) by their Node's labels, which a node identity carries as `node:<key>`.
+
 Two more kinds are references, unresolved until `references.expand_policy` replaces them with
 `CIDRSelector`s: `CIDRGroupPeer` (a `cidrGroupRef` or `cidrGroupSelector` entry) names
 CiliumCIDRGroups and stands for their CIDRs; `ServicePeer` (a `toServices` entry) names
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol as TypingProtocol
 
-from .labels import CIDR_SOURCE, CLUSTER_KEY, Labels, reserved
+from .labels import CIDR_SOURCE, CLUSTER_KEY, Labels, node_label, reserved
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -142,6 +145,44 @@ class EntitySelector:
 
     def __str__(self) -> str:
         return f"entity {self.entity.value}"
+
+
+_NODE_KEYS = (reserved("host"), reserved("remote-node"))
+
+
+def node_selector_key(key: str) -> str:
+    """The identity label key a `fromNodes`/`toNodes` selector key reads (the key as parsed,
+    `k8s:`/`any:` already stripped): a node's own label is `node:<key>`; the cluster label and
+    keys naming a source (`reserved:host`, `node:role`) are read as they are."""
+    if ":" in key or key == CLUSTER_KEY:
+        return key
+    return node_label(key)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSelector:
+    """A `fromNodes`/`toNodes` entry: the nodes whose labels `selector` selects. It selects node
+    identities only (this node's `host`, another node's `remote-node` ones), never a pod or
+    `world`, whatever its requirements say (an empty one selects every node). `selector`'s keys
+    are already the identity's (`node_selector_key`): `node:role`, `io.cilium.k8s.policy.cluster`."""
+
+    selector: LabelSelector
+
+    @classmethod
+    def of(cls, selector: LabelSelector) -> NodeSelector:
+        """From a selector as the policy wrote it (keys as parsed)."""
+        return cls(LabelSelector.build([Requirement(node_selector_key(r.key), r.operator, r.values)
+                                        for r in selector.requirements]))
+
+    @property
+    def key(self) -> str:
+        return "nodes" + self.selector.key
+
+    def matches(self, labels: Labels) -> bool:
+        return any(k in labels for k in _NODE_KEYS) and self.selector.matches(labels)
+
+    def __str__(self) -> str:
+        return f"nodes {self.selector}"
 
 
 def cidr_label(net: IPNetwork) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .labels import Labels
-from .selector import LabelSelector, Operator, PeerSelector
+from .selector import LabelSelector, NodeSelector, Operator, PeerSelector
 
 
 @dataclass(slots=True)
@@ -39,6 +39,8 @@ class SelectionChange:
 def _index_pairs(selector: PeerSelector) -> tuple[tuple[str, str], ...]:
     """(key, value) pairs one of which any identity the selector selects carries; () if none
     can be told from the selector alone."""
+    if isinstance(selector, NodeSelector):  # its own requirements narrow it the same way
+        selector = selector.selector
     if isinstance(selector, LabelSelector):
         for r in selector.requirements:
             if r.operator is Operator.IN and r.values:

@@ -532,6 +532,7 @@ class Node(Netns):
         self.ip = str(cidr.network_address + 1)
         self.pods: list[Pod] = []
         self.links: dict[str, LinkEnd] = {}  # peer node name -> this node's end
+        self.labels: dict[str, str] = {}  # its Node's labels (`manifest`)
         # cgroup v2 directory of this node's pods (`add_node(cgroup=True)`): where the kernel
         # datapath's socket programs attach (Cilium attaches at the cgroup root; a node here
         # is not a machine of its own, so its pods get a cgroup of their own)
@@ -540,6 +541,17 @@ class Node(Netns):
     @property
     def link_ifnames(self) -> list[str]:
         return [end.ifname for end in self.links.values()]
+
+    def manifest(self) -> dict[str, Any]:
+        """This node as a Kubernetes Node object (its `labels`, its address as the InternalIP),
+        for `l7gate endpoint apply` and `policy trace`."""
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.name, "labels": dict(self.labels),
+                         "annotations": {CLUSTER_ANNOTATION: self.cluster}},
+            "status": {"addresses": [{"type": "InternalIP", "address": self.ip},
+                                     {"type": "Hostname", "address": self.name}]},
+        }
 
     def _allocate(self, ip: str | None) -> str:
         used = {self.ip, *(p.ip for p in self.pods)}
@@ -774,7 +786,7 @@ class Testbed:
         _write_sysctls(netns, sysctls)
 
     def add_node(self, name: str, cluster: str = "default", node_cidr: str | None = None,
-                 cgroup: bool = False) -> Node:
+                 cgroup: bool = False, labels: Mapping[str, str] | None = None) -> Node:
         """A node namespace forwarding for pods in `node_cidr` (default: the first free
         10.N.0.0/24 with N ≥ 1). Its node IP is the CIDR's first host, on its ``lo``. With
         `cgroup`, the node's pods run in a cgroup v2 directory of its own (`Node.cgroup`,
@@ -793,6 +805,7 @@ class Testbed:
         netns = self._netns_name(name)
         self._add_netns(netns, _NODE_SYSCTLS)
         node = Node(self, name, netns, len(self.nodes) + 1, cluster, cidr)
+        node.labels = dict(labels or {})
         self.nodes[name] = node
         with _Netlink(netns) as nl:
             nl.add_address(nl.up("lo"), "lo", node.ip)
@@ -929,9 +942,9 @@ class Testbed:
 
     # Kubernetes objects
 
-    def to_manifests(self, cluster: str | None = None) -> list[dict[str, Any]]:
+    def to_manifests(self, cluster: str | None = None, *, nodes: bool = False) -> list[dict[str, Any]]:
         """Namespace and Pod objects for every pod (of `cluster`, if given), namespaces first,
-        for ``l7gate endpoint apply``."""
+        for ``l7gate endpoint apply``; with `nodes`, Node objects for the nodes too."""
         pods = [p for p in self.pods.values() if cluster is None or p.cluster == cluster]
         namespaces = sorted({(p.cluster, p.namespace) for p in pods})
         out: list[dict[str, Any]] = [
@@ -940,6 +953,8 @@ class Testbed:
                           "annotations": {CLUSTER_ANNOTATION: cl}}}
             for cl, ns in namespaces
         ]
+        if nodes:
+            out.extend(n.manifest() for n in self.nodes.values() if cluster is None or n.cluster == cluster)
         out.extend(p.manifest() for p in pods)
         out.extend(s for s in self.services
                    if cluster is None or s["metadata"]["annotations"][CLUSTER_ANNOTATION] == cluster)
