@@ -1,0 +1,135 @@
+"""The h11 engine's shortcut for plain messages: what h11 would parse and write, told without it.
+
+Theory of operation
+-------------------
+Most requests and responses a proxy carries are plain: one HTTP/1.1 head, well-formed header
+lines, a Content-Length body that is all there, nothing that changes the connection (no
+Connection, Upgrade, Expect or Transfer-Encoding). For those, h11's work on both sides (its
+state machines, event objects, header normalization, writers) was more than half of the engine's
+CPU per request, and its result is known in advance:
+
+- `plain_request(buf)`: a request at the start of `buf` that h11 would parse, with its body,
+  into exactly these (method, target, headers, body) and that the engine's framing checks
+  (`h11engine._head_problem`) pass; None for anything else (incomplete, unusual, malformed),
+  which the engine then gives to h11 from the same bytes: the shortcut only ever declines.
+- `request_bytes(...)`: the bytes h11 (CLIENT) writes for that request to the pod.
+- `plain_response(buf)`: a response at the start of `buf` whose bytes h11 would parse and the
+  engine would write back to the client unchanged (canonical header lines, nothing the engine
+  strips, a complete Content-Length body), with the pod connection kept; its length, or None.
+
+tests/unit/test_h11_plain.py holds each answer equal to h11's on generated messages (and the
+engine's replies to what they were through h11). Pure: no I/O, no state.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+# h11's grammar (h11/_abnf.py) narrowed: ASCII only, CRLF only, no obs-fold, no empty line
+# before the request. (No possessive quantifiers: CPython 3.11.2 matches `(?:x+)*+` wrongly.
+# These patterns backtrack linearly; tests/unit/test_h11_plain.py times hostile heads.)
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?"
+_REQUEST_HEAD = re.compile(
+    rb"([A-Z]+) (/[\x21-\x7e]*) HTTP/1\.1\r\n((?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*)\r\n")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
+# A response head as h11 writes it back: lower-case names, ": ", no padding; a reason phrase.
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 ([2-9][0-9][0-9]) [\x20-\x7e]*\r\n((?:[-!#$%&'*+.^_`|~0-9a-z]+: " + _VALUE + rb"\r\n)*)\r\n")
+_NAME = re.compile(rb"^([^:\r\n]+):", re.M)
+_CONTENT_LENGTH = re.compile(rb"^content-length: ([0-9]{1,19})\r\n", re.M)
+
+# Request methods the shortcut takes: Envoy's, but CONNECT (no route) and HEAD (its response's
+# framing is not its headers').
+_METHODS = frozenset(
+    b"GET POST PUT DELETE OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK SEARCH REPORT "
+    b"MKACTIVITY CHECKOUT MERGE NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK SOURCE BIND REBIND "
+    b"UNBIND ACL".split())
+# Request headers that change h11's state or the engine's handling (keep-alive, upgrades,
+# 100-continue, chunked bodies).
+_REQUEST_DECLINES = frozenset({b"transfer-encoding", b"connection", b"upgrade", b"expect"})
+# Response headers the engine would strip or h11 would move (Host is written first).
+_RESPONSE_DECLINES = frozenset({b"host", b"transfer-encoding", b"connection", b"keep-alive", b"proxy-connection",
+                                b"te", b"trailer", b"upgrade", b"http2-settings", b"expect", b"x-forwarded-proto"})
+
+
+class PlainRequest(NamedTuple):
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # (lower-case name, value), in order, as h11's parse
+    body: bytes
+    raw: bytes  # the request's bytes, head and body: `len(raw)` were taken from the buffer
+
+
+def plain_request(buf: bytes | bytearray, max_head: int, max_headers: int, max_body: int) -> PlainRequest | None:
+    """The plain request at the start of `buf`, or None (then h11 decides)."""
+    m = _REQUEST_HEAD.match(buf)
+    if m is None:
+        return None
+    method = m[1]
+    head_len = m.end()
+    if method not in _METHODS or head_len > max_head:
+        return None
+    fields = _FIELD.findall(m[3])
+    if len(fields) >= max_headers - 1:
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    hosts = 0
+    length = -1
+    for name, value in fields:
+        n = name.lower()
+        if n in _REQUEST_DECLINES:
+            return None
+        if n == b"host":
+            hosts += 1
+        elif n == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 19:
+                return None
+            length = int(value)
+        headers.append((n, value))
+    if hosts != 1 or length > max_body:
+        return None
+    end = head_len + max(length, 0)
+    if len(buf) < end:
+        return None
+    raw = bytes(buf[:end])
+    return PlainRequest(method, m[2], headers, raw[head_len:], raw)
+
+
+def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """What h11 writes for `Request(method, target, headers)` and a body of `body`'s length
+    (Content-Length framing): the Host line first, as h11's writer puts it."""
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines += [n + b": " + v for n, v in headers if n == b"host"]
+    lines += [n + b": " + v for n, v in headers if n != b"host"]
+    lines.append(b"")
+    lines.append(body)
+    return b"\r\n".join(lines)
+
+
+def plain_response(buf: bytes | bytearray) -> tuple[int, int] | None:
+    """(status, length) of a complete plain response at the start of `buf` — its `length` bytes
+    are what the engine writes to the client, byte for byte — or None (then h11 decides)."""
+    m = _RESPONSE_HEAD.match(buf)
+    if m is None:
+        return None
+    status = int(m[1])
+    if status == 204 or status == 304:  # no body whatever the headers say
+        return None
+    block = m[2]
+    lengths = _CONTENT_LENGTH.findall(block)
+    if len(lengths) != 1:
+        return None
+    seen = 0
+    for name in _NAME.findall(block):
+        if name in _RESPONSE_DECLINES:
+            return None
+        if name == b"content-length":
+            seen += 1
+    if seen != 1:
+        return None
+    end = m.end() + int(lengths[0])
+    if len(buf) < end:
+        return None
+    return status, end
