@@ -9,7 +9,10 @@ ports), on the pod's address — loopback mode: the pod's own 127.x address, the
 the datapath's redirect delivers to, the pod's server on the same port.
 
 Per connection, HTTP/1.1 framing on both sides is h11's (`h11.Connection`, SERVER towards the
-client, CLIENT towards the pod), and each request is judged on its own (pipelined ones too):
+client, CLIENT towards the pod) or, for plain messages, what h11 would do told without it
+(`h11plain`: a complete request with a Content-Length body and nothing that changes the
+connection; a canonical Content-Length response), and each request is judged on its own
+(pipelined ones too) by the same steps either way (`_admit`):
 
 1. Framing checks, as Envoy makes them (`_head_problem`, measured on Envoy's codec here, see
    docs/h11-engine.md): HTTP/1.0 and other versions → 426; Content-Length with
@@ -32,8 +35,15 @@ RBAC action name included — to `on_records`; the agent's flow ingestion turns 
 tests/unit/test_h11_flows.py, through `access_log_entry`), so flows, their reasons and the
 flow metrics are the same.
 
-Bounded per connection: the head (h11's `max_incomplete_event_size`), bodies are streamed with
-back-pressure, never buffered; timeouts for an idle connection, an incomplete head, a stalled
+The two ways meet at message boundaries: a request not plain (or not all there yet) goes to a
+fresh h11 connection from the same bytes, and what h11 leaves unread comes back to the buffer
+after it; a plain request's response that is not plain is handed to h11 after replaying both
+sides' state (`_replay`). Sockets are `_Side` protocols: one buffer per socket, read by the
+connection's task.
+
+Bounded per connection: the head (h11's `max_incomplete_event_size`; the shortcut takes heads
+up to the same size and bodies up to a read's size), bodies are streamed with back-pressure,
+never buffered; timeouts for an idle connection, an incomplete head, a stalled
 body and the upstream's connect and response. WebSocket upgrades pass where the request that
 asks for them is allowed (then bytes are relayed); other upgrades (h2c) are stripped, as Envoy
 does.
