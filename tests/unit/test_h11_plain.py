@@ -180,12 +180,13 @@ STATUS_LINES = ([b"HTTP/1.1 200 OK", b"HTTP/1.1 201 Created", b"HTTP/1.1 404 Not
                  b"HTTP/1.0 200 OK", b"HTTP/1.1 200 caf\xc3\xa9", b"HTTP/1.1 200 a\tb", b"HTTP/1.1 20 X",
                  b"HTTP/2 200 OK", b"http/1.1 200 OK", b"HTTP/1.1 099 X"])
 RESPONSE_NAMES = ([b"content-type", b"date", b"server", b"x-forwarded-for", b"set-cookie", b"x-envoy-upstream-service-time",
-                   b"x-custom", b"cache-control", b"!#$%&'*+-.^_`|~09"],
-                  [b"Content-Type", b"transfer-encoding", b"connection", b"keep-alive", b"host", b"x-forwarded-proto",
-                   b"trailer", b"upgrade", b"te", b"content-length", b"X Y", b""])
-RESPONSE_SEPARATORS = ([b": "], [b":", b":  ", b":\t", b" : "])
+                   b"x-custom", b"cache-control", b"!#$%&'*+-.^_`|~09", b"Content-Type", b"Date", b"Server",
+                   b"Connection", b"Keep-Alive", b"x-forwarded-proto"],
+                  [b"transfer-encoding", b"host", b"trailer", b"upgrade", b"te", b"content-length", b"X Y", b"",
+                   b"caf\xc3\xa9"])
+RESPONSE_SEPARATORS = ([b": ", b": ", b":", b":  ", b":\t"], [b" : ", b"\t:"])
 RESPONSE_VALUES = ([b"text/plain", b"Mon, 07 Dec 2026 08:00:00 GMT", b"envoy", b"a=b; Path=/", b"", b"a  b", b"a\tb",
-                    b"2", b"chunked", b"close"],
+                    b"2", b"chunked", b"close", b"keep-alive", b"Keep-Alive, x", b"timeout=5"],
                    [b"caf\xc3\xa9", b"a\x00b", b"a\rb", b"a\x7fb"])
 RESPONSE_BODIES = [b"", b"ok", b"x" * 13, b"2\r\nok\r\n0\r\n\r\n"]
 
@@ -201,7 +202,7 @@ def response_like(draw: st.DrawFn) -> bytes:
                                                                 [b"%d, %d" % (len(body), len(body))], [b"%d" % (len(body) + 1)],
                                                                 [b"-1"], [b"1" * 20]]))
     for length in lengths:
-        name = pick(draw, [b"content-length"], [b"Content-Length"])
+        name = pick(draw, [b"content-length", b"Content-Length"], [b"CONTENT-LENGTH"])
         headers.insert(draw(st.integers(0, len(headers))), name + b": " + length)
     data = eol.join([pick(draw, *STATUS_LINES), *headers]) + eol + eol + body
     data += draw(st.sampled_from([b"", b"", b"HTTP/1.1 200 OK\r\n", b"junk"]))
@@ -210,10 +211,10 @@ def response_like(draw: st.DrawFn) -> bytes:
     return data
 
 
-def _h11_relay(buf: bytes, method: bytes) -> tuple[bytes, int, h11.Connection, h11.Connection] | None:
-    """The engine's h11 way (`H11Engine._relay_response`) with `buf` from the pod: the bytes
-    the client gets, the response's status, both h11 states; None if it does not end in a
-    complete response (an error, or more to wait for)."""
+def _h11_relay(buf: bytes, method: bytes) -> tuple[bytes, int, bool, h11.Connection, h11.Connection] | None:
+    """The engine's h11 way (`H11Engine._relay_response`) with `buf` from the pod: the bytes the
+    client gets so far, the response's status, whether it is complete, both h11 states; None if
+    no response head comes out of it (more to wait for, or an error)."""
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(b"%s / HTTP/1.1\r\nHost: a\r\n\r\n" % method)
     assert isinstance(conn.next_event(), h11.Request) and isinstance(conn.next_event(), h11.EndOfMessage)
@@ -227,7 +228,7 @@ def _h11_relay(buf: bytes, method: bytes) -> tuple[bytes, int, h11.Connection, h
         while True:
             ev = uc.next_event()
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return None
+                return (out, status, False, conn, uc) if status else None
             if isinstance(ev, h11.InformationalResponse):
                 continue
             if isinstance(ev, h11.Response):
@@ -237,7 +238,7 @@ def _h11_relay(buf: bytes, method: bytes) -> tuple[bytes, int, h11.Connection, h
                 out += conn.send(ev) or b""
             elif isinstance(ev, h11.EndOfMessage):
                 out += conn.send(ev) or b""
-                return out, status, conn, uc
+                return out, status, True, conn, uc
             else:
                 return None
     except h11.ProtocolError:
@@ -248,15 +249,20 @@ def check_response(buf: bytes, method: bytes = b"POST") -> bool:
     got = plain_response(buf)
     if got is None:
         return False
-    status, length = got
     slow = _h11_relay(buf, method)
     assert slow is not None, buf
-    out, h11_status, conn, uc = slow
-    assert out == buf[:length] and status == h11_status  # the same bytes to the client
-    assert len(buf) - len(uc.trailing_data[0]) == length  # the same bytes used
-    # Both connections go on, as after the h11 way's end of the response.
-    assert uc.our_state is h11.DONE and uc.their_state is h11.DONE
-    assert conn.our_state is h11.DONE and conn.their_state is h11.DONE
+    out, status, complete, conn, uc = slow
+    head = buf[: got.head_len] if got.head is None else got.head
+    body = buf[got.head_len: got.head_len + got.length]
+    assert head + body == out and got.status == status  # the same bytes to the client, so far
+    assert complete == (len(buf) >= got.head_len + got.length)  # the same length
+    if complete:
+        assert len(buf) - len(uc.trailing_data[0]) == got.head_len + got.length  # the same bytes used
+        # Both connections go on, as after the h11 way's end of the response.
+        assert uc.our_state is h11.DONE and uc.their_state is h11.DONE
+        assert conn.our_state is h11.DONE and conn.their_state is h11.DONE
+    else:
+        assert uc.their_state is h11.SEND_BODY  # h11 waits for the rest of the body, as the engine
     return True
 
 
@@ -267,11 +273,18 @@ def test_a_response_the_shortcut_relays_is_what_h11_writes(buf: bytes, method: b
 
 
 @pytest.mark.parametrize("buf", [
-    # Envoy's direct_response (the bench's pod), a JSON API answer, one with a body to come after.
+    # Envoy's direct_response (the bench's pod), a JSON API answer, one with a body to come after,
+    # Python's http.server (head and body in two writes), a Go-like and a Node-like one.
     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\ndate: Mon, 07 Dec 2026 08:00:00 GMT\r\n"
     b"server: envoy\r\n\r\nok",
     b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{\"amount\": 1}HTTP/1.1",
     b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nServer: BaseHTTP/0.6 Python/3.11.2\r\nDate: Mon, 07 Dec 2026 08:00:00 GMT\r\n"
+    b"Content-Length: 40\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: Mon, 07 Dec 2026 08:00:00 GMT\r\n"
+    b"Content-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+    b"Keep-Alive: timeout=5\r\n\r\nok",
 ])
 def test_the_usual_responses_take_the_shortcut(buf: bytes) -> None:
     assert check_response(buf)

@@ -1148,9 +1148,9 @@ class H11Engine:
 
     async def _plain_response(self, timer: _Timer, client: _Side, up: _Upstream,
                               log: HTTPRecord) -> tuple[_Upstream | None, bool] | None:
-        """The pod's answer to a plain request, when it is plain too and all here at its first
-        bytes: written to the client as it came (h11 would write the same bytes), both
-        connections kept. None: h11 must take it (`_replay`)."""
+        """The pod's answer to a plain request, when its head is plain too (`plain_response`):
+        the head as h11 would write it, then the body as it comes, counted by its
+        Content-Length; both connections kept. None: h11 must take it (`_replay`)."""
         side = up.side
         if not side.buf and not side.eof:
             await self._wait_data(timer, "upstream", self.limits.body_timeout, side)
@@ -1161,11 +1161,24 @@ class H11Engine:
         got = plain_response(side.buf)
         if got is None:
             return None
-        log.code, log.details = got[0], VIA_UPSTREAM
+        log.code, log.details = got.status, VIA_UPSTREAM
+        head = side.take(got.head_len)
+        body = side.take(got.length)
+        left = got.length - len(body)
         try:
-            await self._flush(timer, client, side.take(got[1]))
-        except _Expired:
-            raise _ClientGone() from None  # the client does not read
+            await self._flush(timer, client, (head if got.head is None else got.head) + body)
+            # Once the head is out, whatever stops the body ends the client's connection, as
+            # on the h11 way.
+            while left:
+                await self._wait_data(timer, "upstream", self.limits.body_timeout, side)
+                if not side.buf:
+                    raise ConnectionResetError("upstream closed mid-response")
+                body = side.take(min(left, self.limits.read_size))
+                left -= len(body)
+                await self._flush(timer, client, body)
+        except (_Expired, ConnectionError, OSError):
+            up.side.close()
+            raise _ClientGone() from None
         return up, True
 
     def _replay(self, plain: PlainRequest, method: bytes, target: bytes,

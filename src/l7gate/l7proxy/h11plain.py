@@ -13,9 +13,10 @@ CPU per request, and its result is known in advance:
   (`h11engine._head_problem`) pass; None for anything else (incomplete, unusual, malformed),
   which the engine then gives to h11 from the same bytes: the shortcut only ever declines.
 - `request_bytes(...)`: the bytes h11 (CLIENT) writes for that request to the pod.
-- `plain_response(buf)`: a response at the start of `buf` whose bytes h11 would parse and the
-  engine would write back to the client unchanged (canonical header lines, nothing the engine
-  strips, a complete Content-Length body), with the pod connection kept; its length, or None.
+- `plain_response(buf)`: a response head at the start of `buf` that h11 would parse and the
+  engine write back as `head` (its hop-by-hop headers dropped, names in lower case; None when
+  that is the pod's head as it is, the usual case with Envoy or another proxy as the pod), with
+  a Content-Length body relayed as it comes, the pod's connection kept after it; or None.
 
 tests/unit/test_h11_plain.py holds each answer equal to h11's on generated messages (and the
 engine's replies to what they were through h11). Pure: no I/O, no state.
@@ -37,6 +38,8 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
 # A response head as h11 writes it back: lower-case names, ": ", no padding; a reason phrase.
 _RESPONSE_HEAD = re.compile(
     rb"HTTP/1\.1 ([2-9][0-9][0-9]) [\x20-\x7e]*\r\n((?:[-!#$%&'*+.^_`|~0-9a-z]+: " + _VALUE + rb"\r\n)*)\r\n")
+_ANY_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 ([2-9][0-9][0-9]) ([\x20-\x7e]*)\r\n((?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*)\r\n")
 _NAME = re.compile(rb"^([^:\r\n]+):", re.M)
 _CONTENT_LENGTH = re.compile(rb"^content-length: ([0-9]{1,19})\r\n", re.M)
 
@@ -49,9 +52,13 @@ _METHODS = frozenset(
 # Request headers that change h11's state or the engine's handling (keep-alive, upgrades,
 # 100-continue, chunked bodies).
 _REQUEST_DECLINES = frozenset({b"transfer-encoding", b"connection", b"upgrade", b"expect"})
-# Response headers the engine would strip or h11 would move (Host is written first).
-_RESPONSE_DECLINES = frozenset({b"host", b"transfer-encoding", b"connection", b"keep-alive", b"proxy-connection",
-                                b"te", b"trailer", b"upgrade", b"http2-settings", b"expect", b"x-forwarded-proto"})
+# Response headers the engine strips (`h11engine._client_response`: its hop-by-hop ones but
+# x-forwarded-for).
+_RESPONSE_STRIPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+                                b"http2-settings", b"expect", b"x-forwarded-proto"})
+# Response headers that make a canonical head go the long way: stripped ones, Host (h11 writes
+# it first), Transfer-Encoding.
+_RESPONSE_DECLINES = _RESPONSE_STRIPPED | {b"host", b"transfer-encoding"}
 
 
 class PlainRequest(NamedTuple):
@@ -108,28 +115,48 @@ def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes
     return b"\r\n".join(lines)
 
 
-def plain_response(buf: bytes | bytearray) -> tuple[int, int] | None:
-    """(status, length) of a complete plain response at the start of `buf` — its `length` bytes
-    are what the engine writes to the client, byte for byte — or None (then h11 decides)."""
+class PlainResponse(NamedTuple):
+    status: int
+    head_len: int  # bytes of the pod's head at the start of the buffer
+    length: int  # of the body that follows (Content-Length)
+    head: bytes | None  # the head as the client gets it; None: the pod's, byte for byte
+
+
+def plain_response(buf: bytes | bytearray) -> PlainResponse | None:
+    """The head of a plain response at the start of `buf` and what the client gets for it (its
+    body, `length` bytes, follows as it comes), or None (then h11 decides)."""
     m = _RESPONSE_HEAD.match(buf)
+    if m is not None:  # canonical already: relayed as it is, if nothing in it is to be changed
+        status = int(m[1])
+        block = m[2]
+        lengths = _CONTENT_LENGTH.findall(block)
+        if len(lengths) == 1 and status != 204 and status != 304:
+            names = _NAME.findall(block)
+            if names.count(b"content-length") == 1 and _RESPONSE_DECLINES.isdisjoint(names):
+                return PlainResponse(status, m.end(), int(lengths[0]), None)
+    m = _ANY_RESPONSE_HEAD.match(buf)
     if m is None:
         return None
     status = int(m[1])
     if status == 204 or status == 304:  # no body whatever the headers say
         return None
-    block = m[2]
-    lengths = _CONTENT_LENGTH.findall(block)
-    if len(lengths) != 1:
-        return None
-    seen = 0
-    for name in _NAME.findall(block):
-        if name in _RESPONSE_DECLINES:
+    lines = [b"HTTP/1.1 " + m[1] + b" " + m[2]]
+    length = -1
+    for name, value in _FIELD.findall(m[3]):
+        n = name.lower()
+        if n in _RESPONSE_STRIPPED:
+            if n == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
+                return None  # the pod ends the connection: h11's to tell
+            continue
+        if n == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 19:
+                return None
+            length = int(value)
+        elif n == b"host" or n == b"transfer-encoding":
             return None
-        if name == b"content-length":
-            seen += 1
-    if seen != 1:
+        lines.append(n + b": " + value)
+    if length < 0:
         return None
-    end = m.end() + int(lengths[0])
-    if len(buf) < end:
-        return None
-    return status, end
+    lines.append(b"")
+    lines.append(b"")
+    return PlainResponse(status, m.end(), length, b"\r\n".join(lines))
