@@ -77,7 +77,7 @@ from ..policy.mapstate import Decision
 from ..policy.pathnorm import normalize_path
 from ..policy.types import HTTPRequest
 from ..records import HTTPRecord
-from .h11plain import PlainRequest, plain_request, plain_response, request_bytes
+from .h11plain import ENVOY_METHODS, PlainRequest, plain_request, plain_response, request_bytes
 
 IP_TRANSPARENT = 19  # <linux/in.h>
 RBAC_FILTER = "envoy.filters.http.rbac"
@@ -338,11 +338,6 @@ class _Upstream:
     address: tuple[str, int]
 
 
-# The methods Envoy's HTTP/1 codec takes (measured: others, e.g. M-SEARCH or QUERY, are a 400).
-ENVOY_METHODS = frozenset(
-    b"GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK "
-    b"SEARCH REPORT MKACTIVITY CHECKOUT MERGE NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK "
-    b"SOURCE BIND REBIND UNBIND ACL".split())
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 

@@ -43,12 +43,14 @@ _ANY_RESPONSE_HEAD = re.compile(
 _NAME = re.compile(rb"^([^:\r\n]+):", re.M)
 _CONTENT_LENGTH = re.compile(rb"^content-length: ([0-9]{1,19})\r\n", re.M)
 
-# Request methods the shortcut takes: Envoy's, but CONNECT (no route) and HEAD (its response's
-# framing is not its headers').
-_METHODS = frozenset(
-    b"GET POST PUT DELETE OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK SEARCH REPORT "
-    b"MKACTIVITY CHECKOUT MERGE NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK SOURCE BIND REBIND "
-    b"UNBIND ACL".split())
+# The methods Envoy's HTTP/1 codec takes (measured: others, e.g. M-SEARCH or QUERY, are a 400).
+ENVOY_METHODS = frozenset(
+    b"GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK "
+    b"SEARCH REPORT MKACTIVITY CHECKOUT MERGE NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK "
+    b"SOURCE BIND REBIND UNBIND ACL".split())
+# Those the shortcut takes: not CONNECT (no route) nor HEAD (its response's framing is not its
+# headers').
+_METHODS = ENVOY_METHODS - {b"CONNECT", b"HEAD"}
 # Request headers that change h11's state or the engine's handling (keep-alive, upgrades,
 # 100-continue, chunked bodies).
 _REQUEST_DECLINES = frozenset({b"transfer-encoding", b"connection", b"upgrade", b"expect"})
