@@ -267,8 +267,17 @@ class Runs:
                 + (f", {self.lost} log entries lost to a full queue" if self.lost else ""))
 
 
+def paired_ratios(num: Runs, den: Runs) -> list[float]:
+    """Per round, `num`'s requests/s over `den`'s (the two ran minutes apart in one round)."""
+    return [a / b for a, b in zip(num.rps, den.rps, strict=True)]
+
+
 def paired_ratio(num: Runs, den: Runs) -> float:
-    return statistics.median(a / b for a, b in zip(num.rps, den.rps, strict=True))
+    return statistics.median(paired_ratios(num, den))
+
+
+def spread(ratios: list[float]) -> str:
+    return "per-round ratios " + ", ".join(f"{r:.2f}" for r in ratios)
 
 
 def load(agent: EngineAgent, runs: Runs, url: str, seconds: int, script: Path, denied: bool) -> None:
@@ -341,7 +350,8 @@ def run(ctx: Context) -> list[Result]:
             value=allowed[h].median, unit="req/s",
             baseline_name="Envoy, concurrency 1, same policy", baseline_value=allowed[e].median,
             ratio=ratio_allowed, goal=">= 0.5", goal_met=ratio_allowed >= 0.5,
-            notes=(f"{how}; h11 {allowed[h].describe()}; Envoy {allowed[e].describe()}; upstream directly "
+            notes=(f"{how}; {spread(paired_ratios(allowed[h], allowed[e]))}; h11 {allowed[h].describe()}; "
+                   f"Envoy {allowed[e].describe()}; upstream directly "
                    f"{direct.median:.0f} req/s (h11 {allowed[h].median / direct.median:.2f}x of it, Envoy "
                    f"{allowed[e].median / direct.median:.2f}x); upstream: a static Envoy (direct_response "
                    f"200); agent start to ready (pods, policies, first 200 and 403) median "
@@ -352,7 +362,8 @@ def run(ctx: Context) -> list[Result]:
             value=denied[h].median, unit="req/s",
             baseline_name="Envoy, concurrency 1, same policy", baseline_value=denied[e].median,
             ratio=ratio_denied,
-            notes=f"{how}; h11 {denied[h].describe()}; Envoy {denied[e].describe()}; L7 denial, connection kept",
+            notes=(f"{how}; {spread(paired_ratios(denied[h], denied[e]))}; h11 {denied[h].describe()}; "
+                   f"Envoy {denied[e].describe()}; L7 denial, connection kept"),
         ),
         Result(
             name="CPU per allowed request, h11 engine (agent process)",

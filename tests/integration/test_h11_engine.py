@@ -27,6 +27,7 @@ S = 77  # this module's 127.77.x.x addresses
 BILLING = f"127.{S}.1.10"
 FRONTEND = f"127.{S}.2.55"
 BIG = f"127.{S}.1.30"  # a pod whose server streams big bodies and takes WebSocket upgrades
+RAW = f"127.{S}.1.40"  # a pod answering in canonical bytes, one write per response (_RawPod)
 
 
 class _Big(BaseHTTPRequestHandler):
@@ -88,6 +89,48 @@ BIG_POLICY = {
 }
 
 
+class _RawPod:
+    """A pod's server answering each request with one fixed response, canonical and in one
+    write (what the engine's plain-response shortcut relays), and keeping every request's
+    bytes as they arrived."""
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\nx-pod: raw\r\n\r\nhello"
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.received: list[bytes] = []
+        self.sock = socket.create_server((ip, port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while True:
+                while b"\r\n\r\n" in buf:
+                    head, rest = buf.split(b"\r\n\r\n", 1)
+                    m = re.search(rb"(?im)^content-length: *(\d+)", head)
+                    n = int(m[1]) if m else 0
+                    if len(rest) < n:
+                        break
+                    self.received.append(head + b"\r\n\r\n" + rest[:n])
+                    buf = rest[n:]
+                    c.sendall(self.RESPONSE)
+                data = c.recv(65536)
+                if not data:
+                    return
+                buf += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with loopback_world(tmp_path_factory.mktemp("l7g-h11"), S, proxy_engine="h11", proxy_header_timeout=2.0,
@@ -99,6 +142,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.core.apply([pod("big-0", "payments", BIG, {"app": "big"}, "cluster-a", (8080,)), BIG_POLICY])
         w.synced()
         yield w
+
+
+@pytest.fixture(scope="module")
+def raw_pod(world: World) -> Iterator[_RawPod]:
+    server = _RawPod(RAW, 8080 + OFFSET)
+    try:
+        world.core.apply([pod("raw-0", "payments", RAW, {"app": "big"}, "cluster-a", (8080,))])  # BIG_POLICY's
+        world.synced()
+        yield server
+    finally:
+        server.close()
 
 
 def _latency(src: str = FRONTEND) -> float:
@@ -277,3 +331,57 @@ def test_a_policy_change_applies_to_the_next_request_on_an_open_connection(world
         assert c.request("GET", "/v1/transactions").status == 403
     finally:
         c.close()
+
+
+def _responses(s: socket.socket, n: int) -> list[bytes]:
+    """`n` whole responses from `s` (Content-Length framed), the date masked."""
+    s.settimeout(5)
+    buf, out = b"", []
+    while len(out) < n:
+        if b"\r\n\r\n" in buf:
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            m = re.search(rb"(?im)^content-length: *(\d+)", head)
+            k = int(m[1]) if m else 0
+            if len(rest) >= k:
+                out.append(re.sub(rb"(?im)^date: [^\r]*", b"date: -", head) + b"\r\n\r\n" + rest[:k])
+                buf = rest[k:]
+                continue
+        data = s.recv(65536)
+        assert data, (out, buf)
+        buf += data
+    return out
+
+
+def test_the_plain_shortcut_and_h11_give_the_same_bytes_both_ways(world: World, raw_pod: _RawPod) -> None:
+    """The same requests, once each sent whole (the shortcut takes them, and the pod's canonical
+    answers) and once with their heads in two pieces (h11 reads them): the client and the pod
+    get byte for byte the same, pipelined or not, allowed or denied."""
+    engine = world.agent.engine
+    assert engine is not None
+    reqs = [b"POST /upload HTTP/1.1\r\nX-Request-Id: r1\r\nHost: raw\r\nContent-Length: 5\r\n\r\nhello",
+            b"GET /nope HTTP/1.1\r\nHost: raw\r\nX-Request-Id: r2\r\n\r\n",
+            b"GET /bytes//5 HTTP/1.1\r\nhost: raw\r\nx-request-id: r3\r\nuser-agent: t\r\n\r\n"]
+    got: dict[bool, tuple[list[bytes], list[bytes], int]] = {}
+    for split in (False, True):
+        received_before = len(raw_pod.received)
+        plain_before = engine.stats.plain
+        s = _connect(dst=RAW)
+        try:
+            if split:
+                for r in reqs:
+                    s.sendall(r[:9])
+                    time.sleep(0.2)  # the engine has read the first piece: h11 takes the request
+                    s.sendall(r[9:])
+                    time.sleep(0.2)
+            else:
+                s.sendall(b"".join(reqs))  # pipelined
+            answers = _responses(s, len(reqs))
+        finally:
+            s.close()
+        eventually(lambda: len(raw_pod.received) >= received_before + 2, 5, "the pod to get both allowed requests")
+        got[split] = (answers, raw_pod.received[received_before:], engine.stats.plain - plain_before)
+    assert [a.split(b"\r\n", 1)[0] for a in got[False][0]] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 403 Forbidden",
+                                                                 b"HTTP/1.1 200 OK"]
+    assert got[False][2] == 3 and got[True][2] == 0  # the shortcut took them all, then none
+    assert got[False][0] == got[True][0]  # what the client got
+    assert got[False][1] == got[True][1]  # what the pod got

@@ -9,7 +9,10 @@ ports), on the pod's address — loopback mode: the pod's own 127.x address, the
 the datapath's redirect delivers to, the pod's server on the same port.
 
 Per connection, HTTP/1.1 framing on both sides is h11's (`h11.Connection`, SERVER towards the
-client, CLIENT towards the pod), and each request is judged on its own (pipelined ones too):
+client, CLIENT towards the pod) or, for plain messages, what h11 would do told without it
+(`h11plain`: a complete request with a Content-Length body and nothing that changes the
+connection; a canonical Content-Length response), and each request is judged on its own
+(pipelined ones too) by the same steps either way (`_admit`):
 
 1. Framing checks, as Envoy makes them (`_head_problem`, measured on Envoy's codec here, see
    docs/h11-engine.md): HTTP/1.0 and other versions → 426; Content-Length with
@@ -32,8 +35,15 @@ RBAC action name included — to `on_records`; the agent's flow ingestion turns 
 tests/unit/test_h11_flows.py, through `access_log_entry`), so flows, their reasons and the
 flow metrics are the same.
 
-Bounded per connection: the head (h11's `max_incomplete_event_size`), bodies are streamed with
-back-pressure, never buffered; timeouts for an idle connection, an incomplete head, a stalled
+The two ways meet at message boundaries: a request not plain (or not all there yet) goes to a
+fresh h11 connection from the same bytes, and what h11 leaves unread comes back to the buffer
+after it; a plain request's response that is not plain is handed to h11 after replaying both
+sides' state (`_replay`). Sockets are `_Side` protocols: one buffer per socket, read by the
+connection's task.
+
+Bounded per connection: the head (h11's `max_incomplete_event_size`; the shortcut takes heads
+up to the same size and bodies up to a read's size), bodies are streamed with back-pressure,
+never buffered; timeouts for an idle connection, an incomplete head, a stalled
 body and the upstream's connect and response. WebSocket upgrades pass where the request that
 asks for them is allowed (then bytes are relayed); other upgrades (h2c) are stripped, as Envoy
 does.
@@ -56,17 +66,18 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import h11
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from ..policy.httpverdict import RequestVerdict, request_verdict
-from ..records import HTTPRecord
 from ..policy.mapstate import Decision
 from ..policy.pathnorm import normalize_path
 from ..policy.types import HTTPRequest
+from ..records import HTTPRecord
+from .h11plain import ENVOY_METHODS, PlainRequest, plain_request, plain_response, request_bytes
 
 IP_TRANSPARENT = 19  # <linux/in.h>
 RBAC_FILTER = "envoy.filters.http.rbac"
@@ -122,15 +133,20 @@ class EngineStats:
     allowed: int = 0
     denied: int = 0
     rejected: int = 0  # refused before policy (framing, normalization)
+    plain: int = 0  # requests taken by the plain-message shortcut (h11plain), not h11
     upstream_errors: int = 0
     decision_lookups: int = 0  # decisions asked of the agent (cache misses)
     connections_refused: int = 0  # over max_connections: closed at once
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, details: str, close: bool = True, body: bytes | None = None) -> None:
+    """A request answered by the engine itself: `status`, Envoy's response_code_details, whether
+    the connection closes after it, its body (None: the reason phrase); `denied`: by policy."""
+
+    def __init__(self, status: int, details: str, close: bool = True, body: bytes | None = None,
+                 denied: bool = False) -> None:
         super().__init__(details)
-        self.status, self.details, self.close, self.body = status, details, close, body
+        self.status, self.details, self.close, self.body, self.denied = status, details, close, body, denied
 
 
 class _ClientGone(Exception):
@@ -171,19 +187,157 @@ class _Timer:
         return _Expired(kind)
 
 
+class _Side(asyncio.Protocol):
+    """One socket of the engine, a client's or a pod's: the bytes that arrived and were not
+    taken yet (`buf`), the connection task's wait for more, and the write side's flow control.
+    What asyncio's StreamReader and StreamWriter did for the engine, without their layers: the
+    plain-message shortcut parses `buf` where it lies, h11 is given it whole.
+
+    Bounded: above `2 * limit` bytes not taken, the socket is not read until the task takes
+    them; `drain` waits while the transport's write buffer is above its high-water mark.
+    Owned by one connection task; loop thread only."""
+
+    __slots__ = ("transport", "buf", "limit", "eof", "lost", "error", "_waiter", "_drainer", "_read_paused",
+                 "_write_paused", "_on_made")
+
+    def __init__(self, limit: int, on_made: Callable[[_Side], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.limit = limit
+        self.eof = False  # no more bytes will come (FIN, or the connection is gone)
+        self.lost = False
+        self.error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drainer: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._on_made = on_made
+
+    # -- asyncio.Protocol (called by the loop) --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is one, unregistered
+        if self._on_made is not None:
+            self._on_made(self)
+            self._on_made = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > 2 * self.limit and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # a half-closed client still gets its answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.lost = True
+        self.error = exc
+        self._wake()
+        d, self._drainer = self._drainer, None
+        if d is not None and not d.done():
+            d.set_exception(ConnectionResetError("Connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        d, self._drainer = self._drainer, None
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    def _wake(self) -> None:
+        w, self._waiter = self._waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- the connection task's side --
+
+    async def wait(self) -> None:
+        """Until bytes or the end arrive (at once if there are some, or it ended)."""
+        if self.buf or self.eof:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read(self, n: int) -> bytes:
+        """Up to `n` bytes; b"" at the end; the connection's error if it ended with one."""
+        if not self.buf and not self.eof:
+            await self.wait()
+        if not self.buf:
+            if self.error is not None:
+                raise self.error
+            return b""
+        return self.take(n)
+
+    def take(self, n: int) -> bytes:
+        buf = self.buf
+        if len(buf) <= n:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self._resume()
+        return data
+
+    def consume(self, n: int) -> None:
+        del self.buf[:n]
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._read_paused and len(self.buf) <= self.limit and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def unread(self, data: bytes) -> None:
+        """Bytes taken but not used (h11's trailing data), back in front."""
+        if data:
+            self.buf[:0] = data
+
+    def at_eof(self) -> bool:
+        return self.eof and not self.buf
+
+    def write(self, data: bytes | bytearray) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write_buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._write_paused:
+            return
+        self._drainer = asyncio.get_running_loop().create_future()
+        await self._drainer
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.lost and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 @dataclass(slots=True)
 class _Upstream:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    conn: h11.Connection
+    """An open connection to a pod's server, kept between requests. h11 (CLIENT) state is made
+    per request that goes the h11 way: bytes it did not use go back into `side.buf`."""
+
+    side: _Side
     address: tuple[str, int]
 
 
-# The methods Envoy's HTTP/1 codec takes (measured: others, e.g. M-SEARCH or QUERY, are a 400).
-ENVOY_METHODS = frozenset(
-    b"GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK "
-    b"SEARCH REPORT MKACTIVITY CHECKOUT MERGE NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK "
-    b"SOURCE BIND REBIND UNBIND ACL".split())
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -306,6 +460,51 @@ def _split_head(buf: bytes) -> bytes:
     """The head at the start of `buf` (up to the first empty line)."""
     ends = [i for i in (buf.find(b"\r\n\r\n"), buf.find(b"\n\n")) if i >= 0]
     return buf[: min(ends)] if ends else buf
+
+
+def _upstream_headers(pairs: list[tuple[bytes, bytes]], source_ip: str,
+                      request_id: str) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The headers a request goes to the pod with, and whether it is a WebSocket upgrade:
+    hop-by-hop headers (and those its Connection header names) dropped, x-forwarded-for
+    appended, x-forwarded-proto and x-request-id set, as Envoy's."""
+    websocket = False
+    out_headers: list[tuple[bytes, bytes]] = []
+    conn_tokens = {t.strip().lower() for n, v in pairs if n == b"connection" for t in v.split(b",")}
+    upgrade = [v for n, v in pairs if n == b"upgrade"]
+    if upgrade and b"upgrade" in conn_tokens and upgrade[0].strip().lower() == b"websocket":
+        websocket = True
+    for name, value in pairs:
+        if name in _HOP_BY_HOP or name in conn_tokens:
+            continue
+        out_headers.append((name, value))
+    if websocket:
+        out_headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    xff = [v for n, v in pairs if n == b"x-forwarded-for"]
+    out_headers.append((b"x-forwarded-for", b",".join([*xff, source_ip.encode()])))
+    out_headers.append((b"x-forwarded-proto", b"http"))
+    if not any(n == b"x-request-id" for n, _ in out_headers):
+        out_headers.append((b"x-request-id", request_id.encode()))
+    return out_headers, websocket
+
+
+def _client_response(ev: h11.Response) -> h11.Response:
+    """The pod's response as it goes to the client: hop-by-hop headers dropped (x-forwarded-for
+    kept), framing h11's own."""
+    hdrs = [(n, v) for _, n, v in ev.headers._full_items
+            if (n not in _HOP_BY_HOP or n == b"x-forwarded-for") and n != b"transfer-encoding"]
+    return h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason, _parsed=True)
+
+
+def _h11_reply(conn: h11.Connection, status: int, body: bytes, method: str) -> bytes:
+    """A local reply through h11, on a connection that goes on."""
+    headers = [(b"content-length", b"%d" % len(body)), (b"date", _http_date()), (b"server", b"l7gate-h11")]
+    if body:
+        headers.insert(1, (b"content-type", b"text/plain"))
+    out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""),
+                                 _parsed=True)) or b""  # our own, valid headers
+    if body and method != "HEAD":  # the answer to HEAD: no body, its length in the headers
+        out += conn.send(h11.Data(data=body)) or b""
+    return out + (conn.send(h11.EndOfMessage()) or b"")
 
 
 def _local_reply(status: int, body: bytes, close: bool, extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
@@ -477,7 +676,7 @@ class H11Engine:
             "connections": {"active": s.connections_active, "total": s.connections_total,
                             "refused": s.connections_refused, "max": self.limits.max_connections},
             "requests": {"total": s.requests, "allowed": s.allowed, "denied": s.denied,
-                         "rejected": s.rejected, "upstream_errors": s.upstream_errors},
+                         "rejected": s.rejected, "upstream_errors": s.upstream_errors, "plain": s.plain},
             "decision_lookups": s.decision_lookups,
         }
 
@@ -521,25 +720,35 @@ class H11Engine:
                 t.task.cancel()
         self._loop.call_later(0.5, self._sweep)
 
-    async def _wait_read(self, timer: _Timer, kind: str, seconds: float, reader: asyncio.StreamReader) -> bytes:
+    async def _wait_read(self, timer: _Timer, kind: str, seconds: float, side: _Side) -> bytes:
         timer.arm(kind, seconds)
         try:
-            return await reader.read(self.limits.read_size)
+            return await side.read(self.limits.read_size)
         except asyncio.CancelledError as err:
             raise timer.check(err) from None
         finally:
             timer.deadline = float("inf")
 
-    async def _flush(self, timer: _Timer, writer: asyncio.StreamWriter, out: bytearray) -> None:
+    async def _wait_data(self, timer: _Timer, kind: str, seconds: float, side: _Side) -> None:
+        """Until `side` has bytes or ended, bytes left where they are."""
+        timer.arm(kind, seconds)
+        try:
+            await side.wait()
+        except asyncio.CancelledError as err:
+            raise timer.check(err) from None
+        finally:
+            timer.deadline = float("inf")
+
+    async def _flush(self, timer: _Timer, side: _Side, out: bytearray | bytes) -> None:
         """Write what is pending as one write; wait only while the socket's buffer is full."""
         if out:
-            writer.write(bytes(out))
-            out.clear()
-        transport = writer.transport
-        if transport.get_write_buffer_size() > self.limits.read_size:
+            side.write(out if isinstance(out, bytes) else bytes(out))
+            if isinstance(out, bytearray):
+                out.clear()
+        if side.write_buffered() > self.limits.read_size:
             timer.arm("body", self.limits.body_timeout)
             try:
-                await writer.drain()
+                await side.drain()
             except asyncio.CancelledError as err:
                 raise timer.check(err) from None
             finally:
@@ -578,18 +787,26 @@ class H11Engine:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_server(self, key: tuple[str, int], sock: socket.socket) -> None:
-        def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            t = asyncio.get_running_loop().create_task(self._connection(reader, writer, key))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-
+        limit = self.limits.read_size
+        loop = asyncio.get_running_loop()
         # asyncio listens again with its own backlog (100 by default): a burst of new
         # connections then waits a second for a SYN retransmit. Envoy's default is 1024.
-        srv = await asyncio.start_server(on_conn, sock=sock, limit=self.limits.read_size, backlog=1024)
+        srv = await loop.create_server(lambda: _Side(limit, lambda side: self._accepted(side, key)), sock=sock,
+                                       backlog=1024)
         if self._ports.get(key) is None or key in self._servers:  # removed (or replaced) meanwhile
             srv.close()
             return
         self._servers[key] = srv
+
+    def _accepted(self, side: _Side, key: tuple[str, int]) -> None:
+        if self.stats.connections_active >= self.limits.max_connections:
+            self.stats.connections_refused += 1
+            side.close()
+            return
+        assert self._loop is not None
+        t = self._loop.create_task(self._connection(side, key))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -610,48 +827,60 @@ class H11Engine:
 
     # -- one connection -----------------------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          key: tuple[str, int]) -> None:
-        if self.stats.connections_active >= self.limits.max_connections:
-            self.stats.connections_refused += 1
-            writer.close()
-            return
+    async def _connection(self, client: _Side, key: tuple[str, int]) -> None:
         self.stats.connections_total += 1
         self.stats.connections_active += 1
         up: _Upstream | None = None
         task = asyncio.current_task()
-        assert task is not None
+        assert task is not None and client.transport is not None
         timer = _Timer(task)
         self._timers.add(timer)
+        limits = self.limits
         try:
-            sock = writer.get_extra_info("socket")
+            transport = client.transport
+            sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = writer.get_extra_info("peername")
-            local = writer.get_extra_info("sockname")
+            peer = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
             src, dst = (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
             while True:
                 port = self._ports.get(key)
                 if port is None:
                     break  # the port is no longer proxied: close between requests
-                up, keep = await self._exchange(timer, conn, reader, writer, port, src, dst, up)
-                if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                if not client.buf:
+                    try:
+                        await self._wait_data(timer, "idle", limits.idle_timeout, client)
+                    except _Expired:
+                        break
+                    if not client.buf:
+                        break  # the client closed
+                plain = plain_request(client.buf, limits.max_header_bytes, limits.max_headers, limits.read_size)
+                if plain is not None:
+                    client.consume(len(plain.raw))
+                    up, keep = await self._plain_exchange(timer, client, plain, port, src, dst, up)
+                else:
+                    # Everything else is h11's, from the same bytes, a read's worth at a time
+                    # (its head limit counts what it holds incomplete); what it leaves of them
+                    # (a pipelined request) comes back for the next round.
+                    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+                    conn.receive_data(client.take(limits.read_size))
+                    up, keep = await self._exchange(timer, conn, client, port, src, dst, up)
+                    keep = keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                    if keep:
+                        client.unread(conn.trailing_data[0])
+                if not keep:
                     break
-                conn.start_next_cycle()
         except (_ClientGone, _Expired, ConnectionError, asyncio.CancelledError, TimeoutError, OSError):
             pass
         finally:
             self._timers.discard(timer)
             self.stats.connections_active -= 1
             if up is not None:
-                up.writer.close()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                up.side.close()
+            client.close()
 
-    async def _read_head(self, timer: _Timer, conn: h11.Connection,
-                         reader: asyncio.StreamReader) -> h11.Request | None:
+    async def _read_head(self, timer: _Timer, conn: h11.Connection, client: _Side) -> h11.Request | None:
         raw = bytearray(conn.trailing_data[0])
         cap = self.limits.max_header_bytes + self.limits.read_size
         while True:
@@ -669,9 +898,9 @@ class H11Engine:
             if ev is h11.NEED_DATA:
                 try:
                     if raw:
-                        data = await self._wait_read(timer, "header", self.limits.header_timeout, reader)
+                        data = await self._wait_read(timer, "header", self.limits.header_timeout, client)
                     else:
-                        data = await self._wait_read(timer, "idle", self.limits.idle_timeout, reader)
+                        data = await self._wait_read(timer, "idle", self.limits.idle_timeout, client)
                 except _Expired as exp:
                     if exp.kind == "header":
                         raise _Reject(408, "request_header_timeout") from None
@@ -688,27 +917,10 @@ class H11Engine:
                 return ev
             return None  # ConnectionClosed, or nothing more to read
 
-    async def _exchange(
-        self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        port: EnginePort, src: tuple[str, int], dst: tuple[str, int], up: _Upstream | None,
-    ) -> tuple[_Upstream | None, bool]:
-        """One request: (the upstream connection to keep, whether the client connection goes on)."""
-        log = HTTPRecord(time.time(), src, dst)
-        try:
-            req = await self._read_head(timer, conn, reader)
-        except _Reject as rej:
-            self.stats.requests += 1
-            self.stats.rejected += 1
-            log.code, log.details = rej.status, rej.details
-            await self._reply(writer, rej.status, _REASONS.get(rej.status, b""), True)
-            self._emit(log)
-            return up, False
-        if req is None:
-            return up, False
-        self.stats.requests += 1
-        method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
-        log.method = method
-        pairs = _pairs(req.headers)
+    def _admit(self, log: HTTPRecord, method: str, target: str, pairs: list[tuple[bytes, bytes]],
+               port: EnginePort) -> tuple[_Reject | None, str]:
+        """Whether a parsed request goes to the pod: (None, its normalized path), or the answer
+        it gets instead (a denial: `_Reject.denied`). Fills in `log` as Envoy's entry would be."""
         host = ua = rid = b""
         for n, v in pairs:
             if n == b"host" and not host:
@@ -717,47 +929,96 @@ class H11Engine:
                 ua = v
             elif n == b"x-request-id" and not rid:
                 rid = v
+        log.method = method
         log.authority = host.decode("latin-1")
         log.user_agent = ua.decode("latin-1")
         log.request_id = rid.decode("latin-1") if rid else os.urandom(16).hex()
         log.path = target
-        problem: _Reject | None = None
         if target == "*":
-            problem = _Reject(404, "route_not_found", close=False, body=b"")
-        if problem is None and method == "CONNECT":
-            problem = self._connect_verdict(log, port, src, _header_dict(pairs))
-        norm_path = ""
-        if problem is None:
-            norm = normalize_path(target)
-            if norm.rejected is not None:
-                problem = _Reject(400, "path_normalization_failed", body=b"")
-            norm_path = norm.path
-        if problem is not None:
-            self.stats.rejected += 1
-            log.code, log.details = problem.status, problem.details
-            if not problem.close:
-                _skip_empty_body(conn)
-            close = problem.close or conn.their_state is not h11.DONE
-            body = _REASONS.get(problem.status, b"") if problem.body is None else problem.body
-            await self._reply(writer, problem.status, body, close, conn, method)
-            self._emit(log)
-            return up, not close
-        log.path = norm_path
-        decision = self._decision(dst[0], port.port, src[0])
-        verdict = self._verdict(decision, method, target, norm_path, log.authority, pairs)
+            return _Reject(404, "route_not_found", close=False, body=b""), ""
+        if method == "CONNECT":
+            return self._connect_verdict(log, port, log.src, _header_dict(pairs)), ""
+        norm = normalize_path(target)
+        if norm.rejected is not None:
+            return _Reject(400, "path_normalization_failed", body=b""), ""
+        log.path = norm.path
+        decision = self._decision(log.dst[0], port.port, log.src[0])
+        verdict = self._verdict(decision, method, target, norm.path, log.authority, pairs)
         log.action = verdict.action
         if not verdict.allowed:
-            self.stats.denied += 1
-            log.code, log.details = 403, RBAC_DENIED.format(verdict.action)
-            _skip_empty_body(conn)
-            # A body not yet read: answer and close, as Envoy does for a local reply mid-request.
-            close = conn.their_state is not h11.DONE or conn.our_state is h11.MUST_CLOSE
-            await self._reply(writer, 403, DENIED_BODY, close, conn, method)
+            return _Reject(403, RBAC_DENIED.format(verdict.action), close=False, body=DENIED_BODY, denied=True), ""
+        return None, norm.path
+
+    async def _exchange(
+        self, timer: _Timer, conn: h11.Connection, client: _Side,
+        port: EnginePort, src: tuple[str, int], dst: tuple[str, int], up: _Upstream | None,
+    ) -> tuple[_Upstream | None, bool]:
+        """One request through h11: (the upstream connection to keep, whether the client
+        connection goes on)."""
+        log = HTTPRecord(time.time(), src, dst)
+        try:
+            req = await self._read_head(timer, conn, client)
+        except _Reject as rej:
+            self.stats.requests += 1
+            self.stats.rejected += 1
+            log.code, log.details = rej.status, rej.details
+            await self._reply(client, rej.status, _REASONS.get(rej.status, b""), True)
+            self._emit(log)
+            return up, False
+        if req is None:
+            return up, False
+        self.stats.requests += 1
+        method, target = req.method.decode("latin-1"), req.target.decode("latin-1")
+        pairs = _pairs(req.headers)
+        problem, norm_path = self._admit(log, method, target, pairs, port)
+        if problem is not None:
+            log.code, log.details = problem.status, problem.details
+            if problem.denied:
+                self.stats.denied += 1
+                _skip_empty_body(conn)
+                # A body not yet read: answer and close, as Envoy does for a local reply mid-request.
+                close = conn.their_state is not h11.DONE or conn.our_state is h11.MUST_CLOSE
+            else:
+                self.stats.rejected += 1
+                if not problem.close:
+                    _skip_empty_body(conn)
+                close = problem.close or conn.their_state is not h11.DONE
+            body = _REASONS.get(problem.status, b"") if problem.body is None else problem.body
+            await self._reply(client, problem.status, body, close, conn, method)
             self._emit(log)
             return up, not close
         self.stats.allowed += 1
         try:
-            return await self._forward(timer, conn, reader, writer, req, pairs, norm_path, port, src, log, up)
+            return await self._forward(timer, conn, client, req.method, pairs, norm_path, port, src, log, up, None)
+        finally:
+            self._emit(log)
+
+    async def _plain_exchange(
+        self, timer: _Timer, client: _Side, plain: PlainRequest,
+        port: EnginePort, src: tuple[str, int], dst: tuple[str, int], up: _Upstream | None,
+    ) -> tuple[_Upstream | None, bool]:
+        """One plain request (`h11plain`), taken whole from the client's bytes: judged as
+        `_exchange` judges, answered with the bytes h11 would have written, its state the
+        state h11 would be in (all read, keep-alive)."""
+        log = HTTPRecord(time.time(), src, dst)
+        self.stats.requests += 1
+        self.stats.plain += 1
+        method = plain.method.decode("latin-1")
+        problem, norm_path = self._admit(log, method, plain.target.decode("latin-1"), plain.headers, port)
+        if problem is not None:
+            log.code, log.details = problem.status, problem.details
+            if problem.denied:
+                self.stats.denied += 1
+            else:
+                self.stats.rejected += 1
+            body = _REASONS.get(problem.status, b"") if problem.body is None else problem.body
+            await self._reply(client, problem.status, body, problem.close)
+            self._emit(log)
+            return up, not problem.close
+        self.stats.allowed += 1
+        try:
+            return await self._forward(timer, None, client, plain.method, plain.headers, norm_path, port, src, log, up,
+                                       plain)
         finally:
             self._emit(log)
 
@@ -783,59 +1044,43 @@ class H11Engine:
             return _Reject(403, RBAC_DENIED.format(v.action), body=DENIED_BODY)
         return _Reject(404, "route_not_found", body=b"")
 
-    async def _reply(self, writer: asyncio.StreamWriter, status: int, body: bytes, close: bool,
+    async def _reply(self, client: _Side, status: int, body: bytes, close: bool,
                      conn: h11.Connection | None = None, method: str = "") -> None:
         """A local reply. On a connection that goes on, through `conn` (h11 then knows the
-        response was sent); otherwise as raw bytes, whatever state h11 is in."""
+        response was sent); otherwise, or for a plain request (no h11 state), as raw bytes —
+        the same bytes h11 writes for a connection that goes on (tests/unit/test_h11_plain.py)."""
         if not close and conn is not None and conn.our_state is h11.SEND_RESPONSE:
-            headers = [(b"content-length", b"%d" % len(body)), (b"date", _http_date()), (b"server", b"l7gate-h11")]
-            if body:
-                headers.insert(1, (b"content-type", b"text/plain"))
-            out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""),
-                                         _parsed=True)) or b""  # our own, valid headers
-            if body and method != "HEAD":  # the answer to HEAD: no body, its length in the headers
-                out += conn.send(h11.Data(data=body)) or b""
-            out += conn.send(h11.EndOfMessage()) or b""
-            writer.write(out)
+            client.write(_h11_reply(conn, status, body, method))
         else:
-            writer.write(_local_reply(status, body, close))
+            client.write(_local_reply(status, body, close))
         with contextlib.suppress(ConnectionError):
-            await writer.drain()
+            await client.drain()
 
     # -- forwarding ---------------------------------------------------------------------------
 
     async def _open_upstream(self, port: EnginePort) -> _Upstream:
+        loop = asyncio.get_running_loop()
+        limit = self.limits.read_size
         async with asyncio.timeout(self.limits.connect_timeout):
-            r, w = await asyncio.open_connection(port.upstream_ip, port.upstream_port, limit=self.limits.read_size)
-        sock = w.get_extra_info("socket")
+            _, side = await loop.create_connection(lambda: _Side(limit), port.upstream_ip, port.upstream_port)
+        assert side.transport is not None
+        sock = side.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Upstream(r, w, h11.Connection(h11.CLIENT), (port.upstream_ip, port.upstream_port))
+        return _Upstream(side, (port.upstream_ip, port.upstream_port))
 
     async def _forward(
-        self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        req: h11.Request, pairs: list[tuple[bytes, bytes]],
-        path: str, port: EnginePort, src: tuple[str, int], log: HTTPRecord, up: _Upstream | None,
+        self, timer: _Timer, conn: h11.Connection | None, client: _Side, method: bytes,
+        pairs: list[tuple[bytes, bytes]], path: str, port: EnginePort, src: tuple[str, int], log: HTTPRecord,
+        up: _Upstream | None, plain: PlainRequest | None,
     ) -> tuple[_Upstream | None, bool]:
-        websocket = False
-        out_headers: list[tuple[bytes, bytes]] = []
-        conn_tokens = {t.strip().lower() for n, v in pairs if n == b"connection" for t in v.split(b",")}
-        upgrade = [v for n, v in pairs if n == b"upgrade"]
-        if upgrade and b"upgrade" in conn_tokens and upgrade[0].strip().lower() == b"websocket":
-            websocket = True
-        for name, value in pairs:
-            if name in _HOP_BY_HOP or name in conn_tokens:
-                continue
-            out_headers.append((name, value))
-        if websocket:
-            out_headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
-        xff = [v for n, v in pairs if n == b"x-forwarded-for"]
-        out_headers.append((b"x-forwarded-for", b",".join([*xff, src[0].encode()])))
-        out_headers.append((b"x-forwarded-proto", b"http"))
-        if not any(n == b"x-request-id" for n, _ in out_headers):
-            out_headers.append((b"x-request-id", log.request_id.encode()))
-        if up is not None and (up.conn.our_state is not h11.IDLE or up.reader.at_eof()):
-            up.writer.close()
+        """An allowed request to the pod and its response back. `conn` is the client's h11
+        state, None for a plain request (`plain`), whose request and response skip h11 — as long
+        as the response is plain too; otherwise h11 is brought to where it would be (`_replay`)
+        and takes the response from there."""
+        out_headers, websocket = _upstream_headers(pairs, src[0], log.request_id)
+        if up is not None and up.side.at_eof():
+            up.side.close()
             up = None
         if up is None:
             try:
@@ -844,55 +1089,119 @@ class H11Engine:
                 self.stats.upstream_errors += 1
                 log.code = 503
                 log.details = "upstream_reset_before_response_started{remote_connection_failure}"
-                await self._reply(writer, 503, b"upstream connect error or disconnect/reset before headers. "
-                                               b"reset reason: remote connection failure", conn.their_state is not h11.DONE)
-                return None, conn.their_state is h11.DONE
+                # Raw, as the h11 way always wrote it: the connection then ends (h11 did not see
+                # a response; a plain request's answer is the same).
+                request_done = conn is None or conn.their_state is h11.DONE
+                await self._reply(client, 503, b"upstream connect error or disconnect/reset before headers. "
+                                               b"reset reason: remote connection failure", not request_done)
+                return None, False
         log.upstream = up.address
+        target = path.encode("latin-1")
         try:
-            # The head and whatever of the body is here already go as one write.
-            # `_parsed`: the names and values came out of h11's parser (or are ours: an address,
-            # "http", hex), so h11's header regexes need not run over them again.
-            out = bytearray(up.conn.send(h11.Request(method=req.method, target=path.encode("latin-1"),
-                                                     headers=out_headers, _parsed=True)) or b"")
-            if conn.they_are_waiting_for_100_continue:
-                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b"")
-            await self._relay_request_body(timer, conn, reader, up, out)
-            return await self._relay_response(timer, conn, reader, writer, up, log, websocket)
+            if plain is None:
+                assert conn is not None
+                uc = h11.Connection(h11.CLIENT)
+                # The head and whatever of the body is here already go as one write.
+                # `_parsed`: the names and values came out of h11's parser (or are ours: an
+                # address, "http", hex), so h11's header regexes need not run over them again.
+                out = bytearray(uc.send(h11.Request(method=method, target=target, headers=out_headers,
+                                                    _parsed=True)) or b"")
+                if conn.they_are_waiting_for_100_continue:
+                    client.write(conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+                                 or b"")
+                await self._relay_request_body(timer, conn, client, uc, up, out)
+            else:
+                await self._flush(timer, up.side, request_bytes(method, target, out_headers, plain.body))
+                kept = await self._plain_response(timer, client, up, log)
+                if kept is not None:
+                    return kept
+                conn, uc = self._replay(plain, method, target, out_headers)
+            return await self._relay_response(timer, conn, client, uc, up, log, websocket)
         except _ClientGone:
-            up.writer.close()
+            up.side.close()
             raise
         except _Reject as rej:  # the request's body was malformed, or stalled
-            up.writer.close()
+            up.side.close()
             log.code, log.details = rej.status, rej.details
-            if conn.our_state is h11.SEND_RESPONSE:
-                await self._reply(writer, rej.status, _REASONS.get(rej.status, b""), True)
+            if conn is not None and conn.our_state is h11.SEND_RESPONSE:
+                await self._reply(client, rej.status, _REASONS.get(rej.status, b""), True)
             return None, False
         except (ConnectionError, OSError, _Expired, h11.ProtocolError) as exc:
-            up.writer.close()
+            up.side.close()
             if isinstance(exc, _Expired) and exc.kind != "upstream":
                 raise _ClientGone() from None  # the client stalled
-            if conn.our_state is h11.SEND_RESPONSE:
+            if conn is None or conn.our_state is h11.SEND_RESPONSE:
                 self.stats.upstream_errors += 1
                 log.code = 503 if not isinstance(exc, _Expired) else 504
                 log.details = ("upstream_reset_before_response_started{connection_termination}"
                                if log.code == 503 else "upstream_response_timeout")
                 body = (b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
                         if log.code == 503 else b"upstream request timeout")
-                await self._reply(writer, log.code, body, True)
+                await self._reply(client, log.code, body, True)
                 return None, False
             raise _ClientGone() from None
 
-    async def _relay_request_body(self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader,
-                                  up: _Upstream, out: bytearray) -> None:
+    async def _plain_response(self, timer: _Timer, client: _Side, up: _Upstream,
+                              log: HTTPRecord) -> tuple[_Upstream | None, bool] | None:
+        """The pod's answer to a plain request, when its head is plain too (`plain_response`):
+        the head as h11 would write it, then the body as it comes, counted by its
+        Content-Length; both connections kept. None: h11 must take it (`_replay`)."""
+        side = up.side
+        if not side.buf and not side.eof:
+            await self._wait_data(timer, "upstream", self.limits.body_timeout, side)
+        if not side.buf:
+            return None  # the pod closed: h11 says how
+        if log.first_upstream_byte is None:
+            log.first_upstream_byte = time.time()
+        got = plain_response(side.buf)
+        if got is None:
+            return None
+        log.code, log.details = got.status, VIA_UPSTREAM
+        head = side.take(got.head_len)
+        body = side.take(got.length)
+        left = got.length - len(body)
+        try:
+            await self._flush(timer, client, (head if got.head is None else got.head) + body)
+            # Once the head is out, whatever stops the body ends the client's connection, as
+            # on the h11 way.
+            while left:
+                await self._wait_data(timer, "upstream", self.limits.body_timeout, side)
+                if not side.buf:
+                    raise ConnectionResetError("upstream closed mid-response")
+                body = side.take(min(left, self.limits.read_size))
+                left -= len(body)
+                await self._flush(timer, client, body)
+        except (_Expired, ConnectionError, OSError):
+            up.side.close()
+            raise _ClientGone() from None
+        return up, True
+
+    def _replay(self, plain: PlainRequest, method: bytes, target: bytes,
+                out_headers: list[tuple[bytes, bytes]]) -> tuple[h11.Connection, h11.Connection]:
+        """h11's state for both sides of a plain request sent without it: the client's request
+        received, the pod's sent (their bytes were the same; h11's output is dropped)."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        conn.receive_data(plain.raw)
+        while not isinstance(conn.next_event(), h11.EndOfMessage):
+            pass
+        uc = h11.Connection(h11.CLIENT)
+        uc.send(h11.Request(method=method, target=target, headers=out_headers, _parsed=True))
+        if plain.body:
+            uc.send(h11.Data(data=plain.body))
+        uc.send(h11.EndOfMessage())
+        return conn, uc
+
+    async def _relay_request_body(self, timer: _Timer, conn: h11.Connection, client: _Side,
+                                  uc: h11.Connection, up: _Upstream, out: bytearray) -> None:
         while True:
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError:
                 raise _Reject(400, "http1.codec_error") from None
             if ev is h11.NEED_DATA:
-                await self._flush(timer, up.writer, out)
+                await self._flush(timer, up.side, out)
                 try:
-                    data = await self._wait_read(timer, "body", self.limits.body_timeout, reader)
+                    data = await self._wait_read(timer, "body", self.limits.body_timeout, client)
                 except _Expired:
                     raise _Reject(408, "stream_idle_timeout") from None
                 conn.receive_data(data)
@@ -900,27 +1209,26 @@ class H11Engine:
                     raise _ClientGone()
                 continue
             if isinstance(ev, h11.Data):
-                out += up.conn.send(ev) or b""
+                out += uc.send(ev) or b""
                 if len(out) >= self.limits.read_size:
-                    await self._flush(timer, up.writer, out)
+                    await self._flush(timer, up.side, out)
                 continue
             if isinstance(ev, h11.EndOfMessage):
-                out += up.conn.send(h11.EndOfMessage()) or b""
-                await self._flush(timer, up.writer, out)
+                out += uc.send(h11.EndOfMessage()) or b""
+                await self._flush(timer, up.side, out)
                 return
             raise _ClientGone()  # ConnectionClosed mid-body
 
     async def _relay_response(
-        self, timer: _Timer, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        self, timer: _Timer, conn: h11.Connection, client: _Side, uc: h11.Connection,
         up: _Upstream, log: HTTPRecord, websocket: bool,
     ) -> tuple[_Upstream | None, bool]:
-        uc = up.conn
         out = bytearray()  # for the client: written when the pod must be waited for, or at the end
         while True:
             ev = uc.next_event()
             if ev is h11.NEED_DATA:
-                await self._flush(timer, writer, out)
-                data = await self._wait_read(timer, "upstream", self.limits.body_timeout, up.reader)
+                await self._flush(timer, client, out)
+                data = await self._wait_read(timer, "upstream", self.limits.body_timeout, up.side)
                 uc.receive_data(data)
                 if log.first_upstream_byte is None and data:
                     log.first_upstream_byte = time.time()
@@ -930,31 +1238,28 @@ class H11Engine:
                     if ev.status_code == 101 and websocket:
                         hdrs = _pairs(ev.headers)
                         out += conn.send(h11.InformationalResponse(status_code=101, headers=hdrs, reason=ev.reason)) or b""
-                        await self._flush(timer, writer, out)
+                        await self._flush(timer, client, out)
                         log.code, log.details = 101, VIA_UPSTREAM
-                        await self._splice(conn, reader, writer, up)
+                        await self._splice(conn, client, uc, up)
                         return None, False
                     continue  # 100 Continue from the pod: the client had its own
                 if isinstance(ev, h11.Response):
                     log.code, log.details = ev.status_code, VIA_UPSTREAM
-                    hdrs = [(n, v) for _, n, v in ev.headers._full_items
-                            if (n not in _HOP_BY_HOP or n == b"x-forwarded-for") and n != b"transfer-encoding"]
-                    out += conn.send(h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason,
-                                                  _parsed=True)) or b""
+                    out += conn.send(_client_response(ev)) or b""
                     continue
                 if isinstance(ev, h11.Data):
                     out += conn.send(ev) or b""
                     if len(out) >= self.limits.read_size:
-                        await self._flush(timer, writer, out)
+                        await self._flush(timer, client, out)
                     continue
                 if isinstance(ev, h11.EndOfMessage):
                     out += conn.send(ev) or b""
-                    await self._flush(timer, writer, out)
+                    await self._flush(timer, client, out)
                     if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
-                        uc.start_next_cycle()
+                        up.side.unread(uc.trailing_data[0])  # kept for the next request
                         keep_up: _Upstream | None = up
                     else:
-                        up.writer.close()
+                        up.side.close()
                         keep_up = None
                     return keep_up, conn.our_state is h11.DONE and conn.their_state is h11.DONE
             except h11.LocalProtocolError:
@@ -963,17 +1268,16 @@ class H11Engine:
                 raise _ClientGone() from None  # the client does not read
             raise ConnectionResetError("upstream closed mid-response")
 
-    async def _splice(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      up: _Upstream) -> None:
+    async def _splice(self, conn: h11.Connection, client: _Side, uc: h11.Connection, up: _Upstream) -> None:
         """After a 101: bytes both ways until either side closes."""
         early_down, _ = conn.trailing_data
-        early_up, _ = up.conn.trailing_data
+        early_up, _ = uc.trailing_data
         if early_down:
-            up.writer.write(early_down)
+            up.side.write(early_down)
         if early_up:
-            writer.write(early_up)
+            client.write(early_up)
 
-        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def pump(r: _Side, w: _Side) -> None:
             try:
                 while True:
                     async with asyncio.timeout(self.limits.idle_timeout):
@@ -984,11 +1288,10 @@ class H11Engine:
                     await w.drain()
             finally:
                 with contextlib.suppress(OSError):
-                    if w.can_write_eof():
-                        w.write_eof()
+                    w.write_eof()
 
-        await asyncio.gather(pump(reader, up.writer), pump(up.reader, writer), return_exceptions=True)
-        up.writer.close()
+        await asyncio.gather(pump(client, up.side), pump(up.side, client), return_exceptions=True)
+        up.side.close()
 
     # -- access logs --------------------------------------------------------------------------
 
