@@ -21,6 +21,13 @@ Envoy HTTP access log entry → flows (`http_log_flows`):
   ERROR L7 flow, summary `400 path_normalization_failed`. It is not DROPPED: no policy denied
   it, the proxy refused input it will not interpret. `--verdict ERROR` finds these.
 
+Ingestion does not build an HTTP entry's flows: `http_log_record` decides them (everything the
+list above depends on, and every reason the entry is malformed) into an `HTTPLogRecord`, which
+builds them when they are read — most never are — and writes their stream lines without
+building them. `http_log_flows` builds them at once. The mTLS tunnel's entries (a client
+certificate, a refused upstream handshake) are few: their flows are built at once
+(`_tls_entry_flows`).
+
 Envoy TCP access log entry → flows (`tcp_log_flows`): a connection the mTLS tunnel refused in
 its TLS handshake, or could not carry, is one DROPPED (or ERROR) L3_L4 flow naming the reason;
 the connections that ran are covered by their HTTP entries and give no flow.
@@ -30,6 +37,7 @@ The protobuf messages have no type stubs: mypy sees them as Any, the annotations
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from envoy.config.core.v3.address_pb2 import SocketAddress
@@ -48,6 +56,7 @@ from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 from .flow import (
     AUTH_FAILED,
     AUTH_REQUIRED,
+    EVENT_L7,
     HTTP,
     MAX_HEADER_VALUE,
     POLICY_DENIED,
@@ -58,9 +67,12 @@ from .flow import (
     FlowType,
     L7Type,
     Layer7,
+    Service,
     TrafficDirection,
     Verdict,
+    _endpoint_json,
     clip_url,
+    format_time,
     safe_headers,
 )
 from ..records import HTTPRecord
@@ -201,9 +213,347 @@ def _start_ns(cp: AccessLogCommon, ctx: IngestContext) -> int:
     return t0
 
 
+# What a record's flows are, decided when its entry is ingested (`HTTPLogRecord.branch`).
+DENIED = 0  # RBAC denied it: one DROPPED flow
+ALLOWED = 1  # it passed policy: a request flow and a response flow
+REFUSED = 2  # refused before policy was evaluated (no RBAC decision): one ERROR flow
+
+
+class HTTPLogRecord:
+    """One Envoy HTTP access log entry, decided but not built into flows: the values of the
+    entry its flows are made of, and what could not wait — the peers its addresses resolved to
+    (identities change), the Services they were backends of, the start time when Envoy gave
+    none, which flows it gives (`branch`, `count`) and how they count (`shape`: the flows of two
+    records of one shape count alike in every metric). Every reason an entry is malformed has
+    been found by then: building its flows cannot fail.
+
+    `flows()` builds them, `lines(i, j)` writes the stream lines of flows `i` to `j - 1` (what
+    `api.flow_line` gives for each) without building them. The record stands for its flows in
+    the ring (`flow.FlowItem`): most flows are never read, so most are never built, and what is
+    built is not kept. Holds no protobuf (the message it came in is freed). Immutable; safe to
+    share between threads.
+    """
+
+    __slots__ = ("node", "src_ip", "src_port", "src_info", "dst_ip", "dst_port", "dst_info", "direction", "t0",
+                 "branch", "method", "code", "details", "reason", "action", "latency", "answered", "services",
+                 "scheme", "authority", "path", "protocol", "user_agent", "request_id", "request_headers",
+                 "response_headers", "shape", "count")
+
+    def __init__(
+        self, node: str, src: tuple[str, int, PeerInfo], dst: tuple[str, int, PeerInfo],
+        direction: TrafficDirection, t0: int, branch: int, method: str, code: int, details: str, reason: str,
+        action: str, latency: int, answered: bool, services: tuple[Service | None, Service | None] | None,
+        request: tuple[str, str, str, int, str, str], request_headers: tuple[tuple[str, str], ...] | None,
+        response_headers: tuple[tuple[str, str], ...],
+    ) -> None:
+        self.node = node
+        self.src_ip, self.src_port, self.src_info = src
+        self.dst_ip, self.dst_port, self.dst_info = dst
+        self.direction = direction
+        self.t0 = t0
+        self.branch = branch
+        self.method = method
+        self.code = code
+        self.details = details
+        self.reason = reason  # DENIED: the drop reason
+        self.action = action  # ALLOWED: the RBAC filter's decision (`allow|<policies>`)
+        self.latency = latency  # ALLOWED: request start → first upstream byte
+        self.answered = answered  # ALLOWED: the upstream answered (the response is FORWARDED)
+        self.services = services  # (of the source, of the destination), or None: neither is one
+        self.scheme, self.authority, self.path, self.protocol, self.user_agent, self.request_id = request
+        self.request_headers = request_headers  # the extra ones Envoy logged, or None
+        self.response_headers = response_headers  # already `safe_headers`
+        self.shape = (branch, reason, method, code, self.src_info.local, self.dst_info.local, answered)
+        self.count = 2 if branch == ALLOWED else 1
+
+    def _request(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        """(url, protocol, headers) of the request."""
+        p = self.protocol
+        proto = _PROTOCOLS[p] if 0 <= p < len(_PROTOCOLS) else ""
+        url = clip_url(f"{self.scheme or 'http'}://{self.authority}{self.path}")
+        # The two headers Envoy always logs need no sensitivity check, and come out sorted.
+        known: list[tuple[str, str]] = []
+        if self.user_agent:
+            known.append(("user-agent", self.user_agent[:MAX_HEADER_VALUE]))
+        if self.request_id:
+            known.append(("x-request-id", self.request_id[:MAX_HEADER_VALUE]))
+        extra = self.request_headers
+        return url, proto, safe_headers([*extra, *known]) if extra else tuple(known)
+
+    def _policies(self) -> tuple[str, ...]:
+        key = self.details[len(_RBAC_DENIED) :].rstrip("]") if self.branch == DENIED else self.action
+        return _split(_policies(key)[1])
+
+    def flows(self) -> tuple[Flow, ...]:
+        url, proto, req_headers = self._request()
+        src = endpoint(self.src_ip, self.src_port, self.src_info)
+        dst = endpoint(self.dst_ip, self.dst_port, self.dst_info)
+        s_src, s_dst = self.services or (None, None)
+        method, code, details, node, direction, t0 = self.method, self.code, self.details, self.node, self.direction, self.t0
+        branch = self.branch
+        if branch == DENIED:
+            return (
+                Flow(
+                    time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
+                    drop_reason_desc=self.reason,
+                    l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                    traffic_direction=direction, policy_match=self._policies(), summary=self.reason,
+                    node_name=node, source_service=s_src, destination_service=s_dst,
+                ),
+            )
+        if branch == ALLOWED:
+            policies = self._policies()
+            latency, answered = self.latency, self.answered
+            request = Flow(
+                time=t0, verdict=Verdict.FORWARDED, type=FlowType.L7, source=src, destination=dst,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
+                traffic_direction=direction, policy_match=policies,
+                summary=f"{method} {url}" if method else url, node_name=node,
+                source_service=s_src, destination_service=s_dst,
+            )
+            response = Flow(
+                time=t0 + latency, verdict=Verdict.FORWARDED if answered else Verdict.ERROR, type=FlowType.L7,
+                source=dst, destination=src,
+                l7=Layer7(L7Type.RESPONSE, latency, HTTP(code, method, url, proto, self.response_headers)),
+                traffic_direction=direction, is_reply=True, policy_match=policies,
+                summary=str(code) if answered else f"{code} {details}".strip(), node_name=node,
+                source_service=s_dst, destination_service=s_src,
+            )
+            return (request, response)
+        return (
+            Flow(
+                time=t0, verdict=Verdict.ERROR, type=FlowType.L7, source=src, destination=dst,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node,
+                source_service=s_src, destination_service=s_dst,
+            ),
+        )
+
+    def lines(self, start: int, stop: int) -> bytes:
+        """The stream lines (`api.flow_line`) of flows `start` to `stop - 1`: field by field what
+        `flow.flow_to_json` writes, in its order (tests/unit/test_observe_lazy.py holds them
+        equal)."""
+        url, proto, req_headers = self._request()
+        url = _esc(url)
+        proto = f',"protocol":{_esc(proto)}' if proto else ""
+        branch, method, code, node = self.branch, self.method, self.code, self.node
+        node_json = _short_json(node)
+        node_field = f'"node_name":{node_json},' if node else ""
+        # An http section: code (not on a forwarded request), method, url (never empty), protocol.
+        method_field = f'"method":"{method}",' if method else ""  # one of _METHODS: nothing to escape
+        s_src, s_dst = self.services or (None, None)
+        src_ip, dst_ip = _short_json(self.src_ip), _short_json(self.dst_ip)
+        ep_src, ep_dst = _endpoint_json_text(self.src_info), _endpoint_json_text(self.dst_info)
+        policies = _policies_json(self) if branch != REFUSED else ""
+        tail = f'"traffic_direction":"{self.direction}","is_reply":'
+        out = []
+        for i in range(start, stop):
+            if i == 0:
+                if branch == ALLOWED:
+                    head = '"verdict":"FORWARDED",'
+                    http = method_field
+                    summary = ('"' + method + " " + url[1:]) if method else url
+                else:
+                    http = (f'"code":{code},' if code else "") + method_field
+                    if branch == DENIED:
+                        head = _DENIED_HEAD[self.reason]
+                        summary = _short_json(self.reason)
+                    else:
+                        head = '"verdict":"ERROR",'
+                        summary = _esc(f"{code} {self.details}".strip())
+                when = format_time(self.t0)
+                out.append(
+                    f'{{"flow":{{"time":"{when}",{head}"IP":{{"source":{src_ip},"destination":{dst_ip},'
+                    f'"ipVersion":"{"IPv6" if ":" in self.src_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
+                    f'{self.src_port},"destination_port":{self.dst_port}}}}},"source":{ep_src},"destination":'
+                    f'{ep_dst},{_services_json(s_src, s_dst)}"Type":"L7",{node_field}"l7":{{"type":"REQUEST",'
+                    f'"http":{{{http}"url":{url}{proto}{_headers_json(req_headers)}}}}},"event_type":{{"type":'
+                    f'{EVENT_L7}}},{tail}false,"auth_type":"DISABLED",{policies}"Summary":{summary}}},'
+                    f'"node_name":{node_json},"time":"{when}"}}\n'
+                )
+            else:  # the response to an ALLOWED request
+                latency, answered = self.latency, self.answered
+                lat = f'"latency_ns":"{latency}",' if latency else ""
+                http = (f'"code":{code},' if code else "") + method_field
+                summary = f'"{code}"' if answered else _esc(f"{code} {self.details}".strip())
+                when = format_time(self.t0 + latency)
+                out.append(
+                    f'{{"flow":{{"time":"{when}","verdict":"{"FORWARDED" if answered else "ERROR"}","IP":{{'
+                    f'"source":{dst_ip},"destination":{src_ip},'
+                    f'"ipVersion":"{"IPv6" if ":" in self.dst_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
+                    f'{self.dst_port},"destination_port":{self.src_port}}}}},"source":{ep_dst},"destination":'
+                    f'{ep_src},{_services_json(s_dst, s_src)}"Type":"L7",{node_field}"l7":{{"type":"RESPONSE",'
+                    f'{lat}"http":{{{http}"url":{url}{proto}{_headers_json(self.response_headers)}}}}},'
+                    f'"event_type":{{"type":{EVENT_L7}}},{tail}true,"auth_type":"DISABLED",{policies}'
+                    f'"Summary":{summary}}},"node_name":{node_json},"time":"{when}"}}\n'
+                )
+        return "".join(out).encode()
+
+
+_esc: Any = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str (ensure_ascii)
+# The small, repeating strings of a stream line, as JSON. The caches' keys come from Envoy's
+# entries and the agent's state (addresses, node and policy names); each cache is bounded.
+_DENIED_HEAD = {r: f'"verdict":"DROPPED","drop_reason_desc":{_esc(r)},' for r in
+                (POLICY_DENIED, POLICY_DENIED_L7, AUTH_REQUIRED)}
+_POLICIES_JSON: dict[str, str] = {}  # RBAC action or denial details → the policy_match member
+_SHORT_JSON: dict[str, str] = {}  # addresses, node names, drop reasons
+_ENDPOINTS: dict[int, tuple[PeerInfo, str]] = {}  # id(PeerInfo) → (it, its JSON): peers are shared
+_MAX_CACHED = 4096
+
+
+def _short_json(text: str) -> str:
+    out = _SHORT_JSON.get(text)
+    if out is None:
+        if len(_SHORT_JSON) >= _MAX_CACHED:
+            _SHORT_JSON.clear()
+        out = _SHORT_JSON[text] = _esc(text)
+    return out
+
+
+def _policies_json(rec: HTTPLogRecord) -> str:
+    """The `policy_match` member of a record's flows (with its comma), or nothing."""
+    key = rec.details if rec.branch == DENIED else rec.action
+    text = _POLICIES_JSON.get(key)
+    if text is None:
+        pols = rec._policies()
+        text = f'"policy_match":[{",".join(map(_esc, pols))}],' if pols else ""
+        if len(_POLICIES_JSON) >= _MAX_CACHED:
+            _POLICIES_JSON.clear()
+        _POLICIES_JSON[key] = text
+    return text
+
+
+def _endpoint_json_text(info: PeerInfo) -> str:
+    """`flow._endpoint_json` of a peer, as JSON text. Cached per PeerInfo object (the agent
+    hands the same one for an address until its state changes; the `is` check makes a reused
+    id miss)."""
+    hit = _ENDPOINTS.get(id(info))
+    if hit is not None and hit[0] is info:
+        return hit[1]
+    text = json.dumps(_endpoint_json(Endpoint(identity=info.identity, cluster_name=info.cluster_name,
+                                              namespace=info.namespace, pod_name=info.pod_name,
+                                              labels=info.labels)), separators=(",", ":"))
+    if len(_ENDPOINTS) >= _MAX_CACHED:
+        _ENDPOINTS.clear()
+    _ENDPOINTS[id(info)] = (info, text)
+    return text
+
+
+def _services_json(src: Service | None, dst: Service | None) -> str:
+    out = ""
+    if src is not None:
+        out = f'"source_service":{{"name":{_esc(src.name)},"namespace":{_esc(src.namespace)}}},'
+    if dst is not None:
+        out += f'"destination_service":{{"name":{_esc(dst.name)},"namespace":{_esc(dst.namespace)}}},'
+    return out
+
+
+def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
+    """The `headers` member of an http section (with the comma before it), or nothing."""
+    if not headers:
+        return ""
+    return ',"headers":[' + ",".join(f'{{"key":{_esc(k)},"value":{_esc(v)}}}' for k, v in headers) + "]"
+
+
+def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRecord | tuple[Flow, ...]:
+    """One Envoy HTTP access log entry, decided (see the module docstring and `HTTPLogRecord`);
+    raises MalformedEvent on an entry that gives no flows. The few entries of the mTLS tunnel
+    (a client certificate, a refused upstream handshake) are built at once: their flows."""
+    if type(entry) is not HTTPAccessLogEntry:
+        _check_type(entry, _ENTRY_TYPE)
+    cp = entry.common_properties
+    if cp.HasField("tls_properties"):
+        return _tls_entry_flows(entry, ctx)
+    src_sa = cp.downstream_direct_remote_address.socket_address
+    src_addr = src_sa.address
+    if not src_addr:
+        src_sa = cp.downstream_remote_address.socket_address
+        src_addr = src_sa.address
+    dst_sa = cp.downstream_local_address.socket_address
+    dst_addr = dst_sa.address
+    if not src_addr or not dst_addr:
+        raise MalformedEvent("entry without downstream IP addresses")
+    src_port, dst_port = src_sa.port_value, dst_sa.port_value
+    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
+    if dst_info.local:
+        direction = TrafficDirection.INGRESS
+    elif src_info.local:
+        direction = TrafficDirection.EGRESS
+    else:
+        direction = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
+    t0 = _start_ns(cp, ctx)
+    req, resp = entry.request, entry.response
+    m = req.request_method
+    method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
+    code = resp.response_code.value
+    details = resp.response_code_details
+
+    reason, action, latency, answered = "", "", 0, False
+    if details.startswith(_RBAC_DENIED):
+        branch = DENIED
+        reason = _deny_reason(details)
+    else:
+        tls_failure = cp.upstream_transport_failure_reason
+        if tls_failure and _is_tls_error(tls_failure):
+            return _tls_entry_flows(entry, ctx)
+        action = _rbac_action(cp)
+        if details == _VIA_UPSTREAM:
+            allowed = answered = True
+        else:
+            upstream = bool(cp.upstream_remote_address.socket_address.address)
+            answered = not details and upstream and code > 0
+            allowed = answered or upstream or _policies(action)[0] == "allow"
+        if allowed:
+            branch = ALLOWED
+            if cp.HasField("time_to_first_upstream_rx_byte"):
+                latency = _ns(cp.time_to_first_upstream_rx_byte)
+            elif cp.HasField("time_to_first_downstream_tx_byte"):
+                latency = _ns(cp.time_to_first_downstream_tx_byte)
+            else:
+                latency = _ns(cp.duration)
+            if not 0 <= latency <= _MAX_TIME_NS - t0:
+                raise MalformedEvent(f"latency {latency} ns is not a duration")
+        else:
+            branch = REFUSED
+    service_of = ctx.service_of
+    s_src = service_of(src_addr, src_port) if src_port else None
+    s_dst = service_of(dst_addr, dst_port) if dst_port else None
+    extra = req.request_headers
+    resp_extra = resp.response_headers
+    return HTTPLogRecord(
+        ctx.node_name, (src_addr, src_port, src_info), (dst_addr, dst_port, dst_info), direction, t0, branch,
+        method, code, details, reason, action, latency, answered,
+        None if s_src is None and s_dst is None else (s_src, s_dst),
+        (req.scheme, req.authority, req.path, entry.protocol_version, req.user_agent, req.request_id),
+        tuple(extra.items()) if extra else None,
+        safe_headers(resp_extra.items()) if branch == ALLOWED and resp_extra else (),
+    )
+
+
+_DENY_CACHE: dict[str, str] = {}
+
+
+def _deny_reason(details: str) -> str:
+    """The drop reason of an RBAC denial's `response_code_details` (cached: a few policies)."""
+    reason = _DENY_CACHE.get(details)
+    if reason is None:
+        kind, _ = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        if len(_DENY_CACHE) >= 1024:
+            _DENY_CACHE.clear()
+        _DENY_CACHE[details] = reason
+    return reason
+
+
 def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, ...]:
-    """The flows of one Envoy HTTP access log entry (see the module docstring)."""
-    _check_type(entry, _ENTRY_TYPE)
+    """The flows of one Envoy HTTP access log entry (see the module docstring), built at once."""
+    rec = http_log_record(entry, ctx)
+    return rec if isinstance(rec, tuple) else rec.flows()
+
+
+def _tls_entry_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The flows of an entry with TLS in it: through the mTLS tunnel (a client certificate), or
+    from a connection to it (the source side); built at once (few)."""
     cp = entry.common_properties
     src_sa, dst_sa = _downstream(cp)
     if not src_sa.address or not dst_sa.address:
@@ -221,7 +571,7 @@ def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow,
         src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
         dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr, dst_port)
     src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
-    if _has_client_certificate(cp) and src_info.identity != tunnel_identity:
+    if tunnelled and src_info.identity != tunnel_identity:
         # The certificate wins over the claimed address; no usable identity in it: unknown.
         src_info = PeerInfo(tunnel_identity or 0)
     src = endpoint(src_addr, src_port, src_info)
