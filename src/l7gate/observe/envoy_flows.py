@@ -38,6 +38,7 @@ The protobuf messages have no type stubs: mypy sees them as Any, the annotations
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from typing import Any
 
 from envoy.config.core.v3.address_pb2 import SocketAddress
@@ -236,15 +237,14 @@ class HTTPLogRecord:
 
     __slots__ = ("node", "src_ip", "src_port", "src_info", "dst_ip", "dst_port", "dst_info", "direction", "t0",
                  "branch", "method", "code", "details", "reason", "action", "latency", "answered", "services",
-                 "scheme", "authority", "path", "protocol", "user_agent", "request_id", "request_headers",
-                 "response_headers", "shape", "count")
+                 "request", "request_headers", "response_headers", "shape", "count")
 
     def __init__(
         self, node: str, src: tuple[str, int, PeerInfo], dst: tuple[str, int, PeerInfo],
         direction: TrafficDirection, t0: int, branch: int, method: str, code: int, details: str, reason: str,
         action: str, latency: int, answered: bool, services: tuple[Service | None, Service | None] | None,
         request: tuple[str, str, str, int, str, str], request_headers: tuple[tuple[str, str], ...] | None,
-        response_headers: tuple[tuple[str, str], ...],
+        response_headers: tuple[tuple[str, str], ...], shape: Hashable,
     ) -> None:
         self.node = node
         self.src_ip, self.src_port, self.src_info = src
@@ -260,23 +260,23 @@ class HTTPLogRecord:
         self.latency = latency  # ALLOWED: request start → first upstream byte
         self.answered = answered  # ALLOWED: the upstream answered (the response is FORWARDED)
         self.services = services  # (of the source, of the destination), or None: neither is one
-        self.scheme, self.authority, self.path, self.protocol, self.user_agent, self.request_id = request
+        self.request = request  # scheme, authority, path, protocol (number), user agent, request id
         self.request_headers = request_headers  # the extra ones Envoy logged, or None
         self.response_headers = response_headers  # already `safe_headers`
-        self.shape = (branch, reason, method, code, self.src_info.local, self.dst_info.local, answered)
+        self.shape = shape  # branch, reason, method, code, source local, destination local, answered
         self.count = 2 if branch == ALLOWED else 1
 
     def _request(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         """(url, protocol, headers) of the request."""
-        p = self.protocol
+        scheme, authority, path, p, user_agent, request_id = self.request
         proto = _PROTOCOLS[p] if 0 <= p < len(_PROTOCOLS) else ""
-        url = clip_url(f"{self.scheme or 'http'}://{self.authority}{self.path}")
+        url = clip_url(f"{scheme or 'http'}://{authority}{path}")
         # The two headers Envoy always logs need no sensitivity check, and come out sorted.
         known: list[tuple[str, str]] = []
-        if self.user_agent:
-            known.append(("user-agent", self.user_agent[:MAX_HEADER_VALUE]))
-        if self.request_id:
-            known.append(("x-request-id", self.request_id[:MAX_HEADER_VALUE]))
+        if user_agent:
+            known.append(("user-agent", user_agent[:MAX_HEADER_VALUE]))
+        if request_id:
+            known.append(("x-request-id", request_id[:MAX_HEADER_VALUE]))
         extra = self.request_headers
         return url, proto, safe_headers([*extra, *known]) if extra else tuple(known)
 
@@ -474,14 +474,21 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     if not src_addr or not dst_addr:
         raise MalformedEvent("entry without downstream IP addresses")
     src_port, dst_port = src_sa.port_value, dst_sa.port_value
-    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
+    resolve = ctx.resolve
+    try:
+        src_info, dst_info = resolve(src_addr), resolve(dst_addr)
+    except ValueError as exc:
+        raise MalformedEvent(f"unusable address: {exc}") from None
     if dst_info.local:
         direction = TrafficDirection.INGRESS
     elif src_info.local:
         direction = TrafficDirection.EGRESS
     else:
         direction = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
-    t0 = _start_ns(cp, ctx)
+    st = cp.start_time
+    t0 = st.seconds * 1_000_000_000 + st.nanos or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
     req, resp = entry.request, entry.response
     m = req.request_method
     method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
@@ -496,7 +503,7 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
         tls_failure = cp.upstream_transport_failure_reason
         if tls_failure and _is_tls_error(tls_failure):
             return _tls_entry_flows(entry, ctx)
-        action = _rbac_action(cp)
+        action = _cached_rbac_action(cp)
         if details == _VIA_UPSTREAM:
             allowed = answered = True
         else:
@@ -506,11 +513,12 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
         if allowed:
             branch = ALLOWED
             if cp.HasField("time_to_first_upstream_rx_byte"):
-                latency = _ns(cp.time_to_first_upstream_rx_byte)
+                d = cp.time_to_first_upstream_rx_byte
             elif cp.HasField("time_to_first_downstream_tx_byte"):
-                latency = _ns(cp.time_to_first_downstream_tx_byte)
+                d = cp.time_to_first_downstream_tx_byte
             else:
-                latency = _ns(cp.duration)
+                d = cp.duration
+            latency = d.seconds * 1_000_000_000 + d.nanos
             if not 0 <= latency <= _MAX_TIME_NS - t0:
                 raise MalformedEvent(f"latency {latency} ns is not a duration")
         else:
@@ -519,15 +527,32 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     s_src = service_of(src_addr, src_port) if src_port else None
     s_dst = service_of(dst_addr, dst_port) if dst_port else None
     extra = req.request_headers
-    resp_extra = resp.response_headers
+    resp_extra = resp.response_headers if branch == ALLOWED else None
     return HTTPLogRecord(
         ctx.node_name, (src_addr, src_port, src_info), (dst_addr, dst_port, dst_info), direction, t0, branch,
         method, code, details, reason, action, latency, answered,
         None if s_src is None and s_dst is None else (s_src, s_dst),
         (req.scheme, req.authority, req.path, entry.protocol_version, req.user_agent, req.request_id),
         tuple(extra.items()) if extra else None,
-        safe_headers(resp_extra.items()) if branch == ALLOWED and resp_extra else (),
+        safe_headers(resp_extra.items()) if resp_extra else (),
+        (branch, reason, method, code, src_info.local, dst_info.local, answered),
     )
+
+
+_ACTIONS: dict[bytes, str] = {}  # an entry's metadata, serialized → the RBAC action in it
+
+
+def _cached_rbac_action(cp: AccessLogCommon) -> str:
+    """`_rbac_action`, cached by the metadata's bytes: serializing it costs less than reading
+    the action out of its maps, and it takes few values (the policies deciding)."""
+    key = cp.metadata.SerializeToString()
+    action = _ACTIONS.get(key)
+    if action is None:
+        action = _rbac_action(cp)
+        if len(_ACTIONS) >= _MAX_CACHED:
+            _ACTIONS.clear()
+        _ACTIONS[key] = action
+    return action
 
 
 _DENY_CACHE: dict[str, str] = {}

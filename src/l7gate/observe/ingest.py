@@ -200,9 +200,12 @@ class Ingestor:
                     log.debug("%s event skipped: %s: %s", source, type(exc).__name__, exc)
                 continue
             t[1] += 1
+            c = lazy.count
             items.append((lazy, 0))
-            for i in range(1, lazy.count):
-                items.append((lazy, i))
+            if c == 2:
+                items.append((lazy, 1))
+            elif c > 2:
+                items.extend((lazy, i) for i in range(1, c))
         self._count(source, n, bad, eager, tally.values())
         self.ring.publish(items)
         return items
