@@ -431,3 +431,18 @@ def test_observe_follow_jsonpb_prints_the_lines_the_agent_wrote(tmp_path: Any, c
     printed_so_far()
     assert "".join(printed).encode() == want + _lines([materialize(i) for i in items][-3:])
     assert "4 flow(s) lost" in "".join(errors) and result["rc"] == 1
+
+
+def test_lines_follow_a_peer_whose_labels_changed() -> None:
+    # The agent hands a new PeerInfo when a pod changes: lines written from cached pieces show
+    # what the new one says (the caches hold the peers they were made for, so an id is not
+    # reused while its pieces are cached).
+    for n in range(3):
+        for version in (f"v{n}", f"w{n}"):
+            peer = PeerInfo(65600 + n, "c1", "payments", "billing-1", (f"k8s:version={version}",), local=True)
+            ctx = IngestContext(lambda ip, o=peer: o if ip == "127.77.1.10" else PEERS[POD_A])
+            for name in ("denied_l7", "allowed"):
+                rec = http_log_record(entry(name), ctx)
+                assert isinstance(rec, HTTPLogRecord)
+                assert rec.lines(0, rec.count) == _lines(rec.flows())
+                assert f"version={version}".encode() in rec.lines(0, 1)

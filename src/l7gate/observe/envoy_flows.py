@@ -332,95 +332,113 @@ class HTTPLogRecord:
     def lines(self, start: int, stop: int) -> bytes:
         """The stream lines (`api.flow_line`) of flows `start` to `stop - 1`: field by field what
         `flow.flow_to_json` writes, in its order (tests/unit/test_observe_lazy.py holds them
-        equal)."""
-        url, proto, req_headers = self._request()
+        equal). What the records of one shape, peers and policy write alike comes from a
+        template (`_LineTemplate`); the rest is filled in."""
+        url, _, req_headers = self._request()
         url = _esc(url)
-        proto = f',"protocol":{_esc(proto)}' if proto else ""
-        branch, method, code, node = self.branch, self.method, self.code, self.node
-        node_json = _short_json(node)
-        node_field = f'"node_name":{node_json},' if node else ""
-        # An http section: code (not on a forwarded request), method, url (never empty), protocol.
-        method_field = f'"method":"{method}",' if method else ""  # one of _METHODS: nothing to escape
-        s_src, s_dst = self.services or (None, None)
-        src_ip, dst_ip = _short_json(self.src_ip), _short_json(self.dst_ip)
-        ep_src, ep_dst = _endpoint_json_text(self.src_info), _endpoint_json_text(self.dst_info)
-        policies = _policies_json(self) if branch != REFUSED else ""
-        tail = f'"traffic_direction":"{self.direction}","is_reply":'
+        t = _line_template(self)
         out = []
         for i in range(start, stop):
             if i == 0:
-                if branch == ALLOWED:
-                    head = '"verdict":"FORWARDED",'
-                    http = method_field
-                    summary = ('"' + method + " " + url[1:]) if method else url
-                else:
-                    http = (f'"code":{code},' if code else "") + method_field
-                    if branch == DENIED:
-                        head = _DENIED_HEAD[self.reason]
-                        summary = _short_json(self.reason)
-                    else:
-                        head = '"verdict":"ERROR",'
-                        summary = _esc(f"{code} {self.details}".strip())
                 when = format_time(self.t0)
+                summary = t.summary if t.summary else ('"' + self.method + " " + url[1:]) if self.method else url
                 out.append(
-                    f'{{"flow":{{"time":"{when}",{head}"IP":{{"source":{src_ip},"destination":{dst_ip},'
-                    f'"ipVersion":"{"IPv6" if ":" in self.src_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
-                    f'{self.src_port},"destination_port":{self.dst_port}}}}},"source":{ep_src},"destination":'
-                    f'{ep_dst},{_services_json(s_src, s_dst)}"Type":"L7",{node_field}"l7":{{"type":"REQUEST",'
-                    f'"http":{{{http}"url":{url}{proto}{_headers_json(req_headers)}}}}},"event_type":{{"type":'
-                    f'{EVENT_L7}}},{tail}false,"auth_type":"DISABLED",{policies}"Summary":{summary}}},'
-                    f'"node_name":{node_json},"time":"{when}"}}\n'
+                    f'{{"flow":{{"time":"{when}",{t.request_head}{self.src_port},"destination_port":{self.dst_port}'
+                    f'{t.request_http}"url":{url}{t.proto}{_headers_json(req_headers)}{t.request_tail}{summary}'
+                    f'{t.end}"time":"{when}"}}\n'
                 )
             else:  # the response to an ALLOWED request
-                latency, answered = self.latency, self.answered
-                lat = f'"latency_ns":"{latency}",' if latency else ""
-                http = (f'"code":{code},' if code else "") + method_field
-                summary = f'"{code}"' if answered else _esc(f"{code} {self.details}".strip())
+                latency = self.latency
                 when = format_time(self.t0 + latency)
+                lat = f'"latency_ns":"{latency}",' if latency else ""
                 out.append(
-                    f'{{"flow":{{"time":"{when}","verdict":"{"FORWARDED" if answered else "ERROR"}","IP":{{'
-                    f'"source":{dst_ip},"destination":{src_ip},'
-                    f'"ipVersion":"{"IPv6" if ":" in self.dst_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
-                    f'{self.dst_port},"destination_port":{self.src_port}}}}},"source":{ep_dst},"destination":'
-                    f'{ep_src},{_services_json(s_dst, s_src)}"Type":"L7",{node_field}"l7":{{"type":"RESPONSE",'
-                    f'{lat}"http":{{{http}"url":{url}{proto}{_headers_json(self.response_headers)}}}}},'
-                    f'"event_type":{{"type":{EVENT_L7}}},{tail}true,"auth_type":"DISABLED",{policies}'
-                    f'"Summary":{summary}}},"node_name":{node_json},"time":"{when}"}}\n'
+                    f'{{"flow":{{"time":"{when}",{t.response_head}{self.dst_port},"destination_port":{self.src_port}'
+                    f'{t.response_l7}{lat}{t.response_http}"url":{url}{t.proto}{_headers_json(self.response_headers)}'
+                    f'{t.response_tail}{t.end}"time":"{when}"}}\n'
                 )
         return "".join(out).encode()
 
 
+class _LineTemplate:
+    """The text of a record's stream lines that does not change from request to request (see
+    `HTTPLogRecord.lines`): around the time, the ports, the URL, the headers, the latency and,
+    for a forwarded request, its summary."""
+
+    __slots__ = ("src_info", "dst_info", "request_head", "request_http", "proto", "request_tail", "summary",
+                 "response_head", "response_l7", "response_http", "response_tail", "end")
+
+    def __init__(self, rec: HTTPLogRecord) -> None:
+        self.src_info, self.dst_info = rec.src_info, rec.dst_info
+        branch, method, code, node, details = rec.branch, rec.method, rec.code, rec.node, rec.details
+        p = rec.request[3]
+        proto = _PROTOCOLS[p] if 0 <= p < len(_PROTOCOLS) else ""
+        self.proto = f',"protocol":{_esc(proto)}' if proto else ""
+        node_json = _esc(node)
+        node_field = f'"node_name":{node_json},' if node else ""
+        method_field = f'"method":"{method}",' if method else ""  # one of _METHODS: nothing to escape
+        s_src, s_dst = rec.services or (None, None)
+        src_ip, dst_ip = _esc(rec.src_ip), _esc(rec.dst_ip)
+        ep_src, ep_dst = _endpoint_json_text(rec.src_info), _endpoint_json_text(rec.dst_info)
+        policies = rec._policies() if branch != REFUSED else ()
+        policy_match = f'"policy_match":[{",".join(map(_esc, policies))}],' if policies else ""
+        tail = f'"event_type":{{"type":{EVENT_L7}}},"traffic_direction":"{rec.direction}","is_reply":'
+        if branch == ALLOWED:
+            head, code_field, summary = '"verdict":"FORWARDED",', "", ""
+        elif branch == DENIED:
+            head = f'"verdict":"DROPPED","drop_reason_desc":{_esc(rec.reason)},'
+            code_field, summary = f'"code":{code},' if code else "", _esc(rec.reason)
+        else:
+            head, code_field = '"verdict":"ERROR",', f'"code":{code},' if code else ""
+            summary = _esc(f"{code} {details}".strip())
+        self.summary = summary  # empty: a forwarded request's, made of its URL
+        self.request_head = (
+            f'{head}"IP":{{"source":{src_ip},"destination":{dst_ip},'
+            f'"ipVersion":"{"IPv6" if ":" in rec.src_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
+        )
+        self.request_http = (
+            f'}}}},"source":{ep_src},"destination":{ep_dst},{_services_json(s_src, s_dst)}"Type":"L7",{node_field}'
+            f'"l7":{{"type":"REQUEST","http":{{{code_field}{method_field}'
+        )
+        self.request_tail = f'}}}},{tail}false,"auth_type":"DISABLED",{policy_match}"Summary":'
+        self.end = f'}},"node_name":{node_json},'
+        self.response_head = self.response_l7 = self.response_http = self.response_tail = ""
+        if branch == ALLOWED:
+            answered = rec.answered
+            self.response_head = (
+                f'"verdict":"{"FORWARDED" if answered else "ERROR"}","IP":{{"source":{dst_ip},"destination":'
+                f'{src_ip},"ipVersion":"{"IPv6" if ":" in rec.dst_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
+            )
+            self.response_l7 = (
+                f'}}}},"source":{ep_dst},"destination":{ep_src},{_services_json(s_dst, s_src)}"Type":"L7",'
+                f'{node_field}"l7":{{"type":"RESPONSE",'
+            )
+            self.response_http = f'"http":{{{f""""code":{code},""" if code else ""}{method_field}'
+            summary = f'"{code}"' if answered else _esc(f"{code} {details}".strip())
+            self.response_tail = f'}}}},{tail}true,"auth_type":"DISABLED",{policy_match}"Summary":{summary}'
+
+
+_TEMPLATES: dict[Hashable, _LineTemplate] = {}
+
+
+def _line_template(rec: HTTPLogRecord) -> _LineTemplate:
+    """The template of a record's lines, cached: records of one shape between the same peers,
+    with the same policies and details, write alike. The peers are the same objects (checked:
+    an id can be reused once its object is gone)."""
+    key = (rec.shape, rec.details, rec.action, rec.request[3], rec.src_ip, rec.dst_ip, id(rec.src_info),
+           id(rec.dst_info), rec.services, rec.node, rec.direction)
+    t = _TEMPLATES.get(key)
+    if t is None or t.src_info is not rec.src_info or t.dst_info is not rec.dst_info:
+        if len(_TEMPLATES) >= _MAX_CACHED:
+            _TEMPLATES.clear()
+        t = _TEMPLATES[key] = _LineTemplate(rec)
+    return t
+
+
 _esc: Any = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str (ensure_ascii)
-# The small, repeating strings of a stream line, as JSON. The caches' keys come from Envoy's
+# A stream line's pieces are cached (`_TEMPLATES`, `_ENDPOINTS`); the keys come from Envoy's
 # entries and the agent's state (addresses, node and policy names); each cache is bounded.
-_DENIED_HEAD = {r: f'"verdict":"DROPPED","drop_reason_desc":{_esc(r)},' for r in
-                (POLICY_DENIED, POLICY_DENIED_L7, AUTH_REQUIRED)}
-_POLICIES_JSON: dict[str, str] = {}  # RBAC action or denial details → the policy_match member
-_SHORT_JSON: dict[str, str] = {}  # addresses, node names, drop reasons
 _ENDPOINTS: dict[int, tuple[PeerInfo, str]] = {}  # id(PeerInfo) → (it, its JSON): peers are shared
 _MAX_CACHED = 4096
-
-
-def _short_json(text: str) -> str:
-    out = _SHORT_JSON.get(text)
-    if out is None:
-        if len(_SHORT_JSON) >= _MAX_CACHED:
-            _SHORT_JSON.clear()
-        out = _SHORT_JSON[text] = _esc(text)
-    return out
-
-
-def _policies_json(rec: HTTPLogRecord) -> str:
-    """The `policy_match` member of a record's flows (with its comma), or nothing."""
-    key = rec.details if rec.branch == DENIED else rec.action
-    text = _POLICIES_JSON.get(key)
-    if text is None:
-        pols = rec._policies()
-        text = f'"policy_match":[{",".join(map(_esc, pols))}],' if pols else ""
-        if len(_POLICIES_JSON) >= _MAX_CACHED:
-            _POLICIES_JSON.clear()
-        _POLICIES_JSON[key] = text
-    return text
 
 
 def _endpoint_json_text(info: PeerInfo) -> str:
