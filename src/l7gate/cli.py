@@ -306,10 +306,10 @@ def _cmd_observe(args: argparse.Namespace) -> int:
     try:
         # Read what the agent sent so far (one chunk per batch of flows), print, flush once.
         while data := resp.read1(65536):
-            buf = rest + data
+            buf = rest + data if rest else data
             if passthrough:
                 cut = buf.rfind(b"\n") + 1
-                whole = buf[:cut]
+                whole = buf if cut == len(buf) else buf[:cut]
                 if whole.count(b"\n") == whole.startswith(_FLOW_LINE) + whole.count(b"\n" + _FLOW_LINE):
                     # Only flow lines, already Hubble's GetFlowsResponse: all of them as they came.
                     out.write(whole)
