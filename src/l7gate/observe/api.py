@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from .filters import FilterError, FlowFilter, parse_since
-from .flow import Flow, FlowItem, flow_from_json, flow_to_json, materialize
+from .flow import Flow, FlowItem, Materializer, flow_from_json, flow_to_json
 from .ring import FlowRing
 
 PATH = "/v1/flows"
@@ -145,6 +145,7 @@ def stream(ring: FlowRing, q: FlowQuery, *, heartbeat: float = 1.0) -> Iterator[
                 if not items and not lost and sub.closed:
                     return
                 if match is not None:
+                    materialize = Materializer()
                     items = [i for i in items if match(materialize(i))]
                 out = (lost_line(lost) if lost else b"") + item_lines(items)
                 yield out or b"\n"

@@ -244,6 +244,29 @@ def materialize(item: FlowItem) -> Flow:
     return item if isinstance(item, Flow) else item[0].flows()[item[1]]
 
 
+class Materializer:
+    """`materialize` for a run of items: the flows of one LazyFlows, adjacent as they are
+    published, are built once. One per reader; not thread-safe."""
+
+    __slots__ = ("_last", "_built")
+
+    def __init__(self) -> None:
+        self._last: LazyFlows | None = None
+        self._built: tuple[Flow, ...] = ()
+
+    def __call__(self, item: FlowItem) -> Flow:
+        if isinstance(item, Flow):
+            return item
+        lazy, i = item
+        if lazy is not self._last:
+            self._last, self._built = lazy, lazy.flows()
+        return self._built[i]
+
+
+def materialize_all(items: Iterable[FlowItem]) -> list[Flow]:
+    return list(map(Materializer(), items))
+
+
 # -- wire format ---------------------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry, TCPAccessL
 from .dns_flows import SOURCE_DNS, dns_flows
 from .envoy_flows import (KNOWN_METHODS, SOURCE_ALS, SOURCE_ALS_TCP, SOURCE_H11, http_log_record, http_record_flows,
                           tcp_log_flows)
-from .flow import Flow, FlowItem, LazyFlows, Service, Verdict, materialize
+from .flow import Flow, FlowItem, LazyFlows, Service, Verdict, materialize_all
 from .ingest_context import IngestContext, PeerInfo
 from .kernel_flows import SOURCE_KERNEL, kernel_drop_flows
 from .ring import FlowRing
@@ -160,7 +160,7 @@ class Ingestor:
     def ingest(self, source: str, events: Iterable[object]) -> list[Flow]:
         """Convert and publish now; returns the flows (built). Bad events are counted and
         skipped."""
-        return [materialize(i) for i in self.ingest_items(source, events)]
+        return materialize_all(self.ingest_items(source, events))
 
     def ingest_items(self, source: str, events: Iterable[object]) -> list[FlowItem]:
         """`ingest`, with the flows as published (not built): what the ingestion thread does."""

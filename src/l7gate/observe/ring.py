@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .flow import Flow, FlowItem, materialize
+from .flow import Flow, FlowItem, Materializer, materialize_all
 
 DEFAULT_CAPACITY = 4096
 DEFAULT_FOLLOW_BUFFER = 16384
@@ -88,7 +88,7 @@ class Subscription:
     def take(self, timeout: float | None = None) -> tuple[list[Flow], int]:
         """(flows, lost since the last take). Empty flows after `timeout`, or once closed."""
         items, lost = self.take_items(timeout)
-        return [materialize(i) for i in items], lost
+        return materialize_all(items), lost
 
     def take_items(self, timeout: float | None = None) -> tuple[list[FlowItem], int]:
         """`take`, with the flows as the ring holds them."""
@@ -155,7 +155,7 @@ class FlowRing:
     ) -> list[Flow]:
         """Flows in the ring, oldest first, that `match` accepts and are not older than `since`
         (ns since the epoch); the newest `last` of them when `last` is given."""
-        return [materialize(i) for i in self.snapshot_items(match, since=since, last=last)]
+        return materialize_all(self.snapshot_items(match, since=since, last=last))
 
     def snapshot_items(
         self, match: Callable[[Flow], bool] | None = None, *, since: int | None = None,
@@ -173,7 +173,7 @@ class FlowRing:
         """The backlog (as `snapshot`) and a subscription to every flow published after it.
         Close the subscription when done (it is a context manager)."""
         backlog, sub = self.subscribe_items(match, since=since, last=last, maxlen=maxlen)
-        return [materialize(i) for i in backlog], sub
+        return materialize_all(backlog), sub
 
     def subscribe_items(
         self, match: Callable[[Flow], bool] | None = None, *, since: int | None = None,
@@ -226,6 +226,7 @@ def _select(
         # Oldest first, so with `last` the newest are found by building from the end.
         picked: list[FlowItem] = []
         want = len(items) if last is None else max(last, 0)
+        materialize = Materializer()
         for item in reversed(items):
             if len(picked) >= want:
                 break
