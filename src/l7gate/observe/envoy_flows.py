@@ -240,15 +240,19 @@ class HTTPLogRecord:
                  "request", "request_headers", "response_headers", "shape", "count")
 
     def __init__(
-        self, node: str, src: tuple[str, int, PeerInfo], dst: tuple[str, int, PeerInfo],
-        direction: TrafficDirection, t0: int, branch: int, method: str, code: int, details: str, reason: str,
+        self, node: str, src_ip: str, src_port: int, src_info: PeerInfo, dst_ip: str, dst_port: int,
+        dst_info: PeerInfo, direction: TrafficDirection, t0: int, branch: int, method: str, code: int, details: str, reason: str,
         action: str, latency: int, answered: bool, services: tuple[Service | None, Service | None] | None,
         request: tuple[str, str, str, int, str, str], request_headers: tuple[tuple[str, str], ...] | None,
         response_headers: tuple[tuple[str, str], ...], shape: Hashable,
     ) -> None:
         self.node = node
-        self.src_ip, self.src_port, self.src_info = src
-        self.dst_ip, self.dst_port, self.dst_info = dst
+        self.src_ip = src_ip
+        self.src_port = src_port
+        self.src_info = src_info
+        self.dst_ip = dst_ip
+        self.dst_port = dst_port
+        self.dst_info = dst_info
         self.direction = direction
         self.t0 = t0
         self.branch = branch
@@ -516,7 +520,7 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     reason, action, latency, answered = "", "", 0, False
     if details.startswith(_RBAC_DENIED):
         branch = DENIED
-        reason = _deny_reason(details)
+        reason = _DENY_CACHE.get(details) or _deny_reason(details)
     else:
         tls_failure = cp.upstream_transport_failure_reason
         if tls_failure and _is_tls_error(tls_failure):
@@ -547,7 +551,7 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     extra = req.request_headers
     resp_extra = resp.response_headers if branch == ALLOWED else None
     return HTTPLogRecord(
-        ctx.node_name, (src_addr, src_port, src_info), (dst_addr, dst_port, dst_info), direction, t0, branch,
+        ctx.node_name, src_addr, src_port, src_info, dst_addr, dst_port, dst_info, direction, t0, branch,
         method, code, details, reason, action, latency, answered,
         None if s_src is None and s_dst is None else (s_src, s_dst),
         (req.scheme, req.authority, req.path, entry.protocol_version, req.user_agent, req.request_id),

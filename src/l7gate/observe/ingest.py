@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry, TCPAccessLogEntry
 
@@ -184,7 +184,7 @@ class Ingestor:
                     eager.extend(flows)
                     items.extend(flows)
                     continue
-                lazy = cast(LazyFlows, out)
+                lazy: LazyFlows = out  # type: ignore[assignment]  # not a sequence: lazy
                 shape = lazy.shape
                 t = tally.get(shape)
                 if t is None:
