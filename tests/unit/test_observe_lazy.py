@@ -446,3 +446,18 @@ def test_lines_follow_a_peer_whose_labels_changed() -> None:
                 assert isinstance(rec, HTTPLogRecord)
                 assert rec.lines(0, rec.count) == _lines(rec.flows())
                 assert f"version={version}".encode() in rec.lines(0, 1)
+
+
+def test_a_record_keeps_no_credentials_and_no_more_than_a_flow() -> None:
+    # The ring holds records, not flows: they must hold no more than the flows would.
+    huge = "/" + "p" * 100_000
+    e = entry("allowed", request={"path": huge, "authority": "a" * 100_000, "userAgent": "u" * 10_000,
+                                  "requestId": "r" * 10_000,
+                                  "requestHeaders": {"authorization": "Bearer s3cr3t", "x-b": "v" * 10_000}},
+              response={"responseHeaders": {"set-cookie": "s3cr3t", "x-c": "w" * 10_000}})
+    rec = http_log_record(e, CTX)
+    assert isinstance(rec, HTTPLogRecord)
+    held = repr([getattr(rec, name) for name in HTTPLogRecord.__slots__])
+    assert "s3cr3t" not in held and len(held) < 12_000
+    assert rec.flows() == reference_flows(e, CTX.__class__(CTX.resolve, CTX.node_name, CTX.now))
+    assert rec.lines(0, rec.count) == _lines(rec.flows())

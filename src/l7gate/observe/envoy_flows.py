@@ -60,6 +60,7 @@ from .flow import (
     EVENT_L7,
     HTTP,
     MAX_HEADER_VALUE,
+    MAX_URL,
     POLICY_DENIED,
     POLICY_DENIED_L7,
     AuthType,
@@ -265,7 +266,7 @@ class HTTPLogRecord:
         self.answered = answered  # ALLOWED: the upstream answered (the response is FORWARDED)
         self.services = services  # (of the source, of the destination), or None: neither is one
         self.request = request  # scheme, authority, path, protocol (number), user agent, request id
-        self.request_headers = request_headers  # the extra ones Envoy logged, or None
+        self.request_headers = request_headers  # the extra ones Envoy logged (`safe_headers`), or None
         self.response_headers = response_headers  # already `safe_headers`
         self.shape = shape  # branch, reason, method, code, source local, destination local, answered
         self.count = 2 if branch == ALLOWED else 1
@@ -550,18 +551,23 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     s_dst = service_of(dst_addr, dst_port) if dst_port else None
     extra = req.request_headers
     resp_extra = resp.response_headers if branch == ALLOWED else None
+    # What a flow keeps is bounded and has no credentials: kept that way from here (the URL's
+    # parts cut to the URL's bound give the same clipped URL; `safe_headers` of the extra
+    # headers, then of them and the two Envoy always logs, is `safe_headers` of all of them).
     return HTTPLogRecord(
         ctx.node_name, src_addr, src_port, src_info, dst_addr, dst_port, dst_info, direction, t0, branch,
         method, code, details, reason, action, latency, answered,
         None if s_src is None and s_dst is None else (s_src, s_dst),
-        (req.scheme, req.authority, req.path, entry.protocol_version, req.user_agent, req.request_id),
-        tuple(extra.items()) if extra else None,
+        (req.scheme[:MAX_URL], req.authority[:MAX_URL], req.path[:MAX_URL], entry.protocol_version,
+         req.user_agent[:MAX_HEADER_VALUE], req.request_id[:MAX_HEADER_VALUE]),
+        safe_headers(extra.items()) if extra else None,
         safe_headers(resp_extra.items()) if resp_extra else (),
         (branch, reason, method, code, src_info.local, dst_info.local, answered),
     )
 
 
 _ACTIONS: dict[bytes, str] = {}  # an entry's metadata, serialized → the RBAC action in it
+_MAX_ACTION_KEY = 1024
 
 
 def _cached_rbac_action(cp: AccessLogCommon) -> str:
@@ -571,9 +577,10 @@ def _cached_rbac_action(cp: AccessLogCommon) -> str:
     action = _ACTIONS.get(key)
     if action is None:
         action = _rbac_action(cp)
-        if len(_ACTIONS) >= _MAX_CACHED:
-            _ACTIONS.clear()
-        _ACTIONS[key] = action
+        if len(key) <= _MAX_ACTION_KEY:  # other filters' metadata could make every entry's differ
+            if len(_ACTIONS) >= _MAX_CACHED:
+                _ACTIONS.clear()
+            _ACTIONS[key] = action
     return action
 
 
