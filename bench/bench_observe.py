@@ -6,12 +6,19 @@
    127.0.0.1, which the bench registers as a frontend-service pod, alternating the seed's
    allowed call (POST /v1/charge → a request and a response flow) and a denied one
    (GET /v1/transactions → one DROPPED flow). Envoy streams access logs to the agent (ALS);
-   the agent converts them to flows in its ring; `l7gate observe -f -o jsonpb` (a child process,
-   through the admin API; jsonpb is the agent's own stream format, printed as it comes) follows. Counted at every stage: requests Envoy completed (its own
-   stats), access log entries it wrote and dropped, entries the agent received, flows published,
-   flows the follower printed, and every loss counter on the way. Then the same load again with
-   flow conversion off (Envoy still logs; the agent still receives and parses the stream), to
-   show what conversion costs Envoy's request rate on this box.
+   the agent converts them to flows in its ring. The same load runs in four states, one run of
+   each per round, the order rotating from round to round (slow drifts of the shared machine
+   cancel in the per-round ratios):
+   - follow: flows on, and `l7gate observe -f -o jsonpb` (a child process, through the admin
+     API; jsonpb is the agent's own stream format, printed as it comes) follows them;
+   - on: flows on, no follower (what every node pays);
+   - off: flow conversion off (Envoy still logs; the agent still receives and parses the stream);
+   - nolog: no access log at all (the listeners carry none): the whole cost of observability.
+   Counted at every stage of each run: requests Envoy completed (its own stats), access log
+   entries it wrote and dropped, entries the agent received, flows published, flows the
+   follower printed, and every loss counter on the way; and the CPU each request cost the agent
+   (this process), Envoy and the follower, from /proc over the run (wrk, then until the last
+   flow is in and printed).
 2. The ingestion path alone (convert + count + publish, no Envoy): 1M synthetic ALS entries into
    a ring of 4,096 — entries per second, and memory: the ring's own size under tracemalloc and
    the process RSS after 100k and after 1M entries (bounded: no growth between the two).
@@ -24,16 +31,22 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
+import resource
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import time
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from _world import cpu_seconds
 from run import Context, Result
 from l7gate.l7proxy.supervisor import admin_request
 
@@ -108,6 +121,75 @@ def _sum(stats: dict[str, int], pattern: str) -> int:
 
 # -- 1. end to end ---------------------------------------------------------------------------------
 
+# The load's four states, run round-robin (one run of each per round, the order rotating):
+MODES = {
+    "follow": "flows on, one follower",
+    "on": "flows on, no follower",
+    "off": "flows off (ALS streamed and parsed, not converted)",
+    "nolog": "no access log at all (Envoy logs nothing)",
+}
+
+
+@dataclass
+class Run:
+    """One wrk run in one mode: its rate, the CPU each request cost, and the flow accounting."""
+
+    mode: str
+    rps: float
+    requests: int  # Envoy's count (every request it saw)
+    wrk_requests: int
+    load_s: float
+    agent_us: float  # this process (the agent) per request
+    envoy_us: float
+    follower_us: float  # the `l7gate observe` process per request (follow mode)
+    rest_us: float  # wrk and the upstream per request
+    published_during: int
+    counts: dict[str, int]
+
+    @property
+    def box_us(self) -> float:
+        """CPU per request of every process of the run: what the request rate is inversely
+        proportional to when they saturate the box, whoever else runs there."""
+        return self.agent_us + self.envoy_us + self.follower_us + self.rest_us
+
+    @property
+    def lossless(self) -> bool:
+        c = self.counts
+        if self.mode == "nolog":
+            return c["logs_written"] == 0
+        if self.mode == "off":
+            return c["logs_dropped"] == 0 and c["entries"] == c["rq"] and c["published"] == 0
+        ok = (c["logs_dropped"] == 0 and c["logs_written"] == c["rq"] and c["entries"] == c["rq"]
+              and c["published"] == c["expected"] and c["lost_ingest"] == 0 and c["malformed"] == 0)
+        if self.mode == "follow":
+            ok = ok and c["follow_lost"] == 0 and c["printed"] == c["published"]
+        return ok
+
+
+def _set_access_log(agent: Any, logs: Any) -> None:
+    """Put Envoy's access log on the proxied listeners (`logs`) or take it off (`()`), and wait
+    until Envoy has the new listeners."""
+    pub = agent.core.publisher
+    if tuple(pub.access_logs) == tuple(logs):
+        return
+    pub.access_logs = logs
+    for p in pub.ports:
+        pub.mark_identity(p.identity)
+    pub.flush()
+    if not agent.xds.wait_synced(agent.config.node_id, 20):
+        raise RuntimeError("Envoy did not take the listener change")
+
+
+def _probe(target_ip: str) -> None:
+    import http.client
+
+    c = http.client.HTTPConnection(target_ip, PORT, timeout=5)
+    try:
+        c.request("POST", "/v1/charge", body=b"", headers={"Host": "billing-service.payments"})
+        c.getresponse().read()
+    finally:
+        c.close()
+
 
 def end_to_end(ctx: Context) -> list[Result]:
     wrk = shutil.which("wrk")
@@ -124,7 +206,8 @@ def end_to_end(ctx: Context) -> list[Result]:
     from l7gate.agent.config import AgentConfig, EnvoySettings, ObserveSettings
     from l7gate.agent.daemon import start_agent
 
-    duration = 3 if ctx.quick else 10
+    duration = 2 if ctx.quick else 6
+    rounds = 1 if ctx.quick else 3
     connections = 16
     work = ctx.scratch / "observe"
     work.mkdir()
@@ -136,8 +219,9 @@ def end_to_end(ctx: Context) -> list[Result]:
     )
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, BILLING, str(PORT + OFFSET)],
                                 stdout=subprocess.PIPE, text=True)
-    follower: subprocess.Popen[bytes] | None = None
+    runs: list[Run] = []
     agent = start_agent(cfg)
+    me = os.getpid()
     try:
         assert upstream.stdout is not None and upstream.stdout.readline().strip() == "ready"
         assert agent.envoy is not None
@@ -154,16 +238,11 @@ def end_to_end(ctx: Context) -> list[Result]:
         agent.core.apply(docs)
         if not agent.xds.wait_synced(cfg.node_id, 20):
             raise RuntimeError("Envoy did not sync")
+        access_logs = tuple(agent.core.publisher.access_logs)
         l7gate = str(Path(sys.executable).parent / "l7gate")
-        out_path = work / "follow.ndjson"
-        with open(out_path, "wb") as out:
-            follower = subprocess.Popen(
-                [l7gate, "observe", "--admin", agent.admin.address, "-f", "--last", "0", "-o", "jsonpb"],
-                stdout=out, stderr=subprocess.PIPE,
-            )
-        deadline = time.monotonic() + 10
-        while agent.flows.stats().followers == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        envoy_pid = agent.envoy.status().pid
+        assert envoy_pid is not None
+        admin = env.admin_address or ""
         # Warm-up: also checks the verdicts (one allowed, one denied) before the load.
         script = work / "mix.lua"
         script.write_text(WRK_SCRIPT)
@@ -171,104 +250,213 @@ def end_to_end(ctx: Context) -> list[Result]:
         subprocess.run([wrk, "-t1", "-c2", "-d1s", "-s", str(script), target], capture_output=True, check=True)
         time.sleep(0.5)
         assert agent.ingestor.drain(10)
-        admin = env.admin_address or ""
-        before_stats = _envoy_stats(admin)
-        before_flows = agent.flows.stats()
-        before_entries = agent.als.entries
-        ingest_before = agent.ingestor.stats()
         warm = agent.flows.snapshot(last=3)
         ctx.log(f"warm-up flows: {[f'{f.verdict.value} {f.summary}' for f in warm]}")
-        ctx.log(f"load: wrk -t1 -c{connections} -d{duration}s against Envoy, flows on, one follower")
-        t0 = time.monotonic()
-        run = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), target],
-                             capture_output=True, text=True, check=True)
-        load_s = time.monotonic() - t0
-        published_during = agent.flows.stats().published - before_flows.published
-        # Let the last access logs arrive (Envoy flushes every 50 ms) and the follower catch up.
-        settle = time.monotonic()
-        last: tuple[int, int] | None = None
-        while time.monotonic() - settle < 15:
-            time.sleep(0.5)
-            now = (agent.flows.stats().published, out_path.stat().st_size)
-            if now == last:
-                break
-            last = now
-        after_stats = _envoy_stats(admin)
-        after_flows = agent.flows.stats()
-        ingest_after = agent.ingestor.stats()
-        entries = agent.als.entries - before_entries
-        # The same load with flow conversion off (Envoy still logs, the agent still receives and
-        # parses the ALS stream): what observe's conversion costs Envoy on this shared box.
-        agent.als.set_batch_sink(None)
-        ctx.log("load: the same, flows off")
-        run_off = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), target],
-                                 capture_output=True, text=True, check=True)
-    finally:
-        agent.stop()  # closes the ring: the follower's stream ends
-        if follower is not None:
+
+        def one(mode: str, n: int) -> Run:
+            _set_access_log(agent, () if mode == "nolog" else access_logs)
+            agent.als.set_batch_sink(None if mode == "off" else agent.ingestor.http_access_logs)
+            # The listener change reached Envoy: one request shows whether it is logged.
+            e0 = agent.als.entries
+            _probe(BILLING)
+            deadline = time.monotonic() + (0.5 if mode == "nolog" else 5)
+            while agent.als.entries == e0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if (agent.als.entries != e0) != (mode != "nolog"):
+                raise RuntimeError(f"{mode}: the access log is not in the state asked for")
+            assert agent.ingestor.drain(10)
+            follower: subprocess.Popen[bytes] | None = None
+            out_path = work / f"follow-{n}.ndjson"
+            if mode == "follow":
+                with open(out_path, "wb") as out:
+                    follower = subprocess.Popen(
+                        [l7gate, "observe", "--admin", agent.admin.address, "-f", "--last", "0", "-o", "jsonpb"],
+                        stdout=out, stderr=subprocess.DEVNULL,
+                    )
+                deadline = time.monotonic() + 10
+                while agent.flows.stats().followers == 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            time.sleep(0.3)
             try:
-                follower.wait(10)
-            except subprocess.TimeoutExpired:
-                follower.kill()
-                follower.wait()
+                before_stats = _envoy_stats(admin)
+                before_flows = agent.flows.stats()
+                before_entries = agent.als.entries
+                ingest_before = agent.ingestor.stats()
+                f0 = cpu_seconds(follower.pid) if follower is not None else 0.0
+                a0, v0 = cpu_seconds(me), cpu_seconds(envoy_pid)
+                u0, w0 = cpu_seconds(upstream.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.monotonic()
+                res = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), target],
+                                     capture_output=True, text=True, check=True)
+                load_s = time.monotonic() - t0
+                w1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, the one child waited for
+                published_during = agent.flows.stats().published - before_flows.published
+                # Let the last access logs arrive and the follower catch up: their cost is the run's.
+                settle = time.monotonic()
+                last: tuple[int, int, int] | None = None
+                while time.monotonic() - settle < 15:
+                    time.sleep(0.25)
+                    agent.ingestor.drain(10)
+                    now = (agent.als.entries, agent.flows.stats().published,
+                           out_path.stat().st_size if follower is not None else 0)
+                    if now == last:
+                        break
+                    last = now
+                a1, v1, u1 = cpu_seconds(me), cpu_seconds(envoy_pid), cpu_seconds(upstream.pid)
+                f1 = cpu_seconds(follower.pid) if follower is not None else 0.0
+                after_stats = _envoy_stats(admin)
+                after_flows = agent.flows.stats()
+                ingest_after = agent.ingestor.stats()
+            finally:
+                if follower is not None:
+                    follower.send_signal(signal.SIGINT)
+                    try:
+                        follower.wait(10)
+                    except subprocess.TimeoutExpired:
+                        follower.kill()
+                        follower.wait()
+            d = {k: after_stats.get(k, 0) - before_stats.get(k, 0) for k in after_stats}
+            rq = _sum(d, r"http\.l7g_.*\.downstream_rq_total")
+            allowed = _sum(d, r"http\.l7g_.*\.rbac\.allowed")
+            denied = _sum(d, r"http\.l7g_.*\.rbac\.denied")
+            printed = (sum(1 for ln in out_path.read_bytes().splitlines() if ln.strip())
+                       if mode == "follow" else 0)
+            counts = {
+                "rq": rq, "allowed": allowed, "denied": denied,
+                # Envoy's RBAC counters say what the flows must be: a request that passed policy
+                # makes two (request, response), a denied one one, one refused before RBAC one.
+                "expected": 2 * allowed + denied + (rq - allowed - denied),
+                "logs_written": _sum(d, r"access_logs\.grpc_access_log\.logs_written"),
+                "logs_dropped": _sum(d, r"access_logs\.grpc_access_log\.logs_dropped"),
+                "entries": agent.als.entries - before_entries,
+                "published": after_flows.published - before_flows.published,
+                "lost_ingest": sum(ingest_after.lost.values()) - sum(ingest_before.lost.values()),
+                "malformed": sum(ingest_after.malformed.values()) - sum(ingest_before.malformed.values()),
+                "follow_lost": after_flows.follow_lost - before_flows.follow_lost,
+                "printed": printed,
+            }
+            wrk_requests, rps = _wrk(res.stdout)
+            n_rq = max(rq, 1)
+            wrk_s = (w1.ru_utime + w1.ru_stime) - (w0.ru_utime + w0.ru_stime)
+            run = Run(mode, rps, rq, wrk_requests, load_s, (a1 - a0) * 1e6 / n_rq, (v1 - v0) * 1e6 / n_rq,
+                      (f1 - f0) * 1e6 / n_rq, ((u1 - u0) + wrk_s) * 1e6 / n_rq, published_during, counts)
+            ctx.log(f"{mode}: {rps:.0f} req/s; CPU per request: agent {run.agent_us:.1f} µs, Envoy "
+                    f"{run.envoy_us:.1f} µs, follower {run.follower_us:.1f} µs, wrk + upstream {run.rest_us:.1f} µs; "
+                    f"{counts}")
+            return run
+
+        order = list(MODES)
+        n = 0
+        for r in range(rounds):
+            ctx.log(f"round {r + 1}/{rounds}: wrk -t1 -c{connections} -d{duration}s per state")
+            for mode in order[r % len(order):] + order[: r % len(order)]:
+                runs.append(one(mode, n))
+                n += 1
+        _set_access_log(agent, access_logs)
+        agent.als.set_batch_sink(agent.ingestor.http_access_logs)
+    finally:
+        agent.stop()
         upstream.kill()
         upstream.wait()
-    wrk_requests, rps_on = _wrk(run.stdout)
-    _, rps_off = _wrk(run_off.stdout)
-    d = {k: after_stats.get(k, 0) - before_stats.get(k, 0) for k in after_stats}
-    # Every request Envoy saw, including the few wrk aborts when its time is up.
-    rq = _sum(d, r"http\.l7g_.*\.downstream_rq_total")
-    rq_2xx = _sum(d, r"http\.l7g_.*\.downstream_rq_2xx")
-    logs_written = _sum(d, r"access_logs\.grpc_access_log\.logs_written")
-    logs_dropped = _sum(d, r"access_logs\.grpc_access_log\.logs_dropped")
-    published = after_flows.published - before_flows.published
-    # Envoy's RBAC counters say what the flows must be: a request that passed policy makes two
-    # (request, response), a denied one one, one refused before RBAC ran one.
-    allowed = _sum(d, r"http\.l7g_.*\.rbac\.allowed")
-    denied = _sum(d, r"http\.l7g_.*\.rbac\.denied")
-    expected_flows = 2 * allowed + denied + (rq - allowed - denied)
-    lost_ingest = sum(ingest_after.lost.values()) - sum(ingest_before.lost.values())
-    malformed = sum(ingest_after.malformed.values()) - sum(ingest_before.malformed.values())
-    follow_lost = after_flows.follow_lost - before_flows.follow_lost
-    # The follower subscribed before the warm-up (--last 0): what it printed beyond the warm-up
-    # flows is the load window's.
-    printed = sum(1 for ln in out_path.read_bytes().splitlines() if ln.strip())
-    followed = printed - before_flows.published
-    ctx.log(
-        f"envoy: {rq} requests ({rq_2xx} 2xx, RBAC allowed {allowed} denied {denied}), ALS written {logs_written} dropped {logs_dropped}; agent: "
-        f"{entries} entries, {published} flows (expected {expected_flows}), ingest lost {lost_ingest}, "
-        f"malformed {malformed}; follower printed {followed}, follow lost {follow_lost}"
-    )
-    lossless = (
-        logs_dropped == 0 and logs_written == rq and entries == rq and published == expected_flows
-        and lost_ingest == 0 and malformed == 0 and follow_lost == 0 and followed == published
-    )
+    return _end_to_end_results(runs, rounds, duration, connections)
+
+
+def _end_to_end_results(runs: list[Run], rounds: int, duration: int, connections: int) -> list[Result]:
+    by = {m: [r for r in runs if r.mode == m] for m in MODES}
+
+    def med(mode: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in by[mode])
+
+    def each(mode: str, attr: str, fmt: str = ".0f") -> str:
+        return ", ".join(format(getattr(r, attr), fmt) for r in by[mode])
+
+    def paired(num: str, den: str) -> float:
+        # Runs of one round are adjacent in time: slow drifts of the shared machine cancel.
+        return statistics.median(a.rps / b.rps for a, b in zip(by[num], by[den], strict=True))
+
+    def box(num: str, den: str) -> float:
+        # What the throughput ratio is where these processes have the box to themselves: the
+        # inverse ratio of their CPU per request (other tenants' load cancels out of it).
+        return statistics.median(b.box_us / a.box_us for a, b in zip(by[num], by[den], strict=True))
+
+    total = {k: sum(r.counts[k] for r in by["follow"]) for k in by["follow"][0].counts}
+    lossless = all(r.lossless for r in runs)
+    on_ratio, off_ratio = paired("follow", "off"), paired("off", "nolog")
+    bare_ratio = paired("on", "off")
+    cpu_note = (f"CPU per request, medians: agent {med('follow', 'agent_us'):.1f} µs with a follower "
+                f"(+ the follower process {med('follow', 'follower_us'):.1f} µs), {med('on', 'agent_us'):.1f} µs "
+                f"without, {med('off', 'agent_us'):.1f} µs flows off, {med('nolog', 'agent_us'):.1f} µs "
+                f"no access log; Envoy {med('follow', 'envoy_us'):.0f} / {med('on', 'envoy_us'):.0f} / "
+                f"{med('off', 'envoy_us'):.0f} / {med('nolog', 'envoy_us'):.0f} µs; every process of the run "
+                f"(agent, Envoy, follower, upstream, wrk) {med('follow', 'box_us'):.0f} / {med('on', 'box_us'):.0f} / "
+                f"{med('off', 'box_us'):.0f} / {med('nolog', 'box_us'):.0f} µs")
+    runs_note = f"wrk -t1 -c{connections}, {duration} s per run, {rounds} rounds of the four states (order rotating)"
+    pub = sum(r.published_during for r in by["follow"])
+    load = sum(r.load_s for r in by["follow"])
+    wrk_rate = sum(r.wrk_requests for r in by["follow"]) / load
     return [
         Result(
-            name=f"flows/s into the ring during full load ({connections} conns, {duration} s)",
-            value=published_during / load_s, unit="/s",
-            baseline_name="requests/s through Envoy", baseline_value=rps_on,
-            notes=f"1.5 flows per request expected (allowed: 2, denied: 1); {published_during} flows "
-                  f"while wrk ran {load_s:.1f} s, {published} once the last logs arrived",
+            name=f"flows/s into the ring during full load ({connections} conns, flows on, one follower)",
+            value=pub / load, unit="/s",
+            baseline_name="requests/s through Envoy", baseline_value=wrk_rate,
+            notes=f"1.5 flows per request expected (allowed: 2, denied: 1); {pub} flows while wrk ran "
+                  f"{load:.1f} s in {rounds} runs, {total['published']} once the last logs arrived",
         ),
         Result(
             name="flows the follower printed",
-            value=followed, unit="flows",
+            value=total["printed"], unit="flows",
             baseline_name="flows Envoy's requests make (2 per request RBAC allowed, 1 per denied)",
-            baseline_value=expected_flows,
+            baseline_value=total["expected"],
             goal="observe keeps up with Envoy at full load, losing nothing",
             goal_met=lossless,
-            notes=(f"Envoy completed {rq} requests (wrk counted {wrk_requests}); ALS entries written "
-                   f"{logs_written}, dropped by Envoy {logs_dropped}; received by the agent {entries}; "
-                   f"flows published {published}; lost in the ingest queue {lost_ingest}; malformed "
-                   f"{malformed}; shed by the follower's queue {follow_lost}"),
+            notes=(f"{rounds} runs with a follower (one `l7gate observe -f -o jsonpb` each): Envoy completed "
+                   f"{total['rq']} requests (wrk counted {sum(r.wrk_requests for r in by['follow'])}); ALS "
+                   f"entries written {total['logs_written']}, dropped by Envoy {total['logs_dropped']}; received "
+                   f"by the agent {total['entries']}; flows published {total['published']}; lost in the ingest "
+                   f"queue {total['lost_ingest']}; malformed {total['malformed']}; shed by the follower's queue "
+                   f"{total['follow_lost']}; the runs without a follower lost nothing either: "
+                   f"{all(r.lossless for r in by['on'])}"),
+        ),
+        Result(
+            name="agent CPU per request through Envoy, flows on (access log → flow, no follower)",
+            value=med("on", "agent_us"), unit="µs",
+            baseline_name="Envoy's own CPU per request (same runs)", baseline_value=med("on", "envoy_us"),
+            goal="<= 10 µs", goal_met=med("on", "agent_us") <= 10,
+            notes=f"this process's utime+stime over each run (wrk, then until the last flow is in), "
+                  f"÷ Envoy's request count; per run: {each('on', 'agent_us', '.1f')}; flows off: "
+                  f"{each('off', 'agent_us', '.1f')}; no access log: {each('nolog', 'agent_us', '.1f')}",
+        ),
+        Result(
+            name="agent CPU per request, flows on with one follower (`observe -f -o jsonpb`)",
+            value=med("follow", "agent_us"), unit="µs",
+            baseline_name="Envoy's own CPU per request (same runs)", baseline_value=med("follow", "envoy_us"),
+            notes=f"per run: {each('follow', 'agent_us', '.1f')}; the follower process besides: "
+                  f"{each('follow', 'follower_us', '.1f')} µs",
         ),
         Result(
             name="requests/s through Envoy with flows on (and a follower)",
-            value=rps_on, unit="req/s",
-            baseline_name="flows off (ALS still streamed and parsed)", baseline_value=rps_off,
-            notes="2 vCPUs shared by wrk, Envoy, the upstream, the agent and the follower: the agent's "
-                  "conversion competes with Envoy for CPU",
+            value=med("follow", "rps"), unit="req/s",
+            baseline_name="flows off (ALS still streamed and parsed)", baseline_value=med("off", "rps"),
+            ratio=on_ratio, goal=">= 0.97", goal_met=on_ratio >= 0.97,
+            notes=f"{runs_note}; ratio: median of the per-round ratios; per run: flows on {each('follow', 'rps')}, "
+                  f"off {each('off', 'rps')}; flows on without a follower {each('on', 'rps')} "
+                  f"(÷ off: {bare_ratio:.3f}); from CPU per request (off ÷ on, the ratio without other "
+                  f"tenants): with a follower {box('follow', 'off'):.3f}, without {box('on', 'off'):.3f}; "
+                  f"{cpu_note}. 2 vCPUs shared by wrk, Envoy, the upstream, the agent, the follower (and "
+                  f"whatever else runs on the machine)",
+        ),
+        Result(
+            name="requests/s through Envoy with flows off (access log streamed and parsed)",
+            value=med("off", "rps"), unit="req/s",
+            baseline_name="no access log at all", baseline_value=med("nolog", "rps"),
+            ratio=off_ratio, goal=">= 0.97", goal_met=off_ratio >= 0.97,
+            notes=f"{runs_note}; ratio: median of the per-round ratios; per run: no access log "
+                  f"{each('nolog', 'rps')}; flows on, a follower ÷ no access log: "
+                  f"{statistics.median(a.rps / b.rps for a, b in zip(by['follow'], by['nolog'], strict=True)):.3f}; "
+                  f"from CPU per request: {box('off', 'nolog'):.3f} (Envoy {med('off', 'envoy_us'):.0f} µs "
+                  f"with the access log, {med('nolog', 'envoy_us'):.0f} µs without; the agent "
+                  f"{med('off', 'agent_us'):.1f} µs), flows on ÷ no access log {box('on', 'nolog'):.3f}, with a "
+                  f"follower {box('follow', 'nolog'):.3f}",
         ),
     ]
 
@@ -316,29 +504,38 @@ def _synthetic_entries(n: int) -> list[Any]:
 
 
 def ingestion(ctx: Context) -> list[Result]:
+    from envoy.service.accesslog.v3 import als_pb2
+
     from l7gate.observe.envoy_flows import SOURCE_ALS
     from l7gate.observe.ingest import Ingestor
     from l7gate.observe.ingest_context import IngestContext, PeerInfo
     from l7gate.observe.ring import FlowRing
 
     total = 200_000 if ctx.quick else 1_000_000
-    pool = _synthetic_entries(1000)
     peers = {
         "127.0.2.55": PeerInfo(131072, "cluster-b", "web", "frontend-service-abc",
                                ("k8s:app=frontend-service", "k8s:env=prod", "k8s:team=web")),
         "127.0.1.10": PeerInfo(65536, "cluster-a", "payments", "billing-service-xyz",
                                ("k8s:app=billing-service", "k8s:env=prod", "k8s:team=payments"), local=True),
     }
+    batch = 100  # entries per ALS message
+    # As the agent gets them: messages of `batch` entries, parsed from the wire (an entry's
+    # memory is its message's: the ring keeps messages alive through the entries it holds).
+    pool = _synthetic_entries(1000)
+    wire = []
+    for i in range(0, len(pool), batch):
+        msg = als_pb2.StreamAccessLogsMessage()
+        msg.http_logs.log_entry.extend(pool[i : i + batch])
+        wire.append(msg.SerializeToString())
+    messages = [als_pb2.StreamAccessLogsMessage.FromString(w).http_logs.log_entry for w in wire]
     ring = FlowRing(4096)
     ing = Ingestor(ring, IngestContext(peers.__getitem__, node_name="cluster-a/node-a1"))
-    batch = 100  # about what one ALS message carries at load
-    batches = [pool[i : i + batch] for i in range(0, len(pool), batch)]
 
     def feed(n: int) -> None:
         done = 0
         while done < n:
-            for b in batches:
-                ing.ingest(SOURCE_ALS, b)
+            for m in messages:
+                ing.ingest_items(SOURCE_ALS, m)  # what the ingestion thread does
             done += len(pool)
 
     feed(100_000)
@@ -352,17 +549,17 @@ def ingestion(ctx: Context) -> list[Result]:
     rate = (total - 100_000) / elapsed
     stats = ring.stats()
     ctx.log(f"{total} entries → {stats.published} flows; ring {stats.size}/{stats.capacity}, overflow {stats.overflow}")
+    del messages, ring, ing
 
-    # The ring's own memory: a full ring of distinct flows (every entry differs), under tracemalloc.
+    # A full ring's memory: 3,000 distinct entries (4,500 flows) parsed from the wire and
+    # ingested; the ring keeps the newest 4,096 flows, and nothing else keeps anything. Python's
+    # heap under tracemalloc; with the protobuf runtime's own (C) memory, from RSS over 8 rings.
     def fill() -> FlowRing:
         r = FlowRing(4096)
         i2 = Ingestor(r, IngestContext(peers.__getitem__, node_name="cluster-a/node-a1"))
-        for b in batches:
-            i2.ingest(SOURCE_ALS, b)
-        for b in batches:
-            i2.ingest(SOURCE_ALS, b)
-        for b in batches:
-            i2.ingest(SOURCE_ALS, b)
+        for _ in range(3):
+            for w in wire:
+                i2.ingest_items(SOURCE_ALS, als_pb2.StreamAccessLogsMessage.FromString(w).http_logs.log_entry)
         return r
 
     tracemalloc.start()
@@ -371,12 +568,20 @@ def ingestion(ctx: Context) -> list[Result]:
     ring_bytes = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert len(full) == 4096
+    del full
+    gc.collect()
+    rss0 = _rss()
+    rings = [fill() for _ in range(8)]
+    gc.collect()
+    ring_rss = (_rss() - rss0) / len(rings)
+    del rings
     growth = rss_end - rss_100k
     return [
         Result(
             name="ALS entries ingested/s (convert + count + publish, one thread)", value=rate, unit="entries/s",
-            notes=f"{rate * stats.published / max(1, ing.stats().events[SOURCE_ALS]):.0f} flows/s; "
-                  f"{total:,} entries in batches of {batch}",
+            notes=f"{rate * stats.published / total:.0f} flows/s; "
+                  f"{total:,} entries in messages of {batch}, parsed once (the ingestion thread's path: "
+                  f"flows are built when read)",
         ),
         Result(
             name=f"RSS growth from 100k to {total // 1000}k entries ingested", value=growth / 2**20, unit="MiB",
@@ -386,8 +591,10 @@ def ingestion(ctx: Context) -> list[Result]:
             notes=f"{stats.published:,} flows published, ring holds {stats.size:,}, overflow {stats.overflow:,}",
         ),
         Result(
-            name="a full ring of 4,096 flows", value=ring_bytes / 2**20, unit="MiB",
-            notes=f"{ring_bytes / 4096:.0f} bytes per flow (tracemalloc)",
+            name="a full ring of 4,096 flows", value=ring_rss / 2**20, unit="MiB",
+            notes=f"{ring_rss / 4096:.0f} bytes per flow (RSS, 8 rings, the entries' protobuf memory "
+                  f"included); Python's heap alone: {ring_bytes / 2**20:.2f} MiB, {ring_bytes / 4096:.0f} "
+                  f"bytes per flow (tracemalloc)",
         ),
     ]
 

@@ -304,6 +304,9 @@ def _count(value: str) -> int:
     return int(value)
 
 
+_FLOW_LINE = b'{"flow":'
+
+
 def _cmd_observe(args: argparse.Namespace) -> int:
     from .observe.api import Lost, decode_line, query_path
     from .observe.filters import FilterError, FlowFilter, parse_since
@@ -331,13 +334,25 @@ def _cmd_observe(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     pending: list[Flow] = []
     rest = b""
+    passthrough = args.output == "jsonpb"
     try:
         # Read what the agent sent so far (one chunk per batch of flows), print, flush once.
         while data := resp.read1(65536):
-            *lines, rest = (rest + data).split(b"\n")
+            buf = rest + data if rest else data
+            if passthrough:
+                cut = buf.rfind(b"\n") + 1
+                whole = buf if cut == len(buf) else buf[:cut]
+                if whole.count(b"\n") == whole.startswith(_FLOW_LINE) + whole.count(b"\n" + _FLOW_LINE):
+                    # Only flow lines, already Hubble's GetFlowsResponse: all of them as they came.
+                    out.write(whole)
+                    if args.follow:
+                        out.flush()
+                    rest = buf[cut:]
+                    continue
+            *lines, rest = buf.split(b"\n")
             flows: list[Flow] = []
             for raw in lines:
-                if args.output == "jsonpb" and raw.startswith(b'{"flow":'):
+                if args.output == "jsonpb" and raw.startswith(_FLOW_LINE):
                     out.write(raw + b"\n")  # already Hubble's GetFlowsResponse: pass it through
                     continue
                 item = decode_line(raw)

@@ -18,12 +18,12 @@ API answers 400 with the reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from .filters import FilterError, FlowFilter, parse_since
-from .flow import Flow, flow_from_json, flow_to_json
+from .flow import Flow, FlowItem, Materializer, flow_from_json, flow_to_json
 from .ring import FlowRing
 
 PATH = "/v1/flows"
@@ -93,6 +93,29 @@ def flow_line(f: Flow) -> bytes:
                       separators=(",", ":")).encode() + b"\n"
 
 
+def item_lines(items: Sequence[FlowItem]) -> bytes:
+    """`flow_line` of each flow as the ring holds it: a lazy one writes its lines itself, the
+    flows of one event together."""
+    out: list[bytes] = []
+    i, n = 0, len(items)
+    while i < n:
+        item = items[i]
+        if isinstance(item, Flow):
+            out.append(flow_line(item))
+            i += 1
+            continue
+        lazy, start = item
+        j = i + 1
+        while j < n:
+            nxt = items[j]
+            if isinstance(nxt, Flow) or nxt[0] is not lazy:
+                break
+            j += 1
+        out.append(lazy.lines(start, start + j - i))
+        i = j
+    return b"".join(out)
+
+
 def lost_line(n: int) -> bytes:
     return json.dumps({"lost_events": {"source": LOST_SOURCE, "num_events_lost": n}},
                       separators=(",", ":")).encode() + b"\n"
@@ -102,28 +125,30 @@ def stream(ring: FlowRing, q: FlowQuery, *, heartbeat: float = 1.0) -> Iterator[
     """The response body for `q`: chunks of NDJSON lines (see the module docstring)."""
     match = q.filter.compile() if q.filter else None
     if not q.follow:
-        flows = ring.snapshot(match, since=q.since, last=q.last)
+        items = ring.snapshot_items(match, since=q.since, last=q.last)
 
         def once() -> Iterator[bytes]:
-            for i in range(0, len(flows), _BATCH):
-                yield b"".join(flow_line(f) for f in flows[i : i + _BATCH])
+            for i in range(0, len(items), _BATCH):
+                yield item_lines(items[i : i + _BATCH])
 
         return once()
-    backlog, sub = ring.subscribe(match, since=q.since, last=q.last)
+    backlog, sub = ring.subscribe_items(match, since=q.since, last=q.last)
 
     def follow() -> Iterator[bytes]:
         with sub:
             for i in range(0, len(backlog), _BATCH):
-                yield b"".join(flow_line(f) for f in backlog[i : i + _BATCH])
+                yield item_lines(backlog[i : i + _BATCH])
             if not backlog:
                 yield b"\n"  # the client sees the stream open at once
             while True:
-                flows, lost = sub.take(heartbeat)
-                if not flows and not lost and sub.closed:
+                items, lost = sub.take_items(heartbeat)
+                if not items and not lost and sub.closed:
                     return
-                parts = [lost_line(lost)] if lost else []
-                parts.extend(flow_line(f) for f in flows if match is None or match(f))
-                yield b"".join(parts) if parts else b"\n"
+                if match is not None:
+                    materialize = Materializer()
+                    items = [i for i in items if match(materialize(i))]
+                out = (lost_line(lost) if lost else b"") + item_lines(items)
+                yield out or b"\n"
 
     return follow()
 

@@ -21,6 +21,13 @@ Envoy HTTP access log entry → flows (`http_log_flows`):
   ERROR L7 flow, summary `400 path_normalization_failed`. It is not DROPPED: no policy denied
   it, the proxy refused input it will not interpret. `--verdict ERROR` finds these.
 
+Ingestion does not build an HTTP entry's flows: `http_log_record` decides them (everything the
+list above depends on, and every reason the entry is malformed) into an `HTTPLogRecord`, which
+builds them when they are read — most never are — and writes their stream lines without
+building them. `http_log_flows` builds them at once. The mTLS tunnel's entries (a client
+certificate, a refused upstream handshake) are few: their flows are built at once
+(`_tls_entry_flows`).
+
 Envoy TCP access log entry → flows (`tcp_log_flows`): a connection the mTLS tunnel refused in
 its TLS handshake, or could not carry, is one DROPPED (or ERROR) L3_L4 flow naming the reason;
 the connections that ran are covered by their HTTP entries and give no flow.
@@ -30,6 +37,8 @@ The protobuf messages have no type stubs: mypy sees them as Any, the annotations
 
 from __future__ import annotations
 
+import json
+from collections.abc import Hashable
 from typing import Any
 
 from envoy.config.core.v3.address_pb2 import SocketAddress
@@ -48,8 +57,10 @@ from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 from .flow import (
     AUTH_FAILED,
     AUTH_REQUIRED,
+    EVENT_L7,
     HTTP,
     MAX_HEADER_VALUE,
+    MAX_URL,
     POLICY_DENIED,
     POLICY_DENIED_L7,
     AuthType,
@@ -58,9 +69,12 @@ from .flow import (
     FlowType,
     L7Type,
     Layer7,
+    Service,
     TrafficDirection,
     Verdict,
+    _endpoint_json,
     clip_url,
+    format_time,
     safe_headers,
 )
 from ..records import HTTPRecord
@@ -201,9 +215,399 @@ def _start_ns(cp: AccessLogCommon, ctx: IngestContext) -> int:
     return t0
 
 
+# What a record's flows are, decided when its entry is ingested (`HTTPLogRecord.branch`).
+DENIED = 0  # RBAC denied it: one DROPPED flow
+ALLOWED = 1  # it passed policy: a request flow and a response flow
+REFUSED = 2  # refused before policy was evaluated (no RBAC decision): one ERROR flow
+
+
+class HTTPLogRecord:
+    """One Envoy HTTP access log entry, decided but not built into flows: the values of the
+    entry its flows are made of, and what could not wait — the peers its addresses resolved to
+    (identities change), the Services they were backends of, the start time when Envoy gave
+    none, which flows it gives (`branch`, `count`) and how they count (`shape`: the flows of two
+    records of one shape count alike in every metric). Every reason an entry is malformed has
+    been found by then: building its flows cannot fail.
+
+    `flows()` builds them, `lines(i, j)` writes the stream lines of flows `i` to `j - 1` (what
+    `api.flow_line` gives for each) without building them. The record stands for its flows in
+    the ring (`flow.FlowItem`): most flows are never read, so most are never built, and what is
+    built is not kept. Holds no protobuf (the message it came in is freed). Immutable; safe to
+    share between threads.
+    """
+
+    __slots__ = ("node", "src_ip", "src_port", "src_info", "dst_ip", "dst_port", "dst_info", "direction", "t0",
+                 "branch", "method", "code", "details", "reason", "action", "latency", "answered", "services",
+                 "request", "request_headers", "response_headers", "shape", "count")
+
+    def __init__(
+        self, node: str, src_ip: str, src_port: int, src_info: PeerInfo, dst_ip: str, dst_port: int,
+        dst_info: PeerInfo, direction: TrafficDirection, t0: int, branch: int, method: str, code: int, details: str, reason: str,
+        action: str, latency: int, answered: bool, services: tuple[Service | None, Service | None] | None,
+        request: tuple[str, str, str, int, str, str], request_headers: tuple[tuple[str, str], ...] | None,
+        response_headers: tuple[tuple[str, str], ...], shape: Hashable,
+    ) -> None:
+        self.node = node
+        self.src_ip = src_ip
+        self.src_port = src_port
+        self.src_info = src_info
+        self.dst_ip = dst_ip
+        self.dst_port = dst_port
+        self.dst_info = dst_info
+        self.direction = direction
+        self.t0 = t0
+        self.branch = branch
+        self.method = method
+        self.code = code
+        self.details = details
+        self.reason = reason  # DENIED: the drop reason
+        self.action = action  # ALLOWED: the RBAC filter's decision (`allow|<policies>`)
+        self.latency = latency  # ALLOWED: request start → first upstream byte
+        self.answered = answered  # ALLOWED: the upstream answered (the response is FORWARDED)
+        self.services = services  # (of the source, of the destination), or None: neither is one
+        self.request = request  # scheme, authority, path, protocol (number), user agent, request id
+        self.request_headers = request_headers  # the extra ones Envoy logged (`safe_headers`), or None
+        self.response_headers = response_headers  # already `safe_headers`
+        self.shape = shape  # branch, reason, method, code, source local, destination local, answered
+        self.count = 2 if branch == ALLOWED else 1
+
+    def _request(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        """(url, protocol, headers) of the request."""
+        scheme, authority, path, p, user_agent, request_id = self.request
+        proto = _PROTOCOLS[p] if 0 <= p < len(_PROTOCOLS) else ""
+        url = clip_url(f"{scheme or 'http'}://{authority}{path}")
+        # The two headers Envoy always logs need no sensitivity check, and come out sorted.
+        known: list[tuple[str, str]] = []
+        if user_agent:
+            known.append(("user-agent", user_agent[:MAX_HEADER_VALUE]))
+        if request_id:
+            known.append(("x-request-id", request_id[:MAX_HEADER_VALUE]))
+        extra = self.request_headers
+        return url, proto, safe_headers([*extra, *known]) if extra else tuple(known)
+
+    def _policies(self) -> tuple[str, ...]:
+        key = self.details[len(_RBAC_DENIED) :].rstrip("]") if self.branch == DENIED else self.action
+        return _split(_policies(key)[1])
+
+    def flows(self) -> tuple[Flow, ...]:
+        url, proto, req_headers = self._request()
+        src = endpoint(self.src_ip, self.src_port, self.src_info)
+        dst = endpoint(self.dst_ip, self.dst_port, self.dst_info)
+        s_src, s_dst = self.services or (None, None)
+        method, code, details, node, direction, t0 = self.method, self.code, self.details, self.node, self.direction, self.t0
+        branch = self.branch
+        if branch == DENIED:
+            return (
+                Flow(
+                    time=t0, verdict=Verdict.DROPPED, type=FlowType.L7, source=src, destination=dst,
+                    drop_reason_desc=self.reason,
+                    l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                    traffic_direction=direction, policy_match=self._policies(), summary=self.reason,
+                    node_name=node, source_service=s_src, destination_service=s_dst,
+                ),
+            )
+        if branch == ALLOWED:
+            policies = self._policies()
+            latency, answered = self.latency, self.answered
+            request = Flow(
+                time=t0, verdict=Verdict.FORWARDED, type=FlowType.L7, source=src, destination=dst,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
+                traffic_direction=direction, policy_match=policies,
+                summary=f"{method} {url}" if method else url, node_name=node,
+                source_service=s_src, destination_service=s_dst,
+            )
+            response = Flow(
+                time=t0 + latency, verdict=Verdict.FORWARDED if answered else Verdict.ERROR, type=FlowType.L7,
+                source=dst, destination=src,
+                l7=Layer7(L7Type.RESPONSE, latency, HTTP(code, method, url, proto, self.response_headers)),
+                traffic_direction=direction, is_reply=True, policy_match=policies,
+                summary=str(code) if answered else f"{code} {details}".strip(), node_name=node,
+                source_service=s_dst, destination_service=s_src,
+            )
+            return (request, response)
+        return (
+            Flow(
+                time=t0, verdict=Verdict.ERROR, type=FlowType.L7, source=src, destination=dst,
+                l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
+                traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node,
+                source_service=s_src, destination_service=s_dst,
+            ),
+        )
+
+    def lines(self, start: int, stop: int) -> bytes:
+        """The stream lines (`api.flow_line`) of flows `start` to `stop - 1`: field by field what
+        `flow.flow_to_json` writes, in its order (tests/unit/test_observe_lazy.py holds them
+        equal). What the records of one shape, peers and policy write alike comes from a
+        template (`_LineTemplate`); the rest is filled in."""
+        url, _, req_headers = self._request()
+        url = _esc(url)
+        t = _line_template(self)
+        out = []
+        for i in range(start, stop):
+            if i == 0:
+                when = format_time(self.t0)
+                summary = t.summary if t.summary else ('"' + self.method + " " + url[1:]) if self.method else url
+                out.append(
+                    f'{{"flow":{{"time":"{when}",{t.request_head}{self.src_port},"destination_port":{self.dst_port}'
+                    f'{t.request_http}"url":{url}{t.proto}{_headers_json(req_headers)}{t.request_tail}{summary}'
+                    f'{t.end}"time":"{when}"}}\n'
+                )
+            else:  # the response to an ALLOWED request
+                latency = self.latency
+                when = format_time(self.t0 + latency)
+                lat = f'"latency_ns":"{latency}",' if latency else ""
+                out.append(
+                    f'{{"flow":{{"time":"{when}",{t.response_head}{self.dst_port},"destination_port":{self.src_port}'
+                    f'{t.response_l7}{lat}{t.response_http}"url":{url}{t.proto}{_headers_json(self.response_headers)}'
+                    f'{t.response_tail}{t.end}"time":"{when}"}}\n'
+                )
+        return "".join(out).encode()
+
+
+class _LineTemplate:
+    """The text of a record's stream lines that does not change from request to request (see
+    `HTTPLogRecord.lines`): around the time, the ports, the URL, the headers, the latency and,
+    for a forwarded request, its summary."""
+
+    __slots__ = ("src_info", "dst_info", "request_head", "request_http", "proto", "request_tail", "summary",
+                 "response_head", "response_l7", "response_http", "response_tail", "end")
+
+    def __init__(self, rec: HTTPLogRecord) -> None:
+        self.src_info, self.dst_info = rec.src_info, rec.dst_info
+        branch, method, code, node, details = rec.branch, rec.method, rec.code, rec.node, rec.details
+        p = rec.request[3]
+        proto = _PROTOCOLS[p] if 0 <= p < len(_PROTOCOLS) else ""
+        self.proto = f',"protocol":{_esc(proto)}' if proto else ""
+        node_json = _esc(node)
+        node_field = f'"node_name":{node_json},' if node else ""
+        method_field = f'"method":"{method}",' if method else ""  # one of _METHODS: nothing to escape
+        s_src, s_dst = rec.services or (None, None)
+        src_ip, dst_ip = _esc(rec.src_ip), _esc(rec.dst_ip)
+        ep_src, ep_dst = _endpoint_json_text(rec.src_info), _endpoint_json_text(rec.dst_info)
+        policies = rec._policies() if branch != REFUSED else ()
+        policy_match = f'"policy_match":[{",".join(map(_esc, policies))}],' if policies else ""
+        tail = f'"event_type":{{"type":{EVENT_L7}}},"traffic_direction":"{rec.direction}","is_reply":'
+        if branch == ALLOWED:
+            head, code_field, summary = '"verdict":"FORWARDED",', "", ""
+        elif branch == DENIED:
+            head = f'"verdict":"DROPPED","drop_reason_desc":{_esc(rec.reason)},'
+            code_field, summary = f'"code":{code},' if code else "", _esc(rec.reason)
+        else:
+            head, code_field = '"verdict":"ERROR",', f'"code":{code},' if code else ""
+            summary = _esc(f"{code} {details}".strip())
+        self.summary = summary  # empty: a forwarded request's, made of its URL
+        self.request_head = (
+            f'{head}"IP":{{"source":{src_ip},"destination":{dst_ip},'
+            f'"ipVersion":"{"IPv6" if ":" in rec.src_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
+        )
+        self.request_http = (
+            f'}}}},"source":{ep_src},"destination":{ep_dst},{_services_json(s_src, s_dst)}"Type":"L7",{node_field}'
+            f'"l7":{{"type":"REQUEST","http":{{{code_field}{method_field}'
+        )
+        self.request_tail = f'}}}},{tail}false,"auth_type":"DISABLED",{policy_match}"Summary":'
+        self.end = f'}},"node_name":{node_json},'
+        self.response_head = self.response_l7 = self.response_http = self.response_tail = ""
+        if branch == ALLOWED:
+            answered = rec.answered
+            self.response_head = (
+                f'"verdict":"{"FORWARDED" if answered else "ERROR"}","IP":{{"source":{dst_ip},"destination":'
+                f'{src_ip},"ipVersion":"{"IPv6" if ":" in rec.dst_ip else "IPv4"}"}},"l4":{{"TCP":{{"source_port":'
+            )
+            self.response_l7 = (
+                f'}}}},"source":{ep_dst},"destination":{ep_src},{_services_json(s_dst, s_src)}"Type":"L7",'
+                f'{node_field}"l7":{{"type":"RESPONSE",'
+            )
+            self.response_http = f'"http":{{{f""""code":{code},""" if code else ""}{method_field}'
+            summary = f'"{code}"' if answered else _esc(f"{code} {details}".strip())
+            self.response_tail = f'}}}},{tail}true,"auth_type":"DISABLED",{policy_match}"Summary":{summary}'
+
+
+_TEMPLATES: dict[Hashable, _LineTemplate] = {}
+
+
+def _line_template(rec: HTTPLogRecord) -> _LineTemplate:
+    """The template of a record's lines, cached: records of one shape between the same peers,
+    with the same policies and details, write alike. The peers are the same objects (checked:
+    an id can be reused once its object is gone)."""
+    key = (rec.shape, rec.details, rec.action, rec.request[3], rec.src_ip, rec.dst_ip, id(rec.src_info),
+           id(rec.dst_info), rec.services, rec.node, rec.direction)
+    t = _TEMPLATES.get(key)
+    if t is None or t.src_info is not rec.src_info or t.dst_info is not rec.dst_info:
+        if len(_TEMPLATES) >= _MAX_CACHED:
+            _TEMPLATES.clear()
+        t = _TEMPLATES[key] = _LineTemplate(rec)
+    return t
+
+
+_esc: Any = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str (ensure_ascii)
+# A stream line's pieces are cached (`_TEMPLATES`, `_ENDPOINTS`); the keys come from Envoy's
+# entries and the agent's state (addresses, node and policy names); each cache is bounded.
+_ENDPOINTS: dict[int, tuple[PeerInfo, str]] = {}  # id(PeerInfo) → (it, its JSON): peers are shared
+_MAX_CACHED = 4096
+
+
+def _endpoint_json_text(info: PeerInfo) -> str:
+    """`flow._endpoint_json` of a peer, as JSON text. Cached per PeerInfo object (the agent
+    hands the same one for an address until its state changes; the `is` check makes a reused
+    id miss)."""
+    hit = _ENDPOINTS.get(id(info))
+    if hit is not None and hit[0] is info:
+        return hit[1]
+    text = json.dumps(_endpoint_json(Endpoint(identity=info.identity, cluster_name=info.cluster_name,
+                                              namespace=info.namespace, pod_name=info.pod_name,
+                                              labels=info.labels)), separators=(",", ":"))
+    if len(_ENDPOINTS) >= _MAX_CACHED:
+        _ENDPOINTS.clear()
+    _ENDPOINTS[id(info)] = (info, text)
+    return text
+
+
+def _services_json(src: Service | None, dst: Service | None) -> str:
+    out = ""
+    if src is not None:
+        out = f'"source_service":{{"name":{_esc(src.name)},"namespace":{_esc(src.namespace)}}},'
+    if dst is not None:
+        out += f'"destination_service":{{"name":{_esc(dst.name)},"namespace":{_esc(dst.namespace)}}},'
+    return out
+
+
+def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
+    """The `headers` member of an http section (with the comma before it), or nothing."""
+    if not headers:
+        return ""
+    return ',"headers":[' + ",".join(f'{{"key":{_esc(k)},"value":{_esc(v)}}}' for k, v in headers) + "]"
+
+
+def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRecord | tuple[Flow, ...]:
+    """One Envoy HTTP access log entry, decided (see the module docstring and `HTTPLogRecord`);
+    raises MalformedEvent on an entry that gives no flows. The few entries of the mTLS tunnel
+    (a client certificate, a refused upstream handshake) are built at once: their flows."""
+    if type(entry) is not HTTPAccessLogEntry:
+        _check_type(entry, _ENTRY_TYPE)
+    cp = entry.common_properties
+    if cp.HasField("tls_properties"):
+        return _tls_entry_flows(entry, ctx)
+    src_sa = cp.downstream_direct_remote_address.socket_address
+    src_addr = src_sa.address
+    if not src_addr:
+        src_sa = cp.downstream_remote_address.socket_address
+        src_addr = src_sa.address
+    dst_sa = cp.downstream_local_address.socket_address
+    dst_addr = dst_sa.address
+    if not src_addr or not dst_addr:
+        raise MalformedEvent("entry without downstream IP addresses")
+    src_port, dst_port = src_sa.port_value, dst_sa.port_value
+    resolve = ctx.resolve
+    try:
+        src_info, dst_info = resolve(src_addr), resolve(dst_addr)
+    except ValueError as exc:
+        raise MalformedEvent(f"unusable address: {exc}") from None
+    if dst_info.local:
+        direction = TrafficDirection.INGRESS
+    elif src_info.local:
+        direction = TrafficDirection.EGRESS
+    else:
+        direction = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
+    st = cp.start_time
+    t0 = st.seconds * 1_000_000_000 + st.nanos or ctx.now()
+    if not 0 < t0 <= _MAX_TIME_NS:
+        raise MalformedEvent(f"start_time {st.seconds}s is not a time")
+    req, resp = entry.request, entry.response
+    m = req.request_method
+    method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
+    code = resp.response_code.value
+    details = resp.response_code_details
+
+    reason, action, latency, answered = "", "", 0, False
+    if details.startswith(_RBAC_DENIED):
+        branch = DENIED
+        reason = _DENY_CACHE.get(details) or _deny_reason(details)
+    else:
+        tls_failure = cp.upstream_transport_failure_reason
+        if tls_failure and _is_tls_error(tls_failure):
+            return _tls_entry_flows(entry, ctx)
+        action = _cached_rbac_action(cp)
+        if details == _VIA_UPSTREAM:
+            allowed = answered = True
+        else:
+            upstream = bool(cp.upstream_remote_address.socket_address.address)
+            answered = not details and upstream and code > 0
+            allowed = answered or upstream or _policies(action)[0] == "allow"
+        if allowed:
+            branch = ALLOWED
+            if cp.HasField("time_to_first_upstream_rx_byte"):
+                d = cp.time_to_first_upstream_rx_byte
+            elif cp.HasField("time_to_first_downstream_tx_byte"):
+                d = cp.time_to_first_downstream_tx_byte
+            else:
+                d = cp.duration
+            latency = d.seconds * 1_000_000_000 + d.nanos
+            if not 0 <= latency <= _MAX_TIME_NS - t0:
+                raise MalformedEvent(f"latency {latency} ns is not a duration")
+        else:
+            branch = REFUSED
+    service_of = ctx.service_of
+    s_src = service_of(src_addr, src_port) if src_port else None
+    s_dst = service_of(dst_addr, dst_port) if dst_port else None
+    extra = req.request_headers
+    resp_extra = resp.response_headers if branch == ALLOWED else None
+    # What a flow keeps is bounded and has no credentials: kept that way from here (the URL's
+    # parts cut to the URL's bound give the same clipped URL; `safe_headers` of the extra
+    # headers, then of them and the two Envoy always logs, is `safe_headers` of all of them).
+    return HTTPLogRecord(
+        ctx.node_name, src_addr, src_port, src_info, dst_addr, dst_port, dst_info, direction, t0, branch,
+        method, code, details, reason, action, latency, answered,
+        None if s_src is None and s_dst is None else (s_src, s_dst),
+        (req.scheme[:MAX_URL], req.authority[:MAX_URL], req.path[:MAX_URL], entry.protocol_version,
+         req.user_agent[:MAX_HEADER_VALUE], req.request_id[:MAX_HEADER_VALUE]),
+        safe_headers(extra.items()) if extra else None,
+        safe_headers(resp_extra.items()) if resp_extra else (),
+        (branch, reason, method, code, src_info.local, dst_info.local, answered),
+    )
+
+
+_ACTIONS: dict[bytes, str] = {}  # an entry's metadata, serialized → the RBAC action in it
+_MAX_ACTION_KEY = 1024
+
+
+def _cached_rbac_action(cp: AccessLogCommon) -> str:
+    """`_rbac_action`, cached by the metadata's bytes: serializing it costs less than reading
+    the action out of its maps, and it takes few values (the policies deciding)."""
+    key = cp.metadata.SerializeToString()
+    action = _ACTIONS.get(key)
+    if action is None:
+        action = _rbac_action(cp)
+        if len(key) <= _MAX_ACTION_KEY:  # other filters' metadata could make every entry's differ
+            if len(_ACTIONS) >= _MAX_CACHED:
+                _ACTIONS.clear()
+            _ACTIONS[key] = action
+    return action
+
+
+_DENY_CACHE: dict[str, str] = {}
+
+
+def _deny_reason(details: str) -> str:
+    """The drop reason of an RBAC denial's `response_code_details` (cached: a few policies)."""
+    reason = _DENY_CACHE.get(details)
+    if reason is None:
+        kind, _ = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        if len(_DENY_CACHE) >= 1024:
+            _DENY_CACHE.clear()
+        _DENY_CACHE[details] = reason
+    return reason
+
+
 def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, ...]:
-    """The flows of one Envoy HTTP access log entry (see the module docstring)."""
-    _check_type(entry, _ENTRY_TYPE)
+    """The flows of one Envoy HTTP access log entry (see the module docstring), built at once."""
+    rec = http_log_record(entry, ctx)
+    return rec if isinstance(rec, tuple) else rec.flows()
+
+
+def _tls_entry_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, ...]:
+    """The flows of an entry with TLS in it: through the mTLS tunnel (a client certificate), or
+    from a connection to it (the source side); built at once (few)."""
     cp = entry.common_properties
     src_sa, dst_sa = _downstream(cp)
     if not src_sa.address or not dst_sa.address:
@@ -221,7 +625,7 @@ def http_log_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flow,
         src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
         dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr, dst_port)
     src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
-    if _has_client_certificate(cp) and src_info.identity != tunnel_identity:
+    if tunnelled and src_info.identity != tunnel_identity:
         # The certificate wins over the claimed address; no usable identity in it: unknown.
         src_info = PeerInfo(tunnel_identity or 0)
     src = endpoint(src_addr, src_port, src_info)

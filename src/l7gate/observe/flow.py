@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 
 ICMPV4 = "ICMPv4"  # the l4 section's key of an ICMP flow, as Hubble writes it
@@ -225,6 +225,58 @@ class Flow:
         if self.type is FlowType.L7:
             return EVENT_L7
         return EVENT_DROP if self.verdict is Verdict.DROPPED else EVENT_TRACE
+
+
+class LazyFlows(Protocol):
+    """An event's flows, decided but built only if something reads them: most flows are
+    never read (the ring holds the latest, readers are few), so ingestion decides what an
+    event's flows are and counts them, and leaves building them to the reader
+    (`envoy_flows.HTTPLogRecord`, Envoy's access log entries). Thread-safe."""
+
+    @property
+    def count(self) -> int:
+        """How many flows."""
+
+    @property
+    def shape(self) -> Hashable:
+        """Two events of one shape give flows that count alike in every metric."""
+
+    def flows(self) -> tuple[Flow, ...]:
+        """The flows, built the way an eager converter builds them."""
+
+    def lines(self, start: int, stop: int) -> bytes:
+        """`api.flow_line` of flows `start` to `stop - 1`, possibly without building them."""
+
+
+# One flow as the ring holds it: built, or flow `i` of a `LazyFlows`.
+FlowItem: TypeAlias = "Flow | tuple[LazyFlows, int]"
+
+
+def materialize(item: FlowItem) -> Flow:
+    return item if isinstance(item, Flow) else item[0].flows()[item[1]]
+
+
+class Materializer:
+    """`materialize` for a run of items: the flows of one LazyFlows, adjacent as they are
+    published, are built once. One per reader; not thread-safe."""
+
+    __slots__ = ("_last", "_built")
+
+    def __init__(self) -> None:
+        self._last: LazyFlows | None = None
+        self._built: tuple[Flow, ...] = ()
+
+    def __call__(self, item: FlowItem) -> Flow:
+        if isinstance(item, Flow):
+            return item
+        lazy, i = item
+        if lazy is not self._last:
+            self._last, self._built = lazy, lazy.flows()
+        return self._built[i]
+
+
+def materialize_all(items: Iterable[FlowItem]) -> list[Flow]:
+    return list(map(Materializer(), items))
 
 
 # -- wire format ---------------------------------------------------------------------------------

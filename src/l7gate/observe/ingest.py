@@ -7,7 +7,7 @@ Every source of verdicts delivers its own typed events; each has one pure conver
 input it cannot read (`ingest_context` holds what converters share). The sources today:
 
 - ``als``: Envoy's HTTP access log entries (`envoy.data.accesslog.v3.HTTPAccessLogEntry`,
-  received over gRPC by `als.AccessLogReceiver`), converted by `envoy_flows.http_log_flows`;
+  received over gRPC by `als.AccessLogReceiver`), decided by `envoy_flows.http_log_record`;
 - ``als-tcp``: the mTLS tunnel listener's TCP access log entries, `envoy_flows.tcp_log_flows`;
 - ``bpf-drop``: the kernel datapath's drops (`records.KernelDrop`), `kernel_flows.kernel_drop_flows`;
 - ``dns``: the node's DNS proxy's queries and answers (`records.DNSRecord`), `dns_flows.dns_flows`;
@@ -19,13 +19,22 @@ result) giving a flow whose `auth_type` is SPIRE and, for a failed handshake, an
 "Authentication required" drop. Each source is registered in `Ingestor(converters=...)` and fed
 with `offer(source, events)`.
 
+A converter may also return a `flow.LazyFlows` instead of flows: the event decided (how many
+flows, how they count, every reason it is malformed found) but not built. Envoy's access log
+entries are — at full load they are most of what a node ingests, and most flows are never
+read. The ring holds it for its flows; a reader builds them (or, for the stream, writes their
+lines without building them). Its metrics are those of the flows of the first event of its
+`shape`, built once: events of one shape count alike.
+
 `Ingestor` decouples the event's producer from the conversion: `offer` (called on the gRPC
 event loop, which also serves xDS) only appends the batch to a bounded queue and returns; the
 ingestion thread converts, counts and publishes to the ring. A full queue refuses the batch and
 counts its events as lost — the producer is never blocked. A batch is converted event by event:
-an event that fails to convert is counted as malformed and skipped, the others go on.
+an event that fails to convert is counted as malformed and skipped, the others go on. The
+counters are updated once per batch, and within a batch an address is resolved (and looked up
+as a Service backend) once.
 
-Thread-safety: `offer`, `ingest`, `stats` may be called from any thread.
+Thread-safety: `offer`, `ingest`, `ingest_items`, `stats` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -34,17 +43,17 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry, TCPAccessLogEntry
 
 from .dns_flows import SOURCE_DNS, dns_flows
-from .envoy_flows import (KNOWN_METHODS, SOURCE_ALS, SOURCE_ALS_TCP, SOURCE_H11, http_log_flows, http_record_flows,
+from .envoy_flows import (KNOWN_METHODS, SOURCE_ALS, SOURCE_ALS_TCP, SOURCE_H11, http_log_record, http_record_flows,
                           tcp_log_flows)
-from .flow import Flow, Verdict
-from .ingest_context import IngestContext
+from .flow import Flow, FlowItem, LazyFlows, Service, Verdict, materialize_all
+from .ingest_context import IngestContext, PeerInfo
 from .kernel_flows import SOURCE_KERNEL, kernel_drop_flows
 from .ring import FlowRing
 
@@ -53,8 +62,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PENDING = 65536
 
 # Any: a converter is typed by the event it reads, but is handed whatever its source's producer
-# offered (the queue holds every source's events), so it checks the type itself.
-Converter = Callable[[Any, IngestContext], Sequence[Flow]]
+# offered (the queue holds every source's events), so it checks the type itself. It returns the
+# event's flows (a tuple or a list), or a LazyFlows standing for them.
+Converter = Callable[[Any, IngestContext], "Sequence[Flow] | LazyFlows"]
+# What a flow adds to the counters: (verdict, type, direction), drop reason, (method, code, verdict).
+_FlowKeys = tuple[tuple[str, str, str], str, "tuple[str, str, str] | None"]
+_MAX_SHAPES = 4096
 
 def method_label(method: str) -> str:
     """A bounded label value: a client chooses the method, Prometheus must not grow with it."""
@@ -102,12 +115,13 @@ class Ingestor:
         self.ring = ring
         self.ctx = ctx
         self.converters: dict[str, Converter] = dict(
-            converters or {SOURCE_ALS: http_log_flows, SOURCE_KERNEL: kernel_drop_flows,
+            converters or {SOURCE_ALS: http_log_record, SOURCE_KERNEL: kernel_drop_flows,
                            SOURCE_ALS_TCP: tcp_log_flows, SOURCE_DNS: dns_flows, SOURCE_H11: http_record_flows}
         )
         self.max_pending = max_pending
         self._stats = IngestStats()
         self._stats_lock = threading.Lock()
+        self._shapes: dict[Hashable, tuple[_FlowKeys, ...]] = {}  # LazyFlows.shape → its flows' keys
         self._pending: deque[tuple[str, Sequence[object]]] = deque()
         self._pending_events = 0
         self._cond = threading.Condition()
@@ -144,10 +158,18 @@ class Ingestor:
     # -- conversion ----------------------------------------------------------------------------
 
     def ingest(self, source: str, events: Iterable[object]) -> list[Flow]:
-        """Convert and publish now; returns the flows. Bad events are counted and skipped."""
+        """Convert and publish now; returns the flows (built). Bad events are counted and
+        skipped."""
+        return materialize_all(self.ingest_items(source, events))
+
+    def ingest_items(self, source: str, events: Iterable[object]) -> list[FlowItem]:
+        """`ingest`, with the flows as published (not built): what the ingestion thread does."""
         convert = self.converters.get(source)
-        ctx = self.ctx
-        flows: list[Flow] = []
+        ctx = _batch_context(self.ctx)
+        items: list[FlowItem] = []
+        eager: list[Flow] = []
+        tally: dict[Hashable, list[Any]] = {}  # shape → [its flows' keys, events]
+        known = self._shapes
         bad = 0
         n = 0
         for ev in events:
@@ -156,36 +178,60 @@ class Ingestor:
                 bad += 1
                 continue
             try:
-                flows.extend(convert(ev, ctx))
+                out = convert(ev, ctx)
+                if isinstance(out, (tuple, list)):
+                    flows = [_with_services(f, ctx) for f in out]
+                    eager.extend(flows)
+                    items.extend(flows)
+                    continue
+                lazy: LazyFlows = out  # type: ignore[assignment]  # not a sequence: lazy
+                shape = lazy.shape
+                t = tally.get(shape)
+                if t is None:
+                    keys = known.get(shape)
+                    if keys is None:
+                        if len(known) >= _MAX_SHAPES:
+                            known.clear()
+                        keys = known[shape] = tuple(_flow_keys(f) for f in lazy.flows())
+                    t = tally[shape] = [keys, 0]
             except Exception as exc:  # noqa: BLE001 - one bad event must not stop ingestion
                 bad += 1
                 if bad == 1:
                     log.debug("%s event skipped: %s: %s", source, type(exc).__name__, exc)
-        if flows:
-            flows = [_with_services(f, ctx) for f in flows]
-        self._count(source, n, bad, flows)
-        self.ring.publish(flows)
-        return flows
+                continue
+            t[1] += 1
+            c = lazy.count
+            items.append((lazy, 0))
+            if c == 2:
+                items.append((lazy, 1))
+            elif c > 2:
+                items.extend((lazy, i) for i in range(1, c))
+        self._count(source, n, bad, eager, tally.values())
+        self.ring.publish(items)
+        return items
 
-    def _count(self, source: str, n: int, bad: int, flows: list[Flow]) -> None:
+    def _count(self, source: str, n: int, bad: int, flows: list[Flow], shapes: Iterable[list[Any]] = ()) -> None:
+        """Add a batch to the counters: `flows` built, and `shapes` ([the keys of an event's
+        flows, how many events had them])."""
+        tally: dict[tuple[_FlowKeys, ...], int] = {}
+        for keys, c in shapes:
+            tally[keys] = tally.get(keys, 0) + c
+        for f in flows:
+            k = (_flow_keys(f),)
+            tally[k] = tally.get(k, 0) + 1
         with self._stats_lock:
             s = self._stats
             _inc(s.events, source, n)
             if bad:
                 _inc(s.malformed, source, bad)
             fl, dr, ht = s.flows, s.drops, s.http
-            for f in flows:
-                key = (f.verdict.value, f.type.value, f.traffic_direction.value)
-                fl[key] = fl.get(key, 0) + 1
-                if f.drop_reason_desc:
-                    dr[f.drop_reason_desc] = dr.get(f.drop_reason_desc, 0) + 1
-                l7 = f.l7
-                # One count per request, on the flow that ends it: the response, or the drop or
-                # error that stood in for one.
-                if l7 is not None and l7.http is not None and (f.is_reply or f.verdict is not Verdict.FORWARDED):
-                    c = l7.http.code
-                    hk = (method_label(l7.http.method), str(c) if 0 <= c <= 999 else "other", f.verdict.value)
-                    ht[hk] = ht.get(hk, 0) + 1
+            for keys, c in tally.items():
+                for key, drop, hk in keys:
+                    fl[key] = fl.get(key, 0) + c
+                    if drop:
+                        dr[drop] = dr.get(drop, 0) + c
+                    if hk is not None:
+                        ht[hk] = ht.get(hk, 0) + c
 
     def stats(self) -> IngestStats:
         with self._stats_lock:
@@ -214,7 +260,7 @@ class Ingestor:
             try:
                 for source, events in batches:
                     try:
-                        self.ingest(source, events)
+                        self.ingest_items(source, events)
                     except Exception:  # noqa: BLE001 - the thread must outlive any bug
                         log.exception("flow ingestion failed for a %s batch", source)
             finally:
@@ -240,6 +286,41 @@ class Ingestor:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _flow_keys(f: Flow) -> _FlowKeys:
+    l7 = f.l7
+    hk = None
+    # One count per request, on the flow that ends it: the response, or the drop or error that
+    # stood in for one.
+    if l7 is not None and l7.http is not None and (f.is_reply or f.verdict is not Verdict.FORWARDED):
+        c = l7.http.code
+        hk = (method_label(l7.http.method), str(c) if 0 <= c <= 999 else "other", f.verdict.value)
+    return (f.verdict.value, f.type.value, f.traffic_direction.value), f.drop_reason_desc, hk
+
+
+def _batch_context(ctx: IngestContext) -> IngestContext:
+    """`ctx` for one batch: each address resolved, each (address, port) looked up as a Service
+    backend, once (a batch is converted at one moment; a failed resolution is not kept)."""
+    peers: dict[str, PeerInfo] = {}
+    services: dict[tuple[str, int], Service | None] = {}
+    resolve, service_of = ctx.resolve, ctx.service_of
+
+    def resolve_once(ip: str) -> PeerInfo:
+        info = peers.get(ip)
+        if info is None:
+            info = peers[ip] = resolve(ip)
+        return info
+
+    def service_once(ip: str, port: int) -> Service | None:
+        key = (ip, port)
+        try:
+            return services[key]
+        except KeyError:
+            svc = services[key] = service_of(ip, port)
+            return svc
+
+    return replace(ctx, resolve=resolve_once, service_of=service_once)
 
 
 def _with_services(f: Flow, ctx: IngestContext) -> Flow:

@@ -17,6 +17,12 @@ sees every flow exactly once, without a gap between backlog and live flows.
 Filtering is the reader's job (the admin handler's thread), not ingestion's: publishing costs
 the same whatever followers ask for.
 
+What the ring and the queues hold are `FlowItem`s: a built `Flow`, or flow `i` of a
+`LazyFlows` (an Envoy access log entry decided but not built, `envoy_flows.HTTPLogRecord`).
+Every count here is in flows, whatever holds them. `snapshot`, `subscribe` and `take` hand out
+built flows; their `_items` variants hand out the items, for readers that can use them as they
+are (the admin API's stream writes a record's lines without building its flows).
+
 Thread-safety: every method may be called from any thread. `publish` holds the ring's lock for
 the length of two deque appends per subscriber; readers copy what they need under it.
 """
@@ -28,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .flow import Flow
+from .flow import Flow, FlowItem, Materializer, materialize_all
 
 DEFAULT_CAPACITY = 4096
 DEFAULT_FOLLOW_BUFFER = 16384
@@ -51,14 +57,14 @@ class Subscription:
     def __init__(self, ring: FlowRing, maxlen: int) -> None:
         self._ring = ring
         self._maxlen = maxlen
-        self._queue: deque[Flow] = deque()
+        self._queue: deque[FlowItem] = deque()
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._lost = 0
         self.lost_total = 0
         self.closed = False
 
-    def _offer(self, flows: Sequence[Flow]) -> int:
+    def _offer(self, flows: Sequence[FlowItem]) -> int:
         with self._lock:
             q = self._queue
             excess = len(q) + len(flows) - self._maxlen
@@ -81,6 +87,11 @@ class Subscription:
 
     def take(self, timeout: float | None = None) -> tuple[list[Flow], int]:
         """(flows, lost since the last take). Empty flows after `timeout`, or once closed."""
+        items, lost = self.take_items(timeout)
+        return materialize_all(items), lost
+
+    def take_items(self, timeout: float | None = None) -> tuple[list[FlowItem], int]:
+        """`take`, with the flows as the ring holds them."""
         with self._lock:
             if self._queue or self._lost or self.closed:
                 return self._drain()
@@ -90,7 +101,7 @@ class Subscription:
         with self._lock:
             return self._drain()
 
-    def _drain(self) -> tuple[list[Flow], int]:
+    def _drain(self) -> tuple[list[FlowItem], int]:
         flows = list(self._queue)
         self._queue.clear()
         lost, self._lost = self._lost, 0
@@ -117,7 +128,7 @@ class FlowRing:
             raise ValueError("ring capacity and follow buffer must be >= 1")
         self.capacity = capacity
         self.follow_buffer = follow_buffer
-        self._ring: deque[Flow] = deque(maxlen=capacity)
+        self._ring: deque[FlowItem] = deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
         self._published = 0
@@ -125,7 +136,7 @@ class FlowRing:
         self._follow_lost = 0
         self._closed = False
 
-    def publish(self, flows: Sequence[Flow]) -> None:
+    def publish(self, flows: Sequence[FlowItem]) -> None:
         if not flows:
             return
         with self._lock:
@@ -144,9 +155,16 @@ class FlowRing:
     ) -> list[Flow]:
         """Flows in the ring, oldest first, that `match` accepts and are not older than `since`
         (ns since the epoch); the newest `last` of them when `last` is given."""
+        return materialize_all(self.snapshot_items(match, since=since, last=last))
+
+    def snapshot_items(
+        self, match: Callable[[Flow], bool] | None = None, *, since: int | None = None,
+        last: int | None = None,
+    ) -> list[FlowItem]:
+        """`snapshot`, with the flows as the ring holds them."""
         with self._lock:
-            flows = list(self._ring)
-        return _select(flows, match, since, last)
+            items = list(self._ring)
+        return _select(items, match, since, last)
 
     def subscribe(
         self, match: Callable[[Flow], bool] | None = None, *, since: int | None = None,
@@ -154,15 +172,23 @@ class FlowRing:
     ) -> tuple[list[Flow], Subscription]:
         """The backlog (as `snapshot`) and a subscription to every flow published after it.
         Close the subscription when done (it is a context manager)."""
+        backlog, sub = self.subscribe_items(match, since=since, last=last, maxlen=maxlen)
+        return materialize_all(backlog), sub
+
+    def subscribe_items(
+        self, match: Callable[[Flow], bool] | None = None, *, since: int | None = None,
+        last: int | None = None, maxlen: int | None = None,
+    ) -> tuple[list[FlowItem], Subscription]:
+        """`subscribe`, with the backlog as the ring holds it."""
         sub = Subscription(self, maxlen or self.follow_buffer)
         with self._lock:
-            flows = list(self._ring)
+            items = list(self._ring)
             if self._closed:
                 sub.closed = True
                 sub._ready.set()
             else:
                 self._subs.append(sub)
-        return _select(flows, match, since, last), sub
+        return _select(items, match, since, last), sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
@@ -194,12 +220,21 @@ class FlowRing:
 
 
 def _select(
-    flows: list[Flow], match: Callable[[Flow], bool] | None, since: int | None, last: int | None
-) -> list[Flow]:
-    if since is not None:
-        flows = [f for f in flows if f.time >= since]
-    if match is not None:
-        flows = [f for f in flows if match(f)]
+    items: list[FlowItem], match: Callable[[Flow], bool] | None, since: int | None, last: int | None
+) -> list[FlowItem]:
+    if since is not None or match is not None:
+        # Oldest first, so with `last` the newest are found by building from the end.
+        picked: list[FlowItem] = []
+        want = len(items) if last is None else max(last, 0)
+        materialize = Materializer()
+        for item in reversed(items):
+            if len(picked) >= want:
+                break
+            f = materialize(item)
+            if (since is None or f.time >= since) and (match is None or match(f)):
+                picked.append(item)
+        picked.reverse()
+        return picked
     if last is not None:
-        flows = flows[-last:] if last > 0 else []
-    return flows
+        return items[-last:] if last > 0 else []
+    return items
