@@ -42,12 +42,13 @@ BatchSink = Callable[[Sequence[Message]], None]  # called with each message's en
 # What one Envoy worker buffers before it sends a message (besides every `flush_interval_ms`).
 # Envoy's default, 16 KiB, is ~29 entries: at 20k requests/s the agent then receives ~700
 # messages/s, and the per-message cost of the gRPC stream (asyncio wake-ups, the hand-over to
-# the ingestion thread) was about two thirds of what receiving the logs cost it (bench_observe,
-# flows off: 8-10 µs per request with 16 KiB, 3 µs with 1 MiB, where the 50 ms flush
-# interval sends first at this box's rates). It is also the most Envoy holds while the stream
-# is backed up before it drops entries (`logs_dropped`): a larger buffer loses nothing sooner.
-# Messages stay far below the gRPC server's 64 MiB receive limit (one entry over the size).
-BUFFER_SIZE_BYTES = 1 << 20
+# the ingestion thread) was most of what receiving the logs cost it. Measured with the flows'
+# bench load on a quiet machine (flows off; the agent's CPU per request / Envoy's): 16 KiB
+# 5.3 / 41.5 µs, 64 KiB 2.5 / 42, 128 KiB 2.2 / 42.4, 256 KiB 2.2 / 45, 1 MiB 1.8 / 46 µs —
+# past 128 KiB Envoy itself pays more per entry, and Envoy's worker is what limits the rate.
+# It is also the most Envoy holds while the stream is backed up before it drops entries
+# (`logs_dropped`). Messages stay far below the gRPC server's 64 MiB receive limit.
+BUFFER_SIZE_BYTES = 128 << 10
 
 
 def _common(log_name: str, flush_interval_ms: int) -> Message:
