@@ -268,7 +268,7 @@ class HTTPLogRecord:
         self.request = request  # scheme, authority, path, protocol (number), user agent, request id
         self.request_headers = request_headers  # the extra ones Envoy logged (`safe_headers`), or None
         self.response_headers = response_headers  # already `safe_headers`
-        self.shape = shape  # branch, reason, method, code, source local, destination local, answered
+        self.shape = shape  # branch, reason, method, code, source local, destination local, answered, direction
         self.count = 2 if branch == ALLOWED else 1
 
     def _request(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
@@ -522,11 +522,16 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     if details.startswith(_RBAC_DENIED):
         branch = DENIED
         reason = _DENY_CACHE.get(details) or _deny_reason(details)
+        if details.startswith(_EGRESS_DENIED):
+            direction = TrafficDirection.EGRESS  # the source node's egress proxy decided
     else:
         tls_failure = cp.upstream_transport_failure_reason
         if tls_failure and _is_tls_error(tls_failure):
             return _tls_entry_flows(entry, ctx)
         action = _cached_rbac_action(cp)
+        if action.startswith(EGRESS_ACTION_PREFIX):
+            direction = TrafficDirection.EGRESS
+            action = action[len(EGRESS_ACTION_PREFIX):]
         if details == _VIA_UPSTREAM:
             allowed = answered = True
         else:
@@ -562,7 +567,7 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
          req.user_agent[:MAX_HEADER_VALUE], req.request_id[:MAX_HEADER_VALUE]),
         safe_headers(extra.items()) if extra else None,
         safe_headers(resp_extra.items()) if resp_extra else (),
-        (branch, reason, method, code, src_info.local, dst_info.local, answered),
+        (branch, reason, method, code, src_info.local, dst_info.local, answered, direction),
     )
 
 
@@ -585,6 +590,7 @@ def _cached_rbac_action(cp: AccessLogCommon) -> str:
 
 
 _DENY_CACHE: dict[str, str] = {}
+_EGRESS_DENIED = _RBAC_DENIED + EGRESS_ACTION_PREFIX
 
 
 def _deny_reason(details: str) -> str:
@@ -592,7 +598,7 @@ def _deny_reason(details: str) -> str:
     reason = _DENY_CACHE.get(details)
     if reason is None:
         kind, _ = _policies(details[len(_RBAC_DENIED) :].rstrip("]"))
-        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        reason = _DENY_REASONS.get(kind.removeprefix(EGRESS_ACTION_PREFIX), POLICY_DENIED)
         if len(_DENY_CACHE) >= 1024:
             _DENY_CACHE.clear()
         _DENY_CACHE[details] = reason
