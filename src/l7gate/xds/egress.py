@@ -275,7 +275,8 @@ class EgressPublisher:
     access_logs: Sequence[Message] = ()
     auth_verified: bool = True
     _sent: dict[str, dict[str, bytes]] = field(default_factory=dict)  # type → name → serialized
-    ports: tuple[int, ...] = ()
+    ports: tuple[int, ...] = ()  # the ports the listener has a filter chain for, as last published
+    _last_ports: tuple[int, ...] = ()
 
     def render(
         self,
@@ -290,12 +291,14 @@ class EgressPublisher:
         out: dict[str, dict[str, Message]] = {LISTENER: {}, ROUTE: {}, CLUSTER: {}}
         if not by_port or not self.proxy_port:
             return out
+        proxied = {pod: ingress_http_ports(policy_of(pod.identity)) for pod in local_pods}
         for port, sources in sorted(by_port.items()):
-            dsts = [p for p in local_pods if port in ingress_http_ports(policy_of(p.identity))]
+            dsts = [p for p in local_pods if port in proxied[p]]
             em = egress_matcher(port, sources, policy_of, prefixes, auth_verified=self.auth_verified)
             im = dst_ingress_matcher(port, dsts, local_pods, policy_of, auth_verified=self.auth_verified)
             out[ROUTE][route_config_name(port)] = route_configuration(port, em, im)
         out[LISTENER][EGRESS_LISTENER] = listener(self.proxy_port, by_port, self.access_logs)
+        self._last_ports = tuple(by_port)
         out[CLUSTER][EGRESS_CLUSTER] = cluster()
         return out
 
@@ -307,7 +310,8 @@ class EgressPublisher:
     ) -> bool:
         """Render and send what changed since the last call; whether anything was sent."""
         rendered = self.render(local_pods, policy_of, prefixes)
-        self.ports = tuple(sorted(int(n.rsplit("_", 1)[1]) for n in rendered[ROUTE]))
+        # the ports with a filter chain: one route each (`route_config_name`)
+        self.ports = tuple(sorted(self._last_ports)) if rendered[ROUTE] else ()
         delta = SnapshotDelta()
         changed = False
         for type_url in (CLUSTER, ROUTE, LISTENER):
