@@ -122,6 +122,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="assume a valid mutual-auth entry exists for the identity pair",
     )
     t.add_argument("--dns-query", metavar="NAME", help="a DNS query for NAME (to port 53): judged by rules.dns")
+    t.add_argument("--sni", metavar="NAME", default=None,
+                   help="a TLS connection whose ClientHello names NAME ('' for none): judged by serverNames")
     t.add_argument("--fqdn-cache", metavar="FILE",
                    help="what the DNS proxy learned: {name: [addresses]} or `l7gate fqdn cache list -o json`")
     t.add_argument("--cluster-name", default="default", help="cluster of pods without the annotation")
@@ -458,9 +460,15 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         problem = "--protocol ICMP takes --icmp-type TYPE (8 or EchoRequest), not --port"
     elif icmp:
         given = [f for f, v in (("--method", args.method), ("--path", args.path), ("--host", args.host),
-                                ("--header", args.header), ("--dns-query", args.dns_query)) if v]
+                                ("--header", args.header), ("--dns-query", args.dns_query),
+                                ("--sni", args.sni is not None)) if v]
         if given:
             problem = f"{', '.join(given)}: an ICMP message has no HTTP request or DNS query"
+    if not problem and args.sni is not None:
+        given = [f for f, v in (("--method", args.method), ("--path", args.path), ("--host", args.host),
+                                ("--header", args.header), ("--dns-query", args.dns_query)) if v]
+        if given:
+            problem = f"{', '.join(given)}: a TLS connection (--sni) carries no HTTP request or DNS query the proxy reads"
     if problem:
         print(f"l7gate: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -477,6 +485,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         authenticated=args.authenticated,
         cluster_name=args.cluster_name,
         dns_query=args.dns_query,
+        tls_sni=args.sni,
     )
     if args.fqdn_cache:
         try:

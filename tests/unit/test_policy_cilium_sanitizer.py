@@ -423,7 +423,7 @@ def test_http_rules_on_a_port_range_are_taken_up_to_128_ports() -> None:
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("serverNames", ["a.example"], "SNI matching is not supported by l7gate"),
+    ("originatingTLS", {"secret": {"name": "s"}}, "TLS interception is not supported by l7gate"),
     ("terminatingTLS", {"secret": {"name": "s"}}, "TLS interception is not supported by l7gate"),
     ("listener", {"envoyConfig": {"kind": "CiliumEnvoyConfig", "name": "x"}, "name": "l"},
      "custom Envoy listeners are not supported by l7gate"),

@@ -68,6 +68,8 @@ class TraceRequest:
     cluster_name: str = "default"
     # A DNS query (to port 53): judged by the `rules.dns` of the source's egress.
     dns_query: str | None = None
+    # A TLS connection naming this server (SNI; "" for none): judged by `serverNames`.
+    tls_sni: str | None = None
     # A snapshot of what the DNS proxy learned (name → addresses, `l7gate fqdn cache list`): an
     # address destination is then labelled with the toFQDNs selectors of its names.
     fqdn_cache: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -327,8 +329,9 @@ def run_trace(req: TraceRequest) -> TraceResult:
         headers={k.lower(): v for k, v in req.headers.items()},
     )
     protocol = Protocol(req.protocol)
-    flow = Flow(src.peer, dst.peer, port, protocol, None if protocol is Protocol.ICMP else http,
-                req.authenticated, req.dns_query)
+    flow = Flow(src.peer, dst.peer, port, protocol,
+                None if protocol is Protocol.ICMP or req.tls_sni is not None else http,
+                req.authenticated, req.dns_query, req.tls_sni)
 
     egress = Verdict(True, None)
     if src.peer.managed:
@@ -474,6 +477,7 @@ def _one_side(flow: Flow, *, source_managed: bool) -> Flow:
         flow.http,
         flow.authenticated,
         flow.dns,
+        flow.tls_sni,
     )
 
 
@@ -496,6 +500,8 @@ def format_trace_text(r: TraceResult) -> str:
         pass
     elif req.dns_query is not None:
         lines.append(f"  DNS query {fqdn(req.dns_query)}")
+    elif req.tls_sni is not None:
+        lines.append(f"  TLS, server name {req.tls_sni}" if req.tls_sni else "  TLS without a server name (SNI)")
     elif v.redirected or not r.http_defaulted:
         lines.append(
             f"  HTTP {r.http.method} {r.http.path}"
@@ -534,6 +540,8 @@ def format_trace_text(r: TraceResult) -> str:
         assert v.layer is not None
         if v.layer is Layer.L7 and req.dns_query is not None:
             lines.append("Verdict: DENIED at L7: the DNS proxy answers REFUSED (Policy denied (L7))")
+        elif v.layer is Layer.L7 and req.tls_sni is not None:
+            lines.append("Verdict: DENIED at L7: the egress proxy closes the TLS connection (Policy denied (L7))")
         elif v.layer is Layer.L3L4 and r.icmp:
             lines.append("Verdict: DENIED at L3/L4: the ICMP message is dropped in the kernel")
         else:

@@ -24,7 +24,11 @@ tested against, so it is written to be read next to Cilium's documentation:
      that port moot). Otherwise the request must match one HTTP rule of one matching allow, on
      the normalized path; otherwise it is denied at L7 (Envoy answers 403). A DNS query (egress
      to port 53 under `rules.dns`) must match one name rule (`matchName`/`matchPattern`);
-     otherwise the DNS proxy refuses it.
+     otherwise the DNS proxy refuses it. A TLS connection (`tls_sni`) must name, in its
+     ClientHello, a server one `serverNames` pattern of one matching allow matches (Cilium's
+     wildcards, `policy.fqdn`); a TLS connection without SNI never does. A port whose matching
+     allows hold only `serverNames` refuses plain-text requests, and one whose allows hold only
+     HTTP rules refuses TLS connections.
   `fromNodes`/`toNodes` peers select nodes only (`host`, `remote-node` identities), by the labels
   of their Node, which a node identity carries as `node:<key>` (`selector.NodeSelector`).
   `toFQDNs` peers select the addresses learned from DNS answers: a peer's labels carry
@@ -88,6 +92,8 @@ class Flow:
     http: HTTPRequest | None = None
     authenticated: bool = False  # a valid auth entry exists for (source, destination)
     dns: str | None = None  # a DNS query for this name (to port 53), judged by `rules.dns`
+    # A TLS connection whose ClientHello names this server ("": none), judged by `serverNames`
+    tls_sni: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,17 +317,35 @@ def _evaluate_direction(
 
     l7_rules: list[tuple[PeerRule, HTTPRule]] = []
     dns_rules: list[tuple[PeerRule, NameMatch]] = []
+    sni_rules: list[tuple[PeerRule, NameMatch]] = []
     l4_only = [pr for pr, port in allows if port.l7 is None]
     for pr, port in allows:
         if port.l7 is not None:
             side.redirected = True
             l7_rules.extend((pr, h) for h in port.l7.http)
             dns_rules.extend((pr, m) for m in port.l7.dns)
+            sni_rules.extend((pr, m) for m in port.l7.sni)
     if l4_only:
         side.reasons.append(
             f"{d}: allowed at L3/L4 on {at} by {', '.join(sorted(str(p.origin) for p in l4_only))}"
-            + ("; L7 rules on this port are moot" if l7_rules else "")
+            + ("; L7 rules on this port are moot" if l7_rules or sni_rules else "")
         )
+        return side
+    if flow.tls_sni is not None:
+        # A TLS connection: only serverNames can allow it (its bytes are not read).
+        side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; TLS server names apply")
+        sni = flow.tls_sni
+        shits = [(pr, m) for pr, m in sni_rules if sni and m.matches(fqdn(sni))]
+        if shits:
+            side.policies = {pr.origin.policy for pr, _ in shits}
+            side.reasons.append(f"{d}: TLS server name {sni} matches {shits[0][1].match_pattern} of {shits[0][0].origin}")
+            return side
+        side.allowed, side.layer = False, Layer.L7
+        what = f"TLS server name {sni}" if sni else "a TLS connection without a server name (SNI)"
+        side.reasons.append(
+            f"{d}: Policy denied (L7): {what} matches none of the serverNames "
+            + (", ".join(str(m.match_pattern) for _, m in sni_rules) or "(the rules here are HTTP rules, "
+               "which a TLS connection cannot meet)"))
         return side
     if dns_rules and not l7_rules:
         side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; DNS rules apply (the DNS proxy)")
@@ -338,7 +362,9 @@ def _evaluate_direction(
         side.reasons.append(f"{d}: Policy denied (L7): DNS query {name} matches none of the DNS rules "
                             + ", ".join(str(m) for _, m in dns_rules) + "; the DNS proxy answers REFUSED")
         return side
-    side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; HTTP rules apply")
+    side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; HTTP rules apply"
+                        + (" to plain-text requests; TLS connections need a matching server name (serverNames: "
+                           + ", ".join(str(m.match_pattern) for _, m in sni_rules) + ")" if sni_rules else ""))
     if flow.http is None:
         side.reasons.append(f"{d}: no HTTP request given; each request is checked by the proxy")
         return side

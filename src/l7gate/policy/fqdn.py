@@ -5,7 +5,9 @@ Names are compared as Cilium does: lower-case and fully qualified (one trailing 
 `API.example.test` and `api.example.test.` are one name. A `matchName` is one name. A
 `matchPattern` is a name whose `*` stands for any run of the characters a label may hold
 (`[-a-zA-Z0-9_]`, never a dot): `*.example.test` matches `api.example.test` but neither
-`example.test` nor `a.b.example.test`; `*` alone matches every name. Both are refused, naming
+`example.test` nor `a.b.example.test`; `*` alone matches every name; a leading `**.` stands for
+one or more whole labels (Cilium 1.19: `**.example.test` matches `a.example.test` and
+`a.b.example.test`, not `example.test`; `**` anywhere else is two `*`). Both are refused, naming
 their field, when they hold anything else (Cilium's CRD patterns:
 `^([-a-zA-Z0-9_]+[.]?)+$` and `^([-a-zA-Z0-9_*]+[.]?)+$`).
 
@@ -60,8 +62,11 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     """The regex of a canonical pattern (`check_match_pattern`), anchored."""
     if pattern == "*":
         return re.compile(rf"^({_LABEL_CHARS}+[.])+$|^[.]$")
+    lead = ""
+    if pattern.startswith("**."):
+        lead, pattern = f"({_LABEL_CHARS}+[.])+", pattern[3:]
     parts = [re.escape(part) for part in pattern.split("*")]
-    return re.compile("^" + f"{_LABEL_CHARS}*".join(parts) + "$")
+    return re.compile("^" + lead + f"{_LABEL_CHARS}*".join(parts) + "$")
 
 
 @dataclass(frozen=True, slots=True)

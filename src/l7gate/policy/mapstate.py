@@ -20,7 +20,7 @@ from enum import Enum
 from functools import lru_cache
 
 from .evaluate import Layer, Verdict
-from .fqdn import NameMatch
+from .fqdn import NameMatch, fqdn
 from .pathnorm import normalize_path
 from .types import AuthMode, Direction, HTTPRequest, HTTPRule, L7Rules, Origin, PortRange, Protocol
 
@@ -109,11 +109,13 @@ def _merge_many(cs: frozenset[Contribution]) -> MapEntry:
     if cs and all(c.l7 is not None for c in cs):
         rules: set[HTTPRule] = set()
         names: set[NameMatch] = set()
+        sni: set[NameMatch] = set()
         for c in cs:
             assert c.l7 is not None
             rules.update(c.l7.http)
             names.update(c.l7.dns)
-        l7 = L7Rules.of(rules, names)
+            sni.update(c.l7.sni)
+        l7 = L7Rules.of(rules, names, sni)
     modes = [c.auth for c in cs if c.auth is not None]
     auth = max(modes, key=lambda m: m.strength) if modes else None
     return MapEntry(False, l7, redirect, auth, tuple(sorted({c.origin for c in cs}, key=str)))
@@ -254,6 +256,10 @@ class Decision:
     # DNS rules (`rules.dns`, egress to port 53): the names a query may ask for, through the
     # node's DNS proxy. With HTTP: the union of both kinds of L7 rules on the port.
     dns: tuple[NameMatch, ...] = ()
+    # TLS server names (`serverNames`): a TLS connection whose SNI one of them matches is
+    # allowed as a whole (its bytes are not read); `http` then judges only plain-text requests,
+    # and a connection of the other kind than the rules expect is refused.
+    sni: tuple[NameMatch, ...] = ()
     # The hash, computed once: decisions key the matcher caches of every backend, and hashing
     # one anew walks all its HTTP rules and origins (most of a bulk apply's xDS cost was that).
     _hash: int = field(default=0, init=False, repr=False, compare=False)
@@ -262,7 +268,7 @@ class Decision:
         h = self._hash
         if not h:
             h = hash((self.action, self.http, self.auth, self.redirect, self.origins, self.reason,
-                      self.policies, self.dns)) or 1
+                      self.policies, self.dns, self.sni)) or 1
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -427,14 +433,17 @@ def decide_hits(policy: EndpointPolicy | None, direction: Direction, hits: list[
         )
     rules: set[HTTPRule] = set()
     names: set[NameMatch] = set()
+    sni: set[NameMatch] = set()
     for e in hits:
         assert e.l7 is not None
         rules.update(e.l7.http)
         names.update(e.l7.dns)
-    l7 = L7Rules.of(rules, names)
+        sni.update(e.l7.sni)
+    l7 = L7Rules.of(rules, names, sni)
+    kinds = " and ".join(k for k, v in (("HTTP", l7.http), ("DNS", l7.dns), ("TLS server name", l7.sni)) if v)
     return Decision(
         Action.HTTP, l7.http, mode, True, origins,
-        f"{d}: {'DNS' if l7.dns and not l7.http else 'HTTP'} rules of {_text(origins)}", pols, dns=l7.dns,
+        f"{d}: {kinds or 'HTTP'} rules of {_text(origins)}", pols, dns=l7.dns, sni=l7.sni,
     )
 
 
@@ -446,8 +455,11 @@ def lookup(
     protocol: Protocol,
     request: HTTPRequest | None = None,
     authenticated: bool = False,
+    tls_sni: str | None = None,
 ) -> Verdict:
     """The verdict one direction of one endpoint gives, read from its resolved map only.
+    `tls_sni`: the connection is TLS with this server name ("" for none), judged by the
+    `serverNames` of the port instead of its HTTP rules.
 
     Tested against `evaluate`, the reference evaluator.
     """
@@ -458,8 +470,15 @@ def lookup(
         return Verdict(False, Layer.L3L4, (dec.reason,), pols)
     if dec.action is Action.AUTH_FAIL or (dec.auth_required and not authenticated):
         return Verdict(False, Layer.AUTH, (f"{d}: Authentication required",), pols, dec.redirect, True)
-    if dec.action is Action.ALLOW or request is None:
+    if dec.action is Action.ALLOW or (request is None and tls_sni is None):
         return Verdict(True, None, (dec.reason,), pols, dec.redirect, dec.auth_required)
+    if tls_sni is not None:
+        if tls_sni and any(m.matches(fqdn(tls_sni)) for m in dec.sni):
+            return Verdict(True, None, (f"{d}: TLS server name {tls_sni!r} matches",), pols, True, dec.auth_required)
+        what = f"TLS server name {tls_sni!r}" if tls_sni else "a TLS connection without a server name (SNI)"
+        return Verdict(False, Layer.L7, (f"{d}: Policy denied (L7): {what} matches no serverNames",), pols, True,
+                       dec.auth_required)
+    assert request is not None
     norm = normalize_path(request.path)
     if norm.rejected is not None:
         return Verdict(False, Layer.L7, (f"{d}: {norm.rejected}",), pols, True, dec.auth_required)

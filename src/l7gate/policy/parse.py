@@ -114,7 +114,6 @@ _UNSUPPORTED_PEER_FIELDS = {
 _UNSUPPORTED_PORT_RULE_FIELDS = {
     "terminatingTLS": "TLS interception",
     "originatingTLS": "TLS interception",
-    "serverNames": "SNI matching",
     "listener": "custom Envoy listeners",
 }
 _UNSUPPORTED_L7_FIELDS = {
@@ -812,7 +811,7 @@ class _SpecParser:
             if items is not None:
                 if not items:
                     w.warn(tp, "an empty list is the same as leaving the field out: all ports", "empty-ports")
-                port_rules = w.each(items, tp, lambda v, p: self.port_rule(v, p, deny))
+                port_rules = w.each(items, tp, lambda v, p: self.port_rule(v, p, deny, direction))
                 if direction is Direction.INGRESS and any(r.l7 is not None and r.l7.dns for r in port_rules):
                     w.error(tp, "DNS rules apply to egress only (the queries a pod sends), as in Cilium", "dns-ingress")
 
@@ -1123,13 +1122,15 @@ class _SpecParser:
 
     # -- ports and L7 ---------------------------------------------------------------------------
 
-    def port_rule(self, value: object, path: str, deny: bool) -> PortRule | None:
+    def port_rule(self, value: object, path: str, deny: bool,
+                  direction: Direction = Direction.INGRESS) -> PortRule | None:
         w = self.w
         m = w.mapping(
-            value, path, {"ports", "rules"}, _UNSUPPORTED_PORT_RULE_FIELDS,
+            value, path, {"ports", "rules", "serverNames"}, _UNSUPPORTED_PORT_RULE_FIELDS,
             nullable={
                 "ports": "the entry then selects no port",
                 "rules": "" if deny else "the ports are then allowed without HTTP filtering",
+                "serverNames": "" if deny else "the ports are then allowed without TLS server name filtering",
             },
         )
         if m is None:
@@ -1168,11 +1169,15 @@ class _SpecParser:
                         "it has no L7 proxy for the node's own traffic",
                         "host-l7",
                     )
+        sni = self.server_names(m, path, deny, direction, l7) if "serverNames" in m else None
         if len(w.errors) > n_errors:
             return None
+        if sni:
+            l7 = L7Rules.of((), (), sni)
         if not ports:
             if l7 is not None:
-                w.error(_join(path, "ports"), "L7 rules need at least one port", "l7-port")
+                w.error(_join(path, "ports"), ("serverNames need" if sni else "L7 rules need") + " at least one port",
+                        "l7-port")
                 return None
             if "ports" not in m or not parsed:
                 # Cilium's policy engine adds a key per listed port: an entry without any adds
@@ -1201,6 +1206,8 @@ class _SpecParser:
             if len(w.errors) > n_errors:
                 return None
             return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
+        if sni:
+            return self._sni_ports(path, parsed, l7, n_errors)
         if l7 is not None:
             fixed: list[Port] = []
             for i, pp_, written in parsed:
@@ -1244,6 +1251,81 @@ class _SpecParser:
                 return None
             ports = fixed
         return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
+
+    def server_names(self, m: Mapping[str, Any], path: str, deny: bool, direction: Direction,
+                     l7: L7Rules | None) -> tuple[NameMatch, ...] | None:
+        """`serverNames`: the TLS server names (SNI) a connection on the ports may name, as
+        canonical patterns (Cilium's ServerName: `*` within a label, a leading `**.` for one
+        or more labels, `*` alone for every name)."""
+        w = self.w
+        sp = _join(path, "serverNames")
+        if deny:
+            w.error(sp, "serverNames are not allowed in deny rules (ingressDeny/egressDeny): Cilium's deny "
+                        "rules take ports only", "deny-l7")
+            return None
+        if direction is Direction.INGRESS:
+            w.error(sp, "serverNames on ingress are not supported by l7gate: the TLS server name is matched by "
+                        "the source node's egress proxy, so write the rule as an egress rule of the clients",
+                    "sni-ingress")
+            return None
+        items = w.list_of(m["serverNames"], sp)
+        if items is None:
+            return None
+        if not items:
+            w.warn(sp, "an empty list is the same as leaving the field out: no TLS server name filtering",
+                   "empty-server-names")
+            return None
+        if l7 is not None:
+            w.error(sp, "Cilium refuses serverNames beside L7 rules in one toPorts entry (\"ServerNames are not "
+                        "allowed with L7 rules without TLS termination\"): put them in separate entries",
+                    "sni-with-l7")
+            return None
+        out: list[NameMatch] = []
+        for i, item in enumerate(items):
+            here = f"{sp}[{i}]"
+            if not isinstance(item, str):
+                w.error(here, f"must be a string, got {_type_name(item)}", "type")
+            elif not item.strip():
+                w.error(here, "Cilium refuses an empty server name (\"Empty server name is not allowed\")",
+                        "sni-empty")
+            else:
+                try:
+                    out.append(NameMatch.pattern(item))
+                except FQDNError as e:
+                    w.error(here, str(e).replace("DNS name pattern", "server name"), "sni-name")
+        return tuple(out)
+
+    def _sni_ports(self, path: str, parsed: list[tuple[int, Port, bool]], l7: L7Rules,
+                   n_errors: int) -> PortRule | None:
+        """The ports of a `serverNames` entry: TCP (TLS runs over TCP), a port or a bounded range."""
+        w = self.w
+        fixed: list[Port] = []
+        for i, pp_, written in parsed:
+            here = f"{path}.ports[{i}]"
+            if pp_.protocol in (Protocol.UDP, Protocol.SCTP):
+                w.error(f"{here}.protocol", "serverNames apply to TLS over TCP: this port is "
+                                            f"{pp_.protocol.value}", "sni-protocol")
+                continue
+            if isinstance(pp_, PortProtocol) and pp_.ports == ALL_PORTS:
+                w.error(here, "serverNames need a port: l7gate's egress proxy matches them per port, not on "
+                              "port 0 (all ports)", "l7-port-range")
+                continue
+            if isinstance(pp_, PortProtocol) and pp_.ports.hi - pp_.ports.lo + 1 > MAX_L7_RANGE:
+                w.error(here, f"serverNames on a range of {pp_.ports.hi - pp_.ports.lo + 1} ports: l7gate's egress "
+                              f"proxy takes at most {MAX_L7_RANGE} ports per range; split the rule or narrow "
+                              "the range", "l7-port-range")
+                continue
+            if pp_.protocol is Protocol.ANY:
+                w.warn(f"{here}.protocol" if written else here,
+                       "serverNames apply to TLS over TCP: this ANY port"
+                       + ("" if written else " (the default when protocol is left out)")
+                       + " allows TCP connections with a matching server name, and no UDP or SCTP",
+                       "sni-protocol-any")
+            fixed.append(NamedPort(pp_.name, Protocol.TCP) if isinstance(pp_, NamedPort)
+                         else PortProtocol(pp_.ports, Protocol.TCP))
+        if len(w.errors) > n_errors:
+            return None
+        return PortRule(tuple(sorted(set(fixed), key=port_sort_key)), l7)
 
     def port_protocol(self, value: object, path: str) -> Port | None:
         w = self.w

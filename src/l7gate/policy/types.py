@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import Finding
-from .fqdn import NameMatch
+from .fqdn import NameMatch, fqdn
 from .labels import Labels
 from .regex import full_match
 from .selector import LabelSelector, PeerSelector
@@ -201,20 +201,29 @@ class HTTPRule:
 
 @dataclass(frozen=True, slots=True)
 class L7Rules:
-    """L7 rules on one port: HTTP rules (a request is allowed when any rule matches it), or DNS
-    rules (`rules.dns`: a query is allowed when any name match selects its name)."""
+    """L7 rules on one port: HTTP rules (a request is allowed when any rule matches it), DNS
+    rules (`rules.dns`: a query is allowed when any name match selects its name), or TLS server
+    names (`serverNames`: a TLS connection is allowed when its SNI matches one; a connection
+    without TLS, or without SNI, is not)."""
 
     http: tuple[HTTPRule, ...]
     dns: tuple[NameMatch, ...] = ()
+    sni: tuple[NameMatch, ...] = ()  # `serverNames`, as canonical patterns
 
     @classmethod
-    def of(cls, rules: Iterable[HTTPRule], dns: Iterable[NameMatch] = ()) -> L7Rules:
+    def of(cls, rules: Iterable[HTTPRule], dns: Iterable[NameMatch] = (), sni: Iterable[NameMatch] = ()) -> L7Rules:
         """Deduplicated and sorted, so equal rule sets compare and hash equal."""
-        return cls(tuple(sorted(set(rules), key=lambda r: r.sort_key)), tuple(sorted(set(dns), key=lambda m: m.key)))
+        return cls(tuple(sorted(set(rules), key=lambda r: r.sort_key)), tuple(sorted(set(dns), key=lambda m: m.key)),
+                   tuple(sorted(set(sni), key=lambda m: m.key)))
 
     def allows_query(self, name: str) -> bool:
         """Whether a DNS query for the (canonical, `fqdn.fqdn`) `name` is allowed."""
         return any(m.matches(name) for m in self.dns)
+
+    def allows_sni(self, server_name: str) -> bool:
+        """Whether a TLS connection whose ClientHello names `server_name` is allowed (an empty
+        name: no SNI, never allowed)."""
+        return bool(server_name) and any(m.matches(fqdn(server_name)) for m in self.sni)
 
     @property
     def allows_all(self) -> bool:
