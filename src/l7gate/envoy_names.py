@@ -42,3 +42,7 @@ FORWARDED_FOR_HEADER = "x-forwarded-for"
 #: their action name (`egress-allow|…`, `egress-deny-l7|…`): the flows tell them from the
 #: destination's ingress verdicts by it.
 EGRESS_ACTION_PREFIX = "egress-"
+#: A filter state object the egress listener's TLS chains set on each connection (the SNI the
+#: TLS inspector read, as `tls:<name>`, `tls:-` for none) and log, so that a TCP access log
+#: entry of such a chain becomes an EGRESS flow (`observe.envoy_flows`).
+EGRESS_TLS_STATE = "l7g.egress_tls"

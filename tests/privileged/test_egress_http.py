@@ -221,3 +221,143 @@ def test_http_rules_on_a_port_range_and_an_undeclared_port(world: World) -> None
         for agent in (world.a, world.b):
             agent.client.delete_policy("CiliumNetworkPolicy/payments/remote-api-range")
             agent.client.delete_policy("CiliumNetworkPolicy/web/client-range")
+
+
+# -- serverNames: TLS connections judged by their SNI at the source ------------------------------
+
+TLS_SERVER = """\
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+names = []
+ctx.sni_callback = lambda sock, name, c: names.append(name) and None
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("serving on", sys.argv[1], sys.argv[2], flush=True)
+while True:
+    conn, peer = srv.accept()
+    print("accepted", peer[0], flush=True)
+    try:
+        tls = ctx.wrap_socket(conn, server_side=True)
+        tls.recv(65536)
+        body = ("peer=%s sni=%s" % (peer[0], names[-1] if names else "")).encode()
+        tls.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n" % len(body) + body)
+        tls.close()
+    except Exception as e:
+        print("error", e, flush=True)
+        conn.close()
+"""
+
+SNI_EGRESS = cnp("client-sni", "web", "client", egress=[
+    {"toEntities": ["world"],
+     "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}], "serverNames": ["api.example.test", "**.cdn.test"]}]},
+])
+
+
+def _https(pod: Pod, name: str, ip: str, timeout: float = 5) -> tuple[int, str]:
+    """curl https://<name>/ to `ip`:443 (SNI `name`; "" sends none), not checking the server's
+    certificate (the test's own ephemeral CA)."""
+    url = f"https://{name}/" if name else f"https://{ip}/"
+    argv = ["curl", "-sS", "-k", "--noproxy", "*", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}"]
+    if name:
+        argv += ["--resolve", f"{name}:443:{ip}"]
+    proc = pod.run([*argv, url], text=True, timeout=timeout + 10)
+    body, _, code = proc.stdout.rpartition("\n")
+    return (int(code), body) if code.isdigit() and code != "000" else (0, proc.stderr.strip())
+
+
+_TLS_LOG: list[Any] = []  # the TLS server's output file
+
+
+@pytest.fixture(scope="module")
+def tls_site(world: World) -> Iterator[Pod]:
+    from l7gate.testing.etcd import make_tls
+
+    files = make_tls(world.tb.workdir / "sni-tls", server_ips=(world.site.ip,))
+    script = world.tb.workdir / "tls_server.py"
+    script.write_text(TLS_SERVER)
+    import sys as _sys
+
+    proc = world.site.spawn([_sys.executable, str(script), world.site.ip, "443",
+                             str(files.server_cert), str(files.server_key)])
+    log = world.tb.log_path(proc)
+    _TLS_LOG[:] = [log]
+    eventually(lambda: "serving on" in log.read_text(errors="replace"), 10, "the TLS server listening")
+    for agent in (world.a, world.b):
+        agent.client.apply_policies([SNI_EGRESS])
+        agent.synced()
+    try:
+        yield world.site
+    finally:
+        for agent in (world.a, world.b):
+            agent.client.delete_policy("CiliumNetworkPolicy/web/client-sni")
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("name, allowed", [
+    ("api.example.test", True),
+    ("API.Example.TEST", True),       # SNI is compared without case
+    ("a.b.cdn.test", True),           # `**.` is one or more labels
+    ("cdn.test", False),
+    ("evil.example.test", False),
+    ("", False),                      # TLS without SNI
+])
+def test_server_names_judge_tls_at_the_source(world: World, tls_site: Pod, name: str, allowed: bool) -> None:
+    status, body = _https(world.client, name, tls_site.ip)
+    if allowed:
+        # the server saw the client's own address and the SNI the client sent: the bytes
+        # were relayed untouched (no interception)
+        assert status == 200, body
+        assert body == f"peer={world.client.ip} sni={name.lower()}", body  # curl sends it lower-case
+    else:
+        assert status == 0, body
+
+
+def test_a_refused_server_name_opens_no_connection_to_the_destination(world: World, tls_site: Pod) -> None:
+    log = _TLS_LOG[0]
+
+    def accepted() -> int:
+        return log.read_text(errors="replace").count("accepted ")
+
+    before = accepted()
+    assert _https(world.client, "evil.example.test", tls_site.ip)[0] == 0
+    assert _https(world.client, "api.example.test", tls_site.ip)[0] == 200
+    assert accepted() == before + 1, log.read_text()[-500:]  # only the allowed one reached the server
+
+
+def test_plain_text_on_a_server_names_port_is_refused(world: World, tls_site: Pod) -> None:
+    assert world.client.curl(f"http://{tls_site.ip}:443/", timeout=3)[0] in (0, 403)
+
+
+def test_a_pod_without_server_names_is_not_filtered(world: World, tls_site: Pod) -> None:
+    status, body = _https(world.free, "evil.example.test", tls_site.ip)
+    assert status == 200 and body == f"peer={world.free.ip} sni=evil.example.test", body
+
+
+def test_tls_verdicts_are_egress_flows(world: World, tls_site: Pod) -> None:
+    assert _https(world.client, "blocked.example.test", tls_site.ip)[0] == 0
+    assert _https(world.client, "api.example.test", tls_site.ip)[0] == 200
+
+    def seen() -> bool:
+        fs = [f for f in flows(world, world.a) if "TLS server name" in f.get("Summary", "")]
+        dropped = [f for f in fs if "blocked.example.test" in f["Summary"]]
+        passed = [f for f in fs if "api.example.test" in f["Summary"]]
+        assert dropped and passed, fs[-5:]
+        d, p = dropped[-1], passed[-1]
+        assert d["verdict"] == "DROPPED" and d["drop_reason_desc"] == "Policy denied (L7)", d
+        assert d["traffic_direction"] == "EGRESS" and d["source"]["pod_name"] == "client", d
+        assert "CiliumNetworkPolicy/web/client-sni" in json.dumps(d["policy_match"]), d
+        assert p["verdict"] == "FORWARDED" and p["traffic_direction"] == "EGRESS", p
+        return True
+
+    eventually(seen, 10, "the TLS verdicts in `l7gate observe` on a1")
+
+
+def test_trace_agrees_on_server_names(world: World) -> None:
+    inv = world.tb.workdir / "sni-trace.yaml"
+    inv.write_text(yaml.safe_dump_all([*world.tb.to_manifests("cluster-a"), SNI_EGRESS]))
+    for name, want in (("api.example.test", "allowed"), ("x.y.cdn.test", "allowed"), ("evil.test", "denied")):
+        out = subprocess.run([L7GATE, "policy", "trace", "-f", str(inv), "--cluster-name", "cluster-a",
+                              "--from", "cluster-a/web/client", "--to", world.site.ip, "--port", "443",
+                              "--sni", name, "-o", "json"], capture_output=True, text=True)
+        assert json.loads(out.stdout)["verdict"] == want, out.stdout

@@ -74,6 +74,8 @@ from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
 from ..services import Backend, EndpointSlice, Frontend, FrontendEntry, Service, ServiceTable
+from ..envoy_names import EGRESS_TLS_STATE
+from ..observe.als import tcp_grpc_access_log
 from ..xds.egress import EgressPublisher, LocalPod, egress_http_ports, ingress_http_ports
 from ..xds.publisher import Publisher, ResourceSink
 from ..xds.resources import ProxiedPort
@@ -320,7 +322,9 @@ class AgentCore:
         # Egress HTTP rules (kernel mode with Envoy): the egress listener the kernel hands such
         # connections to (xds/egress.py); rendered when the policies, the ipcache or the local
         # pods changed since the last flush.
-        self.egress = (EgressPublisher(sink, config.node_id, config.proxy_egress_port, access_logs)
+        self.egress = (EgressPublisher(sink, config.node_id, config.proxy_egress_port, access_logs,
+                                       tcp_access_logs=([tcp_grpc_access_log(filter_state_objects=[EGRESS_TLS_STATE])]
+                                                        if access_logs else []))
                        if datapath is not None and config.proxy_egress_port else None)
         self._egress_seen: tuple[int, int, int, frozenset[tuple[str, int]]] | None = None
         self._port_memo: dict[int, tuple[object, frozenset[int]]] = {}  # identity → (ingress map, ports)
@@ -765,7 +769,7 @@ class AgentCore:
         else:
             what = ("not enforced: proxy.egressPort is 0, so there is no egress listener; connections under "
                     "them are dropped (\"Egress proxy not listening\")")
-        return [f"{policy.key}: {path}: egress HTTP rules are {what}" for path in _egress_http_rules(policy)]
+        return [f"{policy.key}: {path}: egress {kind} are {what}" for path, kind in _egress_http_rules(policy)]
 
     def _flush_egress(self, egress: EgressPublisher) -> None:
         pods = frozenset((ip, rec.identity) for rec in self._local_pods.values() for ip in rec.pod.ips
@@ -1839,15 +1843,20 @@ def _slice_warnings(slices: Iterable[tuple[EndpointSlice, Any]]) -> list[str]:
             if es.service is None]
 
 
-def _egress_http_rules(policy: Policy) -> list[str]:
-    """The paths of `policy`'s egress rules with HTTP rules."""
-    return [
-        pr.origin.path
-        for rule in policy.rules
-        for pr in rule.rules
-        if pr.direction is Direction.EGRESS and not pr.deny
-        and any(port_rule.l7 is not None and port_rule.l7.http for port_rule in pr.port_rules)
-    ]
+def _egress_http_rules(policy: Policy) -> list[tuple[str, str]]:
+    """The paths of `policy`'s egress rules with HTTP rules or serverNames (what the egress
+    listener enforces), each with what it holds."""
+    out: list[tuple[str, str]] = []
+    for rule in policy.rules:
+        for pr in rule.rules:
+            if pr.direction is not Direction.EGRESS or pr.deny:
+                continue
+            kinds = [k for k, has in (
+                ("HTTP rules", any(p.l7 is not None and p.l7.http for p in pr.port_rules)),
+                ("serverNames", any(p.l7 is not None and p.l7.sni for p in pr.port_rules))) if has]
+            if kinds:
+                out.append((pr.origin.path, " and ".join(kinds)))
+    return out
 
 
 def _auth_without_mtls(policy: Policy) -> list[str]:

@@ -95,13 +95,14 @@ TCP_GRPC_LOGGER = "envoy.access_loggers.tcp_grpc"
 
 
 def tcp_grpc_access_log(log_name: str = "l7gate-tcp", flush_interval_ms: int = 50,
-                        failures_only: bool = False) -> Any:
+                        failures_only: bool = False, filter_state_objects: Sequence[str] = ()) -> Any:
     """A listener-level (or tcp_proxy) `access_log` entry: one TCPAccessLogEntry per
     connection, when it closes, including connections whose TLS handshake failed (with the
     reason). `failures_only`: only connections Envoy flagged (any response flag: no upstream,
     upstream connection failure, ...)."""
-    out = _access_log(TCP_GRPC_LOGGER, als_config_pb2.TcpGrpcAccessLogConfig(
-        common_config=_common(log_name, flush_interval_ms)))
+    common = _common(log_name, flush_interval_ms)
+    common.filter_state_objects_to_log.extend(filter_state_objects)
+    out = _access_log(TCP_GRPC_LOGGER, als_config_pb2.TcpGrpcAccessLogConfig(common_config=common))
     if failures_only:
         out.filter.response_flag_filter.SetInParent()  # no flags listed: any flag
     return out

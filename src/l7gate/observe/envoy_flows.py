@@ -51,8 +51,9 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
     TCPAccessLogEntry,
 )
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.wrappers_pb2 import StringValue
 
-from ..envoy_names import EGRESS_ACTION_PREFIX, ORIGINAL_DST_HEADER
+from ..envoy_names import EGRESS_ACTION_PREFIX, EGRESS_TLS_STATE, ORIGINAL_DST_HEADER
 from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 from .flow import (
     AUTH_FAILED,
@@ -782,6 +783,8 @@ def tcp_log_flows(entry: TCPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, .
     by their HTTP entries and give no flow."""
     _check_type(entry, _TCP_ENTRY_TYPE)
     cp = entry.common_properties
+    if EGRESS_TLS_STATE in cp.filter_state_objects:
+        return _egress_tls_flows(cp, ctx)
     if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
         return _tunnel_tcp_source_flows(cp, ctx)
     failure = cp.downstream_transport_failure_reason
@@ -812,6 +815,42 @@ def tcp_log_flows(entry: TCPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, .
             node_name=ctx.node_name, protocol="TCP",
         ),
     )
+
+
+def _egress_tls_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ...]:
+    """A TLS connection the egress proxy judged by `serverNames` (`xds.egress.tls_chain`): one
+    flow, DROPPED with the reason when a network RBAC filter refused it, else FORWARDED (ERROR
+    when the destination could not be reached)."""
+    value = StringValue()
+    if not cp.filter_state_objects[EGRESS_TLS_STATE].Unpack(value):
+        raise MalformedEvent(f"{EGRESS_TLS_STATE} is not a string")
+    sni = value.value.removeprefix("tls:")
+    sni = "" if sni == "-" else sni[:MAX_HEADER_VALUE]
+    src_sa, dst_sa = _downstream(cp)
+    if not src_sa.address or not dst_sa.address:
+        raise MalformedEvent("entry without downstream IP addresses")
+    src = endpoint(src_sa.address, int(src_sa.port_value), _resolve(ctx, src_sa.address))
+    dst = endpoint(dst_sa.address, int(dst_sa.port_value), _resolve(ctx, dst_sa.address))
+    t0 = _start_ns(cp, ctx)
+    named = f"TLS server name {sni}" if sni else "TLS without a server name (SNI)"
+    details = cp.connection_termination_details
+    common = dict(time=t0, type=FlowType.L3_L4, source=src, destination=dst, node_name=ctx.node_name,
+                  protocol="TCP")
+    if details.startswith(_RBAC_DENIED):
+        kind, pols = _policies(details[len(_RBAC_DENIED):].rstrip("]"))
+        direction = TrafficDirection.EGRESS
+        if kind.startswith(EGRESS_ACTION_PREFIX):
+            kind = kind[len(EGRESS_ACTION_PREFIX):]
+        else:
+            direction = TrafficDirection.INGRESS  # the local destination's own policy
+        reason = _DENY_REASONS.get(kind, POLICY_DENIED)
+        return (Flow(verdict=Verdict.DROPPED, drop_reason_desc=reason, traffic_direction=direction,
+                     policy_match=_split(pols), summary=f"{named}: {reason}", **common),)  # type: ignore[arg-type]
+    if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
+        return (Flow(verdict=Verdict.ERROR, traffic_direction=TrafficDirection.EGRESS,
+                     summary=f"{named}: the destination could not be reached", **common),)  # type: ignore[arg-type]
+    return (Flow(verdict=Verdict.FORWARDED, traffic_direction=TrafficDirection.EGRESS,
+                 summary=f"{named}: allowed by serverNames", **common),)  # type: ignore[arg-type]
 
 
 def _upstream_failed(flags: ResponseFlags) -> bool:

@@ -69,6 +69,21 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + lead + f"{_LABEL_CHARS}*".join(parts) + "$")
 
 
+def server_name_re2(pattern: str) -> str:
+    """A canonical pattern (`check_match_pattern`) as an RE2 regex over a TLS server name as
+    sent (no trailing dot needed, any case): what Envoy matches `serverNames` with. It accepts
+    exactly the names `pattern_regex` does (tests/unit/test_policy_sni.py)."""
+    label = "[-a-z0-9_]"
+    if pattern == "*":
+        body = rf"({label}+\.)*{label}+"
+    else:
+        lead = ""
+        if pattern.startswith("**."):
+            lead, pattern = rf"({label}+\.)+", pattern[3:]
+        body = lead + f"{label}*".join(re.escape(part) for part in pattern.rstrip(".").split("*"))
+    return rf"(?i){body}\.?"
+
+
 @dataclass(frozen=True, slots=True)
 class NameMatch:
     """One `matchName` or `matchPattern` (canonical), as `toFQDNs` and `rules.dns` hold them."""

@@ -1206,7 +1206,7 @@ class _SpecParser:
             if len(w.errors) > n_errors:
                 return None
             return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
-        if sni:
+        if sni and l7 is not None:
             return self._sni_ports(path, parsed, l7, n_errors)
         if l7 is not None:
             fixed: list[Port] = []

@@ -42,7 +42,13 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.config.core.v3 import substitution_format_string_pb2
+from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2 as set_filter_state_value_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
+from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -51,7 +57,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2
 
-from ..envoy_names import CLUSTER, HTTP_PROTOCOL_OPTIONS, LISTENER, ORIGINAL_DST_HEADER, ROUTE
+from ..envoy_names import CLUSTER, EGRESS_TLS_STATE, HTTP_PROTOCOL_OPTIONS, LISTENER, ORIGINAL_DST_HEADER, ROUTE
 from ..identity.ipcache import IPNetwork
 from ..policy.mapstate import Action, Decision, EndpointPolicy, MapEntry, MapKey
 from ..policy.parse import MAX_L7_RANGE
@@ -64,6 +70,10 @@ from .resources import HCM_FILTER, ROUTER_FILTER, downstream_protocol_options
 
 EGRESS_LISTENER = "l7g_egress"
 EGRESS_CLUSTER = "l7g_egress_origdst"
+EGRESS_TCP_CLUSTER = "l7g_egress_origdst_tcp"
+# The filter state the ORIGINAL_DST cluster reads the upstream address from (Envoy's
+# well-known key), for the TLS chains' TCP proxy, which has no header to carry it.
+ORIGINAL_DST_STATE = "envoy.network.transport_socket.original_dst_address"
 EGRESS_FILTER = "l7g.egress"
 DST_INGRESS_FILTER = "l7g.dst_ingress"
 EGRESS_ROUTE_NAME = "l7g-egress"  # the route's own name, as access logs report it
@@ -98,6 +108,17 @@ def _http_ports(entries: Mapping[MapKey, MapEntry], *, dns: bool) -> set[int]:
         if e.l7 is not None and e.l7.dns and not dns:
             continue
         if k.ports.hi - k.ports.lo < MAX_L7_RANGE:
+            out.update(range(k.ports.lo, k.ports.hi + 1))
+    return out
+
+
+def egress_sni_ports(policy: EndpointPolicy | None) -> set[int]:
+    """The ports an endpoint's egress policy has `serverNames` on (a TLS chain each)."""
+    if policy is None:
+        return set()
+    out: set[int] = set()
+    for k, e in policy.egress.items():
+        if e.redirect and not e.deny and e.l7 is not None and e.l7.sni and k.ports.hi - k.ports.lo < MAX_L7_RANGE:
             out.update(range(k.ports.lo, k.ports.hi + 1))
     return out
 
@@ -138,8 +159,10 @@ def egress_matcher(
     prefixes: Mapping[int, Sequence[IPNetwork]],
     *,
     auth_verified: bool,
+    tls: bool = False,
 ) -> matcher_pb2.Matcher:
-    """Per local source pod, its egress decisions on `port` by destination address."""
+    """Per local source pod, its egress decisions on `port` by destination address (`tls`: for
+    TLS connections, judged by `serverNames`)."""
     branches: list[tuple[IPNetwork, matcher_pb2.Matcher]] = []
     memo: dict[int, matcher_pb2.Matcher] = {}
     for pod in sorted(sources, key=lambda p: ipaddress.ip_address(p.ip)):
@@ -148,7 +171,7 @@ def egress_matcher(
             decisions = rbac.port_decisions(policy_of(pod.identity), port, prefixes.keys(), Direction.EGRESS)
             m = memo[pod.identity] = rbac.rbac_matcher(
                 decisions, prefixes, auth_verified=auth_verified, destination=True,
-                prefix=rbac.EGRESS_ACTION_PREFIX)
+                prefix=rbac.EGRESS_ACTION_PREFIX, tls=tls)
         branches.append((_host(pod.ip), m))
     deny = rbac.decision_on_match(Decision(Action.DENY, reason="not a local pod with egress HTTP rules"),
                                   prefix=rbac.EGRESS_ACTION_PREFIX)
@@ -162,9 +185,11 @@ def dst_ingress_matcher(
     policy_of: Callable[[int], EndpointPolicy | None],
     *,
     auth_verified: bool,
+    tls: bool = False,
 ) -> matcher_pb2.Matcher:
     """Per local destination pod with ingress HTTP rules on `port`, its decisions for the local
-    pods (the only sources the egress proxy serves)."""
+    pods (the only sources the egress proxy serves; `tls`: for a TLS connection, which its HTTP
+    rules cannot allow)."""
     src_prefixes: dict[int, list[IPNetwork]] = {}
     for s in sources:
         src_prefixes.setdefault(s.identity, []).append(_host(s.ip))
@@ -174,7 +199,7 @@ def dst_ingress_matcher(
         m = memo.get(pod.identity)
         if m is None:
             decisions = rbac.port_decisions(policy_of(pod.identity), port, src_prefixes.keys())
-            m = memo[pod.identity] = rbac.rbac_matcher(decisions, src_prefixes, auth_verified=auth_verified)
+            m = memo[pod.identity] = rbac.rbac_matcher(decisions, src_prefixes, auth_verified=auth_verified, tls=tls)
         branches.append((_host(pod.ip), m))
     allow = rbac.decision_on_match(Decision(Action.ALLOW))
     return _ip_tree("destination-ip", network_inputs_pb2.DestinationIPInput(), branches, allow)
@@ -221,7 +246,50 @@ def _hcm(port: int, access_logs: Sequence[Message]) -> hcm_pb2.HttpConnectionMan
     )
 
 
-def listener(proxy_port: int, ports: Iterable[int], access_logs: Sequence[Message] = ()) -> listener_pb2.Listener:
+def tls_chain(port: int, egress: matcher_pb2.Matcher, dst_ingress: matcher_pb2.Matcher,
+              tcp_access_logs: Sequence[Message] = ()) -> listener_components_pb2.FilterChain:
+    """A port's chain for TLS connections (the TLS inspector saw a ClientHello), judged by
+    `serverNames` without reading the bytes: two network RBAC filters (the same two sides as
+    the HTTP chain's, their leaves matching the SNI), then a TCP proxy to where the pod
+    connected. The verdict is taken once per connection, at its first bytes; the matchers sit in
+    the listener, so a policy change reaches new connections (Envoy drains only the changed
+    chains), not open ones."""
+    set_dst = set_filter_state_pb2.Config(on_new_connection=[
+        set_filter_state_value_pb2.FilterStateValue(
+            object_key=ORIGINAL_DST_STATE,
+            format_string=substitution_format_string_pb2.SubstitutionFormatString(
+                text_format_source=base_pb2.DataSource(inline_string="%DOWNSTREAM_LOCAL_ADDRESS%")),
+        ),
+        # for the flow of the connection (its access log entry): the SNI it was judged by
+        set_filter_state_value_pb2.FilterStateValue(
+            object_key=EGRESS_TLS_STATE, factory_key="envoy.string",
+            format_string=substitution_format_string_pb2.SubstitutionFormatString(
+                text_format_source=base_pb2.DataSource(inline_string="tls:%REQUESTED_SERVER_NAME%")),
+        ),
+    ])
+    proxy = tcp_proxy_pb2.TcpProxy(
+        stat_prefix=f"{EGRESS_LISTENER}_tls_{port}", cluster=EGRESS_TCP_CLUSTER, access_log=list(tcp_access_logs),
+        # Connect upstream only once the ClientHello passed the RBAC filters (the default would
+        # open a TCP connection to a destination whose server name is then refused).
+        upstream_connect_mode=tcp_proxy_pb2.ON_DOWNSTREAM_DATA,
+        max_early_data_bytes=wrappers_pb2.UInt32Value(value=64 << 10))
+    return listener_components_pb2.FilterChain(
+        name=f"tls-port-{port}",
+        filter_chain_match=listener_components_pb2.FilterChainMatch(
+            destination_port=wrappers_pb2.UInt32Value(value=port), transport_protocol="tls"),
+        filters=[
+            listener_components_pb2.Filter(name=DST_INGRESS_FILTER, typed_config=pack(network_rbac_pb2.RBAC(
+                stat_prefix=f"{EGRESS_LISTENER}_dst_{port}", matcher=dst_ingress))),
+            listener_components_pb2.Filter(name=EGRESS_FILTER, typed_config=pack(network_rbac_pb2.RBAC(
+                stat_prefix=f"{EGRESS_LISTENER}_sni_{port}", matcher=egress))),
+            listener_components_pb2.Filter(name="envoy.filters.network.set_filter_state", typed_config=pack(set_dst)),
+            listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy)),
+        ],
+    )
+
+
+def listener(proxy_port: int, ports: Iterable[int], access_logs: Sequence[Message] = (),
+             tls_chains: Sequence[listener_components_pb2.FilterChain] = ()) -> listener_pb2.Listener:
     chains = [
         listener_components_pb2.FilterChain(
             name=f"port-{p}",
@@ -231,17 +299,23 @@ def listener(proxy_port: int, ports: Iterable[int], access_logs: Sequence[Messag
         )
         for p in sorted(ports)
     ]
+    listener_filters = [listener_components_pb2.ListenerFilter(
+        name="envoy.filters.listener.original_src",
+        typed_config=pack(original_src_pb2.OriginalSrc(mark=PROXY_UPSTREAM_MARK)),
+    )]
+    if tls_chains:
+        # Tells TLS from plain text (`transport_protocol`) and reads the SNI; a plain-text
+        # client speaks first, so it waits for nothing.
+        listener_filters.append(listener_components_pb2.ListenerFilter(
+            name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())))
     return listener_pb2.Listener(
         name=EGRESS_LISTENER,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ANY_ADDRESS, port_value=proxy_port)),
         # The kernel assigns connections to other addresses to this socket: it must be allowed
         # to answer from them.
         transparent=wrappers_pb2.BoolValue(value=True),
-        listener_filters=[listener_components_pb2.ListenerFilter(
-            name="envoy.filters.listener.original_src",
-            typed_config=pack(original_src_pb2.OriginalSrc(mark=PROXY_UPSTREAM_MARK)),
-        )],
-        filter_chains=chains,
+        listener_filters=listener_filters,
+        filter_chains=[*chains, *tls_chains],
     )
 
 
@@ -260,6 +334,17 @@ def cluster() -> cluster_pb2.Cluster:
     )
 
 
+def tcp_cluster() -> cluster_pb2.Cluster:
+    """The TLS chains' upstream: the destination the pod connected to, from the filter state
+    the chain sets from the accepted socket's own address (`ORIGINAL_DST_STATE`)."""
+    return cluster_pb2.Cluster(
+        name=EGRESS_TCP_CLUSTER,
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=duration_pb2.Duration(seconds=5),
+    )
+
+
 # -- publishing ----------------------------------------------------------------------------------
 
 
@@ -274,6 +359,7 @@ class EgressPublisher:
     proxy_port: int
     access_logs: Sequence[Message] = ()
     auth_verified: bool = True
+    tcp_access_logs: Sequence[Message] = ()  # the TLS chains' (one entry per connection)
     _sent: dict[str, dict[str, bytes]] = field(default_factory=dict)  # type → name → serialized
     ports: tuple[int, ...] = ()  # the ports the listener has a filter chain for, as last published
     _last_ports: tuple[int, ...] = ()
@@ -285,21 +371,34 @@ class EgressPublisher:
         prefixes: Mapping[int, Sequence[IPNetwork]],
     ) -> dict[str, dict[str, Message]]:
         by_port: dict[int, list[LocalPod]] = {}
+        sni_ports: set[int] = set()
         for pod in local_pods:
-            for p in egress_http_ports(policy_of(pod.identity)):
+            policy = policy_of(pod.identity)
+            for p in egress_http_ports(policy):
                 by_port.setdefault(p, []).append(pod)
+            sni_ports |= egress_sni_ports(policy)
         out: dict[str, dict[str, Message]] = {LISTENER: {}, ROUTE: {}, CLUSTER: {}}
         if not by_port or not self.proxy_port:
             return out
         proxied = {pod: ingress_http_ports(policy_of(pod.identity)) for pod in local_pods}
+        tls_chains: list[listener_components_pb2.FilterChain] = []
         for port, sources in sorted(by_port.items()):
             dsts = [p for p in local_pods if port in proxied[p]]
             em = egress_matcher(port, sources, policy_of, prefixes, auth_verified=self.auth_verified)
             im = dst_ingress_matcher(port, dsts, local_pods, policy_of, auth_verified=self.auth_verified)
             out[ROUTE][route_config_name(port)] = route_configuration(port, em, im)
-        out[LISTENER][EGRESS_LISTENER] = listener(self.proxy_port, by_port, self.access_logs)
+            if port in sni_ports:
+                # A TLS connection goes straight to its destination, never through the mTLS
+                # tunnel: a rule that requires mutual authentication is not met (fail closed).
+                tls_chains.append(tls_chain(
+                    port, egress_matcher(port, sources, policy_of, prefixes, auth_verified=False, tls=True),
+                    dst_ingress_matcher(port, dsts, local_pods, policy_of, auth_verified=False, tls=True),
+                    self.tcp_access_logs))
+        out[LISTENER][EGRESS_LISTENER] = listener(self.proxy_port, by_port, self.access_logs, tls_chains)
         self._last_ports = tuple(by_port)
         out[CLUSTER][EGRESS_CLUSTER] = cluster()
+        if tls_chains:
+            out[CLUSTER][EGRESS_TCP_CLUSTER] = tcp_cluster()
         return out
 
     def publish(

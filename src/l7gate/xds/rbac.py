@@ -49,6 +49,7 @@ from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 from ..envoy_names import EGRESS_ACTION_PREFIX as EGRESS_ACTION_PREFIX
 from ..identity.ipcache import IPNetwork, prefix_sort_key
 from ..identity.numeric import WORLD
+from ..policy.fqdn import server_name_re2
 from ..policy.httpverdict import named_policies
 from ..policy.mapstate import Action, Decision, EndpointPolicy, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
@@ -161,10 +162,31 @@ def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate
 
 
 
-def decision_on_match(d: Decision, *, auth_verified: bool = False, prefix: str = "") -> matcher_pb2.Matcher.OnMatch:
+def _server_name_leaf(d: Decision, pols: str, prefix: str) -> matcher_pb2.Matcher.OnMatch:
+    """A TLS connection's decision under `serverNames`: its SNI (the TLS inspector's) must match
+    one pattern; no SNI, or HTTP rules only (which a TLS connection cannot meet), denies."""
+    deny = _action(f"{prefix}deny-l7|{pols}", False)
+    if not d.sni:
+        return deny
+    regex = "|".join(f"(?:{server_name_re2(m.match_pattern or '')})" for m in d.sni)
+    single = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+        input=typed_ext("server-name", network_inputs_pb2.ServerNameInput()),
+        value_match=string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=regex)),
+    )
+    field = matcher_pb2.Matcher.MatcherList.FieldMatcher(
+        predicate=matcher_pb2.Matcher.MatcherList.Predicate(single_predicate=single),
+        on_match=_action(f"{prefix}allow|{pols}", True))
+    return matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
+        matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[field]), on_no_match=deny))
+
+
+def decision_on_match(d: Decision, *, auth_verified: bool = False, prefix: str = "",
+                      tls: bool = False) -> matcher_pb2.Matcher.OnMatch:
     """One decision as a matcher leaf (or a nested HTTP matcher): `policy.httpverdict.request_verdict`
     as Envoy's matcher, with the same action names (after `prefix`: EGRESS_ACTION_PREFIX for
-    the egress proxy's verdicts)."""
+    the egress proxy's verdicts). `tls`: for a network RBAC filter judging a TLS connection
+    by its server name (`serverNames`) instead of HTTP requests."""
     pols = named_policies(d)
     if d.action is Action.DENY:
         return _action(f"{prefix}deny-l3l4|{pols}", False)
@@ -173,6 +195,11 @@ def decision_on_match(d: Decision, *, auth_verified: bool = False, prefix: str =
         return _action(f"{prefix}deny-auth|{pols}", False)
     if d.action is Action.ALLOW:
         return _action(f"{prefix}allow|{pols}", True)
+    if tls:
+        return _server_name_leaf(d, pols, prefix)
+    if not d.http:
+        # serverNames only (or DNS rules only): no plain-text request is allowed
+        return _action(f"{prefix}deny-l7|{pols}", False)
     preds = [_rule_predicate(r) for r in d.http]
     if any(p is None for p in preds):
         return _action(f"{prefix}allow|{pols}", True)
@@ -217,15 +244,15 @@ def _aligned_blocks(addrs: Sequence[int], bits: int) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=65536)
-def _leaf(d: Decision, auth_verified: bool, prefix: str = "") -> matcher_pb2.Matcher.OnMatch:
+def _leaf(d: Decision, auth_verified: bool, prefix: str = "", tls: bool = False) -> matcher_pb2.Matcher.OnMatch:
     # Shared, never mutated: protobuf copies a message assigned to a field. A slot re-renders
     # hundreds of decisions that did not change; building each leaf once saves most of that.
-    return decision_on_match(d, auth_verified=auth_verified, prefix=prefix)
+    return decision_on_match(d, auth_verified=auth_verified, prefix=prefix, tls=tls)
 
 
 @functools.lru_cache(maxsize=65536)
-def _leaf_key(d: Decision, auth_verified: bool) -> bytes:
-    return bytes(_leaf(d, auth_verified).SerializeToString(deterministic=True))
+def _leaf_key(d: Decision, auth_verified: bool, tls: bool = False) -> bytes:
+    return bytes(_leaf(d, auth_verified, "", tls).SerializeToString(deterministic=True))
 
 
 def leaf_key(d: Decision, auth_verified: bool = False) -> bytes:
@@ -246,6 +273,7 @@ def rbac_matcher(
     auth_verified: bool = False,
     destination: bool = False,
     prefix: str = "",
+    tls: bool = False,
 ) -> matcher_pb2.Matcher:
     """The source-address matcher for one (endpoint, port). `prefixes` is the ipcache, by
     identity. Deterministic: equal inputs give byte-identical output. `destination`: matched
@@ -253,14 +281,14 @@ def rbac_matcher(
     name (`decision_on_match`)."""
     # Grouped by the leaf a decision becomes: decisions that render alike share one range
     # matcher, and one that renders like world's needs none.
-    world_key = _leaf_key(decisions.world, auth_verified)
+    world_key = _leaf_key(decisions.world, auth_verified, tls)
     leaf_of: dict[bytes, Decision] = {world_key: decisions.world}
     groups: dict[bytes, list[IPNetwork]] = defaultdict(list)
     any_broad = False
     for ident, d in decisions.peers.items():
         nets = prefixes.get(ident)
         if nets:
-            key = _leaf_key(d, auth_verified)
+            key = _leaf_key(d, auth_verified, tls)
             if key == world_key:
                 continue
             leaf_of.setdefault(key, d)
@@ -274,7 +302,7 @@ def rbac_matcher(
         broad = [n for n in listed if n.prefixlen < n.max_prefixlen]
         for ident, all_nets in prefixes.items():
             d = decisions.for_identity(ident)
-            key = _leaf_key(d, auth_verified)
+            key = _leaf_key(d, auth_verified, tls)
             for net in all_nets:
                 if net in listed:
                     continue
@@ -302,20 +330,20 @@ def rbac_matcher(
             blocks.append((merged[0], merged, leaf_of[key]))
         for _, merged, d in sorted(blocks, key=lambda b: b[0]):
             ip_matcher.range_matchers.add(
-                ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified, prefix), exclusive=True
+                ranges=[_cidr_int(*k) for k in merged], on_match=_leaf(d, auth_verified, prefix, tls), exclusive=True
             )
     else:
         for key, nets in sorted(groups.items(), key=lambda kv: min(prefix_sort_key(n) for n in kv[1])):
             ip_matcher.range_matchers.add(
                 ranges=[cidr(n) for n in sorted(set(nets), key=prefix_sort_key)],
-                on_match=_leaf(leaf_of[key], auth_verified, prefix),
+                on_match=_leaf(leaf_of[key], auth_verified, prefix, tls),
                 exclusive=True,
             )
     if not ip_matcher.range_matchers:
         # An IP matcher needs at least one range: 255.255.255.255/32 is never a TCP peer.
         ip_matcher.range_matchers.add(
             ranges=[cidr(ipaddress.ip_network("255.255.255.255/32"))],
-            on_match=_leaf(decisions.world, auth_verified, prefix),
+            on_match=_leaf(decisions.world, auth_verified, prefix, tls),
             exclusive=True,
         )
     tree = matcher_pb2.Matcher.MatcherTree(
@@ -325,7 +353,7 @@ def rbac_matcher(
     )
     return matcher_pb2.Matcher(
         matcher_tree=tree,
-        on_no_match=_leaf(decisions.world, auth_verified, prefix),
+        on_no_match=_leaf(decisions.world, auth_verified, prefix, tls),
     )
 
 
