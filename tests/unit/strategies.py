@@ -134,6 +134,9 @@ CONTAINER_PORTS: tuple[tuple[str, int, str], ...] = (
     ("http", 8080, "TCP"), ("http", 80, "TCP"), ("metrics", 9090, "TCP"), ("dns", 53, "UDP"),
     ("dns", 53, "TCP"), ("admin", 9100, "TCP"), ("http", 8080, "UDP"),
 )
+# `serverNames` entries (Cilium's wildcards) and the SNIs flows send.
+SERVER_NAMES = ("api.example.test", "*.example.test", "**.cdn.test", "*", "API.Example.Test")
+FLOW_SERVER_NAMES = ("api.example.test", "x.example.test", "a.b.cdn.test", "cdn.test", "evil.test")
 PORT_NAMES = ("http", "http", "metrics", "dns", "admin", "HTTP", "nope")
 END_PORTS = (0, 8081, 9100, 65535)
 PROTOCOLS = ("TCP", "UDP", "ANY", "SCTP")
@@ -181,7 +184,7 @@ FIELD_NAMES = (
     "fromCIDRSet", "toCIDRSet", "cidr", "except", "toPorts", "ports", "port", "endPort",
     "protocol", "rules", "http", "method", "path", "host", "headers", "headerMatches", "value",
     "mismatch", "authentication", "mode", "source", "icmps", "fields", "type", "family", "cidrGroupRef", "cidrGroupSelector",
-    "toServices", "k8sService", "k8sServiceSelector", "serviceName", "selector", "fromNodes", "toNodes",
+    "toServices", "k8sService", "k8sServiceSelector", "serviceName", "selector", "fromNodes", "toNodes", "serverNames",
 )
 # Strings that have broken parsers before: non-ASCII digits, a lone surrogate (valid in JSON as
 # "\ud800"), a number too long for int(), whitespace, signs.
@@ -406,15 +409,24 @@ def http_rules(draw: st.DrawFn) -> dict[str, Any] | None:
 
 
 @st.composite
-def port_rules(draw: st.DrawFn, *, deny: bool) -> dict[str, Any]:
-    """One `toPorts` element: L4 ports, or a single TCP port with HTTP rules, or `{}`.
+def port_rules(draw: st.DrawFn, *, deny: bool, ingress: bool = True) -> dict[str, Any]:
+    """One `toPorts` element: L4 ports, or a single TCP port with HTTP rules, or with TLS server
+    names (egress), or `{}`.
 
-    HTTP rules in a deny rule, on a protocol other than TCP or on a port range are invalid; they
-    stay rare."""
-    kind = weighted(draw, [(30, "l4"), (1, "l7"), (3, "empty")] if deny
-                    else [(6, "l4"), (10, "l7"), (1, "empty")])
+    HTTP rules or serverNames in a deny rule, on a protocol other than TCP or on a port range are
+    invalid, and so are serverNames on ingress or beside HTTP rules; they stay rare."""
+    kind = weighted(draw, [(30, "l4"), (1, "l7"), (3, "empty"), (1, "sni")] if deny
+                    else [(6, "l4"), (10, "l7"), (1, "empty"), (1 if ingress else 5, "sni")])
     if kind == "empty":
         return {}
+    if kind == "sni":
+        sni_port: dict[str, Any] = {"port": weighted(draw, [(3, "8080"), (1, "80"), (1, "http"), (1, "0")])}
+        sni_port["protocol"] = weighted(draw, [(20, "TCP"), (2, "ANY"), (1, "UDP")])
+        out: dict[str, Any] = {"ports": [sni_port],
+                               "serverNames": draw(st.lists(st.sampled_from(SERVER_NAMES), min_size=1, max_size=2))}
+        if weighted(draw, [(30, False), (1, True)]):
+            out["rules"] = {"http": [{}]}  # refused beside serverNames
+        return out
     if kind == "l4":
         return {"ports": draw(st.lists(port_protocols(), min_size=1, max_size=2))}
     port: dict[str, Any] = {"port": weighted(draw, [(2, "8080"), (2, 8080), (1, "80"), (3, "http"), (1, "metrics")])}
@@ -485,7 +497,8 @@ def peer_rules(
     if weighted(draw, [(60, False), (1, True)]):
         l4 = "both"  # Cilium refuses icmps beside toPorts
     if l4 in ("toPorts", "both"):
-        rule["toPorts"] = draw(st.lists(port_rules(deny=deny), min_size=weighted(draw, [(6, 1), (1, 0)]), max_size=2))
+        rule["toPorts"] = draw(st.lists(port_rules(deny=deny, ingress=ingress), min_size=weighted(draw, [(6, 1), (1, 0)]),
+                                        max_size=2))
     if l4 in ("icmps", "both"):
         rule["icmps"] = draw(st.lists(icmp_rules(), min_size=weighted(draw, [(8, 1), (1, 0)]), max_size=2))
     if not deny and weighted(draw, [(4, False), (1, True)]):
@@ -687,6 +700,12 @@ def policy_keys() -> st.SearchStrategy[str]:
 
 
 @st.composite
+def tls_server_names(draw: st.DrawFn) -> str:
+    """The SNI of a TLS flow ("" for none)."""
+    return weighted(draw, [(6, draw(st.sampled_from(FLOW_SERVER_NAMES))), (1, "")])
+
+
+@st.composite
 def http_requests(draw: st.DrawFn) -> dict[str, Any]:
     headers: dict[str, str] = {}
     if draw(st.booleans()):
@@ -712,8 +731,13 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
 
     protocol = weighted(draw, [(8, "TCP"), (1, "UDP"), (1, "SCTP"), (2, "ICMP")])
     http = None
-    if protocol == "TCP" and weighted(draw, [(1, False), (3, True)]):
-        http = draw(http_requests())
+    tls_sni: str | None = None
+    if protocol == "TCP":
+        what = weighted(draw, [(1, "none"), (3, "http"), (1, "tls")])
+        if what == "http":
+            http = draw(http_requests())
+        elif what == "tls":
+            tls_sni = draw(tls_server_names())
     src, dst = party(), party()
     if protocol == "ICMP":
         port = draw(st.sampled_from(FLOW_ICMP_TYPES))  # the ICMP type
@@ -725,8 +749,8 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
             _, port, proto = draw(st.sampled_from(declared))
             protocol = weighted(draw, [(4, proto), (1, "TCP")])
             if protocol != "TCP":
-                http = None
-    return {
+                http = tls_sni = None
+    out = {
         "src": src,
         "dst": dst,
         "port": port,
@@ -734,6 +758,9 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
         "http": http,
         "authenticated": draw(st.booleans()),
     }
+    if tls_sni is not None:
+        out["tls_sni"] = tls_sni
+    return out
 
 
 @st.composite
@@ -1153,4 +1180,5 @@ def flow_of(
         protocol=Protocol(flow["protocol"]),
         http=request_of(flow.get("http")),
         authenticated=flow.get("authenticated", False),
+        tls_sni=flow.get("tls_sni"),
     )

@@ -255,6 +255,7 @@ def check_differential(scn: Mapping[str, Any], lookup: Callable[..., Verdict] = 
         return lookup(
             resolver.endpoint_policy(endpoint), direction, peer, f["port"],
             Protocol(f["protocol"]), gen.request_of(f.get("http")), f.get("authenticated", False),
+            f.get("tls_sni"),
         )
 
     for i, f in enumerate(scn["flows"]):
@@ -690,13 +691,26 @@ def load_corpus(name: str) -> dict[str, Any]:
 
 def test_differential_check_catches_a_lookup_that_ignores_http() -> None:
     def l4_only_lookup(policy: EndpointPolicy | None, direction: Direction, peer: int, port: int,
-                       protocol: Protocol, request: Any = None, authenticated: bool = False) -> Verdict:
+                       protocol: Protocol, request: Any = None, authenticated: bool = False,
+                       tls_sni: str | None = None) -> Verdict:
         return lookup(policy, direction, peer, port, protocol, None, authenticated)
 
     scn = load_corpus("differential/seed-frontend-to-billing")
     check_differential(scn)
     with pytest.raises(AssertionError, match="evaluate: denied layer=l7"):
         check_differential(scn, l4_only_lookup)
+
+
+def test_differential_check_catches_a_lookup_that_ignores_server_names() -> None:
+    def sni_blind_lookup(policy: EndpointPolicy | None, direction: Direction, peer: int, port: int,
+                         protocol: Protocol, request: Any = None, authenticated: bool = False,
+                         tls_sni: str | None = None) -> Verdict:
+        return lookup(policy, direction, peer, port, protocol, request, authenticated)
+
+    scn = load_corpus("differential/server-names-egress")
+    check_differential(scn)
+    with pytest.raises(AssertionError, match="evaluate: denied layer=l7"):
+        check_differential(scn, sni_blind_lookup)
 
 
 def test_differential_check_catches_an_expansion_that_drops_except_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
