@@ -42,7 +42,7 @@ FORWARDED_FOR_HEADER = "x-forwarded-for"
 #: their action name (`egress-allow|…`, `egress-deny-l7|…`): the flows tell them from the
 #: destination's ingress verdicts by it.
 EGRESS_ACTION_PREFIX = "egress-"
-#: A filter state object the egress listener's TLS chains set on each connection (the SNI the
-#: TLS inspector read, as `tls:<name>`, `tls:-` for none) and log, so that a TCP access log
-#: entry of such a chain becomes an EGRESS flow (`observe.envoy_flows`).
-EGRESS_TLS_STATE = "l7g.egress_tls"
+#: A filter state object the TLS chains (`serverNames`) set on each connection, `<direction>:<SNI>`
+#: (`egress` or `ingress`; `-` for no SNI), and log, so that a TCP access log entry of such a
+#: chain becomes a flow (`observe.envoy_flows`).
+TLS_STATE = "l7g.tls"

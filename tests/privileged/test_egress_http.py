@@ -361,3 +361,78 @@ def test_trace_agrees_on_server_names(world: World) -> None:
                               "--from", "cluster-a/web/client", "--to", world.site.ip, "--port", "443",
                               "--sni", name, "-o", "json"], capture_output=True, text=True)
         assert json.loads(out.stdout)["verdict"] == want, out.stdout
+
+
+SNI_INGRESS = cnp("remote-api-sni", "payments", "remote-api", ingress=[
+    {"fromEndpoints": [{"matchLabels": {NS: "web", "app": "free"}}],
+     "toPorts": [{"ports": [{"port": "8443", "protocol": "TCP"}], "serverNames": ["api.payments.test"]}]},
+])
+
+
+@pytest.fixture(scope="module")
+def tls_remote(world: World) -> Iterator[Pod]:
+    """A TLS server on remote-api:8443 (node b1), whose ingress policy admits `web/free` with
+    server name api.payments.test only: b1's Envoy judges it (its listener's TLS chain)."""
+    import sys as _sys
+
+    from l7gate.testing.etcd import make_tls
+
+    files = make_tls(world.tb.workdir / "sni-remote-tls", server_ips=(world.remote.ip,))
+    script = world.tb.workdir / "tls_server.py"
+    script.write_text(TLS_SERVER)
+    proc = world.remote.spawn([_sys.executable, str(script), world.remote.ip, "8443",
+                               str(files.server_cert), str(files.server_key)])
+    log = world.tb.log_path(proc)
+    eventually(lambda: "serving on" in log.read_text(errors="replace"), 10, "the TLS server listening")
+    for agent in (world.a, world.b):
+        agent.client.apply_policies([SNI_INGRESS])
+        agent.synced()
+    try:
+        yield world.remote
+    finally:
+        for agent in (world.a, world.b):
+            agent.client.delete_policy("CiliumNetworkPolicy/payments/remote-api-sni")
+        proc.kill()
+        proc.wait()
+
+
+def _https_port(pod: Pod, name: str, ip: str, port: int, timeout: float = 5) -> tuple[int, str]:
+    argv = ["curl", "-sS", "-k", "--noproxy", "*", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}",
+            "--resolve", f"{name}:{port}:{ip}", f"https://{name}:{port}/"]
+    proc = pod.run(argv, text=True, timeout=timeout + 10)
+    body, _, code = proc.stdout.rpartition("\n")
+    return (int(code), body) if code.isdigit() and code != "000" else (0, proc.stderr.strip())
+
+
+@pytest.mark.parametrize("name, allowed", [
+    ("api.payments.test", True),
+    ("other.payments.test", False),
+])
+def test_server_names_on_ingress_are_judged_by_the_destination_node(world: World, tls_remote: Pod, name: str,
+                                                                    allowed: bool) -> None:
+    status, body = _https_port(world.free, name, tls_remote.ip, 8443)
+    if allowed:
+        # b1's Envoy relayed the bytes untouched to the pod (from b1's own address, as its
+        # ingress proxy does for HTTP)
+        assert status == 200 and body == f"peer={world.remote.node.ip} sni={name}", body
+    else:
+        assert status == 0, body
+
+
+def test_plain_text_to_an_ingress_server_names_port_is_refused(world: World, tls_remote: Pod) -> None:
+    assert world.free.curl(f"http://{tls_remote.ip}:8443/", timeout=3)[0] in (0, 403)
+
+
+def test_ingress_tls_verdicts_are_ingress_flows(world: World, tls_remote: Pod) -> None:
+    assert _https_port(world.free, "nope.payments.test", tls_remote.ip, 8443)[0] == 0
+
+    def seen() -> bool:
+        fs = [f for f in flows(world, world.b) if "nope.payments.test" in f.get("Summary", "")]
+        assert fs, "no flow yet"
+        f = fs[-1]
+        assert f["verdict"] == "DROPPED" and f["drop_reason_desc"] == "Policy denied (L7)", f
+        assert f["traffic_direction"] == "INGRESS" and f["destination"]["pod_name"] == "remote-api", f
+        assert "remote-api-sni" in json.dumps(f["policy_match"]), f
+        return True
+
+    eventually(seen, 10, "the ingress TLS verdict in `l7gate observe` on b1")

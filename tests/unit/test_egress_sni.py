@@ -17,7 +17,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l7gate.envoy_names import CLUSTER, EGRESS_TLS_STATE, LISTENER
+from l7gate.envoy_names import CLUSTER, TLS_STATE, LISTENER
 from l7gate.observe.envoy_flows import tcp_log_flows
 from l7gate.observe.flow import TrafficDirection, Verdict
 from l7gate.observe.ingest_context import IngestContext, MalformedEvent, PeerInfo
@@ -93,7 +93,8 @@ def test_envoys_regex_accepts_what_the_policy_engine_does(pattern: str, labels: 
 # -- flows --------------------------------------------------------------------------------------
 
 
-def entry(sni: str, details: str = "", upstream_failed: bool = False, state: bool = True) -> TCPAccessLogEntry:
+def entry(sni: str, details: str = "", upstream_failed: bool = False, state: bool = True,
+          side: str = "egress") -> TCPAccessLogEntry:
     e = TCPAccessLogEntry()
     cp = e.common_properties
     cp.downstream_remote_address.socket_address.address = "10.0.0.5"
@@ -105,8 +106,8 @@ def entry(sni: str, details: str = "", upstream_failed: bool = False, state: boo
     cp.response_flags.upstream_connection_failure = upstream_failed
     if state:
         packed = any_pb2.Any()
-        packed.Pack(StringValue(value=f"tls:{sni or '-'}"))
-        cp.filter_state_objects[EGRESS_TLS_STATE].CopyFrom(packed)
+        packed.Pack(StringValue(value=f"{side}:{sni or '-'}"))
+        cp.filter_state_objects[TLS_STATE].CopyFrom(packed)
     return e
 
 
@@ -140,6 +141,6 @@ def test_a_bad_state_object_is_malformed() -> None:
     e = entry("a.test")
     packed = any_pb2.Any()
     packed.Pack(TCPAccessLogEntry())
-    e.common_properties.filter_state_objects[EGRESS_TLS_STATE].CopyFrom(packed)
+    e.common_properties.filter_state_objects[TLS_STATE].CopyFrom(packed)
     with pytest.raises(MalformedEvent):
         tcp_log_flows(e, CTX)

@@ -77,8 +77,6 @@ spec:
 
 
 @pytest.mark.parametrize("rule, direction, deny, expected", [
-    ('{ports: [{port: "443", protocol: TCP}], serverNames: ["a.test"]}', "ingress", False,
-     ("spec.ingress[0].toPorts[0].serverNames", "sni-ingress")),
     ('{ports: [{port: "443"}], serverNames: ["a.test"]}', "egress", True,
      ("spec.egressDeny[0].toPorts[0].serverNames", "deny-l7")),
     ('{ports: [{port: "443", protocol: TCP}], serverNames: [""]}', "egress", False,
@@ -99,6 +97,19 @@ def test_refused_with_the_field_at_fault(rule: str, direction: str, deny: bool, 
     errors = _errors(_doc(rule, direction, deny))
     assert expected[1] in {c for _, c in errors} or expected in errors, errors
     assert any(p.startswith(expected[0]) for p, _ in errors), errors
+
+
+def test_ingress_is_taken_and_a_host_policy_refused() -> None:
+    pol = parse_policy(yaml.safe_load(_doc('{ports: [{port: "443", protocol: TCP}], serverNames: ["a.test"]}',
+                                           "ingress")))
+    assert pol.rules[0].rules[0].port_rules[0].l7 is not None
+    doc = yaml.safe_load(_doc('{ports: [{port: "443", protocol: TCP}], serverNames: ["a.test"]}', "ingress"))
+    doc["spec"]["nodeSelector"] = doc["spec"].pop("endpointSelector")
+    doc["kind"] = "CiliumClusterwideNetworkPolicy"
+    del doc["metadata"]["namespace"]
+    with pytest.raises(PolicyValidationError) as ei:
+        parse_policy(doc)
+    assert [(e.path, e.code) for e in ei.value.errors] == [("spec.ingress[0].toPorts[0].serverNames", "host-l7")]
 
 
 def test_deny_rules_name_the_field() -> None:

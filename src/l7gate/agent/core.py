@@ -74,7 +74,7 @@ from ..policy.types import Policy
 from ..redirect_bpf.applier import IptablesRedirect, KernelApplier
 from ..redirect_bpf.loader import KernelDatapath
 from ..services import Backend, EndpointSlice, Frontend, FrontendEntry, Service, ServiceTable
-from ..envoy_names import EGRESS_TLS_STATE
+from ..envoy_names import TLS_STATE
 from ..observe.als import tcp_grpc_access_log
 from ..xds.egress import EgressPublisher, LocalPod, egress_http_ports, ingress_http_ports
 from ..xds.publisher import Publisher, ResourceSink
@@ -317,14 +317,14 @@ class AgentCore:
         self._view: StateView | None = None
         # The kernel checks mutual auth before it redirects a connection to Envoy; without it
         # (loopback, the iptables fallback) Envoy refuses auth-required peers itself.
+        tls_logs = [tcp_grpc_access_log(filter_state_objects=[TLS_STATE])] if access_logs else []
         self.publisher = Publisher(sink, config.node_id, self.resolver.endpoint_policy, access_logs,
-                                   auth_verified=datapath is not None)
+                                   auth_verified=datapath is not None, tcp_access_logs=tls_logs)
         # Egress HTTP rules (kernel mode with Envoy): the egress listener the kernel hands such
         # connections to (xds/egress.py); rendered when the policies, the ipcache or the local
         # pods changed since the last flush.
         self.egress = (EgressPublisher(sink, config.node_id, config.proxy_egress_port, access_logs,
-                                       tcp_access_logs=([tcp_grpc_access_log(filter_state_objects=[EGRESS_TLS_STATE])]
-                                                        if access_logs else []))
+                                       tcp_access_logs=tls_logs)
                        if datapath is not None and config.proxy_egress_port else None)
         self._egress_seen: tuple[int, int, int, frozenset[tuple[str, int]]] | None = None
         self._port_memo: dict[int, tuple[object, frozenset[int]]] = {}  # identity → (ingress map, ports)

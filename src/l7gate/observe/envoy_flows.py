@@ -53,7 +53,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.wrappers_pb2 import StringValue
 
-from ..envoy_names import EGRESS_ACTION_PREFIX, EGRESS_TLS_STATE, ORIGINAL_DST_HEADER
+from ..envoy_names import EGRESS_ACTION_PREFIX, TLS_STATE, ORIGINAL_DST_HEADER
 from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
 from .flow import (
     AUTH_FAILED,
@@ -783,8 +783,8 @@ def tcp_log_flows(entry: TCPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, .
     by their HTTP entries and give no flow."""
     _check_type(entry, _TCP_ENTRY_TYPE)
     cp = entry.common_properties
-    if EGRESS_TLS_STATE in cp.filter_state_objects:
-        return _egress_tls_flows(cp, ctx)
+    if TLS_STATE in cp.filter_state_objects:
+        return _tls_chain_flows(cp, ctx)
     if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
         return _tunnel_tcp_source_flows(cp, ctx)
     failure = cp.downstream_transport_failure_reason
@@ -817,15 +817,19 @@ def tcp_log_flows(entry: TCPAccessLogEntry, ctx: IngestContext) -> tuple[Flow, .
     )
 
 
-def _egress_tls_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ...]:
-    """A TLS connection the egress proxy judged by `serverNames` (`xds.egress.tls_chain`): one
-    flow, DROPPED with the reason when a network RBAC filter refused it, else FORWARDED (ERROR
-    when the destination could not be reached)."""
+def _tls_chain_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ...]:
+    """A TLS connection a proxy judged by `serverNames` (`xds.resources.tls_filter_chain`: the
+    egress listener's, or a local pod's ingress listener's): one flow, DROPPED with the reason
+    when a network RBAC filter refused it, else FORWARDED (ERROR when the destination could not
+    be reached)."""
     value = StringValue()
-    if not cp.filter_state_objects[EGRESS_TLS_STATE].Unpack(value):
-        raise MalformedEvent(f"{EGRESS_TLS_STATE} is not a string")
-    sni = value.value.removeprefix("tls:")
+    if not cp.filter_state_objects[TLS_STATE].Unpack(value):
+        raise MalformedEvent(f"{TLS_STATE} is not a string")
+    side, sep, sni = value.value.partition(":")
+    if not sep or side not in ("egress", "ingress"):
+        raise MalformedEvent(f"{TLS_STATE} {value.value[:100]!r} is not <egress|ingress>:<server name>")
     sni = "" if sni == "-" else sni[:MAX_HEADER_VALUE]
+    chain = TrafficDirection.EGRESS if side == "egress" else TrafficDirection.INGRESS
     src_sa, dst_sa = _downstream(cp)
     if not src_sa.address or not dst_sa.address:
         raise MalformedEvent("entry without downstream IP addresses")
@@ -838,18 +842,16 @@ def _egress_tls_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ..
                   protocol="TCP")
     if details.startswith(_RBAC_DENIED):
         kind, pols = _policies(details[len(_RBAC_DENIED):].rstrip("]"))
-        direction = TrafficDirection.EGRESS
+        direction = TrafficDirection.INGRESS  # an ingress chain, or the local destination's own policy
         if kind.startswith(EGRESS_ACTION_PREFIX):
-            kind = kind[len(EGRESS_ACTION_PREFIX):]
-        else:
-            direction = TrafficDirection.INGRESS  # the local destination's own policy
+            kind, direction = kind[len(EGRESS_ACTION_PREFIX):], TrafficDirection.EGRESS
         reason = _DENY_REASONS.get(kind, POLICY_DENIED)
         return (Flow(verdict=Verdict.DROPPED, drop_reason_desc=reason, traffic_direction=direction,
                      policy_match=_split(pols), summary=f"{named}: {reason}", **common),)  # type: ignore[arg-type]
     if cp.upstream_transport_failure_reason or _upstream_failed(cp.response_flags):
-        return (Flow(verdict=Verdict.ERROR, traffic_direction=TrafficDirection.EGRESS,
+        return (Flow(verdict=Verdict.ERROR, traffic_direction=chain,
                      summary=f"{named}: the destination could not be reached", **common),)  # type: ignore[arg-type]
-    return (Flow(verdict=Verdict.FORWARDED, traffic_direction=TrafficDirection.EGRESS,
+    return (Flow(verdict=Verdict.FORWARDED, traffic_direction=chain,
                  summary=f"{named}: allowed by serverNames", **common),)  # type: ignore[arg-type]
 
 

@@ -81,7 +81,7 @@ def server_name_re2(pattern: str) -> str:
         if pattern.startswith("**."):
             lead, pattern = rf"({label}+\.)+", pattern[3:]
         body = lead + f"{label}*".join(re.escape(part) for part in pattern.rstrip(".").split("*"))
-    return rf"(?i){body}\.?"
+    return rf"(?i:{body}\.?)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -811,7 +811,7 @@ class _SpecParser:
             if items is not None:
                 if not items:
                     w.warn(tp, "an empty list is the same as leaving the field out: all ports", "empty-ports")
-                port_rules = w.each(items, tp, lambda v, p: self.port_rule(v, p, deny, direction))
+                port_rules = w.each(items, tp, lambda v, p: self.port_rule(v, p, deny))
                 if direction is Direction.INGRESS and any(r.l7 is not None and r.l7.dns for r in port_rules):
                     w.error(tp, "DNS rules apply to egress only (the queries a pod sends), as in Cilium", "dns-ingress")
 
@@ -1122,8 +1122,7 @@ class _SpecParser:
 
     # -- ports and L7 ---------------------------------------------------------------------------
 
-    def port_rule(self, value: object, path: str, deny: bool,
-                  direction: Direction = Direction.INGRESS) -> PortRule | None:
+    def port_rule(self, value: object, path: str, deny: bool) -> PortRule | None:
         w = self.w
         m = w.mapping(
             value, path, {"ports", "rules", "serverNames"}, _UNSUPPORTED_PORT_RULE_FIELDS,
@@ -1169,7 +1168,7 @@ class _SpecParser:
                         "it has no L7 proxy for the node's own traffic",
                         "host-l7",
                     )
-        sni = self.server_names(m, path, deny, direction, l7) if "serverNames" in m else None
+        sni = self.server_names(m, path, deny, l7) if "serverNames" in m else None
         if len(w.errors) > n_errors:
             return None
         if sni:
@@ -1252,7 +1251,7 @@ class _SpecParser:
             ports = fixed
         return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
 
-    def server_names(self, m: Mapping[str, Any], path: str, deny: bool, direction: Direction,
+    def server_names(self, m: Mapping[str, Any], path: str, deny: bool,
                      l7: L7Rules | None) -> tuple[NameMatch, ...] | None:
         """`serverNames`: the TLS server names (SNI) a connection on the ports may name, as
         canonical patterns (Cilium's ServerName: `*` within a label, a leading `**.` for one
@@ -1263,10 +1262,9 @@ class _SpecParser:
             w.error(sp, "serverNames are not allowed in deny rules (ingressDeny/egressDeny): Cilium's deny "
                         "rules take ports only", "deny-l7")
             return None
-        if direction is Direction.INGRESS:
-            w.error(sp, "serverNames on ingress are not supported by l7gate: the TLS server name is matched by "
-                        "the source node's egress proxy, so write the rule as an egress rule of the clients",
-                    "sni-ingress")
+        if self.host_policy:
+            w.error(sp, "serverNames are not supported in a host policy (a spec with nodeSelector): l7gate has no "
+                        "proxy for the node's own traffic", "host-l7")
             return None
         items = w.list_of(m["serverNames"], sp)
         if items is None:
@@ -1307,11 +1305,11 @@ class _SpecParser:
                                             f"{pp_.protocol.value}", "sni-protocol")
                 continue
             if isinstance(pp_, PortProtocol) and pp_.ports == ALL_PORTS:
-                w.error(here, "serverNames need a port: l7gate's egress proxy matches them per port, not on "
+                w.error(here, "serverNames need a port: l7gate's proxy matches them per port, not on "
                               "port 0 (all ports)", "l7-port-range")
                 continue
             if isinstance(pp_, PortProtocol) and pp_.ports.hi - pp_.ports.lo + 1 > MAX_L7_RANGE:
-                w.error(here, f"serverNames on a range of {pp_.ports.hi - pp_.ports.lo + 1} ports: l7gate's egress "
+                w.error(here, f"serverNames on a range of {pp_.ports.hi - pp_.ports.lo + 1} ports: l7gate's "
                               f"proxy takes at most {MAX_L7_RANGE} ports per range; split the rule or narrow "
                               "the range", "l7-port-range")
                 continue

@@ -42,13 +42,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.config.core.v3 import substitution_format_string_pb2
-from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2 as set_filter_state_value_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
-from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
-from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
-from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
-from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -57,7 +51,7 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2
 
-from ..envoy_names import CLUSTER, EGRESS_TLS_STATE, HTTP_PROTOCOL_OPTIONS, LISTENER, ORIGINAL_DST_HEADER, ROUTE
+from ..envoy_names import CLUSTER, HTTP_PROTOCOL_OPTIONS, LISTENER, ORIGINAL_DST_HEADER, ROUTE
 from ..identity.ipcache import IPNetwork
 from ..policy.mapstate import Action, Decision, EndpointPolicy, MapEntry, MapKey
 from ..policy.parse import MAX_L7_RANGE
@@ -66,14 +60,12 @@ from . import rbac
 from .cache import SnapshotDelta
 from .pb import ads, cidr, pack, typed_ext
 from .publisher import ResourceSink
+from . import resources
 from .resources import HCM_FILTER, ROUTER_FILTER, downstream_protocol_options
 
 EGRESS_LISTENER = "l7g_egress"
 EGRESS_CLUSTER = "l7g_egress_origdst"
 EGRESS_TCP_CLUSTER = "l7g_egress_origdst_tcp"
-# The filter state the ORIGINAL_DST cluster reads the upstream address from (Envoy's
-# well-known key), for the TLS chains' TCP proxy, which has no header to carry it.
-ORIGINAL_DST_STATE = "envoy.network.transport_socket.original_dst_address"
 EGRESS_FILTER = "l7g.egress"
 DST_INGRESS_FILTER = "l7g.dst_ingress"
 EGRESS_ROUTE_NAME = "l7g-egress"  # the route's own name, as access logs report it
@@ -114,13 +106,7 @@ def _http_ports(entries: Mapping[MapKey, MapEntry], *, dns: bool) -> set[int]:
 
 def egress_sni_ports(policy: EndpointPolicy | None) -> set[int]:
     """The ports an endpoint's egress policy has `serverNames` on (a TLS chain each)."""
-    if policy is None:
-        return set()
-    out: set[int] = set()
-    for k, e in policy.egress.items():
-        if e.redirect and not e.deny and e.l7 is not None and e.l7.sni and k.ports.hi - k.ports.lo < MAX_L7_RANGE:
-            out.update(range(k.ports.lo, k.ports.hi + 1))
-    return out
+    return set() if policy is None else rbac.sni_ports(policy.egress, MAX_L7_RANGE)
 
 
 def egress_http_ports(policy: EndpointPolicy | None) -> set[int]:
@@ -251,41 +237,13 @@ def tls_chain(port: int, egress: matcher_pb2.Matcher, dst_ingress: matcher_pb2.M
     """A port's chain for TLS connections (the TLS inspector saw a ClientHello), judged by
     `serverNames` without reading the bytes: two network RBAC filters (the same two sides as
     the HTTP chain's, their leaves matching the SNI), then a TCP proxy to where the pod
-    connected. The verdict is taken once per connection, at its first bytes; the matchers sit in
-    the listener, so a policy change reaches new connections (Envoy drains only the changed
-    chains), not open ones."""
-    set_dst = set_filter_state_pb2.Config(on_new_connection=[
-        set_filter_state_value_pb2.FilterStateValue(
-            object_key=ORIGINAL_DST_STATE,
-            format_string=substitution_format_string_pb2.SubstitutionFormatString(
-                text_format_source=base_pb2.DataSource(inline_string="%DOWNSTREAM_LOCAL_ADDRESS%")),
-        ),
-        # for the flow of the connection (its access log entry): the SNI it was judged by
-        set_filter_state_value_pb2.FilterStateValue(
-            object_key=EGRESS_TLS_STATE, factory_key="envoy.string",
-            format_string=substitution_format_string_pb2.SubstitutionFormatString(
-                text_format_source=base_pb2.DataSource(inline_string="tls:%REQUESTED_SERVER_NAME%")),
-        ),
-    ])
-    proxy = tcp_proxy_pb2.TcpProxy(
-        stat_prefix=f"{EGRESS_LISTENER}_tls_{port}", cluster=EGRESS_TCP_CLUSTER, access_log=list(tcp_access_logs),
-        # Connect upstream only once the ClientHello passed the RBAC filters (the default would
-        # open a TCP connection to a destination whose server name is then refused).
-        upstream_connect_mode=tcp_proxy_pb2.ON_DOWNSTREAM_DATA,
-        max_early_data_bytes=wrappers_pb2.UInt32Value(value=64 << 10))
-    return listener_components_pb2.FilterChain(
-        name=f"tls-port-{port}",
-        filter_chain_match=listener_components_pb2.FilterChainMatch(
-            destination_port=wrappers_pb2.UInt32Value(value=port), transport_protocol="tls"),
-        filters=[
-            listener_components_pb2.Filter(name=DST_INGRESS_FILTER, typed_config=pack(network_rbac_pb2.RBAC(
-                stat_prefix=f"{EGRESS_LISTENER}_dst_{port}", matcher=dst_ingress))),
-            listener_components_pb2.Filter(name=EGRESS_FILTER, typed_config=pack(network_rbac_pb2.RBAC(
-                stat_prefix=f"{EGRESS_LISTENER}_sni_{port}", matcher=egress))),
-            listener_components_pb2.Filter(name="envoy.filters.network.set_filter_state", typed_config=pack(set_dst)),
-            listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy)),
-        ],
-    )
+    connected (`resources.tls_filter_chain`)."""
+    return resources.tls_filter_chain(
+        f"tls-port-{port}", port,
+        [(DST_INGRESS_FILTER, f"{EGRESS_LISTENER}_dst_{port}", dst_ingress),
+         (EGRESS_FILTER, f"{EGRESS_LISTENER}_sni_{port}", egress)],
+        EGRESS_TCP_CLUSTER, f"{EGRESS_LISTENER}_tls_{port}", tcp_access_logs,
+        original_dst=True, direction="egress")
 
 
 def listener(proxy_port: int, ports: Iterable[int], access_logs: Sequence[Message] = (),
@@ -304,10 +262,7 @@ def listener(proxy_port: int, ports: Iterable[int], access_logs: Sequence[Messag
         typed_config=pack(original_src_pb2.OriginalSrc(mark=PROXY_UPSTREAM_MARK)),
     )]
     if tls_chains:
-        # Tells TLS from plain text (`transport_protocol`) and reads the SNI; a plain-text
-        # client speaks first, so it waits for nothing.
-        listener_filters.append(listener_components_pb2.ListenerFilter(
-            name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector())))
+        listener_filters.append(resources.tls_inspector())
     return listener_pb2.Listener(
         name=EGRESS_LISTENER,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ANY_ADDRESS, port_value=proxy_port)),
@@ -336,7 +291,7 @@ def cluster() -> cluster_pb2.Cluster:
 
 def tcp_cluster() -> cluster_pb2.Cluster:
     """The TLS chains' upstream: the destination the pod connected to, from the filter state
-    the chain sets from the accepted socket's own address (`ORIGINAL_DST_STATE`)."""
+    the chain sets from the accepted socket's own address (`resources.ORIGINAL_DST_STATE`)."""
     return cluster_pb2.Cluster(
         name=EGRESS_TCP_CLUSTER,
         type=cluster_pb2.Cluster.ORIGINAL_DST,

@@ -40,6 +40,7 @@ from google.protobuf.message import Message
 
 from ..envoy_names import CLUSTER, EXTENSION_CONFIG, LISTENER, ROUTE
 from ..identity.ipcache import IPCacheChange
+from ..policy.parse import MAX_L7_RANGE
 from ..policy.mapstate import ANY_PEER, Decision, EndpointPolicy, MapEntry, MapKey, PolicyDelta, PortView
 from ..policy.types import Direction
 from ..policy.types import Protocol as L4Protocol
@@ -47,6 +48,7 @@ from . import rbac, resources, source_slots
 from .cache import SnapshotDelta
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TLS_RBAC_FILTER = "l7g.ingress_sni"  # the ingress TLS chain's network RBAC filter
 
 
 def _same_listener(a: resources.ProxiedPort, b: resources.ProxiedPort) -> bool:
@@ -115,6 +117,7 @@ class Publisher:
     policy_of: Callable[[int], EndpointPolicy | None]
     access_logs: Sequence[Message] = ()
     auth_verified: bool = False  # mutual auth is checked before traffic reaches Envoy (kernel)
+    tcp_access_logs: Sequence[Message] = ()  # the TLS chains' (`serverNames`), one entry per connection
     _ports: dict[tuple[str, int], _PortState] = field(default_factory=dict)
     _prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
     # The ipcache by block (block -> prefix -> identity), its broad prefixes, blocks per slot.
@@ -127,6 +130,8 @@ class Publisher:
     _gone_ecds: set[str] = field(default_factory=set)
     _removed_states: dict[tuple[str, int], _PortState] = field(default_factory=dict)  # until the flush
     _initialized: bool = False
+    # Per port with `serverNames`: its TLS chain as last sent in its listener (serialized).
+    _tls_sent: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -338,14 +343,19 @@ class Publisher:
             p = st.port
             if st.full or st.policy_changed or st.index is None:
                 self._refresh_policy(st)
+            tls = self._tls_chain(p)
+            tls_bytes = b"" if tls is None else tls.SerializeToString(deterministic=True)
+            if st.full or tls_bytes != self._tls_sent.get(key, b""):
+                # the listener anew, or only its TLS chain changed (Envoy then drains that chain
+                # alone: the HTTP chain's connections stay)
+                lname = resources.listener_name(p.ip, p.port)
+                listeners[lname] = resources.listener(lname, p.ip, p.port, resources.route_name(p.ip, p.port),
+                                                      self.access_logs, p.transparent, st.gen, tls)
+                self._tls_sent[key] = tls_bytes
             if st.full:
-                rname, cname, lname = (
-                    resources.route_name(p.ip, p.port), resources.cluster_name(p.ip, p.port), resources.listener_name(p.ip, p.port)
-                )
+                rname, cname = resources.route_name(p.ip, p.port), resources.cluster_name(p.ip, p.port)
                 clusters[cname] = resources.static_cluster(cname, p.upstream_ip, p.upstream_port)
                 routes[rname] = resources.upstream_route(rname, cname)
-                listeners[lname] = resources.listener(lname, p.ip, p.port, rname, self.access_logs, p.transparent,
-                                                      st.gen)
                 slots: Iterable[int] = (*range(source_slots.SOURCE_SLOTS), source_slots.REST)
                 st.classifier = True
                 stats.ports_translated += 1
@@ -370,6 +380,8 @@ class Publisher:
             st.slots.clear()
         removed = sorted(self._removed)
         self._removed.clear()
+        for key in removed:
+            self._tls_sent.pop(key, None)
         if not self._initialized or clusters or listeners or routes or ecds or removed or self._gone_ecds:
             gone_l = [resources.listener_name(ip, port) for ip, port in removed]
             gone_r = [resources.route_name(ip, port) for ip, port in removed]
@@ -393,6 +405,20 @@ class Publisher:
         stats.bytes_sent = sum(m.ByteSize() for m in sent)
         stats.removed = len(removed)
         return stats
+
+    def _tls_chain(self, p: resources.ProxiedPort) -> Message | None:
+        """The port's chain for TLS connections when its ingress policy has `serverNames`: one
+        network RBAC filter over every known identity's addresses (no slots: it is rebuilt,
+        and the listener re-sent, when it changes), then a TCP proxy to the pod."""
+        policy = self.policy_of(p.identity)
+        if policy is None or p.port not in rbac.sni_ports(policy.ingress, MAX_L7_RANGE):
+            return None
+        decisions = rbac.port_decisions(policy, p.port, self._prefixes.keys())
+        matcher = rbac.rbac_matcher(decisions, self._prefixes, auth_verified=self.auth_verified, tls=True)
+        name = resources.listener_name(p.ip, p.port)
+        return resources.tls_filter_chain(
+            f"tls-{p.port}", p.port, [(TLS_RBAC_FILTER, f"{name}_sni", matcher)], resources.cluster_name(p.ip, p.port),
+            f"{name}_tls", self.tcp_access_logs, original_dst=False, direction="ingress")
 
     @property
     def ports(self) -> list[resources.ProxiedPort]:

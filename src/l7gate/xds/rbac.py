@@ -51,7 +51,7 @@ from ..identity.ipcache import IPNetwork, prefix_sort_key
 from ..identity.numeric import WORLD
 from ..policy.fqdn import server_name_re2
 from ..policy.httpverdict import named_policies
-from ..policy.mapstate import Action, Decision, EndpointPolicy, PortView
+from ..policy.mapstate import Action, Decision, EndpointPolicy, MapEntry, MapKey, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
 from .pb import cidr, typed_ext
 
@@ -97,6 +97,17 @@ def port_decisions(
             if ident not in named_set and ident != WORLD_ID:
                 peers[ident] = unnamed
     return PortDecisions(world, dict(sorted(peers.items())), unnamed != world)
+
+
+def sni_ports(entries: Mapping[MapKey, MapEntry], max_range: int) -> set[int]:
+    """The TCP ports a direction of a resolved map has `serverNames` on (a TLS chain each), a
+    range's ports one by one (ranges wider than `max_range` are refused by the parser)."""
+    out: set[int] = set()
+    for k, e in entries.items():
+        if (e.redirect and not e.deny and e.l7 is not None and e.l7.sni and k.protocol.covers(Protocol.TCP)
+                and k.ports.hi - k.ports.lo < max_range):
+            out.update(range(k.ports.lo, k.ports.hi + 1))
+    return out
 
 
 # -- RBAC matcher ----------------------------------------------------------------------------------
@@ -168,7 +179,7 @@ def _server_name_leaf(d: Decision, pols: str, prefix: str) -> matcher_pb2.Matche
     deny = _action(f"{prefix}deny-l7|{pols}", False)
     if not d.sni:
         return deny
-    regex = "|".join(f"(?:{server_name_re2(m.match_pattern or '')})" for m in d.sni)
+    regex = "|".join(server_name_re2(m.match_pattern or "") for m in d.sni)
     single = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
         input=typed_ext("server-name", network_inputs_pb2.ServerNameInput()),
         value_match=string_pb2.StringMatcher(

@@ -17,12 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2 as set_filter_state_value_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
+from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -31,7 +36,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import matcher_pb2
 
-from ..envoy_names import HTTP_PROTOCOL_OPTIONS
+from ..envoy_names import TLS_STATE, HTTP_PROTOCOL_OPTIONS
 from .pb import ads, ecds_source, pack
 from .rbac import deny_all_rbac
 from .source_slots import CLASSIFIER_TYPE, classifier_name
@@ -125,10 +130,11 @@ def source_http_connection_manager(
 
 def listener(
     name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False,
-    gen: int = 0,
+    gen: int = 0, tls_chain: listener_components_pb2.FilterChain | None = None,
 ) -> listener_pb2.Listener:
     """A proxied port's listener; its policy filter is the port's classifier (ECDS) of
-    incarnation `gen` (`source_slots.classifier_name`)."""
+    incarnation `gen` (`source_slots.classifier_name`). `tls_chain`: the chain of its TLS
+    connections when the port has `serverNames` (`tls_filter_chain`), with the TLS inspector."""
     hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port, gen), access_logs)
     chain = listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))]
@@ -138,10 +144,70 @@ def listener(
         address=address_pb2.Address(
             socket_address=address_pb2.SocketAddress(address=ip, port_value=port)
         ),
-        filter_chains=[chain],
+        filter_chains=[chain] if tls_chain is None else [chain, tls_chain],
+        listener_filters=[tls_inspector()] if tls_chain is not None else [],
         # Kernel mode: the pod's address is not local to the node; IP_TRANSPARENT lets Envoy
         # listen on it and answer from it, for the connections the datapath marks for it.
         transparent=wrappers_pb2.BoolValue(value=True) if transparent else None,
+    )
+
+
+# The filter state the ORIGINAL_DST cluster reads the upstream address from (Envoy's well-known
+# key): for the egress TLS chains' TCP proxy, which has no header to carry it.
+ORIGINAL_DST_STATE = "envoy.network.transport_socket.original_dst_address"
+
+
+def tls_inspector() -> listener_components_pb2.ListenerFilter:
+    """Tells TLS from plain text (`transport_protocol`) and reads the SNI. A plain-text client
+    speaks first, so it waits for nothing."""
+    return listener_components_pb2.ListenerFilter(
+        name="envoy.filters.listener.tls_inspector", typed_config=pack(tls_inspector_pb2.TlsInspector()))
+
+
+def tls_filter_chain(
+    name: str, port: int, rbac_filters: Sequence[tuple[str, str, matcher_pb2.Matcher]], cluster: str,
+    stat_prefix: str, tcp_access_logs: Sequence[Message] = (), *, original_dst: bool, direction: str,
+) -> listener_components_pb2.FilterChain:
+    """A chain for the TLS connections to `port` (`transport_protocol: tls`), judged by
+    `serverNames` without reading their bytes: network RBAC filters (name, stat prefix, matcher
+    whose leaves match the SNI: `rbac.decision_on_match(tls=True)`), then a TCP proxy to
+    `cluster` that connects only once the ClientHello passed them (a refused server name opens
+    no connection upstream). `original_dst`: the cluster is ORIGINAL_DST, told the accepted
+    socket's own address. The SNI is kept in filter state (`TLS_STATE`, as
+    `<direction>:<name>`) for the flow of the connection's access log entry.
+
+    The verdict is taken once per connection, at its first bytes. The matchers sit in the
+    listener: a change re-sends it, and Envoy drains only the chains that changed, so it
+    reaches new connections; open ones keep their verdict."""
+    states = [set_filter_state_value_pb2.FilterStateValue(
+        object_key=TLS_STATE, factory_key="envoy.string",
+        format_string=substitution_format_string_pb2.SubstitutionFormatString(
+            text_format_source=base_pb2.DataSource(inline_string=f"{direction}:%REQUESTED_SERVER_NAME%")),
+    )]
+    if original_dst:
+        states.insert(0, set_filter_state_value_pb2.FilterStateValue(
+            object_key=ORIGINAL_DST_STATE,
+            format_string=substitution_format_string_pb2.SubstitutionFormatString(
+                text_format_source=base_pb2.DataSource(inline_string="%DOWNSTREAM_LOCAL_ADDRESS%")),
+        ))
+    proxy = tcp_proxy_pb2.TcpProxy(
+        stat_prefix=stat_prefix, cluster=cluster, access_log=list(tcp_access_logs),
+        upstream_connect_mode=tcp_proxy_pb2.ON_DOWNSTREAM_DATA,
+        max_early_data_bytes=wrappers_pb2.UInt32Value(value=64 << 10))
+    filters = [
+        listener_components_pb2.Filter(name=fname, typed_config=pack(network_rbac_pb2.RBAC(
+            stat_prefix=prefix, matcher=matcher)))
+        for fname, prefix, matcher in rbac_filters
+    ]
+    filters.append(listener_components_pb2.Filter(
+        name="envoy.filters.network.set_filter_state",
+        typed_config=pack(set_filter_state_pb2.Config(on_new_connection=states))))
+    filters.append(listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy)))
+    return listener_components_pb2.FilterChain(
+        name=name,
+        filter_chain_match=listener_components_pb2.FilterChainMatch(
+            destination_port=wrappers_pb2.UInt32Value(value=port), transport_protocol="tls"),
+        filters=filters,
     )
 
 

@@ -1,0 +1,125 @@
+"""Ingress `serverNames`: a proxied port whose ingress policy has them gets a TLS chain in its
+listener (xds/publisher.py, resources.tls_filter_chain), whose network RBAC decides each source
+address by the SNI; the listener is re-sent when that chain changes, and only then."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from xds.type.matcher.v3 import ip_pb2
+
+from l7gate.identity.ipcache import IPCacheChange
+from l7gate.policy.labels import Labels
+from l7gate.policy.parse import parse_policy
+from l7gate.policy.resolve import Resolver
+from l7gate.xds import resources
+from l7gate.xds.cache import LISTENER, SnapshotCache, SnapshotDelta
+from l7gate.xds.publisher import Publisher
+
+NODE, API, API_IP, PORT = "n", 1001, "10.9.1.10", 8443
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.cache = SnapshotCache()
+        self.listeners: list[str] = []
+
+    def apply(self, node_id: str, delta: SnapshotDelta) -> object:
+        self.listeners.extend(delta.upserted.get(LISTENER, {}))
+        return self.cache.apply(node_id, delta)
+
+
+def policy(*port_rules: dict[str, Any]) -> Any:
+    return parse_policy({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                         "metadata": {"name": "api-in", "namespace": "web"},
+                         "spec": {"endpointSelector": {"matchLabels": {"app": "api"}},
+                                  "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}],
+                                               "toPorts": list(port_rules)}]}})
+
+
+SNI = {"ports": [{"port": str(PORT), "protocol": "TCP"}], "serverNames": ["api.example.test"]}
+
+
+class World:
+    def __init__(self, *port_rules: dict[str, Any]) -> None:
+        self.r = Resolver()
+        self.sink = Sink()
+        self.pub = Publisher(self.sink, NODE, self.r.endpoint_policy, auth_verified=True)
+        self.rev = 0
+        self.r.update_identities({API: Labels.of({"app": "api", "io.kubernetes.pod.namespace": "web"})})
+        self.pub.on_policy_delta(self.r.add_endpoint(API))
+        self.pub.on_policy_delta(self.r.upsert_policy(policy(*port_rules)))
+        self.set_ip(f"{API_IP}/32", API)
+        self.pub.set_ports([resources.ProxiedPort(API, API_IP, PORT, API_IP, PORT, transparent=True)])
+        self.pub.flush()
+
+    def set_ip(self, prefix: str, ident: int) -> None:
+        self.rev += 1
+        self.pub.on_ipcache_change(IPCacheChange(ipaddress.ip_network(prefix), None, ident, self.rev))
+
+    def add_pod(self, ident: int, ip: str, app: str) -> None:
+        self.pub.on_policy_delta(self.r.update_identities(
+            {ident: Labels.of({"app": app, "io.kubernetes.pod.namespace": "web"})}))
+        self.set_ip(f"{ip}/32", ident)
+
+    def listener(self) -> Any:
+        snap = self.sink.cache.get_snapshot(NODE)
+        assert snap is not None
+        return snap.messages(LISTENER)[resources.listener_name(API_IP, PORT)]
+
+
+def test_the_port_gets_a_tls_chain_to_the_pod() -> None:
+    w = World(SNI)
+    # no source the rule names exists yet: no map entry has server names, no chain
+    assert len(w.listener().filter_chains) == 1
+    w.add_pod(2001, "10.9.2.5", "client")
+    w.pub.flush()
+    lis = w.listener()
+    assert [c.name for c in lis.filter_chains] == ["", f"tls-{PORT}"]
+    assert [f.name for f in lis.listener_filters] == ["envoy.filters.listener.tls_inspector"]
+    tls = lis.filter_chains[1]
+    assert tls.filter_chain_match.transport_protocol == "tls"
+    proxy = tcp_proxy_pb2.TcpProxy()
+    tls.filters[-1].typed_config.Unpack(proxy)
+    assert proxy.cluster == resources.cluster_name(API_IP, PORT)
+    assert proxy.upstream_connect_mode == tcp_proxy_pb2.ON_DOWNSTREAM_DATA
+
+
+def test_a_source_the_rule_names_is_judged_by_sni_others_denied() -> None:
+    w = World(SNI)
+    w.add_pod(2001, "10.9.2.5", "client")
+    w.add_pod(2002, "10.9.2.6", "other")
+    w.pub.flush()
+    rbac_cfg = network_rbac_pb2.RBAC()
+    w.listener().filter_chains[1].filters[0].typed_config.Unpack(rbac_cfg)
+    ipm = ip_pb2.IPMatcher()
+    rbac_cfg.matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    by_range = {r.ranges[0].address_prefix: r.on_match for r in ipm.range_matchers}
+    client = by_range["10.9.2.5"]
+    assert client.HasField("matcher")  # a nested SNI matcher
+    regex = client.matcher.matcher_list.matchers[0].predicate.single_predicate.value_match.safe_regex.regex
+    assert re.fullmatch(regex, "api.example.test") and not re.fullmatch(regex, "evil.test")
+    assert "deny-l3l4" in str(rbac_cfg.matcher.on_no_match)  # world and `other`: default deny
+
+
+def test_the_listener_is_re_sent_only_when_the_chain_changes() -> None:
+    w = World(SNI)
+    w.add_pod(2001, "10.9.2.5", "client")
+    w.pub.flush()
+    w.sink.listeners.clear()
+    w.add_pod(2002, "10.9.2.6", "other")  # default deny, like world: the chain does not change
+    w.pub.flush()
+    assert w.sink.listeners == []
+    w.add_pod(2003, "10.9.2.7", "client")  # a new allowed source: the chain changes
+    w.pub.flush()
+    assert w.sink.listeners == [resources.listener_name(API_IP, PORT)]
+
+
+def test_http_rules_alone_keep_the_plain_listener() -> None:
+    w = World({"ports": [{"port": str(PORT), "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}})
+    lis = w.listener()
+    assert len(lis.filter_chains) == 1 and not lis.listener_filters
