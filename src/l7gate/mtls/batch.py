@@ -570,8 +570,8 @@ def _one_channel(store: SVIDStore, pairs: Sequence[Pair], address: Address, time
             return out | _all(wanted, AuthError(Failure.PROTOCOL, f"{_fmt(address)}: {exc}"))
         except TimeoutError:
             return out | _all(wanted, AuthError(Failure.TIMEOUT, f"batch with {_fmt(address)}"))
-        except ssl.SSLError as exc:
-            return out | _all(wanted, _tls_error(exc))
+        except ssl.SSLError as exc:  # e.g. the peer's alert for our channel certificate
+            raise ChannelRefused(_tls_error(exc)) from None
         except OSError as exc:
             return out | _all(wanted, AuthError(Failure.CONNECT, f"{_fmt(address)}: {exc.strerror or exc}"))
 
