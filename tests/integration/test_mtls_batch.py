@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +97,7 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.stop()
 
 
-def static(ca: BuiltinCA, svids: dict[int, SVID], extra_roots: list[BuiltinCA] = ()) -> StaticSource:  # type: ignore[assignment]
+def static(ca: BuiltinCA, svids: dict[int, SVID], extra_roots: Sequence[BuiltinCA] = ()) -> StaticSource:
     bundle = ca.bundle() + [c for other in extra_roots for c in other.bundle()]
     return StaticSource(TD, bundle, svids)
 
@@ -189,14 +189,14 @@ def test_nobody_listening_fails_every_pair_at_once(ca: BuiltinCA, make_node: Cal
 
 
 def forged_server(ca: BuiltinCA, make_node: Callable[..., Node], bad: SVID,
-                  extra_roots: list[BuiltinCA] = ()) -> tuple[Node, Address]:  # type: ignore[assignment]
+                  extra_roots: Sequence[BuiltinCA] = ()) -> tuple[Node, Address]:
     """A server node whose R1 is fine and whose R2 presents `bad`."""
     server = make_node(static(ca, {R1: ca.issue(R1), R2: bad}, extra_roots), [R1, R2])
     return server, server.serve()
 
 
 def client_sees(ca: BuiltinCA, make_node: Callable[..., Node], bad: SVID,
-                extra_roots: list[BuiltinCA] = ()) -> AuthError:  # type: ignore[assignment]
+                extra_roots: Sequence[BuiltinCA] = ()) -> AuthError:
     """What the client makes of R2's proof when R2's SVID is `bad` (R1's pair must pass)."""
     client = make_node(static(ca, {L1: ca.issue(L1)}, extra_roots), [L1])
     _, address = forged_server(ca, make_node, bad)
@@ -208,7 +208,7 @@ def client_sees(ca: BuiltinCA, make_node: Callable[..., Node], bad: SVID,
 
 
 def server_sees(ca: BuiltinCA, make_node: Callable[..., Node], bad: SVID,
-                extra_roots: list[BuiltinCA] = ()) -> tuple[AuthError, list[ServerEvent]]:  # type: ignore[assignment]
+                extra_roots: Sequence[BuiltinCA] = ()) -> tuple[AuthError, list[ServerEvent]]:
     """What the server makes of L2's proof when L2's SVID is `bad` (L1, the channel's
     certificate, and its pair are fine)."""
     client = make_node(static(ca, {L1: ca.issue(L1), L2: bad}), [L1, L2])
@@ -562,12 +562,17 @@ def test_auth_manager_proves_a_nodes_due_pairs_over_one_channel(ca: BuiltinCA, m
     calls: list[tuple[Address, list[Pair]]] = []
     written: dict[tuple[int, int, Address], float] = {}
 
-    def batch_fn(node: Address, pairs: list[Pair]) -> dict[Pair, AuthResult | AuthError]:
+    def batch_fn(node: Address, pairs: Sequence[Pair]) -> dict[Pair, AuthResult | AuthError]:
         calls.append((node, list(pairs)))
         return authenticate_batch(client.store, pairs, node, clock=clock)
 
-    manager = AuthManager(client.store, lambda l, r, n, t: written.__setitem__((l, r, n), t),
-                          lambda l, r, n: written.pop((l, r, n)), batch_fn=batch_fn, clock=clock)
+    def write(local: int, remote: int, node: Address, expires_at: float) -> None:
+        written[(local, remote, node)] = expires_at
+
+    def delete(local: int, remote: int, node: Address) -> None:
+        del written[(local, remote, node)]
+
+    manager = AuthManager(client.store, write, delete, batch_fn=batch_fn, clock=clock)
     try:
         wanted = {(L1, R1): {address}, (L1, R2): {address}, (L2, R1): {address}, (L2, 300): {address}}
         manager.set_wanted(wanted)
@@ -575,7 +580,8 @@ def test_auth_manager_proves_a_nodes_due_pairs_over_one_channel(ca: BuiltinCA, m
         assert calls == [(address, sorted(wanted))]
         assert set(written) == {(L1, R1, address), (L1, R2, address), (L2, R1, address)}
         rows = {(s.local, s.remote): s for s in manager.status()}
-        assert rows[(L2, 300)].last_error is not None and "does not serve the identity" in rows[(L2, 300)].last_error
+        last_error = rows[(L2, 300)].last_error
+        assert last_error is not None and "does not serve the identity" in last_error
         assert rows[(L2, 300)].failures == 1 and rows[(L1, R1)].failures == 0
         # one row due alone (the on-demand path): a handshake, not a batch
         clock.advance(1.5)

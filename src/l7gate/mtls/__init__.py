@@ -13,7 +13,8 @@
     auth.request(local, remote)                         # after an "Authentication required" drop
     auth.status()                                       # rows for `l7gate auth status`
 
-Modules: `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`; the SPIFFE names are
+Modules: `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `batch` (many pairs over one
+channel), `auth`; the SPIFFE names are
 `l7gate.identity.spiffe` (below xds, which names certificates with them too).
 """
 

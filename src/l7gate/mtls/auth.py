@@ -26,8 +26,8 @@ not dropped while the first handshakes run; a failed first handshake leaves the 
 failure leaves a previous success of the manager's own; and an entry for a pair or node no
 longer wanted expires instead of being deleted.
 
-Handshakes run on a small thread pool. When several rows of one node are due at once (after
-an agent restart, a CA rotation, a new node), they are proven together over one batch channel
+Handshakes run on a small thread pool. When several rows of one node are due at once
+(`batch_min`, 2; after an agent restart, a CA rotation, a new node), they are proven together over one batch channel
 (`batch.authenticate_batch`: one TLS handshake, one signature per identity and side) instead of
 one handshake each; each pair's outcome is the one its own handshake would have had, and is
 recorded exactly as a handshake's (a failure backs off that row alone). A peer that does not

@@ -17,6 +17,9 @@ identity L talk to R, calls `handshake(store, L, R, B)`:
    (or the alert that replaces it) is how A learns that B accepted L.
 5. A's result expires at the earlier of the two certificates' NotAfter.
 
+The server also answers batch channels (SNI ``"batch.<trust-domain>"``, see `batch`): many
+identity pairs proven over one channel, each by its own identity's key.
+
 Failures raise `AuthError` naming the `Reason` (a certificate check, ours or the peer's) or
 the `Failure` (connect, timeout, TLS, unknown identity). TLS contexts are built from the store's
 files and cached per identity until the store's SVID or bundle changes.
