@@ -4,7 +4,8 @@ Theory of operation. After an agent restart (or a CA rotation) a node has hundre
 thousands of (local identity, remote identity) pairs to prove to each other node. One full
 `handshake` per pair costs two TLS handshakes' worth of CPU; here node A's agent opens *one*
 mutually-authenticated TLS 1.3 channel to node B's `MutualAuthServer` and proves every pair
-over it with one signature per pair and side:
+over it with one signed *statement* per identity and side ("X vouches, on this channel, for
+its pairs with Y1, Y2, ..."):
 
 1. Channel. A connects with SNI ``"batch.<trust-domain>"`` and presents the SVID of one of the
    batch's local identities; B's SNI callback presents the SVID of one of its own identities.
@@ -14,40 +15,43 @@ over it with one signature per pair and side:
    per pair. A channel refused for any other certificate reason falls back too, so that every
    pair gets the reason of its own certificates, never that of the channel's.
 2. A → B ``REQUEST``: a fresh 32-byte nonce ``Nc`` and the pairs ``(L, R)``.
-3. B → A ``SERVER_PROOFS``: a fresh nonce ``Ns``, then per pair either a proof (R's SVID chain
-   and R's signature over the transcript below) or the reason B cannot prove R (B does not
-   hold R: ``UNKNOWN_IDENTITY``, as the handshake's ``unrecognized_name``).
-4. A checks each of B's proofs: `verify_peer(chain, expected_identity=R)` (trust domain, SAN
-   shape, not a CA, path to the bundle, validity at `now`: the handshake's rules) and the
-   signature. For each pair whose proof holds, A → B ``CLIENT_PROOFS``: L's chain and L's
-   signature over the transcript; the others are skipped.
-5. B checks each of A's proofs the same way (expected identity L) and answers ``VERDICTS``:
-   ``OK`` or ``ERR <REASON> <detail>`` per pair, as the handshake's status line.
-6. A pair is authenticated when B's proof held and B answered OK; it expires at the earlier of
-   L's and R's NotAfter, as a handshake's result. Any other outcome fails that pair alone, with
-   the `AuthError` a handshake would have raised (or `Failure.PROOF` for a bad signature).
+3. B → A ``SERVER_PROOFS``: a fresh nonce ``Ns``; for each R it holds, R's statement (R's SVID
+   chain, the sorted L's of R's pairs, R's signature over the transcript below); for each pair
+   whose R it does not hold, ``UNKNOWN_IDENTITY`` (the handshake's ``unrecognized_name``).
+4. A checks each statement once: `verify_peer(chain)` (trust domain, SAN shape, not a CA, path
+   to the bundle, validity at `now`: the handshake's rules), the certificate's identity is the
+   prover's, the signature holds over the transcript A builds itself, and the pair's L is among
+   the signed partners. For each L with pairs whose statement held, A → B ``CLIENT_PROOFS``:
+   L's statement for those R's.
+5. B checks each of A's statements the same way and answers ``VERDICTS``: ``OK`` or
+   ``ERR <REASON> <detail>`` per pair, as the handshake's status line.
+6. A pair is authenticated when B's statement for it held and B answered OK; it expires at the
+   earlier of L's and R's NotAfter, as a handshake's result. Any other outcome fails the pairs
+   of that statement alone, with the `AuthError` a handshake would have raised (or
+   `Failure.PROOF` for a signature that does not verify or a pair no statement covers).
 
-The transcript a proof signs (`transcript`):
+The transcript a statement signs (`transcript`):
 
     "l7gate mutual-auth pair proof v1\\0" || role ("C" or "S") || len(td) || td
     || SHA-256(channel client leaf) || SHA-256(channel server leaf) || Nc || Ns
-    || prover identity || verifier-side identity (u32 each) || SHA-256(prover's leaf)
+    || prover (u32) || SHA-256(prover's leaf) || count || partners (u32 each, sorted, unique)
 
-- the two channel leaves bind the proof to this TLS channel: each end proved it holds its
-  leaf's key in the TLS handshake (CertificateVerify), so a man in the middle, who must present
-  a certificate of its own on at least one side, makes the two ends see different pairs of
+- the two channel leaves bind it to this TLS channel: each end proved it holds its leaf's key
+  in the TLS handshake (CertificateVerify), so a man in the middle, who must present a
+  certificate of its own on at least one side, makes the two ends see different pairs of
   leaves. Python's ssl offers no TLS 1.3 exporter and ``tls-unique`` is undefined for TLS 1.3,
   so the certificates plus the nonces (exchanged inside the channel) stand in for it;
-- each verifier's own fresh nonce makes every proof new: a proof recorded on another channel
-  or an earlier session of this one does not verify;
-- both identities: a proof for (L, R) says nothing about (L, R') or (L', R);
-- the role: a proof made by the client side cannot be reflected back as the server's (the same
-  identity may live on both nodes);
+- each verifier's own fresh nonce makes every statement new: one recorded on another channel
+  or an earlier session does not verify;
+- prover and partners: a statement for (L, R) says nothing about (L, R') or (L', R);
+- the role: a statement made by the client side cannot be reflected back as the server's (the
+  same identity may live on both nodes);
 - the prover's leaf: the signature is over the certificate whose identity and NotAfter the
   verifier reads, not only over its key.
 
-Costs per pair: one sign and one verify per side (ECDSA P-256: ~40 and ~90 µs), plus a
-cached `verify_peer` per distinct chain and batch; the TLS handshake once per batch.
+Costs: one TLS handshake per batch; per identity and side one signature and one verification
+(ECDSA P-256: ~40 and ~90 µs) and a `verify_peer` (cached across batches). With each identity
+in one pair only, that is per pair; with identities in many pairs, far less.
 
 Thread-safe: `authenticate_batch` keeps nothing between calls; `serve_batch` runs on the
 server's connection thread.
