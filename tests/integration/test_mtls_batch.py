@@ -591,3 +591,38 @@ def test_auth_manager_proves_a_nodes_due_pairs_over_one_channel(ca: BuiltinCA, m
         assert {(s.local, s.remote): s.attempts for s in manager.status()}[(L2, 300)] == 2
     finally:
         manager.stop()
+
+
+def test_the_agents_auth_manager_batches_by_default(
+    ca: BuiltinCA, make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`AuthManager(store, ...)`, as the daemon builds it, proves a node's due pairs over one
+    batch channel and writes what a handshake per pair would have written."""
+    auth_module = importlib.import_module("l7gate.mtls.auth")
+    channels: list[list[Pair]] = []
+    real = auth_module.authenticate_batch
+
+    def counted(store: SVIDStore, pairs: Sequence[Pair], *args: object, **kwargs: object) -> object:
+        channels.append(list(pairs))
+        return real(store, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(auth_module, "authenticate_batch", counted)
+    client = make_node(ca, [L1, L2])
+    server = make_node(ca, [R1, R2])
+    address = server.serve()
+    written: dict[tuple[int, int, Address], float] = {}
+
+    def write(local: int, remote: int, node: Address, expires_at: float) -> None:
+        written[(local, remote, node)] = expires_at
+
+    manager = AuthManager(client.store, write, lambda *_: None)
+    try:
+        pairs = [(L1, R1), (L1, R2), (L2, R1), (L2, R2)]
+        manager.set_wanted({pair: {address} for pair in pairs})
+        manager.tick()
+        assert channels == [pairs]
+        for local, remote in pairs:
+            single = handshake(client.store, local, remote, address)
+            assert written[(local, remote, address)] == single.expires_at
+    finally:
+        manager.stop()
