@@ -272,6 +272,18 @@ def test_a_refused_channel_certificate_falls_back_to_each_pairs_own_reason(
     out = authenticate_batch(client.store, [(L1, R1), (L2, R1)], server.serve())
     assert error(out[(L1, R1)]).reason is Reason.EXPIRED and error(out[(L1, R1)]).by_peer
     ok(out[(L2, R1)])
+    # refused by the server's verify_peer after TLS (a bundle holding the other root, so OpenSSL
+    # passes the chain): the REFUSED frame, then the same fallback
+    other = BuiltinCA.ephemeral("other.example")
+    client = make_node(static(ca, {L1: other.issue(L1), L2: ca.issue(L2)}), [L1, L2])
+    lax = make_node(static(ca, {R1: ca.issue(R1)}, [other]), [R1])
+    address = lax.serve()
+    with pytest.raises(ChannelRefused) as info:
+        authenticate_batch(client.store, [(L1, R1), (L2, R1)], address, fallback=False)
+    assert info.value.error.reason is Reason.WRONG_TRUST_DOMAIN and info.value.error.by_peer
+    out = authenticate_batch(client.store, [(L1, R1), (L2, R1)], address)
+    assert error(out[(L1, R1)]).reason is Reason.WRONG_TRUST_DOMAIN and error(out[(L1, R1)]).by_peer
+    ok(out[(L2, R1)])
 
 
 # -- a peer that lies: the verifier is the client (it writes the auth map) ----------------------
