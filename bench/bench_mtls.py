@@ -307,7 +307,7 @@ def _restarted_agent(ca_dir: str, svid_dir: str, address: tuple[str, int], batch
 
     clear_verified()
     mtls_batch._signer.cache_clear()
-    mtls_batch._public_key.cache_clear()
+    mtls_batch._leaf.cache_clear()
     store = SVIDStore(BuiltinCA.load_or_create(ca_dir), svid_dir)
     store.set_identities(LOCALS)
     written: set[tuple[int, int]] = set()

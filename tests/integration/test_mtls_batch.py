@@ -5,6 +5,7 @@ statements), each played by a peer that speaks the protocol with the module's ow
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import secrets
 import socket
@@ -16,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from l7gate.identity.spiffe import spiffe_id
 from l7gate.mtls import batch
@@ -259,6 +264,44 @@ def test_ca_certificate_as_leaf(ca: BuiltinCA, make_node: Callable[..., Node]) -
     assert client_sees(ca, make_node, forge_svid(ca, R2, is_ca=True)).reason is Reason.IS_CA
     refused, _ = server_sees(ca, make_node, forge_svid(ca, L2, is_ca=True))
     assert refused.reason is Reason.IS_CA
+
+
+def svid_for_purposes(ca: BuiltinCA, identity: int, purposes: list[x509.ObjectIdentifier]) -> SVID:
+    """A real SVID of `identity` whose extended key usage lists only `purposes`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = time.time()
+    cert = ca.sign(
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "l7gate-forged")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(now - 60, dt.timezone.utc))
+        .not_valid_after(dt.datetime.fromtimestamp(now + 3600, dt.timezone.utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(purposes), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id(TD, identity))]),
+                       critical=False))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return SVID(identity, spiffe_id(TD, identity), pem, key_pem, pem,
+                cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
+
+
+def test_certificate_purpose(ca: BuiltinCA, make_node: Callable[..., Node]) -> None:
+    """OpenSSL refuses a TLS peer whose extended key usage is not for its side; a statement's
+    leaf is held to the same rule."""
+    client_only = svid_for_purposes(ca, R2, [ExtendedKeyUsageOID.CLIENT_AUTH])
+    refused = client_sees(ca, make_node, client_only)
+    assert refused.reason is Reason.UNTRUSTED and "serverAuth" in refused.detail
+    # the handshake's verdict on the same certificate
+    client = make_node(ca, [L1])
+    _, address = forged_server(ca, make_node, client_only)
+    with pytest.raises(AuthError) as info:
+        handshake(client.store, L1, R2, address)
+    assert info.value.reason is Reason.UNTRUSTED and "purpose" in str(info.value)
+    refused, _ = server_sees(ca, make_node, svid_for_purposes(ca, L2, [ExtendedKeyUsageOID.SERVER_AUTH]))
+    assert refused.reason is Reason.UNTRUSTED and "clientAuth" in refused.detail
 
 
 def test_a_refused_channel_certificate_falls_back_to_each_pairs_own_reason(

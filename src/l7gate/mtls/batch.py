@@ -74,6 +74,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..clock import Clock
 from .handshake import (
@@ -166,13 +167,40 @@ def sign(key: PrivateKey, data: bytes) -> bytes:
                     hashes.SHA256())
 
 
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    key: object  # the public key
+    purpose_error: dict[bytes, str]  # role -> why the leaf may not sign in that role
+
+
+# What TLS checks of a peer's leaf beyond verify_peer (OpenSSL's purpose check): a key usage, if
+# present, that allows signatures; an extended key usage, if present, for the role's side.
+_PURPOSE = {ROLE_SERVER: (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
+            ROLE_CLIENT: (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")}
+
+
 @lru_cache(maxsize=4096)
-def _public_key(leaf: bytes) -> object:
-    return x509.load_der_x509_certificate(leaf).public_key()
+def _leaf(der: bytes) -> _Leaf:
+    cert = x509.load_der_x509_certificate(der)
+    errors: dict[bytes, str] = {}
+    try:
+        usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    try:
+        eku: x509.ExtendedKeyUsage | None = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    for role, (oid, name) in _PURPOSE.items():
+        if usage is not None and not usage.digital_signature:
+            errors[role] = "key usage without digitalSignature"
+        elif eku is not None and oid not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+            errors[role] = f"extended key usage without {name}"
+    return _Leaf(cert.public_key(), errors)
 
 
 def signature_holds(leaf: bytes, signature: bytes, data: bytes) -> bool:
-    key = _public_key(leaf)
+    key = _leaf(leaf).key
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
@@ -214,6 +242,9 @@ class _Checker:
             raise AuthError(known.reason, known.detail)
         if known.identity != prover:  # verify_peer's own wording for a wrong identity
             raise AuthError(Reason.UNEXPECTED_IDENTITY, f"expected {prover} got {known.identity}")
+        purpose = _leaf(chain[0]).purpose_error.get(self._role)
+        if purpose is not None:  # the handshake's OpenSSL says "unsupported certificate purpose"
+            raise AuthError(Reason.UNTRUSTED, f"certificate purpose: {purpose}")
         data = transcript(self._store.trust_domain, self._binding, self._role, prover, chain[0],
                           statement.partners)
         if not signature_holds(chain[0], statement.signature, data):
