@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from l7gate.identity.spiffe import spiffe_id
@@ -266,9 +266,11 @@ def test_ca_certificate_as_leaf(ca: BuiltinCA, make_node: Callable[..., Node]) -
     assert refused.reason is Reason.IS_CA
 
 
-def svid_for_purposes(ca: BuiltinCA, identity: int, purposes: list[x509.ObjectIdentifier]) -> SVID:
-    """A real SVID of `identity` whose extended key usage lists only `purposes`."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def svid_for_purposes(ca: BuiltinCA, identity: int, purposes: list[x509.ObjectIdentifier],
+                      key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None) -> SVID:
+    """A real SVID of `identity` whose extended key usage lists only `purposes` (and whose key
+    is `key`, default a new P-256 one)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = time.time()
     cert = ca.sign(
         x509.CertificateBuilder()
@@ -302,6 +304,14 @@ def test_certificate_purpose(ca: BuiltinCA, make_node: Callable[..., Node]) -> N
     assert info.value.reason is Reason.UNTRUSTED and "purpose" in str(info.value)
     refused, _ = server_sees(ca, make_node, svid_for_purposes(ca, L2, [ExtendedKeyUsageOID.SERVER_AUTH]))
     assert refused.reason is Reason.UNTRUSTED and "clientAuth" in refused.detail
+
+
+def test_a_weak_key(ca: BuiltinCA, make_node: Callable[..., Node]) -> None:
+    """OpenSSL (security level 2) refuses an RSA-1024 peer in TLS; a statement's leaf too."""
+    weak = svid_for_purposes(ca, R2, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                             key=rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    refused = client_sees(ca, make_node, weak)
+    assert refused.reason is Reason.UNTRUSTED and "RSA-1024 key too weak" in refused.detail
 
 
 def test_a_refused_channel_certificate_falls_back_to_each_pairs_own_reason(

@@ -191,12 +191,27 @@ def _leaf(der: bytes) -> _Leaf:
         eku: x509.ExtendedKeyUsage | None = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = None
+    key = cert.public_key()
+    weak = _weak_key(key)
     for role, (oid, name) in _PURPOSE.items():
-        if usage is not None and not usage.digital_signature:
+        if weak is not None:
+            errors[role] = weak
+        elif usage is not None and not usage.digital_signature:
             errors[role] = "key usage without digitalSignature"
         elif eku is not None and oid not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
             errors[role] = f"extended key usage without {name}"
-    return _Leaf(cert.public_key(), errors)
+    return _Leaf(key, errors)
+
+
+def _weak_key(key: object) -> str | None:
+    """OpenSSL's security level 2 (Debian's default) refuses these in TLS; so do we here."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return None if key.curve.key_size >= 256 else f"{key.curve.name} key too weak"
+    if isinstance(key, rsa.RSAPublicKey):
+        return None if key.key_size >= 2048 else f"RSA-{key.key_size} key too weak"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return None
+    return f"unsupported key type {type(key).__name__}"
 
 
 def signature_holds(leaf: bytes, signature: bytes, data: bytes) -> bool:
