@@ -181,6 +181,27 @@ def test_a_peer_without_batching_gets_one_handshake_per_pair(
     assert sorted(e.peer.identity for e in handshakes if e.peer) == [L1, L2]
 
 
+def test_a_node_lost_during_the_fallback_fails_the_remaining_pairs_at_once(
+    ca: BuiltinCA, make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One handshake per pair must not wait out a timeout per pair for a node that went away."""
+    monkeypatch.setattr(hs, "is_batch_server_name", lambda name, td: False)
+    client = make_node(ca, [L1])
+    server = make_node(ca, [R1])
+    address = server.serve()
+    tried: list[Pair] = []
+
+    def lost(store: SVIDStore, local: int, remote: int, *args: object, **kwargs: object) -> AuthResult:
+        tried.append((local, remote))
+        raise AuthError(Failure.TIMEOUT, "handshake with the node")
+
+    monkeypatch.setattr(batch, "handshake", lost)
+    pairs = [(L1, r) for r in range(200, 210)]
+    out = authenticate_batch(client.store, pairs, address)
+    assert tried == [pairs[0]]
+    assert {error(o).reason for o in out.values()} == {Failure.TIMEOUT} and len(out) == len(pairs)
+
+
 def test_nobody_listening_fails_every_pair_at_once(ca: BuiltinCA, make_node: Callable[..., Node]) -> None:
     client = make_node(ca, [L1, L2])
     with socket.socket() as closed:

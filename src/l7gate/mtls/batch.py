@@ -569,11 +569,23 @@ def authenticate_batch(
             if not fallback:
                 raise
             log.info("batch auth with %s refused (%s): one handshake per pair", _fmt(address), refused)
-            for local, remote in chunk:
-                try:
-                    out[(local, remote)] = handshake(store, local, remote, address, timeout, clock=clock)
-                except AuthError as exc:
-                    out[(local, remote)] = exc
+            out.update(_one_by_one(store, chunk, address, timeout, clock))
+    return out
+
+
+def _one_by_one(store: SVIDStore, pairs: Sequence[Pair], address: Address, timeout: float,
+                clock: Clock) -> dict[Pair, Outcome]:
+    """A handshake per pair; once the node cannot be reached (connect failed, timed out), the
+    remaining pairs fail with that error instead of waiting for it each in turn."""
+    out: dict[Pair, Outcome] = {}
+    for index, (local, remote) in enumerate(pairs):
+        try:
+            out[(local, remote)] = handshake(store, local, remote, address, timeout, clock=clock)
+        except AuthError as exc:
+            out[(local, remote)] = exc
+            if exc.reason in (Failure.CONNECT, Failure.TIMEOUT):
+                out.update(_all(pairs[index + 1:], exc))
+                break
     return out
 
 
