@@ -27,12 +27,12 @@ failure leaves a previous success of the manager's own; and an entry for a pair 
 longer wanted expires instead of being deleted.
 
 Handshakes run on a small thread pool. When several rows of one node are due at once
-(`batch_min`, 2; after an agent restart, a CA rotation, a new node), they are proven together over one batch channel
-(`batch.authenticate_batch`: one TLS handshake, one signature per identity and side) instead of
-one handshake each; each pair's outcome is the one its own handshake would have had, and is
-recorded exactly as a handshake's (a failure backs off that row alone). A peer that does not
-batch gets one handshake per pair. the worker thread (`start`) dispatches due rows and
-sleeps until the next one, woken early by `set_wanted`, `request` and SVID rotations. Tests
+(`batch_min`, 2; after an agent restart, a CA rotation, a new node), they are proven together
+over one batch channel (`batch.authenticate_batch`: one TLS handshake, one signature per
+identity and side) instead of one handshake each; each pair's outcome is the one its own
+handshake would have had, and is recorded exactly as a handshake's (a failure backs off that
+row alone). A peer that does not batch gets one handshake per pair. The worker thread
+(`start`) dispatches due rows and sleeps until the next one, woken early by `set_wanted`, `request` and SVID rotations. Tests
 with an injected clock call `tick()` instead of starting the worker.
 
 Thread-safe. `write` and `delete` are called with the manager's lock held, from the worker,

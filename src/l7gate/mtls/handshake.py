@@ -210,7 +210,8 @@ class _Contexts:
         return None
 
 
-# The SNI a server thread's current handshake asked for, to name it when the callback refused.
+# The SNI a server thread's current handshake asked for, to name it when the callback refused,
+# and whether it asked for a batch channel (`batch`).
 _refused = threading.local()
 
 _contexts_lock = threading.Lock()
