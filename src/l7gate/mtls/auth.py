@@ -32,8 +32,9 @@ over one batch channel (`batch.authenticate_batch`: one TLS handshake, one signa
 identity and side) instead of one handshake each; each pair's outcome is the one its own
 handshake would have had, and is recorded exactly as a handshake's (a failure backs off that
 row alone). A peer that does not batch gets one handshake per pair. The worker thread
-(`start`) dispatches due rows and sleeps until the next one, woken early by `set_wanted`, `request` and SVID rotations. Tests
-with an injected clock call `tick()` instead of starting the worker.
+(`start`) dispatches due rows and sleeps until the next one, woken early by `set_wanted`,
+`request` and SVID rotations. Tests with an injected clock call `tick()` instead of starting
+the worker.
 
 Thread-safe. `write` and `delete` are called with the manager's lock held, from the worker,
 the pool or the caller of `set_wanted`: they must be quick and must not call the manager.
