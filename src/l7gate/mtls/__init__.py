@@ -19,6 +19,7 @@ channel), `auth`; the SPIFFE names are
 """
 
 from .auth import AuthManager, AuthStatus, Pair, boot_ns_for
+from .batch import ChannelRefused, authenticate_batch
 from .ca import BuiltinCA, CAError
 from ._files import InsecureFileError
 from .handshake import (
@@ -45,6 +46,7 @@ __all__ = [
     "AuthStatus",
     "BuiltinCA",
     "CAError",
+    "ChannelRefused",
     "Failure",
     "InsecureFileError",
     "MutualAuthServer",
@@ -58,6 +60,7 @@ __all__ = [
     "SVIDStore",
     "ServerEvent",
     "SpiffeIDError",
+    "authenticate_batch",
     "boot_ns_for",
     "handshake",
     "parse_spiffe_id",
