@@ -1,8 +1,8 @@
 """AuthManager scheduling with an injected clock: proactive handshakes, refresh at 2/3 of the
 remaining lifetime, re-handshake on SVID rotation, backoff, expiry, deletes, on-demand
 requests, one kernel entry per (pair, remote node) as the agent writes them, what a restarted
-agent does with the entries the previous one left; and the CLOCK_BOOTTIME conversion for the
-kernel map.
+agent does with the entries the previous one left, batches (a node's due rows proven together,
+each recorded as its handshake would be); and the CLOCK_BOOTTIME conversion for the kernel map.
 
 The handshake itself is replaced by a table of outcomes here (what is under test is *when*
 the manager handshakes and what it writes); tests/integration/test_mtls_handshake.py runs the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -409,3 +409,103 @@ def test_a_failing_write_callback_does_not_stop_the_manager(peers: Peers, clock:
         assert sorted(written) == [(300, 400, A), (300, 400, B), (300, 401, A)]
     finally:
         m.stop()
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+class Batches:
+    """A batch_fn over the same outcome table as `Peers`: records each call's (node, pairs);
+    `omit` pairs get no outcome, `raise_for` nodes make the whole call raise."""
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+        self.calls: list[tuple[Address, list[tuple[int, int]]]] = []
+        self.omit: set[tuple[int, int]] = set()
+        self.raise_for: set[Address] = set()
+        self.during: list[object] = []  # callables run inside the call (while rows are running)
+
+    def __call__(self, node: Address, pairs: Sequence[tuple[int, int]]) -> dict[tuple[int, int], AuthResult | AuthError]:
+        self.calls.append((node, list(pairs)))
+        for hook in self.during:
+            assert callable(hook)
+            hook()
+        if node in self.raise_for:
+            raise RuntimeError("the batch client broke")
+        out: dict[tuple[int, int], AuthResult | AuthError] = {}
+        for local, remote in pairs:
+            if (local, remote) in self.omit:
+                continue
+            try:
+                out[(local, remote)] = self.peers(local, remote, node)
+            except AuthError as exc:
+                out[(local, remote)] = exc
+        self.peers.calls.clear()  # what a batch proved is not a handshake
+        return out
+
+
+@pytest.fixture
+def batches(peers: Peers) -> Batches:
+    return Batches(peers)
+
+
+@pytest.fixture
+def batching(peers: Peers, batches: Batches, auth_map: AuthMapRecorder, clock: ManualClock) -> Iterator[AuthManager]:
+    m = AuthManager(None, auth_map.write, auth_map.delete, handshake_fn=peers, batch_fn=batches, clock=clock,
+                    retry_base=1.0, retry_max=8.0)
+    yield m
+    m.stop()
+
+
+def test_due_rows_of_one_node_go_in_one_batch_and_a_lone_row_in_a_handshake(
+    batching: AuthManager, peers: Peers, batches: Batches, auth_map: AuthMapRecorder, clock: ManualClock
+) -> None:
+    peers.outcomes[(301, 400, A)] = AuthError(Reason.EXPIRED, "expired at ...", by_peer=True)
+    batching.set_wanted({(300, 400): {A, B}, (301, 400): {A}, (300, 401): {A}})
+    batching.tick()
+    assert batches.calls == [(A, [(300, 400), (300, 401), (301, 400)])]
+    assert peers.calls == [(300, 400, B)]  # B has one due row: a handshake
+    assert auth_map.entries == {(300, 400, A): clock() + 90, (300, 401, A): clock() + 90,
+                                (300, 400, B): clock() + 90}
+    rows = {(r.local, r.remote, r.node): r for r in batching.status()}
+    failed = rows[(301, 400, A)]
+    assert failed.failures == 1 and failed.next_attempt == clock() + 1.0  # its own back-off
+    assert failed.last_error == "peer refused our certificate: expired (expired at ...)"
+    assert rows[(300, 400, A)].next_attempt == clock() + 60  # refresh at 2/3, as after a handshake
+
+
+def test_a_pair_the_batch_did_not_answer_fails_closed(
+    batching: AuthManager, batches: Batches, auth_map: AuthMapRecorder
+) -> None:
+    batches.omit = {(300, 401)}
+    batching.set_wanted({(300, 400): {A}, (300, 401): {A}})
+    batching.tick()
+    assert set(auth_map.entries) == {(300, 400, A)}
+    row = {(r.local, r.remote): r for r in batching.status()}[(300, 401)]
+    assert row.failures == 1 and row.last_error is not None and "no outcome" in row.last_error
+
+
+def test_a_batch_that_raises_fails_its_rows_and_keeps_valid_entries(
+    batching: AuthManager, batches: Batches, auth_map: AuthMapRecorder, clock: ManualClock
+) -> None:
+    batching.set_wanted({(300, 400): {A}, (300, 401): {A}})
+    batching.tick()
+    before = dict(auth_map.entries)
+    clock.advance(60.0)
+    batches.raise_for = {A}
+    batching.tick()
+    assert len(batches.calls) == 2
+    assert auth_map.entries == before  # still valid for 30 s: kept, as after a failed handshake
+    assert all(r.failures == 1 for r in batching.status())
+    clock.advance(31.0)
+    batching.tick()
+    assert auth_map.entries == {}  # expired, and the retries failed too
+
+
+def test_a_row_dropped_while_its_batch_ran_is_not_written(
+    batching: AuthManager, batches: Batches, auth_map: AuthMapRecorder
+) -> None:
+    batches.during = [lambda: batching.set_wanted({(300, 400): {A}})]
+    batching.set_wanted({(300, 400): {A}, (300, 401): {A}})
+    batching.tick()
+    assert set(auth_map.entries) == {(300, 400, A)}

@@ -13,11 +13,13 @@
     auth.request(local, remote)                         # after an "Authentication required" drop
     auth.status()                                       # rows for `l7gate auth status`
 
-Modules: `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `auth`; the SPIFFE names are
+Modules: `ca`, `svid` (SVID, verify_peer), `store`, `handshake`, `batch` (many pairs over one
+channel), `auth`; the SPIFFE names are
 `l7gate.identity.spiffe` (below xds, which names certificates with them too).
 """
 
 from .auth import AuthManager, AuthStatus, Pair, boot_ns_for
+from .batch import ChannelRefused, authenticate_batch
 from .ca import BuiltinCA, CAError
 from ._files import InsecureFileError
 from .handshake import (
@@ -44,6 +46,7 @@ __all__ = [
     "AuthStatus",
     "BuiltinCA",
     "CAError",
+    "ChannelRefused",
     "Failure",
     "InsecureFileError",
     "MutualAuthServer",
@@ -57,6 +60,7 @@ __all__ = [
     "SVIDStore",
     "ServerEvent",
     "SpiffeIDError",
+    "authenticate_batch",
     "boot_ns_for",
     "handshake",
     "parse_spiffe_id",

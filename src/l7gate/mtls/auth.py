@@ -26,9 +26,15 @@ not dropped while the first handshakes run; a failed first handshake leaves the 
 failure leaves a previous success of the manager's own; and an entry for a pair or node no
 longer wanted expires instead of being deleted.
 
-Handshakes run on a small thread pool; the worker thread (`start`) dispatches due rows and
-sleeps until the next one, woken early by `set_wanted`, `request` and SVID rotations. Tests
-with an injected clock call `tick()` instead of starting the worker.
+Handshakes run on a small thread pool. When several rows of one node are due at once
+(`batch_min`, 2; after an agent restart, a CA rotation, a new node), they are proven together
+over one batch channel (`batch.authenticate_batch`: one TLS handshake, one signature per
+identity and side) instead of one handshake each; each pair's outcome is the one its own
+handshake would have had, and is recorded exactly as a handshake's (a failure backs off that
+row alone). A peer that does not batch gets one handshake per pair. The worker thread
+(`start`) dispatches due rows and sleeps until the next one, woken early by `set_wanted`,
+`request` and SVID rotations. Tests with an injected clock call `tick()` instead of starting
+the worker.
 
 Thread-safe. `write` and `delete` are called with the manager's lock held, from the worker,
 the pool or the caller of `set_wanted`: they must be quick and must not call the manager.
@@ -39,12 +45,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
-from .handshake import DEFAULT_TIMEOUT, Address, AuthError, AuthResult, handshake
+from .batch import authenticate_batch
+from .handshake import DEFAULT_TIMEOUT, Address, AuthError, AuthResult, Failure, handshake
 from .store import SVIDStore
 from ..clock import Clock
 
@@ -54,6 +61,8 @@ Pair = tuple[int, int]
 """(local identity, remote identity)."""
 HandshakeFn = Callable[[int, int, Address], AuthResult]
 """`(local, remote, node) -> AuthResult`, raising `AuthError`."""
+BatchFn = Callable[[Address, Sequence[Pair]], Mapping[Pair, AuthResult | AuthError]]
+"""`(node, pairs) -> {pair: AuthResult or AuthError}`: every pair proven to one node at once."""
 WriteFn = Callable[[int, int, Address, float], None]
 """`(local, remote, node, expires_at)`: the node proved the pair until `expires_at` (wall clock)."""
 DeleteFn = Callable[[int, int, Address], None]
@@ -115,6 +124,8 @@ class AuthManager:
         delete: DeleteFn,
         *,
         handshake_fn: HandshakeFn | None = None,
+        batch_fn: BatchFn | None = None,
+        batch_min: int = 2,
         clock: Clock = time.time,
         timeout: float = DEFAULT_TIMEOUT,
         refresh_fraction: float = 2 / 3,
@@ -132,9 +143,15 @@ class AuthManager:
             def handshake_fn(local: int, remote: int, node: Address) -> AuthResult:
                 return handshake(bound, local, remote, node, timeout, clock=clock)
 
+            if batch_fn is None:
+                def batch_fn(node: Address, pairs: Sequence[Pair]) -> Mapping[Pair, AuthResult | AuthError]:
+                    return authenticate_batch(bound, pairs, node, timeout, clock=clock)
+
         if not 0.0 < refresh_fraction < 1.0:
             raise ValueError(f"refresh_fraction must be in (0, 1), got {refresh_fraction}")
         self._handshake = handshake_fn
+        self._batch = batch_fn
+        self.batch_min = batch_min
         self._write = write
         self._delete = delete
         self._clock = clock
@@ -217,6 +234,7 @@ class AuthManager:
         futures: list[Future[None]] = []
         with self._lock:
             now = self._clock()
+            due: dict[Address, list[tuple[Pair, _Row]]] = {}
             for pair, rows in sorted(self._rows.items()):
                 expired = False
                 for node, row in sorted(rows.items()):
@@ -227,9 +245,14 @@ class AuthManager:
                         row.running = True
                         row.attempts += 1
                         row.last_attempt = now
-                        futures.append(self._pool.submit(self._attempt, pair, node, row))
+                        due.setdefault(node, []).append((pair, row))
                 if expired:
                     self._sync(pair, now)
+            for node, batch in sorted(due.items()):
+                if self._batch is not None and len(batch) >= self.batch_min:
+                    futures.append(self._pool.submit(self._attempt_batch, node, batch))
+                else:
+                    futures.extend(self._pool.submit(self._attempt, pair, node, row) for pair, row in batch)
         if wait:
             wait_futures(futures)
         return self._next_due()
@@ -272,27 +295,48 @@ class AuthManager:
             log.exception("handshake %d->%d at %s raised", local, remote, node)
             outcome = exc
         with self._lock:
-            if self._rows.get(pair, {}).get(node) is not row:
-                return  # no longer wanted (or re-added afresh) while the handshake ran
-            row.running = False
-            now = self._clock()
-            if isinstance(outcome, AuthResult):
-                row.expires_at = outcome.expires_at
-                row.last_ok = now
-                row.last_error = None
-                row.failures = 0
-                left = outcome.expires_at - now
-                row.next_at = now + max(self.min_refresh, self.refresh_fraction * left)
-            else:
-                row.last_error = str(outcome) or type(outcome).__name__
-                row.failures += 1
-                row.next_at = now + min(self.retry_max, self.retry_base * 2 ** (row.failures - 1))
-                log.info("auth %d->%d at %s failed: %s", local, remote, node, row.last_error)
-            if row.rerun:
-                row.rerun = False
-                row.next_at = now
-            self._sync(pair, now)
+            self._record(pair, node, row, outcome)
         self._wake.set()
+
+    def _attempt_batch(self, node: Address, batch: list[tuple[Pair, _Row]]) -> None:
+        assert self._batch is not None
+        outcomes: Mapping[Pair, AuthResult | Exception]
+        try:
+            outcomes = self._batch(node, [pair for pair, _ in batch])
+        except Exception as exc:
+            log.exception("batch auth of %d pairs at %s raised", len(batch), node)
+            outcomes = {pair: exc for pair, _ in batch}
+        with self._lock:
+            for pair, row in batch:
+                outcome = outcomes.get(pair)
+                if outcome is None:  # fail closed: a pair the batch did not answer
+                    outcome = AuthError(Failure.PROTOCOL, "no outcome for the pair in the batch")
+                self._record(pair, node, row, outcome)
+        self._wake.set()
+
+    def _record(self, pair: Pair, node: Address, row: _Row, outcome: AuthResult | Exception) -> None:
+        """One attempt's outcome into its row and the entries (lock held)."""
+        local, remote = pair
+        if self._rows.get(pair, {}).get(node) is not row:
+            return  # no longer wanted (or re-added afresh) while the handshake ran
+        row.running = False
+        now = self._clock()
+        if isinstance(outcome, AuthResult):
+            row.expires_at = outcome.expires_at
+            row.last_ok = now
+            row.last_error = None
+            row.failures = 0
+            left = outcome.expires_at - now
+            row.next_at = now + max(self.min_refresh, self.refresh_fraction * left)
+        else:
+            row.last_error = str(outcome) or type(outcome).__name__
+            row.failures += 1
+            row.next_at = now + min(self.retry_max, self.retry_base * 2 ** (row.failures - 1))
+            log.info("auth %d->%d at %s failed: %s", local, remote, node, row.last_error)
+        if row.rerun:
+            row.rerun = False
+            row.next_at = now
+        self._sync(pair, now)
 
     def _next_due(self) -> float | None:
         with self._lock:

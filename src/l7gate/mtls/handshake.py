@@ -17,6 +17,9 @@ identity L talk to R, calls `handshake(store, L, R, B)`:
    (or the alert that replaces it) is how A learns that B accepted L.
 5. A's result expires at the earlier of the two certificates' NotAfter.
 
+The server also answers batch channels (SNI ``"batch.<trust-domain>"``, see `batch`): many
+identity pairs proven over one channel, each by its own identity's key.
+
 Failures raise `AuthError` naming the `Reason` (a certificate check, ours or the peer's) or
 the `Failure` (connect, timeout, TLS, unknown identity). TLS contexts are built from the store's
 files and cached per identity until the store's SVID or bundle changes.
@@ -36,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..identity.spiffe import SpiffeIDError, parse_server_name, server_name
+from ..identity.spiffe import SpiffeIDError, check_trust_domain, parse_server_name, server_name
 from .store import SVIDStore
 from ..clock import Clock
 from .svid import SVID, Peer, Reason, SVIDError, verify_peer
@@ -50,6 +53,17 @@ _ENCODING_DER = 2  # _ssl.ENCODING_DER, for the certificates of get_unverified_c
 
 Address = tuple[str, int]
 
+BATCH_LABEL = "batch"  # the SNI label of a batch channel (`batch`): not an identity number
+
+
+def batch_server_name(trust_domain: str) -> str:
+    """The SNI that asks an agent for a batch channel, ``"batch.<trust-domain>"``."""
+    return f"{BATCH_LABEL}.{check_trust_domain(trust_domain)}"
+
+
+def is_batch_server_name(name: str, trust_domain: str) -> bool:
+    return name.lower() == f"{BATCH_LABEL}.{trust_domain}"
+
 
 class Failure(enum.Enum):
     """Why a handshake failed when no certificate check is to blame."""
@@ -60,6 +74,7 @@ class Failure(enum.Enum):
     UNKNOWN_IDENTITY = "peer does not serve the identity"
     NO_LOCAL_SVID = "no SVID for the local identity"
     PROTOCOL = "protocol error"
+    PROOF = "pair proof refused"  # a batch channel's signature that does not verify (`batch`)
 
 
 class AuthError(Exception):
@@ -174,6 +189,15 @@ class _Contexts:
         if name is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         try:
+            if is_batch_server_name(name, self._store.trust_domain):
+                # A batch channel (`batch`): any identity of ours authenticates the channel;
+                # the pairs are proven inside it, each by its own key.
+                held = self._store.identities()
+                if not held:
+                    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+                sslobj.context = self.get(True, min(held))
+                _refused.batch = True
+                return None
             identity = parse_server_name(name, self._store.trust_domain)
             if identity not in self._store.identities():
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
@@ -186,7 +210,8 @@ class _Contexts:
         return None
 
 
-# The SNI a server thread's current handshake asked for, to name it when the callback refused.
+# The SNI a server thread's current handshake asked for, to name it when the callback refused,
+# and whether it asked for a batch channel (`batch`).
 _refused = threading.local()
 
 _contexts_lock = threading.Lock()
@@ -452,6 +477,7 @@ class MutualAuthServer:
         conn.settimeout(self._timeout)
         base = self._contexts.base_server()
         _refused.name = None
+        _refused.batch = False
         try:
             tls = base.wrap_socket(conn, server_side=True)
         except ssl.SSLError as exc:
@@ -474,10 +500,41 @@ class MutualAuthServer:
             except SVIDError as exc:
                 error = AuthError(exc.reason, exc.detail)
                 log.info("mutual-auth from %s refused: %s", _fmt(client), error)
-                self._send(tls, f"ERR {exc.reason.name} {exc.detail}")
+                if _refused.batch:
+                    from .batch import encode_refused  # batch builds on this module
+
+                    self._send_raw(tls, encode_refused(exc.reason.name, exc.detail))
+                else:
+                    self._send(tls, f"ERR {exc.reason.name} {exc.detail}")
                 return ServerEvent(local, client, None, error)
+            if _refused.batch and isinstance(ctx, _IdentityContext):
+                self._serve_batch(tls, ctx.svid, client)
+                return None
             self._send(tls, "OK")
             return ServerEvent(local, client, peer, None)
+
+    def _serve_batch(self, tls: ssl.SSLSocket, channel_svid: SVID, client: Address) -> None:
+        from . import batch  # batch builds on this module
+
+        def on_pair(local: int | None, claimed: int, peer: Peer | None, error: AuthError | None) -> None:
+            if error is not None:
+                log.info("mutual-auth (batch) from %s for %s refused: %s", _fmt(client), claimed, error)
+            if self._on_handshake is not None:
+                self._on_handshake(ServerEvent(local, client, peer, error))
+
+        try:
+            batch.serve_batch(self._store, tls, channel_svid, self._timeout, self._clock, on_pair)
+            tls.unwrap()
+        except (batch.ProtocolError, AuthError, OSError, ValueError) as exc:
+            log.info("mutual-auth batch from %s ended: %s", _fmt(client), exc)
+
+    @staticmethod
+    def _send_raw(tls: ssl.SSLSocket, data: bytes) -> None:
+        try:
+            tls.sendall(data)
+            tls.unwrap()
+        except (OSError, ValueError):
+            pass
 
     @staticmethod
     def _send(tls: ssl.SSLSocket, line: str) -> None:

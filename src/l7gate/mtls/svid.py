@@ -188,7 +188,23 @@ _verified_lock = threading.Lock()
 
 
 def _der(cert: CertInput) -> bytes:
-    return cert if isinstance(cert, bytes) else cert.public_bytes(Encoding.DER)
+    if isinstance(cert, bytes):
+        return cert
+    # The bundle's certificates are the same objects on every call (the store's tuple): their
+    # DER is kept, by object, so a cached check does not re-encode them (~8 µs of ~13).
+    hit = _ders.get(id(cert))
+    if hit is not None and hit[0] is cert:  # the entry holds the object: its id is not reused
+        return hit[1]
+    der = cert.public_bytes(Encoding.DER)
+    with _verified_lock:
+        if len(_ders) >= MAX_DERS:
+            _ders.clear()
+        _ders[id(cert)] = (cert, der)
+    return der
+
+
+MAX_DERS = 256
+_ders: dict[int, tuple[x509.Certificate, bytes]] = {}
 
 
 def _cache_key(chain: CertInput | Sequence[CertInput], bundle: Sequence[x509.Certificate],
