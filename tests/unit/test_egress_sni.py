@@ -5,7 +5,6 @@ flows of its TCP access log entries (observe/envoy_flows.py)."""
 from __future__ import annotations
 
 import ipaddress
-import re
 
 import pytest
 import yaml
@@ -21,7 +20,7 @@ from l7gate.envoy_names import CLUSTER, TLS_STATE, LISTENER
 from l7gate.observe.envoy_flows import tcp_log_flows
 from l7gate.observe.flow import TrafficDirection, Verdict
 from l7gate.observe.ingest_context import IngestContext, MalformedEvent, PeerInfo
-from l7gate.policy.fqdn import NameMatch, fqdn, server_name_re2
+from l7gate.policy.fqdn import SERVER_NAME_RE2, NameMatch, server_name_matches, server_name_re2
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.resolve import Resolver
@@ -79,15 +78,34 @@ def test_http_rules_alone_add_no_tls_chain_nor_inspector() -> None:
     assert EGRESS_TCP_CLUSTER not in out[CLUSTER]
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["a.example.test", "*.cdn.test", "**.deep.test", "api-*.test", "*", "x*y.z"]),
-       st.lists(st.sampled_from(["a", "cdn", "deep", "api-eu", "xay", "z", "test", "example", "A", "_"]),
-                min_size=1, max_size=5),
-       st.booleans())
-def test_envoys_regex_accepts_what_the_policy_engine_does(pattern: str, labels: list[str], dot: bool) -> None:
+PATTERNS = ["a.example.test", "*.cdn.test", "**.deep.test", "api-*.test", "*", "**", "x*y.z", "api.*", "*.example.*",
+            "*.*", "a*.*", "*.a.*"]
+LABELS = ["a", "cdn", "deep", "api-eu", "xay", "z", "test", "example", "A", "_", "", "K", "\u212a", "ſ", " a", "a\n"]
+
+
+def envoy_allows(pattern: str, name: str) -> bool:
+    """What the TLS chain's leaf accepts, evaluated by RE2 itself (Envoy's engine): a
+    well-formed name AND one pattern, each a full match."""
+    import re2
+
     m = NameMatch.pattern(pattern)
+    return (re2.fullmatch(f"(?:{SERVER_NAME_RE2})", name) is not None
+            and re2.fullmatch(f"(?:{server_name_re2(m.match_pattern or '')})", name) is not None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(PATTERNS), st.lists(st.sampled_from(LABELS), min_size=1, max_size=5), st.booleans())
+def test_envoys_regex_accepts_what_the_policy_engine_does(pattern: str, labels: list[str], dot: bool) -> None:
     name = ".".join(labels) + ("." if dot else "")
-    assert bool(re.fullmatch(server_name_re2(m.match_pattern or ""), name)) == m.matches(fqdn(name))
+    assert envoy_allows(pattern, name) == server_name_matches(NameMatch.pattern(pattern), name), name
+
+
+@pytest.mark.parametrize("pattern, name", [
+    ("api.*", "api."), ("*.example.*", "evil.example."), ("*.*", "A."), ("*", "."), ("**", "foo.com"),
+    ("k.example.test", "\u212a.example.test"), ("api.example.test", "api.example.teſt"),
+])
+def test_the_reviewers_cases_agree(pattern: str, name: str) -> None:
+    assert envoy_allows(pattern, name) == server_name_matches(NameMatch.pattern(pattern), name)
 
 
 # -- flows --------------------------------------------------------------------------------------
@@ -106,7 +124,7 @@ def entry(sni: str, details: str = "", upstream_failed: bool = False, state: boo
     cp.response_flags.upstream_connection_failure = upstream_failed
     if state:
         packed = any_pb2.Any()
-        packed.Pack(StringValue(value=f"{side}:{sni or '-'}"))
+        packed.Pack(StringValue(value=f"{side}:{sni}"))
         cp.filter_state_objects[TLS_STATE].CopyFrom(packed)
     return e
 
@@ -135,6 +153,21 @@ def test_allowed_unreachable_and_without_sni() -> None:
     assert err.verdict is Verdict.ERROR
     (none,) = tcp_log_flows(entry("", "rbac_access_denied_matched_policy[egress-deny-l7|p]"), CTX)
     assert none.summary.startswith("TLS without a server name (SNI)")
+
+
+def test_an_sni_that_is_not_utf8_is_still_a_flow_shown_escaped() -> None:
+    e = entry("x")
+    raw = b"egress:evil\xff\n.test"
+    e.common_properties.filter_state_objects[TLS_STATE].value = b"\x0a" + bytes([len(raw)]) + raw
+    e.common_properties.connection_termination_details = "rbac_access_denied_matched_policy[egress-deny-l7|p]"
+    (f,) = tcp_log_flows(e, CTX)
+    assert f.verdict is Verdict.DROPPED
+    assert "\n" not in f.summary and "\\xff" in f.summary, f.summary
+
+
+def test_an_sni_of_a_dash_is_a_name() -> None:
+    (f,) = tcp_log_flows(entry("-", "rbac_access_denied_matched_policy[egress-deny-l7|p]"), CTX)
+    assert f.summary.startswith("TLS server name -:")
 
 
 def test_a_bad_state_object_is_malformed() -> None:

@@ -112,6 +112,15 @@ def test_ingress_is_taken_and_a_host_policy_refused() -> None:
     assert [(e.path, e.code) for e in ei.value.errors] == [("spec.ingress[0].toPorts[0].serverNames", "host-l7")]
 
 
+def test_server_names_beside_any_l7_field_are_refused_as_cilium_does() -> None:
+    for rules in ('{http: []}', '{dns: []}'):
+        errors = _errors(_doc('{ports: [{port: "443", protocol: TCP}], serverNames: ["a.test"], rules: ' + rules + '}'))
+        assert ("spec.egress[0].toPorts[0].serverNames", "sni-with-l7") in errors, (rules, errors)
+    for rules in ('{}', 'null'):
+        parse_policy(yaml.safe_load(_doc('{ports: [{port: "443", protocol: TCP}], serverNames: ["a.test"], rules: '
+                                         + rules + '}')))
+
+
 def test_deny_rules_name_the_field() -> None:
     with pytest.raises(PolicyValidationError) as ei:
         parse_policy(yaml.safe_load(_doc('{ports: [{port: "443"}], serverNames: ["a.test"]}', "egress", True)))
@@ -170,7 +179,10 @@ TABLE = [
     (443, None, False),  # plain text on a serverNames-only port
     (8443, "mixed.test", True),
     (8443, "other.test", False),
-    (8443, None, True),  # plain text: the HTTP rule (GET) of the other entry
+    (8443, None, False),  # plain text: Cilium requires TLS where any rule has serverNames
+    (443, "api.example.test.", False),  # not a well-formed server name (trailing dot)
+    (443, " api.example.test", False),
+    (443, "\u212a.cdn.test", False),  # the Kelvin sign is not ASCII k
     (9443, "anything.test", True),  # an L3/L4 allow on the port makes serverNames moot
     (9443, None, True),
 ]

@@ -100,8 +100,9 @@ def test_a_source_the_rule_names_is_judged_by_sni_others_denied() -> None:
     rbac_cfg.matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
     by_range = {r.ranges[0].address_prefix: r.on_match for r in ipm.range_matchers}
     client = by_range["10.9.2.5"]
-    assert client.HasField("matcher")  # a nested SNI matcher
-    regex = client.matcher.matcher_list.matchers[0].predicate.single_predicate.value_match.safe_regex.regex
+    assert client.HasField("matcher")  # a nested SNI matcher: a well-formed name AND a pattern
+    preds = client.matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
+    regex = preds[1].single_predicate.value_match.safe_regex.regex
     assert re.fullmatch(regex, "api.example.test") and not re.fullmatch(regex, "evil.test")
     assert "deny-l3l4" in str(rbac_cfg.matcher.on_no_match)  # world and `other`: default deny
 
@@ -123,3 +124,46 @@ def test_http_rules_alone_keep_the_plain_listener() -> None:
     w = World({"ports": [{"port": str(PORT), "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}})
     lis = w.listener()
     assert len(lis.filter_chains) == 1 and not lis.listener_filters
+
+
+def test_an_address_moving_between_identities_re_renders_the_chain() -> None:
+    """An ipcache change the HTTP slots do not see (both identities' plain-text leaves are
+    deny-l7) must still reach the TLS chain: the address's old SNI allow goes with it."""
+    w = World({"ports": [{"port": str(PORT), "protocol": "TCP"}], "serverNames": ["secret.test"]})
+    # one policy (the same policy names on every leaf): the plain-text leaves of `client` and
+    # `other` are alike (deny-l7|api-in), so the HTTP slots see no change when the address moves
+    w.pub.on_policy_delta(w.r.upsert_policy(parse_policy({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "api-in", "namespace": "web"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "api"}},
+                 "ingress": [{"fromEntities": ["all"], "toPorts": [
+                     {"ports": [{"port": str(PORT), "protocol": "TCP"}], "serverNames": ["public.test"]}]},
+                             {"fromEndpoints": [{"matchLabels": {"app": "client"}}], "toPorts": [
+                     {"ports": [{"port": str(PORT), "protocol": "TCP"}], "serverNames": ["secret.test"]}]}]}})))
+    w.add_pod(2001, "10.9.2.5", "client")
+    w.pub.on_policy_delta(w.r.update_identities({2002: Labels.of({"app": "other", "io.kubernetes.pod.namespace": "web"})}))
+    w.pub.flush()
+    assert _allows(w, "10.9.2.5", "secret.test") and _allows(w, "10.9.2.5", "public.test")
+    w.rev += 1
+    w.pub.on_ipcache_change(IPCacheChange(ipaddress.ip_network("10.9.2.5/32"), 2001, 2002, w.rev))
+    w.pub.flush()
+    assert not _allows(w, "10.9.2.5", "secret.test") and _allows(w, "10.9.2.5", "public.test")
+
+
+def _leaf(w: World, addr: str) -> Any:
+    cfg = network_rbac_pb2.RBAC()
+    w.listener().filter_chains[1].filters[0].typed_config.Unpack(cfg)
+    ipm = ip_pb2.IPMatcher()
+    cfg.matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    a = ipaddress.ip_address(addr)
+    for rm in ipm.range_matchers:
+        if any(a in ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}") for r in rm.ranges):
+            return rm.on_match
+    return cfg.matcher.on_no_match
+
+
+def _allows(w: World, addr: str, name: str) -> bool:
+    leaf = _leaf(w, addr)
+    if leaf.HasField("action"):
+        return "allow|" in str(leaf.action)
+    preds = leaf.matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
+    return all(re.fullmatch(p.single_predicate.value_match.safe_regex.regex, name) for p in preds)

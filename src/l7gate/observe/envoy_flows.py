@@ -51,7 +51,6 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
     TCPAccessLogEntry,
 )
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.wrappers_pb2 import StringValue
 
 from ..envoy_names import EGRESS_ACTION_PREFIX, TLS_STATE, ORIGINAL_DST_HEADER
 from ..identity.spiffe import SpiffeIDError, parse_spiffe_id
@@ -822,13 +821,13 @@ def _tls_chain_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ...
     egress listener's, or a local pod's ingress listener's): one flow, DROPPED with the reason
     when a network RBAC filter refused it, else FORWARDED (ERROR when the destination could not
     be reached)."""
-    value = StringValue()
-    if not cp.filter_state_objects[TLS_STATE].Unpack(value):
-        raise MalformedEvent(f"{TLS_STATE} is not a string")
-    side, sep, sni = value.value.partition(":")
+    text = _string_value(cp.filter_state_objects[TLS_STATE])
+    side, sep, sni = text.partition(":")
     if not sep or side not in ("egress", "ingress"):
-        raise MalformedEvent(f"{TLS_STATE} {value.value[:100]!r} is not <egress|ingress>:<server name>")
-    sni = "" if sni == "-" else sni[:MAX_HEADER_VALUE]
+        raise MalformedEvent(f"{TLS_STATE} {text[:100]!r} is not <egress|ingress>:<server name>")
+    # A client chooses the bytes of its SNI: shown escaped, never as raw control characters
+    sni = sni[:MAX_HEADER_VALUE].encode("ascii", "backslashreplace").decode("ascii")
+    sni = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in sni)
     chain = TrafficDirection.EGRESS if side == "egress" else TrafficDirection.INGRESS
     src_sa, dst_sa = _downstream(cp)
     if not src_sa.address or not dst_sa.address:
@@ -853,6 +852,32 @@ def _tls_chain_flows(cp: AccessLogCommon, ctx: IngestContext) -> tuple[Flow, ...
                      summary=f"{named}: the destination could not be reached", **common),)  # type: ignore[arg-type]
     return (Flow(verdict=Verdict.FORWARDED, traffic_direction=chain,
                  summary=f"{named}: allowed by serverNames", **common),)  # type: ignore[arg-type]
+
+
+def _string_value(packed: Any) -> str:
+    """The text of a `google.protobuf.StringValue` in an Any, read from its wire form: a client's
+    SNI may hold bytes that are not UTF-8 (BoringSSL takes them), which the protobuf decoder
+    refuses; such a connection must still be a flow, its bytes shown escaped."""
+    if packed.type_url != "type.googleapis.com/google.protobuf.StringValue":
+        raise MalformedEvent(f"{TLS_STATE} is a {packed.type_url[-80:]!r}, not a StringValue")
+    data = bytes(packed.value)
+    if not data:
+        return ""
+    if data[0] != 0x0A:
+        raise MalformedEvent(f"{TLS_STATE} is not a StringValue")
+    length, shift, i = 0, 0, 1
+    while True:
+        if i >= len(data) or shift > 28:
+            raise MalformedEvent(f"{TLS_STATE}: a truncated StringValue")
+        b = data[i]
+        i += 1
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+    if i + length != len(data):
+        raise MalformedEvent(f"{TLS_STATE}: a StringValue of {len(data)} bytes says {length}")
+    return data[i:].decode("utf-8", "backslashreplace")
 
 
 def _upstream_failed(flags: ResponseFlags) -> bool:

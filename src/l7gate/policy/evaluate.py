@@ -25,10 +25,11 @@ tested against, so it is written to be read next to Cilium's documentation:
      the normalized path; otherwise it is denied at L7 (Envoy answers 403). A DNS query (egress
      to port 53 under `rules.dns`) must match one name rule (`matchName`/`matchPattern`);
      otherwise the DNS proxy refuses it. A TLS connection (`tls_sni`) must name, in its
-     ClientHello, a server one `serverNames` pattern of one matching allow matches (Cilium's
-     wildcards, `policy.fqdn`); a TLS connection without SNI never does. A port whose matching
-     allows hold only `serverNames` refuses plain-text requests, and one whose allows hold only
-     HTTP rules refuses TLS connections.
+     ClientHello, a well-formed server name one `serverNames` pattern of one matching allow
+     matches (Cilium's wildcards, `policy.fqdn.server_name_matches`); a TLS connection without
+     SNI never does. Where any matching allow has `serverNames`, plain-text requests are refused
+     whatever the HTTP rules of the others (Cilium: all traffic to that peer and port must be
+     TLS); where they hold only HTTP rules, TLS connections are refused.
   `fromNodes`/`toNodes` peers select nodes only (`host`, `remote-node` identities), by the labels
   of their Node, which a node identity carries as `node:<key>` (`selector.NodeSelector`).
   `toFQDNs` peers select the addresses learned from DNS answers: a peer's labels carry
@@ -52,7 +53,7 @@ from enum import Enum
 
 from .cidrgroup import CIDRGroup
 from .labels import Labels, reserved
-from .fqdn import NameMatch, fqdn
+from .fqdn import NameMatch, fqdn, server_name_matches
 from .icmp import describe_icmp_type
 from .namedports import NO_NAMED_PORTS, NamedPorts
 from .selector import CIDRGroupPeer, PeerSelector, ServicePeer, identity_prefix
@@ -335,7 +336,7 @@ def _evaluate_direction(
         # A TLS connection: only serverNames can allow it (its bytes are not read).
         side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; TLS server names apply")
         sni = flow.tls_sni
-        shits = [(pr, m) for pr, m in sni_rules if sni and m.matches(fqdn(sni))]
+        shits = [(pr, m) for pr, m in sni_rules if server_name_matches(m, sni)]
         if shits:
             side.policies = {pr.origin.policy for pr, _ in shits}
             side.reasons.append(f"{d}: TLS server name {sni} matches {shits[0][1].match_pattern} of {shits[0][0].origin}")
@@ -362,9 +363,18 @@ def _evaluate_direction(
         side.reasons.append(f"{d}: Policy denied (L7): DNS query {name} matches none of the DNS rules "
                             + ", ".join(str(m) for _, m in dns_rules) + "; the DNS proxy answers REFUSED")
         return side
-    side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; HTTP rules apply"
-                        + (" to plain-text requests; TLS connections need a matching server name (serverNames: "
-                           + ", ".join(str(m.match_pattern) for _, m in sni_rules) + ")" if sni_rules else ""))
+    if sni_rules:
+        # Cilium: where any rule requires a server name, all traffic to that peer and port must
+        # be TLS, whatever the HTTP rules of other rules say
+        side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; serverNames apply ("
+                            + ", ".join(str(m.match_pattern) for _, m in sni_rules) + "): TLS only")
+        if flow.http is None:
+            side.reasons.append(f"{d}: no connection given; each is checked by the proxy")
+            return side
+        side.allowed, side.layer = False, Layer.L7
+        side.reasons.append(f"{d}: Policy denied (L7): a plain-text request where serverNames require TLS")
+        return side
+    side.reasons.append(f"{d}: L3/L4 allows {at} by {', '.join(origins)}; HTTP rules apply")
     if flow.http is None:
         side.reasons.append(f"{d}: no HTTP request given; each request is checked by the proxy")
         return side

@@ -69,19 +69,38 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("^" + lead + f"{_LABEL_CHARS}*".join(parts) + "$")
 
 
+# A TLS server name as l7gate matches it (RFC 6066: ASCII labels, no trailing dot): letters,
+# digits, '-' and '_', separated by single dots. Anything else (a trailing dot, an empty label,
+# spaces, non-ASCII bytes) is never allowed by `serverNames`, in Envoy as in the policy engine.
+SERVER_NAME_RE2 = r"[-a-zA-Z0-9_]+(\.[-a-zA-Z0-9_]+)*"
+_SERVER_NAME = re.compile(r"\A[-a-zA-Z0-9_]+(?:\.[-a-zA-Z0-9_]+)*\Z")
+
+
+def server_name_matches(m: NameMatch, server_name: str) -> bool:
+    """Whether `serverNames` entry `m` allows a TLS connection naming `server_name` (as the
+    ClientHello sent it): a well-formed name (`SERVER_NAME_RE2`) that the pattern matches,
+    without regard to ASCII case."""
+    return _SERVER_NAME.match(server_name) is not None and m.matches(server_name.lower() + ".")
+
+
 def server_name_re2(pattern: str) -> str:
-    """A canonical pattern (`check_match_pattern`) as an RE2 regex over a TLS server name as
-    sent (no trailing dot needed, any case): what Envoy matches `serverNames` with. It accepts
-    exactly the names `pattern_regex` does (tests/unit/test_policy_sni.py)."""
-    label = "[-a-z0-9_]"
+    """A canonical pattern (`check_match_pattern`) as an RE2 regex over a well-formed server
+    name (`SERVER_NAME_RE2`, which Envoy checks beside it): together they accept exactly the
+    names `server_name_matches` does (tests/unit/test_egress_sni.py, against RE2 itself). ASCII
+    case is spelled out (`[aA]`): RE2's case folding is Unicode's."""
+    label = "[-a-zA-Z0-9_]"
     if pattern == "*":
-        body = rf"({label}+\.)*{label}+"
-    else:
-        lead = ""
-        if pattern.startswith("**."):
-            lead, pattern = rf"({label}+\.)+", pattern[3:]
-        body = lead + f"{label}*".join(re.escape(part) for part in pattern.rstrip(".").split("*"))
-    return rf"(?i:{body}\.?)"
+        return rf"({label}+\.)*{label}+"
+    lead = ""
+    if pattern.startswith("**."):
+        lead, pattern = rf"({label}+\.)+", pattern[3:]
+        if pattern in ("", "."):
+            return rf"({label}+\.)*{label}+"  # `**` alone: one or more labels, like `*`
+
+    def literal(part: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in part)
+
+    return lead + f"{label}*".join(literal(part) for part in pattern.rstrip(".").split("*"))
 
 
 @dataclass(frozen=True, slots=True)

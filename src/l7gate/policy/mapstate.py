@@ -20,7 +20,7 @@ from enum import Enum
 from functools import lru_cache
 
 from .evaluate import Layer, Verdict
-from .fqdn import NameMatch, fqdn
+from .fqdn import NameMatch, server_name_matches
 from .pathnorm import normalize_path
 from .types import AuthMode, Direction, HTTPRequest, HTTPRule, L7Rules, Origin, PortRange, Protocol
 
@@ -473,12 +473,17 @@ def lookup(
     if dec.action is Action.ALLOW or (request is None and tls_sni is None):
         return Verdict(True, None, (dec.reason,), pols, dec.redirect, dec.auth_required)
     if tls_sni is not None:
-        if tls_sni and any(m.matches(fqdn(tls_sni)) for m in dec.sni):
+        if any(server_name_matches(m, tls_sni) for m in dec.sni):
             return Verdict(True, None, (f"{d}: TLS server name {tls_sni!r} matches",), pols, True, dec.auth_required)
         what = f"TLS server name {tls_sni!r}" if tls_sni else "a TLS connection without a server name (SNI)"
         return Verdict(False, Layer.L7, (f"{d}: Policy denied (L7): {what} matches no serverNames",), pols, True,
                        dec.auth_required)
     assert request is not None
+    if dec.sni:
+        # Cilium: where any rule requires a server name, all traffic to that peer and port
+        # must be TLS, whatever the HTTP rules of other rules say
+        return Verdict(False, Layer.L7, (f"{d}: Policy denied (L7): plain text where serverNames require TLS",),
+                       pols, True, dec.auth_required)
     norm = normalize_path(request.path)
     if norm.rejected is not None:
         return Verdict(False, Layer.L7, (f"{d}: {norm.rejected}",), pols, True, dec.auth_required)

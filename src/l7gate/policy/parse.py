@@ -1168,7 +1168,8 @@ class _SpecParser:
                         "it has no L7 proxy for the node's own traffic",
                         "host-l7",
                     )
-        sni = self.server_names(m, path, deny, l7) if "serverNames" in m else None
+        rules_given = isinstance(m.get("rules"), Mapping) and any(v is not None for v in m["rules"].values())
+        sni = self.server_names(m, path, deny, l7 is not None or rules_given) if "serverNames" in m else None
         if len(w.errors) > n_errors:
             return None
         if sni:
@@ -1252,7 +1253,7 @@ class _SpecParser:
         return PortRule(tuple(sorted(set(ports), key=port_sort_key)), l7)
 
     def server_names(self, m: Mapping[str, Any], path: str, deny: bool,
-                     l7: L7Rules | None) -> tuple[NameMatch, ...] | None:
+                     with_rules: bool) -> tuple[NameMatch, ...] | None:
         """`serverNames`: the TLS server names (SNI) a connection on the ports may name, as
         canonical patterns (Cilium's ServerName: `*` within a label, a leading `**.` for one
         or more labels, `*` alone for every name)."""
@@ -1273,7 +1274,7 @@ class _SpecParser:
             w.warn(sp, "an empty list is the same as leaving the field out: no TLS server name filtering",
                    "empty-server-names")
             return None
-        if l7 is not None:
+        if with_rules:
             w.error(sp, "Cilium refuses serverNames beside L7 rules in one toPorts entry (\"ServerNames are not "
                         "allowed with L7 rules without TLS termination\"): put them in separate entries",
                     "sni-with-l7")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import Finding
-from .fqdn import NameMatch, fqdn
+from .fqdn import NameMatch, server_name_matches
 from .labels import Labels
 from .regex import full_match
 from .selector import LabelSelector, PeerSelector
@@ -223,7 +223,7 @@ class L7Rules:
     def allows_sni(self, server_name: str) -> bool:
         """Whether a TLS connection whose ClientHello names `server_name` is allowed (an empty
         name: no SNI, never allowed)."""
-        return bool(server_name) and any(m.matches(fqdn(server_name)) for m in self.sni)
+        return any(server_name_matches(m, server_name) for m in self.sni)
 
     @property
     def allows_all(self) -> bool:

@@ -132,10 +132,14 @@ class Publisher:
     _initialized: bool = False
     # Per port with `serverNames`: its TLS chain as last sent in its listener (serialized).
     _tls_sent: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    # Whether any input changed since the last flush: a TLS chain decides every source address
+    # itself (not through the slots' dirty tracking), so it is re-rendered after any change.
+    _inputs_changed: bool = False
 
     # -- inputs -------------------------------------------------------------------------------
 
     def load_ipcache(self, entries: Iterable[tuple[IPNetwork, int]]) -> None:
+        self._inputs_changed = True
         self._prefixes = source_slots.prefixes_by_identity(entries)
         self._by_block, self._broad = source_slots.source_index(self._prefixes)
         self._slot_blocks = {}
@@ -175,6 +179,7 @@ class Publisher:
             self._removed.discard(key)
 
     def on_policy_delta(self, delta: PolicyDelta) -> None:
+        self._inputs_changed = True
         for ep in delta.removed_endpoints:
             self.mark_identity(ep)
         for ep, per_dir in delta.changes.items():
@@ -195,11 +200,13 @@ class Publisher:
 
     def mark_identity(self, identity: int) -> None:
         """An endpoint's policy was recomputed outside a delta (e.g. new endpoint)."""
+        self._inputs_changed = True
         for st in self._ports.values():
             if st.port.identity == identity:
                 st.full = True
 
     def on_ipcache_change(self, change: IPCacheChange) -> None:
+        self._inputs_changed = True
         p = change.prefix
         at = _net_order(p)
         for ident in (change.old, change.new):
@@ -336,22 +343,17 @@ class Publisher:
         ecds: dict[str, Message] = {}
         tables: dict[int, dict[int, list[IPNetwork]]] = {}  # a slot's table is every port's
         memo: source_slots.SlotMemo = {}
+        changed, self._inputs_changed = self._inputs_changed, False
         for key in sorted(self._ports):
             st = self._ports[key]
             if not st.dirty:
+                if changed and self._tls_sent.get(key):
+                    self._render_tls(key, st, listeners)
                 continue
             p = st.port
             if st.full or st.policy_changed or st.index is None:
                 self._refresh_policy(st)
-            tls = self._tls_chain(p)
-            tls_bytes = b"" if tls is None else tls.SerializeToString(deterministic=True)
-            if st.full or tls_bytes != self._tls_sent.get(key, b""):
-                # the listener anew, or only its TLS chain changed (Envoy then drains that chain
-                # alone: the HTTP chain's connections stay)
-                lname = resources.listener_name(p.ip, p.port)
-                listeners[lname] = resources.listener(lname, p.ip, p.port, resources.route_name(p.ip, p.port),
-                                                      self.access_logs, p.transparent, st.gen, tls)
-                self._tls_sent[key] = tls_bytes
+            self._render_tls(key, st, listeners, force=st.full)
             if st.full:
                 rname, cname = resources.route_name(p.ip, p.port), resources.cluster_name(p.ip, p.port)
                 clusters[cname] = resources.static_cluster(cname, p.upstream_ip, p.upstream_port)
@@ -405,6 +407,19 @@ class Publisher:
         stats.bytes_sent = sum(m.ByteSize() for m in sent)
         stats.removed = len(removed)
         return stats
+
+    def _render_tls(self, key: tuple[str, int], st: _PortState, listeners: dict[str, Message], *,
+                    force: bool = False) -> None:
+        """The port's listener into `listeners` if it is new (`force`) or its TLS chain changed:
+        Envoy then drains that chain alone, and the HTTP chain's connections stay."""
+        p = st.port
+        tls = self._tls_chain(p)
+        tls_bytes = b"" if tls is None else tls.SerializeToString(deterministic=True)
+        if force or tls_bytes != self._tls_sent.get(key, b""):
+            lname = resources.listener_name(p.ip, p.port)
+            listeners[lname] = resources.listener(lname, p.ip, p.port, resources.route_name(p.ip, p.port),
+                                                  self.access_logs, p.transparent, st.gen, tls)
+            self._tls_sent[key] = tls_bytes
 
     def _tls_chain(self, p: resources.ProxiedPort) -> Message | None:
         """The port's chain for TLS connections when its ingress policy has `serverNames`: one

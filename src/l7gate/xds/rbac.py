@@ -49,7 +49,7 @@ from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 from ..envoy_names import EGRESS_ACTION_PREFIX as EGRESS_ACTION_PREFIX
 from ..identity.ipcache import IPNetwork, prefix_sort_key
 from ..identity.numeric import WORLD
-from ..policy.fqdn import server_name_re2
+from ..policy.fqdn import SERVER_NAME_RE2, server_name_re2
 from ..policy.httpverdict import named_policies
 from ..policy.mapstate import Action, Decision, EndpointPolicy, MapEntry, MapKey, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
@@ -179,14 +179,21 @@ def _server_name_leaf(d: Decision, pols: str, prefix: str) -> matcher_pb2.Matche
     deny = _action(f"{prefix}deny-l7|{pols}", False)
     if not d.sni:
         return deny
-    regex = "|".join(server_name_re2(m.match_pattern or "") for m in d.sni)
-    single = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-        input=typed_ext("server-name", network_inputs_pb2.ServerNameInput()),
-        value_match=string_pb2.StringMatcher(
-            safe_regex=regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=regex)),
-    )
+
+    def sni_regex(regex: str) -> matcher_pb2.Matcher.MatcherList.Predicate:
+        return matcher_pb2.Matcher.MatcherList.Predicate(
+            single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+                input=typed_ext("server-name", network_inputs_pb2.ServerNameInput()),
+                value_match=string_pb2.StringMatcher(
+                    safe_regex=regex_pb2.RegexMatcher(google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=regex)),
+            ))
+
+    # a well-formed name (no trailing dot, no empty label, ASCII) that one pattern matches
+    patterns = "|".join(f"(?:{server_name_re2(m.match_pattern or '')})" for m in d.sni)
     field = matcher_pb2.Matcher.MatcherList.FieldMatcher(
-        predicate=matcher_pb2.Matcher.MatcherList.Predicate(single_predicate=single),
+        predicate=matcher_pb2.Matcher.MatcherList.Predicate(
+            and_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
+                predicate=[sni_regex(SERVER_NAME_RE2), sni_regex(patterns)])),
         on_match=_action(f"{prefix}allow|{pols}", True))
     return matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[field]), on_no_match=deny))
@@ -208,8 +215,9 @@ def decision_on_match(d: Decision, *, auth_verified: bool = False, prefix: str =
         return _action(f"{prefix}allow|{pols}", True)
     if tls:
         return _server_name_leaf(d, pols, prefix)
-    if not d.http:
-        # serverNames only (or DNS rules only): no plain-text request is allowed
+    if not d.http or d.sni:
+        # serverNames (Cilium: then all traffic to that peer and port must be TLS), or DNS
+        # rules only: no plain-text request is allowed
         return _action(f"{prefix}deny-l7|{pols}", False)
     preds = [_rule_predicate(r) for r in d.http]
     if any(p is None for p in preds):

@@ -181,8 +181,10 @@ def tls_filter_chain(
     reaches new connections; open ones keep their verdict."""
     states = [set_filter_state_value_pb2.FilterStateValue(
         object_key=TLS_STATE, factory_key="envoy.string",
+        # (no SNI: empty, not Envoy's "-", which a client could send as its server name)
         format_string=substitution_format_string_pb2.SubstitutionFormatString(
-            text_format_source=base_pb2.DataSource(inline_string=f"{direction}:%REQUESTED_SERVER_NAME%")),
+            text_format_source=base_pb2.DataSource(inline_string=f"{direction}:%REQUESTED_SERVER_NAME%"),
+            omit_empty_values=True),
     )]
     if original_dst:
         states.insert(0, set_filter_state_value_pb2.FilterStateValue(
