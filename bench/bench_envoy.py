@@ -431,6 +431,106 @@ def pod_to_ack(ctx: Context, w: World, n_max: int, budget: float) -> AckSamples:
     return out
 
 
+# -- 4b. the worst single changes → ACK (issue 16) -------------------------------------------
+
+
+def any_peer_policy() -> dict[str, Any]:
+    """A CCNP on billing naming every endpoint of the cluster (`fromEndpoints: [{}]`): an
+    ANY-peer rule, whose HTTP rule every peer's decision takes."""
+    doc = allow_http("bench-any-peer", {}, "GET", "/v1/any")
+    doc["spec"]["ingress"][0]["fromEndpoints"] = [{}]
+    return doc
+
+
+def world_policy() -> dict[str, Any]:
+    """A CCNP on billing allowing `world` on 8080 at L3/L4: world's decision, the default of
+    every address no identity holds, flips from the default deny to allow."""
+    doc = allow_http("bench-world-allowed", {}, "GET", "/")
+    doc["spec"]["ingress"] = [{"fromEntities": ["world"],
+                               "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]
+    return doc
+
+
+FIRST_NAME = "aaa-bench-first"  # sorts before every other policy on billing
+
+
+def first_name_policy() -> dict[str, Any]:
+    """A CCNP on billing whose name sorts first among the endpoint's policies, naming one peer
+    (p5): the endpoint's policy list changes at its head (world's default deny names the first
+    few)."""
+    return allow_http(FIRST_NAME, {"peer": "p5"}, "GET", "/v1/first")
+
+
+def change_to_ack(ctx: Context, w: World, what: str, change: Any, n: int) -> list[float]:
+    """`change(k)` applied n times (the k-th change; alternating ones undo each other); each
+    timed from just before it to Envoy's ACK of the resulting ECDS version (0 if it changed no
+    ECDS resource: nothing to send)."""
+    agent = w.agent
+    out: list[float] = []
+    quiesce(agent)
+    for k in range(n):
+        before = policy_row(agent).acked_version
+        t0w = time.time()
+        change(k)
+        target = policy_row(agent).cache_version
+        if target == before:
+            out.append(0.0)
+            continue
+
+        def acked(rows: list[Any]) -> bool:
+            return any(
+                r.node_id == agent.config.node_id
+                and r.type_url == EXTENSION_CONFIG_TYPE
+                and r.acked_version == target
+                for r in rows
+            )
+
+        if not agent.xds.wait(acked, 120):
+            raise RuntimeError(f"{w.name}: {what}: no ACK of ECDS {target} within 120 s")
+        out.append(policy_row(agent).last_ack - t0w)
+        synced(agent, 600)
+        quiesce(agent)
+    ctx.log(f"{w.name}: {what} → ACK {[round(x, 4) for x in out]}")
+    return out
+
+
+def worst_cases(ctx: Context, w: World, n: int) -> dict[str, list[float]]:
+    """Issue 16's worst single changes, in one run with the one-pod baseline (`pod_to_ack`,
+    measured just before): the first pod of a new /26 block (inside the /16 the peers are
+    in), an ANY-peer rule added or removed, world's default flipped (deny ↔ allow), and a
+    policy added or removed whose name sorts first on the endpoint."""
+    agent = w.agent
+    out: dict[str, list[float]] = {}
+
+    def new_block_pod(k: int) -> None:
+        labels = {"app": "peer", "peer": f"blk{k}", "group": "g1"}
+        agent.core.apply([pod(f"blk-{k}", "web", f"127.100.{200 + k}.1", labels, "cluster-b")])
+
+    out["first pod of a new /26 block"] = change_to_ack(ctx, w, "new /26", new_block_pod, n)
+    for k in range(n):
+        agent.core.delete_pod(f"cluster-b/web/blk-{k}")
+    synced(agent, 600)
+
+    def toggled(doc: dict[str, Any]) -> Any:
+        key = f"CiliumClusterwideNetworkPolicy/{doc['metadata']['name']}"
+
+        def change(k: int) -> None:
+            if k % 2 == 0:
+                agent.core.apply([doc])
+            else:
+                agent.core.delete_policy(key)
+        return change
+
+    n_even = n + (n % 2)  # ends with the policy removed
+    out["an ANY-peer rule added or removed"] = change_to_ack(
+        ctx, w, "ANY-peer rule", toggled(any_peer_policy()), n_even)
+    out["world's default flipped (deny ↔ allow at L3/L4)"] = change_to_ack(
+        ctx, w, "world flipped", toggled(world_policy()), n_even)
+    out["a policy added or removed whose name sorts first"] = change_to_ack(
+        ctx, w, "first name", toggled(first_name_policy()), n_even)
+    return out
+
+
 # -- the disk-backed kvstore cost --------------------------------------------------------------
 
 
@@ -623,6 +723,30 @@ def run(ctx: Context) -> list[Result]:
                 f"built; BIG {shape}",
             )
         )
+
+        ctx.log("4b. worst single changes → ACK")
+        # The previous figures, measured at 8e8ce29 (the shape before issue 16), for beside each.
+        previous = {
+            "first pod of a new /26 block": "~0.25-0.3 s",
+            "an ANY-peer rule added or removed": "all 129 slots re-sent (5 MB)",
+            "world's default flipped (deny ↔ allow at L3/L4)": "all 129 slots re-sent",
+            "a policy added or removed whose name sorts first": "all 129 slots re-sent",
+        }
+        for what, xs in worst_cases(ctx, big, 4 if quick else 6).items():
+            m = statistics.median(xs)
+            results.append(
+                Result(
+                    name=f"{what} → Envoy ACK, {size}",
+                    value=m,
+                    unit="s",
+                    baseline_name="one pod added (same run)",
+                    baseline_value=med_b,
+                    goal="<= 100 ms",
+                    goal_met=max(xs) <= 0.1,
+                    notes=f"median of {len(xs)}, max {max(xs):.4g} s (goal on the max); "
+                    f"samples {[round(x, 4) for x in xs]}; before issue 16: {previous[what]}",
+                )
+            )
 
         ctx.log("5. Envoy memory")
         rss_b, hwm_b = envoy_memory(big.agent)
