@@ -301,12 +301,18 @@ def test_policy_change_for_one_peer_resends_only_its_slot() -> None:
     assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(p3_block))]
 
 
-def test_policy_among_the_first_names_resends_every_slot() -> None:
+def test_policy_among_the_first_names_resends_only_its_peers_slot() -> None:
+    # World's default deny names no policy (`named_policies`): a policy whose name sorts first
+    # on the endpoint changes the slots of the peers it names, not every slot's default.
     w = big_world()
     pol = ccnp("a-first", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/x"}])}])
     w.delta(w.r.upsert_policy(pol))
-    stats = w.pub.flush()  # world's default deny now names it: every slot's default changes
-    assert stats.slots_translated == source_slots.SOURCE_SLOTS + 1
+    w.pub.flush()
+    p3_block = source_slots.block_of(ipaddress.ip_network("10.1.0.4/32"))  # pod n=3
+    assert p3_block is not None
+    assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(p3_block))]
+    for a in ("10.1.0.4", "10.1.0.5", "10.9.9.9"):
+        assert envoy_leaf(w.ecds(), a) == w.expected(a), a
 
 
 def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:
