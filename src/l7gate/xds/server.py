@@ -77,9 +77,9 @@ from l7gate.xds.cache import (
     CachedResource,
     Snapshot,
     SnapshotCache,
-    entry_hash,
     version_from_total,
     version_of,
+    version_of_resources,
 )
 from l7gate.xds.status import Nack, StatusRow, SyncState, classify, rows_to_json
 
@@ -97,14 +97,15 @@ _ABSENT = ""
 
 
 def served(
-    snap: Snapshot, type_url: str, names: AbstractSet[str] | None
+    snap: Snapshot, type_url: str, names: AbstractSet[str] | None, *, ordered: bool = True,
 ) -> tuple[str, list[CachedResource]]:
-    """The version and resources of `type_url` for a subscription (`names` None = wildcard)."""
+    """The version and resources of `type_url` for a subscription (`names` None = wildcard);
+    the resources in name order unless `ordered` is false (the version does not depend on it)."""
     by_name = snap.resources[type_url]
     if names is None:
         return snap.versions[type_url], list(by_name.values())
-    entries = [by_name[n] for n in sorted(names) if n in by_name]
-    return version_of((e.name, e.version) for e in entries), entries
+    entries = [by_name[n] for n in (sorted(names) if ordered else names) if n in by_name]
+    return version_of_resources(entries), entries
 
 
 @dataclass(slots=True)
@@ -411,7 +412,7 @@ class XdsServer:
             current: str | None = None
             count = 0
             if snap is not None:
-                current, entries = served(snap, t, tr.names)
+                current, entries = served(snap, t, tr.names, ordered=False)
                 count = len(entries)
             rows.append(
                 StatusRow(
@@ -754,7 +755,7 @@ class _DeltaStream(_Stream):
         present = snap.resources[type_url]
         type_version = snap.versions[type_url]
         if changed is None or st.hashed_at != type_version:
-            st.hashes = {n: entry_hash(n, present[n].version) for n in st.names if n in present}
+            st.hashes = {n: present[n].hash for n in st.names if n in present}
             st.total = sum(st.hashes.values())
             st.hashed_at = type_version
         else:
@@ -764,6 +765,6 @@ class _DeltaStream(_Stream):
                     st.total -= old
                 entry = present.get(n)
                 if entry is not None and n in st.names:
-                    h = st.hashes[n] = entry_hash(n, entry.version)
+                    h = st.hashes[n] = entry.hash
                     st.total += h
         return version_from_total(st.total)
