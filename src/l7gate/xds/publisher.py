@@ -11,9 +11,10 @@ broad prefixes (shorter than a block). The publisher tracks what is dirty per (p
   A changed key for every peer (ANY), or a change of world's decision or of the decision of
   peers no key names (the endpoint's default), makes every slot of the port dirty;
 - an ipcache change of a prefix in a block: that block's slot, on the ports where the old or new
-  identity, or the broad prefix holding the block, is listed (its leaf is not world's); a block
-  appearing or disappearing also changes the classifier of every port. A broad prefix: the
-  rest slot and the slots of the blocks it holds, on every port;
+  identity, or the broad prefix holding the block, is listed (its leaf is not world's). The
+  classifier lists whole groups (/16, /112) of blocks: a group getting its first prefix or
+  losing its last changes the classifier and every slot of every port. A broad prefix: the
+  rest slot and the slots of the listed blocks it holds, on every port;
 - ports appearing or disappearing, `mark_identity`, `load_ipcache`: all of a port.
 
 So one new pod re-translates one slot (~1/128 of the table) and sends one ECDS resource. Because

@@ -10,15 +10,17 @@ touches. The tunnel listener (`mtls_translate`) keeps the single matcher per rou
 
 Every prefix at least as long as a block (/26, /122) lies in exactly one block, and a block lies
 in slot `slot_of(block)` (its number folded into 0..SOURCE_SLOTS-1). Prefixes shorter than a
-block are "broad".
+block are "broad". The classifier lists blocks a group (/16, /112) at a time: every block of
+every group that holds a prefix, empty ones too, so the first pod of a new block changes its
+slot only; a slot decides an empty block's addresses by the broad prefix holding it, or world.
 
   HCM http filter <classifier> (ECDS, no default: the listener warms until it arrives)
     ExtensionWithMatcher: DirectSourceIPInput ─ IPMatcher
-       ├─ blocks of slot 0 → composite ExecuteFilterAction(dynamic_config <slot 0>)
+       ├─ blocks of slot 0 (8 per listed group) → composite ExecuteFilterAction(dynamic_config <slot 0>)
        ├─ ...  (every slot is named, the empty ones by a discard-prefix range)
        └─ on_no_match     → ExecuteFilterAction(dynamic_config <rest>)
-    <slot i>: RBAC(matcher = rbac_matcher over the prefixes in slot i's blocks, plus each block
-              itself as the longest broad prefix covering it; on_no_match world's decision)
+    <slot i>: RBAC(matcher = rbac_matcher over the prefixes in slot i's listed blocks, plus each
+              block itself as the longest broad prefix covering it; on_no_match world's decision)
     <rest>:   RBAC(matcher = rbac_matcher over the broad prefixes; on_no_match world's decision)
 
 Exactly one RBAC filter decides each request. Longest-prefix semantics are kept: an address in a
