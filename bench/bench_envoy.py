@@ -727,6 +727,22 @@ def run(ctx: Context) -> list[Result]:
             )
         )
 
+        ctx.log("5. Envoy memory")
+        rss_b, hwm_b = envoy_memory(big.agent)
+        rss_s, hwm_s = envoy_memory(small.agent)
+        results.append(
+            Result(
+                name=f"Envoy peak RSS (VmHWM), {big_sizes.identities} identities",
+                value=hwm_b / 2**20,
+                unit="MiB",
+                baseline_name=f"{small_sizes.identities} identities",
+                baseline_value=hwm_s / 2**20,
+                notes=f"RSS now {rss_b / 2**20:.1f} MiB vs {rss_s / 2**20:.1f} MiB",
+            )
+        )
+
+        # After the memory row: an ANY-peer rule re-sends every slot, and Envoy's peak RSS
+        # would show that transient, not the BIG world at rest.
         ctx.log("4b. worst single changes → ACK")
         # The previous figures: the same rows at fbc9b2c (before issue 16's shape), one run of 6
         # samples each on a busy machine (load average 7.5; its one-pod median was 18.9 ms).
@@ -751,20 +767,6 @@ def run(ctx: Context) -> list[Result]:
                     f"samples {[round(x, 4) for x in xs]}; before issue 16: {previous[what]}",
                 )
             )
-
-        ctx.log("5. Envoy memory")
-        rss_b, hwm_b = envoy_memory(big.agent)
-        rss_s, hwm_s = envoy_memory(small.agent)
-        results.append(
-            Result(
-                name=f"Envoy peak RSS (VmHWM), {big_sizes.identities} identities",
-                value=hwm_b / 2**20,
-                unit="MiB",
-                baseline_name=f"{small_sizes.identities} identities",
-                baseline_value=hwm_s / 2**20,
-                notes=f"RSS now {rss_b / 2**20:.1f} MiB vs {rss_s / 2**20:.1f} MiB",
-            )
-        )
 
         ctx.log("kvstore on disk vs tmpfs")
         n_disk = 50 if quick else 300

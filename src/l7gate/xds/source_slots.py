@@ -108,6 +108,23 @@ def _group_ranges(group: IPNetwork) -> tuple[tuple[Any, ...], ...]:
     return tuple(tuple(cidr(b) for b in sorted(blocks, key=prefix_sort_key)) for blocks in group_slots(group))
 
 
+@functools.lru_cache(maxsize=64)
+def _classifier_ranges(groups: frozenset[IPNetwork]) -> ip_pb2.IPMatcher:
+    # The classifier's ranges for a set of groups, one range matcher per slot, without the
+    # actions (which name the port's slots): every port of the node lists the same groups, so
+    # each classifier copies this (one C++ copy) instead of building 1,024 ranges per group.
+    # Shared, never mutated.
+    ipm = ip_pb2.IPMatcher()
+    ordered = sorted(groups, key=prefix_sort_key)
+    for i in range(SOURCE_SLOTS):
+        rm = ipm.range_matchers.add(exclusive=True)
+        for g in ordered:
+            rm.ranges.extend(_group_ranges(g)[i])
+        if not ordered:
+            rm.ranges.append(cidr(ipaddress.IPv6Network((int(_DISCARD.network_address) + i, 128))))
+    return ipm
+
+
 def blocks_within(net: IPNetwork, groups: Iterable[IPNetwork]) -> Iterable[IPNetwork]:
     """The listed blocks (those of `groups`) inside a network broader than a block."""
     for g in groups:
@@ -199,14 +216,10 @@ def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork],
 
     Every slot is named (an empty one by a range no peer has), so Envoy subscribes to all of
     them when the listener first loads it and a new block never waits for a new subscription."""
-    groups = sorted({group_of(b) for b in blocks}, key=prefix_sort_key)
     ipm = ip_pb2.IPMatcher()
-    for i in range(SOURCE_SLOTS):
-        rm = ipm.range_matchers.add(on_match=_run_slot(ip, port, i, gen), exclusive=True)
-        for g in groups:
-            rm.ranges.extend(_group_ranges(g)[i])
-        if not groups:
-            rm.ranges.append(cidr(ipaddress.IPv6Network((int(_DISCARD.network_address) + i, 128))))
+    ipm.CopyFrom(_classifier_ranges(frozenset(group_of(b) for b in blocks)))
+    for i, rm in enumerate(ipm.range_matchers):
+        rm.on_match.CopyFrom(_run_slot(ip, port, i, gen))
     tree = matcher_pb2.Matcher.MatcherTree(
         input=typed_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
         custom_match=typed_ext("ip-matcher", ipm),
