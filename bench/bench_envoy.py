@@ -744,13 +744,13 @@ def run(ctx: Context) -> list[Result]:
         # After the memory row: an ANY-peer rule re-sends every slot, and Envoy's peak RSS
         # would show that transient, not the BIG world at rest.
         ctx.log("4b. worst single changes → ACK")
-        # The previous figures: the same rows at fbc9b2c (before issue 16's shape), one run of 6
-        # samples each on a busy machine (load average 7.5; its one-pod median was 18.9 ms).
+        # The previous figures: the same rows at fbc9b2c (before issue 16's shape), one full
+        # run of this module (its one-pod median: 19.6 ms), on a machine shared with others.
         previous = {
-            "first pod of a new /26 block": "median 0.447 s, max 0.602 s (classifier + every slot)",
-            "an ANY-peer rule added or removed": "median 3.87 s, max 6.01 s (every slot)",
-            "world's default flipped (deny ↔ allow at L3/L4)": "median 2.66 s, max 3.04 s (every slot)",
-            "a policy added or removed whose name sorts first": "median 3.49 s, max 4.34 s (every slot)",
+            "first pod of a new /26 block": "median 0.323 s, max 0.355 s (classifier + every slot)",
+            "an ANY-peer rule added or removed": "median 1.39 s, max 2.21 s (every slot)",
+            "world's default flipped (deny ↔ allow at L3/L4)": "median 0.873 s, max 0.958 s (every slot)",
+            "a policy added or removed whose name sorts first": "median 0.870 s, max 0.955 s (every slot)",
         }
         for what, xs in worst_cases(ctx, big, 4 if quick else 6).items():
             m = statistics.median(xs)
