@@ -43,12 +43,15 @@ machine's load cancel within a pair), the values the medians of each side.
    client `GET /v1/probe` and `GET /v1/other`; the poll is `GET /v1/probe` (200 ↔ 403).
    Goal: p99 <= 100 ms at 1,000 policies x 10,000 identities.
 4. one peer pod added (new identity, in a group: one ECDS source-address slot changes, plus the
-   classifier when the pod is the first of its /24) → Envoy's ACK of the resulting ECDS version
+   classifier and every slot when the pod is the first of its /16) → Envoy's ACK of the resulting ECDS version
    (the xDS server's status row: acked_version and last_ack), BIG vs SMALL.
    Goal <= 20 ms.
    SMALL's samples for 3 and 4 are taken before BIG is built: both agents share this process,
    and with BIG's heap one full garbage collection takes long enough to show in SMALL's
    milliseconds (the build result says how long).
+4b. issue 16's worst single changes → Envoy's ACK, BIG, each against 4's median (same run): the
+   first pod of a new /26 block, an ANY-peer rule added/removed, world's default flipped
+   (deny ↔ allow), a policy added/removed whose name sorts first. Goal: max <= 100 ms.
 5. Envoy's RSS and peak RSS (VmRSS / VmHWM), BIG vs SMALL.
 Also: the time to apply the BIG world (policies, then all pods in one request).
 
@@ -431,6 +434,106 @@ def pod_to_ack(ctx: Context, w: World, n_max: int, budget: float) -> AckSamples:
     return out
 
 
+# -- 4b. the worst single changes → ACK (issue 16) -------------------------------------------
+
+
+def any_peer_policy() -> dict[str, Any]:
+    """A CCNP on billing naming every endpoint of the cluster (`fromEndpoints: [{}]`): an
+    ANY-peer rule, whose HTTP rule every peer's decision takes."""
+    doc = allow_http("bench-any-peer", {}, "GET", "/v1/any")
+    doc["spec"]["ingress"][0]["fromEndpoints"] = [{}]
+    return doc
+
+
+def world_policy() -> dict[str, Any]:
+    """A CCNP on billing allowing `world` on 8080 at L3/L4: world's decision, the default of
+    every address no identity holds, flips from the default deny to allow."""
+    doc = allow_http("bench-world-allowed", {}, "GET", "/")
+    doc["spec"]["ingress"] = [{"fromEntities": ["world"],
+                               "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]
+    return doc
+
+
+FIRST_NAME = "aaa-bench-first"  # sorts before every other policy on billing
+
+
+def first_name_policy() -> dict[str, Any]:
+    """A CCNP on billing whose name sorts first among the endpoint's policies, naming one peer
+    (p5): the endpoint's policy list changes at its head (world's default deny names the first
+    few)."""
+    return allow_http(FIRST_NAME, {"peer": "p5"}, "GET", "/v1/first")
+
+
+def change_to_ack(ctx: Context, w: World, what: str, change: Any, n: int) -> list[float]:
+    """`change(k)` applied n times (the k-th change; alternating ones undo each other); each
+    timed from just before it to Envoy's ACK of the resulting ECDS version (0 if it changed no
+    ECDS resource: nothing to send)."""
+    agent = w.agent
+    out: list[float] = []
+    quiesce(agent)
+    for k in range(n):
+        before = policy_row(agent).acked_version
+        t0w = time.time()
+        change(k)
+        target = policy_row(agent).cache_version
+        if target == before:
+            out.append(0.0)
+            continue
+
+        def acked(rows: list[Any]) -> bool:
+            return any(
+                r.node_id == agent.config.node_id
+                and r.type_url == EXTENSION_CONFIG_TYPE
+                and r.acked_version == target
+                for r in rows
+            )
+
+        if not agent.xds.wait(acked, 120):
+            raise RuntimeError(f"{w.name}: {what}: no ACK of ECDS {target} within 120 s")
+        out.append(policy_row(agent).last_ack - t0w)
+        synced(agent, 600)
+        quiesce(agent)
+    ctx.log(f"{w.name}: {what} → ACK {[round(x, 4) for x in out]}")
+    return out
+
+
+def worst_cases(ctx: Context, w: World, n: int) -> dict[str, list[float]]:
+    """Issue 16's worst single changes, in one run with the one-pod baseline (`pod_to_ack`,
+    measured just before): the first pod of a new /26 block (inside the /16 the peers are
+    in), an ANY-peer rule added or removed, world's default flipped (deny ↔ allow), and a
+    policy added or removed whose name sorts first on the endpoint."""
+    agent = w.agent
+    out: dict[str, list[float]] = {}
+
+    def new_block_pod(k: int) -> None:
+        labels = {"app": "peer", "peer": f"blk{k}", "group": "g1"}
+        agent.core.apply([pod(f"blk-{k}", "web", f"127.100.{200 + k}.1", labels, "cluster-b")])
+
+    out["first pod of a new /26 block"] = change_to_ack(ctx, w, "new /26", new_block_pod, n)
+    for k in range(n):
+        agent.core.delete_pod(f"cluster-b/web/blk-{k}")
+    synced(agent, 600)
+
+    def toggled(doc: dict[str, Any]) -> Any:
+        key = f"CiliumClusterwideNetworkPolicy/{doc['metadata']['name']}"
+
+        def change(k: int) -> None:
+            if k % 2 == 0:
+                agent.core.apply([doc])
+            else:
+                agent.core.delete_policy(key)
+        return change
+
+    n_even = n + (n % 2)  # ends with the policy removed
+    out["an ANY-peer rule added or removed"] = change_to_ack(
+        ctx, w, "ANY-peer rule", toggled(any_peer_policy()), n_even)
+    out["world's default flipped (deny ↔ allow at L3/L4)"] = change_to_ack(
+        ctx, w, "world flipped", toggled(world_policy()), n_even)
+    out["a policy added or removed whose name sorts first"] = change_to_ack(
+        ctx, w, "first name", toggled(first_name_policy()), n_even)
+    return out
+
+
 # -- the disk-backed kvstore cost --------------------------------------------------------------
 
 
@@ -637,6 +740,33 @@ def run(ctx: Context) -> list[Result]:
                 notes=f"RSS now {rss_b / 2**20:.1f} MiB vs {rss_s / 2**20:.1f} MiB",
             )
         )
+
+        # After the memory row: an ANY-peer rule re-sends every slot, and Envoy's peak RSS
+        # would show that transient, not the BIG world at rest.
+        ctx.log("4b. worst single changes → ACK")
+        # The previous figures: the same rows at fbc9b2c (before issue 16's shape), one full
+        # run of this module (its one-pod median: 19.6 ms), on a machine shared with others.
+        previous = {
+            "first pod of a new /26 block": "median 0.323 s, max 0.355 s (classifier + every slot)",
+            "an ANY-peer rule added or removed": "median 1.39 s, max 2.21 s (every slot)",
+            "world's default flipped (deny ↔ allow at L3/L4)": "median 0.873 s, max 0.958 s (every slot)",
+            "a policy added or removed whose name sorts first": "median 0.870 s, max 0.955 s (every slot)",
+        }
+        for what, xs in worst_cases(ctx, big, 4 if quick else 6).items():
+            m = statistics.median(xs)
+            results.append(
+                Result(
+                    name=f"{what} → Envoy ACK, {size}",
+                    value=m,
+                    unit="s",
+                    baseline_name="one pod added (same run)",
+                    baseline_value=med_b,
+                    goal="<= 100 ms",
+                    goal_met=max(xs) <= 0.1,
+                    notes=f"median of {len(xs)}, max {max(xs):.4g} s (goal on the max); "
+                    f"samples {[round(x, 4) for x in xs]}; before issue 16: {previous[what]}",
+                )
+            )
 
         ctx.log("kvstore on disk vs tmpfs")
         n_disk = 50 if quick else 300

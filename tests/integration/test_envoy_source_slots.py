@@ -154,10 +154,8 @@ def test_pod_in_a_new_block_is_decided_at_once(world: World) -> None:
         changed = {n for n, v in after.items() if before.get(n) != v}
         block = source_slots.block_of(ipaddress.ip_network(new_ip))
         assert block is not None
-        assert changed == {
-            n for ip in (BILLING, BILLING_2)
-            for n in (source_slots.classifier_name(ip, 8080), source_slots.slot_name(ip, 8080, source_slots.slot_of(block)))
-        }
+        # The classifier lists every block of 127.74.0.0/16 already: only the block's slot.
+        assert changed == {source_slots.slot_name(ip, 8080, source_slots.slot_of(block)) for ip in (BILLING, BILLING_2)}
         # Every slot name was subscribed with the listener: no new subscription to wait for,
         # only the moment Envoy's worker takes the config the main thread ACKed.
         assert wait_fresh(new_ip, "POST", "/v1/charge", 200, timeout=5.0) == 200
@@ -165,6 +163,31 @@ def test_pod_in_a_new_block_is_decided_at_once(world: World) -> None:
         assert request(new_ip, BILLING, 8080, "POST", "/v1/refund").status == 403
     finally:
         core.delete_pod("cluster-b/web/frontend-new-block")
+        world.synced()
+    assert wait_fresh(new_ip, "POST", "/v1/charge", 403, timeout=5.0) == 403  # unknown: world
+    assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+
+
+def test_pod_in_a_new_group_is_decided_at_once(world: World) -> None:
+    """The first pod of a /16 no pod was in: the classifier lists the group's blocks (and
+    every slot decides its new blocks); the last one gone, they go back to the rest."""
+    from .loopback import pod
+
+    core = world.core
+    new_ip = f"127.{S + 1}.3.9"
+    labels = {"app": "frontend-service", "team": "web", "env": "prod"}
+    before = versions(world, EXTENSION_CONFIG)
+    core.apply([pod("frontend-new-group", "web", new_ip, labels, "cluster-b")])
+    try:
+        world.synced()
+        after = versions(world, EXTENSION_CONFIG)
+        changed = {n for n, v in after.items() if before.get(n) != v}
+        assert {source_slots.classifier_name(ip, 8080) for ip in (BILLING, BILLING_2)} <= changed
+        assert wait_fresh(new_ip, "POST", "/v1/charge", 200, timeout=5.0) == 200
+        assert request(new_ip, BILLING, 8080, "POST", "/v1/refund").status == 403
+        assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+    finally:
+        core.delete_pod("cluster-b/web/frontend-new-group")
         world.synced()
     assert wait_fresh(new_ip, "POST", "/v1/charge", 403, timeout=5.0) == 403  # unknown: world
     assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200

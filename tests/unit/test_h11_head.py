@@ -9,7 +9,7 @@ import pytest
 from l7gate.l7proxy.h11engine import EngineLimits, _head_problem
 from l7gate.policy.httpverdict import named_policies, request_verdict
 from l7gate.policy.mapstate import Action, Decision
-from l7gate.policy.types import AuthMode, HTTPRequest, HTTPRule
+from l7gate.policy.types import AuthMode, HTTPRequest, HTTPRule, Origin
 
 H = b"Host: a"
 
@@ -60,7 +60,8 @@ def req(method: str, path: str) -> HTTPRequest:
 
 
 @pytest.mark.parametrize("d, r, auth_verified, allowed, action", [
-    (Decision(Action.DENY, policies=("p",)), req("POST", "/v1/charge"), False, False, "deny-l3l4|p"),
+    # A default deny (no rule states it: no origins) names no policy (`named_policies`).
+    (Decision(Action.DENY, policies=("p",)), req("POST", "/v1/charge"), False, False, "deny-l3l4|"),
     (Decision(Action.ALLOW, policies=("p",)), req("GET", "/x"), False, True, "allow|p"),
     (Decision(Action.HTTP, http=(POST_CHARGE,), policies=("p",)), req("POST", "/v1/charge"), False, True, "allow|p"),
     (Decision(Action.HTTP, http=(POST_CHARGE,), policies=("p",)), req("GET", "/v1/charge"), False, False, "deny-l7|p"),
@@ -75,7 +76,14 @@ def test_request_verdicts(d: Decision, r: HTTPRequest, auth_verified: bool, allo
 
 
 def test_action_names_list_at_most_three_policies() -> None:
-    assert named_policies(Decision(Action.DENY, policies=("a", "b", "c", "d"))) == "a,b,c,+more"
+    o = (Origin("CiliumNetworkPolicy", "ns", "a", "spec.ingressDeny[0]"),)
+    assert named_policies(Decision(Action.DENY, origins=o, policies=("a", "b", "c", "d"))) == "a,b,c,+more"
+    assert named_policies(Decision(Action.ALLOW, origins=o, policies=("a", "b", "c"))) == "a,b,c"
+
+
+def test_a_default_deny_names_no_policy() -> None:
+    # World's decision and that of every peer no rule names: its leaf is in every source slot.
+    assert named_policies(Decision(Action.DENY, policies=("a", "b", "c", "d"))) == ""
 
 
 def _parsed(data: bytes) -> tuple[object, bytearray] | None:

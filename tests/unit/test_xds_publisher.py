@@ -139,17 +139,33 @@ class World:
         return bytes(rbac.decision_on_match(d).SerializeToString(deterministic=True))
 
 
+_PARSED: dict[bytes, dict[tuple[int, int, int], int]] = {}
+
+
+def _ranges(ipm: Any) -> dict[tuple[int, int, int], int]:
+    # Parsed once per distinct matcher (a classifier lists 1,024 blocks per group): (version,
+    # prefix length, network as an integer) -> index of its range matcher.
+    key = ipm.SerializeToString(deterministic=True)
+    out = _PARSED.get(key)
+    if out is None:
+        out = _PARSED[key] = {}
+        for i, rm in enumerate(ipm.range_matchers):
+            for r in rm.ranges:
+                net = ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}")
+                k = (net.version, net.prefixlen, int(net.network_address))
+                assert k not in out, "two ranges of one length hold an address"
+                out[k] = i
+    return out
+
+
 def _longest(ipm: Any, addr: str) -> Any:
     a = ipaddress.ip_address(addr)
-    best: tuple[int, Any] | None = None
-    for rm in ipm.range_matchers:
-        for r in rm.ranges:
-            net = ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}")
-            if net.version == a.version and a in net:
-                assert best is None or net.prefixlen != best[0], "two ranges of one length hold an address"
-                if best is None or net.prefixlen > best[0]:
-                    best = (net.prefixlen, rm.on_match)
-    return None if best is None else best[1]
+    ranges, bits, n = _ranges(ipm), a.max_prefixlen, int(a)
+    for plen in range(bits, -1, -1):
+        i = ranges.get((a.version, plen, n >> (bits - plen) << (bits - plen)))
+        if i is not None:
+            return ipm.range_matchers[i].on_match
+    return None
 
 
 def envoy_leaf(ecds: Mapping[str, Message], addr: str) -> bytes:
@@ -227,16 +243,38 @@ def test_one_pod_added_sends_one_slot() -> None:
     assert w.expected("10.1.2.50") != w.expected("10.1.2.51")  # the new pod is listed
 
 
-def test_pod_in_a_new_block_sends_its_slot_and_the_classifier() -> None:
+def test_pod_in_a_new_block_of_a_listed_group_sends_its_slot_alone() -> None:
+    # The classifier lists every block of 10.1.0.0/16 already: the first pod of a new block
+    # changes its slot, not the classifier (which would make Envoy build every slot anew).
     w = big_world()
     w.add_pod(30_001, "10.1.77.5", {"peer": "new", "group": "g2"})
     w.pub.flush()
     block = source_slots.block_of(ipaddress.ip_network("10.1.77.5/32"))
     assert block is not None
-    assert sorted(w.sink.sent(EXTENSION_CONFIG)) == sorted(
-        [source_slots.classifier_name(BILLING_IP, PORT), source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(block))]
-    )
+    assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(block))]
+    for a in ("10.1.77.5", "10.1.77.6", "10.1.200.1", "10.2.0.1"):
+        assert envoy_leaf(w.ecds(), a) == w.expected(a), a
+    w.sink.clear()
+    w.set_ip(ipaddress.ip_network("10.1.77.5/32"), None)  # the block empties: its slot again
+    w.pub.flush()
+    assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(block))]
     assert envoy_leaf(w.ecds(), "10.1.77.5") == w.expected("10.1.77.5")
+
+
+def test_pod_in_a_new_group_sends_the_classifier_and_every_slot() -> None:
+    w = big_world()
+    w.add_pod(30_001, "10.7.0.5", {"peer": "new", "group": "g2"})
+    stats = w.pub.flush()
+    sent = w.sink.sent(EXTENSION_CONFIG)
+    assert source_slots.classifier_name(BILLING_IP, PORT) in sent
+    assert stats.slots_translated == source_slots.SOURCE_SLOTS
+    for a in ("10.7.0.5", "10.7.0.6", "10.7.99.1", "10.1.0.1"):
+        assert envoy_leaf(w.ecds(), a) == w.expected(a), a
+    w.sink.clear()
+    w.set_ip(ipaddress.ip_network("10.7.0.5/32"), None)  # the group empties: out again
+    w.pub.flush()
+    assert source_slots.classifier_name(BILLING_IP, PORT) in w.sink.sent(EXTENSION_CONFIG)
+    assert envoy_leaf(w.ecds(), "10.7.0.5") == w.expected("10.7.0.5")
 
 
 def test_pod_whose_decision_is_worlds_sends_nothing() -> None:
@@ -263,12 +301,18 @@ def test_policy_change_for_one_peer_resends_only_its_slot() -> None:
     assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(p3_block))]
 
 
-def test_policy_among_the_first_names_resends_every_slot() -> None:
+def test_policy_among_the_first_names_resends_only_its_peers_slot() -> None:
+    # World's default deny names no policy (`named_policies`): a policy whose name sorts first
+    # on the endpoint changes the slots of the peers it names, not every slot's default.
     w = big_world()
     pol = ccnp("a-first", [{"fromEndpoints": [{"matchLabels": {"peer": "p3"}}], "toPorts": to_port([{"path": "/x"}])}])
     w.delta(w.r.upsert_policy(pol))
-    stats = w.pub.flush()  # world's default deny now names it: every slot's default changes
-    assert stats.slots_translated == source_slots.SOURCE_SLOTS + 1
+    w.pub.flush()
+    p3_block = source_slots.block_of(ipaddress.ip_network("10.1.0.4/32"))  # pod n=3
+    assert p3_block is not None
+    assert w.sink.sent(EXTENSION_CONFIG) == [source_slots.slot_name(BILLING_IP, PORT, source_slots.slot_of(p3_block))]
+    for a in ("10.1.0.4", "10.1.0.5", "10.9.9.9"):
+        assert envoy_leaf(w.ecds(), a) == w.expected(a), a
 
 
 def test_cidr_spanning_slots_keeps_longest_prefix_semantics() -> None:

@@ -11,9 +11,10 @@ broad prefixes (shorter than a block). The publisher tracks what is dirty per (p
   A changed key for every peer (ANY), or a change of world's decision or of the decision of
   peers no key names (the endpoint's default), makes every slot of the port dirty;
 - an ipcache change of a prefix in a block: that block's slot, on the ports where the old or new
-  identity, or the broad prefix holding the block, is listed (its leaf is not world's); a block
-  appearing or disappearing also changes the classifier of every port. A broad prefix: the
-  rest slot and the slots of the blocks it holds, on every port;
+  identity, or the broad prefix holding the block, is listed (its leaf is not world's). The
+  classifier lists whole groups (/16, /112) of blocks: a group getting its first prefix or
+  losing its last changes the classifier and every slot of every port. A broad prefix: the
+  rest slot and the slots of the listed blocks it holds, on every port;
 - ports appearing or disappearing, `mark_identity`, `load_ipcache`: all of a port.
 
 So one new pod re-translates one slot (~1/128 of the table) and sends one ECDS resource. Because
@@ -120,9 +121,11 @@ class Publisher:
     tcp_access_logs: Sequence[Message] = ()  # the TLS chains' (`serverNames`), one entry per connection
     _ports: dict[tuple[str, int], _PortState] = field(default_factory=dict)
     _prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
-    # The ipcache by block (block -> prefix -> identity), its broad prefixes, blocks per slot.
+    # The ipcache by block (block -> prefix -> identity), its broad prefixes, the groups the
+    # classifier lists (group -> how many of its blocks hold a prefix) and their blocks by slot.
     _by_block: dict[IPNetwork, dict[IPNetwork, int]] = field(default_factory=dict)
     _broad: dict[IPNetwork, int] = field(default_factory=dict)
+    _groups: dict[IPNetwork, int] = field(default_factory=dict)
     _slot_blocks: dict[int, set[IPNetwork]] = field(default_factory=dict)
     _removed: set[tuple[str, int]] = field(default_factory=set)
     # Incarnations of each port's listener so far, and the ECDS names of replaced ones.
@@ -142,11 +145,26 @@ class Publisher:
         self._inputs_changed = True
         self._prefixes = source_slots.prefixes_by_identity(entries)
         self._by_block, self._broad = source_slots.source_index(self._prefixes)
-        self._slot_blocks = {}
+        self._groups, self._slot_blocks = {}, {}
         for b in self._by_block:
-            self._slot_blocks.setdefault(source_slots.slot_of(b), set()).add(b)
+            g = source_slots.group_of(b)
+            if g not in self._groups:
+                self._list_group(g, True)
+            self._groups[g] += 1
         for st in self._ports.values():
             st.full = True
+
+    def _list_group(self, group: IPNetwork, listed: bool) -> None:
+        """A group appears in (or leaves) the classifier: its blocks in (or out of) their slots."""
+        if listed:
+            self._groups[group] = 0
+        else:
+            del self._groups[group]
+        for i, blocks in enumerate(source_slots.group_slots(group)):
+            if listed:
+                self._slot_blocks.setdefault(i, set()).update(blocks)
+            else:
+                self._slot_blocks.get(i, set()).difference_update(blocks)
 
     def set_ports(self, ports: Iterable[resources.ProxiedPort]) -> None:
         wanted = {(p.ip, p.port): p for p in ports}
@@ -235,11 +253,21 @@ class Publisher:
             entries[p] = change.new
         slot = source_slots.slot_of(block)
         gone = not entries
+        # The classifier lists whole groups: only a group appearing or emptying changes it
+        # (and the slots, which then decide its blocks' addresses instead of the rest).
+        group = source_slots.group_of(block)
+        regroup = False
         if gone:
             del self._by_block[block]
-            self._slot_blocks.get(slot, set()).discard(block)
+            self._groups[group] -= 1
+            if not self._groups[group]:
+                self._list_group(group, False)
+                regroup = True
         elif appeared:
-            self._slot_blocks.setdefault(slot, set()).add(block)
+            if group not in self._groups:
+                self._list_group(group, True)
+                regroup = True
+            self._groups[group] += 1
         # Prefixes holding p: inside one that is listed, p is listed whatever its own decision.
         cover = source_slots.covering(block, self._broad) if self._broad else None
         holders = [cover[1]] if cover is not None else []
@@ -250,9 +278,9 @@ class Publisher:
         for st in self._ports.values():
             if st.full or st.index is None:
                 continue
-            if appeared or gone:
+            if regroup:
                 st.classifier = True
-                st.slots.add(slot)
+                st.slots.update(range(source_slots.SOURCE_SLOTS))
             elif (
                 self._rendered(st, change.old)
                 or self._rendered(st, change.new)
@@ -274,11 +302,7 @@ class Publisher:
             self._broad.pop(prefix, None)
         else:
             self._broad[prefix] = new
-        inside = {
-            source_slots.slot_of(b)
-            for b in self._by_block
-            if b.version == prefix.version and b.subnet_of(prefix)  # type: ignore[arg-type]
-        }
+        inside = self._slots_within(prefix)
         for st in self._ports.values():
             st.slots.add(source_slots.REST)
             st.slots |= inside
@@ -329,11 +353,11 @@ class Publisher:
                 st.slots.add(source_slots.slot_of(block))
             else:
                 st.slots.add(source_slots.REST)
-                st.slots |= {
-                    source_slots.slot_of(b)
-                    for b in self._by_block
-                    if b.version == net.version and b.subnet_of(net)  # type: ignore[arg-type]
-                }
+                st.slots |= self._slots_within(net)
+
+    def _slots_within(self, net: IPNetwork) -> set[int]:
+        """The slots deciding some address of a broad prefix: those of the listed blocks in it."""
+        return {source_slots.slot_of(b) for b in source_slots.blocks_within(net, self._groups)}
 
     def flush(self) -> PublishStats:
         stats = PublishStats()
@@ -376,7 +400,7 @@ class Publisher:
                 ecds[cfg.name] = cfg
                 stats.slots_translated += 1
             if st.classifier:
-                cls = source_slots.classifier_config(p.ip, p.port, self._by_block, st.gen)
+                cls = source_slots.classifier_config(p.ip, p.port, self._groups, st.gen)
                 ecds[cls.name] = cls
             st.full = st.classifier = False
             st.slots.clear()

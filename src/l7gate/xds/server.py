@@ -77,9 +77,9 @@ from l7gate.xds.cache import (
     CachedResource,
     Snapshot,
     SnapshotCache,
-    entry_hash,
     version_from_total,
     version_of,
+    version_of_resources,
 )
 from l7gate.xds.status import Nack, StatusRow, SyncState, classify, rows_to_json
 
@@ -94,17 +94,20 @@ NackHook = Callable[[str, str, str, str], None]
 # Told-absent marker in a delta stream's view of the client: the client was told (via
 # removed_resources) that a name it subscribed to does not exist.
 _ABSENT = ""
+# How long a delta stream lets a burst of requests gather before answering them at once.
+COALESCE_SECONDS = 0.002
 
 
 def served(
-    snap: Snapshot, type_url: str, names: AbstractSet[str] | None
+    snap: Snapshot, type_url: str, names: AbstractSet[str] | None, *, ordered: bool = True,
 ) -> tuple[str, list[CachedResource]]:
-    """The version and resources of `type_url` for a subscription (`names` None = wildcard)."""
+    """The version and resources of `type_url` for a subscription (`names` None = wildcard);
+    the resources in name order unless `ordered` is false (the version does not depend on it)."""
     by_name = snap.resources[type_url]
     if names is None:
         return snap.versions[type_url], list(by_name.values())
-    entries = [by_name[n] for n in sorted(names) if n in by_name]
-    return version_of((e.name, e.version) for e in entries), entries
+    entries = [by_name[n] for n in (sorted(names) if ordered else names) if n in by_name]
+    return version_of_resources(entries), entries
 
 
 @dataclass(slots=True)
@@ -411,7 +414,7 @@ class XdsServer:
             current: str | None = None
             count = 0
             if snap is not None:
-                current, entries = served(snap, t, tr.names)
+                current, entries = served(snap, t, tr.names, ordered=False)
                 count = len(entries)
             rows.append(
                 StatusRow(
@@ -493,9 +496,14 @@ class _Stream:
                 self.wake.clear()
                 if self.closed or server._stopping:
                     return
-                out: list[Any] = []
-                while self.inbox:
-                    out.extend(self._handle(self.inbox.popleft()))
+                if self.coalesce and not self.closed and any(
+                    r.resource_names_subscribe for r in self.inbox
+                ):
+                    # Envoy subscribes to a classifier's 129 slots one request each, in a
+                    # burst: answer the burst in one response, not 129 (13,000 responses and
+                    # as many ACKs for a node with 100 proxied ports made most of its sync).
+                    await asyncio.sleep(COALESCE_SECONDS)
+                out: list[Any] = self._handle_all()
                 if self.dirty and self.node_id is not None:
                     self.dirty = False
                     for type_url in TYPE_ORDER:
@@ -520,6 +528,15 @@ class _Stream:
         finally:
             self.closed = True
             self.wake.set()
+
+    coalesce = False  # whether a burst of requests is answered once (`_handle_all`)
+
+    def _handle_all(self) -> list[Any]:
+        """The answers to every request in the inbox, one by one."""
+        out: list[Any] = []
+        while self.inbox:
+            out.extend(self._handle(self.inbox.popleft()))
+        return out
 
     def _handle(self, request: Any) -> list[Any]:
         if self.node_id is None:
@@ -629,10 +646,28 @@ class _DeltaType:
 
 class _DeltaStream(_Stream):
     protocol = "delta"
+    coalesce = True
 
     def __init__(self, server: XdsServer) -> None:
         super().__init__(server)
         self.types: dict[str, _DeltaType] = {}
+        self._batch: dict[str, set[str]] | None = None  # while `_handle_all` runs: changed names by type
+
+    def _handle_all(self) -> list[Any]:
+        """Every request in the inbox taken in order (ACKs, NACKs, (un)subscriptions), then one
+        response per type for all of them: what answering them one by one would send, merged
+        (a later request's subscription is answered with the earlier ones')."""
+        batch: dict[str, set[str]] = {}
+        self._batch = batch
+        try:
+            for _ in range(len(self.inbox)):
+                self._handle(self.inbox.popleft())
+        finally:
+            self._batch = None
+        out: list[Any] = []
+        for type_url in sorted(batch, key=lambda t: TYPE_ORDER.index(t) if t in TYPE_ORDER else 99):
+            out.extend(self.push(type_url, batch[type_url]))
+        return out
 
     def handle(self, request: Any) -> list[Any]:
         server, node, t = self.server, self.node_id or "", request.type_url
@@ -687,6 +722,9 @@ class _DeltaStream(_Stream):
             st.seen_type_version = st.hashed_at = None  # everything is looked at again
             server._track_names(node, t, None if st.wildcard else st.names)
         changed = {n for n in (*subscribe, *unsubscribe) if n != "*"}
+        if self._batch is not None:
+            self._batch.setdefault(t, set()).update(changed)
+            return []
         return self.push(t, changed)
 
     def push(self, type_url: str, changed: set[str] | None = None) -> list[Any]:
@@ -754,7 +792,7 @@ class _DeltaStream(_Stream):
         present = snap.resources[type_url]
         type_version = snap.versions[type_url]
         if changed is None or st.hashed_at != type_version:
-            st.hashes = {n: entry_hash(n, present[n].version) for n in st.names if n in present}
+            st.hashes = {n: present[n].hash for n in st.names if n in present}
             st.total = sum(st.hashes.values())
             st.hashed_at = type_version
         else:
@@ -764,6 +802,6 @@ class _DeltaStream(_Stream):
                     st.total -= old
                 entry = present.get(n)
                 if entry is not None and n in st.names:
-                    h = st.hashes[n] = entry_hash(n, entry.version)
+                    h = st.hashes[n] = entry.hash
                     st.total += h
         return version_from_total(st.total)
