@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from l7gate.cli import main
 from l7gate.policy.evaluate import Flow, Peer, evaluate
-from l7gate.policy.fqdn import NameMatch, fqdn
+from l7gate.policy.fqdn import NameMatch, fqdn, server_name_matches
 from l7gate.policy.labels import Labels
 from l7gate.policy.mapstate import lookup
 import yaml
@@ -244,3 +244,43 @@ def test_trace_text_says_what_the_proxy_does(tmp_path: Path, capsys: pytest.Capt
     assert main(["policy", "trace", "-f", str(pol), "--from", "web/client", "--to", "203.0.113.7",
                  "--port", "443", "--sni", "a.test", "--path", "/x"]) == 2
     assert "--path" in capsys.readouterr().err
+
+
+CILIUM_SHAPES = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress-tls-sni, namespace: default}
+specs:
+- description: "L7 policy with TLS SNI"
+  endpointSelector: {matchLabels: {kind: client}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: UDP}, {port: "53", protocol: TCP}]
+      rules: {dns: [{matchPattern: "*"}]}
+  - toFQDNs: [{matchName: "one.one.one.one"}]
+    toPorts:
+    - ports: [{port: "443", protocol: "TCP"}]
+      serverNames: ["one.one.one.one"]
+- description: "TLS SNI policy with wildcard"
+  endpointSelector: {matchLabels: {kind: client}}
+  egress:
+  - toPorts:
+    - ports: [{port: "443", protocol: "TCP"}]
+      serverNames: ["*.one.one.one"]
+- description: "TLS SNI policy with wildcard multiple"
+  endpointSelector: {matchLabels: {kind: client}}
+  egress:
+  - toPorts:
+    - ports: [{port: "443", protocol: "TCP"}]
+      serverNames: ["**.one.one"]
+"""
+
+
+def test_the_shapes_of_ciliums_own_sni_examples_are_taken() -> None:
+    """The forms Cilium's own SNI policies use (its examples and e2e manifests: toFQDNs with
+    serverNames, `*.` and `**.` wildcards, several specs)."""
+    pol = parse_policy(yaml.safe_load(CILIUM_SHAPES))
+    sni = [pr.l7.sni for rule in pol.rules for p in rule.rules for pr in p.port_rules if pr.l7 is not None and pr.l7.sni]
+    assert [[m.match_pattern for m in s] for s in sni] == [["one.one.one.one."], ["*.one.one.one."], ["**.one.one."]]
+    deep = sni[2][0]
+    assert server_name_matches(deep, "a.b.one.one") and not server_name_matches(deep, "one.one")
