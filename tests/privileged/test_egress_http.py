@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,45 +256,51 @@ SNI_EGRESS = cnp("client-sni", "web", "client", egress=[
 ])
 
 
-def _https(pod: Pod, name: str, ip: str, timeout: float = 5) -> tuple[int, str]:
-    """curl https://<name>/ to `ip`:443 (SNI `name`; "" sends none), not checking the server's
+def _https(pod: Pod, name: str, ip: str, port: int = 443, timeout: float = 5) -> tuple[int, str]:
+    """curl https://<name>:<port>/ to `ip` (SNI `name`; "" sends none), not checking the server's
     certificate (the test's own ephemeral CA)."""
-    url = f"https://{name}/" if name else f"https://{ip}/"
+    url = f"https://{name or ip}:{port}/"
     argv = ["curl", "-sS", "-k", "--noproxy", "*", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}"]
     if name:
-        argv += ["--resolve", f"{name}:443:{ip}"]
+        argv += ["--resolve", f"{name}:{port}:{ip}"]
     proc = pod.run([*argv, url], text=True, timeout=timeout + 10)
     body, _, code = proc.stdout.rpartition("\n")
     return (int(code), body) if code.isdigit() and code != "000" else (0, proc.stderr.strip())
 
 
-_TLS_LOG: list[Any] = []  # the TLS server's output file
+_TLS_LOG: list[Any] = []  # the egress TLS server's output file
+
+
+@contextmanager
+def _tls_server(world: World, pod: Pod, port: int, policy: dict[str, Any]) -> Iterator[Path]:
+    """TLS_SERVER on pod:port (a certificate of the test's own CA) with `policy` applied on both
+    agents, for the duration; yields the server's output file."""
+    from l7gate.testing.etcd import make_tls
+
+    files = make_tls(world.tb.workdir / f"sni-tls-{pod.name}-{port}", server_ips=(pod.ip,))
+    script = world.tb.workdir / "tls_server.py"
+    script.write_text(TLS_SERVER)
+    proc = pod.spawn([sys.executable, str(script), pod.ip, str(port), str(files.server_cert), str(files.server_key)])
+    log = world.tb.log_path(proc)
+    eventually(lambda: "serving on" in log.read_text(errors="replace"), 10, "the TLS server listening")
+    meta = policy["metadata"]
+    for agent in (world.a, world.b):
+        agent.client.apply_policies([policy])
+        agent.synced()
+    try:
+        yield log
+    finally:
+        for agent in (world.a, world.b):
+            agent.client.delete_policy(f"{policy['kind']}/{meta['namespace']}/{meta['name']}")
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
 def tls_site(world: World) -> Iterator[Pod]:
-    from l7gate.testing.etcd import make_tls
-
-    files = make_tls(world.tb.workdir / "sni-tls", server_ips=(world.site.ip,))
-    script = world.tb.workdir / "tls_server.py"
-    script.write_text(TLS_SERVER)
-    import sys as _sys
-
-    proc = world.site.spawn([_sys.executable, str(script), world.site.ip, "443",
-                             str(files.server_cert), str(files.server_key)])
-    log = world.tb.log_path(proc)
-    _TLS_LOG[:] = [log]
-    eventually(lambda: "serving on" in log.read_text(errors="replace"), 10, "the TLS server listening")
-    for agent in (world.a, world.b):
-        agent.client.apply_policies([SNI_EGRESS])
-        agent.synced()
-    try:
+    with _tls_server(world, world.site, 443, SNI_EGRESS) as log:
+        _TLS_LOG[:] = [log]
         yield world.site
-    finally:
-        for agent in (world.a, world.b):
-            agent.client.delete_policy("CiliumNetworkPolicy/web/client-sni")
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.parametrize("name, allowed", [
@@ -373,35 +382,8 @@ SNI_INGRESS = cnp("remote-api-sni", "payments", "remote-api", ingress=[
 def tls_remote(world: World) -> Iterator[Pod]:
     """A TLS server on remote-api:8443 (node b1), whose ingress policy admits `web/free` with
     server name api.payments.test only: b1's Envoy judges it (its listener's TLS chain)."""
-    import sys as _sys
-
-    from l7gate.testing.etcd import make_tls
-
-    files = make_tls(world.tb.workdir / "sni-remote-tls", server_ips=(world.remote.ip,))
-    script = world.tb.workdir / "tls_server.py"
-    script.write_text(TLS_SERVER)
-    proc = world.remote.spawn([_sys.executable, str(script), world.remote.ip, "8443",
-                               str(files.server_cert), str(files.server_key)])
-    log = world.tb.log_path(proc)
-    eventually(lambda: "serving on" in log.read_text(errors="replace"), 10, "the TLS server listening")
-    for agent in (world.a, world.b):
-        agent.client.apply_policies([SNI_INGRESS])
-        agent.synced()
-    try:
+    with _tls_server(world, world.remote, 8443, SNI_INGRESS):
         yield world.remote
-    finally:
-        for agent in (world.a, world.b):
-            agent.client.delete_policy("CiliumNetworkPolicy/payments/remote-api-sni")
-        proc.kill()
-        proc.wait()
-
-
-def _https_port(pod: Pod, name: str, ip: str, port: int, timeout: float = 5) -> tuple[int, str]:
-    argv = ["curl", "-sS", "-k", "--noproxy", "*", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}",
-            "--resolve", f"{name}:{port}:{ip}", f"https://{name}:{port}/"]
-    proc = pod.run(argv, text=True, timeout=timeout + 10)
-    body, _, code = proc.stdout.rpartition("\n")
-    return (int(code), body) if code.isdigit() and code != "000" else (0, proc.stderr.strip())
 
 
 @pytest.mark.parametrize("name, allowed", [
@@ -410,7 +392,7 @@ def _https_port(pod: Pod, name: str, ip: str, port: int, timeout: float = 5) -> 
 ])
 def test_server_names_on_ingress_are_judged_by_the_destination_node(world: World, tls_remote: Pod, name: str,
                                                                     allowed: bool) -> None:
-    status, body = _https_port(world.free, name, tls_remote.ip, 8443)
+    status, body = _https(world.free, name, tls_remote.ip, 8443)
     if allowed:
         # b1's Envoy relayed the bytes untouched to the pod (from b1's own address, as its
         # ingress proxy does for HTTP)
@@ -424,7 +406,7 @@ def test_plain_text_to_an_ingress_server_names_port_is_refused(world: World, tls
 
 
 def test_ingress_tls_verdicts_are_ingress_flows(world: World, tls_remote: Pod) -> None:
-    assert _https_port(world.free, "nope.payments.test", tls_remote.ip, 8443)[0] == 0
+    assert _https(world.free, "nope.payments.test", tls_remote.ip, 8443)[0] == 0
 
     def seen() -> bool:
         fs = [f for f in flows(world, world.b) if "nope.payments.test" in f.get("Summary", "")]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import Finding
-from .fqdn import NameMatch, server_name_matches
+from .fqdn import NameMatch
 from .labels import Labels
 from .regex import full_match
 from .selector import LabelSelector, PeerSelector
@@ -219,11 +219,6 @@ class L7Rules:
     def allows_query(self, name: str) -> bool:
         """Whether a DNS query for the (canonical, `fqdn.fqdn`) `name` is allowed."""
         return any(m.matches(name) for m in self.dns)
-
-    def allows_sni(self, server_name: str) -> bool:
-        """Whether a TLS connection whose ClientHello names `server_name` is allowed (an empty
-        name: no SNI, never allowed)."""
-        return any(server_name_matches(m, server_name) for m in self.sni)
 
     @property
     def allows_all(self) -> bool:

@@ -138,6 +138,7 @@ class Publisher:
     # Whether any input changed since the last flush: a TLS chain decides every source address
     # itself (not through the slots' dirty tracking), so it is re-rendered after any change.
     _inputs_changed: bool = False
+    _sni_memo: dict[int, tuple[object, frozenset[int]]] = field(default_factory=dict)  # identity → (ingress map, ports)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -450,7 +451,13 @@ class Publisher:
         network RBAC filter over every known identity's addresses (no slots: it is rebuilt,
         and the listener re-sent, when it changes), then a TCP proxy to the pod."""
         policy = self.policy_of(p.identity)
-        if policy is None or p.port not in rbac.sni_ports(policy.ingress, MAX_L7_RANGE):
+        if policy is None:
+            return None
+        memo = self._sni_memo.get(p.identity)
+        if memo is None or memo[0] is not policy.ingress:
+            # once per change of the endpoint's ingress map, not per port and flush
+            memo = self._sni_memo[p.identity] = (policy.ingress, frozenset(rbac.sni_ports(policy.ingress, MAX_L7_RANGE)))
+        if p.port not in memo[1]:
             return None
         decisions = rbac.port_decisions(policy, p.port, self._prefixes.keys())
         matcher = rbac.rbac_matcher(decisions, self._prefixes, auth_verified=self.auth_verified, tls=True)
