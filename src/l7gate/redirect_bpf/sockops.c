@@ -7,9 +7,21 @@
  *
  *   l7g_sockops  cgroup sock_ops: adds established sockets with a local pod address on either end
  *   l7g_skmsg    sk_msg verdict on the sockhash: redirect to the peer, or pass
+ *
+ * The sockhash is keyed by 4-tuple, which is unique only while no two sockets share one. The
+ * egress proxy's upstream connections break that: they leave from the client pod's own address
+ * (`original_src`) from a port the node's kernel picks, while the pod picks its ports in its own
+ * namespace, so the pod can hold a connection (to the proxy, transparently) with the same
+ * 4-tuple as the proxy's upstream connection to the destination. Keyed alike, the
+ * destination's end of the upstream connection looked like the peer of the pod's socket, and
+ * the pod's bytes were handed straight to the destination, past the proxy's HTTP rules. So the
+ * egress proxy's upstream connections are never added, at either end: the datapath's conntrack
+ * (`l7g_ct`, written by the tc programs before the handshake completes) marks them
+ * `proxy_reply`, and the proxy's own sockets also carry PROXY_UPSTREAM_MARK.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/socket.h>
+#include <uapi/linux/in.h>
 
 #define PIN(name) L7G_PIN_DIR "/" #name
 
@@ -25,7 +37,28 @@ struct endpoint_value {
     u32 flags;
 };
 
+/* datapath.c's conntrack, shared through its pin: the layouts must match */
+struct ct_key {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u8 proto;
+    u8 pad[3];
+};
+struct ct_value {
+    u8 redirect;
+    u8 host;
+    u8 proxy_reply;  /* an egress proxy upstream connection */
+    u8 pad;
+    u32 src_id;
+};
+
+#define PROXY_UPSTREAM_MARK 0xa00  /* datapath.c: the egress proxy's upstream sockets */
+#define MARK_MASK 0xf00
+
 BPF_TABLE_PINNED("hash", u32, struct endpoint_value, l7g_endpoints, 4096, PIN(endpoints));
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, l7g_ct, 262144, PIN(ct));
 BPF_SOCKHASH(l7g_socks, struct sock_key, 65535);
 
 int l7g_sockops(struct bpf_sock_ops *skops)
@@ -38,11 +71,32 @@ int l7g_sockops(struct bpf_sock_ops *skops)
     u32 rip = skops->remote_ip4;
     if (!l7g_endpoints.lookup(&lip) && !l7g_endpoints.lookup(&rip))
         return 0;  /* not a pod's connection: leave it alone */
+    struct bpf_sock *sk = skops->sk;
+    if (sk && (sk->mark & MARK_MASK) == PROXY_UPSTREAM_MARK)
+        return 0;  /* the egress proxy's upstream socket */
+    u16 lport = bpf_htons((u16)skops->local_port);
+    u16 rport = skops->remote_port >> 16;  /* network order, kept in the upper half */
+    /* conntrack's key is the connection as its opener sent it */
+    struct ct_key ck = {.proto = IPPROTO_TCP};
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        ck.saddr = lip;
+        ck.daddr = rip;
+        ck.sport = lport;
+        ck.dport = rport;
+    } else {
+        ck.saddr = rip;
+        ck.daddr = lip;
+        ck.sport = rport;
+        ck.dport = lport;
+    }
+    struct ct_value *cv = l7g_ct.lookup(&ck);
+    if (cv && cv->proxy_reply)
+        return 0;  /* either end of an egress proxy upstream connection */
     struct sock_key k = {};
     k.sip = lip;
     k.dip = rip;
-    k.sport = bpf_htons((u16)skops->local_port);
-    k.dport = skops->remote_port >> 16;  /* network order, kept in the upper half */
+    k.sport = lport;
+    k.dport = rport;
     l7g_socks.sock_hash_update(skops, &k, BPF_NOEXIST);
     return 0;
 }
