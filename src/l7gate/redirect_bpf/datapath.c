@@ -53,6 +53,7 @@
 #define REASON_UNSUPPORTED 5
 #define REASON_PLAINTEXT 6
 #define REASON_NO_PROXY 7        /* egress HTTP rules: the node's egress proxy is not listening */
+#define REASON_TUPLE_IN_USE 8    /* the 4-tuple is an egress proxy upstream connection's (below) */
 
 #define REDIRECT_MARK 0x200
 #define PROXY_UPSTREAM_MARK 0xa00  /* the egress proxy's upstream sockets (the pod's own address) */
@@ -419,6 +420,33 @@ static __always_inline int assign_egress_proxy(struct __sk_buff *skb, struct flo
     return r < 0 ? -1 : 0;
 }
 
+/* Whether a live socket of this (the node's) namespace, other than a listener or one in
+ * TIME_WAIT, has local address
+ * laddr:lport and remote raddr:rport (ports in network order).
+ *
+ * The egress proxy's upstream connections leave from the client pod's own address, from a port
+ * the node's kernel picks, and the pod picks its own ports in its own namespace: the two could
+ * hold one 4-tuple at once, and then the conntrack entry and the socket acceleration's key of one
+ * would be taken for the other's. So neither may open while the other lives: a pod's SYN whose
+ * 4-tuple an egress proxy upstream socket holds, and an egress proxy upstream SYN whose 4-tuple a
+ * pod's connection to the proxy holds (the proxy's transparent socket of it), are dropped. */
+static __always_inline int tuple_in_use(struct __sk_buff *skb, u32 laddr, u16 lport, u32 raddr, u16 rport)
+{
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = raddr;  /* a packet arriving at that socket */
+    t.ipv4.sport = rport;
+    t.ipv4.daddr = laddr;
+    t.ipv4.dport = lport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    /* a TIME_WAIT socket holds no data path any more (and is common: an upstream connection the
+     * proxy closed keeps its 4-tuple for a minute) */
+    int busy = sk->state != BPF_TCP_LISTEN && sk->state != BPF_TCP_TIME_WAIT;
+    bpf_sk_release(sk);
+    return busy;
+}
+
 /* A flow with no conntrack entry either way. */
 static __always_inline int new_flow(struct __sk_buff *skb, struct flow *f, int check_egress)
 {
@@ -465,6 +493,8 @@ static __always_inline int handle(struct __sk_buff *skb, int check_egress)
         return TC_ACT_OK;
     if (p == PARSE_DROP)
         return drop(skb, &f, REASON_UNSUPPORTED, check_egress ? DIR_EGRESS : DIR_INGRESS, 0, 0, 0);
+    if (check_egress && f.proto == IPPROTO_TCP && f.opens && tuple_in_use(skb, f.saddr, f.sport, f.daddr, f.dport))
+        return drop(skb, &f, REASON_TUPLE_IN_USE, DIR_EGRESS, identity_of(f.saddr), identity_of(f.daddr), identity_of(f.saddr));
     struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.ct_sport, .dport = f.ct_dport, .proto = f.proto};
     if (!f.opens) {
         struct ct_value *fwd = l7g_ct.lookup(&ck);
@@ -503,16 +533,22 @@ int l7g_to_pod(struct __sk_buff *skb)
     if (parse_pulled(skb, &f) != PARSE_OK || !f.opens || !f.track)
         return TC_ACT_OK;
     struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.ct_sport, .dport = f.ct_dport, .proto = f.proto};
+    if ((skb->mark & MARK_MASK) == PROXY_UPSTREAM_MARK && f.proto == IPPROTO_TCP) {
+        /* the egress proxy, from a local pod's address: not while a pod's connection holds the
+         * 4-tuple (`tuple_in_use`); else its entry replaces what a closed connection left */
+        if (tuple_in_use(skb, f.daddr, f.dport, f.saddr, f.sport))
+            return drop(skb, &f, REASON_TUPLE_IN_USE, DIR_EGRESS, identity_of(f.saddr), identity_of(f.daddr),
+                        identity_of(f.saddr));
+        struct ct_value pv = {.host = 1, .proxy_reply = 1, .src_id = identity_of(f.saddr)};
+        l7g_ct.update(&ck, &pv);
+        return TC_ACT_OK;
+    }
     if (l7g_ct.lookup(&ck))
         return TC_ACT_OK;
     struct ct_key rk = {.saddr = f.daddr, .daddr = f.saddr, .sport = f.ct_dport, .dport = f.ct_sport, .proto = f.proto};
     if (l7g_ct.lookup(&rk))
         return TC_ACT_OK;
     struct ct_value cv = {.host = 1, .src_id = 1};
-    if ((skb->mark & MARK_MASK) == PROXY_UPSTREAM_MARK) {
-        cv.proxy_reply = 1;  /* the egress proxy, from a local pod's address */
-        cv.src_id = identity_of(f.saddr);
-    }
     l7g_ct.update(&ck, &cv);
     return TC_ACT_OK;
 }
@@ -527,6 +563,9 @@ int l7g_to_link(struct __sk_buff *skb)
     struct flow f = {};
     if (parse_pulled(skb, &f) != PARSE_OK || f.proto != IPPROTO_TCP || !f.opens)
         return TC_ACT_OK;
+    if (tuple_in_use(skb, f.daddr, f.dport, f.saddr, f.sport))
+        return drop(skb, &f, REASON_TUPLE_IN_USE, DIR_EGRESS, identity_of(f.saddr), identity_of(f.daddr),
+                    identity_of(f.saddr));
     struct ct_key ck = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.ct_sport, .dport = f.ct_dport, .proto = f.proto};
     struct ct_value cv = {.host = 1, .proxy_reply = 1, .src_id = identity_of(f.saddr)};
     l7g_ct.update(&ck, &cv);

@@ -80,6 +80,7 @@ DROP_REASONS = {
     5: "Unsupported packet (IPv6 or IP fragment)",
     6: "Plaintext refused",
     7: "Egress proxy not listening",
+    8: "Connection 4-tuple in use by the egress proxy",
 }
 
 
