@@ -157,6 +157,22 @@ class StubPublisher:
         self._dirty.clear()
 
 
+class _TimedPublisher:
+    """The core's publisher, its flush timed into `split.flush` (Publisher has slots: its method
+    cannot be wrapped in place)."""
+
+    def __init__(self, pub: Any, split: Split) -> None:
+        self._pub, self._split = pub, split
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        self._pub.flush()
+        self._split.flush += time.perf_counter() - t0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pub, name)
+
+
 class Split:
     """Wall time spent inside a few of the core's callees, per timed call."""
 
@@ -166,19 +182,7 @@ class Split:
         r = core.resolver
         for name in ("upsert_policy", "update_identities", "add_endpoint"):
             setattr(r, name, self._wrap(getattr(r, name), "resolver"))
-        pub = core.publisher
-
-        def core_flush() -> None:
-            # What AgentCore._flush does with no kernel datapath and no fallback, timing the
-            # publisher's share (Publisher has slots: its method cannot be wrapped in place).
-            t0 = time.perf_counter()
-            pub.flush()
-            self.flush += time.perf_counter() - t0
-            if core.on_change is not None:
-                core.on_change()
-
-        assert core.kernel is None and core.fallback is None
-        core._flush = core_flush  # type: ignore[method-assign]
+        core.publisher = _TimedPublisher(core.publisher, self)  # type: ignore[assignment]
 
     def _wrap(self, fn: Callable[..., Any], attr: str) -> Callable[..., Any]:
         def timed(*a: Any, **kw: Any) -> Any:
