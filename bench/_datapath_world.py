@@ -307,6 +307,12 @@ class AgentProcess:
             {"mode": "kernel", "pinDir": str(self.pin_dir), "links": node.link_ifnames}
             if kernel else {"mode": "loopback", "upstreamPortOffset": OFFSET}
         )
+        # A node whose pods have a cgroup (`add_node(cgroup=True)`): the agent's socket programs
+        # attach there, and the agent (so its Envoy) runs in it, as a DaemonSet pod does under
+        # kubepods: Envoy's sockets join the socket acceleration.
+        self.cgroup = node.cgroup if kernel else None
+        if self.cgroup is not None:
+            datapath["cgroup"] = str(self.cgroup)
         self.config = work / "agent.yaml"
         self.config.write_text(yaml.safe_dump({
             "node": node.name,
@@ -320,7 +326,8 @@ class AgentProcess:
 
     def spawn(self) -> None:
         # Kernel mode pins under the host's /sys/fs/bpf: enter the network namespace only.
-        self.proc = self.node.spawn([L7GATE, "agent", "--config", str(self.config)], net_only=self.kernel)
+        self.proc = self.node.spawn([L7GATE, "agent", "--config", str(self.config)], net_only=self.kernel,
+                                    cgroup=self.cgroup)
 
     def log_tail(self, n: int = 3000) -> str:
         if self.proc is None:

@@ -200,9 +200,11 @@ class NodePairWorld(Generic[AgentT]):
     upstream_pid: int
 
     @classmethod
-    def build(cls, tb: Testbed) -> Self:
-        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.65.1.0/24")
-        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.65.2.0/24")
+    def build(cls, tb: Testbed, cgroup: bool = False) -> Self:
+        """`cgroup`: each node's pods, agent and Envoy in a cgroup of the node's own, the agent's
+        socket programs attached there (socket acceleration and load balancing, as deployed)."""
+        na = tb.add_node("a1", cluster="cluster-a", node_cidr="10.65.1.0/24", cgroup=cgroup)
+        nb = tb.add_node("b1", cluster="cluster-b", node_cidr="10.65.2.0/24", cgroup=cgroup)
         tb.link(na, nb)
         billing = tb.add_pod(na, "payments", "billing-service-xyz", labels=BILLING, ports=[PORT])
         frontend = tb.add_pod(nb, "web", "frontend-service-abc", labels=FRONTEND)
@@ -212,11 +214,11 @@ class NodePairWorld(Generic[AgentT]):
 
     @classmethod
     @contextmanager
-    def running(cls) -> Iterator[Self]:
-        """A new `Testbed` with this world built and its agents started; at the end, even on a
-        failure, the agents are stopped, their pins removed and the testbed torn down."""
+    def running(cls, cgroup: bool = False) -> Iterator[Self]:
+        """A new `Testbed` with this world built (`build`) and its agents started; at the end,
+        even on a failure, the agents are stopped, their pins removed and the testbed torn down."""
         with Testbed() as tb:
-            w = cls.build(tb)
+            w = cls.build(tb, cgroup)
             try:
                 w.start()
                 yield w
@@ -394,6 +396,12 @@ class LinkCapture:
 # processes (agent, Envoy, upstream) on CPU 0, node B's (agent, Envoy, wrk) on CPU 1, as two
 # machines would be.
 VARIANTS: dict[str, dict[str, str] | None] = {"shared": None, "per-node": {"A": "0", "B": "1"}}
+# The per-node layout again, in a world whose nodes give their pods, agent and Envoy a cgroup
+# with the agent's socket programs (`NodePairWorld.build(cgroup=True)`): as deployed, where
+# the DaemonSet's pod sits under kubepods with the workloads.
+ACCELERATED_VARIANT = "per-node, socket acceleration"
+ACCELERATED = ("; each node's pods, agent and Envoy in the node's pods' cgroup (datapath.cgroup: socket "
+               "acceleration and the socket load balancer, as a DaemonSet pod under kubepods)")
 # The processes whose CPU a `NodeRun` counts (`NodePairWorld.pids`, and wrk), and the node each
 # belongs to: the ones that share its CPU in the per-node layout.
 NODE_PROCS = {"A": ("envoy A", "agent A", "upstream"), "B": ("envoy B", "agent B", "wrk")}
@@ -530,9 +538,9 @@ def paired_rows(variant: str, runs: Mapping[str, Sequence[NodeRun]], measured: s
     node = "; ".join(f"{m} " + ", ".join(f"{n} {sum(us_per_request(runs[m], p) for p in procs):.0f}"
                                          for n, procs in NODE_PROCS.items())
                      for m in (measured, baseline))
-    judged = variant == "per-node"
+    judged = variant.startswith("per-node")
     where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1, "
-             "as two machines would be" if judged else
+             "as two machines would be" + (ACCELERATED if variant == ACCELERATED_VARIANT else "") if judged else
              f"shared: every process on any of the {os.cpu_count()} vCPUs, so {second_envoy} takes CPU from node "
              f"A's Envoy and the upstream; a stress figure, the goal is judged per node")
 

@@ -44,13 +44,13 @@ from typing import Any
 
 from _datapath_world import BILLING, FRONTEND, http_probe, seed_policies, wrk, wrk_script
 from _tunnel_world import (
-    PORT, KernelAgent, NodePairWorld, NodeRun, alternating, load_average, measure_wrk, missing_prerequisites,
+    ACCELERATED_VARIANT, PORT, KernelAgent, NodePairWorld, NodeRun, alternating, load_average, measure_wrk, missing_prerequisites,
     paired_rows, Switcher, usable_variants,
 )
 from run import Context, Result
 
 from l7gate.client import AdminError
-from l7gate.testing.testbed import Node, Testbed
+from l7gate.testing.testbed import CGROUP_ROOT, Node, Testbed
 from l7gate.xds.egress import EGRESS_LISTENER
 from l7gate.xds.resources import listener_name
 
@@ -144,27 +144,36 @@ def _requests(ctx: Context) -> list[Result]:
     load_before = load_average()
     variants = usable_variants()
     runs: dict[str, dict[str, list[NodeRun]]] = {v: {m: [] for m in MODES} for v in variants}
-    ctx.log("two nodes, two kernel-mode agents, a static upstream")
-    with EgressWorld.running() as w:
-        script = wrk_script(w.tb.workdir / "post.lua")
-        switcher = Switcher(w.apply)
-        for variant, cpus in variants.items():
-            w.pin(cpus)
-            wrk_cpus = cpus["B"] if cpus else None
-            ctx.log(f"{variant} CPUs: {rounds} rounds x {' / '.join(MODES)} x {seconds:g} s, order alternating")
-            warm = True  # a new layout: warm up whatever set is in force
-            for r, mode in alternating(rounds, MODES):
-                if switcher.to(mode) or warm:
-                    wrk(w.frontend, w.url, WARMUP_S, script, cpus=wrk_cpus)
-                    warm = False
-                one = _measure(w, script, seconds, mode, wrk_cpus)
-                ctx.log(f"{variant} round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
-                runs[variant][mode].append(one)
-        w.finish()
-        load = f"load average {load_before} before, {load_average()} after"
+    # The per-node layout once more in a world of its own whose nodes give their pods, agent
+    # and Envoy a cgroup (socket acceleration, as deployed), when this machine has cgroup v2.
+    worlds: list[tuple[bool, dict[str, dict[str, str] | None]]] = [(False, variants)]
+    if "per-node" in variants and (CGROUP_ROOT / "cgroup.procs").exists():
+        worlds.append((True, {ACCELERATED_VARIANT: variants["per-node"]}))
+        runs[ACCELERATED_VARIANT] = {m: [] for m in MODES}
+    notes: dict[str, str] = {}
+    for cgroup, layouts in worlds:
+        ctx.log("two nodes, two kernel-mode agents, a static upstream" + (", in the nodes' cgroups" if cgroup else ""))
+        with EgressWorld.running(cgroup) as w:
+            script = wrk_script(w.tb.workdir / "post.lua")
+            switcher = Switcher(w.apply)
+            for variant, cpus in layouts.items():
+                w.pin(cpus)
+                wrk_cpus = cpus["B"] if cpus else None
+                ctx.log(f"{variant} CPUs: {rounds} rounds x {' / '.join(MODES)} x {seconds:g} s, order alternating")
+                warm = True  # a new layout: warm up whatever set is in force
+                for r, mode in alternating(rounds, MODES):
+                    if switcher.to(mode) or warm:
+                        wrk(w.frontend, w.url, WARMUP_S, script, cpus=wrk_cpus)
+                        warm = False
+                    one = _measure(w, script, seconds, mode, wrk_cpus)
+                    ctx.log(f"{variant} round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
+                    runs[variant][mode].append(one)
+                notes[variant] = switcher.note(MODES)
+            w.finish()
+    load = f"load average {load_before} before, {load_average()} after"
     out: list[Result] = []
-    for variant in variants:
-        out += _results(variant, runs[variant], switcher.note(MODES), rounds, seconds, load)
+    for variant in runs:
+        out += _results(variant, runs[variant], notes[variant], rounds, seconds, load)
     return out
 
 
