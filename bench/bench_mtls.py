@@ -73,6 +73,9 @@ In force: for tcp-tunnel, node B's egress to billing:8080 carries the frontend a
 ready in the kernel, node A shows the tunnel ingress, both synced, and the probe POST is answered
 200 by the upstream itself (no router header: no Envoy parsed it) while node A's tunnel
 listener counts a CONNECT stream; for tcp-plain, no tunnel state, the probe 200 and not proxied.
+Then once more per node in a second world whose nodes give their pods, agents and Envoys a cgroup
+with the agents' socket programs, as deployed (`per-node, socket acceleration`): Envoy's hop to
+the pod on each node goes socket to socket; the kernel-only baseline crosses the link as before.
 Same wrk, warm-up and alternating rounds as part 2. Checked every run: in tcp-tunnel runs node
 A's tunnel listener counts CONNECT streams (`http.l7g_tunnel_in.downstream_rq_total`, one per
 wrk connection) and its ORIGINAL_DST cluster relays to billing at least wrk's requests times
@@ -100,7 +103,8 @@ from pathlib import Path
 
 from _datapath_world import HOST, wrk, wrk_script
 from _tunnel_world import (
-    PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, TUNNEL_TX_BYTES, LinkCapture, NodeRun, TunnelWorld, alternating,
+    ACCELERATED, ACCELERATED_VARIANT, PORT as APP_PORT, TUNNEL_PORT, TUNNEL_RQ, TUNNEL_TX_BYTES, LinkCapture,
+    NodeRun, TunnelWorld, alternating,
     busy_note, cpu_note, errors_note, load_average, measure_wrk, median_rps, missing_prerequisites, paired,
     paired_rows, Switcher, usable_variants,
 )
@@ -113,6 +117,7 @@ from l7gate.mtls.ca import BuiltinCA
 from l7gate.mtls.handshake import AuthResult, MutualAuthServer, handshake
 from l7gate.mtls.store import SVIDStore
 from l7gate.mtls.svid import clear_verified, verify_peer
+from l7gate.testing.testbed import CGROUP_ROOT
 
 CLIENT, SERVER = 100, 200
 TICK = os.sysconf("SC_CLK_TCK")
@@ -497,21 +502,41 @@ def _tunnel_requests(ctx: Context) -> list[Result]:
                     tcp_failed = (f"FAILED: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}")[:300]
         w.finish()
-        load = f"load average {load_before} before, {load_average()} after"
+        tcp_switch = {v: switcher.note(TCP_MODES) for v in variants}
+    # The TCP variant per node once more, in a world whose nodes give their pods, agent and
+    # Envoy a cgroup with the agent's socket programs (as deployed: the DaemonSet's pod under
+    # kubepods), when this machine has cgroup v2: Envoy's hop to the pod is accelerated there.
+    tcp_variants = list(variants)
+    if tcp_failed is None and "per-node" in variants and (CGROUP_ROOT / "cgroup.procs").exists():
+        ctx.log("the TCP variant again, the nodes' pods, agents and Envoys in the nodes' cgroups")
+        runs[ACCELERATED_VARIANT] = {m: [] for m in MODES + TCP_MODES}
+        try:
+            with TunnelWorld.running(cgroup=True) as w:
+                script = wrk_script(w.tb.workdir / "post.lua")
+                switcher = Switcher(w.apply)
+                w.pin(variants["per-node"])
+                block(ACCELERATED_VARIANT, variants["per-node"], TCP_MODES, tcp_seconds)
+                w.finish()
+            tcp_switch[ACCELERATED_VARIANT] = switcher.note(TCP_MODES)
+            tcp_variants.append(ACCELERATED_VARIANT)
+        except Exception:  # noqa: BLE001 - the rows of the other layouts still stand
+            ctx.log("TCP variant with socket acceleration FAILED:\n" + traceback.format_exc())
+    load = f"load average {load_before} before, {load_average()} after"
     out: list[Result] = []
     for variant in variants:
         http = {m: runs[variant][m] for m in MODES}
         out += _tunnel_results(variant, http, switcher.note(MODES),
                                {m: c for m, c in link.items() if m in MODES}, rounds, seconds, load)
-    for variant in variants:
+    for variant in tcp_variants:
         if tcp_failed is not None:
             out.append(Result(name=f"{TCP_NAME} [{variant} CPUs]", value=float("nan"), unit="req/s",
                               notes=f"{TCP_GOAL_NOTE}; {tcp_failed}"))
             continue
         tcp = {m: runs[variant][m] for m in TCP_MODES}
-        out.append(_tcp_results(variant, tcp, switcher.note(TCP_MODES),
+        http_ratio = paired(runs[variant]["tunnel"], runs[variant]["plain"])[0] if runs[variant]["tunnel"] else None
+        out.append(_tcp_results(variant, tcp, tcp_switch[variant],
                                 {m: c for m, c in link.items() if m in TCP_MODES}, rounds, tcp_seconds, load,
-                                http_ratio=paired(runs[variant]["tunnel"], runs[variant]["plain"])[0]))
+                                http_ratio=http_ratio))
     return out
 
 
@@ -566,7 +591,7 @@ def _tunnel_results(variant: str, runs: dict[str, list[NodeRun]], switch: str, l
 
 def _tcp_results(variant: str, runs: dict[str, list[NodeRun]], switch: str,
                  link: dict[str, dict[int, int]], rounds: int, seconds: float, load: str,
-                 http_ratio: float) -> Result:
+                 http_ratio: float | None) -> Result:
     """Part 3's row: tcp-tunnel against tcp-plain, paired per round; no goal."""
     def rps(mode: str) -> float:
         return median_rps(runs[mode])
@@ -583,13 +608,15 @@ def _tcp_results(variant: str, runs: dict[str, list[NodeRun]], switch: str,
     per_request = relayed / max(1, sum(x.wrk.requests for x in xs))
     busy = busy_note({m: runs[m] for m in TCP_MODES})
     where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1"
-             if variant == "per-node" else f"shared: every process on any of the {os.cpu_count()} vCPUs")
+             + (ACCELERATED if variant == ACCELERATED_VARIANT else "")
+             if variant.startswith("per-node") else f"shared: every process on any of the {os.cpu_count()} vCPUs")
+    http_note = (f"the HTTP tunnel row of this layout measured {http_ratio:.2f}x against a baseline through node "
+                 f"A's Envoy" if http_ratio is not None else "no HTTP tunnel rows in this layout")
     return Result(
         name=f"{TCP_NAME} [{variant} CPUs]", value=rps("tcp-tunnel"), unit="req/s",
         baseline_name="same L3/L4 allow without auth (kernel only, no Envoy)", baseline_value=rps("tcp-plain"),
         ratio=ratio,
-        notes=(f"{TCP_GOAL_NOTE}: the HTTP tunnel row of this layout measured {http_ratio:.2f}x against a "
-               f"baseline through node A's Envoy, this one's baseline has no Envoy; {where}; median of "
+        notes=(f"{TCP_GOAL_NOTE}: {http_note}, this one's baseline has no Envoy; {where}; median of "
                f"{rounds} x {seconds:g} s per set, right after the HTTP rounds, same agents and pods, ratio "
                f"paired per round (tcp-tunnel/tcp-plain: {per_round}); tcp-tunnel: {errors('tcp-tunnel')}, "
                f"node A's tunnel listener counted {streams:,} CONNECT streams and relayed {relayed:,} bytes "
