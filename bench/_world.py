@@ -117,6 +117,17 @@ def policy_row(agent: Agent) -> Any:
     raise RuntimeError("no ECDS status row for the agent's Envoy")
 
 
+def wait_policy_acked(agent: Agent, version: str, what: str, timeout: float = 120.0) -> Any:
+    """Wait until the agent's Envoy has ACKed ECDS `version` (`policy_row`); its row then."""
+    def acked(rows: list[Any]) -> bool:
+        return any(r.node_id == agent.config.node_id and r.type_url == EXTENSION_CONFIG_TYPE
+                   and r.acked_version == version for r in rows)
+
+    if not agent.xds.wait(acked, timeout):
+        raise RuntimeError(f"{what}: no ACK of ECDS {version} within {timeout:g} s")
+    return policy_row(agent)
+
+
 def envoy_memory(agent: Agent) -> tuple[int, int]:
     """(VmRSS, VmHWM) of the agent's Envoy, bytes."""
     assert agent.envoy is not None

@@ -93,6 +93,7 @@ from _world import (
     start,
     synced,
     wait_listening,
+    wait_policy_acked,
     wait_status,
     wrk,
     wrk_script,
@@ -102,7 +103,6 @@ from run import Context, Result
 from l7gate.agent.config import EnvoySettings
 from l7gate.agent.daemon import Agent, start_agent
 from l7gate.l7proxy.supervisor import find_envoy
-from l7gate.xds.cache import EXTENSION_CONFIG as EXTENSION_CONFIG_TYPE
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "examples" / "seed"
@@ -412,18 +412,7 @@ def pod_to_ack(ctx: Context, w: World, n_max: int, budget: float) -> AckSamples:
         target = policy_row(agent).cache_version
         if target == before:
             raise RuntimeError(f"{w.name}: adding a pod to a group did not change ECDS")
-
-        def acked(rows: list[Any]) -> bool:
-            return any(
-                r.node_id == agent.config.node_id
-                and r.type_url == EXTENSION_CONFIG_TYPE
-                and r.acked_version == target
-                for r in rows
-            )
-
-        if not agent.xds.wait(acked, 120):
-            raise RuntimeError(f"{w.name}: no ACK of ECDS {target} within 120 s")
-        row = policy_row(agent)
+        row = wait_policy_acked(agent, target, w.name)
         out.ack.append(row.last_ack - t0w)
         out.applied.append(t1 - t0)
         out.envoy.append(row.ack_latency or 0.0)
@@ -481,18 +470,7 @@ def change_to_ack(ctx: Context, w: World, what: str, change: Any, n: int) -> lis
         if target == before:
             out.append((0.0, applied))
             continue
-
-        def acked(rows: list[Any]) -> bool:
-            return any(
-                r.node_id == agent.config.node_id
-                and r.type_url == EXTENSION_CONFIG_TYPE
-                and r.acked_version == target
-                for r in rows
-            )
-
-        if not agent.xds.wait(acked, 120):
-            raise RuntimeError(f"{w.name}: {what}: no ACK of ECDS {target} within 120 s")
-        out.append((policy_row(agent).last_ack - t0w, applied))
+        out.append((wait_policy_acked(agent, target, f"{w.name}: {what}").last_ack - t0w, applied))
         synced(agent, 600)
         quiesce(agent)
     ctx.log(f"{w.name}: {what} → ACK {[round(x, 4) for x, _ in out]}, of which the agent's apply "

@@ -32,6 +32,8 @@
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
 
+#include "shared.h"  /* struct ct_key, ct_value; PROXY_UPSTREAM_MARK, MARK_MASK */
+
 #define PIN(name) L7G_PIN_DIR "/" #name
 
 #define WORLD_ID 2
@@ -56,8 +58,6 @@
 #define REASON_TUPLE_IN_USE 8    /* the 4-tuple is an egress proxy upstream connection's (below) */
 
 #define REDIRECT_MARK 0x200
-#define PROXY_UPSTREAM_MARK 0xa00  /* the egress proxy's upstream sockets (the pod's own address) */
-#define MARK_MASK 0xf00
 
 /* Egress HTTP rules: a local pod's connection goes to the node's egress proxy listening on
  * 127.0.0.1:L7G_EGRESS_PROXY_PORT (assigned to its socket, the destination kept); 0: none. */
@@ -113,22 +113,6 @@ struct tunnel_key {
     u16 port;  /* network byte order */
     u8 proto;
     u8 pad;
-};
-
-struct ct_key {
-    u32 saddr;
-    u32 daddr;
-    u16 sport;
-    u16 dport;
-    u8 proto;
-    u8 pad[3];
-};
-struct ct_value {
-    u8 redirect;     /* 1: marked for local delivery (the node's proxies); 2: the egress proxy */
-    u8 host;
-    u8 proxy_reply;  /* an egress proxy upstream connection: its replies go to the proxy's socket */
-    u8 pad;
-    u32 src_id;
 };
 
 struct meta_value {

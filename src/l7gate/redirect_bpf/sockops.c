@@ -23,6 +23,8 @@
 #include <linux/socket.h>
 #include <uapi/linux/in.h>
 
+#include "shared.h"  /* datapath.c's conntrack entry and marks */
+
 #define PIN(name) L7G_PIN_DIR "/" #name
 
 struct sock_key {
@@ -36,26 +38,6 @@ struct endpoint_value {
     u32 identity;
     u32 flags;
 };
-
-/* datapath.c's conntrack, shared through its pin: the layouts must match */
-struct ct_key {
-    u32 saddr;
-    u32 daddr;
-    u16 sport;
-    u16 dport;
-    u8 proto;
-    u8 pad[3];
-};
-struct ct_value {
-    u8 redirect;
-    u8 host;
-    u8 proxy_reply;  /* an egress proxy upstream connection */
-    u8 pad;
-    u32 src_id;
-};
-
-#define PROXY_UPSTREAM_MARK 0xa00  /* datapath.c: the egress proxy's upstream sockets */
-#define MARK_MASK 0xf00
 
 BPF_TABLE_PINNED("hash", u32, struct endpoint_value, l7g_endpoints, 4096, PIN(endpoints));
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, l7g_ct, 262144, PIN(ct));
