@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 BPFFS = Path("/sys/fs/bpf")
 SOURCE = Path(__file__).with_name("datapath.c")
 SOCKOPS_SOURCE = Path(__file__).with_name("sockops.c")
+# bcc compiles a source as /virtual/main.c: "shared.h" (what datapath.c and sockops.c share)
+# is found through this include path.
+INCLUDE = f"-I{Path(__file__).parent}"
 MAGIC = 0x6C376761746531  # "l7gate1"
 LAYOUT = 2  # 2: auth entries per remote node, nodes map
 BCC_PATH = "/usr/lib/python3/dist-packages"
@@ -227,7 +230,7 @@ class KernelDatapath:
             self.bpf = bcc.BPF(
                 src_file=str(SOURCE).encode(),
                 cflags=[f'-DL7G_PIN_DIR="{self.pin_dir}"', f"-DL7G_EGRESS_PROXY_PORT={int(self.egress_proxy_port)}",
-                        "-w"],
+                        INCLUDE, "-w"],
             )
             for name in PROGRAMS:
                 self._fns[name] = self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
@@ -256,7 +259,7 @@ class KernelDatapath:
             raise DatapathError(f"{cgroup} is not a cgroup v2 directory")
         try:
             self.sockops_bpf = bcc.BPF(
-                src_file=str(SOCKOPS_SOURCE).encode(), cflags=[f'-DL7G_PIN_DIR="{self.pin_dir}"', "-w"]
+                src_file=str(SOCKOPS_SOURCE).encode(), cflags=[f'-DL7G_PIN_DIR="{self.pin_dir}"', INCLUDE, "-w"]
             )
             sockops = self.sockops_bpf.load_func(b"l7g_sockops", bcc.BPF.SOCK_OPS)
             skmsg = self.sockops_bpf.load_func(b"l7g_skmsg", bcc.BPF.SK_MSG)
