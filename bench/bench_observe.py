@@ -158,6 +158,14 @@ def _file_access_log(path: Path) -> Any:
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=packed)
 
 
+def _size(path: Path) -> int:
+    # what the settle loop watches: a stat, not a read (it runs inside the agent's CPU window)
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _lines(path: Path) -> int:
     try:
         with open(path, "rb") as f:
@@ -337,12 +345,12 @@ def end_to_end(ctx: Context) -> list[Result]:
                 published_during = agent.flows.stats().published - before_flows.published
                 # Let the last access logs arrive and the follower catch up: their cost is the run's.
                 settle = time.monotonic()
-                last: tuple[int, int, int] | None = None
+                last: tuple[int, int, int, int] | None = None
                 while time.monotonic() - settle < 15:
                     time.sleep(0.25)
                     agent.ingestor.drain(10)
                     now = (agent.als.entries, agent.flows.stats().published,
-                           out_path.stat().st_size if follower is not None else 0, _lines(file_log_path))
+                           out_path.stat().st_size if follower is not None else 0, _size(file_log_path))
                     if now == last:
                         break
                     last = now
