@@ -24,9 +24,12 @@ Envoy HTTP access log entry → flows (`http_log_flows`):
 Ingestion does not build an HTTP entry's flows: `http_log_record` decides them (everything the
 list above depends on, and every reason the entry is malformed) into an `HTTPLogRecord`, which
 builds them when they are read — most never are — and writes their stream lines without
-building them. `http_log_flows` builds them at once. The mTLS tunnel's entries (a client
-certificate, a refused upstream handshake) are few: their flows are built at once
-(`_tls_entry_flows`).
+building them. `http_log_flows` builds them at once. A request through the mTLS tunnel (a
+client certificate naming one identity) is a record too, with its peers read from the tunnel
+(`_tunnel_source`, `_tunnel_destination`) and `auth_type` SPIRE: on a node that receives
+tunnelled traffic, most entries are such. The rare ones are built at once (`_tls_entry_flows`):
+a tunnelled CONNECT stream (the TCP variant), a certificate no single identity can be read
+from, a refused upstream handshake, a TLS connection without a client certificate.
 
 Envoy TCP access log entry → flows (`tcp_log_flows`): a connection the mTLS tunnel refused in
 its TLS handshake, or could not carry, is one DROPPED (or ERROR) L3_L4 flow naming the reason;
@@ -91,6 +94,7 @@ _VIA_UPSTREAM = "via_upstream"
 # envoy.config.core.v3.RequestMethod and HTTPAccessLogEntry.HTTPVersion, by number.
 _METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 _PROTOCOLS = ("", "HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3")
+_CONNECT = _METHODS.index("CONNECT")
 # Every method an entry can name: the bound of `ingest.method_label`.
 KNOWN_METHODS = frozenset(_METHODS[1:])
 _DENY_REASONS = {"deny-l7": POLICY_DENIED_L7, "deny-l3l4": POLICY_DENIED, "deny-auth": AUTH_REQUIRED}
@@ -238,14 +242,14 @@ class HTTPLogRecord:
 
     __slots__ = ("node", "src_ip", "src_port", "src_info", "dst_ip", "dst_port", "dst_info", "direction", "t0",
                  "branch", "method", "code", "details", "reason", "action", "latency", "answered", "services",
-                 "request", "request_headers", "response_headers", "shape", "count")
+                 "request", "request_headers", "response_headers", "shape", "count", "auth")
 
     def __init__(
         self, node: str, src_ip: str, src_port: int, src_info: PeerInfo, dst_ip: str, dst_port: int,
         dst_info: PeerInfo, direction: TrafficDirection, t0: int, branch: int, method: str, code: int, details: str, reason: str,
         action: str, latency: int, answered: bool, services: tuple[Service | None, Service | None] | None,
         request: tuple[str, str, str, int, str, str], request_headers: tuple[tuple[str, str], ...] | None,
-        response_headers: tuple[tuple[str, str], ...], shape: Hashable,
+        response_headers: tuple[tuple[str, str], ...], shape: Hashable, auth: AuthType = AuthType.DISABLED,
     ) -> None:
         self.node = node
         self.src_ip = src_ip
@@ -270,6 +274,7 @@ class HTTPLogRecord:
         self.response_headers = response_headers  # already `safe_headers`
         self.shape = shape  # branch, reason, method, code, source local, destination local, answered, direction
         self.count = 2 if branch == ALLOWED else 1
+        self.auth = auth  # SPIRE: through the mTLS tunnel
 
     def _request(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         """(url, protocol, headers) of the request."""
@@ -295,7 +300,7 @@ class HTTPLogRecord:
         dst = endpoint(self.dst_ip, self.dst_port, self.dst_info)
         s_src, s_dst = self.services or (None, None)
         method, code, details, node, direction, t0 = self.method, self.code, self.details, self.node, self.direction, self.t0
-        branch = self.branch
+        branch, auth = self.branch, self.auth
         if branch == DENIED:
             return (
                 Flow(
@@ -303,7 +308,7 @@ class HTTPLogRecord:
                     drop_reason_desc=self.reason,
                     l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
                     traffic_direction=direction, policy_match=self._policies(), summary=self.reason,
-                    node_name=node, source_service=s_src, destination_service=s_dst,
+                    node_name=node, source_service=s_src, destination_service=s_dst, auth_type=auth,
                 ),
             )
         if branch == ALLOWED:
@@ -314,7 +319,7 @@ class HTTPLogRecord:
                 l7=Layer7(L7Type.REQUEST, 0, HTTP(0, method, url, proto, req_headers)),
                 traffic_direction=direction, policy_match=policies,
                 summary=f"{method} {url}" if method else url, node_name=node,
-                source_service=s_src, destination_service=s_dst,
+                source_service=s_src, destination_service=s_dst, auth_type=auth,
             )
             response = Flow(
                 time=t0 + latency, verdict=Verdict.FORWARDED if answered else Verdict.ERROR, type=FlowType.L7,
@@ -322,7 +327,7 @@ class HTTPLogRecord:
                 l7=Layer7(L7Type.RESPONSE, latency, HTTP(code, method, url, proto, self.response_headers)),
                 traffic_direction=direction, is_reply=True, policy_match=policies,
                 summary=str(code) if answered else f"{code} {details}".strip(), node_name=node,
-                source_service=s_dst, destination_service=s_src,
+                source_service=s_dst, destination_service=s_src, auth_type=auth,
             )
             return (request, response)
         return (
@@ -330,7 +335,7 @@ class HTTPLogRecord:
                 time=t0, verdict=Verdict.ERROR, type=FlowType.L7, source=src, destination=dst,
                 l7=Layer7(L7Type.REQUEST, 0, HTTP(code, method, url, proto, req_headers)),
                 traffic_direction=direction, summary=f"{code} {details}".strip(), node_name=node,
-                source_service=s_src, destination_service=s_dst,
+                source_service=s_src, destination_service=s_dst, auth_type=auth,
             ),
         )
 
@@ -404,7 +409,8 @@ class _LineTemplate:
             f'}}}},"source":{ep_src},"destination":{ep_dst},{_services_json(s_src, s_dst)}"Type":"L7",{node_field}'
             f'"l7":{{"type":"REQUEST","http":{{{code_field}{method_field}'
         )
-        self.request_tail = f'}}}},{tail}false,"auth_type":"DISABLED",{policy_match}"Summary":'
+        auth = f'"auth_type":"{rec.auth.value}",'
+        self.request_tail = f'}}}},{tail}false,{auth}{policy_match}"Summary":'
         self.end = f'}},"node_name":{node_json},'
         self.response_head = self.response_l7 = self.response_http = self.response_tail = ""
         if branch == ALLOWED:
@@ -419,7 +425,7 @@ class _LineTemplate:
             )
             self.response_http = f'"http":{{{f""""code":{code},""" if code else ""}{method_field}'
             summary = f'"{code}"' if answered else _esc(f"{code} {details}".strip())
-            self.response_tail = f'}}}},{tail}true,"auth_type":"DISABLED",{policy_match}"Summary":{summary}'
+            self.response_tail = f'}}}},{tail}true,{auth}{policy_match}"Summary":{summary}'
 
 
 _TEMPLATES: dict[Hashable, _LineTemplate] = {}
@@ -430,7 +436,7 @@ def _line_template(rec: HTTPLogRecord) -> _LineTemplate:
     with the same policies and details, write alike. The peers are the same objects (checked:
     an id can be reused once its object is gone)."""
     key = (rec.shape, rec.details, rec.action, rec.request[3], rec.src_ip, rec.dst_ip, id(rec.src_info),
-           id(rec.dst_info), rec.services, rec.node, rec.direction)
+           id(rec.dst_info), rec.services, rec.node, rec.direction, rec.auth)
     t = _TEMPLATES.get(key)
     if t is None or t.src_info is not rec.src_info or t.dst_info is not rec.dst_info:
         if len(_TEMPLATES) >= _MAX_CACHED:
@@ -480,13 +486,12 @@ def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
 
 def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRecord | tuple[Flow, ...]:
     """One Envoy HTTP access log entry, decided (see the module docstring and `HTTPLogRecord`);
-    raises MalformedEvent on an entry that gives no flows. The few entries of the mTLS tunnel
-    (a client certificate, a refused upstream handshake) are built at once: their flows."""
+    raises MalformedEvent on an entry that gives no flows. The rare entries with TLS in them
+    are built at once: their flows (see the module docstring)."""
     if type(entry) is not HTTPAccessLogEntry:
         _check_type(entry, _ENTRY_TYPE)
     cp = entry.common_properties
-    if cp.HasField("tls_properties"):
-        return _tls_entry_flows(entry, ctx)
+    req = entry.request
     src_sa = cp.downstream_direct_remote_address.socket_address
     src_addr = src_sa.address
     if not src_addr:
@@ -494,14 +499,29 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
         src_addr = src_sa.address
     dst_sa = cp.downstream_local_address.socket_address
     dst_addr = dst_sa.address
-    if not src_addr or not dst_addr:
-        raise MalformedEvent("entry without downstream IP addresses")
-    src_port, dst_port = src_sa.port_value, dst_sa.port_value
-    resolve = ctx.resolve
-    try:
-        src_info, dst_info = resolve(src_addr), resolve(dst_addr)
-    except ValueError as exc:
-        raise MalformedEvent(f"unusable address: {exc}") from None
+    auth = AuthType.DISABLED
+    if cp.HasField("tls_properties"):
+        peer = _tunnel_peer(cp)
+        if peer is None or req.request_method == _CONNECT or not src_addr or not dst_addr:
+            return _tls_entry_flows(entry, ctx)
+        # Through the mTLS tunnel, as `_tls_entry_flows` reads it: the caller is the client
+        # certificate's identity, the pod it reached the original-destination header.
+        auth = AuthType.SPIRE
+        src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
+        dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr,
+                                                 dst_sa.port_value)
+        src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
+        if src_info.identity != peer:
+            src_info = PeerInfo(peer)  # the certificate wins over the claimed address
+    else:
+        if not src_addr or not dst_addr:
+            raise MalformedEvent("entry without downstream IP addresses")
+        src_port, dst_port = src_sa.port_value, dst_sa.port_value
+        resolve = ctx.resolve
+        try:
+            src_info, dst_info = resolve(src_addr), resolve(dst_addr)
+        except ValueError as exc:
+            raise MalformedEvent(f"unusable address: {exc}") from None
     if dst_info.local:
         direction = TrafficDirection.INGRESS
     elif src_info.local:
@@ -512,7 +532,7 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
     t0 = st.seconds * 1_000_000_000 + st.nanos or ctx.now()
     if not 0 < t0 <= _MAX_TIME_NS:
         raise MalformedEvent(f"start_time {st.seconds}s is not a time")
-    req, resp = entry.request, entry.response
+    resp = entry.response
     m = req.request_method
     method = _METHODS[m] if 0 <= m < len(_METHODS) else ""
     code = resp.response_code.value
@@ -568,6 +588,7 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
         safe_headers(extra.items()) if extra else None,
         safe_headers(resp_extra.items()) if resp_extra else (),
         (branch, reason, method, code, src_info.local, dst_info.local, answered, direction),
+        auth,
     )
 
 
