@@ -157,10 +157,24 @@ def _tunnel_peer(cp: AccessLogCommon) -> int | None:
     uris = [s.uri for s in cp.tls_properties.peer_certificate_properties.subject_alt_name if s.uri]
     if len(uris) != 1:
         return None
+    uri = uris[0]
     try:
-        return parse_spiffe_id(uris[0])[1]
+        return _PEER_CACHE[uri]
+    except KeyError:
+        pass
+    try:
+        peer: int | None = parse_spiffe_id(uri)[1]
     except SpiffeIDError:
-        return None
+        peer = None
+    if len(uri) <= _MAX_URI_KEY:  # a tunnel's peers are the source nodes' identities: few
+        if len(_PEER_CACHE) >= _MAX_CACHED:
+            _PEER_CACHE.clear()
+        _PEER_CACHE[uri] = peer
+    return peer
+
+
+_PEER_CACHE: dict[str, int | None] = {}  # a client certificate's URI SAN → `_tunnel_peer`
+_MAX_URI_KEY = 512
 
 
 def _has_client_certificate(cp: AccessLogCommon) -> bool:
@@ -585,11 +599,30 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
         None if s_src is None and s_dst is None else (s_src, s_dst),
         (req.scheme[:MAX_URL], req.authority[:MAX_URL], req.path[:MAX_URL], entry.protocol_version,
          req.user_agent[:MAX_HEADER_VALUE], req.request_id[:MAX_HEADER_VALUE]),
-        safe_headers(extra.items()) if extra else None,
+        _safe_extra(extra) if extra else None,
         safe_headers(resp_extra.items()) if resp_extra else (),
         (branch, reason, method, code, src_info.local, dst_info.local, answered, direction),
         auth,
     )
+
+
+_EXTRA: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}  # Envoy's extra headers → kept
+
+
+def _safe_extra(extra: Any) -> tuple[tuple[str, str], ...]:
+    """`safe_headers` of the extra request headers Envoy logged, cached by them: the tunnel's
+    original-destination header takes one value per destination pod, and the headers a
+    policy names often repeat. A cache of bounded size that is cleared when full, like the
+    others here."""
+    items = tuple(extra.items())
+    kept = _EXTRA.get(items)
+    if kept is None:
+        kept = safe_headers(items)
+        if sum(len(k) + len(v) for k, v in items) <= _MAX_ACTION_KEY:
+            if len(_EXTRA) >= _MAX_CACHED:
+                _EXTRA.clear()
+            _EXTRA[items] = kept
+    return kept
 
 
 _ACTIONS: dict[bytes, str] = {}  # an entry's metadata, serialized → the RBAC action in it
