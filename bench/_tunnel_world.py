@@ -453,21 +453,24 @@ class NodeRun:
     cpu: dict[str, float]  # CPU seconds of each of `PROCS` over the run (all its threads)
     grown: dict[str, int]  # growth of each watched counter over the run (negative if it vanished)
     busy: float  # the machine's CPU busy fraction over the run (/proc/stat)
+    cpu_busy: tuple[float, ...] = ()  # each CPU's busy fraction over the run (cpu0, cpu1, ...)
 
 
 def measure_wrk(w: NodePairWorld[Any], script: Path, seconds: float, watch: Mapping[str, Callable[[], int]],
-                cpus: str | None = None) -> NodeRun:
-    """`wrk` from the frontend to billing for `seconds` (on `cpus`, node B's, if given), with
-    each process's CPU and the growth of every `watch` counter over it."""
+                cpus: str | None = None, connections: int = 32) -> NodeRun:
+    """`wrk` from the frontend to billing for `seconds` with `connections` (on `cpus`, node
+    B's, if given), with each process's CPU, each CPU's busy fraction and the growth of every
+    `watch` counter over it."""
     pids = w.pids()
     counters0 = {k: read() for k, read in watch.items()}
-    cpu0, (idle0, total0) = {k: cpu_seconds(p) for k, p in pids.items()}, _cpu_ticks()
+    cpu0, (idle0, total0), each0 = {k: cpu_seconds(p) for k, p in pids.items()}, _cpu_ticks(), _each_cpu_ticks()
     children0 = _children_cpu()
-    out = wrk(w.frontend, w.url, seconds, script, cpus=cpus)
-    cpu, (idle1, total1) = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks()
+    out = wrk(w.frontend, w.url, seconds, script, connections=connections, cpus=cpus)
+    cpu, (idle1, total1), each1 = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks(), _each_cpu_ticks()
     cpu["wrk"] = _children_cpu() - children0  # wrk is the only child this process waits for meanwhile
     grown = {k: read() - counters0[k] for k, read in watch.items()}
-    return NodeRun(out, cpu, grown, 1 - (idle1 - idle0) / max(1, total1 - total0))
+    each = tuple(1 - (i1 - i0) / max(1, t1 - t0) for (i0, t0), (i1, t1) in zip(each0, each1))
+    return NodeRun(out, cpu, grown, 1 - (idle1 - idle0) / max(1, total1 - total0), each)
 
 
 def load_average() -> str:
@@ -485,6 +488,17 @@ def _cpu_ticks() -> tuple[int, int]:
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
     return ticks[3] + ticks[4], sum(ticks)
+
+
+def _each_cpu_ticks() -> list[tuple[int, int]]:
+    """(idle + iowait, total) jiffies of each CPU, in order."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                ticks = [int(x) for x in line.split()[1:]]
+                out.append((ticks[3] + ticks[4], sum(ticks)))
+    return out
 
 
 def paired(measured: Sequence[NodeRun], baseline: Sequence[NodeRun]) -> tuple[float, str]:
@@ -518,29 +532,36 @@ def cpu_note(xs: Sequence[NodeRun]) -> str:
 
 
 def busy_note(runs: Mapping[str, Sequence[NodeRun]]) -> str:
-    return "; ".join(f"{m} {statistics.median(x.busy for x in xs):.0%}" for m, xs in runs.items())
+    """The machine's CPU busy fraction per mode (median over its runs), and each CPU's."""
+    def each(xs: Sequence[NodeRun]) -> str:
+        n = min((len(x.cpu_busy) for x in xs), default=0)
+        if not n:
+            return ""
+        return " (" + ", ".join(f"cpu{i} {statistics.median(x.cpu_busy[i] for x in xs):.0%}" for i in range(n)) + ")"
+    return "; ".join(f"{m} {statistics.median(x.busy for x in xs):.0%}{each(xs)}" for m, xs in runs.items())
 
 
 def paired_rows(variant: str, runs: Mapping[str, Sequence[NodeRun]], measured: str, baseline: str, *,
                 name: str, baseline_name: str, goal: str, cpu_name: str, cpu_baseline_name: str,
                 second_envoy: str, switched: str, seen: Mapping[str, str], cpu_remark: str, context: str,
-                rounds: int, seconds: float, goal_ratio: float = 0.8) -> list[Result]:
+                rounds: int, seconds: float, goal_ratio: float = 0.8, judge: bool = True) -> list[Result]:
     """The two rows of an A/B requests/s bench in one CPU layout (`VARIANTS`): the `measured`
     mode's median req/s against the `baseline` mode's, the ratio paired per round, the goal
     (ratio >= `goal_ratio`, no failed request) judged in the per-node layout only; and both
     Envoys' CPU per request. `second_envoy`: what takes CPU from node A's Envoy in the shared
     layout; `switched`: how the modes differ between runs; `seen`: per mode, what its counters
     showed; `cpu_remark`: on the agents' share; `context`: the rest of the notes (switch times,
-    load)."""
+    load); `judge`: False for rows shown as context, with no goal in any layout."""
     ratio, per_round = paired(runs[measured], runs[baseline])
     ratios = [m.wrk.rps / b.wrk.rps for m, b in zip(runs[measured], runs[baseline])]
     envoys = {m: us_per_request(runs[m], "envoy A") + us_per_request(runs[m], "envoy B") for m in (measured, baseline)}
     node = "; ".join(f"{m} " + ", ".join(f"{n} {sum(us_per_request(runs[m], p) for p in procs):.0f}"
                                          for n, procs in NODE_PROCS.items())
                      for m in (measured, baseline))
-    judged = variant.startswith("per-node")
+    per_node = variant.startswith("per-node")
+    judged = per_node and judge
     where = ("per node: node A's agent, Envoy and upstream on CPU 0, node B's agent, Envoy and wrk on CPU 1, "
-             "as two machines would be" + (ACCELERATED if variant == ACCELERATED_VARIANT else "") if judged else
+             "as two machines would be" + (ACCELERATED if variant == ACCELERATED_VARIANT else "") if per_node else
              f"shared: every process on any of the {os.cpu_count()} vCPUs, so {second_envoy} takes CPU from node "
              f"A's Envoy and the upstream; a stress figure, the goal is judged per node")
 

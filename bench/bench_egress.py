@@ -19,8 +19,19 @@ After each switch the path must be in force: both Envoys synced and a probe POST
 which node A's billing listener counts (`http.l7g_ep_<billing>_8080.downstream_rq_total`) and
 node B's egress listener for :8080 (`http.l7g_egress_8080.downstream_rq_total`) counts in the
 egress set and does not in the ingress set. Then a 1 s `wrk` warm-up (also after each change of
-CPU layout), then `wrk -t1 -c32` POST /v1/charge with keep-alive connections from the frontend.
-Rounds alternate the order (ingress, egress | egress, ingress | ...). Checked every run: node
+CPU layout), then `wrk -t1` POST /v1/charge with keep-alive connections from the frontend, at
+32 and at 128 connections (`CONNECTIONS`, the order alternating by round). Rounds alternate the
+order (ingress, egress | egress, ingress | ...).
+
+Why two connection counts: requests/s is a capacity only where the busiest node's CPU is
+saturated. At 32 connections the ingress path saturates node A's CPU, but the egress path does
+not: measured per CPU (/proc/stat) in the per-node layout, node A's CPU was ~79% busy and node
+B's ~59% with 32 connections, ~90-95% and ~70% with 128 (ingress: 100% at both), and no TCP
+stall (one segment each way per request, no delayed ACK, in every netns: nstat). With each
+request crossing two Envoys on two CPUs, 32 requests in flight are too few to keep both
+busy: they bunch up at one node while the other idles. So the 32-connection rows measure
+latency as much as capacity and are shown as context; the goal is judged at 128 connections,
+where node A is the bottleneck in both modes. Each row's notes give each CPU's busy fraction. Checked every run: node
 A's counter grows by at least the requests wrk completed in both sets, node B's egress counter
 by at least that many in egress runs and not at all in ingress runs (a bench that measured the
 wrong path would be worse than none), and no request fails (a request node B sent from its own
@@ -71,8 +82,16 @@ EGRESS_POLICY: dict[str, Any] = {
 EGRESS_KEY = f"{EGRESS_POLICY['kind']}/{EGRESS_POLICY['metadata']['name']}"
 # Node B's egress listener's HTTP connection manager for :8080 (stat prefix l7g_egress_<port>).
 EGRESS_RQ = f"http.{EGRESS_LISTENER}_{PORT}.downstream_rq_total"
-NAME = ("requests/s, wrk -t1 -c32 POST /v1/charge node B → node A: egress HTTP rule at the source "
-        "(node B's Envoy) + the seed's ingress rule (node A's Envoy)")
+CONNECTIONS = (32, 128)
+SATURATED = 128  # the connection count the goal is judged at (module doc)
+
+
+def name(connections: int) -> str:
+    return (f"requests/s, wrk -t1 -c{connections} POST /v1/charge node B → node A: egress HTTP rule at the "
+            "source (node B's Envoy) + the seed's ingress rule (node A's Envoy)")
+
+
+NAME = name(SATURATED)
 GOAL = "egress + ingress >= 0.8x the ingress rule alone, per-node CPUs"
 CPU_NAME = "Envoy CPU per request, both nodes: egress HTTP rule + ingress rule"
 WARMUP_S = 1.0
@@ -143,13 +162,14 @@ def _requests(ctx: Context) -> list[Result]:
     rounds, seconds = (2, 3.0) if ctx.quick else (5, 5.0)
     load_before = load_average()
     variants = usable_variants()
-    runs: dict[str, dict[str, list[NodeRun]]] = {v: {m: [] for m in MODES} for v in variants}
+    runs: dict[str, dict[int, dict[str, list[NodeRun]]]] = {
+        v: {c: {m: [] for m in MODES} for c in CONNECTIONS} for v in variants}
     # The per-node layout once more in a world of its own whose nodes give their pods, agent
     # and Envoy a cgroup (socket acceleration, as deployed), when this machine has cgroup v2.
     worlds: list[tuple[bool, dict[str, dict[str, str] | None]]] = [(False, variants)]
     if "per-node" in variants and (CGROUP_ROOT / "cgroup.procs").exists():
         worlds.append((True, {ACCELERATED_VARIANT: variants["per-node"]}))
-        runs[ACCELERATED_VARIANT] = {m: [] for m in MODES}
+        runs[ACCELERATED_VARIANT] = {c: {m: [] for m in MODES} for c in CONNECTIONS}
     notes: dict[str, str] = {}
     for cgroup, layouts in worlds:
         ctx.log("two nodes, two kernel-mode agents, a static upstream" + (", in the nodes' cgroups" if cgroup else ""))
@@ -165,20 +185,23 @@ def _requests(ctx: Context) -> list[Result]:
                     if switcher.to(mode) or warm:
                         wrk(w.frontend, w.url, WARMUP_S, script, cpus=wrk_cpus)
                         warm = False
-                    one = _measure(w, script, seconds, mode, wrk_cpus)
-                    ctx.log(f"{variant} round {r + 1} {mode}: {one.wrk.rps:.0f} req/s")
-                    runs[variant][mode].append(one)
+                    for c in CONNECTIONS if r % 2 == 0 else CONNECTIONS[::-1]:
+                        one = _measure(w, script, seconds, mode, wrk_cpus, c)
+                        busy = ", ".join(f"cpu{i} {b:.0%}" for i, b in enumerate(one.cpu_busy))
+                        ctx.log(f"{variant} round {r + 1} {mode} -c{c}: {one.wrk.rps:.0f} req/s ({busy})")
+                        runs[variant][c][mode].append(one)
                 notes[variant] = switcher.note(MODES)
             w.finish()
     load = f"load average {load_before} before, {load_average()} after"
     out: list[Result] = []
     for variant in runs:
-        out += _results(variant, runs[variant], notes[variant], rounds, seconds, load)
+        for c in (SATURATED, *(x for x in CONNECTIONS if x != SATURATED)):
+            out += _results(variant, runs[variant][c], notes[variant], rounds, seconds, load, c)
     return out
 
 
-def _measure(w: EgressWorld, script: Path, seconds: float, mode: str, cpus: str | None) -> NodeRun:
-    one = measure_wrk(w, script, seconds, w.watch(), cpus)
+def _measure(w: EgressWorld, script: Path, seconds: float, mode: str, cpus: str | None, connections: int) -> NodeRun:
+    one = measure_wrk(w, script, seconds, w.watch(), cpus, connections)
     n, egress, ingress = one.wrk.requests, one.grown["egress B"], one.grown["ingress A"]
     if ingress < n:
         raise RuntimeError(f"{mode} round: node A's {w.ingress_rq} grew by {ingress}, wrk completed {n} "
@@ -194,15 +217,15 @@ def _measure(w: EgressWorld, script: Path, seconds: float, mode: str, cpus: str 
 
 
 def _results(variant: str, runs: dict[str, list[NodeRun]], switch: str, rounds: int, seconds: float,
-             load: str) -> list[Result]:
+             load: str, connections: int) -> list[Result]:
     def counted(mode: str, key: str) -> int:
         return sum(max(0, x.grown[key]) for x in runs[mode])
 
     requests = sum(x.wrk.requests for x in runs["egress"])
     return paired_rows(
-        variant, runs, "egress", "ingress", name=NAME,
+        variant, runs, "egress", "ingress", name=name(connections), judge=connections == SATURATED,
         baseline_name="the seed's ingress rule alone (node A's Envoy)", goal=GOAL,
-        cpu_name=CPU_NAME, cpu_baseline_name="the ingress rule alone",
+        cpu_name=f"{CPU_NAME}, wrk -c{connections}", cpu_baseline_name="the ingress rule alone",
         second_envoy="node B's Envoy (the egress rule)", switched="the egress rule added or removed",
         seen={"egress": f"node B's egress listener counted {counted('egress', 'egress B'):,} "
                         f"({counted('egress', 'egress B') / max(1, requests):.4f}x wrk's), node A's billing "
@@ -210,4 +233,8 @@ def _results(variant: str, runs: dict[str, list[NodeRun]], switch: str, rounds: 
               "ingress": f"node B's egress listener counted {counted('ingress', 'egress B')}, node A's billing "
                          f"listener {counted('ingress', 'ingress A'):,}"},
         cpu_remark="each node's agent receives the access log of every request its Envoy judged",
-        context=f"switch until in force: {switch}; {load}", rounds=rounds, seconds=seconds)
+        context=(f"switch until in force: {switch}; {load}" if connections == SATURATED else
+                 f"context, not judged: at {connections} connections the egress path does not keep node A's CPU "
+                 f"busy (see each CPU's busy fraction; module doc), the goal is judged at {SATURATED}; switch "
+                 f"until in force: {switch}; {load}"),
+        rounds=rounds, seconds=seconds)
