@@ -461,3 +461,18 @@ def test_a_record_keeps_no_credentials_and_no_more_than_a_flow() -> None:
     assert "s3cr3t" not in held and len(held) < 12_000
     assert rec.flows() == reference_flows(e, CTX.__class__(CTX.resolve, CTX.node_name, CTX.now))
     assert rec.lines(0, rec.count) == _lines(rec.flows())
+
+
+def test_the_converters_caches_keep_no_credentials() -> None:
+    # The extra headers' cache (`_safe_extra`) is keyed by what Envoy logged: a set holding a
+    # credential must not become a key (it would outlive the entry), the same set without one is
+    # cached.
+    from l7gate.observe import envoy_flows
+
+    envoy_flows._EXTRA.clear()
+    secret = entry("allowed", request={"requestHeaders": {"authorization": "Bearer s3cr3t", "x-b": "1"}})
+    plain = entry("allowed", request={"requestHeaders": {"x-b": "1"}})
+    for e in (secret, plain, secret):
+        rec = http_log_record(e, CTX)
+        assert isinstance(rec, HTTPLogRecord) and rec.request_headers == (("x-b", "1"),)
+    assert "s3cr3t" not in repr(envoy_flows._EXTRA) and list(envoy_flows._EXTRA.values()) == [(("x-b", "1"),)]

@@ -613,12 +613,13 @@ def _safe_extra(extra: Any) -> tuple[tuple[str, str], ...]:
     """`safe_headers` of the extra request headers Envoy logged, cached by them: the tunnel's
     original-destination header takes one value per destination pod, and the headers a
     policy names often repeat. A cache of bounded size that is cleared when full, like the
-    others here."""
+    others here. Only header sets `safe_headers` keeps whole are cached: a credential is never
+    a key (a flow keeps none, and neither does this cache)."""
     items = tuple(extra.items())
     kept = _EXTRA.get(items)
     if kept is None:
         kept = safe_headers(items)
-        if sum(len(k) + len(v) for k, v in items) <= _MAX_ACTION_KEY:
+        if len(kept) == len(items) and sum(len(k) + len(v) for k, v in items) <= _MAX_ACTION_KEY:
             if len(_EXTRA) >= _MAX_CACHED:
                 _EXTRA.clear()
             _EXTRA[items] = kept
