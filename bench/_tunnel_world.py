@@ -463,14 +463,14 @@ def measure_wrk(w: NodePairWorld[Any], script: Path, seconds: float, watch: Mapp
     `watch` counter over it."""
     pids = w.pids()
     counters0 = {k: read() for k, read in watch.items()}
-    cpu0, (idle0, total0), each0 = {k: cpu_seconds(p) for k, p in pids.items()}, _cpu_ticks(), _each_cpu_ticks()
+    cpu0, (whole0, *each0) = {k: cpu_seconds(p) for k, p in pids.items()}, _cpu_ticks()
     children0 = _children_cpu()
     out = wrk(w.frontend, w.url, seconds, script, connections=connections, cpus=cpus)
-    cpu, (idle1, total1), each1 = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks(), _each_cpu_ticks()
+    cpu, (whole1, *each1) = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}, _cpu_ticks()
     cpu["wrk"] = _children_cpu() - children0  # wrk is the only child this process waits for meanwhile
     grown = {k: read() - counters0[k] for k, read in watch.items()}
-    each = tuple(1 - (i1 - i0) / max(1, t1 - t0) for (i0, t0), (i1, t1) in zip(each0, each1))
-    return NodeRun(out, cpu, grown, 1 - (idle1 - idle0) / max(1, total1 - total0), each)
+    each = tuple(_busy(a, b) for a, b in zip(each0, each1))
+    return NodeRun(out, cpu, grown, _busy(whole0, whole1), each)
 
 
 def load_average() -> str:
@@ -483,22 +483,21 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(idle + iowait, total) jiffies of the whole machine."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return ticks[3] + ticks[4], sum(ticks)
-
-
-def _each_cpu_ticks() -> list[tuple[int, int]]:
-    """(idle + iowait, total) jiffies of each CPU, in order."""
+def _cpu_ticks() -> list[tuple[int, int]]:
+    """(idle + iowait, total) jiffies of the whole machine, then of each CPU in order."""
     out = []
     with open("/proc/stat") as f:
         for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                ticks = [int(x) for x in line.split()[1:]]
-                out.append((ticks[3] + ticks[4], sum(ticks)))
+            if not line.startswith("cpu"):
+                break
+            ticks = [int(x) for x in line.split()[1:]]
+            out.append((ticks[3] + ticks[4], sum(ticks)))
     return out
+
+
+def _busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The busy fraction between two `_cpu_ticks` readings of one CPU (or the machine)."""
+    return 1 - (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
 def paired(measured: Sequence[NodeRun], baseline: Sequence[NodeRun]) -> tuple[float, str]:

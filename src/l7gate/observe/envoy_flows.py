@@ -199,6 +199,23 @@ def _tunnel_destination(value: str | None, addr: str, port: int) -> tuple[str, i
     return (host, int(p)) if host and p.isdigit() else (addr, port)
 
 
+def _tunnel_ends(
+    ctx: IngestContext, req: HTTPRequestProperties, peer: int | None, direct: str, local: str, local_port: int,
+) -> tuple[tuple[str, int, PeerInfo], tuple[str, int, PeerInfo]]:
+    """(address, port, peer) of the source and of the destination of a request through the mTLS
+    tunnel, whose connection came from the source node's Envoy (`direct`) to this node's
+    tunnel listener (`local`): the caller is the client certificate's identity (`peer`), its
+    address what that Envoy appended to X-Forwarded-For, the pod it reached the
+    original-destination header. The certificate wins over the claimed address; no usable
+    identity in it: unknown."""
+    src_addr = _tunnel_source(req.forwarded_for, direct)
+    dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), local, local_port)
+    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
+    if src_info.identity != peer:
+        src_info = PeerInfo(peer or 0)
+    return (src_addr, 0, src_info), (dst_addr, dst_port, dst_info)
+
+
 def _check_type(entry: Any, expected: str) -> None:
     # Any: whatever the producer offered; this is where its type is found out.
     try:
@@ -518,15 +535,9 @@ def http_log_record(entry: HTTPAccessLogEntry, ctx: IngestContext) -> HTTPLogRec
         peer = _tunnel_peer(cp)
         if peer is None or req.request_method == _CONNECT or not src_addr or not dst_addr:
             return _tls_entry_flows(entry, ctx)
-        # Through the mTLS tunnel, as `_tls_entry_flows` reads it: the caller is the client
-        # certificate's identity, the pod it reached the original-destination header.
         auth = AuthType.SPIRE
-        src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
-        dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr,
-                                                 dst_sa.port_value)
-        src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
-        if src_info.identity != peer:
-            src_info = PeerInfo(peer)  # the certificate wins over the claimed address
+        (src_addr, src_port, src_info), (dst_addr, dst_port, dst_info) = _tunnel_ends(
+            ctx, req, peer, src_addr, dst_addr, dst_sa.port_value)
     else:
         if not src_addr or not dst_addr:
             raise MalformedEvent("entry without downstream IP addresses")
@@ -680,15 +691,10 @@ def _tls_entry_flows(entry: HTTPAccessLogEntry, ctx: IngestContext) -> tuple[Flo
     tunnelled = _has_client_certificate(cp)
     auth = AuthType.SPIRE if tunnelled else AuthType.DISABLED
     if tunnelled:
-        # Through the mTLS tunnel: the connection comes from the source node's Envoy. The
-        # caller is the client certificate's identity; its address is what that Envoy
-        # appended to X-Forwarded-For; the pod it reached is the original-destination header.
-        src_addr, src_port = _tunnel_source(req.forwarded_for, src_addr), 0
-        dst_addr, dst_port = _tunnel_destination(req.request_headers.get(ORIGINAL_DST_HEADER), dst_addr, dst_port)
-    src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
-    if tunnelled and src_info.identity != tunnel_identity:
-        # The certificate wins over the claimed address; no usable identity in it: unknown.
-        src_info = PeerInfo(tunnel_identity or 0)
+        (src_addr, src_port, src_info), (dst_addr, dst_port, dst_info) = _tunnel_ends(
+            ctx, req, tunnel_identity, src_addr, dst_addr, dst_port)
+    else:
+        src_info, dst_info = _resolve(ctx, src_addr), _resolve(ctx, dst_addr)
     src = endpoint(src_addr, src_port, src_info)
     dst = endpoint(dst_addr, dst_port, dst_info)
     if dst_info.local:
