@@ -4,6 +4,7 @@ refused with its field path and changes nothing in force, and a namespace can be
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from l7gate.agent.core import AgentCore
 from l7gate.agent.kube import CoreSink
 from l7gate.k8s.reconcile import CNPS, NAMESPACES, NODES, PODS, RESOURCES, ObjectRef, Pending, Reconciler, Resource, project
 from l7gate.kvstore.sqlite import SQLiteKVStore
-from l7gate.xds.cache import SnapshotCache
+from l7gate.xds.cache import EXTENSION_CONFIG, SnapshotCache
 
 from .test_k8s_reconcile import api_cnp, api_node, api_pod, listing, run
 
@@ -208,3 +209,50 @@ def test_nodes_from_the_api_label_their_addresses_and_go_with_them(core: AgentCo
     # deleted from the API
     run(rec, listing(NODES, [api_node("node-a1", "192.0.2.1", {"role": "app"})]))
     assert set(core.view().nodes) == {"cluster-a/node-a1"}
+
+
+def l7_cnp(name: str) -> dict[str, Any]:
+    doc = api_cnp(name)
+    doc["spec"]["ingress"][0]["toPorts"][0]["rules"] = {"http": [{"method": "GET", "path": "/v1/ok"}]}
+    return doc
+
+
+def test_a_sync_is_published_once_with_its_policies_and_readers_never_wait_for_it(core: AgentCore) -> None:
+    """The initial sync's namespaces, pods and policies reach the publisher in one flush: Envoy
+    and the kernel never get the pods without the policies listed with them, and the agent
+    renders once. Meanwhile readers answer at once, from the state before the sync."""
+    flushes: list[tuple[int, int]] = []
+    seen_by_reader: list[int] = []
+
+    class Counting:
+        def __init__(self, pub: Any) -> None:
+            self._pub = pub
+
+        def flush(self) -> None:
+            # A reader in another thread, while the batch holds the core's lock: not blocked,
+            # and it sees the state before the sync (no pod yet).
+            t = threading.Thread(target=lambda: seen_by_reader.append(len(core.view().pods)))
+            t.start()
+            t.join(5)
+            assert not t.is_alive()
+            flushes.append((len(core._pods), len(core._policy_docs)))
+            self._pub.flush()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._pub, name)
+
+    core.publisher = Counting(core.publisher)  # type: ignore[assignment]
+    rec = Reconciler(CoreSink(core), Recorder())
+    with core.batch():
+        pass  # an empty batch publishes nothing
+    assert flushes == []
+    sync(rec, {
+        NAMESPACES: [{"metadata": {"name": "payments"}}],
+        PODS: [api_pod("billing-0", "10.1.0.5", {"app": "billing"}, ns="payments")],
+        CNPS: [l7_cnp("billing-get")],
+    })
+    assert flushes == [(1, 1)] and seen_by_reader == [0]
+    # After the batch, readers see all of it, and Envoy's resources hold the policy's rule.
+    assert len(core.view().pods) == 1 and len(core.view().policy_docs) == 1
+    snap = core.publisher._pub.sink.get_snapshot(core.config.node_id)  # type: ignore[attr-defined]
+    assert snap is not None and any(b"/v1/ok" in r.packed.value for r in snap.resources[EXTENSION_CONFIG].values())

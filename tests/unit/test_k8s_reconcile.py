@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -183,6 +184,7 @@ class FakeSink:
         self.docs: dict[tuple[str, str], Mapping[str, Any]] = {}
         self.calls: list[tuple[str, Any]] = []
         self.fail_next = 0
+        self.fail_publish = 0
 
     def apply(self, docs: Sequence[Mapping[str, Any]]) -> list[str]:
         self.calls.append(("apply", [key_of(d)[1] for d in docs]))
@@ -222,6 +224,15 @@ class FakeSink:
 
     def keys(self, kind: str) -> set[str]:
         return {k for (kd, k) in self.docs if kd == kind}
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        self.calls.append(("batch", None))
+        yield
+        self.calls.append(("publish", None))
+        if self.fail_publish:
+            self.fail_publish -= 1
+            raise OSError("Envoy's snapshot refused")
 
 
 class Recorder:
@@ -407,6 +418,26 @@ def test_a_failing_sink_loses_nothing() -> None:
     left.absorb(later)
     run(rec, left)
     assert sink.keys("Namespace") == {"cluster-a/web"}
+    assert sink.keys("CiliumNetworkPolicy") == {"CiliumNetworkPolicy/payments/a", "CiliumNetworkPolicy/payments/b"}
+
+
+def test_one_run_is_one_publication_and_a_failed_publication_is_retried_whole() -> None:
+    sink = FakeSink()
+    rec = Reconciler(sink, Recorder())
+    objs = {NAMESPACES: [{"metadata": {"name": "web"}}], PODS: [api_pod("a", "10.1.0.1")], CNPS: [api_cnp("a")]}
+    run(rec, initial(objs))
+    # Every resource's apply inside one batch: the agent publishes once, after the policies.
+    assert [c[0] for c in sink.calls] == ["batch", "apply", "apply", "apply", "publish"]
+    sink.calls.clear()
+    sink.fail_publish = 1
+    later = Pending()
+    later.event(CNPS, project(CNPS, api_cnp("b"), CLUSTER))
+    left, failures = rec.run(later)
+    assert failures == ["publishing: OSError: Envoy's snapshot refused"]
+    # Applied but not published: all of it comes back, and the retry publishes it.
+    assert left.slots[CNPS].delta.keys() == later.slots[CNPS].delta.keys()
+    run(rec, left)
+    assert [c[0] for c in sink.calls] == ["batch", "apply", "publish", "batch", "apply", "publish"]
     assert sink.keys("CiliumNetworkPolicy") == {"CiliumNetworkPolicy/payments/a", "CiliumNetworkPolicy/payments/b"}
 
 

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
@@ -315,6 +315,9 @@ class AgentCore:
         # The state as of the last completed change, for readers; None until one asks for it
         # again (or a long apply keeps it) after a change.
         self._view: StateView | None = None
+        # Inside `batch()`: how deep, and whether a change inside it waits for its publication.
+        self._batch_depth = 0
+        self._flush_deferred = False
         # The kernel checks mutual auth before it redirects a connection to Envoy; without it
         # (loopback, the iptables fallback) Envoy refuses auth-required peers itself.
         tls_logs = [tcp_grpc_access_log(filter_state_objects=[TLS_STATE])] if access_logs else []
@@ -540,7 +543,7 @@ class AgentCore:
             self._sync_ports()
             self._flush()
         finally:
-            self._view = None  # readers see this change now (or whatever a failure left)
+            self._drop_view()  # readers see this change now (or whatever a failure left)
         # After the view is dropped: whoever sees the new revision reads the new state.
         self.revision += 1
         t4 = time.perf_counter()
@@ -733,7 +736,40 @@ class AgentCore:
             out.append(f"Pod {pod.ref}: {where}: {problem}")
         return out
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The changes made inside (applies, deletes, from this thread) come into force
+        together: Envoy, the kernel's maps and the mesh get one publication, when the batch
+        ends, of the state they leave, never a state halfway through it (pods published before
+        the policies that select them were, for one). Holds the core's lock for the batch:
+        other writers wait; readers answer from the state before it (`view`), as during a long
+        apply. Nests: the outermost batch publishes."""
+        with self._lock:
+            self._keep_view()
+            self._batch_depth += 1
+            try:
+                yield
+            finally:
+                self._batch_depth -= 1
+                if not self._batch_depth:
+                    try:
+                        if self._flush_deferred:
+                            self._flush_deferred = False
+                            self._flush()
+                    finally:
+                        self._view = None
+                        self.revision += 1
+
+    def _drop_view(self) -> None:
+        """After a change: readers take a new view at their next read (inside a batch, the
+        one from before the batch stays until it ends)."""
+        if not self._batch_depth:
+            self._view = None
+
     def _flush(self) -> None:
+        if self._batch_depth:
+            self._flush_deferred = True
+            return
         if self._nodes_dirty:
             self._sync_node_identities()
         if self.config.datapath_mode == "kernel":
@@ -1066,7 +1102,7 @@ class AgentCore:
                     names.add(n)
             self._persist_fqdn(names)
             if changed:
-                self._view = None
+                self._drop_view()
                 self._sync_fqdn_identities(changed)
                 self._flush()
                 self.revision += 1
@@ -1085,7 +1121,7 @@ class AgentCore:
                 return 0
             after = {r.name for r in self.fqdn.rows()}
             self._persist_fqdn(before - after)
-            self._view = None
+            self._drop_view()
             self._sync_fqdn_identities(changed)
             self._flush()
             self.revision += 1
@@ -1133,7 +1169,7 @@ class AgentCore:
         with self._lock:
             if key not in self._policy_docs:
                 return False
-            self._view = None
+            self._drop_view()
             self._feed(self.resolver.delete_policy(key))
             del self._policy_docs[key]
             self._ref_policies.pop(key, None)
@@ -1151,7 +1187,7 @@ class AgentCore:
         with self._lock:
             if key not in self._cidr_group_docs:
                 return False
-            self._view = None
+            self._drop_view()
             del self._cidr_group_docs[key]
             name = key.split("/", 1)[1]
             self._cidr_groups.pop(name, None)
@@ -1172,7 +1208,7 @@ class AgentCore:
         with self._lock:
             if key not in self._node_docs:
                 return False
-            self._view = None
+            self._drop_view()
             del self._node_docs[key]
             self._nodes.pop(key, None)
             self._nodes_dirty = True
@@ -1212,7 +1248,7 @@ class AgentCore:
         with self._lock:
             if key not in docs:
                 return False
-            self._view = None
+            self._drop_view()
             _, namespace, name = key.split("/", 2)
             touched = drop(namespace, name)
             self._services_changed(local_service=True)
@@ -1230,7 +1266,7 @@ class AgentCore:
         with self._lock:
             if key not in self._namespace_docs:
                 return False
-            self._view = None
+            self._drop_view()
             cluster, name = key.split("/", 1)
             del self._namespace_docs[key]
             self._namespaces.pop((cluster, name), None)
@@ -1274,7 +1310,7 @@ class AgentCore:
                 ref = f"{self.config.cluster_name}/{ref}"
             if ref not in self._pods:
                 return False
-            self._view = None
+            self._drop_view()
             self._remove_pod(ref)
             self._pod_docs.pop(ref, None)
             self.store.delete(POD_PREFIX + ref)
@@ -1388,7 +1424,7 @@ class AgentCore:
                 self._mesh_service_ips.get(cluster, ())):
             self._sync_remote_services(cluster)
         self.revision += 1
-        self._view = None
+        self._drop_view()
 
     # -- global services over the mesh -----------------------------------------------------------
 
@@ -1523,7 +1559,7 @@ class AgentCore:
         if gone_services:
             self._sync_remote_services(cluster)
         self.revision += 1
-        self._view = None
+        self._drop_view()
 
     def _restore_mesh(self) -> None:
         """The remote clusters' entries as last seen, into force until each cluster's first

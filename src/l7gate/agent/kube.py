@@ -5,6 +5,7 @@ the core's own apply and delete (the path `l7gate policy apply` takes: one recon
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ..k8s.reconcile import CIDRGROUPS, POLICY_KINDS, from_api
@@ -44,6 +45,9 @@ class CoreSink:
 
     def owned(self, kind: str) -> set[str]:
         return {key for key, doc in self.core.documents(kind).items() if from_api(doc)}
+
+    def batch(self) -> AbstractContextManager[object]:
+        return self.core.batch()
 
 
 def open_watcher(config: AgentConfig, core: AgentCore, log: Callable[[str], None]) -> Watcher:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -281,6 +282,12 @@ class ObjectSink(Protocol):
         """The keys of the objects of `kind` in force that came from the API."""
         ...
 
+    def batch(self) -> AbstractContextManager[object]:
+        """The applies and deletes made inside come into force together, when it ends (one
+        publication of the state they leave). Raises, when it ends, if that publication
+        failed: what was applied stays in force and the next batch publishes it."""
+        ...
+
 
 class Reporter(Protocol):
     def refused(self, ref: ObjectRef, errors: Sequence[str]) -> None:
@@ -364,18 +371,25 @@ class Reconciler:
         those failures."""
         left = Pending()
         failures: list[str] = []
-        for r in RESOURCES:
-            slot = pending.slots[r]
-            if not slot:
-                continue
-            try:
-                if slot.full is not None:
-                    self._replace(r, slot.full)
-                else:
-                    self._update(r, slot.delta)
-            except Exception as exc:  # noqa: BLE001 - kept and retried, never lost
-                failures.append(f"{r.name}: {type(exc).__name__}: {exc}")
-                left.slots[r] = slot
+        try:
+            # One publication for the whole run: an initial sync (or a relist) never shows Envoy
+            # and the kernel the pods without the policies listed with them, and the agent
+            # renders Envoy's resources once, not once per resource.
+            with self._sink.batch():
+                for r in RESOURCES:
+                    slot = pending.slots[r]
+                    if not slot:
+                        continue
+                    try:
+                        if slot.full is not None:
+                            self._replace(r, slot.full)
+                        else:
+                            self._update(r, slot.delta)
+                    except Exception as exc:  # noqa: BLE001 - kept and retried, never lost
+                        failures.append(f"{r.name}: {type(exc).__name__}: {exc}")
+                        left.slots[r] = slot
+        except Exception as exc:  # noqa: BLE001 - the publication failed: retry all of it
+            return pending, [*failures, f"publishing: {type(exc).__name__}: {exc}"]
         return left, failures
 
     def _replace(self, r: Resource, listed: Mapping[str, Desired]) -> None:

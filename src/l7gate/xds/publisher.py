@@ -388,7 +388,10 @@ class Publisher:
                 stats.ports_translated += 1
             else:
                 slots = sorted(st.slots)
-            assert st.world is not None
+            assert st.world is not None and st.index is not None
+            # Peers without entries of their own decide as the unnamed ones: when that is
+            # world's decision, only the named peers can differ from it in a slot.
+            named = st.index.by_peer.keys() if st.unnamed == st.world else None
             for i in slots:
                 table = tables.get(i)
                 if table is None:
@@ -396,7 +399,7 @@ class Publisher:
                                                                 self._slot_blocks.get(i, ()))
                 cfg = source_slots.source_slot_config(
                     p.ip, p.port, i, st.decide, st.world, self._by_block, self._broad,
-                    auth_verified=self.auth_verified, table=table, memo=memo, gen=st.gen,
+                    auth_verified=self.auth_verified, table=table, memo=memo, gen=st.gen, named=named,
                 )
                 ecds[cfg.name] = cfg
                 stats.slots_translated += 1

@@ -37,6 +37,7 @@ import functools
 import ipaddress
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from envoy.config.core.v3 import extension_pb2 as core_extension_pb2
@@ -280,13 +281,17 @@ def source_slot_config(
     table: Mapping[int, Sequence[IPNetwork]] | None = None,
     memo: SlotMemo | None = None,
     gen: int = 0,
+    named: AbstractSet[int] | None = None,
 ) -> core_extension_pb2.TypedExtensionConfig:
     """One slot's RBAC (`blocks` are the slot's blocks), or the rest's (`slot == REST`: the
     broad prefixes). `decide(identity)` is the port's decision for an identity. `table`: the
     slot's `slot_table`, if the caller has it (it is the same for every port). `memo`: for
     calls over one and the same ipcache (one flush), the RBAC already rendered for another port
     whose leaves are the same is reused (ports of replicas of one workload, ports without
-    policy): rendering is deterministic, so the bytes are those a rendering would give."""
+    policy): rendering is deterministic, so the bytes are those a rendering would give. `named`:
+    if given, the identities whose decision may differ from `world` (every other one decides as
+    world), the only ones `decide` is asked about: a port's named peers are a few of the
+    identities a slot holds."""
     if table is None:
         table = slot_table(slot, by_block, broad, blocks)
     if not table:
@@ -294,9 +299,15 @@ def source_slot_config(
             name=slot_name(ip, port, slot, gen), typed_config=_world_only(world, auth_verified)
         )
     peers = {}
-    for ident in sorted(table):
+    differs: dict[int, bool] = {}  # id(decision) -> != world: a slot's peers share a few decisions
+    for ident in sorted(table) if named is None else sorted(table.keys() & named):
         d = world if ident == WORLD_ID else decide(ident)
-        if d != world:
+        if d is world:
+            continue
+        ne = differs.get(id(d))
+        if ne is None:
+            ne = differs[id(d)] = d != world
+        if ne:
             peers[ident] = d
     if memo is None:
         matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
