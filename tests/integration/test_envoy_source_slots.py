@@ -94,6 +94,20 @@ def test_slot_change_reaches_open_connection_and_sends_one_resource(world: World
         world.synced()
 
 
+def test_envoy_keeps_no_statistics_per_ecds_subscription(world: World) -> None:
+    """The bootstrap's stats matcher (l7proxy/bootstrap.py): 130 subscriptions per proxied port
+    make no counters, yet Envoy still counts what it decides."""
+    world.synced()
+    assert wait_fresh(OTHER, "POST", "/v1/charge", 403) == 403
+    envoy = world.agent.envoy
+    assert envoy is not None
+    stats = envoy.admin_get("/stats").decode()
+    assert "rbac.denied" in stats  # the slots' RBAC filters count their verdicts
+    assert "extension_config_discovery" not in stats
+    snap = world.agent.cache.get_snapshot(world.agent.config.node_id)
+    assert snap is not None and len(snap.resources[EXTENSION_CONFIG]) >= source_slots.SOURCE_SLOTS
+
+
 def test_slot_envoy_does_not_have_fails_closed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     node = world.agent.config.node_id
     c = world.agent.cache

@@ -29,6 +29,13 @@ enforces policy (listeners, routes, clusters for workloads, secrets) arrives lat
   all of its configuration, so only the agent's user may open it: a TCP port on 127.0.0.1 is
   open to every local user (docs/security.md). Abstract sockets are refused for the same
   reason: they have no permissions.
+- `stats_config`: Envoy keeps no statistics for its ECDS subscriptions
+  (`extension_config_discovery.*`: config_reload, config_fail, config_conflict per resource).
+  A proxied port has 130 of them (`xds/source_slots.py`), so a node's initial sync created
+  tens of thousands of counters: measured at 13,000 ECDS resources (bench_k8s' size), Envoy took
+  ~14% less time from the agent's publication to its ACK without them (medians of 3: 5.53 s
+  against 6.39 s). Nothing reads them: the xDS server knows every ACK and NACK itself
+  (`l7gate xds status`).
 - `layered_runtime`: an empty static layer plus an admin layer, so runtime values can be
   inspected and changed through `/runtime_modify` when debugging; defaults stay Envoy's.
 
@@ -56,6 +63,8 @@ XDS_CLUSTER = "l7gate_xds"
 ALS_CLUSTER = "l7gate_als"
 #: Envoy's admin socket unless configured otherwise: relative to Envoy's working directory.
 ADMIN_SOCKET = "admin.sock"
+#: The statistics Envoy does not keep: one set per ECDS subscription (see the module doc).
+ECDS_STATS_PREFIX = "extension_config_discovery."
 #: The admin socket's mode: the agent's user only.
 ADMIN_SOCKET_MODE = 0o600
 
@@ -242,6 +251,9 @@ def build_bootstrap(cfg: BootstrapConfig) -> dict[str, Any]:
         },
         "admin": {
             "address": {"pipe": {"path": cfg.admin_socket, "mode": ADMIN_SOCKET_MODE}}
+        },
+        "stats_config": {
+            "stats_matcher": {"exclusion_list": {"patterns": [{"prefix": ECDS_STATS_PREFIX}]}}
         },
         "layered_runtime": {
             "layers": [

@@ -269,6 +269,9 @@ class Publisher:
                 self._list_group(group, True)
                 regroup = True
             self._groups[group] += 1
+        ports = [st for st in self._ports.values() if not st.full and st.index is not None]
+        if not ports:
+            return  # nothing rendered yet (a node's initial sync): no slot to mark
         # Prefixes holding p: inside one that is listed, p is listed whatever its own decision.
         cover = source_slots.covering(block, self._broad) if self._broad else None
         holders = [cover[1]] if cover is not None else []
@@ -276,9 +279,7 @@ class Publisher:
             ident for net, ident in entries.items()
             if net.prefixlen < p.prefixlen and p.subnet_of(net)  # type: ignore[arg-type]
         ]
-        for st in self._ports.values():
-            if st.full or st.index is None:
-                continue
+        for st in ports:
             if regroup:
                 st.classifier = True
                 st.slots.update(range(source_slots.SOURCE_SLOTS))
