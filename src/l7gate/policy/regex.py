@@ -45,6 +45,15 @@ def compile_regex(pattern: str) -> Any:
     return compiled
 
 
+@lru_cache(maxsize=65536)
+def compile_regex_size(pattern: str) -> int:
+    """The size of `pattern`'s RE2 program (what Envoy's limit is on); RegexError if invalid."""
+    try:
+        return int(re2.compile(pattern, options=_OPTIONS).programsize)
+    except re2.error as exc:
+        raise RegexError(f"invalid RE2 regex {pattern!r}: {exc}") from None
+
+
 def full_match(pattern: str, value: str) -> bool:
     """True when `pattern` matches the whole of `value` (Cilium/Envoy semantics)."""
     return compile_regex(pattern).fullmatch(value) is not None

@@ -51,6 +51,7 @@ from ..identity.ipcache import IPNetwork, prefix_sort_key
 from ..identity.numeric import WORLD
 from ..policy.fqdn import SERVER_NAME_RE2, server_name_re2
 from ..policy.httpverdict import named_policies
+from ..policy.regex import MAX_PROGRAM_SIZE, compile_regex_size
 from ..policy.mapstate import Action, Decision, EndpointPolicy, MapEntry, MapKey, PortView
 from ..policy.types import Direction, HeaderMatch, HTTPRule, Protocol
 from .pb import cidr, typed_ext
@@ -150,15 +151,16 @@ def _header_match_predicate(h: HeaderMatch) -> matcher_pb2.Matcher.MatcherList.P
     return _header_predicate(h.name, string_pb2.StringMatcher(exact=h.value))
 
 
-def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate | None:
+def _rule_predicate(method: str | None, path: str | None, host: str | None,
+                    headers: Iterable[HeaderMatch]) -> matcher_pb2.Matcher.MatcherList.Predicate | None:
     preds: list[matcher_pb2.Matcher.MatcherList.Predicate] = []
-    if rule.method is not None:
-        preds.append(_header_predicate(":method", _regex(rule.method)))
-    if rule.path is not None:
-        preds.append(_header_predicate(":path", _regex(rule.path)))
-    if rule.host is not None:
-        preds.append(_header_predicate(":authority", _regex(rule.host)))
-    for h in rule.headers:
+    if method is not None:
+        preds.append(_header_predicate(":method", _regex(method)))
+    if path is not None:
+        preds.append(_header_predicate(":path", _regex(path)))
+    if host is not None:
+        preds.append(_header_predicate(":authority", _regex(host)))
+    for h in headers:
         p = _header_match_predicate(h)
         if p is not None:
             preds.append(p)
@@ -169,6 +171,51 @@ def _rule_predicate(rule: HTTPRule) -> matcher_pb2.Matcher.MatcherList.Predicate
     return matcher_pb2.Matcher.MatcherList.Predicate(
         and_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(predicate=preds)
     )
+
+
+def _alternation(paths: Sequence[str]) -> str:
+    return paths[0] if len(paths) == 1 else "|".join(f"(?:{p})" for p in paths)
+
+
+def _path_alternations(paths: Iterable[str]) -> list[str]:
+    """`paths` (RE2, each within Envoy's program-size limit) packed, in order, into as few
+    alternations `(?:a)|(?:b)|...` as fit that limit. A full match of an alternation is a full
+    match of one of its patterns (RE2 scopes a flag group like `(?s)` to its own group)."""
+    out: list[str] = []
+    run: list[str] = []
+    for path in dict.fromkeys(paths):
+        if run and compile_regex_size(_alternation([*run, path])) > MAX_PROGRAM_SIZE:
+            out.append(_alternation(run))
+            run = []
+        run.append(path)
+    if run:
+        out.append(_alternation(run))
+    return out
+
+
+def _rules_predicates(rules: Sequence[HTTPRule]) -> list[matcher_pb2.Matcher.MatcherList.Predicate] | None:
+    """The predicates of one decision's HTTP rules (any of them allows), or None when a rule
+    matches every request. Rules that differ only in their path become one predicate, their
+    paths one alternation (as many as Envoy's regex limit needs): a decision sits in every slot
+    holding one of its peers, and Envoy's work on a node's slots grows with their bytes and
+    regexes (a bulk policy's three GET rules: one predicate instead of three)."""
+    groups: dict[tuple[str | None, str | None, tuple[HeaderMatch, ...]], list[str] | None] = {}
+    for r in rules:
+        key = (r.method, r.host, r.headers)
+        if r.path is None:
+            groups[key] = None  # any path: the others of its group add nothing
+        elif key not in groups:
+            groups[key] = [r.path]
+        elif (paths := groups[key]) is not None:
+            paths.append(r.path)
+    out: list[matcher_pb2.Matcher.MatcherList.Predicate] = []
+    for (method, host, headers), paths in groups.items():
+        for path in [None] if paths is None else _path_alternations(paths):
+            p = _rule_predicate(method, path, host, headers)
+            if p is None:
+                return None
+            out.append(p)
+    return out
 
 
 
@@ -219,14 +266,11 @@ def decision_on_match(d: Decision, *, auth_verified: bool = False, prefix: str =
         # serverNames (Cilium: then all traffic to that peer and port must be TLS), or DNS
         # rules only: no plain-text request is allowed
         return _action(f"{prefix}deny-l7|{pols}", False)
-    preds = [_rule_predicate(r) for r in d.http]
-    if any(p is None for p in preds):
+    preds = _rules_predicates(d.http)
+    if preds is None:
         return _action(f"{prefix}allow|{pols}", True)
-    field_matchers = [
-        matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=p, on_match=_action(f"{prefix}allow|{pols}", True))
-        for p in preds
-        if p is not None
-    ]
+    allow = _action(f"{prefix}allow|{pols}", True)
+    field_matchers = [matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=p, on_match=allow) for p in preds]
     nested = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(matchers=field_matchers),
         on_no_match=_action(f"{prefix}deny-l7|{pols}", False),
