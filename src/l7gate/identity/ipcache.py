@@ -27,12 +27,13 @@ Thread safety: every method may be called from any thread.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from l7gate.identity.numeric import WORLD, IdentityError
+from l7gate.identity.numeric import WORLD, IdentityError, ip_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -57,6 +58,11 @@ class IPCacheChange:
 Listener = Callable[[IPCacheChange], None]
 
 
+@functools.lru_cache(maxsize=65536)
+def _host_prefix(text: str) -> IPNetwork:
+    return ipaddress.ip_network(_unmap(ip_address(text)))
+
+
 def parse_prefix(prefix: str | IPNetwork | IPAddress) -> IPNetwork:
     """A prefix from `10.0.0.0/8`, a bare address (a host prefix), or an ipaddress object.
     Host bits must be zero. IPv4-mapped IPv6 host addresses become IPv4."""
@@ -66,7 +72,7 @@ def parse_prefix(prefix: str | IPNetwork | IPAddress) -> IPNetwork:
         return ipaddress.ip_network(_unmap(prefix))
     try:
         if "/" not in prefix:
-            return ipaddress.ip_network(_unmap(ipaddress.ip_address(prefix)))
+            return _host_prefix(prefix)
         return ipaddress.ip_network(prefix, strict=True)
     except (ValueError, TypeError) as e:
         raise IdentityError(f"invalid IP prefix {prefix!r}: {e}") from None

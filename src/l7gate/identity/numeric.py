@@ -20,6 +20,8 @@ identities carry `reserved:world` (see `allocator.cidr_labels`), so `world` sele
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -162,3 +164,11 @@ def cluster_of(number: int) -> int | None:
     if MIN_ALLOCATABLE <= number < LOCAL_IDENTITY_FLAG:
         return number >> CLUSTER_ID_SHIFT
     raise IdentityError(f"{number} is not a valid identity")
+
+
+@functools.lru_cache(maxsize=65536)
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`ipaddress.ip_address(text)`, remembered: a pod's address is read from its podIP, its
+    podIPs and the ipcache, and a node's from every pod on it; parsing one costs more than
+    everything else an initial sync does with it. Raises ValueError as that does."""
+    return ipaddress.ip_address(text)

@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from l7gate.identity.filter import identity_labels, node_labels
+from l7gate.identity.numeric import ip_address
 from l7gate.policy.errors import Finding
 from l7gate.policy.labels import Labels
 from l7gate.policy.names import PORT_NAME_RULE as _PORT_NAME_RULE
@@ -281,7 +282,7 @@ def _ip(value: object, path: str, errors: _Errors) -> str | None:
         errors.add(path, "must be a string")
         return None
     try:
-        addr = ipaddress.ip_address(value)
+        addr = ip_address(value)
     except ValueError:
         errors.add(path, f"not an IP address: {value!r}")
         return None
@@ -643,7 +644,7 @@ def pod_identity_labels(pod: Pod, namespace: Namespace | None) -> Labels:
 def pod_backend(pod: Pod) -> BackendPod | None:
     """What the service table needs of `pod`, at its first IPv4 address (ClusterIPs are IPv4);
     None for a pod without one, which can be no backend."""
-    ip = next((a for a in pod.ips if ipaddress.ip_address(a).version == 4), None)
+    ip = next((a for a in pod.ips if ip_address(a).version == 4), None)
     if ip is None:
         return None
     return BackendPod(

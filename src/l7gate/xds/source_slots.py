@@ -200,11 +200,15 @@ def rbac_filter_config(name: str, matcher: matcher_pb2.Matcher) -> core_extensio
     return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(rbac_pb2.RBAC(matcher=matcher)))
 
 
+@functools.lru_cache(maxsize=1)
+def _slot_source() -> Any:
+    # the same for every slot (deny-all until Envoy has the slot); copied into each action
+    return ecds_source(RBAC_TYPE, deny_all_rbac())
+
+
 def _run_slot(ip: str, port: int, slot: int, gen: int = 0) -> matcher_pb2.Matcher.OnMatch:
     act = composite_pb2.ExecuteFilterAction(
-        dynamic_config=composite_pb2.DynamicConfig(
-            name=slot_name(ip, port, slot, gen), config_discovery=ecds_source(RBAC_TYPE, deny_all_rbac())
-        )
+        dynamic_config=composite_pb2.DynamicConfig(name=slot_name(ip, port, slot, gen), config_discovery=_slot_source())
     )
     return matcher_pb2.Matcher.OnMatch(action=typed_ext("slot", act))
 
