@@ -14,7 +14,11 @@ reaches the next request on an open connection (a listener change would not):
        ├─ ranges of identities with decision B → ...
        └─ on_no_match → world's decision
     HTTP matcher: matcher_list, one predicate per HTTP rule (AND of :method, :path, :authority
-       and header predicates, RE2 full match) → ALLOW; on_no_match → DENY (403)
+       and header predicates, RE2 full match) → ALLOW; on_no_match → DENY (403). Rules that
+       differ only in their path share one predicate, their paths one alternation
+       `(?:a)|(?:b)` (as many as Envoy's RE2 program-size limit needs): a decision is repeated
+       in every slot holding one of its peers, and Envoy's work on a node's slots grows with
+       their bytes (`_rules_predicates`)
 
 A proxied port's table is split by source address into slots, one such matcher each
 (`source_slots`); the tunnel listener (`mtls_translate`) keys its leaves (`decision_on_match`)
