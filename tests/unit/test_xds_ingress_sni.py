@@ -167,3 +167,42 @@ def _allows(w: World, addr: str, name: str) -> bool:
         return "allow|" in str(leaf.action)
     preds = leaf.matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
     return all(re.fullmatch(p.single_predicate.value_match.safe_regex.regex, name) for p in preds)
+
+
+def test_the_ports_with_server_names_follow_every_change_as_a_full_scan_would() -> None:
+    """The publisher keeps each endpoint's `serverNames` entries from the policy deltas (a scan
+    of a 10,000-peer map per change cost 5 ms): after any sequence of peers and policies coming
+    and going, they are what a scan of the map gives, and the listener has a TLS chain exactly
+    when the port is among them."""
+    import random
+
+    from l7gate.policy.parse import MAX_L7_RANGE
+    from l7gate.xds import rbac
+
+    http = {"ports": [{"port": str(PORT), "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}}
+    ranged = {"ports": [{"port": "8400", "endPort": 8500, "protocol": "TCP"}], "serverNames": ["r.example.test"]}
+    other = {"ports": [{"port": "9443", "protocol": "TCP"}], "serverNames": ["o.example.test"]}
+    variants = [(SNI,), (http,), (other,), (ranged,), (SNI, other), (http, ranged)]
+    rng = random.Random(11)
+    w = World(http)
+    next_ident = 2001
+    for step in range(120):
+        op = rng.random()
+        if op < 0.45:
+            w.add_pod(next_ident, f"10.9.{2 + next_ident // 200}.{next_ident % 200 + 1}",
+                      rng.choice(["client", "client", "other"]))
+            next_ident += 1
+        elif op < 0.85:
+            w.pub.on_policy_delta(w.r.upsert_policy(policy(*rng.choice(variants))))
+        else:
+            w.pub.on_policy_delta(w.r.delete_policy("CiliumNetworkPolicy/web/api-in"))
+        w.pub.flush()
+        pol = w.r.endpoint_policy(API)
+        assert pol is not None
+        want = rbac.sni_ports(pol.ingress, MAX_L7_RANGE)
+        kept = w.pub._sni_entries.get(API)
+        if kept is not None:
+            got = {p for lo, hi in kept.values() for p in range(lo, hi + 1)}
+            assert got == want, step
+        chains = [c.name for c in w.listener().filter_chains]
+        assert (f"tls-{PORT}" in chains) == (PORT in want), (step, chains, want)

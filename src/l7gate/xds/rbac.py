@@ -104,14 +104,23 @@ def port_decisions(
     return PortDecisions(world, dict(sorted(peers.items())), unnamed != world)
 
 
+def sni_range(k: MapKey, e: MapEntry, max_range: int) -> tuple[int, int] | None:
+    """The TCP ports (lo, hi) one map entry puts `serverNames` on, or None (ranges wider than
+    `max_range` are refused by the parser)."""
+    if (e.redirect and not e.deny and e.l7 is not None and e.l7.sni and k.protocol.covers(Protocol.TCP)
+            and k.ports.hi - k.ports.lo < max_range):
+        return k.ports.lo, k.ports.hi
+    return None
+
+
 def sni_ports(entries: Mapping[MapKey, MapEntry], max_range: int) -> set[int]:
     """The TCP ports a direction of a resolved map has `serverNames` on (a TLS chain each), a
-    range's ports one by one (ranges wider than `max_range` are refused by the parser)."""
+    range's ports one by one."""
     out: set[int] = set()
     for k, e in entries.items():
-        if (e.redirect and not e.deny and e.l7 is not None and e.l7.sni and k.protocol.covers(Protocol.TCP)
-                and k.ports.hi - k.ports.lo < max_range):
-            out.update(range(k.ports.lo, k.ports.hi + 1))
+        r = sni_range(k, e, max_range)
+        if r is not None:
+            out.update(range(r[0], r[1] + 1))
     return out
 
 
