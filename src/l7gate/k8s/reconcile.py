@@ -372,9 +372,9 @@ class Reconciler:
         left = Pending()
         failures: list[str] = []
         try:
-            # One publication for the whole run: an initial sync (or a relist) never shows Envoy
-            # and the kernel the pods without the policies listed with them, and the agent
-            # renders Envoy's resources once, not once per resource.
+            # One publication for the whole run: Envoy and the kernel never get a state halfway
+            # through it (a relist's deletions without the objects applied after them), and the
+            # agent renders Envoy's resources once, not once per resource.
             with self._sink.batch():
                 for r in RESOURCES:
                     slot = pending.slots[r]

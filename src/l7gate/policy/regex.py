@@ -24,19 +24,25 @@ class RegexError(ValueError):
 
 
 @lru_cache(maxsize=65536)
-def compile_regex(pattern: str) -> Any:
-    """Compile `pattern` with RE2 or raise RegexError saying why (RE2's own words)."""
+def _compile(pattern: str) -> Any:
+    """`pattern` compiled with RE2, whatever its size, or RegexError saying why (RE2's own words)."""
     try:
         pattern.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise RegexError(f"regex {pattern!r} is not valid Unicode text: {exc.reason}") from None
     try:
-        compiled = re2.compile(pattern, options=_OPTIONS)
+        return re2.compile(pattern, options=_OPTIONS)
     except re2.error as exc:
         detail = exc.args[0] if exc.args else exc
         if isinstance(detail, bytes):
             detail = detail.decode("utf-8", "replace")
         raise RegexError(f"invalid RE2 regex {pattern!r}: {detail}") from None
+
+
+def compile_regex(pattern: str) -> Any:
+    """Compile `pattern` with RE2 or raise RegexError saying why (invalid, or over Envoy's
+    program-size limit)."""
+    compiled = _compile(pattern)
     if compiled.programsize > MAX_PROGRAM_SIZE:
         raise RegexError(
             f"regex {pattern!r} compiles to an RE2 program of size {compiled.programsize}, "
@@ -45,13 +51,9 @@ def compile_regex(pattern: str) -> Any:
     return compiled
 
 
-@lru_cache(maxsize=65536)
 def compile_regex_size(pattern: str) -> int:
     """The size of `pattern`'s RE2 program (what Envoy's limit is on); RegexError if invalid."""
-    try:
-        return int(re2.compile(pattern, options=_OPTIONS).programsize)
-    except re2.error as exc:
-        raise RegexError(f"invalid RE2 regex {pattern!r}: {exc}") from None
+    return int(_compile(pattern).programsize)
 
 
 def full_match(pattern: str, value: str) -> bool:
