@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,7 +84,7 @@ def test_slot_change_reaches_open_connection_and_sends_one_resource(world: World
         block = source_slots.block_of(ipaddress.ip_network(OTHER))
         assert block is not None
         # one slot per billing pod (both are proxied here)
-        assert sorted(changed) == sorted(source_slots.slot_name(ip, 8080, source_slots.slot_of(block)) for ip in (BILLING, BILLING_2))
+        assert sorted(changed) == sorted(core.publisher.slot_deciding(ip, 8080, block) for ip in (BILLING, BILLING_2))
         # the same connection, next requests: the new verdict
         assert wait_conn(conn, "POST", "/v1/charge", 200) == 200
         assert conn.request("POST", "/v1/refund").status == 403
@@ -105,7 +107,7 @@ def test_envoy_keeps_no_statistics_per_ecds_subscription(world: World) -> None:
     assert "rbac.denied" in stats  # the slots' RBAC filters count their verdicts
     assert "extension_config_discovery" not in stats
     snap = world.agent.cache.get_snapshot(world.agent.config.node_id)
-    assert snap is not None and len(snap.resources[EXTENSION_CONFIG]) >= source_slots.SOURCE_SLOTS
+    assert snap is not None and len(snap.resources[EXTENSION_CONFIG]) >= 6  # 2 ports: classifier, slot, rest
 
 
 def test_slot_envoy_does_not_have_fails_closed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,8 +115,8 @@ def test_slot_envoy_does_not_have_fails_closed(world: World, monkeypatch: pytest
     c = world.agent.cache
     block = source_slots.block_of(ipaddress.ip_network(FRONTEND))
     assert block is not None
-    slot = source_slots.slot_name(BILLING, 8080, source_slots.slot_of(block))
-    cls_name = source_slots.classifier_name(BILLING, 8080)
+    slot = world.core.publisher.slot_deciding(BILLING, 8080, block)
+    cls_name = source_slots.classifier_name(BILLING, 8080, 0, world.core.publisher.split_of(BILLING, 8080))
     snap = c.get_snapshot(node)
     assert snap is not None
     good_slot, good_cls = snap.messages(EXTENSION_CONFIG)[slot], snap.messages(EXTENSION_CONFIG)[cls_name]
@@ -148,8 +150,18 @@ def test_slot_envoy_does_not_have_fails_closed(world: World, monkeypatch: pytest
         bad_cls.typed_config.Pack(wrapper)
         c.update(node, EXTENSION_CONFIG, {cls_name: bad_cls})
         assert wait_fresh(FRONTEND, "POST", "/v1/charge", 403) == 403
+        # ... and for good: Envoy subscribes to a classifier's slots only while it builds the
+        # listener, never to a name a classifier update brings (why a port's split is in its
+        # listener, `source_slots.classifier_name`). Served now, the slot is never asked for.
+        late = copy.deepcopy(good_slot)
+        late.name = slot + "_never_sent"
+        c.update(node, EXTENSION_CONFIG, {late.name: late})
+        time.sleep(1.0)
+        assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 403
+        track = world.agent.xds._tracks[(node, EXTENSION_CONFIG)]
+        assert track.names is not None and late.name not in track.names and slot in track.names
     finally:
-        c.update(node, EXTENSION_CONFIG, {slot: good_slot, cls_name: good_cls})
+        c.update(node, EXTENSION_CONFIG, {slot: good_slot, cls_name: good_cls}, [slot + "_never_sent"])
     assert wait_fresh(FRONTEND, "POST", "/v1/charge", 200) == 200
     world.synced()
 
@@ -169,7 +181,7 @@ def test_pod_in_a_new_block_is_decided_at_once(world: World) -> None:
         block = source_slots.block_of(ipaddress.ip_network(new_ip))
         assert block is not None
         # The classifier lists every block of 127.74.0.0/16 already: only the block's slot.
-        assert changed == {source_slots.slot_name(ip, 8080, source_slots.slot_of(block)) for ip in (BILLING, BILLING_2)}
+        assert changed == {core.publisher.slot_deciding(ip, 8080, block) for ip in (BILLING, BILLING_2)}
         # Every slot name was subscribed with the listener: no new subscription to wait for,
         # only the moment Envoy's worker takes the config the main thread ACKed.
         assert wait_fresh(new_ip, "POST", "/v1/charge", 200, timeout=5.0) == 200
@@ -196,7 +208,8 @@ def test_pod_in_a_new_group_is_decided_at_once(world: World) -> None:
         world.synced()
         after = versions(world, EXTENSION_CONFIG)
         changed = {n for n, v in after.items() if before.get(n) != v}
-        assert {source_slots.classifier_name(ip, 8080) for ip in (BILLING, BILLING_2)} <= changed
+        assert {source_slots.classifier_name(ip, 8080, 0, core.publisher.split_of(ip, 8080))
+                for ip in (BILLING, BILLING_2)} <= changed
         assert wait_fresh(new_ip, "POST", "/v1/charge", 200, timeout=5.0) == 200
         assert request(new_ip, BILLING, 8080, "POST", "/v1/refund").status == 403
         assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
@@ -205,6 +218,63 @@ def test_pod_in_a_new_group_is_decided_at_once(world: World) -> None:
         world.synced()
     assert wait_fresh(new_ip, "POST", "/v1/charge", 403, timeout=5.0) == 403  # unknown: world
     assert request(FRONTEND, BILLING, 8080, "POST", "/v1/charge").status == 200
+
+
+def test_a_port_whose_slot_outgrew_its_split_moves_without_a_wrong_verdict(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot past 4x `slot_target` (made tiny here) moves the port to a new incarnation of its
+    listener, split more ways, while a keep-alive connection and fresh ones probe it. Envoy
+    warms the new listener until every slot has arrived (the old one serving), then drains the
+    old one; its names go once Envoy no longer subscribes to them. No request meets a slot
+    Envoy lacks: the allowed frontend never gets a 403 or a 500, the other pod never a 200."""
+    core = world.core
+    pub = core.publisher
+    world.synced()
+    before = pub.split_of(BILLING, 8080)
+    results: list[tuple[str, int]] = []
+    closed = 0
+    stop = threading.Event()
+
+    def probe() -> None:
+        nonlocal closed
+        conn = HttpConn(FRONTEND, BILLING, 8080)
+        while not stop.is_set():
+            try:
+                r = conn.request("POST", "/v1/charge")
+            except (ConnectionError, OSError):  # the drained listener closed it: not a verdict
+                closed += 1
+                conn.close()
+                conn = HttpConn(FRONTEND, BILLING, 8080)
+                continue
+            results.append(("frontend", r.status))
+            results.append(("other", request(OTHER, BILLING, 8080, "POST", "/v1/charge").status))
+        conn.close()
+
+    assert wait_fresh(FRONTEND, "POST", "/v1/charge", 200) == 200
+    monkeypatch.setattr(pub, "slot_target", 128)
+    t = threading.Thread(target=probe, name="l7g-probe")
+    t.start()
+    try:
+        time.sleep(0.3)
+        core.apply([reporting_policy("/v1/none")])  # every slot of billing's ports re-rendered
+        deadline = time.monotonic() + 20
+        while (pub.retiring or pub.split_of(BILLING, 8080) == before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = pub.split_of(BILLING, 8080)
+        assert after > before and not pub.retiring, (before, after, pub.retiring)
+        world.synced()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+        core.delete_policy("CiliumClusterwideNetworkPolicy/slots-reporting")
+        world.synced()
+    seen = {who: sorted({st for w, st in results if w == who}) for who in ("frontend", "other")}
+    assert len(results) > 20 and seen == {"frontend": [200], "other": [403]}, (len(results), seen, closed)
+    names = set(versions(world, EXTENSION_CONFIG))
+    assert source_slots.classifier_name(BILLING, 8080, 0, before) not in names
+    gen = pub._ports[(BILLING, 8080)].gen
+    assert set(source_slots.slot_names(BILLING, 8080, gen, after)) <= names
 
 
 def test_cidr_prefix_spanning_slots_on_envoy(world: World) -> None:

@@ -491,10 +491,17 @@ def test_delta_named_subscription_and_absent_names(
     assert row(server, ROUTE).cache_version == version_of(
         (r.name, r.version) for r in [*resp.resources, *resp2.resources]
     )
+    # Unsubscribed: nothing to send, but the subscription's version moved; an empty response
+    # says so (else the status row would stay STALE until the next change)
     c.send(type_url=ROUTE, resource_names_unsubscribe=["later"])
-    c.expect_nothing(0.3)
+    empty = c.recv()
+    assert not empty.resources and not empty.removed_resources
+    assert empty.system_version_info == version_of((r.name, r.version) for r in resp.resources)
+    c.ack(empty)
+    assert state_is(server, ROUTE, SyncState.SYNCED)
     cache.update(NODE, ROUTE, {"later": route("later", status=401)})  # unsubscribed: not sent
     c.expect_nothing(0.3)
+    assert state_is(server, ROUTE, SyncState.SYNCED)
 
 
 def test_delta_subscriptions_a_few_names_at_a_time_keep_the_version_exact(
@@ -528,6 +535,10 @@ def test_delta_subscriptions_a_few_names_at_a_time_keep_the_version_exact(
                5, "the subscription's version, SYNCED")
     assert row(server, ROUTE).sent_version == want
     c.send(type_url=ROUTE, resource_names_unsubscribe=names[:100])
+    empty = c.recv()  # nothing to send; the subscription's new version
+    assert not empty.resources and not empty.removed_resources
+    assert empty.system_version_info == version_of((n, snap.resources[ROUTE][n].version) for n in names[100:250])
+    c.ack(empty)
     c.expect_nothing(0.3)
     cache.update(NODE, ROUTE, {"r150": route("r150", status=401), "r5": route("r5", status=401)})
     resp = c.recv()

@@ -84,12 +84,12 @@ class Recorder:
 class World:
     """A resolver, an ipcache and a publisher fronting billing:8080, driven like the agent."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: int | None = source_slots.SOURCE_SLOTS, **kw: Any) -> None:
         self.r = Resolver()
         self.ipcache: dict[IPNetwork, int] = {}
         self.rev = 0
         self.sink = Recorder()
-        self.pub = Publisher(self.sink, NODE, self.r.endpoint_policy)
+        self.pub = Publisher(self.sink, NODE, self.r.endpoint_policy, slot_split=split, **kw)
         self.r.update_identities({BILLING: Labels.of({"app": "billing"})})
         self.pub.on_policy_delta(self.r.add_endpoint(BILLING))
         self.set_ip(ipaddress.ip_network(f"{BILLING_IP}/32"), BILLING)
@@ -168,10 +168,25 @@ def _longest(ipm: Any, addr: str) -> Any:
     return None
 
 
+def classifiers(ecds: Mapping[str, Message]) -> list[str]:
+    """The port's classifiers: its listener's, and those of listeners it replaced that Envoy
+    may still be draining."""
+    prefix = f"l7g_src_{BILLING_IP}_{PORT}"
+    return sorted(n for n in ecds if n == prefix or n.startswith(prefix + "_") and not n.endswith("_rest")
+                  and not n.rsplit("_", 1)[1].isdigit())
+
+
 def envoy_leaf(ecds: Mapping[str, Message], addr: str) -> bytes:
     """The matcher leaf Envoy reaches for a request from `addr`: the classifier picks a slot,
-    the slot's trie (or its on_no_match) picks the leaf."""
-    cls: Any = ecds[source_slots.classifier_name(BILLING_IP, PORT)]
+    the slot's trie (or its on_no_match) picks the leaf. Every classifier of the port (a
+    replaced listener's too) must reach the same one."""
+    leaves = {envoy_leaf_of(ecds, name, addr) for name in classifiers(ecds)}
+    assert len(leaves) == 1, (addr, classifiers(ecds))
+    return leaves.pop()
+
+
+def envoy_leaf_of(ecds: Mapping[str, Message], classifier: str, addr: str) -> bytes:
+    cls: Any = ecds[classifier]
     wrapper = extension_matcher_pb2.ExtensionWithMatcher()
     cls.typed_config.Unpack(wrapper)
     ipm = ip_pb2.IPMatcher()
@@ -191,7 +206,7 @@ def envoy_leaf(ecds: Mapping[str, Message], addr: str) -> bytes:
 def from_scratch(w: World) -> dict[str, bytes]:
     """Every ECDS resource of a publisher that saw the final state only."""
     rec = Recorder()
-    pub = Publisher(rec, NODE, w.r.endpoint_policy)
+    pub = Publisher(rec, NODE, w.r.endpoint_policy, slot_split=w.pub.slot_split)
     pub.load_ipcache(w.ipcache.items())
     pub.set_ports(w.pub.ports)
     pub.flush()
@@ -345,10 +360,118 @@ def test_removed_port_removes_its_ecds_resources() -> None:
     assert w.ecds() == {}
 
 
-@pytest.mark.parametrize("seed", [*range(10), 18, 28, 37, 56])  # 56: a pod inside an in-block CIDR
-def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed: int) -> None:
+def routed_slots(ecds: Mapping[str, Message], classifier: str | None = None) -> list[str]:
+    """The slot names the classifier sends some address to (not the ones it only names)."""
+    cls: Any = ecds[classifier or f"l7g_src_{BILLING_IP}_{PORT}_n1"]
+    wrapper = extension_matcher_pb2.ExtensionWithMatcher()
+    cls.typed_config.Unpack(wrapper)
+    ipm = ip_pb2.IPMatcher()
+    wrapper.xds_matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    out = []
+    for rm in ipm.range_matchers:
+        if all(ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}").subnet_of(
+                ipaddress.ip_network("100::/64")) for r in rm.ranges if ":" in r.address_prefix) and all(
+                ":" in r.address_prefix for r in rm.ranges):
+            continue  # only discard-prefix ranges: named, never reached
+        action = composite_pb2.ExecuteFilterAction()
+        rm.on_match.action.typed_config.Unpack(action)
+        out.append(action.dynamic_config.name)
+    return out
+
+
+def distinct_world(w: World, pods: int, start: int = 0) -> None:
+    """`pods` peers in 10.1.0.0/16, each with an HTTP rule of its own (a leaf of its own)."""
+    for n in range(start, start + pods):
+        ident = 30_000 + n
+        w.delta(w.r.upsert_policy(ccnp(f"peer-{n}", [{"fromEndpoints": [{"matchLabels": {"peer": f"q{n}"}}],
+                                                     "toPorts": to_port([{"method": "GET", "path": f"/only/{n}"}])}])))
+        w.add_pod(ident, peer_ip(n), {"peer": f"q{n}"})
+
+
+def peer_ip(n: int) -> str:
+    return f"10.1.{n // 4}.{n % 4 * 64 + 1}"  # a /26 block of its own
+
+
+def test_a_port_is_split_by_the_size_of_its_table() -> None:
+    """Few slots for a small table (Envoy's initial sync pays per resource), more for a large
+    one (a one-pod change re-sends one slot); the rest keeps its name."""
+    small = World(split=None)
+    small.add_pod(20_001, "10.1.0.1", {"group": "g0"})
+    small.delta(small.r.upsert_policy(group_policy(0)))
+    small.pub.flush()
+    assert set(small.ecds()) == set(source_slots.slot_names(BILLING_IP, PORT, 0, 1)) == {
+        f"l7g_src_{BILLING_IP}_{PORT}_n1", f"l7g_src_{BILLING_IP}_{PORT}_n1_0", f"l7g_src_{BILLING_IP}_{PORT}_n1_rest"}
+    assert small.pub.slot_deciding(BILLING_IP, PORT, ipaddress.ip_network("10.1.0.0/26")) == f"l7g_src_{BILLING_IP}_{PORT}_n1_0"
+    for a in ("10.1.0.1", "10.1.0.2", "192.0.2.1"):
+        assert envoy_leaf(small.ecds(), a) == small.expected(a)
+    large = World(split=None, slot_target=4096)
+    distinct_world(large, 200)
+    large.pub.flush()
+    names = set(large.ecds())
+    split = len(names) - 2
+    assert split >= 8 and split & (split - 1) == 0, names
+    assert source_slots.slot_name(BILLING_IP, PORT, 0, 0, split) in names
+    for n in range(0, 200, 7):
+        a = peer_ip(n)
+        assert envoy_leaf(large.ecds(), a) == large.expected(a)
+
+
+def test_a_port_whose_slot_outgrew_its_split_moves_to_a_new_listener() -> None:
+    """Envoy subscribes to a classifier's slots only while it builds the listener, so another
+    split is a new incarnation of the listener (names, classifier, listener). The old names
+    stay, rendered like the new ones, until Envoy no longer subscribes to them (it drains the
+    old listener once the new one has warmed)."""
+    held: set[str] = set()
+    w = World(split=None, slot_target=4096, subscribed=lambda names: held & set(names))
+    distinct_world(w, 4)
+    w.pub.flush()
+    one = f"l7g_src_{BILLING_IP}_{PORT}_n1"
+    assert classifiers(w.ecds()) == [one] and routed_slots(w.ecds(), one) == [f"{one}_0"]
+    held.update(w.ecds())
+    distinct_world(w, 60, start=4)
+    w.pub.flush()
+    split = w.pub.split_of(BILLING_IP, PORT)
+    new = source_slots.classifier_name(BILLING_IP, PORT, 1, split)
+    assert split >= 8 and classifiers(w.ecds()) == sorted([one, new]) and w.pub.retiring
+    assert set(source_slots.slot_names(BILLING_IP, PORT, 1, split)) <= set(w.ecds())
+    lst = w.sink.cache.get_snapshot(NODE).messages(LISTENER)  # type: ignore[union-attr]
+    assert new.encode() in lst[resources.listener_name(BILLING_IP, PORT)].SerializeToString()
+    for n in range(0, 64, 3):
+        assert envoy_leaf(w.ecds(), peer_ip(n)) == w.expected(peer_ip(n))  # through both classifiers
+    # a change meanwhile reaches the old listener's slots too
+    w.delta(w.r.delete_policy("CiliumClusterwideNetworkPolicy/peer-5"))
+    w.pub.flush()
+    assert classifiers(w.ecds()) == sorted([one, new])
+    assert envoy_leaf(w.ecds(), peer_ip(5)) == w.expected(peer_ip(5)) != envoy_leaf_of(w.ecds(), new, peer_ip(6))
+    # re-applied meanwhile (the same listener): nothing moves
+    port = w.pub.ports[0]
+    w.pub.set_ports([])
+    w.pub.set_ports([port])
+    w.pub.flush()
+    assert classifiers(w.ecds()) == sorted([one, new])
+    # Envoy drained the old listener: its names go, nothing else is sent
+    held.clear()
+    held.update(source_slots.slot_names(BILLING_IP, PORT, 1, split))
+    w.sink.clear()
+    w.pub.flush()
+    assert classifiers(w.ecds()) == [new] and not w.pub.retiring
+    assert not w.sink.sent(EXTENSION_CONFIG)
+    assert sorted(n for _, _, removed, _ in w.sink.calls for n in removed) == sorted(source_slots.slot_names(BILLING_IP, PORT, 0, 1))
+    for n in range(64):
+        assert envoy_leaf(w.ecds(), peer_ip(n)) == w.expected(peer_ip(n))
+
+
+@pytest.mark.parametrize(("seed", "split"), [*((s, 128) for s in (*range(10), 18, 28, 37, 56)),
+                                             *((s, None) for s in range(8))])  # 56: a pod inside an in-block CIDR
+def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed: int, split: int | None) -> None:
+    """Fixed 128 slots: byte for byte what a publisher that saw only the final state renders.
+    Adaptive splits (a small `slot_target`, so that ports move while the walk runs, and Envoy
+    drops a replaced listener's names at random times): every probe decided like the ipcache
+    at every step, through every classifier the port has."""
     rnd = random.Random(seed)
-    w = World()
+    held: set[str] = set()
+    w = World(split, **({} if split else {"slot_target": 700, "subscribed": lambda names: held & set(names)}))
+    moved = False
     for g in range(3):
         w.delta(w.r.upsert_policy(group_policy(g)))
     pool = [f"10.1.{b}.{h}" for b in (0, 1, 2, 64) for h in (1, 2, 3, 4, 5, 128, 255)]
@@ -389,14 +512,37 @@ def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed:
             w.delta(w.r.upsert_policy(rnd.choice(toggles)))
         else:
             w.delta(w.r.delete_policy("CiliumClusterwideNetworkPolicy/tog"))
+        if split is None and rnd.random() < 0.1:  # a new listener: a split for the table now
+            port = w.pub.ports[0]
+            w.pub.set_ports([])
+            w.pub.flush()
+            w.pub.set_ports([port])
         if rnd.random() < 0.6:
+            if split is None and w.sink.cache.get_snapshot(NODE) is not None:
+                if rnd.random() < 0.3:
+                    held.clear()  # the replaced listeners drained
+                held.update(w.ecds())
             w.pub.flush()
             ecds = w.ecds()
             for a in probes:
                 assert envoy_leaf(ecds, a) == w.expected(a), (step, a)
-            mine = {n: m.SerializeToString(deterministic=True) for n, m in ecds.items()}
-            assert mine == from_scratch(w), step
+            if split:
+                mine = {n: m.SerializeToString(deterministic=True) for n, m in ecds.items()}
+                assert mine == from_scratch(w), step
+            moved = moved or w.pub.retiring
+    if split is None:
+        splits.append(w.pub.split_of(BILLING_IP, PORT))
+        moves.append(moved)
 
+
+
+splits: list[int] = []  # per adaptive walk: its port's split
+moves: list[bool] = []  # per adaptive walk: whether its port moved to a new listener
+
+
+def test_the_adaptive_walks_took_several_splits_and_moves() -> None:
+    # runs after the walks above (pytest keeps file order): they must have exercised both
+    assert len(set(splits)) >= 2 and max(splits) > 1 and sum(moves) >= 3, (splits, moves)
 
 
 def test_ports_with_the_same_leaves_share_one_rendering_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,9 +68,10 @@ def test_port_policy_is_one_classifier_filter_and_slots_fail_closed() -> None:
         act = composite_pb2.ExecuteFilterAction()
         on.action.typed_config.Unpack(act)
         names.add(act.dynamic_config.name)
-        # A slot Envoy has not received (or had removed) is the default: deny everything.
+        # A new listener warms until its slots arrive (its old incarnation, if any, serving
+        # meanwhile); a slot that never arrives, or is removed, is the default: deny everything.
         src = act.dynamic_config.config_discovery
-        assert src.apply_default_config_without_warming
+        assert not src.apply_default_config_without_warming
         deny = rbac_pb2.RBAC()
         src.default_config.Unpack(deny)
         assert deny == rbac.deny_all_rbac() and not deny.rules.policies

@@ -760,6 +760,13 @@ class AgentCore:
                         self._view = None
                         self.revision += 1
 
+    def retire_drained(self) -> None:
+        """The names of listeners Envoy replaced and no longer holds go (`Publisher.retiring`);
+        inside a batch, its end does it."""
+        with self._lock:
+            if not self._batch_depth and self.publisher.retiring:
+                self.publisher.flush()
+
     def _drop_view(self) -> None:
         """After a change: readers take a new view at their next read (inside a batch, the
         one from before the batch stays until it ends)."""

@@ -46,7 +46,7 @@ from ..redirect_bpf.loader import DatapathError, KernelDatapath
 from ..records import KernelDrop
 from ..observe.als import AccessLogReceiver, http_grpc_access_log, tcp_grpc_access_log
 from ..observe.api import FlowQuery, stream
-from ..envoy_names import ORIGINAL_DST_HEADER
+from ..envoy_names import EXTENSION_CONFIG, ORIGINAL_DST_HEADER
 from ..observe.ingest import Ingestor
 from ..observe.ingest_context import IngestContext
 from ..observe.kernel_flows import SOURCE_KERNEL
@@ -168,6 +168,8 @@ def start_agent(config: AgentConfig) -> Agent:
         socket_lb=socket_lb,
     )
     kernel = core.kernel
+    # A port that moved to a larger split keeps its old names while Envoy drains their listener.
+    core.publisher.subscribed = lambda names: xds.subscribed(config.node_id, EXTENSION_CONFIG, names)
     kube: Watcher | None = None
     if config.kubernetes.enabled:
         try:  # before anything starts: a configuration that cannot work stops the agent here
@@ -283,7 +285,20 @@ def start_agent(config: AgentConfig) -> Agent:
         kube.start()
     threading.Thread(target=heap.settle_periodically, args=(agent.stopping, core.exclusive, log), name="l7g-heap",
                      daemon=True).start()
+    threading.Thread(target=_retire_drained, args=(agent.stopping, core), name="l7g-slots-retire",
+                     daemon=True).start()
     return agent
+
+
+def _retire_drained(stopping: threading.Event, core: AgentCore) -> None:
+    """Every second while a port keeps the names of a listener it replaced (a move to a larger
+    split, `xds.publisher`): drop those Envoy no longer subscribes to (the listener drained)."""
+    while not stopping.wait(1.0):
+        if core.publisher.retiring:
+            try:
+                core.retire_drained()
+            except Exception as exc:  # noqa: BLE001 - the next second tries again; the names only stay longer
+                log(f"slots: retiring a replaced listener's names failed: {exc}")
 
 
 class _CorePolicy:

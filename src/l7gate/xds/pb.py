@@ -34,9 +34,12 @@ def ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def ecds_source(type_url: str, default: Message | None = None) -> config_source_pb2.ExtensionConfigSource:
+def ecds_source(type_url: str, default: Message | None = None, *,
+                warm: bool = False) -> config_source_pb2.ExtensionConfigSource:
+    """`default`: the config until the first one arrives (`warm` false) or only if none arrives
+    in time (`warm`: a new listener warms until it has the config), and after a removal."""
     src = config_source_pb2.ExtensionConfigSource(config_source=ads(), type_urls=[type_url])
     if default is not None:
         src.default_config.CopyFrom(pack(default))
-        src.apply_default_config_without_warming = True
+        src.apply_default_config_without_warming = not warm
     return src

@@ -1,10 +1,12 @@
 """Keeps one Envoy's resources in step with resolved policy, the ipcache and the proxied ports.
 
 Theory of operation: every (local endpoint, port) the node's Envoy fronts owns a listener, a
-route and a cluster, and over ECDS a classifier and `SOURCE_SLOTS` + 1 RBAC slots (see
-`source_slots`). Slot i decides the addresses of the ipcache blocks
-(/26, /122) with `slot_of(block) == i`; the rest slot decides addresses in no block, by the
-broad prefixes (shorter than a block). The publisher tracks what is dirty per (port, slot):
+route and a cluster, and over ECDS a classifier and split + 1 RBAC slots (see `source_slots`;
+the split, 1 to `SOURCE_SLOTS`, follows the size of the port's table: `Publisher.slot_split`).
+Slot j decides the addresses of the ipcache blocks (/26, /122) with
+`fold(slot_of(block), split) == j`; the rest slot decides addresses in no block, by the
+broad prefixes (shorter than a block). The publisher tracks what is dirty per (port, slot of
+128), and renders the slots of the port's split those fold into:
 
 - a policy delta for an endpoint: per port, the decision of each peer identity whose map keys
   changed is recomputed; if it changed, the slots holding that identity's prefixes are dirty.
@@ -34,6 +36,7 @@ import bisect
 import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,8 +85,14 @@ class _PortState:
     full: bool = True
     policy_changed: bool = False
     pending: dict[MapKey, MapEntry | None] = field(default_factory=dict)  # map changes, in order
-    slots: set[int] = field(default_factory=set)
+    slots: set[int] = field(default_factory=set)  # of 128 (`source_slots.slot_of`), or REST
     classifier: bool = False
+    # How many ways its blocks are split (`source_slots.fold`; 0: not chosen yet): chosen
+    # when the listener is new, kept for its life (see `Publisher.slot_split`).
+    split: int = 0
+    # Earlier incarnations (gen, split) whose listener Envoy may still hold (draining after
+    # the port moved to a larger split): their names stay, rendered like the current ones.
+    retired: list[tuple[int, int]] = field(default_factory=list)
 
     def decide(self, ident: int) -> Decision:
         """The port's decision for `ident` as rendered (`rbac.port_decisions`' rule)."""
@@ -142,6 +151,20 @@ class Publisher:
     # one scan of the map when absent, then kept from the policy deltas. A scan per change cost
     # 5 ms at 10,000 peers (every new peer is a new map): half of a one-pod apply.
     _sni_entries: dict[int, dict[MapKey, tuple[int, int]]] = field(default_factory=dict)
+    # Slots per port (`source_slots.fold`): `slot_split` fixes it (a power of two up to 128);
+    # None chooses it per port from the size of its table when its listener is new
+    # (`source_slots.split_for`, at most `slot_target` bytes a slot). Another split means new
+    # names, and Envoy subscribes to a classifier's slots only while it builds the listener (a
+    # new name in a classifier update is never asked for, and decides deny-all): so a port
+    # whose slot passes 4x `slot_target` moves to a new incarnation of its listener, split
+    # for its table now. Envoy warms that listener until its classifier and every slot have
+    # arrived, the old one serving meanwhile (`source_slots._slot_source`), then drains the
+    # old one; the old names stay, kept current, until `subscribed` says Envoy no longer asks
+    # for them (`retiring`). `subscribed(names)`: those the Envoy subscribes to now (None: no
+    # Envoy to wait for; the old names go at the next flush).
+    slot_split: int | None = None
+    slot_target: int = source_slots.SLOT_TARGET_BYTES
+    subscribed: Callable[[Sequence[str]], AbstractSet[str]] | None = None
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -177,7 +200,7 @@ class Publisher:
                 old = self._ports.pop(key)
                 self._removed.add(key)
                 self._removed_states[key] = old
-                self._gone_ecds.update(source_slots.slot_names(*key, old.gen))
+                self._gone_ecds.update(self._ecds_names(key, old))
         for key, p in wanted.items():
             st = self._ports.get(key)
             if st is not None and st.port == p:
@@ -191,14 +214,56 @@ class Publisher:
             # config is missing).
             prev = st if st is not None else self._removed_states.pop(key, None)
             if prev is not None and _same_listener(prev.port, p):
-                gen = prev.gen
-                self._gone_ecds.difference_update(source_slots.slot_names(*key, gen))
+                # the names stay, and with them the split Envoy holds
+                self._gone_ecds.difference_update(self._ecds_names(key, prev))
+                self._ports[key] = _PortState(p, prev.gen, split=prev.split, retired=prev.retired)
             else:
                 if st is not None:
-                    self._gone_ecds.update(source_slots.slot_names(*key, st.gen))
+                    self._gone_ecds.update(self._ecds_names(key, st))
                 gen = self._gens[key] = self._gens.get(key, -1) + 1
-            self._ports[key] = _PortState(p, gen)
+                self._ports[key] = _PortState(p, gen)
             self._removed.discard(key)
+
+    @staticmethod
+    def _ecds_names(key: tuple[str, int], st: _PortState) -> list[str]:
+        """Every ECDS name of a port as rendered: its classifier, slots and rest, and those of
+        its retired incarnations."""
+        names = source_slots.slot_names(*key, st.gen, st.split) if st.split else []
+        for gen, split in st.retired:
+            names += source_slots.slot_names(*key, gen, split)
+        return names
+
+    @property
+    def retiring(self) -> bool:
+        """Whether some port keeps the names of a listener Envoy may still be draining."""
+        return any(st.retired for st in self._ports.values())
+
+    def _retire(self) -> None:
+        """Retired incarnations Envoy no longer subscribes to (their listener drained): their
+        names go."""
+        ports = [(key, st) for key, st in self._ports.items() if st.retired]
+        if not ports:
+            return
+        names = [source_slots.classifier_name(*key, gen, split) for key, st in ports for gen, split in st.retired]
+        held = self.subscribed(names) if self.subscribed is not None else frozenset()
+        for key, st in ports:
+            keep = []
+            for gen, split in st.retired:
+                if source_slots.classifier_name(*key, gen, split) in held:
+                    keep.append((gen, split))
+                else:
+                    self._gone_ecds.update(source_slots.slot_names(*key, gen, split))
+            st.retired = keep
+
+    def slot_deciding(self, ip: str, port: int, block: IPNetwork) -> str:
+        """The ECDS name of the slot that decides `block`'s addresses on a port now."""
+        st = self._ports[(ip, port)]
+        split = st.split or self.slot_split or source_slots.SOURCE_SLOTS
+        return source_slots.slot_name(ip, port, source_slots.fold(source_slots.slot_of(block), split), st.gen, split)
+
+    def split_of(self, ip: str, port: int) -> int:
+        """How many slots the port's blocks are split into (0: not rendered yet)."""
+        return self._ports[(ip, port)].split
 
     def on_policy_delta(self, delta: PolicyDelta) -> None:
         self._inputs_changed = True
@@ -381,9 +446,10 @@ class Publisher:
         routes: dict[str, Message] = {}
         clusters: dict[str, Message] = {}
         ecds: dict[str, Message] = {}
-        tables: dict[int, dict[int, list[IPNetwork]]] = {}  # a slot's table is every port's
+        tables: dict[tuple[int, int], dict[int, list[IPNetwork]]] = {}  # a slot's table is every port's
         memo: source_slots.SlotMemo = {}
         changed, self._inputs_changed = self._inputs_changed, False
+        self._retire()
         for key in sorted(self._ports):
             st = self._ports[key]
             if not st.dirty:
@@ -393,36 +459,34 @@ class Publisher:
             p = st.port
             if st.full or st.policy_changed or st.index is None:
                 self._refresh_policy(st)
+            assert st.world is not None and st.index is not None
+            # Peers without entries of their own decide as the unnamed ones: when that is
+            # world's decision, only the named peers can differ from it in a slot.
+            named = st.index.by_peer.keys() if st.unnamed == st.world else None
+            if not st.split:  # a new listener (the split is in it: `source_slots.classifier_name`)
+                st.split = self._want_split(st, named)
             self._render_tls(key, st, listeners, force=st.full)
             if st.full:
                 rname, cname = resources.route_name(p.ip, p.port), resources.cluster_name(p.ip, p.port)
                 clusters[cname] = resources.static_cluster(cname, p.upstream_ip, p.upstream_port)
                 routes[rname] = resources.upstream_route(rname, cname)
-                slots: Iterable[int] = (*range(source_slots.SOURCE_SLOTS), source_slots.REST)
                 st.classifier = True
                 stats.ports_translated += 1
-            else:
-                slots = sorted(st.slots)
-            assert st.world is not None and st.index is not None
-            # Peers without entries of their own decide as the unnamed ones: when that is
-            # world's decision, only the named peers can differ from it in a slot.
-            named = st.index.by_peer.keys() if st.unnamed == st.world else None
-            for i in slots:
-                table = tables.get(i)
-                if table is None:
-                    table = tables[i] = source_slots.slot_table(i, self._by_block, self._broad,
-                                                                self._slot_blocks.get(i, ()))
-                cfg = source_slots.source_slot_config(
-                    p.ip, p.port, i, st.decide, st.world, self._by_block, self._broad,
-                    auth_verified=self.auth_verified, table=table, memo=memo, gen=st.gen, named=named,
-                )
-                ecds[cfg.name] = cfg
-                stats.slots_translated += 1
-            if st.classifier:
-                cls = source_slots.classifier_config(p.ip, p.port, self._groups, st.gen)
-                ecds[cls.name] = cls
+            outgrown = False
+            for gen, split in ((st.gen, st.split), *st.retired):
+                for j in ((*range(split), source_slots.REST) if st.full
+                          else sorted({source_slots.fold(i, split) for i in st.slots})):
+                    cfg = self._render_slot(st, gen, split, j, named, tables, memo)
+                    ecds[cfg.name] = cfg
+                    stats.slots_translated += 1
+                    outgrown = outgrown or (gen == st.gen and len(cfg.typed_config.value) > 4 * self.slot_target)
+                if st.classifier:
+                    cls = source_slots.classifier_config(p.ip, p.port, self._groups, gen, split)
+                    ecds[cls.name] = cls
             st.full = st.classifier = False
             st.slots.clear()
+            if outgrown and self.slot_split is None and st.split < source_slots.SOURCE_SLOTS:
+                self._move(key, st, named, listeners, ecds, tables, memo, stats)
         removed = sorted(self._removed)
         self._removed.clear()
         for key in removed:
@@ -451,6 +515,59 @@ class Publisher:
         stats.removed = len(removed)
         return stats
 
+    def _move(self, key: tuple[str, int], st: _PortState, named: AbstractSet[int] | None,
+              listeners: dict[str, Message], ecds: dict[str, Message],
+              tables: dict[tuple[int, int], dict[int, list[IPNetwork]]], memo: source_slots.SlotMemo,
+              stats: PublishStats) -> None:
+        """A port whose slot outgrew its split: a new incarnation of its listener, split at
+        least twice as many ways, rendered whole; the current one retires (`retiring`)."""
+        st.retired.append((st.gen, st.split))
+        st.gen = self._gens[key] = max(self._gens.get(key, 0), st.gen) + 1
+        st.split = min(source_slots.SOURCE_SLOTS, max(2 * st.split, self._want_split(st, named)))
+        self._render_tls(key, st, listeners, force=True)
+        for j in (*range(st.split), source_slots.REST):
+            cfg = self._render_slot(st, st.gen, st.split, j, named, tables, memo)
+            ecds[cfg.name] = cfg
+            stats.slots_translated += 1
+        cls = source_slots.classifier_config(key[0], key[1], self._groups, st.gen, st.split)
+        ecds[cls.name] = cls
+
+    def _render_slot(self, st: _PortState, gen: int, split: int, j: int, named: AbstractSet[int] | None,
+                     tables: dict[tuple[int, int], dict[int, list[IPNetwork]]],
+                     memo: source_slots.SlotMemo) -> Message:
+        """Slot `j` of the port's incarnation `gen` split `split` ways (the rest if `j` is REST)."""
+        p = st.port
+        assert st.world is not None
+        table = tables.get((split, j))
+        if table is None:
+            if j == source_slots.REST:
+                blocks: Iterable[IPNetwork] = ()
+            else:
+                blocks = [b for i in range(j, source_slots.SOURCE_SLOTS, split) for b in self._slot_blocks.get(i, ())]
+            table = tables[(split, j)] = source_slots.slot_table(j, self._by_block, self._broad, blocks)
+        return source_slots.source_slot_config(
+            p.ip, p.port, j, st.decide, st.world, self._by_block, self._broad,
+            auth_verified=self.auth_verified, table=table, memo=memo, gen=gen, named=named, split=split,
+        )
+
+    def _want_split(self, st: _PortState, named: AbstractSet[int] | None) -> int:
+        """The split for the port's table as it is (`source_slots.split_for`)."""
+        if self.slot_split is not None:
+            return self.slot_split
+        assert st.world is not None
+        world_key = rbac.leaf_key(st.world, self.auth_verified)
+        leaves: dict[bytes, int] = {}
+        ranges = 0
+        for ident in (self._prefixes.keys() if named is None else named):
+            nets = self._prefixes.get(ident)
+            if not nets:
+                continue
+            key = rbac.leaf_key(st.decide(ident), self.auth_verified)
+            if key != world_key:
+                leaves[key] = leaves.get(key, 0) + len(nets)
+                ranges += len(nets)
+        return source_slots.split_for(ranges, ((len(k), n) for k, n in leaves.items()), self.slot_target)
+
     def _render_tls(self, key: tuple[str, int], st: _PortState, listeners: dict[str, Message], *,
                     force: bool = False) -> None:
         """The port's listener into `listeners` if it is new (`force`) or its TLS chain changed:
@@ -461,7 +578,7 @@ class Publisher:
         if force or tls_bytes != self._tls_sent.get(key, b""):
             lname = resources.listener_name(p.ip, p.port)
             listeners[lname] = resources.listener(lname, p.ip, p.port, resources.route_name(p.ip, p.port),
-                                                  self.access_logs, p.transparent, st.gen, tls)
+                                                  self.access_logs, p.transparent, st.gen, tls, st.split)
             self._tls_sent[key] = tls_bytes
 
     def _tls_chain(self, p: resources.ProxiedPort) -> Message | None:

@@ -39,7 +39,7 @@ from xds.type.matcher.v3 import matcher_pb2
 from ..envoy_names import TLS_STATE, HTTP_PROTOCOL_OPTIONS
 from .pb import ads, ecds_source, pack
 from .rbac import deny_all_rbac
-from .source_slots import CLASSIFIER_TYPE, classifier_name
+from .source_slots import CLASSIFIER_TYPE, SOURCE_SLOTS, classifier_name
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 ROUTER_FILTER = "envoy.filters.http.router"
@@ -130,12 +130,13 @@ def source_http_connection_manager(
 
 def listener(
     name: str, ip: str, port: int, rds_name: str, access_logs: Sequence[Message] = (), transparent: bool = False,
-    gen: int = 0, tls_chain: listener_components_pb2.FilterChain | None = None,
+    gen: int = 0, tls_chain: listener_components_pb2.FilterChain | None = None, split: int = SOURCE_SLOTS,
 ) -> listener_pb2.Listener:
     """A proxied port's listener; its policy filter is the port's classifier (ECDS) of
-    incarnation `gen` (`source_slots.classifier_name`). `tls_chain`: the chain of its TLS
-    connections when the port has `serverNames` (`tls_filter_chain`), with the TLS inspector."""
-    hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port, gen), access_logs)
+    incarnation `gen`, split `split` ways (`source_slots.classifier_name`). `tls_chain`: the
+    chain of its TLS connections when the port has `serverNames` (`tls_filter_chain`), with
+    the TLS inspector."""
+    hcm = source_http_connection_manager(name, rds_name, classifier_name(ip, port, gen, split), access_logs)
     chain = listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))]
     )

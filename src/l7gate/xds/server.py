@@ -471,6 +471,15 @@ class XdsServer:
         return self.wait(ok, timeout)
 
 
+    def subscribed(self, node_id: str, type_url: str, names: Iterable[str]) -> set[str]:
+        """Of `names`, those the node's Envoy subscribes to now (on a live stream)."""
+        with self._lock:
+            track = self._tracks.get((node_id, type_url))
+            if track is None or track.names is None or self._live.get(node_id, 0) <= 0:
+                return set()
+            return {n for n in names if n in track.names}
+
+
 class _Stream:
     """One ADS stream; runs on the server's loop only."""
 
@@ -639,6 +648,7 @@ class _DeltaType:
     seen_type_version: str | None = None  # cache type version at the last diff
     owes_first: bool = True  # the first response is due even if it is empty
     outstanding: dict[str, tuple[str, float]] = field(default_factory=dict)  # nonce → sent
+    sent_version: str | None = None  # of the last response
 
     def subscription(self) -> frozenset[str] | None:
         return None if self.wildcard else frozenset(self.names)
@@ -768,11 +778,20 @@ class _DeltaStream(_Stream):
                     removed.append(name)
                     known[name] = _ABSENT
         if not upserts and not removed and not st.owes_first:
-            return []
-        st.owes_first = False
-        for entry in upserts:
-            known[entry.name] = entry.version
-        version = self._version(st, snap, type_url, None if whole else changed)
+            if not changed:
+                return []
+            # Names unsubscribed (or subscribed again, already held): nothing to send, but the
+            # subscription's version moved; an empty response says so, else the status would
+            # call the node stale until the next change (e.g. after a listener drained).
+            version = self._version(st, snap, type_url, None if whole else changed)
+            if version == st.sent_version:
+                return []
+        else:
+            st.owes_first = False
+            for entry in upserts:
+                known[entry.name] = entry.version
+            version = self._version(st, snap, type_url, None if whole else changed)
+        st.sent_version = version
         nonce = self.server.next_nonce()
         response = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version, type_url=type_url, nonce=nonce

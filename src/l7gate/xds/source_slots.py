@@ -72,6 +72,11 @@ BLOCK_PREFIXLEN = {4: 26, 6: 122}
 # network's first or last pod), not with every 64 addresses.
 GROUP_PREFIXLEN = {4: 16, 6: 112}
 REST = -1  # the slot of addresses in no block
+# A port's split (`split_for`): a slot of ~32 kB costs Envoy ~5 ms to take. Estimates per
+# source prefix (a range in a slot's trie) and per slot (its RBAC and world's leaf).
+SLOT_TARGET_BYTES = 32 * 1024
+_RANGE_BYTES = 16
+_SLOT_BYTES = 600
 # RFC 6666 discard-only prefix: no TCP peer has one. Names an empty slot in the classifier.
 _DISCARD = ipaddress.IPv6Network("100::/64")
 COMPOSITE_FILTER = "envoy.filters.http.composite"
@@ -126,6 +131,21 @@ def _classifier_ranges(groups: frozenset[IPNetwork]) -> ip_pb2.IPMatcher:
     return ipm
 
 
+@functools.lru_cache(maxsize=64)
+def _folded_ranges(groups: frozenset[IPNetwork], split: int) -> ip_pb2.IPMatcher:
+    # `_classifier_ranges` with the range matchers of the slots one fold sends to one slot
+    # merged: range matcher j lists the blocks of every slot i with fold(i, split) == j.
+    whole = _classifier_ranges(groups)
+    if split == SOURCE_SLOTS:
+        return whole
+    ipm = ip_pb2.IPMatcher()
+    for j in range(split):
+        rm = ipm.range_matchers.add(exclusive=True)
+        for i in range(j, SOURCE_SLOTS, split):
+            rm.ranges.extend(whole.range_matchers[i].ranges)
+    return ipm
+
+
 def blocks_within(net: IPNetwork, groups: Iterable[IPNetwork]) -> Iterable[IPNetwork]:
     """The listed blocks (those of `groups`) inside a network broader than a block."""
     for g in groups:
@@ -149,22 +169,51 @@ def slot_of(block: IPNetwork) -> int:
     return slot
 
 
-def classifier_name(ip: str, port: int, gen: int = 0) -> str:
-    """The classifier of one incarnation `gen` of a port's listener. A listener built anew (the
-    port removed and proxied again, or its listener changed) takes new names for its
-    classifier and slots: Envoy builds the filters of an ECDS resource once, under the listener
-    that first subscribed to it, and a new listener that reused the names of a draining one
-    kept none of the slots' subscriptions (every request 403 until the agent restarted)."""
-    return f"l7g_src_{ip}_{port}" + (f"_g{gen}" if gen else "")
+def classifier_name(ip: str, port: int, gen: int = 0, split: int = SOURCE_SLOTS) -> str:
+    """The classifier of one incarnation `gen` of a port's listener, split `split` ways. A
+    listener built anew (the port removed and proxied again, or its listener changed) takes
+    new names for its classifier and slots: Envoy builds the filters of an ECDS resource once,
+    under the listener that first subscribed to it, and a new listener that reused the names
+    of a draining one kept none of the slots' subscriptions (every request 403 until the agent
+    restarted). The split is in the name, and so in the listener (which names its classifier):
+    Envoy subscribes to the slots a classifier names only while it builds the listener, never
+    for a name a later classifier update brings (measured: such a slot stays at its deny-all
+    default), so another split must come with a listener built anew."""
+    return f"l7g_src_{ip}_{port}" + (f"_g{gen}" if gen else "") + ("" if split == SOURCE_SLOTS else f"_n{split}")
 
 
-def slot_name(ip: str, port: int, slot: int, gen: int = 0) -> str:
-    return f"{classifier_name(ip, port, gen)}_{'rest' if slot == REST else slot}"
+def slot_name(ip: str, port: int, slot: int, gen: int = 0, split: int = SOURCE_SLOTS) -> str:
+    """Slot `slot` (or the rest) of a port whose blocks are split `split` ways (`fold`)."""
+    return f"{classifier_name(ip, port, gen, split)}_{'rest' if slot == REST else slot}"
 
 
-def slot_names(ip: str, port: int, gen: int = 0) -> list[str]:
+def slot_names(ip: str, port: int, gen: int = 0, split: int = SOURCE_SLOTS) -> list[str]:
     """Every ECDS resource of one port: the classifier, the slots, the rest."""
-    return [classifier_name(ip, port, gen), *(slot_name(ip, port, i, gen) for i in (*range(SOURCE_SLOTS), REST))]
+    return [classifier_name(ip, port, gen, split),
+            *(slot_name(ip, port, i, gen, split) for i in (*range(split), REST))]
+
+
+def fold(slot: int, split: int) -> int:
+    """The slot, of a port split `split` ways (a power of two dividing 128), holding the blocks
+    `slot_of` sends to `slot` of 128: a port with a small table needs few ECDS resources
+    (Envoy's initial sync costs ~0.24 ms per resource here), a large one many small ones (a
+    one-pod change re-sends one)."""
+    return slot if slot == REST else slot & (split - 1)
+
+
+def split_for(ranges: int, leaves: Iterable[tuple[int, int]], target: int) -> int:
+    """The fewest slots (a power of two, at most 128) whose estimated size is at most `target`
+    bytes each, for a port table of `ranges` source prefixes whose distinct non-world leaves
+    have `(bytes, prefixes)` each. A leaf is copied into every slot holding one of its
+    prefixes: into min(split, prefixes) slots at most."""
+    sized = list(leaves)
+    split = 1
+    while split < SOURCE_SLOTS:
+        est = _RANGE_BYTES * ranges + sum(size * min(split, n) for size, n in sized) + _SLOT_BYTES * split
+        if est <= target * split:
+            break
+        split *= 2
+    return split
 
 
 def covering(block: IPNetwork, broad: Mapping[IPNetwork, int]) -> tuple[IPNetwork, int] | None:
@@ -202,40 +251,44 @@ def rbac_filter_config(name: str, matcher: matcher_pb2.Matcher) -> core_extensio
 
 @functools.lru_cache(maxsize=1)
 def _slot_source() -> Any:
-    # the same for every slot (deny-all until Envoy has the slot); copied into each action
-    return ecds_source(RBAC_TYPE, deny_all_rbac())
+    # The same for every slot; copied into each action. A new listener warms until every slot
+    # its classifier names has arrived (measured on Envoy 1.40: the old listener of the port,
+    # if any, serves meanwhile), so no request meets a slot Envoy lacks; deny-all if a slot
+    # does not arrive within the initial fetch timeout, or is removed.
+    return ecds_source(RBAC_TYPE, deny_all_rbac(), warm=True)
 
 
-def _run_slot(ip: str, port: int, slot: int, gen: int = 0) -> matcher_pb2.Matcher.OnMatch:
+def _run_slot(ip: str, port: int, slot: int, gen: int = 0, split: int = SOURCE_SLOTS) -> matcher_pb2.Matcher.OnMatch:
     act = composite_pb2.ExecuteFilterAction(
-        dynamic_config=composite_pb2.DynamicConfig(name=slot_name(ip, port, slot, gen), config_discovery=_slot_source())
+        dynamic_config=composite_pb2.DynamicConfig(name=slot_name(ip, port, slot, gen, split),
+                                                   config_discovery=_slot_source())
     )
     return matcher_pb2.Matcher.OnMatch(action=typed_ext("slot", act))
 
 
 def classifier_config(ip: str, port: int, blocks: Iterable[IPNetwork],
-                      gen: int = 0) -> core_extension_pb2.TypedExtensionConfig:
-    """The ECDS resource that sends each request to the RBAC of its source address's slot.
-    Every block of the groups of `blocks` (`group_of`) is listed: the classifier changes only
-    when a group appears or empties.
+                      gen: int = 0, split: int = SOURCE_SLOTS) -> core_extension_pb2.TypedExtensionConfig:
+    """The ECDS resource that sends each request to the RBAC of its source address's slot, of
+    a port split `split` ways. Every block of the groups of `blocks` (`group_of`) is listed:
+    the classifier changes only when a group appears or empties.
 
     Every slot is named (an empty one by a range no peer has), so Envoy subscribes to all of
     them when the listener first loads it and a new block never waits for a new subscription."""
     ipm = ip_pb2.IPMatcher()
-    ipm.CopyFrom(_classifier_ranges(frozenset(group_of(b) for b in blocks)))
+    ipm.CopyFrom(_folded_ranges(frozenset(group_of(b) for b in blocks), split))
     for i, rm in enumerate(ipm.range_matchers):
-        rm.on_match.CopyFrom(_run_slot(ip, port, i, gen))
+        rm.on_match.CopyFrom(_run_slot(ip, port, i, gen, split))
     tree = matcher_pb2.Matcher.MatcherTree(
         input=typed_ext("direct-source-ip", network_inputs_pb2.DirectSourceIPInput()),
         custom_match=typed_ext("ip-matcher", ipm),
     )
     wrapper = extension_matcher_pb2.ExtensionWithMatcher(
-        xds_matcher=matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_run_slot(ip, port, REST, gen)),
+        xds_matcher=matcher_pb2.Matcher(matcher_tree=tree, on_no_match=_run_slot(ip, port, REST, gen, split)),
         extension_config=core_extension_pb2.TypedExtensionConfig(
             name=COMPOSITE_FILTER, typed_config=pack(composite_pb2.Composite())
         ),
     )
-    name = classifier_name(ip, port, gen)
+    name = classifier_name(ip, port, gen, split)
     return core_extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(wrapper))
 
 
@@ -286,6 +339,7 @@ def source_slot_config(
     memo: SlotMemo | None = None,
     gen: int = 0,
     named: AbstractSet[int] | None = None,
+    split: int = SOURCE_SLOTS,
 ) -> core_extension_pb2.TypedExtensionConfig:
     """One slot's RBAC (`blocks` are the slot's blocks), or the rest's (`slot == REST`: the
     broad prefixes). `decide(identity)` is the port's decision for an identity. `table`: the
@@ -300,7 +354,7 @@ def source_slot_config(
         table = slot_table(slot, by_block, broad, blocks)
     if not table:
         return core_extension_pb2.TypedExtensionConfig(
-            name=slot_name(ip, port, slot, gen), typed_config=_world_only(world, auth_verified)
+            name=slot_name(ip, port, slot, gen, split), typed_config=_world_only(world, auth_verified)
         )
     peers = {}
     differs: dict[int, bool] = {}  # id(decision) -> != world: a slot's peers share a few decisions
@@ -315,15 +369,15 @@ def source_slot_config(
             peers[ident] = d
     if memo is None:
         matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
-        return rbac_filter_config(slot_name(ip, port, slot, gen), matcher)
+        return rbac_filter_config(slot_name(ip, port, slot, gen, split), matcher)
     world_key = leaf_key(world, auth_verified)
-    key = (slot, auth_verified, world_key,
+    key = (slot if slot == REST else split * 1024 + slot, auth_verified, world_key,
            tuple((i, k) for i, d in peers.items() if (k := leaf_key(d, auth_verified)) != world_key))
     packed = memo.get(key)
     if packed is None:
         matcher = rbac_matcher(PortDecisions(world, peers), table, auth_verified=auth_verified)
         packed = memo[key] = pack(rbac_pb2.RBAC(matcher=matcher))
-    return core_extension_pb2.TypedExtensionConfig(name=slot_name(ip, port, slot, gen), typed_config=packed)
+    return core_extension_pb2.TypedExtensionConfig(name=slot_name(ip, port, slot, gen, split), typed_config=packed)
 
 
 @functools.lru_cache(maxsize=4096)
