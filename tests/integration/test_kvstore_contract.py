@@ -720,3 +720,29 @@ def test_etcd_plaintext_client_against_tls_server_fails_clearly(tls_server: Etcd
         with pytest.raises(KVStoreError, match=f"etcd {plain}: get"):
             s.get("k")
 
+
+
+def test_sqlite_batch_revisions_are_one_per_write_and_read_back_inside_and_after(tmp_path: Path) -> None:
+    """The batch keeps its revision counter in memory and writes it once: every write still
+    gets its own revision, reads inside the batch (and a compaction) see the counter, a
+    rolled-back batch leaves it as it was, and watchers get each write's revision."""
+    with SQLiteKVStore(str(tmp_path / "kv.db"), poll_interval=0.01) as s:
+        start = s.put("a", b"0")
+        with s.watch_prefix("r/", start_revision=start + 1) as w:
+            with s.batch():
+                revs = [s.put(f"r/{i}", b"x") for i in range(5)]
+                assert revs == list(range(start + 1, start + 6))
+                assert s.revision == start + 5
+                assert s.list_prefix_with_revision("r/")[1] == start + 5
+                assert s.put("r/5", b"x") == start + 6
+                s.compact(start)
+            assert s.revision == start + 6
+            assert [e.revision for e in take(w, 6)] == list(range(start + 1, start + 7))
+        with pytest.raises(RuntimeError):
+            with s.batch():
+                s.put("r/9", b"y")
+                raise RuntimeError("refused")
+        assert s.revision == start + 6
+        assert s.put("b", b"1") == start + 7
+    with SQLiteKVStore(str(tmp_path / "kv.db")) as again:
+        assert again.revision == start + 7

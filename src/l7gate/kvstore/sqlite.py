@@ -151,6 +151,9 @@ class SQLiteKVStore:
         self._poll_interval = poll_interval
         self._lock = threading.RLock()
         self._batch_depth = 0
+        # Inside a batch: the revision counter, kept here and written to `meta` once (before any
+        # read inside the batch, and at its end): one UPDATE per write was most of a put's cost.
+        self._batch_rev: int | None = None
         # Wakes watches when this instance commits; `_generation` lets a watch tell whether it
         # missed a wake-up between reading the file and going to sleep.
         self._changed = threading.Condition(threading.Lock())
@@ -240,7 +243,9 @@ class SQLiteKVStore:
                 try:
                     self._reap_locked()
                     yield
+                    self._write_batch_rev(self._db)
                 except BaseException:
+                    self._batch_rev = None
                     self._db.execute("ROLLBACK")
                     raise
                 finally:
@@ -278,6 +283,7 @@ class SQLiteKVStore:
         with self._lock:
             self._check_open()
             if self._batch_depth:
+                self._write_batch_rev(self._db)
                 yield self._db  # inside the caller's batch: read its own writes
                 return
             try:
@@ -294,12 +300,23 @@ class SQLiteKVStore:
             self._generation += 1
             self._changed.notify_all()
 
+    def _write_batch_rev(self, db: sqlite3.Connection) -> None:
+        if self._batch_rev is not None:
+            db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (self._batch_rev,))
+            self._batch_rev = None
+
     def _bump(self, db: sqlite3.Connection) -> int:
-        rev = int(
-            db.execute(
-                "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
-            ).fetchone()[0]
-        )
+        if self._batch_depth:
+            if self._batch_rev is None:
+                self._batch_rev = int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
+            self._batch_rev += 1
+            rev = self._batch_rev
+        else:
+            rev = int(
+                db.execute(
+                    "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
+                ).fetchone()[0]
+            )
         if rev % _TRIM_EVERY == 0 and rev > self._history:
             floor = rev - self._history
             db.execute("DELETE FROM events WHERE revision <= ?", (floor,))
@@ -504,6 +521,7 @@ class SQLiteKVStore:
     def compact(self, revision: int) -> None:
         """Drop history up to and including `revision`."""
         with self._write() as db:
+            self._write_batch_rev(db)
             rev, _ = self._revisions(db)
             floor = min(revision, rev)
             db.execute("DELETE FROM events WHERE revision <= ?", (floor,))

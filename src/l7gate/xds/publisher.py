@@ -555,18 +555,23 @@ class Publisher:
         if self.slot_split is not None:
             return self.slot_split
         assert st.world is not None
-        world_key = rbac.leaf_key(st.world, self.auth_verified)
-        leaves: dict[bytes, int] = {}
-        ranges = 0
+        # Prefixes per distinct decision first: a port's peers share a few decisions, and a
+        # decision's leaf key is looked up by hashing the whole decision.
+        by_decision: dict[int, tuple[Decision, int]] = {}
         for ident in (self._prefixes.keys() if named is None else named):
             nets = self._prefixes.get(ident)
-            if not nets:
-                continue
-            key = rbac.leaf_key(st.decide(ident), self.auth_verified)
+            if nets:
+                d = st.decide(ident)
+                seen = by_decision.get(id(d))
+                by_decision[id(d)] = (d, len(nets) + (seen[1] if seen is not None else 0))
+        world_key = rbac.leaf_key(st.world, self.auth_verified)
+        leaves: dict[bytes, int] = {}
+        for d, n in by_decision.values():
+            key = rbac.leaf_key(d, self.auth_verified)
             if key != world_key:
-                leaves[key] = leaves.get(key, 0) + len(nets)
-                ranges += len(nets)
-        return source_slots.split_for(ranges, ((len(k), n) for k, n in leaves.items()), self.slot_target)
+                leaves[key] = leaves.get(key, 0) + n
+        return source_slots.split_for(sum(leaves.values()), ((len(k), n) for k, n in leaves.items()),
+                                      self.slot_target)
 
     def _render_tls(self, key: tuple[str, int], st: _PortState, listeners: dict[str, Message], *,
                     force: bool = False) -> None:
