@@ -164,6 +164,8 @@ def _v6_prefixes() -> st.SearchStrategy[IPNetwork]:
 
 def _brute_force(entries: dict[IPNetwork, int], address: str) -> int:
     addr = ipaddress.ip_address(address)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # the cache looks up a dual-stack socket's ::ffff:a.b.c.d as IPv4
     best: tuple[int, int] | None = None
     for net, ident in entries.items():
         if net.version == addr.version and addr in net:
@@ -184,6 +186,7 @@ def _brute_force(entries: dict[IPNetwork, int], address: str) -> int:
             st.integers(0, 2**32 - 1).map(lambda a: str(ipaddress.IPv4Address(a))),
             st.integers(0, 3).map(lambda a: str(ipaddress.IPv6Address(a << 120 | a))),
             st.integers(0, 2**128 - 1).map(lambda a: str(ipaddress.IPv6Address(a))),
+            st.integers(0, 2**32 - 1).map(lambda a: f"::ffff:{ipaddress.IPv4Address(a)}"),
         ),
         min_size=1,
         max_size=20,
