@@ -41,9 +41,10 @@ Reused by the Envoy and BPF differential tests: import as ``tests.unit.strategie
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from hypothesis import strategies as st
 
@@ -53,6 +54,48 @@ from l7gate.policy.namedports import NO_NAMED_PORTS, NamedPorts
 from l7gate.policy.types import HTTPRequest, Protocol
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for plain JSON-like arguments and dataclasses of them (TypeError for
+    anything else)."""
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_frozen(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value), tuple(_frozen(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    hash(value)
+    return value
+
+
+def composite(f: Callable[Concatenate[st.DrawFn, P], T]) -> Callable[P, st.SearchStrategy[T]]:
+    """`st.composite`, giving the same strategy object for equal arguments.
+
+    A new strategy object is validated on its first draw, through every strategy under it; the
+    composites below call each other at draw time (`policy_docs(hints=...)` once per generated
+    operation), so about a third of the policy property tests' time went to validating strategy
+    trees that were built afresh but equal to earlier ones. Reusing them draws the same values
+    from the same choices. The arguments are copied, so that a caller mutating its `hints`
+    later cannot reach into a cached strategy."""
+    build = st.composite(f)
+    cache: dict[Any, st.SearchStrategy[T]] = {}
+
+    @functools.wraps(f)
+    def reused(*args: P.args, **kwargs: P.kwargs) -> st.SearchStrategy[T]:
+        try:
+            key = _frozen((args, kwargs))
+        except TypeError:
+            return build(*args, **kwargs)
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= 4096:
+                cache.clear()
+            found = cache[key] = build(*copy.deepcopy(args), **copy.deepcopy(kwargs))
+        return found
+
+    return reused
 
 LOCAL_CLUSTER = "cluster-a"
 CLUSTERS = ("cluster-a", "cluster-b")
@@ -219,7 +262,7 @@ def namespace(draw: st.DrawFn) -> str:
     return weighted(draw, [(3, NAMESPACES[0]), (1, NAMESPACES[1]), (1, NAMESPACES[2])])
 
 
-@st.composite
+@composite
 def pod_labels(draw: st.DrawFn) -> dict[str, str]:
     labels = {
         NAMESPACE_KEY: namespace(draw),
@@ -255,19 +298,19 @@ def node_labels_of(draw: st.DrawFn) -> dict[str, str]:
     return labels
 
 
-@st.composite
+@composite
 def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5, min_cidrs: int = 0,
               min_nodes: int = 0) -> dict[str, Any]:
     """Identities (world always, other reserved, CIDR and node identities sometimes, a few pods)
     and the endpoints under policy (some pods, sometimes the host)."""
     identities: dict[str, dict[str, str]] = {str(WORLD_ID): RESERVED_IDENTITIES[WORLD_ID]}
-    for ident in draw(st.sets(st.sampled_from(sorted(RESERVED_IDENTITIES)), max_size=4)):
+    for ident in draw(st.sets(st.sampled_from(tuple(sorted(RESERVED_IDENTITIES))), max_size=4)):
         identities[str(ident)] = dict(RESERVED_IDENTITIES[ident])
     if draw(st.booleans()):
         identities[str(HOST_ID)] = draw(host_labels())
-    for ident in draw(st.sets(st.sampled_from(sorted(CIDR_IDENTITIES)), min_size=min_cidrs, max_size=max(3, min_cidrs))):
+    for ident in draw(st.sets(st.sampled_from(tuple(sorted(CIDR_IDENTITIES))), min_size=min_cidrs, max_size=max(3, min_cidrs))):
         identities[str(ident)] = dict(CIDR_IDENTITIES[ident])
-    for ident in draw(st.sets(st.sampled_from(sorted(NODE_IDENTITIES)), min_size=min_nodes, max_size=3)):
+    for ident in draw(st.sets(st.sampled_from(tuple(sorted(NODE_IDENTITIES))), min_size=min_nodes, max_size=3)):
         identities[str(ident)] = dict(NODE_IDENTITIES[ident])
     n = draw(st.integers(min_pods, max_pods))
     pods = POD_IDS[:n]
@@ -283,7 +326,7 @@ def universes(draw: st.DrawFn, *, min_pods: int = 1, max_pods: int = 5, min_cidr
     return {"identities": identities, "endpoints": sorted(endpoints), "named_ports": named}
 
 
-@st.composite
+@composite
 def container_ports(draw: st.DrawFn) -> list[list[list[Any]]]:
     """The named container ports of one identity's pods, pod by pod: mostly one or two pods
     declaring the same; sometimes none, two pods that disagree (http as 8080 and 80), or a
@@ -305,9 +348,9 @@ def container_ports(draw: st.DrawFn) -> list[list[list[Any]]]:
 # -- selectors ----------------------------------------------------------------------------------
 
 
-@st.composite
+@composite
 def match_expressions(draw: st.DrawFn) -> dict[str, Any]:
-    key = draw(st.sampled_from(sorted(SELECTOR_KEYS)))
+    key = draw(st.sampled_from(tuple(sorted(SELECTOR_KEYS))))
     op = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
     expr: dict[str, Any] = {"key": key, "operator": op}
     if op in ("In", "NotIn"):
@@ -317,7 +360,7 @@ def match_expressions(draw: st.DrawFn) -> dict[str, Any]:
     return expr
 
 
-@st.composite
+@composite
 def label_selectors(
     draw: st.DrawFn, *, allow_reserved: bool = False, hints: Sequence[Mapping[str, str]] = ()
 ) -> dict[str, Any]:
@@ -330,13 +373,13 @@ def label_selectors(
     if kind == "hint":
         target = draw(st.sampled_from(list(hints)))
         known = [k for k in sorted(target) if k in POD_LABEL_VALUES or k == NAMESPACE_KEY]
-        chosen = draw(st.sets(st.sampled_from(known), max_size=2)) if known else set()
+        chosen = draw(st.sets(st.sampled_from(tuple(known)), max_size=2)) if known else set()
         return {"matchLabels": {k: target[k] for k in sorted(chosen)}} if chosen else {}
     if kind == "reserved":
         name = draw(st.sampled_from(("host", "world", "kube-apiserver", "remote-node")))
         return {"matchLabels": {f"reserved:{name}": ""}}
     sel: dict[str, Any] = {}
-    keys = draw(st.sets(st.sampled_from(sorted(SELECTOR_KEYS)), max_size=2))
+    keys = draw(st.sets(st.sampled_from(tuple(sorted(SELECTOR_KEYS))), max_size=2))
     if keys:
         sel["matchLabels"] = {k: draw(st.sampled_from(SELECTOR_KEYS[k])) for k in sorted(keys)}
     if draw(st.booleans()) or not keys:
@@ -344,17 +387,17 @@ def label_selectors(
     return sel
 
 
-@st.composite
+@composite
 def node_selectors(draw: st.DrawFn) -> dict[str, Any]:
     """A `fromNodes`/`toNodes` entry: `{}` now and then (every node), mostly a node label."""
     if weighted(draw, [(6, False), (1, True)]):
         return {}
     sel: dict[str, Any] = {}
-    keys = draw(st.sets(st.sampled_from(sorted(NODE_SELECTOR_KEYS)), max_size=2))
+    keys = draw(st.sets(st.sampled_from(tuple(sorted(NODE_SELECTOR_KEYS))), max_size=2))
     if keys:
         sel["matchLabels"] = {k: draw(st.sampled_from(NODE_SELECTOR_KEYS[k])) for k in sorted(keys)}
     if weighted(draw, [(2, False), (1, True)]) or not keys:
-        key = draw(st.sampled_from(sorted(NODE_SELECTOR_KEYS)))
+        key = draw(st.sampled_from(tuple(sorted(NODE_SELECTOR_KEYS))))
         op = draw(st.sampled_from(("In", "NotIn", "Exists", "DoesNotExist")))
         expr: dict[str, Any] = {"key": key, "operator": op}
         if op in ("In", "NotIn"):
@@ -366,7 +409,7 @@ def node_selectors(draw: st.DrawFn) -> dict[str, Any]:
 # -- rules ----------------------------------------------------------------------------------------
 
 
-@st.composite
+@composite
 def port_protocols(draw: st.DrawFn) -> dict[str, Any]:
     if weighted(draw, [(3, False), (1, True)]):
         named: dict[str, Any] = {"port": draw(st.sampled_from(PORT_NAMES))}
@@ -386,7 +429,7 @@ def port_protocols(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
-@st.composite
+@composite
 def http_rules(draw: st.DrawFn) -> dict[str, Any] | None:
     if weighted(draw, [(12, False), (1, True)]):
         return None  # `- ` in YAML: the parser reads it as {}
@@ -408,7 +451,7 @@ def http_rules(draw: st.DrawFn) -> dict[str, Any] | None:
     return rule
 
 
-@st.composite
+@composite
 def port_rules(draw: st.DrawFn, *, deny: bool, ingress: bool = True) -> dict[str, Any]:
     """One `toPorts` element: L4 ports, or a single TCP port with HTTP rules, or with TLS server
     names (egress), or `{}`.
@@ -442,7 +485,7 @@ def port_rules(draw: st.DrawFn, *, deny: bool, ingress: bool = True) -> dict[str
     return {"ports": [port], "rules": {"http": http}}
 
 
-@st.composite
+@composite
 def icmp_rules(draw: st.DrawFn) -> dict[str, Any]:
     """One `icmps` element: a few types, rarely none, an IPv6 family or a bad type (invalid)."""
     if weighted(draw, [(20, False), (1, True)]):
@@ -458,7 +501,7 @@ def icmp_rules(draw: st.DrawFn) -> dict[str, Any]:
     return {"fields": fields}
 
 
-@st.composite
+@composite
 def peer_rules(
     draw: st.DrawFn, *, ingress: bool, deny: bool, hints: Sequence[Mapping[str, str]] = ()
 ) -> dict[str, Any]:
@@ -508,7 +551,7 @@ def peer_rules(
     return rule
 
 
-@st.composite
+@composite
 def cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
     """A `toCIDRSet` entry: mostly a CIDR, sometimes CIDR groups by name (g4 never exists) or by
     label; rarely two kinds at once (refused)."""
@@ -527,7 +570,7 @@ def cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
-@st.composite
+@composite
 def cidr_group_selectors(draw: st.DrawFn) -> dict[str, Any]:
     kind = weighted(draw, [(4, "role"), (2, "expr"), (1, "name"), (1, "empty")])
     if kind == "role":
@@ -544,7 +587,7 @@ def cidr_group_selectors(draw: st.DrawFn) -> dict[str, Any]:
     return {}
 
 
-@st.composite
+@composite
 def cidr_group_docs(draw: st.DrawFn, *, name: str | None = None) -> dict[str, Any]:
     """A CiliumCIDRGroup, in either version Cilium serves; rarely with a bare address (refused)."""
     meta: dict[str, Any] = {"name": name or draw(st.sampled_from(CIDR_GROUP_NAMES))}
@@ -560,7 +603,7 @@ def cidr_group_docs(draw: st.DrawFn, *, name: str | None = None) -> dict[str, An
             "metadata": meta, "spec": {"externalCIDRs": cidrs}}
 
 
-@st.composite
+@composite
 def service_entries(draw: st.DrawFn) -> dict[str, Any]:
     """A `toServices` entry: a Service by name (s9 never exists), by its labels, rarely neither or
     both (refused); the namespace mostly given, sometimes left out (every namespace)."""
@@ -584,7 +627,7 @@ def service_entries(draw: st.DrawFn) -> dict[str, Any]:
     return entry
 
 
-@st.composite
+@composite
 def service_docs(draw: st.DrawFn, *, name: str | None = None) -> list[dict[str, Any]]:
     """A Service (mostly without a selector, now and then with one) and its EndpointSlices, in one
     of the universe's namespaces; endpoints ready, not ready, or serving while terminating; rarely
@@ -617,7 +660,7 @@ def service_docs(draw: st.DrawFn, *, name: str | None = None) -> list[dict[str, 
     return docs
 
 
-@st.composite
+@composite
 def direction_lists(
     draw: st.DrawFn, *, ingress: bool, deny: bool, hints: Sequence[Mapping[str, str]] = ()
 ) -> list[dict[str, Any]] | None:
@@ -632,7 +675,7 @@ def direction_lists(
     return draw(st.lists(peer_rules(ingress=ingress, deny=deny, hints=hints), min_size=1, max_size=3))
 
 
-@st.composite
+@composite
 def specs(draw: st.DrawFn, *, kind: str, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     choice = weighted(draw, [(30, "endpoint"), (3 if kind == CCNP else 0, "node"),
@@ -661,7 +704,7 @@ def specs(draw: st.DrawFn, *, kind: str, hints: Sequence[Mapping[str, str]] = ()
     return spec
 
 
-@st.composite
+@composite
 def policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """A CNP or CCNP document. Names collide on purpose, so later documents replace earlier ones.
     `hints`: pod label sets; selectors and namespaces are often taken from them."""
@@ -699,13 +742,13 @@ def policy_keys() -> st.SearchStrategy[str]:
 # -- flows ----------------------------------------------------------------------------------------
 
 
-@st.composite
+@composite
 def tls_server_names(draw: st.DrawFn) -> str:
     """The SNI of a TLS flow ("" for none)."""
     return weighted(draw, [(6, draw(st.sampled_from(FLOW_SERVER_NAMES))), (1, "")])
 
 
-@st.composite
+@composite
 def http_requests(draw: st.DrawFn) -> dict[str, Any]:
     headers: dict[str, str] = {}
     if draw(st.booleans()):
@@ -720,7 +763,7 @@ def http_requests(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-@st.composite
+@composite
 def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
     """A flow between identities of `universe`, biased towards endpoints on either side."""
     all_ids = sorted(int(i) for i in universe["identities"])
@@ -763,7 +806,7 @@ def flows(draw: st.DrawFn, universe: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@st.composite
+@composite
 def scenarios(draw: st.DrawFn, *, max_policies: int = 4, max_flows: int = 10) -> dict[str, Any]:
     """A universe, policy documents and flows among its identities (the differential corpus
     format)."""
@@ -780,7 +823,7 @@ def scenarios(draw: st.DrawFn, *, max_policies: int = 4, max_flows: int = 10) ->
     }
 
 
-@st.composite
+@composite
 def group_cidr_sets(draw: st.DrawFn) -> dict[str, Any]:
     """A `toCIDRSet` entry that names CIDR groups (by name, g4 never existing, or by label)."""
     entry: dict[str, Any] = {}
@@ -824,7 +867,7 @@ def _flows_between(draw: st.DrawFn, universe: Mapping[str, Any], peers: Sequence
     """Flows between the universe's endpoints and `peers`, either way."""
     eps = list(universe["endpoints"])
 
-    @st.composite
+    @composite
     def flow(draw: st.DrawFn) -> dict[str, Any]:
         f = draw(flows(universe))
         if draw(st.booleans()):
@@ -836,7 +879,7 @@ def _flows_between(draw: st.DrawFn, universe: Mapping[str, Any], peers: Sequence
     return draw(st.lists(flow(), min_size=4, max_size=max_flows))
 
 
-@st.composite
+@composite
 def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """A policy document with one more rule, whose peers are CIDR groups (CIDR entries beside
     them sometimes)."""
@@ -849,7 +892,7 @@ def group_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = (
     return _with_one_more_rule(draw, hints, peers)
 
 
-@st.composite
+@composite
 def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
     """A scenario (`scenarios`' format) where policies name CIDR groups, the universe has CIDR
     identities for the groups' CIDRs to select, and flows go between them and endpoints."""
@@ -868,14 +911,14 @@ def group_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 
     }
 
 
-@st.composite
+@composite
 def node_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """A policy document with one more rule, whose peers are nodes by label."""
     return _with_one_more_rule(draw, hints, lambda ingress: {
         ("fromNodes" if ingress else "toNodes"): draw(st.lists(node_selectors(), min_size=1, max_size=2))})
 
 
-@st.composite
+@composite
 def node_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
     """A scenario (`scenarios`' format) where policies name nodes by label, the universe has
     node identities (the host with or without this node's labels, `remote-node` 6 for a node
@@ -897,7 +940,7 @@ def node_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 1
     }
 
 
-@st.composite
+@composite
 def service_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """A policy document with one more egress (or, rarely, egressDeny) rule naming Services."""
     if weighted(draw, [(2, False), (1, True)]):
@@ -923,7 +966,7 @@ def service_policy_docs(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] =
     return doc
 
 
-@st.composite
+@composite
 def service_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int = 10) -> dict[str, Any]:
     """A scenario (`scenarios`' format) where policies name Services with toServices, the
     universe has the host CIDR identities their EndpointSlices list, and flows go from endpoints
@@ -936,7 +979,7 @@ def service_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int 
     eps = list(universe["endpoints"])
     others = sorted(int(i) for i in universe["identities"])
 
-    @st.composite
+    @composite
     def flow(draw: st.DrawFn) -> dict[str, Any]:
         f = draw(flows(universe))
         f["src"] = draw(st.sampled_from(eps))
@@ -960,6 +1003,9 @@ def service_scenarios(draw: st.DrawFn, *, max_policies: int = 3, max_flows: int 
 # -- operation sequences (incremental resolution) ---------------------------------------------
 
 
+_node_labels = composite(node_labels_of)
+
+
 def _identity_labels(ident: int) -> st.SearchStrategy[dict[str, str]]:
     if ident in RESERVED_IDENTITIES:
         if ident == HOST_ID:
@@ -968,14 +1014,14 @@ def _identity_labels(ident: int) -> st.SearchStrategy[dict[str, str]]:
     if ident in CIDR_IDENTITIES:
         return st.just(dict(CIDR_IDENTITIES[ident]))
     if ident in NODE_IDENTITIES:
-        return st.composite(node_labels_of)()  # a node relabelled (its number is the agent's to keep)
+        return _node_labels()  # a node relabelled (its number is the agent's to keep)
     return pod_labels()
 
 
 IDENTITY_POOL = (HOST_ID, WORLD_ID, 7, *POD_IDS[:6], CIDR_ID_BASE, CIDR_ID_BASE + 2, NODE_ID_BASE + 1)
 
 
-@st.composite
+@composite
 def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """One resolver operation, as JSON. Ids come from a small pool so operations collide."""
     op = weighted(draw, [(4, "identities"), (3, "add_endpoint"), (1, "remove_endpoint"),
@@ -991,7 +1037,7 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
         upserted: dict[str, dict[str, str]] = {}
         for ident in draw(st.sets(st.sampled_from(IDENTITY_POOL), max_size=2)):
             upserted[str(ident)] = draw(_identity_labels(ident))
-        deleted = draw(st.sets(st.sampled_from([i for i in IDENTITY_POOL if str(i) not in upserted]), max_size=1))
+        deleted = draw(st.sets(st.sampled_from(tuple(i for i in IDENTITY_POOL if str(i) not in upserted)), max_size=1))
         return {"op": op, "upserted": upserted, "deleted": sorted(deleted)}
     if op in ("add_endpoint", "remove_endpoint"):
         return {"op": op, "id": draw(st.sampled_from((HOST_ID, *POD_IDS[:6])))}
@@ -1014,7 +1060,7 @@ def operations(draw: st.DrawFn, *, hints: Sequence[Mapping[str, str]] = ()) -> d
     return {"op": op}
 
 
-@st.composite
+@composite
 def op_sequences(draw: st.DrawFn) -> dict[str, Any]:
     """`setup` builds an initial state (its maps are the appliers' starting point); `ops` are the
     changes whose deltas are checked (the incremental corpus format)."""
@@ -1042,7 +1088,7 @@ def op_sequences(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-@st.composite
+@composite
 def service_op_sequences(draw: st.DrawFn) -> dict[str, Any]:
     """`op_sequences`' format, where policies name Services and the changes are mostly of
     Services and their EndpointSlices (each re-expands the policies naming Services)."""
@@ -1110,7 +1156,7 @@ def _parent(doc: Any, path: tuple[Any, ...]) -> Any:
     return _get(doc, path[:-1])
 
 
-@st.composite
+@composite
 def mutated_docs(draw: st.DrawFn) -> dict[str, Any]:
     """A valid-looking document with one to three subtrees replaced, deleted or renamed."""
     doc = copy.deepcopy(draw(policy_docs()))
