@@ -27,11 +27,16 @@ demo: install ## run the seed scenario: validate + trace, then real agents (kern
 	fi
 
 # Every check runs even when an earlier one failed, so one run shows all problems.
+# Unit tests are pure and run on both CPUs; integration and privileged tests share network
+# namespaces, addresses and BPF pins, so they never run in parallel.
 test: install ## import contracts, mypy --strict, then the test suite
 	@rc=0; \
 	echo "== lint-imports"; $(BIN)/lint-imports || rc=1; \
 	echo "== mypy"; $(BIN)/mypy || rc=1; $(BIN)/mypy --strict bench/run.py || rc=1; \
-	echo "== pytest"; $(BIN)/pytest -q tests || rc=1; \
+	echo "== pytest: unit tests on two workers"; $(BIN)/pytest -q -n 2 -m "not timing" tests/unit || rc=1; \
+	echo "== pytest: unit tests with wall-clock bounds, then integration and privileged, one at a time"; \
+	$(BIN)/pytest -q -m timing tests/unit || rc=1; \
+	$(BIN)/pytest -q tests/integration tests/privileged || rc=1; \
 	if [ $$rc -ne 0 ]; then echo "make test: FAILED (see above)"; fi; \
 	exit $$rc
 

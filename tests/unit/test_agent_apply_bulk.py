@@ -96,6 +96,7 @@ def state(core: AgentCore, store: SQLiteKVStore, cache: SnapshotCache) -> Any:
     )
 
 
+@pytest.mark.timing
 def test_a_bad_object_at_the_end_of_a_large_batch_changes_nothing(tmp_path: Path, store: SQLiteKVStore) -> None:
     cache = SnapshotCache()
     core = AgentCore(config(tmp_path), store, cache)
@@ -146,6 +147,7 @@ def test_a_store_failure_at_the_end_of_a_large_batch_changes_nothing(tmp_path: P
     assert len(core.apply(docs).created) == N - 10
 
 
+@pytest.mark.timing
 def test_readers_answer_from_the_state_before_a_long_apply(tmp_path: Path, store: SQLiteKVStore) -> None:
     """`policy get`, `endpoint list`, identities and status counts do not wait for an apply in
     progress: they answer at once, from the state in force before it, until it completes."""

@@ -271,6 +271,7 @@ def test_any_entry_gives_flows_or_malformed_event_never_another_error(e: Any) ->
 # -- the ingestion thread --------------------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_offer_is_bounded_never_blocks_and_counts_what_it_refuses() -> None:
     ring = FlowRing(1000)
     ing = Ingestor(ring, CTX, max_pending=10)  # not started: nothing drains the queue

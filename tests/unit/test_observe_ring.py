@@ -74,6 +74,7 @@ def test_subscription_gets_backlog_then_every_new_flow_once() -> None:
     assert ring.stats().followers == 0
 
 
+@pytest.mark.timing
 def test_slow_follower_loses_oldest_flows_counted_and_never_blocks_publish() -> None:
     ring = FlowRing(capacity=10, follow_buffer=100)
     _, sub = ring.subscribe()
@@ -99,6 +100,7 @@ def test_one_batch_larger_than_the_follow_buffer() -> None:
     assert [f.time for f in flows] == list(range(15, 25)) and lost == 15
 
 
+@pytest.mark.timing
 def test_take_waits_for_a_flow_and_close_wakes_it() -> None:
     ring = FlowRing(10)
     _, sub = ring.subscribe()
