@@ -402,8 +402,11 @@ def test_a_port_is_split_by_the_size_of_its_table() -> None:
     assert set(small.ecds()) == set(source_slots.slot_names(BILLING_IP, PORT, 0, 1)) == {
         f"l7g_src_{BILLING_IP}_{PORT}_n1", f"l7g_src_{BILLING_IP}_{PORT}_n1_0", f"l7g_src_{BILLING_IP}_{PORT}_n1_rest"}
     assert small.pub.slot_deciding(BILLING_IP, PORT, ipaddress.ip_network("10.1.0.0/26")) == f"l7g_src_{BILLING_IP}_{PORT}_n1_0"
-    for a in ("10.1.0.1", "10.1.0.2", "192.0.2.1"):
+    small.add_cidr(50_001, "10.1.128.0/17")  # a broad prefix over empty blocks of the listed group
+    small.pub.flush()
+    for a in ("10.1.0.1", "10.1.0.2", "10.1.64.9", "10.1.200.5", "10.2.0.1", "192.0.2.1"):
         assert envoy_leaf(small.ecds(), a) == small.expected(a)
+    assert routed_slots(small.ecds()) == [f"l7g_src_{BILLING_IP}_{PORT}_n1_0"]
     large = World(split=None, slot_target=4096)
     distinct_world(large, 200)
     large.pub.flush()
