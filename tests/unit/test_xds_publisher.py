@@ -464,13 +464,26 @@ def test_a_port_whose_slot_outgrew_its_split_moves_to_a_new_listener() -> None:
         assert envoy_leaf(w.ecds(), peer_ip(n)) == w.expected(peer_ip(n))
 
 
-@pytest.mark.parametrize(("seed", "split"), [*((s, 128) for s in (*range(10), 18, 28, 37, 56)),
-                                             *((s, None) for s in range(8))])  # 56: a pod inside an in-block CIDR
-def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed: int, split: int | None) -> None:
-    """Fixed 128 slots: byte for byte what a publisher that saw only the final state renders.
-    Adaptive splits (a small `slot_target`, so that ports move while the walk runs, and Envoy
-    drops a replaced listener's names at random times): every probe decided like the ipcache
-    at every step, through every classifier the port has."""
+@pytest.mark.parametrize("seed", [*range(10), 18, 28, 37, 56])  # 56: a pod inside an in-block CIDR
+def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed: int) -> None:
+    """Fixed 128 slots: at every step, every probe decided like the ipcache, and the ECDS
+    resources byte for byte what a publisher that saw only the final state renders."""
+    _walk(seed, source_slots.SOURCE_SLOTS)
+
+
+def test_adaptive_slots_decide_like_the_ipcache_while_ports_move() -> None:
+    """Adaptive splits (a small `slot_target`, so that ports move while the walks run, and
+    Envoy drops a replaced listener's names at random times): every probe decided like the
+    ipcache at every step, through every classifier the port has; the walks end at several
+    splits, and several moved."""
+    ends = [_walk(seed, None) for seed in range(8)]
+    splits, moves = [s for s, _ in ends], [m for _, m in ends]
+    assert len(set(splits)) >= 2 and max(splits) > 1 and sum(moves) >= 2, ends
+
+
+def _walk(seed: int, split: int | None) -> tuple[int, bool]:
+    """A random walk of pods, CIDRs and policies; returns the port's final split and whether
+    it moved to a new listener on the way."""
     rnd = random.Random(seed)
     held: set[str] = set()
     w = World(split, **({} if split else {"slot_target": 700, "subscribed": lambda names: held & set(names)}))
@@ -533,19 +546,7 @@ def test_incremental_slots_equal_a_full_render_and_decide_like_the_ipcache(seed:
                 mine = {n: m.SerializeToString(deterministic=True) for n, m in ecds.items()}
                 assert mine == from_scratch(w), step
             moved = moved or w.pub.retiring
-    if split is None:
-        splits.append(w.pub.split_of(BILLING_IP, PORT))
-        moves.append(moved)
-
-
-
-splits: list[int] = []  # per adaptive walk: its port's split
-moves: list[bool] = []  # per adaptive walk: whether its port moved to a new listener
-
-
-def test_the_adaptive_walks_took_several_splits_and_moves() -> None:
-    # runs after the walks above (pytest keeps file order): they must have exercised both
-    assert len(set(splits)) >= 2 and max(splits) > 1 and sum(moves) >= 3, (splits, moves)
+    return w.pub.split_of(BILLING_IP, PORT), moved
 
 
 def test_ports_with_the_same_leaves_share_one_rendering_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
