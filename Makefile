@@ -27,16 +27,22 @@ demo: install ## run the seed scenario: validate + trace, then real agents (kern
 	fi
 
 # Every check runs even when an earlier one failed, so one run shows all problems.
-# Unit tests are pure and run on both CPUs; integration and privileged tests share network
-# namespaces, addresses and BPF pins, so they never run in parallel.
+# Unit tests are pure and run on both CPUs. Integration tests (loopback addresses of their
+# own, unix sockets, free ports) run beside the privileged ones (network namespaces, BPF pins
+# and iptables chains of their own), which mostly wait on the kernel and their agents; within
+# each tier tests run one at a time, as they share the tier's addresses and pins.
 test: install ## import contracts, mypy --strict, then the test suite
 	@rc=0; \
 	echo "== lint-imports"; $(BIN)/lint-imports || rc=1; \
 	echo "== mypy"; $(BIN)/mypy || rc=1; $(BIN)/mypy --strict bench/run.py || rc=1; \
 	echo "== pytest: unit tests on two workers"; $(BIN)/pytest -q -n 2 -m "not timing" tests/unit || rc=1; \
-	echo "== pytest: unit tests with wall-clock bounds, then integration and privileged, one at a time"; \
-	$(BIN)/pytest -q -m timing tests/unit || rc=1; \
-	$(BIN)/pytest -q tests/integration tests/privileged || rc=1; \
+	echo "== pytest: unit tests with wall-clock bounds, alone"; $(BIN)/pytest -q -m timing tests/unit || rc=1; \
+	echo "== pytest: integration tests, beside the privileged tests (their output follows)"; \
+	plog=$$(mktemp /tmp/l7g-privileged-tests.XXXXXX); \
+	$(BIN)/pytest -q -p no:cacheprovider tests/privileged >"$$plog" 2>&1 & ppid=$$!; \
+	$(BIN)/pytest -q tests/integration || rc=1; \
+	wait $$ppid || rc=1; \
+	echo "== pytest: privileged tests"; cat "$$plog"; rm -f "$$plog"; \
 	if [ $$rc -ne 0 ]; then echo "make test: FAILED (see above)"; fi; \
 	exit $$rc
 
