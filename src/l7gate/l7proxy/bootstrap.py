@@ -31,8 +31,9 @@ enforces policy (listeners, routes, clusters for workloads, secrets) arrives lat
   reason: they have no permissions.
 - `stats_config`: Envoy keeps no statistics for its ECDS subscriptions
   (`extension_config_discovery.*`: config_reload, config_fail, config_conflict per resource).
-  A proxied port has 130 of them (`xds/source_slots.py`), so a node's initial sync created
-  tens of thousands of counters: measured at 13,000 ECDS resources (bench_k8s' size), Envoy took
+  A proxied port has up to 130 of them (`xds/source_slots.py`: 3 for a small table), so a node's
+  initial sync could create tens of thousands of counters: measured at 13,000 ECDS resources
+  (bench_k8s' size when every port had 128 slots), Envoy took
   ~14% less time from the agent's publication to its ACK without them (medians of 3: 5.53 s
   against 6.39 s). Nothing reads them: the xDS server knows every ACK and NACK itself
   (`l7gate xds status`).
