@@ -156,7 +156,7 @@ class Publisher:
     # (`source_slots.split_for`, at most `slot_target` bytes a slot). Another split means new
     # names, and Envoy subscribes to a classifier's slots only while it builds the listener (a
     # new name in a classifier update is never asked for, and decides deny-all): so a port
-    # whose slot passes 4x `slot_target` moves to a new incarnation of its listener, split
+    # whose slot passes `SLOT_MOVE_FACTOR` x `slot_target` moves to a new incarnation of its listener, split
     # for its table now. Envoy warms that listener until its classifier and every slot have
     # arrived, the old one serving meanwhile (`source_slots._slot_source`), then drains the
     # old one; the old names stay, kept current, until `subscribed` says Envoy no longer asks
@@ -474,15 +474,9 @@ class Publisher:
                 stats.ports_translated += 1
             outgrown = False
             for gen, split in ((st.gen, st.split), *st.retired):
-                for j in ((*range(split), source_slots.REST) if st.full
-                          else sorted({source_slots.fold(i, split) for i in st.slots})):
-                    cfg = self._render_slot(st, gen, split, j, named, tables, memo)
-                    ecds[cfg.name] = cfg
-                    stats.slots_translated += 1
-                    outgrown = outgrown or (gen == st.gen and len(cfg.typed_config.value) > 4 * self.slot_target)
-                if st.classifier:
-                    cls = source_slots.classifier_config(p.ip, p.port, self._groups, gen, split)
-                    ecds[cls.name] = cls
+                largest = self._render_incarnation(
+                    st, gen, split, None if st.full else st.slots, st.classifier, named, ecds, tables, memo, stats)
+                outgrown = outgrown or (gen == st.gen and largest > source_slots.SLOT_MOVE_FACTOR * self.slot_target)
             st.full = st.classifier = False
             st.slots.clear()
             if outgrown and self.slot_split is None and st.split < source_slots.SOURCE_SLOTS:
@@ -525,12 +519,26 @@ class Publisher:
         st.gen = self._gens[key] = max(self._gens.get(key, 0), st.gen) + 1
         st.split = min(source_slots.SOURCE_SLOTS, max(2 * st.split, self._want_split(st, named)))
         self._render_tls(key, st, listeners, force=True)
-        for j in (*range(st.split), source_slots.REST):
-            cfg = self._render_slot(st, st.gen, st.split, j, named, tables, memo)
+        self._render_incarnation(st, st.gen, st.split, None, True, named, ecds, tables, memo, stats)
+
+    def _render_incarnation(self, st: _PortState, gen: int, split: int, dirty: Iterable[int] | None,
+                            classifier: bool, named: AbstractSet[int] | None, ecds: dict[str, Message],
+                            tables: dict[tuple[int, int], dict[int, list[IPNetwork]]],
+                            memo: source_slots.SlotMemo, stats: PublishStats) -> int:
+        """Into `ecds`: the slots of the port's incarnation (`gen`, `split`) that `dirty` (slots
+        of 128, or REST) fold into, or all of them (`dirty` None), and its classifier if asked.
+        Returns the largest rendered slot's size in bytes."""
+        largest = 0
+        for j in ((*range(split), source_slots.REST) if dirty is None
+                  else sorted({source_slots.fold(i, split) for i in dirty})):
+            cfg = self._render_slot(st, gen, split, j, named, tables, memo)
             ecds[cfg.name] = cfg
             stats.slots_translated += 1
-        cls = source_slots.classifier_config(key[0], key[1], self._groups, st.gen, st.split)
-        ecds[cls.name] = cls
+            largest = max(largest, len(cfg.typed_config.value))
+        if classifier:
+            cls = source_slots.classifier_config(st.port.ip, st.port.port, self._groups, gen, split)
+            ecds[cls.name] = cls
+        return largest
 
     def _render_slot(self, st: _PortState, gen: int, split: int, j: int, named: AbstractSet[int] | None,
                      tables: dict[tuple[int, int], dict[int, list[IPNetwork]]],
@@ -538,13 +546,14 @@ class Publisher:
         """Slot `j` of the port's incarnation `gen` split `split` ways (the rest if `j` is REST)."""
         p = st.port
         assert st.world is not None
-        table = tables.get((split, j))
+        at = (0 if j == source_slots.REST else split, j)  # the rest's table is every split's
+        table = tables.get(at)
         if table is None:
             if j == source_slots.REST:
                 blocks: Iterable[IPNetwork] = ()
             else:
                 blocks = [b for i in range(j, source_slots.SOURCE_SLOTS, split) for b in self._slot_blocks.get(i, ())]
-            table = tables[(split, j)] = source_slots.slot_table(j, self._by_block, self._broad, blocks)
+            table = tables[at] = source_slots.slot_table(j, self._by_block, self._broad, blocks)
         return source_slots.source_slot_config(
             p.ip, p.port, j, st.decide, st.world, self._by_block, self._broad,
             auth_verified=self.auth_verified, table=table, memo=memo, gen=gen, named=named, split=split,

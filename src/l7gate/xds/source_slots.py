@@ -75,6 +75,9 @@ REST = -1  # the slot of addresses in no block
 # A port's split (`split_for`): a slot of ~32 kB costs Envoy ~5 ms to take. Estimates per
 # source prefix (a range in a slot's trie) and per slot (its RBAC and world's leaf).
 SLOT_TARGET_BYTES = 32 * 1024
+# A port whose slot passes this many times the target moves to a new listener, split more
+# ways (`Publisher`): rare by construction, as a move costs a listener built anew.
+SLOT_MOVE_FACTOR = 4
 _RANGE_BYTES = 16
 _SLOT_BYTES = 600
 # RFC 6666 discard-only prefix: no TCP peer has one. Names an empty slot in the classifier.
