@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from l7gate.identity.ipcache import IPCacheChange
 from l7gate.policy.labels import Labels
 from l7gate.policy.parse import parse_policy
 from l7gate.policy.resolve import Resolver
+from l7gate.testing.wait import eventually
 from l7gate.xds import cache as cache_mod
 from l7gate.xds import resources, source_slots
 from l7gate.xds.cache import EXTENSION_CONFIG, LISTENER, ROUTE
@@ -340,6 +342,84 @@ def test_cidr_prefix_spanning_slots_on_envoy(world: World) -> None:
         assert status(f"127.{S}.5.2", "POST", "/x") == 403
         assert status(f"127.{S}.5.1", "GET", "/g0") == 200
     finally:
+        pub.set_ports([])
+        pub.flush()
+        world.synced()
+
+
+def test_a_new_listener_warms_until_its_slots_arrive_while_the_old_one_serves(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why a move (a new listener incarnation) meets no slot Envoy lacks: a slot's
+    `dynamic_config` does not apply its deny-all default without warming, so Envoy keeps the new
+    listener warming until every slot it names has arrived, and the old listener serves. Here a
+    port of its own moves while one slot of the new incarnation is held back from the cache."""
+    node = world.agent.config.node_id
+    port = 8082
+    world.serve(BILLING, port, "billing-8082")
+    r = Resolver()
+    held_back: set[str] = set()
+
+    class Sink:
+        """The agent's cache, minus the slots held back (their references are not checked)."""
+
+        def apply(self, node_id: str, delta: cache_mod.SnapshotDelta) -> object:
+            for name in held_back:
+                delta.upserted.get(EXTENSION_CONFIG, {}).pop(name, None)
+            return world.agent.cache.apply(node_id, delta)
+
+    pub = Publisher(Sink(), node, r.endpoint_policy)
+    bill, peer = 70_101, 70_102
+    pub.on_policy_delta(r.update_identities({bill: Labels.of({"app": "b8082", "io.kubernetes.pod.namespace": "payments"}),
+                                             peer: Labels.of({"app": "frontend-service", "io.kubernetes.pod.namespace": "web"})}))
+    pub.on_policy_delta(r.add_endpoint(bill))
+    doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy", "metadata": {"name": "b8082"},
+           "spec": {"endpointSelector": {"matchLabels": {"app": "b8082"}}, "ingress": [
+               {"fromEndpoints": [{"matchLabels": {"app": "frontend-service"}}],
+                "toPorts": [{"ports": [{"port": str(port), "protocol": "TCP"}],
+                             "rules": {"http": [{"method": "POST", "path": "/v1/charge"}]}}]}]}}
+    pub.on_policy_delta(r.upsert_policy(parse_policy(doc, cluster_name="cluster-a")))
+    for rev, (prefix, ident) in enumerate(((f"{BILLING}/32", bill), (f"{FRONTEND}/32", peer)), start=1):
+        pub.on_ipcache_change(IPCacheChange(ipaddress.ip_network(prefix), None, ident, rev))
+    lname = resources.listener_name(BILLING, port)
+    pub.set_ports([resources.ProxiedPort(bill, BILLING, port, BILLING, port + 10000)])
+
+    def listener_state() -> dict[str, Any]:
+        dump = json.loads(world.agent.envoy.admin_get("/config_dump?resource=dynamic_listeners"))  # type: ignore[union-attr]
+        (mine,) = [c for c in dump["configs"] if c.get("name") == lname]
+        return dict(mine)
+
+    try:
+        pub.flush()
+        world.synced()
+        world.wait_listening(BILLING, port)
+        assert request(FRONTEND, BILLING, port, "POST", "/v1/charge").status == 200
+        before = pub.split_of(BILLING, port)
+        # the move: a slot past SLOT_MOVE_FACTOR x a tiny target; one new slot held back
+        monkeypatch.setattr(pub, "slot_target", 64)
+        monkeypatch.setattr(cache_mod, "_extension_refs", lambda name, ext: iter(()))
+        held_back.add(source_slots.slot_name(BILLING, port, source_slots.REST, 1,
+                                             pub._want_split(pub._ports[(BILLING, port)], None)))
+        pub.on_policy_delta(r.upsert_policy(parse_policy({**doc, "metadata": {"name": "b8082-2"}}, cluster_name="cluster-a")))
+        pub.flush()
+        after = pub.split_of(BILLING, port)
+        new_cls = source_slots.classifier_name(BILLING, port, 1, after)
+        assert after > before and held_back <= set(source_slots.slot_names(BILLING, port, 1, after)), (before, after)
+        eventually(lambda: new_cls in json.dumps(listener_state().get("warming_state", {})), 10, "the new listener warming")
+        for _ in range(10):  # the old listener serves meanwhile, with its own slots
+            assert request(FRONTEND, BILLING, port, "POST", "/v1/charge").status == 200
+            assert request(OTHER, BILLING, port, "POST", "/v1/charge").status == 403
+            time.sleep(0.1)
+        state = listener_state()
+        assert "warming_state" in state and new_cls not in json.dumps(state.get("active_state", {}))
+        held_back.clear()
+        pub.mark_identity(bill)  # every slot rendered again, the held-back one included
+        pub.flush()
+        eventually(lambda: new_cls in json.dumps(listener_state().get("active_state", {}))
+                   and "warming_state" not in listener_state(), 10, "the new listener active")
+        assert request(FRONTEND, BILLING, port, "POST", "/v1/charge").status == 200
+        assert request(OTHER, BILLING, port, "POST", "/v1/charge").status == 403
+    finally:
+        held_back.clear()
         pub.set_ports([])
         pub.flush()
         world.synced()
