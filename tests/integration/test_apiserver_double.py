@@ -353,6 +353,23 @@ def test_list_pages_are_one_consistent_snapshot(api: ApiServerDouble, tmp_path: 
     assert int(now.metadata.resource_version) == api.revision
 
 
+def test_a_list_at_any_version_comes_whole_as_from_the_watch_cache(api: ApiServerDouble, tmp_path: Path) -> None:
+    """resourceVersion=0 is served by a real API server from its watch cache, which ignores
+    `limit`: one response, no continue token (client-go's reflector lists so first). An exact
+    read at version 0 is refused; an explicit version with `limit` pages."""
+    v1 = kclient.CoreV1Api(python_client(api, tmp_path))
+    for i in range(5):
+        api.create(pod(f"p{i}"))
+    whole = v1.list_namespaced_pod("default", limit=2, resource_version="0")
+    assert [p.metadata.name for p in whole.items] == [f"p{i}" for i in range(5)]
+    assert not whole.metadata._continue and int(whole.metadata.resource_version) == api.revision
+    paged = v1.list_namespaced_pod("default", limit=2)
+    assert len(paged.items) == 2 and paged.metadata._continue
+    with pytest.raises(kclient.ApiException) as exc:
+        v1.list_namespaced_pod("default", limit=2, resource_version="0", resource_version_match="Exact")
+    assert exc.value.status == 422
+
+
 def test_watch_from_the_list_sees_every_change_then_bookmarks(api: ApiServerDouble, tmp_path: Path) -> None:
     co = kclient.CustomObjectsApi(python_client(api, tmp_path))
     api.create(cnp("a"))

@@ -147,6 +147,9 @@ def test_pages_bookmarks_resume_and_410_gone() -> None:
     ]})
     got = run_watch(api, CNPS, lambda got, w: len(api.watches(path)) >= 3)
     assert [q.get("continue") for q in api.lists(path)] == [None, "c1", None]
+    # the first listing at any version (a real server: from its watch cache); a continue token
+    # carries no version; the relist after 410 reads the current version
+    assert [q.get("resourceVersion") for q in api.lists(path)] == ["0", None, None]
     assert [q["resourceVersion"] for q in api.watches(path)] == ["10", "15", "30"]
     first = api.watches(path)[0]
     assert first["allowWatchBookmarks"] == "true" and first["timeoutSeconds"] == "90"  # 60 × (1 + 0.5)

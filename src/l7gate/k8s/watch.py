@@ -7,7 +7,9 @@ Services, EndpointSlices, CiliumNetworkPolicies, CiliumClusterwideNetworkPolicie
 NetworkPolicies, CiliumCIDRGroups, across all namespaces) doing what client-go's reflector does:
 
 1. LIST, in pages of `page_size` (`limit`/`continue`; an expired continue token restarts the
-   list), remembering the list's `resourceVersion`. A resource the server does not serve in its
+   list), remembering the list's `resourceVersion`. The first listing asks for
+   `resourceVersion=0` (any version), as client-go's reflector does: a real API server serves
+   it from its watch cache, whole; relists read the current version, paged. A resource the server does not serve in its
    first API version (404) is listed, and then watched, in the next one it names
    (`Resource.older_versions`: CiliumCIDRGroup is v2 from Cilium 1.18, v2alpha1 before);
 2. WATCH from that version with `allowWatchBookmarks` (a bookmark only moves the version on)
@@ -305,10 +307,17 @@ class ResourceWatch:
         versions = list(self.resource.versions)  # each tried once per listing, first first
         self.api_version = versions.pop(0)
         self._path = self.resource.path_for(self.api_version)
+        # The first listing reads at any version ("0"), as client-go's reflector does: a real
+        # API server answers it from its watch cache, whole, without paging (and without a
+        # consistent read from etcd); a relist (after "410 Gone" or an ERROR event) reads the
+        # current version, in pages. The watch resumes from the listing's version either way.
+        first = self.listed_at is None
         while True:
             query = {"limit": str(self._page_size)}
             if token:
                 query["continue"] = token
+            elif first:
+                query["resourceVersion"] = "0"
             try:
                 page = self._api.json("GET", self._path, query)
             except Gone:

@@ -16,6 +16,10 @@ DELETED; the object after, and the object before) to one log ordered by revision
   events after N. That needs the log back to N: `compact(C)` forgets revisions up to C as etcd's
   compaction does, so reads at N < C answer "410 Expired", and watches from N < C get an ERROR
   event with a 410 Status ("too old resource version: N (C)", the watch cache's message).
+- A list at `resourceVersion=0` (any version) is the one a real API server answers from its
+  watch cache; that cache does not page (before Kubernetes 1.33's cache snapshots), so `limit`
+  is ignored and the whole list comes in one response, without a continue token, as
+  client-go's reflector expects of its first listing.
 - A watch is a cursor into the log (a sequence number) with its resource, namespace and
   selectors. `watch_next` blocks on the one condition variable until the log grows past the
   cursor, a deadline passes or the watch is cut, then returns the cursor's events translated
@@ -362,6 +366,8 @@ class Store:
             state = self._state_at(rt, read_rev)
             keys = sorted(k for k, o in state.items()
                           if (not ns or k[0] == ns) and selector.matches(o) and (not start or f"{k[0]}/{k[1]}" > start))
+            if rv == "0" and not cont and rv_match != "Exact":
+                limit = 0  # served from the "watch cache", which does not page (module doc)
             page = keys[:limit] if limit else keys
             meta: Obj = {"resourceVersion": str(read_rev)}
             if limit and len(keys) > limit:
