@@ -5,10 +5,13 @@ The contract both backends share (SQLite and etcd) is tests/integration/test_kvs
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from l7gate.kvstore import Event, EventType, KVStoreError, SQLiteKVStore, Watch
 from l7gate.kvstore.sqlite import prefix_end
@@ -211,3 +214,82 @@ def test_garbage_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not a database" * 100)
     with pytest.raises(KVStoreError, match="cannot open kvstore"):
         SQLiteKVStore(str(path))
+
+
+_KEYS = st.sampled_from([f"k/{i}" for i in range(6)])
+_ITEMS = st.lists(st.tuples(_KEYS, st.binary(max_size=4)), max_size=12)
+
+
+def _tables(s: SQLiteKVStore) -> tuple[list[object], list[object], list[object]]:
+    db = s._db  # the raw rows: put_many must leave exactly what one put after another leaves
+    return (db.execute("SELECT * FROM kv ORDER BY key").fetchall(),
+            db.execute("SELECT * FROM events ORDER BY revision").fetchall(),
+            db.execute("SELECT * FROM meta ORDER BY name").fetchall())
+
+
+@settings(max_examples=60, deadline=None)
+@given(before=_ITEMS, many=_ITEMS, after=_ITEMS, in_batch=st.booleans(), lease=st.booleans())
+def test_put_many_writes_what_one_put_after_another_writes(
+    before: list[tuple[str, bytes]], many: list[tuple[str, bytes]], after: list[tuple[str, bytes]],
+    in_batch: bool, lease: bool,
+) -> None:
+    """Same rows, revisions, events (and so watches), history trimming and lease as `put` one
+    by one, inside a batch or not; keys repeated within the call: the last one wins."""
+    stores = [SQLiteKVStore(":memory:", history=5, clock=ManualClock(start=1000.0)) for _ in range(2)]
+    revs = []
+    for bulk, s in zip((False, True), stores):
+        for k, v in before:
+            s.put(k, v)
+        lid = s.grant_lease(60.0) if lease else None
+        with s.batch() if in_batch else contextlib.nullcontext():
+            if bulk:
+                rev = s.put_many(many, lease=lid)
+            else:
+                rev = 0
+                for k, v in many:
+                    rev = s.put(k, v, lease=lid)
+            for k, v in after:
+                s.put(k, v)
+        revs.append((rev, s.revision))
+    assert revs[0] == revs[1]
+    assert _tables(stores[0]) == _tables(stores[1])
+    for s in stores:
+        s.close()
+
+
+def test_put_many_refuses_a_bad_key_and_writes_nothing(store: SQLiteKVStore) -> None:
+    store.put("a", b"1")
+    rev = store.revision
+    with pytest.raises(KVStoreError):
+        store.put_many([("b", b"2"), ("", b"3")])
+    with pytest.raises(KVStoreError, match="lease"):
+        store.put_many([("b", b"2")], lease=12345)
+    assert store.revision == rev and store.get("b") is None
+
+
+@pytest.mark.parametrize("n", [1, 6, 300, 600])
+def test_put_many_trims_the_history_as_puts_do(n: int) -> None:
+    """Across a multiple of the trimming period: the same events kept, the same compaction
+    point (the period is 256 revisions; 250 are written first)."""
+    stores = [SQLiteKVStore(":memory:", history=5) for _ in range(2)]
+    items = [(f"t/{i % 7}", str(i).encode()) for i in range(n)]
+    for bulk, s in zip((False, True), stores):
+        s.put_many([(f"p/{i}", b"") for i in range(250)]) if bulk else [s.put(f"p/{i}", b"") for i in range(250)]
+        if bulk:
+            s.put_many(items)
+        else:
+            for k, v in items:
+                s.put(k, v)
+    tables = [_tables(s) for s in stores]
+    compacted = [dict(t[2])["compacted"] for t in tables]
+    assert tables[0][0] == tables[1][0] and stores[0].revision == stores[1].revision
+    # one put after another trims at each multiple it reaches; one put_many once, at its end,
+    # to the last `history` events: never less trimmed, never a kept event that differs
+    assert compacted[1] >= compacted[0]
+    assert (compacted[1] > 0) == (250 + n >= 256)
+    assert set(tables[1][1]) <= set(tables[0][1])
+    assert [r[0] for r in tables[1][1]][-5:] == list(range(stores[1].revision - 4, stores[1].revision + 1))
+    if compacted[1]:
+        assert min(r[0] for r in tables[1][1]) == compacted[1] + 1
+    for s in stores:
+        s.close()

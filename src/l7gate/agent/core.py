@@ -563,13 +563,14 @@ class AgentCore:
         policies, namespaces, pods = checked.policies, checked.namespaces, checked.pods
         result = ApplyResult()
         touched: set[str] = set()
+        writes: list[tuple[str, bytes]] = []  # into the store at the end, in one statement
         for ns, doc in namespaces:
             key = f"{ns.cluster}/{ns.name}"
             old = self._namespaces.get((ns.cluster, ns.name))
             self._namespaces[(ns.cluster, ns.name)] = ns
             self._namespace_docs[key] = doc
             if persist:
-                self.store.put(NAMESPACE_PREFIX + key, _canonical(doc))
+                writes.append((NAMESPACE_PREFIX + key, _canonical(doc)))
             self._record(result, f"namespace/{key}", old is None, old == ns)
             # A namespace seen for the first time relabels its pods too: pods applied before it
             # have no namespace labels yet, and a NetworkPolicy's namespaceSelector reads them.
@@ -591,7 +592,7 @@ class AgentCore:
                 self._add_pod(pod)
                 self._pod_docs[pod.ref] = doc
                 if persist:
-                    self.store.put(POD_PREFIX + pod.ref, _canonical(doc))
+                    writes.append((POD_PREFIX + pod.ref, _canonical(doc)))
             self._record(result, f"pod/{pod.ref}", old_doc is None, same)
         for svc, doc in checked.services:
             key = f"{svc.cluster}/{svc.ref}"
@@ -602,7 +603,7 @@ class AgentCore:
                 self._services_changed(local_service=True)
                 self._service_docs[key] = doc
                 if persist:
-                    self.store.put(SERVICE_PREFIX + key, _canonical(doc))
+                    writes.append((SERVICE_PREFIX + key, _canonical(doc)))
             self._record(result, f"service/{key}", old_doc is None, same)
             if not same:
                 touched.add(svc.ref)
@@ -614,7 +615,7 @@ class AgentCore:
                 touched.update(self._upsert_slice(es))
                 self._slice_docs[key] = doc
                 if persist:
-                    self.store.put(ENDPOINT_SLICE_PREFIX + key, _canonical(doc))
+                    writes.append((ENDPOINT_SLICE_PREFIX + key, _canonical(doc)))
             self._record(result, f"endpointslice/{key}", old_doc is None, same)
         for node, doc in checked.nodes:
             old_doc = self._node_docs.get(node.ref)
@@ -624,7 +625,7 @@ class AgentCore:
                 self._node_docs[node.ref] = doc
                 self._nodes_dirty = True
                 if persist:
-                    self.store.put(NODE_PREFIX + node.ref, _canonical(doc))
+                    writes.append((NODE_PREFIX + node.ref, _canonical(doc)))
             self._record(result, f"node/{node.ref}", old_doc is None, same)
         changed_groups: list[tuple[CIDRGroup, Any]] = []
         for group, doc in checked.groups:
@@ -633,7 +634,7 @@ class AgentCore:
             if not same:
                 changed_groups.append((group, doc))
                 if persist:
-                    self.store.put(CIDR_GROUP_PREFIX + group.name, _canonical(doc))
+                    writes.append((CIDR_GROUP_PREFIX + group.name, _canonical(doc)))
             self._record(result, group.key, old_doc is None, same)
         changed: list[tuple[Policy, Any]] = []
         for policy, doc in policies:
@@ -643,8 +644,9 @@ class AgentCore:
             if not same:
                 changed.append((policy, doc))
                 if canonical is not None and persist:
-                    self.store.put(POLICY_PREFIX + policy.key, canonical)
+                    writes.append((POLICY_PREFIX + policy.key, canonical))
             self._record(result, policy.key, old is None, same)
+        self.store.put_many(writes)
         return result, changed, changed_groups, touched
 
     def _expanded(self, changed: Sequence[Policy], *, groups_changed: bool = False,

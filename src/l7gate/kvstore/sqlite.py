@@ -305,28 +305,32 @@ class SQLiteKVStore:
             db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (self._batch_rev,))
             self._batch_rev = None
 
-    def _bump(self, db: sqlite3.Connection) -> int:
+    def _bump(self, db: sqlite3.Connection, n: int = 1) -> int:
+        """Take the next `n` revisions; returns the last. Inside a batch, the counter is kept
+        in memory until the batch's end (`_write_batch_rev`)."""
         if self._batch_depth:
             if self._batch_rev is None:
                 self._batch_rev = int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
-            self._batch_rev += 1
+            self._batch_rev += n
             rev = self._batch_rev
         else:
-            rev = int(
-                db.execute(
-                    "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
-                ).fetchone()[0]
-            )
-        if rev % _TRIM_EVERY == 0 and rev > self._history:
+            rev = int(db.execute("UPDATE meta SET value = value + ? WHERE name = 'revision' RETURNING value",
+                                 (n,)).fetchone()[0])
+        return rev
+
+    def _trim(self, db: sqlite3.Connection, rev: int, n: int = 1) -> None:
+        """Trim the history to the last `history` events when the revisions up to `rev` just
+        taken (`n` of them) passed a multiple of _TRIM_EVERY."""
+        if rev // _TRIM_EVERY != (rev - n) // _TRIM_EVERY and rev > self._history:
             floor = rev - self._history
             db.execute("DELETE FROM events WHERE revision <= ?", (floor,))
             db.execute(
                 "UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'", (floor,)
             )
-        return rev
 
     def _record(self, db: sqlite3.Connection, kind: EventType, key: str, value: bytes) -> int:
         rev = self._bump(db)
+        self._trim(db, rev)
         db.execute(
             "INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
             (rev, kind.value, key, value),
@@ -409,12 +413,29 @@ class SQLiteKVStore:
 
     def put_many(self, items: Iterable[tuple[str, bytes]], lease: int | None = None) -> int:
         """Put many keys in one transaction (SQLite has no size limit on one, so this is
-        atomic here; etcd's is not). Returns the revision of the last."""
-        rev = 0
+        atomic here; etcd's is not), joining the caller's batch if there is one: the same
+        revisions, events and rows as one `put` after another, written with one statement per
+        table. Returns the revision of the last (0 for no items)."""
+        rows = [(check_key(key), check_value(value)) for key, value in items]
+        if not rows:
+            return 0
         with self.batch():
-            for key, value in items:
-                rev = self.put(key, value, lease=lease)
-        return rev
+            db = self._db
+            self._check_lease(db, lease)
+            last = self._bump(db, len(rows))
+            first = last - len(rows) + 1
+            put = EventType.PUT.value
+            db.executemany("INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
+                           [(first + i, put, key, value) for i, (key, value) in enumerate(rows)])
+            db.executemany(
+                "INSERT INTO kv (key, value, create_revision, mod_revision, lease)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " value = excluded.value, mod_revision = excluded.mod_revision,"
+                " lease = excluded.lease",
+                [(key, value, first + i, first + i, lease) for i, (key, value) in enumerate(rows)],
+            )
+            self._trim(db, last, len(rows))
+        return last
 
     def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
         key, value = check_key(key), check_value(value)
