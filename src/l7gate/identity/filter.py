@@ -30,6 +30,7 @@ that `kubernetes.io/metadata.name` can be selected on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from l7gate.identity.numeric import IdentityError
@@ -66,6 +67,7 @@ def _in_owned_domain(key: str) -> bool:
     return any(domain == d or domain.endswith("." + d) for d in _OWNED_DOMAINS)
 
 
+@functools.lru_cache(maxsize=8192)  # the same few keys, on every pod
 def is_identity_relevant(key: str) -> bool:
     """Whether a pod label with this key takes part in the pod's identity."""
     return not (

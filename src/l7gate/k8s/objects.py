@@ -146,6 +146,7 @@ class _Errors:
         self.found.append(Finding(path, message))
 
 
+@functools.lru_cache(maxsize=8192)  # the same few keys, on every object
 def _label_key_problem(key: str) -> str | None:
     prefix, slash, name = key.rpartition("/")
     if slash:
@@ -165,6 +166,17 @@ def _label_key_problem(key: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8192)  # the same few values, on every object
+def _label_value_problem(value: str) -> str | None:
+    """What is wrong with a non-empty label value, or None."""
+    if len(value) > 63:
+        return "label value must be at most 63 characters"
+    if not _LABEL_NAME.fullmatch(value):
+        return ("label value must consist of letters, digits, '-', '_' or '.',"
+                " and start and end with a letter or digit")
+    return None
+
+
 def _string_map(
     obj: Mapping[str, Any], field_name: str, path: str, errors: _Errors, *, labels: bool
 ) -> dict[str, str]:
@@ -179,24 +191,17 @@ def _string_map(
         if not isinstance(key, str):
             errors.add(f"{path}.{key}", "key must be a string")
             continue
-        where = f"{path}.{key}"
         problem = _label_key_problem(key)
         if problem is not None:
-            errors.add(where, f"invalid key: {problem}")
+            errors.add(f"{path}.{key}", f"invalid key: {problem}")
             continue
         if not isinstance(value, str):
-            errors.add(where, "must be a string")
+            errors.add(f"{path}.{key}", "must be a string")
             continue
         if labels and value:
-            if len(value) > 63:
-                errors.add(where, "label value must be at most 63 characters")
-                continue
-            if not _LABEL_NAME.fullmatch(value):
-                errors.add(
-                    where,
-                    "label value must consist of letters, digits, '-', '_' or '.',"
-                    " and start and end with a letter or digit",
-                )
+            problem = _label_value_problem(value)
+            if problem is not None:
+                errors.add(f"{path}.{key}", problem)
                 continue
         out[key] = value
     return out

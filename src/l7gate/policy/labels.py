@@ -10,6 +10,7 @@ is what makes them reserved: `reserved:world`, `reserved:host`. CIDR identities 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ NODE_SOURCE = "node"
 _STRIPPED_SOURCES = ("k8s:", "any:", "container:", "unspec:")
 
 
+@functools.lru_cache(maxsize=8192)  # the same few keys, on every pod
 def normalize_key(key: str) -> str:
     """Canonical form of a label or selector key: drop a k8s/any source, keep reserved/cidr."""
     for prefix in _STRIPPED_SOURCES:
