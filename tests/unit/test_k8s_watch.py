@@ -15,11 +15,11 @@ import pytest
 import urllib3
 
 from l7gate.agent.health import EnforcementWatch
-from l7gate.k8s.reconcile import CIDRGROUPS, CNPS, NAMESPACES, Backoff, Resource
+from l7gate.k8s.reconcile import CIDRGROUPS, CNPS, NAMESPACES, PODS, Backoff, Resource
 from l7gate.k8s.watch import ApiError, KubeConfigError, ResourceWatch, Watcher, _Event, _Listed, load_configuration
 from l7gate.testing.wait import eventually
 
-from .test_k8s_reconcile import FakeSink, api_cnp
+from .test_k8s_reconcile import FakeSink, api_cnp, api_pod
 
 
 class Stream:
@@ -285,6 +285,77 @@ def make_watcher(api: ScriptedApi, sink: FakeSink) -> tuple[Watcher, list[str]]:
     return w, logs
 
 
+def publications(sink: FakeSink) -> int:
+    """How many outermost batches the sink saw end (nested ones publish nothing in the agent)."""
+    depth = n = 0
+    for call, _ in sink.calls:
+        if call == "batch":
+            depth += 1
+        elif call == "publish":
+            depth -= 1
+            n += depth == 0
+    return n
+
+
+def late(api: ScriptedApi, path: str, gate: threading.Event) -> None:
+    """The listing of `path` waits for `gate`."""
+    orig = api.json
+
+    def json_(method: str, p: str, query: Any = None, body: Any = None, timeout: Any = None) -> dict[str, Any]:
+        if p == path and method == "GET":
+            gate.wait(10)
+        return orig(method, p, query, body, timeout)
+
+    api.json = json_  # type: ignore[method-assign]
+
+
+def test_the_first_listings_are_applied_while_a_later_one_is_on_its_way_and_published_once() -> None:
+    """Policies are applied while the pods' listing is still coming, inside the batch the pods
+    then join: one publication, pods after policies, ready only after the pods."""
+    gate = threading.Event()
+    api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}],
+                       PODS.path: [{"metadata": {"resourceVersion": "4"}, "items": [api_pod("p1", "10.0.0.5")]}]})
+    late(api, PODS.path, gate)
+    sink = FakeSink()
+    w, _ = make_watcher(api, sink)
+    w.start()
+    try:
+        eventually(lambda: any(c[0] == "apply" for c in sink.calls), 5, "the policies applied")
+        assert [c for c in sink.calls if c[0] == "apply"] == [("apply", ["CiliumNetworkPolicy/payments/a"])]
+        assert publications(sink) == 0 and not w.ready  # held open for the pods
+        gate.set()
+        assert w.wait_ready(5)
+        assert [c[1] for c in sink.calls if c[0] == "apply"] == [["CiliumNetworkPolicy/payments/a"],
+                                                                 ["cluster-a/web/p1"]]
+        assert publications(sink) == 1 and sink.calls[-1] == ("publish", None)
+    finally:
+        gate.set()
+        w.stop()
+
+
+def test_a_listing_that_does_not_come_lets_the_ones_before_it_be_published_after_the_hold() -> None:
+    gate = threading.Event()
+    api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}],
+                       PODS.path: [{"metadata": {"resourceVersion": "4"}, "items": [api_pod("p1", "10.0.0.5")]}]})
+    late(api, PODS.path, gate)
+    sink = FakeSink()
+    logs: list[str] = []
+    w = Watcher(api, sink, cluster="cluster-a", node="node-a1", log=logs.append,  # type: ignore[arg-type]
+                watch_timeout=60, read_grace=5, backoff=lambda: Backoff(base=0.001, cap=0.002), early_hold=0.3)
+    w.start()
+    try:
+        eventually(lambda: publications(sink) == 1, 5, "the policies published after the hold")
+        assert not w.ready and "pods" in " ".join(w.problems())
+        assert any("no first listing of pods" in line for line in logs), logs
+        assert ("CiliumNetworkPolicy", "CiliumNetworkPolicy/payments/a") in sink.docs
+        gate.set()
+        assert w.wait_ready(5)
+        assert ("Pod", "cluster-a/web/p1") in sink.docs and publications(sink) == 2
+    finally:
+        gate.set()
+        w.stop()
+
+
 def test_ready_only_once_every_first_listing_is_applied_together() -> None:
     gate = threading.Event()
 
@@ -306,13 +377,15 @@ def test_ready_only_once_every_first_listing_is_applied_together() -> None:
         eventually(lambda: all(x.listed_at for x in w.watches if x.resource is not CNPS), 5, "the other listings")
         assert not w.ready and "ciliumnetworkpolicies" in w.problems()[0]
         assert health.problems() == w.problems()
-        # Nothing is applied before every first listing is there: never pods without policies.
-        assert sink.calls == []
+        # Nothing after the late listing is applied before it: never pods without policies;
+        # and nothing is published (the batch the listings before it went into is open).
+        assert [c for c in sink.calls if c[0] == "apply"] == [] and publications(sink) == 0
         gate.set()
         assert w.wait_ready(5)
         assert w.problems() == [] and health.problems() == []
         applies = [c for c in sink.calls if c[0] == "apply"]
         assert applies == [("apply", ["CiliumNetworkPolicy/payments/a", "CiliumNetworkPolicy/payments/b"])]
+        assert publications(sink) == 1 and sink.calls[-1] == ("publish", None)
         st = w.status()
         assert st["synced"] and st["resources"]["ciliumnetworkpolicies"]["in_force"] == 2
         assert st["connection"] in ("connected", "disconnected") and st["server"] == api.host

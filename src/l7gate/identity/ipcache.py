@@ -64,7 +64,7 @@ def _host_prefix(text: str) -> IPNetwork:
     # from its number: a third of what ip_network(addr) costs, which parses its text again
     if addr.version == 4:
         return ipaddress.IPv4Network((int(addr), 32))
-    if addr.scope_id is None:  # type: ignore[union-attr]
+    if addr.scope_id is None:
         return ipaddress.IPv6Network((int(addr), 128))
     return ipaddress.ip_network(addr)
 

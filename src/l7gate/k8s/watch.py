@@ -30,10 +30,15 @@ The threads do not touch the agent. They project each object (`reconcile.project
 listings and events; ONE applier thread drains the queue, merges what it drained
 (`reconcile.Pending`: the last state per object wins) and hands it to `reconcile.Reconciler`,
 which applies it through the agent's `ObjectSink`. A burst of events is one apply, not one per
-event; the initial sync waits for the first listing of every resource and applies them as one
-request per resource, in order (namespaces, nodes, policies, Services, EndpointSlices, pods). Only then is the
-watcher `ready` (`problems()` is empty): the agent's /healthz waits for it. A failure of the
-sink itself (not a refusal) keeps what was drained and retries it after a back-off.
+event. The initial sync applies the first listing of every resource as one request per
+resource, in order (namespaces, nodes, policies, Services, EndpointSlices, pods), all in one
+batch of the agent (one publication): a listing is applied as soon as it and every listing
+before it have come, while later ones (pods, the slowest on a large cluster) are still on their
+way; a batch held `EARLY_HOLD` seconds for a listing that does not come is published (each
+resource in it a whole listing) and the rest follows when it comes. Only once every first
+listing is applied is the watcher `ready` (`problems()` is empty): the agent's /healthz waits
+for it. A failure of the sink itself (not a refusal) keeps what was drained and retries it
+after a back-off.
 
 An object the agent refuses is logged and kept in `status()`; a refused policy also gets a
 Kubernetes Event (reason `PolicyInvalid`, the field paths in its message) from this node's
@@ -47,6 +52,7 @@ and `status` from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -70,7 +76,7 @@ from kubernetes.config.incluster_config import (
 
 from .reconcile import (
     CIDRGROUPS, POLICY_KINDS, RESOURCES, Backoff, Desired, ObjectRef, ObjectSink, Pending, Reconciler, Resource,
-    project,
+    Slot, project,
 )
 
 Log = Callable[[str], None]
@@ -80,7 +86,10 @@ POLICY_INVALID = "PolicyInvalid"
 CIDR_GROUP_INVALID = "CIDRGroupInvalid"
 #: Events of cluster-scoped objects go to this namespace, as Kubernetes' own do (Nodes').
 CLUSTER_EVENTS_NAMESPACE = "default"
-EVENT_MESSAGE_MAX = 1024  # events.k8s.io's limit on a note; core/v1 Events are held to it too
+EVENT_MESSAGE_MAX = 1024
+#: How long the initial sync keeps the agent's batch open for first listings still to come once
+#: it has applied those before them (`Watcher._apply_early`); then it publishes what it applied.
+EARLY_HOLD = 5.0  # events.k8s.io's limit on a note; core/v1 Events are held to it too
 
 
 class KubeConfigError(Exception):
@@ -520,8 +529,10 @@ class Watcher:
     def __init__(self, api: ApiConnection, sink: ObjectSink, *, cluster: str, node: str, log: Log,
                  watch_timeout: float = 300.0, read_grace: float = 30.0, page_size: int = 500,
                  backoff: Callable[[], Backoff] = Backoff, resources: Sequence[Resource] = RESOURCES,
-                 events: EventRecorder | None = None) -> None:
+                 events: EventRecorder | None = None, early_hold: float = EARLY_HOLD) -> None:
         self.api = api
+        self._sink = sink
+        self._early_hold = early_hold
         self.cluster = cluster
         self.node = node
         self._log = log
@@ -536,7 +547,7 @@ class Watcher:
                           read_grace=read_grace, page_size=page_size, backoff=backoff())
             for r in resources
         ]
-        self._resources = tuple(resources)
+        self._resources = tuple(r for r in RESOURCES if r in resources)  # in the order they apply
         self._applier: threading.Thread | None = None
         self._reported: dict[tuple[str, str, str], tuple[str, tuple[str, ...]]] = {}
         self.started_at: float | None = None
@@ -544,6 +555,10 @@ class Watcher:
         self.synced_at: float | None = None
         self.sync_seconds: float | None = None
         self.apply_error = ""
+        # the initial sync's first listings applied ahead of the rest, and the batch they are in
+        self._early: dict[Resource, Slot] = {}
+        self._held: contextlib.ExitStack | None = None
+        self._held_since = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -597,38 +612,114 @@ class Watcher:
     def _apply_loop(self) -> None:
         pending = Pending()
         backoff = self._backoff()
-        while not self._stopping.is_set():
-            try:
-                first = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                first = None
-            if first is not None:
-                fresh = Pending()
-                self._drain(fresh, first)
-                pending.absorb(fresh)
-            if not pending:
+        try:
+            while not self._stopping.is_set():
+                pending = self._apply_step(pending, backoff)
+        finally:
+            if self._held is not None:  # stopping during the initial sync: publish what it applied
+                self._close_held()
+
+    def _apply_step(self, pending: Pending, backoff: Backoff) -> Pending:
+        try:
+            first = self._queue.get(timeout=0.5)
+        except queue.Empty:
+            first = None
+        if first is not None:
+            fresh = Pending()
+            self._drain(fresh, first)
+            pending.absorb(fresh)
+        if not self.ready and not all(pending.listed(r) or r in self._early for r in self._resources):
+            # the initial sync applies every first listing, in order, in one batch
+            self._apply_early(pending, backoff)
+            return pending
+        if not pending and self._held is None:
+            return pending
+        try:
+            left, failures = self.reconciler.run(pending)
+        except Exception as exc:  # noqa: BLE001 - a reporter's failure: keep going
+            left, failures = Pending(), [f"{type(exc).__name__}: {exc}"]
+        if self._held is not None and not failures:
+            error = self._close_held()
+            if error:
+                failures = [error]
+                for r, slot in self._early.items():  # the whole initial sync again, as before
+                    if not left.listed(r):
+                        left.slots[r] = slot
+                self._early.clear()
+        if failures:
+            self.apply_error = "; ".join(failures)
+            self._log(f"kubernetes: the agent failed to apply (retrying): {self.apply_error}")
+            self._stopping.wait(backoff.next())
+            return left
+        backoff.reset()
+        self.apply_error = ""
+        if not self.ready:
+            self._early.clear()
+            self.synced_at = time.time()
+            self.sync_seconds = time.monotonic() - self._t0
+            self._ready.set()
+            counts = ", ".join(f"{s.in_force} {r.name}" for r, s in
+                               ((r, self.reconciler.stats[r.kind]) for r in self._resources))
+            self._log(f"kubernetes: initial sync applied in {self.sync_seconds:.2f}s: {counts}")
+        return left
+
+    def _apply_early(self, pending: Pending, backoff: Backoff) -> None:
+        """The initial sync while some first listings are still to come: the listings whose
+        predecessors (in `RESOURCES` order) are all applied are applied now, inside one batch of
+        the agent held open until the last is (`_held`: one publication, as if all had come at
+        once, while the slow listing, pods on a large cluster, is still on its way). A batch
+        held `early_hold` seconds (a listing that does not come: a resource not served, not
+        allowed) is published: each resource in it is a whole listing, applied in order, and
+        the agent stays not ready until the rest is applied."""
+        ready = []
+        for r in self._resources:
+            if r in self._early:
                 continue
-            if not self.ready and not all(pending.listed(r) for r in self._resources):
-                continue  # the initial sync applies every first listing, in order, together
+            if not pending.listed(r):
+                break
+            ready.append(r)
+        if ready:
+            if self._held is None:
+                held = contextlib.ExitStack()
+                held.enter_context(self._sink.batch())
+                self._held, self._held_since = held, time.monotonic()
+            part = Pending()
+            for r in ready:
+                part.slots[r], pending.slots[r] = pending.slots[r], Slot()
             try:
-                left, failures = self.reconciler.run(pending)
+                left, failures = self.reconciler.run(part)
             except Exception as exc:  # noqa: BLE001 - a reporter's failure: keep going
                 left, failures = Pending(), [f"{type(exc).__name__}: {exc}"]
-            pending = left
+            for r in ready:
+                if left.slots[r]:  # failed: kept, tried again
+                    pending.slots[r] = left.slots[r]
+                else:
+                    self._early[r] = part.slots[r]
             if failures:
                 self.apply_error = "; ".join(failures)
                 self._log(f"kubernetes: the agent failed to apply (retrying): {self.apply_error}")
                 self._stopping.wait(backoff.next())
-                continue
-            backoff.reset()
-            self.apply_error = ""
-            if not self.ready:
-                self.synced_at = time.time()
-                self.sync_seconds = time.monotonic() - self._t0
-                self._ready.set()
-                counts = ", ".join(f"{s.in_force} {r.name}" for r, s in
-                                   ((r, self.reconciler.stats[r.kind]) for r in self._resources))
-                self._log(f"kubernetes: initial sync applied in {self.sync_seconds:.2f}s: {counts}")
+        if self._held is not None and time.monotonic() - self._held_since >= self._early_hold:
+            missing = [r.name for r in self._resources if r not in self._early and not pending.listed(r)]
+            self._log(f"kubernetes: no first listing of {', '.join(missing)} after {self._early_hold:.0f}s: "
+                      f"publishing the {len(self._early)} resources applied so far; not ready until the rest is")
+            error = self._close_held()
+            if error:
+                self.apply_error = error
+                self._log(f"kubernetes: the agent failed to apply (retrying): {error}")
+                for r, slot in self._early.items():
+                    pending.slots[r] = slot
+                self._early.clear()
+
+    def _close_held(self) -> str:
+        """End the initial sync's held batch (the agent publishes it); what failed, or ""."""
+        held, self._held = self._held, None
+        assert held is not None
+        try:
+            held.close()
+        except Exception as exc:  # noqa: BLE001 - retried as a failed apply
+            return f"publishing: {type(exc).__name__}: {exc}"
+        return ""
 
     # -- the Reporter ----------------------------------------------------------------------------
 
