@@ -757,7 +757,8 @@ class AgentCore:
                     try:
                         if self._flush_deferred:
                             self._flush_deferred = False
-                            self._flush()
+                            with collector_paused():  # a batch's publication can be large
+                                self._flush()
                     finally:
                         self._view = None
                         self.revision += 1

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from ..gcpause import paused
+
 SETTLE_PERIOD = 1.0  # seconds
 COMPACTION_PERIOD = 600.0
 
@@ -35,14 +37,10 @@ def collector_paused() -> Iterator[None]:
     """No automatic garbage collection inside: for a large change (a long apply, the restore),
     whose millions of new objects are long-lived. The collector kept walking them as they grew,
     ~0.7 s of a 4 s restore of 10,000 policies; `settle_heap` after the change walks them once.
-    Reference counting still frees everything but cycles meanwhile."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    Reference counting still frees everything but cycles meanwhile. Overlaps with other
+    threads' pauses (`gcpause`: the Kubernetes listings')."""
+    with paused():
         yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def compact() -> float:

@@ -74,6 +74,7 @@ from kubernetes.config.incluster_config import (
     SERVICE_CERT_FILENAME, SERVICE_TOKEN_FILENAME, InClusterConfigLoader,
 )
 
+from ..gcpause import paused
 from .reconcile import (
     CIDRGROUPS, POLICY_KINDS, RESOURCES, Backoff, Desired, ObjectRef, ObjectSink, Pending, Reconciler, Resource,
     Slot, project,
@@ -328,7 +329,8 @@ class ResourceWatch:
             elif first:
                 query["resourceVersion"] = "0"
             try:
-                page = self._api.json("GET", self._path, query)
+                with paused():  # a page is thousands of long-lived objects (gcpause)
+                    page = self._api.json("GET", self._path, query)
             except Gone:
                 if not token:
                     raise
@@ -341,9 +343,10 @@ class ResourceWatch:
                 self._path = self.resource.path_for(self.api_version)
                 continue
             meta = page.get("metadata") or {}
-            for obj in page.get("items") or ():
-                if isinstance(obj, Mapping):
-                    items.append(project(self.resource, obj, self._cluster, api_version=self.api_version))
+            with paused():
+                for obj in page.get("items") or ():
+                    if isinstance(obj, Mapping):
+                        items.append(project(self.resource, obj, self._cluster, api_version=self.api_version))
             token = str(meta.get("continue") or "")
             if not token:
                 rv = str(meta.get("resourceVersion") or "")
