@@ -20,7 +20,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# Imported where they are started, by the agents whose configuration asks for them: ~0.2 s of
+# every other agent's start-up (the SPIFFE library, the DNS proxy, the h11 engine).
+if TYPE_CHECKING:
+    from ..dnsproxy import DNSAnswer, DNSEvent, DNSProxy
+    from ..l7proxy.h11engine import H11Engine
 
 
 from ..clustermesh.allocator import MeshIdentityAllocator
@@ -37,7 +43,6 @@ from ..kvstore.sqlite import SQLiteKVStore
 from ..mtls.auth import AuthManager, boot_ns_for
 from ..mtls.ca import BuiltinCA
 from ..mtls.handshake import MutualAuthServer
-from ..mtls.spire import SpireSource
 from ..mtls.store import SVIDSource, SVIDStore
 from ..observe.flow import AUTH_REQUIRED
 from ..redirect_bpf.applier import IptablesRedirect, ensure_policy_routing
@@ -53,8 +58,6 @@ from ..observe.kernel_flows import SOURCE_KERNEL
 from ..observe.metrics import FlowCollector
 from ..observe.ring import FlowRing
 from ..l7proxy.bootstrap import ApiType, BootstrapConfig, parse_xds_address
-from ..dnsproxy import DNSAnswer, DNSEvent, DNSProxy, DNSVerdict
-from ..l7proxy.h11engine import EngineLimits, EnginePort, H11Engine
 from ..observe.dns_flows import SOURCE_DNS
 from ..observe.envoy_flows import SOURCE_H11
 from ..records import DNSRecord, HTTPRecord
@@ -312,6 +315,8 @@ class _CorePolicy:
 def _start_h11_engine(config: AgentConfig, core: AgentCore, ingestor: Ingestor) -> H11Engine:
     """`proxy.engine: h11`: the engine instead of Envoy, on the ports Envoy would proxy, its
     requests' access logs through the same flow ingestion as Envoy's."""
+    from ..l7proxy.h11engine import EngineLimits, EnginePort, H11Engine
+
     if config.mtls.tunnel:
         raise RuntimeError("proxy.engine h11 cannot carry the mTLS tunnel (mtls.encryption: tunnel), which runs in "
                            "Envoy")
@@ -339,6 +344,8 @@ def _start_dns_proxy(config: AgentConfig, core: AgentCore, ingestor: Ingestor) -
     sends it the queries of pods whose egress policy has DNS rules; it asks the core's policy,
     and hands the core each allowed answer's addresses before the pod gets it. Its events are
     flows; a thread expires learned addresses."""
+    from ..dnsproxy import DNSProxy, DNSVerdict
+
 
     def judge(src: str, server: str, qname: str, qtype: str) -> DNSVerdict:
         allowed, why, policies = core.dns_verdict(src, server, qname)
@@ -473,6 +480,8 @@ class MutualAuth:
         m = config.mtls
         source: SVIDSource
         if m.spire_socket:
+            from ..mtls.spire import SpireSource
+
             source = SpireSource(m.spire_socket, m.trust_domain)
         else:
             source = BuiltinCA.load_or_create(Path(m.ca_dir), m.trust_domain, svid_ttl=m.svid_ttl)
