@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,14 @@ class StoreFailingOn:
         if key == self.key:
             raise KVStoreError(f"{key}: database or disk is full")
         return self.store.put(key, value, lease)
+
+    def put_many(self, items: Iterable[tuple[str, bytes]], lease: int | None = None) -> int:
+        """Fails, having written nothing, when one of the keys is that one (as SQLite's
+        statement would; the caller's batch rolls back what came before)."""
+        items = list(items)
+        if any(key == self.key for key, _ in items):
+            raise KVStoreError(f"{self.key}: database or disk is full")
+        return self.store.put_many(items, lease)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
