@@ -56,7 +56,8 @@ from ..k8s.objects import (
     node_identity_labels, parse_endpoint_slice, parse_node, parse_pod, parse_service, pod_backend,
     pod_identity_labels, scoped_namespace, service_target,
 )
-from ..kvstore.api import KVStore, KVStoreError
+from ..kvstore.api import KVStoreError
+from ..kvstore.sqlite import SQLiteKVStore
 from ..policy.cidrgroup import CIDRGroup, parse_cidr_group
 from ..policy.errors import PolicyValidationError
 from ..policy.labels import Labels
@@ -199,7 +200,7 @@ class AgentCore:
     def __init__(
         self,
         config: AgentConfig,
-        store: KVStore,
+        store: SQLiteKVStore,  # the node's own: a request's objects go in with one put_many, in its batch
         sink: ResourceSink,
         access_logs: Sequence[Message] = (),
         datapath: KernelDatapath | None = None,
