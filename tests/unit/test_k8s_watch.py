@@ -356,6 +356,27 @@ def test_a_listing_that_does_not_come_lets_the_ones_before_it_be_published_after
         w.stop()
 
 
+def test_stopping_during_the_hold_publishes_what_was_applied() -> None:
+    gate = threading.Event()
+    api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}]})
+    late(api, PODS.path, gate)
+    sink = FakeSink()
+    w, _ = make_watcher(api, sink)
+    w.start()
+    stopper = threading.Thread(target=w.stop)
+    try:
+        eventually(lambda: any(c[0] == "apply" for c in sink.calls), 5, "the policies applied")
+        assert publications(sink) == 0
+        stopper.start()  # while the pods' listing is still on its way
+        eventually(lambda: publications(sink) == 1, 5, "the held batch ended by the stop")
+        assert not w.ready
+    finally:
+        gate.set()
+        if stopper.is_alive():
+            stopper.join(10)
+    assert not w.ready and publications(sink) == 1
+
+
 def test_ready_only_once_every_first_listing_is_applied_together() -> None:
     gate = threading.Event()
 
