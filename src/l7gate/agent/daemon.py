@@ -346,7 +346,6 @@ def _start_dns_proxy(config: AgentConfig, core: AgentCore, ingestor: Ingestor) -
     flows; a thread expires learned addresses."""
     from ..dnsproxy import DNSProxy, DNSVerdict
 
-
     def judge(src: str, server: str, qname: str, qtype: str) -> DNSVerdict:
         allowed, why, policies = core.dns_verdict(src, server, qname)
         return DNSVerdict(allowed, why, policies)

@@ -83,6 +83,14 @@ CREATE TABLE IF NOT EXISTS events (
 
 # Trim the history only every so many revisions, so that a write costs one extra DELETE rarely.
 _TRIM_EVERY = 256
+# The row writes of a put (`put`, `put_many`: one statement per row, or per table).
+_INSERT_EVENT = "INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)"
+_UPSERT_KV = (
+    "INSERT INTO kv (key, value, create_revision, mod_revision, lease)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    " value = excluded.value, mod_revision = excluded.mod_revision,"
+    " lease = excluded.lease"
+)
 # Upper bound of events a watch reads from the file in one go.
 _WATCH_BATCH = 1024
 
@@ -331,10 +339,7 @@ class SQLiteKVStore:
     def _record(self, db: sqlite3.Connection, kind: EventType, key: str, value: bytes) -> int:
         rev = self._bump(db)
         self._trim(db, rev)
-        db.execute(
-            "INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
-            (rev, kind.value, key, value),
-        )
+        db.execute(_INSERT_EVENT, (rev, kind.value, key, value))
         return rev
 
     def _delete_locked(
@@ -402,13 +407,7 @@ class SQLiteKVStore:
         with self._write() as db:
             self._check_lease(db, lease)
             rev = self._record(db, EventType.PUT, key, value)
-            db.execute(
-                "INSERT INTO kv (key, value, create_revision, mod_revision, lease)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
-                " value = excluded.value, mod_revision = excluded.mod_revision,"
-                " lease = excluded.lease",
-                (key, value, rev, rev, lease),
-            )
+            db.execute(_UPSERT_KV, (key, value, rev, rev, lease))
         return rev
 
     def put_many(self, items: Iterable[tuple[str, bytes]], lease: int | None = None) -> int:
@@ -425,15 +424,8 @@ class SQLiteKVStore:
             last = self._bump(db, len(rows))
             first = last - len(rows) + 1
             put = EventType.PUT.value
-            db.executemany("INSERT INTO events (revision, type, key, value) VALUES (?, ?, ?, ?)",
-                           [(first + i, put, key, value) for i, (key, value) in enumerate(rows)])
-            db.executemany(
-                "INSERT INTO kv (key, value, create_revision, mod_revision, lease)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
-                " value = excluded.value, mod_revision = excluded.mod_revision,"
-                " lease = excluded.lease",
-                [(key, value, first + i, first + i, lease) for i, (key, value) in enumerate(rows)],
-            )
+            db.executemany(_INSERT_EVENT, [(first + i, put, key, value) for i, (key, value) in enumerate(rows)])
+            db.executemany(_UPSERT_KV, [(key, value, first + i, first + i, lease) for i, (key, value) in enumerate(rows)])
             self._trim(db, last, len(rows))
         return last
 
