@@ -185,6 +185,7 @@ class FakeSink:
         self.calls: list[tuple[str, Any]] = []
         self.fail_next = 0
         self.fail_publish = 0
+        self._depth = 0
 
     def apply(self, docs: Sequence[Mapping[str, Any]]) -> list[str]:
         self.calls.append(("apply", [key_of(d)[1] for d in docs]))
@@ -227,10 +228,15 @@ class FakeSink:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
+        """Nests as the agent's does: only the outermost batch publishes (and may fail to)."""
         self.calls.append(("batch", None))
-        yield
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
         self.calls.append(("publish", None))
-        if self.fail_publish:
+        if self.fail_publish and not self._depth:
             self.fail_publish -= 1
             raise OSError("Envoy's snapshot refused")
 

@@ -356,6 +356,29 @@ def test_a_listing_that_does_not_come_lets_the_ones_before_it_be_published_after
         w.stop()
 
 
+def test_a_failed_publication_of_the_held_batch_applies_the_whole_initial_sync_again() -> None:
+    gate = threading.Event()
+    api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}],
+                       PODS.path: [{"metadata": {"resourceVersion": "4"}, "items": [api_pod("p1", "10.0.0.5")]}]})
+    late(api, PODS.path, gate)
+    sink = FakeSink()
+    w, logs = make_watcher(api, sink)
+    w.start()
+    try:
+        eventually(lambda: any(c[0] == "apply" for c in sink.calls), 5, "the policies applied")
+        sink.fail_publish = 1
+        gate.set()
+        assert w.wait_ready(5)
+        applies = [c[1] for c in sink.calls if c[0] == "apply"]
+        # the policies again (the listing applied ahead is not lost), then the pods again
+        assert applies.count(["CiliumNetworkPolicy/payments/a"]) == 2 and applies[-1] == ["cluster-a/web/p1"], applies
+        assert any("publishing: OSError" in line for line in logs), logs
+        assert ("CiliumNetworkPolicy", "CiliumNetworkPolicy/payments/a") in sink.docs
+    finally:
+        gate.set()
+        w.stop()
+
+
 def test_stopping_during_the_hold_publishes_what_was_applied() -> None:
     gate = threading.Event()
     api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}]})

@@ -637,22 +637,14 @@ class Watcher:
             return pending
         if not pending and self._held is None:
             return pending
-        try:
-            left, failures = self.reconciler.run(pending)
-        except Exception as exc:  # noqa: BLE001 - a reporter's failure: keep going
-            left, failures = Pending(), [f"{type(exc).__name__}: {exc}"]
+        left, failures = self._run(pending)
         if self._held is not None and not failures:
             error = self._close_held()
-            if error:
+            if error:  # all of it again: what was applied ahead, and this run's own
                 failures = [error]
-                for r, slot in self._early.items():  # the whole initial sync again, as before
-                    if not left.listed(r):
-                        left.slots[r] = slot
-                self._early.clear()
+                left = self._restore_early(pending)
         if failures:
-            self.apply_error = "; ".join(failures)
-            self._log(f"kubernetes: the agent failed to apply (retrying): {self.apply_error}")
-            self._stopping.wait(backoff.next())
+            self._failed(failures, backoff)
             return left
         backoff.reset()
         self.apply_error = ""
@@ -689,30 +681,49 @@ class Watcher:
             part = Pending()
             for r in ready:
                 part.slots[r], pending.slots[r] = pending.slots[r], Slot()
-            try:
-                left, failures = self.reconciler.run(part)
-            except Exception as exc:  # noqa: BLE001 - a reporter's failure: keep going
-                left, failures = Pending(), [f"{type(exc).__name__}: {exc}"]
+            left, failures = self._run(part)
             for r in ready:
                 if left.slots[r]:  # failed: kept, tried again
                     pending.slots[r] = left.slots[r]
                 else:
                     self._early[r] = part.slots[r]
             if failures:
-                self.apply_error = "; ".join(failures)
-                self._log(f"kubernetes: the agent failed to apply (retrying): {self.apply_error}")
-                self._stopping.wait(backoff.next())
+                self._failed(failures, backoff)
         if self._held is not None and time.monotonic() - self._held_since >= self._early_hold:
             missing = [r.name for r in self._resources if r not in self._early and not pending.listed(r)]
             self._log(f"kubernetes: no first listing of {', '.join(missing)} after {self._early_hold:.0f}s: "
                       f"publishing the {len(self._early)} resources applied so far; not ready until the rest is")
             error = self._close_held()
             if error:
-                self.apply_error = error
-                self._log(f"kubernetes: the agent failed to apply (retrying): {error}")
-                for r, slot in self._early.items():
-                    pending.slots[r] = slot
-                self._early.clear()
+                self._failed([error], None)
+                restored = self._restore_early(pending)
+                pending.slots = restored.slots
+
+    def _run(self, pending: Pending) -> tuple[Pending, list[str]]:
+        """`Reconciler.run`, a reporter's failure counted as a failure of the whole run."""
+        try:
+            return self.reconciler.run(pending)
+        except Exception as exc:  # noqa: BLE001 - a reporter's failure: keep going
+            return Pending(), [f"{type(exc).__name__}: {exc}"]
+
+    def _failed(self, failures: Sequence[str], backoff: Backoff | None) -> None:
+        """Kept in the status and the log; then the back-off's wait, if there is one."""
+        self.apply_error = "; ".join(failures)
+        self._log(f"kubernetes: the agent failed to apply (retrying): {self.apply_error}")
+        if backoff is not None:
+            self._stopping.wait(backoff.next())
+
+    def _restore_early(self, later: Pending) -> Pending:
+        """After the held batch's publication failed: the listings applied ahead, pending
+        again with whatever came for them since folded in (`later`'s listings and events win),
+        so that the whole initial sync is applied again, as any failed run is."""
+        restored = Pending()
+        for r, slot in self._early.items():
+            assert slot.full is not None  # only listings are applied ahead
+            restored.listing(r, slot.full.values())
+        self._early.clear()
+        restored.absorb(later)
+        return restored
 
     def _close_held(self) -> str:
         """End the initial sync's held batch (the agent publishes it); what failed, or ""."""
