@@ -24,7 +24,6 @@ table's view of a pod, `service_target` what a `toServices` rule reads of a Serv
 from __future__ import annotations
 
 import functools
-
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
