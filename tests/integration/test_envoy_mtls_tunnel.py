@@ -186,11 +186,13 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def capture(tcpdump: str, port: int, out: Path) -> Iterator[Path]:
-    """tcpdump on lo for one TCP port, until the block ends; yields the pcap path."""
+def capture(tcpdump: str, host: str, port: int, out: Path) -> Iterator[Path]:
+    """tcpdump on lo for the TCP traffic of one listening socket (`host`:`port`), until the
+    block ends; yields the pcap path. Matching the port alone also caught, now and then, a
+    client's ephemeral port of the same number on another address of lo (a plaintext hop)."""
     proc = subprocess.Popen(
         [tcpdump, "-i", "lo", "--immediate-mode", "-U", "-n", "-s", "0", "-w", str(out),
-         f"tcp port {port}"],
+         f"tcp and ((dst host {host} and dst port {port}) or (src host {host} and src port {port}))"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -499,8 +501,8 @@ def test_two_envoys_tunnel_http_over_mtls(require_binary: Callable[..., str], tm
         def charge(**kw: Any) -> int:
             return plain_request(node_a_ip, egress_port, "POST", "/v1/charge", body=CARD, **kw)
 
-        with capture(tcpdump, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap, capture(
-            tcpdump, dst_pod.port, tmp_path / "last-hop.pcap"
+        with capture(tcpdump, node_b_ip, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap, capture(
+            tcpdump, dst_pod.ip, dst_pod.port, tmp_path / "last-hop.pcap"
         ) as hop_pcap:
             eventually(lambda: try_status(lambda: charge(source=src_pod_ip)) == 200, 20,
                        "the allowed call through both Envoys")
@@ -829,7 +831,7 @@ def test_two_envoys_tunnel_tcp_over_mtls(require_binary: Callable[..., str], tmp
         def send(source: str, data: bytes = SECRET_LINE) -> bytes:
             return tcp_exchange(node_a_ip, egress_port, source=source, data=data)
 
-        with capture(tcpdump, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap:
+        with capture(tcpdump, node_b_ip, tunnel_port, tmp_path / "tunnel.pcap") as tunnel_pcap:
             eventually(lambda: send(src_pod_ip) == b"echo:" + SECRET_LINE, 20,
                        "the allowed connection through both Envoys")
             assert_synced(servers)
