@@ -192,3 +192,18 @@ def test_rules_differing_only_in_path_are_one_predicate_within_envoys_regex_limi
     assert 1 < len(regexes) < 40
     assert all(compile_regex_size(r) <= MAX_PROGRAM_SIZE for r in regexes)
     assert sum(r.count("(?:/v") for r in regexes) == 40
+
+
+_ALT_PATHS = ["/v1/charge", "/a", "(?i)/Foo/bar", "/x/[a-z]{1,5}", "/users/[0-9]+", ".*", "/api/v[0-9]+/items/.*",
+              "/v7/[a-z]+/[0-9]+/(x|y)", "/health", "/api/[0-9]+/(refund|charge)/[a-f0-9]{8}"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_ALT_PATHS), min_size=1, max_size=14))
+def test_path_alternations_keep_every_path_in_order_within_envoys_limit(paths: list[str]) -> None:
+    out = rbac._path_alternations(paths)
+    assert all(compile_regex_size(r) <= MAX_PROGRAM_SIZE for r in out)
+    def parts(r: str) -> list[str]:  # no path in the pool starts with "(?:"
+        return r[3:-1].split(")|(?:") if r.startswith("(?:") else [r]
+
+    assert [p for r in out for p in parts(r)] == list(dict.fromkeys(paths))

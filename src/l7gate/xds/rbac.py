@@ -194,9 +194,12 @@ def _path_alternations(paths: Iterable[str]) -> list[str]:
     """`paths` (RE2, each within Envoy's program-size limit) packed, in order, into as few
     alternations `(?:a)|(?:b)|...` as fit that limit. A full match of an alternation is a full
     match of one of its patterns (RE2 scopes a flag group like `(?s)` to its own group)."""
+    unique = list(dict.fromkeys(paths))
+    if len(unique) > 2 and compile_regex_size(_alternation(unique)) <= MAX_PROGRAM_SIZE:
+        return [_alternation(unique)]  # the usual case, all in one: one compile, not one per path
     out: list[str] = []
     run: list[str] = []
-    for path in dict.fromkeys(paths):
+    for path in unique:
         if run and compile_regex_size(_alternation([*run, path])) > MAX_PROGRAM_SIZE:
             out.append(_alternation(run))
             run = []
