@@ -31,6 +31,7 @@ which a long apply keeps from before it starts (`view`).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import threading
@@ -713,7 +714,7 @@ class AgentCore:
         out: list[str] = []
         for n, ip in enumerate(pod.ips):
             where = pod.ip_fields[n] if n < len(pod.ip_fields) else "status.podIPs"
-            addr = ipaddress.ip_address(ip)
+            addr = _address(ip)
             if addr.version == 6:
                 problem = (
                     f"{ip} is an IPv6 address: IPv6 pod addresses are not supported by l7gate (its "
@@ -1881,6 +1882,11 @@ def _decode_mesh_entry(key: str, value: bytes) -> _MeshEntry | None:
         return RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
                               data.get("host_ip"), data.get("namespace"), data.get("pod_name"))
     return None
+
+
+# A pod's address (its text as `parse_pod` gave it), parsed once: `_address_errors` reads every
+# pod's on each apply, and an initial sync applies thousands.
+_address = functools.lru_cache(maxsize=65536)(ipaddress.ip_address)
 
 
 def _slice_warnings(slices: Iterable[tuple[EndpointSlice, Any]]) -> list[str]:

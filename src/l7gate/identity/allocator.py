@@ -46,6 +46,7 @@ Thread safety: one allocator may be used from many threads.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -281,6 +282,10 @@ class IdentityAllocator:
         CIDR label sets give a local identity, another node's labels (`node_labels`) one in the
         remote-node scope."""
         labels = as_labels(labels)
+        if _is_plain(labels):  # the usual case, a pod's labels: checked once per label set
+            with self._lock:
+                number = self._acquire(self._global, labels)
+            return Identity(number, labels)
         if not labels:
             raise IdentityError("cannot allocate an identity for an empty label set")
         found = reserved_for_labels(labels)
@@ -486,6 +491,14 @@ class IdentityAllocator:
                 if suffix.isdigit():
                     result.append(Identity(int(suffix), decode_labels(data.decode())))
         return sorted(result, key=lambda i: i.id)
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_plain(labels: Labels) -> bool:
+    """Whether `allocate` gives `labels` a number in the global space: a non-empty label set
+    that is not a reserved identity's, a CIDR's or a node's, and holds no reserved label."""
+    return (bool(labels) and reserved_for_labels(labels) is None and not is_cidr_labels(labels)
+            and not is_node_labels(labels) and not labels.is_reserved())
 
 
 def as_labels(labels: Labels | Mapping[str, str]) -> Labels:

@@ -312,7 +312,8 @@ class Publisher:
                 continue
             # kept sorted (by _net_order): an identity can hold thousands of pods' addresses
             nets = self._prefixes.setdefault(ident, [])
-            i = bisect.bisect_left(nets, at, key=_net_order)
+            # (addresses mostly come in order: past the last one, no search)
+            i = len(nets) if not nets or _net_order(nets[-1]) < at else bisect.bisect_left(nets, at, key=_net_order)
             present = i < len(nets) and nets[i] == p
             if ident == change.old and present:
                 del nets[i]
@@ -321,21 +322,20 @@ class Publisher:
                 nets.insert(i, p)
             if not nets:
                 self._prefixes.pop(ident, None)
-        block = source_slots.block_of(p)
-        if block is None:
+        placed = source_slots.placement(p)
+        if placed is None:
             self._broad_changed(p, change.new)
             return
+        block, group, slot = placed
         entries = self._by_block.setdefault(block, {})
         appeared = not entries
         if change.new is None:
             entries.pop(p, None)
         else:
             entries[p] = change.new
-        slot = source_slots.slot_of(block)
         gone = not entries
         # The classifier lists whole groups: only a group appearing or emptying changes it
         # (and the slots, which then decide its blocks' addresses instead of the rest).
-        group = source_slots.group_of(block)
         regroup = False
         if gone:
             del self._by_block[block]

@@ -95,6 +95,27 @@ def block_of(net: IPNetwork) -> IPNetwork | None:
     return net.supernet(new_prefix=plen) if net.prefixlen > plen else net
 
 
+def placement(net: IPNetwork) -> tuple[IPNetwork, IPNetwork, int] | None:
+    """(`block_of`, its `group_of`, its `slot_of`) for a prefix, or None if `net` is broader
+    than a block: remembered per block (an initial sync places thousands of pods' addresses,
+    ~64 per block)."""
+    plen = BLOCK_PREFIXLEN[net.version]
+    if net.prefixlen < plen:
+        return None
+    return _placement(net.version, int(net.network_address) >> (net.max_prefixlen - plen))
+
+
+@functools.lru_cache(maxsize=65536)
+def _placement(version: int, number: int) -> tuple[IPNetwork, IPNetwork, int]:
+    plen = BLOCK_PREFIXLEN[version]
+    block: IPNetwork
+    if version == 4:
+        block = ipaddress.IPv4Network((number << (32 - plen), plen))
+    else:
+        block = ipaddress.IPv6Network((number << (128 - plen), plen))
+    return block, group_of(block), slot_of(block)
+
+
 def group_of(net: IPNetwork) -> IPNetwork:
     """The group (`GROUP_PREFIXLEN`) holding a block, or the group a broader network starts."""
     plen = GROUP_PREFIXLEN[net.version]
