@@ -614,3 +614,22 @@ def test_a_port_proxied_again_takes_new_ecds_names_and_drops_the_old() -> None:
     w.pub.set_ports([dataclasses.replace(port, transparent=not port.transparent)])
     w.pub.flush()
     assert set(w.ecds()) == set(source_slots.slot_names(BILLING_IP, PORT, 2))
+
+
+def test_placement_is_block_group_and_slot_of_any_prefix() -> None:
+    rng = random.Random(7)
+    nets: list[Any] = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            plen = rng.choice([8, 16, 25, 26, 27, 31, 32])
+            nets.append(ipaddress.IPv4Network((rng.getrandbits(32), plen), strict=False))
+        else:
+            plen = rng.choice([64, 112, 121, 122, 123, 128])
+            nets.append(ipaddress.IPv6Network((rng.getrandbits(128), plen), strict=False))
+    for net in nets:
+        block = source_slots.block_of(net)
+        placed = source_slots.placement(net)
+        if block is None:
+            assert placed is None
+        else:
+            assert placed == (block, source_slots.group_of(block), source_slots.slot_of(block))
