@@ -37,7 +37,7 @@ from ..clustermesh.publisher import MeshPublisher
 from ..clustermesh.types import MeshError
 from ..clustermesh.wire import NodeAddress, NodeRecord
 from ..identity.allocator import IdentityAllocator
-from ..k8s.watch import KubeConfigError, Watcher
+from ..k8s.watch import FirstPages, KubeConfigError, Watcher
 from ..kvstore.etcd import EtcdKVStore
 from ..kvstore.sqlite import SQLiteKVStore
 from ..mtls.auth import AuthManager, boot_ns_for
@@ -136,7 +136,9 @@ class Agent:
         log("stopped")
 
 
-def start_agent(config: AgentConfig) -> Agent:
+def start_agent(config: AgentConfig, *, first_pages: FirstPages | None = None) -> Agent:
+    """The agent of `config`, started (module doc); `first_pages`: the Kubernetes listings'
+    first pages, already asked for (`k8s.watch.FirstPages`)."""
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)
@@ -176,7 +178,7 @@ def start_agent(config: AgentConfig) -> Agent:
     kube: Watcher | None = None
     if config.kubernetes.enabled:
         try:  # before anything starts: a configuration that cannot work stops the agent here
-            kube = open_watcher(config, core, log)
+            kube = open_watcher(config, core, log, first_pages)
         except KubeConfigError as exc:
             raise RuntimeError(f"kubernetes: {exc}") from None
     mesh: ClusterMesh | None = None
@@ -434,7 +436,7 @@ def _open_socket_lb(config: AgentConfig, kernel: bool) -> SocketLB | None:
     return lb
 
 
-def run_agent(config: AgentConfig) -> int:
+def run_agent(config: AgentConfig, *, first_pages: FirstPages | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -443,7 +445,7 @@ def run_agent(config: AgentConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        agent = start_agent(config)
+        agent = start_agent(config, first_pages=first_pages)
     except Exception as exc:
         log(f"failed to start: {type(exc).__name__}: {exc}")
         return 1

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..k8s.reconcile import CIDRGROUPS, POLICY_KINDS, from_api
-from ..k8s.watch import ApiConnection, Watcher, load_configuration
+from ..k8s.watch import ApiConnection, FirstPages, Watcher, load_configuration
 from .config import AgentConfig
 from .core import AgentCore, ApplyError
 
@@ -50,9 +50,12 @@ class CoreSink:
         return self.core.batch()
 
 
-def open_watcher(config: AgentConfig, core: AgentCore, log: Callable[[str], None]) -> Watcher:
-    """The watch of `config.kubernetes`, not started. Raises KubeConfigError when there is no
-    usable client configuration (a bad kubeconfig, or no service account outside a pod)."""
-    api = ApiConnection(load_configuration(config.kubernetes.kubeconfig))
+def open_watcher(config: AgentConfig, core: AgentCore, log: Callable[[str], None],
+                 first_pages: FirstPages | None = None) -> Watcher:
+    """The watch of `config.kubernetes`, not started; with `first_pages` (asked for by
+    `ask_first_pages` earlier in the start-up), over their connection, taking them. Raises
+    KubeConfigError when there is no usable client configuration (a bad kubeconfig, or no
+    service account outside a pod)."""
+    api = first_pages.api if first_pages is not None else ApiConnection(load_configuration(config.kubernetes.kubeconfig))
     return Watcher(api, CoreSink(core), cluster=config.cluster_name, node=config.node, log=log,
-                   watch_timeout=config.kubernetes.watch_timeout)
+                   watch_timeout=config.kubernetes.watch_timeout, first_pages=first_pages)

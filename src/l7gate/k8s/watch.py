@@ -9,7 +9,9 @@ NetworkPolicies, CiliumCIDRGroups, across all namespaces) doing what client-go's
 1. LIST, in pages of `page_size` (`limit`/`continue`; an expired continue token restarts the
    list), remembering the list's `resourceVersion`. The first listing asks for
    `resourceVersion=0` (any version), as client-go's reflector does: a real API server serves
-   it from its watch cache, whole; relists read the current version, paged. A resource the server does not serve in its
+   it from its watch cache, whole; relists read the current version, paged. `l7gate agent`
+   asks for these first pages (`FirstPages`) as soon as it has its configuration, before it
+   imports the rest of the agent, and each watch takes its own from there. A resource the server does not serve in its
    first API version (404) is listed, and then watched, in the next one it names
    (`Resource.older_versions`: CiliumCIDRGroup is v2 from Cilium 1.18, v2alpha1 before);
 2. WATCH from that version with `allowWatchBookmarks` (a bookmark only moves the version on)
@@ -91,6 +93,8 @@ EVENT_MESSAGE_MAX = 1024
 #: How long the initial sync keeps the agent's batch open for first listings still to come once
 #: it has applied those before them (`Watcher._apply_early`); then it publishes what it applied.
 EARLY_HOLD = 5.0  # events.k8s.io's limit on a note; core/v1 Events are held to it too
+#: Objects per page of a paged listing (`limit`).
+PAGE_SIZE = 500
 
 
 class KubeConfigError(Exception):
@@ -177,15 +181,80 @@ class ApiConnection:
              timeout: tuple[float, float] = (5.0, 60.0)) -> dict[str, Any]:
         resp = self.send(method, path, query, body, timeout)
         try:
-            data = json.loads(resp.read())
+            raw = resp.read()
         finally:
             resp.release_conn()
-        if not isinstance(data, dict):
-            raise ApiError(resp.status, "malformed", "the response is not a JSON object")
-        return data
+        return _object(raw, resp.status)
 
     def close(self) -> None:
         self._rest.close()
+
+
+def _object(raw: bytes, status: int) -> dict[str, Any]:
+    """A response body that must be a JSON object."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ApiError(status, "malformed", "the response is not a JSON object")
+    return data
+
+
+def _first_query(page_size: int) -> dict[str, str]:
+    """The query of a resource's first listing (`ResourceWatch._list`)."""
+    return {"limit": str(page_size), "resourceVersion": "0"}
+
+
+class FirstPages:
+    """The first page of every resource's first listing, asked for before the watch starts.
+
+    `l7gate agent` builds this as soon as it has read its configuration, and only then imports
+    the rest of the agent (~0.5 s here), while the API server prepares its answers (on a large
+    cluster, the pods' listing is the slowest part of the initial sync). Each request runs on a
+    thread of its own and keeps the raw bytes: socket reads release the interpreter's lock, so
+    the imports are not slowed, and the watch that takes a page decodes it. A page the server
+    refused, or that never came, is not kept: the watch asks again itself and handles the
+    error as it always does. Thread-safe; a page is taken once."""
+
+    def __init__(self, api: ApiConnection, resources: Sequence[Resource] = RESOURCES, *,
+                 page_size: int = PAGE_SIZE) -> None:
+        self.api = api
+        self.page_size = page_size
+        self._lock = threading.Lock()
+        self._pages: dict[str, tuple[threading.Thread, list[bytes]]] = {}
+        for r in resources:
+            path = r.path_for(r.versions[0])
+            got: list[bytes] = []
+            t = threading.Thread(target=self._fetch, args=(path, got), name=f"l7g-k8s-first-{r.name}", daemon=True)
+            self._pages[path] = (t, got)
+            t.start()
+
+    def _fetch(self, path: str, got: list[bytes]) -> None:
+        try:
+            resp = self.api.send("GET", path, _first_query(self.page_size), timeout=(5.0, 60.0))
+            try:
+                got.append(resp.read())
+            finally:
+                resp.release_conn()
+        except Exception:  # noqa: BLE001 - the watch asks again, and says what went wrong
+            pass
+
+    def take(self, path: str, query: Mapping[str, str], stopping: threading.Event) -> bytes | None:
+        """The raw page asked for as (`path`, `query`), waiting for it if it is on its way; None
+        if there is none (another query, already taken, failed) or `stopping` is set."""
+        if dict(query) != _first_query(self.page_size):
+            return None
+        with self._lock:
+            entry = self._pages.pop(path, None)
+        if entry is None:
+            return None
+        thread, got = entry
+        while thread.is_alive() and not stopping.is_set():
+            thread.join(0.05)
+        return got[0] if got and not stopping.is_set() else None
+
+    def discard(self) -> None:
+        """Drop the pages nobody took."""
+        with self._lock:
+            self._pages.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +275,10 @@ class ResourceWatch:
 
     def __init__(self, resource: Resource, api: ApiConnection, cluster: str, put: Callable[[object], None],
                  stopping: threading.Event, *, watch_timeout: float, read_grace: float, page_size: int,
-                 backoff: Backoff, rng: Callable[[], float] = random.random) -> None:
+                 backoff: Backoff, rng: Callable[[], float] = random.random,
+                 first_pages: FirstPages | None = None) -> None:
         self.resource = resource
+        self._first_pages = first_pages
         # The version read: the resource's first, or one of its older versions the server
         # serves instead (`_list`).
         self.api_version = resource.api_version
@@ -328,9 +399,12 @@ class ResourceWatch:
                 query["continue"] = token
             elif first:
                 query["resourceVersion"] = "0"
+            raw = None
+            if first and not token and self._first_pages is not None:
+                raw, self._first_pages = self._first_pages.take(self._path, query, self._stopping), None
             try:
                 with paused():  # a page is thousands of long-lived objects (gcpause)
-                    page = self._api.json("GET", self._path, query)
+                    page = _object(raw, 200) if raw is not None else self._api.json("GET", self._path, query)
             except Gone:
                 if not token:
                     raise
@@ -530,10 +604,12 @@ class Watcher:
     """The Kubernetes source of one agent (module doc)."""
 
     def __init__(self, api: ApiConnection, sink: ObjectSink, *, cluster: str, node: str, log: Log,
-                 watch_timeout: float = 300.0, read_grace: float = 30.0, page_size: int = 500,
+                 watch_timeout: float = 300.0, read_grace: float = 30.0, page_size: int = PAGE_SIZE,
                  backoff: Callable[[], Backoff] = Backoff, resources: Sequence[Resource] = RESOURCES,
-                 events: EventRecorder | None = None, early_hold: float = EARLY_HOLD) -> None:
+                 events: EventRecorder | None = None, early_hold: float = EARLY_HOLD,
+                 first_pages: FirstPages | None = None) -> None:
         self.api = api
+        self._first_pages = first_pages
         self._sink = sink
         self._early_hold = early_hold
         self.cluster = cluster
@@ -547,7 +623,7 @@ class Watcher:
         self.reconciler = Reconciler(sink, self)
         self.watches = [
             ResourceWatch(r, api, cluster, self._queue.put, self._stopping, watch_timeout=watch_timeout,
-                          read_grace=read_grace, page_size=page_size, backoff=backoff())
+                          read_grace=read_grace, page_size=page_size, backoff=backoff(), first_pages=first_pages)
             for r in resources
         ]
         self._resources = tuple(r for r in RESOURCES if r in resources)  # in the order they apply
@@ -653,6 +729,8 @@ class Watcher:
             self.synced_at = time.time()
             self.sync_seconds = time.monotonic() - self._t0
             self._ready.set()
+            if self._first_pages is not None:
+                self._first_pages.discard()
             counts = ", ".join(f"{s.in_force} {r.name}" for r, s in
                                ((r, self.reconciler.stats[r.kind]) for r in self._resources))
             self._log(f"kubernetes: initial sync applied in {self.sync_seconds:.2f}s: {counts}")
