@@ -31,7 +31,6 @@ which a long apply keeps from before it starts (`view`).
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import threading
@@ -51,7 +50,7 @@ from ..clustermesh.wire import ClusterService, L4Addr, WireError, decode_cluster
 from ..identity.allocator import IdentityAllocator, fqdn_cidr_labels
 from ..identity.fqdncache import FQDNCache
 from ..identity.ipcache import IPCache, IPNetwork
-from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError
+from ..identity.numeric import HOST, REMOTE_NODE, RESERVED, WORLD_IPV4, WORLD_IPV6, Identity, IdentityError, ip_address
 from ..k8s.objects import (
     ANY_CLUSTER, ENDPOINT_KINDS, K8sObjectError, Namespace, Node, Pod, namespace_of, node_addresses,
     node_identity_labels, parse_endpoint_slice, parse_node, parse_pod, parse_service, pod_backend,
@@ -714,7 +713,7 @@ class AgentCore:
         out: list[str] = []
         for n, ip in enumerate(pod.ips):
             where = pod.ip_fields[n] if n < len(pod.ip_fields) else "status.podIPs"
-            addr = _address(ip)
+            addr = ip_address(ip)  # parsed once per text, shared with parse_pod and the ipcache
             if addr.version == 6:
                 problem = (
                     f"{ip} is an IPv6 address: IPv6 pod addresses are not supported by l7gate (its "
@@ -1882,11 +1881,6 @@ def _decode_mesh_entry(key: str, value: bytes) -> _MeshEntry | None:
         return RemoteEndpoint(cluster, ipaddress.ip_network(name), int(data["identity"]),
                               data.get("host_ip"), data.get("namespace"), data.get("pod_name"))
     return None
-
-
-# A pod's address (its text as `parse_pod` gave it), parsed once: `_address_errors` reads every
-# pod's on each apply, and an initial sync applies thousands.
-_address = functools.lru_cache(maxsize=65536)(ipaddress.ip_address)
 
 
 def _slice_warnings(slices: Iterable[tuple[EndpointSlice, Any]]) -> list[str]:

@@ -647,13 +647,15 @@ def pod_identity_labels(pod: Pod, namespace: Namespace | None) -> Labels:
     """The labels of `pod`'s identity (`identity.filter.identity_labels`), with its namespace's
     labels (`namespace_of`): the one definition the agent and `policy trace` share. Raises
     IdentityError for a pod without namespace or cluster."""
-    return identity_labels(
-        pod.labels,
-        namespace=pod.namespace,
-        cluster=pod.cluster,
-        service_account=pod.service_account,
-        namespace_labels=namespace.labels if namespace is not None else None,
-    )
+    return _identity_labels(tuple(pod.labels.items()), pod.namespace, pod.cluster, pod.service_account,
+                            tuple(namespace.labels.items()) if namespace is not None else None)
+
+
+@functools.lru_cache(maxsize=16384)  # thousands of pods, a few hundred label sets
+def _identity_labels(labels: tuple[tuple[str, str], ...], namespace: str, cluster: str, service_account: str,
+                     namespace_labels: tuple[tuple[str, str], ...] | None) -> Labels:
+    return identity_labels(dict(labels), namespace=namespace, cluster=cluster, service_account=service_account,
+                           namespace_labels=dict(namespace_labels) if namespace_labels is not None else None)
 
 
 def pod_backend(pod: Pod) -> BackendPod | None:

@@ -10,6 +10,8 @@ everything Kubernetes itself would refuse. A problem names the character at faul
 
 from __future__ import annotations
 
+import functools
+
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 _LABEL_CHARS = _ALNUM | {"-"}
 _SUBDOMAIN_CHARS = _LABEL_CHARS | {"."}
@@ -66,6 +68,7 @@ def label_problem(value: str) -> str | None:
     return _problem(value, 63, dots=False)
 
 
+@functools.lru_cache(maxsize=16384)  # the same namespaces and service accounts, on every pod
 def name_error(value: str, *, subdomain: bool) -> str | None:
     """The whole message for a bad name: the rule, what is wrong, and the value; or None."""
     problem = subdomain_problem(value) if subdomain else label_problem(value)
