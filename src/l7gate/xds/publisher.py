@@ -429,9 +429,9 @@ class Publisher:
 
     def _mark_identity_slots(self, st: _PortState, ident: int) -> None:
         for net in self._prefixes.get(ident, ()):
-            block = source_slots.block_of(net)
-            if block is not None:
-                st.slots.add(source_slots.slot_of(block))
+            placed = source_slots.placement(net)
+            if placed is not None:
+                st.slots.add(placed[2])
             else:
                 st.slots.add(source_slots.REST)
                 st.slots |= self._slots_within(net)
