@@ -6,6 +6,9 @@ the watch takes them instead of listing again; what changed in between comes as 
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 from l7gate.agent.config import AgentConfig, EnvoySettings
 from l7gate.agent.core import AgentCore
 from l7gate.agent.kube import CoreSink
+from l7gate.client import AdminClient
 from l7gate.k8s.reconcile import RESOURCES
 from l7gate.k8s.watch import PAGE_SIZE, ApiConnection, FirstPages, Watcher, load_configuration
 from l7gate.kvstore.sqlite import SQLiteKVStore
@@ -107,7 +111,7 @@ def test_the_watch_takes_the_first_pages_and_catches_up_on_what_changed_since(wo
                "the changes made after the first pages, from the watch")
     # No listing of its own: every resource's first listing was its first page.
     assert w.lists(before) == [], [(r.path, r.query) for r in w.lists(before)]
-    assert all(r["listed_at"] is not None for r in watcher.status()["resources"].values())
+    assert all(r["listed_at"] is not None and r["first_page_at_start"] for r in watcher.status()["resources"].values())
 
 
 def test_a_refused_first_page_is_asked_for_again_by_the_watch(world: World) -> None:
@@ -124,6 +128,8 @@ def test_a_refused_first_page_is_asked_for_again_by_the_watch(world: World) -> N
     watcher.start()
     assert watcher.wait_ready(20), watcher.problems()
     assert set(w.core.documents("Pod")) == {"cluster-a/web/a"}
+    firsts = {name: r["first_page_at_start"] for name, r in watcher.status()["resources"].items()}
+    assert firsts == {r.name: r.name != "pods" for r in RESOURCES}, firsts
     again = w.lists(before)
     assert [(r.path, r.query, r.status) for r in again] == [("/api/v1/pods", FIRST, 200)]
 
@@ -143,3 +149,55 @@ def test_a_page_is_taken_once_for_its_own_query_and_not_while_stopping(world: Wo
     stopping.set()
     assert fp.take(b, first, stopping) is None
     fp.discard()
+
+
+L7GATE = str(Path(sys.executable).parent / "l7gate")
+
+
+def _agent_yaml(tmp: Path, kubeconfig: Path) -> Path:
+    cfg = tmp / "agent.yaml"
+    cfg.write_text(f"node: {NODE}\ncluster: {{name: cluster-a, id: 1}}\nstateDir: {tmp}/state\n"
+                   f"admin: {{listen: 'unix:{tmp}/admin.sock'}}\nenvoy: {{enabled: false}}\n"
+                   f"kubernetes: {{enabled: true, kubeconfig: '{kubeconfig}'}}\n")
+    return cfg
+
+
+def test_the_agent_process_lists_each_resource_once_through_its_first_pages(world: World, tmp_path: Path) -> None:
+    """`l7gate agent` itself: the first pages asked for before the rest of the agent is
+    imported are its initial listings (one `resourceVersion=0` listing per resource, no other)."""
+    w = world
+    w.api.create(pod("a", "127.58.1.5"), with_status=True)
+    w.api.create(policy("p1"))
+    home = tmp_path / "agent"
+    home.mkdir()
+    proc = subprocess.Popen([L7GATE, "agent", "--config", str(_agent_yaml(home, w.kubeconfig))],
+                            stderr=open(home / "agent.log", "wb"))
+    try:
+        client = AdminClient(f"unix:{home}/admin.sock")
+        eventually(lambda: (home / "admin.sock").exists() and client.get("/v1/status")["kubernetes"]["synced"], 30,
+                   "the agent synced with the API")
+        st = client.get("/v1/status")["kubernetes"]["resources"]
+        assert st["pods"]["in_force"] == 1 and st["ciliumnetworkpolicies"]["in_force"] == 1, st
+        assert all(r["first_page_at_start"] for r in st.values()), st
+        lists = [(r.path, r.query) for r in w.lists()]
+        paths = [r.path_for(r.versions[0]) for r in RESOURCES]
+        assert sorted(lists) == sorted((p, FIRST) for p in paths), lists
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(30) == 0, (home / "agent.log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_agent_process_with_an_unusable_kubeconfig_stops_and_says_why(world: World, tmp_path: Path) -> None:
+    home = tmp_path / "agent"
+    home.mkdir()
+    missing = tmp_path / "no-such-kubeconfig"
+    out = subprocess.run([L7GATE, "agent", "--config", str(_agent_yaml(home, missing))],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "failed to start: RuntimeError: kubernetes: cannot use the kubeconfig" in out.stderr, out.stderr
+    assert str(missing) in out.stderr and "ready" not in out.stderr

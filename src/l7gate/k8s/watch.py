@@ -299,6 +299,7 @@ class ResourceWatch:
         self.resource_version: str | None = None  # the last seen: where the next watch resumes
         self.listed_at: float | None = None
         self.listed_objects = 0
+        self.first_page_at_start = False  # the first listing began with the page asked for at start-up
         self.watching_since: float | None = None
         self.relists = 0
         self.reconnects = 0
@@ -402,6 +403,7 @@ class ResourceWatch:
             raw = None
             if first and not token and self._first_pages is not None:
                 raw, self._first_pages = self._first_pages.take(self._path, query, self._stopping), None
+                self.first_page_at_start = raw is not None
             try:
                 with paused():  # a page is thousands of long-lived objects (gcpause)
                     page = _object(raw, 200) if raw is not None else self._api.json("GET", self._path, query)
@@ -474,7 +476,7 @@ class ResourceWatch:
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state, "api_version": self.api_version, "resource_version": self.resource_version,
-            "listed_at": self.listed_at,
+            "listed_at": self.listed_at, "first_page_at_start": self.first_page_at_start,
             "listed_objects": self.listed_objects, "watching_since": self.watching_since,
             "relists": self.relists, "reconnects": self.reconnects,
             "last_error": self.last_error or None, "last_error_at": self.last_error_at,
