@@ -135,9 +135,20 @@ def transcript(trust_domain: str, binding: bytes, role: bytes, prover: int, prov
     and in this role, for the pairs it forms with each of `partners` (sorted, unique)."""
     td = trust_domain.encode()
     return b"".join((PROOF_CONTEXT, role, struct.pack(">B", len(td)), td, binding,
-                     struct.pack(">I", prover), hashlib.sha256(prover_leaf).digest(),
+                     struct.pack(">I", prover), _digest(prover_leaf),
                      struct.pack(f">I{len(partners)}I", len(partners), *partners)))
 
+
+@lru_cache(maxsize=4096)
+def _digest(leaf: bytes) -> bytes:
+    """A leaf certificate's SHA-256, remembered: every statement's transcript names its
+    prover's leaf, and a node proves and checks the same few hundred leaves batch after batch."""
+    return hashlib.sha256(leaf).digest()
+
+
+# The signature algorithm of EC keys, built once (an immutable description; building it took a
+# few percent of a batch's CPU).
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
@@ -160,7 +171,7 @@ def _signer(svid: SVID) -> _Signer:
 
 def sign(key: PrivateKey, data: bytes) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return key.sign(data, _ECDSA_SHA256)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(data)
     return key.sign(data, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
@@ -218,7 +229,7 @@ def signature_holds(leaf: bytes, signature: bytes, data: bytes) -> bool:
     key = _leaf(leaf).key
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+            key.verify(signature, data, _ECDSA_SHA256)
         elif isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, data)
         elif isinstance(key, rsa.RSAPublicKey):
