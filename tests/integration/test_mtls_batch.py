@@ -6,6 +6,7 @@ statements), each played by a peer that speaks the protocol with the module's ow
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import importlib
 import secrets
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -712,3 +714,48 @@ def test_the_agents_auth_manager_batches_by_default(
             assert written[(local, remote, address)] == single.expires_at
     finally:
         manager.stop()
+
+
+# -- the garbage collector: paused while a batch computes, never while it waits -----------------
+
+
+def test_the_collector_is_on_while_either_side_waits_for_its_peer(ca: BuiltinCA, make_node: Callable[..., Node],
+                                                                  rogues: list[RogueServer]) -> None:
+    """A batch pauses the cyclic collector (`gcpause`) for its CPU work only: a peer that holds
+    the channel open, on either side, cannot keep the agent's collector off."""
+    assert gc.isenabled()
+    client = make_node(ca, [L1])
+    b = make_node(ca, [R1])
+    answering, release = threading.Event(), threading.Event()
+
+    def slow(ch: Channel) -> Proofs:
+        answering.set()
+        release.wait(10)
+        return honest(b.store)(ch)
+
+    rogue = RogueServer(b.store, R1, slow)
+    rogues.append(rogue)
+    out: dict[Pair, Any] = {}
+    t = threading.Thread(target=lambda: out.update(
+        authenticate_batch(client.store, [(L1, R1)], rogue.address, fallback=False)))
+    t.start()
+    assert answering.wait(10)
+    time.sleep(0.1)  # the client is waiting for the server's proofs
+    assert gc.isenabled()
+    release.set()
+    t.join(10)
+    ok(out[(L1, R1)])
+    assert gc.isenabled()
+
+    # The server's side (this process too): it has sent its proofs and waits for the client's.
+    server = make_node(ca, [R2])
+    seen_on: list[bool] = []
+
+    def hold(binding: bytes, theirs: Proofs) -> Proofs:
+        time.sleep(0.1)
+        seen_on.append(gc.isenabled())
+        return Proofs(None, (make_statement(TD, binding, ROLE_CLIENT, client.store.svid(L1), [R2]),))
+
+    verdicts = rogue_client(client.store, L1, server.serve(), [(L1, R2)], hold)
+    assert verdicts == [None] and seen_on == [True]
+    assert gc.isenabled()

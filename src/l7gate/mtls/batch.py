@@ -77,6 +77,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..clock import Clock
+from ..gcpause import paused
 from .handshake import (
     DEFAULT_TIMEOUT,
     Address,
@@ -137,6 +138,13 @@ def transcript(trust_domain: str, binding: bytes, role: bytes, prover: int, prov
     return b"".join((PROOF_CONTEXT, role, struct.pack(">B", len(td)), td, binding,
                      struct.pack(">I", prover), _digest(prover_leaf),
                      struct.pack(f">I{len(partners)}I", len(partners), *partners)))
+
+
+# `_CPU_ONLY`: the cyclic garbage collector is paused (`gcpause`) while a batch is decoded,
+# judged, signed and encoded (a batch's objects die by reference counting; a collection of an
+# agent's whole heap in the middle of one took ~15-20% of the batch's CPU), and never while a
+# frame is awaited from the peer: a peer that holds its channel open cannot hold the collector
+# off for longer than the CPU work of a batch.
 
 
 @lru_cache(maxsize=4096)
@@ -663,27 +671,30 @@ def _prove(store: SVIDStore, tls: ssl.SSLSocket, channel_svid: SVID, pairs: Sequ
         raise AuthError(exc.reason, f"batch channel: {exc.detail}") from None
     nonce = secrets.token_bytes(NONCE_LEN)
     send_frame(tls, encode_request(nonce, pairs))
-    theirs = decode_proofs(SERVER_PROOFS, recv_frame(tls, deadline), len(pairs))
-    assert theirs.nonce is not None
-    binding = channel_binding(_signer(channel_svid).chain[0], server_chain[0], nonce, theirs.nonce)
-    out = _judge(store, binding, ROLE_SERVER, clock(), pairs, theirs, server_side=False)
-    # Our statements: one per local identity, for the pairs the server proved.
-    partners: dict[int, list[int]] = {}
-    for pair, outcome in out.items():
-        if isinstance(outcome, Peer):
-            partners.setdefault(pair[0], []).append(pair[1])
-    statements = []
-    results: dict[Pair, Outcome] = {}
-    svids: dict[int, SVID] = {}
-    for local, remotes in sorted(partners.items()):
-        try:
-            svids[local] = svid = store.svid(local)
-        except KeyError:
-            for remote in remotes:
-                results[(local, remote)] = AuthError(Failure.NO_LOCAL_SVID, f"identity {local}")
-            continue
-        statements.append(make_statement(store.trust_domain, binding, ROLE_CLIENT, svid, remotes))
-    send_frame(tls, encode_proofs(CLIENT_PROOFS, Proofs(None, tuple(statements))))
+    body = recv_frame(tls, deadline)
+    with paused():  # the CPU-bound part, not the waits (`_CPU_ONLY`)
+        theirs = decode_proofs(SERVER_PROOFS, body, len(pairs))
+        assert theirs.nonce is not None
+        binding = channel_binding(_signer(channel_svid).chain[0], server_chain[0], nonce, theirs.nonce)
+        out = _judge(store, binding, ROLE_SERVER, clock(), pairs, theirs, server_side=False)
+        # Our statements: one per local identity, for the pairs the server proved.
+        partners: dict[int, list[int]] = {}
+        for pair, outcome in out.items():
+            if isinstance(outcome, Peer):
+                partners.setdefault(pair[0], []).append(pair[1])
+        statements = []
+        results: dict[Pair, Outcome] = {}
+        svids: dict[int, SVID] = {}
+        for local, remotes in sorted(partners.items()):
+            try:
+                svids[local] = svid = store.svid(local)
+            except KeyError:
+                for remote in remotes:
+                    results[(local, remote)] = AuthError(Failure.NO_LOCAL_SVID, f"identity {local}")
+                continue
+            statements.append(make_statement(store.trust_domain, binding, ROLE_CLIENT, svid, remotes))
+        frame = encode_proofs(CLIENT_PROOFS, Proofs(None, tuple(statements)))
+    send_frame(tls, frame)
     verdicts = decode_verdicts(recv_frame(tls, deadline), len(pairs))
     for pair, verdict in zip(pairs, verdicts):
         outcome = out[pair]
@@ -747,47 +758,53 @@ def serve_batch(
     """The server's part after TLS, on a channel whose client certificate passed `verify_peer`.
     Raises `ProtocolError`, `AuthError` (timeouts) or OSError; the caller closes the socket."""
     deadline = time.monotonic() + timeout
-    client_nonce, pairs = decode_request(recv_frame(tls, deadline))
-    nonce = secrets.token_bytes(NONCE_LEN)
-    binding = channel_binding(_peer_chain(tls)[0], _signer(channel_svid).chain[0], client_nonce, nonce)
-    held = store.identities()
-    partners: dict[int, list[int]] = {}
-    refusals: list[tuple[int, Refusal]] = []
-    for index, (local, remote) in enumerate(pairs):
-        if remote in held:
-            partners.setdefault(remote, []).append(local)
-        else:
-            error = AuthError(Failure.UNKNOWN_IDENTITY, f"identity {remote} is not on this node")
-            on_pair(None, local, None, error)
-            refusals.append((index, _refusal_of(error)))
-    statements = []
-    for remote, locals_ in sorted(partners.items()):
-        try:
-            svid = store.svid(remote)
-        except KeyError:  # left the node since `held` was read
-            for index, pair in enumerate(pairs):
-                if pair[1] == remote:
-                    refusals.append((index, Refusal(Failure.UNKNOWN_IDENTITY.name, f"identity {remote}")))
-            continue
-        statements.append(make_statement(store.trust_domain, binding, ROLE_SERVER, svid, locals_))
-    send_frame(tls, encode_proofs(SERVER_PROOFS, Proofs(nonce, tuple(statements), tuple(refusals))))
-    theirs = decode_proofs(CLIENT_PROOFS, recv_frame(tls, deadline), len(pairs))
-    proven = {st.prover: set(st.partners) for st in statements}
-    answered = {st.prover: set(st.partners) for st in theirs.statements}
-    judged = _judge(store, binding, ROLE_CLIENT, clock(), pairs, theirs, server_side=True)
-    verdicts: list[Refusal | None] = []
-    for local, remote in pairs:
-        if local not in proven.get(remote, ()):
-            verdicts.append(Refusal(Failure.UNKNOWN_IDENTITY.name, f"identity {remote} is not on this node"))
-            continue
-        outcome = judged[(local, remote)]
-        if remote not in answered.get(local, ()):  # the client gave up on the pair (our proof
-            verdicts.append(Refusal(Failure.PROOF.name, "no proof"))  # failed there): no event
-            continue
-        if isinstance(outcome, AuthError):
-            on_pair(remote, local, None, outcome)
-            verdicts.append(_refusal_of(outcome))
-        else:
-            on_pair(remote, local, outcome, None)
-            verdicts.append(None)
-    send_frame(tls, encode_verdicts(verdicts))
+    body = recv_frame(tls, deadline)
+    with paused():  # the CPU-bound parts, not the waits (`_CPU_ONLY`)
+        client_nonce, pairs = decode_request(body)
+        nonce = secrets.token_bytes(NONCE_LEN)
+        binding = channel_binding(_peer_chain(tls)[0], _signer(channel_svid).chain[0], client_nonce, nonce)
+        held = store.identities()
+        partners: dict[int, list[int]] = {}
+        refusals: list[tuple[int, Refusal]] = []
+        for index, (local, remote) in enumerate(pairs):
+            if remote in held:
+                partners.setdefault(remote, []).append(local)
+            else:
+                error = AuthError(Failure.UNKNOWN_IDENTITY, f"identity {remote} is not on this node")
+                on_pair(None, local, None, error)
+                refusals.append((index, _refusal_of(error)))
+        statements = []
+        for remote, locals_ in sorted(partners.items()):
+            try:
+                svid = store.svid(remote)
+            except KeyError:  # left the node since `held` was read
+                for index, pair in enumerate(pairs):
+                    if pair[1] == remote:
+                        refusals.append((index, Refusal(Failure.UNKNOWN_IDENTITY.name, f"identity {remote}")))
+                continue
+            statements.append(make_statement(store.trust_domain, binding, ROLE_SERVER, svid, locals_))
+        frame = encode_proofs(SERVER_PROOFS, Proofs(nonce, tuple(statements), tuple(refusals)))
+    send_frame(tls, frame)
+    body = recv_frame(tls, deadline)
+    with paused():
+        theirs = decode_proofs(CLIENT_PROOFS, body, len(pairs))
+        proven = {st.prover: set(st.partners) for st in statements}
+        answered = {st.prover: set(st.partners) for st in theirs.statements}
+        judged = _judge(store, binding, ROLE_CLIENT, clock(), pairs, theirs, server_side=True)
+        verdicts: list[Refusal | None] = []
+        for local, remote in pairs:
+            if local not in proven.get(remote, ()):
+                verdicts.append(Refusal(Failure.UNKNOWN_IDENTITY.name, f"identity {remote} is not on this node"))
+                continue
+            outcome = judged[(local, remote)]
+            if remote not in answered.get(local, ()):  # the client gave up on the pair (our proof
+                verdicts.append(Refusal(Failure.PROOF.name, "no proof"))  # failed there): no event
+                continue
+            if isinstance(outcome, AuthError):
+                on_pair(remote, local, None, outcome)
+                verdicts.append(_refusal_of(outcome))
+            else:
+                on_pair(remote, local, outcome, None)
+                verdicts.append(None)
+        frame = encode_verdicts(verdicts)
+    send_frame(tls, frame)
