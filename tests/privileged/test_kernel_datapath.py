@@ -102,17 +102,26 @@ class AgentProc:
 def stop_agents(*agents: AgentProc | None) -> None:
     """Stop each agent (by PID) and remove its pinned maps and programs — the datapath
     outlives an agent on purpose, so a test must clean it up itself."""
-    for agent in agents:
-        if agent is not None and agent.proc is not None and agent.proc.poll() is None:
-            agent.proc.terminate()
-            agent.proc.wait(timeout=20)
-    for agent in agents:
-        if agent is not None:
-            subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+    slow: list[str] = []
     try:
-        Path("/sys/fs/bpf/l7g").rmdir()
-    except OSError:
-        pass  # another run still has pins there
+        for agent in agents:
+            if agent is not None and agent.proc is not None and agent.proc.poll() is None:
+                agent.proc.terminate()
+                try:
+                    agent.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:  # killed, and the pins removed all the same
+                    agent.proc.kill()
+                    agent.proc.wait(timeout=10)
+                    slow.append(agent.node.name)
+    finally:
+        for agent in agents:
+            if agent is not None:
+                subprocess.run(["rm", "-rf", str(agent.pin_dir)], check=False)
+        try:
+            Path("/sys/fs/bpf/l7g").rmdir()
+        except OSError:
+            pass  # another run still has pins there
+    assert not slow, f"the agents on {slow} did not stop within 20 s of SIGTERM (killed)"
 
 
 def make_agent(tb: Testbed, node: Node, cluster: str, cid: int, other: str, oid: int, links: list[str],
