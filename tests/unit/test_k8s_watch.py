@@ -309,13 +309,19 @@ def late(api: ScriptedApi, path: str, gate: threading.Event) -> None:
     api.json = json_  # type: ignore[method-assign]
 
 
-def test_the_first_listings_are_applied_while_a_later_one_is_on_its_way_and_published_once() -> None:
-    """Policies are applied while the pods' listing is still coming, inside the batch the pods
-    then join: one publication, pods after policies, ready only after the pods."""
+def policy_then_late_pod() -> tuple[ScriptedApi, threading.Event]:
+    """One policy listed at once, one pod whose listing waits for the returned gate."""
     gate = threading.Event()
     api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}],
                        PODS.path: [{"metadata": {"resourceVersion": "4"}, "items": [api_pod("p1", "10.0.0.5")]}]})
     late(api, PODS.path, gate)
+    return api, gate
+
+
+def test_the_first_listings_are_applied_while_a_later_one_is_on_its_way_and_published_once() -> None:
+    """Policies are applied while the pods' listing is still coming, inside the batch the pods
+    then join: one publication, pods after policies, ready only after the pods."""
+    api, gate = policy_then_late_pod()
     sink = FakeSink()
     w, _ = make_watcher(api, sink)
     w.start()
@@ -334,10 +340,7 @@ def test_the_first_listings_are_applied_while_a_later_one_is_on_its_way_and_publ
 
 
 def test_a_listing_that_does_not_come_lets_the_ones_before_it_be_published_after_the_hold() -> None:
-    gate = threading.Event()
-    api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}],
-                       PODS.path: [{"metadata": {"resourceVersion": "4"}, "items": [api_pod("p1", "10.0.0.5")]}]})
-    late(api, PODS.path, gate)
+    api, gate = policy_then_late_pod()
     sink = FakeSink()
     logs: list[str] = []
     w = Watcher(api, sink, cluster="cluster-a", node="node-a1", log=logs.append,  # type: ignore[arg-type]
@@ -357,10 +360,7 @@ def test_a_listing_that_does_not_come_lets_the_ones_before_it_be_published_after
 
 
 def test_a_failed_publication_of_the_held_batch_applies_the_whole_initial_sync_again() -> None:
-    gate = threading.Event()
-    api = ScriptedApi({CNPS.path: [{"metadata": {"resourceVersion": "3"}, "items": [api_cnp("a")]}],
-                       PODS.path: [{"metadata": {"resourceVersion": "4"}, "items": [api_pod("p1", "10.0.0.5")]}]})
-    late(api, PODS.path, gate)
+    api, gate = policy_then_late_pod()
     sink = FakeSink()
     w, logs = make_watcher(api, sink)
     w.start()
