@@ -22,13 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Imported where they are started, by the agents whose configuration asks for them: ~0.2 s of
-# every other agent's start-up (the SPIFFE library, the DNS proxy, the h11 engine).
-if TYPE_CHECKING:
-    from ..dnsproxy import DNSAnswer, DNSEvent, DNSProxy
-    from ..l7proxy.h11engine import H11Engine
-
-
 from ..clustermesh.allocator import MeshIdentityAllocator
 from ..clustermesh.config import RemotesWatch, describe, load_remotes
 from ..clustermesh.lease import MeshLease
@@ -74,6 +67,12 @@ from .kube import open_watcher
 from ..xds.tunnel import Tunnels
 from ..xds.tunnel_plan import plan as tunnel_plan
 from .metrics import AgentMetrics
+
+# Imported where they are started, by the agents whose configuration asks for them: ~0.2 s of
+# every other agent's start-up (the SPIFFE library, the DNS proxy, the h11 engine).
+if TYPE_CHECKING:
+    from ..dnsproxy import DNSAnswer, DNSEvent, DNSProxy
+    from ..l7proxy.h11engine import H11Engine
 
 
 def log(msg: str) -> None:
